@@ -1,0 +1,35 @@
+# Two commands: `make demo` and `make test`. Both set up .venv on a fresh machine first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.ptft-installed
+# CPU build of torch, installed before everything else so nothing pulls a CUDA build.
+TORCH := torch==2.13.0
+
+.PHONY: setup demo test test-fast lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	# DeepSpeed JIT-compiles its CPU shared-memory collective on first use; do it once here.
+	DS_ACCELERATOR=cpu $(BIN)/python -m components.accelerator --prebuild
+	touch $@
+
+demo: setup
+	$(BIN)/ptft run configs/demo.yaml
+
+test: setup
+	$(BIN)/python -m pytest -m "not gpu and not slow" -p no:cacheprovider
+
+test-fast: setup
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check pipelines components tests
+
+clean:
+	rm -rf $(VENV) ptft-runs

@@ -1,0 +1,188 @@
+"""Data sources: local files (JSONL, CSV, TSV, Parquet, plain text; globs), remote URIs,
+HF Hub datasets and the built-in synthetic language. Every source loads to an Arrow table with
+the columns `text` and, for labelled data, `label`.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field
+
+from components import synthetic
+
+FileFormat = Literal["auto", "jsonl", "csv", "tsv", "parquet", "text"]
+_SUFFIX_FORMATS = {
+    ".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv",
+    ".parquet": "parquet", ".txt": "text", ".text": "text",
+}  # fmt: skip
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FileSource(_Strict):
+    """Local file, glob or remote URI (anything pyarrow's filesystems open, e.g. s3://)."""
+
+    type: Literal["file"] = "file"
+    path: str = Field(description="file path, glob or URI; relative paths are taken from the working dir")
+    format: FileFormat = Field("auto", description="file format; auto reads it from the suffix")
+    text_column: str = Field("text", description="column holding the text")
+    label_column: str = Field("label", description="column holding the label (labelled splits only)")
+
+
+class HubSource(_Strict):
+    """A dataset on the Hugging Face Hub, pinned to a revision for reproducibility."""
+
+    type: Literal["hub"] = "hub"
+    name: str = Field(description="dataset id, e.g. cornell-movie-review-data/rotten_tomatoes")
+    split: str = Field("train", description="split to read")
+    revision: str | None = Field(None, description="git revision (commit, tag) to pin")
+    config_name: str | None = Field(None, description="dataset configuration name")
+    text_column: str = "text"
+    label_column: str = "label"
+
+
+class SyntheticSource(_Strict):
+    """The built-in toy language (see components/synthetic.py)."""
+
+    type: Literal["synthetic"] = "synthetic"
+    split: Literal["corpus", "train", "validation", "test"]
+    num_examples: int = Field(1000, gt=0, description="rows to generate")
+    seed: int = 0
+    text_column: Literal["text"] = "text"
+    label_column: Literal["label"] = "label"
+
+
+Source = Annotated[Union[FileSource, HubSource, SyntheticSource], Field(discriminator="type")]
+
+
+def load_source(source: Source, *, labelled: bool) -> pa.Table:
+    """Load a source into a table with `text` (and `label` when `labelled`)."""
+    if isinstance(source, SyntheticSource):
+        table = pa.Table.from_pylist(synthetic.generate(source.split, source.num_examples, source.seed))
+    elif isinstance(source, HubSource):
+        table = _load_hub(source)
+    else:
+        table = pa.concat_tables([_read_file(path, _file_format(source, path)) for path in resolve_paths(source.path)])
+    return _select_columns(table, source, labelled)
+
+
+def _load_hub(source: HubSource) -> pa.Table:
+    import datasets  # heavy import, only when a hub source is used
+
+    dataset = datasets.load_dataset(source.name, source.config_name, split=source.split, revision=source.revision)
+    return dataset.with_format("arrow")[:]
+
+
+def _select_columns(table: pa.Table, source: Source, labelled: bool) -> pa.Table:
+    columns = {"text": table.column(source.text_column).cast(pa.string())}
+    if labelled:
+        columns["label"] = table.column(source.label_column)
+    return pa.table(columns).filter(pc.is_valid(columns["text"]))
+
+
+def resolve_paths(path: str) -> list[str]:
+    """Expand `~`, environment variables and globs; URIs are returned as they are."""
+    if "://" in path:
+        return [path]
+    expanded = os.path.expandvars(os.path.expanduser(path))
+    matches = sorted(glob.glob(expanded)) if glob.has_magic(expanded) else [expanded]
+    return [os.path.abspath(match) for match in matches]
+
+
+def _file_format(source: FileSource, path: str) -> str:
+    if source.format != "auto":
+        return source.format
+    return _SUFFIX_FORMATS.get(Path(path.split("?")[0]).suffix.lower(), "jsonl")
+
+
+def _read_file(path: str, fmt: str) -> pa.Table:
+    data = _read_bytes(path)
+    if fmt == "parquet":
+        return pq.read_table(io.BytesIO(data))
+    if fmt == "jsonl":
+        return pajson.read_json(io.BytesIO(data))
+    if fmt in ("csv", "tsv"):
+        delimiter = "\t" if fmt == "tsv" else ","
+        return pacsv.read_csv(io.BytesIO(data), parse_options=pacsv.ParseOptions(delimiter=delimiter))
+    lines = [line for line in data.decode("utf-8").splitlines() if line.strip()]
+    return pa.table({"text": lines})
+
+
+def _read_bytes(path: str) -> bytes:
+    if "://" in path:
+        filesystem, inner = pafs.FileSystem.from_uri(path)
+        with filesystem.open_input_stream(inner) as stream:
+            return stream.read()
+    return Path(path).read_bytes()
+
+
+def source_columns(source: FileSource) -> list[str]:
+    """Column names of the first file of a local source, read cheaply (header or first record)."""
+    path = resolve_paths(source.path)[0]
+    fmt = _file_format(source, path)
+    if fmt == "parquet":
+        return list(pq.read_schema(path).names)
+    if fmt == "text":
+        return ["text"]
+    with open(path, encoding="utf-8") as handle:
+        first = handle.readline()
+    if fmt == "jsonl":
+        return list(json.loads(first).keys()) if first.strip() else []
+    delimiter = "\t" if fmt == "tsv" else ","
+    return [name.strip().strip('"') for name in first.rstrip("\n").split(delimiter)]
+
+
+def check_source(source: Source, *, labelled: bool) -> list[tuple[str, str, str]]:
+    """Problems with a source found without loading it: `(subkey, message, fix)` tuples.
+
+    Local files are checked for existence and for the text/label columns. Remote URIs and hub
+    datasets are checked when they load (no network calls during validation).
+    """
+    if not isinstance(source, FileSource) or "://" in source.path:
+        return []
+    paths = resolve_paths(source.path)
+    missing = [path for path in paths if not os.path.isfile(path)]
+    if not paths or missing:
+        return [("path", f"no file at {missing[0] if missing else source.path}", _what_exists(source.path))]
+    try:
+        columns = source_columns(source)
+    except (OSError, ValueError, pa.ArrowInvalid) as error:
+        return [("path", f"cannot read {paths[0]}: {error}", "check the file and its format")]
+    wanted = [("text_column", source.text_column)] + ([("label_column", source.label_column)] if labelled else [])
+    return [
+        (key, f"column {name!r} not in {paths[0]}", f"use one of its columns: {', '.join(columns)}")
+        for key, name in wanted
+        if name not in columns
+    ]
+
+
+def _what_exists(path: str) -> str:
+    folder = Path(os.path.expandvars(os.path.expanduser(path))).parent
+    if folder.is_dir():
+        files = sorted(p.name for p in folder.iterdir())[:8]
+        return f"point it at an existing file; {folder} holds: {', '.join(files) or 'nothing'}"
+    return f"point it at an existing file; the folder {folder} does not exist either"
+
+
+def fingerprint(source: Source) -> str:
+    """A content fingerprint: file hashes, hub name + revision, or the generator's settings."""
+    digest = hashlib.sha256(source.model_dump_json().encode())
+    if isinstance(source, FileSource) and "://" not in source.path:
+        for path in resolve_paths(source.path):
+            digest.update(Path(path).read_bytes())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,241 @@
+"""Stage 4, finetune: sequence classification from the pre-trained HF folder with the best
+hyperparameters, under Ray Train + DeepSpeed; evaluates on the test split; registers the model
+in the MLflow Model Registry.
+
+`fit_classifier` is the one fine-tuning loop: Ray Train workers run it here, and every Tune
+trial runs it too (components/tune.py imports it).
+
+Output folder:
+    model/           HF folder of the classifier (safetensors, config with id2label, tokenizer)
+    metrics.json     validation and test metrics
+    registered.json  registered model name, version, aliases, model URI
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import ray.train
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedTokenizerFast
+
+from components import accelerator, registry, training
+from components.stage import StageContext, StageResult, read_json, write_json
+from components.tracking import open_tracker
+
+log = logging.getLogger(__name__)
+
+Report = Callable[[dict, "str | None"], None]
+
+
+class Hyperparameters(BaseModel):
+    """What Tune searches; finetune takes the best values from the tune stage."""
+
+    model_config = ConfigDict(extra="forbid")
+    learning_rate: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    dropout: float = Field(0.1, ge=0, lt=1, description="hidden and attention dropout")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="share of steps spent warming up the LR")
+    batch_size_per_worker: int = Field(16, gt=0)
+
+
+class FinetuneConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    epochs: int = Field(3, gt=0)
+    defaults: Hyperparameters = Field(
+        default_factory=Hyperparameters, description="used for any value the tune stage did not search"
+    )
+    log_every: int = Field(10, gt=0, description="steps between metric logs")
+    registered_model_name: str | None = Field(None, description="MLflow registry name; default <pipeline>-classifier")
+    workers: training.WorkersConfig = Field(default_factory=training.WorkersConfig)
+    deepspeed: training.DeepSpeedConfig = Field(default_factory=training.DeepSpeedConfig)
+
+
+class ClassifierRun(BaseModel):
+    """One fine-tuning run as a plain dict for Ray: what `fit_classifier` needs."""
+
+    pretrained_dir: str
+    task_dir: str
+    label_names: list[str]
+    epochs: int
+    hyper: Hyperparameters
+    deepspeed: training.DeepSpeedConfig
+    use_gpu: bool = False
+    threads: int = 1
+    log_every: int = 10
+    tracking_uri: str | None = None
+    mlflow_run_id: str | None = None
+    seed: int = 0
+    export: bool = Field(False, description="evaluate on test and save the HF folder at the end")
+
+
+def run(
+    cfg: FinetuneConfig, pretrained_uri: str, tokenized_uri: str, best_uri: str | None, ctx: StageContext,
+    *, registered_model_name: str,
+) -> StageResult:  # fmt: skip
+    """Fine-tune with the best hyperparameters, evaluate on test, register the model."""
+    hyper = resolve_hyperparameters(cfg.defaults, best_uri)
+    run_cfg = ClassifierRun(
+        pretrained_dir=pretrained_uri, task_dir=f"{tokenized_uri}/task",
+        label_names=read_json(Path(tokenized_uri) / "labels.json"), epochs=cfg.epochs, hyper=hyper,
+        deepspeed=cfg.deepspeed, use_gpu=cfg.workers.use_gpu, threads=cfg.workers.cpus_per_worker,
+        log_every=cfg.log_every, tracking_uri=ctx.tracking_uri, mlflow_run_id=ctx.mlflow_run_id,
+        seed=ctx.seed, export=True,
+    )  # fmt: skip
+    open_tracker(ctx.tracking_uri, ctx.mlflow_run_id).log_params({f"hyper.{k}": v for k, v in hyper})
+    result = _fit_on_ray(run_cfg, cfg.workers, ctx)
+    model_dir = ctx.output_dir / "model"
+    with result.checkpoint.as_directory() as checkpoint_dir:
+        shutil.copytree(Path(checkpoint_dir) / "hf", model_dir, dirs_exist_ok=True)
+    metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    write_json(ctx.output_dir / "metrics.json", metrics)
+    version = registry.register_classifier(
+        model_dir, name=registered_model_name, run_id=ctx.mlflow_run_id, tracking_uri=ctx.tracking_uri,
+        test_accuracy=metrics["test/accuracy"], lineage={"ptft.pipeline_run_id": ctx.pipeline_run_id},
+    )  # fmt: skip
+    write_json(ctx.output_dir / "registered.json", version)
+    return StageResult(output_uri=str(model_dir), metrics=metrics, outputs={"registered": version})
+
+
+def resolve_hyperparameters(defaults: Hyperparameters, best_uri: str | None) -> Hyperparameters:
+    """The tune stage's best values over the configured defaults."""
+    if not best_uri:
+        return defaults
+    best = read_json(Path(best_uri) / "best_config.json")
+    log.info("finetune: hyperparameters from the tune stage: %s", best)
+    return defaults.model_copy(update=best)
+
+
+def _fit_on_ray(run_cfg: ClassifierRun, workers: training.WorkersConfig, ctx: StageContext):
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=run_cfg.model_dump(),
+        scaling_config=ScalingConfig(num_workers=workers.num_workers, use_gpu=workers.use_gpu,
+                                     resources_per_worker={"CPU": workers.cpus_per_worker}),
+        run_config=RunConfig(storage_path=ctx.ray_storage(), name=ctx.ray_run_name(),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1),
+                             worker_runtime_env={"env_vars": accelerator.deepspeed_env(workers.use_gpu)}),
+    )  # fmt: skip
+    return trainer.fit()
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train worker entry: the shared loop, reporting to Ray Train."""
+    fit_classifier(ClassifierRun.model_validate(config), report=_report_to_train)
+
+
+def _report_to_train(metrics: dict, checkpoint_dir: str | None) -> None:
+    checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+    ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def fit_classifier(cfg: ClassifierRun, report: Report) -> dict[str, float]:
+    """Fine-tune a classifier; `report(metrics, checkpoint_dir)` after every epoch. Returns the last metrics.
+
+    Runs in any process with a torch.distributed group (Ray Train worker, or Tune trial with
+    `training.ensure_process_group`).
+    """
+    accelerator.prepare_process(cfg.use_gpu, cfg.threads)
+    rank, world = _rank_and_world()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(cfg.pretrained_dir)
+    data = {split: training.load_columns(f"{cfg.task_dir}/{split}", ["input_ids", "attention_mask", "label"])
+            for split in ("train", "validation", "test")}  # fmt: skip
+    shard = training.Shard(rank, world, cfg.hyper.batch_size_per_worker)
+    steps = training.steps_for(len(data["train"]["label"]), shard, cfg.epochs)
+    engine = _setup_engine(cfg, steps, log_inherited=rank == 0)
+    tracker = open_tracker(cfg.tracking_uri, cfg.mlflow_run_id, rank=rank)
+    metrics: dict[str, float] = {}
+    step = 0
+    for epoch in range(1, cfg.epochs + 1):
+        train_loss, step = _train_epoch(engine, data["train"], shard, cfg, epoch, step, tracker)
+        metrics = {"train/epoch_loss": train_loss, "epoch": epoch, **evaluate(engine, data["validation"], shard)}
+        last = epoch == cfg.epochs
+        if last and cfg.export:
+            metrics.update(evaluate(engine, data["test"], shard, prefix="test"))
+        tracker.log_metrics(metrics, epoch)
+        tracker.flush()
+        if last and cfg.export:
+            with tempfile.TemporaryDirectory() as checkpoint_dir:
+                training.save_hf_folder(engine, tokenizer, Path(checkpoint_dir) / "hf")
+                report(metrics, checkpoint_dir)
+        else:
+            report(metrics, None)
+    tracker.close()
+    return metrics
+
+
+def _rank_and_world() -> tuple[int, int]:
+    dist = torch.distributed
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _setup_engine(cfg: ClassifierRun, total_steps: int, *, log_inherited: bool):
+    """The pre-trained encoder with a fresh classification head; architecture inherited, dropout overridden."""
+    pretrained = AutoConfig.from_pretrained(cfg.pretrained_dir)
+    if log_inherited:
+        log.info("inherited hidden_size=%s num_layers=%s vocab_size=%s from pretrain",
+                 pretrained.hidden_size, pretrained.num_hidden_layers, pretrained.vocab_size)  # fmt: skip
+        if pretrained.hidden_dropout_prob != cfg.hyper.dropout:
+            log.info("NOTE: dropout=%s overrides the pretrained value %s", cfg.hyper.dropout,
+                     pretrained.hidden_dropout_prob)  # fmt: skip
+    torch.manual_seed(cfg.seed)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        cfg.pretrained_dir, num_labels=len(cfg.label_names),
+        id2label=dict(enumerate(cfg.label_names)), label2id={name: i for i, name in enumerate(cfg.label_names)},
+        hidden_dropout_prob=cfg.hyper.dropout, attention_probs_dropout_prob=cfg.hyper.dropout,
+    )  # fmt: skip
+    return training.build_engine(
+        model, ds=cfg.deepspeed, micro_batch_size=cfg.hyper.batch_size_per_worker,
+        learning_rate=cfg.hyper.learning_rate, weight_decay=cfg.hyper.weight_decay,
+        warmup_steps=int(cfg.hyper.warmup_ratio * total_steps), total_steps=total_steps,
+    )  # fmt: skip
+
+
+def _train_epoch(engine, train: dict, shard: training.Shard, cfg: ClassifierRun, epoch: int, step: int, tracker):
+    losses = []
+    window_start, window_tokens = time.perf_counter(), 0
+    for rows in shard.epoch_batches(len(train["label"]), epoch=epoch, seed=cfg.seed):
+        loss = engine(**_batch(train, rows, engine.device)).loss
+        engine.backward(loss)
+        engine.step()
+        step += 1
+        losses.append(loss.item())
+        window_tokens += int(train["attention_mask"][rows].sum()) * shard.world_size
+        if step % cfg.log_every == 0:
+            tracker.log_metrics({"train/loss": losses[-1], "train/learning_rate": engine.get_lr()[0],
+                                 "throughput/tokens_per_s": window_tokens / (time.perf_counter() - window_start)},
+                                step)  # fmt: skip
+            window_start, window_tokens = time.perf_counter(), 0
+    mean = sum(losses) / max(1, len(losses))
+    return training.all_reduce_sum([mean])[0] / shard.world_size, step
+
+
+def _batch(split: dict, rows: torch.Tensor, device) -> dict[str, torch.Tensor]:
+    return {"input_ids": split["input_ids"][rows].long().to(device),
+            "attention_mask": split["attention_mask"][rows].long().to(device),
+            "labels": split["label"][rows].long().to(device)}  # fmt: skip
+
+
+@torch.no_grad()
+def evaluate(engine, split: dict, shard: training.Shard, *, prefix: str = "eval") -> dict[str, float]:
+    """Loss and accuracy over the whole split, summed across ranks."""
+    engine.eval()
+    loss_sum, correct, count = 0.0, 0.0, 0.0
+    mine = shard.eval_rows(len(split["label"]))
+    for start in range(0, len(mine), shard.batch_size):
+        batch = _batch(split, mine[start : start + shard.batch_size], engine.device)
+        output = engine(**batch)
+        loss_sum += output.loss.item() * len(batch["labels"])
+        correct += float((output.logits.argmax(-1) == batch["labels"]).sum())
+        count += len(batch["labels"])
+    engine.train()
+    loss_sum, correct, count = training.all_reduce_sum([loss_sum, correct, count])
+    return {f"{prefix}/loss": loss_sum / max(count, 1), f"{prefix}/accuracy": correct / max(count, 1)}

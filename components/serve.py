@@ -1,0 +1,178 @@
+"""Stage 5, serve: a Ray Serve deployment of a registered model version behind FastAPI.
+
+    POST /predict  {"texts": [...]} -> {"predictions": [{"label", "score"}], "model": {...}}
+    GET  /healthz   liveness
+    GET  /metadata  model name, version, run id
+    GET  /docs      OpenAPI
+
+Malformed requests get FastAPI's 422 with a message naming the bad field; requests are batched
+across callers with `@serve.batch`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Annotated
+
+import requests
+from fastapi import FastAPI
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from ray import serve
+
+from components.stage import StageContext, StageResult, write_json
+
+log = logging.getLogger(__name__)
+
+
+class ServeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    app_name: str = Field("ptft", description="Ray Serve application name")
+    host: str = Field("127.0.0.1", description="HTTP bind address; 0.0.0.0 exposes it beyond this machine")
+    port: int = Field(8000, gt=0, lt=65536)
+    route_prefix: str = "/"
+    num_replicas: int = Field(1, ge=1)
+    cpus_per_replica: float = Field(0.5, gt=0)
+    max_batch_size: int = Field(16, gt=0, description="texts scored together by @serve.batch")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="how long a batch waits to fill")
+    max_texts: int = Field(64, gt=0, description="most texts one request may send")
+    max_text_chars: int = Field(2000, gt=0, description="longest text accepted")
+    sample_texts: list[str] = Field(
+        default_factory=lambda: ["a superb and moving film .", "the plot was dull and tedious ."],
+        description="sent to the deployment once it is up, as a smoke test",
+    )
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    model_uri: str
+    run_id: str | None = None
+
+
+def build_app(cfg: ServeConfig, model: ModelInfo, tracking_uri: str) -> FastAPI:
+    """The FastAPI app with request limits taken from the config."""
+    text = Annotated[str, StringConstraints(min_length=1, max_length=cfg.max_text_chars)]
+
+    class PredictRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        texts: list[text] = Field(min_length=1, max_length=cfg.max_texts)
+
+    class Prediction(BaseModel):
+        label: str
+        score: float
+
+    class PredictResponse(BaseModel):
+        predictions: list[Prediction]
+        model: ModelInfo
+
+    app = FastAPI(title="ptft classifier", version=model.version)
+
+    @serve.deployment
+    @serve.ingress(app)
+    class Classifier:
+        def __init__(self) -> None:
+            self.scorer = _load_scorer(model.model_uri, tracking_uri)
+            self.predict_batch.set_max_batch_size(cfg.max_batch_size)
+            self.predict_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+
+        @app.get("/healthz")
+        def healthz(self) -> dict:
+            return {"status": "ok"}
+
+        @app.get("/metadata")
+        def metadata(self) -> ModelInfo:
+            return model
+
+        @app.post("/predict")
+        async def predict(self, request: PredictRequest) -> PredictResponse:
+            predictions = await self.predict_batch(request.texts)
+            return PredictResponse(predictions=predictions, model=model)
+
+        @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+        async def predict_batch(self, requests_texts: list[list[str]]) -> list[list[dict]]:
+            flat = [text for texts in requests_texts for text in texts]
+            scored = iter(self.scorer(flat))
+            return [[next(scored) for _ in texts] for texts in requests_texts]
+
+    return Classifier
+
+
+class _Scorer:
+    """Tokenizer + classifier from the registry; scores a list of texts in one forward pass."""
+
+    def __init__(self, model_uri: str, tracking_uri: str):
+        import mlflow
+        import torch
+
+        mlflow.set_tracking_uri(tracking_uri)
+        components = mlflow.transformers.load_model(model_uri, return_type="components")
+        self.model = components["model"].eval()
+        self.tokenizer = components["tokenizer"]
+        self.torch = torch
+
+    def __call__(self, texts: list[str]) -> list[dict]:
+        encoded = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+        with self.torch.no_grad():
+            probabilities = self.model(**encoded).logits.softmax(-1)
+        scores, ids = probabilities.max(-1)
+        labels = self.model.config.id2label
+        return [{"label": labels[int(i)], "score": float(s)} for s, i in zip(scores, ids)]
+
+
+def _load_scorer(model_uri: str, tracking_uri: str) -> _Scorer:
+    return _Scorer(model_uri, tracking_uri)
+
+
+def deploy(cfg: ServeConfig, model: ModelInfo, tracking_uri: str) -> str:
+    """Deploy (or update) the application; returns its base URL once /healthz answers."""
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    deployment = build_app(cfg, model, tracking_uri).options(
+        num_replicas=cfg.num_replicas, ray_actor_options={"num_cpus": cfg.cpus_per_replica}
+    )
+    serve.run(deployment.bind(), name=cfg.app_name, route_prefix=cfg.route_prefix)
+    url = f"http://{_client_host(cfg.host)}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
+    _wait_healthy(url)
+    return url
+
+
+def _client_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::") else host
+
+
+def _wait_healthy(url: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if requests.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url}/healthz did not answer within {timeout_s:.0f}s")
+        time.sleep(0.5)
+
+
+def predict(url: str, texts: list[str]) -> list[dict]:
+    """Client helper: POST /predict and return the predictions."""
+    response = requests.post(f"{url}/predict", json={"texts": texts}, timeout=30)
+    response.raise_for_status()
+    return response.json()["predictions"]
+
+
+def run(cfg: ServeConfig, registered: dict, ctx: StageContext) -> StageResult:
+    """Deploy the registered version, send the sample texts, record the endpoint."""
+    model = ModelInfo(name=registered["name"], version=registered["version"], model_uri=registered["model_uri"],
+                      run_id=registered.get("run_id"))  # fmt: skip
+    url = deploy(cfg, model, ctx.tracking_uri)
+    started = time.perf_counter()
+    predictions = predict(url, cfg.sample_texts) if cfg.sample_texts else []
+    latency_ms = (time.perf_counter() - started) * 1000
+    endpoint = {"url": url, "app_name": cfg.app_name, "model": model.model_dump(),
+                "samples": [dict(text=t, **p) for t, p in zip(cfg.sample_texts, predictions)]}  # fmt: skip
+    write_json(ctx.output_dir / "endpoint.json", endpoint)
+    return StageResult(output_uri=url, metrics={"serve/sample_latency_ms": latency_ms}, outputs=endpoint)
+
+
+def shutdown() -> None:
+    serve.shutdown()

@@ -1,0 +1,55 @@
+"""The stage contract: what a stage receives besides its own config, and what it returns.
+
+A stage is `run(config, <input URIs>, ctx) -> StageResult`. It writes everything it produces
+under `ctx.output_dir` and knows nothing of other stages, the manifest or the cache.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """Where a stage writes and how it is tracked."""
+
+    pipeline_run_id: str
+    stage: str
+    output_dir: Path
+    storage: Path
+    tracking_uri: str
+    experiment_id: str
+    mlflow_run_id: str
+    seed: int = 0
+
+    def ray_storage(self) -> str:
+        """Ray Train/Tune `storage_path`: results and checkpoints of this pipeline's trainers."""
+        return str((self.storage / "ray_results").resolve())
+
+    def ray_run_name(self) -> str:
+        """Ray Train/Tune run `name`, derived from the pipeline run id and stage (stable on resume)."""
+        return f"{self.pipeline_run_id}-{self.stage}"
+
+
+@dataclass
+class StageResult:
+    """A stage's output URI, its final metrics, and any small extra outputs (e.g. a model URI)."""
+
+    output_uri: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    outputs: dict[str, Any] = field(default_factory=dict)
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """Write JSON atomically: a reader never sees a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
+    tmp.replace(path)
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,171 @@
+"""Stage 1, tokenize: train a WordPiece tokenizer on the corpus, then tokenize and pack the corpus
+into fixed-length blocks and tokenize the task splits with Ray Data. Writes Parquet.
+
+Output folder:
+    tokenizer/            HF fast tokenizer (tokenizer.json + config)
+    pretrain_blocks/      Parquet, column input_ids: [CLS] tokens... [SEP], seq_len long
+    task/{train,validation,test}/  Parquet: input_ids, attention_mask (padded to seq_len), label
+    labels.json           label names, index = label id
+    stats.json            counts
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import ray
+from pydantic import BaseModel, ConfigDict, Field
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+from components.data import Source, load_source
+from components.stage import StageContext, StageResult, write_json
+
+log = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+TASK_SPLITS = ("train", "validation", "test")
+
+
+class CorpusConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    source: Source = Field(description="unlabelled text for the tokenizer and for pre-training")
+
+
+class TaskConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    train: Source
+    validation: Source
+    test: Source
+
+
+class DataConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    corpus: CorpusConfig
+    task: TaskConfig
+
+
+class TokenizeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    vocab_size: int = Field(2000, gt=0, description="WordPiece vocabulary size, special tokens included")
+    min_frequency: int = Field(2, ge=1, description="rarest word piece the trainer keeps")
+    lowercase: bool = True
+    seq_len: int = Field(64, ge=8, description="tokens per packed block and per task example")
+    batch_size: int = Field(512, gt=0, description="rows per Ray Data batch")
+
+
+def run(cfg: TokenizeConfig, data: DataConfig, ctx: StageContext) -> StageResult:
+    """Train the tokenizer and write the tokenized corpus and task splits under ctx.output_dir."""
+    corpus = load_source(data.corpus.source, labelled=False)
+    splits = {name: load_source(getattr(data.task, name), labelled=True) for name in TASK_SPLITS}
+    tokenizer_dir = ctx.output_dir / "tokenizer"
+    tokenizer = train_wordpiece(corpus.column("text").to_pylist(), cfg)
+    tokenizer.save_pretrained(tokenizer_dir)
+    label_names = label_vocabulary(splits["train"])
+    write_json(ctx.output_dir / "labels.json", label_names)
+
+    # Deterministic row order: the same inputs give the same blocks, hence the same training run.
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    blocks = _pack_corpus(corpus, tokenizer_dir, cfg).materialize()
+    blocks.write_parquet(str(ctx.output_dir / "pretrain_blocks"))
+    stats = {"corpus/rows": corpus.num_rows, "tokenize/vocab_size": len(tokenizer)}
+    for name, table in splits.items():
+        _tokenize_task(table, tokenizer_dir, label_names, cfg).write_parquet(str(ctx.output_dir / "task" / name))
+        stats[f"task/{name}_rows"] = table.num_rows
+    stats["corpus/blocks"] = blocks.count()
+    write_json(ctx.output_dir / "stats.json", stats)
+    log.info("tokenize: %s", stats)
+    return StageResult(output_uri=str(ctx.output_dir), metrics=stats)
+
+
+def train_wordpiece(texts: Iterable[str], cfg: TokenizeConfig) -> PreTrainedTokenizerFast:
+    """Train a BERT-style WordPiece tokenizer and wrap it as an HF fast tokenizer."""
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=cfg.lowercase)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency, special_tokens=list(SPECIAL_TOKENS)
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, model_max_length=cfg.seq_len,
+        pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+    )  # fmt: skip
+
+
+def label_vocabulary(train: pa.Table) -> list[str]:
+    """Label names in id order: sorted numerically when all labels are integers, else by name."""
+    values = set(train.column("label").to_pylist())
+    return [str(value) for value in sorted(values, key=lambda v: (not isinstance(v, int), str(v)))]
+
+
+@functools.lru_cache(maxsize=2)
+def _load_tokenizer(tokenizer_dir: str) -> PreTrainedTokenizerFast:
+    return PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+
+
+def _pack_corpus(corpus: pa.Table, tokenizer_dir: Path, cfg: TokenizeConfig) -> ray.data.Dataset:
+    return ray.data.from_arrow(corpus).map_batches(
+        pack_blocks, batch_size=cfg.batch_size, batch_format="pyarrow",
+        fn_kwargs={"tokenizer_dir": str(tokenizer_dir), "seq_len": cfg.seq_len},
+    )  # fmt: skip
+
+
+def pack_blocks(batch: pa.Table, *, tokenizer_dir: str, seq_len: int) -> pa.Table:
+    """Concatenate the batch's texts ([SEP] between documents) and cut `[CLS] ... [SEP]` blocks.
+
+    The tail shorter than a block is dropped: every block has exactly `seq_len` tokens, so
+    pre-training needs no padding.
+    """
+    tokenizer = _load_tokenizer(tokenizer_dir)
+    encoded = tokenizer(batch.column("text").to_pylist(), add_special_tokens=False)["input_ids"]
+    stream: list[int] = []
+    for ids in encoded:
+        stream.extend(ids)
+        stream.append(tokenizer.sep_token_id)
+    body = seq_len - 2
+    count = len(stream) // body
+    chunks = np.asarray(stream[: count * body], dtype=np.int32).reshape(count, body)
+    cls = np.full((count, 1), tokenizer.cls_token_id, dtype=np.int32)
+    sep = np.full((count, 1), tokenizer.sep_token_id, dtype=np.int32)
+    blocks = np.concatenate([cls, chunks, sep], axis=1)
+    return pa.table({"input_ids": pa.array(list(blocks), type=pa.list_(pa.int32()))})
+
+
+def _tokenize_task(table: pa.Table, tokenizer_dir: Path, label_names: list[str], cfg: TokenizeConfig):
+    return ray.data.from_arrow(table).map_batches(
+        tokenize_examples, batch_size=cfg.batch_size, batch_format="pyarrow",
+        fn_kwargs={"tokenizer_dir": str(tokenizer_dir), "seq_len": cfg.seq_len, "label_names": label_names},
+    )  # fmt: skip
+
+
+def tokenize_examples(batch: pa.Table, *, tokenizer_dir: str, seq_len: int, label_names: list[str]) -> pa.Table:
+    """Tokenize labelled texts, padded/truncated to `seq_len`, with labels mapped to ids.
+
+    Raises:
+        ValueError: a label that the train split does not have.
+    """
+    tokenizer = _load_tokenizer(tokenizer_dir)
+    encoded = tokenizer(
+        batch.column("text").to_pylist(), max_length=seq_len, truncation=True, padding="max_length"
+    )
+    label_ids = {name: index for index, name in enumerate(label_names)}
+    labels = [str(label) for label in batch.column("label").to_pylist()]
+    unknown = sorted(set(labels) - set(label_ids))
+    if unknown:
+        raise ValueError(f"labels {unknown} do not occur in the train split (which has {label_names})")
+    return pa.table({
+        "input_ids": pa.array(encoded["input_ids"], type=pa.list_(pa.int32())),
+        "attention_mask": pa.array(encoded["attention_mask"], type=pa.list_(pa.int8())),
+        "label": pa.array([label_ids[label] for label in labels], type=pa.int64()),
+    })  # fmt: skip

@@ -1,0 +1,194 @@
+"""Pieces every training loop shares: the DeepSpeed engine, the LR schedule, data sharding,
+cross-rank averages and the consolidated HF export. Stage loops live in pretrain.py/finetune.py.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class DeepSpeedConfig(BaseModel):
+    """The DeepSpeed engine every training step goes through."""
+
+    model_config = ConfigDict(extra="forbid")
+    zero_stage: Literal[0, 1, 2, 3] = Field(0, description="ZeRO stage: 0 none, 1 optimizer, 2 +grads, 3 +params")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="bf16/fp16 need a GPU")
+    gradient_clipping: float = Field(1.0, ge=0.0, description="max grad norm; 0 disables")
+    gradient_accumulation_steps: int = Field(1, ge=1)
+
+
+class WorkersConfig(BaseModel):
+    """Ray Train scaling for a training stage."""
+
+    model_config = ConfigDict(extra="forbid")
+    num_workers: int = Field(2, ge=1, description="training processes (data-parallel ranks)")
+    use_gpu: bool = Field(False, description="one GPU per worker; false trains on CPU with gloo")
+    cpus_per_worker: int = Field(1, ge=1, description="CPUs Ray reserves per worker (= torch threads)")
+
+
+def deepspeed_config(cfg: DeepSpeedConfig, *, micro_batch_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON for an engine built with a client optimizer and scheduler."""
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "gradient_clipping": cfg.gradient_clipping,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        # torch's AdamW works at every ZeRO stage; DeepSpeed calls client optimizers "untested".
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.zero_stage == 3:
+        # Gather the full weights on save so rank 0 can write a plain HF folder.
+        config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+    if cfg.precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif cfg.precision == "fp16":
+        config["fp16"] = {"enabled": True}
+    return config
+
+
+def build_engine(
+    model: torch.nn.Module, *, ds: DeepSpeedConfig, micro_batch_size: int, learning_rate: float,
+    weight_decay: float, warmup_steps: int, total_steps: int,
+):  # fmt: skip
+    """Wrap the model, AdamW and a linear warmup/decay schedule in a DeepSpeed engine."""
+    import deepspeed  # imported late: DS_ACCELERATOR must be set first (components.accelerator)
+
+    optimizer = torch.optim.AdamW(_param_groups(model, weight_decay), lr=learning_rate)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup_steps, total_steps))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        config=deepspeed_config(ds, micro_batch_size=micro_batch_size),
+    )  # fmt: skip
+    return engine
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    # No decay on biases and LayerNorm weights, as in BERT.
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (no_decay if param.ndim < 2 or "LayerNorm" in name else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def linear_schedule(warmup_steps: int, total_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return factor
+
+
+def load_columns(parquet_dir: str | Path, columns: list[str]) -> dict[str, torch.Tensor]:
+    """Read a (small) Parquet folder into tensors, one per column."""
+    table = pq.read_table(str(parquet_dir), columns=columns)
+    tensors = {}
+    for name in columns:
+        values = table.column(name).to_numpy(zero_copy_only=False)
+        # List columns (token ids) arrive as an array of arrays: stack them into a matrix.
+        tensors[name] = torch.as_tensor(np.stack(values) if values.dtype == object else values)
+    return tensors
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This rank's share of a dataset: equal batch counts on every rank."""
+
+    rank: int
+    world_size: int
+    batch_size: int
+
+    def batches_per_epoch(self, num_rows: int) -> int:
+        # Drop the tail: DeepSpeed ranks must run the same number of steps.
+        return num_rows // (self.world_size * self.batch_size)
+
+    def epoch_batches(self, num_rows: int, *, epoch: int, seed: int, shuffle: bool = True) -> list[torch.Tensor]:
+        """Row indices of each of this rank's batches in `epoch` (same permutation on all ranks)."""
+        if shuffle:
+            order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        else:
+            order = torch.arange(num_rows)
+        count = self.batches_per_epoch(num_rows)
+        mine = order[: count * self.world_size * self.batch_size].view(count, self.world_size, self.batch_size)
+        return list(mine[:, self.rank])
+
+    def eval_rows(self, num_rows: int) -> torch.Tensor:
+        """This rank's evaluation rows; every rank gets the same count (ZeRO-3 forwards are
+        collectives, so ranks must run the same batches), which drops fewer than world_size rows."""
+        even = num_rows - num_rows % self.world_size
+        return torch.arange(self.rank, even, self.world_size)
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Sum values over ranks (a no-op without a process group)."""
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        tensor = tensor.to(_comm_device())
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.tolist()
+
+
+def _comm_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def consolidated_state_dict(engine) -> dict[str, torch.Tensor] | None:
+    """Full model weights on rank 0 (a collective under ZeRO-3: call it on every rank)."""
+    if engine.zero_optimization_stage() == 3:
+        return engine._zero3_consolidated_16bit_state_dict()
+    return engine.module.state_dict() if _rank() == 0 else None
+
+
+def save_hf_folder(engine, tokenizer, out_dir: Path) -> None:
+    """Rank 0 writes a plain HF folder (safetensors + config + tokenizer); others only join ZeRO-3's gather."""
+    state = consolidated_state_dict(engine)
+    if _rank() != 0:
+        return
+    state = {key: value.detach().to("cpu", torch.float32).contiguous() for key, value in state.items()}
+    engine.module.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def ensure_process_group() -> bool:
+    """A one-process gloo group for DeepSpeed outside Ray Train (e.g. a Tune trial).
+
+    Returns True when this call created the group (the caller destroys it).
+    """
+    if dist.is_initialized():
+        return False
+    port = free_port()
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0",
+                       "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})  # fmt: skip
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    return True
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def steps_for(num_rows: int, shard: Shard, epochs: int) -> int:
+    return max(1, shard.batches_per_epoch(num_rows)) * epochs
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))

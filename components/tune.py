@@ -1,0 +1,195 @@
+"""Stage 3, tune: Ray Tune over learning rate and regularization with ASHA early stopping.
+
+Each trial runs the fine-tuning loop (`finetune.fit_classifier`, imported, not copied) in its
+own process on a one-rank DeepSpeed group, reports validation loss and accuracy every epoch,
+and is tracked as a grandchild MLflow run under the tune stage's run.
+
+Output folder:
+    best_config.json   the best trial's hyperparameters (finetune reads it)
+    trials.json        every trial: hyperparameters, last metrics, epochs run, status
+    metrics.json       the best trial's metrics
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+import ray.tune
+import torch.distributed as dist
+from mlflow.tracking import MlflowClient
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from ray.tune.schedulers import ASHAScheduler
+
+from components import finetune, training
+from components.stage import StageContext, StageResult, read_json, write_json
+from components.tracking import MlflowTracker, start_run
+
+log = logging.getLogger(__name__)
+
+SEARCHABLE = tuple(finetune.Hyperparameters.model_fields)
+
+
+class Distribution(BaseModel):
+    """One search dimension: `loguniform`/`uniform` over [low, high], or a `choice` of values."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["loguniform", "uniform", "choice"]
+    low: float | None = None
+    high: float | None = None
+    values: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Distribution:
+        if self.type == "choice":
+            if not self.values:
+                raise ValueError("a choice needs a non-empty `values` list")
+        elif self.low is None or self.high is None or not self.low < self.high:
+            raise ValueError(f"{self.type} needs low < high (got low={self.low}, high={self.high})")
+        elif self.type == "loguniform" and self.low <= 0:
+            raise ValueError(f"loguniform needs low > 0 (got {self.low}); use uniform for ranges from 0")
+        return self
+
+    def to_tune(self):
+        if self.type == "choice":
+            return ray.tune.choice(self.values)
+        return (ray.tune.loguniform if self.type == "loguniform" else ray.tune.uniform)(self.low, self.high)
+
+
+def _default_space() -> dict[str, Distribution]:
+    return {
+        "learning_rate": Distribution(type="loguniform", low=1e-4, high=3e-3),
+        "weight_decay": Distribution(type="uniform", low=0.0, high=0.1),
+        "dropout": Distribution(type="uniform", low=0.0, high=0.3),
+    }
+
+
+class TuneConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = Field(True, description="false skips the sweep: finetune uses finetune.defaults")
+    num_samples: int = Field(4, gt=0, description="trials to run")
+    max_epochs: int = Field(3, gt=0, description="epochs of the longest trial (ASHA max_t)")
+    grace_period: int = Field(1, gt=0, description="epochs every trial gets before ASHA may stop it")
+    reduction_factor: int = Field(2, ge=2, description="ASHA keeps 1/reduction_factor at each rung")
+    metric: Literal["eval/accuracy", "eval/loss"] = "eval/accuracy"
+    max_concurrent_trials: int = Field(2, gt=0, description="trials at once; at most the CPUs you have")
+    cpus_per_trial: float = Field(1, gt=0)
+    search_space: dict[str, Distribution] = Field(
+        default_factory=_default_space, description=f"keys among: {', '.join(SEARCHABLE)}"
+    )
+
+    @property
+    def mode(self) -> str:
+        return "max" if self.metric.endswith("accuracy") else "min"
+
+
+class _TrialSetup(BaseModel):
+    """What every trial shares, handed to Ray as a dict."""
+
+    base: finetune.ClassifierRun
+    tune_run_id: str
+    experiment_id: str
+
+
+def run(
+    cfg: TuneConfig, pretrained_uri: str, tokenized_uri: str, defaults: finetune.Hyperparameters,
+    deepspeed: training.DeepSpeedConfig, ctx: StageContext,
+) -> StageResult:  # fmt: skip
+    """Search hyperparameters; write best_config.json under ctx.output_dir."""
+    setup = _TrialSetup(
+        base=finetune.ClassifierRun(
+            pretrained_dir=pretrained_uri, task_dir=f"{tokenized_uri}/task",
+            label_names=read_json(Path(tokenized_uri) / "labels.json"), epochs=cfg.max_epochs,
+            hyper=defaults, deepspeed=deepspeed, threads=max(1, int(cfg.cpus_per_trial)),
+            tracking_uri=ctx.tracking_uri, seed=ctx.seed,
+        ),
+        tune_run_id=ctx.mlflow_run_id, experiment_id=ctx.experiment_id,
+    )  # fmt: skip
+    tuner = ray.tune.Tuner(
+        ray.tune.with_resources(ray.tune.with_parameters(run_trial, setup=setup.model_dump()),
+                                {"cpu": cfg.cpus_per_trial}),
+        param_space={name: dist_.to_tune() for name, dist_ in cfg.search_space.items()},
+        tune_config=ray.tune.TuneConfig(
+            metric=cfg.metric, mode=cfg.mode, num_samples=cfg.num_samples,
+            max_concurrent_trials=cfg.max_concurrent_trials,
+            scheduler=ASHAScheduler(time_attr="epoch", max_t=cfg.max_epochs, grace_period=cfg.grace_period,
+                                    reduction_factor=cfg.reduction_factor),
+        ),
+        run_config=ray.tune.RunConfig(storage_path=ctx.ray_storage(), name=ctx.ray_run_name()),
+    )  # fmt: skip
+    results = tuner.fit()
+    _close_trial_runs(results, ctx)
+    return _write_outputs(results, cfg, ctx)
+
+
+def run_trial(hyper: dict, setup: dict) -> None:
+    """One Tune trial: the fine-tuning loop with these hyperparameters, tracked as a grandchild run."""
+    trial = _TrialSetup.model_validate(setup)
+    client = MlflowClient(trial.base.tracking_uri)
+    trial_name = ray.tune.get_context().get_trial_name()
+    run_id = _trial_run(client, trial, trial_name)
+    tracker = MlflowTracker(trial.base.tracking_uri, run_id, owns_run=True)
+    tracker.log_params(hyper)
+    tracker.set_tags({"ptft.trial": trial_name})
+    run_cfg = trial.base.model_copy(update={"hyper": trial.base.hyper.model_copy(update=hyper),
+                                            "mlflow_run_id": run_id})  # fmt: skip
+    created_group = training.ensure_process_group()
+    try:
+        finetune.fit_classifier(run_cfg, report=lambda metrics, _checkpoint: ray.tune.report(metrics))
+        tracker.close("FINISHED")
+    finally:
+        # A trial ASHA stops may never get here; `_close_trial_runs` ends its run after the sweep.
+        if created_group:
+            dist.destroy_process_group()
+
+
+def _trial_run(client: MlflowClient, trial: _TrialSetup, trial_name: str) -> str:
+    return start_run(client, trial.experiment_id, trial_name, parent_run_id=trial.tune_run_id,
+                     tags={"ptft.stage": "tune-trial"})  # fmt: skip
+
+
+def _close_trial_runs(results: ray.tune.ResultGrid, ctx: StageContext) -> None:
+    """End trial runs left RUNNING (stopped early by ASHA, or failed): none stays RUNNING forever."""
+    client = MlflowClient(ctx.tracking_uri)
+    errors = {Path(result.path).name: result.error for result in results}
+    running = client.search_runs(
+        [ctx.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{ctx.mlflow_run_id}' and attributes.status = 'RUNNING'",
+    )
+    for trial_run in running:
+        failed = any(name.startswith(trial_run.info.run_name) and error for name, error in errors.items())
+        client.set_tag(trial_run.info.run_id, "ptft.trial_status", "error" if failed else "stopped_early")
+        client.set_terminated(trial_run.info.run_id, status="FAILED" if failed else "FINISHED")
+
+
+def _write_outputs(results: ray.tune.ResultGrid, cfg: TuneConfig, ctx: StageContext) -> StageResult:
+    best = results.get_best_result(metric=cfg.metric, mode=cfg.mode, scope="all")
+    trials = [_trial_row(result, cfg) for result in results]
+    best_config = {name: best.config[name] for name in cfg.search_space}
+    best_metrics = {key: value for key, value in best.metrics.items()
+                    if isinstance(value, (int, float)) and "/" in key}  # fmt: skip
+    write_json(ctx.output_dir / "best_config.json", best_config)
+    write_json(ctx.output_dir / "trials.json", trials)
+    write_json(ctx.output_dir / "metrics.json", best_metrics)
+    failed = [row for row in trials if row["status"] == "ERROR"]
+    if len(failed) == len(trials):
+        raise RuntimeError(f"every trial failed; first error: {failed[0]['error']}")
+    log.info("tune: best %s with %s=%.4f", best_config, cfg.metric, best.metrics[cfg.metric])
+    metrics = {f"best/{key}": value for key, value in best_metrics.items()}
+    metrics.update({f"best/{key}": value for key, value in best_config.items()})
+    metrics["tune/trials"] = len(trials)
+    metrics["tune/trials_stopped_early"] = sum(row["epochs"] < cfg.max_epochs for row in trials)
+    return StageResult(output_uri=str(ctx.output_dir), metrics=metrics, outputs={"best_config": best_config})
+
+
+def _trial_row(result: ray.tune.Result, cfg: TuneConfig) -> dict:
+    metrics = result.metrics or {}
+    return {
+        "config": {name: result.config.get(name) for name in cfg.search_space},
+        "epochs": int(metrics.get("epoch", 0)),
+        cfg.metric: metrics.get(cfg.metric),
+        "status": "ERROR" if result.error else "TERMINATED",
+        "error": str(result.error) if result.error else None,
+        "path": result.path,
+    }

@@ -1,0 +1,120 @@
+"""`ptft` command line: run, validate, ui.
+
+Exit codes: 0 success, 1 a failure while running (infrastructure or a bug: traceback shown),
+2 a user error in the config or data (a message, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import time
+
+from pipelines.config import ConfigError, load_config
+
+EXIT_USER_ERROR = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.handler(args)
+    except ConfigError as error:
+        print(f"ptft: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ptft", description="Pre-train -> fine-tune pipelines on Ray.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run a pipeline end to end")
+    run.add_argument("config", help="pipeline YAML, e.g. configs/demo.yaml")
+    run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. pretrain.max_steps=20")
+    run.add_argument("--keep-serving", action="store_true",
+                     help="keep the Serve deployment up until Ctrl-C (default: shut down a local Ray at the end)")
+    run.set_defaults(handler=_run)
+
+    validate = commands.add_parser("validate", help="check a config and its data; starts nothing")
+    validate.add_argument("config")
+    validate.add_argument("overrides", nargs="*")
+    validate.set_defaults(handler=_validate)
+
+    ui = commands.add_parser("ui", help="open the MLflow UI on the config's tracking store")
+    ui.add_argument("config", nargs="?", default="configs/demo.yaml")
+    ui.add_argument("overrides", nargs="*")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.set_defaults(handler=_ui)
+    return parser
+
+
+def _validate(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
+    print(f"{args.config}: OK (pipeline {config.name!r}, storage {config.storage_path()}, "
+          f"tracking {config.tracking_uri()})")  # fmt: skip
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
+    import pipelines  # heavy imports (Ray, torch) only once the config is known to be good
+    from components import serve
+
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    started = time.perf_counter()
+    result = pipelines.run(config, on_stage=_print_stage)
+    _print_summary(result, config, time.perf_counter() - started)
+    on_cluster = config.ray.address is not None
+    if args.keep_serving:
+        print(f"Serving at {result.endpoint} — Ctrl-C to stop.")
+        _wait_forever()
+    if not on_cluster or args.keep_serving:
+        serve.shutdown()
+        print("Serve shut down.")
+    return 0
+
+
+def _print_stage(stage: str, result) -> None:
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items() if isinstance(v, (int, float)))
+    print(f"[ptft] {stage:<8} done: {result.output_uri}\n         {shown}", flush=True)
+
+
+def _print_summary(result, config, seconds: float) -> None:
+    serve_outputs = result.stages["serve"].outputs
+    print(f"\nPipeline run {result.run_id} finished in {seconds:.0f}s.")
+    print(f"Model {serve_outputs['model']['name']} v{serve_outputs['model']['version']} served at {result.endpoint}")
+    for sample in serve_outputs["samples"]:
+        print(f"  {sample['text']!r:45} -> {sample['label']} ({sample['score']:.3f})")
+    print(f"Runs: MLflow experiment {config.experiment_name()!r} at {result.tracking_uri}")
+    print(f"Browse them with: ptft ui {' '.join(sys.argv[2:3]) or 'CONFIG'}")
+
+
+def _ui(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides, check_data=False)
+    command = ["mlflow", "ui", "--backend-store-uri", config.tracking_uri(), "--host", args.host,
+               "--port", str(args.port)]  # fmt: skip
+    print(f"MLflow UI on http://{args.host}:{args.port} ({config.tracking_uri()})")
+    os.execvp(command[0], command)
+    return 0
+
+
+def _raise_keyboard_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _wait_forever() -> None:
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,285 @@
+"""The pipeline config: YAML -> typed schema, dotted overrides, and every check that can run
+before Ray starts. All problems are collected and reported at once, each naming the key as the
+user types it, the bad value and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from components import data as data_sources
+from components.finetune import FinetuneConfig
+from components.pretrain import PretrainConfig
+from components.serve import ServeConfig
+from components.tokenize import SPECIAL_TOKENS, DataConfig, TokenizeConfig
+from components.tune import SEARCHABLE, TuneConfig
+
+
+class TrackingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///<storage>/mlflow.db")
+    experiment: str | None = Field(None, description="MLflow experiment; default the pipeline name")
+
+
+class RayConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    address: str | None = Field(None, description="existing cluster (e.g. ray://HEAD:10001 or auto); default local")
+    num_cpus: int | None = Field(None, gt=0, description="CPUs of the local cluster; default all")
+
+
+class PipelineConfig(BaseModel):
+    """One pipeline: tokenize -> pretrain -> tune -> finetune -> serve."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(description="pipeline name; the MLflow experiment and registry name derive from it")
+    storage: str = Field("./ptft-runs", description="artifacts, Ray results and the default MLflow store")
+    seed: int = 0
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    data: DataConfig
+    tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    def storage_path(self) -> Path:
+        return Path(os.path.expanduser(self.storage)).resolve()
+
+    def tracking_uri(self) -> str:
+        return self.tracking.uri or f"sqlite:///{self.storage_path() / 'mlflow.db'}"
+
+    def experiment_name(self) -> str:
+        return self.tracking.experiment or self.name
+
+    def registered_model_name(self) -> str:
+        return self.finetune.registered_model_name or f"{self.name}-classifier"
+
+
+@dataclass(frozen=True)
+class Problem:
+    key: str
+    value: Any
+    message: str
+    fix: str
+
+    def __str__(self) -> str:
+        shown = "" if self.value is _MISSING else f" = {self.value!r}"
+        return f"  - {self.key}{shown}: {self.message}. Fix: {self.fix}"
+
+
+_MISSING = object()
+
+
+class ConfigError(Exception):
+    """A config (or the data it points at) is wrong; `problems` lists every issue found."""
+
+    def __init__(self, source: str, problems: list[Problem]):
+        self.source = source
+        self.problems = problems
+        count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
+        super().__init__(f"{source}: {count} in the config:\n" + "\n".join(map(str, problems)))
+
+
+def load_config(path: str | Path, overrides: list[str] = (), *, check_data: bool = True) -> PipelineConfig:
+    """Read YAML, apply `a.b.c=value` overrides, validate everything.
+
+    Raises:
+        ConfigError: with every problem found.
+    """
+    source = str(path)
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(source, [Problem("CONFIG", source, "file not found", "pass the path of a YAML config, "
+                                           "e.g. configs/demo.yaml")]) from None  # fmt: skip
+    except yaml.YAMLError as error:
+        raise ConfigError(source, [Problem("CONFIG", _MISSING, f"not valid YAML ({error})", "fix the YAML syntax")])
+    if not isinstance(raw, dict):
+        raise ConfigError(source, [Problem("CONFIG", _MISSING, "the top level must be a mapping", "see configs/demo.yaml")])
+    problems = apply_overrides(raw, overrides)
+    return validate(raw, source, problems, check_data=check_data)
+
+
+def validate(raw: dict, source: str = "config", problems: list[Problem] = (), *, check_data: bool = True
+             ) -> PipelineConfig:  # fmt: skip
+    problems = list(problems)
+    try:
+        config = PipelineConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(source, problems + schema_problems(error)) from None
+    problems += semantic_problems(config)
+    if check_data:
+        problems += data_problems(config) + storage_problems(config)
+    if problems:
+        raise ConfigError(source, problems)
+    return config
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> list[Problem]:
+    """Set `a.b.c=value` (value parsed as YAML) in place; malformed overrides become problems."""
+    problems = []
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        if not sep or not key:
+            problems.append(Problem(override, _MISSING, "an override must look like key.path=value",
+                                    "write e.g. pretrain.max_steps=20"))  # fmt: skip
+            continue
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[leaf] = yaml.safe_load(text) if text else ""
+    return problems
+
+
+def schema_problems(error: ValidationError) -> list[Problem]:
+    return [_schema_problem(item) for item in error.errors()]
+
+
+def _schema_problem(item: dict) -> Problem:
+    loc = [str(part) for part in item["loc"] if not _is_union_tag(part)]
+    key = ".".join(loc) or "CONFIG"
+    kind = item["type"]
+    value = item.get("input", _MISSING)
+    if kind == "extra_forbidden":
+        return Problem(key, _MISSING, "unknown key", _unknown_key_fix(item["loc"]))
+    if kind == "missing":
+        return Problem(key, _MISSING, "required key is missing", "add it (see configs/demo.yaml)")
+    return Problem(key, value, item["msg"].rstrip("."), _fix_for(kind, item.get("ctx") or {}))
+
+
+def _is_union_tag(part: Any) -> bool:
+    # pydantic puts the discriminator value into the location of tagged unions: `source.file.path`.
+    return part in ("file", "hub", "synthetic")
+
+
+def _fix_for(kind: str, ctx: dict) -> str:
+    fixes = {
+        "int_parsing": "use a whole number", "int_type": "use a whole number",
+        "float_parsing": "use a number", "float_type": "use a number",
+        "bool_parsing": "use true or false", "bool_type": "use true or false",
+        "string_type": "use a string", "list_type": "use a YAML list",
+        "literal_error": f"use one of {ctx.get('expected')}",
+        "greater_than": f"use a value greater than {ctx.get('gt')}",
+        "greater_than_equal": f"use a value of at least {ctx.get('ge')}",
+        "less_than": f"use a value below {ctx.get('lt')}",
+        "less_than_equal": f"use a value of at most {ctx.get('le')}",
+        "union_tag_invalid": f"set type to one of {ctx.get('expected_tags')}",
+        "union_tag_not_found": "add `type:` (file, hub or synthetic)",
+        "model_type": "use a mapping of keys", "dict_type": "use a mapping of keys",
+    }  # fmt: skip
+    return fixes.get(kind, "see the field's description in the config reference (docs/config.md)")
+
+
+def _unknown_key_fix(loc: tuple) -> str:
+    valid = _fields_at([part for part in loc[:-1]])
+    if not valid:
+        return "remove it"
+    close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+    hint = f"did you mean `{close[0]}`? " if close else ""
+    return f"{hint}remove it or use one of: {', '.join(sorted(valid))}"
+
+
+def _fields_at(loc: list) -> list[str]:
+    """Field names of the model at a location in PipelineConfig (for 'did you mean')."""
+    from components.data import FileSource, HubSource, SyntheticSource
+
+    model: Any = PipelineConfig
+    for part in loc:
+        if part in ("file", "hub", "synthetic"):
+            model = {"file": FileSource, "hub": HubSource, "synthetic": SyntheticSource}[part]
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        annotation = field.annotation
+        model = next((arg for arg in getattr(annotation, "__args__", ()) if hasattr(arg, "model_fields")),
+                     annotation)  # fmt: skip
+    return list(getattr(model, "model_fields", {}))
+
+
+def semantic_problems(config: PipelineConfig) -> list[Problem]:
+    """Cross-field rules."""
+    problems = []
+    sizes = config.pretrain.model.resolved()
+    if config.tokenize.seq_len > sizes["max_positions"]:
+        problems.append(Problem("tokenize.seq_len", config.tokenize.seq_len,
+                                f"longer than the model's {sizes['max_positions']} positions "
+                                f"(pretrain.model preset {config.pretrain.model.preset!r})",
+                                f"set tokenize.seq_len <= {sizes['max_positions']} or raise pretrain.model.max_positions"))  # fmt: skip
+    minimum_vocab = len(SPECIAL_TOKENS) + 100
+    if config.tokenize.vocab_size < minimum_vocab:
+        problems.append(Problem("tokenize.vocab_size", config.tokenize.vocab_size,
+                                f"too small: the {len(SPECIAL_TOKENS)} special tokens {', '.join(SPECIAL_TOKENS)} "
+                                "leave almost no room for word pieces",
+                                f"set tokenize.vocab_size to at least {minimum_vocab} (2000+ for real text)"))  # fmt: skip
+    if sizes["hidden_size"] % sizes["num_heads"]:
+        problems.append(Problem("pretrain.model.num_heads", sizes["num_heads"],
+                                f"does not divide hidden_size {sizes['hidden_size']}",
+                                "pick num_heads that divides hidden_size"))  # fmt: skip
+    problems += _tune_problems(config.tune)
+    problems += _gpu_problems(config)
+    return problems
+
+
+def _tune_problems(tune: TuneConfig) -> list[Problem]:
+    problems = [Problem(f"tune.search_space.{name}", _MISSING, "not a searchable hyperparameter",
+                        f"use one of: {', '.join(SEARCHABLE)}")
+                for name in tune.search_space if name not in SEARCHABLE]  # fmt: skip
+    if tune.grace_period > tune.max_epochs:
+        problems.append(Problem("tune.grace_period", tune.grace_period, f"exceeds tune.max_epochs ({tune.max_epochs})",
+                                "set tune.grace_period <= tune.max_epochs"))  # fmt: skip
+    return problems
+
+
+def _gpu_problems(config: PipelineConfig) -> list[Problem]:
+    problems = []
+    for stage in ("pretrain", "finetune"):
+        stage_cfg = getattr(config, stage)
+        if stage_cfg.deepspeed.precision != "fp32" and not stage_cfg.workers.use_gpu:
+            problems.append(Problem(f"{stage}.deepspeed.precision", stage_cfg.deepspeed.precision,
+                                    "half precision needs GPUs", f"set {stage}.deepspeed.precision=fp32 or "
+                                    f"{stage}.workers.use_gpu=true"))  # fmt: skip
+    return problems
+
+
+def data_problems(config: PipelineConfig) -> list[Problem]:
+    """Missing files and columns, found without loading the data."""
+    sources = [("data.corpus.source", config.data.corpus.source, False)] + [
+        (f"data.task.{split}", getattr(config.data.task, split), True) for split in ("train", "validation", "test")
+    ]
+    problems = []
+    for key, source, labelled in sources:
+        for subkey, message, fix in data_sources.check_source(source, labelled=labelled):
+            problems.append(Problem(f"{key}.{subkey}", getattr(source, subkey), message, fix))
+    return problems
+
+
+def storage_problems(config: PipelineConfig) -> list[Problem]:
+    if "://" in config.storage:
+        return [Problem("storage", config.storage, "object-store URIs are not supported yet",
+                        "use a local folder, or a shared filesystem mounted on every node")]  # fmt: skip
+    path = config.storage_path()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        return [Problem("storage", config.storage, f"not writable ({error.strerror})", "point it at a writable folder")]
+    return []
+
+
+def resolved_dict(config: PipelineConfig) -> dict:
+    """The config as plain data, every default filled in (logged as the run's resolved config)."""
+    return config.model_dump(mode="json")
