@@ -11,7 +11,6 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Literal, Union
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -19,55 +18,14 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field
 
 from components import synthetic
+from components.configs import FileSource, HubSource, Source, SyntheticSource
 
-FileFormat = Literal["auto", "jsonl", "csv", "tsv", "parquet", "text"]
 _SUFFIX_FORMATS = {
     ".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv",
     ".parquet": "parquet", ".txt": "text", ".text": "text",
 }  # fmt: skip
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class FileSource(_Strict):
-    """Local file, glob or remote URI (anything pyarrow's filesystems open, e.g. s3://)."""
-
-    type: Literal["file"] = "file"
-    path: str = Field(description="file path, glob or URI; relative paths are taken from the working dir")
-    format: FileFormat = Field("auto", description="file format; auto reads it from the suffix")
-    text_column: str = Field("text", description="column holding the text")
-    label_column: str = Field("label", description="column holding the label (labelled splits only)")
-
-
-class HubSource(_Strict):
-    """A dataset on the Hugging Face Hub, pinned to a revision for reproducibility."""
-
-    type: Literal["hub"] = "hub"
-    name: str = Field(description="dataset id, e.g. cornell-movie-review-data/rotten_tomatoes")
-    split: str = Field("train", description="split to read")
-    revision: str | None = Field(None, description="git revision (commit, tag) to pin")
-    config_name: str | None = Field(None, description="dataset configuration name")
-    text_column: str = "text"
-    label_column: str = "label"
-
-
-class SyntheticSource(_Strict):
-    """The built-in toy language (see components/synthetic.py)."""
-
-    type: Literal["synthetic"] = "synthetic"
-    split: Literal["corpus", "train", "validation", "test"]
-    num_examples: int = Field(1000, gt=0, description="rows to generate")
-    seed: int = 0
-    text_column: Literal["text"] = "text"
-    label_column: Literal["label"] = "label"
-
-
-Source = Annotated[Union[FileSource, HubSource, SyntheticSource], Field(discriminator="type")]
 
 
 def load_source(source: Source, *, labelled: bool) -> pa.Table:

@@ -22,41 +22,19 @@ from pathlib import Path
 
 import ray.train
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 from ray.train import CheckpointConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedTokenizerFast
 
 from components import accelerator, registry, training
+from components.configs import FinetuneConfig, Hyperparameters
 from components.stage import StageContext, StageResult, read_json, write_json
 from components.tracking import open_tracker
 
 log = logging.getLogger(__name__)
 
 Report = Callable[[dict, "str | None"], None]
-
-
-class Hyperparameters(BaseModel):
-    """What Tune searches; finetune takes the best values from the tune stage."""
-
-    model_config = ConfigDict(extra="forbid")
-    learning_rate: float = Field(5e-4, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
-    dropout: float = Field(0.1, ge=0, lt=1, description="hidden and attention dropout")
-    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="share of steps spent warming up the LR")
-    batch_size_per_worker: int = Field(16, gt=0)
-
-
-class FinetuneConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    epochs: int = Field(3, gt=0)
-    defaults: Hyperparameters = Field(
-        default_factory=Hyperparameters, description="used for any value the tune stage did not search"
-    )
-    log_every: int = Field(10, gt=0, description="steps between metric logs")
-    registered_model_name: str | None = Field(None, description="MLflow registry name; default <pipeline>-classifier")
-    workers: training.WorkersConfig = Field(default_factory=training.WorkersConfig)
-    deepspeed: training.DeepSpeedConfig = Field(default_factory=training.DeepSpeedConfig)
 
 
 class ClassifierRun(BaseModel):

@@ -2,38 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from transformers import BertConfig, BertForMaskedLM
 
-PRESETS: dict[str, dict[str, int]] = {
-    # tiny runs on a laptop CPU in minutes; the others are the usual BERT sizes.
-    "tiny": {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate_size": 128, "max_positions": 128},
-    "mini": {"hidden_size": 256, "num_layers": 4, "num_heads": 4, "intermediate_size": 1024, "max_positions": 512},
-    "small": {"hidden_size": 512, "num_layers": 4, "num_heads": 8, "intermediate_size": 2048, "max_positions": 512},
-    "base": {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "intermediate_size": 3072, "max_positions": 512},
-}
-
-
-class ModelConfig(BaseModel):
-    """A BERT-style encoder: a size preset, any field of which may be overridden."""
-
-    model_config = ConfigDict(extra="forbid")
-    preset: Literal["tiny", "mini", "small", "base"] = Field("tiny", description="size preset")
-    hidden_size: int | None = Field(None, gt=0, description="overrides the preset's hidden size")
-    num_layers: int | None = Field(None, gt=0)
-    num_heads: int | None = Field(None, gt=0)
-    intermediate_size: int | None = Field(None, gt=0)
-    max_positions: int | None = Field(None, gt=0, description="longest sequence the model accepts")
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)
-
-    def resolved(self) -> dict[str, int]:
-        """The preset with this config's overrides applied."""
-        sizes = dict(PRESETS[self.preset])
-        sizes.update({key: value for key in sizes if (value := getattr(self, key)) is not None})
-        return sizes
+from components.configs import ModelConfig
 
 
 def build_bert_config(cfg: ModelConfig, *, vocab_size: int, pad_token_id: int) -> BertConfig:

@@ -16,32 +16,17 @@ from pathlib import Path
 
 import ray.train
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 from ray.train import CheckpointConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from transformers import PreTrainedTokenizerFast
 
 from components import accelerator, models, training
+from components.configs import PretrainConfig
 from components.stage import StageContext, StageResult, write_json
 from components.tracking import open_tracker
 
 log = logging.getLogger(__name__)
-
-
-class PretrainConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    model: models.ModelConfig = Field(default_factory=models.ModelConfig)
-    max_steps: int = Field(200, gt=0, description="optimizer steps")
-    batch_size_per_worker: int = Field(16, gt=0, description="micro-batch per worker")
-    learning_rate: float = Field(5e-4, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
-    warmup_steps: int = Field(20, ge=0)
-    mlm_probability: float = Field(0.15, gt=0, lt=1, description="share of tokens masked as targets")
-    eval_fraction: float = Field(0.05, ge=0, lt=0.5, description="blocks held out for eval/mlm_loss")
-    log_every: int = Field(10, gt=0, description="steps between metric logs")
-    checkpoint_every: int = Field(100, gt=0, description="steps between checkpoints reported to Ray Train")
-    workers: training.WorkersConfig = Field(default_factory=training.WorkersConfig)
-    deepspeed: training.DeepSpeedConfig = Field(default_factory=training.DeepSpeedConfig)
 
 
 class _WorkerConfig(BaseModel):

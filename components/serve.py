@@ -9,8 +9,8 @@ Malformed requests get FastAPI's 422 with a message naming the bad field; reques
 across callers with `@serve.batch`.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI must see the request models defined in
+# build_app as real classes, not as strings it would look up in this module.
 import logging
 import time
 from typing import Annotated
@@ -20,27 +20,10 @@ from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from ray import serve
 
+from components.configs import ServeConfig
 from components.stage import StageContext, StageResult, write_json
 
 log = logging.getLogger(__name__)
-
-
-class ServeConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    app_name: str = Field("ptft", description="Ray Serve application name")
-    host: str = Field("127.0.0.1", description="HTTP bind address; 0.0.0.0 exposes it beyond this machine")
-    port: int = Field(8000, gt=0, lt=65536)
-    route_prefix: str = "/"
-    num_replicas: int = Field(1, ge=1)
-    cpus_per_replica: float = Field(0.5, gt=0)
-    max_batch_size: int = Field(16, gt=0, description="texts scored together by @serve.batch")
-    batch_wait_timeout_s: float = Field(0.01, ge=0, description="how long a batch waits to fill")
-    max_texts: int = Field(64, gt=0, description="most texts one request may send")
-    max_text_chars: int = Field(2000, gt=0, description="longest text accepted")
-    sample_texts: list[str] = Field(
-        default_factory=lambda: ["a superb and moving film .", "the plot was dull and tedious ."],
-        description="sent to the deployment once it is up, as a smoke test",
-    )
 
 
 class ModelInfo(BaseModel):
@@ -117,7 +100,7 @@ class _Scorer:
             probabilities = self.model(**encoded).logits.softmax(-1)
         scores, ids = probabilities.max(-1)
         labels = self.model.config.id2label
-        return [{"label": labels[int(i)], "score": float(s)} for s, i in zip(scores, ids)]
+        return [{"label": labels[int(i)], "score": float(s)} for s, i in zip(scores, ids, strict=True)]
 
 
 def _load_scorer(model_uri: str, tracking_uri: str) -> _Scorer:
@@ -169,7 +152,7 @@ def run(cfg: ServeConfig, registered: dict, ctx: StageContext) -> StageResult:
     predictions = predict(url, cfg.sample_texts) if cfg.sample_texts else []
     latency_ms = (time.perf_counter() - started) * 1000
     endpoint = {"url": url, "app_name": cfg.app_name, "model": model.model_dump(),
-                "samples": [dict(text=t, **p) for t, p in zip(cfg.sample_texts, predictions)]}  # fmt: skip
+                "samples": [dict(text=t, **p) for t, p in zip(cfg.sample_texts, predictions, strict=True)]}  # fmt: skip
     write_json(ctx.output_dir / "endpoint.json", endpoint)
     return StageResult(output_uri=url, metrics={"serve/sample_latency_ms": latency_ms}, outputs=endpoint)
 

@@ -19,44 +19,16 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import ray
-from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from components.data import Source, load_source
+from components.configs import SPECIAL_TOKENS, DataConfig, TokenizeConfig
+from components.data import load_source
 from components.stage import StageContext, StageResult, write_json
 
 log = logging.getLogger(__name__)
 
-SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 TASK_SPLITS = ("train", "validation", "test")
-
-
-class CorpusConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    source: Source = Field(description="unlabelled text for the tokenizer and for pre-training")
-
-
-class TaskConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    train: Source
-    validation: Source
-    test: Source
-
-
-class DataConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    corpus: CorpusConfig
-    task: TaskConfig
-
-
-class TokenizeConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    vocab_size: int = Field(2000, gt=0, description="WordPiece vocabulary size, special tokens included")
-    min_frequency: int = Field(2, ge=1, description="rarest word piece the trainer keeps")
-    lowercase: bool = True
-    seq_len: int = Field(64, ge=8, description="tokens per packed block and per task example")
-    batch_size: int = Field(512, gt=0, description="rows per Ray Data batch")
 
 
 def run(cfg: TokenizeConfig, data: DataConfig, ctx: StageContext) -> StageResult:
@@ -106,7 +78,9 @@ def train_wordpiece(texts: Iterable[str], cfg: TokenizeConfig) -> PreTrainedToke
 def label_vocabulary(train: pa.Table) -> list[str]:
     """Label names in id order: sorted numerically when all labels are integers, else by name."""
     values = set(train.column("label").to_pylist())
-    return [str(value) for value in sorted(values, key=lambda v: (not isinstance(v, int), str(v)))]
+    if all(isinstance(value, int) for value in values):
+        return [str(value) for value in sorted(values)]
+    return sorted(str(value) for value in values)
 
 
 @functools.lru_cache(maxsize=2)

@@ -9,32 +9,14 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
-from pydantic import BaseModel, ConfigDict, Field
 
-
-class DeepSpeedConfig(BaseModel):
-    """The DeepSpeed engine every training step goes through."""
-
-    model_config = ConfigDict(extra="forbid")
-    zero_stage: Literal[0, 1, 2, 3] = Field(0, description="ZeRO stage: 0 none, 1 optimizer, 2 +grads, 3 +params")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="bf16/fp16 need a GPU")
-    gradient_clipping: float = Field(1.0, ge=0.0, description="max grad norm; 0 disables")
-    gradient_accumulation_steps: int = Field(1, ge=1)
-
-
-class WorkersConfig(BaseModel):
-    """Ray Train scaling for a training stage."""
-
-    model_config = ConfigDict(extra="forbid")
-    num_workers: int = Field(2, ge=1, description="training processes (data-parallel ranks)")
-    use_gpu: bool = Field(False, description="one GPU per worker; false trains on CPU with gloo")
-    cpus_per_worker: int = Field(1, ge=1, description="CPUs Ray reserves per worker (= torch threads)")
+from components.configs import DeepSpeedConfig
 
 
 def deepspeed_config(cfg: DeepSpeedConfig, *, micro_batch_size: int) -> dict[str, Any]:
@@ -99,7 +81,7 @@ def load_columns(parquet_dir: str | Path, columns: list[str]) -> dict[str, torch
     for name in columns:
         values = table.column(name).to_numpy(zero_copy_only=False)
         # List columns (token ids) arrive as an array of arrays: stack them into a matrix.
-        tensors[name] = torch.as_tensor(np.stack(values) if values.dtype == object else values)
+        tensors[name] = torch.as_tensor(np.stack(values) if values.dtype == object else np.array(values))
     return tensors
 
 

@@ -14,74 +14,26 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Literal
 
 import ray.tune
 import torch.distributed as dist
 from mlflow.tracking import MlflowClient
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel
 from ray.tune.schedulers import ASHAScheduler
 
 from components import finetune, training
+from components.configs import Distribution, TuneConfig
 from components.stage import StageContext, StageResult, read_json, write_json
 from components.tracking import MlflowTracker, start_run
 
 log = logging.getLogger(__name__)
 
-SEARCHABLE = tuple(finetune.Hyperparameters.model_fields)
 
-
-class Distribution(BaseModel):
-    """One search dimension: `loguniform`/`uniform` over [low, high], or a `choice` of values."""
-
-    model_config = ConfigDict(extra="forbid")
-    type: Literal["loguniform", "uniform", "choice"]
-    low: float | None = None
-    high: float | None = None
-    values: list[float] | None = None
-
-    @model_validator(mode="after")
-    def _bounds(self) -> Distribution:
-        if self.type == "choice":
-            if not self.values:
-                raise ValueError("a choice needs a non-empty `values` list")
-        elif self.low is None or self.high is None or not self.low < self.high:
-            raise ValueError(f"{self.type} needs low < high (got low={self.low}, high={self.high})")
-        elif self.type == "loguniform" and self.low <= 0:
-            raise ValueError(f"loguniform needs low > 0 (got {self.low}); use uniform for ranges from 0")
-        return self
-
-    def to_tune(self):
-        if self.type == "choice":
-            return ray.tune.choice(self.values)
-        return (ray.tune.loguniform if self.type == "loguniform" else ray.tune.uniform)(self.low, self.high)
-
-
-def _default_space() -> dict[str, Distribution]:
-    return {
-        "learning_rate": Distribution(type="loguniform", low=1e-4, high=3e-3),
-        "weight_decay": Distribution(type="uniform", low=0.0, high=0.1),
-        "dropout": Distribution(type="uniform", low=0.0, high=0.3),
-    }
-
-
-class TuneConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    enabled: bool = Field(True, description="false skips the sweep: finetune uses finetune.defaults")
-    num_samples: int = Field(4, gt=0, description="trials to run")
-    max_epochs: int = Field(3, gt=0, description="epochs of the longest trial (ASHA max_t)")
-    grace_period: int = Field(1, gt=0, description="epochs every trial gets before ASHA may stop it")
-    reduction_factor: int = Field(2, ge=2, description="ASHA keeps 1/reduction_factor at each rung")
-    metric: Literal["eval/accuracy", "eval/loss"] = "eval/accuracy"
-    max_concurrent_trials: int = Field(2, gt=0, description="trials at once; at most the CPUs you have")
-    cpus_per_trial: float = Field(1, gt=0)
-    search_space: dict[str, Distribution] = Field(
-        default_factory=_default_space, description=f"keys among: {', '.join(SEARCHABLE)}"
-    )
-
-    @property
-    def mode(self) -> str:
-        return "max" if self.metric.endswith("accuracy") else "min"
+def to_tune(dist_: Distribution):
+    """The Ray Tune sampler for a search dimension."""
+    if dist_.type == "choice":
+        return ray.tune.choice(dist_.values)
+    return (ray.tune.loguniform if dist_.type == "loguniform" else ray.tune.uniform)(dist_.low, dist_.high)
 
 
 class _TrialSetup(BaseModel):
@@ -109,7 +61,7 @@ def run(
     tuner = ray.tune.Tuner(
         ray.tune.with_resources(ray.tune.with_parameters(run_trial, setup=setup.model_dump()),
                                 {"cpu": cfg.cpus_per_trial}),
-        param_space={name: dist_.to_tune() for name, dist_ in cfg.search_space.items()},
+        param_space={name: to_tune(dist_) for name, dist_ in cfg.search_space.items()},
         tune_config=ray.tune.TuneConfig(
             metric=cfg.metric, mode=cfg.mode, num_samples=cfg.num_samples,
             max_concurrent_trials=cfg.max_concurrent_trials,

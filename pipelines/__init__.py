@@ -1,6 +1,16 @@
-"""ptft pipeline layer: config, runner and CLI. `pipelines.run(config)` is the Python API."""
+"""ptft pipeline layer: config, runner and CLI. `pipelines.run(config)` is the Python API.
+
+The runner (Ray, torch, MLflow) is imported on first use so that config work stays fast.
+"""
 
 from pipelines.config import ConfigError, PipelineConfig, load_config
-from pipelines.runner import STAGES, PipelineResult, run
 
 __all__ = ["STAGES", "ConfigError", "PipelineConfig", "PipelineResult", "load_config", "run"]
+
+
+def __getattr__(name: str):
+    if name in ("run", "STAGES", "PipelineResult"):
+        from pipelines import runner
+
+        return getattr(runner, name)
+    raise AttributeError(f"module 'pipelines' has no attribute {name!r}")

@@ -13,14 +13,18 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from components import data as data_sources
-from components.finetune import FinetuneConfig
-from components.pretrain import PretrainConfig
-from components.serve import ServeConfig
-from components.tokenize import SPECIAL_TOKENS, DataConfig, TokenizeConfig
-from components.tune import SEARCHABLE, TuneConfig
+from components.configs import (
+    SPECIAL_TOKENS,
+    DataConfig,
+    FinetuneConfig,
+    PretrainConfig,
+    ServeConfig,
+    TokenizeConfig,
+    TuneConfig,
+)
 
 
 class TrackingConfig(BaseModel):
@@ -102,26 +106,47 @@ def load_config(path: str | Path, overrides: list[str] = (), *, check_data: bool
         raise ConfigError(source, [Problem("CONFIG", source, "file not found", "pass the path of a YAML config, "
                                            "e.g. configs/demo.yaml")]) from None  # fmt: skip
     except yaml.YAMLError as error:
-        raise ConfigError(source, [Problem("CONFIG", _MISSING, f"not valid YAML ({error})", "fix the YAML syntax")])
+        problem = Problem("CONFIG", _MISSING, f"not valid YAML ({error})", "fix the YAML syntax")
+        raise ConfigError(source, [problem]) from None
     if not isinstance(raw, dict):
-        raise ConfigError(source, [Problem("CONFIG", _MISSING, "the top level must be a mapping", "see configs/demo.yaml")])
+        problem = Problem("CONFIG", _MISSING, "the top level must be a mapping", "see configs/demo.yaml")
+        raise ConfigError(source, [problem])
     problems = apply_overrides(raw, overrides)
     return validate(raw, source, problems, check_data=check_data)
 
 
 def validate(raw: dict, source: str = "config", problems: list[Problem] = (), *, check_data: bool = True
              ) -> PipelineConfig:  # fmt: skip
+    """Validate a raw config dict; every problem (schema, cross-field, data, storage) at once.
+
+    Raises:
+        ConfigError: with every problem found.
+    """
     problems = list(problems)
     try:
         config = PipelineConfig.model_validate(raw)
+        sections = dict(config)
     except ValidationError as error:
-        raise ConfigError(source, problems + schema_problems(error)) from None
-    problems += semantic_problems(config)
+        config = None
+        problems += schema_problems(error)
+        sections = _valid_sections(raw)  # cross-field rules still run on the sections that parsed
+    problems += semantic_problems(sections)
     if check_data:
-        problems += data_problems(config) + storage_problems(config)
-    if problems:
+        problems += data_problems(sections) + storage_problems(sections)
+    if problems or config is None:
         raise ConfigError(source, problems)
     return config
+
+
+def _valid_sections(raw: dict) -> dict[str, Any]:
+    sections = {}
+    for name, field in PipelineConfig.model_fields.items():
+        try:
+            value = raw[name] if name in raw else field.get_default(call_default_factory=True)
+            sections[name] = TypeAdapter(field.annotation).validate_python(value)
+        except (ValidationError, KeyError, TypeError):
+            continue
+    return sections
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> list[Problem]:
@@ -148,7 +173,7 @@ def schema_problems(error: ValidationError) -> list[Problem]:
 
 
 def _schema_problem(item: dict) -> Problem:
-    loc = [str(part) for part in item["loc"] if not _is_union_tag(part)]
+    loc = [str(part) for part in item["loc"] if not _is_union_tag(part) and part != "[key]"]
     key = ".".join(loc) or "CONFIG"
     kind = item["type"]
     value = item.get("input", _MISSING)
@@ -193,12 +218,11 @@ def _unknown_key_fix(loc: tuple) -> str:
 
 def _fields_at(loc: list) -> list[str]:
     """Field names of the model at a location in PipelineConfig (for 'did you mean')."""
-    from components.data import FileSource, HubSource, SyntheticSource
-
     model: Any = PipelineConfig
     for part in loc:
         if part in ("file", "hub", "synthetic"):
-            model = {"file": FileSource, "hub": HubSource, "synthetic": SyntheticSource}[part]
+            model = {"file": data_sources.FileSource, "hub": data_sources.HubSource,
+                     "synthetic": data_sources.SyntheticSource}[part]  # fmt: skip
             continue
         field = getattr(model, "model_fields", {}).get(part)
         if field is None:
@@ -209,55 +233,67 @@ def _fields_at(loc: list) -> list[str]:
     return list(getattr(model, "model_fields", {}))
 
 
-def semantic_problems(config: PipelineConfig) -> list[Problem]:
-    """Cross-field rules."""
+def semantic_problems(sections: dict[str, Any]) -> list[Problem]:
+    """Cross-field rules, on whichever sections parsed."""
+    tokenize, pretrain = sections.get("tokenize"), sections.get("pretrain")
+    problems = _tokenizer_problems(tokenize) if tokenize else []
+    if pretrain:
+        problems += _model_problems(pretrain, tokenize)
+    if "tune" in sections:
+        problems += _tune_problems(sections["tune"])
+    for stage in ("pretrain", "finetune"):
+        if stage in sections:
+            problems += _precision_problems(stage, sections[stage])
+    return problems
+
+
+def _tokenizer_problems(tokenize: TokenizeConfig) -> list[Problem]:
+    minimum = len(SPECIAL_TOKENS) + 100
+    if tokenize.vocab_size >= minimum:
+        return []
+    return [Problem("tokenize.vocab_size", tokenize.vocab_size,
+                    f"too small: the {len(SPECIAL_TOKENS)} special tokens {', '.join(SPECIAL_TOKENS)} "
+                    "leave almost no room for word pieces",
+                    f"set tokenize.vocab_size to at least {minimum} (2000+ for real text)")]  # fmt: skip
+
+
+def _model_problems(pretrain: PretrainConfig, tokenize: TokenizeConfig | None) -> list[Problem]:
     problems = []
-    sizes = config.pretrain.model.resolved()
-    if config.tokenize.seq_len > sizes["max_positions"]:
-        problems.append(Problem("tokenize.seq_len", config.tokenize.seq_len,
+    sizes = pretrain.model.resolved()
+    if tokenize and tokenize.seq_len > sizes["max_positions"]:
+        problems.append(Problem("tokenize.seq_len", tokenize.seq_len,
                                 f"longer than the model's {sizes['max_positions']} positions "
-                                f"(pretrain.model preset {config.pretrain.model.preset!r})",
-                                f"set tokenize.seq_len <= {sizes['max_positions']} or raise pretrain.model.max_positions"))  # fmt: skip
-    minimum_vocab = len(SPECIAL_TOKENS) + 100
-    if config.tokenize.vocab_size < minimum_vocab:
-        problems.append(Problem("tokenize.vocab_size", config.tokenize.vocab_size,
-                                f"too small: the {len(SPECIAL_TOKENS)} special tokens {', '.join(SPECIAL_TOKENS)} "
-                                "leave almost no room for word pieces",
-                                f"set tokenize.vocab_size to at least {minimum_vocab} (2000+ for real text)"))  # fmt: skip
+                                f"(pretrain.model preset {pretrain.model.preset!r})",
+                                f"set tokenize.seq_len <= {sizes['max_positions']} or raise "
+                                "pretrain.model.max_positions"))  # fmt: skip
     if sizes["hidden_size"] % sizes["num_heads"]:
         problems.append(Problem("pretrain.model.num_heads", sizes["num_heads"],
                                 f"does not divide hidden_size {sizes['hidden_size']}",
                                 "pick num_heads that divides hidden_size"))  # fmt: skip
-    problems += _tune_problems(config.tune)
-    problems += _gpu_problems(config)
     return problems
 
 
 def _tune_problems(tune: TuneConfig) -> list[Problem]:
-    problems = [Problem(f"tune.search_space.{name}", _MISSING, "not a searchable hyperparameter",
-                        f"use one of: {', '.join(SEARCHABLE)}")
-                for name in tune.search_space if name not in SEARCHABLE]  # fmt: skip
-    if tune.grace_period > tune.max_epochs:
-        problems.append(Problem("tune.grace_period", tune.grace_period, f"exceeds tune.max_epochs ({tune.max_epochs})",
-                                "set tune.grace_period <= tune.max_epochs"))  # fmt: skip
-    return problems
+    if tune.grace_period <= tune.max_epochs:
+        return []
+    return [Problem("tune.grace_period", tune.grace_period, f"exceeds tune.max_epochs ({tune.max_epochs})",
+                    "set tune.grace_period <= tune.max_epochs")]  # fmt: skip
 
 
-def _gpu_problems(config: PipelineConfig) -> list[Problem]:
-    problems = []
-    for stage in ("pretrain", "finetune"):
-        stage_cfg = getattr(config, stage)
-        if stage_cfg.deepspeed.precision != "fp32" and not stage_cfg.workers.use_gpu:
-            problems.append(Problem(f"{stage}.deepspeed.precision", stage_cfg.deepspeed.precision,
-                                    "half precision needs GPUs", f"set {stage}.deepspeed.precision=fp32 or "
-                                    f"{stage}.workers.use_gpu=true"))  # fmt: skip
-    return problems
+def _precision_problems(stage: str, stage_cfg: PretrainConfig | FinetuneConfig) -> list[Problem]:
+    if stage_cfg.deepspeed.precision == "fp32" or stage_cfg.workers.use_gpu:
+        return []
+    return [Problem(f"{stage}.deepspeed.precision", stage_cfg.deepspeed.precision, "half precision needs GPUs",
+                    f"set {stage}.deepspeed.precision=fp32 or {stage}.workers.use_gpu=true")]  # fmt: skip
 
 
-def data_problems(config: PipelineConfig) -> list[Problem]:
+def data_problems(sections: dict[str, Any]) -> list[Problem]:
     """Missing files and columns, found without loading the data."""
-    sources = [("data.corpus.source", config.data.corpus.source, False)] + [
-        (f"data.task.{split}", getattr(config.data.task, split), True) for split in ("train", "validation", "test")
+    data = sections.get("data")
+    if data is None:
+        return []
+    sources = [("data.corpus.source", data.corpus.source, False)] + [
+        (f"data.task.{split}", getattr(data.task, split), True) for split in ("train", "validation", "test")
     ]
     problems = []
     for key, source, labelled in sources:
@@ -266,17 +302,20 @@ def data_problems(config: PipelineConfig) -> list[Problem]:
     return problems
 
 
-def storage_problems(config: PipelineConfig) -> list[Problem]:
-    if "://" in config.storage:
-        return [Problem("storage", config.storage, "object-store URIs are not supported yet",
+def storage_problems(sections: dict[str, Any]) -> list[Problem]:
+    storage = sections.get("storage")
+    if storage is None:
+        return []
+    if "://" in storage:
+        return [Problem("storage", storage, "object-store URIs are not supported yet",
                         "use a local folder, or a shared filesystem mounted on every node")]  # fmt: skip
-    path = config.storage_path()
+    path = Path(os.path.expanduser(storage)).resolve()
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path):
             pass
     except OSError as error:
-        return [Problem("storage", config.storage, f"not writable ({error.strerror})", "point it at a writable folder")]
+        return [Problem("storage", storage, f"not writable ({error.strerror})", "point it at a writable folder")]
     return []
 
 

@@ -54,7 +54,9 @@ def run(config: PipelineConfig, *, on_stage: Callable[[str, StageResult], None] 
     storage.mkdir(parents=True, exist_ok=True)
     _init_ray(config)
     client = MlflowClient(config.tracking_uri())
-    experiment_id = ensure_experiment(client, config.experiment_name(), str(storage / "mlartifacts"))
+    # The embedded store keeps artifacts beside it; a tracking server decides for itself.
+    artifact_location = str(storage / "mlartifacts") if config.tracking.uri is None else None
+    experiment_id = ensure_experiment(client, config.experiment_name(), artifact_location)
     run_id = new_run_id()
     parent_id = _start_parent_run(client, config, experiment_id, run_id)
     result = PipelineResult(run_id, parent_id, experiment_id, config.tracking_uri())

@@ -1,0 +1,256 @@
+"""Every stage's config schema in one light module (pydantic only, no torch/Ray imports), so
+`ptft validate` answers in a second. Each stage module imports its own config from here; the
+pipeline config (pipelines/config.py) composes them. Field descriptions are the reference docs.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# --- data --------------------------------------------------------------------------------------
+
+FileFormat = Literal["auto", "jsonl", "csv", "tsv", "parquet", "text"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FileSource(_Strict):
+    """Local file, glob or remote URI (anything pyarrow's filesystems open, e.g. s3://)."""
+
+    type: Literal["file"] = "file"
+    path: str = Field(description="file path, glob or URI; relative paths are taken from the working dir")
+    format: FileFormat = Field("auto", description="file format; auto reads it from the suffix")
+    text_column: str = Field("text", description="column holding the text")
+    label_column: str = Field("label", description="column holding the label (labelled splits only)")
+
+
+class HubSource(_Strict):
+    """A dataset on the Hugging Face Hub, pinned to a revision for reproducibility."""
+
+    type: Literal["hub"] = "hub"
+    name: str = Field(description="dataset id, e.g. cornell-movie-review-data/rotten_tomatoes")
+    split: str = Field("train", description="split to read")
+    revision: str | None = Field(None, description="git revision (commit, tag) to pin")
+    config_name: str | None = Field(None, description="dataset configuration name")
+    text_column: str = "text"
+    label_column: str = "label"
+
+
+class SyntheticSource(_Strict):
+    """The built-in toy language (see components/synthetic.py)."""
+
+    type: Literal["synthetic"] = "synthetic"
+    split: Literal["corpus", "train", "validation", "test"]
+    num_examples: int = Field(1000, gt=0, description="rows to generate")
+    seed: int = 0
+    text_column: Literal["text"] = "text"
+    label_column: Literal["label"] = "label"
+
+
+Source = Annotated[FileSource | HubSource | SyntheticSource, Field(discriminator="type")]
+
+
+# --- tokenize ----------------------------------------------------------------------------------
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+class CorpusConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    source: Source = Field(description="unlabelled text for the tokenizer and for pre-training")
+
+
+class TaskConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    train: Source
+    validation: Source
+    test: Source
+
+
+class DataConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    corpus: CorpusConfig
+    task: TaskConfig
+
+
+class TokenizeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    vocab_size: int = Field(2000, gt=0, description="WordPiece vocabulary size, special tokens included")
+    min_frequency: int = Field(2, ge=1, description="rarest word piece the trainer keeps")
+    lowercase: bool = True
+    seq_len: int = Field(64, ge=8, description="tokens per packed block and per task example")
+    batch_size: int = Field(512, gt=0, description="rows per Ray Data batch")
+
+
+# --- models ------------------------------------------------------------------------------------
+
+PRESETS: dict[str, dict[str, int]] = {
+    # tiny runs on a laptop CPU in minutes; the others are the usual BERT sizes.
+    "tiny": {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate_size": 128, "max_positions": 128},
+    "mini": {"hidden_size": 256, "num_layers": 4, "num_heads": 4, "intermediate_size": 1024, "max_positions": 512},
+    "small": {"hidden_size": 512, "num_layers": 4, "num_heads": 8, "intermediate_size": 2048, "max_positions": 512},
+    "base": {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "intermediate_size": 3072, "max_positions": 512},
+}
+
+
+class ModelConfig(BaseModel):
+    """A BERT-style encoder: a size preset, any field of which may be overridden."""
+
+    model_config = ConfigDict(extra="forbid")
+    preset: Literal["tiny", "mini", "small", "base"] = Field("tiny", description="size preset")
+    hidden_size: int | None = Field(None, gt=0, description="overrides the preset's hidden size")
+    num_layers: int | None = Field(None, gt=0)
+    num_heads: int | None = Field(None, gt=0)
+    intermediate_size: int | None = Field(None, gt=0)
+    max_positions: int | None = Field(None, gt=0, description="longest sequence the model accepts")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+
+    def resolved(self) -> dict[str, int]:
+        """The preset with this config's overrides applied."""
+        sizes = dict(PRESETS[self.preset])
+        sizes.update({key: value for key in sizes if (value := getattr(self, key)) is not None})
+        return sizes
+
+
+# --- training ----------------------------------------------------------------------------------
+
+class DeepSpeedConfig(BaseModel):
+    """The DeepSpeed engine every training step goes through."""
+
+    model_config = ConfigDict(extra="forbid")
+    zero_stage: Literal[0, 1, 2, 3] = Field(0, description="ZeRO stage: 0 none, 1 optimizer, 2 +grads, 3 +params")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="bf16/fp16 need a GPU")
+    gradient_clipping: float = Field(1.0, ge=0.0, description="max grad norm; 0 disables")
+    gradient_accumulation_steps: int = Field(1, ge=1)
+
+
+class WorkersConfig(BaseModel):
+    """Ray Train scaling for a training stage."""
+
+    model_config = ConfigDict(extra="forbid")
+    num_workers: int = Field(2, ge=1, description="training processes (data-parallel ranks)")
+    use_gpu: bool = Field(False, description="one GPU per worker; false trains on CPU with gloo")
+    cpus_per_worker: int = Field(1, ge=1, description="CPUs Ray reserves per worker (= torch threads)")
+
+
+# --- pretrain ----------------------------------------------------------------------------------
+
+class PretrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    max_steps: int = Field(200, gt=0, description="optimizer steps")
+    batch_size_per_worker: int = Field(16, gt=0, description="micro-batch per worker")
+    learning_rate: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(20, ge=0)
+    mlm_probability: float = Field(0.15, gt=0, lt=1, description="share of tokens masked as targets")
+    eval_fraction: float = Field(0.05, ge=0, lt=0.5, description="blocks held out for eval/mlm_loss")
+    log_every: int = Field(10, gt=0, description="steps between metric logs")
+    checkpoint_every: int = Field(100, gt=0, description="steps between checkpoints reported to Ray Train")
+    workers: WorkersConfig = Field(default_factory=WorkersConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+
+
+# --- finetune ----------------------------------------------------------------------------------
+
+class Hyperparameters(BaseModel):
+    """What Tune searches; finetune takes the best values from the tune stage."""
+
+    model_config = ConfigDict(extra="forbid")
+    learning_rate: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    dropout: float = Field(0.1, ge=0, lt=1, description="hidden and attention dropout")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="share of steps spent warming up the LR")
+    batch_size_per_worker: int = Field(16, gt=0)
+
+
+class FinetuneConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    epochs: int = Field(3, gt=0)
+    defaults: Hyperparameters = Field(
+        default_factory=Hyperparameters, description="used for any value the tune stage did not search"
+    )
+    log_every: int = Field(10, gt=0, description="steps between metric logs")
+    registered_model_name: str | None = Field(None, description="MLflow registry name; default <pipeline>-classifier")
+    workers: WorkersConfig = Field(default_factory=WorkersConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+
+
+# --- tune --------------------------------------------------------------------------------------
+
+SEARCHABLE = tuple(Hyperparameters.model_fields)
+
+
+Searchable = Literal[SEARCHABLE]  # type: ignore[valid-type]
+
+
+class Distribution(BaseModel):
+    """One search dimension: `loguniform`/`uniform` over [low, high], or a `choice` of values."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["loguniform", "uniform", "choice"]
+    low: float | None = None
+    high: float | None = None
+    values: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Distribution:
+        if self.type == "choice":
+            if not self.values:
+                raise ValueError("a choice needs a non-empty `values` list")
+        elif self.low is None or self.high is None or not self.low < self.high:
+            raise ValueError(f"{self.type} needs low < high (got low={self.low}, high={self.high})")
+        elif self.type == "loguniform" and self.low <= 0:
+            raise ValueError(f"loguniform needs low > 0 (got {self.low}); use uniform for ranges from 0")
+        return self
+
+
+def _default_space() -> dict[str, Distribution]:
+    return {
+        "learning_rate": Distribution(type="loguniform", low=1e-4, high=3e-3),
+        "weight_decay": Distribution(type="uniform", low=0.0, high=0.1),
+        "dropout": Distribution(type="uniform", low=0.0, high=0.3),
+    }
+
+
+class TuneConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = Field(True, description="false skips the sweep: finetune uses finetune.defaults")
+    num_samples: int = Field(4, gt=0, description="trials to run")
+    max_epochs: int = Field(3, gt=0, description="epochs of the longest trial (ASHA max_t)")
+    grace_period: int = Field(1, gt=0, description="epochs every trial gets before ASHA may stop it")
+    reduction_factor: int = Field(2, ge=2, description="ASHA keeps 1/reduction_factor at each rung")
+    metric: Literal["eval/accuracy", "eval/loss"] = "eval/accuracy"
+    max_concurrent_trials: int = Field(2, gt=0, description="trials at once; at most the CPUs you have")
+    cpus_per_trial: float = Field(1, gt=0)
+    search_space: dict[Searchable, Distribution] = Field(
+        default_factory=_default_space, description=f"keys among: {', '.join(SEARCHABLE)}"
+    )
+
+    @property
+    def mode(self) -> str:
+        return "max" if self.metric.endswith("accuracy") else "min"
+
+
+# --- serve -------------------------------------------------------------------------------------
+
+class ServeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    app_name: str = Field("ptft", description="Ray Serve application name")
+    host: str = Field("127.0.0.1", description="HTTP bind address; 0.0.0.0 exposes it beyond this machine")
+    port: int = Field(8000, gt=0, lt=65536)
+    route_prefix: str = "/"
+    num_replicas: int = Field(1, ge=1)
+    cpus_per_replica: float = Field(0.5, gt=0)
+    max_batch_size: int = Field(16, gt=0, description="texts scored together by @serve.batch")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="how long a batch waits to fill")
+    max_texts: int = Field(64, gt=0, description="most texts one request may send")
+    max_text_chars: int = Field(2000, gt=0, description="longest text accepted")
+    sample_texts: list[str] = Field(
+        default_factory=lambda: ["a superb and moving film .", "the plot was dull and tedious ."],
+        description="sent to the deployment once it is up, as a smoke test",
+    )

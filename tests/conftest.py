@@ -1,0 +1,35 @@
+"""Shared test helpers. Service fixtures (Ray cluster, MLflow server) live in tests/services.py
+and are session-scoped: every integration and e2e test shares one of each."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+pytest_plugins = ["tests.services"]
+
+
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    return REPO
+
+
+def tiny_config_dict(storage: Path) -> dict:
+    """A complete, small pipeline config on synthetic data (for unit and integration tests)."""
+    return {
+        "name": "unit",
+        "storage": str(storage),
+        "data": {
+            "corpus": {"source": {"type": "synthetic", "split": "corpus", "num_examples": 300}},
+            "task": {
+                "train": {"type": "synthetic", "split": "train", "num_examples": 64},
+                "validation": {"type": "synthetic", "split": "validation", "num_examples": 32},
+                "test": {"type": "synthetic", "split": "test", "num_examples": 32},
+            },
+        },
+        "tokenize": {"vocab_size": 200, "seq_len": 32},
+    }

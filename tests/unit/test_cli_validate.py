@@ -1,0 +1,63 @@
+"""`ptft validate` through the real console script: exit 2, a message naming the key, no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, tiny_config_dict
+
+PTFT = str(Path(sys.executable).parent / "ptft")
+
+
+def _validate(config_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run([PTFT, "validate", str(config_path), *overrides], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def good_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("cli")
+    path = folder / "good.yaml"
+    raw = tiny_config_dict(folder / "store")
+    (folder / "reviews.csv").write_text("sentence,polarity\ngreat,1\nbad,0\n")
+    raw["data"]["task"]["validation"] = {"type": "file", "path": str(folder / "reviews.csv"),
+                                         "text_column": "sentence", "label_column": "polarity"}  # fmt: skip
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_good_config_passes(good_config: Path) -> None:
+    result = _validate(good_config)
+    assert result.returncode == 0, result.stderr
+    assert "OK" in result.stdout
+
+
+BAD = {
+    "wrong type": (["pretrain.max_steps=twenty"], "pretrain.max_steps"),
+    "unknown key": (["pretrain.learning_rat=0.1"], "pretrain.learning_rat"),
+    "missing data file": (["data.task.test={type: file, path: /nonexistent/test.jsonl}"], "data.task.test.path"),
+    "label column": (["data.task.validation.label_column=stars"], "data.task.validation.label_column"),
+    "vocab too small": (["tokenize.vocab_size=4"], "tokenize.vocab_size"),
+    "sequence over positions": (["tokenize.seq_len=4096"], "tokenize.seq_len"),
+}
+
+
+@pytest.mark.parametrize("case", BAD, ids=list(BAD))
+def test_bad_config_exits_2_naming_the_key(good_config: Path, case: str) -> None:
+    overrides, key = BAD[case]
+    result = _validate(good_config, *overrides)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert key in result.stderr
+    assert "Fix:" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_several_problems_in_one_message(good_config: Path) -> None:
+    result = _validate(good_config, "pretrain.max_steps=x", "tokenize.vocab_size=4")
+    assert result.returncode == 2
+    assert "2 problems" in result.stderr

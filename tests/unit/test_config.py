@@ -1,0 +1,136 @@
+"""Config: schema, overrides, error messages, and every YAML under configs/."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.config import ConfigError, PipelineConfig, apply_overrides, load_config, validate
+from tests.conftest import REPO, SHARED_DATA, tiny_config_dict
+
+CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+
+
+def _needs_shared(path: Path) -> bool:
+    return "shared/data" in path.read_text()
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_config_validates(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if _needs_shared(path) and not SHARED_DATA.is_dir():
+        pytest.skip(f"{path.name} reads ../shared/data, which is absent on this machine")
+    monkeypatch.chdir(REPO)  # data paths in configs are relative to the repo root
+    config = load_config(path)
+    assert config.name
+    assert isinstance(config, PipelineConfig)
+
+
+def test_configs_found_recursively() -> None:
+    names = {path.name for path in CONFIGS}
+    assert {"demo.yaml", "rt_polarity.yaml"} <= names
+
+
+def test_dotted_override_sets_nested_values(tmp_path: Path) -> None:
+    raw = tiny_config_dict(tmp_path)
+    problems = apply_overrides(raw, ["pretrain.max_steps=20", "pretrain.deepspeed.zero_stage=3", "seed=7"])
+    config = validate(raw)
+    assert problems == []
+    assert (config.pretrain.max_steps, config.pretrain.deepspeed.zero_stage, config.seed) == (20, 3, 7)
+
+
+def test_override_without_equals_is_reported(tmp_path: Path) -> None:
+    raw = tiny_config_dict(tmp_path)
+    problems = apply_overrides(raw, ["pretrain.max_steps"])
+    assert problems and "key.path=value" in problems[0].message
+
+
+def _problems(raw: dict) -> list:
+    with pytest.raises(ConfigError) as info:
+        validate(raw)
+    return info.value.problems
+
+
+def test_all_problems_reported_at_once(tmp_path: Path) -> None:
+    raw = tiny_config_dict(tmp_path)
+    apply_overrides(raw, ["pretrain.max_steps=many", "tune.num_samples=0", "pretrain.modle.preset=tiny"])
+    keys = {problem.key for problem in _problems(raw)}
+    assert {"pretrain.max_steps", "tune.num_samples", "pretrain.modle"} <= keys
+
+
+def test_unknown_key_suggests_the_right_one(tmp_path: Path) -> None:
+    raw = tiny_config_dict(tmp_path)
+    apply_overrides(raw, ["pretrain.max_step=20"])
+    (problem,) = _problems(raw)
+    assert problem.key == "pretrain.max_step"
+    assert "did you mean `max_steps`" in problem.fix
+
+
+def test_wrong_type_names_key_value_and_fix(tmp_path: Path) -> None:
+    raw = tiny_config_dict(tmp_path)
+    apply_overrides(raw, ["pretrain.max_steps=lots"])
+    (problem,) = _problems(raw)
+    assert (problem.key, problem.value) == ("pretrain.max_steps", "lots")
+    assert "whole number" in problem.fix
+
+
+def test_sequence_longer_than_positions(tmp_path: Path) -> None:
+    raw = tiny_config_dict(tmp_path)
+    apply_overrides(raw, ["tokenize.seq_len=512"])  # tiny has 128 positions
+    (problem,) = _problems(raw)
+    assert problem.key == "tokenize.seq_len" and "128" in problem.message
+
+
+def test_vocabulary_too_small_for_special_tokens(tmp_path: Path) -> None:
+    raw = tiny_config_dict(tmp_path)
+    apply_overrides(raw, ["tokenize.vocab_size=5"])
+    (problem,) = _problems(raw)
+    assert problem.key == "tokenize.vocab_size" and "[MASK]" in problem.message
+
+
+def test_missing_data_file_lists_what_exists(tmp_path: Path) -> None:
+    (tmp_path / "train.jsonl").write_text(json.dumps({"text": "a", "label": 1}) + "\n")
+    raw = tiny_config_dict(tmp_path)
+    raw["data"]["task"]["train"] = {"type": "file", "path": str(tmp_path / "trian.jsonl")}
+    (problem,) = _problems(raw)
+    assert problem.key == "data.task.train.path"
+    assert "train.jsonl" in problem.fix  # says what does exist
+
+
+def test_missing_label_column_lists_columns(tmp_path: Path) -> None:
+    (tmp_path / "train.csv").write_text("sentence,polarity\nhello,1\n")
+    raw = tiny_config_dict(tmp_path)
+    raw["data"]["task"]["train"] = {"type": "file", "path": str(tmp_path / "train.csv"), "text_column": "sentence"}
+    (problem,) = _problems(raw)
+    assert problem.key == "data.task.train.label_column"
+    assert "polarity" in problem.fix
+
+
+def test_search_space_bounds_and_keys(tmp_path: Path) -> None:
+    raw = tiny_config_dict(tmp_path)
+    raw["tune"] = {"search_space": {"learning_rate": {"type": "loguniform", "low": 0, "high": 1e-3},
+                                    "momentum": {"type": "uniform", "low": 0, "high": 1}}}  # fmt: skip
+    keys = {problem.key for problem in _problems(raw)}
+    assert {"tune.search_space.learning_rate", "tune.search_space.momentum"} <= keys
+
+
+def test_half_precision_without_gpu_is_rejected(tmp_path: Path) -> None:
+    raw = tiny_config_dict(tmp_path)
+    apply_overrides(raw, ["pretrain.deepspeed.precision=bf16"])
+    (problem,) = _problems(raw)
+    assert problem.key == "pretrain.deepspeed.precision"
+
+
+def test_defaults_fill_a_minimal_config(tmp_path: Path) -> None:
+    config = validate(tiny_config_dict(tmp_path))
+    assert config.tracking_uri() == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert config.registered_model_name() == "unit-classifier"
+    assert config.pretrain.workers.num_workers == 2
+
+
+def test_yaml_round_trip_of_resolved_config(tmp_path: Path) -> None:
+    config = validate(tiny_config_dict(tmp_path))
+    again = validate(yaml.safe_load(yaml.safe_dump(config.model_dump(mode="json"))))
+    assert again == config

@@ -1,0 +1,99 @@
+"""Data sources: every local format, column mapping, globs, the synthetic language, fingerprints."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from components import synthetic
+from components.data import FileSource, SyntheticSource, check_source, fingerprint, load_source
+
+ROWS = [{"review": "a fine film", "stars": "pos"}, {"review": "a dull film", "stars": "neg"}]
+
+
+def _write(folder: Path, fmt: str) -> Path:
+    path = folder / f"reviews.{fmt}"
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+    elif fmt in ("csv", "tsv"):
+        sep = "," if fmt == "csv" else "\t"
+        path.write_text(f"review{sep}stars\n" + "".join(f"{r['review']}{sep}{r['stars']}\n" for r in ROWS))
+    elif fmt == "parquet":
+        pq.write_table(pa.Table.from_pylist(ROWS), path)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "tsv", "parquet"])
+def test_labelled_formats_map_columns(tmp_path: Path, fmt: str) -> None:
+    source = FileSource(path=str(_write(tmp_path, fmt)), text_column="review", label_column="stars")
+    table = load_source(source, labelled=True)
+    assert table.column_names == ["text", "label"]
+    assert table.to_pylist() == [{"text": "a fine film", "label": "pos"}, {"text": "a dull film", "label": "neg"}]
+
+
+def test_plain_text_is_one_row_per_nonblank_line(tmp_path: Path) -> None:
+    path = tmp_path / "corpus.txt"
+    path.write_text("first line\n\nsecond line\n")
+    table = load_source(FileSource(path=str(path)), labelled=False)
+    assert table.column("text").to_pylist() == ["first line", "second line"]
+
+
+def test_glob_concatenates_files_in_order(tmp_path: Path) -> None:
+    for index in range(3):
+        (tmp_path / f"part-{index}.txt").write_text(f"line {index}\n")
+    table = load_source(FileSource(path=str(tmp_path / "part-*.txt")), labelled=False)
+    assert table.column("text").to_pylist() == ["line 0", "line 1", "line 2"]
+
+
+def test_check_source_reports_missing_file_and_columns(tmp_path: Path) -> None:
+    missing = check_source(FileSource(path=str(tmp_path / "nope.jsonl")), labelled=True)
+    assert [key for key, _, _ in missing] == ["path"]
+    path = _write(tmp_path, "jsonl")
+    wrong = check_source(FileSource(path=str(path)), labelled=True)
+    assert [key for key, _, _ in wrong] == ["text_column", "label_column"]
+    assert "review" in wrong[0][2]
+
+
+def test_fingerprint_follows_file_content(tmp_path: Path) -> None:
+    path = _write(tmp_path, "jsonl")
+    source = FileSource(path=str(path))
+    before = fingerprint(source)
+    assert fingerprint(source) == before
+    path.write_text(path.read_text() + json.dumps({"review": "x", "stars": "pos"}) + "\n")
+    assert fingerprint(source) != before
+
+
+def test_synthetic_is_deterministic_and_balanced() -> None:
+    first = synthetic.generate("train", 400, seed=3)
+    assert first == synthetic.generate("train", 400, seed=3)
+    assert first != synthetic.generate("train", 400, seed=4)
+    counts = Counter(row["label"] for row in first)
+    assert set(counts) == {"negative", "positive"}
+    assert abs(counts["positive"] - counts["negative"]) < 80
+
+
+def test_synthetic_train_sees_few_adjectives_test_sees_all() -> None:
+    def adjectives(split: str) -> set[str]:
+        words = {word for row in synthetic.generate(split, 2000) for word in row["text"].split()}
+        return words & set(synthetic.POSITIVE + synthetic.NEGATIVE)
+
+    assert len(adjectives("train")) == 2 * synthetic.SEEN_IN_TRAIN
+    assert adjectives("test") == set(synthetic.POSITIVE + synthetic.NEGATIVE)
+    assert adjectives("corpus") == set(synthetic.POSITIVE + synthetic.NEGATIVE)
+
+
+def test_synthetic_labels_follow_adjective_polarity() -> None:
+    positive = set(synthetic.POSITIVE)
+    for row in synthetic.generate("validation", 300):
+        has_positive = any(word in positive for word in row["text"].split())
+        assert (row["label"] == "positive") == has_positive
+
+
+def test_synthetic_source_loads_as_table() -> None:
+    table = load_source(SyntheticSource(split="test", num_examples=10), labelled=True)
+    assert table.num_rows == 10 and table.column_names == ["text", "label"]
