@@ -28,7 +28,7 @@ from ray.train.torch import TorchTrainer
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedTokenizerFast
 
 from components import accelerator, registry, training
-from components.configs import FinetuneConfig, Hyperparameters
+from components.configs import DeepSpeedConfig, FinetuneConfig, Hyperparameters, WorkersConfig
 from components.stage import StageContext, StageResult, read_json, write_json
 from components.tracking import open_tracker
 
@@ -45,7 +45,7 @@ class ClassifierRun(BaseModel):
     label_names: list[str]
     epochs: int
     hyper: Hyperparameters
-    deepspeed: training.DeepSpeedConfig
+    deepspeed: DeepSpeedConfig
     use_gpu: bool = False
     threads: int = 1
     log_every: int = 10
@@ -92,7 +92,7 @@ def resolve_hyperparameters(defaults: Hyperparameters, best_uri: str | None) -> 
     return defaults.model_copy(update=best)
 
 
-def _fit_on_ray(run_cfg: ClassifierRun, workers: training.WorkersConfig, ctx: StageContext):
+def _fit_on_ray(run_cfg: ClassifierRun, workers: WorkersConfig, ctx: StageContext):
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=run_cfg.model_dump(),

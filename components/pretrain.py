@@ -22,7 +22,7 @@ from ray.train.torch import TorchTrainer
 from transformers import PreTrainedTokenizerFast
 
 from components import accelerator, models, training
-from components.configs import PretrainConfig
+from components.configs import PretrainConfig, WorkersConfig
 from components.stage import StageContext, StageResult, write_json
 from components.tracking import open_tracker
 
@@ -65,7 +65,7 @@ def run(cfg: PretrainConfig, tokenized_uri: str, ctx: StageContext) -> StageResu
     return StageResult(output_uri=str(model_dir), metrics=metrics)
 
 
-def _scaling(workers: training.WorkersConfig) -> ScalingConfig:
+def _scaling(workers: WorkersConfig) -> ScalingConfig:
     return ScalingConfig(
         num_workers=workers.num_workers, use_gpu=workers.use_gpu,
         resources_per_worker={"CPU": workers.cpus_per_worker},

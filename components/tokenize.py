@@ -88,8 +88,14 @@ def _load_tokenizer(tokenizer_dir: str) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
 
 
+def _dataset(table: pa.Table, rows_per_block: int) -> ray.data.Dataset:
+    # Several input blocks, so Ray Data can spread the batches over the cluster's CPUs.
+    chunks = [table.slice(start, rows_per_block) for start in range(0, table.num_rows, rows_per_block)]
+    return ray.data.from_arrow(chunks or [table])
+
+
 def _pack_corpus(corpus: pa.Table, tokenizer_dir: Path, cfg: TokenizeConfig) -> ray.data.Dataset:
-    return ray.data.from_arrow(corpus).map_batches(
+    return _dataset(corpus, cfg.batch_size).map_batches(
         pack_blocks, batch_size=cfg.batch_size, batch_format="pyarrow",
         fn_kwargs={"tokenizer_dir": str(tokenizer_dir), "seq_len": cfg.seq_len},
     )  # fmt: skip
@@ -117,7 +123,7 @@ def pack_blocks(batch: pa.Table, *, tokenizer_dir: str, seq_len: int) -> pa.Tabl
 
 
 def _tokenize_task(table: pa.Table, tokenizer_dir: Path, label_names: list[str], cfg: TokenizeConfig):
-    return ray.data.from_arrow(table).map_batches(
+    return _dataset(table, cfg.batch_size).map_batches(
         tokenize_examples, batch_size=cfg.batch_size, batch_format="pyarrow",
         fn_kwargs={"tokenizer_dir": str(tokenizer_dir), "seq_len": cfg.seq_len, "label_names": label_names},
     )  # fmt: skip

@@ -22,7 +22,7 @@ from pydantic import BaseModel
 from ray.tune.schedulers import ASHAScheduler
 
 from components import finetune, training
-from components.configs import Distribution, TuneConfig
+from components.configs import DeepSpeedConfig, Distribution, Hyperparameters, TuneConfig
 from components.stage import StageContext, StageResult, read_json, write_json
 from components.tracking import MlflowTracker, start_run
 
@@ -45,8 +45,8 @@ class _TrialSetup(BaseModel):
 
 
 def run(
-    cfg: TuneConfig, pretrained_uri: str, tokenized_uri: str, defaults: finetune.Hyperparameters,
-    deepspeed: training.DeepSpeedConfig, ctx: StageContext,
+    cfg: TuneConfig, pretrained_uri: str, tokenized_uri: str, defaults: Hyperparameters,
+    deepspeed: DeepSpeedConfig, ctx: StageContext,
 ) -> StageResult:  # fmt: skip
     """Search hyperparameters; write best_config.json under ctx.output_dir."""
     setup = _TrialSetup(

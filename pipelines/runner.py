@@ -177,12 +177,16 @@ class _StageRunner:
                     lambda ctx: pretrain.run(cfg.pretrain, tokenized, ctx))  # fmt: skip
         if stage == "tune":
             pretrained, tokenized = done["pretrain"].output_uri, done["tokenize"].output_uri
-            return (cfg.tune.model_dump(mode="json"), {"pretrain": keys["pretrain"]},
+            # Trials train with finetune's defaults and DeepSpeed settings: they are part of the key.
+            stage_cfg = {"tune": cfg.tune.model_dump(mode="json"),
+                         "defaults": cfg.finetune.defaults.model_dump(mode="json"),
+                         "deepspeed": cfg.finetune.deepspeed.model_dump(mode="json")}  # fmt: skip
+            return (stage_cfg, {"pretrain": keys["pretrain"], "tokenize": keys["tokenize"]},
                     lambda ctx: _tune_or_skip(cfg, pretrained, tokenized, ctx))  # fmt: skip
         if stage == "finetune":
             pretrained, tokenized = done["pretrain"].output_uri, done["tokenize"].output_uri
             best = done["tune"].output_uri if cfg.tune.enabled else None
-            return (cfg.finetune.model_dump(mode="json"), {"tune": keys["tune"]},
+            return (cfg.finetune.model_dump(mode="json"), {"tune": keys["tune"], "pretrain": keys["pretrain"]},
                     lambda ctx: finetune.run(cfg.finetune, pretrained, tokenized, best, ctx,
                                              registered_model_name=cfg.registered_model_name()))  # fmt: skip
         registered = done["finetune"].outputs["registered"]

@@ -3,12 +3,18 @@ and are session-scoped: every integration and e2e test shares one of each."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+# `ray start` (used by the cluster fixture) turns on token auth and writes the token to ~/.ray;
+# clients, this process and the `ptft` subprocesses alike, send it only in token mode. Ray reads
+# this when it is imported, so it is set before any test module imports Ray.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 pytest_plugins = ["tests.services"]
 

@@ -6,23 +6,24 @@ import pytest
 import torch
 
 from components import models, training
+from components.configs import PRESETS, DeepSpeedConfig, ModelConfig
 
 
-@pytest.mark.parametrize("preset", list(models.PRESETS))
+@pytest.mark.parametrize("preset", list(PRESETS))
 def test_presets_build_configs(preset: str) -> None:
-    config = models.build_bert_config(models.ModelConfig(preset=preset), vocab_size=1000, pad_token_id=0)
-    sizes = models.PRESETS[preset]
+    config = models.build_bert_config(ModelConfig(preset=preset), vocab_size=1000, pad_token_id=0)
+    sizes = PRESETS[preset]
     assert (config.hidden_size, config.num_hidden_layers) == (sizes["hidden_size"], sizes["num_layers"])
 
 
 def test_overrides_beat_the_preset() -> None:
-    config = models.build_bert_config(models.ModelConfig(preset="tiny", num_layers=3, max_positions=64),
+    config = models.build_bert_config(ModelConfig(preset="tiny", num_layers=3, max_positions=64),
                                       vocab_size=100, pad_token_id=0)  # fmt: skip
     assert (config.num_hidden_layers, config.max_position_embeddings, config.hidden_size) == (3, 64, 64)
 
 
 def test_tiny_model_is_small_and_runs() -> None:
-    config = models.build_bert_config(models.ModelConfig(), vocab_size=300, pad_token_id=0)
+    config = models.build_bert_config(ModelConfig(), vocab_size=300, pad_token_id=0)
     model = models.build_mlm_model(config, seed=0)
     assert models.count_parameters(model) < 200_000
     ids = torch.randint(5, 300, (2, 16))
@@ -44,9 +45,9 @@ def test_mask_tokens_respects_specials_and_rate() -> None:
 
 
 def test_deepspeed_config_per_stage() -> None:
-    zero3 = training.deepspeed_config(training.DeepSpeedConfig(zero_stage=3), micro_batch_size=8)
+    zero3 = training.deepspeed_config(DeepSpeedConfig(zero_stage=3), micro_batch_size=8)
     assert zero3["zero_optimization"] == {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}
-    bf16 = training.deepspeed_config(training.DeepSpeedConfig(precision="bf16"), micro_batch_size=8)
+    bf16 = training.deepspeed_config(DeepSpeedConfig(precision="bf16"), micro_batch_size=8)
     assert bf16["bf16"] == {"enabled": True} and bf16["train_micro_batch_size_per_gpu"] == 8
 
 
