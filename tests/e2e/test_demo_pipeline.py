@@ -45,7 +45,7 @@ def demo(ray_driver: str, mlflow_server: str, tmp_path_factory: pytest.TempPathF
 
 def test_cli_prints_predictions_and_where_to_browse(demo: dict) -> None:
     out = demo["stdout"]
-    assert "served at" in out and "-> positive" in out or "-> negative" in out
+    assert "served at" in out and ("-> positive" in out or "-> negative" in out)
     assert "ptft ui" in out
 
 

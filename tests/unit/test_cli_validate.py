@@ -61,3 +61,11 @@ def test_several_problems_in_one_message(good_config: Path) -> None:
     result = _validate(good_config, "pretrain.max_steps=x", "tokenize.vocab_size=4")
     assert result.returncode == 2
     assert "2 problems" in result.stderr
+
+
+def test_run_rejects_a_bad_config_before_starting_ray(good_config: Path) -> None:
+    result = subprocess.run([PTFT, "run", str(good_config), "tokenize.seq_len=4096"], capture_output=True,
+                            text=True, cwd=REPO, timeout=120)  # fmt: skip
+    assert result.returncode == 2
+    assert "tokenize.seq_len" in result.stderr
+    assert "Ray" not in result.stdout + result.stderr  # no local Ray instance was started

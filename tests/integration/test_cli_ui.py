@@ -1,0 +1,45 @@
+"""`ptft ui` serves the MLflow UI on the config's tracking store."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from components.training import free_port
+from tests.conftest import REPO, tiny_config_dict
+
+pytestmark = pytest.mark.integration
+
+
+def test_ui_serves_the_configured_store(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(tiny_config_dict(tmp_path / "store")))
+    port = free_port()
+    process = subprocess.Popen([str(Path(sys.executable).parent / "ptft"), "ui", str(config), "--port", str(port)],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                response = requests.get(f"http://127.0.0.1:{port}/health", timeout=2)
+                if response.ok:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("MLflow UI did not come up")
+        experiments = requests.get(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search",
+                                   params={"max_results": 10}, timeout=10)  # fmt: skip
+        assert experiments.ok
+        assert (tmp_path / "store" / "mlflow.db").is_file()  # the UI opened the config's sqlite store
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
