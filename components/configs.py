@@ -46,7 +46,7 @@ class SyntheticSource(_Strict):
     type: Literal["synthetic"] = "synthetic"
     split: Literal["corpus", "train", "validation", "test"]
     num_examples: int = Field(1000, gt=0, description="rows to generate")
-    seed: int = 0
+    seed: int = Field(0, description="generator seed")
     text_column: Literal["text"] = "text"
     label_column: Literal["label"] = "label"
 
@@ -66,9 +66,9 @@ class CorpusConfig(BaseModel):
 
 class TaskConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    train: Source
-    validation: Source
-    test: Source
+    train: Source = Field(description="labelled examples to fine-tune on")
+    validation: Source = Field(description="labelled examples for model selection (Tune's metric)")
+    test: Source = Field(description="labelled examples for the final, reported accuracy")
 
 
 class DataConfig(BaseModel):
@@ -81,7 +81,7 @@ class TokenizeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     vocab_size: int = Field(2000, gt=0, description="WordPiece vocabulary size, special tokens included")
     min_frequency: int = Field(2, ge=1, description="rarest word piece the trainer keeps")
-    lowercase: bool = True
+    lowercase: bool = Field(True, description="lowercase and strip accents before splitting")
     seq_len: int = Field(64, ge=8, description="tokens per packed block and per task example")
     batch_size: int = Field(512, gt=0, description="rows per Ray Data batch")
 
@@ -103,11 +103,11 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     preset: Literal["tiny", "mini", "small", "base"] = Field("tiny", description="size preset")
     hidden_size: int | None = Field(None, gt=0, description="overrides the preset's hidden size")
-    num_layers: int | None = Field(None, gt=0)
-    num_heads: int | None = Field(None, gt=0)
-    intermediate_size: int | None = Field(None, gt=0)
+    num_layers: int | None = Field(None, gt=0, description="overrides the preset's transformer layers")
+    num_heads: int | None = Field(None, gt=0, description="overrides the preset's attention heads")
+    intermediate_size: int | None = Field(None, gt=0, description="overrides the preset's MLP width")
     max_positions: int | None = Field(None, gt=0, description="longest sequence the model accepts")
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="hidden and attention dropout in pre-training")
 
     def resolved(self) -> dict[str, int]:
         """The preset with this config's overrides applied."""
@@ -125,7 +125,7 @@ class DeepSpeedConfig(BaseModel):
     zero_stage: Literal[0, 1, 2, 3] = Field(0, description="ZeRO stage: 0 none, 1 optimizer, 2 +grads, 3 +params")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="bf16/fp16 need a GPU")
     gradient_clipping: float = Field(1.0, ge=0.0, description="max grad norm; 0 disables")
-    gradient_accumulation_steps: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
 
 
 class WorkersConfig(BaseModel):
@@ -144,9 +144,9 @@ class PretrainConfig(BaseModel):
     model: ModelConfig = Field(default_factory=ModelConfig)
     max_steps: int = Field(200, gt=0, description="optimizer steps")
     batch_size_per_worker: int = Field(16, gt=0, description="micro-batch per worker")
-    learning_rate: float = Field(5e-4, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
-    warmup_steps: int = Field(20, ge=0)
+    learning_rate: float = Field(5e-4, gt=0, description="peak AdamW learning rate")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW decoupled weight decay (not on biases/LayerNorm)")
+    warmup_steps: int = Field(20, ge=0, description="linear warmup, then linear decay to 0")
     mlm_probability: float = Field(0.15, gt=0, lt=1, description="share of tokens masked as targets")
     eval_fraction: float = Field(0.05, ge=0, lt=0.5, description="blocks held out for eval/mlm_loss")
     log_every: int = Field(10, gt=0, description="steps between metric logs")
@@ -161,16 +161,16 @@ class Hyperparameters(BaseModel):
     """What Tune searches; finetune takes the best values from the tune stage."""
 
     model_config = ConfigDict(extra="forbid")
-    learning_rate: float = Field(5e-4, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
+    learning_rate: float = Field(5e-4, gt=0, description="peak AdamW learning rate")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW decoupled weight decay")
     dropout: float = Field(0.1, ge=0, lt=1, description="hidden and attention dropout")
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="share of steps spent warming up the LR")
-    batch_size_per_worker: int = Field(16, gt=0)
+    batch_size_per_worker: int = Field(16, gt=0, description="micro-batch per worker (per trial in tune)")
 
 
 class FinetuneConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    epochs: int = Field(3, gt=0)
+    epochs: int = Field(3, gt=0, description="passes over the train split")
     defaults: Hyperparameters = Field(
         default_factory=Hyperparameters, description="used for any value the tune stage did not search"
     )
@@ -224,9 +224,9 @@ class TuneConfig(BaseModel):
     max_epochs: int = Field(3, gt=0, description="epochs of the longest trial (ASHA max_t)")
     grace_period: int = Field(1, gt=0, description="epochs every trial gets before ASHA may stop it")
     reduction_factor: int = Field(2, ge=2, description="ASHA keeps 1/reduction_factor at each rung")
-    metric: Literal["eval/accuracy", "eval/loss"] = "eval/accuracy"
+    metric: Literal["eval/accuracy", "eval/loss"] = Field("eval/accuracy", description="validation metric to optimise")
     max_concurrent_trials: int = Field(2, gt=0, description="trials at once; at most the CPUs you have")
-    cpus_per_trial: float = Field(1, gt=0)
+    cpus_per_trial: float = Field(1, gt=0, description="CPUs per trial (= its torch threads)")
     search_space: dict[Searchable, Distribution] = Field(
         default_factory=_default_space, description=f"keys among: {', '.join(SEARCHABLE)}"
     )
@@ -243,9 +243,9 @@ class ServeConfig(BaseModel):
     app_name: str = Field("ptft", description="Ray Serve application name")
     host: str = Field("127.0.0.1", description="HTTP bind address; 0.0.0.0 exposes it beyond this machine")
     port: int = Field(8000, gt=0, lt=65536)
-    route_prefix: str = "/"
-    num_replicas: int = Field(1, ge=1)
-    cpus_per_replica: float = Field(0.5, gt=0)
+    route_prefix: str = Field("/", description="URL prefix of the application")
+    num_replicas: int = Field(1, ge=1, description="model replicas")
+    cpus_per_replica: float = Field(0.5, gt=0, description="CPUs Ray reserves per replica")
     max_batch_size: int = Field(16, gt=0, description="texts scored together by @serve.batch")
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="how long a batch waits to fill")
     max_texts: int = Field(64, gt=0, description="most texts one request may send")

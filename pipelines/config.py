@@ -45,7 +45,7 @@ class PipelineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(description="pipeline name; the MLflow experiment and registry name derive from it")
     storage: str = Field("./ptft-runs", description="artifacts, Ray results and the default MLflow store")
-    seed: int = 0
+    seed: int = Field(0, description="seed for data order, masking and initialisation")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     data: DataConfig
@@ -204,7 +204,7 @@ def _fix_for(kind: str, ctx: dict) -> str:
         "union_tag_not_found": "add `type:` (file, hub or synthetic)",
         "model_type": "use a mapping of keys", "dict_type": "use a mapping of keys",
     }  # fmt: skip
-    return fixes.get(kind, "see the field's description in the config reference (docs/config.md)")
+    return fixes.get(kind, "see the key in docs/config.md")
 
 
 def _unknown_key_fix(loc: tuple) -> str:

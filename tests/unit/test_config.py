@@ -134,3 +134,9 @@ def test_yaml_round_trip_of_resolved_config(tmp_path: Path) -> None:
     config = validate(tiny_config_dict(tmp_path))
     again = validate(yaml.safe_load(yaml.safe_dump(config.model_dump(mode="json"))))
     assert again == config
+
+
+def test_config_reference_is_generated_from_the_schema() -> None:
+    from pipelines.reference import render
+
+    assert (REPO / "docs" / "config.md").read_text() == render(), "run: python -m pipelines.reference > docs/config.md"
