@@ -156,7 +156,10 @@ class _StageRunner:
             tracker.close("KILLED" if _interrupted() else "FAILED")
             raise
         elapsed = time.perf_counter() - started
-        tracker.log_metrics({**stage_result.metrics, "stage/seconds": elapsed}, step=0)
+        # Training loops log their own metric histories; add only the summaries they did not log.
+        logged = set(self.client.get_run(mlflow_run_id).data.metrics)
+        summary = {key: value for key, value in stage_result.metrics.items() if key not in logged}
+        tracker.log_metrics({**summary, "stage/seconds": elapsed}, step=0)
         tracker.close("FINISHED")
         write_json(output_dir / "_SUCCESS", {"metrics": stage_result.metrics, "mlflow_run_id": mlflow_run_id,
                                              "pipeline_run_id": self.result.run_id, "seconds": elapsed})  # fmt: skip

@@ -64,9 +64,9 @@ def ray_cluster() -> Iterator[str]:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     address = f"127.0.0.1:{port}"
     status = [str(BIN / "ray"), "status", f"--address={address}"]
-    _wait_for(lambda: subprocess.run(status, capture_output=True, timeout=30).returncode == 0,
-              "ray head", process, log)  # fmt: skip
     try:
+        _wait_for(lambda: subprocess.run(status, capture_output=True, timeout=30).returncode == 0,
+                  "ray head", process, log)  # fmt: skip
         yield address
     finally:
         _stop(process)
@@ -98,8 +98,8 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with open(log, "w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
-    _wait_for(lambda: requests.get(f"{uri}/health", timeout=2).ok, "mlflow server", process, log)
     try:
+        _wait_for(lambda: requests.get(f"{uri}/health", timeout=2).ok, "mlflow server", process, log)
         yield uri
     finally:
         _stop(process)
