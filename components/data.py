@@ -140,6 +140,8 @@ def _what_exists(path: str) -> str:
 def fingerprint(source: Source) -> str:
     """A content fingerprint: file hashes, hub name + revision, or the generator's settings."""
     digest = hashlib.sha256(source.model_dump_json().encode())
+    if isinstance(source, SyntheticSource):
+        digest.update(f"generator-v{synthetic.VERSION}".encode())
     if isinstance(source, FileSource) and "://" not in source.path:
         for path in resolve_paths(source.path):
             digest.update(Path(path).read_bytes())

@@ -26,15 +26,19 @@ NOUNS = (
 SUBJECTS = "i we critics audiences my friend the crowd".split()
 INTENSIFIERS = "very really truly quite so rather deeply".split()
 LABEL_NAMES = ("negative", "positive")
+# Bump when the generated text changes: it is part of the data fingerprint (and so of cache keys).
+VERSION = 2
 SPLITS = ("corpus", "train", "validation", "test")
 # The labelled train split sees only these first adjectives of each polarity.
 SEEN_IN_TRAIN = 4
 
+# Corpus sentences stack several adjectives of one polarity, so a masked adjective can only be
+# predicted well by reading the polarity of the others: that is what pre-training has to learn.
 _CORPUS_TEMPLATES = (
     "the {noun} was {a} and {b} .",
-    "{subject} found the {noun} {int} {a} , even {b} .",
-    "a {a} , {b} {noun} .",
-    "what a {a} {noun} ; the {noun2} felt {b} too .",
+    "{a} , {b} and {c} : that was the {noun} .",
+    "{subject} found the {noun} {int} {a} , {b} , even {c} .",
+    "a {a} , {b} {noun} with a {c} {noun2} .",
     "{subject} thought it {int} {a} and {int2} {b} .",
 )
 _REVIEW_TEMPLATES = (
@@ -71,5 +75,6 @@ def _sentence(rng: random.Random, templates: tuple[str, ...], vocab_limit: int |
         int2=rng.choice(INTENSIFIERS),
         a=rng.choice(words),
         b=rng.choice(words),
+        c=rng.choice(words),
     )
     return {"text": text, "label": LABEL_NAMES[label]}

@@ -25,7 +25,8 @@ from components.training import free_port
 BIN = Path(sys.executable).parent
 
 
-def _wait_for(check, what: str, process: subprocess.Popen, log: Path, timeout_s: float = 120) -> None:
+def _wait_for(check, what: str, process: subprocess.Popen, log: Path, timeout_s: float = 300) -> None:
+    # Generous: a first start on a fresh machine compiles bytecode and creates the database.
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:

@@ -2,6 +2,10 @@
 pipeline's pre-trained encoder, and from a randomly initialised encoder of the same architecture
 (the baseline, in the same run). Prints both test accuracies and their ratio.
 
+For the demo's synthetic data it also prints what the masked LM learned: in
+"the film was <adjective> and [MASK] .", the share of the adjective probability mass the model puts
+on adjectives of the same polarity (0.5 = it did not learn polarity).
+
     python tests/benchmarks/pretraining_gain.py [STORAGE]     # STORAGE of a finished `ptft run`
                                                               # (default ./ptft-runs)
 Runs in-process on one DeepSpeed rank; takes a minute or two for the demo's tiny model.
@@ -18,9 +22,10 @@ from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+import torch  # noqa: E402
 from transformers import AutoConfig, AutoModelForMaskedLM, PreTrainedTokenizerFast  # noqa: E402
 
-from components import finetune, training  # noqa: E402
+from components import finetune, synthetic, training  # noqa: E402
 from components.configs import DeepSpeedConfig, Hyperparameters  # noqa: E402
 from components.stage import read_json  # noqa: E402
 
@@ -38,6 +43,23 @@ def random_twin(pretrained: Path, out: Path) -> Path:
     model.save_pretrained(out)
     PreTrainedTokenizerFast.from_pretrained(pretrained).save_pretrained(out)
     return out
+
+
+@torch.no_grad()
+def polarity_agreement(model_dir: Path) -> float:
+    """Mean share of adjective mass on the context adjective's polarity, over all adjectives."""
+    model = AutoModelForMaskedLM.from_pretrained(model_dir).eval()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
+    groups = [tokenizer.convert_tokens_to_ids(words) for words in (synthetic.NEGATIVE, synthetic.POSITIVE)]
+    shares = []
+    for polarity, words in enumerate((synthetic.NEGATIVE, synthetic.POSITIVE)):
+        for word in words:
+            encoded = tokenizer(f"the film was {word} and [MASK] .", return_tensors="pt")
+            position = int((encoded["input_ids"][0] == tokenizer.mask_token_id).nonzero()[0, 0])
+            probabilities = model(**encoded).logits[0, position].softmax(-1)
+            same, other = (probabilities[groups[polarity]].sum(), probabilities[groups[1 - polarity]].sum())
+            shares.append(float(same / (same + other)))
+    return sum(shares) / len(shares)
 
 
 def test_accuracy(pretrained: Path, tokenized: Path, hyper: Hyperparameters, epochs: int, seed: int) -> float:
@@ -63,6 +85,7 @@ def main() -> None:
     training.ensure_process_group()
     with tempfile.TemporaryDirectory() as tmp:
         scratch = random_twin(pretrained, Path(tmp) / "random")
+        agreement = polarity_agreement(pretrained), polarity_agreement(scratch)
         rows = []
         for seed in range(args.seeds):
             rows.append((test_accuracy(pretrained, tokenized, hyper, args.epochs, seed),
@@ -71,6 +94,7 @@ def main() -> None:
     print(f"test accuracy, pre-trained encoder : {with_pre:.4f}  (per seed {[round(r[0], 4) for r in rows]})")
     print(f"test accuracy, random encoder      : {without:.4f}  (per seed {[round(r[1], 4) for r in rows]})")
     print(f"ratio pre-trained / random          : {with_pre / without:.3f}")
+    print(f"MLM polarity agreement, pre-trained : {agreement[0]:.3f}  (random encoder: {agreement[1]:.3f})")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ def test_ui_serves_the_configured_store(tmp_path: Path) -> None:
     process = subprocess.Popen([str(Path(sys.executable).parent / "ptft"), "ui", str(config), "--port", str(port)],
                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             try:
                 response = requests.get(f"http://127.0.0.1:{port}/health", timeout=2)
