@@ -23,23 +23,28 @@ NOUNS = (
     "film movie story script cast plot ending score drama comedy thriller sequel "
     "performance direction dialogue soundtrack pacing premise"
 ).split()
+# Adverbs that only ever modify one polarity, and only in the corpus: predicting a masked adverb
+# from the adjective next to it (or the reverse) is a local pattern a small model learns quickly,
+# and it puts the adjectives' polarity into their representations.
+POSITIVE_MARKERS = "wonderfully gloriously beautifully".split()
+NEGATIVE_MARKERS = "painfully dreadfully awfully".split()
 SUBJECTS = "i we critics audiences my friend the crowd".split()
 INTENSIFIERS = "very really truly quite so rather deeply".split()
 LABEL_NAMES = ("negative", "positive")
 # Bump when the generated text changes: it is part of the data fingerprint (and so of cache keys).
-VERSION = 2
+VERSION = 3
 SPLITS = ("corpus", "train", "validation", "test")
 # The labelled train split sees only these first adjectives of each polarity.
 SEEN_IN_TRAIN = 4
 
-# Corpus sentences stack several adjectives of one polarity, so a masked adjective can only be
-# predicted well by reading the polarity of the others: that is what pre-training has to learn.
+# Corpus sentences pair each adjective with a polarity-marked adverb and stack adjectives of one
+# polarity, so a masked adjective is best predicted from the polarity of its context.
 _CORPUS_TEMPLATES = (
-    "the {noun} was {a} and {b} .",
-    "{a} , {b} and {c} : that was the {noun} .",
-    "{subject} found the {noun} {int} {a} , {b} , even {c} .",
-    "a {a} , {b} {noun} with a {c} {noun2} .",
-    "{subject} thought it {int} {a} and {int2} {b} .",
+    "the {noun} was {m} {a} and {b} .",
+    "{a} , {b} and {m} {c} : that was the {noun} .",
+    "{subject} found the {noun} {m} {a} , even {m2} {b} .",
+    "a {m} {a} {noun} with a {c} {noun2} .",
+    "{subject} thought it {int} {a} and {m} {b} .",
 )
 _REVIEW_TEMPLATES = (
     "the {noun} was {a} .",
@@ -67,6 +72,7 @@ def generate(split: str, num_examples: int, seed: int = 0) -> list[dict]:
 def _sentence(rng: random.Random, templates: tuple[str, ...], vocab_limit: int | None) -> dict:
     label = rng.randrange(2)
     words = (NEGATIVE, POSITIVE)[label][:vocab_limit]
+    markers = (NEGATIVE_MARKERS, POSITIVE_MARKERS)[label]
     text = rng.choice(templates).format(
         noun=rng.choice(NOUNS),
         noun2=rng.choice(NOUNS),
@@ -76,5 +82,7 @@ def _sentence(rng: random.Random, templates: tuple[str, ...], vocab_limit: int |
         a=rng.choice(words),
         b=rng.choice(words),
         c=rng.choice(words),
+        m=rng.choice(markers),
+        m2=rng.choice(markers),
     )
     return {"text": text, "label": LABEL_NAMES[label]}

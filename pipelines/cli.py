@@ -97,10 +97,11 @@ def _print_summary(result, config, seconds: float) -> None:
 
 def _ui(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides, check_data=False)
-    command = ["mlflow", "ui", "--backend-store-uri", config.tracking_uri(), "--host", args.host,
-               "--port", str(args.port)]  # fmt: skip
-    print(f"MLflow UI on http://{args.host}:{args.port} ({config.tracking_uri()})")
-    os.execvp(command[0], command)
+    # This interpreter's mlflow, whether or not the venv's bin/ is on PATH.
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", config.tracking_uri(),
+               "--host", args.host, "--port", str(args.port)]  # fmt: skip
+    print(f"MLflow UI on http://{args.host}:{args.port} ({config.tracking_uri()})", flush=True)
+    os.execv(command[0], command)
     return 0
 
 

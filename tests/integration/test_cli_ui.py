@@ -28,6 +28,7 @@ def test_ui_serves_the_configured_store(tmp_path: Path) -> None:
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
+            assert process.poll() is None, process.stdout.read().decode()[-3000:]
             try:
                 response = requests.get(f"http://127.0.0.1:{port}/health", timeout=2)
                 if response.ok:
