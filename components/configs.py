@@ -69,6 +69,10 @@ class TaskConfig(BaseModel):
     train: Source = Field(description="labelled examples to fine-tune on")
     validation: Source = Field(description="labelled examples for model selection (Tune's metric)")
     test: Source = Field(description="labelled examples for the final, reported accuracy")
+    label_names: list[str] | None = Field(
+        None, description="display names for the label values in sorted order, e.g. [negative, positive] "
+        "for 0/1 labels; default the values themselves"
+    )
 
 
 class DataConfig(BaseModel):

@@ -38,8 +38,8 @@ def run(cfg: TokenizeConfig, data: DataConfig, ctx: StageContext) -> StageResult
     tokenizer_dir = ctx.output_dir / "tokenizer"
     tokenizer = train_wordpiece(corpus.column("text").to_pylist(), cfg)
     tokenizer.save_pretrained(tokenizer_dir)
-    label_names = label_vocabulary(splits["train"])
-    write_json(ctx.output_dir / "labels.json", label_names)
+    label_values = label_vocabulary(splits["train"])
+    write_json(ctx.output_dir / "labels.json", display_names(label_values, data.task.label_names))
 
     # Deterministic row order: the same inputs give the same blocks, hence the same training run.
     ray.data.DataContext.get_current().execution_options.preserve_order = True
@@ -47,7 +47,7 @@ def run(cfg: TokenizeConfig, data: DataConfig, ctx: StageContext) -> StageResult
     blocks.write_parquet(str(ctx.output_dir / "pretrain_blocks"))
     stats = {"corpus/rows": corpus.num_rows, "tokenize/vocab_size": len(tokenizer)}
     for name, table in splits.items():
-        _tokenize_task(table, tokenizer_dir, label_names, cfg).write_parquet(str(ctx.output_dir / "task" / name))
+        _tokenize_task(table, tokenizer_dir, label_values, cfg).write_parquet(str(ctx.output_dir / "task" / name))
         stats[f"task/{name}_rows"] = table.num_rows
     stats["corpus/blocks"] = blocks.count()
     write_json(ctx.output_dir / "stats.json", stats)
@@ -81,6 +81,20 @@ def label_vocabulary(train: pa.Table) -> list[str]:
     if all(isinstance(value, int) for value in values):
         return [str(value) for value in sorted(values)]
     return sorted(str(value) for value in values)
+
+
+def display_names(values: list[str], names: list[str] | None) -> list[str]:
+    """The names the model reports for label ids: the configured ones, else the values.
+
+    Raises:
+        ValueError: when the configured names do not match the train split's labels one to one.
+    """
+    if names is None:
+        return values
+    if len(names) != len(values):
+        raise ValueError(f"data.task.label_names has {len(names)} names but the train split has "
+                         f"{len(values)} labels {values}: give one name per label, in this order")  # fmt: skip
+    return list(names)
 
 
 @functools.lru_cache(maxsize=2)
@@ -122,14 +136,14 @@ def pack_blocks(batch: pa.Table, *, tokenizer_dir: str, seq_len: int) -> pa.Tabl
     return pa.table({"input_ids": pa.array(list(blocks), type=pa.list_(pa.int32()))})
 
 
-def _tokenize_task(table: pa.Table, tokenizer_dir: Path, label_names: list[str], cfg: TokenizeConfig):
+def _tokenize_task(table: pa.Table, tokenizer_dir: Path, label_values: list[str], cfg: TokenizeConfig):
     return _dataset(table, cfg.batch_size).map_batches(
         tokenize_examples, batch_size=cfg.batch_size, batch_format="pyarrow",
-        fn_kwargs={"tokenizer_dir": str(tokenizer_dir), "seq_len": cfg.seq_len, "label_names": label_names},
+        fn_kwargs={"tokenizer_dir": str(tokenizer_dir), "seq_len": cfg.seq_len, "label_values": label_values},
     )  # fmt: skip
 
 
-def tokenize_examples(batch: pa.Table, *, tokenizer_dir: str, seq_len: int, label_names: list[str]) -> pa.Table:
+def tokenize_examples(batch: pa.Table, *, tokenizer_dir: str, seq_len: int, label_values: list[str]) -> pa.Table:
     """Tokenize labelled texts, padded/truncated to `seq_len`, with labels mapped to ids.
 
     Raises:
@@ -139,11 +153,11 @@ def tokenize_examples(batch: pa.Table, *, tokenizer_dir: str, seq_len: int, labe
     encoded = tokenizer(
         batch.column("text").to_pylist(), max_length=seq_len, truncation=True, padding="max_length"
     )
-    label_ids = {name: index for index, name in enumerate(label_names)}
+    label_ids = {value: index for index, value in enumerate(label_values)}
     labels = [str(label) for label in batch.column("label").to_pylist()]
     unknown = sorted(set(labels) - set(label_ids))
     if unknown:
-        raise ValueError(f"labels {unknown} do not occur in the train split (which has {label_names})")
+        raise ValueError(f"labels {unknown} do not occur in the train split (which has {label_values})")
     return pa.table({
         "input_ids": pa.array(encoded["input_ids"], type=pa.list_(pa.int32())),
         "attention_mask": pa.array(encoded["attention_mask"], type=pa.list_(pa.int8())),

@@ -266,6 +266,10 @@ def _model_problems(pretrain: PretrainConfig, tokenize: TokenizeConfig | None) -
                                 f"(pretrain.model preset {pretrain.model.preset!r})",
                                 f"set tokenize.seq_len <= {sizes['max_positions']} or raise "
                                 "pretrain.model.max_positions"))  # fmt: skip
+    if pretrain.warmup_steps >= pretrain.max_steps:
+        problems.append(Problem("pretrain.warmup_steps", pretrain.warmup_steps,
+                                f"not below pretrain.max_steps ({pretrain.max_steps}): the LR would never peak",
+                                "set pretrain.warmup_steps to ~5-10% of pretrain.max_steps"))  # fmt: skip
     if sizes["hidden_size"] % sizes["num_heads"]:
         problems.append(Problem("pretrain.model.num_heads", sizes["num_heads"],
                                 f"does not divide hidden_size {sizes['hidden_size']}",

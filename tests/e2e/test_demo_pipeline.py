@@ -23,7 +23,8 @@ PTFT = str(Path(sys.executable).parent / "ptft")
 SHRINK = [
     "data.corpus.source.num_examples=2000", "data.task.train.num_examples=320",
     "data.task.validation.num_examples=96", "data.task.test.num_examples=96",
-    "pretrain.max_steps=40", "pretrain.checkpoint_every=20", "pretrain.batch_size_per_worker=16",
+    "pretrain.max_steps=40", "pretrain.warmup_steps=4", "pretrain.checkpoint_every=20",
+    "pretrain.batch_size_per_worker=16",
     "tune.num_samples=2", "tune.max_epochs=2", "finetune.epochs=1",
 ]
 

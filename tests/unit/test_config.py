@@ -35,10 +35,10 @@ def test_configs_found_recursively() -> None:
 
 def test_dotted_override_sets_nested_values(tmp_path: Path) -> None:
     raw = tiny_config_dict(tmp_path)
-    problems = apply_overrides(raw, ["pretrain.max_steps=20", "pretrain.deepspeed.zero_stage=3", "seed=7"])
+    problems = apply_overrides(raw, ["pretrain.max_steps=40", "pretrain.deepspeed.zero_stage=3", "seed=7"])
     config = validate(raw)
     assert problems == []
-    assert (config.pretrain.max_steps, config.pretrain.deepspeed.zero_stage, config.seed) == (20, 3, 7)
+    assert (config.pretrain.max_steps, config.pretrain.deepspeed.zero_stage, config.seed) == (40, 3, 7)
 
 
 def test_override_without_equals_is_reported(tmp_path: Path) -> None:
@@ -81,6 +81,13 @@ def test_sequence_longer_than_positions(tmp_path: Path) -> None:
     apply_overrides(raw, ["tokenize.seq_len=512"])  # tiny has 128 positions
     (problem,) = _problems(raw)
     assert problem.key == "tokenize.seq_len" and "128" in problem.message
+
+
+def test_warmup_longer_than_training(tmp_path: Path) -> None:
+    raw = tiny_config_dict(tmp_path)
+    apply_overrides(raw, ["pretrain.max_steps=10", "pretrain.warmup_steps=10"])
+    (problem,) = _problems(raw)
+    assert problem.key == "pretrain.warmup_steps"
 
 
 def test_vocabulary_too_small_for_special_tokens(tmp_path: Path) -> None:

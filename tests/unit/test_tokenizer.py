@@ -11,6 +11,7 @@ from components import synthetic
 from components.tokenize import (
     SPECIAL_TOKENS,
     TokenizeConfig,
+    display_names,
     label_vocabulary,
     pack_blocks,
     tokenize_examples,
@@ -45,7 +46,7 @@ def test_pack_blocks_makes_full_blocks(tokenizer_dir: Path) -> None:
 
 def test_tokenize_examples_pads_and_maps_labels(tokenizer_dir: Path) -> None:
     batch = pa.table({"text": ["a superb film .", "dull ."], "label": ["positive", "negative"]})
-    out = tokenize_examples(batch, tokenizer_dir=str(tokenizer_dir), seq_len=16, label_names=["negative", "positive"])
+    out = tokenize_examples(batch, tokenizer_dir=str(tokenizer_dir), seq_len=16, label_values=["negative", "positive"])
     assert out.column("label").to_pylist() == [1, 0]
     assert all(len(ids) == 16 for ids in out.column("input_ids").to_pylist())
     assert sum(out.column("attention_mask").to_pylist()[1]) < 16  # the short one is padded
@@ -54,9 +55,16 @@ def test_tokenize_examples_pads_and_maps_labels(tokenizer_dir: Path) -> None:
 def test_unknown_label_is_an_error(tokenizer_dir: Path) -> None:
     batch = pa.table({"text": ["meh"], "label": ["neutral"]})
     with pytest.raises(ValueError, match="neutral"):
-        tokenize_examples(batch, tokenizer_dir=str(tokenizer_dir), seq_len=16, label_names=["negative", "positive"])
+        tokenize_examples(batch, tokenizer_dir=str(tokenizer_dir), seq_len=16, label_values=["negative", "positive"])
 
 
 def test_label_vocabulary_orders_ints_numerically() -> None:
     assert label_vocabulary(pa.table({"label": [10, 2, 1, 2]})) == ["1", "2", "10"]
     assert label_vocabulary(pa.table({"label": ["pos", "neg"]})) == ["neg", "pos"]
+
+
+def test_display_names_replace_values_one_to_one() -> None:
+    assert display_names(["0", "1"], None) == ["0", "1"]
+    assert display_names(["0", "1"], ["negative", "positive"]) == ["negative", "positive"]
+    with pytest.raises(ValueError, match="one name per label"):
+        display_names(["0", "1", "2"], ["negative", "positive"])
