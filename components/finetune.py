@@ -14,7 +14,6 @@ Output folder:
 from __future__ import annotations
 
 import logging
-import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -23,12 +22,10 @@ from pathlib import Path
 import ray.train
 import torch
 from pydantic import BaseModel, Field
-from ray.train import CheckpointConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedTokenizerFast
 
 from components import accelerator, registry, training
-from components.configs import DeepSpeedConfig, FinetuneConfig, Hyperparameters, WorkersConfig
+from components.configs import DeepSpeedConfig, FinetuneConfig, Hyperparameters
 from components.stage import StageContext, StageResult, read_json, write_json
 from components.tracking import open_tracker
 
@@ -69,12 +66,9 @@ def run(
         seed=ctx.seed, export=True,
     )  # fmt: skip
     open_tracker(ctx.tracking_uri, ctx.mlflow_run_id).log_params({f"hyper.{k}": v for k, v in hyper})
-    result = _fit_on_ray(run_cfg, cfg.workers, ctx)
-    model_dir = ctx.output_dir / "model"
-    with result.checkpoint.as_directory() as checkpoint_dir:
-        shutil.copytree(Path(checkpoint_dir) / "hf", model_dir, dirs_exist_ok=True)
-    metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
-    write_json(ctx.output_dir / "metrics.json", metrics)
+    result = training.fit_on_ray(train_loop_per_worker, run_cfg.model_dump(), cfg.workers, ctx,
+                                 checkpoints_to_keep=1)  # fmt: skip
+    model_dir, metrics = training.export_final_model(result, ctx.output_dir)
     version = registry.register_classifier(
         model_dir, name=registered_model_name, run_id=ctx.mlflow_run_id, tracking_uri=ctx.tracking_uri,
         test_accuracy=metrics["test/accuracy"], lineage={"ptft.pipeline_run_id": ctx.pipeline_run_id},
@@ -90,19 +84,6 @@ def resolve_hyperparameters(defaults: Hyperparameters, best_uri: str | None) -> 
     best = read_json(Path(best_uri) / "best_config.json")
     log.info("finetune: hyperparameters from the tune stage: %s", best)
     return defaults.model_copy(update=best)
-
-
-def _fit_on_ray(run_cfg: ClassifierRun, workers: WorkersConfig, ctx: StageContext):
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=run_cfg.model_dump(),
-        scaling_config=ScalingConfig(num_workers=workers.num_workers, use_gpu=workers.use_gpu,
-                                     resources_per_worker={"CPU": workers.cpus_per_worker}),
-        run_config=RunConfig(storage_path=ctx.ray_storage(), name=ctx.ray_run_name(),
-                             checkpoint_config=CheckpointConfig(num_to_keep=1),
-                             worker_runtime_env={"env_vars": accelerator.deepspeed_env(workers.use_gpu)}),
-    )  # fmt: skip
-    return trainer.fit()
 
 
 def train_loop_per_worker(config: dict) -> None:

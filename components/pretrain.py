@@ -9,7 +9,6 @@ Output folder:
 from __future__ import annotations
 
 import logging
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -17,13 +16,11 @@ from pathlib import Path
 import ray.train
 import torch
 from pydantic import BaseModel
-from ray.train import CheckpointConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
 from transformers import PreTrainedTokenizerFast
 
 from components import accelerator, models, training
-from components.configs import PretrainConfig, WorkersConfig
-from components.stage import StageContext, StageResult, write_json
+from components.configs import PretrainConfig
+from components.stage import StageContext, StageResult
 from components.tracking import open_tracker
 
 log = logging.getLogger(__name__)
@@ -46,30 +43,10 @@ def run(cfg: PretrainConfig, tokenized_uri: str, ctx: StageContext) -> StageResu
         stage=cfg, blocks_dir=f"{tokenized_uri}/pretrain_blocks", tokenizer_dir=f"{tokenized_uri}/tokenizer",
         tracking_uri=ctx.tracking_uri, mlflow_run_id=ctx.mlflow_run_id, seed=ctx.seed,
     )  # fmt: skip
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=worker_cfg.model_dump(),
-        scaling_config=_scaling(cfg.workers),
-        run_config=RunConfig(
-            storage_path=ctx.ray_storage(), name=ctx.ray_run_name(),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            worker_runtime_env={"env_vars": accelerator.deepspeed_env(cfg.workers.use_gpu)},
-        ),
-    )  # fmt: skip
-    result = trainer.fit()
-    model_dir = ctx.output_dir / "model"
-    with result.checkpoint.as_directory() as checkpoint_dir:
-        shutil.copytree(Path(checkpoint_dir) / "hf", model_dir, dirs_exist_ok=True)
-    metrics = {key: value for key, value in result.metrics.items() if isinstance(value, (int, float))}
-    write_json(ctx.output_dir / "metrics.json", metrics)
+    result = training.fit_on_ray(train_loop_per_worker, worker_cfg.model_dump(), cfg.workers, ctx,
+                                 checkpoints_to_keep=2)  # fmt: skip
+    model_dir, metrics = training.export_final_model(result, ctx.output_dir)
     return StageResult(output_uri=str(model_dir), metrics=metrics)
-
-
-def _scaling(workers: WorkersConfig) -> ScalingConfig:
-    return ScalingConfig(
-        num_workers=workers.num_workers, use_gpu=workers.use_gpu,
-        resources_per_worker={"CPU": workers.cpus_per_worker},
-    )  # fmt: skip
 
 
 def train_loop_per_worker(config: dict) -> None:

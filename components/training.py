@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,8 +17,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
+from ray.train import CheckpointConfig, Result, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
 
-from components.configs import DeepSpeedConfig
+from components import accelerator
+from components.configs import DeepSpeedConfig, WorkersConfig
+from components.stage import StageContext, write_json
 
 
 def deepspeed_config(cfg: DeepSpeedConfig, *, micro_batch_size: int) -> dict[str, Any]:
@@ -72,6 +78,33 @@ def linear_schedule(warmup_steps: int, total_steps: int):
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
     return factor
+
+
+def fit_on_ray(loop: Callable[[dict], None], loop_config: dict, workers: WorkersConfig, ctx: StageContext,
+               *, checkpoints_to_keep: int) -> Result:  # fmt: skip
+    """Run a training loop on a Ray Train worker group; results and checkpoints go under the
+    pipeline's Ray storage, named after the pipeline run and stage."""
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=workers.num_workers, use_gpu=workers.use_gpu,
+                                     resources_per_worker={"CPU": workers.cpus_per_worker}),
+        run_config=RunConfig(storage_path=ctx.ray_storage(), name=ctx.ray_run_name(),
+                             checkpoint_config=CheckpointConfig(num_to_keep=checkpoints_to_keep),
+                             worker_runtime_env={"env_vars": accelerator.deepspeed_env(workers.use_gpu)}),
+    )  # fmt: skip
+    return trainer.fit()
+
+
+def export_final_model(result: Result, output_dir: Path) -> tuple[Path, dict[str, float]]:
+    """Copy the HF folder the final checkpoint carries to `output_dir/model`; write and return
+    the final metrics."""
+    model_dir = output_dir / "model"
+    with result.checkpoint.as_directory() as checkpoint_dir:
+        shutil.copytree(Path(checkpoint_dir) / "hf", model_dir, dirs_exist_ok=True)
+    metrics = {key: value for key, value in result.metrics.items() if isinstance(value, (int, float))}
+    write_json(output_dir / "metrics.json", metrics)
+    return model_dir, metrics
 
 
 def load_columns(parquet_dir: str | Path, columns: list[str]) -> dict[str, torch.Tensor]:
