@@ -12,10 +12,6 @@ import os
 import torch
 
 
-def cuda_available() -> bool:
-    return torch.cuda.is_available()
-
-
 def deepspeed_env(use_gpu: bool) -> dict[str, str]:
     """Environment variables a training process needs before DeepSpeed is imported."""
     env = {"TOKENIZERS_PARALLELISM": "false"}

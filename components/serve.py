@@ -55,7 +55,7 @@ def build_app(cfg: ServeConfig, model: ModelInfo, tracking_uri: str) -> FastAPI:
     @serve.ingress(app)
     class Classifier:
         def __init__(self) -> None:
-            self.scorer = _load_scorer(model.model_uri, tracking_uri)
+            self.scorer = _Scorer(model.model_uri, tracking_uri)
             self.predict_batch.set_max_batch_size(cfg.max_batch_size)
             self.predict_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
 
@@ -101,10 +101,6 @@ class _Scorer:
         scores, ids = probabilities.max(-1)
         labels = self.model.config.id2label
         return [{"label": labels[int(i)], "score": float(s)} for s, i in zip(scores, ids, strict=True)]
-
-
-def _load_scorer(model_uri: str, tracking_uri: str) -> _Scorer:
-    return _Scorer(model_uri, tracking_uri)
 
 
 def deploy(cfg: ServeConfig, model: ModelInfo, tracking_uri: str) -> str:

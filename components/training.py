@@ -130,12 +130,9 @@ class Shard:
         # Drop the tail: DeepSpeed ranks must run the same number of steps.
         return num_rows // (self.world_size * self.batch_size)
 
-    def epoch_batches(self, num_rows: int, *, epoch: int, seed: int, shuffle: bool = True) -> list[torch.Tensor]:
+    def epoch_batches(self, num_rows: int, *, epoch: int, seed: int) -> list[torch.Tensor]:
         """Row indices of each of this rank's batches in `epoch` (same permutation on all ranks)."""
-        if shuffle:
-            order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        else:
-            order = torch.arange(num_rows)
+        order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
         count = self.batches_per_epoch(num_rows)
         mine = order[: count * self.world_size * self.batch_size].view(count, self.world_size, self.batch_size)
         return list(mine[:, self.rank])
