@@ -139,6 +139,12 @@ class WorkersConfig(BaseModel):
     num_workers: int = Field(2, ge=1, description="training processes (data-parallel ranks)")
     use_gpu: bool = Field(False, description="one GPU per worker; false trains on CPU with gloo")
     cpus_per_worker: int = Field(1, ge=1, description="CPUs Ray reserves per worker (= torch threads)")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="how Ray places the workers: PACK fills a node first, SPREAD uses many nodes"
+    )
+    max_failures: int = Field(
+        3, ge=-1, description="worker-group restarts from the last checkpoint after a failure; -1 unlimited"
+    )
 
 
 # --- pretrain ----------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
-from ray.train import CheckpointConfig, Result, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from components import accelerator
@@ -88,9 +88,11 @@ def fit_on_ray(loop: Callable[[dict], None], loop_config: dict, workers: Workers
         loop,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=workers.num_workers, use_gpu=workers.use_gpu,
-                                     resources_per_worker={"CPU": workers.cpus_per_worker}),
+                                     resources_per_worker={"CPU": workers.cpus_per_worker},
+                                     placement_strategy=workers.placement_strategy),
         run_config=RunConfig(storage_path=ctx.ray_storage(), name=ctx.ray_run_name(),
                              checkpoint_config=CheckpointConfig(num_to_keep=checkpoints_to_keep),
+                             failure_config=FailureConfig(max_failures=workers.max_failures),
                              worker_runtime_env={"env_vars": accelerator.deepspeed_env(workers.use_gpu)}),
     )  # fmt: skip
     return trainer.fit()

@@ -70,7 +70,7 @@ def _run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     result = pipelines.run(config, on_stage=_print_stage)
     _print_summary(result, config, time.perf_counter() - started)
-    on_cluster = config.ray.address is not None
+    on_cluster = config.ray.address is not None or "RAY_ADDRESS" in os.environ
     if args.keep_serving:
         print(f"Serving at {result.endpoint} — Ctrl-C to stop.")
         _wait_forever()

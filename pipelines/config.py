@@ -37,6 +37,7 @@ class RayConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     address: str | None = Field(None, description="existing cluster (e.g. ray://HEAD:10001 or auto); default local")
     num_cpus: int | None = Field(None, gt=0, description="CPUs of the local cluster; default all")
+    dashboard_host: str = Field("127.0.0.1", description="bind address of a local Ray's dashboard; 0.0.0.0 exposes it")
 
 
 class PipelineConfig(BaseModel):

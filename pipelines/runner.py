@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import subprocess
 import time
@@ -86,8 +87,10 @@ def _init_ray(config: PipelineConfig) -> None:
     use_gpu = config.pretrain.workers.use_gpu or config.finetune.workers.use_gpu
     # The driver imports DeepSpeed-free code only, but Tune trials and Data tasks inherit this env.
     runtime_env = {"env_vars": accelerator.deepspeed_env(use_gpu)}
-    ray.init(address=config.ray.address, num_cpus=None if config.ray.address else config.ray.num_cpus,
-             runtime_env=runtime_env, log_to_driver=True, configure_logging=False)  # fmt: skip
+    # Inside a Ray Job (`ptft submit`) RAY_ADDRESS names the cluster the job runs on.
+    address = config.ray.address or os.environ.get("RAY_ADDRESS")
+    local = {} if address else {"num_cpus": config.ray.num_cpus, "dashboard_host": config.ray.dashboard_host}
+    ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, configure_logging=False, **local)
 
 
 def _start_parent_run(client: MlflowClient, config: PipelineConfig, experiment_id: str, run_id: str) -> str:
