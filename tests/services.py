@@ -2,12 +2,20 @@
 
 * `ray_cluster`: a local Ray head started with `ray start --head --block` (its own temp dir and
   ports), stopped at the end of the session.
-* `mlflow_server`: an `mlflow server` process on 127.0.0.1 with a sqlite store and proxied artifacts.
+* `postgres`: a throwaway PostgreSQL server (its own data dir under /tmp, 127.0.0.1 on a free port)
+  with a `ptft` role owning an `mlflow` database; yields the SQLAlchemy URL of that database. Needs
+  the server binaries (Debian package `postgresql`); when the tests run as root it runs as the
+  `postgres` system user, since PostgreSQL refuses to run as root.
+* `mlflow_server`: an `mlflow server` process on 127.0.0.1 backed by that PostgreSQL database, with
+  proxied artifacts in a temp folder.
 """
 
 from __future__ import annotations
 
 import os
+import pwd
+import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -87,13 +95,108 @@ def ray_driver(ray_cluster: str) -> Iterator[str]:
         ray.shutdown()
 
 
+POSTGRES_PROGRAMS = ("initdb", "postgres", "psql")
+
+
+def _postgres_bindir() -> Path:
+    """The folder holding PostgreSQL's server programs: `pg_config --bindir`, else the newest
+    /usr/lib/postgresql/<version>/bin (Debian's layout, not on PATH), else wherever PATH has initdb."""
+    candidates: list[Path] = []
+    pg_config = shutil.which("pg_config")
+    if pg_config:
+        try:
+            result = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, timeout=30)
+            if result.returncode == 0 and result.stdout.strip():
+                candidates.append(Path(result.stdout.strip()))
+        except (OSError, subprocess.SubprocessError):
+            pass
+
+    def version(bindir: Path) -> list[int]:
+        return [int(part) for part in re.findall(r"\d+", bindir.parent.name)]
+
+    candidates += sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=version, reverse=True)
+    on_path = shutil.which("initdb")
+    if on_path:
+        candidates.append(Path(on_path).resolve().parent)
+    for bindir in candidates:
+        if all(os.access(bindir / program, os.X_OK) for program in POSTGRES_PROGRAMS):
+            return bindir
+    raise RuntimeError(
+        f"PostgreSQL server programs ({', '.join(POSTGRES_PROGRAMS)}) not found: looked in `pg_config --bindir`, "
+        "/usr/lib/postgresql/*/bin and PATH. The MLflow test server needs them; on Debian/Ubuntu install the "
+        "`postgresql` package (`apt-get install postgresql`)."
+    )
+
+
+def _postgres_user() -> dict:
+    """Popen arguments that run a PostgreSQL program as the `postgres` system user when this process is
+    root (PostgreSQL refuses to run as root); nothing otherwise."""
+    if os.geteuid() != 0:
+        return {}
+    try:
+        entry = pwd.getpwnam("postgres")
+    except KeyError:
+        raise RuntimeError(
+            "the tests run as root, PostgreSQL refuses to, and there is no `postgres` system user to run it as: "
+            "install the Debian package `postgresql` (it creates the user) or run the tests as a regular user"
+        ) from None
+    return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+
+
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Tracking URI of a real `mlflow server` process."""
+def postgres() -> Iterator[str]:
+    """SQLAlchemy URL (`postgresql+psycopg2://ptft:...@127.0.0.1:PORT/mlflow`) of a database owned by
+    the `ptft` role on a real PostgreSQL server started for this session (durability off: fsync and
+    synchronous commit are pointless for a throwaway store)."""
+    bindir = _postgres_bindir()
+    as_postgres = _postgres_user()
+    # Not under pytest's temp root: that is private to the user running pytest, and the server may
+    # run as another user. The folder is the data dir's parent, the unix socket dir and the log's home.
+    folder = Path(tempfile.mkdtemp(prefix="ptft-postgres-", dir="/tmp"))
+    if as_postgres:
+        os.chown(folder, as_postgres["user"], as_postgres["group"])
+    data, log, port, password = folder / "data", folder / "server.log", free_port(), secrets.token_hex(16)
+    process = None
+    try:
+        initdb = subprocess.run([str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "-E", "UTF8",
+                                 "--locale=C", "--auth-local=trust", "--auth-host=scram-sha-256", "--no-sync"],
+                                cwd=folder, capture_output=True, text=True, timeout=300, **as_postgres)  # fmt: skip
+        if initdb.returncode != 0:
+            raise RuntimeError(f"initdb exited with {initdb.returncode}:\n{(initdb.stdout + initdb.stderr)[-3000:]}")
+        command = [str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-k", str(folder),
+                   "-c", "listen_addresses=127.0.0.1", "-c", "password_encryption=scram-sha-256",
+                   "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]  # fmt: skip
+        with open(log, "w") as out:
+            process = subprocess.Popen(command, cwd=folder, stdout=out, stderr=subprocess.STDOUT,
+                                       start_new_session=True, **as_postgres)  # fmt: skip
+        # Administration over the unix socket, where the superuser is trusted; clients use TCP and a password.
+        psql = [str(bindir / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", str(folder), "-p", str(port),
+                "-U", "postgres", "-d", "postgres"]  # fmt: skip
+        _wait_for(lambda: subprocess.run([*psql, "-c", "SELECT 1"], capture_output=True, timeout=30).returncode == 0,
+                  "postgres", process, log)  # fmt: skip
+        setup = subprocess.run(psql, input=f"CREATE ROLE ptft LOGIN PASSWORD '{password}';\n"
+                                           "CREATE DATABASE mlflow OWNER ptft;\n",
+                               capture_output=True, text=True, timeout=60)  # fmt: skip
+        if setup.returncode != 0:
+            raise RuntimeError(f"creating the ptft role and mlflow database failed:\n{setup.stderr[-3000:]}")
+        yield f"postgresql+psycopg2://ptft:{password}@127.0.0.1:{port}/mlflow"
+    finally:
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGINT)  # fast shutdown: roll back open transactions, checkpoint, exit
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                _stop(process)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(postgres: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Tracking URI of a real `mlflow server` process whose backend store is the `postgres` database."""
     folder = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
     log = folder / "server.log"
-    command = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+    command = [str(BIN / "mlflow"), "server", "--backend-store-uri", postgres,
                "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1",
                "--port", str(port), "--workers", "1"]  # fmt: skip
     with open(log, "w") as out:
