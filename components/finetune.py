@@ -31,7 +31,7 @@ from components.tracking import open_tracker
 
 log = logging.getLogger(__name__)
 
-Report = Callable[[dict, "str | None"], None]
+Report = Callable[[dict, str], None]
 
 
 class ClassifierRun(BaseModel):
@@ -49,6 +49,7 @@ class ClassifierRun(BaseModel):
     tracking_uri: str | None = None
     mlflow_run_id: str | None = None
     seed: int = 0
+    resumed: bool = Field(False, description="an earlier attempt may have logged to mlflow_run_id")
     export: bool = Field(False, description="evaluate on test and save the HF folder at the end")
 
 
@@ -63,7 +64,7 @@ def run(
         label_names=read_json(Path(tokenized_uri) / "labels.json"), epochs=cfg.epochs, hyper=hyper,
         deepspeed=cfg.deepspeed, use_gpu=cfg.workers.use_gpu, threads=cfg.workers.cpus_per_worker,
         log_every=cfg.log_every, tracking_uri=ctx.tracking_uri, mlflow_run_id=ctx.mlflow_run_id,
-        seed=ctx.seed, export=True,
+        seed=ctx.seed, resumed=ctx.resumed, export=True,
     )  # fmt: skip
     open_tracker(ctx.tracking_uri, ctx.mlflow_run_id).log_params({f"hyper.{k}": v for k, v in hyper})
     result = training.fit_on_ray(train_loop_per_worker, run_cfg.model_dump(), cfg.workers, ctx,
@@ -73,6 +74,7 @@ def run(
         model_dir, name=registered_model_name, run_id=ctx.mlflow_run_id, tracking_uri=ctx.tracking_uri,
         test_accuracy=metrics["test/accuracy"], lineage={"ptft.pipeline_run_id": ctx.pipeline_run_id},
     )  # fmt: skip
+    version["run_id"] = ctx.mlflow_run_id
     write_json(ctx.output_dir / "registered.json", version)
     return StageResult(output_uri=str(model_dir), metrics=metrics, outputs={"registered": version})
 
@@ -87,20 +89,22 @@ def resolve_hyperparameters(defaults: Hyperparameters, best_uri: str | None) -> 
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train worker entry: the shared loop, reporting to Ray Train."""
-    fit_classifier(ClassifierRun.model_validate(config), report=_report_to_train)
+    """Ray Train worker entry: the shared loop, reporting to Ray Train, restored from its checkpoint."""
+    fit_classifier(ClassifierRun.model_validate(config), report=_report_to_train,
+                   checkpoint=ray.train.get_checkpoint())  # fmt: skip
 
 
-def _report_to_train(metrics: dict, checkpoint_dir: str | None) -> None:
-    checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-    ray.train.report(metrics, checkpoint=checkpoint)
+def _report_to_train(metrics: dict, checkpoint_dir: str) -> None:
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir))
 
 
-def fit_classifier(cfg: ClassifierRun, report: Report) -> dict[str, float]:
+def fit_classifier(cfg: ClassifierRun, report: Report, checkpoint: ray.train.Checkpoint | None = None
+                   ) -> dict[str, float]:  # fmt: skip
     """Fine-tune a classifier; `report(metrics, checkpoint_dir)` after every epoch. Returns the last metrics.
 
     Runs in any process with a torch.distributed group (Ray Train worker, or Tune trial with
-    `training.ensure_process_group`).
+    `training.ensure_process_group`). Given a checkpoint of an earlier attempt, it continues after
+    that checkpoint's epoch with the model, optimizer, schedule and RNGs it saved.
     """
     accelerator.prepare_process(cfg.use_gpu, cfg.threads)
     rank, world = _rank_and_world()
@@ -110,10 +114,11 @@ def fit_classifier(cfg: ClassifierRun, report: Report) -> dict[str, float]:
     shard = training.Shard(rank, world, cfg.hyper.batch_size_per_worker)
     steps = training.steps_for(len(data["train"]["label"]), shard, cfg.epochs)
     engine = _setup_engine(cfg, steps, log_inherited=rank == 0)
-    tracker = open_tracker(cfg.tracking_uri, cfg.mlflow_run_id, rank=rank)
+    done_epochs, step = _restore(engine, checkpoint, rank)
+    tracker = open_tracker(cfg.tracking_uri, cfg.mlflow_run_id, rank=rank,
+                           resumed=checkpoint is not None or cfg.resumed)  # fmt: skip
     metrics: dict[str, float] = {}
-    step = 0
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(done_epochs + 1, cfg.epochs + 1):
         train_loss, step = _train_epoch(engine, data["train"], shard, cfg, epoch, step, tracker)
         metrics = {"train/epoch_loss": train_loss, "epoch": epoch, **evaluate(engine, data["validation"], shard)}
         last = epoch == cfg.epochs
@@ -121,14 +126,26 @@ def fit_classifier(cfg: ClassifierRun, report: Report) -> dict[str, float]:
             metrics.update(evaluate(engine, data["test"], shard, prefix="test"))
         tracker.log_metrics(metrics, epoch)
         tracker.flush()
-        if last and cfg.export:
-            with tempfile.TemporaryDirectory() as checkpoint_dir:
+        with tempfile.TemporaryDirectory() as checkpoint_dir:
+            engine.save_checkpoint(checkpoint_dir, client_state={"epoch": epoch, "step": step})
+            training.save_rng(Path(checkpoint_dir), rank, {})
+            if last and cfg.export:
                 training.save_hf_folder(engine, tokenizer, Path(checkpoint_dir) / "hf")
-                report(metrics, checkpoint_dir)
-        else:
-            report(metrics, None)
+            report(metrics, checkpoint_dir)
     tracker.close()
     return metrics
+
+
+def _restore(engine, checkpoint: ray.train.Checkpoint | None, rank: int) -> tuple[int, int]:
+    """(epochs done, optimizer steps done) after loading `checkpoint`; (0, 0) without one."""
+    if checkpoint is None:
+        return 0, 0
+    with checkpoint.as_directory() as checkpoint_dir:
+        _, client_state = engine.load_checkpoint(checkpoint_dir, load_optimizer_states=True,
+                                                 load_lr_scheduler_states=True)  # fmt: skip
+        training.restore_rng(Path(checkpoint_dir), rank, {})
+    log.info("rank %d: restored after epoch %d", rank, client_state["epoch"])
+    return int(client_state["epoch"]), int(client_state["step"])
 
 
 def _rank_and_world() -> tuple[int, int]:

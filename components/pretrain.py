@@ -35,13 +35,14 @@ class _WorkerConfig(BaseModel):
     tracking_uri: str
     mlflow_run_id: str
     seed: int
+    resumed: bool = False
 
 
 def run(cfg: PretrainConfig, tokenized_uri: str, ctx: StageContext) -> StageResult:
     """Pre-train on `<tokenized_uri>/pretrain_blocks`; write the HF folder under ctx.output_dir/model."""
     worker_cfg = _WorkerConfig(
         stage=cfg, blocks_dir=f"{tokenized_uri}/pretrain_blocks", tokenizer_dir=f"{tokenized_uri}/tokenizer",
-        tracking_uri=ctx.tracking_uri, mlflow_run_id=ctx.mlflow_run_id, seed=ctx.seed,
+        tracking_uri=ctx.tracking_uri, mlflow_run_id=ctx.mlflow_run_id, seed=ctx.seed, resumed=ctx.resumed,
     )  # fmt: skip
     result = training.fit_on_ray(train_loop_per_worker, worker_cfg.model_dump(), cfg.workers, ctx,
                                  checkpoints_to_keep=2)  # fmt: skip
@@ -50,7 +51,12 @@ def run(cfg: PretrainConfig, tokenized_uri: str, ctx: StageContext) -> StageResu
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train worker: MLM pre-training through DeepSpeed, checkpoints reported to Ray Train."""
+    """Ray Train worker: MLM pre-training through DeepSpeed, checkpoints reported to Ray Train.
+
+    After a failure (Ray Train restarts the worker group) or a resumed pipeline run, the loop
+    continues from the last reported checkpoint: model, optimizer, LR schedule, every RNG and the
+    data position (the step) come back, so the run ends as an uninterrupted one would.
+    """
     cfg = _WorkerConfig.model_validate(config)
     stage = cfg.stage
     accelerator.prepare_process(stage.workers.use_gpu, stage.workers.cpus_per_worker)
@@ -60,12 +66,18 @@ def train_loop_per_worker(config: dict) -> None:
     train_ids, eval_ids = _setup_data(cfg)
     shard = training.Shard(rank, world, stage.batch_size_per_worker)
     engine = _setup_engine(stage, tokenizer, cfg.seed)
-    tracker = open_tracker(cfg.tracking_uri, cfg.mlflow_run_id, rank=rank)
-    tracker.log_params({"model.parameters": models.count_parameters(engine.module), "world_size": world})
     masker = _Masker(tokenizer, stage.mlm_probability, seed=cfg.seed * 1000 + rank)
+    loaded_step, loss = _restore(engine, masker, rank)
+    resumed = loaded_step is not None or cfg.resumed
+    tracker = open_tracker(cfg.tracking_uri, cfg.mlflow_run_id, rank=rank, resumed=resumed)
+    start = loaded_step or 0
+    if loaded_step is None:
+        tracker.log_params({"model.parameters": models.count_parameters(engine.module), "world_size": world})
+    else:
+        _log_restore(tracker, loaded_step, first_step=start + 1)
 
-    window_tokens, window_start, loss = 0, time.perf_counter(), float("nan")
-    for step, rows in enumerate(_batches(train_ids, shard, stage.max_steps, cfg.seed), start=1):
+    window_tokens, window_start = 0, time.perf_counter()
+    for step, rows in enumerate(_batches(train_ids, shard, stage.max_steps, cfg.seed, start=start), start=start + 1):
         loss = _train_step(engine, masker, train_ids[rows].long())
         window_tokens += rows.numel() * train_ids.shape[1] * world
         if step % stage.log_every == 0 or step == stage.max_steps:
@@ -76,12 +88,35 @@ def train_loop_per_worker(config: dict) -> None:
             tracker.log_metrics(metrics, step)
             window_tokens, window_start = 0, time.perf_counter()
         if step % stage.checkpoint_every == 0 and step < stage.max_steps:
-            _report(engine, tokenizer, {"train/loss": loss, "train/step": step}, with_hf=False)
+            tracker.flush()  # what a checkpoint covers is in MLflow before it
+            _report(engine, masker, tokenizer, {"train/loss": loss, "train/step": step}, with_hf=False)
 
     final = {"train/loss": loss, "train/step": stage.max_steps, **_evaluate(engine, masker, eval_ids, shard)}
     tracker.log_metrics(final, stage.max_steps)
     tracker.close()
-    _report(engine, tokenizer, final, with_hf=True)
+    _report(engine, masker, tokenizer, final, with_hf=True)
+
+
+def _restore(engine, masker: _Masker, rank: int) -> tuple[int | None, float]:
+    """Load the last reported checkpoint, if any: (its step, its loss), or (None, nan)."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None, float("nan")
+    with checkpoint.as_directory() as checkpoint_dir:
+        _, client_state = engine.load_checkpoint(checkpoint_dir, load_optimizer_states=True,
+                                                 load_lr_scheduler_states=True)  # fmt: skip
+        training.restore_rng(Path(checkpoint_dir), rank, {"masker": masker.generator})
+    step = int(client_state["step"])
+    log.info("rank %d: restored from the checkpoint of step %d", rank, step)
+    return step, float(client_state.get("loss", float("nan")))
+
+
+def _log_restore(tracker, loaded_step: int, *, first_step: int) -> None:
+    """What a restore cost, in MLflow: the step loaded and the steps done again."""
+    done_before = max(loaded_step, tracker.logged_through("train/step"))
+    tracker.log_metrics({"restore/loaded_step": loaded_step, "restore/first_step": first_step,
+                         "restore/steps_recomputed": max(0, done_before - loaded_step)}, loaded_step)  # fmt: skip
+    tracker.flush()
 
 
 def _setup_data(cfg: _WorkerConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,21 +136,24 @@ def _setup_engine(stage: PretrainConfig, tokenizer: PreTrainedTokenizerFast, see
     )  # fmt: skip
 
 
-def _batches(data: torch.Tensor, shard: training.Shard, max_steps: int, seed: int):
-    """Row indices for `max_steps` steps, cycling through epochs."""
-    if shard.batches_per_epoch(len(data)) == 0:
+def _batches(data: torch.Tensor, shard: training.Shard, max_steps: int, seed: int, *, start: int = 0):
+    """Row indices for steps start+1 .. max_steps, cycling through epochs: the data position is
+    a function of the step, so a restored run sees the batches an uninterrupted one would."""
+    per_epoch = shard.batches_per_epoch(len(data))
+    if per_epoch == 0:
         raise ValueError(
             f"{len(data)} training blocks cannot fill one step of {shard.world_size} workers x "
             f"{shard.batch_size}: lower pretrain.batch_size_per_worker or add corpus text"
         )
-    step, epoch = 0, 0
-    while True:
-        for rows in shard.epoch_batches(len(data), epoch=epoch, seed=seed):
+    step = start
+    epoch, offset = divmod(start, per_epoch)
+    while step < max_steps:
+        for rows in shard.epoch_batches(len(data), epoch=epoch, seed=seed)[offset:]:
             if step == max_steps:
                 return
             step += 1
             yield rows
-        epoch += 1
+        epoch, offset = epoch + 1, 0
 
 
 class _Masker:
@@ -158,10 +196,14 @@ def _evaluate(engine, masker: _Masker, eval_ids: torch.Tensor, shard: training.S
     return {"eval/mlm_loss": loss_sum / targets, "eval/perplexity": training.perplexity(loss_sum / targets)}
 
 
-def _report(engine, tokenizer, metrics: dict, *, with_hf: bool) -> None:
-    """Save a DeepSpeed checkpoint on every rank (ZeRO shards) and report it to Ray Train."""
+def _report(engine, masker: _Masker, tokenizer, metrics: dict, *, with_hf: bool) -> None:
+    """Save a DeepSpeed checkpoint on every rank (ZeRO shards, plus this rank's RNG states) and
+    report it to Ray Train."""
+    rank = ray.train.get_context().get_world_rank()
     with tempfile.TemporaryDirectory() as checkpoint_dir:
-        engine.save_checkpoint(checkpoint_dir, client_state={"step": metrics["train/step"]})
+        state = {"step": metrics["train/step"], "loss": metrics["train/loss"]}
+        engine.save_checkpoint(checkpoint_dir, client_state=state)
+        training.save_rng(Path(checkpoint_dir), rank, {"masker": masker.generator})
         if with_hf:
             training.save_hf_folder(engine, tokenizer, Path(checkpoint_dir) / "hf")
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir))

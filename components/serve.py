@@ -153,5 +153,103 @@ def run(cfg: ServeConfig, registered: dict, ctx: StageContext) -> StageResult:
     return StageResult(output_uri=url, metrics={"serve/sample_latency_ms": latency_ms}, outputs=endpoint)
 
 
+def ensure_deployed(cfg: ServeConfig, endpoint: dict, tracking_uri: str) -> bool:
+    """Make sure the deployment an endpoint record describes is live; redeploy it if not.
+    Returns True when it had to be deployed again (e.g. the local Ray that served it is gone)."""
+    model = ModelInfo.model_validate(endpoint["model"])
+    try:
+        live = requests.get(f"{endpoint['url']}/metadata", timeout=3)
+        if live.ok and live.json().get("version") == model.version and live.json().get("name") == model.name:
+            return False
+    except requests.RequestException:
+        pass
+    log.info("serve: %s v%s is not live at %s; deploying it", model.name, model.version, endpoint["url"])
+    deploy(cfg, model, tracking_uri)
+    return True
+
+
 def shutdown() -> None:
     serve.shutdown()
+
+
+def app_builder(args: dict) -> serve.Application:
+    """Ray Serve application builder for config-file deploys (`serve run`, `serve deploy`, a KubeRay
+    RayService): `import_path: components.serve:app_builder` with `args` such as
+
+        model_uri: models:/demo-classifier@champion    # or models:/NAME/VERSION
+        tracking_uri: http://mlflow.mlflow.svc:5000
+        num_replicas: 2                                # optional: any of APP_ARGS
+
+    An alias is resolved to its version once, here, so every replica loads the same version even if
+    the alias moves during a rollout; redeploying the config picks up the new champion. Host, port,
+    route prefix and app name come from the Serve config file itself (`http_options`, `route_prefix`,
+    `name`), not from `args`.
+
+    Raises:
+        ValueError: `args` is malformed (missing or unknown key, bad value), or the registry has no
+            such model version or alias.
+    """
+    options, model_uri, tracking_uri = _parse_app_args(args)
+    cfg = ServeConfig(**options)
+    model = _resolve_registered(model_uri, tracking_uri)
+    deployment = build_app(cfg, model, tracking_uri).options(
+        num_replicas=cfg.num_replicas, ray_actor_options={"num_cpus": cfg.cpus_per_replica}
+    )
+    return deployment.bind()
+
+
+
+# ServeConfig fields a config-file deploy may set through `args`; the rest belong to the Serve config.
+APP_ARGS = ("num_replicas", "cpus_per_replica", "max_batch_size", "batch_wait_timeout_s", "max_texts", "max_text_chars")
+_SERVE_CONFIG_KEYS = {"host": "http_options.host", "port": "http_options.port", "route_prefix": "route_prefix",
+                      "app_name": "name"}  # fmt: skip
+_REGISTRY_URI = r"models:/(?P<name>[^/@]+)(?:/(?P<version>[0-9]+)|@(?P<alias>[A-Za-z0-9_-]+))"
+
+
+def _parse_app_args(args: object) -> tuple[dict, str, str]:
+    """Check `args` without touching the registry; every problem in one ValueError."""
+    import re
+
+    from pydantic import ValidationError
+
+    if not isinstance(args, dict):
+        raise ValueError(f"components.serve:app_builder: args must be a mapping, got {type(args).__name__}: {args!r}")
+    model_uri, tracking_uri = args.get("model_uri"), args.get("tracking_uri")
+    problems = []
+    if not isinstance(model_uri, str) or not re.fullmatch(_REGISTRY_URI, model_uri):
+        problems.append(f"args.model_uri={model_uri!r}: use a registered model, models:/NAME@ALIAS "
+                        "(e.g. models:/demo-classifier@champion) or models:/NAME/VERSION")  # fmt: skip
+    if not isinstance(tracking_uri, str) or not tracking_uri:
+        problems.append(f"args.tracking_uri={tracking_uri!r}: give the MLflow tracking URI, e.g. http://mlflow:5000")
+    for key in sorted(set(args) - {"model_uri", "tracking_uri", *APP_ARGS}):
+        fix = (f"set {_SERVE_CONFIG_KEYS[key]} in the Serve config file instead" if key in _SERVE_CONFIG_KEYS
+               else f"accepted: model_uri, tracking_uri, {', '.join(APP_ARGS)}")  # fmt: skip
+        problems.append(f"args.{key} is not accepted; {fix}")
+    options = {key: args[key] for key in APP_ARGS if key in args}
+    try:
+        ServeConfig(**options)
+    except ValidationError as error:
+        problems += [f"args.{'.'.join(map(str, e['loc']))}={e.get('input')!r}: {e['msg']}" for e in error.errors()]
+    if problems:
+        raise ValueError("components.serve:app_builder: " + "; ".join(problems))
+    return options, model_uri, tracking_uri
+
+
+def _resolve_registered(model_uri: str, tracking_uri: str) -> ModelInfo:
+    """The registry's version behind `models:/NAME@ALIAS` or `models:/NAME/VERSION`, pinned."""
+    import re
+
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    parts = re.fullmatch(_REGISTRY_URI, model_uri)
+    name, version, alias = parts["name"], parts["version"], parts["alias"]
+    client = MlflowClient(tracking_uri)
+    try:
+        found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+    except MlflowException as error:
+        raise ValueError(f"components.serve:app_builder: args.model_uri={model_uri!r}: not in the registry at "
+                         f"{tracking_uri} ({error.message}); "
+                         "the MLflow UI (ptft ui) lists registered models and their aliases") from error  # fmt: skip
+    return ModelInfo(name=name, version=str(found.version), model_uri=f"models:/{name}/{found.version}",
+                     run_id=found.run_id)  # fmt: skip

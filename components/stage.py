@@ -24,6 +24,13 @@ class StageContext:
     experiment_id: str
     mlflow_run_id: str
     seed: int = 0
+    attempt: int = 1
+
+    @property
+    def resumed(self) -> bool:
+        """An earlier attempt of this stage ran in the same pipeline run (`ptft resume`): its MLflow
+        run may hold metrics already, and its Ray Train/Tune run may hold checkpoints."""
+        return self.attempt > 1
 
     def ray_storage(self) -> str:
         """Ray Train/Tune `storage_path`: results and checkpoints of this pipeline's trainers."""
@@ -41,6 +48,7 @@ class StageResult:
     output_uri: str
     metrics: dict[str, float] = field(default_factory=dict)
     outputs: dict[str, Any] = field(default_factory=dict)
+    cached: bool = False
 
 
 def write_json(path: Path, payload: Any) -> None:

@@ -19,6 +19,7 @@ _BATCH_LIMIT = 100  # MLflow accepts at most 100 params / 1000 metrics per log_b
 
 class Tracker(Protocol):
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None: ...
+    def logged_through(self, key: str) -> int: ...
     def log_params(self, params: Mapping[str, Any]) -> None: ...
     def set_tags(self, tags: Mapping[str, str]) -> None: ...
     def flush(self) -> None: ...
@@ -29,6 +30,9 @@ class NullTracker:
     """For ranks other than 0 and for code run without tracking."""
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None: ...
+    def logged_through(self, key: str) -> int:
+        return -1
+
     def log_params(self, params: Mapping[str, Any]) -> None: ...
     def set_tags(self, tags: Mapping[str, str]) -> None: ...
     def flush(self) -> None: ...
@@ -36,28 +40,48 @@ class NullTracker:
 
 
 class MlflowTracker:
-    """Logs to one existing MLflow run; `close` ends it only when `owns_run`."""
+    """Logs to one existing MLflow run; `close` ends it only when `owns_run`.
 
-    def __init__(self, tracking_uri: str, run_id: str, *, owns_run: bool = False, flush_every: int = 50):
+    A metric is logged at most once per step: a training loop restored from a checkpoint
+    recomputes the steps after it, and those were logged already. With `resumed=True` the
+    tracker asks MLflow for each metric's last logged step before logging it again.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, *, owns_run: bool = False, flush_every: int = 50,
+                 resumed: bool = False):  # fmt: skip
         self.client = MlflowClient(tracking_uri)
         self.run_id = run_id
         self.owns_run = owns_run
         self.flush_every = flush_every
+        self.resumed = resumed
         self._pending: list[Metric] = []
+        self._last_step: dict[str, int] = {}
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         now = int(time.time() * 1000)
-        self._pending.extend(Metric(key, float(value), now, step) for key, value in metrics.items())
+        for key, value in metrics.items():
+            if step <= self.logged_through(key):
+                continue
+            self._last_step[key] = step
+            self._pending.append(Metric(key, float(value), now, step))
         if len(self._pending) >= self.flush_every:
             self.flush()
 
+    def logged_through(self, key: str) -> int:
+        """The last step at which `key` was logged to this run (-1 if never)."""
+        if key not in self._last_step:
+            history = self.client.get_metric_history(self.run_id, key) if self.resumed else []
+            self._last_step[key] = max((metric.step for metric in history), default=-1)
+        return self._last_step[key]
+
     def log_params(self, params: Mapping[str, Any]) -> None:
+        params = redact(params)
         items = [Param(key, _param_value(value)) for key, value in params.items()]
         for start in range(0, len(items), _BATCH_LIMIT):
             self.client.log_batch(self.run_id, params=items[start : start + _BATCH_LIMIT])
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
-        self.client.log_batch(self.run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
+        self.client.log_batch(self.run_id, tags=[RunTag(key, str(value)) for key, value in redact(tags).items()])
 
     def flush(self) -> None:
         while self._pending:
@@ -70,11 +94,12 @@ class MlflowTracker:
             self.client.set_terminated(self.run_id, status=status)
 
 
-def open_tracker(tracking_uri: str | None, run_id: str | None, *, rank: int = 0) -> Tracker:
-    """The tracker a worker should use: MLflow on rank 0 when a run is given, else a no-op."""
+def open_tracker(tracking_uri: str | None, run_id: str | None, *, rank: int = 0, resumed: bool = False) -> Tracker:
+    """The tracker a worker should use: MLflow on rank 0 when a run is given, else a no-op.
+    `resumed`: the run may hold metrics of an earlier attempt (see MlflowTracker)."""
     if rank != 0 or not tracking_uri or not run_id:
         return NullTracker()
-    return MlflowTracker(tracking_uri, run_id)
+    return MlflowTracker(tracking_uri, run_id, resumed=resumed)
 
 
 def start_run(
@@ -86,6 +111,30 @@ def start_run(
     if parent_run_id:
         all_tags[PARENT_TAG] = parent_run_id
     return client.create_run(experiment_id, run_name=name, tags=all_tags).info.run_id
+
+
+def find_run(client: MlflowClient, experiment_id: str, tags: Mapping[str, str]) -> str | None:
+    """The id of the run carrying all these tags (the newest if several), or None."""
+    clauses = " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
+    runs = client.search_runs([experiment_id], clauses, order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def reopen_run(client: MlflowClient, run_id: str) -> None:
+    """Mark a run RUNNING again: a restarted attempt continues its own run instead of a duplicate."""
+    client.update_run(run_id, status="RUNNING")
+    attempts = int(client.get_run(run_id).data.tags.get("ptft.attempts", "1")) + 1
+    client.set_tag(run_id, "ptft.attempts", str(attempts))
+
+
+def close_orphans(client: MlflowClient, experiment_id: str, pipeline_run_id: str) -> list[str]:
+    """End runs of a pipeline run left RUNNING by a driver that died (SIGKILL, lost node): KILLED."""
+    stuck = client.search_runs(
+        [experiment_id], f"tags.`ptft.run_id` = '{pipeline_run_id}' and attributes.status = 'RUNNING'"
+    )
+    for run in stuck:
+        client.set_terminated(run.info.run_id, status="KILLED")
+    return [run.info.run_id for run in stuck]
 
 
 def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
@@ -106,6 +155,34 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+# Names that hold credentials: never logged as params or tags, whatever their source.
+_SECRET_WORDS = ("token", "password", "passwd", "secret", "api_key", "apikey", "access_key", "credential")
+
+
+def is_secret_name(name: str) -> bool:
+    lowered = name.lower()
+    return any(word in lowered for word in _SECRET_WORDS)
+
+
+def redact(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Drop credential-named keys and strip `user:password@` from URL values."""
+    return {key: redact_url(value) for key, value in values.items() if not is_secret_name(key)}
+
+
+def redact_tree(values: Mapping[str, Any]) -> dict[str, Any]:
+    """`redact` through nested mappings (a resolved config before it is stored as an artifact)."""
+    return {key: redact_tree(value) if isinstance(value, Mapping) else value for key, value in redact(values).items()}
+
+
+def redact_url(value: Any) -> Any:
+    """`https://user:secret@host/x` -> `https://***@host/x`; anything else unchanged."""
+    if not isinstance(value, str) or "://" not in value or "@" not in value:
+        return value
+    scheme, rest = value.split("://", 1)
+    userinfo, at, host = rest.partition("@")
+    return f"{scheme}://***@{host}" if at and "/" not in userinfo else value
 
 
 def _param_value(value: Any) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import shutil
 import socket
 from collections.abc import Callable
@@ -107,6 +108,30 @@ def export_final_model(result: Result, output_dir: Path) -> tuple[Path, dict[str
     metrics = {key: value for key, value in result.metrics.items() if isinstance(value, (int, float))}
     write_json(output_dir / "metrics.json", metrics)
     return model_dir, metrics
+
+
+def save_rng(folder: Path, rank: int, generators: dict[str, torch.Generator]) -> None:
+    """This rank's random states (torch, CUDA, numpy, Python and the loop's own generators)."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+             "generators": {name: g.get_state() for name, g in generators.items()}}  # fmt: skip
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    torch.save(state, folder / f"rng_rank{rank}.pt")
+
+
+def restore_rng(folder: Path, rank: int, generators: dict[str, torch.Generator]) -> None:
+    """Put back what `save_rng` saved for this rank; a checkpoint without it leaves the RNGs alone."""
+    path = folder / f"rng_rank{rank}.pt"
+    if not path.is_file():
+        return
+    state = torch.load(path, weights_only=False)
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    for name, generator in generators.items():
+        generator.set_state(state["generators"][name])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def load_columns(parquet_dir: str | Path, columns: list[str]) -> dict[str, torch.Tensor]:

@@ -24,7 +24,7 @@ from ray.tune.schedulers import ASHAScheduler
 from components import finetune, training
 from components.configs import DeepSpeedConfig, Distribution, Hyperparameters, TuneConfig
 from components.stage import StageContext, StageResult, read_json, write_json
-from components.tracking import MlflowTracker, start_run
+from components.tracking import PARENT_TAG, MlflowTracker, find_run, reopen_run, start_run
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ class _TrialSetup(BaseModel):
     base: finetune.ClassifierRun
     tune_run_id: str
     experiment_id: str
+    pipeline_run_id: str
 
 
 def run(
@@ -56,11 +57,27 @@ def run(
             hyper=defaults, deepspeed=deepspeed, threads=max(1, int(cfg.cpus_per_trial)),
             tracking_uri=ctx.tracking_uri, seed=ctx.seed,
         ),
-        tune_run_id=ctx.mlflow_run_id, experiment_id=ctx.experiment_id,
+        tune_run_id=ctx.mlflow_run_id, experiment_id=ctx.experiment_id, pipeline_run_id=ctx.pipeline_run_id,
     )  # fmt: skip
-    tuner = ray.tune.Tuner(
-        ray.tune.with_resources(ray.tune.with_parameters(run_trial, setup=setup.model_dump()),
-                                {"cpu": cfg.cpus_per_trial}),
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, setup=setup.model_dump()),
+                                        {"cpu": cfg.cpus_per_trial})  # fmt: skip
+    experiment = Path(ctx.ray_storage()) / ctx.ray_run_name()
+    if ray.tune.Tuner.can_restore(experiment):
+        # The same pipeline run was interrupted mid-sweep: finished trials stay finished, the rest
+        # continue from their last checkpoint.
+        log.info("tune: continuing the interrupted sweep at %s", experiment)
+        tuner = ray.tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True,
+                                       resume_errored=True)  # fmt: skip
+    else:
+        tuner = _new_tuner(cfg, trainable, ctx)
+    results = tuner.fit()
+    _close_trial_runs(results, ctx)
+    return _write_outputs(results, cfg, ctx)
+
+
+def _new_tuner(cfg: TuneConfig, trainable, ctx: StageContext) -> ray.tune.Tuner:
+    return ray.tune.Tuner(
+        trainable,
         param_space={name: to_tune(dist_) for name, dist_ in cfg.search_space.items()},
         tune_config=ray.tune.TuneConfig(
             metric=cfg.metric, mode=cfg.mode, num_samples=cfg.num_samples,
@@ -68,11 +85,9 @@ def run(
             scheduler=ASHAScheduler(time_attr="epoch", max_t=cfg.max_epochs, grace_period=cfg.grace_period,
                                     reduction_factor=cfg.reduction_factor),
         ),
-        run_config=ray.tune.RunConfig(storage_path=ctx.ray_storage(), name=ctx.ray_run_name()),
+        run_config=ray.tune.RunConfig(storage_path=ctx.ray_storage(), name=ctx.ray_run_name(),
+                                      checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=1)),
     )  # fmt: skip
-    results = tuner.fit()
-    _close_trial_runs(results, ctx)
-    return _write_outputs(results, cfg, ctx)
 
 
 def run_trial(hyper: dict, setup: dict) -> None:
@@ -80,15 +95,15 @@ def run_trial(hyper: dict, setup: dict) -> None:
     trial = _TrialSetup.model_validate(setup)
     client = MlflowClient(trial.base.tracking_uri)
     trial_name = ray.tune.get_context().get_trial_name()
+    checkpoint = ray.tune.get_checkpoint()
     run_id = _trial_run(client, trial, trial_name)
     tracker = MlflowTracker(trial.base.tracking_uri, run_id, owns_run=True)
     tracker.log_params(hyper)
-    tracker.set_tags({"ptft.trial": trial_name})
     run_cfg = trial.base.model_copy(update={"hyper": trial.base.hyper.model_copy(update=hyper),
-                                            "mlflow_run_id": run_id})  # fmt: skip
+                                            "mlflow_run_id": run_id, "resumed": True})  # fmt: skip
     created_group = training.ensure_process_group()
     try:
-        finetune.fit_classifier(run_cfg, report=lambda metrics, _checkpoint: ray.tune.report(metrics))
+        finetune.fit_classifier(run_cfg, report=_report_to_tune, checkpoint=checkpoint)
         tracker.close("FINISHED")
     finally:
         # A trial ASHA stops may never get here; `_close_trial_runs` ends its run after the sweep.
@@ -96,20 +111,35 @@ def run_trial(hyper: dict, setup: dict) -> None:
             dist.destroy_process_group()
 
 
+def _report_to_tune(metrics: dict, checkpoint_dir: str) -> None:
+    ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(checkpoint_dir))
+
+
 def _trial_run(client: MlflowClient, trial: _TrialSetup, trial_name: str) -> str:
+    """The trial's MLflow run: the one an earlier attempt of this trial opened (a restored sweep,
+    a restarted trial), or a new grandchild run under the tune stage's run."""
+    tags = {"ptft.trial": trial_name, PARENT_TAG: trial.tune_run_id}
+    existing = find_run(client, trial.experiment_id, tags)
+    if existing:
+        reopen_run(client, existing)
+        return existing
     return start_run(client, trial.experiment_id, trial_name, parent_run_id=trial.tune_run_id,
-                     tags={"ptft.stage": "tune-trial"})  # fmt: skip
+                     tags={"ptft.stage": "tune-trial", "ptft.trial": trial_name,
+                           "ptft.run_id": trial.pipeline_run_id, "ptft.attempts": "1"})  # fmt: skip
 
 
 def _close_trial_runs(results: ray.tune.ResultGrid, ctx: StageContext) -> None:
-    """End trial runs left RUNNING (stopped early by ASHA, or failed): none stays RUNNING forever."""
+    """End trial runs the sweep left open: stopped early by ASHA (never returned), failed, or
+    marked KILLED when a dead driver's sweep was resumed. None stays RUNNING forever."""
     client = MlflowClient(ctx.tracking_uri)
     errors = {Path(result.path).name: result.error for result in results}
-    running = client.search_runs(
+    open_runs = client.search_runs(
         [ctx.experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{ctx.mlflow_run_id}' and attributes.status = 'RUNNING'",
+        filter_string=f"tags.`mlflow.parentRunId` = '{ctx.mlflow_run_id}' and attributes.status != 'FINISHED'",
     )
-    for trial_run in running:
+    for trial_run in open_runs:
+        if trial_run.info.status == "FAILED":
+            continue
         failed = any(name.startswith(trial_run.info.run_name) and error for name, error in errors.items())
         client.set_tag(trial_run.info.run_id, "ptft.trial_status", "error" if failed else "stopped_early")
         client.set_terminated(trial_run.info.run_id, status="FAILED" if failed else "FINISHED")

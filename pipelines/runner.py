@@ -1,8 +1,10 @@
 """The runner: starts (or joins) Ray, opens the MLflow run tree, and runs the stages in order,
-handing each stage the URIs its upstream stages wrote.
+handing each stage the URIs its upstream stages wrote. It owns everything the stages do not
+know about: cache keys, the manifest, resume, and publishing artifacts.
 
-Artifacts live under `<storage>/artifacts/<stage>/<key>/` with a `_SUCCESS` marker written last.
-The key hashes the stage's config and its inputs (see `stage_key`).
+Artifacts live under `<storage>/artifacts/<stage>/<key>/`. A stage writes into a hidden partial
+folder; the runner writes `_SUCCESS` (metrics, outputs, producing MLflow run) into it and renames
+it into place, so a folder with that name is always complete. A key with `_SUCCESS` is a cache hit.
 """
 
 from __future__ import annotations
@@ -24,15 +26,30 @@ import ray
 from mlflow.tracking import MlflowClient
 
 from components import accelerator, data, finetune, pretrain, serve, tokenize, tune
-from components.stage import StageContext, StageResult, write_json
-from components.tracking import MlflowTracker, ensure_experiment, flatten, start_run
+from components.stage import StageContext, StageResult, read_json, write_json
+from components.tracking import (
+    MlflowTracker,
+    close_orphans,
+    ensure_experiment,
+    flatten,
+    redact_tree,
+    reopen_run,
+    start_run,
+)
+from pipelines import manifest as mf
 from pipelines.config import PipelineConfig, resolved_dict
 
 log = logging.getLogger(__name__)
 
 STAGES = ("tokenize", "pretrain", "tune", "finetune", "serve")
 # Bump a stage's version when its code changes what it writes: the key changes with it.
-STAGE_VERSIONS = {"tokenize": "1", "pretrain": "1", "tune": "1", "finetune": "1", "serve": "1"}
+STAGE_VERSIONS = {"tokenize": "1", "pretrain": "2", "tune": "2", "finetune": "2", "serve": "2"}
+# Settings that change how a stage runs but not what it writes: left out of its cache key.
+NOT_IN_KEY = {
+    "pretrain": ("log_every", "checkpoint_every", "workers.max_failures", "workers.placement_strategy"),
+    "finetune": ("log_every", "workers.max_failures", "workers.placement_strategy"),
+}
+SUCCESS = "_SUCCESS"
 
 
 @dataclass
@@ -49,8 +66,19 @@ class PipelineResult:
         return result.output_uri if result else None
 
 
-def run(config: PipelineConfig, *, on_stage: Callable[[str, StageResult], None] | None = None) -> PipelineResult:
-    """Run every stage; returns their results. Serve keeps running until `serve.shutdown()` or Ray exits."""
+def run(
+    config: PipelineConfig, *, rerun: str | None = None, resume: str | None = None,
+    on_stage: Callable[[str, StageResult], None] | None = None,
+) -> PipelineResult:  # fmt: skip
+    """Run every stage, reusing cached artifacts; returns their results.
+
+    rerun: force this stage and every stage after it to run again (no cache).
+    resume: continue this pipeline run id: finished stages are reused, an interrupted training
+        stage or sweep continues from its checkpoints, its MLflow runs are continued.
+    Serve keeps running until `serve.shutdown()` or Ray exits.
+    """
+    if rerun is not None and rerun not in STAGES:
+        raise ValueError(f"--rerun {rerun!r}: not a stage; choose one of {', '.join(STAGES)}")
     storage = config.storage_path()
     storage.mkdir(parents=True, exist_ok=True)
     _init_ray(config)
@@ -58,10 +86,16 @@ def run(config: PipelineConfig, *, on_stage: Callable[[str, StageResult], None] 
     # The embedded store keeps artifacts beside it; a tracking server decides for itself.
     artifact_location = str(storage / "mlartifacts") if config.tracking.uri is None else None
     experiment_id = ensure_experiment(client, config.experiment_name(), artifact_location)
-    run_id = new_run_id()
-    parent_id = _start_parent_run(client, config, experiment_id, run_id)
-    result = PipelineResult(run_id, parent_id, experiment_id, config.tracking_uri())
-    runner = _StageRunner(config, client, result, storage)
+    if resume:
+        manifest = _reopen_pipeline_run(client, storage, resume, experiment_id)
+    else:
+        manifest = mf.Manifest.create(storage, new_run_id(), config.name, STAGES, resolved_dict(config))
+        manifest.mlflow_run_id = _start_parent_run(client, config, experiment_id, manifest.run_id)
+    manifest.tracking_uri, manifest.experiment_id = config.tracking_uri(), experiment_id
+    manifest.save()
+    result = PipelineResult(manifest.run_id, manifest.mlflow_run_id, experiment_id, config.tracking_uri())
+    forced = set(STAGES[STAGES.index(rerun) :]) if rerun else set()
+    runner = _StageRunner(config, client, result, storage, manifest, forced)
     status = "FAILED"
     try:
         for stage in STAGES:
@@ -73,8 +107,21 @@ def run(config: PipelineConfig, *, on_stage: Callable[[str, StageResult], None] 
         status = "KILLED"
         raise
     finally:
-        client.set_terminated(parent_id, status=status)
+        client.set_terminated(manifest.mlflow_run_id, status=status)
+        manifest.finished({"FINISHED": mf.SUCCEEDED, "KILLED": mf.KILLED}.get(status, mf.FAILED))
     return result
+
+
+def _reopen_pipeline_run(client: MlflowClient, storage: Path, run_id: str, experiment_id: str) -> mf.Manifest:
+    """Continue a pipeline run: runs its dead driver left RUNNING end KILLED; its parent run goes on."""
+    manifest = mf.Manifest.load(storage, run_id)
+    closed = close_orphans(client, experiment_id, run_id)
+    if closed:
+        log.info("resume %s: ended %d run(s) a dead driver left RUNNING", run_id, len(closed))
+    reopen_run(client, manifest.mlflow_run_id)
+    manifest.status, manifest.ended_at = mf.RUNNING, None
+    manifest.attempts += 1
+    return manifest
 
 
 def new_run_id() -> str:
@@ -88,17 +135,19 @@ def _init_ray(config: PipelineConfig) -> None:
     # The driver imports DeepSpeed-free code only, but Tune trials and Data tasks inherit this env.
     runtime_env = {"env_vars": accelerator.deepspeed_env(use_gpu)}
     # Inside a Ray Job (`ptft submit`) RAY_ADDRESS names the cluster the job runs on.
+    # Without either, start a private local Ray ("local"), never silently join a `ray start` cluster.
     address = config.ray.address or os.environ.get("RAY_ADDRESS")
     local = {} if address else {"num_cpus": config.ray.num_cpus, "dashboard_host": config.ray.dashboard_host}
+    address = address or "local"
     ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, configure_logging=False, **local)
 
 
 def _start_parent_run(client: MlflowClient, config: PipelineConfig, experiment_id: str, run_id: str) -> str:
-    resolved = resolved_dict(config)
+    resolved = redact_tree(resolved_dict(config))  # no credentials in MLflow, even inside a URI
     config_hash = hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:16]
     parent_id = start_run(client, experiment_id, f"pipeline-{run_id}", tags={
         "ptft.run_id": run_id, "ptft.config_hash": config_hash, "ptft.git_sha": _git_sha(),
-        "ptft.pipeline": config.name,
+        "ptft.pipeline": config.name, "ptft.attempts": "1",
     })  # fmt: skip
     tracker = MlflowTracker(config.tracking_uri(), parent_id)
     tracker.log_params(flatten(resolved))
@@ -116,19 +165,35 @@ def _git_sha() -> str:
 
 
 def stage_key(stage: str, stage_config: dict, inputs: dict[str, str]) -> str:
-    """Content key of a stage's output: its name, code version, config and input keys/fingerprints."""
-    payload = {"stage": stage, "version": STAGE_VERSIONS[stage], "config": stage_config, "inputs": inputs}
+    """Content key of a stage's output: its name, code version, the config fields that shape its
+    output, and its inputs' keys and data fingerprints."""
+    shaping = _without(stage_config, NOT_IN_KEY.get(stage, ()))
+    payload = {"stage": stage, "version": STAGE_VERSIONS[stage], "config": shaping, "inputs": inputs}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-class _StageRunner:
-    """Runs one stage at a time: its key, its folder, its MLflow child run, its `_SUCCESS` marker."""
+def _without(config: dict, dotted: tuple[str, ...]) -> dict:
+    config = json.loads(json.dumps(config, default=str))  # a deep copy
+    for path in dotted:
+        *parents, leaf = path.split(".")
+        node = config
+        for part in parents:
+            node = node.get(part, {})
+        node.pop(leaf, None)
+    return config
 
-    def __init__(self, config: PipelineConfig, client: MlflowClient, result: PipelineResult, storage: Path):
+
+class _StageRunner:
+    """Runs one stage at a time: its key, the cache, its MLflow child run, the manifest, publishing."""
+
+    def __init__(self, config: PipelineConfig, client: MlflowClient, result: PipelineResult, storage: Path,
+                 manifest: mf.Manifest, forced: set[str]):  # fmt: skip
         self.config = config
         self.client = client
         self.result = result
         self.storage = storage
+        self.manifest = manifest
+        self.forced = forced
         self.keys: dict[str, str] = {}
         self.mlflow_run_ids: dict[str, str] = {}
 
@@ -136,39 +201,103 @@ class _StageRunner:
         stage_config, inputs, call = self._wiring(stage)
         key = stage_key(stage, stage_config, inputs)
         self.keys[stage] = key
-        output_dir = self.storage / "artifacts" / stage / key
-        if output_dir.exists():
-            shutil.rmtree(output_dir)  # a rerun rewrites the folder; caching reuses it (later)
-        output_dir.mkdir(parents=True)
-        mlflow_run_id = start_run(self.client, self.result.experiment_id, stage,
-                                  parent_run_id=self.result.mlflow_run_id,
-                                  tags={"ptft.stage": stage, "ptft.cache_key": key, "ptft.cache_hit": "false",
-                                        "ptft.run_id": self.result.run_id})  # fmt: skip
-        self.mlflow_run_ids[stage] = mlflow_run_id
-        tracker = MlflowTracker(self.config.tracking_uri(), mlflow_run_id, owns_run=True)
+        final_dir = self.storage / "artifacts" / stage / key
+        record = self.manifest.stages[stage]
+        if record.status in mf.DONE and record.key == key and (final_dir / SUCCESS).is_file():
+            stage_result = self._reuse_own(stage, final_dir, record)  # resumed: done in an earlier attempt
+        elif stage not in self.forced and (final_dir / SUCCESS).is_file():
+            stage_result = self._cache_hit(stage, key, stage_config, final_dir)
+        else:
+            stage_result = self._execute(stage, key, stage_config, call, final_dir)
+        self.result.stages[stage] = stage_result
+        return stage_result
+
+    def _reuse_own(self, stage: str, final_dir: Path, record: mf.StageRecord) -> StageResult:
+        self.mlflow_run_ids[stage] = record.mlflow_run_id
+        stage_result = _load_result(final_dir)
+        stage_result.cached = record.status == mf.CACHED
+        log.info("stage %s: done in an earlier attempt of this run", stage)
+        return self._after_hit(stage, stage_result, final_dir)
+
+    def _cache_hit(self, stage: str, key: str, stage_config: dict, final_dir: Path) -> StageResult:
+        success = read_json(final_dir / SUCCESS)
+        producer = success["mlflow_run_id"]
+        run_id = self._child_run(stage, key, cache_hit=True, extra_tags={
+            "ptft.cached_from_run_id": producer,
+            "ptft.cached_from_pipeline_run": success.get("pipeline_run_id", ""),
+        })  # fmt: skip
+        self.manifest.stage_started(stage, key, run_id)
+        tracker = MlflowTracker(self.config.tracking_uri(), run_id, owns_run=True)
         tracker.log_params(flatten(stage_config))
-        ctx = StageContext(pipeline_run_id=self.result.run_id, stage=stage, output_dir=output_dir,
+        stage_result = _load_result(final_dir)
+        stage_result.cached = True
+        try:
+            stage_result = self._after_hit(stage, stage_result, final_dir)
+        except BaseException as error:
+            tracker.close("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+            self.manifest.stage_ended(stage, mf.FAILED, error=_describe(error))
+            raise
+        tracker.log_metrics(stage_result.metrics, step=0)
+        tracker.close("FINISHED")
+        self.manifest.stage_ended(stage, mf.CACHED, output_uri=stage_result.output_uri, cached_from=producer)
+        log.info("stage %s: cache hit (key %s, produced by MLflow run %s)", stage, key, producer)
+        return stage_result
+
+    def _after_hit(self, stage: str, stage_result: StageResult, final_dir: Path) -> StageResult:
+        """A reused serve artifact records a deployment: bring it back if it is not running."""
+        if stage == "serve":
+            serve.ensure_deployed(self.config.serve, stage_result.outputs, self.config.tracking_uri())
+        return stage_result
+
+    def _execute(self, stage: str, key: str, stage_config: dict, call, final_dir: Path) -> StageResult:
+        record = self.manifest.stages[stage]
+        continuing = record.mlflow_run_id is not None and record.key == key
+        if continuing:
+            run_id = record.mlflow_run_id  # a restarted attempt continues its own run
+            reopen_run(self.client, run_id)
+        else:
+            run_id = self._child_run(stage, key, cache_hit=False)
+        self.mlflow_run_ids[stage] = run_id
+        self.manifest.stage_started(stage, key, run_id)
+        tracker = MlflowTracker(self.config.tracking_uri(), run_id, owns_run=True, resumed=continuing)
+        tracker.log_params(flatten(stage_config))
+        partial = final_dir.parent / f".{key}.partial-{self.result.run_id}"
+        shutil.rmtree(partial, ignore_errors=True)  # the stage's resumable state lives in Ray's storage
+        partial.mkdir(parents=True)
+        ctx = StageContext(pipeline_run_id=self.result.run_id, stage=stage, output_dir=partial,
                            storage=self.storage, tracking_uri=self.config.tracking_uri(),
-                           experiment_id=self.result.experiment_id, mlflow_run_id=mlflow_run_id,
-                           seed=self.config.seed)  # fmt: skip
+                           experiment_id=self.result.experiment_id, mlflow_run_id=run_id,
+                           seed=self.config.seed, attempt=record.attempts)  # fmt: skip
         started = time.perf_counter()
-        log.info("stage %s: starting (key %s)", stage, key)
+        log.info("stage %s: starting (key %s, attempt %d)", stage, key, record.attempts)
         try:
             stage_result = call(ctx)
-        except BaseException:
-            tracker.close("KILLED" if _interrupted() else "FAILED")
+        except BaseException as error:
+            interrupted = isinstance(error, KeyboardInterrupt)
+            tracker.close("KILLED" if interrupted else "FAILED")
+            self.manifest.stage_ended(stage, mf.KILLED if interrupted else mf.FAILED, error=_describe(error))
             raise
         elapsed = time.perf_counter() - started
         # Training loops log their own metric histories; add only the summaries they did not log.
-        logged = set(self.client.get_run(mlflow_run_id).data.metrics)
-        summary = {key: value for key, value in stage_result.metrics.items() if key not in logged}
+        logged = set(self.client.get_run(run_id).data.metrics)
+        summary = {name: value for name, value in stage_result.metrics.items() if name not in logged}
         tracker.log_metrics({**summary, "stage/seconds": elapsed}, step=0)
         tracker.close("FINISHED")
-        write_json(output_dir / "_SUCCESS", {"metrics": stage_result.metrics, "mlflow_run_id": mlflow_run_id,
-                                             "pipeline_run_id": self.result.run_id, "seconds": elapsed})  # fmt: skip
+        stage_result = _publish(partial, final_dir, stage_result, {
+            "mlflow_run_id": run_id, "pipeline_run_id": self.result.run_id, "seconds": elapsed,
+        })  # fmt: skip
+        self.manifest.stages[stage].work_seconds = elapsed
+        self.manifest.stage_ended(stage, mf.SUCCEEDED, output_uri=stage_result.output_uri)
         log.info("stage %s: done in %.1fs -> %s", stage, elapsed, stage_result.output_uri)
-        self.result.stages[stage] = stage_result
         return stage_result
+
+    def _child_run(self, stage: str, key: str, *, cache_hit: bool, extra_tags: dict | None = None) -> str:
+        run_id = start_run(self.client, self.result.experiment_id, stage, parent_run_id=self.result.mlflow_run_id,
+                           tags={"ptft.stage": stage, "ptft.cache_key": key, "ptft.cache_hit": str(cache_hit).lower(),
+                                 "ptft.run_id": self.result.run_id, "ptft.attempts": "1",
+                                 **(extra_tags or {})})  # fmt: skip
+        self.mlflow_run_ids[stage] = run_id
+        return run_id
 
     def _wiring(self, stage: str):
         """(stage config as logged, input keys, the call) for a stage: the whole graph lives here."""
@@ -197,7 +326,7 @@ class _StageRunner:
                                              registered_model_name=cfg.registered_model_name()))  # fmt: skip
         registered = done["finetune"].outputs["registered"]
         return (cfg.serve.model_dump(mode="json"), {"finetune": keys["finetune"]},
-                lambda ctx: serve.run(cfg.serve, {**registered, "run_id": self.mlflow_run_ids["finetune"]}, ctx))
+                lambda ctx: serve.run(cfg.serve, registered, ctx))  # fmt: skip
 
 
 def _tune_or_skip(cfg: PipelineConfig, pretrained: str, tokenized: str, ctx: StageContext) -> StageResult:
@@ -211,7 +340,33 @@ def _sources(cfg: PipelineConfig) -> dict:
     return {"corpus": cfg.data.corpus.source, "train": task.train, "validation": task.validation, "test": task.test}
 
 
-def _interrupted() -> bool:
-    import sys
+def _publish(partial: Path, final_dir: Path, stage_result: StageResult, provenance: dict) -> StageResult:
+    """Write `_SUCCESS` into the partial folder, then rename it into place: readers see either no
+    folder or a complete one. Returns the result with its URIs pointing into the final folder."""
+    output = stage_result.output_uri
+    inside = output == str(partial) or output.startswith(f"{partial}/")
+    success = {**provenance, "metrics": stage_result.metrics, "outputs": stage_result.outputs,
+               "output": os.path.relpath(output, partial) if inside else output, "output_inside": inside}  # fmt: skip
+    write_json(partial / SUCCESS, success)
+    if final_dir.exists():  # a forced re-run replaces the old artifact, or a crash left debris
+        trash = final_dir.parent / f".{final_dir.name}.old-{uuid.uuid4().hex[:6]}"
+        final_dir.rename(trash)
+        partial.rename(final_dir)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        partial.rename(final_dir)
+    return _load_result(final_dir)
 
-    return isinstance(sys.exc_info()[1], KeyboardInterrupt)
+
+def _load_result(final_dir: Path) -> StageResult:
+    """A stage's result from its published folder (a cache hit needs nothing else)."""
+    success = read_json(final_dir / SUCCESS)
+    output = success["output"]
+    uri = str(final_dir / output) if success["output_inside"] else output
+    return StageResult(output_uri=os.path.normpath(uri) if success["output_inside"] else uri,
+                       metrics=success["metrics"], outputs=success["outputs"])  # fmt: skip
+
+
+def _describe(error: BaseException) -> str:
+    text = f"{type(error).__name__}: {error}"
+    return text if len(text) <= 2000 else text[:1997] + "..."

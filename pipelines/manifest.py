@@ -1,0 +1,115 @@
+"""The manifest of a pipeline run: what ran, what was reused, where it went, how it ended.
+
+One JSON file per run at `<storage>/runs/<run_id>/manifest.json`, rewritten atomically after
+every change, beside the resolved config the run used (`config.json`). `ptft runs` lists them;
+`ptft resume RUN_ID` reads both and continues the run.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from components.stage import read_json, write_json
+
+# Stage states. `cached`: reused an artifact another run produced; `succeeded`: produced it here.
+PENDING, RUNNING, SUCCEEDED, CACHED, FAILED, KILLED = "pending", "running", "succeeded", "cached", "failed", "killed"
+DONE = (SUCCEEDED, CACHED)
+
+
+@dataclass
+class StageRecord:
+    status: str = PENDING
+    key: str | None = None
+    output_uri: str | None = None
+    mlflow_run_id: str | None = None
+    cached_from_mlflow_run_id: str | None = None
+    attempts: int = 0
+    started_at: float | None = None
+    ended_at: float | None = None
+    seconds: float | None = None
+    work_seconds: float | None = None
+    error: str | None = None
+
+
+@dataclass
+class Manifest:
+    run_id: str
+    pipeline: str
+    storage: str
+    working_dir: str
+    status: str = RUNNING
+    attempts: int = 1
+    created_at: float = field(default_factory=time.time)
+    ended_at: float | None = None
+    tracking_uri: str | None = None
+    experiment_id: str | None = None
+    mlflow_run_id: str | None = None
+    stages: dict[str, StageRecord] = field(default_factory=dict)
+
+    # --- files -------------------------------------------------------------------------------
+
+    @staticmethod
+    def folder(storage: Path, run_id: str) -> Path:
+        return Path(storage) / "runs" / run_id
+
+    @classmethod
+    def create(cls, storage: Path, run_id: str, pipeline: str, stages: tuple[str, ...], config: dict) -> Manifest:
+        manifest = cls(run_id=run_id, pipeline=pipeline, storage=str(Path(storage).resolve()),
+                       working_dir=os.getcwd(), stages={stage: StageRecord() for stage in stages})  # fmt: skip
+        write_json(cls.folder(storage, run_id) / "config.json", config)
+        manifest.save()
+        return manifest
+
+    @classmethod
+    def load(cls, storage: Path, run_id: str) -> Manifest:
+        path = cls.folder(storage, run_id) / "manifest.json"
+        if not path.is_file():
+            known = ", ".join(run.run_id for run in list_runs(storage)[:5]) or "none"
+            raise FileNotFoundError(f"no pipeline run {run_id!r} under {storage} (recent runs: {known})")
+        raw = read_json(path)
+        raw["stages"] = {name: StageRecord(**record) for name, record in raw["stages"].items()}
+        return cls(**raw)
+
+    def config(self) -> dict[str, Any]:
+        return read_json(self.folder(Path(self.storage), self.run_id) / "config.json")
+
+    def save(self) -> None:
+        write_json(self.folder(Path(self.storage), self.run_id) / "manifest.json", asdict(self))
+
+    # --- transitions --------------------------------------------------------------------------
+
+    def stage_started(self, stage: str, key: str, mlflow_run_id: str) -> None:
+        record = self.stages[stage]
+        record.status, record.key, record.mlflow_run_id, record.error = RUNNING, key, mlflow_run_id, None
+        record.attempts += 1
+        record.started_at, record.ended_at, record.seconds = time.time(), None, None
+        self.save()
+
+    def stage_ended(self, stage: str, status: str, *, output_uri: str | None = None, error: str | None = None,
+                    cached_from: str | None = None) -> None:  # fmt: skip
+        record = self.stages[stage]
+        record.status, record.error = status, error
+        record.output_uri = output_uri or record.output_uri
+        record.cached_from_mlflow_run_id = cached_from
+        record.ended_at = time.time()
+        record.seconds = record.ended_at - (record.started_at or record.ended_at)
+        self.save()
+
+    def finished(self, status: str) -> None:
+        self.status, self.ended_at = status, time.time()
+        self.save()
+
+
+def list_runs(storage: Path) -> list[Manifest]:
+    """Every run under `storage`, newest first."""
+    runs = []
+    for path in (Path(storage) / "runs").glob("*/manifest.json"):
+        try:
+            runs.append(Manifest.load(storage, path.parent.name))
+        except (ValueError, TypeError, KeyError):
+            continue  # a manifest from an incompatible version: not ours to list
+    return sorted(runs, key=lambda run: run.created_at, reverse=True)

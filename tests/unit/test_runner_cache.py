@@ -1,0 +1,129 @@
+"""Cache keys, atomic publishing, the manifest and the data position of a restored loop: the
+pieces of resume and caching that need no cluster."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from components import training
+from components.pretrain import _batches
+from components.stage import StageResult, read_json
+from pipelines import cli, runner
+from pipelines import manifest as mf
+
+PRETRAIN = {"max_steps": 100, "learning_rate": 1e-3, "log_every": 10, "checkpoint_every": 50,
+            "workers": {"num_workers": 2, "max_failures": 3, "placement_strategy": "PACK"}}  # fmt: skip
+
+
+def _key(config: dict, inputs: dict | None = None) -> str:
+    return runner.stage_key("pretrain", config, inputs or {"tokenize": "abc"})
+
+
+def test_key_ignores_settings_that_do_not_change_the_output() -> None:
+    base = _key(PRETRAIN)
+    for path, value in [("log_every", 1), ("checkpoint_every", 7), ("workers.max_failures", 0),
+                        ("workers.placement_strategy", "SPREAD")]:  # fmt: skip
+        changed = _set(PRETRAIN, path, value)
+        assert _key(changed) == base, path
+
+
+def test_key_changes_with_config_inputs_and_code_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    base = _key(PRETRAIN)
+    assert _key(_set(PRETRAIN, "learning_rate", 2e-3)) != base
+    assert _key(_set(PRETRAIN, "workers.num_workers", 4)) != base  # another global batch size
+    assert _key(PRETRAIN, {"tokenize": "abd"}) != base
+    monkeypatch.setitem(runner.STAGE_VERSIONS, "pretrain", "999")
+    assert _key(PRETRAIN) != base
+
+
+def _set(config: dict, dotted: str, value) -> dict:
+    copy = runner._without(config, ())
+    node = copy
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+    return copy
+
+
+def test_publish_renames_a_complete_folder_into_place(tmp_path: Path) -> None:
+    partial, final = tmp_path / ".k.partial-run1", tmp_path / "k"
+    (partial / "model").mkdir(parents=True)
+    (partial / "model" / "weights").write_text("w")
+    result = runner._publish(partial, final, StageResult(str(partial / "model"), {"loss": 1.5}, {"x": 1}),
+                             {"mlflow_run_id": "r1"})  # fmt: skip
+    assert not partial.exists()
+    assert (final / "_SUCCESS").is_file() and (final / "model" / "weights").read_text() == "w"
+    assert result.output_uri == str(final / "model")
+    assert read_json(final / "_SUCCESS")["mlflow_run_id"] == "r1"
+    reloaded = runner._load_result(final)
+    assert (reloaded.output_uri, reloaded.metrics, reloaded.outputs) == (str(final / "model"), {"loss": 1.5}, {"x": 1})
+
+
+def test_publish_replaces_an_older_artifact_and_keeps_urls(tmp_path: Path) -> None:
+    final = tmp_path / "k"
+    final.mkdir()
+    (final / "stale").write_text("old")
+    partial = tmp_path / ".k.partial-run2"
+    partial.mkdir()
+    result = runner._publish(partial, final, StageResult("http://127.0.0.1:8000"), {"mlflow_run_id": "r2"})
+    assert not (final / "stale").exists() and (final / "_SUCCESS").is_file()
+    assert result.output_uri == "http://127.0.0.1:8000"
+    assert [p.name for p in tmp_path.iterdir()] == ["k"]  # no partial or old folder left behind
+
+
+def test_manifest_round_trip_and_listing(tmp_path: Path) -> None:
+    manifest = mf.Manifest.create(tmp_path, "20260101-000000-aaaaaa", "demo", ("tokenize", "pretrain"), {"name": "x"})
+    manifest.stage_started("tokenize", "key1", "mlflow1")
+    manifest.stage_ended("tokenize", mf.SUCCEEDED, output_uri="/out")
+    manifest.stage_started("pretrain", "key2", "mlflow2")
+    manifest.stage_ended("pretrain", mf.KILLED, error="KeyboardInterrupt: signal 15")
+    manifest.finished(mf.KILLED)
+    loaded = mf.Manifest.load(tmp_path, manifest.run_id)
+    assert loaded.status == mf.KILLED and loaded.config() == {"name": "x"}
+    assert loaded.stages["tokenize"].status == mf.SUCCEEDED and loaded.stages["tokenize"].attempts == 1
+    assert loaded.stages["pretrain"].error.startswith("KeyboardInterrupt")
+    assert [run.run_id for run in mf.list_runs(tmp_path)] == [manifest.run_id]
+    with pytest.raises(FileNotFoundError, match="recent runs: 20260101-000000-aaaaaa"):
+        mf.Manifest.load(tmp_path, "nope")
+
+
+def test_restored_loop_sees_the_batches_an_uninterrupted_one_would() -> None:
+    data = torch.arange(50).unsqueeze(1)
+    shard = training.Shard(rank=1, world_size=2, batch_size=4)  # 6 batches per epoch: crosses epochs
+    whole = [rows.tolist() for rows in _batches(data, shard, 20, seed=3)]
+    for start in (0, 5, 6, 13, 19, 20):
+        assert [rows.tolist() for rows in _batches(data, shard, 20, seed=3, start=start)] == whole[start:]
+
+
+def test_rng_states_come_back(tmp_path: Path) -> None:
+    generator = torch.Generator().manual_seed(1)
+    torch.manual_seed(5)
+    training.save_rng(tmp_path, 0, {"g": generator})
+    expected = (torch.rand(3), torch.rand(3, generator=generator))
+    torch.manual_seed(99)
+    generator.manual_seed(99)
+    training.restore_rng(tmp_path, 0, {"g": generator})
+    assert torch.equal(torch.rand(3), expected[0]) and torch.equal(torch.rand(3, generator=generator), expected[1])
+
+
+def test_cli_stage_names_match_the_runner() -> None:
+    assert cli.STAGE_NAMES == runner.STAGES
+
+
+def test_runs_lists_manifests_and_resume_names_unknown_runs(tmp_path: Path) -> None:
+    manifest = mf.Manifest.create(tmp_path, "20260101-000000-bbbbbb", "demo", runner.STAGES, {"name": "demo"})
+    manifest.stage_started("tokenize", "k", "m")
+    manifest.stage_ended("tokenize", mf.SUCCEEDED)
+    ptft = [sys.executable, "-m", "pipelines.cli"]
+    listed = subprocess.run([*ptft, "runs", "--storage", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0 and "20260101-000000-bbbbbb" in listed.stdout
+    assert "tokenize:succeeded" in listed.stdout and "pretrain:pending" in listed.stdout
+    missing = subprocess.run([*ptft, "resume", "nope", "--storage", str(tmp_path)], capture_output=True, text=True,
+                             timeout=60)  # fmt: skip
+    assert missing.returncode == 2 and "no pipeline run 'nope'" in missing.stderr
