@@ -117,6 +117,8 @@ def fit_classifier(cfg: ClassifierRun, report: Report, checkpoint: ray.train.Che
     done_epochs, step = _restore(engine, checkpoint, rank)
     tracker = open_tracker(cfg.tracking_uri, cfg.mlflow_run_id, rank=rank,
                            resumed=checkpoint is not None or cfg.resumed)  # fmt: skip
+    if checkpoint is not None:
+        tracker.log_metrics({"restore/loaded_epoch": done_epochs, "restore/first_epoch": done_epochs + 1}, done_epochs)
     metrics: dict[str, float] = {}
     for epoch in range(done_epochs + 1, cfg.epochs + 1):
         train_loss, step = _train_epoch(engine, data["train"], shard, cfg, epoch, step, tracker)

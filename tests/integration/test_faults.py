@@ -1,0 +1,322 @@
+"""Fault injection with real processes and a real kill signal, on the shared Ray cluster and the
+shared MLflow server.
+
+* A training worker is SIGKILLed mid-pretraining: Ray Train restarts the worker group, the loop
+  restores its last checkpoint, and the stage ends as an uninterrupted run with the same seed does.
+* The pipeline driver (`ptft run`) is SIGKILLed during pretraining, `ptft resume` continues it;
+  then it is SIGKILLed during the sweep, and `ptft resume` finishes it.
+
+Each scenario runs once (module fixtures); the tests assert on what it left behind. The figures
+go to the log and to docs/reliability.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from components import pretrain, tokenize
+from components.configs import DataConfig, ModelConfig, PretrainConfig, TokenizeConfig, WorkersConfig
+from components.stage import StageContext, read_json
+from components.tracking import ensure_experiment, start_run
+from components.training import free_port
+from tests.conftest import REPO, tiny_config_dict
+
+pytestmark = pytest.mark.integration
+
+PTFT = str(Path(sys.executable).parent / "ptft")
+CHECKPOINT_EVERY = 25
+
+
+def _wait_until(condition: Callable[[], object], what: str, timeout_s: float = 300, poll_s: float = 0.2):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise TimeoutError(f"gave up waiting for {what} after {timeout_s:.0f}s")
+
+
+def _latest_checkpoint_step(run_dir: Path) -> int | None:
+    """The step of the latest checkpoint Ray Train registered for a run (from its snapshot)."""
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    try:
+        latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return None
+    return int(latest["metrics"]["train/step"]) if latest else None
+
+
+def _history(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
+    points = client.get_metric_history(run_id, key)
+    steps = [point.step for point in points]
+    assert len(steps) == len(set(steps)), f"{key} logged twice at a step: {sorted(steps)}"
+    return {point.step: point.value for point in points}
+
+
+# --- a worker killed mid-pretraining ------------------------------------------------------------
+
+
+class _PretrainRuns:
+    """Tokenize once, then pretrain twice with one seed: uninterrupted, and with a worker killed."""
+
+    def __init__(self, storage: Path, tracking_uri: str):
+        self.storage = storage
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri)
+        self.experiment_id = ensure_experiment(self.client, "faults-worker-kill", None)
+        data = DataConfig.model_validate(tiny_config_dict(storage)["data"])
+        self.tokenized = tokenize.run(TokenizeConfig(vocab_size=200, seq_len=32), data, self.context("tokenize"))
+        self.config = PretrainConfig(
+            model=ModelConfig(preset="tiny"), max_steps=100, warmup_steps=5, learning_rate=2e-3,
+            batch_size_per_worker=8, log_every=1, checkpoint_every=CHECKPOINT_EVERY,
+            workers=WorkersConfig(num_workers=2, max_failures=2),
+        )  # fmt: skip
+
+    def context(self, name: str) -> StageContext:
+        run_id = start_run(self.client, self.experiment_id, name, tags={"ptft.stage": name, "ptft.run_id": name})
+        output = self.storage / "artifacts" / name
+        output.mkdir(parents=True)
+        return StageContext(pipeline_run_id=name, stage="pretrain", output_dir=output, storage=self.storage,
+                            tracking_uri=self.tracking_uri, experiment_id=self.experiment_id,
+                            mlflow_run_id=run_id, seed=7)  # fmt: skip
+
+    def run_id_of(self, name: str) -> str | None:
+        found = self.client.search_runs([self.experiment_id], f"tags.`ptft.run_id` = '{name}'")
+        return found[0].info.run_id if found else None
+
+    def pretrain(self, name: str):
+        ctx = self.context(name)
+        return ctx, pretrain.run(self.config, self.tokenized.output_uri, ctx)
+
+
+def _alive_train_workers(address: str) -> list:
+    from ray.util.state import list_actors
+
+    return list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], limit=1000)
+
+
+@pytest.fixture(scope="module")
+def worker_kill(ray_driver: str, mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    runs = _PretrainRuns(tmp_path_factory.mktemp("worker-kill"), mlflow_server)
+    _, baseline = runs.pretrain("uninterrupted")
+
+    outcome: dict = {}
+    pretrain_faulted = lambda: outcome.update(zip(("ctx", "result"), runs.pretrain("faulted"), strict=True))  # noqa: E731
+    faulted = threading.Thread(target=pretrain_faulted)
+    before = {actor.actor_id for actor in _alive_train_workers(ray_driver)}
+    faulted.start()
+    run_dir = runs.storage / "ray_results" / "faulted-pretrain"
+    checkpoint_step = _wait_until(lambda: _latest_checkpoint_step(run_dir), "the first pretrain checkpoint")
+    # Kill mid-interval: once MLflow shows steps past the checkpoint (they will be recomputed).
+    run_id = _wait_until(lambda: runs.run_id_of("faulted"), "the faulted run")
+    _wait_until(lambda: max(_history(runs.client, run_id, "train/step"), default=0) > checkpoint_step,
+                "steps logged after the checkpoint", poll_s=0.05)  # fmt: skip
+    victims = [actor for actor in _alive_train_workers(ray_driver) if actor.actor_id not in before]
+    assert len(victims) == 2, victims
+    victim = max(victims, key=lambda actor: actor.pid)
+    os.kill(victim.pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    checkpoint_step = _latest_checkpoint_step(run_dir)  # none can register once a rank is dead
+    faulted.join(timeout=600)
+    assert not faulted.is_alive() and "result" in outcome, "the faulted run did not finish"
+    return {"runs": runs, "baseline": baseline, "faulted": outcome["result"], "ctx": outcome["ctx"],
+            "checkpoint_step_at_kill": checkpoint_step, "killed_at": killed_at}  # fmt: skip
+
+
+def test_killed_worker_stage_completes_the_planned_steps(worker_kill: dict) -> None:
+    assert worker_kill["faulted"].metrics["train/step"] == worker_kill["runs"].config.max_steps
+    assert Path(worker_kill["faulted"].output_uri, "model.safetensors").is_file()
+
+
+def test_restore_continues_right_after_the_last_checkpoint(worker_kill: dict) -> None:
+    client, run_id = worker_kill["runs"].client, worker_kill["ctx"].mlflow_run_id
+    loaded = _history(client, run_id, "restore/loaded_step")
+    first = _history(client, run_id, "restore/first_step")
+    assert len(loaded) == 1, loaded  # one kill, one restore
+    (loaded_step,) = loaded.values()
+    assert loaded_step == worker_kill["checkpoint_step_at_kill"]
+    assert loaded_step > 0 and loaded_step % CHECKPOINT_EVERY == 0
+    assert first == {int(loaded_step): loaded_step + 1}
+    recomputed = _history(client, run_id, "restore/steps_recomputed")[int(loaded_step)]
+    assert 0 < recomputed <= CHECKPOINT_EVERY  # killed mid-interval; at most one interval lost
+    print(f"\nworker kill: restored step {loaded_step:.0f}, {recomputed:.0f} steps recomputed")
+
+
+def test_final_loss_matches_an_uninterrupted_run(worker_kill: dict) -> None:
+    baseline, faulted = worker_kill["baseline"].metrics, worker_kill["faulted"].metrics
+    print(f"\nfinal train/loss {faulted['train/loss']:.5f} vs {baseline['train/loss']:.5f}; "
+          f"eval/mlm_loss {faulted['eval/mlm_loss']:.5f} vs {baseline['eval/mlm_loss']:.5f}")  # fmt: skip
+    assert faulted["train/loss"] == pytest.approx(baseline["train/loss"], abs=0.02)
+    assert faulted["eval/mlm_loss"] == pytest.approx(baseline["eval/mlm_loss"], abs=0.02)
+
+
+def test_one_mlflow_run_for_the_stage_and_every_step_logged_once(worker_kill: dict) -> None:
+    runs = worker_kill["runs"]
+    found = runs.client.search_runs([runs.experiment_id], "tags.`ptft.run_id` = 'faulted'")
+    assert len(found) == 1
+    steps = _history(runs.client, found[0].info.run_id, "train/step")  # asserts no step twice
+    assert sorted(steps) == list(range(1, runs.config.max_steps + 1))
+
+
+# --- the driver killed during pretraining, then during the sweep ---------------------------------
+
+
+def _pipeline_config(storage: Path) -> dict:
+    config = tiny_config_dict(storage)
+    config["name"] = "faults"
+    config["data"]["task"]["train"]["num_examples"] = 480
+    config["pretrain"] = {"max_steps": 200, "warmup_steps": 10, "checkpoint_every": CHECKPOINT_EVERY,
+                          "log_every": 5, "batch_size_per_worker": 8}  # fmt: skip
+    config["tune"] = {"num_samples": 4, "max_epochs": 4, "grace_period": 2, "max_concurrent_trials": 2}
+    config["finetune"] = {"epochs": 1}
+    return config
+
+
+class _Driver:
+    """`ptft run`/`ptft resume` as a child process we can SIGKILL."""
+
+    def __init__(self, storage: Path, env: dict):
+        self.storage = storage
+        self.env = env
+        self.logs: list[Path] = []
+
+    def start(self, *args: str) -> subprocess.Popen:
+        log = self.storage / f"driver-{len(self.logs)}.log"
+        self.logs.append(log)
+        with open(log, "w") as out:
+            return subprocess.Popen([PTFT, *args], cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=self.env)
+
+    def manifest(self) -> dict | None:
+        found = list((self.storage / "runs").glob("*/manifest.json"))
+        return read_json(found[0]) if found else None
+
+    def kill_when(self, process: subprocess.Popen, condition: Callable[[], object], what: str) -> None:
+        def ready():
+            if process.poll() is not None:
+                raise AssertionError(f"the driver exited ({process.returncode}) before {what}:\n"
+                                     f"{self.logs[-1].read_text()[-4000:]}")  # fmt: skip
+            return condition()
+
+        _wait_until(ready, what, timeout_s=600)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+
+    def tail(self) -> str:
+        return self.logs[-1].read_text()[-6000:]
+
+
+def _trial_checkpoints_saved(tune_dir: Path) -> bool:
+    """A trial checkpoint exists and Tune's experiment state was saved after it (so a restore
+    knows about it)."""
+    checkpoints = list(tune_dir.glob("*/checkpoint_*"))
+    states = list(tune_dir.glob("experiment_state-*.json"))
+    if not checkpoints or not states:
+        return False
+    return max(s.stat().st_mtime for s in states) > min(c.stat().st_mtime for c in checkpoints) + 0.5
+
+
+@pytest.fixture(scope="module")
+def driver_kills(ray_driver: str, mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    storage = tmp_path_factory.mktemp("driver-kill")
+    config_path = storage / "faults.yaml"
+    config_path.write_text(yaml.safe_dump(_pipeline_config(storage)))
+    # Tune snapshots its sweep every TUNE_GLOBAL_CHECKPOINT_S ("auto": at least 10 s); a short
+    # period makes the kill window of this small sweep wide enough.
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    driver = _Driver(storage, env)
+    overrides = [f"tracking.uri={mlflow_server}", f"ray.address={ray_driver}", f"serve.port={free_port()}",
+                 "serve.app_name=faults"]  # fmt: skip
+
+    first = driver.start("run", str(config_path), *overrides)
+    driver.kill_when(first, lambda: _pretrain_checkpointed(driver), "a pretrain checkpoint")
+    run_id = driver.manifest()["run_id"]
+    pretrain_step_at_kill = _latest_checkpoint_step(storage / "ray_results" / f"{run_id}-pretrain")
+
+    second = driver.start("resume", run_id, "--storage", str(storage))
+    tune_dir = storage / "ray_results" / f"{run_id}-tune"
+    driver.kill_when(second, lambda: _trial_checkpoints_saved(tune_dir), "a saved trial checkpoint")
+
+    third = driver.start("resume", run_id, "--storage", str(storage))
+    assert third.wait(timeout=900) == 0, driver.tail()
+    yield {"driver": driver, "run_id": run_id, "client": MlflowClient(mlflow_server),
+           "manifest": driver.manifest(), "pretrain_step_at_kill": pretrain_step_at_kill}  # fmt: skip
+    from ray import serve
+
+    serve.delete("faults")
+
+
+def _pretrain_checkpointed(driver: _Driver) -> bool:
+    manifest = driver.manifest()
+    if not manifest:
+        return False
+    run_dir = Path(manifest["storage"]) / "ray_results" / f"{manifest['run_id']}-pretrain"
+    return _latest_checkpoint_step(run_dir) is not None
+
+
+def _stage_runs(client: MlflowClient, run_id: str, stage: str) -> list:
+    experiment = client.get_experiment_by_name("faults")
+    return client.search_runs([experiment.experiment_id],
+                              f"tags.`ptft.run_id` = '{run_id}' and tags.`ptft.stage` = '{stage}'")  # fmt: skip
+
+
+def test_resumed_pipeline_completes_with_every_stage_run_once(driver_kills: dict) -> None:
+    manifest = driver_kills["manifest"]
+    assert manifest["status"] == "succeeded" and manifest["attempts"] == 3
+    stages = manifest["stages"]
+    assert all(record["status"] == "succeeded" for record in stages.values()), stages
+    assert stages["tokenize"]["attempts"] == 1  # reused, not redone, by both resumes
+    assert stages["pretrain"]["attempts"] == 2 and stages["tune"]["attempts"] == 2
+    assert stages["finetune"]["attempts"] == 1
+
+
+def test_pretrain_continued_from_its_checkpoint(driver_kills: dict) -> None:
+    client = driver_kills["client"]
+    (run,) = _stage_runs(client, driver_kills["run_id"], "pretrain")
+    loaded = _history(client, run.info.run_id, "restore/loaded_step")
+    assert list(loaded.values()) == [driver_kills["pretrain_step_at_kill"]]
+    assert _history(client, run.info.run_id, "restore/first_step") == {
+        int(driver_kills["pretrain_step_at_kill"]): driver_kills["pretrain_step_at_kill"] + 1
+    }
+    assert sorted(_history(client, run.info.run_id, "train/step")) == list(range(5, 201, 5))
+    assert run.data.tags["ptft.attempts"] == "2"
+
+
+def test_sweep_continued_and_no_trial_logged_twice(driver_kills: dict) -> None:
+    client = driver_kills["client"]
+    (tune_run,) = _stage_runs(client, driver_kills["run_id"], "tune")
+    trials = _stage_runs(client, driver_kills["run_id"], "tune-trial")
+    names = [trial.data.tags["ptft.trial"] for trial in trials]
+    assert len(names) == len(set(names)) == 4, names
+    restored = 0
+    for trial in trials:
+        epochs = _history(client, trial.info.run_id, "eval/accuracy")  # asserts no epoch twice
+        assert sorted(epochs) == list(range(1, len(epochs) + 1))
+        restored += bool(client.get_metric_history(trial.info.run_id, "restore/loaded_epoch"))
+    assert restored >= 1, "no trial continued from its checkpoint"
+    assert read_json(Path(driver_kills["manifest"]["stages"]["tune"]["output_uri"]) / "best_config.json")
+    assert tune_run.data.tags["ptft.attempts"] == "2"
+
+
+def test_no_run_left_running_or_duplicated(driver_kills: dict) -> None:
+    client = driver_kills["client"]
+    experiment = client.get_experiment_by_name("faults")
+    runs = client.search_runs([experiment.experiment_id], f"tags.`ptft.run_id` = '{driver_kills['run_id']}'")
+    assert all(run.info.status == "FINISHED" for run in runs), [(r.info.run_name, r.info.status) for r in runs]
+    stage_of = [run.data.tags.get("ptft.stage", "pipeline") for run in runs]
+    stages = [stage for stage in stage_of if stage not in ("pipeline", "tune-trial")]
+    assert sorted(stages) == sorted(["tokenize", "pretrain", "tune", "finetune", "serve"])
+    parents = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
+    assert len(parents) == 1 and parents[0].data.tags["ptft.attempts"] == "3"
