@@ -105,7 +105,8 @@ class _PretrainRuns:
 def _alive_train_workers(address: str) -> list:
     from ray.util.state import list_actors
 
-    return list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], limit=1000)
+    alive_workers = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+    return list_actors(address=address, filters=alive_workers, limit=1000)
 
 
 @pytest.fixture(scope="module")
