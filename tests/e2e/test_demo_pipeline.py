@@ -4,10 +4,13 @@ Serve endpoint over HTTP."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
 import pytest
 import requests
 from mlflow.tracking import MlflowClient
@@ -29,19 +32,34 @@ SHRINK = [
 ]
 
 
+# Credentials in the environment (as a team would pass them) must never reach MLflow params or tags.
+SECRETS = {"MLFLOW_TRACKING_TOKEN": "e2e-token-5b1d", "AWS_SECRET_ACCESS_KEY": "e2e-aws-secret-77c2"}
+
+
 @pytest.fixture(scope="module")
 def demo(ray_driver: str, mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
     storage = tmp_path_factory.mktemp("demo")
     port = free_port()
     command = [PTFT, "run", "configs/demo.yaml", *SHRINK, f"storage={storage}", f"tracking.uri={mlflow_server}",
                f"ray.address={ray_driver}", f"serve.port={port}", "serve.app_name=e2e"]  # fmt: skip
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1500)
-    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
-    yield {"storage": storage, "url": f"http://127.0.0.1:{port}", "stdout": result.stdout,
-           "client": MlflowClient(mlflow_server)}  # fmt: skip
+    result = _ptft(command)
+    yield {"storage": storage, "url": f"http://127.0.0.1:{port}", "stdout": result.stdout, "command": command,
+           "client": MlflowClient(mlflow_server), "run_id": _newest_manifest(storage)["run_id"]}  # fmt: skip
     from ray import serve
 
     serve.delete("e2e")
+
+
+def _ptft(command: list[str]) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1500,
+                            env={**os.environ, **SECRETS})  # fmt: skip
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
+    return result
+
+
+def _newest_manifest(storage: Path) -> dict:
+    manifests = sorted((storage / "runs").glob("*/manifest.json"), key=lambda path: path.stat().st_mtime)
+    return json.loads(manifests[-1].read_text())
 
 
 def test_cli_prints_predictions_and_where_to_browse(demo: dict) -> None:
@@ -72,8 +90,8 @@ def _runs(client: MlflowClient, experiment_id: str, filter_string: str):
 def test_mlflow_tree_parent_stages_trials(demo: dict) -> None:
     client = demo["client"]
     experiment = client.get_experiment_by_name("demo")
-    parents = [r for r in _runs(client, experiment.experiment_id, "") if "mlflow.parentRunId" not in r.data.tags]
-    (parent,) = parents
+    (parent,) = _runs(client, experiment.experiment_id, f"tags.`ptft.run_id` = '{demo['run_id']}' and "
+                      "tags.`ptft.pipeline` = 'demo'")  # fmt: skip
     assert parent.info.status == "FINISHED"
     assert parent.data.params["pretrain.max_steps"] == "40"
     assert {"ptft.run_id", "ptft.config_hash", "ptft.git_sha"} <= set(parent.data.tags)
@@ -133,3 +151,51 @@ def test_invalid_json_gets_422(demo: dict) -> None:
     response = requests.post(f"{demo['url']}/predict", data="{not json", timeout=30,
                              headers={"content-type": "application/json"})  # fmt: skip
     assert response.status_code == 422
+
+
+def test_no_secret_reaches_mlflow(demo: dict) -> None:
+    client = demo["client"]
+    experiment = client.get_experiment_by_name("demo")
+    for run in _runs(client, experiment.experiment_id, ""):
+        logged = " ".join([*run.data.params.values(), *run.data.tags.values()])
+        assert not any(secret in logged for secret in SECRETS.values()), run.info.run_name
+    parent = client.search_runs([experiment.experiment_id], f"tags.`ptft.run_id` = '{demo['run_id']}' and "
+                                "tags.`ptft.pipeline` = 'demo'")[0]  # fmt: skip
+    resolved = Path(mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path="config/resolved.json",
+                                                        tracking_uri=client.tracking_uri)).read_text()  # fmt: skip
+    assert not any(secret in resolved for secret in SECRETS.values())
+
+
+# --- caching: the same command again, then one fine-tuning field changed ------------------------
+
+
+@pytest.fixture(scope="module")
+def reruns(demo: dict) -> dict:
+    cached = _ptft(demo["command"])
+    cached_manifest = _newest_manifest(demo["storage"])
+    _ptft([*demo["command"], "finetune.epochs=2"])
+    return {"cached": cached_manifest, "cached_stdout": cached.stdout, "changed": _newest_manifest(demo["storage"])}
+
+
+def test_unchanged_rerun_is_all_cache_hits(demo: dict, reruns: dict) -> None:
+    manifest = reruns["cached"]
+    assert manifest["run_id"] != demo["run_id"]
+    assert {name: record["status"] for name, record in manifest["stages"].items()} == dict.fromkeys(STAGES, "cached")
+    assert "tokenize cached" in reruns["cached_stdout"]
+    client = demo["client"]
+    experiment = client.get_experiment_by_name("demo")
+    first = {run.data.tags["ptft.stage"]: run.info.run_id
+             for run in _runs(client, experiment.experiment_id, f"tags.`ptft.run_id` = '{demo['run_id']}'")
+             if run.data.tags.get("ptft.stage") in STAGES}  # fmt: skip
+    hits = _runs(client, experiment.experiment_id, f"tags.`ptft.run_id` = '{manifest['run_id']}'")
+    stage_runs = {run.data.tags["ptft.stage"]: run for run in hits if "ptft.stage" in run.data.tags}
+    assert sorted(stage_runs) == sorted(STAGES)
+    for stage, run in stage_runs.items():
+        assert run.data.tags["ptft.cache_hit"] == "true" and run.info.status == "FINISHED"
+        assert run.data.tags["ptft.cached_from_run_id"] == first[stage]  # points at the producer
+
+
+def test_changing_a_finetuning_field_reruns_only_finetune_and_serve(reruns: dict) -> None:
+    statuses = {name: record["status"] for name, record in reruns["changed"]["stages"].items()}
+    assert statuses == {"tokenize": "cached", "pretrain": "cached", "tune": "cached",
+                        "finetune": "succeeded", "serve": "succeeded"}  # fmt: skip
