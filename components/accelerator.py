@@ -9,8 +9,6 @@ from __future__ import annotations
 import argparse
 import os
 
-import torch
-
 
 def deepspeed_env(use_gpu: bool) -> dict[str, str]:
     """Environment variables a training process needs before DeepSpeed is imported."""
@@ -22,6 +20,8 @@ def deepspeed_env(use_gpu: bool) -> dict[str, str]:
 
 def prepare_process(use_gpu: bool, num_threads: int | None = None) -> None:
     """Set DeepSpeed's accelerator and torch's thread count for this process."""
+    import torch  # here, not at the top: the driver imports this module for deepspeed_env alone
+
     for key, value in deepspeed_env(use_gpu).items():
         os.environ.setdefault(key, value)
     if num_threads:

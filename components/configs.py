@@ -237,6 +237,9 @@ class TuneConfig(BaseModel):
     metric: Literal["eval/accuracy", "eval/loss"] = Field("eval/accuracy", description="validation metric to optimise")
     max_concurrent_trials: int = Field(2, gt=0, description="trials at once; at most the CPUs you have")
     cpus_per_trial: float = Field(1, gt=0, description="CPUs per trial (= its torch threads)")
+    trial_max_failures: int = Field(
+        2, ge=-1, description="retries of a failed trial from its last epoch checkpoint; -1 unlimited"
+    )
     search_space: dict[Searchable, Distribution] = Field(
         default_factory=_default_space, description=f"keys among: {', '.join(SEARCHABLE)}"
     )

@@ -86,7 +86,8 @@ def _new_tuner(cfg: TuneConfig, trainable, ctx: StageContext) -> ray.tune.Tuner:
                                     reduction_factor=cfg.reduction_factor),
         ),
         run_config=ray.tune.RunConfig(storage_path=ctx.ray_storage(), name=ctx.ray_run_name(),
-                                      checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=1)),
+                                      checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=1),
+                                      failure_config=ray.tune.FailureConfig(max_failures=cfg.trial_max_failures)),
     )  # fmt: skip
 
 

@@ -10,6 +10,7 @@ it into place, so a folder with that name is always complete. A key with `_SUCCE
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ from pathlib import Path
 import ray
 from mlflow.tracking import MlflowClient
 
-from components import accelerator, data, finetune, pretrain, serve, tokenize, tune
+from components import accelerator, data
 from components.stage import StageContext, StageResult, read_json, write_json
 from components.tracking import (
     MlflowTracker,
@@ -48,6 +49,7 @@ STAGE_VERSIONS = {"tokenize": "1", "pretrain": "2", "tune": "2", "finetune": "2"
 NOT_IN_KEY = {
     "pretrain": ("log_every", "checkpoint_every", "workers.max_failures", "workers.placement_strategy"),
     "finetune": ("log_every", "workers.max_failures", "workers.placement_strategy"),
+    "tune": ("tune.trial_max_failures",),
 }
 SUCCESS = "_SUCCESS"
 
@@ -246,7 +248,7 @@ class _StageRunner:
     def _after_hit(self, stage: str, stage_result: StageResult, final_dir: Path) -> StageResult:
         """A reused serve artifact records a deployment: bring it back if it is not running."""
         if stage == "serve":
-            serve.ensure_deployed(self.config.serve, stage_result.outputs, self.config.tracking_uri())
+            _stage_module("serve").ensure_deployed(self.config.serve, stage_result.outputs, self.config.tracking_uri())
         return stage_result
 
     def _execute(self, stage: str, key: str, stage_config: dict, call, final_dir: Path) -> StageResult:
@@ -305,11 +307,11 @@ class _StageRunner:
         if stage == "tokenize":
             fingerprints = {split: data.fingerprint(source) for split, source in _sources(cfg).items()}
             stage_cfg = {"tokenize": cfg.tokenize.model_dump(mode="json"), "data": cfg.data.model_dump(mode="json")}
-            return stage_cfg, fingerprints, lambda ctx: tokenize.run(cfg.tokenize, cfg.data, ctx)
+            return stage_cfg, fingerprints, lambda ctx: _stage_module("tokenize").run(cfg.tokenize, cfg.data, ctx)
         if stage == "pretrain":
             tokenized = done["tokenize"].output_uri
             return (cfg.pretrain.model_dump(mode="json"), {"tokenize": keys["tokenize"], "seed": str(cfg.seed)},
-                    lambda ctx: pretrain.run(cfg.pretrain, tokenized, ctx))  # fmt: skip
+                    lambda ctx: _stage_module("pretrain").run(cfg.pretrain, tokenized, ctx))  # fmt: skip
         if stage == "tune":
             pretrained, tokenized = done["pretrain"].output_uri, done["tokenize"].output_uri
             # Trials train with finetune's defaults and DeepSpeed settings: they are part of the key.
@@ -322,16 +324,23 @@ class _StageRunner:
             pretrained, tokenized = done["pretrain"].output_uri, done["tokenize"].output_uri
             best = done["tune"].output_uri if cfg.tune.enabled else None
             return (cfg.finetune.model_dump(mode="json"), {"tune": keys["tune"], "pretrain": keys["pretrain"]},
-                    lambda ctx: finetune.run(cfg.finetune, pretrained, tokenized, best, ctx,
+                    lambda ctx: _stage_module("finetune").run(cfg.finetune, pretrained, tokenized, best, ctx,
                                              registered_model_name=cfg.registered_model_name()))  # fmt: skip
         registered = done["finetune"].outputs["registered"]
         return (cfg.serve.model_dump(mode="json"), {"finetune": keys["finetune"]},
-                lambda ctx: serve.run(cfg.serve, registered, ctx))  # fmt: skip
+                lambda ctx: _stage_module("serve").run(cfg.serve, registered, ctx))  # fmt: skip
+
+
+def _stage_module(stage: str):
+    """A stage's module, imported when the stage first runs: a run of cache hits never pays for
+    torch, transformers and DeepSpeed in the driver."""
+    return importlib.import_module(f"components.{stage}")
 
 
 def _tune_or_skip(cfg: PipelineConfig, pretrained: str, tokenized: str, ctx: StageContext) -> StageResult:
     if not cfg.tune.enabled:
         return StageResult(output_uri=str(ctx.output_dir), metrics={"tune/trials": 0})
+    tune = _stage_module("tune")
     return tune.run(cfg.tune, pretrained, tokenized, cfg.finetune.defaults, cfg.finetune.deepspeed, ctx)
 
 

@@ -136,6 +136,14 @@ def test_serve_answers_http(demo: dict) -> None:
     assert requests.get(f"{url}/metadata", timeout=10).json()["version"] == body["model"]["version"]
 
 
+def test_serve_listens_on_loopback_only(demo: dict) -> None:
+    import psutil
+
+    port = int(demo["url"].rsplit(":", 1)[1])
+    listening = [c.laddr.ip for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == port]
+    assert listening and set(listening) == {"127.0.0.1"}, listening
+
+
 @pytest.mark.parametrize(
     "payload",
     [{"text": "missing the list"}, {"texts": []}, {"texts": [42]}, {"texts": "not a list"}, {"texts": ["x"] * 1000}],
@@ -174,7 +182,10 @@ def reruns(demo: dict) -> dict:
     cached = _ptft(demo["command"])
     cached_manifest = _newest_manifest(demo["storage"])
     _ptft([*demo["command"], "finetune.epochs=2"])
-    return {"cached": cached_manifest, "cached_stdout": cached.stdout, "changed": _newest_manifest(demo["storage"])}
+    changed_manifest = _newest_manifest(demo["storage"])
+    _ptft([*demo["command"], "finetune.epochs=2", "--rerun", "finetune"])
+    return {"cached": cached_manifest, "cached_stdout": cached.stdout, "changed": changed_manifest,
+            "forced": _newest_manifest(demo["storage"])}  # fmt: skip
 
 
 def test_unchanged_rerun_is_all_cache_hits(demo: dict, reruns: dict) -> None:
@@ -199,3 +210,14 @@ def test_changing_a_finetuning_field_reruns_only_finetune_and_serve(reruns: dict
     statuses = {name: record["status"] for name, record in reruns["changed"]["stages"].items()}
     assert statuses == {"tokenize": "cached", "pretrain": "cached", "tune": "cached",
                         "finetune": "succeeded", "serve": "succeeded"}  # fmt: skip
+
+
+def test_rerun_forces_a_stage_and_what_follows(reruns: dict) -> None:
+    statuses = {name: record["status"] for name, record in reruns["forced"]["stages"].items()}
+    assert statuses == {"tokenize": "cached", "pretrain": "cached", "tune": "cached",
+                        "finetune": "succeeded", "serve": "succeeded"}  # fmt: skip
+    # The same key as the run before: its artifact was replaced, not duplicated.
+    assert reruns["forced"]["stages"]["finetune"]["key"] == reruns["changed"]["stages"]["finetune"]["key"]
+    folder = Path(reruns["forced"]["stages"]["finetune"]["output_uri"]).parent
+    assert json.loads((folder / "_SUCCESS").read_text())["pipeline_run_id"] == reruns["forced"]["run_id"]
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no partial/old folders left
