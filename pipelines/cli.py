@@ -13,6 +13,7 @@ import signal
 import sys
 import time
 
+from pipelines import jobs
 from pipelines.config import ConfigError, load_config
 
 EXIT_USER_ERROR = 2
@@ -51,11 +52,18 @@ def _parser() -> argparse.ArgumentParser:
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--host", default="127.0.0.1")
     ui.set_defaults(handler=_ui)
+    jobs.add_commands(commands)
     return parser
 
 
 def _validate(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
+    if config.ray.address:  # a cluster: shared storage, MLflow and resources, checked from its nodes
+        from pipelines import preflight
+
+        problems = preflight.check_cluster(config)
+        if problems:
+            raise ConfigError(args.config, problems)
     print(f"{args.config}: OK (pipeline {config.name!r}, storage {config.storage_path()}, "
           f"tracking {config.tracking_uri()})")  # fmt: skip
     return 0

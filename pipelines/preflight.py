@@ -1,0 +1,270 @@
+"""Pre-flight checks for a pipeline that runs on a Ray cluster, before it asks for a CPU:
+
+1. every alive node sees `storage` at the same path and can write to it (a probe file written
+   here, read and answered by a zero-CPU task pinned to each node);
+2. an http(s) `tracking.uri` answers MLflow's `/health`;
+3. the training worker groups and the Tune sweep fit the cluster's CPUs and GPUs.
+
+`check_cluster` returns the problems found (empty: good to go), in the shape `ConfigError` reports.
+With a dashboard address (`http://HEAD:8265`, what `ptft submit` talks to) only (2) and (3) run,
+through Ray's state API; the storage probe needs a driver on the cluster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import requests
+
+from pipelines.config import PipelineConfig, Problem
+
+SHARED_STORAGE_FIX = "use shared storage (NFS/EFS/PVC) mounted at the same path on every node"
+PROBE_TIMEOUT_S = 120  # a node starts a worker process for its first task: seconds on a busy machine
+HEALTH_TIMEOUT_S = 5
+
+
+def check_cluster(config: PipelineConfig, address: str | None = None) -> list[Problem]:
+    """Every cluster problem at once: shared storage, MLflow reachability, resources.
+
+    Args:
+        config: a validated pipeline config.
+        address: a dashboard URL (`http://HEAD:8265`: resource and MLflow checks only) or a
+            cluster address for `ray.init` (`HOST:6379`, `auto`, `ray://HEAD:10001`); default
+            `config.ray.address`. Uses the current Ray connection when there is one (inside a job).
+    """
+    problems = tracking_problems(config)
+    address = address or config.ray.address
+    if address and address.startswith(("http://", "https://")):
+        nodes, error = _nodes_from_dashboard(address)
+        return problems + (error or resource_problems(config, list(nodes.values())))
+    import ray
+
+    if not (address or os.environ.get("RAY_ADDRESS") or ray.is_initialized()):
+        return problems  # a local Ray, started later: one node, nothing shared to check
+    with _ray_connection(address) as error:
+        if error:
+            return problems + [error]
+        nodes = _alive_nodes()
+        return problems + storage_problems_on_nodes(config, nodes) + resource_problems(config, list(nodes.values()))
+
+
+def tracking_problems(config: PipelineConfig) -> list[Problem]:
+    """An MLflow server named by `tracking.uri` must answer `/health`."""
+    uri = config.tracking.uri
+    if not uri or not uri.startswith(("http://", "https://")):
+        return []  # the default sqlite store lives under storage, which the storage probe covers
+    try:
+        response = requests.get(f"{uri.rstrip('/')}/health", timeout=HEALTH_TIMEOUT_S)
+        if response.ok:
+            return []
+        reason = f"GET /health answered {response.status_code}"
+    except requests.RequestException as error:
+        reason = f"GET /health failed: {type(error).__name__}"
+    return [Problem("tracking.uri", uri, f"the MLflow server does not answer ({reason})",
+                    "start the server or fix tracking.uri; a Ray Job's nodes must reach it too")]  # fmt: skip
+
+
+# --- resources ---------------------------------------------------------------------------------
+
+def resource_problems(config: PipelineConfig, nodes: list[dict[str, float]]) -> list[Problem]:
+    """Worker groups and the sweep against the alive nodes' total resources (`{"CPU": 2, ...}` each)."""
+    problems = []
+    for stage in ("pretrain", "finetune"):
+        problems += _worker_problems(stage, getattr(config, stage).workers, nodes)
+    if config.tune.enabled:
+        problems += _tune_problems(config, nodes)
+    return problems
+
+
+def _worker_problems(stage: str, workers, nodes: list[dict[str, float]]) -> list[Problem]:
+    key = f"{stage}.workers"
+    per_worker = {"CPU": workers.cpus_per_worker, **({"GPU": 1} if workers.use_gpu else {})}
+    for resource, amount in per_worker.items():
+        largest = max((node.get(resource, 0) for node in nodes), default=0)
+        total = sum(node.get(resource, 0) for node in nodes)
+        field = "cpus_per_worker" if resource == "CPU" else "use_gpu"
+        if amount > largest:
+            return [Problem(f"{key}.{field}", getattr(workers, field),
+                            f"a worker needs {amount:g} {resource} but no node has that many "
+                            f"(largest: {largest:g})",
+                            f"set {key}.cpus_per_worker <= {largest:g}" if resource == "CPU"
+                            else f"add GPU nodes or set {key}.use_gpu=false")]  # fmt: skip
+        if workers.num_workers * amount > total:
+            fit = int(total // amount)
+            return [Problem(f"{key}.num_workers", workers.num_workers,
+                            f"{workers.num_workers} workers x {amount:g} {resource} = "
+                            f"{workers.num_workers * amount:g} {resource}, the cluster has {total:g}",
+                            f"set {key}.num_workers <= {fit}, or add nodes")]  # fmt: skip
+    return _placement_problems(key, workers, per_worker, nodes)
+
+
+def _placement_problems(key: str, workers, per_worker: dict[str, float], nodes: list[dict[str, float]]
+                        ) -> list[Problem]:  # fmt: skip
+    def fits(node: dict[str, float], count: int) -> bool:
+        return all(node.get(resource, 0) >= count * amount for resource, amount in per_worker.items())
+
+    strategy = workers.placement_strategy
+    if strategy == "STRICT_PACK" and not any(fits(node, workers.num_workers) for node in nodes):
+        return [Problem(f"{key}.placement_strategy", strategy,
+                        f"all {workers.num_workers} workers must share one node and none has room for them",
+                        f"set {key}.placement_strategy=PACK or fewer {key}.num_workers")]  # fmt: skip
+    roomy = sum(fits(node, 1) for node in nodes)
+    if strategy == "STRICT_SPREAD" and workers.num_workers > roomy:
+        return [Problem(f"{key}.placement_strategy", strategy,
+                        f"{workers.num_workers} workers on distinct nodes, but only {roomy} nodes fit a worker",
+                        f"set {key}.placement_strategy=SPREAD or {key}.num_workers <= {roomy}")]  # fmt: skip
+    return []
+
+
+def _tune_problems(config: PipelineConfig, nodes: list[dict[str, float]]) -> list[Problem]:
+    tune = config.tune
+    largest = max((node.get("CPU", 0) for node in nodes), default=0)
+    total = sum(node.get("CPU", 0) for node in nodes)
+    if tune.cpus_per_trial > largest:
+        return [Problem("tune.cpus_per_trial", tune.cpus_per_trial,
+                        f"no node has {tune.cpus_per_trial:g} CPUs (largest: {largest:g})",
+                        f"set tune.cpus_per_trial <= {largest:g}")]  # fmt: skip
+    if tune.max_concurrent_trials * tune.cpus_per_trial > total:
+        fit = max(1, int(total // tune.cpus_per_trial))
+        return [Problem("tune.max_concurrent_trials", tune.max_concurrent_trials,
+                        f"{tune.max_concurrent_trials} trials x {tune.cpus_per_trial:g} CPUs = "
+                        f"{tune.max_concurrent_trials * tune.cpus_per_trial:g} CPUs, the cluster has {total:g}",
+                        f"set tune.max_concurrent_trials <= {fit} or lower tune.cpus_per_trial")]  # fmt: skip
+    return []
+
+
+# --- shared storage ----------------------------------------------------------------------------
+
+def storage_problems_on_nodes(config: PipelineConfig, nodes: dict[str, dict[str, float]]) -> list[Problem]:
+    """Write a probe file under storage here; a task pinned to each node must see it and write beside it."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    probe_dir = config.storage_path() / ".ptft-preflight" / uuid.uuid4().hex[:12]
+    try:
+        probe_dir.mkdir(parents=True)
+        (probe_dir / "probe").write_text(probe_dir.name)
+    except OSError as error:
+        return [Problem("storage", config.storage, f"not writable here ({error.strerror})",
+                        "point it at a writable folder on shared storage")]  # fmt: skip
+    probe = ray.remote(num_cpus=0, max_retries=0)(_node_probe())
+    pending = {node_id: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
+               .remote(str(probe_dir), probe_dir.name) for node_id in nodes}  # fmt: skip
+    problems = []
+    try:
+        done, _ = ray.wait(list(pending.values()), num_returns=len(pending), timeout=PROBE_TIMEOUT_S)
+        for node_id, ref in pending.items():
+            host, error = _probe_answer(ref, ref in done)
+            if error:
+                problems.append(Problem("storage", config.storage, f"node {host} ({node_id[:8]}): {error}",
+                                        SHARED_STORAGE_FIX))  # fmt: skip
+    finally:
+        _remove_tree(probe_dir)
+    return problems
+
+
+def _probe_answer(ref, done: bool) -> tuple[str, str | None]:
+    import ray
+
+    if not done:
+        ray.cancel(ref, force=True)
+        return "?", f"the probe task did not answer in {PROBE_TIMEOUT_S}s"
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayError as failure:
+        return "?", f"the probe task failed ({type(failure).__name__})"
+
+
+def _node_probe() -> Callable[[str, str], tuple[str, str | None]]:
+    # Defined in a closure so that Ray ships the function by value: a node needs no ptft install.
+    def probe(folder: str, token: str) -> tuple[str, str | None]:
+        import os
+        import socket
+
+        host = socket.gethostbyname(socket.gethostname())
+        try:
+            with open(os.path.join(folder, "probe")) as file:
+                if file.read() != token:
+                    return host, f"{folder} holds another probe: this is a different filesystem"
+        except OSError as error:
+            return host, f"cannot read the probe file under {folder} ({error.strerror})"
+        try:
+            written = os.path.join(folder, f"node-{os.getpid()}")
+            with open(written, "w") as file:
+                file.write(token)
+            os.remove(written)
+        except OSError as error:
+            return host, f"cannot write under {folder} ({error.strerror})"
+        return host, None
+
+    return probe
+
+
+def _remove_tree(folder: Path) -> None:
+    for child in folder.iterdir():
+        child.unlink(missing_ok=True)
+    folder.rmdir()
+    with contextlib.suppress(OSError):
+        folder.parent.rmdir()  # only when no other probe is running
+
+
+# --- reaching the cluster ----------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _ray_connection(address: str | None) -> Iterator[Problem | None]:
+    """This process's Ray connection: the current one (inside a job), else one made here and
+    closed on exit. Yields a problem instead when the cluster cannot be reached."""
+    import ray
+
+    if ray.is_initialized():
+        yield None
+        return
+    try:
+        ray.init(address=address, log_to_driver=False, configure_logging=False, logging_level="WARNING")
+    except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as error:
+        yield _unreachable("ray.address", address, error)
+        return
+    try:
+        yield None
+    finally:
+        ray.shutdown()
+
+
+def _alive_nodes() -> dict[str, dict[str, float]]:
+    """Total resources of the alive nodes, by node id."""
+    import ray
+
+    return {node["NodeID"]: node["Resources"] for node in ray.nodes() if node["Alive"]}
+
+
+def _nodes_from_dashboard(address: str) -> tuple[dict[str, dict[str, float]], list[Problem]]:
+    from ray.util.state import list_nodes
+
+    try:
+        with explicit_address():
+            nodes = list_nodes(address=address, filters=[("state", "=", "ALIVE")], detail=True)
+    except Exception as error:  # noqa: BLE001 - the state API raises several kinds; all mean "cannot ask"
+        return {}, [_unreachable("--address", address, error)]
+    return {node.node_id: node.resources_total for node in nodes}, []
+
+
+def _unreachable(key: str, address: str | None, error: Exception) -> Problem:
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return Problem(key, address, f"cannot reach the Ray cluster ({first_line})",
+                   "start the cluster or fix the address; clusters started with `ray start` use token "
+                   "auth, so export RAY_AUTH_MODE=token here")  # fmt: skip
+
+
+@contextlib.contextmanager
+def explicit_address() -> Iterator[None]:
+    """Ray's job and state clients prefer RAY_ADDRESS / RAY_API_SERVER_ADDRESS from the environment
+    over the address they are given; hide them so that an explicit address wins."""
+    saved = {name: os.environ.pop(name) for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS") if name in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)

@@ -1,0 +1,194 @@
+"""`ptft submit / logs / status / stop` and the cluster pre-flight against a real two-node Ray
+cluster on this machine: a head and a second node, each its own `ray start --block` process with
+2 CPUs. The demo pipeline (shrunk) is submitted as a Ray Job; its pre-training workers must land
+on both nodes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from ray.job_submission import JobSubmissionClient
+
+from components.training import free_port
+from tests.conftest import REPO
+from tests.e2e.test_demo_pipeline import SHRINK
+from tests.services import BIN, _stop, _wait_for
+
+pytestmark = pytest.mark.integration
+
+PTFT = str(BIN / "ptft")
+SECOND_NODE = "second_node"
+
+
+def _node_command(*args: str) -> list[str]:
+    # Two nodes on one host: each dashboard agent and metrics exporter needs its own port.
+    return [str(BIN / "ray"), "start", "--block", "--num-cpus=2", "--object-store-memory=300000000",
+            f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
+            "--disable-usage-stats", *args]  # fmt: skip
+
+
+def _alive_nodes(address: str) -> int:
+    out = subprocess.run([str(BIN / "ray"), "status", f"--address={address}"], capture_output=True, text=True,
+                         timeout=30).stdout  # fmt: skip
+    active = out.split("Active:", 1)[-1].split("Pending:", 1)[0] if "Active:" in out else ""
+    return len(re.findall(r"^\s*1 node_", active, flags=re.M))
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[dict]:
+    """A head and a second node (marked with the custom resource `second_node`); only these two
+    processes are stopped at the end (`ray stop` would end every Ray on the machine)."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="ptft-2nodes-", dir="/tmp"))
+    port, dashboard_port = free_port(), free_port()
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "DS_ACCELERATOR": "cpu",
+           "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}  # fmt: skip
+    env.pop("RAY_ADDRESS", None)
+    address, dashboard = f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}"
+    head_command = _node_command("--head", f"--port={port}", f"--temp-dir={temp_dir}", "--include-dashboard=true",
+                                 "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+                                 f"--ray-client-server-port={free_port()}")  # fmt: skip
+    # Its own temp dir: nodes that share one would share runtime_resources/, and one node's runtime-env
+    # agent would delete the job's working dir while the other still runs in it.
+    second_command = _node_command(f"--address={address}", f"--temp-dir={temp_dir / 'second'}",
+                                   f"--resources={json.dumps({SECOND_NODE: 1})}")  # fmt: skip
+    processes = []
+    try:
+        for name, command in (("head", head_command), ("second", second_command)):
+            log = temp_dir / f"{name}.log"
+            with open(log, "w") as out:
+                processes.append(subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                                  start_new_session=True))  # fmt: skip
+            want = len(processes)
+            _wait_for(lambda want=want: _alive_nodes(address) >= want, f"ray {name} node", processes[-1], log)
+        _wait_for(lambda: JobSubmissionClient(dashboard), "ray job API", processes[0], temp_dir / "head.log")
+        yield {"address": address, "dashboard": dashboard}
+    finally:
+        for process in reversed(processes):
+            _stop(process)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _ptft(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    return subprocess.run([PTFT, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _submit(cluster: dict, storage: Path, *overrides: str) -> str:
+    result = _ptft("submit", "configs/demo.yaml", *SHRINK, f"storage={storage}", *overrides,
+                   "--address", cluster["dashboard"], "--no-wait")  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    match = re.search(r"Submitted job (\S+) to", result.stdout)
+    assert match, result.stdout
+    return match.group(1)
+
+
+# --- no cluster compute: refused before anything is sent -----------------------------------------
+
+def test_submit_refuses_a_broken_config_before_sending(tmp_path: Path) -> None:
+    result = _ptft("submit", "configs/demo.yaml", "pretrain.max_steps=twenty", f"storage={tmp_path}",
+                   "--address", f"http://127.0.0.1:{free_port()}")  # fmt: skip
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "pretrain.max_steps" in result.stderr and "Fix:" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_submit_refuses_relative_storage(tmp_path: Path) -> None:
+    result = _ptft("submit", "configs/demo.yaml", "storage=./ptft-runs", "--address",
+                   f"http://127.0.0.1:{free_port()}")  # fmt: skip
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "storage" in result.stderr
+    assert "use an absolute path on shared storage, e.g. storage=/mnt/shared/ptft-runs" in result.stderr
+
+
+# --- pre-flight from `ptft validate` ----------------------------------------------------------------
+
+def test_validate_on_the_cluster_passes(cluster: dict, mlflow_server: str, tmp_path: Path) -> None:
+    result = _ptft("validate", "configs/demo.yaml", f"storage={tmp_path}", f"tracking.uri={mlflow_server}",
+                   f"ray.address={cluster['address']}")  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "OK" in result.stdout
+    assert not list((tmp_path / ".ptft-preflight").glob("*")), "the storage probe cleans up after itself"
+
+
+def test_validate_names_what_does_not_fit_and_an_unreachable_mlflow(cluster: dict, tmp_path: Path) -> None:
+    dead_mlflow = f"http://127.0.0.1:{free_port()}"
+    result = _ptft("validate", "configs/demo.yaml", f"storage={tmp_path}", f"tracking.uri={dead_mlflow}",
+                   "pretrain.workers.num_workers=8", f"ray.address={cluster['address']}")  # fmt: skip
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "pretrain.workers.num_workers = 8: 8 workers x 1 CPU = 8 CPU, the cluster has 4" in result.stderr
+    assert "set pretrain.workers.num_workers <= 4" in result.stderr
+    assert "tracking.uri" in result.stderr and "Traceback" not in result.stderr
+
+
+# --- jobs -----------------------------------------------------------------------------------------
+
+def test_unknown_job_id_exits_2(cluster: dict) -> None:
+    result = _ptft("status", "ptft-no-such-job", "--address", cluster["dashboard"])
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "no job 'ptft-no-such-job'" in result.stderr
+
+
+def test_submitted_demo_trains_on_both_nodes(cluster: dict, mlflow_server: str,
+                                            tmp_path_factory: pytest.TempPathFactory) -> None:  # fmt: skip
+    storage = tmp_path_factory.mktemp("cluster-demo")
+    # finetune's workers stay on one node, so a worker group spanning two nodes can only be pretrain's.
+    job_id = _submit(cluster, storage, f"tracking.uri={mlflow_server}", "pretrain.workers.placement_strategy=SPREAD",
+                     "finetune.workers.placement_strategy=STRICT_PACK", f"serve.port={free_port()}",
+                     "serve.app_name=cluster")  # fmt: skip
+    assert job_id.startswith("ptft-demo-")
+
+    logs = _ptft("logs", job_id, "--follow", "--address", cluster["dashboard"], timeout=1200)
+    assert logs.returncode == 0, logs.stdout[-5000:] + logs.stderr[-3000:]
+    assert "Pipeline run" in logs.stdout and f"job {job_id}: SUCCEEDED" in logs.stdout
+    status = _ptft("status", job_id, "--address", cluster["dashboard"])
+    assert status.returncode == 0 and f"{job_id}: SUCCEEDED" in status.stdout, status.stdout + status.stderr
+    assert list((storage / "artifacts" / "serve").glob("*/_SUCCESS")), "the job wrote to the given storage"
+
+    groups = _train_worker_nodes(cluster["dashboard"], job_id)
+    spanning = [nodes for nodes in groups.values() if len(nodes) >= 2]
+    assert spanning, f"no training worker group ran on both nodes: {groups}"
+    assert _second_node_id(cluster["dashboard"]) in spanning[0]
+
+
+def test_stop_a_running_job(cluster: dict, mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    storage = tmp_path_factory.mktemp("cluster-stop")
+    job_id = _submit(cluster, storage, f"tracking.uri={mlflow_server}", f"serve.port={free_port()}",
+                     "serve.app_name=stopped")  # fmt: skip
+    deadline = time.monotonic() + 180
+    while "RUNNING" not in _ptft("status", job_id, "--address", cluster["dashboard"]).stdout:
+        assert time.monotonic() < deadline, "the job never started running"
+        time.sleep(2)
+    stopped = _ptft("stop", job_id, "--address", cluster["dashboard"], "--timeout", "120")
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert f"{job_id}: STOPPED" in stopped.stdout
+    assert f"{job_id}: STOPPED" in _ptft("status", job_id, "--address", cluster["dashboard"]).stdout
+
+
+def _train_worker_nodes(dashboard: str, job_id: str) -> dict[str, set[str]]:
+    """Node ids of the job's Ray Train workers (alive or dead), by worker group (placement group)."""
+    from ray.util.state import list_actors
+
+    ray_job_id = JobSubmissionClient(dashboard).get_job_info(job_id).job_id
+    # Ray Train V2's worker actor class (ray/train/v2/_internal/execution/worker_group/worker.py).
+    filters = [("class_name", "=", "RayTrainWorker"), ("job_id", "=", ray_job_id)]
+    workers = list_actors(address=dashboard, filters=filters, detail=True, limit=1000)
+    groups: dict[str, set[str]] = {}
+    for worker in workers:
+        groups.setdefault(worker.placement_group_id, set()).add(worker.node_id)
+    return groups
+
+
+def _second_node_id(dashboard: str) -> str:
+    from ray.util.state import list_nodes
+
+    (node,) = [n for n in list_nodes(address=dashboard, detail=True) if SECOND_NODE in n.resources_total]
+    return node.node_id

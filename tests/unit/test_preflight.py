@@ -1,0 +1,108 @@
+"""Cluster pre-flight messages and the Ray Job spec `ptft submit` sends, without a cluster.
+The same checks against a real two-node cluster: tests/integration/test_cluster_submit.py."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import pytest
+
+from components.training import free_port
+from pipelines import jobs, preflight
+from pipelines.config import PipelineConfig, validate
+from tests.conftest import REPO, tiny_config_dict
+
+TWO_NODES = [{"CPU": 2.0, "memory": 1e9}, {"CPU": 2.0, "second_node": 1.0}]
+
+
+def _config(tmp_path: Path, **sections: dict) -> PipelineConfig:
+    raw = tiny_config_dict(tmp_path / "store")
+    for name, values in sections.items():
+        raw[name] = {**raw.get(name, {}), **values}
+    return validate(raw, check_data=False)
+
+
+def _messages(problems: list) -> list[str]:
+    return [str(problem) for problem in problems]
+
+
+def test_the_default_workers_fit_two_nodes(tmp_path: Path) -> None:
+    assert preflight.resource_problems(_config(tmp_path), TWO_NODES) == []
+
+
+def test_too_many_workers_names_the_field_and_what_fits(tmp_path: Path) -> None:
+    config = _config(tmp_path, pretrain={"workers": {"num_workers": 8}})
+    (message,) = _messages(preflight.resource_problems(config, TWO_NODES))
+    assert message == ("  - pretrain.workers.num_workers = 8: 8 workers x 1 CPU = 8 CPU, the cluster has 4. "
+                       "Fix: set pretrain.workers.num_workers <= 4, or add nodes")  # fmt: skip
+
+
+def test_a_worker_bigger_than_any_node(tmp_path: Path) -> None:
+    config = _config(tmp_path, finetune={"workers": {"num_workers": 1, "cpus_per_worker": 3}})
+    (message,) = _messages(preflight.resource_problems(config, TWO_NODES))
+    assert "finetune.workers.cpus_per_worker = 3" in message and "largest: 2" in message
+    assert "Fix: set finetune.workers.cpus_per_worker <= 2" in message
+
+
+def test_gpus_requested_on_a_cpu_cluster(tmp_path: Path) -> None:
+    config = _config(tmp_path, pretrain={"workers": {"use_gpu": True}})
+    (message,) = _messages(preflight.resource_problems(config, TWO_NODES))
+    assert message.startswith("  - pretrain.workers.use_gpu = True: a worker needs 1 GPU")
+    assert "use_gpu=false" in message
+
+
+@pytest.mark.parametrize(("strategy", "workers", "fits"), [
+    ("STRICT_PACK", 2, True), ("STRICT_PACK", 3, False), ("STRICT_SPREAD", 2, True), ("STRICT_SPREAD", 3, False),
+])  # fmt: skip
+def test_strict_placement_against_the_nodes(tmp_path: Path, strategy: str, workers: int, fits: bool) -> None:
+    config = _config(tmp_path, pretrain={"workers": {"num_workers": workers, "placement_strategy": strategy}})
+    problems = preflight.resource_problems(config, TWO_NODES)
+    assert (problems == []) == fits, _messages(problems)
+    if not fits:
+        assert problems[0].key == "pretrain.workers.placement_strategy"
+
+
+def test_tune_concurrency_over_the_cluster(tmp_path: Path) -> None:
+    config = _config(tmp_path, tune={"max_concurrent_trials": 5, "cpus_per_trial": 1})
+    (message,) = _messages(preflight.resource_problems(config, TWO_NODES))
+    assert "tune.max_concurrent_trials = 5" in message and "Fix: set tune.max_concurrent_trials <= 4" in message
+
+
+def test_an_unreachable_mlflow_server_names_tracking_uri(tmp_path: Path) -> None:
+    uri = f"http://127.0.0.1:{free_port()}"
+    (problem,) = preflight.tracking_problems(_config(tmp_path, tracking={"uri": uri}))
+    assert problem.key == "tracking.uri" and problem.value == uri
+    assert preflight.tracking_problems(_config(tmp_path)) == []  # sqlite under storage: the storage probe's job
+
+
+def test_node_probe_reports_a_folder_it_cannot_see(tmp_path: Path) -> None:
+    probe = preflight._node_probe()
+    (tmp_path / "probe").write_text("token")
+    assert probe(str(tmp_path), "token")[1] is None
+    assert "different filesystem" in probe(str(tmp_path), "other")[1]
+    assert "cannot read the probe file" in probe(str(tmp_path / "elsewhere"), "token")[1]
+
+
+def test_submit_refuses_relative_storage_and_configs_outside_the_working_dir(tmp_path: Path) -> None:
+    config = validate({**tiny_config_dict(tmp_path), "storage": "./ptft-runs"}, check_data=False)
+    problems = jobs.submit_problems(str(tmp_path / "x.yaml"), config, REPO)
+    assert [p.key for p in problems] == ["CONFIG", "storage"]
+    assert "e.g. storage=/mnt/shared/ptft-runs" in str(problems[1])
+
+
+def test_job_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "secret")
+    config = _config(tmp_path)
+    spec = jobs.job_spec(config, str(REPO / "configs" / "demo.yaml"), ["pretrain.max_steps=5", "name=a b"], REPO,
+                         python="/opt/venv/bin/python -u")  # fmt: skip
+    assert shlex.split(spec["entrypoint"]) == ["/opt/venv/bin/python", "-u", "-m", "pipelines.cli", "run",
+                                               "configs/demo.yaml", "pretrain.max_steps=5", "name=a b"]  # fmt: skip
+    env = spec["runtime_env"]["env_vars"]
+    assert env["DS_ACCELERATOR"] == "cpu" and env["TOKENIZERS_PARALLELISM"] == "false"
+    assert "MLFLOW_TRACKING_TOKEN" not in env  # secrets live in the cluster's environment, never in the job
+    assert spec["runtime_env"]["working_dir"] == str(REPO)
+    assert {".venv", ".git", "ptft-runs"} <= set(spec["runtime_env"]["excludes"])
+    assert spec["submission_id"].startswith("ptft-unit-")
+    assert spec["metadata"]["ptft.pipeline"] == "unit"
