@@ -48,11 +48,12 @@ running_pids() {
 # start_node NAME ARGS...: one `ray start --block` in its own session (process group = its pid).
 start_node() {
   local name=$1; shift
-  # Several nodes on one host: each dashboard agent and metrics exporter needs its own port.
+  # Several nodes on one host: each dashboard agent and metrics exporter needs its own port, and
+  # each node its own temp dir (shared runtime_env folders get deleted under another node's job).
   setsid "$RAY" start --block --num-cpus="$cpus" \
     --object-store-memory="$OBJECT_STORE_BYTES" --labels="ptft-node=$name" \
     --dashboard-agent-listen-port="$(free_port)" --metrics-export-port="$(free_port)" \
-    --disable-usage-stats "$@" >"$STATE/$name.log" 2>&1 < /dev/null &
+    --temp-dir="$STATE/$name" --disable-usage-stats "$@" >"$STATE/$name.log" 2>&1 < /dev/null &
   echo $! >"$STATE/$name.pid"
 }
 

@@ -1,4 +1,4 @@
-"""`ptft` command line: run, validate, ui.
+"""`ptft` command line: run, resume, runs, validate, ui (and submit/status/logs/stop for Ray Jobs).
 
 Exit codes: 0 success, 1 a failure while running (infrastructure or a bug: traceback shown),
 2 a user error in the config or data (a message, no traceback).
@@ -12,9 +12,13 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 from pipelines import jobs
-from pipelines.config import ConfigError, load_config
+from pipelines.config import ConfigError, load_config, validate
+
+# The stage names, without importing the runner (Ray, torch) for `--help`.
+STAGE_NAMES = ("tokenize", "pretrain", "tune", "finetune", "serve")
 
 EXIT_USER_ERROR = 2
 
@@ -39,7 +43,20 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. pretrain.max_steps=20")
     run.add_argument("--keep-serving", action="store_true",
                      help="keep the Serve deployment up until Ctrl-C (default: shut down a local Ray at the end)")
+    run.add_argument("--rerun", metavar="STAGE", choices=STAGE_NAMES,
+                     help="run this stage and every later one again, ignoring their cache")
     run.set_defaults(handler=_run)
+
+    resume = commands.add_parser("resume", help="continue a failed or interrupted pipeline run")
+    resume.add_argument("run_id", help="pipeline run id (see `ptft runs`)")
+    resume.add_argument("--storage", default="./ptft-runs", help="the run's storage (default ./ptft-runs)")
+    resume.add_argument("--keep-serving", action="store_true", help="as for run")
+    resume.set_defaults(handler=_resume)
+
+    runs = commands.add_parser("runs", help="list pipeline runs and their stages")
+    runs.add_argument("--storage", default="./ptft-runs", help="storage to list (default ./ptft-runs)")
+    runs.add_argument("--limit", type=int, default=20)
+    runs.set_defaults(handler=_runs)
 
     validate = commands.add_parser("validate", help="check a config and its data; starts nothing")
     validate.add_argument("config")
@@ -71,26 +88,65 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
-    import pipelines  # heavy imports (Ray, torch) only once the config is known to be good
-    from components import serve
+    return _execute(config, args, rerun=args.rerun)
 
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+
+def _resume(args: argparse.Namespace) -> int:
+    from pipelines.manifest import Manifest
+
+    try:
+        manifest = Manifest.load(Path(args.storage), args.run_id)
+    except FileNotFoundError as error:
+        print(f"ptft: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    if Path(manifest.working_dir).is_dir():
+        os.chdir(manifest.working_dir)  # relative data paths in the config mean what they meant then
+    raw = {**manifest.config(), "storage": manifest.storage}
+    config = validate(raw, f"run {args.run_id}")
+    print(f"Resuming pipeline run {args.run_id} ({manifest.status}); stages: "
+          + ", ".join(f"{name}={record.status}" for name, record in manifest.stages.items()), flush=True)  # fmt: skip
+    return _execute(config, args, resume=args.run_id)
+
+
+def _execute(config, args: argparse.Namespace, **how) -> int:
+    import pipelines  # heavy imports (Ray, MLflow) only once the config is known to be good
+
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # runs end KILLED, not stuck RUNNING
     started = time.perf_counter()
-    result = pipelines.run(config, on_stage=_print_stage)
+    result = pipelines.run(config, on_stage=_print_stage, **how)
     _print_summary(result, config, time.perf_counter() - started)
     on_cluster = config.ray.address is not None or "RAY_ADDRESS" in os.environ
     if args.keep_serving:
         print(f"Serving at {result.endpoint} — Ctrl-C to stop.")
         _wait_forever()
     if not on_cluster or args.keep_serving:
+        from components import serve
+
         serve.shutdown()
         print("Serve shut down.")
     return 0
 
 
+def _runs(args: argparse.Namespace) -> int:
+    from pipelines.manifest import list_runs
+
+    runs = list_runs(Path(args.storage))[: args.limit]
+    if not runs:
+        print(f"No pipeline runs under {args.storage}.")
+        return 0
+    print(f"{'RUN ID':<24} {'PIPELINE':<14} {'STATUS':<10} {'STARTED':<20} {'SECONDS':>8}  STAGES")
+    for run in runs:
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.created_at))
+        seconds = f"{run.ended_at - run.created_at:.0f}" if run.ended_at else "-"
+        stages = " ".join(f"{name}:{record.status}" for name, record in run.stages.items())
+        print(f"{run.run_id:<24} {run.pipeline:<14} {run.status:<10} {started:<20} {seconds:>8}  {stages}")
+    return 0
+
+
 def _print_stage(stage: str, result) -> None:
     shown = ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items() if isinstance(v, (int, float)))
-    print(f"[ptft] {stage:<8} done: {result.output_uri}\n         {shown}", flush=True)
+    how = "cached" if result.cached else "done"
+    print(f"[ptft] {stage:<8} {how}: {result.output_uri}\n         {shown}", flush=True)
 
 
 def _print_summary(result, config, seconds: float) -> None:

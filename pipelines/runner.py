@@ -38,7 +38,7 @@ from components.tracking import (
     start_run,
 )
 from pipelines import manifest as mf
-from pipelines.config import PipelineConfig, resolved_dict
+from pipelines.config import ConfigError, PipelineConfig, resolved_dict
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,7 @@ def run(
     storage = config.storage_path()
     storage.mkdir(parents=True, exist_ok=True)
     _init_ray(config)
+    _preflight(config)
     client = MlflowClient(config.tracking_uri())
     # The embedded store keeps artifacts beside it; a tracking server decides for itself.
     artifact_location = str(storage / "mlartifacts") if config.tracking.uri is None else None
@@ -112,6 +113,18 @@ def run(
         client.set_terminated(manifest.mlflow_run_id, status=status)
         manifest.finished({"FINISHED": mf.SUCCEEDED, "KILLED": mf.KILLED}.get(status, mf.FAILED))
     return result
+
+
+def _preflight(config: PipelineConfig) -> None:
+    """On a cluster: storage visible from every node, MLflow reachable, the workers fit; before
+    any run is opened or compute starts."""
+    if not (config.ray.address or os.environ.get("RAY_ADDRESS")):
+        return
+    from pipelines import preflight
+
+    problems = preflight.check_cluster(config)
+    if problems:
+        raise ConfigError("pre-flight", problems)
 
 
 def _reopen_pipeline_run(client: MlflowClient, storage: Path, run_id: str, experiment_id: str) -> mf.Manifest:
