@@ -110,9 +110,25 @@ def deploy(cfg: ServeConfig, model: ModelInfo, tracking_uri: str) -> str:
         num_replicas=cfg.num_replicas, ray_actor_options={"num_cpus": cfg.cpus_per_replica}
     )
     serve.run(deployment.bind(), name=cfg.app_name, route_prefix=cfg.route_prefix)
-    url = f"http://{_client_host(cfg.host)}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
+    host, port = _http_address(cfg)
+    url = f"http://{_client_host(host)}:{port}{cfg.route_prefix.rstrip('/')}"
     _wait_healthy(url)
     return url
+
+
+def _http_address(cfg: ServeConfig) -> tuple[str, int]:
+    """Where Serve really listens. A cluster has one Serve HTTP proxy per node with the options it
+    was first started with; `serve.start` on a running Serve keeps them, so another app's port wins."""
+    from ray.serve.context import _get_global_client  # no public API tells the running proxy's port
+
+    try:
+        http = _get_global_client().http_config
+    except Exception:  # noqa: BLE001 - fall back to what was asked for
+        return cfg.host, cfg.port
+    if (http.host, http.port) != (cfg.host, cfg.port):
+        log.warning("serve: Serve already runs on this cluster at %s:%s; serve.host/serve.port (%s:%s) "
+                    "do not apply to a running Serve", http.host, http.port, cfg.host, cfg.port)  # fmt: skip
+    return http.host, http.port
 
 
 def _client_host(host: str) -> str:

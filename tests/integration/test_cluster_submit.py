@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 from ray.job_submission import JobSubmissionClient
 
 from components.training import free_port
@@ -163,14 +164,34 @@ def test_stop_a_running_job(cluster: dict, mlflow_server: str, tmp_path_factory:
     storage = tmp_path_factory.mktemp("cluster-stop")
     job_id = _submit(cluster, storage, f"tracking.uri={mlflow_server}", f"serve.port={free_port()}",
                      "serve.app_name=stopped")  # fmt: skip
-    deadline = time.monotonic() + 180
-    while "RUNNING" not in _ptft("status", job_id, "--address", cluster["dashboard"]).stdout:
-        assert time.monotonic() < deadline, "the job never started running"
-        time.sleep(2)
+    deadline = time.monotonic() + 300
+    while not _a_stage_is_running(storage):  # stop it mid-stage, with MLflow runs open
+        assert time.monotonic() < deadline, "the job never started a stage"
+        time.sleep(1)
     stopped = _ptft("stop", job_id, "--address", cluster["dashboard"], "--timeout", "120")
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     assert f"{job_id}: STOPPED" in stopped.stdout
     assert f"{job_id}: STOPPED" in _ptft("status", job_id, "--address", cluster["dashboard"]).stdout
+    # Ray stops a job with SIGTERM: the driver ends its runs KILLED instead of leaving them RUNNING.
+    (manifest_path,) = (storage / "runs").glob("*/manifest.json")
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["status"] == "killed", manifest
+    client = MlflowClient(mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name("demo").experiment_id],
+                              f"tags.`ptft.run_id` = '{manifest['run_id']}'")  # fmt: skip
+    assert runs and all(run.info.status in ("KILLED", "FINISHED") for run in runs), [
+        (run.info.run_name, run.info.status) for run in runs]  # fmt: skip
+    assert any(run.info.status == "KILLED" for run in runs)
+
+
+def _a_stage_is_running(storage: Path) -> bool:
+    for path in (storage / "runs").glob("*/manifest.json"):
+        try:
+            stages = json.loads(path.read_text())["stages"].values()
+        except (json.JSONDecodeError, OSError):
+            return False
+        return any(stage["status"] == "running" for stage in stages)
+    return False
 
 
 def _train_worker_nodes(dashboard: str, job_id: str) -> dict[str, set[str]]:
