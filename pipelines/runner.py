@@ -52,6 +52,8 @@ NOT_IN_KEY = {
     "tune": ("tune.trial_max_failures",),
 }
 SUCCESS = "_SUCCESS"
+# How a stop arrives: Ctrl-C/SIGTERM (ptft's handler) or SystemExit (Ray's SIGTERM handler in a job driver).
+_STOPPED = (KeyboardInterrupt, SystemExit)
 
 
 @dataclass
@@ -106,7 +108,7 @@ def run(
             if on_stage:
                 on_stage(stage, stage_result)
         status = "FINISHED"
-    except KeyboardInterrupt:
+    except _STOPPED:
         status = "KILLED"
         raise
     finally:
@@ -249,7 +251,7 @@ class _StageRunner:
         try:
             stage_result = self._after_hit(stage, stage_result, final_dir)
         except BaseException as error:
-            tracker.close("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+            tracker.close("KILLED" if isinstance(error, _STOPPED) else "FAILED")
             self.manifest.stage_ended(stage, mf.FAILED, error=_describe(error))
             raise
         tracker.log_metrics(stage_result.metrics, step=0)
@@ -288,7 +290,7 @@ class _StageRunner:
         try:
             stage_result = call(ctx)
         except BaseException as error:
-            interrupted = isinstance(error, KeyboardInterrupt)
+            interrupted = isinstance(error, _STOPPED)
             tracker.close("KILLED" if interrupted else "FAILED")
             self.manifest.stage_ended(stage, mf.KILLED if interrupted else mf.FAILED, error=_describe(error))
             raise
