@@ -3,6 +3,7 @@ pieces of resume and caching that need no cluster."""
 
 from __future__ import annotations
 
+import copy as copy_module
 import subprocess
 import sys
 from pathlib import Path
@@ -42,7 +43,7 @@ def test_key_changes_with_config_inputs_and_code_version(monkeypatch: pytest.Mon
 
 
 def _set(config: dict, dotted: str, value) -> dict:
-    copy = runner._without(config, ())
+    copy = copy_module.deepcopy(config)
     node = copy
     *parents, leaf = dotted.split(".")
     for part in parents:
