@@ -3,7 +3,7 @@ storage: cold (every stage computes) and again unchanged (every stage is a cache
 wall times, their ratio, and the orchestration overhead of the cold run: its wall time minus the
 stages' own work (the time inside each stage function, from the run's manifest), as a share.
 
-    python tests/benchmarks/pipeline_overhead.py [CONFIG] [overrides...]   # default configs/demo.yaml
+    python benchmarks/pipeline_overhead.py [CONFIG] [overrides...]   # default configs/demo.yaml
 
 The second run starts a local Ray again and, since the first run's local Ray is gone, redeploys
 the cached model on Serve: both are in its wall time. Targets: cached <= 30 s, overhead <= 10%.

@@ -6,7 +6,7 @@ For the demo's synthetic data it also prints what the masked LM learned: in
 "the film was <adjective> and [MASK] .", the share of the adjective probability mass the model puts
 on adjectives of the same polarity (0.5 = it did not learn polarity).
 
-    python tests/benchmarks/pretraining_gain.py [STORAGE]     # STORAGE of a finished `ptft run`
+    python benchmarks/pretraining_gain.py [STORAGE]     # STORAGE of a finished `ptft run`
                                                               # (default ./ptft-runs)
 Runs in-process on one DeepSpeed rank; takes a minute or two for the demo's tiny model.
 """
