@@ -5,7 +5,10 @@ pipeline config (pipelines/config.py) composes them. Field descriptions are the 
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -83,53 +86,168 @@ class DataConfig(BaseModel):
 
 class TokenizeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    vocab_size: int = Field(2000, gt=0, description="WordPiece vocabulary size, special tokens included")
+    pretrained: str | None = Field(
+        None, description="load this tokenizer (HF folder or Hub name) instead of training one; "
+        "default pretrain.model.init_from when that is set"
+    )
+    algorithm: Literal["wordpiece", "bpe"] = Field(
+        "wordpiece", description="tokenizer to train: wordpiece (BERT-style) or byte-level bpe (GPT-2-style)"
+    )
+    vocab_size: int = Field(2000, gt=0, description="vocabulary size to train, special tokens included")
     min_frequency: int = Field(2, ge=1, description="rarest word piece the trainer keeps")
     lowercase: bool = Field(True, description="lowercase and strip accents before splitting")
-    seq_len: int = Field(64, ge=8, description="tokens per packed block and per task example")
+    seq_len: int = Field(64, ge=8, le=4096, description="tokens per packed block and per task example")
     batch_size: int = Field(512, gt=0, description="rows per Ray Data batch")
 
 
 # --- models ------------------------------------------------------------------------------------
 
-PRESETS: dict[str, dict[str, int]] = {
-    # tiny runs on a laptop CPU in minutes; the others are the usual BERT sizes.
-    "tiny": {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate_size": 128, "max_positions": 128},
-    "mini": {"hidden_size": 256, "num_layers": 4, "num_heads": 4, "intermediate_size": 1024, "max_positions": 512},
-    "small": {"hidden_size": 512, "num_layers": 4, "num_heads": 8, "intermediate_size": 2048, "max_positions": 512},
-    "base": {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "intermediate_size": 3072, "max_positions": 512},
+PRESETS: dict[str, dict[str, dict[str, int]]] = {
+    # tiny runs on a laptop CPU in minutes; the others are the usual sizes of each family.
+    "bert": {
+        "tiny": {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate_size": 128, "max_positions": 128},
+        "mini": {"hidden_size": 256, "num_layers": 4, "num_heads": 4, "intermediate_size": 1024,
+                 "max_positions": 512},
+        "small": {"hidden_size": 512, "num_layers": 4, "num_heads": 8, "intermediate_size": 2048,
+                  "max_positions": 512},
+        "base": {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "intermediate_size": 3072,
+                 "max_positions": 512},  # BERT-base, ~110M parameters with a 30k vocabulary
+    },
+    "gpt2": {
+        "tiny": {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate_size": 256, "max_positions": 128},
+        "mini": {"hidden_size": 256, "num_layers": 4, "num_heads": 4, "intermediate_size": 1024,
+                 "max_positions": 512},
+        "small": {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "intermediate_size": 3072,
+                  "max_positions": 1024},  # GPT-2 small, ~124M parameters with its 50k vocabulary
+    },
 }
+OBJECTIVES = {"bert": "mlm", "gpt2": "clm"}
+# Model types whose checkpoints are pre-trained as encoders (masked-LM); the rest are decoders.
+MASKED_LM_TYPES = {"bert", "roberta", "distilbert", "electra", "xlm-roberta", "deberta", "deberta-v2", "mpnet"}
+
+
+def objective_of(model_type: str) -> str:
+    """`mlm` for encoder model types, `clm` for decoders."""
+    return "mlm" if model_type in MASKED_LM_TYPES else "clm"
+SIZE_KEYS = ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_positions")
 
 
 class ModelConfig(BaseModel):
-    """A BERT-style encoder: a size preset, any field of which may be overridden."""
+    """A Transformer from a family and size preset (any size may be overridden), or from a checkpoint."""
 
     model_config = ConfigDict(extra="forbid")
-    preset: Literal["tiny", "mini", "small", "base"] = Field("tiny", description="size preset")
+    family: Literal["bert", "gpt2"] = Field(
+        "bert", description="bert: encoder pre-trained with masked-LM; gpt2: decoder pre-trained with causal-LM"
+    )
+    preset: Literal["tiny", "mini", "small", "base"] = Field("tiny", description="size preset of the family")
     hidden_size: int | None = Field(None, gt=0, description="overrides the preset's hidden size")
     num_layers: int | None = Field(None, gt=0, description="overrides the preset's transformer layers")
     num_heads: int | None = Field(None, gt=0, description="overrides the preset's attention heads")
     intermediate_size: int | None = Field(None, gt=0, description="overrides the preset's MLP width")
     max_positions: int | None = Field(None, gt=0, description="longest sequence the model accepts")
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="hidden and attention dropout in pre-training")
+    attention: Literal["sdpa", "eager"] = Field(
+        "sdpa", description="attention kernel: sdpa (PyTorch scaled_dot_product_attention) or eager"
+    )
+    init_from: str | None = Field(
+        None, description="start from this checkpoint (HF folder, or Hub name when online) instead of "
+        "random weights: continued pre-training; family, preset and sizes then come from it"
+    )
+    init_revision: str | None = Field(None, description="Hub revision (commit, tag) of init_from, for reproducibility")
 
     def resolved(self) -> dict[str, int]:
         """The preset with this config's overrides applied."""
-        sizes = dict(PRESETS[self.preset])
+        sizes = dict(PRESETS[self.family].get(self.preset) or PRESETS[self.family]["tiny"])
         sizes.update({key: value for key in sizes if (value := getattr(self, key)) is not None})
         return sizes
+
+    @property
+    def objective(self) -> str:
+        return OBJECTIVES[self.family]
 
 
 # --- training ----------------------------------------------------------------------------------
 
 class DeepSpeedConfig(BaseModel):
-    """The DeepSpeed engine every training step goes through."""
+    """The DeepSpeed engine every training step goes through. `config_file` loads a DeepSpeed JSON
+    (e.g. cluster/deepspeed/zero3-bf16.json): its settings fill the keys not set here, and what
+    ptft does not model (bucket sizes, overlap, ...) goes to DeepSpeed as written."""
 
     model_config = ConfigDict(extra="forbid")
+    config_file: str | None = Field(None, description="DeepSpeed JSON to start from; keys set here win")
     zero_stage: Literal[0, 1, 2, 3] = Field(0, description="ZeRO stage: 0 none, 1 optimizer, 2 +grads, 3 +params")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="bf16/fp16 need a GPU")
     gradient_clipping: float = Field(1.0, ge=0.0, description="max grad norm; 0 disables")
     gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    train_batch_size: int | None = Field(
+        None, gt=0, description="global batch; when set it must equal micro-batch x accumulation x workers"
+    )
+    lr_schedule: Literal["linear", "cosine"] = Field("linear", description="decay after the linear warmup")
+    activation_checkpointing: bool = Field(
+        False, description="recompute activations in the backward pass: less memory, ~30% more compute"
+    )
+    offload_optimizer: Literal["none", "cpu"] = Field("none", description="ZeRO-Offload of optimizer state (GPU)")
+    offload_param: Literal["none", "cpu"] = Field("none", description="ZeRO-3 parameter offload (GPU)")
+    file_settings: dict[str, Any] = Field(
+        default_factory=dict, description="filled from config_file: its settings ptft passes through unchanged"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _load_file(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not data.get("config_file") or "file_settings" in data:
+            return data
+        return merge_deepspeed_file(data)
+
+
+# DeepSpeed JSON keys that map onto DeepSpeedConfig fields; the rest is passed through.
+_DS_FIELDS = {
+    ("zero_optimization", "stage"): "zero_stage",
+    ("gradient_clipping",): "gradient_clipping",
+    ("gradient_accumulation_steps",): "gradient_accumulation_steps",
+    ("train_batch_size",): "train_batch_size",
+    ("zero_optimization", "offload_optimizer", "device"): "offload_optimizer",
+    ("zero_optimization", "offload_param", "device"): "offload_param",
+}
+
+
+def merge_deepspeed_file(data: dict) -> dict:
+    """`data` (a deepspeed block) with the JSON file's values under the keys it does not set.
+
+    Raises:
+        ValueError: the file is missing, not JSON, or configures what ptft builds itself.
+    """
+    path = Path(os.path.expanduser(data["config_file"]))
+    try:
+        settings = json.loads(path.read_text())
+    except OSError as error:
+        raise ValueError(f"config_file {str(path)!r} cannot be read ({error.strerror}); give a DeepSpeed "
+                         "JSON path relative to the working dir, e.g. cluster/deepspeed/zero2-bf16.json") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"config_file {str(path)!r} is not valid JSON ({error})") from None
+    built = sorted(set(settings) & {"optimizer", "scheduler"})
+    if built:
+        raise ValueError(f"config_file {str(path)!r} sets {built}: ptft builds AdamW and the warmup/decay "
+                         "schedule from the stage's learning_rate, weight_decay and lr_schedule; remove them")
+    merged = dict(data)
+    for keys, field_name in _DS_FIELDS.items():
+        value = _pop_path(settings, keys)
+        if value is not None and value != "auto" and field_name not in data:
+            merged[field_name] = value
+    for precision in ("bf16", "fp16"):
+        if (settings.pop(precision, None) or {}).get("enabled") is True and "precision" not in data:
+            merged["precision"] = precision
+    merged["file_settings"] = settings
+    return merged
+
+
+def _pop_path(settings: dict, keys: tuple[str, ...]) -> Any:
+    node = settings
+    for key in keys[:-1]:
+        node = node.get(key)
+        if not isinstance(node, dict):
+            return None
+    return node.pop(keys[-1], None)
 
 
 class WorkersConfig(BaseModel):
@@ -152,13 +270,13 @@ class WorkersConfig(BaseModel):
 class PretrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: ModelConfig = Field(default_factory=ModelConfig)
-    max_steps: int = Field(200, gt=0, description="optimizer steps")
+    max_steps: int = Field(200, gt=0, description="optimizer steps (each of gradient_accumulation_steps micro-batches)")
     batch_size_per_worker: int = Field(16, gt=0, description="micro-batch per worker")
     learning_rate: float = Field(5e-4, gt=0, description="peak AdamW learning rate")
     weight_decay: float = Field(0.01, ge=0, description="AdamW decoupled weight decay (not on biases/LayerNorm)")
     warmup_steps: int = Field(20, ge=0, description="linear warmup, then linear decay to 0")
-    mlm_probability: float = Field(0.15, gt=0, lt=1, description="share of tokens masked as targets")
-    eval_fraction: float = Field(0.05, ge=0, lt=0.5, description="blocks held out for eval/mlm_loss")
+    mlm_probability: float = Field(0.15, gt=0, lt=1, description="share of tokens masked as targets (masked-LM)")
+    eval_fraction: float = Field(0.05, ge=0, lt=0.5, description="blocks held out for eval/mlm_loss or eval/clm_loss")
     log_every: int = Field(10, gt=0, description="steps between metric logs")
     checkpoint_every: int = Field(100, gt=0, description="steps between checkpoints reported to Ray Train")
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
@@ -185,6 +303,10 @@ class FinetuneConfig(BaseModel):
         default_factory=Hyperparameters, description="used for any value the tune stage did not search"
     )
     log_every: int = Field(10, gt=0, description="steps between metric logs")
+    early_stopping_patience: int | None = Field(
+        None, gt=0, description="stop after this many epochs without a lower validation loss; none runs every epoch"
+    )
+    early_stopping_min_delta: float = Field(0.0, ge=0, description="smallest drop in validation loss that counts")
     registered_model_name: str | None = Field(None, description="MLflow registry name; default <pipeline>-classifier")
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
@@ -237,6 +359,7 @@ class TuneConfig(BaseModel):
     metric: Literal["eval/accuracy", "eval/loss"] = Field("eval/accuracy", description="validation metric to optimise")
     max_concurrent_trials: int = Field(2, gt=0, description="trials at once; at most the CPUs you have")
     cpus_per_trial: float = Field(1, gt=0, description="CPUs per trial (= its torch threads)")
+    gpus_per_trial: float = Field(0, ge=0, description="GPUs per trial; above 0 a trial trains on its GPU")
     trial_max_failures: int = Field(
         2, ge=-1, description="retries of a failed trial from its last epoch checkpoint; -1 unlimited"
     )

@@ -14,19 +14,20 @@ Output folder:
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import ray.train
 import torch
 from pydantic import BaseModel, Field
-from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-from components import accelerator, registry, training
+from components import accelerator, models, registry, training
 from components.configs import DeepSpeedConfig, FinetuneConfig, Hyperparameters
 from components.stage import StageContext, StageResult, read_json, write_json
+from components.throughput import Throughput, device_name
 from components.tracking import open_tracker
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,8 @@ class ClassifierRun(BaseModel):
     tracking_uri: str | None = None
     mlflow_run_id: str | None = None
     seed: int = 0
+    early_stopping_patience: int | None = None
+    early_stopping_min_delta: float = 0.0
     resumed: bool = Field(False, description="an earlier attempt may have logged to mlflow_run_id")
     export: bool = Field(False, description="evaluate on test and save the HF folder at the end")
 
@@ -64,19 +67,23 @@ def run(
         label_names=read_json(Path(tokenized_uri) / "labels.json"), epochs=cfg.epochs, hyper=hyper,
         deepspeed=cfg.deepspeed, use_gpu=cfg.workers.use_gpu, threads=cfg.workers.cpus_per_worker,
         log_every=cfg.log_every, tracking_uri=ctx.tracking_uri, mlflow_run_id=ctx.mlflow_run_id,
-        seed=ctx.seed, resumed=ctx.resumed, export=True,
+        seed=ctx.seed, resumed=ctx.resumed, export=True, early_stopping_patience=cfg.early_stopping_patience,
+        early_stopping_min_delta=cfg.early_stopping_min_delta,
     )  # fmt: skip
     open_tracker(ctx.tracking_uri, ctx.mlflow_run_id).log_params({f"hyper.{k}": v for k, v in hyper})
     result = training.fit_on_ray(train_loop_per_worker, run_cfg.model_dump(), cfg.workers, ctx,
                                  checkpoints_to_keep=1)  # fmt: skip
     model_dir, metrics = training.export_final_model(result, ctx.output_dir)
+    checked = models.smoke_test(model_dir, "classifier")
+    open_tracker(ctx.tracking_uri, ctx.mlflow_run_id).set_tags({"ptft.weights_sha256": checked["weights_sha256"]})
     version = registry.register_classifier(
         model_dir, name=registered_model_name, run_id=ctx.mlflow_run_id, tracking_uri=ctx.tracking_uri,
         test_accuracy=metrics["test/accuracy"], lineage={"ptft.pipeline_run_id": ctx.pipeline_run_id},
     )  # fmt: skip
     version["run_id"] = ctx.mlflow_run_id
     write_json(ctx.output_dir / "registered.json", version)
-    return StageResult(output_uri=str(model_dir), metrics=metrics, outputs={"registered": version})
+    return StageResult(output_uri=str(model_dir), metrics=metrics,
+                       outputs={"registered": version, "weights_sha256": checked["weights_sha256"]})  # fmt: skip
 
 
 def resolve_hyperparameters(defaults: Hyperparameters, best_uri: str | None) -> Hyperparameters:
@@ -108,46 +115,80 @@ def fit_classifier(cfg: ClassifierRun, report: Report, checkpoint: ray.train.Che
     """
     accelerator.prepare_process(cfg.use_gpu, cfg.threads)
     rank, world = _rank_and_world()
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(cfg.pretrained_dir)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.pretrained_dir)
     data = {split: training.load_columns(f"{cfg.task_dir}/{split}", ["input_ids", "attention_mask", "label"])
             for split in ("train", "validation", "test")}  # fmt: skip
     shard = training.Shard(rank, world, cfg.hyper.batch_size_per_worker)
     steps = training.steps_for(len(data["train"]["label"]), shard, cfg.epochs)
     engine = _setup_engine(cfg, steps, log_inherited=rank == 0)
-    done_epochs, step = _restore(engine, checkpoint, rank)
+    state = _restore(engine, checkpoint, rank)
     tracker = open_tracker(cfg.tracking_uri, cfg.mlflow_run_id, rank=rank,
                            resumed=checkpoint is not None or cfg.resumed)  # fmt: skip
+    done_epochs, step = state["epoch"], state["step"]
     if checkpoint is not None:
         tracker.log_metrics({"restore/loaded_epoch": done_epochs, "restore/first_epoch": done_epochs + 1}, done_epochs)
+    stopper = EarlyStopping(cfg.early_stopping_patience, cfg.early_stopping_min_delta, state)
+    meter = Throughput(engine.module, seq_len=data["train"]["input_ids"].shape[1], world=world,
+                       precision=cfg.deepspeed.precision, device_name=device_name(cfg.use_gpu))  # fmt: skip
     metrics: dict[str, float] = {}
     for epoch in range(done_epochs + 1, cfg.epochs + 1):
-        train_loss, step = _train_epoch(engine, data["train"], shard, cfg, epoch, step, tracker)
+        train_loss, step = _train_epoch(engine, data["train"], shard, cfg, epoch, step, tracker, meter)
         metrics = {"train/epoch_loss": train_loss, "epoch": epoch, **evaluate(engine, data["validation"], shard)}
-        last = epoch == cfg.epochs
+        stop = stopper.update(metrics["eval/loss"])
+        last = epoch == cfg.epochs or stop
+        if stop:
+            metrics.update({"early_stop/epoch": epoch, "early_stop/best_epoch": stopper.best_epoch})
+            log.info("early stopping after epoch %d: no lower validation loss since epoch %d", epoch,
+                     stopper.best_epoch)  # fmt: skip
         if last and cfg.export:
             metrics.update(evaluate(engine, data["test"], shard, prefix="test"))
         tracker.log_metrics(metrics, epoch)
         tracker.flush()
         with tempfile.TemporaryDirectory() as checkpoint_dir:
-            engine.save_checkpoint(checkpoint_dir, client_state={"epoch": epoch, "step": step})
+            engine.save_checkpoint(checkpoint_dir, client_state={"epoch": epoch, "step": step, **stopper.state()})
             training.save_rng(Path(checkpoint_dir), rank, {})
             if last and cfg.export:
                 training.save_hf_folder(engine, tokenizer, Path(checkpoint_dir) / "hf")
             report(metrics, checkpoint_dir)
+        if stop:
+            break
     tracker.close()
     return metrics
 
 
-def _restore(engine, checkpoint: ray.train.Checkpoint | None, rank: int) -> tuple[int, int]:
-    """(epochs done, optimizer steps done) after loading `checkpoint`; (0, 0) without one."""
+class EarlyStopping:
+    """Stop when the validation loss has not dropped by `min_delta` for `patience` epochs. Its state
+    travels in the epoch checkpoint, so a restored run decides as an uninterrupted one would."""
+
+    def __init__(self, patience: int | None, min_delta: float, state: dict):
+        self.patience = patience
+        self.min_delta = min_delta
+        self.best_loss = float(state.get("best_loss", math.inf))
+        self.best_epoch = int(state.get("best_epoch", 0))
+        self.epoch = int(state.get("epoch", 0))
+
+    def update(self, loss: float) -> bool:
+        """Record this epoch's validation loss; True when training should stop."""
+        self.epoch += 1
+        if loss < self.best_loss - self.min_delta:
+            self.best_loss, self.best_epoch = loss, self.epoch
+        return self.patience is not None and self.epoch - self.best_epoch >= self.patience
+
+    def state(self) -> dict:
+        return {"best_loss": self.best_loss, "best_epoch": self.best_epoch}
+
+
+def _restore(engine, checkpoint: ray.train.Checkpoint | None, rank: int) -> dict:
+    """The client state (epoch, optimizer steps, early-stopping state) after loading `checkpoint`;
+    zeros without one."""
     if checkpoint is None:
-        return 0, 0
+        return {"epoch": 0, "step": 0}
     with checkpoint.as_directory() as checkpoint_dir:
         _, client_state = engine.load_checkpoint(checkpoint_dir, load_optimizer_states=True,
                                                  load_lr_scheduler_states=True)  # fmt: skip
         training.restore_rng(Path(checkpoint_dir), rank, {})
     log.info("rank %d: restored after epoch %d", rank, client_state["epoch"])
-    return int(client_state["epoch"]), int(client_state["step"])
+    return {**client_state, "epoch": int(client_state["epoch"]), "step": int(client_state["step"])}
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -155,43 +196,51 @@ def _rank_and_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def _setup_engine(cfg: ClassifierRun, total_steps: int, *, log_inherited: bool):
-    """The pre-trained encoder with a fresh classification head; architecture inherited, dropout overridden."""
+def _setup_engine(cfg: ClassifierRun, micro_steps: int, *, log_inherited: bool):
+    """The pre-trained encoder with a fresh classification head; architecture inherited, dropout overridden.
+    The LR schedule runs over optimizer steps (micro-batches / gradient accumulation)."""
+    optimizer_steps = math.ceil(micro_steps / cfg.deepspeed.gradient_accumulation_steps)
     pretrained = AutoConfig.from_pretrained(cfg.pretrained_dir)
+    dropout = models.dropout_overrides(pretrained.model_type, cfg.hyper.dropout)
     if log_inherited:
-        log.info("inherited hidden_size=%s num_layers=%s vocab_size=%s from pretrain",
-                 pretrained.hidden_size, pretrained.num_hidden_layers, pretrained.vocab_size)  # fmt: skip
-        if pretrained.hidden_dropout_prob != cfg.hyper.dropout:
-            log.info("NOTE: dropout=%s overrides the pretrained value %s", cfg.hyper.dropout,
-                     pretrained.hidden_dropout_prob)  # fmt: skip
+        log.info("inherited %s model hidden_size=%s num_layers=%s vocab_size=%s from pretrain",
+                 pretrained.model_type, pretrained.hidden_size, pretrained.num_hidden_layers,
+                 pretrained.vocab_size)  # fmt: skip
+        log.info("NOTE: dropout=%s overrides the pretrained %s", cfg.hyper.dropout,
+                 {key: getattr(pretrained, key, None) for key in dropout})  # fmt: skip
     torch.manual_seed(cfg.seed)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.pretrained_dir)
     model = AutoModelForSequenceClassification.from_pretrained(
         cfg.pretrained_dir, num_labels=len(cfg.label_names),
         id2label=dict(enumerate(cfg.label_names)), label2id={name: i for i, name in enumerate(cfg.label_names)},
-        hidden_dropout_prob=cfg.hyper.dropout, attention_probs_dropout_prob=cfg.hyper.dropout,
+        # decoders classify from the last token that is not padding
+        pad_token_id=pretrained.pad_token_id if pretrained.pad_token_id is not None else tokenizer.pad_token_id,
+        **dropout,
     )  # fmt: skip
     return training.build_engine(
         model, ds=cfg.deepspeed, micro_batch_size=cfg.hyper.batch_size_per_worker,
         learning_rate=cfg.hyper.learning_rate, weight_decay=cfg.hyper.weight_decay,
-        warmup_steps=int(cfg.hyper.warmup_ratio * total_steps), total_steps=total_steps,
+        warmup_steps=int(cfg.hyper.warmup_ratio * optimizer_steps), total_steps=optimizer_steps,
     )  # fmt: skip
 
 
-def _train_epoch(engine, train: dict, shard: training.Shard, cfg: ClassifierRun, epoch: int, step: int, tracker):
+def _train_epoch(engine, train: dict, shard: training.Shard, cfg: ClassifierRun, epoch: int, step: int, tracker,
+                 meter: Throughput):  # fmt: skip
     losses = []
-    window_start, window_tokens = time.perf_counter(), 0
+    meter.reset()
     for rows in shard.epoch_batches(len(train["label"]), epoch=epoch, seed=cfg.seed):
         loss = engine(**_batch(train, rows, engine.device)).loss
         engine.backward(loss)
-        engine.step()
+        training.optimizer_step(engine)
         step += 1
         losses.append(loss.item())
-        window_tokens += int(train["attention_mask"][rows].sum()) * shard.world_size
+        meter.add(samples=len(rows) * shard.world_size)
         if step % cfg.log_every == 0:
-            tracker.log_metrics({"train/loss": losses[-1], "train/learning_rate": engine.get_lr()[0],
-                                 "throughput/tokens_per_s": window_tokens / (time.perf_counter() - window_start)},
-                                step)  # fmt: skip
-            window_start, window_tokens = time.perf_counter(), 0
+            metrics = {"train/loss": losses[-1], "train/learning_rate": engine.get_lr()[0], **meter.read()}
+            if (norm := training.grad_norm(engine)) is not None:
+                metrics["train/grad_norm"] = norm
+            tracker.log_metrics(metrics, step)
+            meter.reset()
     mean = sum(losses) / max(1, len(losses))
     return training.all_reduce_sum([mean])[0] / shard.world_size, step
 

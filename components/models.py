@@ -1,15 +1,38 @@
-"""Model builders: BERT-style encoders from size presets, masked-LM masking, classifiers."""
+"""Model builders: BERT-style encoders (masked-LM) and GPT-2-style decoders (causal-LM) from size
+presets or from a checkpoint, masking, the load + forward smoke test and the weights hash."""
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import torch
-from transformers import BertConfig, BertForMaskedLM
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    GPT2Config,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 
-from components.configs import ModelConfig
+from components.configs import MASKED_LM_TYPES, ModelConfig, objective_of
 
 
-def build_bert_config(cfg: ModelConfig, *, vocab_size: int, pad_token_id: int) -> BertConfig:
+def build_config(cfg: ModelConfig, *, vocab_size: int, special_ids: dict[str, int | None]) -> PretrainedConfig:
+    """The HF config of a new model of the configured family and sizes."""
     sizes = cfg.resolved()
+    if cfg.family == "gpt2":
+        return GPT2Config(
+            vocab_size=vocab_size, n_embd=sizes["hidden_size"], n_layer=sizes["num_layers"],
+            n_head=sizes["num_heads"], n_inner=sizes["intermediate_size"], n_positions=sizes["max_positions"],
+            resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
+            bos_token_id=special_ids.get("bos"), eos_token_id=special_ids.get("eos"),
+            pad_token_id=special_ids.get("pad"),
+        )  # fmt: skip
     return BertConfig(
         vocab_size=vocab_size,
         hidden_size=sizes["hidden_size"],
@@ -19,13 +42,49 @@ def build_bert_config(cfg: ModelConfig, *, vocab_size: int, pad_token_id: int) -
         max_position_embeddings=sizes["max_positions"],
         hidden_dropout_prob=cfg.dropout,
         attention_probs_dropout_prob=cfg.dropout,
-        pad_token_id=pad_token_id,
+        pad_token_id=special_ids.get("pad"),
     )
 
 
-def build_mlm_model(config: BertConfig, *, seed: int) -> BertForMaskedLM:
+def build_bert_config(cfg: ModelConfig, *, vocab_size: int, pad_token_id: int) -> BertConfig:
+    return build_config(cfg.model_copy(update={"family": "bert"}), vocab_size=vocab_size,
+                        special_ids={"pad": pad_token_id})  # fmt: skip
+
+
+def lm_class(objective: str):
+    return AutoModelForMaskedLM if objective == "mlm" else AutoModelForCausalLM
+
+
+def build_lm(cfg: ModelConfig, *, vocab_size: int, special_ids: dict[str, int | None], seed: int
+             ) -> PreTrainedModel:  # fmt: skip
+    """The model to pre-train: new weights from the preset, or the `init_from` checkpoint's."""
     torch.manual_seed(seed)
-    return BertForMaskedLM(config)
+    if cfg.init_from:
+        objective = objective_of(AutoConfig.from_pretrained(cfg.init_from, revision=cfg.init_revision).model_type)
+        # A checkpoint without this objective's head (e.g. a sentence encoder) gets a new one.
+        model = lm_class(objective).from_pretrained(cfg.init_from, revision=cfg.init_revision,
+                                                    attn_implementation=cfg.attention)  # fmt: skip
+        if model.get_input_embeddings().num_embeddings < vocab_size:
+            model.resize_token_embeddings(vocab_size)
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = special_ids.get("pad")
+        return model
+    config = build_config(cfg, vocab_size=vocab_size, special_ids=special_ids)
+    return lm_class(cfg.objective).from_config(config, attn_implementation=cfg.attention)
+
+
+def build_mlm_model(config: BertConfig, *, seed: int):
+    torch.manual_seed(seed)
+    return AutoModelForMaskedLM.from_config(config, attn_implementation="sdpa")
+
+
+def dropout_overrides(model_type: str, dropout: float) -> dict[str, float]:
+    """Config keys that set hidden and attention dropout for this model type."""
+    if model_type == "gpt2":
+        return {"resid_pdrop": dropout, "embd_pdrop": dropout, "attn_pdrop": dropout}
+    if model_type in MASKED_LM_TYPES:
+        return {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
+    return {}
 
 
 def mask_tokens(
@@ -53,4 +112,44 @@ def mask_tokens(
 
 
 def count_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    # ZeRO-3 partitions each tensor; ds_numel is its full size.
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
+def weights_sha256(model_dir: Path) -> str:
+    """SHA-256 over the folder's weight files (safetensors, in name order): the model's identity."""
+    digest = hashlib.sha256()
+    files = sorted(Path(model_dir).glob("*.safetensors")) or sorted(Path(model_dir).glob("*.bin"))
+    if not files:
+        raise FileNotFoundError(f"no weight files in {model_dir}")
+    for path in files:
+        digest.update(path.name.encode())
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def smoke_test(model_dir: Path, kind: str, text: str = "a short sample text .") -> dict[str, float | str]:
+    """Load the exported folder as users will (`AutoModel*.from_pretrained`) and run one forward.
+
+    `kind` is mlm, clm or classifier. Returns the weights hash and parameter count.
+
+    Raises:
+        RuntimeError: the folder does not load, or the forward gives non-finite outputs.
+    """
+    auto = {"mlm": AutoModelForMaskedLM, "clm": AutoModelForCausalLM,
+            "classifier": AutoModelForSequenceClassification}[kind]  # fmt: skip
+    try:
+        model = auto.from_pretrained(model_dir).eval()
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except Exception as error:  # noqa: BLE001 - corrupt files raise OSError, ValueError, SafetensorError, ...
+        raise RuntimeError(f"the exported model in {model_dir} does not load with {auto.__name__}: {error}") from error
+    inputs = tokenizer([text], return_tensors="pt", truncation=True, max_length=32)
+    if kind == "clm":
+        inputs.pop("token_type_ids", None)  # decoders take no segment ids
+    logits = model(**inputs).logits
+    if not torch.isfinite(logits).all():
+        raise RuntimeError(f"the exported model in {model_dir} gives non-finite outputs")
+    return {"weights_sha256": weights_sha256(model_dir), "parameters": count_parameters(model)}

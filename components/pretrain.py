@@ -1,8 +1,10 @@
-"""Stage 2, pretrain: masked-LM pre-training of a BERT-style model under Ray Train, every step
-through a DeepSpeed engine. Ends with a plain HF folder (safetensors + config + tokenizer).
+"""Stage 2, pretrain: masked-LM (BERT-style) or causal-LM (GPT-2-style) pre-training under Ray
+Train, every step through a DeepSpeed engine, from random weights or a checkpoint (`init_from`).
+Ends with a plain HF folder (safetensors + config + tokenizer), loaded back and run once as a
+smoke test, its weights hash recorded in MLflow.
 
 Output folder:
-    model/           save_pretrained folder of the BertForMaskedLM, with the tokenizer
+    model/           save_pretrained folder of the *ForMaskedLM / *ForCausalLM, with the tokenizer
     metrics.json     final metrics
 """
 
@@ -16,12 +18,14 @@ from pathlib import Path
 import ray.train
 import torch
 from pydantic import BaseModel
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from components import accelerator, models, training
 from components.configs import PretrainConfig
 from components.stage import StageContext, StageResult
+from components.throughput import Throughput, device_name
 from components.tracking import open_tracker
+from components.vocab import special_ids
 
 log = logging.getLogger(__name__)
 
@@ -35,23 +39,42 @@ class _WorkerConfig(BaseModel):
     tracking_uri: str
     mlflow_run_id: str
     seed: int
+    objective: str
+    launched_at: float
     resumed: bool = False
 
 
 def run(cfg: PretrainConfig, tokenized_uri: str, ctx: StageContext) -> StageResult:
     """Pre-train on `<tokenized_uri>/pretrain_blocks`; write the HF folder under ctx.output_dir/model."""
+    objective = objective_for(cfg)
     worker_cfg = _WorkerConfig(
         stage=cfg, blocks_dir=f"{tokenized_uri}/pretrain_blocks", tokenizer_dir=f"{tokenized_uri}/tokenizer",
-        tracking_uri=ctx.tracking_uri, mlflow_run_id=ctx.mlflow_run_id, seed=ctx.seed, resumed=ctx.resumed,
+        tracking_uri=ctx.tracking_uri, mlflow_run_id=ctx.mlflow_run_id, seed=ctx.seed, objective=objective,
+        launched_at=time.time(), resumed=ctx.resumed,
     )  # fmt: skip
     result = training.fit_on_ray(train_loop_per_worker, worker_cfg.model_dump(), cfg.workers, ctx,
                                  checkpoints_to_keep=2)  # fmt: skip
     model_dir, metrics = training.export_final_model(result, ctx.output_dir)
-    return StageResult(output_uri=str(model_dir), metrics=metrics)
+    checked = models.smoke_test(model_dir, objective)
+    log.info("pretrain: %s loads and runs; weights sha256 %s", model_dir, checked["weights_sha256"])
+    tracker = open_tracker(ctx.tracking_uri, ctx.mlflow_run_id)
+    tracker.set_tags({"ptft.weights_sha256": checked["weights_sha256"], "ptft.objective": objective})
+    return StageResult(output_uri=str(model_dir), metrics=metrics, outputs=checked)
+
+
+def objective_for(cfg: PretrainConfig) -> str:
+    """mlm or clm: the family's, or for `init_from` the checkpoint's model type's."""
+    if cfg.model.init_from:
+        from transformers import AutoConfig
+
+        model_type = AutoConfig.from_pretrained(cfg.model.init_from, revision=cfg.model.init_revision).model_type
+        return models.objective_of(model_type)
+    return cfg.model.objective
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train worker: MLM pre-training through DeepSpeed, checkpoints reported to Ray Train.
+    """Ray Train worker: masked- or causal-LM pre-training through DeepSpeed, checkpoints reported
+    to Ray Train, throughput and start-up times logged by rank 0.
 
     After a failure (Ray Train restarts the worker group) or a resumed pipeline run, the loop
     continues from the last reported checkpoint: model, optimizer, LR schedule, every RNG and the
@@ -62,11 +85,13 @@ def train_loop_per_worker(config: dict) -> None:
     accelerator.prepare_process(stage.workers.use_gpu, stage.workers.cpus_per_worker)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(cfg.tokenizer_dir)
+    group_ready = time.time()
+    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_dir)
     train_ids, eval_ids = _setup_data(cfg)
     shard = training.Shard(rank, world, stage.batch_size_per_worker)
     engine = _setup_engine(stage, tokenizer, cfg.seed)
-    masker = _Masker(tokenizer, stage.mlm_probability, seed=cfg.seed * 1000 + rank)
+    engine_ready = time.time()
+    masker = _Targets(tokenizer, cfg.objective, stage.mlm_probability, seed=cfg.seed * 1000 + rank)
     loaded_step, loss = _restore(engine, masker, rank)
     resumed = loaded_step is not None or cfg.resumed
     tracker = open_tracker(cfg.tracking_uri, cfg.mlflow_run_id, rank=rank, resumed=resumed)
@@ -76,28 +101,40 @@ def train_loop_per_worker(config: dict) -> None:
     else:
         _log_restore(tracker, loaded_step, first_step=start + 1)
 
-    window_tokens, window_start = 0, time.perf_counter()
-    for step, rows in enumerate(_batches(train_ids, shard, stage.max_steps, cfg.seed, start=start), start=start + 1):
-        loss = _train_step(engine, masker, train_ids[rows].long())
-        window_tokens += rows.numel() * train_ids.shape[1] * world
+    meter = Throughput(engine.module, seq_len=train_ids.shape[1], world=world, precision=stage.deepspeed.precision,
+                       device_name=device_name(stage.workers.use_gpu))  # fmt: skip
+    accumulation = stage.deepspeed.gradient_accumulation_steps
+    micro_batches = _batches(train_ids, shard, stage.max_steps * accumulation, cfg.seed, start=start * accumulation)
+    for step in range(start + 1, stage.max_steps + 1):
+        # one optimizer step: DeepSpeed accumulates gradients until the last micro-batch's engine.step()
+        losses = [_train_step(engine, masker, train_ids[next(micro_batches)].long()) for _ in range(accumulation)]
+        loss = sum(losses) / accumulation
+        meter.add(samples=shard.batch_size * accumulation * world)
+        if step == start + 1 and loaded_step is None:
+            tracker.log_metrics({"startup/worker_group_s": group_ready - cfg.launched_at,
+                                 "startup/deepspeed_init_s": engine_ready - group_ready,
+                                 "startup/first_step_s": time.time() - cfg.launched_at}, step)  # fmt: skip
+        if step == start + 1:
+            meter.reset()  # the first step pays one-off costs; throughput is the steady state
         if step % stage.log_every == 0 or step == stage.max_steps:
-            elapsed = time.perf_counter() - window_start
             metrics = {"train/loss": training.all_reduce_sum([loss])[0] / world,
-                       "train/learning_rate": engine.get_lr()[0],
-                       "throughput/tokens_per_s": window_tokens / elapsed, "train/step": step}  # fmt: skip
+                       "train/learning_rate": engine.get_lr()[0], "train/step": step, **meter.read()}  # fmt: skip
+            if (norm := training.grad_norm(engine)) is not None:
+                metrics["train/grad_norm"] = norm
             tracker.log_metrics(metrics, step)
-            window_tokens, window_start = 0, time.perf_counter()
+            meter.reset()
         if step % stage.checkpoint_every == 0 and step < stage.max_steps:
             tracker.flush()  # what a checkpoint covers is in MLflow before it
             _report(engine, masker, tokenizer, {"train/loss": loss, "train/step": step}, with_hf=False)
 
-    final = {"train/loss": loss, "train/step": stage.max_steps, **_evaluate(engine, masker, eval_ids, shard)}
+    final = {"train/loss": loss, "train/step": stage.max_steps,
+             **_evaluate(engine, masker, eval_ids, shard, cfg.objective)}  # fmt: skip
     tracker.log_metrics(final, stage.max_steps)
     tracker.close()
     _report(engine, masker, tokenizer, final, with_hf=True)
 
 
-def _restore(engine, masker: _Masker, rank: int) -> tuple[int | None, float]:
+def _restore(engine, masker: _Targets, rank: int) -> tuple[int | None, float]:
     """Load the last reported checkpoint, if any: (its step, its loss), or (None, nan)."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
@@ -127,8 +164,7 @@ def _setup_data(cfg: _WorkerConfig) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _setup_engine(stage: PretrainConfig, tokenizer: PreTrainedTokenizerFast, seed: int):
-    bert_config = models.build_bert_config(stage.model, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
-    model = models.build_mlm_model(bert_config, seed=seed)
+    model = models.build_lm(stage.model, vocab_size=len(tokenizer), special_ids=special_ids(tokenizer), seed=seed)
     return training.build_engine(
         model, ds=stage.deepspeed, micro_batch_size=stage.batch_size_per_worker,
         learning_rate=stage.learning_rate, weight_decay=stage.weight_decay,
@@ -137,8 +173,8 @@ def _setup_engine(stage: PretrainConfig, tokenizer: PreTrainedTokenizerFast, see
 
 
 def _batches(data: torch.Tensor, shard: training.Shard, max_steps: int, seed: int, *, start: int = 0):
-    """Row indices for steps start+1 .. max_steps, cycling through epochs: the data position is
-    a function of the step, so a restored run sees the batches an uninterrupted one would."""
+    """Row indices for micro-batches start+1 .. max_steps, cycling through epochs: the data position
+    is a function of the step, so a restored run sees the batches an uninterrupted one would."""
     per_epoch = shard.batches_per_epoch(len(data))
     if per_epoch == 0:
         raise ValueError(
@@ -156,47 +192,59 @@ def _batches(data: torch.Tensor, shard: training.Shard, max_steps: int, seed: in
         epoch, offset = epoch + 1, 0
 
 
-class _Masker:
-    def __init__(self, tokenizer: PreTrainedTokenizerFast, probability: float, seed: int):
+class _Targets:
+    """(inputs, labels) of a batch for the objective: masked-LM masks tokens (its generator is part
+    of the checkpoint); causal-LM predicts every next token (the model shifts the labels)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerFast, objective: str, probability: float, seed: int):
+        if objective == "mlm" and tokenizer.mask_token_id is None:
+            raise ValueError("masked-LM pre-training needs a tokenizer with a mask token; this one has none "
+                             "(a GPT-style tokenizer?): use a causal-LM model family or another tokenizer")
         self.tokenizer = tokenizer
+        self.objective = objective
         self.probability = probability
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.objective == "clm":
+            return input_ids, input_ids
         return models.mask_tokens(
             input_ids, mask_token_id=self.tokenizer.mask_token_id, vocab_size=len(self.tokenizer),
             special_ids=self.tokenizer.all_special_ids, probability=self.probability, generator=self.generator,
         )  # fmt: skip
 
 
-def _train_step(engine, masker: _Masker, input_ids: torch.Tensor) -> float:
+def _train_step(engine, masker: _Targets, input_ids: torch.Tensor) -> float:
     inputs, labels = masker(input_ids)
     loss = engine(input_ids=inputs.to(engine.device), labels=labels.to(engine.device)).loss
     engine.backward(loss)
-    engine.step()
+    training.optimizer_step(engine)
     return loss.item()
 
 
 @torch.no_grad()
-def _evaluate(engine, masker: _Masker, eval_ids: torch.Tensor, shard: training.Shard) -> dict[str, float]:
-    """Masked-LM loss on the held-out blocks, token-weighted over all ranks."""
+def _evaluate(engine, masker: _Targets, eval_ids: torch.Tensor, shard: training.Shard, objective: str
+              ) -> dict[str, float]:  # fmt: skip
+    """The objective's loss on the held-out blocks (eval/mlm_loss or eval/clm_loss), token-weighted
+    over all ranks."""
     engine.eval()
     loss_sum, targets = 0.0, 0.0
     mine = shard.eval_rows(len(eval_ids))
     for start in range(0, len(mine), shard.batch_size):
         rows = mine[start : start + shard.batch_size]
         inputs, labels = masker(eval_ids[rows].long())
-        count = float((labels != -100).sum())
+        # causal-LM predicts every token but the first of each block
+        count = float((labels[:, 1:] if objective == "clm" else labels).ne(-100).sum())
         loss = engine(input_ids=inputs.to(engine.device), labels=labels.to(engine.device)).loss
         loss_sum, targets = loss_sum + loss.item() * count, targets + count
     engine.train()
     loss_sum, targets = training.all_reduce_sum([loss_sum, targets])
     if targets == 0:
         return {}
-    return {"eval/mlm_loss": loss_sum / targets, "eval/perplexity": training.perplexity(loss_sum / targets)}
+    return {f"eval/{objective}_loss": loss_sum / targets, "eval/perplexity": training.perplexity(loss_sum / targets)}
 
 
-def _report(engine, masker: _Masker, tokenizer, metrics: dict, *, with_hf: bool) -> None:
+def _report(engine, masker: _Targets, tokenizer, metrics: dict, *, with_hf: bool) -> None:
     """Save a DeepSpeed checkpoint on every rank (ZeRO shards, plus this rank's RNG states) and
     report it to Ray Train."""
     rank = ray.train.get_context().get_world_rank()

@@ -10,7 +10,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
-from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerFast
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ def register_classifier(
     """Log the HF folder under `run_id`, register it as `name` and set aliases. Returns the version info."""
     mlflow.set_tracking_uri(tracking_uri)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir)
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     example = ["a sample text to classify"]
     signature = infer_signature(example, [{"label": model.config.id2label[0], "score": 0.5}])
     with mlflow.start_run(run_id=run_id):

@@ -1,9 +1,11 @@
-"""Stage 1, tokenize: train a WordPiece tokenizer on the corpus, then tokenize and pack the corpus
-into fixed-length blocks and tokenize the task splits with Ray Data. Writes Parquet.
+"""Stage 1, tokenize: train a WordPiece or byte-level BPE tokenizer on the corpus (or load a
+pre-trained one), then tokenize and pack the corpus into fixed-length blocks and tokenize the
+task splits with Ray Data. Writes Parquet.
 
 Output folder:
     tokenizer/            HF fast tokenizer (tokenizer.json + config)
-    pretrain_blocks/      Parquet, column input_ids: [CLS] tokens... [SEP], seq_len long
+    pretrain_blocks/      Parquet, column input_ids: [CLS] tokens... [SEP] (a loaded tokenizer's
+                          own start/separator tokens), seq_len long
     task/{train,validation,test}/  Parquet: input_ids, attention_mask (padded to seq_len), label
     labels.json           label names, index = label id
     stats.json            counts
@@ -20,11 +22,12 @@ import numpy as np
 import pyarrow as pa
 import ray
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from components.configs import SPECIAL_TOKENS, DataConfig, TokenizeConfig
 from components.data import load_source
 from components.stage import StageContext, StageResult, write_json
+from components.vocab import separator_id, start_id
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +39,10 @@ def run(cfg: TokenizeConfig, data: DataConfig, ctx: StageContext) -> StageResult
     corpus = load_source(data.corpus.source, labelled=False)
     splits = {name: load_source(getattr(data.task, name), labelled=True) for name in TASK_SPLITS}
     tokenizer_dir = ctx.output_dir / "tokenizer"
-    tokenizer = train_wordpiece(corpus.column("text").to_pylist(), cfg)
+    if cfg.pretrained:
+        tokenizer = load_pretrained(cfg.pretrained, cfg.seq_len)
+    else:
+        tokenizer = train_tokenizer(corpus.column("text").to_pylist(), cfg)
     tokenizer.save_pretrained(tokenizer_dir)
     label_values = label_vocabulary(splits["train"])
     write_json(ctx.output_dir / "labels.json", display_names(label_values, data.task.label_names))
@@ -55,15 +61,25 @@ def run(cfg: TokenizeConfig, data: DataConfig, ctx: StageContext) -> StageResult
     return StageResult(output_uri=str(ctx.output_dir), metrics=stats)
 
 
-def train_wordpiece(texts: Iterable[str], cfg: TokenizeConfig) -> PreTrainedTokenizerFast:
-    """Train a BERT-style WordPiece tokenizer and wrap it as an HF fast tokenizer."""
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=cfg.lowercase)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tokenizer.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency, special_tokens=list(SPECIAL_TOKENS)
-    )
+def train_tokenizer(texts: Iterable[str], cfg: TokenizeConfig) -> PreTrainedTokenizerFast:
+    """Train a WordPiece (BERT-style) or byte-level BPE (GPT-2-style) tokenizer with the same special
+    tokens, and wrap it as an HF fast tokenizer."""
+    if cfg.algorithm == "bpe":
+        tokenizer = Tokenizer(models.BPE(unk_token=None))
+        tokenizer.normalizer = normalizers.Lowercase() if cfg.lowercase else None
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+        tokenizer.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency,
+                                      special_tokens=list(SPECIAL_TOKENS),
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    else:
+        tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tokenizer.normalizer = normalizers.BertNormalizer(lowercase=cfg.lowercase)
+        tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tokenizer.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(
+            vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency, special_tokens=list(SPECIAL_TOKENS)
+        )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(
@@ -73,6 +89,21 @@ def train_wordpiece(texts: Iterable[str], cfg: TokenizeConfig) -> PreTrainedToke
         tokenizer_object=tokenizer, model_max_length=cfg.seq_len,
         pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
     )  # fmt: skip
+
+
+def load_pretrained(name_or_path: str, seq_len: int) -> PreTrainedTokenizerFast:
+    """A checkpoint's own tokenizer (the model's vocabulary is its). One without a padding token
+    (GPT-2) pads with its end-of-text token."""
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    if not tokenizer.is_fast:
+        raise ValueError(f"tokenizer {name_or_path!r} has no fast (Rust) version; ptft needs one")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if separator_id(tokenizer) is None:
+        raise ValueError(f"tokenizer {name_or_path!r} has neither a [SEP] nor an end-of-text token to separate "
+                         "documents in packed blocks")  # fmt: skip
+    tokenizer.model_max_length = seq_len
+    return tokenizer
 
 
 def label_vocabulary(train: pa.Table) -> list[str]:
@@ -99,7 +130,7 @@ def display_names(values: list[str], names: list[str] | None) -> list[str]:
 
 @functools.lru_cache(maxsize=2)
 def _load_tokenizer(tokenizer_dir: str) -> PreTrainedTokenizerFast:
-    return PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
 
 
 def _dataset(table: pa.Table, rows_per_block: int) -> ray.data.Dataset:
@@ -116,23 +147,24 @@ def _pack_corpus(corpus: pa.Table, tokenizer_dir: Path, cfg: TokenizeConfig) -> 
 
 
 def pack_blocks(batch: pa.Table, *, tokenizer_dir: str, seq_len: int) -> pa.Table:
-    """Concatenate the batch's texts ([SEP] between documents) and cut `[CLS] ... [SEP]` blocks.
+    """Concatenate the batch's texts ([SEP] between documents) and cut `[CLS] ... [SEP]` blocks
+    (a loaded tokenizer's own start and separator tokens; no start token when it has none).
 
     The tail shorter than a block is dropped: every block has exactly `seq_len` tokens, so
     pre-training needs no padding.
     """
     tokenizer = _load_tokenizer(tokenizer_dir)
+    sep, start = separator_id(tokenizer), start_id(tokenizer)
     encoded = tokenizer(batch.column("text").to_pylist(), add_special_tokens=False)["input_ids"]
     stream: list[int] = []
     for ids in encoded:
         stream.extend(ids)
-        stream.append(tokenizer.sep_token_id)
-    body = seq_len - 2
+        stream.append(sep)
+    body = seq_len - 1 - (start is not None)
     count = len(stream) // body
     chunks = np.asarray(stream[: count * body], dtype=np.int32).reshape(count, body)
-    cls = np.full((count, 1), tokenizer.cls_token_id, dtype=np.int32)
-    sep = np.full((count, 1), tokenizer.sep_token_id, dtype=np.int32)
-    blocks = np.concatenate([cls, chunks, sep], axis=1)
+    head = [np.full((count, 1), start, dtype=np.int32)] if start is not None else []
+    blocks = np.concatenate([*head, chunks, np.full((count, 1), sep, dtype=np.int32)], axis=1)
     return pa.table({"input_ids": pa.array(list(blocks), type=pa.list_(pa.int32()))})
 
 

@@ -27,8 +27,9 @@ from components.stage import StageContext, write_json
 
 
 def deepspeed_config(cfg: DeepSpeedConfig, *, micro_batch_size: int) -> dict[str, Any]:
-    """The DeepSpeed JSON for an engine built with a client optimizer and scheduler."""
-    config: dict[str, Any] = {
+    """The DeepSpeed JSON for an engine built with a client optimizer and scheduler: the config
+    file's pass-through settings, overlaid with what the pipeline config decides."""
+    config = merge_dicts(cfg.file_settings, {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
         "gradient_clipping": cfg.gradient_clipping,
@@ -37,26 +38,52 @@ def deepspeed_config(cfg: DeepSpeedConfig, *, micro_batch_size: int) -> dict[str
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
-    }
+    })  # fmt: skip
+    # train_batch_size is left out: DeepSpeed derives it from the world size it finds, and the
+    # pipeline config check already compared the configured one against the workers.
+    config.pop("train_batch_size", None)
+    zero = config["zero_optimization"]
     if cfg.zero_stage == 3:
         # Gather the full weights on save so rank 0 can write a plain HF folder.
-        config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
-    if cfg.precision == "bf16":
-        config["bf16"] = {"enabled": True}
-    elif cfg.precision == "fp16":
-        config["fp16"] = {"enabled": True}
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    for kind, device in (("offload_optimizer", cfg.offload_optimizer), ("offload_param", cfg.offload_param)):
+        if device != "none":
+            zero[kind] = {"pin_memory": True, **zero.get(kind, {}), "device": device}
+            # The step runs on torch's AdamW (a client optimizer), not DeepSpeedCPUAdam.
+            config["zero_force_ds_cpu_optimizer"] = False
+        else:
+            zero.pop(kind, None)
+    for precision in ("bf16", "fp16"):
+        config.pop(precision, None)
+    if cfg.precision in ("bf16", "fp16"):
+        config[cfg.precision] = {"enabled": True}
     return config
+
+
+def merge_dicts(base: dict, override: dict) -> dict:
+    """`base` with `override` on top, nested dicts merged key by key (neither is modified)."""
+    merged = {key: (dict(value) if isinstance(value, dict) else value) for key, value in base.items()}
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_dicts(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def build_engine(
     model: torch.nn.Module, *, ds: DeepSpeedConfig, micro_batch_size: int, learning_rate: float,
     weight_decay: float, warmup_steps: int, total_steps: int,
 ):  # fmt: skip
-    """Wrap the model, AdamW and a linear warmup/decay schedule in a DeepSpeed engine."""
+    """Wrap the model, AdamW and a warmup + linear/cosine decay schedule in a DeepSpeed engine."""
     import deepspeed  # imported late: DS_ACCELERATOR must be set first (components.accelerator)
 
+    if ds.activation_checkpointing:
+        # Non-reentrant checkpointing works with every ZeRO stage and with frozen inputs.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.AdamW(_param_groups(model, weight_decay), lr=learning_rate)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup_steps, total_steps))
+    schedule = lr_schedule(ds.lr_schedule, warmup_steps, total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(ds, micro_batch_size=micro_batch_size),
@@ -68,17 +95,43 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     # No decay on biases and LayerNorm weights, as in BERT.
     decay, no_decay = [], []
     for name, param in model.named_parameters():
-        (no_decay if param.ndim < 2 or "LayerNorm" in name else decay).append(param)
+        (no_decay if param.ndim < 2 or "LayerNorm" in name or ".ln_" in name else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def linear_schedule(warmup_steps: int, total_steps: int):
+def lr_schedule(kind: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """LR factor per optimizer step: linear warmup to 1, then linear or cosine decay to 0."""
+
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / max(1, warmup_steps)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - progress
 
     return factor
+
+
+def optimizer_step(engine) -> None:
+    """`engine.step()`, first keeping the gradient norm where DeepSpeed keeps none (ZeRO-0: the
+    gradients are averaged over ranks by now). A tensor, not a float: no device sync per step."""
+    if engine.zero_optimization_stage() == 0 and engine.is_gradient_accumulation_boundary():
+        norms = [torch.linalg.vector_norm(p.grad.detach().float()) for p in engine.module.parameters()
+                 if p.grad is not None]  # fmt: skip
+        engine.ptft_grad_norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else None
+    engine.step()
+
+
+def grad_norm(engine) -> float | None:
+    """The global gradient norm of the last optimizer step (before clipping), when known."""
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        norm = getattr(engine, "ptft_grad_norm", None)
+    if norm is None:
+        return None
+    value = float(norm.item() if hasattr(norm, "item") else norm)
+    return value if math.isfinite(value) else None
 
 
 def fit_on_ray(loop: Callable[[dict], None], loop_config: dict, workers: WorkersConfig, ctx: StageContext,

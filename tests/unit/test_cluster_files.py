@@ -364,7 +364,6 @@ def test_pods_get_the_mlflow_token_from_a_secret() -> None:
 # What each preset stands for in pipeline-config terms.
 PRESET_SETTINGS = {"zero2-cpu-fp32.json": (2, "fp32"), "zero2-bf16.json": (2, "bf16"),
                    "zero3-bf16.json": (3, "bf16"), "zero3-offload-bf16.json": (3, "bf16")}  # fmt: skip
-EXTRA_TOP_LEVEL = {"zero_force_ds_cpu_optimizer"}  # needed with offload and ptft's client AdamW
 
 
 def _deepspeed_parse(config: dict, monkeypatch: pytest.MonkeyPatch) -> Any:
@@ -375,14 +374,11 @@ def _deepspeed_parse(config: dict, monkeypatch: pytest.MonkeyPatch) -> Any:
     return DeepSpeedConfig(copy.deepcopy(config))
 
 
-def _ptft_config(preset: dict, name: str) -> dict:
+def _loaded(name: str, **explicit: Any):
+    """The preset loaded through `deepspeed.config_file`, as a pipeline config would."""
     from components.configs import DeepSpeedConfig
-    from components.training import deepspeed_config
 
-    stage, precision = PRESET_SETTINGS[name]
-    ds = DeepSpeedConfig(zero_stage=stage, precision=precision, gradient_clipping=preset["gradient_clipping"],
-                         gradient_accumulation_steps=preset["gradient_accumulation_steps"])  # fmt: skip
-    return deepspeed_config(ds, micro_batch_size=preset["train_micro_batch_size_per_gpu"])
+    return DeepSpeedConfig.model_validate({"config_file": str(PRESETS / name), **explicit})
 
 
 def test_every_preset_is_listed() -> None:
@@ -390,30 +386,56 @@ def test_every_preset_is_listed() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(PRESET_SETTINGS))
-def test_preset_parses_and_agrees_with_what_ptft_builds(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_preset_loads_through_config_file_and_deepspeed_accepts_the_result(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from components.configs import DeepSpeedConfig
+    from components.training import deepspeed_config
+
     preset = json.loads((PRESETS / name).read_text())
-    parsed = _deepspeed_parse(preset, monkeypatch)
-    stage, precision = PRESET_SETTINGS[name]
-    assert parsed.zero_optimization_stage == stage
-    assert parsed.train_batch_size == preset["train_micro_batch_size_per_gpu"]  # one rank, no "auto"
-    ptft = _ptft_config(preset, name)
-    assert set(preset) - set(ptft) <= EXTRA_TOP_LEVEL, "unknown top-level keys (DeepSpeed ignores them silently)"
-    for key, value in ptft.items():  # every key ptft sets has ptft's value; presets only add inside zero_optimization
-        if isinstance(value, dict):
-            assert {k: preset[key][k] for k in value} == value, key
-        else:
-            assert preset[key] == value, key
+    loaded = _loaded(name)
+    assert (loaded.zero_stage, loaded.precision) == PRESET_SETTINGS[name]
+    built = deepspeed_config(loaded, micro_batch_size=16)
+    parsed = _deepspeed_parse(built, monkeypatch)
+    assert parsed.zero_optimization_stage == PRESET_SETTINGS[name][0]
+    assert parsed.train_batch_size == 16  # the stage's micro-batch, one rank
+    assert set(preset) - set(built) == set(), "every top-level key of the file reaches DeepSpeed"
+    for key, value in preset["zero_optimization"].items():  # bucket sizes, offload, ... pass through
+        assert built["zero_optimization"][key] == value, key
     if name == "zero2-cpu-fp32.json":
-        assert preset == ptft, "the CPU preset is exactly what ptft builds"
+        plain = deepspeed_config(DeepSpeedConfig(zero_stage=2), micro_batch_size=16)
+        assert built == plain, "the CPU preset is exactly what ptft builds for zero_stage=2"
     if "offload" in name:
-        zero = preset["zero_optimization"]
-        assert zero["offload_optimizer"]["device"] == zero["offload_param"]["device"] == "cpu"
-        assert preset["zero_force_ds_cpu_optimizer"] is False
+        assert (loaded.offload_optimizer, loaded.offload_param) == ("cpu", "cpu")
+        assert built["zero_force_ds_cpu_optimizer"] is False
+
+
+def test_keys_set_in_the_block_win_over_the_file() -> None:
+    loaded = _loaded("zero3-bf16.json", zero_stage=2, precision="fp32", gradient_clipping=0.5)
+    assert (loaded.zero_stage, loaded.precision, loaded.gradient_clipping) == (2, "fp32", 0.5)
+    assert loaded.file_settings["zero_optimization"]["overlap_comm"] is True  # the rest still comes from the file
+
+
+@pytest.mark.parametrize("content, message", [(None, "cannot be read"), ("{not json", "not valid JSON"),
+                                              ('{"optimizer": {"type": "Adam"}}', "ptft builds AdamW")])
+def test_a_bad_config_file_is_refused_with_the_reason(tmp_path: Path, content: str | None, message: str) -> None:
+    from pydantic import ValidationError
+
+    from components.configs import DeepSpeedConfig
+
+    path = tmp_path / "ds.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ValidationError, match=message):
+        DeepSpeedConfig(config_file=str(path))
 
 
 @pytest.mark.parametrize("breakage", ["auto micro batch", "bad offload device", "misspelled zero key", "both 16s"])
 def test_deepspeed_parser_rejects_a_broken_preset(breakage: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    preset = json.loads((PRESETS / "zero3-offload-bf16.json").read_text())
+    from components.training import deepspeed_config
+
+    preset = deepspeed_config(_loaded("zero3-offload-bf16.json"), micro_batch_size=16)
+    _deepspeed_parse(preset, monkeypatch)  # the unbroken one parses
     if breakage == "auto micro batch":
         preset["train_micro_batch_size_per_gpu"] = "auto"
     elif breakage == "bad offload device":

@@ -130,6 +130,95 @@ def test_half_precision_without_gpu_is_rejected(tmp_path: Path) -> None:
     assert problem.key == "pretrain.deepspeed.precision"
 
 
+def _keys(raw: dict, overrides: list[str]) -> dict[str, str]:
+    apply_overrides(raw, overrides)
+    return {problem.key: str(problem) for problem in _problems(raw)}
+
+
+def test_global_batch_must_be_micro_times_accumulation_times_workers(tmp_path: Path) -> None:
+    raw = tiny_config_dict(tmp_path)
+    keys = _keys(raw, ["pretrain.batch_size_per_worker=8", "pretrain.deepspeed.gradient_accumulation_steps=4",
+                       "pretrain.workers.num_workers=2", "pretrain.deepspeed.train_batch_size=32"])  # fmt: skip
+    assert "8 x 4 x 2 = 64" in keys["pretrain.deepspeed.train_batch_size"]
+    assert "set it to 64" in keys["pretrain.deepspeed.train_batch_size"]
+    raw = tiny_config_dict(tmp_path)
+    apply_overrides(raw, ["pretrain.batch_size_per_worker=8", "pretrain.deepspeed.gradient_accumulation_steps=4",
+                          "pretrain.deepspeed.train_batch_size=64"])  # fmt: skip
+    assert validate(raw).pretrain.deepspeed.train_batch_size == 64
+
+
+def test_a_fixed_finetune_batch_conflicts_with_searching_the_batch_size(tmp_path: Path) -> None:
+    raw = tiny_config_dict(tmp_path)
+    raw["tune"] = {"search_space": {"batch_size_per_worker": {"type": "choice", "values": [8, 16]}}}
+    keys = _keys(raw, ["finetune.defaults.batch_size_per_worker=8", "finetune.deepspeed.train_batch_size=16"])
+    assert "varies batch_size_per_worker" in keys["finetune.deepspeed.train_batch_size"]
+
+
+@pytest.mark.parametrize("overrides, key, message", [
+    (["pretrain.deepspeed.offload_optimizer=cpu", "pretrain.deepspeed.zero_stage=2"],
+     "pretrain.deepspeed.offload_optimizer", "needs GPU workers"),
+    (["pretrain.deepspeed.offload_param=cpu", "pretrain.deepspeed.zero_stage=2", "pretrain.workers.use_gpu=true"],
+     "pretrain.deepspeed.offload_param", "needs ZeRO stage 3"),
+    (["finetune.deepspeed.offload_optimizer=cpu", "finetune.workers.use_gpu=true"],
+     "finetune.deepspeed.offload_optimizer", "needs ZeRO stage 1"),
+    (["pretrain.model.family=gpt2", "pretrain.model.preset=base"], "pretrain.model.preset", "no such preset"),
+])  # fmt: skip
+def test_cross_field_training_rules(tmp_path: Path, overrides: list[str], key: str, message: str) -> None:
+    keys = _keys(tiny_config_dict(tmp_path), overrides)
+    assert message in keys[key], keys
+
+
+def test_deepspeed_config_file_loads_and_is_checked_against_the_stage(tmp_path: Path) -> None:
+    raw = tiny_config_dict(tmp_path)
+    apply_overrides(raw, [f"pretrain.deepspeed.config_file={REPO / 'cluster/deepspeed/zero2-cpu-fp32.json'}"])
+    assert validate(raw).pretrain.deepspeed.zero_stage == 2  # from the file
+    ds_file = tmp_path / "ds.json"
+    ds_file.write_text(json.dumps({"train_micro_batch_size_per_gpu": 99, "zero_optimization": {"stage": 1}}))
+    keys = _keys(tiny_config_dict(tmp_path), [f"pretrain.deepspeed.config_file={ds_file}"])
+    assert "train_micro_batch_size_per_gpu=99" in keys["pretrain.deepspeed.config_file"]
+    keys = _keys(tiny_config_dict(tmp_path), [f"pretrain.deepspeed.config_file={tmp_path / 'nope.json'}"])
+    assert "cannot be read" in keys["pretrain.deepspeed.config_file"]
+
+
+def _checkpoint(folder: Path, **config) -> Path:
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "bert", "max_position_embeddings": 512, **config}))
+    (folder / "tokenizer.json").write_text("{}")
+    return folder
+
+
+def test_init_from_takes_the_checkpoints_tokenizer_and_sizes(tmp_path: Path) -> None:
+    folder = _checkpoint(tmp_path / "ckpt", max_position_embeddings=16)
+    raw = tiny_config_dict(tmp_path)
+    keys = _keys(raw, [f"pretrain.model.init_from={folder}", "pretrain.model.preset=mini"])
+    assert "longer than the checkpoint's 16 positions" in keys["tokenize.seq_len"]
+    assert "fixes the architecture" in keys["pretrain.model.preset"]
+    raw = tiny_config_dict(tmp_path)
+    apply_overrides(raw, [f"pretrain.model.init_from={folder}"])
+    raw["tokenize"]["seq_len"] = 16
+    assert validate(raw).tokenize.pretrained == str(folder)  # the checkpoint's own tokenizer
+
+
+@pytest.mark.parametrize("problem", ["missing", "no config", "gpt-j", "other tokenizer"])
+def test_a_bad_init_from_names_the_fix(tmp_path: Path, problem: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = tmp_path / "ckpt"
+    overrides = [f"pretrain.model.init_from={folder}"]
+    if problem == "no config":
+        folder.mkdir()
+    elif problem == "gpt-j":
+        _checkpoint(folder, model_type="gptj")
+    elif problem == "other tokenizer":
+        _checkpoint(folder)
+        overrides.append(f"tokenize.pretrained={tmp_path}")
+    keys = _keys(tiny_config_dict(tmp_path), overrides)
+    expected = {"missing": ("pretrain.model.init_from", "HF_HUB_OFFLINE=1"),
+                "no config": ("pretrain.model.init_from", "has no config.json"),
+                "gpt-j": ("pretrain.model.init_from", "'gptj' is not one ptft pre-trains"),
+                "other tokenizer": ("tokenize.pretrained", "its own vocabulary")}[problem]  # fmt: skip
+    assert expected[1] in keys[expected[0]], keys
+
+
 def test_defaults_fill_a_minimal_config(tmp_path: Path) -> None:
     config = validate(tiny_config_dict(tmp_path))
     assert config.tracking_uri() == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"

@@ -1,19 +1,63 @@
-"""Model presets, masking and the DeepSpeed config builder."""
+"""Model families and presets, init from a checkpoint, masking, the DeepSpeed config builder, LR
+schedules, the export smoke test, throughput and early stopping."""
 
 from __future__ import annotations
+
+import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from components import models, training
-from components.configs import PRESETS, DeepSpeedConfig, ModelConfig
+from components.configs import OBJECTIVES, PRESETS, DeepSpeedConfig, ModelConfig
 
 
-@pytest.mark.parametrize("preset", list(PRESETS))
-def test_presets_build_configs(preset: str) -> None:
-    config = models.build_bert_config(ModelConfig(preset=preset), vocab_size=1000, pad_token_id=0)
-    sizes = PRESETS[preset]
+@pytest.mark.parametrize("family, preset", [(f, p) for f in PRESETS for p in PRESETS[f]])
+def test_presets_build_configs(family: str, preset: str) -> None:
+    config = models.build_config(ModelConfig(family=family, preset=preset), vocab_size=1000,
+                                 special_ids={"pad": 0, "bos": 2, "eos": 3})  # fmt: skip
+    sizes = PRESETS[family][preset]
+    assert config.model_type == family
     assert (config.hidden_size, config.num_hidden_layers) == (sizes["hidden_size"], sizes["num_layers"])
+
+
+@pytest.mark.parametrize("family, preset, vocab, millions",
+                         [("bert", "base", 30522, 110), ("gpt2", "small", 50257, 124)])  # fmt: skip
+def test_the_large_presets_have_their_published_sizes(family: str, preset: str, vocab: int, millions: int) -> None:
+    config = models.build_config(ModelConfig(family=family, preset=preset), vocab_size=vocab,
+                                 special_ids={"pad": 0})  # fmt: skip
+    with torch.device("meta"):
+        model = models.lm_class(OBJECTIVES[family]).from_config(config)
+    assert abs(models.count_parameters(model) / 1e6 - millions) < 2
+
+
+@pytest.mark.parametrize("family, objective", [("bert", "mlm"), ("gpt2", "clm")])
+def test_each_family_trains_with_its_objective_on_sdpa(family: str, objective: str) -> None:
+    cfg = ModelConfig(family=family, preset="tiny")
+    assert cfg.objective == objective
+    model = models.build_lm(cfg, vocab_size=300, special_ids={"pad": 0, "bos": 2, "eos": 3}, seed=0)
+    assert model.config._attn_implementation == "sdpa"
+    ids = torch.randint(5, 300, (2, 16))
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert loss.item() > 0 and all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_dropout_overrides_name_each_familys_keys() -> None:
+    assert set(models.dropout_overrides("gpt2", 0.2)) == {"resid_pdrop", "embd_pdrop", "attn_pdrop"}
+    assert models.dropout_overrides("bert", 0.2) == {"hidden_dropout_prob": 0.2, "attention_probs_dropout_prob": 0.2}
+
+
+def test_init_from_a_folder_keeps_its_weights_and_adds_a_missing_head(tmp_path: Path) -> None:
+    from transformers import BertConfig, BertModel
+
+    encoder = BertModel(BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=64))  # a sentence encoder: no MLM head  # fmt: skip
+    encoder.save_pretrained(tmp_path)
+    model = models.build_lm(ModelConfig(init_from=str(tmp_path)), vocab_size=120, special_ids={"pad": 0}, seed=0)
+    assert type(model).__name__ == "BertForMaskedLM"
+    assert torch.equal(model.bert.embeddings.word_embeddings.weight, encoder.embeddings.word_embeddings.weight)
 
 
 def test_overrides_beat_the_preset() -> None:
@@ -51,6 +95,17 @@ def test_deepspeed_config_per_stage() -> None:
     assert bf16["bf16"] == {"enabled": True} and bf16["train_micro_batch_size_per_gpu"] == 8
 
 
+def test_deepspeed_config_offload_accumulation_and_clipping() -> None:
+    ds = DeepSpeedConfig(zero_stage=3, precision="bf16", offload_optimizer="cpu", offload_param="cpu",
+                         gradient_accumulation_steps=4, gradient_clipping=0.5, train_batch_size=64)  # fmt: skip
+    built = training.deepspeed_config(ds, micro_batch_size=8)
+    zero = built["zero_optimization"]
+    assert zero["offload_optimizer"] == zero["offload_param"] == {"pin_memory": True, "device": "cpu"}
+    assert built["zero_force_ds_cpu_optimizer"] is False  # torch AdamW, a client optimizer, steps on the CPU
+    assert (built["gradient_accumulation_steps"], built["gradient_clipping"]) == (4, 0.5)
+    assert "train_batch_size" not in built  # DeepSpeed derives it from the world size it finds
+
+
 def test_shards_are_disjoint_and_equal() -> None:
     shards = [training.Shard(rank, 2, 4) for rank in range(2)]
     batches = [shard.epoch_batches(37, epoch=1, seed=0) for shard in shards]
@@ -61,6 +116,64 @@ def test_shards_are_disjoint_and_equal() -> None:
 
 
 def test_linear_schedule_warms_up_then_decays() -> None:
-    factor = training.linear_schedule(warmup_steps=10, total_steps=110)
+    factor = training.lr_schedule("linear", warmup_steps=10, total_steps=110)
     assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
     assert factor(60) == pytest.approx(0.5) and factor(110) == 0.0
+
+
+def test_cosine_schedule_warms_up_then_follows_half_a_cosine() -> None:
+    factor = training.lr_schedule("cosine", warmup_steps=10, total_steps=110)
+    assert factor(9) == pytest.approx(1.0)
+    assert factor(35) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+    assert factor(60) == pytest.approx(0.5) and factor(110) == pytest.approx(0.0)
+    assert factor(35) > training.lr_schedule("linear", 10, 110)(35)  # cosine decays slower early on
+
+
+def test_smoke_test_loads_the_export_and_hashes_its_weights(tmp_path: Path) -> None:
+    from transformers import PreTrainedTokenizerFast
+
+    from components.configs import TokenizeConfig
+    from components.tokenize import train_tokenizer
+
+    tokenizer = train_tokenizer(["a short sample text ."] * 50, TokenizeConfig(vocab_size=120, seq_len=16))
+    model = models.build_lm(ModelConfig(family="gpt2"), vocab_size=len(tokenizer), special_ids={"pad": 0}, seed=0)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    checked = models.smoke_test(tmp_path, "clm")
+    assert checked["parameters"] == models.count_parameters(model) and len(checked["weights_sha256"]) == 64
+    with torch.no_grad():
+        model.lm_head.weight.add_(1.0)  # tied to the embeddings: other weights, another hash
+    model.save_pretrained(tmp_path)
+    assert models.smoke_test(tmp_path, "clm")["weights_sha256"] != checked["weights_sha256"]
+    assert isinstance(PreTrainedTokenizerFast.from_pretrained(tmp_path), PreTrainedTokenizerFast)
+    (tmp_path / "model.safetensors").write_bytes(b"not weights")
+    with pytest.raises(RuntimeError, match="does not load"):
+        models.smoke_test(tmp_path, "clm")
+
+
+def test_throughput_reports_flops_from_tokens() -> None:
+    from components import flops
+    from components.throughput import Throughput
+
+    model = models.build_lm(ModelConfig(), vocab_size=300, special_ids={"pad": 0}, seed=0)
+    meter = Throughput(model, seq_len=32, world=2, precision="fp32", device_name="cpu")
+    assert meter.read() == {}
+    for _ in range(3):
+        meter.add(samples=16)
+    metrics = meter.read()
+    params, layers, hidden = flops.model_shape(model)
+    assert params == models.count_parameters(model) - 128 * 64  # without the position embeddings
+    assert metrics["throughput/tokens_per_s"] == pytest.approx(metrics["throughput/samples_per_s"] * 32)
+    assert metrics["throughput/tflops"] == pytest.approx(
+        metrics["throughput/tokens_per_s"] * flops.flops_per_token(params, layers, hidden, 32) / 1e12)
+    assert "throughput/mfu" not in metrics  # no peak for a CPU
+
+
+def test_early_stopping_waits_patience_epochs_and_survives_a_restore() -> None:
+    from components.finetune import EarlyStopping
+
+    stopper = EarlyStopping(patience=2, min_delta=0.01, state={"epoch": 0})
+    assert [stopper.update(loss) for loss in (1.0, 0.8, 0.795)] == [False, False, False]  # 0.795: not by 0.01
+    restored = EarlyStopping(patience=2, min_delta=0.01, state={"epoch": 3, **stopper.state()})
+    assert restored.update(0.9) is True and restored.best_epoch == 2
+    assert not any(EarlyStopping(None, 0.0, {"epoch": 0}).update(1.0 + i) for i in range(5))

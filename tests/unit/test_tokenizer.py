@@ -15,7 +15,7 @@ from components.tokenize import (
     label_vocabulary,
     pack_blocks,
     tokenize_examples,
-    train_wordpiece,
+    train_tokenizer,
 )
 
 
@@ -23,7 +23,7 @@ from components.tokenize import (
 def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("tok")
     texts = [row["text"] for row in synthetic.generate("corpus", 500)]
-    train_wordpiece(texts, TokenizeConfig(vocab_size=300, seq_len=16)).save_pretrained(folder)
+    train_tokenizer(texts, TokenizeConfig(vocab_size=300, seq_len=16)).save_pretrained(folder)
     return folder
 
 

