@@ -60,10 +60,13 @@ def build_lm(cfg: ModelConfig, *, vocab_size: int, special_ids: dict[str, int | 
     """The model to pre-train: new weights from the preset, or the `init_from` checkpoint's."""
     torch.manual_seed(seed)
     if cfg.init_from:
-        objective = objective_of(AutoConfig.from_pretrained(cfg.init_from, revision=cfg.init_revision).model_type)
-        # A checkpoint without this objective's head (e.g. a sentence encoder) gets a new one.
-        model = lm_class(objective).from_pretrained(cfg.init_from, revision=cfg.init_revision,
-                                                    attn_implementation=cfg.attention)  # fmt: skip
+        model_type = AutoConfig.from_pretrained(cfg.init_from, revision=cfg.init_revision).model_type
+        # A checkpoint without this objective's head (e.g. a sentence encoder) gets a new one;
+        # the configured dropout applies to the checkpoint too.
+        model = lm_class(objective_of(model_type)).from_pretrained(
+            cfg.init_from, revision=cfg.init_revision, attn_implementation=cfg.attention,
+            **dropout_overrides(model_type, cfg.dropout),
+        )  # fmt: skip
         if model.get_input_embeddings().num_embeddings < vocab_size:
             model.resize_token_embeddings(vocab_size)
         if model.config.pad_token_id is None:
