@@ -1,6 +1,7 @@
-"""Stage 4, finetune: sequence classification from the pre-trained HF folder with the best
-hyperparameters, under Ray Train + DeepSpeed; evaluates on the test split; registers the model
-in the MLflow Model Registry.
+"""Stage 4, finetune: sequence classification from the pre-trained HF folder (BERT- or GPT-2-style)
+with the best hyperparameters, under Ray Train + DeepSpeed, with optional early stopping on the
+validation loss; evaluates on the test split; loads the exported folder back as a smoke test;
+registers the model in the MLflow Model Registry.
 
 `fit_classifier` is the one fine-tuning loop: Ray Train workers run it here, and every Tune
 trial runs it too (components/tune.py imports it).

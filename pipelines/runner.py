@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 STAGES = ("tokenize", "pretrain", "tune", "finetune", "serve")
 # Bump a stage's version when its code changes what it writes: the key changes with it.
-STAGE_VERSIONS = {"tokenize": "1", "pretrain": "2", "tune": "2", "finetune": "2", "serve": "2"}
+STAGE_VERSIONS = {"tokenize": "2", "pretrain": "3", "tune": "3", "finetune": "3", "serve": "2"}
 # Settings that change how a stage runs but not what it writes: left out of its cache key.
 NOT_IN_KEY = {
     "pretrain": ("log_every", "checkpoint_every", "workers.max_failures", "workers.placement_strategy"),
