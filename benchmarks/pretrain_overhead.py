@@ -23,7 +23,9 @@ checkpoint, HF export and smoke test, Ray teardown).
     python benchmarks/pretrain_overhead.py [--steps 160] [--json out.json]   # from the repo root
 
 Starts a private local Ray (`num_cpus` CPUs) and an sqlite MLflow store in a temp folder, writes a
-synthetic corpus through the real tokenize stage; takes ~4 minutes with the defaults on 2 cores.
+synthetic corpus through the real tokenize stage; takes ~5 minutes with the defaults on 2 cores.
+Both sides compute the same thing (their final train/loss agree), so the ratio is pure overhead, but
+on a shared machine other load moves it: look at the window spread, or rerun when it is wide.
 """
 
 from __future__ import annotations
@@ -210,9 +212,19 @@ RAY_TRAIN_MARKERS = (
 )
 
 
-def ray_train_phases(train_logs: Path, launched: float) -> dict[str, float]:
+def ray_train_logs() -> Path | None:
+    """This Ray session's Ray Train log folder (a private Ray API: None if it moved)."""
+    try:
+        return Path(ray._private.worker._global_node.get_logs_dir_path()) / "train"
+    except (AttributeError, TypeError):
+        return None
+
+
+def ray_train_phases(train_logs: Path | None, launched: float) -> dict[str, float]:
     """Best effort: seconds from the stage's launch to each Ray Train milestone (empty if not found)."""
     found: dict[str, float] = {}
+    if train_logs is None:
+        return found
     for name, role, text in RAY_TRAIN_MARKERS:
         for path in sorted(train_logs.glob(f"ray-train-sys-{role}-*.log")):
             for line in path.read_text(errors="replace").splitlines():
@@ -280,7 +292,7 @@ def report(args: argparse.Namespace, cfg: PretrainConfig, r: dict[str, Any]) -> 
     row("stage steady step time (median window)", f"{r['stage_step_s']:.4f} s")
     row("bare loop steady step time (median window)", f"{r['bare_step_s']:.4f} s")
     row("step time ratio stage / bare", f"{ratio:.3f}", f"<= {RATIO_TARGET:.2f}", ratio <= RATIO_TARGET)
-    fastest = min(r["stage_windows"].values()) / min(r["bare_windows"].values())
+    fastest = r["fastest_window_ratio"] = min(r["stage_windows"].values()) / min(r["bare_windows"].values())
     row("ratio of the fastest windows (less load-sensitive)", f"{fastest:.3f}")
     row("stage loop wall per step (MLflow timestamps)", f"{r['stage_loop_wall_step_s']:.4f} s")
     row("startup/worker_group_s", f"{r['startup/worker_group_s']:.2f} s")
@@ -296,7 +308,7 @@ def report(args: argparse.Namespace, cfg: PretrainConfig, r: dict[str, Any]) -> 
         previous = at
     row("pretrain.run wall", f"{r['stage_wall_s']:.1f} s")
     row("fixed cost: wall - steps x steady step", f"{r['fixed_cost_s']:.1f} s")
-    row("  of which after the last step (eval, export, teardown)", f"{r['after_loop_s']:.1f} s")
+    row("  of it after the last step (eval, export, teardown)", f"{r['after_loop_s']:.1f} s")
     row("final train/loss: stage | bare", f"{r['stage_final_loss']:.3f} | {r['bare_final_loss']:.3f}")
 
 
@@ -326,7 +338,7 @@ def main() -> None:
     ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
              configure_logging=False, runtime_env={"env_vars": accelerator.deepspeed_env(False)})  # fmt: skip
     ray.data.DataContext.get_current().enable_progress_bars = False
-    train_logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "train"
+    train_logs = ray_train_logs()
     try:
         with tempfile.TemporaryDirectory(prefix="ptft-pretrain-overhead-") as folder:
             tracking = Tracking(Path(folder))
