@@ -121,7 +121,7 @@ def fit_classifier(cfg: ClassifierRun, report: Report, checkpoint: ray.train.Che
             for split in ("train", "validation", "test")}  # fmt: skip
     shard = training.Shard(rank, world, cfg.hyper.batch_size_per_worker)
     steps = training.steps_for(len(data["train"]["label"]), shard, cfg.epochs)
-    engine = _setup_engine(cfg, steps, log_inherited=rank == 0)
+    engine = _setup_engine(cfg, tokenizer, steps, log_inherited=rank == 0)
     state = _restore(engine, checkpoint, rank)
     tracker = open_tracker(cfg.tracking_uri, cfg.mlflow_run_id, rank=rank,
                            resumed=checkpoint is not None or cfg.resumed)  # fmt: skip
@@ -197,7 +197,7 @@ def _rank_and_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def _setup_engine(cfg: ClassifierRun, micro_steps: int, *, log_inherited: bool):
+def _setup_engine(cfg: ClassifierRun, tokenizer, micro_steps: int, *, log_inherited: bool):
     """The pre-trained encoder with a fresh classification head; architecture inherited, dropout overridden.
     The LR schedule runs over optimizer steps (micro-batches / gradient accumulation)."""
     optimizer_steps = math.ceil(micro_steps / cfg.deepspeed.gradient_accumulation_steps)
@@ -210,7 +210,6 @@ def _setup_engine(cfg: ClassifierRun, micro_steps: int, *, log_inherited: bool):
         log.info("NOTE: dropout=%s overrides the pretrained %s", cfg.hyper.dropout,
                  {key: getattr(pretrained, key, None) for key in dropout})  # fmt: skip
     torch.manual_seed(cfg.seed)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.pretrained_dir)
     model = AutoModelForSequenceClassification.from_pretrained(
         cfg.pretrained_dir, num_labels=len(cfg.label_names),
         id2label=dict(enumerate(cfg.label_names)), label2id={name: i for i, name in enumerate(cfg.label_names)},

@@ -46,9 +46,11 @@ def build_config(cfg: ModelConfig, *, vocab_size: int, special_ids: dict[str, in
     )
 
 
-def build_bert_config(cfg: ModelConfig, *, vocab_size: int, pad_token_id: int) -> BertConfig:
-    return build_config(cfg.model_copy(update={"family": "bert"}), vocab_size=vocab_size,
-                        special_ids={"pad": pad_token_id})  # fmt: skip
+def objective_for(cfg: ModelConfig) -> str:
+    """mlm or clm: the family's, or for `init_from` the checkpoint's model type's."""
+    if cfg.init_from:
+        return objective_of(AutoConfig.from_pretrained(cfg.init_from, revision=cfg.init_revision).model_type)
+    return cfg.objective
 
 
 def lm_class(objective: str):
@@ -74,11 +76,6 @@ def build_lm(cfg: ModelConfig, *, vocab_size: int, special_ids: dict[str, int | 
         return model
     config = build_config(cfg, vocab_size=vocab_size, special_ids=special_ids)
     return lm_class(cfg.objective).from_config(config, attn_implementation=cfg.attention)
-
-
-def build_mlm_model(config: BertConfig, *, seed: int):
-    torch.manual_seed(seed)
-    return AutoModelForMaskedLM.from_config(config, attn_implementation="sdpa")
 
 
 def dropout_overrides(model_type: str, dropout: float) -> dict[str, float]:

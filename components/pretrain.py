@@ -46,7 +46,7 @@ class _WorkerConfig(BaseModel):
 
 def run(cfg: PretrainConfig, tokenized_uri: str, ctx: StageContext) -> StageResult:
     """Pre-train on `<tokenized_uri>/pretrain_blocks`; write the HF folder under ctx.output_dir/model."""
-    objective = objective_for(cfg)
+    objective = models.objective_for(cfg.model)
     worker_cfg = _WorkerConfig(
         stage=cfg, blocks_dir=f"{tokenized_uri}/pretrain_blocks", tokenizer_dir=f"{tokenized_uri}/tokenizer",
         tracking_uri=ctx.tracking_uri, mlflow_run_id=ctx.mlflow_run_id, seed=ctx.seed, objective=objective,
@@ -60,16 +60,6 @@ def run(cfg: PretrainConfig, tokenized_uri: str, ctx: StageContext) -> StageResu
     tracker = open_tracker(ctx.tracking_uri, ctx.mlflow_run_id)
     tracker.set_tags({"ptft.weights_sha256": checked["weights_sha256"], "ptft.objective": objective})
     return StageResult(output_uri=str(model_dir), metrics=metrics, outputs=checked)
-
-
-def objective_for(cfg: PretrainConfig) -> str:
-    """mlm or clm: the family's, or for `init_from` the checkpoint's model type's."""
-    if cfg.model.init_from:
-        from transformers import AutoConfig
-
-        model_type = AutoConfig.from_pretrained(cfg.model.init_from, revision=cfg.model.init_revision).model_type
-        return models.objective_of(model_type)
-    return cfg.model.objective
 
 
 def train_loop_per_worker(config: dict) -> None:

@@ -61,14 +61,13 @@ def test_init_from_a_folder_keeps_its_weights_and_adds_a_missing_head(tmp_path: 
 
 
 def test_overrides_beat_the_preset() -> None:
-    config = models.build_bert_config(ModelConfig(preset="tiny", num_layers=3, max_positions=64),
-                                      vocab_size=100, pad_token_id=0)  # fmt: skip
+    config = models.build_config(ModelConfig(preset="tiny", num_layers=3, max_positions=64),
+                                 vocab_size=100, special_ids={"pad": 0})  # fmt: skip
     assert (config.num_hidden_layers, config.max_position_embeddings, config.hidden_size) == (3, 64, 64)
 
 
 def test_tiny_model_is_small_and_runs() -> None:
-    config = models.build_bert_config(ModelConfig(), vocab_size=300, pad_token_id=0)
-    model = models.build_mlm_model(config, seed=0)
+    model = models.build_lm(ModelConfig(), vocab_size=300, special_ids={"pad": 0}, seed=0)
     assert models.count_parameters(model) < 200_000
     ids = torch.randint(5, 300, (2, 16))
     assert model(input_ids=ids, labels=ids).loss.item() > 0
