@@ -188,10 +188,12 @@ class TorchLoop:
 
     name = "plain_torch"
 
-    def __init__(self, s: Settings):
+    def __init__(self, s: Settings, compiled: bool = False):
         self.s = s
         self.model = build_model(s)
         self.optimizer = make_optimizer(self.model, s)
+        if compiled:  # the same module, traced by torch.compile (Inductor) on its first steps
+            self.model = torch.compile(self.model)
         self.autocast = s.precision == "bf16"
 
     def step(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -325,7 +327,10 @@ def timed_run(loop, s: Settings, micro_batch: int, per_token: float, device_name
 
 
 def run_phase(kind: str, s: Settings, micro_batch: int, per_token: float, device_name: str) -> dict[str, Any]:
-    loop = TorchLoop(s) if kind == "plain_torch" else DeepSpeedLoop(s, micro_batch)
+    if kind.startswith("plain_torch"):
+        loop = TorchLoop(s, compiled=kind == "plain_torch_compiled")
+    else:
+        loop = DeepSpeedLoop(s, micro_batch)
     try:
         return timed_run(loop, s, micro_batch, per_token, device_name)
     finally:
@@ -548,6 +553,9 @@ def main(argv: list[str] | None = None) -> int:
         default=420.0,
         help="seconds: phases that would start later are skipped (default 420)",
     )
+    parser.add_argument(
+        "--compile", action="store_true", help="also time plain torch with torch.compile (after the others)"
+    )
     args = parser.parse_args(argv)
     began = time.perf_counter()
 
@@ -612,6 +620,13 @@ def main(argv: list[str] | None = None) -> int:
         s, runs["deepspeed"].get("micro_batch", micro_batch), per_token, device["name"], ray_mode
     )
     print(describe("ray_train", runs["ray_train"]), flush=True)
+
+    if args.compile:
+        print("== plain torch, torch.compile", flush=True)
+        runs["plain_torch_compiled"] = out_of_time("torch.compile") or run_phase(
+            "plain_torch_compiled", s, micro_batch, per_token, device["name"]
+        )
+        print(describe("plain_torch_compiled", runs["plain_torch_compiled"]), flush=True)
 
     torch_tps = runs["plain_torch"].get("tokens_per_s")
     ds_tps = runs["deepspeed"].get("tokens_per_s")
