@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 # --- data --------------------------------------------------------------------------------------
 
@@ -291,9 +291,16 @@ class Hyperparameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
     learning_rate: float = Field(5e-4, gt=0, description="peak AdamW learning rate")
     weight_decay: float = Field(0.01, ge=0, description="AdamW decoupled weight decay")
-    dropout: float = Field(0.1, ge=0, lt=1, description="hidden and attention dropout")
+    dropout: float = Field(0.1, ge=0, lt=1, description="hidden dropout (and attention dropout unless set)")
+    attention_dropout: float | None = Field(None, ge=0, lt=1, description="attention dropout; none: same as dropout")
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="share of steps spent warming up the LR")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the training loss")
     batch_size_per_worker: int = Field(16, gt=0, description="micro-batch per worker (per trial in tune)")
+
+
+SEARCHABLE = tuple(Hyperparameters.model_fields)
+INTEGER_HYPERPARAMETERS = ("batch_size_per_worker",)
+Searchable = Literal[SEARCHABLE]  # type: ignore[valid-type]
 
 
 class FinetuneConfig(BaseModel):
@@ -301,6 +308,10 @@ class FinetuneConfig(BaseModel):
     epochs: int = Field(3, gt=0, description="passes over the train split")
     defaults: Hyperparameters = Field(
         default_factory=Hyperparameters, description="used for any value the tune stage did not search"
+    )
+    overrides: dict[Searchable, float] = Field(
+        default_factory=dict,
+        description="hyperparameters that win over the tune stage's best config (the stage logs which won)",
     )
     log_every: int = Field(10, gt=0, description="steps between metric logs")
     early_stopping_patience: int | None = Field(
@@ -311,34 +322,56 @@ class FinetuneConfig(BaseModel):
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
 
+    def trial_defaults(self) -> Hyperparameters:
+        """What a tune trial trains with where it samples nothing: defaults under overrides."""
+        return self.defaults.model_copy(
+            update={k: int(v) if k in INTEGER_HYPERPARAMETERS else v for k, v in self.overrides.items()}
+        )
+
+    @model_validator(mode="after")
+    def _overrides_are_valid(self) -> FinetuneConfig:
+        # The ranges of finetune.defaults; an integer field needs a whole number.
+        for name, value in self.overrides.items():
+            if name in INTEGER_HYPERPARAMETERS and float(value) != int(value):
+                raise ValueError(f"overrides.{name} must be a whole number (got {value})")
+            try:
+                Hyperparameters(**{name: int(value) if name in INTEGER_HYPERPARAMETERS else value})
+            except ValidationError as error:
+                raise ValueError(f"overrides.{name} = {value}: {error.errors()[0]['msg']}") from None
+        return self
+
 
 # --- tune --------------------------------------------------------------------------------------
 
-SEARCHABLE = tuple(Hyperparameters.model_fields)
-
-
-Searchable = Literal[SEARCHABLE]  # type: ignore[valid-type]
-
 
 class Distribution(BaseModel):
-    """One search dimension: `loguniform`/`uniform` over [low, high], or a `choice` of values."""
+    """One search dimension: sampled from `uniform`/`loguniform` over [low, high] or a `choice` of
+    values, or every one of a `grid` of values (each grid point is tried `num_samples` times)."""
 
     model_config = ConfigDict(extra="forbid")
-    type: Literal["loguniform", "uniform", "choice"]
+    type: Literal["loguniform", "uniform", "choice", "grid"]
     low: float | None = None
     high: float | None = None
     values: list[float] | None = None
 
     @model_validator(mode="after")
     def _bounds(self) -> Distribution:
-        if self.type == "choice":
+        if self.type in ("choice", "grid"):
             if not self.values:
-                raise ValueError("a choice needs a non-empty `values` list")
+                raise ValueError(f"a {self.type} needs a non-empty `values` list")
+            if self.low is not None or self.high is not None:
+                raise ValueError(f"a {self.type} takes `values`, not low/high")
+        elif self.values is not None:
+            raise ValueError(f"{self.type} takes low and high, not `values` (use type: choice or grid)")
         elif self.low is None or self.high is None or not self.low < self.high:
             raise ValueError(f"{self.type} needs low < high (got low={self.low}, high={self.high})")
         elif self.type == "loguniform" and self.low <= 0:
             raise ValueError(f"loguniform needs low > 0 (got {self.low}); use uniform for ranges from 0")
         return self
+
+    def points(self) -> list[float]:
+        """The values this dimension can take at its edges: its bounds, or every listed value."""
+        return list(self.values) if self.values is not None else [self.low, self.high]  # type: ignore[list-item]
 
 
 def _default_space() -> dict[str, Distribution]:
@@ -349,20 +382,52 @@ def _default_space() -> dict[str, Distribution]:
     }
 
 
+Scheduler = Literal["asha", "hyperband", "median", "pbt", "fifo"]
+SearchAlgorithm = Literal["random", "grid", "optuna"]
+
+
 class TuneConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     enabled: bool = Field(True, description="false skips the sweep: finetune uses finetune.defaults")
-    num_samples: int = Field(4, gt=0, description="trials to run")
-    max_epochs: int = Field(3, gt=0, description="epochs of the longest trial (ASHA max_t)")
-    grace_period: int = Field(1, gt=0, description="epochs every trial gets before ASHA may stop it")
-    reduction_factor: int = Field(2, ge=2, description="ASHA keeps 1/reduction_factor at each rung")
+    search: SearchAlgorithm = Field(
+        "random",
+        description="random: sample each trial (grid dimensions enumerated); grid: every combination of "
+        "grid/choice values; optuna: Optuna's TPE, each trial informed by the finished ones",
+    )
+    scheduler: Scheduler = Field(
+        "asha",
+        description="asha: successive halving, stops weak trials at rungs; hyperband: synchronous brackets; "
+        "median: stops a trial below the median of the others; pbt: population based training, "
+        "weak trials continue from a strong one's checkpoint with perturbed learning rate and weight decay; "
+        "fifo: no early stopping",
+    )
+    num_samples: int = Field(4, gt=0, description="trials to run (with grid dimensions: repeats of the grid)")
+    max_epochs: int = Field(3, gt=0, description="epochs of the longest trial (the schedulers' max_t)")
+    grace_period: int = Field(1, gt=0, description="epochs every trial gets before asha/median may stop it")
+    reduction_factor: int = Field(2, ge=2, description="asha/hyperband keep 1/reduction_factor at each rung")
+    median_min_samples: int = Field(2, gt=0, description="median: trials needed before it compares")
+    pbt_interval: int = Field(1, gt=0, description="pbt: epochs between exploit/explore steps")
+    pbt_quantile: float = Field(0.25, gt=0, le=0.5, description="pbt: share of trials that copy the top ones")
+    pbt_mutations: list[Literal["learning_rate", "weight_decay"]] = Field(
+        default_factory=lambda: ["learning_rate", "weight_decay"],
+        description="pbt: hyperparameters it perturbs (each must be in search_space)",
+    )
     metric: Literal["eval/accuracy", "eval/loss"] = Field("eval/accuracy", description="validation metric to optimise")
     max_concurrent_trials: int = Field(2, gt=0, description="trials at once; at most the CPUs you have")
-    cpus_per_trial: float = Field(1, gt=0, description="CPUs per trial (= its torch threads)")
-    gpus_per_trial: float = Field(0, ge=0, description="GPUs per trial; above 0 a trial trains on its GPU")
+    time_budget_s: float | None = Field(None, gt=0, description="stop the sweep after this many seconds")
+    cpus_per_trial: float = Field(1, gt=0, description="CPUs per trial worker (= its torch threads)")
+    gpus_per_trial: float = Field(0, ge=0, description="GPUs per trial worker; above 0 a trial trains on its GPU")
+    workers_per_trial: int = Field(
+        1, gt=0, description="1: a trial trains in its own process; above 1: a TorchTrainer of this many workers"
+    )
     trial_max_failures: int = Field(
         2, ge=-1, description="retries of a failed trial from its last epoch checkpoint; -1 unlimited"
     )
+    reuse_actors: bool = Field(
+        False, description="run later trials in the processes of finished ones (saves their start-up and imports)"
+    )
+    seed: int | None = Field(None, description="seed of the search (samples, optuna); none: the pipeline seed")
+    progress_every_s: float = Field(10.0, ge=0, description="seconds between live trial tables printed; 0: none")
     search_space: dict[Searchable, Distribution] = Field(
         default_factory=_default_space, description=f"keys among: {', '.join(SEARCHABLE)}"
     )

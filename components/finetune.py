@@ -26,7 +26,7 @@ from pydantic import BaseModel, Field
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from components import accelerator, models, registry, training
-from components.configs import DeepSpeedConfig, FinetuneConfig, Hyperparameters
+from components.configs import INTEGER_HYPERPARAMETERS, DeepSpeedConfig, FinetuneConfig, Hyperparameters
 from components.stage import StageContext, StageResult, read_json, write_json
 from components.throughput import Throughput, device_name
 from components.tracking import open_tracker
@@ -62,7 +62,7 @@ def run(
     *, registered_model_name: str,
 ) -> StageResult:  # fmt: skip
     """Fine-tune with the best hyperparameters, evaluate on test, register the model."""
-    hyper = resolve_hyperparameters(cfg.defaults, best_uri)
+    hyper, sources = resolve_hyperparameters(cfg.defaults, best_uri, cfg.overrides)
     run_cfg = ClassifierRun(
         pretrained_dir=pretrained_uri, task_dir=f"{tokenized_uri}/task",
         label_names=read_json(Path(tokenized_uri) / "labels.json"), epochs=cfg.epochs, hyper=hyper,
@@ -71,7 +71,9 @@ def run(
         seed=ctx.seed, resumed=ctx.resumed, export=True, early_stopping_patience=cfg.early_stopping_patience,
         early_stopping_min_delta=cfg.early_stopping_min_delta,
     )  # fmt: skip
-    open_tracker(ctx.tracking_uri, ctx.mlflow_run_id).log_params({f"hyper.{k}": v for k, v in hyper})
+    tracker = open_tracker(ctx.tracking_uri, ctx.mlflow_run_id)
+    tracker.log_params({f"hyper.{k}": v for k, v in hyper})
+    tracker.log_params({f"hyper_source.{k}": source for k, source in sources.items()})
     result = training.fit_on_ray(train_loop_per_worker, run_cfg.model_dump(), cfg.workers, ctx,
                                  checkpoints_to_keep=1)  # fmt: skip
     model_dir, metrics = training.export_final_model(result, ctx.output_dir)
@@ -87,13 +89,26 @@ def run(
                        outputs={"registered": version, "weights_sha256": checked["weights_sha256"]})  # fmt: skip
 
 
-def resolve_hyperparameters(defaults: Hyperparameters, best_uri: str | None) -> Hyperparameters:
-    """The tune stage's best values over the configured defaults."""
-    if not best_uri:
-        return defaults
-    best = read_json(Path(best_uri) / "best_config.json")
-    log.info("finetune: hyperparameters from the tune stage: %s", best)
-    return defaults.model_copy(update=best)
+def resolve_hyperparameters(
+    defaults: Hyperparameters, best_uri: str | None, overrides: dict[str, float] | None = None
+) -> tuple[Hyperparameters, dict[str, str]]:
+    """finetune.defaults, under the tune stage's best config, under finetune.overrides; and where
+    each value came from: "default", "tune" or "override". Logs what was inherited and overridden."""
+    best = read_json(Path(best_uri) / "best_config.json") if best_uri else {}
+    overrides = dict(overrides or {})
+    sources = {name: "default" for name in Hyperparameters.model_fields}
+    sources.update({name: "tune" for name in best})
+    sources.update({name: "override" for name in overrides})
+    values = {**defaults.model_dump(), **best, **overrides}
+    hyper = Hyperparameters.model_validate({k: int(v) if k in INTEGER_HYPERPARAMETERS and v is not None else v
+                                            for k, v in values.items()})  # fmt: skip
+    inherited = {name: value for name, value in best.items() if name not in overrides}
+    overridden = {name: f"{best[name]} -> {value}" if name in best else value for name, value in overrides.items()}
+    if best:
+        log.info("finetune: inherited from the tune stage's best trial: %s", inherited or "nothing")
+    if overridden:
+        log.info("finetune: finetune.overrides win: %s", overridden)
+    return hyper, sources
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -123,6 +138,10 @@ def fit_classifier(cfg: ClassifierRun, report: Report, checkpoint: ray.train.Che
     steps = training.steps_for(len(data["train"]["label"]), shard, cfg.epochs)
     engine = _setup_engine(cfg, tokenizer, steps, log_inherited=rank == 0)
     state = _restore(engine, checkpoint, rank)
+    if checkpoint is not None:
+        # A PBT exploit hands over another trial's checkpoint with new values; elsewhere they are equal.
+        training.set_optimizer_hyperparameters(engine, learning_rate=cfg.hyper.learning_rate,
+                                               weight_decay=cfg.hyper.weight_decay)  # fmt: skip
     tracker = open_tracker(cfg.tracking_uri, cfg.mlflow_run_id, rank=rank,
                            resumed=checkpoint is not None or cfg.resumed)  # fmt: skip
     done_epochs, step = state["epoch"], state["step"]
@@ -202,12 +221,12 @@ def _setup_engine(cfg: ClassifierRun, tokenizer, micro_steps: int, *, log_inheri
     The LR schedule runs over optimizer steps (micro-batches / gradient accumulation)."""
     optimizer_steps = math.ceil(micro_steps / cfg.deepspeed.gradient_accumulation_steps)
     pretrained = AutoConfig.from_pretrained(cfg.pretrained_dir)
-    dropout = models.dropout_overrides(pretrained.model_type, cfg.hyper.dropout)
+    dropout = models.dropout_overrides(pretrained.model_type, cfg.hyper.dropout, cfg.hyper.attention_dropout)
     if log_inherited:
         log.info("inherited %s model hidden_size=%s num_layers=%s vocab_size=%s from pretrain",
                  pretrained.model_type, pretrained.hidden_size, pretrained.num_hidden_layers,
                  pretrained.vocab_size)  # fmt: skip
-        log.info("NOTE: dropout=%s overrides the pretrained %s", cfg.hyper.dropout,
+        log.info("NOTE: dropout %s overrides the pretrained %s", dropout,
                  {key: getattr(pretrained, key, None) for key in dropout})  # fmt: skip
     torch.manual_seed(cfg.seed)
     model = AutoModelForSequenceClassification.from_pretrained(
@@ -229,7 +248,10 @@ def _train_epoch(engine, train: dict, shard: training.Shard, cfg: ClassifierRun,
     losses = []
     meter.reset()
     for rows in shard.epoch_batches(len(train["label"]), epoch=epoch, seed=cfg.seed):
-        loss = engine(**_batch(train, rows, engine.device)).loss
+        batch = _batch(train, rows, engine.device)
+        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = torch.nn.functional.cross_entropy(logits.float(), batch["labels"],
+                                                 label_smoothing=cfg.hyper.label_smoothing)  # fmt: skip
         engine.backward(loss)
         training.optimizer_step(engine)
         step += 1

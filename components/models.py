@@ -78,12 +78,14 @@ def build_lm(cfg: ModelConfig, *, vocab_size: int, special_ids: dict[str, int | 
     return lm_class(cfg.objective).from_config(config, attn_implementation=cfg.attention)
 
 
-def dropout_overrides(model_type: str, dropout: float) -> dict[str, float]:
-    """Config keys that set hidden and attention dropout for this model type."""
+def dropout_overrides(model_type: str, dropout: float, attention_dropout: float | None = None) -> dict[str, float]:
+    """Config keys that set hidden and attention dropout for this model type (attention dropout
+    defaults to the hidden one)."""
+    attention = dropout if attention_dropout is None else attention_dropout
     if model_type == "gpt2":
-        return {"resid_pdrop": dropout, "embd_pdrop": dropout, "attn_pdrop": dropout}
+        return {"resid_pdrop": dropout, "embd_pdrop": dropout, "attn_pdrop": attention}
     if model_type in MASKED_LM_TYPES:
-        return {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
+        return {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": attention}
     return {}
 
 

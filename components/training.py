@@ -91,6 +91,19 @@ def build_engine(
     return engine
 
 
+def set_optimizer_hyperparameters(engine, *, learning_rate: float, weight_decay: float) -> None:
+    """Give an engine whose optimizer and schedule came from a checkpoint made with other values
+    (a PBT exploit) these peak LR and weight decay, at the schedule's current step."""
+    scheduler = engine.lr_scheduler
+    scheduler.base_lrs = [learning_rate for _ in scheduler.base_lrs]
+    for group, lr_lambda in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+        group["initial_lr"] = learning_rate
+        group["lr"] = learning_rate * lr_lambda(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+    # The first group is the one with decay (_param_groups): biases and norms keep none.
+    scheduler.optimizer.param_groups[0]["weight_decay"] = weight_decay
+
+
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     # No decay on biases and LayerNorm weights, as in BERT.
     decay, no_decay = [], []

@@ -1,67 +1,140 @@
-"""Stage 3, tune: Ray Tune over learning rate and regularization with ASHA early stopping.
+"""Stage 3, tune: a Ray Tune sweep over fine-tuning hyperparameters.
 
-Each trial runs the fine-tuning loop (`finetune.fit_classifier`, imported, not copied) in its
-own process on a one-rank DeepSpeed group, reports validation loss and accuracy every epoch,
-and is tracked as a grandchild MLflow run under the tune stage's run.
+Search: random sampling (grid dimensions enumerated), a full grid, or Optuna's TPE. Schedulers:
+ASHA (default), HyperBand, median stopping, PBT (perturbs learning rate and weight decay and hands
+a strong trial's checkpoint to a weak one), or none. Budgets: trials, concurrency, a time limit.
+
+A trial runs the fine-tuning loop (`finetune.fit_classifier`, imported, not copied) in its own
+process on a one-rank DeepSpeed group, or, with `workers_per_trial` > 1, as a `TorchTrainer` of
+that many workers whose reports reach Tune through `TuneReportCallback`. It reports validation
+loss and accuracy and an epoch checkpoint every epoch.
+
+MLflow: the stage run is the parent of one run per trial (found again by its `ptft.trial` tag on
+a restore, a retry or a PBT exploit, so never duplicated); params = the trial's first config,
+`hyper/*` metrics per epoch (PBT changes them), tags `ptft.trial_status` (completed,
+stopped_early, error), `ptft.best_trial`, `ptft.pbt_exploits`. The stage run gets trials.csv and
+sweep.png (metric against each hyperparameter).
 
 Output folder:
     best_config.json   the best trial's hyperparameters (finetune reads it)
-    trials.json        every trial: hyperparameters, last metrics, epochs run, status
+    trials.json        every trial: hyperparameters, last metrics, epochs run, status, MLflow run
+    trials.csv, sweep.png
     metrics.json       the best trial's metrics
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
+import ray.train
 import ray.tune
 import torch.distributed as dist
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
-from ray.tune.schedulers import ASHAScheduler
+from ray.train.torch import TorchTrainer
+from ray.tune.schedulers import (
+    ASHAScheduler,
+    FIFOScheduler,
+    HyperBandScheduler,
+    MedianStoppingRule,
+    PopulationBasedTraining,
+)
+from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from components import finetune, training
-from components.configs import DeepSpeedConfig, Distribution, Hyperparameters, TuneConfig
+from components import accelerator, finetune, sweep_report, training
+from components.configs import INTEGER_HYPERPARAMETERS, DeepSpeedConfig, Distribution, Hyperparameters, TuneConfig
 from components.stage import StageContext, StageResult, read_json, write_json
 from components.tracking import PARENT_TAG, MlflowTracker, find_run, reopen_run, start_run
 
 log = logging.getLogger(__name__)
 
+TRIAL_TAG = "ptft.trial"
+CONFIG_TAG = "ptft.trial_config"
 
-def to_tune(dist_: Distribution):
-    """The Ray Tune sampler for a search dimension."""
+
+# --------------------------------------------------------------------------- the search
+
+
+def dimension(name: str, dist_: Distribution, search: str):
+    """The Ray Tune domain of one search dimension (grid dimensions, and every choice under
+    search=grid, are enumerated with `grid_search`)."""
+    values = [int(v) for v in dist_.values] if dist_.values and name in INTEGER_HYPERPARAMETERS else dist_.values
+    if dist_.type == "grid" or (dist_.type == "choice" and search == "grid"):
+        return ray.tune.grid_search(values)
     if dist_.type == "choice":
-        return ray.tune.choice(dist_.values)
-    return (ray.tune.loguniform if dist_.type == "loguniform" else ray.tune.uniform)(dist_.low, dist_.high)
+        return ray.tune.choice(values)
+    sampler = ray.tune.loguniform if dist_.type == "loguniform" else ray.tune.uniform
+    return sampler(dist_.low, dist_.high)
 
 
-class _TrialSetup(BaseModel):
+def param_space(cfg: TuneConfig) -> dict:
+    return {name: dimension(name, dist_, cfg.search) for name, dist_ in cfg.search_space.items()}
+
+
+def build_scheduler(cfg: TuneConfig):
+    """The trial scheduler; every one counts time in epochs."""
+    if cfg.scheduler == "asha":
+        return ASHAScheduler(time_attr="epoch", max_t=cfg.max_epochs, grace_period=cfg.grace_period,
+                             reduction_factor=cfg.reduction_factor)  # fmt: skip
+    if cfg.scheduler == "hyperband":
+        return HyperBandScheduler(time_attr="epoch", max_t=cfg.max_epochs, reduction_factor=cfg.reduction_factor)
+    if cfg.scheduler == "median":
+        return MedianStoppingRule(time_attr="epoch", grace_period=cfg.grace_period,
+                                  min_samples_required=cfg.median_min_samples)  # fmt: skip
+    if cfg.scheduler == "pbt":
+        mutations = {name: dimension(name, cfg.search_space[name], "random") for name in cfg.pbt_mutations}
+        return PopulationBasedTraining(time_attr="epoch", perturbation_interval=cfg.pbt_interval,
+                                       quantile_fraction=cfg.pbt_quantile, hyperparam_mutations=mutations)  # fmt: skip
+    return FIFOScheduler()
+
+
+def build_searcher(cfg: TuneConfig, seed: int):
+    if cfg.search == "optuna":
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        # Metric and mode come from the TuneConfig.
+        return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=seed))
+    # Random samples, grid dimensions enumerated. It takes the concurrency limit itself (Tune
+    # ignores TuneConfig.max_concurrent_trials for a search generator).
+    return BasicVariantGenerator(random_state=seed, max_concurrent=cfg.max_concurrent_trials)
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+class TrialSetup(BaseModel):
     """What every trial shares, handed to Ray as a dict."""
 
     base: finetune.ClassifierRun
     tune_run_id: str
     experiment_id: str
     pipeline_run_id: str
+    workers: int = 1
+    cpus_per_worker: float = 1
+    gpus_per_worker: float = 0
+    train_storage: str = ""
 
 
 def run(
     cfg: TuneConfig, pretrained_uri: str, tokenized_uri: str, defaults: Hyperparameters,
     deepspeed: DeepSpeedConfig, ctx: StageContext,
 ) -> StageResult:  # fmt: skip
-    """Search hyperparameters; write best_config.json under ctx.output_dir."""
-    setup = _TrialSetup(
+    """Run (or continue) the sweep; write best_config.json and the trial table under ctx.output_dir."""
+    setup = TrialSetup(
         base=finetune.ClassifierRun(
             pretrained_dir=pretrained_uri, task_dir=f"{tokenized_uri}/task",
             label_names=read_json(Path(tokenized_uri) / "labels.json"), epochs=cfg.max_epochs,
             hyper=defaults, deepspeed=deepspeed, threads=max(1, int(cfg.cpus_per_trial)),
-            use_gpu=cfg.gpus_per_trial > 0,
-            tracking_uri=ctx.tracking_uri, seed=ctx.seed,
+            use_gpu=cfg.gpus_per_trial > 0, tracking_uri=ctx.tracking_uri, seed=ctx.seed,
         ),
         tune_run_id=ctx.mlflow_run_id, experiment_id=ctx.experiment_id, pipeline_run_id=ctx.pipeline_run_id,
+        workers=cfg.workers_per_trial, cpus_per_worker=cfg.cpus_per_trial, gpus_per_worker=cfg.gpus_per_trial,
+        train_storage=str(Path(ctx.ray_storage()) / f"{ctx.ray_run_name()}-trials"),
     )  # fmt: skip
-    trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, setup=setup.model_dump()),
-                                        {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})  # fmt: skip
+    trainable = _trainable(cfg, setup)
     experiment = Path(ctx.ray_storage()) / ctx.ray_run_name()
     if ray.tune.Tuner.can_restore(experiment):
         # The same pipeline run was interrupted mid-sweep: finished trials stay finished, the rest
@@ -72,108 +145,218 @@ def run(
     else:
         tuner = _new_tuner(cfg, trainable, ctx)
     results = tuner.fit()
-    _close_trial_runs(results, ctx)
-    return _write_outputs(results, cfg, ctx)
+    return _summarise(results, cfg, ctx)
+
+
+def _trainable(cfg: TuneConfig, setup: TrialSetup):
+    if cfg.workers_per_trial > 1:
+        # The trial function only drives a TorchTrainer; its workers ask for their own resources.
+        function, resources = run_distributed_trial, {"cpu": 0}
+    else:
+        function, resources = run_trial, {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial}
+    return ray.tune.with_resources(ray.tune.with_parameters(function, setup=setup.model_dump()), resources)
 
 
 def _new_tuner(cfg: TuneConfig, trainable, ctx: StageContext) -> ray.tune.Tuner:
+    seed = ctx.seed if cfg.seed is None else cfg.seed
+    params = list(cfg.search_space)
+    pbt = cfg.scheduler == "pbt"
+    searcher = build_searcher(cfg, seed)
     return ray.tune.Tuner(
         trainable,
-        param_space={name: to_tune(dist_) for name, dist_ in cfg.search_space.items()},
+        param_space=param_space(cfg),
         tune_config=ray.tune.TuneConfig(
             metric=cfg.metric, mode=cfg.mode, num_samples=cfg.num_samples,
-            max_concurrent_trials=cfg.max_concurrent_trials,
-            scheduler=ASHAScheduler(time_attr="epoch", max_t=cfg.max_epochs, grace_period=cfg.grace_period,
-                                    reduction_factor=cfg.reduction_factor),
+            max_concurrent_trials=None if isinstance(searcher, BasicVariantGenerator) else cfg.max_concurrent_trials,
+            time_budget_s=cfg.time_budget_s, scheduler=build_scheduler(cfg), search_alg=searcher,
+            reuse_actors=cfg.reuse_actors and cfg.workers_per_trial == 1,
         ),
-        run_config=ray.tune.RunConfig(storage_path=ctx.ray_storage(), name=ctx.ray_run_name(),
-                                      checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=1),
-                                      failure_config=ray.tune.FailureConfig(max_failures=cfg.trial_max_failures)),
+        run_config=ray.tune.RunConfig(
+            storage_path=ctx.ray_storage(), name=ctx.ray_run_name(), verbose=0,
+            # PBT copies another trial's latest checkpoint: keep one more while a new one is written.
+            checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=2 if pbt else 1),
+            failure_config=ray.tune.FailureConfig(max_failures=cfg.trial_max_failures),
+            callbacks=[sweep_report.TrialTable(params, cfg.metric, cfg.mode, cfg.progress_every_s)],
+        ),
     )  # fmt: skip
 
 
+# --------------------------------------------------------------------------- one trial
+
+
+def plain(hyper: dict) -> dict:
+    """Sampled values as plain Python numbers (Tune may hand out numpy scalars)."""
+    return {name: value.item() if hasattr(value, "item") else value for name, value in hyper.items()}
+
+
 def run_trial(hyper: dict, setup: dict) -> None:
-    """One Tune trial: the fine-tuning loop with these hyperparameters, tracked as a grandchild run."""
-    trial = _TrialSetup.model_validate(setup)
-    client = MlflowClient(trial.base.tracking_uri)
-    trial_name = ray.tune.get_context().get_trial_name()
+    """One trial in this process: the fine-tuning loop with these hyperparameters."""
+    hyper = plain(hyper)
+    trial = TrialSetup.model_validate(setup)
     checkpoint = ray.tune.get_checkpoint()
-    run_id = _trial_run(client, trial, trial_name)
-    tracker = MlflowTracker(trial.base.tracking_uri, run_id, owns_run=True)
-    tracker.log_params(hyper)
-    run_cfg = trial.base.model_copy(update={"hyper": trial.base.hyper.model_copy(update=hyper),
-                                            "mlflow_run_id": run_id, "resumed": True})  # fmt: skip
+    run_id = open_trial_run(MlflowClient(trial.base.tracking_uri), trial, _trial_name(), hyper)
+    tracker = MlflowTracker(trial.base.tracking_uri, run_id, owns_run=True, resumed=True)
     created_group = training.ensure_process_group()
+
+    def report(metrics: dict, checkpoint_dir: str) -> None:
+        # The values this epoch trained with: PBT changes them between epochs.
+        tracker.log_metrics({f"hyper/{name}": value for name, value in hyper.items()}, int(metrics["epoch"]))
+        tracker.flush()
+        ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(checkpoint_dir))
+
     try:
-        finetune.fit_classifier(run_cfg, report=_report_to_tune, checkpoint=checkpoint)
+        finetune.fit_classifier(_classifier_run(trial, hyper, run_id), report=report, checkpoint=checkpoint)
         tracker.close("FINISHED")
     finally:
-        # A trial ASHA stops may never get here; `_close_trial_runs` ends its run after the sweep.
+        # A trial the scheduler stops may never get here; `_summarise` ends its run after the sweep.
         if created_group:
             dist.destroy_process_group()
 
 
-def _report_to_tune(metrics: dict, checkpoint_dir: str) -> None:
-    ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(checkpoint_dir))
+def run_distributed_trial(hyper: dict, setup: dict) -> None:
+    """One trial as a TorchTrainer of `workers` ranks; a retried or restored trial's trainer
+    continues from its own last checkpoint (same name and storage)."""
+    hyper = plain(hyper)
+    trial = TrialSetup.model_validate(setup)
+    name = _trial_name()
+    run_id = open_trial_run(MlflowClient(trial.base.tracking_uri), trial, name, hyper)
+    resources = {"CPU": trial.cpus_per_worker, **({"GPU": trial.gpus_per_worker} if trial.base.use_gpu else {})}
+    trainer = TorchTrainer(
+        finetune.train_loop_per_worker,
+        train_loop_config=_classifier_run(trial, hyper, run_id).model_dump(),
+        scaling_config=ray.train.ScalingConfig(num_workers=trial.workers, use_gpu=trial.base.use_gpu,
+                                               resources_per_worker=resources),  # fmt: skip
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=trial.train_storage,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            callbacks=[_tune_report_callback()],
+            worker_runtime_env={"env_vars": accelerator.deepspeed_env(trial.base.use_gpu)},
+        ),
+    )  # fmt: skip
+    trainer.fit()
+    MlflowClient(trial.base.tracking_uri).set_terminated(run_id, status="FINISHED")
 
 
-def _trial_run(client: MlflowClient, trial: _TrialSetup, trial_name: str) -> str:
+def _tune_report_callback():
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    return TuneReportCallback()
+
+
+def _trial_name() -> str:
+    return ray.tune.get_context().get_trial_name()
+
+
+def _classifier_run(trial: TrialSetup, hyper: dict, run_id: str) -> finetune.ClassifierRun:
+    return trial.base.model_copy(update={"hyper": trial.base.hyper.model_copy(update=hyper),
+                                         "mlflow_run_id": run_id, "resumed": True})  # fmt: skip
+
+
+def open_trial_run(client: MlflowClient, trial: TrialSetup, name: str, hyper: dict) -> str:
     """The trial's MLflow run: the one an earlier attempt of this trial opened (a restored sweep,
-    a restarted trial), or a new grandchild run under the tune stage's run."""
-    tags = {"ptft.trial": trial_name, PARENT_TAG: trial.tune_run_id}
-    existing = find_run(client, trial.experiment_id, tags)
-    if existing:
-        reopen_run(client, existing)
-        return existing
-    return start_run(client, trial.experiment_id, trial_name, parent_run_id=trial.tune_run_id,
-                     tags={"ptft.stage": "tune-trial", "ptft.trial": trial_name,
-                           "ptft.run_id": trial.pipeline_run_id, "ptft.attempts": "1"})  # fmt: skip
+    a retried trial, a PBT exploit), or a new child of the tune stage's run. A config that differs
+    from the one the run saw last is a PBT exploit: counted in `ptft.pbt_exploits`."""
+    config = json.dumps(hyper, sort_keys=True)
+    existing = find_run(client, trial.experiment_id, {TRIAL_TAG: name, PARENT_TAG: trial.tune_run_id})
+    if existing is None:
+        run_id = start_run(client, trial.experiment_id, name, parent_run_id=trial.tune_run_id,
+                           tags={"ptft.stage": "tune-trial", TRIAL_TAG: name, CONFIG_TAG: config,
+                                 "ptft.run_id": trial.pipeline_run_id, "ptft.attempts": "1",
+                                 "ptft.trial_status": "running"})  # fmt: skip
+        MlflowTracker(trial.base.tracking_uri, run_id).log_params(hyper)
+        return run_id
+    reopen_run(client, existing)
+    tags = client.get_run(existing).data.tags
+    if tags.get(CONFIG_TAG) != config:
+        client.set_tag(existing, "ptft.pbt_exploits", str(int(tags.get("ptft.pbt_exploits", "0")) + 1))
+        client.set_tag(existing, CONFIG_TAG, config)
+    client.set_tag(existing, "ptft.trial_status", "running")
+    return existing
 
 
-def _close_trial_runs(results: ray.tune.ResultGrid, ctx: StageContext) -> None:
-    """End trial runs the sweep left open: stopped early by ASHA (never returned), failed, or
-    marked KILLED when a dead driver's sweep was resumed. None stays RUNNING forever."""
+# --------------------------------------------------------------------------- after the sweep
+
+
+def _summarise(results: ray.tune.ResultGrid, cfg: TuneConfig, ctx: StageContext) -> StageResult:
     client = MlflowClient(ctx.tracking_uri)
-    errors = {Path(result.path).name: result.error for result in results}
-    open_runs = client.search_runs(
-        [ctx.experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{ctx.mlflow_run_id}' and attributes.status != 'FINISHED'",
-    )
-    for trial_run in open_runs:
-        if trial_run.info.status == "FAILED":
-            continue
-        failed = any(name.startswith(trial_run.info.run_name) and error for name, error in errors.items())
-        client.set_tag(trial_run.info.run_id, "ptft.trial_status", "error" if failed else "stopped_early")
-        client.set_terminated(trial_run.info.run_id, status="FAILED" if failed else "FINISHED")
-
-
-def _write_outputs(results: ray.tune.ResultGrid, cfg: TuneConfig, ctx: StageContext) -> StageResult:
-    best = results.get_best_result(metric=cfg.metric, mode=cfg.mode, scope="all")
-    trials = [_trial_row(result, cfg) for result in results]
-    best_config = {name: best.config[name] for name in cfg.search_space}
-    best_metrics = {key: value for key, value in best.metrics.items()
-                    if isinstance(value, (int, float)) and "/" in key}  # fmt: skip
+    run_ids = _trial_run_ids(client, ctx)
+    rows = [_trial_row(result, cfg, run_ids) for result in results]
+    best = sweep_report.best_row(rows, cfg.mode)
+    if best is None:
+        errors = [row["error"] for row in rows if row["error"]]
+        raise RuntimeError(f"no trial reported {cfg.metric}; first error: {errors[0] if errors else 'none'}")
+    _close_trial_runs(client, rows, best)
+    params = list(cfg.search_space)
+    best_config = dict(best["config"])
+    best_metrics = best["metrics"]
     write_json(ctx.output_dir / "best_config.json", best_config)
-    write_json(ctx.output_dir / "trials.json", trials)
+    write_json(ctx.output_dir / "trials.json", rows)
     write_json(ctx.output_dir / "metrics.json", best_metrics)
-    failed = [row for row in trials if row["status"] == "ERROR"]
-    if len(failed) == len(trials):
-        raise RuntimeError(f"every trial failed; first error: {failed[0]['error']}")
-    log.info("tune: best %s with %s=%.4f", best_config, cfg.metric, best.metrics[cfg.metric])
+    sweep_report.write_csv(rows, params, cfg.metric, ctx.output_dir / "trials.csv")
+    log_scale = {name for name, dist_ in cfg.search_space.items() if dist_.type == "loguniform"}
+    sweep_report.plot(rows, params, cfg.metric, log_scale, best["trial"], ctx.output_dir / "sweep.png")
+    for artifact in ("trials.csv", "sweep.png"):
+        client.log_artifact(ctx.mlflow_run_id, str(ctx.output_dir / artifact))
+    client.set_tag(ctx.mlflow_run_id, "ptft.best_trial", best["trial"])
+    client.set_tag(ctx.mlflow_run_id, "ptft.best_trial_run_id", best["mlflow_run_id"] or "")
+    counts = ", ".join(f"{sum(row['status'] == status for row in rows)} {status}"
+                       for status in ("completed", "stopped_early", "error"))  # fmt: skip
+    print(f"\n== sweep finished: {len(rows)} trials ({counts}), {sum(row['epochs'] for row in rows)} trial-epochs")
+    print(sweep_report.format_table(rows, params, cfg.metric, best=best["trial"]), flush=True)
+    log.info("tune: best %s with %s=%.4f", best_config, cfg.metric, best["metric"])
     metrics = {f"best/{key}": value for key, value in best_metrics.items()}
     metrics.update({f"best/{key}": value for key, value in best_config.items()})
-    metrics["tune/trials"] = len(trials)
-    metrics["tune/trials_stopped_early"] = sum(row["epochs"] < cfg.max_epochs for row in trials)
-    return StageResult(output_uri=str(ctx.output_dir), metrics=metrics, outputs={"best_config": best_config})
+    metrics.update({
+        "tune/trials": len(rows),
+        "tune/trials_completed": sum(row["status"] == "completed" for row in rows),
+        "tune/trials_stopped_early": sum(row["status"] == "stopped_early" for row in rows),
+        "tune/trials_errored": sum(row["status"] == "error" for row in rows),
+        "tune/trial_epochs": sum(row["epochs"] for row in rows),
+    })  # fmt: skip
+    return StageResult(output_uri=str(ctx.output_dir), metrics=metrics,
+                       outputs={"best_config": best_config, "best_trial": best["trial"]})  # fmt: skip
 
 
-def _trial_row(result: ray.tune.Result, cfg: TuneConfig) -> dict:
+def _trial_run_ids(client: MlflowClient, ctx: StageContext) -> dict[str, str]:
+    """Trial name -> its MLflow run, for every child run of the tune stage's run."""
+    runs = client.search_runs([ctx.experiment_id], f"tags.`{PARENT_TAG}` = '{ctx.mlflow_run_id}'",
+                              max_results=10_000)  # fmt: skip
+    return {run.data.tags[TRIAL_TAG]: run.info.run_id for run in runs if TRIAL_TAG in run.data.tags}
+
+
+def _trial_row(result: ray.tune.Result, cfg: TuneConfig, run_ids: dict[str, str]) -> dict:
     metrics = result.metrics or {}
+    trial_id = metrics.get("trial_id") or Path(result.path).name.split("_")[2]
+    name = next((name for name in run_ids if name.endswith(str(trial_id))), Path(result.path).name)
+    epochs = int(metrics.get("epoch", 0))
+    if result.error:
+        status = "error"
+    elif epochs >= cfg.max_epochs or metrics.get("early_stop/epoch"):
+        status = "completed"
+    else:
+        status = "stopped_early"  # by the scheduler (or the sweep's time budget)
     return {
-        "config": {name: result.config.get(name) for name in cfg.search_space},
-        "epochs": int(metrics.get("epoch", 0)),
-        cfg.metric: metrics.get(cfg.metric),
-        "status": "ERROR" if result.error else "TERMINATED",
+        "trial": name,
+        "status": status,
+        "epochs": epochs,
+        "metric": metrics.get(cfg.metric),
+        "config": plain({key: result.config.get(key) for key in cfg.search_space}),
+        "metrics": {key: value for key, value in metrics.items() if isinstance(value, (int, float)) and "/" in key},
         "error": str(result.error) if result.error else None,
+        "mlflow_run_id": run_ids.get(name),
         "path": result.path,
     }
+
+
+def _close_trial_runs(client: MlflowClient, rows: list[dict], best: dict) -> None:
+    """Tag every trial run with its outcome and end the ones still open: stopped by the scheduler
+    (their function never returned), failed, or KILLED when a dead driver's sweep was resumed."""
+    for row in rows:
+        run_id = row["mlflow_run_id"]
+        if not run_id:
+            continue
+        client.set_tag(run_id, "ptft.trial_status", row["status"])
+        client.set_tag(run_id, "ptft.trial_epochs", str(row["epochs"]))
+        client.set_tag(run_id, "ptft.best_trial", str(row["trial"] == best["trial"]).lower())
+        if client.get_run(run_id).info.status != "FINISHED" or row["status"] == "error":
+            client.set_terminated(run_id, status="FAILED" if row["status"] == "error" else "FINISHED")

@@ -1,4 +1,4 @@
-"""`ptft` command line: run, resume, runs, validate, ui (and submit/status/logs/stop for Ray Jobs).
+"""`ptft` command line: run, resume, sweep, runs, validate, ui (and submit/status/logs/stop for Ray Jobs).
 
 Exit codes: 0 success, 1 a failure while running (infrastructure or a bug: traceback shown),
 2 a user error in the config or data (a message, no traceback).
@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 from pipelines import jobs
-from pipelines.config import ConfigError, load_config, validate
+from pipelines.config import _MISSING as _MISSING_VALUE
+from pipelines.config import ConfigError, Problem, load_config, validate
 
 # The stage names, without importing the runner (Ray, torch) for `--help`.
 STAGE_NAMES = ("tokenize", "pretrain", "tune", "finetune", "serve")
@@ -52,6 +53,17 @@ def _parser() -> argparse.ArgumentParser:
     resume.add_argument("--storage", default="./ptft-runs", help="the run's storage (default ./ptft-runs)")
     resume.add_argument("--keep-serving", action="store_true", help="as for run")
     resume.set_defaults(handler=_resume)
+
+    sweep = commands.add_parser(
+        "sweep", help="run only the hyperparameter sweep (tokenize and pretrain from the cache, or run first)"
+    )
+    sweep.add_argument("config", nargs="?", help="pipeline YAML (not needed with --resume RUN_ID)")
+    sweep.add_argument("overrides", nargs="*", help="dotted overrides, e.g. tune.num_samples=8")
+    sweep.add_argument("--resume", nargs="?", const="latest", metavar="RUN_ID",
+                       help="continue an interrupted sweep: this run id, or the latest unfinished one")
+    sweep.add_argument("--force", action="store_true", help="sweep again even if this sweep is cached")
+    sweep.add_argument("--storage", default=None, help="where to find the run for --resume (default: the config's)")
+    sweep.set_defaults(handler=_sweep)
 
     runs = commands.add_parser("runs", help="list pipeline runs and their stages")
     runs.add_argument("--storage", default="./ptft-runs", help="storage to list (default ./ptft-runs)")
@@ -106,6 +118,73 @@ def _resume(args: argparse.Namespace) -> int:
     print(f"Resuming pipeline run {args.run_id} ({manifest.status}); stages: "
           + ", ".join(f"{name}={record.status}" for name, record in manifest.stages.items()), flush=True)  # fmt: skip
     return _execute(config, args, resume=args.run_id)
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    import pipelines
+
+    if args.resume:
+        config, run_id = _sweep_to_resume(args)
+        how = {"resume": run_id}
+    else:
+        if not args.config:
+            raise ConfigError("ptft sweep", [Problem("CONFIG", _MISSING_VALUE, "no config given",
+                                                     "pass a pipeline YAML, or --resume RUN_ID")])  # fmt: skip
+        config = load_config(args.config, args.overrides)
+        if not config.tune.enabled:
+            raise ConfigError(args.config, [Problem("tune.enabled", False, "the config turns the sweep off",
+                                                    "set tune.enabled=true")])  # fmt: skip
+        how = {"rerun": "tune" if args.force else None}
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    started = time.perf_counter()
+    result = pipelines.run(config, until="tune", on_stage=_print_stage, **how)
+    _print_sweep_summary(result, config, time.perf_counter() - started)
+    return 0
+
+
+def _sweep_to_resume(args: argparse.Namespace):
+    """The config and run id of the sweep to continue (the latest unfinished one for `--resume`)."""
+    from pipelines.manifest import SUCCEEDED, Manifest, list_runs
+
+    if args.storage:
+        storage = Path(args.storage)
+    elif args.config:
+        storage = load_config(args.config, args.overrides, check_data=False).storage_path()
+    else:
+        storage = Path("./ptft-runs")
+    run_id = args.resume
+    if run_id == "latest":
+        unfinished = [run for run in list_runs(storage) if run.status != SUCCEEDED and "tune" in run.stages]
+        if not unfinished:
+            problem = Problem("--resume", str(storage), "no unfinished sweep here",
+                              "pass the run id (see `ptft runs`) or --storage")
+            raise ConfigError("ptft sweep --resume", [problem])
+        run_id = unfinished[0].run_id
+    try:
+        manifest = Manifest.load(storage, run_id)
+    except FileNotFoundError as error:
+        problem = Problem("--resume", run_id, str(error), "pass a run id that `ptft runs` lists")
+        raise ConfigError("ptft sweep --resume", [problem]) from None
+    if Path(manifest.working_dir).is_dir():
+        os.chdir(manifest.working_dir)
+    config = validate({**manifest.config(), "storage": manifest.storage}, f"run {run_id}")
+    print(f"Resuming sweep of pipeline run {run_id} ({manifest.status})", flush=True)
+    return config, run_id
+
+
+def _print_sweep_summary(result, config, seconds: float) -> None:
+    tune = result.stages["tune"]
+    best = tune.outputs.get("best_config") or {k[5:]: v for k, v in tune.metrics.items() if k.startswith("best/")}
+    metric = config.tune.metric
+    print(f"\nSweep of pipeline run {result.run_id} finished in {seconds:.0f}s"
+          f"{' (cached: run with --force to sweep again)' if tune.cached else ''}.")  # fmt: skip
+    print(f"Best trial: {tune.outputs.get('best_trial', '?')} with {metric} = {tune.metrics.get(f'best/{metric}')}")
+    print("Best config: " + ", ".join(f"{name}={value:.4g}" if isinstance(value, float) else f"{name}={value}"
+                                      for name, value in best.items()))  # fmt: skip
+    print(f"Trial table: {tune.output_uri}/trials.csv  plot: {tune.output_uri}/sweep.png")
+    print(f"MLflow: experiment {config.experiment_name()!r} at {result.tracking_uri}: the 'tune' run (under the "
+          f"pipeline's run {result.mlflow_run_id}) has one child run per trial. Browse: ptft ui CONFIG")
+    print("Fine-tune with it: ptft run CONFIG (finetune takes the best config; finetune.overrides win)")
 
 
 def _execute(config, args: argparse.Namespace, **how) -> int:

@@ -18,12 +18,15 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from components import data as data_sources
 from components.configs import (
+    INTEGER_HYPERPARAMETERS,
     MASKED_LM_TYPES,
     PRESETS,
     SIZE_KEYS,
     SPECIAL_TOKENS,
     DataConfig,
+    Distribution,
     FinetuneConfig,
+    Hyperparameters,
     PretrainConfig,
     ServeConfig,
     TokenizeConfig,
@@ -386,10 +389,67 @@ def _deepspeed_problems(stage: str, cfg: PretrainConfig | FinetuneConfig, tune: 
 
 
 def _tune_problems(tune: TuneConfig) -> list[Problem]:
-    if tune.grace_period <= tune.max_epochs:
+    problems = []
+    if tune.grace_period > tune.max_epochs:
+        problems.append(Problem("tune.grace_period", tune.grace_period, f"exceeds tune.max_epochs ({tune.max_epochs})",
+                                "set tune.grace_period <= tune.max_epochs"))  # fmt: skip
+    for name, dimension in tune.search_space.items():
+        problems += _dimension_problems(f"tune.search_space.{name}", name, dimension, tune.search)
+    problems += _scheduler_problems(tune)
+    return problems
+
+
+def _dimension_problems(key: str, name: str, dimension: Distribution, search: str) -> list[Problem]:
+    """Each value a dimension can reach must be a valid fine-tuning value for its key."""
+    if name in INTEGER_HYPERPARAMETERS and dimension.type not in ("choice", "grid"):
+        return [Problem(key, dimension.type, f"{name} is an integer",
+                        "use type: choice (or grid) with values such as [8, 16, 32]")]  # fmt: skip
+    problems = []
+    for value in dimension.points():
+        if name in INTEGER_HYPERPARAMETERS and float(value) != int(value):
+            problems.append(Problem(key, value, f"{name} is an integer", "list whole numbers"))
+            continue
+        try:
+            Hyperparameters(**{name: int(value) if name in INTEGER_HYPERPARAMETERS else value})
+        except ValidationError as error:
+            message = error.errors()[0]["msg"]
+            problems.append(Problem(key, value, f"not a valid {name} ({message})",
+                                    f"keep the values of {key} within finetune.defaults.{name}'s range"))  # fmt: skip
+    if search == "grid" and dimension.type not in ("grid", "choice"):
+        problems.append(Problem(key, dimension.type, "tune.search=grid enumerates values, it cannot sample a range",
+                                "give the dimension type: grid with values, or set tune.search=random"))  # fmt: skip
+    if search == "optuna" and dimension.type == "grid":
+        problems.append(Problem(key, dimension.type, "Optuna samples every dimension; it does not enumerate grids",
+                                "use type: choice with the same values, or set tune.search=grid"))  # fmt: skip
+    return problems
+
+
+def _scheduler_problems(tune: TuneConfig) -> list[Problem]:
+    if tune.scheduler != "pbt":
         return []
-    return [Problem("tune.grace_period", tune.grace_period, f"exceeds tune.max_epochs ({tune.max_epochs})",
-                    "set tune.grace_period <= tune.max_epochs")]  # fmt: skip
+    problems = []
+    for name in tune.pbt_mutations:
+        if name not in tune.search_space:
+            problems.append(Problem("tune.pbt_mutations", name, f"PBT perturbs {name}, which tune.search_space lacks",
+                                    f"add tune.search_space.{name} or drop it from tune.pbt_mutations"))  # fmt: skip
+    if not tune.pbt_mutations:
+        problems.append(Problem("tune.pbt_mutations", [], "PBT needs a hyperparameter to perturb",
+                                "list learning_rate and/or weight_decay"))  # fmt: skip
+    if tune.search == "optuna":
+        problems.append(Problem("tune.search", tune.search, "PBT picks its own configs; it takes no searcher",
+                                "set tune.search=random with tune.scheduler=pbt"))  # fmt: skip
+    if tune.num_samples < 2:
+        problems.append(Problem("tune.num_samples", tune.num_samples, "PBT needs a population of 2 or more",
+                                "set tune.num_samples >= 2 (4 or more is useful)"))  # fmt: skip
+    if tune.pbt_interval >= tune.max_epochs:
+        problems.append(Problem("tune.pbt_interval", tune.pbt_interval,
+                                f"PBT never acts: no trial runs past tune.max_epochs ({tune.max_epochs})",
+                                "set tune.pbt_interval < tune.max_epochs"))  # fmt: skip
+    if tune.workers_per_trial > 1:
+        problems.append(Problem("tune.workers_per_trial", tune.workers_per_trial,
+                                "PBT swaps checkpoints between trials; ptft supports it for one-process trials",
+                                "set tune.workers_per_trial=1 with tune.scheduler=pbt"))  # fmt: skip
+    return problems
 
 
 def _trial_precision_problems(tune: TuneConfig | None, finetune: FinetuneConfig | None) -> list[Problem]:

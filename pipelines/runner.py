@@ -44,12 +44,12 @@ log = logging.getLogger(__name__)
 
 STAGES = ("tokenize", "pretrain", "tune", "finetune", "serve")
 # Bump a stage's version when its code changes what it writes: the key changes with it.
-STAGE_VERSIONS = {"tokenize": "2", "pretrain": "3", "tune": "3", "finetune": "3", "serve": "2"}
+STAGE_VERSIONS = {"tokenize": "2", "pretrain": "3", "tune": "4", "finetune": "4", "serve": "2"}
 # Settings that change how a stage runs but not what it writes: left out of its cache key.
 NOT_IN_KEY = {
     "pretrain": ("log_every", "checkpoint_every", "workers.max_failures", "workers.placement_strategy"),
     "finetune": ("log_every", "workers.max_failures", "workers.placement_strategy"),
-    "tune": ("tune.trial_max_failures",),
+    "tune": ("tune.trial_max_failures", "tune.progress_every_s"),
 }
 SUCCESS = "_SUCCESS"
 # How a stop arrives: Ctrl-C/SIGTERM (ptft's handler) or SystemExit (Ray's SIGTERM handler in a job driver).
@@ -71,18 +71,21 @@ class PipelineResult:
 
 
 def run(
-    config: PipelineConfig, *, rerun: str | None = None, resume: str | None = None,
+    config: PipelineConfig, *, rerun: str | None = None, resume: str | None = None, until: str | None = None,
     on_stage: Callable[[str, StageResult], None] | None = None,
 ) -> PipelineResult:  # fmt: skip
     """Run every stage, reusing cached artifacts; returns their results.
 
     rerun: force this stage and every stage after it to run again (no cache).
+    until: stop after this stage (`ptft sweep` runs until tune); the run's manifest lists only the
+        stages up to it, so a resume of that run stops there too.
     resume: continue this pipeline run id: finished stages are reused, an interrupted training
         stage or sweep continues from its checkpoints, its MLflow runs are continued.
     Serve keeps running until `serve.shutdown()` or Ray exits.
     """
-    if rerun is not None and rerun not in STAGES:
-        raise ValueError(f"--rerun {rerun!r}: not a stage; choose one of {', '.join(STAGES)}")
+    for option, value in (("rerun", rerun), ("until", until)):
+        if value is not None and value not in STAGES:
+            raise ValueError(f"{option}={value!r}: not a stage; choose one of {', '.join(STAGES)}")
     storage = config.storage_path()
     storage.mkdir(parents=True, exist_ok=True)
     _init_ray(config)
@@ -94,7 +97,8 @@ def run(
     if resume:
         manifest = _reopen_pipeline_run(client, storage, resume, experiment_id)
     else:
-        manifest = mf.Manifest.create(storage, new_run_id(), config.name, STAGES, resolved_dict(config))
+        stages = STAGES[: STAGES.index(until) + 1] if until else STAGES
+        manifest = mf.Manifest.create(storage, new_run_id(), config.name, stages, resolved_dict(config))
         manifest.mlflow_run_id = _start_parent_run(client, config, experiment_id, manifest.run_id)
     manifest.tracking_uri, manifest.experiment_id = config.tracking_uri(), experiment_id
     manifest.save()
@@ -103,7 +107,7 @@ def run(
     runner = _StageRunner(config, client, result, storage, manifest, forced)
     status = "FAILED"
     try:
-        for stage in STAGES:
+        for stage in manifest.stages:  # in pipeline order; a sweep's run ends at tune
             stage_result = runner.run(stage)
             if on_stage:
                 on_stage(stage, stage_result)
@@ -331,7 +335,7 @@ class _StageRunner:
             pretrained, tokenized = done["pretrain"].output_uri, done["tokenize"].output_uri
             # Trials train with finetune's defaults and DeepSpeed settings: they are part of the key.
             stage_cfg = {"tune": cfg.tune.model_dump(mode="json"),
-                         "defaults": cfg.finetune.defaults.model_dump(mode="json"),
+                         "defaults": cfg.finetune.trial_defaults().model_dump(mode="json"),
                          "deepspeed": cfg.finetune.deepspeed.model_dump(mode="json")}  # fmt: skip
             return (stage_cfg, {"pretrain": keys["pretrain"], "tokenize": keys["tokenize"]},
                     lambda ctx: _tune_or_skip(cfg, pretrained, tokenized, ctx))  # fmt: skip
@@ -356,7 +360,7 @@ def _tune_or_skip(cfg: PipelineConfig, pretrained: str, tokenized: str, ctx: Sta
     if not cfg.tune.enabled:
         return StageResult(output_uri=str(ctx.output_dir), metrics={"tune/trials": 0})
     tune = _stage_module("tune")
-    return tune.run(cfg.tune, pretrained, tokenized, cfg.finetune.defaults, cfg.finetune.deepspeed, ctx)
+    return tune.run(cfg.tune, pretrained, tokenized, cfg.finetune.trial_defaults(), cfg.finetune.deepspeed, ctx)
 
 
 def _sources(cfg: PipelineConfig) -> dict:

@@ -47,6 +47,9 @@ def test_each_family_trains_with_its_objective_on_sdpa(family: str, objective: s
 def test_dropout_overrides_name_each_familys_keys() -> None:
     assert set(models.dropout_overrides("gpt2", 0.2)) == {"resid_pdrop", "embd_pdrop", "attn_pdrop"}
     assert models.dropout_overrides("bert", 0.2) == {"hidden_dropout_prob": 0.2, "attention_probs_dropout_prob": 0.2}
+    assert models.dropout_overrides("bert", 0.2, 0.05) == {"hidden_dropout_prob": 0.2,
+                                                           "attention_probs_dropout_prob": 0.05}  # fmt: skip
+    assert models.dropout_overrides("gpt2", 0.2, 0.0)["attn_pdrop"] == 0.0
 
 
 def test_init_from_a_folder_keeps_its_weights_and_adds_a_missing_head(tmp_path: Path) -> None:

@@ -1,0 +1,113 @@
+"""Does ASHA find the grid's best config for a fraction of its compute?
+
+The same 27 configs (3 learning rates x 3 weight decays x 3 dropouts, enumerated by
+`tune.search: grid`), the same seed and data, swept twice through `ptft sweep`:
+
+  grid   every config fine-tuned for the whole epoch budget (`tune.scheduler: fifo`);
+  asha   ASHA stops weak configs at its rungs (grace 1 epoch, reduction factor --reduction).
+
+Reports each arm's best validation accuracy (the sweep's metric), its best config, its compute in
+trial-epochs (sum over trials of the epochs each ran) and wall time; then ASHA's accuracy gap to
+the grid's best and its compute as a share of the grid's. Target: gap <= 1 accuracy point at
+<= 25% of the compute. The tokenize and pretrain stages run once (the first sweep) and are cache
+hits for the second.
+
+    python benchmarks/asha_vs_grid.py [--config configs/demo.yaml] [--epochs 9] [--json out.json]
+
+The default is the demo data: on 2 CPU cores the 27 x 9 grid on rt-polarity would take hours.
+Another config (e.g. configs/rt_polarity.yaml) runs the same comparison on its data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PTFT = str(Path(sys.executable).parent / "ptft")
+
+LEARNING_RATES = [3e-4, 1e-3, 3e-3]
+WEIGHT_DECAYS = [0.0, 0.01, 0.1]
+DROPOUTS = [0.0, 0.1, 0.3]
+
+
+def grid_space() -> str:
+    return ("tune.search_space={"
+            f"learning_rate: {{type: grid, values: {LEARNING_RATES}}}, "
+            f"weight_decay: {{type: grid, values: {WEIGHT_DECAYS}}}, "
+            f"dropout: {{type: grid, values: {DROPOUTS}}}}}")  # fmt: skip
+
+
+def sweep(config: str, storage: Path, overrides: list[str]) -> dict:
+    """One `ptft sweep`; returns its wall time and the tune stage's trial table."""
+    started = time.perf_counter()
+    process = subprocess.run([PTFT, "sweep", config, f"storage={storage}", *overrides], cwd=REPO,
+                             capture_output=True, text=True)  # fmt: skip
+    seconds = time.perf_counter() - started
+    if process.returncode != 0:
+        sys.exit(f"ptft sweep failed ({process.returncode}):\n{process.stdout[-3000:]}\n{process.stderr[-3000:]}")
+    manifest = json.loads(max((storage / "runs").glob("*/manifest.json"), key=lambda p: p.stat().st_mtime).read_text())
+    tune = manifest["stages"]["tune"]
+    trials = json.loads((Path(tune["output_uri"]) / "trials.json").read_text())
+    return {"wall_s": seconds, "tune_work_s": tune["work_seconds"], "trials": trials}
+
+
+def summarise(name: str, arm: dict) -> dict:
+    trials = arm["trials"]
+    best = max((row for row in trials if row["metric"] is not None), key=lambda row: row["metric"])
+    return {
+        "arm": name,
+        "trials": len(trials),
+        "errors": sum(row["status"] == "error" for row in trials),
+        "trial_epochs": sum(row["epochs"] for row in trials),
+        "best_accuracy": best["metric"],
+        "best_config": best["config"],
+        "tune_work_s": arm["tune_work_s"],
+        "wall_s": arm["wall_s"],
+        "epochs_histogram": {str(e): sum(row["epochs"] == e for row in trials)
+                             for e in sorted({row["epochs"] for row in trials})},  # fmt: skip
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/demo.yaml")
+    parser.add_argument("--epochs", type=int, default=9, help="the full epoch budget (max_epochs)")
+    parser.add_argument("--reduction", type=int, default=3, help="ASHA reduction factor")
+    parser.add_argument("--concurrency", type=int, default=2, help="trials at once")
+    parser.add_argument("--storage", type=Path, help="keep the runs here (default: a temporary folder)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+
+    common = ["tune.search=grid", "tune.num_samples=1", f"tune.max_epochs={args.epochs}", "tune.metric=eval/accuracy",
+              f"tune.max_concurrent_trials={args.concurrency}", "tune.progress_every_s=60", grid_space()]  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="ptft-asha-") as folder:
+        storage = args.storage or Path(folder)
+        grid = sweep(args.config, storage, [*common, "tune.scheduler=fifo"])
+        asha = sweep(args.config, storage, [*common, "tune.scheduler=asha", "tune.grace_period=1",
+                                            f"tune.reduction_factor={args.reduction}"])  # fmt: skip
+    rows = [summarise("grid", grid), summarise("asha", asha)]
+    gap = rows[0]["best_accuracy"] - rows[1]["best_accuracy"]
+    share = rows[1]["trial_epochs"] / rows[0]["trial_epochs"]
+    print(f"config: {args.config}; 27 configs; budget {args.epochs} epochs; ASHA grace 1, reduction {args.reduction}")
+    print(f"{'arm':<6}{'trials':>7}{'errors':>7}{'trial-epochs':>14}{'best val acc':>14}{'tune work s':>13}"
+          f"{'wall s':>9}  best config")  # fmt: skip
+    for row in rows:
+        print(f"{row['arm']:<6}{row['trials']:>7}{row['errors']:>7}{row['trial_epochs']:>14}"
+              f"{row['best_accuracy']:>14.4f}{row['tune_work_s']:>13.1f}{row['wall_s']:>9.1f}"
+              f"  {row['best_config']}")  # fmt: skip
+    print(f"ASHA epochs per trial: {rows[1]['epochs_histogram']}")
+    print(f"ASHA vs grid: accuracy gap {gap * 100:+.2f} points (target <= 1.00: {'met' if gap <= 0.01 else 'missed'}); "
+          f"compute {share:.1%} of the grid's trial-epochs (target <= 25%: {'met' if share <= 0.25 else 'missed'}); "
+          f"tune wall time ratio {rows[1]['tune_work_s'] / rows[0]['tune_work_s']:.3f}")  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps({"arms": rows, "gap": gap, "compute_share": share}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

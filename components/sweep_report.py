@@ -1,0 +1,123 @@
+"""How a sweep reads: the live trial table on the terminal, and the results table and plot the
+tune stage logs to its MLflow run. Plain functions over trial rows (dicts), so the tune stage and
+`ptft sweep` share them.
+
+A trial row: {"trial": name, "status": "running"|"completed"|"stopped_early"|"error"|...,
+"epochs": int, "metric": float | None, "config": {hyperparameter: value}, ...}.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import ray.tune
+
+
+def _number(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def format_table(rows: list[dict], params: list[str], metric: str, *, best: str | None = None) -> str:
+    """A fixed-width table: one line per trial, the best one marked with *."""
+    header = ["trial", "status", "epochs", metric, *params]
+    lines = [[("* " if row["trial"] == best else "  ") + row["trial"], row["status"], str(row["epochs"]),
+              _number(row.get("metric")), *(_number(row["config"].get(name)) for name in params)]
+             for row in rows]  # fmt: skip
+    widths = [max(len(header[i]), *(len(line[i]) for line in lines)) if lines else len(header[i])
+              for i in range(len(header))]  # fmt: skip
+    out = ["  ".join(cell.ljust(width) for cell, width in zip(header, widths, strict=True))]
+    out += ["  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)) for line in lines]
+    return "\n".join(out)
+
+
+def best_row(rows: list[dict], mode: str) -> dict | None:
+    scored = [row for row in rows if isinstance(row.get("metric"), (int, float)) and math.isfinite(row["metric"])]
+    if not scored:
+        return None
+    return (max if mode == "max" else min)(scored, key=lambda row: row["metric"])
+
+
+class TrialTable(ray.tune.Callback):
+    """Prints the trials' status on the terminal as results arrive, at most every `every_s`
+    seconds (the tune stage prints the final table itself)."""
+
+    def __init__(self, params: list[str], metric: str, mode: str, every_s: float, stream: TextIO | None = None):
+        self.params, self.metric, self.mode, self.every_s = params, metric, mode, every_s
+        self.stream = stream or sys.stdout
+        self._last = 0.0
+        self._started = time.monotonic()
+
+    def _rows(self, trials) -> list[dict]:
+        rows = []
+        for trial in trials:
+            result = trial.last_result or {}
+            rows.append({"trial": str(trial), "status": trial.status.lower(), "epochs": int(result.get("epoch", 0)),
+                         "metric": result.get(self.metric),
+                         "config": {name: trial.config.get(name) for name in self.params}})  # fmt: skip
+        return rows
+
+    def _print(self, trials, title: str) -> None:
+        rows = self._rows(trials)
+        best = best_row(rows, self.mode)
+        elapsed = time.monotonic() - self._started
+        counts = {}
+        for row in rows:
+            counts[row["status"]] = counts.get(row["status"], 0) + 1
+        summary = ", ".join(f"{count} {status}" for status, count in sorted(counts.items()))
+        print(f"\n== sweep {title} after {elapsed:.0f} s: {summary}", file=self.stream)
+        print(format_table(rows, self.params, self.metric, best=best["trial"] if best else None), file=self.stream,
+              flush=True)  # fmt: skip
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        if self.every_s and time.monotonic() - self._last >= self.every_s:
+            self._last = time.monotonic()
+            self._print(trials, "progress")
+
+
+def write_csv(rows: list[dict], params: list[str], metric: str, path: Path) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["trial", "status", "epochs", metric, *params, "mlflow_run_id"])
+        for row in rows:
+            writer.writerow([row["trial"], row["status"], row["epochs"], row.get("metric"),
+                             *(row["config"].get(name) for name in params), row.get("mlflow_run_id")])  # fmt: skip
+
+
+def plot(rows: list[dict], params: list[str], metric: str, log_scale: set[str], best: str | None, path: Path) -> None:
+    """One panel per hyperparameter: each trial's last metric against its value, the best trial in
+    red, trials that stopped early hollow."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: render to a file
+    import matplotlib.pyplot as plt
+
+    columns = max(1, len(params))
+    figure, axes = plt.subplots(1, columns, figsize=(4 * columns, 3.4), squeeze=False)
+    for axis, name in zip(axes[0], params, strict=False):
+        for row in rows:
+            value, score = row["config"].get(name), row.get("metric")
+            if value is None or not isinstance(score, (int, float)):
+                continue
+            is_best = row["trial"] == best
+            full = row["status"] == "completed"
+            axis.scatter([value], [score], s=60 if is_best else 30, zorder=3 if is_best else 2,
+                         facecolors=("tab:red" if is_best else "tab:blue") if full or is_best else "none",
+                         edgecolors="tab:red" if is_best else "tab:blue")  # fmt: skip
+        if name in log_scale:
+            axis.set_xscale("log")
+        axis.set_xlabel(name)
+        axis.set_ylabel(metric)
+        axis.grid(alpha=0.3)
+    figure.suptitle(f"{metric} per trial (red: best; hollow: stopped early)", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

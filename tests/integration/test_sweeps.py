@@ -1,0 +1,235 @@
+"""Sweeps through `ptft sweep`, on the shared Ray cluster and MLflow server.
+
+1. ASHA over a 4-point learning-rate grid, one trial at a time, best first: the driver is SIGKILLed
+   once a trial checkpoint is saved, `ptft sweep --resume` finishes it. Weak trials stop at the
+   first rung; one MLflow run per trial under the tune run; nothing logged twice.
+2. PBT on the same cached tokenize/pretrain: weak trials continue from a strong one's checkpoint
+   with perturbed learning rate and weight decay, in their own MLflow run.
+3. Optuna TPE with median stopping, each trial a two-worker TorchTrainer.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from components.stage import read_json
+from tests.conftest import REPO, tiny_config_dict
+
+pytestmark = pytest.mark.integration
+
+PTFT = str(Path(sys.executable).with_name("ptft"))
+GRID = [3e-3, 1e-3, 1e-6, 1e-7]  # best first: every later trial is compared with a better one
+
+
+def _config(storage: Path) -> dict:
+    config = tiny_config_dict(storage)
+    config["name"] = "sweeps"
+    config["data"]["task"]["train"]["num_examples"] = 128
+    config["pretrain"] = {"max_steps": 12, "warmup_steps": 2, "batch_size_per_worker": 8, "log_every": 4}
+    config["tune"] = {
+        "search": "grid", "scheduler": "asha", "metric": "eval/loss", "max_epochs": 3, "grace_period": 1,
+        "reduction_factor": 2, "max_concurrent_trials": 1, "progress_every_s": 0.5,
+        "search_space": {"learning_rate": {"type": "grid", "values": GRID}},
+    }  # fmt: skip
+    config["finetune"] = {"epochs": 1, "defaults": {"batch_size_per_worker": 8}}
+    return config
+
+
+def _wait_until(condition, what: str, timeout_s: float = 600, poll_s: float = 0.2):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+class Sweeps:
+    """`ptft sweep` child processes on one storage, their logs, and the MLflow client."""
+
+    def __init__(self, storage: Path, tracking_uri: str, ray_address: str):
+        self.storage = storage
+        self.config = storage / "sweeps.yaml"
+        self.config.write_text(yaml.safe_dump(_config(storage)))
+        self.overrides = [f"tracking.uri={tracking_uri}", f"ray.address={ray_address}"]
+        self.client = MlflowClient(tracking_uri)
+        # Tune snapshots the sweep every TUNE_GLOBAL_CHECKPOINT_S (at least 10 s by default).
+        self.env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+        self.logs: list[Path] = []
+
+    def start(self, *args: str) -> subprocess.Popen:
+        log = self.storage / f"sweep-{len(self.logs)}.log"
+        self.logs.append(log)
+        with open(log, "w") as out:
+            return subprocess.Popen([PTFT, "sweep", *args], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                    env=self.env)  # fmt: skip
+
+    def run(self, *overrides: str) -> str:
+        """A whole sweep; returns the pipeline run id."""
+        before = self.run_ids()
+        process = self.start(str(self.config), *self.overrides, *overrides)
+        assert process.wait(timeout=900) == 0, self.tail()
+        (run_id,) = self.run_ids() - before
+        return run_id
+
+    def run_ids(self) -> set[str]:
+        return {path.parent.name for path in (self.storage / "runs").glob("*/manifest.json")}
+
+    def manifest(self, run_id: str) -> dict:
+        return read_json(self.storage / "runs" / run_id / "manifest.json")
+
+    def tail(self) -> str:
+        return self.logs[-1].read_text()[-6000:]
+
+    def tune_output(self, run_id: str) -> Path:
+        return Path(self.manifest(run_id)["stages"]["tune"]["output_uri"])
+
+    def runs(self, run_id: str, stage: str) -> list:
+        experiment = self.client.get_experiment_by_name("sweeps")
+        query = f"tags.`ptft.run_id` = '{run_id}' and tags.`ptft.stage` = '{stage}'"
+        return self.client.search_runs([experiment.experiment_id], query)
+
+    def history(self, run_id: str, key: str) -> dict[int, float]:
+        metrics = self.client.get_metric_history(run_id, key)
+        steps = [metric.step for metric in metrics]
+        assert len(steps) == len(set(steps)), f"{key} logged twice at a step: {sorted(steps)}"
+        return {metric.step: metric.value for metric in metrics}
+
+
+def _trial_checkpoint_saved(tune_dir: Path) -> bool:
+    """A trial checkpoint exists and Tune's experiment state was saved after it."""
+    checkpoints = list(tune_dir.glob("*/checkpoint_*"))
+    states = list(tune_dir.glob("experiment_state-*.json"))
+    if not checkpoints or not states:
+        return False
+    return max(s.stat().st_mtime for s in states) > min(c.stat().st_mtime for c in checkpoints) + 0.5
+
+
+@pytest.fixture(scope="module")
+def sweeps(ray_driver: str, mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) -> Sweeps:
+    return Sweeps(tmp_path_factory.mktemp("sweeps"), mlflow_server, ray_driver)
+
+
+@pytest.fixture(scope="module")
+def asha(sweeps: Sweeps) -> dict:
+    first = sweeps.start(str(sweeps.config), *sweeps.overrides)
+
+    def checkpointed() -> bool:
+        if first.poll() is not None:
+            raise AssertionError(f"the sweep exited ({first.returncode}) before the kill:\n{sweeps.tail()}")
+        ids = sweeps.run_ids()
+        return bool(ids) and _trial_checkpoint_saved(sweeps.storage / "ray_results" / f"{next(iter(ids))}-tune")
+
+    _wait_until(checkpointed, "a saved trial checkpoint")
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=60)
+    (run_id,) = sweeps.run_ids()
+    killed_at = sweeps.manifest(run_id)["stages"]["tune"]["status"]
+    second = sweeps.start("--resume", "--storage", str(sweeps.storage))
+    assert second.wait(timeout=900) == 0, sweeps.tail()
+    return {"run_id": run_id, "killed_at": killed_at, "output": sweeps.logs[-1].read_text(),
+            "trials": read_json(sweeps.tune_output(run_id) / "trials.json")}  # fmt: skip
+
+
+def test_asha_stops_weak_trials_at_the_first_rung(asha: dict) -> None:
+    epochs = {row["config"]["learning_rate"]: row["epochs"] for row in asha["trials"]}
+    assert set(epochs) == set(GRID)
+    assert epochs[GRID[0]] == 3  # the best trial runs the whole budget
+    stopped = [lr for lr, count in epochs.items() if count < 3]
+    assert len(stopped) >= 2, epochs  # 1e-6 and 1e-7 lose to a better trial at epoch 1
+    assert {row["status"] for row in asha["trials"] if row["epochs"] < 3} == {"stopped_early"}
+
+
+def test_the_killed_sweep_resumed_to_the_end(sweeps: Sweeps, asha: dict) -> None:
+    assert asha["killed_at"] == "running"
+    manifest = sweeps.manifest(asha["run_id"])
+    assert list(manifest["stages"]) == ["tokenize", "pretrain", "tune"]  # a sweep ends at tune
+    assert manifest["status"] == "succeeded" and manifest["stages"]["tune"]["attempts"] == 2
+    assert "Resuming sweep" in asha["output"] and "Best config: learning_rate=0.003" in asha["output"]
+    assert "== sweep finished" in asha["output"]  # the live table's last print
+    assert "MLflow: experiment 'sweeps'" in asha["output"]
+
+
+def test_one_mlflow_run_per_trial_under_the_tune_run(sweeps: Sweeps, asha: dict) -> None:
+    (tune_run,) = sweeps.runs(asha["run_id"], "tune")
+    trials = sweeps.runs(asha["run_id"], "tune-trial")
+    names = [trial.data.tags["ptft.trial"] for trial in trials]
+    assert len(names) == len(set(names)) == 4, names
+    by_lr = {}
+    for trial in trials:
+        assert trial.data.tags["mlflow.parentRunId"] == tune_run.info.run_id
+        assert trial.info.status == "FINISHED"
+        lr = float(trial.data.params["learning_rate"])
+        by_lr[lr] = trial
+        epochs = sweeps.history(trial.info.run_id, "eval/loss")  # no epoch twice
+        assert sorted(epochs) == list(range(1, len(epochs) + 1))
+        assert trial.data.tags["ptft.trial_epochs"] == str(len(epochs))
+        loaded = sweeps.history(trial.info.run_id, "restore/loaded_epoch")
+        first = sweeps.history(trial.info.run_id, "restore/first_epoch")
+        assert {step: value - 1 for step, value in first.items()} == loaded  # continued right after it
+        assert sweeps.history(trial.info.run_id, "hyper/learning_rate")[1] == pytest.approx(lr)
+    assert by_lr[GRID[0]].data.tags["ptft.best_trial"] == "true"
+    assert by_lr[GRID[0]].data.tags["ptft.trial_status"] == "completed"
+    assert sum(trial.data.tags["ptft.best_trial"] == "true" for trial in trials) == 1
+    assert by_lr[GRID[3]].data.tags["ptft.trial_status"] == "stopped_early"
+    assert tune_run.data.tags["ptft.best_trial_run_id"] == by_lr[GRID[0]].info.run_id
+    artifacts = {item.path for item in sweeps.client.list_artifacts(tune_run.info.run_id)}
+    assert {"trials.csv", "sweep.png"} <= artifacts
+    assert tune_run.data.metrics["tune/trials_stopped_early"] >= 2
+
+
+@pytest.fixture(scope="module")
+def pbt(sweeps: Sweeps, asha: dict) -> str:
+    return sweeps.run(
+        "tune.search=random", "tune.scheduler=pbt", "tune.num_samples=4", "tune.max_epochs=4",
+        "tune.pbt_interval=1", "tune.pbt_quantile=0.25", "tune.max_concurrent_trials=2",
+        "tune.search_space={learning_rate: {type: loguniform, low: 1.0e-7, high: 3.0e-3}, "
+        "weight_decay: {type: uniform, low: 0.0, high: 0.1}}",
+    )  # fmt: skip
+
+
+def test_pbt_exploits_in_the_same_trial_run(sweeps: Sweeps, pbt: str) -> None:
+    manifest = sweeps.manifest(pbt)
+    assert manifest["stages"]["tokenize"]["status"] == "cached" and manifest["stages"]["pretrain"]["status"] == "cached"
+    trials = sweeps.runs(pbt, "tune-trial")
+    assert len({trial.data.tags["ptft.trial"] for trial in trials}) == len(trials) == 4
+    exploited = [trial for trial in trials if int(trial.data.tags.get("ptft.pbt_exploits", "0")) > 0]
+    assert exploited, [trial.data.tags for trial in trials]
+    for trial in exploited:
+        rates = sweeps.history(trial.info.run_id, "hyper/learning_rate")
+        assert len(set(rates.values())) > 1, rates  # it trained on with another learning rate
+        epochs = sweeps.history(trial.info.run_id, "eval/loss")
+        assert sorted(epochs) == list(range(1, len(epochs) + 1))
+    assert all(trial.info.status == "FINISHED" for trial in trials)
+
+
+@pytest.fixture(scope="module")
+def optuna_distributed(sweeps: Sweeps, asha: dict) -> str:
+    return sweeps.run(
+        "tune.search=optuna", "tune.scheduler=median", "tune.num_samples=2", "tune.max_epochs=2",
+        "tune.workers_per_trial=2", "tune.max_concurrent_trials=1", "tune.median_min_samples=1",
+        "tune.search_space={learning_rate: {type: loguniform, low: 1.0e-4, high: 3.0e-3}, "
+        "dropout: {type: choice, values: [0.0, 0.1]}}",
+    )  # fmt: skip
+
+
+def test_optuna_trials_run_as_two_worker_trainers(sweeps: Sweeps, optuna_distributed: str) -> None:
+    trials = read_json(sweeps.tune_output(optuna_distributed) / "trials.json")
+    assert len(trials) == 2 and all(row["status"] in ("completed", "stopped_early") for row in trials), trials
+    assert all(row["metric"] is not None for row in trials)
+    # Each trial was a Ray Train run of its own, with the workers' checkpoints.
+    train_runs = list((sweeps.storage / "ray_results" / f"{optuna_distributed}-tune-trials").iterdir())
+    assert len(train_runs) == 2
+    assert all(list(run.glob("checkpoint_*")) for run in train_runs)
+    for trial in sweeps.runs(optuna_distributed, "tune-trial"):
+        assert sweeps.history(trial.info.run_id, "eval/accuracy")  # rank 0 logged into the trial's run

@@ -1,0 +1,222 @@
+"""Sweep declarations: search spaces, schedulers and searchers, checked before anything runs; the
+Tune objects they become; the finetune hand-off; the sweep's table and plot."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components.configs import Distribution, FinetuneConfig, Hyperparameters, TuneConfig
+from pipelines.config import ConfigError, apply_overrides, validate
+from tests.conftest import REPO, tiny_config_dict
+
+
+def _problems(raw: dict) -> dict[str, str]:
+    with pytest.raises(ConfigError) as info:
+        validate(raw)
+    return {problem.key: str(problem) for problem in info.value.problems}
+
+
+def _with_tune(tmp_path: Path, tune: dict, finetune: dict | None = None) -> dict:
+    raw = tiny_config_dict(tmp_path)
+    raw["tune"] = tune
+    if finetune is not None:
+        raw["finetune"] = finetune
+    return raw
+
+
+@pytest.mark.parametrize(
+    "space, key, words",
+    [
+        ({"learning_rate": {"type": "loguniform", "low": -1e-4, "high": 1e-3}}, "learning_rate", "low > 0"),
+        ({"weight_decay": {"type": "uniform", "low": 0.1, "high": 0.01}}, "weight_decay", "low < high"),
+        ({"dropout": {"type": "uniform", "low": 0.0, "high": 1.5}}, "dropout", "less than 1"),
+        ({"attention_dropout": {"type": "grid", "values": [0.1, 2]}}, "attention_dropout", "less than 1"),
+        ({"label_smoothing": {"type": "choice", "values": []}}, "label_smoothing", "non-empty"),
+        ({"warmup_ratio": {"type": "uniform", "low": 0.0, "high": 0.2, "values": [0.1]}}, "warmup_ratio", "values"),
+        ({"batch_size_per_worker": {"type": "uniform", "low": 8, "high": 32}}, "batch_size_per_worker", "integer"),
+        ({"batch_size_per_worker": {"type": "choice", "values": [8, 12.5]}}, "batch_size_per_worker", "integer"),
+        ({"batch_size_per_worker": {"type": "grid", "values": [0, 8]}}, "batch_size_per_worker", "greater than 0"),
+        ({"momentum": {"type": "uniform", "low": 0.0, "high": 1.0}}, "momentum", "learning_rate"),
+    ],
+)
+def test_bad_search_space_names_the_key(tmp_path: Path, space: dict, key: str, words: str) -> None:
+    problems = _problems(_with_tune(tmp_path, {"search_space": space}))
+    matching = [text for name, text in problems.items() if key in name]
+    assert matching, problems
+    assert any(words in text for text in matching), matching
+
+
+def test_every_hyperparameter_is_searchable(tmp_path: Path) -> None:
+    space = {
+        "learning_rate": {"type": "loguniform", "low": 1e-5, "high": 1e-3},
+        "weight_decay": {"type": "uniform", "low": 0.0, "high": 0.1},
+        "dropout": {"type": "grid", "values": [0.0, 0.1]},
+        "attention_dropout": {"type": "choice", "values": [0.0, 0.1]},
+        "warmup_ratio": {"type": "uniform", "low": 0.0, "high": 0.2},
+        "label_smoothing": {"type": "choice", "values": [0.0, 0.1]},
+        "batch_size_per_worker": {"type": "choice", "values": [8, 16]},
+    }
+    assert set(space) == set(Hyperparameters.model_fields)
+    config = validate(_with_tune(tmp_path, {"search_space": space}))
+    assert config.tune.search_space["dropout"].type == "grid"
+
+
+def test_searcher_and_scheduler_rules(tmp_path: Path) -> None:
+    sampled = {"learning_rate": {"type": "loguniform", "low": 1e-5, "high": 1e-3}}
+    grid_dim = {"dropout": {"type": "grid", "values": [0.0, 0.1]}}
+    grid_search = _with_tune(tmp_path, {"search": "grid", "search_space": sampled})
+    assert "tune.search_space.learning_rate" in _problems(grid_search)
+    optuna_grid = _with_tune(tmp_path, {"search": "optuna", "search_space": grid_dim})
+    assert "tune.search_space.dropout" in _problems(optuna_grid)
+    problems = _problems(_with_tune(tmp_path, {"scheduler": "pbt", "search": "optuna", "num_samples": 1,
+                                               "max_epochs": 2, "pbt_interval": 2, "workers_per_trial": 2,
+                                               "search_space": sampled}))  # fmt: skip
+    assert {"tune.pbt_mutations", "tune.search", "tune.num_samples", "tune.pbt_interval",
+            "tune.workers_per_trial"} <= set(problems)  # fmt: skip
+    assert "weight_decay" in problems["tune.pbt_mutations"]  # PBT perturbs it, but nothing defines its range
+    assert "unknown" not in str(problems)
+    with pytest.raises(ConfigError) as info:
+        validate(_with_tune(tmp_path, {"scheduler": "bohb"}))
+    assert info.value.problems[0].key == "tune.scheduler"
+
+
+def test_finetune_overrides_are_checked(tmp_path: Path) -> None:
+    raw = tiny_config_dict(tmp_path)
+    apply_overrides(raw, ["finetune.overrides.dropout=1.5"])
+    (problem,) = _problems(raw).values()
+    assert "overrides.dropout" in problem
+    raw = tiny_config_dict(tmp_path)
+    apply_overrides(raw, ["finetune.overrides.learning_rate=2e-4"])
+    assert validate(raw).finetune.overrides == {"learning_rate": 2e-4}
+
+
+def test_sweep_with_a_bad_search_space_exits_2_before_any_compute(tmp_path: Path) -> None:
+    raw = _with_tune(tmp_path, {"search_space": {"dropout": {"type": "uniform", "low": 0.5, "high": 0.1}}})
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    done = subprocess.run([sys.executable, "-m", "pipelines.cli", "sweep", str(path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "tune.search_space.dropout" in done.stderr and "low < high" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "runs").exists()  # nothing started, no run recorded
+
+
+# --- what the declarations become ------------------------------------------------------------
+
+
+def test_dimensions_become_tune_domains() -> None:
+    from ray.tune.search.sample import Categorical, Float
+
+    from components import tune
+
+    cfg = TuneConfig(search_space={
+        "learning_rate": Distribution(type="loguniform", low=1e-5, high=1e-3),
+        "dropout": Distribution(type="grid", values=[0.0, 0.1, 0.2]),
+        "batch_size_per_worker": Distribution(type="choice", values=[8, 16]),
+    })  # fmt: skip
+    space = tune.param_space(cfg)
+    assert isinstance(space["learning_rate"], Float) and space["learning_rate"].lower == 1e-5
+    assert space["dropout"] == {"grid_search": [0.0, 0.1, 0.2]}
+    assert isinstance(space["batch_size_per_worker"], Categorical)
+    assert all(isinstance(v, int) for v in space["batch_size_per_worker"].categories)  # not 8.0
+    grid = tune.param_space(cfg.model_copy(update={"search": "grid", "search_space": {
+        "batch_size_per_worker": Distribution(type="choice", values=[8, 16])}}))  # fmt: skip
+    assert grid["batch_size_per_worker"] == {"grid_search": [8, 16]}
+
+
+@pytest.mark.parametrize("name, kind", [("asha", "AsyncHyperBandScheduler"), ("hyperband", "HyperBandScheduler"),
+                                        ("median", "MedianStoppingRule"), ("pbt", "PopulationBasedTraining"),
+                                        ("fifo", "FIFOScheduler")])  # fmt: skip
+def test_schedulers_count_epochs(name: str, kind: str) -> None:
+    from components import tune
+
+    scheduler = tune.build_scheduler(TuneConfig(scheduler=name, max_epochs=4))
+    assert type(scheduler).__name__ == kind
+    if name != "fifo":
+        assert scheduler._time_attr == "epoch"
+    if name == "pbt":
+        assert set(scheduler._hyperparam_mutations) == {"learning_rate", "weight_decay"}
+
+
+def test_optuna_searcher_is_tpe() -> None:
+    from components import tune
+
+    searcher = tune.build_searcher(TuneConfig(search="optuna"), seed=3)
+    assert type(searcher).__name__ == "OptunaSearch"
+    assert type(searcher._sampler).__name__ == "TPESampler"
+
+
+# --- hand-off to finetune --------------------------------------------------------------------
+
+
+def test_finetune_takes_the_best_config_and_its_overrides_win(tmp_path: Path, caplog) -> None:
+    from components.finetune import resolve_hyperparameters
+    from components.stage import write_json
+
+    write_json(tmp_path / "best_config.json", {"learning_rate": 3e-4, "dropout": 0.05, "batch_size_per_worker": 16})
+    cfg = FinetuneConfig(defaults=Hyperparameters(weight_decay=0.02),
+                         overrides={"dropout": 0.2, "label_smoothing": 0.1})  # fmt: skip
+    with caplog.at_level("INFO"):
+        hyper, sources = resolve_hyperparameters(cfg.defaults, str(tmp_path), cfg.overrides)
+    assert hyper.learning_rate == 3e-4 and hyper.dropout == 0.2 and hyper.label_smoothing == 0.1
+    assert hyper.weight_decay == 0.02 and isinstance(hyper.batch_size_per_worker, int)
+    assert sources == {"learning_rate": "tune", "dropout": "override", "label_smoothing": "override",
+                       "batch_size_per_worker": "tune", "weight_decay": "default", "attention_dropout": "default",
+                       "warmup_ratio": "default"}  # fmt: skip
+    assert "0.05 -> 0.2" in caplog.text  # the tuned value it overrode
+    # Trials train with the overrides too, for every value they do not sample.
+    assert cfg.trial_defaults().label_smoothing == 0.1 and cfg.trial_defaults().weight_decay == 0.02
+
+
+def test_exploited_optimizer_gets_the_new_learning_rate_and_decay() -> None:
+    import torch
+
+    from components import training
+
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.AdamW(training._param_groups(model, 0.01), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, training.lr_schedule("linear", 0, 10))
+    for _ in range(5):
+        optimizer.step()
+        scheduler.step()
+
+    class Engine:
+        lr_scheduler = scheduler
+
+    training.set_optimizer_hyperparameters(Engine(), learning_rate=4e-3, weight_decay=0.05)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(4e-3 * 0.5)  # same point of the schedule
+    assert optimizer.param_groups[0]["weight_decay"] == 0.05 and optimizer.param_groups[1]["weight_decay"] == 0.0
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(4e-3 * 0.4)
+
+
+# --- table and plot --------------------------------------------------------------------------
+
+
+def _rows() -> list[dict]:
+    return [
+        {"trial": "t1", "status": "completed", "epochs": 3, "metric": 0.8, "config": {"learning_rate": 1e-3}},
+        {"trial": "t2", "status": "stopped_early", "epochs": 1, "metric": 0.6, "config": {"learning_rate": 1e-5}},
+        {"trial": "t3", "status": "error", "epochs": 0, "metric": None, "config": {"learning_rate": 1e-4}},
+    ]
+
+
+def test_table_marks_the_best_trial_and_plot_renders(tmp_path: Path) -> None:
+    from components import sweep_report
+
+    rows = _rows()
+    assert sweep_report.best_row(rows, "max")["trial"] == "t1"
+    assert sweep_report.best_row(rows, "min")["trial"] == "t2"
+    table = sweep_report.format_table(rows, ["learning_rate"], "eval/accuracy", best="t1").splitlines()
+    assert table[0].split()[:4] == ["trial", "status", "epochs", "eval/accuracy"]
+    assert table[1].startswith("* t1") and "stopped_early" in table[2] and table[3].split()[3] == "-"
+    sweep_report.write_csv(rows, ["learning_rate"], "eval/accuracy", tmp_path / "trials.csv")
+    assert (tmp_path / "trials.csv").read_text().splitlines()[2].startswith("t2,stopped_early,1,0.6,1e-05")
+    sweep_report.plot(rows, ["learning_rate"], "eval/accuracy", {"learning_rate"}, "t1", tmp_path / "sweep.png")
+    assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
