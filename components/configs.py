@@ -401,7 +401,10 @@ class TuneConfig(BaseModel):
         "weak trials continue from a strong one's checkpoint with perturbed learning rate and weight decay; "
         "fifo: no early stopping",
     )
-    num_samples: int = Field(4, gt=0, description="trials to run (with grid dimensions: repeats of the grid)")
+    num_samples: int | None = Field(
+        None, gt=0, description="trials to sample; with grid dimensions, repeats of the whole grid. "
+        "Default: 1 when the space has grid dimensions (or search=grid), else 4"
+    )
     max_epochs: int = Field(3, gt=0, description="epochs of the longest trial (the schedulers' max_t)")
     grace_period: int = Field(1, gt=0, description="epochs every trial gets before asha/median may stop it")
     reduction_factor: int = Field(2, ge=2, description="asha/hyperband keep 1/reduction_factor at each rung")
@@ -435,6 +438,13 @@ class TuneConfig(BaseModel):
     @property
     def mode(self) -> str:
         return "max" if self.metric.endswith("accuracy") else "min"
+
+    def samples(self) -> int:
+        """num_samples, or its default: one pass over a grid, else 4 sampled trials."""
+        if self.num_samples is not None:
+            return self.num_samples
+        gridded = self.search == "grid" or any(dist.type == "grid" for dist in self.search_space.values())
+        return 1 if gridded else 4
 
 
 # --- serve -------------------------------------------------------------------------------------

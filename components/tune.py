@@ -151,7 +151,8 @@ def run(
 def _trainable(cfg: TuneConfig, setup: TrialSetup):
     if cfg.workers_per_trial > 1:
         # The trial function only drives a TorchTrainer; its workers ask for their own resources.
-        function, resources = run_distributed_trial, {"cpu": 0}
+        # (Tune refuses an empty request, hence a sliver of a CPU.)
+        function, resources = run_distributed_trial, {"cpu": 0.01}
     else:
         function, resources = run_trial, {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial}
     return ray.tune.with_resources(ray.tune.with_parameters(function, setup=setup.model_dump()), resources)
@@ -166,15 +167,16 @@ def _new_tuner(cfg: TuneConfig, trainable, ctx: StageContext) -> ray.tune.Tuner:
         trainable,
         param_space=param_space(cfg),
         tune_config=ray.tune.TuneConfig(
-            metric=cfg.metric, mode=cfg.mode, num_samples=cfg.num_samples,
+            metric=cfg.metric, mode=cfg.mode, num_samples=cfg.samples(),
             max_concurrent_trials=None if isinstance(searcher, BasicVariantGenerator) else cfg.max_concurrent_trials,
             time_budget_s=cfg.time_budget_s, scheduler=build_scheduler(cfg), search_alg=searcher,
             reuse_actors=cfg.reuse_actors and cfg.workers_per_trial == 1,
         ),
         run_config=ray.tune.RunConfig(
             storage_path=ctx.ray_storage(), name=ctx.ray_run_name(), verbose=0,
-            # PBT copies another trial's latest checkpoint: keep one more while a new one is written.
-            checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=2 if pbt else 1),
+            # A PBT exploit restores the checkpoint its donor had when PBT decided; the donor may have
+            # written several more by the time the exploiting trial gets a CPU, so PBT keeps them all.
+            checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=None if pbt else 1),
             failure_config=ray.tune.FailureConfig(max_failures=cfg.trial_max_failures),
             callbacks=[sweep_report.TrialTable(params, cfg.metric, cfg.mode, cfg.progress_every_s)],
         ),
@@ -326,8 +328,9 @@ def _trial_run_ids(client: MlflowClient, ctx: StageContext) -> dict[str, str]:
 
 def _trial_row(result: ray.tune.Result, cfg: TuneConfig, run_ids: dict[str, str]) -> dict:
     metrics = result.metrics or {}
-    trial_id = metrics.get("trial_id") or Path(result.path).name.split("_")[2]
-    name = next((name for name in run_ids if name.endswith(str(trial_id))), Path(result.path).name)
+    # A trial's folder is named "<trial name>_<index>_<params>_<date>".
+    folder = Path(result.path).name
+    name = next((name for name in run_ids if folder.startswith(f"{name}_")), folder)
     epochs = int(metrics.get("epoch", 0))
     if result.error:
         status = "error"

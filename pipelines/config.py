@@ -438,8 +438,8 @@ def _scheduler_problems(tune: TuneConfig) -> list[Problem]:
     if tune.search == "optuna":
         problems.append(Problem("tune.search", tune.search, "PBT picks its own configs; it takes no searcher",
                                 "set tune.search=random with tune.scheduler=pbt"))  # fmt: skip
-    if tune.num_samples < 2:
-        problems.append(Problem("tune.num_samples", tune.num_samples, "PBT needs a population of 2 or more",
+    if tune.samples() < 2:
+        problems.append(Problem("tune.num_samples", tune.samples(), "PBT needs a population of 2 or more",
                                 "set tune.num_samples >= 2 (4 or more is useful)"))  # fmt: skip
     if tune.pbt_interval >= tune.max_epochs:
         problems.append(Problem("tune.pbt_interval", tune.pbt_interval,

@@ -107,7 +107,7 @@ def run(
     runner = _StageRunner(config, client, result, storage, manifest, forced)
     status = "FAILED"
     try:
-        for stage in manifest.stages:  # in pipeline order; a sweep's run ends at tune
+        for stage in [name for name in STAGES if name in manifest.stages]:  # a sweep's run ends at tune
             stage_result = runner.run(stage)
             if on_stage:
                 on_stage(stage, stage_result)

@@ -117,12 +117,14 @@ def test_tune_writes_best_config_and_tracks_trials(chain: Chain) -> None:
     best = read_json(out / "best_config.json")
     assert set(best) == {"learning_rate", "weight_decay", "dropout"}
     trials = read_json(out / "trials.json")
-    assert len(trials) == 2 and all(row["status"] == "TERMINATED" for row in trials)
+    assert len(trials) == 2 and all(row["status"] == "completed" and row["epochs"] == 2 for row in trials)
     ctx = chain.contexts["tune"]
     children = chain.client.search_runs([ctx.experiment_id], f"tags.`mlflow.parentRunId` = '{ctx.mlflow_run_id}'")
     assert len(children) == 2
+    assert {child.info.run_id for child in children} == {row["mlflow_run_id"] for row in trials}
+    assert sorted(child.data.tags["ptft.best_trial"] for child in children) == ["false", "true"]
     for child in children:
-        assert child.info.status == "FINISHED"
+        assert child.info.status == "FINISHED" and child.data.tags["ptft.trial_status"] == "completed"
         assert {"learning_rate", "weight_decay", "dropout"} <= set(child.data.params)
         history = chain.client.get_metric_history(child.info.run_id, "eval/accuracy")
         assert [metric.step for metric in history] == [1, 2]  # one per epoch

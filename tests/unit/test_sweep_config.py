@@ -220,3 +220,10 @@ def test_table_marks_the_best_trial_and_plot_renders(tmp_path: Path) -> None:
     assert (tmp_path / "trials.csv").read_text().splitlines()[2].startswith("t2,stopped_early,1,0.6,1e-05")
     sweep_report.plot(rows, ["learning_rate"], "eval/accuracy", {"learning_rate"}, "t1", tmp_path / "sweep.png")
     assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_grid_runs_once_unless_num_samples_repeats_it() -> None:
+    grid = {"dropout": Distribution(type="grid", values=[0.0, 0.1])}
+    assert TuneConfig(search_space=grid).samples() == 1
+    assert TuneConfig(search_space=grid, num_samples=3).samples() == 3
+    assert TuneConfig().samples() == 4  # sampled dimensions only
