@@ -104,7 +104,8 @@ def main() -> None:
     args = parser.parse_args()
 
     pretrained, tokenized = inputs(args.storage)
-    ray.init(num_cpus=args.concurrency, include_dashboard=False, log_to_driver=False)
+    # A fresh local Ray of exactly `concurrency` CPUs, never a cluster left running on this machine.
+    ray.init(address="local", num_cpus=args.concurrency, include_dashboard=False, log_to_driver=False)
     bare = bare_runs(pretrained, tokenized, args.epochs, args.bare_runs)
     ideal = args.trials * statistics.mean(bare) / args.concurrency
     rows = []
