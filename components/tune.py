@@ -30,7 +30,6 @@ from pathlib import Path
 
 import ray.train
 import ray.tune
-import torch.distributed as dist
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
 from ray.train.torch import TorchTrainer
@@ -198,7 +197,9 @@ def run_trial(hyper: dict, setup: dict) -> None:
     checkpoint = ray.tune.get_checkpoint()
     run_id = open_trial_run(MlflowClient(trial.base.tracking_uri), trial, _trial_name(), hyper)
     tracker = MlflowTracker(trial.base.tracking_uri, run_id, owns_run=True, resumed=True)
-    created_group = training.ensure_process_group()
+    # The one-rank group lives as long as the process: with reuse_actors the next trial in this
+    # process uses it again (DeepSpeed keeps a reference to it; a destroyed one breaks it).
+    training.ensure_process_group()
 
     def report(metrics: dict, checkpoint_dir: str) -> None:
         # The values this epoch trained with: PBT changes them between epochs.
@@ -206,13 +207,9 @@ def run_trial(hyper: dict, setup: dict) -> None:
         tracker.flush()
         ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(checkpoint_dir))
 
-    try:
-        finetune.fit_classifier(_classifier_run(trial, hyper, run_id), report=report, checkpoint=checkpoint)
-        tracker.close("FINISHED")
-    finally:
-        # A trial the scheduler stops may never get here; `_summarise` ends its run after the sweep.
-        if created_group:
-            dist.destroy_process_group()
+    finetune.fit_classifier(_classifier_run(trial, hyper, run_id), report=report, checkpoint=checkpoint)
+    # A trial the scheduler stops never gets here; `_summarise` ends its run after the sweep.
+    tracker.close("FINISHED")
 
 
 def run_distributed_trial(hyper: dict, setup: dict) -> None:
