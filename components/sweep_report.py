@@ -52,7 +52,9 @@ class TrialTable(ray.tune.Callback):
 
     def __init__(self, params: list[str], metric: str, mode: str, every_s: float, stream: TextIO | None = None):
         self.params, self.metric, self.mode, self.every_s = params, metric, mode, every_s
-        self.stream = stream or sys.stdout
+        # Tune pickles its callbacks with the experiment: keep no handle to sys.stdout (a test's
+        # capture of it does not pickle); look it up when printing.
+        self._stream = stream
         self._last = 0.0
         self._started = time.monotonic()
 
@@ -73,8 +75,9 @@ class TrialTable(ray.tune.Callback):
         for row in rows:
             counts[row["status"]] = counts.get(row["status"], 0) + 1
         summary = ", ".join(f"{count} {status}" for status, count in sorted(counts.items()))
-        print(f"\n== sweep {title} after {elapsed:.0f} s: {summary}", file=self.stream)
-        print(format_table(rows, self.params, self.metric, best=best["trial"] if best else None), file=self.stream,
+        stream = self._stream or sys.stdout
+        print(f"\n== sweep {title} after {elapsed:.0f} s: {summary}", file=stream)
+        print(format_table(rows, self.params, self.metric, best=best["trial"] if best else None), file=stream,
               flush=True)  # fmt: skip
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
