@@ -324,18 +324,14 @@ class FinetuneConfig(BaseModel):
 
     def trial_defaults(self) -> Hyperparameters:
         """What a tune trial trains with where it samples nothing: defaults under overrides."""
-        return self.defaults.model_copy(
-            update={k: int(v) if k in INTEGER_HYPERPARAMETERS else v for k, v in self.overrides.items()}
-        )
+        return Hyperparameters.model_validate({**self.defaults.model_dump(), **self.overrides})
 
     @model_validator(mode="after")
     def _overrides_are_valid(self) -> FinetuneConfig:
-        # The ranges of finetune.defaults; an integer field needs a whole number.
+        # The ranges of finetune.defaults (a whole-number float passes for an integer field).
         for name, value in self.overrides.items():
-            if name in INTEGER_HYPERPARAMETERS and float(value) != int(value):
-                raise ValueError(f"overrides.{name} must be a whole number (got {value})")
             try:
-                Hyperparameters(**{name: int(value) if name in INTEGER_HYPERPARAMETERS else value})
+                Hyperparameters(**{name: value})
             except ValidationError as error:
                 raise ValueError(f"overrides.{name} = {value}: {error.errors()[0]['msg']}") from None
         return self

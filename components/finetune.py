@@ -26,7 +26,7 @@ from pydantic import BaseModel, Field
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from components import accelerator, models, registry, training
-from components.configs import INTEGER_HYPERPARAMETERS, DeepSpeedConfig, FinetuneConfig, Hyperparameters
+from components.configs import DeepSpeedConfig, FinetuneConfig, Hyperparameters
 from components.stage import StageContext, StageResult, read_json, write_json
 from components.throughput import Throughput, device_name
 from components.tracking import open_tracker
@@ -99,9 +99,7 @@ def resolve_hyperparameters(
     sources = {name: "default" for name in Hyperparameters.model_fields}
     sources.update({name: "tune" for name in best})
     sources.update({name: "override" for name in overrides})
-    values = {**defaults.model_dump(), **best, **overrides}
-    hyper = Hyperparameters.model_validate({k: int(v) if k in INTEGER_HYPERPARAMETERS and v is not None else v
-                                            for k, v in values.items()})  # fmt: skip
+    hyper = Hyperparameters.model_validate({**defaults.model_dump(), **best, **overrides})
     inherited = {name: value for name, value in best.items() if name not in overrides}
     overridden = {name: f"{best[name]} -> {value}" if name in best else value for name, value in overrides.items()}
     if best:

@@ -111,10 +111,7 @@ def _resume(args: argparse.Namespace) -> int:
     except FileNotFoundError as error:
         print(f"ptft: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
-    if Path(manifest.working_dir).is_dir():
-        os.chdir(manifest.working_dir)  # relative data paths in the config mean what they meant then
-    raw = {**manifest.config(), "storage": manifest.storage}
-    config = validate(raw, f"run {args.run_id}")
+    config = _recorded_config(manifest)
     print(f"Resuming pipeline run {args.run_id} ({manifest.status}); stages: "
           + ", ".join(f"{name}={record.status}" for name, record in manifest.stages.items()), flush=True)  # fmt: skip
     return _execute(config, args, resume=args.run_id)
@@ -165,11 +162,17 @@ def _sweep_to_resume(args: argparse.Namespace):
     except FileNotFoundError as error:
         problem = Problem("--resume", run_id, str(error), "pass a run id that `ptft runs` lists")
         raise ConfigError("ptft sweep --resume", [problem]) from None
-    if Path(manifest.working_dir).is_dir():
-        os.chdir(manifest.working_dir)
-    config = validate({**manifest.config(), "storage": manifest.storage}, f"run {run_id}")
+    config = _recorded_config(manifest)
     print(f"Resuming sweep of pipeline run {run_id} ({manifest.status})", flush=True)
     return config, run_id
+
+
+def _recorded_config(manifest):
+    """The config a recorded run used, from its working dir (relative data paths in it mean what
+    they meant then)."""
+    if Path(manifest.working_dir).is_dir():
+        os.chdir(manifest.working_dir)
+    return validate({**manifest.config(), "storage": manifest.storage}, f"run {manifest.run_id}")
 
 
 def _print_sweep_summary(result, config, seconds: float) -> None:

@@ -4,6 +4,8 @@ and are session-scoped: every integration and e2e test shares one of each."""
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -39,3 +41,14 @@ def tiny_config_dict(storage: Path) -> dict:
         },
         "tokenize": {"vocab_size": 200, "seq_len": 32},
     }
+
+
+def wait_until(condition: Callable[[], object], what: str, timeout_s: float = 300, poll_s: float = 0.2):
+    """Poll `condition` until it returns something truthy; return that."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise TimeoutError(f"gave up waiting for {what} after {timeout_s:.0f}s")

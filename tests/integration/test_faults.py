@@ -31,22 +31,12 @@ from components.configs import DataConfig, ModelConfig, PretrainConfig, Tokenize
 from components.stage import StageContext, read_json
 from components.tracking import ensure_experiment, start_run
 from components.training import free_port
-from tests.conftest import REPO, tiny_config_dict
+from tests.conftest import REPO, tiny_config_dict, wait_until
 
 pytestmark = pytest.mark.integration
 
 PTFT = str(Path(sys.executable).parent / "ptft")
 CHECKPOINT_EVERY = 25
-
-
-def _wait_until(condition: Callable[[], object], what: str, timeout_s: float = 300, poll_s: float = 0.2):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(poll_s)
-    raise TimeoutError(f"gave up waiting for {what} after {timeout_s:.0f}s")
 
 
 def _latest_checkpoint_step(run_dir: Path) -> int | None:
@@ -120,10 +110,10 @@ def worker_kill(ray_driver: str, mlflow_server: str, tmp_path_factory: pytest.Te
     before = {actor.actor_id for actor in _alive_train_workers(ray_driver)}
     faulted.start()
     run_dir = runs.storage / "ray_results" / "faulted-pretrain"
-    checkpoint_step = _wait_until(lambda: _latest_checkpoint_step(run_dir), "the first pretrain checkpoint")
+    checkpoint_step = wait_until(lambda: _latest_checkpoint_step(run_dir), "the first pretrain checkpoint")
     # Kill mid-interval: once MLflow shows steps past the checkpoint (they will be recomputed).
-    run_id = _wait_until(lambda: runs.run_id_of("faulted"), "the faulted run")
-    _wait_until(lambda: max(_history(runs.client, run_id, "train/step"), default=0) > checkpoint_step,
+    run_id = wait_until(lambda: runs.run_id_of("faulted"), "the faulted run")
+    wait_until(lambda: max(_history(runs.client, run_id, "train/step"), default=0) > checkpoint_step,
                 "steps logged after the checkpoint", poll_s=0.05)  # fmt: skip
     victims = [actor for actor in _alive_train_workers(ray_driver) if actor.actor_id not in before]
     assert len(victims) == 2, victims
@@ -211,7 +201,7 @@ class _Driver:
                                      f"{self.logs[-1].read_text()[-4000:]}")  # fmt: skip
             return condition()
 
-        _wait_until(ready, what, timeout_s=600)
+        wait_until(ready, what, timeout_s=600)
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=60)
 

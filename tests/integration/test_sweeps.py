@@ -15,7 +15,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from components.stage import read_json
-from tests.conftest import REPO, tiny_config_dict
+from tests.conftest import REPO, tiny_config_dict, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -46,16 +45,6 @@ def _config(storage: Path) -> dict:
     }  # fmt: skip
     config["finetune"] = {"epochs": 1, "defaults": {"batch_size_per_worker": 8}}
     return config
-
-
-def _wait_until(condition, what: str, timeout_s: float = 600, poll_s: float = 0.2):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(poll_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
 class Sweeps:
@@ -134,7 +123,7 @@ def asha(sweeps: Sweeps) -> dict:
         ids = sweeps.run_ids()
         return bool(ids) and _trial_checkpoint_saved(sweeps.storage / "ray_results" / f"{next(iter(ids))}-tune")
 
-    _wait_until(checkpointed, "a saved trial checkpoint")
+    wait_until(checkpointed, "a saved trial checkpoint")
     first.send_signal(signal.SIGKILL)
     first.wait(timeout=60)
     (run_id,) = sweeps.run_ids()
