@@ -173,6 +173,9 @@ def _new_tuner(cfg: TuneConfig, trainable, ctx: StageContext) -> ray.tune.Tuner:
         ),
         run_config=ray.tune.RunConfig(
             storage_path=ctx.ray_storage(), name=ctx.ray_run_name(), verbose=0,
+            # The last epoch's result ends a PBT trial before PBT sees it: an exploit there would
+            # restart the trial from its donor's final checkpoint with nothing left to train.
+            stop={"epoch": cfg.max_epochs} if pbt else None,
             # A PBT exploit restores the checkpoint its donor had when PBT decided; the donor may have
             # written several more by the time the exploiting trial gets a CPU, so PBT keeps them all.
             checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=None if pbt else 1),
@@ -200,8 +203,15 @@ def run_trial(hyper: dict, setup: dict) -> None:
     # The one-rank group lives as long as the process: with reuse_actors the next trial in this
     # process uses it again (DeepSpeed keeps a reference to it; a destroyed one breaks it).
     training.ensure_process_group()
+    config_recorded = False
 
     def report(metrics: dict, checkpoint_dir: str) -> None:
+        nonlocal config_recorded
+        if not config_recorded:
+            # Recorded once this attempt has trained an epoch, not when it starts: an attempt PBT
+            # starts after the trial's last epoch trains nothing, and its config is not the trial's.
+            record_trained_config(MlflowClient(trial.base.tracking_uri), run_id, hyper)
+            config_recorded = True
         # The values this epoch trained with: PBT changes them between epochs.
         tracker.log_metrics({f"hyper/{name}": value for name, value in hyper.items()}, int(metrics["epoch"]))
         tracker.flush()
@@ -218,7 +228,9 @@ def run_distributed_trial(hyper: dict, setup: dict) -> None:
     hyper = plain(hyper)
     trial = TrialSetup.model_validate(setup)
     name = _trial_name()
-    run_id = open_trial_run(MlflowClient(trial.base.tracking_uri), trial, name, hyper)
+    client = MlflowClient(trial.base.tracking_uri)
+    run_id = open_trial_run(client, trial, name, hyper)
+    record_trained_config(client, run_id, hyper)  # PBT, the one scheduler that changes it, runs no such trials
     resources = {"CPU": trial.cpus_per_worker, **({"GPU": trial.gpus_per_worker} if trial.base.use_gpu else {})}
     trainer = TorchTrainer(
         finetune.train_loop_per_worker,
@@ -253,24 +265,32 @@ def _classifier_run(trial: TrialSetup, hyper: dict, run_id: str) -> finetune.Cla
 
 def open_trial_run(client: MlflowClient, trial: TrialSetup, name: str, hyper: dict) -> str:
     """The trial's MLflow run: the one an earlier attempt of this trial opened (a restored sweep,
-    a retried trial, a PBT exploit), or a new child of the tune stage's run. A config that differs
-    from the one the run saw last is a PBT exploit: counted in `ptft.pbt_exploits`."""
-    config = json.dumps(hyper, sort_keys=True)
+    a retried trial, a PBT exploit), or a new child of the tune stage's run."""
     existing = find_run(client, trial.experiment_id, {TRIAL_TAG: name, PARENT_TAG: trial.tune_run_id})
     if existing is None:
         run_id = start_run(client, trial.experiment_id, name, parent_run_id=trial.tune_run_id,
-                           tags={"ptft.stage": "tune-trial", TRIAL_TAG: name, CONFIG_TAG: config,
+                           tags={"ptft.stage": "tune-trial", TRIAL_TAG: name, CONFIG_TAG: config_json(hyper),
                                  "ptft.run_id": trial.pipeline_run_id, "ptft.attempts": "1",
                                  "ptft.trial_status": "running"})  # fmt: skip
         MlflowTracker(trial.base.tracking_uri, run_id).log_params(hyper)
         return run_id
     reopen_run(client, existing)
-    tags = client.get_run(existing).data.tags
-    if tags.get(CONFIG_TAG) != config:
-        client.set_tag(existing, "ptft.pbt_exploits", str(int(tags.get("ptft.pbt_exploits", "0")) + 1))
-        client.set_tag(existing, CONFIG_TAG, config)
     client.set_tag(existing, "ptft.trial_status", "running")
     return existing
+
+
+def record_trained_config(client: MlflowClient, run_id: str, hyper: dict) -> None:
+    """Tag the run with the config its latest epochs trained with. One that differs from the
+    config recorded before is a PBT exploit: counted in `ptft.pbt_exploits`."""
+    config = config_json(hyper)
+    tags = client.get_run(run_id).data.tags
+    if tags.get(CONFIG_TAG) != config:
+        client.set_tag(run_id, "ptft.pbt_exploits", str(int(tags.get("ptft.pbt_exploits", "0")) + 1))
+        client.set_tag(run_id, CONFIG_TAG, config)
+
+
+def config_json(hyper: dict) -> str:
+    return json.dumps(hyper, sort_keys=True)
 
 
 # --------------------------------------------------------------------------- after the sweep

@@ -3,6 +3,7 @@ runs found again by their tags, orphans closed, credentials never logged."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -67,3 +68,27 @@ def test_credentials_are_never_logged(store) -> None:
     assert data.params["tracking.uri"] == "https://***@mlflow.example.com" and data.params["lr"] == "0.1"
     nested = tracking.redact_tree({"tracking": {"uri": "http://u:p@h:5000", "token": "x"}, "name": "demo"})
     assert nested == {"tracking": {"uri": "http://***@h:5000"}, "name": "demo"}
+
+
+def test_a_trial_run_records_the_config_its_epochs_trained_with(store, tmp_path: Path) -> None:
+    from components import finetune, tune
+    from components.configs import DeepSpeedConfig, Hyperparameters
+
+    client, uri, experiment = store
+    parent = tracking.start_run(client, experiment, "tune", tags={"ptft.run_id": "p1"})
+    base = finetune.ClassifierRun(pretrained_dir=str(tmp_path), task_dir=str(tmp_path), label_names=["a", "b"],
+                                  epochs=4, hyper=Hyperparameters(), deepspeed=DeepSpeedConfig(),
+                                  tracking_uri=uri)  # fmt: skip
+    setup = tune.TrialSetup(base=base, tune_run_id=parent, experiment_id=experiment, pipeline_run_id="p1")
+    first, exploited = {"learning_rate": 1e-3}, {"learning_rate": 1.2e-3}
+    run_id = tune.open_trial_run(client, setup, "trial_0", first)
+    tune.record_trained_config(client, run_id, first)
+    # PBT restarts the trial with a new config; an attempt that trains no epoch records nothing.
+    assert tune.open_trial_run(client, setup, "trial_0", exploited) == run_id
+    tags = client.get_run(run_id).data.tags
+    assert json.loads(tags[tune.CONFIG_TAG]) == first and "ptft.pbt_exploits" not in tags
+    tune.record_trained_config(client, run_id, exploited)
+    tune.record_trained_config(client, run_id, exploited)  # the same attempt again: no second exploit
+    tags = client.get_run(run_id).data.tags
+    assert json.loads(tags[tune.CONFIG_TAG]) == exploited and tags["ptft.pbt_exploits"] == "1"
+    assert client.get_run(run_id).data.params == {"learning_rate": "0.001"}  # params: the first config
