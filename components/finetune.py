@@ -59,9 +59,10 @@ class ClassifierRun(BaseModel):
 
 def run(
     cfg: FinetuneConfig, pretrained_uri: str, tokenized_uri: str, best_uri: str | None, ctx: StageContext,
-    *, registered_model_name: str,
+    *, registered_model_name: str, test_split: str,
 ) -> StageResult:  # fmt: skip
-    """Fine-tune with the best hyperparameters, evaluate on test, register the model."""
+    """Fine-tune with the best hyperparameters, evaluate on test, register the model.
+    `test_split` fingerprints the test data: the champion gate compares only like with like."""
     hyper, sources = resolve_hyperparameters(cfg.defaults, best_uri, cfg.overrides)
     run_cfg = ClassifierRun(
         pretrained_dir=pretrained_uri, task_dir=f"{tokenized_uri}/task",
@@ -81,7 +82,8 @@ def run(
     open_tracker(ctx.tracking_uri, ctx.mlflow_run_id).set_tags({"ptft.weights_sha256": checked["weights_sha256"]})
     version = registry.register_classifier(
         model_dir, name=registered_model_name, run_id=ctx.mlflow_run_id, tracking_uri=ctx.tracking_uri,
-        test_accuracy=metrics["test/accuracy"], lineage={"ptft.pipeline_run_id": ctx.pipeline_run_id},
+        test_accuracy=metrics["test/accuracy"], test_split=test_split,
+        lineage={"ptft.pipeline_run_id": ctx.pipeline_run_id},
     )  # fmt: skip
     version["run_id"] = ctx.mlflow_run_id
     write_json(ctx.output_dir / "registered.json", version)

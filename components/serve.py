@@ -1,26 +1,37 @@
-"""Stage 5, serve: a Ray Serve deployment of a registered model version behind FastAPI.
+"""Stage 5, serve: a classifier on Ray Serve behind FastAPI, from the registry or a model folder.
 
-    POST /predict  {"texts": [...]} -> {"predictions": [{"label", "score"}], "model": {...}}
+    POST /predict  {"texts": [...]} -> {"predictions": [{"label", "score", "truncated"}], "model": {...}}
     GET  /healthz   liveness
-    GET  /metadata  model name, version, run id
+    GET  /metadata  model name, version, source, limits
     GET  /docs      OpenAPI
 
-Malformed requests get FastAPI's 422 with a message naming the bad field; requests are batched
-across callers with `@serve.batch`.
+Every bad request is a 4xx with a message: 400 (not JSON), 413 (body or one text too large), 422
+(wrong shape, empty, too many texts); 408 when the answer takes longer than `request_timeout_s`.
+Overload is Serve's: each replica works on `max_ongoing_requests`, callers queue at most
+`max_queued_requests` more, and the rest get a fast 503. Requests are batched across callers with
+`@serve.batch` and scored under `torch.inference_mode`.
+
+A new version reaches a running application through `deploy` again: Serve starts replicas with
+the new model (`rollout_surge_percent` extra), and only then drains the old ones, so no request
+is dropped. `follow_champion` does that for
+an application that serves a registry alias after `ptft promote` / `ptft rollback` moved it.
 """
 
-# No `from __future__ import annotations` here: FastAPI must see the request models defined in
-# build_app as real classes, not as strings it would look up in this module.
+# No `from __future__ import annotations` here: FastAPI must see the request models as real classes.
+import asyncio
+import json
 import logging
+import re
 import time
-from typing import Annotated
+from pathlib import Path
 
 import requests
-from fastapi import FastAPI
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 
-from components.configs import ServeConfig
+from components.configs import REGISTRY_URI, ServeConfig
 from components.stage import StageContext, StageResult, write_json
 
 log = logging.getLogger(__name__)
@@ -29,91 +40,205 @@ log = logging.getLogger(__name__)
 class ModelInfo(BaseModel):
     name: str
     version: str
-    model_uri: str
+    model_uri: str = Field(description="what replicas load: models:/NAME/VERSION or a folder")
     run_id: str | None = None
+    alias: str | None = Field(None, description="the registry alias this app follows (promote/rollback move it)")
 
 
-def build_app(cfg: ServeConfig, model: ModelInfo, tracking_uri: str) -> FastAPI:
-    """The FastAPI app with request limits taken from the config."""
-    text = Annotated[str, StringConstraints(min_length=1, max_length=cfg.max_text_chars)]
-
-    class PredictRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        texts: list[text] = Field(min_length=1, max_length=cfg.max_texts)
-
-    class Prediction(BaseModel):
-        label: str
-        score: float
-
-    class PredictResponse(BaseModel):
-        predictions: list[Prediction]
-        model: ModelInfo
-
-    app = FastAPI(title="ptft classifier", version=model.version)
-
-    @serve.deployment
-    @serve.ingress(app)
-    class Classifier:
-        def __init__(self) -> None:
-            self.scorer = _Scorer(model.model_uri, tracking_uri)
-            self.predict_batch.set_max_batch_size(cfg.max_batch_size)
-            self.predict_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
-
-        @app.get("/healthz")
-        def healthz(self) -> dict:
-            return {"status": "ok"}
-
-        @app.get("/metadata")
-        def metadata(self) -> ModelInfo:
-            return model
-
-        @app.post("/predict")
-        async def predict(self, request: PredictRequest) -> PredictResponse:
-            predictions = await self.predict_batch(request.texts)
-            return PredictResponse(predictions=predictions, model=model)
-
-        @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-        async def predict_batch(self, requests_texts: list[list[str]]) -> list[list[dict]]:
-            flat = [text for texts in requests_texts for text in texts]
-            scored = iter(self.scorer(flat))
-            return [[next(scored) for _ in texts] for texts in requests_texts]
-
-    return Classifier
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    texts: list[str] = Field(description="texts to classify; limits in GET /metadata")
 
 
-class _Scorer:
-    """Tokenizer + classifier from the registry; scores a list of texts in one forward pass."""
+class Prediction(BaseModel):
+    label: str
+    score: float = Field(description="the label's probability")
+    truncated: bool = Field(description="the text was longer than the model's positions and was cut")
 
-    def __init__(self, model_uri: str, tracking_uri: str):
-        import mlflow
+
+class PredictResponse(BaseModel):
+    predictions: list[Prediction]
+    model: ModelInfo
+    max_tokens: int = Field(description="tokens the model reads per text; longer texts are truncated")
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+# --------------------------------------------------------------------------- the application
+
+app = FastAPI(title="ptft classifier", description="Text classification by a ptft fine-tuned model.")
+ERRORS = {code: {"description": what} for code, what in
+          ((400, "not JSON"), (408, "not answered in time"), (413, "body or a text too large"),
+           (422, "wrong shape, empty or too many texts"), (503, "overloaded: retry later"))}  # fmt: skip
+
+
+class ClassifierApp:
+    """The replica's code. Kept importable under its own name (the deployment wraps it below), so
+    Ray ships it by reference and replicas import this module rather than unpickling a copy."""
+
+    def __init__(self, model: dict, settings: dict, tracking_uri: str | None) -> None:
+        self.model = ModelInfo.model_validate(model)
+        self.cfg = ServeConfig.model_validate(settings)
+        self.scorer = Scorer(self.model.model_uri, tracking_uri, threads=max(1, int(self.cfg.cpus_per_replica)))
+        self.predict_batch.set_max_batch_size(self.cfg.max_batch_size)
+        self.predict_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+
+    @app.get("/healthz")
+    def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @app.get("/metadata")
+    def metadata(self) -> dict:
+        limits = {key: getattr(self.cfg, key) for key in
+                  ("max_texts", "max_text_bytes", "max_body_bytes", "request_timeout_s", "max_batch_size")}  # fmt: skip
+        return {**self.model.model_dump(), "labels": self.scorer.labels, "max_tokens": self.scorer.max_tokens,
+                "limits": limits}  # fmt: skip
+
+    @app.post("/predict", response_model=PredictResponse, responses=ERRORS,
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": PredictRequest.model_json_schema()}}}})  # fmt: skip
+    async def predict(self, request: Request):
+        try:
+            texts = await self._texts(request)
+            predictions = await asyncio.wait_for(self.predict_batch(texts), timeout=self.cfg.request_timeout_s)
+        except RequestError as error:
+            return JSONResponse({"detail": error.message}, status_code=error.status)
+        except TimeoutError:
+            return JSONResponse({"detail": f"not answered within request_timeout_s={self.cfg.request_timeout_s}s; "
+                                 "send fewer or shorter texts, or retry"}, status_code=408)  # fmt: skip
+        return PredictResponse(predictions=predictions, model=self.model, max_tokens=self.scorer.max_tokens)
+
+    async def _texts(self, request: Request) -> list[str]:
+        body = await read_body(request, self.cfg.max_body_bytes)
+        try:
+            payload = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise RequestError(400, f'the body is not JSON ({error}); send {{"texts": ["..."]}}') from None
+        try:
+            texts = PredictRequest.model_validate(payload).texts
+        except ValidationError as error:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in error.errors())
+            raise RequestError(422, f'{problems}; send {{"texts": ["..."]}}') from None
+        return check_texts(texts, self.cfg)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def predict_batch(self, requests_texts: list[list[str]]) -> list[list[dict]]:
+        flat = [text for texts in requests_texts for text in texts]
+        scored = iter(self.scorer(flat))
+        return [[next(scored) for _ in texts] for texts in requests_texts]
+
+
+Classifier = serve.deployment(serve.ingress(app)(ClassifierApp), name="Classifier")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 once it is over `limit` bytes (before reading it when
+    the client says its length)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise RequestError(413, f"the body is {declared} bytes; the limit is max_body_bytes={limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, f"the body is over max_body_bytes={limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def check_texts(texts: list[str], cfg: ServeConfig) -> list[str]:
+    if not texts:
+        raise RequestError(422, "texts is empty; send at least one text")
+    if len(texts) > cfg.max_texts:
+        raise RequestError(422, f"{len(texts)} texts; one request takes at most max_texts={cfg.max_texts}: "
+                           "split it")  # fmt: skip
+    for index, text in enumerate(texts):
+        size = len(text.encode("utf-8"))
+        if size > cfg.max_text_bytes:
+            raise RequestError(413, f"texts.{index} is {size} bytes (UTF-8); the limit is "
+                               f"max_text_bytes={cfg.max_text_bytes}")  # fmt: skip
+    return texts
+
+
+class Scorer:
+    """Tokenizer + classifier; scores a list of texts in one padded forward pass."""
+
+    def __init__(self, model_uri: str, tracking_uri: str | None, threads: int = 1):
         import torch
 
-        mlflow.set_tracking_uri(tracking_uri)
-        components = mlflow.transformers.load_model(model_uri, return_type="components")
-        self.model = components["model"].eval()
-        self.tokenizer = components["tokenizer"]
+        torch.set_num_threads(threads)
         self.torch = torch
+        self.model, self.tokenizer = load_classifier(model_uri, tracking_uri)
+        self.model.eval()
+        config = self.model.config
+        positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 512
+        self.max_tokens = int(min(positions, self.tokenizer.model_max_length))
+        self.labels = [config.id2label[i] for i in range(config.num_labels)]
 
     def __call__(self, texts: list[str]) -> list[dict]:
-        encoded = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
-        with self.torch.no_grad():
-            probabilities = self.model(**encoded).logits.softmax(-1)
+        encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt")
+        truncated = self._truncated(encoded, texts)
+        with self.torch.inference_mode():
+            probabilities = self.model(**encoded).logits.float().softmax(-1)
         scores, ids = probabilities.max(-1)
-        labels = self.model.config.id2label
-        return [{"label": labels[int(i)], "score": float(s)} for s, i in zip(scores, ids, strict=True)]
+        return [{"label": self.labels[int(i)], "score": float(s), "truncated": cut}
+                for s, i, cut in zip(scores, ids, truncated, strict=True)]  # fmt: skip
+
+    def _truncated(self, encoded, texts: list[str]) -> list[bool]:
+        if encoded.encodings is not None:  # a fast tokenizer keeps what it cut off
+            return [bool(encoding.overflowing) for encoding in encoded.encodings]
+        return [len(ids) > self.max_tokens for ids in self.tokenizer(texts)["input_ids"]]
 
 
-def deploy(cfg: ServeConfig, model: ModelInfo, tracking_uri: str) -> str:
-    """Deploy (or update) the application; returns its base URL once /healthz answers."""
+def load_classifier(model_uri: str, tracking_uri: str | None):
+    """(model, tokenizer) from the registry (`models:/NAME/VERSION`) or a Hugging Face folder."""
+    if model_uri.startswith("models:/"):
+        import mlflow
+
+        if tracking_uri:
+            mlflow.set_tracking_uri(tracking_uri)
+        components = mlflow.transformers.load_model(model_uri, return_type="components")
+        return components["model"], components["tokenizer"]
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    return AutoModelForSequenceClassification.from_pretrained(model_uri), AutoTokenizer.from_pretrained(model_uri)
+
+
+# --------------------------------------------------------------------------- deploying
+
+
+def application(cfg: ServeConfig, model: ModelInfo, tracking_uri: str | None) -> serve.Application:
+    options = {
+        "max_ongoing_requests": cfg.max_ongoing_requests,
+        "max_queued_requests": cfg.max_queued_requests,
+        "ray_actor_options": {"num_cpus": cfg.cpus_per_replica},
+        "max_surge_percent": cfg.rollout_surge_percent,
+    }
+    if cfg.autoscaling is not None:
+        options["autoscaling_config"] = cfg.autoscaling.model_dump()
+    else:
+        options["num_replicas"] = cfg.num_replicas
+    return Classifier.options(**options).bind(model.model_dump(), cfg.model_dump(mode="json"), tracking_uri)
+
+
+def deploy(cfg: ServeConfig, model: ModelInfo, tracking_uri: str | None) -> str:
+    """Deploy the application, or roll a running one over to `model` (Serve starts the new
+    replicas and drains the old). Returns its base URL once it answers with this version."""
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    deployment = build_app(cfg, model, tracking_uri).options(
-        num_replicas=cfg.num_replicas, ray_actor_options={"num_cpus": cfg.cpus_per_replica}
-    )
-    serve.run(deployment.bind(), name=cfg.app_name, route_prefix=cfg.route_prefix)
-    host, port = _http_address(cfg)
-    url = f"http://{_client_host(host)}:{port}{cfg.route_prefix.rstrip('/')}"
-    _wait_healthy(url)
+    serve.run(application(cfg, model, tracking_uri), name=cfg.app_name, route_prefix=cfg.route_prefix)
+    url = app_url(cfg)
+    _wait_serving(url, model)
+    log.info("serve: %s v%s at %s", model.name, model.version, url)
     return url
+
+
+def app_url(cfg: ServeConfig) -> str:
+    host, port = _http_address(cfg)
+    return f"http://{_client_host(host)}:{port}{cfg.route_prefix.rstrip('/')}"
 
 
 def _http_address(cfg: ServeConfig) -> tuple[str, int]:
@@ -135,17 +260,28 @@ def _client_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "::") else host
 
 
-def _wait_healthy(url: str, timeout_s: float = 60.0) -> None:
+def _wait_serving(url: str, model: ModelInfo, timeout_s: float = 120.0) -> None:
+    """Until /metadata answers with this model version (after a rollout, every replica does)."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            if requests.get(f"{url}/healthz", timeout=2).status_code == 200:
+            live = requests.get(f"{url}/metadata", timeout=5)
+            if live.ok and (live.json()["name"], live.json()["version"]) == (model.name, model.version):
                 return
-        except requests.RequestException:
+        except (requests.RequestException, ValueError, KeyError):
             pass
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{url}/healthz did not answer within {timeout_s:.0f}s")
+            raise TimeoutError(f"{url}/metadata did not answer with {model.name} v{model.version} in {timeout_s:.0f}s")
         time.sleep(0.5)
+
+
+def live_model(url: str) -> ModelInfo | None:
+    """What the application at `url` serves, or None when nothing answers there."""
+    try:
+        response = requests.get(f"{url}/metadata", timeout=5)
+        return ModelInfo.model_validate(response.json()) if response.ok else None
+    except (requests.RequestException, ValueError):
+        return None
 
 
 def predict(url: str, texts: list[str]) -> list[dict]:
@@ -155,10 +291,56 @@ def predict(url: str, texts: list[str]) -> list[dict]:
     return response.json()["predictions"]
 
 
+# --------------------------------------------------------------------------- which model
+
+
+def resolve_model(reference: str, tracking_uri: str | None) -> ModelInfo:
+    """`models:/NAME@ALIAS` (pinned to the alias's version now), `models:/NAME/VERSION`, or a
+    Hugging Face folder.
+
+    Raises:
+        ValueError: the reference is malformed, or the registry has no such version or alias.
+    """
+    parts = re.fullmatch(REGISTRY_URI, reference)
+    if parts is None:
+        folder = Path(reference).expanduser().resolve()
+        if not (folder / "config.json").is_file():
+            raise ValueError(f"{reference!r} is neither models:/NAME@ALIAS, models:/NAME/VERSION nor a model folder")
+        return ModelInfo(name=folder.name, version="local", model_uri=str(folder))
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    name, version, alias = parts["name"], parts["version"], parts["alias"]
+    client = MlflowClient(tracking_uri)
+    try:
+        found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+    except MlflowException as error:
+        raise ValueError(f"{reference!r} is not in the registry at {tracking_uri} ({error.message}); "
+                         "the MLflow UI (ptft ui) lists registered models and their aliases") from None  # fmt: skip
+    return ModelInfo(name=name, version=str(found.version), model_uri=f"models:/{name}/{found.version}",
+                     run_id=found.run_id, alias=alias)  # fmt: skip
+
+
+def follow_champion(cfg: ServeConfig, name: str, alias: str, tracking_uri: str | None) -> ModelInfo | None:
+    """Roll the application in `cfg` over to the version `models:/NAME@ALIAS` now names, if it is
+    running and follows that alias. Returns the model it now serves (None: nothing to update)."""
+    url = app_url(cfg)
+    live = live_model(url)
+    if live is None or (live.name, live.alias) != (name, alias):
+        return None
+    wanted = resolve_model(f"models:/{name}@{alias}", tracking_uri)
+    if wanted.version != live.version:
+        deploy(cfg, wanted, tracking_uri)
+    return wanted
+
+
+# --------------------------------------------------------------------------- the stage
+
+
 def run(cfg: ServeConfig, registered: dict, ctx: StageContext) -> StageResult:
-    """Deploy the registered version, send the sample texts, record the endpoint."""
-    model = ModelInfo(name=registered["name"], version=registered["version"], model_uri=registered["model_uri"],
-                      run_id=registered.get("run_id"))  # fmt: skip
+    """Deploy the registered model's champion (the version just registered when it beat the old
+    one), send the sample texts, record the endpoint."""
+    model = resolve_model(f"models:/{registered['name']}@champion", ctx.tracking_uri)
     url = deploy(cfg, model, ctx.tracking_uri)
     started = time.perf_counter()
     predictions = predict(url, cfg.sample_texts) if cfg.sample_texts else []
@@ -173,12 +355,9 @@ def ensure_deployed(cfg: ServeConfig, endpoint: dict, tracking_uri: str) -> bool
     """Make sure the deployment an endpoint record describes is live; redeploy it if not.
     Returns True when it had to be deployed again (e.g. the local Ray that served it is gone)."""
     model = ModelInfo.model_validate(endpoint["model"])
-    try:
-        live = requests.get(f"{endpoint['url']}/metadata", timeout=3)
-        if live.ok and live.json().get("version") == model.version and live.json().get("name") == model.name:
-            return False
-    except requests.RequestException:
-        pass
+    live = live_model(endpoint["url"])
+    if live is not None and (live.name, live.version) == (model.name, model.version):
+        return False
     log.info("serve: %s v%s is not live at %s; deploying it", model.name, model.version, endpoint["url"])
     deploy(cfg, model, tracking_uri)
     return True
@@ -186,6 +365,9 @@ def ensure_deployed(cfg: ServeConfig, endpoint: dict, tracking_uri: str) -> bool
 
 def shutdown() -> None:
     serve.shutdown()
+
+
+# --------------------------------------------------------------------------- Serve config files
 
 
 def app_builder(args: dict) -> serve.Application:
@@ -207,32 +389,28 @@ def app_builder(args: dict) -> serve.Application:
     """
     options, model_uri, tracking_uri = _parse_app_args(args)
     cfg = ServeConfig(**options)
-    model = _resolve_registered(model_uri, tracking_uri)
-    deployment = build_app(cfg, model, tracking_uri).options(
-        num_replicas=cfg.num_replicas, ray_actor_options={"num_cpus": cfg.cpus_per_replica}
-    )
-    return deployment.bind()
-
+    try:
+        model = resolve_model(model_uri, tracking_uri)
+    except ValueError as error:
+        raise ValueError(f"components.serve:app_builder: args.model_uri={error}") from None
+    return application(cfg, model, tracking_uri)
 
 
 # ServeConfig fields a config-file deploy may set through `args`; the rest belong to the Serve config.
-APP_ARGS = ("num_replicas", "cpus_per_replica", "max_batch_size", "batch_wait_timeout_s", "max_texts", "max_text_chars")
+APP_ARGS = ("num_replicas", "autoscaling", "cpus_per_replica", "rollout_surge_percent", "max_batch_size",
+            "batch_wait_timeout_s", "max_ongoing_requests", "max_queued_requests", "request_timeout_s",
+            "max_texts", "max_text_bytes", "max_body_bytes")  # fmt: skip
 _SERVE_CONFIG_KEYS = {"host": "http_options.host", "port": "http_options.port", "route_prefix": "route_prefix",
                       "app_name": "name"}  # fmt: skip
-_REGISTRY_URI = r"models:/(?P<name>[^/@]+)(?:/(?P<version>[0-9]+)|@(?P<alias>[A-Za-z0-9_-]+))"
 
 
 def _parse_app_args(args: object) -> tuple[dict, str, str]:
     """Check `args` without touching the registry; every problem in one ValueError."""
-    import re
-
-    from pydantic import ValidationError
-
     if not isinstance(args, dict):
         raise ValueError(f"components.serve:app_builder: args must be a mapping, got {type(args).__name__}: {args!r}")
     model_uri, tracking_uri = args.get("model_uri"), args.get("tracking_uri")
     problems = []
-    if not isinstance(model_uri, str) or not re.fullmatch(_REGISTRY_URI, model_uri):
+    if not isinstance(model_uri, str) or not re.fullmatch(REGISTRY_URI, model_uri):
         problems.append(f"args.model_uri={model_uri!r}: use a registered model, models:/NAME@ALIAS "
                         "(e.g. models:/demo-classifier@champion) or models:/NAME/VERSION")  # fmt: skip
     if not isinstance(tracking_uri, str) or not tracking_uri:
@@ -251,21 +429,15 @@ def _parse_app_args(args: object) -> tuple[dict, str, str]:
     return options, model_uri, tracking_uri
 
 
-def _resolve_registered(model_uri: str, tracking_uri: str) -> ModelInfo:
-    """The registry's version behind `models:/NAME@ALIAS` or `models:/NAME/VERSION`, pinned."""
-    import re
-
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    parts = re.fullmatch(_REGISTRY_URI, model_uri)
-    name, version, alias = parts["name"], parts["version"], parts["alias"]
-    client = MlflowClient(tracking_uri)
-    try:
-        found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
-    except MlflowException as error:
-        raise ValueError(f"components.serve:app_builder: args.model_uri={model_uri!r}: not in the registry at "
-                         f"{tracking_uri} ({error.message}); "
-                         "the MLflow UI (ptft ui) lists registered models and their aliases") from error  # fmt: skip
-    return ModelInfo(name=name, version=str(found.version), model_uri=f"models:/{name}/{found.version}",
-                     run_id=found.run_id)  # fmt: skip
+def serve_config_file(cfg: ServeConfig, model_uri: str, tracking_uri: str) -> dict:
+    """A Serve config file (`serve deploy FILE`, a RayService's serveConfigV2) for this app."""
+    args = {"model_uri": model_uri, "tracking_uri": tracking_uri}
+    defaults = ServeConfig()
+    args.update({key: getattr(cfg, key) if key != "autoscaling" else cfg.autoscaling.model_dump()
+                 for key in APP_ARGS if getattr(cfg, key) != getattr(defaults, key)})  # fmt: skip
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": cfg.host, "port": cfg.port},
+        "applications": [{"name": cfg.app_name, "route_prefix": cfg.route_prefix,
+                          "import_path": "components.serve:app_builder", "args": args}],
+    }  # fmt: skip

@@ -1,4 +1,5 @@
-"""`ptft` command line: run, resume, sweep, runs, validate, ui (and submit/status/logs/stop for Ray Jobs).
+"""`ptft` command line: run, resume, sweep, serve, promote, rollback, runs, validate, ui (and
+submit/status/logs/stop for Ray Jobs).
 
 Exit codes: 0 success, 1 a failure while running (infrastructure or a bug: traceback shown),
 2 a user error in the config or data (a message, no traceback).
@@ -26,7 +27,12 @@ EXIT_USER_ERROR = 2
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may also follow the options (`ptft serve MODEL --config X serve.port=8001`).
+    if extra and hasattr(args, "overrides") and all("=" in item and not item.startswith("-") for item in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.handler(args)
@@ -74,6 +80,28 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("config")
     validate.add_argument("overrides", nargs="*")
     validate.set_defaults(handler=_validate)
+
+    serve = commands.add_parser("serve", help="serve a model over HTTP (Ray Serve): registered or a folder")
+    serve.add_argument("model", help="models:/NAME@ALIAS, models:/NAME/VERSION, or a Hugging Face model folder")
+    serve.add_argument("overrides", nargs="*", help="dotted overrides, e.g. serve.port=8001 serve.num_replicas=2")
+    serve.add_argument("--config", default="configs/demo.yaml",
+                       help="pipeline YAML whose serve, tracking and ray blocks apply (default configs/demo.yaml)")
+    serve.add_argument("--export", metavar="FILE",
+                       help="write a Serve config file (for `serve deploy` or a RayService) instead of deploying")
+    serve.set_defaults(handler=_serve)
+
+    promote = commands.add_parser("promote", help="make a registered version the champion; a running app follows")
+    promote.add_argument("name", help="registered model name, e.g. demo-classifier")
+    promote.add_argument("version", help="the version to make champion")
+    promote.add_argument("overrides", nargs="*", help="dotted overrides of the config")
+    promote.add_argument("--config", default="configs/demo.yaml", help="config giving tracking, ray and serve")
+    promote.set_defaults(handler=_promote)
+
+    rollback = commands.add_parser("rollback", help="give the champion alias back to the previous champion")
+    rollback.add_argument("name", help="registered model name")
+    rollback.add_argument("overrides", nargs="*", help="dotted overrides of the config")
+    rollback.add_argument("--config", default="configs/demo.yaml", help="config giving tracking, ray and serve")
+    rollback.set_defaults(handler=_rollback)
 
     ui = commands.add_parser("ui", help="open the MLflow UI on the config's tracking store")
     ui.add_argument("config", nargs="?", default="configs/demo.yaml")
@@ -197,7 +225,7 @@ def _execute(config, args: argparse.Namespace, **how) -> int:
     started = time.perf_counter()
     result = pipelines.run(config, on_stage=_print_stage, **how)
     _print_summary(result, config, time.perf_counter() - started)
-    on_cluster = config.ray.address is not None or "RAY_ADDRESS" in os.environ
+    on_cluster = _on_cluster(config)
     if args.keep_serving:
         print(f"Serving at {result.endpoint} — Ctrl-C to stop.")
         _wait_forever()
@@ -249,6 +277,125 @@ def _ui(args: argparse.Namespace) -> int:
     print(f"MLflow UI on http://{args.host}:{args.port} ({config.tracking_uri()})", flush=True)
     os.execv(command[0], command)
     return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from pipelines.config import model_reference_problems
+
+    config = load_config(args.config, args.overrides, check_data=False)
+    problems = model_reference_problems(args.model, "MODEL")
+    if args.export and not args.model.startswith("models:/"):
+        problems.append(Problem("MODEL", args.model, "a Serve config file loads models from the registry",
+                                "export a registered model: models:/NAME@ALIAS or models:/NAME/VERSION"))  # fmt: skip
+    if problems:
+        raise ConfigError("ptft serve", problems)
+    from components import serve
+
+    tracking_uri = config.tracking_uri()
+    try:
+        model = serve.resolve_model(args.model, tracking_uri)
+    except ValueError as error:
+        problem = Problem("MODEL", args.model, str(error), "register it, or check the name")
+        raise ConfigError("ptft serve", [problem]) from None
+    if args.export:
+        return _export_serve_config(serve.serve_config_file(config.serve, args.model, tracking_uri), args.export)
+    from pipelines.runner import _init_ray
+
+    _init_ray(config)
+    url = serve.deploy(config.serve, model, tracking_uri)
+    print(f"Serving {model.name} v{model.version} at {url}  (POST {url}/predict, docs at {url}/docs)", flush=True)
+    if _on_cluster(config):
+        print("The application stays up on the cluster; `ptft promote` / `ptft rollback` roll it over.")
+        return 0
+    print("Ctrl-C to stop." + (f" Following models:/{model.name}@{model.alias}: a promote or rollback rolls it over."
+                               if model.alias else ""), flush=True)  # fmt: skip
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        while True:
+            time.sleep(FOLLOW_EVERY_S)
+            if model.alias:
+                model = serve.follow_champion(config.serve, model.name, model.alias, tracking_uri) or model
+    except KeyboardInterrupt:
+        pass
+    serve.shutdown()
+    print("Serve shut down.")
+    return 0
+
+
+# How often a local `ptft serve` of an alias checks the registry for a new version.
+FOLLOW_EVERY_S = 5
+
+
+def _export_serve_config(document: dict, path: str) -> int:
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    ServeDeploySchema.model_validate(document)  # what `serve deploy` checks
+    Path(path).write_text(yaml.safe_dump(document, sort_keys=False))
+    print(f"Wrote {path}: deploy it with `serve deploy {path}` (or paste it into a RayService's serveConfigV2)")
+    return 0
+
+
+def _promote(args: argparse.Namespace) -> int:
+    from components import registry
+
+    config = load_config(args.config, args.overrides, check_data=False)
+    client = _registry_client(config)
+    try:
+        previous = registry.promote(client, args.name, args.version)
+    except Exception as error:  # noqa: BLE001 - MlflowException for an unknown model or version
+        raise ConfigError("ptft promote", [Problem("VERSION", f"{args.name}/{args.version}", _message(error),
+                                                   "see the registered versions in `ptft ui`")]) from None
+    print(f"{args.name}: champion is now v{args.version} (was v{previous})", flush=True)
+    _roll_over(config, args.name)
+    return 0
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    from components import registry
+
+    config = load_config(args.config, args.overrides, check_data=False)
+    client = _registry_client(config)
+    try:
+        current, restored = registry.rollback(client, args.name)
+    except Exception as error:  # noqa: BLE001 - ValueError (no history) or MlflowException (no model)
+        raise ConfigError("ptft rollback", [Problem("NAME", args.name, _message(error),
+                                                    "promote a version first: ptft promote NAME VERSION")]) from None
+    print(f"{args.name}: champion is back to v{restored} (was v{current})", flush=True)
+    _roll_over(config, args.name)
+    return 0
+
+
+def _registry_client(config):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(config.tracking_uri())
+
+
+def _message(error: Exception) -> str:
+    return getattr(error, "message", None) or str(error)
+
+
+def _roll_over(config, name: str) -> None:
+    """On a cluster, roll the config's Serve application over to the new champion now. A local
+    `ptft serve` of the alias checks the registry itself."""
+    if not _on_cluster(config):
+        print(f"A local `ptft serve models:/{name}@champion` follows it within {FOLLOW_EVERY_S}s.")
+        return
+    from components import serve
+    from pipelines.runner import _init_ray
+
+    _init_ray(config)
+    model = serve.follow_champion(config.serve, name, "champion", config.tracking_uri())
+    if model is None:
+        print(f"No application following models:/{name}@champion at {serve.app_url(config.serve)}; "
+              "nothing to roll over.")
+    else:
+        print(f"Application {config.serve.app_name!r} serves {name} v{model.version}.")
+
+
+def _on_cluster(config) -> bool:
+    return config.ray.address is not None or "RAY_ADDRESS" in os.environ
 
 
 def _raise_keyboard_interrupt(signum, frame) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from components.configs import (
     INTEGER_HYPERPARAMETERS,
     MASKED_LM_TYPES,
     PRESETS,
+    REGISTRY_URI,
     SIZE_KEYS,
     SPECIAL_TOKENS,
     DataConfig,
@@ -265,7 +267,38 @@ def semantic_problems(sections: dict[str, Any]) -> list[Problem]:
             problems += _precision_problems(stage, sections[stage])
             problems += _deepspeed_problems(stage, sections[stage], sections.get("tune"))
     problems += _trial_precision_problems(sections.get("tune"), sections.get("finetune"))
+    if "serve" in sections:
+        problems += serve_problems(sections["serve"])
     return problems
+
+
+def serve_problems(serve: ServeConfig, prefix: str = "serve.") -> list[Problem]:
+    """Serve settings that contradict each other (also checked for `ptft serve` overrides)."""
+    problems = []
+    if serve.autoscaling is not None and serve.num_replicas != 1:
+        problems.append(Problem(f"{prefix}num_replicas", serve.num_replicas, "autoscaling decides the replicas",
+                                f"drop {prefix}num_replicas or {prefix}autoscaling"))  # fmt: skip
+    if serve.max_batch_size > serve.max_ongoing_requests:
+        problems.append(Problem(f"{prefix}max_batch_size", serve.max_batch_size,
+                                f"a replica never holds more than max_ongoing_requests={serve.max_ongoing_requests} "
+                                "requests, so batches that large never fill",
+                                f"set {prefix}max_batch_size <= {prefix}max_ongoing_requests"))  # fmt: skip
+    return problems
+
+
+def model_reference_problems(reference: str, key: str) -> list[Problem]:
+    """A served model is `models:/NAME@ALIAS`, `models:/NAME/VERSION` or a Hugging Face folder."""
+    if reference.startswith("models:/"):
+        if not re.fullmatch(REGISTRY_URI, reference):
+            return [Problem(key, reference, "not a registered model reference",
+                            "use models:/NAME@ALIAS (e.g. models:/demo-classifier@champion) or models:/NAME/VERSION")]
+        return []
+    folder = Path(reference).expanduser()
+    if not (folder / "config.json").is_file():
+        what = "has no config.json" if folder.is_dir() else "does not exist"
+        return [Problem(key, reference, f"the folder {what}",
+                        "give a Hugging Face model folder (config.json, weights, tokenizer) or models:/NAME@ALIAS")]
+    return []
 
 
 def _tokenizer_problems(tokenize: TokenizeConfig) -> list[Problem]:

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 STAGES = ("tokenize", "pretrain", "tune", "finetune", "serve")
 # Bump a stage's version when its code changes what it writes: the key changes with it.
-STAGE_VERSIONS = {"tokenize": "2", "pretrain": "3", "tune": "4", "finetune": "4", "serve": "2"}
+STAGE_VERSIONS = {"tokenize": "2", "pretrain": "3", "tune": "5", "finetune": "4", "serve": "2"}
 # Settings that change how a stage runs but not what it writes: left out of its cache key.
 NOT_IN_KEY = {
     "pretrain": ("log_every", "checkpoint_every", "workers.max_failures", "workers.placement_strategy"),
@@ -344,7 +344,8 @@ class _StageRunner:
             best = done["tune"].output_uri if cfg.tune.enabled else None
             return (cfg.finetune.model_dump(mode="json"), {"tune": keys["tune"], "pretrain": keys["pretrain"]},
                     lambda ctx: _stage_module("finetune").run(cfg.finetune, pretrained, tokenized, best, ctx,
-                                             registered_model_name=cfg.registered_model_name()))  # fmt: skip
+                                             registered_model_name=cfg.registered_model_name(),
+                                             test_split=data.fingerprint(cfg.data.task.test)))  # fmt: skip
         registered = done["finetune"].outputs["registered"]
         return (cfg.serve.model_dump(mode="json"), {"finetune": keys["finetune"]},
                 lambda ctx: _stage_module("serve").run(cfg.serve, registered, ctx))  # fmt: skip

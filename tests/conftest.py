@@ -52,3 +52,25 @@ def wait_until(condition: Callable[[], object], what: str, timeout_s: float = 30
             return value
         time.sleep(poll_s)
     raise TimeoutError(f"gave up waiting for {what} after {timeout_s:.0f}s")
+
+
+POSITIONS = 64  # tiny_classifier reads 64 tokens: longer texts are truncated
+WORDS = "the a film plot movie was is and but not very good bad great dull superb moving tedious".split()
+
+
+def tiny_classifier(folder: Path, seed: int) -> Path:
+    """A 2-layer BERT classifier with a word-level vocabulary, built here (no download)."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    folder.mkdir(parents=True)
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, ".", ","]) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(vocab), model_max_length=POSITIONS)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=POSITIONS,
+                        id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1})  # fmt: skip
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -151,7 +151,7 @@ def test_a_gpt2_classifier_fine_tunes_with_early_stopping(chain: Chain, gpt2_zer
                          defaults=Hyperparameters(batch_size_per_worker=8),
                          workers=WorkersConfig(num_workers=2), deepspeed=DeepSpeedConfig(zero_stage=2))  # fmt: skip
     out = finetune.run(cfg, result.output_uri, tokenized.output_uri, None, ctx,
-                       registered_model_name="matrix-gpt2-classifier")  # fmt: skip
+                       registered_model_name="matrix-gpt2-classifier", test_split="matrix")  # fmt: skip
     # min_delta=10 means no epoch after the first counts as better: it stops after epoch 2
     assert out.metrics["early_stop/epoch"] == 2 and out.metrics["early_stop/best_epoch"] == 1
     epochs = [m.step for m in chain.client.get_metric_history(ctx.mlflow_run_id, "eval/loss")]

@@ -281,7 +281,7 @@ def test_app_builder_pins_the_alias_to_a_version(tmp_path: Path) -> None:
     """Against a sqlite registry: the alias becomes a concrete version, bound with the given replicas."""
     from mlflow.tracking import MlflowClient
 
-    from components.serve import _resolve_registered, app_builder
+    from components.serve import app_builder, resolve_model
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
@@ -290,8 +290,8 @@ def test_app_builder_pins_the_alias_to_a_version(tmp_path: Path) -> None:
         version = client.create_model_version("demo-classifier", source=str(tmp_path / "model")).version
     client.set_registered_model_alias("demo-classifier", "champion", "1")
     assert str(version) == "2"
-    model = _resolve_registered("models:/demo-classifier@champion", uri)
-    assert (model.version, model.model_uri) == ("1", "models:/demo-classifier/1")
+    model = resolve_model("models:/demo-classifier@champion", uri)
+    assert (model.version, model.model_uri, model.alias) == ("1", "models:/demo-classifier/1", "champion")
     app = app_builder({"model_uri": "models:/demo-classifier@champion", "tracking_uri": uri, "num_replicas": 3})
     assert app._bound_deployment.num_replicas == 3
     with pytest.raises(ValueError, match="not in the registry"):

@@ -1,0 +1,268 @@
+"""Serving on the shared Ray cluster and MLflow server, over real HTTP.
+
+Two tiny classifiers are registered (v1 becomes champion; v2 scores lower and stays candidate).
+`ptft serve models:/NAME@champion` deploys two replicas; then: every bad request gets its 4xx and
+the service stays up; long texts are truncated and say so; one replica killed under load costs
+< 1% of requests (one client retry); `ptft promote` and `ptft rollback` roll the application over
+under a constant request stream with no failed request. A second, deliberately small application
+answers 408 past its deadline and a burst of 10x its capacity with fast 503s, and recovers.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+from mlflow.tracking import MlflowClient
+
+from components import registry, serve
+from components.configs import ServeConfig
+from tests.conftest import POSITIONS, REPO, tiny_classifier, tiny_config_dict, wait_until
+
+pytestmark = pytest.mark.integration
+
+PTFT = str(Path(sys.executable).with_name("ptft"))
+NAME = "serving-classifier"
+@pytest.fixture(scope="module")
+def registered(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    client = MlflowClient(mlflow_server)
+    experiment = client.create_experiment(f"serving-{time.time_ns()}")
+    versions = []
+    for seed, accuracy in ((1, 0.75), (2, 0.5)):
+        run_id = client.create_run(experiment).info.run_id
+        folder = tiny_classifier(tmp_path_factory.mktemp("models") / f"seed{seed}", seed)
+        versions.append(registry.register_classifier(
+            folder, name=NAME, run_id=run_id, tracking_uri=mlflow_server, test_accuracy=accuracy,
+            test_split="split-a", lineage={},
+        ))  # fmt: skip
+        client.set_terminated(run_id)
+    return {"client": client, "versions": versions, "tracking_uri": mlflow_server}
+
+
+def test_the_gate_keeps_a_worse_version_candidate(registered: dict) -> None:
+    first, second = registered["versions"]
+    assert first["aliases"] == ["candidate", "champion"] and second["aliases"] == ["candidate"]
+    client = registered["client"]
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == first["version"]
+    assert registry.champion_history(client, NAME) == [first["version"]]
+
+
+def _ptft(*args: str, overrides: list[str]) -> subprocess.CompletedProcess:
+    done = subprocess.run([PTFT, *args, *overrides], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
+    return done
+
+
+@pytest.fixture(scope="module")
+def app(registered: dict, ray_driver: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """`ptft serve` deploys the champion with two replicas and exits (the app stays on the cluster)."""
+    config = tmp_path_factory.mktemp("serving") / "serving.yaml"
+    config.write_text(yaml.safe_dump({**tiny_config_dict(config.parent), "name": "serving"}))
+    overrides = [f"tracking.uri={registered['tracking_uri']}", f"ray.address={ray_driver}", "serve.app_name=serving",
+                 "serve.route_prefix=/serving", "serve.num_replicas=2", "serve.cpus_per_replica=0.25",
+                 "serve.max_texts=8", "serve.max_text_bytes=2000", "serve.max_body_bytes=20000"]  # fmt: skip
+    done = _ptft("serve", f"models:/{NAME}@champion", "--config", str(config), overrides=overrides)
+    url = done.stdout.split(" at ", 1)[1].split()[0]
+    yield {"url": url, "config": str(config), "overrides": overrides, "stdout": done.stdout, **registered}
+    from ray import serve as ray_serve
+
+    ray_serve.delete("serving")
+
+
+def test_serve_answers_with_labels_and_the_model(app: dict) -> None:
+    response = requests.post(f"{app['url']}/predict", json={"texts": ["a superb film .", "dull"]}, timeout=30)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert [p["label"] in ("negative", "positive") for p in body["predictions"]] == [True, True]
+    assert all(0.5 <= p["score"] <= 1.0 and p["truncated"] is False for p in body["predictions"])
+    assert body["model"] == {**body["model"], "name": NAME, "version": app["versions"][0]["version"],
+                             "alias": "champion"}  # fmt: skip
+    assert requests.get(f"{app['url']}/healthz", timeout=10).json() == {"status": "ok"}
+    metadata = requests.get(f"{app['url']}/metadata", timeout=10).json()
+    assert metadata["labels"] == ["negative", "positive"] and metadata["max_tokens"] == POSITIONS
+    assert "/predict" in requests.get(f"{app['url']}/openapi.json", timeout=10).json()["paths"]
+
+
+def test_a_long_text_is_truncated_and_says_so(app: dict) -> None:
+    long = " ".join(["very"] * 300)  # 300 tokens > 64 positions, 1499 bytes < 2000
+    response = requests.post(f"{app['url']}/predict", json={"texts": [long, "good"]}, timeout=30)
+    assert response.status_code == 200, response.text
+    assert [p["truncated"] for p in response.json()["predictions"]] == [True, False]
+
+
+BAD_REQUESTS = {
+    "not-json": ("{not json", 400, "not JSON"),
+    "not-utf8": (b"\xff\xfe", 400, "not JSON"),
+    "wrong-field": ({"text": "x"}, 422, "texts"),
+    "not-a-list": ({"texts": "one text"}, 422, "texts"),
+    "not-strings": ({"texts": [1, 2]}, 422, "texts.0"),
+    "nested": ({"texts": [["x"]]}, 422, "texts.0"),
+    "top-level-list": (["x"], 422, "body"),
+    "empty": ({"texts": []}, 422, "empty"),
+    "too-many": ({"texts": ["x"] * 9}, 422, "max_texts=8"),
+    "text-too-long": ({"texts": ["é" * 1001]}, 413, "max_text_bytes=2000"),
+    "body-too-large": ({"texts": ["x"], "pad": "y" * 30000}, 413, "max_body_bytes=20000"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
+def test_bad_requests_get_a_4xx_with_a_message(app: dict, case: str) -> None:
+    payload, status, words = BAD_REQUESTS[case]
+    raw = payload if isinstance(payload, (str, bytes)) else None
+    response = requests.post(f"{app['url']}/predict", json=None if raw else payload, data=raw,
+                             headers={"content-type": "application/json"}, timeout=30)  # fmt: skip
+    assert response.status_code == status, response.text
+    assert words in response.json()["detail"]
+    assert requests.post(f"{app['url']}/predict", json={"texts": ["good"]}, timeout=30).status_code == 200
+
+
+class Stream:
+    """Closed-loop clients sending requests until stopped; counts outcomes (after `retries`)."""
+
+    def __init__(self, url: str, clients: int = 4, retries: int = 0):
+        self.url, self.retries, self.outcomes = url, retries, Counter()
+        self.versions: Counter = Counter()
+        self.lock, self.stop = threading.Lock(), threading.Event()
+        self.threads = [threading.Thread(target=self._client, daemon=True) for _ in range(clients)]
+
+    def __enter__(self) -> Stream:
+        for thread in self.threads:
+            thread.start()
+        wait_until(lambda: sum(self.outcomes.values()) >= 10, "the first requests", timeout_s=60)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=60)
+
+    def _client(self) -> None:
+        session = requests.Session()
+        while not self.stop.is_set():
+            outcome = "error"
+            for _ in range(1 + self.retries):
+                try:
+                    response = session.post(f"{self.url}/predict", json={"texts": ["a good film ."]}, timeout=60)
+                    outcome = response.status_code
+                except requests.RequestException as error:
+                    outcome = type(error).__name__
+                if outcome == 200:
+                    break
+            with self.lock:
+                self.outcomes[outcome] += 1
+                if outcome == 200:
+                    self.versions[response.json()["model"]["version"]] += 1
+
+    def total(self) -> int:
+        return sum(self.outcomes.values())
+
+
+def _replica_actors(app_name: str) -> list:
+    import ray
+
+    names = [actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)
+             if actor["name"].startswith(f"SERVE_REPLICA::{app_name}#")]  # fmt: skip
+    return [ray.get_actor(name, namespace="serve") for name in names]
+
+
+def test_killing_one_of_two_replicas_under_load_loses_under_1_percent(app: dict) -> None:
+    import ray
+
+    with Stream(app["url"], retries=1) as stream:
+        before = stream.total()
+        replicas = _replica_actors("serving")
+        assert len(replicas) == 2
+        ray.kill(replicas[0], no_restart=True)
+        wait_until(lambda: stream.total() >= before + 200, "200 requests after the kill", timeout_s=180)
+    assert stream.outcomes[200] / stream.total() >= 0.99, stream.outcomes
+    wait_until(lambda: len(_replica_actors("serving")) == 2, "Serve to replace the replica", timeout_s=120)
+
+
+def test_promote_and_rollback_roll_over_without_a_failed_request(app: dict) -> None:
+    first, second = (version["version"] for version in app["versions"])
+    with Stream(app["url"]) as stream:
+        promoted = _ptft("promote", NAME, second, "--config", app["config"], overrides=app["overrides"])
+        assert f"serves {NAME} v{second}" in promoted.stdout
+        wait_until(lambda: stream.versions[second] >= 20, f"20 answers from v{second}", timeout_s=120)
+    assert set(stream.outcomes) == {200}, stream.outcomes  # no request failed during the rollout
+    assert stream.versions[first] and stream.versions[second]
+    with Stream(app["url"]) as stream:
+        rolled = _ptft("rollback", NAME, "--config", app["config"], overrides=app["overrides"])
+        assert f"champion is back to v{first}" in rolled.stdout
+        wait_until(lambda: stream.versions[first] >= 20, f"20 answers from v{first} again", timeout_s=120)
+    assert set(stream.outcomes) == {200}, stream.outcomes
+    assert str(app["client"].get_model_version_by_alias(NAME, "champion").version) == first
+    assert registry.champion_history(app["client"], NAME) == [first]
+
+
+def test_export_writes_a_serve_config_that_serve_accepts(app: dict, tmp_path: Path) -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    exported = tmp_path / "serve.yaml"
+    _ptft("serve", f"models:/{NAME}@champion", "--config", app["config"], "--export", str(exported),
+          overrides=app["overrides"])  # fmt: skip
+    document = yaml.safe_load(exported.read_text())
+    ServeDeploySchema.model_validate(document)
+    (application,) = document["applications"]
+    assert application["import_path"] == "components.serve:app_builder"
+    assert application["args"]["num_replicas"] == 2 and application["route_prefix"] == "/serving"
+    built = serve.app_builder(application["args"])  # what `serve deploy` calls on the cluster
+    assert built._bound_deployment.num_replicas == 2
+
+
+def test_a_bad_model_reference_exits_2_before_deploying(app: dict) -> None:
+    for reference, words in (("models:/nope@champion", "not in the registry"), ("/no/such/folder", "does not exist"),
+                             ("models:/bad/ref/x", "not a registered model reference")):  # fmt: skip
+        done = subprocess.run([PTFT, "serve", reference, "--config", app["config"], *app["overrides"]], cwd=REPO,
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert done.returncode == 2 and words in done.stderr, done.stderr
+
+
+# --- a small application: deadlines and overload --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_app(registered: dict, ray_driver: str) -> ServeConfig:
+    cfg = ServeConfig(app_name="serving-small", route_prefix="/serving-small", num_replicas=1, cpus_per_replica=0.25,
+                      max_batch_size=2, max_ongoing_requests=2, max_queued_requests=2)  # fmt: skip
+    yield cfg
+    from ray import serve as ray_serve
+
+    ray_serve.delete(cfg.app_name)
+
+
+def test_a_request_past_its_deadline_gets_408(registered: dict, small_app: ServeConfig) -> None:
+    model = serve.resolve_model(f"models:/{NAME}/1", registered["tracking_uri"])
+    impatient = small_app.model_copy(update={"request_timeout_s": 0.001})  # shorter than the batch wait
+    url = serve.deploy(impatient, model, registered["tracking_uri"])
+    response = requests.post(f"{url}/predict", json={"texts": ["good"]}, timeout=30)
+    assert response.status_code == 408 and "request_timeout_s=0.001" in response.json()["detail"]
+
+
+def test_a_burst_of_10x_capacity_gets_fast_503s_and_the_service_recovers(registered: dict, small_app) -> None:
+    model = serve.resolve_model(f"models:/{NAME}/1", registered["tracking_uri"])
+    url = serve.deploy(small_app, model, registered["tracking_uri"])
+    capacity = small_app.max_ongoing_requests + small_app.max_queued_requests
+    slow = {"texts": [" ".join(["very"] * 300)] * 8}
+
+    def call(_: int) -> tuple[int, float]:
+        started = time.perf_counter()
+        status = requests.post(f"{url}/predict", json=slow, timeout=60).status_code
+        return status, time.perf_counter() - started
+
+    with ThreadPoolExecutor(10 * capacity) as pool:
+        results = list(pool.map(call, range(10 * capacity)))
+    statuses = Counter(status for status, _ in results)
+    assert set(statuses) <= {200, 503} and statuses[503] > 0 and statuses[200] >= capacity, statuses
+    rejected = sorted(seconds for status, seconds in results if status == 503)
+    assert rejected[len(rejected) // 2] < 2.0, rejected  # rejected fast, not after queueing
+    recovered = requests.post(f"{url}/predict", json={"texts": ["good"]}, timeout=30)
+    assert recovered.status_code == 200, recovered.text

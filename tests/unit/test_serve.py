@@ -1,0 +1,109 @@
+"""Serving without a cluster: the champion gate and the promotion history against a real MLflow
+store (sqlite), request limits, truncation, serve config rules and model references."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from components import registry, serve
+from components.configs import ServeConfig
+from pipelines.config import ConfigError, model_reference_problems, validate
+from tests.conftest import POSITIONS, tiny_classifier, tiny_config_dict
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> MlflowClient:
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client.create_registered_model("m")
+    return client
+
+
+def _version(client: MlflowClient, accuracy: float, split: str = "s1") -> str:
+    version = client.create_model_version("m", source="/nowhere").version
+    client.set_model_version_tag("m", version, registry.ACCURACY_TAG, str(accuracy))
+    client.set_model_version_tag("m", version, registry.TEST_SPLIT_TAG, split)
+    return str(version)
+
+
+def test_the_gate_needs_a_strictly_better_score_on_the_same_test_split(client: MlflowClient) -> None:
+    assert registry._beats_champion(client, "m", 0.5, "s1")  # no champion yet
+    registry.promote(client, "m", _version(client, 0.8))
+    assert not registry._beats_champion(client, "m", 0.8, "s1")  # a tie does not beat it
+    assert registry._beats_champion(client, "m", 0.81, "s1")
+    assert not registry._beats_champion(client, "m", 0.99, "s2")  # other test data: not comparable
+
+
+def test_promote_and_rollback_keep_the_history(client: MlflowClient) -> None:
+    one, two, three = (_version(client, 0.5) for _ in range(3))
+    assert registry.promote(client, "m", one) is None
+    assert registry.promote(client, "m", two) == one
+    assert registry.promote(client, "m", three) == two
+    assert registry.champion_history(client, "m") == [one, two, three]
+    assert registry.rollback(client, "m") == (three, two)
+    assert str(client.get_model_version_by_alias("m", registry.CHAMPION).version) == two
+    assert registry.rollback(client, "m") == (two, one)
+    with pytest.raises(ValueError, match="no earlier champion"):
+        registry.rollback(client, "m")
+    with pytest.raises(Exception, match="(?i)not found|RESOURCE_DOES_NOT_EXIST"):
+        registry.promote(client, "m", "99")
+
+
+@pytest.mark.parametrize(
+    ("texts", "status", "words"),
+    [
+        ([], 422, "empty"),
+        (["x"] * 5, 422, "max_texts=4"),
+        (["ab", "é" * 6], 413, "texts.1 is 12 bytes"),
+    ],
+)
+def test_request_limits(texts: list[str], status: int, words: str) -> None:
+    cfg = ServeConfig(max_texts=4, max_text_bytes=10)
+    with pytest.raises(serve.RequestError) as raised:
+        serve.check_texts(texts, cfg)
+    assert raised.value.status == status and words in raised.value.message
+
+
+def test_scorer_truncates_long_texts_and_says_so(tmp_path: Path) -> None:
+    scorer = serve.Scorer(str(tiny_classifier(tmp_path / "model", seed=0)), tracking_uri=None)
+    assert scorer.max_tokens == POSITIONS and scorer.labels == ["negative", "positive"]
+    scored = scorer(["a good film", " ".join(["very"] * 100)])
+    assert [item["truncated"] for item in scored] == [False, True]
+    assert all(item["label"] in scorer.labels and 0.5 <= item["score"] <= 1 for item in scored)
+
+
+def test_serve_config_rules(tmp_path: Path) -> None:
+    raw = tiny_config_dict(tmp_path)
+    raw["serve"] = {"num_replicas": 2, "autoscaling": {"min_replicas": 1, "max_replicas": 3},
+                    "max_batch_size": 64, "max_ongoing_requests": 8}  # fmt: skip
+    with pytest.raises(ConfigError) as raised:
+        validate(raw, check_data=False)
+    text = str(raised.value)
+    assert "serve.num_replicas" in text and "serve.max_batch_size" in text
+    raw["serve"] = {"autoscaling": {"min_replicas": 3, "max_replicas": 2}}
+    with pytest.raises(ConfigError, match="min_replicas"):
+        validate(raw, check_data=False)
+
+
+def test_model_references(tmp_path: Path) -> None:
+    assert model_reference_problems("models:/demo@champion", "MODEL") == []
+    assert model_reference_problems("models:/demo/3", "MODEL") == []
+    assert "not a registered model reference" in model_reference_problems("models:/demo", "MODEL")[0].message
+    assert "does not exist" in model_reference_problems(str(tmp_path / "nope"), "MODEL")[0].message
+    assert "has no config.json" in model_reference_problems(str(tmp_path), "MODEL")[0].message
+    folder = tiny_classifier(tmp_path / "model", seed=0)
+    assert model_reference_problems(str(folder), "MODEL") == []
+    model = serve.resolve_model(str(folder), None)
+    assert (model.name, model.version, model.model_uri) == ("model", "local", str(folder))
+
+
+def test_exported_serve_config_passes_rays_schema_and_the_builder_checks() -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    cfg = ServeConfig(app_name="a", route_prefix="/a", num_replicas=3, max_queued_requests=10)
+    document = serve.serve_config_file(cfg, "models:/m@champion", "http://mlflow:5000")
+    ServeDeploySchema.model_validate(document)
+    options, model_uri, _ = serve._parse_app_args(document["applications"][0]["args"])
+    assert options == {"num_replicas": 3, "max_queued_requests": 10} and model_uri == "models:/m@champion"
