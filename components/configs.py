@@ -477,11 +477,12 @@ class ServeConfig(BaseModel):
     max_batch_size: int = Field(16, gt=0, description="requests scored together by @serve.batch (1: no batching)")
     batch_wait_timeout_s: float = Field(0.002, ge=0, description="how long a batch waits to fill")
     # Requests waiting inside a replica (for a batch) are cheap; requests Serve's router holds back
-    # for a busy replica are not (throughput fell 4x at 64 clients with 32 here): so a large first
-    # number and a small second one. See docs/serving.md.
+    # for a busy replica are not (throughput fell 4x at 64 clients with 32 here), and the router's
+    # queue also counts requests still being assigned (32 refused some at 64 clients). See
+    # docs/serving.md.
     max_ongoing_requests: int = Field(128, gt=0, description="requests one replica holds at once (batching "
                                       "draws from them)")  # fmt: skip
-    max_queued_requests: int = Field(32, gt=0, description="requests waiting for a free replica; more get a 503")
+    max_queued_requests: int = Field(128, gt=0, description="requests waiting for a free replica; more get a 503")
     request_timeout_s: float = Field(30, gt=0, description="a request not answered by then gets 408")
     max_texts: int = Field(64, gt=0, description="most texts one request may send")
     max_text_bytes: int = Field(8192, gt=0, description="longest text accepted, in UTF-8 bytes")

@@ -91,13 +91,21 @@ def promote(client: MlflowClient, name: str, version: str) -> str | None:
         MlflowException: no such registered model or version.
     """
     client.get_model_version(name, version)  # exists, or raises
-    history = champion_history(client, name)
+    history = champion_history(client, name) or _current_champion(client, name)
     previous = history[-1] if history else None
     if previous != version:
         history.append(version)
     client.set_registered_model_alias(name, CHAMPION, version)
     client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
     return previous
+
+
+def _current_champion(client: MlflowClient, name: str) -> list[str]:
+    """[the champion's version], for a model whose alias was set before the history was kept."""
+    try:
+        return [str(client.get_model_version_by_alias(name, CHAMPION).version)]
+    except MlflowException:
+        return []
 
 
 def rollback(client: MlflowClient, name: str) -> tuple[str, str]:

@@ -321,16 +321,21 @@ def resolve_model(reference: str, tracking_uri: str | None) -> ModelInfo:
                      run_id=found.run_id, alias=alias)  # fmt: skip
 
 
-def follow_champion(cfg: ServeConfig, name: str, alias: str, tracking_uri: str | None) -> ModelInfo | None:
-    """Roll the application in `cfg` over to the version `models:/NAME@ALIAS` now names, if it is
-    running and follows that alias. Returns the model it now serves (None: nothing to update)."""
-    url = app_url(cfg)
-    live = live_model(url)
+def follow_champion(
+    cfg: ServeConfig, name: str, alias: str, tracking_uri: str | None, serving: ModelInfo | None = None
+) -> ModelInfo | None:  # fmt: skip
+    """Roll the application in `cfg` over to the version `models:/NAME@ALIAS` now names, if it
+    follows that alias. `serving` is what it serves, when the caller deployed it; otherwise its
+    /metadata says. Returns the model it now serves (None: no such application)."""
+    live = serving or live_model(app_url(cfg))
     if live is None or (live.name, live.alias) != (name, alias):
         return None
     wanted = resolve_model(f"models:/{name}@{alias}", tracking_uri)
-    if wanted.version != live.version:
-        deploy(cfg, wanted, tracking_uri)
+    if wanted.version == live.version:
+        return live
+    log.info("serve: %s@%s moved to v%s; rolling %r over from v%s", name, alias, wanted.version, cfg.app_name,
+             live.version)  # fmt: skip
+    deploy(cfg, wanted, tracking_uri)
     return wanted
 
 

@@ -314,9 +314,10 @@ def _serve(args: argparse.Namespace) -> int:
         while True:
             time.sleep(FOLLOW_EVERY_S)
             if model.alias:
-                model = serve.follow_champion(config.serve, model.name, model.alias, tracking_uri) or model
+                model = serve.follow_champion(config.serve, model.name, model.alias, tracking_uri, model) or model
     except KeyboardInterrupt:
         pass
+    print("Shutting Serve down (replicas finish what they hold)...", flush=True)
     serve.shutdown()
     print("Serve shut down.")
     return 0
@@ -346,7 +347,8 @@ def _promote(args: argparse.Namespace) -> int:
     except Exception as error:  # noqa: BLE001 - MlflowException for an unknown model or version
         raise ConfigError("ptft promote", [Problem("VERSION", f"{args.name}/{args.version}", _message(error),
                                                    "see the registered versions in `ptft ui`")]) from None
-    print(f"{args.name}: champion is now v{args.version} (was v{previous})", flush=True)
+    was = f"was v{previous}" if previous else "there was none"
+    print(f"{args.name}: champion is now v{args.version} ({was})", flush=True)
     _roll_over(config, args.name)
     return 0
 

@@ -107,3 +107,15 @@ def test_exported_serve_config_passes_rays_schema_and_the_builder_checks() -> No
     ServeDeploySchema.model_validate(document)
     options, model_uri, _ = serve._parse_app_args(document["applications"][0]["args"])
     assert options == {"num_replicas": 3, "max_queued_requests": 10} and model_uri == "models:/m@champion"
+
+
+def test_application_takes_replicas_autoscaling_and_overload_settings() -> None:
+    model = serve.ModelInfo(name="m", version="1", model_uri="models:/m/1")
+    fixed = serve.application(ServeConfig(num_replicas=3, max_ongoing_requests=20, max_queued_requests=5), model, None)
+    config = fixed._bound_deployment._deployment_config
+    assert (config.num_replicas, config.max_ongoing_requests, config.max_queued_requests) == (3, 20, 5)
+    assert config.max_surge_percent == 100  # new replicas start before the old ones drain
+    scaling = ServeConfig(autoscaling={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 6})
+    config = serve.application(scaling, model, None)._bound_deployment._deployment_config
+    assert (config.autoscaling_config.min_replicas, config.autoscaling_config.max_replicas) == (1, 4)
+    assert config.autoscaling_config.target_ongoing_requests == 6
