@@ -23,7 +23,7 @@ demo: setup
 	$(BIN)/ptft run configs/demo.yaml
 
 test: setup
-	$(BIN)/python -m pytest -m "not gpu and not slow" -p no:cacheprovider
+	$(BIN)/python -m pytest -m "not gpu and not slow" -p no:cacheprovider --durations=25
 
 test-fast: setup
 	$(BIN)/python -m pytest
