@@ -357,9 +357,12 @@ def run(cfg: ServeConfig, registered: dict, ctx: StageContext) -> StageResult:
 
 
 def ensure_deployed(cfg: ServeConfig, endpoint: dict, tracking_uri: str) -> bool:
-    """Make sure the deployment an endpoint record describes is live; redeploy it if not.
-    Returns True when it had to be deployed again (e.g. the local Ray that served it is gone)."""
+    """Make sure the deployment an endpoint record describes is live (for an alias: the version
+    it names now); redeploy it if not. Returns True when it had to be deployed again (e.g. the
+    local Ray that served it is gone)."""
     model = ModelInfo.model_validate(endpoint["model"])
+    if model.alias:  # what the alias names now: a promote or rollback since then must stand
+        model = resolve_model(f"models:/{model.name}@{model.alias}", tracking_uri)
     live = live_model(endpoint["url"])
     if live is not None and (live.name, live.version) == (model.name, model.version):
         return False

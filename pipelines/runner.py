@@ -116,8 +116,8 @@ def run(
         status = "KILLED"
         raise
     finally:
-        client.set_terminated(manifest.mlflow_run_id, status=status)
         manifest.finished({"FINISHED": mf.SUCCEEDED, "KILLED": mf.KILLED}.get(status, mf.FAILED))
+        client.set_terminated(manifest.mlflow_run_id, status=status)
     return result
 
 
@@ -255,8 +255,8 @@ class _StageRunner:
         try:
             stage_result = self._after_hit(stage, stage_result, final_dir)
         except BaseException as error:
-            tracker.close("KILLED" if isinstance(error, _STOPPED) else "FAILED")
             self.manifest.stage_ended(stage, mf.FAILED, error=_describe(error))
+            tracker.close("KILLED" if isinstance(error, _STOPPED) else "FAILED")
             raise
         tracker.log_metrics(stage_result.metrics, step=0)
         tracker.close("FINISHED")
@@ -295,8 +295,12 @@ class _StageRunner:
             stage_result = call(ctx)
         except BaseException as error:
             interrupted = isinstance(error, _STOPPED)
-            tracker.close("KILLED" if interrupted else "FAILED")
+            # The local manifest first: a stopped Ray Job is SIGKILLed 3 s after its SIGTERM, and
+            # the MLflow calls may take longer than that.
             self.manifest.stage_ended(stage, mf.KILLED if interrupted else mf.FAILED, error=_describe(error))
+            if interrupted:
+                self.manifest.finished(mf.KILLED)  # the run goes down with the stage
+            tracker.close("KILLED" if interrupted else "FAILED")
             raise
         elapsed = time.perf_counter() - started
         # Training loops log their own metric histories; add only the summaries they did not log.
