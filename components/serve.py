@@ -264,12 +264,9 @@ def _wait_serving(url: str, model: ModelInfo, timeout_s: float = 120.0) -> None:
     """Until /metadata answers with this model version (after a rollout, every replica does)."""
     deadline = time.monotonic() + timeout_s
     while True:
-        try:
-            live = requests.get(f"{url}/metadata", timeout=5)
-            if live.ok and (live.json()["name"], live.json()["version"]) == (model.name, model.version):
-                return
-        except (requests.RequestException, ValueError, KeyError):
-            pass
+        live = live_model(url)
+        if live is not None and (live.name, live.version) == (model.name, model.version):
+            return
         if time.monotonic() > deadline:
             raise TimeoutError(f"{url}/metadata did not answer with {model.name} v{model.version} in {timeout_s:.0f}s")
         time.sleep(0.5)

@@ -272,17 +272,17 @@ def semantic_problems(sections: dict[str, Any]) -> list[Problem]:
     return problems
 
 
-def serve_problems(serve: ServeConfig, prefix: str = "serve.") -> list[Problem]:
-    """Serve settings that contradict each other (also checked for `ptft serve` overrides)."""
+def serve_problems(serve: ServeConfig) -> list[Problem]:
+    """Serve settings that contradict each other."""
     problems = []
     if serve.autoscaling is not None and serve.num_replicas != 1:
-        problems.append(Problem(f"{prefix}num_replicas", serve.num_replicas, "autoscaling decides the replicas",
-                                f"drop {prefix}num_replicas or {prefix}autoscaling"))  # fmt: skip
+        problems.append(Problem("serve.num_replicas", serve.num_replicas, "autoscaling decides the replicas",
+                                "drop serve.num_replicas or serve.autoscaling"))  # fmt: skip
     if serve.max_batch_size > serve.max_ongoing_requests:
-        problems.append(Problem(f"{prefix}max_batch_size", serve.max_batch_size,
+        problems.append(Problem("serve.max_batch_size", serve.max_batch_size,
                                 f"a replica never holds more than max_ongoing_requests={serve.max_ongoing_requests} "
                                 "requests, so batches that large never fill",
-                                f"set {prefix}max_batch_size <= {prefix}max_ongoing_requests"))  # fmt: skip
+                                "set serve.max_batch_size <= serve.max_ongoing_requests"))  # fmt: skip
     return problems
 
 
