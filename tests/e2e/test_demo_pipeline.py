@@ -43,7 +43,9 @@ def demo(ray_driver: str, mlflow_server: str, tmp_path_factory: pytest.TempPathF
     command = [PTFT, "run", "configs/demo.yaml", *SHRINK, f"storage={storage}", f"tracking.uri={mlflow_server}",
                f"ray.address={ray_driver}", f"serve.port={port}", "serve.app_name=e2e"]  # fmt: skip
     result = _ptft(command)
-    yield {"storage": storage, "url": f"http://127.0.0.1:{port}", "stdout": result.stdout, "command": command,
+    # Where the run says it serves: a Serve already running on the shared cluster keeps its own port.
+    url = result.stdout.split(" served at ", 1)[1].split()[0]
+    yield {"storage": storage, "url": url, "stdout": result.stdout, "command": command,
            "client": MlflowClient(mlflow_server), "run_id": _newest_manifest(storage)["run_id"]}  # fmt: skip
     from ray import serve
 
