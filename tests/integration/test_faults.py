@@ -111,13 +111,14 @@ def worker_kill(ray_driver: str, mlflow_server: str, tmp_path_factory: pytest.Te
     faulted.start()
     run_dir = runs.storage / "ray_results" / "faulted-pretrain"
     checkpoint_step = wait_until(lambda: _latest_checkpoint_step(run_dir), "the first pretrain checkpoint")
-    # Kill mid-interval: once MLflow shows steps past the checkpoint (they will be recomputed).
     run_id = wait_until(lambda: runs.run_id_of("faulted"), "the faulted run")
-    wait_until(lambda: max(_history(runs.client, run_id, "train/step"), default=0) > checkpoint_step,
-                "steps logged after the checkpoint", poll_s=0.05)  # fmt: skip
+    # Find the victim first, so the kill follows the condition below without a state-API call's delay.
     victims = [actor for actor in _alive_train_workers(ray_driver) if actor.actor_id not in before]
     assert len(victims) == 2, victims
     victim = max(victims, key=lambda actor: actor.pid)
+    # Kill mid-interval: once MLflow shows steps past the checkpoint (they will be recomputed).
+    wait_until(lambda: max(_history(runs.client, run_id, "train/step"), default=0) > checkpoint_step,
+                "steps logged after the checkpoint", poll_s=0.05)  # fmt: skip
     os.kill(victim.pid, signal.SIGKILL)
     killed_at = time.monotonic()
     checkpoint_step = _latest_checkpoint_step(run_dir)  # none can register once a rank is dead
@@ -142,7 +143,11 @@ def test_restore_continues_right_after_the_last_checkpoint(worker_kill: dict) ->
     assert loaded_step > 0 and loaded_step % CHECKPOINT_EVERY == 0
     assert first == {int(loaded_step): loaded_step + 1}
     recomputed = _history(client, run_id, "restore/steps_recomputed")[int(loaded_step)]
-    assert 0 < recomputed <= CHECKPOINT_EVERY  # killed mid-interval; at most one interval lost
+    # Killed mid-interval, so at most the steps since the registered checkpoint are lost. Ray Train
+    # collects a report by polling the workers: a checkpoint reported just before the kill may not be
+    # registered yet (CI saw 32 steps recomputed, the checkpoint of step 50 unregistered). Then the
+    # next interval is lost too, never more, since a rank cannot report once the other is dead.
+    assert 0 < recomputed < 2 * CHECKPOINT_EVERY
     print(f"\nworker kill: restored step {loaded_step:.0f}, {recomputed:.0f} steps recomputed")
 
 
