@@ -74,3 +74,17 @@ def tiny_classifier(folder: Path, seed: int) -> Path:
     BertForSequenceClassification(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def system_tool(name: str, package: str) -> str:
+    """The path of a system program a test needs (Prometheus, Chromium): skip with the install
+    command when it is absent, or fail where PTFT_REQUIRE_SYSTEM_TOOLS is set (.ci/run sets it)."""
+    import shutil
+
+    path = shutil.which(name)
+    if path:
+        return path
+    message = f"{name} is not installed: apt-get install {package} (.ci/run installs it)"
+    if os.environ.get("PTFT_REQUIRE_SYSTEM_TOOLS"):
+        pytest.fail(message)
+    pytest.skip(message)

@@ -1,0 +1,58 @@
+"""The demo pipeline, run once per session through the real `ptft` CLI on the shared Ray cluster
+and MLflow server; every e2e module asserts on what that one run left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from components.training import free_port
+from tests.conftest import REPO
+
+PTFT = str(Path(sys.executable).parent / "ptft")
+# The demo config, shrunk through ordinary overrides (no test switches in the code).
+SHRINK = [
+    "data.corpus.source.num_examples=2000", "data.task.train.num_examples=320",
+    "data.task.validation.num_examples=96", "data.task.test.num_examples=96",
+    "pretrain.max_steps=40", "pretrain.warmup_steps=4", "pretrain.checkpoint_every=20",
+    "pretrain.batch_size_per_worker=16",
+    "tune.num_samples=2", "tune.max_epochs=2", "finetune.epochs=1",
+]
+
+
+# Credentials in the environment (as a team would pass them) must never reach MLflow params or tags.
+SECRETS = {"MLFLOW_TRACKING_TOKEN": "e2e-token-5b1d", "AWS_SECRET_ACCESS_KEY": "e2e-aws-secret-77c2"}
+
+
+@pytest.fixture(scope="session")
+def demo(ray_driver: str, mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    storage = tmp_path_factory.mktemp("demo")
+    port = free_port()
+    command = [PTFT, "run", "configs/demo.yaml", *SHRINK, f"storage={storage}", f"tracking.uri={mlflow_server}",
+               f"ray.address={ray_driver}", f"serve.port={port}", "serve.app_name=e2e"]  # fmt: skip
+    result = run_ptft(command)
+    # Where the run says it serves: a Serve already running on the shared cluster keeps its own port.
+    url = result.stdout.split(" served at ", 1)[1].split()[0]
+    yield {"storage": storage, "url": url, "stdout": result.stdout, "command": command,
+           "client": MlflowClient(mlflow_server), "run_id": newest_manifest(storage)["run_id"]}  # fmt: skip
+    from ray import serve
+
+    serve.delete("e2e")
+
+
+def run_ptft(command: list[str]) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1500,
+                            env={**os.environ, **SECRETS})  # fmt: skip
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
+    return result
+
+
+def newest_manifest(storage: Path) -> dict:
+    manifests = sorted((storage / "runs").glob("*/manifest.json"), key=lambda path: path.stat().st_mtime)
+    return json.loads(manifests[-1].read_text())
