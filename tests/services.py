@@ -1,7 +1,9 @@
 """Real services for integration and e2e tests, started once per session and shared:
 
-* `ray_cluster`: a local Ray head started with `ray start --head --block` (its own temp dir and
-  ports), stopped at the end of the session.
+* `ray_cluster`: a local Ray head started with `ray start --head --block` (its own temp dir,
+  `ray_temp_dir`, and ports), stopped at the end of the session.
+* `prometheus`: a Prometheus server (Debian package `prometheus`) scraping that cluster with
+  dashboards/prometheus.yml, pointed at the cluster's service discovery file; yields its URL.
 * `postgres`: a throwaway PostgreSQL server (its own data dir under /tmp, 127.0.0.1 on a free port)
   with a `ptft` role owning an `mlflow` database; yields the SQLAlchemy URL of that database. Needs
   the server binaries (Debian package `postgresql`); when the tests run as root it runs as the
@@ -27,8 +29,10 @@ from pathlib import Path
 
 import pytest
 import requests
+import yaml
 
 from components.training import free_port
+from tests.conftest import REPO, system_tool, wait_until
 
 BIN = Path(sys.executable).parent
 
@@ -59,10 +63,21 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster() -> Iterator[str]:
+def ray_temp_dir() -> Iterator[Path]:
+    """The shared cluster's `--temp-dir`: its sessions and logs, and Ray's Prometheus service
+    discovery file in its root."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="ptft-ray-", dir="/tmp"))
+    try:
+        yield temp_dir
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(ray_temp_dir: Path) -> Iterator[str]:
     """Address (host:port) of a real local Ray cluster: 4 logical CPUs on this 2-core machine so a
     training stage and a Serve replica fit together."""
-    temp_dir = Path(tempfile.mkdtemp(prefix="ptft-ray-", dir="/tmp"))
+    temp_dir = ray_temp_dir
     port = free_port()
     log = temp_dir / "head.log"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}
@@ -79,7 +94,6 @@ def ray_cluster() -> Iterator[str]:
         yield address
     finally:
         _stop(process)
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -205,5 +219,54 @@ def mlflow_server(postgres: str, tmp_path_factory: pytest.TempPathFactory) -> It
     try:
         _wait_for(lambda: requests.get(f"{uri}/health", timeout=2).ok, "mlflow server", process, log)
         yield uri
+    finally:
+        _stop(process)
+
+
+PROMETHEUS_CONFIG = REPO / "dashboards" / "prometheus.yml"
+SERVICE_DISCOVERY_FILE = "prom_metrics_service_discovery.json"  # Ray writes it in its temp dir's root
+SCRAPE_INTERVAL = "2s"
+
+
+def prometheus_config(config: dict, service_discovery_file: Path) -> dict:
+    """dashboards/prometheus.yml as the tests run it: the same jobs, the test cluster's service
+    discovery file, a short scrape interval (a demo run lasts minutes, not hours)."""
+    config = {**config, "global": {**config.get("global", {}), "scrape_interval": SCRAPE_INTERVAL,
+                                   "evaluation_interval": SCRAPE_INTERVAL}}  # fmt: skip
+    jobs = []
+    for job in config["scrape_configs"]:
+        sd_configs = [{**sd, "files": [str(service_discovery_file)]} for sd in job.get("file_sd_configs", [])]
+        jobs.append({**job, "file_sd_configs": sd_configs} if sd_configs else job)
+    config["scrape_configs"] = jobs
+    return config
+
+
+def _scraping(url: str) -> bool:
+    """Prometheus has scraped at least one of the cluster's targets successfully."""
+    targets = requests.get(f"{url}/api/v1/targets", timeout=5).json()["data"]["activeTargets"]
+    return any(target["health"] == "up" for target in targets)
+
+
+@pytest.fixture(scope="session")
+def prometheus(ray_cluster: str, ray_temp_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of a real Prometheus server scraping the shared Ray cluster (every node's metrics
+    endpoint, found through Ray's service discovery file), stopped at the end of the session."""
+    binary = system_tool("prometheus", "prometheus")
+    folder = tmp_path_factory.mktemp("prometheus")
+    discovery = ray_temp_dir / SERVICE_DISCOVERY_FILE
+    # The head's dashboard writes the file a few seconds after `ray status` first answers.
+    wait_until(discovery.is_file, f"Ray's service discovery file {discovery}", timeout_s=120, poll_s=0.5)
+    config = folder / "prometheus.yml"
+    config.write_text(yaml.safe_dump(prometheus_config(yaml.safe_load(PROMETHEUS_CONFIG.read_text()), discovery)))
+    port, log = free_port(), folder / "prometheus.log"
+    command = [binary, f"--config.file={config}", f"--storage.tsdb.path={folder / 'data'}",
+               f"--web.listen-address=127.0.0.1:{port}"]  # fmt: skip
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_for(lambda: requests.get(f"{url}/-/ready", timeout=2).ok, "prometheus", process, log)
+        _wait_for(lambda: _scraping(url), "prometheus scraping the Ray cluster", process, log, timeout_s=120)
+        yield url
     finally:
         _stop(process)
