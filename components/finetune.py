@@ -10,6 +10,8 @@ Output folder:
     model/           HF folder of the classifier (safetensors, config with id2label, tokenizer)
     metrics.json     validation and test metrics
     registered.json  registered model name, version, aliases, model URI
+    plots/           loss and learning-rate curves, the test split's confusion matrix, attention
+                     maps of a few test texts (also in MLflow under plots/)
 """
 
 from __future__ import annotations
@@ -22,18 +24,21 @@ from pathlib import Path
 
 import ray.train
 import torch
+from mlflow.tracking import MlflowClient
 from pydantic import BaseModel, Field
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-from components import accelerator, models, registry, training
+from components import accelerator, explain, models, plots, registry, training
 from components.configs import DeepSpeedConfig, FinetuneConfig, Hyperparameters
+from components.metrics import training_progress
 from components.stage import StageContext, StageResult, read_json, write_json
 from components.throughput import Throughput, device_name
-from components.tracking import open_tracker
+from components.tracking import node_system_metrics, open_tracker
 
 log = logging.getLogger(__name__)
 
 Report = Callable[[dict, str], None]
+ATTENTION_SAMPLES = 3  # test texts whose attention maps the stage draws
 
 
 class ClassifierRun(BaseModel):
@@ -55,6 +60,7 @@ class ClassifierRun(BaseModel):
     early_stopping_min_delta: float = 0.0
     resumed: bool = Field(False, description="an earlier attempt may have logged to mlflow_run_id")
     export: bool = Field(False, description="evaluate on test and save the HF folder at the end")
+    stage: str = Field("finetune", description="the pipeline stage this run belongs to (labels its live metrics)")
 
 
 def run(
@@ -80,6 +86,7 @@ def run(
     model_dir, metrics = training.export_final_model(result, ctx.output_dir)
     checked = models.smoke_test(model_dir, "classifier")
     open_tracker(ctx.tracking_uri, ctx.mlflow_run_id).set_tags({"ptft.weights_sha256": checked["weights_sha256"]})
+    metrics.update(draw_pictures(model_dir, Path(tokenized_uri) / "task" / "test", ctx))
     version = registry.register_classifier(
         model_dir, name=registered_model_name, run_id=ctx.mlflow_run_id, tracking_uri=ctx.tracking_uri,
         test_accuracy=metrics["test/accuracy"], test_split=test_split,
@@ -89,6 +96,50 @@ def run(
     write_json(ctx.output_dir / "registered.json", version)
     return StageResult(output_uri=str(model_dir), metrics=metrics,
                        outputs={"registered": version, "weights_sha256": checked["weights_sha256"]})  # fmt: skip
+
+
+def draw_pictures(model_dir: Path, test_dir: Path, ctx: StageContext) -> dict[str, float]:
+    """Training curves, the test split's confusion matrix and attention maps of a few test texts,
+    from the exported model, into `plots/` and the stage's MLflow run. Returns the macro F1."""
+    folder = ctx.output_dir / "plots"
+    client = MlflowClient(ctx.tracking_uri) if ctx.tracking_uri and ctx.mlflow_run_id else None
+    pictures = plots.training_curves(client, ctx.mlflow_run_id, folder, eval_key="eval/loss") if client else []
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    test = training.load_columns(test_dir, ["input_ids", "attention_mask", "label"])
+    labels = [model.config.id2label[index] for index in range(model.config.num_labels)]
+    matrix = confusion_matrix(model, test, len(labels))
+    pictures.append(plots.confusion_matrix(matrix, labels, folder / "confusion_matrix.png",
+                                           title=f"test split ({len(test['label'])} examples)"))  # fmt: skip
+    texts = tokenizer.batch_decode(test["input_ids"][:ATTENTION_SAMPLES], skip_special_tokens=True)
+    maps = explain.attention_maps(model, tokenizer, texts, max_tokens=test["input_ids"].shape[1])
+    pictures.append(plots.attention(maps, folder / "attention.png"))
+    write_json(folder / "confusion_matrix.json", {"labels": labels, "rows_true_columns_predicted": matrix})
+    if client:
+        plots.log(client, ctx.mlflow_run_id, [*pictures, folder / "confusion_matrix.json"])
+    return {"test/macro_f1": macro_f1(matrix)}
+
+
+@torch.inference_mode()
+def confusion_matrix(model, split: dict, num_labels: int, batch_size: int = 64) -> list[list[int]]:
+    """Counts of (true label, predicted label) over a tokenized split."""
+    matrix = torch.zeros(num_labels, num_labels, dtype=torch.long)
+    for start in range(0, len(split["label"]), batch_size):
+        rows = slice(start, start + batch_size)
+        inputs = {"input_ids": split["input_ids"][rows].long(), "attention_mask": split["attention_mask"][rows].long()}
+        logits = model(**inputs).logits
+        for true, predicted in zip(split["label"][rows].tolist(), logits.argmax(-1).tolist(), strict=True):
+            matrix[true, predicted] += 1
+    return matrix.tolist()
+
+
+def macro_f1(matrix: list[list[int]]) -> float:
+    """The mean over labels of F1 (a label never predicted nor present counts 0)."""
+    scores = []
+    for label, row in enumerate(matrix):
+        hits, predicted = row[label], sum(other[label] for other in matrix)
+        scores.append(2 * hits / (sum(row) + predicted) if sum(row) + predicted else 0.0)
+    return sum(scores) / len(scores)
 
 
 def resolve_hyperparameters(
@@ -113,8 +164,9 @@ def resolve_hyperparameters(
 
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train worker entry: the shared loop, reporting to Ray Train, restored from its checkpoint."""
-    fit_classifier(ClassifierRun.model_validate(config), report=_report_to_train,
-                   checkpoint=ray.train.get_checkpoint())  # fmt: skip
+    run = ClassifierRun.model_validate(config)
+    with node_system_metrics(run.tracking_uri, run.mlflow_run_id):
+        fit_classifier(run, report=_report_to_train, checkpoint=ray.train.get_checkpoint())
 
 
 def _report_to_train(metrics: dict, checkpoint_dir: str) -> None:
@@ -147,6 +199,7 @@ def fit_classifier(cfg: ClassifierRun, report: Report, checkpoint: ray.train.Che
     done_epochs, step = state["epoch"], state["step"]
     if checkpoint is not None:
         tracker.log_metrics({"restore/loaded_epoch": done_epochs, "restore/first_epoch": done_epochs + 1}, done_epochs)
+    tracker.log_metrics({"progress/total_steps": steps}, 0)  # `ptft run` and `ptft status` show step x of this
     stopper = EarlyStopping(cfg.early_stopping_patience, cfg.early_stopping_min_delta, state)
     meter = Throughput(engine.module, seq_len=data["train"]["input_ids"].shape[1], world=world,
                        precision=cfg.deepspeed.precision, device_name=device_name(cfg.use_gpu))  # fmt: skip
@@ -258,10 +311,14 @@ def _train_epoch(engine, train: dict, shard: training.Shard, cfg: ClassifierRun,
         losses.append(loss.item())
         meter.add(samples=len(rows) * shard.world_size)
         if step % cfg.log_every == 0:
-            metrics = {"train/loss": losses[-1], "train/learning_rate": engine.get_lr()[0], **meter.read()}
+            metrics = {"train/loss": losses[-1], "train/learning_rate": engine.get_lr()[0], "train/step": step,
+                       **meter.read()}  # fmt: skip
             if (norm := training.grad_norm(engine)) is not None:
                 metrics["train/grad_norm"] = norm
             tracker.log_metrics(metrics, step)
+            if shard.rank == 0:
+                training_progress(cfg.stage, cfg.mlflow_run_id, step=step, loss=losses[-1],
+                                  tokens_per_s=metrics.get("throughput/tokens_per_s"))  # fmt: skip
             meter.reset()
     mean = sum(losses) / max(1, len(losses))
     return training.all_reduce_sum([mean])[0] / shard.world_size, step

@@ -17,14 +17,16 @@ from pathlib import Path
 
 import ray.train
 import torch
+from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from components import accelerator, models, training
+from components import accelerator, models, plots, training
 from components.configs import PretrainConfig
+from components.metrics import training_progress
 from components.stage import StageContext, StageResult
 from components.throughput import Throughput, device_name
-from components.tracking import open_tracker
+from components.tracking import node_system_metrics, open_tracker
 from components.vocab import special_ids
 
 log = logging.getLogger(__name__)
@@ -52,13 +54,17 @@ def run(cfg: PretrainConfig, tokenized_uri: str, ctx: StageContext) -> StageResu
         tracking_uri=ctx.tracking_uri, mlflow_run_id=ctx.mlflow_run_id, seed=ctx.seed, objective=objective,
         launched_at=time.time(), resumed=ctx.resumed,
     )  # fmt: skip
+    tracker = open_tracker(ctx.tracking_uri, ctx.mlflow_run_id, resumed=ctx.resumed)
+    tracker.log_metrics({"progress/total_steps": cfg.max_steps}, 0)  # `ptft run` and `ptft status` show step x of this
+    tracker.flush()
     result = training.fit_on_ray(train_loop_per_worker, worker_cfg.model_dump(), cfg.workers, ctx,
                                  checkpoints_to_keep=2)  # fmt: skip
     model_dir, metrics = training.export_final_model(result, ctx.output_dir)
     checked = models.smoke_test(model_dir, objective)
     log.info("pretrain: %s loads and runs; weights sha256 %s", model_dir, checked["weights_sha256"])
-    tracker = open_tracker(ctx.tracking_uri, ctx.mlflow_run_id)
     tracker.set_tags({"ptft.weights_sha256": checked["weights_sha256"], "ptft.objective": objective})
+    client = MlflowClient(ctx.tracking_uri)
+    plots.log(client, ctx.mlflow_run_id, plots.training_curves(client, ctx.mlflow_run_id, ctx.output_dir / "plots"))
     return StageResult(output_uri=str(model_dir), metrics=metrics, outputs=checked)
 
 
@@ -71,6 +77,11 @@ def train_loop_per_worker(config: dict) -> None:
     data position (the step) come back, so the run ends as an uninterrupted one would.
     """
     cfg = _WorkerConfig.model_validate(config)
+    with node_system_metrics(cfg.tracking_uri, cfg.mlflow_run_id):
+        _pretrain(cfg)
+
+
+def _pretrain(cfg: _WorkerConfig) -> None:
     stage = cfg.stage
     accelerator.prepare_process(stage.workers.use_gpu, stage.workers.cpus_per_worker)
     context = ray.train.get_context()
@@ -112,6 +123,9 @@ def train_loop_per_worker(config: dict) -> None:
             if (norm := training.grad_norm(engine)) is not None:
                 metrics["train/grad_norm"] = norm
             tracker.log_metrics(metrics, step)
+            if rank == 0:  # the loss is already averaged over ranks; one series per run
+                training_progress("pretrain", cfg.mlflow_run_id, step=step, loss=metrics["train/loss"],
+                                  tokens_per_s=metrics.get("throughput/tokens_per_s"))  # fmt: skip
             meter.reset()
         if step % stage.checkpoint_every == 0 and step < stage.max_steps:
             tracker.flush()  # what a checkpoint covers is in MLflow before it

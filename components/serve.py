@@ -1,6 +1,8 @@
 """Stage 5, serve: a classifier on Ray Serve behind FastAPI, from the registry or a model folder.
 
     POST /predict  {"texts": [...]} -> {"predictions": [{"label", "score", "truncated"}], "model": {...}}
+    POST /explain  {"texts": [...], "layer": -1} -> {"explanations": [{"tokens", "attention" (heads x tokens),
+                   "label", "score", ...}], "model": {...}}
     GET  /healthz   liveness
     GET  /metadata  model name, version, source, limits
     GET  /docs      OpenAPI
@@ -32,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 
 from components.configs import REGISTRY_URI, ServeConfig
+from components.explain import MAX_EXPLAIN_TEXTS
 from components.stage import StageContext, StageResult, write_json
 
 log = logging.getLogger(__name__)
@@ -60,6 +63,27 @@ class PredictResponse(BaseModel):
     predictions: list[Prediction]
     model: ModelInfo
     max_tokens: int = Field(description="tokens the model reads per text; longer texts are truncated")
+
+
+class ExplainRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    texts: list[str] = Field(description=f"texts to explain, at most {MAX_EXPLAIN_TEXTS}")
+    layer: int = Field(-1, description="the layer whose attention to return: 0..layers-1, or -1 for the last")
+
+
+class AttentionMap(BaseModel):
+    text: str
+    tokens: list[str] = Field(description="the tokens the model read (truncated texts are cut)")
+    label: str
+    score: float
+    layer: int
+    query_token: str = Field(description="the token whose attention is shown: [CLS], or a decoder's last token")
+    attention: list[list[float]] = Field(description="heads x tokens: how much each head attends to each token")
+
+
+class ExplainResponse(BaseModel):
+    explanations: list[AttentionMap]
+    model: ModelInfo
 
 
 class RequestError(Exception):
@@ -112,18 +136,38 @@ class ClassifierApp:
                                  "send fewer or shorter texts, or retry"}, status_code=408)  # fmt: skip
         return PredictResponse(predictions=predictions, model=self.model, max_tokens=self.scorer.max_tokens)
 
+    @app.post("/explain", response_model=ExplainResponse, responses=ERRORS,
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": ExplainRequest.model_json_schema()}}}})  # fmt: skip
+    async def explain(self, request: Request):
+        """Attention maps of a few texts. Computed here, not batched: on the event loop, like a
+        batch, so it never runs beside one on the same model."""
+        try:
+            asked = await self._parse(request, ExplainRequest)
+            texts = check_texts(asked.texts, self.cfg)
+            if len(texts) > MAX_EXPLAIN_TEXTS:
+                raise RequestError(422, f"{len(texts)} texts; /explain takes at most {MAX_EXPLAIN_TEXTS}: split it")
+            explanations = self.scorer.explain(texts, asked.layer)
+        except RequestError as error:
+            return JSONResponse({"detail": error.message}, status_code=error.status)
+        except ValueError as error:  # a layer the model does not have
+            return JSONResponse({"detail": f"layer: {error}"}, status_code=422)
+        return ExplainResponse(explanations=explanations, model=self.model)
+
     async def _texts(self, request: Request) -> list[str]:
+        return check_texts((await self._parse(request, PredictRequest)).texts, self.cfg)
+
+    async def _parse(self, request: Request, schema: type[BaseModel]) -> BaseModel:
         body = await read_body(request, self.cfg.max_body_bytes)
         try:
             payload = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise RequestError(400, f'the body is not JSON ({error}); send {{"texts": ["..."]}}') from None
         try:
-            texts = PredictRequest.model_validate(payload).texts
+            return schema.model_validate(payload)
         except ValidationError as error:
             problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in error.errors())
             raise RequestError(422, f'{problems}; send {{"texts": ["..."]}}') from None
-        return check_texts(texts, self.cfg)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def predict_batch(self, requests_texts: list[list[str]]) -> list[list[dict]]:
@@ -187,6 +231,11 @@ class Scorer:
         scores, ids = probabilities.max(-1)
         return [{"label": self.labels[int(i)], "score": float(s), "truncated": cut}
                 for s, i, cut in zip(scores, ids, truncated, strict=True)]  # fmt: skip
+
+    def explain(self, texts: list[str], layer: int = -1) -> list[dict]:
+        from components.explain import attention_maps
+
+        return attention_maps(self.model, self.tokenizer, texts, max_tokens=self.max_tokens, layer=layer)
 
     def _truncated(self, encoded, texts: list[str]) -> list[bool]:
         if encoded.encodings is not None:  # a fast tokenizer keeps what it cut off

@@ -17,6 +17,8 @@ from typing import Any, TextIO
 
 import ray.tune
 
+from components import metrics
+
 
 def _number(value: Any) -> str:
     if value is None:
@@ -86,6 +88,29 @@ class TrialTable(ray.tune.Callback):
             self._print(trials, "progress")
 
 
+# Tune's trial states, as the live metrics count them.
+_TRIAL_STATUS = {"PENDING": "pending", "PAUSED": "pending", "RUNNING": "running", "TERMINATED": "finished",
+                 "ERROR": "errored"}  # fmt: skip
+
+
+class TrialCounts(ray.tune.Callback):
+    """Keeps the live metric of how many trials of the sweep are pending, running, finished and
+    errored (`ptft_tune_trials`), after every step of Tune's loop, where any trial may change state."""
+
+    def __init__(self, pipeline_run_id: str):
+        self.pipeline_run_id = pipeline_run_id
+
+    def on_step_end(self, iteration, trials, **info) -> None:
+        counts: dict[str, int] = {}
+        for trial in trials:
+            status = _TRIAL_STATUS.get(trial.status, "pending")
+            counts[status] = counts.get(status, 0) + 1
+        metrics.trials(self.pipeline_run_id, counts)
+
+    def on_experiment_end(self, trials, **info) -> None:
+        self.on_step_end(0, trials)
+
+
 def write_csv(rows: list[dict], params: list[str], metric: str, path: Path) -> None:
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
@@ -115,6 +140,9 @@ def plot(rows: list[dict], params: list[str], metric: str, log_scale: set[str], 
             axis.scatter([value], [score], s=60 if is_best else 30, zorder=3 if is_best else 2,
                          facecolors=("tab:red" if is_best else "tab:blue") if full or is_best else "none",
                          edgecolors="tab:red" if is_best else "tab:blue")  # fmt: skip
+            if is_best:
+                axis.annotate("best", (value, score), xytext=(6, 6), textcoords="offset points", color="tab:red",
+                              fontsize=8)  # fmt: skip
         if name in log_scale:
             axis.set_xscale("log")
         axis.set_xlabel(name)

@@ -6,8 +6,9 @@ sent with `log_batch`: one HTTP call per step is far slower than one per `flush`
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Protocol
 
 from mlflow.entities import Metric, Param, RunTag
@@ -48,11 +49,14 @@ class MlflowTracker:
     """
 
     def __init__(self, tracking_uri: str, run_id: str, *, owns_run: bool = False, flush_every: int = 50,
-                 resumed: bool = False):  # fmt: skip
+                 flush_every_s: float = 5.0, resumed: bool = False):  # fmt: skip
         self.client = MlflowClient(tracking_uri)
         self.run_id = run_id
         self.owns_run = owns_run
+        # Whichever comes first: few calls on a fast loop, yet progress (`ptft status`) stays fresh.
         self.flush_every = flush_every
+        self.flush_every_s = flush_every_s
+        self._flushed_at = time.monotonic()
         self.resumed = resumed
         self._pending: list[Metric] = []
         self._last_step: dict[str, int] = {}
@@ -64,7 +68,7 @@ class MlflowTracker:
                 continue
             self._last_step[key] = step
             self._pending.append(Metric(key, float(value), now, step))
-        if len(self._pending) >= self.flush_every:
+        if len(self._pending) >= self.flush_every or time.monotonic() - self._flushed_at >= self.flush_every_s:
             self.flush()
 
     def logged_through(self, key: str) -> int:
@@ -84,6 +88,7 @@ class MlflowTracker:
         self.client.log_batch(self.run_id, tags=[RunTag(key, str(value)) for key, value in redact(tags).items()])
 
     def flush(self) -> None:
+        self._flushed_at = time.monotonic()
         while self._pending:
             batch, self._pending = self._pending[:1000], self._pending[1000:]
             self.client.log_batch(self.run_id, metrics=batch)
@@ -188,3 +193,28 @@ def redact_url(value: Any) -> Any:
 def _param_value(value: Any) -> str:
     text = str(value)
     return text if len(text) <= 6000 else text[:5997] + "..."
+
+
+SYSTEM_METRICS_EVERY_S = 2.0  # short stages (the demo's) still get samples
+
+
+@contextlib.contextmanager
+def node_system_metrics(tracking_uri: str | None, run_id: str | None) -> Iterator[None]:
+    """In a Ray Train worker: CPU, memory, disk, network (and GPU where NVML is present) of this
+    node, logged to `run_id` as `system/node<N>/...` while the block runs. One worker per node
+    samples it (local rank 0); it continues the step count of an earlier attempt."""
+    import ray.train
+
+    context = ray.train.get_context()
+    if not tracking_uri or not run_id or context.get_local_rank() != 0:
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_EVERY_S, resume_logging=True,
+                                   node_id=f"node{context.get_node_rank()}", tracking_uri=tracking_uri)  # fmt: skip
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()

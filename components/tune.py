@@ -13,7 +13,7 @@ MLflow: the stage run is the parent of one run per trial (found again by its `pt
 a restore, a retry or a PBT exploit, so never duplicated); params = the trial's first config,
 `hyper/*` metrics per epoch (PBT changes them), tags `ptft.trial_status` (completed,
 stopped_early, error), `ptft.best_trial`, `ptft.pbt_exploits`. The stage run gets trials.csv and
-sweep.png (metric against each hyperparameter).
+plots/sweep.png (metric against each hyperparameter, the best trial marked).
 
 Output folder:
     best_config.json   the best trial's hyperparameters (finetune reads it)
@@ -42,7 +42,7 @@ from ray.tune.schedulers import (
 )
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from components import accelerator, finetune, sweep_report, training
+from components import accelerator, finetune, plots, sweep_report, training
 from components.configs import INTEGER_HYPERPARAMETERS, DeepSpeedConfig, Distribution, Hyperparameters, TuneConfig
 from components.stage import StageContext, StageResult, read_json, write_json
 from components.tracking import PARENT_TAG, MlflowTracker, find_run, reopen_run, start_run
@@ -127,7 +127,7 @@ def run(
             pretrained_dir=pretrained_uri, task_dir=f"{tokenized_uri}/task",
             label_names=read_json(Path(tokenized_uri) / "labels.json"), epochs=cfg.max_epochs,
             hyper=defaults, deepspeed=deepspeed, threads=max(1, int(cfg.cpus_per_trial)),
-            use_gpu=cfg.gpus_per_trial > 0, tracking_uri=ctx.tracking_uri, seed=ctx.seed,
+            use_gpu=cfg.gpus_per_trial > 0, tracking_uri=ctx.tracking_uri, seed=ctx.seed, stage="tune",
         ),
         tune_run_id=ctx.mlflow_run_id, experiment_id=ctx.experiment_id, pipeline_run_id=ctx.pipeline_run_id,
         workers=cfg.workers_per_trial, cpus_per_worker=cfg.cpus_per_trial, gpus_per_worker=cfg.gpus_per_trial,
@@ -180,7 +180,8 @@ def _new_tuner(cfg: TuneConfig, trainable, ctx: StageContext) -> ray.tune.Tuner:
             # written several more by the time the exploiting trial gets a CPU, so PBT keeps them all.
             checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=None if pbt else 1),
             failure_config=ray.tune.FailureConfig(max_failures=cfg.trial_max_failures),
-            callbacks=[sweep_report.TrialTable(params, cfg.metric, cfg.mode, cfg.progress_every_s)],
+            callbacks=[sweep_report.TrialTable(params, cfg.metric, cfg.mode, cfg.progress_every_s),
+                       sweep_report.TrialCounts(ctx.pipeline_run_id)],
         ),
     )  # fmt: skip
 
@@ -314,8 +315,8 @@ def _summarise(results: ray.tune.ResultGrid, cfg: TuneConfig, ctx: StageContext)
     sweep_report.write_csv(rows, params, cfg.metric, ctx.output_dir / "trials.csv")
     log_scale = {name for name, dist_ in cfg.search_space.items() if dist_.type == "loguniform"}
     sweep_report.plot(rows, params, cfg.metric, log_scale, best["trial"], ctx.output_dir / "sweep.png")
-    for artifact in ("trials.csv", "sweep.png"):
-        client.log_artifact(ctx.mlflow_run_id, str(ctx.output_dir / artifact))
+    client.log_artifact(ctx.mlflow_run_id, str(ctx.output_dir / "trials.csv"))
+    client.log_artifact(ctx.mlflow_run_id, str(ctx.output_dir / "sweep.png"), plots.PLOTS)
     client.set_tag(ctx.mlflow_run_id, "ptft.best_trial", best["trial"])
     client.set_tag(ctx.mlflow_run_id, "ptft.best_trial_run_id", best["mlflow_run_id"] or "")
     counts = ", ".join(f"{sum(row['status'] == status for row in rows)} {status}"

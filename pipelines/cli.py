@@ -1,5 +1,5 @@
-"""`ptft` command line: run, resume, sweep, serve, promote, rollback, runs, validate, ui (and
-submit/status/logs/stop for Ray Jobs).
+"""`ptft` command line: run, resume, sweep, serve, explain, promote, rollback, runs, status, report,
+validate, ui (and submit/status/logs/stop for Ray Jobs; `status` also shows pipeline runs).
 
 Exit codes: 0 success, 1 a failure while running (infrastructure or a bug: traceback shown),
 2 a user error in the config or data (a message, no traceback).
@@ -8,6 +8,8 @@ Exit codes: 0 success, 1 a failure while running (infrastructure or a bug: trace
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
 import os
 import signal
@@ -15,14 +17,16 @@ import sys
 import time
 from pathlib import Path
 
-from pipelines import jobs
+from pipelines import jobs, report
 from pipelines.config import _MISSING as _MISSING_VALUE
 from pipelines.config import ConfigError, Problem, load_config, validate
+from pipelines.manifest import STAGE_ORDER
 
 # The stage names, without importing the runner (Ray, torch) for `--help`.
-STAGE_NAMES = ("tokenize", "pretrain", "tune", "finetune", "serve")
+STAGE_NAMES = STAGE_ORDER
 
 EXIT_USER_ERROR = 2
+MAX_EXPLAIN_TEXTS = 8  # as components.explain (not imported here: `--help` stays free of torch)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,12 +56,14 @@ def _parser() -> argparse.ArgumentParser:
                      help="keep the Serve deployment up until Ctrl-C (default: shut down a local Ray at the end)")
     run.add_argument("--rerun", metavar="STAGE", choices=STAGE_NAMES,
                      help="run this stage and every later one again, ignoring their cache")
+    _add_progress_options(run)
     run.set_defaults(handler=_run)
 
     resume = commands.add_parser("resume", help="continue a failed or interrupted pipeline run")
     resume.add_argument("run_id", help="pipeline run id (see `ptft runs`)")
     resume.add_argument("--storage", default="./ptft-runs", help="the run's storage (default ./ptft-runs)")
     resume.add_argument("--keep-serving", action="store_true", help="as for run")
+    _add_progress_options(resume)
     resume.set_defaults(handler=_resume)
 
     sweep = commands.add_parser(
@@ -103,6 +109,16 @@ def _parser() -> argparse.ArgumentParser:
     rollback.add_argument("--config", default="configs/demo.yaml", help="config giving tracking, ray and serve")
     rollback.set_defaults(handler=_rollback)
 
+    explain = commands.add_parser("explain", help="attention maps of texts: where the model's heads look")
+    explain.add_argument("model", help="models:/NAME@ALIAS, models:/NAME/VERSION, or a Hugging Face model folder")
+    explain.add_argument("texts", nargs="+", help="texts to explain, each quoted")
+    explain.add_argument("--config", default="configs/demo.yaml", help="config giving the tracking store")
+    explain.add_argument("--tracking-uri", help="the MLflow tracking URI (default: the config's)")
+    explain.add_argument("--layer", type=int, default=-1, help="layer to show: 0..layers-1, or -1 (the last)")
+    explain.add_argument("--output", metavar="PNG", help="also draw the maps (heads x tokens) into this PNG file")
+    explain.add_argument("--json", action="store_true", help="print the maps as JSON (what POST /explain answers)")
+    explain.set_defaults(handler=_explain)
+
     ui = commands.add_parser("ui", help="open the MLflow UI on the config's tracking store")
     ui.add_argument("config", nargs="?", default="configs/demo.yaml")
     ui.add_argument("overrides", nargs="*")
@@ -110,7 +126,15 @@ def _parser() -> argparse.ArgumentParser:
     ui.add_argument("--host", default="127.0.0.1")
     ui.set_defaults(handler=_ui)
     jobs.add_commands(commands)
+    report.add_commands(commands)
     return parser
+
+
+def _add_progress_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quiet", "-q", action="store_true",
+                        help="print only the summary at the end and warnings or errors (no progress, no worker logs)")
+    parser.add_argument("--progress-every", type=float, default=10.0, metavar="SECONDS",
+                        help="seconds between progress lines of a running stage (default 10)")  # fmt: skip
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -222,8 +246,14 @@ def _execute(config, args: argparse.Namespace, **how) -> int:
     import pipelines  # heavy imports (Ray, MLflow) only once the config is known to be good
 
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # runs end KILLED, not stuck RUNNING
+    quiet = getattr(args, "quiet", False)
+    if quiet:
+        _quiet_down(config)
     started = time.perf_counter()
-    result = pipelines.run(config, on_stage=_print_stage, **how)
+    progress_every_s = None if quiet else getattr(args, "progress_every", 10.0)
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull if quiet else sys.stdout):
+        result = pipelines.run(config, on_stage=None if quiet else _print_stage, worker_logs=not quiet,
+                               progress_every_s=progress_every_s, **how)  # fmt: skip
     _print_summary(result, config, time.perf_counter() - started)
     on_cluster = _on_cluster(config)
     if args.keep_serving:
@@ -235,6 +265,17 @@ def _execute(config, args: argparse.Namespace, **how) -> int:
         serve.shutdown()
         print("Serve shut down.")
     return 0
+
+
+def _quiet_down(config) -> None:
+    """`--quiet`: warnings and errors only (stderr), no progress bars, no live sweep table."""
+    logging.getLogger().setLevel(logging.WARNING)
+    os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    config.tune.progress_every_s = 0
 
 
 def _runs(args: argparse.Namespace) -> int:
@@ -325,6 +366,48 @@ def _serve(args: argparse.Namespace) -> int:
 
 # How often a local `ptft serve` of an alias checks the registry for a new version.
 FOLLOW_EVERY_S = 5
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from pipelines.config import model_reference_problems
+
+    overrides = [f"tracking.uri={args.tracking_uri}"] if args.tracking_uri else []
+    config = load_config(args.config, overrides, check_data=False)
+    problems = model_reference_problems(args.model, "MODEL")
+    if len(args.texts) > MAX_EXPLAIN_TEXTS:
+        problems.append(Problem("TEXTS", len(args.texts), f"at most {MAX_EXPLAIN_TEXTS} texts at a time",
+                                "explain them in several calls"))  # fmt: skip
+    if problems:
+        raise ConfigError("ptft explain", problems)
+    from components import plots, serve
+
+    try:
+        model = serve.resolve_model(args.model, config.tracking_uri())
+    except ValueError as error:
+        raise ConfigError("ptft explain", [Problem("MODEL", args.model, str(error), "check the name")]) from None
+    scorer = serve.Scorer(model.model_uri, config.tracking_uri())
+    try:
+        maps = scorer.explain(args.texts, args.layer)
+    except ValueError as error:
+        raise ConfigError("ptft explain", [Problem("--layer", args.layer, str(error), "pick a layer it has")]) from None
+    if args.json:
+        print(json.dumps({"explanations": maps, "model": model.model_dump()}, indent=1))
+    else:
+        print(f"{model.name} v{model.version}")
+        for item in maps:
+            _print_attention(item)
+    if args.output:
+        print(f"Attention maps drawn in {plots.attention(maps, Path(args.output))}")
+    return 0
+
+
+def _print_attention(item: dict, top: int = 3) -> None:
+    """The prediction, then per head the tokens it attends to most."""
+    print(f"\n{item['text']!r} -> {item['label']} ({item['score']:.3f}); layer {item['layer']}, "
+          f"attention from {item['query_token']}:")  # fmt: skip
+    for head, weights in enumerate(item["attention"]):
+        ranked = sorted(zip(weights, item["tokens"], strict=True), reverse=True)[:top]
+        print(f"  head {head}: " + ", ".join(f"{token} {weight:.2f}" for weight, token in ranked))
 
 
 def _export_serve_config(document: dict, path: str) -> int:

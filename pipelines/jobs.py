@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import json
 import os
 import re
 import shlex
@@ -62,10 +63,16 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                         help="skip the MLflow and cluster-resource checks before submitting")  # fmt: skip
     submit.set_defaults(handler=_submit)
 
-    status = commands.add_parser("status", help="status of a submitted job")
-    status.add_argument("job_id")
+    status = commands.add_parser(
+        "status", help="status of a pipeline run (stages, progress, ETA) or of a submitted job",
+        description="ID is a pipeline run id under --storage (default: the newest run there) or a Ray job id "
+        "on the cluster at --address. --json prints the same as one JSON object, for scripts.",
+    )  # fmt: skip
+    status.add_argument("job_id", nargs="?", metavar="ID", help="pipeline run id or job id (default: newest run)")
+    status.add_argument("--storage", default="./ptft-runs", help="where pipeline runs live (default ./ptft-runs)")
+    status.add_argument("--json", action="store_true", help="print one JSON object")
     _add_address(status)
-    status.set_defaults(handler=_status)
+    status.set_defaults(handler=_status_of_run_or_job)
 
     logs = commands.add_parser("logs", help="logs of a submitted job")
     logs.add_argument("job_id")
@@ -214,9 +221,26 @@ def _submission_id(name: str) -> str:
 
 # --- status, logs, stop ------------------------------------------------------------------------
 
+def _status_of_run_or_job(args: argparse.Namespace) -> int:
+    """A pipeline run when ID names one under --storage (or no ID is given), else a cluster job."""
+    from pipelines import manifest as mf
+
+    storage = Path(args.storage)
+    if args.job_id is None or (mf.Manifest.folder(storage, args.job_id) / "manifest.json").is_file():
+        from pipelines import progress
+
+        return progress.print_status(storage, args.job_id, as_json=args.json)
+    return _status(args)
+
+
 @_cluster_command
 def _status(args: argparse.Namespace) -> int:
     info = _job_info(_client(args.address), args.job_id)
+    if args.json:
+        print(json.dumps({"job_id": args.job_id, "status": _value(info.status), "message": info.message,
+                          "entrypoint": info.entrypoint, "start_time_ms": info.start_time,
+                          "end_time_ms": info.end_time}))  # fmt: skip
+        return 0
     print(f"{args.job_id}: {_value(info.status)}")
     if info.message:
         print(f"  {info.message}")

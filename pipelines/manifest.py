@@ -13,11 +13,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from components import metrics
 from components.stage import read_json, write_json
 
 # Stage states. `cached`: reused an artifact another run produced; `succeeded`: produced it here.
 PENDING, RUNNING, SUCCEEDED, CACHED, FAILED, KILLED = "pending", "running", "succeeded", "cached", "failed", "killed"
 DONE = (SUCCEEDED, CACHED)
+STAGE_ORDER = ("tokenize", "pretrain", "tune", "finetune", "serve")
 
 
 @dataclass
@@ -71,7 +73,10 @@ class Manifest:
             known = ", ".join(run.run_id for run in list_runs(storage)[:5]) or "none"
             raise FileNotFoundError(f"no pipeline run {run_id!r} under {storage} (recent runs: {known})")
         raw = read_json(path)
-        raw["stages"] = {name: StageRecord(**record) for name, record in raw["stages"].items()}
+        # The file's keys are sorted; give the stages back in pipeline order.
+        rank = {name: index for index, name in enumerate(STAGE_ORDER)}
+        order = sorted(raw["stages"], key=lambda name: rank.get(name, len(rank)))
+        raw["stages"] = {name: StageRecord(**raw["stages"][name]) for name in order}
         return cls(**raw)
 
     def config(self) -> dict[str, Any]:
@@ -79,6 +84,15 @@ class Manifest:
 
     def save(self) -> None:
         write_json(self.folder(Path(self.storage), self.run_id) / "manifest.json", asdict(self))
+        # Every transition (started, ended, cached, failed, killed, resumed) is saved here, so the
+        # live metrics mirror exactly what the manifest says.
+        self._publish_metrics()
+
+    def _publish_metrics(self) -> None:
+        for stage, record in self.stages.items():
+            metrics.stage_status(self.pipeline, self.run_id, stage, record.status)
+            if record.seconds is not None:
+                metrics.stage_finished(self.pipeline, self.run_id, stage, record.seconds)
 
     # --- transitions --------------------------------------------------------------------------
 

@@ -37,14 +37,15 @@ from components.tracking import (
     reopen_run,
     start_run,
 )
+from pipelines import lineage, progress
 from pipelines import manifest as mf
 from pipelines.config import ConfigError, PipelineConfig, resolved_dict
 
 log = logging.getLogger(__name__)
 
-STAGES = ("tokenize", "pretrain", "tune", "finetune", "serve")
+STAGES = mf.STAGE_ORDER
 # Bump a stage's version when its code changes what it writes: the key changes with it.
-STAGE_VERSIONS = {"tokenize": "2", "pretrain": "3", "tune": "5", "finetune": "4", "serve": "2"}
+STAGE_VERSIONS = {"tokenize": "2", "pretrain": "4", "tune": "6", "finetune": "5", "serve": "2"}
 # Settings that change how a stage runs but not what it writes: left out of its cache key.
 NOT_IN_KEY = {
     "pretrain": ("log_every", "checkpoint_every", "workers.max_failures", "workers.placement_strategy"),
@@ -72,7 +73,8 @@ class PipelineResult:
 
 def run(
     config: PipelineConfig, *, rerun: str | None = None, resume: str | None = None, until: str | None = None,
-    on_stage: Callable[[str, StageResult], None] | None = None,
+    on_stage: Callable[[str, StageResult], None] | None = None, progress_every_s: float | None = None,
+    worker_logs: bool = True,
 ) -> PipelineResult:  # fmt: skip
     """Run every stage, reusing cached artifacts; returns their results.
 
@@ -81,6 +83,8 @@ def run(
         stages up to it, so a resume of that run stops there too.
     resume: continue this pipeline run id: finished stages are reused, an interrupted training
         stage or sweep continues from its checkpoints, its MLflow runs are continued.
+    progress_every_s: print stage transitions, and the running stage's progress this often.
+    worker_logs: stream the Ray workers' logs to this process (off for `ptft run --quiet`).
     Serve keeps running until `serve.shutdown()` or Ray exits.
     """
     for option, value in (("rerun", rerun), ("until", until)):
@@ -88,7 +92,7 @@ def run(
             raise ValueError(f"{option}={value!r}: not a stage; choose one of {', '.join(STAGES)}")
     storage = config.storage_path()
     storage.mkdir(parents=True, exist_ok=True)
-    _init_ray(config)
+    _init_ray(config, worker_logs=worker_logs)
     _preflight(config)
     client = MlflowClient(config.tracking_uri())
     # The embedded store keeps artifacts beside it; a tracking server decides for itself.
@@ -105,6 +109,7 @@ def run(
     result = PipelineResult(manifest.run_id, manifest.mlflow_run_id, experiment_id, config.tracking_uri())
     forced = set(STAGES[STAGES.index(rerun) :]) if rerun else set()
     runner = _StageRunner(config, client, result, storage, manifest, forced)
+    reporter = progress.Reporter(manifest, client, every_s=progress_every_s).start() if progress_every_s else None
     status = "FAILED"
     try:
         for stage in [name for name in STAGES if name in manifest.stages]:  # a sweep's run ends at tune
@@ -117,6 +122,8 @@ def run(
         raise
     finally:
         manifest.finished({"FINISHED": mf.SUCCEEDED, "KILLED": mf.KILLED}.get(status, mf.FAILED))
+        if reporter:
+            reporter.stop()
         client.set_terminated(manifest.mlflow_run_id, status=status)
     return result
 
@@ -149,7 +156,7 @@ def new_run_id() -> str:
     return f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
 
 
-def _init_ray(config: PipelineConfig) -> None:
+def _init_ray(config: PipelineConfig, *, worker_logs: bool = True) -> None:
     if ray.is_initialized():
         return
     use_gpu = config.pretrain.workers.use_gpu or config.finetune.workers.use_gpu
@@ -160,7 +167,7 @@ def _init_ray(config: PipelineConfig) -> None:
     address = config.ray.address or os.environ.get("RAY_ADDRESS")
     local = {} if address else {"num_cpus": config.ray.num_cpus, "dashboard_host": config.ray.dashboard_host}
     address = address or "local"
-    ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, configure_logging=False, **local)
+    ray.init(address=address, runtime_env=runtime_env, log_to_driver=worker_logs, configure_logging=False, **local)
 
 
 def _start_parent_run(client: MlflowClient, config: PipelineConfig, experiment_id: str, run_id: str) -> str:
@@ -227,11 +234,33 @@ class _StageRunner:
         if record.status in mf.DONE and record.key == key and (final_dir / SUCCESS).is_file():
             stage_result = self._reuse_own(stage, final_dir, record)  # resumed: done in an earlier attempt
         elif stage not in self.forced and (final_dir / SUCCESS).is_file():
-            stage_result = self._cache_hit(stage, key, stage_config, final_dir)
+            stage_result = self._cache_hit(stage, key, stage_config, final_dir, inputs)
         else:
-            stage_result = self._execute(stage, key, stage_config, call, final_dir)
+            stage_result = self._execute(stage, key, stage_config, call, final_dir, inputs)
+        if stage == "finetune" and not stage_result.cached:
+            lineage.describe_model_version(self.client, stage_result.outputs["registered"], self.mlflow_run_ids,
+                                           self.result.experiment_id, self.config.tracking_uri())  # fmt: skip
         self.result.stages[stage] = stage_result
         return stage_result
+
+    def _record_lineage(self, stage: str, run_id: str, inputs: dict[str, str]) -> None:
+        """The stage run's dataset inputs and the upstream runs it consumed."""
+        lineage.tag_upstream(self.client, run_id, stage, self.mlflow_run_ids)
+        lineage.log_datasets(self.client, run_id, self._reads(stage, inputs))
+
+    def _reads(self, stage: str, inputs: dict[str, str]) -> list[lineage.DatasetRead]:
+        """What a stage reads: the configured sources (tokenize), else the tokenized folders, whose
+        digest is the tokenize key (it fingerprints the sources and the tokenization)."""
+        if stage == "tokenize":
+            return [lineage.DatasetRead(split, source, inputs[split], "corpus" if split == "corpus" else split)
+                    for split, source in _sources(self.config).items()]  # fmt: skip
+        if stage == "serve":
+            return []
+        tokenized, key = self.result.stages["tokenize"].output_uri, self.keys["tokenize"]
+        if stage == "pretrain":
+            return [lineage.DatasetRead("pretrain_blocks", f"{tokenized}/pretrain_blocks", key, "training")]
+        splits = ("train", "validation") if stage == "tune" else ("train", "validation", "test")
+        return [lineage.DatasetRead(f"task/{split}", f"{tokenized}/task/{split}", key, split) for split in splits]
 
     def _reuse_own(self, stage: str, final_dir: Path, record: mf.StageRecord) -> StageResult:
         self.mlflow_run_ids[stage] = record.mlflow_run_id
@@ -240,13 +269,14 @@ class _StageRunner:
         log.info("stage %s: done in an earlier attempt of this run", stage)
         return self._after_hit(stage, stage_result, final_dir)
 
-    def _cache_hit(self, stage: str, key: str, stage_config: dict, final_dir: Path) -> StageResult:
+    def _cache_hit(self, stage: str, key: str, stage_config: dict, final_dir: Path, inputs: dict) -> StageResult:
         success = read_json(final_dir / SUCCESS)
         producer = success["mlflow_run_id"]
         run_id = self._child_run(stage, key, cache_hit=True, extra_tags={
             "ptft.cached_from_run_id": producer,
             "ptft.cached_from_pipeline_run": success.get("pipeline_run_id", ""),
         })  # fmt: skip
+        self._record_lineage(stage, run_id, inputs)
         self.manifest.stage_started(stage, key, run_id)
         tracker = MlflowTracker(self.config.tracking_uri(), run_id, owns_run=True)
         tracker.log_params(flatten(stage_config))
@@ -270,7 +300,7 @@ class _StageRunner:
             _stage_module("serve").ensure_deployed(self.config.serve, stage_result.outputs, self.config.tracking_uri())
         return stage_result
 
-    def _execute(self, stage: str, key: str, stage_config: dict, call, final_dir: Path) -> StageResult:
+    def _execute(self, stage: str, key: str, stage_config: dict, call, final_dir: Path, inputs: dict) -> StageResult:
         record = self.manifest.stages[stage]
         continuing = record.mlflow_run_id is not None and record.key == key
         if continuing:
@@ -278,6 +308,7 @@ class _StageRunner:
             reopen_run(self.client, run_id)
         else:
             run_id = self._child_run(stage, key, cache_hit=False)
+            self._record_lineage(stage, run_id, inputs)
         self.mlflow_run_ids[stage] = run_id
         self.manifest.stage_started(stage, key, run_id)
         tracker = MlflowTracker(self.config.tracking_uri(), run_id, owns_run=True, resumed=continuing)

@@ -64,9 +64,8 @@ def tiny_classifier(folder: Path, seed: int) -> Path:
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
     folder.mkdir(parents=True)
-    vocab = folder / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, ".", ","]) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(vocab), model_max_length=POSITIONS)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, ".", ","]
+    tokenizer = BertTokenizerFast(vocab={word: index for index, word in enumerate(words)}, model_max_length=POSITIONS)
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=POSITIONS,

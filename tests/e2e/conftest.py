@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,11 +32,17 @@ SECRETS = {"MLFLOW_TRACKING_TOKEN": "e2e-token-5b1d", "AWS_SECRET_ACCESS_KEY": "
 
 
 @pytest.fixture(scope="session")
-def demo(ray_driver: str, mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def demo(ray_driver: str, mlflow_server: str, request: pytest.FixtureRequest,
+         tmp_path_factory: pytest.TempPathFactory) -> dict:  # fmt: skip
+    if shutil.which("prometheus") or os.environ.get("PTFT_REQUIRE_SYSTEM_TOOLS"):
+        # Prometheus scrapes the cluster while the demo runs (test_dashboards.py queries what it saw).
+        # Asked for here rather than as a parameter: where it is not installed, only that module skips.
+        request.getfixturevalue("prometheus")
     storage = tmp_path_factory.mktemp("demo")
     port = free_port()
     command = [PTFT, "run", "configs/demo.yaml", *SHRINK, f"storage={storage}", f"tracking.uri={mlflow_server}",
-               f"ray.address={ray_driver}", f"serve.port={port}", "serve.app_name=e2e"]  # fmt: skip
+               f"ray.address={ray_driver}", f"serve.port={port}", "serve.app_name=e2e",
+               "--progress-every", "2"]  # fmt: skip
     result = run_ptft(command)
     # Where the run says it serves: a Serve already running on the shared cluster keeps its own port.
     url = result.stdout.split(" served at ", 1)[1].split()[0]

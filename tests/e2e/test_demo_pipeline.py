@@ -137,11 +137,17 @@ def test_no_secret_reaches_mlflow(demo: dict) -> None:
 def reruns(demo: dict) -> dict:
     cached = run_ptft(demo["command"])
     cached_manifest = newest_manifest(demo["storage"])
-    run_ptft([*demo["command"], "finetune.epochs=2"])
+    changed = run_ptft([*demo["command"], "finetune.epochs=2", "--quiet"])
     changed_manifest = newest_manifest(demo["storage"])
     run_ptft([*demo["command"], "finetune.epochs=2", "--rerun", "finetune"])
     return {"cached": cached_manifest, "cached_stdout": cached.stdout, "changed": changed_manifest,
-            "forced": newest_manifest(demo["storage"])}  # fmt: skip
+            "changed_stdout": changed.stdout, "forced": newest_manifest(demo["storage"])}  # fmt: skip
+
+
+def test_quiet_prints_only_the_summary(reruns: dict) -> None:
+    out = reruns["changed_stdout"]
+    assert "[ptft]" not in out and "== sweep" not in out, out[:3000]  # no stage lines, no progress
+    assert f"Pipeline run {reruns['changed']['run_id']} finished" in out and "served at" in out
 
 
 def test_unchanged_rerun_is_all_cache_hits(demo: dict, reruns: dict) -> None:

@@ -98,6 +98,28 @@ def test_a_long_text_is_truncated_and_says_so(app: dict) -> None:
     assert [p["truncated"] for p in response.json()["predictions"]] == [True, False]
 
 
+def test_explain_answers_attention_maps_over_the_tokens(app: dict) -> None:
+    response = requests.post(f"{app['url']}/explain", json={"texts": ["the film was good", "dull"]}, timeout=30)
+    assert response.status_code == 200, response.text
+    first, second = response.json()["explanations"]
+    assert first["tokens"] == ["[CLS]", "the", "film", "was", "good", "[SEP]"] and first["query_token"] == "[CLS]"
+    assert len(first["attention"]) == 2 and all(len(head) == 6 for head in first["attention"])  # 2 heads x 6 tokens
+    assert all(sum(head) == pytest.approx(1.0, abs=1e-3) for head in first["attention"])  # a softmax over the text
+    assert second["tokens"] == ["[CLS]", "dull", "[SEP]"] and first["layer"] == 1  # the last of 2 layers
+    assert response.json()["model"]["version"] == app["versions"][0]["version"]
+    assert "/explain" in requests.get(f"{app['url']}/openapi.json", timeout=10).json()["paths"]
+
+
+@pytest.mark.parametrize("payload, status, says", [
+    ({"texts": ["good"], "layer": 7}, 422, "layer"), ({"texts": ["x"] * 9}, 422, "max_texts=8"),
+    ({"texts": ["x"], "heads": 1}, 422, "heads"), ("{oops", 400, "not JSON"),
+])  # fmt: skip
+def test_bad_explain_requests_get_a_4xx_with_a_message(app: dict, payload, status: int, says: str) -> None:
+    kwargs = {"data": payload} if isinstance(payload, str) else {"json": payload}
+    response = requests.post(f"{app['url']}/explain", timeout=30, **kwargs)
+    assert response.status_code == status and says in response.json()["detail"], response.text
+
+
 BAD_REQUESTS = {
     "not-json": ("{not json", 400, "not JSON"),
     "not-utf8": (b"\xff\xfe", 400, "not JSON"),

@@ -176,8 +176,9 @@ def test_one_mlflow_run_per_trial_under_the_tune_run(sweeps: Sweeps, asha: dict)
     assert sum(trial.data.tags["ptft.best_trial"] == "true" for trial in trials) == 1
     assert by_lr[GRID[3]].data.tags["ptft.trial_status"] == "stopped_early"
     assert tune_run.data.tags["ptft.best_trial_run_id"] == by_lr[GRID[0]].info.run_id
-    artifacts = {item.path for item in sweeps.client.list_artifacts(tune_run.info.run_id)}
-    assert {"trials.csv", "sweep.png"} <= artifacts
+    run_id = tune_run.info.run_id
+    artifacts = {item.path for folder in (None, "plots") for item in sweeps.client.list_artifacts(run_id, folder)}
+    assert {"trials.csv", "plots/sweep.png"} <= artifacts
     assert tune_run.data.metrics["tune/trials_stopped_early"] >= 2
 
 

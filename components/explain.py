@@ -1,0 +1,54 @@
+"""Attention maps: where a classifier's heads look when it decides. One function computes them
+(the finetune stage's picture, `POST /explain` and `ptft explain` all call it) for the token that
+summarises the text: [CLS] for encoders, the last real token for decoders (GPT-2 classifies from it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+MAX_EXPLAIN_TEXTS = 8  # attention maps are heads x tokens per text: keep answers small
+
+
+def attention_maps(model, tokenizer, texts: list[str], *, max_tokens: int, layer: int = -1) -> list[dict]:
+    """Per text: its tokens, the prediction, and `attention` as heads x tokens (the summary token's
+    attention over the text in `layer`; -1 is the last)."""
+    import torch  # here: the serving module imports this one, and its driver never needs torch
+
+    encoded = tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
+    with _eager_attention(model), torch.inference_mode():
+        output = model(**encoded, output_attentions=True)
+    layers = len(output.attentions)
+    if not -layers <= layer < layers:
+        raise ValueError(f"layer {layer}: the model has {layers} layers (0..{layers - 1}, or -1 for the last)")
+    weights = output.attentions[layer].float()  # batch x heads x query x key
+    probabilities = output.logits.float().softmax(-1)
+    labels = model.config.id2label
+    maps = []
+    for row, text in enumerate(texts):
+        kept = encoded["attention_mask"][row].nonzero().flatten()
+        query = int(kept[0]) if tokenizer.cls_token_id is not None else int(kept[-1])
+        query_token = tokenizer.convert_ids_to_tokens(int(encoded["input_ids"][row, query]))
+        score, label = probabilities[row].max(-1)
+        maps.append({
+            "text": text,
+            "tokens": tokenizer.convert_ids_to_tokens(encoded["input_ids"][row, kept].tolist()),
+            "label": labels[int(label)], "score": round(float(score), 6),
+            "layer": layer % layers, "query_token": query_token,
+            "attention": [[round(float(value), 5) for value in head] for head in weights[row, :, query, kept]],
+        })  # fmt: skip
+    return maps
+
+
+@contextlib.contextmanager
+def _eager_attention(model):
+    """Fused attention kernels (SDPA, flash) return no weights: compute eagerly for this call."""
+    before = getattr(model.config, "_attn_implementation", None)
+    if before in (None, "eager"):
+        yield
+        return
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)

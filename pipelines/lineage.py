@@ -1,0 +1,81 @@
+"""MLflow lineage of a pipeline run, written by the runner (stages know nothing of each other):
+
+* the datasets each stage reads, as MLflow dataset inputs (name, source, fingerprint as digest,
+  context: training / validation / test / corpus), shown in the run's "Datasets used";
+* `ptft.upstream.<stage>` tags: the MLflow run of each upstream stage whose output it consumed;
+* the registered model version's description, with links to its pretrain, tune and finetune runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import DatasetInput, InputTag
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+from components.configs import FileSource, HubSource
+
+UPSTREAM = {"tokenize": (), "pretrain": ("tokenize",), "tune": ("tokenize", "pretrain"),
+            "finetune": ("tokenize", "pretrain", "tune"), "serve": ("finetune",)}  # fmt: skip
+UPSTREAM_TAG = "ptft.upstream.{stage}"
+
+
+@dataclass(frozen=True)
+class DatasetRead:
+    name: str
+    source: object  # a FileSource, HubSource or SyntheticSource of the config, or a folder path
+    digest: str
+    context: str
+
+
+def log_datasets(client: MlflowClient, run_id: str, reads: list[DatasetRead]) -> None:
+    inputs = [DatasetInput(MetaDataset(_source(read.source), name=read.name, digest=read.digest)._to_mlflow_entity(),
+                           tags=[InputTag(MLFLOW_DATASET_CONTEXT, read.context)]) for read in reads]  # fmt: skip
+    client.log_inputs(run_id, datasets=inputs)
+
+
+def tag_upstream(client: MlflowClient, run_id: str, stage: str, stage_runs: dict[str, str]) -> None:
+    for upstream in UPSTREAM[stage]:
+        if upstream in stage_runs:
+            client.set_tag(run_id, UPSTREAM_TAG.format(stage=upstream), stage_runs[upstream])
+
+
+def describe_model_version(client: MlflowClient, registered: dict, stage_runs: dict[str, str],
+                           experiment_id: str, tracking_uri: str) -> None:  # fmt: skip
+    """Markdown links to the runs a version came from, and the same as version tags."""
+    lines = [f"Fine-tuned by ptft pipeline run `{_pipeline_run(client, stage_runs)}`."]
+    for stage in ("pretrain", "tune", "finetune"):
+        if stage in stage_runs:
+            link = run_link(tracking_uri, experiment_id, stage_runs[stage])
+            lines.append(f"- {stage} run: [{stage_runs[stage]}]({link})")
+            client.set_model_version_tag(registered["name"], registered["version"], f"ptft.{stage}_run_id",
+                                         stage_runs[stage])  # fmt: skip
+    client.update_model_version(registered["name"], registered["version"], description="\n".join(lines))
+
+
+def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """The run's page in the MLflow UI: absolute for a tracking server, else the UI's own route."""
+    route = f"#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{tracking_uri.rstrip('/')}/{route}" if tracking_uri.startswith(("http://", "https://")) else route
+
+
+def _pipeline_run(client: MlflowClient, stage_runs: dict[str, str]) -> str:
+    return client.get_run(next(iter(stage_runs.values()))).data.tags.get("ptft.run_id", "?")
+
+
+def _source(source: object):
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
+
+    if isinstance(source, HubSource):
+        return HuggingFaceDatasetSource(path=source.name, config_name=source.config_name, split=source.split,
+                                        revision=source.revision)  # fmt: skip
+    if isinstance(source, FileSource):
+        return resolve_dataset_source(source.path if "://" in source.path else str(Path(source.path).resolve()))
+    if isinstance(source, (str, Path)):
+        return resolve_dataset_source(str(source))
+    return CodeDatasetSource(tags={"generator": "components.synthetic", **source.model_dump(mode="json")})

@@ -1,0 +1,194 @@
+"""Progress of a pipeline run, for people and for scripts. Read from the run's manifest (stages,
+status, timings, cache hits) and, for the running stage, from its MLflow run: training stages log
+`train/step` and `progress/total_steps`; a sweep's trials are child runs of the tune run.
+
+* `Reporter`: a thread `ptft run` starts; it prints each stage as it starts and ends, and for a
+  training stage its step, rate and ETA, or for a sweep its trials, every `every_s` seconds.
+* `snapshot`: the same as a dict, for `ptft status [RUN_ID] [--json]`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import TextIO
+
+from mlflow.tracking import MlflowClient
+
+from components.tracking import PARENT_TAG
+from pipelines import manifest as mf
+
+TRAINING_STAGES = ("pretrain", "finetune")
+
+
+def stage_progress(client: MlflowClient, stage: str, run_id: str) -> dict | None:
+    """{"step", "total_steps"} of a training stage, {"trials": {status: count}} of a sweep, or None."""
+    if stage in TRAINING_STAGES:
+        metrics = client.get_run(run_id).data.metrics
+        if "progress/total_steps" not in metrics:
+            return None
+        return {"step": int(metrics.get("train/step", 0)), "total_steps": int(metrics["progress/total_steps"])}
+    if stage == "tune":
+        trials = client.search_runs([client.get_run(run_id).info.experiment_id], f"tags.`{PARENT_TAG}` = '{run_id}'")
+        counts: dict[str, int] = {}
+        for trial in trials:
+            status = trial.data.tags.get("ptft.trial_status", trial.info.status.lower())
+            counts[status] = counts.get(status, 0) + 1
+        return {"trials": counts}
+    return None
+
+
+def eta_s(step: int, total: int, rate: float | None) -> float | None:
+    return (total - step) / rate if rate and step < total else None
+
+
+def snapshot(manifest: mf.Manifest, client: MlflowClient | None = None, now: float | None = None) -> dict:
+    """The run as a dict: status, elapsed seconds, and per stage its status, seconds, cache hit,
+    MLflow run and (while running) progress with an ETA from the stage's average step rate."""
+    now = now or time.time()
+    stages = []
+    for name, record in manifest.stages.items():
+        entry = {"name": name, "status": record.status, "cached": record.status == mf.CACHED,
+                 "seconds": record.seconds, "attempts": record.attempts, "mlflow_run_id": record.mlflow_run_id,
+                 "cached_from_mlflow_run_id": record.cached_from_mlflow_run_id, "error": record.error}  # fmt: skip
+        if record.status == mf.RUNNING and client is not None and record.mlflow_run_id:
+            running_s = now - (record.started_at or now)
+            entry["seconds"] = running_s
+            progress = stage_progress(client, name, record.mlflow_run_id)
+            if progress and "total_steps" in progress:
+                rate = progress["step"] / running_s if running_s > 0 and progress["step"] else None
+                progress["eta_s"] = eta_s(progress["step"], progress["total_steps"], rate)
+            entry["progress"] = progress
+        stages.append(entry)
+    return {"run_id": manifest.run_id, "pipeline": manifest.pipeline, "status": manifest.status,
+            "attempts": manifest.attempts, "created_at": manifest.created_at, "ended_at": manifest.ended_at,
+            "elapsed_s": (manifest.ended_at or now) - manifest.created_at, "tracking_uri": manifest.tracking_uri,
+            "experiment_id": manifest.experiment_id, "mlflow_run_id": manifest.mlflow_run_id,
+            "stages": stages}  # fmt: skip
+
+
+def clock(seconds: float | None) -> str:
+    """12s, 3m05s, 1h02m."""
+    if seconds is None:
+        return "-"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def describe(progress: dict | None) -> str:
+    """One line of a stage's progress: steps, rate and ETA, or trial counts."""
+    if not progress:
+        return ""
+    if "trials" in progress:
+        counts = progress["trials"]
+        return "trials: " + (", ".join(f"{count} {status}" for status, count in sorted(counts.items())) or "starting")
+    step, total = progress["step"], progress["total_steps"]
+    line = f"step {step}/{total} ({100 * step / max(total, 1):.0f}%)"
+    if progress.get("steps_per_s"):
+        line += f", {progress['steps_per_s']:.2f} steps/s"
+    if progress.get("eta_s") is not None:
+        line += f", ETA {clock(progress['eta_s'])}"
+    return line
+
+
+class Reporter:
+    """Prints a run's stage transitions at once, and the running stage's progress every `every_s`
+    seconds while it changes. The rate comes from the steps seen since the reporter first saw the
+    stage train, so start-up time does not skew the ETA."""
+
+    def __init__(self, manifest: mf.Manifest, client: MlflowClient, every_s: float = 10.0,
+                 stream: TextIO | None = None):  # fmt: skip
+        self.manifest, self.client, self.every_s = manifest, client, every_s
+        self.stream = stream
+        self._seen: dict[str, str] = {}
+        self._first: dict[str, tuple[float, int]] = {}
+        self._last_line: dict[str, str] = {}
+        self._last_progress = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="ptft-progress", daemon=True)
+
+    def start(self) -> Reporter:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self.poll(progress=False)  # the last transitions
+
+    def _loop(self) -> None:
+        while not self._stop.wait(1.0):
+            due = time.monotonic() - self._last_progress >= self.every_s
+            try:
+                self.poll(progress=due)
+            except Exception:  # noqa: BLE001 - a progress line is never worth failing a run for
+                pass
+            if due:
+                self._last_progress = time.monotonic()
+
+    def poll(self, *, progress: bool) -> None:
+        for name, record in self.manifest.stages.items():
+            if self._seen.get(name) != record.status:
+                self._seen[name] = record.status
+                self._transition(name, record)
+            if progress and record.status == mf.RUNNING and record.mlflow_run_id:
+                self._progress(name, record)
+
+    def _transition(self, name: str, record: mf.StageRecord) -> None:
+        if record.status == mf.RUNNING:
+            attempt = f" (attempt {record.attempts})" if record.attempts > 1 else ""
+            self._print(f"[ptft] {name:<8} started{attempt}")
+        elif record.status == mf.CACHED:
+            self._print(f"[ptft] {name:<8} cache hit in {clock(record.seconds)} (produced by run "
+                        f"{record.cached_from_mlflow_run_id})")  # fmt: skip
+        elif record.status in (mf.SUCCEEDED, mf.FAILED, mf.KILLED):
+            self._print(f"[ptft] {name:<8} {record.status} in {clock(record.seconds)}")
+
+    def _progress(self, name: str, record: mf.StageRecord) -> None:
+        progress = stage_progress(self.client, name, record.mlflow_run_id)
+        if progress and "total_steps" in progress and progress["step"]:
+            now = time.monotonic()
+            first_at, first_step = self._first.setdefault(name, (now, progress["step"]))
+            if progress["step"] > first_step:
+                progress["steps_per_s"] = (progress["step"] - first_step) / (now - first_at)
+                progress["eta_s"] = eta_s(progress["step"], progress["total_steps"], progress["steps_per_s"])
+        line = describe(progress)
+        if line and line != self._last_line.get(name):
+            self._last_line[name] = line
+            elapsed = time.time() - (record.started_at or time.time())
+            self._print(f"[ptft] {name:<8} {line}  (elapsed {clock(elapsed)})")
+
+    def _print(self, line: str) -> None:
+        print(line, file=self.stream or sys.stdout, flush=True)
+
+
+def print_status(storage: Path, run_id: str | None, *, as_json: bool) -> int:
+    """`ptft status [RUN_ID]`: the run (default: the newest under `storage`) as a table or JSON.
+    MLflow is asked only for a running stage's progress; an unreachable server leaves it out."""
+    runs = mf.list_runs(storage)
+    if not runs:
+        print(f"ptft: no pipeline runs under {storage}", file=sys.stderr)
+        return 2
+    manifest = mf.Manifest.load(storage, run_id) if run_id else runs[0]
+    client = MlflowClient(manifest.tracking_uri) if manifest.tracking_uri else None
+    try:
+        state = snapshot(manifest, client)
+    except Exception as error:  # noqa: BLE001 - the manifest alone still answers
+        print(f"ptft: progress from MLflow unavailable ({error})", file=sys.stderr)
+        state = snapshot(manifest, None)
+    if as_json:
+        print(json.dumps(state, indent=1))
+        return 0
+    print(f"{state['run_id']} ({state['pipeline']}): {state['status']}, {clock(state['elapsed_s'])}")
+    for stage in state["stages"]:
+        line = f"  {stage['name']:<9} {stage['status']:<10} {clock(stage['seconds']):>7}"
+        extra = describe(stage.get("progress")) or (stage["error"] or "")[:100]
+        print(f"{line}  {extra}".rstrip())
+    return 0

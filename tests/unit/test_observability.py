@@ -1,0 +1,240 @@
+"""What a run shows without services: attention maps and the pictures, MLflow lineage on a real
+sqlite store, progress and `ptft status`, and `ptft explain` on a tiny model built here."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from components import explain, plots
+from components.configs import FileSource, SyntheticSource
+from components.finetune import confusion_matrix, macro_f1
+from pipelines import lineage, progress
+from pipelines import manifest as mf
+from pipelines.cli import main
+from tests.conftest import tiny_classifier
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_classifier(tmp_path_factory.mktemp("explain") / "model", seed=3)
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory: pytest.TempPathFactory) -> MlflowClient:
+    """One sqlite store for the module (creating one takes seconds); tests use their own experiments."""
+    return MlflowClient(f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}")
+
+
+def _experiment(client: MlflowClient, name: str) -> str:
+    return client.create_experiment(f"{name}-{uuid.uuid4().hex[:8]}")
+
+
+def _load(folder: Path):
+    return AutoModelForSequenceClassification.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+
+
+# --- attention maps and pictures -----------------------------------------------------------------
+
+
+def test_attention_maps_are_heads_by_tokens_from_cls(classifier: Path) -> None:
+    model, tokenizer = _load(classifier)
+    maps = explain.attention_maps(model, tokenizer, ["the film was good .", "dull"], max_tokens=64)
+    assert maps[0]["tokens"] == ["[CLS]", "the", "film", "was", "good", ".", "[SEP]"]
+    assert maps[1]["tokens"] == ["[CLS]", "dull", "[SEP]"]  # the padding of the batch is left out
+    for item in maps:
+        assert len(item["attention"]) == model.config.num_attention_heads
+        assert all(len(head) == len(item["tokens"]) and sum(head) == pytest.approx(1, abs=1e-3)
+                   for head in item["attention"])  # fmt: skip
+        assert item["query_token"] == "[CLS]" and item["layer"] == 1 and item["label"] in ("negative", "positive")
+    with torch.inference_mode():
+        probabilities = model(**tokenizer(["dull"], return_tensors="pt")).logits.softmax(-1)
+    assert maps[1]["score"] == pytest.approx(float(probabilities.max()), abs=1e-5)  # the prediction, not a copy
+    assert model.config._attn_implementation == "sdpa"  # eager only for the call
+    first_layer = explain.attention_maps(model, tokenizer, ["dull"], max_tokens=64, layer=0)[0]
+    assert first_layer["layer"] == 0 and first_layer["attention"] != maps[1]["attention"]
+    with pytest.raises(ValueError, match="2 layers"):
+        explain.attention_maps(model, tokenizer, ["dull"], max_tokens=64, layer=2)
+
+
+def test_a_decoder_explains_from_its_last_token() -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2ForSequenceClassification, PreTrainedTokenizerFast
+
+    words = ["<pad>", "<unk>", "the", "film", "was", "good"]
+    backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>")
+    config = GPT2Config(vocab_size=len(words), n_positions=16, n_embd=16, n_layer=1, n_head=2, pad_token_id=0,
+                        id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1})  # fmt: skip
+    model = GPT2ForSequenceClassification(config).eval()
+    maps = explain.attention_maps(model, tokenizer, ["the film was good", "good"], max_tokens=16)
+    assert maps[0]["query_token"] == "good" and maps[0]["tokens"] == ["the", "film", "was", "good"]
+    assert maps[1]["tokens"] == ["good"] and maps[1]["attention"] == [[1.0], [1.0]]  # causal: only itself
+
+
+def test_confusion_matrix_and_macro_f1(classifier: Path) -> None:
+    model, tokenizer = _load(classifier)
+    texts = ["the film was good", "dull", "a superb plot", "tedious and bad", "moving"]
+    encoded = tokenizer(texts, padding="max_length", max_length=12, return_tensors="pt")
+    split = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"],
+             "label": torch.tensor([1, 0, 1, 0, 1])}  # fmt: skip
+    matrix = confusion_matrix(model, split, 2, batch_size=2)
+    predicted = model(**{k: v for k, v in encoded.items() if k != "token_type_ids"}).logits.argmax(-1).tolist()
+    expected = [[0, 0], [0, 0]]
+    for true, guess in zip([1, 0, 1, 0, 1], predicted, strict=True):
+        expected[true][guess] += 1
+    assert matrix == expected and sum(map(sum, matrix)) == 5
+    assert macro_f1([[5, 0], [0, 5]]) == 1.0
+    assert macro_f1([[3, 1], [2, 4]]) == pytest.approx((2 * 3 / 9 + 2 * 4 / 11) / 2)
+    assert macro_f1([[0, 4], [0, 4]]) == pytest.approx((0 + 2 * 4 / 12) / 2)  # a label never predicted scores 0
+
+
+def test_pictures_are_pngs(classifier: Path, client: MlflowClient, tmp_path: Path) -> None:
+    run_id = client.create_run(_experiment(client, "pictures")).info.run_id
+    for step in range(1, 21):
+        client.log_metric(run_id, "train/loss", 3 / step, step=step)
+        client.log_metric(run_id, "train/learning_rate", 1e-3 * min(1, step / 5), step=step)
+    for epoch, loss in ((1, 0.9), (2, 0.7)):
+        client.log_metric(run_id, "eval/loss", loss, step=epoch)
+    curves = plots.training_curves(client, run_id, tmp_path / "plots", eval_key="eval/loss")
+    assert [path.name for path in curves] == ["loss.png", "learning_rate.png"]
+    model, tokenizer = _load(classifier)
+    maps = explain.attention_maps(model, tokenizer, ["the film was good", "dull"], max_tokens=64)
+    pictures = [*curves, plots.attention(maps, tmp_path / "attention.png"),
+                plots.confusion_matrix([[3, 1], [0, 4]], ["negative", "positive"], tmp_path / "cm.png", title="t")]
+    assert all(path.read_bytes()[:8] == PNG and path.stat().st_size > 5000 for path in pictures)
+    plots.log(client, run_id, curves)
+    logged = {item.path for item in client.list_artifacts(run_id, "plots")}
+    assert logged == {"plots/loss.png", "plots/learning_rate.png"}
+    empty = client.create_run(client.get_run(run_id).info.experiment_id).info.run_id
+    assert plots.training_curves(client, empty, tmp_path / "none") == []  # nothing logged, nothing drawn
+
+
+# --- lineage -------------------------------------------------------------------------------------
+
+
+def test_lineage_datasets_upstream_tags_and_model_description(client: MlflowClient, tmp_path: Path) -> None:
+    experiment = _experiment(client, "lineage")
+    runs = {stage: client.create_run(experiment, tags={"ptft.run_id": "pipe-1"}).info.run_id
+            for stage in ("tokenize", "pretrain", "tune", "finetune")}  # fmt: skip
+    data_file = tmp_path / "train.csv"
+    data_file.write_text("text,label\na,b\n")
+    lineage.log_datasets(client, runs["tokenize"], [
+        lineage.DatasetRead("train", FileSource(path=str(data_file)), "abc123", "train"),
+        lineage.DatasetRead("corpus", SyntheticSource(split="corpus", num_examples=10), "def456", "corpus"),
+    ])  # fmt: skip
+    lineage.tag_upstream(client, runs["finetune"], "finetune", runs)
+    inputs = client.get_run(runs["tokenize"]).inputs.dataset_inputs
+    found = {item.dataset.name: item for item in inputs}
+    assert found["train"].dataset.digest == "abc123" and str(data_file) in found["train"].dataset.source
+    assert found["corpus"].dataset.source_type == "code" and found["corpus"].dataset.digest == "def456"
+    assert {tag.value for tag in found["train"].tags} == {"train"}
+    tags = client.get_run(runs["finetune"]).data.tags
+    assert {stage: tags.get(f"ptft.upstream.{stage}") for stage in ("tokenize", "pretrain", "tune")} == {
+        stage: runs[stage] for stage in ("tokenize", "pretrain", "tune")}
+    name = f"m-{experiment}"
+    client.create_registered_model(name)
+    version = client.create_model_version(name, f"runs:/{runs['finetune']}/model", run_id=runs["finetune"]).version
+    lineage.describe_model_version(client, {"name": name, "version": version}, runs, experiment, "http://mlflow:5000")
+    described = client.get_model_version(name, version)
+    for stage in ("pretrain", "tune", "finetune"):
+        assert f"http://mlflow:5000/#/experiments/{experiment}/runs/{runs[stage]}" in described.description
+        assert described.tags[f"ptft.{stage}_run_id"] == runs[stage]
+    assert "pipe-1" in described.description
+
+
+# --- progress and status -------------------------------------------------------------------------
+
+
+def _manifest_with_running_pretrain(client: MlflowClient, storage: Path) -> mf.Manifest:
+    experiment = _experiment(client, "progress")
+    manifest = mf.Manifest.create(storage, "run-1", "demo", mf.STAGE_ORDER, {"name": "demo"})
+    manifest.tracking_uri, manifest.experiment_id = client.tracking_uri, experiment
+    run_id = client.create_run(experiment).info.run_id
+    manifest.stage_started("tokenize", "k0", client.create_run(experiment).info.run_id)
+    manifest.stage_ended("tokenize", mf.CACHED, cached_from="producer-run")
+    manifest.stage_started("pretrain", "k1", run_id)
+    manifest.stages["pretrain"].started_at = time.time() - 30  # 30 s in
+    manifest.save()
+    client.log_metric(run_id, "progress/total_steps", 400, step=0)
+    client.log_metric(run_id, "train/step", 100, step=100)
+    return manifest
+
+
+def test_snapshot_gives_steps_and_an_eta(client: MlflowClient, tmp_path: Path) -> None:
+    manifest = _manifest_with_running_pretrain(client, tmp_path)
+    state = progress.snapshot(manifest, client)
+    stages = {stage["name"]: stage for stage in state["stages"]}
+    assert [stage["name"] for stage in state["stages"]] == list(mf.STAGE_ORDER)
+    assert stages["tokenize"]["cached"] and stages["tokenize"]["cached_from_mlflow_run_id"] == "producer-run"
+    pretrain = stages["pretrain"]["progress"]
+    assert pretrain["step"] == 100 and pretrain["total_steps"] == 400
+    assert pretrain["eta_s"] == pytest.approx(90, rel=0.1)  # 100 steps in 30 s, 300 to go
+    assert stages["tune"]["status"] == "pending" and "progress" not in stages["tune"]
+
+
+def test_reporter_prints_transitions_and_step_progress(client: MlflowClient, tmp_path: Path) -> None:
+    manifest = _manifest_with_running_pretrain(client, tmp_path)
+    out = io.StringIO()
+    reporter = progress.Reporter(manifest, client, every_s=1, stream=out)
+    reporter.poll(progress=True)
+    client.log_metric(manifest.stages["pretrain"].mlflow_run_id, "train/step", 200, step=200)
+    reporter.poll(progress=True)
+    manifest.stage_ended("pretrain", mf.SUCCEEDED)
+    reporter.poll(progress=True)
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("[ptft] tokenize cache hit") and "producer-run" in lines[0]
+    assert lines[1] == "[ptft] pretrain started"
+    assert "step 100/400 (25%)" in lines[2] and "ETA" not in lines[2]  # one observation: no rate yet
+    assert "step 200/400 (50%)" in lines[3] and "steps/s" in lines[3] and "ETA" in lines[3]
+    assert lines[4].startswith("[ptft] pretrain succeeded in")
+
+
+def test_ptft_status_json_and_table(client: MlflowClient, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    _manifest_with_running_pretrain(client, tmp_path)
+    assert main(["status", "--storage", str(tmp_path), "--json"]) == 0
+    state = json.loads(capsys.readouterr().out)
+    assert state["run_id"] == "run-1" and state["status"] == "running"
+    assert state["stages"][1]["progress"]["step"] == 100
+    assert main(["status", "run-1", "--storage", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    assert "pretrain  running" in table and "step 100/400 (25%)" in table
+    assert main(["status", "--storage", str(tmp_path / "empty")]) == 2
+
+
+# --- ptft explain --------------------------------------------------------------------------------
+
+
+def test_ptft_explain_prints_draws_and_answers_json(classifier: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    picture = tmp_path / "attention.png"
+    assert main(["explain", str(classifier), "the film was good", "dull", "--output", str(picture)]) == 0
+    out = capsys.readouterr().out
+    assert "'the film was good' ->" in out and "head 1:" in out and picture.read_bytes()[:8] == PNG
+    assert main(["explain", str(classifier), "dull", "--json", "--layer", "0"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["explanations"][0]["tokens"] == ["[CLS]", "dull", "[SEP]"] and answer["explanations"][0]["layer"] == 0
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--layer", "5"], "--layer"), (["x"] * 8, "at most 8 texts"), (["--tracking-uri", "REGISTRY"], None),
+])  # fmt: skip
+def test_ptft_explain_refuses_bad_input_with_exit_2(
+    classifier: Path, client: MlflowClient, args: list[str], says: str | None, capsys: pytest.CaptureFixture
+) -> None:
+    model = str(classifier) if says else "models:/nope@champion"
+    args = [client.tracking_uri if arg == "REGISTRY" else arg for arg in args]
+    assert main(["explain", model, "dull", *args]) == 2
+    err = capsys.readouterr().err
+    assert (says or "not in the registry") in err
