@@ -21,7 +21,7 @@ from ray.job_submission import JobSubmissionClient
 
 from components.training import free_port
 from tests.conftest import REPO
-from tests.e2e.test_demo_pipeline import SHRINK
+from tests.e2e.conftest import SHRINK
 from tests.services import BIN, _stop, _wait_for
 
 pytestmark = pytest.mark.integration
