@@ -2,8 +2,9 @@
 
 * `ray_cluster`: a local Ray head started with `ray start --head --block` (its own temp dir,
   `ray_temp_dir`, and ports), stopped at the end of the session.
-* `prometheus`: a Prometheus server (Debian package `prometheus`) scraping that cluster with
-  dashboards/prometheus.yml, pointed at the cluster's service discovery file; yields its URL.
+* `run_prometheus`: a Prometheus server (Debian package `prometheus`) scraping that cluster with
+  dashboards/prometheus.yml, pointed at the cluster's service discovery file (the e2e package's
+  `prometheus` fixture).
 * `postgres`: a throwaway PostgreSQL server (its own data dir under /tmp, 127.0.0.1 on a free port)
   with a `ptft` role owning an `mlflow` database; yields the SQLAlchemy URL of that database. Needs
   the server binaries (Debian package `postgresql`); when the tests run as root it runs as the
@@ -247,12 +248,12 @@ def _scraping(url: str) -> bool:
     return any(target["health"] == "up" for target in targets)
 
 
-@pytest.fixture(scope="session")
-def prometheus(ray_cluster: str, ray_temp_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def run_prometheus(ray_temp_dir: Path, folder: Path) -> Iterator[str]:
     """URL of a real Prometheus server scraping the shared Ray cluster (every node's metrics
-    endpoint, found through Ray's service discovery file), stopped at the end of the session."""
+    endpoint, found through Ray's service discovery file), stopped when the generator closes.
+    The fixture lives in tests/e2e/conftest.py: only the e2e package needs it, and scraping every
+    2 s costs the integration tier CPU it should not pay."""
     binary = system_tool("prometheus", "prometheus")
-    folder = tmp_path_factory.mktemp("prometheus")
     discovery = ray_temp_dir / SERVICE_DISCOVERY_FILE
     # The head's dashboard writes the file a few seconds after `ray status` first answers.
     wait_until(discovery.is_file, f"Ray's service discovery file {discovery}", timeout_s=120, poll_s=0.5)

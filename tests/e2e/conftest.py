@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from components.training import free_port
 from tests.conftest import REPO
+from tests.services import run_prometheus
 
 PTFT = str(Path(sys.executable).parent / "ptft")
 # The demo config, shrunk through ordinary overrides (no test switches in the code).
@@ -31,7 +33,14 @@ SHRINK = [
 SECRETS = {"MLFLOW_TRACKING_TOKEN": "e2e-token-5b1d", "AWS_SECRET_ACCESS_KEY": "e2e-aws-secret-77c2"}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
+def prometheus(ray_cluster: str, ray_temp_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    yield from run_prometheus(ray_temp_dir, tmp_path_factory.mktemp("prometheus"))
+
+
+# Package scope: the e2e modules share one demo run, and its Serve app ("/" on the shared cluster)
+# is deleted once they are done, before the integration tier deploys its own apps.
+@pytest.fixture(scope="package")
 def demo(ray_driver: str, mlflow_server: str, request: pytest.FixtureRequest,
          tmp_path_factory: pytest.TempPathFactory) -> dict:  # fmt: skip
     if shutil.which("prometheus") or os.environ.get("PTFT_REQUIRE_SYSTEM_TOOLS"):
