@@ -43,10 +43,10 @@ def tag_upstream(client: MlflowClient, run_id: str, stage: str, stage_runs: dict
             client.set_tag(run_id, UPSTREAM_TAG.format(stage=upstream), stage_runs[upstream])
 
 
-def describe_model_version(client: MlflowClient, registered: dict, stage_runs: dict[str, str],
-                           experiment_id: str, tracking_uri: str) -> None:  # fmt: skip
+def describe_model_version(client: MlflowClient, registered: dict, stage_runs: dict[str, str], *,
+                           pipeline_run_id: str, experiment_id: str, tracking_uri: str) -> None:  # fmt: skip
     """Markdown links to the runs a version came from, and the same as version tags."""
-    lines = [f"Fine-tuned by ptft pipeline run `{_pipeline_run(client, stage_runs)}`."]
+    lines = [f"Fine-tuned by ptft pipeline run `{pipeline_run_id}`."]
     for stage in ("pretrain", "tune", "finetune"):
         if stage in stage_runs:
             link = run_link(tracking_uri, experiment_id, stage_runs[stage])
@@ -60,10 +60,6 @@ def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
     """The run's page in the MLflow UI: absolute for a tracking server, else the UI's own route."""
     route = f"#/experiments/{experiment_id}/runs/{run_id}"
     return f"{tracking_uri.rstrip('/')}/{route}" if tracking_uri.startswith(("http://", "https://")) else route
-
-
-def _pipeline_run(client: MlflowClient, stage_runs: dict[str, str]) -> str:
-    return client.get_run(next(iter(stage_runs.values()))).data.tags.get("ptft.run_id", "?")
 
 
 def _source(source: object):

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from components.stage import read_json
-from pipelines.manifest import CACHED, STAGE_ORDER, Manifest, StageRecord, list_runs
+from pipelines.manifest import CACHED, Manifest, StageRecord, list_runs
 
 if TYPE_CHECKING:  # MLflow is imported when a report is made: `ptft --help` stays fast
     from mlflow.tracking import MlflowClient
@@ -106,7 +106,7 @@ class RunReport:
 def gather(manifest: Manifest) -> RunReport:
     """Everything the report shows, from the manifest and the published stage folders, then MLflow.
     MLflow problems become warnings in the report: a page from the manifest beats no page."""
-    stages = [StageReport(name, manifest.stages[name]) for name in _pipeline_order(manifest.stages)]
+    stages = [StageReport(name, record) for name, record in manifest.stages.items()]  # in pipeline order
     report = RunReport(manifest=manifest, stages=stages)
     report.best_trial = _trial_from_published(_published_outputs(manifest, "tune"))
     report.model = _model_from_published(_published_outputs(manifest, "finetune"))
@@ -130,11 +130,6 @@ def gather(manifest: Manifest) -> RunReport:
     except (MlflowException, OSError) as error:
         report.warnings.append(f"MLflow at {manifest.tracking_uri}: {_message(error)}")
     return report
-
-
-def _pipeline_order(stages: dict[str, StageRecord]) -> list[str]:
-    """Stage names in the order the pipeline runs them (the manifest stores them sorted)."""
-    return sorted(stages, key=lambda name: (STAGE_ORDER.index(name) if name in STAGE_ORDER else len(STAGE_ORDER), name))
 
 
 def _published_outputs(manifest: Manifest, stage: str) -> dict[str, Any]:

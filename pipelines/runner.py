@@ -239,7 +239,8 @@ class _StageRunner:
             stage_result = self._execute(stage, key, stage_config, call, final_dir, inputs)
         if stage == "finetune" and not stage_result.cached:
             lineage.describe_model_version(self.client, stage_result.outputs["registered"], self.mlflow_run_ids,
-                                           self.result.experiment_id, self.config.tracking_uri())  # fmt: skip
+                                           pipeline_run_id=self.result.run_id, experiment_id=self.result.experiment_id,
+                                           tracking_uri=self.config.tracking_uri())  # fmt: skip
         self.result.stages[stage] = stage_result
         return stage_result
 

@@ -146,7 +146,8 @@ def test_lineage_datasets_upstream_tags_and_model_description(client: MlflowClie
     name = f"m-{experiment}"
     client.create_registered_model(name)
     version = client.create_model_version(name, f"runs:/{runs['finetune']}/model", run_id=runs["finetune"]).version
-    lineage.describe_model_version(client, {"name": name, "version": version}, runs, experiment, "http://mlflow:5000")
+    lineage.describe_model_version(client, {"name": name, "version": version}, runs, pipeline_run_id="pipe-1",
+                                   experiment_id=experiment, tracking_uri="http://mlflow:5000")
     described = client.get_model_version(name, version)
     for stage in ("pretrain", "tune", "finetune"):
         assert f"http://mlflow:5000/#/experiments/{experiment}/runs/{runs[stage]}" in described.description
