@@ -81,6 +81,9 @@ def build_engine(
     if ds.activation_checkpointing:
         # Non-reentrant checkpointing works with every ZeRO stage and with frozen inputs.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # from_pretrained returns a model in eval mode, and DeepSpeed does not switch it: without this the
+    # first epoch of fine-tuning (and all of continued pre-training) would train without dropout.
+    model.train()
     optimizer = torch.optim.AdamW(_param_groups(model, weight_decay), lr=learning_rate)
     schedule = lr_schedule(ds.lr_schedule, warmup_steps, total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
