@@ -144,12 +144,18 @@ def _restore(engine, masker: _Targets, rank: int) -> tuple[int | None, float]:
     if checkpoint is None:
         return None, float("nan")
     with checkpoint.as_directory() as checkpoint_dir:
-        _, client_state = engine.load_checkpoint(checkpoint_dir, load_optimizer_states=True,
-                                                 load_lr_scheduler_states=True)  # fmt: skip
-        training.restore_rng(Path(checkpoint_dir), rank, {"masker": masker.generator})
-    step = int(client_state["step"])
+        step, loss = _load_checkpoint(engine, masker, Path(checkpoint_dir), rank)
     log.info("rank %d: restored from the checkpoint of step %d", rank, step)
-    return step, float(client_state.get("loss", float("nan")))
+    return step, loss
+
+
+def _load_checkpoint(engine, masker: _Targets, checkpoint_dir: Path, rank: int) -> tuple[int, float]:
+    """Model, optimizer, LR schedule and this rank's RNGs from a folder `_save_checkpoint` wrote:
+    (its step, its loss)."""
+    _, client_state = engine.load_checkpoint(str(checkpoint_dir), load_optimizer_states=True,
+                                             load_lr_scheduler_states=True)  # fmt: skip
+    training.restore_rng(checkpoint_dir, rank, {"masker": masker.generator})
+    return int(client_state["step"]), float(client_state.get("loss", float("nan")))
 
 
 def _log_restore(tracker, loaded_step: int, *, first_step: int) -> None:
@@ -253,9 +259,15 @@ def _report(engine, masker: _Targets, tokenizer, metrics: dict, *, with_hf: bool
     report it to Ray Train."""
     rank = ray.train.get_context().get_world_rank()
     with tempfile.TemporaryDirectory() as checkpoint_dir:
-        state = {"step": metrics["train/step"], "loss": metrics["train/loss"]}
-        engine.save_checkpoint(checkpoint_dir, client_state=state)
-        training.save_rng(Path(checkpoint_dir), rank, {"masker": masker.generator})
+        _save_checkpoint(engine, masker, Path(checkpoint_dir), rank, step=metrics["train/step"],
+                         loss=metrics["train/loss"])  # fmt: skip
         if with_hf:
             training.save_hf_folder(engine, tokenizer, Path(checkpoint_dir) / "hf")
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir))
+
+
+def _save_checkpoint(engine, masker: _Targets, checkpoint_dir: Path, rank: int, *, step: int, loss: float) -> None:
+    """This rank's part of a DeepSpeed checkpoint (its ZeRO shards; the step and loss as client
+    state) and its RNG states, the masker's generator included."""
+    engine.save_checkpoint(str(checkpoint_dir), client_state={"step": step, "loss": loss})
+    training.save_rng(checkpoint_dir, rank, {"masker": masker.generator})

@@ -1,0 +1,297 @@
+"""Training for real, in this process, without Ray: forward, backward and AdamW steps of 2-layer
+models through the project's DeepSpeed engine (ZeRO-0 unless named; fp32 on the CPU) on one rank
+of a gloo group, the way a Tune trial runs (training.ensure_process_group).
+
+Pre-training goes through pretrain.py's own pieces (`_setup_engine`, `_Targets`, `_batches`,
+`_train_step`, `_evaluate`, `_save_checkpoint`/`_load_checkpoint`); fine-tuning through
+`finetune.fit_classifier` itself. What is checked: the loss goes down on a fixed batch (masked- and
+causal-LM), gradient accumulation takes one optimizer step per window and equals one big batch, a
+checkpoint restores a run exactly, and fit_classifier learns a learnable task and resumes after the
+epoch of its checkpoint. The integration tier runs the same loops under Ray Train; these catch a
+broken step in seconds.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray.train
+import torch
+from transformers import PreTrainedTokenizerFast
+
+from components import accelerator, finetune, models, pretrain, synthetic, training
+from components import tokenize as tok
+from components.configs import DeepSpeedConfig, Hyperparameters, ModelConfig, PretrainConfig, TokenizeConfig
+from components.vocab import special_ids
+
+SEQ_LEN = 32
+SEED = 0
+THREADS = 1  # a tiny model gains nothing from a second thread, and the unit tier shares 2 cores
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_rank() -> Iterator[None]:
+    """One process rank, as in a Tune trial; the thread count and the environment variables the
+    group and DeepSpeed set (MASTER_PORT, RANK, ...) are put back for the rest of the session."""
+    environment, threads = dict(os.environ), torch.get_num_threads()
+    accelerator.prepare_process(use_gpu=False, num_threads=THREADS)
+    created = training.ensure_process_group()
+    yield
+    if created:
+        torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(environment)
+    torch.set_num_threads(threads)
+
+
+@dataclass(frozen=True)
+class Corpus:
+    tokenizer: PreTrainedTokenizerFast
+    tokenizer_dir: Path
+    blocks: torch.Tensor  # [rows, SEQ_LEN] token ids, as the pretrain loop reads them
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
+    """The tokenize stage's outputs for the synthetic corpus, made with its own batch functions
+    (Ray Data only maps them over batches): a WordPiece tokenizer and packed blocks."""
+    folder = tmp_path_factory.mktemp("tokenized")
+    texts = [row["text"] for row in synthetic.generate("corpus", 300, seed=SEED)]
+    tokenizer = tok.train_tokenizer(texts, TokenizeConfig(vocab_size=200, seq_len=SEQ_LEN))
+    tokenizer.save_pretrained(folder / "tokenizer")
+    (folder / "pretrain_blocks").mkdir()
+    pq.write_table(tok.pack_blocks(pa.table({"text": texts}), tokenizer_dir=str(folder / "tokenizer"), seq_len=SEQ_LEN),
+                   folder / "pretrain_blocks" / "part-0.parquet")  # fmt: skip
+    blocks = training.load_columns(folder / "pretrain_blocks", ["input_ids"])["input_ids"]
+    assert blocks.shape[1] == SEQ_LEN and len(blocks) >= 64
+    return Corpus(tokenizer, folder / "tokenizer", blocks)
+
+
+def _stage(*, family: str = "bert", dropout: float = 0.0, micro_batch: int = 8, accumulation: int = 1,
+           zero_stage: int = 0, max_steps: int = 40, warmup_steps: int = 4, learning_rate: float = 5e-3,
+           ) -> PretrainConfig:  # fmt: skip
+    return PretrainConfig(
+        model=ModelConfig(family=family, dropout=dropout), max_steps=max_steps, batch_size_per_worker=micro_batch,
+        learning_rate=learning_rate, warmup_steps=warmup_steps,
+        deepspeed=DeepSpeedConfig(zero_stage=zero_stage, gradient_accumulation_steps=accumulation),
+    )  # fmt: skip
+
+
+def _weights(engine) -> list[torch.Tensor]:
+    return [param.detach().clone() for param in engine.module.parameters()]
+
+
+def _max_difference(one: list[torch.Tensor], other: list[torch.Tensor]) -> float:
+    return max(float((a - b).abs().max()) for a, b in zip(one, other, strict=True))
+
+
+def _fixed_mask_loss(engine, tokenizer: PreTrainedTokenizerFast, objective: str, batch: torch.Tensor) -> float:
+    """The loop's held-out loss on `batch`, with the same masks every time it is asked."""
+    masker = pretrain._Targets(tokenizer, objective, 0.15, seed=SEED + 99)
+    metrics = pretrain._evaluate(engine, masker, batch, training.Shard(0, 1, len(batch)), objective)
+    return metrics[f"eval/{objective}_loss"]
+
+
+def _train(engine, masker: pretrain._Targets, data: torch.Tensor, stage: PretrainConfig, *, start: int, stop: int
+           ) -> list[float]:  # fmt: skip
+    """Optimizer steps start+1 .. stop as pretrain's loop makes them: `_batches` picks the rows from
+    the step, and each step is `gradient_accumulation_steps` calls of `_train_step`. Returns each
+    step's mean micro-batch loss."""
+    accumulation = stage.deepspeed.gradient_accumulation_steps
+    shard = training.Shard(0, 1, stage.batch_size_per_worker)
+    batches = pretrain._batches(data, shard, stage.max_steps * accumulation, SEED, start=start * accumulation)
+    return [sum(pretrain._train_step(engine, masker, data[next(batches)].long()) for _ in range(accumulation))
+            / accumulation for _ in range(start, stop)]  # fmt: skip
+
+
+# --------------------------------------------------------------------------- pre-training
+
+
+@pytest.mark.parametrize("family, steps, max_ratio", [("bert", 60, 0.75), ("gpt2", 40, 0.3)])
+def test_pretraining_steps_overfit_a_fixed_batch(corpus: Corpus, family: str, steps: int, max_ratio: float) -> None:
+    """Both start near ln(vocabulary) = ln(200) = 5.3. Masked-LM draws new masks every step, so it
+    memorises the batch more slowly than causal-LM: measured ratios after/before of about 0.6 over
+    seeds 0-2 (0.1 for causal-LM), hence the looser bound."""
+    stage = _stage(family=family, max_steps=steps)
+    engine = pretrain._setup_engine(stage, corpus.tokenizer, SEED)
+    objective = stage.model.objective
+    assert (engine.module.config.model_type, objective) == (family, {"bert": "mlm", "gpt2": "clm"}[family])
+    batch = corpus.blocks[: stage.batch_size_per_worker].long()
+    before = _fixed_mask_loss(engine, corpus.tokenizer, objective, batch)
+    masker = pretrain._Targets(corpus.tokenizer, objective, stage.mlm_probability, seed=SEED)
+    losses = [pretrain._train_step(engine, masker, batch) for _ in range(stage.max_steps)]
+    after = _fixed_mask_loss(engine, corpus.tokenizer, objective, batch)
+    assert before > 0.9 * math.log(len(corpus.tokenizer))
+    assert after < max_ratio * before, (before, after)
+    assert sum(losses[-5:]) / 5 < max_ratio * sum(losses[:5]) / 5, losses
+    assert engine.global_steps == stage.max_steps
+
+
+def test_gradient_accumulation_takes_one_step_per_window_equal_to_one_big_batch(corpus: Corpus) -> None:
+    """4 micro-batches of 2 rows accumulated vs 1 batch of 8, same weights and rows. Causal-LM with
+    no dropout: every row has SEQ_LEN - 1 targets, so the mean of the micro-batch losses is the big
+    batch's loss (masked-LM's target count varies per micro-batch, so its mean of means would not be)."""
+    windows, accumulation, micro = 2, 4, 2
+    # warmup over every step: the learning rate changes at each optimizer step, and only there
+    kwargs = {"family": "gpt2", "max_steps": 4, "warmup_steps": 3, "learning_rate": 1e-3}
+    accumulating = pretrain._setup_engine(_stage(micro_batch=micro, accumulation=accumulation, **kwargs),
+                                          corpus.tokenizer, SEED)  # fmt: skip
+    whole = pretrain._setup_engine(_stage(micro_batch=micro * accumulation, **kwargs), corpus.tokenizer, SEED)
+    masker = pretrain._Targets(corpus.tokenizer, "clm", 0.15, seed=SEED)
+    assert _max_difference(_weights(accumulating), _weights(whole)) == 0.0
+    for window in range(windows):
+        rows = corpus.blocks[window * micro * accumulation : (window + 1) * micro * accumulation].long()
+        learning_rate, before = accumulating.get_lr()[0], _weights(accumulating)
+        losses = []
+        for index in range(accumulation):
+            losses.append(pretrain._train_step(accumulating, masker, rows[index * micro : (index + 1) * micro]))
+            boundary = index == accumulation - 1
+            assert accumulating.global_steps == window + boundary
+            assert (accumulating.get_lr()[0] != learning_rate) == boundary
+            assert (_max_difference(_weights(accumulating), before) > 0) == boundary
+        whole_loss = pretrain._train_step(whole, masker, rows)
+        assert sum(losses) / accumulation == pytest.approx(whole_loss, abs=1e-5)
+        # DeepSpeed divides each micro-batch's loss by the accumulation steps: the summed gradient
+        # is the big batch's (optimizer_step records its norm before the step).
+        assert training.grad_norm(accumulating) == pytest.approx(training.grad_norm(whole), rel=1e-5)
+        # Not bit-equal: four summed gradients round differently from one, and AdamW's m/sqrt(v)
+        # magnifies that for near-zero gradients (seen from 4e-7 to 1.1e-5 over runs), far below a
+        # step (about the LR, 1e-3); an accumulation that took the wrong steps differs by a step.
+        moved = _max_difference(_weights(accumulating), before)
+        assert _max_difference(_weights(accumulating), _weights(whole)) < moved / 20
+    assert whole.global_steps == accumulating.global_steps == windows
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2], ids=["zero0", "zero2"])
+def test_a_pretraining_checkpoint_restores_the_run_exactly(corpus: Corpus, tmp_path: Path, zero_stage: int) -> None:
+    """Weights, AdamW state, LR schedule, the data position and every RNG (dropout draws on torch's,
+    masking on the masker's) come back: the restored run's next steps are the uninterrupted run's."""
+    stage = _stage(dropout=0.1, micro_batch=4, accumulation=2, zero_stage=zero_stage, max_steps=20,
+                   learning_rate=1e-3)  # fmt: skip
+    data = corpus.blocks[:40]  # 10 micro-batches an epoch: the 14 below cross into the next epoch
+    saved_at, stop = 3, 7
+    engine = pretrain._setup_engine(stage, corpus.tokenizer, SEED)
+    masker = pretrain._Targets(corpus.tokenizer, "mlm", stage.mlm_probability, seed=SEED)
+    loss = _train(engine, masker, data, stage, start=0, stop=saved_at)[-1]
+    pretrain._save_checkpoint(engine, masker, tmp_path, 0, step=saved_at, loss=loss)
+    uninterrupted = _train(engine, masker, data, stage, start=saved_at, stop=stop)
+
+    torch.manual_seed(12345)  # the process's RNGs move on, as in a restarted worker
+    fresh = pretrain._setup_engine(stage, corpus.tokenizer, SEED + 1)  # other weights until the load
+    fresh_masker = pretrain._Targets(corpus.tokenizer, "mlm", stage.mlm_probability, seed=SEED + 1)
+    assert pretrain._load_checkpoint(fresh, fresh_masker, tmp_path, 0) == (saved_at, loss)
+    assert fresh.global_steps == saved_at
+    resumed = _train(fresh, fresh_masker, data, stage, start=saved_at, stop=stop)
+
+    assert resumed == pytest.approx(uninterrupted, abs=1e-6)
+    assert _max_difference(_weights(fresh), _weights(engine)) <= 1e-6
+    assert fresh.get_lr() == engine.get_lr() and fresh.global_steps == engine.global_steps == stop
+    assert len(set(uninterrupted)) == len(uninterrupted)  # the steps did train: no repeated loss
+
+
+# --------------------------------------------------------------------------- fine-tuning
+
+
+@dataclass(frozen=True)
+class Task:
+    pretrained_dir: Path
+    task_dir: Path
+    label_names: list[str]
+
+
+@pytest.fixture(scope="module")
+def task(corpus: Corpus, tmp_path_factory: pytest.TempPathFactory) -> Task:
+    """What fit_classifier reads: an HF folder of a (randomly initialised) 2-layer BERT with its
+    tokenizer, and the task splits as the tokenize stage writes them (`tokenize_examples`).
+
+    Validation and test are held-out rows of the synthetic *train* distribution (other seeds): its
+    real validation split uses adjectives the train split never shows, which only a pre-trained
+    encoder can label."""
+    folder = tmp_path_factory.mktemp("task")
+    model = models.build_lm(ModelConfig(family="bert"), vocab_size=len(corpus.tokenizer),
+                            special_ids=special_ids(corpus.tokenizer), seed=SEED)  # fmt: skip
+    model.save_pretrained(folder / "pretrained")
+    corpus.tokenizer.save_pretrained(folder / "pretrained")
+    splits = {"train": synthetic.generate("train", 128, seed=SEED),
+              "validation": synthetic.generate("train", 64, seed=SEED + 1),
+              "test": synthetic.generate("train", 32, seed=SEED + 2)}  # fmt: skip
+    values = tok.label_vocabulary(pa.Table.from_pylist(splits["train"]))
+    for name, rows in splits.items():
+        (folder / "task" / name).mkdir(parents=True)
+        table = tok.tokenize_examples(pa.Table.from_pylist(rows), tokenizer_dir=str(corpus.tokenizer_dir),
+                                      seq_len=SEQ_LEN, label_values=values)  # fmt: skip
+        pq.write_table(table, folder / "task" / name / "part-0.parquet")
+    return Task(folder / "pretrained", folder / "task", values)
+
+
+def _classifier_run(task: Task, *, epochs: int, dropout: float, export: bool = False) -> finetune.ClassifierRun:
+    return finetune.ClassifierRun(
+        pretrained_dir=str(task.pretrained_dir), task_dir=str(task.task_dir), label_names=task.label_names,
+        epochs=epochs, hyper=Hyperparameters(learning_rate=5e-3, batch_size_per_worker=8, dropout=dropout),
+        deepspeed=DeepSpeedConfig(), threads=THREADS, log_every=4, seed=SEED, export=export,
+    )  # fmt: skip
+
+
+@dataclass
+class Fit:
+    """What `fit_classifier` handed its report callable: each epoch's metrics and checkpoint."""
+
+    folder: Path
+    reports: list[dict]
+    checkpoints: dict[int, Path]
+
+    def __call__(self, metrics: dict, checkpoint_dir: str) -> None:
+        # The folder is temporary (a Ray report uploads it): keep a copy to restore from.
+        self.reports.append(metrics)
+        copy = shutil.copytree(checkpoint_dir, self.folder / f"epoch{metrics['epoch']}")
+        self.checkpoints[int(metrics["epoch"])] = Path(copy)
+
+
+def _fit(cfg: finetune.ClassifierRun, folder: Path, checkpoint: Path | None = None) -> Fit:
+    fit = Fit(folder, [], {})
+    restored = ray.train.Checkpoint.from_directory(str(checkpoint)) if checkpoint else None
+    final = finetune.fit_classifier(cfg, report=fit, checkpoint=restored)
+    assert final == fit.reports[-1]
+    return fit
+
+
+@pytest.fixture(scope="module")
+def fitted(task: Task, tmp_path_factory: pytest.TempPathFactory) -> Fit:
+    # No dropout: see test_fit_classifier_resumes_dropout_as_an_uninterrupted_run_would.
+    return _fit(_classifier_run(task, epochs=3, dropout=0.0, export=True), tmp_path_factory.mktemp("fit"))
+
+
+def test_fit_classifier_learns_the_synthetic_task(fitted: Fit) -> None:
+    first, last = fitted.reports[0], fitted.reports[-1]
+    assert [report["epoch"] for report in fitted.reports] == [1, 2, 3]
+    assert last["train/epoch_loss"] < 0.5 * first["train/epoch_loss"]
+    # A classifier at chance scores ln 2 = 0.69 on two balanced labels, and half of them right.
+    assert last["eval/loss"] < 0.5 * math.log(2) and last["eval/loss"] < first["eval/loss"] - 0.2
+    assert last["eval/accuracy"] >= 0.9 and last["test/accuracy"] >= 0.9
+    assert "test/accuracy" not in first  # export evaluates on test after the last epoch only
+    exported = models.smoke_test(fitted.checkpoints[3] / "hf", "classifier")
+    assert exported["parameters"] > 0
+
+
+def test_fit_classifier_resumes_after_the_checkpointed_epoch(fitted: Fit, task: Task, tmp_path: Path) -> None:
+    """From the epoch-2 checkpoint a new attempt trains epoch 3 only, and ends where the
+    uninterrupted run did: same weights, optimizer, schedule position and data order."""
+    resumed = _fit(_classifier_run(task, epochs=3, dropout=0.0, export=True), tmp_path, fitted.checkpoints[2])
+    assert [report["epoch"] for report in resumed.reports] == [3]
+    assert resumed.reports[0] == pytest.approx(fitted.reports[2], abs=1e-6)
+
+
+def test_fit_classifier_resumes_dropout_as_an_uninterrupted_run_would(task: Task, tmp_path: Path) -> None:
+    """With dropout, the epoch after a restore must draw what the uninterrupted run drew (restore_rng)."""
+    cfg = _classifier_run(task, epochs=2, dropout=0.1)
+    uninterrupted = _fit(cfg, tmp_path / "uninterrupted")
+    resumed = _fit(cfg, tmp_path / "resumed", uninterrupted.checkpoints[1])
+    assert resumed.reports[0] == pytest.approx(uninterrupted.reports[1], abs=1e-6)
