@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 STAGES = mf.STAGE_ORDER
 # Bump a stage's version when its code changes what it writes: the key changes with it.
-STAGE_VERSIONS = {"tokenize": "2", "pretrain": "4", "tune": "6", "finetune": "5", "serve": "2"}
+STAGE_VERSIONS = {"tokenize": "2", "pretrain": "5", "tune": "7", "finetune": "6", "serve": "2"}
 # Settings that change how a stage runs but not what it writes: left out of its cache key.
 NOT_IN_KEY = {
     "pretrain": ("log_every", "checkpoint_every", "workers.max_failures", "workers.placement_strategy"),
