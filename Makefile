@@ -22,8 +22,14 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	$(BIN)/ptft run configs/demo.yaml
 
+# Three pytest-xdist workers share one Ray cluster and MLflow server (tests/services.py): the tests
+# mostly wait on processes starting and polling, so three overlap well on two cores. A module, or
+# the e2e package, stays in one worker (tests/conftest.py). PYTEST_ARGS adds pytest arguments,
+# e.g. PYTEST_ARGS="--durations=0" for every test's and fixture's time.
+TEST_WORKERS ?= 3
 test: setup
-	$(BIN)/python -m pytest -m "not gpu and not slow" -p no:cacheprovider --durations=25
+	$(BIN)/python -m pytest -m "not gpu and not slow" -p no:cacheprovider --durations=25 \
+		-n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder $(PYTEST_ARGS)
 
 test-fast: setup
 	$(BIN)/python -m pytest

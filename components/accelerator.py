@@ -8,6 +8,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from pathlib import Path
+
+# `make setup` compiles DeepSpeed's CPU ops into the virtualenv rather than ~/.cache: the build is
+# part of the install, so a fresh HOME (CI, a new user) finds it instead of compiling per worker.
+PREBUILT_OPS = Path(sys.prefix) / "torch_extensions"
 
 
 def deepspeed_env(use_gpu: bool) -> dict[str, str]:
@@ -24,13 +30,17 @@ def prepare_process(use_gpu: bool, num_threads: int | None = None) -> None:
 
     for key, value in deepspeed_env(use_gpu).items():
         os.environ.setdefault(key, value)
+    if PREBUILT_OPS.is_dir():
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(PREBUILT_OPS))
     if num_threads:
         torch.set_num_threads(max(1, int(num_threads)))
 
 
 def prebuild_cpu_ops() -> None:
-    """Compile DeepSpeed's CPU shared-memory collective once (it is cached under ~/.cache)."""
+    """Compile DeepSpeed's CPU shared-memory collective once, into the virtualenv."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    PREBUILT_OPS.mkdir(exist_ok=True)
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(PREBUILT_OPS))
     from deepspeed.comm.torch import build_shm_op
 
     build_shm_op()

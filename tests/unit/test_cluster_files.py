@@ -20,21 +20,17 @@ import jsonschema
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import REPO, shared
 
 CLUSTER = REPO / "cluster"
 RAY_UP = CLUSTER / "ray-up" / "gpu-cluster.yaml"
 KUBERAY = CLUSTER / "kuberay"
-CRDS = REPO.parent / "shared" / "schemas" / "kuberay"
 MANIFESTS = {"RayCluster": KUBERAY / "raycluster.yaml", "RayJob": KUBERAY / "rayjob.yaml",
              "RayService": KUBERAY / "rayservice.yaml"}  # fmt: skip
 PRESETS = CLUSTER / "deepspeed"
 # A name part (between underscores) that says secret: MLFLOW_TRACKING_TOKEN, AWS_SECRET_ACCESS_KEY, not
 # TOKENIZERS_PARALLELISM.
 SECRET_NAME = re.compile(r"(^|_)(TOKENS?|PASSWORDS?|PASSWD|SECRETS?|KEYS?|CREDENTIALS?)(_|$)", re.IGNORECASE)
-
-needs_crds = pytest.mark.skipif(not CRDS.is_dir(), reason=f"KubeRay CRD schemas not found at {CRDS}")
-
 
 def _yaml(path: Path) -> Any:
     return yaml.safe_load(path.read_text())
@@ -113,7 +109,7 @@ def _closed(schema: Any) -> Any:
 def _crd_schema(kind: str) -> dict:
     files = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
              "RayService": "ray.io_rayservices.yaml"}  # fmt: skip
-    crd = _yaml(CRDS / files[kind])
+    crd = _yaml(shared("schemas/kuberay") / files[kind])
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     return _closed(version["schema"]["openAPIV3Schema"])
 
@@ -123,7 +119,6 @@ def _crd_problems(manifest: dict) -> list[str]:
     return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(manifest)]
 
 
-@needs_crds
 @pytest.mark.parametrize("kind", sorted(MANIFESTS))
 def test_kuberay_manifest_matches_its_crd(kind: str) -> None:
     manifest = _yaml(MANIFESTS[kind])
@@ -131,7 +126,6 @@ def test_kuberay_manifest_matches_its_crd(kind: str) -> None:
     assert _crd_problems(manifest) == []
 
 
-@needs_crds
 @pytest.mark.parametrize("breakage", ["misspelled field", "int start param", "no group name", "string replicas"])
 def test_crd_schema_rejects_a_broken_copy(breakage: str) -> None:
     manifest = _yaml(MANIFESTS["RayCluster"])

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from pipelines.config import ConfigError, PipelineConfig, apply_overrides, load_config, validate
-from tests.conftest import REPO, SHARED_DATA, tiny_config_dict
+from tests.conftest import REPO, shared, tiny_config_dict
 
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 
@@ -20,8 +20,8 @@ def _needs_shared(path: Path) -> bool:
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(REPO)))
 def test_every_config_validates(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    if _needs_shared(path) and not SHARED_DATA.is_dir():
-        pytest.skip(f"{path.name} reads ../shared/data, which is absent on this machine")
+    if _needs_shared(path):
+        shared("data")
     monkeypatch.chdir(REPO)  # data paths in configs are relative to the repo root
     config = load_config(path)
     assert config.name
