@@ -137,8 +137,8 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 def _start_ray(folder: Path) -> dict:
-    """A local Ray head (`ray start --head --block`) with its own temp dir and ports: 4 logical CPUs
-    on this 2-core machine so a training stage and a Serve replica fit together."""
+    """A local Ray head (`ray start --head --block`) with its own temp dir and ports, and RAY_CPUS
+    logical CPUs."""
     temp_dir = Path(tempfile.mkdtemp(prefix="ptft-ray-", dir="/tmp"))  # short: Ray's socket paths have a limit
     port = free_port()
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}

@@ -33,7 +33,7 @@ def test_ui_serves_the_configured_store(tmp_path: Path) -> None:
                 response = requests.get(f"http://127.0.0.1:{port}/health", timeout=2)
                 if response.ok:
                     break
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not listening yet, or busy starting
                 time.sleep(0.5)
         else:
             pytest.fail("MLflow UI did not come up")
