@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -43,10 +42,10 @@ def _hermetic_home() -> Path:
         "DO_NOT_TRACK": "true",
     })  # fmt: skip
     os.environ.pop("RAY_AUTH_TOKEN", None)
-    # DeepSpeed's CPU ops compiled by `make setup` live in the virtualenv (components/accelerator.py).
-    prebuilt = Path(sys.prefix) / "torch_extensions"
-    if prebuilt.is_dir():
-        os.environ["TORCH_EXTENSIONS_DIR"] = str(prebuilt)
+    from components.accelerator import PREBUILT_OPS  # light: no torch at import
+
+    if PREBUILT_OPS.is_dir():  # DeepSpeed's CPU ops, compiled into the virtualenv by `make setup`
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(PREBUILT_OPS)
     return home
 
 
