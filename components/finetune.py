@@ -90,7 +90,7 @@ def run(
     version = registry.register_classifier(
         model_dir, name=registered_model_name, run_id=ctx.mlflow_run_id, tracking_uri=ctx.tracking_uri,
         test_accuracy=metrics["test/accuracy"], test_split=test_split,
-        lineage={"ptft.pipeline_run_id": ctx.pipeline_run_id},
+        lineage={"ptft.pipeline_run_id": ctx.pipeline_run_id, registry.CACHE_KEY_TAG: ctx.cache_key},
     )  # fmt: skip
     version["run_id"] = ctx.mlflow_run_id
     write_json(ctx.output_dir / "registered.json", version)

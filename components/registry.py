@@ -13,13 +13,13 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 log = logging.getLogger(__name__)
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 ACCURACY_TAG = "ptft.test_accuracy"
 TEST_SPLIT_TAG = "ptft.test_split"  # fingerprint of the test data the accuracy was measured on
+CACHE_KEY_TAG = "ptft.cache_key"  # the finetune artifact a version was registered from
 HISTORY_TAG = "ptft.champion_history"  # JSON list of versions, latest champion last
 TASK = "text-classification"
 
@@ -29,6 +29,28 @@ def register_classifier(
     lineage: dict[str, str],
 ) -> dict:  # fmt: skip
     """Log the HF folder under `run_id`, register it as `name` and set aliases. Returns the version info."""
+    client = MlflowClient(tracking_uri)
+    # Idempotent: a stage re-entered after a kill during registration continues the same MLflow
+    # run, and finds the version that run registered already.
+    existing = _versions(client, name, f"run_id = '{run_id}'")
+    version = str(existing[0].version) if existing else _log_and_register(model_dir, name, run_id, tracking_uri)
+    tags = {**lineage, ACCURACY_TAG: f"{test_accuracy:.6f}", TEST_SPLIT_TAG: test_split, "ptft.finetune_run_id": run_id}
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    aliases = [CANDIDATE]
+    client.set_registered_model_alias(name, CANDIDATE, version)
+    if _current_champion(client, name) == [version]:
+        aliases.append(CHAMPION)  # registered and promoted before the kill that re-entered this stage
+    elif _beats_champion(client, name, test_accuracy, test_split):
+        promote(client, name, version)
+        aliases.append(CHAMPION)
+    log.info("registered %s version %s with aliases %s", name, version, aliases)
+    return {"name": name, "version": version, "aliases": aliases, "model_uri": f"models:/{name}/{version}"}
+
+
+def _log_and_register(model_dir: Path, name: str, run_id: str, tracking_uri: str) -> str:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
     mlflow.set_tracking_uri(tracking_uri)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -40,18 +62,27 @@ def register_classifier(
             signature=signature, input_example=example, registered_model_name=name,
             pip_requirements=_requirements(),
         )  # fmt: skip
+    return str(info.registered_model_version)
+
+
+def find_version(tracking_uri: str, name: str, tags: dict[str, str]) -> dict | None:
+    """The newest version of `name` carrying all these tags, in the registry of `tracking_uri`, as
+    `register_classifier` returns it; None when the registry has no such version (or no such model)."""
     client = MlflowClient(tracking_uri)
-    version = str(info.registered_model_version)
-    tags = {**lineage, ACCURACY_TAG: f"{test_accuracy:.6f}", TEST_SPLIT_TAG: test_split, "ptft.finetune_run_id": run_id}
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, value)
-    aliases = [CANDIDATE]
-    client.set_registered_model_alias(name, CANDIDATE, version)
-    if _beats_champion(client, name, test_accuracy, test_split):
-        promote(client, name, version)
-        aliases.append(CHAMPION)
-    log.info("registered %s version %s with aliases %s", name, version, aliases)
-    return {"name": name, "version": version, "aliases": aliases, "model_uri": f"models:/{name}/{version}"}
+    conditions = " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
+    found = _versions(client, name, conditions)
+    if not found:
+        return None
+    version = client.get_model_version(name, found[0].version)  # a search leaves the aliases out
+    return {"name": name, "version": str(version.version), "aliases": sorted(version.aliases),
+            "model_uri": f"models:/{name}/{version.version}", "run_id": version.run_id}  # fmt: skip
+
+
+def _versions(client: MlflowClient, name: str, condition: str) -> list:
+    """Versions of `name` matching `condition`, newest first."""
+    escaped = name.replace("'", "\\'")
+    found = client.search_model_versions(f"name = '{escaped}' and {condition}")  # [] for an unknown name
+    return sorted(found, key=lambda version: int(version.version), reverse=True)
 
 
 def _requirements() -> list[str]:

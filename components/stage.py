@@ -25,6 +25,7 @@ class StageContext:
     mlflow_run_id: str
     seed: int = 0
     attempt: int = 1
+    cache_key: str = ""  # the key the output is published under: tags what the stage makes elsewhere
 
     @property
     def resumed(self) -> bool:

@@ -20,10 +20,7 @@ from pathlib import Path
 from pipelines import jobs, report
 from pipelines.config import _MISSING as _MISSING_VALUE
 from pipelines.config import ConfigError, Problem, load_config, validate
-from pipelines.manifest import STAGE_ORDER
-
-# The stage names, without importing the runner (Ray, torch) for `--help`.
-STAGE_NAMES = STAGE_ORDER
+from pipelines.stages import NAMES as STAGE_NAMES
 
 EXIT_USER_ERROR = 2
 MAX_EXPLAIN_TEXTS = 8  # as components.explain (not imported here: `--help` stays free of torch)
@@ -229,11 +226,11 @@ def _recorded_config(manifest):
 
 def _print_sweep_summary(result, config, seconds: float) -> None:
     tune = result.stages["tune"]
-    best = tune.outputs.get("best_config") or {k[5:]: v for k, v in tune.metrics.items() if k.startswith("best/")}
+    best = tune.outputs.best_config
     metric = config.tune.metric
     print(f"\nSweep of pipeline run {result.run_id} finished in {seconds:.0f}s"
           f"{' (cached: run with --force to sweep again)' if tune.cached else ''}.")  # fmt: skip
-    print(f"Best trial: {tune.outputs.get('best_trial', '?')} with {metric} = {tune.metrics.get(f'best/{metric}')}")
+    print(f"Best trial: {tune.outputs.best_trial or '?'} with {metric} = {tune.metrics.get(f'best/{metric}')}")
     print("Best config: " + ", ".join(f"{name}={value:.4g}" if isinstance(value, float) else f"{name}={value}"
                                       for name, value in best.items()))  # fmt: skip
     print(f"Trial table: {tune.output_uri}/trials.csv  plot: {tune.output_uri}/sweep.png")
@@ -257,7 +254,7 @@ def _execute(config, args: argparse.Namespace, **how) -> int:
     _print_summary(result, config, time.perf_counter() - started)
     on_cluster = _on_cluster(config)
     if args.keep_serving:
-        print(f"Serving at {result.endpoint} — Ctrl-C to stop.")
+        print(f"Serving at {result.stages['serve'].output_uri} — Ctrl-C to stop.")
         _wait_forever()
     if not on_cluster or args.keep_serving:
         from components import serve
@@ -301,11 +298,11 @@ def _print_stage(stage: str, result) -> None:
 
 
 def _print_summary(result, config, seconds: float) -> None:
-    serve_outputs = result.stages["serve"].outputs
+    endpoint = result.stages["serve"].outputs
     print(f"\nPipeline run {result.run_id} finished in {seconds:.0f}s.")
-    print(f"Model {serve_outputs['model']['name']} v{serve_outputs['model']['version']} served at {result.endpoint}")
-    for sample in serve_outputs["samples"]:
-        print(f"  {sample['text']!r:45} -> {sample['label']} ({sample['score']:.3f})")
+    print(f"Model {endpoint.model.name} v{endpoint.model.version} served at {endpoint.url}")
+    for sample in endpoint.samples:
+        print(f"  {sample.text!r:45} -> {sample.label} ({sample.score:.3f})")
     print(f"Runs: MLflow experiment {config.experiment_name()!r} at {result.tracking_uri}")
     print(f"Browse them with: ptft ui {' '.join(sys.argv[2:3]) or 'CONFIG'}")
 

@@ -18,8 +18,6 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from components.configs import FileSource, HubSource
 
-UPSTREAM = {"tokenize": (), "pretrain": ("tokenize",), "tune": ("tokenize", "pretrain"),
-            "finetune": ("tokenize", "pretrain", "tune"), "serve": ("finetune",)}  # fmt: skip
 UPSTREAM_TAG = "ptft.upstream.{stage}"
 
 
@@ -37,22 +35,19 @@ def log_datasets(client: MlflowClient, run_id: str, reads: list[DatasetRead]) ->
     client.log_inputs(run_id, datasets=inputs)
 
 
-def tag_upstream(client: MlflowClient, run_id: str, stage: str, stage_runs: dict[str, str]) -> None:
-    for upstream in UPSTREAM[stage]:
-        if upstream in stage_runs:
-            client.set_tag(run_id, UPSTREAM_TAG.format(stage=upstream), stage_runs[upstream])
+def tag_upstream(client: MlflowClient, run_id: str, upstream_runs: dict[str, str]) -> None:
+    """`ptft.upstream.<stage>`: the MLflow run of each upstream stage whose output it consumed."""
+    for upstream, upstream_run in upstream_runs.items():
+        client.set_tag(run_id, UPSTREAM_TAG.format(stage=upstream), upstream_run)
 
 
 def describe_model_version(client: MlflowClient, registered: dict, stage_runs: dict[str, str], *,
                            pipeline_run_id: str, experiment_id: str, tracking_uri: str) -> None:  # fmt: skip
     """Markdown links to the runs a version came from, and the same as version tags."""
     lines = [f"Fine-tuned by ptft pipeline run `{pipeline_run_id}`."]
-    for stage in ("pretrain", "tune", "finetune"):
-        if stage in stage_runs:
-            link = run_link(tracking_uri, experiment_id, stage_runs[stage])
-            lines.append(f"- {stage} run: [{stage_runs[stage]}]({link})")
-            client.set_model_version_tag(registered["name"], registered["version"], f"ptft.{stage}_run_id",
-                                         stage_runs[stage])  # fmt: skip
+    for stage, run_id in stage_runs.items():  # the stages it came from, in pipeline order
+        lines.append(f"- {stage} run: [{run_id}]({run_link(tracking_uri, experiment_id, run_id)})")
+        client.set_model_version_tag(registered["name"], registered["version"], f"ptft.{stage}_run_id", run_id)
     client.update_model_version(registered["name"], registered["version"], description="\n".join(lines))
 
 

@@ -15,11 +15,11 @@ from typing import Any
 
 from components import metrics
 from components.stage import read_json, write_json
+from pipelines import stages
 
 # Stage states. `cached`: reused an artifact another run produced; `succeeded`: produced it here.
 PENDING, RUNNING, SUCCEEDED, CACHED, FAILED, KILLED = "pending", "running", "succeeded", "cached", "failed", "killed"
 DONE = (SUCCEEDED, CACHED)
-STAGE_ORDER = ("tokenize", "pretrain", "tune", "finetune", "serve")
 
 
 @dataclass
@@ -74,7 +74,7 @@ class Manifest:
             raise FileNotFoundError(f"no pipeline run {run_id!r} under {storage} (recent runs: {known})")
         raw = read_json(path)
         # The file's keys are sorted; give the stages back in pipeline order.
-        rank = {name: index for index, name in enumerate(STAGE_ORDER)}
+        rank = {name: index for index, name in enumerate(stages.NAMES)}
         order = sorted(raw["stages"], key=lambda name: rank.get(name, len(rank)))
         raw["stages"] = {name: StageRecord(**raw["stages"][name]) for name in order}
         return cls(**raw)

@@ -20,18 +20,18 @@ from mlflow.tracking import MlflowClient
 
 from components.tracking import PARENT_TAG
 from pipelines import manifest as mf
-
-TRAINING_STAGES = ("pretrain", "finetune")
+from pipelines import stages
 
 
 def stage_progress(client: MlflowClient, stage: str, run_id: str) -> dict | None:
     """{"step", "total_steps"} of a training stage, {"trials": {status: count}} of a sweep, or None."""
-    if stage in TRAINING_STAGES:
+    shown = stages.BY_NAME[stage].progress if stage in stages.BY_NAME else None
+    if shown == "steps":
         metrics = client.get_run(run_id).data.metrics
         if "progress/total_steps" not in metrics:
             return None
         return {"step": int(metrics.get("train/step", 0)), "total_steps": int(metrics["progress/total_steps"])}
-    if stage == "tune":
+    if shown == "trials":
         trials = client.search_runs([client.get_run(run_id).info.experiment_id], f"tags.`{PARENT_TAG}` = '{run_id}'")
         counts: dict[str, int] = {}
         for trial in trials:

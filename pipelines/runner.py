@@ -1,16 +1,17 @@
-"""The runner: starts (or joins) Ray, opens the MLflow run tree, and runs the stages in order,
-handing each stage the URIs its upstream stages wrote. It owns everything the stages do not
-know about: cache keys, the manifest, resume, and publishing artifacts.
+"""The runner: starts (or joins) Ray, opens the MLflow run tree, and walks the stages declared in
+`pipelines/stages/` in order, handing each the results its upstream stages left. It owns what
+the stages do not know about: cache keys, the manifest, resume, and publishing artifacts. It
+names no stage: what a stage reads, keys on, outputs and does elsewhere is in its declaration.
 
 Artifacts live under `<storage>/artifacts/<stage>/<key>/`. A stage writes into a hidden partial
-folder; the runner writes `_SUCCESS` (metrics, outputs, producing MLflow run) into it and renames
-it into place, so a folder with that name is always complete. A key with `_SUCCESS` is a cache hit.
+folder; the runner writes `config.json` (what the key was made of) and `_SUCCESS` (metrics,
+outputs, producing MLflow run) into it and renames it into place, so a folder with that name is
+always complete. A key with `_SUCCESS` is a cache hit.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ from pathlib import Path
 import ray
 from mlflow.tracking import MlflowClient
 
-from components import accelerator, data
+from components import accelerator
 from components.stage import StageContext, StageResult, read_json, write_json
 from components.tracking import (
     MlflowTracker,
@@ -37,21 +38,14 @@ from components.tracking import (
     reopen_run,
     start_run,
 )
-from pipelines import lineage, progress
+from pipelines import lineage, progress, stages
 from pipelines import manifest as mf
 from pipelines.config import ConfigError, PipelineConfig, resolved_dict
+from pipelines.stages import Inputs, Stage
 
 log = logging.getLogger(__name__)
 
-STAGES = mf.STAGE_ORDER
-# Bump a stage's version when its code changes what it writes: the key changes with it.
-STAGE_VERSIONS = {"tokenize": "2", "pretrain": "5", "tune": "7", "finetune": "6", "serve": "2"}
-# Settings that change how a stage runs but not what it writes: left out of its cache key.
-NOT_IN_KEY = {
-    "pretrain": ("log_every", "checkpoint_every", "workers.max_failures", "workers.placement_strategy"),
-    "finetune": ("log_every", "workers.max_failures", "workers.placement_strategy"),
-    "tune": ("tune.trial_max_failures", "tune.progress_every_s"),
-}
+STAGES = stages.NAMES
 SUCCESS = "_SUCCESS"
 # How a stop arrives: Ctrl-C/SIGTERM (ptft's handler) or SystemExit (Ray's SIGTERM handler in a job driver).
 _STOPPED = (KeyboardInterrupt, SystemExit)
@@ -65,10 +59,6 @@ class PipelineResult:
     tracking_uri: str
     stages: dict[str, StageResult] = field(default_factory=dict)
 
-    @property
-    def endpoint(self) -> str | None:
-        result = self.stages.get("serve")
-        return result.output_uri if result else None
 
 
 def run(
@@ -101,21 +91,21 @@ def run(
     if resume:
         manifest = _reopen_pipeline_run(client, storage, resume, experiment_id)
     else:
-        stages = STAGES[: STAGES.index(until) + 1] if until else STAGES
-        manifest = mf.Manifest.create(storage, new_run_id(), config.name, stages, resolved_dict(config))
+        names = (*stages.ancestors(until), until) if until else STAGES
+        manifest = mf.Manifest.create(storage, new_run_id(), config.name, names, resolved_dict(config))
         manifest.mlflow_run_id = _start_parent_run(client, config, experiment_id, manifest.run_id)
     manifest.tracking_uri, manifest.experiment_id = config.tracking_uri(), experiment_id
     manifest.save()
     result = PipelineResult(manifest.run_id, manifest.mlflow_run_id, experiment_id, config.tracking_uri())
-    forced = set(STAGES[STAGES.index(rerun) :]) if rerun else set()
+    forced = set(stages.downstream(rerun)) if rerun else set()
     runner = _StageRunner(config, client, result, storage, manifest, forced)
     reporter = progress.Reporter(manifest, client, every_s=progress_every_s).start() if progress_every_s else None
     status = "FAILED"
     try:
-        for stage in [name for name in STAGES if name in manifest.stages]:  # a sweep's run ends at tune
+        for stage in [stage for stage in stages.STAGES if stage.name in manifest.stages]:  # `until` ends it early
             stage_result = runner.run(stage)
             if on_stage:
-                on_stage(stage, stage_result)
+                on_stage(stage.name, stage_result)
         status = "FINISHED"
     except _STOPPED:
         status = "KILLED"
@@ -192,12 +182,17 @@ def _git_sha() -> str:
         return "unknown"
 
 
-def stage_key(stage: str, stage_config: dict, inputs: dict[str, str]) -> str:
-    """Content key of a stage's output: its name, code version, the config fields that shape its
-    output, and its inputs' keys and data fingerprints."""
-    shaping = _without(stage_config, NOT_IN_KEY.get(stage, ()))
-    payload = {"stage": stage, "version": STAGE_VERSIONS[stage], "config": shaping, "inputs": inputs}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def stage_key(stage: Stage, settings: dict, upstream_keys: dict[str, str], extras: dict) -> str:
+    """Content key of a stage's output: its name, code version, the config that shapes its output,
+    its upstream stages' keys, and what else it declares its output depends on."""
+    return hashlib.sha256(json.dumps(key_material(stage, settings, upstream_keys, extras), sort_keys=True,
+                                     default=str).encode()).hexdigest()[:16]  # fmt: skip
+
+
+def key_material(stage: Stage, settings: dict, upstream_keys: dict[str, str], extras: dict) -> dict:
+    """What the key is a hash of; written beside the artifact as its `config.json`."""
+    return {"stage": stage.name, "version": stage.version, "config": _without(settings, stage.not_in_key),
+            "inputs": upstream_keys, "extras": extras}  # fmt: skip
 
 
 def _without(config: dict, dotted: tuple[str, ...]) -> dict:
@@ -225,111 +220,115 @@ class _StageRunner:
         self.keys: dict[str, str] = {}
         self.mlflow_run_ids: dict[str, str] = {}
 
-    def run(self, stage: str) -> StageResult:
-        stage_config, inputs, call = self._wiring(stage)
-        key = stage_key(stage, stage_config, inputs)
-        self.keys[stage] = key
-        final_dir = self.storage / "artifacts" / stage / key
-        record = self.manifest.stages[stage]
+    def run(self, stage: Stage) -> StageResult:
+        inputs = self._inputs(stage)
+        settings = stage.settings(self.config)
+        upstream_keys = {name: self.keys[name] for name in stage.upstream}
+        material = key_material(stage, settings, upstream_keys, stage.key_extras(self.config, inputs))
+        key = stage_key(stage, settings, upstream_keys, material["extras"])
+        self.keys[stage.name] = key
+        final_dir = self.storage / "artifacts" / stage.name / key
+        record = self.manifest.stages[stage.name]
         if record.status in mf.DONE and record.key == key and (final_dir / SUCCESS).is_file():
-            stage_result = self._reuse_own(stage, final_dir, record)  # resumed: done in an earlier attempt
-        elif stage not in self.forced and (final_dir / SUCCESS).is_file():
-            stage_result = self._cache_hit(stage, key, stage_config, final_dir, inputs)
+            stage_result = self._reuse_own(stage, inputs, key, final_dir, record)  # done in an earlier attempt
+        elif stage.name not in self.forced and (final_dir / SUCCESS).is_file():
+            stage_result = self._cache_hit(stage, inputs, key, settings, final_dir)
         else:
-            stage_result = self._execute(stage, key, stage_config, call, final_dir, inputs)
-        if stage == "finetune" and not stage_result.cached:
-            lineage.describe_model_version(self.client, stage_result.outputs["registered"], self.mlflow_run_ids,
-                                           pipeline_run_id=self.result.run_id, experiment_id=self.result.experiment_id,
-                                           tracking_uri=self.config.tracking_uri())  # fmt: skip
-        self.result.stages[stage] = stage_result
+            stage_result = self._execute(stage, inputs, key, settings, material, final_dir)
+        self.result.stages[stage.name] = stage_result
         return stage_result
 
-    def _record_lineage(self, stage: str, run_id: str, inputs: dict[str, str]) -> None:
+    def _inputs(self, stage: Stage) -> Inputs:
+        """The results, keys and MLflow runs of every stage this one depends on."""
+        names = stages.ancestors(stage.name)
+        done, runs = self.result.stages, self.mlflow_run_ids
+        return Inputs(results={name: done[name] for name in names}, keys={name: self.keys[name] for name in names},
+                      mlflow_runs={name: runs[name] for name in names if name in runs})  # fmt: skip
+
+    def _context(self, stage: Stage, key: str, output_dir: Path, mlflow_run_id: str, attempt: int) -> StageContext:
+        return StageContext(pipeline_run_id=self.result.run_id, stage=stage.name, output_dir=output_dir,
+                            storage=self.storage, tracking_uri=self.config.tracking_uri(),
+                            experiment_id=self.result.experiment_id, mlflow_run_id=mlflow_run_id,
+                            seed=self.config.seed, attempt=attempt, cache_key=key)  # fmt: skip
+
+    def _record_lineage(self, stage: Stage, run_id: str, inputs: Inputs) -> None:
         """The stage run's dataset inputs and the upstream runs it consumed."""
-        lineage.tag_upstream(self.client, run_id, stage, self.mlflow_run_ids)
-        lineage.log_datasets(self.client, run_id, self._reads(stage, inputs))
+        upstream_runs = {name: run for name, run in inputs.mlflow_runs.items() if name in stage.upstream}
+        lineage.tag_upstream(self.client, run_id, upstream_runs)
+        lineage.log_datasets(self.client, run_id, stage.reads(self.config, inputs))
 
-    def _reads(self, stage: str, inputs: dict[str, str]) -> list[lineage.DatasetRead]:
-        """What a stage reads: the configured sources (tokenize), else the tokenized folders, whose
-        digest is the tokenize key (it fingerprints the sources and the tokenization)."""
-        if stage == "tokenize":
-            return [lineage.DatasetRead(split, source, inputs[split], "corpus" if split == "corpus" else split)
-                    for split, source in _sources(self.config).items()]  # fmt: skip
-        if stage == "serve":
-            return []
-        tokenized, key = self.result.stages["tokenize"].output_uri, self.keys["tokenize"]
-        if stage == "pretrain":
-            return [lineage.DatasetRead("pretrain_blocks", f"{tokenized}/pretrain_blocks", key, "training")]
-        splits = ("train", "validation") if stage == "tune" else ("train", "validation", "test")
-        return [lineage.DatasetRead(f"task/{split}", f"{tokenized}/task/{split}", key, split) for split in splits]
-
-    def _reuse_own(self, stage: str, final_dir: Path, record: mf.StageRecord) -> StageResult:
-        self.mlflow_run_ids[stage] = record.mlflow_run_id
-        stage_result = _load_result(final_dir)
+    def _reuse_own(self, stage: Stage, inputs: Inputs, key: str, final_dir: Path,
+                   record: mf.StageRecord) -> StageResult:  # fmt: skip
+        self.mlflow_run_ids[stage.name] = record.mlflow_run_id
+        stage_result = _load_result(stage, final_dir)
         stage_result.cached = record.status == mf.CACHED
-        log.info("stage %s: done in an earlier attempt of this run", stage)
-        return self._after_hit(stage, stage_result, final_dir)
+        log.info("stage %s: done in an earlier attempt of this run", stage.name)
+        ctx = self._context(stage, key, final_dir, record.mlflow_run_id, record.attempts)
+        return self._ensure_side_effect(stage, inputs, stage_result, ctx)
 
-    def _cache_hit(self, stage: str, key: str, stage_config: dict, final_dir: Path, inputs: dict) -> StageResult:
+    def _ensure_side_effect(self, stage: Stage, inputs: Inputs, stage_result: StageResult,
+                            ctx: StageContext) -> StageResult:  # fmt: skip
+        """A reused artifact's side effect, verified in this run's place and redone if missing."""
+        if stage.side_effect is None:
+            return stage_result
+        return stage.side_effect.ensure(self.config, inputs, stage_result, ctx)
+
+    def _cache_hit(self, stage: Stage, inputs: Inputs, key: str, settings: dict, final_dir: Path) -> StageResult:
         success = read_json(final_dir / SUCCESS)
         producer = success["mlflow_run_id"]
-        run_id = self._child_run(stage, key, cache_hit=True, extra_tags={
+        run_id = self._child_run(stage.name, key, cache_hit=True, extra_tags={
             "ptft.cached_from_run_id": producer,
             "ptft.cached_from_pipeline_run": success.get("pipeline_run_id", ""),
         })  # fmt: skip
         self._record_lineage(stage, run_id, inputs)
-        self.manifest.stage_started(stage, key, run_id)
+        self.manifest.stage_started(stage.name, key, run_id)
         tracker = MlflowTracker(self.config.tracking_uri(), run_id, owns_run=True)
-        tracker.log_params(flatten(stage_config))
-        stage_result = _load_result(final_dir)
+        tracker.log_params(flatten(settings))
+        stage_result = _load_result(stage, final_dir)
         stage_result.cached = True
+        ctx = self._context(stage, key, final_dir, run_id, self.manifest.stages[stage.name].attempts)
         try:
-            stage_result = self._after_hit(stage, stage_result, final_dir)
+            stage_result = self._ensure_side_effect(stage, inputs, stage_result, ctx)
         except BaseException as error:
-            self.manifest.stage_ended(stage, mf.FAILED, error=_describe(error))
+            self.manifest.stage_ended(stage.name, mf.FAILED, error=_describe(error))
             tracker.close("KILLED" if isinstance(error, _STOPPED) else "FAILED")
             raise
         tracker.log_metrics(stage_result.metrics, step=0)
         tracker.close("FINISHED")
-        self.manifest.stage_ended(stage, mf.CACHED, output_uri=stage_result.output_uri, cached_from=producer)
-        log.info("stage %s: cache hit (key %s, produced by MLflow run %s)", stage, key, producer)
+        self.manifest.stage_ended(stage.name, mf.CACHED, output_uri=stage_result.output_uri, cached_from=producer)
+        log.info("stage %s: cache hit (key %s, produced by MLflow run %s)", stage.name, key, producer)
         return stage_result
 
-    def _after_hit(self, stage: str, stage_result: StageResult, final_dir: Path) -> StageResult:
-        """A reused serve artifact records a deployment: bring it back if it is not running."""
-        if stage == "serve":
-            _stage_module("serve").ensure_deployed(self.config.serve, stage_result.outputs, self.config.tracking_uri())
-        return stage_result
-
-    def _execute(self, stage: str, key: str, stage_config: dict, call, final_dir: Path, inputs: dict) -> StageResult:
-        record = self.manifest.stages[stage]
+    def _execute(self, stage: Stage, inputs: Inputs, key: str, settings: dict, material: dict,
+                 final_dir: Path) -> StageResult:  # fmt: skip
+        record = self.manifest.stages[stage.name]
         continuing = record.mlflow_run_id is not None and record.key == key
         if continuing:
             run_id = record.mlflow_run_id  # a restarted attempt continues its own run
             reopen_run(self.client, run_id)
         else:
-            run_id = self._child_run(stage, key, cache_hit=False)
+            run_id = self._child_run(stage.name, key, cache_hit=False)
             self._record_lineage(stage, run_id, inputs)
-        self.mlflow_run_ids[stage] = run_id
-        self.manifest.stage_started(stage, key, run_id)
+        self.mlflow_run_ids[stage.name] = run_id
+        self.manifest.stage_started(stage.name, key, run_id)
         tracker = MlflowTracker(self.config.tracking_uri(), run_id, owns_run=True, resumed=continuing)
-        tracker.log_params(flatten(stage_config))
+        tracker.log_params(flatten(settings))
         partial = final_dir.parent / f".{key}.partial-{self.result.run_id}"
         shutil.rmtree(partial, ignore_errors=True)  # the stage's resumable state lives in Ray's storage
         partial.mkdir(parents=True)
-        ctx = StageContext(pipeline_run_id=self.result.run_id, stage=stage, output_dir=partial,
-                           storage=self.storage, tracking_uri=self.config.tracking_uri(),
-                           experiment_id=self.result.experiment_id, mlflow_run_id=run_id,
-                           seed=self.config.seed, attempt=record.attempts)  # fmt: skip
+        ctx = self._context(stage, key, partial, run_id, record.attempts)
         started = time.perf_counter()
-        log.info("stage %s: starting (key %s, attempt %d)", stage, key, record.attempts)
+        log.info("stage %s: starting (key %s, attempt %d)", stage.name, key, record.attempts)
         try:
-            stage_result = call(ctx)
+            stage_result = stage.run(self.config, inputs, ctx)
+            stage_result.outputs = stage.outputs.model_validate(stage_result.outputs)  # the typed hand-off
+            if stage.side_effect and stage.side_effect.after_run:
+                stage_result = stage.side_effect.after_run(self.config, inputs, stage_result, ctx)
         except BaseException as error:
             interrupted = isinstance(error, _STOPPED)
             # The local manifest first: a stopped Ray Job is SIGKILLed 3 s after its SIGTERM, and
             # the MLflow calls may take longer than that.
-            self.manifest.stage_ended(stage, mf.KILLED if interrupted else mf.FAILED, error=_describe(error))
+            self.manifest.stage_ended(stage.name, mf.KILLED if interrupted else mf.FAILED, error=_describe(error))
             if interrupted:
                 self.manifest.finished(mf.KILLED)  # the run goes down with the stage
             tracker.close("KILLED" if interrupted else "FAILED")
@@ -340,12 +339,13 @@ class _StageRunner:
         summary = {name: value for name, value in stage_result.metrics.items() if name not in logged}
         tracker.log_metrics({**summary, "stage/seconds": elapsed}, step=0)
         tracker.close("FINISHED")
-        stage_result = _publish(partial, final_dir, stage_result, {
+        write_json(partial / "config.json", material)  # what the key stands for, beside what it made
+        stage_result = _publish(stage, partial, final_dir, stage_result, {
             "mlflow_run_id": run_id, "pipeline_run_id": self.result.run_id, "seconds": elapsed,
         })  # fmt: skip
-        self.manifest.stages[stage].work_seconds = elapsed
-        self.manifest.stage_ended(stage, mf.SUCCEEDED, output_uri=stage_result.output_uri)
-        log.info("stage %s: done in %.1fs -> %s", stage, elapsed, stage_result.output_uri)
+        self.manifest.stages[stage.name].work_seconds = elapsed
+        self.manifest.stage_ended(stage.name, mf.SUCCEEDED, output_uri=stage_result.output_uri)
+        log.info("stage %s: done in %.1fs -> %s", stage.name, elapsed, stage_result.output_uri)
         return stage_result
 
     def _child_run(self, stage: str, key: str, *, cache_hit: bool, extra_tags: dict | None = None) -> str:
@@ -356,61 +356,14 @@ class _StageRunner:
         self.mlflow_run_ids[stage] = run_id
         return run_id
 
-    def _wiring(self, stage: str):
-        """(stage config as logged, input keys, the call) for a stage: the whole graph lives here."""
-        cfg, done, keys = self.config, self.result.stages, self.keys
-        if stage == "tokenize":
-            fingerprints = {split: data.fingerprint(source) for split, source in _sources(cfg).items()}
-            stage_cfg = {"tokenize": cfg.tokenize.model_dump(mode="json"), "data": cfg.data.model_dump(mode="json")}
-            return stage_cfg, fingerprints, lambda ctx: _stage_module("tokenize").run(cfg.tokenize, cfg.data, ctx)
-        if stage == "pretrain":
-            tokenized = done["tokenize"].output_uri
-            return (cfg.pretrain.model_dump(mode="json"), {"tokenize": keys["tokenize"], "seed": str(cfg.seed)},
-                    lambda ctx: _stage_module("pretrain").run(cfg.pretrain, tokenized, ctx))  # fmt: skip
-        if stage == "tune":
-            pretrained, tokenized = done["pretrain"].output_uri, done["tokenize"].output_uri
-            # Trials train with finetune's defaults and DeepSpeed settings: they are part of the key.
-            stage_cfg = {"tune": cfg.tune.model_dump(mode="json"),
-                         "defaults": cfg.finetune.trial_defaults().model_dump(mode="json"),
-                         "deepspeed": cfg.finetune.deepspeed.model_dump(mode="json")}  # fmt: skip
-            return (stage_cfg, {"pretrain": keys["pretrain"], "tokenize": keys["tokenize"]},
-                    lambda ctx: _tune_or_skip(cfg, pretrained, tokenized, ctx))  # fmt: skip
-        if stage == "finetune":
-            pretrained, tokenized = done["pretrain"].output_uri, done["tokenize"].output_uri
-            best = done["tune"].output_uri if cfg.tune.enabled else None
-            return (cfg.finetune.model_dump(mode="json"), {"tune": keys["tune"], "pretrain": keys["pretrain"]},
-                    lambda ctx: _stage_module("finetune").run(cfg.finetune, pretrained, tokenized, best, ctx,
-                                             registered_model_name=cfg.registered_model_name(),
-                                             test_split=data.fingerprint(cfg.data.task.test)))  # fmt: skip
-        registered = done["finetune"].outputs["registered"]
-        return (cfg.serve.model_dump(mode="json"), {"finetune": keys["finetune"]},
-                lambda ctx: _stage_module("serve").run(cfg.serve, registered, ctx))  # fmt: skip
 
-
-def _stage_module(stage: str):
-    """A stage's module, imported when the stage first runs: a run of cache hits never pays for
-    torch, transformers and DeepSpeed in the driver."""
-    return importlib.import_module(f"components.{stage}")
-
-
-def _tune_or_skip(cfg: PipelineConfig, pretrained: str, tokenized: str, ctx: StageContext) -> StageResult:
-    if not cfg.tune.enabled:
-        return StageResult(output_uri=str(ctx.output_dir), metrics={"tune/trials": 0})
-    tune = _stage_module("tune")
-    return tune.run(cfg.tune, pretrained, tokenized, cfg.finetune.trial_defaults(), cfg.finetune.deepspeed, ctx)
-
-
-def _sources(cfg: PipelineConfig) -> dict:
-    task = cfg.data.task
-    return {"corpus": cfg.data.corpus.source, "train": task.train, "validation": task.validation, "test": task.test}
-
-
-def _publish(partial: Path, final_dir: Path, stage_result: StageResult, provenance: dict) -> StageResult:
+def _publish(stage: Stage, partial: Path, final_dir: Path, stage_result: StageResult, provenance: dict) -> StageResult:
     """Write `_SUCCESS` into the partial folder, then rename it into place: readers see either no
     folder or a complete one. Returns the result with its URIs pointing into the final folder."""
     output = stage_result.output_uri
     inside = output == str(partial) or output.startswith(f"{partial}/")
-    success = {**provenance, "metrics": stage_result.metrics, "outputs": stage_result.outputs,
+    outputs = stage.outputs.model_validate(stage_result.outputs).model_dump(mode="json")
+    success = {**provenance, "metrics": stage_result.metrics, "outputs": outputs,
                "output": os.path.relpath(output, partial) if inside else output, "output_inside": inside}  # fmt: skip
     write_json(partial / SUCCESS, success)
     if final_dir.exists():  # a forced re-run replaces the old artifact, or a crash left debris
@@ -420,16 +373,17 @@ def _publish(partial: Path, final_dir: Path, stage_result: StageResult, provenan
         shutil.rmtree(trash, ignore_errors=True)
     else:
         partial.rename(final_dir)
-    return _load_result(final_dir)
+    return _load_result(stage, final_dir)
 
 
-def _load_result(final_dir: Path) -> StageResult:
+def _load_result(stage: Stage, final_dir: Path) -> StageResult:
     """A stage's result from its published folder (a cache hit needs nothing else)."""
     success = read_json(final_dir / SUCCESS)
     output = success["output"]
     uri = str(final_dir / output) if success["output_inside"] else output
+    outputs = stage.outputs.model_validate(success["outputs"])
     return StageResult(output_uri=os.path.normpath(uri) if success["output_inside"] else uri,
-                       metrics=success["metrics"], outputs=success["outputs"])  # fmt: skip
+                       metrics=success["metrics"], outputs=outputs)  # fmt: skip
 
 
 def _describe(error: BaseException) -> str:

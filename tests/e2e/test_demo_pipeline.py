@@ -12,7 +12,8 @@ import pytest
 import requests
 from mlflow.tracking import MlflowClient
 
-from pipelines.runner import STAGES
+from pipelines import stages
+from pipelines.runner import STAGES, stage_key
 from tests.e2e.conftest import SECRETS, newest_manifest, run_ptft
 
 pytestmark = pytest.mark.e2e
@@ -29,6 +30,10 @@ def test_every_stage_wrote_its_artifacts(demo: dict) -> None:
     for stage in STAGES:
         (folder,) = list((artifacts / stage).iterdir())  # one key folder per stage
         assert (folder / "_SUCCESS").is_file(), stage
+        made_of = json.loads((folder / "config.json").read_text())  # self-describing: what its key stands for
+        declared = stages.BY_NAME[stage]
+        assert (made_of["stage"], made_of["version"]) == (stage, declared.version)
+        assert stage_key(declared, made_of["config"], made_of["inputs"], made_of["extras"]) == folder.name
     tokenize = next((artifacts / "tokenize").iterdir())
     assert (tokenize / "tokenizer" / "tokenizer.json").is_file()
     assert list((tokenize / "pretrain_blocks").glob("*.parquet"))
@@ -166,6 +171,9 @@ def test_unchanged_rerun_is_all_cache_hits(demo: dict, reruns: dict) -> None:
     for stage, run in stage_runs.items():
         assert run.data.tags["ptft.cache_hit"] == "true" and run.info.status == "FINISHED"
         assert run.data.tags["ptft.cached_from_run_id"] == first[stage]  # points at the producer
+    key = manifest["stages"]["finetune"]["key"]
+    versions = client.search_model_versions(f"name = 'demo-classifier' and tags.`ptft.cache_key` = '{key}'")
+    assert [version.run_id for version in versions] == [first["finetune"]]  # verified, not registered again
 
 
 def test_changing_a_finetuning_field_reruns_only_finetune_and_serve(reruns: dict) -> None:

@@ -20,6 +20,7 @@ from components.finetune import confusion_matrix, macro_f1
 from pipelines import lineage, progress
 from pipelines import manifest as mf
 from pipelines.cli import main
+from pipelines.stages import NAMES as STAGE_NAMES
 from tests.conftest import tiny_classifier
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -134,7 +135,8 @@ def test_lineage_datasets_upstream_tags_and_model_description(client: MlflowClie
         lineage.DatasetRead("train", FileSource(path=str(data_file)), "abc123", "train"),
         lineage.DatasetRead("corpus", SyntheticSource(split="corpus", num_examples=10), "def456", "corpus"),
     ])  # fmt: skip
-    lineage.tag_upstream(client, runs["finetune"], "finetune", runs)
+    upstream = {stage: runs[stage] for stage in ("tokenize", "pretrain", "tune")}
+    lineage.tag_upstream(client, runs["finetune"], upstream)
     inputs = client.get_run(runs["tokenize"]).inputs.dataset_inputs
     found = {item.dataset.name: item for item in inputs}
     assert found["train"].dataset.digest == "abc123" and str(data_file) in found["train"].dataset.source
@@ -160,7 +162,7 @@ def test_lineage_datasets_upstream_tags_and_model_description(client: MlflowClie
 
 def _manifest_with_running_pretrain(client: MlflowClient, storage: Path) -> mf.Manifest:
     experiment = _experiment(client, "progress")
-    manifest = mf.Manifest.create(storage, "run-1", "demo", mf.STAGE_ORDER, {"name": "demo"})
+    manifest = mf.Manifest.create(storage, "run-1", "demo", STAGE_NAMES, {"name": "demo"})
     manifest.tracking_uri, manifest.experiment_id = client.tracking_uri, experiment
     run_id = client.create_run(experiment).info.run_id
     manifest.stage_started("tokenize", "k0", client.create_run(experiment).info.run_id)
@@ -177,7 +179,7 @@ def test_snapshot_gives_steps_and_an_eta(client: MlflowClient, tmp_path: Path) -
     manifest = _manifest_with_running_pretrain(client, tmp_path)
     state = progress.snapshot(manifest, client)
     stages = {stage["name"]: stage for stage in state["stages"]}
-    assert [stage["name"] for stage in state["stages"]] == list(mf.STAGE_ORDER)
+    assert [stage["name"] for stage in state["stages"]] == list(STAGE_NAMES)
     assert stages["tokenize"]["cached"] and stages["tokenize"]["cached_from_mlflow_run_id"] == "producer-run"
     pretrain = stages["pretrain"]["progress"]
     assert pretrain["step"] == 100 and pretrain["total_steps"] == 400

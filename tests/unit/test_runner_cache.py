@@ -4,6 +4,7 @@ pieces of resume and caching that need no cluster."""
 from __future__ import annotations
 
 import copy as copy_module
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -14,15 +15,15 @@ import torch
 from components import training
 from components.pretrain import _batches
 from components.stage import StageResult, read_json
-from pipelines import cli, runner
+from pipelines import cli, runner, stages
 from pipelines import manifest as mf
 
 PRETRAIN = {"max_steps": 100, "learning_rate": 1e-3, "log_every": 10, "checkpoint_every": 50,
             "workers": {"num_workers": 2, "max_failures": 3, "placement_strategy": "PACK"}}  # fmt: skip
 
 
-def _key(config: dict, inputs: dict | None = None) -> str:
-    return runner.stage_key("pretrain", config, inputs or {"tokenize": "abc"})
+def _key(config: dict, inputs: dict | None = None, stage: stages.Stage = stages.BY_NAME["pretrain"]) -> str:
+    return runner.stage_key(stage, config, inputs or {"tokenize": "abc"}, {"seed": 0})
 
 
 def test_key_ignores_settings_that_do_not_change_the_output() -> None:
@@ -33,13 +34,14 @@ def test_key_ignores_settings_that_do_not_change_the_output() -> None:
         assert _key(changed) == base, path
 
 
-def test_key_changes_with_config_inputs_and_code_version(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_key_changes_with_config_inputs_extras_and_code_version() -> None:
     base = _key(PRETRAIN)
     assert _key(_set(PRETRAIN, "learning_rate", 2e-3)) != base
     assert _key(_set(PRETRAIN, "workers.num_workers", 4)) != base  # another global batch size
     assert _key(PRETRAIN, {"tokenize": "abd"}) != base
-    monkeypatch.setitem(runner.STAGE_VERSIONS, "pretrain", "999")
-    assert _key(PRETRAIN) != base
+    assert runner.stage_key(stages.BY_NAME["pretrain"], PRETRAIN, {"tokenize": "abc"}, {"seed": 1}) != base
+    newer = dataclasses.replace(stages.BY_NAME["pretrain"], version="999")
+    assert _key(PRETRAIN, stage=newer) != base
 
 
 def _set(config: dict, dotted: str, value) -> dict:
@@ -56,14 +58,16 @@ def test_publish_renames_a_complete_folder_into_place(tmp_path: Path) -> None:
     partial, final = tmp_path / ".k.partial-run1", tmp_path / "k"
     (partial / "model").mkdir(parents=True)
     (partial / "model" / "weights").write_text("w")
-    result = runner._publish(partial, final, StageResult(str(partial / "model"), {"loss": 1.5}, {"x": 1}),
+    tune = stages.BY_NAME["tune"]
+    outputs = tune.outputs(best_config={"learning_rate": 0.01}, best_trial="t1")
+    result = runner._publish(tune, partial, final, StageResult(str(partial / "model"), {"loss": 1.5}, outputs),
                              {"mlflow_run_id": "r1"})  # fmt: skip
     assert not partial.exists()
     assert (final / "_SUCCESS").is_file() and (final / "model" / "weights").read_text() == "w"
     assert result.output_uri == str(final / "model")
     assert read_json(final / "_SUCCESS")["mlflow_run_id"] == "r1"
-    reloaded = runner._load_result(final)
-    assert (reloaded.output_uri, reloaded.metrics, reloaded.outputs) == (str(final / "model"), {"loss": 1.5}, {"x": 1})
+    reloaded = runner._load_result(tune, final)
+    assert (reloaded.output_uri, reloaded.metrics, reloaded.outputs) == (str(final / "model"), {"loss": 1.5}, outputs)
 
 
 def test_publish_replaces_an_older_artifact_and_keeps_urls(tmp_path: Path) -> None:
@@ -72,7 +76,8 @@ def test_publish_replaces_an_older_artifact_and_keeps_urls(tmp_path: Path) -> No
     (final / "stale").write_text("old")
     partial = tmp_path / ".k.partial-run2"
     partial.mkdir()
-    result = runner._publish(partial, final, StageResult("http://127.0.0.1:8000"), {"mlflow_run_id": "r2"})
+    result = runner._publish(stages.BY_NAME["tokenize"], partial, final, StageResult("http://127.0.0.1:8000"),
+                             {"mlflow_run_id": "r2"})  # fmt: skip
     assert not (final / "stale").exists() and (final / "_SUCCESS").is_file()
     assert result.output_uri == "http://127.0.0.1:8000"
     assert [p.name for p in tmp_path.iterdir()] == ["k"]  # no partial or old folder left behind

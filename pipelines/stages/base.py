@@ -1,0 +1,86 @@
+"""A stage as the pipeline sees it, declared once in its own module of `pipelines/stages/`.
+
+The declaration says everything the runner needs and nothing the runner decides: the stage's
+name and code version, the stages it reads, the config that shapes its output (its cache key),
+its typed outputs, what it does outside its artifact folder (registers a model, deploys an app)
+and how that is verified or redone when the artifact is reused, and how its progress is read.
+The work itself lives in `components/<stage>.py`, imported only when the stage runs, so that a
+run of cache hits never imports torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from components.stage import StageContext, StageResult
+from pipelines.config import PipelineConfig
+
+
+class NoOutputs(BaseModel):
+    """A stage whose only output is its folder (`StageResult.output_uri`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What the stages that ran before this one in the pipeline run left, by stage name."""
+
+    results: Mapping[str, StageResult] = field(default_factory=dict)
+    keys: Mapping[str, str] = field(default_factory=dict)
+    mlflow_runs: Mapping[str, str] = field(default_factory=dict)
+
+    def uri(self, stage: str) -> str:
+        return self.results[stage].output_uri
+
+    def outputs(self, stage: str) -> BaseModel:
+        return self.results[stage].outputs
+
+
+# run(config, inputs, ctx): the stage's work, writing under ctx.output_dir.
+Run = Callable[[PipelineConfig, Inputs, StageContext], StageResult]
+# A hook on a finished stage (fresh or reused); returns the result, possibly with new outputs.
+Hook = Callable[[PipelineConfig, Inputs, StageResult, StageContext], StageResult]
+
+
+def _nothing(config: PipelineConfig, inputs: Inputs) -> dict:
+    return {}
+
+
+def _no_reads(config: PipelineConfig, inputs: Inputs) -> list:
+    return []
+
+
+@dataclass(frozen=True)
+class SideEffect:
+    """Something a stage does outside its artifact folder. The artifact is shared by every run
+    with the same key; the side effect belongs to a place (a registry, a Serve instance), so on a
+    cache hit `ensure` checks that place and redoes what is missing there, idempotently."""
+
+    what: str  # "register", "deploy": named in logs and docs
+    ensure: Hook  # on reuse: verify, redo where missing; returns the result with this place's outputs
+    after_run: Hook | None = None  # after a fresh run, e.g. record lineage on what it made
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    version: str  # bump when the stage's code changes what it writes: its key changes with it
+    upstream: tuple[str, ...]  # stages whose outputs it reads; their keys are part of its key
+    settings: Callable[[PipelineConfig], dict]  # the config it runs with: in its key, logged as params
+    run: Run
+    outputs: type[BaseModel] = NoOutputs
+    # Dotted paths in `settings` that change how the stage runs but not what it writes.
+    not_in_key: tuple[str, ...] = ()
+    # More that its output depends on: data fingerprints, the seed, what it deploys.
+    key_extras: Callable[[PipelineConfig, Inputs], dict] = _nothing
+    # The datasets it reads, as lineage.DatasetRead for the MLflow run's "Datasets used".
+    reads: Callable[[PipelineConfig, Inputs], list] = _no_reads
+    side_effect: SideEffect | None = None
+    # How `ptft status` and the live progress lines read it: training steps, sweep trials, or not.
+    progress: Literal["steps", "trials"] | None = None
+    description: str = ""  # one line: what it makes, for the graph in `ptft status` and the report

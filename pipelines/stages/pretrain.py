@@ -1,0 +1,44 @@
+"""pretrain: masked- or causal-LM pre-training under Ray Train and DeepSpeed."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+from pipelines.config import PipelineConfig
+from pipelines.stages.base import Inputs, Stage
+
+
+class PretrainOutputs(BaseModel):
+    """The exported model's smoke test (it loads and gives finite outputs)."""
+
+    model_config = ConfigDict(extra="forbid")
+    weights_sha256: str
+    parameters: int
+
+
+def _settings(config: PipelineConfig) -> dict:
+    return config.pretrain.model_dump(mode="json")
+
+
+def _seed(config: PipelineConfig, inputs: Inputs) -> dict:
+    return {"seed": config.seed}  # initialisation, masking and data order
+
+
+def _reads(config: PipelineConfig, inputs: Inputs) -> list:
+    from pipelines.lineage import DatasetRead
+
+    blocks = f"{inputs.uri('tokenize')}/pretrain_blocks"
+    return [DatasetRead("pretrain_blocks", blocks, inputs.keys["tokenize"], "training")]
+
+
+def _run(config: PipelineConfig, inputs: Inputs, ctx):
+    from components import pretrain
+
+    return pretrain.run(config.pretrain, inputs.uri("tokenize"), ctx)
+
+
+STAGE = Stage(
+    name="pretrain", version="5", upstream=("tokenize",), settings=_settings, run=_run, outputs=PretrainOutputs,
+    not_in_key=("log_every", "checkpoint_every", "workers.max_failures", "workers.placement_strategy"),
+    key_extras=_seed, reads=_reads, progress="steps", description="the pre-trained model (Hugging Face folder)",
+)  # fmt: skip

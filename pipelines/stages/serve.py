@@ -1,0 +1,66 @@
+"""serve: deploy the registered model's champion on Ray Serve and answer the sample texts.
+
+Deploying is a side effect on a Serve instance the artifact does not own: on every reuse the
+recorded deployment is checked and brought back if it is not live (a local Ray is gone once
+`ptft run` ends)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+from components.stage import StageContext, StageResult
+from pipelines.config import PipelineConfig
+from pipelines.stages.base import Inputs, SideEffect, Stage
+
+
+class ServedModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    version: str
+    model_uri: str
+    run_id: str | None = None
+    alias: str | None = None
+
+
+class Sample(BaseModel):
+    model_config = ConfigDict(extra="allow")  # the prediction's fields: label, score
+    text: str
+    label: str
+    score: float
+
+
+class Endpoint(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    url: str
+    app_name: str
+    model: ServedModel
+    samples: list[Sample] = []
+
+
+def _settings(config: PipelineConfig) -> dict:
+    return config.serve.model_dump(mode="json")
+
+
+def _deployed_model(config: PipelineConfig, inputs: Inputs) -> dict:
+    """What it deploys: a version of a registered model, in the store of tracking.uri."""
+    return {"registered_model": inputs.outputs("finetune").registered.name, "tracking_uri": config.tracking_uri()}
+
+
+def _run(config: PipelineConfig, inputs: Inputs, ctx: StageContext) -> StageResult:
+    from components import serve
+
+    return serve.run(config.serve, inputs.outputs("finetune").registered.model_dump(), ctx)
+
+
+def _ensure_deployed(config: PipelineConfig, inputs: Inputs, result: StageResult, ctx: StageContext) -> StageResult:
+    from components import serve
+
+    serve.ensure_deployed(config.serve, result.outputs.model_dump(), config.tracking_uri())
+    return result
+
+
+STAGE = Stage(
+    name="serve", version="2", upstream=("finetune",), settings=_settings, run=_run, outputs=Endpoint,
+    key_extras=_deployed_model, side_effect=SideEffect("deploy", ensure=_ensure_deployed), 
+    description="the HTTP endpoint of the champion",
+)  # fmt: skip

@@ -1,0 +1,55 @@
+"""tune: the sweep (Ray Tune) over fine-tuning hyperparameters; its best config goes to finetune."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from components.stage import StageResult
+from pipelines.config import PipelineConfig
+from pipelines.stages.base import Inputs, Stage
+
+
+class TuneOutputs(BaseModel):
+    """The best trial and its sampled values (none when the sweep is turned off)."""
+
+    model_config = ConfigDict(extra="forbid")
+    best_config: dict[str, Any] = {}
+    best_trial: str | None = None
+
+
+def _settings(config: PipelineConfig) -> dict:
+    # Trials train with finetune's defaults and DeepSpeed settings: they are part of the key.
+    return {"tune": config.tune.model_dump(mode="json"),
+            "defaults": config.finetune.trial_defaults().model_dump(mode="json"),
+            "deepspeed": config.finetune.deepspeed.model_dump(mode="json")}  # fmt: skip
+
+
+def task_reads(inputs: Inputs, splits: tuple[str, ...]) -> list:
+    """The tokenized task splits, whose digest is the tokenize key (it fingerprints the sources
+    and the tokenization)."""
+    from pipelines.lineage import DatasetRead
+
+    tokenized, key = inputs.uri("tokenize"), inputs.keys["tokenize"]
+    return [DatasetRead(f"task/{split}", f"{tokenized}/task/{split}", key, split) for split in splits]
+
+
+def _reads(config: PipelineConfig, inputs: Inputs) -> list:
+    return task_reads(inputs, ("train", "validation"))
+
+
+def _run(config: PipelineConfig, inputs: Inputs, ctx) -> StageResult:
+    if not config.tune.enabled:
+        return StageResult(output_uri=str(ctx.output_dir), metrics={"tune/trials": 0})
+    from components import tune
+
+    return tune.run(config.tune, inputs.uri("pretrain"), inputs.uri("tokenize"), config.finetune.trial_defaults(),
+                    config.finetune.deepspeed, ctx)  # fmt: skip
+
+
+STAGE = Stage(
+    name="tune", version="7", upstream=("tokenize", "pretrain"), settings=_settings, run=_run, outputs=TuneOutputs,
+    not_in_key=("tune.trial_max_failures", "tune.progress_every_s"), reads=_reads, progress="trials",
+    description="the sweep's trials and its best config",
+)  # fmt: skip
