@@ -6,7 +6,7 @@ STAMP := $(VENV)/.ptft-installed
 # CPU build of torch, installed before everything else so nothing pulls a CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: setup demo test test-fast lint clean
+.PHONY: setup demo test test-fast lint format clean
 
 setup: $(STAMP)
 
@@ -34,8 +34,13 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest
 
+# One formatter: ruff format (line length 120, pyproject.toml); `make format` applies it.
 lint: setup
-	$(BIN)/ruff check pipelines components tests
+	$(BIN)/ruff check pipelines components tests benchmarks
+	$(BIN)/ruff format --check pipelines components tests benchmarks
+
+format: setup
+	$(BIN)/ruff format pipelines components tests benchmarks
 
 clean:
 	rm -rf $(VENV) ptft-runs

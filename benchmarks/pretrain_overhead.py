@@ -84,21 +84,31 @@ class Tracking:
         self.parent = start_run(self.client, self.experiment_id, "pipeline")
 
     def context(self, stage: str, seed: int) -> StageContext:
-        run_id = start_run(self.client, self.experiment_id, stage, parent_run_id=self.parent,
-                           tags={"ptft.stage": stage})  # fmt: skip
+        run_id = start_run(
+            self.client, self.experiment_id, stage, parent_run_id=self.parent, tags={"ptft.stage": stage}
+        )
         output = self.storage / "artifacts" / stage
         output.mkdir(parents=True)
-        return StageContext(pipeline_run_id="overhead", stage=stage, output_dir=output, storage=self.storage,
-                            tracking_uri=self.uri, experiment_id=self.experiment_id, mlflow_run_id=run_id,
-                            seed=seed)  # fmt: skip
+        return StageContext(
+            pipeline_run_id="overhead",
+            stage=stage,
+            output_dir=output,
+            storage=self.storage,
+            tracking_uri=self.uri,
+            experiment_id=self.experiment_id,
+            mlflow_run_id=run_id,
+            seed=seed,
+        )
 
 
 def synthetic_data(examples: int) -> DataConfig:
     source = {"type": "synthetic"}
-    return DataConfig.model_validate({
-        "corpus": {"source": {**source, "split": "corpus", "num_examples": examples}},
-        "task": {name: {**source, "split": name, "num_examples": 32} for name in ("train", "validation", "test")},
-    })  # fmt: skip
+    return DataConfig.model_validate(
+        {
+            "corpus": {"source": {**source, "split": "corpus", "num_examples": examples}},
+            "task": {name: {**source, "split": name, "num_examples": 32} for name in ("train", "validation", "test")},
+        }
+    )
 
 
 # --------------------------------------------------------------------------- bare loop
@@ -117,8 +127,9 @@ class BareLoop:
         self.train_ids = blocks[order[int(len(blocks) * cfg.eval_fraction) :]]
         shard = training.Shard(0, 1, cfg.batch_size_per_worker)
         self.batches = pretrain._batches(self.train_ids, shard, cfg.max_steps, seed)
-        self.model = models.build_lm(cfg.model, vocab_size=len(self.tokenizer),
-                                     special_ids=vocab.special_ids(self.tokenizer), seed=seed)  # fmt: skip
+        self.model = models.build_lm(
+            cfg.model, vocab_size=len(self.tokenizer), special_ids=vocab.special_ids(self.tokenizer), seed=seed
+        )
         self.model.train()
         # the stage's AdamW parameter groups (no decay on biases/LayerNorm) and LR schedule
         self.optimizer = torch.optim.AdamW(training._param_groups(self.model, cfg.weight_decay), lr=cfg.learning_rate)
@@ -132,9 +143,13 @@ class BareLoop:
 
     def train_step(self, input_ids: torch.Tensor) -> float:
         inputs, labels = models.mask_tokens(
-            input_ids, mask_token_id=self.tokenizer.mask_token_id, vocab_size=len(self.tokenizer),
-            special_ids=self.tokenizer.all_special_ids, probability=self.cfg.mlm_probability, generator=self.masker,
-        )  # fmt: skip
+            input_ids,
+            mask_token_id=self.tokenizer.mask_token_id,
+            vocab_size=len(self.tokenizer),
+            special_ids=self.tokenizer.all_special_ids,
+            probability=self.cfg.mlm_probability,
+            generator=self.masker,
+        )
         loss = self.model(input_ids=inputs, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.deepspeed.gradient_clipping)
@@ -173,8 +188,13 @@ def probed(loop, probe_path: str):
 
         def build_engine_probed(*args, **kwargs):
             env = {key: os.environ.get(key) for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "DS_ACCELERATOR")}
-            probe = {"torch_threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
-                     "cpu_affinity": len(os.sched_getaffinity(0)), "pid": os.getpid(), **env}  # fmt: skip
+            probe = {
+                "torch_threads": torch.get_num_threads(),
+                "interop_threads": torch.get_num_interop_threads(),
+                "cpu_affinity": len(os.sched_getaffinity(0)),
+                "pid": os.getpid(),
+                **env,
+            }
             engine = build_engine(*args, **kwargs)
             probe["torch_threads_after_engine"] = torch.get_num_threads()
             Path(probe_path).write_text(json.dumps(probe))
@@ -240,16 +260,25 @@ def ray_train_phases(train_logs: Path | None, launched: float) -> dict[str, floa
 
 
 def stage_metrics(client: MlflowClient, run_id: str) -> dict[str, Any]:
-    history = {key: sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
-               for key in ("throughput/step_time_s", "train/loss", *STARTUP_KEYS)}  # fmt: skip
+    history = {
+        key: sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+        for key in ("throughput/step_time_s", "train/loss", *STARTUP_KEYS)
+    }
     windows = {m.step: m.value for m in history["throughput/step_time_s"]}
     # loop wall time per step from the MLflow timestamps of train/loss (logging and flushes included)
     logged = [m for m in history["train/loss"] if m.step >= 2 * min(windows)]
-    per_step_wall = ((logged[-1].timestamp - logged[0].timestamp) / 1000 / (logged[-1].step - logged[0].step)
-                     if len(logged) > 1 else float("nan"))  # fmt: skip
-    return {"windows": windows, "losses": {m.step: m.value for m in history["train/loss"]},
-            "per_step_wall_s": per_step_wall, "last_log_at": logged[-1].timestamp / 1000 if logged else float("nan"),
-            **{key: history[key][0].value if history[key] else float("nan") for key in STARTUP_KEYS}}  # fmt: skip
+    per_step_wall = (
+        (logged[-1].timestamp - logged[0].timestamp) / 1000 / (logged[-1].step - logged[0].step)
+        if len(logged) > 1
+        else float("nan")
+    )
+    return {
+        "windows": windows,
+        "losses": {m.step: m.value for m in history["train/loss"]},
+        "per_step_wall_s": per_step_wall,
+        "last_log_at": logged[-1].timestamp / 1000 if logged else float("nan"),
+        **{key: history[key][0].value if history[key] else float("nan") for key in STARTUP_KEYS},
+    }
 
 
 def steady(windows: dict[int, float], log_every: int) -> float:
@@ -266,18 +295,27 @@ def report(args: argparse.Namespace, cfg: PretrainConfig, r: dict[str, Any]) -> 
     startup = r["startup/worker_group_s"] + r["startup/deepspeed_init_s"]
     r.update(ratio=ratio, startup_s=startup, ratio_met=ratio <= RATIO_TARGET, startup_met=startup <= STARTUP_TARGET_S)
     sizes = cfg.model.resolved()
-    print(f"model: {cfg.model.family} {cfg.model.preset} (hidden {sizes['hidden_size']}, {sizes['num_layers']} layers, "
-          f"{r['parameters'] / 1e6:.2f}M parameters, vocab {r['vocab_size']}); seq_len {args.seq_len}, "
-          f"micro-batch {cfg.batch_size_per_worker}, {cfg.max_steps} steps, log_every {cfg.log_every}")  # fmt: skip
-    print(f"data: {r['blocks']} training blocks from {args.examples} synthetic corpus rows; "
-          f"ZeRO-{cfg.deepspeed.zero_stage} {cfg.deepspeed.precision}, 1 worker x {args.threads} CPUs; "
-          f"bare loop: {args.threads} torch threads")  # fmt: skip
-    print("load average (1 min) before / after the run: {:.2f} / {:.2f}; CPUs: {}".format(
-        r["load_before"], r["load_after"], os.cpu_count()))  # fmt: skip
+    print(
+        f"model: {cfg.model.family} {cfg.model.preset} (hidden {sizes['hidden_size']}, {sizes['num_layers']} layers, "
+        f"{r['parameters'] / 1e6:.2f}M parameters, vocab {r['vocab_size']}); seq_len {args.seq_len}, "
+        f"micro-batch {cfg.batch_size_per_worker}, {cfg.max_steps} steps, log_every {cfg.log_every}"
+    )
+    print(
+        f"data: {r['blocks']} training blocks from {args.examples} synthetic corpus rows; "
+        f"ZeRO-{cfg.deepspeed.zero_stage} {cfg.deepspeed.precision}, 1 worker x {args.threads} CPUs; "
+        f"bare loop: {args.threads} torch threads"
+    )
+    print(
+        "load average (1 min) before / after the run: {:.2f} / {:.2f}; CPUs: {}".format(
+            r["load_before"], r["load_after"], os.cpu_count()
+        )
+    )
     probe = r["worker_probe"]
-    print(f"stage worker: torch threads {probe.get('torch_threads')} (after the engine build "
-          f"{probe.get('torch_threads_after_engine')}), interop {probe.get('interop_threads')}, "
-          f"OMP_NUM_THREADS={probe.get('OMP_NUM_THREADS')}, CPU affinity {probe.get('cpu_affinity')}")  # fmt: skip
+    print(
+        f"stage worker: torch threads {probe.get('torch_threads')} (after the engine build "
+        f"{probe.get('torch_threads_after_engine')}), interop {probe.get('interop_threads')}, "
+        f"OMP_NUM_THREADS={probe.get('OMP_NUM_THREADS')}, CPU affinity {probe.get('cpu_affinity')}"
+    )
     print(f"windows of {cfg.log_every} steps (s/step), first excluded:")
     print("  stage: " + " ".join(f"{v:.3f}" for v in r["stage_windows"].values()))
     print("  bare:  " + " ".join(f"{v:.3f}" for v in r["bare_windows"].values()))
@@ -297,11 +335,19 @@ def report(args: argparse.Namespace, cfg: PretrainConfig, r: dict[str, Any]) -> 
     row("stage loop wall per step (MLflow timestamps)", f"{r['stage_loop_wall_step_s']:.4f} s")
     row("startup/worker_group_s", f"{r['startup/worker_group_s']:.2f} s")
     row("startup/deepspeed_init_s", f"{r['startup/deepspeed_init_s']:.2f} s")
-    row("start-up: worker group + DeepSpeed init", f"{startup:.2f} s", f"<= {STARTUP_TARGET_S:.0f} s",
-        startup <= STARTUP_TARGET_S)  # fmt: skip
+    row(
+        "start-up: worker group + DeepSpeed init",
+        f"{startup:.2f} s",
+        f"<= {STARTUP_TARGET_S:.0f} s",
+        startup <= STARTUP_TARGET_S,
+    )
     row("startup/first_step_s", f"{r['startup/first_step_s']:.2f} s")
-    milestones = {**r["ray_train_phases_s"], "worker loop entered": r["startup/worker_group_s"],
-                  "DeepSpeed engine built": startup, "first step done": r["startup/first_step_s"]}  # fmt: skip
+    milestones = {
+        **r["ray_train_phases_s"],
+        "worker loop entered": r["startup/worker_group_s"],
+        "DeepSpeed engine built": startup,
+        "first step done": r["startup/first_step_s"],
+    }
     previous = 0.0
     for name, at in sorted(milestones.items(), key=lambda item: item[1]):
         row(f"  launch -> {name}", f"{at:.2f} s", f"(+{at - previous:.2f} s)")
@@ -328,15 +374,23 @@ def main() -> None:
     args = parser.parse_args()
     cfg = PretrainConfig(
         model=ModelConfig(family="bert", preset=args.preset, max_positions=args.seq_len),
-        max_steps=args.steps, batch_size_per_worker=args.batch, log_every=args.log_every,
+        max_steps=args.steps,
+        batch_size_per_worker=args.batch,
+        log_every=args.log_every,
         checkpoint_every=args.steps,  # no checkpoint inside the loop: only the final one
         workers=WorkersConfig(num_workers=1, cpus_per_worker=args.threads, max_failures=0),
         deepspeed=DeepSpeedConfig(zero_stage=0, precision="fp32"),
-    )  # fmt: skip
+    )
 
     load_before = os.getloadavg()[0]
-    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
-             configure_logging=False, runtime_env={"env_vars": accelerator.deepspeed_env(False)})  # fmt: skip
+    ray.init(
+        address="local",
+        num_cpus=args.num_cpus,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        runtime_env={"env_vars": accelerator.deepspeed_env(False)},
+    )
     ray.data.DataContext.get_current().enable_progress_bars = False
     train_logs = ray_train_logs()
     try:
@@ -358,20 +412,26 @@ def main() -> None:
     first = {"stage": min(logged["windows"]), "bare": min(bare.windows)}
     results = {
         "config": {**vars(args), "json": str(args.json) if args.json else None},
-        "model_sizes": cfg.model.resolved(), "parameters": models.count_parameters(bare.model),
-        "vocab_size": len(bare.tokenizer), "blocks": len(bare.train_ids),
-        "stage_step_s": stage_step, "bare_step_s": bare_step,
+        "model_sizes": cfg.model.resolved(),
+        "parameters": models.count_parameters(bare.model),
+        "vocab_size": len(bare.tokenizer),
+        "blocks": len(bare.train_ids),
+        "stage_step_s": stage_step,
+        "bare_step_s": bare_step,
         "stage_windows": {k: v for k, v in logged["windows"].items() if k != first["stage"]},
         "bare_windows": {k: v for k, v in bare.windows.items() if k != first["bare"]},
         "stage_loop_wall_step_s": logged["per_step_wall_s"],
         **{key: logged[key] for key in STARTUP_KEYS},
-        "stage_wall_s": wall, "fixed_cost_s": wall - cfg.max_steps * stage_step,
+        "stage_wall_s": wall,
+        "fixed_cost_s": wall - cfg.max_steps * stage_step,
         "after_loop_s": launched + wall - logged["last_log_at"],
         "stage_final_loss": logged["losses"].get(cfg.max_steps, float("nan")),
         "bare_final_loss": bare.losses.get(cfg.max_steps, float("nan")),
-        "worker_probe": probe, "load_before": load_before, "load_after": os.getloadavg()[0],
+        "worker_probe": probe,
+        "load_before": load_before,
+        "load_after": os.getloadavg()[0],
         "ray_train_phases_s": ray_train_phases(train_logs, launched),
-    }  # fmt: skip
+    }
     report(args, cfg, results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str))

@@ -64,10 +64,15 @@ def polarity_agreement(model_dir: Path) -> float:
 
 def test_accuracy(pretrained: Path, tokenized: Path, hyper: Hyperparameters, epochs: int, seed: int) -> float:
     run = finetune.ClassifierRun(
-        pretrained_dir=str(pretrained), task_dir=str(tokenized / "task"),
-        label_names=read_json(tokenized / "labels.json"), epochs=epochs, hyper=hyper,
-        deepspeed=DeepSpeedConfig(zero_stage=0), seed=seed, export=True,
-    )  # fmt: skip
+        pretrained_dir=str(pretrained),
+        task_dir=str(tokenized / "task"),
+        label_names=read_json(tokenized / "labels.json"),
+        epochs=epochs,
+        hyper=hyper,
+        deepspeed=DeepSpeedConfig(zero_stage=0),
+        seed=seed,
+        export=True,
+    )
     metrics = finetune.fit_classifier(run, report=lambda metrics, checkpoint: None)
     return metrics["test/accuracy"]
 
@@ -88,8 +93,12 @@ def main() -> None:
         agreement = polarity_agreement(pretrained), polarity_agreement(scratch)
         rows = []
         for seed in range(args.seeds):
-            rows.append((test_accuracy(pretrained, tokenized, hyper, args.epochs, seed),
-                         test_accuracy(scratch, tokenized, hyper, args.epochs, seed)))  # fmt: skip
+            rows.append(
+                (
+                    test_accuracy(pretrained, tokenized, hyper, args.epochs, seed),
+                    test_accuracy(scratch, tokenized, hyper, args.epochs, seed),
+                )
+            )
     with_pre, without = statistics.mean(r[0] for r in rows), statistics.mean(r[1] for r in rows)
     print(f"test accuracy, pre-trained encoder : {with_pre:.4f}  (per seed {[round(r[0], 4) for r in rows]})")
     print(f"test accuracy, random encoder      : {without:.4f}  (per seed {[round(r[1], 4) for r in rows]})")

@@ -51,9 +51,16 @@ def build_model(folder: Path) -> Path:
     (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
     tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), model_max_length=128)
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                        intermediate_size=1024, max_position_embeddings=128,
-                        id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1})  # fmt: skip
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=1024,
+        max_position_embeddings=128,
+        id2label={0: "negative", 1: "positive"},
+        label2id={"negative": 0, "positive": 1},
+    )
     BertForSequenceClassification(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -151,8 +158,14 @@ def summary(latencies: list[float], statuses: dict, elapsed: float) -> dict:
         return round(1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2) if ordered else None
 
     errors = {str(status): count for status, count in statuses.items() if status != 200}
-    return {"requests": sum(statuses.values()), "ok": len(latencies), "rps": round(len(latencies) / elapsed, 2),
-            "p50_ms": pct(0.50), "p99_ms": pct(0.99), "errors": errors}  # fmt: skip
+    return {
+        "requests": sum(statuses.values()),
+        "ok": len(latencies),
+        "rps": round(len(latencies) / elapsed, 2),
+        "p50_ms": pct(0.50),
+        "p99_ms": pct(0.99),
+        "errors": errors,
+    }
 
 
 async def burst(url: str, requests_count: int) -> dict:
@@ -182,15 +195,18 @@ async def burst(url: str, requests_count: int) -> dict:
     rejected = sorted(seconds for status, seconds in results if status == 503)
     accepted = sorted(seconds for status, seconds in results if status == 200)
     return {
-        "requests": requests_count, "accepted": len(accepted), "rejected_503": len(rejected),
+        "requests": requests_count,
+        "accepted": len(accepted),
+        "rejected_503": len(rejected),
         "other": sorted({status for status, _ in results} - {200, 503}),
         "share_503": round(len(rejected) / requests_count, 3),
         "share_503_under_100ms": round(sum(s < 0.1 for s in rejected) / max(1, len(rejected)), 3),
         "p50_503_ms": round(1000 * statistics.median(rejected), 2) if rejected else None,
         "p99_accepted_ms": round(1000 * accepted[min(len(accepted) - 1, int(0.99 * len(accepted)))], 2)
-        if accepted else None,
+        if accepted
+        else None,
         "recovered_s": round(recovered_s, 3),
-    }  # fmt: skip
+    }
 
 
 def free_port() -> int:
@@ -242,12 +258,14 @@ def main() -> None:
         "rps_c8_serve_over_bare": round(c8s["rps"] / c8b["rps"], 3),
         "rps_c32_batching_on_over_off": round(on["rps"] / off["rps"], 3),
         "errors_at_nominal": sum(sum(results[f"serve_c{c}"]["errors"].values()) for c in (1, 8)),
-    }  # fmt: skip
+    }
     ratios = results["ratios"]
-    print(f"\nc=8: p99 serve/bare {ratios['p99_c8_serve_over_bare']} (target <= 1.5), rps serve/bare "
-          f"{ratios['rps_c8_serve_over_bare']} (target >= 0.7); batching on/off at c=32 "
-          f"{ratios['rps_c32_batching_on_over_off']} (target >= 2); "
-          f"errors at c=1,8: {ratios['errors_at_nominal']}")  # fmt: skip
+    print(
+        f"\nc=8: p99 serve/bare {ratios['p99_c8_serve_over_bare']} (target <= 1.5), rps serve/bare "
+        f"{ratios['rps_c8_serve_over_bare']} (target >= 0.7); batching on/off at c=32 "
+        f"{ratios['rps_c32_batching_on_over_off']} (target >= 2); "
+        f"errors at c=1,8: {ratios['errors_at_nominal']}"
+    )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2))
     print(f"wrote {args.json}")

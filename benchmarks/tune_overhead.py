@@ -55,11 +55,14 @@ def bare_runs(pretrained: Path, tokenized: Path, epochs: int, count: int) -> lis
     times = []
     for index in range(count):
         run = finetune.ClassifierRun(
-            pretrained_dir=str(pretrained), task_dir=str(tokenized / "task"),
-            label_names=read_json(tokenized / "labels.json"), epochs=epochs,
+            pretrained_dir=str(pretrained),
+            task_dir=str(tokenized / "task"),
+            label_names=read_json(tokenized / "labels.json"),
+            epochs=epochs,
             hyper=Hyperparameters(learning_rate=1e-3 * (1 + index), batch_size_per_worker=BATCH),
-            deepspeed=DeepSpeedConfig(zero_stage=1), threads=1,
-        )  # fmt: skip
+            deepspeed=DeepSpeedConfig(zero_stage=1),
+            threads=1,
+        )
         started = time.perf_counter()
         with tempfile.TemporaryDirectory():
             finetune.fit_classifier(run, report=lambda metrics, checkpoint_dir: None)
@@ -70,24 +73,52 @@ def bare_runs(pretrained: Path, tokenized: Path, epochs: int, count: int) -> lis
     return times
 
 
-def sweep(pretrained: Path, tokenized: Path, epochs: int, trials: int, concurrency: int, reuse: bool,
-          work: Path, tracking_uri: str) -> float:  # fmt: skip
+def sweep(
+    pretrained: Path,
+    tokenized: Path,
+    epochs: int,
+    trials: int,
+    concurrency: int,
+    reuse: bool,
+    work: Path,
+    tracking_uri: str,
+) -> float:
     cfg = TuneConfig(
-        search="grid", scheduler="fifo", max_epochs=epochs, max_concurrent_trials=concurrency, cpus_per_trial=1,
-        reuse_actors=reuse, progress_every_s=0, trial_max_failures=0,
+        search="grid",
+        scheduler="fifo",
+        max_epochs=epochs,
+        max_concurrent_trials=concurrency,
+        cpus_per_trial=1,
+        reuse_actors=reuse,
+        progress_every_s=0,
+        trial_max_failures=0,
         search_space={"learning_rate": Distribution(type="grid", values=[1e-3 * (1 + i) for i in range(trials)])},
-    )  # fmt: skip
+    )
     client = MlflowClient(tracking_uri)
     experiment = ensure_experiment(client, "tune-overhead", None)
     name = f"reuse-{reuse}"
     run_id = start_run(client, experiment, name)
     output = work / name
     output.mkdir(parents=True)
-    ctx = StageContext(pipeline_run_id=f"overhead-{name}", stage="tune", output_dir=output, storage=work,
-                       tracking_uri=tracking_uri, experiment_id=experiment, mlflow_run_id=run_id, seed=0)  # fmt: skip
+    ctx = StageContext(
+        pipeline_run_id=f"overhead-{name}",
+        stage="tune",
+        output_dir=output,
+        storage=work,
+        tracking_uri=tracking_uri,
+        experiment_id=experiment,
+        mlflow_run_id=run_id,
+        seed=0,
+    )
     started = time.perf_counter()
-    result = tune.run(cfg, str(pretrained), str(tokenized), Hyperparameters(batch_size_per_worker=BATCH),
-                      DeepSpeedConfig(zero_stage=1), ctx)  # fmt: skip
+    result = tune.run(
+        cfg,
+        str(pretrained),
+        str(tokenized),
+        Hyperparameters(batch_size_per_worker=BATCH),
+        DeepSpeedConfig(zero_stage=1),
+        ctx,
+    )
     seconds = time.perf_counter() - started
     assert result.metrics["tune/trials_completed"] == trials, result.metrics
     return seconds
@@ -113,21 +144,33 @@ def main() -> None:
         work = Path(folder)
         tracking_uri = f"sqlite:///{work / 'mlflow.db'}"
         for reuse in (False, True):
-            seconds = sweep(pretrained, tokenized, args.epochs, args.trials, args.concurrency, reuse, work,
-                            tracking_uri)  # fmt: skip
+            seconds = sweep(
+                pretrained, tokenized, args.epochs, args.trials, args.concurrency, reuse, work, tracking_uri
+            )
             rows.append({"reuse_actors": reuse, "wall_s": seconds, "overhead": seconds / ideal - 1})
             print(f"sweep reuse_actors={reuse}: {seconds:.1f} s", flush=True)
-    print(f"\n{args.trials} trials x {args.epochs} epochs (demo fine-tuning, batch {BATCH}, 1 thread each), "
-          f"concurrency {args.concurrency}")  # fmt: skip
-    print(f"bare run (no Ray): mean {statistics.mean(bare):.1f} s of {len(bare)}; "
-          f"ideal sweep wall = {args.trials} x mean / {args.concurrency} = {ideal:.1f} s")  # fmt: skip
+    print(
+        f"\n{args.trials} trials x {args.epochs} epochs (demo fine-tuning, batch {BATCH}, 1 thread each), "
+        f"concurrency {args.concurrency}"
+    )
+    print(
+        f"bare run (no Ray): mean {statistics.mean(bare):.1f} s of {len(bare)}; "
+        f"ideal sweep wall = {args.trials} x mean / {args.concurrency} = {ideal:.1f} s"
+    )
     for row in rows:
         verdict = "met" if row["overhead"] <= 0.15 else "missed"
-        print(f"sweep, reuse_actors={str(row['reuse_actors']).lower():<5}: wall {row['wall_s']:.1f} s, "
-              f"overhead {row['overhead']:+.1%} (target <= 15%: {verdict})")  # fmt: skip
+        print(
+            f"sweep, reuse_actors={str(row['reuse_actors']).lower():<5}: wall {row['wall_s']:.1f} s, "
+            f"overhead {row['overhead']:+.1%} (target <= 15%: {verdict})"
+        )
     if args.json:
-        args.json.write_text(json.dumps({"bare_s": bare, "ideal_s": ideal, "sweeps": rows,
-                                         "trials": args.trials, "epochs": args.epochs}, indent=2) + "\n")  # fmt: skip
+        args.json.write_text(
+            json.dumps(
+                {"bare_s": bare, "ideal_s": ideal, "sweeps": rows, "trials": args.trials, "epochs": args.epochs},
+                indent=2,
+            )
+            + "\n"
+        )
     ray.shutdown()
 
 

@@ -73,8 +73,9 @@ class TaskConfig(BaseModel):
     validation: Source = Field(description="labelled examples for model selection (Tune's metric)")
     test: Source = Field(description="labelled examples for the final, reported accuracy")
     label_names: list[str] | None = Field(
-        None, description="display names for the label values in sorted order, e.g. [negative, positive] "
-        "for 0/1 labels; default the values themselves"
+        None,
+        description="display names for the label values in sorted order, e.g. [negative, positive] "
+        "for 0/1 labels; default the values themselves",
     )
 
 
@@ -87,8 +88,9 @@ class DataConfig(BaseModel):
 class TokenizeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     pretrained: str | None = Field(
-        None, description="load this tokenizer (HF folder or Hub name) instead of training one; "
-        "default pretrain.model.init_from when that is set"
+        None,
+        description="load this tokenizer (HF folder or Hub name) instead of training one; "
+        "default pretrain.model.init_from when that is set",
     )
     algorithm: Literal["wordpiece", "bpe"] = Field(
         "wordpiece", description="tokenizer to train: wordpiece (BERT-style) or byte-level bpe (GPT-2-style)"
@@ -106,19 +108,26 @@ PRESETS: dict[str, dict[str, dict[str, int]]] = {
     # tiny runs on a laptop CPU in minutes; the others are the usual sizes of each family.
     "bert": {
         "tiny": {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate_size": 128, "max_positions": 128},
-        "mini": {"hidden_size": 256, "num_layers": 4, "num_heads": 4, "intermediate_size": 1024,
-                 "max_positions": 512},
-        "small": {"hidden_size": 512, "num_layers": 4, "num_heads": 8, "intermediate_size": 2048,
-                  "max_positions": 512},
-        "base": {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "intermediate_size": 3072,
-                 "max_positions": 512},  # BERT-base, ~110M parameters with a 30k vocabulary
+        "mini": {"hidden_size": 256, "num_layers": 4, "num_heads": 4, "intermediate_size": 1024, "max_positions": 512},
+        "small": {"hidden_size": 512, "num_layers": 4, "num_heads": 8, "intermediate_size": 2048, "max_positions": 512},
+        "base": {
+            "hidden_size": 768,
+            "num_layers": 12,
+            "num_heads": 12,
+            "intermediate_size": 3072,
+            "max_positions": 512,
+        },  # BERT-base, ~110M parameters with a 30k vocabulary
     },
     "gpt2": {
         "tiny": {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate_size": 256, "max_positions": 128},
-        "mini": {"hidden_size": 256, "num_layers": 4, "num_heads": 4, "intermediate_size": 1024,
-                 "max_positions": 512},
-        "small": {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "intermediate_size": 3072,
-                  "max_positions": 1024},  # GPT-2 small, ~124M parameters with its 50k vocabulary
+        "mini": {"hidden_size": 256, "num_layers": 4, "num_heads": 4, "intermediate_size": 1024, "max_positions": 512},
+        "small": {
+            "hidden_size": 768,
+            "num_layers": 12,
+            "num_heads": 12,
+            "intermediate_size": 3072,
+            "max_positions": 1024,
+        },  # GPT-2 small, ~124M parameters with its 50k vocabulary
     },
 }
 OBJECTIVES = {"bert": "mlm", "gpt2": "clm"}
@@ -129,6 +138,8 @@ MASKED_LM_TYPES = {"bert", "roberta", "distilbert", "electra", "xlm-roberta", "d
 def objective_of(model_type: str) -> str:
     """`mlm` for encoder model types, `clm` for decoders."""
     return "mlm" if model_type in MASKED_LM_TYPES else "clm"
+
+
 SIZE_KEYS = ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_positions")
 
 
@@ -150,8 +161,9 @@ class ModelConfig(BaseModel):
         "sdpa", description="attention kernel: sdpa (PyTorch scaled_dot_product_attention) or eager"
     )
     init_from: str | None = Field(
-        None, description="start from this checkpoint (HF folder, or Hub name when online) instead of "
-        "random weights: continued pre-training; family, preset and sizes then come from it"
+        None,
+        description="start from this checkpoint (HF folder, or Hub name when online) instead of "
+        "random weights: continued pre-training; family, preset and sizes then come from it",
     )
     init_revision: str | None = Field(None, description="Hub revision (commit, tag) of init_from, for reproducibility")
 
@@ -167,6 +179,7 @@ class ModelConfig(BaseModel):
 
 
 # --- training ----------------------------------------------------------------------------------
+
 
 class DeepSpeedConfig(BaseModel):
     """The DeepSpeed engine every training step goes through. `config_file` loads a DeepSpeed JSON
@@ -221,14 +234,18 @@ def merge_deepspeed_file(data: dict) -> dict:
     try:
         settings = json.loads(path.read_text())
     except OSError as error:
-        raise ValueError(f"config_file {str(path)!r} cannot be read ({error.strerror}); give a DeepSpeed "
-                         "JSON path relative to the working dir, e.g. cluster/deepspeed/zero2-bf16.json") from None
+        raise ValueError(
+            f"config_file {str(path)!r} cannot be read ({error.strerror}); give a DeepSpeed "
+            "JSON path relative to the working dir, e.g. cluster/deepspeed/zero2-bf16.json"
+        ) from None
     except json.JSONDecodeError as error:
         raise ValueError(f"config_file {str(path)!r} is not valid JSON ({error})") from None
     built = sorted(set(settings) & {"optimizer", "scheduler"})
     if built:
-        raise ValueError(f"config_file {str(path)!r} sets {built}: ptft builds AdamW and the warmup/decay "
-                         "schedule from the stage's learning_rate, weight_decay and lr_schedule; remove them")
+        raise ValueError(
+            f"config_file {str(path)!r} sets {built}: ptft builds AdamW and the warmup/decay "
+            "schedule from the stage's learning_rate, weight_decay and lr_schedule; remove them"
+        )
     merged = dict(data)
     for keys, field_name in _DS_FIELDS.items():
         value = _pop_path(settings, keys)
@@ -267,6 +284,7 @@ class WorkersConfig(BaseModel):
 
 # --- pretrain ----------------------------------------------------------------------------------
 
+
 class PretrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -284,6 +302,7 @@ class PretrainConfig(BaseModel):
 
 
 # --- finetune ----------------------------------------------------------------------------------
+
 
 class Hyperparameters(BaseModel):
     """What Tune searches; finetune takes the best values from the tune stage."""
@@ -398,8 +417,10 @@ class TuneConfig(BaseModel):
         "fifo: no early stopping",
     )
     num_samples: int | None = Field(
-        None, gt=0, description="trials to sample; with grid dimensions, repeats of the whole grid. "
-        "Default: 1 when the space has grid dimensions (or search=grid), else 4"
+        None,
+        gt=0,
+        description="trials to sample; with grid dimensions, repeats of the whole grid. "
+        "Default: 1 when the space has grid dimensions (or search=grid), else 4",
     )
     max_epochs: int = Field(3, gt=0, description="epochs of the longest trial (the schedulers' max_t)")
     grace_period: int = Field(1, gt=0, description="epochs every trial gets before asha/median may stop it")
@@ -471,17 +492,23 @@ class ServeConfig(BaseModel):
     num_replicas: int = Field(1, ge=1, description="model replicas (fixed; see autoscaling)")
     autoscaling: AutoscalingConfig | None = Field(None, description="scale replicas with load instead of num_replicas")
     cpus_per_replica: float = Field(0.5, gt=0, description="CPUs Ray reserves per replica")
-    rollout_surge_percent: int = Field(100, ge=0, le=100, description="extra replicas while a new version rolls "
-                                       "out: the old ones serve until theirs are ready (0: stop old first, no spare "
-                                       "CPUs needed, requests wait meanwhile)")  # fmt: skip
+    rollout_surge_percent: int = Field(
+        100,
+        ge=0,
+        le=100,
+        description="extra replicas while a new version rolls "
+        "out: the old ones serve until theirs are ready (0: stop old first, no spare "
+        "CPUs needed, requests wait meanwhile)",
+    )
     max_batch_size: int = Field(16, gt=0, description="requests scored together by @serve.batch (1: no batching)")
     batch_wait_timeout_s: float = Field(0.002, ge=0, description="how long a batch waits to fill")
     # Requests waiting inside a replica (for a batch) are cheap; requests Serve's router holds back
     # for a busy replica are not (throughput fell 4x at 64 clients with 32 here), and the router's
     # queue also counts requests still being assigned (32 refused some at 64 clients). See
     # docs/serving.md.
-    max_ongoing_requests: int = Field(128, gt=0, description="requests one replica holds at once (batching "
-                                      "draws from them)")  # fmt: skip
+    max_ongoing_requests: int = Field(
+        128, gt=0, description="requests one replica holds at once (batching draws from them)"
+    )
     max_queued_requests: int = Field(128, gt=0, description="requests waiting for a free replica; more get a 503")
     request_timeout_s: float = Field(30, gt=0, description="a request not answered by then gets 408")
     max_texts: int = Field(64, gt=0, description="most texts one request may send")

@@ -23,9 +23,14 @@ from components import synthetic
 from components.configs import FileSource, HubSource, Source, SyntheticSource
 
 _SUFFIX_FORMATS = {
-    ".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv",
-    ".parquet": "parquet", ".txt": "text", ".text": "text",
-}  # fmt: skip
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".parquet": "parquet",
+    ".txt": "text",
+    ".text": "text",
+}
 
 
 def load_source(source: Source, *, labelled: bool) -> pa.Table:

@@ -30,13 +30,17 @@ def attention_maps(model, tokenizer, texts: list[str], *, max_tokens: int, layer
         query = int(kept[0]) if tokenizer.cls_token_id is not None else int(kept[-1])
         query_token = tokenizer.convert_ids_to_tokens(int(encoded["input_ids"][row, query]))
         score, label = probabilities[row].max(-1)
-        maps.append({
-            "text": text,
-            "tokens": tokenizer.convert_ids_to_tokens(encoded["input_ids"][row, kept].tolist()),
-            "label": labels[int(label)], "score": round(float(score), 6),
-            "layer": layer % layers, "query_token": query_token,
-            "attention": [[round(float(value), 5) for value in head] for head in weights[row, :, query, kept]],
-        })  # fmt: skip
+        maps.append(
+            {
+                "text": text,
+                "tokens": tokenizer.convert_ids_to_tokens(encoded["input_ids"][row, kept].tolist()),
+                "label": labels[int(label)],
+                "score": round(float(score), 6),
+                "layer": layer % layers,
+                "query_token": query_token,
+                "attention": [[round(float(value), 5) for value in head] for head in weights[row, :, query, kept]],
+            }
+        )
     return maps
 
 

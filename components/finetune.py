@@ -64,38 +64,60 @@ class ClassifierRun(BaseModel):
 
 
 def run(
-    cfg: FinetuneConfig, pretrained_uri: str, tokenized_uri: str, best_uri: str | None, ctx: StageContext,
-    *, registered_model_name: str, test_split: str,
-) -> StageResult:  # fmt: skip
+    cfg: FinetuneConfig,
+    pretrained_uri: str,
+    tokenized_uri: str,
+    best_uri: str | None,
+    ctx: StageContext,
+    *,
+    registered_model_name: str,
+    test_split: str,
+) -> StageResult:
     """Fine-tune with the best hyperparameters, evaluate on test, register the model.
     `test_split` fingerprints the test data: the champion gate compares only like with like."""
     hyper, sources = resolve_hyperparameters(cfg.defaults, best_uri, cfg.overrides)
     run_cfg = ClassifierRun(
-        pretrained_dir=pretrained_uri, task_dir=f"{tokenized_uri}/task",
-        label_names=read_json(Path(tokenized_uri) / "labels.json"), epochs=cfg.epochs, hyper=hyper,
-        deepspeed=cfg.deepspeed, use_gpu=cfg.workers.use_gpu, threads=cfg.workers.cpus_per_worker,
-        log_every=cfg.log_every, tracking_uri=ctx.tracking_uri, mlflow_run_id=ctx.mlflow_run_id,
-        seed=ctx.seed, resumed=ctx.resumed, export=True, early_stopping_patience=cfg.early_stopping_patience,
+        pretrained_dir=pretrained_uri,
+        task_dir=f"{tokenized_uri}/task",
+        label_names=read_json(Path(tokenized_uri) / "labels.json"),
+        epochs=cfg.epochs,
+        hyper=hyper,
+        deepspeed=cfg.deepspeed,
+        use_gpu=cfg.workers.use_gpu,
+        threads=cfg.workers.cpus_per_worker,
+        log_every=cfg.log_every,
+        tracking_uri=ctx.tracking_uri,
+        mlflow_run_id=ctx.mlflow_run_id,
+        seed=ctx.seed,
+        resumed=ctx.resumed,
+        export=True,
+        early_stopping_patience=cfg.early_stopping_patience,
         early_stopping_min_delta=cfg.early_stopping_min_delta,
-    )  # fmt: skip
+    )
     tracker = open_tracker(ctx.tracking_uri, ctx.mlflow_run_id)
     tracker.log_params({f"hyper.{k}": v for k, v in hyper})
     tracker.log_params({f"hyper_source.{k}": source for k, source in sources.items()})
-    result = training.fit_on_ray(train_loop_per_worker, run_cfg.model_dump(), cfg.workers, ctx,
-                                 checkpoints_to_keep=1)  # fmt: skip
+    result = training.fit_on_ray(train_loop_per_worker, run_cfg.model_dump(), cfg.workers, ctx, checkpoints_to_keep=1)
     model_dir, metrics = training.export_final_model(result, ctx.output_dir)
     checked = models.smoke_test(model_dir, "classifier")
     open_tracker(ctx.tracking_uri, ctx.mlflow_run_id).set_tags({"ptft.weights_sha256": checked["weights_sha256"]})
     metrics.update(draw_pictures(model_dir, Path(tokenized_uri) / "task" / "test", ctx))
     version = registry.register_classifier(
-        model_dir, name=registered_model_name, run_id=ctx.mlflow_run_id, tracking_uri=ctx.tracking_uri,
-        test_accuracy=metrics["test/accuracy"], test_split=test_split,
+        model_dir,
+        name=registered_model_name,
+        run_id=ctx.mlflow_run_id,
+        tracking_uri=ctx.tracking_uri,
+        test_accuracy=metrics["test/accuracy"],
+        test_split=test_split,
         lineage={"ptft.pipeline_run_id": ctx.pipeline_run_id, registry.CACHE_KEY_TAG: ctx.cache_key},
-    )  # fmt: skip
+    )
     version["run_id"] = ctx.mlflow_run_id
     write_json(ctx.output_dir / "registered.json", version)
-    return StageResult(output_uri=str(model_dir), metrics=metrics,
-                       outputs={"registered": version, "weights_sha256": checked["weights_sha256"]})  # fmt: skip
+    return StageResult(
+        output_uri=str(model_dir),
+        metrics=metrics,
+        outputs={"registered": version, "weights_sha256": checked["weights_sha256"]},
+    )
 
 
 def draw_pictures(model_dir: Path, test_dir: Path, ctx: StageContext) -> dict[str, float]:
@@ -109,8 +131,11 @@ def draw_pictures(model_dir: Path, test_dir: Path, ctx: StageContext) -> dict[st
     test = training.load_columns(test_dir, ["input_ids", "attention_mask", "label"])
     labels = [model.config.id2label[index] for index in range(model.config.num_labels)]
     matrix = confusion_matrix(model, test, len(labels))
-    pictures.append(plots.confusion_matrix(matrix, labels, folder / "confusion_matrix.png",
-                                           title=f"test split ({len(test['label'])} examples)"))  # fmt: skip
+    pictures.append(
+        plots.confusion_matrix(
+            matrix, labels, folder / "confusion_matrix.png", title=f"test split ({len(test['label'])} examples)"
+        )
+    )
     texts = tokenizer.batch_decode(test["input_ids"][:ATTENTION_SAMPLES], skip_special_tokens=True)
     maps = explain.attention_maps(model, tokenizer, texts, max_tokens=test["input_ids"].shape[1])
     pictures.append(plots.attention(maps, folder / "attention.png"))
@@ -173,8 +198,9 @@ def _report_to_train(metrics: dict, checkpoint_dir: str) -> None:
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir))
 
 
-def fit_classifier(cfg: ClassifierRun, report: Report, checkpoint: ray.train.Checkpoint | None = None
-                   ) -> dict[str, float]:  # fmt: skip
+def fit_classifier(
+    cfg: ClassifierRun, report: Report, checkpoint: ray.train.Checkpoint | None = None
+) -> dict[str, float]:
     """Fine-tune a classifier; `report(metrics, checkpoint_dir)` after every epoch. Returns the last metrics.
 
     Runs in any process with a torch.distributed group (Ray Train worker, or Tune trial with
@@ -184,25 +210,34 @@ def fit_classifier(cfg: ClassifierRun, report: Report, checkpoint: ray.train.Che
     accelerator.prepare_process(cfg.use_gpu, cfg.threads)
     rank, world = _rank_and_world()
     tokenizer = AutoTokenizer.from_pretrained(cfg.pretrained_dir)
-    data = {split: training.load_columns(f"{cfg.task_dir}/{split}", ["input_ids", "attention_mask", "label"])
-            for split in ("train", "validation", "test")}  # fmt: skip
+    data = {
+        split: training.load_columns(f"{cfg.task_dir}/{split}", ["input_ids", "attention_mask", "label"])
+        for split in ("train", "validation", "test")
+    }
     shard = training.Shard(rank, world, cfg.hyper.batch_size_per_worker)
     steps = training.steps_for(len(data["train"]["label"]), shard, cfg.epochs)
     engine = _setup_engine(cfg, tokenizer, steps, log_inherited=rank == 0)
     state = _restore(engine, checkpoint, rank)
     if checkpoint is not None:
         # A PBT exploit hands over another trial's checkpoint with new values; elsewhere they are equal.
-        training.set_optimizer_hyperparameters(engine, learning_rate=cfg.hyper.learning_rate,
-                                               weight_decay=cfg.hyper.weight_decay)  # fmt: skip
-    tracker = open_tracker(cfg.tracking_uri, cfg.mlflow_run_id, rank=rank,
-                           resumed=checkpoint is not None or cfg.resumed)  # fmt: skip
+        training.set_optimizer_hyperparameters(
+            engine, learning_rate=cfg.hyper.learning_rate, weight_decay=cfg.hyper.weight_decay
+        )
+    tracker = open_tracker(
+        cfg.tracking_uri, cfg.mlflow_run_id, rank=rank, resumed=checkpoint is not None or cfg.resumed
+    )
     done_epochs, step = state["epoch"], state["step"]
     if checkpoint is not None:
         tracker.log_metrics({"restore/loaded_epoch": done_epochs, "restore/first_epoch": done_epochs + 1}, done_epochs)
     tracker.log_metrics({"progress/total_steps": steps}, 0)  # `ptft run` and `ptft status` show step x of this
     stopper = EarlyStopping(cfg.early_stopping_patience, cfg.early_stopping_min_delta, state)
-    meter = Throughput(engine.module, seq_len=data["train"]["input_ids"].shape[1], world=world,
-                       precision=cfg.deepspeed.precision, device_name=device_name(cfg.use_gpu))  # fmt: skip
+    meter = Throughput(
+        engine.module,
+        seq_len=data["train"]["input_ids"].shape[1],
+        world=world,
+        precision=cfg.deepspeed.precision,
+        device_name=device_name(cfg.use_gpu),
+    )
     metrics: dict[str, float] = {}
     for epoch in range(done_epochs + 1, cfg.epochs + 1):
         train_loss, step = _train_epoch(engine, data["train"], shard, cfg, epoch, step, tracker, meter)
@@ -211,8 +246,9 @@ def fit_classifier(cfg: ClassifierRun, report: Report, checkpoint: ray.train.Che
         last = epoch == cfg.epochs or stop
         if stop:
             metrics.update({"early_stop/epoch": epoch, "early_stop/best_epoch": stopper.best_epoch})
-            log.info("early stopping after epoch %d: no lower validation loss since epoch %d", epoch,
-                     stopper.best_epoch)  # fmt: skip
+            log.info(
+                "early stopping after epoch %d: no lower validation loss since epoch %d", epoch, stopper.best_epoch
+            )
         if last and cfg.export:
             metrics.update(evaluate(engine, data["test"], shard, prefix="test"))
         tracker.log_metrics(metrics, epoch)
@@ -257,8 +293,9 @@ def _restore(engine, checkpoint: ray.train.Checkpoint | None, rank: int) -> dict
     if checkpoint is None:
         return {"epoch": 0, "step": 0}
     with checkpoint.as_directory() as checkpoint_dir:
-        _, client_state = engine.load_checkpoint(checkpoint_dir, load_optimizer_states=True,
-                                                 load_lr_scheduler_states=True)  # fmt: skip
+        _, client_state = engine.load_checkpoint(
+            checkpoint_dir, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
         training.restore_rng(Path(checkpoint_dir), rank, {})
     log.info("rank %d: restored after epoch %d", rank, client_state["epoch"])
     return {**client_state, "epoch": int(client_state["epoch"]), "step": int(client_state["step"])}
@@ -276,58 +313,84 @@ def _setup_engine(cfg: ClassifierRun, tokenizer, micro_steps: int, *, log_inheri
     pretrained = AutoConfig.from_pretrained(cfg.pretrained_dir)
     dropout = models.dropout_overrides(pretrained.model_type, cfg.hyper.dropout, cfg.hyper.attention_dropout)
     if log_inherited:
-        log.info("inherited %s model hidden_size=%s num_layers=%s vocab_size=%s from pretrain",
-                 pretrained.model_type, pretrained.hidden_size, pretrained.num_hidden_layers,
-                 pretrained.vocab_size)  # fmt: skip
-        log.info("NOTE: dropout %s overrides the pretrained %s", dropout,
-                 {key: getattr(pretrained, key, None) for key in dropout})  # fmt: skip
+        log.info(
+            "inherited %s model hidden_size=%s num_layers=%s vocab_size=%s from pretrain",
+            pretrained.model_type,
+            pretrained.hidden_size,
+            pretrained.num_hidden_layers,
+            pretrained.vocab_size,
+        )
+        log.info(
+            "NOTE: dropout %s overrides the pretrained %s",
+            dropout,
+            {key: getattr(pretrained, key, None) for key in dropout},
+        )
     torch.manual_seed(cfg.seed)
     model = AutoModelForSequenceClassification.from_pretrained(
-        cfg.pretrained_dir, num_labels=len(cfg.label_names),
-        id2label=dict(enumerate(cfg.label_names)), label2id={name: i for i, name in enumerate(cfg.label_names)},
+        cfg.pretrained_dir,
+        num_labels=len(cfg.label_names),
+        id2label=dict(enumerate(cfg.label_names)),
+        label2id={name: i for i, name in enumerate(cfg.label_names)},
         # decoders classify from the last token that is not padding
         pad_token_id=pretrained.pad_token_id if pretrained.pad_token_id is not None else tokenizer.pad_token_id,
         **dropout,
-    )  # fmt: skip
+    )
     return training.build_engine(
-        model, ds=cfg.deepspeed, micro_batch_size=cfg.hyper.batch_size_per_worker,
-        learning_rate=cfg.hyper.learning_rate, weight_decay=cfg.hyper.weight_decay,
-        warmup_steps=int(cfg.hyper.warmup_ratio * optimizer_steps), total_steps=optimizer_steps,
-    )  # fmt: skip
+        model,
+        ds=cfg.deepspeed,
+        micro_batch_size=cfg.hyper.batch_size_per_worker,
+        learning_rate=cfg.hyper.learning_rate,
+        weight_decay=cfg.hyper.weight_decay,
+        warmup_steps=int(cfg.hyper.warmup_ratio * optimizer_steps),
+        total_steps=optimizer_steps,
+    )
 
 
-def _train_epoch(engine, train: dict, shard: training.Shard, cfg: ClassifierRun, epoch: int, step: int, tracker,
-                 meter: Throughput):  # fmt: skip
+def _train_epoch(
+    engine, train: dict, shard: training.Shard, cfg: ClassifierRun, epoch: int, step: int, tracker, meter: Throughput
+):
     losses = []
     meter.reset()
     for rows in shard.epoch_batches(len(train["label"]), epoch=epoch, seed=cfg.seed):
         batch = _batch(train, rows, engine.device)
         logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss = torch.nn.functional.cross_entropy(logits.float(), batch["labels"],
-                                                 label_smoothing=cfg.hyper.label_smoothing)  # fmt: skip
+        loss = torch.nn.functional.cross_entropy(
+            logits.float(), batch["labels"], label_smoothing=cfg.hyper.label_smoothing
+        )
         engine.backward(loss)
         training.optimizer_step(engine)
         step += 1
         losses.append(loss.item())
         meter.add(samples=len(rows) * shard.world_size)
         if step % cfg.log_every == 0:
-            metrics = {"train/loss": losses[-1], "train/learning_rate": engine.get_lr()[0], "train/step": step,
-                       **meter.read()}  # fmt: skip
+            metrics = {
+                "train/loss": losses[-1],
+                "train/learning_rate": engine.get_lr()[0],
+                "train/step": step,
+                **meter.read(),
+            }
             if (norm := training.grad_norm(engine)) is not None:
                 metrics["train/grad_norm"] = norm
             tracker.log_metrics(metrics, step)
             if shard.rank == 0:
-                training_progress(cfg.stage, cfg.mlflow_run_id, step=step, loss=losses[-1],
-                                  tokens_per_s=metrics.get("throughput/tokens_per_s"))  # fmt: skip
+                training_progress(
+                    cfg.stage,
+                    cfg.mlflow_run_id,
+                    step=step,
+                    loss=losses[-1],
+                    tokens_per_s=metrics.get("throughput/tokens_per_s"),
+                )
             meter.reset()
     mean = sum(losses) / max(1, len(losses))
     return training.all_reduce_sum([mean])[0] / shard.world_size, step
 
 
 def _batch(split: dict, rows: torch.Tensor, device) -> dict[str, torch.Tensor]:
-    return {"input_ids": split["input_ids"][rows].long().to(device),
-            "attention_mask": split["attention_mask"][rows].long().to(device),
-            "labels": split["label"][rows].long().to(device)}  # fmt: skip
+    return {
+        "input_ids": split["input_ids"][rows].long().to(device),
+        "attention_mask": split["attention_mask"][rows].long().to(device),
+        "labels": split["label"][rows].long().to(device),
+    }
 
 
 @torch.no_grad()

@@ -41,8 +41,7 @@ def peak_flops(device_name: str, precision: str) -> float | None:
     return None
 
 
-def mfu(tokens_per_s: float, per_token: float, device_name: str, precision: str, num_devices: int = 1
-        ) -> float | None:  # fmt: skip
+def mfu(tokens_per_s: float, per_token: float, device_name: str, precision: str, num_devices: int = 1) -> float | None:
     """Model FLOPs utilisation over `num_devices` devices, or None when the peak is unknown."""
     peak = peak_flops(device_name, precision)
     if peak is None:

@@ -42,16 +42,26 @@ class MetricSpec:
         return f"ray_{self.name}"  # Ray's metrics agent prefixes every application metric
 
 
-STAGE_STATUS = MetricSpec("ptft_stage_status", ("pipeline", "run_id", "stage"),
-                          "Stage status: 0 pending, 1 running, 2 succeeded, 3 cached, 4 failed, 5 killed")  # fmt: skip
-STAGE_DURATION = MetricSpec("ptft_stage_duration_seconds", ("pipeline", "run_id", "stage"),
-                            "Wall time of the stage's last attempt (a cache hit: the time to reuse it)")  # fmt: skip
+STAGE_STATUS = MetricSpec(
+    "ptft_stage_status",
+    ("pipeline", "run_id", "stage"),
+    "Stage status: 0 pending, 1 running, 2 succeeded, 3 cached, 4 failed, 5 killed",
+)
+STAGE_DURATION = MetricSpec(
+    "ptft_stage_duration_seconds",
+    ("pipeline", "run_id", "stage"),
+    "Wall time of the stage's last attempt (a cache hit: the time to reuse it)",
+)
 TRAIN_LOSS = MetricSpec("ptft_train_loss", ("stage", "mlflow_run_id"), "Training loss at the last logged step")
-TRAIN_TOKENS_PER_S = MetricSpec("ptft_train_tokens_per_second", ("stage", "mlflow_run_id"),
-                                "Training throughput over the last logging interval, all ranks")  # fmt: skip
+TRAIN_TOKENS_PER_S = MetricSpec(
+    "ptft_train_tokens_per_second",
+    ("stage", "mlflow_run_id"),
+    "Training throughput over the last logging interval, all ranks",
+)
 TRAIN_STEP = MetricSpec("ptft_train_step", ("stage", "mlflow_run_id"), "Last logged optimizer step")
-TUNE_TRIALS = MetricSpec("ptft_tune_trials", ("run_id", "status"),
-                         "Tune trials of the sweep by status: pending, running, finished, errored")  # fmt: skip
+TUNE_TRIALS = MetricSpec(
+    "ptft_tune_trials", ("run_id", "status"), "Tune trials of the sweep by status: pending, running, finished, errored"
+)
 METRICS = (STAGE_STATUS, STAGE_DURATION, TRAIN_LOSS, TRAIN_TOKENS_PER_S, TRAIN_STEP, TUNE_TRIALS)
 
 # The dashboard's status panel maps these numbers back to names (checked by a unit test).
@@ -79,8 +89,9 @@ def stage_finished(pipeline: str, run_id: str, stage: str, seconds: float) -> No
     _set(STAGE_DURATION, seconds, pipeline=pipeline, run_id=run_id, stage=stage)
 
 
-def training_progress(stage: str, mlflow_run_id: str | None, *, step: int, loss: float,
-                      tokens_per_s: float | None = None) -> None:  # fmt: skip
+def training_progress(
+    stage: str, mlflow_run_id: str | None, *, step: int, loss: float, tokens_per_s: float | None = None
+) -> None:
     """Record a training loop's progress (rank 0 only; `mlflow_run_id` is the run it logs to)."""
     tags = {"stage": stage, "mlflow_run_id": mlflow_run_id or ""}
     _set(TRAIN_STEP, step, **tags)
@@ -133,8 +144,9 @@ def _start_republisher() -> None:
         if _republisher_pid == os.getpid():
             return
         _republisher_pid = os.getpid()
-    threading.Thread(target=_republish_forever, args=(_republish_interval_s(),), name="ptft-metrics",
-                     daemon=True).start()  # fmt: skip
+    threading.Thread(
+        target=_republish_forever, args=(_republish_interval_s(),), name="ptft-metrics", daemon=True
+    ).start()
 
 
 def _republish_interval_s() -> float:

@@ -27,12 +27,19 @@ def build_config(cfg: ModelConfig, *, vocab_size: int, special_ids: dict[str, in
     sizes = cfg.resolved()
     if cfg.family == "gpt2":
         return GPT2Config(
-            vocab_size=vocab_size, n_embd=sizes["hidden_size"], n_layer=sizes["num_layers"],
-            n_head=sizes["num_heads"], n_inner=sizes["intermediate_size"], n_positions=sizes["max_positions"],
-            resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
-            bos_token_id=special_ids.get("bos"), eos_token_id=special_ids.get("eos"),
+            vocab_size=vocab_size,
+            n_embd=sizes["hidden_size"],
+            n_layer=sizes["num_layers"],
+            n_head=sizes["num_heads"],
+            n_inner=sizes["intermediate_size"],
+            n_positions=sizes["max_positions"],
+            resid_pdrop=cfg.dropout,
+            embd_pdrop=cfg.dropout,
+            attn_pdrop=cfg.dropout,
+            bos_token_id=special_ids.get("bos"),
+            eos_token_id=special_ids.get("eos"),
             pad_token_id=special_ids.get("pad"),
-        )  # fmt: skip
+        )
     return BertConfig(
         vocab_size=vocab_size,
         hidden_size=sizes["hidden_size"],
@@ -57,8 +64,7 @@ def lm_class(objective: str):
     return AutoModelForMaskedLM if objective == "mlm" else AutoModelForCausalLM
 
 
-def build_lm(cfg: ModelConfig, *, vocab_size: int, special_ids: dict[str, int | None], seed: int
-             ) -> PreTrainedModel:  # fmt: skip
+def build_lm(cfg: ModelConfig, *, vocab_size: int, special_ids: dict[str, int | None], seed: int) -> PreTrainedModel:
     """The model to pre-train: new weights from the preset, or the `init_from` checkpoint's."""
     torch.manual_seed(seed)
     if cfg.init_from:
@@ -66,9 +72,11 @@ def build_lm(cfg: ModelConfig, *, vocab_size: int, special_ids: dict[str, int | 
         # A checkpoint without this objective's head (e.g. a sentence encoder) gets a new one;
         # the configured dropout applies to the checkpoint too.
         model = lm_class(objective_of(model_type)).from_pretrained(
-            cfg.init_from, revision=cfg.init_revision, attn_implementation=cfg.attention,
+            cfg.init_from,
+            revision=cfg.init_revision,
+            attn_implementation=cfg.attention,
             **dropout_overrides(model_type, cfg.dropout),
-        )  # fmt: skip
+        )
         if model.get_input_embeddings().num_embeddings < vocab_size:
             model.resize_token_embeddings(vocab_size)
         if model.config.pad_token_id is None:
@@ -108,8 +116,9 @@ def mask_tokens(
     roll = torch.rand(input_ids.shape, generator=generator)
     inputs[chosen & (roll < 0.8)] = mask_token_id
     randomize = chosen & (roll >= 0.8) & (roll < 0.9)
-    inputs[randomize] = torch.randint(len(special_ids), vocab_size, input_ids.shape, generator=generator,
-                                      dtype=input_ids.dtype)[randomize]
+    inputs[randomize] = torch.randint(
+        len(special_ids), vocab_size, input_ids.shape, generator=generator, dtype=input_ids.dtype
+    )[randomize]
     return inputs, labels
 
 
@@ -141,8 +150,9 @@ def smoke_test(model_dir: Path, kind: str, text: str = "a short sample text .") 
     Raises:
         RuntimeError: the folder does not load, or the forward gives non-finite outputs.
     """
-    auto = {"mlm": AutoModelForMaskedLM, "clm": AutoModelForCausalLM,
-            "classifier": AutoModelForSequenceClassification}[kind]  # fmt: skip
+    auto = {"mlm": AutoModelForMaskedLM, "clm": AutoModelForCausalLM, "classifier": AutoModelForSequenceClassification}[
+        kind
+    ]
     try:
         model = auto.from_pretrained(model_dir).eval()
         tokenizer = AutoTokenizer.from_pretrained(model_dir)

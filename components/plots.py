@@ -81,15 +81,17 @@ def attention(maps: list[dict], path: Path) -> Path:
     """One heatmap per text: heads (rows) x tokens (columns), the summary token's attention."""
     plt = _pyplot()
     widest = max(len(item["tokens"]) for item in maps)
-    figure, axes = plt.subplots(len(maps), 1, figsize=(max(6, 0.42 * widest + 2), 1.2 + 1.6 * len(maps)),
-                                squeeze=False)  # fmt: skip
+    figure, axes = plt.subplots(len(maps), 1, figsize=(max(6, 0.42 * widest + 2), 1.2 + 1.6 * len(maps)), squeeze=False)
     for axis, item in zip(axes[:, 0], maps, strict=True):
         heads = len(item["attention"])
         image = axis.imshow(item["attention"], cmap="viridis", aspect="auto", vmin=0)
         axis.set_xticks(range(len(item["tokens"])), item["tokens"], rotation=60, ha="right", fontsize=8)
         axis.set_yticks(range(heads), [f"head {h}" for h in range(heads)], fontsize=8)
-        axis.set_title(f"{item['label']} ({item['score']:.2f}), layer {item['layer']}, from {item['query_token']}: "
-                       f"{_short(item['text'])}", fontsize=9)  # fmt: skip
+        axis.set_title(
+            f"{item['label']} ({item['score']:.2f}), layer {item['layer']}, from {item['query_token']}: "
+            f"{_short(item['text'])}",
+            fontsize=9,
+        )
         figure.colorbar(image, ax=axis, fraction=0.02)
     return _save(plt, figure, path)
 

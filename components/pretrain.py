@@ -50,15 +50,22 @@ def run(cfg: PretrainConfig, tokenized_uri: str, ctx: StageContext) -> StageResu
     """Pre-train on `<tokenized_uri>/pretrain_blocks`; write the HF folder under ctx.output_dir/model."""
     objective = models.objective_for(cfg.model)
     worker_cfg = _WorkerConfig(
-        stage=cfg, blocks_dir=f"{tokenized_uri}/pretrain_blocks", tokenizer_dir=f"{tokenized_uri}/tokenizer",
-        tracking_uri=ctx.tracking_uri, mlflow_run_id=ctx.mlflow_run_id, seed=ctx.seed, objective=objective,
-        launched_at=time.time(), resumed=ctx.resumed,
-    )  # fmt: skip
+        stage=cfg,
+        blocks_dir=f"{tokenized_uri}/pretrain_blocks",
+        tokenizer_dir=f"{tokenized_uri}/tokenizer",
+        tracking_uri=ctx.tracking_uri,
+        mlflow_run_id=ctx.mlflow_run_id,
+        seed=ctx.seed,
+        objective=objective,
+        launched_at=time.time(),
+        resumed=ctx.resumed,
+    )
     tracker = open_tracker(ctx.tracking_uri, ctx.mlflow_run_id, resumed=ctx.resumed)
     tracker.log_metrics({"progress/total_steps": cfg.max_steps}, 0)  # `ptft run` and `ptft status` show step x of this
     tracker.flush()
-    result = training.fit_on_ray(train_loop_per_worker, worker_cfg.model_dump(), cfg.workers, ctx,
-                                 checkpoints_to_keep=2)  # fmt: skip
+    result = training.fit_on_ray(
+        train_loop_per_worker, worker_cfg.model_dump(), cfg.workers, ctx, checkpoints_to_keep=2
+    )
     model_dir, metrics = training.export_final_model(result, ctx.output_dir)
     checked = models.smoke_test(model_dir, objective)
     log.info("pretrain: %s loads and runs; weights sha256 %s", model_dir, checked["weights_sha256"])
@@ -102,8 +109,13 @@ def _pretrain(cfg: _WorkerConfig) -> None:
     else:
         _log_restore(tracker, loaded_step, first_step=start + 1)
 
-    meter = Throughput(engine.module, seq_len=train_ids.shape[1], world=world, precision=stage.deepspeed.precision,
-                       device_name=device_name(stage.workers.use_gpu))  # fmt: skip
+    meter = Throughput(
+        engine.module,
+        seq_len=train_ids.shape[1],
+        world=world,
+        precision=stage.deepspeed.precision,
+        device_name=device_name(stage.workers.use_gpu),
+    )
     accumulation = stage.deepspeed.gradient_accumulation_steps
     micro_batches = _batches(train_ids, shard, stage.max_steps * accumulation, cfg.seed, start=start * accumulation)
     for step in range(start + 1, stage.max_steps + 1):
@@ -112,27 +124,44 @@ def _pretrain(cfg: _WorkerConfig) -> None:
         loss = sum(losses) / accumulation
         meter.add(samples=shard.batch_size * accumulation * world)
         if step == start + 1 and loaded_step is None:
-            tracker.log_metrics({"startup/worker_group_s": group_ready - cfg.launched_at,
-                                 "startup/deepspeed_init_s": engine_ready - group_ready,
-                                 "startup/first_step_s": time.time() - cfg.launched_at}, step)  # fmt: skip
+            tracker.log_metrics(
+                {
+                    "startup/worker_group_s": group_ready - cfg.launched_at,
+                    "startup/deepspeed_init_s": engine_ready - group_ready,
+                    "startup/first_step_s": time.time() - cfg.launched_at,
+                },
+                step,
+            )
         if step == start + 1:
             meter.reset()  # the first step pays one-off costs; throughput is the steady state
         if step % stage.log_every == 0 or step == stage.max_steps:
-            metrics = {"train/loss": training.all_reduce_sum([loss])[0] / world,
-                       "train/learning_rate": engine.get_lr()[0], "train/step": step, **meter.read()}  # fmt: skip
+            metrics = {
+                "train/loss": training.all_reduce_sum([loss])[0] / world,
+                "train/learning_rate": engine.get_lr()[0],
+                "train/step": step,
+                **meter.read(),
+            }
             if (norm := training.grad_norm(engine)) is not None:
                 metrics["train/grad_norm"] = norm
             tracker.log_metrics(metrics, step)
             if rank == 0:  # the loss is already averaged over ranks; one series per run
-                training_progress("pretrain", cfg.mlflow_run_id, step=step, loss=metrics["train/loss"],
-                                  tokens_per_s=metrics.get("throughput/tokens_per_s"))  # fmt: skip
+                training_progress(
+                    "pretrain",
+                    cfg.mlflow_run_id,
+                    step=step,
+                    loss=metrics["train/loss"],
+                    tokens_per_s=metrics.get("throughput/tokens_per_s"),
+                )
             meter.reset()
         if step % stage.checkpoint_every == 0 and step < stage.max_steps:
             tracker.flush()  # what a checkpoint covers is in MLflow before it
             _report(engine, masker, tokenizer, {"train/loss": loss, "train/step": step}, with_hf=False)
 
-    final = {"train/loss": loss, "train/step": stage.max_steps,
-             **_evaluate(engine, masker, eval_ids, shard, cfg.objective)}  # fmt: skip
+    final = {
+        "train/loss": loss,
+        "train/step": stage.max_steps,
+        **_evaluate(engine, masker, eval_ids, shard, cfg.objective),
+    }
     tracker.log_metrics(final, stage.max_steps)
     tracker.close()
     _report(engine, masker, tokenizer, final, with_hf=True)
@@ -152,8 +181,9 @@ def _restore(engine, masker: _Targets, rank: int) -> tuple[int | None, float]:
 def _load_checkpoint(engine, masker: _Targets, checkpoint_dir: Path, rank: int) -> tuple[int, float]:
     """Model, optimizer, LR schedule and this rank's RNGs from a folder `_save_checkpoint` wrote:
     (its step, its loss)."""
-    _, client_state = engine.load_checkpoint(str(checkpoint_dir), load_optimizer_states=True,
-                                             load_lr_scheduler_states=True)  # fmt: skip
+    _, client_state = engine.load_checkpoint(
+        str(checkpoint_dir), load_optimizer_states=True, load_lr_scheduler_states=True
+    )
     training.restore_rng(checkpoint_dir, rank, {"masker": masker.generator})
     return int(client_state["step"]), float(client_state.get("loss", float("nan")))
 
@@ -161,8 +191,14 @@ def _load_checkpoint(engine, masker: _Targets, checkpoint_dir: Path, rank: int) 
 def _log_restore(tracker, loaded_step: int, *, first_step: int) -> None:
     """What a restore cost, in MLflow: the step loaded and the steps done again."""
     done_before = max(loaded_step, tracker.logged_through("train/step"))
-    tracker.log_metrics({"restore/loaded_step": loaded_step, "restore/first_step": first_step,
-                         "restore/steps_recomputed": max(0, done_before - loaded_step)}, loaded_step)  # fmt: skip
+    tracker.log_metrics(
+        {
+            "restore/loaded_step": loaded_step,
+            "restore/first_step": first_step,
+            "restore/steps_recomputed": max(0, done_before - loaded_step),
+        },
+        loaded_step,
+    )
     tracker.flush()
 
 
@@ -176,10 +212,14 @@ def _setup_data(cfg: _WorkerConfig) -> tuple[torch.Tensor, torch.Tensor]:
 def _setup_engine(stage: PretrainConfig, tokenizer: PreTrainedTokenizerFast, seed: int):
     model = models.build_lm(stage.model, vocab_size=len(tokenizer), special_ids=special_ids(tokenizer), seed=seed)
     return training.build_engine(
-        model, ds=stage.deepspeed, micro_batch_size=stage.batch_size_per_worker,
-        learning_rate=stage.learning_rate, weight_decay=stage.weight_decay,
-        warmup_steps=stage.warmup_steps, total_steps=stage.max_steps,
-    )  # fmt: skip
+        model,
+        ds=stage.deepspeed,
+        micro_batch_size=stage.batch_size_per_worker,
+        learning_rate=stage.learning_rate,
+        weight_decay=stage.weight_decay,
+        warmup_steps=stage.warmup_steps,
+        total_steps=stage.max_steps,
+    )
 
 
 def _batches(data: torch.Tensor, shard: training.Shard, max_steps: int, seed: int, *, start: int = 0):
@@ -208,8 +248,10 @@ class _Targets:
 
     def __init__(self, tokenizer: PreTrainedTokenizerFast, objective: str, probability: float, seed: int):
         if objective == "mlm" and tokenizer.mask_token_id is None:
-            raise ValueError("masked-LM pre-training needs a tokenizer with a mask token; this one has none "
-                             "(a GPT-style tokenizer?): use a causal-LM model family or another tokenizer")
+            raise ValueError(
+                "masked-LM pre-training needs a tokenizer with a mask token; this one has none "
+                "(a GPT-style tokenizer?): use a causal-LM model family or another tokenizer"
+            )
         self.tokenizer = tokenizer
         self.objective = objective
         self.probability = probability
@@ -219,9 +261,13 @@ class _Targets:
         if self.objective == "clm":
             return input_ids, input_ids
         return models.mask_tokens(
-            input_ids, mask_token_id=self.tokenizer.mask_token_id, vocab_size=len(self.tokenizer),
-            special_ids=self.tokenizer.all_special_ids, probability=self.probability, generator=self.generator,
-        )  # fmt: skip
+            input_ids,
+            mask_token_id=self.tokenizer.mask_token_id,
+            vocab_size=len(self.tokenizer),
+            special_ids=self.tokenizer.all_special_ids,
+            probability=self.probability,
+            generator=self.generator,
+        )
 
 
 def _train_step(engine, masker: _Targets, input_ids: torch.Tensor) -> float:
@@ -233,8 +279,9 @@ def _train_step(engine, masker: _Targets, input_ids: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def _evaluate(engine, masker: _Targets, eval_ids: torch.Tensor, shard: training.Shard, objective: str
-              ) -> dict[str, float]:  # fmt: skip
+def _evaluate(
+    engine, masker: _Targets, eval_ids: torch.Tensor, shard: training.Shard, objective: str
+) -> dict[str, float]:
     """The objective's loss on the held-out blocks (eval/mlm_loss or eval/clm_loss), token-weighted
     over all ranks."""
     engine.eval()
@@ -259,8 +306,9 @@ def _report(engine, masker: _Targets, tokenizer, metrics: dict, *, with_hf: bool
     report it to Ray Train."""
     rank = ray.train.get_context().get_world_rank()
     with tempfile.TemporaryDirectory() as checkpoint_dir:
-        _save_checkpoint(engine, masker, Path(checkpoint_dir), rank, step=metrics["train/step"],
-                         loss=metrics["train/loss"])  # fmt: skip
+        _save_checkpoint(
+            engine, masker, Path(checkpoint_dir), rank, step=metrics["train/step"], loss=metrics["train/loss"]
+        )
         if with_hf:
             training.save_hf_folder(engine, tokenizer, Path(checkpoint_dir) / "hf")
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir))

@@ -25,9 +25,15 @@ TASK = "text-classification"
 
 
 def register_classifier(
-    model_dir: Path, *, name: str, run_id: str, tracking_uri: str, test_accuracy: float, test_split: str,
+    model_dir: Path,
+    *,
+    name: str,
+    run_id: str,
+    tracking_uri: str,
+    test_accuracy: float,
+    test_split: str,
     lineage: dict[str, str],
-) -> dict:  # fmt: skip
+) -> dict:
     """Log the HF folder under `run_id`, register it as `name` and set aliases. Returns the version info."""
     client = MlflowClient(tracking_uri)
     # Idempotent: a stage re-entered after a kill during registration continues the same MLflow
@@ -58,10 +64,14 @@ def _log_and_register(model_dir: Path, name: str, run_id: str, tracking_uri: str
     signature = infer_signature(example, [{"label": model.config.id2label[0], "score": 0.5}])
     with mlflow.start_run(run_id=run_id):
         info = mlflow.transformers.log_model(
-            transformers_model={"model": model, "tokenizer": tokenizer}, name="model", task=TASK,
-            signature=signature, input_example=example, registered_model_name=name,
+            transformers_model={"model": model, "tokenizer": tokenizer},
+            name="model",
+            task=TASK,
+            signature=signature,
+            input_example=example,
+            registered_model_name=name,
             pip_requirements=_requirements(),
-        )  # fmt: skip
+        )
     return str(info.registered_model_version)
 
 
@@ -74,8 +84,13 @@ def find_version(tracking_uri: str, name: str, tags: dict[str, str]) -> dict | N
     if not found:
         return None
     version = client.get_model_version(name, found[0].version)  # a search leaves the aliases out
-    return {"name": name, "version": str(version.version), "aliases": sorted(version.aliases),
-            "model_uri": f"models:/{name}/{version.version}", "run_id": version.run_id}  # fmt: skip
+    return {
+        "name": name,
+        "version": str(version.version),
+        "aliases": sorted(version.aliases),
+        "model_uri": f"models:/{name}/{version.version}",
+        "run_id": version.run_id,
+    }
 
 
 def _versions(client: MlflowClient, name: str, condition: str) -> list:
@@ -99,15 +114,28 @@ def _beats_champion(client: MlflowClient, name: str, test_accuracy: float, test_
     except MlflowException:
         return True  # no champion yet
     if champion.tags.get(TEST_SPLIT_TAG) != test_split:
-        log.warning("champion %s v%s was tested on other data (%s, now %s): the new version stays %s; "
-                    "`ptft promote %s VERSION` makes it champion", name, champion.version,
-                    champion.tags.get(TEST_SPLIT_TAG), test_split, CANDIDATE, name)  # fmt: skip
+        log.warning(
+            "champion %s v%s was tested on other data (%s, now %s): the new version stays %s; "
+            "`ptft promote %s VERSION` makes it champion",
+            name,
+            champion.version,
+            champion.tags.get(TEST_SPLIT_TAG),
+            test_split,
+            CANDIDATE,
+            name,
+        )
         return False
     champion_accuracy = float(champion.tags.get(ACCURACY_TAG, "-1"))
     if test_accuracy > champion_accuracy:
         return True
-    log.info("%s: test accuracy %.4f does not beat champion v%s (%.4f): stays %s", name, test_accuracy,
-             champion.version, champion_accuracy, CANDIDATE)  # fmt: skip
+    log.info(
+        "%s: test accuracy %.4f does not beat champion v%s (%.4f): stays %s",
+        name,
+        test_accuracy,
+        champion.version,
+        champion_accuracy,
+        CANDIDATE,
+    )
     return False
 
 

@@ -95,9 +95,16 @@ class RequestError(Exception):
 # --------------------------------------------------------------------------- the application
 
 app = FastAPI(title="ptft classifier", description="Text classification by a ptft fine-tuned model.")
-ERRORS = {code: {"description": what} for code, what in
-          ((400, "not JSON"), (408, "not answered in time"), (413, "body or a text too large"),
-           (422, "wrong shape, empty or too many texts"), (503, "overloaded: retry later"))}  # fmt: skip
+ERRORS = {
+    code: {"description": what}
+    for code, what in (
+        (400, "not JSON"),
+        (408, "not answered in time"),
+        (413, "body or a text too large"),
+        (422, "wrong shape, empty or too many texts"),
+        (503, "overloaded: retry later"),
+    )
+}
 
 
 class ClassifierApp:
@@ -117,14 +124,28 @@ class ClassifierApp:
 
     @app.get("/metadata")
     def metadata(self) -> dict:
-        limits = {key: getattr(self.cfg, key) for key in
-                  ("max_texts", "max_text_bytes", "max_body_bytes", "request_timeout_s", "max_batch_size")}  # fmt: skip
-        return {**self.model.model_dump(), "labels": self.scorer.labels, "max_tokens": self.scorer.max_tokens,
-                "limits": limits}  # fmt: skip
+        limits = {
+            key: getattr(self.cfg, key)
+            for key in ("max_texts", "max_text_bytes", "max_body_bytes", "request_timeout_s", "max_batch_size")
+        }
+        return {
+            **self.model.model_dump(),
+            "labels": self.scorer.labels,
+            "max_tokens": self.scorer.max_tokens,
+            "limits": limits,
+        }
 
-    @app.post("/predict", response_model=PredictResponse, responses=ERRORS,
-              openapi_extra={"requestBody": {"required": True, "content": {
-                  "application/json": {"schema": PredictRequest.model_json_schema()}}}})  # fmt: skip
+    @app.post(
+        "/predict",
+        response_model=PredictResponse,
+        responses=ERRORS,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": PredictRequest.model_json_schema()}},
+            }
+        },
+    )
     async def predict(self, request: Request):
         try:
             texts = await self._texts(request)
@@ -132,13 +153,26 @@ class ClassifierApp:
         except RequestError as error:
             return JSONResponse({"detail": error.message}, status_code=error.status)
         except TimeoutError:
-            return JSONResponse({"detail": f"not answered within request_timeout_s={self.cfg.request_timeout_s}s; "
-                                 "send fewer or shorter texts, or retry"}, status_code=408)  # fmt: skip
+            return JSONResponse(
+                {
+                    "detail": f"not answered within request_timeout_s={self.cfg.request_timeout_s}s; "
+                    "send fewer or shorter texts, or retry"
+                },
+                status_code=408,
+            )
         return PredictResponse(predictions=predictions, model=self.model, max_tokens=self.scorer.max_tokens)
 
-    @app.post("/explain", response_model=ExplainResponse, responses=ERRORS,
-              openapi_extra={"requestBody": {"required": True, "content": {
-                  "application/json": {"schema": ExplainRequest.model_json_schema()}}}})  # fmt: skip
+    @app.post(
+        "/explain",
+        response_model=ExplainResponse,
+        responses=ERRORS,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": ExplainRequest.model_json_schema()}},
+            }
+        },
+    )
     async def explain(self, request: Request):
         """Attention maps of a few texts. Computed here, not batched: on the event loop, like a
         batch, so it never runs beside one on the same model."""
@@ -198,13 +232,13 @@ def check_texts(texts: list[str], cfg: ServeConfig) -> list[str]:
     if not texts:
         raise RequestError(422, "texts is empty; send at least one text")
     if len(texts) > cfg.max_texts:
-        raise RequestError(422, f"{len(texts)} texts; one request takes at most max_texts={cfg.max_texts}: "
-                           "split it")  # fmt: skip
+        raise RequestError(422, f"{len(texts)} texts; one request takes at most max_texts={cfg.max_texts}: split it")
     for index, text in enumerate(texts):
         size = len(text.encode("utf-8"))
         if size > cfg.max_text_bytes:
-            raise RequestError(413, f"texts.{index} is {size} bytes (UTF-8); the limit is "
-                               f"max_text_bytes={cfg.max_text_bytes}")  # fmt: skip
+            raise RequestError(
+                413, f"texts.{index} is {size} bytes (UTF-8); the limit is max_text_bytes={cfg.max_text_bytes}"
+            )
     return texts
 
 
@@ -229,8 +263,10 @@ class Scorer:
         with self.torch.inference_mode():
             probabilities = self.model(**encoded).logits.float().softmax(-1)
         scores, ids = probabilities.max(-1)
-        return [{"label": self.labels[int(i)], "score": float(s), "truncated": cut}
-                for s, i, cut in zip(scores, ids, truncated, strict=True)]  # fmt: skip
+        return [
+            {"label": self.labels[int(i)], "score": float(s), "truncated": cut}
+            for s, i, cut in zip(scores, ids, truncated, strict=True)
+        ]
 
     def explain(self, texts: list[str], layer: int = -1) -> list[dict]:
         from components.explain import attention_maps
@@ -300,8 +336,14 @@ def _http_address(cfg: ServeConfig) -> tuple[str, int]:
     except Exception:  # noqa: BLE001 - fall back to what was asked for
         return cfg.host, cfg.port
     if (http.host, http.port) != (cfg.host, cfg.port):
-        log.warning("serve: Serve already runs on this cluster at %s:%s; serve.host/serve.port (%s:%s) "
-                    "do not apply to a running Serve", http.host, http.port, cfg.host, cfg.port)  # fmt: skip
+        log.warning(
+            "serve: Serve already runs on this cluster at %s:%s; serve.host/serve.port (%s:%s) "
+            "do not apply to a running Serve",
+            http.host,
+            http.port,
+            cfg.host,
+            cfg.port,
+        )
     return http.host, http.port
 
 
@@ -361,15 +403,22 @@ def resolve_model(reference: str, tracking_uri: str | None) -> ModelInfo:
     try:
         found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
     except MlflowException as error:
-        raise ValueError(f"{reference!r} is not in the registry at {tracking_uri} ({error.message}); "
-                         "the MLflow UI (ptft ui) lists registered models and their aliases") from None  # fmt: skip
-    return ModelInfo(name=name, version=str(found.version), model_uri=f"models:/{name}/{found.version}",
-                     run_id=found.run_id, alias=alias)  # fmt: skip
+        raise ValueError(
+            f"{reference!r} is not in the registry at {tracking_uri} ({error.message}); "
+            "the MLflow UI (ptft ui) lists registered models and their aliases"
+        ) from None
+    return ModelInfo(
+        name=name,
+        version=str(found.version),
+        model_uri=f"models:/{name}/{found.version}",
+        run_id=found.run_id,
+        alias=alias,
+    )
 
 
 def follow_champion(
     cfg: ServeConfig, name: str, alias: str, tracking_uri: str | None, serving: ModelInfo | None = None
-) -> ModelInfo | None:  # fmt: skip
+) -> ModelInfo | None:
     """Roll the application in `cfg` over to the version `models:/NAME@ALIAS` now names, if it
     follows that alias. `serving` is what it serves, when the caller deployed it; otherwise its
     /metadata says. Returns the model it now serves (None: no such application)."""
@@ -379,8 +428,9 @@ def follow_champion(
     wanted = resolve_model(f"models:/{name}@{alias}", tracking_uri)
     if wanted.version == live.version:
         return live
-    log.info("serve: %s@%s moved to v%s; rolling %r over from v%s", name, alias, wanted.version, cfg.app_name,
-             live.version)  # fmt: skip
+    log.info(
+        "serve: %s@%s moved to v%s; rolling %r over from v%s", name, alias, wanted.version, cfg.app_name, live.version
+    )
     deploy(cfg, wanted, tracking_uri)
     return wanted
 
@@ -396,8 +446,12 @@ def run(cfg: ServeConfig, registered: dict, ctx: StageContext) -> StageResult:
     started = time.perf_counter()
     predictions = predict(url, cfg.sample_texts) if cfg.sample_texts else []
     latency_ms = (time.perf_counter() - started) * 1000
-    endpoint = {"url": url, "app_name": cfg.app_name, "model": model.model_dump(),
-                "samples": [dict(text=t, **p) for t, p in zip(cfg.sample_texts, predictions, strict=True)]}  # fmt: skip
+    endpoint = {
+        "url": url,
+        "app_name": cfg.app_name,
+        "model": model.model_dump(),
+        "samples": [dict(text=t, **p) for t, p in zip(cfg.sample_texts, predictions, strict=True)],
+    }
     write_json(ctx.output_dir / "endpoint.json", endpoint)
     return StageResult(output_uri=url, metrics={"serve/sample_latency_ms": latency_ms}, outputs=endpoint)
 
@@ -451,11 +505,26 @@ def app_builder(args: dict) -> serve.Application:
 
 
 # ServeConfig fields a config-file deploy may set through `args`; the rest belong to the Serve config.
-APP_ARGS = ("num_replicas", "autoscaling", "cpus_per_replica", "rollout_surge_percent", "max_batch_size",
-            "batch_wait_timeout_s", "max_ongoing_requests", "max_queued_requests", "request_timeout_s",
-            "max_texts", "max_text_bytes", "max_body_bytes")  # fmt: skip
-_SERVE_CONFIG_KEYS = {"host": "http_options.host", "port": "http_options.port", "route_prefix": "route_prefix",
-                      "app_name": "name"}  # fmt: skip
+APP_ARGS = (
+    "num_replicas",
+    "autoscaling",
+    "cpus_per_replica",
+    "rollout_surge_percent",
+    "max_batch_size",
+    "batch_wait_timeout_s",
+    "max_ongoing_requests",
+    "max_queued_requests",
+    "request_timeout_s",
+    "max_texts",
+    "max_text_bytes",
+    "max_body_bytes",
+)
+_SERVE_CONFIG_KEYS = {
+    "host": "http_options.host",
+    "port": "http_options.port",
+    "route_prefix": "route_prefix",
+    "app_name": "name",
+}
 
 
 def _parse_app_args(args: object) -> tuple[dict, str, str]:
@@ -465,13 +534,18 @@ def _parse_app_args(args: object) -> tuple[dict, str, str]:
     model_uri, tracking_uri = args.get("model_uri"), args.get("tracking_uri")
     problems = []
     if not isinstance(model_uri, str) or not re.fullmatch(REGISTRY_URI, model_uri):
-        problems.append(f"args.model_uri={model_uri!r}: use a registered model, models:/NAME@ALIAS "
-                        "(e.g. models:/demo-classifier@champion) or models:/NAME/VERSION")  # fmt: skip
+        problems.append(
+            f"args.model_uri={model_uri!r}: use a registered model, models:/NAME@ALIAS "
+            "(e.g. models:/demo-classifier@champion) or models:/NAME/VERSION"
+        )
     if not isinstance(tracking_uri, str) or not tracking_uri:
         problems.append(f"args.tracking_uri={tracking_uri!r}: give the MLflow tracking URI, e.g. http://mlflow:5000")
     for key in sorted(set(args) - {"model_uri", "tracking_uri", *APP_ARGS}):
-        fix = (f"set {_SERVE_CONFIG_KEYS[key]} in the Serve config file instead" if key in _SERVE_CONFIG_KEYS
-               else f"accepted: model_uri, tracking_uri, {', '.join(APP_ARGS)}")  # fmt: skip
+        fix = (
+            f"set {_SERVE_CONFIG_KEYS[key]} in the Serve config file instead"
+            if key in _SERVE_CONFIG_KEYS
+            else f"accepted: model_uri, tracking_uri, {', '.join(APP_ARGS)}"
+        )
         problems.append(f"args.{key} is not accepted; {fix}")
     options = {key: args[key] for key in APP_ARGS if key in args}
     try:
@@ -487,11 +561,22 @@ def serve_config_file(cfg: ServeConfig, model_uri: str, tracking_uri: str) -> di
     """A Serve config file (`serve deploy FILE`, a RayService's serveConfigV2) for this app."""
     args = {"model_uri": model_uri, "tracking_uri": tracking_uri}
     defaults = ServeConfig()
-    args.update({key: getattr(cfg, key) if key != "autoscaling" else cfg.autoscaling.model_dump()
-                 for key in APP_ARGS if getattr(cfg, key) != getattr(defaults, key)})  # fmt: skip
+    args.update(
+        {
+            key: getattr(cfg, key) if key != "autoscaling" else cfg.autoscaling.model_dump()
+            for key in APP_ARGS
+            if getattr(cfg, key) != getattr(defaults, key)
+        }
+    )
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": cfg.host, "port": cfg.port},
-        "applications": [{"name": cfg.app_name, "route_prefix": cfg.route_prefix,
-                          "import_path": "components.serve:app_builder", "args": args}],
-    }  # fmt: skip
+        "applications": [
+            {
+                "name": cfg.app_name,
+                "route_prefix": cfg.route_prefix,
+                "import_path": "components.serve:app_builder",
+                "args": args,
+            }
+        ],
+    }

@@ -31,11 +31,19 @@ def _number(value: Any) -> str:
 def format_table(rows: list[dict], params: list[str], metric: str, *, best: str | None = None) -> str:
     """A fixed-width table: one line per trial, the best one marked with *."""
     header = ["trial", "status", "epochs", metric, *params]
-    lines = [[("* " if row["trial"] == best else "  ") + row["trial"], row["status"], str(row["epochs"]),
-              _number(row.get("metric")), *(_number(row["config"].get(name)) for name in params)]
-             for row in rows]  # fmt: skip
-    widths = [max(len(header[i]), *(len(line[i]) for line in lines)) if lines else len(header[i])
-              for i in range(len(header))]  # fmt: skip
+    lines = [
+        [
+            ("* " if row["trial"] == best else "  ") + row["trial"],
+            row["status"],
+            str(row["epochs"]),
+            _number(row.get("metric")),
+            *(_number(row["config"].get(name)) for name in params),
+        ]
+        for row in rows
+    ]
+    widths = [
+        max(len(header[i]), *(len(line[i]) for line in lines)) if lines else len(header[i]) for i in range(len(header))
+    ]
     out = ["  ".join(cell.ljust(width) for cell, width in zip(header, widths, strict=True))]
     out += ["  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)) for line in lines]
     return "\n".join(out)
@@ -64,9 +72,15 @@ class TrialTable(ray.tune.Callback):
         rows = []
         for trial in trials:
             result = trial.last_result or {}
-            rows.append({"trial": str(trial), "status": trial.status.lower(), "epochs": int(result.get("epoch", 0)),
-                         "metric": result.get(self.metric),
-                         "config": {name: trial.config.get(name) for name in self.params}})  # fmt: skip
+            rows.append(
+                {
+                    "trial": str(trial),
+                    "status": trial.status.lower(),
+                    "epochs": int(result.get("epoch", 0)),
+                    "metric": result.get(self.metric),
+                    "config": {name: trial.config.get(name) for name in self.params},
+                }
+            )
         return rows
 
     def _print(self, trials, title: str) -> None:
@@ -79,8 +93,9 @@ class TrialTable(ray.tune.Callback):
         summary = ", ".join(f"{count} {status}" for status, count in sorted(counts.items()))
         stream = self._stream or sys.stdout
         print(f"\n== sweep {title} after {elapsed:.0f} s: {summary}", file=stream)
-        print(format_table(rows, self.params, self.metric, best=best["trial"] if best else None), file=stream,
-              flush=True)  # fmt: skip
+        print(
+            format_table(rows, self.params, self.metric, best=best["trial"] if best else None), file=stream, flush=True
+        )
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         if self.every_s and time.monotonic() - self._last >= self.every_s:
@@ -89,8 +104,13 @@ class TrialTable(ray.tune.Callback):
 
 
 # Tune's trial states, as the live metrics count them.
-_TRIAL_STATUS = {"PENDING": "pending", "PAUSED": "pending", "RUNNING": "running", "TERMINATED": "finished",
-                 "ERROR": "errored"}  # fmt: skip
+_TRIAL_STATUS = {
+    "PENDING": "pending",
+    "PAUSED": "pending",
+    "RUNNING": "running",
+    "TERMINATED": "finished",
+    "ERROR": "errored",
+}
 
 
 class TrialCounts(ray.tune.Callback):
@@ -116,8 +136,16 @@ def write_csv(rows: list[dict], params: list[str], metric: str, path: Path) -> N
         writer = csv.writer(handle)
         writer.writerow(["trial", "status", "epochs", metric, *params, "mlflow_run_id"])
         for row in rows:
-            writer.writerow([row["trial"], row["status"], row["epochs"], row.get("metric"),
-                             *(row["config"].get(name) for name in params), row.get("mlflow_run_id")])  # fmt: skip
+            writer.writerow(
+                [
+                    row["trial"],
+                    row["status"],
+                    row["epochs"],
+                    row.get("metric"),
+                    *(row["config"].get(name) for name in params),
+                    row.get("mlflow_run_id"),
+                ]
+            )
 
 
 def plot(rows: list[dict], params: list[str], metric: str, log_scale: set[str], best: str | None, path: Path) -> None:
@@ -137,12 +165,18 @@ def plot(rows: list[dict], params: list[str], metric: str, log_scale: set[str], 
                 continue
             is_best = row["trial"] == best
             full = row["status"] == "completed"
-            axis.scatter([value], [score], s=60 if is_best else 30, zorder=3 if is_best else 2,
-                         facecolors=("tab:red" if is_best else "tab:blue") if full or is_best else "none",
-                         edgecolors="tab:red" if is_best else "tab:blue")  # fmt: skip
+            axis.scatter(
+                [value],
+                [score],
+                s=60 if is_best else 30,
+                zorder=3 if is_best else 2,
+                facecolors=("tab:red" if is_best else "tab:blue") if full or is_best else "none",
+                edgecolors="tab:red" if is_best else "tab:blue",
+            )
             if is_best:
-                axis.annotate("best", (value, score), xytext=(6, 6), textcoords="offset points", color="tab:red",
-                              fontsize=8)  # fmt: skip
+                axis.annotate(
+                    "best", (value, score), xytext=(6, 6), textcoords="offset points", color="tab:red", fontsize=8
+                )
         if name in log_scale:
             axis.set_xscale("log")
         axis.set_xlabel(name)

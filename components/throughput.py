@@ -39,9 +39,12 @@ class Throughput:
         if not self.steps or elapsed <= 0:
             return {}
         tokens_per_s = self.samples * self.seq_len / elapsed
-        metrics = {"throughput/tokens_per_s": tokens_per_s, "throughput/samples_per_s": self.samples / elapsed,
-                   "throughput/step_time_s": elapsed / self.steps,
-                   "throughput/tflops": tokens_per_s * self.flops_per_token / 1e12}  # fmt: skip
+        metrics = {
+            "throughput/tokens_per_s": tokens_per_s,
+            "throughput/samples_per_s": self.samples / elapsed,
+            "throughput/step_time_s": elapsed / self.steps,
+            "throughput/tflops": tokens_per_s * self.flops_per_token / 1e12,
+        }
         utilisation = flops.mfu(tokens_per_s, self.flops_per_token, self.device_name, self.precision, self.world)
         if utilisation is not None:
             metrics["throughput/mfu"] = utilisation

@@ -69,9 +69,12 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizeConfig) -> PreTrainedToke
         tokenizer.normalizer = normalizers.Lowercase() if cfg.lowercase else None
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
         tokenizer.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency,
-                                      special_tokens=list(SPECIAL_TOKENS),
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+        trainer = trainers.BpeTrainer(
+            vocab_size=cfg.vocab_size,
+            min_frequency=cfg.min_frequency,
+            special_tokens=list(SPECIAL_TOKENS),
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
     else:
         tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
         tokenizer.normalizer = normalizers.BertNormalizer(lowercase=cfg.lowercase)
@@ -86,9 +89,14 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizeConfig) -> PreTrainedToke
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
     )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, model_max_length=cfg.seq_len,
-        pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
-    )  # fmt: skip
+        tokenizer_object=tokenizer,
+        model_max_length=cfg.seq_len,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
 
 
 def load_pretrained(name_or_path: str, seq_len: int) -> PreTrainedTokenizerFast:
@@ -100,8 +108,10 @@ def load_pretrained(name_or_path: str, seq_len: int) -> PreTrainedTokenizerFast:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     if separator_id(tokenizer) is None:
-        raise ValueError(f"tokenizer {name_or_path!r} has neither a [SEP] nor an end-of-text token to separate "
-                         "documents in packed blocks")  # fmt: skip
+        raise ValueError(
+            f"tokenizer {name_or_path!r} has neither a [SEP] nor an end-of-text token to separate "
+            "documents in packed blocks"
+        )
     tokenizer.model_max_length = seq_len
     return tokenizer
 
@@ -123,8 +133,10 @@ def display_names(values: list[str], names: list[str] | None) -> list[str]:
     if names is None:
         return values
     if len(names) != len(values):
-        raise ValueError(f"data.task.label_names has {len(names)} names but the train split has "
-                         f"{len(values)} labels {values}: give one name per label, in this order")  # fmt: skip
+        raise ValueError(
+            f"data.task.label_names has {len(names)} names but the train split has "
+            f"{len(values)} labels {values}: give one name per label, in this order"
+        )
     return list(names)
 
 
@@ -141,9 +153,11 @@ def _dataset(table: pa.Table, rows_per_block: int) -> ray.data.Dataset:
 
 def _pack_corpus(corpus: pa.Table, tokenizer_dir: Path, cfg: TokenizeConfig) -> ray.data.Dataset:
     return _dataset(corpus, cfg.batch_size).map_batches(
-        pack_blocks, batch_size=cfg.batch_size, batch_format="pyarrow",
+        pack_blocks,
+        batch_size=cfg.batch_size,
+        batch_format="pyarrow",
         fn_kwargs={"tokenizer_dir": str(tokenizer_dir), "seq_len": cfg.seq_len},
-    )  # fmt: skip
+    )
 
 
 def pack_blocks(batch: pa.Table, *, tokenizer_dir: str, seq_len: int) -> pa.Table:
@@ -170,9 +184,11 @@ def pack_blocks(batch: pa.Table, *, tokenizer_dir: str, seq_len: int) -> pa.Tabl
 
 def _tokenize_task(table: pa.Table, tokenizer_dir: Path, label_values: list[str], cfg: TokenizeConfig):
     return _dataset(table, cfg.batch_size).map_batches(
-        tokenize_examples, batch_size=cfg.batch_size, batch_format="pyarrow",
+        tokenize_examples,
+        batch_size=cfg.batch_size,
+        batch_format="pyarrow",
         fn_kwargs={"tokenizer_dir": str(tokenizer_dir), "seq_len": cfg.seq_len, "label_values": label_values},
-    )  # fmt: skip
+    )
 
 
 def tokenize_examples(batch: pa.Table, *, tokenizer_dir: str, seq_len: int, label_values: list[str]) -> pa.Table:
@@ -182,16 +198,16 @@ def tokenize_examples(batch: pa.Table, *, tokenizer_dir: str, seq_len: int, labe
         ValueError: a label that the train split does not have.
     """
     tokenizer = _load_tokenizer(tokenizer_dir)
-    encoded = tokenizer(
-        batch.column("text").to_pylist(), max_length=seq_len, truncation=True, padding="max_length"
-    )
+    encoded = tokenizer(batch.column("text").to_pylist(), max_length=seq_len, truncation=True, padding="max_length")
     label_ids = {value: index for index, value in enumerate(label_values)}
     labels = [str(label) for label in batch.column("label").to_pylist()]
     unknown = sorted(set(labels) - set(label_ids))
     if unknown:
         raise ValueError(f"labels {unknown} do not occur in the train split (which has {label_values})")
-    return pa.table({
-        "input_ids": pa.array(encoded["input_ids"], type=pa.list_(pa.int32())),
-        "attention_mask": pa.array(encoded["attention_mask"], type=pa.list_(pa.int8())),
-        "label": pa.array([label_ids[label] for label in labels], type=pa.int64()),
-    })  # fmt: skip
+    return pa.table(
+        {
+            "input_ids": pa.array(encoded["input_ids"], type=pa.list_(pa.int32())),
+            "attention_mask": pa.array(encoded["attention_mask"], type=pa.list_(pa.int8())),
+            "label": pa.array([label_ids[label] for label in labels], type=pa.int64()),
+        }
+    )

@@ -48,8 +48,16 @@ class MlflowTracker:
     tracker asks MLflow for each metric's last logged step before logging it again.
     """
 
-    def __init__(self, tracking_uri: str, run_id: str, *, owns_run: bool = False, flush_every: int = 50,
-                 flush_every_s: float = 5.0, resumed: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        tracking_uri: str,
+        run_id: str,
+        *,
+        owns_run: bool = False,
+        flush_every: int = 50,
+        flush_every_s: float = 5.0,
+        resumed: bool = False,
+    ):
         self.client = MlflowClient(tracking_uri)
         self.run_id = run_id
         self.owns_run = owns_run
@@ -108,9 +116,13 @@ def open_tracker(tracking_uri: str | None, run_id: str | None, *, rank: int = 0,
 
 
 def start_run(
-    client: MlflowClient, experiment_id: str, name: str, *, parent_run_id: str | None = None,
+    client: MlflowClient,
+    experiment_id: str,
+    name: str,
+    *,
+    parent_run_id: str | None = None,
     tags: Mapping[str, str] | None = None,
-) -> str:  # fmt: skip
+) -> str:
     """Create a run (a child when `parent_run_id` is given) and return its id."""
     all_tags = dict(tags or {})
     if parent_run_id:
@@ -211,8 +223,13 @@ def node_system_metrics(tracking_uri: str | None, run_id: str | None) -> Iterato
         return
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-    monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_EVERY_S, resume_logging=True,
-                                   node_id=f"node{context.get_node_rank()}", tracking_uri=tracking_uri)  # fmt: skip
+    monitor = SystemMetricsMonitor(
+        run_id,
+        sampling_interval=SYSTEM_METRICS_EVERY_S,
+        resume_logging=True,
+        node_id=f"node{context.get_node_rank()}",
+        tracking_uri=tracking_uri,
+    )
     monitor.start()
     try:
         yield

@@ -29,16 +29,19 @@ from components.stage import StageContext, write_json
 def deepspeed_config(cfg: DeepSpeedConfig, *, micro_batch_size: int) -> dict[str, Any]:
     """The DeepSpeed JSON for an engine built with a client optimizer and scheduler: the config
     file's pass-through settings, overlaid with what the pipeline config decides."""
-    config = merge_dicts(cfg.file_settings, {
-        "train_micro_batch_size_per_gpu": micro_batch_size,
-        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-        "gradient_clipping": cfg.gradient_clipping,
-        "zero_optimization": {"stage": cfg.zero_stage},
-        # torch's AdamW works at every ZeRO stage; DeepSpeed calls client optimizers "untested".
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    })  # fmt: skip
+    config = merge_dicts(
+        cfg.file_settings,
+        {
+            "train_micro_batch_size_per_gpu": micro_batch_size,
+            "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+            "gradient_clipping": cfg.gradient_clipping,
+            "zero_optimization": {"stage": cfg.zero_stage},
+            # torch's AdamW works at every ZeRO stage; DeepSpeed calls client optimizers "untested".
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        },
+    )
     # train_batch_size is left out: DeepSpeed derives it from the world size it finds, and the
     # pipeline config check already compared the configured one against the workers.
     config.pop("train_batch_size", None)
@@ -72,9 +75,15 @@ def merge_dicts(base: dict, override: dict) -> dict:
 
 
 def build_engine(
-    model: torch.nn.Module, *, ds: DeepSpeedConfig, micro_batch_size: int, learning_rate: float,
-    weight_decay: float, warmup_steps: int, total_steps: int,
-):  # fmt: skip
+    model: torch.nn.Module,
+    *,
+    ds: DeepSpeedConfig,
+    micro_batch_size: int,
+    learning_rate: float,
+    weight_decay: float,
+    warmup_steps: int,
+    total_steps: int,
+):
     """Wrap the model, AdamW and a warmup + linear/cosine decay schedule in a DeepSpeed engine."""
     import deepspeed  # imported late: DS_ACCELERATOR must be set first (components.accelerator)
 
@@ -88,9 +97,11 @@ def build_engine(
     schedule = lr_schedule(ds.lr_schedule, warmup_steps, total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
         config=deepspeed_config(ds, micro_batch_size=micro_batch_size),
-    )  # fmt: skip
+    )
     return engine
 
 
@@ -133,8 +144,9 @@ def optimizer_step(engine) -> None:
     """`engine.step()`, first keeping the gradient norm where DeepSpeed keeps none (ZeRO-0: the
     gradients are averaged over ranks by now). A tensor, not a float: no device sync per step."""
     if engine.zero_optimization_stage() == 0 and engine.is_gradient_accumulation_boundary():
-        norms = [torch.linalg.vector_norm(p.grad.detach().float()) for p in engine.module.parameters()
-                 if p.grad is not None]  # fmt: skip
+        norms = [
+            torch.linalg.vector_norm(p.grad.detach().float()) for p in engine.module.parameters() if p.grad is not None
+        ]
         engine.ptft_grad_norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else None
     engine.step()
 
@@ -150,21 +162,33 @@ def grad_norm(engine) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def fit_on_ray(loop: Callable[[dict], None], loop_config: dict, workers: WorkersConfig, ctx: StageContext,
-               *, checkpoints_to_keep: int) -> Result:  # fmt: skip
+def fit_on_ray(
+    loop: Callable[[dict], None],
+    loop_config: dict,
+    workers: WorkersConfig,
+    ctx: StageContext,
+    *,
+    checkpoints_to_keep: int,
+) -> Result:
     """Run a training loop on a Ray Train worker group; results and checkpoints go under the
     pipeline's Ray storage, named after the pipeline run and stage."""
     trainer = TorchTrainer(
         loop,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=workers.num_workers, use_gpu=workers.use_gpu,
-                                     resources_per_worker={"CPU": workers.cpus_per_worker},
-                                     placement_strategy=workers.placement_strategy),
-        run_config=RunConfig(storage_path=ctx.ray_storage(), name=ctx.ray_run_name(),
-                             checkpoint_config=CheckpointConfig(num_to_keep=checkpoints_to_keep),
-                             failure_config=FailureConfig(max_failures=workers.max_failures),
-                             worker_runtime_env={"env_vars": accelerator.deepspeed_env(workers.use_gpu)}),
-    )  # fmt: skip
+        scaling_config=ScalingConfig(
+            num_workers=workers.num_workers,
+            use_gpu=workers.use_gpu,
+            resources_per_worker={"CPU": workers.cpus_per_worker},
+            placement_strategy=workers.placement_strategy,
+        ),
+        run_config=RunConfig(
+            storage_path=ctx.ray_storage(),
+            name=ctx.ray_run_name(),
+            checkpoint_config=CheckpointConfig(num_to_keep=checkpoints_to_keep),
+            failure_config=FailureConfig(max_failures=workers.max_failures),
+            worker_runtime_env={"env_vars": accelerator.deepspeed_env(workers.use_gpu)},
+        ),
+    )
     return trainer.fit()
 
 
@@ -181,8 +205,12 @@ def export_final_model(result: Result, output_dir: Path) -> tuple[Path, dict[str
 
 def save_rng(folder: Path, rank: int, generators: dict[str, torch.Generator]) -> None:
     """This rank's random states (torch, CUDA, numpy, Python and the loop's own generators)."""
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-             "generators": {name: g.get_state() for name, g in generators.items()}}  # fmt: skip
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "generators": {name: g.get_state() for name, g in generators.items()},
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     torch.save(state, folder / f"rng_rank{rank}.pt")
@@ -282,8 +310,16 @@ def ensure_process_group() -> bool:
     if dist.is_initialized():
         return False
     port = free_port()
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0",
-                       "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})  # fmt: skip
+    os.environ.update(
+        {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": "0",
+            "LOCAL_RANK": "0",
+            "WORLD_SIZE": "1",
+            "LOCAL_WORLD_SIZE": "1",
+        }
+    )
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     return True
 

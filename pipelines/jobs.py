@@ -34,8 +34,7 @@ from pipelines.config import ConfigError, PipelineConfig, Problem, data_problems
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # Never uploaded: the venv and git history are large, local runs belong to this machine.
-EXCLUDES = [".venv", ".git", "ptft-runs", "mlruns", "**/__pycache__", "*.egg-info", ".pytest_cache",
-            ".ruff_cache"]  # fmt: skip
+EXCLUDES = [".venv", ".git", "ptft-runs", "mlruns", "**/__pycache__", "*.egg-info", ".pytest_cache", ".ruff_cache"]
 PASSED_ENV = ("DS_ACCELERATOR", "TOKENIZERS_PARALLELISM")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")  # ray.job_submission.JobStatus values that never change again
 EXIT_FAILED, EXIT_USER_ERROR = 1, 2
@@ -48,26 +47,29 @@ class UnknownJobError(Exception):
 def add_commands(commands: argparse._SubParsersAction) -> None:
     """Register `submit`, `status`, `logs` and `stop` on the `ptft` parser."""
     submit = commands.add_parser(
-        "submit", help="run a pipeline as a Ray Job on a cluster; prints the job id",
+        "submit",
+        help="run a pipeline as a Ray Job on a cluster; prints the job id",
         description="Validate CONFIG here, upload the working dir and run `ptft run CONFIG OVERRIDES` as a Ray "
         "Job. `storage` must be an absolute path that every node mounts (shared storage). Secrets such as "
         "MLFLOW_TRACKING_TOKEN are never sent with the job: set them in the cluster's environment.",
-    )  # fmt: skip
+    )
     submit.add_argument("config", help="pipeline YAML inside the working dir, e.g. configs/demo.yaml")
     submit.add_argument("overrides", nargs="*", help="dotted overrides, e.g. storage=/mnt/shared/ptft-runs")
     _add_address(submit)
     submit.add_argument("--working-dir", default=".", help="folder uploaded as the job's working dir (default: .)")
     submit.add_argument("--python", default="python", help="interpreter on the cluster (default: python on PATH)")
     submit.add_argument("--no-wait", action="store_true", help="return once submitted instead of following the logs")
-    submit.add_argument("--no-preflight", action="store_true",
-                        help="skip the MLflow and cluster-resource checks before submitting")  # fmt: skip
+    submit.add_argument(
+        "--no-preflight", action="store_true", help="skip the MLflow and cluster-resource checks before submitting"
+    )
     submit.set_defaults(handler=_submit)
 
     status = commands.add_parser(
-        "status", help="status of a pipeline run (stages, progress, ETA) or of a submitted job",
+        "status",
+        help="status of a pipeline run (stages, progress, ETA) or of a submitted job",
         description="ID is a pipeline run id under --storage (default: the newest run there) or a Ray job id "
         "on the cluster at --address. --json prints the same as one JSON object, for scripts.",
-    )  # fmt: skip
+    )
     status.add_argument("job_id", nargs="?", metavar="ID", help="pipeline run id or job id (default: newest run)")
     status.add_argument("--storage", default="./ptft-runs", help="where pipeline runs live (default ./ptft-runs)")
     status.add_argument("--json", action="store_true", help="print one JSON object")
@@ -90,8 +92,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 def _add_address(parser: argparse.ArgumentParser) -> None:
     default = os.environ.get("RAY_ADDRESS", "")
     default = default if default.startswith(("http://", "https://")) else DEFAULT_ADDRESS
-    parser.add_argument("--address", default=default,
-                        help=f"the cluster's dashboard URL (default: RAY_ADDRESS if http, else {DEFAULT_ADDRESS})")
+    parser.add_argument(
+        "--address",
+        default=default,
+        help=f"the cluster's dashboard URL (default: RAY_ADDRESS if http, else {DEFAULT_ADDRESS})",
+    )
 
 
 def _cluster_command(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -105,11 +110,17 @@ def _cluster_command(handler: Callable[[argparse.Namespace], int]) -> Callable[[
         except ConfigError:
             raise  # ptft's own exit 2, with every problem listed
         except UnknownJobError as error:
-            return _fail(f"no job {error} on the cluster at {args.address}; "
-                         f"list them with: ray job list --address {args.address}", EXIT_USER_ERROR)  # fmt: skip
+            return _fail(
+                f"no job {error} on the cluster at {args.address}; "
+                f"list them with: ray job list --address {args.address}",
+                EXIT_USER_ERROR,
+            )
         except ConnectionError as error:
-            return _fail(f"cannot reach the Ray dashboard at {args.address} ({error}); is the cluster up? "
-                         "pass --address http://HEAD:8265", EXIT_FAILED)  # fmt: skip
+            return _fail(
+                f"cannot reach the Ray dashboard at {args.address} ({error}); is the cluster up? "
+                "pass --address http://HEAD:8265",
+                EXIT_FAILED,
+            )
         except RuntimeError as error:
             return _fail(f"the cluster at {args.address} refused: {error}", EXIT_FAILED)
         except Exception as error:
@@ -117,9 +128,12 @@ def _cluster_command(handler: Callable[[argparse.Namespace], int]) -> Callable[[
 
             if not isinstance(error, AuthenticationError):
                 raise
-            return _fail(f"the cluster at {args.address} refused the credentials: {error}\n"
-                         "Clusters started with `ray start` use token auth: export RAY_AUTH_MODE=token (and "
-                         "RAY_AUTH_TOKEN, or the token file ~/.ray/auth_token, when not on the head)", EXIT_FAILED)
+            return _fail(
+                f"the cluster at {args.address} refused the credentials: {error}\n"
+                "Clusters started with `ray start` use token auth: export RAY_AUTH_MODE=token (and "
+                "RAY_AUTH_TOKEN, or the token file ~/.ray/auth_token, when not on the head)",
+                EXIT_FAILED,
+            )
 
     return run
 
@@ -130,6 +144,7 @@ def _fail(message: str, code: int) -> int:
 
 
 # --- submit ------------------------------------------------------------------------------------
+
 
 @_cluster_command
 def _submit(args: argparse.Namespace) -> int:
@@ -145,8 +160,11 @@ def _submit(args: argparse.Namespace) -> int:
     job_id = client.submit_job(**job_spec(config, args.config, args.overrides, working_dir, python=args.python))
     print(f"Submitted job {job_id} to {args.address} (pipeline {config.name!r}).")
     suffix = f"--address {args.address}"
-    print(f"  follow: ptft logs {job_id} --follow {suffix}\n  status: ptft status {job_id} {suffix}\n"
-          f"  stop:   ptft stop {job_id} {suffix}", flush=True)  # fmt: skip
+    print(
+        f"  follow: ptft logs {job_id} --follow {suffix}\n  status: ptft status {job_id} {suffix}\n"
+        f"  stop:   ptft stop {job_id} {suffix}",
+        flush=True,
+    )
     return 0 if args.no_wait else _follow(client, job_id)
 
 
@@ -154,12 +172,23 @@ def submit_problems(config_path: str, config: PipelineConfig, working_dir: Path)
     """What would break once the job runs in a copy of `working_dir` on another machine."""
     problems = []
     if not _inside(Path(config_path).resolve(), working_dir):
-        problems.append(Problem("CONFIG", config_path, f"outside the working dir {working_dir} that the job uploads",
-                                "run ptft submit from the project folder, or pass --working-dir"))  # fmt: skip
+        problems.append(
+            Problem(
+                "CONFIG",
+                config_path,
+                f"outside the working dir {working_dir} that the job uploads",
+                "run ptft submit from the project folder, or pass --working-dir",
+            )
+        )
     if not os.path.isabs(config.storage):
-        problems.append(Problem("storage", config.storage,
-                                "relative: it would land in the job's temporary working dir and be lost",
-                                "use an absolute path on shared storage, e.g. storage=/mnt/shared/ptft-runs"))
+        problems.append(
+            Problem(
+                "storage",
+                config.storage,
+                "relative: it would land in the job's temporary working dir and be lost",
+                "use an absolute path on shared storage, e.g. storage=/mnt/shared/ptft-runs",
+            )
+        )
     return problems + _data_problems(config, working_dir)
 
 
@@ -172,8 +201,14 @@ def _data_problems(config: PipelineConfig, working_dir: Path) -> list[Problem]:
     flagged = {p.key for p in problems}
     for key, path in _file_paths(config):
         if f"{key}.path" not in flagged and not os.path.isabs(path) and not _inside(working_dir / path, working_dir):
-            problems.append(Problem(f"{key}.path", path, f"outside the working dir {working_dir} that the job uploads",
-                                    "use an absolute path every node sees, or keep the data under the working dir"))
+            problems.append(
+                Problem(
+                    f"{key}.path",
+                    path,
+                    f"outside the working dir {working_dir} that the job uploads",
+                    "use an absolute path every node sees, or keep the data under the working dir",
+                )
+            )
     return problems
 
 
@@ -187,8 +222,9 @@ def _file_paths(config: PipelineConfig) -> Iterator[tuple[str, str]]:
             yield key, path
 
 
-def job_spec(config: PipelineConfig, config_path: str, overrides: list[str], working_dir: Path,
-             *, python: str = "python") -> dict[str, Any]:  # fmt: skip
+def job_spec(
+    config: PipelineConfig, config_path: str, overrides: list[str], working_dir: Path, *, python: str = "python"
+) -> dict[str, Any]:
     """Keyword arguments for `JobSubmissionClient.submit_job`."""
     relative = Path(config_path).resolve().relative_to(working_dir).as_posix()
     excludes = list(EXCLUDES)
@@ -221,6 +257,7 @@ def _submission_id(name: str) -> str:
 
 # --- status, logs, stop ------------------------------------------------------------------------
 
+
 def _status_of_run_or_job(args: argparse.Namespace) -> int:
     """A pipeline run when ID names one under --storage (or no ID is given), else a cluster job."""
     from pipelines import manifest as mf
@@ -237,9 +274,18 @@ def _status_of_run_or_job(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     info = _job_info(_client(args.address), args.job_id)
     if args.json:
-        print(json.dumps({"job_id": args.job_id, "status": _value(info.status), "message": info.message,
-                          "entrypoint": info.entrypoint, "start_time_ms": info.start_time,
-                          "end_time_ms": info.end_time}))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "job_id": args.job_id,
+                    "status": _value(info.status),
+                    "message": info.message,
+                    "entrypoint": info.entrypoint,
+                    "start_time_ms": info.start_time,
+                    "end_time_ms": info.end_time,
+                }
+            )
+        )
         return 0
     print(f"{args.job_id}: {_value(info.status)}")
     if info.message:
@@ -271,8 +317,10 @@ def _stop(args: argparse.Namespace) -> int:
     client.stop_job(args.job_id)
     status = _wait_until_terminal(client, args.job_id, args.timeout)
     if status not in TERMINAL:
-        print(f"ptft: {args.job_id} is still {status} after {args.timeout:g}s; check with ptft status {args.job_id}",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"ptft: {args.job_id} is still {status} after {args.timeout:g}s; check with ptft status {args.job_id}",
+            file=sys.stderr,
+        )
         return EXIT_FAILED
     print(f"{args.job_id}: {status}")
     return 0
@@ -306,6 +354,7 @@ def _wait_until_terminal(client, job_id: str, timeout_s: float) -> str:
 
 
 # --- talking to the cluster --------------------------------------------------------------------
+
 
 def _client(address: str):
     from ray.job_submission import JobSubmissionClient

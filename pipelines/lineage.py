@@ -30,8 +30,13 @@ class DatasetRead:
 
 
 def log_datasets(client: MlflowClient, run_id: str, reads: list[DatasetRead]) -> None:
-    inputs = [DatasetInput(MetaDataset(_source(read.source), name=read.name, digest=read.digest)._to_mlflow_entity(),
-                           tags=[InputTag(MLFLOW_DATASET_CONTEXT, read.context)]) for read in reads]  # fmt: skip
+    inputs = [
+        DatasetInput(
+            MetaDataset(_source(read.source), name=read.name, digest=read.digest)._to_mlflow_entity(),
+            tags=[InputTag(MLFLOW_DATASET_CONTEXT, read.context)],
+        )
+        for read in reads
+    ]
     client.log_inputs(run_id, datasets=inputs)
 
 
@@ -41,8 +46,15 @@ def tag_upstream(client: MlflowClient, run_id: str, upstream_runs: dict[str, str
         client.set_tag(run_id, UPSTREAM_TAG.format(stage=upstream), upstream_run)
 
 
-def describe_model_version(client: MlflowClient, registered: dict, stage_runs: dict[str, str], *,
-                           pipeline_run_id: str, experiment_id: str, tracking_uri: str) -> None:  # fmt: skip
+def describe_model_version(
+    client: MlflowClient,
+    registered: dict,
+    stage_runs: dict[str, str],
+    *,
+    pipeline_run_id: str,
+    experiment_id: str,
+    tracking_uri: str,
+) -> None:
     """Markdown links to the runs a version came from, and the same as version tags."""
     lines = [f"Fine-tuned by ptft pipeline run `{pipeline_run_id}`."]
     for stage, run_id in stage_runs.items():  # the stages it came from, in pipeline order
@@ -63,8 +75,9 @@ def _source(source: object):
     from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
 
     if isinstance(source, HubSource):
-        return HuggingFaceDatasetSource(path=source.name, config_name=source.config_name, split=source.split,
-                                        revision=source.revision)  # fmt: skip
+        return HuggingFaceDatasetSource(
+            path=source.name, config_name=source.config_name, split=source.split, revision=source.revision
+        )
     if isinstance(source, FileSource):
         return resolve_dataset_source(source.path if "://" in source.path else str(Path(source.path).resolve()))
     if isinstance(source, (str, Path)):

@@ -60,8 +60,13 @@ class Manifest:
 
     @classmethod
     def create(cls, storage: Path, run_id: str, pipeline: str, stages: tuple[str, ...], config: dict) -> Manifest:
-        manifest = cls(run_id=run_id, pipeline=pipeline, storage=str(Path(storage).resolve()),
-                       working_dir=os.getcwd(), stages={stage: StageRecord() for stage in stages})  # fmt: skip
+        manifest = cls(
+            run_id=run_id,
+            pipeline=pipeline,
+            storage=str(Path(storage).resolve()),
+            working_dir=os.getcwd(),
+            stages={stage: StageRecord() for stage in stages},
+        )
         write_json(cls.folder(storage, run_id) / "config.json", config)
         manifest.save()
         return manifest
@@ -103,8 +108,15 @@ class Manifest:
         record.started_at, record.ended_at, record.seconds = time.time(), None, None
         self.save()
 
-    def stage_ended(self, stage: str, status: str, *, output_uri: str | None = None, error: str | None = None,
-                    cached_from: str | None = None) -> None:  # fmt: skip
+    def stage_ended(
+        self,
+        stage: str,
+        status: str,
+        *,
+        output_uri: str | None = None,
+        error: str | None = None,
+        cached_from: str | None = None,
+    ) -> None:
         record = self.stages[stage]
         record.status, record.error = status, error
         record.output_uri = output_uri or record.output_uri

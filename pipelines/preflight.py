@@ -64,11 +64,18 @@ def tracking_problems(config: PipelineConfig) -> list[Problem]:
         reason = f"GET /health answered {response.status_code}"
     except requests.RequestException as error:
         reason = f"GET /health failed: {type(error).__name__}"
-    return [Problem("tracking.uri", uri, f"the MLflow server does not answer ({reason})",
-                    "start the server or fix tracking.uri; a Ray Job's nodes must reach it too")]  # fmt: skip
+    return [
+        Problem(
+            "tracking.uri",
+            uri,
+            f"the MLflow server does not answer ({reason})",
+            "start the server or fix tracking.uri; a Ray Job's nodes must reach it too",
+        )
+    ]
 
 
 # --- resources ---------------------------------------------------------------------------------
+
 
 def resource_problems(config: PipelineConfig, nodes: list[dict[str, float]]) -> list[Problem]:
     """Worker groups and the sweep against the alive nodes' total resources (`{"CPU": 2, ...}` each)."""
@@ -88,35 +95,56 @@ def _worker_problems(stage: str, workers, nodes: list[dict[str, float]]) -> list
         total = sum(node.get(resource, 0) for node in nodes)
         field = "cpus_per_worker" if resource == "CPU" else "use_gpu"
         if amount > largest:
-            return [Problem(f"{key}.{field}", getattr(workers, field),
-                            f"a worker needs {amount:g} {resource} but no node has that many "
-                            f"(largest: {largest:g})",
-                            f"set {key}.cpus_per_worker <= {largest:g}" if resource == "CPU"
-                            else f"add GPU nodes or set {key}.use_gpu=false")]  # fmt: skip
+            return [
+                Problem(
+                    f"{key}.{field}",
+                    getattr(workers, field),
+                    f"a worker needs {amount:g} {resource} but no node has that many (largest: {largest:g})",
+                    f"set {key}.cpus_per_worker <= {largest:g}"
+                    if resource == "CPU"
+                    else f"add GPU nodes or set {key}.use_gpu=false",
+                )
+            ]
         if workers.num_workers * amount > total:
             fit = int(total // amount)
-            return [Problem(f"{key}.num_workers", workers.num_workers,
-                            f"{workers.num_workers} workers x {amount:g} {resource} = "
-                            f"{workers.num_workers * amount:g} {resource}, the cluster has {total:g}",
-                            f"set {key}.num_workers <= {fit}, or add nodes")]  # fmt: skip
+            return [
+                Problem(
+                    f"{key}.num_workers",
+                    workers.num_workers,
+                    f"{workers.num_workers} workers x {amount:g} {resource} = "
+                    f"{workers.num_workers * amount:g} {resource}, the cluster has {total:g}",
+                    f"set {key}.num_workers <= {fit}, or add nodes",
+                )
+            ]
     return _placement_problems(key, workers, per_worker, nodes)
 
 
-def _placement_problems(key: str, workers, per_worker: dict[str, float], nodes: list[dict[str, float]]
-                        ) -> list[Problem]:  # fmt: skip
+def _placement_problems(
+    key: str, workers, per_worker: dict[str, float], nodes: list[dict[str, float]]
+) -> list[Problem]:
     def fits(node: dict[str, float], count: int) -> bool:
         return all(node.get(resource, 0) >= count * amount for resource, amount in per_worker.items())
 
     strategy = workers.placement_strategy
     if strategy == "STRICT_PACK" and not any(fits(node, workers.num_workers) for node in nodes):
-        return [Problem(f"{key}.placement_strategy", strategy,
-                        f"all {workers.num_workers} workers must share one node and none has room for them",
-                        f"set {key}.placement_strategy=PACK or fewer {key}.num_workers")]  # fmt: skip
+        return [
+            Problem(
+                f"{key}.placement_strategy",
+                strategy,
+                f"all {workers.num_workers} workers must share one node and none has room for them",
+                f"set {key}.placement_strategy=PACK or fewer {key}.num_workers",
+            )
+        ]
     roomy = sum(fits(node, 1) for node in nodes)
     if strategy == "STRICT_SPREAD" and workers.num_workers > roomy:
-        return [Problem(f"{key}.placement_strategy", strategy,
-                        f"{workers.num_workers} workers on distinct nodes, but only {roomy} nodes fit a worker",
-                        f"set {key}.placement_strategy=SPREAD or {key}.num_workers <= {roomy}")]  # fmt: skip
+        return [
+            Problem(
+                f"{key}.placement_strategy",
+                strategy,
+                f"{workers.num_workers} workers on distinct nodes, but only {roomy} nodes fit a worker",
+                f"set {key}.placement_strategy=SPREAD or {key}.num_workers <= {roomy}",
+            )
+        ]
     return []
 
 
@@ -125,19 +153,30 @@ def _tune_problems(config: PipelineConfig, nodes: list[dict[str, float]]) -> lis
     largest = max((node.get("CPU", 0) for node in nodes), default=0)
     total = sum(node.get("CPU", 0) for node in nodes)
     if tune.cpus_per_trial > largest:
-        return [Problem("tune.cpus_per_trial", tune.cpus_per_trial,
-                        f"no node has {tune.cpus_per_trial:g} CPUs (largest: {largest:g})",
-                        f"set tune.cpus_per_trial <= {largest:g}")]  # fmt: skip
+        return [
+            Problem(
+                "tune.cpus_per_trial",
+                tune.cpus_per_trial,
+                f"no node has {tune.cpus_per_trial:g} CPUs (largest: {largest:g})",
+                f"set tune.cpus_per_trial <= {largest:g}",
+            )
+        ]
     if tune.max_concurrent_trials * tune.cpus_per_trial > total:
         fit = max(1, int(total // tune.cpus_per_trial))
-        return [Problem("tune.max_concurrent_trials", tune.max_concurrent_trials,
-                        f"{tune.max_concurrent_trials} trials x {tune.cpus_per_trial:g} CPUs = "
-                        f"{tune.max_concurrent_trials * tune.cpus_per_trial:g} CPUs, the cluster has {total:g}",
-                        f"set tune.max_concurrent_trials <= {fit} or lower tune.cpus_per_trial")]  # fmt: skip
+        return [
+            Problem(
+                "tune.max_concurrent_trials",
+                tune.max_concurrent_trials,
+                f"{tune.max_concurrent_trials} trials x {tune.cpus_per_trial:g} CPUs = "
+                f"{tune.max_concurrent_trials * tune.cpus_per_trial:g} CPUs, the cluster has {total:g}",
+                f"set tune.max_concurrent_trials <= {fit} or lower tune.cpus_per_trial",
+            )
+        ]
     return []
 
 
 # --- shared storage ----------------------------------------------------------------------------
+
 
 def storage_problems_on_nodes(config: PipelineConfig, nodes: dict[str, dict[str, float]]) -> list[Problem]:
     """Write a probe file under storage here; a task pinned to each node must see it and write beside it."""
@@ -149,19 +188,30 @@ def storage_problems_on_nodes(config: PipelineConfig, nodes: dict[str, dict[str,
         probe_dir.mkdir(parents=True)
         (probe_dir / "probe").write_text(probe_dir.name)
     except OSError as error:
-        return [Problem("storage", config.storage, f"not writable here ({error.strerror})",
-                        "point it at a writable folder on shared storage")]  # fmt: skip
+        return [
+            Problem(
+                "storage",
+                config.storage,
+                f"not writable here ({error.strerror})",
+                "point it at a writable folder on shared storage",
+            )
+        ]
     probe = ray.remote(num_cpus=0, max_retries=0)(_node_probe())
-    pending = {node_id: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
-               .remote(str(probe_dir), probe_dir.name) for node_id in nodes}  # fmt: skip
+    pending = {
+        node_id: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote(
+            str(probe_dir), probe_dir.name
+        )
+        for node_id in nodes
+    }
     problems = []
     try:
         done, _ = ray.wait(list(pending.values()), num_returns=len(pending), timeout=PROBE_TIMEOUT_S)
         for node_id, ref in pending.items():
             host, error = _probe_answer(ref, ref in done)
             if error:
-                problems.append(Problem("storage", config.storage, f"node {host} ({node_id[:8]}): {error}",
-                                        SHARED_STORAGE_FIX))  # fmt: skip
+                problems.append(
+                    Problem("storage", config.storage, f"node {host} ({node_id[:8]}): {error}", SHARED_STORAGE_FIX)
+                )
     finally:
         _remove_tree(probe_dir)
     return problems
@@ -214,6 +264,7 @@ def _remove_tree(folder: Path) -> None:
 
 # --- reaching the cluster ----------------------------------------------------------------------
 
+
 @contextlib.contextmanager
 def _ray_connection(address: str | None) -> Iterator[Problem | None]:
     """This process's Ray connection: the current one (inside a job), else one made here and
@@ -254,9 +305,13 @@ def _nodes_from_dashboard(address: str) -> tuple[dict[str, dict[str, float]], li
 
 def _unreachable(key: str, address: str | None, error: Exception) -> Problem:
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return Problem(key, address, f"cannot reach the Ray cluster ({first_line})",
-                   "start the cluster or fix the address; clusters started with `ray start` use token "
-                   "auth, so export RAY_AUTH_MODE=token here")  # fmt: skip
+    return Problem(
+        key,
+        address,
+        f"cannot reach the Ray cluster ({first_line})",
+        "start the cluster or fix the address; clusters started with `ray start` use token "
+        "auth, so export RAY_AUTH_MODE=token here",
+    )
 
 
 @contextlib.contextmanager

@@ -51,9 +51,16 @@ def snapshot(manifest: mf.Manifest, client: MlflowClient | None = None, now: flo
     now = now or time.time()
     stages = []
     for name, record in manifest.stages.items():
-        entry = {"name": name, "status": record.status, "cached": record.status == mf.CACHED,
-                 "seconds": record.seconds, "attempts": record.attempts, "mlflow_run_id": record.mlflow_run_id,
-                 "cached_from_mlflow_run_id": record.cached_from_mlflow_run_id, "error": record.error}  # fmt: skip
+        entry = {
+            "name": name,
+            "status": record.status,
+            "cached": record.status == mf.CACHED,
+            "seconds": record.seconds,
+            "attempts": record.attempts,
+            "mlflow_run_id": record.mlflow_run_id,
+            "cached_from_mlflow_run_id": record.cached_from_mlflow_run_id,
+            "error": record.error,
+        }
         if record.status == mf.RUNNING and client is not None and record.mlflow_run_id:
             running_s = now - (record.started_at or now)
             entry["seconds"] = running_s
@@ -63,11 +70,19 @@ def snapshot(manifest: mf.Manifest, client: MlflowClient | None = None, now: flo
                 progress["eta_s"] = eta_s(progress["step"], progress["total_steps"], rate)
             entry["progress"] = progress
         stages.append(entry)
-    return {"run_id": manifest.run_id, "pipeline": manifest.pipeline, "status": manifest.status,
-            "attempts": manifest.attempts, "created_at": manifest.created_at, "ended_at": manifest.ended_at,
-            "elapsed_s": (manifest.ended_at or now) - manifest.created_at, "tracking_uri": manifest.tracking_uri,
-            "experiment_id": manifest.experiment_id, "mlflow_run_id": manifest.mlflow_run_id,
-            "stages": stages}  # fmt: skip
+    return {
+        "run_id": manifest.run_id,
+        "pipeline": manifest.pipeline,
+        "status": manifest.status,
+        "attempts": manifest.attempts,
+        "created_at": manifest.created_at,
+        "ended_at": manifest.ended_at,
+        "elapsed_s": (manifest.ended_at or now) - manifest.created_at,
+        "tracking_uri": manifest.tracking_uri,
+        "experiment_id": manifest.experiment_id,
+        "mlflow_run_id": manifest.mlflow_run_id,
+        "stages": stages,
+    }
 
 
 def clock(seconds: float | None) -> str:
@@ -103,8 +118,9 @@ class Reporter:
     seconds while it changes. The rate comes from the steps seen since the reporter first saw the
     stage train, so start-up time does not skew the ETA."""
 
-    def __init__(self, manifest: mf.Manifest, client: MlflowClient, every_s: float = 10.0,
-                 stream: TextIO | None = None):  # fmt: skip
+    def __init__(
+        self, manifest: mf.Manifest, client: MlflowClient, every_s: float = 10.0, stream: TextIO | None = None
+    ):
         self.manifest, self.client, self.every_s = manifest, client, every_s
         self.stream = stream
         self._seen: dict[str, str] = {}
@@ -146,8 +162,10 @@ class Reporter:
             attempt = f" (attempt {record.attempts})" if record.attempts > 1 else ""
             self._print(f"[ptft] {name:<8} started{attempt}")
         elif record.status == mf.CACHED:
-            self._print(f"[ptft] {name:<8} cache hit in {clock(record.seconds)} (produced by run "
-                        f"{record.cached_from_mlflow_run_id})")  # fmt: skip
+            self._print(
+                f"[ptft] {name:<8} cache hit in {clock(record.seconds)} (produced by run "
+                f"{record.cached_from_mlflow_run_id})"
+            )
         elif record.status in (mf.SUCCEEDED, mf.FAILED, mf.KILLED):
             self._print(f"[ptft] {name:<8} {record.status} in {clock(record.seconds)}")
 

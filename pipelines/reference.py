@@ -1,6 +1,6 @@
 """Generate the config reference (docs/config.md) from the schema, so the two never drift.
 
-    python -m pipelines.reference > docs/config.md
+python -m pipelines.reference > docs/config.md
 """
 
 from __future__ import annotations
@@ -52,13 +52,26 @@ def _rows(model: type[BaseModel], prefix: str, seen: set) -> list[str]:
 
 def render() -> str:
     seen: set = set()
-    lines = ["# Config reference", "", "Generated from `components/configs.py` by `python -m pipelines.reference`.",
-             "Override any key on the command line: `ptft run CONFIG key.path=value`.", "",
-             "| key | type | default | meaning |", "| --- | --- | --- | --- |"]  # fmt: skip
+    lines = [
+        "# Config reference",
+        "",
+        "Generated from `components/configs.py` by `python -m pipelines.reference`.",
+        "Override any key on the command line: `ptft run CONFIG key.path=value`.",
+        "",
+        "| key | type | default | meaning |",
+        "| --- | --- | --- | --- |",
+    ]
     lines += _rows(PipelineConfig, "", seen)
     for model in sorted(seen, key=lambda m: m.__name__):
-        lines += ["", f"## {model.__name__}", "", (model.__doc__ or "").strip(), "",
-                  "| key | type | default | meaning |", "| --- | --- | --- | --- |"]  # fmt: skip
+        lines += [
+            "",
+            f"## {model.__name__}",
+            "",
+            (model.__doc__ or "").strip(),
+            "",
+            "| key | type | default | meaning |",
+            "| --- | --- | --- | --- |",
+        ]
         lines += _rows(model, "", set())
     return "\n".join(lines) + "\n"
 

@@ -39,8 +39,7 @@ BEST_TRIAL_TAG = "ptft.best_trial"
 BEST_TRIAL_RUN_TAG = "ptft.best_trial_run_id"
 TRIAL_CONFIG_TAG = "ptft.trial_config"
 # The metrics a reader looks for first; restore/*, hyper/* and per-step counters stay in MLflow.
-KEY_METRIC_PREFIXES = ("train/loss", "eval/", "test/", "throughput/", "tune/", "stage/seconds", "tokenize/",
-                       "serve/")  # fmt: skip
+KEY_METRIC_PREFIXES = ("train/loss", "eval/", "test/", "throughput/", "tune/", "stage/seconds", "tokenize/", "serve/")
 HEALTH_TIMEOUT_S = 5
 
 
@@ -151,9 +150,13 @@ def _model_from_published(outputs: dict[str, Any]) -> ModelReport | None:
     registered = outputs.get("registered")
     if not registered:
         return None
-    return ModelReport(name=registered["name"], version=str(registered["version"]),
-                       aliases=list(registered.get("aliases", [])), model_uri=registered.get("model_uri"),
-                       run_id=registered.get("run_id"))  # fmt: skip
+    return ModelReport(
+        name=registered["name"],
+        version=str(registered["version"]),
+        aliases=list(registered.get("aliases", [])),
+        model_uri=registered.get("model_uri"),
+        run_id=registered.get("run_id"),
+    )
 
 
 def _mlflow_problem(tracking_uri: str | None) -> str | None:
@@ -201,8 +204,9 @@ def _pictures(client: MlflowClient, tracking_uri: str, run_id: str) -> list[tupl
     pictures = []
     with tempfile.TemporaryDirectory(prefix="ptft-report-") as folder:
         for path in _png_paths(client, run_id):
-            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path,
-                                                        tracking_uri=tracking_uri, dst_path=folder)  # fmt: skip
+            local = mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=path, tracking_uri=tracking_uri, dst_path=folder
+            )
             pictures.append((path, Path(local).read_bytes()))
     return pictures
 
@@ -253,9 +257,14 @@ def _registered_model(
     named = [v for v in versions if published and (v.name, str(v.version)) == (published.name, published.version)]
     found = named[0] if named else max(versions, key=lambda v: int(v.version))
     version = client.get_model_version(found.name, found.version)  # a search result carries no aliases
-    return ModelReport(name=version.name, version=str(version.version), aliases=sorted(version.aliases or []),
-                       model_uri=f"models:/{version.name}/{version.version}", run_id=version.run_id,
-                       tags=dict(version.tags or {}))  # fmt: skip
+    return ModelReport(
+        name=version.name,
+        version=str(version.version),
+        aliases=sorted(version.aliases or []),
+        model_uri=f"models:/{version.name}/{version.version}",
+        run_id=version.run_id,
+        tags=dict(version.tags or {}),
+    )
 
 
 def _message(error: Exception) -> str:
@@ -299,9 +308,12 @@ def render(report: RunReport) -> str:
         _render_model(report),
         f'<p class="muted">Generated {_e(_when(report.generated_at))} by <code>ptft report</code>.</p>',
     ]
-    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-            f"<title>{_e(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n"
-            + "\n".join(part for part in body if part) + "\n</body>\n</html>\n")  # fmt: skip
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f"<title>{_e(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n"
+        + "\n".join(part for part in body if part)
+        + "\n</body>\n</html>\n"
+    )
 
 
 def _render_warnings(warnings: list[str]) -> str:
@@ -320,15 +332,20 @@ def _render_summary(report: RunReport) -> str:
         ("Wall time", _e(wall)),
         ("Attempts", _e(manifest.attempts)),
         ("Storage", f"<code>{_e(manifest.storage)}</code>"),
-        ("MLflow", f"<code>{_e(manifest.tracking_uri or '-')}</code>, experiment {_e(manifest.experiment_id or '-')}, "
-                   f"pipeline run {_run_link(manifest.tracking_uri, manifest.experiment_id, manifest.mlflow_run_id)}"),
-    ]  # fmt: skip
+        (
+            "MLflow",
+            f"<code>{_e(manifest.tracking_uri or '-')}</code>, experiment {_e(manifest.experiment_id or '-')}, "
+            f"pipeline run {_run_link(manifest.tracking_uri, manifest.experiment_id, manifest.mlflow_run_id)}",
+        ),
+    ]
     return "<table>" + "".join(f"<tr><th>{name}</th><td>{value}</td></tr>" for name, value in rows) + "</table>"
 
 
 def _render_stage_table(report: RunReport) -> str:
-    header = ("<tr><th>Stage</th><th>Status</th><th>Seconds</th><th>Work seconds</th><th>Attempts</th>"
-              "<th>Started</th><th>MLflow run</th></tr>")  # fmt: skip
+    header = (
+        "<tr><th>Stage</th><th>Status</th><th>Seconds</th><th>Work seconds</th><th>Attempts</th>"
+        "<th>Started</th><th>MLflow run</th></tr>"
+    )
     rows = "".join(_render_stage_row(report, stage) for stage in report.stages)
     return f'<table class="stages">{header}{rows}</table>'
 
@@ -342,18 +359,24 @@ def _render_stage_row(report: RunReport, stage: StageReport) -> str:
     if stage.cached and stage.source_run_id:
         producer = _run_link(uri, stage.source_experiment_id, stage.source_run_id)
         run += f'<br><span class="muted">produced by {producer}</span>'
-    timings = "".join(f'<td class="num">{value}</td>'
-                      for value in (_seconds(record.seconds), _seconds(record.work_seconds), _e(record.attempts)))
-    return (f'<tr id="stage-{_e(stage.name)}"><td>{_e(stage.name)}</td><td>{status}</td>{timings}'
-            f"<td>{_e(_when(record.started_at))}</td><td>{run}</td></tr>")  # fmt: skip
+    timings = "".join(
+        f'<td class="num">{value}</td>'
+        for value in (_seconds(record.seconds), _seconds(record.work_seconds), _e(record.attempts))
+    )
+    return (
+        f'<tr id="stage-{_e(stage.name)}"><td>{_e(stage.name)}</td><td>{status}</td>{timings}'
+        f"<td>{_e(_when(record.started_at))}</td><td>{run}</td></tr>"
+    )
 
 
 def _render_stage_details(report: RunReport, stage: StageReport) -> str:
     record = stage.record
     parts = [f"<h2>{_e(stage.name)} {_status_badge(record.status)}</h2>"]
     if stage.cached:
-        parts.append(f'<p class="hit">cache hit: the artifact, metrics and pictures come from MLflow run '
-                     f"<code>{_e(stage.source_run_id or record.cached_from_mlflow_run_id or '?')}</code></p>")
+        parts.append(
+            f'<p class="hit">cache hit: the artifact, metrics and pictures come from MLflow run '
+            f"<code>{_e(stage.source_run_id or record.cached_from_mlflow_run_id or '?')}</code></p>"
+        )
     if record.output_uri:
         parts.append(f"<p>Output: <code>{_e(record.output_uri)}</code></p>")
     if record.error:
@@ -365,16 +388,20 @@ def _render_stage_details(report: RunReport, stage: StageReport) -> str:
 
 
 def _metrics_table(metrics: dict[str, float]) -> str:
-    rows = "".join(f'<tr><td><code>{_e(name)}</code></td><td class="num">{_e(_number(value))}</td></tr>'
-                   for name, value in metrics.items())  # fmt: skip
+    rows = "".join(
+        f'<tr><td><code>{_e(name)}</code></td><td class="num">{_e(_number(value))}</td></tr>'
+        for name, value in metrics.items()
+    )
     return f'<table class="metrics"><tr><th>Metric</th><th>Value</th></tr>{rows}</table>'
 
 
 def _render_picture(picture: Picture) -> str:
     caption = f"{picture.stage}: {picture.artifact_path}"
     data = base64.b64encode(picture.png).decode("ascii")
-    return (f'<figure><img data-stage="{_e(picture.stage)}" data-artifact="{_e(picture.artifact_path)}" '
-            f'alt="{_e(caption)}" src="data:image/png;base64,{data}"><figcaption>{_e(caption)}</figcaption></figure>')
+    return (
+        f'<figure><img data-stage="{_e(picture.stage)}" data-artifact="{_e(picture.artifact_path)}" '
+        f'alt="{_e(caption)}" src="data:image/png;base64,{data}"><figcaption>{_e(caption)}</figcaption></figure>'
+    )
 
 
 def _render_best_trial(report: RunReport) -> str:
@@ -382,11 +409,16 @@ def _render_best_trial(report: RunReport) -> str:
     if trial is None:
         return '<p class="muted">No sweep in this run (or it did not finish).</p>'
     uri = report.manifest.tracking_uri
-    lines = [f"<p>Trial <code>{_e(trial.name)}</code>"
-             + (f", MLflow run {_run_link(uri, trial.experiment_id, trial.run_id)}" if trial.run_id else "") + "</p>"]
+    lines = [
+        f"<p>Trial <code>{_e(trial.name)}</code>"
+        + (f", MLflow run {_run_link(uri, trial.experiment_id, trial.run_id)}" if trial.run_id else "")
+        + "</p>"
+    ]
     if trial.config:
-        rows = "".join(f"<tr><td><code>{_e(name)}</code></td><td class=\"num\">{_e(_number(value))}</td></tr>"
-                       for name, value in sorted(trial.config.items()))  # fmt: skip
+        rows = "".join(
+            f'<tr><td><code>{_e(name)}</code></td><td class="num">{_e(_number(value))}</td></tr>'
+            for name, value in sorted(trial.config.items())
+        )
         lines.append(f'<table class="trial-config"><tr><th>Hyperparameter</th><th>Value</th></tr>{rows}</table>')
     if trial.metrics:
         lines.append(_metrics_table(trial.metrics))
@@ -398,8 +430,13 @@ def _render_model(report: RunReport) -> str:
     if model is None:
         return '<p class="muted">No model version registered by this run.</p>'
     aliases = ", ".join(model.aliases) or "none"
-    rows = [("Name", model.name), ("Version", model.version), ("Aliases", aliases),
-            ("Model URI", model.model_uri or "-"), ("From MLflow run", model.run_id or "-")]  # fmt: skip
+    rows = [
+        ("Name", model.name),
+        ("Version", model.version),
+        ("Aliases", aliases),
+        ("Model URI", model.model_uri or "-"),
+        ("From MLflow run", model.run_id or "-"),
+    ]
     rows += [(name, value) for name, value in sorted(model.tags.items()) if name.startswith("ptft.test_")]
     table = "".join(f"<tr><th>{_e(name)}</th><td>{_e(value)}</td></tr>" for name, value in rows)
     link = _model_link(report.manifest.tracking_uri, model)
@@ -448,15 +485,17 @@ def _number(value: Any) -> str:
 def add_commands(commands: argparse._SubParsersAction) -> None:
     """Register `report` on the `ptft` parser."""
     report = commands.add_parser(
-        "report", help="write a self-contained HTML report of a pipeline run",
+        "report",
+        help="write a self-contained HTML report of a pipeline run",
         description="One HTML file (no external files) with the stages, their status, timings and cache hits, "
         "key metrics, every PNG the stages logged to MLflow, the best trial and the model version. Also logged "
         f"to the pipeline's MLflow run as {REPORT_ARTIFACT}.",
-    )  # fmt: skip
+    )
     report.add_argument("run_id", help="pipeline run id (see `ptft runs`), or `latest`")
     report.add_argument("--storage", default="./ptft-runs", help="the run's storage (default ./ptft-runs)")
-    report.add_argument("--output", metavar="FILE",
-                        help="where to write it (default <storage>/runs/<run_id>/report.html)")
+    report.add_argument(
+        "--output", metavar="FILE", help="where to write it (default <storage>/runs/<run_id>/report.html)"
+    )
     report.set_defaults(handler=_report)
 
 
@@ -507,5 +546,8 @@ def _log_to_mlflow(manifest: Manifest, page: str) -> None:
     try:
         MlflowClient(manifest.tracking_uri).log_text(manifest.mlflow_run_id, page, REPORT_ARTIFACT)
     except (MlflowException, OSError) as error:
-        print(f"ptft: warning: the report was not logged to MLflow run {manifest.mlflow_run_id} at "
-              f"{manifest.tracking_uri}: {_message(error)}", file=sys.stderr)  # fmt: skip
+        print(
+            f"ptft: warning: the report was not logged to MLflow run {manifest.mlflow_run_id} at "
+            f"{manifest.tracking_uri}: {_message(error)}",
+            file=sys.stderr,
+        )

@@ -60,12 +60,16 @@ class PipelineResult:
     stages: dict[str, StageResult] = field(default_factory=dict)
 
 
-
 def run(
-    config: PipelineConfig, *, rerun: str | None = None, resume: str | None = None, until: str | None = None,
-    on_stage: Callable[[str, StageResult], None] | None = None, progress_every_s: float | None = None,
+    config: PipelineConfig,
+    *,
+    rerun: str | None = None,
+    resume: str | None = None,
+    until: str | None = None,
+    on_stage: Callable[[str, StageResult], None] | None = None,
+    progress_every_s: float | None = None,
     worker_logs: bool = True,
-) -> PipelineResult:  # fmt: skip
+) -> PipelineResult:
     """Run every stage, reusing cached artifacts; returns their results.
 
     rerun: force this stage and every stage after it to run again (no cache).
@@ -163,10 +167,18 @@ def _init_ray(config: PipelineConfig, *, worker_logs: bool = True) -> None:
 def _start_parent_run(client: MlflowClient, config: PipelineConfig, experiment_id: str, run_id: str) -> str:
     resolved = redact_tree(resolved_dict(config))  # no credentials in MLflow, even inside a URI
     config_hash = hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:16]
-    parent_id = start_run(client, experiment_id, f"pipeline-{run_id}", tags={
-        "ptft.run_id": run_id, "ptft.config_hash": config_hash, "ptft.git_sha": _git_sha(),
-        "ptft.pipeline": config.name, "ptft.attempts": "1",
-    })  # fmt: skip
+    parent_id = start_run(
+        client,
+        experiment_id,
+        f"pipeline-{run_id}",
+        tags={
+            "ptft.run_id": run_id,
+            "ptft.config_hash": config_hash,
+            "ptft.git_sha": _git_sha(),
+            "ptft.pipeline": config.name,
+            "ptft.attempts": "1",
+        },
+    )
     tracker = MlflowTracker(config.tracking_uri(), parent_id)
     tracker.log_params(flatten(resolved))
     client.log_dict(parent_id, resolved, "config/resolved.json")
@@ -175,8 +187,9 @@ def _start_parent_run(client: MlflowClient, config: PipelineConfig, experiment_i
 
 def _git_sha() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)  # fmt: skip
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).resolve().parent
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -185,14 +198,20 @@ def _git_sha() -> str:
 def stage_key(stage: Stage, settings: dict, upstream_keys: dict[str, str], extras: dict) -> str:
     """Content key of a stage's output: its name, code version, the config that shapes its output,
     its upstream stages' keys, and what else it declares its output depends on."""
-    return hashlib.sha256(json.dumps(key_material(stage, settings, upstream_keys, extras), sort_keys=True,
-                                     default=str).encode()).hexdigest()[:16]  # fmt: skip
+    return hashlib.sha256(
+        json.dumps(key_material(stage, settings, upstream_keys, extras), sort_keys=True, default=str).encode()
+    ).hexdigest()[:16]
 
 
 def key_material(stage: Stage, settings: dict, upstream_keys: dict[str, str], extras: dict) -> dict:
     """What the key is a hash of; written beside the artifact as its `config.json`."""
-    return {"stage": stage.name, "version": stage.version, "config": _without(settings, stage.not_in_key),
-            "inputs": upstream_keys, "extras": extras}  # fmt: skip
+    return {
+        "stage": stage.name,
+        "version": stage.version,
+        "config": _without(settings, stage.not_in_key),
+        "inputs": upstream_keys,
+        "extras": extras,
+    }
 
 
 def _without(config: dict, dotted: tuple[str, ...]) -> dict:
@@ -209,8 +228,15 @@ def _without(config: dict, dotted: tuple[str, ...]) -> dict:
 class _StageRunner:
     """Runs one stage at a time: its key, the cache, its MLflow child run, the manifest, publishing."""
 
-    def __init__(self, config: PipelineConfig, client: MlflowClient, result: PipelineResult, storage: Path,
-                 manifest: mf.Manifest, forced: set[str]):  # fmt: skip
+    def __init__(
+        self,
+        config: PipelineConfig,
+        client: MlflowClient,
+        result: PipelineResult,
+        storage: Path,
+        manifest: mf.Manifest,
+        forced: set[str],
+    ):
         self.config = config
         self.client = client
         self.result = result
@@ -242,14 +268,25 @@ class _StageRunner:
         """The results, keys and MLflow runs of every stage this one depends on."""
         names = stages.ancestors(stage.name)
         done, runs = self.result.stages, self.mlflow_run_ids
-        return Inputs(results={name: done[name] for name in names}, keys={name: self.keys[name] for name in names},
-                      mlflow_runs={name: runs[name] for name in names if name in runs})  # fmt: skip
+        return Inputs(
+            results={name: done[name] for name in names},
+            keys={name: self.keys[name] for name in names},
+            mlflow_runs={name: runs[name] for name in names if name in runs},
+        )
 
     def _context(self, stage: Stage, key: str, output_dir: Path, mlflow_run_id: str, attempt: int) -> StageContext:
-        return StageContext(pipeline_run_id=self.result.run_id, stage=stage.name, output_dir=output_dir,
-                            storage=self.storage, tracking_uri=self.config.tracking_uri(),
-                            experiment_id=self.result.experiment_id, mlflow_run_id=mlflow_run_id,
-                            seed=self.config.seed, attempt=attempt, cache_key=key)  # fmt: skip
+        return StageContext(
+            pipeline_run_id=self.result.run_id,
+            stage=stage.name,
+            output_dir=output_dir,
+            storage=self.storage,
+            tracking_uri=self.config.tracking_uri(),
+            experiment_id=self.result.experiment_id,
+            mlflow_run_id=mlflow_run_id,
+            seed=self.config.seed,
+            attempt=attempt,
+            cache_key=key,
+        )
 
     def _record_lineage(self, stage: Stage, run_id: str, inputs: Inputs) -> None:
         """The stage run's dataset inputs and the upstream runs it consumed."""
@@ -257,8 +294,9 @@ class _StageRunner:
         lineage.tag_upstream(self.client, run_id, upstream_runs)
         lineage.log_datasets(self.client, run_id, stage.reads(self.config, inputs))
 
-    def _reuse_own(self, stage: Stage, inputs: Inputs, key: str, final_dir: Path,
-                   record: mf.StageRecord) -> StageResult:  # fmt: skip
+    def _reuse_own(
+        self, stage: Stage, inputs: Inputs, key: str, final_dir: Path, record: mf.StageRecord
+    ) -> StageResult:
         self.mlflow_run_ids[stage.name] = record.mlflow_run_id
         stage_result = _load_result(stage, final_dir)
         stage_result.cached = record.status == mf.CACHED
@@ -266,8 +304,9 @@ class _StageRunner:
         ctx = self._context(stage, key, final_dir, record.mlflow_run_id, record.attempts)
         return self._ensure_side_effect(stage, inputs, stage_result, ctx)
 
-    def _ensure_side_effect(self, stage: Stage, inputs: Inputs, stage_result: StageResult,
-                            ctx: StageContext) -> StageResult:  # fmt: skip
+    def _ensure_side_effect(
+        self, stage: Stage, inputs: Inputs, stage_result: StageResult, ctx: StageContext
+    ) -> StageResult:
         """A reused artifact's side effect, verified in this run's place and redone if missing."""
         if stage.side_effect is None:
             return stage_result
@@ -276,10 +315,15 @@ class _StageRunner:
     def _cache_hit(self, stage: Stage, inputs: Inputs, key: str, settings: dict, final_dir: Path) -> StageResult:
         success = read_json(final_dir / SUCCESS)
         producer = success["mlflow_run_id"]
-        run_id = self._child_run(stage.name, key, cache_hit=True, extra_tags={
-            "ptft.cached_from_run_id": producer,
-            "ptft.cached_from_pipeline_run": success.get("pipeline_run_id", ""),
-        })  # fmt: skip
+        run_id = self._child_run(
+            stage.name,
+            key,
+            cache_hit=True,
+            extra_tags={
+                "ptft.cached_from_run_id": producer,
+                "ptft.cached_from_pipeline_run": success.get("pipeline_run_id", ""),
+            },
+        )
         self._record_lineage(stage, run_id, inputs)
         self.manifest.stage_started(stage.name, key, run_id)
         tracker = MlflowTracker(self.config.tracking_uri(), run_id, owns_run=True)
@@ -299,8 +343,9 @@ class _StageRunner:
         log.info("stage %s: cache hit (key %s, produced by MLflow run %s)", stage.name, key, producer)
         return stage_result
 
-    def _execute(self, stage: Stage, inputs: Inputs, key: str, settings: dict, material: dict,
-                 final_dir: Path) -> StageResult:  # fmt: skip
+    def _execute(
+        self, stage: Stage, inputs: Inputs, key: str, settings: dict, material: dict, final_dir: Path
+    ) -> StageResult:
         record = self.manifest.stages[stage.name]
         continuing = record.mlflow_run_id is not None and record.key == key
         if continuing:
@@ -340,19 +385,37 @@ class _StageRunner:
         tracker.log_metrics({**summary, "stage/seconds": elapsed}, step=0)
         tracker.close("FINISHED")
         write_json(partial / "config.json", material)  # what the key stands for, beside what it made
-        stage_result = _publish(stage, partial, final_dir, stage_result, {
-            "mlflow_run_id": run_id, "pipeline_run_id": self.result.run_id, "seconds": elapsed,
-        })  # fmt: skip
+        stage_result = _publish(
+            stage,
+            partial,
+            final_dir,
+            stage_result,
+            {
+                "mlflow_run_id": run_id,
+                "pipeline_run_id": self.result.run_id,
+                "seconds": elapsed,
+            },
+        )
         self.manifest.stages[stage.name].work_seconds = elapsed
         self.manifest.stage_ended(stage.name, mf.SUCCEEDED, output_uri=stage_result.output_uri)
         log.info("stage %s: done in %.1fs -> %s", stage.name, elapsed, stage_result.output_uri)
         return stage_result
 
     def _child_run(self, stage: str, key: str, *, cache_hit: bool, extra_tags: dict | None = None) -> str:
-        run_id = start_run(self.client, self.result.experiment_id, stage, parent_run_id=self.result.mlflow_run_id,
-                           tags={"ptft.stage": stage, "ptft.cache_key": key, "ptft.cache_hit": str(cache_hit).lower(),
-                                 "ptft.run_id": self.result.run_id, "ptft.attempts": "1",
-                                 **(extra_tags or {})})  # fmt: skip
+        run_id = start_run(
+            self.client,
+            self.result.experiment_id,
+            stage,
+            parent_run_id=self.result.mlflow_run_id,
+            tags={
+                "ptft.stage": stage,
+                "ptft.cache_key": key,
+                "ptft.cache_hit": str(cache_hit).lower(),
+                "ptft.run_id": self.result.run_id,
+                "ptft.attempts": "1",
+                **(extra_tags or {}),
+            },
+        )
         self.mlflow_run_ids[stage] = run_id
         return run_id
 
@@ -363,8 +426,13 @@ def _publish(stage: Stage, partial: Path, final_dir: Path, stage_result: StageRe
     output = stage_result.output_uri
     inside = output == str(partial) or output.startswith(f"{partial}/")
     outputs = stage.outputs.model_validate(stage_result.outputs).model_dump(mode="json")
-    success = {**provenance, "metrics": stage_result.metrics, "outputs": outputs,
-               "output": os.path.relpath(output, partial) if inside else output, "output_inside": inside}  # fmt: skip
+    success = {
+        **provenance,
+        "metrics": stage_result.metrics,
+        "outputs": outputs,
+        "output": os.path.relpath(output, partial) if inside else output,
+        "output_inside": inside,
+    }
     write_json(partial / SUCCESS, success)
     if final_dir.exists():  # a forced re-run replaces the old artifact, or a crash left debris
         trash = final_dir.parent / f".{final_dir.name}.old-{uuid.uuid4().hex[:6]}"
@@ -382,8 +450,11 @@ def _load_result(stage: Stage, final_dir: Path) -> StageResult:
     output = success["output"]
     uri = str(final_dir / output) if success["output_inside"] else output
     outputs = stage.outputs.model_validate(success["outputs"])
-    return StageResult(output_uri=os.path.normpath(uri) if success["output_inside"] else uri,
-                       metrics=success["metrics"], outputs=outputs)  # fmt: skip
+    return StageResult(
+        output_uri=os.path.normpath(uri) if success["output_inside"] else uri,
+        metrics=success["metrics"],
+        outputs=outputs,
+    )
 
 
 def _describe(error: BaseException) -> str:

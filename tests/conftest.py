@@ -33,14 +33,24 @@ def _hermetic_home() -> Path:
     token.parent.mkdir()
     token.write_text(secrets.token_hex(32))
     token.chmod(0o600)
-    os.environ.update({
-        "HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache"), "XDG_CONFIG_HOME": str(home / ".config"),
-        "XDG_DATA_HOME": str(home / ".local" / "share"), "XDG_STATE_HOME": str(home / ".local" / "state"),
-        "HF_HOME": str(home / ".cache" / "huggingface"), "MPLCONFIGDIR": str(home / ".config" / "matplotlib"),
-        "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "DS_ACCELERATOR": "cpu",
-        "PTFT_TEST_HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
-        "DO_NOT_TRACK": "true",
-    })  # fmt: skip
+    os.environ.update(
+        {
+            "HOME": str(home),
+            "XDG_CACHE_HOME": str(home / ".cache"),
+            "XDG_CONFIG_HOME": str(home / ".config"),
+            "XDG_DATA_HOME": str(home / ".local" / "share"),
+            "XDG_STATE_HOME": str(home / ".local" / "state"),
+            "HF_HOME": str(home / ".cache" / "huggingface"),
+            "MPLCONFIGDIR": str(home / ".config" / "matplotlib"),
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(token),
+            "DS_ACCELERATOR": "cpu",
+            "PTFT_TEST_HOME": str(home),
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "DO_NOT_TRACK": "true",
+        }
+    )
     os.environ.pop("RAY_AUTH_TOKEN", None)
     from components.accelerator import PREBUILT_OPS  # light: no torch at import
 
@@ -59,9 +69,14 @@ pytest_plugins = ["tests.services"]
 # starts with groups i and i+3 of this order, and takes the rest as it frees up; the pairs balance
 # each worker's load (seconds per group in a 3-worker make test on 2 cores: e2e 900, sweeps 900,
 # faults 630, serving 450, cluster_submit 550, training_matrix 380, all others 530 together).
-LONGEST_FIRST = ("tests/e2e", "tests/integration/test_sweeps.py", "tests/integration/test_faults.py",
-                 "tests/integration/test_serving.py", "tests/integration/test_cluster_submit.py",
-                 "tests/integration/test_training_matrix.py")  # fmt: skip
+LONGEST_FIRST = (
+    "tests/e2e",
+    "tests/integration/test_sweeps.py",
+    "tests/integration/test_faults.py",
+    "tests/integration/test_serving.py",
+    "tests/integration/test_cluster_submit.py",
+    "tests/integration/test_training_matrix.py",
+)
 
 
 def _group(nodeid: str) -> str:
@@ -142,9 +157,16 @@ def tiny_classifier(folder: Path, seed: int) -> Path:
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, ".", ","]
     tokenizer = BertTokenizerFast(vocab={word: index for index, word in enumerate(words)}, model_max_length=POSITIONS)
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=POSITIONS,
-                        id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1})  # fmt: skip
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=POSITIONS,
+        id2label={0: "negative", 1: "positive"},
+        label2id={"negative": 0, "positive": 1},
+    )
     BertForSequenceClassification(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

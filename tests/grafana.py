@@ -13,8 +13,21 @@ DASHBOARD = REPO / "dashboards" / "ptft-pipelines.json"
 # Grafana's $__rate_interval is at least four scrape intervals; Ray refreshes its values every 10 s,
 # so a shorter window could see no change at all.
 RATE_INTERVAL = "1m"
-PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "offset", "and", "or",
-                "unless", "inf", "nan"}  # fmt: skip
+PROMQL_WORDS = {
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "bool",
+    "offset",
+    "and",
+    "or",
+    "unless",
+    "inf",
+    "nan",
+}
 
 
 @dataclass(frozen=True)
@@ -40,14 +53,20 @@ def panels(dashboard: dict) -> list[dict]:
 
 
 def queries(dashboard: dict) -> list[Query]:
-    return [Query(panel["title"], target["refId"], target["expr"]) for panel in panels(dashboard)
-            for target in panel.get("targets", [])]  # fmt: skip
+    return [
+        Query(panel["title"], target["refId"], target["expr"])
+        for panel in panels(dashboard)
+        for target in panel.get("targets", [])
+    ]
 
 
 def concrete(expr: str, dashboard: dict) -> str:
     """The query Grafana would send with every variable at "All" and `$__rate_interval` set."""
-    all_values = {variable["name"]: variable.get("allValue") or ".*" for variable in dashboard["templating"]["list"]
-                  if variable["type"] == "query"}  # fmt: skip
+    all_values = {
+        variable["name"]: variable.get("allValue") or ".*"
+        for variable in dashboard["templating"]["list"]
+        if variable["type"] == "query"
+    }
     expr = expr.replace("$__rate_interval", RATE_INTERVAL).replace("${__rate_interval}", RATE_INTERVAL)
     return re.sub(r"\$\{?(\w+)\}?", lambda match: all_values.get(match[1], match[0]), expr)
 

@@ -142,16 +142,27 @@ def _start_ray(folder: Path) -> dict:
     temp_dir = Path(tempfile.mkdtemp(prefix="ptft-ray-", dir="/tmp"))  # short: Ray's socket paths have a limit
     port = free_port()
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}
-    command = [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", f"--num-cpus={RAY_CPUS}",
-               f"--temp-dir={temp_dir}", "--object-store-memory=600000000", "--include-dashboard=true",
-               f"--dashboard-port={free_port()}", "--disable-usage-stats"]  # fmt: skip
+    command = [
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        "--block",
+        f"--port={port}",
+        f"--num-cpus={RAY_CPUS}",
+        f"--temp-dir={temp_dir}",
+        "--object-store-memory=600000000",
+        "--include-dashboard=true",
+        f"--dashboard-port={free_port()}",
+        "--disable-usage-stats",
+    ]
     log = temp_dir / "head.log"
     process = _spawn(command, log, env=env)
     address = f"127.0.0.1:{port}"
     status = [str(BIN / "ray"), "status", f"--address={address}"]
     try:
-        _wait_for(lambda: subprocess.run(status, capture_output=True, timeout=30).returncode == 0,
-                  "ray head", process, log)  # fmt: skip
+        _wait_for(
+            lambda: subprocess.run(status, capture_output=True, timeout=30).returncode == 0, "ray head", process, log
+        )
     except BaseException:
         _stop(process)
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -251,23 +262,77 @@ def _start_postgres(_: Path) -> dict:
     data, log, port, password = folder / "data", folder / "server.log", free_port(), secrets.token_hex(16)
     process = None
     try:
-        initdb = subprocess.run([str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "-E", "UTF8",
-                                 "--locale=C", "--auth-local=trust", "--auth-host=scram-sha-256", "--no-sync"],
-                                cwd=folder, capture_output=True, text=True, timeout=300, **as_postgres)  # fmt: skip
+        initdb = subprocess.run(
+            [
+                str(bindir / "initdb"),
+                "-D",
+                str(data),
+                "-U",
+                "postgres",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                "--no-sync",
+            ],
+            cwd=folder,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            **as_postgres,
+        )
         if initdb.returncode != 0:
             raise RuntimeError(f"initdb exited with {initdb.returncode}:\n{(initdb.stdout + initdb.stderr)[-3000:]}")
-        command = [str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-k", str(folder),
-                   "-c", "listen_addresses=127.0.0.1", "-c", "password_encryption=scram-sha-256",
-                   "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]  # fmt: skip
+        command = [
+            str(bindir / "postgres"),
+            "-D",
+            str(data),
+            "-p",
+            str(port),
+            "-k",
+            str(folder),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "password_encryption=scram-sha-256",
+            "-c",
+            "fsync=off",
+            "-c",
+            "synchronous_commit=off",
+            "-c",
+            "full_page_writes=off",
+        ]
         process = _spawn(command, log, cwd=folder, **as_postgres)
         # Administration over the unix socket, where the superuser is trusted; clients use TCP and a password.
-        psql = [str(bindir / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", str(folder), "-p", str(port),
-                "-U", "postgres", "-d", "postgres"]  # fmt: skip
-        _wait_for(lambda: subprocess.run([*psql, "-c", "SELECT 1"], capture_output=True, timeout=30).returncode == 0,
-                  "postgres", process, log)  # fmt: skip
-        setup = subprocess.run(psql, input=f"CREATE ROLE ptft LOGIN PASSWORD '{password}';\n"
-                                           "CREATE DATABASE mlflow OWNER ptft;\n",
-                               capture_output=True, text=True, timeout=60)  # fmt: skip
+        psql = [
+            str(bindir / "psql"),
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            str(folder),
+            "-p",
+            str(port),
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+        ]
+        _wait_for(
+            lambda: subprocess.run([*psql, "-c", "SELECT 1"], capture_output=True, timeout=30).returncode == 0,
+            "postgres",
+            process,
+            log,
+        )
+        setup = subprocess.run(
+            psql,
+            input=f"CREATE ROLE ptft LOGIN PASSWORD '{password}';\nCREATE DATABASE mlflow OWNER ptft;\n",
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         if setup.returncode != 0:
             raise RuntimeError(f"creating the ptft role and mlflow database failed:\n{setup.stderr[-3000:]}")
     except BaseException:
@@ -276,8 +341,12 @@ def _start_postgres(_: Path) -> dict:
         shutil.rmtree(folder, ignore_errors=True)
         raise
     # SIGINT is PostgreSQL's fast shutdown: roll back open transactions, checkpoint, exit.
-    return {"url": f"postgresql+psycopg2://ptft:{password}@127.0.0.1:{port}/mlflow", "pids": [process.pid],
-            "stop_signal": "SIGINT", "folders": [str(folder)]}  # fmt: skip
+    return {
+        "url": f"postgresql+psycopg2://ptft:{password}@127.0.0.1:{port}/mlflow",
+        "pids": [process.pid],
+        "stop_signal": "SIGINT",
+        "folders": [str(folder)],
+    }
 
 
 @pytest.fixture(scope="session")
@@ -291,9 +360,20 @@ def _start_mlflow(folder: Path, backend_store_uri: str) -> dict:
     """An `mlflow server` process on 127.0.0.1 with proxied artifacts in `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     port, log = free_port(), folder / "server.log"
-    command = [str(BIN / "mlflow"), "server", "--backend-store-uri", backend_store_uri,
-               "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1",
-               "--port", str(port), "--workers", "1"]  # fmt: skip
+    command = [
+        str(BIN / "mlflow"),
+        "server",
+        "--backend-store-uri",
+        backend_store_uri,
+        "--artifacts-destination",
+        str(folder / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     process = _spawn(command, log)
     uri = f"http://127.0.0.1:{port}"
     try:
@@ -318,8 +398,14 @@ SCRAPE_INTERVAL = "2s"
 def prometheus_config(config: dict, service_discovery_file: Path) -> dict:
     """dashboards/prometheus.yml as the tests run it: the same jobs, the test cluster's service
     discovery file, a short scrape interval (a demo run lasts minutes, not hours)."""
-    config = {**config, "global": {**config.get("global", {}), "scrape_interval": SCRAPE_INTERVAL,
-                                   "evaluation_interval": SCRAPE_INTERVAL}}  # fmt: skip
+    config = {
+        **config,
+        "global": {
+            **config.get("global", {}),
+            "scrape_interval": SCRAPE_INTERVAL,
+            "evaluation_interval": SCRAPE_INTERVAL,
+        },
+    }
     jobs = []
     for job in config["scrape_configs"]:
         sd_configs = [{**sd, "files": [str(service_discovery_file)]} for sd in job.get("file_sd_configs", [])]
@@ -346,8 +432,12 @@ def run_prometheus(ray_temp_dir: Path, folder: Path) -> Iterator[str]:
     config = folder / "prometheus.yml"
     config.write_text(yaml.safe_dump(prometheus_config(yaml.safe_load(PROMETHEUS_CONFIG.read_text()), discovery)))
     port, log = free_port(), folder / "prometheus.log"
-    command = [binary, f"--config.file={config}", f"--storage.tsdb.path={folder / 'data'}",
-               f"--web.listen-address=127.0.0.1:{port}"]  # fmt: skip
+    command = [
+        binary,
+        f"--config.file={config}",
+        f"--storage.tsdb.path={folder / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+    ]
     with open(log, "w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"

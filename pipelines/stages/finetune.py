@@ -48,9 +48,15 @@ def _run(config: PipelineConfig, inputs: Inputs, ctx: StageContext) -> StageResu
     from components import finetune
 
     best = inputs.uri("tune") if config.tune.enabled else None
-    return finetune.run(config.finetune, inputs.uri("pretrain"), inputs.uri("tokenize"), best, ctx,
-                        registered_model_name=config.registered_model_name(),
-                        test_split=data.fingerprint(config.data.task.test))  # fmt: skip
+    return finetune.run(
+        config.finetune,
+        inputs.uri("pretrain"),
+        inputs.uri("tokenize"),
+        best,
+        ctx,
+        registered_model_name=config.registered_model_name(),
+        test_split=data.fingerprint(config.data.task.test),
+    )
 
 
 def _ensure_registered(config: PipelineConfig, inputs: Inputs, result: StageResult, ctx: StageContext) -> StageResult:
@@ -62,10 +68,14 @@ def _ensure_registered(config: PipelineConfig, inputs: Inputs, result: StageResu
     if found is None:
         log.info("finetune: %s at %s has no version of artifact %s; registering it", name, tracking_uri, ctx.cache_key)
         found = registry.register_classifier(
-            Path(result.output_uri), name=name, run_id=ctx.mlflow_run_id, tracking_uri=tracking_uri,
-            test_accuracy=result.metrics["test/accuracy"], test_split=data.fingerprint(config.data.task.test),
+            Path(result.output_uri),
+            name=name,
+            run_id=ctx.mlflow_run_id,
+            tracking_uri=tracking_uri,
+            test_accuracy=result.metrics["test/accuracy"],
+            test_split=data.fingerprint(config.data.task.test),
             lineage={"ptft.pipeline_run_id": ctx.pipeline_run_id, registry.CACHE_KEY_TAG: ctx.cache_key},
-        )  # fmt: skip
+        )
         found["run_id"] = ctx.mlflow_run_id
         return _describe_version(config, inputs, _with(result, found), ctx)
     return _with(result, found)
@@ -73,8 +83,9 @@ def _ensure_registered(config: PipelineConfig, inputs: Inputs, result: StageResu
 
 def _with(result: StageResult, registered: dict) -> StageResult:
     """The result, its outputs naming this registry's version."""
-    outputs = FinetuneOutputs(registered=RegisteredVersion.model_validate(registered),
-                              weights_sha256=result.outputs.weights_sha256)
+    outputs = FinetuneOutputs(
+        registered=RegisteredVersion.model_validate(registered), weights_sha256=result.outputs.weights_sha256
+    )
     return StageResult(result.output_uri, result.metrics, outputs, result.cached)
 
 
@@ -85,16 +96,27 @@ def _describe_version(config: PipelineConfig, inputs: Inputs, result: StageResul
     from pipelines import lineage
 
     runs = {**inputs.mlflow_runs, "finetune": ctx.mlflow_run_id}
-    lineage.describe_model_version(MlflowClient(ctx.tracking_uri), result.outputs.registered.model_dump(), runs,
-                                   pipeline_run_id=ctx.pipeline_run_id, experiment_id=ctx.experiment_id,
-                                   tracking_uri=ctx.tracking_uri)  # fmt: skip
+    lineage.describe_model_version(
+        MlflowClient(ctx.tracking_uri),
+        result.outputs.registered.model_dump(),
+        runs,
+        pipeline_run_id=ctx.pipeline_run_id,
+        experiment_id=ctx.experiment_id,
+        tracking_uri=ctx.tracking_uri,
+    )
     return result
 
 
 STAGE = Stage(
-    name="finetune", version="6", upstream=("tokenize", "pretrain", "tune"), settings=_settings, run=_run,
-    outputs=FinetuneOutputs, not_in_key=("log_every", "workers.max_failures", "workers.placement_strategy"),
-    reads=_reads, progress="steps",
+    name="finetune",
+    version="6",
+    upstream=("tokenize", "pretrain", "tune"),
+    settings=_settings,
+    run=_run,
+    outputs=FinetuneOutputs,
+    not_in_key=("log_every", "workers.max_failures", "workers.placement_strategy"),
+    reads=_reads,
+    progress="steps",
     side_effect=SideEffect("register", ensure=_ensure_registered, after_run=_describe_version),
     description="the fine-tuned classifier, evaluated on test and registered",
-)  # fmt: skip
+)

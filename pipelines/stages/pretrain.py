@@ -38,7 +38,15 @@ def _run(config: PipelineConfig, inputs: Inputs, ctx):
 
 
 STAGE = Stage(
-    name="pretrain", version="5", upstream=("tokenize",), settings=_settings, run=_run, outputs=PretrainOutputs,
+    name="pretrain",
+    version="5",
+    upstream=("tokenize",),
+    settings=_settings,
+    run=_run,
+    outputs=PretrainOutputs,
     not_in_key=("log_every", "checkpoint_every", "workers.max_failures", "workers.placement_strategy"),
-    key_extras=_seed, reads=_reads, progress="steps", description="the pre-trained model (Hugging Face folder)",
-)  # fmt: skip
+    key_extras=_seed,
+    reads=_reads,
+    progress="steps",
+    description="the pre-trained model (Hugging Face folder)",
+)

@@ -60,7 +60,13 @@ def _ensure_deployed(config: PipelineConfig, inputs: Inputs, result: StageResult
 
 
 STAGE = Stage(
-    name="serve", version="2", upstream=("finetune",), settings=_settings, run=_run, outputs=Endpoint,
-    key_extras=_deployed_model, side_effect=SideEffect("deploy", ensure=_ensure_deployed), 
+    name="serve",
+    version="2",
+    upstream=("finetune",),
+    settings=_settings,
+    run=_run,
+    outputs=Endpoint,
+    key_extras=_deployed_model,
+    side_effect=SideEffect("deploy", ensure=_ensure_deployed),
     description="the HTTP endpoint of the champion",
-)  # fmt: skip
+)

@@ -24,8 +24,10 @@ def _fingerprints(config: PipelineConfig, inputs: Inputs) -> dict:
 def _reads(config: PipelineConfig, inputs: Inputs) -> list:
     from pipelines.lineage import DatasetRead
 
-    return [DatasetRead(split, source, data.fingerprint(source), "corpus" if split == "corpus" else split)
-            for split, source in _sources(config).items()]  # fmt: skip
+    return [
+        DatasetRead(split, source, data.fingerprint(source), "corpus" if split == "corpus" else split)
+        for split, source in _sources(config).items()
+    ]
 
 
 def _run(config: PipelineConfig, inputs: Inputs, ctx):
@@ -35,6 +37,12 @@ def _run(config: PipelineConfig, inputs: Inputs, ctx):
 
 
 STAGE = Stage(
-    name="tokenize", version="2", upstream=(), settings=_settings, run=_run, key_extras=_fingerprints,
-    reads=_reads, description="tokenizer, packed pre-training blocks, tokenized task splits",
-)  # fmt: skip
+    name="tokenize",
+    version="2",
+    upstream=(),
+    settings=_settings,
+    run=_run,
+    key_extras=_fingerprints,
+    reads=_reads,
+    description="tokenizer, packed pre-training blocks, tokenized task splits",
+)

@@ -21,9 +21,11 @@ class TuneOutputs(BaseModel):
 
 def _settings(config: PipelineConfig) -> dict:
     # Trials train with finetune's defaults and DeepSpeed settings: they are part of the key.
-    return {"tune": config.tune.model_dump(mode="json"),
-            "defaults": config.finetune.trial_defaults().model_dump(mode="json"),
-            "deepspeed": config.finetune.deepspeed.model_dump(mode="json")}  # fmt: skip
+    return {
+        "tune": config.tune.model_dump(mode="json"),
+        "defaults": config.finetune.trial_defaults().model_dump(mode="json"),
+        "deepspeed": config.finetune.deepspeed.model_dump(mode="json"),
+    }
 
 
 def task_reads(inputs: Inputs, splits: tuple[str, ...]) -> list:
@@ -44,12 +46,25 @@ def _run(config: PipelineConfig, inputs: Inputs, ctx) -> StageResult:
         return StageResult(output_uri=str(ctx.output_dir), metrics={"tune/trials": 0})
     from components import tune
 
-    return tune.run(config.tune, inputs.uri("pretrain"), inputs.uri("tokenize"), config.finetune.trial_defaults(),
-                    config.finetune.deepspeed, ctx)  # fmt: skip
+    return tune.run(
+        config.tune,
+        inputs.uri("pretrain"),
+        inputs.uri("tokenize"),
+        config.finetune.trial_defaults(),
+        config.finetune.deepspeed,
+        ctx,
+    )
 
 
 STAGE = Stage(
-    name="tune", version="7", upstream=("tokenize", "pretrain"), settings=_settings, run=_run, outputs=TuneOutputs,
-    not_in_key=("tune.trial_max_failures", "tune.progress_every_s"), reads=_reads, progress="trials",
+    name="tune",
+    version="7",
+    upstream=("tokenize", "pretrain"),
+    settings=_settings,
+    run=_run,
+    outputs=TuneOutputs,
+    not_in_key=("tune.trial_max_failures", "tune.progress_every_s"),
+    reads=_reads,
+    progress="trials",
     description="the sweep's trials and its best config",
-)  # fmt: skip
+)

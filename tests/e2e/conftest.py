@@ -21,11 +21,17 @@ from tests.services import run_prometheus
 PTFT = str(Path(sys.executable).parent / "ptft")
 # The demo config, shrunk through ordinary overrides (no test switches in the code).
 SHRINK = [
-    "data.corpus.source.num_examples=2000", "data.task.train.num_examples=320",
-    "data.task.validation.num_examples=96", "data.task.test.num_examples=96",
-    "pretrain.max_steps=40", "pretrain.warmup_steps=4", "pretrain.checkpoint_every=20",
+    "data.corpus.source.num_examples=2000",
+    "data.task.train.num_examples=320",
+    "data.task.validation.num_examples=96",
+    "data.task.test.num_examples=96",
+    "pretrain.max_steps=40",
+    "pretrain.warmup_steps=4",
+    "pretrain.checkpoint_every=20",
     "pretrain.batch_size_per_worker=16",
-    "tune.num_samples=2", "tune.max_epochs=2", "finetune.epochs=1",
+    "tune.num_samples=2",
+    "tune.max_epochs=2",
+    "finetune.epochs=1",
 ]
 
 
@@ -41,30 +47,48 @@ def prometheus(ray_cluster: str, ray_temp_dir: Path, tmp_path_factory: pytest.Te
 # Package scope: the e2e modules share one demo run, and its Serve app ("/" on the shared cluster)
 # is deleted once they are done, before the integration tier deploys its own apps.
 @pytest.fixture(scope="package")
-def demo(ray_driver: str, mlflow_server: str, request: pytest.FixtureRequest,
-         tmp_path_factory: pytest.TempPathFactory) -> dict:  # fmt: skip
+def demo(
+    ray_driver: str, mlflow_server: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> dict:
     if shutil.which("prometheus") or os.environ.get("PTFT_NO_SKIPS"):
         # Prometheus scrapes the cluster while the demo runs (test_dashboards.py queries what it saw).
         # Asked for here rather than as a parameter: where it is not installed, only that module skips.
         request.getfixturevalue("prometheus")
     storage = tmp_path_factory.mktemp("demo")
     port = free_port()
-    command = [PTFT, "run", "configs/demo.yaml", *SHRINK, f"storage={storage}", f"tracking.uri={mlflow_server}",
-               f"ray.address={ray_driver}", f"serve.port={port}", "serve.app_name=e2e",
-               "--progress-every", "2"]  # fmt: skip
+    command = [
+        PTFT,
+        "run",
+        "configs/demo.yaml",
+        *SHRINK,
+        f"storage={storage}",
+        f"tracking.uri={mlflow_server}",
+        f"ray.address={ray_driver}",
+        f"serve.port={port}",
+        "serve.app_name=e2e",
+        "--progress-every",
+        "2",
+    ]
     result = run_ptft(command)
     # Where the run says it serves: a Serve already running on the shared cluster keeps its own port.
     url = result.stdout.split(" served at ", 1)[1].split()[0]
-    yield {"storage": storage, "url": url, "stdout": result.stdout, "command": command,
-           "client": MlflowClient(mlflow_server), "run_id": newest_manifest(storage)["run_id"]}  # fmt: skip
+    yield {
+        "storage": storage,
+        "url": url,
+        "stdout": result.stdout,
+        "command": command,
+        "client": MlflowClient(mlflow_server),
+        "run_id": newest_manifest(storage)["run_id"],
+    }
     from ray import serve
 
     serve.delete("e2e")
 
 
 def run_ptft(command: list[str]) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1500,
-                            env={**os.environ, **SECRETS})  # fmt: skip
+    result = subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, timeout=1500, env={**os.environ, **SECRETS}
+    )
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
     return result
 

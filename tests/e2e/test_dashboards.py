@@ -24,8 +24,9 @@ BAD = {"texts": []}  # a 422: the errors panel needs an error
 
 
 def query_range(prometheus: str, expr: str, start: float, end: float) -> dict:
-    response = requests.get(f"{prometheus}/api/v1/query_range",
-                            params={"query": expr, "start": start, "end": end, "step": "5s"}, timeout=30)  # fmt: skip
+    response = requests.get(
+        f"{prometheus}/api/v1/query_range", params={"query": expr, "start": start, "end": end, "step": "5s"}, timeout=30
+    )
     assert response.ok, f"{expr}: HTTP {response.status_code} {response.text[:500]}"
     return response.json()["data"]
 
@@ -99,8 +100,9 @@ def test_training_series_come_from_every_training_stage(demo: dict, prometheus: 
     result = query_range(prometheus, f'{metrics.TRAIN_LOSS.exported}{{stage="pretrain"}}', window, now)["result"]
     # Other test processes train on the same cluster meanwhile: the demo's pretrain run is one of the series.
     assert pretrain_run in {series["metric"]["mlflow_run_id"] for series in result}
-    trials = query_range(prometheus, f'max by (status) ({metrics.TUNE_TRIALS.exported}{{run_id="{demo["run_id"]}"}})',
-                         window, now)["result"]  # fmt: skip
+    trials = query_range(
+        prometheus, f'max by (status) ({metrics.TUNE_TRIALS.exported}{{run_id="{demo["run_id"]}"}})', window, now
+    )["result"]
     finished = max((float(v) for s in trials if s["metric"]["status"] == "finished" for _, v in s["values"]), default=0)
     ran = json.loads((Path(manifest["stages"]["tune"]["output_uri"]) / "trials.json").read_text())
     assert finished == len(ran), f"the sweep ran {len(ran)} trials; the finished count peaked at {finished}"

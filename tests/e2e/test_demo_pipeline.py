@@ -51,8 +51,9 @@ def _runs(client: MlflowClient, experiment_id: str, filter_string: str):
 def test_mlflow_tree_parent_stages_trials(demo: dict) -> None:
     client = demo["client"]
     experiment = client.get_experiment_by_name("demo")
-    (parent,) = _runs(client, experiment.experiment_id, f"tags.`ptft.run_id` = '{demo['run_id']}' and "
-                      "tags.`ptft.pipeline` = 'demo'")  # fmt: skip
+    (parent,) = _runs(
+        client, experiment.experiment_id, f"tags.`ptft.run_id` = '{demo['run_id']}' and tags.`ptft.pipeline` = 'demo'"
+    )
     assert parent.info.status == "FINISHED"
     assert parent.data.params["pretrain.max_steps"] == "40"
     assert {"ptft.run_id", "ptft.config_hash", "ptft.git_sha"} <= set(parent.data.tags)
@@ -117,8 +118,9 @@ def test_malformed_requests_get_422_with_a_message(demo: dict, payload: dict) ->
 
 
 def test_invalid_json_gets_400(demo: dict) -> None:
-    response = requests.post(f"{demo['url']}/predict", data="{not json", timeout=30,
-                             headers={"content-type": "application/json"})  # fmt: skip
+    response = requests.post(
+        f"{demo['url']}/predict", data="{not json", timeout=30, headers={"content-type": "application/json"}
+    )
     assert response.status_code == 400 and "not JSON" in response.json()["detail"]
 
 
@@ -128,10 +130,14 @@ def test_no_secret_reaches_mlflow(demo: dict) -> None:
     for run in _runs(client, experiment.experiment_id, ""):
         logged = " ".join([*run.data.params.values(), *run.data.tags.values()])
         assert not any(secret in logged for secret in SECRETS.values()), run.info.run_name
-    parent = client.search_runs([experiment.experiment_id], f"tags.`ptft.run_id` = '{demo['run_id']}' and "
-                                "tags.`ptft.pipeline` = 'demo'")[0]  # fmt: skip
-    resolved = Path(mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path="config/resolved.json",
-                                                        tracking_uri=client.tracking_uri)).read_text()  # fmt: skip
+    parent = client.search_runs(
+        [experiment.experiment_id], f"tags.`ptft.run_id` = '{demo['run_id']}' and tags.`ptft.pipeline` = 'demo'"
+    )[0]
+    resolved = Path(
+        mlflow.artifacts.download_artifacts(
+            run_id=parent.info.run_id, artifact_path="config/resolved.json", tracking_uri=client.tracking_uri
+        )
+    ).read_text()
     assert not any(secret in resolved for secret in SECRETS.values())
 
 
@@ -145,8 +151,13 @@ def reruns(demo: dict) -> dict:
     changed = run_ptft([*demo["command"], "finetune.epochs=2", "--quiet"])
     changed_manifest = newest_manifest(demo["storage"])
     run_ptft([*demo["command"], "finetune.epochs=2", "--rerun", "finetune"])
-    return {"cached": cached_manifest, "cached_stdout": cached.stdout, "changed": changed_manifest,
-            "changed_stdout": changed.stdout, "forced": newest_manifest(demo["storage"])}  # fmt: skip
+    return {
+        "cached": cached_manifest,
+        "cached_stdout": cached.stdout,
+        "changed": changed_manifest,
+        "changed_stdout": changed.stdout,
+        "forced": newest_manifest(demo["storage"]),
+    }
 
 
 def test_quiet_prints_only_the_summary(reruns: dict) -> None:
@@ -162,9 +173,11 @@ def test_unchanged_rerun_is_all_cache_hits(demo: dict, reruns: dict) -> None:
     assert "tokenize cached" in reruns["cached_stdout"]
     client = demo["client"]
     experiment = client.get_experiment_by_name("demo")
-    first = {run.data.tags["ptft.stage"]: run.info.run_id
-             for run in _runs(client, experiment.experiment_id, f"tags.`ptft.run_id` = '{demo['run_id']}'")
-             if run.data.tags.get("ptft.stage") in STAGES}  # fmt: skip
+    first = {
+        run.data.tags["ptft.stage"]: run.info.run_id
+        for run in _runs(client, experiment.experiment_id, f"tags.`ptft.run_id` = '{demo['run_id']}'")
+        if run.data.tags.get("ptft.stage") in STAGES
+    }
     hits = _runs(client, experiment.experiment_id, f"tags.`ptft.run_id` = '{manifest['run_id']}'")
     stage_runs = {run.data.tags["ptft.stage"]: run for run in hits if "ptft.stage" in run.data.tags}
     assert sorted(stage_runs) == sorted(STAGES)
@@ -178,14 +191,24 @@ def test_unchanged_rerun_is_all_cache_hits(demo: dict, reruns: dict) -> None:
 
 def test_changing_a_finetuning_field_reruns_only_finetune_and_serve(reruns: dict) -> None:
     statuses = {name: record["status"] for name, record in reruns["changed"]["stages"].items()}
-    assert statuses == {"tokenize": "cached", "pretrain": "cached", "tune": "cached",
-                        "finetune": "succeeded", "serve": "succeeded"}  # fmt: skip
+    assert statuses == {
+        "tokenize": "cached",
+        "pretrain": "cached",
+        "tune": "cached",
+        "finetune": "succeeded",
+        "serve": "succeeded",
+    }
 
 
 def test_rerun_forces_a_stage_and_what_follows(reruns: dict) -> None:
     statuses = {name: record["status"] for name, record in reruns["forced"]["stages"].items()}
-    assert statuses == {"tokenize": "cached", "pretrain": "cached", "tune": "cached",
-                        "finetune": "succeeded", "serve": "succeeded"}  # fmt: skip
+    assert statuses == {
+        "tokenize": "cached",
+        "pretrain": "cached",
+        "tune": "cached",
+        "finetune": "succeeded",
+        "serve": "succeeded",
+    }
     # The same key as the run before: its artifact was replaced, not duplicated.
     assert reruns["forced"]["stages"]["finetune"]["key"] == reruns["changed"]["stages"]["finetune"]["key"]
     folder = Path(reruns["forced"]["stages"]["finetune"]["output_uri"]).parent

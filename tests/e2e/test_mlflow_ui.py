@@ -23,8 +23,15 @@ pytestmark = pytest.mark.e2e
 
 # Root in a container needs --no-sandbox; the rest keep Chromium from calling home (updates, sync,
 # field trials): on a machine without internet it would retry those forever and eat the 2 cores.
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]  # fmt: skip
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 # The React UI loads a few MB of JS and the server answers on one worker: slow on 2 busy cores.
 # Passed to every expect(): its own default (5 s) ignores the context's default timeout.
 TIMEOUT_MS = 90_000
@@ -59,8 +66,9 @@ def recorded(demo: dict) -> tuple[Manifest, PipelineConfig]:
     return manifest, validate(manifest.config(), check_data=False)
 
 
-def test_experiment_shows_pipeline_run_with_stage_children(demo: dict, recorded: tuple, mlflow_server: str,
-                                                           page: Page, tmp_path: Path) -> None:  # fmt: skip
+def test_experiment_shows_pipeline_run_with_stage_children(
+    demo: dict, recorded: tuple, mlflow_server: str, page: Page, tmp_path: Path
+) -> None:
     manifest, config = recorded
     experiment = demo["client"].get_experiment_by_name(config.experiment_name())
     assert experiment.experiment_id == manifest.experiment_id
@@ -85,8 +93,9 @@ def test_experiment_shows_pipeline_run_with_stage_children(demo: dict, recorded:
     _screenshot(page, tmp_path / "experiment-expanded.png")
 
 
-def test_registered_model_page_shows_champion_alias(demo: dict, recorded: tuple, mlflow_server: str, page: Page,
-                                                    tmp_path: Path) -> None:  # fmt: skip
+def test_registered_model_page_shows_champion_alias(
+    demo: dict, recorded: tuple, mlflow_server: str, page: Page, tmp_path: Path
+) -> None:
     name = recorded[1].registered_model_name()
     version = demo["client"].get_model_version_by_alias(name, "champion")
 

@@ -34,11 +34,16 @@ def _artifacts(client: MlflowClient, run_id: str, folder: str) -> set[str]:
 def test_datasets_and_upstream_runs_are_in_mlflow(demo: dict) -> None:
     runs = _stage_runs(demo)
     config = load_config("configs/demo.yaml", SHRINK, check_data=False)
-    sources = {"corpus": config.data.corpus.source, "train": config.data.task.train,
-               "validation": config.data.task.validation, "test": config.data.task.test}  # fmt: skip
+    sources = {
+        "corpus": config.data.corpus.source,
+        "train": config.data.task.train,
+        "validation": config.data.task.validation,
+        "test": config.data.task.test,
+    }
     read = {item.dataset.name: item for item in runs["tokenize"].inputs.dataset_inputs}
     assert {name: read[name].dataset.digest for name in sources} == {
-        name: data.fingerprint(source) for name, source in sources.items()}  # the fingerprint is the digest
+        name: data.fingerprint(source) for name, source in sources.items()
+    }  # the fingerprint is the digest
     assert {tag.value for tag in read["test"].tags} == {"test"}
     finetune = runs["finetune"]
     read_by_finetune = {item.dataset.name for item in finetune.inputs.dataset_inputs}
@@ -62,8 +67,13 @@ def test_training_stages_log_pictures_and_system_metrics(demo: dict) -> None:
     client, runs = demo["client"], _stage_runs(demo)
     assert {"plots/loss.png", "plots/learning_rate.png"} <= _artifacts(client, runs["pretrain"].info.run_id, "plots")
     finetune = runs["finetune"].info.run_id
-    assert {"plots/loss.png", "plots/learning_rate.png", "plots/confusion_matrix.png", "plots/attention.png",
-            "plots/confusion_matrix.json"} <= _artifacts(client, finetune, "plots")  # fmt: skip
+    assert {
+        "plots/loss.png",
+        "plots/learning_rate.png",
+        "plots/confusion_matrix.png",
+        "plots/attention.png",
+        "plots/confusion_matrix.json",
+    } <= _artifacts(client, finetune, "plots")
     assert "plots/sweep.png" in _artifacts(client, runs["tune"].info.run_id, "plots")
     matrix = client.download_artifacts(finetune, "plots/confusion_matrix.json")
     counts = json.loads(open(matrix).read())["rows_true_columns_predicted"]
@@ -85,8 +95,13 @@ def test_run_prints_stage_progress_with_steps(demo: dict) -> None:
 
 
 def test_status_json_describes_the_finished_run(demo: dict) -> None:
-    done = subprocess.run([PTFT, "status", demo["run_id"], "--storage", str(demo["storage"]), "--json"], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [PTFT, "status", demo["run_id"], "--storage", str(demo["storage"]), "--json"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     state = json.loads(done.stdout)
     assert state["run_id"] == demo["run_id"] and state["status"] == "succeeded"
@@ -106,9 +121,22 @@ def test_explain_over_http(demo: dict) -> None:
 
 def test_ptft_explain_reads_the_champion_from_the_registry(demo: dict, tmp_path) -> None:
     picture = tmp_path / "attention.png"
-    done = subprocess.run([PTFT, "explain", "models:/demo-classifier@champion", "a dull film", "--tracking-uri",
-                           demo["client"].tracking_uri, "--output", str(picture)], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [
+            PTFT,
+            "explain",
+            "models:/demo-classifier@champion",
+            "a dull film",
+            "--tracking-uri",
+            demo["client"].tracking_uri,
+            "--output",
+            str(picture),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "'a dull film' ->" in done.stdout and "head 0:" in done.stdout
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

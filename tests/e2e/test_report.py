@@ -17,9 +17,13 @@ from tests.e2e.conftest import PTFT
 pytestmark = pytest.mark.e2e
 
 IMAGE = re.compile(r'<img data-stage="([^"]+)" data-artifact="([^"]+)" alt="[^"]*" src="data:image/png;base64,([^"]+)"')
-EXPECTED_PICTURES = {("pretrain", "plots/loss.png"), ("finetune", "plots/loss.png"),
-                     ("finetune", "plots/confusion_matrix.png"), ("finetune", "plots/attention.png"),
-                     ("tune", "plots/sweep.png")}  # fmt: skip
+EXPECTED_PICTURES = {
+    ("pretrain", "plots/loss.png"),
+    ("finetune", "plots/loss.png"),
+    ("finetune", "plots/confusion_matrix.png"),
+    ("finetune", "plots/attention.png"),
+    ("tune", "plots/sweep.png"),
+}
 
 
 @pytest.fixture(scope="module")

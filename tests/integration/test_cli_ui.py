@@ -23,8 +23,13 @@ def test_ui_serves_the_configured_store(tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(tiny_config_dict(tmp_path / "store")))
     port = free_port()
-    process = subprocess.Popen([str(Path(sys.executable).parent / "ptft"), "ui", str(config), "--port", str(port)],
-                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ptft"), "ui", str(config), "--port", str(port)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
@@ -37,8 +42,9 @@ def test_ui_serves_the_configured_store(tmp_path: Path) -> None:
                 time.sleep(0.5)
         else:
             pytest.fail("MLflow UI did not come up")
-        experiments = requests.get(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search",
-                                   params={"max_results": 10}, timeout=10)  # fmt: skip
+        experiments = requests.get(
+            f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search", params={"max_results": 10}, timeout=10
+        )
         assert experiments.ok
         assert (tmp_path / "store" / "mlflow.db").is_file()  # the UI opened the config's sqlite store
     finally:

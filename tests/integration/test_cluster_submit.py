@@ -32,14 +32,23 @@ SECOND_NODE = "second_node"
 
 def _node_command(*args: str) -> list[str]:
     # Two nodes on one host: each dashboard agent and metrics exporter needs its own port.
-    return [str(BIN / "ray"), "start", "--block", "--num-cpus=2", "--object-store-memory=300000000",
-            f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
-            "--disable-usage-stats", *args]  # fmt: skip
+    return [
+        str(BIN / "ray"),
+        "start",
+        "--block",
+        "--num-cpus=2",
+        "--object-store-memory=300000000",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        "--disable-usage-stats",
+        *args,
+    ]
 
 
 def _alive_nodes(address: str) -> int:
-    out = subprocess.run([str(BIN / "ray"), "status", f"--address={address}"], capture_output=True, text=True,
-                         timeout=30).stdout  # fmt: skip
+    out = subprocess.run(
+        [str(BIN / "ray"), "status", f"--address={address}"], capture_output=True, text=True, timeout=30
+    ).stdout
     active = out.split("Active:", 1)[-1].split("Pending:", 1)[0] if "Active:" in out else ""
     return len(re.findall(r"^\s*1 node_", active, flags=re.M))
 
@@ -50,24 +59,38 @@ def cluster() -> Iterator[dict]:
     processes are stopped at the end (`ray stop` would end every Ray on the machine)."""
     temp_dir = Path(tempfile.mkdtemp(prefix="ptft-2nodes-", dir="/tmp"))
     port, dashboard_port = free_port(), free_port()
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "DS_ACCELERATOR": "cpu",
-           "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}  # fmt: skip
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "DS_ACCELERATOR": "cpu",
+        "TOKENIZERS_PARALLELISM": "false",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "token",
+    }
     env.pop("RAY_ADDRESS", None)
     address, dashboard = f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}"
-    head_command = _node_command("--head", f"--port={port}", f"--temp-dir={temp_dir}", "--include-dashboard=true",
-                                 "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-                                 f"--ray-client-server-port={free_port()}")  # fmt: skip
+    head_command = _node_command(
+        "--head",
+        f"--port={port}",
+        f"--temp-dir={temp_dir}",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard_port}",
+        f"--ray-client-server-port={free_port()}",
+    )
     # Its own temp dir: nodes that share one would share runtime_resources/, and one node's runtime-env
     # agent would delete the job's working dir while the other still runs in it.
-    second_command = _node_command(f"--address={address}", f"--temp-dir={temp_dir / 'second'}",
-                                   f"--resources={json.dumps({SECOND_NODE: 1})}")  # fmt: skip
+    second_command = _node_command(
+        f"--address={address}", f"--temp-dir={temp_dir / 'second'}", f"--resources={json.dumps({SECOND_NODE: 1})}"
+    )
     processes = []
     try:
         for name, command in (("head", head_command), ("second", second_command)):
             log = temp_dir / f"{name}.log"
             with open(log, "w") as out:
-                processes.append(subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                                  start_new_session=True))  # fmt: skip
+                processes.append(
+                    subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                )
             want = len(processes)
             _wait_for(lambda want=want: _alive_nodes(address) >= want, f"ray {name} node", processes[-1], log)
         _wait_for(lambda: JobSubmissionClient(dashboard), "ray job API", processes[0], temp_dir / "head.log")
@@ -89,8 +112,17 @@ NAME = "cluster-demo"
 
 
 def _submit(cluster: dict, storage: Path, *overrides: str) -> str:
-    result = _ptft("submit", "configs/demo.yaml", *SHRINK, f"name={NAME}", f"storage={storage}", *overrides,
-                   "--address", cluster["dashboard"], "--no-wait")  # fmt: skip
+    result = _ptft(
+        "submit",
+        "configs/demo.yaml",
+        *SHRINK,
+        f"name={NAME}",
+        f"storage={storage}",
+        *overrides,
+        "--address",
+        cluster["dashboard"],
+        "--no-wait",
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     match = re.search(r"Submitted job (\S+) to", result.stdout)
     assert match, result.stdout
@@ -99,17 +131,23 @@ def _submit(cluster: dict, storage: Path, *overrides: str) -> str:
 
 # --- no cluster compute: refused before anything is sent -----------------------------------------
 
+
 def test_submit_refuses_a_broken_config_before_sending(tmp_path: Path) -> None:
-    result = _ptft("submit", "configs/demo.yaml", "pretrain.max_steps=twenty", f"storage={tmp_path}",
-                   "--address", f"http://127.0.0.1:{free_port()}")  # fmt: skip
+    result = _ptft(
+        "submit",
+        "configs/demo.yaml",
+        "pretrain.max_steps=twenty",
+        f"storage={tmp_path}",
+        "--address",
+        f"http://127.0.0.1:{free_port()}",
+    )
     assert result.returncode == 2, result.stdout + result.stderr
     assert "pretrain.max_steps" in result.stderr and "Fix:" in result.stderr
     assert "Traceback" not in result.stderr
 
 
 def test_submit_refuses_relative_storage(tmp_path: Path) -> None:
-    result = _ptft("submit", "configs/demo.yaml", "storage=./ptft-runs", "--address",
-                   f"http://127.0.0.1:{free_port()}")  # fmt: skip
+    result = _ptft("submit", "configs/demo.yaml", "storage=./ptft-runs", "--address", f"http://127.0.0.1:{free_port()}")
     assert result.returncode == 2, result.stdout + result.stderr
     assert "storage" in result.stderr
     assert "use an absolute path on shared storage, e.g. storage=/mnt/shared/ptft-runs" in result.stderr
@@ -117,9 +155,15 @@ def test_submit_refuses_relative_storage(tmp_path: Path) -> None:
 
 # --- pre-flight from `ptft validate` ----------------------------------------------------------------
 
+
 def test_validate_on_the_cluster_passes(cluster: dict, mlflow_server: str, tmp_path: Path) -> None:
-    result = _ptft("validate", "configs/demo.yaml", f"storage={tmp_path}", f"tracking.uri={mlflow_server}",
-                   f"ray.address={cluster['address']}")  # fmt: skip
+    result = _ptft(
+        "validate",
+        "configs/demo.yaml",
+        f"storage={tmp_path}",
+        f"tracking.uri={mlflow_server}",
+        f"ray.address={cluster['address']}",
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "OK" in result.stdout
     assert not list((tmp_path / ".ptft-preflight").glob("*")), "the storage probe cleans up after itself"
@@ -127,8 +171,14 @@ def test_validate_on_the_cluster_passes(cluster: dict, mlflow_server: str, tmp_p
 
 def test_validate_names_what_does_not_fit_and_an_unreachable_mlflow(cluster: dict, tmp_path: Path) -> None:
     dead_mlflow = f"http://127.0.0.1:{free_port()}"
-    result = _ptft("validate", "configs/demo.yaml", f"storage={tmp_path}", f"tracking.uri={dead_mlflow}",
-                   "pretrain.workers.num_workers=8", f"ray.address={cluster['address']}")  # fmt: skip
+    result = _ptft(
+        "validate",
+        "configs/demo.yaml",
+        f"storage={tmp_path}",
+        f"tracking.uri={dead_mlflow}",
+        "pretrain.workers.num_workers=8",
+        f"ray.address={cluster['address']}",
+    )
     assert result.returncode == 2, result.stdout + result.stderr
     assert "pretrain.workers.num_workers = 8: 8 workers x 1 CPU = 8 CPU, the cluster has 4" in result.stderr
     assert "set pretrain.workers.num_workers <= 4" in result.stderr
@@ -137,21 +187,29 @@ def test_validate_names_what_does_not_fit_and_an_unreachable_mlflow(cluster: dic
 
 # --- jobs -----------------------------------------------------------------------------------------
 
+
 def test_unknown_job_id_exits_2(cluster: dict) -> None:
     result = _ptft("status", "ptft-no-such-job", "--address", cluster["dashboard"])
     assert result.returncode == 2, result.stdout + result.stderr
     assert "no job 'ptft-no-such-job'" in result.stderr
 
 
-def test_submitted_demo_trains_on_both_nodes(cluster: dict, mlflow_server: str,
-                                            tmp_path_factory: pytest.TempPathFactory) -> None:  # fmt: skip
+def test_submitted_demo_trains_on_both_nodes(
+    cluster: dict, mlflow_server: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     storage = tmp_path_factory.mktemp("cluster-demo")
     # finetune's workers stay on one node, so a worker group spanning two nodes can only be pretrain's.
     # No sweep: what runs where is the subject here (sweeps have their own tests).
-    job_id = _submit(cluster, storage, f"tracking.uri={mlflow_server}", "tune.enabled=false",
-                     "pretrain.workers.placement_strategy=SPREAD",
-                     "finetune.workers.placement_strategy=STRICT_PACK", f"serve.port={free_port()}",
-                     "serve.app_name=cluster")  # fmt: skip
+    job_id = _submit(
+        cluster,
+        storage,
+        f"tracking.uri={mlflow_server}",
+        "tune.enabled=false",
+        "pretrain.workers.placement_strategy=SPREAD",
+        "finetune.workers.placement_strategy=STRICT_PACK",
+        f"serve.port={free_port()}",
+        "serve.app_name=cluster",
+    )
     assert job_id.startswith(f"ptft-{NAME}-")
 
     logs = _ptft("logs", job_id, "--follow", "--address", cluster["dashboard"], timeout=1200)
@@ -169,8 +227,9 @@ def test_submitted_demo_trains_on_both_nodes(cluster: dict, mlflow_server: str,
 
 def test_stop_a_running_job(cluster: dict, mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) -> None:
     storage = tmp_path_factory.mktemp("cluster-stop")
-    job_id = _submit(cluster, storage, f"tracking.uri={mlflow_server}", f"serve.port={free_port()}",
-                     "serve.app_name=stopped")  # fmt: skip
+    job_id = _submit(
+        cluster, storage, f"tracking.uri={mlflow_server}", f"serve.port={free_port()}", "serve.app_name=stopped"
+    )
     deadline = time.monotonic() + 300
     while not _a_stage_is_running(storage):  # stop it mid-stage, with MLflow runs open
         assert time.monotonic() < deadline, "the job never started a stage"
@@ -184,10 +243,12 @@ def test_stop_a_running_job(cluster: dict, mlflow_server: str, tmp_path_factory:
     manifest = json.loads(manifest_path.read_text())
     assert manifest["status"] == "killed", manifest
     client = MlflowClient(mlflow_server)
-    runs = client.search_runs([client.get_experiment_by_name(NAME).experiment_id],
-                              f"tags.`ptft.run_id` = '{manifest['run_id']}'")  # fmt: skip
+    runs = client.search_runs(
+        [client.get_experiment_by_name(NAME).experiment_id], f"tags.`ptft.run_id` = '{manifest['run_id']}'"
+    )
     assert runs and all(run.info.status in ("KILLED", "FINISHED") for run in runs), [
-        (run.info.run_name, run.info.status) for run in runs]  # fmt: skip
+        (run.info.run_name, run.info.status) for run in runs
+    ]
     assert any(run.info.status == "KILLED" for run in runs)
 
 

@@ -70,18 +70,30 @@ class _PretrainRuns:
         data = DataConfig.model_validate(tiny_config_dict(storage)["data"])
         self.tokenized = tokenize.run(TokenizeConfig(vocab_size=200, seq_len=32), data, self.context("tokenize"))
         self.config = PretrainConfig(
-            model=ModelConfig(preset="tiny"), max_steps=100, warmup_steps=5, learning_rate=2e-3,
-            batch_size_per_worker=8, log_every=1, checkpoint_every=CHECKPOINT_EVERY,
+            model=ModelConfig(preset="tiny"),
+            max_steps=100,
+            warmup_steps=5,
+            learning_rate=2e-3,
+            batch_size_per_worker=8,
+            log_every=1,
+            checkpoint_every=CHECKPOINT_EVERY,
             workers=WorkersConfig(num_workers=2, max_failures=2),
-        )  # fmt: skip
+        )
 
     def context(self, name: str) -> StageContext:
         run_id = start_run(self.client, self.experiment_id, name, tags={"ptft.stage": name, "ptft.run_id": name})
         output = self.storage / "artifacts" / name
         output.mkdir(parents=True)
-        return StageContext(pipeline_run_id=name, stage="pretrain", output_dir=output, storage=self.storage,
-                            tracking_uri=self.tracking_uri, experiment_id=self.experiment_id,
-                            mlflow_run_id=run_id, seed=7)  # fmt: skip
+        return StageContext(
+            pipeline_run_id=name,
+            stage="pretrain",
+            output_dir=output,
+            storage=self.storage,
+            tracking_uri=self.tracking_uri,
+            experiment_id=self.experiment_id,
+            mlflow_run_id=run_id,
+            seed=7,
+        )
 
     def run_id_of(self, name: str) -> str | None:
         found = self.client.search_runs([self.experiment_id], f"tags.`ptft.run_id` = '{name}'")
@@ -97,8 +109,11 @@ def _alive_train_workers(address: str) -> list:
     import ray
     from ray.util.state import list_actors
 
-    mine = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE"),
-            ("job_id", "=", ray.get_runtime_context().get_job_id())]  # fmt: skip
+    mine = [
+        ("class_name", "=", "RayTrainWorker"),
+        ("state", "=", "ALIVE"),
+        ("job_id", "=", ray.get_runtime_context().get_job_id()),
+    ]
     return list_actors(address=address, filters=mine, limit=1000)
 
 
@@ -120,15 +135,24 @@ def worker_kill(ray_driver: str, mlflow_server: str, tmp_path_factory: pytest.Te
     assert len(victims) == 2, victims
     victim = max(victims, key=lambda actor: actor.pid)
     # Kill mid-interval: once MLflow shows steps past the checkpoint (they will be recomputed).
-    wait_until(lambda: max(_history(runs.client, run_id, "train/step"), default=0) > checkpoint_step,
-                "steps logged after the checkpoint", poll_s=0.05)  # fmt: skip
+    wait_until(
+        lambda: max(_history(runs.client, run_id, "train/step"), default=0) > checkpoint_step,
+        "steps logged after the checkpoint",
+        poll_s=0.05,
+    )
     os.kill(victim.pid, signal.SIGKILL)
     killed_at = time.monotonic()
     checkpoint_step = _latest_checkpoint_step(run_dir)  # none can register once a rank is dead
     faulted.join(timeout=600)
     assert not faulted.is_alive() and "result" in outcome, "the faulted run did not finish"
-    return {"runs": runs, "baseline": baseline, "faulted": outcome["result"], "ctx": outcome["ctx"],
-            "checkpoint_step_at_kill": checkpoint_step, "killed_at": killed_at}  # fmt: skip
+    return {
+        "runs": runs,
+        "baseline": baseline,
+        "faulted": outcome["result"],
+        "ctx": outcome["ctx"],
+        "checkpoint_step_at_kill": checkpoint_step,
+        "killed_at": killed_at,
+    }
 
 
 def test_killed_worker_stage_completes_the_planned_steps(worker_kill: dict) -> None:
@@ -156,8 +180,10 @@ def test_restore_continues_right_after_the_last_checkpoint(worker_kill: dict) ->
 
 def test_final_loss_matches_an_uninterrupted_run(worker_kill: dict) -> None:
     baseline, faulted = worker_kill["baseline"].metrics, worker_kill["faulted"].metrics
-    print(f"\nfinal train/loss {faulted['train/loss']:.5f} vs {baseline['train/loss']:.5f}; "
-          f"eval/mlm_loss {faulted['eval/mlm_loss']:.5f} vs {baseline['eval/mlm_loss']:.5f}")  # fmt: skip
+    print(
+        f"\nfinal train/loss {faulted['train/loss']:.5f} vs {baseline['train/loss']:.5f}; "
+        f"eval/mlm_loss {faulted['eval/mlm_loss']:.5f} vs {baseline['eval/mlm_loss']:.5f}"
+    )
     assert faulted["train/loss"] == pytest.approx(baseline["train/loss"], abs=0.02)
     assert faulted["eval/mlm_loss"] == pytest.approx(baseline["eval/mlm_loss"], abs=0.02)
 
@@ -177,8 +203,13 @@ def _pipeline_config(storage: Path) -> dict:
     config = tiny_config_dict(storage)
     config["name"] = "faults"
     config["data"]["task"]["train"]["num_examples"] = 480
-    config["pretrain"] = {"max_steps": 200, "warmup_steps": 10, "checkpoint_every": CHECKPOINT_EVERY,
-                          "log_every": 5, "batch_size_per_worker": 8}  # fmt: skip
+    config["pretrain"] = {
+        "max_steps": 200,
+        "warmup_steps": 10,
+        "checkpoint_every": CHECKPOINT_EVERY,
+        "log_every": 5,
+        "batch_size_per_worker": 8,
+    }
     config["tune"] = {"num_samples": 4, "max_epochs": 4, "grace_period": 2, "max_concurrent_trials": 2}
     config["finetune"] = {"epochs": 1}
     return config
@@ -205,8 +236,9 @@ class _Driver:
     def kill_when(self, process: subprocess.Popen, condition: Callable[[], object], what: str) -> None:
         def ready():
             if process.poll() is not None:
-                raise AssertionError(f"the driver exited ({process.returncode}) before {what}:\n"
-                                     f"{self.logs[-1].read_text()[-4000:]}")  # fmt: skip
+                raise AssertionError(
+                    f"the driver exited ({process.returncode}) before {what}:\n{self.logs[-1].read_text()[-4000:]}"
+                )
             return condition()
 
         wait_until(ready, what, timeout_s=600)
@@ -223,8 +255,13 @@ def driver_kills(ray_driver: str, mlflow_server: str, tmp_path_factory: pytest.T
     config_path = storage / "faults.yaml"
     config_path.write_text(yaml.safe_dump(_pipeline_config(storage)))
     driver = _Driver(storage, dict(os.environ))
-    overrides = [f"tracking.uri={mlflow_server}", f"ray.address={ray_driver}", f"serve.port={free_port()}",
-                 "serve.app_name=faults", "serve.route_prefix=/faults"]  # fmt: skip
+    overrides = [
+        f"tracking.uri={mlflow_server}",
+        f"ray.address={ray_driver}",
+        f"serve.port={free_port()}",
+        "serve.app_name=faults",
+        "serve.route_prefix=/faults",
+    ]
 
     first = driver.start("run", str(config_path), *overrides)
     driver.kill_when(first, lambda: _pretrain_checkpointed(driver), "a pretrain checkpoint")
@@ -233,8 +270,13 @@ def driver_kills(ray_driver: str, mlflow_server: str, tmp_path_factory: pytest.T
 
     second = driver.start("resume", run_id, "--storage", str(storage))
     assert second.wait(timeout=900) == 0, driver.tail()
-    yield {"driver": driver, "run_id": run_id, "client": MlflowClient(mlflow_server),
-           "manifest": driver.manifest(), "pretrain_step_at_kill": pretrain_step_at_kill}  # fmt: skip
+    yield {
+        "driver": driver,
+        "run_id": run_id,
+        "client": MlflowClient(mlflow_server),
+        "manifest": driver.manifest(),
+        "pretrain_step_at_kill": pretrain_step_at_kill,
+    }
     from ray import serve
 
     serve.delete("faults")
@@ -250,8 +292,9 @@ def _pretrain_checkpointed(driver: _Driver) -> bool:
 
 def _stage_runs(client: MlflowClient, run_id: str, stage: str) -> list:
     experiment = client.get_experiment_by_name("faults")
-    return client.search_runs([experiment.experiment_id],
-                              f"tags.`ptft.run_id` = '{run_id}' and tags.`ptft.stage` = '{stage}'")  # fmt: skip
+    return client.search_runs(
+        [experiment.experiment_id], f"tags.`ptft.run_id` = '{run_id}' and tags.`ptft.stage` = '{stage}'"
+    )
 
 
 def test_resumed_pipeline_completes_with_every_stage_run_once(driver_kills: dict) -> None:

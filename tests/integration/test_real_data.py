@@ -20,8 +20,15 @@ def test_rt_polarity_tokenizes_with_its_config(ray_driver: str, tmp_path: Path, 
     shared("data/rt-polarity")
     monkeypatch.chdir(REPO)  # the config's data paths are relative to the repo root
     config = load_config(REPO / "configs" / "rt_polarity.yaml", [f"storage={tmp_path}"])
-    ctx = StageContext(pipeline_run_id="real", stage="tokenize", output_dir=tmp_path / "tok", storage=tmp_path,
-                       tracking_uri="", experiment_id="", mlflow_run_id="")  # fmt: skip
+    ctx = StageContext(
+        pipeline_run_id="real",
+        stage="tokenize",
+        output_dir=tmp_path / "tok",
+        storage=tmp_path,
+        tracking_uri="",
+        experiment_id="",
+        mlflow_run_id="",
+    )
     result = tokenize.run(config.tokenize, config.data, ctx)
     assert read_json(ctx.output_dir / "labels.json") == ["negative", "positive"]  # data.task.label_names
     rows = {split: pq.read_table(ctx.output_dir / "task" / split).num_rows for split in ("train", "validation", "test")}

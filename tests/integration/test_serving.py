@@ -31,6 +31,8 @@ pytestmark = pytest.mark.integration
 
 PTFT = str(Path(sys.executable).with_name("ptft"))
 NAME = "serving-classifier"
+
+
 @pytest.fixture(scope="module")
 def registered(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
     client = MlflowClient(mlflow_server)
@@ -39,10 +41,17 @@ def registered(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) -> 
     for seed, accuracy in ((1, 0.75), (2, 0.5)):
         run_id = client.create_run(experiment).info.run_id
         folder = tiny_classifier(tmp_path_factory.mktemp("models") / f"seed{seed}", seed)
-        versions.append(registry.register_classifier(
-            folder, name=NAME, run_id=run_id, tracking_uri=mlflow_server, test_accuracy=accuracy,
-            test_split="split-a", lineage={},
-        ))  # fmt: skip
+        versions.append(
+            registry.register_classifier(
+                folder,
+                name=NAME,
+                run_id=run_id,
+                tracking_uri=mlflow_server,
+                test_accuracy=accuracy,
+                test_split="split-a",
+                lineage={},
+            )
+        )
         client.set_terminated(run_id)
     return {"client": client, "versions": versions, "tracking_uri": mlflow_server}
 
@@ -66,9 +75,17 @@ def app(registered: dict, ray_driver: str, tmp_path_factory: pytest.TempPathFact
     """`ptft serve` deploys the champion with two replicas and exits (the app stays on the cluster)."""
     config = tmp_path_factory.mktemp("serving") / "serving.yaml"
     config.write_text(yaml.safe_dump({**tiny_config_dict(config.parent), "name": "serving"}))
-    overrides = [f"tracking.uri={registered['tracking_uri']}", f"ray.address={ray_driver}", "serve.app_name=serving",
-                 "serve.route_prefix=/serving", "serve.num_replicas=2", "serve.cpus_per_replica=0.25",
-                 "serve.max_texts=8", "serve.max_text_bytes=2000", "serve.max_body_bytes=20000"]  # fmt: skip
+    overrides = [
+        f"tracking.uri={registered['tracking_uri']}",
+        f"ray.address={ray_driver}",
+        "serve.app_name=serving",
+        "serve.route_prefix=/serving",
+        "serve.num_replicas=2",
+        "serve.cpus_per_replica=0.25",
+        "serve.max_texts=8",
+        "serve.max_text_bytes=2000",
+        "serve.max_body_bytes=20000",
+    ]
     done = _ptft("serve", f"models:/{NAME}@champion", "--config", str(config), overrides=overrides)
     url = done.stdout.split(" at ", 1)[1].split()[0]
     yield {"url": url, "config": str(config), "overrides": overrides, "stdout": done.stdout, **registered}
@@ -83,8 +100,12 @@ def test_serve_answers_with_labels_and_the_model(app: dict) -> None:
     body = response.json()
     assert [p["label"] in ("negative", "positive") for p in body["predictions"]] == [True, True]
     assert all(0.5 <= p["score"] <= 1.0 and p["truncated"] is False for p in body["predictions"])
-    assert body["model"] == {**body["model"], "name": NAME, "version": app["versions"][0]["version"],
-                             "alias": "champion"}  # fmt: skip
+    assert body["model"] == {
+        **body["model"],
+        "name": NAME,
+        "version": app["versions"][0]["version"],
+        "alias": "champion",
+    }
     assert requests.get(f"{app['url']}/healthz", timeout=10).json() == {"status": "ok"}
     metadata = requests.get(f"{app['url']}/metadata", timeout=10).json()
     assert metadata["labels"] == ["negative", "positive"] and metadata["max_tokens"] == POSITIONS
@@ -110,10 +131,15 @@ def test_explain_answers_attention_maps_over_the_tokens(app: dict) -> None:
     assert "/explain" in requests.get(f"{app['url']}/openapi.json", timeout=10).json()["paths"]
 
 
-@pytest.mark.parametrize("payload, status, says", [
-    ({"texts": ["good"], "layer": 7}, 422, "layer"), ({"texts": ["x"] * 9}, 422, "max_texts=8"),
-    ({"texts": ["x"], "heads": 1}, 422, "heads"), ("{oops", 400, "not JSON"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "payload, status, says",
+    [
+        ({"texts": ["good"], "layer": 7}, 422, "layer"),
+        ({"texts": ["x"] * 9}, 422, "max_texts=8"),
+        ({"texts": ["x"], "heads": 1}, 422, "heads"),
+        ("{oops", 400, "not JSON"),
+    ],
+)
 def test_bad_explain_requests_get_a_4xx_with_a_message(app: dict, payload, status: int, says: str) -> None:
     kwargs = {"data": payload} if isinstance(payload, str) else {"json": payload}
     response = requests.post(f"{app['url']}/explain", timeout=30, **kwargs)
@@ -139,8 +165,13 @@ BAD_REQUESTS = {
 def test_bad_requests_get_a_4xx_with_a_message(app: dict, case: str) -> None:
     payload, status, words = BAD_REQUESTS[case]
     raw = payload if isinstance(payload, (str, bytes)) else None
-    response = requests.post(f"{app['url']}/predict", json=None if raw else payload, data=raw,
-                             headers={"content-type": "application/json"}, timeout=30)  # fmt: skip
+    response = requests.post(
+        f"{app['url']}/predict",
+        json=None if raw else payload,
+        data=raw,
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
     assert response.status_code == status, response.text
     assert words in response.json()["detail"]
     assert requests.post(f"{app['url']}/predict", json={"texts": ["good"]}, timeout=30).status_code == 200
@@ -190,8 +221,11 @@ class Stream:
 def _replica_actors(app_name: str) -> list:
     import ray
 
-    names = [actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)
-             if actor["name"].startswith(f"SERVE_REPLICA::{app_name}#")]  # fmt: skip
+    names = [
+        actor["name"]
+        for actor in ray.util.list_named_actors(all_namespaces=True)
+        if actor["name"].startswith(f"SERVE_REPLICA::{app_name}#")
+    ]
     return [ray.get_actor(name, namespace="serve") for name in names]
 
 
@@ -229,8 +263,15 @@ def test_export_writes_a_serve_config_that_serve_accepts(app: dict, tmp_path: Pa
     from ray.serve.schema import ServeDeploySchema
 
     exported = tmp_path / "serve.yaml"
-    _ptft("serve", f"models:/{NAME}@champion", "--config", app["config"], "--export", str(exported),
-          overrides=app["overrides"])  # fmt: skip
+    _ptft(
+        "serve",
+        f"models:/{NAME}@champion",
+        "--config",
+        app["config"],
+        "--export",
+        str(exported),
+        overrides=app["overrides"],
+    )
     document = yaml.safe_load(exported.read_text())
     ServeDeploySchema.model_validate(document)
     (application,) = document["applications"]
@@ -241,10 +282,18 @@ def test_export_writes_a_serve_config_that_serve_accepts(app: dict, tmp_path: Pa
 
 
 def test_a_bad_model_reference_exits_2_before_deploying(app: dict) -> None:
-    for reference, words in (("models:/nope@champion", "not in the registry"), ("/no/such/folder", "does not exist"),
-                             ("models:/bad/ref/x", "not a registered model reference")):  # fmt: skip
-        done = subprocess.run([PTFT, "serve", reference, "--config", app["config"], *app["overrides"]], cwd=REPO,
-                              capture_output=True, text=True, timeout=300)  # fmt: skip
+    for reference, words in (
+        ("models:/nope@champion", "not in the registry"),
+        ("/no/such/folder", "does not exist"),
+        ("models:/bad/ref/x", "not a registered model reference"),
+    ):
+        done = subprocess.run(
+            [PTFT, "serve", reference, "--config", app["config"], *app["overrides"]],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 2 and words in done.stderr, done.stderr
 
 
@@ -253,8 +302,15 @@ def test_a_bad_model_reference_exits_2_before_deploying(app: dict) -> None:
 
 @pytest.fixture(scope="module")
 def small_app(registered: dict, ray_driver: str) -> ServeConfig:
-    cfg = ServeConfig(app_name="serving-small", route_prefix="/serving-small", num_replicas=1, cpus_per_replica=0.25,
-                      max_batch_size=2, max_ongoing_requests=2, max_queued_requests=2)  # fmt: skip
+    cfg = ServeConfig(
+        app_name="serving-small",
+        route_prefix="/serving-small",
+        num_replicas=1,
+        cpus_per_replica=0.25,
+        max_batch_size=2,
+        max_ongoing_requests=2,
+        max_queued_requests=2,
+    )
     yield cfg
     from ray import serve as ray_serve
 

@@ -42,13 +42,21 @@ class Chain:
         self.contexts: dict[str, StageContext] = {}
 
     def context(self, stage: str) -> StageContext:
-        run_id = start_run(self.client, self.experiment_id, stage, parent_run_id=self.parent,
-                           tags={"ptft.stage": stage})  # fmt: skip
+        run_id = start_run(
+            self.client, self.experiment_id, stage, parent_run_id=self.parent, tags={"ptft.stage": stage}
+        )
         output = self.storage / "artifacts" / stage
         output.mkdir(parents=True)
-        ctx = StageContext(pipeline_run_id="itest", stage=stage, output_dir=output, storage=self.storage,
-                           tracking_uri=self.tracking_uri, experiment_id=self.experiment_id,
-                           mlflow_run_id=run_id, seed=0)  # fmt: skip
+        ctx = StageContext(
+            pipeline_run_id="itest",
+            stage=stage,
+            output_dir=output,
+            storage=self.storage,
+            tracking_uri=self.tracking_uri,
+            experiment_id=self.experiment_id,
+            mlflow_run_id=run_id,
+            seed=0,
+        )
         self.contexts[stage] = ctx
         return ctx
 
@@ -59,14 +67,25 @@ def chain(ray_driver: str, mlflow_server: str, tmp_path_factory: pytest.TempPath
     data = DataConfig.model_validate(tiny_config_dict(chain.storage)["data"])
     tok_cfg = TokenizeConfig(vocab_size=200, seq_len=32)
     chain.results["tokenize"] = tokenize.run(tok_cfg, data, chain.context("tokenize"))
-    pre_cfg = PretrainConfig(model=ModelConfig(preset="tiny", max_positions=32), max_steps=12, batch_size_per_worker=4,
-                             warmup_steps=2, log_every=2, checkpoint_every=6,
-                             deepspeed=DeepSpeedConfig(zero_stage=3))  # fmt: skip
+    pre_cfg = PretrainConfig(
+        model=ModelConfig(preset="tiny", max_positions=32),
+        max_steps=12,
+        batch_size_per_worker=4,
+        warmup_steps=2,
+        log_every=2,
+        checkpoint_every=6,
+        deepspeed=DeepSpeedConfig(zero_stage=3),
+    )
     chain.results["pretrain"] = pretrain.run(pre_cfg, chain.results["tokenize"].output_uri, chain.context("pretrain"))
     tune_cfg = TuneConfig(num_samples=2, max_epochs=2, grace_period=2, max_concurrent_trials=2)
-    chain.results["tune"] = tune.run(tune_cfg, chain.results["pretrain"].output_uri,
-                                     chain.results["tokenize"].output_uri, Hyperparameters(batch_size_per_worker=8),
-                                     DeepSpeedConfig(zero_stage=1), chain.context("tune"))  # fmt: skip
+    chain.results["tune"] = tune.run(
+        tune_cfg,
+        chain.results["pretrain"].output_uri,
+        chain.results["tokenize"].output_uri,
+        Hyperparameters(batch_size_per_worker=8),
+        DeepSpeedConfig(zero_stage=1),
+        chain.context("tune"),
+    )
     return chain
 
 

@@ -38,11 +38,17 @@ def _config(storage: Path) -> dict:
     config["data"]["task"]["train"]["num_examples"] = 128
     config["pretrain"] = {"max_steps": 12, "warmup_steps": 2, "batch_size_per_worker": 8, "log_every": 4}
     config["tune"] = {
-        "search": "grid", "num_samples": 1, "scheduler": "asha", "metric": "eval/loss", "max_epochs": 3,
+        "search": "grid",
+        "num_samples": 1,
+        "scheduler": "asha",
+        "metric": "eval/loss",
+        "max_epochs": 3,
         "grace_period": 1,
-        "reduction_factor": 2, "max_concurrent_trials": 1, "progress_every_s": 0.5,
+        "reduction_factor": 2,
+        "max_concurrent_trials": 1,
+        "progress_every_s": 0.5,
         "search_space": {"learning_rate": {"type": "grid", "values": GRID}},
-    }  # fmt: skip
+    }
     config["finetune"] = {"epochs": 1, "defaults": {"batch_size_per_worker": 8}}
     return config
 
@@ -64,8 +70,9 @@ class Sweeps:
         log = self.storage / f"sweep-{len(self.logs)}.log"
         self.logs.append(log)
         with open(log, "w") as out:
-            return subprocess.Popen([PTFT, "sweep", *args], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                    env=self.env)  # fmt: skip
+            return subprocess.Popen(
+                [PTFT, "sweep", *args], cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=self.env
+            )
 
     def run(self, *overrides: str) -> str:
         """A whole sweep; returns the pipeline run id."""
@@ -130,8 +137,12 @@ def asha(sweeps: Sweeps) -> dict:
     killed_at = sweeps.manifest(run_id)["stages"]["tune"]["status"]
     second = sweeps.start("--resume", "--storage", str(sweeps.storage))
     assert second.wait(timeout=900) == 0, sweeps.tail()
-    return {"run_id": run_id, "killed_at": killed_at, "output": sweeps.logs[-1].read_text(),
-            "trials": read_json(sweeps.tune_output(run_id) / "trials.json")}  # fmt: skip
+    return {
+        "run_id": run_id,
+        "killed_at": killed_at,
+        "output": sweeps.logs[-1].read_text(),
+        "trials": read_json(sweeps.tune_output(run_id) / "trials.json"),
+    }
 
 
 def test_asha_stops_weak_trials_at_the_first_rung(asha: dict) -> None:
@@ -185,11 +196,16 @@ def test_one_mlflow_run_per_trial_under_the_tune_run(sweeps: Sweeps, asha: dict)
 @pytest.fixture(scope="module")
 def pbt(sweeps: Sweeps, asha: dict) -> str:
     return sweeps.run(
-        "tune.search=random", "tune.scheduler=pbt", "tune.num_samples=4", "tune.max_epochs=4",
-        "tune.pbt_interval=1", "tune.pbt_quantile=0.25", "tune.max_concurrent_trials=2",
+        "tune.search=random",
+        "tune.scheduler=pbt",
+        "tune.num_samples=4",
+        "tune.max_epochs=4",
+        "tune.pbt_interval=1",
+        "tune.pbt_quantile=0.25",
+        "tune.max_concurrent_trials=2",
         "tune.search_space={learning_rate: {type: loguniform, low: 1.0e-7, high: 3.0e-3}, "
         "weight_decay: {type: uniform, low: 0.0, high: 0.1}}",
-    )  # fmt: skip
+    )
 
 
 def test_pbt_exploits_in_the_same_trial_run(sweeps: Sweeps, pbt: str) -> None:
@@ -214,11 +230,16 @@ def test_pbt_exploits_in_the_same_trial_run(sweeps: Sweeps, pbt: str) -> None:
 @pytest.fixture(scope="module")
 def optuna_distributed(sweeps: Sweeps, asha: dict) -> str:
     return sweeps.run(
-        "tune.search=optuna", "tune.scheduler=median", "tune.num_samples=2", "tune.max_epochs=2",
-        "tune.workers_per_trial=2", "tune.max_concurrent_trials=1", "tune.median_min_samples=1",
+        "tune.search=optuna",
+        "tune.scheduler=median",
+        "tune.num_samples=2",
+        "tune.max_epochs=2",
+        "tune.workers_per_trial=2",
+        "tune.max_concurrent_trials=1",
+        "tune.median_min_samples=1",
         "tune.search_space={learning_rate: {type: loguniform, low: 1.0e-4, high: 3.0e-3}, "
         "dropout: {type: choice, values: [0.0, 0.1]}}",
-    )  # fmt: skip
+    )
 
 
 def test_optuna_trials_run_as_two_worker_trainers(sweeps: Sweeps, optuna_distributed: str) -> None:

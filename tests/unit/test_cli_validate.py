@@ -15,8 +15,9 @@ PTFT = str(Path(sys.executable).parent / "ptft")
 
 
 def _validate(config_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run([PTFT, "validate", str(config_path), *overrides], capture_output=True, text=True,
-                          cwd=REPO, timeout=120)  # fmt: skip
+    return subprocess.run(
+        [PTFT, "validate", str(config_path), *overrides], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +26,12 @@ def good_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = folder / "good.yaml"
     raw = tiny_config_dict(folder / "store")
     (folder / "reviews.csv").write_text("sentence,polarity\ngreat,1\nbad,0\n")
-    raw["data"]["task"]["validation"] = {"type": "file", "path": str(folder / "reviews.csv"),
-                                         "text_column": "sentence", "label_column": "polarity"}  # fmt: skip
+    raw["data"]["task"]["validation"] = {
+        "type": "file",
+        "path": str(folder / "reviews.csv"),
+        "text_column": "sentence",
+        "label_column": "polarity",
+    }
     path.write_text(yaml.safe_dump(raw))
     return path
 
@@ -64,8 +69,9 @@ def test_several_problems_in_one_message(good_config: Path) -> None:
 
 
 def test_run_rejects_a_bad_config_before_starting_ray(good_config: Path) -> None:
-    result = subprocess.run([PTFT, "run", str(good_config), "tokenize.seq_len=4096"], capture_output=True,
-                            text=True, cwd=REPO, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [PTFT, "run", str(good_config), "tokenize.seq_len=4096"], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
     assert result.returncode == 2
     assert "tokenize.seq_len" in result.stderr
     assert "Ray" not in result.stdout + result.stderr  # no local Ray instance was started

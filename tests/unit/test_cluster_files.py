@@ -25,12 +25,16 @@ from tests.conftest import REPO, shared
 CLUSTER = REPO / "cluster"
 RAY_UP = CLUSTER / "ray-up" / "gpu-cluster.yaml"
 KUBERAY = CLUSTER / "kuberay"
-MANIFESTS = {"RayCluster": KUBERAY / "raycluster.yaml", "RayJob": KUBERAY / "rayjob.yaml",
-             "RayService": KUBERAY / "rayservice.yaml"}  # fmt: skip
+MANIFESTS = {
+    "RayCluster": KUBERAY / "raycluster.yaml",
+    "RayJob": KUBERAY / "rayjob.yaml",
+    "RayService": KUBERAY / "rayservice.yaml",
+}
 PRESETS = CLUSTER / "deepspeed"
 # A name part (between underscores) that says secret: MLFLOW_TRACKING_TOKEN, AWS_SECRET_ACCESS_KEY, not
 # TOKENIZERS_PARALLELISM.
 SECRET_NAME = re.compile(r"(^|_)(TOKENS?|PASSWORDS?|PASSWD|SECRETS?|KEYS?|CREDENTIALS?)(_|$)", re.IGNORECASE)
+
 
 def _yaml(path: Path) -> Any:
     return yaml.safe_load(path.read_text())
@@ -100,15 +104,21 @@ def _closed(schema: Any) -> Any:
     if not isinstance(schema, dict):
         return schema
     closed = {key: _closed(value) for key, value in schema.items()}
-    if ("properties" in schema and "additionalProperties" not in schema
-            and not schema.get("x-kubernetes-preserve-unknown-fields")):  # fmt: skip
+    if (
+        "properties" in schema
+        and "additionalProperties" not in schema
+        and not schema.get("x-kubernetes-preserve-unknown-fields")
+    ):
         closed["additionalProperties"] = False
     return closed
 
 
 def _crd_schema(kind: str) -> dict:
-    files = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
-             "RayService": "ray.io_rayservices.yaml"}  # fmt: skip
+    files = {
+        "RayCluster": "ray.io_rayclusters.yaml",
+        "RayJob": "ray.io_rayjobs.yaml",
+        "RayService": "ray.io_rayservices.yaml",
+    }
     crd = _yaml(shared("schemas/kuberay") / files[kind])
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     return _closed(version["schema"]["openAPIV3Schema"])
@@ -145,8 +155,11 @@ def _cluster_specs() -> dict[str, dict]:
     specs = {}
     for kind, path in MANIFESTS.items():
         spec = _yaml(path)["spec"]
-        specs[kind] = {"RayCluster": spec, "RayJob": spec.get("rayClusterSpec"),
-                       "RayService": spec.get("rayClusterConfig")}[kind]  # fmt: skip
+        specs[kind] = {
+            "RayCluster": spec,
+            "RayJob": spec.get("rayClusterSpec"),
+            "RayService": spec.get("rayClusterConfig"),
+        }[kind]
     return specs
 
 
@@ -159,8 +172,9 @@ def _containers(group: dict) -> list[dict]:
 
 
 def test_kuberay_dashboard_binds_loopback_unless_the_operator_needs_it() -> None:
-    hosts = {kind: spec["headGroupSpec"]["rayStartParams"].get("dashboard-host")
-             for kind, spec in _cluster_specs().items()}  # fmt: skip
+    hosts = {
+        kind: spec["headGroupSpec"]["rayStartParams"].get("dashboard-host") for kind, spec in _cluster_specs().items()
+    }
     # RayJob and RayService: the operator (and the RayJob submitter) talk to the head's dashboard
     # through its Service, so those two listen on the pod's interfaces, on purpose, behind token auth.
     assert hosts == {"RayCluster": "127.0.0.1", "RayJob": "0.0.0.0", "RayService": "0.0.0.0"}
@@ -215,8 +229,11 @@ def test_dockerfile_copies_what_exists_and_the_context_lets_it_through() -> None
     dockerfile = (CLUSTER / "Dockerfile").read_text()
     assert re.search(r"^WORKDIR /home/ray/ptft$", dockerfile, re.MULTILINE)
     sources = [s for line in re.findall(r"^COPY (.+) \S+$", dockerfile, re.MULTILINE) for s in line.split()]
-    allowed = {line[1:].rstrip("/") for line in (CLUSTER / "Dockerfile.dockerignore").read_text().splitlines()
-               if line.startswith("!")}  # fmt: skip
+    allowed = {
+        line[1:].rstrip("/")
+        for line in (CLUSTER / "Dockerfile.dockerignore").read_text().splitlines()
+        if line.startswith("!")
+    }
     assert sources and set(sources) <= allowed
     assert all((REPO / source).exists() for source in sources)
     assert dockerfile.index("torch==${TORCH_VERSION}") < dockerfile.index("-c constraints.txt -e .")
@@ -356,8 +373,12 @@ def test_pods_get_the_mlflow_token_from_a_secret() -> None:
 # --- DeepSpeed presets -------------------------------------------------------------------------
 
 # What each preset stands for in pipeline-config terms.
-PRESET_SETTINGS = {"zero2-cpu-fp32.json": (2, "fp32"), "zero2-bf16.json": (2, "bf16"),
-                   "zero3-bf16.json": (3, "bf16"), "zero3-offload-bf16.json": (3, "bf16")}  # fmt: skip
+PRESET_SETTINGS = {
+    "zero2-cpu-fp32.json": (2, "fp32"),
+    "zero2-bf16.json": (2, "bf16"),
+    "zero3-bf16.json": (3, "bf16"),
+    "zero3-offload-bf16.json": (3, "bf16"),
+}
 
 
 def _deepspeed_parse(config: dict, monkeypatch: pytest.MonkeyPatch) -> Any:
@@ -410,8 +431,14 @@ def test_keys_set_in_the_block_win_over_the_file() -> None:
     assert loaded.file_settings["zero_optimization"]["overlap_comm"] is True  # the rest still comes from the file
 
 
-@pytest.mark.parametrize("content, message", [(None, "cannot be read"), ("{not json", "not valid JSON"),
-                                              ('{"optimizer": {"type": "Adam"}}', "ptft builds AdamW")])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "cannot be read"),
+        ("{not json", "not valid JSON"),
+        ('{"optimizer": {"type": "Adam"}}', "ptft builds AdamW"),
+    ],
+)
 def test_a_bad_config_file_is_refused_with_the_reason(tmp_path: Path, content: str | None, message: str) -> None:
     from pydantic import ValidationError
 

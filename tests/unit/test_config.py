@@ -117,8 +117,12 @@ def test_missing_label_column_lists_columns(tmp_path: Path) -> None:
 
 def test_search_space_bounds_and_keys(tmp_path: Path) -> None:
     raw = tiny_config_dict(tmp_path)
-    raw["tune"] = {"search_space": {"learning_rate": {"type": "loguniform", "low": 0, "high": 1e-3},
-                                    "momentum": {"type": "uniform", "low": 0, "high": 1}}}  # fmt: skip
+    raw["tune"] = {
+        "search_space": {
+            "learning_rate": {"type": "loguniform", "low": 0, "high": 1e-3},
+            "momentum": {"type": "uniform", "low": 0, "high": 1},
+        }
+    }
     keys = {problem.key for problem in _problems(raw)}
     assert {"tune.search_space.learning_rate", "tune.search_space.momentum"} <= keys
 
@@ -137,13 +141,26 @@ def _keys(raw: dict, overrides: list[str]) -> dict[str, str]:
 
 def test_global_batch_must_be_micro_times_accumulation_times_workers(tmp_path: Path) -> None:
     raw = tiny_config_dict(tmp_path)
-    keys = _keys(raw, ["pretrain.batch_size_per_worker=8", "pretrain.deepspeed.gradient_accumulation_steps=4",
-                       "pretrain.workers.num_workers=2", "pretrain.deepspeed.train_batch_size=32"])  # fmt: skip
+    keys = _keys(
+        raw,
+        [
+            "pretrain.batch_size_per_worker=8",
+            "pretrain.deepspeed.gradient_accumulation_steps=4",
+            "pretrain.workers.num_workers=2",
+            "pretrain.deepspeed.train_batch_size=32",
+        ],
+    )
     assert "8 x 4 x 2 = 64" in keys["pretrain.deepspeed.train_batch_size"]
     assert "set it to 64" in keys["pretrain.deepspeed.train_batch_size"]
     raw = tiny_config_dict(tmp_path)
-    apply_overrides(raw, ["pretrain.batch_size_per_worker=8", "pretrain.deepspeed.gradient_accumulation_steps=4",
-                          "pretrain.deepspeed.train_batch_size=64"])  # fmt: skip
+    apply_overrides(
+        raw,
+        [
+            "pretrain.batch_size_per_worker=8",
+            "pretrain.deepspeed.gradient_accumulation_steps=4",
+            "pretrain.deepspeed.train_batch_size=64",
+        ],
+    )
     assert validate(raw).pretrain.deepspeed.train_batch_size == 64
 
 
@@ -154,15 +171,31 @@ def test_a_fixed_finetune_batch_conflicts_with_searching_the_batch_size(tmp_path
     assert "varies batch_size_per_worker" in keys["finetune.deepspeed.train_batch_size"]
 
 
-@pytest.mark.parametrize("overrides, key, message", [
-    (["pretrain.deepspeed.offload_optimizer=cpu", "pretrain.deepspeed.zero_stage=2"],
-     "pretrain.deepspeed.offload_optimizer", "needs GPU workers"),
-    (["pretrain.deepspeed.offload_param=cpu", "pretrain.deepspeed.zero_stage=2", "pretrain.workers.use_gpu=true"],
-     "pretrain.deepspeed.offload_param", "needs ZeRO stage 3"),
-    (["finetune.deepspeed.offload_optimizer=cpu", "finetune.workers.use_gpu=true"],
-     "finetune.deepspeed.offload_optimizer", "needs ZeRO stage 1"),
-    (["pretrain.model.family=gpt2", "pretrain.model.preset=base"], "pretrain.model.preset", "no such preset"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides, key, message",
+    [
+        (
+            ["pretrain.deepspeed.offload_optimizer=cpu", "pretrain.deepspeed.zero_stage=2"],
+            "pretrain.deepspeed.offload_optimizer",
+            "needs GPU workers",
+        ),
+        (
+            [
+                "pretrain.deepspeed.offload_param=cpu",
+                "pretrain.deepspeed.zero_stage=2",
+                "pretrain.workers.use_gpu=true",
+            ],
+            "pretrain.deepspeed.offload_param",
+            "needs ZeRO stage 3",
+        ),
+        (
+            ["finetune.deepspeed.offload_optimizer=cpu", "finetune.workers.use_gpu=true"],
+            "finetune.deepspeed.offload_optimizer",
+            "needs ZeRO stage 1",
+        ),
+        (["pretrain.model.family=gpt2", "pretrain.model.preset=base"], "pretrain.model.preset", "no such preset"),
+    ],
+)
 def test_cross_field_training_rules(tmp_path: Path, overrides: list[str], key: str, message: str) -> None:
     keys = _keys(tiny_config_dict(tmp_path), overrides)
     assert message in keys[key], keys
@@ -212,10 +245,12 @@ def test_a_bad_init_from_names_the_fix(tmp_path: Path, problem: str, monkeypatch
         _checkpoint(folder)
         overrides.append(f"tokenize.pretrained={tmp_path}")
     keys = _keys(tiny_config_dict(tmp_path), overrides)
-    expected = {"missing": ("pretrain.model.init_from", "HF_HUB_OFFLINE=1"),
-                "no config": ("pretrain.model.init_from", "has no config.json"),
-                "gpt-j": ("pretrain.model.init_from", "'gptj' is not one ptft pre-trains"),
-                "other tokenizer": ("tokenize.pretrained", "its own vocabulary")}[problem]  # fmt: skip
+    expected = {
+        "missing": ("pretrain.model.init_from", "HF_HUB_OFFLINE=1"),
+        "no config": ("pretrain.model.init_from", "has no config.json"),
+        "gpt-j": ("pretrain.model.init_from", "'gptj' is not one ptft pre-trains"),
+        "other tokenizer": ("tokenize.pretrained", "its own vocabulary"),
+    }[problem]
     assert expected[1] in keys[expected[0]], keys
 
 

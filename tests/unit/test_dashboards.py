@@ -54,8 +54,13 @@ def test_every_query_reads_a_defined_metric(dashboard: dict) -> None:
         )
         used |= names
     # What the dashboard is for: stages, training, trials and Serve traffic.
-    ours = (metrics.STAGE_STATUS, metrics.STAGE_DURATION, metrics.TRAIN_LOSS, metrics.TRAIN_TOKENS_PER_S,
-            metrics.TUNE_TRIALS)  # fmt: skip
+    ours = (
+        metrics.STAGE_STATUS,
+        metrics.STAGE_DURATION,
+        metrics.TRAIN_LOSS,
+        metrics.TRAIN_TOKENS_PER_S,
+        metrics.TUNE_TRIALS,
+    )
     wanted = {spec.exported for spec in ours} | set(metrics.RAY_METRICS)
     assert wanted <= used, f"no panel reads {sorted(wanted - used)}"
 
@@ -66,8 +71,10 @@ def test_metric_names_reads_names_not_functions_or_labels() -> None:
         '(rate(ray_serve_http_request_latency_ms_bucket{application=~"$application"}[$__rate_interval])))'
     )
     assert grafana.metric_names(expr) == {"ray_serve_http_request_latency_ms_bucket"}
-    assert grafana.metric_names("max by (stage) (ray_ptft_train_loss) / on (stage) ray_x") == {"ray_ptft_train_loss",
-                                                                                            "ray_x"}  # fmt: skip
+    assert grafana.metric_names("max by (stage) (ray_ptft_train_loss) / on (stage) ray_x") == {
+        "ray_ptft_train_loss",
+        "ray_x",
+    }
 
 
 def test_stage_status_panel_maps_every_code_we_record(dashboard: dict) -> None:
@@ -82,8 +89,10 @@ def test_stage_status_panel_maps_every_code_we_record(dashboard: dict) -> None:
 def test_queries_are_valid_promql(dashboard: dict, tmp_path: Path) -> None:
     """promtool parses every query (as a recording rule) with the variables Grafana fills in."""
     promtool = system_tool("promtool", "prometheus")
-    rules = [{"record": f"ptft:panel{index}", "expr": grafana.concrete(query.expr, dashboard)}
-             for index, query in enumerate(grafana.queries(dashboard))]  # fmt: skip
+    rules = [
+        {"record": f"ptft:panel{index}", "expr": grafana.concrete(query.expr, dashboard)}
+        for index, query in enumerate(grafana.queries(dashboard))
+    ]
     path = tmp_path / "rules.yml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
     result = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
@@ -107,8 +116,9 @@ def test_prometheus_config_discovers_targets_from_rays_file() -> None:
 
 def test_prometheus_config_is_valid(tmp_path: Path) -> None:
     promtool = system_tool("promtool", "prometheus")
-    result = subprocess.run([promtool, "check", "config", str(PROMETHEUS_CONFIG)], capture_output=True, text=True,
-                            timeout=60, cwd=REPO)  # fmt: skip
+    result = subprocess.run(
+        [promtool, "check", "config", str(PROMETHEUS_CONFIG)], capture_output=True, text=True, timeout=60, cwd=REPO
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -15,18 +15,19 @@ from components.configs import OBJECTIVES, PRESETS, DeepSpeedConfig, ModelConfig
 
 @pytest.mark.parametrize("family, preset", [(f, p) for f in PRESETS for p in PRESETS[f]])
 def test_presets_build_configs(family: str, preset: str) -> None:
-    config = models.build_config(ModelConfig(family=family, preset=preset), vocab_size=1000,
-                                 special_ids={"pad": 0, "bos": 2, "eos": 3})  # fmt: skip
+    config = models.build_config(
+        ModelConfig(family=family, preset=preset), vocab_size=1000, special_ids={"pad": 0, "bos": 2, "eos": 3}
+    )
     sizes = PRESETS[family][preset]
     assert config.model_type == family
     assert (config.hidden_size, config.num_hidden_layers) == (sizes["hidden_size"], sizes["num_layers"])
 
 
-@pytest.mark.parametrize("family, preset, vocab, millions",
-                         [("bert", "base", 30522, 110), ("gpt2", "small", 50257, 124)])  # fmt: skip
+@pytest.mark.parametrize(
+    "family, preset, vocab, millions", [("bert", "base", 30522, 110), ("gpt2", "small", 50257, 124)]
+)
 def test_the_large_presets_have_their_published_sizes(family: str, preset: str, vocab: int, millions: int) -> None:
-    config = models.build_config(ModelConfig(family=family, preset=preset), vocab_size=vocab,
-                                 special_ids={"pad": 0})  # fmt: skip
+    config = models.build_config(ModelConfig(family=family, preset=preset), vocab_size=vocab, special_ids={"pad": 0})
     with torch.device("meta"):
         model = models.lm_class(OBJECTIVES[family]).from_config(config)
     assert abs(models.count_parameters(model) / 1e6 - millions) < 2
@@ -47,16 +48,19 @@ def test_each_family_trains_with_its_objective_on_sdpa(family: str, objective: s
 def test_dropout_overrides_name_each_familys_keys() -> None:
     assert set(models.dropout_overrides("gpt2", 0.2)) == {"resid_pdrop", "embd_pdrop", "attn_pdrop"}
     assert models.dropout_overrides("bert", 0.2) == {"hidden_dropout_prob": 0.2, "attention_probs_dropout_prob": 0.2}
-    assert models.dropout_overrides("bert", 0.2, 0.05) == {"hidden_dropout_prob": 0.2,
-                                                           "attention_probs_dropout_prob": 0.05}  # fmt: skip
+    assert models.dropout_overrides("bert", 0.2, 0.05) == {
+        "hidden_dropout_prob": 0.2,
+        "attention_probs_dropout_prob": 0.05,
+    }
     assert models.dropout_overrides("gpt2", 0.2, 0.0)["attn_pdrop"] == 0.0
 
 
 def test_init_from_a_folder_keeps_its_weights_and_adds_a_missing_head(tmp_path: Path) -> None:
     from transformers import BertConfig, BertModel
 
-    encoder = BertModel(BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                   intermediate_size=64))  # a sentence encoder: no MLM head  # fmt: skip
+    encoder = BertModel(
+        BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    )  # a sentence encoder: no MLM head
     encoder.save_pretrained(tmp_path)
     model = models.build_lm(ModelConfig(init_from=str(tmp_path)), vocab_size=120, special_ids={"pad": 0}, seed=0)
     assert type(model).__name__ == "BertForMaskedLM"
@@ -64,8 +68,9 @@ def test_init_from_a_folder_keeps_its_weights_and_adds_a_missing_head(tmp_path: 
 
 
 def test_overrides_beat_the_preset() -> None:
-    config = models.build_config(ModelConfig(preset="tiny", num_layers=3, max_positions=64),
-                                 vocab_size=100, special_ids={"pad": 0})  # fmt: skip
+    config = models.build_config(
+        ModelConfig(preset="tiny", num_layers=3, max_positions=64), vocab_size=100, special_ids={"pad": 0}
+    )
     assert (config.num_hidden_layers, config.max_position_embeddings, config.hidden_size) == (3, 64, 64)
 
 
@@ -79,8 +84,14 @@ def test_tiny_model_is_small_and_runs() -> None:
 def test_mask_tokens_respects_specials_and_rate() -> None:
     ids = torch.randint(5, 1000, (64, 128))
     ids[:, 0], ids[:, -1] = 2, 3
-    inputs, labels = models.mask_tokens(ids, mask_token_id=4, vocab_size=1000, special_ids=[0, 1, 2, 3, 4],
-                                        probability=0.15, generator=torch.Generator().manual_seed(0))  # fmt: skip
+    inputs, labels = models.mask_tokens(
+        ids,
+        mask_token_id=4,
+        vocab_size=1000,
+        special_ids=[0, 1, 2, 3, 4],
+        probability=0.15,
+        generator=torch.Generator().manual_seed(0),
+    )
     targets = labels != -100
     assert 0.13 < targets.float().mean() < 0.17
     assert not targets[:, 0].any() and not targets[:, -1].any()
@@ -98,8 +109,15 @@ def test_deepspeed_config_per_stage() -> None:
 
 
 def test_deepspeed_config_offload_accumulation_and_clipping() -> None:
-    ds = DeepSpeedConfig(zero_stage=3, precision="bf16", offload_optimizer="cpu", offload_param="cpu",
-                         gradient_accumulation_steps=4, gradient_clipping=0.5, train_batch_size=64)  # fmt: skip
+    ds = DeepSpeedConfig(
+        zero_stage=3,
+        precision="bf16",
+        offload_optimizer="cpu",
+        offload_param="cpu",
+        gradient_accumulation_steps=4,
+        gradient_clipping=0.5,
+        train_batch_size=64,
+    )
     built = training.deepspeed_config(ds, micro_batch_size=8)
     zero = built["zero_optimization"]
     assert zero["offload_optimizer"] == zero["offload_param"] == {"pin_memory": True, "device": "cpu"}
@@ -167,7 +185,8 @@ def test_throughput_reports_flops_from_tokens() -> None:
     assert params == models.count_parameters(model) - 128 * 64  # without the position embeddings
     assert metrics["throughput/tokens_per_s"] == pytest.approx(metrics["throughput/samples_per_s"] * 32)
     assert metrics["throughput/tflops"] == pytest.approx(
-        metrics["throughput/tokens_per_s"] * flops.flops_per_token(params, layers, hidden, 32) / 1e12)
+        metrics["throughput/tokens_per_s"] * flops.flops_per_token(params, layers, hidden, 32) / 1e12
+    )
     assert "throughput/mfu" not in metrics  # no peak for a CPU
 
 

@@ -55,8 +55,9 @@ def test_attention_maps_are_heads_by_tokens_from_cls(classifier: Path) -> None:
     assert maps[1]["tokens"] == ["[CLS]", "dull", "[SEP]"]  # the padding of the batch is left out
     for item in maps:
         assert len(item["attention"]) == model.config.num_attention_heads
-        assert all(len(head) == len(item["tokens"]) and sum(head) == pytest.approx(1, abs=1e-3)
-                   for head in item["attention"])  # fmt: skip
+        assert all(
+            len(head) == len(item["tokens"]) and sum(head) == pytest.approx(1, abs=1e-3) for head in item["attention"]
+        )
         assert item["query_token"] == "[CLS]" and item["layer"] == 1 and item["label"] in ("negative", "positive")
     with torch.inference_mode():
         probabilities = model(**tokenizer(["dull"], return_tensors="pt")).logits.softmax(-1)
@@ -76,8 +77,16 @@ def test_a_decoder_explains_from_its_last_token() -> None:
     backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>")
-    config = GPT2Config(vocab_size=len(words), n_positions=16, n_embd=16, n_layer=1, n_head=2, pad_token_id=0,
-                        id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1})  # fmt: skip
+    config = GPT2Config(
+        vocab_size=len(words),
+        n_positions=16,
+        n_embd=16,
+        n_layer=1,
+        n_head=2,
+        pad_token_id=0,
+        id2label={0: "negative", 1: "positive"},
+        label2id={"negative": 0, "positive": 1},
+    )
     model = GPT2ForSequenceClassification(config).eval()
     maps = explain.attention_maps(model, tokenizer, ["the film was good", "good"], max_tokens=16)
     assert maps[0]["query_token"] == "good" and maps[0]["tokens"] == ["the", "film", "was", "good"]
@@ -88,8 +97,11 @@ def test_confusion_matrix_and_macro_f1(classifier: Path) -> None:
     model, tokenizer = _load(classifier)
     texts = ["the film was good", "dull", "a superb plot", "tedious and bad", "moving"]
     encoded = tokenizer(texts, padding="max_length", max_length=12, return_tensors="pt")
-    split = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"],
-             "label": torch.tensor([1, 0, 1, 0, 1])}  # fmt: skip
+    split = {
+        "input_ids": encoded["input_ids"],
+        "attention_mask": encoded["attention_mask"],
+        "label": torch.tensor([1, 0, 1, 0, 1]),
+    }
     matrix = confusion_matrix(model, split, 2, batch_size=2)
     predicted = model(**{k: v for k, v in encoded.items() if k != "token_type_ids"}).logits.argmax(-1).tolist()
     expected = [[0, 0], [0, 0]]
@@ -112,8 +124,11 @@ def test_pictures_are_pngs(classifier: Path, client: MlflowClient, tmp_path: Pat
     assert [path.name for path in curves] == ["loss.png", "learning_rate.png"]
     model, tokenizer = _load(classifier)
     maps = explain.attention_maps(model, tokenizer, ["the film was good", "dull"], max_tokens=64)
-    pictures = [*curves, plots.attention(maps, tmp_path / "attention.png"),
-                plots.confusion_matrix([[3, 1], [0, 4]], ["negative", "positive"], tmp_path / "cm.png", title="t")]
+    pictures = [
+        *curves,
+        plots.attention(maps, tmp_path / "attention.png"),
+        plots.confusion_matrix([[3, 1], [0, 4]], ["negative", "positive"], tmp_path / "cm.png", title="t"),
+    ]
     assert all(path.read_bytes()[:8] == PNG and path.stat().st_size > 5000 for path in pictures)
     plots.log(client, run_id, curves)
     logged = {item.path for item in client.list_artifacts(run_id, "plots")}
@@ -127,14 +142,20 @@ def test_pictures_are_pngs(classifier: Path, client: MlflowClient, tmp_path: Pat
 
 def test_lineage_datasets_upstream_tags_and_model_description(client: MlflowClient, tmp_path: Path) -> None:
     experiment = _experiment(client, "lineage")
-    runs = {stage: client.create_run(experiment, tags={"ptft.run_id": "pipe-1"}).info.run_id
-            for stage in ("tokenize", "pretrain", "tune", "finetune")}  # fmt: skip
+    runs = {
+        stage: client.create_run(experiment, tags={"ptft.run_id": "pipe-1"}).info.run_id
+        for stage in ("tokenize", "pretrain", "tune", "finetune")
+    }
     data_file = tmp_path / "train.csv"
     data_file.write_text("text,label\na,b\n")
-    lineage.log_datasets(client, runs["tokenize"], [
-        lineage.DatasetRead("train", FileSource(path=str(data_file)), "abc123", "train"),
-        lineage.DatasetRead("corpus", SyntheticSource(split="corpus", num_examples=10), "def456", "corpus"),
-    ])  # fmt: skip
+    lineage.log_datasets(
+        client,
+        runs["tokenize"],
+        [
+            lineage.DatasetRead("train", FileSource(path=str(data_file)), "abc123", "train"),
+            lineage.DatasetRead("corpus", SyntheticSource(split="corpus", num_examples=10), "def456", "corpus"),
+        ],
+    )
     upstream = {stage: runs[stage] for stage in ("tokenize", "pretrain", "tune")}
     lineage.tag_upstream(client, runs["finetune"], upstream)
     inputs = client.get_run(runs["tokenize"]).inputs.dataset_inputs
@@ -144,12 +165,19 @@ def test_lineage_datasets_upstream_tags_and_model_description(client: MlflowClie
     assert {tag.value for tag in found["train"].tags} == {"train"}
     tags = client.get_run(runs["finetune"]).data.tags
     assert {stage: tags.get(f"ptft.upstream.{stage}") for stage in ("tokenize", "pretrain", "tune")} == {
-        stage: runs[stage] for stage in ("tokenize", "pretrain", "tune")}
+        stage: runs[stage] for stage in ("tokenize", "pretrain", "tune")
+    }
     name = f"m-{experiment}"
     client.create_registered_model(name)
     version = client.create_model_version(name, f"runs:/{runs['finetune']}/model", run_id=runs["finetune"]).version
-    lineage.describe_model_version(client, {"name": name, "version": version}, runs, pipeline_run_id="pipe-1",
-                                   experiment_id=experiment, tracking_uri="http://mlflow:5000")
+    lineage.describe_model_version(
+        client,
+        {"name": name, "version": version},
+        runs,
+        pipeline_run_id="pipe-1",
+        experiment_id=experiment,
+        tracking_uri="http://mlflow:5000",
+    )
     described = client.get_model_version(name, version)
     for stage in ("pretrain", "tune", "finetune"):
         assert f"http://mlflow:5000/#/experiments/{experiment}/runs/{runs[stage]}" in described.description
@@ -219,8 +247,9 @@ def test_ptft_status_json_and_table(client: MlflowClient, tmp_path: Path, capsys
 # --- ptft explain --------------------------------------------------------------------------------
 
 
-def test_ptft_explain_prints_draws_and_answers_json(classifier: Path, tmp_path: Path,
-                                                     capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+def test_ptft_explain_prints_draws_and_answers_json(
+    classifier: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     picture = tmp_path / "attention.png"
     assert main(["explain", str(classifier), "the film was good", "dull", "--output", str(picture)]) == 0
     out = capsys.readouterr().out
@@ -230,9 +259,14 @@ def test_ptft_explain_prints_draws_and_answers_json(classifier: Path, tmp_path: 
     assert answer["explanations"][0]["tokens"] == ["[CLS]", "dull", "[SEP]"] and answer["explanations"][0]["layer"] == 0
 
 
-@pytest.mark.parametrize("args, says", [
-    (["--layer", "5"], "--layer"), (["x"] * 8, "at most 8 texts"), (["--tracking-uri", "REGISTRY"], None),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--layer", "5"], "--layer"),
+        (["x"] * 8, "at most 8 texts"),
+        (["--tracking-uri", "REGISTRY"], None),
+    ],
+)
 def test_ptft_explain_refuses_bad_input_with_exit_2(
     classifier: Path, client: MlflowClient, args: list[str], says: str | None, capsys: pytest.CaptureFixture
 ) -> None:

@@ -34,8 +34,10 @@ def test_the_default_workers_fit_two_nodes(tmp_path: Path) -> None:
 def test_too_many_workers_names_the_field_and_what_fits(tmp_path: Path) -> None:
     config = _config(tmp_path, pretrain={"workers": {"num_workers": 8}})
     (message,) = _messages(preflight.resource_problems(config, TWO_NODES))
-    assert message == ("  - pretrain.workers.num_workers = 8: 8 workers x 1 CPU = 8 CPU, the cluster has 4. "
-                       "Fix: set pretrain.workers.num_workers <= 4, or add nodes")  # fmt: skip
+    assert message == (
+        "  - pretrain.workers.num_workers = 8: 8 workers x 1 CPU = 8 CPU, the cluster has 4. "
+        "Fix: set pretrain.workers.num_workers <= 4, or add nodes"
+    )
 
 
 def test_a_worker_bigger_than_any_node(tmp_path: Path) -> None:
@@ -52,9 +54,15 @@ def test_gpus_requested_on_a_cpu_cluster(tmp_path: Path) -> None:
     assert "use_gpu=false" in message
 
 
-@pytest.mark.parametrize(("strategy", "workers", "fits"), [
-    ("STRICT_PACK", 2, True), ("STRICT_PACK", 3, False), ("STRICT_SPREAD", 2, True), ("STRICT_SPREAD", 3, False),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("strategy", "workers", "fits"),
+    [
+        ("STRICT_PACK", 2, True),
+        ("STRICT_PACK", 3, False),
+        ("STRICT_SPREAD", 2, True),
+        ("STRICT_SPREAD", 3, False),
+    ],
+)
 def test_strict_placement_against_the_nodes(tmp_path: Path, strategy: str, workers: int, fits: bool) -> None:
     config = _config(tmp_path, pretrain={"workers": {"num_workers": workers, "placement_strategy": strategy}})
     problems = preflight.resource_problems(config, TWO_NODES)
@@ -95,10 +103,23 @@ def test_job_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("DS_ACCELERATOR", raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "secret")
     config = _config(tmp_path)
-    spec = jobs.job_spec(config, str(REPO / "configs" / "demo.yaml"), ["pretrain.max_steps=5", "name=a b"], REPO,
-                         python="/opt/venv/bin/python -u")  # fmt: skip
-    assert shlex.split(spec["entrypoint"]) == ["/opt/venv/bin/python", "-u", "-m", "pipelines.cli", "run",
-                                               "configs/demo.yaml", "pretrain.max_steps=5", "name=a b"]  # fmt: skip
+    spec = jobs.job_spec(
+        config,
+        str(REPO / "configs" / "demo.yaml"),
+        ["pretrain.max_steps=5", "name=a b"],
+        REPO,
+        python="/opt/venv/bin/python -u",
+    )
+    assert shlex.split(spec["entrypoint"]) == [
+        "/opt/venv/bin/python",
+        "-u",
+        "-m",
+        "pipelines.cli",
+        "run",
+        "configs/demo.yaml",
+        "pretrain.max_steps=5",
+        "name=a b",
+    ]
     env = spec["runtime_env"]["env_vars"]
     assert env["DS_ACCELERATOR"] == "cpu" and env["TOKENIZERS_PARALLELISM"] == "false"
     assert "MLFLOW_TRACKING_TOKEN" not in env  # secrets live in the cluster's environment, never in the job

@@ -26,8 +26,13 @@ RUN_ID = "20260101-120000-abc123"
 MODEL = "unit-classifier"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # stage -> (status, seconds); pretrain is a cache hit of an earlier pipeline run.
-STAGES = {"tokenize": (mf.SUCCEEDED, 12.5), "pretrain": (mf.CACHED, 0.8), "tune": (mf.SUCCEEDED, 55.25),
-          "finetune": (mf.SUCCEEDED, 49.75), "serve": (mf.FAILED, 3.0)}  # fmt: skip
+STAGES = {
+    "tokenize": (mf.SUCCEEDED, 12.5),
+    "pretrain": (mf.CACHED, 0.8),
+    "tune": (mf.SUCCEEDED, 55.25),
+    "finetune": (mf.SUCCEEDED, 49.75),
+    "serve": (mf.FAILED, 3.0),
+}
 IMAGE = re.compile(r'<img data-stage="([^"]+)" data-artifact="([^"]+)" alt="[^"]*" src="data:image/png;base64,([^"]+)"')
 
 
@@ -57,9 +62,16 @@ def recorded_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     client.set_tag(runs["pretrain"], "ptft.cached_from_run_id", producer)
     client.log_metric(runs["pretrain"], "eval/mlm_loss", 3.25)
 
-    trial = tracking.start_run(client, experiment, "trial_00001", parent_run_id=runs["tune"], tags={
-        "ptft.trial": "trial_00001", "ptft.trial_config": json.dumps({"learning_rate": 0.00123, "dropout": 0.1}),
-    })  # fmt: skip
+    trial = tracking.start_run(
+        client,
+        experiment,
+        "trial_00001",
+        parent_run_id=runs["tune"],
+        tags={
+            "ptft.trial": "trial_00001",
+            "ptft.trial_config": json.dumps({"learning_rate": 0.00123, "dropout": 0.1}),
+        },
+    )
     client.log_metric(trial, "eval/accuracy", 0.875)
     client.log_artifact(runs["tune"], str(plot.rename(tmp_path / "sweep.png")))
     client.set_tag(runs["tune"], "ptft.best_trial", "trial_00001")
@@ -73,17 +85,35 @@ def recorded_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         client.set_terminated(run_id)
 
     manifest = _manifest(storage, uri, experiment, parent, runs, producer)
-    _publish(storage, "finetune", manifest, {"registered": {"name": MODEL, "version": version,
-                                                             "aliases": ["candidate", "champion"]}})  # fmt: skip
-    return {"storage": storage, "client": client, "parent": parent, "producer": producer, "trial": trial,
-            "version": version}  # fmt: skip
+    _publish(
+        storage,
+        "finetune",
+        manifest,
+        {"registered": {"name": MODEL, "version": version, "aliases": ["candidate", "champion"]}},
+    )
+    return {
+        "storage": storage,
+        "client": client,
+        "parent": parent,
+        "producer": producer,
+        "trial": trial,
+        "version": version,
+    }
 
 
 def _stage_run(client: MlflowClient, experiment: str, parent: str, stage: str) -> str:
     cached = STAGES[stage][0] == mf.CACHED
-    return tracking.start_run(client, experiment, stage, parent_run_id=parent, tags={
-        "ptft.stage": stage, "ptft.run_id": RUN_ID, "ptft.cache_hit": str(cached).lower(),
-    })  # fmt: skip
+    return tracking.start_run(
+        client,
+        experiment,
+        stage,
+        parent_run_id=parent,
+        tags={
+            "ptft.stage": stage,
+            "ptft.run_id": RUN_ID,
+            "ptft.cache_hit": str(cached).lower(),
+        },
+    )
 
 
 def _plot(path: Path) -> Path:
@@ -110,8 +140,9 @@ def _manifest(storage: Path, uri: str, experiment: str, parent: str, runs: dict,
         manifest.stage_started(stage, f"key-{stage}", runs[stage])
         cached_from = producer if status == mf.CACHED else None
         error = "RuntimeError: Serve <replica> died" if status == mf.FAILED else None
-        manifest.stage_ended(stage, status, output_uri=f"{storage}/artifacts/{stage}/key-{stage}",
-                             cached_from=cached_from, error=error)  # fmt: skip
+        manifest.stage_ended(
+            stage, status, output_uri=f"{storage}/artifacts/{stage}/key-{stage}", cached_from=cached_from, error=error
+        )
         manifest.stages[stage].seconds = seconds  # fixed numbers to look for in the page
         manifest.stages[stage].work_seconds = seconds if status == mf.SUCCEEDED else None
     manifest.finished(mf.FAILED)
@@ -122,8 +153,9 @@ def _publish(storage: Path, stage: str, manifest: mf.Manifest, outputs: dict) ->
     """The `_SUCCESS` the runner publishes (pipelines/runner.py `_publish`), outputs only."""
     folder = storage / "artifacts" / stage / manifest.stages[stage].key
     folder.mkdir(parents=True)
-    (folder / "_SUCCESS").write_text(json.dumps({"outputs": outputs, "metrics": {}, "output": ".",
-                                                 "output_inside": True}))  # fmt: skip
+    (folder / "_SUCCESS").write_text(
+        json.dumps({"outputs": outputs, "metrics": {}, "output": ".", "output_inside": True})
+    )
 
 
 def _report(storage: Path, *extra: str) -> tuple[int, str]:
@@ -151,8 +183,11 @@ def test_report_shows_stages_metrics_pictures_trial_and_model(recorded_run: dict
     assert "train/step" not in page
 
     images = {(stage, path): base64.b64decode(data) for stage, path, data in IMAGE.findall(page)}
-    assert set(images) == {("pretrain", "plots/loss.png"), ("tune", "sweep.png"),
-                           ("finetune", "plots/confusion_matrix.png")}  # fmt: skip
+    assert set(images) == {
+        ("pretrain", "plots/loss.png"),
+        ("tune", "sweep.png"),
+        ("finetune", "plots/confusion_matrix.png"),
+    }
     assert all(png.startswith(PNG_SIGNATURE) for png in images.values())
     assert "<figcaption>pretrain: plots/loss.png</figcaption>" in page
 
@@ -189,8 +224,9 @@ def test_stages_appear_in_pipeline_order(recorded_run: dict) -> None:
     assert re.findall(r'<tr id="stage-(\w+)">', page) == list(STAGES)
 
 
-def test_unreachable_mlflow_still_gives_a_report_from_the_manifest(tmp_path: Path,
-                                                                   capsys: pytest.CaptureFixture) -> None:
+def test_unreachable_mlflow_still_gives_a_report_from_the_manifest(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     storage = tmp_path / "ptft-runs"
     manifest = mf.Manifest.create(storage, RUN_ID, "unit", ("tokenize", "pretrain"), config={"name": "unit"})
     manifest.tracking_uri, manifest.mlflow_run_id = f"http://127.0.0.1:{_closed_port()}", "0123abcd"

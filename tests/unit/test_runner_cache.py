@@ -18,8 +18,13 @@ from components.stage import StageResult, read_json
 from pipelines import cli, runner, stages
 from pipelines import manifest as mf
 
-PRETRAIN = {"max_steps": 100, "learning_rate": 1e-3, "log_every": 10, "checkpoint_every": 50,
-            "workers": {"num_workers": 2, "max_failures": 3, "placement_strategy": "PACK"}}  # fmt: skip
+PRETRAIN = {
+    "max_steps": 100,
+    "learning_rate": 1e-3,
+    "log_every": 10,
+    "checkpoint_every": 50,
+    "workers": {"num_workers": 2, "max_failures": 3, "placement_strategy": "PACK"},
+}
 
 
 def _key(config: dict, inputs: dict | None = None, stage: stages.Stage = stages.BY_NAME["pretrain"]) -> str:
@@ -28,8 +33,12 @@ def _key(config: dict, inputs: dict | None = None, stage: stages.Stage = stages.
 
 def test_key_ignores_settings_that_do_not_change_the_output() -> None:
     base = _key(PRETRAIN)
-    for path, value in [("log_every", 1), ("checkpoint_every", 7), ("workers.max_failures", 0),
-                        ("workers.placement_strategy", "SPREAD")]:  # fmt: skip
+    for path, value in [
+        ("log_every", 1),
+        ("checkpoint_every", 7),
+        ("workers.max_failures", 0),
+        ("workers.placement_strategy", "SPREAD"),
+    ]:
         changed = _set(PRETRAIN, path, value)
         assert _key(changed) == base, path
 
@@ -60,8 +69,9 @@ def test_publish_renames_a_complete_folder_into_place(tmp_path: Path) -> None:
     (partial / "model" / "weights").write_text("w")
     tune = stages.BY_NAME["tune"]
     outputs = tune.outputs(best_config={"learning_rate": 0.01}, best_trial="t1")
-    result = runner._publish(tune, partial, final, StageResult(str(partial / "model"), {"loss": 1.5}, outputs),
-                             {"mlflow_run_id": "r1"})  # fmt: skip
+    result = runner._publish(
+        tune, partial, final, StageResult(str(partial / "model"), {"loss": 1.5}, outputs), {"mlflow_run_id": "r1"}
+    )
     assert not partial.exists()
     assert (final / "_SUCCESS").is_file() and (final / "model" / "weights").read_text() == "w"
     assert result.output_uri == str(final / "model")
@@ -76,8 +86,9 @@ def test_publish_replaces_an_older_artifact_and_keeps_urls(tmp_path: Path) -> No
     (final / "stale").write_text("old")
     partial = tmp_path / ".k.partial-run2"
     partial.mkdir()
-    result = runner._publish(stages.BY_NAME["tokenize"], partial, final, StageResult("http://127.0.0.1:8000"),
-                             {"mlflow_run_id": "r2"})  # fmt: skip
+    result = runner._publish(
+        stages.BY_NAME["tokenize"], partial, final, StageResult("http://127.0.0.1:8000"), {"mlflow_run_id": "r2"}
+    )
     assert not (final / "stale").exists() and (final / "_SUCCESS").is_file()
     assert result.output_uri == "http://127.0.0.1:8000"
     assert [p.name for p in tmp_path.iterdir()] == ["k"]  # no partial or old folder left behind
@@ -130,6 +141,7 @@ def test_runs_lists_manifests_and_resume_names_unknown_runs(tmp_path: Path) -> N
     listed = subprocess.run([*ptft, "runs", "--storage", str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert listed.returncode == 0 and "20260101-000000-bbbbbb" in listed.stdout
     assert "tokenize:succeeded" in listed.stdout and "pretrain:pending" in listed.stdout
-    missing = subprocess.run([*ptft, "resume", "nope", "--storage", str(tmp_path)], capture_output=True, text=True,
-                             timeout=60)  # fmt: skip
+    missing = subprocess.run(
+        [*ptft, "resume", "nope", "--storage", str(tmp_path)], capture_output=True, text=True, timeout=60
+    )
     assert missing.returncode == 2 and "no pipeline run 'nope'" in missing.stderr

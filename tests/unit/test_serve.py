@@ -76,8 +76,12 @@ def test_scorer_truncates_long_texts_and_says_so(tmp_path: Path) -> None:
 
 def test_serve_config_rules(tmp_path: Path) -> None:
     raw = tiny_config_dict(tmp_path)
-    raw["serve"] = {"num_replicas": 2, "autoscaling": {"min_replicas": 1, "max_replicas": 3},
-                    "max_batch_size": 64, "max_ongoing_requests": 8}  # fmt: skip
+    raw["serve"] = {
+        "num_replicas": 2,
+        "autoscaling": {"min_replicas": 1, "max_replicas": 3},
+        "max_batch_size": 64,
+        "max_ongoing_requests": 8,
+    }
     with pytest.raises(ConfigError) as raised:
         validate(raw, check_data=False)
     text = str(raised.value)

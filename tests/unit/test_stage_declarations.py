@@ -59,13 +59,25 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> dict:
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     client = MlflowClient(uri)
     experiment = client.create_experiment("unit", artifact_location=str(folder / "artifacts"))
-    return {"uri": uri, "client": client, "experiment": experiment, "model": tiny_classifier(folder / "model", 1),
-            "folder": folder}  # fmt: skip
+    return {
+        "uri": uri,
+        "client": client,
+        "experiment": experiment,
+        "model": tiny_classifier(folder / "model", 1),
+        "folder": folder,
+    }
 
 
 def _register(store: dict, run_id: str, name: str) -> dict:
-    return registry.register_classifier(store["model"], name=name, run_id=run_id, tracking_uri=store["uri"],
-                                        test_accuracy=0.75, test_split="s", lineage={})  # fmt: skip
+    return registry.register_classifier(
+        store["model"],
+        name=name,
+        run_id=run_id,
+        tracking_uri=store["uri"],
+        test_accuracy=0.75,
+        test_split="s",
+        lineage={},
+    )
 
 
 def test_registering_again_from_the_same_run_makes_no_second_version(store: dict) -> None:
@@ -80,16 +92,29 @@ def test_registering_again_from_the_same_run_makes_no_second_version(store: dict
 
 def test_a_cached_finetune_is_registered_once_in_a_new_registry(store: dict, tmp_path: Path) -> None:
     config = validate({**tiny_config_dict(tmp_path), "name": "renamed", "tracking": {"uri": store["uri"]}})
-    cached = StageResult(str(store["model"]), {"test/accuracy": 0.5}, FinetuneOutputs(
-        registered=RegisteredVersion(name="unit-classifier", version="3", model_uri="models:/unit-classifier/3"),
-        weights_sha256="abc"), cached=True)  # fmt: skip
+    cached = StageResult(
+        str(store["model"]),
+        {"test/accuracy": 0.5},
+        FinetuneOutputs(
+            registered=RegisteredVersion(name="unit-classifier", version="3", model_uri="models:/unit-classifier/3"),
+            weights_sha256="abc",
+        ),
+        cached=True,
+    )
     ensure = stages.BY_NAME["finetune"].side_effect.ensure
     made = []
     for attempt in (1, 2):  # two cache hits of the same artifact, in two pipeline runs
         run_id = store["client"].create_run(store["experiment"]).info.run_id
-        ctx = StageContext(pipeline_run_id=f"p{attempt}", stage="finetune", output_dir=store["model"].parent,
-                           storage=tmp_path, tracking_uri=store["uri"], experiment_id=store["experiment"],
-                           mlflow_run_id=run_id, cache_key="artifact-key")  # fmt: skip
+        ctx = StageContext(
+            pipeline_run_id=f"p{attempt}",
+            stage="finetune",
+            output_dir=store["model"].parent,
+            storage=tmp_path,
+            tracking_uri=store["uri"],
+            experiment_id=store["experiment"],
+            mlflow_run_id=run_id,
+            cache_key="artifact-key",
+        )
         made.append(ensure(config, stages.Inputs(mlflow_runs={"pretrain": "r0"}), cached, ctx).outputs.registered)
     assert made[0].name == "renamed-classifier" and made[0] == made[1]  # found again, not registered twice
     versions = store["client"].search_model_versions("name = 'renamed-classifier'")

@@ -73,11 +73,27 @@ def test_searcher_and_scheduler_rules(tmp_path: Path) -> None:
     assert "tune.search_space.learning_rate" in _problems(grid_search)
     optuna_grid = _with_tune(tmp_path, {"search": "optuna", "search_space": grid_dim})
     assert "tune.search_space.dropout" in _problems(optuna_grid)
-    problems = _problems(_with_tune(tmp_path, {"scheduler": "pbt", "search": "optuna", "num_samples": 1,
-                                               "max_epochs": 2, "pbt_interval": 2, "workers_per_trial": 2,
-                                               "search_space": sampled}))  # fmt: skip
-    assert {"tune.pbt_mutations", "tune.search", "tune.num_samples", "tune.pbt_interval",
-            "tune.workers_per_trial"} <= set(problems)  # fmt: skip
+    problems = _problems(
+        _with_tune(
+            tmp_path,
+            {
+                "scheduler": "pbt",
+                "search": "optuna",
+                "num_samples": 1,
+                "max_epochs": 2,
+                "pbt_interval": 2,
+                "workers_per_trial": 2,
+                "search_space": sampled,
+            },
+        )
+    )
+    assert {
+        "tune.pbt_mutations",
+        "tune.search",
+        "tune.num_samples",
+        "tune.pbt_interval",
+        "tune.workers_per_trial",
+    } <= set(problems)
     assert "weight_decay" in problems["tune.pbt_mutations"]  # PBT perturbs it, but nothing defines its range
     assert "unknown" not in str(problems)
     with pytest.raises(ConfigError) as info:
@@ -99,8 +115,13 @@ def test_sweep_with_a_bad_search_space_exits_2_before_any_compute(tmp_path: Path
     raw = _with_tune(tmp_path, {"search_space": {"dropout": {"type": "uniform", "low": 0.5, "high": 0.1}}})
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(raw))
-    done = subprocess.run([sys.executable, "-m", "pipelines.cli", "sweep", str(path)], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "sweep", str(path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2, done.stderr
     assert "tune.search_space.dropout" in done.stderr and "low < high" in done.stderr
     assert "Traceback" not in done.stderr
@@ -115,24 +136,39 @@ def test_dimensions_become_tune_domains() -> None:
 
     from components import tune
 
-    cfg = TuneConfig(search_space={
-        "learning_rate": Distribution(type="loguniform", low=1e-5, high=1e-3),
-        "dropout": Distribution(type="grid", values=[0.0, 0.1, 0.2]),
-        "batch_size_per_worker": Distribution(type="choice", values=[8, 16]),
-    })  # fmt: skip
+    cfg = TuneConfig(
+        search_space={
+            "learning_rate": Distribution(type="loguniform", low=1e-5, high=1e-3),
+            "dropout": Distribution(type="grid", values=[0.0, 0.1, 0.2]),
+            "batch_size_per_worker": Distribution(type="choice", values=[8, 16]),
+        }
+    )
     space = tune.param_space(cfg)
     assert isinstance(space["learning_rate"], Float) and space["learning_rate"].lower == 1e-5
     assert space["dropout"] == {"grid_search": [0.0, 0.1, 0.2]}
     assert isinstance(space["batch_size_per_worker"], Categorical)
     assert all(isinstance(v, int) for v in space["batch_size_per_worker"].categories)  # not 8.0
-    grid = tune.param_space(cfg.model_copy(update={"search": "grid", "search_space": {
-        "batch_size_per_worker": Distribution(type="choice", values=[8, 16])}}))  # fmt: skip
+    grid = tune.param_space(
+        cfg.model_copy(
+            update={
+                "search": "grid",
+                "search_space": {"batch_size_per_worker": Distribution(type="choice", values=[8, 16])},
+            }
+        )
+    )
     assert grid["batch_size_per_worker"] == {"grid_search": [8, 16]}
 
 
-@pytest.mark.parametrize("name, kind", [("asha", "AsyncHyperBandScheduler"), ("hyperband", "HyperBandScheduler"),
-                                        ("median", "MedianStoppingRule"), ("pbt", "PopulationBasedTraining"),
-                                        ("fifo", "FIFOScheduler")])  # fmt: skip
+@pytest.mark.parametrize(
+    "name, kind",
+    [
+        ("asha", "AsyncHyperBandScheduler"),
+        ("hyperband", "HyperBandScheduler"),
+        ("median", "MedianStoppingRule"),
+        ("pbt", "PopulationBasedTraining"),
+        ("fifo", "FIFOScheduler"),
+    ],
+)
 def test_schedulers_count_epochs(name: str, kind: str) -> None:
     from components import tune
 
@@ -160,15 +196,22 @@ def test_finetune_takes_the_best_config_and_its_overrides_win(tmp_path: Path, ca
     from components.stage import write_json
 
     write_json(tmp_path / "best_config.json", {"learning_rate": 3e-4, "dropout": 0.05, "batch_size_per_worker": 16})
-    cfg = FinetuneConfig(defaults=Hyperparameters(weight_decay=0.02),
-                         overrides={"dropout": 0.2, "label_smoothing": 0.1})  # fmt: skip
+    cfg = FinetuneConfig(
+        defaults=Hyperparameters(weight_decay=0.02), overrides={"dropout": 0.2, "label_smoothing": 0.1}
+    )
     with caplog.at_level("INFO"):
         hyper, sources = resolve_hyperparameters(cfg.defaults, str(tmp_path), cfg.overrides)
     assert hyper.learning_rate == 3e-4 and hyper.dropout == 0.2 and hyper.label_smoothing == 0.1
     assert hyper.weight_decay == 0.02 and isinstance(hyper.batch_size_per_worker, int)
-    assert sources == {"learning_rate": "tune", "dropout": "override", "label_smoothing": "override",
-                       "batch_size_per_worker": "tune", "weight_decay": "default", "attention_dropout": "default",
-                       "warmup_ratio": "default"}  # fmt: skip
+    assert sources == {
+        "learning_rate": "tune",
+        "dropout": "override",
+        "label_smoothing": "override",
+        "batch_size_per_worker": "tune",
+        "weight_decay": "default",
+        "attention_dropout": "default",
+        "warmup_ratio": "default",
+    }
     assert "0.05 -> 0.2" in caplog.text  # the tuned value it overrode
     # Trials train with the overrides too, for every value they do not sample.
     assert cfg.trial_defaults().label_smoothing == 0.1 and cfg.trial_defaults().weight_decay == 0.02

@@ -41,8 +41,9 @@ def test_a_restarted_attempt_does_not_log_a_step_twice(store) -> None:
 def test_find_reopen_and_close_orphans(store) -> None:
     client, _, experiment = store
     parent = tracking.start_run(client, experiment, "pipeline", tags={"ptft.run_id": "p2"})
-    child = tracking.start_run(client, experiment, "pretrain", parent_run_id=parent,
-                               tags={"ptft.run_id": "p2", "ptft.stage": "pretrain"})  # fmt: skip
+    child = tracking.start_run(
+        client, experiment, "pretrain", parent_run_id=parent, tags={"ptft.run_id": "p2", "ptft.stage": "pretrain"}
+    )
     other = tracking.start_run(client, experiment, "pipeline", tags={"ptft.run_id": "p3"})
     assert tracking.find_run(client, experiment, {"ptft.run_id": "p2", "ptft.stage": "pretrain"}) == child
     assert tracking.find_run(client, experiment, {"ptft.run_id": "p2", "ptft.stage": "tune"}) is None
@@ -58,8 +59,14 @@ def test_credentials_are_never_logged(store) -> None:
     client, uri, experiment = store
     run_id = tracking.start_run(client, experiment, "r")
     tracker = tracking.MlflowTracker(uri, run_id)
-    tracker.log_params({"tracking.uri": "https://alice:s3cr3t@mlflow.example.com", "lr": 0.1,
-                        "aws_secret_access_key": "AKIAXXXX", "mlflow_tracking_token": "tok123"})  # fmt: skip
+    tracker.log_params(
+        {
+            "tracking.uri": "https://alice:s3cr3t@mlflow.example.com",
+            "lr": 0.1,
+            "aws_secret_access_key": "AKIAXXXX",
+            "mlflow_tracking_token": "tok123",
+        }
+    )
     tracker.set_tags({"db_password": "hunter2", "ptft.stage": "x"})
     data = client.get_run(run_id).data
     logged = " ".join([*data.params, *data.params.values(), *data.tags, *data.tags.values()])
@@ -76,9 +83,15 @@ def test_a_trial_run_records_the_config_its_epochs_trained_with(store, tmp_path:
 
     client, uri, experiment = store
     parent = tracking.start_run(client, experiment, "tune", tags={"ptft.run_id": "p1"})
-    base = finetune.ClassifierRun(pretrained_dir=str(tmp_path), task_dir=str(tmp_path), label_names=["a", "b"],
-                                  epochs=4, hyper=Hyperparameters(), deepspeed=DeepSpeedConfig(),
-                                  tracking_uri=uri)  # fmt: skip
+    base = finetune.ClassifierRun(
+        pretrained_dir=str(tmp_path),
+        task_dir=str(tmp_path),
+        label_names=["a", "b"],
+        epochs=4,
+        hyper=Hyperparameters(),
+        deepspeed=DeepSpeedConfig(),
+        tracking_uri=uri,
+    )
     setup = tune.TrialSetup(base=base, tune_run_id=parent, experiment_id=experiment, pipeline_run_id="p1")
     first, exploited = {"learning_rate": 1e-3}, {"learning_rate": 1.2e-3}
     run_id = tune.open_trial_run(client, setup, "trial_0", first)

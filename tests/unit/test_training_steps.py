@@ -68,21 +68,34 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
     tokenizer = tok.train_tokenizer(texts, TokenizeConfig(vocab_size=200, seq_len=SEQ_LEN))
     tokenizer.save_pretrained(folder / "tokenizer")
     (folder / "pretrain_blocks").mkdir()
-    pq.write_table(tok.pack_blocks(pa.table({"text": texts}), tokenizer_dir=str(folder / "tokenizer"), seq_len=SEQ_LEN),
-                   folder / "pretrain_blocks" / "part-0.parquet")  # fmt: skip
+    pq.write_table(
+        tok.pack_blocks(pa.table({"text": texts}), tokenizer_dir=str(folder / "tokenizer"), seq_len=SEQ_LEN),
+        folder / "pretrain_blocks" / "part-0.parquet",
+    )
     blocks = training.load_columns(folder / "pretrain_blocks", ["input_ids"])["input_ids"]
     assert blocks.shape[1] == SEQ_LEN and len(blocks) >= 64
     return Corpus(tokenizer, folder / "tokenizer", blocks)
 
 
-def _stage(*, family: str = "bert", dropout: float = 0.0, micro_batch: int = 8, accumulation: int = 1,
-           zero_stage: int = 0, max_steps: int = 40, warmup_steps: int = 4, learning_rate: float = 5e-3,
-           ) -> PretrainConfig:  # fmt: skip
+def _stage(
+    *,
+    family: str = "bert",
+    dropout: float = 0.0,
+    micro_batch: int = 8,
+    accumulation: int = 1,
+    zero_stage: int = 0,
+    max_steps: int = 40,
+    warmup_steps: int = 4,
+    learning_rate: float = 5e-3,
+) -> PretrainConfig:
     return PretrainConfig(
-        model=ModelConfig(family=family, dropout=dropout), max_steps=max_steps, batch_size_per_worker=micro_batch,
-        learning_rate=learning_rate, warmup_steps=warmup_steps,
+        model=ModelConfig(family=family, dropout=dropout),
+        max_steps=max_steps,
+        batch_size_per_worker=micro_batch,
+        learning_rate=learning_rate,
+        warmup_steps=warmup_steps,
         deepspeed=DeepSpeedConfig(zero_stage=zero_stage, gradient_accumulation_steps=accumulation),
-    )  # fmt: skip
+    )
 
 
 def _weights(engine) -> list[torch.Tensor]:
@@ -100,16 +113,20 @@ def _fixed_mask_loss(engine, tokenizer: PreTrainedTokenizerFast, objective: str,
     return metrics[f"eval/{objective}_loss"]
 
 
-def _train(engine, masker: pretrain._Targets, data: torch.Tensor, stage: PretrainConfig, *, start: int, stop: int
-           ) -> list[float]:  # fmt: skip
+def _train(
+    engine, masker: pretrain._Targets, data: torch.Tensor, stage: PretrainConfig, *, start: int, stop: int
+) -> list[float]:
     """Optimizer steps start+1 .. stop as pretrain's loop makes them: `_batches` picks the rows from
     the step, and each step is `gradient_accumulation_steps` calls of `_train_step`. Returns each
     step's mean micro-batch loss."""
     accumulation = stage.deepspeed.gradient_accumulation_steps
     shard = training.Shard(0, 1, stage.batch_size_per_worker)
     batches = pretrain._batches(data, shard, stage.max_steps * accumulation, SEED, start=start * accumulation)
-    return [sum(pretrain._train_step(engine, masker, data[next(batches)].long()) for _ in range(accumulation))
-            / accumulation for _ in range(start, stop)]  # fmt: skip
+    return [
+        sum(pretrain._train_step(engine, masker, data[next(batches)].long()) for _ in range(accumulation))
+        / accumulation
+        for _ in range(start, stop)
+    ]
 
 
 # --------------------------------------------------------------------------- pre-training
@@ -142,8 +159,9 @@ def test_gradient_accumulation_takes_one_step_per_window_equal_to_one_big_batch(
     windows, accumulation, micro = 2, 4, 2
     # warmup over every step: the learning rate changes at each optimizer step, and only there
     kwargs = {"family": "gpt2", "max_steps": 4, "warmup_steps": 3, "learning_rate": 1e-3}
-    accumulating = pretrain._setup_engine(_stage(micro_batch=micro, accumulation=accumulation, **kwargs),
-                                          corpus.tokenizer, SEED)  # fmt: skip
+    accumulating = pretrain._setup_engine(
+        _stage(micro_batch=micro, accumulation=accumulation, **kwargs), corpus.tokenizer, SEED
+    )
     whole = pretrain._setup_engine(_stage(micro_batch=micro * accumulation, **kwargs), corpus.tokenizer, SEED)
     masker = pretrain._Targets(corpus.tokenizer, "clm", 0.15, seed=SEED)
     assert _max_difference(_weights(accumulating), _weights(whole)) == 0.0
@@ -174,8 +192,7 @@ def test_gradient_accumulation_takes_one_step_per_window_equal_to_one_big_batch(
 def test_a_pretraining_checkpoint_restores_the_run_exactly(corpus: Corpus, tmp_path: Path, zero_stage: int) -> None:
     """Weights, AdamW state, LR schedule, the data position and every RNG (dropout draws on torch's,
     masking on the masker's) come back: the restored run's next steps are the uninterrupted run's."""
-    stage = _stage(dropout=0.1, micro_batch=4, accumulation=2, zero_stage=zero_stage, max_steps=20,
-                   learning_rate=1e-3)  # fmt: skip
+    stage = _stage(dropout=0.1, micro_batch=4, accumulation=2, zero_stage=zero_stage, max_steps=20, learning_rate=1e-3)
     data = corpus.blocks[:40]  # 10 micro-batches an epoch: the 14 below cross into the next epoch
     saved_at, stop = 3, 7
     engine = pretrain._setup_engine(stage, corpus.tokenizer, SEED)
@@ -216,28 +233,42 @@ def task(corpus: Corpus, tmp_path_factory: pytest.TempPathFactory) -> Task:
     real validation split uses adjectives the train split never shows, which only a pre-trained
     encoder can label."""
     folder = tmp_path_factory.mktemp("task")
-    model = models.build_lm(ModelConfig(family="bert"), vocab_size=len(corpus.tokenizer),
-                            special_ids=special_ids(corpus.tokenizer), seed=SEED)  # fmt: skip
+    model = models.build_lm(
+        ModelConfig(family="bert"),
+        vocab_size=len(corpus.tokenizer),
+        special_ids=special_ids(corpus.tokenizer),
+        seed=SEED,
+    )
     model.save_pretrained(folder / "pretrained")
     corpus.tokenizer.save_pretrained(folder / "pretrained")
-    splits = {"train": synthetic.generate("train", 128, seed=SEED),
-              "validation": synthetic.generate("train", 64, seed=SEED + 1),
-              "test": synthetic.generate("train", 32, seed=SEED + 2)}  # fmt: skip
+    splits = {
+        "train": synthetic.generate("train", 128, seed=SEED),
+        "validation": synthetic.generate("train", 64, seed=SEED + 1),
+        "test": synthetic.generate("train", 32, seed=SEED + 2),
+    }
     values = tok.label_vocabulary(pa.Table.from_pylist(splits["train"]))
     for name, rows in splits.items():
         (folder / "task" / name).mkdir(parents=True)
-        table = tok.tokenize_examples(pa.Table.from_pylist(rows), tokenizer_dir=str(corpus.tokenizer_dir),
-                                      seq_len=SEQ_LEN, label_values=values)  # fmt: skip
+        table = tok.tokenize_examples(
+            pa.Table.from_pylist(rows), tokenizer_dir=str(corpus.tokenizer_dir), seq_len=SEQ_LEN, label_values=values
+        )
         pq.write_table(table, folder / "task" / name / "part-0.parquet")
     return Task(folder / "pretrained", folder / "task", values)
 
 
 def _classifier_run(task: Task, *, epochs: int, dropout: float, export: bool = False) -> finetune.ClassifierRun:
     return finetune.ClassifierRun(
-        pretrained_dir=str(task.pretrained_dir), task_dir=str(task.task_dir), label_names=task.label_names,
-        epochs=epochs, hyper=Hyperparameters(learning_rate=5e-3, batch_size_per_worker=8, dropout=dropout),
-        deepspeed=DeepSpeedConfig(), threads=THREADS, log_every=4, seed=SEED, export=export,
-    )  # fmt: skip
+        pretrained_dir=str(task.pretrained_dir),
+        task_dir=str(task.task_dir),
+        label_names=task.label_names,
+        epochs=epochs,
+        hyper=Hyperparameters(learning_rate=5e-3, batch_size_per_worker=8, dropout=dropout),
+        deepspeed=DeepSpeedConfig(),
+        threads=THREADS,
+        log_every=4,
+        seed=SEED,
+        export=export,
+    )
 
 
 @dataclass
