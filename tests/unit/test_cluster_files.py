@@ -8,6 +8,7 @@ also shown to reject a broken copy."""
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import re
@@ -37,7 +38,8 @@ SECRET_NAME = re.compile(r"(^|_)(TOKENS?|PASSWORDS?|PASSWD|SECRETS?|KEYS?|CREDEN
 
 
 def _yaml(path: Path) -> Any:
-    return yaml.safe_load(path.read_text())
+    # libyaml's loader where PyYAML has it: the KubeRay CRDs are 1-1.4 MB each (~10 s in pure Python).
+    return yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
 
 
 # --- ray up ------------------------------------------------------------------------------------
@@ -113,6 +115,7 @@ def _closed(schema: Any) -> Any:
     return closed
 
 
+@functools.cache  # read once per kind: several tests validate against the same CRD
 def _crd_schema(kind: str) -> dict:
     files = {
         "RayCluster": "ray.io_rayclusters.yaml",
