@@ -50,6 +50,9 @@ class SyntheticSource(_Strict):
     split: Literal["corpus", "train", "validation", "test"]
     num_examples: int = Field(1000, gt=0, description="rows to generate")
     seed: int = Field(0, description="generator seed")
+    task: Literal["sentiment", "topic"] = Field(
+        "sentiment", description="label reviews by polarity, or by what they talk about (story, music, ...)"
+    )
     text_column: Literal["text"] = "text"
     label_column: Literal["label"] = "label"
 
@@ -82,7 +85,9 @@ class TaskConfig(BaseModel):
 class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     corpus: CorpusConfig
-    task: TaskConfig
+    task: TaskConfig | None = Field(
+        None, description="the one task's labelled data; a config with several tasks names them under `tasks`"
+    )
 
 
 class TokenizeConfig(BaseModel):

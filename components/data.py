@@ -36,7 +36,7 @@ _SUFFIX_FORMATS = {
 def load_source(source: Source, *, labelled: bool) -> pa.Table:
     """Load a source into a table with `text` (and `label` when `labelled`)."""
     if isinstance(source, SyntheticSource):
-        table = pa.Table.from_pylist(synthetic.generate(source.split, source.num_examples, source.seed))
+        table = pa.Table.from_pylist(synthetic.generate(source.split, source.num_examples, source.seed, source.task))
     elif isinstance(source, HubSource):
         table = _load_hub(source)
     else:

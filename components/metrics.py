@@ -65,7 +65,7 @@ TUNE_TRIALS = MetricSpec(
 METRICS = (STAGE_STATUS, STAGE_DURATION, TRAIN_LOSS, TRAIN_TOKENS_PER_S, TRAIN_STEP, TUNE_TRIALS)
 
 # The dashboard's status panel maps these numbers back to names (checked by a unit test).
-STAGE_STATUS_CODES = {"pending": 0, "running": 1, "succeeded": 2, "cached": 3, "failed": 4, "killed": 5}
+STAGE_STATUS_CODES = {"pending": 0, "running": 1, "succeeded": 2, "cached": 3, "failed": 4, "killed": 5, "skipped": 6}
 TRIAL_STATUSES = ("pending", "running", "finished", "errored")
 
 # Ray's own metrics the dashboard reads (Ray Serve's HTTP proxy), as Ray 2.60 exports them:

@@ -5,6 +5,9 @@ The task is review polarity. The pre-training corpus shows which adjectives go t
 polarity's adjectives. Validation and test use all of them, so a model can only label the
 unseen adjectives well if pre-training taught it that they behave like the seen ones: that is
 how pre-training helps here.
+
+A second task on the same reviews, `topic`, labels them by what they talk about (story, music,
+acting, craft): one pre-training, two fine-tuned tasks (configs/demo_multitask.yaml).
 """
 
 from __future__ import annotations
@@ -29,6 +32,14 @@ NOUNS = (
 POSITIVE_MARKERS = "wonderfully gloriously beautifully".split()
 NEGATIVE_MARKERS = "painfully dreadfully awfully".split()
 SUBJECTS = "i we critics audiences my friend the crowd".split()
+# The second task, `topic`: what part of a film a review talks about, told by its nouns.
+TOPICS = {
+    "story": "story script plot ending premise dialogue".split(),
+    "music": "score soundtrack".split(),
+    "acting": "cast performance".split(),
+    "craft": "direction pacing".split(),
+}
+TASKS = ("sentiment", "topic")
 INTENSIFIERS = "very really truly quite so rather deeply".split()
 LABEL_NAMES = ("negative", "positive")
 # Bump when the generated text changes: it is part of the data fingerprint (and so of cache keys).
@@ -55,18 +66,39 @@ _REVIEW_TEMPLATES = (
 )
 
 
-def generate(split: str, num_examples: int, seed: int = 0) -> list[dict]:
+def generate(split: str, num_examples: int, seed: int = 0, task: str = "sentiment") -> list[dict]:
     """Rows of `{"text", "label"}` (label names) for a split; the corpus has labels too, unused.
+    `task`: label the reviews by polarity (`sentiment`) or by what they talk about (`topic`).
 
     Raises:
-        ValueError: for an unknown split.
+        ValueError: for an unknown split or task.
     """
     if split not in SPLITS:
         raise ValueError(f"unknown synthetic split {split!r}; choose one of {', '.join(SPLITS)}")
+    if task not in TASKS:
+        raise ValueError(f"unknown synthetic task {task!r}; choose one of {', '.join(TASKS)}")
+    if task == "topic":
+        rng = random.Random(f"{seed}-{split}-topic")
+        return [_topic_sentence(rng) for _ in range(num_examples)]
     rng = random.Random(f"{seed}-{split}")
     templates = _CORPUS_TEMPLATES if split == "corpus" else _REVIEW_TEMPLATES
     vocab_limit = SEEN_IN_TRAIN if split == "train" else None
     return [_sentence(rng, templates, vocab_limit) for _ in range(num_examples)]
+
+
+def _topic_sentence(rng: random.Random) -> dict:
+    """A review whose nouns all come from one topic; its polarity is noise for this task."""
+    topic = rng.choice(sorted(TOPICS))
+    words = rng.choice((NEGATIVE, POSITIVE))
+    text = rng.choice([template for template in _REVIEW_TEMPLATES if "{noun}" in template]).format(
+        noun=rng.choice(TOPICS[topic]),
+        noun2=rng.choice(TOPICS[topic]),
+        subject=rng.choice(SUBJECTS),
+        int=rng.choice(INTENSIFIERS),
+        a=rng.choice(words),
+        b=rng.choice(words),
+    )
+    return {"text": text, "label": topic}
 
 
 def _sentence(rng: random.Random, templates: tuple[str, ...], vocab_limit: int | None) -> dict:

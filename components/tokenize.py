@@ -24,7 +24,7 @@ import ray
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from components.configs import SPECIAL_TOKENS, DataConfig, TokenizeConfig
+from components.configs import SPECIAL_TOKENS, DataConfig, TaskConfig, TokenizeConfig
 from components.data import load_source
 from components.stage import StageContext, StageResult, write_json
 from components.vocab import separator_id, start_id
@@ -35,30 +35,46 @@ TASK_SPLITS = ("train", "validation", "test")
 
 
 def run(cfg: TokenizeConfig, data: DataConfig, ctx: StageContext) -> StageResult:
-    """Train the tokenizer and write the tokenized corpus and task splits under ctx.output_dir."""
+    """Train the tokenizer and pack the corpus into blocks under ctx.output_dir; with a config of
+    one task (`data.task`), tokenize its splits there too."""
     corpus = load_source(data.corpus.source, labelled=False)
-    splits = {name: load_source(getattr(data.task, name), labelled=True) for name in TASK_SPLITS}
     tokenizer_dir = ctx.output_dir / "tokenizer"
     if cfg.pretrained:
         tokenizer = load_pretrained(cfg.pretrained, cfg.seq_len)
     else:
         tokenizer = train_tokenizer(corpus.column("text").to_pylist(), cfg)
     tokenizer.save_pretrained(tokenizer_dir)
-    label_values = label_vocabulary(splits["train"])
-    write_json(ctx.output_dir / "labels.json", display_names(label_values, data.task.label_names))
-
     # Deterministic row order: the same inputs give the same blocks, hence the same training run.
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     blocks = _pack_corpus(corpus, tokenizer_dir, cfg).materialize()
     blocks.write_parquet(str(ctx.output_dir / "pretrain_blocks"))
     stats = {"corpus/rows": corpus.num_rows, "tokenize/vocab_size": len(tokenizer)}
-    for name, table in splits.items():
-        _tokenize_task(table, tokenizer_dir, label_values, cfg).write_parquet(str(ctx.output_dir / "task" / name))
-        stats[f"task/{name}_rows"] = table.num_rows
+    if data.task is not None:
+        stats.update(_write_task(data.task, tokenizer_dir, cfg, ctx.output_dir))
     stats["corpus/blocks"] = blocks.count()
     write_json(ctx.output_dir / "stats.json", stats)
     log.info("tokenize: %s", stats)
     return StageResult(output_uri=str(ctx.output_dir), metrics=stats)
+
+
+def run_task(cfg: TokenizeConfig, task: TaskConfig, tokenizer_dir: str, ctx: StageContext) -> StageResult:
+    """Tokenize one task's splits with the pipeline's tokenizer (`labels.json`, `task/<split>/`)."""
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    stats = _write_task(task, Path(tokenizer_dir), cfg, ctx.output_dir)
+    write_json(ctx.output_dir / "stats.json", stats)
+    log.info("tokenize task: %s", stats)
+    return StageResult(output_uri=str(ctx.output_dir), metrics=stats)
+
+
+def _write_task(task: TaskConfig, tokenizer_dir: Path, cfg: TokenizeConfig, output_dir: Path) -> dict[str, int]:
+    splits = {name: load_source(getattr(task, name), labelled=True) for name in TASK_SPLITS}
+    label_values = label_vocabulary(splits["train"])
+    write_json(output_dir / "labels.json", display_names(label_values, task.label_names))
+    stats = {}
+    for name, table in splits.items():
+        _tokenize_task(table, tokenizer_dir, label_values, cfg).write_parquet(str(output_dir / "task" / name))
+        stats[f"task/{name}_rows"] = table.num_rows
+    return stats
 
 
 def train_tokenizer(texts: Iterable[str], cfg: TokenizeConfig) -> PreTrainedTokenizerFast:

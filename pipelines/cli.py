@@ -57,8 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--rerun",
         metavar="STAGE",
-        choices=STAGE_NAMES,
-        help="run this stage and every later one again, ignoring their cache",
+        help=f"run this stage ({', '.join(STAGE_NAMES)}; one task's: finetune.TASK) and every later one again, "
+        "ignoring their cache",
     )
     _add_progress_options(run)
     run.set_defaults(handler=_run)
@@ -178,6 +178,15 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
+    if args.rerun:
+        from pipelines.stages import graph
+
+        known = list(dict.fromkeys(name for node in graph(config) for name in (node.stage.name, node.id)))
+        if args.rerun not in known:
+            problem = Problem(
+                "--rerun", args.rerun, "not a stage of this pipeline", f"choose one of {', '.join(known)}"
+            )
+            raise ConfigError(args.config, [problem])
     return _execute(config, args, rerun=args.rerun)
 
 
@@ -235,7 +244,11 @@ def _sweep_to_resume(args: argparse.Namespace):
         storage = Path("./ptft-runs")
     run_id = args.resume
     if run_id == "latest":
-        unfinished = [run for run in list_runs(storage) if run.status != SUCCEEDED and "tune" in run.stages]
+        unfinished = [
+            run
+            for run in list_runs(storage)
+            if run.status != SUCCEEDED and any(node.split(".", 1)[0] == "tune" for node in run.stages)
+        ]
         if not unfinished:
             problem = Problem(
                 "--resume", str(storage), "no unfinished sweep here", "pass the run id (see `ptft runs`) or --storage"
@@ -261,26 +274,31 @@ def _recorded_config(manifest):
 
 
 def _print_sweep_summary(result, config, seconds: float) -> None:
-    tune = result.stages["tune"]
-    best = tune.outputs.best_config
-    metric = config.tune.metric
+    print(f"\nSweep of pipeline run {result.run_id} finished in {seconds:.0f}s.")
+    sweeps = _results_of(result, "tune")
+    for node_id, tune in sweeps:
+        task = node_id.split(".", 1)[1] if "." in node_id else None
+        metric = (config.for_task(task) if task else config).tune.metric
+        if len(sweeps) > 1:
+            print(f"\n{node_id}:")
+        if tune.cached:
+            print("Cached: run with --force to sweep again.")
+        print(f"Best trial: {tune.outputs.best_trial or '?'} with {metric} = {tune.metrics.get(f'best/{metric}')}")
+        best = tune.outputs.best_config.items()
+        print("Best config: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best))
+        print(f"Trial table: {tune.output_uri}/trials.csv  plot: {tune.output_uri}/sweep.png")
     print(
-        f"\nSweep of pipeline run {result.run_id} finished in {seconds:.0f}s"
-        f"{' (cached: run with --force to sweep again)' if tune.cached else ''}."
-    )
-    print(f"Best trial: {tune.outputs.best_trial or '?'} with {metric} = {tune.metrics.get(f'best/{metric}')}")
-    print(
-        "Best config: "
-        + ", ".join(
-            f"{name}={value:.4g}" if isinstance(value, float) else f"{name}={value}" for name, value in best.items()
-        )
-    )
-    print(f"Trial table: {tune.output_uri}/trials.csv  plot: {tune.output_uri}/sweep.png")
-    print(
-        f"MLflow: experiment {config.experiment_name()!r} at {result.tracking_uri}: the 'tune' run (under the "
+        f"MLflow: experiment {config.experiment_name()!r} at {result.tracking_uri}: each tune run (under the "
         f"pipeline's run {result.mlflow_run_id}) has one child run per trial. Browse: ptft ui CONFIG"
     )
     print("Fine-tune with it: ptft run CONFIG (finetune takes the best config; finetune.overrides win)")
+
+
+def _results_of(result, stage: str) -> list:
+    """(node id, result) of a stage's nodes in a pipeline result: one, or one per task."""
+    return [
+        (node_id, stage_result) for node_id, stage_result in result.stages.items() if node_id.split(".", 1)[0] == stage
+    ]
 
 
 def _execute(config, args: argparse.Namespace, **how) -> int:
@@ -303,7 +321,8 @@ def _execute(config, args: argparse.Namespace, **how) -> int:
     _print_summary(result, config, time.perf_counter() - started)
     on_cluster = _on_cluster(config)
     if args.keep_serving:
-        print(f"Serving at {result.stages['serve'].output_uri} — Ctrl-C to stop.")
+        urls = ", ".join(served.output_uri for _, served in _results_of(result, "serve"))
+        print(f"Serving at {urls} — Ctrl-C to stop.")
         _wait_forever()
     if not on_cluster or args.keep_serving:
         from components import serve
@@ -347,11 +366,12 @@ def _print_stage(stage: str, result) -> None:
 
 
 def _print_summary(result, config, seconds: float) -> None:
-    endpoint = result.stages["serve"].outputs
     print(f"\nPipeline run {result.run_id} finished in {seconds:.0f}s.")
-    print(f"Model {endpoint.model.name} v{endpoint.model.version} served at {endpoint.url}")
-    for sample in endpoint.samples:
-        print(f"  {sample.text!r:45} -> {sample.label} ({sample.score:.3f})")
+    for _, served in _results_of(result, "serve"):
+        endpoint = served.outputs
+        print(f"Model {endpoint.model.name} v{endpoint.model.version} served at {endpoint.url}")
+        for sample in endpoint.samples:
+            print(f"  {sample.text!r:45} -> {sample.label} ({sample.score:.3f})")
     print(f"Runs: MLflow experiment {config.experiment_name()!r} at {result.tracking_uri}")
     print(f"Browse them with: ptft ui {' '.join(sys.argv[2:3]) or 'CONFIG'}")
 

@@ -31,6 +31,7 @@ from components.configs import (
     Hyperparameters,
     PretrainConfig,
     ServeConfig,
+    TaskConfig,
     TokenizeConfig,
     TuneConfig,
 )
@@ -49,6 +50,28 @@ class RayConfig(BaseModel):
     dashboard_host: str = Field("127.0.0.1", description="bind address of a local Ray's dashboard; 0.0.0.0 exposes it")
 
 
+TASK_SECTIONS = ("tune", "finetune", "serve")  # what a task may set over the shared sections
+TASK_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+
+
+class TaskSpec(BaseModel):
+    """One fine-tuning task of a pipeline with several: its data, and its own tune, finetune and
+    serve sections (the pipeline's top-level ones with the task's keys merged over them)."""
+
+    model_config = ConfigDict(extra="forbid")
+    data: TaskConfig
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+
+
+def _merged(base: Any, override: Any) -> Any:
+    """`override` deep-merged over `base` (mappings merge, anything else replaces)."""
+    if not isinstance(base, dict) or not isinstance(override, dict):
+        return override
+    return {**base, **{key: _merged(base.get(key), value) for key, value in override.items()}}
+
+
 class PipelineConfig(BaseModel):
     """One pipeline: tokenize -> pretrain -> tune -> finetune -> serve."""
 
@@ -64,6 +87,37 @@ class PipelineConfig(BaseModel):
     tune: TuneConfig = Field(default_factory=TuneConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    tasks: dict[str, TaskSpec] = Field(
+        default_factory=dict,
+        description="several tasks fine-tuned from one pre-training, by name: each has `data` (train, "
+        "validation, test) and may set tune/finetune/serve keys over the shared sections; without it, "
+        "the one task is data.task",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tasks_inherit_the_shared_sections(cls, raw: Any) -> Any:
+        """Each task's tune/finetune/serve = the top-level section with the task's keys over it;
+        its Serve app and route, and its registered model, are named for it unless it says."""
+        if not isinstance(raw, dict) or not isinstance(raw.get("tasks"), dict):
+            return raw
+        tasks = {}
+        for name, spec in raw["tasks"].items():
+            if not isinstance(spec, dict):
+                tasks[name] = spec
+                continue
+            spec = {
+                **spec,
+                **{section: _merged(raw.get(section) or {}, spec.get(section) or {}) for section in TASK_SECTIONS},
+            }
+            serve = spec["serve"]
+            own_serve = (raw["tasks"][name].get("serve") or {}) if isinstance(raw["tasks"][name], dict) else {}
+            if "app_name" not in own_serve:
+                serve["app_name"] = f"{(raw.get('serve') or {}).get('app_name', 'ptft')}-{name}"
+            if "route_prefix" not in own_serve:
+                serve["route_prefix"] = f"/{name}"
+            tasks[name] = spec
+        return {**raw, "tasks": tasks}
 
     @model_validator(mode="after")
     def _tokenizer_of_the_checkpoint(self) -> PipelineConfig:
@@ -83,6 +137,27 @@ class PipelineConfig(BaseModel):
 
     def registered_model_name(self) -> str:
         return self.finetune.registered_model_name or f"{self.name}-classifier"
+
+    def uses_gpu(self) -> bool:
+        """Whether any training stage (pre-training, a task's fine-tuning) asks for GPUs."""
+        finetunes = [spec.finetune for spec in self.tasks.values()] or [self.finetune]
+        return self.pretrain.workers.use_gpu or any(finetune.workers.use_gpu for finetune in finetunes)
+
+    def task_names(self) -> tuple[str, ...]:
+        """The named tasks; () for a config of one task (`data.task`)."""
+        return tuple(self.tasks)
+
+    def for_task(self, task: str) -> PipelineConfig:
+        """This config as one task sees it: its data as `data.task`, its tune, finetune and serve
+        sections, its registered model `<name>-<task>`."""
+        spec = self.tasks[task]
+        finetune = spec.finetune
+        if not finetune.registered_model_name:
+            finetune = finetune.model_copy(update={"registered_model_name": f"{self.name}-{task}"})
+        data = self.data.model_copy(update={"task": spec.data})
+        return self.model_copy(
+            update={"data": data, "tune": spec.tune, "finetune": finetune, "serve": spec.serve, "tasks": {}}
+        )
 
 
 @dataclass(frozen=True)
@@ -150,7 +225,7 @@ def validate(
         config = None
         problems += schema_problems(error)
         sections = _valid_sections(raw)  # cross-field rules still run on the sections that parsed
-    problems += semantic_problems(sections)
+    problems += semantic_problems(sections) + task_problems(raw, sections)
     if check_data:
         problems += data_problems(sections) + storage_problems(sections)
     if problems or config is None:
@@ -714,13 +789,47 @@ def _precision_problems(stage: str, stage_cfg: PretrainConfig | FinetuneConfig) 
     ]
 
 
+def task_problems(raw: dict, sections: dict[str, Any]) -> list[Problem]:
+    """One task (`data.task`) or named ones (`tasks`), not both, not neither; names that can be a
+    route and a model name; each task's own sections obey the same rules as the shared ones."""
+    data, tasks = sections.get("data"), sections.get("tasks") or {}
+    raw_tasks = raw.get("tasks") if isinstance(raw.get("tasks"), dict) else {}
+    problems = []
+    if data is not None and data.task is not None and raw_tasks:
+        problems.append(
+            Problem(
+                "data.task", "set", "the config has both data.task and tasks", "move data.task into tasks.<name>.data"
+            )
+        )
+    if data is not None and data.task is None and not raw_tasks:
+        problems.append(
+            Problem("data.task", _MISSING, "no task to fine-tune", "set data.task (train/validation/test) or tasks")
+        )
+    for name in raw_tasks:
+        if not TASK_NAME.match(str(name)):
+            problems.append(
+                Problem(f"tasks.{name}", name, "not a usable task name", "lower-case letters, digits, - and _ (<= 32)")
+            )
+    for name, spec in tasks.items():
+        own = {"tune": spec.tune, "finetune": spec.finetune, "serve": spec.serve, "pretrain": sections.get("pretrain")}
+        shared = semantic_problems({key: value for key, value in sections.items() if key in own})
+        for problem in semantic_problems(own):
+            if problem not in shared:  # a rule the task's own keys break, not the shared sections
+                problems.append(Problem(f"tasks.{name}.{problem.key}", problem.value, problem.message, problem.fix))
+    return problems
+
+
 def data_problems(sections: dict[str, Any]) -> list[Problem]:
     """Missing files and columns, found without loading the data."""
     data = sections.get("data")
     if data is None:
         return []
+    tasks = {"data.task": data.task} if data.task else {}
+    tasks.update({f"tasks.{name}.data": spec.data for name, spec in (sections.get("tasks") or {}).items()})
     sources = [("data.corpus.source", data.corpus.source, False)] + [
-        (f"data.task.{split}", getattr(data.task, split), True) for split in ("train", "validation", "test")
+        (f"{prefix}.{split}", getattr(task, split), True)
+        for prefix, task in tasks.items()
+        for split in ("train", "validation", "test")
     ]
     problems = []
     for key, source, labelled in sources:

@@ -241,7 +241,7 @@ def job_spec(
 def job_env(config: PipelineConfig) -> dict[str, str]:
     """The job's environment variables: DeepSpeed's accelerator and tokenizer threading (the rule
     of components/accelerator.py, without importing torch here); this shell's values win."""
-    use_gpu = config.pretrain.workers.use_gpu or config.finetune.workers.use_gpu
+    use_gpu = config.uses_gpu()
     env = {"TOKENIZERS_PARALLELISM": "false", **({} if use_gpu else {"DS_ACCELERATOR": "cpu"})}
     env.update({name: os.environ[name] for name in PASSED_ENV if name in os.environ})
     # The runner's ray.init(runtime_env=...) sets the same keys; Ray refuses to merge a job's and

@@ -19,6 +19,7 @@ from pipelines import stages
 
 # Stage states. `cached`: reused an artifact another run produced; `succeeded`: produced it here.
 PENDING, RUNNING, SUCCEEDED, CACHED, FAILED, KILLED = "pending", "running", "succeeded", "cached", "failed", "killed"
+SKIPPED = "skipped"  # an upstream stage of its branch failed: a resume runs it
 DONE = (SUCCEEDED, CACHED)
 
 
@@ -80,7 +81,7 @@ class Manifest:
         raw = read_json(path)
         # The file's keys are sorted; give the stages back in pipeline order.
         rank = {name: index for index, name in enumerate(stages.NAMES)}
-        order = sorted(raw["stages"], key=lambda name: rank.get(name, len(rank)))
+        order = sorted(raw["stages"], key=lambda node: (rank.get(node.split(".", 1)[0], len(rank)), node))
         raw["stages"] = {name: StageRecord(**raw["stages"][name]) for name in order}
         return cls(**raw)
 

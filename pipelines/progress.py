@@ -25,7 +25,8 @@ from pipelines import stages
 
 def stage_progress(client: MlflowClient, stage: str, run_id: str) -> dict | None:
     """{"step", "total_steps"} of a training stage, {"trials": {status: count}} of a sweep, or None."""
-    shown = stages.BY_NAME[stage].progress if stage in stages.BY_NAME else None
+    declared = stages.declaration(stage)
+    shown = declared.progress if declared else None
     if shown == "steps":
         metrics = client.get_run(run_id).data.metrics
         if "progress/total_steps" not in metrics:

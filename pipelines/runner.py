@@ -81,9 +81,11 @@ def run(
     worker_logs: stream the Ray workers' logs to this process (off for `ptft run --quiet`).
     Serve keeps running until `serve.shutdown()` or Ray exits.
     """
+    nodes = stages.graph(config)
     for option, value in (("rerun", rerun), ("until", until)):
-        if value is not None and value not in STAGES:
-            raise ValueError(f"{option}={value!r}: not a stage; choose one of {', '.join(STAGES)}")
+        if value is not None and not _named(nodes, value):
+            known = ", ".join(dict.fromkeys([*STAGES, *(node.id for node in nodes)]))
+            raise ValueError(f"{option}={value!r}: not a stage of this pipeline; choose one of {known}")
     storage = config.storage_path()
     storage.mkdir(parents=True, exist_ok=True)
     _init_ray(config, worker_logs=worker_logs)
@@ -95,21 +97,20 @@ def run(
     if resume:
         manifest = _reopen_pipeline_run(client, storage, resume, experiment_id)
     else:
-        names = (*stages.ancestors(until), until) if until else STAGES
-        manifest = mf.Manifest.create(storage, new_run_id(), config.name, names, resolved_dict(config))
+        names = _until(nodes, until) if until else [node.id for node in nodes]
+        manifest = mf.Manifest.create(storage, new_run_id(), config.name, tuple(names), resolved_dict(config))
         manifest.mlflow_run_id = _start_parent_run(client, config, experiment_id, manifest.run_id)
     manifest.tracking_uri, manifest.experiment_id = config.tracking_uri(), experiment_id
     manifest.save()
     result = PipelineResult(manifest.run_id, manifest.mlflow_run_id, experiment_id, config.tracking_uri())
-    forced = set(stages.downstream(rerun)) if rerun else set()
-    runner = _StageRunner(config, client, result, storage, manifest, forced)
+    forced = stages.node_descendants(nodes, set(_named(nodes, rerun))) if rerun else set()
+    runner = _StageRunner(config, nodes, client, result, storage, manifest, forced)
     reporter = progress.Reporter(manifest, client, every_s=progress_every_s).start() if progress_every_s else None
     status = "FAILED"
     try:
-        for stage in [stage for stage in stages.STAGES if stage.name in manifest.stages]:  # `until` ends it early
-            stage_result = runner.run(stage)
-            if on_stage:
-                on_stage(stage.name, stage_result)
+        failures = runner.run_all([node for node in nodes if node.id in manifest.stages], on_stage)
+        if failures:  # the other branches ran on; the run fails with the first failure
+            raise failures[0]
         status = "FINISHED"
     except _STOPPED:
         status = "KILLED"
@@ -120,6 +121,19 @@ def run(
             reporter.stop()
         client.set_terminated(manifest.mlflow_run_id, status=status)
     return result
+
+
+def _named(nodes: tuple[stages.Node, ...], name: str) -> list[str]:
+    """The nodes a name means: a node id (`finetune.topic`), or a stage's name for all its nodes."""
+    return [node.id for node in nodes if name in (node.id, node.stage.name)]
+
+
+def _until(nodes: tuple[stages.Node, ...], until: str) -> list[str]:
+    """The named nodes and what they need, in graph order (`ptft sweep`: up to the sweeps)."""
+    wanted = set(_named(nodes, until))
+    for node_id in list(wanted):
+        wanted.update(stages.node_ancestors(nodes, node_id))
+    return [node.id for node in nodes if node.id in wanted]
 
 
 def _preflight(config: PipelineConfig) -> None:
@@ -153,7 +167,7 @@ def new_run_id() -> str:
 def _init_ray(config: PipelineConfig, *, worker_logs: bool = True) -> None:
     if ray.is_initialized():
         return
-    use_gpu = config.pretrain.workers.use_gpu or config.finetune.workers.use_gpu
+    use_gpu = config.uses_gpu()
     # The driver imports DeepSpeed-free code only, but Tune trials and Data tasks inherit this env.
     runtime_env = {"env_vars": accelerator.deepspeed_env(use_gpu)}
     # Inside a Ray Job (`ptft submit`) RAY_ADDRESS names the cluster the job runs on.
@@ -226,11 +240,13 @@ def _without(config: dict, dotted: tuple[str, ...]) -> dict:
 
 
 class _StageRunner:
-    """Runs one stage at a time: its key, the cache, its MLflow child run, the manifest, publishing."""
+    """Runs the graph's nodes one at a time: each node's key, the cache, its MLflow child run, the
+    manifest, publishing. A failed node stops its own branch only."""
 
     def __init__(
         self,
         config: PipelineConfig,
+        nodes: tuple[stages.Node, ...],
         client: MlflowClient,
         result: PipelineResult,
         storage: Path,
@@ -238,6 +254,7 @@ class _StageRunner:
         forced: set[str],
     ):
         self.config = config
+        self.nodes = nodes
         self.client = client
         self.result = result
         self.storage = storage
@@ -246,38 +263,64 @@ class _StageRunner:
         self.keys: dict[str, str] = {}
         self.mlflow_run_ids: dict[str, str] = {}
 
-    def run(self, stage: Stage) -> StageResult:
-        inputs = self._inputs(stage)
-        settings = stage.settings(self.config)
-        upstream_keys = {name: self.keys[name] for name in stage.upstream}
-        material = key_material(stage, settings, upstream_keys, stage.key_extras(self.config, inputs))
+    def run_all(self, nodes: list[stages.Node], on_stage: Callable[[str, StageResult], None] | None) -> list[Exception]:
+        """Every node whose upstream succeeded; returns the failures (a stop is raised at once)."""
+        failures: list[Exception] = []
+        failed: set[str] = set()
+        for node in nodes:
+            blocked = failed.intersection(node.upstream)
+            if blocked:
+                failed.add(node.id)
+                self.manifest.stage_ended(node.id, mf.SKIPPED, error=f"upstream {', '.join(sorted(blocked))} failed")
+                continue
+            try:
+                stage_result = self.run(node)
+            except Exception as error:  # noqa: BLE001 - recorded by run(); the other branches go on
+                failures.append(error)
+                failed.add(node.id)
+                log.error("stage %s failed: %s", node.id, _describe(error))
+                continue
+            if on_stage:
+                on_stage(node.id, stage_result)
+        return failures
+
+    def run(self, node: stages.Node) -> StageResult:
+        stage, config = node.stage, node.config(self.config)
+        inputs = self._inputs(node)
+        settings = stage.settings(config)
+        upstream_keys = {self._stage_of(upstream): self.keys[upstream] for upstream in node.upstream}
+        material = key_material(stage, settings, upstream_keys, stage.key_extras(config, inputs))
         key = stage_key(stage, settings, upstream_keys, material["extras"])
-        self.keys[stage.name] = key
+        self.keys[node.id] = key
         final_dir = self.storage / "artifacts" / stage.name / key
-        record = self.manifest.stages[stage.name]
+        record = self.manifest.stages[node.id]
         if record.status in mf.DONE and record.key == key and (final_dir / SUCCESS).is_file():
-            stage_result = self._reuse_own(stage, inputs, key, final_dir, record)  # done in an earlier attempt
-        elif stage.name not in self.forced and (final_dir / SUCCESS).is_file():
-            stage_result = self._cache_hit(stage, inputs, key, settings, final_dir)
+            stage_result = self._reuse_own(node, config, inputs, key, final_dir, record)  # an earlier attempt
+        elif node.id not in self.forced and (final_dir / SUCCESS).is_file():
+            stage_result = self._cache_hit(node, config, inputs, key, settings, final_dir)
         else:
-            stage_result = self._execute(stage, inputs, key, settings, material, final_dir)
-        self.result.stages[stage.name] = stage_result
+            stage_result = self._execute(node, config, inputs, key, settings, material, final_dir)
+        self.result.stages[node.id] = stage_result
         return stage_result
 
-    def _inputs(self, stage: Stage) -> Inputs:
-        """The results, keys and MLflow runs of every stage this one depends on."""
-        names = stages.ancestors(stage.name)
+    def _stage_of(self, node_id: str) -> str:
+        return next(node.stage.name for node in self.nodes if node.id == node_id)
+
+    def _inputs(self, node: stages.Node) -> Inputs:
+        """The results, keys and MLflow runs of every node this one depends on, by stage name (a
+        task's branch has one node per stage)."""
+        names = {node_id: self._stage_of(node_id) for node_id in stages.node_ancestors(self.nodes, node.id)}
         done, runs = self.result.stages, self.mlflow_run_ids
         return Inputs(
-            results={name: done[name] for name in names},
-            keys={name: self.keys[name] for name in names},
-            mlflow_runs={name: runs[name] for name in names if name in runs},
+            results={stage: done[node_id] for node_id, stage in names.items()},
+            keys={stage: self.keys[node_id] for node_id, stage in names.items()},
+            mlflow_runs={stage: runs[node_id] for node_id, stage in names.items() if node_id in runs},
         )
 
-    def _context(self, stage: Stage, key: str, output_dir: Path, mlflow_run_id: str, attempt: int) -> StageContext:
+    def _context(self, node: stages.Node, key: str, output_dir: Path, mlflow_run_id: str, attempt: int) -> StageContext:
         return StageContext(
             pipeline_run_id=self.result.run_id,
-            stage=stage.name,
+            stage=node.id,
             output_dir=output_dir,
             storage=self.storage,
             tracking_uri=self.config.tracking_uri(),
@@ -288,35 +331,35 @@ class _StageRunner:
             cache_key=key,
         )
 
-    def _record_lineage(self, stage: Stage, run_id: str, inputs: Inputs) -> None:
+    def _record_lineage(self, node: stages.Node, config: PipelineConfig, run_id: str, inputs: Inputs) -> None:
         """The stage run's dataset inputs and the upstream runs it consumed."""
-        upstream_runs = {name: run for name, run in inputs.mlflow_runs.items() if name in stage.upstream}
-        lineage.tag_upstream(self.client, run_id, upstream_runs)
-        lineage.log_datasets(self.client, run_id, stage.reads(self.config, inputs))
+        upstream = {self._stage_of(node_id) for node_id in node.upstream}
+        lineage.tag_upstream(self.client, run_id, {s: run for s, run in inputs.mlflow_runs.items() if s in upstream})
+        lineage.log_datasets(self.client, run_id, node.stage.reads(config, inputs))
 
     def _reuse_own(
-        self, stage: Stage, inputs: Inputs, key: str, final_dir: Path, record: mf.StageRecord
+        self,
+        node: stages.Node,
+        config: PipelineConfig,
+        inputs: Inputs,
+        key: str,
+        final_dir: Path,
+        record: mf.StageRecord,
     ) -> StageResult:
-        self.mlflow_run_ids[stage.name] = record.mlflow_run_id
-        stage_result = _load_result(stage, final_dir)
+        self.mlflow_run_ids[node.id] = record.mlflow_run_id
+        stage_result = _load_result(node.stage, final_dir)
         stage_result.cached = record.status == mf.CACHED
-        log.info("stage %s: done in an earlier attempt of this run", stage.name)
-        ctx = self._context(stage, key, final_dir, record.mlflow_run_id, record.attempts)
-        return self._ensure_side_effect(stage, inputs, stage_result, ctx)
+        log.info("stage %s: done in an earlier attempt of this run", node.id)
+        ctx = self._context(node, key, final_dir, record.mlflow_run_id, record.attempts)
+        return _ensure_side_effect(node.stage, config, inputs, stage_result, ctx)
 
-    def _ensure_side_effect(
-        self, stage: Stage, inputs: Inputs, stage_result: StageResult, ctx: StageContext
+    def _cache_hit(
+        self, node: stages.Node, config: PipelineConfig, inputs: Inputs, key: str, settings: dict, final_dir: Path
     ) -> StageResult:
-        """A reused artifact's side effect, verified in this run's place and redone if missing."""
-        if stage.side_effect is None:
-            return stage_result
-        return stage.side_effect.ensure(self.config, inputs, stage_result, ctx)
-
-    def _cache_hit(self, stage: Stage, inputs: Inputs, key: str, settings: dict, final_dir: Path) -> StageResult:
         success = read_json(final_dir / SUCCESS)
         producer = success["mlflow_run_id"]
         run_id = self._child_run(
-            stage.name,
+            node,
             key,
             cache_hit=True,
             extra_tags={
@@ -324,56 +367,63 @@ class _StageRunner:
                 "ptft.cached_from_pipeline_run": success.get("pipeline_run_id", ""),
             },
         )
-        self._record_lineage(stage, run_id, inputs)
-        self.manifest.stage_started(stage.name, key, run_id)
+        self._record_lineage(node, config, run_id, inputs)
+        self.manifest.stage_started(node.id, key, run_id)
         tracker = MlflowTracker(self.config.tracking_uri(), run_id, owns_run=True)
         tracker.log_params(flatten(settings))
-        stage_result = _load_result(stage, final_dir)
+        stage_result = _load_result(node.stage, final_dir)
         stage_result.cached = True
-        ctx = self._context(stage, key, final_dir, run_id, self.manifest.stages[stage.name].attempts)
+        ctx = self._context(node, key, final_dir, run_id, self.manifest.stages[node.id].attempts)
         try:
-            stage_result = self._ensure_side_effect(stage, inputs, stage_result, ctx)
+            stage_result = _ensure_side_effect(node.stage, config, inputs, stage_result, ctx)
         except BaseException as error:
-            self.manifest.stage_ended(stage.name, mf.FAILED, error=_describe(error))
+            self.manifest.stage_ended(node.id, mf.FAILED, error=_describe(error))
             tracker.close("KILLED" if isinstance(error, _STOPPED) else "FAILED")
             raise
         tracker.log_metrics(stage_result.metrics, step=0)
         tracker.close("FINISHED")
-        self.manifest.stage_ended(stage.name, mf.CACHED, output_uri=stage_result.output_uri, cached_from=producer)
-        log.info("stage %s: cache hit (key %s, produced by MLflow run %s)", stage.name, key, producer)
+        self.manifest.stage_ended(node.id, mf.CACHED, output_uri=stage_result.output_uri, cached_from=producer)
+        log.info("stage %s: cache hit (key %s, produced by MLflow run %s)", node.id, key, producer)
         return stage_result
 
     def _execute(
-        self, stage: Stage, inputs: Inputs, key: str, settings: dict, material: dict, final_dir: Path
+        self,
+        node: stages.Node,
+        config: PipelineConfig,
+        inputs: Inputs,
+        key: str,
+        settings: dict,
+        material: dict,
+        final_dir: Path,
     ) -> StageResult:
-        record = self.manifest.stages[stage.name]
+        stage, record = node.stage, self.manifest.stages[node.id]
         continuing = record.mlflow_run_id is not None and record.key == key
         if continuing:
             run_id = record.mlflow_run_id  # a restarted attempt continues its own run
             reopen_run(self.client, run_id)
         else:
-            run_id = self._child_run(stage.name, key, cache_hit=False)
-            self._record_lineage(stage, run_id, inputs)
-        self.mlflow_run_ids[stage.name] = run_id
-        self.manifest.stage_started(stage.name, key, run_id)
+            run_id = self._child_run(node, key, cache_hit=False)
+            self._record_lineage(node, config, run_id, inputs)
+        self.mlflow_run_ids[node.id] = run_id
+        self.manifest.stage_started(node.id, key, run_id)
         tracker = MlflowTracker(self.config.tracking_uri(), run_id, owns_run=True, resumed=continuing)
         tracker.log_params(flatten(settings))
         partial = final_dir.parent / f".{key}.partial-{self.result.run_id}"
         shutil.rmtree(partial, ignore_errors=True)  # the stage's resumable state lives in Ray's storage
         partial.mkdir(parents=True)
-        ctx = self._context(stage, key, partial, run_id, record.attempts)
+        ctx = self._context(node, key, partial, run_id, record.attempts)
         started = time.perf_counter()
-        log.info("stage %s: starting (key %s, attempt %d)", stage.name, key, record.attempts)
+        log.info("stage %s: starting (key %s, attempt %d)", node.id, key, record.attempts)
         try:
-            stage_result = stage.run(self.config, inputs, ctx)
+            stage_result = stage.run(config, inputs, ctx)
             stage_result.outputs = stage.outputs.model_validate(stage_result.outputs)  # the typed hand-off
             if stage.side_effect and stage.side_effect.after_run:
-                stage_result = stage.side_effect.after_run(self.config, inputs, stage_result, ctx)
+                stage_result = stage.side_effect.after_run(config, inputs, stage_result, ctx)
         except BaseException as error:
             interrupted = isinstance(error, _STOPPED)
             # The local manifest first: a stopped Ray Job is SIGKILLed 3 s after its SIGTERM, and
             # the MLflow calls may take longer than that.
-            self.manifest.stage_ended(stage.name, mf.KILLED if interrupted else mf.FAILED, error=_describe(error))
+            self.manifest.stage_ended(node.id, mf.KILLED if interrupted else mf.FAILED, error=_describe(error))
             if interrupted:
                 self.manifest.finished(mf.KILLED)  # the run goes down with the stage
             tracker.close("KILLED" if interrupted else "FAILED")
@@ -385,30 +435,24 @@ class _StageRunner:
         tracker.log_metrics({**summary, "stage/seconds": elapsed}, step=0)
         tracker.close("FINISHED")
         write_json(partial / "config.json", material)  # what the key stands for, beside what it made
-        stage_result = _publish(
-            stage,
-            partial,
-            final_dir,
-            stage_result,
-            {
-                "mlflow_run_id": run_id,
-                "pipeline_run_id": self.result.run_id,
-                "seconds": elapsed,
-            },
-        )
-        self.manifest.stages[stage.name].work_seconds = elapsed
-        self.manifest.stage_ended(stage.name, mf.SUCCEEDED, output_uri=stage_result.output_uri)
-        log.info("stage %s: done in %.1fs -> %s", stage.name, elapsed, stage_result.output_uri)
+        provenance = {"mlflow_run_id": run_id, "pipeline_run_id": self.result.run_id, "seconds": elapsed}
+        stage_result = _publish(stage, partial, final_dir, stage_result, provenance)
+        self.manifest.stages[node.id].work_seconds = elapsed
+        self.manifest.stage_ended(node.id, mf.SUCCEEDED, output_uri=stage_result.output_uri)
+        log.info("stage %s: done in %.1fs -> %s", node.id, elapsed, stage_result.output_uri)
         return stage_result
 
-    def _child_run(self, stage: str, key: str, *, cache_hit: bool, extra_tags: dict | None = None) -> str:
+    def _child_run(self, node: stages.Node, key: str, *, cache_hit: bool, extra_tags: dict | None = None) -> str:
+        """The node's MLflow run under the pipeline's, named for the node (a task's: `finetune.topic`)."""
+        task_tag = {"ptft.task": node.task} if node.task else {}
         run_id = start_run(
             self.client,
             self.result.experiment_id,
-            stage,
+            node.id,
             parent_run_id=self.result.mlflow_run_id,
             tags={
-                "ptft.stage": stage,
+                "ptft.stage": node.stage.name,
+                **task_tag,
                 "ptft.cache_key": key,
                 "ptft.cache_hit": str(cache_hit).lower(),
                 "ptft.run_id": self.result.run_id,
@@ -416,8 +460,17 @@ class _StageRunner:
                 **(extra_tags or {}),
             },
         )
-        self.mlflow_run_ids[stage] = run_id
+        self.mlflow_run_ids[node.id] = run_id
         return run_id
+
+
+def _ensure_side_effect(
+    stage: Stage, config: PipelineConfig, inputs: Inputs, stage_result: StageResult, ctx: StageContext
+) -> StageResult:
+    """A reused artifact's side effect, verified in this run's place and redone if missing."""
+    if stage.side_effect is None:
+        return stage_result
+    return stage.side_effect.ensure(config, inputs, stage_result, ctx)
 
 
 def _publish(stage: Stage, partial: Path, final_dir: Path, stage_result: StageResult, provenance: dict) -> StageResult:

@@ -7,36 +7,90 @@ and the progress lines read the declarations.
 
 from __future__ import annotations
 
-from pipelines.stages import finetune, pretrain, serve, tokenize, tune
+from dataclasses import dataclass
+
+from pipelines.config import PipelineConfig
+from pipelines.stages import finetune, prepare, pretrain, serve, tokenize, tune
 from pipelines.stages.base import Inputs, SideEffect, Stage
 
 # In an order where every stage comes after its upstream stages.
-STAGES: tuple[Stage, ...] = (tokenize.STAGE, pretrain.STAGE, tune.STAGE, finetune.STAGE, serve.STAGE)
+STAGES: tuple[Stage, ...] = (tokenize.STAGE, pretrain.STAGE, prepare.STAGE, tune.STAGE, finetune.STAGE, serve.STAGE)
 BY_NAME: dict[str, Stage] = {stage.name: stage for stage in STAGES}
 NAMES: tuple[str, ...] = tuple(BY_NAME)
 
-__all__ = ["BY_NAME", "NAMES", "STAGES", "Inputs", "SideEffect", "Stage", "ancestors", "downstream"]
+__all__ = [
+    "BY_NAME",
+    "NAMES",
+    "STAGES",
+    "Inputs",
+    "Node",
+    "SideEffect",
+    "Stage",
+    "declaration",
+    "node_ancestors",
+    "node_descendants",
+    "graph",
+]
 
 
-def ancestors(name: str) -> tuple[str, ...]:
-    """Every stage whose output reaches this one, directly or not, in pipeline order."""
+@dataclass(frozen=True)
+class Node:
+    """A stage in one config's graph: once, or once per task (`<stage>.<task>`)."""
+
+    id: str
+    stage: Stage
+    task: str | None
+    upstream: tuple[str, ...]  # node ids
+
+    def config(self, config: PipelineConfig) -> PipelineConfig:
+        """The config as this node's stage sees it (a task's stage sees its task's sections)."""
+        return config.for_task(self.task) if self.task else config
+
+
+def graph(config: PipelineConfig) -> tuple[Node, ...]:
+    """The config's nodes in a runnable order: a config of several tasks fans out after the
+    shared stages, one branch per task."""
+    tasks = config.task_names()
+    nodes: dict[str, Node] = {}
+    for stage in STAGES:
+        if not stage.when(config):
+            continue
+        for task in tasks if (stage.per_task and tasks) else (None,):
+            upstream = []
+            for name in stage.upstream:
+                node_id = f"{name}.{task}" if task and BY_NAME[name].per_task else name
+                if node_id in nodes:  # an upstream this config has no node for is left out
+                    upstream.append(node_id)
+            node_id = f"{stage.name}.{task}" if task else stage.name
+            nodes[node_id] = Node(node_id, stage, task, tuple(upstream))
+    return tuple(nodes.values())
+
+
+def declaration(node_id: str) -> Stage | None:
+    """The stage a node id (`finetune`, `finetune.topic`) runs; None for a name no stage has."""
+    return BY_NAME.get(node_id.split(".", 1)[0])
+
+
+def node_ancestors(nodes: tuple[Node, ...], node_id: str) -> tuple[str, ...]:
+    """Every node whose output reaches this one, in graph order."""
+    by_id = {node.id: node for node in nodes}
     found: set[str] = set()
-    pending = list(BY_NAME[name].upstream)
+    pending = list(by_id[node_id].upstream)
     while pending:
         upstream = pending.pop()
         if upstream not in found:
             found.add(upstream)
-            pending.extend(BY_NAME[upstream].upstream)
-    return tuple(stage for stage in NAMES if stage in found)
+            pending.extend(by_id[upstream].upstream)
+    return tuple(node.id for node in nodes if node.id in found)
 
 
-def downstream(name: str) -> tuple[str, ...]:
-    """The stage and every stage that reads its output, directly or not, in pipeline order."""
-    found = {name}
-    for stage in STAGES:
-        if found.intersection(stage.upstream):
-            found.add(stage.name)
-    return tuple(stage.name for stage in STAGES if stage.name in found)
+def node_descendants(nodes: tuple[Node, ...], node_ids: set[str]) -> set[str]:
+    """These nodes and every node that reads their output, directly or not."""
+    found = set(node_ids)
+    for node in nodes:  # graph order: a node's upstream comes before it
+        if found.intersection(node.upstream):
+            found.add(node.id)
+    return found
 
 
 def _check_order() -> None:

@@ -84,3 +84,7 @@ class Stage:
     # How `ptft status` and the live progress lines read it: training steps, sweep trials, or not.
     progress: Literal["steps", "trials"] | None = None
     description: str = ""  # one line: what it makes, for the graph in `ptft status` and the report
+    # Once per task in a config of several tasks (`tasks:`); it then sees `config.for_task(task)`.
+    per_task: bool = False
+    # Whether the config's graph has it at all (an upstream that is absent is left out of `upstream`).
+    when: Callable[[PipelineConfig], bool] = lambda config: True

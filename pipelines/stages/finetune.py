@@ -16,7 +16,7 @@ from components import data
 from components.stage import StageContext, StageResult
 from pipelines.config import PipelineConfig
 from pipelines.stages.base import Inputs, SideEffect, Stage
-from pipelines.stages.tune import task_reads
+from pipelines.stages.tune import task_data, task_reads
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def _run(config: PipelineConfig, inputs: Inputs, ctx: StageContext) -> StageResu
     return finetune.run(
         config.finetune,
         inputs.uri("pretrain"),
-        inputs.uri("tokenize"),
+        task_data(inputs),
         best,
         ctx,
         registered_model_name=config.registered_model_name(),
@@ -110,13 +110,14 @@ def _describe_version(config: PipelineConfig, inputs: Inputs, result: StageResul
 STAGE = Stage(
     name="finetune",
     version="6",
-    upstream=("tokenize", "pretrain", "tune"),
+    upstream=("tokenize", "pretrain", "prepare", "tune"),
     settings=_settings,
     run=_run,
     outputs=FinetuneOutputs,
     not_in_key=("log_every", "workers.max_failures", "workers.placement_strategy"),
     reads=_reads,
     progress="steps",
+    per_task=True,
     side_effect=SideEffect("register", ensure=_ensure_registered, after_run=_describe_version),
     description="the fine-tuned classifier, evaluated on test and registered",
 )

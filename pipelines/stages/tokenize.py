@@ -8,8 +8,10 @@ from pipelines.stages.base import Inputs, Stage
 
 
 def _sources(config: PipelineConfig) -> dict:
+    """The corpus, and the task's splits in a config of one task (several tasks: `prepare`)."""
     task = config.data.task
-    return {"corpus": config.data.corpus.source, "train": task.train, "validation": task.validation, "test": task.test}
+    splits = {"train": task.train, "validation": task.validation, "test": task.test} if task else {}
+    return {"corpus": config.data.corpus.source, **splits}
 
 
 def _settings(config: PipelineConfig) -> dict:

@@ -28,12 +28,22 @@ def _settings(config: PipelineConfig) -> dict:
     }
 
 
+def task_data(inputs: Inputs) -> str:
+    """The folder with the task's `labels.json` and `task/<split>/`: its own `prepare` in a config
+    of several tasks, else `tokenize`."""
+    return inputs.uri(_task_data_stage(inputs))
+
+
+def _task_data_stage(inputs: Inputs) -> str:
+    return "prepare" if "prepare" in inputs.results else "tokenize"
+
+
 def task_reads(inputs: Inputs, splits: tuple[str, ...]) -> list:
-    """The tokenized task splits, whose digest is the tokenize key (it fingerprints the sources
-    and the tokenization)."""
+    """The tokenized task splits, whose digest is the key of the stage that made them (it
+    fingerprints the sources and the tokenization)."""
     from pipelines.lineage import DatasetRead
 
-    tokenized, key = inputs.uri("tokenize"), inputs.keys["tokenize"]
+    tokenized, key = task_data(inputs), inputs.keys[_task_data_stage(inputs)]
     return [DatasetRead(f"task/{split}", f"{tokenized}/task/{split}", key, split) for split in splits]
 
 
@@ -49,7 +59,7 @@ def _run(config: PipelineConfig, inputs: Inputs, ctx) -> StageResult:
     return tune.run(
         config.tune,
         inputs.uri("pretrain"),
-        inputs.uri("tokenize"),
+        task_data(inputs),
         config.finetune.trial_defaults(),
         config.finetune.deepspeed,
         ctx,
@@ -59,12 +69,13 @@ def _run(config: PipelineConfig, inputs: Inputs, ctx) -> StageResult:
 STAGE = Stage(
     name="tune",
     version="7",
-    upstream=("tokenize", "pretrain"),
+    upstream=("tokenize", "pretrain", "prepare"),
     settings=_settings,
     run=_run,
     outputs=TuneOutputs,
     not_in_key=("tune.trial_max_failures", "tune.progress_every_s"),
     reads=_reads,
     progress="trials",
+    per_task=True,
     description="the sweep's trials and its best config",
 )

@@ -22,9 +22,10 @@ def test_every_stage_comes_after_what_it_reads() -> None:
     for stage in stages.STAGES:
         assert set(stage.upstream) <= seen, stage.name
         seen.add(stage.name)
-    assert stages.ancestors("finetune") == ("tokenize", "pretrain", "tune")
-    assert stages.downstream("pretrain") == ("pretrain", "tune", "finetune", "serve")
-    assert stages.downstream("serve") == ("serve",)
+    nodes = stages.graph(validate(tiny_config_dict(Path("/tmp/unused"))))
+    assert stages.node_ancestors(nodes, "finetune") == ("tokenize", "pretrain", "tune")
+    assert stages.node_descendants(nodes, {"pretrain"}) == {"pretrain", "tune", "finetune", "serve"}
+    assert stages.node_descendants(nodes, {"serve"}) == {"serve"}
 
 
 @pytest.mark.parametrize("module", ["runner.py", "manifest.py", "lineage.py", "progress.py"])
@@ -120,3 +121,151 @@ def test_a_cached_finetune_is_registered_once_in_a_new_registry(store: dict, tmp
     versions = store["client"].search_model_versions("name = 'renamed-classifier'")
     assert [version.tags[registry.CACHE_KEY_TAG] for version in versions] == ["artifact-key"]
     assert "pretrain run" in versions[0].description  # its lineage, as a fresh registration has
+
+
+# --- tasks: one pre-training, a branch per task ------------------------------------------------
+
+
+def _multitask(storage: Path, tasks: tuple[str, ...] = ("sentiment", "topic")) -> dict:
+    raw = tiny_config_dict(storage)
+    sentiment = raw["data"].pop("task")
+    topic = {split: {**source, "task": "topic"} for split, source in sentiment.items()}
+    data = {"sentiment": sentiment, "topic": topic}
+    raw["finetune"] = {"epochs": 3}
+    raw["tasks"] = {name: {"data": data[name]} for name in tasks}
+    if "topic" in tasks:
+        raw["tasks"]["topic"]["finetune"] = {"epochs": 5}
+    return raw
+
+
+def test_a_config_of_one_task_keeps_the_chain(tmp_path: Path) -> None:
+    nodes = stages.graph(validate(tiny_config_dict(tmp_path)))
+    assert [node.id for node in nodes] == ["tokenize", "pretrain", "tune", "finetune", "serve"]
+    assert {node.id: node.upstream for node in nodes}["tune"] == ("tokenize", "pretrain")
+
+
+def test_tasks_fan_out_after_pretrain(tmp_path: Path) -> None:
+    nodes = {node.id: node for node in stages.graph(validate(_multitask(tmp_path)))}
+    assert list(nodes) == [
+        "tokenize",
+        "pretrain",
+        "prepare.sentiment",
+        "prepare.topic",
+        "tune.sentiment",
+        "tune.topic",
+        "finetune.sentiment",
+        "finetune.topic",
+        "serve.sentiment",
+        "serve.topic",
+    ]
+    assert nodes["tune.topic"].upstream == ("tokenize", "pretrain", "prepare.topic")
+    assert nodes["finetune.topic"].upstream == ("tokenize", "pretrain", "prepare.topic", "tune.topic")
+    assert nodes["serve.topic"].upstream == ("finetune.topic",)
+
+
+def test_a_task_sees_its_own_sections_over_the_shared_ones(tmp_path: Path) -> None:
+    config = validate(_multitask(tmp_path))
+    topic = {node.id: node for node in stages.graph(config)}["finetune.topic"].config(config)
+    assert topic.data.task.train.task == "topic" and topic.finetune.epochs == 5
+    assert config.for_task("sentiment").finetune.epochs == 3  # the shared value
+    assert topic.registered_model_name() == "unit-topic"
+    assert (topic.serve.app_name, topic.serve.route_prefix) == ("ptft-topic", "/topic")
+
+
+def test_adding_a_task_keeps_the_pretraining_key(tmp_path: Path) -> None:
+    """One task more is one branch more: tokenizer, corpus blocks and pre-training stay cached."""
+    one, two = validate(_multitask(tmp_path, ("sentiment",))), validate(_multitask(tmp_path))
+    for name in ("tokenize", "pretrain"):
+        stage = stages.BY_NAME[name]
+        assert stage.settings(one) == stage.settings(two), name
+    tokenize = stages.BY_NAME["tokenize"]
+    assert tokenize.key_extras(one, stages.Inputs()) == tokenize.key_extras(two, stages.Inputs())
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        ({"tasks": {"Topic!": {}}}, "tasks.Topic!"),
+        ({"tasks": {"topic": {"data": "x"}}}, "tasks.topic.data"),
+        ({"tasks": {"topic": {"finetune": {"epochs": 0}}}}, "tasks.topic.finetune.epochs"),
+    ],
+)
+def test_bad_tasks_are_named(tmp_path: Path, change: dict, key: str) -> None:
+    from pipelines.config import ConfigError
+
+    raw = _multitask(tmp_path)
+    for name, spec in change["tasks"].items():
+        raw["tasks"][name] = {**raw["tasks"].get(name, {"data": raw["tasks"]["sentiment"]["data"]}), **spec}
+    with pytest.raises(ConfigError) as error:
+        validate(raw)
+    assert key in str(error.value)
+
+
+def test_one_task_or_several_not_both(tmp_path: Path) -> None:
+    from pipelines.config import ConfigError
+
+    raw = _multitask(tmp_path)
+    raw["data"]["task"] = raw["tasks"]["sentiment"]["data"]
+    with pytest.raises(ConfigError, match="both data.task and tasks"):
+        validate(raw)
+
+
+def test_a_failed_branch_stops_only_itself_and_a_resume_runs_only_it(tmp_path: Path) -> None:
+    """The runner on a graph of its own (no stage it knows): shared -> train.<task> -> publish.<task>,
+    with real MLflow (sqlite), manifest and artifact folders."""
+    from pipelines import manifest as mf
+    from pipelines import runner
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = validate({**_multitask(tmp_path / "storage"), "tracking": {"uri": uri}})
+    broken, calls = {"train.topic"}, []
+
+    def work(config, inputs: stages.Inputs, ctx: StageContext) -> StageResult:
+        calls.append(ctx.stage)
+        if ctx.stage in broken:
+            raise RuntimeError(f"{ctx.stage} broke")
+        (ctx.output_dir / "made").write_text(f"{ctx.stage} from {sorted(inputs.results)}")
+        return StageResult(str(ctx.output_dir))
+
+    shared = stages.Stage("shared", "1", (), lambda config: {}, work)
+    train = stages.Stage("train", "1", ("shared",), lambda config: {"epochs": config.finetune.epochs}, work)
+    publish = stages.Stage("publish", "1", ("train",), lambda config: {}, work)
+    nodes = (stages.Node("shared", shared, None, ()),) + tuple(
+        node
+        for task in ("sentiment", "topic")
+        for node in (
+            stages.Node(f"train.{task}", train, task, ("shared",)),
+            stages.Node(f"publish.{task}", publish, task, (f"train.{task}",)),
+        )
+    )
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("branches")
+    storage = config.storage_path()
+    manifest = mf.Manifest.create(storage, "run-1", "unit", tuple(node.id for node in nodes), {})
+
+    def attempt() -> list[Exception]:
+        parent = client.create_run(experiment).info.run_id
+        result = runner.PipelineResult("run-1", parent, experiment, uri)
+        return runner._StageRunner(config, nodes, client, result, storage, manifest, set()).run_all(list(nodes), None)
+
+    failures = attempt()
+    assert [str(error) for error in failures] == ["train.topic broke"]
+    statuses = {node_id: record.status for node_id, record in manifest.stages.items()}
+    assert statuses == {
+        "shared": mf.SUCCEEDED,
+        "train.sentiment": mf.SUCCEEDED,
+        "train.topic": mf.FAILED,
+        "publish.sentiment": mf.SUCCEEDED,
+        "publish.topic": mf.SKIPPED,
+    }
+    assert "upstream train.topic failed" in manifest.stages["publish.topic"].error
+    # Each task's stage keyed on its own config: the two trains are two artifacts.
+    assert manifest.stages["train.sentiment"].key != manifest.stages["train.topic"].key
+
+    broken.clear()
+    calls.clear()
+    assert attempt() == []  # the resume: only what failed or never ran
+    assert calls == ["train.topic", "publish.topic"]
+    assert {record.status for record in manifest.stages.values()} == {mf.SUCCEEDED}
+    made = Path(manifest.stages["publish.topic"].output_uri) / "made"
+    assert made.read_text() == "publish.topic from ['shared', 'train']"

@@ -1,0 +1,48 @@
+"""prepare: one task's splits tokenized with the pipeline's tokenizer, in a config of several
+tasks (a config of one task tokenizes its splits in the tokenize stage). Adding a task adds its
+own prepare; the tokenizer, the corpus blocks and the pre-training stay cached."""
+
+from __future__ import annotations
+
+from components import data
+from components.stage import StageContext, StageResult
+from pipelines.config import PipelineConfig
+from pipelines.stages.base import Inputs, Stage
+
+SPLITS = ("train", "validation", "test")
+
+
+def _settings(config: PipelineConfig) -> dict:
+    # The tokenizer's own settings are in the tokenize key; these shape the task's rows.
+    return {"task": config.data.task.model_dump(mode="json"), "seq_len": config.tokenize.seq_len}
+
+
+def _fingerprints(config: PipelineConfig, inputs: Inputs) -> dict:
+    return {split: data.fingerprint(getattr(config.data.task, split)) for split in SPLITS}
+
+
+def _reads(config: PipelineConfig, inputs: Inputs) -> list:
+    from pipelines.lineage import DatasetRead
+
+    task = config.data.task
+    return [DatasetRead(split, getattr(task, split), data.fingerprint(getattr(task, split)), split) for split in SPLITS]
+
+
+def _run(config: PipelineConfig, inputs: Inputs, ctx: StageContext) -> StageResult:
+    from components import tokenize
+
+    return tokenize.run_task(config.tokenize, config.data.task, f"{inputs.uri('tokenize')}/tokenizer", ctx)
+
+
+STAGE = Stage(
+    name="prepare",
+    version="1",
+    upstream=("tokenize",),
+    settings=_settings,
+    run=_run,
+    key_extras=_fingerprints,
+    reads=_reads,
+    per_task=True,
+    when=lambda config: bool(config.task_names()),
+    description="a task's splits, tokenized",
+)
