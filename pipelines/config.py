@@ -50,7 +50,8 @@ class RayConfig(BaseModel):
     dashboard_host: str = Field("127.0.0.1", description="bind address of a local Ray's dashboard; 0.0.0.0 exposes it")
 
 
-TASK_SECTIONS = ("tune", "finetune", "serve")  # what a task may set over the shared sections
+TASK_SECTIONS = ("tune", "finetune", "serve")
+SPLITS = ("train", "validation", "test")  # what a task may set over the shared sections
 TASK_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 
 
@@ -142,6 +143,12 @@ class PipelineConfig(BaseModel):
         """Whether any training stage (pre-training, a task's fine-tuning) asks for GPUs."""
         finetunes = [spec.finetune for spec in self.tasks.values()] or [self.finetune]
         return self.pretrain.workers.use_gpu or any(finetune.workers.use_gpu for finetune in finetunes)
+
+    def task_sources(self) -> list[tuple[str, Any]]:
+        """(config key, source) of every task's train, validation and test split."""
+        tasks = {f"tasks.{name}.data": spec.data for name, spec in self.tasks.items()}
+        tasks = tasks or ({"data.task": self.data.task} if self.data.task else {})
+        return [(f"{key}.{split}", getattr(task, split)) for key, task in tasks.items() for split in SPLITS]
 
     def task_names(self) -> tuple[str, ...]:
         """The named tasks; () for a config of one task (`data.task`)."""

@@ -213,9 +213,7 @@ def _data_problems(config: PipelineConfig, working_dir: Path) -> list[Problem]:
 
 
 def _file_paths(config: PipelineConfig) -> Iterator[tuple[str, str]]:
-    sources = [("data.corpus.source", config.data.corpus.source)] + [
-        (f"data.task.{split}", getattr(config.data.task, split)) for split in ("train", "validation", "test")
-    ]
+    sources = [("data.corpus.source", config.data.corpus.source), *config.task_sources()]
     for key, source in sources:
         path = getattr(source, "path", None)
         if path and "://" not in path:
