@@ -36,6 +36,7 @@ class StageRecord:
     seconds: float | None = None
     work_seconds: float | None = None
     error: str | None = None
+    upstream: list[str] = field(default_factory=list)  # the stages (graph nodes) whose output it reads
 
 
 @dataclass
@@ -60,13 +61,21 @@ class Manifest:
         return Path(storage) / "runs" / run_id
 
     @classmethod
-    def create(cls, storage: Path, run_id: str, pipeline: str, stages: tuple[str, ...], config: dict) -> Manifest:
+    def create(
+        cls,
+        storage: Path,
+        run_id: str,
+        pipeline: str,
+        stages: tuple[str, ...],
+        config: dict,
+        upstream: dict[str, tuple[str, ...]] | None = None,
+    ) -> Manifest:
         manifest = cls(
             run_id=run_id,
             pipeline=pipeline,
             storage=str(Path(storage).resolve()),
             working_dir=os.getcwd(),
-            stages={stage: StageRecord() for stage in stages},
+            stages={stage: StageRecord(upstream=list((upstream or {}).get(stage, ()))) for stage in stages},
         )
         write_json(cls.folder(storage, run_id) / "config.json", config)
         manifest.save()

@@ -61,6 +61,7 @@ def snapshot(manifest: mf.Manifest, client: MlflowClient | None = None, now: flo
             "mlflow_run_id": record.mlflow_run_id,
             "cached_from_mlflow_run_id": record.cached_from_mlflow_run_id,
             "error": record.error,
+            "upstream": record.upstream,
         }
         if record.status == mf.RUNNING and client is not None and record.mlflow_run_id:
             running_s = now - (record.started_at or now)
@@ -206,8 +207,10 @@ def print_status(storage: Path, run_id: str | None, *, as_json: bool) -> int:
         print(json.dumps(state, indent=1))
         return 0
     print(f"{state['run_id']} ({state['pipeline']}): {state['status']}, {clock(state['elapsed_s'])}")
+    width = max([9, *(len(stage["name"]) for stage in state["stages"])])
     for stage in state["stages"]:
-        line = f"  {stage['name']:<9} {stage['status']:<10} {clock(stage['seconds']):>7}"
+        line = f"  {stage['name']:<{width}} {stage['status']:<10} {clock(stage['seconds']):>7}"
         extra = describe(stage.get("progress")) or (stage["error"] or "")[:100]
-        print(f"{line}  {extra}".rstrip())
+        after = f"  <- {', '.join(stage['upstream'])}" if stage["upstream"] else ""
+        print(f"{line}  {extra}".rstrip() + after)
     return 0

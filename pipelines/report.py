@@ -300,6 +300,7 @@ def render(report: RunReport) -> str:
         _render_warnings(report.warnings),
         _render_summary(report),
         "<h2>Stages</h2>",
+        _render_graph(report),
         _render_stage_table(report),
         *[_render_stage_details(report, stage) for stage in report.stages],
         "<h2>Best trial</h2>",
@@ -339,6 +340,91 @@ def _render_summary(report: RunReport) -> str:
         ),
     ]
     return "<table>" + "".join(f"<tr><th>{name}</th><td>{value}</td></tr>" for name, value in rows) + "</table>"
+
+
+def _render_graph(report: RunReport) -> str:
+    """The run's stages as a graph, coloured by status (runs recorded before the manifest kept
+    the edges show none)."""
+    stages = report.manifest.stages
+    if not any(record.upstream for record in stages.values()):
+        return ""
+    data = base64.b64encode(graph_picture(stages)).decode("ascii")
+    return f'<figure><img class="graph" alt="pipeline graph" src="data:image/png;base64,{data}"></figure>'
+
+
+STATUS_COLOURS = {
+    "succeeded": "#c8e6c9",
+    "cached": "#e1bee7",
+    "failed": "#ffcdd2",
+    "killed": "#ffe0b2",
+    "running": "#bbdefb",
+    "skipped": "#eeeeee",
+    "pending": "#ffffff",
+}
+
+
+def graph_picture(stages: dict[str, StageRecord]) -> bytes:
+    """A PNG of the stages (graph nodes) left to right by depth, an arrow from each upstream."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    depth: dict[str, int] = {}
+    for name, record in stages.items():  # manifest order: a stage's upstream comes before it
+        depth[name] = 1 + max((depth[up] for up in record.upstream if up in depth), default=-1)
+    columns: dict[int, list[str]] = {}
+    for name, column in depth.items():
+        columns.setdefault(column, []).append(name)
+    position = {name: (column, -row) for column, names in columns.items() for row, name in enumerate(names)}
+    tallest = max(len(names) for names in columns.values())
+    figure, axis = plt.subplots(figsize=(1.9 * len(columns) + 0.6, 0.75 * tallest + 0.6))
+    for name in stages:
+        for upstream in _direct(stages, name):
+            if upstream in position:
+                axis.annotate(
+                    "",
+                    xy=position[name],
+                    xytext=position[upstream],
+                    arrowprops={"arrowstyle": "->", "color": "#777", "shrinkA": 32, "shrinkB": 32},
+                )
+    for name, (x, y) in position.items():
+        colour = STATUS_COLOURS.get(stages[name].status, "#ffffff")
+        axis.text(
+            x,
+            y,
+            name,
+            ha="center",
+            va="center",
+            fontsize=8,
+            bbox={"boxstyle": "round,pad=0.4", "facecolor": colour, "edgecolor": "#555"},
+        )
+    axis.set_xlim(-0.7, len(columns) - 0.3)
+    axis.set_ylim(-tallest + 0.4, 0.6)
+    axis.axis("off")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def _direct(stages: dict[str, StageRecord], name: str) -> list[str]:
+    """A stage's upstream without those it also reads through another (tokenize -> tune when
+    tune reads pretrain): the arrows a reader needs."""
+
+    def ancestors(node: str) -> set[str]:
+        found, pending = set(), list(stages[node].upstream if node in stages else ())
+        while pending:
+            upstream = pending.pop()
+            if upstream not in found:
+                found.add(upstream)
+                pending.extend(stages[upstream].upstream if upstream in stages else ())
+        return found
+
+    upstream = stages[name].upstream
+    return [up for up in upstream if not any(up in ancestors(other) for other in upstream if other != up)]
 
 
 def _render_stage_table(report: RunReport) -> str:

@@ -98,7 +98,10 @@ def run(
         manifest = _reopen_pipeline_run(client, storage, resume, experiment_id)
     else:
         names = _until(nodes, until) if until else [node.id for node in nodes]
-        manifest = mf.Manifest.create(storage, new_run_id(), config.name, tuple(names), resolved_dict(config))
+        upstream = {node.id: node.upstream for node in nodes}
+        manifest = mf.Manifest.create(
+            storage, new_run_id(), config.name, tuple(names), resolved_dict(config), upstream=upstream
+        )
         manifest.mlflow_run_id = _start_parent_run(client, config, experiment_id, manifest.run_id)
     manifest.tracking_uri, manifest.experiment_id = config.tracking_uri(), experiment_id
     manifest.save()

@@ -40,7 +40,7 @@ SHRINK = [
     "tune.num_samples=2",
     "tune.max_epochs=1",
     "finetune.epochs=2",
-    "tasks.topic.finetune.epochs=2",
+    "tasks.topic.finetune.epochs=3",  # a wider window for the kill
     "tasks.topic.finetune.workers.max_failures=0",  # one killed worker fails the stage
 ]
 

@@ -243,3 +243,30 @@ def _closed_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def test_a_run_of_several_tasks_shows_its_graph(tmp_path: Path) -> None:
+    """The manifest keeps each stage's upstream; status and report show the branches."""
+    from pipelines.progress import snapshot
+    from pipelines.report import graph_picture
+
+    nodes = {
+        "tokenize": (),
+        "pretrain": ("tokenize",),
+        "finetune.sentiment": ("pretrain",),
+        "finetune.topic": ("pretrain",),
+        "serve.sentiment": ("finetune.sentiment",),
+        "serve.topic": ("finetune.topic",),
+    }
+    storage = tmp_path / "ptft-runs"
+    manifest = mf.Manifest.create(storage, RUN_ID, "unit", tuple(nodes), config={"name": "unit"}, upstream=nodes)
+    manifest.stage_ended("finetune.topic", mf.FAILED, error="boom")
+    manifest.stage_ended("serve.topic", mf.SKIPPED, error="upstream finetune.topic failed")
+    reloaded = mf.Manifest.load(storage, RUN_ID)
+    assert {name: tuple(record.upstream) for name, record in reloaded.stages.items()} == nodes
+    assert [stage["upstream"] for stage in snapshot(reloaded)["stages"]][-1] == ["finetune.topic"]
+    picture = graph_picture(reloaded.stages)
+    assert picture.startswith(b"\x89PNG") and len(picture) > 2000
+    _, page = _report(storage)
+    assert '<img class="graph" alt="pipeline graph"' in page
+    assert not IMAGE.search(page.split('class="graph"')[0])  # not counted among the stages' pictures
