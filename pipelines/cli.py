@@ -390,9 +390,14 @@ def _ui(args: argparse.Namespace) -> int:
         args.host,
         "--port",
         str(args.port),
+        "--workers",
+        "1",
     ]
     print(f"MLflow UI on http://{args.host}:{args.port} ({config.tracking_uri()})", flush=True)
-    os.execv(command[0], command)
+    # A UI for one person: one worker, and none of MLflow 3's job runner (seven huey consumer
+    # processes for GenAI jobs ptft does not use; they made the UI take minutes on a busy machine).
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
+    os.execve(command[0], command, env)
     return 0
 
 

@@ -374,7 +374,9 @@ def _start_mlflow(folder: Path, backend_store_uri: str) -> dict:
         "--workers",
         "1",
     ]
-    process = _spawn(command, log)
+    # No job runner: MLflow 3's server starts seven huey consumer processes for GenAI jobs the
+    # tests never use, each importing MLflow, beside the tests on two cores.
+    process = _spawn(command, log, env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     uri = f"http://127.0.0.1:{port}"
     try:
         _wait_for(lambda: requests.get(f"{uri}/health", timeout=2).ok, "mlflow server", process, log)

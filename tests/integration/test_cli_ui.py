@@ -41,7 +41,8 @@ def test_ui_serves_the_configured_store(tmp_path: Path) -> None:
             except (requests.ConnectionError, requests.Timeout):  # not listening yet, or busy starting
                 time.sleep(0.5)
         else:
-            pytest.fail("MLflow UI did not come up")
+            _stop(process)
+            pytest.fail(f"MLflow UI did not come up:\n{process.stdout.read().decode()[-3000:]}")
         experiments = requests.get(
             f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search", params={"max_results": 10}, timeout=10
         )
@@ -54,6 +55,8 @@ def test_ui_serves_the_configured_store(tmp_path: Path) -> None:
 def _stop(process: subprocess.Popen) -> None:
     """SIGTERM the UI's process group; under make test's load its workers can take longer than
     30 s to drain, and a slow shutdown is not what this test checks, so then SIGKILL."""
+    if process.poll() is not None:
+        return
     os.killpg(process.pid, signal.SIGTERM)
     try:
         process.wait(timeout=30)
