@@ -15,10 +15,14 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from components.training import free_port
+from pipelines.config import load_config
+from pipelines.stages import graph
 from tests.conftest import REPO
 from tests.services import run_prometheus
 
 PTFT = str(Path(sys.executable).parent / "ptft")
+# The demo's stages (a config of one task: tokenize, pretrain, tune, finetune, serve), from its graph.
+STAGES = tuple(node.id for node in graph(load_config(REPO / "configs" / "demo.yaml", check_data=False)))
 # The demo config, shrunk through ordinary overrides (no test switches in the code).
 SHRINK = [
     "data.corpus.source.num_examples=2000",

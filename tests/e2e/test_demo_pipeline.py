@@ -13,8 +13,8 @@ import requests
 from mlflow.tracking import MlflowClient
 
 from pipelines import stages
-from pipelines.runner import STAGES, stage_key
-from tests.e2e.conftest import SECRETS, newest_manifest, run_ptft
+from pipelines.runner import stage_key
+from tests.e2e.conftest import SECRETS, STAGES, newest_manifest, run_ptft
 
 pytestmark = pytest.mark.e2e
 

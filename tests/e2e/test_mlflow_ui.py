@@ -16,8 +16,8 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from pipelines.config import PipelineConfig, validate
 from pipelines.manifest import Manifest
-from pipelines.runner import STAGES
 from tests.conftest import system_tool
+from tests.e2e.conftest import STAGES
 
 pytestmark = pytest.mark.e2e
 

@@ -13,9 +13,8 @@ from mlflow.tracking import MlflowClient
 
 from components import data
 from pipelines.config import load_config
-from pipelines.runner import STAGES
 from tests.conftest import REPO
-from tests.e2e.conftest import PTFT, SHRINK
+from tests.e2e.conftest import PTFT, SHRINK, STAGES
 
 pytestmark = pytest.mark.e2e
 

@@ -10,9 +10,8 @@ import subprocess
 import pytest
 
 from pipelines.manifest import Manifest
-from pipelines.runner import STAGES
 from tests.conftest import REPO
-from tests.e2e.conftest import PTFT
+from tests.e2e.conftest import PTFT, STAGES
 
 pytestmark = pytest.mark.e2e
 
