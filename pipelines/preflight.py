@@ -79,11 +79,13 @@ def tracking_problems(config: PipelineConfig) -> list[Problem]:
 
 def resource_problems(config: PipelineConfig, nodes: list[dict[str, float]]) -> list[Problem]:
     """Worker groups and the sweep against the alive nodes' total resources (`{"CPU": 2, ...}` each)."""
-    problems = []
-    for stage in ("pretrain", "finetune"):
-        problems += _worker_problems(stage, getattr(config, stage).workers, nodes)
-    if config.tune.enabled:
-        problems += _tune_problems(config, nodes)
+    problems = _worker_problems("pretrain", config.pretrain.workers, nodes)
+    # Each task's fine-tuning and sweep, named by the key that sets them (`tasks.T.` with tasks).
+    views = [(f"tasks.{task}.", config.for_task(task)) for task in config.task_names()] or [("", config)]
+    for prefix, view in views:
+        problems += _worker_problems(f"{prefix}finetune", view.finetune.workers, nodes)
+        if view.tune.enabled:
+            problems += _tune_problems(view, nodes, prefix)
     return problems
 
 
@@ -148,28 +150,28 @@ def _placement_problems(
     return []
 
 
-def _tune_problems(config: PipelineConfig, nodes: list[dict[str, float]]) -> list[Problem]:
+def _tune_problems(config: PipelineConfig, nodes: list[dict[str, float]], prefix: str = "") -> list[Problem]:
     tune = config.tune
     largest = max((node.get("CPU", 0) for node in nodes), default=0)
     total = sum(node.get("CPU", 0) for node in nodes)
     if tune.cpus_per_trial > largest:
         return [
             Problem(
-                "tune.cpus_per_trial",
+                f"{prefix}tune.cpus_per_trial",
                 tune.cpus_per_trial,
                 f"no node has {tune.cpus_per_trial:g} CPUs (largest: {largest:g})",
-                f"set tune.cpus_per_trial <= {largest:g}",
+                f"set {prefix}tune.cpus_per_trial <= {largest:g}",
             )
         ]
     if tune.max_concurrent_trials * tune.cpus_per_trial > total:
         fit = max(1, int(total // tune.cpus_per_trial))
         return [
             Problem(
-                "tune.max_concurrent_trials",
+                f"{prefix}tune.max_concurrent_trials",
                 tune.max_concurrent_trials,
                 f"{tune.max_concurrent_trials} trials x {tune.cpus_per_trial:g} CPUs = "
                 f"{tune.max_concurrent_trials * tune.cpus_per_trial:g} CPUs, the cluster has {total:g}",
-                f"set tune.max_concurrent_trials <= {fit} or lower tune.cpus_per_trial",
+                f"set {prefix}tune.max_concurrent_trials <= {fit} or lower {prefix}tune.cpus_per_trial",
             )
         ]
     return []

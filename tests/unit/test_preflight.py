@@ -47,6 +47,14 @@ def test_a_worker_bigger_than_any_node(tmp_path: Path) -> None:
     assert "Fix: set finetune.workers.cpus_per_worker <= 2" in message
 
 
+def test_each_task_is_checked_under_its_own_key(tmp_path: Path) -> None:
+    raw = tiny_config_dict(tmp_path / "store")
+    task = raw["data"].pop("task")
+    raw["tasks"] = {"a": {"data": task}, "b": {"data": task, "finetune": {"workers": {"num_workers": 9}}}}
+    (message,) = _messages(preflight.resource_problems(validate(raw), TWO_NODES))
+    assert message.startswith("  - tasks.b.finetune.workers.num_workers = 9: 9 workers x 1 CPU")
+
+
 def test_gpus_requested_on_a_cpu_cluster(tmp_path: Path) -> None:
     config = _config(tmp_path, pretrain={"workers": {"use_gpu": True}})
     (message,) = _messages(preflight.resource_problems(config, TWO_NODES))
