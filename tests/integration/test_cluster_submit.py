@@ -86,19 +86,33 @@ def cluster() -> Iterator[dict]:
     processes = []
     try:
         for name, command in (("head", head_command), ("second", second_command)):
-            log = temp_dir / f"{name}.log"
-            with open(log, "w") as out:
-                processes.append(
-                    subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-                )
-            want = len(processes)
-            _wait_for(lambda want=want: _alive_nodes(address) >= want, f"ray {name} node", processes[-1], log)
-        _wait_for(lambda: JobSubmissionClient(dashboard), "ray job API", processes[0], temp_dir / "head.log")
+            processes.append(_start_node(name, command, env, temp_dir, address, want=len(processes) + 1))
+        _wait_for(lambda: JobSubmissionClient(dashboard), "ray job API", processes[0], temp_dir / "head-1.log")
         yield {"address": address, "dashboard": dashboard}
     finally:
         for process in reversed(processes):
             _stop(process)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+# `ray start` gives a starting node 30 s (fixed in Ray) to register with the GCS, and exits when that
+# runs out; under make test's load on two cores it sometimes does, so a node gets three starts.
+NODE_STARTS = 3
+
+
+def _start_node(name: str, command: list[str], env: dict, temp_dir: Path, address: str, want: int):
+    for attempt in range(1, NODE_STARTS + 1):
+        log = temp_dir / f"{name}-{attempt}.log"
+        with open(log, "w") as out:
+            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            _wait_for(lambda: _alive_nodes(address) >= want, f"ray {name} node", process, log)
+        except RuntimeError:  # it exited while starting
+            _stop(process)
+            if attempt < NODE_STARTS:
+                continue
+            raise
+        return process
 
 
 def _ptft(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
