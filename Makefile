@@ -23,7 +23,7 @@ demo: setup
 	$(BIN)/ptft run configs/demo.yaml
 
 # Three pytest-xdist workers share one Ray cluster and MLflow server (tests/services.py) and overlap
-# the tests' waits (22-25 min here against 24-31 min in one process). A module, or the e2e package,
+# the tests' waits (22-25 min here against 24-31 min in one process; 24 min with the two-task run). A module, or the e2e package,
 # stays in one worker (tests/conftest.py). PYTEST_ARGS adds pytest arguments,
 # e.g. PYTEST_ARGS="--durations=0" for every test's and fixture's time.
 TEST_WORKERS ?= 3
