@@ -102,22 +102,28 @@ def run(
     checked = models.smoke_test(model_dir, "classifier")
     open_tracker(ctx.tracking_uri, ctx.mlflow_run_id).set_tags({"ptft.weights_sha256": checked["weights_sha256"]})
     metrics.update(draw_pictures(model_dir, Path(tokenized_uri) / "task" / "test", ctx))
-    version = registry.register_classifier(
-        model_dir,
-        name=registered_model_name,
-        run_id=ctx.mlflow_run_id,
-        tracking_uri=ctx.tracking_uri,
-        test_accuracy=metrics["test/accuracy"],
-        test_split=test_split,
-        lineage={"ptft.pipeline_run_id": ctx.pipeline_run_id, registry.CACHE_KEY_TAG: ctx.cache_key},
-    )
-    version["run_id"] = ctx.mlflow_run_id
+    version = register(model_dir, metrics["test/accuracy"], ctx, name=registered_model_name, test_split=test_split)
     write_json(ctx.output_dir / "registered.json", version)
     return StageResult(
         output_uri=str(model_dir),
         metrics=metrics,
         outputs={"registered": version, "weights_sha256": checked["weights_sha256"]},
     )
+
+
+def register(model_dir: Path, test_accuracy: float, ctx: StageContext, *, name: str, test_split: str) -> dict:
+    """Register the classifier in ctx's MLflow run, tagged with the pipeline run and the key of the
+    artifact it came from (how a later cache hit finds it in a registry)."""
+    version = registry.register_classifier(
+        model_dir,
+        name=name,
+        run_id=ctx.mlflow_run_id,
+        tracking_uri=ctx.tracking_uri,
+        test_accuracy=test_accuracy,
+        test_split=test_split,
+        lineage={"ptft.pipeline_run_id": ctx.pipeline_run_id, registry.CACHE_KEY_TAG: ctx.cache_key},
+    )
+    return {**version, "run_id": ctx.mlflow_run_id}
 
 
 def draw_pictures(model_dir: Path, test_dir: Path, ctx: StageContext) -> dict[str, float]:

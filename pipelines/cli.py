@@ -21,6 +21,7 @@ from pipelines import jobs, report
 from pipelines.config import _MISSING as _MISSING_VALUE
 from pipelines.config import ConfigError, Problem, load_config, validate
 from pipelines.stages import NAMES as STAGE_NAMES
+from pipelines.stages import split_node
 
 EXIT_USER_ERROR = 2
 MAX_EXPLAIN_TEXTS = 8  # as components.explain (not imported here: `--help` stays free of torch)
@@ -247,7 +248,7 @@ def _sweep_to_resume(args: argparse.Namespace):
         unfinished = [
             run
             for run in list_runs(storage)
-            if run.status != SUCCEEDED and any(node.split(".", 1)[0] == "tune" for node in run.stages)
+            if run.status != SUCCEEDED and any(split_node(node)[0] == "tune" for node in run.stages)
         ]
         if not unfinished:
             problem = Problem(
@@ -277,7 +278,7 @@ def _print_sweep_summary(result, config, seconds: float) -> None:
     print(f"\nSweep of pipeline run {result.run_id} finished in {seconds:.0f}s.")
     sweeps = _results_of(result, "tune")
     for node_id, tune in sweeps:
-        task = node_id.split(".", 1)[1] if "." in node_id else None
+        task = split_node(node_id)[1]
         metric = (config.for_task(task) if task else config).tune.metric
         if len(sweeps) > 1:
             print(f"\n{node_id}:")
@@ -297,7 +298,7 @@ def _print_sweep_summary(result, config, seconds: float) -> None:
 def _results_of(result, stage: str) -> list:
     """(node id, result) of a stage's nodes in a pipeline result: one, or one per task."""
     return [
-        (node_id, stage_result) for node_id, stage_result in result.stages.items() if node_id.split(".", 1)[0] == stage
+        (node_id, stage_result) for node_id, stage_result in result.stages.items() if split_node(node_id)[0] == stage
     ]
 
 

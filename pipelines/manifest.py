@@ -90,7 +90,7 @@ class Manifest:
         raw = read_json(path)
         # The file's keys are sorted; give the stages back in pipeline order.
         rank = {name: index for index, name in enumerate(stages.NAMES)}
-        order = sorted(raw["stages"], key=lambda node: (rank.get(node.split(".", 1)[0], len(rank)), node))
+        order = sorted(raw["stages"], key=lambda node: (rank.get(stages.split_node(node)[0], len(rank)), node))
         raw["stages"] = {name: StageRecord(**raw["stages"][name]) for name in order}
         return cls(**raw)
 

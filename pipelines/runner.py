@@ -212,12 +212,9 @@ def _git_sha() -> str:
         return "unknown"
 
 
-def stage_key(stage: Stage, settings: dict, upstream_keys: dict[str, str], extras: dict) -> str:
-    """Content key of a stage's output: its name, code version, the config that shapes its output,
-    its upstream stages' keys, and what else it declares its output depends on."""
-    return hashlib.sha256(
-        json.dumps(key_material(stage, settings, upstream_keys, extras), sort_keys=True, default=str).encode()
-    ).hexdigest()[:16]
+def stage_key(material: dict) -> str:
+    """Content key of a stage's output: a hash of its `key_material`."""
+    return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def key_material(stage: Stage, settings: dict, upstream_keys: dict[str, str], extras: dict) -> dict:
@@ -291,28 +288,25 @@ class _StageRunner:
         stage, config = node.stage, node.config(self.config)
         inputs = self._inputs(node)
         settings = stage.settings(config)
-        upstream_keys = {self._stage_of(upstream): self.keys[upstream] for upstream in node.upstream}
+        upstream_keys = {_stage_of(upstream): self.keys[upstream] for upstream in node.upstream}
         material = key_material(stage, settings, upstream_keys, stage.key_extras(config, inputs))
-        key = stage_key(stage, settings, upstream_keys, material["extras"])
+        key = stage_key(material)
         self.keys[node.id] = key
         final_dir = self.storage / "artifacts" / stage.name / key
         record = self.manifest.stages[node.id]
         if record.status in mf.DONE and record.key == key and (final_dir / SUCCESS).is_file():
             stage_result = self._reuse_own(node, config, inputs, key, final_dir, record)  # an earlier attempt
         elif node.id not in self.forced and (final_dir / SUCCESS).is_file():
-            stage_result = self._cache_hit(node, config, inputs, key, settings, final_dir)
+            stage_result = self._cache_hit(node, config, inputs, key, settings, material, final_dir)
         else:
             stage_result = self._execute(node, config, inputs, key, settings, material, final_dir)
         self.result.stages[node.id] = stage_result
         return stage_result
 
-    def _stage_of(self, node_id: str) -> str:
-        return next(node.stage.name for node in self.nodes if node.id == node_id)
-
     def _inputs(self, node: stages.Node) -> Inputs:
         """The results, keys and MLflow runs of every node this one depends on, by stage name (a
         task's branch has one node per stage)."""
-        names = {node_id: self._stage_of(node_id) for node_id in stages.node_ancestors(self.nodes, node.id)}
+        names = {node_id: _stage_of(node_id) for node_id in stages.node_ancestors(self.nodes, node.id)}
         done, runs = self.result.stages, self.mlflow_run_ids
         return Inputs(
             results={stage: done[node_id] for node_id, stage in names.items()},
@@ -334,11 +328,13 @@ class _StageRunner:
             cache_key=key,
         )
 
-    def _record_lineage(self, node: stages.Node, config: PipelineConfig, run_id: str, inputs: Inputs) -> None:
+    def _record_lineage(
+        self, node: stages.Node, config: PipelineConfig, run_id: str, inputs: Inputs, extras: dict
+    ) -> None:
         """The stage run's dataset inputs and the upstream runs it consumed."""
-        upstream = {self._stage_of(node_id) for node_id in node.upstream}
+        upstream = {_stage_of(node_id) for node_id in node.upstream}
         lineage.tag_upstream(self.client, run_id, {s: run for s, run in inputs.mlflow_runs.items() if s in upstream})
-        lineage.log_datasets(self.client, run_id, node.stage.reads(config, inputs))
+        lineage.log_datasets(self.client, run_id, node.stage.reads(config, inputs, extras))
 
     def _reuse_own(
         self,
@@ -357,7 +353,14 @@ class _StageRunner:
         return _ensure_side_effect(node.stage, config, inputs, stage_result, ctx)
 
     def _cache_hit(
-        self, node: stages.Node, config: PipelineConfig, inputs: Inputs, key: str, settings: dict, final_dir: Path
+        self,
+        node: stages.Node,
+        config: PipelineConfig,
+        inputs: Inputs,
+        key: str,
+        settings: dict,
+        material: dict,
+        final_dir: Path,
     ) -> StageResult:
         success = read_json(final_dir / SUCCESS)
         producer = success["mlflow_run_id"]
@@ -370,7 +373,7 @@ class _StageRunner:
                 "ptft.cached_from_pipeline_run": success.get("pipeline_run_id", ""),
             },
         )
-        self._record_lineage(node, config, run_id, inputs)
+        self._record_lineage(node, config, run_id, inputs, material["extras"])
         self.manifest.stage_started(node.id, key, run_id)
         tracker = MlflowTracker(self.config.tracking_uri(), run_id, owns_run=True)
         tracker.log_params(flatten(settings))
@@ -406,7 +409,7 @@ class _StageRunner:
             reopen_run(self.client, run_id)
         else:
             run_id = self._child_run(node, key, cache_hit=False)
-            self._record_lineage(node, config, run_id, inputs)
+            self._record_lineage(node, config, run_id, inputs, material["extras"])
         self.mlflow_run_ids[node.id] = run_id
         self.manifest.stage_started(node.id, key, run_id)
         tracker = MlflowTracker(self.config.tracking_uri(), run_id, owns_run=True, resumed=continuing)
@@ -465,6 +468,10 @@ class _StageRunner:
         )
         self.mlflow_run_ids[node.id] = run_id
         return run_id
+
+
+def _stage_of(node: str) -> str:
+    return stages.split_node(node)[0]
 
 
 def _ensure_side_effect(

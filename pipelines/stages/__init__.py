@@ -29,6 +29,8 @@ __all__ = [
     "declaration",
     "node_ancestors",
     "node_descendants",
+    "node_id",
+    "split_node",
     "graph",
 ]
 
@@ -58,17 +60,28 @@ def graph(config: PipelineConfig) -> tuple[Node, ...]:
         for task in tasks if (stage.per_task and tasks) else (None,):
             upstream = []
             for name in stage.upstream:
-                node_id = f"{name}.{task}" if task and BY_NAME[name].per_task else name
-                if node_id in nodes:  # an upstream this config has no node for is left out
-                    upstream.append(node_id)
-            node_id = f"{stage.name}.{task}" if task else stage.name
-            nodes[node_id] = Node(node_id, stage, task, tuple(upstream))
+                upstream_id = node_id(name, task if BY_NAME[name].per_task else None)
+                if upstream_id in nodes:  # an upstream this config has no node for is left out
+                    upstream.append(upstream_id)
+            own_id = node_id(stage.name, task)
+            nodes[own_id] = Node(own_id, stage, task, tuple(upstream))
     return tuple(nodes.values())
 
 
-def declaration(node_id: str) -> Stage | None:
+def node_id(stage: str, task: str | None) -> str:
+    """`finetune`, or `finetune.topic` for a task's node."""
+    return f"{stage}.{task}" if task else stage
+
+
+def split_node(node: str) -> tuple[str, str | None]:
+    """(stage name, task or None) of a node id."""
+    stage, _, task = node.partition(".")
+    return stage, task or None
+
+
+def declaration(node: str) -> Stage | None:
     """The stage a node id (`finetune`, `finetune.topic`) runs; None for a name no stage has."""
-    return BY_NAME.get(node_id.split(".", 1)[0])
+    return BY_NAME.get(split_node(node)[0])
 
 
 def node_ancestors(nodes: tuple[Node, ...], node_id: str) -> tuple[str, ...]:

@@ -51,7 +51,7 @@ def _nothing(config: PipelineConfig, inputs: Inputs) -> dict:
     return {}
 
 
-def _no_reads(config: PipelineConfig, inputs: Inputs) -> list:
+def _no_reads(config: PipelineConfig, inputs: Inputs, extras: dict) -> list:
     return []
 
 
@@ -78,12 +78,12 @@ class Stage:
     not_in_key: tuple[str, ...] = ()
     # More that its output depends on: data fingerprints, the seed, what it deploys.
     key_extras: Callable[[PipelineConfig, Inputs], dict] = _nothing
-    # The datasets it reads, as lineage.DatasetRead for the MLflow run's "Datasets used".
-    reads: Callable[[PipelineConfig, Inputs], list] = _no_reads
+    # The datasets it reads, as lineage.DatasetRead for the MLflow run's "Datasets used"; it gets
+    # its `key_extras` too, so data fingerprinted for the key is not read again for the digest.
+    reads: Callable[[PipelineConfig, Inputs, dict], list] = _no_reads
     side_effect: SideEffect | None = None
     # How `ptft status` and the live progress lines read it: training steps, sweep trials, or not.
     progress: Literal["steps", "trials"] | None = None
-    description: str = ""  # one line: what it makes, for the graph in `ptft status` and the report
     # Once per task in a config of several tasks (`tasks:`); it then sees `config.for_task(task)`.
     per_task: bool = False
     # Whether the config's graph has it at all (an upstream that is absent is left out of `upstream`).

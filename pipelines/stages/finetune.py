@@ -40,7 +40,7 @@ def _settings(config: PipelineConfig) -> dict:
     return config.finetune.model_dump(mode="json")
 
 
-def _reads(config: PipelineConfig, inputs: Inputs) -> list:
+def _reads(config: PipelineConfig, inputs: Inputs, extras: dict) -> list:
     return task_reads(inputs, ("train", "validation", "test"))
 
 
@@ -67,16 +67,12 @@ def _ensure_registered(config: PipelineConfig, inputs: Inputs, result: StageResu
     found = registry.find_version(tracking_uri, name, {registry.CACHE_KEY_TAG: ctx.cache_key})
     if found is None:
         log.info("finetune: %s at %s has no version of artifact %s; registering it", name, tracking_uri, ctx.cache_key)
-        found = registry.register_classifier(
-            Path(result.output_uri),
-            name=name,
-            run_id=ctx.mlflow_run_id,
-            tracking_uri=tracking_uri,
-            test_accuracy=result.metrics["test/accuracy"],
-            test_split=data.fingerprint(config.data.task.test),
-            lineage={"ptft.pipeline_run_id": ctx.pipeline_run_id, registry.CACHE_KEY_TAG: ctx.cache_key},
+        from components import finetune
+
+        test_split = data.fingerprint(config.data.task.test)
+        found = finetune.register(
+            Path(result.output_uri), result.metrics["test/accuracy"], ctx, name=name, test_split=test_split
         )
-        found["run_id"] = ctx.mlflow_run_id
         return _describe_version(config, inputs, _with(result, found), ctx)
     return _with(result, found)
 
@@ -119,5 +115,4 @@ STAGE = Stage(
     progress="steps",
     per_task=True,
     side_effect=SideEffect("register", ensure=_ensure_registered, after_run=_describe_version),
-    description="the fine-tuned classifier, evaluated on test and registered",
 )

@@ -21,11 +21,11 @@ def _fingerprints(config: PipelineConfig, inputs: Inputs) -> dict:
     return {split: data.fingerprint(getattr(config.data.task, split)) for split in SPLITS}
 
 
-def _reads(config: PipelineConfig, inputs: Inputs) -> list:
+def _reads(config: PipelineConfig, inputs: Inputs, extras: dict) -> list:
     from pipelines.lineage import DatasetRead
 
     task = config.data.task
-    return [DatasetRead(split, getattr(task, split), data.fingerprint(getattr(task, split)), split) for split in SPLITS]
+    return [DatasetRead(split, getattr(task, split), extras[split], split) for split in SPLITS]
 
 
 def _run(config: PipelineConfig, inputs: Inputs, ctx: StageContext) -> StageResult:
@@ -44,5 +44,4 @@ STAGE = Stage(
     reads=_reads,
     per_task=True,
     when=lambda config: bool(config.task_names()),
-    description="a task's splits, tokenized",
 )

@@ -24,7 +24,7 @@ def _seed(config: PipelineConfig, inputs: Inputs) -> dict:
     return {"seed": config.seed}  # initialisation, masking and data order
 
 
-def _reads(config: PipelineConfig, inputs: Inputs) -> list:
+def _reads(config: PipelineConfig, inputs: Inputs, extras: dict) -> list:
     from pipelines.lineage import DatasetRead
 
     blocks = f"{inputs.uri('tokenize')}/pretrain_blocks"
@@ -48,5 +48,4 @@ STAGE = Stage(
     key_extras=_seed,
     reads=_reads,
     progress="steps",
-    description="the pre-trained model (Hugging Face folder)",
 )

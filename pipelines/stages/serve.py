@@ -69,5 +69,4 @@ STAGE = Stage(
     key_extras=_deployed_model,
     side_effect=SideEffect("deploy", ensure=_ensure_deployed),
     per_task=True,
-    description="the HTTP endpoint of the champion",
 )

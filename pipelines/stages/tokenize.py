@@ -23,11 +23,11 @@ def _fingerprints(config: PipelineConfig, inputs: Inputs) -> dict:
     return {split: data.fingerprint(source) for split, source in _sources(config).items()}
 
 
-def _reads(config: PipelineConfig, inputs: Inputs) -> list:
+def _reads(config: PipelineConfig, inputs: Inputs, extras: dict) -> list:
     from pipelines.lineage import DatasetRead
 
     return [
-        DatasetRead(split, source, data.fingerprint(source), "corpus" if split == "corpus" else split)
+        DatasetRead(split, source, extras[split], "corpus" if split == "corpus" else split)
         for split, source in _sources(config).items()
     ]
 
@@ -46,5 +46,4 @@ STAGE = Stage(
     run=_run,
     key_extras=_fingerprints,
     reads=_reads,
-    description="tokenizer, packed pre-training blocks, tokenized task splits",
 )

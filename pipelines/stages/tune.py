@@ -47,7 +47,7 @@ def task_reads(inputs: Inputs, splits: tuple[str, ...]) -> list:
     return [DatasetRead(f"task/{split}", f"{tokenized}/task/{split}", key, split) for split in splits]
 
 
-def _reads(config: PipelineConfig, inputs: Inputs) -> list:
+def _reads(config: PipelineConfig, inputs: Inputs, extras: dict) -> list:
     return task_reads(inputs, ("train", "validation"))
 
 
@@ -77,5 +77,4 @@ STAGE = Stage(
     reads=_reads,
     progress="trials",
     per_task=True,
-    description="the sweep's trials and its best config",
 )

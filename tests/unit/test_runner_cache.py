@@ -28,7 +28,7 @@ PRETRAIN = {
 
 
 def _key(config: dict, inputs: dict | None = None, stage: stages.Stage = stages.BY_NAME["pretrain"]) -> str:
-    return runner.stage_key(stage, config, inputs or {"tokenize": "abc"}, {"seed": 0})
+    return runner.stage_key(runner.key_material(stage, config, inputs or {"tokenize": "abc"}, {"seed": 0}))
 
 
 def test_key_ignores_settings_that_do_not_change_the_output() -> None:
@@ -48,7 +48,8 @@ def test_key_changes_with_config_inputs_extras_and_code_version() -> None:
     assert _key(_set(PRETRAIN, "learning_rate", 2e-3)) != base
     assert _key(_set(PRETRAIN, "workers.num_workers", 4)) != base  # another global batch size
     assert _key(PRETRAIN, {"tokenize": "abd"}) != base
-    assert runner.stage_key(stages.BY_NAME["pretrain"], PRETRAIN, {"tokenize": "abc"}, {"seed": 1}) != base
+    seeded = runner.key_material(stages.BY_NAME["pretrain"], PRETRAIN, {"tokenize": "abc"}, {"seed": 1})
+    assert runner.stage_key(seeded) != base
     newer = dataclasses.replace(stages.BY_NAME["pretrain"], version="999")
     assert _key(PRETRAIN, stage=newer) != base
 
