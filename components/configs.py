@@ -449,7 +449,9 @@ class TuneConfig(BaseModel):
         2, ge=-1, description="retries of a failed trial from its last epoch checkpoint; -1 unlimited"
     )
     reuse_actors: bool = Field(
-        False, description="run later trials in the processes of finished ones (saves their start-up and imports)"
+        True,
+        description="run later trials in the processes of finished ones (saves their start-up and imports); "
+        "one-worker trials only",
     )
     seed: int | None = Field(None, description="seed of the search (samples, optuna); none: the pipeline seed")
     progress_every_s: float = Field(10.0, ge=0, description="seconds between live trial tables printed; 0: none")
