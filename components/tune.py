@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import ray.train
@@ -159,7 +160,7 @@ def run(
     )
     trainable = _trainable(cfg, setup)
     experiment = Path(ctx.ray_storage()) / ctx.ray_run_name()
-    if ray.tune.Tuner.can_restore(experiment):
+    if ray.tune.Tuner.can_restore(experiment) and _restorable(experiment):
         # The same pipeline run was interrupted mid-sweep: finished trials stay finished, the rest
         # continue from their last checkpoint.
         log.info("tune: continuing the interrupted sweep at %s", experiment)
@@ -170,6 +171,47 @@ def run(
         tuner = _new_tuner(cfg, trainable, ctx)
     results = tuner.fit()
     return _summarise(results, cfg, ctx)
+
+
+def unreadable_sweep_state(experiment: Path) -> list[str]:
+    """The files of a saved sweep that cannot be read back: each kind's newest (Tune keeps one
+    per session). Tune copies its state from the driver to the storage path file by file, so a
+    driver killed during a copy leaves a truncated file; Tune's restore then logs the error and
+    carries on with a sweep that lost its trials' configs."""
+    import ray.cloudpickle as cloudpickle
+
+    broken = []
+    for pattern, load in (
+        ("experiment_state-*.json", json.load),
+        ("basic-variant-state-*.json", cloudpickle.load),
+        ("searcher-state-*.pkl", cloudpickle.load),
+        ("tuner.pkl", cloudpickle.load),
+    ):
+        found = sorted(experiment.glob(pattern), key=lambda path: path.stat().st_mtime)
+        if not found:
+            continue
+        try:
+            with open(found[-1], "rb") as state:
+                load(state)
+        except Exception as error:  # noqa: BLE001 - any failure to read it back is the finding
+            broken.append(f"{found[-1].name} ({type(error).__name__}: {error or 'empty'})")
+    return broken
+
+
+def _restorable(experiment: Path) -> bool:
+    """False, after moving the sweep aside, when its saved state is unreadable: it starts over."""
+    broken = unreadable_sweep_state(experiment)
+    if not broken:
+        return True
+    aside = experiment.with_name(f"{experiment.name}.unrestorable-{int(time.time())}")
+    experiment.rename(aside)
+    log.warning(
+        "tune: the interrupted sweep cannot be continued, its saved state is incomplete (%s; the "
+        "driver was stopped while Tune wrote it): the sweep starts over. Its files are kept at %s",
+        "; ".join(broken),
+        aside,
+    )
+    return False
 
 
 def _trainable(cfg: TuneConfig, setup: TrialSetup):

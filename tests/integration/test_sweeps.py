@@ -107,12 +107,17 @@ class Sweeps:
 
 
 def _trial_checkpoint_saved(tune_dir: Path) -> bool:
-    """A trial checkpoint exists and Tune's experiment state was saved after it."""
+    """A trial checkpoint exists, Tune's experiment state was saved after it, and every state file
+    reads back. (A kill while Tune copies a state file to storage truncates it; the resume then
+    starts the sweep over, which is tested in tests/unit/test_sweep_config.py, not here.)"""
+    from components.tune import unreadable_sweep_state
+
     checkpoints = list(tune_dir.glob("*/checkpoint_*"))
     states = list(tune_dir.glob("experiment_state-*.json"))
     if not checkpoints or not states:
         return False
-    return max(s.stat().st_mtime for s in states) > min(c.stat().st_mtime for c in checkpoints) + 0.5
+    saved = max(s.stat().st_mtime for s in states) > min(c.stat().st_mtime for c in checkpoints) + 0.5
+    return saved and not unreadable_sweep_state(tune_dir)
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +162,7 @@ def test_asha_stops_weak_trials_at_the_first_rung(asha: dict) -> None:
 def test_the_killed_sweep_resumed_to_the_end(sweeps: Sweeps, asha: dict) -> None:
     assert asha["killed_at"] == "running"
     manifest = sweeps.manifest(asha["run_id"])
-    assert sorted(manifest["stages"]) == ["pretrain", "tokenize", "tune"]  # a sweep ends at tune
+    assert sorted(manifest["stages"]) == ["prepare", "pretrain", "tokenize", "tune"]  # a sweep ends at tune
     assert manifest["status"] == "succeeded" and manifest["stages"]["tune"]["attempts"] == 2
     assert "Resuming sweep" in asha["output"] and "Best config: learning_rate=0.003" in asha["output"]
     assert "== sweep finished" in asha["output"]  # the live table's last print

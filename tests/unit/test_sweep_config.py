@@ -3,6 +3,7 @@ Tune objects they become; the finetune hand-off; the sweep's table and plot."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -270,3 +271,27 @@ def test_a_grid_runs_once_unless_num_samples_repeats_it() -> None:
     assert TuneConfig(search_space=grid).samples() == 1
     assert TuneConfig(search_space=grid, num_samples=3).samples() == 3
     assert TuneConfig().samples() == 4  # sampled dimensions only
+
+
+def test_a_sweep_state_truncated_by_a_kill_is_not_restored(tmp_path: Path) -> None:
+    """Tune copies its state to storage file by file: a driver killed during a copy leaves a
+    truncated file, and Tune's own restore would carry on with trials that lost their configs."""
+    import ray.cloudpickle as cloudpickle
+
+    from components import tune
+
+    experiment = tmp_path / "run-tune"
+    experiment.mkdir()
+    (experiment / "experiment_state-2026-01-01_00-00-00.json").write_text(json.dumps({"trial_data": []}))
+    (experiment / "tuner.pkl").write_bytes(cloudpickle.dumps({"param_space": {}}))
+    (experiment / "basic-variant-state-2026-01-01_00-00-00.json").write_bytes(cloudpickle.dumps({"grid": 4}))
+    assert tune.unreadable_sweep_state(experiment) == []
+    assert tune._restorable(experiment) and experiment.is_dir()
+
+    (experiment / "basic-variant-state-2026-01-01_00-00-00.json").write_bytes(b"")
+    (broken,) = tune.unreadable_sweep_state(experiment)
+    assert broken.startswith("basic-variant-state-2026-01-01_00-00-00.json (EOFError")
+    assert not tune._restorable(experiment)
+    assert not experiment.exists()  # moved aside: the sweep starts over in a fresh folder, the old kept
+    (kept,) = tmp_path.glob("run-tune.unrestorable-*")
+    assert (kept / "tuner.pkl").is_file()
