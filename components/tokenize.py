@@ -24,7 +24,7 @@ import ray
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from components.configs import SPECIAL_TOKENS, DataConfig, TaskConfig, TokenizeConfig
+from components.configs import SPECIAL_TOKENS, CorpusConfig, DataConfig, TaskConfig, TokenizeConfig
 from components.data import load_source
 from components.stage import StageContext, StageResult, write_json
 from components.vocab import separator_id, start_id
@@ -34,27 +34,33 @@ log = logging.getLogger(__name__)
 TASK_SPLITS = ("train", "validation", "test")
 
 
-def run(cfg: TokenizeConfig, data: DataConfig, ctx: StageContext) -> StageResult:
-    """Train the tokenizer and pack the corpus into blocks under ctx.output_dir; with a config of
-    one task (`data.task`), tokenize its splits there too."""
-    corpus = load_source(data.corpus.source, labelled=False)
+def run_corpus(cfg: TokenizeConfig, corpus: CorpusConfig, ctx: StageContext) -> StageResult:
+    """Train the tokenizer (or load it) and pack the corpus into blocks under ctx.output_dir."""
+    table = load_source(corpus.source, labelled=False)
     tokenizer_dir = ctx.output_dir / "tokenizer"
     if cfg.pretrained:
         tokenizer = load_pretrained(cfg.pretrained, cfg.seq_len)
     else:
-        tokenizer = train_tokenizer(corpus.column("text").to_pylist(), cfg)
+        tokenizer = train_tokenizer(table.column("text").to_pylist(), cfg)
     tokenizer.save_pretrained(tokenizer_dir)
     # Deterministic row order: the same inputs give the same blocks, hence the same training run.
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    blocks = _pack_corpus(corpus, tokenizer_dir, cfg).materialize()
+    blocks = _pack_corpus(table, tokenizer_dir, cfg).materialize()
     blocks.write_parquet(str(ctx.output_dir / "pretrain_blocks"))
-    stats = {"corpus/rows": corpus.num_rows, "tokenize/vocab_size": len(tokenizer)}
-    if data.task is not None:
-        stats.update(_write_task(data.task, tokenizer_dir, cfg, ctx.output_dir))
-    stats["corpus/blocks"] = blocks.count()
+    stats = {"corpus/rows": table.num_rows, "tokenize/vocab_size": len(tokenizer), "corpus/blocks": blocks.count()}
     write_json(ctx.output_dir / "stats.json", stats)
     log.info("tokenize: %s", stats)
     return StageResult(output_uri=str(ctx.output_dir), metrics=stats)
+
+
+def run(cfg: TokenizeConfig, data: DataConfig, ctx: StageContext) -> StageResult:
+    """The corpus (`run_corpus`) and, given `data.task`, its splits into the same folder: one call
+    for code that chains the stage functions in-process (the pipeline runs `prepare` for them)."""
+    result = run_corpus(cfg, data.corpus, ctx)
+    if data.task is not None:
+        result.metrics.update(_write_task(data.task, ctx.output_dir / "tokenizer", cfg, ctx.output_dir))
+        write_json(ctx.output_dir / "stats.json", result.metrics)
+    return result
 
 
 def run_task(cfg: TokenizeConfig, task: TaskConfig, tokenizer_dir: str, ctx: StageContext) -> StageResult:

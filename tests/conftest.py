@@ -69,12 +69,11 @@ pytest_plugins = ["tests.services"]
 # starts with groups i and i+3 of this order, and takes the rest as it frees up; the pairs balance
 # each worker's load (seconds per group in a 3-worker make test on 2 cores: e2e 900, sweeps 900,
 # faults 630, serving 450, cluster_submit 550, training_matrix 380, all others 530 together;
-# multitask, new, about as long as faults).
+# e2e now also runs the two-task demo on top of the demo's pre-training).
 LONGEST_FIRST = (
     "tests/e2e",
     "tests/integration/test_sweeps.py",
     "tests/integration/test_faults.py",
-    "tests/integration/test_multitask.py",
     "tests/integration/test_serving.py",
     "tests/integration/test_cluster_submit.py",
     "tests/integration/test_training_matrix.py",

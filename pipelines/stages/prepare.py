@@ -1,6 +1,7 @@
-"""prepare: one task's splits tokenized with the pipeline's tokenizer, in a config of several
-tasks (a config of one task tokenizes its splits in the tokenize stage). Adding a task adds its
-own prepare; the tokenizer, the corpus blocks and the pre-training stay cached."""
+"""prepare: a task's labelled splits tokenized with the pipeline's tokenizer (`labels.json`,
+`task/<split>/`), once per task. Its key holds the task's data and seq_len, not the corpus's:
+adding a task or editing its data adds or redoes its own prepare, while the tokenizer, the
+corpus blocks and the pre-training stay cached."""
 
 from __future__ import annotations
 
@@ -43,5 +44,5 @@ STAGE = Stage(
     key_extras=_fingerprints,
     reads=_reads,
     per_task=True,
-    when=lambda config: bool(config.task_names()),
+    when=lambda config: config.data.task is not None or bool(config.task_names()),
 )

@@ -29,13 +29,8 @@ def _settings(config: PipelineConfig) -> dict:
 
 
 def task_data(inputs: Inputs) -> str:
-    """The folder with the task's `labels.json` and `task/<split>/`: its own `prepare` in a config
-    of several tasks, else `tokenize`."""
-    return inputs.uri(_task_data_stage(inputs))
-
-
-def _task_data_stage(inputs: Inputs) -> str:
-    return "prepare" if "prepare" in inputs.results else "tokenize"
+    """The folder with the task's `labels.json` and `task/<split>/`: the task's `prepare`."""
+    return inputs.uri("prepare")
 
 
 def task_reads(inputs: Inputs, splits: tuple[str, ...]) -> list:
@@ -43,7 +38,7 @@ def task_reads(inputs: Inputs, splits: tuple[str, ...]) -> list:
     fingerprints the sources and the tokenization)."""
     from pipelines.lineage import DatasetRead
 
-    tokenized, key = task_data(inputs), inputs.keys[_task_data_stage(inputs)]
+    tokenized, key = task_data(inputs), inputs.keys["prepare"]
     return [DatasetRead(f"task/{split}", f"{tokenized}/task/{split}", key, split) for split in splits]
 
 

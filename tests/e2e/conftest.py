@@ -100,3 +100,8 @@ def run_ptft(command: list[str]) -> subprocess.CompletedProcess:
 def newest_manifest(storage: Path) -> dict:
     manifests = sorted((storage / "runs").glob("*/manifest.json"), key=lambda path: path.stat().st_mtime)
     return json.loads(manifests[-1].read_text())
+
+
+def demo_manifest(demo: dict) -> dict:
+    """The demo run's manifest (later runs share its storage: the reruns, the two-task run)."""
+    return json.loads((demo["storage"] / "runs" / demo["run_id"] / "manifest.json").read_text())

@@ -14,7 +14,7 @@ import requests
 
 from components import metrics
 from tests import grafana
-from tests.e2e.conftest import newest_manifest
+from tests.e2e.conftest import STAGES, demo_manifest
 
 pytestmark = pytest.mark.e2e
 
@@ -55,7 +55,7 @@ def panels_without_data(prometheus: str, dashboard: dict, start: float) -> dict[
 @pytest.fixture(scope="module")
 def window(demo: dict) -> float:
     """Start of the demo's time window: when its pipeline run began (a minute of slack for clocks)."""
-    return newest_manifest(demo["storage"])["created_at"] - 60
+    return demo_manifest(demo)["created_at"] - 60
 
 
 def test_every_panel_query_returns_data(demo: dict, prometheus: str, window: float) -> None:
@@ -80,7 +80,7 @@ def test_stage_status_shows_every_stage_of_the_demo_run(demo: dict, prometheus: 
     for series in status["result"]:
         seen.setdefault(series["metric"]["stage"], set()).update(float(value) for _, value in series["values"])
     codes = metrics.STAGE_STATUS_CODES
-    assert set(seen) == {"tokenize", "pretrain", "tune", "finetune", "serve"}, seen
+    assert set(seen) == set(STAGES), seen
     for stage, values in seen.items():
         assert {codes["running"], codes["succeeded"]} <= values, f"{stage}: status values {sorted(values)}"
     durations = query_range(prometheus, f'{metrics.STAGE_DURATION.exported}{{run_id="{run_id}"}}', window, now)
@@ -95,7 +95,7 @@ def test_training_series_come_from_every_training_stage(demo: dict, prometheus: 
         result = query_range(prometheus, spec.exported, window, now)["result"]
         stages = {series["metric"]["stage"] for series in result}
         assert stages == {"pretrain", "tune", "finetune"}, f"{spec.exported}: stages {stages}"
-    manifest = newest_manifest(demo["storage"])
+    manifest = demo_manifest(demo)
     pretrain_run = manifest["stages"]["pretrain"]["mlflow_run_id"]
     result = query_range(prometheus, f'{metrics.TRAIN_LOSS.exported}{{stage="pretrain"}}', window, now)["result"]
     # Other test processes train on the same cluster meanwhile: the demo's pretrain run is one of the series.

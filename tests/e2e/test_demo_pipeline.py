@@ -194,6 +194,7 @@ def test_changing_a_finetuning_field_reruns_only_finetune_and_serve(reruns: dict
     assert statuses == {
         "tokenize": "cached",
         "pretrain": "cached",
+        "prepare": "cached",
         "tune": "cached",
         "finetune": "succeeded",
         "serve": "succeeded",
@@ -205,6 +206,7 @@ def test_rerun_forces_a_stage_and_what_follows(reruns: dict) -> None:
     assert statuses == {
         "tokenize": "cached",
         "pretrain": "cached",
+        "prepare": "cached",
         "tune": "cached",
         "finetune": "succeeded",
         "serve": "succeeded",

@@ -39,7 +39,9 @@ def test_datasets_and_upstream_runs_are_in_mlflow(demo: dict) -> None:
         "validation": config.data.task.validation,
         "test": config.data.task.test,
     }
-    read = {item.dataset.name: item for item in runs["tokenize"].inputs.dataset_inputs}
+    # The corpus is the tokenize stage's input, the task's labelled splits are prepare's.
+    read = {item.dataset.name: item for stage in ("tokenize", "prepare") for item in runs[stage].inputs.dataset_inputs}
+    assert {item.dataset.name for item in runs["tokenize"].inputs.dataset_inputs} == {"corpus"}
     assert {name: read[name].dataset.digest for name in sources} == {
         name: data.fingerprint(source) for name, source in sources.items()
     }  # the fingerprint is the digest
@@ -48,7 +50,7 @@ def test_datasets_and_upstream_runs_are_in_mlflow(demo: dict) -> None:
     read_by_finetune = {item.dataset.name for item in finetune.inputs.dataset_inputs}
     assert read_by_finetune == {"task/train", "task/validation", "task/test"}
     assert {item.dataset.name for item in runs["pretrain"].inputs.dataset_inputs} == {"pretrain_blocks"}
-    for upstream in ("tokenize", "pretrain", "tune"):
+    for upstream in ("tokenize", "pretrain", "prepare", "tune"):
         assert finetune.data.tags[f"ptft.upstream.{upstream}"] == runs[upstream].info.run_id
     assert runs["serve"].data.tags["ptft.upstream.finetune"] == finetune.info.run_id
 

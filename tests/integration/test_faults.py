@@ -340,6 +340,6 @@ def test_no_run_left_running_or_duplicated(driver_kills: dict) -> None:
     assert all(run.info.status == "FINISHED" for run in runs), [(r.info.run_name, r.info.status) for r in runs]
     stage_of = [run.data.tags.get("ptft.stage", "pipeline") for run in runs]
     stages = [stage for stage in stage_of if stage not in ("pipeline", "tune-trial")]
-    assert sorted(stages) == sorted(["tokenize", "pretrain", "tune", "finetune", "serve"])
+    assert sorted(stages) == sorted(["tokenize", "pretrain", "prepare", "tune", "finetune", "serve"])
     parents = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
     assert len(parents) == 1 and parents[0].data.tags["ptft.attempts"] == "2"

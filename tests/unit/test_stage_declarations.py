@@ -23,8 +23,9 @@ def test_every_stage_comes_after_what_it_reads() -> None:
         assert set(stage.upstream) <= seen, stage.name
         seen.add(stage.name)
     nodes = stages.graph(validate(tiny_config_dict(Path("/tmp/unused"))))
-    assert stages.node_ancestors(nodes, "finetune") == ("tokenize", "pretrain", "tune")
+    assert stages.node_ancestors(nodes, "finetune") == ("tokenize", "pretrain", "prepare", "tune")
     assert stages.node_descendants(nodes, {"pretrain"}) == {"pretrain", "tune", "finetune", "serve"}
+    assert stages.node_descendants(nodes, {"prepare"}) == {"prepare", "tune", "finetune", "serve"}
     assert stages.node_descendants(nodes, {"serve"}) == {"serve"}
 
 
@@ -140,8 +141,8 @@ def _multitask(storage: Path, tasks: tuple[str, ...] = ("sentiment", "topic")) -
 
 def test_a_config_of_one_task_keeps_the_chain(tmp_path: Path) -> None:
     nodes = stages.graph(validate(tiny_config_dict(tmp_path)))
-    assert [node.id for node in nodes] == ["tokenize", "pretrain", "tune", "finetune", "serve"]
-    assert {node.id: node.upstream for node in nodes}["tune"] == ("tokenize", "pretrain")
+    assert [node.id for node in nodes] == ["tokenize", "pretrain", "prepare", "tune", "finetune", "serve"]
+    assert {node.id: node.upstream for node in nodes}["tune"] == ("tokenize", "pretrain", "prepare")
 
 
 def test_tasks_fan_out_after_pretrain(tmp_path: Path) -> None:
@@ -180,6 +181,26 @@ def test_adding_a_task_keeps_the_pretraining_key(tmp_path: Path) -> None:
         assert stage.settings(one) == stage.settings(two), name
     tokenize = stages.BY_NAME["tokenize"]
     assert tokenize.key_extras(one, stages.Inputs()) == tokenize.key_extras(two, stages.Inputs())
+
+
+def test_the_task_data_is_in_prepare_s_key_only(tmp_path: Path) -> None:
+    """Edited fine-tuning data re-runs the task's prepare, never the corpus tokenization or the
+    pre-training; a config of one task shares those with a config of several on the same corpus."""
+    raw = tiny_config_dict(tmp_path)
+    one, edited = validate(raw), validate({**raw, "data": {**raw["data"], "task": _fewer_rows(raw["data"]["task"])}})
+    several = validate(_multitask(tmp_path))
+    tokenize, prepare = stages.BY_NAME["tokenize"], stages.BY_NAME["prepare"]
+    for config in (edited, several):
+        for name in ("tokenize", "pretrain"):
+            assert stages.BY_NAME[name].settings(config) == stages.BY_NAME[name].settings(one), name
+        assert tokenize.key_extras(config, stages.Inputs()) == tokenize.key_extras(one, stages.Inputs())
+    assert prepare.settings(edited) != prepare.settings(one)
+    assert [node.id for node in stages.graph(one)][:3] == ["tokenize", "pretrain", "prepare"]
+
+
+def _fewer_rows(task: dict) -> dict:
+    train = {**task["train"], "num_examples": task["train"].get("num_examples", 100) // 2}
+    return {**task, "train": train}
 
 
 @pytest.mark.parametrize(
