@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from components.stage import read_json
 from pipelines.manifest import CACHED, Manifest, StageRecord, list_runs
+from pipelines.stages import node_id, split_node
 
 if TYPE_CHECKING:  # MLflow is imported when a report is made: `ptft --help` stays fast
     from mlflow.tracking import MlflowClient
@@ -89,11 +90,19 @@ class ModelReport:
 
 
 @dataclass
+class TaskReport:
+    """A task's sweep and model: the run's only ones (task None) or one branch's."""
+
+    task: str | None
+    best_trial: TrialReport | None = None
+    model: ModelReport | None = None
+
+
+@dataclass
 class RunReport:
     manifest: Manifest
     stages: list[StageReport]
-    best_trial: TrialReport | None = None
-    model: ModelReport | None = None
+    tasks: list[TaskReport] = field(default_factory=list)
     mlflow_reachable: bool = False
     warnings: list[str] = field(default_factory=list)
     generated_at: float = field(default_factory=time.time)
@@ -107,8 +116,14 @@ def gather(manifest: Manifest) -> RunReport:
     MLflow problems become warnings in the report: a page from the manifest beats no page."""
     stages = [StageReport(name, record) for name, record in manifest.stages.items()]  # in pipeline order
     report = RunReport(manifest=manifest, stages=stages)
-    report.best_trial = _trial_from_published(_published_outputs(manifest, "tune"))
-    report.model = _model_from_published(_published_outputs(manifest, "finetune"))
+    report.tasks = [
+        TaskReport(
+            task,
+            best_trial=_trial_from_published(_published_outputs(manifest, node_id("tune", task))),
+            model=_model_from_published(_published_outputs(manifest, node_id("finetune", task))),
+        )
+        for task in _tasks(manifest)
+    ]
     problem = _mlflow_problem(manifest.tracking_uri)
     if problem:
         report.warnings.append(problem)
@@ -123,20 +138,32 @@ def gather(manifest: Manifest) -> RunReport:
             _add_stage_runs(client, manifest.tracking_uri, stage)
         except (MlflowException, OSError) as error:
             report.warnings.append(f"stage {stage.name}: MLflow run {stage.record.mlflow_run_id}: {_message(error)}")
-    try:
-        report.best_trial = _best_trial(client, _stage(report, "tune")) or report.best_trial
-        report.model = _registered_model(client, _stage(report, "finetune"), report.model)
-    except (MlflowException, OSError) as error:
-        report.warnings.append(f"MLflow at {manifest.tracking_uri}: {_message(error)}")
+    for task in report.tasks:
+        try:
+            task.best_trial = _best_trial(client, _stage(report, node_id("tune", task.task))) or task.best_trial
+            task.model = _registered_model(client, _stage(report, node_id("finetune", task.task)), task.model)
+        except (MlflowException, OSError) as error:
+            report.warnings.append(f"MLflow at {manifest.tracking_uri}: {_message(error)}")
     return report
 
 
-def _published_outputs(manifest: Manifest, stage: str) -> dict[str, Any]:
-    """The `outputs` a finished stage published in `<storage>/artifacts/<stage>/<key>/_SUCCESS`."""
-    record = manifest.stages.get(stage)
+def _tasks(manifest: Manifest) -> list[str | None]:
+    """The run's tasks in pipeline order: None alone for a config of one task, [] for no sweep
+    or fine-tuning at all."""
+    found: dict[str | None, None] = {}
+    for node in manifest.stages:
+        stage, task = split_node(node)
+        if stage in ("tune", "finetune"):
+            found.setdefault(task)
+    return list(found)
+
+
+def _published_outputs(manifest: Manifest, node: str) -> dict[str, Any]:
+    """The `outputs` a finished node published in `<storage>/artifacts/<stage>/<key>/_SUCCESS`."""
+    record = manifest.stages.get(node)
     if record is None or record.key is None:
         return {}
-    path = Path(manifest.storage) / "artifacts" / stage / record.key / SUCCESS_FILE
+    path = Path(manifest.storage) / "artifacts" / split_node(node)[0] / record.key / SUCCESS_FILE
     return read_json(path).get("outputs", {}) if path.is_file() else {}
 
 
@@ -303,10 +330,7 @@ def render(report: RunReport) -> str:
         _render_graph(report),
         _render_stage_table(report),
         *[_render_stage_details(report, stage) for stage in report.stages],
-        "<h2>Best trial</h2>",
-        _render_best_trial(report),
-        "<h2>Model version</h2>",
-        _render_model(report),
+        *[_render_task(report, task) for task in report.tasks],
         f'<p class="muted">Generated {_e(_when(report.generated_at))} by <code>ptft report</code>.</p>',
     ]
     return (
@@ -490,8 +514,20 @@ def _render_picture(picture: Picture) -> str:
     )
 
 
-def _render_best_trial(report: RunReport) -> str:
-    trial = report.best_trial
+def _render_task(report: RunReport, task: TaskReport) -> str:
+    """The task's best trial and model version, headed by the task's name in a run of several."""
+    of_task = f": task {_e(task.task)}" if task.task else ""
+    return "\n".join(
+        (
+            f"<h2>Best trial{of_task}</h2>",
+            _render_best_trial(report, task.best_trial),
+            f"<h2>Model version{of_task}</h2>",
+            _render_model(report, task.model),
+        )
+    )
+
+
+def _render_best_trial(report: RunReport, trial: TrialReport | None) -> str:
     if trial is None:
         return '<p class="muted">No sweep in this run (or it did not finish).</p>'
     uri = report.manifest.tracking_uri
@@ -511,8 +547,7 @@ def _render_best_trial(report: RunReport) -> str:
     return "\n".join(lines)
 
 
-def _render_model(report: RunReport) -> str:
-    model = report.model
+def _render_model(report: RunReport, model: ModelReport | None) -> str:
     if model is None:
         return '<p class="muted">No model version registered by this run.</p>'
     aliases = ", ".join(model.aliases) or "none"

@@ -149,9 +149,10 @@ def _manifest(storage: Path, uri: str, experiment: str, parent: str, runs: dict,
     return manifest
 
 
-def _publish(storage: Path, stage: str, manifest: mf.Manifest, outputs: dict) -> None:
-    """The `_SUCCESS` the runner publishes (pipelines/runner.py `_publish`), outputs only."""
-    folder = storage / "artifacts" / stage / manifest.stages[stage].key
+def _publish(storage: Path, stage: str, manifest: mf.Manifest, outputs: dict, folder: str | None = None) -> None:
+    """The `_SUCCESS` the runner publishes (pipelines/runner.py `_publish`), outputs only; a task's
+    node (`tune.topic`) publishes under its stage's folder."""
+    folder = storage / "artifacts" / (folder or stage) / manifest.stages[stage].key
     folder.mkdir(parents=True)
     (folder / "_SUCCESS").write_text(
         json.dumps({"outputs": outputs, "metrics": {}, "output": ".", "output_inside": True})
@@ -270,3 +271,33 @@ def test_a_run_of_several_tasks_shows_its_graph(tmp_path: Path) -> None:
     _, page = _report(storage)
     assert '<img class="graph" alt="pipeline graph"' in page
     assert not IMAGE.search(page.split('class="graph"')[0])  # not counted among the stages' pictures
+
+
+def test_a_run_of_several_tasks_has_a_sweep_and_model_section_per_task(tmp_path: Path) -> None:
+    """Each task's best trial and registered version, under the task's name, from what its tune
+    and finetune nodes published (MLflow unreachable here: the manifest and artifacts suffice)."""
+    storage = tmp_path / "ptft-runs"
+    nodes = ("tokenize", "pretrain", "tune.sentiment", "finetune.sentiment", "tune.topic", "finetune.topic")
+    manifest = mf.Manifest.create(storage, RUN_ID, "unit", nodes, config={"name": "unit"})
+    manifest.tracking_uri = f"http://127.0.0.1:{_closed_port()}"
+    for node in nodes:
+        manifest.stage_started(node, f"key-{node}", f"run-{node}")
+        manifest.stage_ended(node, mf.FAILED if node == "finetune.topic" else mf.SUCCEEDED)
+    manifest.finished(mf.FAILED)
+    for task, rate in (("sentiment", 0.001), ("topic", 0.0003)):
+        outputs = {"best_trial": f"trial_{task}", "best_config": {"learning_rate": rate}}
+        _publish(storage, f"tune.{task}", manifest, outputs, folder="tune")
+    registered = {"name": "unit-sentiment", "version": "3", "model_uri": "models:/unit-sentiment/3"}
+    _publish(storage, "finetune.sentiment", manifest, {"registered": registered}, folder="finetune")
+    code, page = _report(storage)
+    assert code == 0
+    headings = re.findall(r"<h2>((?:Best trial|Model version)[^<]*)</h2>", page)
+    assert headings == [
+        "Best trial: task sentiment",
+        "Model version: task sentiment",
+        "Best trial: task topic",
+        "Model version: task topic",
+    ]
+    sentiment, topic = page.split("<h2>Best trial: task topic</h2>")
+    assert "trial_sentiment" in sentiment and "0.001" in sentiment and "unit-sentiment" in sentiment
+    assert "trial_topic" in topic and "0.0003" in topic and "No model version registered" in topic
