@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -35,12 +36,47 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    misplaced = _misplaced_override(args)
+    if misplaced:
+        print(f"ptft {args.command}: {misplaced}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    if hasattr(args, "overrides") and getattr(args, "storage", None):
+        # `--storage PATH` on a command that reads a config is the `storage=PATH` override.
+        args.overrides = [*args.overrides, f"storage={args.storage}"]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.handler(args)
     except ConfigError as error:
         print(f"ptft: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
+
+
+# Positionals that name a config file, a run, a job or a model: never `key=value`.
+NAMED_POSITIONALS = ("config", "run_id", "job_id", "model", "name", "version")
+OVERRIDE = re.compile(r"(?P<key>[A-Za-z_][\w.]*)=(?P<value>.*)")
+
+
+def _misplaced_override(args: argparse.Namespace) -> str | None:
+    """What to write instead, when a file, id or name positional looks like a config override
+    (`ptft status storage=/x` would look for a job called that on a cluster)."""
+    for dest in NAMED_POSITIONALS:
+        value = getattr(args, dest, None)
+        match = OVERRIDE.fullmatch(value) if isinstance(value, str) else None
+        if match is None or (dest == "config" and Path(value).is_file()):
+            continue
+        looks = f"{value!r} looks like a config override"
+        if dest == "config":
+            return f"{looks}, but the config file comes first: ptft {args.command} CONFIG {value}"
+        if match["key"] == "storage":
+            return f"{looks}; this command takes it as --storage {match['value']}"
+        return f"{looks}, but ptft {args.command} takes no overrides: see ptft {args.command} --help"
+    return None
+
+
+def _add_storage(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--storage", metavar="PATH", help="the pipeline's storage (runs, artifacts); same as the override storage=PATH"
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -62,6 +98,7 @@ def _parser() -> argparse.ArgumentParser:
         "ignoring their cache",
     )
     _add_progress_options(run)
+    _add_storage(run)
     run.set_defaults(handler=_run)
 
     resume = commands.add_parser("resume", help="continue a failed or interrupted pipeline run")
@@ -84,7 +121,9 @@ def _parser() -> argparse.ArgumentParser:
         help="continue an interrupted sweep: this run id, or the latest unfinished one",
     )
     sweep.add_argument("--force", action="store_true", help="sweep again even if this sweep is cached")
-    sweep.add_argument("--storage", default=None, help="where to find the run for --resume (default: the config's)")
+    sweep.add_argument(
+        "--storage", metavar="PATH", help="the pipeline's storage, where --resume finds the run (default: the config's)"
+    )
     sweep.set_defaults(handler=_sweep)
 
     runs = commands.add_parser("runs", help="list pipeline runs and their stages")
@@ -95,6 +134,7 @@ def _parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", help="check a config and its data; starts nothing")
     validate.add_argument("config")
     validate.add_argument("overrides", nargs="*")
+    _add_storage(validate)
     validate.set_defaults(handler=_validate)
 
     serve = commands.add_parser("serve", help="serve a model over HTTP (Ray Serve): registered or a folder")
@@ -140,6 +180,7 @@ def _parser() -> argparse.ArgumentParser:
     ui.add_argument("overrides", nargs="*")
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--host", default="127.0.0.1")
+    _add_storage(ui)
     ui.set_defaults(handler=_ui)
     jobs.add_commands(commands)
     report.add_commands(commands)

@@ -56,6 +56,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     submit.add_argument("config", help="pipeline YAML inside the working dir, e.g. configs/demo.yaml")
     submit.add_argument("overrides", nargs="*", help="dotted overrides, e.g. storage=/mnt/shared/ptft-runs")
     _add_address(submit)
+    submit.add_argument(
+        "--storage", metavar="PATH", help="the pipeline's storage, an absolute path every node mounts (= storage=PATH)"
+    )
     submit.add_argument("--working-dir", default=".", help="folder uploaded as the job's working dir (default: .)")
     submit.add_argument("--python", default="python", help="interpreter on the cluster (default: python on PATH)")
     submit.add_argument("--no-wait", action="store_true", help="return once submitted instead of following the logs")

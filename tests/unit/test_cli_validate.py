@@ -75,3 +75,29 @@ def test_run_rejects_a_bad_config_before_starting_ray(good_config: Path) -> None
     assert result.returncode == 2
     assert "tokenize.seq_len" in result.stderr
     assert "Ray" not in result.stdout + result.stderr  # no local Ray instance was started
+
+
+def test_every_config_command_takes_the_storage_as_an_option(good_config: Path, tmp_path: Path) -> None:
+    result = _validate(good_config, "--storage", str(tmp_path / "elsewhere"))
+    assert result.returncode == 0, result.stderr
+    assert f"storage {tmp_path / 'elsewhere'}," in result.stdout  # the same as the override storage=PATH
+    for command in ("run", "sweep", "validate", "submit", "ui"):
+        usage = subprocess.run([PTFT, command, "--help"], capture_output=True, text=True, timeout=60).stdout
+        assert "--storage PATH" in usage, command
+
+
+@pytest.mark.parametrize(
+    ("command", "fix"),
+    [
+        (["status", "storage=/x"], "takes it as --storage /x"),
+        (["report", "storage=/x"], "takes it as --storage /x"),
+        (["resume", "pretrain.max_steps=3"], "ptft resume takes no overrides"),
+        (["run", "storage=/x"], "the config file comes first: ptft run CONFIG storage=/x"),
+    ],
+)
+def test_an_override_where_an_id_or_file_goes_says_what_to_write(command: list[str], fix: str) -> None:
+    """`ptft status storage=/x` once asked a cluster for a job of that name and failed on its auth."""
+    result = subprocess.run([PTFT, *command], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "looks like a config override" in result.stderr and fix in result.stderr
+    assert "Traceback" not in result.stderr and "Ray" not in result.stderr
