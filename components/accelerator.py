@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 # `make setup` compiles DeepSpeed's CPU ops into the virtualenv rather than ~/.cache: the build is
 # part of the install, so a fresh HOME (CI, a new user) finds it instead of compiling per worker.
 PREBUILT_OPS = Path(sys.prefix) / "torch_extensions"
+STALE_LOCK_S = 15 * 60  # the CPU op compiles in 1-2 minutes, on a busy 2-core machine too
 
 
 def deepspeed_env(use_gpu: bool) -> dict[str, str]:
@@ -32,8 +34,22 @@ def prepare_process(use_gpu: bool, num_threads: int | None = None) -> None:
         os.environ.setdefault(key, value)
     if PREBUILT_OPS.is_dir():
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(PREBUILT_OPS))
+        clear_stale_build_locks(PREBUILT_OPS)
     if num_threads:
         torch.set_num_threads(max(1, int(num_threads)))
+
+
+def clear_stale_build_locks(folder: Path, older_than_s: float = STALE_LOCK_S) -> list[Path]:
+    """Remove build locks no build can still hold. torch's extension loader makes `<op>/lock`
+    while one process compiles and every other waits until it is gone, with no owner recorded: a
+    build killed midway leaves it, and every later training process would wait forever."""
+    stale = [
+        lock for lock in folder.glob("*/lock") if lock.is_file() and time.time() - lock.stat().st_mtime > older_than_s
+    ]
+    for lock in stale:
+        lock.unlink(missing_ok=True)
+        print(f"ptft: removed {lock}, left by a DeepSpeed op build that was stopped", file=sys.stderr)
+    return stale
 
 
 def prebuild_cpu_ops() -> None:

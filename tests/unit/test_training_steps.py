@@ -326,3 +326,19 @@ def test_fit_classifier_resumes_dropout_as_an_uninterrupted_run_would(task: Task
     uninterrupted = _fit(cfg, tmp_path / "uninterrupted")
     resumed = _fit(cfg, tmp_path / "resumed", uninterrupted.checkpoints[1])
     assert resumed.reports[0] == pytest.approx(uninterrupted.reports[1], abs=1e-6)
+
+
+def test_a_build_lock_left_by_a_killed_op_build_is_removed(tmp_path: Path) -> None:
+    """torch waits forever on an op's `lock` while it exists; a stopped build leaves one behind."""
+    import time
+
+    from components.accelerator import clear_stale_build_locks
+
+    stale, fresh = tmp_path / "deepspeed_shm_comm" / "lock", tmp_path / "other_op" / "lock"
+    for lock in (stale, fresh):
+        lock.parent.mkdir()
+        lock.touch()
+    hour_ago = time.time() - 3600
+    os.utime(stale, (hour_ago, hour_ago))
+    assert clear_stale_build_locks(tmp_path) == [stale]
+    assert not stale.exists() and fresh.exists()  # a build may still be running there
