@@ -154,12 +154,32 @@ def close_orphans(client: MlflowClient, experiment_id: str, pipeline_run_id: str
     return [run.info.run_id for run in stuck]
 
 
+# The kind MLflow 3 keeps per experiment (its header's kind selector): ptft's are model training.
+# Where the UI lands is another matter: it follows the GenAI / Model training switch, which an
+# experiment's URL sets with `workflowType` (measured on MLflow 3.17: `#/experiments/ID` opens the
+# GenAI overview, traces, all empty for ptft, whatever the kind), so ptft's links carry it.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
+
+
 def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
-    """The experiment's id, creating it (with its artifact location) when missing."""
+    """The experiment's id, creating it (with its artifact location) when missing; marked as a
+    model-training experiment unless someone chose its kind already."""
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_location)
+    if experiment is None:
+        return client.create_experiment(
+            name, artifact_location=artifact_location, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND}
+        )
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+    return experiment.experiment_id
+
+
+def ui_links(ui_url: str, experiment_id: str, run_id: str | None = None) -> dict[str, str]:
+    """Where the MLflow UI at `ui_url` shows the experiment's runs table (model-training view), and one run."""
+    runs = f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs"
+    return {"runs": f"{runs}?{MODEL_TRAINING_VIEW}", **({"run": f"{runs}/{run_id}"} if run_id else {})}
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -25,6 +25,7 @@ from pipelines.stages import NAMES as STAGE_NAMES
 from pipelines.stages import split_node
 
 EXIT_USER_ERROR = 2
+DEFAULT_UI_URL = "http://127.0.0.1:5000"  # where `ptft ui` serves by default
 MAX_EXPLAIN_TEXTS = 8  # as components.explain (not imported here: `--help` stays free of torch)
 
 
@@ -414,8 +415,17 @@ def _print_summary(result, config, seconds: float) -> None:
         print(f"Model {endpoint.model.name} v{endpoint.model.version} served at {endpoint.url}")
         for sample in endpoint.samples:
             print(f"  {sample.text!r:45} -> {sample.label} ({sample.score:.3f})")
+    from components.tracking import ui_links
+
+    served_by_ptft_ui = not result.tracking_uri.startswith(("http://", "https://"))
+    links = ui_links(
+        DEFAULT_UI_URL if served_by_ptft_ui else result.tracking_uri, result.experiment_id, result.mlflow_run_id
+    )
     print(f"Runs: MLflow experiment {config.experiment_name()!r} at {result.tracking_uri}")
-    print(f"Browse them with: ptft ui {' '.join(sys.argv[2:3]) or 'CONFIG'}")
+    print(f"  all runs: {links['runs']}\n  this run: {links['run']}")
+    if served_by_ptft_ui:
+        print(f"  (served by: ptft ui {' '.join(sys.argv[2:3]) or 'CONFIG'})")
+    print(f"Report: ptft report {result.run_id} --storage {config.storage_path()}")
 
 
 def _ui(args: argparse.Namespace) -> int:
@@ -435,12 +445,30 @@ def _ui(args: argparse.Namespace) -> int:
         "--workers",
         "1",
     ]
-    print(f"MLflow UI on http://{args.host}:{args.port} ({config.tracking_uri()})", flush=True)
+    url = f"http://{args.host}:{args.port}"
+    print(f"MLflow UI on {url} ({config.tracking_uri()})", flush=True)
+    for what, link in _newest_run_links(config, url).items():
+        print(f"  {what}: {link}", flush=True)
     # A UI for one person: one worker, and none of MLflow 3's job runner (seven huey consumer
     # processes for GenAI jobs ptft does not use; they made the UI take minutes on a busy machine).
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
     os.execve(command[0], command, env)
     return 0
+
+
+def _newest_run_links(config, ui_url: str) -> dict[str, str]:
+    """The experiment's runs and its newest pipeline run in the UI ({} before any run)."""
+    from mlflow.tracking import MlflowClient
+
+    from components.tracking import ui_links
+    from pipelines.manifest import list_runs
+
+    experiment = MlflowClient(config.tracking_uri()).get_experiment_by_name(config.experiment_name())
+    if experiment is None:
+        return {}
+    newest = next((run for run in list_runs(config.storage_path()) if run.mlflow_run_id), None)
+    links = ui_links(ui_url, experiment.experiment_id, newest.mlflow_run_id if newest else None)
+    return {"all runs": links["runs"], **({f"newest run {newest.run_id}": links["run"]} if newest else {})}
 
 
 def _serve(args: argparse.Namespace) -> int:

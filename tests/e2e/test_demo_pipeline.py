@@ -14,15 +14,19 @@ from mlflow.tracking import MlflowClient
 
 from pipelines import stages
 from pipelines.runner import stage_key
-from tests.e2e.conftest import SECRETS, STAGES, newest_manifest, run_ptft
+from tests.e2e.conftest import SECRETS, STAGES, demo_manifest, newest_manifest, run_ptft
 
 pytestmark = pytest.mark.e2e
 
 
-def test_cli_prints_predictions_and_where_to_browse(demo: dict) -> None:
+def test_cli_prints_predictions_and_where_to_browse(demo: dict, mlflow_server: str) -> None:
     out = demo["stdout"]
     assert "served at" in out and ("-> positive" in out or "-> negative" in out)
-    assert "ptft ui" in out
+    experiment = demo["client"].get_experiment_by_name("demo").experiment_id
+    parent = demo_manifest(demo)["mlflow_run_id"]
+    runs = f"{mlflow_server}/#/experiments/{experiment}/runs"  # the tracking server's UI
+    assert f"all runs: {runs}?workflowType=machine_learning\n" in out and f"this run: {runs}/{parent}\n" in out
+    assert f"Report: ptft report {demo['run_id']} --storage {demo['storage']}" in out
 
 
 def test_every_stage_wrote_its_artifacts(demo: dict) -> None:

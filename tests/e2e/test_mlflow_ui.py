@@ -6,6 +6,7 @@ the `champion` alias on the registered version. Full-page screenshots go to each
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -75,8 +76,12 @@ def test_experiment_shows_pipeline_run_with_stage_children(
     stage_runs = {stage: record.mlflow_run_id for stage, record in manifest.stages.items()}
     assert sorted(stage_runs) == sorted(STAGES) and all(stage_runs.values()), stage_runs
 
-    # The classic runs table ("Model training"); without workflowType the UI opens the GenAI overview.
-    page.goto(f"{mlflow_server}/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning")
+    # The link `ptft run` printed: the runs table in the UI's "Model training" view (a bare
+    # experiment URL opens the GenAI overview).
+    (printed,) = re.findall(r"all runs: (\S+)", demo["stdout"])
+    assert printed.startswith(f"{mlflow_server}/#/experiments/{experiment.experiment_id}/runs?")
+    page.goto(printed)
+    expect(page).to_have_url(re.compile(r"/runs\?workflowType=machine_learning"), timeout=TIMEOUT_MS)
     parent_link = _run_link(page, manifest.mlflow_run_id)
     expect(parent_link).to_be_visible(timeout=TIMEOUT_MS)
     expect(parent_link).to_have_text(f"pipeline-{demo['run_id']}", timeout=TIMEOUT_MS)

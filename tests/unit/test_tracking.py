@@ -105,3 +105,37 @@ def test_a_trial_run_records_the_config_its_epochs_trained_with(store, tmp_path:
     tags = client.get_run(run_id).data.tags
     assert json.loads(tags[tune.CONFIG_TAG]) == exploited and tags["ptft.pbt_exploits"] == "1"
     assert client.get_run(run_id).data.params == {"learning_rate": "0.001"}  # params: the first config
+
+
+def test_experiments_open_on_their_runs_in_the_mlflow_ui(store) -> None:
+    """Marked as MLflow 3's model-training kind, unless a person chose another."""
+    client, _, experiment = store
+    kind = tracking.EXPERIMENT_KIND_TAG
+    assert client.get_experiment(experiment).tags[kind] == tracking.MODEL_TRAINING_KIND
+    older = client.create_experiment("made-before-the-tag")
+    assert tracking.ensure_experiment(client, "made-before-the-tag", None) == older
+    assert client.get_experiment(older).tags[kind] == tracking.MODEL_TRAINING_KIND
+    chosen = client.create_experiment("chosen-in-the-ui", tags={kind: "genai_development"})
+    tracking.ensure_experiment(client, "chosen-in-the-ui", None)
+    assert client.get_experiment(chosen).tags[kind] == "genai_development"  # a person's choice stands
+
+
+def test_ptft_ui_names_the_runs_and_the_newest_pipeline_run(tmp_path: Path) -> None:
+    from pipelines import manifest as mf
+    from pipelines.cli import _newest_run_links
+    from pipelines.config import validate
+    from tests.conftest import tiny_config_dict
+
+    config = validate(tiny_config_dict(tmp_path / "store"))
+    assert _newest_run_links(config, "http://127.0.0.1:5000") == {}  # nothing ran yet
+    client = MlflowClient(config.tracking_uri())
+    experiment = tracking.ensure_experiment(client, config.experiment_name(), None)
+    for run_id, mlflow_run in (("20260101-000000-aaaaaa", "old"), ("20260102-000000-bbbbbb", "new")):
+        manifest = mf.Manifest.create(config.storage_path(), run_id, config.name, ("tokenize",), {"name": "x"})
+        manifest.mlflow_run_id = mlflow_run
+        manifest.save()
+    runs = f"http://127.0.0.1:5000/#/experiments/{experiment}/runs"
+    assert _newest_run_links(config, "http://127.0.0.1:5000") == {
+        "all runs": f"{runs}?workflowType=machine_learning",  # the runs table, not the GenAI overview
+        "newest run 20260102-000000-bbbbbb": f"{runs}/new",
+    }
