@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -82,11 +84,38 @@ def demo(
         "stdout": result.stdout,
         "command": command,
         "client": MlflowClient(mlflow_server),
-        "run_id": newest_manifest(storage)["run_id"],
+        "run_id": run_id_of(result),
     }
     from ray import serve
 
     serve.delete("e2e")
+
+
+@pytest.fixture(scope="package")
+def two_tasks(
+    demo: dict, ray_driver: str, mlflow_server: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Future]:
+    """The two-task scenario (tests/e2e/two_tasks.py) on the demo's storage, started in the
+    background by its first user (the demo's re-runs, which it overlaps: the e2e tier runs in one
+    test process, and end to end it was the longest chain of make test)."""
+    from tests.e2e import two_tasks as scenario
+
+    executor = ThreadPoolExecutor(1, thread_name_prefix="two-tasks")
+    logs = tmp_path_factory.mktemp("multitask")
+    future = executor.submit(scenario.run, demo["storage"], SHRINK, ray_driver, mlflow_server, logs)
+    try:
+        yield future
+        future.result(timeout=2400)  # never left running past the package
+    finally:
+        executor.shutdown(wait=True)
+        scenario.stop_serving()
+
+
+def run_id_of(result: subprocess.CompletedProcess) -> str:
+    """The pipeline run id `ptft run` printed (runs of other tests share the demo's storage)."""
+    found = re.search(r"^Pipeline run (\S+) finished", result.stdout, re.MULTILINE)
+    assert found, result.stdout[-3000:]
+    return found.group(1)
 
 
 def run_ptft(command: list[str]) -> subprocess.CompletedProcess:
@@ -97,11 +126,10 @@ def run_ptft(command: list[str]) -> subprocess.CompletedProcess:
     return result
 
 
-def newest_manifest(storage: Path) -> dict:
-    manifests = sorted((storage / "runs").glob("*/manifest.json"), key=lambda path: path.stat().st_mtime)
-    return json.loads(manifests[-1].read_text())
+def manifest_of(storage: Path, run_id: str) -> dict:
+    return json.loads((storage / "runs" / run_id / "manifest.json").read_text())
 
 
 def demo_manifest(demo: dict) -> dict:
     """The demo run's manifest (later runs share its storage: the reruns, the two-task run)."""
-    return json.loads((demo["storage"] / "runs" / demo["run_id"] / "manifest.json").read_text())
+    return manifest_of(demo["storage"], demo["run_id"])

@@ -5,6 +5,7 @@ Serve endpoint over HTTP."""
 from __future__ import annotations
 
 import json
+from concurrent.futures import Future
 from pathlib import Path
 
 import mlflow
@@ -14,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from pipelines import stages
 from pipelines.runner import stage_key
-from tests.e2e.conftest import SECRETS, STAGES, demo_manifest, newest_manifest, run_ptft
+from tests.e2e.conftest import SECRETS, STAGES, demo_manifest, manifest_of, run_id_of, run_ptft
 
 pytestmark = pytest.mark.e2e
 
@@ -30,21 +31,21 @@ def test_cli_prints_predictions_and_where_to_browse(demo: dict, mlflow_server: s
 
 
 def test_every_stage_wrote_its_artifacts(demo: dict) -> None:
-    artifacts = demo["storage"] / "artifacts"
+    artifacts, keys = demo["storage"] / "artifacts", {n: r["key"] for n, r in demo_manifest(demo)["stages"].items()}
     for stage in STAGES:
-        (folder,) = list((artifacts / stage).iterdir())  # one key folder per stage
+        folder = artifacts / stage / keys[stage]  # the key folder of the demo run's stage
         assert (folder / "_SUCCESS").is_file(), stage
         made_of = json.loads((folder / "config.json").read_text())  # self-describing: what its key stands for
         declared = stages.BY_NAME[stage]
         assert (made_of["stage"], made_of["version"]) == (stage, declared.version)
         assert stage_key(made_of) == folder.name
-    tokenize = next((artifacts / "tokenize").iterdir())
+    tokenize = artifacts / "tokenize" / keys["tokenize"]
     assert (tokenize / "tokenizer" / "tokenizer.json").is_file()
     assert list((tokenize / "pretrain_blocks").glob("*.parquet"))
-    pretrained = next((artifacts / "pretrain").iterdir()) / "model"
+    pretrained = artifacts / "pretrain" / keys["pretrain"] / "model"
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= {p.name for p in pretrained.iterdir()}
-    assert (next((artifacts / "tune").iterdir()) / "best_config.json").is_file()
-    classifier = next((artifacts / "finetune").iterdir()) / "model"
+    assert (artifacts / "tune" / keys["tune"] / "best_config.json").is_file()
+    classifier = artifacts / "finetune" / keys["finetune"] / "model"
     assert (classifier / "model.safetensors").is_file()
 
 
@@ -149,18 +150,17 @@ def test_no_secret_reaches_mlflow(demo: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def reruns(demo: dict) -> dict:
+def reruns(demo: dict, two_tasks: Future) -> dict:
+    # two_tasks: the two-task scenario runs on the same storage meanwhile (started here, in the background).
     cached = run_ptft(demo["command"])
-    cached_manifest = newest_manifest(demo["storage"])
     changed = run_ptft([*demo["command"], "finetune.epochs=2", "--quiet"])
-    changed_manifest = newest_manifest(demo["storage"])
-    run_ptft([*demo["command"], "finetune.epochs=2", "--rerun", "finetune"])
+    forced = run_ptft([*demo["command"], "finetune.epochs=2", "--rerun", "finetune"])
     return {
-        "cached": cached_manifest,
+        "cached": manifest_of(demo["storage"], run_id_of(cached)),
         "cached_stdout": cached.stdout,
-        "changed": changed_manifest,
+        "changed": manifest_of(demo["storage"], run_id_of(changed)),
         "changed_stdout": changed.stdout,
-        "forced": newest_manifest(demo["storage"]),
+        "forced": manifest_of(demo["storage"], run_id_of(forced)),
     }
 
 

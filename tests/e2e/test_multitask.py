@@ -13,126 +13,23 @@ routes of the one Serve instance.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import requests
-from mlflow.tracking import MlflowClient
 
 from components.stage import read_json
-from components.training import free_port
-from tests.conftest import REPO, wait_until
-from tests.e2e.conftest import SHRINK as DEMO_SHRINK
+from tests.e2e.two_tasks import TASKS
 
 pytestmark = pytest.mark.e2e
 
-PTFT = str(Path(sys.executable).parent / "ptft")
-TASKS = ("sentiment", "topic")
-# The demo's shrunk corpus, pre-training and sweep, then the tasks' data as the demo's task data.
-SHRINK = [
-    *(item for item in DEMO_SHRINK if item.split(".", 1)[0] in ("data", "pretrain", "tune") and ".task." not in item),
-    *(
-        f"tasks.{task}.data.{split}.num_examples={rows}"
-        for task in TASKS
-        for split, rows in (("train", 320), ("validation", 96), ("test", 96))
-    ),
-    "finetune.epochs=2",
-    "tasks.topic.finetune.epochs=3",  # a wider window for the kill
-    "tasks.topic.finetune.workers.max_failures=0",  # one killed worker fails the stage
-]
-
-
-def _runs(storage: Path) -> set[Path]:
-    return set((storage / "runs").glob("*/manifest.json"))
-
-
-def _manifest(storage: Path, before: set[Path]) -> dict | None:
-    """The manifest of the one run started since `before` (the demo's runs share the storage)."""
-    found = _runs(storage) - before
-    return read_json(found.pop()) if found else None
-
-
-def _driver_train_workers(address: str, driver_pid: int) -> list:
-    """The live Ray Train workers of the `ptft` driver with this pid (other tests train on the
-    same cluster)."""
-    from ray.util.state import list_actors, list_jobs
-
-    jobs = [
-        job.job_id
-        for job in list_jobs(address=address)
-        if (job.driver_info and str(job.driver_info.pid) == str(driver_pid))
-    ]
-    if not jobs:
-        return []
-    filters = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE"), ("job_id", "=", jobs[0])]
-    return list_actors(address=address, filters=filters, limit=100)
-
-
-def _kill_topic_finetuning(storage: Path, before: set[Path], address: str, driver: subprocess.Popen) -> int:
-    """SIGKILL one worker of finetune.topic once it has trained a step; returns its pid."""
-
-    def training() -> list:
-        assert driver.poll() is None, "the driver ended before finetune.topic ran"
-        manifest = _manifest(storage, before)
-        record = (manifest or {}).get("stages", {}).get("finetune.topic", {})
-        if record.get("status") != "running" or not record.get("mlflow_run_id"):
-            return []
-        metrics = MlflowClient(manifest["tracking_uri"]).get_run(record["mlflow_run_id"]).data.metrics
-        return _driver_train_workers(address, driver.pid) if metrics.get("train/step", 0) >= 1 else []
-
-    victim = wait_until(training, "finetune.topic training", timeout_s=900)[0]
-    os.kill(victim.pid, signal.SIGKILL)
-    return victim.pid
-
 
 @pytest.fixture(scope="module")
-def multitask(demo: dict, ray_driver: str, mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    storage, before = demo["storage"], _runs(demo["storage"])
-    logs_dir = tmp_path_factory.mktemp("multitask")
-    overrides = [
-        *SHRINK,
-        f"storage={storage}",
-        f"tracking.uri={mlflow_server}",
-        f"ray.address={ray_driver}",
-        f"serve.port={free_port()}",
-        "serve.app_name=multitask",
-        "tasks.sentiment.serve.route_prefix=/multitask/sentiment",
-        "tasks.topic.serve.route_prefix=/multitask/topic",
-    ]
-    logs = [logs_dir / "run.log", logs_dir / "resume.log"]
-    with open(logs[0], "w") as out:
-        first = subprocess.Popen(
-            [PTFT, "run", "configs/demo_multitask.yaml", *overrides], cwd=REPO, stdout=out, stderr=subprocess.STDOUT
-        )
-    killed_pid = _kill_topic_finetuning(storage, before, ray_driver, first)
-    first_rc = first.wait(timeout=900)
-    after_kill = _manifest(storage, before)
-    with open(logs[1], "w") as out:
-        resumed = subprocess.run(
-            [PTFT, "resume", after_kill["run_id"], "--storage", str(storage)],
-            cwd=REPO,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            timeout=900,
-        )
-    assert resumed.returncode == 0, logs[1].read_text()[-6000:]
-    yield {
-        "first_rc": first_rc,
-        "after_kill": after_kill,
-        "final": _manifest(storage, before),
+def multitask(demo: dict, two_tasks) -> dict:
+    """What the scenario (tests/e2e/two_tasks.py, started in the background by conftest) left."""
+    return {
+        **two_tasks.result(timeout=2400),
         "demo": read_json(demo["storage"] / "runs" / demo["run_id"] / "manifest.json"),
-        "killed_pid": killed_pid,
-        "client": MlflowClient(mlflow_server),
-        "logs": [log.read_text() for log in logs],
+        "client": demo["client"],
     }
-    from ray import serve
-
-    for task in TASKS:
-        serve.delete(f"multitask-{task}")
 
 
 def test_the_killed_branch_failed_alone(multitask: dict) -> None:

@@ -1,0 +1,132 @@
+"""The two-task scenario of the e2e tier: configs/demo_multitask.yaml through the CLI, shrunk, on
+the demo run's storage, with one task's fine-tuning killed and the run resumed. tests/e2e/conftest.py
+starts it in the background once the demo has run, so that it overlaps the demo's re-runs;
+tests/e2e/test_multitask.py asserts on what it returns."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from components.stage import read_json
+from components.training import free_port
+from tests.conftest import REPO, wait_until
+
+PTFT = str(Path(sys.executable).parent / "ptft")
+PIPELINE = "demo-multitask"  # the config's name
+TASKS = ("sentiment", "topic")
+
+
+def shrink(demo_shrink: list[str]) -> list[str]:
+    """The demo's shrunk corpus, pre-training and sweep, then the tasks' data as the demo's task data."""
+    return [
+        *(
+            item
+            for item in demo_shrink
+            if item.split(".", 1)[0] in ("data", "pretrain", "tune") and ".task." not in item
+        ),
+        *(
+            f"tasks.{task}.data.{split}.num_examples={rows}"
+            for task in TASKS
+            for split, rows in (("train", 320), ("validation", 96), ("test", 96))
+        ),
+        "finetune.epochs=2",
+        "tasks.topic.finetune.epochs=3",  # a wider window for the kill
+        "tasks.topic.finetune.workers.max_failures=0",  # one killed worker fails the stage
+    ]
+
+
+def _manifest(storage: Path) -> dict | None:
+    """The two-task run's manifest (the demo's runs share the storage, and its re-runs go on meanwhile)."""
+    for path in (storage / "runs").glob("*/manifest.json"):
+        manifest = read_json(path)
+        if manifest["pipeline"] == PIPELINE:
+            return manifest
+    return None
+
+
+def _driver_train_workers(address: str, driver_pid: int) -> list:
+    """The live Ray Train workers of the `ptft` driver with this pid (other tests train on the
+    same cluster)."""
+    from ray.util.state import list_actors, list_jobs
+
+    jobs = [
+        job.job_id
+        for job in list_jobs(address=address)
+        if (job.driver_info and str(job.driver_info.pid) == str(driver_pid))
+    ]
+    if not jobs:
+        return []
+    filters = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE"), ("job_id", "=", jobs[0])]
+    return list_actors(address=address, filters=filters, limit=100)
+
+
+def _kill_topic_finetuning(storage: Path, address: str, driver: subprocess.Popen) -> int:
+    """SIGKILL one worker of finetune.topic once it has trained a step; returns its pid."""
+
+    def training() -> list:
+        assert driver.poll() is None, "the driver ended before finetune.topic ran"
+        manifest = _manifest(storage)
+        record = (manifest or {}).get("stages", {}).get("finetune.topic", {})
+        if record.get("status") != "running" or not record.get("mlflow_run_id"):
+            return []
+        metrics = MlflowClient(manifest["tracking_uri"]).get_run(record["mlflow_run_id"]).data.metrics
+        return _driver_train_workers(address, driver.pid) if metrics.get("train/step", 0) >= 1 else []
+
+    victim = wait_until(training, "finetune.topic training", timeout_s=900)[0]
+    os.kill(victim.pid, signal.SIGKILL)
+    return victim.pid
+
+
+def run(storage: Path, demo_shrink: list[str], address: str, mlflow_server: str, logs_dir: Path) -> dict:
+    """Run the two-task config (one task's fine-tuning killed), then resume it."""
+    overrides = [
+        *shrink(demo_shrink),
+        f"storage={storage}",
+        f"tracking.uri={mlflow_server}",
+        f"ray.address={address}",
+        f"serve.port={free_port()}",
+        "serve.app_name=multitask",
+        "tasks.sentiment.serve.route_prefix=/multitask/sentiment",
+        "tasks.topic.serve.route_prefix=/multitask/topic",
+    ]
+    logs = [logs_dir / "run.log", logs_dir / "resume.log"]
+    with open(logs[0], "w") as out:
+        first = subprocess.Popen(
+            [PTFT, "run", "configs/demo_multitask.yaml", *overrides], cwd=REPO, stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        killed_pid = _kill_topic_finetuning(storage, address, first)
+        first_rc = first.wait(timeout=900)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    after_kill = _manifest(storage)
+    with open(logs[1], "w") as out:
+        resumed = subprocess.run(
+            [PTFT, "resume", after_kill["run_id"], "--storage", str(storage)],
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=900,
+        )
+    assert resumed.returncode == 0, logs[1].read_text()[-6000:]
+    return {
+        "first_rc": first_rc,
+        "after_kill": after_kill,
+        "final": _manifest(storage),
+        "killed_pid": killed_pid,
+        "logs": [log.read_text() for log in logs],
+    }
+
+
+def stop_serving() -> None:
+    from ray import serve
+
+    for task in TASKS:
+        serve.delete(f"multitask-{task}")
