@@ -449,7 +449,7 @@ class TuneConfig(BaseModel):
         2, ge=-1, description="retries of a failed trial from its last epoch checkpoint; -1 unlimited"
     )
     reuse_actors: bool = Field(
-        True,
+        False,
         description="run later trials in the processes of finished ones (saves their start-up and imports); "
         "one-worker trials only",
     )

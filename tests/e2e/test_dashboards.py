@@ -18,6 +18,7 @@ from tests.e2e.conftest import STAGES, demo_manifest
 
 pytestmark = pytest.mark.e2e
 
+EXPORTED_WHILE_RUNNING_S = 30  # a stage this long was exported (every 10 s) and scraped while running
 WAIT_S = 180  # Ray exports every 10 s, Prometheus scrapes every 2 s: data arrives within ~30 s
 GOOD = {"texts": ["the film was superb and moving .", "a dull , tedious script ."]}
 BAD = {"texts": []}  # a 422: the errors panel needs an error
@@ -73,7 +74,9 @@ def test_every_panel_query_returns_data(demo: dict, prometheus: str, window: flo
 
 
 def test_stage_status_shows_every_stage_of_the_demo_run(demo: dict, prometheus: str, window: float) -> None:
-    """Every stage was seen running and then succeeded, and its duration recorded, under the demo's run id."""
+    """Every stage was seen succeeded, and running when it ran long enough to be exported while
+    running (Ray exports every 10 s: a 5-second `prepare` may show only its end), and its duration
+    recorded, under the demo's run id."""
     run_id, now = demo["run_id"], time.time()
     status = query_range(prometheus, f'{metrics.STAGE_STATUS.exported}{{run_id="{run_id}"}}', window, now)
     seen: dict[str, set[float]] = {}
@@ -81,8 +84,14 @@ def test_stage_status_shows_every_stage_of_the_demo_run(demo: dict, prometheus: 
         seen.setdefault(series["metric"]["stage"], set()).update(float(value) for _, value in series["values"])
     codes = metrics.STAGE_STATUS_CODES
     assert set(seen) == set(STAGES), seen
+    seconds = {stage: record["seconds"] for stage, record in demo_manifest(demo)["stages"].items()}
     for stage, values in seen.items():
-        assert {codes["running"], codes["succeeded"]} <= values, f"{stage}: status values {sorted(values)}"
+        expected = (
+            {codes["running"], codes["succeeded"]}
+            if seconds[stage] >= EXPORTED_WHILE_RUNNING_S
+            else {codes["succeeded"]}
+        )
+        assert expected <= values, f"{stage} ({seconds[stage]:.0f} s): status values {sorted(values)}"
     durations = query_range(prometheus, f'{metrics.STAGE_DURATION.exported}{{run_id="{run_id}"}}', window, now)
     assert {series["metric"]["stage"] for series in durations["result"]} == set(seen)
 
