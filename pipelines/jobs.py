@@ -239,6 +239,9 @@ def job_spec(
     }
 
 
+STOP_GRACE_S = 30
+
+
 def job_env(config: PipelineConfig) -> dict[str, str]:
     """The job's environment variables: DeepSpeed's accelerator and tokenizer threading (the rule
     of components/accelerator.py, without importing torch here); this shell's values win."""
@@ -248,6 +251,10 @@ def job_env(config: PipelineConfig) -> dict[str, str]:
     # The runner's ray.init(runtime_env=...) sets the same keys; Ray refuses to merge a job's and
     # its driver's env_vars that share a key unless told that the driver's win.
     env["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"
+    # `ptft stop` (Ray's job stop) sends SIGTERM, then SIGKILL after this many seconds; Ray's 3 s
+    # default is shorter than a loaded driver needs to end its stage and MLflow runs KILLED. The
+    # job's supervisor actor reads it from the job's env_vars.
+    env["RAY_JOB_STOP_WAIT_TIME_S"] = str(STOP_GRACE_S)
     return env
 
 

@@ -13,6 +13,7 @@ import json
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
 
@@ -115,6 +116,9 @@ def describe(progress: dict | None) -> str:
     return line
 
 
+_ENDED = (mf.SUCCEEDED, mf.FAILED, mf.KILLED)
+
+
 class Reporter:
     """Prints a run's stage transitions at once, and the running stage's progress every `every_s`
     seconds while it changes. The rate comes from the steps seen since the reporter first saw the
@@ -154,6 +158,9 @@ class Reporter:
     def poll(self, *, progress: bool) -> None:
         for name, record in self.manifest.stages.items():
             if self._seen.get(name) != record.status:
+                if record.status in _ENDED and self._seen.get(name, mf.RUNNING) != mf.RUNNING and record.started_at:
+                    # Seen waiting, now ended: it started and ended between two polls.
+                    self._transition(name, replace(record, status=mf.RUNNING))
                 self._seen[name] = record.status
                 self._transition(name, record)
             if progress and record.status == mf.RUNNING and record.mlflow_run_id:
@@ -168,7 +175,7 @@ class Reporter:
                 f"[ptft] {name:<8} cache hit in {clock(record.seconds)} (produced by run "
                 f"{record.cached_from_mlflow_run_id})"
             )
-        elif record.status in (mf.SUCCEEDED, mf.FAILED, mf.KILLED):
+        elif record.status in _ENDED:
             self._print(f"[ptft] {name:<8} {record.status} in {clock(record.seconds)}")
 
     def _progress(self, name: str, record: mf.StageRecord) -> None:

@@ -427,8 +427,8 @@ class _StageRunner:
                 stage_result = stage.side_effect.after_run(config, inputs, stage_result, ctx)
         except BaseException as error:
             interrupted = isinstance(error, _STOPPED)
-            # The local manifest first: a stopped Ray Job is SIGKILLed 3 s after its SIGTERM, and
-            # the MLflow calls may take longer than that.
+            # The local manifest first: a stopped Ray Job is SIGKILLed a grace period after its
+            # SIGTERM (jobs.STOP_GRACE_S), and the MLflow calls may take longer than that.
             self.manifest.stage_ended(node.id, mf.KILLED if interrupted else mf.FAILED, error=_describe(error))
             if interrupted:
                 self.manifest.finished(mf.KILLED)  # the run goes down with the stage

@@ -232,6 +232,19 @@ def test_reporter_prints_transitions_and_step_progress(client: MlflowClient, tmp
     assert lines[4].startswith("[ptft] pretrain succeeded in")
 
 
+def test_reporter_prints_the_start_of_a_stage_shorter_than_a_poll(client: MlflowClient, tmp_path: Path) -> None:
+    manifest = _manifest_with_running_pretrain(client, tmp_path)
+    out = io.StringIO()
+    reporter = progress.Reporter(manifest, client, every_s=1, stream=out)
+    reporter.poll(progress=False)  # tune is pending
+    manifest.stage_started("tune", "key", manifest.stages["pretrain"].mlflow_run_id)
+    manifest.stage_ended("tune", mf.SUCCEEDED)
+    reporter.poll(progress=False)
+    lines = out.getvalue().splitlines()
+    assert lines[-2:] == ["[ptft] tune     started", lines[-1]] and lines[-1].startswith("[ptft] tune     succeeded in")
+    assert not any(line.startswith("[ptft] finetune") for line in lines)  # still pending: no line
+
+
 def test_ptft_status_json_and_table(client: MlflowClient, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     _manifest_with_running_pretrain(client, tmp_path)
     assert main(["status", "--storage", str(tmp_path), "--json"]) == 0

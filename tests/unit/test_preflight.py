@@ -130,6 +130,7 @@ def test_job_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ]
     env = spec["runtime_env"]["env_vars"]
     assert env["DS_ACCELERATOR"] == "cpu" and env["TOKENIZERS_PARALLELISM"] == "false"
+    assert int(env["RAY_JOB_STOP_WAIT_TIME_S"]) >= 30  # `ptft stop` leaves the driver time to end runs KILLED
     assert "MLFLOW_TRACKING_TOKEN" not in env  # secrets live in the cluster's environment, never in the job
     assert spec["runtime_env"]["working_dir"] == str(REPO)
     assert {".venv", ".git", "ptft-runs"} <= set(spec["runtime_env"]["excludes"])
