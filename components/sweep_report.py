@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import csv
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any, TextIO
 
 import ray.tune
 
-from components import metrics
+from components import console, metrics
 
 
 def _number(value: Any) -> str:
@@ -91,7 +90,7 @@ class TrialTable(ray.tune.Callback):
         for row in rows:
             counts[row["status"]] = counts.get(row["status"], 0) + 1
         summary = ", ".join(f"{count} {status}" for status, count in sorted(counts.items()))
-        stream = self._stream or sys.stdout
+        stream = self._stream or console.stdout()
         print(f"\n== sweep {title} after {elapsed:.0f} s: {summary}", file=stream)
         print(
             format_table(rows, self.params, self.metric, best=best["trial"] if best else None), file=stream, flush=True

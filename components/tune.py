@@ -43,7 +43,7 @@ from ray.tune.schedulers import (
 )
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from components import accelerator, finetune, plots, sweep_report, training
+from components import accelerator, console, finetune, plots, sweep_report, training
 from components.configs import INTEGER_HYPERPARAMETERS, DeepSpeedConfig, Distribution, Hyperparameters, TuneConfig
 from components.stage import StageContext, StageResult, read_json, write_json
 from components.tracking import PARENT_TAG, MlflowTracker, find_run, reopen_run, start_run
@@ -410,8 +410,9 @@ def _summarise(results: ray.tune.ResultGrid, cfg: TuneConfig, ctx: StageContext)
     counts = ", ".join(
         f"{sum(row['status'] == status for row in rows)} {status}" for status in ("completed", "stopped_early", "error")
     )
-    print(f"\n== sweep finished: {len(rows)} trials ({counts}), {sum(row['epochs'] for row in rows)} trial-epochs")
-    print(sweep_report.format_table(rows, params, cfg.metric, best=best["trial"]), flush=True)
+    epochs = sum(row["epochs"] for row in rows)
+    console.say(f"\n== sweep finished: {len(rows)} trials ({counts}), {epochs} trial-epochs")
+    console.say(sweep_report.format_table(rows, params, cfg.metric, best=best["trial"]))
     log.info("tune: best %s with %s=%.4f", best_config, cfg.metric, best["metric"])
     metrics = {f"best/{key}": value for key, value in best_metrics.items()}
     metrics.update({f"best/{key}": value for key, value in best_config.items()})

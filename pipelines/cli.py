@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from components import console
 from pipelines import jobs, report
 from pipelines.config import _MISSING as _MISSING_VALUE
 from pipelines.config import ConfigError, Problem, load_config, validate
@@ -25,6 +26,7 @@ from pipelines.stages import NAMES as STAGE_NAMES
 from pipelines.stages import split_node
 
 EXIT_USER_ERROR = 2
+RUN_LOG = "ptft.log"  # in the run's folder: every log line that is not ptft's own (see components/console.py)
 DEFAULT_UI_URL = "http://127.0.0.1:5000"  # where `ptft ui` serves by default
 MAX_EXPLAIN_TEXTS = 8  # as components.explain (not imported here: `--help` stays free of torch)
 
@@ -122,6 +124,7 @@ def _parser() -> argparse.ArgumentParser:
         help="continue an interrupted sweep: this run id, or the latest unfinished one",
     )
     sweep.add_argument("--force", action="store_true", help="sweep again even if this sweep is cached")
+    _add_verbose(sweep)
     sweep.add_argument(
         "--storage", metavar="PATH", help="the pipeline's storage, where --resume finds the run (default: the config's)"
     )
@@ -189,12 +192,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_progress_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
+    how_much = parser.add_mutually_exclusive_group()
+    how_much.add_argument(
         "--quiet",
         "-q",
         action="store_true",
-        help="print only the summary at the end and warnings or errors (no progress, no worker logs)",
+        help="print only the summary at the end and warnings or errors (no stage lines, no progress)",
     )
+    _add_verbose(how_much)
     parser.add_argument(
         "--progress-every",
         type=float,
@@ -202,6 +207,34 @@ def _add_progress_options(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="seconds between progress lines of a running stage (default 10)",
     )
+
+
+def _add_verbose(parser) -> None:
+    parser.add_argument(
+        "--verbose",
+        "-v",
+        action="store_true",
+        help="stream the logs of Ray, MLflow, transformers, DeepSpeed and the workers to the console "
+        f"(default: only ptft's lines; those logs go to the run's {RUN_LOG} under storage)",
+    )
+
+
+def _console(args: argparse.Namespace, log: Path) -> contextlib.AbstractContextManager:
+    """ptft's lines on the console and everyone else's output in `log`, unless --verbose."""
+    if getattr(args, "verbose", False):
+        return contextlib.nullcontext()
+    # Progress bars of Ray Data and the Hub only garble a log file; ptft prints its own progress.
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    return console.logs_to(log)
+
+
+def _run_id_and_log(config, how: dict) -> tuple[str, Path]:
+    """The run's id (a new one unless resuming) and its log file, known before the run starts."""
+    from pipelines import manifest as mf
+
+    run_id = how.get("resume") or mf.new_run_id()
+    return run_id, mf.Manifest.folder(config.storage_path(), run_id) / RUN_LOG
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -270,8 +303,12 @@ def _sweep(args: argparse.Namespace) -> int:
         how = {"rerun": "tune" if args.force else None}
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     started = time.perf_counter()
-    result = pipelines.run(config, until="tune", on_stage=_print_stage, **how)
-    _print_sweep_summary(result, config, time.perf_counter() - started)
+    run_id, log_path = _run_id_and_log(config, how)
+    with _console(args, log_path) as log:
+        if log:
+            console.say(f"[ptft] sweep of run {run_id}; logs of Ray, MLflow and the workers: {log}")
+        result = pipelines.run(config, until="tune", on_stage=_print_stage, run_id=run_id, **how)
+        _print_sweep_summary(result, config, time.perf_counter() - started)
     return 0
 
 
@@ -317,24 +354,26 @@ def _recorded_config(manifest):
 
 
 def _print_sweep_summary(result, config, seconds: float) -> None:
-    print(f"\nSweep of pipeline run {result.run_id} finished in {seconds:.0f}s.")
+    console.say(f"\nSweep of pipeline run {result.run_id} finished in {seconds:.0f}s.")
     sweeps = _results_of(result, "tune")
     for node_id, tune in sweeps:
         task = split_node(node_id)[1]
         metric = (config.for_task(task) if task else config).tune.metric
         if len(sweeps) > 1:
-            print(f"\n{node_id}:")
+            console.say(f"\n{node_id}:")
         if tune.cached:
-            print("Cached: run with --force to sweep again.")
-        print(f"Best trial: {tune.outputs.best_trial or '?'} with {metric} = {tune.metrics.get(f'best/{metric}')}")
+            console.say("Cached: run with --force to sweep again.")
+        best_value = tune.metrics.get(f"best/{metric}")
+        console.say(f"Best trial: {tune.outputs.best_trial or '?'} with {metric} = {best_value}")
         best = tune.outputs.best_config.items()
-        print("Best config: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best))
-        print(f"Trial table: {tune.output_uri}/trials.csv  plot: {tune.output_uri}/sweep.png")
-    print(
+        shown = (f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best)
+        console.say("Best config: " + ", ".join(shown))
+        console.say(f"Trial table: {tune.output_uri}/trials.csv  plot: {tune.output_uri}/sweep.png")
+    console.say(
         f"MLflow: experiment {config.experiment_name()!r} at {result.tracking_uri}: each tune run (under the "
         f"pipeline's run {result.mlflow_run_id}) has one child run per trial. Browse: ptft ui CONFIG"
     )
-    print("Fine-tune with it: ptft run CONFIG (finetune takes the best config; finetune.overrides win)")
+    console.say("Fine-tune with it: ptft run CONFIG (finetune takes the best config; finetune.overrides win)")
 
 
 def _results_of(result, stage: str) -> list:
@@ -348,35 +387,33 @@ def _execute(config, args: argparse.Namespace, **how) -> int:
     import pipelines  # heavy imports (Ray, MLflow) only once the config is known to be good
 
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # runs end KILLED, not stuck RUNNING
-    quiet = getattr(args, "quiet", False)
+    quiet = args.quiet
     if quiet:
         _quiet_down(config)
     started = time.perf_counter()
-    progress_every_s = None if quiet else getattr(args, "progress_every", 10.0)
-    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull if quiet else sys.stdout):
-        result = pipelines.run(
-            config,
-            on_stage=None if quiet else _print_stage,
-            worker_logs=not quiet,
-            progress_every_s=progress_every_s,
-            **how,
-        )
-    _print_summary(result, config, time.perf_counter() - started)
-    on_cluster = _on_cluster(config)
-    if args.keep_serving:
-        urls = ", ".join(served.output_uri for _, served in _results_of(result, "serve"))
-        print(f"Serving at {urls} — Ctrl-C to stop.")
-        _wait_forever()
-    if not on_cluster or args.keep_serving:
-        from components import serve
+    progress_every_s = None if quiet else args.progress_every
+    run_id, log_path = _run_id_and_log(config, how)
+    with _console(args, log_path) as log:
+        if log and not quiet:
+            console.say(f"[ptft] run {run_id}; logs of Ray, MLflow and the workers: {log}")
+        with console.muted() if quiet else contextlib.nullcontext():
+            on_stage = None if quiet else _print_stage
+            result = pipelines.run(config, on_stage=on_stage, progress_every_s=progress_every_s, run_id=run_id, **how)
+        _print_summary(result, config, time.perf_counter() - started, log)
+        if args.keep_serving:
+            urls = ", ".join(served.output_uri for _, served in _results_of(result, "serve"))
+            console.say(f"Serving at {urls} — Ctrl-C to stop.")
+            _wait_forever()
+        if not _on_cluster(config) or args.keep_serving:
+            from components import serve
 
-        serve.shutdown()
-        print("Serve shut down.")
+            serve.shutdown()
+            console.say("Serve shut down.")
     return 0
 
 
 def _quiet_down(config) -> None:
-    """`--quiet`: warnings and errors only (stderr), no progress bars, no live sweep table."""
+    """`--quiet`: no progress bars, no live sweep table (and `say` muted while the run goes)."""
     logging.getLogger().setLevel(logging.WARNING)
     os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
@@ -405,27 +442,29 @@ def _runs(args: argparse.Namespace) -> int:
 def _print_stage(stage: str, result) -> None:
     shown = ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items() if isinstance(v, (int, float)))
     how = "cached" if result.cached else "done"
-    print(f"[ptft] {stage:<8} {how}: {result.output_uri}\n         {shown}", flush=True)
+    console.say(f"[ptft] {stage:<8} {how}: {result.output_uri}\n         {shown}")
 
 
-def _print_summary(result, config, seconds: float) -> None:
-    print(f"\nPipeline run {result.run_id} finished in {seconds:.0f}s.")
+def _print_summary(result, config, seconds: float, log: Path | None = None) -> None:
+    console.say(f"\nPipeline run {result.run_id} finished in {seconds:.0f}s.")
     for _, served in _results_of(result, "serve"):
         endpoint = served.outputs
-        print(f"Model {endpoint.model.name} v{endpoint.model.version} served at {endpoint.url}")
+        console.say(f"Model {endpoint.model.name} v{endpoint.model.version} served at {endpoint.url}")
         for sample in endpoint.samples:
-            print(f"  {sample.text!r:45} -> {sample.label} ({sample.score:.3f})")
+            console.say(f"  {sample.text!r:45} -> {sample.label} ({sample.score:.3f})")
     from components.tracking import ui_links
 
     served_by_ptft_ui = not result.tracking_uri.startswith(("http://", "https://"))
     links = ui_links(
         DEFAULT_UI_URL if served_by_ptft_ui else result.tracking_uri, result.experiment_id, result.mlflow_run_id
     )
-    print(f"Runs: MLflow experiment {config.experiment_name()!r} at {result.tracking_uri}")
-    print(f"  all runs: {links['runs']}\n  this run: {links['run']}")
+    console.say(f"Runs: MLflow experiment {config.experiment_name()!r} at {result.tracking_uri}")
+    console.say(f"  all runs: {links['runs']}\n  this run: {links['run']}")
     if served_by_ptft_ui:
-        print(f"  (served by: ptft ui {' '.join(sys.argv[2:3]) or 'CONFIG'})")
-    print(f"Report: ptft report {result.run_id} --storage {config.storage_path()}")
+        console.say(f"  (served by: ptft ui {' '.join(sys.argv[2:3]) or 'CONFIG'})")
+    console.say(f"Report: ptft report {result.run_id} --storage {config.storage_path()}")
+    if log:
+        console.say(f"Log (Ray, MLflow, workers): {log}")
 
 
 def _ui(args: argparse.Namespace) -> int:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +140,11 @@ class Manifest:
     def finished(self, status: str) -> None:
         self.status, self.ended_at = status, time.time()
         self.save()
+
+
+def new_run_id() -> str:
+    """A run id that sorts by start time: 20261130-012345-a1b2c3."""
+    return f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
 
 
 def list_runs(storage: Path) -> list[Manifest]:

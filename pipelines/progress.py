@@ -19,6 +19,7 @@ from typing import TextIO
 
 from mlflow.tracking import MlflowClient
 
+from components import console
 from components.tracking import PARENT_TAG
 from pipelines import manifest as mf
 from pipelines import stages
@@ -193,7 +194,7 @@ class Reporter:
             self._print(f"[ptft] {name:<8} {line}  (elapsed {clock(elapsed)})")
 
     def _print(self, line: str) -> None:
-        print(line, file=self.stream or sys.stdout, flush=True)
+        print(line, file=self.stream or console.stdout(), flush=True)
 
 
 def print_status(storage: Path, run_id: str | None, *, as_json: bool) -> int:

@@ -21,7 +21,6 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import ray
@@ -69,6 +68,7 @@ def run(
     on_stage: Callable[[str, StageResult], None] | None = None,
     progress_every_s: float | None = None,
     worker_logs: bool = True,
+    run_id: str | None = None,
 ) -> PipelineResult:
     """Run every stage, reusing cached artifacts; returns their results.
 
@@ -78,7 +78,8 @@ def run(
     resume: continue this pipeline run id: finished stages are reused, an interrupted training
         stage or sweep continues from its checkpoints, its MLflow runs are continued.
     progress_every_s: print stage transitions, and the running stage's progress this often.
-    worker_logs: stream the Ray workers' logs to this process (off for `ptft run --quiet`).
+    worker_logs: stream the Ray workers' logs to this process's stdout and stderr.
+    run_id: the new run's id (default: a fresh one); `ptft run` picks it to open the run's log first.
     Serve keeps running until `serve.shutdown()` or Ray exits.
     """
     nodes = stages.graph(config)
@@ -100,7 +101,7 @@ def run(
         names = _until(nodes, until) if until else [node.id for node in nodes]
         upstream = {node.id: node.upstream for node in nodes}
         manifest = mf.Manifest.create(
-            storage, new_run_id(), config.name, tuple(names), resolved_dict(config), upstream=upstream
+            storage, run_id or mf.new_run_id(), config.name, tuple(names), resolved_dict(config), upstream=upstream
         )
         manifest.mlflow_run_id = _start_parent_run(client, config, experiment_id, manifest.run_id)
     manifest.tracking_uri, manifest.experiment_id = config.tracking_uri(), experiment_id
@@ -161,10 +162,6 @@ def _reopen_pipeline_run(client: MlflowClient, storage: Path, run_id: str, exper
     manifest.status, manifest.ended_at = mf.RUNNING, None
     manifest.attempts += 1
     return manifest
-
-
-def new_run_id() -> str:
-    return f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
 
 
 def _init_ray(config: PipelineConfig, *, worker_logs: bool = True) -> None:

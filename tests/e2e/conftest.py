@@ -82,6 +82,7 @@ def demo(
         "storage": storage,
         "url": url,
         "stdout": result.stdout,
+        "stderr": result.stderr,
         "command": command,
         "client": MlflowClient(mlflow_server),
         "run_id": run_id_of(result),

@@ -5,7 +5,9 @@ Asserts on the session's one demo run (tests/e2e/conftest.py)."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
+from pathlib import Path
 
 import pytest
 import requests
@@ -93,6 +95,32 @@ def test_run_prints_stage_progress_with_steps(demo: dict) -> None:
         assert f"[ptft] {stage:<8} started" in out and f"[ptft] {stage:<8} succeeded in" in out, stage
     steps = [line for line in out.splitlines() if line.startswith(f"[ptft] {'pretrain':<8} step ")]
     assert steps and all("/40 (" in line for line in steps), steps  # pretrain.max_steps=40
+
+
+# The line formats of other programs' logs: Ray workers' lines streamed to the driver, Ray's and
+# Python logging's, Ray Serve's, MLflow's, Python warnings. None may reach a default run's console.
+FOREIGN = re.compile(
+    r"\((?:\w+ )?pid=\d+"
+    r"|^\(raylet\)"
+    r"|^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}\s+(?:DEBUG|INFO|WARNING|ERROR)"
+    r"|^(?:INFO|WARNING|ERROR) \d{4}-\d\d-\d\d"
+    r"|^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d (?:INFO|WARNING|ERROR) mlflow"
+    r"|\w+Warning: "
+)
+
+
+def test_the_console_shows_ptft_lines_and_the_run_log_keeps_the_rest(demo: dict) -> None:
+    console = (demo["stdout"] + demo["stderr"]).splitlines()
+    assert not [line for line in console if FOREIGN.search(line)], "\n".join(console)
+    announced = re.match(r"\[ptft\] run (\S+); logs of Ray, MLflow and the workers: (\S+)$", console[0])
+    assert announced and announced[1] == demo["run_id"], console[0]
+    log = Path(announced[2])
+    assert log == demo["storage"] / "runs" / demo["run_id"] / "ptft.log"
+    assert f"Log (Ray, MLflow, workers): {log}" in console
+    kept = [line for line in log.read_text().splitlines() if FOREIGN.search(line)]
+    for what in ("(RayTrainWorker pid=", "(TrainController pid=", "INFO mlflow.", "INFO components.tokenize"):
+        assert any(what in line for line in kept), what
+    assert not any(line.startswith("[ptft]") for line in log.read_text().splitlines())
 
 
 def test_status_json_describes_the_finished_run(demo: dict) -> None:

@@ -1,0 +1,84 @@
+"""ptft's own console lines, kept apart from every other program's logs.
+
+While `logs_to(path)` is open, the process's stdout and stderr file descriptors point at a log
+file: whatever Ray, Ray Data/Train/Tune/Serve, MLflow, transformers and DeepSpeed print (and the
+Ray workers' output, which Ray streams to the driver's stdout and stderr) lands there, C-level
+writes and child processes included. ptft's own lines go through `say`/`warn` to copies of the
+original descriptors, so the console shows only them. Outside `logs_to` (`--verbose`, or commands
+that run nothing) `say` is a plain print.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TextIO
+
+_out: TextIO | None = None
+_err: TextIO | None = None
+_muted = False
+
+
+def stdout() -> TextIO:
+    """Where ptft's own lines go: the console, also while other output goes to the log file."""
+    return _out or sys.stdout
+
+
+def stderr() -> TextIO:
+    return _err or sys.stderr
+
+
+def say(*parts: object, sep: str = " ", end: str = "\n") -> None:
+    if not _muted:
+        print(*parts, sep=sep, end=end, file=stdout(), flush=True)
+
+
+def warn(*parts: object) -> None:
+    """A line for the console's stderr; never muted (errors and warnings show also with --quiet)."""
+    print(*parts, file=stderr(), flush=True)
+
+
+@contextlib.contextmanager
+def muted() -> Iterator[None]:
+    """`--quiet`: `say` prints nothing until the block ends."""
+    global _muted
+    before, _muted = _muted, True
+    try:
+        yield
+    finally:
+        _muted = before
+
+
+@contextlib.contextmanager
+def logs_to(path: Path) -> Iterator[Path]:
+    """Send stdout and stderr (the file descriptors) to `path` until the block ends; ptft's own
+    lines still reach the console. An error leaving the block names the log on the console, and
+    its traceback, printed after the block, reaches the console too."""
+    global _out, _err
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    console_out, console_err = os.dup(1), os.dup(2)
+    with open(path, "ab", buffering=0) as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+    _out = os.fdopen(os.dup(console_out), "w", buffering=1)
+    _err = os.fdopen(os.dup(console_err), "w", buffering=1)
+    try:
+        yield path
+    except BaseException:
+        warn(f"ptft: the full log of this run (Ray, MLflow, workers): {path}")
+        raise
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(console_out, 1)
+        os.dup2(console_err, 2)
+        for stream in (_out, _err):
+            stream.close()
+        os.close(console_out)
+        os.close(console_err)
+        _out = _err = None

@@ -1,0 +1,63 @@
+"""The console split of components/console.py, in a child process: ptft's lines on the console,
+every other kind of output (Python prints, logging, warnings, C-level writes, child processes)
+in the log file."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from tests.conftest import REPO
+
+SCRIPT = textwrap.dedent(
+    """
+    import logging, os, subprocess, sys, warnings
+    from pathlib import Path
+    from components import console
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with console.logs_to(Path(sys.argv[1])):
+        console.say("[ptft] tokenize started")
+        print("(RayTrainWorker pid=1) a worker's line")
+        logging.getLogger("ray.data").info("Execution plan: ReadParquet->MapBatches")
+        warnings.warn("a library warning")
+        os.write(2, b"C-level stderr\\n")
+        subprocess.run([sys.executable, "-c", "print('from a child process')"], check=True)
+        with console.muted():
+            console.say("[ptft] muted line")
+        console.warn("ptft: a warning of ours")
+        if len(sys.argv) > 2:
+            raise RuntimeError("the stage failed")
+    print("after the block")
+    """
+)
+FOREIGN = ["a worker's line", "Execution plan", "a library warning", "C-level stderr", "from a child process"]
+
+
+def _run(log: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(log), *extra], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_only_ptft_lines_reach_the_console_and_the_log_keeps_the_rest(tmp_path: Path) -> None:
+    log = tmp_path / "runs" / "r1" / "ptft.log"
+    result = _run(log)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "[ptft] tokenize started\nafter the block\n"
+    assert result.stderr == "ptft: a warning of ours\n"
+    kept = log.read_text()
+    assert all(line in kept for line in FOREIGN), kept
+    assert "[ptft]" not in kept
+
+
+def test_an_error_names_the_log_and_its_traceback_reaches_the_console(tmp_path: Path) -> None:
+    log = tmp_path / "ptft.log"
+    result = _run(log, "fail")
+    assert result.returncode == 1
+    assert f"ptft: the full log of this run (Ray, MLflow, workers): {log}" in result.stderr
+    assert "RuntimeError: the stage failed" in result.stderr and "Traceback" in result.stderr
+    assert "after the block" not in result.stdout
+    assert "C-level stderr" in log.read_text() and "Traceback" not in log.read_text()
