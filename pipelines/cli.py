@@ -154,6 +154,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="write a Serve config file (for `serve deploy` or a RayService) instead of deploying",
     )
+    _add_verbose(serve)
     serve.set_defaults(handler=_serve)
 
     promote = commands.add_parser("promote", help="make a registered version the champion; a running app follows")
@@ -536,34 +537,39 @@ def _serve(args: argparse.Namespace) -> int:
         raise ConfigError("ptft serve", [problem]) from None
     if args.export:
         return _export_serve_config(serve.serve_config_file(config.serve, args.model, tracking_uri), args.export)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    with _console(args, config.storage_path() / "logs" / f"serve-{config.serve.app_name}-{stamp}.log") as log:
+        if log:
+            console.say(f"[ptft] serve {model.name} v{model.version}; logs of Ray Serve and the replicas: {log}")
+        return _serve_until_stopped(config, model, tracking_uri)
+
+
+def _serve_until_stopped(config, model, tracking_uri: str | None) -> int:
+    from components import serve
     from pipelines.runner import _init_ray
 
     _init_ray(config)
     url = serve.deploy(config.serve, model, tracking_uri)
-    print(f"Serving {model.name} v{model.version} at {url}  (POST {url}/predict, docs at {url}/docs)", flush=True)
+    console.say(f"Serving {model.name} v{model.version} at {url}  (POST {url}/predict, docs at {url}/docs)")
     if _on_cluster(config):
-        print("The application stays up on the cluster; `ptft promote` / `ptft rollback` roll it over.")
+        console.say("The application stays up on the cluster; `ptft promote` / `ptft rollback` roll it over.")
         return 0
-    print(
-        "Ctrl-C to stop."
-        + (
-            f" Following models:/{model.name}@{model.alias}: a promote or rollback rolls it over."
-            if model.alias
-            else ""
-        ),
-        flush=True,
-    )
+    following = f" Following models:/{model.name}@{model.alias}: a promote or rollback rolls it over."
+    console.say("Ctrl-C to stop." + (following if model.alias else ""))
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         while True:
             time.sleep(FOLLOW_EVERY_S)
             if model.alias:
-                model = serve.follow_champion(config.serve, model.name, model.alias, tracking_uri, model) or model
+                now = serve.follow_champion(config.serve, model.name, model.alias, tracking_uri, model) or model
+                if now.version != model.version:
+                    console.say(f"[ptft] {model.name}@{model.alias}: v{model.version} rolled over to v{now.version}")
+                model = now
     except KeyboardInterrupt:
         pass
-    print("Shutting Serve down (replicas finish what they hold)...", flush=True)
+    console.say("Shutting Serve down (replicas finish what they hold)...")
     serve.shutdown()
-    print("Serve shut down.")
+    console.say("Serve shut down.")
     return 0
 
 
