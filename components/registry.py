@@ -16,6 +16,19 @@ from mlflow.tracking import MlflowClient
 
 log = logging.getLogger(__name__)
 
+
+class _NoHubCardWarnings(logging.Filter):
+    """A ptft model is a local folder trained on the user's data, not a Hugging Face Hub repo:
+    MLflow's lookups of its Hub model card and licence always fail, and say so as warnings."""
+
+    QUIET = ("The model card could not be retrieved from the hub", "Unable to find license information")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.QUIET)
+
+
+logging.getLogger("mlflow.transformers").addFilter(_NoHubCardWarnings())
+
 CANDIDATE, CHAMPION = "candidate", "champion"
 ACCURACY_TAG = "ptft.test_accuracy"
 TEST_SPLIT_TAG = "ptft.test_split"  # fingerprint of the test data the accuracy was measured on

@@ -9,6 +9,7 @@ import os
 import random
 import shutil
 import socket
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +87,10 @@ def build_engine(
 ):
     """Wrap the model, AdamW and a warmup + linear/cosine decay schedule in a DeepSpeed engine."""
     import deepspeed  # imported late: DS_ACCELERATOR must be set first (components.accelerator)
+
+    # DeepSpeed gathers with torch.distributed.all_gather_into_tensor, which torch 2.13 deprecates:
+    # a FutureWarning from every worker about a call that is DeepSpeed's, not ours.
+    warnings.filterwarnings("ignore", r"`torch\.distributed\.all_gather_into_tensor` is deprecated", FutureWarning)
 
     if ds.activation_checkpointing:
         # Non-reentrant checkpointing works with every ZeRO stage and with frozen inputs.

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -225,6 +226,9 @@ def _trainable(cfg: TuneConfig, setup: TrialSetup):
 
 
 def _new_tuner(cfg: TuneConfig, trainable, ctx: StageContext) -> ray.tune.Tuner:
+    # Every trial checkpoints every epoch (ASHA/PBT decide per epoch, a resume continues from it),
+    # with num_to_keep set: Tune then snapshots often by design and would warn at each snapshot.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     seed = ctx.seed if cfg.seed is None else cfg.seed
     params = list(cfg.search_space)
     pbt = cfg.scheduler == "pbt"

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,9 +70,18 @@ def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
     return f"{tracking_uri.rstrip('/')}/{route}" if tracking_uri.startswith(("http://", "https://")) else route
 
 
+def _resolved(uri: str):
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+    with warnings.catch_warnings():
+        # MLflow registers its local-file dataset source twice (for the schemes "" and "file"), so
+        # every local path "can be interpreted in multiple ways" between two identical classes.
+        warnings.filterwarnings("ignore", "The specified dataset source can be interpreted in multiple ways")
+        return resolve_dataset_source(uri)
+
+
 def _source(source: object):
     from mlflow.data.code_dataset_source import CodeDatasetSource
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
 
     if isinstance(source, HubSource):
@@ -79,7 +89,7 @@ def _source(source: object):
             path=source.name, config_name=source.config_name, split=source.split, revision=source.revision
         )
     if isinstance(source, FileSource):
-        return resolve_dataset_source(source.path if "://" in source.path else str(Path(source.path).resolve()))
+        return _resolved(source.path if "://" in source.path else str(Path(source.path).resolve()))
     if isinstance(source, (str, Path)):
-        return resolve_dataset_source(str(source))
+        return _resolved(str(source))
     return CodeDatasetSource(tags={"generator": "components.synthetic", **source.model_dump(mode="json")})
