@@ -150,6 +150,10 @@ class PipelineConfig(BaseModel):
         tasks = tasks or ({"data.task": self.data.task} if self.data.task else {})
         return [(f"{key}.{split}", getattr(task, split)) for key, task in tasks.items() for split in SPLITS]
 
+    def has_tasks(self) -> bool:
+        """Whether anything is fine-tuned: without a task the pipeline pre-trains only."""
+        return self.data.task is not None or bool(self.tasks)
+
     def task_names(self) -> tuple[str, ...]:
         """The named tasks; () for a config of one task (`data.task`)."""
         return tuple(self.tasks)
@@ -797,7 +801,7 @@ def _precision_problems(stage: str, stage_cfg: PretrainConfig | FinetuneConfig) 
 
 
 def task_problems(raw: dict, sections: dict[str, Any]) -> list[Problem]:
-    """One task (`data.task`) or named ones (`tasks`), not both, not neither; names that can be a
+    """One task (`data.task`) or named ones (`tasks`), not both (neither: pre-training only); names that can be a
     route and a model name; each task's own sections obey the same rules as the shared ones."""
     data, tasks = sections.get("data"), sections.get("tasks") or {}
     raw_tasks = raw.get("tasks") if isinstance(raw.get("tasks"), dict) else {}
@@ -807,10 +811,6 @@ def task_problems(raw: dict, sections: dict[str, Any]) -> list[Problem]:
             Problem(
                 "data.task", "set", "the config has both data.task and tasks", "move data.task into tasks.<name>.data"
             )
-        )
-    if data is not None and data.task is None and not raw_tasks:
-        problems.append(
-            Problem("data.task", _MISSING, "no task to fine-tune", "set data.task (train/validation/test) or tasks")
         )
     for name in raw_tasks:
         if not TASK_NAME.match(str(name)):

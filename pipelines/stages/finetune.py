@@ -114,5 +114,6 @@ STAGE = Stage(
     reads=_reads,
     progress="steps",
     per_task=True,
+    when=lambda config: config.has_tasks(),  # a config without tasks pre-trains only
     side_effect=SideEffect("register", ensure=_ensure_registered, after_run=_describe_version),
 )

@@ -44,5 +44,5 @@ STAGE = Stage(
     key_extras=_fingerprints,
     reads=_reads,
     per_task=True,
-    when=lambda config: config.data.task is not None or bool(config.task_names()),
+    when=lambda config: config.has_tasks(),
 )

@@ -69,4 +69,5 @@ STAGE = Stage(
     key_extras=_deployed_model,
     side_effect=SideEffect("deploy", ensure=_ensure_deployed),
     per_task=True,
+    when=lambda config: config.has_tasks(),  # a config without tasks pre-trains only
 )

@@ -72,4 +72,5 @@ STAGE = Stage(
     reads=_reads,
     progress="trials",
     per_task=True,
+    when=lambda config: config.has_tasks(),  # a config without tasks pre-trains only
 )
