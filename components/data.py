@@ -73,6 +73,11 @@ def _file_format(source: FileSource, path: str) -> str:
     return _SUFFIX_FORMATS.get(Path(path.split("?")[0]).suffix.lower(), "jsonl")
 
 
+def read_table(path: str) -> pa.Table:
+    """A whole file (local or a URI) as a table, its format from its suffix."""
+    return _read_file(path, _SUFFIX_FORMATS.get(Path(path.split("?")[0]).suffix.lower(), "jsonl"))
+
+
 def _read_file(path: str, fmt: str) -> pa.Table:
     data = _read_bytes(path)
     if fmt == "parquet":

@@ -16,10 +16,11 @@ import re
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from components import console
-from pipelines import jobs, report
+from pipelines import init, jobs, report
 from pipelines.config import _MISSING as _MISSING_VALUE
 from pipelines.config import ConfigError, Problem, load_config, validate
 from pipelines.stages import NAMES as STAGE_NAMES
@@ -180,6 +181,8 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--json", action="store_true", help="print the maps as JSON (what POST /explain answers)")
     explain.set_defaults(handler=_explain)
 
+    init.add_parser(commands)
+
     ui = commands.add_parser("ui", help="open the MLflow UI on the config's tracking store")
     ui.add_argument("config", nargs="?", default="configs/demo.yaml")
     ui.add_argument("overrides", nargs="*")
@@ -220,14 +223,27 @@ def _add_verbose(parser) -> None:
     )
 
 
-def _console(args: argparse.Namespace, log: Path) -> contextlib.AbstractContextManager:
+@contextlib.contextmanager
+def _console(args: argparse.Namespace, log: Path) -> Iterator[Path | None]:
     """ptft's lines on the console and everyone else's output in `log`, unless --verbose."""
     if getattr(args, "verbose", False):
-        return contextlib.nullcontext()
+        yield None
+        return
     # Progress bars of Ray Data and the Hub only garble a log file; ptft prints its own progress.
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    return console.logs_to(log)
+    with console.logs_to(log):
+        try:
+            yield log
+        finally:
+            _disconnect_ray()
+
+
+def _disconnect_ray() -> None:
+    """Leave Ray (a local one stops): it streams the workers' last lines as it goes, into the log."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 def _run_id_and_log(config, how: dict) -> tuple[str, Path]:
@@ -297,6 +313,9 @@ def _sweep(args: argparse.Namespace) -> int:
                 [Problem("CONFIG", _MISSING_VALUE, "no config given", "pass a pipeline YAML, or --resume RUN_ID")],
             )
         config = load_config(args.config, args.overrides)
+        if not config.has_tasks():
+            problem = Problem("data.task", None, "this config pre-trains only: no task to sweep for", "add a task")
+            raise ConfigError(args.config, [problem])
         if not config.tune.enabled:
             raise ConfigError(
                 args.config, [Problem("tune.enabled", False, "the config turns the sweep off", "set tune.enabled=true")]
@@ -405,7 +424,7 @@ def _execute(config, args: argparse.Namespace, **how) -> int:
             urls = ", ".join(served.output_uri for _, served in _results_of(result, "serve"))
             console.say(f"Serving at {urls} — Ctrl-C to stop.")
             _wait_forever()
-        if not _on_cluster(config) or args.keep_serving:
+        if _results_of(result, "serve") and (not _on_cluster(config) or args.keep_serving):
             from components import serve
 
             serve.shutdown()

@@ -1,0 +1,364 @@
+"""`ptft init DATA_FILE`: a commented pipeline config for one's own data, from the data itself.
+
+Reads a CSV, TSV, JSONL, Parquet or text file; finds the text column (the string column with the
+longest texts) and a label column (a named one, or one with few distinct values); reports the
+labels and lengths; takes validation/test files beside a `train` file, or else writes a seeded,
+stratified 80/10/10 split; sizes `tokenize.seq_len` from a tokenizer trained on the text; writes
+a config that `ptft validate` accepts. Task types: sentence classification (a label column) and
+pre-training only (no labels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+
+from components import data
+from pipelines.config import ConfigError, Problem, load_config
+
+TASKS = ("auto", "classification", "pretrain")
+LABEL_NAMES = ("label", "labels", "class", "category", "sentiment", "target", "y")
+MAX_CLASSES = 50
+SPLIT_NAMES = {"validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
+SPLIT_SHARES = {"train": 0.8, "validation": 0.1, "test": 0.1}
+PASSES = 20  # over the text in pre-training: masked LM on a small corpus needs many
+
+
+@dataclass
+class Plan:
+    task: str
+    text_column: str
+    label_column: str | None
+    splits: dict[str, Path]  # train/validation/test files (or the one corpus file)
+    written_splits: bool
+    seq_len: int
+    vocab_size: int
+    max_steps: int
+    lengths: dict[str, int]
+    labels: dict[str, int]
+
+
+def add_parser(commands) -> None:
+    init = commands.add_parser("init", help="write a commented config for your own data file")
+    init.add_argument("data_file", help="CSV, TSV, JSONL, Parquet or text file (one text per line)")
+    init.add_argument(
+        "--task", choices=TASKS, default="auto", help="default: classification when a label column is found"
+    )
+    init.add_argument("--text-column", help="the column holding the text (default: detected)")
+    init.add_argument("--label-column", help="the column holding the label (default: detected)")
+    init.add_argument("-o", "--output", help="config file to write (default: configs/<data name>.yaml)")
+    init.add_argument("--name", help="pipeline name (default: from the file name)")
+    init.add_argument("--seed", type=int, default=0, help="seed of the proposed split (default 0)")
+    init.add_argument("--force", action="store_true", help="overwrite the config (and split files) if they exist")
+    init.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    path = Path(args.data_file)
+    table = _read(path)
+    name = args.name or _name_of(path)
+    output = Path(args.output or f"configs/{name}.yaml")
+    if output.exists() and not args.force:
+        raise ConfigError("ptft init", [Problem("--output", str(output), "exists", "pass --force or another -o")])
+    plan = _plan(path, table, args, output.parent / f"{name}-data")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(_config_text(plan, name, path, output))
+    load_config(str(output), [])  # what `ptft validate` checks: it must accept what was written
+    _report(plan, table, output)
+    return 0
+
+
+# --- reading and detecting ------------------------------------------------------------------------
+
+
+def _read(path: Path) -> pa.Table:
+    if not path.is_file():
+        raise ConfigError("ptft init", [Problem("DATA_FILE", str(path), "no such file", "pass a data file")])
+    try:
+        table = data.read_table(str(path))
+    except (OSError, ValueError, UnicodeDecodeError, pa.ArrowInvalid) as error:
+        fix = "one record per line (JSONL), CSV, TSV, Parquet or text; a nested JSON document (e.g. SQuAD's) is not"
+        raise ConfigError("ptft init", [Problem("DATA_FILE", str(path), f"cannot read: {error}", fix)]) from None
+    if table.num_rows < 10:
+        problem = Problem("DATA_FILE", str(path), f"{table.num_rows} rows", "give at least 10 examples")
+        raise ConfigError("ptft init", [problem])
+    return table
+
+
+def _text_column(table: pa.Table, wanted: str | None) -> str:
+    if wanted:
+        _require_column(table, wanted, "--text-column")
+        return wanted
+    strings = [field.name for field in table.schema if pa.types.is_string(field.type)]
+    if not strings:
+        lists = [field.name for field in table.schema if pa.types.is_list(field.type)]
+        why = "no column of texts"
+        if lists:
+            why += f"; {', '.join(lists)} hold lists (words and tags: token classification, not a ptft task yet)"
+        raise ConfigError("ptft init", [Problem("--text-column", None, why, "give a file with a text column")])
+    return max(strings, key=lambda column: _mean_length(table, column))
+
+
+def _label_column(table: pa.Table, text: str, wanted: str | None, task: str) -> str | None:
+    if task == "pretrain":
+        return None
+    if wanted:
+        _require_column(table, wanted, "--label-column")
+        return wanted
+    others = [column for column in table.column_names if column != text and _few_values(table, column)]
+    named = [column for column in others if column.lower() in LABEL_NAMES]
+    found = (named or others or [None])[0]
+    if found is None and task == "classification":
+        problem = Problem("--label-column", None, f"no column with 2-{MAX_CLASSES} distinct values", "name it")
+        raise ConfigError("ptft init", [problem])
+    return found
+
+
+def _few_values(table: pa.Table, column: str) -> bool:
+    values = table.column(column)
+    if not (pa.types.is_integer(values.type) or pa.types.is_string(values.type) or pa.types.is_boolean(values.type)):
+        return False
+    distinct = len(values.unique())
+    return 2 <= distinct <= min(MAX_CLASSES, max(2, table.num_rows // 5))
+
+
+def _require_column(table: pa.Table, column: str, flag: str) -> None:
+    if column not in table.column_names:
+        problem = Problem(flag, column, "not a column of the file", f"use one of: {', '.join(table.column_names)}")
+        raise ConfigError("ptft init", [problem])
+
+
+def _mean_length(table: pa.Table, column: str) -> float:
+    texts = [text for text in table.column(column).to_pylist()[:2000] if text]
+    return sum(map(len, texts)) / max(len(texts), 1)
+
+
+# --- the plan -------------------------------------------------------------------------------------
+
+
+def _plan(path: Path, table: pa.Table, args: argparse.Namespace, split_dir: Path) -> Plan:
+    text = _text_column(table, args.text_column)
+    label = _label_column(table, text, args.label_column, args.task)
+    task = "classification" if label else "pretrain"
+    if task == "classification":
+        splits, written = _splits(path, table, text, label, split_dir, args.seed, args.force)
+        train = data.read_table(str(splits["train"]))
+        _check_labels(splits, train, label)
+    else:
+        splits, written, train = {"corpus": path}, False, table
+    texts = [str(value) for value in train.column(text).to_pylist() if value]
+    vocab_size = _vocab_size(texts)
+    token_lengths = _token_lengths(texts, vocab_size)
+    labels = {}
+    if label:
+        for value in train.column(label).to_pylist():
+            labels[str(value)] = labels.get(str(value), 0) + 1
+    blocks = sum(token_lengths) / _seq_len(token_lengths)
+    return Plan(
+        task=task,
+        text_column=text,
+        label_column=label,
+        splits=splits,
+        written_splits=written,
+        seq_len=_seq_len(token_lengths),
+        vocab_size=vocab_size,
+        max_steps=int(max(200, min(5000, round(PASSES * blocks / 64, -1)))),  # 2 workers x 32 blocks a step
+        lengths=_percentiles(token_lengths),
+        labels=dict(sorted(labels.items())),
+    )
+
+
+def _splits(path, table, text, label, split_dir, seed, force) -> tuple[dict[str, Path], bool]:
+    """Validation and test files beside a train file (train.jsonl, validation.jsonl, ...), or a
+    stratified, seeded split written to `split_dir`."""
+    if "train" in path.stem:
+        found = {"train": path}
+        for split, names in SPLIT_NAMES.items():
+            for candidate in names:
+                sibling = path.with_name(path.name.replace("train", candidate))
+                if sibling.is_file():
+                    found[split] = sibling
+                    break
+        if len(found) == 3:
+            return found, False
+    rows = table.select([text, label]).to_pylist()
+    by_label: dict[str, list[dict]] = {}
+    for row in rows:
+        by_label.setdefault(str(row[label]), []).append(row)
+    chosen: dict[str, list[dict]] = {split: [] for split in SPLIT_SHARES}
+    rng = random.Random(seed)
+    for group in by_label.values():  # stratified: each label split 80/10/10 on its own
+        rng.shuffle(group)
+        held = max(1, math.floor(len(group) * SPLIT_SHARES["validation"])) if len(group) >= 3 else 0
+        chosen["validation"] += group[:held]
+        chosen["test"] += group[held : 2 * held]
+        chosen["train"] += group[2 * held :]
+    files = {split: split_dir / f"{split}.jsonl" for split in SPLIT_SHARES}
+    existing = [str(file) for file in files.values() if file.exists()]
+    if existing and not force:
+        raise ConfigError("ptft init", [Problem("split", existing[0], "exists", "pass --force to write it again")])
+    split_dir.mkdir(parents=True, exist_ok=True)
+    for split, file in files.items():
+        rng.shuffle(chosen[split])
+        file.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in chosen[split]))
+    return files, True
+
+
+def _check_labels(splits: dict[str, Path], train: pa.Table, label: str) -> None:
+    known = set(map(str, train.column(label).to_pylist()))
+    problems = []
+    for split in ("validation", "test"):
+        table = data.read_table(str(splits[split]))
+        if label not in table.column_names:
+            why, fix = f"no column {label!r}", "give it the train file's columns"
+            problems.append(Problem(split, str(splits[split]), why, fix))
+            continue
+        unseen = sorted(set(map(str, table.column(label).to_pylist())) - known)
+        if unseen:
+            why = f"labels not in the train split: {', '.join(unseen[:10])}"
+            problems.append(Problem(split, str(splits[split]), why, "drop those rows or add examples of them to train"))
+    if problems:
+        raise ConfigError("ptft init", problems)
+
+
+def _vocab_size(texts: list[str]) -> int:
+    words = {word for text in texts for word in text.lower().split()}
+    return int(min(16000, max(1000, round(len(words) / 2, -3))))
+
+
+def _token_lengths(texts: list[str], vocab_size: int) -> list[int]:
+    from components.configs import TokenizeConfig
+    from components.tokenize import train_tokenizer
+
+    tokenizer = train_tokenizer(texts, TokenizeConfig(vocab_size=vocab_size, seq_len=4096))
+    return [len(ids) for ids in tokenizer(texts[:20000])["input_ids"]]
+
+
+def _seq_len(lengths: list[int]) -> int:
+    """The 99th percentile, rounded up to a multiple of 16, between 16 and 512."""
+    p99 = sorted(lengths)[min(len(lengths) - 1, int(0.99 * len(lengths)))]
+    return int(min(512, max(16, 16 * math.ceil(p99 / 16))))
+
+
+def _percentiles(lengths: list[int]) -> dict[str, int]:
+    ordered = sorted(lengths)
+    at = {"p50": 0.5, "p95": 0.95, "p99": 0.99}
+    return {
+        "mean": round(sum(ordered) / len(ordered)),
+        **{name: ordered[min(len(ordered) - 1, int(share * len(ordered)))] for name, share in at.items()},
+        "max": ordered[-1],
+    }
+
+
+def _name_of(path: Path) -> str:
+    stem = path.stem if path.stem not in ("train", "data") else path.resolve().parent.name
+    return "".join(char if char.isalnum() or char in "-_" else "-" for char in stem.lower()) or "pipeline"
+
+
+# --- the config -----------------------------------------------------------------------------------
+
+
+def _relative(path: Path) -> str:
+    resolved = path.resolve()
+    try:
+        return str(resolved.relative_to(Path.cwd()))
+    except ValueError:
+        return str(resolved)
+
+
+def _config_text(plan: Plan, name: str, source: Path, output: Path) -> str:
+    lengths = ", ".join(f"{key} {value}" for key, value in plan.lengths.items())
+    text = plan.text_column
+    columns = f"text column {text!r}" + (f", label column {plan.label_column!r}" if plan.label_column else "")
+    if plan.written_splits:
+        columns += f"; split 80/10/10 (stratified, seeded) into {_relative(plan.splits['train'].parent)}/"
+    header = [
+        f"# ptft pipeline for {source}, written by `ptft init`.",
+        "#",
+        f"# Task:   {_task_line(plan)}",
+        f"# Data:   {columns}",
+        f"# Tokens: per text (a tokenizer trained on it): {lengths}; seq_len covers 99%",
+        f"# Launch: ptft run {output}",
+        f"# Tweak:  ptft run {output} pretrain.max_steps=200" + (" tune.num_samples=2" if plan.label_column else ""),
+        "",
+    ]
+    corpus_file = plan.splits.get("train", plan.splits.get("corpus"))
+    lines = [
+        f"name: {name}",
+        "storage: ./ptft-runs",
+        "seed: 0",
+        "",
+        "data:",
+        "  corpus:",
+        "    # Pre-training reads the train split's text only: validation/test text would leak into the model.",
+        f"    source: {{type: file, path: {_relative(corpus_file)}, text_column: {text}}}",
+    ]
+    if plan.task == "classification":
+        lines += [
+            "  task:",
+            f"    train: {{type: file, path: {_relative(plan.splits['train'])}, text_column: {text}, "
+            f"label_column: {plan.label_column}}}",
+            f"    validation: {{type: file, path: {_relative(plan.splits['validation'])}, text_column: {text}, "
+            f"label_column: {plan.label_column}}}",
+            f"    test: {{type: file, path: {_relative(plan.splits['test'])}, text_column: {text}, "
+            f"label_column: {plan.label_column}}}",
+        ]
+    lines += [
+        "",
+        "tokenize:",
+        f"  vocab_size: {plan.vocab_size:<6}  # about half the distinct words of the text",
+        f"  seq_len: {plan.seq_len:<9}  # 99% of the texts fit (p99 {plan.lengths['p99']} tokens)",
+        "",
+        "pretrain:",
+        "  model: {preset: mini}     # hidden 256, 4 layers; `tiny` for a quick look, `small`/`base` on a GPU",
+        f"  max_steps: {plan.max_steps:<7}  # about {PASSES} passes over the text",
+        "  batch_size_per_worker: 32",
+        "  learning_rate: 5.0e-4",
+        f"  warmup_steps: {max(10, plan.max_steps // 10)}",
+        "  workers: {num_workers: 2, cpus_per_worker: 1}",
+    ]
+    if plan.task == "classification":
+        lines += [
+            "",
+            "tune:",
+            "  num_samples: 4",
+            "  max_epochs: 3",
+            "  max_concurrent_trials: 2",
+            "  search_space:",
+            "    learning_rate: {type: loguniform, low: 5.0e-5, high: 1.0e-3}",
+            "    weight_decay: {type: uniform, low: 0.0, high: 0.1}",
+            "",
+            "finetune:",
+            "  epochs: 3",
+            "  early_stopping_patience: 1",
+            "  defaults: {batch_size_per_worker: 32}",
+            "  workers: {num_workers: 2, cpus_per_worker: 1}",
+        ]
+    return "\n".join(header + lines) + "\n"
+
+
+def _task_line(plan: Plan) -> str:
+    if plan.task == "classification":
+        return f"sentence classification, {len(plan.labels)} labels: tokenize -> pretrain -> tune -> finetune -> serve"
+    return "pre-training only (no label column): tokenize -> pretrain"
+
+
+def _report(plan: Plan, table: pa.Table, output: Path) -> None:
+    print(f"Read {table.num_rows} rows; columns: {', '.join(table.column_names)}")
+    print(f"Text column: {plan.text_column!r}")
+    if plan.label_column:
+        counts = ", ".join(f"{label} ({count})" for label, count in plan.labels.items())
+        print(f"Label column: {plan.label_column!r}; labels in train: {counts}")
+    else:
+        print("No label column: a pre-training-only config (pass --label-column to fine-tune a classifier)")
+    for split, file in plan.splits.items():
+        print(f"  {split:<10} {file}" + ("  (written: stratified, seeded split)" if plan.written_splits else ""))
+    print("Tokens per text: " + ", ".join(f"{key} {value}" for key, value in plan.lengths.items()))
+    print(f"seq_len {plan.seq_len}, vocab_size {plan.vocab_size}, pretrain.max_steps {plan.max_steps}")
+    print(f"Wrote {output}. Check it: ptft validate {output}   Run it: ptft run {output}")

@@ -1,0 +1,125 @@
+"""`ptft init DATA_FILE`: detection, splits, seq_len and a config `ptft validate` accepts, on the
+real data sets under ../shared/data and on files made here in each supported format."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.cli import main
+from pipelines.config import load_config
+from tests.conftest import shared
+
+
+@pytest.fixture
+def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _reviews(count: int) -> list[dict]:
+    """Real rt-polarity rows, the first `count` of its train split."""
+    with open(shared("data/rt-polarity/train.jsonl")) as handle:
+        return [json.loads(next(handle)) for _ in range(count)]
+
+
+def test_rt_polarity_gets_its_splits_labels_and_seq_len(in_tmp: Path, capsys: pytest.CaptureFixture) -> None:
+    train = shared("data/rt-polarity/train.jsonl")
+    assert main(["init", str(train)]) == 0
+    out = capsys.readouterr().out
+    config = load_config("configs/rt-polarity.yaml", [])  # what `ptft validate` reads
+    task = config.data.task
+    assert Path(task.train.path) == train and Path(task.validation.path) == train.with_name("validation.jsonl")
+    assert Path(task.test.path) == train.with_name("test.jsonl")
+    assert (task.train.text_column, task.train.label_column) == ("text", "label")
+    assert config.tokenize.seq_len == 64  # the README: 99% of snippets fit in 64 word pieces
+    assert "labels in train: 0 (4278), 1 (4252)" in out
+    assert "Run it: ptft run configs/rt-polarity.yaml" in out
+    text = Path("configs/rt-polarity.yaml").read_text()
+    assert text.startswith("# ptft pipeline for") and "# Launch: ptft run configs/rt-polarity.yaml" in text
+
+
+def test_a_csv_without_splits_gets_a_seeded_stratified_split(in_tmp: Path) -> None:
+    rows = _reviews(400)
+    rows[0]["text"] = 'a "quoted", comma text'
+    with open("reviews.csv", "w") as handle:
+        handle.write("id,review,sentiment\n")
+        for number, row in enumerate(rows):
+            text = row["text"].replace('"', '""')
+            handle.write(f'{number},"{text}",{["neg", "pos"][row["label"]]}\n')
+    assert main(["init", "reviews.csv", "-o", "mine.yaml"]) == 0
+    config = load_config("mine.yaml", [])
+    assert (config.data.task.train.text_column, config.data.task.train.label_column) == ("review", "sentiment")
+    splits = {name: Path(f"reviews-data/{name}.jsonl") for name in ("train", "validation", "test")}
+    assert Path(config.data.task.validation.path).resolve() == splits["validation"].resolve()
+    written = {name: [json.loads(line) for line in path.read_text().splitlines()] for name, path in splits.items()}
+    assert sum(map(len, written.values())) == 400
+    for name in ("validation", "test"):
+        for label in ("neg", "pos"):
+            share = sum(row["sentiment"] == label for row in written[name])
+            total = sum(["neg", "pos"][row["label"]] == label for row in rows)
+            assert share == int(total * 0.1), (name, label)  # each label split 80/10/10 on its own
+    first = splits["train"].read_text()
+    assert main(["init", "reviews.csv", "-o", "mine.yaml", "--force"]) == 0
+    assert splits["train"].read_text() == first  # seeded
+    assert main(["init", "reviews.csv", "-o", "mine.yaml", "--force", "--seed", "1"]) == 0
+    assert splits["train"].read_text() != first
+
+
+@pytest.mark.parametrize("suffix", ["tsv", "parquet", "jsonl"])
+def test_each_table_format_gives_a_config_that_validates(in_tmp: Path, suffix: str) -> None:
+    rows = [{"body": row["text"], "label": row["label"]} for row in _reviews(200)]
+    path = Path(f"reviews.{suffix}")
+    if suffix == "parquet":
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    elif suffix == "tsv":
+        path.write_text("body\tlabel\n" + "".join(f"{row['body']}\t{row['label']}\n" for row in rows))
+    else:
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert main(["init", str(path)]) == 0
+    config = load_config("configs/reviews.yaml", [])
+    assert config.data.task.train.text_column == "body" and config.has_tasks()
+
+
+def test_a_text_file_or_unlabelled_pairs_give_a_pre_training_config(in_tmp: Path) -> None:
+    Path("corpus.txt").write_text("".join(row["text"] + "\n" for row in _reviews(300)))
+    assert main(["init", "corpus.txt"]) == 0
+    config = load_config("configs/corpus.yaml", [])
+    assert not config.has_tasks() and config.data.corpus.source.text_column == "text"
+    assert main(["init", str(shared("data/multi30k/train.jsonl"))]) == 0
+    multi30k = load_config("configs/multi30k.yaml", [])
+    assert not multi30k.has_tasks() and multi30k.data.corpus.source.text_column in ("en", "de")
+
+
+def test_files_it_cannot_use_exit_2_with_the_reason(in_tmp: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["init", str(shared("data/conll2003/train.jsonl"))]) == 2
+    assert "token classification" in capsys.readouterr().err
+    assert main(["init", str(shared("data/squad/train.json"))]) == 2
+    assert "nested JSON" in capsys.readouterr().err
+    assert main(["init", str(shared("data/rt-polarity/train.jsonl")), "--label-column", "stars"]) == 2
+    assert "'stars'" in (err := capsys.readouterr().err) and "use one of: text, label" in err
+    assert main(["init", "no-such-file.csv"]) == 2
+    assert not Path("configs").exists()
+
+
+def test_labels_unseen_in_train_are_named(in_tmp: Path, capsys: pytest.CaptureFixture) -> None:
+    rows = _reviews(60)
+    Path("train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows[:40]))
+    Path("validation.jsonl").write_text("".join(json.dumps({**row, "label": 7}) + "\n" for row in rows[40:50]))
+    Path("test.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows[50:]))
+    assert main(["init", "train.jsonl", "-o", "x.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "labels not in the train split: 7" in err and "validation.jsonl" in err
+    assert not Path("x.yaml").exists()
+
+
+def test_an_existing_config_is_kept_without_force(in_tmp: Path, capsys: pytest.CaptureFixture) -> None:
+    Path("configs").mkdir()
+    Path("configs/rt-polarity.yaml").write_text("mine")
+    assert main(["init", str(shared("data/rt-polarity/train.jsonl"))]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert Path("configs/rt-polarity.yaml").read_text() == "mine"
