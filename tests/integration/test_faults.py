@@ -199,18 +199,22 @@ def test_one_mlflow_run_for_the_stage_and_every_step_logged_once(worker_kill: di
 # --- the driver killed during pretraining, then during the sweep ---------------------------------
 
 
+# The driver is killed after pretrain's first checkpoint (step 25); the resume runs the rest.
+PIPELINE_STEPS, SWEEP_TRIALS = 100, 2
+
+
 def _pipeline_config(storage: Path) -> dict:
     config = tiny_config_dict(storage)
     config["name"] = "faults"
     config["data"]["task"]["train"]["num_examples"] = 480
     config["pretrain"] = {
-        "max_steps": 200,
+        "max_steps": PIPELINE_STEPS,
         "warmup_steps": 10,
         "checkpoint_every": CHECKPOINT_EVERY,
         "log_every": 5,
         "batch_size_per_worker": 8,
     }
-    config["tune"] = {"num_samples": 4, "max_epochs": 4, "grace_period": 2, "max_concurrent_trials": 2}
+    config["tune"] = {"num_samples": SWEEP_TRIALS, "max_epochs": 2, "grace_period": 1, "max_concurrent_trials": 2}
     config["finetune"] = {"epochs": 1}
     return config
 
@@ -315,7 +319,7 @@ def test_pretrain_continued_from_its_checkpoint(driver_kills: dict) -> None:
     assert _history(client, run.info.run_id, "restore/first_step") == {
         int(driver_kills["pretrain_step_at_kill"]): driver_kills["pretrain_step_at_kill"] + 1
     }
-    assert sorted(_history(client, run.info.run_id, "train/step")) == list(range(5, 201, 5))
+    assert sorted(_history(client, run.info.run_id, "train/step")) == list(range(5, PIPELINE_STEPS + 1, 5))
     assert run.data.tags["ptft.attempts"] == "2"
 
 
@@ -324,7 +328,7 @@ def test_sweep_after_the_resume_logged_each_trial_once(driver_kills: dict) -> No
     (tune_run,) = _stage_runs(client, driver_kills["run_id"], "tune")
     trials = _stage_runs(client, driver_kills["run_id"], "tune-trial")
     names = [trial.data.tags["ptft.trial"] for trial in trials]
-    assert len(names) == len(set(names)) == 4, names
+    assert len(names) == len(set(names)) == SWEEP_TRIALS, names
     for trial in trials:
         epochs = _history(client, trial.info.run_id, "eval/accuracy")  # asserts no epoch twice
         assert sorted(epochs) == list(range(1, len(epochs) + 1))
