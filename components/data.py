@@ -5,6 +5,7 @@ the columns `text` and, for labelled data, `label`.
 
 from __future__ import annotations
 
+import codecs
 import glob
 import hashlib
 import io
@@ -127,6 +128,12 @@ def check_source(source: Source, *, labelled: bool) -> list[tuple[str, str, str]
     missing = [path for path in paths if not os.path.isfile(path)]
     if not paths or missing:
         return [("path", f"no file at {missing[0] if missing else source.path}", _what_exists(source.path))]
+    for path in paths:
+        if os.path.getsize(path) == 0:
+            return [("path", f"{path} is empty", "give it examples")]
+        if _file_format(source, path) != "parquet" and (where := _not_utf8(path)) is not None:
+            fix = f"re-encode it as UTF-8, e.g. iconv -f latin1 -t utf-8 {path} > fixed{Path(path).suffix}"
+            return [("path", f"{path} is not UTF-8 text (byte {where})", fix)]
     try:
         columns = source_columns(source)
     except (OSError, ValueError, pa.ArrowInvalid) as error:
@@ -137,6 +144,24 @@ def check_source(source: Source, *, labelled: bool) -> list[tuple[str, str, str]
         for key, name in wanted
         if name not in columns
     ]
+
+
+def _not_utf8(path: str, chunk: int = 1 << 20) -> int | None:
+    """The offset of the first byte that is not UTF-8 in a text file, or None if all of it is."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as error:
+                return offset + error.start
+            offset += len(block)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError as error:
+        return offset + error.start
+    return None
 
 
 def _what_exists(path: str) -> str:

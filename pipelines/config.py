@@ -27,7 +27,9 @@ from components.configs import (
     SPECIAL_TOKENS,
     DataConfig,
     Distribution,
+    FileSource,
     FinetuneConfig,
+    HubSource,
     Hyperparameters,
     PretrainConfig,
     ServeConfig,
@@ -239,6 +241,8 @@ def validate(
     problems += semantic_problems(sections) + task_problems(raw, sections)
     if check_data:
         problems += data_problems(sections) + storage_problems(sections)
+    if check_data and config is not None and not problems:
+        problems += task_data_problems(config)  # loads the splits: only once everything else holds
     if problems or config is None:
         raise ConfigError(source, problems)
     return config
@@ -843,6 +847,60 @@ def data_problems(sections: dict[str, Any]) -> list[Problem]:
         for subkey, message, fix in data_sources.check_source(source, labelled=labelled):
             problems.append(Problem(f"{key}.{subkey}", getattr(source, subkey), message, fix))
     return problems
+
+
+def task_data_problems(config: PipelineConfig) -> list[Problem]:
+    """What a task's splits hold, read in full (local files and the synthetic generator; a Hub
+    dataset is checked when it loads): rows in every split, two classes or more in train, no label
+    in validation/test that train lacks, and enough train rows for one step of fine-tuning and of a
+    sweep trial (both drop a last, partial batch, so fewer rows would train zero steps)."""
+    problems = []
+    for task in config.task_names() or ((None,) if config.data.task else ()):
+        seen = config.for_task(task) if task else config
+        prefix = f"tasks.{task}.data" if task else "data.task"
+        tables = {}
+        for split in SPLITS:
+            source = getattr(seen.data.task, split)
+            if isinstance(source, HubSource) or (isinstance(source, FileSource) and "://" in source.path):
+                continue
+            tables[split] = data_sources.load_source(source, labelled=True)
+            if tables[split].num_rows == 0:
+                problems.append(Problem(f"{prefix}.{split}", _where(source), "no rows", "give it examples"))
+        if "train" not in tables or any(table.num_rows == 0 for table in tables.values()):
+            continue
+        known = set(map(str, tables["train"].column("label").to_pylist()))
+        if len(known) < 2:
+            why = f"one class only ({', '.join(known)}): nothing to tell apart"
+            problems.append(Problem(f"{prefix}.train", _where(seen.data.task.train), why, "add examples of another"))
+        for split in ("validation", "test"):
+            unseen = sorted(set(map(str, tables[split].column("label").to_pylist())) - known) if split in tables else []
+            if unseen:
+                why = f"labels the train split lacks: {', '.join(unseen[:10])}"
+                fix = "drop those rows, or add examples of them to train"
+                problems.append(Problem(f"{prefix}.{split}", _where(getattr(seen.data.task, split)), why, fix))
+        problems += _one_step_problems(seen, prefix, tables["train"].num_rows)
+    return problems
+
+
+def _one_step_problems(config: PipelineConfig, prefix: str, rows: int) -> list[Problem]:
+    finetune, tune = config.finetune, config.tune
+    batch = finetune.trial_defaults().batch_size_per_worker  # where the sweep samples none
+    needs = {
+        "finetune": (finetune.workers.num_workers, batch),
+        "tune": (tune.workers_per_trial, batch) if tune.enabled else None,
+    }
+    problems = []
+    for stage, need in needs.items():
+        if need is None or rows >= need[0] * need[1]:
+            continue
+        why = f"{rows} train rows cannot fill one {stage} step of {need[0]} worker(s) x {need[1]}"
+        fix = f"lower {stage}'s batch_size_per_worker or workers, or add train examples"
+        problems.append(Problem(f"{prefix}.train", rows, why, fix))
+    return problems
+
+
+def _where(source: Any) -> str:
+    return getattr(source, "path", None) or f"{source.type} source"
 
 
 def storage_problems(sections: dict[str, Any]) -> list[Problem]:

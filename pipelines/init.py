@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
+import yaml
 
 from components import data
-from pipelines.config import ConfigError, Problem, load_config
+from pipelines.config import ConfigError, Problem, validate
 
 TASKS = ("auto", "classification", "pretrain")
 LABEL_NAMES = ("label", "labels", "class", "category", "sentiment", "target", "y")
@@ -67,9 +68,10 @@ def run(args: argparse.Namespace) -> int:
     if output.exists() and not args.force:
         raise ConfigError("ptft init", [Problem("--output", str(output), "exists", "pass --force or another -o")])
     plan = _plan(path, table, args, output.parent / f"{name}-data")
+    text = _config_text(plan, name, path, output)
+    validate(yaml.safe_load(text), str(output))  # what `ptft validate` checks, the data's labels included
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(_config_text(plan, name, path, output))
-    load_config(str(output), [])  # what `ptft validate` checks: it must accept what was written
+    output.write_text(text)
     _report(plan, table, output)
     return 0
 
@@ -149,7 +151,6 @@ def _plan(path: Path, table: pa.Table, args: argparse.Namespace, split_dir: Path
     if task == "classification":
         splits, written = _splits(path, table, text, label, split_dir, args.seed, args.force)
         train = data.read_table(str(splits["train"]))
-        _check_labels(splits, train, label)
     else:
         splits, written, train = {"corpus": path}, False, table
     texts = [str(value) for value in train.column(text).to_pylist() if value]
@@ -208,23 +209,6 @@ def _splits(path, table, text, label, split_dir, seed, force) -> tuple[dict[str,
         rng.shuffle(chosen[split])
         file.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in chosen[split]))
     return files, True
-
-
-def _check_labels(splits: dict[str, Path], train: pa.Table, label: str) -> None:
-    known = set(map(str, train.column(label).to_pylist()))
-    problems = []
-    for split in ("validation", "test"):
-        table = data.read_table(str(splits[split]))
-        if label not in table.column_names:
-            why, fix = f"no column {label!r}", "give it the train file's columns"
-            problems.append(Problem(split, str(splits[split]), why, fix))
-            continue
-        unseen = sorted(set(map(str, table.column(label).to_pylist())) - known)
-        if unseen:
-            why = f"labels not in the train split: {', '.join(unseen[:10])}"
-            problems.append(Problem(split, str(splits[split]), why, "drop those rows or add examples of them to train"))
-    if problems:
-        raise ConfigError("ptft init", problems)
 
 
 def _vocab_size(texts: list[str]) -> int:

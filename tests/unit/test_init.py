@@ -113,7 +113,7 @@ def test_labels_unseen_in_train_are_named(in_tmp: Path, capsys: pytest.CaptureFi
     Path("test.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows[50:]))
     assert main(["init", "train.jsonl", "-o", "x.yaml"]) == 2
     err = capsys.readouterr().err
-    assert "labels not in the train split: 7" in err and "validation.jsonl" in err
+    assert "labels the train split lacks: 7" in err and "validation.jsonl" in err
     assert not Path("x.yaml").exists()
 
 
