@@ -25,7 +25,7 @@ def good_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("cli")
     path = folder / "good.yaml"
     raw = tiny_config_dict(folder / "store")
-    (folder / "reviews.csv").write_text("sentence,polarity\ngreat,1\nbad,0\n")
+    (folder / "reviews.csv").write_text("sentence,polarity\ngreat,positive\nbad,negative\n")  # train's labels
     raw["data"]["task"]["validation"] = {
         "type": "file",
         "path": str(folder / "reviews.csv"),

@@ -50,6 +50,7 @@ def test_a_worker_bigger_than_any_node(tmp_path: Path) -> None:
 def test_each_task_is_checked_under_its_own_key(tmp_path: Path) -> None:
     raw = tiny_config_dict(tmp_path / "store")
     task = raw["data"].pop("task")
+    task["train"]["num_examples"] = 9 * 16  # rows for one step of the 9 workers: what does not fit is the cluster
     raw["tasks"] = {"a": {"data": task}, "b": {"data": task, "finetune": {"workers": {"num_workers": 9}}}}
     (message,) = _messages(preflight.resource_problems(validate(raw), TWO_NODES))
     assert message.startswith("  - tasks.b.finetune.workers.num_workers = 9: 9 workers x 1 CPU")
