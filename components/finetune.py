@@ -132,7 +132,7 @@ def draw_pictures(model_dir: Path, test_dir: Path, ctx: StageContext) -> dict[st
     folder = ctx.output_dir / "plots"
     client = MlflowClient(ctx.tracking_uri) if ctx.tracking_uri and ctx.mlflow_run_id else None
     pictures = plots.training_curves(client, ctx.mlflow_run_id, folder, eval_key="eval/loss") if client else []
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, use_safetensors=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     test = training.load_columns(test_dir, ["input_ids", "attention_mask", "label"])
     labels = [model.config.id2label[index] for index in range(model.config.num_labels)]
@@ -334,6 +334,7 @@ def _setup_engine(cfg: ClassifierRun, tokenizer, micro_steps: int, *, log_inheri
     torch.manual_seed(cfg.seed)
     model = AutoModelForSequenceClassification.from_pretrained(
         cfg.pretrained_dir,
+        use_safetensors=True,
         num_labels=len(cfg.label_names),
         id2label=dict(enumerate(cfg.label_names)),
         label2id={name: i for i, name in enumerate(cfg.label_names)},

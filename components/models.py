@@ -75,6 +75,7 @@ def build_lm(cfg: ModelConfig, *, vocab_size: int, special_ids: dict[str, int | 
             cfg.init_from,
             revision=cfg.init_revision,
             attn_implementation=cfg.attention,
+            use_safetensors=True,  # weights are data: never a pickle that can run code on load
             **dropout_overrides(model_type, cfg.dropout),
         )
         if model.get_input_embeddings().num_embeddings < vocab_size:
@@ -154,7 +155,7 @@ def smoke_test(model_dir: Path, kind: str, text: str = "a short sample text .") 
         kind
     ]
     try:
-        model = auto.from_pretrained(model_dir).eval()
+        model = auto.from_pretrained(model_dir, use_safetensors=True).eval()
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except Exception as error:  # noqa: BLE001 - corrupt files raise OSError, ValueError, SafetensorError, ...
         raise RuntimeError(f"the exported model in {model_dir} does not load with {auto.__name__}: {error}") from error

@@ -71,7 +71,7 @@ def _log_and_register(model_dir: Path, name: str, run_id: str, tracking_uri: str
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     mlflow.set_tracking_uri(tracking_uri)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     example = ["a sample text to classify"]
     signature = infer_signature(example, [{"label": model.config.id2label[0], "score": 0.5}])

@@ -290,7 +290,8 @@ def load_classifier(model_uri: str, tracking_uri: str | None):
         return components["model"], components["tokenizer"]
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    return AutoModelForSequenceClassification.from_pretrained(model_uri), AutoTokenizer.from_pretrained(model_uri)
+    model = AutoModelForSequenceClassification.from_pretrained(model_uri, use_safetensors=True)
+    return model, AutoTokenizer.from_pretrained(model_uri)
 
 
 # --------------------------------------------------------------------------- deploying

@@ -209,11 +209,20 @@ def export_final_model(result: Result, output_dir: Path) -> tuple[Path, dict[str
 
 
 def save_rng(folder: Path, rank: int, generators: dict[str, torch.Generator]) -> None:
-    """This rank's random states (torch, CUDA, numpy, Python and the loop's own generators)."""
+    """This rank's random states (torch, CUDA, numpy, Python and the loop's own generators), as
+    tensors and plain values only, so that `restore_rng` can load them with `weights_only=True`."""
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    version, python_state, gauss = random.getstate()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "python": {"version": version, "state": torch.tensor(python_state, dtype=torch.int64), "gauss": gauss},
         "generators": {name: g.get_state() for name, g in generators.items()},
     }
     if torch.cuda.is_available():
@@ -222,14 +231,19 @@ def save_rng(folder: Path, rank: int, generators: dict[str, torch.Generator]) ->
 
 
 def restore_rng(folder: Path, rank: int, generators: dict[str, torch.Generator]) -> None:
-    """Put back what `save_rng` saved for this rank; a checkpoint without it leaves the RNGs alone."""
+    """Put back what `save_rng` saved for this rank; a checkpoint without it leaves the RNGs alone.
+    Storage is data, never code: the file loads with `weights_only=True`, so a pickle that would
+    run something on load is refused."""
     path = folder / f"rng_rank{rank}.pt"
     if not path.is_file():
         return
-    state = torch.load(path, weights_only=False)
+    state = torch.load(path, weights_only=True)
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    saved = state["numpy"]
+    keys = saved["keys"].numpy().astype(np.uint32)
+    np.random.set_state((saved["name"], keys, saved["position"], saved["has_gauss"], saved["cached_gaussian"]))
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["state"].tolist()), python["gauss"]))
     for name, generator in generators.items():
         generator.set_state(state["generators"][name])
     if "cuda" in state and torch.cuda.is_available():

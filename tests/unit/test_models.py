@@ -67,6 +67,19 @@ def test_init_from_a_folder_keeps_its_weights_and_adds_a_missing_head(tmp_path: 
     assert torch.equal(model.bert.embeddings.word_embeddings.weight, encoder.embeddings.word_embeddings.weight)
 
 
+def test_pickled_weights_are_refused(tmp_path: Path) -> None:
+    """Weights load from safetensors only: a pickle (pytorch_model.bin) could run code on load."""
+    from transformers import BertConfig, BertModel
+
+    encoder = BertModel(
+        BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    )
+    encoder.config.save_pretrained(tmp_path)
+    torch.save(encoder.state_dict(), tmp_path / "pytorch_model.bin")  # the pickle format, the weights alone
+    with pytest.raises(OSError, match="safetensors"):
+        models.build_lm(ModelConfig(init_from=str(tmp_path)), vocab_size=120, special_ids={"pad": 0}, seed=0)
+
+
 def test_overrides_beat_the_preset() -> None:
     config = models.build_config(
         ModelConfig(preset="tiny", num_layers=3, max_positions=64), vocab_size=100, special_ids={"pad": 0}

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import copy as copy_module
 import dataclasses
+import os
+import pickle
+import random
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -122,12 +126,32 @@ def test_restored_loop_sees_the_batches_an_uninterrupted_one_would() -> None:
 def test_rng_states_come_back(tmp_path: Path) -> None:
     generator = torch.Generator().manual_seed(1)
     torch.manual_seed(5)
+    np.random.seed(6)
+    random.seed(7)
+    random.gauss(0, 1)  # leaves a cached second value in the state
     training.save_rng(tmp_path, 0, {"g": generator})
-    expected = (torch.rand(3), torch.rand(3, generator=generator))
+    expected = (torch.rand(3), torch.rand(3, generator=generator), np.random.rand(3).tolist(), random.gauss(0, 1))
     torch.manual_seed(99)
     generator.manual_seed(99)
+    np.random.seed(99)
+    random.seed(99)
     training.restore_rng(tmp_path, 0, {"g": generator})
     assert torch.equal(torch.rand(3), expected[0]) and torch.equal(torch.rand(3, generator=generator), expected[1])
+    assert np.random.rand(3).tolist() == expected[2] and random.gauss(0, 1) == expected[3]
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (Path.touch, (Path(os.environ["PTFT_TEST_MARKER"]),))
+
+
+def test_a_checkpoint_file_that_would_run_code_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    marker = tmp_path / "ran"
+    monkeypatch.setenv("PTFT_TEST_MARKER", str(marker))
+    torch.save({"torch": torch.get_rng_state(), "payload": _RunsCode()}, tmp_path / "rng_rank0.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        training.restore_rng(tmp_path, 0, {})
+    assert not marker.exists()
 
 
 def test_cli_stage_names_match_the_runner() -> None:
