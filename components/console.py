@@ -6,6 +6,10 @@ Ray workers' output, which Ray streams to the driver's stdout and stderr) lands 
 writes and child processes included. ptft's own lines go through `say`/`warn` to copies of the
 original descriptors, so the console shows only them. Outside `logs_to` (`--verbose`, or commands
 that run nothing) `say` is a plain print.
+
+While `live()` is open on a terminal, a rich live display at the bottom of the screen holds the
+progress bars and the trial table (`show`), and `say` prints above it. When the output is not a
+terminal (CI logs, `ptft submit`, a pipe) there is no live display: progress is plain lines.
 """
 
 from __future__ import annotations
@@ -15,11 +19,13 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 _out: TextIO | None = None
 _err: TextIO | None = None
 _muted = False
+_live: Any = None  # the rich Live display while `live()` is open on a terminal
+_panels: dict[str, Any] = {}  # what it shows, by key, in the order first shown
 
 
 def stdout() -> TextIO:
@@ -32,8 +38,65 @@ def stderr() -> TextIO:
 
 
 def say(*parts: object, sep: str = " ", end: str = "\n") -> None:
-    if not _muted:
+    if _muted:
+        return
+    live = _live
+    if live is not None:  # above the live display
+        live.console.print(sep.join(map(str, parts)), end=end, markup=False, highlight=False, soft_wrap=True)
+    else:
         print(*parts, sep=sep, end=end, file=stdout(), flush=True)
+
+
+def is_terminal() -> bool:
+    stream = stdout()
+    return bool(getattr(stream, "isatty", lambda: False)()) and os.environ.get("TERM") != "dumb"
+
+
+def is_live() -> bool:
+    return _live is not None
+
+
+@contextlib.contextmanager
+def live(target: Any = None) -> Iterator[bool]:
+    """A live display for progress bars and tables while the block runs, on a terminal (or on the
+    rich Console `target`); yields whether there is one. None when muted or not a terminal."""
+    global _live
+    if _muted or (target is None and not is_terminal()):
+        yield False
+        return
+    from rich.console import Console, Group
+    from rich.live import Live
+
+    # Live must not take over sys.stdout/sys.stderr: during a run they are the log file's.
+    display = Live(
+        Group(),
+        console=target or Console(file=stdout()),
+        refresh_per_second=4,
+        transient=True,
+        redirect_stdout=False,
+        redirect_stderr=False,
+    )
+    with display:
+        _live = display
+        try:
+            yield True
+        finally:
+            _live = None
+            _panels.clear()
+
+
+def show(key: str, renderable: Any) -> None:
+    """Put `renderable` in the live display under `key` (None takes it out); nothing without one."""
+    live = _live
+    if live is None:
+        return
+    from rich.console import Group
+
+    if renderable is None:
+        _panels.pop(key, None)
+    else:
+        _panels[key] = renderable
+    live.update(Group(*_panels.values()), refresh=True)
 
 
 def warn(*parts: object) -> None:
@@ -82,3 +145,16 @@ def logs_to(path: Path) -> Iterator[Path]:
         os.close(console_out)
         os.close(console_err)
         _out = _err = None
+
+
+@contextlib.contextmanager
+def spinner(what: str) -> Iterator[None]:
+    """A spinner with `what` while the block runs, on a terminal; a plain line otherwise."""
+    if _muted or not is_terminal() or _live is not None:
+        say(what)
+        yield
+        return
+    from rich.console import Console
+
+    with Console(file=stdout()).status(what):
+        yield

@@ -97,9 +97,24 @@ class TrialTable(ray.tune.Callback):
         )
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        if self.every_s and time.monotonic() - self._last >= self.every_s:
+        if console.is_live():  # a terminal: the table is redrawn in place, on every result
+            self._show(trials)
+        elif self.every_s and time.monotonic() - self._last >= self.every_s:
             self._last = time.monotonic()
             self._print(trials, "progress")
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        if console.is_live():
+            self._show(trials)
+
+    def _show(self, trials) -> None:
+        from rich.text import Text
+
+        rows = self._rows(trials)
+        best = best_row(rows, self.mode)
+        table = format_table(rows, self.params, self.metric, best=best["trial"] if best else None)
+        elapsed = time.monotonic() - self._started
+        console.show("trials", Text(f"sweep, {elapsed:.0f} s:\n{table}", no_wrap=True, overflow="ellipsis"))
 
 
 # Tune's trial states, as the live metrics count them.

@@ -415,6 +415,7 @@ def _summarise(results: ray.tune.ResultGrid, cfg: TuneConfig, ctx: StageContext)
         f"{sum(row['status'] == status for row in rows)} {status}" for status in ("completed", "stopped_early", "error")
     )
     epochs = sum(row["epochs"] for row in rows)
+    console.show("trials", None)  # the live table gives way to the final one
     console.say(f"\n== sweep finished: {len(rows)} trials ({counts}), {epochs} trial-epochs")
     console.say(sweep_report.format_table(rows, params, cfg.metric, best=best["trial"]))
     log.info("tune: best %s with %s=%.4f", best_config, cfg.metric, best["metric"])

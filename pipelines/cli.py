@@ -327,7 +327,8 @@ def _sweep(args: argparse.Namespace) -> int:
     with _console(args, log_path) as log:
         if log:
             console.say(f"[ptft] sweep of run {run_id}; logs of Ray, MLflow and the workers: {log}")
-        result = pipelines.run(config, until="tune", on_stage=_print_stage, run_id=run_id, **how)
+        with console.live():
+            result = pipelines.run(config, until="tune", on_stage=_print_stage, run_id=run_id, **how)
         _print_sweep_summary(result, config, time.perf_counter() - started)
     return 0
 
@@ -416,7 +417,7 @@ def _execute(config, args: argparse.Namespace, **how) -> int:
     with _console(args, log_path) as log:
         if log and not quiet:
             console.say(f"[ptft] run {run_id}; logs of Ray, MLflow and the workers: {log}")
-        with console.muted() if quiet else contextlib.nullcontext():
+        with console.muted() if quiet else console.live():
             on_stage = None if quiet else _print_stage
             result = pipelines.run(config, on_stage=on_stage, progress_every_s=progress_every_s, run_id=run_id, **how)
         _print_summary(result, config, time.perf_counter() - started, log)
@@ -567,8 +568,9 @@ def _serve_until_stopped(config, model, tracking_uri: str | None) -> int:
     from components import serve
     from pipelines.runner import _init_ray
 
-    _init_ray(config)
-    url = serve.deploy(config.serve, model, tracking_uri)
+    with console.spinner(f"Starting Ray Serve for {model.name} v{model.version} ..."):
+        _init_ray(config)
+        url = serve.deploy(config.serve, model, tracking_uri)
     console.say(f"Serving {model.name} v{model.version} at {url}  (POST {url}/predict, docs at {url}/docs)")
     if _on_cluster(config):
         console.say("The application stays up on the cluster; `ptft promote` / `ptft rollback` roll it over.")

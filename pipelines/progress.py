@@ -3,7 +3,8 @@ status, timings, cache hits) and, for the running stage, from its MLflow run: tr
 `train/step` and `progress/total_steps`; a sweep's trials are child runs of the tune run.
 
 * `Reporter`: a thread `ptft run` starts; it prints each stage as it starts and ends, and for a
-  training stage its step, rate and ETA, or for a sweep its trials, every `every_s` seconds.
+  training stage its step, rate and ETA, or for a sweep its trials, every `every_s` seconds; on a
+  terminal (`console.live`) it draws the running stages as live progress bars instead.
 * `snapshot`: the same as a dict, for `ptft status [RUN_ID] [--json]`.
 """
 
@@ -15,7 +16,7 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from mlflow.tracking import MlflowClient
 
@@ -33,7 +34,8 @@ def stage_progress(client: MlflowClient, stage: str, run_id: str) -> dict | None
         metrics = client.get_run(run_id).data.metrics
         if "progress/total_steps" not in metrics:
             return None
-        return {"step": int(metrics.get("train/step", 0)), "total_steps": int(metrics["progress/total_steps"])}
+        step, total = int(metrics.get("train/step", 0)), int(metrics["progress/total_steps"])
+        return {"step": step, "total_steps": total, "loss": metrics.get("train/loss")}
     if shown == "trials":
         trials = client.search_runs([client.get_run(run_id).info.experiment_id], f"tags.`{PARENT_TAG}` = '{run_id}'")
         counts: dict[str, int] = {}
@@ -132,8 +134,11 @@ class Reporter:
         self.stream = stream
         self._seen: dict[str, str] = {}
         self._first: dict[str, tuple[float, int]] = {}
+        self._newest: dict[str, tuple[float, int]] = {}
         self._last_line: dict[str, str] = {}
         self._last_progress = 0.0
+        self._bars: Any = None  # rich Progress, on a terminal
+        self._bar_of: dict[str, Any] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="ptft-progress", daemon=True)
 
@@ -148,7 +153,7 @@ class Reporter:
 
     def _loop(self) -> None:
         while not self._stop.wait(1.0):
-            due = time.monotonic() - self._last_progress >= self.every_s
+            due = console.is_live() or time.monotonic() - self._last_progress >= self.every_s
             try:
                 self.poll(progress=due)
             except Exception:  # noqa: BLE001 - a progress line is never worth failing a run for
@@ -178,23 +183,67 @@ class Reporter:
             )
         elif record.status in _ENDED:
             self._print(f"[ptft] {name:<8} {record.status} in {clock(record.seconds)}")
+        if record.status != mf.RUNNING and name in self._bar_of:
+            self._bars.remove_task(self._bar_of.pop(name))
 
     def _progress(self, name: str, record: mf.StageRecord) -> None:
         progress = stage_progress(self.client, name, record.mlflow_run_id)
         if progress and "total_steps" in progress and progress["step"]:
-            now = time.monotonic()
-            first_at, first_step = self._first.setdefault(name, (now, progress["step"]))
-            if progress["step"] > first_step:
-                progress["steps_per_s"] = (progress["step"] - first_step) / (now - first_at)
-                progress["eta_s"] = eta_s(progress["step"], progress["total_steps"], progress["steps_per_s"])
+            now, step = time.monotonic(), progress["step"]
+            first_at, first_step = self._first.setdefault(name, (now, step))
+            if step > self._newest.get(name, (now, 0))[1]:
+                self._newest[name] = (now, step)  # when the step moved: the rate does not sag while waiting
+            newest_at, newest_step = self._newest[name]
+            if newest_step > first_step:
+                progress["steps_per_s"] = (newest_step - first_step) / (newest_at - first_at)
+                progress["eta_s"] = eta_s(step, progress["total_steps"], progress["steps_per_s"])
+        if console.is_live():
+            self._draw(name, progress)
+            return
         line = describe(progress)
         if line and line != self._last_line.get(name):
             self._last_line[name] = line
             elapsed = time.time() - (record.started_at or time.time())
             self._print(f"[ptft] {name:<8} {line}  (elapsed {clock(elapsed)})")
 
+    def _draw(self, name: str, progress: dict | None) -> None:
+        """The stage's live bar: steps with loss and rate, trial counts, or (tokenizing, preparing,
+        starting Serve) a pulsing bar with the elapsed time."""
+        if self._bars is None:
+            self._bars = _progress_bars()
+        if name not in self._bar_of:
+            self._bar_of[name] = self._bars.add_task(name, total=None, counts="", eta="", extra="")
+        bar = self._bar_of[name]
+        if progress and "total_steps" in progress:
+            step, total = progress["step"], progress["total_steps"]
+            extra = [f"loss {progress['loss']:.3f}" if progress.get("loss") is not None else ""]
+            extra.append(f"{progress['steps_per_s']:.2f} steps/s" if progress.get("steps_per_s") else "")
+            eta = f"ETA {clock(progress['eta_s'])}" if progress.get("eta_s") is not None else ""
+            shown = {"counts": f"{step}/{total} steps", "eta": eta, "extra": "  ".join(extra)}
+            self._bars.update(bar, completed=step, total=total, **shown)
+        elif progress and "trials" in progress:
+            self._bars.update(bar, extra=describe(progress))
+        console.show("stages", self._bars)
+
     def _print(self, line: str) -> None:
-        print(line, file=self.stream or console.stdout(), flush=True)
+        if self.stream is None:
+            console.say(line)
+        else:
+            print(line, file=self.stream, flush=True)
+
+
+def _progress_bars():
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description:<10}"),
+        BarColumn(),
+        TextColumn("{task.fields[counts]}"),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[eta]}"),
+        TextColumn("{task.fields[extra]}"),
+        auto_refresh=False,
+    )
 
 
 def print_status(storage: Path, run_id: str | None, *, as_json: bool) -> int:

@@ -114,7 +114,7 @@ def two_tasks(
 
 def run_id_of(result: subprocess.CompletedProcess) -> str:
     """The pipeline run id `ptft run` printed (runs of other tests share the demo's storage)."""
-    found = re.search(r"^Pipeline run (\S+) finished", result.stdout, re.MULTILINE)
+    found = re.search(r"^Pipeline run (\S+) finished", getattr(result, "text", result.stdout), re.MULTILINE)
     assert found, result.stdout[-3000:]
     return found.group(1)
 
@@ -124,6 +124,35 @@ def run_ptft(command: list[str]) -> subprocess.CompletedProcess:
         command, cwd=REPO, capture_output=True, text=True, timeout=1500, env={**os.environ, **SECRETS}
     )
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
+    return result
+
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\r")
+
+
+def run_ptft_on_a_terminal(command: list[str]) -> subprocess.CompletedProcess:
+    """`run_ptft` with stdout and stderr on a pseudo-terminal, as a person at a terminal sees it:
+    `stdout` is what was drawn (escape codes left in), `text` the same without them."""
+    import pty
+
+    controller, terminal = pty.openpty()
+    env = {**os.environ, **SECRETS, "TERM": "xterm-256color", "COLUMNS": "160"}
+    process = subprocess.Popen(command, cwd=REPO, stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal, env=env)
+    os.close(terminal)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # EIO: every writer closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(controller)
+    drawn = b"".join(chunks).decode("utf-8", errors="replace")
+    result = subprocess.CompletedProcess(command, process.wait(timeout=60), drawn, "")
+    assert result.returncode == 0, ANSI.sub("", drawn)[-5000:]
+    result.text = ANSI.sub("", drawn.replace("\x1b[2K", "\n"))  # an erased line: a new one
     return result
 
 

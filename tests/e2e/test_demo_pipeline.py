@@ -5,6 +5,7 @@ Serve endpoint over HTTP."""
 from __future__ import annotations
 
 import json
+import re
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -15,7 +16,15 @@ from mlflow.tracking import MlflowClient
 
 from pipelines import stages
 from pipelines.runner import stage_key
-from tests.e2e.conftest import SECRETS, STAGES, demo_manifest, manifest_of, run_id_of, run_ptft
+from tests.e2e.conftest import (
+    SECRETS,
+    STAGES,
+    demo_manifest,
+    manifest_of,
+    run_id_of,
+    run_ptft,
+    run_ptft_on_a_terminal,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -154,13 +163,14 @@ def reruns(demo: dict, two_tasks: Future) -> dict:
     # two_tasks: the two-task scenario runs on the same storage meanwhile (started here, in the background).
     cached = run_ptft(demo["command"])
     changed = run_ptft([*demo["command"], "finetune.epochs=2", "--quiet"])
-    forced = run_ptft([*demo["command"], "finetune.epochs=2", "--rerun", "finetune"])
+    forced = run_ptft_on_a_terminal([*demo["command"], "finetune.epochs=2", "--rerun", "finetune"])
     return {
         "cached": manifest_of(demo["storage"], run_id_of(cached)),
         "cached_stdout": cached.stdout,
         "changed": manifest_of(demo["storage"], run_id_of(changed)),
         "changed_stdout": changed.stdout,
         "forced": manifest_of(demo["storage"], run_id_of(forced)),
+        "forced_terminal": forced,
     }
 
 
@@ -221,3 +231,15 @@ def test_rerun_forces_a_stage_and_what_follows(reruns: dict) -> None:
     assert json.loads((folder / "_SUCCESS").read_text())["pipeline_run_id"] == reruns["forced"]["run_id"]
     # No partial or old folder of this key left (the two-task run may have its own partials meanwhile).
     assert not list(folder.parent.glob(f".{folder.name}.*"))
+
+
+def test_a_terminal_gets_live_bars_and_the_same_lines(reruns: dict) -> None:
+    """The forced re-run ran on a pseudo-terminal: the running stages were drawn as live bars
+    (rich), ptft's lines were printed above them, and no other program's output reached it."""
+    terminal = reruns["forced_terminal"]
+    assert "\x1b[" in terminal.stdout  # drawn, not just printed
+    text = terminal.text
+    assert "[ptft] finetune started" in text and "[ptft] finetune succeeded in" in text
+    assert re.search(r"finetune\s+[━╺╸]+\s+\d+/\d+ steps", text), text[-3000:]  # a bar with its steps
+    assert not re.search(r"\[ptft\] finetune +step ", text)  # the plain progress lines are for logs
+    assert "pid=" not in text

@@ -14,7 +14,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from components import explain, plots
+from components import console, explain, plots
 from components.configs import FileSource, SyntheticSource
 from components.finetune import confusion_matrix, macro_f1
 from pipelines import lineage, progress
@@ -243,6 +243,29 @@ def test_reporter_prints_the_start_of_a_stage_shorter_than_a_poll(client: Mlflow
     lines = out.getvalue().splitlines()
     assert lines[-2:] == ["[ptft] tune     started", lines[-1]] and lines[-1].startswith("[ptft] tune     succeeded in")
     assert not any(line.startswith("[ptft] finetune") for line in lines)  # still pending: no line
+
+
+def test_on_a_terminal_the_reporter_draws_live_bars(client: MlflowClient, tmp_path: Path) -> None:
+    from rich.console import Console
+
+    manifest = _manifest_with_running_pretrain(client, tmp_path)
+    run_id = manifest.stages["pretrain"].mlflow_run_id
+    screen = Console(file=io.StringIO(), force_terminal=True, width=160, record=True)
+    reporter = progress.Reporter(manifest, client, every_s=60)
+    with console.live(screen):
+        reporter.poll(progress=True)
+        client.log_metric(run_id, "train/step", 200, step=200)
+        client.log_metric(run_id, "train/loss", 2.5, step=200)
+        reporter.poll(progress=True)
+        drawn = screen.export_text(clear=False)
+        manifest.stage_ended("pretrain", mf.SUCCEEDED)
+        reporter.poll(progress=True)
+    assert "[ptft] tokenize cache hit" in drawn and "[ptft] pretrain started" in drawn  # lines above the bars
+    bar = [line for line in drawn.splitlines() if line.startswith("pretrain") and "200/400 steps" in line]
+    assert bar and "loss 2.500" in bar[-1] and "steps/s" in bar[-1] and "ETA" in bar[-1], drawn
+    assert "step 200/400 (50%)" not in drawn  # the plain progress line is for logs, not terminals
+    assert "[ptft] pretrain succeeded in" in screen.export_text()
+    assert not console.is_live()
 
 
 def test_ptft_status_json_and_table(client: MlflowClient, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
