@@ -229,8 +229,8 @@ def _console(args: argparse.Namespace, log: Path) -> Iterator[Path | None]:
     if getattr(args, "verbose", False):
         yield None
         return
-    # Progress bars of Ray Data and the Hub only garble a log file; ptft prints its own progress.
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    # The Hub's progress bars only garble a log file. Ray Data sees a log file on stdout and logs
+    # its progress as lines there by itself (disabling its bars would only add a warning).
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     with console.logs_to(log):
         try:
@@ -436,7 +436,6 @@ def _execute(config, args: argparse.Namespace, **how) -> int:
 def _quiet_down(config) -> None:
     """`--quiet`: no progress bars, no live sweep table (and `say` muted while the run goes)."""
     logging.getLogger().setLevel(logging.WARNING)
-    os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     from transformers.utils import logging as transformers_logging
 
