@@ -40,6 +40,7 @@ from components.tracking import (
 from pipelines import lineage, progress, stages
 from pipelines import manifest as mf
 from pipelines.config import ConfigError, PipelineConfig, resolved_dict
+from pipelines.driver_lock import DriverLock
 from pipelines.stages import Inputs, Stage
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,38 @@ def run(
             raise ValueError(f"{option}={value!r}: not a stage of this pipeline; choose one of {known}")
     storage = config.storage_path()
     storage.mkdir(parents=True, exist_ok=True)
+    run_id = resume or run_id or mf.new_run_id()
+    lock = DriverLock.acquire(mf.Manifest.folder(storage, run_id), run_id)  # before anything touches the run
+    try:
+        return _run_locked(
+            config,
+            nodes,
+            storage,
+            run_id,
+            rerun=rerun,
+            resume=resume,
+            until=until,
+            on_stage=on_stage,
+            progress_every_s=progress_every_s,
+            worker_logs=worker_logs,
+        )
+    finally:
+        lock.release()
+
+
+def _run_locked(
+    config: PipelineConfig,
+    nodes: tuple[stages.Node, ...],
+    storage: Path,
+    run_id: str,
+    *,
+    rerun: str | None,
+    resume: str | None,
+    until: str | None,
+    on_stage: Callable[[str, StageResult], None] | None,
+    progress_every_s: float | None,
+    worker_logs: bool,
+) -> PipelineResult:
     _init_ray(config, worker_logs=worker_logs)
     _preflight(config)
     client = MlflowClient(config.tracking_uri())
@@ -101,7 +134,7 @@ def run(
         names = _until(nodes, until) if until else [node.id for node in nodes]
         upstream = {node.id: node.upstream for node in nodes}
         manifest = mf.Manifest.create(
-            storage, run_id or mf.new_run_id(), config.name, tuple(names), resolved_dict(config), upstream=upstream
+            storage, run_id, config.name, tuple(names), resolved_dict(config), upstream=upstream
         )
         manifest.mlflow_run_id = _start_parent_run(client, config, experiment_id, manifest.run_id)
     manifest.tracking_uri, manifest.experiment_id = config.tracking_uri(), experiment_id
