@@ -38,8 +38,11 @@ class StageContext:
         return str((self.storage / "ray_results").resolve())
 
     def ray_run_name(self) -> str:
-        """Ray Train/Tune run `name`, derived from the pipeline run id and stage (stable on resume)."""
-        return f"{self.pipeline_run_id}-{self.stage}"
+        """Ray Train/Tune run `name`: the pipeline run, the stage and its cache key. Stable on a
+        resume of the same work; new when the work changed (data edited, ptft upgraded), so an
+        old attempt's checkpoints are never restored into it."""
+        key = f"-{self.cache_key[:12]}" if self.cache_key else ""
+        return f"{self.pipeline_run_id}-{self.stage}{key}"
 
 
 @dataclass

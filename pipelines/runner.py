@@ -26,7 +26,7 @@ from pathlib import Path
 import ray
 from mlflow.tracking import MlflowClient
 
-from components import accelerator
+from components import accelerator, console
 from components.stage import StageContext, StageResult, read_json, write_json
 from components.tracking import (
     MlflowTracker,
@@ -434,6 +434,11 @@ class _StageRunner:
     ) -> StageResult:
         stage, record = node.stage, self.manifest.stages[node.id]
         continuing = record.mlflow_run_id is not None and record.key == key
+        if record.mlflow_run_id is not None and not continuing:
+            console.say(
+                f"[ptft] {node.id:<8} starts over: its inputs or settings changed since its last "
+                f"attempt (key {record.key} -> {key}), so that attempt's checkpoints do not apply"
+            )
         if continuing:
             run_id = record.mlflow_run_id  # a restarted attempt continues its own run
             reopen_run(self.client, run_id)
@@ -447,7 +452,7 @@ class _StageRunner:
         partial = final_dir.parent / f".{key}.partial-{self.result.run_id}"
         shutil.rmtree(partial, ignore_errors=True)  # the stage's resumable state lives in Ray's storage
         partial.mkdir(parents=True)
-        ctx = self._context(node, key, partial, run_id, record.attempts)
+        ctx = self._context(node, key, partial, run_id, record.attempts if continuing else 1)
         started = time.perf_counter()
         log.info("stage %s: starting (key %s, attempt %d)", node.id, key, record.attempts)
         try:

@@ -133,7 +133,11 @@ def asha(sweeps: Sweeps) -> dict:
         if first.poll() is not None:
             raise AssertionError(f"the sweep exited ({first.returncode}) before the kill:\n{sweeps.tail()}")
         ids = sweeps.run_ids()
-        return bool(ids) and _trial_checkpoint_saved(sweeps.storage / "ray_results" / f"{next(iter(ids))}-tune")
+        if not ids:
+            return False
+        runs = (sweeps.storage / "ray_results").glob(f"{next(iter(ids))}-tune-*")  # <run>-tune-<cache key>
+        found = [path for path in runs if not path.name.endswith("-trials")]
+        return bool(found) and _trial_checkpoint_saved(found[0])
 
     wait_until(checkpointed, "a saved trial checkpoint")
     first.send_signal(signal.SIGKILL)
@@ -252,7 +256,8 @@ def test_optuna_trials_run_as_two_worker_trainers(sweeps: Sweeps, optuna_distrib
     assert len(trials) == 2 and all(row["status"] in ("completed", "stopped_early") for row in trials), trials
     assert all(row["metric"] is not None for row in trials)
     # Each trial was a Ray Train run of its own, with the workers' checkpoints.
-    train_runs = list((sweeps.storage / "ray_results" / f"{optuna_distributed}-tune-trials").iterdir())
+    (trials_dir,) = (sweeps.storage / "ray_results").glob(f"{optuna_distributed}-tune-*-trials")
+    train_runs = list(trials_dir.iterdir())
     assert len(train_runs) == 2
     assert all(list(run.glob("checkpoint_*")) for run in train_runs)
     for trial in sweeps.runs(optuna_distributed, "tune-trial"):
