@@ -68,7 +68,6 @@ def run(
     until: str | None = None,
     on_stage: Callable[[str, StageResult], None] | None = None,
     progress_every_s: float | None = None,
-    worker_logs: bool = True,
     run_id: str | None = None,
 ) -> PipelineResult:
     """Run every stage, reusing cached artifacts; returns their results.
@@ -79,7 +78,6 @@ def run(
     resume: continue this pipeline run id: finished stages are reused, an interrupted training
         stage or sweep continues from its checkpoints, its MLflow runs are continued.
     progress_every_s: print stage transitions, and the running stage's progress this often.
-    worker_logs: stream the Ray workers' logs to this process's stdout and stderr.
     run_id: the new run's id (default: a fresh one); `ptft run` picks it to open the run's log first.
     Serve keeps running until `serve.shutdown()` or Ray exits.
     """
@@ -103,7 +101,6 @@ def run(
             until=until,
             on_stage=on_stage,
             progress_every_s=progress_every_s,
-            worker_logs=worker_logs,
         )
     finally:
         lock.release()
@@ -120,9 +117,8 @@ def _run_locked(
     until: str | None,
     on_stage: Callable[[str, StageResult], None] | None,
     progress_every_s: float | None,
-    worker_logs: bool,
 ) -> PipelineResult:
-    _init_ray(config, worker_logs=worker_logs)
+    _init_ray(config)
     _preflight(config)
     client = MlflowClient(config.tracking_uri())
     # The embedded store keeps artifacts beside it; a tracking server decides for itself.
@@ -197,7 +193,7 @@ def _reopen_pipeline_run(client: MlflowClient, storage: Path, run_id: str, exper
     return manifest
 
 
-def _init_ray(config: PipelineConfig, *, worker_logs: bool = True) -> None:
+def _init_ray(config: PipelineConfig) -> None:
     if ray.is_initialized():
         return
     use_gpu = config.uses_gpu()
@@ -208,7 +204,7 @@ def _init_ray(config: PipelineConfig, *, worker_logs: bool = True) -> None:
     address = config.ray.address or os.environ.get("RAY_ADDRESS")
     local = {} if address else {"num_cpus": config.ray.num_cpus, "dashboard_host": config.ray.dashboard_host}
     address = address or "local"
-    ray.init(address=address, runtime_env=runtime_env, log_to_driver=worker_logs, configure_logging=False, **local)
+    ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, configure_logging=False, **local)
 
 
 def _start_parent_run(client: MlflowClient, config: PipelineConfig, experiment_id: str, run_id: str) -> str:
