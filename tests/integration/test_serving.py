@@ -17,6 +17,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from statistics import median
 
 import pytest
 import requests
@@ -329,7 +330,7 @@ def test_a_burst_of_10x_capacity_gets_fast_503s_and_the_service_recovers(registe
     model = serve.resolve_model(f"models:/{NAME}/1", registered["tracking_uri"])
     url = serve.deploy(small_app, model, registered["tracking_uri"])
     capacity = small_app.max_ongoing_requests + small_app.max_queued_requests
-    slow = {"texts": [" ".join(["very"] * 300)] * 8}
+    slow = {"texts": [" ".join(["very"] * 300)] * 32}
 
     def call(_: int) -> tuple[int, float]:
         started = time.perf_counter()
@@ -340,7 +341,11 @@ def test_a_burst_of_10x_capacity_gets_fast_503s_and_the_service_recovers(registe
         results = list(pool.map(call, range(10 * capacity)))
     statuses = Counter(status for status, _ in results)
     assert set(statuses) <= {200, 503} and statuses[503] > 0 and statuses[200] >= capacity, statuses
-    rejected = sorted(seconds for status, seconds in results if status == 503)
-    assert rejected[len(rejected) // 2] < 2.0, rejected  # rejected fast, not after queueing
+    rejected = median(seconds for status, seconds in results if status == 503)
+    answered = median(seconds for status, seconds in results if status == 200)
+    print(f"burst: median 503 after {rejected:.3f} s, median 200 after {answered:.3f} s, {statuses}")
+    # Relative, not a wall-clock bound: on a loaded machine both slow down, but a rejection that
+    # waited behind the queue would take at least as long as the requests it was rejected for.
+    assert rejected < answered, (rejected, answered)
     recovered = requests.post(f"{url}/predict", json={"texts": ["good"]}, timeout=30)
     assert recovered.status_code == 200, recovered.text
