@@ -70,8 +70,17 @@ class CorpusConfig(BaseModel):
     source: Source = Field(description="unlabelled text for the tokenizer and for pre-training")
 
 
+TaskTypeName = Literal["sequence_classification", "token_classification"]  # components/tasks/
+
+
 class TaskConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    type: TaskTypeName = Field(
+        "sequence_classification",
+        description="sequence_classification: a text and a label per row; token_classification (entities): "
+        "a list of words and a list of IOB2 tags per row (set the sources' text_column and label_column, "
+        "e.g. tokens and ner_tags)",
+    )
     train: Source = Field(description="labelled examples to fine-tune on")
     validation: Source = Field(description="labelled examples for model selection (Tune's metric)")
     test: Source = Field(description="labelled examples for the final, reported accuracy")
@@ -437,7 +446,11 @@ class TuneConfig(BaseModel):
         default_factory=lambda: ["learning_rate", "weight_decay"],
         description="pbt: hyperparameters it perturbs (each must be in search_space)",
     )
-    metric: Literal["eval/accuracy", "eval/loss"] = Field("eval/accuracy", description="validation metric to optimise")
+    metric: Literal["eval/accuracy", "eval/loss", "eval/f1", "eval/precision", "eval/recall"] | None = Field(
+        None,
+        description="validation metric to optimise; default the task type's headline: eval/accuracy for "
+        "sequence_classification, eval/f1 (entity F1) for token_classification",
+    )
     max_concurrent_trials: int = Field(2, gt=0, description="trials at once; at most the CPUs you have")
     time_budget_s: float | None = Field(None, gt=0, description="stop the sweep after this many seconds")
     cpus_per_trial: float = Field(1, gt=0, description="CPUs per trial worker (= its torch threads)")
@@ -461,7 +474,7 @@ class TuneConfig(BaseModel):
 
     @property
     def mode(self) -> str:
-        return "max" if self.metric.endswith("accuracy") else "min"
+        return "min" if self.metric == "eval/loss" else "max"
 
     def samples(self) -> int:
         """num_samples, or its default: one pass over a grid, else 4 sampled trials."""

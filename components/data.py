@@ -53,7 +53,8 @@ def _load_hub(source: HubSource) -> pa.Table:
 
 
 def _select_columns(table: pa.Table, source: Source, labelled: bool) -> pa.Table:
-    columns = {"text": table.column(source.text_column).cast(pa.string())}
+    text = table.column(source.text_column)
+    columns = {"text": text if pa.types.is_list(text.type) else text.cast(pa.string())}  # words stay lists
     if labelled:
         columns["label"] = table.column(source.label_column)
     return pa.table(columns).filter(pc.is_valid(columns["text"]))

@@ -32,6 +32,7 @@ from components import accelerator, explain, models, plots, registry, training
 from components.configs import DeepSpeedConfig, FinetuneConfig, Hyperparameters
 from components.metrics import training_progress
 from components.stage import StageContext, StageResult, read_json, write_json
+from components.tasks import IGNORE, TaskType, task_type
 from components.throughput import Throughput, device_name
 from components.tracking import node_system_metrics, open_tracker
 
@@ -61,6 +62,7 @@ class ClassifierRun(BaseModel):
     resumed: bool = Field(False, description="an earlier attempt may have logged to mlflow_run_id")
     export: bool = Field(False, description="evaluate on test and save the HF folder at the end")
     stage: str = Field("finetune", description="the pipeline stage this run belongs to (labels its live metrics)")
+    task_type: str = Field("sequence_classification", description="what the rows are and how they are scored")
 
 
 def run(
@@ -72,9 +74,11 @@ def run(
     *,
     registered_model_name: str,
     test_split: str,
+    task: str = "sequence_classification",
 ) -> StageResult:
     """Fine-tune with the best hyperparameters, evaluate on test, register the model.
-    `test_split` fingerprints the test data: the champion gate compares only like with like."""
+    `test_split` fingerprints the test data: the champion gate compares only like with like;
+    `task` is the task type (components/tasks/)."""
     hyper, sources = resolve_hyperparameters(cfg.defaults, best_uri, cfg.overrides)
     run_cfg = ClassifierRun(
         pretrained_dir=pretrained_uri,
@@ -93,16 +97,18 @@ def run(
         export=True,
         early_stopping_patience=cfg.early_stopping_patience,
         early_stopping_min_delta=cfg.early_stopping_min_delta,
+        task_type=task,
     )
     tracker = open_tracker(ctx.tracking_uri, ctx.mlflow_run_id)
     tracker.log_params({f"hyper.{k}": v for k, v in hyper})
     tracker.log_params({f"hyper_source.{k}": source for k, source in sources.items()})
     result = training.fit_on_ray(train_loop_per_worker, run_cfg.model_dump(), cfg.workers, ctx, checkpoints_to_keep=1)
     model_dir, metrics = training.export_final_model(result, ctx.output_dir)
-    checked = models.smoke_test(model_dir, "classifier")
+    kind = task_type(task)
+    checked = models.smoke_test(model_dir, kind.auto_model)
     open_tracker(ctx.tracking_uri, ctx.mlflow_run_id).set_tags({"ptft.weights_sha256": checked["weights_sha256"]})
-    metrics.update(draw_pictures(model_dir, Path(tokenized_uri) / "task" / "test", ctx))
-    version = register(model_dir, metrics["test/accuracy"], ctx, name=registered_model_name, test_split=test_split)
+    metrics.update(draw_pictures(model_dir, Path(tokenized_uri) / "task" / "test", ctx, kind))
+    version = register(model_dir, metrics, ctx, name=registered_model_name, test_split=test_split, task=task)
     write_json(ctx.output_dir / "registered.json", version)
     return StageResult(
         output_uri=str(model_dir),
@@ -111,27 +117,35 @@ def run(
     )
 
 
-def register(model_dir: Path, test_accuracy: float, ctx: StageContext, *, name: str, test_split: str) -> dict:
-    """Register the classifier in ctx's MLflow run, tagged with the pipeline run and the key of the
-    artifact it came from (how a later cache hit finds it in a registry)."""
+def register(model_dir: Path, metrics: dict, ctx: StageContext, *, name: str, test_split: str, task: str) -> dict:
+    """Register the model in ctx's MLflow run, tagged with the pipeline run and the key of the
+    artifact it came from (how a later cache hit finds it in a registry). The champion gate
+    compares the task type's headline test metric (accuracy, entity F1)."""
+    kind = task_type(task)
     version = registry.register_classifier(
         model_dir,
         name=name,
         run_id=ctx.mlflow_run_id,
         tracking_uri=ctx.tracking_uri,
-        test_accuracy=test_accuracy,
+        test_accuracy=metrics[f"test/{kind.headline}"],
         test_split=test_split,
         lineage={"ptft.pipeline_run_id": ctx.pipeline_run_id, registry.CACHE_KEY_TAG: ctx.cache_key},
+        task=kind,
     )
     return {**version, "run_id": ctx.mlflow_run_id}
 
 
-def draw_pictures(model_dir: Path, test_dir: Path, ctx: StageContext) -> dict[str, float]:
-    """Training curves, the test split's confusion matrix and attention maps of a few test texts,
-    from the exported model, into `plots/` and the stage's MLflow run. Returns the macro F1."""
+def draw_pictures(model_dir: Path, test_dir: Path, ctx: StageContext, kind: TaskType) -> dict[str, float]:
+    """Training curves; for sentence classification also the test split's confusion matrix and
+    attention maps of a few test texts, from the exported model, into `plots/` and the stage's
+    MLflow run. Returns the macro F1 of a classifier."""
     folder = ctx.output_dir / "plots"
     client = MlflowClient(ctx.tracking_uri) if ctx.tracking_uri and ctx.mlflow_run_id else None
     pictures = plots.training_curves(client, ctx.mlflow_run_id, folder, eval_key="eval/loss") if client else []
+    if kind.name != "sequence_classification":  # a per-text confusion matrix and attention maps are its own
+        if client and pictures:
+            plots.log(client, ctx.mlflow_run_id, pictures)
+        return {}
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, use_safetensors=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     test = training.load_columns(test_dir, ["input_ids", "attention_mask", "label"])
@@ -214,6 +228,7 @@ def fit_classifier(
     that checkpoint's epoch with the model, optimizer, schedule and RNGs it saved.
     """
     accelerator.prepare_process(cfg.use_gpu, cfg.threads)
+    kind = task_type(cfg.task_type)
     rank, world = _rank_and_world()
     tokenizer = AutoTokenizer.from_pretrained(cfg.pretrained_dir)
     data = {
@@ -247,7 +262,8 @@ def fit_classifier(
     metrics: dict[str, float] = {}
     for epoch in range(done_epochs + 1, cfg.epochs + 1):
         train_loss, step = _train_epoch(engine, data["train"], shard, cfg, epoch, step, tracker, meter)
-        metrics = {"train/epoch_loss": train_loss, "epoch": epoch, **evaluate(engine, data["validation"], shard)}
+        validation = evaluate(engine, data["validation"], shard, kind=kind, label_names=cfg.label_names)
+        metrics = {"train/epoch_loss": train_loss, "epoch": epoch, **validation}
         stop = stopper.update(metrics["eval/loss"])
         last = epoch == cfg.epochs or stop
         if stop:
@@ -256,7 +272,7 @@ def fit_classifier(
                 "early stopping after epoch %d: no lower validation loss since epoch %d", epoch, stopper.best_epoch
             )
         if last and cfg.export:
-            metrics.update(evaluate(engine, data["test"], shard, prefix="test"))
+            metrics.update(evaluate(engine, data["test"], shard, kind=kind, label_names=cfg.label_names, prefix="test"))
         tracker.log_metrics(metrics, epoch)
         tracker.flush()
         with tempfile.TemporaryDirectory() as checkpoint_dir:
@@ -332,15 +348,19 @@ def _setup_engine(cfg: ClassifierRun, tokenizer, micro_steps: int, *, log_inheri
             {key: getattr(pretrained, key, None) for key in dropout},
         )
     torch.manual_seed(cfg.seed)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        cfg.pretrained_dir,
-        use_safetensors=True,
-        num_labels=len(cfg.label_names),
-        id2label=dict(enumerate(cfg.label_names)),
-        label2id={name: i for i, name in enumerate(cfg.label_names)},
-        # decoders classify from the last token that is not padding
-        pad_token_id=pretrained.pad_token_id if pretrained.pad_token_id is not None else tokenizer.pad_token_id,
-        **dropout,
+    model = (
+        task_type(cfg.task_type)
+        .model_class()
+        .from_pretrained(
+            cfg.pretrained_dir,
+            use_safetensors=True,
+            num_labels=len(cfg.label_names),
+            id2label=dict(enumerate(cfg.label_names)),
+            label2id={name: i for i, name in enumerate(cfg.label_names)},
+            # decoders classify from the last token that is not padding
+            pad_token_id=pretrained.pad_token_id if pretrained.pad_token_id is not None else tokenizer.pad_token_id,
+            **dropout,
+        )
     )
     return training.build_engine(
         model,
@@ -361,8 +381,12 @@ def _train_epoch(
     for rows in shard.epoch_batches(len(train["label"]), epoch=epoch, seed=cfg.seed):
         batch = _batch(train, rows, engine.device)
         logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        # One label per row or one per token (IGNORE where there is none): the same loss.
         loss = torch.nn.functional.cross_entropy(
-            logits.float(), batch["labels"], label_smoothing=cfg.hyper.label_smoothing
+            logits.flatten(0, -2).float(),
+            batch["labels"].flatten(),
+            ignore_index=IGNORE,
+            label_smoothing=cfg.hyper.label_smoothing,
         )
         engine.backward(loss)
         training.optimizer_step(engine)
@@ -401,17 +425,27 @@ def _batch(split: dict, rows: torch.Tensor, device) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def evaluate(engine, split: dict, shard: training.Shard, *, prefix: str = "eval") -> dict[str, float]:
-    """Loss and accuracy over the whole split, summed across ranks."""
+def evaluate(
+    engine, split: dict, shard: training.Shard, *, kind: TaskType, label_names: list[str], prefix: str = "eval"
+) -> dict[str, float]:
+    """Loss over the whole split's labelled positions (summed across ranks), and the task type's
+    scores of every rank's predictions together."""
     engine.eval()
-    loss_sum, correct, count = 0.0, 0.0, 0.0
+    loss_sum, count = 0.0, 0.0
+    gold, guess = [], []
     mine = shard.eval_rows(len(split["label"]))
     for start in range(0, len(mine), shard.batch_size):
         batch = _batch(split, mine[start : start + shard.batch_size], engine.device)
         output = engine(**batch)
-        loss_sum += output.loss.item() * len(batch["labels"])
-        correct += float((output.logits.argmax(-1) == batch["labels"]).sum())
-        count += len(batch["labels"])
+        labels = batch["labels"].reshape(len(batch["labels"]), -1)  # a row's labels: one, or one per token
+        predicted = output.logits.argmax(-1).reshape(labels.shape)
+        kept = labels != IGNORE
+        loss_sum += output.loss.item() * float(kept.sum())
+        count += float(kept.sum())
+        for row_labels, row_predicted, row_kept in zip(labels, predicted, kept, strict=True):
+            gold.append(row_labels[row_kept].tolist())
+            guess.append(row_predicted[row_kept].tolist())
     engine.train()
-    loss_sum, correct, count = training.all_reduce_sum([loss_sum, correct, count])
-    return {f"{prefix}/loss": loss_sum / max(count, 1), f"{prefix}/accuracy": correct / max(count, 1)}
+    loss_sum, count = training.all_reduce_sum([loss_sum, count])
+    scores = kind.scores(training.gather_rows(gold), training.gather_rows(guess), label_names)
+    return {f"{prefix}/loss": loss_sum / max(count, 1), **{f"{prefix}/{name}": value for name, value in scores.items()}}

@@ -146,14 +146,16 @@ def weights_sha256(model_dir: Path) -> str:
 def smoke_test(model_dir: Path, kind: str, text: str = "a short sample text .") -> dict[str, float | str]:
     """Load the exported folder as users will (`AutoModel*.from_pretrained`) and run one forward.
 
-    `kind` is mlm, clm or classifier. Returns the weights hash and parameter count.
+    `kind` is mlm, clm, classifier or a task type's transformers class name (e.g.
+    AutoModelForTokenClassification). Returns the weights hash and parameter count.
 
     Raises:
         RuntimeError: the folder does not load, or the forward gives non-finite outputs.
     """
-    auto = {"mlm": AutoModelForMaskedLM, "clm": AutoModelForCausalLM, "classifier": AutoModelForSequenceClassification}[
-        kind
-    ]
+    import transformers
+
+    named = {"mlm": AutoModelForMaskedLM, "clm": AutoModelForCausalLM, "classifier": AutoModelForSequenceClassification}
+    auto = named[kind] if kind in named else getattr(transformers, kind)
     try:
         model = auto.from_pretrained(model_dir, use_safetensors=True).eval()
         tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -14,6 +14,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
+from components.tasks import TaskType, task_type
+
 log = logging.getLogger(__name__)
 
 
@@ -30,11 +32,11 @@ class _NoHubCardWarnings(logging.Filter):
 logging.getLogger("mlflow.transformers").addFilter(_NoHubCardWarnings())
 
 CANDIDATE, CHAMPION = "candidate", "champion"
-ACCURACY_TAG = "ptft.test_accuracy"
+ACCURACY_TAG = "ptft.test_accuracy"  # a classifier's score; other task types' are ptft.test_<headline>
+TASK_TYPE_TAG = "ptft.task_type"
 TEST_SPLIT_TAG = "ptft.test_split"  # fingerprint of the test data the accuracy was measured on
 CACHE_KEY_TAG = "ptft.cache_key"  # the finetune artifact a version was registered from
 HISTORY_TAG = "ptft.champion_history"  # JSON list of versions, latest champion last
-TASK = "text-classification"
 
 
 def register_classifier(
@@ -46,40 +48,47 @@ def register_classifier(
     test_accuracy: float,
     test_split: str,
     lineage: dict[str, str],
+    task: TaskType | None = None,
 ) -> dict:
-    """Log the HF folder under `run_id`, register it as `name` and set aliases. Returns the version info."""
+    """Log the HF folder under `run_id`, register it as `name` and set aliases. Returns the version info.
+
+    `test_accuracy` is the task type's headline test score (accuracy; entity F1 for entities), kept
+    in the tag `ptft.test_<headline>` that the champion gate compares."""
+    task = task or task_type("sequence_classification")
+    score_tag = f"ptft.test_{task.headline}"
     client = MlflowClient(tracking_uri)
     # Idempotent: a stage re-entered after a kill during registration continues the same MLflow
     # run, and finds the version that run registered already.
     existing = _versions(client, name, f"run_id = '{run_id}'")
-    version = str(existing[0].version) if existing else _log_and_register(model_dir, name, run_id, tracking_uri)
-    tags = {**lineage, ACCURACY_TAG: f"{test_accuracy:.6f}", TEST_SPLIT_TAG: test_split, "ptft.finetune_run_id": run_id}
+    version = str(existing[0].version) if existing else _log_and_register(model_dir, name, run_id, tracking_uri, task)
+    tags = {**lineage, score_tag: f"{test_accuracy:.6f}", TEST_SPLIT_TAG: test_split, "ptft.finetune_run_id": run_id}
+    tags[TASK_TYPE_TAG] = task.name
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
     aliases = [CANDIDATE]
     client.set_registered_model_alias(name, CANDIDATE, version)
     if _current_champion(client, name) == [version]:
         aliases.append(CHAMPION)  # registered and promoted before the kill that re-entered this stage
-    elif _beats_champion(client, name, test_accuracy, test_split):
+    elif _beats_champion(client, name, test_accuracy, test_split, score_tag):
         promote(client, name, version)
         aliases.append(CHAMPION)
     log.info("registered %s version %s with aliases %s", name, version, aliases)
     return {"name": name, "version": version, "aliases": aliases, "model_uri": f"models:/{name}/{version}"}
 
 
-def _log_and_register(model_dir: Path, name: str, run_id: str, tracking_uri: str) -> str:
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+def _log_and_register(model_dir: Path, name: str, run_id: str, tracking_uri: str, task: TaskType) -> str:
+    from transformers import AutoTokenizer
 
     mlflow.set_tracking_uri(tracking_uri)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, use_safetensors=True)
+    model = task.model_class().from_pretrained(model_dir, use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    example = ["a sample text to classify"]
+    example = [task.example]
     signature = infer_signature(example, [{"label": model.config.id2label[0], "score": 0.5}])
     with mlflow.start_run(run_id=run_id):
         info = mlflow.transformers.log_model(
             transformers_model={"model": model, "tokenizer": tokenizer},
             name="model",
-            task=TASK,
+            task=task.mlflow_task,
             signature=signature,
             input_example=example,
             registered_model_name=name,
@@ -120,7 +129,9 @@ def _requirements() -> list[str]:
     return [f"{package}=={version(package).split('+')[0]}" for package in ("torch", "transformers", "tokenizers")]
 
 
-def _beats_champion(client: MlflowClient, name: str, test_accuracy: float, test_split: str) -> bool:
+def _beats_champion(
+    client: MlflowClient, name: str, test_accuracy: float, test_split: str, score_tag: str = ACCURACY_TAG
+) -> bool:
     """The gate: strictly better than the champion, measured on the same test data."""
     try:
         champion = client.get_model_version_by_alias(name, CHAMPION)
@@ -138,12 +149,13 @@ def _beats_champion(client: MlflowClient, name: str, test_accuracy: float, test_
             name,
         )
         return False
-    champion_accuracy = float(champion.tags.get(ACCURACY_TAG, "-1"))
+    champion_accuracy = float(champion.tags.get(score_tag, "-1"))
     if test_accuracy > champion_accuracy:
         return True
     log.info(
-        "%s: test accuracy %.4f does not beat champion v%s (%.4f): stays %s",
+        "%s: %s %.4f does not beat champion v%s (%.4f): stays %s",
         name,
+        score_tag.removeprefix("ptft."),
         test_accuracy,
         champion.version,
         champion_accuracy,

@@ -27,6 +27,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from components.configs import SPECIAL_TOKENS, CorpusConfig, DataConfig, TaskConfig, TokenizeConfig
 from components.data import load_source
 from components.stage import StageContext, StageResult, write_json
+from components.tasks import task_type
 from components.vocab import separator_id, start_id
 
 log = logging.getLogger(__name__)
@@ -73,12 +74,16 @@ def run_task(cfg: TokenizeConfig, task: TaskConfig, tokenizer_dir: str, ctx: Sta
 
 
 def _write_task(task: TaskConfig, tokenizer_dir: Path, cfg: TokenizeConfig, output_dir: Path) -> dict[str, int]:
+    kind = task_type(task.type)
     splits = {name: load_source(getattr(task, name), labelled=True) for name in TASK_SPLITS}
-    label_values = label_vocabulary(splits["train"])
+    for name, table in splits.items():
+        kind.check_rows(table, name)
+    label_values = kind.label_values(splits["train"])
     write_json(output_dir / "labels.json", display_names(label_values, task.label_names))
     stats = {}
     for name, table in splits.items():
-        _tokenize_task(table, tokenizer_dir, label_values, cfg).write_parquet(str(output_dir / "task" / name))
+        tokenized = _tokenize_task(table, tokenizer_dir, label_values, cfg, task.type)
+        tokenized.write_parquet(str(output_dir / "task" / name))
         stats[f"task/{name}_rows"] = table.num_rows
     return stats
 
@@ -139,11 +144,8 @@ def load_pretrained(name_or_path: str, seq_len: int) -> PreTrainedTokenizerFast:
 
 
 def label_vocabulary(train: pa.Table) -> list[str]:
-    """Label names in id order: sorted numerically when all labels are integers, else by name."""
-    values = set(train.column("label").to_pylist())
-    if all(isinstance(value, int) for value in values):
-        return [str(value) for value in sorted(values)]
-    return sorted(str(value) for value in values)
+    """A sentence classification train split's labels in id order (numeric when all are integers)."""
+    return task_type("sequence_classification").label_values(train)
 
 
 def display_names(values: list[str], names: list[str] | None) -> list[str]:
@@ -204,32 +206,32 @@ def pack_blocks(batch: pa.Table, *, tokenizer_dir: str, seq_len: int) -> pa.Tabl
     return pa.table({"input_ids": pa.array(list(blocks), type=pa.list_(pa.int32()))})
 
 
-def _tokenize_task(table: pa.Table, tokenizer_dir: Path, label_values: list[str], cfg: TokenizeConfig):
+def _tokenize_task(table: pa.Table, tokenizer_dir: Path, label_values: list[str], cfg: TokenizeConfig, kind: str):
     return _dataset(table, cfg.batch_size).map_batches(
         tokenize_examples,
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
-        fn_kwargs={"tokenizer_dir": str(tokenizer_dir), "seq_len": cfg.seq_len, "label_values": label_values},
+        fn_kwargs={
+            "tokenizer_dir": str(tokenizer_dir),
+            "seq_len": cfg.seq_len,
+            "label_values": label_values,
+            "task": kind,
+        },
     )
 
 
-def tokenize_examples(batch: pa.Table, *, tokenizer_dir: str, seq_len: int, label_values: list[str]) -> pa.Table:
-    """Tokenize labelled texts, padded/truncated to `seq_len`, with labels mapped to ids.
+def tokenize_examples(
+    batch: pa.Table, *, tokenizer_dir: str, seq_len: int, label_values: list[str], task: str = "sequence_classification"
+) -> pa.Table:
+    """Tokenize labelled rows as their task type does, padded/truncated to `seq_len`, with labels
+    mapped to ids (components/tasks/).
 
     Raises:
         ValueError: a label that the train split does not have.
     """
-    tokenizer = _load_tokenizer(tokenizer_dir)
-    encoded = tokenizer(batch.column("text").to_pylist(), max_length=seq_len, truncation=True, padding="max_length")
+    kind = task_type(task)
     label_ids = {value: index for index, value in enumerate(label_values)}
-    labels = [str(label) for label in batch.column("label").to_pylist()]
-    unknown = sorted(set(labels) - set(label_ids))
+    unknown = sorted(set(kind.labels_of(batch)) - set(label_ids))
     if unknown:
         raise ValueError(f"labels {unknown} do not occur in the train split (which has {label_values})")
-    return pa.table(
-        {
-            "input_ids": pa.array(encoded["input_ids"], type=pa.list_(pa.int32())),
-            "attention_mask": pa.array(encoded["attention_mask"], type=pa.list_(pa.int8())),
-            "label": pa.array([label_ids[label] for label in labels], type=pa.int64()),
-        }
-    )
+    return pa.table(kind.tokenize(batch, _load_tokenizer(tokenizer_dir), seq_len, label_ids))

@@ -355,3 +355,13 @@ def steps_for(num_rows: int, shard: Shard, epochs: int) -> int:
 
 def perplexity(loss: float) -> float:
     return math.exp(min(loss, 50.0))
+
+
+def gather_rows(rows: list) -> list:
+    """Every rank's rows, rank 0's first (a no-op without a process group): for scores that are not
+    sums, such as entity F1."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return rows
+    gathered: list[list] = [None] * dist.get_world_size()  # type: ignore[list-item]
+    dist.all_gather_object(gathered, rows)
+    return [row for part in gathered for row in part]

@@ -135,8 +135,10 @@ def run(
     defaults: Hyperparameters,
     deepspeed: DeepSpeedConfig,
     ctx: StageContext,
+    task: str = "sequence_classification",
 ) -> StageResult:
-    """Run (or continue) the sweep; write best_config.json and the trial table under ctx.output_dir."""
+    """Run (or continue) the sweep; write best_config.json and the trial table under ctx.output_dir.
+    `task` is the task type (components/tasks/)."""
     setup = TrialSetup(
         base=finetune.ClassifierRun(
             pretrained_dir=pretrained_uri,
@@ -150,6 +152,7 @@ def run(
             tracking_uri=ctx.tracking_uri,
             seed=ctx.seed,
             stage="tune",
+            task_type=task,
         ),
         tune_run_id=ctx.mlflow_run_id,
         experiment_id=ctx.experiment_id,

@@ -37,6 +37,7 @@ from components.configs import (
     TokenizeConfig,
     TuneConfig,
 )
+from components.tasks import task_type
 
 
 class TrackingConfig(BaseModel):
@@ -121,6 +122,21 @@ class PipelineConfig(BaseModel):
                 serve["route_prefix"] = f"/{name}"
             tasks[name] = spec
         return {**raw, "tasks": tasks}
+
+    @model_validator(mode="after")
+    def _tune_metric_of_the_task_type(self) -> PipelineConfig:
+        """The sweep optimises the task type's headline metric unless it says otherwise, and only
+        a metric that task type reports."""
+        sweeps = [("tune.metric", self.tune, self.data.task)]
+        sweeps += [(f"tasks.{name}.tune.metric", spec.tune, spec.data) for name, spec in self.tasks.items()]
+        for where, tune, task in sweeps:
+            kind = task_type(task.type if task else "sequence_classification")
+            if tune.metric is None:
+                tune.metric = f"eval/{kind.headline}"
+            elif tune.metric.removeprefix("eval/") not in kind.reports:
+                reported = ", ".join(f"eval/{name}" for name in kind.reports)
+                raise ValueError(f"{where}: a {kind.name} task reports {reported}, not {tune.metric}")
+        return self
 
     @model_validator(mode="after")
     def _tokenizer_of_the_checkpoint(self) -> PipelineConfig:
@@ -868,17 +884,35 @@ def task_data_problems(config: PipelineConfig) -> list[Problem]:
                 problems.append(Problem(f"{prefix}.{split}", _where(source), "no rows", "give it examples"))
         if "train" not in tables or any(table.num_rows == 0 for table in tables.values()):
             continue
-        known = set(map(str, tables["train"].column("label").to_pylist()))
+        kind = task_type(seen.data.task.type)
+        shape = _row_shape_problems(kind, tables, seen.data.task, prefix)
+        problems += shape.values()
+        if "train" in shape:
+            continue
+        tables = {split: table for split, table in tables.items() if split not in shape}
+        known = set(kind.labels_of(tables["train"]))
         if len(known) < 2:
             why = f"one class only ({', '.join(known)}): nothing to tell apart"
             problems.append(Problem(f"{prefix}.train", _where(seen.data.task.train), why, "add examples of another"))
         for split in ("validation", "test"):
-            unseen = sorted(set(map(str, tables[split].column("label").to_pylist())) - known) if split in tables else []
+            unseen = sorted(set(kind.labels_of(tables[split])) - known) if split in tables else []
             if unseen:
                 why = f"labels the train split lacks: {', '.join(unseen[:10])}"
                 fix = "drop those rows, or add examples of them to train"
                 problems.append(Problem(f"{prefix}.{split}", _where(getattr(seen.data.task, split)), why, fix))
         problems += _one_step_problems(seen, prefix, tables["train"].num_rows)
+    return problems
+
+
+def _row_shape_problems(kind, tables: dict, task: Any, prefix: str) -> dict[str, Problem]:
+    """By split: rows the task type cannot read (a string where it wants a list of words, ...)."""
+    problems = {}
+    for split, table in tables.items():
+        try:
+            kind.check_rows(table, split)
+        except ValueError as error:
+            fix = f"check data.task.type ({task.type}) and the source's text_column and label_column"
+            problems[split] = Problem(f"{prefix}.{split}", _where(getattr(task, split)), str(error), fix)
     return problems
 
 

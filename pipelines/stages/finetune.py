@@ -1,4 +1,4 @@
-"""finetune: train the classifier with the sweep's best config, evaluate it on test, register it.
+"""finetune: train the task's model with the sweep's best config, evaluate it on test, register it.
 
 Registration is a side effect in a place the artifact does not own (the registry named by
 `name` in the store of `tracking.uri`), so it is checked on every reuse: a cached model is
@@ -56,6 +56,7 @@ def _run(config: PipelineConfig, inputs: Inputs, ctx: StageContext) -> StageResu
         ctx,
         registered_model_name=config.registered_model_name(),
         test_split=data.fingerprint(config.data.task.test),
+        task=config.data.task.type,
     )
 
 
@@ -71,7 +72,7 @@ def _ensure_registered(config: PipelineConfig, inputs: Inputs, result: StageResu
 
         test_split = data.fingerprint(config.data.task.test)
         found = finetune.register(
-            Path(result.output_uri), result.metrics["test/accuracy"], ctx, name=name, test_split=test_split
+            Path(result.output_uri), result.metrics, ctx, name=name, test_split=test_split, task=config.data.task.type
         )
         return _describe_version(config, inputs, _with(result, found), ctx)
     return _with(result, found)

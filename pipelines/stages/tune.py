@@ -58,6 +58,7 @@ def _run(config: PipelineConfig, inputs: Inputs, ctx) -> StageResult:
         config.finetune.trial_defaults(),
         config.finetune.deepspeed,
         ctx,
+        task=config.data.task.type,
     )
 
 

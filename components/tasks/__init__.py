@@ -1,0 +1,21 @@
+"""Task types: what a task's labelled rows are, how they are tokenized, which head fine-tunes on
+them and how it is scored. A task type is declared once, in its own module, and listed here; the
+stages ask `task_type(config.data.task.type)` and name none of them.
+
+Adding a task type = a module exporting `TASK = TaskType(...)` (components/tasks/base.py says what
+each field is), its name in `TaskConfig.type` (components/configs.py) and one line below.
+"""
+
+from __future__ import annotations
+
+from components.tasks import classification, entities
+from components.tasks.base import IGNORE, TaskType
+
+TASK_TYPES: dict[str, TaskType] = {task.name: task for task in (classification.TASK, entities.TASK)}
+
+__all__ = ["IGNORE", "TASK_TYPES", "TaskType", "task_type"]
+
+
+def task_type(name: str) -> TaskType:
+    """The task type a config names (`data.task.type`)."""
+    return TASK_TYPES[name]

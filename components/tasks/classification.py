@@ -1,0 +1,57 @@
+"""Sentence classification: one text, one label (sentiment, topic, intent)."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from components.tasks.base import TaskType
+
+
+def _check_rows(table: pa.Table, split: str) -> None:
+    if pa.types.is_list(table.column("text").type):
+        raise ValueError(f"the {split} split's text column holds lists: a sentence classification task reads strings")
+
+
+def _labels_of(table: pa.Table) -> list[str]:
+    return [str(label) for label in table.column("label").to_pylist()]
+
+
+def _label_values(train: pa.Table) -> list[str]:
+    """Sorted numerically when all labels are integers, else by name."""
+    values = set(train.column("label").to_pylist())
+    if all(isinstance(value, int) for value in values):
+        return [str(value) for value in sorted(values)]
+    return sorted(str(value) for value in values)
+
+
+def _tokenize(batch: pa.Table, tokenizer, seq_len: int, label_ids: dict[str, int]) -> dict:
+    encoded = tokenizer(batch.column("text").to_pylist(), max_length=seq_len, truncation=True, padding="max_length")
+    return {
+        "input_ids": pa.array(encoded["input_ids"], type=pa.list_(pa.int32())),
+        "attention_mask": pa.array(encoded["attention_mask"], type=pa.list_(pa.int8())),
+        "label": pa.array([label_ids[label] for label in _labels_of(batch)], type=pa.int64()),
+    }
+
+
+def _scores(gold: list[list[int]], predicted: list[list[int]], names: list[str]) -> dict[str, float]:
+    import torch
+    from torchmetrics.functional.classification import multiclass_accuracy
+
+    truth = torch.tensor([row[0] for row in gold])
+    guess = torch.tensor([row[0] for row in predicted])
+    return {"accuracy": float(multiclass_accuracy(guess, truth, num_classes=max(len(names), 2), average="micro"))}
+
+
+TASK = TaskType(
+    name="sequence_classification",
+    auto_model="AutoModelForSequenceClassification",
+    mlflow_task="text-classification",
+    headline="accuracy",
+    reports=("loss", "accuracy"),
+    check_rows=_check_rows,
+    label_values=_label_values,
+    labels_of=_labels_of,
+    tokenize=_tokenize,
+    scores=_scores,
+    example="a sample text to classify",
+)

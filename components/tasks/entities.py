@@ -1,0 +1,88 @@
+"""Named entities (token classification): a sentence as a list of words, one tag per word in IOB2
+(`B-PER`, `I-PER`, `O`, as CoNLL-2003). Each word's tag is learned and predicted on its first
+sub-word; later sub-words and special tokens carry IGNORE. Scored by entity with `seqeval`
+(conlleval semantics: an entity counts when its type and both ends are right)."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from components.tasks.base import IGNORE, TaskType
+
+
+def _check_rows(table: pa.Table, split: str) -> None:
+    for column, holds in (("text", "words"), ("label", "tags")):
+        if not pa.types.is_list(table.column(column).type):
+            raise ValueError(
+                f"the {split} split's {holds} column holds {table.column(column).type}, not lists: an entities "
+                "task reads one list of words and one list of tags per row"
+            )
+    for row, (words, tags) in enumerate(
+        zip(table.column("text").to_pylist(), table.column("label").to_pylist(), strict=True)
+    ):
+        if len(words or []) != len(tags or []):
+            raise ValueError(
+                f"row {row + 1} of the {split} split has {len(words or [])} words but {len(tags or [])} tags: "
+                "give one tag per word"
+            )
+
+
+def _labels_of(table: pa.Table) -> list[str]:
+    return [str(tag) for tags in table.column("label").to_pylist() for tag in tags or []]
+
+
+def _label_values(train: pa.Table) -> list[str]:
+    return sorted(set(_labels_of(train)))
+
+
+def _tokenize(batch: pa.Table, tokenizer, seq_len: int, label_ids: dict[str, int]) -> dict:
+    words = [list(row or []) for row in batch.column("text").to_pylist()]
+    tags = batch.column("label").to_pylist()
+    encoded = tokenizer(words, is_split_into_words=True, max_length=seq_len, truncation=True, padding="max_length")
+    labels = []
+    for row, row_tags in enumerate(tags):
+        ids, previous = [], None
+        for word in encoded.word_ids(row):
+            ids.append(IGNORE if word is None or word == previous else label_ids[str(row_tags[word])])
+            previous = word
+        labels.append(ids)
+    return {
+        "input_ids": pa.array(encoded["input_ids"], type=pa.list_(pa.int32())),
+        "attention_mask": pa.array(encoded["attention_mask"], type=pa.list_(pa.int8())),
+        "label": pa.array(labels, type=pa.list_(pa.int64())),
+    }
+
+
+def _scores(gold: list[list[int]], predicted: list[list[int]], names: list[str]) -> dict[str, float]:
+    """Entity-level micro precision, recall and F1, F1 per entity type, and word accuracy."""
+    from seqeval.metrics import accuracy_score, classification_report
+
+    truth = [[names[tag] for tag in row] for row in gold]
+    guess = [[names[tag] for tag in row] for row in predicted]
+    report = classification_report(truth, guess, output_dict=True, zero_division=0)
+    micro = report["micro avg"]
+    scores = {
+        "precision": float(micro["precision"]),
+        "recall": float(micro["recall"]),
+        "f1": float(micro["f1-score"]),
+        "accuracy": float(accuracy_score(truth, guess)),
+    }
+    for kind, row in report.items():
+        if not kind.endswith(" avg"):
+            scores[f"f1/{kind}"] = float(row["f1-score"])
+    return scores
+
+
+TASK = TaskType(
+    name="token_classification",
+    auto_model="AutoModelForTokenClassification",
+    mlflow_task="token-classification",
+    headline="f1",
+    reports=("loss", "accuracy", "precision", "recall", "f1"),
+    check_rows=_check_rows,
+    label_values=_label_values,
+    labels_of=_labels_of,
+    tokenize=_tokenize,
+    scores=_scores,
+    example="EU rejects German call to boycott British lamb .",
+)

@@ -1,0 +1,207 @@
+"""Named entities (token classification, components/tasks/entities.py): word-to-sub-word label
+alignment with WordPiece and byte-level BPE, entity-level scores with seqeval semantics, the checks
+`ptft validate` makes, and the fine-tuning loop learning real CoNLL-2003 entities in-process."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from components import accelerator, finetune, models, training
+from components import tokenize as tok
+from components.configs import DeepSpeedConfig, FileSource, Hyperparameters, ModelConfig, TokenizeConfig
+from components.data import load_source
+from components.tasks import IGNORE, task_type
+from components.vocab import special_ids
+from pipelines.cli import main
+from pipelines.config import load_config
+from tests.conftest import shared, tiny_config_dict
+
+ENTITIES = task_type("token_classification")
+SENTENCES = [
+    {"tokens": ["Peter", "Blackburn", "visited", "Brussels"], "ner_tags": ["B-PER", "I-PER", "O", "B-LOC"]},
+    {"tokens": ["EU", "rejects", "German", "lamb"], "ner_tags": ["B-ORG", "O", "B-MISC", "O"]},
+]
+
+
+def _tokenizer(tmp_path: Path, algorithm: str) -> str:
+    texts = [" ".join(row["tokens"]) for row in SENTENCES] * 3
+    # A vocabulary too small for whole words: names split into several sub-words.
+    tokenizer = tok.train_tokenizer(texts, TokenizeConfig(algorithm=algorithm, vocab_size=60, min_frequency=1))
+    tokenizer.save_pretrained(tmp_path / algorithm)
+    return str(tmp_path / algorithm)
+
+
+def _rows(rows: list[dict]) -> pa.Table:
+    return pa.table({"text": [row["tokens"] for row in rows], "label": [row["ner_tags"] for row in rows]})
+
+
+@pytest.mark.parametrize("algorithm", ["wordpiece", "bpe"])
+def test_each_word_is_labelled_on_its_first_sub_word(tmp_path: Path, algorithm: str) -> None:
+    folder = _tokenizer(tmp_path, algorithm)
+    values = ENTITIES.label_values(_rows(SENTENCES))
+    out = tok.tokenize_examples(
+        _rows(SENTENCES), tokenizer_dir=folder, seq_len=48, label_values=values, task="token_classification"
+    )
+    tokenizer = tok._load_tokenizer(folder)
+    for row, sentence in enumerate(SENTENCES):
+        labels = out.column("label")[row].as_py()
+        encoded = tokenizer(sentence["tokens"], is_split_into_words=True, max_length=48, truncation=True)
+        word_ids = encoded.word_ids()
+        assert len(word_ids) > len(sentence["tokens"]) + 2, "some word must split into sub-words"
+        first = [i for i, word in enumerate(word_ids) if word is not None and word != word_ids[i - 1]]
+        assert [values[labels[i]] for i in first] == sentence["ner_tags"]
+        assert all(labels[i] == IGNORE for i in range(len(labels)) if i not in first)
+        assert len(labels) == 48 and out.column("attention_mask")[row].as_py().count(1) == len(word_ids)
+
+
+def test_a_tag_the_train_split_lacks_is_named(tmp_path: Path) -> None:
+    folder = _tokenizer(tmp_path, "wordpiece")
+    unseen = [{"tokens": ["Reuters"], "ner_tags": ["B-NEWS"]}]
+    with pytest.raises(ValueError, match=r"\['B-NEWS'\] do not occur in the train split"):
+        tok.tokenize_examples(
+            _rows(unseen), tokenizer_dir=folder, seq_len=16, label_values=["B-PER", "O"], task="token_classification"
+        )
+
+
+def test_rows_must_be_word_lists_with_one_tag_per_word() -> None:
+    with pytest.raises(ValueError, match="not lists"):
+        ENTITIES.check_rows(pa.table({"text": ["a sentence"], "label": ["O"]}), "train")
+    with pytest.raises(ValueError, match="row 1 of the test split has 2 words but 1 tags"):
+        ENTITIES.check_rows(pa.table({"text": [["a", "b"]], "label": [["O"]]}), "test")
+
+
+def test_scores_count_whole_entities_as_seqeval_does() -> None:
+    names = ["B-LOC", "B-PER", "I-PER", "O"]
+    ids = {name: i for i, name in enumerate(names)}
+    gold = [["B-PER", "I-PER", "O", "B-LOC"], ["B-PER", "O"]]
+    # Row 1: the person is cut short (no credit), the place is right; row 2: right.
+    guess = [["B-PER", "O", "O", "B-LOC"], ["B-PER", "O"]]
+    scores = ENTITIES.scores([[ids[t] for t in row] for row in gold], [[ids[t] for t in row] for row in guess], names)
+    assert scores["precision"] == pytest.approx(2 / 3) and scores["recall"] == pytest.approx(2 / 3)
+    assert scores["f1/LOC"] == 1.0 and scores["f1/PER"] == pytest.approx(0.5)
+    assert scores["accuracy"] == pytest.approx(5 / 6)  # per word: only "Blackburn" is wrong
+
+
+def _ner_config(tmp_path: Path, splits: dict[str, list[dict]], **tune) -> Path:
+    task = {"type": "token_classification"}
+    for split, rows in splits.items():
+        path = tmp_path / f"{split}.jsonl"
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        task[split] = {"type": "file", "path": str(path), "text_column": "tokens", "label_column": "ner_tags"}
+    config = tiny_config_dict(tmp_path / "store")
+    config["data"]["task"] = task
+    config["tune"] = {**config.get("tune", {}), **tune}
+    path = tmp_path / "ner.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_validate_names_unseen_tags_and_the_sweep_optimises_entity_f1(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    train = SENTENCES * 32
+    good = _ner_config(tmp_path, {"train": train, "validation": SENTENCES, "test": SENTENCES})
+    assert main(["validate", str(good)]) == 0, capsys.readouterr().err
+    assert load_config(good).tune.metric == "eval/f1"
+    odd = [{"tokens": ["Reuters", "said"], "ner_tags": ["B-NEWS", "O"]}]
+    bad = _ner_config(tmp_path, {"train": train, "validation": odd, "test": [{"tokens": ["x"], "ner_tags": "O"}]})
+    assert main(["validate", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "data.task.validation" in err and "labels the train split lacks: B-NEWS" in err
+    assert "data.task.test" in err and "not lists" in err and "Traceback" not in err
+
+
+def test_a_metric_the_task_type_does_not_report_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config = {**tiny_config_dict(tmp_path / "store"), "tune": {"metric": "eval/f1"}}
+    path = tmp_path / "classify.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["validate", str(path)]) == 2
+    assert "a sequence_classification task reports eval/loss, eval/accuracy, not eval/f1" in capsys.readouterr().err
+
+
+# --- the fine-tuning loop on real CoNLL-2003 sentences ------------------------------------------------
+
+TRAIN_SENTENCES, EVAL_SENTENCES, SEQ_LEN = 2000, 400, 64
+
+
+@pytest.fixture(scope="module")
+def conll(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A randomly initialised tiny BERT, a WordPiece tokenizer trained on the train sentences, and the
+    first sentences of each split tokenized as the prepare stage does; one process rank."""
+    environment, threads = dict(os.environ), torch.get_num_threads()
+    accelerator.prepare_process(use_gpu=False, num_threads=1)
+    created = training.ensure_process_group()
+    folder = tmp_path_factory.mktemp("conll")
+    sizes = {"train": TRAIN_SENTENCES, "validation": EVAL_SENTENCES, "test": EVAL_SENTENCES}
+    splits = {
+        split: load_source(
+            FileSource(
+                path=str(shared(f"data/conll2003/{split}.jsonl")), text_column="tokens", label_column="ner_tags"
+            ),
+            labelled=True,
+        ).slice(0, rows)
+        for split, rows in sizes.items()
+    }
+    texts = [" ".join(words) for words in splits["train"].column("text").to_pylist()]
+    tokenizer = tok.train_tokenizer(texts, TokenizeConfig(vocab_size=3000, seq_len=SEQ_LEN, lowercase=False))
+    tokenizer.save_pretrained(folder / "pretrained")
+    values = ENTITIES.label_values(splits["train"])
+    for split, table in splits.items():
+        (folder / "task" / split).mkdir(parents=True)
+        rows = tok.tokenize_examples(
+            table, tokenizer_dir=str(folder / "pretrained"), seq_len=SEQ_LEN, label_values=values, task=ENTITIES.name
+        )
+        pq.write_table(rows, folder / "task" / split / "part-0.parquet")
+    model = models.build_lm(
+        ModelConfig(family="bert"), vocab_size=len(tokenizer), special_ids=special_ids(tokenizer), seed=0
+    )
+    model.save_pretrained(folder / "pretrained")
+    (folder / "labels.json").write_text(json.dumps(values))
+    yield folder
+    if created:
+        torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(environment)
+    torch.set_num_threads(threads)
+
+
+def test_fine_tuning_learns_conll_entities_and_exports_a_token_classifier(conll: Path) -> None:
+    reports, exported = [], {}
+
+    def report(metrics: dict, checkpoint_dir: str) -> None:
+        reports.append(metrics)
+        if (Path(checkpoint_dir) / "hf").is_dir():
+            exported.update(models.smoke_test(Path(checkpoint_dir) / "hf", ENTITIES.auto_model))
+
+    run = finetune.ClassifierRun(
+        pretrained_dir=str(conll / "pretrained"),
+        task_dir=str(conll / "task"),
+        label_names=json.loads((conll / "labels.json").read_text()),
+        epochs=3,
+        hyper=Hyperparameters(learning_rate=5e-3, batch_size_per_worker=16, dropout=0.0),
+        deepspeed=DeepSpeedConfig(),
+        threads=1,
+        log_every=50,
+        export=True,
+        task_type=ENTITIES.name,
+    )
+    finetune.fit_classifier(run, report=report)
+    first, last = reports[0], reports[-1]
+    validation = training.load_columns(conll / "task" / "validation", ["label"])["label"]
+    words = validation[validation != IGNORE]
+    outside = float((words == run.label_names.index("O")).float().mean())
+    # Tagging every word O scores that share of words right and an entity F1 of 0.
+    assert last["eval/accuracy"] > outside + 0.02, (last, outside)
+    assert last["eval/f1"] > 0.25 and last["eval/f1"] > first["eval/f1"]
+    assert {f"test/f1/{kind}" for kind in ("LOC", "MISC", "ORG", "PER")} <= set(last)
+    assert 0 < last["test/f1"] <= 1 and "test/f1" not in first
+    assert exported["parameters"] > 0
