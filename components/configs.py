@@ -50,8 +50,10 @@ class SyntheticSource(_Strict):
     split: Literal["corpus", "train", "validation", "test"]
     num_examples: int = Field(1000, gt=0, description="rows to generate")
     seed: int = Field(0, description="generator seed")
-    task: Literal["sentiment", "topic"] = Field(
-        "sentiment", description="label reviews by polarity, or by what they talk about (story, music, ...)"
+    task: Literal["sentiment", "topic", "entities"] = Field(
+        "sentiment",
+        description="label reviews by polarity, or by what they talk about (story, music, ...); entities: tag "
+        "the reviewer's name (PER) and each adjective's polarity (POS, NEG) word by word (token_classification)",
     )
     text_column: Literal["text"] = "text"
     label_column: Literal["label"] = "label"

@@ -1,6 +1,7 @@
 """Data sources: local files (JSONL, CSV, TSV, Parquet, plain text; globs), remote URIs,
 HF Hub datasets and the built-in synthetic language. Every source loads to an Arrow table with
-the columns `text` and, for labelled data, `label`.
+the columns `text` and, for labelled data, `label` (for token classification, lists of words and of
+tags; unlabelled, a list of words is joined with spaces into one text).
 """
 
 from __future__ import annotations
@@ -54,7 +55,11 @@ def _load_hub(source: HubSource) -> pa.Table:
 
 def _select_columns(table: pa.Table, source: Source, labelled: bool) -> pa.Table:
     text = table.column(source.text_column)
-    columns = {"text": text if pa.types.is_list(text.type) else text.cast(pa.string())}  # words stay lists
+    if not pa.types.is_list(text.type):
+        text = text.cast(pa.string())
+    elif not labelled:  # pre-split words (an entities data set) read as a corpus: one text per row
+        text = pc.binary_join(text, " ")
+    columns = {"text": text}  # a labelled row's words stay a list (token classification)
     if labelled:
         columns["label"] = table.column(source.label_column)
     return pa.table(columns).filter(pc.is_valid(columns["text"]))

@@ -1,6 +1,8 @@
-"""Stage 5, serve: a classifier on Ray Serve behind FastAPI, from the registry or a model folder.
+"""Stage 5, serve: a fine-tuned model on Ray Serve behind FastAPI, from the registry or a model folder.
 
     POST /predict  {"texts": [...]} -> {"predictions": [{"label", "score", "truncated"}], "model": {...}}
+                   (an entities model: {"predictions": [{"entities": [{"type", "text", "start", "end",
+                   "score"}], "truncated"}], ...})
     POST /explain  {"texts": [...], "layer": -1} -> {"explanations": [{"tokens", "attention" (heads x tokens),
                    "label", "score", ...}], "model": {...}}
     GET  /healthz   liveness
@@ -36,6 +38,7 @@ from ray import serve
 from components.configs import REGISTRY_URI, ServeConfig
 from components.explain import MAX_EXPLAIN_TEXTS
 from components.stage import StageContext, StageResult, write_json
+from components.tasks import task_of_model
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +62,23 @@ class Prediction(BaseModel):
     truncated: bool = Field(description="the text was longer than the model's positions and was cut")
 
 
+class Entity(BaseModel):
+    type: str = Field(description="the entity type, e.g. PER")
+    text: str = Field(description="the entity as written in the text")
+    start: int = Field(description="its first character in the text")
+    end: int = Field(description="one past its last character")
+    score: float = Field(description="the mean probability of its words' tags")
+
+
+class Entities(BaseModel):
+    entities: list[Entity]
+    truncated: bool = Field(description="the text was longer than the model's positions and was cut")
+
+
 class PredictResponse(BaseModel):
-    predictions: list[Prediction]
+    predictions: list[Prediction] | list[Entities] = Field(
+        description="per text: a label (sentence classification) or its entities (token classification)"
+    )
     model: ModelInfo
     max_tokens: int = Field(description="tokens the model reads per text; longer texts are truncated")
 
@@ -181,6 +199,10 @@ class ClassifierApp:
             texts = check_texts(asked.texts, self.cfg)
             if len(texts) > MAX_EXPLAIN_TEXTS:
                 raise RequestError(422, f"{len(texts)} texts; /explain takes at most {MAX_EXPLAIN_TEXTS}: split it")
+            if self.scorer.task.name != "sequence_classification":
+                raise RequestError(
+                    422, f"/explain explains sentence classifiers; this model is {self.scorer.task.name}"
+                )
             explanations = self.scorer.explain(texts, asked.layer)
         except RequestError as error:
             return JSONResponse({"detail": error.message}, status_code=error.status)
@@ -243,40 +265,28 @@ def check_texts(texts: list[str], cfg: ServeConfig) -> list[str]:
 
 
 class Scorer:
-    """Tokenizer + classifier; scores a list of texts in one padded forward pass."""
+    """Tokenizer + fine-tuned model; answers a list of texts in one padded forward pass, as its
+    task type does (components/tasks/)."""
 
     def __init__(self, model_uri: str, tracking_uri: str | None, threads: int = 1):
         import torch
 
         torch.set_num_threads(threads)
-        self.torch = torch
         self.model, self.tokenizer = load_classifier(model_uri, tracking_uri)
         self.model.eval()
         config = self.model.config
         positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 512
         self.max_tokens = int(min(positions, self.tokenizer.model_max_length))
         self.labels = [config.id2label[i] for i in range(config.num_labels)]
+        self.task = task_of_model(config)
 
     def __call__(self, texts: list[str]) -> list[dict]:
-        encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt")
-        truncated = self._truncated(encoded, texts)
-        with self.torch.inference_mode():
-            probabilities = self.model(**encoded).logits.float().softmax(-1)
-        scores, ids = probabilities.max(-1)
-        return [
-            {"label": self.labels[int(i)], "score": float(s), "truncated": cut}
-            for s, i, cut in zip(scores, ids, truncated, strict=True)
-        ]
+        return self.task.predict(self.model, self.tokenizer, texts, self.max_tokens)
 
     def explain(self, texts: list[str], layer: int = -1) -> list[dict]:
         from components.explain import attention_maps
 
         return attention_maps(self.model, self.tokenizer, texts, max_tokens=self.max_tokens, layer=layer)
-
-    def _truncated(self, encoded, texts: list[str]) -> list[bool]:
-        if encoded.encodings is not None:  # a fast tokenizer keeps what it cut off
-            return [bool(encoding.overflowing) for encoding in encoded.encodings]
-        return [len(ids) > self.max_tokens for ids in self.tokenizer(texts)["input_ids"]]
 
 
 def load_classifier(model_uri: str, tracking_uri: str | None):
@@ -288,9 +298,10 @@ def load_classifier(model_uri: str, tracking_uri: str | None):
             mlflow.set_tracking_uri(tracking_uri)
         components = mlflow.transformers.load_model(model_uri, return_type="components")
         return components["model"], components["tokenizer"]
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
-    model = AutoModelForSequenceClassification.from_pretrained(model_uri, use_safetensors=True)
+    task = task_of_model(AutoConfig.from_pretrained(model_uri))
+    model = task.model_class().from_pretrained(model_uri, use_safetensors=True)
     return model, AutoTokenizer.from_pretrained(model_uri)
 
 

@@ -7,7 +7,9 @@ unseen adjectives well if pre-training taught it that they behave like the seen 
 how pre-training helps here.
 
 A second task on the same reviews, `topic`, labels them by what they talk about (story, music,
-acting, craft): one pre-training, two fine-tuned tasks (configs/demo_multitask.yaml).
+acting, craft); a third, `entities`, tags words (token classification): the reviewer's name as PER
+and each adjective as POS or NEG by its polarity, with train again seeing only a few adjectives.
+One pre-training, several fine-tuned tasks (configs/demo_multitask.yaml).
 """
 
 from __future__ import annotations
@@ -39,7 +41,10 @@ TOPICS = {
     "acting": "cast performance".split(),
     "craft": "direction pacing".split(),
 }
-TASKS = ("sentiment", "topic")
+TASKS = ("sentiment", "topic", "entities")
+# The `entities` task's reviewers: a first name, sometimes with a family name (a two-word entity).
+FIRST_NAMES = "anna ben clara david elena felix greta hugo ines jonas".split()
+FAMILY_NAMES = "berg costa diaz evans fischer garcia".split()
 INTENSIFIERS = "very really truly quite so rather deeply".split()
 LABEL_NAMES = ("negative", "positive")
 # Bump when the generated text changes: it is part of the data fingerprint (and so of cache keys).
@@ -80,6 +85,9 @@ def generate(split: str, num_examples: int, seed: int = 0, task: str = "sentimen
     if task == "topic":
         rng = random.Random(f"{seed}-{split}-topic")
         return [_topic_sentence(rng) for _ in range(num_examples)]
+    if task == "entities":
+        rng = random.Random(f"{seed}-{split}-entities")
+        return [_entity_sentence(rng, SEEN_IN_TRAIN if split == "train" else None) for _ in range(num_examples)]
     rng = random.Random(f"{seed}-{split}")
     templates = _CORPUS_TEMPLATES if split == "corpus" else _REVIEW_TEMPLATES
     vocab_limit = SEEN_IN_TRAIN if split == "train" else None
@@ -99,6 +107,33 @@ def _topic_sentence(rng: random.Random) -> dict:
         b=rng.choice(words),
     )
     return {"text": text, "label": topic}
+
+
+_ENTITY_TEMPLATES = (
+    "{person} found the {noun} {int} {a} .",
+    "{person} thought the {noun} was {a} and {b} .",
+    "the {noun} was {a} , said {person} .",
+    "a {a} {noun} , and a {b} {noun2} , wrote {person} .",
+)
+
+
+def _entity_sentence(rng: random.Random, vocab_limit: int | None) -> dict:
+    """Words and their IOB2 tags: the reviewer (PER) and each adjective (POS or NEG)."""
+    person = [rng.choice(FIRST_NAMES)] + ([rng.choice(FAMILY_NAMES)] if rng.random() < 0.5 else [])
+    polarity = rng.randrange(2)
+    words, tags = [], []
+    for slot in rng.choice(_ENTITY_TEMPLATES).split():
+        if slot == "{person}":
+            words += person
+            tags += ["B-PER"] + ["I-PER"] * (len(person) - 1)
+        elif slot in ("{a}", "{b}"):
+            words.append(rng.choice((NEGATIVE, POSITIVE)[polarity][:vocab_limit]))
+            tags.append(("B-NEG", "B-POS")[polarity])
+        else:
+            choices = {"{noun}": NOUNS, "{noun2}": NOUNS, "{int}": INTENSIFIERS}
+            words.append(rng.choice(choices[slot]) if slot in choices else slot)
+            tags.append("O")
+    return {"text": words, "label": tags}
 
 
 def _sentence(rng: random.Random, templates: tuple[str, ...], vocab_limit: int | None) -> dict:

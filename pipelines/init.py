@@ -4,8 +4,9 @@ Reads a CSV, TSV, JSONL, Parquet or text file; finds the text column (the string
 longest texts) and a label column (a named one, or one with few distinct values); reports the
 labels and lengths; takes validation/test files beside a `train` file, or else writes a seeded,
 stratified 80/10/10 split; sizes `tokenize.seq_len` from a tokenizer trained on the text; writes
-a config that `ptft validate` accepts. Task types: sentence classification (a label column) and
-pre-training only (no labels).
+a config that `ptft validate` accepts. Task types: sentence classification (a label column),
+named entities (a column of word lists and one of tag lists, as CoNLL-2003) and pre-training only
+(no labels).
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import yaml
 
 from components import data
 from pipelines.config import ConfigError, Problem, validate
 
-TASKS = ("auto", "classification", "pretrain")
+TASKS = ("auto", "classification", "entities", "pretrain")
 LABEL_NAMES = ("label", "labels", "class", "category", "sentiment", "target", "y")
+TAG_NAMES = ("ner_tags", "tags", "labels", "label", "ner")
 MAX_CLASSES = 50
 SPLIT_NAMES = {"validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
 SPLIT_SHARES = {"train": 0.8, "validation": 0.1, "test": 0.1}
@@ -49,7 +52,10 @@ def add_parser(commands) -> None:
     init = commands.add_parser("init", help="write a commented config for your own data file")
     init.add_argument("data_file", help="CSV, TSV, JSONL, Parquet or text file (one text per line)")
     init.add_argument(
-        "--task", choices=TASKS, default="auto", help="default: classification when a label column is found"
+        "--task",
+        choices=TASKS,
+        default="auto",
+        help="default: entities for word and tag lists, else classification when a label column is found",
     )
     init.add_argument("--text-column", help="the column holding the text (default: detected)")
     init.add_argument("--label-column", help="the column holding the label (default: detected)")
@@ -99,12 +105,23 @@ def _text_column(table: pa.Table, wanted: str | None) -> str:
         return wanted
     strings = [field.name for field in table.schema if pa.types.is_string(field.type)]
     if not strings:
-        lists = [field.name for field in table.schema if pa.types.is_list(field.type)]
-        why = "no column of texts"
-        if lists:
-            why += f"; {', '.join(lists)} hold lists (words and tags: token classification, not a ptft task yet)"
+        why = "no column of texts, nor a column of word lists beside one of tag lists"
         raise ConfigError("ptft init", [Problem("--text-column", None, why, "give a file with a text column")])
     return max(strings, key=lambda column: _mean_length(table, column))
+
+
+def _word_and_tag_columns(table: pa.Table, args: argparse.Namespace) -> tuple[str, str] | None:
+    """(words, tags) of an entities file: two columns of string lists, the tags the one with few
+    distinct values (or the named ones); None when the file is not one."""
+    lists = [field.name for field in table.schema if pa.types.is_list(field.type)]
+    if args.task not in ("auto", "entities") or len(lists) < 2:
+        return None
+    if args.text_column and args.label_column:
+        return args.text_column, args.label_column
+    distinct = {column: len(pc.unique(pc.list_flatten(table.column(column)))) for column in lists}
+    tags = args.label_column or min(lists, key=lambda c: (c.lower() not in TAG_NAMES, distinct[c]))
+    words = args.text_column or max((c for c in lists if c != tags), key=lambda c: distinct[c])
+    return words, tags
 
 
 def _label_column(table: pa.Table, text: str, wanted: str | None, task: str) -> str | None:
@@ -145,21 +162,26 @@ def _mean_length(table: pa.Table, column: str) -> float:
 
 
 def _plan(path: Path, table: pa.Table, args: argparse.Namespace, split_dir: Path) -> Plan:
-    text = _text_column(table, args.text_column)
-    label = _label_column(table, text, args.label_column, args.task)
-    task = "classification" if label else "pretrain"
-    if task == "classification":
+    entities = _word_and_tag_columns(table, args)
+    if entities:
+        (text, label), task = entities, "entities"
+    else:
+        text = _text_column(table, args.text_column)
+        label = _label_column(table, text, args.label_column, args.task)
+        task = "classification" if label else "pretrain"
+    if task != "pretrain":
         splits, written = _splits(path, table, text, label, split_dir, args.seed, args.force)
         train = data.read_table(str(splits["train"]))
     else:
         splits, written, train = {"corpus": path}, False, table
-    texts = [str(value) for value in train.column(text).to_pylist() if value]
+    texts = [_as_text(value) for value in train.column(text).to_pylist() if value]
     vocab_size = _vocab_size(texts)
-    token_lengths = _token_lengths(texts, vocab_size)
+    token_lengths = _token_lengths(texts, vocab_size, lowercase=task != "entities")
     labels = {}
     if label:
         for value in train.column(label).to_pylist():
-            labels[str(value)] = labels.get(str(value), 0) + 1
+            for tag in value if task == "entities" else [value]:
+                labels[str(tag)] = labels.get(str(tag), 0) + 1
     blocks = sum(token_lengths) / _seq_len(token_lengths)
     return Plan(
         task=task,
@@ -190,8 +212,8 @@ def _splits(path, table, text, label, split_dir, seed, force) -> tuple[dict[str,
             return found, False
     rows = table.select([text, label]).to_pylist()
     by_label: dict[str, list[dict]] = {}
-    for row in rows:
-        by_label.setdefault(str(row[label]), []).append(row)
+    for row in rows:  # an entities row has many tags: its split is a seeded shuffle, not stratified
+        by_label.setdefault("" if isinstance(row[label], list) else str(row[label]), []).append(row)
     chosen: dict[str, list[dict]] = {split: [] for split in SPLIT_SHARES}
     rng = random.Random(seed)
     for group in by_label.values():  # stratified: each label split 80/10/10 on its own
@@ -216,11 +238,15 @@ def _vocab_size(texts: list[str]) -> int:
     return int(min(16000, max(1000, round(len(words) / 2, -3))))
 
 
-def _token_lengths(texts: list[str], vocab_size: int) -> list[int]:
+def _as_text(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def _token_lengths(texts: list[str], vocab_size: int, lowercase: bool = True) -> list[int]:
     from components.configs import TokenizeConfig
     from components.tokenize import train_tokenizer
 
-    tokenizer = train_tokenizer(texts, TokenizeConfig(vocab_size=vocab_size, seq_len=4096))
+    tokenizer = train_tokenizer(texts, TokenizeConfig(vocab_size=vocab_size, seq_len=4096, lowercase=lowercase))
     return [len(ids) for ids in tokenizer(texts[:20000])["input_ids"]]
 
 
@@ -259,7 +285,10 @@ def _relative(path: Path) -> str:
 def _config_text(plan: Plan, name: str, source: Path, output: Path) -> str:
     lengths = ", ".join(f"{key} {value}" for key, value in plan.lengths.items())
     text = plan.text_column
-    columns = f"text column {text!r}" + (f", label column {plan.label_column!r}" if plan.label_column else "")
+    if plan.task == "entities":
+        columns = f"words column {text!r}, tags column {plan.label_column!r}"
+    else:
+        columns = f"text column {text!r}" + (f", label column {plan.label_column!r}" if plan.label_column else "")
     if plan.written_splits:
         columns += f"; split 80/10/10 (stratified, seeded) into {_relative(plan.splits['train'].parent)}/"
     header = [
@@ -283,9 +312,12 @@ def _config_text(plan: Plan, name: str, source: Path, output: Path) -> str:
         "    # Pre-training reads the train split's text only: validation/test text would leak into the model.",
         f"    source: {{type: file, path: {_relative(corpus_file)}, text_column: {text}}}",
     ]
-    if plan.task == "classification":
+    if plan.task != "pretrain":
+        lines += ["  task:"]
+    if plan.task == "entities":
+        lines += ["    type: token_classification   # a list of words and a list of IOB2 tags per row"]
+    if plan.task != "pretrain":
         lines += [
-            "  task:",
             f"    train: {{type: file, path: {_relative(plan.splits['train'])}, text_column: {text}, "
             f"label_column: {plan.label_column}}}",
             f"    validation: {{type: file, path: {_relative(plan.splits['validation'])}, text_column: {text}, "
@@ -298,6 +330,7 @@ def _config_text(plan: Plan, name: str, source: Path, output: Path) -> str:
         "tokenize:",
         f"  vocab_size: {plan.vocab_size:<6}  # about half the distinct words of the text",
         f"  seq_len: {plan.seq_len:<9}  # 99% of the texts fit (p99 {plan.lengths['p99']} tokens)",
+        *(["  lowercase: false    # case tells names apart"] if plan.task == "entities" else []),
         "",
         "pretrain:",
         "  model: {preset: mini}     # hidden 256, 4 layers; `tiny` for a quick look, `small`/`base` on a GPU",
@@ -307,10 +340,10 @@ def _config_text(plan: Plan, name: str, source: Path, output: Path) -> str:
         f"  warmup_steps: {max(10, plan.max_steps // 10)}",
         "  workers: {num_workers: 2, cpus_per_worker: 1}",
     ]
-    if plan.task == "classification":
+    if plan.task != "pretrain":
         lines += [
             "",
-            "tune:",
+            "tune:             # optimises " + ("entity F1 (eval/f1)" if plan.task == "entities" else "eval/accuracy"),
             "  num_samples: 4",
             "  max_epochs: 3",
             "  max_concurrent_trials: 2",
@@ -328,6 +361,9 @@ def _config_text(plan: Plan, name: str, source: Path, output: Path) -> str:
 
 
 def _task_line(plan: Plan) -> str:
+    if plan.task == "entities":
+        types = sorted({tag.split("-", 1)[1] for tag in plan.labels if "-" in tag})
+        return f"named entities ({', '.join(types)}): tokenize -> pretrain -> tune -> finetune -> serve"
     if plan.task == "classification":
         return f"sentence classification, {len(plan.labels)} labels: tokenize -> pretrain -> tune -> finetune -> serve"
     return "pre-training only (no label column): tokenize -> pretrain"
@@ -338,7 +374,8 @@ def _report(plan: Plan, table: pa.Table, output: Path) -> None:
     print(f"Text column: {plan.text_column!r}")
     if plan.label_column:
         counts = ", ".join(f"{label} ({count})" for label, count in plan.labels.items())
-        print(f"Label column: {plan.label_column!r}; labels in train: {counts}")
+        what = "Tag column" if plan.task == "entities" else "Label column"
+        print(f"{what}: {plan.label_column!r}; {'tags' if plan.task == 'entities' else 'labels'} in train: {counts}")
     else:
         print("No label column: a pre-training-only config (pass --label-column to fine-tune a classifier)")
     for split, file in plan.splits.items():

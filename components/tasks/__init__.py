@@ -13,9 +13,22 @@ from components.tasks.base import IGNORE, TaskType
 
 TASK_TYPES: dict[str, TaskType] = {task.name: task for task in (classification.TASK, entities.TASK)}
 
-__all__ = ["IGNORE", "TASK_TYPES", "TaskType", "task_type"]
+__all__ = ["IGNORE", "TASK_TYPES", "TaskType", "task_of_model", "task_type"]
 
 
 def task_type(name: str) -> TaskType:
     """The task type a config names (`data.task.type`)."""
     return TASK_TYPES[name]
+
+
+def task_of_model(config) -> TaskType:
+    """The task type of a saved model, from its transformers config (its head's class name).
+
+    Raises:
+        ValueError: a model with no head ptft fine-tunes.
+    """
+    for architecture in config.architectures or []:
+        for task in TASK_TYPES.values():
+            if architecture.endswith(task.architecture):
+                return task
+    raise ValueError(f"a {config.architectures} model: ptft serves {', '.join(TASK_TYPES)} models")

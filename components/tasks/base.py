@@ -31,8 +31,15 @@ class TaskType:
     tokenize: Callable[..., dict]  # (batch, tokenizer, seq_len, label_ids) -> columns of the tokenized rows
     scores: Callable[[list[list[int]], list[list[int]], list[str]], dict[str, float]]
     example: object  # an input example for the registered model's signature
+    architecture: str  # how the head's class names end (BertForTokenClassification): tells a saved model's type
+    predict: Callable[..., list[dict]]  # (model, tokenizer, texts, max_tokens) -> the served answer per text
 
     def model_class(self):
         import transformers
 
         return getattr(transformers, self.auto_model)
+
+
+def truncated(encoded) -> list[bool]:
+    """Per text: whether the (fast) tokenizer cut it at max_length."""
+    return [bool(encoding.overflowing) for encoding in encoded.encodings]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from components.tasks.base import TaskType
+from components.tasks.base import TaskType, truncated
 
 
 def _check_rows(table: pa.Table, split: str) -> None:
@@ -42,6 +42,20 @@ def _scores(gold: list[list[int]], predicted: list[list[int]], names: list[str])
     return {"accuracy": float(multiclass_accuracy(guess, truth, num_classes=max(len(names), 2), average="micro"))}
 
 
+def _predict(model, tokenizer, texts: list[str], max_tokens: int) -> list[dict]:
+    """Each text's most probable label and its probability."""
+    import torch
+
+    encoded = tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
+    with torch.inference_mode():
+        probabilities = model(**encoded).logits.float().softmax(-1)
+    scores, ids = probabilities.max(-1)
+    return [
+        {"label": model.config.id2label[int(i)], "score": float(s), "truncated": cut}
+        for s, i, cut in zip(scores, ids, truncated(encoded), strict=True)
+    ]
+
+
 TASK = TaskType(
     name="sequence_classification",
     auto_model="AutoModelForSequenceClassification",
@@ -54,4 +68,6 @@ TASK = TaskType(
     tokenize=_tokenize,
     scores=_scores,
     example="a sample text to classify",
+    architecture="ForSequenceClassification",
+    predict=_predict,
 )

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from components.tasks.base import IGNORE, TaskType
+from components.tasks.base import IGNORE, TaskType, truncated
 
 
 def _check_rows(table: pa.Table, split: str) -> None:
@@ -73,6 +73,43 @@ def _scores(gold: list[list[int]], predicted: list[list[int]], names: list[str])
     return scores
 
 
+def _predict(model, tokenizer, texts: list[str], max_tokens: int) -> list[dict]:
+    """Each text's entities: type, the text's characters start:end, and the mean probability of
+    its words' tags. A word's tag is its first sub-word's, as in training; the words are the
+    tokenizer's own pre-tokenization of the raw text."""
+    import torch
+    from seqeval.metrics.sequence_labeling import get_entities
+
+    encoded = tokenizer(
+        texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt", return_offsets_mapping=True
+    )
+    offsets = encoded.pop("offset_mapping").tolist()
+    with torch.inference_mode():
+        probabilities = model(**encoded).logits.float().softmax(-1)
+    scores, ids = probabilities.max(-1)
+    answers = []
+    for row, (text, cut) in enumerate(zip(texts, truncated(encoded), strict=True)):
+        words: list[tuple[str, float, int, int]] = []  # tag, probability, first char, last char + 1
+        previous = None
+        for position, word in enumerate(encoded.word_ids(row)):
+            start, end = offsets[row][position]
+            if word is None:
+                continue
+            if word != previous:
+                words.append((model.config.id2label[int(ids[row, position])], float(scores[row, position]), start, end))
+            else:  # a later sub-word widens its word's span
+                tag, score, first, _ = words[-1]
+                words[-1] = (tag, score, first, end)
+            previous = word
+        entities = []
+        for kind, first, last in get_entities([tag for tag, *_ in words]):
+            start, end = words[first][2], words[last][3]
+            score = sum(words[i][1] for i in range(first, last + 1)) / (last - first + 1)
+            entities.append({"type": kind, "text": text[start:end], "start": start, "end": end, "score": score})
+        answers.append({"entities": entities, "truncated": cut})
+    return answers
+
+
 TASK = TaskType(
     name="token_classification",
     auto_model="AutoModelForTokenClassification",
@@ -85,4 +122,6 @@ TASK = TaskType(
     tokenize=_tokenize,
     scores=_scores,
     example="EU rejects German call to boycott British lamb .",
+    architecture="ForTokenClassification",
+    predict=_predict,
 )

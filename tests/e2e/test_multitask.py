@@ -1,4 +1,5 @@
-"""configs/demo_multitask.yaml through the CLI, shrunk: one pre-training, two task branches.
+"""configs/demo_multitask.yaml through the CLI, shrunk: one pre-training, three task branches, two
+task types (sentence classification for sentiment and topic, token classification for entities).
 
 It runs in the demo run's storage with the demo's corpus, tokenizer, pre-training and sweep
 settings, and its sentiment task has the demo's data: tokenize, pretrain and the sentiment task's
@@ -6,9 +7,9 @@ prepare and tune are the demo's, reused from the cache (a config of one task and
 share them), while its models are registered under their own names.
 
 The topic branch's fine-tuning is killed for real (SIGKILL of a Ray Train worker, no retries for
-that task): the sentiment branch still fine-tunes and serves, the run ends failed, and `ptft
-resume` reruns the topic branch's finetune and serve only. Then both tasks answer on their own
-routes of the one Serve instance.
+that task): the other branches still fine-tune and serve, the run ends failed, and `ptft resume`
+reruns the topic branch's finetune and serve only. Then every task answers on its own route of the
+one Serve instance: a label, or a text's entities.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def test_the_killed_branch_failed_alone(multitask: dict) -> None:
         "finetune.sentiment": "succeeded",
         "serve.sentiment": "succeeded",
         **{f"{stage}.topic": "succeeded" for stage in ("prepare", "tune")},
+        **{f"{stage}.entities": "succeeded" for stage in ("prepare", "tune", "finetune", "serve")},
         "finetune.topic": "failed",
         "serve.topic": "skipped",
     }
@@ -77,12 +79,34 @@ def test_one_pretraining_and_a_model_per_task(multitask: dict) -> None:
 def test_each_task_answers_on_its_own_route(multitask: dict) -> None:
     labels = {"sentiment": {"negative", "positive"}, "topic": {"story", "music", "acting", "craft"}}
     urls = {task: multitask["final"]["stages"][f"serve.{task}"]["output_uri"] for task in TASKS}
-    assert urls["sentiment"].endswith("/multitask/sentiment") and urls["topic"].endswith("/multitask/topic")
+    assert all(urls[task].endswith(f"/multitask/{task}") for task in TASKS), urls
+    text = "anna berg found the soundtrack superb ."
     for task, url in urls.items():
-        answer = requests.post(f"{url}/predict", json={"texts": ["the soundtrack was superb ."]}, timeout=30)
+        answer = requests.post(f"{url}/predict", json={"texts": [text]}, timeout=30)
         assert answer.status_code == 200, answer.text
         (prediction,) = answer.json()["predictions"]
-        assert prediction["label"] in labels[task]
+        if task == "entities":  # token classification: the text's entities, where they are in it
+            assert {"entities", "truncated"} == set(prediction), prediction
+            for entity in prediction["entities"]:
+                assert (
+                    entity["type"] in {"PER", "POS", "NEG"} and text[entity["start"] : entity["end"]] == entity["text"]
+                )
+        else:
+            assert prediction["label"] in labels[task]
+
+
+def test_the_entities_task_is_swept_and_gated_on_entity_f1(multitask: dict) -> None:
+    client, stages = multitask["client"], multitask["final"]["stages"]
+    trials = client.search_runs(
+        [client.get_run(stages["tune.entities"]["mlflow_run_id"]).info.experiment_id],
+        f"tags.mlflow.parentRunId = '{stages['tune.entities']['mlflow_run_id']}'",
+    )
+    assert trials and all("eval/f1" in trial.data.metrics and "eval/f1/PER" in trial.data.metrics for trial in trials)
+    finetune = client.get_run(stages["finetune.entities"]["mlflow_run_id"]).data.metrics
+    assert 0 <= finetune["test/f1"] <= 1 and "test/precision" in finetune
+    version = client.get_model_version_by_alias("demo-multitask-entities", "champion")
+    assert float(version.tags["ptft.test_f1"]) == pytest.approx(finetune["test/f1"], abs=1e-6)
+    assert version.tags["ptft.task_type"] == "token_classification"
 
 
 def test_one_mlflow_tree_with_a_run_per_branch_stage(multitask: dict) -> None:

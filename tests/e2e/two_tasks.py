@@ -1,4 +1,4 @@
-"""The two-task scenario of the e2e tier: configs/demo_multitask.yaml through the CLI, shrunk, on
+"""The multi-task scenario of the e2e tier: configs/demo_multitask.yaml through the CLI, shrunk, on
 the demo run's storage, with one task's fine-tuning killed and the run resumed. tests/e2e/conftest.py
 starts it in the background once the demo has run, so that it overlaps the demo's re-runs;
 tests/e2e/test_multitask.py asserts on what it returns."""
@@ -19,7 +19,7 @@ from tests.conftest import REPO, wait_until
 
 PTFT = str(Path(sys.executable).parent / "ptft")
 PIPELINE = "demo-multitask"  # the config's name
-TASKS = ("sentiment", "topic")
+TASKS = ("sentiment", "topic", "entities")
 
 
 def shrink(demo_shrink: list[str]) -> list[str]:
@@ -84,7 +84,7 @@ def _kill_topic_finetuning(storage: Path, address: str, driver: subprocess.Popen
 
 
 def run(storage: Path, demo_shrink: list[str], address: str, mlflow_server: str, logs_dir: Path) -> dict:
-    """Run the two-task config (one task's fine-tuning killed), then resume it."""
+    """Run the three-task config (one task's fine-tuning killed), then resume it."""
     overrides = [
         *shrink(demo_shrink),
         f"storage={storage}",
@@ -94,6 +94,7 @@ def run(storage: Path, demo_shrink: list[str], address: str, mlflow_server: str,
         "serve.app_name=multitask",
         "tasks.sentiment.serve.route_prefix=/multitask/sentiment",
         "tasks.topic.serve.route_prefix=/multitask/topic",
+        "tasks.entities.serve.route_prefix=/multitask/entities",
     ]
     logs = [logs_dir / "run.log", logs_dir / "resume.log"]
     with open(logs[0], "w") as out:

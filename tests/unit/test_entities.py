@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -174,13 +175,15 @@ def conll(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     torch.set_num_threads(threads)
 
 
-def test_fine_tuning_learns_conll_entities_and_exports_a_token_classifier(conll: Path) -> None:
-    reports, exported = [], {}
+@pytest.fixture(scope="module")
+def fitted(conll: Path) -> tuple[finetune.ClassifierRun, list[dict], Path]:
+    """Three epochs of the fine-tuning loop: its run, each epoch's metrics, the exported folder."""
+    reports = []
 
     def report(metrics: dict, checkpoint_dir: str) -> None:
         reports.append(metrics)
         if (Path(checkpoint_dir) / "hf").is_dir():
-            exported.update(models.smoke_test(Path(checkpoint_dir) / "hf", ENTITIES.auto_model))
+            shutil.copytree(Path(checkpoint_dir) / "hf", conll / "exported")
 
     run = finetune.ClassifierRun(
         pretrained_dir=str(conll / "pretrained"),
@@ -195,6 +198,11 @@ def test_fine_tuning_learns_conll_entities_and_exports_a_token_classifier(conll:
         task_type=ENTITIES.name,
     )
     finetune.fit_classifier(run, report=report)
+    return run, reports, conll / "exported"
+
+
+def test_fine_tuning_learns_conll_entities_and_exports_a_token_classifier(fitted, conll: Path) -> None:
+    run, reports, exported = fitted
     first, last = reports[0], reports[-1]
     validation = training.load_columns(conll / "task" / "validation", ["label"])["label"]
     words = validation[validation != IGNORE]
@@ -204,4 +212,24 @@ def test_fine_tuning_learns_conll_entities_and_exports_a_token_classifier(conll:
     assert last["eval/f1"] > 0.25 and last["eval/f1"] > first["eval/f1"]
     assert {f"test/f1/{kind}" for kind in ("LOC", "MISC", "ORG", "PER")} <= set(last)
     assert 0 < last["test/f1"] <= 1 and "test/f1" not in first
-    assert exported["parameters"] > 0
+    assert models.smoke_test(exported, ENTITIES.auto_model)["parameters"] > 0
+
+
+def test_the_served_answer_lists_entities_with_their_place_in_the_text(fitted) -> None:
+    from components.serve import Scorer
+
+    scorer = Scorer(str(fitted[2]), tracking_uri=None)
+    assert scorer.task is ENTITIES
+    texts = [
+        "Germany beat England 2-1 in London on Saturday , Reuters reported .",
+        "Peter Blackburn of the European Commission said on Thursday .",
+        "x " * 200,  # longer than the model's positions
+    ]
+    answers = scorer(texts)
+    assert [answer["truncated"] for answer in answers] == [False, False, True]
+    found = [entity for answer in answers for entity in answer["entities"]]
+    assert found, answers
+    for text, answer in zip(texts, answers, strict=True):
+        for entity in answer["entities"]:
+            assert entity["text"] == text[entity["start"] : entity["end"]] and entity["text"].strip() == entity["text"]
+            assert entity["type"] in {"LOC", "MISC", "ORG", "PER"} and 0 < entity["score"] <= 1

@@ -95,9 +95,20 @@ def test_a_text_file_or_unlabelled_pairs_give_a_pre_training_config(in_tmp: Path
     assert not multi30k.has_tasks() and multi30k.data.corpus.source.text_column in ("en", "de")
 
 
+def test_conll2003_gets_an_entities_config(in_tmp: Path, capsys: pytest.CaptureFixture) -> None:
+    train = shared("data/conll2003/train.jsonl")
+    assert main(["init", str(train)]) == 0
+    out = capsys.readouterr().out
+    config = load_config("configs/conll2003.yaml", [])
+    task = config.data.task
+    assert task.type == "token_classification" and config.tune.metric == "eval/f1"
+    assert (task.train.text_column, task.train.label_column) == ("tokens", "ner_tags")
+    assert Path(task.validation.path) == train.with_name("validation.jsonl") and not config.tokenize.lowercase
+    assert "tags in train: B-LOC (7140), B-MISC (3438), B-ORG (6321), B-PER (6600)" in out  # the README's counts
+    assert "named entities (LOC, MISC, ORG, PER)" in Path("configs/conll2003.yaml").read_text()
+
+
 def test_files_it_cannot_use_exit_2_with_the_reason(in_tmp: Path, capsys: pytest.CaptureFixture) -> None:
-    assert main(["init", str(shared("data/conll2003/train.jsonl"))]) == 2
-    assert "token classification" in capsys.readouterr().err
     assert main(["init", str(shared("data/squad/train.json"))]) == 2
     assert "nested JSON" in capsys.readouterr().err
     assert main(["init", str(shared("data/rt-polarity/train.jsonl")), "--label-column", "stars"]) == 2
