@@ -1,6 +1,8 @@
 """Attention maps: where a classifier's heads look when it decides. One function computes them
 (the finetune stage's picture, `POST /explain` and `ptft explain` all call it) for the token that
 summarises the text: [CLS] for encoders, the last real token for decoders (GPT-2 classifies from it).
+A token classifier (entities) decides per token: its map is of the first token it tags as part of an
+entity (the first word when it tags none), with that token's tag as the label.
 """
 
 from __future__ import annotations
@@ -28,8 +30,12 @@ def attention_maps(model, tokenizer, texts: list[str], *, max_tokens: int, layer
     for row, text in enumerate(texts):
         kept = encoded["attention_mask"][row].nonzero().flatten()
         query = int(kept[0]) if tokenizer.cls_token_id is not None else int(kept[-1])
+        if probabilities.dim() == 3:  # a tag per token: show the first token tagged as part of an entity
+            query = _first_tagged(encoded, row, probabilities[row].argmax(-1), labels, fallback=query)
+            score, label = probabilities[row, query].max(-1)
+        else:
+            score, label = probabilities[row].max(-1)
         query_token = tokenizer.convert_ids_to_tokens(int(encoded["input_ids"][row, query]))
-        score, label = probabilities[row].max(-1)
         maps.append(
             {
                 "text": text,
@@ -42,6 +48,13 @@ def attention_maps(model, tokenizer, texts: list[str], *, max_tokens: int, layer
             }
         )
     return maps
+
+
+def _first_tagged(encoded, row: int, tags, labels: dict, *, fallback: int) -> int:
+    """The first word token whose tag is not O; else the first word token; else `fallback`."""
+    words = [position for position, word in enumerate(encoded.word_ids(row)) if word is not None]
+    tagged = [position for position in words if labels[int(tags[position])] != "O"]
+    return (tagged or words or [fallback])[0]
 
 
 @contextlib.contextmanager

@@ -199,10 +199,6 @@ class ClassifierApp:
             texts = check_texts(asked.texts, self.cfg)
             if len(texts) > MAX_EXPLAIN_TEXTS:
                 raise RequestError(422, f"{len(texts)} texts; /explain takes at most {MAX_EXPLAIN_TEXTS}: split it")
-            if self.scorer.task.name != "sequence_classification":
-                raise RequestError(
-                    422, f"/explain explains sentence classifiers; this model is {self.scorer.task.name}"
-                )
             explanations = self.scorer.explain(texts, asked.layer)
         except RequestError as error:
             return JSONResponse({"detail": error.message}, status_code=error.status)

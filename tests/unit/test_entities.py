@@ -233,3 +233,16 @@ def test_the_served_answer_lists_entities_with_their_place_in_the_text(fitted) -
         for entity in answer["entities"]:
             assert entity["text"] == text[entity["start"] : entity["end"]] and entity["text"].strip() == entity["text"]
             assert entity["type"] in {"LOC", "MISC", "ORG", "PER"} and 0 < entity["score"] <= 1
+
+
+def test_the_attention_map_of_an_entities_model_is_of_a_tagged_token(fitted) -> None:
+    from components.serve import Scorer
+
+    scorer = Scorer(str(fitted[2]), tracking_uri=None)
+    text = "Peter Blackburn of the European Commission said on Thursday ."
+    entities = scorer([text])[0]["entities"]
+    (explained,) = scorer.explain([text])
+    assert len(explained["attention"]) == 2 and len(explained["attention"][0]) == len(explained["tokens"])
+    assert explained["query_token"] in explained["tokens"] and explained["query_token"] != "[CLS]"
+    assert entities, "a name the train split holds"  # the map is of its first token, labelled with its tag
+    assert explained["label"].endswith(entities[0]["type"]) and explained["label"] != "O"
