@@ -23,10 +23,18 @@ class ServedModel(BaseModel):
 
 
 class Sample(BaseModel):
-    model_config = ConfigDict(extra="allow")  # the prediction's fields: label, score
+    """A sample text and what the served model answered: a label and its score, or entities."""
+
+    model_config = ConfigDict(extra="allow")  # the prediction's other fields (truncated)
     text: str
-    label: str
-    score: float
+    label: str | None = None
+    score: float | None = None
+    entities: list[dict] | None = None
+
+    def answer(self) -> str:
+        if self.entities is not None:
+            return ", ".join(f"{entity['type']} {entity['text']!r}" for entity in self.entities) or "no entities"
+        return f"{self.label} ({self.score:.3f})"
 
 
 class Endpoint(BaseModel):

@@ -1,5 +1,6 @@
-"""The real rt-polarity dataset from ../shared/data through the tokenize stage (JSONL files,
-integer labels). Skips where ../shared is absent, and fails in CI."""
+"""Real data sets from ../shared/data through the tokenize stage: rt-polarity (JSONL files,
+integer labels) and CoNLL-2003 (word and tag lists). Skips where ../shared is absent, and fails
+in CI."""
 
 from __future__ import annotations
 
@@ -36,3 +37,32 @@ def test_rt_polarity_tokenizes_with_its_config(ray_driver: str, tmp_path: Path, 
     assert result.metrics["tokenize/vocab_size"] > 5000
     test_labels = pq.read_table(ctx.output_dir / "task" / "test").column("label").to_pylist()
     assert sum(test_labels) == 533  # positives in test.jsonl, per the dataset's README
+
+
+def test_conll2003_words_get_their_tags_on_ray_data(ray_driver: str, tmp_path: Path, monkeypatch) -> None:
+    """CoNLL-2003 through tokenize and prepare's Ray Data tokenization, with its config: every
+    sentence kept, and each word that fits in seq_len carries its tag once, on its first sub-word."""
+    shared("data/conll2003")
+    monkeypatch.chdir(REPO)
+    config = load_config(REPO / "configs" / "conll2003_ner.yaml", [f"storage={tmp_path}"])
+    ctx = StageContext(
+        pipeline_run_id="real",
+        stage="tokenize",
+        output_dir=tmp_path / "tok",
+        storage=tmp_path,
+        tracking_uri="",
+        experiment_id="",
+        mlflow_run_id="",
+    )
+    tokenize.run(config.tokenize, config.data, ctx)
+    tags = read_json(ctx.output_dir / "labels.json")
+    assert tags == ["B-LOC", "B-MISC", "B-ORG", "B-PER", "I-LOC", "I-MISC", "I-ORG", "I-PER", "O"]
+    # Sentences and words per split, from the dataset's README.
+    expected = {"train": (14041, 203621), "validation": (3250, 51362), "test": (3453, 46435)}
+    for split, (sentences, words) in expected.items():
+        table = pq.read_table(ctx.output_dir / "task" / split)
+        labels = [label for row in table.column("label").to_pylist() for label in row if label != -100]
+        assert table.num_rows == sentences
+        assert 0.99 * words <= len(labels) <= words, (split, len(labels))  # a few words past 64 sub-words are cut
+        if split == "train":  # every B-PER that fits is there: the README counts 6600 persons
+            assert 0.99 * 6600 <= labels.count(tags.index("B-PER")) <= 6600
