@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 Report = Callable[[dict, str], None]
 ATTENTION_SAMPLES = 3  # test texts whose attention maps the stage draws
+DIVERGED = "diverged.json"  # written by the workers when the loss became NaN/inf
 
 
 class ClassifierRun(BaseModel):
@@ -63,6 +64,7 @@ class ClassifierRun(BaseModel):
     export: bool = Field(False, description="evaluate on test and save the HF folder at the end")
     stage: str = Field("finetune", description="the pipeline stage this run belongs to (labels its live metrics)")
     task_type: str = Field("sequence_classification", description="what the rows are and how they are scored")
+    divergence_marker: str = Field("", description="where Ray Train workers say that the loss became NaN/inf")
 
 
 def run(
@@ -98,11 +100,14 @@ def run(
         early_stopping_patience=cfg.early_stopping_patience,
         early_stopping_min_delta=cfg.early_stopping_min_delta,
         task_type=task,
+        divergence_marker=str(ctx.output_dir / DIVERGED),
     )
     tracker = open_tracker(ctx.tracking_uri, ctx.mlflow_run_id)
     tracker.log_params({f"hyper.{k}": v for k, v in hyper})
     tracker.log_params({f"hyper_source.{k}": source for k, source in sources.items()})
+    (ctx.output_dir / DIVERGED).unlink(missing_ok=True)  # an earlier attempt's
     result = training.fit_on_ray(train_loop_per_worker, run_cfg.model_dump(), cfg.workers, ctx, checkpoints_to_keep=1)
+    training.raise_if_diverged(result, ctx.output_dir / DIVERGED, "finetune")
     model_dir, metrics = training.export_final_model(result, ctx.output_dir)
     kind = task_type(task)
     checked = models.smoke_test(model_dir, kind.auto_model)
@@ -211,7 +216,10 @@ def train_loop_per_worker(config: dict) -> None:
     """Ray Train worker entry: the shared loop, reporting to Ray Train, restored from its checkpoint."""
     run = ClassifierRun.model_validate(config)
     with node_system_metrics(run.tracking_uri, run.mlflow_run_id):
-        fit_classifier(run, report=_report_to_train, checkpoint=ray.train.get_checkpoint())
+        try:
+            fit_classifier(run, report=_report_to_train, checkpoint=ray.train.get_checkpoint())
+        except training.Diverged as error:
+            training.report_divergence(error, run.divergence_marker)
 
 
 def _report_to_train(metrics: dict, checkpoint_dir: str) -> None:
@@ -392,6 +400,7 @@ def _train_epoch(
         training.optimizer_step(engine)
         step += 1
         losses.append(loss.item())
+        training.stop_if_diverged(losses[-1], step)
         meter.add(samples=len(rows) * shard.world_size)
         if step % cfg.log_every == 0:
             metrics = {

@@ -32,6 +32,9 @@ from components.vocab import special_ids
 log = logging.getLogger(__name__)
 
 
+DIVERGED = "diverged.json"
+
+
 class _WorkerConfig(BaseModel):
     """Everything a worker needs, passed through Ray as a plain dict."""
 
@@ -44,6 +47,7 @@ class _WorkerConfig(BaseModel):
     objective: str
     launched_at: float
     resumed: bool = False
+    divergence_marker: str = ""  # where the workers say that the loss became NaN/inf
 
 
 def run(cfg: PretrainConfig, tokenized_uri: str, ctx: StageContext) -> StageResult:
@@ -59,13 +63,16 @@ def run(cfg: PretrainConfig, tokenized_uri: str, ctx: StageContext) -> StageResu
         objective=objective,
         launched_at=time.time(),
         resumed=ctx.resumed,
+        divergence_marker=str(ctx.output_dir / DIVERGED),
     )
     tracker = open_tracker(ctx.tracking_uri, ctx.mlflow_run_id, resumed=ctx.resumed)
     tracker.log_metrics({"progress/total_steps": cfg.max_steps}, 0)  # `ptft run` and `ptft status` show step x of this
     tracker.flush()
+    (ctx.output_dir / DIVERGED).unlink(missing_ok=True)  # an earlier attempt's
     result = training.fit_on_ray(
         train_loop_per_worker, worker_cfg.model_dump(), cfg.workers, ctx, checkpoints_to_keep=2
     )
+    training.raise_if_diverged(result, ctx.output_dir / DIVERGED, "pretrain")
     model_dir, metrics = training.export_final_model(result, ctx.output_dir)
     checked = models.smoke_test(model_dir, objective)
     log.info("pretrain: %s loads and runs; weights sha256 %s", model_dir, checked["weights_sha256"])
@@ -85,7 +92,10 @@ def train_loop_per_worker(config: dict) -> None:
     """
     cfg = _WorkerConfig.model_validate(config)
     with node_system_metrics(cfg.tracking_uri, cfg.mlflow_run_id):
-        _pretrain(cfg)
+        try:
+            _pretrain(cfg)
+        except training.Diverged as error:
+            training.report_divergence(error, cfg.divergence_marker)
 
 
 def _pretrain(cfg: _WorkerConfig) -> None:
@@ -122,6 +132,7 @@ def _pretrain(cfg: _WorkerConfig) -> None:
         # one optimizer step: DeepSpeed accumulates gradients until the last micro-batch's engine.step()
         losses = [_train_step(engine, masker, train_ids[next(micro_batches)].long()) for _ in range(accumulation)]
         loss = sum(losses) / accumulation
+        training.stop_if_diverged(loss, step)
         meter.add(samples=shard.batch_size * accumulation * world)
         if step == start + 1 and loaded_step is None:
             tracker.log_metrics(

@@ -4,6 +4,7 @@ cross-rank averages and the consolidated HF export. Stage loops live in pretrain
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -195,6 +196,44 @@ def fit_on_ray(
         ),
     )
     return trainer.fit()
+
+
+class Diverged(RuntimeError):
+    """The training loss stopped being a finite number: every later step would be wasted."""
+
+    def __init__(self, step: int, loss: float):
+        super().__init__(f"the training loss is {loss} at step {step}")
+        self.step, self.loss = step, loss
+
+
+def stop_if_diverged(loss: float, step: int) -> None:
+    """Raise Diverged on every rank when any rank's loss is NaN or infinite. The ranks decide
+    together, so none is left waiting in a collective for one that stopped."""
+    if all_reduce_sum([0.0 if math.isfinite(loss) else 1.0])[0]:
+        raise Diverged(step, loss)
+
+
+def report_divergence(error: Diverged, marker: str) -> None:
+    """In a Ray Train worker: write the divergence to `marker` (a file in the stage's output
+    folder, on the shared storage) and end the loop normally. Raising would make Ray Train restart
+    the group from the last checkpoint, which diverges again at the same step; and a report without
+    a checkpoint does not reach the driver's Result."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        Path(marker).parent.mkdir(parents=True, exist_ok=True)
+        write_json(Path(marker), {"step": error.step, "loss": str(error.loss)})
+
+
+def raise_if_diverged(result: Result, marker: Path, stage: str) -> None:
+    """Fail the stage with the step and the last good checkpoint when its workers wrote `marker`."""
+    if not marker.is_file():
+        return
+    diverged = json.loads(marker.read_text())
+    last = result.checkpoint.path if result.checkpoint is not None else "none (it diverged before the first)"
+    raise RuntimeError(
+        f"{stage}: the training loss became {diverged['loss']} at step {diverged['step']}; stopped there. "
+        f"Last good checkpoint: {last}. Fix: lower the learning rate or raise warmup_steps, "
+        "or train in bf16/fp32 rather than fp16"
+    )
 
 
 def export_final_model(result: Result, output_dir: Path) -> tuple[Path, dict[str, float]]:

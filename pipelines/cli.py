@@ -481,7 +481,8 @@ def _print_summary(result, config, seconds: float, log: Path | None = None) -> N
     console.say(f"Runs: MLflow experiment {config.experiment_name()!r} at {result.tracking_uri}")
     console.say(f"  all runs: {links['runs']}\n  this run: {links['run']}")
     if served_by_ptft_ui:
-        console.say(f"  (served by: ptft ui {' '.join(sys.argv[2:3]) or 'CONFIG'})")
+        # The run's resolved config: right after a resume too, and with the overrides it ran with.
+        console.say(f"  (served by: ptft ui {config.storage_path() / 'runs' / result.run_id / 'config.json'})")
     console.say(f"Report: ptft report {result.run_id} --storage {config.storage_path()}")
     if log:
         console.say(f"Log (Ray, MLflow, workers): {log}")

@@ -342,3 +342,26 @@ def test_a_build_lock_left_by_a_killed_op_build_is_removed(tmp_path: Path) -> No
     os.utime(stale, (hour_ago, hour_ago))
     assert clear_stale_build_locks(tmp_path) == [stale]
     assert not stale.exists() and fresh.exists()  # a build may still be running there
+
+
+def test_a_loss_that_turns_non_finite_stops_fine_tuning_at_that_step(task: Task, tmp_path: Path) -> None:
+    run = _classifier_run(task, epochs=2, dropout=0.0).model_copy(
+        update={"hyper": Hyperparameters(learning_rate=1e12, batch_size_per_worker=8)}
+    )
+    reports = []
+    with pytest.raises(training.Diverged) as diverged:
+        finetune.fit_classifier(run, report=lambda metrics, _: reports.append(metrics))
+    assert not math.isfinite(diverged.value.loss) and 1 <= diverged.value.step <= 16  # 16 steps an epoch
+    assert reports == []  # stopped at once: no epoch finished after the divergence
+
+
+def test_a_reported_divergence_fails_the_stage_naming_step_and_checkpoint(tmp_path: Path) -> None:
+    from ray.train import Checkpoint, Result
+
+    good = Checkpoint.from_directory(str(tmp_path / "checkpoint_000002"))
+    result = Result(metrics={"train/loss": 1.0}, checkpoint=good, error=None, path="")
+    marker = tmp_path / "out" / "diverged.json"
+    training.raise_if_diverged(result, marker, "pretrain")  # no marker: nothing to say
+    training.report_divergence(training.Diverged(120, float("nan")), str(marker))
+    with pytest.raises(RuntimeError, match=r"pretrain: the training loss became nan at step 120; .*checkpoint_000002"):
+        training.raise_if_diverged(result, marker, "pretrain")
