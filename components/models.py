@@ -3,7 +3,6 @@ presets or from a checkpoint, masking, the load + forward smoke test and the wei
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ from transformers import (
 )
 
 from components.configs import MASKED_LM_TYPES, ModelConfig, objective_of
+from components.stage import weights_sha256  # noqa: F401 - the model's identity, kept importable here
 
 
 def build_config(cfg: ModelConfig, *, vocab_size: int, special_ids: dict[str, int | None]) -> PretrainedConfig:
@@ -126,20 +126,6 @@ def mask_tokens(
 def count_parameters(model: torch.nn.Module) -> int:
     # ZeRO-3 partitions each tensor; ds_numel is its full size.
     return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-
-
-def weights_sha256(model_dir: Path) -> str:
-    """SHA-256 over the folder's weight files (safetensors, in name order): the model's identity."""
-    digest = hashlib.sha256()
-    files = sorted(Path(model_dir).glob("*.safetensors")) or sorted(Path(model_dir).glob("*.bin"))
-    if not files:
-        raise FileNotFoundError(f"no weight files in {model_dir}")
-    for path in files:
-        digest.update(path.name.encode())
-        with path.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 @torch.no_grad()

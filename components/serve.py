@@ -23,8 +23,11 @@ an application that serves a registry alias after `ptft promote` / `ptft rollbac
 
 # No `from __future__ import annotations` here: FastAPI must see the request models as real classes.
 import asyncio
+import hashlib
+import hmac
 import json
 import logging
+import os
 import re
 import time
 from pathlib import Path
@@ -127,9 +130,15 @@ ERRORS = {
 
 class ClassifierApp:
     """The replica's code. Kept importable under its own name (the deployment wraps it below), so
-    Ray ships it by reference and replicas import this module rather than unpickling a copy."""
+    Ray ships it by reference and replicas import this module rather than unpickling a copy.
 
-    def __init__(self, model: dict, settings: dict, tracking_uri: str | None) -> None:
+    With a token (`token_digest`, the SHA-256 of the token set in PTFT_SERVE_TOKEN or the file
+    PTFT_SERVE_TOKEN_FILE names where the app was deployed), every route but /healthz answers 401
+    unless the request carries `Authorization: Bearer <token>`. Only the digest reaches Ray, and
+    the comparison takes the same time whatever the token sent."""
+
+    def __init__(self, model: dict, settings: dict, tracking_uri: str | None, token_digest: str | None = None) -> None:
+        self.token_digest = token_digest
         self.model = ModelInfo.model_validate(model)
         self.cfg = ServeConfig.model_validate(settings)
         self.scorer = Scorer(self.model.model_uri, tracking_uri, threads=max(1, int(self.cfg.cpus_per_replica)))
@@ -140,8 +149,27 @@ class ClassifierApp:
     def healthz(self) -> dict:
         return {"status": "ok"}
 
+    def _refused(self, request: Request) -> JSONResponse | None:
+        """401 unless the request carries the bearer token (when the app has one)."""
+        if self.token_digest is None:
+            return None
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        sent = hashlib.sha256(token.strip().encode()).hexdigest() if scheme.lower() == "bearer" else ""
+        if hmac.compare_digest(sent, self.token_digest):
+            return None
+        return JSONResponse(
+            {
+                "detail": "send the serving token: Authorization: Bearer <token> "
+                "(PTFT_SERVE_TOKEN where it was deployed)"
+            },
+            status_code=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
     @app.get("/metadata")
-    def metadata(self) -> dict:
+    def metadata(self, request: Request):
+        if refused := self._refused(request):
+            return refused
         limits = {
             key: getattr(self.cfg, key)
             for key in ("max_texts", "max_text_bytes", "max_body_bytes", "request_timeout_s", "max_batch_size")
@@ -165,6 +193,8 @@ class ClassifierApp:
         },
     )
     async def predict(self, request: Request):
+        if refused := self._refused(request):
+            return refused
         try:
             texts = await self._texts(request)
             predictions = await asyncio.wait_for(self.predict_batch(texts), timeout=self.cfg.request_timeout_s)
@@ -194,6 +224,8 @@ class ClassifierApp:
     async def explain(self, request: Request):
         """Attention maps of a few texts. Computed here, not batched: on the event loop, like a
         batch, so it never runs beside one on the same model."""
+        if refused := self._refused(request):
+            return refused
         try:
             asked = await self._parse(request, ExplainRequest)
             texts = check_texts(asked.texts, self.cfg)
@@ -315,7 +347,28 @@ def application(cfg: ServeConfig, model: ModelInfo, tracking_uri: str | None) ->
         options["autoscaling_config"] = cfg.autoscaling.model_dump()
     else:
         options["num_replicas"] = cfg.num_replicas
-    return Classifier.options(**options).bind(model.model_dump(), cfg.model_dump(mode="json"), tracking_uri)
+    token = serving_token()
+    digest = hashlib.sha256(token.encode()).hexdigest() if token else None
+    return Classifier.options(**options).bind(model.model_dump(), cfg.model_dump(mode="json"), tracking_uri, digest)
+
+
+TOKEN_ENV, TOKEN_FILE_ENV = "PTFT_SERVE_TOKEN", "PTFT_SERVE_TOKEN_FILE"
+
+
+def serving_token() -> str | None:
+    """The bearer token the served app requires and its clients send: the environment variable
+    PTFT_SERVE_TOKEN, or the first line of the file PTFT_SERVE_TOKEN_FILE names; None (no auth)
+    without either. Never in the config, which is logged to MLflow."""
+    if token := os.environ.get(TOKEN_ENV, "").strip():
+        return token
+    if path := os.environ.get(TOKEN_FILE_ENV):
+        return Path(path).expanduser().read_text().strip() or None
+    return None
+
+
+def auth_headers() -> dict[str, str]:
+    token = serving_token()
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 def deploy(cfg: ServeConfig, model: ModelInfo, tracking_uri: str | None) -> str:
@@ -374,7 +427,7 @@ def _wait_serving(url: str, model: ModelInfo, timeout_s: float = 120.0) -> None:
 def live_model(url: str) -> ModelInfo | None:
     """What the application at `url` serves, or None when nothing answers there."""
     try:
-        response = requests.get(f"{url}/metadata", timeout=5)
+        response = requests.get(f"{url}/metadata", headers=auth_headers(), timeout=5)
         return ModelInfo.model_validate(response.json()) if response.ok else None
     except (requests.RequestException, ValueError):
         return None
@@ -382,7 +435,7 @@ def live_model(url: str) -> ModelInfo | None:
 
 def predict(url: str, texts: list[str]) -> list[dict]:
     """Client helper: POST /predict and return the predictions."""
-    response = requests.post(f"{url}/predict", json={"texts": texts}, timeout=30)
+    response = requests.post(f"{url}/predict", json={"texts": texts}, headers=auth_headers(), timeout=30)
     response.raise_for_status()
     return response.json()["predictions"]
 

@@ -6,6 +6,7 @@ under `ctx.output_dir` and knows nothing of other stages, the manifest or the ca
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,3 +66,18 @@ def write_json(path: Path, payload: Any) -> None:
 
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def weights_sha256(model_dir: Path) -> str:
+    """SHA-256 over the folder's weight files (safetensors, in name order): the model's identity.
+    Here, with no torch import, so that the runner can check a cached model cheaply."""
+    digest = hashlib.sha256()
+    files = sorted(Path(model_dir).glob("*.safetensors")) or sorted(Path(model_dir).glob("*.bin"))
+    if not files:
+        raise FileNotFoundError(f"no weight files in {model_dir}")
+    for path in files:
+        digest.update(path.name.encode())
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()

@@ -27,7 +27,7 @@ import ray
 from mlflow.tracking import MlflowClient
 
 from components import accelerator, console
-from components.stage import StageContext, StageResult, read_json, write_json
+from components.stage import StageContext, StageResult, read_json, weights_sha256, write_json
 from components.tracking import (
     MlflowTracker,
     close_orphans,
@@ -320,6 +320,8 @@ class _StageRunner:
         self.keys[node.id] = key
         final_dir = self.storage / "artifacts" / stage.name / key
         record = self.manifest.stages[node.id]
+        if (final_dir / SUCCESS).is_file() and not _weights_intact(node, final_dir):
+            _set_aside(final_dir)  # then it runs again, as for a key never published
         if record.status in mf.DONE and record.key == key and (final_dir / SUCCESS).is_file():
             stage_result = self._reuse_own(node, config, inputs, key, final_dir, record)  # an earlier attempt
         elif node.id not in self.forced and (final_dir / SUCCESS).is_file():
@@ -536,6 +538,34 @@ def _publish(stage: Stage, partial: Path, final_dir: Path, stage_result: StageRe
     else:
         partial.rename(final_dir)
     return _load_result(stage, final_dir)
+
+
+def _weights_intact(node: stages.Node, final_dir: Path) -> bool:
+    """Whether a published model still has the weights its stage recorded (`weights_sha256` in its
+    outputs); True for artifacts that record none."""
+    result = _load_result(node.stage, final_dir)
+    recorded = getattr(result.outputs, "weights_sha256", None)
+    if not recorded:
+        return True
+    try:
+        found = weights_sha256(Path(result.output_uri))
+    except OSError as error:
+        found = f"unreadable ({error})"
+    if found == recorded:
+        return True
+    console.warn(
+        f"[ptft] {node.id:<8} the cached model in {result.output_uri} no longer matches its recorded "
+        f"checksum (sha256 {recorded[:12]}..., now {found[:12]}...): it is set aside and the stage runs again"
+    )
+    return False
+
+
+def _set_aside(final_dir: Path) -> None:
+    """Move a damaged artifact out of the cache (kept for a look, never served): another run that
+    shares its key may hold it open, so it is renamed, not deleted."""
+    final_dir.rename(
+        final_dir.with_name(f".{final_dir.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")
+    )
 
 
 def _load_result(stage: Stage, final_dir: Path) -> StageResult:

@@ -63,6 +63,7 @@ def test_conll2003_words_get_their_tags_on_ray_data(ray_driver: str, tmp_path: P
         table = pq.read_table(ctx.output_dir / "task" / split)
         labels = [label for row in table.column("label").to_pylist() for label in row if label != -100]
         assert table.num_rows == sentences
-        assert 0.99 * words <= len(labels) <= words, (split, len(labels))  # a few words past 64 sub-words are cut
+        # Words past 64 sub-words are cut (98.8% of validation's words fit: 50,738 of 51,362).
+        assert 0.98 * words <= len(labels) <= words, (split, len(labels))
         if split == "train":  # every B-PER that fits is there: the README counts 6600 persons
             assert 0.99 * 6600 <= labels.count(tags.index("B-PER")) <= 6600

@@ -349,3 +349,30 @@ def test_a_burst_of_10x_capacity_gets_fast_503s_and_the_service_recovers(registe
     assert rejected < answered, (rejected, answered)
     recovered = requests.post(f"{url}/predict", json={"texts": ["good"]}, timeout=30)
     assert recovered.status_code == 200, recovered.text
+
+
+def test_a_serving_token_is_required_everywhere_but_healthz(
+    registered: dict, small_app: ServeConfig, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    token = "s3cr3t/with@odd+chars"
+    (tmp_path / "token").write_text(token + "\n")
+    monkeypatch.setenv("PTFT_SERVE_TOKEN_FILE", str(tmp_path / "token"))  # deploy and the client helpers read it
+    cfg = small_app.model_copy(update={"app_name": "serving-auth", "route_prefix": "/serving-auth"})
+    model = serve.resolve_model(f"models:/{NAME}/1", registered["tracking_uri"])
+    url = serve.deploy(cfg, model, registered["tracking_uri"])  # waits on /metadata: with the token
+    try:
+        body = {"texts": ["good"]}
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {token}"}):
+            refused = requests.post(f"{url}/predict", json=body, headers=headers, timeout=30)
+            assert refused.status_code == 401 and refused.headers["WWW-Authenticate"] == "Bearer", refused.text
+            assert "Authorization: Bearer" in refused.json()["detail"]
+        assert requests.get(f"{url}/metadata", timeout=30).status_code == 401
+        assert requests.post(f"{url}/explain", json=body, timeout=30).status_code == 401
+        assert requests.get(f"{url}/healthz", timeout=30).status_code == 200  # liveness probes need no token
+        answered = requests.post(f"{url}/predict", json=body, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+        assert answered.status_code == 200 and answered.json()["predictions"][0]["label"]
+        assert serve.predict(url, ["good"])[0]["label"]  # the client helper sends it
+    finally:
+        from ray import serve as ray_serve
+
+        ray_serve.delete(cfg.app_name)

@@ -290,3 +290,55 @@ def test_a_failed_branch_stops_only_itself_and_a_resume_runs_only_it(tmp_path: P
     assert {record.status for record in manifest.stages.values()} == {mf.SUCCEEDED}
     made = Path(manifest.stages["publish.topic"].output_uri) / "made"
     assert made.read_text() == "publish.topic from ['shared', 'train']"
+
+
+def test_a_cached_model_whose_weights_changed_is_set_aside_and_made_again(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A published model is reused only while its weights match the checksum its stage recorded:
+    corrupted on disk, the runner says so, moves it aside (never deletes it) and runs the stage."""
+    from pydantic import BaseModel
+
+    from components.stage import weights_sha256
+    from pipelines import manifest as mf
+    from pipelines import runner
+
+    class Model(BaseModel):
+        weights_sha256: str
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = validate({**_multitask(tmp_path / "storage"), "tracking": {"uri": uri}})
+    calls = []
+
+    def train(config, inputs: stages.Inputs, ctx: StageContext) -> StageResult:
+        calls.append(ctx.stage)
+        folder = ctx.output_dir / "model"
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(bytes(range(256)) * 64)
+        return StageResult(str(folder), outputs={"weights_sha256": weights_sha256(folder)})
+
+    nodes = (stages.Node("train", stages.Stage("train", "1", (), lambda config: {}, train, outputs=Model), None, ()),)
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("checksums")
+    storage = config.storage_path()
+
+    def attempt(run_id: str) -> mf.StageRecord:
+        manifest = mf.Manifest.create(storage, run_id, "unit", ("train",), {})
+        result = runner.PipelineResult(run_id, client.create_run(experiment).info.run_id, experiment, uri)
+        assert (
+            runner._StageRunner(config, nodes, client, result, storage, manifest, set()).run_all(list(nodes), None)
+            == []
+        )
+        return manifest.stages["train"]
+
+    first = attempt("run-1")
+    assert attempt("run-2").status == mf.CACHED and calls == ["train"]
+    weights = Path(first.output_uri) / "model.safetensors"
+    weights.write_bytes(b"\xff" + weights.read_bytes()[1:])  # one byte changed on disk
+    capsys.readouterr()
+    third = attempt("run-3")
+    assert third.status == mf.SUCCEEDED and calls == ["train", "train"]
+    assert "no longer matches its recorded checksum" in capsys.readouterr().err
+    assert weights_sha256(Path(third.output_uri)) == weights_sha256(Path(first.output_uri).parent / "model")
+    (damaged,) = (storage / "artifacts" / "train").glob(f".{first.key}.damaged-*")
+    assert (damaged / "model" / "model.safetensors").read_bytes()[0] == 255  # kept for a look, not deleted
