@@ -460,9 +460,14 @@ def _runs(args: argparse.Namespace) -> int:
 
 
 def _print_stage(stage: str, result) -> None:
-    shown = ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items() if isinstance(v, (int, float)))
+    shown = ", ".join(f"{k}={_number(v)}" for k, v in result.metrics.items() if isinstance(v, (int, float)))
     how = "cached" if result.cached else "done"
     console.say(f"[ptft] {stage:<8} {how}: {result.output_uri}\n         {shown}")
+
+
+def _number(value: float) -> str:
+    """Counts as counts (14041, not 1.404e+04); other values to 4 significant digits."""
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e12 else f"{value:.4g}"
 
 
 def _print_summary(result, config, seconds: float, log: Path | None = None) -> None:
