@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -222,8 +223,8 @@ class ClassifierApp:
         },
     )
     async def explain(self, request: Request):
-        """Attention maps of a few texts. Computed here, not batched: on the event loop, like a
-        batch, so it never runs beside one on the same model."""
+        """Attention maps of a few texts, not batched: in a worker thread like a batch, under the
+        scorer's lock so it never runs beside one on the same model, and within the deadline."""
         if refused := self._refused(request):
             return refused
         try:
@@ -231,9 +232,14 @@ class ClassifierApp:
             texts = check_texts(asked.texts, self.cfg)
             if len(texts) > MAX_EXPLAIN_TEXTS:
                 raise RequestError(422, f"{len(texts)} texts; /explain takes at most {MAX_EXPLAIN_TEXTS}: split it")
-            explanations = self.scorer.explain(texts, asked.layer)
+            explanations = await asyncio.wait_for(
+                asyncio.to_thread(self.scorer.explain, texts, asked.layer), timeout=self.cfg.request_timeout_s
+            )
         except RequestError as error:
             return JSONResponse({"detail": error.message}, status_code=error.status)
+        except TimeoutError:
+            detail = f"not answered within request_timeout_s={self.cfg.request_timeout_s}s; send fewer texts, or retry"
+            return JSONResponse({"detail": detail}, status_code=408)
         except ValueError as error:  # a layer the model does not have
             return JSONResponse({"detail": f"layer: {error}"}, status_code=422)
         return ExplainResponse(explanations=explanations, model=self.model)
@@ -256,7 +262,8 @@ class ClassifierApp:
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def predict_batch(self, requests_texts: list[list[str]]) -> list[list[dict]]:
         flat = [text for texts in requests_texts for text in texts]
-        scored = iter(self.scorer(flat))
+        # In a thread: the event loop stays free for /healthz and for parsing (and refusing) requests.
+        scored = iter(await asyncio.to_thread(self.scorer, flat))
         return [[next(scored) for _ in texts] for texts in requests_texts]
 
 
@@ -307,14 +314,19 @@ class Scorer:
         self.max_tokens = int(min(positions, self.tokenizer.model_max_length))
         self.labels = [config.id2label[i] for i in range(config.num_labels)]
         self.task = task_of_model(config)
+        # Batches and /explain run in worker threads; one forward at a time (explain switches the
+        # model's attention implementation while it runs).
+        self._model_lock = threading.Lock()
 
     def __call__(self, texts: list[str]) -> list[dict]:
-        return self.task.predict(self.model, self.tokenizer, texts, self.max_tokens)
+        with self._model_lock:
+            return self.task.predict(self.model, self.tokenizer, texts, self.max_tokens)
 
     def explain(self, texts: list[str], layer: int = -1) -> list[dict]:
         from components.explain import attention_maps
 
-        return attention_maps(self.model, self.tokenizer, texts, max_tokens=self.max_tokens, layer=layer)
+        with self._model_lock:
+            return attention_maps(self.model, self.tokenizer, texts, max_tokens=self.max_tokens, layer=layer)
 
 
 def load_classifier(model_uri: str, tracking_uri: str | None):

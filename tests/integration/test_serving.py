@@ -318,12 +318,14 @@ def small_app(registered: dict, ray_driver: str) -> ServeConfig:
     ray_serve.delete(cfg.app_name)
 
 
-def test_a_request_past_its_deadline_gets_408(registered: dict, small_app: ServeConfig) -> None:
+def test_a_request_past_its_deadline_gets_408_on_predict_and_explain(registered: dict, small_app: ServeConfig) -> None:
     model = serve.resolve_model(f"models:/{NAME}/1", registered["tracking_uri"])
     impatient = small_app.model_copy(update={"request_timeout_s": 0.001})  # shorter than the batch wait
     url = serve.deploy(impatient, model, registered["tracking_uri"])
     response = requests.post(f"{url}/predict", json={"texts": ["good"]}, timeout=30)
     assert response.status_code == 408 and "request_timeout_s=0.001" in response.json()["detail"]
+    explained = requests.post(f"{url}/explain", json={"texts": ["good"]}, timeout=30)  # /explain too
+    assert explained.status_code == 408 and "request_timeout_s=0.001" in explained.json()["detail"]
 
 
 def test_a_burst_of_10x_capacity_gets_fast_503s_and_the_service_recovers(registered: dict, small_app) -> None:
