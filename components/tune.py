@@ -47,6 +47,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from components import accelerator, console, finetune, plots, sweep_report, training
 from components.configs import INTEGER_HYPERPARAMETERS, DeepSpeedConfig, Distribution, Hyperparameters, TuneConfig
 from components.stage import StageContext, StageResult, read_json, write_json
+from components.tasks import task_type
 from components.tracking import PARENT_TAG, MlflowTracker, find_run, reopen_run, start_run
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,9 @@ def run(
     task: str = "sequence_classification",
 ) -> StageResult:
     """Run (or continue) the sweep; write best_config.json and the trial table under ctx.output_dir.
-    `task` is the task type (components/tasks/)."""
+    `task` is the task type (components/tasks/); without a `metric` the sweep optimises its headline."""
+    if cfg.metric is None:  # a pipeline config has set it already; a TuneConfig made in code may not
+        cfg = cfg.model_copy(update={"metric": f"eval/{task_type(task).headline}"})
     setup = TrialSetup(
         base=finetune.ClassifierRun(
             pretrained_dir=pretrained_uri,
