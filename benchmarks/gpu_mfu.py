@@ -238,6 +238,11 @@ def ensure_deepspeed_group(s: Settings) -> None:
     import deepspeed
     import torch.distributed as dist
 
+    if s.device != "cuda":
+        from components.accelerator import skip_inference_only_ops
+
+        skip_inference_only_ops()  # as ptft's training processes do
+
     if dist.is_initialized():
         return
     for key, value in {

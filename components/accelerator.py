@@ -6,16 +6,14 @@ before that import in every process that trains (Ray workers included).
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
-import time
-from pathlib import Path
 
-# `make setup` compiles DeepSpeed's CPU ops into the virtualenv rather than ~/.cache: the build is
-# part of the install, so a fresh HOME (CI, a new user) finds it instead of compiling per worker.
-PREBUILT_OPS = Path(sys.prefix) / "torch_extensions"
-STALE_LOCK_S = 15 * 60  # the CPU op compiles in 1-2 minutes, on a busy 2-core machine too
+# DeepSpeed's CPU shared-memory all-reduce: `deepspeed.init_distributed` JIT-compiles and loads it
+# in every process, but only `inference_all_reduce` (tensor-parallel inference) ever calls it;
+# training all-reduces through torch.distributed. Loading it takes torch's extension build lock,
+# which a worker killed while holding it leaves behind, and every later worker then waits on it
+# forever; on a fresh machine it also costs a 1-2 minute compile. ptft never calls it: skip it.
+INFERENCE_ONLY_CPU_OPS = ("deepspeed_shm_comm",)
 
 
 def deepspeed_env(use_gpu: bool) -> dict[str, str]:
@@ -32,38 +30,15 @@ def prepare_process(use_gpu: bool, num_threads: int | None = None) -> None:
 
     for key, value in deepspeed_env(use_gpu).items():
         os.environ.setdefault(key, value)
-    if PREBUILT_OPS.is_dir():
-        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(PREBUILT_OPS))
-        clear_stale_build_locks(PREBUILT_OPS)
+    if not use_gpu:
+        skip_inference_only_ops()
     if num_threads:
         torch.set_num_threads(max(1, int(num_threads)))
 
 
-def clear_stale_build_locks(folder: Path, older_than_s: float = STALE_LOCK_S) -> list[Path]:
-    """Remove build locks no build can still hold. torch's extension loader makes `<op>/lock`
-    while one process compiles and every other waits until it is gone, with no owner recorded: a
-    build killed midway leaves it, and every later training process would wait forever."""
-    stale = [
-        lock for lock in folder.glob("*/lock") if lock.is_file() and time.time() - lock.stat().st_mtime > older_than_s
-    ]
-    for lock in stale:
-        lock.unlink(missing_ok=True)
-        print(f"ptft: removed {lock}, left by a DeepSpeed op build that was stopped", file=sys.stderr)
-    return stale
+def skip_inference_only_ops() -> None:
+    """Mark DeepSpeed's inference-only CPU ops unavailable, so `init_distributed` never builds them."""
+    import deepspeed.ops
 
-
-def prebuild_cpu_ops() -> None:
-    """Compile DeepSpeed's CPU shared-memory collective once, into the virtualenv."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    PREBUILT_OPS.mkdir(exist_ok=True)
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(PREBUILT_OPS))
-    from deepspeed.comm.torch import build_shm_op
-
-    build_shm_op()
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--prebuild", action="store_true", help="compile DeepSpeed's CPU ops now")
-    if parser.parse_args().prebuild:
-        prebuild_cpu_ops()
+    for name in INFERENCE_ONLY_CPU_OPS:
+        deepspeed.ops.__compatible_ops__[name] = False

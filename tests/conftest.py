@@ -52,10 +52,6 @@ def _hermetic_home() -> Path:
         }
     )
     os.environ.pop("RAY_AUTH_TOKEN", None)
-    from components.accelerator import PREBUILT_OPS  # light: no torch at import
-
-    if PREBUILT_OPS.is_dir():  # DeepSpeed's CPU ops, compiled into the virtualenv by `make setup`
-        os.environ["TORCH_EXTENSIONS_DIR"] = str(PREBUILT_OPS)
     return home
 
 

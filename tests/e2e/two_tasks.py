@@ -36,6 +36,9 @@ def shrink(demo_shrink: list[str]) -> list[str]:
             for split, rows in (("train", 320), ("validation", 96), ("test", 96))
         ),
         "finetune.epochs=2",
+        # One trial for the new branches: what the sweep does is the demo's and the sweep tests' subject.
+        "tasks.topic.tune.num_samples=1",
+        "tasks.entities.tune.num_samples=1",
         "tasks.topic.finetune.epochs=3",  # a wider window for the kill
         "tasks.topic.finetune.workers.max_failures=0",  # one killed worker fails the stage
     ]

@@ -200,13 +200,13 @@ def test_one_mlflow_run_for_the_stage_and_every_step_logged_once(worker_kill: di
 
 
 # The driver is killed after pretrain's first checkpoint (step 25); the resume runs the rest.
-PIPELINE_STEPS, SWEEP_TRIALS = 100, 2
+PIPELINE_STEPS, SWEEP_TRIALS = 60, 2
 
 
 def _pipeline_config(storage: Path) -> dict:
     config = tiny_config_dict(storage)
     config["name"] = "faults"
-    config["data"]["task"]["train"]["num_examples"] = 480
+    config["data"]["task"]["train"]["num_examples"] = 240
     config["pretrain"] = {
         "max_steps": PIPELINE_STEPS,
         "warmup_steps": 10,

@@ -1,6 +1,6 @@
 """Sweeps through `ptft sweep`, on the shared Ray cluster and MLflow server.
 
-1. ASHA over a 4-point learning-rate grid, one trial at a time, best first: the driver is SIGKILLed
+1. ASHA over a 3-point learning-rate grid, one trial at a time, best first: the driver is SIGKILLed
    once a trial checkpoint is saved, `ptft sweep --resume` finishes it. Weak trials stop at the
    first rung; one MLflow run per trial under the tune run; nothing logged twice.
 2. PBT on the same cached tokenize/pretrain: weak trials continue from a strong one's checkpoint
@@ -27,9 +27,9 @@ from tests.conftest import REPO, tiny_config_dict, wait_until
 pytestmark = pytest.mark.integration
 
 PTFT = str(Path(sys.executable).with_name("ptft"))
-# Best first: on this data 3e-3 ends epoch 1 at eval loss ~0.71, the three diverging rates at
-# ~7, ~10 and ~40, so each later trial meets a better one at ASHA's first rung.
-GRID = [3e-3, 0.3, 1.0, 3.0]
+# Best first: on this data 3e-3 ends epoch 1 at eval loss ~0.71, the two diverging rates at ~10
+# and ~40, so each later trial meets a better one at ASHA's first rung.
+GRID = [3e-3, 1.0, 3.0]
 
 
 def _config(storage: Path) -> dict:
@@ -177,7 +177,7 @@ def test_one_mlflow_run_per_trial_under_the_tune_run(sweeps: Sweeps, asha: dict)
     (tune_run,) = sweeps.runs(asha["run_id"], "tune")
     trials = sweeps.runs(asha["run_id"], "tune-trial")
     names = [trial.data.tags["ptft.trial"] for trial in trials]
-    assert len(names) == len(set(names)) == 4, names
+    assert len(names) == len(set(names)) == len(GRID), names
     by_lr = {}
     for trial in trials:
         assert trial.data.tags["mlflow.parentRunId"] == tune_run.info.run_id
@@ -194,7 +194,7 @@ def test_one_mlflow_run_per_trial_under_the_tune_run(sweeps: Sweeps, asha: dict)
     assert by_lr[GRID[0]].data.tags["ptft.best_trial"] == "true"
     assert by_lr[GRID[0]].data.tags["ptft.trial_status"] == "completed"
     assert sum(trial.data.tags["ptft.best_trial"] == "true" for trial in trials) == 1
-    assert by_lr[GRID[3]].data.tags["ptft.trial_status"] == "stopped_early"
+    assert by_lr[GRID[-1]].data.tags["ptft.trial_status"] == "stopped_early"
     assert tune_run.data.tags["ptft.best_trial_run_id"] == by_lr[GRID[0]].info.run_id
     run_id = tune_run.info.run_id
     artifacts = {item.path for folder in (None, "plots") for item in sweeps.client.list_artifacts(run_id, folder)}
@@ -207,8 +207,8 @@ def pbt(sweeps: Sweeps, asha: dict) -> str:
     return sweeps.run(
         "tune.search=random",
         "tune.scheduler=pbt",
-        "tune.num_samples=4",
-        "tune.max_epochs=4",
+        "tune.num_samples=3",
+        "tune.max_epochs=3",
         "tune.pbt_interval=1",
         "tune.pbt_quantile=0.25",
         "tune.max_concurrent_trials=2",
@@ -221,7 +221,7 @@ def test_pbt_exploits_in_the_same_trial_run(sweeps: Sweeps, pbt: str) -> None:
     manifest = sweeps.manifest(pbt)
     assert manifest["stages"]["tokenize"]["status"] == "cached" and manifest["stages"]["pretrain"]["status"] == "cached"
     trials = sweeps.runs(pbt, "tune-trial")
-    assert len({trial.data.tags["ptft.trial"] for trial in trials}) == len(trials) == 4
+    assert len({trial.data.tags["ptft.trial"] for trial in trials}) == len(trials) == 3
     final = {row["trial"]: row["config"] for row in read_json(sweeps.tune_output(pbt) / "trials.json")}
     exploited = [trial for trial in trials if int(trial.data.tags.get("ptft.pbt_exploits", "0")) > 0]
     assert exploited, [trial.data.tags for trial in trials]

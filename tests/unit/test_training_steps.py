@@ -328,20 +328,14 @@ def test_fit_classifier_resumes_dropout_as_an_uninterrupted_run_would(task: Task
     assert resumed.reports[0] == pytest.approx(uninterrupted.reports[1], abs=1e-6)
 
 
-def test_a_build_lock_left_by_a_killed_op_build_is_removed(tmp_path: Path) -> None:
-    """torch waits forever on an op's `lock` while it exists; a stopped build leaves one behind."""
-    import time
+def test_training_processes_never_build_deepspeeds_inference_only_cpu_op(tmp_path: Path, monkeypatch) -> None:
+    """Loading it takes torch's build lock, which a killed worker leaves behind for every later one."""
+    from deepspeed.comm.torch import build_shm_op
 
-    from components.accelerator import clear_stale_build_locks
-
-    stale, fresh = tmp_path / "deepspeed_shm_comm" / "lock", tmp_path / "other_op" / "lock"
-    for lock in (stale, fresh):
-        lock.parent.mkdir()
-        lock.touch()
-    hour_ago = time.time() - 3600
-    os.utime(stale, (hour_ago, hour_ago))
-    assert clear_stale_build_locks(tmp_path) == [stale]
-    assert not stale.exists() and fresh.exists()  # a build may still be running there
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    accelerator.prepare_process(use_gpu=False)
+    assert build_shm_op() is None
+    assert not list(tmp_path.iterdir())  # nothing compiled, no lock taken
 
 
 def test_a_loss_that_turns_non_finite_stops_fine_tuning_at_that_step(task: Task, tmp_path: Path) -> None:
