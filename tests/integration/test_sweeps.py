@@ -207,8 +207,8 @@ def pbt(sweeps: Sweeps, asha: dict) -> str:
     return sweeps.run(
         "tune.search=random",
         "tune.scheduler=pbt",
-        "tune.num_samples=3",
-        "tune.max_epochs=3",
+        "tune.num_samples=4",
+        "tune.max_epochs=4",
         "tune.pbt_interval=1",
         "tune.pbt_quantile=0.25",
         "tune.max_concurrent_trials=2",
@@ -221,7 +221,7 @@ def test_pbt_exploits_in_the_same_trial_run(sweeps: Sweeps, pbt: str) -> None:
     manifest = sweeps.manifest(pbt)
     assert manifest["stages"]["tokenize"]["status"] == "cached" and manifest["stages"]["pretrain"]["status"] == "cached"
     trials = sweeps.runs(pbt, "tune-trial")
-    assert len({trial.data.tags["ptft.trial"] for trial in trials}) == len(trials) == 3
+    assert len({trial.data.tags["ptft.trial"] for trial in trials}) == len(trials) == 4
     final = {row["trial"]: row["config"] for row in read_json(sweeps.tune_output(pbt) / "trials.json")}
     exploited = [trial for trial in trials if int(trial.data.tags.get("ptft.pbt_exploits", "0")) > 0]
     assert exploited, [trial.data.tags for trial in trials]
