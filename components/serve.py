@@ -461,6 +461,7 @@ def resolve_model(reference: str, tracking_uri: str | None) -> ModelInfo:
 
     Raises:
         ValueError: the reference is malformed, or the registry has no such version or alias.
+        RegistryUnavailable: the registry did not answer (server down, network, store errors).
     """
     parts = re.fullmatch(REGISTRY_URI, reference)
     if parts is None:
@@ -476,6 +477,10 @@ def resolve_model(reference: str, tracking_uri: str | None) -> ModelInfo:
     try:
         found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
     except MlflowException as error:
+        if error.error_code not in REGISTRY_ANSWERS:
+            raise RegistryUnavailable(
+                f"the registry at {tracking_uri} did not answer for {reference!r}: {error.message[:300]}"
+            ) from None
         raise ValueError(
             f"{reference!r} is not in the registry at {tracking_uri} ({error.message}); "
             "the MLflow UI (ptft ui) lists registered models and their aliases"
@@ -487,6 +492,33 @@ def resolve_model(reference: str, tracking_uri: str | None) -> ModelInfo:
         run_id=found.run_id,
         alias=alias,
     )
+
+
+# MLflow error codes of a registry that answered: the name, version or alias is not there.
+REGISTRY_ANSWERS = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"}
+
+
+class RegistryUnavailable(ConnectionError):
+    """The model registry did not answer; what is deployed stays as it is."""
+
+
+def keep_following(cfg: ServeConfig, serving: ModelInfo, tracking_uri: str | None) -> tuple[ModelInfo, str | None]:
+    """`follow_champion` for a long-lived `ptft serve`, which must never stop answering: a registry
+    that does not answer, or a rollout that fails, leaves `serving` deployed (a failed rollout is
+    rolled back to it). Returns what is served now and, when something failed, what to tell."""
+    try:
+        wanted = resolve_model(f"models:/{serving.name}@{serving.alias}", tracking_uri)
+    except (RegistryUnavailable, ValueError) as error:  # down, or the alias deleted meanwhile
+        return serving, f"{error}; v{serving.version} keeps answering"
+    if wanted.version == serving.version:
+        return serving, None
+    try:
+        deploy(cfg, wanted, tracking_uri)
+    except Exception as error:  # noqa: BLE001 - any failed rollout: back to the version that answered
+        log.warning("serve: rolling %r over to v%s failed: %s", cfg.app_name, wanted.version, error)
+        deploy(cfg, serving, tracking_uri)
+        return serving, f"rolling over to v{wanted.version} failed ({error}); back on v{serving.version}"
+    return wanted, None
 
 
 def follow_champion(

@@ -557,6 +557,11 @@ def _serve(args: argparse.Namespace) -> int:
     tracking_uri = config.tracking_uri()
     try:
         model = serve.resolve_model(args.model, tracking_uri)
+    except serve.RegistryUnavailable as error:
+        problem = Problem(
+            "tracking.uri", tracking_uri, str(error), "start the MLflow server, or point at the one that is up"
+        )
+        raise ConfigError("ptft serve", [problem]) from None
     except ValueError as error:
         problem = Problem("MODEL", args.model, str(error), "register it, or check the name")
         raise ConfigError("ptft serve", [problem]) from None
@@ -583,14 +588,21 @@ def _serve_until_stopped(config, model, tracking_uri: str | None) -> int:
     following = f" Following models:/{model.name}@{model.alias}: a promote or rollback rolls it over."
     console.say("Ctrl-C to stop." + (following if model.alias else ""))
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    wait_s = FOLLOW_EVERY_S
     try:
         while True:
-            time.sleep(FOLLOW_EVERY_S)
-            if model.alias:
-                now = serve.follow_champion(config.serve, model.name, model.alias, tracking_uri, model) or model
-                if now.version != model.version:
-                    console.say(f"[ptft] {model.name}@{model.alias}: v{model.version} rolled over to v{now.version}")
-                model = now
+            time.sleep(wait_s)
+            if not model.alias:
+                continue
+            now, trouble = serve.keep_following(config.serve, model, tracking_uri)
+            if trouble:  # said each time, then looked at less often, up to once a minute
+                wait_s = min(wait_s * 2, FOLLOW_AT_MOST_EVERY_S)
+                console.say(f"[ptft] {model.name}@{model.alias}: {trouble}; trying again in {wait_s}s")
+                continue
+            wait_s = FOLLOW_EVERY_S
+            if now.version != model.version:
+                console.say(f"[ptft] {model.name}@{model.alias}: v{model.version} rolled over to v{now.version}")
+            model = now
     except KeyboardInterrupt:
         pass
     console.say("Shutting Serve down (replicas finish what they hold)...")
@@ -601,6 +613,7 @@ def _serve_until_stopped(config, model, tracking_uri: str | None) -> int:
 
 # How often a local `ptft serve` of an alias checks the registry for a new version.
 FOLLOW_EVERY_S = 5
+FOLLOW_AT_MOST_EVERY_S = 60  # while the registry does not answer
 
 
 def _explain(args: argparse.Namespace) -> int:
@@ -624,6 +637,9 @@ def _explain(args: argparse.Namespace) -> int:
 
     try:
         model = serve.resolve_model(args.model, config.tracking_uri())
+    except serve.RegistryUnavailable as error:
+        problem = Problem("--tracking-uri", config.tracking_uri(), str(error), "start the MLflow server, or name one")
+        raise ConfigError("ptft explain", [problem]) from None
     except ValueError as error:
         raise ConfigError("ptft explain", [Problem("MODEL", args.model, str(error), "check the name")]) from None
     scorer = serve.Scorer(model.model_uri, config.tracking_uri())

@@ -26,6 +26,7 @@ from mlflow.tracking import MlflowClient
 
 from components import registry, serve
 from components.configs import ServeConfig
+from components.training import free_port
 from tests.conftest import POSITIONS, REPO, tiny_classifier, tiny_config_dict, wait_until
 
 pytestmark = pytest.mark.integration
@@ -377,4 +378,39 @@ def test_a_serving_token_is_required_everywhere_but_healthz(
     finally:
         from ray import serve as ray_serve
 
+        ray_serve.delete(cfg.app_name)
+
+
+def test_a_registry_outage_or_a_failed_rollout_leaves_the_served_version_answering(
+    registered: dict, small_app: ServeConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`ptft serve`'s follow loop (`serve.keep_following`) with real faults: the registry on a port
+    where nothing listens, then the alias moved to a version with no model behind it."""
+    from ray import serve as ray_serve
+
+    client, tracking_uri = registered["client"], registered["tracking_uri"]
+    good = registered["versions"][0]["version"]
+    client.set_registered_model_alias(NAME, "following", good)
+    cfg = small_app.model_copy(update={"app_name": "serving-follow", "route_prefix": "/serving-follow"})
+    serving = serve.resolve_model(f"models:/{NAME}@following", tracking_uri)
+    url = serve.deploy(cfg, serving, tracking_uri)
+
+    def answers_with(version: str) -> None:
+        assert serve.live_model(url).version == version
+        assert requests.post(f"{url}/predict", json={"texts": ["good"]}, timeout=30).status_code == 200
+
+    try:
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's own retries would take minutes
+        now, trouble = serve.keep_following(cfg, serving, f"http://127.0.0.1:{free_port()}")
+        assert now == serving and "did not answer" in trouble and f"v{good} keeps answering" in trouble, trouble
+        answers_with(good)
+
+        run = client.create_run(client.get_run(client.get_model_version(NAME, good).run_id).info.experiment_id)
+        empty = client.create_model_version(NAME, f"runs:/{run.info.run_id}/no-model", run.info.run_id)
+        client.set_registered_model_alias(NAME, "following", empty.version)
+        now, trouble = serve.keep_following(cfg, serving, tracking_uri)
+        assert now == serving and f"rolling over to v{empty.version} failed" in trouble, trouble
+        assert f"back on v{good}" in trouble
+        answers_with(good)
+    finally:
         ray_serve.delete(cfg.app_name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -101,3 +102,23 @@ def test_an_override_where_an_id_or_file_goes_says_what_to_write(command: list[s
     assert result.returncode == 2, result.stdout + result.stderr
     assert "looks like a config override" in result.stderr and fix in result.stderr
     assert "Traceback" not in result.stderr and "Ray" not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["serve", "explain"])
+def test_a_registry_that_does_not_answer_exits_2_naming_the_tracking_uri(command: str, good_config: Path) -> None:
+    """Not 'no such model': nothing listens on that port (a real refused connection)."""
+    from components.training import free_port
+
+    uri = f"http://127.0.0.1:{free_port()}"
+    texts = ["a text"] if command == "explain" else []
+    where = ["--tracking-uri", uri] if command == "explain" else [f"tracking.uri={uri}"]
+    result = subprocess.run(
+        [PTFT, command, "models:/m@champion", *texts, "--config", str(good_config), *where],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+        env={**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"},  # MLflow's own retries take minutes
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "did not answer" in result.stderr and uri in result.stderr and "Traceback" not in result.stderr
