@@ -1,12 +1,16 @@
 """Experiment tracking behind a small interface; MLflow is the implementation.
 
 Only rank 0 of a training job tracks (the others get `NullTracker`). Metrics are buffered and
-sent with `log_batch`: one HTTP call per step is far slower than one per `flush`.
+sent with `log_batch`: one HTTP call per step is far slower than one per `flush`. They are sent
+by a background thread, so a tracking server that stops answering never stops training: the
+metrics wait, and go when it is back (`MlflowTracker`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any, Protocol
@@ -14,8 +18,15 @@ from typing import Any, Protocol
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+log = logging.getLogger(__name__)
+
 PARENT_TAG = "mlflow.parentRunId"
 _BATCH_LIMIT = 100  # MLflow accepts at most 100 params / 1000 metrics per log_batch
+_METRIC_BATCH = 1000
+# How long a tracking outage may last before the stage fails for it (at its end, not mid-training).
+OUTAGE_BUDGET_S = 15 * 60
+# How long an explicit flush (before a checkpoint, after an epoch) waits for the metrics to arrive.
+FLUSH_WAIT_S = 10.0
 
 
 class Tracker(Protocol):
@@ -46,6 +57,12 @@ class MlflowTracker:
     A metric is logged at most once per step: a training loop restored from a checkpoint
     recomputes the steps after it, and those were logged already. With `resumed=True` the
     tracker asks MLflow for each metric's last logged step before logging it again.
+
+    Metrics go out from a background thread. While the server does not answer (MLflow's own HTTP
+    retries run out) the thread keeps them and tries again with backoff; training goes on. A batch
+    sent again after a lost answer is logged once: MLflow's SQL store ignores a metric it already
+    holds (same key, step, timestamp and value). `close` waits for everything to arrive, and
+    fails the stage only if the server stayed away longer than `outage_budget_s`.
     """
 
     def __init__(
@@ -57,8 +74,10 @@ class MlflowTracker:
         flush_every: int = 50,
         flush_every_s: float = 5.0,
         resumed: bool = False,
+        outage_budget_s: float = OUTAGE_BUDGET_S,
     ):
         self.client = MlflowClient(tracking_uri)
+        self.tracking_uri = tracking_uri
         self.run_id = run_id
         self.owns_run = owns_run
         # Whichever comes first: few calls on a fast loop, yet progress (`ptft status`) stays fresh.
@@ -66,18 +85,27 @@ class MlflowTracker:
         self.flush_every_s = flush_every_s
         self._flushed_at = time.monotonic()
         self.resumed = resumed
+        self.outage_budget_s = outage_budget_s
         self._pending: list[Metric] = []
         self._last_step: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._sender: threading.Thread | None = None
+        self.down_since: float | None = None  # when the server stopped answering (None: it answers)
+        self._gave_up: Exception | None = None
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         now = int(time.time() * 1000)
+        fresh = []
         for key, value in metrics.items():
             if step <= self.logged_through(key):
                 continue
             self._last_step[key] = step
-            self._pending.append(Metric(key, float(value), now, step))
-        if len(self._pending) >= self.flush_every or time.monotonic() - self._flushed_at >= self.flush_every_s:
-            self.flush()
+            fresh.append(Metric(key, float(value), now, step))
+        with self._lock:
+            self._pending.extend(fresh)
+            due = len(self._pending) >= self.flush_every
+        if due or time.monotonic() - self._flushed_at >= self.flush_every_s:
+            self.flush(wait_s=0)
 
     def logged_through(self, key: str) -> int:
         """The last step at which `key` was logged to this run (-1 if never)."""
@@ -95,14 +123,74 @@ class MlflowTracker:
     def set_tags(self, tags: Mapping[str, str]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(key, str(value)) for key, value in redact(tags).items()])
 
-    def flush(self) -> None:
+    def flush(self, wait_s: float = FLUSH_WAIT_S) -> None:
+        """Start sending what is pending; wait up to `wait_s` for it to arrive while the server
+        answers (not at all while it is known to be down)."""
         self._flushed_at = time.monotonic()
-        while self._pending:
-            batch, self._pending = self._pending[:1000], self._pending[1000:]
-            self.client.log_batch(self.run_id, metrics=batch)
+        deadline = time.monotonic() + wait_s
+        while (sender := self._sender_for_pending()) is not None:
+            if self.down_since is not None or time.monotonic() >= deadline:
+                return
+            sender.join(0.05)
+
+    def pending(self) -> int:
+        """Metrics not yet in MLflow."""
+        with self._lock:
+            return len(self._pending)
+
+    def _sender_for_pending(self) -> threading.Thread | None:
+        """The thread sending the pending metrics, started if none runs; None when nothing is pending."""
+        with self._lock:
+            if not self._pending or self._gave_up is not None:
+                return None
+            if self._sender is None:
+                self._sender = threading.Thread(target=self._send_pending, name="mlflow-metrics", daemon=True)
+                self._sender.start()
+            return self._sender
+
+    def _send_pending(self) -> None:
+        retry_s = 1.0
+        while True:
+            with self._lock:
+                batch = self._pending[:_METRIC_BATCH]
+                if not batch:
+                    self._sender = None  # under the lock: a metric added after this starts a new sender
+                    return
+            try:
+                self.client.log_batch(self.run_id, metrics=batch)
+            except Exception as error:  # noqa: BLE001 - any failure to reach the store: keep them, retry
+                if self.down_since is None:
+                    self.down_since = time.monotonic()
+                    log.warning(
+                        "MLflow at %s did not take %d metrics (%s); training goes on, they are sent when it is back",
+                        self.tracking_uri,
+                        len(batch),
+                        str(error)[:200],
+                    )
+                if time.monotonic() - self.down_since > self.outage_budget_s:
+                    with self._lock:
+                        self._gave_up, self._sender = error, None
+                    return
+                time.sleep(retry_s)
+                retry_s = min(retry_s * 2, 10.0)
+                continue
+            with self._lock:
+                del self._pending[: len(batch)]
+            if self.down_since is not None:
+                log.warning(
+                    "MLflow at %s answers again after %.0f s", self.tracking_uri, time.monotonic() - self.down_since
+                )
+                self.down_since, retry_s = None, 1.0
 
     def close(self, status: str = "FINISHED") -> None:
-        self.flush()
+        """Send everything (waiting out an outage up to `outage_budget_s`), then end the run if owned."""
+        while (sender := self._sender_for_pending()) is not None:
+            sender.join()
+        if self._gave_up is not None:
+            raise RuntimeError(
+                f"MLflow at {self.tracking_uri} did not answer for {self.outage_budget_s:.0f} s; "
+                f"{self.pending()} metrics of run {self.run_id} were not logged ({self._gave_up})"
+            )
         if self.owns_run:
             self.client.set_terminated(self.run_id, status=status)
 

@@ -101,6 +101,12 @@ def _spawn(command: list[str], log: Path, **kwargs) -> subprocess.Popen:
     return process
 
 
+def stop_service(record: dict, first: signal.Signals = signal.SIGTERM) -> None:
+    """Stop the processes of a service record (`start_mlflow`'s) that a test started for itself."""
+    for pid in record["pids"]:
+        _stop_group(pid, first)
+
+
 def _stop_group(pid: int, first: signal.Signals = signal.SIGTERM, timeout_s: float = 60) -> None:
     """Signal a service's process group, then SIGKILL it if its leader is still there after timeout_s."""
     child = _CHILDREN.pop(pid, None)
@@ -356,10 +362,11 @@ def postgres() -> str:
     return shared_service("postgres", _start_postgres)["url"]
 
 
-def _start_mlflow(folder: Path, backend_store_uri: str) -> dict:
-    """An `mlflow server` process on 127.0.0.1 with proxied artifacts in `folder`."""
+def start_mlflow(folder: Path, backend_store_uri: str, port: int | None = None) -> dict:
+    """An `mlflow server` process on 127.0.0.1 (on `port`, else a free one) with proxied artifacts
+    in `folder`; stop it with `stop_service`."""
     folder.mkdir(parents=True, exist_ok=True)
-    port, log = free_port(), folder / "server.log"
+    port, log = port or free_port(), folder / "server.log"
     command = [
         str(BIN / "mlflow"),
         "server",
@@ -389,7 +396,7 @@ def _start_mlflow(folder: Path, backend_store_uri: str) -> dict:
 @pytest.fixture(scope="session")
 def mlflow_server(postgres: str) -> str:
     """Tracking URI of the run's real `mlflow server` process, backed by the `postgres` database."""
-    return shared_service("mlflow", lambda folder: _start_mlflow(folder, postgres))["uri"]
+    return shared_service("mlflow", lambda folder: start_mlflow(folder, postgres))["uri"]
 
 
 PROMETHEUS_CONFIG = REPO / "dashboards" / "prometheus.yml"
