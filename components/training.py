@@ -365,19 +365,14 @@ def ensure_process_group() -> bool:
 
     Returns True when this call created the group (the caller destroys it).
     """
+    one_rank = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
     if dist.is_initialized():
+        if dist.get_world_size() == 1:  # the process's group, kept: DeepSpeed still reads these
+            for key, value in one_rank.items():
+                os.environ.setdefault(key, value)
         return False
     port = free_port()
-    os.environ.update(
-        {
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "RANK": "0",
-            "LOCAL_RANK": "0",
-            "WORLD_SIZE": "1",
-            "LOCAL_WORLD_SIZE": "1",
-        }
-    )
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), **one_rank})
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     return True
 

@@ -43,10 +43,10 @@ def one_rank() -> Iterator[None]:
     group and DeepSpeed set (MASTER_PORT, RANK, ...) are put back for the rest of the session."""
     environment, threads = dict(os.environ), torch.get_num_threads()
     accelerator.prepare_process(use_gpu=False, num_threads=THREADS)
-    created = training.ensure_process_group()
+    # Kept for the process's life, as in a Tune trial: DeepSpeed caches groups made from it
+    # (deepspeed.utils.groups), and a module after this one in the same worker would get dead ones.
+    training.ensure_process_group()
     yield
-    if created:
-        torch.distributed.destroy_process_group()
     os.environ.clear()
     os.environ.update(environment)
     torch.set_num_threads(threads)
