@@ -58,8 +58,9 @@ class MlflowTracker:
     recomputes the steps after it, and those were logged already. With `resumed=True` the
     tracker asks MLflow for each metric's last logged step before logging it again.
 
-    Metrics go out from a background thread. While the server does not answer (MLflow's own HTTP
-    retries run out) the thread keeps them and tries again with backoff; training goes on. A batch
+    Metrics go out from a background thread; a flush waits for them while the server answers.
+    While it does not (MLflow's own HTTP retries run out) the thread keeps them and tries again
+    with backoff, and flushes stop waiting: training goes on. A batch
     sent again after a lost answer is logged once: MLflow's SQL store ignores a metric it already
     holds (same key, step, timestamp and value). `close` waits for everything to arrive, and
     fails the stage only if the server stayed away longer than `outage_budget_s`.
@@ -91,6 +92,7 @@ class MlflowTracker:
         self._lock = threading.Lock()
         self._sender: threading.Thread | None = None
         self.down_since: float | None = None  # when the server stopped answering (None: it answers)
+        self._batch_started: float | None = None  # when the batch being sent now was first tried
         self._gave_up: Exception | None = None
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
@@ -105,7 +107,7 @@ class MlflowTracker:
             self._pending.extend(fresh)
             due = len(self._pending) >= self.flush_every
         if due or time.monotonic() - self._flushed_at >= self.flush_every_s:
-            self.flush(wait_s=0)
+            self.flush()
 
     def logged_through(self, key: str) -> int:
         """The last step at which `key` was logged to this run (-1 if never)."""
@@ -124,10 +126,11 @@ class MlflowTracker:
         self.client.log_batch(self.run_id, tags=[RunTag(key, str(value)) for key, value in redact(tags).items()])
 
     def flush(self, wait_s: float = FLUSH_WAIT_S) -> None:
-        """Start sending what is pending; wait up to `wait_s` for it to arrive while the server
-        answers (not at all while it is known to be down)."""
+        """Send what is pending and wait for it while the server answers, as a synchronous call
+        would (MLflow then holds what the loop logged, up to this step); but never wait more than
+        `wait_s` on one batch, nor at all while the server is known to be down."""
         self._flushed_at = time.monotonic()
-        deadline = time.monotonic() + wait_s
+        deadline = (self._batch_started or time.monotonic()) + wait_s
         while (sender := self._sender_for_pending()) is not None:
             if self.down_since is not None or time.monotonic() >= deadline:
                 return
@@ -156,6 +159,7 @@ class MlflowTracker:
                 if not batch:
                     self._sender = None  # under the lock: a metric added after this starts a new sender
                     return
+            self._batch_started = self._batch_started or time.monotonic()
             try:
                 self.client.log_batch(self.run_id, metrics=batch)
             except Exception as error:  # noqa: BLE001 - any failure to reach the store: keep them, retry
@@ -176,6 +180,7 @@ class MlflowTracker:
                 continue
             with self._lock:
                 del self._pending[: len(batch)]
+            self._batch_started = None
             if self.down_since is not None:
                 log.warning(
                     "MLflow at %s answers again after %.0f s", self.tracking_uri, time.monotonic() - self.down_since
