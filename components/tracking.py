@@ -60,9 +60,9 @@ class MlflowTracker:
 
     Metrics go out from a background thread; a flush waits for them while the server answers.
     While it does not (MLflow's own HTTP retries run out) the thread keeps them and tries again
-    with backoff, and flushes stop waiting: training goes on. A batch
-    sent again after a lost answer is logged once: MLflow's SQL store ignores a metric it already
-    holds (same key, step, timestamp and value). `close` waits for everything to arrive, and
+    with backoff, and flushes stop waiting: training goes on. A batch sent again after a lost
+    answer is logged once: MLflow's SQL store ignores a metric it already holds (same key, step,
+    timestamp and value). `close` waits for everything to arrive, and
     fails the stage only if the server stayed away longer than `outage_budget_s`.
     """
 

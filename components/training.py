@@ -363,7 +363,8 @@ def _rank() -> int:
 def ensure_process_group() -> bool:
     """A one-process gloo group for DeepSpeed outside Ray Train (e.g. a Tune trial).
 
-    Returns True when this call created the group (the caller destroys it).
+    Returns True when this call created the group. Keep it for the process's life: DeepSpeed
+    caches groups cloned from it (deepspeed.utils.groups), which a destroyed one would leave dead.
     """
     one_rank = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
     if dist.is_initialized():
