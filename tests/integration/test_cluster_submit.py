@@ -31,7 +31,9 @@ SECOND_NODE = "second_node"
 
 
 def _node_command(*args: str) -> list[str]:
-    # Two nodes on one host: each dashboard agent and metrics exporter needs its own port.
+    # Two nodes on one host: each dashboard agent and metrics exporter needs its own port. Fresh ports
+    # for every start: a port taken meanwhile by another process fails the node's agent, and with it
+    # every start that reuses the port.
     return [
         str(BIN / "ray"),
         "start",
@@ -69,7 +71,7 @@ def cluster() -> Iterator[dict]:
     }
     env.pop("RAY_ADDRESS", None)
     address, dashboard = f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}"
-    head_command = _node_command(
+    head_args = (
         "--head",
         f"--port={port}",
         f"--temp-dir={temp_dir}",
@@ -80,14 +82,16 @@ def cluster() -> Iterator[dict]:
     )
     # Its own temp dir: nodes that share one would share runtime_resources/, and one node's runtime-env
     # agent would delete the job's working dir while the other still runs in it.
-    second_command = _node_command(
-        f"--address={address}", f"--temp-dir={temp_dir / 'second'}", f"--resources={json.dumps({SECOND_NODE: 1})}"
-    )
+    second_args = (f"--address={address}", f"--resources={json.dumps({SECOND_NODE: 1})}")
     processes = []
     try:
-        for name, command in (("head", head_command), ("second", second_command)):
-            processes.append(_start_node(name, command, env, temp_dir, address, want=len(processes) + 1))
-        _wait_for(lambda: JobSubmissionClient(dashboard), "ray job API", processes[0], temp_dir / "head-1.log")
+        processes.append(_start_node("head", lambda attempt: head_args, env, temp_dir, address, want=1))
+
+        def second_node_args(attempt: int) -> tuple[str, ...]:
+            return (*second_args, f"--temp-dir={temp_dir / f'second-{attempt}'}")
+
+        processes.append(_start_node("second", second_node_args, env, temp_dir, address, want=2))
+        _wait_for(lambda: JobSubmissionClient(dashboard), "ray job API", processes[0], max(temp_dir.glob("head-*.log")))
         yield {"address": address, "dashboard": dashboard}
     finally:
         for process in reversed(processes):
@@ -100,19 +104,37 @@ def cluster() -> Iterator[dict]:
 NODE_STARTS = 3
 
 
-def _start_node(name: str, command: list[str], env: dict, temp_dir: Path, address: str, want: int):
+def _start_node(name: str, node_args, env: dict, temp_dir: Path, address: str, want: int):
+    """`ray start` with node_args(attempt), retried; a last failure shows the node's own Ray logs."""
     for attempt in range(1, NODE_STARTS + 1):
         log = temp_dir / f"{name}-{attempt}.log"
         with open(log, "w") as out:
-            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            process = subprocess.Popen(
+                _node_command(*node_args(attempt)),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
         try:
             _wait_for(lambda: _alive_nodes(address) >= want, f"ray {name} node", process, log)
-        except RuntimeError:  # it exited while starting
+        except RuntimeError as failed:  # it exited while starting
             _stop(process)
             if attempt < NODE_STARTS:
                 continue
-            raise
+            raise RuntimeError(f"{failed}\n{_ray_log_tails(temp_dir)}") from None
         return process
+
+
+def _ray_log_tails(temp_dir: Path, chars: int = 1500) -> str:
+    """The end of every raylet and agent log of the cluster: why a node never registered."""
+    tails = []
+    for pattern in ("raylet.*", "dashboard_agent*", "runtime_env_agent*", "gcs_server.*"):
+        for path in sorted(temp_dir.glob(f"**/session_2*/logs/{pattern}")):
+            text = path.read_text(errors="replace")[-chars:].strip()
+            if text:
+                tails.append(f"--- {path.relative_to(temp_dir)}\n{text}")
+    return "\n".join(tails)
 
 
 def _ptft(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
