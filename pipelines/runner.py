@@ -475,7 +475,7 @@ class _StageRunner:
         tracker.close("FINISHED")
         write_json(partial / "config.json", material)  # what the key stands for, beside what it made
         provenance = {"mlflow_run_id": run_id, "pipeline_run_id": self.result.run_id, "seconds": elapsed}
-        stage_result = _publish(stage, partial, final_dir, stage_result, provenance)
+        stage_result = _publish(stage, partial, final_dir, stage_result, provenance, replace=node.id in self.forced)
         self.manifest.stages[node.id].work_seconds = elapsed
         self.manifest.stage_ended(node.id, mf.SUCCEEDED, output_uri=stage_result.output_uri)
         log.info("stage %s: done in %.1fs -> %s", node.id, elapsed, stage_result.output_uri)
@@ -516,9 +516,15 @@ def _ensure_side_effect(
     return stage.side_effect.ensure(config, inputs, stage_result, ctx)
 
 
-def _publish(stage: Stage, partial: Path, final_dir: Path, stage_result: StageResult, provenance: dict) -> StageResult:
+def _publish(
+    stage: Stage, partial: Path, final_dir: Path, stage_result: StageResult, provenance: dict, replace: bool = False
+) -> StageResult:
     """Write `_SUCCESS` into the partial folder, then rename it into place: readers see either no
-    folder or a complete one. Returns the result with its URIs pointing into the final folder."""
+    folder or a complete one. Returns the result with its URIs pointing into the final folder.
+
+    Two runs that share a key may finish the same stage side by side: the first to publish wins and
+    the second uses its artifact, never deleting what the other (or a Serve replica) may be reading.
+    Only a forced re-run (`replace`) or crash debris (no `_SUCCESS`) replaces a folder."""
     output = stage_result.output_uri
     inside = output == str(partial) or output.startswith(f"{partial}/")
     outputs = stage.outputs.model_validate(stage_result.outputs).model_dump(mode="json")
@@ -530,13 +536,17 @@ def _publish(stage: Stage, partial: Path, final_dir: Path, stage_result: StageRe
         "output_inside": inside,
     }
     write_json(partial / SUCCESS, success)
-    if final_dir.exists():  # a forced re-run replaces the old artifact, or a crash left debris
-        trash = final_dir.parent / f".{final_dir.name}.old-{uuid.uuid4().hex[:6]}"
+    trash = final_dir.parent / f".{final_dir.name}.old-{uuid.uuid4().hex[:6]}"
+    if final_dir.exists() and (replace or not (final_dir / SUCCESS).is_file()):
         final_dir.rename(trash)
-        partial.rename(final_dir)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        partial.rename(final_dir)
+    try:
+        partial.rename(final_dir)  # fails when the folder is there and not empty
+    except OSError:
+        if not (final_dir / SUCCESS).is_file():
+            raise
+        shutil.rmtree(partial, ignore_errors=True)
+        console.warn(f"[ptft] another run published {final_dir} first (same key): this run uses that artifact")
+    shutil.rmtree(trash, ignore_errors=True)
     return _load_result(stage, final_dir)
 
 

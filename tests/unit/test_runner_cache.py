@@ -170,3 +170,26 @@ def test_runs_lists_manifests_and_resume_names_unknown_runs(tmp_path: Path) -> N
         [*ptft, "resume", "nope", "--storage", str(tmp_path)], capture_output=True, text=True, timeout=60
     )
     assert missing.returncode == 2 and "no pipeline run 'nope'" in missing.stderr
+
+
+def test_publish_keeps_the_artifact_another_run_with_the_same_key_published_first(tmp_path: Path) -> None:
+    """Two runs that share a key finish side by side: the second neither deletes nor replaces the
+    first's artifact (its downstream stages, or a Serve replica, may be reading it) and uses it."""
+    tune = stages.BY_NAME["tune"]
+    first, second, final = tmp_path / ".k.partial-run1", tmp_path / ".k.partial-run2", tmp_path / "k"
+    for partial, trial in ((first, "t1"), (second, "t2")):
+        partial.mkdir()
+        (partial / "weights").write_text(trial)
+    outputs = {run: tune.outputs(best_config={"learning_rate": 0.01}, best_trial=run) for run in ("t1", "t2")}
+    runner._publish(tune, first, final, StageResult(str(first), {}, outputs["t1"]), {"mlflow_run_id": "r1"})
+    result = runner._publish(tune, second, final, StageResult(str(second), {}, outputs["t2"]), {"mlflow_run_id": "r2"})
+    assert (final / "weights").read_text() == "t1"
+    assert result.outputs.best_trial == "t1" and result.output_uri == str(final)
+    assert read_json(final / "_SUCCESS")["mlflow_run_id"] == "r1"
+    assert [p.name for p in tmp_path.iterdir()] == ["k"]  # the second run's partial is gone
+    # A forced re-run replaces it.
+    second.mkdir()
+    (second / "weights").write_text("t2")
+    forced = StageResult(str(second), {}, outputs["t2"])
+    result = runner._publish(tune, second, final, forced, {"mlflow_run_id": "r2"}, replace=True)
+    assert (final / "weights").read_text() == "t2" and result.outputs.best_trial == "t2"
