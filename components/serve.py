@@ -41,6 +41,7 @@ from ray import serve
 
 from components.configs import REGISTRY_URI, ServeConfig
 from components.explain import MAX_EXPLAIN_TEXTS
+from components.redaction import redact_text, redact_url
 from components.stage import StageContext, StageResult, write_json
 from components.tasks import task_of_model
 
@@ -479,10 +480,11 @@ def resolve_model(reference: str, tracking_uri: str | None) -> ModelInfo:
     except MlflowException as error:
         if error.error_code not in REGISTRY_ANSWERS:
             raise RegistryUnavailable(
-                f"the registry at {tracking_uri} did not answer for {reference!r}: {error.message[:300]}"
+                f"the registry at {redact_url(tracking_uri)} did not answer for {reference!r}: "
+                + redact_text(error.message[:300])
             ) from None
         raise ValueError(
-            f"{reference!r} is not in the registry at {tracking_uri} ({error.message}); "
+            f"{reference!r} is not in the registry at {redact_url(tracking_uri)} ({redact_text(error.message)}); "
             "the MLflow UI (ptft ui) lists registered models and their aliases"
         ) from None
     return ModelInfo(
@@ -644,7 +646,9 @@ def _parse_app_args(args: object) -> tuple[dict, str, str]:
             "(e.g. models:/demo-classifier@champion) or models:/NAME/VERSION"
         )
     if not isinstance(tracking_uri, str) or not tracking_uri:
-        problems.append(f"args.tracking_uri={tracking_uri!r}: give the MLflow tracking URI, e.g. http://mlflow:5000")
+        problems.append(
+            f"args.tracking_uri={redact_url(tracking_uri)!r}: give the MLflow tracking URI, e.g. http://mlflow:5000"
+        )
     for key in sorted(set(args) - {"model_uri", "tracking_uri", *APP_ARGS}):
         fix = (
             f"set {_SERVE_CONFIG_KEYS[key]} in the Serve config file instead"

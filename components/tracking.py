@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -18,7 +19,14 @@ from typing import Any, Protocol
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from components.redaction import redact, redact_text, redact_url
+
 log = logging.getLogger(__name__)
+
+# MLflow prints "View run NAME at: URL" to stdout when a run ends, with the tracking URI's
+# credentials in the URL; ptft prints its own links, redacted (components/redaction.py). Every
+# process that ends runs imports this module, Ray workers included.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 PARENT_TAG = "mlflow.parentRunId"
 _BATCH_LIMIT = 100  # MLflow accepts at most 100 params / 1000 metrics per log_batch
@@ -167,9 +175,9 @@ class MlflowTracker:
                     self.down_since = time.monotonic()
                     log.warning(
                         "MLflow at %s did not take %d metrics (%s); training goes on, they are sent when it is back",
-                        self.tracking_uri,
+                        redact_url(self.tracking_uri),
                         len(batch),
-                        str(error)[:200],
+                        redact_text(str(error)[:200]),
                     )
                 if time.monotonic() - self.down_since > self.outage_budget_s:
                     with self._lock:
@@ -183,7 +191,9 @@ class MlflowTracker:
             self._batch_started = None
             if self.down_since is not None:
                 log.warning(
-                    "MLflow at %s answers again after %.0f s", self.tracking_uri, time.monotonic() - self.down_since
+                    "MLflow at %s answers again after %.0f s",
+                    redact_url(self.tracking_uri),
+                    time.monotonic() - self.down_since,
                 )
                 self.down_since, retry_s = None, 1.0
 
@@ -193,8 +203,8 @@ class MlflowTracker:
             sender.join()
         if self._gave_up is not None:
             raise RuntimeError(
-                f"MLflow at {self.tracking_uri} did not answer for {self.outage_budget_s:.0f} s; "
-                f"{self.pending()} metrics of run {self.run_id} were not logged ({self._gave_up})"
+                f"MLflow at {redact_url(self.tracking_uri)} did not answer for {self.outage_budget_s:.0f} s; "
+                f"{self.pending()} metrics of run {self.run_id} were not logged ({redact_text(str(self._gave_up))})"
             )
         if self.owns_run:
             self.client.set_terminated(self.run_id, status=status)
@@ -285,34 +295,6 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
-
-
-# Names that hold credentials: never logged as params or tags, whatever their source.
-_SECRET_WORDS = ("token", "password", "passwd", "secret", "api_key", "apikey", "access_key", "credential")
-
-
-def is_secret_name(name: str) -> bool:
-    lowered = name.lower()
-    return any(word in lowered for word in _SECRET_WORDS)
-
-
-def redact(values: Mapping[str, Any]) -> dict[str, Any]:
-    """Drop credential-named keys and strip `user:password@` from URL values."""
-    return {key: redact_url(value) for key, value in values.items() if not is_secret_name(key)}
-
-
-def redact_tree(values: Mapping[str, Any]) -> dict[str, Any]:
-    """`redact` through nested mappings (a resolved config before it is stored as an artifact)."""
-    return {key: redact_tree(value) if isinstance(value, Mapping) else value for key, value in redact(values).items()}
-
-
-def redact_url(value: Any) -> Any:
-    """`https://user:secret@host/x` -> `https://***@host/x`; anything else unchanged."""
-    if not isinstance(value, str) or "://" not in value or "@" not in value:
-        return value
-    scheme, rest = value.split("://", 1)
-    userinfo, at, host = rest.partition("@")
-    return f"{scheme}://***@{host}" if at and "/" not in userinfo else value
 
 
 def _param_value(value: Any) -> str:

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from components import console
+from components.redaction import redact_url
 from pipelines import init, jobs, report
 from pipelines.config import _MISSING as _MISSING_VALUE
 from pipelines.config import ConfigError, Problem, load_config, validate
@@ -264,7 +265,7 @@ def _validate(args: argparse.Namespace) -> int:
             raise ConfigError(args.config, problems)
     print(
         f"{args.config}: OK (pipeline {config.name!r}, storage {config.storage_path()}, "
-        f"tracking {config.tracking_uri()})"
+        f"tracking {redact_url(config.tracking_uri())})"
     )
     return 0
 
@@ -391,8 +392,8 @@ def _print_sweep_summary(result, config, seconds: float) -> None:
         console.say("Best config: " + ", ".join(shown))
         console.say(f"Trial table: {tune.output_uri}/trials.csv  plot: {tune.output_uri}/sweep.png")
     console.say(
-        f"MLflow: experiment {config.experiment_name()!r} at {result.tracking_uri}: each tune run (under the "
-        f"pipeline's run {result.mlflow_run_id}) has one child run per trial. Browse: ptft ui CONFIG"
+        f"MLflow: experiment {config.experiment_name()!r} at {redact_url(result.tracking_uri)}: each tune run "
+        f"(under the pipeline's run {result.mlflow_run_id}) has one child run per trial. Browse: ptft ui CONFIG"
     )
     console.say("Fine-tune with it: ptft run CONFIG (finetune takes the best config; finetune.overrides win)")
 
@@ -481,9 +482,11 @@ def _print_summary(result, config, seconds: float, log: Path | None = None) -> N
 
     served_by_ptft_ui = not result.tracking_uri.startswith(("http://", "https://"))
     links = ui_links(
-        DEFAULT_UI_URL if served_by_ptft_ui else result.tracking_uri, result.experiment_id, result.mlflow_run_id
+        DEFAULT_UI_URL if served_by_ptft_ui else redact_url(result.tracking_uri),
+        result.experiment_id,
+        result.mlflow_run_id,
     )
-    console.say(f"Runs: MLflow experiment {config.experiment_name()!r} at {result.tracking_uri}")
+    console.say(f"Runs: MLflow experiment {config.experiment_name()!r} at {redact_url(result.tracking_uri)}")
     console.say(f"  all runs: {links['runs']}\n  this run: {links['run']}")
     if served_by_ptft_ui:
         # The run's resolved config: right after a resume too, and with the overrides it ran with.
@@ -511,7 +514,7 @@ def _ui(args: argparse.Namespace) -> int:
         "1",
     ]
     url = f"http://{args.host}:{args.port}"
-    print(f"MLflow UI on {url} ({config.tracking_uri()})", flush=True)
+    print(f"MLflow UI on {url} ({redact_url(config.tracking_uri())})", flush=True)
     for what, link in _newest_run_links(config, url).items():
         print(f"  {what}: {link}", flush=True)
     # A UI for one person: one worker, and none of MLflow 3's job runner (seven huey consumer
@@ -559,7 +562,10 @@ def _serve(args: argparse.Namespace) -> int:
         model = serve.resolve_model(args.model, tracking_uri)
     except serve.RegistryUnavailable as error:
         problem = Problem(
-            "tracking.uri", tracking_uri, str(error), "start the MLflow server, or point at the one that is up"
+            "tracking.uri",
+            redact_url(tracking_uri),
+            str(error),
+            "start the MLflow server, or point at the one that is up",
         )
         raise ConfigError("ptft serve", [problem]) from None
     except ValueError as error:
@@ -638,7 +644,9 @@ def _explain(args: argparse.Namespace) -> int:
     try:
         model = serve.resolve_model(args.model, config.tracking_uri())
     except serve.RegistryUnavailable as error:
-        problem = Problem("--tracking-uri", config.tracking_uri(), str(error), "start the MLflow server, or name one")
+        problem = Problem(
+            "--tracking-uri", redact_url(config.tracking_uri()), str(error), "start the MLflow server, or name one"
+        )
         raise ConfigError("ptft explain", [problem]) from None
     except ValueError as error:
         raise ConfigError("ptft explain", [Problem("MODEL", args.model, str(error), "check the name")]) from None

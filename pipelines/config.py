@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from components import data as data_sources
 from components.configs import (
@@ -37,13 +37,26 @@ from components.configs import (
     TokenizeConfig,
     TuneConfig,
 )
+from components.redaction import CredentialsNeeded, connectable_uri, redact_text, redact_url
 from components.tasks import task_type
+
+CREDENTIALS_NEEDED = "credentials needed: "
 
 
 class TrackingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///<storage>/mlflow.db")
     experiment: str | None = Field(None, description="MLflow experiment; default the pipeline name")
+
+    @field_validator("uri")
+    @classmethod
+    def _credentials_back(cls, uri: str | None) -> str | None:
+        # A recorded run's config holds its URI without credentials (ptft stores none): a resume
+        # takes them back from MLFLOW_TRACKING_URI.
+        try:
+            return connectable_uri(uri)
+        except CredentialsNeeded as error:
+            raise ValueError(CREDENTIALS_NEEDED + str(error)) from None
 
 
 class RayConfig(BaseModel):
@@ -197,8 +210,8 @@ class Problem:
     fix: str
 
     def __str__(self) -> str:
-        shown = "" if self.value is _MISSING else f" = {self.value!r}"
-        return f"  - {self.key}{shown}: {self.message}. Fix: {self.fix}"
+        shown = "" if self.value is _MISSING else f" = {redact_url(self.value)!r}"
+        return redact_text(f"  - {self.key}{shown}: {self.message}. Fix: {self.fix}")  # no credentials, ever
 
 
 _MISSING = object()
@@ -310,6 +323,9 @@ def _schema_problem(item: dict) -> Problem:
         return Problem(key, _MISSING, "unknown key", _unknown_key_fix(item["loc"]))
     if kind == "missing":
         return Problem(key, _MISSING, "required key is missing", "add it (see configs/demo.yaml)")
+    if kind == "value_error" and CREDENTIALS_NEEDED in item["msg"]:
+        message = item["msg"].split(CREDENTIALS_NEEDED, 1)[1]
+        return Problem(key, value, message, "export MLFLOW_TRACKING_URI=<that URI, credentials included>, then retry")
     if kind == "value_error" and "config_file" in item["msg"] and isinstance(value, dict):
         return Problem(
             f"{key}.config_file",

@@ -29,6 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from components.redaction import redact_url
 from pipelines import preflight
 from pipelines.config import ConfigError, PipelineConfig, Problem, data_problems, load_config
 
@@ -192,7 +193,24 @@ def submit_problems(config_path: str, config: PipelineConfig, working_dir: Path)
                 "use an absolute path on shared storage, e.g. storage=/mnt/shared/ptft-runs",
             )
         )
-    return problems + _data_problems(config, working_dir)
+    return problems + _credential_problems(config) + _data_problems(config, working_dir)
+
+
+def _credential_problems(config: PipelineConfig) -> list[Problem]:
+    """A job's entrypoint, metadata and uploaded working dir are readable by everyone who can open
+    the cluster's dashboard: no credentials in the tracking URI it runs with."""
+    uri = config.tracking.uri
+    if not uri or redact_url(uri) == uri:
+        return []
+    return [
+        Problem(
+            "tracking.uri",
+            redact_url(uri),
+            "holds credentials, which a Ray Job would show to everyone who can open the cluster's dashboard",
+            "give the URI without them and set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+            "(or MLFLOW_TRACKING_TOKEN) in the environment of the cluster's nodes",
+        )
+    ]
 
 
 def _data_problems(config: PipelineConfig, working_dir: Path) -> list[Problem]:

@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from components.configs import FileSource, HubSource
+from components.redaction import redact_url
 
 UPSTREAM_TAG = "ptft.upstream.{stage}"
 
@@ -66,6 +67,7 @@ def describe_model_version(
 
 def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
     """The run's page in the MLflow UI: absolute for a tracking server, else the UI's own route."""
+    tracking_uri = redact_url(tracking_uri)  # the lineage is logged to MLflow: no credentials
     route = f"#/experiments/{experiment_id}/runs/{run_id}"
     return f"{tracking_uri.rstrip('/')}/{route}" if tracking_uri.startswith(("http://", "https://")) else route
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from components import metrics
+from components.redaction import redact_url, redacted_urls
 from components.stage import read_json, write_json
 from pipelines import stages
 
@@ -79,7 +80,7 @@ class Manifest:
             working_dir=os.getcwd(),
             stages={stage: StageRecord(upstream=list((upstream or {}).get(stage, ()))) for stage in stages},
         )
-        write_json(cls.folder(storage, run_id) / "config.json", config)
+        write_json(cls.folder(storage, run_id) / "config.json", redacted_urls(config))  # see connectable_uri
         manifest.save()
         return manifest
 
@@ -100,7 +101,9 @@ class Manifest:
         return read_json(self.folder(Path(self.storage), self.run_id) / "config.json")
 
     def save(self) -> None:
-        write_json(self.folder(Path(self.storage), self.run_id) / "manifest.json", asdict(self))
+        # On disk without credentials; this process keeps the URI it connects with.
+        state = {**asdict(self), "tracking_uri": redact_url(self.tracking_uri)}
+        write_json(self.folder(Path(self.storage), self.run_id) / "manifest.json", state)
         # Every transition (started, ended, cached, failed, killed, resumed) is saved here, so the
         # live metrics mirror exactly what the manifest says.
         self._publish_metrics()

@@ -21,6 +21,7 @@ from typing import Any, TextIO
 from mlflow.tracking import MlflowClient
 
 from components import console
+from components.redaction import CredentialsNeeded, connectable_uri, redact_text, redact_url
 from components.tracking import PARENT_TAG
 from pipelines import manifest as mf
 from pipelines import stages
@@ -84,7 +85,7 @@ def snapshot(manifest: mf.Manifest, client: MlflowClient | None = None, now: flo
         "created_at": manifest.created_at,
         "ended_at": manifest.ended_at,
         "elapsed_s": (manifest.ended_at or now) - manifest.created_at,
-        "tracking_uri": manifest.tracking_uri,
+        "tracking_uri": redact_url(manifest.tracking_uri),
         "experiment_id": manifest.experiment_id,
         "mlflow_run_id": manifest.mlflow_run_id,
         "stages": stages,
@@ -254,11 +255,16 @@ def print_status(storage: Path, run_id: str | None, *, as_json: bool) -> int:
         print(f"ptft: no pipeline runs under {storage}", file=sys.stderr)
         return 2
     manifest = mf.Manifest.load(storage, run_id) if run_id else runs[0]
-    client = MlflowClient(manifest.tracking_uri) if manifest.tracking_uri else None
+    try:
+        tracking_uri = connectable_uri(manifest.tracking_uri)
+    except CredentialsNeeded as error:
+        print(f"ptft: progress from MLflow unavailable: {error}", file=sys.stderr)
+        tracking_uri = None
+    client = MlflowClient(tracking_uri) if tracking_uri else None
     try:
         state = snapshot(manifest, client)
     except Exception as error:  # noqa: BLE001 - the manifest alone still answers
-        print(f"ptft: progress from MLflow unavailable ({error})", file=sys.stderr)
+        print(f"ptft: progress from MLflow unavailable ({redact_text(str(error))})", file=sys.stderr)
         state = snapshot(manifest, None)
     if as_json:
         print(json.dumps(state, indent=1))

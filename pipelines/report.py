@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from components.redaction import CredentialsNeeded, connectable_uri, redact_text, redact_url
 from components.stage import read_json
 from pipelines.manifest import CACHED, Manifest, StageRecord, list_runs
 from pipelines.stages import node_id, split_node
@@ -124,7 +125,12 @@ def gather(manifest: Manifest) -> RunReport:
         )
         for task in _tasks(manifest)
     ]
-    problem = _mlflow_problem(manifest.tracking_uri)
+    try:
+        tracking_uri = connectable_uri(manifest.tracking_uri)
+    except CredentialsNeeded as error:
+        report.warnings.append(f"{error}: metrics, pictures and the model are missing")
+        return report
+    problem = _mlflow_problem(tracking_uri)
     if problem:
         report.warnings.append(problem)
         return report
@@ -132,10 +138,10 @@ def gather(manifest: Manifest) -> RunReport:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(manifest.tracking_uri)
+    client = MlflowClient(tracking_uri)
     for stage in report.stages:
         try:
-            _add_stage_runs(client, manifest.tracking_uri, stage)
+            _add_stage_runs(client, tracking_uri, stage)
         except (MlflowException, OSError) as error:
             report.warnings.append(f"stage {stage.name}: MLflow run {stage.record.mlflow_run_id}: {_message(error)}")
     for task in report.tasks:
@@ -143,7 +149,7 @@ def gather(manifest: Manifest) -> RunReport:
             task.best_trial = _best_trial(client, _stage(report, node_id("tune", task.task))) or task.best_trial
             task.model = _registered_model(client, _stage(report, node_id("finetune", task.task)), task.model)
         except (MlflowException, OSError) as error:
-            report.warnings.append(f"MLflow at {manifest.tracking_uri}: {_message(error)}")
+            report.warnings.append(f"MLflow at {redact_url(tracking_uri)}: {_message(error)}")
     return report
 
 
@@ -202,7 +208,9 @@ def _mlflow_problem(tracking_uri: str | None) -> str | None:
         reason = f"GET /health answered {response.status_code}"
     except requests.RequestException as error:
         reason = f"GET /health failed: {type(error).__name__}"
-    return f"MLflow at {tracking_uri} is unreachable ({reason}): metrics, pictures and the model are missing"
+    return (
+        f"MLflow at {redact_url(tracking_uri)} is unreachable ({reason}): metrics, pictures and the model are missing"
+    )
 
 
 def _add_stage_runs(client: MlflowClient, tracking_uri: str, stage: StageReport) -> None:
@@ -295,7 +303,7 @@ def _registered_model(
 
 
 def _message(error: Exception) -> str:
-    return getattr(error, "message", None) or str(error)
+    return redact_text(getattr(error, "message", None) or str(error))
 
 
 # --------------------------------------------------------------------------- rendering
@@ -359,7 +367,8 @@ def _render_summary(report: RunReport) -> str:
         ("Storage", f"<code>{_e(manifest.storage)}</code>"),
         (
             "MLflow",
-            f"<code>{_e(manifest.tracking_uri or '-')}</code>, experiment {_e(manifest.experiment_id or '-')}, "
+            f"<code>{_e(redact_url(manifest.tracking_uri) or '-')}</code>, "
+            f"experiment {_e(manifest.experiment_id or '-')}, "
             f"pipeline run {_run_link(manifest.tracking_uri, manifest.experiment_id, manifest.mlflow_run_id)}",
         ),
     ]
@@ -572,6 +581,7 @@ def _run_link(tracking_uri: str | None, experiment_id: str | None, run_id: str |
     """A run id, linked to the MLflow UI when the tracking URI is a server the reader can open."""
     if not run_id:
         return "-"
+    tracking_uri = redact_url(tracking_uri)
     if tracking_uri and tracking_uri.startswith(("http://", "https://")) and experiment_id:
         url = f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
         return f'<a href="{_e(url)}"><code>{_e(run_id)}</code></a>'
@@ -579,6 +589,7 @@ def _run_link(tracking_uri: str | None, experiment_id: str | None, run_id: str |
 
 
 def _model_link(tracking_uri: str | None, model: ModelReport) -> str | None:
+    tracking_uri = redact_url(tracking_uri)
     if not tracking_uri or not tracking_uri.startswith(("http://", "https://")):
         return None
     return f"{tracking_uri.rstrip('/')}/#/models/{model.name}/versions/{model.version}"
@@ -665,10 +676,10 @@ def _log_to_mlflow(manifest: Manifest, page: str) -> None:
     from mlflow.tracking import MlflowClient
 
     try:
-        MlflowClient(manifest.tracking_uri).log_text(manifest.mlflow_run_id, page, REPORT_ARTIFACT)
-    except (MlflowException, OSError) as error:
+        MlflowClient(connectable_uri(manifest.tracking_uri)).log_text(manifest.mlflow_run_id, page, REPORT_ARTIFACT)
+    except (MlflowException, OSError, CredentialsNeeded) as error:
         print(
             f"ptft: warning: the report was not logged to MLflow run {manifest.mlflow_run_id} at "
-            f"{manifest.tracking_uri}: {_message(error)}",
+            f"{redact_url(manifest.tracking_uri)}: {_message(error)}",
             file=sys.stderr,
         )

@@ -27,13 +27,13 @@ import ray
 from mlflow.tracking import MlflowClient
 
 from components import accelerator, console
+from components.redaction import redact_tree
 from components.stage import StageContext, StageResult, read_json, weights_sha256, write_json
 from components.tracking import (
     MlflowTracker,
     close_orphans,
     ensure_experiment,
     flatten,
-    redact_tree,
     reopen_run,
     start_run,
 )

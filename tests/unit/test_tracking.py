@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from components import tracking
+from components import redaction, tracking
 
 
 @pytest.fixture
@@ -73,7 +73,7 @@ def test_credentials_are_never_logged(store) -> None:
     for secret in ("s3cr3t", "alice", "AKIAXXXX", "tok123", "hunter2"):
         assert secret not in logged
     assert data.params["tracking.uri"] == "https://***@mlflow.example.com" and data.params["lr"] == "0.1"
-    nested = tracking.redact_tree({"tracking": {"uri": "http://u:p@h:5000", "token": "x"}, "name": "demo"})
+    nested = redaction.redact_tree({"tracking": {"uri": "http://u:p@h:5000", "token": "x"}, "name": "demo"})
     assert nested == {"tracking": {"uri": "http://***@h:5000"}, "name": "demo"}
 
 
