@@ -6,6 +6,7 @@ user types it, the bad value and the fix.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import json
 import os
 import re
@@ -408,7 +409,37 @@ def semantic_problems(sections: dict[str, Any]) -> list[Problem]:
     problems += _trial_precision_problems(sections.get("tune"), sections.get("finetune"))
     if "serve" in sections:
         problems += serve_problems(sections["serve"])
+    if "ray" in sections:
+        problems += _ray_auth_problems(sections["ray"])
     return problems
+
+
+def listens_beyond_loopback(host: str) -> bool:
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: whatever it resolves to, it is not only this machine
+        return True
+
+
+def _ray_auth_problems(ray_config: RayConfig) -> list[Problem]:
+    """A local cluster reachable from other machines runs code for whoever reaches it: token auth
+    stays on (ptft turns it on; only an explicit RAY_AUTH_MODE=disabled could turn it off)."""
+    host = ray_config.dashboard_host
+    if ray_config.address or not listens_beyond_loopback(host):
+        return []
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "disabled":
+        return []
+    return [
+        Problem(
+            "ray.dashboard_host",
+            host,
+            "the local Ray cluster would listen beyond loopback with RAY_AUTH_MODE=disabled: anyone who "
+            "reaches it could run code on this machine",
+            "unset RAY_AUTH_MODE (ptft then starts the cluster with token auth) or keep ray.dashboard_host=127.0.0.1",
+        )
+    ]
 
 
 def serve_problems(serve: ServeConfig) -> list[Problem]:

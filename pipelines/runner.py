@@ -39,7 +39,7 @@ from components.tracking import (
 )
 from pipelines import lineage, progress, stages
 from pipelines import manifest as mf
-from pipelines.config import ConfigError, PipelineConfig, resolved_dict
+from pipelines.config import ConfigError, PipelineConfig, listens_beyond_loopback, resolved_dict
 from pipelines.driver_lock import DriverLock
 from pipelines.stages import Inputs, Stage
 
@@ -203,6 +203,15 @@ def _init_ray(config: PipelineConfig) -> None:
     # Without either, start a private local Ray ("local"), never silently join a `ray start` cluster.
     address = config.ray.address or os.environ.get("RAY_ADDRESS")
     local = {} if address else {"num_cpus": config.ray.num_cpus, "dashboard_host": config.ray.dashboard_host}
+    if not address and listens_beyond_loopback(config.ray.dashboard_host):
+        # Reachable from other machines: a new local cluster has token auth unless RAY_AUTH_MODE is
+        # `disabled`, which validation refuses here; Ray makes ~/.ray/auth_token if there is none.
+        # (Setting the variable here would be too late: Ray reads it when it is imported.)
+        # tests/integration/test_local_cluster_auth.py holds Ray to it.
+        console.say(
+            f"[ptft] the local Ray dashboard listens on {config.ray.dashboard_host} with token auth: "
+            "`ray get-auth-token` prints the token its clients need"
+        )
     address = address or "local"
     ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, configure_logging=False, **local)
 

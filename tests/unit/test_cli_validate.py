@@ -122,3 +122,18 @@ def test_a_registry_that_does_not_answer_exits_2_naming_the_tracking_uri(command
     )
     assert result.returncode == 2, result.stdout + result.stderr
     assert "did not answer" in result.stderr and uri in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_local_cluster_beyond_loopback_without_token_auth_is_refused(good_config: Path) -> None:
+    """Ray's dashboard and client run code for whoever reaches them: a local cluster that listens
+    beyond loopback keeps token auth, and an explicit RAY_AUTH_MODE=disabled is refused."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    command = [PTFT, "validate", str(good_config)]
+    exposed = subprocess.run(
+        [*command, "ray.dashboard_host=0.0.0.0"], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert exposed.returncode == 2, exposed.stdout + exposed.stderr
+    assert "ray.dashboard_host = '0.0.0.0'" in exposed.stderr and "RAY_AUTH_MODE" in exposed.stderr
+    assert "Traceback" not in exposed.stderr
+    loopback = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert loopback.returncode == 0, loopback.stdout + loopback.stderr
