@@ -523,6 +523,11 @@ class ServeConfig(BaseModel):
         "CPUs needed, requests wait meanwhile)",
     )
     max_batch_size: int = Field(16, gt=0, description="requests scored together by @serve.batch (1: no batching)")
+    max_batch_tokens: int = Field(
+        8192,
+        gt=0,
+        description="most padded tokens in one forward pass; a larger batch is scored in several",
+    )
     batch_wait_timeout_s: float = Field(0.002, ge=0, description="how long a batch waits to fill")
     # Requests waiting inside a replica (for a batch) are cheap; requests Serve's router holds back
     # for a busy replica are not (throughput fell 4x at 64 clients with 32 here), and the router's

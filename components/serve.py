@@ -143,7 +143,12 @@ class ClassifierApp:
         self.token_digest = token_digest
         self.model = ModelInfo.model_validate(model)
         self.cfg = ServeConfig.model_validate(settings)
-        self.scorer = Scorer(self.model.model_uri, tracking_uri, threads=max(1, int(self.cfg.cpus_per_replica)))
+        self.scorer = Scorer(
+            self.model.model_uri,
+            tracking_uri,
+            threads=max(1, int(self.cfg.cpus_per_replica)),
+            max_batch_tokens=self.cfg.max_batch_tokens,
+        )
         self.predict_batch.set_max_batch_size(self.cfg.max_batch_size)
         self.predict_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
 
@@ -174,7 +179,14 @@ class ClassifierApp:
             return refused
         limits = {
             key: getattr(self.cfg, key)
-            for key in ("max_texts", "max_text_bytes", "max_body_bytes", "request_timeout_s", "max_batch_size")
+            for key in (
+                "max_texts",
+                "max_text_bytes",
+                "max_body_bytes",
+                "request_timeout_s",
+                "max_batch_size",
+                "max_batch_tokens",
+            )
         }
         return {
             **self.model.model_dump(),
@@ -304,7 +316,7 @@ class Scorer:
     """Tokenizer + fine-tuned model; answers a list of texts in one padded forward pass, as its
     task type does (components/tasks/)."""
 
-    def __init__(self, model_uri: str, tracking_uri: str | None, threads: int = 1):
+    def __init__(self, model_uri: str, tracking_uri: str | None, threads: int = 1, max_batch_tokens: int | None = None):
         import torch
 
         torch.set_num_threads(threads)
@@ -315,19 +327,42 @@ class Scorer:
         self.max_tokens = int(min(positions, self.tokenizer.model_max_length))
         self.labels = [config.id2label[i] for i in range(config.num_labels)]
         self.task = task_of_model(config)
+        self.max_batch_tokens = max_batch_tokens or ServeConfig().max_batch_tokens
         # Batches and /explain run in worker threads; one forward at a time (explain switches the
         # model's attention implementation while it runs).
         self._model_lock = threading.Lock()
 
     def __call__(self, texts: list[str]) -> list[dict]:
-        with self._model_lock:
-            return self.task.predict(self.model, self.tokenizer, texts, self.max_tokens)
+        """Every text's answer, in order, from forward passes of at most `max_batch_tokens` padded
+        tokens each: a batch of many long texts never becomes one huge tensor."""
+        lengths = [len(ids) for ids in self.tokenizer(texts, truncation=True, max_length=self.max_tokens)["input_ids"]]
+        answers: list[dict | None] = [None] * len(texts)
+        for part in token_budget_parts(lengths, self.max_batch_tokens):
+            with self._model_lock:  # per part: /explain may run between the parts of a long batch
+                scored = self.task.predict(self.model, self.tokenizer, [texts[i] for i in part], self.max_tokens)
+            for index, answer in zip(part, scored, strict=True):
+                answers[index] = answer
+        return answers
 
     def explain(self, texts: list[str], layer: int = -1) -> list[dict]:
         from components.explain import attention_maps
 
         with self._model_lock:
             return attention_maps(self.model, self.tokenizer, texts, max_tokens=self.max_tokens, layer=layer)
+
+
+def token_budget_parts(lengths: list[int], budget: int) -> list[list[int]]:
+    """Indices of texts with these token lengths, grouped so that each group padded to its longest
+    text holds at most `budget` tokens (a text longer than the budget alone). Similar lengths go
+    together, which also cuts the padding."""
+    parts: list[list[int]] = []
+    for index in sorted(range(len(lengths)), key=lengths.__getitem__):
+        # Sorted ascending: the text joining a part is its longest.
+        if parts and (len(parts[-1]) + 1) * lengths[index] <= budget:
+            parts[-1].append(index)
+        else:
+            parts.append([index])
+    return parts
 
 
 def load_classifier(model_uri: str, tracking_uri: str | None):

@@ -3,6 +3,7 @@ store (sqlite), request limits, truncation, serve config rules and model referen
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,37 @@ def test_scorer_truncates_long_texts_and_says_so(tmp_path: Path) -> None:
     scored = scorer(["a good film", " ".join(["very"] * 100)])
     assert [item["truncated"] for item in scored] == [False, True]
     assert all(item["label"] in scorer.labels and 0.5 <= item["score"] <= 1 for item in scored)
+
+
+def test_token_budget_parts_hold_at_most_the_budget_padded() -> None:
+    lengths = [5, 40, 6, 38, 7, 100, 4]
+    parts = serve.token_budget_parts(lengths, budget=80)
+    assert sorted(i for part in parts for i in part) == list(range(len(lengths)))  # every text, once
+    for part in parts:
+        assert len(part) == 1 or len(part) * max(lengths[i] for i in part) <= 80, part
+    assert [5] in parts  # longer than the budget: alone
+    assert [6, 0, 2, 4] in parts  # the short ones together (4 x 7 tokens)
+
+
+def test_a_batch_over_the_token_budget_is_scored_in_parts_with_the_same_answers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = str(tiny_classifier(tmp_path / "model", seed=0))
+    texts = [" ".join(["good"] * n) + " film" for n in (1, 30, 2, 25, 3)]
+    whole = serve.Scorer(folder, tracking_uri=None)(texts)
+    budgeted = serve.Scorer(folder, tracking_uri=None, max_batch_tokens=40)
+    shapes = []
+    predict = budgeted.task.predict
+
+    def recording(model, tokenizer, part, max_tokens):
+        shapes.append(len(part))
+        return predict(model, tokenizer, part, max_tokens)
+
+    monkeypatch.setattr(budgeted, "task", dataclasses.replace(budgeted.task, predict=recording))
+    parted = budgeted(texts)
+    assert [item["label"] for item in parted] == [item["label"] for item in whole]
+    assert [item["score"] for item in parted] == pytest.approx([item["score"] for item in whole], abs=1e-5)
+    assert len(shapes) > 1 and sum(shapes) == len(texts)
 
 
 def test_serve_config_rules(tmp_path: Path) -> None:
