@@ -255,7 +255,7 @@ def _postgres_user() -> dict:
     return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
 
 
-def _start_postgres(_: Path) -> dict:
+def start_postgres(_: Path) -> dict:
     """A throwaway PostgreSQL server (durability off: fsync and synchronous commit are pointless
     for it) with a `ptft` role owning an `mlflow` database."""
     bindir = _postgres_bindir()
@@ -352,14 +352,30 @@ def _start_postgres(_: Path) -> dict:
         "pids": [process.pid],
         "stop_signal": "SIGINT",
         "folders": [str(folder)],
+        "restart": {"command": command, "cwd": str(folder), "as": as_postgres},
     }
+
+
+def start_postgres_again(record: dict) -> dict:
+    """The stopped server of a `start_postgres` record, started again on its data dir and port."""
+    import sqlalchemy
+
+    restart = record["restart"]
+    log = Path(restart["cwd"]) / f"server-{time.time_ns()}.log"
+    process = _spawn(restart["command"], log, cwd=restart["cwd"], **restart["as"])
+    engine = sqlalchemy.create_engine(record["url"])
+    try:
+        _wait_for(lambda: engine.connect().close() is None, "postgres", process, log)
+    finally:
+        engine.dispose()
+    return {**record, "pids": [process.pid]}
 
 
 @pytest.fixture(scope="session")
 def postgres() -> str:
     """SQLAlchemy URL (`postgresql+psycopg2://ptft:...@127.0.0.1:PORT/mlflow`) of a database owned by
     the `ptft` role on the run's real PostgreSQL server."""
-    return shared_service("postgres", _start_postgres)["url"]
+    return shared_service("postgres", start_postgres)["url"]
 
 
 def start_mlflow(folder: Path, backend_store_uri: str, port: int | None = None) -> dict:

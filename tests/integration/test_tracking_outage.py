@@ -1,16 +1,20 @@
-"""The metrics tracker through a real tracking server outage: the `mlflow server` process killed
-and started again while a training loop logs."""
+"""The metrics tracker through real outages while a training loop logs: the `mlflow server` process
+killed and started again, and (separately) the PostgreSQL server behind it stopped and started."""
 
 from __future__ import annotations
 
+import shutil
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from components import tracking
+from components.training import free_port
+from tests.services import start_mlflow, start_postgres, start_postgres_again, stop_service
 
 pytestmark = pytest.mark.integration
 
@@ -18,42 +22,73 @@ pytestmark = pytest.mark.integration
 OUTAGE_S = 60
 
 
-def test_a_tracking_server_outage_neither_stops_training_nor_loses_or_repeats_a_step(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A real `mlflow server` (sqlite store) is SIGKILLed after the first flush and started again on
-    the same port and store 60 s later. A training loop's logging (a metric every step, a flush
-    before each checkpoint) runs to its end while the server is down; `close` then waits for it.
-    Every step is in MLflow exactly once."""
-    from components.training import free_port
-    from tests.services import start_mlflow, stop_service
-
+@pytest.fixture(autouse=True)
+def _tracker_retries_only(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the tracker's retries, not MLflow's, are tested
+
+
+def test_a_tracking_server_outage_neither_stops_training_nor_loses_or_repeats_a_step(tmp_path: Path) -> None:
+    """A real `mlflow server` (sqlite store) is SIGKILLed after the first flush and started again on
+    the same port and store 60 s later."""
     port, store = free_port(), f"sqlite:///{tmp_path / 'mlflow.db'}"
     server = start_mlflow(tmp_path / "server", store, port)
-    try:
-        client = MlflowClient(server["uri"])
-        experiment = tracking.ensure_experiment(client, "outage", None)
-        run_id = tracking.start_run(client, experiment, "pretrain")
-        tracker = tracking.MlflowTracker(server["uri"], run_id, flush_every=5)
-        tracker.log_metrics({"train/loss": 1.0}, 1)
-        tracker.flush()
-        assert tracker.pending() == 0
 
+    def down() -> None:
         stop_service(server, signal.SIGKILL)
-        killed_at = time.monotonic()
-        for step in range(2, 101):
-            tracker.log_metrics({"train/loss": 1.0 / step}, step)
-            if step % 25 == 0:
-                tracker.flush()  # as before a checkpoint: returns while the server is down
-        # The loop ran to its end while the server was down (it comes back below): kept, not dropped.
-        assert tracker.down_since is not None and tracker.pending() > 0
 
-        time.sleep(max(0.0, OUTAGE_S - (time.monotonic() - killed_at)))
-        server = start_mlflow(tmp_path / "server", store, port)
-        tracker.close()
-        assert tracker.pending() == 0 and tracker.down_since is None
-        history = client.get_metric_history(run_id, "train/loss")
-        assert sorted(metric.step for metric in history) == list(range(1, 101))  # each step once
+    def up() -> None:
+        server.update(start_mlflow(tmp_path / "server", store, port))
+
+    try:
+        _train_through_an_outage(server["uri"], down, up)
     finally:
         stop_service(server)
+
+
+def test_a_database_outage_behind_the_tracking_server_neither_stops_training_nor_loses_a_step(tmp_path: Path) -> None:
+    """The server stays up while its own PostgreSQL (not the suite's shared one) is stopped for 60 s
+    and started again on the same data dir: the server answers 500s meanwhile."""
+    database = start_postgres(tmp_path)
+    server = start_mlflow(tmp_path / "server", database["url"])
+
+    def down() -> None:
+        stop_service(database, signal.SIGINT)  # PostgreSQL's fast shutdown
+
+    def up() -> None:
+        database.update(start_postgres_again(database))
+
+    try:
+        _train_through_an_outage(server["uri"], down, up)
+    finally:
+        stop_service(server)
+        stop_service(database, signal.SIGINT)
+        for folder in database["folders"]:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _train_through_an_outage(uri: str, outage_starts: Callable[[], None], outage_ends: Callable[[], None]) -> None:
+    """A training loop's logging (a metric every step, a flush before each checkpoint) runs to its
+    end while the store is down; `close` then waits for it. Every step is in MLflow exactly once."""
+    client = MlflowClient(uri)
+    experiment = tracking.ensure_experiment(client, "outage", None)
+    run_id = tracking.start_run(client, experiment, "pretrain")
+    tracker = tracking.MlflowTracker(uri, run_id, flush_every=5)
+    tracker.log_metrics({"train/loss": 1.0}, 1)
+    tracker.flush()
+    assert tracker.pending() == 0
+
+    outage_starts()
+    started = time.monotonic()
+    for step in range(2, 101):
+        tracker.log_metrics({"train/loss": 1.0 / step}, step)
+        if step % 25 == 0:
+            tracker.flush()  # as before a checkpoint: returns while the store is down
+    # The loop ran to its end while the store was down (it comes back below): kept, not dropped.
+    assert tracker.down_since is not None and tracker.pending() > 0
+
+    time.sleep(max(0.0, OUTAGE_S - (time.monotonic() - started)))
+    outage_ends()
+    tracker.close()
+    assert tracker.pending() == 0 and tracker.down_since is None
+    history = client.get_metric_history(run_id, "train/loss")
+    assert sorted(metric.step for metric in history) == list(range(1, 101))  # each step once
