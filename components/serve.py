@@ -335,9 +335,13 @@ class Scorer:
     def __call__(self, texts: list[str]) -> list[dict]:
         """Every text's answer, in order, from forward passes of at most `max_batch_tokens` padded
         tokens each: a batch of many long texts never becomes one huge tensor."""
-        lengths = [len(ids) for ids in self.tokenizer(texts, truncation=True, max_length=self.max_tokens)["input_ids"]]
+        if len(texts) * self.max_tokens <= self.max_batch_tokens:  # fits even padded to the limit: one pass
+            parts = [list(range(len(texts)))]
+        else:
+            encoded = self.tokenizer(texts, truncation=True, max_length=self.max_tokens)["input_ids"]
+            parts = token_budget_parts([len(ids) for ids in encoded], self.max_batch_tokens)
         answers: list[dict | None] = [None] * len(texts)
-        for part in token_budget_parts(lengths, self.max_batch_tokens):
+        for part in parts:
             with self._model_lock:  # per part: /explain may run between the parts of a long batch
                 scored = self.task.predict(self.model, self.tokenizer, [texts[i] for i in part], self.max_tokens)
             for index, answer in zip(part, scored, strict=True):
