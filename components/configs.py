@@ -29,6 +29,7 @@ class FileSource(_Strict):
     format: FileFormat = Field("auto", description="file format; auto reads it from the suffix")
     text_column: str = Field("text", description="column holding the text")
     label_column: str = Field("label", description="column holding the label (labelled splits only)")
+    question_column: str = Field("question", description="column holding the question (question answering only)")
 
 
 class HubSource(_Strict):
@@ -41,6 +42,7 @@ class HubSource(_Strict):
     config_name: str | None = Field(None, description="dataset configuration name")
     text_column: str = "text"
     label_column: str = "label"
+    question_column: str = "question"
 
 
 class SyntheticSource(_Strict):
@@ -50,13 +52,15 @@ class SyntheticSource(_Strict):
     split: Literal["corpus", "train", "validation", "test"]
     num_examples: int = Field(1000, gt=0, description="rows to generate")
     seed: int = Field(0, description="generator seed")
-    task: Literal["sentiment", "topic", "entities"] = Field(
+    task: Literal["sentiment", "topic", "entities", "answers"] = Field(
         "sentiment",
         description="label reviews by polarity, or by what they talk about (story, music, ...); entities: tag "
-        "the reviewer's name (PER) and each adjective's polarity (POS, NEG) word by word (token_classification)",
+        "the reviewer's name (PER) and each adjective's polarity (POS, NEG) word by word (token_classification); "
+        "answers: who wrote a review, or what they called the film, as spans (question_answering)",
     )
     text_column: Literal["text"] = "text"
     label_column: Literal["label"] = "label"
+    question_column: Literal["question"] = "question"
 
 
 Source = Annotated[FileSource | HubSource | SyntheticSource, Field(discriminator="type")]
@@ -72,7 +76,7 @@ class CorpusConfig(BaseModel):
     source: Source = Field(description="unlabelled text for the tokenizer and for pre-training")
 
 
-TaskTypeName = Literal["sequence_classification", "token_classification"]  # components/tasks/
+TaskTypeName = Literal["sequence_classification", "token_classification", "question_answering"]  # components/tasks/
 
 
 class TaskConfig(BaseModel):
@@ -81,7 +85,15 @@ class TaskConfig(BaseModel):
         "sequence_classification",
         description="sequence_classification: a text and a label per row; token_classification (entities): "
         "a list of words and a list of IOB2 tags per row (set the sources' text_column and label_column, "
-        "e.g. tokens and ner_tags)",
+        "e.g. tokens and ner_tags); question_answering (extractive, SQuAD): a question, a context and its "
+        "answers per row (SQuAD JSON, or rows with question, context and answers: text_column context, "
+        "label_column answers)",
+    )
+    doc_stride: int = Field(
+        128,
+        gt=0,
+        description="question_answering: tokens that consecutive windows of a long context share "
+        "(each window is tokenize.seq_len tokens, the question included)",
     )
     train: Source = Field(description="labelled examples to fine-tune on")
     validation: Source = Field(description="labelled examples for model selection (Tune's metric)")
@@ -541,7 +553,8 @@ class ServeConfig(BaseModel):
     max_texts: int = Field(64, gt=0, description="most texts one request may send")
     max_text_bytes: int = Field(8192, gt=0, description="longest text accepted, in UTF-8 bytes")
     max_body_bytes: int = Field(1_048_576, gt=0, description="largest request body accepted")
-    sample_texts: list[str] = Field(
+    sample_texts: list[str | dict[str, str]] = Field(
         default_factory=lambda: ["a superb and moving film .", "the plot was dull and tedious ."],
-        description="sent to the deployment once it is up, as a smoke test",
+        description="sent to the deployment once it is up, as a smoke test; for question answering "
+        "{question, context} objects (default: the task type's own example)",
     )

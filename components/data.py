@@ -1,7 +1,9 @@
 """Data sources: local files (JSONL, CSV, TSV, Parquet, plain text; globs), remote URIs,
 HF Hub datasets and the built-in synthetic language. Every source loads to an Arrow table with
 the columns `text` and, for labelled data, `label` (for token classification, lists of words and of
-tags; unlabelled, a list of words is joined with spaces into one text).
+tags; unlabelled, a list of words is joined with spaces into one text) and `question` where the
+source has its question column (question answering). SQuAD's nested JSON reads as one row per
+question.
 """
 
 from __future__ import annotations
@@ -62,6 +64,9 @@ def _select_columns(table: pa.Table, source: Source, labelled: bool) -> pa.Table
     columns = {"text": text}  # a labelled row's words stay a list (token classification)
     if labelled:
         columns["label"] = table.column(source.label_column)
+        question = getattr(source, "question_column", None)
+        if question in table.column_names:  # question answering
+            columns["question"] = table.column(question)
     return pa.table(columns).filter(pc.is_valid(columns["text"]))
 
 
@@ -90,12 +95,47 @@ def _read_file(path: str, fmt: str) -> pa.Table:
     if fmt == "parquet":
         return pq.read_table(io.BytesIO(data))
     if fmt == "jsonl":
+        if (rows := squad_rows(data)) is not None:
+            return pa.Table.from_pylist(rows)
         return pajson.read_json(io.BytesIO(data))
     if fmt in ("csv", "tsv"):
         delimiter = "\t" if fmt == "tsv" else ","
         return pacsv.read_csv(io.BytesIO(data), parse_options=pacsv.ParseOptions(delimiter=delimiter))
     lines = [line for line in data.decode("utf-8").splitlines() if line.strip()]
     return pa.table({"text": lines})
+
+
+SQUAD_COLUMNS = ["id", "title", "context", "question", "answers"]
+
+
+def squad_rows(data: bytes) -> list[dict] | None:
+    """SQuAD's nested JSON (`{"data": [{"title", "paragraphs": [{"context", "qas": [...]}]}]}`)
+    as one row per question, answers columnar as in its Hugging Face copy; None for anything else
+    (JSON lines fail to parse as one document at their second line)."""
+    if not data.lstrip()[:1] == b"{":
+        return None
+    try:
+        document = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    articles = document.get("data") if isinstance(document, dict) else None
+    if not isinstance(articles, list) or not all(isinstance(a, dict) and "paragraphs" in a for a in articles):
+        return None
+    return [
+        {
+            "id": str(qa.get("id", "")),
+            "title": article.get("title", ""),
+            "context": paragraph["context"],
+            "question": qa["question"],
+            "answers": {
+                "text": [answer["text"] for answer in qa.get("answers", [])],
+                "answer_start": [int(answer["answer_start"]) for answer in qa.get("answers", [])],
+            },
+        }
+        for article in articles
+        for paragraph in article["paragraphs"]
+        for qa in paragraph["qas"]
+    ]
 
 
 def _read_bytes(path: str) -> bytes:
@@ -117,6 +157,8 @@ def source_columns(source: FileSource) -> list[str]:
     with open(path, encoding="utf-8") as handle:
         first = handle.readline()
     if fmt == "jsonl":
+        if first.lstrip().startswith("{") and _opens_squad(first):
+            return SQUAD_COLUMNS if squad_rows(Path(path).read_bytes()) is not None else []
         return list(json.loads(first).keys()) if first.strip() else []
     delimiter = "\t" if fmt == "tsv" else ","
     return [name.strip().strip('"') for name in first.rstrip("\n").split(delimiter)]
@@ -150,6 +192,15 @@ def check_source(source: Source, *, labelled: bool) -> list[tuple[str, str, str]
         for key, name in wanted
         if name not in columns
     ]
+
+
+def _opens_squad(first_line: str) -> bool:
+    """Whether a JSON file's first line may open a SQuAD document (pretty-printed, or all on one line)."""
+    try:
+        record = json.loads(first_line)
+    except json.JSONDecodeError:
+        return True  # one JSON document over several lines
+    return isinstance(record, dict) and "data" in record and "version" in record
 
 
 def _not_utf8(path: str, chunk: int = 1 << 20) -> int | None:

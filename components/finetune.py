@@ -268,9 +268,14 @@ def fit_classifier(
         device_name=device_name(cfg.use_gpu),
     )
     metrics: dict[str, float] = {}
+
+    def evaluate_split(split: str, prefix: str = "eval") -> dict[str, float]:
+        kwargs = {"kind": kind, "label_names": cfg.label_names, "split_dir": f"{cfg.task_dir}/{split}"}
+        return evaluate(engine, data[split], shard, prefix=prefix, **kwargs)
+
     for epoch in range(done_epochs + 1, cfg.epochs + 1):
         train_loss, step = _train_epoch(engine, data["train"], shard, cfg, epoch, step, tracker, meter)
-        validation = evaluate(engine, data["validation"], shard, kind=kind, label_names=cfg.label_names)
+        validation = evaluate_split("validation")
         metrics = {"train/epoch_loss": train_loss, "epoch": epoch, **validation}
         stop = stopper.update(metrics["eval/loss"])
         last = epoch == cfg.epochs or stop
@@ -280,7 +285,7 @@ def fit_classifier(
                 "early stopping after epoch %d: no lower validation loss since epoch %d", epoch, stopper.best_epoch
             )
         if last and cfg.export:
-            metrics.update(evaluate(engine, data["test"], shard, kind=kind, label_names=cfg.label_names, prefix="test"))
+            metrics.update(evaluate_split("test", prefix="test"))
         tracker.log_metrics(metrics, epoch)
         tracker.flush()
         with tempfile.TemporaryDirectory() as checkpoint_dir:
@@ -384,18 +389,13 @@ def _setup_engine(cfg: ClassifierRun, tokenizer, micro_steps: int, *, log_inheri
 def _train_epoch(
     engine, train: dict, shard: training.Shard, cfg: ClassifierRun, epoch: int, step: int, tracker, meter: Throughput
 ):
+    kind = task_type(cfg.task_type)
     losses = []
     meter.reset()
     for rows in shard.epoch_batches(len(train["label"]), epoch=epoch, seed=cfg.seed):
         batch = _batch(train, rows, engine.device)
-        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        # One label per row or one per token (IGNORE where there is none): the same loss.
-        loss = torch.nn.functional.cross_entropy(
-            logits.flatten(0, -2).float(),
-            batch["labels"].flatten(),
-            ignore_index=IGNORE,
-            label_smoothing=cfg.hyper.label_smoothing,
-        )
+        output = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        loss = task_loss(kind.logits(output), batch["labels"], label_smoothing=cfg.hyper.label_smoothing)
         engine.backward(loss)
         training.optimizer_step(engine)
         step += 1
@@ -425,6 +425,14 @@ def _train_epoch(
     return training.all_reduce_sum([mean])[0] / shard.world_size, step
 
 
+def task_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy at the labelled positions: one label per row, one per token (IGNORE where
+    there is none), or a start and an end token per window (question answering): the same loss."""
+    return torch.nn.functional.cross_entropy(
+        logits.flatten(0, -2).float(), labels.flatten(), ignore_index=IGNORE, label_smoothing=label_smoothing
+    )
+
+
 def _batch(split: dict, rows: torch.Tensor, device) -> dict[str, torch.Tensor]:
     return {
         "input_ids": split["input_ids"][rows].long().to(device),
@@ -435,7 +443,14 @@ def _batch(split: dict, rows: torch.Tensor, device) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def evaluate(
-    engine, split: dict, shard: training.Shard, *, kind: TaskType, label_names: list[str], prefix: str = "eval"
+    engine,
+    split: dict,
+    shard: training.Shard,
+    *,
+    kind: TaskType,
+    label_names: list[str],
+    prefix: str = "eval",
+    split_dir: str | None = None,
 ) -> dict[str, float]:
     """Loss over the whole split's labelled positions (summed across ranks), and the task type's
     scores of every rank's predictions together."""
@@ -444,17 +459,18 @@ def evaluate(
     gold, guess = [], []
     mine = shard.eval_rows(len(split["label"]))
     for start in range(0, len(mine), shard.batch_size):
-        batch = _batch(split, mine[start : start + shard.batch_size], engine.device)
-        output = engine(**batch)
-        labels = batch["labels"].reshape(len(batch["labels"]), -1)  # a row's labels: one, or one per token
-        predicted = output.logits.argmax(-1).reshape(labels.shape)
+        rows = mine[start : start + shard.batch_size]
+        batch = _batch(split, rows, engine.device)
+        logits = kind.logits(engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]))
+        labels = batch["labels"].reshape(len(batch["labels"]), -1)  # a row's labels: one, or one per position
         kept = labels != IGNORE
-        loss_sum += output.loss.item() * float(kept.sum())
+        loss_sum += task_loss(logits, batch["labels"]).item() * float(kept.sum())
         count += float(kept.sum())
-        for row_labels, row_predicted, row_kept in zip(labels, predicted, kept, strict=True):
-            gold.append(row_labels[row_kept].tolist())
-            guess.append(row_predicted[row_kept].tolist())
+        for row, row_labels, row_logits, row_kept in zip(rows.tolist(), labels, logits, kept, strict=True):
+            row_gold, row_guess = kind.evaluated(row_labels, row_logits, row_kept, row)
+            gold.append(row_gold)
+            guess.append(row_guess)
     engine.train()
     loss_sum, count = training.all_reduce_sum([loss_sum, count])
-    scores = kind.scores(training.gather_rows(gold), training.gather_rows(guess), label_names)
+    scores = kind.scores(training.gather_rows(gold), training.gather_rows(guess), label_names, split_dir)
     return {f"{prefix}/loss": loss_sum / max(count, 1), **{f"{prefix}/{name}": value for name, value in scores.items()}}

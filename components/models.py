@@ -150,7 +150,8 @@ def smoke_test(model_dir: Path, kind: str, text: str = "a short sample text .") 
     inputs = tokenizer([text], return_tensors="pt", truncation=True, max_length=32)
     if kind == "clm":
         inputs.pop("token_type_ids", None)  # decoders take no segment ids
-    logits = model(**inputs).logits
+    output = model(**inputs)
+    logits = output.logits if "logits" in output else torch.stack([output.start_logits, output.end_logits])
     if not torch.isfinite(logits).all():
         raise RuntimeError(f"the exported model in {model_dir} gives non-finite outputs")
     return {"weights_sha256": weights_sha256(model_dir), "parameters": count_parameters(model)}

@@ -1,4 +1,5 @@
-"""MLflow Model Registry: log the classifier with the transformers flavor, register a version,
+"""MLflow Model Registry: log the fine-tuned model with the transformers flavor (a pyfunc around
+its folder where transformers has no pipeline for its task), register a version,
 and move the aliases: `candidate` always, `champion` when it beats the current champion on the
 same test split. `promote` and `rollback` move `champion` by hand; the registered model's tag
 `ptft.champion_history` remembers the order, so a rollback knows where to return."""
@@ -83,7 +84,18 @@ def _log_and_register(model_dir: Path, name: str, run_id: str, tracking_uri: str
     model = task.model_class().from_pretrained(model_dir, use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     example = [task.example]
-    signature = infer_signature(example, [{"label": model.config.id2label[0], "score": 0.5}])
+    signature = infer_signature(example, task.output_example(model))
+    if task.mlflow_task is None:  # transformers has no pipeline for it: a pyfunc around the folder
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=TaskModel(),
+                artifacts={"hf": str(model_dir)},
+                signature=signature,
+                registered_model_name=name,
+                pip_requirements=_requirements(),
+            )
+        return str(info.registered_model_version)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.transformers.log_model(
             transformers_model={"model": model, "tokenizer": tokenizer},
@@ -95,6 +107,26 @@ def _log_and_register(model_dir: Path, name: str, run_id: str, tracking_uri: str
             pip_requirements=_requirements(),
         )
     return str(info.registered_model_version)
+
+
+class TaskModel(mlflow.pyfunc.PythonModel):
+    """A fine-tuned model of a task that transformers has no pipeline for (question answering, since
+    transformers 5): its Hugging Face folder as the artifact `hf`, answering as `ptft serve` does
+    (its task type's `predict`). Loading it needs ptft importable."""
+
+    def load_context(self, context) -> None:
+        from transformers import AutoConfig, AutoTokenizer
+
+        from components.tasks import task_of_model
+
+        folder = context.artifacts["hf"]
+        self.task = task_of_model(AutoConfig.from_pretrained(folder))
+        self.model = self.task.model_class().from_pretrained(folder, use_safetensors=True).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+
+    def predict(self, context, model_input, params=None) -> list[dict]:
+        items = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
+        return self.task.predict(self.model, self.tokenizer, items, self.tokenizer.model_max_length)
 
 
 def find_version(tracking_uri: str, name: str, tags: dict[str, str]) -> dict | None:

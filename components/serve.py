@@ -56,9 +56,18 @@ class ModelInfo(BaseModel):
     alias: str | None = Field(None, description="the registry alias this app follows (promote/rollback move it)")
 
 
+class Question(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    question: str
+    context: str = Field(description="the text whose span answers it")
+
+
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    texts: list[str] = Field(description="texts to classify; limits in GET /metadata")
+    texts: list[str | Question] = Field(
+        description="texts to classify or tag; for a question answering model, questions with their contexts; "
+        "limits in GET /metadata"
+    )
 
 
 class Prediction(BaseModel):
@@ -80,9 +89,18 @@ class Entities(BaseModel):
     truncated: bool = Field(description="the text was longer than the model's positions and was cut")
 
 
+class Answer(BaseModel):
+    answer: str = Field(description="the span of the context that answers the question ('' when none does)")
+    start: int = Field(description="its first character in the context")
+    end: int = Field(description="one past its last character")
+    score: float = Field(description="the probability of its start times that of its end")
+    truncated: bool = Field(description="the question was longer than half the model's positions and was cut")
+
+
 class PredictResponse(BaseModel):
-    predictions: list[Prediction] | list[Entities] = Field(
-        description="per text: a label (sentence classification) or its entities (token classification)"
+    predictions: list[Prediction] | list[Entities] | list[Answer] = Field(
+        description="per text: a label (sentence classification), its entities (token classification) or "
+        "the answer (question answering)"
     )
     model: ModelInfo
     max_tokens: int = Field(description="tokens the model reads per text; longer texts are truncated")
@@ -242,6 +260,8 @@ class ClassifierApp:
             return refused
         try:
             asked = await self._parse(request, ExplainRequest)
+            if not self.scorer.task.explainable:
+                raise RequestError(422, f"/explain shows attention for texts; a {self.scorer.task.name} model has none")
             texts = check_texts(asked.texts, self.cfg)
             if len(texts) > MAX_EXPLAIN_TEXTS:
                 raise RequestError(422, f"{len(texts)} texts; /explain takes at most {MAX_EXPLAIN_TEXTS}: split it")
@@ -257,8 +277,12 @@ class ClassifierApp:
             return JSONResponse({"detail": f"layer: {error}"}, status_code=422)
         return ExplainResponse(explanations=explanations, model=self.model)
 
-    async def _texts(self, request: Request) -> list[str]:
-        return check_texts((await self._parse(request, PredictRequest)).texts, self.cfg)
+    async def _texts(self, request: Request) -> list:
+        asked = (await self._parse(request, PredictRequest)).texts
+        items = check_texts([text.model_dump() if isinstance(text, Question) else text for text in asked], self.cfg)
+        if problem := self.scorer.task.input_problem(items):
+            raise RequestError(422, problem)
+        return items
 
     async def _parse(self, request: Request, schema: type[BaseModel]) -> BaseModel:
         body = await read_body(request, self.cfg.max_body_bytes)
@@ -269,7 +293,7 @@ class ClassifierApp:
         try:
             return schema.model_validate(payload)
         except ValidationError as error:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in error.errors())
+            problems = "; ".join(dict.fromkeys(f"{_where(e['loc'])}: {e['msg']}" for e in error.errors()))
             raise RequestError(422, f'{problems}; send {{"texts": ["..."]}}') from None
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
@@ -281,6 +305,13 @@ class ClassifierApp:
 
 
 Classifier = serve.deployment(serve.ingress(app)(ClassifierApp), name="Classifier")
+
+
+def _where(loc: tuple) -> str:
+    """A validation error's place, without the union members pydantic names in it (`list[str]`,
+    `Question`): `texts.0`, as the client wrote it."""
+    named = [str(part) for part in loc if not (isinstance(part, str) and ("[" in part or part[:1].isupper()))]
+    return ".".join(part for part in named if part != "str") or "body"
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -298,13 +329,14 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def check_texts(texts: list[str], cfg: ServeConfig) -> list[str]:
+def check_texts(texts: list, cfg: ServeConfig) -> list:
+    """Texts (or questions with contexts) within the request limits."""
     if not texts:
         raise RequestError(422, "texts is empty; send at least one text")
     if len(texts) > cfg.max_texts:
         raise RequestError(422, f"{len(texts)} texts; one request takes at most max_texts={cfg.max_texts}: split it")
     for index, text in enumerate(texts):
-        size = len(text.encode("utf-8"))
+        size = sum(len(part.encode("utf-8")) for part in (text.values() if isinstance(text, dict) else [text]))
         if size > cfg.max_text_bytes:
             raise RequestError(
                 413, f"texts.{index} is {size} bytes (UTF-8); the limit is max_text_bytes={cfg.max_text_bytes}"
@@ -338,8 +370,8 @@ class Scorer:
         if len(texts) * self.max_tokens <= self.max_batch_tokens:  # fits even padded to the limit: one pass
             parts = [list(range(len(texts)))]
         else:
-            encoded = self.tokenizer(texts, truncation=True, max_length=self.max_tokens)["input_ids"]
-            parts = token_budget_parts([len(ids) for ids in encoded], self.max_batch_tokens)
+            lengths = self.task.token_lengths(self.tokenizer, texts, self.max_tokens)
+            parts = token_budget_parts(lengths, self.max_batch_tokens)
         answers: list[dict | None] = [None] * len(texts)
         for part in parts:
             with self._model_lock:  # per part: /explain may run between the parts of a long batch
@@ -376,6 +408,9 @@ def load_classifier(model_uri: str, tracking_uri: str | None):
 
         if tracking_uri:
             mlflow.set_tracking_uri(tracking_uri)
+        if "transformers" not in mlflow.models.get_model_info(model_uri).flavors:  # registry.TaskModel
+            wrapped = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+            return wrapped.model, wrapped.tokenizer
         components = mlflow.transformers.load_model(model_uri, return_type="components")
         return components["model"], components["tokenizer"]
     from transformers import AutoConfig, AutoTokenizer

@@ -41,7 +41,7 @@ TOPICS = {
     "acting": "cast performance".split(),
     "craft": "direction pacing".split(),
 }
-TASKS = ("sentiment", "topic", "entities")
+TASKS = ("sentiment", "topic", "entities", "answers")
 # The `entities` task's reviewers: a first name, sometimes with a family name (a two-word entity).
 FIRST_NAMES = "anna ben clara david elena felix greta hugo ines jonas".split()
 FAMILY_NAMES = "berg costa diaz evans fischer garcia".split()
@@ -88,6 +88,9 @@ def generate(split: str, num_examples: int, seed: int = 0, task: str = "sentimen
     if task == "entities":
         rng = random.Random(f"{seed}-{split}-entities")
         return [_entity_sentence(rng, SEEN_IN_TRAIN if split == "train" else None) for _ in range(num_examples)]
+    if task == "answers":
+        rng = random.Random(f"{seed}-{split}-answers")
+        return [_question(rng, SEEN_IN_TRAIN if split == "train" else None) for _ in range(num_examples)]
     rng = random.Random(f"{seed}-{split}")
     templates = _CORPUS_TEMPLATES if split == "corpus" else _REVIEW_TEMPLATES
     vocab_limit = SEEN_IN_TRAIN if split == "train" else None
@@ -134,6 +137,22 @@ def _entity_sentence(rng: random.Random, vocab_limit: int | None) -> dict:
             words.append(rng.choice(choices[slot]) if slot in choices else slot)
             tags.append("O")
     return {"text": words, "label": tags}
+
+
+QUESTIONS = {"PER": "who wrote this review ?", "POLARITY": "what did the reviewer call it ?"}
+
+
+def _question(rng: random.Random, vocab_limit: int | None) -> dict:
+    """A review (an entities sentence), a question about it, and the answer's span: the reviewer's
+    name, or the first adjective (SQuAD's columns: `text` is the context, `label` the answers)."""
+    review = _entity_sentence(rng, vocab_limit)
+    asks = rng.choice(sorted(QUESTIONS))
+    wanted = [i for i, tag in enumerate(review["label"]) if tag.endswith("PER" if asks == "PER" else ("POS", "NEG"))]
+    first, last = wanted[0], wanted[-1] if asks == "PER" else wanted[0]
+    start = sum(len(word) + 1 for word in review["text"][:first])
+    answer = " ".join(review["text"][first : last + 1])
+    context = " ".join(review["text"])
+    return {"text": context, "question": QUESTIONS[asks], "label": {"text": [answer], "answer_start": [start]}}
 
 
 def _sentence(rng: random.Random, templates: tuple[str, ...], vocab_limit: int | None) -> dict:

@@ -6,7 +6,8 @@ Output folder:
     tokenizer/            HF fast tokenizer (tokenizer.json + config)
     pretrain_blocks/      Parquet, column input_ids: [CLS] tokens... [SEP] (a loaded tokenizer's
                           own start/separator tokens), seq_len long
-    task/{train,validation,test}/  Parquet: input_ids, attention_mask (padded to seq_len), label
+    task/{train,validation,test}/  Parquet: input_ids, attention_mask (padded to seq_len), label (and
+                          what the task type's scores read, e.g. the windows' offsets for QA)
     labels.json           label names, index = label id
     stats.json            counts
 """
@@ -82,7 +83,8 @@ def _write_task(task: TaskConfig, tokenizer_dir: Path, cfg: TokenizeConfig, outp
     write_json(output_dir / "labels.json", display_names(label_values, task.label_names))
     stats = {}
     for name, table in splits.items():
-        tokenized = _tokenize_task(table, tokenizer_dir, label_values, cfg, task.type)
+        table = table.append_column("example", pa.array(range(table.num_rows), type=pa.int64()))  # its row number
+        tokenized = _tokenize_task(table, tokenizer_dir, label_values, cfg, task)
         tokenized.write_parquet(str(output_dir / "task" / name))
         stats[f"task/{name}_rows"] = table.num_rows
     return stats
@@ -206,7 +208,7 @@ def pack_blocks(batch: pa.Table, *, tokenizer_dir: str, seq_len: int) -> pa.Tabl
     return pa.table({"input_ids": pa.array(list(blocks), type=pa.list_(pa.int32()))})
 
 
-def _tokenize_task(table: pa.Table, tokenizer_dir: Path, label_values: list[str], cfg: TokenizeConfig, kind: str):
+def _tokenize_task(table: pa.Table, tokenizer_dir: Path, label_values: list[str], cfg: TokenizeConfig, task):
     return _dataset(table, cfg.batch_size).map_batches(
         tokenize_examples,
         batch_size=cfg.batch_size,
@@ -215,13 +217,20 @@ def _tokenize_task(table: pa.Table, tokenizer_dir: Path, label_values: list[str]
             "tokenizer_dir": str(tokenizer_dir),
             "seq_len": cfg.seq_len,
             "label_values": label_values,
-            "task": kind,
+            "task": task.type,
+            "doc_stride": task.doc_stride,
         },
     )
 
 
 def tokenize_examples(
-    batch: pa.Table, *, tokenizer_dir: str, seq_len: int, label_values: list[str], task: str = "sequence_classification"
+    batch: pa.Table,
+    *,
+    tokenizer_dir: str,
+    seq_len: int,
+    label_values: list[str],
+    task: str = "sequence_classification",
+    **options,
 ) -> pa.Table:
     """Tokenize labelled rows as their task type does, padded/truncated to `seq_len`, with labels
     mapped to ids (components/tasks/).
@@ -234,4 +243,4 @@ def tokenize_examples(
     unknown = sorted(set(kind.labels_of(batch)) - set(label_ids))
     if unknown:
         raise ValueError(f"labels {unknown} do not occur in the train split (which has {label_values})")
-    return pa.table(kind.tokenize(batch, _load_tokenizer(tokenizer_dir), seq_len, label_ids))
+    return pa.table(kind.tokenize(batch, _load_tokenizer(tokenizer_dir), seq_len, label_ids, **options))

@@ -477,7 +477,7 @@ def _print_summary(result, config, seconds: float, log: Path | None = None) -> N
         endpoint = served.outputs
         console.say(f"Model {endpoint.model.name} v{endpoint.model.version} served at {endpoint.url}")
         for sample in endpoint.samples:
-            console.say(f"  {sample.text!r:45} -> {sample.answer()}")
+            console.say(f"  {sample.asked()!r:45} -> {sample.answer()}")
     from components.tracking import ui_links
 
     served_by_ptft_ui = not result.tracking_uri.startswith(("http://", "https://"))

@@ -153,6 +153,20 @@ class PipelineConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _samples_the_task_type_reads(self) -> PipelineConfig:
+        """serve.sample_texts as the task's type reads them; its own example where none were set."""
+        served = [("serve", self.serve, self.data.task)]
+        served += [(f"tasks.{name}.serve", spec.serve, spec.data) for name, spec in self.tasks.items()]
+        for where, serve, task in served:
+            kind = task_type(task.type) if task else None
+            if kind is None or (problem := kind.input_problem(serve.sample_texts)) is None:
+                continue
+            if "sample_texts" in serve.model_fields_set:
+                raise ValueError(f"{where}.sample_texts: {problem.replace('texts.', 'item ', 1)}")
+            serve.sample_texts = [kind.example]
+        return self
+
+    @model_validator(mode="after")
     def _tokenizer_of_the_checkpoint(self) -> PipelineConfig:
         # A checkpoint's embeddings index its own vocabulary: tokenize with its tokenizer.
         if self.pretrain.model.init_from and not self.tokenize.pretrained:
@@ -937,6 +951,9 @@ def task_data_problems(config: PipelineConfig) -> list[Problem]:
         if "train" in shape:
             continue
         tables = {split: table for split, table in tables.items() if split not in shape}
+        if not kind.has_classes:  # spans (question answering): no classes to count or to miss
+            problems += _one_step_problems(seen, prefix, tables["train"].num_rows)
+            continue
         known = set(kind.labels_of(tables["train"]))
         if len(known) < 2:
             why = f"one class only ({', '.join(known)}): nothing to tell apart"

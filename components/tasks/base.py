@@ -10,29 +10,67 @@ import pyarrow as pa
 IGNORE = -100  # a position without a label (special tokens, later sub-words): no loss, no score
 
 
+def output_logits(output):
+    """The head's logits: (rows, classes) or (rows, tokens, classes)."""
+    return output.logits
+
+
+def labelled_positions(labels, logits, kept, row: int) -> tuple[list, list]:
+    """A row's gold ids and argmax ids at its labelled positions."""
+    return labels[kept].tolist(), logits.argmax(-1).reshape(labels.shape)[kept].tolist()
+
+
+def texts_only(items: list) -> str | None:
+    """Why served inputs are not plain texts, or None."""
+    for index, item in enumerate(items):
+        if not isinstance(item, str):
+            return f"texts.{index} is not a string: this model reads texts"
+    return None
+
+
+def label_and_score(model) -> list[dict]:
+    return [{"label": model.config.id2label[0], "score": 0.5}]
+
+
+def token_lengths(tokenizer, items: list, max_tokens: int) -> list[int]:
+    return [len(ids) for ids in tokenizer(items, truncation=True, max_length=max_tokens)["input_ids"]]
+
+
 @dataclass(frozen=True)
 class TaskType:
     """One kind of task, as every stage sees it.
 
-    Rows are tables with the columns `text` and `label` (the configured columns, renamed). What a
-    row holds differs: a string and a label for sentence classification, a list of words and a list
-    of tags for entities. Tokenized, every row has `input_ids`, `attention_mask` and `label`, where
-    `label` is one id per row or one id per token (IGNORE where there is nothing to learn).
+    Rows are tables with the columns `text` and `label` (the configured columns, renamed), and
+    `question` for question answering. What a row holds differs: a string and a label for sentence
+    classification, a list of words and a list of tags for entities, a context and its answers for
+    question answering. Tokenized, every row has `input_ids`, `attention_mask` and `label`, where
+    `label` is one id per row or one id per labelled position (IGNORE where there is nothing to
+    learn); the loss is cross-entropy of `logits(output)` at the labelled positions.
     """
 
     name: str
     auto_model: str  # the transformers class that adds the head, e.g. AutoModelForTokenClassification
-    mlflow_task: str  # the transformers pipeline task MLflow logs the model under
+    mlflow_task: str | None  # the transformers pipeline task MLflow logs the model under; None: a pyfunc
     headline: str  # the metric the sweep optimises and the registry's champion gate compares, e.g. "f1"
     reports: tuple[str, ...]  # the metrics every evaluation gives (as eval/<name> and test/<name>)
     check_rows: Callable[[pa.Table, str], None]  # raises ValueError naming the problem in split `name`
     label_values: Callable[[pa.Table], list[str]]  # the label set of the train split, in id order
     labels_of: Callable[[pa.Table], list[str]]  # every label value of a split (for unseen-label errors)
-    tokenize: Callable[..., dict]  # (batch, tokenizer, seq_len, label_ids) -> columns of the tokenized rows
-    scores: Callable[[list[list[int]], list[list[int]], list[str]], dict[str, float]]
+    # (batch, tokenizer, seq_len, label_ids, **options) -> columns of the tokenized rows
+    tokenize: Callable[..., dict]
+    # (gold rows, guessed rows, label names, the split's tokenized folder) -> scores
+    scores: Callable[..., dict[str, float]]
     example: object  # an input example for the registered model's signature
     architecture: str  # how the head's class names end (BertForTokenClassification): tells a saved model's type
     predict: Callable[..., list[dict]]  # (model, tokenizer, texts, max_tokens) -> the served answer per text
+    logits: Callable = output_logits  # the model output -> logits whose last axis the labels index
+    # (labels, logits, kept, row index) of one row -> what evaluation keeps of it: (gold, guess)
+    evaluated: Callable[..., tuple[list, list]] = labelled_positions
+    has_classes: bool = True  # labels are classes: train needs two, validation/test no unseen one
+    input_problem: Callable[[list], str | None] = texts_only  # why served inputs do not fit, or None
+    token_lengths: Callable[..., list[int]] = token_lengths  # (tokenizer, inputs, max_tokens) per input
+    output_example: Callable = label_and_score  # the model -> an output example for its signature
+    explainable: bool = True  # /explain shows the attention of a served text
 
     def model_class(self):
         import transformers

@@ -24,7 +24,7 @@ def _label_values(train: pa.Table) -> list[str]:
     return sorted(str(value) for value in values)
 
 
-def _tokenize(batch: pa.Table, tokenizer, seq_len: int, label_ids: dict[str, int]) -> dict:
+def _tokenize(batch: pa.Table, tokenizer, seq_len: int, label_ids: dict[str, int], **options) -> dict:
     encoded = tokenizer(batch.column("text").to_pylist(), max_length=seq_len, truncation=True, padding="max_length")
     return {
         "input_ids": pa.array(encoded["input_ids"], type=pa.list_(pa.int32())),
@@ -33,7 +33,9 @@ def _tokenize(batch: pa.Table, tokenizer, seq_len: int, label_ids: dict[str, int
     }
 
 
-def _scores(gold: list[list[int]], predicted: list[list[int]], names: list[str]) -> dict[str, float]:
+def _scores(
+    gold: list[list[int]], predicted: list[list[int]], names: list[str], split_dir: str | None = None
+) -> dict[str, float]:
     import torch
     from torchmetrics.functional.classification import multiclass_accuracy
 

@@ -35,7 +35,7 @@ def _label_values(train: pa.Table) -> list[str]:
     return sorted(set(_labels_of(train)))
 
 
-def _tokenize(batch: pa.Table, tokenizer, seq_len: int, label_ids: dict[str, int]) -> dict:
+def _tokenize(batch: pa.Table, tokenizer, seq_len: int, label_ids: dict[str, int], **options) -> dict:
     words = [list(row or []) for row in batch.column("text").to_pylist()]
     tags = batch.column("label").to_pylist()
     encoded = tokenizer(words, is_split_into_words=True, max_length=seq_len, truncation=True, padding="max_length")
@@ -53,7 +53,9 @@ def _tokenize(batch: pa.Table, tokenizer, seq_len: int, label_ids: dict[str, int
     }
 
 
-def _scores(gold: list[list[int]], predicted: list[list[int]], names: list[str]) -> dict[str, float]:
+def _scores(
+    gold: list[list[int]], predicted: list[list[int]], names: list[str], split_dir: str | None = None
+) -> dict[str, float]:
     """Entity-level micro precision, recall and F1, F1 per entity type, and word accuracy."""
     from seqeval.metrics import accuracy_score, classification_report
 

@@ -23,15 +23,22 @@ class ServedModel(BaseModel):
 
 
 class Sample(BaseModel):
-    """A sample text and what the served model answered: a label and its score, or entities."""
+    """A sample text and what the served model answered: a label and its score, entities, or (for a
+    question with its context) the answer's span."""
 
-    model_config = ConfigDict(extra="allow")  # the prediction's other fields (truncated)
-    text: str
+    model_config = ConfigDict(extra="allow")  # the prediction's other fields (truncated, a span's answer)
+    text: str | dict[str, str]
     label: str | None = None
     score: float | None = None
     entities: list[dict] | None = None
 
+    def asked(self) -> str:
+        """The text, or the question."""
+        return self.text["question"] if isinstance(self.text, dict) else self.text
+
     def answer(self) -> str:
+        if isinstance(self.text, dict):
+            return f"{(self.model_extra or {}).get('answer', '')!r} ({self.score:.3f})"
         if self.entities is not None:
             return ", ".join(f"{entity['type']} {entity['text']!r}" for entity in self.entities) or "no entities"
         return f"{self.label} ({self.score:.3f})"

@@ -1,0 +1,278 @@
+"""Extractive question answering (SQuAD): a question, a context, and answers that are spans of
+the context (`{"text": [...], "answer_start": [...]}` in characters, as SQuAD and its Hugging Face
+copy hold them). The question and the context are tokenized as a pair; a context longer than the
+model reads is cut into overlapping windows (`doc_stride` tokens shared), each window labelled
+with the first answer's start and end tokens, or position 0 ([CLS]) where the answer is not whole
+inside it. The head scores every token as a start and as an end; the answer is the best span of
+at most MAX_ANSWER_TOKENS over all windows of a context (n-best start/end pairs). Scored with the
+official SQuAD normalisation (`torchmetrics`' `squad`: lower case, no punctuation or articles),
+exact match and token F1 against the best of the reference answers, as fractions (0..1)."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from components.tasks.base import TaskType
+
+N_BEST = 20  # start and end candidates per window
+MAX_ANSWER_TOKENS = 30
+NOT_CONTEXT = -1  # the offset of a token that is not part of the context (question, special, padding)
+
+
+def answers_of(value) -> list[tuple[str, int]]:
+    """(text, answer_start) pairs, from SQuAD's list of {text, answer_start} or the columnar
+    {text: [...], answer_start: [...]} of its Hugging Face copy."""
+    if value is None:
+        return []
+    if isinstance(value, dict):
+        return list(zip(value.get("text") or [], value.get("answer_start") or [], strict=False))
+    return [(answer["text"], answer["answer_start"]) for answer in value]
+
+
+def _check_rows(table: pa.Table, split: str) -> None:
+    if "question" not in table.column_names:
+        raise ValueError(
+            f"the {split} split has no question column: a question answering task reads a question, a context "
+            "(text_column) and answers (label_column); set the source's question_column"
+        )
+    for column, holds in (("question", "question"), ("text", "context")):
+        if not pa.types.is_string(table.column(column).type):
+            raise ValueError(f"the {split} split's {holds} column holds {table.column(column).type}, not text")
+    for row, (context, answers) in enumerate(
+        zip(table.column("text").to_pylist(), table.column("label").to_pylist(), strict=True)
+    ):
+        try:
+            pairs = answers_of(answers)
+        except (KeyError, TypeError):
+            raise ValueError(
+                f"row {row + 1} of the {split} split: answers {str(answers)[:80]} are neither "
+                '[{"text", "answer_start"}] nor {"text": [...], "answer_start": [...]}'
+            ) from None
+        if not pairs:
+            raise ValueError(f"row {row + 1} of the {split} split has no answer: give at least one")
+        for text, start in pairs:
+            if context[start : start + len(text)] != text:
+                raise ValueError(
+                    f"row {row + 1} of the {split} split: the answer {text!r} is not at character {start} of its "
+                    f"context (which has {context[start : start + len(text)]!r} there): fix answer_start"
+                )
+
+
+def _label_values(train: pa.Table) -> list[str]:
+    return ["start", "end"]  # the head's two scores per token
+
+
+def _labels_of(table: pa.Table) -> list[str]:
+    return []  # spans, not classes
+
+
+def _cut_questions(tokenizer, questions: list[str], limit: int) -> list[str]:
+    """Questions of at most `limit` tokens (a longer one is cut), so a window keeps room for context."""
+    encoded = tokenizer(questions, add_special_tokens=False, return_offsets_mapping=True)
+    return [
+        question if len(offsets) <= limit else question[: offsets[limit - 1][1]]
+        for question, offsets in zip(questions, encoded["offset_mapping"], strict=True)
+    ]
+
+
+def windows(tokenizer, questions: list[str], contexts: list[str], max_length: int, stride: int, **padding):
+    """Question + context pairs, the context cut into overlapping windows of `max_length` tokens."""
+    questions = _cut_questions(tokenizer, questions, max_length // 2)
+    longest = max((len(ids) for ids in tokenizer(questions, add_special_tokens=False)["input_ids"]), default=0)
+    room = max_length - longest - 3  # special tokens of a pair: at most 3
+    return tokenizer(
+        questions,
+        contexts,
+        truncation="only_second",
+        max_length=max_length,
+        stride=max(0, min(stride, room // 2)),
+        return_overflowing_tokens=True,
+        return_offsets_mapping=True,
+        **padding,
+    )
+
+
+def context_offsets(encoded, window: int) -> list[tuple[int, int]]:
+    """Each token's characters in the context, NOT_CONTEXT for the question's and special tokens."""
+    return [
+        (int(span[0]), int(span[1])) if sequence == 1 else (NOT_CONTEXT, NOT_CONTEXT)
+        for span, sequence in zip(encoded["offset_mapping"][window], encoded.sequence_ids(window), strict=True)
+    ]
+
+
+def answer_positions(offsets: list[tuple[int, int]], start_char: int, end_char: int) -> tuple[int, int]:
+    """The first and last token of characters start_char:end_char in a window; (0, 0) when the
+    span is not whole inside the window's context."""
+    inside = [position for position, (start, _) in enumerate(offsets) if start != NOT_CONTEXT]
+    if not inside or offsets[inside[0]][0] > start_char or offsets[inside[-1]][1] < end_char:
+        return 0, 0
+    first = max(p for p in inside if offsets[p][0] <= start_char)
+    last = min(p for p in inside if offsets[p][1] >= end_char)
+    return first, last
+
+
+def _tokenize(batch: pa.Table, tokenizer, seq_len: int, label_ids: dict[str, int], doc_stride: int = 128, **_) -> dict:
+    contexts = batch.column("text").to_pylist()
+    answers = [answers_of(value) for value in batch.column("label").to_pylist()]
+    examples = batch.column("example").to_pylist()
+    encoded = windows(
+        tokenizer, batch.column("question").to_pylist(), contexts, seq_len, doc_stride, padding="max_length"
+    )
+    columns = {name: [] for name in ("label", "example", "offsets", "context", "answers")}
+    for window, row in enumerate(encoded["overflow_to_sample_mapping"]):
+        offsets = context_offsets(encoded, window)
+        text, start = answers[row][0] if answers[row] else ("", 0)
+        columns["label"].append(answer_positions(offsets, start, start + len(text)) if text else (0, 0))
+        columns["example"].append(examples[row])
+        columns["offsets"].append([value for span in offsets for value in span])
+        columns["context"].append(contexts[row])
+        columns["answers"].append([answer for answer, _ in answers[row]])
+    return {
+        "input_ids": pa.array(encoded["input_ids"], type=pa.list_(pa.int32())),
+        "attention_mask": pa.array(encoded["attention_mask"], type=pa.list_(pa.int8())),
+        "label": pa.array([list(label) for label in columns["label"]], type=pa.list_(pa.int64())),
+        "example": pa.array(columns["example"], type=pa.int64()),
+        "offsets": pa.array(columns["offsets"], type=pa.list_(pa.int32())),
+        "context": pa.array(columns["context"], type=pa.string()),
+        "answers": pa.array(columns["answers"], type=pa.list_(pa.string())),
+    }
+
+
+def _start_end_logits(output):
+    import torch
+
+    return torch.stack([output.start_logits, output.end_logits], dim=1)  # (rows, 2, tokens): labels index tokens
+
+
+def _evaluated(labels, logits, kept, row: int) -> tuple[list, list]:
+    """A window's row number, and its N_BEST start and end candidates: [starts, their logits, ends,
+    their logits]."""
+    count = min(N_BEST, logits.shape[-1])
+    values, positions = logits.float().topk(count, dim=-1)
+    return [row], [*positions[0].tolist(), *values[0].tolist(), *positions[1].tolist(), *values[1].tolist()]
+
+
+def best_spans(candidates: list[tuple], offsets: list[list[int]]) -> tuple[float, int, int] | None:
+    """The best (score, first char, end char) over windows' (starts, start scores, ends, end scores),
+    a span of context tokens of at most MAX_ANSWER_TOKENS; None when no pair is one."""
+    best = None
+    for (starts, start_scores, ends, end_scores), window in zip(candidates, offsets, strict=True):
+        for start, start_score in zip(starts, start_scores, strict=True):
+            for end, end_score in zip(ends, end_scores, strict=True):
+                start, end = int(start), int(end)
+                if not 0 <= end - start < MAX_ANSWER_TOKENS:
+                    continue
+                first, last = window[2 * start], window[2 * end + 1]
+                if first == NOT_CONTEXT or last == NOT_CONTEXT:
+                    continue
+                score = float(start_score) + float(end_score)
+                if best is None or score > best[0]:
+                    best = (score, first, last)
+    return best
+
+
+def _scores(gold: list[list], guessed: list[list], names: list[str], split_dir: str | None = None) -> dict[str, float]:
+    """SQuAD exact match and F1 of each context's best span over all of its windows."""
+    from torchmetrics.functional.text import squad
+
+    split = pq.read_table(split_dir, columns=["example", "offsets", "context", "answers"]).to_pydict()
+    by_example: dict[int, list[int]] = {}
+    candidates: dict[int, tuple] = {}
+    for (row,), guess in zip(gold, guessed, strict=True):
+        row = int(row)
+        count = len(guess) // 4
+        candidates[row] = tuple(guess[i * count : (i + 1) * count] for i in range(4))
+        by_example.setdefault(split["example"][row], []).append(row)
+    predictions, references = [], []
+    for example, rows in by_example.items():
+        best = best_spans([candidates[row] for row in rows], [split["offsets"][row] for row in rows])
+        context = split["context"][rows[0]]
+        predictions.append({"id": str(example), "prediction_text": context[best[1] : best[2]] if best else ""})
+        gold_texts = split["answers"][rows[0]]
+        references.append({"id": str(example), "answers": {"text": gold_texts, "answer_start": [0] * len(gold_texts)}})
+    if not predictions:
+        return {"exact_match": 0.0, "f1": 0.0}
+    scores = squad(predictions, references)
+    return {"exact_match": float(scores["exact_match"]) / 100, "f1": float(scores["f1"]) / 100}
+
+
+def _input_problem(items: list) -> str | None:
+    for index, item in enumerate(items):
+        if not isinstance(item, dict) or set(item) != {"question", "context"} or not item["context"].strip():
+            return f'texts.{index} is not {{"question": "...", "context": "..."}}: this model answers questions'
+    return None
+
+
+def _token_lengths(tokenizer, items: list[dict], max_tokens: int) -> list[int]:
+    encoded = tokenizer([item["question"] for item in items], [item["context"] for item in items])
+    return [len(ids) for ids in encoded["input_ids"]]
+
+
+def _output_example(model) -> list[str]:
+    return ["a red ball"]
+
+
+def _predict(model, tokenizer, items: list[dict], max_tokens: int) -> list[dict]:
+    """Each question's answer: the best span of its context over all windows, its characters
+    start:end in the context, and the probability of its start times that of its end."""
+    import torch
+
+    questions, contexts = [item["question"] for item in items], [item["context"] for item in items]
+    encoded = windows(tokenizer, questions, contexts, max_tokens, max_tokens // 4, padding=True, return_tensors="pt")
+    rows = encoded["overflow_to_sample_mapping"].tolist()
+    offsets = [[value for span in context_offsets(encoded, window) for value in span] for window in range(len(rows))]
+    inputs = {key: encoded[key] for key in ("input_ids", "attention_mask", "token_type_ids") if key in encoded}
+    with torch.inference_mode():
+        output = model(**inputs)
+    log_probabilities = _start_end_logits(output).float().log_softmax(-1)
+    count = min(N_BEST, log_probabilities.shape[-1])
+    values, positions = log_probabilities.topk(count, dim=-1)
+    answers = []
+    for item, (question, context) in enumerate(zip(questions, contexts, strict=True)):
+        mine = [window for window, row in enumerate(rows) if row == item]
+        candidates = [
+            (positions[w, 0].tolist(), values[w, 0].tolist(), positions[w, 1].tolist(), values[w, 1].tolist())
+            for w in mine
+        ]
+        best = best_spans(candidates, [offsets[w] for w in mine])
+        if best is None:
+            answers.append({"answer": "", "start": 0, "end": 0, "score": 0.0, "truncated": False})
+            continue
+        score, start, end = best
+        while start < end and context[start].isspace():  # byte-level BPE spans open with the space before a word
+            start += 1
+        answers.append(
+            {
+                "answer": context[start:end],
+                "start": start,
+                "end": end,
+                "score": float(torch.tensor(score).exp()),
+                "truncated": len(_cut_questions(tokenizer, [question], max_tokens // 2)[0]) < len(question),
+            }
+        )
+    return answers
+
+
+TASK = TaskType(
+    name="question_answering",
+    auto_model="AutoModelForQuestionAnswering",
+    mlflow_task=None,  # transformers 5 dropped its question-answering pipeline: registry.TaskModel
+    headline="f1",
+    reports=("loss", "exact_match", "f1"),
+    check_rows=_check_rows,
+    label_values=_label_values,
+    labels_of=_labels_of,
+    tokenize=_tokenize,
+    scores=_scores,
+    example={"question": "What does the cat chase?", "context": "The cat chases a red ball in the garden."},
+    architecture="ForQuestionAnswering",
+    predict=_predict,
+    logits=_start_end_logits,
+    evaluated=_evaluated,
+    has_classes=False,
+    input_problem=_input_problem,
+    token_lengths=_token_lengths,
+    output_example=_output_example,
+    explainable=False,
+)

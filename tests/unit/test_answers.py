@@ -1,0 +1,289 @@
+"""Extractive question answering (components/tasks/answers.py): SQuAD's nested JSON read as rows,
+windows of long contexts with the answer's tokens in each (WordPiece and byte-level BPE), n-best
+spans over all windows of a context, SQuAD exact match and F1, the checks `ptft validate` makes,
+the fine-tuning loop learning to answer in-process, the served answer and the registered model."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from components import accelerator, finetune, models, synthetic, training
+from components import tokenize as tok
+from components.configs import DeepSpeedConfig, FileSource, Hyperparameters, ModelConfig, TokenizeConfig
+from components.data import load_source
+from components.tasks import answers, task_type
+from components.vocab import special_ids
+from pipelines.cli import main
+from pipelines.config import load_config
+from tests.conftest import shared, tiny_config_dict
+
+QA = task_type("question_answering")
+SEQ_LEN = 48
+
+
+def _squad(split: str) -> pa.Table:
+    source = FileSource(path=str(shared(f"data/squad/{split}.json")), text_column="context", label_column="answers")
+    return load_source(source, labelled=True)
+
+
+def _with_rows(table: pa.Table) -> pa.Table:
+    return table.append_column("example", pa.array(range(table.num_rows), type=pa.int64()))
+
+
+def test_squad_nested_json_reads_one_row_per_question() -> None:
+    validation = _squad("validation")
+    assert validation.num_rows == 1243  # the README's count
+    assert set(validation.column_names) == {"text", "label", "question"}
+    first = validation.slice(0, 1).to_pylist()[0]
+    assert first["question"] == "What is the Chinese name for the Yuan dynasty?"
+    assert first["label"]["text"][0] == "Yuán Cháo" and first["label"]["answer_start"][0] == 39
+    QA.check_rows(validation, "validation")
+
+
+@pytest.mark.parametrize("algorithm", ["wordpiece", "bpe"])
+def test_every_window_holding_the_answer_points_at_its_tokens(tmp_path: Path, algorithm: str) -> None:
+    table = _with_rows(_squad("validation").slice(0, 60))
+    contexts = table.column("text").to_pylist()
+    tokenizer = tok.train_tokenizer(contexts, TokenizeConfig(algorithm=algorithm, vocab_size=800, seq_len=SEQ_LEN))
+    tokenizer.save_pretrained(tmp_path / algorithm)
+    out = tok.tokenize_examples(
+        table,
+        tokenizer_dir=str(tmp_path / algorithm),
+        seq_len=SEQ_LEN,
+        label_values=["start", "end"],
+        task=QA.name,
+        doc_stride=16,
+    ).to_pylist()
+    assert len(out) > 3 * table.num_rows, "contexts longer than a window are cut into several"
+    assert {row["example"] for row in out} == set(range(table.num_rows))
+    inside = 0
+    for row in out:
+        start, end = row["label"]
+        assert len(row["input_ids"]) == SEQ_LEN
+        if (start, end) == (0, 0):  # the answer is not whole in this window: [CLS]
+            continue
+        inside += 1
+        text = row["context"][row["offsets"][2 * start] : row["offsets"][2 * end + 1]].strip()
+        assert text.lower() == row["answers"][0].lower() or row["answers"][0].lower() in text.lower(), (text, row)
+    answered = {row["example"] for row in out if row["label"] != [0, 0]}
+    assert inside > 0 and len(answered) >= 0.9 * table.num_rows, "nearly every answer fits some window"
+
+
+def test_the_best_span_is_taken_over_all_windows_of_a_context() -> None:
+    # Two windows of one context: token i covers characters 10*i .. 10*i+5; the first two tokens are the question's.
+    offsets = [answers.NOT_CONTEXT] * 4 + [value for i in range(2, 8) for value in (10 * i, 10 * i + 5)]
+    weak = ([3, 2], [1.0, 0.5], [3, 4], [1.0, 0.2])
+    strong = ([5, 0], [3.0, 9.0], [6, 1], [2.0, 9.0])  # the question's tokens score highest, and are no answer
+    assert answers.best_spans([weak, strong], [offsets, offsets]) == (5.0, 50, 65)
+    backwards = ([6], [3.0], [5], [3.0])
+    assert answers.best_spans([backwards], [offsets]) is None
+
+
+def test_exact_match_and_f1_follow_the_official_normalisation(tmp_path: Path) -> None:
+    context = "The cat sat on the mat."
+    split = {
+        "example": [0, 1],
+        "offsets": [[0, 3, 4, 7, 8, 11, -1, -1], [12, 14, 15, 18, 19, 23, -1, -1]],
+        "context": [context, context],
+        "answers": [["the cat"], ["the mat", "mat"]],
+    }
+    folder = tmp_path / "split"
+    folder.mkdir()
+    pq.write_table(pa.table(split), folder / "part-0.parquet")
+    # Row 0 picks "The cat" (tokens 0-1), row 1 picks "the" (token 1): one exact, one half right.
+    guesses = [[0, 9.0, 1, 9.0], [1, 9.0, 1, 9.0]]
+    scores = QA.scores([[0], [1]], guesses, ["start", "end"], str(folder))
+    assert scores["exact_match"] == pytest.approx(0.5)
+    assert scores["f1"] == pytest.approx(0.5)  # "the" normalises to nothing: F1 0 against "mat"
+
+
+def _qa_config(tmp_path: Path, splits: dict[str, list[dict]], **serve) -> Path:
+    task = {"type": "question_answering"}
+    for split, rows in splits.items():
+        path = tmp_path / f"{split}.jsonl"
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        task[split] = {"type": "file", "path": str(path), "text_column": "context", "label_column": "answers"}
+    config = tiny_config_dict(tmp_path / "store")
+    config["data"]["task"] = task
+    config["serve"] = {**config.get("serve", {}), **serve}
+    path = tmp_path / "qa.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _question(context: str, answer: str, start: int | None = None) -> dict:
+    where = context.index(answer) if start is None else start
+    return {"question": "what?", "context": context, "answers": {"text": [answer], "answer_start": [where]}}
+
+
+def test_validate_names_answers_that_are_not_where_they_say(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    rows = [_question(f"the plot was dull , said anna {i} .", "anna") for i in range(64)]
+    good = _qa_config(tmp_path, {"train": rows, "validation": rows[:4], "test": rows[:4]})
+    assert main(["validate", str(good)]) == 0, capsys.readouterr().err
+    config = load_config(good)
+    assert config.tune.metric == "eval/f1" and config.serve.sample_texts == [QA.example]
+    moved = [_question("the plot was dull , said anna .", "anna", start=3)]
+    bad = _qa_config(tmp_path, {"train": rows, "validation": moved, "test": rows[:4]})
+    assert main(["validate", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "data.task.validation" in err and "the answer 'anna' is not at character 3" in err
+    assert "Traceback" not in err
+    strings = _qa_config(tmp_path, {"train": rows, "validation": rows[:4], "test": rows[:4]}, sample_texts=["hi"])
+    assert main(["validate", str(strings)]) == 2
+    assert "serve.sample_texts" in (err := capsys.readouterr().err) and "answers questions" in err
+
+
+# --- the fine-tuning loop: who wrote a review, and what they called it -------------------------------
+
+
+def _reviews(count: int, seed: int) -> list[dict]:
+    """Questions about the toy language's reviews (synthetic entities rows): the reviewer's name, or
+    the adjective that judges the film."""
+    rows = []
+    for index, row in enumerate(synthetic.generate("train", count, seed=seed, task="entities")):
+        context = " ".join(row["text"])
+        wanted = ("PER",) if index % 2 else ("POS", "NEG")
+        words = [word for word, tag in zip(row["text"], row["label"], strict=True) if tag.endswith(wanted)]
+        answer = " ".join(words) if index % 2 else words[0]
+        question = "who wrote this review ?" if index % 2 else "what did the reviewer call it ?"
+        rows.append({**_question(context, answer), "question": question})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def reviews(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A randomly initialised tiny BERT, a WordPiece tokenizer, and the splits tokenized as the
+    prepare stage does (windows of 32 tokens); one process rank."""
+    environment, threads = dict(os.environ), torch.get_num_threads()
+    accelerator.prepare_process(use_gpu=False, num_threads=1)
+    training.ensure_process_group()  # kept for the process's life (see test_entities.py)
+    folder = tmp_path_factory.mktemp("reviews")
+    splits = {"train": _reviews(512, 0), "validation": _reviews(64, 1), "test": _reviews(64, 2)}
+    texts = [row["question"] + " " + row["context"] for row in splits["train"]]
+    tokenizer = tok.train_tokenizer(texts, TokenizeConfig(vocab_size=300, seq_len=32))
+    tokenizer.save_pretrained(folder / "pretrained")
+    for split, rows in splits.items():
+        table = _with_rows(
+            pa.table(
+                {
+                    "text": [row["context"] for row in rows],
+                    "label": [row["answers"] for row in rows],
+                    "question": [row["question"] for row in rows],
+                }
+            )
+        )
+        QA.check_rows(table, split)
+        (folder / "task" / split).mkdir(parents=True)
+        out = tok.tokenize_examples(
+            table,
+            tokenizer_dir=str(folder / "pretrained"),
+            seq_len=32,
+            label_values=["start", "end"],
+            task=QA.name,
+            doc_stride=8,
+        )
+        pq.write_table(out, folder / "task" / split / "part-0.parquet")
+    model = models.build_lm(
+        ModelConfig(family="bert"), vocab_size=len(tokenizer), special_ids=special_ids(tokenizer), seed=0
+    )
+    model.save_pretrained(folder / "pretrained")
+    yield folder
+    os.environ.clear()
+    os.environ.update(environment)
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def fitted(reviews: Path) -> tuple[list[dict], Path]:
+    reports = []
+
+    def report(metrics: dict, checkpoint_dir: str) -> None:
+        reports.append(metrics)
+        if (Path(checkpoint_dir) / "hf").is_dir():
+            shutil.copytree(Path(checkpoint_dir) / "hf", reviews / "exported")
+
+    run = finetune.ClassifierRun(
+        pretrained_dir=str(reviews / "pretrained"),
+        task_dir=str(reviews / "task"),
+        label_names=["start", "end"],
+        epochs=4,
+        hyper=Hyperparameters(learning_rate=5e-3, batch_size_per_worker=16, dropout=0.0),
+        deepspeed=DeepSpeedConfig(),
+        threads=1,
+        log_every=50,
+        export=True,
+        task_type=QA.name,
+    )
+    finetune.fit_classifier(run, report=report)
+    return reports, reviews / "exported"
+
+
+def test_fine_tuning_learns_to_answer_and_exports_a_question_answering_model(fitted) -> None:
+    reports, exported = fitted
+    first, last = reports[0], reports[-1]
+    assert last["eval/loss"] < first["eval/loss"]
+    assert last["eval/f1"] > 0.9 and last["eval/exact_match"] > 0.8, last
+    assert 0.8 < last["test/f1"] <= 1 and "test/f1" not in first
+    assert models.smoke_test(exported, QA.auto_model)["parameters"] > 0
+
+
+def test_the_served_answer_is_a_span_of_the_context_over_all_windows(fitted) -> None:
+    from components.serve import Scorer
+
+    scorer = Scorer(str(fitted[1]), tracking_uri=None)
+    assert scorer.task is QA and not QA.explainable
+    filler = "the music was loud , said noah . " * 12  # many windows before the answer
+    asked = [
+        {"question": "who wrote this review ?", "context": "the plot was dull , said jonas evans ."},
+        {"question": "what did the reviewer call it ?", "context": filler + "the sequel was clumsy ."},
+        {"question": "what did the reviewer call it ? " * 40, "context": "the dialogue was tedious ."},
+    ]
+    found = scorer(asked)
+    for item, answer in zip(asked, found, strict=True):
+        assert item["context"][answer["start"] : answer["end"]] == answer["answer"] and 0 < answer["score"] <= 1
+    assert "jonas" in found[0]["answer"]
+    tokens = scorer.tokenizer
+    windows = answers.windows(tokens, [asked[1]["question"]], [asked[1]["context"]], scorer.max_tokens, 8)
+    assert len(windows["input_ids"]) > 3  # read in windows; best_spans picks over them (tested above)
+    assert [answer["truncated"] for answer in found] == [False, False, True]
+    assert QA.input_problem(["a plain text"]) and QA.input_problem([asked[0]]) is None
+
+
+def test_the_registered_model_answers_through_mlflow(fitted, tmp_path: Path) -> None:
+    """transformers 5 has no question-answering pipeline: the version is a pyfunc around the folder."""
+    import mlflow
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    from components import registry
+    from components.serve import Scorer
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("answers"))
+    version = registry.register_classifier(
+        fitted[1],
+        name="reviews-qa",
+        run_id=run.info.run_id,
+        tracking_uri=uri,
+        test_accuracy=0.9,
+        test_split="synthetic",
+        lineage={},
+        task=QA,
+    )
+    assert client.get_model_version("reviews-qa", version["version"]).tags["ptft.test_f1"] == "0.900000"
+    question = {"question": "who wrote this review ?", "context": "the plot was dull , said jonas evans ."}
+    served = Scorer(version["model_uri"], uri)([question])[0]
+    mlflow.set_tracking_uri(uri)
+    loaded = mlflow.pyfunc.load_model(version["model_uri"]).predict(pd.DataFrame([question]))
+    assert loaded[0]["answer"] == served["answer"] and "jonas" in served["answer"]
