@@ -5,7 +5,8 @@ longest texts) and a label column (a named one, or one with few distinct values)
 labels and lengths; takes validation/test files beside a `train` file, or else writes a seeded,
 stratified 80/10/10 split; sizes `tokenize.seq_len` from a tokenizer trained on the text; writes
 a config that `ptft validate` accepts. Task types: sentence classification (a label column),
-named entities (a column of word lists and one of tag lists, as CoNLL-2003) and pre-training only
+named entities (a column of word lists and one of tag lists, as CoNLL-2003), extractive question
+answering (question, context and answers columns, or SQuAD's nested JSON) and pre-training only
 (no labels).
 """
 
@@ -25,7 +26,8 @@ import yaml
 from components import data
 from pipelines.config import ConfigError, Problem, validate
 
-TASKS = ("auto", "classification", "entities", "pretrain")
+TASKS = ("auto", "classification", "entities", "answers", "pretrain")
+QA_COLUMNS = ("question", "context", "answers")  # SQuAD's, as its nested JSON reads (components/data.py)
 LABEL_NAMES = ("label", "labels", "class", "category", "sentiment", "target", "y")
 TAG_NAMES = ("ner_tags", "tags", "labels", "label", "ner")
 MAX_CLASSES = 50
@@ -55,7 +57,8 @@ def add_parser(commands) -> None:
         "--task",
         choices=TASKS,
         default="auto",
-        help="default: entities for word and tag lists, else classification when a label column is found",
+        help="default: answers for question, context and answers columns, entities for word and tag lists, "
+        "else classification when a label column is found",
     )
     init.add_argument("--text-column", help="the column holding the text (default: detected)")
     init.add_argument("--label-column", help="the column holding the label (default: detected)")
@@ -91,7 +94,7 @@ def _read(path: Path) -> pa.Table:
     try:
         table = data.read_table(str(path))
     except (OSError, ValueError, UnicodeDecodeError, pa.ArrowInvalid) as error:
-        fix = "one record per line (JSONL), CSV, TSV, Parquet or text; a nested JSON document (e.g. SQuAD's) is not"
+        fix = "one record per line (JSONL), CSV, TSV, Parquet, text, or SQuAD's nested JSON"
         raise ConfigError("ptft init", [Problem("DATA_FILE", str(path), f"cannot read: {error}", fix)]) from None
     if table.num_rows < 10:
         problem = Problem("DATA_FILE", str(path), f"{table.num_rows} rows", "give at least 10 examples")
@@ -163,7 +166,9 @@ def _mean_length(table: pa.Table, column: str) -> float:
 
 def _plan(path: Path, table: pa.Table, args: argparse.Namespace, split_dir: Path) -> Plan:
     entities = _word_and_tag_columns(table, args)
-    if entities:
+    if args.task in ("auto", "answers") and set(QA_COLUMNS) <= set(table.column_names):
+        text, label, task = "context", "answers", "answers"
+    elif entities:
         (text, label), task = entities, "entities"
     else:
         text = _text_column(table, args.text_column)
@@ -178,7 +183,7 @@ def _plan(path: Path, table: pa.Table, args: argparse.Namespace, split_dir: Path
     vocab_size = _vocab_size(texts)
     token_lengths = _token_lengths(texts, vocab_size, lowercase=task != "entities")
     labels = {}
-    if label:
+    if label and task != "answers":
         for value in train.column(label).to_pylist():
             for tag in value if task == "entities" else [value]:
                 labels[str(tag)] = labels.get(str(tag), 0) + 1
@@ -210,10 +215,10 @@ def _splits(path, table, text, label, split_dir, seed, force) -> tuple[dict[str,
                     break
         if len(found) == 3:
             return found, False
-    rows = table.select([text, label]).to_pylist()
+    rows = table.select([text, label, *(["question"] if "question" in table.column_names else [])]).to_pylist()
     by_label: dict[str, list[dict]] = {}
-    for row in rows:  # an entities row has many tags: its split is a seeded shuffle, not stratified
-        by_label.setdefault("" if isinstance(row[label], list) else str(row[label]), []).append(row)
+    for row in rows:  # an entities row has many tags, a question its answers: a seeded shuffle, not stratified
+        by_label.setdefault("" if isinstance(row[label], list | dict) else str(row[label]), []).append(row)
     chosen: dict[str, list[dict]] = {split: [] for split in SPLIT_SHARES}
     rng = random.Random(seed)
     for group in by_label.values():  # stratified: each label split 80/10/10 on its own
@@ -287,6 +292,8 @@ def _config_text(plan: Plan, name: str, source: Path, output: Path) -> str:
     text = plan.text_column
     if plan.task == "entities":
         columns = f"words column {text!r}, tags column {plan.label_column!r}"
+    elif plan.task == "answers":
+        columns = f"question column 'question', context column {text!r}, answers column {plan.label_column!r}"
     else:
         columns = f"text column {text!r}" + (f", label column {plan.label_column!r}" if plan.label_column else "")
     if plan.written_splits:
@@ -316,6 +323,11 @@ def _config_text(plan: Plan, name: str, source: Path, output: Path) -> str:
         lines += ["  task:"]
     if plan.task == "entities":
         lines += ["    type: token_classification   # a list of words and a list of IOB2 tags per row"]
+    if plan.task == "answers":
+        lines += [
+            "    type: question_answering   # a question, a context and the answers' spans in it per row",
+            "    doc_stride: 128            # tokens that windows of a context longer than seq_len share",
+        ]
     if plan.task != "pretrain":
         lines += [
             f"    train: {{type: file, path: {_relative(plan.splits['train'])}, text_column: {text}, "
@@ -329,7 +341,8 @@ def _config_text(plan: Plan, name: str, source: Path, output: Path) -> str:
         "",
         "tokenize:",
         f"  vocab_size: {plan.vocab_size:<6}  # about half the distinct words of the text",
-        f"  seq_len: {plan.seq_len:<9}  # 99% of the texts fit (p99 {plan.lengths['p99']} tokens)",
+        f"  seq_len: {plan.seq_len:<9}  # 99% of the texts fit (p99 {plan.lengths['p99']} tokens)"
+        + ("; longer contexts are read in windows" if plan.task == "answers" else ""),
         *(["  lowercase: false    # case tells names apart"] if plan.task == "entities" else []),
         "",
         "pretrain:",
@@ -343,7 +356,7 @@ def _config_text(plan: Plan, name: str, source: Path, output: Path) -> str:
     if plan.task != "pretrain":
         lines += [
             "",
-            "tune:             # optimises " + ("entity F1 (eval/f1)" if plan.task == "entities" else "eval/accuracy"),
+            "tune:             # optimises " + _headline(plan),
             "  num_samples: 4",
             "  max_epochs: 3",
             "  max_concurrent_trials: 2",
@@ -360,7 +373,13 @@ def _config_text(plan: Plan, name: str, source: Path, output: Path) -> str:
     return "\n".join(header + lines) + "\n"
 
 
+def _headline(plan: Plan) -> str:
+    return {"entities": "entity F1 (eval/f1)", "answers": "SQuAD token F1 (eval/f1)"}.get(plan.task, "eval/accuracy")
+
+
 def _task_line(plan: Plan) -> str:
+    if plan.task == "answers":
+        return "extractive question answering: tokenize -> pretrain -> tune -> finetune -> serve"
     if plan.task == "entities":
         types = sorted({tag.split("-", 1)[1] for tag in plan.labels if "-" in tag})
         return f"named entities ({', '.join(types)}): tokenize -> pretrain -> tune -> finetune -> serve"
@@ -372,7 +391,9 @@ def _task_line(plan: Plan) -> str:
 def _report(plan: Plan, table: pa.Table, output: Path) -> None:
     print(f"Read {table.num_rows} rows; columns: {', '.join(table.column_names)}")
     print(f"Text column: {plan.text_column!r}")
-    if plan.label_column:
+    if plan.task == "answers":
+        print(f"Question column 'question', answers column {plan.label_column!r}: spans of the context")
+    elif plan.label_column:
         counts = ", ".join(f"{label} ({count})" for label, count in plan.labels.items())
         what = "Tag column" if plan.task == "entities" else "Label column"
         print(f"{what}: {plan.label_column!r}; {'tags' if plan.task == 'entities' else 'labels'} in train: {counts}")

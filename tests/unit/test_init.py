@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from components.tasks import task_type
 from pipelines.cli import main
 from pipelines.config import load_config
 from tests.conftest import shared
@@ -108,9 +109,27 @@ def test_conll2003_gets_an_entities_config(in_tmp: Path, capsys: pytest.CaptureF
     assert "named entities (LOC, MISC, ORG, PER)" in Path("configs/conll2003.yaml").read_text()
 
 
+def test_squad_nested_json_gives_a_question_answering_config(in_tmp: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["init", str(shared("data/squad/train.json"))]) == 0
+    out = capsys.readouterr().out
+    config = load_config("configs/squad.yaml", [])
+    task = config.data.task
+    assert task.type == "question_answering" and config.tune.metric == "eval/f1"
+    assert (task.train.text_column, task.train.label_column, task.train.question_column) == (
+        "context",
+        "answers",
+        "question",
+    )
+    assert Path(task.test.path) == shared("data/squad/test.json")
+    assert config.serve.sample_texts == [task_type("question_answering").example]  # the type's own example
+    assert "Read 8514 rows" in out  # the README's count of train questions
+    assert main(["validate", "configs/squad.yaml"]) == 0
+
+
 def test_files_it_cannot_use_exit_2_with_the_reason(in_tmp: Path, capsys: pytest.CaptureFixture) -> None:
-    assert main(["init", str(shared("data/squad/train.json"))]) == 2
-    assert "nested JSON" in capsys.readouterr().err
+    Path("broken.json").write_text('{"question": "who?", ' * 20)
+    assert main(["init", "broken.json"]) == 2
+    assert "cannot read" in (err := capsys.readouterr().err) and "SQuAD's nested JSON" in err
     assert main(["init", str(shared("data/rt-polarity/train.jsonl")), "--label-column", "stars"]) == 2
     assert "'stars'" in (err := capsys.readouterr().err) and "use one of: text, label" in err
     assert main(["init", "no-such-file.csv"]) == 2
