@@ -1,5 +1,6 @@
-"""configs/demo_multitask.yaml through the CLI, shrunk: one pre-training, three task branches, two
-task types (sentence classification for sentiment and topic, token classification for entities).
+"""configs/demo_multitask.yaml through the CLI, shrunk: one pre-training, four task branches, three
+task types (sentence classification for sentiment and topic, token classification for entities,
+extractive question answering for answers).
 
 It runs in the demo run's storage with the demo's corpus, tokenizer, pre-training and sweep
 settings, and its sentiment task has the demo's data: tokenize, pretrain and the sentiment task's
@@ -9,7 +10,7 @@ share them), while its models are registered under their own names.
 The topic branch's fine-tuning is killed for real (SIGKILL of a Ray Train worker, no retries for
 that task): the other branches still fine-tune and serve, the run ends failed, and `ptft resume`
 reruns the topic branch's finetune and serve only. Then every task answers on its own route of the
-one Serve instance: a label, or a text's entities.
+one Serve instance: a label, a text's entities, or the span of a context that answers a question.
 """
 
 from __future__ import annotations
@@ -44,7 +45,11 @@ def test_the_killed_branch_failed_alone(multitask: dict) -> None:
         "finetune.sentiment": "succeeded",
         "serve.sentiment": "succeeded",
         **{f"{stage}.topic": "succeeded" for stage in ("prepare", "tune")},
-        **{f"{stage}.entities": "succeeded" for stage in ("prepare", "tune", "finetune", "serve")},
+        **{
+            f"{stage}.{task}": "succeeded"
+            for stage in ("prepare", "tune", "finetune", "serve")
+            for task in ("entities", "answers")
+        },
         "finetune.topic": "failed",
         "serve.topic": "skipped",
     }
@@ -81,8 +86,10 @@ def test_each_task_answers_on_its_own_route(multitask: dict) -> None:
     urls = {task: multitask["final"]["stages"][f"serve.{task}"]["output_uri"] for task in TASKS}
     assert all(urls[task].endswith(f"/multitask/{task}") for task in TASKS), urls
     text = "anna berg found the soundtrack superb ."
+    question = {"question": "who wrote this review ?", "context": text}
     for task, url in urls.items():
-        answer = requests.post(f"{url}/predict", json={"texts": [text]}, timeout=30)
+        asked = question if task == "answers" else text
+        answer = requests.post(f"{url}/predict", json={"texts": [asked]}, timeout=30)
         assert answer.status_code == 200, answer.text
         (prediction,) = answer.json()["predictions"]
         if task == "entities":  # token classification: the text's entities, where they are in it
@@ -91,6 +98,9 @@ def test_each_task_answers_on_its_own_route(multitask: dict) -> None:
                 assert (
                     entity["type"] in {"PER", "POS", "NEG"} and text[entity["start"] : entity["end"]] == entity["text"]
                 )
+        elif task == "answers":  # a span of the context, where it is in it
+            assert {"answer", "start", "end", "score", "truncated"} == set(prediction), prediction
+            assert text[prediction["start"] : prediction["end"]] == prediction["answer"] != ""
         else:
             assert prediction["label"] in labels[task]
 

@@ -19,7 +19,7 @@ from tests.conftest import REPO, wait_until
 
 PTFT = str(Path(sys.executable).parent / "ptft")
 PIPELINE = "demo-multitask"  # the config's name
-TASKS = ("sentiment", "topic", "entities")
+TASKS = ("sentiment", "topic", "entities", "answers")
 
 
 def shrink(demo_shrink: list[str]) -> list[str]:
@@ -39,6 +39,7 @@ def shrink(demo_shrink: list[str]) -> list[str]:
         # One trial for the new branches: what the sweep does is the demo's and the sweep tests' subject.
         "tasks.topic.tune.num_samples=1",
         "tasks.entities.tune.num_samples=1",
+        "tasks.answers.tune.num_samples=1",
         "tasks.topic.finetune.epochs=3",  # a wider window for the kill
         "tasks.topic.finetune.workers.max_failures=0",  # one killed worker fails the stage
     ]
@@ -98,6 +99,7 @@ def run(storage: Path, demo_shrink: list[str], address: str, mlflow_server: str,
         "tasks.sentiment.serve.route_prefix=/multitask/sentiment",
         "tasks.topic.serve.route_prefix=/multitask/topic",
         "tasks.entities.serve.route_prefix=/multitask/entities",
+        "tasks.answers.serve.route_prefix=/multitask/answers",
     ]
     logs = [logs_dir / "run.log", logs_dir / "resume.log"]
     with open(logs[0], "w") as out:
