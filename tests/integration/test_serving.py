@@ -179,6 +179,49 @@ def test_bad_requests_get_a_4xx_with_a_message(app: dict, case: str) -> None:
     assert requests.post(f"{app['url']}/predict", json={"texts": ["good"]}, timeout=30).status_code == 200
 
 
+def test_a_chunked_body_over_the_limit_gets_413(app: dict) -> None:
+    """No content-length to refuse it by: the replica counts the chunks as they come."""
+
+    def body():
+        yield b'{"texts": ["x"], "pad": "'
+        for _ in range(30):
+            yield b"y" * 1000
+        yield b'"}'
+
+    response = requests.post(
+        f"{app['url']}/predict", data=body(), headers={"content-type": "application/json"}, timeout=30
+    )
+    assert response.status_code == 413 and "max_body_bytes=20000" in response.json()["detail"], response.text
+
+
+def test_healthz_answers_within_a_second_while_batches_run(app: dict) -> None:
+    """The forward pass runs beside the replica's event loop, not on it: liveness probes answer
+    while long batches are scored."""
+    slow = {"texts": [" ".join(["very"] * 300)] * 8}
+
+    def call(_: int) -> float:
+        started = time.perf_counter()
+        assert requests.post(f"{app['url']}/predict", json=slow, timeout=120).status_code == 200
+        return time.perf_counter() - started
+
+    probes = []
+    with ThreadPoolExecutor(8) as pool:
+        batches = [pool.submit(call, index) for index in range(160)]
+        while not all(batch.done() for batch in batches):
+            started = time.perf_counter()
+            assert requests.get(f"{app['url']}/healthz", timeout=30).status_code == 200
+            probes.append(time.perf_counter() - started)
+            time.sleep(0.05)
+        answered = [batch.result() for batch in batches]
+    p90 = sorted(probes)[int(0.9 * (len(probes) - 1))]
+    print(
+        f"healthz under load: median {median(probes):.3f} s, p90 {p90:.3f} s over {len(probes)} probes; "
+        f"/predict median {median(answered):.3f} s"
+    )
+    assert len(probes) >= 5 and p90 < 1.0, probes
+    assert median(probes) < median(answered), (probes, answered)
+
+
 class Stream:
     """Closed-loop clients sending requests until stopped; counts outcomes (after `retries`)."""
 
