@@ -92,7 +92,7 @@ def cluster() -> Iterator[dict]:
 
         processes.append(_start_node("second", second_node_args, env, temp_dir, address, want=2))
         _wait_for(lambda: JobSubmissionClient(dashboard), "ray job API", processes[0], max(temp_dir.glob("head-*.log")))
-        yield {"address": address, "dashboard": dashboard}
+        yield {"address": address, "dashboard": dashboard, "second": processes[1]}
     finally:
         for process in reversed(processes):
             _stop(process)
@@ -314,3 +314,75 @@ def _second_node_id(dashboard: str) -> str:
 
     (node,) = [n for n in list_nodes(address=dashboard, detail=True) if SECOND_NODE in n.resources_total]
     return node.node_id
+
+
+# --- node loss: runs last in this module, since the second node stays down ------------------------
+
+
+def _job_workers_on(dashboard: str, job_id: str, node_id: str) -> list:
+    from ray.util.state import list_actors
+
+    ray_job_id = JobSubmissionClient(dashboard).get_job_info(job_id).job_id
+    filters = [("class_name", "=", "RayTrainWorker"), ("job_id", "=", ray_job_id), ("state", "=", "ALIVE")]
+    return [actor for actor in list_actors(address=dashboard, filters=filters, detail=True) if actor.node_id == node_id]
+
+
+def _pretrain_steps(storage: Path, mlflow_server: str) -> float:
+    for path in (storage / "runs").glob("*/manifest.json"):
+        record = json.loads(path.read_text())["stages"].get("pretrain", {})
+        if record.get("status") == "running" and record.get("mlflow_run_id"):
+            return MlflowClient(mlflow_server).get_run(record["mlflow_run_id"]).data.metrics.get("train/step", 0)
+    return 0
+
+
+def test_losing_a_node_mid_pretraining_continues_or_fails_clearly_and_resume_completes(
+    cluster: dict, mlflow_server: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """SIGKILL of the second node's raylet while a pre-training worker runs on it. Ray Train restarts
+    the worker group from the last checkpoint on what is left, or the job fails naming the lost
+    node; either way `ptft resume` ends the run with the pre-trained model published."""
+    import psutil
+
+    storage = tmp_path_factory.mktemp("node-loss")
+    job_id = _submit(
+        cluster,
+        storage,
+        f"tracking.uri={mlflow_server}",
+        "data.task=null",
+        "pretrain.workers.placement_strategy=SPREAD",
+        "pretrain.max_steps=400",
+        "pretrain.checkpoint_every=20",
+    )
+    second = _second_node_id(cluster["dashboard"])
+    deadline = time.monotonic() + 600
+    while not (_pretrain_steps(storage, mlflow_server) >= 40 and _job_workers_on(cluster["dashboard"], job_id, second)):
+        assert time.monotonic() < deadline, "pre-training never trained on the second node"
+        time.sleep(1)
+    (raylet,) = [p for p in psutil.Process(cluster["second"].pid).children(recursive=True) if p.name() == "raylet"]
+    raylet.kill()
+
+    logs = _ptft("logs", job_id, "--follow", "--address", cluster["dashboard"], timeout=900)
+    (manifest_path,) = (storage / "runs").glob("*/manifest.json")
+    run_id = json.loads(manifest_path.read_text())["run_id"]
+    if f"job {job_id}: SUCCEEDED" not in logs.stdout:  # failed: clearly, then a resume on what is left
+        said = logs.stdout + logs.stderr
+        assert "pretrain" in said and ("node" in said.lower() or "died" in said.lower()), said[-5000:]
+        env = {**os.environ, "RAY_ADDRESS": cluster["address"]}
+        resumed = subprocess.run(
+            [PTFT, "resume", run_id, "--storage", str(storage)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env=env,
+        )
+        assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-3000:]
+    manifest = json.loads(manifest_path.read_text())
+    pretrain = manifest["stages"]["pretrain"]
+    assert pretrain["status"] == "succeeded", manifest
+    assert list((storage / "artifacts" / "pretrain").glob("*/_SUCCESS"))
+    # It trained on after the loss from a checkpoint, not from scratch: a restore is on record.
+    metrics = MlflowClient(mlflow_server).get_run(pretrain["mlflow_run_id"]).data.metrics
+    assert metrics.get("restore/loaded_step", 0) >= 20, metrics
+    how = "failed clearly, resumed" if "resumed" in locals() else "continued on the head"
+    print(f"node loss: {how}; restored step {metrics['restore/loaded_step']:.0f} of 400")
