@@ -62,12 +62,21 @@ def _select_columns(table: pa.Table, source: Source, labelled: bool) -> pa.Table
     elif not labelled:  # pre-split words (an entities data set) read as a corpus: one text per row
         text = pc.binary_join(text, " ")
     columns = {"text": text}  # a labelled row's words stay a list (token classification)
+    question = getattr(source, "question_column", None)
+    if not labelled and question in table.column_names:  # a QA file as a corpus: each context once
+        return _first_of_each(pa.table(columns).filter(pc.is_valid(text)))
     if labelled:
         columns["label"] = table.column(source.label_column)
-        question = getattr(source, "question_column", None)
         if question in table.column_names:  # question answering
             columns["question"] = table.column(question)
     return pa.table(columns).filter(pc.is_valid(columns["text"]))
+
+
+def _first_of_each(table: pa.Table) -> pa.Table:
+    """Rows whose text differs from the row before (SQuAD's questions on one paragraph follow each other)."""
+    texts = table.column("text").to_pylist()
+    keep = [index for index, text in enumerate(texts) if index == 0 or text != texts[index - 1]]
+    return table.take(pa.array(keep, type=pa.int64()))
 
 
 def resolve_paths(path: str) -> list[str]:

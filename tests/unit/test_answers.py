@@ -50,6 +50,14 @@ def test_squad_nested_json_reads_one_row_per_question() -> None:
     QA.check_rows(validation, "validation")
 
 
+def test_as_a_corpus_each_paragraph_is_read_once() -> None:
+    document = json.loads(shared("data/squad/train.json").read_text())
+    paragraphs = [p["context"] for article in document["data"] for p in article["paragraphs"]]
+    corpus = load_source(FileSource(path=str(shared("data/squad/train.json")), text_column="context"), labelled=False)
+    assert corpus.column("text").to_pylist() == paragraphs  # not once per question
+    assert corpus.num_rows < _squad("train").num_rows / 3
+
+
 @pytest.mark.parametrize("algorithm", ["wordpiece", "bpe"])
 def test_every_window_holding_the_answer_points_at_its_tokens(tmp_path: Path, algorithm: str) -> None:
     table = _with_rows(_squad("validation").slice(0, 60))
