@@ -199,8 +199,11 @@ def _scores(gold: list[list], guessed: list[list], names: list[str], split_dir: 
 
 def _input_problem(items: list) -> str | None:
     for index, item in enumerate(items):
-        if not isinstance(item, dict) or set(item) != {"question", "context"} or not item["context"].strip():
+        if not isinstance(item, dict) or set(item) != {"question", "context"}:
             return f'texts.{index} is not {{"question": "...", "context": "..."}}: this model answers questions'
+        for part in ("question", "context"):
+            if not item[part].strip():
+                return f"texts.{index}.{part} is empty: send a {part} with text in it"
     return None
 
 
