@@ -2,7 +2,9 @@
 (the finetune stage's picture, `POST /explain` and `ptft explain` all call it) for the token that
 summarises the text: [CLS] for encoders, the last real token for decoders (GPT-2 classifies from it).
 A token classifier (entities) decides per token: its map is of the first token it tags as part of an
-entity (the first word when it tags none), with that token's tag as the label.
+entity (the first word when it tags none), with that token's tag as the label. A question answering
+model reads a question with its context: its map is of the most likely answer start in the context
+(the label `answer start`, its probability the score).
 """
 
 from __future__ import annotations
@@ -12,25 +14,34 @@ import contextlib
 MAX_EXPLAIN_TEXTS = 8  # attention maps are heads x tokens per text: keep answers small
 
 
-def attention_maps(model, tokenizer, texts: list[str], *, max_tokens: int, layer: int = -1) -> list[dict]:
-    """Per text: its tokens, the prediction, and `attention` as heads x tokens (the summary token's
-    attention over the text in `layer`; -1 is the last)."""
+def attention_maps(model, tokenizer, texts: list, *, max_tokens: int, layer: int = -1) -> list[dict]:
+    """Per text (or `{question, context}`): its tokens, the prediction, and `attention` as heads x
+    tokens (the summary token's attention over the text in `layer`; -1 is the last)."""
     import torch  # here: the serving module imports this one, and its driver never needs torch
 
-    encoded = tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
+    if texts and isinstance(texts[0], dict):  # question answering: the pair, the context cut
+        questions, contexts = [t["question"] for t in texts], [t["context"] for t in texts]
+        cut = {"truncation": "only_second", "max_length": max_tokens}
+        encoded = tokenizer(questions, contexts, padding=True, return_tensors="pt", **cut)
+    else:
+        encoded = tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
     with _eager_attention(model), torch.inference_mode():
         output = model(**encoded, output_attentions=True)
     layers = len(output.attentions)
     if not -layers <= layer < layers:
         raise ValueError(f"layer {layer}: the model has {layers} layers (0..{layers - 1}, or -1 for the last)")
     weights = output.attentions[layer].float()  # batch x heads x query x key
-    probabilities = output.logits.float().softmax(-1)
-    labels = model.config.id2label
+    answers = "logits" not in output
+    probabilities = _start_probabilities(encoded, output) if answers else output.logits.float().softmax(-1)
+    labels = {0: "answer start"} if answers else model.config.id2label
     maps = []
     for row, text in enumerate(texts):
         kept = encoded["attention_mask"][row].nonzero().flatten()
         query = int(kept[0]) if tokenizer.cls_token_id is not None else int(kept[-1])
-        if probabilities.dim() == 3:  # a tag per token: show the first token tagged as part of an entity
+        if answers:
+            score, query = probabilities[row].max(-1)
+            query, label = int(query), 0
+        elif probabilities.dim() == 3:  # a tag per token: show the first token tagged as part of an entity
             query = _first_tagged(encoded, row, probabilities[row].argmax(-1), labels, fallback=query)
             score, label = probabilities[row, query].max(-1)
         else:
@@ -48,6 +59,16 @@ def attention_maps(model, tokenizer, texts: list[str], *, max_tokens: int, layer
             }
         )
     return maps
+
+
+def _start_probabilities(encoded, output):
+    """Each token's probability of starting the answer, over the context's tokens only."""
+    import torch
+
+    context = torch.tensor(
+        [[sequence == 1 for sequence in encoded.sequence_ids(row)] for row in range(len(encoded["input_ids"]))]
+    )
+    return output.start_logits.float().masked_fill(~context, float("-inf")).softmax(-1)
 
 
 def _first_tagged(encoded, row: int, tags, labels: dict, *, fallback: int) -> int:

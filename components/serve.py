@@ -108,17 +108,22 @@ class PredictResponse(BaseModel):
 
 class ExplainRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    texts: list[str] = Field(description=f"texts to explain, at most {MAX_EXPLAIN_TEXTS}")
+    texts: list[str | Question] = Field(
+        description=f"texts (or questions with contexts) to explain, at most {MAX_EXPLAIN_TEXTS}"
+    )
     layer: int = Field(-1, description="the layer whose attention to return: 0..layers-1, or -1 for the last")
 
 
 class AttentionMap(BaseModel):
-    text: str
+    text: str | Question
     tokens: list[str] = Field(description="the tokens the model read (truncated texts are cut)")
     label: str
     score: float
     layer: int
-    query_token: str = Field(description="the token whose attention is shown: [CLS], or a decoder's last token")
+    query_token: str = Field(
+        description="the token whose attention is shown: [CLS], a decoder's last token, the first tagged token "
+        "(entities) or the likeliest answer start (question answering)"
+    )
     attention: list[list[float]] = Field(description="heads x tokens: how much each head attends to each token")
 
 
@@ -260,9 +265,7 @@ class ClassifierApp:
             return refused
         try:
             asked = await self._parse(request, ExplainRequest)
-            if not self.scorer.task.explainable:
-                raise RequestError(422, f"/explain shows attention for texts; a {self.scorer.task.name} model has none")
-            texts = check_texts(asked.texts, self.cfg)
+            texts = self._items(asked.texts)
             if len(texts) > MAX_EXPLAIN_TEXTS:
                 raise RequestError(422, f"{len(texts)} texts; /explain takes at most {MAX_EXPLAIN_TEXTS}: split it")
             explanations = await asyncio.wait_for(
@@ -278,7 +281,10 @@ class ClassifierApp:
         return ExplainResponse(explanations=explanations, model=self.model)
 
     async def _texts(self, request: Request) -> list:
-        asked = (await self._parse(request, PredictRequest)).texts
+        return self._items((await self._parse(request, PredictRequest)).texts)
+
+    def _items(self, asked: list) -> list:
+        """Texts (or questions with contexts, as dicts) within the limits, as the model reads them."""
         items = check_texts([text.model_dump() if isinstance(text, Question) else text for text in asked], self.cfg)
         if problem := self.scorer.task.input_problem(items):
             raise RequestError(422, problem)

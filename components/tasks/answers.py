@@ -277,5 +277,4 @@ TASK = TaskType(
     input_problem=_input_problem,
     token_lengths=_token_lengths,
     output_example=_output_example,
-    explainable=False,
 )

@@ -70,7 +70,6 @@ class TaskType:
     input_problem: Callable[[list], str | None] = texts_only  # why served inputs do not fit, or None
     token_lengths: Callable[..., list[int]] = token_lengths  # (tokenizer, inputs, max_tokens) per input
     output_example: Callable = label_and_score  # the model -> an output example for its signature
-    explainable: bool = True  # /explain shows the attention of a served text
 
     def model_class(self):
         import transformers

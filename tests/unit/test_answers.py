@@ -287,7 +287,7 @@ def test_the_served_answer_is_a_span_of_the_context_over_all_windows(fitted) -> 
     from components.serve import Scorer
 
     scorer = Scorer(str(fitted[1]), tracking_uri=None)
-    assert scorer.task is QA and not QA.explainable
+    assert scorer.task is QA
     filler = "the music was loud , said noah . " * 12  # many windows before the answer
     asked = [
         {"question": "who wrote this review ?", "context": "the plot was dull , said jonas evans ."},
@@ -305,6 +305,11 @@ def test_the_served_answer_is_a_span_of_the_context_over_all_windows(fitted) -> 
     assert QA.input_problem([asked[0]]) is None and "answers questions" in QA.input_problem(["a plain text"])
     assert "texts.0.question is empty" in QA.input_problem([{"question": " ", "context": "a film ."}])
     assert "texts.0.context is empty" in QA.input_problem([{"question": "who?", "context": ""}])
+    (explained,) = scorer.explain([asked[0]])
+    # The map of the likeliest answer start: a token of the context, attended over question and context.
+    assert explained["label"] == "answer start" and explained["query_token"] in explained["tokens"]
+    assert "who" in explained["tokens"] and "jonas" in " ".join(explained["tokens"])
+    assert len(explained["attention"][0]) == len(explained["tokens"]) and 0 < explained["score"] <= 1
 
 
 def test_the_registered_model_answers_through_mlflow(fitted, tmp_path: Path) -> None:
