@@ -1,6 +1,6 @@
 """Real data sets from ../shared/data through the tokenize stage: rt-polarity (JSONL files,
-integer labels) and CoNLL-2003 (word and tag lists). Skips where ../shared is absent, and fails
-in CI."""
+integer labels), CoNLL-2003 (word and tag lists) and SQuAD (nested JSON, questions in windows).
+Skips where ../shared is absent, and fails in CI."""
 
 from __future__ import annotations
 
@@ -67,3 +67,34 @@ def test_conll2003_words_get_their_tags_on_ray_data(ray_driver: str, tmp_path: P
         assert 0.98 * words <= len(labels) <= words, (split, len(labels))
         if split == "train":  # every B-PER that fits is there: the README counts 6600 persons
             assert 0.99 * 6600 <= labels.count(tags.index("B-PER")) <= 6600
+
+
+def test_squad_questions_become_windows_on_ray_data(ray_driver: str, tmp_path: Path, monkeypatch) -> None:
+    """SQuAD's nested JSON through tokenize and prepare's Ray Data tokenization, with its config:
+    every question gets one window or more, each labelled with its answer's tokens or [CLS]."""
+    shared("data/squad")
+    monkeypatch.chdir(REPO)
+    config = load_config(REPO / "configs" / "squad_qa.yaml", [f"storage={tmp_path}"])
+    ctx = StageContext(
+        pipeline_run_id="real",
+        stage="tokenize",
+        output_dir=tmp_path / "tok",
+        storage=tmp_path,
+        tracking_uri="",
+        experiment_id="",
+        mlflow_run_id="",
+    )
+    result = tokenize.run(config.tokenize, config.data, ctx)
+    assert read_json(ctx.output_dir / "labels.json") == ["start", "end"]
+    assert result.metrics["corpus/rows"] == 1672  # paragraphs of train.json, each once
+    questions = {"train": 8514, "validation": 1243, "test": 813}  # per the dataset's README
+    for split, count in questions.items():
+        table = pq.read_table(ctx.output_dir / "task" / split, columns=["example", "label", "offsets", "context"])
+        examples = table.column("example").to_pylist()
+        assert sorted(set(examples)) == list(range(count)), split
+        assert len(examples) > count  # long paragraphs take several windows
+        labels = table.column("label").to_pylist()
+        answered = {example for example, label in zip(examples, labels, strict=True) if label != [0, 0]}
+        assert len(answered) >= 0.99 * count, (split, len(answered))  # nearly every answer fits a window
+        seq_len = config.tokenize.seq_len
+        assert {len(offsets) for offsets in table.column("offsets").to_pylist()} == {2 * seq_len}
