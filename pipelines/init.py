@@ -180,6 +180,9 @@ def _plan(path: Path, table: pa.Table, args: argparse.Namespace, split_dir: Path
     else:
         splits, written, train = {"corpus": path}, False, table
     texts = [_as_text(value) for value in train.column(text).to_pylist() if value]
+    if task == "answers":  # a window holds the question too
+        pairs = zip(train.column("question").to_pylist(), train.column(text).to_pylist(), strict=True)
+        texts = [f"{question} {context}" for question, context in pairs]
     vocab_size = _vocab_size(texts)
     token_lengths = _token_lengths(texts, vocab_size, lowercase=task != "entities")
     labels = {}

@@ -126,6 +126,25 @@ def test_squad_nested_json_gives_a_question_answering_config(in_tmp: Path, capsy
     assert main(["validate", "configs/squad.yaml"]) == 0
 
 
+def test_question_answering_rows_without_splits_are_split_with_their_questions(
+    in_tmp: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from components import synthetic
+
+    rows = [
+        {"question": row["question"], "context": row["text"], "answers": row["label"]}
+        for row in synthetic.generate("train", 200, task="answers")
+    ]
+    Path("qa.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert main(["init", "qa.jsonl"]) == 0, capsys.readouterr().err
+    config = load_config("configs/qa.yaml", [])
+    assert config.data.task.type == "question_answering"
+    written = [json.loads(line) for line in Path(config.data.task.validation.path).read_text().splitlines()]
+    assert written and set(written[0]) == {"question", "context", "answers"}
+    # seq_len covers the question and the context of 99% of the rows, not the context alone
+    assert config.tokenize.seq_len >= 24 and "seq_len 32" in capsys.readouterr().out
+
+
 def test_files_it_cannot_use_exit_2_with_the_reason(in_tmp: Path, capsys: pytest.CaptureFixture) -> None:
     Path("broken.json").write_text('{"question": "who?", ' * 20)
     assert main(["init", "broken.json"]) == 2
