@@ -177,6 +177,9 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("texts", nargs="+", help="texts to explain, each quoted")
     explain.add_argument("--config", default="configs/demo.yaml", help="config giving the tracking store")
     explain.add_argument("--tracking-uri", help="the MLflow tracking URI (default: the config's)")
+    explain.add_argument(
+        "--context", help="for a question answering model: the context, and the texts are questions about it"
+    )
     explain.add_argument("--layer", type=int, default=-1, help="layer to show: 0..layers-1, or -1 (the last)")
     explain.add_argument("--output", metavar="PNG", help="also draw the maps (heads x tokens) into this PNG file")
     explain.add_argument("--json", action="store_true", help="print the maps as JSON (what POST /explain answers)")
@@ -651,8 +654,12 @@ def _explain(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise ConfigError("ptft explain", [Problem("MODEL", args.model, str(error), "check the name")]) from None
     scorer = serve.Scorer(model.model_uri, config.tracking_uri())
+    asked = [{"question": text, "context": args.context} for text in args.texts] if args.context else args.texts
+    if problem := scorer.task.input_problem(asked):
+        fix = "a question answering model: the questions as texts and --context TEXT; other models: texts only"
+        raise ConfigError("ptft explain", [Problem("TEXTS", args.texts[0], problem, fix)])
     try:
-        maps = scorer.explain(args.texts, args.layer)
+        maps = scorer.explain(asked, args.layer)
     except ValueError as error:
         raise ConfigError("ptft explain", [Problem("--layer", args.layer, str(error), "pick a layer it has")]) from None
     if args.json:

@@ -340,3 +340,12 @@ def test_the_registered_model_answers_through_mlflow(fitted, tmp_path: Path) -> 
     mlflow.set_tracking_uri(uri)
     loaded = mlflow.pyfunc.load_model(version["model_uri"]).predict(pd.DataFrame([question]))
     assert loaded[0]["answer"] == served["answer"] and "jonas" in served["answer"]
+
+
+def test_ptft_explain_takes_questions_with_a_context(fitted, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    common = [str(fitted[1]), "who wrote this review ?", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]
+    assert main(["explain", *common, "--context", "the plot was dull , said jonas evans .", "--json"]) == 0
+    (explained,) = json.loads(capsys.readouterr().out)["explanations"]
+    assert explained["label"] == "answer start" and explained["text"]["question"] == "who wrote this review ?"
+    assert main(["explain", *common]) == 2  # a question without its context
+    assert "--context" in (err := capsys.readouterr().err) and "answers questions" in err
