@@ -75,10 +75,38 @@ def param_space(cfg: TuneConfig) -> dict:
     return {name: dimension(name, dist_, cfg.search) for name, dist_ in cfg.search_space.items()}
 
 
+class ResumableASHA(ASHAScheduler):
+    """ASHA whose rungs survive a restored sweep. Tune's snapshot does not hold the scheduler, so a
+    sweep continued after a kill starts with empty rungs, and a trial restored past a rung (from its
+    epoch-2 checkpoint, say) never enters that rung: the next trials there meet no cutoff and run
+    their whole budget. A trial's first result past rungs it has no record in also records it in
+    the lower ones (its earlier results are gone); the highest is left to ASHA's own decision."""
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        self._fill_skipped_rungs(trial, result)
+        return super().on_trial_result(tune_controller, trial, result)
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        self._fill_skipped_rungs(trial, result)
+        super().on_trial_complete(tune_controller, trial, result)
+
+    def _fill_skipped_rungs(self, trial, result: dict) -> None:
+        bracket = self._trial_info.get(trial.trial_id)
+        if bracket is None or self._time_attr not in result or self._metric not in result:
+            return
+        reached = [
+            recorded
+            for milestone, recorded in bracket._rungs  # highest milestone first
+            if milestone <= result[self._time_attr] and trial.trial_id not in recorded
+        ]
+        for recorded in reached[1:]:
+            recorded[trial.trial_id] = self._metric_op * result[self._metric]
+
+
 def build_scheduler(cfg: TuneConfig):
     """The trial scheduler; every one counts time in epochs."""
     if cfg.scheduler == "asha":
-        return ASHAScheduler(
+        return ResumableASHA(
             time_attr="epoch",
             max_t=cfg.max_epochs,
             grace_period=cfg.grace_period,
