@@ -17,11 +17,9 @@ from tests.conftest import REPO, shared
 pytestmark = pytest.mark.integration
 
 
-def test_rt_polarity_tokenizes_with_its_config(ray_driver: str, tmp_path: Path, monkeypatch) -> None:
-    shared("data/rt-polarity")
-    monkeypatch.chdir(REPO)  # the config's data paths are relative to the repo root
-    config = load_config(REPO / "configs" / "rt_polarity.yaml", [f"storage={tmp_path}"])
-    ctx = StageContext(
+def _tokenize_context(tmp_path: Path) -> StageContext:
+    """The tokenize stage's context, run outside a pipeline (no MLflow run)."""
+    return StageContext(
         pipeline_run_id="real",
         stage="tokenize",
         output_dir=tmp_path / "tok",
@@ -30,6 +28,13 @@ def test_rt_polarity_tokenizes_with_its_config(ray_driver: str, tmp_path: Path, 
         experiment_id="",
         mlflow_run_id="",
     )
+
+
+def test_rt_polarity_tokenizes_with_its_config(ray_driver: str, tmp_path: Path, monkeypatch) -> None:
+    shared("data/rt-polarity")
+    monkeypatch.chdir(REPO)  # the config's data paths are relative to the repo root
+    config = load_config(REPO / "configs" / "rt_polarity.yaml", [f"storage={tmp_path}"])
+    ctx = _tokenize_context(tmp_path)
     result = tokenize.run(config.tokenize, config.data, ctx)
     assert read_json(ctx.output_dir / "labels.json") == ["negative", "positive"]  # data.task.label_names
     rows = {split: pq.read_table(ctx.output_dir / "task" / split).num_rows for split in ("train", "validation", "test")}
@@ -45,15 +50,7 @@ def test_conll2003_words_get_their_tags_on_ray_data(ray_driver: str, tmp_path: P
     shared("data/conll2003")
     monkeypatch.chdir(REPO)
     config = load_config(REPO / "configs" / "conll2003_ner.yaml", [f"storage={tmp_path}"])
-    ctx = StageContext(
-        pipeline_run_id="real",
-        stage="tokenize",
-        output_dir=tmp_path / "tok",
-        storage=tmp_path,
-        tracking_uri="",
-        experiment_id="",
-        mlflow_run_id="",
-    )
+    ctx = _tokenize_context(tmp_path)
     tokenize.run(config.tokenize, config.data, ctx)
     tags = read_json(ctx.output_dir / "labels.json")
     assert tags == ["B-LOC", "B-MISC", "B-ORG", "B-PER", "I-LOC", "I-MISC", "I-ORG", "I-PER", "O"]
@@ -75,15 +72,7 @@ def test_squad_questions_become_windows_on_ray_data(ray_driver: str, tmp_path: P
     shared("data/squad")
     monkeypatch.chdir(REPO)
     config = load_config(REPO / "configs" / "squad_qa.yaml", [f"storage={tmp_path}"])
-    ctx = StageContext(
-        pipeline_run_id="real",
-        stage="tokenize",
-        output_dir=tmp_path / "tok",
-        storage=tmp_path,
-        tracking_uri="",
-        experiment_id="",
-        mlflow_run_id="",
-    )
+    ctx = _tokenize_context(tmp_path)
     result = tokenize.run(config.tokenize, config.data, ctx)
     assert read_json(ctx.output_dir / "labels.json") == ["start", "end"]
     assert result.metrics["corpus/rows"] == 1672  # paragraphs of train.json, each once
