@@ -8,6 +8,7 @@ every change, beside the resolved config the run used (`config.json`). `ptft run
 from __future__ import annotations
 
 import os
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -24,6 +25,8 @@ from pipelines import stages
 PENDING, RUNNING, SUCCEEDED, CACHED, FAILED, KILLED = "pending", "running", "succeeded", "cached", "failed", "killed"
 SKIPPED = "skipped"  # an upstream stage of its branch failed: a resume runs it
 DONE = (SUCCEEDED, CACHED)
+# Transitions come from the main thread and, on a stop, from pipelines.stopping's watcher thread.
+_LOCK = threading.RLock()
 
 
 @dataclass
@@ -101,12 +104,13 @@ class Manifest:
         return read_json(self.folder(Path(self.storage), self.run_id) / "config.json")
 
     def save(self) -> None:
-        # On disk without credentials; this process keeps the URI it connects with.
-        state = {**asdict(self), "tracking_uri": redact_url(self.tracking_uri)}
-        write_json(self.folder(Path(self.storage), self.run_id) / "manifest.json", state)
-        # Every transition (started, ended, cached, failed, killed, resumed) is saved here, so the
-        # live metrics mirror exactly what the manifest says.
-        self._publish_metrics()
+        with _LOCK:
+            # On disk without credentials; this process keeps the URI it connects with.
+            state = {**asdict(self), "tracking_uri": redact_url(self.tracking_uri)}
+            write_json(self.folder(Path(self.storage), self.run_id) / "manifest.json", state)
+            # Every transition (started, ended, cached, failed, killed, resumed) is saved here, so
+            # the live metrics mirror exactly what the manifest says.
+            self._publish_metrics()
 
     def _publish_metrics(self) -> None:
         for stage, record in self.stages.items():
@@ -117,11 +121,12 @@ class Manifest:
     # --- transitions --------------------------------------------------------------------------
 
     def stage_started(self, stage: str, key: str, mlflow_run_id: str) -> None:
-        record = self.stages[stage]
-        record.status, record.key, record.mlflow_run_id, record.error = RUNNING, key, mlflow_run_id, None
-        record.attempts += 1
-        record.started_at, record.ended_at, record.seconds = time.time(), None, None
-        self.save()
+        with _LOCK:
+            record = self.stages[stage]
+            record.status, record.key, record.mlflow_run_id, record.error = RUNNING, key, mlflow_run_id, None
+            record.attempts += 1
+            record.started_at, record.ended_at, record.seconds = time.time(), None, None
+            self.save()
 
     def stage_ended(
         self,
@@ -132,17 +137,29 @@ class Manifest:
         error: str | None = None,
         cached_from: str | None = None,
     ) -> None:
-        record = self.stages[stage]
-        record.status, record.error = status, error
-        record.output_uri = output_uri or record.output_uri
-        record.cached_from_mlflow_run_id = cached_from
-        record.ended_at = time.time()
-        record.seconds = record.ended_at - (record.started_at or record.ended_at)
-        self.save()
+        with _LOCK:
+            record = self.stages[stage]
+            record.status, record.error = status, error
+            record.output_uri = output_uri or record.output_uri
+            record.cached_from_mlflow_run_id = cached_from
+            record.ended_at = time.time()
+            record.seconds = record.ended_at - (record.started_at or record.ended_at)
+            self.save()
 
     def finished(self, status: str) -> None:
-        self.status, self.ended_at = status, time.time()
-        self.save()
+        with _LOCK:
+            self.status, self.ended_at = status, time.time()
+            self.save()
+
+    def stopped(self, why: str) -> list[str]:
+        """A stop, recorded at once: the running stages and the run killed. Returns the running
+        stages' MLflow run ids, for the caller to end as well."""
+        with _LOCK:
+            running = [name for name, record in self.stages.items() if record.status == RUNNING]
+            for name in running:
+                self.stage_ended(name, KILLED, error=why)
+            self.finished(KILLED)
+            return [self.stages[name].mlflow_run_id for name in running if self.stages[name].mlflow_run_id]
 
 
 def new_run_id() -> str:

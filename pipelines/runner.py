@@ -37,7 +37,7 @@ from components.tracking import (
     reopen_run,
     start_run,
 )
-from pipelines import lineage, progress, stages
+from pipelines import lineage, progress, stages, stopping
 from pipelines import manifest as mf
 from pipelines.config import ConfigError, PipelineConfig, listens_beyond_loopback, resolved_dict
 from pipelines.driver_lock import DriverLock
@@ -141,7 +141,8 @@ def _run_locked(
     reporter = progress.Reporter(manifest, client, every_s=progress_every_s).start() if progress_every_s else None
     status = "FAILED"
     try:
-        failures = runner.run_all([node for node in nodes if node.id in manifest.stages], on_stage)
+        with stopping.record_stop_at_once(lambda: _record_stop(manifest, config.tracking_uri())):
+            failures = runner.run_all([node for node in nodes if node.id in manifest.stages], on_stage)
         if failures:  # the other branches ran on; the run fails with the first failure
             raise failures[0]
         status = "FINISHED"
@@ -154,6 +155,16 @@ def _run_locked(
             reporter.stop()
         client.set_terminated(manifest.mlflow_run_id, status=status)
     return result
+
+
+def _record_stop(manifest: mf.Manifest, tracking_uri: str) -> None:
+    """The run, its running stages and their MLflow runs killed: what a SIGKILL after the stop's
+    grace period must not undo (called from pipelines.stopping's thread)."""
+    stage_runs = manifest.stopped("stopped (SIGTERM)")
+    client = MlflowClient(tracking_uri)  # this thread's own
+    for run_id in [*stage_runs, manifest.mlflow_run_id]:
+        client.set_terminated(run_id, status="KILLED")
+    log.warning("stopped: run %s and its running stages recorded as killed", manifest.run_id)
 
 
 def _named(nodes: tuple[stages.Node, ...], name: str) -> list[str]:

@@ -1,0 +1,54 @@
+"""Record a stopped run the moment SIGTERM arrives, not when the driver has unwound.
+
+`ptft stop` (a Ray Job stop), Kubernetes and most schedulers send SIGTERM, then SIGKILL after a
+grace period. The driver ends its stage and MLflow runs KILLED as the stop unwinds its stack, but
+the stack may be inside native code that runs no Python signal handler for a while (a tokenizer's
+training loop, a blocking Ray call) or inside a library's slow clean-up, and a SIGKILL then leaves
+the run RUNNING for ever. So a thread waits on Python's signal wake-up fd, which the C-level
+handler writes at once, whatever the main thread is doing, and records the stop right away; the
+main thread's own unwinding then repeats the same records.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterator
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def record_stop_at_once(on_stop: Callable[[], None], signum: int = signal.SIGTERM) -> Iterator[None]:
+    """Call on_stop from a watcher thread as soon as `signum` arrives, while in the block.
+
+    Works only where Python handles the signal (a handler set with signal.signal, as ptft's CLI and
+    ray.init do) and in the main thread; elsewhere the block runs without it."""
+    if threading.current_thread() is not threading.main_thread() or not callable(signal.getsignal(signum)):
+        yield
+        return
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)  # the C handler must never block
+    previous = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+    watcher = threading.Thread(target=_watch, args=(read_end, signum, on_stop), name="ptft-stop", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(previous)
+        os.close(write_end)  # the watcher reads end-of-file and returns
+        watcher.join(timeout=5)
+        os.close(read_end)
+
+
+def _watch(read_end: int, signum: int, on_stop: Callable[[], None]) -> None:
+    while chunk := os.read(read_end, 64):
+        if signum in chunk:
+            try:
+                on_stop()
+            except Exception:  # noqa: BLE001 - the main thread's unwinding records it again
+                log.exception("could not record the stop at once")
+            return

@@ -1,0 +1,69 @@
+"""A stop is recorded the moment SIGTERM arrives (pipelines/stopping.py), with a real driver-like
+process whose main thread is stuck in native code and a real MLflow store: the manifest and the
+MLflow runs say KILLED before the SIGKILL that ends the grace period."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+from pipelines import manifest as mf
+from tests.conftest import REPO
+
+# A driver in a stage: its main thread is in native code with the GIL released (as in a tokenizer's
+# training loop or a blocking Ray call), so the Python-level SIGTERM handler cannot run.
+DRIVER = textwrap.dedent(
+    """
+    import hashlib, signal, sys
+    from pathlib import Path
+    from mlflow import MlflowClient
+    from pipelines import manifest as mf, stopping
+    from pipelines.runner import _record_stop
+
+    storage, uri = Path(sys.argv[1]), sys.argv[2]
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("stop")
+    manifest = mf.Manifest.create(storage, "run-1", "unit", ("tokenize", "pretrain"), {"name": "unit"})
+    manifest.mlflow_run_id = client.create_run(experiment).info.run_id
+    manifest.stage_started("tokenize", "k0", client.create_run(experiment).info.run_id)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(15))  # what ray.init sets in a driver
+    with stopping.record_stop_at_once(lambda: _record_stop(manifest, uri)):
+        print("in the stage", flush=True)
+        hashlib.pbkdf2_hmac("sha256", b"p", b"s", 2**31 - 1)  # minutes in C, the GIL released
+    """
+)
+
+
+def test_a_stop_is_recorded_while_the_main_thread_is_stuck_in_native_code(tmp_path: Path) -> None:
+    storage, uri = tmp_path / "storage", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    driver = subprocess.Popen(
+        [sys.executable, "-c", DRIVER, str(storage), uri], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert driver.stdout.readline().strip() == "in the stage"
+        time.sleep(1)  # into the native call
+        driver.send_signal(signal.SIGTERM)
+        manifest_path = mf.Manifest.folder(storage, "run-1") / "manifest.json"
+        deadline = time.monotonic() + 60
+        while json.loads(manifest_path.read_text())["status"] != mf.KILLED:
+            assert time.monotonic() < deadline, manifest_path.read_text()
+            assert driver.poll() is None, "the driver ended: its main thread was not stuck after all"
+            time.sleep(0.2)
+        time.sleep(1)  # the MLflow runs are ended after the manifest
+        assert driver.poll() is None  # still inside the native call: the record did not wait for it
+    finally:
+        driver.kill()  # the SIGKILL at the end of the grace period
+        driver.wait()
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["stages"]["tokenize"]["status"] == mf.KILLED
+    assert manifest["stages"]["pretrain"]["status"] == mf.PENDING
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("stop").experiment_id])
+    assert sorted(run.info.status for run in runs) == ["KILLED", "KILLED"]
