@@ -328,9 +328,7 @@ def _restore(engine, checkpoint: ray.train.Checkpoint | None, rank: int) -> dict
     if checkpoint is None:
         return {"epoch": 0, "step": 0}
     with checkpoint.as_directory() as checkpoint_dir:
-        _, client_state = engine.load_checkpoint(
-            checkpoint_dir, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
+        client_state = training.load_deepspeed_checkpoint(engine, Path(checkpoint_dir))
         training.restore_rng(Path(checkpoint_dir), rank, {})
     log.info("rank %d: restored after epoch %d", rank, client_state["epoch"])
     return {**client_state, "epoch": int(client_state["epoch"]), "step": int(client_state["step"])}

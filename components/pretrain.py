@@ -192,9 +192,7 @@ def _restore(engine, masker: _Targets, rank: int) -> tuple[int | None, float]:
 def _load_checkpoint(engine, masker: _Targets, checkpoint_dir: Path, rank: int) -> tuple[int, float]:
     """Model, optimizer, LR schedule and this rank's RNGs from a folder `_save_checkpoint` wrote:
     (its step, its loss)."""
-    _, client_state = engine.load_checkpoint(
-        str(checkpoint_dir), load_optimizer_states=True, load_lr_scheduler_states=True
-    )
+    client_state = training.load_deepspeed_checkpoint(engine, checkpoint_dir)
     training.restore_rng(checkpoint_dir, rank, {"masker": masker.generator})
     return int(client_state["step"]), float(client_state.get("loss", float("nan")))
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -212,6 +213,36 @@ def test_a_pretraining_checkpoint_restores_the_run_exactly(corpus: Corpus, tmp_p
     assert _max_difference(_weights(fresh), _weights(engine)) <= 1e-6
     assert fresh.get_lr() == engine.get_lr() and fresh.global_steps == engine.global_steps == stop
     assert len(set(uninterrupted)) == len(uninterrupted)  # the steps did train: no repeated loss
+
+
+class _RunsOnLoad:
+    """What a tampered checkpoint could carry: unpickling it runs a shell command."""
+
+    def __init__(self, mark: Path) -> None:
+        self.mark = mark
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.mark}",))
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2], ids=["zero0", "zero2"])
+def test_a_checkpoint_that_would_run_code_when_loaded_is_refused(
+    corpus: Corpus, tmp_path: Path, zero_stage: int
+) -> None:
+    """DeepSpeed's own loader unpickles everything; ours loads data only (weights_only=True)."""
+    stage = _stage(zero_stage=zero_stage, max_steps=4)
+    engine = pretrain._setup_engine(stage, corpus.tokenizer, SEED)
+    masker = pretrain._Targets(corpus.tokenizer, "mlm", stage.mlm_probability, seed=SEED)
+    pretrain._save_checkpoint(engine, masker, tmp_path, 0, step=1, loss=1.0)
+    mark = tmp_path / "the-code-ran"
+    for saved in sorted(tmp_path.rglob("*_states.pt")):  # the model's and, under ZeRO, the optimizer's
+        state = torch.load(saved, weights_only=False)  # our own file, just written
+        torch.save({**state, "extra": _RunsOnLoad(mark)}, saved)
+        with pytest.raises(pickle.UnpicklingError, match=r"unsupported GLOBAL posix\.system"):
+            pretrain._load_checkpoint(engine, masker, tmp_path, 0)
+        assert not mark.exists()
+        torch.save(state, saved)
+    assert pretrain._load_checkpoint(engine, masker, tmp_path, 0) == (1, 1.0)  # the untampered files load
 
 
 # --------------------------------------------------------------------------- fine-tuning
