@@ -26,17 +26,14 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from components import pretrain, tokenize
-from components.configs import DataConfig, ModelConfig, PretrainConfig, TokenizeConfig, WorkersConfig
-from components.stage import StageContext, read_json
-from components.tracking import ensure_experiment, start_run
+from components.stage import read_json
 from components.training import free_port
 from tests.conftest import REPO, tiny_config_dict, wait_until
+from tests.integration.pretrain_runs import CHECKPOINT_EVERY, PretrainRuns
 
 pytestmark = pytest.mark.integration
 
 PTFT = str(Path(sys.executable).parent / "ptft")
-CHECKPOINT_EVERY = 25
 
 
 def _latest_checkpoint_step(run_dir: Path) -> int | None:
@@ -59,51 +56,6 @@ def _history(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
 # --- a worker killed mid-pretraining ------------------------------------------------------------
 
 
-class _PretrainRuns:
-    """Tokenize once, then pretrain twice with one seed: uninterrupted, and with a worker killed."""
-
-    def __init__(self, storage: Path, tracking_uri: str):
-        self.storage = storage
-        self.tracking_uri = tracking_uri
-        self.client = MlflowClient(tracking_uri)
-        self.experiment_id = ensure_experiment(self.client, "faults-worker-kill", None)
-        data = DataConfig.model_validate(tiny_config_dict(storage)["data"])
-        self.tokenized = tokenize.run(TokenizeConfig(vocab_size=200, seq_len=32), data, self.context("tokenize"))
-        self.config = PretrainConfig(
-            model=ModelConfig(preset="tiny"),
-            max_steps=100,
-            warmup_steps=5,
-            learning_rate=2e-3,
-            batch_size_per_worker=8,
-            log_every=1,
-            checkpoint_every=CHECKPOINT_EVERY,
-            workers=WorkersConfig(num_workers=2, max_failures=2),
-        )
-
-    def context(self, name: str) -> StageContext:
-        run_id = start_run(self.client, self.experiment_id, name, tags={"ptft.stage": name, "ptft.run_id": name})
-        output = self.storage / "artifacts" / name
-        output.mkdir(parents=True)
-        return StageContext(
-            pipeline_run_id=name,
-            stage="pretrain",
-            output_dir=output,
-            storage=self.storage,
-            tracking_uri=self.tracking_uri,
-            experiment_id=self.experiment_id,
-            mlflow_run_id=run_id,
-            seed=7,
-        )
-
-    def run_id_of(self, name: str) -> str | None:
-        found = self.client.search_runs([self.experiment_id], f"tags.`ptft.run_id` = '{name}'")
-        return found[0].info.run_id if found else None
-
-    def pretrain(self, name: str):
-        ctx = self.context(name)
-        return ctx, pretrain.run(self.config, self.tokenized.output_uri, ctx)
-
-
 def _alive_train_workers(address: str) -> list:
     """This process's live Ray Train workers (other test processes train on the same cluster)."""
     import ray
@@ -119,7 +71,7 @@ def _alive_train_workers(address: str) -> list:
 
 @pytest.fixture(scope="module")
 def worker_kill(ray_driver: str, mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    runs = _PretrainRuns(tmp_path_factory.mktemp("worker-kill"), mlflow_server)
+    runs = PretrainRuns(tmp_path_factory.mktemp("worker-kill"), mlflow_server, "faults-worker-kill")
     _, baseline = runs.pretrain("uninterrupted")
 
     outcome: dict = {}

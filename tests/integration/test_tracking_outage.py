@@ -1,10 +1,12 @@
-"""The metrics tracker through real outages while a training loop logs: the `mlflow server` process
-killed and started again, and (separately) the PostgreSQL server behind it stopped and started."""
+"""Real outages of the tracking store while training logs: the `mlflow server` process killed and
+started again, and (separately) the PostgreSQL server behind it stopped and started, under the
+tracker alone; then the server killed for 60 s in the middle of a pre-training stage under Ray Train."""
 
 from __future__ import annotations
 
 import shutil
 import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +16,8 @@ from mlflow.tracking import MlflowClient
 
 from components import tracking
 from components.training import free_port
+from tests.conftest import wait_until
+from tests.integration.pretrain_runs import PretrainRuns
 from tests.services import start_mlflow, start_postgres, start_postgres_again, stop_service
 
 pytestmark = pytest.mark.integration
@@ -92,3 +96,46 @@ def _train_through_an_outage(uri: str, outage_starts: Callable[[], None], outage
     assert tracker.pending() == 0 and tracker.down_since is None
     history = client.get_metric_history(run_id, "train/loss")
     assert sorted(metric.step for metric in history) == list(range(1, 101))  # each step once
+
+
+def test_a_pretraining_stage_under_ray_train_runs_through_a_tracking_server_outage(
+    ray_driver: str, tmp_path: Path
+) -> None:
+    """The whole stage, as the pipeline runs it: its workers log every step (with MLflow's own
+    HTTP retries, as configured by default there) and flush before each checkpoint while the
+    server is SIGKILLed for 60 s from step 5; it is started again on the same port and store."""
+    port, store = free_port(), f"sqlite:///{tmp_path / 'mlflow.db'}"
+    server = start_mlflow(tmp_path / "server", store, port)
+    try:
+        runs = PretrainRuns(tmp_path / "storage", server["uri"], "outage-stage")
+        outcome: dict = {}
+
+        def run_the_stage() -> None:
+            outcome["ctx"], outcome["result"] = runs.pretrain("outage")
+
+        stage = threading.Thread(target=run_the_stage)
+        stage.start()
+        run_id = wait_until(lambda: runs.run_id_of("outage"), "the stage's MLflow run")
+        wait_until(lambda: len(runs.client.get_metric_history(run_id, "train/step")) >= 5, "five steps in MLflow")
+        stop_service(server, signal.SIGKILL)
+        down_at = time.time()
+        time.sleep(OUTAGE_S)
+        server.update(start_mlflow(tmp_path / "server", store, port))
+        up_at = time.time()
+        stage.join(timeout=900)
+        assert not stage.is_alive() and "result" in outcome, "the stage did not finish"
+        finished_at = time.time()
+        assert outcome["result"].metrics["train/step"] == runs.config.max_steps
+        steps = runs.client.get_metric_history(run_id, "train/step")
+        assert sorted(metric.step for metric in steps) == list(range(1, runs.config.max_steps + 1))  # each once
+        losses = runs.client.get_metric_history(run_id, "train/loss")
+        assert sorted(metric.step for metric in losses) == list(range(1, runs.config.max_steps + 1))
+    finally:
+        stop_service(server)
+    # Training went on while the server was down: steps were logged (timestamped) in the outage.
+    during = [metric.step for metric in steps if down_at * 1000 < metric.timestamp < up_at * 1000]
+    assert during, "no step was taken while the server was down"
+    print(
+        f"\nstage through a {OUTAGE_S} s outage: steps {min(during)}-{max(during)} taken while the server was down; "
+        f"the stage ended {finished_at - up_at:.0f} s after it was back"
+    )
