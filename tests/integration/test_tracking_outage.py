@@ -1,14 +1,16 @@
 """Real outages of the tracking store while training logs: the `mlflow server` process killed and
 started again, and (separately) the PostgreSQL server behind it stopped and started, under the
-tracker alone; then the server killed for 60 s in the middle of a pre-training stage under Ray Train."""
+tracker alone and in the middle of a pre-training stage under Ray Train."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -31,43 +33,55 @@ def _tracker_retries_only(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the tracker's retries, not MLflow's, are tested
 
 
-def test_a_tracking_server_outage_neither_stops_training_nor_loses_or_repeats_a_step(tmp_path: Path) -> None:
-    """A real `mlflow server` (sqlite store) is SIGKILLed after the first flush and started again on
-    the same port and store 60 s later."""
-    port, store = free_port(), f"sqlite:///{tmp_path / 'mlflow.db'}"
-    server = start_mlflow(tmp_path / "server", store, port)
+@dataclass
+class _Store:
+    """A tracking server of the test's own and how to take it down and bring it back."""
 
-    def down() -> None:
-        stop_service(server, signal.SIGKILL)
-
-    def up() -> None:
-        server.update(start_mlflow(tmp_path / "server", store, port))
-
-    try:
-        _train_through_an_outage(server["uri"], down, up)
-    finally:
-        stop_service(server)
+    uri: str
+    down: Callable[[], None]
+    up: Callable[[], None]
 
 
-def test_a_database_outage_behind_the_tracking_server_neither_stops_training_nor_loses_a_step(tmp_path: Path) -> None:
-    """The server stays up while its own PostgreSQL (not the suite's shared one) is stopped for 60 s
-    and started again on the same data dir: the server answers 500s meanwhile."""
+@contextlib.contextmanager
+def _store_that_fails(what: str, tmp_path: Path) -> Iterator[_Store]:
+    """`server`: a real `mlflow server` (sqlite store) SIGKILLed, then started again on the same port
+    and store. `database`: the server stays up while its own PostgreSQL (not the suite's shared one)
+    is stopped and started again on the same data dir; the server answers 500s meanwhile."""
+    if what == "server":
+        port, store = free_port(), f"sqlite:///{tmp_path / 'mlflow.db'}"
+        server = start_mlflow(tmp_path / "server", store, port)
+        try:
+            yield _Store(
+                server["uri"],
+                down=lambda: stop_service(server, signal.SIGKILL),
+                up=lambda: server.update(start_mlflow(tmp_path / "server", store, port)),
+            )
+        finally:
+            stop_service(server)
+        return
     database = start_postgres(tmp_path)
     server = start_mlflow(tmp_path / "server", database["url"])
-
-    def down() -> None:
-        stop_service(database, signal.SIGINT)  # PostgreSQL's fast shutdown
-
-    def up() -> None:
-        database.update(start_postgres_again(database))
-
     try:
-        _train_through_an_outage(server["uri"], down, up)
+        yield _Store(
+            server["uri"],
+            down=lambda: stop_service(database, signal.SIGINT),  # PostgreSQL's fast shutdown
+            up=lambda: database.update(start_postgres_again(database)),
+        )
     finally:
         stop_service(server)
         stop_service(database, signal.SIGINT)
         for folder in database["folders"]:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_tracking_server_outage_neither_stops_training_nor_loses_or_repeats_a_step(tmp_path: Path) -> None:
+    with _store_that_fails("server", tmp_path) as store:
+        _train_through_an_outage(store.uri, store.down, store.up)
+
+
+def test_a_database_outage_behind_the_tracking_server_neither_stops_training_nor_loses_a_step(tmp_path: Path) -> None:
+    with _store_that_fails("database", tmp_path) as store:
+        _train_through_an_outage(store.uri, store.down, store.up)
 
 
 def _train_through_an_outage(uri: str, outage_starts: Callable[[], None], outage_ends: Callable[[], None]) -> None:
@@ -98,16 +112,13 @@ def _train_through_an_outage(uri: str, outage_starts: Callable[[], None], outage
     assert sorted(metric.step for metric in history) == list(range(1, 101))  # each step once
 
 
-def test_a_pretraining_stage_under_ray_train_runs_through_a_tracking_server_outage(
-    ray_driver: str, tmp_path: Path
-) -> None:
+@pytest.mark.parametrize("what", ["server", "database"])
+def test_a_pretraining_stage_under_ray_train_runs_through_an_outage(ray_driver: str, tmp_path: Path, what: str) -> None:
     """The whole stage, as the pipeline runs it: its workers log every step (with MLflow's own
     HTTP retries, as configured by default there) and flush before each checkpoint while the
-    server is SIGKILLed for 60 s from step 5; it is started again on the same port and store."""
-    port, store = free_port(), f"sqlite:///{tmp_path / 'mlflow.db'}"
-    server = start_mlflow(tmp_path / "server", store, port)
-    try:
-        runs = PretrainRuns(tmp_path / "storage", server["uri"], "outage-stage")
+    server or its database is down for 60 s from step 5."""
+    with _store_that_fails(what, tmp_path) as store:
+        runs = PretrainRuns(tmp_path / "storage", store.uri, "outage-stage")
         outcome: dict = {}
 
         def run_the_stage() -> None:
@@ -117,10 +128,10 @@ def test_a_pretraining_stage_under_ray_train_runs_through_a_tracking_server_outa
         stage.start()
         run_id = wait_until(lambda: runs.run_id_of("outage"), "the stage's MLflow run")
         wait_until(lambda: len(runs.client.get_metric_history(run_id, "train/step")) >= 5, "five steps in MLflow")
-        stop_service(server, signal.SIGKILL)
+        store.down()
         down_at = time.time()
         time.sleep(OUTAGE_S)
-        server.update(start_mlflow(tmp_path / "server", store, port))
+        store.up()
         up_at = time.time()
         stage.join(timeout=900)
         assert not stage.is_alive() and "result" in outcome, "the stage did not finish"
@@ -130,12 +141,10 @@ def test_a_pretraining_stage_under_ray_train_runs_through_a_tracking_server_outa
         assert sorted(metric.step for metric in steps) == list(range(1, runs.config.max_steps + 1))  # each once
         losses = runs.client.get_metric_history(run_id, "train/loss")
         assert sorted(metric.step for metric in losses) == list(range(1, runs.config.max_steps + 1))
-    finally:
-        stop_service(server)
-    # Training went on while the server was down: steps were logged (timestamped) in the outage.
+    # Training went on while the store was down: steps were logged (timestamped) in the outage.
     during = [metric.step for metric in steps if down_at * 1000 < metric.timestamp < up_at * 1000]
-    assert during, "no step was taken while the server was down"
+    assert during, "no step was taken while the store was down"
     print(
-        f"\nstage through a {OUTAGE_S} s outage: steps {min(during)}-{max(during)} taken while the server was down; "
+        f"\nstage through a {OUTAGE_S} s {what} outage: steps {min(during)}-{max(during)} taken while it was down; "
         f"the stage ended {finished_at - up_at:.0f} s after it was back"
     )
