@@ -38,6 +38,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,6 +58,7 @@ TARGET_DS_RATIO = 0.97
 MICRO_BATCH_CANDIDATES = (256, 192, 128, 96, 64, 48, 32, 24, 16, 8, 4, 2, 1)
 MEMORY_MARGIN = 0.90  # a micro-batch fits when its peak reserved memory stays under this share
 MASK_TOKEN_ID = 103  # BERT's [MASK] in bert-base-uncased; any id works for random data
+TARGETS_ONLY = "_targets_only"  # the suffix of the runs whose MLM head scores only the targets
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,36 @@ def build_model(s: Settings) -> torch.nn.Module:
     return model.to(device=s.device, dtype=torch.float32).train()  # fp32 master weights
 
 
+class ScoreTargetsOnly(torch.nn.Module):
+    """BertForMaskedLM that scores only the target positions: the encoder runs over every token,
+    the MLM head (transform and vocabulary projection) over the ~15% that carry a label, as
+    NVIDIA's BERT recipe does. The loss equals the full head's (mean cross-entropy over targets)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> SimpleNamespace:
+        hidden = self.model.bert(input_ids=input_ids).last_hidden_state
+        targets = labels != -100
+        scores = self.model.cls(hidden[targets])  # (targets, vocab) instead of (tokens, vocab)
+        return SimpleNamespace(loss=torch.nn.functional.cross_entropy(scores.float(), labels[targets]))
+
+
+def head_flops_saved_per_token(s: Settings, target_share: float) -> float:
+    """Training FLOPs per token that scoring only the targets leaves out: the head's transform
+    (hidden x hidden) and vocabulary projection (vocab x hidden, counted once in 6N through the tied
+    embedding) on the (1 - target_share) of positions without a label."""
+    return 6.0 * (s.hidden * s.hidden + s.vocab * s.hidden) * (1.0 - target_share)
+
+
+def target_share(s: Settings) -> float:
+    """The share of positions with a label in the benchmark's batches."""
+    labels = torch.cat([labels.flatten() for _, labels in make_batches(s, 8)])
+    return float((labels != -100).float().mean())
+
+
 def make_batches(s: Settings, micro_batch: int, count: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """`count` random MLM batches on the device: ~15% of positions are targets (replaced by
     [MASK] in the input), the rest have label -100."""
@@ -188,10 +220,12 @@ class TorchLoop:
 
     name = "plain_torch"
 
-    def __init__(self, s: Settings, compiled: bool = False):
+    def __init__(self, s: Settings, compiled: bool = False, targets_only: bool = False):
         self.s = s
         self.model = build_model(s)
         self.optimizer = make_optimizer(self.model, s)
+        if targets_only:
+            self.model = ScoreTargetsOnly(self.model)
         if compiled:  # the same module, traced by torch.compile (Inductor) on its first steps
             self.model = torch.compile(self.model)
         self.autocast = s.precision == "bf16"
@@ -264,13 +298,15 @@ class DeepSpeedLoop:
 
     name = "deepspeed"
 
-    def __init__(self, s: Settings, micro_batch: int):
+    def __init__(self, s: Settings, micro_batch: int, targets_only: bool = False):
         ensure_deepspeed_group(s)
         import deepspeed
 
         self.s = s
         model = build_model(s)
         optimizer = make_optimizer(model, s)
+        if targets_only:
+            model = ScoreTargetsOnly(model)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(s, micro_batch)
         )
@@ -332,10 +368,11 @@ def timed_run(loop, s: Settings, micro_batch: int, per_token: float, device_name
 
 
 def run_phase(kind: str, s: Settings, micro_batch: int, per_token: float, device_name: str) -> dict[str, Any]:
+    targets_only = kind.endswith(TARGETS_ONLY)
     if kind.startswith("plain_torch"):
-        loop = TorchLoop(s, compiled=kind == "plain_torch_compiled")
+        loop = TorchLoop(s, compiled=kind == "plain_torch_compiled", targets_only=targets_only)
     else:
-        loop = DeepSpeedLoop(s, micro_batch)
+        loop = DeepSpeedLoop(s, micro_batch, targets_only=targets_only)
     try:
         return timed_run(loop, s, micro_batch, per_token, device_name)
     finally:
@@ -486,17 +523,17 @@ def summary(report: dict[str, Any]) -> str:
         "",
         f"== summary: {report['model']['name']} seq {report['model']['seq_len']}, {report['precision']}, "
         f"{report['device']['name']}",
-        f"{'run':<12} {'micro-batch':>11} {'step (ms)':>10} {'tokens/s':>12} {'TFLOP/s':>9} {'MFU':>7} "
+        f"{'run':<28} {'micro-batch':>11} {'step (ms)':>10} {'tokens/s':>12} {'TFLOP/s':>9} {'MFU':>7} "
         f"{'MFU >= 40%':>10}",
     ]
     for name, result in report["runs"].items():
         if "skipped" in result:
-            lines.append(f"{name:<12} skipped: {result['skipped']}")
+            lines.append(f"{name:<28} skipped: {result['skipped']}")
             continue
         utilisation = "n/a" if result["mfu"] is None else f"{100 * result['mfu']:.1f}%"
         ok = None if result["mfu"] is None else result["mfu"] >= TARGET_MFU
         lines.append(
-            f"{name:<12} {result['micro_batch']:>11} {1000 * result['step_time_s']:>10.2f} "
+            f"{name:<28} {result['micro_batch']:>11} {1000 * result['step_time_s']:>10.2f} "
             f"{result['tokens_per_s']:>12.1f} {result['achieved_tflops']:>9.3f} {utilisation:>7} "
             f"{verdict(ok):>10}"
         )
@@ -507,10 +544,13 @@ def summary(report: dict[str, Any]) -> str:
     else:
         ok = None if report["dry_run"] else ratio >= TARGET_DS_RATIO  # a tiny model on CPU says nothing
         lines.append(f"DeepSpeed / plain torch tokens/s: {ratio:.3f}  (target >= {TARGET_DS_RATIO}: {verdict(ok)})")
+    for kind, ratio in report["targets_only_vs_full_head"].items():
+        lines.append(f"{kind}: MLM head on the targets only / on every position, tokens/s: {ratio:.3f}")
     lines.append(
         f"FLOPs per token: {report['flops_per_token']:.6e} (6N + 12·L·d·T, N = "
         f"{report['model']['non_embedding_params']:,} without position embeddings); "
-        f"peak {peak_text}"
+        f"peak {peak_text}; {report['flops_per_token_targets_only']:.6e} with the head on the "
+        f"{100 * report['target_share']:.1f}% target positions only"
     )
     return "\n".join(lines)
 
@@ -561,6 +601,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--compile", action="store_true", help="also time plain torch with torch.compile (after the others)"
     )
+    parser.add_argument(
+        "--targets-only",
+        action="store_true",
+        help="only the runs whose MLM head scores the target positions (they fit larger micro-batches)",
+    )
     args = parser.parse_args(argv)
     began = time.perf_counter()
 
@@ -610,21 +655,37 @@ def main(argv: list[str] | None = None) -> int:
         return None
 
     runs: dict[str, dict[str, Any]] = {}
-    print("== plain torch", flush=True)
-    runs["plain_torch"] = out_of_time("plain torch") or run_phase(
-        "plain_torch", s, micro_batch, per_token, device["name"]
-    )
-    print(describe("plain_torch", runs["plain_torch"]), flush=True)
+    if args.targets_only:
+        not_asked = {"skipped": "--targets-only"}
+        runs.update(plain_torch=not_asked, deepspeed=not_asked, ray_train=not_asked)
+    else:
+        print("== plain torch", flush=True)
+        runs["plain_torch"] = out_of_time("plain torch") or run_phase(
+            "plain_torch", s, micro_batch, per_token, device["name"]
+        )
+        print(describe("plain_torch", runs["plain_torch"]), flush=True)
 
-    print("== DeepSpeed ZeRO-1", flush=True)
-    runs["deepspeed"] = out_of_time("DeepSpeed") or run_deepspeed(s, micro_batch, per_token, device["name"], runs)
-    print(describe("deepspeed", runs["deepspeed"]), flush=True)
+        print("== DeepSpeed ZeRO-1", flush=True)
+        runs["deepspeed"] = out_of_time("DeepSpeed") or run_deepspeed(s, micro_batch, per_token, device["name"], runs)
+        print(describe("deepspeed", runs["deepspeed"]), flush=True)
 
-    print("== Ray Train (DeepSpeed loop in a one-worker TorchTrainer)", flush=True)
-    runs["ray_train"] = out_of_time("Ray Train") or ray_phase(
-        s, runs["deepspeed"].get("micro_batch", micro_batch), per_token, device["name"], ray_mode
-    )
-    print(describe("ray_train", runs["ray_train"]), flush=True)
+        print("== Ray Train (DeepSpeed loop in a one-worker TorchTrainer)", flush=True)
+        runs["ray_train"] = out_of_time("Ray Train") or ray_phase(
+            s, runs["deepspeed"].get("micro_batch", micro_batch), per_token, device["name"], ray_mode
+        )
+        print(describe("ray_train", runs["ray_train"]), flush=True)
+
+    # The same two loops with the MLM head on the target positions only; their FLOPs per token
+    # leave out what that head no longer computes, so their MFU counts only work done.
+    share = target_share(s)
+    per_token_targets = per_token - head_flops_saved_per_token(s, share)
+    for kind in ("plain_torch", "deepspeed"):
+        name = kind + TARGETS_ONLY
+        print(f"== {kind}, MLM head on the targets only ({100 * share:.1f}% of positions)", flush=True)
+        runs[name] = out_of_time(name) or run_phase(
+            name, s, runs[kind].get("micro_batch", micro_batch), per_token_targets, device["name"]
+        )
+        print(describe(name, runs[name]), flush=True)
 
     if args.compile:
         print("== plain torch, torch.compile", flush=True)
@@ -653,11 +714,18 @@ def main(argv: list[str] | None = None) -> int:
             "attention": "sdpa",
         },
         "flops_per_token": per_token,
+        "target_share": share,
+        "flops_per_token_targets_only": per_token_targets,
         "peak_flops": peak,
         "micro_batch": micro_batch,
         "micro_batch_search": search,
         "runs": runs,
         "deepspeed_vs_torch": ds_tps / torch_tps if torch_tps and ds_tps else None,
+        "targets_only_vs_full_head": {
+            kind: runs[kind + TARGETS_ONLY]["tokens_per_s"] / runs[kind]["tokens_per_s"]
+            for kind in ("plain_torch", "deepspeed")
+            if runs[kind].get("tokens_per_s") and runs[kind + TARGETS_ONLY].get("tokens_per_s")
+        },
         "targets": {"mfu": TARGET_MFU, "deepspeed_vs_torch": TARGET_DS_RATIO},
         "wall_s": time.perf_counter() - began,
     }

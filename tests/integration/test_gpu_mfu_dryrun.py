@@ -94,3 +94,22 @@ def test_achieved_flops_is_tokens_per_s_times_flops_per_token(dry_run):
         line = printed(process.stdout, run)
         assert line["tokens_per_s"] == pytest.approx(result["tokens_per_s"], abs=0.051)
         assert line["achieved_flops"] == pytest.approx(result["tokens_per_s"] * per_token, rel=1e-4)
+
+
+def test_scoring_only_the_targets_gives_the_same_loss_and_counts_fewer_flops(dry_run):
+    """The MLM head on the target positions only: the same loss as on every position (same
+    weights, batches and dropout draws), and MFU counts only the FLOPs it still does."""
+    process, report = dry_run
+    share = report["target_share"]
+    assert 0.15 <= share < 0.2  # ~15% masked, plus the first position of each row
+    assert report["flops_per_token_targets_only"] < report["flops_per_token"]
+    for kind in ("plain_torch", "deepspeed"):
+        full, targets_only = report["runs"][kind], report["runs"][f"{kind}_targets_only"]
+        assert targets_only["final_loss"] == pytest.approx(full["final_loss"], rel=1e-5)
+        assert targets_only["achieved_flops"] == pytest.approx(
+            targets_only["tokens_per_s"] * report["flops_per_token_targets_only"]
+        )
+        assert report["targets_only_vs_full_head"][kind] == pytest.approx(
+            targets_only["tokens_per_s"] / full["tokens_per_s"]
+        )
+        assert printed(process.stdout, f"{kind}_targets_only")["tokens_per_s"] > 0
