@@ -220,6 +220,8 @@ def _setup_data(cfg: _WorkerConfig) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _setup_engine(stage: PretrainConfig, tokenizer: PreTrainedTokenizerFast, seed: int):
     model = models.build_lm(stage.model, vocab_size=len(tokenizer), special_ids=special_ids(tokenizer), seed=seed)
+    if models.objective_for(stage.model) == "mlm":
+        models.score_targets_only(model)  # the head over the ~15% targets, not every position
     return training.build_engine(
         model,
         ds=stage.deepspeed,

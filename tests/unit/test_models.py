@@ -211,3 +211,48 @@ def test_early_stopping_waits_patience_epochs_and_survives_a_restore() -> None:
     restored = EarlyStopping(patience=2, min_delta=0.01, state={"epoch": 3, **stopper.state()})
     assert restored.update(0.9) is True and restored.best_epoch == 2
     assert not any(EarlyStopping(None, 0.0, {"epoch": 0}).update(1.0 + i) for i in range(5))
+
+
+def _tiny_masked_lm(model_type: str) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForMaskedLM
+
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=120,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=80,
+        pad_token_id=1,
+    )
+    torch.manual_seed(0)
+    return AutoModelForMaskedLM.from_config(config).train()
+
+
+@pytest.mark.parametrize("model_type", sorted(models.MLM_HEADS))
+def test_scoring_only_the_targets_gives_the_full_heads_loss_and_gradients(model_type: str) -> None:
+    full, targets_only = _tiny_masked_lm(model_type), _tiny_masked_lm(model_type)
+    assert models.score_targets_only(targets_only)
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(5, 120, (4, 24), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, 18:] = 0  # a padded row
+    labels = torch.where(torch.rand(input_ids.shape, generator=generator) < 0.15, input_ids, -100)
+    labels[:, 3] = input_ids[:, 3]
+    losses = []
+    for model in (full, targets_only):
+        torch.manual_seed(7)  # the same dropout draws: the encoder runs the same either way
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    for (name, expected), (_, got) in zip(full.named_parameters(), targets_only.named_parameters(), strict=True):
+        assert torch.allclose(got.grad, expected.grad, atol=1e-6), name
+    # Without labels (inference, the smoke test) it is the model's own forward: logits for every position.
+    targets_only.eval()
+    assert targets_only(input_ids=input_ids).logits.shape == (4, 24, 120)
+
+
+def test_a_head_it_does_not_know_keeps_scoring_every_position() -> None:
+    assert not models.score_targets_only(_tiny_masked_lm("distilbert"))
