@@ -63,15 +63,17 @@ pytest_plugins = ["tests.services"]
 # `make test` spreads the tests over pytest-xdist workers. A group of tests stays in one worker: a
 # module (its module-scoped fixtures run once), or the whole e2e package (one demo run). Worker i
 # starts with groups i and i+3 of this order, and takes the rest as it frees up; the pairs balance
-# each worker's load (seconds per group in a 3-worker make test on 2 cores: e2e 900, sweeps 900,
-# faults 630, serving 450, cluster_submit 550, training_matrix 380, all others 530 together;
-# e2e now also runs the two-task demo on top of the demo's pre-training).
+# each worker's load (seconds per group in a 3-worker `.ci/run` on 2 cores, 2026-11-30: e2e 1098,
+# cluster_submit 723, sweeps 687, resume_isolation 198, serving 404, faults 406, tracking_outage
+# 395, training_matrix 239, all others 420 together).
 LONGEST_FIRST = (
     "tests/e2e",
-    "tests/integration/test_sweeps.py",
-    "tests/integration/test_faults.py",
-    "tests/integration/test_serving.py",
     "tests/integration/test_cluster_submit.py",
+    "tests/integration/test_sweeps.py",
+    "tests/integration/test_resume_isolation.py",
+    "tests/integration/test_serving.py",
+    "tests/integration/test_faults.py",
+    "tests/integration/test_tracking_outage.py",
     "tests/integration/test_training_matrix.py",
 )
 
