@@ -38,7 +38,6 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,6 +51,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from components.flops import flops_per_token, mfu, model_shape, peak_flops  # noqa: E402
+from components.models import score_targets_only  # noqa: E402
 
 TARGET_MFU = 0.40
 TARGET_DS_RATIO = 0.97
@@ -132,23 +132,6 @@ def build_model(s: Settings) -> torch.nn.Module:
     return model.to(device=s.device, dtype=torch.float32).train()  # fp32 master weights
 
 
-class ScoreTargetsOnly(torch.nn.Module):
-    """BertForMaskedLM that scores only the target positions: the encoder runs over every token,
-    the MLM head (transform and vocabulary projection) over the ~15% that carry a label, as
-    NVIDIA's BERT recipe does. The loss equals the full head's (mean cross-entropy over targets)."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-        self.config = model.config
-
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> SimpleNamespace:
-        hidden = self.model.bert(input_ids=input_ids).last_hidden_state
-        targets = labels != -100
-        scores = self.model.cls(hidden[targets])  # (targets, vocab) instead of (tokens, vocab)
-        return SimpleNamespace(loss=torch.nn.functional.cross_entropy(scores.float(), labels[targets]))
-
-
 def head_flops_saved_per_token(s: Settings, target_share: float) -> float:
     """Training FLOPs per token that scoring only the targets leaves out: the head's transform
     (hidden x hidden) and vocabulary projection (vocab x hidden, counted once in 6N through the tied
@@ -225,7 +208,7 @@ class TorchLoop:
         self.model = build_model(s)
         self.optimizer = make_optimizer(self.model, s)
         if targets_only:
-            self.model = ScoreTargetsOnly(self.model)
+            score_targets_only(self.model)  # the pretrain stage's own: the MLM head on the targets only
         if compiled:  # the same module, traced by torch.compile (Inductor) on its first steps
             self.model = torch.compile(self.model)
         self.autocast = s.precision == "bf16"
@@ -306,7 +289,7 @@ class DeepSpeedLoop:
         model = build_model(s)
         optimizer = make_optimizer(model, s)
         if targets_only:
-            model = ScoreTargetsOnly(model)
+            score_targets_only(model)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(s, micro_batch)
         )
