@@ -309,6 +309,11 @@ class WorkersConfig(BaseModel):
         3, ge=-1, description="worker-group restarts from the last checkpoint after a failure; -1 unlimited"
     )
 
+    def resources(self) -> dict[str, float]:
+        """What the worker group holds of the cluster."""
+        gpus = {"GPU": float(self.num_workers)} if self.use_gpu else {}
+        return {"CPU": float(self.num_workers * self.cpus_per_worker), **gpus}
+
 
 # --- pretrain ----------------------------------------------------------------------------------
 
@@ -497,6 +502,12 @@ class TuneConfig(BaseModel):
         gridded = self.search == "grid" or any(dist.type == "grid" for dist in self.search_space.values())
         return 1 if gridded else 4
 
+    def resources(self) -> dict[str, float]:
+        """What the sweep holds of the cluster with its trials all running."""
+        trials = min(self.max_concurrent_trials, self.samples())
+        per_worker = {"CPU": self.cpus_per_trial, "GPU": self.gpus_per_trial}
+        return {name: trials * self.workers_per_trial * amount for name, amount in per_worker.items() if amount}
+
 
 # --- serve -------------------------------------------------------------------------------------
 
@@ -558,3 +569,8 @@ class ServeConfig(BaseModel):
         description="sent to the deployment once it is up, as a smoke test; for question answering "
         "{question, context} objects (default: the task type's own example)",
     )
+
+    def resources(self) -> dict[str, float]:
+        """What the deployment holds of the cluster at most: every replica, new ones rolling out too."""
+        replicas = self.autoscaling.max_replicas if self.autoscaling else self.num_replicas
+        return {"CPU": replicas * self.cpus_per_replica * (1 + self.rollout_surge_percent / 100)}

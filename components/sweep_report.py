@@ -59,8 +59,17 @@ class TrialTable(ray.tune.Callback):
     """Prints the trials' status on the terminal as results arrive, at most every `every_s`
     seconds (the tune stage prints the final table itself)."""
 
-    def __init__(self, params: list[str], metric: str, mode: str, every_s: float, stream: TextIO | None = None):
+    def __init__(
+        self,
+        params: list[str],
+        metric: str,
+        mode: str,
+        every_s: float,
+        stream: TextIO | None = None,
+        name: str = "sweep",
+    ):
         self.params, self.metric, self.mode, self.every_s = params, metric, mode, every_s
+        self.name = name  # the sweep's node (`tune.topic`): sweeps side by side get a table each
         # Tune pickles its callbacks with the experiment: keep no handle to sys.stdout (a test's
         # capture of it does not pickle); look it up when printing.
         self._stream = stream
@@ -114,7 +123,7 @@ class TrialTable(ray.tune.Callback):
         best = best_row(rows, self.mode)
         table = format_table(rows, self.params, self.metric, best=best["trial"] if best else None)
         elapsed = time.monotonic() - self._started
-        console.show("trials", Text(f"sweep, {elapsed:.0f} s:\n{table}", no_wrap=True, overflow="ellipsis"))
+        console.show(self.name, Text(f"{self.name}, {elapsed:.0f} s:\n{table}", no_wrap=True, overflow="ellipsis"))
 
 
 # Tune's trial states, as the live metrics count them.

@@ -193,7 +193,7 @@ def run(
         gpus_per_worker=cfg.gpus_per_trial,
         train_storage=str(Path(ctx.ray_storage()) / f"{ctx.ray_run_name()}-trials"),
     )
-    trainable = _trainable(cfg, setup)
+    trainable = _trainable(cfg, setup, ctx.cache_key)
     experiment = Path(ctx.ray_storage()) / ctx.ray_run_name()
     if ray.tune.Tuner.can_restore(experiment) and _restorable(experiment):
         # The same pipeline run was interrupted mid-sweep: finished trials stay finished, the rest
@@ -249,14 +249,18 @@ def _restorable(experiment: Path) -> bool:
     return False
 
 
-def _trainable(cfg: TuneConfig, setup: TrialSetup):
+def _trainable(cfg: TuneConfig, setup: TrialSetup, key: str):
     if cfg.workers_per_trial > 1:
         # The trial function only drives a TorchTrainer; its workers ask for their own resources.
         # (Tune refuses an empty request, hence a sliver of a CPU.)
         function, resources = run_distributed_trial, {"cpu": 0.01}
     else:
         function, resources = run_trial, {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial}
-    return ray.tune.with_resources(ray.tune.with_parameters(function, setup=setup.model_dump()), resources)
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(function, setup=setup.model_dump()), resources)
+    # Tune registers a trainable cluster-wide under its name: two tasks' sweeps running side by side
+    # must not share one, or one sweep's trials would train on the other's data.
+    trainable.__name__ = f"{function.__name__}-{key[:12]}" if key else function.__name__
+    return trainable
 
 
 def _new_tuner(cfg: TuneConfig, trainable, ctx: StageContext) -> ray.tune.Tuner:
@@ -292,7 +296,7 @@ def _new_tuner(cfg: TuneConfig, trainable, ctx: StageContext) -> ray.tune.Tuner:
             checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=None if pbt else 1),
             failure_config=ray.tune.FailureConfig(max_failures=cfg.trial_max_failures),
             callbacks=[
-                sweep_report.TrialTable(params, cfg.metric, cfg.mode, cfg.progress_every_s),
+                sweep_report.TrialTable(params, cfg.metric, cfg.mode, cfg.progress_every_s, name=ctx.stage),
                 sweep_report.TrialCounts(ctx.pipeline_run_id),
             ],
         ),
@@ -449,8 +453,8 @@ def _summarise(results: ray.tune.ResultGrid, cfg: TuneConfig, ctx: StageContext)
         f"{sum(row['status'] == status for row in rows)} {status}" for status in ("completed", "stopped_early", "error")
     )
     epochs = sum(row["epochs"] for row in rows)
-    console.show("trials", None)  # the live table gives way to the final one
-    console.say(f"\n== sweep finished: {len(rows)} trials ({counts}), {epochs} trial-epochs")
+    console.show(ctx.stage, None)  # the live table gives way to the final one
+    console.say(f"\n== sweep finished ({ctx.stage}): {len(rows)} trials ({counts}), {epochs} trial-epochs")
     console.say(sweep_report.format_table(rows, params, cfg.metric, best=best["trial"]))
     log.info("tune: best %s with %s=%.4f", best_config, cfg.metric, best["metric"])
     metrics = {f"best/{key}": value for key, value in best_metrics.items()}

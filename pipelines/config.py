@@ -65,6 +65,9 @@ class RayConfig(BaseModel):
     address: str | None = Field(None, description="existing cluster (e.g. ray://HEAD:10001 or auto); default local")
     num_cpus: int | None = Field(None, gt=0, description="CPUs of the local cluster; default all")
     dashboard_host: str = Field("127.0.0.1", description="bind address of a local Ray's dashboard; 0.0.0.0 exposes it")
+    parallel_stages: int = Field(
+        4, ge=1, description="stages of different task branches run at once when the cluster has room; 1: one at a time"
+    )
 
 
 TASK_SECTIONS = ("tune", "finetune", "serve")

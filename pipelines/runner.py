@@ -37,7 +37,7 @@ from components.tracking import (
     reopen_run,
     start_run,
 )
-from pipelines import lineage, progress, stages, stopping
+from pipelines import lineage, progress, scheduling, stages, stopping
 from pipelines import manifest as mf
 from pipelines.config import ConfigError, PipelineConfig, listens_beyond_loopback, resolved_dict
 from pipelines.driver_lock import DriverLock
@@ -286,8 +286,8 @@ def _without(config: dict, dotted: tuple[str, ...]) -> dict:
 
 
 class _StageRunner:
-    """Runs the graph's nodes one at a time: each node's key, the cache, its MLflow child run, the
-    manifest, publishing. A failed node stops its own branch only."""
+    """Runs the graph's nodes: each node's key, the cache, its MLflow child run, the manifest,
+    publishing. A failed node stops its own branch only; branches may run side by side."""
 
     def __init__(
         self,
@@ -308,27 +308,32 @@ class _StageRunner:
         self.forced = forced
         self.keys: dict[str, str] = {}
         self.mlflow_run_ids: dict[str, str] = {}
+        self.free_resources = _free_resources
 
     def run_all(self, nodes: list[stages.Node], on_stage: Callable[[str, StageResult], None] | None) -> list[Exception]:
-        """Every node whose upstream succeeded; returns the failures (a stop is raised at once)."""
-        failures: list[Exception] = []
-        failed: set[str] = set()
-        for node in nodes:
-            blocked = failed.intersection(node.upstream)
-            if blocked:
-                failed.add(node.id)
-                self.manifest.stage_ended(node.id, mf.SKIPPED, error=f"upstream {', '.join(sorted(blocked))} failed")
-                continue
-            try:
-                stage_result = self.run(node)
-            except Exception as error:  # noqa: BLE001 - recorded by run(); the other branches go on
-                failures.append(error)
-                failed.add(node.id)
-                log.error("stage %s failed: %s", node.id, _describe(error))
-                continue
+        """Every node whose upstream succeeded, task branches side by side where the cluster has
+        room (`scheduling.run_graph`); returns the failures (a stop is raised at once)."""
+
+        def skipped(node: stages.Node, blocked: set[str]) -> None:
+            self.manifest.stage_ended(node.id, mf.SKIPPED, error=f"upstream {', '.join(sorted(blocked))} failed")
+
+        def failed(node: stages.Node, error: Exception) -> None:
+            log.error("stage %s failed: %s", node.id, _describe(error))
+
+        def done(node: stages.Node, stage_result: StageResult) -> None:
             if on_stage:
                 on_stage(node.id, stage_result)
-        return failures
+
+        return scheduling.run_graph(
+            nodes,
+            self.run,
+            {node.id: _slot(node, self.config) for node in nodes},
+            self.free_resources,
+            max_parallel=self.config.ray.parallel_stages,
+            on_done=done,
+            on_skipped=skipped,
+            on_failed=failed,
+        )
 
     def run(self, node: stages.Node) -> StageResult:
         stage, config = node.stage, node.config(self.config)
@@ -521,6 +526,18 @@ class _StageRunner:
         )
         self.mlflow_run_ids[node.id] = run_id
         return run_id
+
+
+def _free_resources() -> dict[str, float]:
+    """What the cluster has free now; nothing known without Ray (then nodes run one at a time)."""
+    return ray.available_resources() if ray.is_initialized() else {}
+
+
+def _slot(node: stages.Node, config: PipelineConfig) -> scheduling.Slot:
+    """What the node holds of the cluster while it runs, from its stage's declaration."""
+    stage = node.stage
+    claim = stage.claims(node.config(config)) if stage.claims else None
+    return scheduling.Slot(claim, serial=stage.name if stage.serial else None)
 
 
 def _stage_of(node: str) -> str:

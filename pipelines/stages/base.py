@@ -86,5 +86,10 @@ class Stage:
     progress: Literal["steps", "trials"] | None = None
     # Once per task in a config of several tasks (`tasks:`); it then sees `config.for_task(task)`.
     per_task: bool = False
+    # The Ray resources a node of it holds while it runs ({"CPU": 2.0}), so that task branches run
+    # side by side where the cluster has room; None: the whole cluster (it runs alone).
+    claims: Callable[[PipelineConfig], dict[str, float]] | None = None
+    # Its nodes run one at a time, beside other stages' (they share one place: a Serve instance).
+    serial: bool = False
     # Whether the config's graph has it at all (an upstream that is absent is left out of `upstream`).
     when: Callable[[PipelineConfig], bool] = lambda config: True

@@ -114,6 +114,7 @@ STAGE = Stage(
     not_in_key=("log_every", "workers.max_failures", "workers.placement_strategy"),
     reads=_reads,
     progress="steps",
+    claims=lambda config: config.finetune.workers.resources(),
     per_task=True,
     when=lambda config: config.has_tasks(),  # a config without tasks pre-trains only
     side_effect=SideEffect("register", ensure=_ensure_registered, after_run=_describe_version),

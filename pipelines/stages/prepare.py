@@ -43,6 +43,7 @@ STAGE = Stage(
     run=_run,
     key_extras=_fingerprints,
     reads=_reads,
+    claims=lambda config: {"CPU": 1.0},  # Ray Data tokenizes with what is free; one CPU at least
     per_task=True,
     when=lambda config: config.has_tasks(),
 )

@@ -83,6 +83,8 @@ STAGE = Stage(
     outputs=Endpoint,
     key_extras=_deployed_model,
     side_effect=SideEffect("deploy", ensure=_ensure_deployed),
+    claims=lambda config: config.serve.resources(),
+    serial=True,  # one Serve instance: its apps are deployed one at a time
     per_task=True,
     when=lambda config: config.has_tasks(),  # a config without tasks pre-trains only
 )

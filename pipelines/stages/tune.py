@@ -64,7 +64,7 @@ def _run(config: PipelineConfig, inputs: Inputs, ctx) -> StageResult:
 
 STAGE = Stage(
     name="tune",
-    version="7",
+    version="8",
     upstream=("tokenize", "pretrain", "prepare"),
     settings=_settings,
     run=_run,
@@ -72,6 +72,7 @@ STAGE = Stage(
     not_in_key=("tune.trial_max_failures", "tune.progress_every_s"),
     reads=_reads,
     progress="trials",
+    claims=lambda config: config.tune.resources(),
     per_task=True,
     when=lambda config: config.has_tasks(),  # a config without tasks pre-trains only
 )

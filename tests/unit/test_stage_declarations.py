@@ -4,6 +4,7 @@ no stage, and the registration side effect: keyed by registry and store, idempot
 from __future__ import annotations
 
 import ast
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -290,6 +291,58 @@ def test_a_failed_branch_stops_only_itself_and_a_resume_runs_only_it(tmp_path: P
     assert {record.status for record in manifest.stages.values()} == {mf.SUCCEEDED}
     made = Path(manifest.stages["publish.topic"].output_uri) / "made"
     assert made.read_text() == "publish.topic from ['shared', 'train']"
+
+
+def test_branches_whose_claims_fit_run_side_by_side_through_the_runner(tmp_path: Path) -> None:
+    """Two tasks' training nodes that claim a CPU each, on a cluster with two free: they overlap,
+    and the manifest and the MLflow runs of both are whole."""
+    import threading
+
+    from pipelines import manifest as mf
+    from pipelines import runner
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = validate({**_multitask(tmp_path / "storage"), "tracking": {"uri": uri}})
+    both_running = threading.Barrier(2, timeout=30)  # each waits for the other: only side by side passes
+
+    def work(config, inputs: stages.Inputs, ctx: StageContext) -> StageResult:
+        if ctx.stage.startswith("train."):
+            both_running.wait()
+        return StageResult(str(ctx.output_dir), metrics={"done": 1.0})
+
+    shared = stages.Stage("shared", "1", (), lambda config: {}, work)
+    train = stages.Stage("train", "1", ("shared",), lambda config: {"epochs": config.finetune.epochs}, work)
+    train = dataclasses.replace(train, claims=lambda config: {"CPU": 1.0})
+    nodes = (stages.Node("shared", shared, None, ()),) + tuple(
+        stages.Node(f"train.{task}", train, task, ("shared",)) for task in ("sentiment", "topic")
+    )
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("side-by-side")
+    manifest = mf.Manifest.create(config.storage_path(), "run-1", "unit", tuple(node.id for node in nodes), {})
+    parent = client.create_run(experiment).info.run_id
+    result = runner.PipelineResult("run-1", parent, experiment, uri)
+    stage_runner = runner._StageRunner(config, nodes, client, result, config.storage_path(), manifest, set())
+    stage_runner.free_resources = lambda: {"CPU": 2.0}
+    assert stage_runner.run_all(list(nodes), None) == []
+    records = manifest.stages
+    assert {record.status for record in records.values()} == {mf.SUCCEEDED}
+    sentiment, topic = records["train.sentiment"], records["train.topic"]
+    assert sentiment.started_at < topic.ended_at and topic.started_at < sentiment.ended_at
+    for record in records.values():
+        run = client.get_run(record.mlflow_run_id)
+        assert run.info.status == "FINISHED" and run.data.metrics["done"] == 1.0
+
+    # With room for one, the second waits for the first (the barrier would time out otherwise).
+    one_at_a_time = threading.Barrier(1)
+    both_running = one_at_a_time
+    manifest = mf.Manifest.create(config.storage_path(), "run-2", "unit", tuple(node.id for node in nodes), {})
+    stage_runner = runner._StageRunner(
+        config, nodes, client, result, config.storage_path(), manifest, {"train.sentiment", "train.topic"}
+    )
+    stage_runner.free_resources = lambda: {"CPU": 1.0}
+    assert stage_runner.run_all(list(nodes), None) == []
+    sentiment, topic = manifest.stages["train.sentiment"], manifest.stages["train.topic"]
+    assert sentiment.ended_at <= topic.started_at or topic.ended_at <= sentiment.started_at
 
 
 def test_a_cached_model_whose_weights_changed_is_set_aside_and_made_again(

@@ -1,0 +1,164 @@
+"""Which of a pipeline's nodes run now: task branches side by side when the cluster has room.
+
+A node may start once every node upstream of it has succeeded. It starts beside the nodes already
+running when its claim (the Ray resources it holds while it runs, declared by its stage) fits in
+what the cluster has free, less the claims of the nodes already started (they may not hold their
+resources yet: counting them twice errs towards waiting, never towards oversubscribing). A node
+without a claim runs alone. Nodes of a `serial` stage run one at a time (they share one place,
+such as the Serve instance). A failed node skips its downstream nodes only; every other branch runs
+on.
+
+A node that is the only one that can run, with nothing else running, runs on the calling thread,
+so that a chain (a config of one task, or the shared stages before the fan-out) runs exactly as
+one loop would: signals, Ray's and Tune's handlers and tracebacks behave as on the main thread.
+Side by side, nodes run on daemon threads (a stopped driver does not wait for them), and the
+calling thread waits for them and reports each result.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+Resources = Mapping[str, float]
+
+
+class GraphNode(Protocol):
+    id: str
+    upstream: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Slot:
+    """How a node shares the cluster: its claim (None: the whole cluster) and its serial group."""
+
+    claim: Resources | None
+    serial: str | None = None  # nodes of one group run one at a time
+
+
+def fits(claim: Resources, free: Resources) -> bool:
+    return all(amount <= free.get(resource, 0.0) + 1e-9 for resource, amount in claim.items() if amount > 0)
+
+
+def run_graph(
+    nodes: Sequence[GraphNode],
+    run: Callable[[GraphNode], Any],
+    slots: Mapping[str, Slot],
+    free_resources: Callable[[], Resources],
+    *,
+    max_parallel: int,
+    on_done: Callable[[GraphNode, Any], None],
+    on_skipped: Callable[[GraphNode, set[str]], None],
+    on_failed: Callable[[GraphNode, Exception], None],
+) -> list[Exception]:
+    """Run every node whose upstream succeeded, side by side where `slots` and `free_resources()`
+    allow, at most `max_parallel` at once; returns the failures in the order they happened. A stop
+    (KeyboardInterrupt, SystemExit) on any thread is raised here at once."""
+    pending = list(nodes)  # in graph order: a node's upstream comes before it
+    succeeded: set[str] = set()
+    failed: set[str] = set()
+    running: dict[str, GraphNode] = {}
+    failures: list[Exception] = []
+    finished: queue.Queue = queue.Queue()
+
+    def settle(node: GraphNode, outcome: Any, error: BaseException | None) -> None:
+        running.pop(node.id, None)
+        if error is None:
+            succeeded.add(node.id)
+            on_done(node, outcome)
+            return
+        if not isinstance(error, Exception):
+            raise error  # a stop: the run goes down with it
+        failed.add(node.id)
+        failures.append(error)
+        on_failed(node, error)
+
+    def in_thread(node: GraphNode) -> None:
+        try:
+            finished.put((node, run(node), None))
+        except BaseException as error:  # noqa: BLE001 - handed to the waiting thread
+            finished.put((node, None, error))
+
+    while pending or running:
+        for node in list(pending):  # skip what a failure upstream cut off
+            blocked = failed & set(node.upstream)  # a skipped node joins `failed`: its downstream follows
+            if blocked:
+                pending.remove(node)
+                failed.add(node.id)
+                on_skipped(node, blocked)
+        ready = [node for node in pending if succeeded.issuperset(node.upstream)]
+        if len(ready) == 1 and not running:  # nothing could run beside it: run it here
+            node = ready[0]
+            pending.remove(node)
+            running[node.id] = node
+            try:
+                outcome = run(node)
+            except BaseException as error:  # noqa: BLE001 - settle() re-raises a stop
+                settle(node, None, error)
+            else:
+                settle(node, outcome, None)
+            continue
+        for node in _startable(ready, running, slots, free_resources, max_parallel):
+            pending.remove(node)
+            running[node.id] = node
+            log.info("node %s starts beside %s", node.id, ", ".join(sorted(set(running) - {node.id})) or "nothing")
+            threading.Thread(target=in_thread, args=(node,), name=f"ptft-{node.id}", daemon=True).start()
+        if running:
+            node, outcome, error = _next(finished)
+            settle(node, outcome, error)
+        elif pending and not ready:  # cannot happen in a graph whose upstream comes first
+            raise RuntimeError(f"nodes {[node.id for node in pending]} wait on nodes that never run")
+    return failures
+
+
+def _next(finished: queue.Queue) -> tuple:
+    while True:  # a timeout keeps the waiting thread responsive to signals
+        try:
+            return finished.get(timeout=0.5)
+        except queue.Empty:
+            continue
+
+
+def _startable(
+    ready: list,
+    running: Mapping[str, GraphNode],
+    slots: Mapping[str, Slot],
+    free_resources: Callable[[], Resources],
+    max_parallel: int,
+) -> list:
+    """The ready nodes that may start now, in graph order."""
+    started: list = []
+    busy_groups = {slots[node_id].serial for node_id in running} - {None}
+    if any(slots[node_id].claim is None for node_id in running):
+        return started  # a node that runs alone is running
+    free = dict(free_resources()) if ready else {}
+    for node_id in running:  # started, perhaps not yet holding what it claims
+        _subtract(free, slots[node_id].claim or {})
+    for node in ready:
+        if len(running) + len(started) >= max_parallel:
+            break
+        slot = slots[node.id]
+        if slot.serial is not None and slot.serial in busy_groups:
+            continue
+        alone = not running and not started
+        if slot.claim is None:
+            if alone:
+                return [node]
+            continue
+        if alone or fits(slot.claim, free):
+            started.append(node)
+            _subtract(free, slot.claim)
+            if slot.serial is not None:
+                busy_groups.add(slot.serial)
+    return started
+
+
+def _subtract(free: dict[str, float], claim: Resources) -> None:
+    for resource, amount in claim.items():
+        free[resource] = free.get(resource, 0.0) - amount
