@@ -3,7 +3,7 @@ tune stage logs to its MLflow run. Plain functions over trial rows (dicts), so t
 `ptft sweep` share them.
 
 A trial row: {"trial": name, "status": "running"|"completed"|"stopped_early"|"error"|...,
-"epochs": int, "metric": float | None, "config": {hyperparameter: value}, ...}.
+"epochs": int, "metric": float | None (at "best_epoch" when the row has one), "config": {hyperparameter: value}, ...}.
 """
 
 from __future__ import annotations
@@ -27,6 +27,12 @@ def _number(value: Any) -> str:
     return str(value)
 
 
+def _epochs(row: dict) -> str:
+    """Epochs run, and the epoch the trial is ranked on when it is not the last."""
+    best = row.get("best_epoch")
+    return f"{row['epochs']} (best {best})" if best not in (None, row["epochs"]) else str(row["epochs"])
+
+
 def format_table(rows: list[dict], params: list[str], metric: str, *, best: str | None = None) -> str:
     """A fixed-width table: one line per trial, the best one marked with *."""
     header = ["trial", "status", "epochs", metric, *params]
@@ -34,7 +40,7 @@ def format_table(rows: list[dict], params: list[str], metric: str, *, best: str 
         [
             ("* " if row["trial"] == best else "  ") + row["trial"],
             row["status"],
-            str(row["epochs"]),
+            _epochs(row),
             _number(row.get("metric")),
             *(_number(row["config"].get(name)) for name in params),
         ]

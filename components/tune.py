@@ -17,9 +17,9 @@ plots/sweep.png (metric against each hyperparameter, the best trial marked).
 
 Output folder:
     best_config.json   the best trial's hyperparameters (finetune reads it)
-    trials.json        every trial: hyperparameters, last metrics, epochs run, status, MLflow run
+    trials.json        every trial: hyperparameters, its best epoch's metrics, epochs run, status, MLflow run
     trials.csv, sweep.png
-    metrics.json       the best trial's metrics
+    metrics.json       the best trial's metrics at its best epoch (the last under PBT)
 """
 
 from __future__ import annotations
@@ -482,14 +482,15 @@ def _trial_run_ids(client: MlflowClient, ctx: StageContext) -> dict[str, str]:
 
 
 def _trial_row(result: ray.tune.Result, cfg: TuneConfig, run_ids: dict[str, str]) -> dict:
-    metrics = result.metrics or {}
+    last = result.metrics or {}
+    judged = judged_epoch(_history(result), last, cfg)
     # A trial's folder is named "<trial name>_<index>_<params>_<date>".
     folder = Path(result.path).name
     name = next((name for name in run_ids if folder.startswith(f"{name}_")), folder)
-    epochs = int(metrics.get("epoch", 0))
+    epochs = int(last.get("epoch", 0))
     if result.error:
         status = "error"
-    elif epochs >= cfg.max_epochs or metrics.get("early_stop/epoch"):
+    elif epochs >= cfg.max_epochs or last.get("early_stop/epoch"):
         status = "completed"
     else:
         status = "stopped_early"  # by the scheduler (or the sweep's time budget)
@@ -497,13 +498,36 @@ def _trial_row(result: ray.tune.Result, cfg: TuneConfig, run_ids: dict[str, str]
         "trial": name,
         "status": status,
         "epochs": epochs,
-        "metric": metrics.get(cfg.metric),
+        "best_epoch": int(judged.get("epoch", epochs)),
+        "metric": judged.get(cfg.metric),
         "config": plain({key: result.config.get(key) for key in cfg.search_space}),
-        "metrics": {key: value for key, value in metrics.items() if isinstance(value, (int, float)) and "/" in key},
+        "metrics": {key: value for key, value in judged.items() if isinstance(value, (int, float)) and "/" in key},
         "error": str(result.error) if result.error else None,
         "mlflow_run_id": run_ids.get(name),
         "path": result.path,
     }
+
+
+def _history(result: ray.tune.Result) -> list[dict]:
+    """Every epoch's result of a trial, oldest first (empty when Tune kept none)."""
+    frame = result.metrics_dataframe
+    return [] if frame is None else frame.to_dict("records")
+
+
+def judged_epoch(history: list[dict], last: dict, cfg: TuneConfig) -> dict:
+    """The result a trial is ranked on: its best epoch, i.e. what its config reached, however long
+    the scheduler let it run. Ranked on their last epochs, a trial that ran three epochs and overfit
+    in the third lost to trials stopped after their first. Under PBT a trial's epochs ran under
+    several configs and only the last is its own: the last epoch."""
+    scored = [row for row in history if _finite(row.get(cfg.metric))]
+    if cfg.scheduler == "pbt" or not scored:
+        return last
+    pick = max if cfg.mode == "max" else min
+    return pick(scored, key=lambda row: row[cfg.metric])  # the earliest of equals
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and value == value and abs(value) != float("inf")
 
 
 def _close_trial_runs(client: MlflowClient, rows: list[dict], best: dict) -> None:

@@ -56,6 +56,23 @@ def test_the_killed_branch_failed_alone(multitask: dict) -> None:
     assert multitask["after_kill"]["status"] == "failed"
 
 
+def test_task_branches_ran_side_by_side(multitask: dict) -> None:
+    """The cluster has room for more than one branch's node (ray.parallel_stages and the claims
+    decide): some nodes of different tasks ran at the same time."""
+    ran = {
+        node: (record["started_at"], record["ended_at"])
+        for node, record in multitask["after_kill"]["stages"].items()
+        if record["status"] in ("succeeded", "failed") and "." in node
+    }
+    overlapping = [
+        (first, second)
+        for first, (start, end) in ran.items()
+        for second, (other_start, other_end) in ran.items()
+        if first.split(".")[1] < second.split(".")[1] and start < other_end and other_start < end
+    ]
+    assert overlapping, ran
+
+
 def test_resume_reran_only_the_killed_branch(multitask: dict) -> None:
     final = multitask["final"]
     assert final["status"] == "succeeded" and final["attempts"] == 2

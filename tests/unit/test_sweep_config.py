@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from components.configs import Distribution, FinetuneConfig, Hyperparameters, TuneConfig
+from components.tune import judged_epoch
 from pipelines.config import ConfigError, apply_overrides, validate
 from tests.conftest import REPO, tiny_config_dict
 
@@ -329,3 +330,28 @@ def test_a_sweep_state_truncated_by_a_kill_is_not_restored(tmp_path: Path) -> No
     assert not experiment.exists()  # moved aside: the sweep starts over in a fresh folder, the old kept
     (kept,) = tmp_path.glob("run-tune.unrestorable-*")
     assert (kept / "tuner.pkl").is_file()
+
+
+def _sweep(**fields) -> TuneConfig:
+    return TuneConfig(metric="eval/accuracy", **fields)
+
+
+HISTORY = [
+    {"epoch": 1, "eval/accuracy": 0.70, "eval/loss": 0.60},
+    {"epoch": 2, "eval/accuracy": 0.82, "eval/loss": 0.45},
+    {"epoch": 3, "eval/accuracy": 0.78, "eval/loss": 0.52},  # overfit
+]
+
+
+def test_a_trial_is_ranked_on_its_best_epoch() -> None:
+    judged = judged_epoch(HISTORY, HISTORY[-1], _sweep())
+    assert judged["epoch"] == 2 and judged["eval/accuracy"] == 0.82
+    by_loss = judged_epoch(HISTORY, HISTORY[-1], TuneConfig(metric="eval/loss"))
+    assert by_loss["epoch"] == 2
+
+
+def test_under_pbt_or_without_a_history_the_last_epoch_counts() -> None:
+    assert judged_epoch(HISTORY, HISTORY[-1], _sweep(scheduler="pbt"))["epoch"] == 3
+    assert judged_epoch([], HISTORY[-1], _sweep()) is HISTORY[-1]
+    unscored = [{"epoch": 1, "eval/accuracy": float("nan")}]
+    assert judged_epoch(unscored, HISTORY[-1], _sweep())["epoch"] == 3
