@@ -130,6 +130,8 @@ class BareLoop:
         self.model = models.build_lm(
             cfg.model, vocab_size=len(self.tokenizer), special_ids=vocab.special_ids(self.tokenizer), seed=seed
         )
+        if models.objective_for(cfg.model) == "mlm":
+            models.score_targets_only(self.model)  # as the stage does (pretrain._setup_engine)
         self.model.train()
         # the stage's AdamW parameter groups (no decay on biases/LayerNorm) and LR schedule
         self.optimizer = torch.optim.AdamW(training._param_groups(self.model, cfg.weight_decay), lr=cfg.learning_rate)
