@@ -94,6 +94,9 @@ def run(storage: Path, demo_shrink: list[str], address: str, mlflow_server: str,
         f"storage={storage}",
         f"tracking.uri={mlflow_server}",
         f"ray.address={address}",
+        # Two nodes side by side at most: the branches overlap, while the demo's re-runs and the
+        # other tests on this 2-core machine keep their share.
+        "ray.parallel_stages=2",
         f"serve.port={free_port()}",
         "serve.app_name=multitask",
         "tasks.sentiment.serve.route_prefix=/multitask/sentiment",
