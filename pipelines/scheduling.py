@@ -66,6 +66,7 @@ def run_graph(
     running: dict[str, GraphNode] = {}
     failures: list[Exception] = []
     finished: queue.Queue = queue.Queue()
+    told_waiting: set[str] = set()
 
     def settle(node: GraphNode, outcome: Any, error: BaseException | None) -> None:
         running.pop(node.id, None)
@@ -109,6 +110,12 @@ def run_graph(
             running[node.id] = node
             log.info("node %s starts beside %s", node.id, ", ".join(sorted(set(running) - {node.id})) or "nothing")
             threading.Thread(target=in_thread, args=(node,), name=f"ptft-{node.id}", daemon=True).start()
+        for node in pending:
+            if node in ready and node.id not in running and node.id not in told_waiting:
+                told_waiting.add(node.id)
+                log.info(
+                    "node %s waits for room beside %s (it claims %s)", node.id, sorted(running), slots[node.id].claim
+                )
         if running:
             node, outcome, error = _next(finished)
             settle(node, outcome, error)
