@@ -4,6 +4,9 @@ matplotlib's Agg backend (no display); each function writes one PNG and returns 
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
@@ -16,13 +19,21 @@ def log(client: MlflowClient, run_id: str, pictures: list[Path]) -> None:
         client.log_artifact(run_id, str(picture), PLOTS)
 
 
-def _pyplot():
-    import matplotlib
+# pyplot's figure registry and matplotlib's font-pattern parser are not thread-safe, and task
+# branches side by side draw at the same time (two sweeps ending together broke both): one at a time.
+_DRAWING = threading.RLock()
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    return plt
+@contextlib.contextmanager
+def pyplot() -> Iterator:
+    """matplotlib.pyplot on the Agg backend, held by this thread until the block ends."""
+    with _DRAWING:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        yield plt
 
 
 def _history(client: MlflowClient, run_id: str, key: str) -> tuple[list[int], list[float]]:
@@ -33,67 +44,69 @@ def _history(client: MlflowClient, run_id: str, key: str) -> tuple[list[int], li
 def training_curves(client: MlflowClient, run_id: str, folder: Path, *, eval_key: str | None = None) -> list[Path]:
     """loss.png (training loss by optimizer step; `eval_key` by epoch beside it when logged per
     epoch) and learning_rate.png, from what the training loop logged to `run_id`."""
-    plt = _pyplot()
-    folder.mkdir(parents=True, exist_ok=True)
-    written = []
-    steps, losses = _history(client, run_id, "train/loss")
-    epochs, evals = _history(client, run_id, eval_key) if eval_key else ([], [])
-    if steps:
-        panels = 2 if len(epochs) > 1 else 1
-        figure, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.4), squeeze=False)
-        axes[0][0].plot(steps, losses, color="tab:blue", linewidth=1)
-        axes[0][0].set(xlabel="optimizer step", ylabel="train/loss", title="training loss")
-        if panels == 2:
-            axes[0][1].plot(epochs, evals, marker="o", color="tab:orange")
-            axes[0][1].set(xlabel="epoch", ylabel=eval_key, title="validation")
-        for axis in axes[0]:
+    with pyplot() as plt:
+        folder.mkdir(parents=True, exist_ok=True)
+        written = []
+        steps, losses = _history(client, run_id, "train/loss")
+        epochs, evals = _history(client, run_id, eval_key) if eval_key else ([], [])
+        if steps:
+            panels = 2 if len(epochs) > 1 else 1
+            figure, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.4), squeeze=False)
+            axes[0][0].plot(steps, losses, color="tab:blue", linewidth=1)
+            axes[0][0].set(xlabel="optimizer step", ylabel="train/loss", title="training loss")
+            if panels == 2:
+                axes[0][1].plot(epochs, evals, marker="o", color="tab:orange")
+                axes[0][1].set(xlabel="epoch", ylabel=eval_key, title="validation")
+            for axis in axes[0]:
+                axis.grid(alpha=0.3)
+            written.append(_save(plt, figure, folder / "loss.png"))
+        steps, rates = _history(client, run_id, "train/learning_rate")
+        if steps:
+            figure, axis = plt.subplots(figsize=(5, 3.4))
+            axis.plot(steps, rates, color="tab:green")
+            axis.set(xlabel="optimizer step", ylabel="learning rate", title="learning-rate schedule")
+            axis.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
             axis.grid(alpha=0.3)
-        written.append(_save(plt, figure, folder / "loss.png"))
-    steps, rates = _history(client, run_id, "train/learning_rate")
-    if steps:
-        figure, axis = plt.subplots(figsize=(5, 3.4))
-        axis.plot(steps, rates, color="tab:green")
-        axis.set(xlabel="optimizer step", ylabel="learning rate", title="learning-rate schedule")
-        axis.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
-        axis.grid(alpha=0.3)
-        written.append(_save(plt, figure, folder / "learning_rate.png"))
-    return written
+            written.append(_save(plt, figure, folder / "learning_rate.png"))
+        return written
 
 
 def confusion_matrix(matrix: list[list[int]], labels: list[str], path: Path, *, title: str) -> Path:
     """Counts with true labels as rows and predictions as columns, each cell annotated."""
-    plt = _pyplot()
-    size = max(3.6, 0.6 * len(labels) + 2)
-    figure, axis = plt.subplots(figsize=(size, size * 0.85))
-    image = axis.imshow(matrix, cmap="Blues")
-    figure.colorbar(image, ax=axis, fraction=0.046)
-    axis.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
-    axis.set_yticks(range(len(labels)), labels)
-    axis.set(xlabel="predicted", ylabel="true", title=title)
-    peak = max((max(row) for row in matrix), default=0)
-    for i, row in enumerate(matrix):
-        for j, count in enumerate(row):
-            axis.text(j, i, str(count), ha="center", va="center", color="white" if count > peak / 2 else "black")
-    return _save(plt, figure, path)
+    with pyplot() as plt:
+        size = max(3.6, 0.6 * len(labels) + 2)
+        figure, axis = plt.subplots(figsize=(size, size * 0.85))
+        image = axis.imshow(matrix, cmap="Blues")
+        figure.colorbar(image, ax=axis, fraction=0.046)
+        axis.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+        axis.set_yticks(range(len(labels)), labels)
+        axis.set(xlabel="predicted", ylabel="true", title=title)
+        peak = max((max(row) for row in matrix), default=0)
+        for i, row in enumerate(matrix):
+            for j, count in enumerate(row):
+                axis.text(j, i, str(count), ha="center", va="center", color="white" if count > peak / 2 else "black")
+        return _save(plt, figure, path)
 
 
 def attention(maps: list[dict], path: Path) -> Path:
     """One heatmap per text: heads (rows) x tokens (columns), the summary token's attention."""
-    plt = _pyplot()
-    widest = max(len(item["tokens"]) for item in maps)
-    figure, axes = plt.subplots(len(maps), 1, figsize=(max(6, 0.42 * widest + 2), 1.2 + 1.6 * len(maps)), squeeze=False)
-    for axis, item in zip(axes[:, 0], maps, strict=True):
-        heads = len(item["attention"])
-        image = axis.imshow(item["attention"], cmap="viridis", aspect="auto", vmin=0)
-        axis.set_xticks(range(len(item["tokens"])), item["tokens"], rotation=60, ha="right", fontsize=8)
-        axis.set_yticks(range(heads), [f"head {h}" for h in range(heads)], fontsize=8)
-        axis.set_title(
-            f"{item['label']} ({item['score']:.2f}), layer {item['layer']}, from {item['query_token']}: "
-            f"{_short(item['text'])}",
-            fontsize=9,
+    with pyplot() as plt:
+        widest = max(len(item["tokens"]) for item in maps)
+        figure, axes = plt.subplots(
+            len(maps), 1, figsize=(max(6, 0.42 * widest + 2), 1.2 + 1.6 * len(maps)), squeeze=False
         )
-        figure.colorbar(image, ax=axis, fraction=0.02)
-    return _save(plt, figure, path)
+        for axis, item in zip(axes[:, 0], maps, strict=True):
+            heads = len(item["attention"])
+            image = axis.imshow(item["attention"], cmap="viridis", aspect="auto", vmin=0)
+            axis.set_xticks(range(len(item["tokens"])), item["tokens"], rotation=60, ha="right", fontsize=8)
+            axis.set_yticks(range(heads), [f"head {h}" for h in range(heads)], fontsize=8)
+            axis.set_title(
+                f"{item['label']} ({item['score']:.2f}), layer {item['layer']}, from {item['query_token']}: "
+                f"{_short(item['text'])}",
+                fontsize=9,
+            )
+            figure.colorbar(image, ax=axis, fraction=0.02)
+        return _save(plt, figure, path)
 
 
 def _short(text: str, limit: int = 60) -> str:

@@ -16,7 +16,7 @@ from typing import Any, TextIO
 
 import ray.tune
 
-from components import console, metrics
+from components import console, metrics, plots
 
 
 def _number(value: Any) -> str:
@@ -180,38 +180,34 @@ def write_csv(rows: list[dict], params: list[str], metric: str, path: Path) -> N
 def plot(rows: list[dict], params: list[str], metric: str, log_scale: set[str], best: str | None, path: Path) -> None:
     """One panel per hyperparameter: each trial's last metric against its value, the best trial in
     red, trials that stopped early hollow."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display: render to a file
-    import matplotlib.pyplot as plt
-
-    columns = max(1, len(params))
-    figure, axes = plt.subplots(1, columns, figsize=(4 * columns, 3.4), squeeze=False)
-    for axis, name in zip(axes[0], params, strict=False):
-        for row in rows:
-            value, score = row["config"].get(name), row.get("metric")
-            if value is None or not isinstance(score, (int, float)):
-                continue
-            is_best = row["trial"] == best
-            full = row["status"] == "completed"
-            axis.scatter(
-                [value],
-                [score],
-                s=60 if is_best else 30,
-                zorder=3 if is_best else 2,
-                facecolors=("tab:red" if is_best else "tab:blue") if full or is_best else "none",
-                edgecolors="tab:red" if is_best else "tab:blue",
-            )
-            if is_best:
-                axis.annotate(
-                    "best", (value, score), xytext=(6, 6), textcoords="offset points", color="tab:red", fontsize=8
+    with plots.pyplot() as plt:
+        columns = max(1, len(params))
+        figure, axes = plt.subplots(1, columns, figsize=(4 * columns, 3.4), squeeze=False)
+        for axis, name in zip(axes[0], params, strict=False):
+            for row in rows:
+                value, score = row["config"].get(name), row.get("metric")
+                if value is None or not isinstance(score, (int, float)):
+                    continue
+                is_best = row["trial"] == best
+                full = row["status"] == "completed"
+                axis.scatter(
+                    [value],
+                    [score],
+                    s=60 if is_best else 30,
+                    zorder=3 if is_best else 2,
+                    facecolors=("tab:red" if is_best else "tab:blue") if full or is_best else "none",
+                    edgecolors="tab:red" if is_best else "tab:blue",
                 )
-        if name in log_scale:
-            axis.set_xscale("log")
-        axis.set_xlabel(name)
-        axis.set_ylabel(metric)
-        axis.grid(alpha=0.3)
-    figure.suptitle(f"{metric} per trial (red: best; hollow: stopped early)", fontsize=10)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+                if is_best:
+                    axis.annotate(
+                        "best", (value, score), xytext=(6, 6), textcoords="offset points", color="tab:red", fontsize=8
+                    )
+            if name in log_scale:
+                axis.set_xscale("log")
+            axis.set_xlabel(name)
+            axis.set_ylabel(metric)
+            axis.grid(alpha=0.3)
+        figure.suptitle(f"{metric} per trial (red: best; hollow: stopped early)", fontsize=10)
+        figure.tight_layout()
+        figure.savefig(path, dpi=100)
+        plt.close(figure)

@@ -400,47 +400,45 @@ def graph_picture(stages: dict[str, StageRecord]) -> bytes:
     """A PNG of the stages (graph nodes) left to right by depth, an arrow from each upstream."""
     import io
 
-    import matplotlib
+    from components import plots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    depth: dict[str, int] = {}
-    for name, record in stages.items():  # manifest order: a stage's upstream comes before it
-        depth[name] = 1 + max((depth[up] for up in record.upstream if up in depth), default=-1)
-    columns: dict[int, list[str]] = {}
-    for name, column in depth.items():
-        columns.setdefault(column, []).append(name)
-    position = {name: (column, -row) for column, names in columns.items() for row, name in enumerate(names)}
-    tallest = max(len(names) for names in columns.values())
-    figure, axis = plt.subplots(figsize=(1.9 * len(columns) + 0.6, 0.75 * tallest + 0.6))
-    for name in stages:
-        for upstream in _direct(stages, name):
-            if upstream in position:
-                axis.annotate(
-                    "",
-                    xy=position[name],
-                    xytext=position[upstream],
-                    arrowprops={"arrowstyle": "->", "color": "#777", "shrinkA": 32, "shrinkB": 32},
-                )
-    for name, (x, y) in position.items():
-        colour = STATUS_COLOURS.get(stages[name].status, "#ffffff")
-        axis.text(
-            x,
-            y,
-            name,
-            ha="center",
-            va="center",
-            fontsize=8,
-            bbox={"boxstyle": "round,pad=0.4", "facecolor": colour, "edgecolor": "#555"},
-        )
-    axis.set_xlim(-0.7, len(columns) - 0.3)
-    axis.set_ylim(-tallest + 0.4, 0.6)
-    axis.axis("off")
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    plt.close(figure)
-    return buffer.getvalue()
+    with plots.pyplot() as plt:
+        depth: dict[str, int] = {}
+        for name, record in stages.items():  # manifest order: a stage's upstream comes before it
+            depth[name] = 1 + max((depth[up] for up in record.upstream if up in depth), default=-1)
+        columns: dict[int, list[str]] = {}
+        for name, column in depth.items():
+            columns.setdefault(column, []).append(name)
+        position = {name: (column, -row) for column, names in columns.items() for row, name in enumerate(names)}
+        tallest = max(len(names) for names in columns.values())
+        figure, axis = plt.subplots(figsize=(1.9 * len(columns) + 0.6, 0.75 * tallest + 0.6))
+        for name in stages:
+            for upstream in _direct(stages, name):
+                if upstream in position:
+                    axis.annotate(
+                        "",
+                        xy=position[name],
+                        xytext=position[upstream],
+                        arrowprops={"arrowstyle": "->", "color": "#777", "shrinkA": 32, "shrinkB": 32},
+                    )
+        for name, (x, y) in position.items():
+            colour = STATUS_COLOURS.get(stages[name].status, "#ffffff")
+            axis.text(
+                x,
+                y,
+                name,
+                ha="center",
+                va="center",
+                fontsize=8,
+                bbox={"boxstyle": "round,pad=0.4", "facecolor": colour, "edgecolor": "#555"},
+            )
+        axis.set_xlim(-0.7, len(columns) - 0.3)
+        axis.set_ylim(-tallest + 0.4, 0.6)
+        axis.axis("off")
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+        plt.close(figure)
+        return buffer.getvalue()
 
 
 def _direct(stages: dict[str, StageRecord], name: str) -> list[str]:
