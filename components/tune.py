@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -51,6 +52,11 @@ from components.tasks import task_type
 from components.tracking import PARENT_TAG, MlflowTracker, find_run, reopen_run, start_run
 
 log = logging.getLogger(__name__)
+
+# Tune's trainable registry is one dict per process that `Tuner.fit` writes to and iterates
+# unguarded: two sweeps starting side by side (task branches) break it ("dictionary changed size
+# during iteration"). Sweeps register under this lock and hand Tune the name.
+_REGISTRY = threading.Lock()
 
 TRIAL_TAG = "ptft.trial"
 CONFIG_TAG = "ptft.trial_config"
@@ -193,7 +199,7 @@ def run(
         gpus_per_worker=cfg.gpus_per_trial,
         train_storage=str(Path(ctx.ray_storage()) / f"{ctx.ray_run_name()}-trials"),
     )
-    trainable = _trainable(cfg, setup, ctx.cache_key)
+    trainable = _registered(_trainable(cfg, setup, ctx.cache_key))
     experiment = Path(ctx.ray_storage()) / ctx.ray_run_name()
     if ray.tune.Tuner.can_restore(experiment) and _restorable(experiment):
         # The same pipeline run was interrupted mid-sweep: finished trials stay finished, the rest
@@ -234,7 +240,13 @@ def unreadable_sweep_state(experiment: Path) -> list[str]:
 
 
 def _restorable(experiment: Path) -> bool:
-    """False, after moving the sweep aside, when its saved state is unreadable: it starts over."""
+    """False, after moving the sweep aside, when its saved state is unreadable or it never started
+    (Tune writes tuner.pkl before any trial; restoring only that makes one trial without a config)."""
+    if not any(experiment.glob("experiment_state-*.json")):
+        aside = experiment.with_name(f"{experiment.name}.unstarted-{int(time.time())}")
+        experiment.rename(aside)
+        log.info("tune: the interrupted sweep had not started a trial: it starts over (its files: %s)", aside)
+        return False
     broken = unreadable_sweep_state(experiment)
     if not broken:
         return True
@@ -263,7 +275,14 @@ def _trainable(cfg: TuneConfig, setup: TrialSetup, key: str):
     return trainable
 
 
-def _new_tuner(cfg: TuneConfig, trainable, ctx: StageContext) -> ray.tune.Tuner:
+def _registered(trainable) -> str:
+    """The trainable's name, once registered with Tune (see _REGISTRY)."""
+    with _REGISTRY:
+        ray.tune.register_trainable(trainable.__name__, trainable)
+    return trainable.__name__
+
+
+def _new_tuner(cfg: TuneConfig, trainable: str, ctx: StageContext) -> ray.tune.Tuner:
     # Every trial checkpoints every epoch (ASHA/PBT decide per epoch, a resume continues from it),
     # with num_to_keep set: Tune then snapshots often by design and would warn at each snapshot.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -438,6 +457,11 @@ def _summarise(results: ray.tune.ResultGrid, cfg: TuneConfig, ctx: StageContext)
     _close_trial_runs(client, rows, best)
     params = list(cfg.search_space)
     best_config = dict(best["config"])
+    unsampled = [name for name in params if best_config.get(name) is None]
+    if unsampled:
+        raise RuntimeError(
+            f"the best trial {best['trial']} has no value for {', '.join(unsampled)}: its sweep state was lost"
+        )
     best_metrics = best["metrics"]
     write_json(ctx.output_dir / "best_config.json", best_config)
     write_json(ctx.output_dir / "trials.json", rows)

@@ -332,6 +332,20 @@ def test_a_sweep_state_truncated_by_a_kill_is_not_restored(tmp_path: Path) -> No
     assert (kept / "tuner.pkl").is_file()
 
 
+def test_a_sweep_stopped_before_its_first_trial_starts_over(tmp_path: Path) -> None:
+    """Tune writes tuner.pkl before any trial: restoring only that runs one trial without a config."""
+    import ray.cloudpickle as cloudpickle
+
+    from components import tune
+
+    experiment = tmp_path / "run-tune"
+    experiment.mkdir()
+    (experiment / "tuner.pkl").write_bytes(cloudpickle.dumps({"param_space": {}}))
+    assert not tune._restorable(experiment)
+    (kept,) = tmp_path.glob("run-tune.unstarted-*")
+    assert (kept / "tuner.pkl").is_file() and not experiment.exists()
+
+
 def _sweep(**fields) -> TuneConfig:
     return TuneConfig(metric="eval/accuracy", **fields)
 
