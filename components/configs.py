@@ -74,6 +74,17 @@ SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 class CorpusConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     source: Source = Field(description="unlabelled text for the tokenizer and for pre-training")
+    text_columns: list[str] = Field(
+        default_factory=list,
+        description="read each of these columns as documents of their own, instead of the source's "
+        "text_column: both sides of a translation pair ([en, de]) make one multilingual corpus",
+    )
+
+    @model_validator(mode="after")
+    def _columns_of_a_table(self) -> CorpusConfig:
+        if self.text_columns and isinstance(self.source, SyntheticSource):
+            raise ValueError("text_columns needs a file or hub source: the synthetic corpus has one text")
+        return self
 
 
 TaskTypeName = Literal["sequence_classification", "token_classification", "question_answering"]  # components/tasks/
@@ -127,6 +138,13 @@ class TokenizeConfig(BaseModel):
     min_frequency: int = Field(2, ge=1, description="rarest word piece the trainer keeps")
     lowercase: bool = Field(True, description="lowercase and strip accents before splitting")
     seq_len: int = Field(64, ge=8, le=4096, description="tokens per packed block and per task example")
+    sentinels: int = Field(
+        0,
+        ge=0,
+        le=1000,
+        description="sentinel tokens <extra_id_N> that span corruption puts in place of each corrupted span; "
+        "0: as many as the t5 family's pre-training needs, none for the others",
+    )
     batch_size: int = Field(512, gt=0, description="rows per Ray Data batch")
 
 
@@ -157,15 +175,38 @@ PRESETS: dict[str, dict[str, dict[str, int]]] = {
             "max_positions": 1024,
         },  # GPT-2 small, ~124M parameters with its 50k vocabulary
     },
+    "t5": {
+        # T5's relative positions have no table: max_positions is the longest block it is given.
+        "tiny": {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate_size": 128, "max_positions": 512},
+        "mini": {"hidden_size": 256, "num_layers": 4, "num_heads": 4, "intermediate_size": 1024, "max_positions": 512},
+        "small": {"hidden_size": 512, "num_layers": 6, "num_heads": 8, "intermediate_size": 2048, "max_positions": 512},
+        "base": {
+            "hidden_size": 768,
+            "num_layers": 12,
+            "num_heads": 12,
+            "intermediate_size": 3072,
+            "max_positions": 512,
+        },
+    },  # small and base: T5's (~60M and ~220M parameters with its 32k vocabulary); layers per stack
 }
-OBJECTIVES = {"bert": "mlm", "gpt2": "clm"}
-# Model types whose checkpoints are pre-trained as encoders (masked-LM); the rest are decoders.
+OBJECTIVES = {"bert": "mlm", "gpt2": "clm", "t5": "span"}
+# Model types whose checkpoints are pre-trained as encoders (masked-LM), and as encoder-decoders
+# with span corruption; the rest are decoders.
 MASKED_LM_TYPES = {"bert", "roberta", "distilbert", "electra", "xlm-roberta", "deberta", "deberta-v2", "mpnet"}
+SPAN_CORRUPTION_TYPES = {"t5", "mt5", "umt5"}
 
 
 def objective_of(model_type: str) -> str:
-    """`mlm` for encoder model types, `clm` for decoders."""
+    """`mlm` for encoder model types, `span` for T5-style encoder-decoders, `clm` for decoders."""
+    if model_type in SPAN_CORRUPTION_TYPES:
+        return "span"
     return "mlm" if model_type in MASKED_LM_TYPES else "clm"
+
+
+def span_count(seq_len: int, noise_density: float, mean_span_length: float) -> int:
+    """How many spans span corruption masks in a block of seq_len tokens: the sentinels it needs."""
+    noise = min(max(1, round(seq_len * noise_density)), seq_len - 1)
+    return max(1, min(round(noise / mean_span_length), noise, seq_len - noise))
 
 
 SIZE_KEYS = ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_positions")
@@ -175,8 +216,10 @@ class ModelConfig(BaseModel):
     """A Transformer from a family and size preset (any size may be overridden), or from a checkpoint."""
 
     model_config = ConfigDict(extra="forbid")
-    family: Literal["bert", "gpt2"] = Field(
-        "bert", description="bert: encoder pre-trained with masked-LM; gpt2: decoder pre-trained with causal-LM"
+    family: Literal["bert", "gpt2", "t5"] = Field(
+        "bert",
+        description="bert: encoder pre-trained with masked-LM; gpt2: decoder pre-trained with causal-LM; "
+        "t5: encoder-decoder pre-trained with span corruption",
     )
     preset: Literal["tiny", "mini", "small", "base"] = Field("tiny", description="size preset of the family")
     hidden_size: int | None = Field(None, gt=0, description="overrides the preset's hidden size")
@@ -327,7 +370,14 @@ class PretrainConfig(BaseModel):
     weight_decay: float = Field(0.01, ge=0, description="AdamW decoupled weight decay (not on biases/LayerNorm)")
     warmup_steps: int = Field(20, ge=0, description="linear warmup, then linear decay to 0")
     mlm_probability: float = Field(0.15, gt=0, lt=1, description="share of tokens masked as targets (masked-LM)")
-    eval_fraction: float = Field(0.05, ge=0, lt=0.5, description="blocks held out for eval/mlm_loss or eval/clm_loss")
+    noise_density: float = Field(0.15, gt=0, lt=1, description="share of tokens corrupted (span corruption)")
+    mean_span_length: float = Field(3.0, ge=1, description="mean length of a corrupted span (span corruption)")
+    eval_fraction: float = Field(
+        0.05,
+        ge=0,
+        lt=0.5,
+        description="blocks held out for the objective's eval loss (eval/mlm_loss, clm_loss, span_loss)",
+    )
     log_every: int = Field(10, gt=0, description="steps between metric logs")
     checkpoint_every: int = Field(100, gt=0, description="steps between checkpoints reported to Ray Train")
     workers: WorkersConfig = Field(default_factory=WorkersConfig)

@@ -24,7 +24,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from components import synthetic
-from components.configs import FileSource, HubSource, Source, SyntheticSource
+from components.configs import CorpusConfig, FileSource, HubSource, Source, SyntheticSource
 
 _SUFFIX_FORMATS = {
     ".jsonl": "jsonl",
@@ -46,6 +46,16 @@ def load_source(source: Source, *, labelled: bool) -> pa.Table:
     else:
         table = pa.concat_tables([_read_file(path, _file_format(source, path)) for path in resolve_paths(source.path)])
     return _select_columns(table, source, labelled)
+
+
+def load_corpus(corpus: CorpusConfig) -> pa.Table:
+    """The corpus's `text`: the source's text column, or each of `text_columns` in turn."""
+    if not corpus.text_columns:
+        return load_source(corpus.source, labelled=False)
+    return pa.concat_tables(
+        load_source(corpus.source.model_copy(update={"text_column": column}), labelled=False)
+        for column in corpus.text_columns
+    )
 
 
 def _load_hub(source: HubSource) -> pa.Table:

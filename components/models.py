@@ -1,8 +1,10 @@
-"""Model builders: BERT-style encoders (masked-LM) and GPT-2-style decoders (causal-LM) from size
-presets or from a checkpoint, masking, the load + forward smoke test and the weights hash."""
+"""Model builders: BERT-style encoders (masked-LM), GPT-2-style decoders (causal-LM) and T5-style
+encoder-decoders (span corruption) from size presets or from a checkpoint, masking and span
+corruption, the load + forward smoke test and the weights hash."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -10,16 +12,18 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
+    AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     BertConfig,
     GPT2Config,
     PretrainedConfig,
     PreTrainedModel,
+    T5Config,
 )
 from transformers.modeling_outputs import MaskedLMOutput
 
-from components.configs import MASKED_LM_TYPES, ModelConfig, objective_of
+from components.configs import MASKED_LM_TYPES, SPAN_CORRUPTION_TYPES, ModelConfig, objective_of
 from components.stage import weights_sha256  # noqa: F401 - the model's identity, kept importable here
 
 
@@ -40,6 +44,19 @@ def build_config(cfg: ModelConfig, *, vocab_size: int, special_ids: dict[str, in
             bos_token_id=special_ids.get("bos"),
             eos_token_id=special_ids.get("eos"),
             pad_token_id=special_ids.get("pad"),
+        )
+    if cfg.family == "t5":
+        return T5Config(
+            vocab_size=vocab_size,
+            d_model=sizes["hidden_size"],
+            d_kv=sizes["hidden_size"] // sizes["num_heads"],
+            d_ff=sizes["intermediate_size"],
+            num_layers=sizes["num_layers"],
+            num_heads=sizes["num_heads"],
+            dropout_rate=cfg.dropout,
+            pad_token_id=special_ids.get("pad"),
+            eos_token_id=special_ids.get("eos"),
+            decoder_start_token_id=special_ids.get("pad"),  # T5's convention: the decoder starts at pad
         )
     return BertConfig(
         vocab_size=vocab_size,
@@ -62,7 +79,7 @@ def objective_for(cfg: ModelConfig) -> str:
 
 
 def lm_class(objective: str):
-    return AutoModelForMaskedLM if objective == "mlm" else AutoModelForCausalLM
+    return {"mlm": AutoModelForMaskedLM, "span": AutoModelForSeq2SeqLM}.get(objective, AutoModelForCausalLM)
 
 
 def build_lm(cfg: ModelConfig, *, vocab_size: int, special_ids: dict[str, int | None], seed: int) -> PreTrainedModel:
@@ -96,6 +113,8 @@ def dropout_overrides(model_type: str, dropout: float, attention_dropout: float 
         return {"resid_pdrop": dropout, "embd_pdrop": dropout, "attn_pdrop": attention}
     if model_type in MASKED_LM_TYPES:
         return {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": attention}
+    if model_type in SPAN_CORRUPTION_TYPES:
+        return {"dropout_rate": dropout}  # one rate for every T5 dropout, attention's included
     return {}
 
 
@@ -124,6 +143,87 @@ def mask_tokens(
     return inputs, labels
 
 
+SENTINEL = re.compile(r"<extra_id_(\d+)>")
+
+
+def sentinel_ids(tokenizer) -> list[int]:
+    """The ids of the tokenizer's sentinels <extra_id_0>, <extra_id_1>, ... in that order."""
+    found = {int(match[1]): token for token in tokenizer.get_vocab() if (match := SENTINEL.fullmatch(token))}
+    return tokenizer.convert_tokens_to_ids([found[number] for number in sorted(found)])
+
+
+def corrupt_spans(
+    input_ids: torch.Tensor,
+    *,
+    noise_density: float,
+    mean_span_length: float,
+    sentinel_ids: list[int],
+    eos_id: int,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """T5's span corruption: in each row, `noise_density` of the tokens, in spans of
+    `mean_span_length` on average, are cut out. The input keeps the rest with one sentinel where
+    each span was; the target lists each sentinel followed by the span it replaced. Both end with
+    `eos_id`. Every row of a block batch has the same length, so no padding is needed:
+    inputs [rows, kept + spans + 1], labels [rows, corrupted + spans + 1].
+
+        tokens:  a b c d e f g h      inputs:  a <0> d e f <1> h </s>
+        noise:       ^ ^       ^ ^    labels:  <0> b c <1> g </s>   (with spans [b c] and [g])
+    """
+    length = input_ids.shape[1]
+    inputs, labels = [], []
+    for row in input_ids:
+        noise = span_noise_mask(length, noise_density, mean_span_length, generator)
+        starts = noise & ~torch.cat([torch.tensor([False]), noise[:-1]])
+        if int(starts.sum()) > len(sentinel_ids):
+            raise ValueError(
+                f"span corruption masks {int(starts.sum())} spans per block but the tokenizer has "
+                f"{len(sentinel_ids)} sentinel tokens: raise tokenize.sentinels"
+            )
+        span = torch.cumsum(starts, 0) - 1  # each noise token's span number
+        sentinels = torch.tensor(sentinel_ids, dtype=row.dtype)
+        inputs.append(torch.cat([_with_sentinels(row, ~noise, noise, span, sentinels), row.new_tensor([eos_id])]))
+        labels.append(torch.cat([_with_sentinels(row, noise, noise, span, sentinels), row.new_tensor([eos_id])]))
+    return torch.stack(inputs), torch.stack(labels)
+
+
+def _with_sentinels(
+    row: torch.Tensor, keep: torch.Tensor, noise: torch.Tensor, span: torch.Tensor, sentinels: torch.Tensor
+) -> torch.Tensor:
+    """`row`'s kept tokens, each span's sentinel placed at its first noise token (before the span's
+    tokens when they are kept, in place of them when they are not)."""
+    starts = noise & ~torch.cat([torch.tensor([False]), noise[:-1]])
+    pieces = []
+    for position in range(len(row)):
+        if starts[position]:
+            pieces.append(sentinels[span[position]])
+        if keep[position]:
+            pieces.append(row[position])
+    return torch.stack(pieces)
+
+
+def span_noise_mask(
+    length: int, noise_density: float, mean_span_length: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Which of `length` tokens are corrupted: kept and corrupted runs alternate, a kept run first,
+    the run lengths random (T5's random_spans_noise_mask)."""
+    noise = min(max(1, round(length * noise_density)), length - 1)
+    spans = max(1, min(round(noise / mean_span_length), noise, length - noise))
+    mask = []
+    for kept, corrupted in zip(
+        _segments(length - noise, spans, generator), _segments(noise, spans, generator), strict=True
+    ):
+        mask += [False] * kept + [True] * corrupted
+    return torch.tensor(mask)
+
+
+def _segments(items: int, count: int, generator: torch.Generator) -> list[int]:
+    """`items` cut into `count` non-empty runs at random places."""
+    cuts = sorted((torch.randperm(items - 1, generator=generator)[: count - 1] + 1).tolist())
+    bounds = [0, *cuts, items]
+    return [end - start for start, end in zip(bounds, bounds[1:], strict=False)]
+
+
 def count_parameters(model: torch.nn.Module) -> int:
     # ZeRO-3 partitions each tensor; ds_numel is its full size.
     return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
@@ -141,7 +241,12 @@ def smoke_test(model_dir: Path, kind: str, text: str = "a short sample text .") 
     """
     import transformers
 
-    named = {"mlm": AutoModelForMaskedLM, "clm": AutoModelForCausalLM, "classifier": AutoModelForSequenceClassification}
+    named = {
+        "mlm": AutoModelForMaskedLM,
+        "clm": AutoModelForCausalLM,
+        "span": AutoModelForSeq2SeqLM,
+        "classifier": AutoModelForSequenceClassification,
+    }
     auto = named[kind] if kind in named else getattr(transformers, kind)
     try:
         model = auto.from_pretrained(model_dir, use_safetensors=True).eval()
@@ -149,8 +254,10 @@ def smoke_test(model_dir: Path, kind: str, text: str = "a short sample text .") 
     except Exception as error:  # noqa: BLE001 - corrupt files raise OSError, ValueError, SafetensorError, ...
         raise RuntimeError(f"the exported model in {model_dir} does not load with {auto.__name__}: {error}") from error
     inputs = tokenizer([text], return_tensors="pt", truncation=True, max_length=32)
-    if kind == "clm":
+    if kind in ("clm", "span"):
         inputs.pop("token_type_ids", None)  # decoders take no segment ids
+    if kind == "span":
+        inputs["decoder_input_ids"] = inputs["input_ids"][:, :4]  # a few decoder steps
     output = model(**inputs)
     logits = output.logits if "logits" in output else torch.stack([output.start_logits, output.end_logits])
     if not torch.isfinite(logits).all():

@@ -1,10 +1,11 @@
-"""Stage 2, pretrain: masked-LM (BERT-style) or causal-LM (GPT-2-style) pre-training under Ray
-Train, every step through a DeepSpeed engine, from random weights or a checkpoint (`init_from`).
-Ends with a plain HF folder (safetensors + config + tokenizer), loaded back and run once as a
-smoke test, its weights hash recorded in MLflow.
+"""Stage 2, pretrain: masked-LM (BERT-style), causal-LM (GPT-2-style) or span-corruption (T5-style
+encoder-decoder) pre-training under Ray Train, every step through a DeepSpeed engine, from random
+weights or a checkpoint (`init_from`). Ends with a plain HF folder (safetensors + config +
+tokenizer), loaded back and run once as a smoke test, its weights hash recorded in MLflow.
 
 Output folder:
-    model/           save_pretrained folder of the *ForMaskedLM / *ForCausalLM, with the tokenizer
+    model/           save_pretrained folder of the *ForMaskedLM / *ForCausalLM / *ForConditionalGeneration,
+                     with the tokenizer
     metrics.json     final metrics
 """
 
@@ -27,7 +28,7 @@ from components.metrics import training_progress
 from components.stage import StageContext, StageResult
 from components.throughput import Throughput, device_name
 from components.tracking import node_system_metrics, open_tracker
-from components.vocab import special_ids
+from components.vocab import separator_id, special_ids
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ def run(cfg: PretrainConfig, tokenized_uri: str, ctx: StageContext) -> StageResu
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train worker: masked- or causal-LM pre-training through DeepSpeed, checkpoints reported
+    """Ray Train worker: masked-LM, causal-LM or span-corruption pre-training through DeepSpeed, checkpoints reported
     to Ray Train, throughput and start-up times logged by rank 0.
 
     After a failure (Ray Train restarts the worker group) or a resumed pipeline run, the loop
@@ -109,7 +110,14 @@ def _pretrain(cfg: _WorkerConfig) -> None:
     shard = training.Shard(rank, world, stage.batch_size_per_worker)
     engine = _setup_engine(stage, tokenizer, cfg.seed)
     engine_ready = time.time()
-    masker = _Targets(tokenizer, cfg.objective, stage.mlm_probability, seed=cfg.seed * 1000 + rank)
+    masker = _Targets(
+        tokenizer,
+        cfg.objective,
+        stage.mlm_probability,
+        seed=cfg.seed * 1000 + rank,
+        noise_density=stage.noise_density,
+        mean_span_length=stage.mean_span_length,
+    )
     loaded_step, loss = _restore(engine, masker, rank)
     resumed = loaded_step is not None or cfg.resumed
     tracker = open_tracker(cfg.tracking_uri, cfg.mlflow_run_id, rank=rank, resumed=resumed)
@@ -254,23 +262,49 @@ def _batches(data: torch.Tensor, shard: training.Shard, max_steps: int, seed: in
 
 
 class _Targets:
-    """(inputs, labels) of a batch for the objective: masked-LM masks tokens (its generator is part
-    of the checkpoint); causal-LM predicts every next token (the model shifts the labels)."""
+    """(inputs, labels) of a batch for the objective: masked-LM masks tokens, span corruption cuts
+    spans out (the generator of either is part of the checkpoint); causal-LM predicts every next
+    token (the model shifts the labels)."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerFast, objective: str, probability: float, seed: int):
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerFast,
+        objective: str,
+        probability: float,
+        seed: int,
+        *,
+        noise_density: float = 0.15,
+        mean_span_length: float = 3.0,
+    ):
         if objective == "mlm" and tokenizer.mask_token_id is None:
             raise ValueError(
                 "masked-LM pre-training needs a tokenizer with a mask token; this one has none "
                 "(a GPT-style tokenizer?): use a causal-LM model family or another tokenizer"
             )
+        self.sentinels = models.sentinel_ids(tokenizer)
+        if objective == "span" and not self.sentinels:
+            raise ValueError(
+                "span-corruption pre-training needs sentinel tokens <extra_id_N>; this tokenizer has "
+                "none: set tokenize.sentinels (or leave it 0 with the t5 family)"
+            )
         self.tokenizer = tokenizer
         self.objective = objective
         self.probability = probability
+        self.noise_density, self.mean_span_length = noise_density, mean_span_length
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.objective == "clm":
             return input_ids, input_ids
+        if self.objective == "span":
+            return models.corrupt_spans(
+                input_ids,
+                noise_density=self.noise_density,
+                mean_span_length=self.mean_span_length,
+                sentinel_ids=self.sentinels,
+                eos_id=separator_id(self.tokenizer),
+                generator=self.generator,
+            )
         return models.mask_tokens(
             input_ids,
             mask_token_id=self.tokenizer.mask_token_id,
@@ -293,8 +327,8 @@ def _train_step(engine, masker: _Targets, input_ids: torch.Tensor) -> float:
 def _evaluate(
     engine, masker: _Targets, eval_ids: torch.Tensor, shard: training.Shard, objective: str
 ) -> dict[str, float]:
-    """The objective's loss on the held-out blocks (eval/mlm_loss or eval/clm_loss), token-weighted
-    over all ranks."""
+    """The objective's loss on the held-out blocks (eval/mlm_loss, eval/clm_loss or eval/span_loss),
+    token-weighted over all ranks."""
     engine.eval()
     loss_sum, targets = 0.0, 0.0
     mine = shard.eval_rows(len(eval_ids))

@@ -26,7 +26,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from components.configs import SPECIAL_TOKENS, CorpusConfig, DataConfig, TaskConfig, TokenizeConfig
-from components.data import load_source
+from components.data import load_corpus, load_source
 from components.stage import StageContext, StageResult, write_json
 from components.tasks import task_type
 from components.vocab import separator_id, start_id
@@ -38,7 +38,7 @@ TASK_SPLITS = ("train", "validation", "test")
 
 def run_corpus(cfg: TokenizeConfig, corpus: CorpusConfig, ctx: StageContext) -> StageResult:
     """Train the tokenizer (or load it) and pack the corpus into blocks under ctx.output_dir."""
-    table = load_source(corpus.source, labelled=False)
+    table = load_corpus(corpus)
     tokenizer_dir = ctx.output_dir / "tokenizer"
     if cfg.pretrained:
         tokenizer = load_pretrained(cfg.pretrained, cfg.seq_len)
@@ -93,6 +93,7 @@ def _write_task(task: TaskConfig, tokenizer_dir: Path, cfg: TokenizeConfig, outp
 def train_tokenizer(texts: Iterable[str], cfg: TokenizeConfig) -> PreTrainedTokenizerFast:
     """Train a WordPiece (BERT-style) or byte-level BPE (GPT-2-style) tokenizer with the same special
     tokens, and wrap it as an HF fast tokenizer."""
+    sentinels = [f"<extra_id_{number}>" for number in range(cfg.sentinels)]
     if cfg.algorithm == "bpe":
         tokenizer = Tokenizer(models.BPE(unk_token=None))
         tokenizer.normalizer = normalizers.Lowercase() if cfg.lowercase else None
@@ -101,7 +102,7 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizeConfig) -> PreTrainedToke
         trainer = trainers.BpeTrainer(
             vocab_size=cfg.vocab_size,
             min_frequency=cfg.min_frequency,
-            special_tokens=list(SPECIAL_TOKENS),
+            special_tokens=[*SPECIAL_TOKENS, *sentinels],
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         )
     else:
@@ -110,7 +111,7 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizeConfig) -> PreTrainedToke
         tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tokenizer.decoder = decoders.WordPiece()
         trainer = trainers.WordPieceTrainer(
-            vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency, special_tokens=list(SPECIAL_TOKENS)
+            vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency, special_tokens=[*SPECIAL_TOKENS, *sentinels]
         )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
@@ -125,6 +126,7 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizeConfig) -> PreTrainedToke
         cls_token="[CLS]",
         sep_token="[SEP]",
         mask_token="[MASK]",
+        extra_special_tokens=sentinels,  # span corruption's, never split or produced from text
     )
 
 

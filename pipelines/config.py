@@ -37,6 +37,7 @@ from components.configs import (
     TaskConfig,
     TokenizeConfig,
     TuneConfig,
+    span_count,
 )
 from components.redaction import CredentialsNeeded, connectable_uri, redact_text, redact_url
 from components.tasks import task_type
@@ -167,6 +168,16 @@ class PipelineConfig(BaseModel):
             if "sample_texts" in serve.model_fields_set:
                 raise ValueError(f"{where}.sample_texts: {problem.replace('texts.', 'item ', 1)}")
             serve.sample_texts = [kind.example]
+        return self
+
+    @model_validator(mode="after")
+    def _sentinels_for_span_corruption(self) -> PipelineConfig:
+        """A tokenizer trained for the t5 family gets the sentinels its span corruption needs."""
+        model, tokenize = self.pretrain.model, self.tokenize
+        if model.family == "t5" and not model.init_from and not tokenize.pretrained and not tokenize.sentinels:
+            tokenize.sentinels = span_count(
+                tokenize.seq_len, self.pretrain.noise_density, self.pretrain.mean_span_length
+            )
         return self
 
     @model_validator(mode="after")
@@ -417,6 +428,7 @@ def semantic_problems(sections: dict[str, Any]) -> list[Problem]:
     if pretrain:
         problems += _model_problems(pretrain, tokenize)
         problems += _init_problems(pretrain, tokenize)
+        problems += _encoder_decoder_task_problems(pretrain, sections.get("data"), sections.get("tasks"))
     if "tune" in sections:
         problems += _tune_problems(sections["tune"])
     for stage in ("pretrain", "finetune"):
@@ -549,6 +561,17 @@ def _model_problems(pretrain: PretrainConfig, tokenize: TokenizeConfig | None) -
         )
     if model.init_from:
         return problems  # sizes come from the checkpoint (see _init_problems)
+    needed = span_count(tokenize.seq_len if tokenize else 64, pretrain.noise_density, pretrain.mean_span_length)
+    if model.family == "t5" and tokenize and not tokenize.pretrained and 0 < tokenize.sentinels < needed:
+        problems.append(
+            Problem(
+                "tokenize.sentinels",
+                tokenize.sentinels,
+                f"span corruption cuts {needed} spans out of each block of {tokenize.seq_len} tokens, "
+                "one sentinel for each",
+                f"set tokenize.sentinels to at least {needed}, or remove it to get as many as needed",
+            )
+        )
     sizes = model.resolved()
     if tokenize and tokenize.seq_len > sizes["max_positions"]:
         problems.append(
@@ -570,6 +593,26 @@ def _model_problems(pretrain: PretrainConfig, tokenize: TokenizeConfig | None) -
             )
         )
     return problems
+
+
+def _encoder_decoder_task_problems(
+    pretrain: PretrainConfig, data: DataConfig | None, tasks: dict | None
+) -> list[Problem]:
+    """The task types a t5-family pre-training feeds: sentence classification only, so far."""
+    if pretrain.model.family != "t5" or pretrain.model.init_from:
+        return []
+    typed = {"data.task.type": data.task.type} if data and data.task else {}
+    typed.update({f"tasks.{name}.data.type": spec.data.type for name, spec in (tasks or {}).items()})
+    return [
+        Problem(
+            key,
+            kind,
+            "an encoder-decoder (t5) pre-training feeds sentence_classification tasks only, so far",
+            "fine-tune this task on a bert or gpt2 pre-training, or drop it from this config",
+        )
+        for key, kind in typed.items()
+        if kind != "sequence_classification"
+    ]
 
 
 def _init_problems(pretrain: PretrainConfig, tokenize: TokenizeConfig | None) -> list[Problem]:
@@ -917,7 +960,8 @@ def data_problems(sections: dict[str, Any]) -> list[Problem]:
         return []
     tasks = {"data.task": data.task} if data.task else {}
     tasks.update({f"tasks.{name}.data": spec.data for name, spec in (sections.get("tasks") or {}).items()})
-    sources = [("data.corpus.source", data.corpus.source, False)] + [
+    corpus = [data.corpus.source.model_copy(update={"text_column": c}) for c in data.corpus.text_columns]
+    sources = [("data.corpus.source", source, False) for source in corpus or [data.corpus.source]] + [
         (f"{prefix}.{split}", getattr(task, split), True)
         for prefix, task in tasks.items()
         for split in ("train", "validation", "test")
@@ -925,7 +969,10 @@ def data_problems(sections: dict[str, Any]) -> list[Problem]:
     problems = []
     for key, source, labelled in sources:
         for subkey, message, fix in data_sources.check_source(source, labelled=labelled):
-            problems.append(Problem(f"{key}.{subkey}", getattr(source, subkey), message, fix))
+            where = f"{key}.{subkey}"
+            if corpus and where == "data.corpus.source.text_column":
+                where = "data.corpus.text_columns"  # the column named there, not the source's own
+            problems.append(Problem(where, getattr(source, subkey), message, fix))
     return problems
 
 

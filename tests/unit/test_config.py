@@ -53,6 +53,29 @@ def _problems(raw: dict) -> list:
     return info.value.problems
 
 
+def test_the_t5_family_gets_the_sentinels_its_span_corruption_needs(tmp_path: Path) -> None:
+    raw = tiny_config_dict(tmp_path)
+    apply_overrides(raw, ["pretrain.model.family=t5", "tokenize.seq_len=64"])
+    assert validate(raw).tokenize.sentinels == 3  # 10 of 64 tokens corrupted, in spans of ~3
+    bert = tiny_config_dict(tmp_path)
+    assert validate(bert).tokenize.sentinels == 0
+
+    apply_overrides(raw, ["tokenize.sentinels=2"])
+    (problem,) = _problems(raw)
+    assert (problem.key, problem.value) == ("tokenize.sentinels", 2)
+    assert "3 spans" in problem.message and "at least 3" in problem.fix
+
+
+def test_a_t5_pre_training_feeds_sentence_classification_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    shared("data")
+    monkeypatch.chdir(REPO)
+    raw = yaml.safe_load((REPO / "configs" / "demo_multitask.yaml").read_text())
+    apply_overrides(raw, ["pretrain.model.family=t5"])
+    problems = {problem.key: problem for problem in _problems(raw)}
+    assert set(problems) == {"tasks.entities.data.type", "tasks.answers.data.type"}
+    assert "sentence_classification tasks only" in problems["tasks.entities.data.type"].message
+
+
 def test_all_problems_reported_at_once(tmp_path: Path) -> None:
     raw = tiny_config_dict(tmp_path)
     apply_overrides(raw, ["pretrain.max_steps=many", "tune.num_samples=0", "pretrain.modle.preset=tiny"])

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from components import synthetic
-from components.data import FileSource, SyntheticSource, check_source, fingerprint, load_source
+from components.data import FileSource, SyntheticSource, check_source, fingerprint, load_corpus, load_source
 
 ROWS = [{"review": "a fine film", "stars": "pos"}, {"review": "a dull film", "stars": "neg"}]
 
@@ -57,6 +57,25 @@ def test_check_source_reports_missing_file_and_columns(tmp_path: Path) -> None:
     wrong = check_source(FileSource(path=str(path)), labelled=True)
     assert [key for key, _, _ in wrong] == ["text_column", "label_column"]
     assert "review" in wrong[0][2]
+
+
+def test_a_corpus_of_two_columns_reads_each_as_documents_and_names_a_missing_one(tmp_path: Path) -> None:
+    """Both sides of a translation pair as one multilingual corpus (Multi30k's en and de)."""
+    from components.configs import CorpusConfig, DataConfig
+    from pipelines.config import data_problems
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"en": f"a dog {n}", "de": f"ein Hund {n}"}) + "\n" for n in range(3)))
+    corpus = CorpusConfig(source=FileSource(path=str(path)), text_columns=["en", "de"])
+    assert load_corpus(corpus).column("text").to_pylist() == [
+        *(f"a dog {n}" for n in range(3)),
+        *(f"ein Hund {n}" for n in range(3)),
+    ]
+    wrong = CorpusConfig(source=FileSource(path=str(path)), text_columns=["en", "fr"])
+    (problem,) = data_problems({"data": DataConfig(corpus=wrong)})
+    assert (problem.key, problem.value) == ("data.corpus.text_columns", "fr") and "en, de" in problem.fix
+    with pytest.raises(ValueError, match="text_columns needs a file or hub source"):
+        CorpusConfig(source=SyntheticSource(split="corpus"), text_columns=["en"])
 
 
 def test_fingerprint_follows_file_content(tmp_path: Path) -> None:

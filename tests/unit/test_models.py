@@ -24,7 +24,13 @@ def test_presets_build_configs(family: str, preset: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "family, preset, vocab, millions", [("bert", "base", 30522, 110), ("gpt2", "small", 50257, 124)]
+    "family, preset, vocab, millions",
+    [
+        ("bert", "base", 30522, 110),
+        ("gpt2", "small", 50257, 124),
+        ("t5", "small", 32128, 60),
+        ("t5", "base", 32128, 223),
+    ],
 )
 def test_the_large_presets_have_their_published_sizes(family: str, preset: str, vocab: int, millions: int) -> None:
     config = models.build_config(ModelConfig(family=family, preset=preset), vocab_size=vocab, special_ids={"pad": 0})
@@ -33,7 +39,7 @@ def test_the_large_presets_have_their_published_sizes(family: str, preset: str, 
     assert abs(models.count_parameters(model) / 1e6 - millions) < 2
 
 
-@pytest.mark.parametrize("family, objective", [("bert", "mlm"), ("gpt2", "clm")])
+@pytest.mark.parametrize("family, objective", [("bert", "mlm"), ("gpt2", "clm"), ("t5", "span")])
 def test_each_family_trains_with_its_objective_on_sdpa(family: str, objective: str) -> None:
     cfg = ModelConfig(family=family, preset="tiny")
     assert cfg.objective == objective
@@ -112,6 +118,58 @@ def test_mask_tokens_respects_specials_and_rate() -> None:
     masked_share = (inputs[targets] == 4).float().mean()
     assert 0.75 < masked_share < 0.85
     assert torch.equal(inputs[~targets], ids[~targets])
+
+
+def _corrupted(rows: int = 4, length: int = 64, seed: int = 0, sentinels: list[int] | None = None):
+    ids = torch.arange(100, 100 + length).repeat(rows, 1)  # every token distinct within a row
+    return ids, *models.corrupt_spans(
+        ids,
+        noise_density=0.15,
+        mean_span_length=3.0,
+        sentinel_ids=sentinels or list(range(10, 20)),
+        eos_id=3,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def test_span_corruption_cuts_spans_out_and_the_targets_put_them_back() -> None:
+    """64 tokens, 15% noise in spans of ~3: 10 corrupted tokens in 3 spans, kept tokens first."""
+    ids, inputs, labels = _corrupted()
+    assert inputs.shape == (4, 64 - 10 + 3 + 1) and labels.shape == (4, 10 + 3 + 1)
+    assert (inputs[:, -1] == 3).all() and (labels[:, -1] == 3).all()
+    for original, source, target in zip(ids, inputs, labels, strict=True):
+        assert source[0] >= 100  # a kept run comes first
+        assert [int(t) for t in source if 10 <= t < 20] == [10, 11, 12]  # one sentinel per span, in order
+        assert [int(t) for t in target if 10 <= t < 20] == [10, 11, 12] and target[0] == 10
+        # Each sentinel of the input, replaced by what follows the same sentinel in the target, gives the row back.
+        spans = {}
+        for token in target[:-1].tolist():
+            if 10 <= token < 20:
+                current = spans.setdefault(token, [])
+            else:
+                current.append(token)
+        rebuilt = [piece for token in source[:-1].tolist() for piece in (spans[token] if token in spans else [token])]
+        assert rebuilt == original.tolist()
+        assert all(spans.values())  # no empty span
+    assert not torch.equal(inputs[0], inputs[1])  # each row its own spans
+
+
+def test_span_corruption_is_a_function_of_its_generator_and_needs_a_sentinel_per_span() -> None:
+    assert all(torch.equal(a, b) for a, b in zip(_corrupted(seed=3), _corrupted(seed=3), strict=True))
+    assert not torch.equal(_corrupted(seed=3)[1], _corrupted(seed=4)[1])
+    with pytest.raises(ValueError, match="3 spans per block but the tokenizer has 2 sentinel"):
+        _corrupted(sentinels=[10, 11])
+
+
+def test_sentinels_are_found_in_their_numbers_order() -> None:
+    from components import tokenize as tok
+    from components.configs import TokenizeConfig
+
+    tokenizer = tok.train_tokenizer(["a few words of text"] * 20, TokenizeConfig(vocab_size=200, sentinels=12))
+    ids = models.sentinel_ids(tokenizer)
+    assert tokenizer.convert_ids_to_tokens(ids) == [f"<extra_id_{n}>" for n in range(12)]
+    assert tokenizer.tokenize("words <extra_id_11> text")[-2] == "<extra_id_11>"  # one token, never split
+    assert set(ids) <= set(tokenizer.all_special_ids)  # so masked-LM never picks one as a target
 
 
 def test_deepspeed_config_per_stage() -> None:
