@@ -24,7 +24,6 @@ from pathlib import Path
 
 import ray.train
 import torch
-from mlflow.tracking import MlflowClient
 from pydantic import BaseModel, Field
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -145,11 +144,10 @@ def draw_pictures(model_dir: Path, test_dir: Path, ctx: StageContext, kind: Task
     attention maps of a few test texts, from the exported model, into `plots/` and the stage's
     MLflow run. Returns the macro F1 of a classifier."""
     folder = ctx.output_dir / "plots"
-    client = MlflowClient(ctx.tracking_uri) if ctx.tracking_uri and ctx.mlflow_run_id else None
-    pictures = plots.training_curves(client, ctx.mlflow_run_id, folder, eval_key="eval/loss") if client else []
+    tracker = open_tracker(ctx.tracking_uri, ctx.mlflow_run_id)
+    pictures = plots.training_curves(tracker, folder, eval_key="eval/loss")
     if kind.name != "sequence_classification":  # a per-text confusion matrix and attention maps are its own
-        if client and pictures:
-            plots.log(client, ctx.mlflow_run_id, pictures)
+        plots.log(tracker, pictures)
         return {}
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, use_safetensors=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -165,8 +163,7 @@ def draw_pictures(model_dir: Path, test_dir: Path, ctx: StageContext, kind: Task
     maps = explain.attention_maps(model, tokenizer, texts, max_tokens=test["input_ids"].shape[1])
     pictures.append(plots.attention(maps, folder / "attention.png"))
     write_json(folder / "confusion_matrix.json", {"labels": labels, "rows_true_columns_predicted": matrix})
-    if client:
-        plots.log(client, ctx.mlflow_run_id, [*pictures, folder / "confusion_matrix.json"])
+    plots.log(tracker, [*pictures, folder / "confusion_matrix.json"])
     return {"test/macro_f1": macro_f1(matrix)}
 
 

@@ -9,14 +9,13 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from mlflow.tracking import MlflowClient
+from components.tracking import Tracker
 
 PLOTS = "plots"  # the artifact folder of every picture
 
 
-def log(client: MlflowClient, run_id: str, pictures: list[Path]) -> None:
-    for picture in pictures:
-        client.log_artifact(run_id, str(picture), PLOTS)
+def log(tracker: Tracker, pictures: list[Path]) -> None:
+    tracker.log_artifacts(pictures, PLOTS)
 
 
 # pyplot's figure registry and matplotlib's font-pattern parser are not thread-safe, and task
@@ -36,19 +35,19 @@ def pyplot() -> Iterator:
         yield plt
 
 
-def _history(client: MlflowClient, run_id: str, key: str) -> tuple[list[int], list[float]]:
-    points = sorted(client.get_metric_history(run_id, key), key=lambda point: point.step)
-    return [point.step for point in points], [point.value for point in points]
+def _history(tracker: Tracker, key: str) -> tuple[list[int], list[float]]:
+    points = tracker.metric_history(key)
+    return [step for step, _ in points], [value for _, value in points]
 
 
-def training_curves(client: MlflowClient, run_id: str, folder: Path, *, eval_key: str | None = None) -> list[Path]:
+def training_curves(tracker: Tracker, folder: Path, *, eval_key: str | None = None) -> list[Path]:
     """loss.png (training loss by optimizer step; `eval_key` by epoch beside it when logged per
-    epoch) and learning_rate.png, from what the training loop logged to `run_id`."""
+    epoch) and learning_rate.png, from what the training loop logged to the tracker's run."""
     with pyplot() as plt:
         folder.mkdir(parents=True, exist_ok=True)
         written = []
-        steps, losses = _history(client, run_id, "train/loss")
-        epochs, evals = _history(client, run_id, eval_key) if eval_key else ([], [])
+        steps, losses = _history(tracker, "train/loss")
+        epochs, evals = _history(tracker, eval_key) if eval_key else ([], [])
         if steps:
             panels = 2 if len(epochs) > 1 else 1
             figure, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.4), squeeze=False)
@@ -60,7 +59,7 @@ def training_curves(client: MlflowClient, run_id: str, folder: Path, *, eval_key
             for axis in axes[0]:
                 axis.grid(alpha=0.3)
             written.append(_save(plt, figure, folder / "loss.png"))
-        steps, rates = _history(client, run_id, "train/learning_rate")
+        steps, rates = _history(tracker, "train/learning_rate")
         if steps:
             figure, axis = plt.subplots(figsize=(5, 3.4))
             axis.plot(steps, rates, color="tab:green")

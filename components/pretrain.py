@@ -18,7 +18,6 @@ from pathlib import Path
 
 import ray.train
 import torch
-from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -78,8 +77,7 @@ def run(cfg: PretrainConfig, tokenized_uri: str, ctx: StageContext) -> StageResu
     checked = models.smoke_test(model_dir, objective)
     log.info("pretrain: %s loads and runs; weights sha256 %s", model_dir, checked["weights_sha256"])
     tracker.set_tags({"ptft.weights_sha256": checked["weights_sha256"], "ptft.objective": objective})
-    client = MlflowClient(ctx.tracking_uri)
-    plots.log(client, ctx.mlflow_run_id, plots.training_curves(client, ctx.mlflow_run_id, ctx.output_dir / "plots"))
+    plots.log(tracker, plots.training_curves(tracker, ctx.output_dir / "plots"))
     return StageResult(output_uri=str(model_dir), metrics=metrics, outputs=checked)
 
 

@@ -14,6 +14,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any, Protocol
 
 from mlflow.entities import Metric, Param, RunTag
@@ -42,6 +43,8 @@ class Tracker(Protocol):
     def logged_through(self, key: str) -> int: ...
     def log_params(self, params: Mapping[str, Any]) -> None: ...
     def set_tags(self, tags: Mapping[str, str]) -> None: ...
+    def metric_history(self, key: str) -> list[tuple[int, float]]: ...
+    def log_artifacts(self, paths: list[Path], folder: str | None = None) -> None: ...
     def flush(self) -> None: ...
     def close(self, status: str = "FINISHED") -> None: ...
 
@@ -55,6 +58,10 @@ class NullTracker:
 
     def log_params(self, params: Mapping[str, Any]) -> None: ...
     def set_tags(self, tags: Mapping[str, str]) -> None: ...
+    def metric_history(self, key: str) -> list[tuple[int, float]]:
+        return []
+
+    def log_artifacts(self, paths: list[Path], folder: str | None = None) -> None: ...
     def flush(self) -> None: ...
     def close(self, status: str = "FINISHED") -> None: ...
 
@@ -132,6 +139,17 @@ class MlflowTracker:
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(key, str(value)) for key, value in redact(tags).items()])
+
+    def metric_history(self, key: str) -> list[tuple[int, float]]:
+        """(step, value) of every point of `key` in this run, by step: what arrived, after a flush."""
+        self.flush()
+        points = sorted(self.client.get_metric_history(self.run_id, key), key=lambda point: point.step)
+        return [(point.step, point.value) for point in points]
+
+    def log_artifacts(self, paths: list[Path], folder: str | None = None) -> None:
+        """Files into the run's artifact `folder` (its root when None)."""
+        for path in paths:
+            self.client.log_artifact(self.run_id, str(path), folder)
 
     def flush(self, wait_s: float = FLUSH_WAIT_S) -> None:
         """Send what is pending and wait for it while the server answers, as a synchronous call

@@ -17,6 +17,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from components import console, explain, plots
 from components.configs import FileSource, SyntheticSource
 from components.finetune import confusion_matrix, macro_f1
+from components.tracking import MlflowTracker, NullTracker
 from pipelines import lineage, progress
 from pipelines import manifest as mf
 from pipelines.cli import main
@@ -120,7 +121,8 @@ def test_pictures_are_pngs(classifier: Path, client: MlflowClient, tmp_path: Pat
         client.log_metric(run_id, "train/learning_rate", 1e-3 * min(1, step / 5), step=step)
     for epoch, loss in ((1, 0.9), (2, 0.7)):
         client.log_metric(run_id, "eval/loss", loss, step=epoch)
-    curves = plots.training_curves(client, run_id, tmp_path / "plots", eval_key="eval/loss")
+    tracker = MlflowTracker(client.tracking_uri, run_id)
+    curves = plots.training_curves(tracker, tmp_path / "plots", eval_key="eval/loss")
     assert [path.name for path in curves] == ["loss.png", "learning_rate.png"]
     model, tokenizer = _load(classifier)
     maps = explain.attention_maps(model, tokenizer, ["the film was good", "dull"], max_tokens=64)
@@ -130,11 +132,12 @@ def test_pictures_are_pngs(classifier: Path, client: MlflowClient, tmp_path: Pat
         plots.confusion_matrix([[3, 1], [0, 4]], ["negative", "positive"], tmp_path / "cm.png", title="t"),
     ]
     assert all(path.read_bytes()[:8] == PNG and path.stat().st_size > 5000 for path in pictures)
-    plots.log(client, run_id, curves)
+    plots.log(tracker, curves)
     logged = {item.path for item in client.list_artifacts(run_id, "plots")}
     assert logged == {"plots/loss.png", "plots/learning_rate.png"}
     empty = client.create_run(client.get_run(run_id).info.experiment_id).info.run_id
-    assert plots.training_curves(client, empty, tmp_path / "none") == []  # nothing logged, nothing drawn
+    assert plots.training_curves(MlflowTracker(client.tracking_uri, empty), tmp_path / "none") == []  # nothing drawn
+    assert plots.training_curves(NullTracker(), tmp_path / "untracked") == []  # a stage run without MLflow
 
 
 # --- lineage -------------------------------------------------------------------------------------
