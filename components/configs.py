@@ -87,7 +87,9 @@ class CorpusConfig(BaseModel):
         return self
 
 
-TaskTypeName = Literal["sequence_classification", "token_classification", "question_answering"]  # components/tasks/
+TaskTypeName = Literal[  # components/tasks/
+    "sequence_classification", "token_classification", "question_answering", "translation"
+]
 
 
 class TaskConfig(BaseModel):
@@ -98,7 +100,8 @@ class TaskConfig(BaseModel):
         "a list of words and a list of IOB2 tags per row (set the sources' text_column and label_column, "
         "e.g. tokens and ner_tags); question_answering (extractive, SQuAD): a question, a context and its "
         "answers per row (SQuAD JSON, or rows with question, context and answers: text_column context, "
-        "label_column answers)",
+        "label_column answers); translation: a source and a target text per row (text_column and label_column, "
+        "e.g. en and de), on an encoder-decoder pre-training (pretrain.model.family: t5)",
     )
     doc_stride: int = Field(
         128,

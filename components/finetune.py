@@ -268,6 +268,7 @@ def fit_classifier(
 
     def evaluate_split(split: str, prefix: str = "eval") -> dict[str, float]:
         kwargs = {"kind": kind, "label_names": cfg.label_names, "split_dir": f"{cfg.task_dir}/{split}"}
+        kwargs["tokenizer"] = tokenizer
         return evaluate(engine, data[split], shard, prefix=prefix, **kwargs)
 
     for epoch in range(done_epochs + 1, cfg.epochs + 1):
@@ -389,7 +390,7 @@ def _train_epoch(
     meter.reset()
     for rows in shard.epoch_batches(len(train["label"]), epoch=epoch, seed=cfg.seed):
         batch = _batch(train, rows, engine.device)
-        output = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        output = kind.forward(engine, batch)
         loss = task_loss(kind.logits(output), batch["labels"], label_smoothing=cfg.hyper.label_smoothing)
         engine.backward(loss)
         training.optimizer_step(engine)
@@ -446,9 +447,11 @@ def evaluate(
     label_names: list[str],
     prefix: str = "eval",
     split_dir: str | None = None,
+    tokenizer=None,
 ) -> dict[str, float]:
     """Loss over the whole split's labelled positions (summed across ranks), and the task type's
-    scores of every rank's predictions together."""
+    scores of every rank's predictions together: each position's most likely label, or for a task
+    type that generates (translation) each row's decoded text, scored against the row's number."""
     engine.eval()
     loss_sum, count = 0.0, 0.0
     gold, guess = [], []
@@ -456,11 +459,15 @@ def evaluate(
     for start in range(0, len(mine), shard.batch_size):
         rows = mine[start : start + shard.batch_size]
         batch = _batch(split, rows, engine.device)
-        logits = kind.logits(engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]))
+        logits = kind.logits(kind.forward(engine, batch))
         labels = batch["labels"].reshape(len(batch["labels"]), -1)  # a row's labels: one, or one per position
         kept = labels != IGNORE
         loss_sum += task_loss(logits, batch["labels"]).item() * float(kept.sum())
         count += float(kept.sum())
+        if kind.generate is not None:
+            gold += rows.tolist()
+            guess += kind.generate(engine.module, tokenizer, batch["input_ids"], batch["attention_mask"])
+            continue
         for row, row_labels, row_logits, row_kept in zip(rows.tolist(), labels, logits, kept, strict=True):
             row_gold, row_guess = kind.evaluated(row_labels, row_logits, row_kept, row)
             gold.append(row_gold)

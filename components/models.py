@@ -256,8 +256,8 @@ def smoke_test(model_dir: Path, kind: str, text: str = "a short sample text .") 
     inputs = tokenizer([text], return_tensors="pt", truncation=True, max_length=32)
     if kind in ("clm", "span"):
         inputs.pop("token_type_ids", None)  # decoders take no segment ids
-    if kind == "span":
-        inputs["decoder_input_ids"] = inputs["input_ids"][:, :4]  # a few decoder steps
+    if type(model).__name__.endswith("ForConditionalGeneration"):  # a decoder to feed (classifiers feed their own)
+        inputs["decoder_input_ids"] = inputs["input_ids"][:, :4]
     output = model(**inputs)
     logits = output.logits if "logits" in output else torch.stack([output.start_logits, output.end_logits])
     if not torch.isfinite(logits).all():

@@ -3,6 +3,7 @@
     POST /predict  {"texts": [...]} -> {"predictions": [{"label", "score", "truncated"}], "model": {...}}
                    (an entities model: {"predictions": [{"entities": [{"type", "text", "start", "end",
                    "score"}], "truncated"}], ...})
+    POST /translate the same as /predict, for a translation model ({"translation", "truncated"} per text)
     POST /explain  {"texts": [...], "layer": -1} -> {"explanations": [{"tokens", "attention" (heads x tokens),
                    "label", "score", ...}], "model": {...}}
     GET  /healthz   liveness
@@ -97,10 +98,15 @@ class Answer(BaseModel):
     truncated: bool = Field(description="the question was longer than half the model's positions and was cut")
 
 
+class Translation(BaseModel):
+    translation: str = Field(description="the text in the target language (beam search)")
+    truncated: bool = Field(description="the text was longer than the model's positions and was cut")
+
+
 class PredictResponse(BaseModel):
-    predictions: list[Prediction] | list[Entities] | list[Answer] = Field(
-        description="per text: a label (sentence classification), its entities (token classification) or "
-        "the answer (question answering)"
+    predictions: list[Prediction] | list[Entities] | list[Answer] | list[Translation] = Field(
+        description="per text: a label (sentence classification), its entities (token classification), "
+        "the answer (question answering) or its translation"
     )
     model: ModelInfo
     max_tokens: int = Field(description="tokens the model reads per text; longer texts are truncated")
@@ -247,6 +253,14 @@ class ClassifierApp:
             )
         return PredictResponse(predictions=predictions, model=self.model, max_tokens=self.scorer.max_tokens)
 
+    @app.post("/translate", response_model=PredictResponse, responses=ERRORS)
+    async def translate(self, request: Request):
+        """/predict of a translation model, under the name its clients expect."""
+        if self.scorer.task.name != "translation":
+            detail = f"this application serves a {self.scorer.task.name} model: POST /predict"
+            return JSONResponse({"detail": detail}, status_code=404)
+        return await self.predict(request)
+
     @app.post(
         "/explain",
         response_model=ExplainResponse,
@@ -266,6 +280,10 @@ class ClassifierApp:
         try:
             asked = await self._parse(request, ExplainRequest)
             texts = self._items(asked.texts)
+            if self.scorer.task.generate is not None:
+                raise RequestError(
+                    404, f"/explain shows encoder attention; a {self.scorer.task.name} model has none yet"
+                )
             if len(texts) > MAX_EXPLAIN_TEXTS:
                 raise RequestError(422, f"{len(texts)} texts; /explain takes at most {MAX_EXPLAIN_TEXTS}: split it")
             explanations = await asyncio.wait_for(

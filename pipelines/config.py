@@ -595,24 +595,31 @@ def _model_problems(pretrain: PretrainConfig, tokenize: TokenizeConfig | None) -
     return problems
 
 
+ENCODER_DECODER_TASKS = {"sequence_classification", "translation"}  # what a t5 pre-training feeds, so far
+
+
 def _encoder_decoder_task_problems(
     pretrain: PretrainConfig, data: DataConfig | None, tasks: dict | None
 ) -> list[Problem]:
-    """The task types a t5-family pre-training feeds: sentence classification only, so far."""
-    if pretrain.model.family != "t5" or pretrain.model.init_from:
+    """Translation needs an encoder-decoder (the t5 family); a t5 pre-training feeds translation
+    and sentence classification. (An init_from checkpoint's architecture is checked when it loads.)"""
+    if pretrain.model.init_from:
         return []
     typed = {"data.task.type": data.task.type} if data and data.task else {}
     typed.update({f"tasks.{name}.data.type": spec.data.type for name, spec in (tasks or {}).items()})
-    return [
-        Problem(
-            key,
-            kind,
-            "an encoder-decoder (t5) pre-training feeds sentence_classification tasks only, so far",
-            "fine-tune this task on a bert or gpt2 pre-training, or drop it from this config",
-        )
-        for key, kind in typed.items()
-        if kind != "sequence_classification"
-    ]
+    family = pretrain.model.family
+    problems = []
+    for key, kind in typed.items():
+        if family != "t5" and kind == "translation":
+            why = f"translation needs an encoder-decoder; pretrain.model.family is {family}"
+            problems.append(Problem(key, kind, why, "set pretrain.model.family: t5"))
+        elif family == "t5" and kind not in ENCODER_DECODER_TASKS:
+            why = (
+                "an encoder-decoder (t5) pre-training feeds sentence_classification and translation tasks only, so far"
+            )
+            fix = "fine-tune this task on a bert or gpt2 pre-training, or drop it from this config"
+            problems.append(Problem(key, kind, why, fix))
+    return problems
 
 
 def _init_problems(pretrain: PretrainConfig, tokenize: TokenizeConfig | None) -> list[Problem]:

@@ -20,6 +20,11 @@ def labelled_positions(labels, logits, kept, row: int) -> tuple[list, list]:
     return labels[kept].tolist(), logits.argmax(-1).reshape(labels.shape)[kept].tolist()
 
 
+def encoder_forward(model, batch: dict):
+    """The head's output for a batch of token ids (its labels are scored outside the model)."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+
+
 def texts_only(items: list) -> str | None:
     """Why served inputs are not plain texts, or None."""
     for index, item in enumerate(items):
@@ -70,6 +75,10 @@ class TaskType:
     input_problem: Callable[[list], str | None] = texts_only  # why served inputs do not fit, or None
     token_lengths: Callable[..., list[int]] = token_lengths  # (tokenizer, inputs, max_tokens) per input
     output_example: Callable = label_and_score  # the model -> an output example for its signature
+    forward: Callable = encoder_forward  # (model, batch of input_ids, attention_mask, labels) -> output
+    # (model, tokenizer, input_ids, attention_mask) -> texts; evaluation then decodes instead of
+    # taking each position's argmax, and `scores` gets each row's number and its decoded text
+    generate: Callable | None = None
 
     def model_class(self):
         import transformers

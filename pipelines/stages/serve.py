@@ -23,8 +23,8 @@ class ServedModel(BaseModel):
 
 
 class Sample(BaseModel):
-    """A sample text and what the served model answered: a label and its score, entities, or (for a
-    question with its context) the answer's span."""
+    """A sample text and what the served model answered: a label and its score, entities, a
+    translation, or (for a question with its context) the answer's span."""
 
     model_config = ConfigDict(extra="allow")  # the prediction's other fields (truncated, a span's answer)
     text: str | dict[str, str]
@@ -41,6 +41,8 @@ class Sample(BaseModel):
             return f"{(self.model_extra or {}).get('answer', '')!r} ({self.score:.3f})"
         if self.entities is not None:
             return ", ".join(f"{entity['type']} {entity['text']!r}" for entity in self.entities) or "no entities"
+        if "translation" in (self.model_extra or {}):
+            return repr(self.model_extra["translation"])
         return f"{self.label} ({self.score:.3f})"
 
 

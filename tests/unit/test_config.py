@@ -73,7 +73,7 @@ def test_a_t5_pre_training_feeds_sentence_classification_only(monkeypatch: pytes
     apply_overrides(raw, ["pretrain.model.family=t5"])
     problems = {problem.key: problem for problem in _problems(raw)}
     assert set(problems) == {"tasks.entities.data.type", "tasks.answers.data.type"}
-    assert "sentence_classification tasks only" in problems["tasks.entities.data.type"].message
+    assert "sentence_classification and translation tasks only" in problems["tasks.entities.data.type"].message
 
 
 def test_all_problems_reported_at_once(tmp_path: Path) -> None:

@@ -1,0 +1,116 @@
+"""Translation (sequence to sequence): a source text and its target text per row (Multi30k's en and
+de: `text_column: en`, `label_column: de`), on an encoder-decoder (the t5 family, or an `init_from`
+T5 checkpoint). Trained with teacher forcing: the decoder reads the target shifted right and is
+taught each next target token (label smoothing from the hyperparameters). Evaluated by decoding:
+beam search over the source, then corpus BLEU and chrF with sacrebleu against the untokenized
+reference texts (sacrebleu's default `13a` tokenisation for BLEU, as its signature states)."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from components.tasks.base import IGNORE, TaskType, truncated
+from components.vocab import separator_id
+
+NUM_BEAMS = 4  # beam width of evaluation and serving
+LENGTH_FACTOR = 1.5  # a translation may be this much longer than its source, in tokens (plus a few)
+
+
+def _check_rows(table: pa.Table, split: str) -> None:
+    for column, holds in (("text", "source"), ("label", "target")):
+        kind = table.column(column).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise ValueError(
+                f"the {split} split's {holds} column holds {kind}, not texts: a translation task reads strings"
+            )
+    for row, (source, target) in enumerate(zip(*(table.column(c).to_pylist() for c in ("text", "label")), strict=True)):
+        if not (source or "").strip() or not (target or "").strip():
+            raise ValueError(f"row {row + 1} of the {split} split has an empty source or target text: drop it")
+
+
+def _no_classes(table: pa.Table) -> list[str]:
+    return []
+
+
+def _tokenize(batch: pa.Table, tokenizer, seq_len: int, label_ids: dict[str, int], **options) -> dict:
+    """The source with the tokenizer's specials; as labels the target's tokens and the end token,
+    IGNORE after it. The untokenized target is kept as `reference` for BLEU."""
+    sources, targets = batch.column("text").to_pylist(), batch.column("label").to_pylist()
+    encoded = tokenizer(sources, max_length=seq_len, truncation=True, padding="max_length")
+    end = separator_id(tokenizer)
+    labels = []
+    for ids in tokenizer(targets, add_special_tokens=False, max_length=seq_len - 1, truncation=True)["input_ids"]:
+        row = [*ids, end]
+        labels.append(row + [IGNORE] * (seq_len - len(row)))
+    return {
+        "input_ids": pa.array(encoded["input_ids"], type=pa.list_(pa.int32())),
+        "attention_mask": pa.array(encoded["attention_mask"], type=pa.list_(pa.int8())),
+        "label": pa.array(labels, type=pa.list_(pa.int64())),
+        "reference": pa.array(targets, type=pa.string()),
+    }
+
+
+def _forward(model, batch: dict):
+    """Teacher forcing: the model shifts the labels right into the decoder's inputs."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+
+
+def generate(model, tokenizer, input_ids, attention_mask, *, num_beams: int = NUM_BEAMS) -> list[str]:
+    """Beam-search translations of a batch of tokenized sources, as texts."""
+    import torch
+
+    longest = int(attention_mask.sum(-1).max())
+    with torch.inference_mode():
+        output = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            num_beams=num_beams,
+            max_new_tokens=int(longest * LENGTH_FACTOR) + 8,
+            early_stopping=True,
+        )
+    return tokenizer.batch_decode(output, skip_special_tokens=True, clean_up_tokenization_spaces=True)
+
+
+def _scores(gold: list, guessed: list[str], names: list[str], split_dir: str | None = None) -> dict[str, float]:
+    """Corpus BLEU and chrF of the translations against the split's reference texts (`gold` holds
+    each translated row's number in the split)."""
+    import sacrebleu
+
+    references = pq.read_table(split_dir, columns=["reference"]).column("reference").to_pylist()
+    wanted = [references[row] for row in gold]
+    return {
+        "bleu": sacrebleu.corpus_bleu(guessed, [wanted]).score,
+        "chrf": sacrebleu.corpus_chrf(guessed, [wanted]).score,
+    }
+
+
+def _predict(model, tokenizer, texts: list[str], max_tokens: int) -> list[dict]:
+    encoded = tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
+    translations = generate(model, tokenizer, encoded["input_ids"], encoded["attention_mask"])
+    return [{"translation": text, "truncated": cut} for text, cut in zip(translations, truncated(encoded), strict=True)]
+
+
+def _output_example(model) -> list[dict]:
+    return [{"translation": "ein Beispielsatz", "truncated": False}]
+
+
+TASK = TaskType(
+    name="translation",
+    auto_model="AutoModelForSeq2SeqLM",
+    mlflow_task=None,  # a pyfunc: ptft's own beam search and limits, whatever the model's language pair
+    headline="bleu",
+    reports=("loss", "bleu", "chrf"),
+    check_rows=_check_rows,
+    label_values=_no_classes,
+    labels_of=_no_classes,
+    tokenize=_tokenize,
+    scores=_scores,
+    example="A dog runs through the grass.",
+    architecture="ForConditionalGeneration",
+    predict=_predict,
+    has_classes=False,
+    forward=_forward,
+    generate=generate,
+    output_example=_output_example,
+)

@@ -1,0 +1,180 @@
+"""Translation: source/target tokenization, teacher forcing (label shifting), BLEU and chrF with
+sacrebleu, beam-search decoding, and the fine-tuning loop learning a small real slice of Multi30k
+on a tiny T5, in this process."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from components import accelerator, finetune, models, training
+from components import tokenize as tok
+from components.configs import DeepSpeedConfig, Hyperparameters, ModelConfig, TokenizeConfig
+from components.tasks import IGNORE, task_type
+from components.vocab import special_ids
+from tests.conftest import shared
+
+TRANSLATION = task_type("translation")
+PAIRS = [("A dog runs.", "Ein Hund rennt."), ("Two men sit on a bench.", "Zwei Männer sitzen auf einer Bank.")]
+
+
+def _tokenizer(folder: Path) -> str:
+    texts = [text for pair in PAIRS for text in pair] * 5
+    tokenizer = tok.train_tokenizer(texts, TokenizeConfig(vocab_size=120, min_frequency=1, lowercase=False))
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def _rows(pairs: list[tuple[str, str]]) -> pa.Table:
+    return pa.table({"text": [source for source, _ in pairs], "label": [target for _, target in pairs]})
+
+
+def test_the_target_is_the_label_ending_in_the_end_token_and_the_reference_is_kept(tmp_path: Path) -> None:
+    folder = _tokenizer(tmp_path / "tokenizer")
+    out = tok.tokenize_examples(_rows(PAIRS), tokenizer_dir=folder, seq_len=16, label_values=[], task="translation")
+    tokenizer = tok._load_tokenizer(folder)
+    for row, (source, target) in enumerate(PAIRS):
+        labels = out.column("label")[row].as_py()
+        kept = [token for token in labels if token != IGNORE]
+        assert kept[-1] == tokenizer.sep_token_id and len(labels) == 16
+        assert tokenizer.decode(kept[:-1]) == tokenizer.decode(tokenizer(target, add_special_tokens=False)["input_ids"])
+        assert labels[len(kept) :] == [IGNORE] * (16 - len(kept))  # nothing to learn after the end
+        ids = out.column("input_ids")[row].as_py()
+        assert ids[0] == tokenizer.cls_token_id and tokenizer.decode(ids, skip_special_tokens=True) == tokenizer.decode(
+            tokenizer(source, add_special_tokens=False)["input_ids"]
+        )
+    assert out.column("reference").to_pylist() == [target for _, target in PAIRS]
+
+
+def test_rows_must_be_two_non_empty_texts() -> None:
+    with pytest.raises(ValueError, match="not texts"):
+        TRANSLATION.check_rows(pa.table({"text": [["a", "b"]], "label": ["x"]}), "train")
+    with pytest.raises(ValueError, match="row 2 of the test split has an empty source or target"):
+        TRANSLATION.check_rows(pa.table({"text": ["a", "b"], "label": ["x", " "]}), "test")
+
+
+def test_teacher_forcing_feeds_the_decoder_the_labels_shifted_right() -> None:
+    """The decoder reads [start, y1, y2, ...] and is scored on [y1, y2, ..., end]: the logits of
+    the task's forward equal those of an explicit shift (IGNORE read as padding)."""
+    model = models.build_lm(ModelConfig(family="t5"), vocab_size=50, special_ids={"pad": 0, "eos": 3}, seed=0).eval()
+    batch = {
+        "input_ids": torch.tensor([[5, 6, 7, 3]]),
+        "attention_mask": torch.ones(1, 4, dtype=torch.long),
+        "labels": torch.tensor([[8, 9, 3, IGNORE]]),
+    }
+    shifted = torch.tensor([[0, 8, 9, 3]])  # the decoder starts at pad (T5's convention)
+    with torch.no_grad():
+        forced = TRANSLATION.forward(model, batch).logits
+        explicit = model(input_ids=batch["input_ids"], decoder_input_ids=shifted).logits
+    assert torch.allclose(forced, explicit)
+
+
+def test_bleu_and_chrf_are_sacrebleus_on_the_reference_texts(tmp_path: Path) -> None:
+    split = tmp_path / "validation"
+    split.mkdir()
+    references = ["Ein Hund rennt durch das Gras.", "Zwei Männer sitzen auf einer Bank."]
+    pq.write_table(pa.table({"reference": references}), split / "part-0.parquet")
+    perfect = TRANSLATION.scores([0, 1], references, [], str(split))
+    assert perfect == {"bleu": pytest.approx(100.0), "chrf": pytest.approx(100.0)}
+    disjoint = TRANSLATION.scores([0, 1], ["xyz qrs", "uvw"], [], str(split))
+    assert disjoint["bleu"] == 0.0 and disjoint["chrf"] < 5
+    # Rows come back in any order across ranks: each guess is scored against its own row's reference.
+    swapped = TRANSLATION.scores([1, 0], list(reversed(references)), [], str(split))
+    assert swapped["bleu"] == pytest.approx(100.0)
+    # One word of six wrong in the second: BLEU drops, chrF keeps most character n-grams.
+    partial = TRANSLATION.scores([0, 1], [references[0], "Zwei Frauen sitzen auf einer Bank."], [], str(split))
+    assert 30 < partial["bleu"] < 100 and partial["chrf"] > partial["bleu"]
+
+
+# --- the fine-tuning loop on real Multi30k pairs ----------------------------------------------------
+
+TRAIN_PAIRS, EVAL_PAIRS, SEQ_LEN, EPOCHS = 1000, 48, 32, 8
+CHRF_AFTER = 0  # measured: see the test
+
+
+@pytest.fixture(scope="module")
+def multi30k(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A randomly initialised tiny T5 with a cased WordPiece tokenizer over both languages, and the
+    first pairs of each split tokenized as the prepare stage does; one process rank."""
+    environment, threads = dict(os.environ), torch.get_num_threads()
+    accelerator.prepare_process(use_gpu=False, num_threads=1)
+    training.ensure_process_group()
+    folder = tmp_path_factory.mktemp("multi30k")
+    data = shared("data/multi30k")
+    rows = {}
+    for split, count in (("train", TRAIN_PAIRS), ("validation", EVAL_PAIRS), ("test", EVAL_PAIRS)):
+        lines = (data / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()[:count]
+        rows[split] = [json.loads(line) for line in lines]
+    texts = [row[side] for row in rows["train"] for side in ("en", "de")]
+    tokenizer = tok.train_tokenizer(texts, TokenizeConfig(vocab_size=1000, lowercase=False, seq_len=SEQ_LEN))
+    tokenizer.save_pretrained(folder / "pretrained")
+    models.build_lm(
+        ModelConfig(family="t5"), vocab_size=len(tokenizer), special_ids=special_ids(tokenizer), seed=0
+    ).save_pretrained(folder / "pretrained")
+    for split, pairs in rows.items():
+        (folder / "task" / split).mkdir(parents=True)
+        table = _rows([(row["en"], row["de"]) for row in pairs])
+        out = tok.tokenize_examples(
+            table, tokenizer_dir=str(folder / "pretrained"), seq_len=SEQ_LEN, label_values=[], task="translation"
+        )
+        pq.write_table(out, folder / "task" / split / "part-0.parquet")
+    yield folder
+    os.environ.clear()
+    os.environ.update(environment)
+    torch.set_num_threads(threads)
+
+
+def test_fine_tuning_teaches_translation_and_reports_bleu_on_decoded_text(multi30k: Path) -> None:
+    """Measured (seed 0): validation loss 5.94 -> 5.01, chrF 6.9 -> 20.3, BLEU 0.6 -> 2.5 over 8
+    epochs of 1,000 pairs; a 2-layer model from random weights learns words, not yet sentences."""
+    reports = []
+    run = finetune.ClassifierRun(
+        pretrained_dir=str(multi30k / "pretrained"),
+        task_dir=str(multi30k / "task"),
+        label_names=[],
+        epochs=EPOCHS,
+        hyper=Hyperparameters(learning_rate=3e-3, batch_size_per_worker=16, dropout=0.0, label_smoothing=0.1),
+        deepspeed=DeepSpeedConfig(),
+        threads=1,
+        log_every=10,
+        seed=0,
+        export=True,
+        task_type="translation",
+    )
+    final = finetune.fit_classifier(run, report=lambda metrics, _: reports.append(metrics))
+    first, last = reports[0], reports[-1]
+    assert last["eval/loss"] < first["eval/loss"] - 0.6, (first, last)
+    assert last["eval/chrf"] > 2 * first["eval/chrf"] and last["eval/chrf"] > 15, (first, last)
+    assert {"test/bleu", "test/chrf"} <= set(final) and 0 <= final["test/bleu"] <= 100
+
+
+def test_the_fine_tuned_model_is_served_as_translations_of_texts(multi30k: Path) -> None:
+    """The served answer of an encoder-decoder folder (here the untrained one): one decoded text per
+    input, in the response schema."""
+    from components import serve
+
+    scorer = serve.Scorer(str(multi30k / "pretrained"), tracking_uri=None)
+    assert scorer.task.name == "translation"
+    answers = scorer(["A dog runs through the grass.", " ".join(["dog"] * 600)])
+    assert [answer["truncated"] for answer in answers] == [False, True]
+    assert all(isinstance(answer["translation"], str) for answer in answers)
+    served = serve.PredictResponse(
+        predictions=answers,
+        model=serve.ModelInfo(name="m", version="1", model_uri="folder"),
+        max_tokens=scorer.max_tokens,
+    )
+    assert served.model_dump()["predictions"] == answers  # read as translations, not another task's shape
+
+
+def test_the_run_summary_shows_a_sample_translation() -> None:
+    from pipelines.stages.serve import Sample
+
+    sample = Sample(text="A dog runs.", translation="Ein Hund rennt.", truncated=False)
+    assert (sample.asked(), sample.answer()) == ("A dog runs.", "'Ein Hund rennt.'")
