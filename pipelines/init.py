@@ -26,7 +26,7 @@ import yaml
 from components import data
 from pipelines.config import ConfigError, Problem, validate
 
-TASKS = ("auto", "classification", "entities", "answers", "pretrain")
+TASKS = ("auto", "classification", "entities", "answers", "translation", "pretrain")
 QA_COLUMNS = ("question", "context", "answers")  # SQuAD's, as its nested JSON reads (components/data.py)
 LABEL_NAMES = ("label", "labels", "class", "category", "sentiment", "target", "y")
 TAG_NAMES = ("ner_tags", "tags", "labels", "label", "ner")
@@ -58,7 +58,8 @@ def add_parser(commands) -> None:
         choices=TASKS,
         default="auto",
         help="default: answers for question, context and answers columns, entities for word and tag lists, "
-        "else classification when a label column is found",
+        "else classification when a label column is found; translation: --text-column is the source, "
+        "--label-column the target (default: the file's first two text columns)",
     )
     init.add_argument("--text-column", help="the column holding the text (default: detected)")
     init.add_argument("--label-column", help="the column holding the label (default: detected)")
@@ -142,6 +143,22 @@ def _label_column(table: pa.Table, text: str, wanted: str | None, task: str) -> 
     return found
 
 
+def _source_and_target(table: pa.Table, args: argparse.Namespace) -> tuple[str, str]:
+    """The named columns, else the file's first two text columns, in order."""
+    for column, flag in ((args.text_column, "--text-column"), (args.label_column, "--label-column")):
+        if column:
+            _require_column(table, column, flag)
+    strings = [field.name for field in table.schema if pa.types.is_string(field.type)]
+    source = args.text_column or next((c for c in strings if c != args.label_column), None)
+    target = args.label_column or next((c for c in strings if c != source), None)
+    if source is None or target is None:
+        why = "a translation file needs two text columns, a source and a target"
+        raise ConfigError(
+            "ptft init", [Problem("--label-column", None, why, "name them: --text-column --label-column")]
+        )
+    return source, target
+
+
 def _few_values(table: pa.Table, column: str) -> bool:
     values = table.column(column)
     if not (pa.types.is_integer(values.type) or pa.types.is_string(values.type) or pa.types.is_boolean(values.type)):
@@ -168,6 +185,8 @@ def _plan(path: Path, table: pa.Table, args: argparse.Namespace, split_dir: Path
     entities = _word_and_tag_columns(table, args)
     if args.task in ("auto", "answers") and set(QA_COLUMNS) <= set(table.column_names):
         text, label, task = "context", "answers", "answers"
+    elif args.task == "translation":
+        (text, label), task = _source_and_target(table, args), "translation"
     elif entities:
         (text, label), task = entities, "entities"
     else:
@@ -175,7 +194,8 @@ def _plan(path: Path, table: pa.Table, args: argparse.Namespace, split_dir: Path
         label = _label_column(table, text, args.label_column, args.task)
         task = "classification" if label else "pretrain"
     if task != "pretrain":
-        splits, written = _splits(path, table, text, label, split_dir, args.seed, args.force)
+        stratify = task == "classification"  # by label; the other tasks' labels are not classes
+        splits, written = _splits(path, table, text, label, split_dir, args.seed, args.force, stratify)
         train = data.read_table(str(splits["train"]))
     else:
         splits, written, train = {"corpus": path}, False, table
@@ -183,10 +203,12 @@ def _plan(path: Path, table: pa.Table, args: argparse.Namespace, split_dir: Path
     if task == "answers":  # a window holds the question too
         pairs = zip(train.column("question").to_pylist(), train.column(text).to_pylist(), strict=True)
         texts = [f"{question} {context}" for question, context in pairs]
+    if task == "translation":  # one tokenizer and one block length for both languages
+        texts += [str(value) for value in train.column(label).to_pylist() if value]
     vocab_size = _vocab_size(texts)
-    token_lengths = _token_lengths(texts, vocab_size, lowercase=task != "entities")
+    token_lengths = _token_lengths(texts, vocab_size, lowercase=task not in ("entities", "translation"))
     labels = {}
-    if label and task != "answers":
+    if label and task not in ("answers", "translation"):
         for value in train.column(label).to_pylist():
             for tag in value if task == "entities" else [value]:
                 labels[str(tag)] = labels.get(str(tag), 0) + 1
@@ -205,7 +227,7 @@ def _plan(path: Path, table: pa.Table, args: argparse.Namespace, split_dir: Path
     )
 
 
-def _splits(path, table, text, label, split_dir, seed, force) -> tuple[dict[str, Path], bool]:
+def _splits(path, table, text, label, split_dir, seed, force, stratify) -> tuple[dict[str, Path], bool]:
     """Validation and test files beside a train file (train.jsonl, validation.jsonl, ...), or a
     stratified, seeded split written to `split_dir`."""
     if "train" in path.stem:
@@ -221,7 +243,7 @@ def _splits(path, table, text, label, split_dir, seed, force) -> tuple[dict[str,
     rows = table.select([text, label, *(["question"] if "question" in table.column_names else [])]).to_pylist()
     by_label: dict[str, list[dict]] = {}
     for row in rows:  # an entities row has many tags, a question its answers: a seeded shuffle, not stratified
-        by_label.setdefault("" if isinstance(row[label], list | dict) else str(row[label]), []).append(row)
+        by_label.setdefault(str(row[label]) if stratify else "", []).append(row)
     chosen: dict[str, list[dict]] = {split: [] for split in SPLIT_SHARES}
     rng = random.Random(seed)
     for group in by_label.values():  # stratified: each label split 80/10/10 on its own
@@ -297,6 +319,8 @@ def _config_text(plan: Plan, name: str, source: Path, output: Path) -> str:
         columns = f"words column {text!r}, tags column {plan.label_column!r}"
     elif plan.task == "answers":
         columns = f"question column 'question', context column {text!r}, answers column {plan.label_column!r}"
+    elif plan.task == "translation":
+        columns = f"source column {text!r}, target column {plan.label_column!r}"
     else:
         columns = f"text column {text!r}" + (f", label column {plan.label_column!r}" if plan.label_column else "")
     if plan.written_splits:
@@ -322,10 +346,16 @@ def _config_text(plan: Plan, name: str, source: Path, output: Path) -> str:
         "    # Pre-training reads the train split's text only: validation/test text would leak into the model.",
         f"    source: {{type: file, path: {_relative(corpus_file)}, text_column: {text}}}",
     ]
+    if plan.task == "translation":
+        lines += [
+            f"    text_columns: [{text}, {plan.label_column}]   # both languages: one tokenizer, one pre-training"
+        ]
     if plan.task != "pretrain":
         lines += ["  task:"]
     if plan.task == "entities":
         lines += ["    type: token_classification   # a list of words and a list of IOB2 tags per row"]
+    if plan.task == "translation":
+        lines += ["    type: translation   # a source text and its target text per row"]
     if plan.task == "answers":
         lines += [
             "    type: question_answering   # a question, a context and the answers' spans in it per row",
@@ -347,9 +377,12 @@ def _config_text(plan: Plan, name: str, source: Path, output: Path) -> str:
         f"  seq_len: {plan.seq_len:<9}  # 99% of the texts fit (p99 {plan.lengths['p99']} tokens)"
         + ("; longer contexts are read in windows" if plan.task == "answers" else ""),
         *(["  lowercase: false    # case tells names apart"] if plan.task == "entities" else []),
+        *(["  lowercase: false    # translations are compared cased"] if plan.task == "translation" else []),
         "",
         "pretrain:",
-        "  model: {preset: mini}     # hidden 256, 4 layers; `tiny` for a quick look, `small`/`base` on a GPU",
+        "  model: {preset: mini}     # hidden 256, 4 layers; `tiny` for a quick look, `small`/`base` on a GPU"
+        if plan.task != "translation"
+        else "  model: {family: t5, preset: mini}   # an encoder-decoder, pre-trained with span corruption",
         f"  max_steps: {plan.max_steps:<7}  # about {PASSES} passes over the text",
         "  batch_size_per_worker: 32",
         "  learning_rate: 5.0e-4",
@@ -377,12 +410,21 @@ def _config_text(plan: Plan, name: str, source: Path, output: Path) -> str:
 
 
 def _headline(plan: Plan) -> str:
-    return {"entities": "entity F1 (eval/f1)", "answers": "SQuAD token F1 (eval/f1)"}.get(plan.task, "eval/accuracy")
+    headlines = {
+        "entities": "entity F1 (eval/f1)",
+        "answers": "SQuAD token F1 (eval/f1)",
+        "translation": "BLEU (eval/bleu)",
+    }
+    return headlines.get(plan.task, "eval/accuracy")
 
 
 def _task_line(plan: Plan) -> str:
     if plan.task == "answers":
         return "extractive question answering: tokenize -> pretrain -> tune -> finetune -> serve"
+    if plan.task == "translation":
+        return (
+            f"translation {plan.text_column} -> {plan.label_column}: tokenize -> pretrain -> tune -> finetune -> serve"
+        )
     if plan.task == "entities":
         types = sorted({tag.split("-", 1)[1] for tag in plan.labels if "-" in tag})
         return f"named entities ({', '.join(types)}): tokenize -> pretrain -> tune -> finetune -> serve"
@@ -396,12 +438,17 @@ def _report(plan: Plan, table: pa.Table, output: Path) -> None:
     print(f"Text column: {plan.text_column!r}")
     if plan.task == "answers":
         print(f"Question column 'question', answers column {plan.label_column!r}: spans of the context")
+    elif plan.task == "translation":
+        print(f"Target column: {plan.label_column!r} (the source is the text column)")
     elif plan.label_column:
         counts = ", ".join(f"{label} ({count})" for label, count in plan.labels.items())
         what = "Tag column" if plan.task == "entities" else "Label column"
         print(f"{what}: {plan.label_column!r}; {'tags' if plan.task == 'entities' else 'labels'} in train: {counts}")
     else:
         print("No label column: a pre-training-only config (pass --label-column to fine-tune a classifier)")
+        texts = [field.name for field in table.schema if pa.types.is_string(field.type)]
+        if len(texts) >= 2:
+            print(f"Two text columns: --task translation --text-column {texts[0]} --label-column {texts[1]} translates")
     for split, file in plan.splits.items():
         print(f"  {split:<10} {file}" + ("  (written: stratified, seeded split)" if plan.written_splits else ""))
     print("Tokens per text: " + ", ".join(f"{key} {value}" for key, value in plan.lengths.items()))

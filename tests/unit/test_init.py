@@ -86,7 +86,9 @@ def test_each_table_format_gives_a_config_that_validates(in_tmp: Path, suffix: s
     assert config.data.task.train.text_column == "body" and config.has_tasks()
 
 
-def test_a_text_file_or_unlabelled_pairs_give_a_pre_training_config(in_tmp: Path) -> None:
+def test_a_text_file_or_unlabelled_pairs_give_a_pre_training_config(
+    in_tmp: Path, capsys: pytest.CaptureFixture
+) -> None:
     Path("corpus.txt").write_text("".join(row["text"] + "\n" for row in _reviews(300)))
     assert main(["init", "corpus.txt"]) == 0
     config = load_config("configs/corpus.yaml", [])
@@ -94,6 +96,34 @@ def test_a_text_file_or_unlabelled_pairs_give_a_pre_training_config(in_tmp: Path
     assert main(["init", str(shared("data/multi30k/train.jsonl"))]) == 0
     multi30k = load_config("configs/multi30k.yaml", [])
     assert not multi30k.has_tasks() and multi30k.data.corpus.source.text_column in ("en", "de")
+    assert "--task translation --text-column en --label-column de" in capsys.readouterr().out
+
+
+def test_multi30k_with_task_translation_gets_a_t5_translation_config(
+    in_tmp: Path, capsys: pytest.CaptureFixture
+) -> None:
+    train = shared("data/multi30k/train.jsonl")
+    assert main(["init", str(train), "--task", "translation", "-o", "configs/en-de.yaml"]) == 0
+    out = capsys.readouterr().out
+    config = load_config("configs/en-de.yaml", [])
+    task = config.data.task
+    assert task.type == "translation" and config.tune.metric == "eval/bleu"
+    assert (task.train.text_column, task.train.label_column) == ("en", "de")
+    assert Path(task.validation.path) == train.with_name("validation.jsonl")
+    assert config.data.corpus.text_columns == ["en", "de"] and config.pretrain.model.family == "t5"
+    assert not config.tokenize.lowercase and config.tokenize.sentinels > 0
+    assert "translation en -> de" in Path("configs/en-de.yaml").read_text() and "Target column: 'de'" in out
+    # The other direction, from a file without splits: a seeded 80/10/10 split of the pairs.
+    pairs = [json.loads(line) for line in train.read_text(encoding="utf-8").splitlines()[:300]]
+    Path("pairs.jsonl").write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in pairs))
+    assert main(["init", "pairs.jsonl", "--task", "translation", "--text-column", "de", "--label-column", "en"]) == 0
+    reverse = load_config("configs/pairs.yaml", [])
+    assert (reverse.data.task.train.text_column, reverse.data.task.train.label_column) == ("de", "en")
+    sizes = [
+        len(Path(getattr(reverse.data.task, split).path).read_text().splitlines())
+        for split in ("train", "validation", "test")
+    ]
+    assert sizes == [240, 30, 30]
 
 
 def test_conll2003_gets_an_entities_config(in_tmp: Path, capsys: pytest.CaptureFixture) -> None:
