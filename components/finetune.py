@@ -22,6 +22,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import ray.train
 import torch
 from pydantic import BaseModel, Field
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 Report = Callable[[dict, str], None]
 ATTENTION_SAMPLES = 3  # test texts whose attention maps the stage draws
+SAMPLES = 8  # test rows whose outputs a generating task type logs beside their references
 DIVERGED = "diverged.json"  # written by the workers when the loss became NaN/inf
 
 
@@ -140,12 +142,17 @@ def register(model_dir: Path, metrics: dict, ctx: StageContext, *, name: str, te
 
 
 def draw_pictures(model_dir: Path, test_dir: Path, ctx: StageContext, kind: TaskType) -> dict[str, float]:
-    """Training curves; for sentence classification also the test split's confusion matrix and
-    attention maps of a few test texts, from the exported model, into `plots/` and the stage's
+    """Training curves; for a generating type (translation) also its score by epoch and the outputs
+    of a few test rows; for sentence classification the test split's confusion matrix and
+    attention maps of a few test texts; from the exported model, into `plots/` and the stage's
     MLflow run. Returns the macro F1 of a classifier."""
     folder = ctx.output_dir / "plots"
     tracker = open_tracker(ctx.tracking_uri, ctx.mlflow_run_id)
     pictures = plots.training_curves(tracker, folder, eval_key="eval/loss")
+    if kind.generate is not None:  # what it writes: its score by epoch, and a few test translations
+        pictures += plots.by_epoch(tracker, f"eval/{kind.headline}", folder / f"{kind.headline}.png")
+        write_json(folder / "test_samples.json", sample_outputs(model_dir, test_dir, kind))
+        pictures.append(folder / "test_samples.json")
     if kind.name != "sequence_classification":  # a per-text confusion matrix and attention maps are its own
         plots.log(tracker, pictures)
         return {}
@@ -165,6 +172,21 @@ def draw_pictures(model_dir: Path, test_dir: Path, ctx: StageContext, kind: Task
     write_json(folder / "confusion_matrix.json", {"labels": labels, "rows_true_columns_predicted": matrix})
     plots.log(tracker, [*pictures, folder / "confusion_matrix.json"])
     return {"test/macro_f1": macro_f1(matrix)}
+
+
+def sample_outputs(model_dir: Path, test_dir: Path, kind: TaskType, count: int = SAMPLES) -> list[dict]:
+    """The exported model's output for the first `count` test rows, beside their source and reference."""
+    model = kind.model_class().from_pretrained(model_dir, use_safetensors=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    test = training.load_columns(test_dir, ["input_ids", "attention_mask"])
+    ids, mask = test["input_ids"][:count].long(), test["attention_mask"][:count].long()
+    outputs = kind.generate(model, tokenizer, ids, mask)
+    references = pq.read_table(test_dir, columns=["reference"]).column("reference").to_pylist()[:count]
+    sources = tokenizer.batch_decode(ids, skip_special_tokens=True)
+    return [
+        {"source": source, "reference": reference, "output": output}
+        for source, reference, output in zip(sources, references, outputs, strict=True)
+    ]
 
 
 @torch.inference_mode()

@@ -70,6 +70,20 @@ def training_curves(tracker: Tracker, folder: Path, *, eval_key: str | None = No
         return written
 
 
+def by_epoch(tracker: Tracker, key: str, path: Path) -> list[Path]:
+    """`key` (a validation score such as eval/bleu) by epoch, as the loop logged it; none when not logged."""
+    epochs, values = _history(tracker, key)
+    if not epochs:
+        return []
+    with pyplot() as plt:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure, axis = plt.subplots(figsize=(5, 3.4))
+        axis.plot(epochs, values, marker="o", color="tab:purple")
+        axis.set(xlabel="epoch", ylabel=key, title=f"validation {key.removeprefix('eval/')}")
+        axis.grid(alpha=0.3)
+        return [_save(plt, figure, path)]
+
+
 def confusion_matrix(matrix: list[list[int]], labels: list[str], path: Path, *, title: str) -> Path:
     """Counts with true labels as rows and predictions as columns, each cell annotated."""
     with pyplot() as plt:

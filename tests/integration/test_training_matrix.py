@@ -332,6 +332,8 @@ def test_a_t5_translation_is_fine_tuned_registered_and_served_at_translate(
         m.value for m in sorted(chain.client.get_metric_history(ctx.mlflow_run_id, "eval/loss"), key=lambda m: m.step)
     ]
     assert losses[-1] < losses[0], losses
+    logged = {item.path for item in chain.client.list_artifacts(ctx.mlflow_run_id, "plots")}
+    assert {"plots/bleu.png", "plots/test_samples.json", "plots/loss.png"} <= logged
     version = chain.client.get_model_version_by_alias("matrix-t5-translation", "champion")
     assert version.tags["ptft.task_type"] == "translation" and float(version.tags["ptft.test_bleu"]) >= 0
 

@@ -178,3 +178,12 @@ def test_the_run_summary_shows_a_sample_translation() -> None:
 
     sample = Sample(text="A dog runs.", translation="Ein Hund rennt.", truncated=False)
     assert (sample.asked(), sample.answer()) == ("A dog runs.", "'Ein Hund rennt.'")
+
+
+def test_a_few_test_rows_are_translated_beside_their_references(multi30k: Path) -> None:
+    samples = finetune.sample_outputs(multi30k / "pretrained", multi30k / "task" / "test", TRANSLATION, count=3)
+    test = [
+        json.loads(line) for line in shared("data/multi30k/test.jsonl").read_text(encoding="utf-8").splitlines()[:3]
+    ]
+    assert [sample["reference"] for sample in samples] == [row["de"] for row in test]
+    assert all(isinstance(sample["output"], str) and sample["source"] for sample in samples)
