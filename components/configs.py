@@ -487,6 +487,19 @@ Scheduler = Literal["asha", "hyperband", "median", "pbt", "fifo"]
 SearchAlgorithm = Literal["random", "grid", "optuna"]
 
 
+# Every metric some task type reports (components/tasks/); the pipeline config checks the task's own.
+TuneMetric = Literal[
+    "eval/accuracy",
+    "eval/loss",
+    "eval/f1",
+    "eval/precision",
+    "eval/recall",
+    "eval/exact_match",
+    "eval/bleu",
+    "eval/chrf",
+]
+
+
 class TuneConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     enabled: bool = Field(True, description="false skips the sweep: finetune uses finetune.defaults")
@@ -518,10 +531,11 @@ class TuneConfig(BaseModel):
         default_factory=lambda: ["learning_rate", "weight_decay"],
         description="pbt: hyperparameters it perturbs (each must be in search_space)",
     )
-    metric: Literal["eval/accuracy", "eval/loss", "eval/f1", "eval/precision", "eval/recall"] | None = Field(
+    metric: TuneMetric | None = Field(
         None,
         description="validation metric to optimise; default the task type's headline: eval/accuracy for "
-        "sequence_classification, eval/f1 (entity F1) for token_classification",
+        "sequence_classification, eval/f1 for token_classification (entity F1) and question_answering, "
+        "eval/bleu for translation",
     )
     max_concurrent_trials: int = Field(2, gt=0, description="trials at once; at most the CPUs you have")
     time_budget_s: float | None = Field(None, gt=0, description="stop the sweep after this many seconds")

@@ -369,3 +369,13 @@ def test_under_pbt_or_without_a_history_the_last_epoch_counts() -> None:
     assert judged_epoch([], HISTORY[-1], _sweep()) is HISTORY[-1]
     unscored = [{"epoch": 1, "eval/accuracy": float("nan")}]
     assert judged_epoch(unscored, HISTORY[-1], _sweep())["epoch"] == 3
+
+
+def test_every_metric_a_task_type_reports_can_be_written_in_a_config() -> None:
+    """A resumed run validates its saved config again, the filled-in tune.metric included: one the
+    schema did not list (eval/bleu) made `ptft resume` of a translation run exit 2."""
+    from components.tasks import TASK_TYPES
+
+    for kind in TASK_TYPES.values():
+        for name in kind.reports:
+            assert TuneConfig(metric=f"eval/{name}").metric == f"eval/{name}"
