@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -274,6 +276,8 @@ def fit_classifier(
     tracker = open_tracker(
         cfg.tracking_uri, cfg.mlflow_run_id, rank=rank, resumed=checkpoint is not None or cfg.resumed
     )
+    # Which process trains this run (the latest attempt's): for an operator, or a fault test, to find it.
+    tracker.set_tags({"ptft.rank0_pid": str(os.getpid()), "ptft.rank0_host": socket.gethostname()})
     done_epochs, step = state["epoch"], state["step"]
     if checkpoint is not None:
         tracker.log_metrics({"restore/loaded_epoch": done_epochs, "restore/first_epoch": done_epochs + 1}, done_epochs)

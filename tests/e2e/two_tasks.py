@@ -71,7 +71,9 @@ def _driver_train_workers(address: str, driver_pid: int) -> list:
 
 
 def _kill_topic_finetuning(storage: Path, address: str, driver: subprocess.Popen) -> int:
-    """SIGKILL one worker of finetune.topic once it has trained a step; returns its pid."""
+    """SIGKILL the rank-0 worker of finetune.topic once it has trained a step; returns its pid.
+    Other branches' fine-tuning may train beside it in the same Ray job: the worker is the one the
+    stage's MLflow run names (`ptft.rank0_pid`), among this driver's live Ray Train workers."""
 
     def training() -> list:
         assert driver.poll() is None, "the driver ended before finetune.topic ran"
@@ -79,8 +81,11 @@ def _kill_topic_finetuning(storage: Path, address: str, driver: subprocess.Popen
         record = (manifest or {}).get("stages", {}).get("finetune.topic", {})
         if record.get("status") != "running" or not record.get("mlflow_run_id"):
             return []
-        metrics = MlflowClient(manifest["tracking_uri"]).get_run(record["mlflow_run_id"]).data.metrics
-        return _driver_train_workers(address, driver.pid) if metrics.get("train/step", 0) >= 1 else []
+        run = MlflowClient(manifest["tracking_uri"]).get_run(record["mlflow_run_id"])
+        pid = run.data.tags.get("ptft.rank0_pid")
+        if run.data.metrics.get("train/step", 0) < 1 or pid is None:
+            return []
+        return [worker for worker in _driver_train_workers(address, driver.pid) if str(worker.pid) == pid]
 
     victim = wait_until(training, "finetune.topic training", timeout_s=900)[0]
     os.kill(victim.pid, signal.SIGKILL)
