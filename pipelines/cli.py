@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -54,6 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"ptft: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
+    finally:
+        # Free what still holds Arrow's background threads while Arrow is alive: left to the
+        # interpreter's teardown they can abort an exit that had succeeded ("terminate called
+        # without an active exception", SIGABRT; apache/arrow#34314). Seen once in CI on `ptft validate`.
+        gc.collect()
 
 
 # Positionals that name a config file, a run, a job or a model: never `key=value`.
