@@ -172,6 +172,7 @@ def corrupt_spans(
     """
     length = input_ids.shape[1]
     inputs, labels = [], []
+    sentinels = torch.tensor(sentinel_ids, dtype=input_ids.dtype)
     for row in input_ids:
         noise = span_noise_mask(length, noise_density, mean_span_length, generator)
         starts = noise & ~torch.cat([torch.tensor([False]), noise[:-1]])
@@ -181,18 +182,16 @@ def corrupt_spans(
                 f"{len(sentinel_ids)} sentinel tokens: raise tokenize.sentinels"
             )
         span = torch.cumsum(starts, 0) - 1  # each noise token's span number
-        sentinels = torch.tensor(sentinel_ids, dtype=row.dtype)
-        inputs.append(torch.cat([_with_sentinels(row, ~noise, noise, span, sentinels), row.new_tensor([eos_id])]))
-        labels.append(torch.cat([_with_sentinels(row, noise, noise, span, sentinels), row.new_tensor([eos_id])]))
+        inputs.append(torch.cat([_with_sentinels(row, ~noise, starts, span, sentinels), row.new_tensor([eos_id])]))
+        labels.append(torch.cat([_with_sentinels(row, noise, starts, span, sentinels), row.new_tensor([eos_id])]))
     return torch.stack(inputs), torch.stack(labels)
 
 
 def _with_sentinels(
-    row: torch.Tensor, keep: torch.Tensor, noise: torch.Tensor, span: torch.Tensor, sentinels: torch.Tensor
+    row: torch.Tensor, keep: torch.Tensor, starts: torch.Tensor, span: torch.Tensor, sentinels: torch.Tensor
 ) -> torch.Tensor:
     """`row`'s kept tokens, each span's sentinel placed at its first noise token (before the span's
     tokens when they are kept, in place of them when they are not)."""
-    starts = noise & ~torch.cat([torch.tensor([False]), noise[:-1]])
     pieces = []
     for position in range(len(row)):
         if starts[position]:
