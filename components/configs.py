@@ -88,7 +88,7 @@ class CorpusConfig(BaseModel):
 
 
 TaskTypeName = Literal[  # components/tasks/
-    "sequence_classification", "token_classification", "question_answering", "translation"
+    "sequence_classification", "token_classification", "question_answering", "translation", "generation"
 ]
 
 
@@ -101,7 +101,9 @@ class TaskConfig(BaseModel):
         "e.g. tokens and ner_tags); question_answering (extractive, SQuAD): a question, a context and its "
         "answers per row (SQuAD JSON, or rows with question, context and answers: text_column context, "
         "label_column answers); translation: a source and a target text per row (text_column and label_column, "
-        "e.g. en and de), on an encoder-decoder pre-training (pretrain.model.family: t5)",
+        "e.g. en and de), on an encoder-decoder pre-training (pretrain.model.family: t5); generation: a text per "
+        "row (text_column; no label), continued causal-LM training of a decoder (pretrain.model.family: gpt2) "
+        "served at POST /generate",
     )
     doc_stride: int = Field(
         128,
@@ -117,6 +119,15 @@ class TaskConfig(BaseModel):
         description="display names for the label values in sorted order, e.g. [negative, positive] "
         "for 0/1 labels; default the values themselves",
     )
+
+    @model_validator(mode="after")
+    def _a_text_is_its_own_label(self) -> TaskConfig:
+        """A generation task reads texts only: its sources need no label column."""
+        if self.type == "generation":
+            for split in (self.train, self.validation, self.test):
+                if not isinstance(split, SyntheticSource) and "label_column" not in split.model_fields_set:
+                    split.label_column = split.text_column
+        return self
 
 
 class DataConfig(BaseModel):
@@ -631,6 +642,9 @@ class ServeConfig(BaseModel):
     max_texts: int = Field(64, gt=0, description="most texts one request may send")
     max_text_bytes: int = Field(8192, gt=0, description="longest text accepted, in UTF-8 bytes")
     max_body_bytes: int = Field(1_048_576, gt=0, description="largest request body accepted")
+    max_new_tokens: int = Field(
+        256, gt=0, description="most tokens one POST /generate request may ask for (a generation model)"
+    )
     sample_texts: list[str | dict[str, str]] = Field(
         default_factory=lambda: ["a superb and moving film .", "the plot was dull and tedious ."],
         description="sent to the deployment once it is up, as a smoke test; for question answering "

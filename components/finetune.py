@@ -24,7 +24,6 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import ray.train
 import torch
 from pydantic import BaseModel, Field
@@ -144,15 +143,16 @@ def register(model_dir: Path, metrics: dict, ctx: StageContext, *, name: str, te
 
 
 def draw_pictures(model_dir: Path, test_dir: Path, ctx: StageContext, kind: TaskType) -> dict[str, float]:
-    """Training curves; for a generating type (translation) also its score by epoch and the outputs
-    of a few test rows; for sentence classification the test split's confusion matrix and
-    attention maps of a few test texts; from the exported model, into `plots/` and the stage's
-    MLflow run. Returns the macro F1 of a classifier."""
+    """Training curves; for a type that decodes (translation) its score by epoch; for a type that
+    writes text (translation, generation) its outputs for a few test rows; for sentence
+    classification the test split's confusion matrix and attention maps of a few test texts; from
+    the exported model, into `plots/` and the stage's MLflow run. Returns a classifier's macro F1."""
     folder = ctx.output_dir / "plots"
     tracker = open_tracker(ctx.tracking_uri, ctx.mlflow_run_id)
     pictures = plots.training_curves(tracker, folder, eval_key="eval/loss")
-    if kind.generate is not None:  # what it writes: its score by epoch, and a few test translations
+    if kind.generate is not None:  # a decoded score (BLEU): by epoch
         pictures += plots.by_epoch(tracker, f"eval/{kind.headline}", folder / f"{kind.headline}.png")
+    if kind.test_samples is not None:  # what it writes for a few test rows
         write_json(folder / "test_samples.json", sample_outputs(model_dir, test_dir, kind))
         pictures.append(folder / "test_samples.json")
     if kind.name != "sequence_classification":  # a per-text confusion matrix and attention maps are its own
@@ -177,18 +177,9 @@ def draw_pictures(model_dir: Path, test_dir: Path, ctx: StageContext, kind: Task
 
 
 def sample_outputs(model_dir: Path, test_dir: Path, kind: TaskType, count: int = SAMPLES) -> list[dict]:
-    """The exported model's output for the first `count` test rows, beside their source and reference."""
+    """The exported model's output for the first `count` test rows, beside what was expected."""
     model = kind.model_class().from_pretrained(model_dir, use_safetensors=True).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    test = training.load_columns(test_dir, ["input_ids", "attention_mask"])
-    ids, mask = test["input_ids"][:count].long(), test["attention_mask"][:count].long()
-    outputs = kind.generate(model, tokenizer, ids, mask)
-    references = pq.read_table(test_dir, columns=["reference"]).column("reference").to_pylist()[:count]
-    sources = tokenizer.batch_decode(ids, skip_special_tokens=True)
-    return [
-        {"source": source, "reference": reference, "output": output}
-        for source, reference, output in zip(sources, references, outputs, strict=True)
-    ]
+    return kind.test_samples(model, AutoTokenizer.from_pretrained(model_dir), str(test_dir), count)
 
 
 @torch.inference_mode()

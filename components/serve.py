@@ -4,6 +4,9 @@
                    (an entities model: {"predictions": [{"entities": [{"type", "text", "start", "end",
                    "score"}], "truncated"}], ...})
     POST /translate the same as /predict, for a translation model ({"translation", "truncated"} per text)
+    POST /generate {"prompt", "max_new_tokens", "temperature", "top_p", "seed", "stream"} -> {"text",
+                   "tokens", "finish_reason", "model"}; with "stream": true, server-sent events, one per
+                   token ({"token"}), the last also with {"text", "tokens", "finish_reason"} (a generation model)
     POST /explain  {"texts": [...], "layer": -1} -> {"explanations": [{"tokens", "attention" (heads x tokens),
                    "label", "score", ...}], "model": {...}}
     GET  /healthz   liveness
@@ -36,12 +39,13 @@ from pathlib import Path
 
 import requests
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 
 from components.configs import REGISTRY_URI, ServeConfig
 from components.explain import MAX_EXPLAIN_TEXTS
+from components.generation import DEADLINE, Ask, Decoding, TextDelta, prompt_ids
 from components.redaction import redact_text, redact_url
 from components.stage import StageContext, StageResult, write_json
 from components.tasks import task_of_model
@@ -103,10 +107,35 @@ class Translation(BaseModel):
     truncated: bool = Field(description="the text was longer than the model's positions and was cut")
 
 
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt: str = Field(min_length=1, description="the text to continue")
+    max_new_tokens: int = Field(64, gt=0, description="most tokens to add; limit in GET /metadata")
+    temperature: float = Field(1.0, ge=0, le=10, description="0: the likeliest token each step (greedy)")
+    top_p: float = Field(1.0, gt=0, le=1, description="draw from the likeliest tokens holding this much probability")
+    seed: int | None = Field(None, ge=0, description="the same seed and prompt give the same text; none: random")
+    stream: bool = Field(False, description="send each token as it is made (server-sent events)")
+    timeout_s: float | None = Field(
+        None, gt=0, description="stop generating after this many seconds (at most request_timeout_s, the default)"
+    )
+
+
+class Generated(BaseModel):
+    text: str = Field(description="what the model added to the prompt")
+    tokens: int = Field(description="tokens added")
+    finish_reason: str = Field(description="stop (the model ended the text), length (max_new_tokens) or deadline")
+    model: ModelInfo
+
+
+class Continuation(BaseModel):
+    generated: str = Field(description="the text continued greedily (POST /generate takes settings)")
+    truncated: bool = Field(description="the text was too long to continue and its start was cut")
+
+
 class PredictResponse(BaseModel):
-    predictions: list[Prediction] | list[Entities] | list[Answer] | list[Translation] = Field(
+    predictions: list[Prediction] | list[Entities] | list[Answer] | list[Translation] | list[Continuation] = Field(
         description="per text: a label (sentence classification), its entities (token classification), "
-        "the answer (question answering) or its translation"
+        "the answer (question answering), its translation or its continuation (generation)"
     )
     model: ModelInfo
     max_tokens: int = Field(description="tokens the model reads per text; longer texts are truncated")
@@ -180,6 +209,8 @@ class ClassifierApp:
         )
         self.predict_batch.set_max_batch_size(self.cfg.max_batch_size)
         self.predict_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+        self.generate_batch.set_max_batch_size(self.cfg.max_batch_size)
+        self.generate_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
 
     @app.get("/healthz")
     def healthz(self) -> dict:
@@ -215,6 +246,7 @@ class ClassifierApp:
                 "request_timeout_s",
                 "max_batch_size",
                 "max_batch_tokens",
+                "max_new_tokens",
             )
         }
         return {
@@ -260,6 +292,93 @@ class ClassifierApp:
             detail = f"this application serves a {self.scorer.task.name} model: POST /predict"
             return JSONResponse({"detail": detail}, status_code=404)
         return await self.predict(request)
+
+    @app.post(
+        "/generate",
+        response_model=Generated,
+        responses=ERRORS,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": GenerateRequest.model_json_schema()}},
+            }
+        },
+    )
+    async def generate(self, request: Request):
+        """A prompt continued by a generation model, whole or streamed; requests that arrive together
+        are decoded together, each with its own settings, and each stops at request_timeout_s."""
+        if refused := self._refused(request):
+            return refused
+        try:
+            if self.scorer.task.name != "generation":
+                detail = f"this application serves a {self.scorer.task.name} model: POST /predict"
+                raise RequestError(404, detail)
+            asked = await self._parse(request, GenerateRequest, hint='{"prompt": "..."}')
+            ask = self._ask(asked)
+        except RequestError as error:
+            return JSONResponse({"detail": error.message}, status_code=error.status)
+        if asked.stream:
+            return StreamingResponse(self._events(ask), media_type="text/event-stream")
+        last = {}
+        async for last in self.generate_batch(ask):  # noqa: B007 - the last event holds the whole text
+            pass
+        if last["finish_reason"] == DEADLINE:
+            detail = (
+                f"not answered within {asked.timeout_s or self.cfg.request_timeout_s}s (request_timeout_s="
+                f"{self.cfg.request_timeout_s}): stopped after {last['tokens']} tokens; ask for fewer "
+                "max_new_tokens, stream, or retry"
+            )
+            return JSONResponse({"detail": detail}, status_code=408)
+        return Generated(**last, model=self.model)
+
+    def _ask(self, asked: "GenerateRequest") -> Ask:
+        """The request as the decoding loop takes it, within the limits."""
+        if asked.max_new_tokens > self.cfg.max_new_tokens:
+            raise RequestError(
+                422, f"max_new_tokens={asked.max_new_tokens}; the limit is max_new_tokens={self.cfg.max_new_tokens}"
+            )
+        size = len(asked.prompt.encode("utf-8"))
+        if size > self.cfg.max_text_bytes:
+            raise RequestError(
+                413, f"the prompt is {size} bytes (UTF-8); the limit is max_text_bytes={self.cfg.max_text_bytes}"
+            )
+        ids = prompt_ids(self.scorer.tokenizer, asked.prompt)
+        room = self.scorer.max_tokens - len(ids)
+        if asked.max_new_tokens > room:
+            raise RequestError(
+                413,
+                f"the prompt is {len(ids)} tokens and max_new_tokens={asked.max_new_tokens}; the model has "
+                f"{self.scorer.max_tokens} positions: shorten the prompt or ask for at most {max(room, 0)} tokens",
+            )
+        deadline = time.monotonic() + min(asked.timeout_s or self.cfg.request_timeout_s, self.cfg.request_timeout_s)
+        return Ask(ids, asked.max_new_tokens, asked.temperature, asked.top_p, asked.seed, deadline)
+
+    async def _events(self, ask: Ask):
+        """Server-sent events: one per token as it comes, then the whole text and why it ended."""
+        async for event in self.generate_batch(ask):
+            yield f"data: {json.dumps(event)}\n\n"
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def generate_batch(self, asks: list[Ask]):
+        """Decode the batch a token per step (in a thread: the event loop stays free); per request
+        and step an event: the new text ({"token"}), the last one also with the whole text and why
+        it ended ({"text", "tokens", "finish_reason"}), then nothing more."""
+        decoding = Decoding(self.scorer.model, self.scorer.tokenizer, asks)
+        deltas = [TextDelta() for _ in asks]
+        ended = [False] * len(asks)
+        while not all(ended):
+            changed = set(await asyncio.to_thread(self.scorer.step, decoding))
+            events = []
+            for index, row in enumerate(decoding.rows):
+                if ended[index]:
+                    events.append(StopIteration)
+                elif row.finish_reason is not None:
+                    ended[index] = True
+                    last = {"text": row.text, "tokens": len(row.ids), "finish_reason": row.finish_reason}
+                    events.append({"token": deltas[index](row.text), **last})
+                else:
+                    events.append({"token": deltas[index](row.text) if index in changed else ""})
+            yield events
 
     @app.post(
         "/explain",
@@ -308,17 +427,17 @@ class ClassifierApp:
             raise RequestError(422, problem)
         return items
 
-    async def _parse(self, request: Request, schema: type[BaseModel]) -> BaseModel:
+    async def _parse(self, request: Request, schema: type[BaseModel], hint: str = '{"texts": ["..."]}') -> BaseModel:
         body = await read_body(request, self.cfg.max_body_bytes)
         try:
             payload = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise RequestError(400, f'the body is not JSON ({error}); send {{"texts": ["..."]}}') from None
+            raise RequestError(400, f"the body is not JSON ({error}); send {hint}") from None
         try:
             return schema.model_validate(payload)
         except ValidationError as error:
             problems = "; ".join(dict.fromkeys(f"{_where(e['loc'])}: {e['msg']}" for e in error.errors()))
-            raise RequestError(422, f'{problems}; send {{"texts": ["..."]}}') from None
+            raise RequestError(422, f"{problems}; send {hint}") from None
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def predict_batch(self, requests_texts: list[list[str]]) -> list[list[dict]]:
@@ -403,6 +522,11 @@ class Scorer:
             for index, answer in zip(part, scored, strict=True):
                 answers[index] = answer
         return answers
+
+    def step(self, decoding: Decoding) -> list[int]:
+        """One step of a generation batch, under the lock like a forward pass."""
+        with self._model_lock:
+            return decoding.step()
 
     def explain(self, texts: list[str], layer: int = -1) -> list[dict]:
         from components.explain import attention_maps
@@ -723,6 +847,7 @@ APP_ARGS = (
     "max_texts",
     "max_text_bytes",
     "max_body_bytes",
+    "max_new_tokens",
 )
 _SERVE_CONFIG_KEYS = {
     "host": "http_options.host",

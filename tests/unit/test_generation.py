@@ -1,0 +1,134 @@
+"""Generation: next-token labels, the batched decoding loop (per-row sampling, seeds, end token,
+budget, deadline), nucleus sampling, streamed text deltas, and the task's config rules, on a tiny
+GPT-2 built here."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import torch
+
+from components import models
+from components import tokenize as tok
+from components.configs import ModelConfig, TaskConfig, TokenizeConfig
+from components.generation import DEADLINE, LENGTH, STOP, Ask, Decoding, TextDelta, nucleus_sample, prompt_ids
+from components.tasks import IGNORE, task_of_model, task_type
+from components.vocab import special_ids
+
+GENERATION = task_type("generation")
+TEXTS = ["the film is a moving portrait of a town .", "a dull and tedious plot .", "the cast is superb ."]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory):
+    folder = tmp_path_factory.mktemp("gpt")
+    tokenizer = tok.train_tokenizer(TEXTS * 5, TokenizeConfig(algorithm="bpe", vocab_size=120, min_frequency=1))
+    tokenizer.save_pretrained(folder)
+    tokenizer = tok._load_tokenizer(str(folder))
+    cfg = ModelConfig(family="gpt2", max_positions=64)
+    model = models.build_lm(cfg, vocab_size=len(tokenizer), special_ids=special_ids(tokenizer), seed=0).eval()
+    return model, tokenizer, str(folder)
+
+
+def test_each_position_learns_the_next_token_of_one_document(tiny) -> None:
+    model, tokenizer, folder = tiny
+    out = tok.tokenize_examples(
+        pa.table({"text": TEXTS, "label": TEXTS}), tokenizer_dir=folder, seq_len=12, label_values=[], task="generation"
+    )
+    for row, text in enumerate(TEXTS):
+        ids, labels = out.column("input_ids")[row].as_py(), out.column("label")[row].as_py()
+        length = sum(out.column("attention_mask")[row].as_py())
+        assert ids[0] == tokenizer.cls_token_id and ids[length - 1] == tokenizer.sep_token_id
+        assert labels[: length - 1] == ids[1:length]  # each position: the token after it
+        assert labels[length - 1 :] == [IGNORE] * (12 - length + 1)
+        if length < 12:  # not cut: the whole text is there
+            assert tokenizer.decode(ids[:length], skip_special_tokens=True) == tokenizer.decode(
+                tokenizer(text, add_special_tokens=False)["input_ids"]
+            )
+
+
+def test_the_saved_decoder_is_served_as_a_generation_model(tiny, tmp_path: Path) -> None:
+    from transformers import AutoConfig
+
+    model, _, _ = tiny
+    model.save_pretrained(tmp_path)
+    assert task_of_model(AutoConfig.from_pretrained(tmp_path)) is GENERATION
+
+
+def test_a_batch_decodes_what_each_prompt_decodes_alone(tiny) -> None:
+    """Left padding and the KV cache change nothing: greedy rows in a batch of different prompt
+    lengths equal the same prompts decoded alone, and equal transformers' own greedy search."""
+    model, tokenizer, _ = tiny
+    prompts = [prompt_ids(tokenizer, text) for text in ("the film", "a dull and tedious", "the cast is superb")]
+    together = Decoding(model, tokenizer, [Ask(ids, 6, temperature=0.0) for ids in prompts]).run()
+    for ids, row in zip(prompts, together, strict=True):
+        alone = Decoding(model, tokenizer, [Ask(ids, 6, temperature=0.0)]).run()[0]
+        assert row.ids == alone.ids and row.text == alone.text
+        reference = model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=6,
+            do_sample=False,
+            eos_token_id=tokenizer.sep_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )[0, len(ids) :].tolist()
+        assert alone.ids == [token for token in reference if token != tokenizer.sep_token_id][: len(alone.ids)]
+
+
+def test_rows_end_at_their_budget_and_the_same_seed_gives_the_same_text(tiny) -> None:
+    model, tokenizer, _ = tiny
+    ids = prompt_ids(tokenizer, "the film")
+    asks = [Ask(ids, 3, temperature=1.0, seed=7), Ask(ids, 9, temperature=1.0, seed=7), Ask(ids, 9, seed=8)]
+    rows = Decoding(model, tokenizer, asks).run()
+    assert len(rows[0].ids) <= 3 and rows[0].finish_reason in (LENGTH, STOP)
+    assert rows[1].ids[: len(rows[0].ids)] == rows[0].ids  # one seed, one stream of draws
+    again = Decoding(model, tokenizer, [Ask(ids, 9, temperature=1.0, seed=7)]).run()[0]
+    assert again.ids == rows[1].ids
+
+
+def test_a_row_past_its_deadline_stops_and_the_others_go_on(tiny) -> None:
+    model, tokenizer, _ = tiny
+    ids = prompt_ids(tokenizer, "the film")
+    late = Ask(ids, 50, temperature=1.0, seed=1, deadline=time.monotonic() - 1)
+    on_time = Ask(ids, 5, temperature=0.0)
+    decoding = Decoding(model, tokenizer, [late, on_time])
+    assert decoding.step() == [0, 1]  # the late row ends at the first step, without a token
+    assert decoding.rows[0].finish_reason == DEADLINE and decoding.rows[0].ids == []
+    rows = decoding.run()
+    assert rows[1].finish_reason in (LENGTH, STOP) and rows[0].ids == []
+
+
+def test_nucleus_sampling_draws_only_from_the_top_p_mass() -> None:
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    generator = torch.Generator().manual_seed(0)
+    drawn = {nucleus_sample(logits, 1.0, 0.7, generator) for _ in range(200)}
+    assert drawn == {0, 1}  # 0.5 + 0.3 reach 0.7: the rest never
+    assert {nucleus_sample(logits, 1.0, 0.01, generator) for _ in range(50)} == {0}  # the likeliest always stays
+    assert nucleus_sample(logits, 0.0, 1.0, generator) == 0  # temperature 0: greedy
+    assert len({nucleus_sample(logits, 1.0, 1.0, generator) for _ in range(400)}) == 4
+
+
+def test_streamed_deltas_add_up_to_the_text() -> None:
+    delta = TextDelta()
+    assert [delta("Ein"), delta("Ein Hund"), delta("Ein Hund rennt")] == ["Ein", " Hund", " rennt"]
+    assert delta("Eine") == ""  # re-spaced earlier text: nothing new is sent
+
+
+def test_the_served_predict_continues_each_text(tiny) -> None:
+    model, tokenizer, _ = tiny
+    answers = GENERATION.predict(model, tokenizer, ["the film", "x " * 80], 64)
+    assert [answer["truncated"] for answer in answers] == [False, True]
+    assert all(isinstance(answer["generated"], str) for answer in answers)
+
+
+def test_a_generation_task_needs_no_label_column_and_empty_texts_are_refused(tmp_path: Path) -> None:
+    source = {"type": "file", "path": str(tmp_path / "x.jsonl"), "text_column": "review"}
+    task = TaskConfig(type="generation", train=source, validation=source, test=source)
+    assert task.train.label_column == "review"
+    classify = TaskConfig(train=source, validation=source, test=source)
+    assert classify.train.label_column == "label"
+    with pytest.raises(ValueError, match="row 2 of the train split has an empty text"):
+        GENERATION.check_rows(pa.table({"text": ["a", " "], "label": ["a", " "]}), "train")
