@@ -6,8 +6,9 @@ labels and lengths; takes validation/test files beside a `train` file, or else w
 stratified 80/10/10 split; sizes `tokenize.seq_len` from a tokenizer trained on the text; writes
 a config that `ptft validate` accepts. Task types: sentence classification (a label column),
 named entities (a column of word lists and one of tag lists, as CoNLL-2003), extractive question
-answering (question, context and answers columns, or SQuAD's nested JSON) and pre-training only
-(no labels).
+answering (question, context and answers columns, or SQuAD's nested JSON), translation (a source
+and a target text column, on a t5 pre-training), generation (a text column only, continued on a
+gpt2 pre-training) and pre-training only (no labels).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import yaml
 from components import data
 from pipelines.config import ConfigError, Problem, validate
 
-TASKS = ("auto", "classification", "entities", "answers", "translation", "pretrain")
+TASKS = ("auto", "classification", "entities", "answers", "translation", "generation", "pretrain")
 QA_COLUMNS = ("question", "context", "answers")  # SQuAD's, as its nested JSON reads (components/data.py)
 LABEL_NAMES = ("label", "labels", "class", "category", "sentiment", "target", "y")
 TAG_NAMES = ("ner_tags", "tags", "labels", "label", "ner")
@@ -34,6 +35,7 @@ MAX_CLASSES = 50
 SPLIT_NAMES = {"validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
 SPLIT_SHARES = {"train": 0.8, "validation": 0.1, "test": 0.1}
 PASSES = 20  # over the text in pre-training: masked LM on a small corpus needs many
+CASED_TASKS = ("entities", "translation", "generation")  # their tokenizers keep case
 
 
 @dataclass
@@ -59,7 +61,8 @@ def add_parser(commands) -> None:
         default="auto",
         help="default: answers for question, context and answers columns, entities for word and tag lists, "
         "else classification when a label column is found; translation: --text-column is the source, "
-        "--label-column the target (default: the file's first two text columns)",
+        "--label-column the target (default: the file's first two text columns); generation: the text "
+        "column only (no label), continued by a gpt2 model served at POST /generate",
     )
     init.add_argument("--text-column", help="the column holding the text (default: detected)")
     init.add_argument("--label-column", help="the column holding the label (default: detected)")
@@ -159,6 +162,15 @@ def _source_and_target(table: pa.Table, args: argparse.Namespace) -> tuple[str, 
     return source, target
 
 
+def _generation_column(table: pa.Table, args: argparse.Namespace) -> str:
+    """The text column (named or detected); a generation task reads no label column."""
+    if args.label_column:
+        why = "a generation task reads texts only: each text is its own label"
+        problem = Problem("--label-column", args.label_column, why, "drop --label-column")
+        raise ConfigError("ptft init", [problem])
+    return _text_column(table, args.text_column)
+
+
 def _few_values(table: pa.Table, column: str) -> bool:
     values = table.column(column)
     if not (pa.types.is_integer(values.type) or pa.types.is_string(values.type) or pa.types.is_boolean(values.type)):
@@ -187,6 +199,8 @@ def _plan(path: Path, table: pa.Table, args: argparse.Namespace, split_dir: Path
         text, label, task = "context", "answers", "answers"
     elif args.task == "translation":
         (text, label), task = _source_and_target(table, args), "translation"
+    elif args.task == "generation":
+        text, label, task = _generation_column(table, args), None, "generation"
     elif entities:
         (text, label), task = entities, "entities"
     else:
@@ -206,7 +220,9 @@ def _plan(path: Path, table: pa.Table, args: argparse.Namespace, split_dir: Path
     if task == "translation":  # one tokenizer and one block length for both languages
         texts += [str(value) for value in train.column(label).to_pylist() if value]
     vocab_size = _vocab_size(texts)
-    token_lengths = _token_lengths(texts, vocab_size, lowercase=task not in ("entities", "translation"))
+    token_lengths = _token_lengths(
+        texts, vocab_size, lowercase=task not in CASED_TASKS, algorithm="bpe" if task == "generation" else "wordpiece"
+    )
     labels = {}
     if label and task not in ("answers", "translation"):
         for value in train.column(label).to_pylist():
@@ -240,7 +256,8 @@ def _splits(path, table, text, label, split_dir, seed, force, stratify) -> tuple
                     break
         if len(found) == 3:
             return found, False
-    rows = table.select([text, label, *(["question"] if "question" in table.column_names else [])]).to_pylist()
+    columns = [text, *([label] if label else []), *(["question"] if "question" in table.column_names else [])]
+    rows = table.select(columns).to_pylist()
     by_label: dict[str, list[dict]] = {}
     for row in rows:  # an entities row has many tags, a question its answers: a seeded shuffle, not stratified
         by_label.setdefault(str(row[label]) if stratify else "", []).append(row)
@@ -272,11 +289,14 @@ def _as_text(value) -> str:
     return " ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
-def _token_lengths(texts: list[str], vocab_size: int, lowercase: bool = True) -> list[int]:
+def _token_lengths(
+    texts: list[str], vocab_size: int, lowercase: bool = True, algorithm: str = "wordpiece"
+) -> list[int]:
     from components.configs import TokenizeConfig
     from components.tokenize import train_tokenizer
 
-    tokenizer = train_tokenizer(texts, TokenizeConfig(vocab_size=vocab_size, seq_len=4096, lowercase=lowercase))
+    config = TokenizeConfig(algorithm=algorithm, vocab_size=vocab_size, seq_len=4096, lowercase=lowercase)
+    tokenizer = train_tokenizer(texts, config)
     return [len(ids) for ids in tokenizer(texts[:20000])["input_ids"]]
 
 
@@ -324,7 +344,7 @@ def _config_text(plan: Plan, name: str, source: Path, output: Path) -> str:
     else:
         columns = f"text column {text!r}" + (f", label column {plan.label_column!r}" if plan.label_column else "")
     if plan.written_splits:
-        columns += f"; split 80/10/10 (stratified, seeded) into {_relative(plan.splits['train'].parent)}/"
+        columns += f"; split 80/10/10 ({_split_kind(plan)}) into {_relative(plan.splits['train'].parent)}/"
     header = [
         f"# ptft pipeline for {source}, written by `ptft init`.",
         "#",
@@ -332,7 +352,8 @@ def _config_text(plan: Plan, name: str, source: Path, output: Path) -> str:
         f"# Data:   {columns}",
         f"# Tokens: per text (a tokenizer trained on it): {lengths}; seq_len covers 99%",
         f"# Launch: ptft run {output}",
-        f"# Tweak:  ptft run {output} pretrain.max_steps=200" + (" tune.num_samples=2" if plan.label_column else ""),
+        f"# Tweak:  ptft run {output} pretrain.max_steps=200"
+        + (" tune.num_samples=2" if plan.task != "pretrain" else ""),
         "",
     ]
     corpus_file = plan.splits.get("train", plan.splits.get("corpus"))
@@ -356,19 +377,18 @@ def _config_text(plan: Plan, name: str, source: Path, output: Path) -> str:
         lines += ["    type: token_classification   # a list of words and a list of IOB2 tags per row"]
     if plan.task == "translation":
         lines += ["    type: translation   # a source text and its target text per row"]
+    if plan.task == "generation":
+        lines += ["    type: generation    # a text per row, its own label: the model learns each next token"]
     if plan.task == "answers":
         lines += [
             "    type: question_answering   # a question, a context and the answers' spans in it per row",
             "    doc_stride: 128            # tokens that windows of a context longer than seq_len share",
         ]
     if plan.task != "pretrain":
+        label = f", label_column: {plan.label_column}" if plan.label_column else ""
         lines += [
-            f"    train: {{type: file, path: {_relative(plan.splits['train'])}, text_column: {text}, "
-            f"label_column: {plan.label_column}}}",
-            f"    validation: {{type: file, path: {_relative(plan.splits['validation'])}, text_column: {text}, "
-            f"label_column: {plan.label_column}}}",
-            f"    test: {{type: file, path: {_relative(plan.splits['test'])}, text_column: {text}, "
-            f"label_column: {plan.label_column}}}",
+            f"    {split}: {{type: file, path: {_relative(plan.splits[split])}, text_column: {text}{label}}}"
+            for split in ("train", "validation", "test")
         ]
     lines += [
         "",
@@ -378,11 +398,17 @@ def _config_text(plan: Plan, name: str, source: Path, output: Path) -> str:
         + ("; longer contexts are read in windows" if plan.task == "answers" else ""),
         *(["  lowercase: false    # case tells names apart"] if plan.task == "entities" else []),
         *(["  lowercase: false    # translations are compared cased"] if plan.task == "translation" else []),
+        *(
+            [
+                "  algorithm: bpe      # byte-level, as GPT-2's: any text round-trips, spacing and all",
+                "  lowercase: false    # the continuations keep the texts' case",
+            ]
+            if plan.task == "generation"
+            else []
+        ),
         "",
         "pretrain:",
-        "  model: {preset: mini}     # hidden 256, 4 layers; `tiny` for a quick look, `small`/`base` on a GPU"
-        if plan.task != "translation"
-        else "  model: {family: t5, preset: mini}   # an encoder-decoder, pre-trained with span corruption",
+        _model_line(plan),
         f"  max_steps: {plan.max_steps:<7}  # about {PASSES} passes over the text",
         "  batch_size_per_worker: 32",
         "  learning_rate: 5.0e-4",
@@ -409,11 +435,24 @@ def _config_text(plan: Plan, name: str, source: Path, output: Path) -> str:
     return "\n".join(header + lines) + "\n"
 
 
+def _split_kind(plan: Plan) -> str:
+    return "stratified, seeded" if plan.task == "classification" else "seeded"
+
+
+def _model_line(plan: Plan) -> str:
+    if plan.task == "translation":
+        return "  model: {family: t5, preset: mini}   # an encoder-decoder, pre-trained with span corruption"
+    if plan.task == "generation":
+        return "  model: {family: gpt2, preset: mini} # a decoder, pre-trained as a causal LM on the train texts"
+    return "  model: {preset: mini}     # hidden 256, 4 layers; `tiny` for a quick look, `small`/`base` on a GPU"
+
+
 def _headline(plan: Plan) -> str:
     headlines = {
         "entities": "entity F1 (eval/f1)",
         "answers": "SQuAD token F1 (eval/f1)",
         "translation": "BLEU (eval/bleu)",
+        "generation": "next-token accuracy (eval/accuracy)",
     }
     return headlines.get(plan.task, "eval/accuracy")
 
@@ -424,6 +463,11 @@ def _task_line(plan: Plan) -> str:
     if plan.task == "translation":
         return (
             f"translation {plan.text_column} -> {plan.label_column}: tokenize -> pretrain -> tune -> finetune -> serve"
+        )
+    if plan.task == "generation":
+        return (
+            "generation (the model continues these texts; served at POST /generate): "
+            "tokenize -> pretrain -> tune -> finetune -> serve"
         )
     if plan.task == "entities":
         types = sorted({tag.split("-", 1)[1] for tag in plan.labels if "-" in tag})
@@ -440,6 +484,8 @@ def _report(plan: Plan, table: pa.Table, output: Path) -> None:
         print(f"Question column 'question', answers column {plan.label_column!r}: spans of the context")
     elif plan.task == "translation":
         print(f"Target column: {plan.label_column!r} (the source is the text column)")
+    elif plan.task == "generation":
+        print("No label column read: generation, each text is its own label (the model learns its next tokens)")
     elif plan.label_column:
         counts = ", ".join(f"{label} ({count})" for label, count in plan.labels.items())
         what = "Tag column" if plan.task == "entities" else "Label column"
@@ -449,8 +495,9 @@ def _report(plan: Plan, table: pa.Table, output: Path) -> None:
         texts = [field.name for field in table.schema if pa.types.is_string(field.type)]
         if len(texts) >= 2:
             print(f"Two text columns: --task translation --text-column {texts[0]} --label-column {texts[1]} translates")
+        print(f"--task generation fine-tunes a gpt2 model to continue the {plan.text_column!r} texts (POST /generate)")
     for split, file in plan.splits.items():
-        print(f"  {split:<10} {file}" + ("  (written: stratified, seeded split)" if plan.written_splits else ""))
+        print(f"  {split:<10} {file}" + (f"  (written: {_split_kind(plan)} split)" if plan.written_splits else ""))
     print("Tokens per text: " + ", ".join(f"{key} {value}" for key, value in plan.lengths.items()))
     print(f"seq_len {plan.seq_len}, vocab_size {plan.vocab_size}, pretrain.max_steps {plan.max_steps}")
     print(f"Wrote {output}. Check it: ptft validate {output}   Run it: ptft run {output}")

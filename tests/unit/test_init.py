@@ -126,6 +126,51 @@ def test_multi30k_with_task_translation_gets_a_t5_translation_config(
     assert sizes == [240, 30, 30]
 
 
+def test_texts_with_task_generation_get_a_gpt2_generation_config(in_tmp: Path, capsys: pytest.CaptureFixture) -> None:
+    rows = [{"id": number, "review": row["text"]} for number, row in enumerate(_reviews(300))]
+    Path("texts.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert main(["init", "texts.jsonl"]) == 0  # detection is unchanged: texts alone are a pre-training plan
+    assert not load_config("configs/texts.yaml", []).has_tasks()
+    assert "--task generation fine-tunes a gpt2 model" in capsys.readouterr().out
+    assert main(["init", "texts.jsonl", "--task", "generation", "-o", "configs/gen.yaml"]) == 0
+    out = capsys.readouterr().out
+    config = load_config("configs/gen.yaml", [])
+    task = config.data.task
+    assert task.type == "generation" and config.tune.metric == "eval/accuracy"
+    assert config.pretrain.model.family == "gpt2" and config.data.corpus.source.text_column == "review"
+    assert config.tokenize.algorithm == "bpe" and not config.tokenize.lowercase
+    assert (task.train.text_column, task.train.label_column) == ("review", "review")  # a text is its own label
+    text = Path("configs/gen.yaml").read_text()
+    assert "label_column" not in text and "text column 'review'; split 80/10/10 (seeded)" in text
+    assert "generation (the model continues these texts; served at POST /generate)" in text
+    assert "optimises next-token accuracy (eval/accuracy)" in text and "No label column read" in out
+    sizes = [len(Path(getattr(task, split).path).read_text().splitlines()) for split in ("train", "validation", "test")]
+    assert sizes == [240, 30, 30]  # seeded, not stratified: there are no classes
+    assert 16 <= config.tokenize.seq_len <= 512 and f"seq_len {config.tokenize.seq_len}," in out
+    assert main(["validate", "configs/gen.yaml"]) == 0
+
+
+def test_a_csv_with_a_label_column_and_task_generation_reads_only_the_texts(
+    in_tmp: Path, capsys: pytest.CaptureFixture
+) -> None:
+    with open("reviews.csv", "w") as handle:
+        handle.write("review,sentiment\n")
+        for row in _reviews(200):
+            text = row["text"].replace('"', '""')
+            handle.write(f'"{text}",{["neg", "pos"][row["label"]]}\n')
+    assert main(["init", "reviews.csv", "--task", "generation", "--text-column", "review"]) == 0
+    config = load_config("configs/reviews.yaml", [])
+    assert config.data.task.type == "generation" and config.pretrain.model.family == "gpt2"
+    written = [json.loads(line) for line in Path(config.data.task.train.path).read_text().splitlines()]
+    assert set(written[0]) == {"review"}  # the label column is not carried into the splits
+    assert main(["validate", "configs/reviews.yaml"]) == 0
+    capsys.readouterr()
+    argv = ["init", "reviews.csv", "--task", "generation", "--label-column", "sentiment", "-o", "x.yaml"]
+    assert main(argv) == 2
+    assert "texts only" in (err := capsys.readouterr().err) and "drop --label-column" in err
+    assert not Path("x.yaml").exists()
+
+
 def test_conll2003_gets_an_entities_config(in_tmp: Path, capsys: pytest.CaptureFixture) -> None:
     train = shared("data/conll2003/train.jsonl")
     assert main(["init", str(train)]) == 0
