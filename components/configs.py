@@ -630,6 +630,18 @@ class ServeConfig(BaseModel):
         description="most padded tokens in one forward pass; a larger batch is scored in several",
     )
     batch_wait_timeout_s: float = Field(0.002, ge=0, description="how long a batch waits to fill")
+    stream_interval_s: float = Field(
+        0.02,
+        ge=0,
+        description="a streamed /generate answer sends an event at most this often, with the tokens made "
+        "meanwhile (every event costs the HTTP proxy as much as a short request)",
+    )
+    generation_batch_wait_s: float = Field(
+        0.02,
+        ge=0,
+        description="how long a /generate batch waits to fill (it forms when the running one ends, and "
+        "runs until its last row ends)",
+    )
     # Requests waiting inside a replica (for a batch) are cheap; requests Serve's router holds back
     # for a busy replica are not (throughput fell 4x at 64 clients with 32 here), and the router's
     # queue also counts requests still being assigned (32 refused some at 64 clients). See

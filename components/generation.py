@@ -8,6 +8,7 @@ at its own deadline, so the loop is ours: left-padded prompts, the KV cache, one
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from dataclasses import dataclass, field
@@ -117,6 +118,41 @@ class Decoding:
         self.positions = self.positions[:, -1:] + 1
         return changed
 
+    def keep(self, indices: list[int]) -> None:
+        """Drop every row but these (ended rows, between steps): the batch shrinks to what runs."""
+        if indices == list(range(len(self.rows))):
+            return
+        chosen = torch.tensor(indices, dtype=torch.long)
+        self.asks = [self.asks[i] for i in indices]
+        self.rows = [self.rows[i] for i in indices]
+        self.generators = [self.generators[i] for i in indices]
+        self.mask, self.positions, self.next_input = self.mask[chosen], self.positions[chosen], self.next_input[chosen]
+        self.cache.batch_select_indices(chosen)
+        unused = int((self.mask.sum(0) == 0).long().cumprod(0).sum())  # leading columns no row reads
+        if unused:
+            self.mask = self.mask[:, unused:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[..., unused:, :], layer.values[..., unused:, :]
+
+    def absorb(self, other: Decoding) -> None:
+        """Take in the rows of another decoding that has made its first step (its prompts read):
+        both caches left-padded to one length and stacked, so the rows go on in one forward."""
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        for decoding in (self, other):
+            missing = width - decoding.mask.shape[1]
+            if missing:
+                decoding.mask = torch.nn.functional.pad(decoding.mask, (missing, 0))
+                for layer in decoding.cache.layers:  # keys and values: (rows, heads, length, head size)
+                    layer.keys = torch.nn.functional.pad(layer.keys, (0, 0, missing, 0))
+                    layer.values = torch.nn.functional.pad(layer.values, (0, 0, missing, 0))
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+            mine.keys, mine.values = torch.cat([mine.keys, theirs.keys]), torch.cat([mine.values, theirs.values])
+        self.mask = torch.cat([self.mask, other.mask])
+        self.positions = torch.cat([self.positions, other.positions])
+        self.next_input = torch.cat([self.next_input, other.next_input])
+        self.asks, self.rows = self.asks + other.asks, self.rows + other.rows
+        self.generators = self.generators + other.generators
+
     def _advance(self, ask: Ask, row: Row, logits: torch.Tensor, generator: torch.Generator, now: float) -> int:
         if now > ask.deadline:
             row.finish_reason = DEADLINE
@@ -151,3 +187,114 @@ class TextDelta:
             return ""
         delta, self.sent = text[len(self.sent) :], text
         return delta
+
+
+class Batcher:
+    """Requests decoded together, in the replica's event loop (continuous batching): a request that
+    arrives while a batch runs has its prompt read in one forward and joins the batch at the next
+    step (at most `max_batch_size` rows); an ended row leaves at once. When nothing runs, the first
+    request waits at most `wait_s` for others to start with.
+
+    `start(asks)` makes a Decoding, `step(decoding)` runs one of its steps and `join(running, new)`
+    merges a started one into the running one; all in a worker thread, so the loop keeps answering."""
+
+    def __init__(self, start, step, join, max_batch_size: int, wait_s: float) -> None:
+        self.start, self.step, self.join = start, step, join
+        self.max_batch_size, self.wait_s = max_batch_size, wait_s
+        self.pending: asyncio.Queue | None = None
+        self.worker: asyncio.Task | None = None
+        self.batch_sizes: list[int] = []  # rows of every step so far (the tests read them)
+
+    async def events(self, ask: Ask, interval_s: float = 0.0, whole: bool = False):
+        """The ask's events: {"token"} per step, the last also {"text", "tokens", "finish_reason"}.
+        Events come at most every `interval_s` (and no faster than the reader takes them): the
+        tokens made meanwhile come in one. `whole`: the last event only."""
+        if self.worker is None or self.worker.done():
+            self.pending = asyncio.Queue()
+            self.worker = asyncio.get_running_loop().create_task(self._batches())
+        out: asyncio.Queue = asyncio.Queue()
+        await self.pending.put((ask, (out, whole)))
+        loop, sent = asyncio.get_running_loop(), float("-inf")
+        try:
+            while True:
+                event = await out.get()
+                if isinstance(event, dict) and "finish_reason" not in event and loop.time() < sent + interval_s:
+                    await asyncio.sleep(sent + interval_s - loop.time())
+                while not isinstance(event, BaseException) and "finish_reason" not in event and not out.empty():
+                    later = out.get_nowait()
+                    event = (
+                        later
+                        if isinstance(later, BaseException)
+                        else {**later, "token": event["token"] + later["token"]}
+                    )
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+                sent = loop.time()
+                if "finish_reason" in event:
+                    return
+        finally:
+            ask.deadline = float("-inf")  # a client that left (or was answered) stops its row
+
+    async def _batches(self) -> None:
+        running, readers = None, []  # the Decoding, and per row its reader's queue and text so far
+        while True:
+            arrived = await self._arrivals(wait=running is None, room=self.max_batch_size - len(readers))
+            try:
+                if arrived:
+                    started = await asyncio.to_thread(self.start, [ask for ask, _ in arrived])
+                    await asyncio.to_thread(self.step, started)
+                    running = started if running is None else await asyncio.to_thread(self.join, running, started)
+                    readers += [(out, whole, TextDelta()) for _, (out, whole) in arrived]
+                else:
+                    await asyncio.to_thread(self.step, running)
+            except Exception as error:  # noqa: BLE001 - every reader of the batch gets it
+                for out in [out for out, _, _ in readers] + [out for _, (out, _) in arrived]:
+                    out.put_nowait(error)
+                running, readers = None, []
+                continue
+            self.batch_sizes.append(len(readers))
+            kept = self._send(running, readers)
+            readers = [readers[i] for i in kept]
+            if readers:
+                running.keep(kept)
+            else:
+                running = None
+
+    async def _arrivals(self, wait: bool, room: int) -> list:
+        """Requests to start now, at most `room`: when nothing runs (`wait`), the first one and what
+        comes within wait_s; else what is waiting."""
+        arrived = [await self.pending.get()] if wait else []
+        loop = asyncio.get_running_loop()
+        until = loop.time() + (self.wait_s if wait else 0.0)
+        while len(arrived) < room:
+            if not self.pending.empty():
+                arrived.append(self.pending.get_nowait())
+            elif loop.time() < until:
+                try:
+                    arrived.append(await asyncio.wait_for(self.pending.get(), until - loop.time()))
+                except TimeoutError:
+                    break
+            else:
+                break
+        return arrived
+
+    @staticmethod
+    def _send(decoding: Decoding, readers: list) -> list[int]:
+        """Each reader's event of the step; returns the indices of the rows still running."""
+        kept = []
+        for index, ((out, whole, delta), row) in enumerate(zip(readers, decoding.rows, strict=True)):
+            if row.finish_reason is None:
+                kept.append(index)
+                if not whole:
+                    out.put_nowait({"token": delta(row.text)})
+            else:
+                out.put_nowait(
+                    {
+                        "token": delta(row.text),
+                        "text": row.text,
+                        "tokens": len(row.ids),
+                        "finish_reason": row.finish_reason,
+                    }
+                )
+        return kept

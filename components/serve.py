@@ -45,7 +45,7 @@ from ray import serve
 
 from components.configs import REGISTRY_URI, ServeConfig
 from components.explain import MAX_EXPLAIN_TEXTS
-from components.generation import DEADLINE, Ask, Decoding, TextDelta, prompt_ids
+from components.generation import DEADLINE, Ask, Batcher, Decoding, prompt_ids
 from components.redaction import redact_text, redact_url
 from components.stage import StageContext, StageResult, write_json
 from components.tasks import task_of_model
@@ -209,8 +209,13 @@ class ClassifierApp:
         )
         self.predict_batch.set_max_batch_size(self.cfg.max_batch_size)
         self.predict_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
-        self.generate_batch.set_max_batch_size(self.cfg.max_batch_size)
-        self.generate_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+        self.batcher = Batcher(
+            self.scorer.start_decoding,
+            self.scorer.step,
+            join_decodings,
+            self.cfg.max_batch_size,
+            self.cfg.generation_batch_wait_s,
+        )
 
     @app.get("/healthz")
     def healthz(self) -> dict:
@@ -320,7 +325,7 @@ class ClassifierApp:
         if asked.stream:
             return StreamingResponse(self._events(ask), media_type="text/event-stream")
         last = {}
-        async for last in self.generate_batch(ask):  # noqa: B007 - the last event holds the whole text
+        async for last in self.batcher.events(ask, whole=True):  # noqa: B007 - one event: the last
             pass
         if last["finish_reason"] == DEADLINE:
             detail = (
@@ -355,30 +360,8 @@ class ClassifierApp:
 
     async def _events(self, ask: Ask):
         """Server-sent events: one per token as it comes, then the whole text and why it ended."""
-        async for event in self.generate_batch(ask):
+        async for event in self.batcher.events(ask, self.cfg.stream_interval_s):
             yield f"data: {json.dumps(event)}\n\n"
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def generate_batch(self, asks: list[Ask]):
-        """Decode the batch a token per step (in a thread: the event loop stays free); per request
-        and step an event: the new text ({"token"}), the last one also with the whole text and why
-        it ended ({"text", "tokens", "finish_reason"}), then nothing more."""
-        decoding = Decoding(self.scorer.model, self.scorer.tokenizer, asks)
-        deltas = [TextDelta() for _ in asks]
-        ended = [False] * len(asks)
-        while not all(ended):
-            changed = set(await asyncio.to_thread(self.scorer.step, decoding))
-            events = []
-            for index, row in enumerate(decoding.rows):
-                if ended[index]:
-                    events.append(StopIteration)
-                elif row.finish_reason is not None:
-                    ended[index] = True
-                    last = {"text": row.text, "tokens": len(row.ids), "finish_reason": row.finish_reason}
-                    events.append({"token": deltas[index](row.text), **last})
-                else:
-                    events.append({"token": deltas[index](row.text) if index in changed else ""})
-            yield events
 
     @app.post(
         "/explain",
@@ -523,6 +506,9 @@ class Scorer:
                 answers[index] = answer
         return answers
 
+    def start_decoding(self, asks: list[Ask]) -> Decoding:
+        return Decoding(self.model, self.tokenizer, asks)
+
     def step(self, decoding: Decoding) -> list[int]:
         """One step of a generation batch, under the lock like a forward pass."""
         with self._model_lock:
@@ -533,6 +519,11 @@ class Scorer:
 
         with self._model_lock:
             return attention_maps(self.model, self.tokenizer, texts, max_tokens=self.max_tokens, layer=layer)
+
+
+def join_decodings(running: Decoding, started: Decoding) -> Decoding:
+    running.absorb(started)
+    return running
 
 
 def token_budget_parts(lengths: list[int], budget: int) -> list[list[int]]:
@@ -848,6 +839,8 @@ APP_ARGS = (
     "max_text_bytes",
     "max_body_bytes",
     "max_new_tokens",
+    "generation_batch_wait_s",
+    "stream_interval_s",
 )
 _SERVE_CONFIG_KEYS = {
     "host": "http_options.host",

@@ -458,7 +458,7 @@ def test_a_gpt2_generation_model_is_registered_and_generates_whole_and_streamed(
         with requests.post(generate, json={**greedy, "stream": True}, stream=True, timeout=60) as streamed:
             assert streamed.headers["content-type"].startswith("text/event-stream")
             events = _events(streamed)
-        assert len(events) == answer["tokens"] + (answer["finish_reason"] == "stop")  # one per step
+        assert 1 <= len(events) <= answer["tokens"] + 1  # one per step at most (tokens made meanwhile join)
         assert "".join(event["token"] for event in events) == events[-1]["text"] == answer["text"]
 
         # Requests that arrive together are decoded together, each with its own settings.

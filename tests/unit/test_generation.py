@@ -132,3 +132,69 @@ def test_a_generation_task_needs_no_label_column_and_empty_texts_are_refused(tmp
     assert classify.train.label_column == "label"
     with pytest.raises(ValueError, match="row 2 of the train split has an empty text"):
         GENERATION.check_rows(pa.table({"text": ["a", " "], "label": ["a", " "]}), "train")
+
+
+def test_rows_that_leave_and_join_a_running_decoding_decode_as_they_would_alone(tiny) -> None:
+    """Continuous batching: a row that ends is dropped between steps and a new one, with its prompt
+    read apart, joins with its cache left-padded; every row's greedy text stays its own."""
+    model, tokenizer, _ = tiny
+    short, long_, late = (prompt_ids(tokenizer, text) for text in ("the film", "a dull and tedious plot", "the cast"))
+
+    def alone(ids: list[int], budget: int) -> list[int]:
+        return Decoding(model, tokenizer, [Ask(ids, budget, temperature=0.0)]).run()[0].ids
+
+    running = Decoding(model, tokenizer, [Ask(short, 2, temperature=0.0), Ask(long_, 12, temperature=0.0)])
+    running.step()
+    running.step()
+    assert running.rows[0].finish_reason is not None and running.rows[1].finish_reason is None
+    first = running.rows[0]
+    running.keep([1])
+    joining = Decoding(model, tokenizer, [Ask(late, 9, temperature=0.0)])
+    joining.step()
+    running.absorb(joining)
+    rows = running.run()
+    assert first.ids == alone(short, 2)[: len(first.ids)]
+    assert rows[0].ids == alone(long_, 12) and rows[1].ids == alone(late, 9)
+
+
+def test_requests_arriving_while_a_batch_runs_join_it_and_each_gets_its_own_events(tiny) -> None:
+    """Three asks sent while a batch runs join it at the next step; a stream's tokens add up to its
+    text, and a caller that stops reading ends its row."""
+    import asyncio
+
+    from components.generation import Batcher
+
+    model, tokenizer, _ = tiny
+
+    def join(running: Decoding, started: Decoding) -> Decoding:
+        running.absorb(started)
+        return running
+
+    batcher = Batcher(lambda asks: Decoding(model, tokenizer, asks), lambda d: d.step(), join, 8, wait_s=0.0)
+    ids = prompt_ids(tokenizer, "the film")
+
+    async def collect(ask: Ask) -> list[dict]:
+        return [event async for event in batcher.events(ask)]
+
+    async def scenario():
+        first = asyncio.create_task(collect(Ask(ids, 20, temperature=0.0)))
+        await asyncio.sleep(0)  # the first batch starts with it alone
+        waiting = [asyncio.create_task(collect(Ask(ids, 4 + i, temperature=1.0, seed=i))) for i in range(3)]
+        return await first, await asyncio.gather(*waiting)
+
+    first, waiting = asyncio.run(scenario())
+    assert batcher.batch_sizes[:2] == [1, 4] and max(batcher.batch_sizes) == 4
+    assert first[-1]["text"] == Decoding(model, tokenizer, [Ask(ids, 20, temperature=0.0)]).run()[0].text
+    for events, budget in [(first, 20), *zip(waiting, (4, 5, 6), strict=True)]:
+        last = events[-1]
+        assert last["finish_reason"] in (LENGTH, STOP) and last["tokens"] <= budget
+        assert "".join(event["token"] for event in events) == last["text"]
+
+    async def leave_early():
+        ask = Ask(ids, 40, temperature=1.0, seed=0)
+        stream = batcher.events(ask)
+        await anext(stream)
+        await stream.aclose()  # the client went away
+        return ask
+
+    assert asyncio.run(leave_early()).deadline == float("-inf")

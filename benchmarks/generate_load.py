@@ -1,0 +1,175 @@
+"""Served generation against the same model's `generate()` in-process, in the same run:
+
+    (a) baseline: transformers' `model.generate()` on a batch of 8 prompts, sampling (temperature 1,
+        top_p 0.9), up to `max_new_tokens` each (a row ends at the end token, as on the server), in
+        this process, with the replica's torch threads
+    (b) ptft's Serve app: 8 closed-loop HTTP clients on 127.0.0.1, each POSTing /generate with the
+        same settings (whole answers), and again streamed (server-sent events)
+
+Reported: generated tokens per second of each, and (b)/(a); target >= 0.7. Also the time to the
+first streamed token at 8 clients.
+
+    python benchmarks/generate_load.py [--model HF_FOLDER] [--seconds 20] [--new-tokens 64] [--json out.json]
+
+Without --model it builds a 4-layer GPT-2 (hidden 256, 256 positions) with random weights on a
+byte-level BPE tokenizer trained here: the cost of decoding does not depend on what was learned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import aiohttp  # noqa: E402
+
+from benchmarks.serve_load import free_port, wait_answering  # noqa: E402
+
+PROMPT = "the plot was dull but the film is moving and the acting"
+CLIENTS = 8
+THREADS = 1  # torch threads: the replica's (cpus_per_replica 1) and the baseline's
+SAMPLING = {"temperature": 1.0, "top_p": 0.9}
+
+
+def build_model(folder: Path) -> Path:
+    from components import models
+    from components import tokenize as tok
+    from components.configs import ModelConfig, TokenizeConfig
+    from components.vocab import special_ids
+
+    corpus = [PROMPT, "a superb and moving film .", "the story is tedious and the cast is weak ."] * 50
+    tokenizer = tok.train_tokenizer(corpus, TokenizeConfig(algorithm="bpe", vocab_size=2000, min_frequency=1))
+    tokenizer.model_max_length = 256
+    cfg = ModelConfig(family="gpt2", preset="mini", max_positions=256)
+    model = models.build_lm(cfg, vocab_size=len(tokenizer), special_ids=special_ids(tokenizer), seed=0)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def baseline(model_dir: Path, new_tokens: int, seconds: float) -> dict:
+    """`generate()` on batches of CLIENTS prompts, back to back, for `seconds`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from components.generation import end_id, prompt_ids
+
+    torch.set_num_threads(THREADS)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = torch.tensor([prompt_ids(tokenizer, PROMPT)] * CLIENTS)
+    options = dict(
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new_tokens,
+        do_sample=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=end_id(tokenizer),  # a row ends at the end token, as a served one does
+        **SAMPLING,
+    )
+    with torch.inference_mode():
+        model.generate(ids, **options)  # warm-up
+        tokens, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            output = model.generate(ids, **options)[:, ids.shape[1] :]
+            # the tokens each row made before its end token (after it: padding), as /generate counts them
+            ended = (output == end_id(tokenizer)).int().cumsum(-1) > 0
+            tokens += int((~ended).sum())
+        elapsed = time.perf_counter() - started
+    return {"tokens": tokens, "seconds": round(elapsed, 2), "tokens_per_s": round(tokens / elapsed, 1)}
+
+
+async def clients(url: str, new_tokens: int, seconds: float, stream: bool) -> dict:
+    """CLIENTS closed-loop clients; counts the tokens of every answer."""
+    body = {"prompt": PROMPT, "max_new_tokens": new_tokens, "stream": stream, **SAMPLING}
+    counts = {"tokens": 0, "requests": 0, "errors": 0}
+    first_token_s: list[float] = []
+    deadline = time.perf_counter() + seconds
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            async with session.post(f"{url}/generate", json=body) as response:
+                if response.status != 200:
+                    counts["errors"] += 1
+                    await response.read()
+                    continue
+                if not stream:
+                    counts["tokens"] += (await response.json())["tokens"]
+                else:
+                    last = None
+                    async for line in response.content:
+                        if line.strip():
+                            if last is None:
+                                first_token_s.append(time.perf_counter() - started)
+                            last = json.loads(line[len(b"data: ") :])
+                    counts["tokens"] += last["tokens"]
+            counts["requests"] += 1
+
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as session:
+        started = time.perf_counter()
+        await asyncio.gather(*(client(session) for _ in range(CLIENTS)))
+        elapsed = time.perf_counter() - started
+    result = {**counts, "seconds": round(elapsed, 2), "tokens_per_s": round(counts["tokens"] / elapsed, 1)}
+    if first_token_s:
+        result["p50_first_token_ms"] = round(1000 * statistics.median(first_token_s), 1)
+    return result
+
+
+def deploy(model_dir: Path, port: int, new_tokens: int) -> str:
+    from components import serve
+    from components.configs import ServeConfig
+
+    cfg = ServeConfig(app_name="bench", port=port, cpus_per_replica=THREADS, max_new_tokens=new_tokens)
+    info = serve.ModelInfo(name="bench", version=str(time.time_ns()), model_uri=str(model_dir))
+    return serve.deploy(cfg, info, tracking_uri=None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, help="a Hugging Face causal-LM folder (default: build one)")
+    parser.add_argument("--seconds", type=float, default=20, help="per measurement")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "generate_load.json")
+    args = parser.parse_args()
+    import ray
+    from ray import serve
+
+    model = args.model or build_model(Path(tempfile.mkdtemp(prefix="generate-load-")) / "model")
+    results: dict = {"model": str(model), "clients": CLIENTS, "new_tokens": args.new_tokens, "threads": THREADS}
+    results["in_process_generate"] = baseline(model, args.new_tokens, args.seconds)
+    print(f"in-process generate() batch {CLIENTS}: {results['in_process_generate']}", flush=True)
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    try:
+        url = deploy(model, free_port(), args.new_tokens)
+        wait_answering(url)
+        for stream in (False, True):
+            asyncio.run(clients(url, args.new_tokens, 3, stream))  # warm-up
+            name = "serve_streamed" if stream else "serve_whole"
+            results[name] = asyncio.run(clients(url, args.new_tokens, args.seconds, stream))
+            print(f"{name} {CLIENTS} clients: {results[name]}", flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    base = results["in_process_generate"]["tokens_per_s"]
+    results["ratios"] = {
+        "whole_over_generate": round(results["serve_whole"]["tokens_per_s"] / base, 3),
+        "streamed_over_generate": round(results["serve_streamed"]["tokens_per_s"] / base, 3),
+    }
+    print(json.dumps(results["ratios"]))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
