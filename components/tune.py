@@ -86,7 +86,13 @@ class ResumableASHA(ASHAScheduler):
     sweep continued after a kill starts with empty rungs, and a trial restored past a rung (from its
     epoch-2 checkpoint, say) never enters that rung: the next trials there meet no cutoff and run
     their whole budget. A trial's first result past rungs it has no record in also records it in
-    the lower ones (its earlier results are gone); the highest is left to ASHA's own decision."""
+    the lower ones (its earlier results are gone); the highest is left to ASHA's own decision. A
+    trial that had ended before the kill reports nothing more: it enters its rungs when the resumed
+    sweep adds it back, with its results per epoch as Tune kept them (else its last)."""
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        super().on_trial_add(tune_controller, trial)
+        self._enter_reached_rungs(trial)
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         self._fill_skipped_rungs(trial, result)
@@ -95,6 +101,20 @@ class ResumableASHA(ASHAScheduler):
     def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
         self._fill_skipped_rungs(trial, result)
         super().on_trial_complete(tune_controller, trial, result)
+
+    def _enter_reached_rungs(self, trial) -> None:
+        """A trial added back with results (a resumed sweep) in every rung its epochs reached."""
+        metadata = getattr(trial, "run_metadata", None)
+        result = metadata.last_result if metadata is not None else {}
+        if self._time_attr not in result or self._metric not in result:
+            return
+        reached = int(result[self._time_attr])
+        # Tune keeps a metric's last 10 values: one per epoch when the trial reported each once
+        history = list(metadata.metric_n_steps.get(self._metric, {}).get("10", []))
+        for milestone, recorded in self._trial_info[trial.trial_id]._rungs:
+            if milestone <= reached and trial.trial_id not in recorded:
+                value = history[int(milestone) - 1] if len(history) == reached else result[self._metric]
+                recorded[trial.trial_id] = self._metric_op * value
 
     def _fill_skipped_rungs(self, trial, result: dict) -> None:
         bracket = self._trial_info.get(trial.trial_id)

@@ -216,6 +216,38 @@ def test_a_trial_restored_past_a_rung_still_sets_its_cutoff() -> None:
     assert [dict(recorded) for _, recorded in scheduler._brackets[0]._rungs] == [{}, {"C": -0.9}]
 
 
+def test_a_trial_that_ended_before_the_kill_enters_its_rungs_when_added_back() -> None:
+    """A resumed sweep adds back trial A, which had ended (3 epochs) before the kill and reports
+    nothing more: its epoch-1 loss still sets the cutoff that stops B, far worse at epoch 1."""
+    from collections import deque
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    from components import tune
+
+    def b_at_epoch_1(scheduler) -> str:
+        scheduler.set_search_properties("eval/loss", "min")
+        history = deque([0.71, 0.6, 0.55], maxlen=10)
+        metadata = SimpleNamespace(
+            last_result={"epoch": 3, "eval/loss": 0.55}, metric_n_steps={"eval/loss": {"10": history}}
+        )
+        ended, weak = SimpleNamespace(trial_id="A", run_metadata=metadata), SimpleNamespace(trial_id="B")
+        for trial in (ended, weak):
+            scheduler.on_trial_add(None, trial)
+        return scheduler.on_trial_result(None, weak, {"epoch": 1, "eval/loss": 7.0})
+
+    config = TuneConfig(scheduler="asha", max_epochs=3, grace_period=1, reduction_factor=2)
+    scheduler = tune.build_scheduler(config)
+    assert b_at_epoch_1(scheduler) == TrialScheduler.STOP
+    assert {milestone: dict(recorded)["A"] for milestone, recorded in scheduler._brackets[0]._rungs} == {
+        2: -0.6,
+        1: -0.71,
+    }
+    stock = ASHAScheduler(time_attr="epoch", max_t=3, grace_period=1, reduction_factor=2)
+    assert b_at_epoch_1(stock) == TrialScheduler.CONTINUE
+
+
 def test_optuna_searcher_is_tpe() -> None:
     from components import tune
 
