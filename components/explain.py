@@ -1,4 +1,5 @@
-"""Attention maps: where a classifier's heads look when it decides. One function computes them
+"""Attention maps: where a classifier's heads look when it decides, and where a translation model's
+decoder looks in the source for each word it writes (`cross_attention_maps`). One function computes them
 (the finetune stage's picture, `POST /explain` and `ptft explain` all call it) for the token that
 summarises the text: [CLS] for encoders, the last real token for decoders (GPT-2 classifies from it).
 A token classifier (entities) decides per token: its map is of the first token it tags as part of an
@@ -56,6 +57,47 @@ def attention_maps(model, tokenizer, texts: list, *, max_tokens: int, layer: int
                 "layer": layer % layers,
                 "query_token": query_token,
                 "attention": [[round(float(value), 5) for value in head] for head in weights[row, :, query, kept]],
+            }
+        )
+    return maps
+
+
+def cross_attention_maps(model, tokenizer, texts: list, *, max_tokens: int, layer: int = -1) -> list[dict]:
+    """An encoder-decoder's view of its own translations: per text its source `tokens`, the
+    `translation` (beam search, as served) and its `target_tokens`, and `attention` as target tokens
+    x source tokens: for each target token, where the decoder's cross-attention looked when it chose
+    it, in `layer` (-1 the last), the mean over heads."""
+    import torch
+
+    from components.tasks.translation import decode_ids
+
+    encoded = tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
+    generated = decode_ids(model, encoded["input_ids"], encoded["attention_mask"])  # start token first
+    with _eager_attention(model), torch.inference_mode():
+        output = model(
+            input_ids=encoded["input_ids"],
+            attention_mask=encoded["attention_mask"],
+            decoder_input_ids=generated[:, :-1],  # position p chooses token p + 1
+            output_attentions=True,
+        )
+    layers = len(output.cross_attentions)
+    if not -layers <= layer < layers:
+        raise ValueError(f"layer {layer}: the decoder has {layers} layers (0..{layers - 1}, or -1 for the last)")
+    weights = output.cross_attentions[layer].float().mean(1)  # batch x target x source
+    ended = {tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.sep_token_id} - {None}
+    maps = []
+    for row, text in enumerate(texts):
+        source = encoded["attention_mask"][row].nonzero().flatten()
+        target = generated[row, 1:].tolist()
+        length = next((index + 1 for index, token in enumerate(target) if token in ended), len(target))
+        maps.append(
+            {
+                "text": text,
+                "tokens": tokenizer.convert_ids_to_tokens(encoded["input_ids"][row, source].tolist()),
+                "translation": tokenizer.decode(target[:length], skip_special_tokens=True),
+                "target_tokens": tokenizer.convert_ids_to_tokens(target[:length]),
+                "layer": layer % layers,
+                "attention": [[round(float(value), 5) for value in step] for step in weights[row, :length][:, source]],
             }
         )
     return maps

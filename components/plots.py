@@ -102,13 +102,21 @@ def confusion_matrix(matrix: list[list[int]], labels: list[str], path: Path, *, 
 
 
 def attention(maps: list[dict], path: Path) -> Path:
-    """One heatmap per text: heads (rows) x tokens (columns), the summary token's attention."""
+    """One heatmap per text: heads (rows) x tokens (columns), the summary token's attention; for a
+    translation, target tokens (rows) x source tokens (columns), the decoder's cross-attention."""
     with pyplot() as plt:
         widest = max(len(item["tokens"]) for item in maps)
+        tallest = max(len(item.get("target_tokens", [])) for item in maps)
         figure, axes = plt.subplots(
-            len(maps), 1, figsize=(max(6, 0.42 * widest + 2), 1.2 + 1.6 * len(maps)), squeeze=False
+            len(maps),
+            1,
+            figsize=(max(6, 0.42 * widest + 2), 1.2 + max(1.6, 0.3 * tallest) * len(maps)),
+            squeeze=False,
         )
         for axis, item in zip(axes[:, 0], maps, strict=True):
+            if "target_tokens" in item:
+                _cross_attention(figure, axis, item)
+                continue
             heads = len(item["attention"])
             image = axis.imshow(item["attention"], cmap="viridis", aspect="auto", vmin=0)
             axis.set_xticks(range(len(item["tokens"])), item["tokens"], rotation=60, ha="right", fontsize=8)
@@ -120,6 +128,14 @@ def attention(maps: list[dict], path: Path) -> Path:
             )
             figure.colorbar(image, ax=axis, fraction=0.02)
         return _save(plt, figure, path)
+
+
+def _cross_attention(figure, axis, item: dict) -> None:
+    image = axis.imshow(item["attention"], cmap="viridis", aspect="auto", vmin=0)
+    axis.set_xticks(range(len(item["tokens"])), item["tokens"], rotation=60, ha="right", fontsize=8)
+    axis.set_yticks(range(len(item["target_tokens"])), item["target_tokens"], fontsize=8)
+    axis.set_title(f"{_short(item['text'])} -> {_short(item['translation'])}, layer {item['layer']}", fontsize=9)
+    figure.colorbar(image, ax=axis, fraction=0.02)
 
 
 def _short(text: str, limit: int = 60) -> str:

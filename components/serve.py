@@ -8,7 +8,8 @@
                    "tokens", "finish_reason", "model"}; with "stream": true, server-sent events, one per
                    token ({"token"}), the last also with {"text", "tokens", "finish_reason"} (a generation model)
     POST /explain  {"texts": [...], "layer": -1} -> {"explanations": [{"tokens", "attention" (heads x tokens),
-                   "label", "score", ...}], "model": {...}}
+                   "label", "score", ...}], "model": {...}} (a translation model: "translation",
+                   "target_tokens" and "attention" as target x source tokens, the decoder's cross-attention)
     GET  /healthz   liveness
     GET  /metadata  model name, version, source, limits
     GET  /docs      OpenAPI
@@ -162,8 +163,20 @@ class AttentionMap(BaseModel):
     attention: list[list[float]] = Field(description="heads x tokens: how much each head attends to each token")
 
 
+class CrossAttentionMap(BaseModel):
+    text: str
+    tokens: list[str] = Field(description="the source tokens the encoder read")
+    translation: str
+    target_tokens: list[str] = Field(description="the tokens the decoder wrote (beam search), its end token last")
+    layer: int
+    attention: list[list[float]] = Field(
+        description="target tokens x source tokens: where the decoder's cross-attention looked when it chose "
+        "each target token (mean over heads)"
+    )
+
+
 class ExplainResponse(BaseModel):
-    explanations: list[AttentionMap]
+    explanations: list[AttentionMap] | list[CrossAttentionMap]
     model: ModelInfo
 
 
@@ -382,10 +395,8 @@ class ClassifierApp:
         try:
             asked = await self._parse(request, ExplainRequest)
             texts = self._items(asked.texts)
-            if self.scorer.task.generate is not None:
-                raise RequestError(
-                    404, f"/explain shows encoder attention; a {self.scorer.task.name} model has none yet"
-                )
+            if self.scorer.task.explain is None:
+                raise RequestError(404, f"/explain: a {self.scorer.task.name} model has no attention map yet")
             if len(texts) > MAX_EXPLAIN_TEXTS:
                 raise RequestError(422, f"{len(texts)} texts; /explain takes at most {MAX_EXPLAIN_TEXTS}: split it")
             explanations = await asyncio.wait_for(
@@ -515,10 +526,9 @@ class Scorer:
             return decoding.step()
 
     def explain(self, texts: list[str], layer: int = -1) -> list[dict]:
-        from components.explain import attention_maps
-
+        """The task type's attention maps (components/explain.py)."""
         with self._model_lock:
-            return attention_maps(self.model, self.tokenizer, texts, max_tokens=self.max_tokens, layer=layer)
+            return self.task.explain(self.model, self.tokenizer, texts, max_tokens=self.max_tokens, layer=layer)
 
 
 def join_decodings(running: Decoding, started: Decoding) -> Decoding:

@@ -680,7 +680,14 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _print_attention(item: dict, top: int = 3) -> None:
-    """The prediction, then per head the tokens it attends to most."""
+    """The prediction, then per head the tokens it attends to most (for a translation: per target
+    token the source tokens the decoder looked at most)."""
+    if "target_tokens" in item:
+        print(f"\n{item['text']!r} -> {item['translation']!r}; layer {item['layer']}, cross-attention:")
+        for token, weights in zip(item["target_tokens"], item["attention"], strict=True):
+            ranked = sorted(zip(weights, item["tokens"], strict=True), reverse=True)[:top]
+            print(f"  {token}: " + ", ".join(f"{source} {weight:.2f}" for weight, source in ranked))
+        return
     print(
         f"\n{item['text']!r} -> {item['label']} ({item['score']:.3f}); layer {item['layer']}, "
         f"attention from {item['query_token']}:"

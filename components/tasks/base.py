@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from components.explain import attention_maps
+
 IGNORE = -100  # a position without a label (special tokens, later sub-words): no loss, no score
 
 
@@ -82,6 +84,9 @@ class TaskType:
     # (model, tokenizer, the tokenized test split's folder, count) -> a few test rows' outputs beside
     # what was expected, logged with the run as plots/test_samples.json; None: the type logs none
     test_samples: Callable | None = None
+    # (model, tokenizer, texts, max_tokens=, layer=) -> attention maps for /explain and ptft explain;
+    # None: the type has none (a 404)
+    explain: Callable | None = attention_maps
 
     def model_class(self):
         import transformers

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from components.explain import cross_attention_maps
 from components.tasks.base import IGNORE, TaskType, truncated
 from components.vocab import separator_id
 
@@ -56,19 +57,25 @@ def _forward(model, batch: dict):
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
 
 
-def generate(model, tokenizer, input_ids, attention_mask, *, num_beams: int = NUM_BEAMS) -> list[str]:
-    """Beam-search translations of a batch of tokenized sources, as texts."""
+def decode_ids(model, input_ids, attention_mask, *, num_beams: int = NUM_BEAMS):
+    """Beam-search translations of a batch of tokenized sources, as token ids (the decoder's start
+    token first, padded after the end token)."""
     import torch
 
     longest = int(attention_mask.sum(-1).max())
     with torch.inference_mode():
-        output = model.generate(
+        return model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
             num_beams=num_beams,
             max_new_tokens=int(longest * LENGTH_FACTOR) + 8,
             early_stopping=True,
         )
+
+
+def generate(model, tokenizer, input_ids, attention_mask, *, num_beams: int = NUM_BEAMS) -> list[str]:
+    """Beam-search translations of a batch of tokenized sources, as texts."""
+    output = decode_ids(model, input_ids, attention_mask, num_beams=num_beams)
     return tokenizer.batch_decode(output, skip_special_tokens=True, clean_up_tokenization_spaces=True)
 
 
@@ -128,4 +135,5 @@ TASK = TaskType(
     generate=generate,
     output_example=_output_example,
     test_samples=_test_samples,
+    explain=cross_attention_maps,
 )

@@ -400,8 +400,12 @@ def test_a_t5_translation_is_fine_tuned_registered_and_served_at_translate(
         assert len(answers) == 2 and all(isinstance(a["translation"], str) and a["truncated"] is False for a in answers)
         empty = requests.post(f"{url}/translate", data=json.dumps({"texts": []}), timeout=30)
         assert empty.status_code == 422 and "texts is empty" in empty.json()["detail"]
-        explain = requests.post(f"{url}/explain", json={"texts": texts[:1]}, timeout=30)
-        assert explain.status_code == 404 and "translation" in explain.json()["detail"]
+        explain = requests.post(f"{url}/explain", json={"texts": texts[:1]}, timeout=60)
+        assert explain.status_code == 200, explain.text
+        (cross,) = explain.json()["explanations"]  # target tokens x source tokens
+        assert len(cross["attention"]) == len(cross["target_tokens"]) and len(cross["attention"][0]) == len(
+            cross["tokens"]
+        )
     finally:
         from ray import serve as ray_serve
 
@@ -490,6 +494,8 @@ def test_a_gpt2_generation_model_is_registered_and_generates_whole_and_streamed(
             assert response.status_code == status and words in response.json()["detail"], (what, response.text)
         not_json = requests.post(generate, data="{", timeout=30)
         assert not_json.status_code == 400 and '"prompt"' in not_json.json()["detail"]
+        explain = requests.post(f"{url}/explain", json={"texts": ["the film is"]}, timeout=30)
+        assert explain.status_code == 404 and "generation" in explain.json()["detail"]
         predicted = requests.post(f"{url}/predict", json={"texts": ["the film is"]}, timeout=60)
         assert predicted.status_code == 200 and isinstance(predicted.json()["predictions"][0]["generated"], str)
     finally:

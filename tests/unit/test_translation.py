@@ -174,6 +174,28 @@ def test_the_fine_tuned_model_is_served_as_translations_of_texts(multi30k: Path)
     assert served.model_dump()["predictions"] == answers  # read as translations, not another task's shape
 
 
+def test_explain_shows_the_decoders_cross_attention_over_the_source(multi30k: Path, tmp_path: Path) -> None:
+    """Per text: a row per target token the decoder wrote (its translation's tokens, the end token
+    last), a column per source token, each row the mean over heads of a softmax over the source."""
+    from components import plots, serve
+
+    scorer = serve.Scorer(str(multi30k / "pretrained"), tracking_uri=None)
+    texts = ["A dog runs through the grass.", "Two men."]
+    maps = scorer.explain(texts, layer=0)
+    translations = [answer["translation"] for answer in scorer(texts)]
+    for item, text, translation in zip(maps, texts, translations, strict=True):
+        assert item["text"] == text and item["translation"] == translation and item["layer"] == 0
+        assert item["tokens"] == scorer.tokenizer.convert_ids_to_tokens(scorer.tokenizer(text)["input_ids"])
+        assert len(item["attention"]) == len(item["target_tokens"]) >= 1
+        assert all(len(row) == len(item["tokens"]) for row in item["attention"])
+        assert all(abs(sum(row) - 1) < 1e-3 for row in item["attention"])  # padding gets none
+    served = serve.ExplainResponse(explanations=maps, model=serve.ModelInfo(name="m", version="1", model_uri="f"))
+    assert served.model_dump()["explanations"] == maps
+    with pytest.raises(ValueError, match="the decoder has 2 layers"):
+        scorer.explain(texts, layer=5)
+    assert plots.attention(maps, tmp_path / "cross.png").stat().st_size > 0
+
+
 def test_the_run_summary_shows_a_sample_translation() -> None:
     from pipelines.stages.serve import Sample
 
