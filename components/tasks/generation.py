@@ -112,4 +112,5 @@ TASK = TaskType(
     has_classes=False,
     test_samples=_test_samples,
     output_example=_output_example,
+    explain=None,  # not built yet: the last token's attention over the prompt would be the natural map
 )

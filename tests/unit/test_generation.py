@@ -198,3 +198,7 @@ def test_requests_arriving_while_a_batch_runs_join_it_and_each_gets_its_own_even
         return ask
 
     assert asyncio.run(leave_early()).deadline == float("-inf")
+
+
+def test_a_generation_model_has_no_attention_map_yet() -> None:
+    assert GENERATION.explain is None  # /explain answers 404 rather than a classifier's map of its logits
