@@ -42,6 +42,7 @@ BEST_TRIAL_RUN_TAG = "ptft.best_trial_run_id"
 TRIAL_CONFIG_TAG = "ptft.trial_config"
 # The metrics a reader looks for first; restore/*, hyper/* and per-step counters stay in MLflow.
 KEY_METRIC_PREFIXES = ("train/loss", "eval/", "test/", "throughput/", "tune/", "stage/seconds", "tokenize/", "serve/")
+SAMPLES_ARTIFACT = "plots/test_samples.json"  # components/finetune.py writes it
 HEALTH_TIMEOUT_S = 5
 
 
@@ -65,6 +66,8 @@ class StageReport:
     metrics: dict[str, float] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     pictures: list[Picture] = field(default_factory=list)
+    # A model that writes text: its outputs for a few test rows beside what was expected
+    samples: list[dict[str, str]] = field(default_factory=list)
 
     @property
     def cached(self) -> bool:
@@ -226,6 +229,20 @@ def _add_stage_runs(client: MlflowClient, tracking_uri: str, stage: StageReport)
     stage.metrics = _key_metrics({**source.data.metrics, **own.data.metrics})
     stage.tags = dict(source.data.tags)
     stage.pictures = [Picture(stage.name, path, png) for path, png in _pictures(client, tracking_uri, source_id)]
+    stage.samples = _samples(client, tracking_uri, source_id)
+
+
+def _samples(client: MlflowClient, tracking_uri: str, run_id: str) -> list[dict[str, str]]:
+    """The run's `plots/test_samples.json` (translations, generations), or none."""
+    import mlflow.artifacts
+
+    if not any(info.path == SAMPLES_ARTIFACT for info in client.list_artifacts(run_id, "plots")):
+        return []
+    with tempfile.TemporaryDirectory(prefix="ptft-report-") as folder:
+        local = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=SAMPLES_ARTIFACT, tracking_uri=tracking_uri, dst_path=folder
+        )
+        return json.loads(Path(local).read_text())
 
 
 def _key_metrics(metrics: dict[str, float]) -> dict[str, float]:
@@ -501,7 +518,19 @@ def _render_stage_details(report: RunReport, stage: StageReport) -> str:
     if stage.metrics:
         parts.append(_metrics_table(stage.metrics))
     parts.extend(_render_picture(picture) for picture in stage.pictures)
+    if stage.samples:
+        parts.append(_samples_table(stage.samples))
     return f'<section class="stage" id="details-{_e(stage.name)}">' + "\n".join(parts) + "</section>"
+
+
+def _samples_table(samples: list[dict[str, str]]) -> str:
+    """Test rows and what the model wrote: source or prompt, the reference, the output."""
+    columns = list(samples[0])
+    head = "".join(f"<th>{_e(column)}</th>" for column in columns)
+    rows = "".join(
+        "<tr>" + "".join(f"<td>{_e(sample.get(c, ''))}</td>" for c in columns) + "</tr>" for sample in samples
+    )
+    return f'<table class="samples"><caption>test samples</caption><tr>{head}</tr>{rows}</table>'
 
 
 def _metrics_table(metrics: dict[str, float]) -> str:

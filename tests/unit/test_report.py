@@ -80,6 +80,9 @@ def recorded_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
     client.log_metric(runs["finetune"], "test/accuracy", 0.9375)
     client.log_artifact(runs["finetune"], str(_plot(tmp_path / "confusion_matrix.png")), "plots")
+    samples = [{"source": "A dog <runs>.", "reference": "Ein Hund rennt.", "output": "Ein Hund."}]
+    (tmp_path / "test_samples.json").write_text(json.dumps(samples))
+    client.log_artifact(runs["finetune"], str(tmp_path / "test_samples.json"), "plots")
     version = _register(client, runs["finetune"])
     for run_id in [*runs.values(), producer, trial]:
         client.set_terminated(run_id)
@@ -191,6 +194,9 @@ def test_report_shows_stages_metrics_pictures_trial_and_model(recorded_run: dict
     }
     assert all(png.startswith(PNG_SIGNATURE) for png in images.values())
     assert "<figcaption>pretrain: plots/loss.png</figcaption>" in page
+    samples = re.search(r'<table class="samples">(.*?)</table>', page).group(1)  # test rows and outputs
+    assert "<th>source</th><th>reference</th><th>output</th>" in samples
+    assert "<td>A dog &lt;runs&gt;.</td><td>Ein Hund rennt.</td><td>Ein Hund.</td>" in samples
 
     assert "trial_00001" in page and "learning_rate" in page and "0.00123" in page and "0.875" in page
     model = re.search(r'<table class="model">(.*?)</table>', page).group(1)
