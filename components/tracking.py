@@ -140,6 +140,13 @@ class MlflowTracker:
     def set_tags(self, tags: Mapping[str, str]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(key, str(value)) for key, value in redact(tags).items()])
 
+    def tags(self) -> dict[str, str]:
+        return dict(self.client.get_run(self.run_id).data.tags)
+
+    def status(self) -> str:
+        """RUNNING, FINISHED, FAILED or KILLED."""
+        return self.client.get_run(self.run_id).info.status
+
     def metric_history(self, key: str) -> list[tuple[int, float]]:
         """(step, value) of every point of `key` in this run, by step: what arrived, after a flush."""
         self.flush()
@@ -234,6 +241,35 @@ def open_tracker(tracking_uri: str | None, run_id: str | None, *, rank: int = 0,
     if rank != 0 or not tracking_uri or not run_id:
         return NullTracker()
     return MlflowTracker(tracking_uri, run_id, resumed=resumed)
+
+
+def open_child_run(
+    tracking_uri: str,
+    experiment_id: str,
+    name: str,
+    *,
+    parent_run_id: str,
+    match: Mapping[str, str],
+    tags: Mapping[str, str],
+) -> tuple[MlflowTracker, bool]:
+    """A child run of `parent_run_id` as a tracker that owns it: the one carrying the `match` tags
+    that an earlier attempt opened (reopened), or a new one with `tags`. Returns it and whether it
+    is new."""
+    client = MlflowClient(tracking_uri)
+    existing = find_run(client, experiment_id, {**match, PARENT_TAG: parent_run_id})
+    if existing is not None:
+        reopen_run(client, existing)
+        return MlflowTracker(tracking_uri, existing, owns_run=True, resumed=True), False
+    run_id = start_run(client, experiment_id, name, parent_run_id=parent_run_id, tags={**match, **tags})
+    return MlflowTracker(tracking_uri, run_id, owns_run=True, resumed=True), True
+
+
+def child_run_tags(tracking_uri: str, experiment_id: str, parent_run_id: str) -> dict[str, dict[str, str]]:
+    """Run id -> tags of every child run of `parent_run_id`."""
+    runs = MlflowClient(tracking_uri).search_runs(
+        [experiment_id], f"tags.`{PARENT_TAG}` = '{parent_run_id}'", max_results=10_000
+    )
+    return {run.info.run_id: dict(run.data.tags) for run in runs}
 
 
 def start_run(

@@ -33,7 +33,6 @@ from pathlib import Path
 
 import ray.train
 import ray.tune
-from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
 from ray.train.torch import TorchTrainer
 from ray.tune.schedulers import (
@@ -49,7 +48,7 @@ from components import accelerator, console, finetune, plots, sweep_report, trai
 from components.configs import INTEGER_HYPERPARAMETERS, DeepSpeedConfig, Distribution, Hyperparameters, TuneConfig
 from components.stage import StageContext, StageResult, read_json, write_json
 from components.tasks import task_type
-from components.tracking import PARENT_TAG, MlflowTracker, find_run, reopen_run, start_run
+from components.tracking import MlflowTracker, child_run_tags, open_child_run
 
 log = logging.getLogger(__name__)
 
@@ -355,8 +354,7 @@ def run_trial(hyper: dict, setup: dict) -> None:
     hyper = plain(hyper)
     trial = TrialSetup.model_validate(setup)
     checkpoint = ray.tune.get_checkpoint()
-    run_id = open_trial_run(MlflowClient(trial.base.tracking_uri), trial, _trial_name(), hyper)
-    tracker = MlflowTracker(trial.base.tracking_uri, run_id, owns_run=True, resumed=True)
+    tracker = open_trial_run(trial, _trial_name(), hyper)
     # The one-rank group lives as long as the process: with reuse_actors the next trial in this
     # process uses it again (DeepSpeed keeps a reference to it; a destroyed one breaks it).
     training.ensure_process_group()
@@ -367,14 +365,14 @@ def run_trial(hyper: dict, setup: dict) -> None:
         if not config_recorded:
             # Recorded once this attempt has trained an epoch, not when it starts: an attempt PBT
             # starts after the trial's last epoch trains nothing, and its config is not the trial's.
-            record_trained_config(MlflowClient(trial.base.tracking_uri), run_id, hyper)
+            record_trained_config(tracker, hyper)
             config_recorded = True
         # The values this epoch trained with: PBT changes them between epochs.
         tracker.log_metrics({f"hyper/{name}": value for name, value in hyper.items()}, int(metrics["epoch"]))
         tracker.flush()
         ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(checkpoint_dir))
 
-    finetune.fit_classifier(_classifier_run(trial, hyper, run_id), report=report, checkpoint=checkpoint)
+    finetune.fit_classifier(_classifier_run(trial, hyper, tracker.run_id), report=report, checkpoint=checkpoint)
     # A trial the scheduler stops never gets here; `_summarise` ends its run after the sweep.
     tracker.close("FINISHED")
 
@@ -385,13 +383,12 @@ def run_distributed_trial(hyper: dict, setup: dict) -> None:
     hyper = plain(hyper)
     trial = TrialSetup.model_validate(setup)
     name = _trial_name()
-    client = MlflowClient(trial.base.tracking_uri)
-    run_id = open_trial_run(client, trial, name, hyper)
-    record_trained_config(client, run_id, hyper)  # PBT, the one scheduler that changes it, runs no such trials
+    tracker = open_trial_run(trial, name, hyper)
+    record_trained_config(tracker, hyper)  # PBT, the one scheduler that changes it, runs no such trials
     resources = {"CPU": trial.cpus_per_worker, **({"GPU": trial.gpus_per_worker} if trial.base.use_gpu else {})}
     trainer = TorchTrainer(
         finetune.train_loop_per_worker,
-        train_loop_config=_classifier_run(trial, hyper, run_id).model_dump(),
+        train_loop_config=_classifier_run(trial, hyper, tracker.run_id).model_dump(),
         scaling_config=ray.train.ScalingConfig(
             num_workers=trial.workers, use_gpu=trial.base.use_gpu, resources_per_worker=resources
         ),
@@ -404,7 +401,7 @@ def run_distributed_trial(hyper: dict, setup: dict) -> None:
         ),
     )
     trainer.fit()
-    MlflowClient(trial.base.tracking_uri).set_terminated(run_id, status="FINISHED")
+    tracker.close("FINISHED")
 
 
 def _tune_report_callback():
@@ -423,40 +420,38 @@ def _classifier_run(trial: TrialSetup, hyper: dict, run_id: str) -> finetune.Cla
     )
 
 
-def open_trial_run(client: MlflowClient, trial: TrialSetup, name: str, hyper: dict) -> str:
+def open_trial_run(trial: TrialSetup, name: str, hyper: dict) -> MlflowTracker:
     """The trial's MLflow run: the one an earlier attempt of this trial opened (a restored sweep,
     a retried trial, a PBT exploit), or a new child of the tune stage's run."""
-    existing = find_run(client, trial.experiment_id, {TRIAL_TAG: name, PARENT_TAG: trial.tune_run_id})
-    if existing is None:
-        run_id = start_run(
-            client,
-            trial.experiment_id,
-            name,
-            parent_run_id=trial.tune_run_id,
-            tags={
-                "ptft.stage": "tune-trial",
-                TRIAL_TAG: name,
-                CONFIG_TAG: config_json(hyper),
-                "ptft.run_id": trial.pipeline_run_id,
-                "ptft.attempts": "1",
-                "ptft.trial_status": "running",
-            },
-        )
-        MlflowTracker(trial.base.tracking_uri, run_id).log_params(hyper)
-        return run_id
-    reopen_run(client, existing)
-    client.set_tag(existing, "ptft.trial_status", "running")
-    return existing
+    tracker, new = open_child_run(
+        trial.base.tracking_uri,
+        trial.experiment_id,
+        name,
+        parent_run_id=trial.tune_run_id,
+        match={TRIAL_TAG: name},
+        tags={
+            "ptft.stage": "tune-trial",
+            CONFIG_TAG: config_json(hyper),
+            "ptft.run_id": trial.pipeline_run_id,
+            "ptft.attempts": "1",
+            "ptft.trial_status": "running",
+        },
+    )
+    if new:
+        tracker.log_params(hyper)
+    else:
+        tracker.set_tags({"ptft.trial_status": "running"})
+    return tracker
 
 
-def record_trained_config(client: MlflowClient, run_id: str, hyper: dict) -> None:
+def record_trained_config(tracker: MlflowTracker, hyper: dict) -> None:
     """Tag the run with the config its latest epochs trained with. One that differs from the
     config recorded before is a PBT exploit: counted in `ptft.pbt_exploits`."""
     config = config_json(hyper)
-    tags = client.get_run(run_id).data.tags
+    tags = tracker.tags()
     if tags.get(CONFIG_TAG) != config:
-        client.set_tag(run_id, "ptft.pbt_exploits", str(int(tags.get("ptft.pbt_exploits", "0")) + 1))
-        client.set_tag(run_id, CONFIG_TAG, config)
+        exploits = str(int(tags.get("ptft.pbt_exploits", "0")) + 1)
+        tracker.set_tags({"ptft.pbt_exploits": exploits, CONFIG_TAG: config})
 
 
 def config_json(hyper: dict) -> str:
@@ -467,14 +462,13 @@ def config_json(hyper: dict) -> str:
 
 
 def _summarise(results: ray.tune.ResultGrid, cfg: TuneConfig, ctx: StageContext) -> StageResult:
-    client = MlflowClient(ctx.tracking_uri)
-    run_ids = _trial_run_ids(client, ctx)
+    run_ids = _trial_run_ids(ctx)
     rows = [_trial_row(result, cfg, run_ids) for result in results]
     best = sweep_report.best_row(rows, cfg.mode)
     if best is None:
         errors = [row["error"] for row in rows if row["error"]]
         raise RuntimeError(f"no trial reported {cfg.metric}; first error: {errors[0] if errors else 'none'}")
-    _close_trial_runs(client, rows, best)
+    _close_trial_runs(ctx.tracking_uri, rows, best)
     params = list(cfg.search_space)
     best_config = dict(best["config"])
     unsampled = [name for name in params if best_config.get(name) is None]
@@ -519,10 +513,10 @@ def _summarise(results: ray.tune.ResultGrid, cfg: TuneConfig, ctx: StageContext)
     )
 
 
-def _trial_run_ids(client: MlflowClient, ctx: StageContext) -> dict[str, str]:
+def _trial_run_ids(ctx: StageContext) -> dict[str, str]:
     """Trial name -> its MLflow run, for every child run of the tune stage's run."""
-    runs = client.search_runs([ctx.experiment_id], f"tags.`{PARENT_TAG}` = '{ctx.mlflow_run_id}'", max_results=10_000)
-    return {run.data.tags[TRIAL_TAG]: run.info.run_id for run in runs if TRIAL_TAG in run.data.tags}
+    children = child_run_tags(ctx.tracking_uri, ctx.experiment_id, ctx.mlflow_run_id)
+    return {tags[TRIAL_TAG]: run_id for run_id, tags in children.items() if TRIAL_TAG in tags}
 
 
 def _trial_row(result: ray.tune.Result, cfg: TuneConfig, run_ids: dict[str, str]) -> dict:
@@ -574,15 +568,20 @@ def _finite(value) -> bool:
     return isinstance(value, (int, float)) and value == value and abs(value) != float("inf")
 
 
-def _close_trial_runs(client: MlflowClient, rows: list[dict], best: dict) -> None:
+def _close_trial_runs(tracking_uri: str, rows: list[dict], best: dict) -> None:
     """Tag every trial run with its outcome and end the ones still open: stopped by the scheduler
     (their function never returned), failed, or KILLED when a dead driver's sweep was resumed."""
     for row in rows:
         run_id = row["mlflow_run_id"]
         if not run_id:
             continue
-        client.set_tag(run_id, "ptft.trial_status", row["status"])
-        client.set_tag(run_id, "ptft.trial_epochs", str(row["epochs"]))
-        client.set_tag(run_id, "ptft.best_trial", str(row["trial"] == best["trial"]).lower())
-        if client.get_run(run_id).info.status != "FINISHED" or row["status"] == "error":
-            client.set_terminated(run_id, status="FAILED" if row["status"] == "error" else "FINISHED")
+        tracker = MlflowTracker(tracking_uri, run_id, owns_run=True)
+        tracker.set_tags(
+            {
+                "ptft.trial_status": row["status"],
+                "ptft.trial_epochs": str(row["epochs"]),
+                "ptft.best_trial": str(row["trial"] == best["trial"]).lower(),
+            }
+        )
+        if tracker.status() != "FINISHED" or row["status"] == "error":
+            tracker.close("FAILED" if row["status"] == "error" else "FINISHED")

@@ -94,14 +94,16 @@ def test_a_trial_run_records_the_config_its_epochs_trained_with(store, tmp_path:
     )
     setup = tune.TrialSetup(base=base, tune_run_id=parent, experiment_id=experiment, pipeline_run_id="p1")
     first, exploited = {"learning_rate": 1e-3}, {"learning_rate": 1.2e-3}
-    run_id = tune.open_trial_run(client, setup, "trial_0", first)
-    tune.record_trained_config(client, run_id, first)
+    tracker = tune.open_trial_run(setup, "trial_0", first)
+    run_id = tracker.run_id
+    tune.record_trained_config(tracker, first)
     # PBT restarts the trial with a new config; an attempt that trains no epoch records nothing.
-    assert tune.open_trial_run(client, setup, "trial_0", exploited) == run_id
+    again = tune.open_trial_run(setup, "trial_0", exploited)
+    assert again.run_id == run_id and client.get_run(run_id).data.tags["ptft.attempts"] == "2"
     tags = client.get_run(run_id).data.tags
     assert json.loads(tags[tune.CONFIG_TAG]) == first and "ptft.pbt_exploits" not in tags
-    tune.record_trained_config(client, run_id, exploited)
-    tune.record_trained_config(client, run_id, exploited)  # the same attempt again: no second exploit
+    tune.record_trained_config(again, exploited)
+    tune.record_trained_config(again, exploited)  # the same attempt again: no second exploit
     tags = client.get_run(run_id).data.tags
     assert json.loads(tags[tune.CONFIG_TAG]) == exploited and tags["ptft.pbt_exploits"] == "1"
     assert client.get_run(run_id).data.params == {"learning_rate": "0.001"}  # params: the first config
