@@ -359,6 +359,31 @@ def t5_translation(chain: Chain, t5_multilingual, tmp_path_factory: pytest.TempP
     return out, ctx
 
 
+def _ptft_serve(chain: Chain, ray_driver: str, tmp_path: Path, model: str, app: str, *overrides: str) -> str:
+    """`ptft serve models:/MODEL@champion` as the application `app` at /`app` on the shared
+    cluster; returns its URL."""
+    config = tmp_path / "serving.yaml"
+    config.write_text(yaml.safe_dump({**tiny_config_dict(tmp_path), "name": app}))
+    settings = [
+        f"tracking.uri={chain.tracking_uri}",
+        f"ray.address={ray_driver}",
+        f"serve.app_name={app}",
+        f"serve.route_prefix=/{app}",
+        "serve.cpus_per_replica=0.25",
+        *overrides,
+    ]
+    ptft = str(Path(sys.executable).with_name("ptft"))
+    done = subprocess.run(
+        [ptft, "serve", f"models:/{model}@champion", "--config", str(config), *settings],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
+    return done.stdout.split(" at ", 1)[1].split()[0]
+
+
 def test_a_t5_translation_is_fine_tuned_registered_and_served_at_translate(
     chain: Chain, t5_translation, ray_driver: str, tmp_path: Path
 ) -> None:
@@ -373,25 +398,7 @@ def test_a_t5_translation_is_fine_tuned_registered_and_served_at_translate(
     version = chain.client.get_model_version_by_alias("matrix-t5-translation", "champion")
     assert version.tags["ptft.task_type"] == "translation" and float(version.tags["ptft.test_bleu"]) >= 0
 
-    config = tmp_path / "serving.yaml"
-    config.write_text(yaml.safe_dump({**tiny_config_dict(tmp_path), "name": "translation"}))
-    overrides = [
-        f"tracking.uri={chain.tracking_uri}",
-        f"ray.address={ray_driver}",
-        "serve.app_name=translation",
-        "serve.route_prefix=/translation",
-        "serve.cpus_per_replica=0.25",
-    ]
-    ptft = str(Path(sys.executable).with_name("ptft"))
-    done = subprocess.run(
-        [ptft, "serve", "models:/matrix-t5-translation@champion", "--config", str(config), *overrides],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
-    url = done.stdout.split(" at ", 1)[1].split()[0]
+    url = _ptft_serve(chain, ray_driver, tmp_path, "matrix-t5-translation", "translation")
     try:
         texts = ["A man rides a bicycle.", "Two dogs play in the snow."]
         response = requests.post(f"{url}/translate", json={"texts": texts}, timeout=60)
@@ -431,26 +438,7 @@ def test_a_gpt2_generation_model_is_registered_and_generates_whole_and_streamed(
     version = chain.client.get_model_version_by_alias("matrix-gpt2-generation", "champion")
     assert version.tags["ptft.task_type"] == "generation"
 
-    config = tmp_path / "serving.yaml"
-    config.write_text(yaml.safe_dump({**tiny_config_dict(tmp_path), "name": "generation"}))
-    overrides = [
-        f"tracking.uri={chain.tracking_uri}",
-        f"ray.address={ray_driver}",
-        "serve.app_name=generation",
-        "serve.route_prefix=/generation",
-        "serve.cpus_per_replica=0.25",
-        "serve.max_new_tokens=24",
-    ]
-    ptft = str(Path(sys.executable).with_name("ptft"))
-    done = subprocess.run(
-        [ptft, "serve", "models:/matrix-gpt2-generation@champion", "--config", str(config), *overrides],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
-    url = done.stdout.split(" at ", 1)[1].split()[0]
+    url = _ptft_serve(chain, ray_driver, tmp_path, "matrix-gpt2-generation", "generation", "serve.max_new_tokens=24")
     generate = f"{url}/generate"
     try:
         greedy = {"prompt": "the film is", "max_new_tokens": 8, "temperature": 0}
