@@ -62,7 +62,8 @@ def baseline(model_dir: Path, new_tokens: int, seconds: float) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from components.generation import end_id, prompt_ids
+    from components.generation import prompt_ids
+    from components.vocab import separator_id
 
     torch.set_num_threads(THREADS)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -73,7 +74,7 @@ def baseline(model_dir: Path, new_tokens: int, seconds: float) -> dict:
         max_new_tokens=new_tokens,
         do_sample=True,
         pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=end_id(tokenizer),  # a row ends at the end token, as a served one does
+        eos_token_id=separator_id(tokenizer),  # a row ends at the end token, as a served one does
         **SAMPLING,
     )
     with torch.inference_mode():
@@ -82,7 +83,7 @@ def baseline(model_dir: Path, new_tokens: int, seconds: float) -> dict:
         while time.perf_counter() - started < seconds:
             output = model.generate(ids, **options)[:, ids.shape[1] :]
             # the tokens each row made before its end token (after it: padding), as /generate counts them
-            ended = (output == end_id(tokenizer)).int().cumsum(-1) > 0
+            ended = (output == separator_id(tokenizer)).int().cumsum(-1) > 0
             tokens += int((~ended).sum())
         elapsed = time.perf_counter() - started
     return {"tokens": tokens, "seconds": round(elapsed, 2), "tokens_per_s": round(tokens / elapsed, 1)}

@@ -11,9 +11,12 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
+
+from components.vocab import separator_id, start_id
 
 STOP, LENGTH, DEADLINE = "stop", "length", "deadline"  # why a row ended: end token, budget, deadline
 
@@ -42,14 +45,9 @@ class Row:
 def prompt_ids(tokenizer, prompt: str) -> list[int]:
     """A prompt as the model saw documents in pre-training: the start token (if the tokenizer has
     one) and the text's tokens, with no end token after it."""
-    start = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+    start = start_id(tokenizer)
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     return ([start] if start is not None else []) + ids
-
-
-def end_id(tokenizer) -> int | None:
-    """The token that ends a document ([SEP], else end-of-text): generation stops there."""
-    return tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
 
 
 def nucleus_sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
@@ -73,7 +71,7 @@ class Decoding:
     def __init__(self, model, tokenizer, asks: list[Ask]) -> None:
         self.model, self.tokenizer, self.asks = model, tokenizer, asks
         self.rows = [Row() for _ in asks]
-        self.end = end_id(tokenizer)
+        self.end = separator_id(tokenizer)  # the end of a document: generation stops there
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.end or 0)
         self.generators = [
             torch.Generator().manual_seed(ask.seed if ask.seed is not None else random.getrandbits(63)) for ask in asks
@@ -203,7 +201,7 @@ class Batcher:
         self.max_batch_size, self.wait_s = max_batch_size, wait_s
         self.pending: asyncio.Queue | None = None
         self.worker: asyncio.Task | None = None
-        self.batch_sizes: list[int] = []  # rows of every step so far (the tests read them)
+        self.batch_sizes: deque[int] = deque(maxlen=1000)  # rows of the latest steps (the tests read them)
 
     async def events(self, ask: Ask, interval_s: float = 0.0, whole: bool = False):
         """The ask's events: {"token"} per step, the last also {"text", "tokens", "finish_reason"}.

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from components.generation import Ask, Decoding, end_id, prompt_ids
+from components.generation import Ask, Decoding, prompt_ids
 from components.tasks.base import IGNORE, TaskType
+from components.vocab import separator_id
 
 PREDICT_NEW_TOKENS = 32  # what /predict and the registered pyfunc add to each text (greedy)
 
@@ -30,7 +31,7 @@ def _no_classes(table: pa.Table) -> list[str]:
 def _tokenize(batch: pa.Table, tokenizer, seq_len: int, label_ids: dict[str, int], **options) -> dict:
     """Start token, the text (cut to fit), end token, padding; each position's label is the next
     token (IGNORE at the last token and on padding)."""
-    end = end_id(tokenizer)
+    end = separator_id(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end
     ids, masks, labels = [], [], []
     for text in batch.column("text").to_pylist():

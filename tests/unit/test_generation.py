@@ -183,7 +183,7 @@ def test_requests_arriving_while_a_batch_runs_join_it_and_each_gets_its_own_even
         return await first, await asyncio.gather(*waiting)
 
     first, waiting = asyncio.run(scenario())
-    assert batcher.batch_sizes[:2] == [1, 4] and max(batcher.batch_sizes) == 4
+    assert list(batcher.batch_sizes)[:2] == [1, 4] and max(batcher.batch_sizes) == 4
     assert first[-1]["text"] == Decoding(model, tokenizer, [Ask(ids, 20, temperature=0.0)]).run()[0].text
     for events, budget in [(first, 20), *zip(waiting, (4, 5, 6), strict=True)]:
         last = events[-1]
