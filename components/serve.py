@@ -47,7 +47,7 @@ from ray import serve
 from components.configs import REGISTRY_URI, ServeConfig
 from components.explain import MAX_EXPLAIN_TEXTS
 from components.generation import DEADLINE, Ask, Batcher, Decoding, prompt_ids
-from components.redaction import redact_text, redact_url
+from components.redaction import redact_url
 from components.stage import StageContext, StageResult, write_json
 from components.tasks import task_of_model
 
@@ -685,7 +685,7 @@ def resolve_model(reference: str, tracking_uri: str | None) -> ModelInfo:
 
     Raises:
         ValueError: the reference is malformed, or the registry has no such version or alias.
-        RegistryUnavailable: the registry did not answer (server down, network, store errors).
+        registry.RegistryUnavailable: the registry did not answer (server down, network, store errors).
     """
     parts = re.fullmatch(REGISTRY_URI, reference)
     if parts is None:
@@ -693,44 +693,25 @@ def resolve_model(reference: str, tracking_uri: str | None) -> ModelInfo:
         if not (folder / "config.json").is_file():
             raise ValueError(f"{reference!r} is neither models:/NAME@ALIAS, models:/NAME/VERSION nor a model folder")
         return ModelInfo(name=folder.name, version="local", model_uri=str(folder))
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
+    from components import registry
 
     name, version, alias = parts["name"], parts["version"], parts["alias"]
-    client = MlflowClient(tracking_uri)
-    try:
-        found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
-    except MlflowException as error:
-        if error.error_code not in REGISTRY_ANSWERS:
-            raise RegistryUnavailable(
-                f"the registry at {redact_url(tracking_uri)} did not answer for {reference!r}: "
-                + redact_text(error.message[:300])
-            ) from None
-        raise ValueError(
-            f"{reference!r} is not in the registry at {redact_url(tracking_uri)} ({redact_text(error.message)}); "
-            "the MLflow UI (ptft ui) lists registered models and their aliases"
-        ) from None
+    found = registry.lookup(tracking_uri, name, version=version, alias=alias)
     return ModelInfo(
         name=name,
-        version=str(found.version),
-        model_uri=f"models:/{name}/{found.version}",
-        run_id=found.run_id,
+        version=found["version"],
+        model_uri=f"models:/{name}/{found['version']}",
+        run_id=found["run_id"],
         alias=alias,
     )
-
-
-# MLflow error codes of a registry that answered: the name, version or alias is not there.
-REGISTRY_ANSWERS = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"}
-
-
-class RegistryUnavailable(ConnectionError):
-    """The model registry did not answer; what is deployed stays as it is."""
 
 
 def keep_following(cfg: ServeConfig, serving: ModelInfo, tracking_uri: str | None) -> tuple[ModelInfo, str | None]:
     """`follow_champion` for a long-lived `ptft serve`, which must never stop answering: a registry
     that does not answer, or a rollout that fails, leaves `serving` deployed (a failed rollout is
     rolled back to it). Returns what is served now and, when something failed, what to tell."""
+    from components.registry import RegistryUnavailable
+
     try:
         wanted = resolve_model(f"models:/{serving.name}@{serving.alias}", tracking_uri)
     except (RegistryUnavailable, ValueError) as error:  # down, or the alias deleted meanwhile

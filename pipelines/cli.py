@@ -565,11 +565,12 @@ def _serve(args: argparse.Namespace) -> int:
     if problems:
         raise ConfigError("ptft serve", problems)
     from components import serve
+    from components.registry import RegistryUnavailable
 
     tracking_uri = config.tracking_uri()
     try:
         model = serve.resolve_model(args.model, tracking_uri)
-    except serve.RegistryUnavailable as error:
+    except RegistryUnavailable as error:
         problem = Problem(
             "tracking.uri",
             redact_url(tracking_uri),
@@ -649,10 +650,11 @@ def _explain(args: argparse.Namespace) -> int:
     if problems:
         raise ConfigError("ptft explain", problems)
     from components import plots, serve
+    from components.registry import RegistryUnavailable
 
     try:
         model = serve.resolve_model(args.model, config.tracking_uri())
-    except serve.RegistryUnavailable as error:
+    except RegistryUnavailable as error:
         problem = Problem(
             "--tracking-uri", redact_url(config.tracking_uri()), str(error), "start the MLflow server, or name one"
         )

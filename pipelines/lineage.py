@@ -48,21 +48,16 @@ def tag_upstream(client: MlflowClient, run_id: str, upstream_runs: dict[str, str
         client.set_tag(run_id, UPSTREAM_TAG.format(stage=upstream), upstream_run)
 
 
-def describe_model_version(
-    client: MlflowClient,
-    registered: dict,
-    stage_runs: dict[str, str],
-    *,
-    pipeline_run_id: str,
-    experiment_id: str,
-    tracking_uri: str,
-) -> None:
-    """Markdown links to the runs a version came from, and the same as version tags."""
+def model_version_lineage(
+    stage_runs: dict[str, str], *, pipeline_run_id: str, experiment_id: str, tracking_uri: str
+) -> tuple[str, dict[str, str]]:
+    """A version's description (Markdown links to the runs it came from) and the same as tags."""
     lines = [f"Fine-tuned by ptft pipeline run `{pipeline_run_id}`."]
+    tags = {}
     for stage, run_id in stage_runs.items():  # the stages it came from, in pipeline order
         lines.append(f"- {stage} run: [{run_id}]({run_link(tracking_uri, experiment_id, run_id)})")
-        client.set_model_version_tag(registered["name"], registered["version"], f"ptft.{stage}_run_id", run_id)
-    client.update_model_version(registered["name"], registered["version"], description="\n".join(lines))
+        tags[f"ptft.{stage}_run_id"] = run_id
+    return "\n".join(lines), tags
 
 
 def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:

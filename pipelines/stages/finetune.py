@@ -88,19 +88,17 @@ def _with(result: StageResult, registered: dict) -> StageResult:
 
 def _describe_version(config: PipelineConfig, inputs: Inputs, result: StageResult, ctx: StageContext) -> StageResult:
     """The version's description and tags link the runs it came from."""
-    from mlflow.tracking import MlflowClient
-
+    from components import registry
     from pipelines import lineage
 
-    runs = {**inputs.mlflow_runs, "finetune": ctx.mlflow_run_id}
-    lineage.describe_model_version(
-        MlflowClient(ctx.tracking_uri),
-        result.outputs.registered.model_dump(),
-        runs,
+    registered = result.outputs.registered
+    description, tags = lineage.model_version_lineage(
+        {**inputs.mlflow_runs, "finetune": ctx.mlflow_run_id},
         pipeline_run_id=ctx.pipeline_run_id,
         experiment_id=ctx.experiment_id,
         tracking_uri=ctx.tracking_uri,
     )
+    registry.describe_version(ctx.tracking_uri, registered.name, registered.version, description, tags)
     return result
 
 

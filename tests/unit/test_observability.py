@@ -14,7 +14,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from components import console, explain, plots
+from components import console, explain, plots, registry
 from components.configs import FileSource, SyntheticSource
 from components.finetune import confusion_matrix, macro_f1
 from components.tracking import MlflowTracker, NullTracker
@@ -173,14 +173,10 @@ def test_lineage_datasets_upstream_tags_and_model_description(client: MlflowClie
     name = f"m-{experiment}"
     client.create_registered_model(name)
     version = client.create_model_version(name, f"runs:/{runs['finetune']}/model", run_id=runs["finetune"]).version
-    lineage.describe_model_version(
-        client,
-        {"name": name, "version": version},
-        runs,
-        pipeline_run_id="pipe-1",
-        experiment_id=experiment,
-        tracking_uri="http://mlflow:5000",
+    description, tags = lineage.model_version_lineage(
+        runs, pipeline_run_id="pipe-1", experiment_id=experiment, tracking_uri="http://mlflow:5000"
     )
+    registry.describe_version(client.tracking_uri, name, version, description, tags)
     described = client.get_model_version(name, version)
     for stage in ("pretrain", "tune", "finetune"):
         assert f"http://mlflow:5000/#/experiments/{experiment}/runs/{runs[stage]}" in described.description
