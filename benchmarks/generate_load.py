@@ -44,7 +44,7 @@ SAMPLING = {"temperature": 1.0, "top_p": 0.9}
 def build_model(folder: Path) -> Path:
     from components import models
     from components import tokenize as tok
-    from components.configs import ModelConfig, TokenizeConfig
+    from components.schemas import ModelConfig, TokenizeConfig
     from components.vocab import special_ids
 
     corpus = [PROMPT, "a superb and moving film .", "the story is tedious and the cast is weak ."] * 50
@@ -129,7 +129,7 @@ async def clients(url: str, new_tokens: int, seconds: float, stream: bool) -> di
 
 def deploy(model_dir: Path, port: int, new_tokens: int) -> str:
     from components import serve
-    from components.configs import ServeConfig
+    from components.schemas import ServeConfig
 
     cfg = ServeConfig(app_name="bench", port=port, cpus_per_replica=THREADS, max_new_tokens=new_tokens)
     info = serve.ModelInfo(name="bench", version=str(time.time_ns()), model_uri=str(model_dir))

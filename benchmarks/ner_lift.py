@@ -39,8 +39,8 @@ import torch  # noqa: E402
 
 from components import finetune, models, training  # noqa: E402
 from components import tokenize as tok  # noqa: E402
-from components.configs import DeepSpeedConfig, FileSource, Hyperparameters  # noqa: E402
 from components.data import load_source  # noqa: E402
+from components.schemas import DeepSpeedConfig, FileSource, Hyperparameters  # noqa: E402
 from components.stage import read_json, write_json  # noqa: E402
 from components.tasks import task_type  # noqa: E402
 

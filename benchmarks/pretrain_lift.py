@@ -54,8 +54,8 @@ from pretraining_gain import latest, random_twin, test_accuracy  # noqa: E402
 
 from components import finetune, models, training  # noqa: E402
 from components import tokenize as tok  # noqa: E402
-from components.configs import DeepSpeedConfig, FileSource, Hyperparameters  # noqa: E402
 from components.data import load_source  # noqa: E402
+from components.schemas import DeepSpeedConfig, FileSource, Hyperparameters  # noqa: E402
 from components.stage import read_json, write_json  # noqa: E402
 from components.vocab import special_ids  # noqa: E402
 
@@ -167,7 +167,7 @@ def tokenize_task(tokenizer, data_dir: Path, seq_len: int, out: Path) -> Path:
 def own_random_mini(data_dir: Path, config_path: Path, out: Path) -> tuple[Path, Path]:
     """Without a pipeline run: the config's tokenizer trained here on the train split, and a
     randomly initialised model of the config's architecture. Returns (tokenized, model folder)."""
-    from pipelines.config import load_config
+    from pipelines.pipeline_config import load_config
 
     config = load_config(config_path, check_data=False)
     train = load_source(FileSource(path=str(data_dir / "train.jsonl")), labelled=True)

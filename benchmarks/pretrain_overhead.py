@@ -54,7 +54,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from components import accelerator, models, pretrain, tokenize, training, vocab  # noqa: E402
-from components.configs import (  # noqa: E402
+from components.schemas import (  # noqa: E402
     DataConfig,
     DeepSpeedConfig,
     ModelConfig,

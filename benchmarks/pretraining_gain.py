@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from transformers import AutoConfig, AutoModelForMaskedLM, PreTrainedTokenizerFast  # noqa: E402
 
 from components import finetune, synthetic, training  # noqa: E402
-from components.configs import DeepSpeedConfig, Hyperparameters  # noqa: E402
+from components.schemas import DeepSpeedConfig, Hyperparameters  # noqa: E402
 from components.stage import read_json  # noqa: E402
 
 

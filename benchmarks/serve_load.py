@@ -113,7 +113,7 @@ def wait_answering(url: str, timeout_s: float = 120) -> None:
 
 def deploy_serve(model: Path, port: int, **settings) -> str:
     from components import serve
-    from components.configs import ServeConfig
+    from components.schemas import ServeConfig
 
     cfg = ServeConfig(app_name="bench", port=port, num_replicas=1, cpus_per_replica=THREADS, **settings)
     info = serve.ModelInfo(name="bench", version=str(time.time_ns()), model_uri=str(model))

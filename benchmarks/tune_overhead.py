@@ -36,7 +36,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from pretraining_gain import latest  # noqa: E402
 
 from components import finetune, training, tune  # noqa: E402
-from components.configs import DeepSpeedConfig, Distribution, Hyperparameters, TuneConfig  # noqa: E402
+from components.schemas import DeepSpeedConfig, Distribution, Hyperparameters, TuneConfig  # noqa: E402
 from components.stage import StageContext, read_json  # noqa: E402
 from components.tracking import ensure_experiment, start_run  # noqa: E402
 

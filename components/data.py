@@ -24,7 +24,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from components import synthetic
-from components.configs import CorpusConfig, FileSource, HubSource, Source, SyntheticSource
+from components.schemas import CorpusConfig, FileSource, HubSource, Source, SyntheticSource
 
 _SUFFIX_FORMATS = {
     ".jsonl": "jsonl",

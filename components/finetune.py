@@ -30,8 +30,8 @@ from pydantic import BaseModel, Field
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from components import accelerator, explain, models, plots, registry, training
-from components.configs import DeepSpeedConfig, FinetuneConfig, Hyperparameters
 from components.metrics import training_progress
+from components.schemas import DeepSpeedConfig, FinetuneConfig, Hyperparameters
 from components.stage import StageContext, StageResult, read_json, write_json
 from components.tasks import IGNORE, TaskType, task_type
 from components.throughput import Throughput, device_name

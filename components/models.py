@@ -23,7 +23,7 @@ from transformers import (
 )
 from transformers.modeling_outputs import MaskedLMOutput
 
-from components.configs import MASKED_LM_TYPES, SPAN_CORRUPTION_TYPES, ModelConfig, objective_of
+from components.schemas import MASKED_LM_TYPES, SPAN_CORRUPTION_TYPES, ModelConfig, objective_of
 from components.stage import weights_sha256  # noqa: F401 - the model's identity, kept importable here
 
 

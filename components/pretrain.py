@@ -22,8 +22,8 @@ from pydantic import BaseModel
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from components import accelerator, models, plots, training
-from components.configs import PretrainConfig
 from components.metrics import training_progress
+from components.schemas import PretrainConfig
 from components.stage import StageContext, StageResult
 from components.throughput import Throughput, device_name
 from components.tracking import node_system_metrics, open_tracker

@@ -44,10 +44,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 
-from components.configs import REGISTRY_URI, ServeConfig
 from components.explain import MAX_EXPLAIN_TEXTS
 from components.generation import DEADLINE, Ask, Batcher, Decoding, prompt_ids
 from components.redaction import redact_url
+from components.schemas import REGISTRY_URI, ServeConfig
 from components.stage import StageContext, StageResult, write_json
 from components.tasks import task_of_model
 

@@ -25,8 +25,8 @@ import ray
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from components.configs import SPECIAL_TOKENS, CorpusConfig, DataConfig, TaskConfig, TokenizeConfig
 from components.data import load_corpus, load_source
+from components.schemas import SPECIAL_TOKENS, CorpusConfig, DataConfig, TaskConfig, TokenizeConfig
 from components.stage import StageContext, StageResult, write_json
 from components.tasks import task_type
 from components.vocab import separator_id, start_id

@@ -25,7 +25,7 @@ from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, Scalin
 from ray.train.torch import TorchTrainer
 
 from components import accelerator
-from components.configs import DeepSpeedConfig, WorkersConfig
+from components.schemas import DeepSpeedConfig, WorkersConfig
 from components.stage import StageContext, write_json
 
 

@@ -45,7 +45,7 @@ from ray.tune.schedulers import (
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from components import accelerator, console, finetune, plots, sweep_report, training
-from components.configs import INTEGER_HYPERPARAMETERS, DeepSpeedConfig, Distribution, Hyperparameters, TuneConfig
+from components.schemas import INTEGER_HYPERPARAMETERS, DeepSpeedConfig, Distribution, Hyperparameters, TuneConfig
 from components.stage import StageContext, StageResult, read_json, write_json
 from components.tasks import task_type
 from components.tracking import MlflowTracker, child_run_tags, open_child_run

@@ -3,7 +3,7 @@
 The runner (Ray, torch, MLflow) is imported on first use so that config work stays fast.
 """
 
-from pipelines.config import ConfigError, PipelineConfig, load_config
+from pipelines.pipeline_config import ConfigError, PipelineConfig, load_config
 
 __all__ = ["STAGES", "ConfigError", "PipelineConfig", "PipelineResult", "load_config", "run"]
 

@@ -23,8 +23,8 @@ from pathlib import Path
 from components import console
 from components.redaction import redact_url
 from pipelines import init, jobs, report
-from pipelines.config import _MISSING as _MISSING_VALUE
-from pipelines.config import ConfigError, Problem, load_config, validate
+from pipelines.pipeline_config import _MISSING as _MISSING_VALUE
+from pipelines.pipeline_config import ConfigError, Problem, load_config, validate
 from pipelines.stages import NAMES as STAGE_NAMES
 from pipelines.stages import split_node
 
@@ -549,7 +549,7 @@ def _newest_run_links(config, ui_url: str) -> dict[str, str]:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from pipelines.config import model_reference_problems
+    from pipelines.pipeline_config import model_reference_problems
 
     config = load_config(args.config, args.overrides, check_data=False)
     problems = model_reference_problems(args.model, "MODEL")
@@ -633,7 +633,7 @@ FOLLOW_AT_MOST_EVERY_S = 60  # while the registry does not answer
 
 
 def _explain(args: argparse.Namespace) -> int:
-    from pipelines.config import model_reference_problems
+    from pipelines.pipeline_config import model_reference_problems
 
     overrides = [f"tracking.uri={args.tracking_uri}"] if args.tracking_uri else []
     config = load_config(args.config, overrides, check_data=False)

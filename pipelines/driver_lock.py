@@ -20,7 +20,7 @@ from pathlib import Path
 
 import psutil
 
-from pipelines.config import ConfigError, Problem
+from pipelines.pipeline_config import ConfigError, Problem
 
 LOCK_NAME = "driver.lock"
 HEARTBEAT_S = 10

@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import yaml
 
 from components import data
-from pipelines.config import ConfigError, Problem, validate
+from pipelines.pipeline_config import ConfigError, Problem, validate
 
 TASKS = ("auto", "classification", "entities", "answers", "translation", "generation", "pretrain")
 QA_COLUMNS = ("question", "context", "answers")  # SQuAD's, as its nested JSON reads (components/data.py)
@@ -292,7 +292,7 @@ def _as_text(value) -> str:
 def _token_lengths(
     texts: list[str], vocab_size: int, lowercase: bool = True, algorithm: str = "wordpiece"
 ) -> list[int]:
-    from components.configs import TokenizeConfig
+    from components.schemas import TokenizeConfig
     from components.tokenize import train_tokenizer
 
     config = TokenizeConfig(algorithm=algorithm, vocab_size=vocab_size, seq_len=4096, lowercase=lowercase)

@@ -31,7 +31,7 @@ from typing import Any
 
 from components.redaction import redact_url
 from pipelines import preflight
-from pipelines.config import ConfigError, PipelineConfig, Problem, data_problems, load_config
+from pipelines.pipeline_config import ConfigError, PipelineConfig, Problem, data_problems, load_config
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # Never uploaded: the venv and git history are large, local runs belong to this machine.

@@ -17,8 +17,8 @@ from mlflow.entities import DatasetInput, InputTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-from components.configs import FileSource, HubSource
 from components.redaction import redact_url
+from components.schemas import FileSource, HubSource
 
 UPSTREAM_TAG = "ptft.upstream.{stage}"
 

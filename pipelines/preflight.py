@@ -20,7 +20,7 @@ from pathlib import Path
 
 import requests
 
-from pipelines.config import PipelineConfig, Problem
+from pipelines.pipeline_config import PipelineConfig, Problem
 
 SHARED_STORAGE_FIX = "use shared storage (NFS/EFS/PVC) mounted at the same path on every node"
 PROBE_TIMEOUT_S = 120  # a node starts a worker process for its first task: seconds on a busy machine

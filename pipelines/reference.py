@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from pipelines.config import PipelineConfig
+from pipelines.pipeline_config import PipelineConfig
 
 
 def _models_in(annotation: Any) -> list[type[BaseModel]]:
@@ -23,7 +23,7 @@ def _models_in(annotation: Any) -> list[type[BaseModel]]:
 
 def _type_name(annotation: Any) -> str:
     text = getattr(annotation, "__name__", None) if not typing.get_args(annotation) else None
-    return text or str(annotation).replace("typing.", "").replace("components.configs.", "")
+    return text or str(annotation).replace("typing.", "").replace("components.schemas.", "")
 
 
 def _default(field) -> str:
@@ -55,7 +55,7 @@ def render() -> str:
     lines = [
         "# Config reference",
         "",
-        "Generated from `components/configs.py` by `python -m pipelines.reference`.",
+        "Generated from `components/schemas.py` by `python -m pipelines.reference`.",
         "Override any key on the command line: `ptft run CONFIG key.path=value`.",
         "",
         "| key | type | default | meaning |",

@@ -39,8 +39,8 @@ from components.tracking import (
 )
 from pipelines import lineage, progress, scheduling, stages, stopping
 from pipelines import manifest as mf
-from pipelines.config import ConfigError, PipelineConfig, listens_beyond_loopback, resolved_dict
 from pipelines.driver_lock import DriverLock
+from pipelines.pipeline_config import ConfigError, PipelineConfig, listens_beyond_loopback, resolved_dict
 from pipelines.stages import Inputs, Stage
 
 log = logging.getLogger(__name__)

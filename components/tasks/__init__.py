@@ -3,7 +3,7 @@ them and how it is scored. A task type is declared once, in its own module, and 
 stages ask `task_type(config.data.task.type)` and name none of them.
 
 Adding a task type = a module exporting `TASK = TaskType(...)` (components/tasks/base.py says what
-each field is), its name in `TaskConfig.type` (components/configs.py) and one line below.
+each field is), its name in `TaskConfig.type` (components/schemas.py) and one line below.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipelines.config import PipelineConfig
+from pipelines.pipeline_config import PipelineConfig
 from pipelines.stages import finetune, prepare, pretrain, serve, tokenize, tune
 from pipelines.stages.base import Inputs, SideEffect, Stage
 

@@ -17,7 +17,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 from components.stage import StageContext, StageResult
-from pipelines.config import PipelineConfig
+from pipelines.pipeline_config import PipelineConfig
 
 
 class NoOutputs(BaseModel):

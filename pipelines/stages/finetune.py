@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict
 
 from components import data
 from components.stage import StageContext, StageResult
-from pipelines.config import PipelineConfig
+from pipelines.pipeline_config import PipelineConfig
 from pipelines.stages.base import Inputs, SideEffect, Stage
 from pipelines.stages.tune import task_data, task_reads
 

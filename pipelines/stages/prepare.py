@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from components import data
 from components.stage import StageContext, StageResult
-from pipelines.config import PipelineConfig
+from pipelines.pipeline_config import PipelineConfig
 from pipelines.stages.base import Inputs, Stage
 
 SPLITS = ("train", "validation", "test")

@@ -6,7 +6,7 @@ so editing fine-tuning data, or adding a task, never re-tokenizes the corpus nor
 from __future__ import annotations
 
 from components import data
-from pipelines.config import PipelineConfig
+from pipelines.pipeline_config import PipelineConfig
 from pipelines.stages.base import Inputs, Stage
 
 

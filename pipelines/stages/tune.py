@@ -7,7 +7,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from components.stage import StageResult
-from pipelines.config import PipelineConfig
+from pipelines.pipeline_config import PipelineConfig
 from pipelines.stages.base import Inputs, Stage
 
 

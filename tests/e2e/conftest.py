@@ -17,7 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from components.training import free_port
-from pipelines.config import load_config
+from pipelines.pipeline_config import load_config
 from pipelines.stages import graph
 from tests.conftest import REPO
 from tests.services import run_prometheus

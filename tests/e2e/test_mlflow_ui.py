@@ -15,8 +15,8 @@ from urllib.parse import quote
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from pipelines.config import PipelineConfig, validate
 from pipelines.manifest import Manifest
+from pipelines.pipeline_config import PipelineConfig, validate
 from tests.conftest import system_tool
 from tests.e2e.conftest import STAGES
 

@@ -14,7 +14,7 @@ import requests
 from mlflow.tracking import MlflowClient
 
 from components import data
-from pipelines.config import load_config
+from pipelines.pipeline_config import load_config
 from tests.conftest import REPO
 from tests.e2e.conftest import PTFT, SHRINK, STAGES
 

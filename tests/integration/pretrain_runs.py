@@ -8,7 +8,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from components import pretrain, tokenize
-from components.configs import DataConfig, ModelConfig, PretrainConfig, TokenizeConfig, WorkersConfig
+from components.schemas import DataConfig, ModelConfig, PretrainConfig, TokenizeConfig, WorkersConfig
 from components.stage import StageContext
 from components.tracking import ensure_experiment, start_run
 from tests.conftest import tiny_config_dict

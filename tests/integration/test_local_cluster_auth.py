@@ -22,7 +22,7 @@ SCRIPT = """
 import os, sys
 import ray, requests
 from pipelines import runner
-from pipelines.config import validate
+from pipelines.pipeline_config import validate
 from tests.conftest import tiny_config_dict
 
 raw = {**tiny_config_dict(sys.argv[1]), "ray": {"num_cpus": 1, "dashboard_host": "0.0.0.0"}}

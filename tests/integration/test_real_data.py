@@ -11,7 +11,7 @@ import pytest
 
 from components import tokenize
 from components.stage import StageContext, read_json
-from pipelines.config import load_config
+from pipelines.pipeline_config import load_config
 from tests.conftest import REPO, shared
 
 pytestmark = pytest.mark.integration

@@ -25,7 +25,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from components import registry, serve
-from components.configs import ServeConfig
+from components.schemas import ServeConfig
 from components.training import free_port
 from tests.conftest import POSITIONS, REPO, tiny_classifier, tiny_config_dict, wait_until
 

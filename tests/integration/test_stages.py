@@ -13,7 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from components import pretrain, tokenize, tune
-from components.configs import (
+from components.schemas import (
     DataConfig,
     DeepSpeedConfig,
     Hyperparameters,

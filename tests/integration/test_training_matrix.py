@@ -30,7 +30,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from components import finetune, models, pretrain, tokenize
-from components.configs import (
+from components.schemas import (
     CorpusConfig,
     DataConfig,
     DeepSpeedConfig,

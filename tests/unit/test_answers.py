@@ -19,12 +19,12 @@ import yaml
 
 from components import accelerator, finetune, models, synthetic, training
 from components import tokenize as tok
-from components.configs import DeepSpeedConfig, FileSource, Hyperparameters, ModelConfig, TokenizeConfig
 from components.data import load_source
+from components.schemas import DeepSpeedConfig, FileSource, Hyperparameters, ModelConfig, TokenizeConfig
 from components.tasks import answers, task_type
 from components.vocab import special_ids
 from pipelines.cli import main
-from pipelines.config import load_config
+from pipelines.pipeline_config import load_config
 from tests.conftest import shared, tiny_config_dict
 
 QA = task_type("question_answering")

@@ -216,7 +216,7 @@ def test_pods_that_train_mount_the_shared_volume() -> None:
 
 
 def test_rayjob_entrypoint_is_a_valid_ptft_run() -> None:
-    from pipelines.config import load_config
+    from pipelines.pipeline_config import load_config
 
     entrypoint = _yaml(MANIFESTS["RayJob"])["spec"]["entrypoint"]
     workdir, command = entrypoint.split(" && ")
@@ -394,7 +394,7 @@ def _deepspeed_parse(config: dict, monkeypatch: pytest.MonkeyPatch) -> Any:
 
 def _loaded(name: str, **explicit: Any):
     """The preset loaded through `deepspeed.config_file`, as a pipeline config would."""
-    from components.configs import DeepSpeedConfig
+    from components.schemas import DeepSpeedConfig
 
     return DeepSpeedConfig.model_validate({"config_file": str(PRESETS / name), **explicit})
 
@@ -407,7 +407,7 @@ def test_every_preset_is_listed() -> None:
 def test_preset_loads_through_config_file_and_deepspeed_accepts_the_result(
     name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from components.configs import DeepSpeedConfig
+    from components.schemas import DeepSpeedConfig
     from components.training import deepspeed_config
 
     preset = json.loads((PRESETS / name).read_text())
@@ -445,7 +445,7 @@ def test_keys_set_in_the_block_win_over_the_file() -> None:
 def test_a_bad_config_file_is_refused_with_the_reason(tmp_path: Path, content: str | None, message: str) -> None:
     from pydantic import ValidationError
 
-    from components.configs import DeepSpeedConfig
+    from components.schemas import DeepSpeedConfig
 
     path = tmp_path / "ds.json"
     if content is not None:

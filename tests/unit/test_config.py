@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.config import ConfigError, PipelineConfig, apply_overrides, load_config, validate
+from pipelines.pipeline_config import ConfigError, PipelineConfig, apply_overrides, load_config, validate
 from tests.conftest import REPO, shared, tiny_config_dict
 
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))

@@ -61,8 +61,8 @@ def test_check_source_reports_missing_file_and_columns(tmp_path: Path) -> None:
 
 def test_a_corpus_of_two_columns_reads_each_as_documents_and_names_a_missing_one(tmp_path: Path) -> None:
     """Both sides of a translation pair as one multilingual corpus (Multi30k's en and de)."""
-    from components.configs import CorpusConfig, DataConfig
-    from pipelines.config import data_problems
+    from components.schemas import CorpusConfig, DataConfig
+    from pipelines.pipeline_config import data_problems
 
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps({"en": f"a dog {n}", "de": f"ein Hund {n}"}) + "\n" for n in range(3)))

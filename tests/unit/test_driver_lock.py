@@ -15,8 +15,8 @@ import psutil
 import pytest
 
 from pipelines import manifest as mf
-from pipelines.config import ConfigError, resolved_dict, validate
 from pipelines.driver_lock import LOCK_NAME, STALE_S, DriverLock
+from pipelines.pipeline_config import ConfigError, resolved_dict, validate
 from tests.conftest import REPO, tiny_config_dict
 
 PTFT = str(Path(sys.executable).with_name("ptft"))

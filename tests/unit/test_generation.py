@@ -13,8 +13,8 @@ import torch
 
 from components import models
 from components import tokenize as tok
-from components.configs import ModelConfig, TaskConfig, TokenizeConfig
 from components.generation import DEADLINE, LENGTH, STOP, Ask, Decoding, TextDelta, nucleus_sample, prompt_ids
+from components.schemas import ModelConfig, TaskConfig, TokenizeConfig
 from components.tasks import IGNORE, task_of_model, task_type
 from components.vocab import special_ids
 

@@ -12,7 +12,7 @@ import pytest
 
 from components.tasks import task_type
 from pipelines.cli import main
-from pipelines.config import load_config
+from pipelines.pipeline_config import load_config
 from tests.conftest import shared
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from components import models, training
-from components.configs import OBJECTIVES, PRESETS, DeepSpeedConfig, ModelConfig
+from components.schemas import OBJECTIVES, PRESETS, DeepSpeedConfig, ModelConfig
 
 
 @pytest.mark.parametrize("family, preset", [(f, p) for f in PRESETS for p in PRESETS[f]])
@@ -163,7 +163,7 @@ def test_span_corruption_is_a_function_of_its_generator_and_needs_a_sentinel_per
 
 def test_sentinels_are_found_in_their_numbers_order() -> None:
     from components import tokenize as tok
-    from components.configs import TokenizeConfig
+    from components.schemas import TokenizeConfig
 
     tokenizer = tok.train_tokenizer(["a few words of text"] * 20, TokenizeConfig(vocab_size=200, sentinels=12))
     ids = models.sentinel_ids(tokenizer)
@@ -223,7 +223,7 @@ def test_cosine_schedule_warms_up_then_follows_half_a_cosine() -> None:
 def test_smoke_test_loads_the_export_and_hashes_its_weights(tmp_path: Path) -> None:
     from transformers import PreTrainedTokenizerFast
 
-    from components.configs import TokenizeConfig
+    from components.schemas import TokenizeConfig
     from components.tokenize import train_tokenizer
 
     tokenizer = train_tokenizer(["a short sample text ."] * 50, TokenizeConfig(vocab_size=120, seq_len=16))

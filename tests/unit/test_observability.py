@@ -15,8 +15,8 @@ from mlflow.tracking import MlflowClient
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from components import console, explain, plots, registry
-from components.configs import FileSource, SyntheticSource
 from components.finetune import confusion_matrix, macro_f1
+from components.schemas import FileSource, SyntheticSource
 from components.tracking import MlflowTracker, NullTracker
 from pipelines import lineage, progress
 from pipelines import manifest as mf

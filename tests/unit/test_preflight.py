@@ -10,7 +10,7 @@ import pytest
 
 from components.training import free_port
 from pipelines import jobs, preflight
-from pipelines.config import PipelineConfig, validate
+from pipelines.pipeline_config import PipelineConfig, validate
 from tests.conftest import REPO, tiny_config_dict
 
 TWO_NODES = [{"CPU": 2.0, "memory": 1e9}, {"CPU": 2.0, "second_node": 1.0}]

@@ -10,7 +10,7 @@ import pytest
 from components.redaction import CredentialsNeeded, connectable_uri, redact_text, redact_url, redacted_urls
 from pipelines import jobs
 from pipelines import manifest as mf
-from pipelines.config import ConfigError, Problem, validate
+from pipelines.pipeline_config import ConfigError, Problem, validate
 from tests.conftest import tiny_config_dict
 
 

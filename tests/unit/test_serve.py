@@ -10,8 +10,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from components import registry, serve
-from components.configs import ServeConfig
-from pipelines.config import ConfigError, model_reference_problems, validate
+from components.schemas import ServeConfig
+from pipelines.pipeline_config import ConfigError, model_reference_problems, validate
 from tests.conftest import POSITIONS, tiny_classifier, tiny_config_dict
 
 

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from components import registry
 from components.stage import StageContext, StageResult
 from pipelines import stages
-from pipelines.config import validate
+from pipelines.pipeline_config import validate
 from pipelines.stages.finetune import FinetuneOutputs, RegisteredVersion
 from tests.conftest import REPO, tiny_classifier, tiny_config_dict
 
@@ -213,7 +213,7 @@ def _fewer_rows(task: dict) -> dict:
     ],
 )
 def test_bad_tasks_are_named(tmp_path: Path, change: dict, key: str) -> None:
-    from pipelines.config import ConfigError
+    from pipelines.pipeline_config import ConfigError
 
     raw = _multitask(tmp_path)
     for name, spec in change["tasks"].items():
@@ -224,7 +224,7 @@ def test_bad_tasks_are_named(tmp_path: Path, change: dict, key: str) -> None:
 
 
 def test_one_task_or_several_not_both(tmp_path: Path) -> None:
-    from pipelines.config import ConfigError
+    from pipelines.pipeline_config import ConfigError
 
     raw = _multitask(tmp_path)
     raw["data"]["task"] = raw["tasks"]["sentiment"]["data"]

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.configs import Distribution, FinetuneConfig, Hyperparameters, TuneConfig
+from components.schemas import Distribution, FinetuneConfig, Hyperparameters, TuneConfig
 from components.tune import judged_epoch
-from pipelines.config import ConfigError, apply_overrides, validate
+from pipelines.pipeline_config import ConfigError, apply_overrides, validate
 from tests.conftest import REPO, tiny_config_dict
 
 

@@ -79,7 +79,7 @@ def test_credentials_are_never_logged(store) -> None:
 
 def test_a_trial_run_records_the_config_its_epochs_trained_with(store, tmp_path: Path) -> None:
     from components import finetune, tune
-    from components.configs import DeepSpeedConfig, Hyperparameters
+    from components.schemas import DeepSpeedConfig, Hyperparameters
 
     client, uri, experiment = store
     parent = tracking.start_run(client, experiment, "tune", tags={"ptft.run_id": "p1"})
@@ -125,7 +125,7 @@ def test_experiments_open_on_their_runs_in_the_mlflow_ui(store) -> None:
 def test_ptft_ui_names_the_runs_and_the_newest_pipeline_run(tmp_path: Path) -> None:
     from pipelines import manifest as mf
     from pipelines.cli import _newest_run_links
-    from pipelines.config import validate
+    from pipelines.pipeline_config import validate
     from tests.conftest import tiny_config_dict
 
     config = validate(tiny_config_dict(tmp_path / "store"))

@@ -30,7 +30,7 @@ from transformers import PreTrainedTokenizerFast
 
 from components import accelerator, finetune, models, pretrain, synthetic, training
 from components import tokenize as tok
-from components.configs import (
+from components.schemas import (
     DeepSpeedConfig,
     Hyperparameters,
     ModelConfig,

@@ -16,7 +16,7 @@ import torch
 
 from components import accelerator, finetune, models, training
 from components import tokenize as tok
-from components.configs import DeepSpeedConfig, Hyperparameters, ModelConfig, TokenizeConfig
+from components.schemas import DeepSpeedConfig, Hyperparameters, ModelConfig, TokenizeConfig
 from components.tasks import IGNORE, task_type
 from components.vocab import special_ids
 from tests.conftest import shared

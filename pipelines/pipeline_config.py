@@ -19,7 +19,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from components import data as data_sources
-from components.configs import (
+from components.redaction import CredentialsNeeded, connectable_uri, redact_text, redact_url
+from components.schemas import (
     INTEGER_HYPERPARAMETERS,
     MASKED_LM_TYPES,
     PRESETS,
@@ -39,7 +40,6 @@ from components.configs import (
     TuneConfig,
     span_count,
 )
-from components.redaction import CredentialsNeeded, connectable_uri, redact_text, redact_url
 from components.tasks import task_type
 
 CREDENTIALS_NEEDED = "credentials needed: "

@@ -1,6 +1,6 @@
 """Every stage's config schema in one light module (pydantic only, no torch/Ray imports), so
 `ptft validate` answers in a second. Each stage module imports its own config from here; the
-pipeline config (pipelines/config.py) composes them. Field descriptions are the reference docs.
+pipeline config (pipelines/pipeline_config.py) composes them. Field descriptions are the reference docs.
 """
 
 from __future__ import annotations
