@@ -598,6 +598,8 @@ class AutoscalingConfig(BaseModel):
     min_replicas: int = Field(1, ge=0, description="fewest replicas (0 lets an idle app scale to none)")
     max_replicas: int = Field(2, ge=1, description="most replicas")
     target_ongoing_requests: float = Field(8, gt=0, description="requests in flight per replica Serve aims for")
+    upscale_delay_s: float = Field(30, ge=0, description="how long load must stay high before replicas are added")
+    downscale_delay_s: float = Field(600, ge=0, description="how long load must stay low before replicas are removed")
 
     @model_validator(mode="after")
     def _ordered(self) -> AutoscalingConfig:

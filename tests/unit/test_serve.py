@@ -151,7 +151,10 @@ def test_application_takes_replicas_autoscaling_and_overload_settings() -> None:
     config = fixed._bound_deployment._deployment_config
     assert (config.num_replicas, config.max_ongoing_requests, config.max_queued_requests) == (3, 20, 5)
     assert config.max_surge_percent == 100  # new replicas start before the old ones drain
-    scaling = ServeConfig(autoscaling={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 6})
+    scaling = ServeConfig(
+        autoscaling={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 6, "downscale_delay_s": 20}
+    )
     config = serve.application(scaling, model, None)._bound_deployment._deployment_config
     assert (config.autoscaling_config.min_replicas, config.autoscaling_config.max_replicas) == (1, 4)
     assert config.autoscaling_config.target_ongoing_requests == 6
+    assert (config.autoscaling_config.upscale_delay_s, config.autoscaling_config.downscale_delay_s) == (30, 20)
