@@ -52,13 +52,13 @@ def log(message: str) -> None:
     print(f"[ner-lift] {message}", flush=True)
 
 
-def pipeline_run(storage: Path) -> dict[str, Path]:
-    """The tokenizer, pre-trained model and prepared splits of the newest finished conll2003-ner run."""
+def pipeline_run(storage: Path, pipeline: str = "conll2003-ner", config: str = "configs/conll2003_ner.yaml") -> dict:
+    """The tokenizer, pre-trained model and prepared splits of the newest finished run of `pipeline`."""
     from pipelines.manifest import DONE, list_runs
 
     for run in list_runs(storage):
         stages = run.stages
-        if run.pipeline == "conll2003-ner" and all(
+        if run.pipeline == pipeline and all(
             stages.get(s) is not None and stages[s].status in DONE for s in ("tokenize", "pretrain", "prepare")
         ):
             log(f"run {run.run_id} under {storage}")
@@ -67,7 +67,7 @@ def pipeline_run(storage: Path) -> dict[str, Path]:
                 "pretrained": Path(stages["pretrain"].output_uri),
                 "prepared": Path(stages["prepare"].output_uri),
             }
-    raise SystemExit(f"no finished conll2003-ner run under {storage}: run `ptft run configs/conll2003_ner.yaml`")
+    raise SystemExit(f"no finished {pipeline} run under {storage}: run `ptft run {config} storage={storage}`")
 
 
 def random_twin(pretrained: Path, tokenizer_dir: Path, out: Path) -> Path:
