@@ -6,6 +6,7 @@ python -m pipelines.reference > docs/config.md
 from __future__ import annotations
 
 import json
+import re
 import typing
 from typing import Any
 
@@ -23,7 +24,7 @@ def _models_in(annotation: Any) -> list[type[BaseModel]]:
 
 def _type_name(annotation: Any) -> str:
     text = getattr(annotation, "__name__", None) if not typing.get_args(annotation) else None
-    return text or str(annotation).replace("typing.", "").replace("components.schemas.", "")
+    return text or re.sub(r"\b(typing|components\.schemas|pipelines\.pipeline_config)\.", "", str(annotation))
 
 
 def _default(field) -> str:
