@@ -120,6 +120,17 @@ def test_each_task_answers_on_its_own_route(multitask: dict) -> None:
             assert text[prediction["start"] : prediction["end"]] == prediction["answer"] != ""
         else:
             assert prediction["label"] in labels[task]
+    # Bad questions get a 422 that says what is wrong, on the QA route only.
+    bad = {
+        "a text, not a question": "a plain text",
+        "texts.0.question is empty": {"question": " ", "context": text},
+        "texts.0.context is empty": {"question": "who wrote this review ?", "context": ""},
+    }
+    for problem, asked in bad.items():
+        answer = requests.post(f"{urls['answers']}/predict", json={"texts": [asked]}, timeout=30)
+        assert answer.status_code == 422, (problem, answer.status_code, answer.text)
+        if problem.startswith("texts."):
+            assert problem in answer.text, answer.text
 
 
 def test_the_entities_task_is_swept_and_gated_on_entity_f1(multitask: dict) -> None:
