@@ -86,7 +86,7 @@ def demo_arms(storage: Path, epochs: int, seeds: int, learning_rate: float, batc
             f"(run `ptft run configs/demo.yaml storage={storage}` first, ~4 min)"
         )
         return []
-    tokenized, pretrained = latest(artifacts / "tokenize"), latest(artifacts / "pretrain") / "model"
+    tokenized, pretrained = latest(artifacts / "prepare"), latest(artifacts / "pretrain") / "model"
     pretrain_seconds = read_json(pretrained.parent / "_SUCCESS").get("seconds")
     hyper = Hyperparameters(learning_rate=learning_rate, batch_size_per_worker=batch)
     settings = {
@@ -132,16 +132,17 @@ def demo_arms(storage: Path, epochs: int, seeds: int, learning_rate: float, batc
 
 def rt_run(storage: Path, pipeline: str) -> tuple[Path, Path, float | None] | None:
     """(tokenized folder, pre-trained model folder, pre-training seconds) of the newest run of
-    `pipeline` under `storage` whose tokenize and pretrain stages finished; None without one."""
+    `pipeline` under `storage` whose prepare and pretrain stages finished; None without one."""
     from pipelines.manifest import DONE, list_runs
 
     if not (storage / "runs").is_dir():
         return None
     for run in list_runs(storage):
         stages = run.stages
-        if run.pipeline != pipeline or any(stages[s].status not in DONE for s in ("tokenize", "pretrain")):
+        wanted = ("prepare", "pretrain")  # prepare holds the task splits and labels
+        if run.pipeline != pipeline or any(stages.get(s) is None or stages[s].status not in DONE for s in wanted):
             continue
-        tokenized, pretrained = Path(stages["tokenize"].output_uri), Path(stages["pretrain"].output_uri)
+        tokenized, pretrained = Path(stages["prepare"].output_uri), Path(stages["pretrain"].output_uri)
         if (tokenized / "labels.json").is_file() and (pretrained / "config.json").is_file():
             log(f"rt-polarity: run {run.run_id} under {storage}: pre-trained model {pretrained}")
             return tokenized, pretrained, stages["pretrain"].work_seconds

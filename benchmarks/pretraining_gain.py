@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     args = parser.parse_args()
     artifacts = Path(args.storage) / "artifacts"
-    tokenized, pretrained = latest(artifacts / "tokenize"), latest(artifacts / "pretrain") / "model"
+    tokenized, pretrained = latest(artifacts / "prepare"), latest(artifacts / "pretrain") / "model"
     hyper = Hyperparameters(learning_rate=args.learning_rate, batch_size_per_worker=8)
     training.ensure_process_group()
     with tempfile.TemporaryDirectory() as tmp:

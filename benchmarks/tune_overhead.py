@@ -44,7 +44,7 @@ BATCH = 8
 
 
 def inputs(storage: Path) -> tuple[Path, Path]:
-    tokenized = latest(storage / "artifacts" / "tokenize")
+    tokenized = latest(storage / "artifacts" / "prepare")  # the task splits and labels
     pretrained = latest(storage / "artifacts" / "pretrain") / "model"
     return pretrained, tokenized
 
