@@ -235,6 +235,34 @@ def test_the_served_answer_lists_entities_with_their_place_in_the_text(fitted) -
             assert entity["type"] in {"LOC", "MISC", "ORG", "PER"} and 0 < entity["score"] <= 1
 
 
+def test_the_registered_conll_model_tags_as_the_exported_folder_does(fitted, tmp_path: Path) -> None:
+    """The real-data model goes through the registry (transformers flavor, token-classification)
+    and the registered version, served from MLflow, finds the same entities as its folder."""
+    from mlflow import MlflowClient
+
+    from components import registry
+    from components.serve import Scorer
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("conll"))
+    version = registry.register_classifier(
+        fitted[2],
+        name="conll-ner",
+        run_id=run.info.run_id,
+        tracking_uri=uri,
+        test_accuracy=fitted[1][-1]["test/f1"],
+        test_split="conll-slice",
+        lineage={},
+        task=ENTITIES,
+    )
+    tags = client.get_model_version("conll-ner", version["version"]).tags
+    assert tags["ptft.task_type"] == ENTITIES.name and float(tags["ptft.test_f1"]) > 0
+    assert version["aliases"] == ["candidate", "champion"]  # the first version has no champion to beat
+    text = ["Germany beat England 2-1 in London on Saturday , Reuters reported ."]
+    assert Scorer(version["model_uri"], uri)(text) == Scorer(str(fitted[2]), tracking_uri=None)(text)
+
+
 def test_the_attention_map_of_an_entities_model_is_of_a_tagged_token(fitted) -> None:
     from components.serve import Scorer
 
