@@ -100,7 +100,9 @@ def prepare_with(tokenizer_dir: Path, data: Path, seq_len: int, out: Path) -> Pa
     return out
 
 
-def fine_tune(name: str, model_dir: Path, prepared: Path, args) -> dict:
+def fit_arm(name: str, model_dir: Path, prepared: Path, args, task: str, say, log=log) -> dict:
+    """One arm's fine-tuning (the project's loop in this process, fixed epochs): the row's common
+    fields and the final metrics. `say(metrics)` words each epoch's line for `log`."""
     run = finetune.ClassifierRun(
         pretrained_dir=str(model_dir),
         task_dir=str(prepared / "task"),
@@ -112,15 +114,12 @@ def fine_tune(name: str, model_dir: Path, prepared: Path, args) -> dict:
         threads=args.threads,
         log_every=100,
         export=True,
-        task_type=ENTITIES.name,
+        task_type=task,
     )
     started = time.perf_counter()
 
     def report(metrics: dict, checkpoint_dir: str) -> None:
-        log(
-            f"{name} epoch {metrics['epoch']}: validation F1 {metrics['eval/f1']:.4f} "
-            f"({(time.perf_counter() - started) / 60:.1f} min)"
-        )
+        log(f"{name} epoch {metrics['epoch']}: {say(metrics)} ({(time.perf_counter() - started) / 60:.1f} min)")
 
     metrics = finetune.fit_classifier(run, report=report)
     return {
@@ -129,11 +128,22 @@ def fine_tune(name: str, model_dir: Path, prepared: Path, args) -> dict:
         "epochs": run.epochs,
         "validation_f1": metrics["eval/f1"],
         "test_f1": metrics["test/f1"],
+        "minutes": (time.perf_counter() - started) / 60,
+        "model": models.count_parameters(models_from(model_dir)),
+        "metrics": metrics,
+    }
+
+
+def fine_tune(name: str, model_dir: Path, prepared: Path, args) -> dict:
+    row = fit_arm(
+        name, model_dir, prepared, args, ENTITIES.name, lambda metrics: f"validation F1 {metrics['eval/f1']:.4f}"
+    )
+    metrics = row.pop("metrics")
+    return {
+        **row,
         "test_f1_by_type": {key.split("/")[-1]: value for key, value in metrics.items() if key.startswith("test/f1/")},
         "test_precision": metrics["test/precision"],
         "test_recall": metrics["test/recall"],
-        "minutes": (time.perf_counter() - started) / 60,
-        "model": models.count_parameters(models_from(model_dir)),
     }
 
 

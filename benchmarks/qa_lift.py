@@ -38,13 +38,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model here is a local fold
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
-from ner_lift import models_from, pipeline_run, random_twin  # noqa: E402
+from ner_lift import fit_arm, pipeline_run, random_twin  # noqa: E402
 
-from components import finetune, models, training  # noqa: E402
 from components import tokenize as tok  # noqa: E402
+from components import training  # noqa: E402
 from components.data import load_source  # noqa: E402
-from components.schemas import DeepSpeedConfig, FileSource, Hyperparameters  # noqa: E402
-from components.stage import read_json, write_json  # noqa: E402
+from components.schemas import FileSource  # noqa: E402
+from components.stage import write_json  # noqa: E402
 from components.tasks import task_type  # noqa: E402
 
 SPLITS = ("train", "validation", "test")
@@ -78,38 +78,11 @@ def prepare_with(tokenizer_dir: Path, data: Path, seq_len: int, doc_stride: int,
 
 
 def fine_tune(name: str, model_dir: Path, prepared: Path, args) -> dict:
-    run = finetune.ClassifierRun(
-        pretrained_dir=str(model_dir),
-        task_dir=str(prepared / "task"),
-        label_names=read_json(prepared / "labels.json"),
-        epochs=args.minilm_epochs if name == "minilm" else args.epochs,
-        hyper=Hyperparameters(learning_rate=args.lr[name], batch_size_per_worker=args.batch, dropout=0.0),
-        deepspeed=DeepSpeedConfig(zero_stage=0),
-        seed=args.seed,
-        threads=args.threads,
-        log_every=100,
-        export=True,
-        task_type=QA.name,
-    )
-    started = time.perf_counter()
+    def say(metrics: dict) -> str:
+        return f"validation F1 {metrics['eval/f1']:.4f} EM {metrics['eval/exact_match']:.4f}"
 
-    def report(metrics: dict, checkpoint_dir: str) -> None:
-        log(
-            f"{name} epoch {metrics['epoch']}: validation F1 {metrics['eval/f1']:.4f} "
-            f"EM {metrics['eval/exact_match']:.4f} ({(time.perf_counter() - started) / 60:.1f} min)"
-        )
-
-    metrics = finetune.fit_classifier(run, report=report)
-    return {
-        "arm": name,
-        "learning_rate": args.lr[name],
-        "epochs": run.epochs,
-        "validation_f1": metrics["eval/f1"],
-        "test_f1": metrics["test/f1"],
-        "test_exact_match": metrics["test/exact_match"],
-        "minutes": (time.perf_counter() - started) / 60,
-        "model": models.count_parameters(models_from(model_dir)),
-    }
+    row = fit_arm(name, model_dir, prepared, args, QA.name, say, log)
+    return {**row, "test_exact_match": row.pop("metrics")["test/exact_match"]}
 
 
 def main() -> None:
