@@ -58,6 +58,8 @@ def test_promote_and_rollback_keep_the_history(client: MlflowClient) -> None:
         ([], 422, "empty"),
         (["x"] * 5, 422, "max_texts=4"),
         (["ab", "é" * 6], 413, "texts.1 is 12 bytes"),
+        ([{"question": "q", "context": "c"}] * 5, 422, "max_texts=4"),  # question answering pairs
+        ([{"question": "why", "context": "abcdefghij"}], 413, "texts.0 is 13 bytes"),  # question + context
     ],
 )
 def test_request_limits(texts: list[str], status: int, words: str) -> None:
