@@ -35,7 +35,6 @@ sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model here is a local folder
 
-import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 from ner_lift import fit_arm, pipeline_run, random_twin  # noqa: E402
@@ -60,8 +59,7 @@ def prepare_with(tokenizer_dir: Path, data: Path, seq_len: int, doc_stride: int,
     values = ["start", "end"]
     for split in SPLITS:
         source = FileSource(path=str(data / f"{split}.json"), text_column="context", label_column="answers")
-        table = load_source(source, labelled=True)
-        table = table.append_column("example", pa.array(range(table.num_rows), type=pa.int64()))
+        table = tok.with_row_numbers(load_source(source, labelled=True))
         (out / "task" / split).mkdir(parents=True, exist_ok=True)
         rows = tok.tokenize_examples(
             table,

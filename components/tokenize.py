@@ -83,11 +83,17 @@ def _write_task(task: TaskConfig, tokenizer_dir: Path, cfg: TokenizeConfig, outp
     write_json(output_dir / "labels.json", display_names(label_values, task.label_names))
     stats = {}
     for name, table in splits.items():
-        table = table.append_column("example", pa.array(range(table.num_rows), type=pa.int64()))  # its row number
+        table = with_row_numbers(table)
         tokenized = _tokenize_task(table, tokenizer_dir, label_values, cfg, task)
         tokenized.write_parquet(str(output_dir / "task" / name))
         stats[f"task/{name}_rows"] = table.num_rows
     return stats
+
+
+def with_row_numbers(table: pa.Table) -> pa.Table:
+    """The rows with their row number as `example`: the windows of one question answering row keep
+    it, so that evaluation picks the best span over all of them."""
+    return table.append_column("example", pa.array(range(table.num_rows), type=pa.int64()))
 
 
 def train_tokenizer(texts: Iterable[str], cfg: TokenizeConfig) -> PreTrainedTokenizerFast:

@@ -36,10 +36,6 @@ def _squad(split: str) -> pa.Table:
     return load_source(source, labelled=True)
 
 
-def _with_rows(table: pa.Table) -> pa.Table:
-    return table.append_column("example", pa.array(range(table.num_rows), type=pa.int64()))
-
-
 def test_squad_nested_json_reads_one_row_per_question() -> None:
     validation = _squad("validation")
     assert validation.num_rows == 1243  # the README's count
@@ -100,7 +96,7 @@ def test_every_squad_answer_comes_back_from_its_token_span_in_a_window(
 
 
 def test_windows_are_labelled_with_the_answer_or_cls(tmp_path: Path) -> None:
-    table = _with_rows(_squad("validation").slice(0, 60))
+    table = tok.with_row_numbers(_squad("validation").slice(0, 60))
     tokenizer = tok.train_tokenizer(table.column("text").to_pylist(), TokenizeConfig(vocab_size=800, seq_len=SEQ_LEN))
     tokenizer.save_pretrained(tmp_path / "tokenizer")
     out = tok.tokenize_examples(
@@ -219,7 +215,7 @@ def reviews(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     tokenizer = tok.train_tokenizer(texts, TokenizeConfig(vocab_size=300, seq_len=32))
     tokenizer.save_pretrained(folder / "pretrained")
     for split, rows in splits.items():
-        table = _with_rows(
+        table = tok.with_row_numbers(
             pa.table(
                 {
                     "text": [row["context"] for row in rows],
