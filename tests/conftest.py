@@ -171,6 +171,29 @@ def tiny_classifier(folder: Path, seed: int) -> Path:
     return folder
 
 
+def register_in_sqlite(folder: Path, store: Path, name: str, task, score: float, test_split: str) -> tuple[str, dict]:
+    """`folder` registered as `name` in a new sqlite MLflow store under `store`, as the finetune stage
+    registers it (in a run of its own, no lineage). Returns the tracking URI and the version."""
+    from mlflow import MlflowClient
+
+    from components import registry
+
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment(name))
+    version = registry.register_classifier(
+        folder,
+        name=name,
+        run_id=run.info.run_id,
+        tracking_uri=uri,
+        test_accuracy=score,
+        test_split=test_split,
+        lineage={},
+        task=task,
+    )
+    return uri, version
+
+
 def absent(message: str) -> NoReturn:
     """A test's dependency is missing here: skip it, or fail it where PTFT_NO_SKIPS is set (.ci/run
     sets it, so CI never passes by skipping what it was meant to run)."""

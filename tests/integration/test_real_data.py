@@ -20,7 +20,7 @@ from transformers import AutoTokenizer
 from components import tokenize
 from components.stage import StageContext, read_json
 from pipelines.pipeline_config import PipelineConfig, load_config
-from tests.conftest import REPO, shared
+from tests.conftest import REPO, register_in_sqlite, shared
 
 pytestmark = pytest.mark.integration
 
@@ -113,7 +113,7 @@ def test_a_squad_slice_trains_reaches_the_registry_and_answers_with_a_span(
     store, and the registered version answers real test questions with spans of their contexts."""
     from mlflow import MlflowClient
 
-    from components import accelerator, finetune, models, registry, training
+    from components import accelerator, finetune, models, training
     from components.schemas import DeepSpeedConfig, Hyperparameters
     from components.serve import Scorer
     from components.tasks import task_type
@@ -166,20 +166,8 @@ def test_a_squad_slice_trains_reaches_the_registry_and_answers_with_a_span(
     last = reports[-1]
     assert 0 <= last["test/exact_match"] <= last["test/f1"] <= 1 and 0 <= last["eval/f1"] <= 1
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(uri)
-    mlflow_run = client.create_run(client.create_experiment("squad"))
-    version = registry.register_classifier(
-        exported,
-        name="squad-slice-qa",
-        run_id=mlflow_run.info.run_id,
-        tracking_uri=uri,
-        test_accuracy=last["test/f1"],
-        test_split="squad-test-64",
-        lineage={},
-        task=qa,
-    )
-    assert client.get_model_version("squad-slice-qa", version["version"]).tags["ptft.task_type"] == qa.name
+    uri, version = register_in_sqlite(exported, tmp_path, "squad-slice-qa", qa, last["test/f1"], "squad-test-64")
+    assert MlflowClient(uri).get_model_version("squad-slice-qa", version["version"]).tags["ptft.task_type"] == qa.name
     document = json.loads(shared("data/squad/test.json").read_text())
     paragraph = document["data"][0]["paragraphs"][0]
     asked = [{"question": item["question"], "context": paragraph["context"]} for item in paragraph["qas"][:4]]

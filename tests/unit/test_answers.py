@@ -25,7 +25,7 @@ from components.tasks import answers, task_type
 from components.vocab import special_ids
 from pipelines.cli import main
 from pipelines.pipeline_config import load_config
-from tests.conftest import shared, tiny_config_dict
+from tests.conftest import register_in_sqlite, shared, tiny_config_dict
 
 QA = task_type("question_answering")
 SEQ_LEN = 48
@@ -314,23 +314,10 @@ def test_the_registered_model_answers_through_mlflow(fitted, tmp_path: Path) -> 
     import pandas as pd
     from mlflow import MlflowClient
 
-    from components import registry
     from components.serve import Scorer
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(uri)
-    run = client.create_run(client.create_experiment("answers"))
-    version = registry.register_classifier(
-        fitted[1],
-        name="reviews-qa",
-        run_id=run.info.run_id,
-        tracking_uri=uri,
-        test_accuracy=0.9,
-        test_split="synthetic",
-        lineage={},
-        task=QA,
-    )
-    assert client.get_model_version("reviews-qa", version["version"]).tags["ptft.test_f1"] == "0.900000"
+    uri, version = register_in_sqlite(fitted[1], tmp_path, "reviews-qa", QA, 0.9, "synthetic")
+    assert MlflowClient(uri).get_model_version("reviews-qa", version["version"]).tags["ptft.test_f1"] == "0.900000"
     question = {"question": "who wrote this review ?", "context": "the plot was dull , said jonas evans ."}
     served = Scorer(version["model_uri"], uri)([question])[0]
     mlflow.set_tracking_uri(uri)

@@ -24,7 +24,7 @@ from components.tasks import IGNORE, task_type
 from components.vocab import special_ids
 from pipelines.cli import main
 from pipelines.pipeline_config import load_config
-from tests.conftest import shared, tiny_config_dict
+from tests.conftest import register_in_sqlite, shared, tiny_config_dict
 
 ENTITIES = task_type("token_classification")
 SENTENCES = [
@@ -240,23 +240,12 @@ def test_the_registered_conll_model_tags_as_the_exported_folder_does(fitted, tmp
     and the registered version, served from MLflow, finds the same entities as its folder."""
     from mlflow import MlflowClient
 
-    from components import registry
     from components.serve import Scorer
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(uri)
-    run = client.create_run(client.create_experiment("conll"))
-    version = registry.register_classifier(
-        fitted[2],
-        name="conll-ner",
-        run_id=run.info.run_id,
-        tracking_uri=uri,
-        test_accuracy=fitted[1][-1]["test/f1"],
-        test_split="conll-slice",
-        lineage={},
-        task=ENTITIES,
+    uri, version = register_in_sqlite(
+        fitted[2], tmp_path, "conll-ner", ENTITIES, fitted[1][-1]["test/f1"], "conll-slice"
     )
-    tags = client.get_model_version("conll-ner", version["version"]).tags
+    tags = MlflowClient(uri).get_model_version("conll-ner", version["version"]).tags
     assert tags["ptft.task_type"] == ENTITIES.name and float(tags["ptft.test_f1"]) > 0
     assert version["aliases"] == ["candidate", "champion"]  # the first version has no champion to beat
     text = ["Germany beat England 2-1 in London on Saturday , Reuters reported ."]
