@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import aiohttp  # noqa: E402
+import requests  # noqa: E402
 from serve_load import TEXT, build_model, deploy_serve, free_port, wait_answering  # noqa: E402
 
 ONGOING, QUEUED = 16, 16
@@ -116,19 +117,23 @@ def proxy_times_ms(log_dir: Path) -> list[float]:
     return times
 
 
+def _ready(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=1).ok
+    except requests.RequestException:
+        return False
+
+
 def run_floor(repeats: int) -> dict:
     port = free_port()
     process = subprocess.Popen([sys.executable, "-c", FLOOR_APP, str(port)])
     try:
         url = f"http://127.0.0.1:{port}"
-        for _ in range(100):
-            try:
-                import requests
-
-                if requests.get(f"{url}/ready", timeout=1).ok:
-                    break
-            except requests.RequestException:
-                time.sleep(0.2)
+        deadline = time.monotonic() + 60
+        while not _ready(f"{url}/ready"):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the floor app at {url} did not start")
+            time.sleep(0.2)
         return {"runs": [summarise(asyncio.run(burst(url, BURST))) for _ in range(repeats)]}
     finally:
         process.terminate()
