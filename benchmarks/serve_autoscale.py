@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import aiohttp  # noqa: E402
-from serve_load import TEXT, build_model, deploy_serve, free_port, wait_answering  # noqa: E402
+from serve_load import TEXT, build_model, deploy_serve, free_port, percentile_ms, wait_answering  # noqa: E402
 
 MAX_REPLICAS = 2
 AUTOSCALING = {
@@ -91,14 +91,11 @@ async def load(url: str, clients: int, seconds: float, clock: ReplicaWatch) -> l
     return answered
 
 
-def p99_ms(rows: list[tuple[float, float]]) -> float | None:
-    ordered = sorted(latency for _, latency in rows)
-    return round(1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 1) if ordered else None
-
-
 def phase(rows: list[tuple[float, float]], start: float, end: float) -> dict:
     inside = [row for row in rows if start <= row[0] < end]
-    return {"requests": len(inside), "p99_ms": p99_ms(inside), "rps": round(len(inside) / max(end - start, 1e-9), 1)}
+    latencies = [latency for _, latency in inside]
+    rps = round(len(inside) / max(end - start, 1e-9), 1)
+    return {"requests": len(inside), "p99_ms": percentile_ms(latencies, 0.99, digits=1), "rps": rps}
 
 
 def main() -> None:

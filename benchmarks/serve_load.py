@@ -151,11 +151,15 @@ async def closed_loop(url: str, concurrency: int, seconds: float) -> dict:
     return summary(latencies, statuses, elapsed)
 
 
-def summary(latencies: list[float], statuses: dict, elapsed: float) -> dict:
-    ordered = sorted(latencies)
+def percentile_ms(seconds: list[float], q: float, digits: int = 2) -> float | None:
+    """The q-quantile (nearest rank) of durations in seconds, in milliseconds; None for none."""
+    ordered = sorted(seconds)
+    return round(1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))], digits) if ordered else None
 
+
+def summary(latencies: list[float], statuses: dict, elapsed: float) -> dict:
     def pct(q: float) -> float | None:
-        return round(1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2) if ordered else None
+        return percentile_ms(latencies, q)
 
     errors = {str(status): count for status, count in statuses.items() if status != 200}
     return {

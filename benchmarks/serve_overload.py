@@ -37,7 +37,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import aiohttp  # noqa: E402
 import requests  # noqa: E402
-from serve_load import TEXT, build_model, deploy_serve, free_port, wait_answering  # noqa: E402
+from serve_load import TEXT, build_model, deploy_serve, free_port, percentile_ms, wait_answering  # noqa: E402
 
 ONGOING, QUEUED = 16, 16
 BURST = 10 * (ONGOING + QUEUED)
@@ -91,8 +91,7 @@ def summarise(results: list[tuple[int, float, float]]) -> dict:
     tenth = max(1, len(rejected) // 10)
 
     def ms(values: list[float], q: float = 0.5) -> float | None:
-        ordered = sorted(values)
-        return round(1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1) if ordered else None
+        return percentile_ms(values, q, digits=1)
 
     return {
         "requests": len(results),
