@@ -206,9 +206,7 @@ async def burst(url: str, requests_count: int) -> dict:
         "share_503": round(len(rejected) / requests_count, 3),
         "share_503_under_100ms": round(sum(s < 0.1 for s in rejected) / max(1, len(rejected)), 3),
         "p50_503_ms": round(1000 * statistics.median(rejected), 2) if rejected else None,
-        "p99_accepted_ms": round(1000 * accepted[min(len(accepted) - 1, int(0.99 * len(accepted)))], 2)
-        if accepted
-        else None,
+        "p99_accepted_ms": percentile_ms(accepted, 0.99),
         "recovered_s": round(recovered_s, 3),
     }
 
