@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from components import synthetic
 from components.schemas import CorpusConfig, FileSource, HubSource, Source, SyntheticSource
 
-_SUFFIX_FORMATS = {
+SUFFIX_FORMATS = {
     ".jsonl": "jsonl",
     ".json": "jsonl",
     ".csv": "csv",
@@ -34,6 +34,7 @@ _SUFFIX_FORMATS = {
     ".parquet": "parquet",
     ".txt": "text",
     ".text": "text",
+    ".md": "text",  # prose (docs, READMEs): one example per non-blank line, like .txt
 }
 
 
@@ -101,12 +102,17 @@ def resolve_paths(path: str) -> list[str]:
 def _file_format(source: FileSource, path: str) -> str:
     if source.format != "auto":
         return source.format
-    return _SUFFIX_FORMATS.get(Path(path.split("?")[0]).suffix.lower(), "jsonl")
+    return format_of_suffix(Path(path.split("?")[0]).suffix) or "jsonl"
 
 
 def read_table(path: str) -> pa.Table:
     """A whole file (local or a URI) as a table, its format from its suffix."""
-    return _read_file(path, _SUFFIX_FORMATS.get(Path(path.split("?")[0]).suffix.lower(), "jsonl"))
+    return _read_file(path, format_of_suffix(Path(path.split("?")[0]).suffix) or "jsonl")
+
+
+def format_of_suffix(suffix: str) -> str | None:
+    """The file format a suffix names (".csv" -> "csv"); None for one that names none."""
+    return SUFFIX_FORMATS.get(suffix.lower())
 
 
 def _read_file(path: str, fmt: str) -> pa.Table:

@@ -26,7 +26,10 @@ class FileSource(_Strict):
 
     type: Literal["file"] = "file"
     path: str = Field(description="file path, glob or URI; relative paths are taken from the working dir")
-    format: FileFormat = Field("auto", description="file format; auto reads it from the suffix")
+    format: FileFormat = Field(
+        "auto",
+        description="file format; auto reads it from the suffix (.jsonl/.json, .csv, .tsv, .parquet, .txt/.text/.md)",
+    )
     text_column: str = Field("text", description="column holding the text")
     label_column: str = Field("label", description="column holding the label (labelled splits only)")
     question_column: str = Field("question", description="column holding the question (question answering only)")

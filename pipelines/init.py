@@ -99,6 +99,9 @@ def _read(path: Path) -> pa.Table:
         table = data.read_table(str(path))
     except (OSError, ValueError, UnicodeDecodeError, pa.ArrowInvalid) as error:
         fix = "one record per line (JSONL), CSV, TSV, Parquet, text, or SQuAD's nested JSON"
+        if not data.format_of_suffix(path.suffix):
+            fix = f"rename it with the suffix of its format ({', '.join(data.SUFFIX_FORMATS)})"
+            error = f"the suffix {path.suffix or '(none)'!r} names no format, so it was read as JSON lines: {error}"
         raise ConfigError("ptft init", [Problem("DATA_FILE", str(path), f"cannot read: {error}", fix)]) from None
     if table.num_rows < 10:
         problem = Problem("DATA_FILE", str(path), f"{table.num_rows} rows", "give at least 10 examples")
@@ -431,8 +434,36 @@ def _config_text(plan: Plan, name: str, source: Path, output: Path) -> str:
             "  early_stopping_patience: 1",
             "  defaults: {batch_size_per_worker: 32}",
             "  workers: {num_workers: 2, cpus_per_worker: 1}",
+            "",
+            "serve:",
+            "  # Asked of the served model at the end of `ptft run` (and in the report): the data's own.",
+            "  sample_texts:",
+            *(f"    - {sample}" for sample in _sample_inputs(plan)),
         ]
     return "\n".join(header + lines) + "\n"
+
+
+SAMPLE_CHARS = 120  # a sample text that fits on the summary's line
+
+
+def _sample_inputs(plan: Plan, count: int = 2) -> list[str]:
+    """`count` inputs to the served model from the validation split (short ones, so the run's
+    summary stays legible), each as a YAML flow value."""
+    rows = data.read_table(str(plan.splits["validation"])).to_pylist()
+    if plan.task == "answers":  # a question about each of the shortest contexts
+        by_context = {row[plan.text_column]: row["question"] for row in reversed(rows)}  # its first question
+        shortest = sorted(by_context, key=len)[:count]
+        return [_flow({"question": by_context[context], "context": context}) for context in shortest]
+    texts = [_as_text(row[plan.text_column]) for row in rows if row[plan.text_column]]
+    if plan.task == "generation":  # a prompt: the opening words of a text
+        texts = [" ".join(text.split()[:4]) for text in texts]
+    short = [text for text in texts if len(text) <= SAMPLE_CHARS] or sorted(texts, key=len)
+    return [json.dumps(text, ensure_ascii=False) for text in short[:count]]
+
+
+def _flow(mapping: dict[str, str]) -> str:
+    """A YAML flow mapping of strings (JSON strings are YAML's double-quoted scalars)."""
+    return "{" + ", ".join(f"{key}: {json.dumps(value, ensure_ascii=False)}" for key, value in mapping.items()) + "}"
 
 
 def _split_kind(plan: Plan) -> str:

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from components.tasks import task_type
+from components.data import read_table
 from pipelines.cli import main
 from pipelines.pipeline_config import load_config
 from tests.conftest import shared
@@ -42,6 +42,8 @@ def test_rt_polarity_gets_its_splits_labels_and_seq_len(in_tmp: Path, capsys: py
     assert "Run it: ptft run configs/rt-polarity.yaml" in out
     text = Path("configs/rt-polarity.yaml").read_text()
     assert text.startswith("# ptft pipeline for") and "# Launch: ptft run configs/rt-polarity.yaml" in text
+    validation = {json.loads(line)["text"] for line in open(task.validation.path)}
+    assert len(config.serve.sample_texts) == 2 and set(config.serve.sample_texts) <= validation  # its own texts
 
 
 def test_a_csv_without_splits_gets_a_seeded_stratified_split(in_tmp: Path) -> None:
@@ -93,6 +95,8 @@ def test_a_text_file_or_unlabelled_pairs_give_a_pre_training_config(
     assert main(["init", "corpus.txt"]) == 0
     config = load_config("configs/corpus.yaml", [])
     assert not config.has_tasks() and config.data.corpus.source.text_column == "text"
+    assert main(["init", str(shared("data/squad/README.md")), "-o", "configs/readme.yaml"]) == 0  # prose: text
+    assert not load_config("configs/readme.yaml", []).has_tasks()
     assert main(["init", str(shared("data/multi30k/train.jsonl"))]) == 0
     multi30k = load_config("configs/multi30k.yaml", [])
     assert not multi30k.has_tasks() and multi30k.data.corpus.source.text_column in ("en", "de")
@@ -182,6 +186,8 @@ def test_conll2003_gets_an_entities_config(in_tmp: Path, capsys: pytest.CaptureF
     assert Path(task.validation.path) == train.with_name("validation.jsonl") and not config.tokenize.lowercase
     assert "tags in train: B-LOC (7140), B-MISC (3438), B-ORG (6321), B-PER (6600)" in out  # the README's counts
     assert "named entities (LOC, MISC, ORG, PER)" in Path("configs/conll2003.yaml").read_text()
+    sentences = {" ".join(json.loads(line)["tokens"]) for line in open(task.validation.path)}
+    assert len(config.serve.sample_texts) == 2 and set(config.serve.sample_texts) <= sentences  # words, joined
 
 
 def test_squad_nested_json_gives_a_question_answering_config(in_tmp: Path, capsys: pytest.CaptureFixture) -> None:
@@ -196,7 +202,10 @@ def test_squad_nested_json_gives_a_question_answering_config(in_tmp: Path, capsy
         "question",
     )
     assert Path(task.test.path) == shared("data/squad/test.json")
-    assert config.serve.sample_texts == [task_type("question_answering").example]  # the type's own example
+    questions = {row["question"]: row["context"] for row in read_table(str(task.validation.path)).to_pylist()}
+    samples = config.serve.sample_texts  # questions of the validation split, with their contexts
+    assert len(samples) == 2 and all(questions[sample["question"]] == sample["context"] for sample in samples)
+    assert samples[0]["context"] != samples[1]["context"]
     assert "Read 8514 rows" in out  # the README's count of train questions
     assert main(["validate", "configs/squad.yaml"]) == 0
 
@@ -227,6 +236,9 @@ def test_files_it_cannot_use_exit_2_with_the_reason(in_tmp: Path, capsys: pytest
     assert main(["init", str(shared("data/rt-polarity/train.jsonl")), "--label-column", "stars"]) == 2
     assert "'stars'" in (err := capsys.readouterr().err) and "use one of: text, label" in err
     assert main(["init", "no-such-file.csv"]) == 2
+    Path("notes.log").write_text("a line of notes\n" * 20)  # a suffix that names no format: read as JSON lines
+    assert main(["init", "notes.log"]) == 2
+    assert "'.log' names no format" in capsys.readouterr().err
     assert not Path("configs").exists()
 
 
