@@ -223,10 +223,12 @@ def test_healthz_answers_within_a_second_while_batches_run(app: dict) -> None:
 
 
 class Stream:
-    """Closed-loop clients sending requests until stopped; counts outcomes (after `retries`)."""
+    """Closed-loop clients sending requests until stopped; counts outcomes (after `retries`).
+    Each client pauses `pause_s` between requests: these tests count failed requests, not
+    throughput, and an unpaced loop would take both cores from the tests running beside it."""
 
-    def __init__(self, url: str, clients: int = 4, retries: int = 0):
-        self.url, self.retries, self.outcomes = url, retries, Counter()
+    def __init__(self, url: str, clients: int = 4, retries: int = 0, pause_s: float = 0.05):
+        self.url, self.retries, self.pause_s, self.outcomes = url, retries, pause_s, Counter()
         self.versions: Counter = Counter()
         self.lock, self.stop = threading.Lock(), threading.Event()
         self.threads = [threading.Thread(target=self._client, daemon=True) for _ in range(clients)]
@@ -258,6 +260,7 @@ class Stream:
                 self.outcomes[outcome] += 1
                 if outcome == 200:
                     self.versions[response.json()["model"]["version"]] += 1
+            self.stop.wait(self.pause_s)
 
     def total(self) -> int:
         return sum(self.outcomes.values())
