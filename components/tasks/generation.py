@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from components.generation import Ask, Decoding, prompt_ids
 from components.tasks.base import IGNORE, TaskType
 from components.vocab import separator_id
 
@@ -31,6 +30,8 @@ def _no_classes(table: pa.Table) -> list[str]:
 def _tokenize(batch: pa.Table, tokenizer, seq_len: int, label_ids: dict[str, int], **options) -> dict:
     """Start token, the text (cut to fit), end token, padding; each position's label is the next
     token (IGNORE at the last token and on padding)."""
+    from components.generation import prompt_ids  # here: it imports torch, which config work never needs
+
     end = separator_id(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end
     ids, masks, labels = [], [], []
@@ -61,6 +62,8 @@ def _scores(gold: list[list[int]], guessed: list[list[int]], names: list[str], s
 def _predict(model, tokenizer, texts: list[str], max_tokens: int) -> list[dict]:
     """Each text continued greedily by up to PREDICT_NEW_TOKENS tokens (fewer if the model's
     positions run out); a text longer than its share of the positions keeps its last tokens."""
+    from components.generation import Ask, Decoding, prompt_ids
+
     budget = max(1, min(PREDICT_NEW_TOKENS, max_tokens // 2))
     prompts = [prompt_ids(tokenizer, text) for text in texts]
     asks = [Ask(ids[-(max_tokens - budget) :], budget, temperature=0.0) for ids in prompts]
@@ -79,6 +82,8 @@ def _test_samples(model, tokenizer, test_dir: str, count: int) -> list[dict]:
     """The first `count` test texts cut in half: the first half continued greedily for as many
     tokens as the second half has, beside it."""
     import pyarrow.parquet as pq
+
+    from components.generation import Ask, Decoding
 
     table = pq.read_table(test_dir, columns=["input_ids", "attention_mask"]).slice(0, count).to_pydict()
     samples = []
