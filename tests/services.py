@@ -417,26 +417,18 @@ def mlflow_server(postgres: str) -> str:
 
 PROMETHEUS_CONFIG = REPO / "dashboards" / "prometheus.yml"
 SERVICE_DISCOVERY_FILE = "prom_metrics_service_discovery.json"  # Ray writes it in its temp dir's root
-SCRAPE_INTERVAL = "2s"
 
 
 def prometheus_config(config: dict, service_discovery_file: Path) -> dict:
-    """dashboards/prometheus.yml as the tests run it: the same jobs, the test cluster's service
-    discovery file, a short scrape interval (a demo run lasts minutes, not hours)."""
-    config = {
-        **config,
-        "global": {
-            **config.get("global", {}),
-            "scrape_interval": SCRAPE_INTERVAL,
-            "evaluation_interval": SCRAPE_INTERVAL,
-        },
-    }
+    """dashboards/prometheus.yml as the tests run it: the same jobs and intervals, the test
+    cluster's service discovery file. Its 10 s scrape matches Ray's 10 s refresh: scraping every
+    2 s saw no new values, and the metrics agent's exporter thread spent 15-20% of a core on it
+    for as long as the e2e package ran (its CPU time, measured in a 4-worker `make test`)."""
     jobs = []
     for job in config["scrape_configs"]:
         sd_configs = [{**sd, "files": [str(service_discovery_file)]} for sd in job.get("file_sd_configs", [])]
         jobs.append({**job, "file_sd_configs": sd_configs} if sd_configs else job)
-    config["scrape_configs"] = jobs
-    return config
+    return {**config, "scrape_configs": jobs}
 
 
 def _scraping(url: str) -> bool:

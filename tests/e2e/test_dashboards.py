@@ -19,7 +19,7 @@ from tests.e2e.conftest import STAGES, demo_manifest
 pytestmark = pytest.mark.e2e
 
 EXPORTED_WHILE_RUNNING_S = 30  # a stage this long was exported (every 10 s) and scraped while running
-WAIT_S = 180  # Ray exports every 10 s, Prometheus scrapes every 2 s: data arrives within ~30 s
+WAIT_S = 180  # Ray exports every 10 s, Prometheus scrapes every 10 s: data arrives within ~30 s
 GOOD = {"texts": ["the film was superb and moving .", "a dull , tedious script ."]}
 BAD = {"texts": []}  # a 422: the errors panel needs an error
 
