@@ -21,9 +21,10 @@ demo: setup
 	$(BIN)/ptft run configs/demo.yaml
 
 # Three pytest-xdist workers share one Ray cluster and MLflow server (tests/services.py) and overlap
-# the tests' waits (22-25 min here against 24-31 min in one process; 24 min with the two-task run). A module, or the e2e package,
-# stays in one worker (tests/conftest.py). PYTEST_ARGS adds pytest arguments,
-# e.g. PYTEST_ARGS="--durations=0" for every test's and fixture's time.
+# the tests' waits (22-25 min here against 24-31 min in one process, when the suite was smaller). A
+# module, or the e2e package, stays in one worker (tests/conftest.py). Four were slower (33m26s
+# against 28m36s): with three the 2 cores are already 99-100% busy. PYTEST_ARGS adds pytest
+# arguments, e.g. PYTEST_ARGS="--durations=0" for every test's and fixture's time.
 TEST_WORKERS ?= 3
 test: setup
 	$(BIN)/python -m pytest -m "not gpu and not slow" -p no:cacheprovider --durations=25 \
