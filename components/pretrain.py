@@ -65,6 +65,7 @@ def run(cfg: PretrainConfig, tokenized_uri: str, ctx: StageContext) -> StageResu
         resumed=ctx.resumed,
         divergence_marker=str(ctx.output_dir / DIVERGED),
     )
+    check_blocks_fill_a_step(cfg, worker_cfg.blocks_dir)  # here, before a worker group starts
     tracker = open_tracker(ctx.tracking_uri, ctx.mlflow_run_id, resumed=ctx.resumed)
     tracker.log_metrics({"progress/total_steps": cfg.max_steps}, 0)  # `ptft run` and `ptft status` show step x of this
     tracker.flush()
@@ -79,6 +80,21 @@ def run(cfg: PretrainConfig, tokenized_uri: str, ctx: StageContext) -> StageResu
     tracker.set_tags({"ptft.weights_sha256": checked["weights_sha256"], "ptft.objective": objective})
     plots.log(tracker, plots.training_curves(tracker, ctx.output_dir / "plots"))
     return StageResult(output_uri=str(model_dir), metrics=metrics, outputs=checked)
+
+
+def check_blocks_fill_a_step(cfg: PretrainConfig, blocks_dir: str) -> None:
+    """Raise when the training blocks (those not held out for the eval loss) cannot fill one
+    step of every worker's micro-batch, the condition `_batches` would meet in the workers."""
+    import pyarrow.dataset as pads
+
+    blocks = pads.dataset(blocks_dir, format="parquet").count_rows()
+    training_blocks = blocks - int(blocks * cfg.eval_fraction)
+    workers = cfg.workers.num_workers
+    if training_blocks < workers * cfg.batch_size_per_worker:
+        raise ValueError(
+            f"{training_blocks} training blocks cannot fill one step of {workers} workers x "
+            f"{cfg.batch_size_per_worker}: lower pretrain.batch_size_per_worker or add corpus text"
+        )
 
 
 def train_loop_per_worker(config: dict) -> None:

@@ -324,7 +324,7 @@ class Shard:
         """This rank's evaluation rows; every rank gets the same count (ZeRO-3 forwards are
         collectives, so ranks must run the same batches), which drops fewer than world_size rows."""
         even = num_rows - num_rows % self.world_size
-        return torch.arange(self.rank, even, self.world_size)
+        return torch.arange(even)[self.rank :: self.world_size]  # none when rows < ranks (a tiny corpus)
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:

@@ -204,6 +204,21 @@ def test_shards_are_disjoint_and_equal() -> None:
     rows = torch.cat([torch.cat(b) for b in batches])
     assert len(set(rows.tolist())) == len(rows) == 32
     assert len(shards[0].eval_rows(37)) == len(shards[1].eval_rows(37)) == 18
+    assert [len(shard.eval_rows(rows)) for shard in shards for rows in (0, 1)] == [0, 0, 0, 0]  # no eval, no error
+
+
+def test_a_corpus_too_small_for_one_step_is_refused_before_the_workers_start(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from components.pretrain import check_blocks_fill_a_step
+    from components.schemas import PretrainConfig
+
+    pq.write_table(pa.table({"input_ids": [[1, 2, 3]] * 12}), tmp_path / "part-0.parquet")
+    config = PretrainConfig(batch_size_per_worker=4, workers={"num_workers": 2}, eval_fraction=0.1)
+    check_blocks_fill_a_step(config, str(tmp_path))  # 12 - 1 held out: 11 blocks, a step takes 8
+    with pytest.raises(ValueError, match="11 training blocks cannot fill one step of 2 workers x 6"):
+        check_blocks_fill_a_step(config.model_copy(update={"batch_size_per_worker": 6}), str(tmp_path))
 
 
 def test_linear_schedule_warms_up_then_decays() -> None:
