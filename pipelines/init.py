@@ -35,6 +35,8 @@ MAX_CLASSES = 50
 SPLIT_NAMES = {"validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
 SPLIT_SHARES = {"train": 0.8, "validation": 0.1, "test": 0.1}
 PASSES = 20  # over the text in pre-training: masked LM on a small corpus needs many
+WORKERS, BATCH = 2, 32  # the config's training workers and blocks per worker and step
+TRAIN_SHARE = 0.8  # of the estimated blocks: pre-training holds some out for its eval loss
 CASED_TASKS = ("entities", "translation", "generation")  # their tokenizers keep case
 
 
@@ -48,6 +50,7 @@ class Plan:
     seq_len: int
     vocab_size: int
     max_steps: int
+    batch_size: int  # pre-training blocks per worker and step
     lengths: dict[str, int]
     labels: dict[str, int]
 
@@ -232,6 +235,9 @@ def _plan(path: Path, table: pa.Table, args: argparse.Namespace, split_dir: Path
             for tag in value if task == "entities" else [value]:
                 labels[str(tag)] = labels.get(str(tag), 0) + 1
     blocks = sum(token_lengths) / _seq_len(token_lengths)
+    # A step takes WORKERS x batch blocks of the training share: a small corpus gets smaller steps
+    # (the block count is an estimate, hence the margin), else its pre-training could not start.
+    batch = int(max(1, min(BATCH, blocks * TRAIN_SHARE // WORKERS)))
     return Plan(
         task=task,
         text_column=text,
@@ -240,7 +246,8 @@ def _plan(path: Path, table: pa.Table, args: argparse.Namespace, split_dir: Path
         written_splits=written,
         seq_len=_seq_len(token_lengths),
         vocab_size=vocab_size,
-        max_steps=int(max(200, min(5000, round(PASSES * blocks / 64, -1)))),  # 2 workers x 32 blocks a step
+        max_steps=int(max(200, min(5000, round(PASSES * blocks / (WORKERS * batch), -1)))),
+        batch_size=batch,
         lengths=_percentiles(token_lengths),
         labels=dict(sorted(labels.items())),
     )
@@ -413,10 +420,15 @@ def _config_text(plan: Plan, name: str, source: Path, output: Path) -> str:
         "pretrain:",
         _model_line(plan),
         f"  max_steps: {plan.max_steps:<7}  # about {PASSES} passes over the text",
-        "  batch_size_per_worker: 32",
+        f"  batch_size_per_worker: {plan.batch_size}"
+        + (
+            f"   # a small corpus (about {plan.batch_size * WORKERS} blocks a step fit it)"
+            if plan.batch_size < BATCH
+            else ""
+        ),
         "  learning_rate: 5.0e-4",
         f"  warmup_steps: {max(10, plan.max_steps // 10)}",
-        "  workers: {num_workers: 2, cpus_per_worker: 1}",
+        f"  workers: {{num_workers: {WORKERS}, cpus_per_worker: 1}}",
     ]
     if plan.task != "pretrain":
         lines += [
@@ -433,7 +445,7 @@ def _config_text(plan: Plan, name: str, source: Path, output: Path) -> str:
             "  epochs: 3",
             "  early_stopping_patience: 1",
             "  defaults: {batch_size_per_worker: 32}",
-            "  workers: {num_workers: 2, cpus_per_worker: 1}",
+            f"  workers: {{num_workers: {WORKERS}, cpus_per_worker: 1}}",
             "",
             "serve:",
             "  # Asked of the served model at the end of `ptft run` (and in the report): the data's own.",
