@@ -88,13 +88,21 @@ def check_blocks_fill_a_step(cfg: PretrainConfig, blocks_dir: str) -> None:
     import pyarrow.dataset as pads
 
     blocks = pads.dataset(blocks_dir, format="parquet").count_rows()
-    training_blocks = blocks - int(blocks * cfg.eval_fraction)
-    workers = cfg.workers.num_workers
-    if training_blocks < workers * cfg.batch_size_per_worker:
-        raise ValueError(
-            f"{training_blocks} training blocks cannot fill one step of {workers} workers x "
-            f"{cfg.batch_size_per_worker}: lower pretrain.batch_size_per_worker or add corpus text"
-        )
+    training_blocks = blocks - _held_out(blocks, cfg.eval_fraction)
+    if training_blocks < cfg.workers.num_workers * cfg.batch_size_per_worker:
+        raise ValueError(_too_few_blocks(training_blocks, cfg.workers.num_workers, cfg.batch_size_per_worker))
+
+
+def _held_out(blocks: int, eval_fraction: float) -> int:
+    """How many of the blocks the eval loss reads (none of them are trained on)."""
+    return int(blocks * eval_fraction)
+
+
+def _too_few_blocks(training_blocks: int, workers: int, batch_size: int) -> str:
+    return (
+        f"{training_blocks} training blocks cannot fill one step of {workers} workers x "
+        f"{batch_size}: lower pretrain.batch_size_per_worker or add corpus text"
+    )
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -236,7 +244,7 @@ def _log_restore(tracker, loaded_step: int, *, first_step: int) -> None:
 def _setup_data(cfg: _WorkerConfig) -> tuple[torch.Tensor, torch.Tensor]:
     blocks = training.load_columns(cfg.blocks_dir, ["input_ids"])["input_ids"]
     order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(cfg.seed))
-    held_out = int(len(blocks) * cfg.stage.eval_fraction)
+    held_out = _held_out(len(blocks), cfg.stage.eval_fraction)
     return blocks[order[held_out:]], blocks[order[:held_out]]
 
 
@@ -259,11 +267,8 @@ def _batches(data: torch.Tensor, shard: training.Shard, max_steps: int, seed: in
     """Row indices for micro-batches start+1 .. max_steps, cycling through epochs: the data position
     is a function of the step, so a restored run sees the batches an uninterrupted one would."""
     per_epoch = shard.batches_per_epoch(len(data))
-    if per_epoch == 0:
-        raise ValueError(
-            f"{len(data)} training blocks cannot fill one step of {shard.world_size} workers x "
-            f"{shard.batch_size}: lower pretrain.batch_size_per_worker or add corpus text"
-        )
+    if per_epoch == 0:  # the driver checked already (check_blocks_fill_a_step); in-process callers did not
+        raise ValueError(_too_few_blocks(len(data), shard.world_size, shard.batch_size))
     step = start
     epoch, offset = divmod(start, per_epoch)
     while step < max_steps:
