@@ -89,8 +89,9 @@ def check_blocks_fill_a_step(cfg: PretrainConfig, blocks_dir: str) -> None:
 
     blocks = pads.dataset(blocks_dir, format="parquet").count_rows()
     training_blocks = blocks - _held_out(blocks, cfg.eval_fraction)
-    if training_blocks < cfg.workers.num_workers * cfg.batch_size_per_worker:
-        raise ValueError(_too_few_blocks(training_blocks, cfg.workers.num_workers, cfg.batch_size_per_worker))
+    any_rank = training.Shard(0, cfg.workers.num_workers, cfg.batch_size_per_worker)
+    if any_rank.batches_per_epoch(training_blocks) == 0:
+        raise ValueError(_too_few_blocks(training_blocks, any_rank.world_size, any_rank.batch_size))
 
 
 def _held_out(blocks: int, eval_fraction: float) -> int:

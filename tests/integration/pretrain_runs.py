@@ -17,10 +17,10 @@ CHECKPOINT_EVERY = 25
 
 
 class PretrainRuns:
-    """Tokenize once, then pretrain (100 steps, 2 workers, a checkpoint every 25) as often as a
-    scenario needs, with the same seed each time."""
+    """Tokenize once, then pretrain (100 steps, 2 workers unless told, a checkpoint every 25) as
+    often as a scenario needs, with the same seed each time."""
 
-    def __init__(self, storage: Path, tracking_uri: str, experiment: str):
+    def __init__(self, storage: Path, tracking_uri: str, experiment: str, workers: int = 2):
         self.storage = storage
         self.tracking_uri = tracking_uri
         self.client = MlflowClient(tracking_uri)
@@ -35,7 +35,7 @@ class PretrainRuns:
             batch_size_per_worker=8,
             log_every=1,
             checkpoint_every=CHECKPOINT_EVERY,
-            workers=WorkersConfig(num_workers=2, max_failures=2),
+            workers=WorkersConfig(num_workers=workers, max_failures=2),
         )
 
     def context(self, name: str) -> StageContext:

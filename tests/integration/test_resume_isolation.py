@@ -36,7 +36,13 @@ def edited_before_resume(ray_driver: str, mlflow_server: str, tmp_path_factory: 
     corpus.write_text("".join(json.dumps({"text": row["text"]}) + "\n" for row in synthetic.generate("corpus", 600, 0)))
     config = {**tiny_config_dict(storage), "name": "faults-edited"}
     config["data"] = {"corpus": {"source": {"type": "file", "path": str(corpus)}}}  # no task: pretrain only
-    config["pretrain"] = {"max_steps": 40, "warmup_steps": 4, "checkpoint_every": 10, "log_every": 5}
+    config["pretrain"] = {
+        "max_steps": 40,
+        "warmup_steps": 4,
+        "checkpoint_every": 10,
+        "log_every": 5,
+        "workers": {"num_workers": 1},  # resuming is the subject here; test_faults.py restores two ranks
+    }
     config_path = storage / "edited.yaml"
     config_path.write_text(yaml.safe_dump(config))
     password = f"s3/cr@t:{secrets.token_hex(4)}"  # a "/", "@" and ":" to parse around

@@ -38,7 +38,13 @@ def _config(storage: Path) -> dict:
     config = tiny_config_dict(storage)
     config["name"] = "sweeps"
     config["data"]["task"]["train"]["num_examples"] = 128
-    config["pretrain"] = {"max_steps": 12, "warmup_steps": 2, "batch_size_per_worker": 8, "log_every": 4}
+    config["pretrain"] = {
+        "max_steps": 12,
+        "warmup_steps": 2,
+        "batch_size_per_worker": 8,
+        "log_every": 4,
+        "workers": {"num_workers": 1},  # the sweeps only need a pre-trained encoder
+    }
     config["tune"] = {
         "search": "grid",
         "num_samples": 1,

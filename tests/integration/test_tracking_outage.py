@@ -117,11 +117,12 @@ def _train_through_an_outage(uri: str, outage_starts: Callable[[], None], outage
 
 @pytest.mark.parametrize("what", ["server", "database"])
 def test_a_pretraining_stage_under_ray_train_runs_through_an_outage(ray_driver: str, tmp_path: Path, what: str) -> None:
-    """The whole stage, as the pipeline runs it: its workers log every step (with MLflow's own
-    HTTP retries, as configured by default there) and flush before each checkpoint while the
-    server or its database is down for 60 s from step 5."""
+    """The whole stage, as the pipeline runs it: its worker logs every step (with MLflow's own
+    HTTP retries, as configured by default there) and flushes before each checkpoint while the
+    server or its database is down for 60 s from step 5. One worker: only rank 0 logs, so a
+    second would add its start-up and steps and nothing to test (test_faults.py has two)."""
     with _store_that_fails(what, tmp_path) as store:
-        runs = PretrainRuns(tmp_path / "storage", store.uri, "outage-stage")
+        runs = PretrainRuns(tmp_path / "storage", store.uri, "outage-stage", workers=1)
         outcome: dict = {}
 
         def run_the_stage() -> None:
