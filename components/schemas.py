@@ -437,7 +437,9 @@ class FinetuneConfig(BaseModel):
         None, gt=0, description="stop after this many epochs without a lower validation loss; none runs every epoch"
     )
     early_stopping_min_delta: float = Field(0.0, ge=0, description="smallest drop in validation loss that counts")
-    registered_model_name: str | None = Field(None, description="MLflow registry name; default <pipeline>-classifier")
+    registered_model_name: str | None = Field(
+        None, description="MLflow registry name; default <pipeline>-<classifier|tagger|reader|translator|generator>"
+    )
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
 

@@ -197,7 +197,10 @@ class PipelineConfig(BaseModel):
         return self.tracking.experiment or self.name
 
     def registered_model_name(self) -> str:
-        return self.finetune.registered_model_name or f"{self.name}-classifier"
+        """The single task's registry name: the configured one, else `<name>-<what the model is>`
+        (demo-classifier, conll2003-ner-tagger, squad-qa-reader, multi30k-en-de-translator)."""
+        kind = task_type(self.data.task.type if self.data.task else "sequence_classification")
+        return self.finetune.registered_model_name or f"{self.name}-{kind.model_noun}"
 
     def uses_gpu(self) -> bool:
         """Whether any training stage (pre-training, a task's fine-tuning) asks for GPUs."""

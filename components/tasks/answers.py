@@ -259,6 +259,7 @@ def _predict(model, tokenizer, items: list[dict], max_tokens: int) -> list[dict]
 
 TASK = TaskType(
     name="question_answering",
+    model_noun="reader",
     auto_model="AutoModelForQuestionAnswering",
     mlflow_task=None,  # transformers 5 dropped its question-answering pipeline: registry.TaskModel
     headline="f1",

@@ -56,6 +56,7 @@ class TaskType:
     """
 
     name: str
+    model_noun: str  # what a fine-tuned model of this type is: the default registry name is <pipeline>-<noun>
     auto_model: str  # the transformers class that adds the head, e.g. AutoModelForTokenClassification
     mlflow_task: str | None  # the transformers pipeline task MLflow logs the model under; None: a pyfunc
     headline: str  # the metric the sweep optimises and the registry's champion gate compares, e.g. "f1"

@@ -60,6 +60,7 @@ def _predict(model, tokenizer, texts: list[str], max_tokens: int) -> list[dict]:
 
 TASK = TaskType(
     name="sequence_classification",
+    model_noun="classifier",
     auto_model="AutoModelForSequenceClassification",
     mlflow_task="text-classification",
     headline="accuracy",

@@ -114,6 +114,7 @@ def _predict(model, tokenizer, texts: list[str], max_tokens: int) -> list[dict]:
 
 TASK = TaskType(
     name="token_classification",
+    model_noun="tagger",
     auto_model="AutoModelForTokenClassification",
     mlflow_task="token-classification",
     headline="f1",

@@ -103,6 +103,7 @@ def _test_samples(model, tokenizer, test_dir: str, count: int) -> list[dict]:
 
 TASK = TaskType(
     name="generation",
+    model_noun="generator",
     auto_model="AutoModelForCausalLM",
     mlflow_task=None,  # a pyfunc: ptft's own decoding loop and limits
     headline="accuracy",

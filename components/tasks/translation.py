@@ -118,6 +118,7 @@ def _output_example(model) -> list[dict]:
 
 TASK = TaskType(
     name="translation",
+    model_noun="translator",
     auto_model="AutoModelForSeq2SeqLM",
     mlflow_task=None,  # a pyfunc: ptft's own beam search and limits, whatever the model's language pair
     headline="bleu",

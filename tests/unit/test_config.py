@@ -284,6 +284,22 @@ def test_defaults_fill_a_minimal_config(tmp_path: Path) -> None:
     assert config.pretrain.workers.num_workers == 2
 
 
+@pytest.mark.parametrize(
+    ("config_file", "name"),
+    [
+        ("demo.yaml", "demo-classifier"),
+        ("conll2003_ner.yaml", "conll2003-ner-tagger"),
+        ("squad_qa.yaml", "squad-qa-reader"),
+        ("multi30k_en_de.yaml", "multi30k-en-de-translator"),
+    ],
+)
+def test_a_single_task_is_registered_under_a_name_that_says_what_the_model_is(config_file: str, name: str) -> None:
+    config = load_config(REPO / "configs" / config_file, check_data=False)
+    assert config.registered_model_name() == name
+    named = config.model_copy(update={"finetune": config.finetune.model_copy(update={"registered_model_name": "x"})})
+    assert named.registered_model_name() == "x"  # a configured name wins
+
+
 def test_yaml_round_trip_of_resolved_config(tmp_path: Path) -> None:
     config = validate(tiny_config_dict(tmp_path))
     again = validate(yaml.safe_load(yaml.safe_dump(config.model_dump(mode="json"))))
