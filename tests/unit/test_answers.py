@@ -258,8 +258,11 @@ def fitted(reviews: Path) -> tuple[list[dict], Path]:
         pretrained_dir=str(reviews / "pretrained"),
         task_dir=str(reviews / "task"),
         label_names=["start", "end"],
-        epochs=4,
-        hyper=Hyperparameters(learning_rate=5e-3, batch_size_per_worker=16, dropout=0.0),
+        # 3e-3 over 5 epochs: 26 runs over model and data seeds and PYTHONHASHSEED (the trained
+        # vocabulary's ties differ between processes) all reached F1 1.0 by epoch 4. At 5e-3 over 4
+        # epochs one seed in 15 ended at 0.91, and a CI run at 0.80.
+        epochs=5,
+        hyper=Hyperparameters(learning_rate=3e-3, batch_size_per_worker=16, dropout=0.0),
         deepspeed=DeepSpeedConfig(),
         threads=1,
         log_every=50,
