@@ -543,6 +543,11 @@ class TuneConfig(BaseModel):
     median_min_samples: int = Field(2, gt=0, description="median: trials needed before it compares")
     pbt_interval: int = Field(1, gt=0, description="pbt: epochs between exploit/explore steps")
     pbt_quantile: float = Field(0.25, gt=0, le=0.5, description="pbt: share of trials that copy the top ones")
+    pbt_synchronous: bool = Field(
+        False,
+        description="pbt: trials wait for each other at every interval, then the bottom quantile copies the top; "
+        "the exploits no longer depend on which trial reports first, at the cost of trials waiting",
+    )
     pbt_mutations: list[Literal["learning_rate", "weight_decay"]] = Field(
         default_factory=lambda: ["learning_rate", "weight_decay"],
         description="pbt: hyperparameters it perturbs (each must be in search_space)",
@@ -564,9 +569,9 @@ class TuneConfig(BaseModel):
         2, ge=-1, description="retries of a failed trial from its last epoch checkpoint; -1 unlimited"
     )
     reuse_actors: bool = Field(
-        False,
-        description="run later trials in the processes of finished ones (saves their start-up and imports); "
-        "one-worker trials only",
+        True,
+        description="run later trials (and PBT's restarted ones) in the processes of finished ones, which saves "
+        "their start-up and imports; one-worker trials only",
     )
     seed: int | None = Field(None, description="seed of the search (samples, optuna); none: the pipeline seed")
     progress_every_s: float = Field(10.0, ge=0, description="seconds between live trial tables printed; 0: none")

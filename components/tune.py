@@ -150,6 +150,7 @@ def build_scheduler(cfg: TuneConfig):
             perturbation_interval=cfg.pbt_interval,
             quantile_fraction=cfg.pbt_quantile,
             hyperparam_mutations=mutations,
+            synch=cfg.pbt_synchronous,
         )
     return FIFOScheduler()
 

@@ -3,8 +3,9 @@
 1. ASHA over a 4-point learning-rate grid, one trial at a time, best first: the driver is SIGKILLed
    once a trial checkpoint is saved, `ptft sweep --resume` finishes it. Weak trials stop at the
    first rung; one MLflow run per trial under the tune run; nothing logged twice.
-2. PBT on the same cached tokenize/pretrain: weak trials continue from a strong one's checkpoint
-   with perturbed learning rate and weight decay, in their own MLflow run.
+2. PBT (synchronous) on the same cached tokenize/pretrain: weak trials continue from a strong one's
+   checkpoint with perturbed learning rate and weight decay, in their own MLflow run. Trial
+   processes are reused (the default), so a restarted trial runs in a finished one's process.
 3. Optuna TPE with median stopping, each trial a two-worker TorchTrainer.
 """
 
@@ -219,6 +220,9 @@ def pbt(sweeps: Sweeps, asha: dict) -> str:
         "tune.max_epochs=4",
         "tune.pbt_interval=1",
         "tune.pbt_quantile=0.25",
+        # Asynchronous PBT exploits only when a weak trial reports while a better one still runs,
+        # which depends on timing; synchronous PBT exploits the bottom quantile at every interval.
+        "tune.pbt_synchronous=true",
         "tune.max_concurrent_trials=2",
         "tune.search_space={learning_rate: {type: loguniform, low: 1.0e-7, high: 3.0e-3}, "
         "weight_decay: {type: uniform, low: 0.0, high: 0.1}}",

@@ -180,6 +180,8 @@ def test_schedulers_count_epochs(name: str, kind: str) -> None:
         assert scheduler._time_attr == "epoch"
     if name == "pbt":
         assert set(scheduler._hyperparam_mutations) == {"learning_rate", "weight_decay"}
+        assert not scheduler._synch
+        assert tune.build_scheduler(TuneConfig(scheduler=name, max_epochs=4, pbt_synchronous=True))._synch
 
 
 def test_a_trial_restored_past_a_rung_still_sets_its_cutoff() -> None:
