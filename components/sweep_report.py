@@ -61,9 +61,15 @@ def best_row(rows: list[dict], mode: str) -> dict | None:
     return (max if mode == "max" else min)(scored, key=lambda row: row["metric"])
 
 
+# With no result for this many print intervals, the table is printed anyway (nothing else says the
+# sweep is alive); with results it prints at most every interval.
+QUIET_TABLES = 6
+
+
 class TrialTable(ray.tune.Callback):
     """Prints the trials' status on the terminal as results arrive, at most every `every_s`
-    seconds (the tune stage prints the final table itself)."""
+    seconds, and with no result for `QUIET_TABLES` × every_s anyway (the tune stage prints the
+    final table itself)."""
 
     def __init__(
         self,
@@ -79,7 +85,7 @@ class TrialTable(ray.tune.Callback):
         # Tune pickles its callbacks with the experiment: keep no handle to sys.stdout (a test's
         # capture of it does not pickle); look it up when printing.
         self._stream = stream
-        self._last = 0.0
+        self._last = self._shown = 0.0
         self._started = time.monotonic()
 
     def _rows(self, trials) -> list[dict]:
@@ -122,13 +128,24 @@ class TrialTable(ray.tune.Callback):
         if console.is_live():
             self._show(trials)
 
+    def on_step_end(self, iteration, trials, **info) -> None:
+        """Tune's loop turns often: between results (a first epoch can take minutes), the live
+        table's clock moves on, and a log gets the table at least every `QUIET_TABLES` × every_s."""
+        if console.is_live():
+            if time.monotonic() - self._shown >= 1:
+                self._show(trials)
+        elif self.every_s and time.monotonic() - self._last >= QUIET_TABLES * self.every_s:
+            self._last = time.monotonic()
+            self._print(trials, "progress")
+
     def _show(self, trials) -> None:
         from rich.text import Text
 
         rows = self._rows(trials)
         best = best_row(rows, self.mode)
         table = format_table(rows, self.params, self.metric, best=best["trial"] if best else None)
-        elapsed = time.monotonic() - self._started
+        self._shown = time.monotonic()
+        elapsed = self._shown - self._started
         console.show(self.name, Text(f"{self.name}, {elapsed:.0f} s:\n{table}", no_wrap=True, overflow="ellipsis"))
 
 

@@ -413,3 +413,28 @@ def test_every_metric_a_task_type_reports_can_be_written_in_a_config() -> None:
     for kind in TASK_TYPES.values():
         for name in kind.reports:
             assert TuneConfig(metric=f"eval/{name}").metric == f"eval/{name}"
+
+
+def test_the_trial_table_is_printed_while_no_trial_reports(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long first epoch reports nothing for minutes; the log still gets the table, but not on
+    every turn of Tune's loop."""
+    import io
+    from types import SimpleNamespace
+
+    from components import sweep_report
+
+    clock = [1000.0]
+    monkeypatch.setattr(sweep_report.time, "monotonic", lambda: clock[0])
+    out = io.StringIO()
+    table = sweep_report.TrialTable(["learning_rate"], "eval/loss", "min", every_s=10, stream=out)
+    trials = [SimpleNamespace(last_result={}, status="RUNNING", config={"learning_rate": 0.003})]
+    table.on_step_end(0, trials)
+    assert out.getvalue().count("== sweep progress after 0 s: 1 running") == 1
+    for seconds in (10, 30, 59):  # results would print every 10 s; silence prints every 60 s
+        clock[0] = 1000.0 + seconds
+        table.on_step_end(1, trials)
+    assert out.getvalue().count("== sweep progress") == 1
+    clock[0] = 1061.0
+    table.on_step_end(2, trials)
+    assert "== sweep progress after 61 s: 1 running" in out.getvalue()
+    assert "0.003" in out.getvalue().splitlines()[-1]
