@@ -40,7 +40,7 @@ from components.schemas import (
     TuneConfig,
     span_count,
 )
-from components.tasks import task_type
+from components.tasks import TaskType, task_type
 
 CREDENTIALS_NEEDED = "credentials needed: "
 
@@ -85,6 +85,11 @@ class TaskSpec(BaseModel):
     tune: TuneConfig = Field(default_factory=TuneConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+
+
+def _type_of(task: TaskConfig | None) -> TaskType:
+    """A task's type; a config without task data fine-tunes the demo's sentence classifier."""
+    return task_type(task.type if task else "sequence_classification")
 
 
 def _merged(base: Any, override: Any) -> Any:
@@ -148,7 +153,7 @@ class PipelineConfig(BaseModel):
         sweeps = [("tune.metric", self.tune, self.data.task)]
         sweeps += [(f"tasks.{name}.tune.metric", spec.tune, spec.data) for name, spec in self.tasks.items()]
         for where, tune, task in sweeps:
-            kind = task_type(task.type if task else "sequence_classification")
+            kind = _type_of(task)
             if tune.metric is None:
                 tune.metric = f"eval/{kind.headline}"
             elif tune.metric.removeprefix("eval/") not in kind.reports:
@@ -199,8 +204,7 @@ class PipelineConfig(BaseModel):
     def registered_model_name(self) -> str:
         """The single task's registry name: the configured one, else `<name>-<what the model is>`
         (demo-classifier, conll2003-ner-tagger, squad-qa-reader, multi30k-en-de-translator)."""
-        kind = task_type(self.data.task.type if self.data.task else "sequence_classification")
-        return self.finetune.registered_model_name or f"{self.name}-{kind.model_noun}"
+        return self.finetune.registered_model_name or f"{self.name}-{_type_of(self.data.task).model_noun}"
 
     def uses_gpu(self) -> bool:
         """Whether any training stage (pre-training, a task's fine-tuning) asks for GPUs."""
