@@ -904,6 +904,17 @@ def _scheduler_problems(tune: TuneConfig) -> list[Problem]:
                 "set tune.pbt_interval < tune.max_epochs",
             )
         )
+    if tune.pbt_synchronous and tune.max_concurrent_trials < tune.samples():
+        problems.append(
+            Problem(
+                "tune.max_concurrent_trials",
+                tune.max_concurrent_trials,
+                f"synchronous PBT compares all {tune.samples()} trials at every interval, but a trial past the "
+                f"first {tune.max_concurrent_trials} starts only when one ends, after the last interval",
+                f"set tune.max_concurrent_trials={tune.samples()} (trials beyond the CPUs take turns) "
+                "or tune.pbt_synchronous=false",
+            )
+        )
     if tune.workers_per_trial > 1:
         problems.append(
             Problem(

@@ -223,7 +223,7 @@ def pbt(sweeps: Sweeps, asha: dict) -> str:
         # Asynchronous PBT exploits only when a weak trial reports while a better one still runs,
         # which depends on timing; synchronous PBT exploits the bottom quantile at every interval.
         "tune.pbt_synchronous=true",
-        "tune.max_concurrent_trials=2",
+        "tune.max_concurrent_trials=4",  # the whole population alive; trials beyond the CPUs take turns
         "tune.search_space={learning_rate: {type: loguniform, low: 1.0e-7, high: 3.0e-3}, "
         "weight_decay: {type: uniform, low: 0.0, high: 0.1}}",
     )
