@@ -12,6 +12,7 @@ Output folder:
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -84,11 +85,21 @@ def run(cfg: PretrainConfig, tokenized_uri: str, ctx: StageContext) -> StageResu
 
 def check_blocks_fill_a_step(cfg: PretrainConfig, blocks_dir: str) -> None:
     """Raise when the training blocks (those not held out for the eval loss) cannot fill one
-    step of every worker's micro-batch, the condition `_batches` would meet in the workers."""
+    step of every worker's micro-batch, the condition `_batches` would meet in the workers; warn
+    when eval_fraction of the blocks rounds down to none held out."""
     import pyarrow.dataset as pads
 
     blocks = pads.dataset(blocks_dir, format="parquet").count_rows()
-    training_blocks = blocks - _held_out(blocks, cfg.eval_fraction)
+    held_out = _held_out(blocks, cfg.eval_fraction)
+    if cfg.eval_fraction > 0 and held_out == 0 and blocks:
+        log.warning(
+            "pretrain: eval_fraction %g of %d blocks holds none out, so there is no eval loss; "
+            "set pretrain.eval_fraction to %g or more, or add corpus text",
+            cfg.eval_fraction,
+            blocks,
+            math.ceil(100 / blocks) / 100,  # rounded up: it holds out at least one block
+        )
+    training_blocks = blocks - held_out
     any_rank = training.Shard(0, cfg.workers.num_workers, cfg.batch_size_per_worker)
     if any_rank.batches_per_epoch(training_blocks) == 0:
         raise ValueError(_too_few_blocks(training_blocks, any_rank.world_size, any_rank.batch_size))

@@ -207,7 +207,9 @@ def test_shards_are_disjoint_and_equal() -> None:
     assert [len(shard.eval_rows(rows)) for shard in shards for rows in (0, 1)] == [0, 0, 0, 0]  # no eval, no error
 
 
-def test_a_corpus_too_small_for_one_step_is_refused_before_the_workers_start(tmp_path: Path) -> None:
+def test_a_corpus_too_small_for_one_step_is_refused_before_the_workers_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -219,6 +221,12 @@ def test_a_corpus_too_small_for_one_step_is_refused_before_the_workers_start(tmp
     check_blocks_fill_a_step(config, str(tmp_path))  # 12 - 1 held out: 11 blocks, a step takes 8
     with pytest.raises(ValueError, match="11 training blocks cannot fill one step of 2 workers x 6"):
         check_blocks_fill_a_step(config.model_copy(update={"batch_size_per_worker": 6}), str(tmp_path))
+    assert "no eval loss" not in caplog.text
+    check_blocks_fill_a_step(config.model_copy(update={"eval_fraction": 0.05}), str(tmp_path))  # 0.6 block
+    assert "eval_fraction 0.05 of 12 blocks holds none out, so there is no eval loss" in caplog.text
+    assert "set pretrain.eval_fraction to 0.09 or more" in caplog.text
+    check_blocks_fill_a_step(config.model_copy(update={"eval_fraction": 0.09}), str(tmp_path))
+    assert caplog.text.count("no eval loss") == 1  # 0.09 of 12 blocks holds one out
 
 
 def test_linear_schedule_warms_up_then_decays() -> None:
