@@ -69,7 +69,9 @@ STAGE = Stage(
     settings=_settings,
     run=_run,
     outputs=TuneOutputs,
-    not_in_key=("tune.trial_max_failures", "tune.progress_every_s"),
+    # A reused trial process builds its model, engine and RNG state from the trial's seed or
+    # checkpoint, as a new one does: reuse changes the sweep's wall time, not its results.
+    not_in_key=("tune.trial_max_failures", "tune.progress_every_s", "tune.reuse_actors"),
     reads=_reads,
     progress="trials",
     claims=lambda config: config.tune.resources(),

@@ -47,6 +47,14 @@ def test_key_ignores_settings_that_do_not_change_the_output() -> None:
         assert _key(changed) == base, path
 
 
+def test_a_sweep_key_ignores_how_its_trials_are_run_but_not_what_they_train() -> None:
+    sweep = {"tune": {"reuse_actors": True, "progress_every_s": 10, "max_epochs": 3}}
+    base = _key(sweep, {"prepare": "p"}, stages.BY_NAME["tune"])
+    for path, value in [("tune.reuse_actors", False), ("tune.progress_every_s", 1)]:
+        assert _key(_set(sweep, path, value), {"prepare": "p"}, stages.BY_NAME["tune"]) == base, path
+    assert _key(_set(sweep, "tune.max_epochs", 4), {"prepare": "p"}, stages.BY_NAME["tune"]) != base
+
+
 def test_key_changes_with_config_inputs_extras_and_code_version() -> None:
     base = _key(PRETRAIN)
     assert _key(_set(PRETRAIN, "learning_rate", 2e-3)) != base
