@@ -131,6 +131,8 @@ class TrialTable(ray.tune.Callback):
     def on_step_end(self, iteration, trials, **info) -> None:
         """Tune's loop turns often: between results (a first epoch can take minutes), the live
         table's clock moves on, and a log gets the table at least every `QUIET_TABLES` × every_s."""
+        if not trials:  # the searcher has made none yet
+            return
         if console.is_live():
             if time.monotonic() - self._shown >= 1:
                 self._show(trials)

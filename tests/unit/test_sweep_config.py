@@ -433,6 +433,8 @@ def test_the_trial_table_is_printed_while_no_trial_reports(monkeypatch: pytest.M
     monkeypatch.setattr(sweep_report.time, "monotonic", lambda: clock[0])
     out = io.StringIO()
     table = sweep_report.TrialTable(["learning_rate"], "eval/loss", "min", every_s=10, stream=out)
+    table.on_step_end(0, [])
+    assert out.getvalue() == ""  # no trial made yet: nothing to show
     trials = [SimpleNamespace(last_result={}, status="RUNNING", config={"learning_rate": 0.003})]
     table.on_step_end(0, trials)
     assert out.getvalue().count("== sweep progress after 0 s: 1 running") == 1
