@@ -97,13 +97,13 @@ def test_searcher_and_scheduler_rules(tmp_path: Path) -> None:
         "tune.workers_per_trial",
     } <= set(problems)
     assert "weight_decay" in problems["tune.pbt_mutations"]  # PBT perturbs it, but nothing defines its range
+    assert "unknown" not in str(problems)
     synchronous = {"scheduler": "pbt", "pbt_synchronous": True, "num_samples": 4, "pbt_mutations": ["learning_rate"]}
     synchronous["search_space"] = sampled
     problems = _problems(_with_tune(tmp_path, {**synchronous, "max_concurrent_trials": 2}))
     assert set(problems) == {"tune.max_concurrent_trials"}, problems
     assert "set tune.max_concurrent_trials=4" in problems["tune.max_concurrent_trials"]
     assert validate(_with_tune(tmp_path, {**synchronous, "max_concurrent_trials": 4})).tune.pbt_synchronous
-    assert "unknown" not in str(problems)
     with pytest.raises(ConfigError) as info:
         validate(_with_tune(tmp_path, {"scheduler": "bohb"}))
     assert info.value.problems[0].key == "tune.scheduler"
