@@ -7,15 +7,16 @@ The same 27 configs (3 learning rates x 3 weight decays x 3 dropouts, enumerated
   asha   ASHA stops weak configs at its rungs (grace 1 epoch, reduction factor --reduction).
 
 Both arms rank trials by --metric (default the validation loss: ASHA needs a metric without
-ties, and the accuracy on a small validation split ties often) and pick the best trial as the
-tune stage does. Reports each arm's pick (its validation accuracy and loss, its config), the best
-validation accuracy any of its trials reached, its compute in trial-epochs (sum over trials of
-the epochs each ran) and its wall time; then the accuracy gap between the two picks and ASHA's
-compute as a share of the grid's. Target: gap <= 1 accuracy point at <= 25% of the compute.
-The tokenize and pretrain stages run once (the first sweep) and are cache
-hits for the second.
+ties, and the accuracy on a small validation split ties often), equal values by --tie-break if
+given (`tune.tie_break`), and pick the best trial as the tune stage does. Reports each arm's
+pick (its validation accuracy and loss, its config), the best validation accuracy any of its
+trials reached, its compute in trial-epochs (sum over trials of the epochs each ran) and its wall
+time; then the accuracy gap between the two picks and ASHA's compute as a share of the grid's.
+Target: gap <= 1 accuracy point at <= 25% of the compute. The tokenize and pretrain stages run
+once (the first sweep) and are cache hits for the second.
 
-    python benchmarks/asha_vs_grid.py [--config configs/demo.yaml] [--epochs 9] [--json out.json] [OVERRIDES]
+    python benchmarks/asha_vs_grid.py [--config configs/demo.yaml] [--epochs 9] [--metric eval/accuracy]
+        [--tie-break eval/loss] [--json out.json] [OVERRIDES]
 
 The default is the demo data: on 2 CPU cores the 27 x 9 grid on rt-polarity would take hours.
 Another config (e.g. configs/rt_polarity.yaml) runs the same comparison on its data.
@@ -65,7 +66,8 @@ def sweep(config: str, storage: Path, overrides: list[str]) -> dict:
 
 def summarise(name: str, arm: dict, metric: str) -> dict:
     trials = [row for row in arm["trials"] if row["metric"] is not None]
-    pick = (max if metric.endswith("accuracy") else min)(trials, key=lambda row: row["metric"])
+    # The stage's pick: by each trial's rank (the metric with the tie-break) where it has one.
+    pick = (max if metric.endswith("accuracy") else min)(trials, key=lambda row: row.get("rank", row["metric"]))
     return {
         "arm": name,
         "trials": len(arm["trials"]),
@@ -90,6 +92,7 @@ def main() -> None:
     parser.add_argument("--reduction", type=int, default=3, help="ASHA reduction factor")
     parser.add_argument("--concurrency", type=int, default=2, help="trials at once")
     parser.add_argument("--metric", default="eval/loss", choices=("eval/loss", "eval/accuracy"))
+    parser.add_argument("--tie-break", choices=("eval/loss", "eval/accuracy"), help="orders trials equal on --metric")
     parser.add_argument("--storage", type=Path, help="keep the runs here (default: a temporary folder)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("overrides", nargs="*", help="config overrides for both arms, e.g. pretrain.max_steps=150")
@@ -100,6 +103,7 @@ def main() -> None:
         "tune.num_samples=1",
         f"tune.max_epochs={args.epochs}",
         f"tune.metric={args.metric}",
+        *([f"tune.tie_break={args.tie_break}"] if args.tie_break else []),
         f"tune.max_concurrent_trials={args.concurrency}",
         "tune.progress_every_s=60",
         grid_space(),
@@ -118,7 +122,7 @@ def main() -> None:
     share = rows[1]["trial_epochs"] / rows[0]["trial_epochs"]
     print(
         f"config: {args.config} {' '.join(args.overrides)}; 27 configs; budget {args.epochs} epochs; "
-        f"ASHA grace 1, reduction {args.reduction}"
+        f"ASHA grace 1, reduction {args.reduction}; ranked by {args.metric}, ties by {args.tie_break or 'none'}"
     )
     print(
         f"{'arm':<6}{'trials':>7}{'errors':>7}{'trial-epochs':>14}{'pick val acc':>14}{'pick val loss':>15}"

@@ -516,6 +516,11 @@ TuneMetric = Literal[
 ]
 
 
+def direction(metric: str | None) -> str:
+    """Whether a validation metric is better higher (max) or lower (min)."""
+    return "min" if metric == "eval/loss" else "max"
+
+
 class TuneConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     enabled: bool = Field(True, description="false skips the sweep: finetune uses finetune.defaults")
@@ -558,6 +563,12 @@ class TuneConfig(BaseModel):
         "sequence_classification, eval/f1 for token_classification (entity F1) and question_answering, "
         "eval/bleu for translation",
     )
+    tie_break: TuneMetric | None = Field(
+        None,
+        description="a second validation metric that orders trials equal on `metric`, e.g. eval/loss when ranking "
+        "on accuracy, which ties often on a small validation split (ties keep every tied trial past an ASHA rung); "
+        "used by the schedulers, for a trial's best epoch and for the best trial",
+    )
     max_concurrent_trials: int = Field(2, gt=0, description="trials at once; at most the CPUs you have")
     time_budget_s: float | None = Field(None, gt=0, description="stop the sweep after this many seconds")
     cpus_per_trial: float = Field(1, gt=0, description="CPUs per trial worker (= its torch threads)")
@@ -581,7 +592,7 @@ class TuneConfig(BaseModel):
 
     @property
     def mode(self) -> str:
-        return "min" if self.metric == "eval/loss" else "max"
+        return direction(self.metric)
 
     def samples(self) -> int:
         """num_samples, or its default: one pass over a grid, else 4 sampled trials."""

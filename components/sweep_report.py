@@ -55,10 +55,11 @@ def format_table(rows: list[dict], params: list[str], metric: str, *, best: str 
 
 
 def best_row(rows: list[dict], mode: str) -> dict | None:
+    """The best trial: by its `rank` (the metric with the sweep's tie-break) where rows have one."""
     scored = [row for row in rows if isinstance(row.get("metric"), (int, float)) and math.isfinite(row["metric"])]
     if not scored:
         return None
-    return (max if mode == "max" else min)(scored, key=lambda row: row["metric"])
+    return (max if mode == "max" else min)(scored, key=lambda row: row.get("rank", row["metric"]))
 
 
 # With no result for this many print intervals, the table is printed anyway (nothing else says the

@@ -45,7 +45,14 @@ from ray.tune.schedulers import (
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from components import accelerator, console, finetune, plots, sweep_report, training
-from components.schemas import INTEGER_HYPERPARAMETERS, DeepSpeedConfig, Distribution, Hyperparameters, TuneConfig
+from components.schemas import (
+    INTEGER_HYPERPARAMETERS,
+    DeepSpeedConfig,
+    Distribution,
+    Hyperparameters,
+    TuneConfig,
+    direction,
+)
 from components.stage import StageContext, StageResult, read_json, write_json
 from components.tasks import task_type
 from components.tracking import MlflowTracker, child_run_tags, open_child_run
@@ -170,10 +177,49 @@ def build_searcher(cfg: TuneConfig, seed: int):
 # --------------------------------------------------------------------------- the stage
 
 
+# What the schedulers and searchers compare when the sweep has a tie-break (see Ranking).
+RANK_KEY = "tune/rank"
+# The tie-break's weight: its bounded share stays below 1e-9, far under any step of a metric counted
+# on a validation split (1 / rows), so it orders equal values and never reorders different ones.
+TIE_WEIGHT = 1e-9
+
+
+class Ranking(BaseModel):
+    """How trials and epochs compare: by `metric`, equal values by `tie_break`. Tune's schedulers
+    take one number, so with a tie-break each result carries RANK_KEY: the metric plus a nudge
+    below TIE_WEIGHT in the direction the tie-break favours."""
+
+    metric: str
+    mode: str
+    tie_break: str | None = None
+
+    @classmethod
+    def of(cls, cfg: TuneConfig) -> Ranking:
+        return cls(metric=cfg.metric, mode=cfg.mode, tie_break=cfg.tie_break)
+
+    @property
+    def scheduler_metric(self) -> str:
+        return RANK_KEY if self.tie_break else self.metric
+
+    def value(self, metrics: dict) -> float | None:
+        primary = metrics.get(self.metric)
+        tie = metrics.get(self.tie_break) if self.tie_break else None
+        if not _finite(primary) or not _finite(tie):
+            return primary
+        towards = 1 if direction(self.tie_break) == self.mode else -1
+        return primary + towards * TIE_WEIGHT * tie / (1 + abs(tie))
+
+    def ranked(self, metrics: dict) -> dict:
+        """The metrics as reported to Tune: with RANK_KEY when there is a tie-break."""
+        value = self.value(metrics)
+        return {**metrics, RANK_KEY: value} if self.tie_break and _finite(value) else metrics
+
+
 class TrialSetup(BaseModel):
     """What every trial shares, handed to Ray as a dict."""
 
     base: finetune.ClassifierRun
+    ranking: Ranking
     tune_run_id: str
     experiment_id: str
     pipeline_run_id: str
@@ -211,6 +257,7 @@ def run(
             stage="tune",
             task_type=task,
         ),
+        ranking=Ranking.of(cfg),
         tune_run_id=ctx.mlflow_run_id,
         experiment_id=ctx.experiment_id,
         pipeline_run_id=ctx.pipeline_run_id,
@@ -314,7 +361,7 @@ def _new_tuner(cfg: TuneConfig, trainable: str, ctx: StageContext) -> ray.tune.T
         trainable,
         param_space=param_space(cfg),
         tune_config=ray.tune.TuneConfig(
-            metric=cfg.metric,
+            metric=Ranking.of(cfg).scheduler_metric,
             mode=cfg.mode,
             num_samples=cfg.samples(),
             max_concurrent_trials=None if isinstance(searcher, BasicVariantGenerator) else cfg.max_concurrent_trials,
@@ -371,7 +418,7 @@ def run_trial(hyper: dict, setup: dict) -> None:
         # The values this epoch trained with: PBT changes them between epochs.
         tracker.log_metrics({f"hyper/{name}": value for name, value in hyper.items()}, int(metrics["epoch"]))
         tracker.flush()
-        ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(checkpoint_dir))
+        ray.tune.report(trial.ranking.ranked(metrics), checkpoint=ray.tune.Checkpoint.from_directory(checkpoint_dir))
 
     finetune.fit_classifier(_classifier_run(trial, hyper, tracker.run_id), report=report, checkpoint=checkpoint)
     # A trial the scheduler stops never gets here; `_summarise` ends its run after the sweep.
@@ -397,7 +444,7 @@ def run_distributed_trial(hyper: dict, setup: dict) -> None:
             name=name,
             storage_path=trial.train_storage,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
-            callbacks=[_tune_report_callback()],
+            callbacks=[_tune_report_callback(trial.ranking)],
             worker_runtime_env={"env_vars": accelerator.deepspeed_env(trial.base.use_gpu)},
         ),
     )
@@ -405,10 +452,16 @@ def run_distributed_trial(hyper: dict, setup: dict) -> None:
     tracker.close("FINISHED")
 
 
-def _tune_report_callback():
+def _tune_report_callback(ranking: Ranking):
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    return TuneReportCallback()
+    class RankedReport(TuneReportCallback):
+        """Rank 0's metrics, as one-worker trials report them (with RANK_KEY under a tie-break)."""
+
+        def after_report(self, run_context, metrics, checkpoint):
+            super().after_report(run_context, [ranking.ranked(metrics[0]), *metrics[1:]], checkpoint)
+
+    return RankedReport()
 
 
 def _trial_name() -> str:
@@ -539,8 +592,13 @@ def _trial_row(result: ray.tune.Result, cfg: TuneConfig, run_ids: dict[str, str]
         "epochs": epochs,
         "best_epoch": int(judged.get("epoch", epochs)),
         "metric": judged.get(cfg.metric),
+        "rank": Ranking.of(cfg).value(judged),
         "config": plain({key: result.config.get(key) for key in cfg.search_space}),
-        "metrics": {key: value for key, value in judged.items() if isinstance(value, (int, float)) and "/" in key},
+        "metrics": {
+            key: value
+            for key, value in judged.items()
+            if isinstance(value, (int, float)) and "/" in key and key != RANK_KEY
+        },
         "error": str(result.error) if result.error else None,
         "mlflow_run_id": run_ids.get(name),
         "path": result.path,
@@ -556,13 +614,14 @@ def _history(result: ray.tune.Result) -> list[dict]:
 def judged_epoch(history: list[dict], last: dict, cfg: TuneConfig) -> dict:
     """The result a trial is ranked on: its best epoch, i.e. what its config reached, however long
     the scheduler let it run. Ranked on their last epochs, a trial that ran three epochs and overfit
-    in the third lost to trials stopped after their first. Under PBT a trial's epochs ran under
+    in the third lost to trials stopped after their first. Epochs equal on the metric are ordered
+    by the tie-break, if any. Under PBT a trial's epochs ran under
     several configs and only the last is its own: the last epoch."""
     scored = [row for row in history if _finite(row.get(cfg.metric))]
     if cfg.scheduler == "pbt" or not scored:
         return last
     pick = max if cfg.mode == "max" else min
-    return pick(scored, key=lambda row: row[cfg.metric])  # the earliest of equals
+    return pick(scored, key=Ranking.of(cfg).value)  # the earliest of equals
 
 
 def _finite(value) -> bool:

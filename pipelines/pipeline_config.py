@@ -159,6 +159,12 @@ class PipelineConfig(BaseModel):
             elif tune.metric.removeprefix("eval/") not in kind.reports:
                 reported = ", ".join(f"eval/{name}" for name in kind.reports)
                 raise ValueError(f"{where}: a {kind.name} task reports {reported}, not {tune.metric}")
+            tie_where = where.replace(".metric", ".tie_break")
+            if tune.tie_break is not None and tune.tie_break.removeprefix("eval/") not in kind.reports:
+                reported = ", ".join(f"eval/{name}" for name in kind.reports)
+                raise ValueError(f"{tie_where}: a {kind.name} task reports {reported}, not {tune.tie_break}")
+            if tune.tie_break == tune.metric:
+                raise ValueError(f"{tie_where}: {tune.tie_break} is tune.metric itself; a tie-break is another metric")
         return self
 
     @model_validator(mode="after")
@@ -350,6 +356,10 @@ def schema_problems(error: ValidationError) -> list[Problem]:
     return [_schema_problem(item) for item in error.errors()]
 
 
+# "Value error, tune.metric: a ... task reports ..." from a validator of the whole config.
+_KEYED_MESSAGE = re.compile(r"Value error, (?P<key>[A-Za-z_][\w.-]*): (?P<message>.*)", re.S)
+
+
 def _schema_problem(item: dict) -> Problem:
     loc = [str(part) for part in item["loc"] if not _is_union_tag(part) and part != "[key]"]
     key = ".".join(loc) or "CONFIG"
@@ -362,6 +372,9 @@ def _schema_problem(item: dict) -> Problem:
     if kind == "value_error" and CREDENTIALS_NEEDED in item["msg"]:
         message = item["msg"].split(CREDENTIALS_NEEDED, 1)[1]
         return Problem(key, value, message, "export MLFLOW_TRACKING_URI=<that URI, credentials included>, then retry")
+    keyed = _KEYED_MESSAGE.match(item["msg"]) if kind == "value_error" and not loc else None
+    if keyed:  # a check across keys (a model validator) names the key it is about; the value is the whole config
+        return Problem(keyed["key"], _MISSING, keyed["message"].rstrip("."), _fix_for(kind, {}))
     if kind == "value_error" and "config_file" in item["msg"] and isinstance(value, dict):
         return Problem(
             f"{key}.config_file",

@@ -260,6 +260,7 @@ def optuna_distributed(sweeps: Sweeps, asha: dict) -> str:
         "tune.workers_per_trial=2",
         "tune.max_concurrent_trials=1",
         "tune.median_min_samples=1",
+        "tune.tie_break=eval/accuracy",  # Optuna and the median rule compare the ranked value
         "tune.search_space={learning_rate: {type: loguniform, low: 1.0e-4, high: 3.0e-3}, "
         "dropout: {type: choice, values: [0.0, 0.1]}}",
     )
@@ -269,6 +270,10 @@ def test_optuna_trials_run_as_two_worker_trainers(sweeps: Sweeps, optuna_distrib
     trials = read_json(sweeps.tune_output(optuna_distributed) / "trials.json")
     assert len(trials) == 2 and all(row["status"] in ("completed", "stopped_early") for row in trials), trials
     assert all(row["metric"] is not None for row in trials)
+    # Tune compared the ranked value, which came through the trainers' report: the loss nudged by the accuracy.
+    for row in trials:
+        results = [json.loads(line) for line in (Path(row["path"]) / "result.json").read_text().splitlines()]
+        assert results and all(0 < abs(result["tune/rank"] - result["eval/loss"]) < 1e-9 for result in results)
     # Each trial was a Ray Train run of its own, with the workers' checkpoints.
     (trials_dir,) = (sweeps.storage / "ray_results").glob(f"{optuna_distributed}-tune-*-trials")
     train_runs = list(trials_dir.iterdir())

@@ -446,3 +446,45 @@ def test_the_trial_table_is_printed_while_no_trial_reports(monkeypatch: pytest.M
     table.on_step_end(2, trials)
     assert "== sweep progress after 61 s: 1 running" in out.getvalue()
     assert "0.003" in out.getvalue().splitlines()[-1]
+
+
+def test_ties_on_the_metric_are_broken_by_the_tie_break() -> None:
+    """Accuracy on a small validation split ties often, and ASHA keeps every trial tied at a rung's
+    cutoff; with a tie-break equal accuracies are ordered by it, different ones never reordered."""
+    from components import sweep_report
+    from components.tune import RANK_KEY, Ranking
+
+    by_accuracy = Ranking(metric="eval/accuracy", mode="max", tie_break="eval/loss")
+    lower_loss = by_accuracy.value({"eval/accuracy": 0.66, "eval/loss": 0.9})
+    higher_loss = by_accuracy.value({"eval/accuracy": 0.66, "eval/loss": 1.7})
+    one_in_a_million_better = by_accuracy.value({"eval/accuracy": 0.66 + 1e-6, "eval/loss": 1e6})
+    assert higher_loss < lower_loss < one_in_a_million_better
+    by_loss = Ranking(metric="eval/loss", mode="min", tie_break="eval/accuracy")
+    assert by_loss.value({"eval/loss": 0.5, "eval/accuracy": 0.9}) < by_loss.value(
+        {"eval/loss": 0.5, "eval/accuracy": 0.8}
+    )
+    assert by_accuracy.value({"eval/accuracy": 0.66}) == 0.66  # no tie-break value: the metric alone
+    assert RANK_KEY in by_accuracy.ranked({"eval/accuracy": 0.66, "eval/loss": 0.9})
+    assert Ranking(metric="eval/accuracy", mode="max").ranked({"eval/accuracy": 0.66}) == {"eval/accuracy": 0.66}
+
+    tied = [
+        {"epoch": 1, "eval/accuracy": 0.82, "eval/loss": 0.60},
+        {"epoch": 2, "eval/accuracy": 0.82, "eval/loss": 0.45},
+        {"epoch": 3, "eval/accuracy": 0.80, "eval/loss": 0.30},
+    ]
+    assert judged_epoch(tied, tied[-1], _sweep())["epoch"] == 1  # without: the earliest of equals
+    assert judged_epoch(tied, tied[-1], _sweep(tie_break="eval/loss"))["epoch"] == 2
+    rows = [
+        {"trial": "t1", "metric": 0.82, "rank": by_accuracy.value(tied[0])},
+        {"trial": "t2", "metric": 0.82, "rank": by_accuracy.value(tied[1])},
+    ]
+    assert sweep_report.best_row(rows, "max")["trial"] == "t2"
+
+
+def test_a_tie_break_is_another_metric_the_task_reports(tmp_path: Path) -> None:
+    assert validate(_with_tune(tmp_path, {"tie_break": "eval/loss"})).tune.tie_break == "eval/loss"
+    problems = _problems(_with_tune(tmp_path, {"tie_break": "eval/f1"}))
+    assert "reports eval/loss, eval/accuracy, not eval/f1" in problems["tune.tie_break"], problems
+    problems = _problems(_with_tune(tmp_path, {"metric": "eval/loss", "tie_break": "eval/loss"}))
+    assert set(problems) == {"tune.tie_break"}, problems  # named, without the whole config as its value
+    assert problems["tune.tie_break"].startswith("  - tune.tie_break: eval/loss is tune.metric itself")
