@@ -82,7 +82,7 @@ def sweep(
     reuse: bool,
     work: Path,
     tracking_uri: str,
-) -> float:
+) -> dict:
     cfg = TuneConfig(
         search="grid",
         scheduler="fifo",
@@ -110,7 +110,7 @@ def sweep(
         mlflow_run_id=run_id,
         seed=0,
     )
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     result = tune.run(
         cfg,
         str(pretrained),
@@ -121,7 +121,27 @@ def sweep(
     )
     seconds = time.perf_counter() - started
     assert result.metrics["tune/trials_completed"] == trials, result.metrics
-    return seconds
+    return {"wall_s": seconds, **where_the_time_went(client, experiment, run_id, started_at, seconds)}
+
+
+def where_the_time_went(client: MlflowClient, experiment: str, run_id: str, started_at: float, wall: float) -> dict:
+    """The sweep's time line from its trials' MLflow runs, which each trial opens once its process
+    has imported everything and closes when its last epoch is reported: the time before the first
+    trial's run opened (Tune's start, the first trial processes and their imports), the trials'
+    own spans, and the time after the last one closed (Tune's end, the table, the plot)."""
+    runs = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{run_id}'")
+    spans = sorted((run.info.start_time / 1000 - started_at, run.info.end_time / 1000 - started_at) for run in runs)
+    return {
+        "before_first_trial_s": spans[0][0],
+        "trial_spans_s": [end - start for start, end in spans],
+        "after_last_trial_s": wall - max(end for _, end in spans),
+        # A later trial waits for a slot: from the last run that closed before it opened, to its opening.
+        "gaps_between_trials_s": [
+            start - max(end for _, end in spans if end <= start)
+            for start, _ in spans
+            if any(end <= start for _, end in spans)
+        ],
+    }
 
 
 def main() -> None:
@@ -144,11 +164,11 @@ def main() -> None:
         work = Path(folder)
         tracking_uri = f"sqlite:///{work / 'mlflow.db'}"
         for reuse in (False, True):
-            seconds = sweep(
+            timeline = sweep(
                 pretrained, tokenized, args.epochs, args.trials, args.concurrency, reuse, work, tracking_uri
             )
-            rows.append({"reuse_actors": reuse, "wall_s": seconds, "overhead": seconds / ideal - 1})
-            print(f"sweep reuse_actors={reuse}: {seconds:.1f} s", flush=True)
+            rows.append({"reuse_actors": reuse, **timeline, "overhead": timeline["wall_s"] / ideal - 1})
+            print(f"sweep reuse_actors={reuse}: {timeline['wall_s']:.1f} s", flush=True)
     print(
         f"\n{args.trials} trials x {args.epochs} epochs (demo fine-tuning, batch {BATCH}, 1 thread each), "
         f"concurrency {args.concurrency}"
@@ -162,6 +182,13 @@ def main() -> None:
         print(
             f"sweep, reuse_actors={str(row['reuse_actors']).lower():<5}: wall {row['wall_s']:.1f} s, "
             f"overhead {row['overhead']:+.1%} (target <= 15%: {verdict})"
+        )
+        spans, gaps = row["trial_spans_s"], row["gaps_between_trials_s"] or [0.0]
+        print(
+            f"  before the first trial's run opened {row['before_first_trial_s']:.1f} s; trial runs "
+            f"{statistics.mean(spans):.1f} s mean ({min(spans):.1f}-{max(spans):.1f}, bare runs "
+            f"{statistics.mean(bare):.1f}); gap from a closed run to the next opened {statistics.mean(gaps):.1f} s "
+            f"mean; after the last closed {row['after_last_trial_s']:.1f} s"
         )
     if args.json:
         args.json.write_text(
