@@ -92,7 +92,13 @@ def test_a_trial_run_records_the_config_its_epochs_trained_with(store, tmp_path:
         deepspeed=DeepSpeedConfig(),
         tracking_uri=uri,
     )
-    setup = tune.TrialSetup(base=base, tune_run_id=parent, experiment_id=experiment, pipeline_run_id="p1")
+    setup = tune.TrialSetup(
+        base=base,
+        ranking=tune.Ranking(metric="eval/accuracy", mode="max"),
+        tune_run_id=parent,
+        experiment_id=experiment,
+        pipeline_run_id="p1",
+    )
     first, exploited = {"learning_rate": 1e-3}, {"learning_rate": 1.2e-3}
     tracker = tune.open_trial_run(setup, "trial_0", first)
     run_id = tracker.run_id
