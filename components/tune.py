@@ -615,8 +615,8 @@ def judged_epoch(history: list[dict], last: dict, cfg: TuneConfig) -> dict:
     """The result a trial is ranked on: its best epoch, i.e. what its config reached, however long
     the scheduler let it run. Ranked on their last epochs, a trial that ran three epochs and overfit
     in the third lost to trials stopped after their first. Epochs equal on the metric are ordered
-    by the tie-break, if any. Under PBT a trial's epochs ran under
-    several configs and only the last is its own: the last epoch."""
+    by the tie-break, if any. Under PBT a trial's epochs ran under several configs and only the
+    last is its own: the last epoch."""
     scored = [row for row in history if _finite(row.get(cfg.metric))]
     if cfg.scheduler == "pbt" or not scored:
         return last
