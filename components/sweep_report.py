@@ -3,7 +3,8 @@ tune stage logs to its MLflow run. Plain functions over trial rows (dicts), so t
 `ptft sweep` share them.
 
 A trial row: {"trial": name, "status": "running"|"completed"|"stopped_early"|"error"|...,
-"epochs": int, "metric": float | None (at "best_epoch" when the row has one), "config": {hyperparameter: value}, ...}.
+"epochs": int, "metric": float | None (at "best_epoch" when the row has one), "rank": the metric with the
+sweep's tie-break (optional), "config": {hyperparameter: value}, ...}.
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ from typing import Any, TextIO
 import ray.tune
 
 from components import console, metrics, plots
+
+# What a result's metric is worth with the sweep's tie-break (components.tune.Ranking); results of
+# a sweep without one do not carry it.
+RANK_KEY = "tune/rank"
 
 
 def _number(value: Any) -> str:
@@ -99,6 +104,7 @@ class TrialTable(ray.tune.Callback):
                     "status": trial.status.lower(),
                     "epochs": int(result.get("epoch", 0)),
                     "metric": result.get(self.metric),
+                    "rank": result.get(RANK_KEY, result.get(self.metric)),
                     "config": {name: trial.config.get(name) for name in self.params},
                 }
             )

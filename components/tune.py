@@ -178,7 +178,7 @@ def build_searcher(cfg: TuneConfig, seed: int):
 
 
 # What the schedulers and searchers compare when the sweep has a tie-break (see Ranking).
-RANK_KEY = "tune/rank"
+RANK_KEY = sweep_report.RANK_KEY
 # The tie-break's weight: its bounded share stays below 1e-9, far under any step of a metric counted
 # on a validation split (1 / rows), so it orders equal values and never reorders different ones.
 TIE_WEIGHT = 1e-9

@@ -480,6 +480,16 @@ def test_ties_on_the_metric_are_broken_by_the_tie_break() -> None:
     ]
     assert sweep_report.best_row(rows, "max")["trial"] == "t2"
 
+    # The live table marks the same trial: its rows take the rank each result carries.
+    from types import SimpleNamespace
+
+    live = [
+        SimpleNamespace(last_result=by_accuracy.ranked(result), status="RUNNING", config={}, trial_id=name)
+        for name, result in (("t1", tied[0]), ("t2", tied[1]))
+    ]
+    table = sweep_report.TrialTable([], "eval/accuracy", "max", every_s=10)
+    assert sweep_report.best_row(table._rows(live), "max")["rank"] == by_accuracy.value(tied[1])
+
 
 def test_a_tie_break_is_another_metric_the_task_reports(tmp_path: Path) -> None:
     assert validate(_with_tune(tmp_path, {"tie_break": "eval/loss"})).tune.tie_break == "eval/loss"
