@@ -149,22 +149,22 @@ class PipelineConfig(BaseModel):
     @model_validator(mode="after")
     def _tune_metric_of_the_task_type(self) -> PipelineConfig:
         """The sweep optimises the task type's headline metric unless it says otherwise, and only
-        a metric that task type reports."""
-        sweeps = [("tune.metric", self.tune, self.data.task)]
-        sweeps += [(f"tasks.{name}.tune.metric", spec.tune, spec.data) for name, spec in self.tasks.items()]
+        a metric that task type reports; a tie-break is another metric it reports."""
+        sweeps = [("tune", self.tune, self.data.task)]
+        sweeps += [(f"tasks.{name}.tune", spec.tune, spec.data) for name, spec in self.tasks.items()]
         for where, tune, task in sweeps:
             kind = _type_of(task)
             if tune.metric is None:
                 tune.metric = f"eval/{kind.headline}"
-            elif tune.metric.removeprefix("eval/") not in kind.reports:
-                reported = ", ".join(f"eval/{name}" for name in kind.reports)
-                raise ValueError(f"{where}: a {kind.name} task reports {reported}, not {tune.metric}")
-            tie_where = where.replace(".metric", ".tie_break")
-            if tune.tie_break is not None and tune.tie_break.removeprefix("eval/") not in kind.reports:
-                reported = ", ".join(f"eval/{name}" for name in kind.reports)
-                raise ValueError(f"{tie_where}: a {kind.name} task reports {reported}, not {tune.tie_break}")
+            for field in ("metric", "tie_break"):
+                value = getattr(tune, field)
+                if value is not None and value.removeprefix("eval/") not in kind.reports:
+                    reported = ", ".join(f"eval/{name}" for name in kind.reports)
+                    raise ValueError(f"{where}.{field}: a {kind.name} task reports {reported}, not {value}")
             if tune.tie_break == tune.metric:
-                raise ValueError(f"{tie_where}: {tune.tie_break} is tune.metric itself; a tie-break is another metric")
+                raise ValueError(
+                    f"{where}.tie_break: {tune.tie_break} is tune.metric itself; a tie-break is another metric"
+                )
         return self
 
     @model_validator(mode="after")
