@@ -499,7 +499,7 @@ def _default_space() -> dict[str, Distribution]:
     }
 
 
-Scheduler = Literal["asha", "hyperband", "median", "pbt", "fifo"]
+Scheduler = Literal["asha", "sha", "hyperband", "median", "pbt", "fifo"]
 SearchAlgorithm = Literal["random", "grid", "optuna"]
 
 
@@ -531,7 +531,9 @@ class TuneConfig(BaseModel):
     )
     scheduler: Scheduler = Field(
         "asha",
-        description="asha: successive halving, stops weak trials at rungs; hyperband: synchronous brackets; "
+        description="asha: successive halving, stops weak trials at rungs as they reach them; sha: synchronous "
+        "successive halving, every trial waits at each rung until all are there, then the best continue "
+        "(needs max_concurrent_trials = num_samples); hyperband: synchronous brackets; "
         "median: stops a trial below the median of the others; pbt: population based training, "
         "weak trials continue from a strong one's checkpoint with perturbed learning rate and weight decay; "
         "fifo: no early stopping",
@@ -543,8 +545,8 @@ class TuneConfig(BaseModel):
         "Default: 1 when the space has grid dimensions (or search=grid), else 4",
     )
     max_epochs: int = Field(3, gt=0, description="epochs of the longest trial (the schedulers' max_t)")
-    grace_period: int = Field(1, gt=0, description="epochs every trial gets before asha/median may stop it")
-    reduction_factor: int = Field(2, ge=2, description="asha/hyperband keep 1/reduction_factor at each rung")
+    grace_period: int = Field(1, gt=0, description="epochs every trial gets before asha/sha/median may stop it")
+    reduction_factor: int = Field(2, ge=2, description="asha/sha/hyperband keep 1/reduction_factor at each rung")
     median_min_samples: int = Field(2, gt=0, description="median: trials needed before it compares")
     pbt_interval: int = Field(1, gt=0, description="pbt: epochs between exploit/explore steps")
     pbt_quantile: float = Field(0.25, gt=0, le=0.5, description="pbt: share of trials that copy the top ones")
@@ -601,9 +603,17 @@ class TuneConfig(BaseModel):
         gridded = self.search == "grid" or any(dist.type == "grid" for dist in self.search_space.values())
         return 1 if gridded else 4
 
+    def trials(self) -> int:
+        """How many trials the sweep runs: samples() times every enumerated grid combination."""
+        combinations = 1
+        for dist_ in self.search_space.values():
+            if dist_.type == "grid" or (dist_.type == "choice" and self.search == "grid"):
+                combinations *= len(dist_.values or [])
+        return self.samples() * combinations
+
     def resources(self) -> dict[str, float]:
         """What the sweep holds of the cluster with its trials all running."""
-        trials = min(self.max_concurrent_trials, self.samples())
+        trials = min(self.max_concurrent_trials, self.trials())
         per_worker = {"CPU": self.cpus_per_trial, "GPU": self.gpus_per_trial}
         return {name: trials * self.workers_per_trial * amount for name, amount in per_worker.items() if amount}
 

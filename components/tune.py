@@ -1,8 +1,9 @@
 """Stage 3, tune: a Ray Tune sweep over fine-tuning hyperparameters.
 
 Search: random sampling (grid dimensions enumerated), a full grid, or Optuna's TPE. Schedulers:
-ASHA (default), HyperBand, median stopping, PBT (perturbs learning rate and weight decay and hands
-a strong trial's checkpoint to a weak one), or none. Budgets: trials, concurrency, a time limit.
+ASHA (default), synchronous successive halving, HyperBand, median stopping, PBT (perturbs
+learning rate and weight decay and hands a strong trial's checkpoint to a weak one), or none.
+Budgets: trials, concurrency, a time limit.
 
 A trial runs the fine-tuning loop (`finetune.fit_classifier`, imported, not copied) in its own
 process on a one-rank DeepSpeed group, or, with `workers_per_trial` > 1, as a `TorchTrainer` of
@@ -35,6 +36,7 @@ import ray.train
 import ray.tune
 from pydantic import BaseModel
 from ray.train.torch import TorchTrainer
+from ray.tune.experiment import Trial
 from ray.tune.schedulers import (
     ASHAScheduler,
     FIFOScheduler,
@@ -42,6 +44,7 @@ from ray.tune.schedulers import (
     MedianStoppingRule,
     PopulationBasedTraining,
 )
+from ray.tune.schedulers.hyperband import _Bracket
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from components import accelerator, console, finetune, plots, sweep_report, training
@@ -135,6 +138,81 @@ class ResumableASHA(ASHAScheduler):
             recorded[trial.trial_id] = self._metric_op * result[self._metric]
 
 
+class SynchronousHalving(HyperBandScheduler):
+    """Successive halving with synchronous rungs: every trial trains `grace_period` epochs and waits
+    there (paused, its CPU handed to the next trial) until all have; then the best
+    1/`reduction_factor` (rounded up) continue to the next rung, `reduction_factor` times further,
+    and the rest stop; up to `max_t`. Unlike ASHA, a rung's cut is made once, over every trial.
+
+    Ray's HyperBand with one bracket that holds every trial (its own spreads them over brackets
+    of different grace periods). A restored sweep starts the bracket again with the trials still
+    alive: each is compared at its next result past the rung it waits for."""
+
+    def __init__(self, *, max_t: int, grace_period: int, reduction_factor: int, trials: int):
+        super().__init__(time_attr="epoch", max_t=max_t, reduction_factor=reduction_factor)
+        self._grace_period = grace_period
+        self._trials = trials
+
+    def halvings(self) -> int:
+        """The rungs below max_t, where trials are cut."""
+        count, rung = 0, self._grace_period
+        while rung < self._max_t_attr:
+            count, rung = count + 1, rung * self._eta
+        return count
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        if not self._metric or not self._metric_op:
+            raise ValueError("SynchronousHalving needs the sweep's metric and mode")
+        if self._state["bracket"] is None:
+            bracket = _Bracket(
+                time_attr=self._time_attr,
+                max_trials=self._trials,
+                init_t_attr=self._grace_period,
+                max_t_attr=self._max_t_attr,
+                eta=self._eta,
+                s=self.halvings(),
+            )
+            self._hyperbands, self._state["bracket"] = [[bracket]], bracket
+        if trial.status in (Trial.TERMINATED, Trial.ERROR):
+            return  # a restored sweep's ended trial: nothing left to compare
+        self._state["bracket"].add_trial(trial)
+        self._trial_info[trial] = self._state["bracket"], 0
+
+    def on_trial_remove(self, tune_controller, trial) -> None:
+        """A trial that ended (its last epoch done, an error, a stop) no longer holds up its rung.
+        Ray's HyperBand looks at the bracket again on a removal only until its first cut (it never
+        clears `is_being_processed`): a trial ending by itself at the last rung would leave the
+        ones paused there waiting for good."""
+        if trial not in self._trial_info:
+            return  # a restored sweep's ended trial, never added
+        bracket, _ = self._trial_info[trial]
+        bracket.cleanup_trial(trial)
+        waiting = bracket.current_trials()
+        if not waiting or not bracket.cur_iter_done():
+            return
+        if not bracket.finished():
+            self._process_bracket(tune_controller, bracket)
+            return
+        for other in waiting:
+            if other.status == Trial.PAUSED or other.is_saving:
+                tune_controller.stop_trial(other)
+
+    def choose_trial_to_run(self, tune_controller):
+        """A trial let past a rung first, then a new one. HyperBand's own choice returns the first
+        PENDING trial again and again until it runs, and Tune starts one chosen trial per step:
+        the survivors of a rung would go on one at a time while the other CPUs idle."""
+        bracket = self._state["bracket"]
+        waiting = bracket.current_trials() if bracket is not None else []
+        for wanted in (
+            lambda t: t.status == Trial.PAUSED and t in bracket.trials_to_unpause,
+            lambda t: t.status == Trial.PENDING,
+        ):
+            chosen = next((trial for trial in waiting if wanted(trial)), None)
+            if chosen is not None:
+                return chosen
+        return None
+
+
 def build_scheduler(cfg: TuneConfig):
     """The trial scheduler; every one counts time in epochs."""
     if cfg.scheduler == "asha":
@@ -143,6 +221,13 @@ def build_scheduler(cfg: TuneConfig):
             max_t=cfg.max_epochs,
             grace_period=cfg.grace_period,
             reduction_factor=cfg.reduction_factor,
+        )
+    if cfg.scheduler == "sha":
+        return SynchronousHalving(
+            max_t=cfg.max_epochs,
+            grace_period=cfg.grace_period,
+            reduction_factor=cfg.reduction_factor,
+            trials=cfg.trials(),
         )
     if cfg.scheduler == "hyperband":
         return HyperBandScheduler(time_attr="epoch", max_t=cfg.max_epochs, reduction_factor=cfg.reduction_factor)

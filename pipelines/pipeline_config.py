@@ -815,7 +815,31 @@ def _tune_problems(tune: TuneConfig) -> list[Problem]:
     for name, dimension in tune.search_space.items():
         problems += _dimension_problems(f"tune.search_space.{name}", name, dimension, tune.search)
     problems += _scheduler_problems(tune)
+    problems += _synchronous_problems(tune)
     return problems
+
+
+# Schedulers whose trials wait for each other, and the setting that lets them not wait.
+_SYNCHRONOUS = {"sha": "tune.scheduler=asha", "hyperband": "tune.scheduler=asha", "pbt": "tune.pbt_synchronous=false"}
+
+
+def _synchronous_problems(tune: TuneConfig) -> list[Problem]:
+    """A waiting (paused) trial still counts against the concurrency limit: with fewer slots than
+    trials, the rest start only when the first ones end, and are never compared with them."""
+    synchronous = tune.scheduler in ("sha", "hyperband") or (tune.scheduler == "pbt" and tune.pbt_synchronous)
+    if not synchronous or tune.max_concurrent_trials >= tune.trials():
+        return []
+    compared = "at every interval" if tune.scheduler == "pbt" else "at every rung"
+    return [
+        Problem(
+            "tune.max_concurrent_trials",
+            tune.max_concurrent_trials,
+            f"synchronous {tune.scheduler} compares all {tune.trials()} trials {compared}, but a trial past the "
+            f"first {tune.max_concurrent_trials} starts only when one ends, after the comparisons",
+            f"set tune.max_concurrent_trials={tune.trials()} (trials beyond the CPUs take turns) "
+            f"or {_SYNCHRONOUS[tune.scheduler]}",
+        )
+    ]
 
 
 def _dimension_problems(key: str, name: str, dimension: Distribution, search: str) -> list[Problem]:
@@ -915,17 +939,6 @@ def _scheduler_problems(tune: TuneConfig) -> list[Problem]:
                 tune.pbt_interval,
                 f"PBT never acts: no trial runs past tune.max_epochs ({tune.max_epochs})",
                 "set tune.pbt_interval < tune.max_epochs",
-            )
-        )
-    if tune.pbt_synchronous and tune.max_concurrent_trials < tune.samples():
-        problems.append(
-            Problem(
-                "tune.max_concurrent_trials",
-                tune.max_concurrent_trials,
-                f"synchronous PBT compares all {tune.samples()} trials at every interval, but a trial past the "
-                f"first {tune.max_concurrent_trials} starts only when one ends, after the last interval",
-                f"set tune.max_concurrent_trials={tune.samples()} (trials beyond the CPUs take turns) "
-                "or tune.pbt_synchronous=false",
             )
         )
     if tune.workers_per_trial > 1:

@@ -7,6 +7,8 @@
    checkpoint with perturbed learning rate and weight decay, in their own MLflow run. Trial
    processes are reused (the default), so a restarted trial runs in a finished one's process.
 3. Optuna TPE with median stopping, each trial a two-worker TorchTrainer.
+4. Synchronous successive halving over the same grid: every trial trains to the rung and waits
+   there, paused; then the better half continues from the checkpoint it paused at.
 """
 
 from __future__ import annotations
@@ -281,3 +283,42 @@ def test_optuna_trials_run_as_two_worker_trainers(sweeps: Sweeps, optuna_distrib
     assert all(list(run.glob("checkpoint_*")) for run in train_runs)
     for trial in sweeps.runs(optuna_distributed, "tune-trial"):
         assert sweeps.history(trial.info.run_id, "eval/accuracy")  # rank 0 logged into the trial's run
+
+
+@pytest.fixture(scope="module")
+def sha(sweeps: Sweeps, asha: dict) -> str:
+    return sweeps.run(
+        "tune.scheduler=sha",
+        "tune.max_epochs=2",
+        "tune.reduction_factor=2",
+        "tune.max_concurrent_trials=4",  # every trial admitted; the CPUs train two, the others wait paused
+    )
+
+
+def test_synchronous_halving_cuts_once_every_trial_reached_the_rung(sweeps: Sweeps, sha: str) -> None:
+    trials = read_json(sweeps.tune_output(sha) / "trials.json")
+    assert len(trials) == len(GRID)
+    results = {
+        row["trial"]: [json.loads(line) for line in (Path(row["path"]) / "result.json").read_text().splitlines()]
+        for row in trials
+    }
+    first_epoch = {trial: next(r for r in rows if r["epoch"] == 1) for trial, rows in results.items()}
+    better_half = sorted(first_epoch, key=lambda trial: first_epoch[trial]["eval/loss"])[: len(GRID) // 2]
+    epochs = {row["trial"]: row["epochs"] for row in trials}
+    assert {trial for trial, ran in epochs.items() if ran == 2} == set(better_half), epochs
+    assert sorted(epochs.values()) == [1, 1, 2, 2]
+    statuses = {row["trial"]: row["status"] for row in trials}
+    assert {statuses[trial] for trial in better_half} == {"completed"}
+    assert {status for trial, status in statuses.items() if trial not in better_half} == {"stopped_early"}
+    # Synchronous: no trial trained its second epoch before every trial had finished its first.
+    last_first = max(result["timestamp"] for result in first_epoch.values())
+    seconds = [r["timestamp"] - r["time_this_iter_s"] for t in better_half for r in results[t] if r["epoch"] == 2]
+    assert min(seconds) >= last_first - 1, (seconds, last_first)
+    # A survivor that waited at the rung continued from the checkpoint it paused at, in its own
+    # MLflow run, no epoch twice (the one whose result completed the rung may go straight on).
+    restored = []
+    for trial in sweeps.runs(sha, "tune-trial"):
+        if trial.data.tags["ptft.trial"] in better_half:
+            assert sorted(sweeps.history(trial.info.run_id, "eval/loss")) == [1, 2]
+            restored.append(sweeps.history(trial.info.run_id, "restore/loaded_epoch"))
+    assert {1: 1} in restored and all(loaded in ({}, {1: 1}) for loaded in restored), restored

@@ -104,6 +104,22 @@ def test_searcher_and_scheduler_rules(tmp_path: Path) -> None:
     assert set(problems) == {"tune.max_concurrent_trials"}, problems
     assert "set tune.max_concurrent_trials=4" in problems["tune.max_concurrent_trials"]
     assert validate(_with_tune(tmp_path, {**synchronous, "max_concurrent_trials": 4})).tune.pbt_synchronous
+    for scheduler, other in (("sha", "tune.scheduler=asha"), ("hyperband", "tune.scheduler=asha")):
+        halving = {"scheduler": scheduler, "num_samples": 6, "max_epochs": 4, "search_space": sampled}
+        problems = _problems(_with_tune(tmp_path, halving))  # max_concurrent_trials defaults to 2
+        assert set(problems) == {"tune.max_concurrent_trials"}, problems
+        assert "set tune.max_concurrent_trials=6" in problems["tune.max_concurrent_trials"]
+        assert other in problems["tune.max_concurrent_trials"]
+        assert validate(_with_tune(tmp_path, {**halving, "max_concurrent_trials": 6})).tune.scheduler == scheduler
+    # A grid's trials are every combination, num_samples times: 2 x 3 x 2 = 12 here.
+    grid = {**grid_dim, "weight_decay": {"type": "choice", "values": [0.0, 0.01, 0.1]}}
+    gridded = {"scheduler": "sha", "search": "grid", "num_samples": 2, "max_epochs": 4, "search_space": grid}
+    problems = _problems(_with_tune(tmp_path, {**gridded, "max_concurrent_trials": 6}))
+    assert "set tune.max_concurrent_trials=12" in problems["tune.max_concurrent_trials"]
+    assert validate(_with_tune(tmp_path, {**gridded, "max_concurrent_trials": 12})).tune.trials() == 12
+    assert (
+        validate(_with_tune(tmp_path, {**gridded, "search": "random", "max_concurrent_trials": 4})).tune.trials() == 4
+    )
     with pytest.raises(ConfigError) as info:
         validate(_with_tune(tmp_path, {"scheduler": "bohb"}))
     assert info.value.problems[0].key == "tune.scheduler"
@@ -171,6 +187,7 @@ def test_dimensions_become_tune_domains() -> None:
     "name, kind",
     [
         ("asha", "AsyncHyperBandScheduler"),
+        ("sha", "HyperBandScheduler"),
         ("hyperband", "HyperBandScheduler"),
         ("median", "MedianStoppingRule"),
         ("pbt", "PopulationBasedTraining"),
@@ -188,6 +205,132 @@ def test_schedulers_count_epochs(name: str, kind: str) -> None:
         assert set(scheduler._hyperparam_mutations) == {"learning_rate", "weight_decay"}
         assert not scheduler._synch
         assert tune.build_scheduler(TuneConfig(scheduler=name, max_epochs=4, pbt_synchronous=True))._synch
+
+
+class _Trial:
+    """What SynchronousHalving reads of a Tune trial, and what the controller's actions set."""
+
+    def __init__(self, name: str, status: str = "RUNNING"):
+        self.trial_id, self.status, self.is_saving = name, status, False
+
+    def __repr__(self) -> str:
+        return self.trial_id
+
+
+class _Controller:
+    """Tune's controller as the scheduler meets it: stopping a waiting trial removes it."""
+
+    def __init__(self, scheduler=None):
+        self.scheduler = scheduler
+
+    def stop_trial(self, trial: _Trial) -> None:
+        if self.scheduler is not None:
+            self.scheduler.on_trial_remove(self, trial)
+        trial.status = "TERMINATED"
+
+
+def _run_halving(scheduler, trials: list[_Trial], loss, run_at_once: int = 2) -> dict[str, int]:
+    """Drives the scheduler as Tune does with `run_at_once` CPUs: the trials it may run train one
+    epoch at a time (loss(trial, epoch)); returns the epochs each trained."""
+    from ray.tune.schedulers import TrialScheduler
+
+    controller, epochs = _Controller(scheduler), {trial.trial_id: 0 for trial in trials}
+    scheduler.set_search_properties("eval/loss", "min")
+    for trial in trials:
+        if trial.status != "TERMINATED":
+            trial.status = "PENDING"
+        scheduler.on_trial_add(controller, trial)
+    while True:
+        runnable = [t for t in trials if t.status == "PENDING"][:run_at_once]
+        runnable += [t for t in trials if t.status == "PAUSED" and scheduler.choose_trial_to_run(controller) is t][:1]
+        if not runnable:
+            break
+        for trial in runnable:
+            trial.status = "RUNNING"
+            epochs[trial.trial_id] += 1
+            result = {"epoch": epochs[trial.trial_id], "eval/loss": loss(trial.trial_id, epochs[trial.trial_id])}
+            action = scheduler.on_trial_result(controller, trial, result)
+            if action == TrialScheduler.PAUSE:
+                trial.status = "PAUSED"
+            elif action == TrialScheduler.STOP:
+                trial.status = "TERMINATED"
+                scheduler.on_trial_complete(controller, trial, result)
+            else:
+                trial.status = "PENDING"  # continues: trains its next epoch
+        for trial in trials:  # a trial the scheduler unpaused is picked to run again
+            if trial.status == "PAUSED" and trial in scheduler._state["bracket"].trials_to_unpause:
+                trial.status = "PENDING"
+    return epochs
+
+
+def test_synchronous_halving_cuts_once_every_trial_reached_the_rung() -> None:
+    """27 trials, grace 1, reduction 4, 9 epochs: all train epoch 1 (two at a time, the others
+    waiting paused); the best 7 (27/4 rounded up) train to epoch 4; the best 2 of those to 9.
+    A late starter with the best epoch-1 loss is compared with the rest, as ASHA would not."""
+    from components import tune
+
+    config = TuneConfig(scheduler="sha", num_samples=27, max_epochs=9, grace_period=1, reduction_factor=4)
+    scheduler = tune.build_scheduler(config)
+    assert scheduler.halvings() == 2
+    trials = [_Trial(f"t{index:02d}") for index in range(27)]
+
+    # t26 starts last and is best at every epoch; otherwise a lower index is better, but t00 and
+    # t01 fall behind after epoch 1: the epoch-4 rung ranks the survivors again.
+    def loss(name: str, epoch: int) -> float:
+        index = int(name[1:])
+        if index == 26:
+            return 0.1
+        if epoch > 1 and index <= 1:
+            return 5.0 + index
+        return 1.0 + index / 100
+
+    epochs = _run_halving(scheduler, trials, loss)
+    assert sum(epochs.values()) == 27 * 1 + 7 * 3 + 2 * 5
+    assert {name for name, ran in epochs.items() if ran == 9} == {"t26", "t02"}
+    assert {name for name, ran in epochs.items() if ran == 4} == {"t00", "t01", "t03", "t04", "t05"}
+    assert all(ran == 1 for name, ran in epochs.items() if int(name[1:]) in range(6, 26))
+
+
+def test_a_restored_synchronous_sweep_leaves_out_its_ended_trials() -> None:
+    """Tune adds a restored sweep's trials back, the ended ones too: those never report again, and
+    a bracket waiting for them would pause the live ones for good."""
+    from components import tune
+
+    config = TuneConfig(scheduler="sha", num_samples=4, max_epochs=2, grace_period=1, reduction_factor=2)
+    scheduler = tune.build_scheduler(config)
+    ended, live = _Trial("a", status="TERMINATED"), [_Trial(name) for name in "bcd"]
+    epochs = _run_halving(scheduler, [ended, *live], lambda name, epoch: {"b": 0.5, "c": 0.7, "d": 0.9}[name])
+    assert epochs == {"a": 0, "b": 2, "c": 2, "d": 1}  # 4 trials planned: the best 2 go on
+    scheduler.on_trial_remove(_Controller(), ended)  # Tune may report it removed: nothing to do
+
+
+def test_a_trial_ending_by_itself_at_the_last_rung_releases_the_ones_waiting_there() -> None:
+    """b's function returns after its last epoch, so Tune reports it complete, not a result: a,
+    paused at that rung for b, must end too (the integration sweep hung here before)."""
+    from ray.tune.schedulers import TrialScheduler
+
+    from components import tune
+
+    scheduler = tune.build_scheduler(
+        TuneConfig(scheduler="sha", num_samples=4, max_epochs=2, grace_period=1, reduction_factor=2)
+    )
+    scheduler.set_search_properties("eval/loss", "min")
+    controller = _Controller(scheduler)
+    a, b, c, d = trials = [_Trial(name, status="PENDING") for name in "abcd"]
+    for trial in trials:
+        scheduler.on_trial_add(controller, trial)
+    for trial, loss in ((a, 0.1), (b, 0.2), (c, 0.3)):
+        trial.status = "RUNNING"
+        assert scheduler.on_trial_result(controller, trial, {"epoch": 1, "eval/loss": loss}) == TrialScheduler.PAUSE
+        trial.status = "PAUSED"
+    d.status = "RUNNING"
+    assert scheduler.on_trial_result(controller, d, {"epoch": 1, "eval/loss": 0.4}) == TrialScheduler.STOP
+    assert (c.status, a.status, b.status) == ("TERMINATED", "PAUSED", "PAUSED")  # a and b are let on
+    a.status = "RUNNING"
+    assert scheduler.on_trial_result(controller, a, {"epoch": 2, "eval/loss": 0.05}) == TrialScheduler.PAUSE
+    a.status = b.status = "PAUSED"
+    scheduler.on_trial_complete(controller, b, {"epoch": 2, "eval/loss": 0.15, "done": True})
+    assert a.status == "TERMINATED"
 
 
 def test_a_trial_restored_past_a_rung_still_sets_its_cutoff() -> None:
