@@ -490,6 +490,11 @@ class Distribution(BaseModel):
         """The values this dimension can take at its edges: its bounds, or every listed value."""
         return list(self.values) if self.values is not None else [self.low, self.high]  # type: ignore[list-item]
 
+    def enumerated(self, search: str) -> bool:
+        """Whether every value makes its own trials (Tune's grid_search): grid dimensions, and
+        every choice under search=grid."""
+        return self.type == "grid" or (self.type == "choice" and search == "grid")
+
 
 def _default_space() -> dict[str, Distribution]:
     return {
@@ -607,7 +612,7 @@ class TuneConfig(BaseModel):
         """How many trials the sweep runs: samples() times every enumerated grid combination."""
         combinations = 1
         for dist_ in self.search_space.values():
-            if dist_.type == "grid" or (dist_.type == "choice" and self.search == "grid"):
+            if dist_.enumerated(self.search):
                 combinations *= len(dist_.values or [])
         return self.samples() * combinations
 

@@ -78,7 +78,7 @@ def dimension(name: str, dist_: Distribution, search: str):
     """The Ray Tune domain of one search dimension (grid dimensions, and every choice under
     search=grid, are enumerated with `grid_search`)."""
     values = [int(v) for v in dist_.values] if dist_.values and name in INTEGER_HYPERPARAMETERS else dist_.values
-    if dist_.type == "grid" or (dist_.type == "choice" and search == "grid"):
+    if dist_.enumerated(search):
         return ray.tune.grid_search(values)
     if dist_.type == "choice":
         return ray.tune.choice(values)
@@ -191,6 +191,8 @@ class SynchronousHalving(HyperBandScheduler):
         if not waiting or not bracket.cur_iter_done():
             return
         if not bracket.finished():
+            # Every trial left waits paused at the rung, so the action it returns for a running
+            # trial (the one whose result it was given) has no taker here.
             self._process_bracket(tune_controller, bracket)
             return
         for other in waiting:

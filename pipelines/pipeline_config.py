@@ -819,15 +819,20 @@ def _tune_problems(tune: TuneConfig) -> list[Problem]:
     return problems
 
 
-# Schedulers whose trials wait for each other, and the setting that lets them not wait.
-_SYNCHRONOUS = {"sha": "tune.scheduler=asha", "hyperband": "tune.scheduler=asha", "pbt": "tune.pbt_synchronous=false"}
+def _not_waiting(tune: TuneConfig) -> str | None:
+    """The setting under which trials stop waiting for each other; None when they do not wait."""
+    if tune.scheduler in ("sha", "hyperband"):
+        return "tune.scheduler=asha"
+    if tune.scheduler == "pbt" and tune.pbt_synchronous:
+        return "tune.pbt_synchronous=false"
+    return None
 
 
 def _synchronous_problems(tune: TuneConfig) -> list[Problem]:
     """A waiting (paused) trial still counts against the concurrency limit: with fewer slots than
     trials, the rest start only when the first ones end, and are never compared with them."""
-    synchronous = tune.scheduler in ("sha", "hyperband") or (tune.scheduler == "pbt" and tune.pbt_synchronous)
-    if not synchronous or tune.max_concurrent_trials >= tune.trials():
+    fix = _not_waiting(tune)
+    if fix is None or tune.max_concurrent_trials >= tune.trials():
         return []
     compared = "at every interval" if tune.scheduler == "pbt" else "at every rung"
     return [
@@ -836,8 +841,7 @@ def _synchronous_problems(tune: TuneConfig) -> list[Problem]:
             tune.max_concurrent_trials,
             f"synchronous {tune.scheduler} compares all {tune.trials()} trials {compared}, but a trial past the "
             f"first {tune.max_concurrent_trials} starts only when one ends, after the comparisons",
-            f"set tune.max_concurrent_trials={tune.trials()} (trials beyond the CPUs take turns) "
-            f"or {_SYNCHRONOUS[tune.scheduler]}",
+            f"set tune.max_concurrent_trials={tune.trials()} (trials beyond the CPUs take turns) or {fix}",
         )
     ]
 
