@@ -1,24 +1,24 @@
 """Does ASHA find the grid's best config for a fraction of its compute?
 
 The same 27 configs (3 learning rates x 3 weight decays x 3 dropouts, enumerated by
-`tune.search: grid`), the same seed and data, swept twice through `ptft sweep`:
+`tune.search: grid`), the same seed and data, swept through `ptft sweep` once per arm:
 
   grid   every config fine-tuned for the whole epoch budget (`tune.scheduler: fifo`);
   asha   ASHA stops weak configs at its rungs (grace 1 epoch, reduction factor --reduction);
   sha    with `--arms asha sha` (or `sha`): synchronous successive halving, every config waits at
          each rung until all are there, then the best 1/--reduction (rounded up) go on.
 
-Both arms rank trials by --metric (default the validation loss: ASHA needs a metric without
+Every arm ranks trials by --metric (default the validation loss: ASHA needs a metric without
 ties, and the accuracy on a small validation split ties often), equal values by --tie-break if
 given (`tune.tie_break`), and pick the best trial as the tune stage does. Reports each arm's
 pick (its validation accuracy and loss, its config), the best validation accuracy any of its
 trials reached, its compute in trial-epochs (sum over trials of the epochs each ran) and its wall
-time; then the accuracy gap between the two picks and ASHA's compute as a share of the grid's.
-Target: gap <= 1 accuracy point at <= 25% of the compute. The tokenize and pretrain stages run
-once (the first sweep) and are cache hits for the second.
+time; then each early-stopping arm's accuracy gap to the grid's pick and its compute as a share
+of the grid's. Target: gap <= 1 accuracy point at <= 25% of the compute. The tokenize and pretrain
+stages run once (the first sweep) and are cache hits for the others.
 
     python benchmarks/asha_vs_grid.py [--config configs/demo.yaml] [--epochs 9] [--metric eval/accuracy]
-        [--tie-break eval/loss] [--json out.json] [OVERRIDES]
+        [--tie-break eval/loss] [--arms asha sha] [--json out.json] [OVERRIDES]
 
 The default is the demo data: on 2 CPU cores the 27 x 9 grid on rt-polarity would take hours.
 Another config (e.g. configs/rt_polarity.yaml) runs the same comparison on its data.
