@@ -5,7 +5,7 @@ The same 27 configs (3 learning rates x 3 weight decays x 3 dropouts, enumerated
 
   grid   every config fine-tuned for the whole epoch budget (`tune.scheduler: fifo`);
   asha   ASHA stops weak configs at its rungs (grace 1 epoch, reduction factor --reduction);
-  sha    with `--arms asha sha` (or `sha`): synchronous successive halving, every config waits at
+  sha    with `--arms asha,sha` (or `sha`): synchronous successive halving, every config waits at
          each rung until all are there, then the best 1/--reduction (rounded up) go on.
 
 Every arm ranks trials by --metric (default the validation loss: ASHA needs a metric without
@@ -18,7 +18,7 @@ of the grid's. Target: gap <= 1 accuracy point at <= 25% of the compute. The tok
 stages run once (the first sweep) and are cache hits for the others.
 
     python benchmarks/asha_vs_grid.py [--config configs/demo.yaml] [--epochs 9] [--metric eval/accuracy]
-        [--tie-break eval/loss] [--arms asha sha] [--json out.json] [OVERRIDES]
+        [--tie-break eval/loss] [--arms asha,sha] [--json out.json] [OVERRIDES]
 
 The default is the demo data: on 2 CPU cores the 27 x 9 grid on rt-polarity would take hours.
 Another config (e.g. configs/rt_polarity.yaml) runs the same comparison on its data.
@@ -133,6 +133,14 @@ def _ratio(work: float | None, baseline: float | None) -> str:
     return "n/a (cached)" if work is None or baseline is None else f"{work / baseline:.3f}"
 
 
+def _arms(value: str) -> list[str]:
+    """A comma-separated list, so that the config overrides after it stay positional."""
+    arms = value.split(",")
+    if not arms or not set(arms) <= {"asha", "sha"}:
+        raise argparse.ArgumentTypeError(f"{value!r}: give asha, sha or asha,sha")
+    return arms
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/demo.yaml")
@@ -142,7 +150,10 @@ def main() -> None:
     parser.add_argument("--metric", default="eval/loss", choices=("eval/loss", "eval/accuracy"))
     parser.add_argument("--tie-break", choices=("eval/loss", "eval/accuracy"), help="orders trials equal on --metric")
     parser.add_argument(
-        "--arms", nargs="+", choices=("asha", "sha"), default=["asha"], help="schedulers compared with the grid"
+        "--arms",
+        type=_arms,
+        default=["asha"],
+        help="schedulers compared with the grid, comma-separated: asha, sha or asha,sha",
     )
     parser.add_argument("--storage", type=Path, help="keep the runs here (default: a temporary folder)")
     parser.add_argument("--json", type=Path, help="also write the results here")
