@@ -9,6 +9,7 @@ metrics wait, and go when it is back (`MlflowTracker`).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import threading
@@ -18,7 +19,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.protos.service_pb2 import LogBatch
+from mlflow.store.tracking.rest_store import RestStore
 from mlflow.tracking import MlflowClient
+from mlflow.utils.proto_json_utils import message_to_json
+from mlflow.utils.rest_utils import http_request, verify_rest_response
 
 from components.redaction import redact, redact_text, redact_url
 
@@ -36,6 +41,11 @@ _METRIC_BATCH = 1000
 OUTAGE_BUDGET_S = 15 * 60
 # How long an explicit flush (before a checkpoint, after an epoch) waits for the metrics to arrive.
 FLUSH_WAIT_S = 10.0
+# MLflow's own HTTP retries for a metrics batch. Its default (7, backing off to 64 s and more) kept
+# the sender asleep for up to a minute after the server was back; the sender retries by itself,
+# every 10 s at most.
+_SEND_RETRIES = 1
+_SEND_TIMEOUT_S = 30
 
 
 class Tracker(Protocol):
@@ -71,10 +81,11 @@ class MlflowTracker:
 
     A metric is logged at most once per step: a training loop restored from a checkpoint
     recomputes the steps after it, and those were logged already. With `resumed=True` the
-    tracker asks MLflow for each metric's last logged step before logging it again.
+    tracker asks MLflow for every metric's last logged step when it is made (asked later, in an
+    outage, the training loop would wait out MLflow's HTTP retries).
 
     Metrics go out from a background thread; a flush waits for them while the server answers.
-    While it does not (MLflow's own HTTP retries run out) the thread keeps them and tries again
+    While it does not (one HTTP retry of MLflow's own fails) the thread keeps them and tries again
     with backoff, and flushes stop waiting: training goes on. A batch sent again after a lost
     answer is logged once: MLflow's SQL store ignores a metric it already holds (same key, step,
     timestamp and value). `close` waits for everything to arrive, and
@@ -100,10 +111,9 @@ class MlflowTracker:
         self.flush_every = flush_every
         self.flush_every_s = flush_every_s
         self._flushed_at = time.monotonic()
-        self.resumed = resumed
         self.outage_budget_s = outage_budget_s
         self._pending: list[Metric] = []
-        self._last_step: dict[str, int] = {}
+        self._last_step: dict[str, int] = self._logged_steps() if resumed else {}
         self._lock = threading.Lock()
         self._sender: threading.Thread | None = None
         self.down_since: float | None = None  # when the server stopped answering (None: it answers)
@@ -126,10 +136,15 @@ class MlflowTracker:
 
     def logged_through(self, key: str) -> int:
         """The last step at which `key` was logged to this run (-1 if never)."""
-        if key not in self._last_step:
-            history = self.client.get_metric_history(self.run_id, key) if self.resumed else []
-            self._last_step[key] = max((metric.step for metric in history), default=-1)
-        return self._last_step[key]
+        return self._last_step.get(key, -1)
+
+    def _logged_steps(self) -> dict[str, int]:
+        """Each metric of the run and the last step it was logged at."""
+        keys = self.client.get_run(self.run_id).data.metrics
+        return {
+            key: max((metric.step for metric in self.client.get_metric_history(self.run_id, key)), default=-1)
+            for key in keys
+        }
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         params = redact(params)
@@ -194,7 +209,7 @@ class MlflowTracker:
                     return
             self._batch_started = self._batch_started or time.monotonic()
             try:
-                self.client.log_batch(self.run_id, metrics=batch)
+                _log_metric_batch(self.client, self.run_id, batch)
             except Exception as error:  # noqa: BLE001 - any failure to reach the store: keep them, retry
                 if self.down_since is None:
                     self.down_since = time.monotonic()
@@ -233,6 +248,28 @@ class MlflowTracker:
             )
         if self.owns_run:
             self.client.set_terminated(self.run_id, status=status)
+
+
+def _log_metric_batch(client: MlflowClient, run_id: str, metrics: list[Metric]) -> None:
+    """`client.log_batch(run_id, metrics=metrics)`, over HTTP with `_SEND_RETRIES` retries of
+    MLflow's own. MLflow takes no retry count per call, so this makes the REST store's call itself;
+    local stores (sqlite, files) have no HTTP to retry and go through the client."""
+    store = client._tracking_client.store  # MLflow has no public accessor for a client's store
+    if not isinstance(store, RestStore):
+        client.log_batch(run_id, metrics=metrics)
+        return
+    endpoint, method = RestStore._METHOD_TO_INFO[LogBatch]
+    body = json.loads(message_to_json(LogBatch(run_id=run_id, metrics=[metric.to_proto() for metric in metrics])))
+    response = http_request(
+        store.get_host_creds(),
+        endpoint,
+        method,
+        max_retries=_SEND_RETRIES,
+        backoff_factor=1,
+        timeout=_SEND_TIMEOUT_S,
+        json=body,
+    )
+    verify_rest_response(response, endpoint)
 
 
 def open_tracker(tracking_uri: str | None, run_id: str | None, *, rank: int = 0, resumed: bool = False) -> Tracker:
@@ -362,8 +399,13 @@ SYSTEM_METRICS_EVERY_S = 2.0  # short stages (the demo's) still get samples
 @contextlib.contextmanager
 def node_system_metrics(tracking_uri: str | None, run_id: str | None) -> Iterator[None]:
     """In a Ray Train worker: CPU, memory, disk, network (and GPU where NVML is present) of this
-    node, logged to `run_id` as `system/node<N>/...` while the block runs. One worker per node
-    samples it (local rank 0); it continues the step count of an earlier attempt."""
+    node, logged to `run_id` as `system/node<N>/...` every SYSTEM_METRICS_EVERY_S while the block
+    runs. One worker per node samples it (local rank 0); it continues the step count of an earlier
+    attempt.
+
+    MLflow's monitor takes the samples, and a tracker of its own sends them: MLflow's monitor
+    thread reaches the server with MLflow's HTTP retries (minutes of backoff), so after an outage
+    its end held the stage for up to a minute, and a longer outage ended its sampling for good."""
     import ray.train
 
     context = ray.train.get_context()
@@ -372,15 +414,27 @@ def node_system_metrics(tracking_uri: str | None, run_id: str | None) -> Iterato
         return
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-    monitor = SystemMetricsMonitor(
-        run_id,
-        sampling_interval=SYSTEM_METRICS_EVERY_S,
-        resume_logging=True,
-        node_id=f"node{context.get_node_rank()}",
-        tracking_uri=tracking_uri,
-    )
-    monitor.start()
+    sampler = SystemMetricsMonitor(run_id, tracking_uri=tracking_uri)  # its sampling only; never started
+    prefix = f"system/node{context.get_node_rank()}/"
+    tracker = MlflowTracker(tracking_uri, run_id, resumed=True)
+    first_step = tracker.logged_through(prefix + "cpu_utilization_percentage") + 1
+    done = threading.Event()
+
+    def sample() -> None:
+        step = first_step
+        while not done.wait(SYSTEM_METRICS_EVERY_S):
+            sampler.collect_metrics()
+            metrics = sampler.aggregate_metrics()
+            for monitor in sampler.monitors:
+                monitor.clear_metrics()
+            tracker.log_metrics({prefix + key: value for key, value in metrics.items()}, step)
+            step += 1
+
+    sampling = threading.Thread(target=sample, name="system-metrics", daemon=True)
+    sampling.start()
     try:
         yield
     finally:
-        monitor.finish()
+        done.set()
+        sampling.join()
+        tracker.flush()  # the stage's own tracker has waited out any outage by now

@@ -25,15 +25,10 @@ from tests.services import start_mlflow, start_postgres, start_postgres_again, s
 pytestmark = pytest.mark.integration
 
 
-OUTAGE_S = 60  # under Ray Train: longer than MLflow's own HTTP retries in the workers
-# The tracker alone (MLflow's retries off): long enough for its backoff to reach its 10 s cap and
-# to outlast a flush's wait (FLUSH_WAIT_S), so every retry path runs.
+OUTAGE_S = 60  # under Ray Train
+# The tracker alone: long enough for its backoff to reach its 10 s cap and to outlast a flush's
+# wait (FLUSH_WAIT_S), so every retry path runs.
 TRACKER_OUTAGE_S = 25
-
-
-@pytest.fixture(autouse=True)
-def _tracker_retries_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the tracker's retries, not MLflow's, are tested
 
 
 @dataclass
@@ -145,9 +140,13 @@ def test_a_pretraining_stage_under_ray_train_runs_through_an_outage(ray_driver: 
         assert sorted(metric.step for metric in steps) == list(range(1, runs.config.max_steps + 1))  # each once
         losses = runs.client.get_metric_history(run_id, "train/loss")
         assert sorted(metric.step for metric in losses) == list(range(1, runs.config.max_steps + 1))
+        system = runs.client.get_metric_history(run_id, "system/node0/cpu_utilization_percentage")
     # Training went on while the store was down: steps were logged (timestamped) in the outage.
     during = [metric.step for metric in steps if down_at * 1000 < metric.timestamp < up_at * 1000]
     assert during, "no step was taken while the store was down"
+    # So did the node's sampling, every step once.
+    assert any(down_at * 1000 < metric.timestamp < up_at * 1000 for metric in system), "no sample in the outage"
+    assert sorted(metric.step for metric in system) == list(range(len(system)))
     print(
         f"\nstage through a {OUTAGE_S} s {what} outage: steps {min(during)}-{max(during)} taken while it was down; "
         f"the stage ended {finished_at - up_at:.0f} s after it was back"

@@ -1,5 +1,6 @@
 """The tracker against a real MLflow store (sqlite): no step logged twice across attempts,
-runs found again by their tags, orphans closed, credentials never logged."""
+runs found again by their tags, orphans closed, credentials never logged; and against an address
+where no server answers."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from components import redaction, tracking
+from components.training import free_port
+from tests.conftest import wait_until
 
 
 @pytest.fixture
@@ -36,6 +39,19 @@ def test_a_restarted_attempt_does_not_log_a_step_twice(store) -> None:
     history = client.get_metric_history(run_id, "train/loss")
     assert sorted(m.step for m in history) == list(range(1, 11))
     assert {m.step: m.value for m in history}[6] == 4.0  # the first attempt's value stands
+
+
+def test_a_server_that_does_not_answer_is_noticed_at_once_not_after_mlflows_own_retries(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """MLflow's default HTTP retries back off for minutes; the tracker's sender makes one of its
+    own and then retries by itself, at most 10 s apart, so it finds the server gone at once and
+    back soon after it returns (tests/integration/test_tracking_outage.py)."""
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)  # MLflow's default: 7
+    tracker = tracking.MlflowTracker(f"http://127.0.0.1:{free_port()}", "0" * 32, flush_every=1)  # nothing listens
+    tracker.log_metrics({"train/loss": 1.0}, 1)
+    wait_until(lambda: tracker.down_since is not None, "the sender to find the server gone", timeout_s=20)
+    assert tracker.pending() == 1  # kept for when it is back
 
 
 def test_find_reopen_and_close_orphans(store) -> None:
