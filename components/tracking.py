@@ -158,6 +158,9 @@ class MlflowTracker:
     def tags(self) -> dict[str, str]:
         return dict(self.client.get_run(self.run_id).data.tags)
 
+    def params(self) -> dict[str, str]:
+        return dict(self.client.get_run(self.run_id).data.params)
+
     def status(self) -> str:
         """RUNNING, FINISHED, FAILED or KILLED."""
         return self.client.get_run(self.run_id).info.status
@@ -298,7 +301,7 @@ def open_child_run(
         reopen_run(client, existing)
         return MlflowTracker(tracking_uri, existing, owns_run=True, resumed=True), False
     run_id = start_run(client, experiment_id, name, parent_run_id=parent_run_id, tags={**match, **tags})
-    return MlflowTracker(tracking_uri, run_id, owns_run=True, resumed=True), True
+    return MlflowTracker(tracking_uri, run_id, owns_run=True), True
 
 
 def child_run_tags(tracking_uri: str, experiment_id: str, parent_run_id: str) -> dict[str, dict[str, str]]:

@@ -578,9 +578,9 @@ def open_trial_run(trial: TrialSetup, name: str, hyper: dict) -> MlflowTracker:
             "ptft.trial_status": "running",
         },
     )
-    if new:
+    if new or not tracker.params():  # an earlier attempt can be killed between opening it and this
         tracker.log_params(hyper)
-    else:
+    if not new:
         tracker.set_tags({"ptft.trial_status": "running"})
     return tracker
 

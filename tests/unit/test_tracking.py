@@ -93,7 +93,8 @@ def test_credentials_are_never_logged(store) -> None:
     assert nested == {"tracking": {"uri": "http://***@h:5000"}, "name": "demo"}
 
 
-def test_a_trial_run_records_the_config_its_epochs_trained_with(store, tmp_path: Path) -> None:
+def _trial_setup(store, tmp_path: Path):
+    """What a trial of a tune stage (whose run is opened here) gets from the stage."""
     from components import finetune, tune
     from components.schemas import DeepSpeedConfig, Hyperparameters
 
@@ -108,13 +109,20 @@ def test_a_trial_run_records_the_config_its_epochs_trained_with(store, tmp_path:
         deepspeed=DeepSpeedConfig(),
         tracking_uri=uri,
     )
-    setup = tune.TrialSetup(
+    return tune.TrialSetup(
         base=base,
         ranking=tune.Ranking(metric="eval/accuracy", mode="max"),
         tune_run_id=parent,
         experiment_id=experiment,
         pipeline_run_id="p1",
     )
+
+
+def test_a_trial_run_records_the_config_its_epochs_trained_with(store, tmp_path: Path) -> None:
+    from components import tune
+
+    client, _, experiment = store
+    setup = _trial_setup(store, tmp_path)
     first, exploited = {"learning_rate": 1e-3}, {"learning_rate": 1.2e-3}
     tracker = tune.open_trial_run(setup, "trial_0", first)
     run_id = tracker.run_id
@@ -129,6 +137,25 @@ def test_a_trial_run_records_the_config_its_epochs_trained_with(store, tmp_path:
     tags = client.get_run(run_id).data.tags
     assert json.loads(tags[tune.CONFIG_TAG]) == exploited and tags["ptft.pbt_exploits"] == "1"
     assert client.get_run(run_id).data.params == {"learning_rate": "0.001"}  # params: the first config
+
+
+def test_a_trial_run_opened_by_an_attempt_killed_before_its_params_gets_them_when_reopened(
+    store, tmp_path: Path
+) -> None:
+    from components import tune
+
+    client, _, experiment = store
+    setup = _trial_setup(store, tmp_path)
+    # What a killed attempt leaves: the trial's run, opened with its tags, and no params yet.
+    tracking.start_run(
+        client,
+        experiment,
+        "trial_0",
+        parent_run_id=setup.tune_run_id,
+        tags={tune.TRIAL_TAG: "trial_0", "ptft.stage": "tune-trial", "ptft.run_id": "p1"},
+    )
+    tracker = tune.open_trial_run(setup, "trial_0", {"learning_rate": 1e-3})
+    assert client.get_run(tracker.run_id).data.params == {"learning_rate": "0.001"}
 
 
 def test_experiments_open_on_their_runs_in_the_mlflow_ui(store) -> None:
