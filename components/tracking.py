@@ -139,12 +139,10 @@ class MlflowTracker:
         return self._last_step.get(key, -1)
 
     def _logged_steps(self) -> dict[str, int]:
-        """Each metric of the run and the last step it was logged at."""
-        keys = self.client.get_run(self.run_id).data.metrics
-        return {
-            key: max((metric.step for metric in self.client.get_metric_history(self.run_id, key)), default=-1)
-            for key in keys
-        }
+        """Each metric of the run and the last step it was logged at; system metrics left out
+        (`node_system_metrics` logs them, and finds its own step to go on from)."""
+        keys = [key for key in self.client.get_run(self.run_id).data.metrics if not key.startswith(SYSTEM_PREFIX)]
+        return {key: last_logged_step(self.client, self.run_id, key) for key in keys}
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         params = redact(params)
@@ -275,6 +273,11 @@ def _log_metric_batch(client: MlflowClient, run_id: str, metrics: list[Metric]) 
     verify_rest_response(response, endpoint)
 
 
+def last_logged_step(client: MlflowClient, run_id: str, key: str) -> int:
+    """The last step at which `key` was logged to the run (-1 if never)."""
+    return max((metric.step for metric in client.get_metric_history(run_id, key)), default=-1)
+
+
 def open_tracker(tracking_uri: str | None, run_id: str | None, *, rank: int = 0, resumed: bool = False) -> Tracker:
     """The tracker a worker should use: MLflow on rank 0 when a run is given, else a no-op.
     `resumed`: the run may hold metrics of an earlier attempt (see MlflowTracker)."""
@@ -397,6 +400,7 @@ def _param_value(value: Any) -> str:
 
 
 SYSTEM_METRICS_EVERY_S = 2.0  # short stages (the demo's) still get samples
+SYSTEM_PREFIX = "system/"
 
 
 @contextlib.contextmanager
@@ -418,9 +422,9 @@ def node_system_metrics(tracking_uri: str | None, run_id: str | None) -> Iterato
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
     sampler = SystemMetricsMonitor(run_id, tracking_uri=tracking_uri)  # its sampling only; never started
-    prefix = f"system/node{context.get_node_rank()}/"
-    tracker = MlflowTracker(tracking_uri, run_id, resumed=True)
-    first_step = tracker.logged_through(prefix + "cpu_utilization_percentage") + 1
+    prefix = f"{SYSTEM_PREFIX}node{context.get_node_rank()}/"
+    tracker = MlflowTracker(tracking_uri, run_id)
+    first_step = last_logged_step(tracker.client, run_id, prefix + "cpu_utilization_percentage") + 1
     done = threading.Event()
 
     def sample() -> None:
