@@ -205,8 +205,12 @@ def _reopen_pipeline_run(client: MlflowClient, storage: Path, run_id: str, exper
 
 
 def _init_ray(config: PipelineConfig) -> None:
-    if ray.is_initialized():
-        return
+    if not ray.is_initialized():
+        _start_or_join_ray(config)
+    stopping.restore_python_sigterm()  # a stop gets its whole grace period, not Ray's 3 s
+
+
+def _start_or_join_ray(config: PipelineConfig) -> None:
     use_gpu = config.uses_gpu()
     # The driver imports DeepSpeed-free code only, but Tune trials and Data tasks inherit this env.
     runtime_env = {"env_vars": accelerator.deepspeed_env(use_gpu)}

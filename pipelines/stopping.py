@@ -7,6 +7,11 @@ training loop, a blocking Ray call) or inside a library's slow clean-up, and a S
 the run RUNNING for ever. So a thread waits on Python's signal wake-up fd, which the C-level
 handler writes at once, whatever the main thread is doing, and records the stop right away; the
 main thread's own unwinding then repeats the same records.
+
+Ray's core worker puts a C-level handler of its own in front of Python's (absl's failure signal
+handler): on SIGTERM it prints a stack trace, calls Python's handler, and arms a 3 s alarm that
+aborts the process, so a stopped driver died 3 s into its grace period, whatever it still had to
+record. `restore_python_sigterm` puts Python's handler back after `ray.init`.
 """
 
 from __future__ import annotations
@@ -42,6 +47,14 @@ def record_stop_at_once(on_stop: Callable[[], None], signum: int = signal.SIGTER
         os.close(write_end)  # the watcher reads end-of-file and returns
         watcher.join(timeout=5)
         os.close(read_end)
+
+
+def restore_python_sigterm() -> None:
+    """Make Python's own C-level SIGTERM handler the process's again (after `ray.init`): registering
+    the current Python handler anew re-installs it, in place of Ray's aborting one."""
+    handler = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is threading.main_thread() and handler is not None:
+        signal.signal(signal.SIGTERM, handler)
 
 
 def _watch(read_end: int, signum: int, on_stop: Callable[[], None]) -> None:

@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from collections.abc import Callable
@@ -305,3 +306,46 @@ def test_no_run_left_running_or_duplicated(driver_kills: dict) -> None:
     assert sorted(stages) == sorted(["tokenize", "pretrain", "prepare", "tune", "finetune", "serve"])
     parents = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
     assert len(parents) == 1 and parents[0].data.tags["ptft.attempts"] == "2"
+
+
+# --- a stopped driver keeps its grace period ---------------------------------------------------
+
+# A driver joined to the cluster the way `ptft run` joins it, then stopped with SIGTERM (Ray's job
+# stop): it must live on to record the stop. Ray's core worker handler used to abort it 3 s later.
+STOPPED_DRIVER = textwrap.dedent(
+    """
+    import sys, time
+    import yaml
+    from pipelines import runner
+    from pipelines.pipeline_config import validate
+
+    config = validate(yaml.safe_load(sys.argv[1]), check_data=False)
+    runner._init_ray(config)
+    print("joined", flush=True)
+    try:
+        time.sleep(120)
+    except SystemExit:  # Ray's driver handler turns SIGTERM into SystemExit
+        print("stopping", flush=True)
+        time.sleep(6)  # recording the stop, longer than Ray's 3 s alarm
+        print("recorded", flush=True)
+    """
+)
+
+
+def test_a_stopped_driver_lives_through_its_grace_period(ray_cluster: str, tmp_path: Path) -> None:
+    raw = tiny_config_dict(tmp_path / "store")
+    raw["ray"] = {**raw.get("ray", {}), "address": ray_cluster}
+    driver = subprocess.Popen(
+        [sys.executable, "-c", STOPPED_DRIVER, yaml.safe_dump(raw)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert driver.stdout.readline().strip() == "joined", driver.stderr.read() if driver.poll() else ""
+        driver.send_signal(signal.SIGTERM)
+        out, err = driver.communicate(timeout=60)
+    finally:
+        driver.kill()
+    assert driver.returncode == 0 and out.split() == ["stopping", "recorded"], (driver.returncode, out, err[-2000:])
