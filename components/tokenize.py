@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Iterable
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -96,9 +96,9 @@ def with_row_numbers(table: pa.Table) -> pa.Table:
     return table.append_column("example", pa.array(range(table.num_rows), type=pa.int64()))
 
 
-def train_tokenizer(texts: Iterable[str], cfg: TokenizeConfig) -> PreTrainedTokenizerFast:
+def train_tokenizer(texts: Sequence[str], cfg: TokenizeConfig) -> PreTrainedTokenizerFast:
     """Train a WordPiece (BERT-style) or byte-level BPE (GPT-2-style) tokenizer with the same special
-    tokens, and wrap it as an HF fast tokenizer."""
+    tokens, and wrap it as an HF fast tokenizer. The same texts give the same vocabulary."""
     sentinels = [f"<extra_id_{number}>" for number in range(cfg.sentinels)]
     if cfg.algorithm == "bpe":
         tokenizer = Tokenizer(models.BPE(unk_token=None))
@@ -116,10 +116,15 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizeConfig) -> PreTrainedToke
         tokenizer.normalizer = normalizers.BertNormalizer(lowercase=cfg.lowercase)
         tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tokenizer.decoder = decoders.WordPiece()
+        continuations = _continuation_pieces(tokenizer, texts)
         trainer = trainers.WordPieceTrainer(
-            vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency, special_tokens=[*SPECIAL_TOKENS, *sentinels]
+            vocab_size=cfg.vocab_size,
+            min_frequency=cfg.min_frequency,
+            special_tokens=[*SPECIAL_TOKENS, *sentinels, *continuations],
         )
     tokenizer.train_from_iterator(texts, trainer=trainer)
+    if cfg.algorithm != "bpe":
+        tokenizer = _without_special(tokenizer, continuations)
     cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
@@ -134,6 +139,35 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizeConfig) -> PreTrainedToke
         mask_token="[MASK]",
         extra_special_tokens=sentinels,  # span corruption's, never split or produced from text
     )
+
+
+# tokenizers' WordPiece trainer numbers the `##` pieces it makes in hash-map order, and those
+# numbers break ties between equally frequent merges: the same corpus gave a different vocabulary
+# in each process (huggingface/tokenizers#1794). Handed in first, sorted, as special tokens, the
+# pieces get fixed numbers; they then become plain vocabulary, as the trainer would have made them.
+def _continuation_pieces(tokenizer: Tokenizer, texts: Sequence[str]) -> list[str]:
+    """`##c` for every character that follows another inside a pre-tokenized word, sorted."""
+    followers: set[str] = set()
+    for text in texts:
+        for word, _ in tokenizer.pre_tokenizer.pre_tokenize_str(tokenizer.normalizer.normalize_str(text)):
+            followers.update(word[1:])
+    return [f"##{char}" for char in sorted(followers)]
+
+
+def _without_special(tokenizer: Tokenizer, pieces: list[str]) -> Tokenizer:
+    """The trained WordPiece tokenizer with `pieces` as plain vocabulary, not special tokens (those
+    are matched in raw text and dropped when decoding)."""
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
+    demoted = set(pieces)
+    plain = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", continuing_subword_prefix="##"))
+    plain.normalizer, plain.pre_tokenizer, plain.decoder = (
+        tokenizer.normalizer,
+        tokenizer.pre_tokenizer,
+        tokenizer.decoder,
+    )
+    added = sorted(tokenizer.get_added_tokens_decoder().items())
+    plain.add_special_tokens([token for _, token in added if token.content not in demoted])
+    return plain
 
 
 def load_pretrained(name_or_path: str, seq_len: int) -> PreTrainedTokenizerFast:

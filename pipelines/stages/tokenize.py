@@ -33,7 +33,7 @@ def _run(config: PipelineConfig, inputs: Inputs, ctx):
 
 STAGE = Stage(
     name="tokenize",
-    version="3",
+    version="4",
     upstream=(),
     settings=_settings,
     run=_run,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -17,6 +20,7 @@ from components.tokenize import (
     tokenize_examples,
     train_tokenizer,
 )
+from tests.conftest import REPO
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +39,48 @@ def test_special_tokens_come_first(tokenizer_dir: Path) -> None:
     encoded = tokenizer("the film was superb .")["input_ids"]
     assert encoded[0] == tokenizer.cls_token_id and encoded[-1] == tokenizer.sep_token_id
     assert tokenizer.unk_token_id not in encoded  # every word of the corpus is covered
+
+
+# Trained in another process: the hash maps inside tokenizers' trainer are seeded per process.
+VOCABULARY_OF_A_NEW_PROCESS = """
+import json, sys
+from components import synthetic
+from components.tokenize import TokenizeConfig, train_tokenizer
+texts = [row["text"] for row in synthetic.generate("corpus", 500)]
+print(json.dumps(train_tokenizer(texts, TokenizeConfig(vocab_size=300, seq_len=16)).get_vocab()))
+"""
+
+
+def test_the_same_corpus_trains_the_same_vocabulary(tokenizer_dir: Path) -> None:
+    """tokenizers' WordPiece trainer alone gives each process its own vocabulary (the tie-breaks
+    between equally frequent merges follow hash-map order): the tokenize stage must not."""
+    from transformers import PreTrainedTokenizerFast
+
+    ours = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir).get_vocab()
+    vocabularies = [
+        json.loads(
+            subprocess.run(
+                [sys.executable, "-c", VOCABULARY_OF_A_NEW_PROCESS],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
+        for _ in range(3)
+    ]
+    assert all(vocabulary == ours for vocabulary in vocabularies)
+
+
+def test_continuation_pieces_are_plain_vocabulary(tokenizer_dir: Path) -> None:
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+    assert set(tokenizer.all_special_tokens) == set(SPECIAL_TOKENS)
+    pieces = tokenizer.tokenize("superbly")
+    assert len(pieces) > 1 and all(piece.startswith("##") for piece in pieces[1:])
+    assert tokenizer.decode(tokenizer("superbly")["input_ids"], skip_special_tokens=True) == "superbly"
+    assert "##y" in tokenizer.get_vocab() and tokenizer.tokenize("##y") != ["##y"]  # not matched in raw text
 
 
 def test_pack_blocks_makes_full_blocks(tokenizer_dir: Path) -> None:
