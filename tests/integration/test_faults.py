@@ -321,8 +321,8 @@ STOPPED_DRIVER = textwrap.dedent(
 
     config = validate(yaml.safe_load(sys.argv[1]), check_data=False)
     runner._init_ray(config)
-    print("joined", flush=True)
     try:
+        print("joined", flush=True)  # inside the try: the SIGTERM may come at once
         time.sleep(120)
     except SystemExit:  # Ray's driver handler turns SIGTERM into SystemExit
         print("stopping", flush=True)
