@@ -57,18 +57,10 @@ def test_the_same_corpus_trains_the_same_vocabulary(tokenizer_dir: Path) -> None
     from transformers import PreTrainedTokenizerFast
 
     ours = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir).get_vocab()
-    vocabularies = [
-        json.loads(
-            subprocess.run(
-                [sys.executable, "-c", VOCABULARY_OF_A_NEW_PROCESS],
-                cwd=REPO,
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout
-        )
-        for _ in range(3)
-    ]
+    command = [sys.executable, "-c", VOCABULARY_OF_A_NEW_PROCESS]
+    trainings = [subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, text=True) for _ in range(3)]  # at once
+    vocabularies = [json.loads(training.communicate(timeout=120)[0]) for training in trainings]
+    assert all(training.returncode == 0 for training in trainings)
     assert all(vocabulary == ours for vocabulary in vocabularies)
 
 
