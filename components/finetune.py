@@ -406,7 +406,7 @@ def _train_epoch(
     losses = []
     meter.reset()
     for rows in shard.epoch_batches(len(train["label"]), epoch=epoch, seed=cfg.seed):
-        batch = _batch(train, rows, engine.device)
+        batch = _batch(train, rows, engine.device, kind)
         output = kind.forward(engine, batch)
         loss = task_loss(kind.logits(output), batch["labels"], label_smoothing=cfg.hyper.label_smoothing)
         engine.backward(loss)
@@ -414,7 +414,7 @@ def _train_epoch(
         step += 1
         losses.append(loss.item())
         training.stop_if_diverged(losses[-1], step)
-        meter.add(samples=len(rows) * shard.world_size)
+        meter.add(samples=len(rows) * shard.world_size, tokens=batch["input_ids"].numel() * shard.world_size)
         if step % cfg.log_every == 0:
             metrics = {
                 "train/loss": losses[-1],
@@ -446,12 +446,28 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float
     )
 
 
-def _batch(split: dict, rows: torch.Tensor, device) -> dict[str, torch.Tensor]:
+def _batch(split: dict, rows: torch.Tensor, device, kind: TaskType) -> dict[str, torch.Tensor]:
+    """The rows' columns, cut after the last position any of them uses. Rows are padded to the
+    split's seq_len, and padding that every row of a batch has is work that changes no result:
+    Multi30k's captions average 16 tokens of 64."""
+    mask = split["attention_mask"][rows]
+    width = _used_width(mask != 0)
+    labels = split["label"][rows]
+    if kind.target_sequence:
+        labels = labels[:, : _used_width(labels != IGNORE)]
+    elif labels.shape == mask.shape:  # one label per input position
+        labels = labels[:, :width]
     return {
-        "input_ids": split["input_ids"][rows].long().to(device),
-        "attention_mask": split["attention_mask"][rows].long().to(device),
-        "labels": split["label"][rows].long().to(device),
+        "input_ids": split["input_ids"][rows][:, :width].long().to(device),
+        "attention_mask": mask[:, :width].long().to(device),
+        "labels": labels.long().contiguous().to(device),
     }
+
+
+def _used_width(used: torch.Tensor) -> int:
+    """One past the last column where any row is used (at least 1)."""
+    columns = used.any(0).nonzero()
+    return int(columns.max()) + 1 if len(columns) else 1
 
 
 @torch.no_grad()
@@ -475,7 +491,7 @@ def evaluate(
     mine = shard.eval_rows(len(split["label"]))
     for start in range(0, len(mine), shard.batch_size):
         rows = mine[start : start + shard.batch_size]
-        batch = _batch(split, rows, engine.device)
+        batch = _batch(split, rows, engine.device, kind)
         logits = kind.logits(kind.forward(engine, batch))
         labels = batch["labels"].reshape(len(batch["labels"]), -1)  # a row's labels: one, or one per position
         kept = labels != IGNORE

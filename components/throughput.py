@@ -15,7 +15,8 @@ def device_name(use_gpu: bool) -> str:
 
 
 class Throughput:
-    """Counts the samples of the steps since the last `reset` (globally: pass samples × world)."""
+    """Counts the samples and tokens of the steps since the last `reset` (globally: pass them × world).
+    A step's tokens are its rows × seq_len unless it says otherwise (a batch cut to its longest row)."""
 
     def __init__(self, model, *, seq_len: int, world: int, precision: str, device_name: str):
         params, layers, hidden = flops.model_shape(model)
@@ -27,10 +28,11 @@ class Throughput:
         self.reset()
 
     def reset(self) -> None:
-        self.samples, self.steps, self.start = 0, 0, time.perf_counter()
+        self.samples, self.tokens, self.steps, self.start = 0, 0, 0, time.perf_counter()
 
-    def add(self, samples: int) -> None:
+    def add(self, samples: int, tokens: int | None = None) -> None:
         self.samples += samples
+        self.tokens += samples * self.seq_len if tokens is None else tokens
         self.steps += 1
 
     def read(self) -> dict[str, float]:
@@ -38,7 +40,7 @@ class Throughput:
         elapsed = time.perf_counter() - self.start
         if not self.steps or elapsed <= 0:
             return {}
-        tokens_per_s = self.samples * self.seq_len / elapsed
+        tokens_per_s = self.tokens / elapsed
         metrics = {
             "throughput/tokens_per_s": tokens_per_s,
             "throughput/samples_per_s": self.samples / elapsed,

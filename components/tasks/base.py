@@ -79,6 +79,9 @@ class TaskType:
     token_lengths: Callable[..., list[int]] = token_lengths  # (tokenizer, inputs, max_tokens) per input
     output_example: Callable = label_and_score  # the model -> an output example for its signature
     forward: Callable = encoder_forward  # (model, batch of input_ids, attention_mask, labels) -> output
+    # labels are a sequence of their own (the decoder's target), not one per input position: a
+    # batch cuts them after their own last label, not at the inputs' width
+    target_sequence: bool = False
     # (model, tokenizer, input_ids, attention_mask) -> texts; evaluation then decodes instead of
     # taking each position's argmax, and `scores` gets each row's number and its decoded text
     generate: Callable | None = None

@@ -133,6 +133,7 @@ TASK = TaskType(
     predict=_predict,
     has_classes=False,
     forward=_forward,
+    target_sequence=True,
     generate=generate,
     output_example=_output_example,
     test_samples=_test_samples,

@@ -76,6 +76,43 @@ def test_teacher_forcing_feeds_the_decoder_the_labels_shifted_right() -> None:
     assert torch.allclose(forced, explicit)
 
 
+def test_a_batch_is_cut_after_its_last_used_positions_and_scores_as_the_padded_rows(tmp_path: Path) -> None:
+    """Sources are cut at the longest source of the batch, targets after their last label, and
+    the loss on the cut batch is the loss on the rows padded to seq_len."""
+    folder = _tokenizer(tmp_path / "tokenizer")
+    out = tok.tokenize_examples(_rows(PAIRS), tokenizer_dir=folder, seq_len=24, label_values=[], task="translation")
+    split = {name: torch.tensor(out.column(name).to_pylist()) for name in ("input_ids", "attention_mask", "label")}
+    rows = torch.tensor([0, 1])
+    batch = finetune._batch(split, rows, "cpu", TRANSLATION)
+    longest_source = int(split["attention_mask"].sum(1).max())
+    longest_target = int((split["label"] != IGNORE).sum(1).max())
+    assert batch["input_ids"].shape == batch["attention_mask"].shape == (2, longest_source) and longest_source < 24
+    assert batch["labels"].shape == (2, longest_target) and longest_target != longest_source
+    padded = {"input_ids": split["input_ids"], "attention_mask": split["attention_mask"], "labels": split["label"]}
+    model = models.build_lm(
+        ModelConfig(family="t5"), vocab_size=128, special_ids=special_ids(tok._load_tokenizer(folder)), seed=0
+    ).eval()
+    with torch.no_grad():
+        losses = [
+            finetune.task_loss(TRANSLATION.forward(model, one).logits, one["labels"]).item() for one in (batch, padded)
+        ]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_labels_per_input_position_are_cut_with_the_inputs_and_one_per_row_are_kept() -> None:
+    split = {
+        "input_ids": torch.arange(24).reshape(3, 8),
+        "attention_mask": torch.tensor([[1] * 3 + [0] * 5, [1] * 5 + [0] * 3, [1] * 2 + [0] * 6]),
+        "label": torch.tensor([[IGNORE, 4, IGNORE] + [IGNORE] * 5] * 3),
+    }
+    tagged = finetune._batch(split, torch.tensor([0, 2]), "cpu", task_type("token_classification"))
+    assert tagged["input_ids"].tolist() == [[0, 1, 2], [16, 17, 18]] and tagged["labels"].shape == (2, 3)
+    classified = finetune._batch(
+        {**split, "label": torch.tensor([1, 0, 1])}, torch.tensor([1]), "cpu", task_type("sequence_classification")
+    )
+    assert classified["input_ids"].shape == (1, 5) and classified["labels"].tolist() == [0]
+
+
 def test_bleu_and_chrf_are_sacrebleus_on_the_reference_texts(tmp_path: Path) -> None:
     split = tmp_path / "validation"
     split.mkdir()
