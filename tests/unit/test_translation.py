@@ -136,10 +136,11 @@ TRAIN_PAIRS, EVAL_PAIRS, SEQ_LEN, EPOCHS = 1000, 48, 32, 8
 CHRF_AFTER = 0  # measured: see the test
 
 
-@pytest.fixture(scope="module")
-def multi30k(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A randomly initialised tiny T5 with a cased WordPiece tokenizer over both languages, and the
-    first pairs of each split tokenized as the prepare stage does; one process rank."""
+@pytest.fixture(scope="module", params=["t5", "bart"])
+def multi30k(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A randomly initialised tiny encoder-decoder of each family with a cased WordPiece tokenizer
+    over both languages, and the first pairs of each split tokenized as the prepare stage does; one
+    process rank."""
     environment, threads = dict(os.environ), torch.get_num_threads()
     accelerator.prepare_process(use_gpu=False, num_threads=1)
     training.ensure_process_group()
@@ -153,7 +154,7 @@ def multi30k(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     tokenizer = tok.train_tokenizer(texts, TokenizeConfig(vocab_size=1000, lowercase=False, seq_len=SEQ_LEN))
     tokenizer.save_pretrained(folder / "pretrained")
     models.build_lm(
-        ModelConfig(family="t5"), vocab_size=len(tokenizer), special_ids=special_ids(tokenizer), seed=0
+        ModelConfig(family=request.param), vocab_size=len(tokenizer), special_ids=special_ids(tokenizer), seed=0
     ).save_pretrained(folder / "pretrained")
     for split, pairs in rows.items():
         (folder / "task" / split).mkdir(parents=True)
