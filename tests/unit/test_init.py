@@ -105,7 +105,7 @@ def test_a_text_file_or_unlabelled_pairs_give_a_pre_training_config(
     assert "--task translation --text-column en --label-column de" in capsys.readouterr().out
 
 
-def test_multi30k_with_task_translation_gets_a_t5_translation_config(
+def test_multi30k_with_task_translation_gets_an_encoder_decoder_translation_config(
     in_tmp: Path, capsys: pytest.CaptureFixture
 ) -> None:
     train = shared("data/multi30k/train.jsonl")
