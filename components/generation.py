@@ -12,6 +12,7 @@ import asyncio
 import random
 import time
 from collections import deque
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -194,11 +195,14 @@ class Batcher:
     request waits at most `wait_s` for others to start with.
 
     `start(asks)` makes a Decoding, `step(decoding)` runs one of its steps and `join(running, new)`
-    merges a started one into the running one; all in a worker thread, so the loop keeps answering."""
+    merges a started one into the running one; all on `model_thread`, so the loop keeps answering.
+    One thread, always the same: the same decoding stepped from the threads of asyncio's default
+    pool took 1.4x as long per forward (5.1 ms against 3.6 ms, docs/performance.md)."""
 
-    def __init__(self, start, step, join, max_batch_size: int, wait_s: float) -> None:
+    def __init__(self, start, step, join, max_batch_size: int, wait_s: float, model_thread: Executor | None = None):
         self.start, self.step, self.join = start, step, join
         self.max_batch_size, self.wait_s = max_batch_size, wait_s
+        self.model_thread = model_thread or ThreadPoolExecutor(1, thread_name_prefix="decoding")
         self.pending: asyncio.Queue | None = None
         self.worker: asyncio.Task | None = None
         self.batch_sizes: deque[int] = deque(maxlen=1000)  # rows of the latest steps (the tests read them)
@@ -240,12 +244,10 @@ class Batcher:
             arrived = await self._arrivals(wait=running is None, room=self.max_batch_size - len(readers))
             try:
                 if arrived:
-                    started = await asyncio.to_thread(self.start, [ask for ask, _ in arrived])
-                    await asyncio.to_thread(self.step, started)
-                    running = started if running is None else await asyncio.to_thread(self.join, running, started)
+                    running = await self._on_model_thread(self._admit, running, [ask for ask, _ in arrived])
                     readers += [(out, whole, TextDelta()) for _, (out, whole) in arrived]
                 else:
-                    await asyncio.to_thread(self.step, running)
+                    await self._on_model_thread(self.step, running)
             except Exception as error:  # noqa: BLE001 - every reader of the batch gets it
                 for out in [out for out, _, _ in readers] + [out for _, (out, _) in arrived]:
                     out.put_nowait(error)
@@ -258,6 +260,15 @@ class Batcher:
                 running.keep(kept)
             else:
                 running = None
+
+    def _admit(self, running: Decoding | None, asks: list[Ask]) -> Decoding:
+        """The new asks' prompts read (their first step) and their rows merged into the running batch."""
+        started = self.start(asks)
+        self.step(started)
+        return started if running is None else self.join(running, started)
+
+    async def _on_model_thread(self, function, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.model_thread, function, *args)
 
     async def _arrivals(self, wait: bool, room: int) -> list:
         """Requests to start now, at most `room`: when nothing runs (`wait`), the first one and what

@@ -36,6 +36,7 @@ import os
 import re
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import requests
@@ -222,12 +223,16 @@ class ClassifierApp:
         )
         self.predict_batch.set_max_batch_size(self.cfg.max_batch_size)
         self.predict_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+        # Every model call on one thread of its own: the event loop stays free for /healthz and for
+        # parsing (and refusing) requests, and torch ran slower hopping between a pool's threads.
+        self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
         self.batcher = Batcher(
             self.scorer.start_decoding,
             self.scorer.step,
             join_decodings,
             self.cfg.max_batch_size,
             self.cfg.generation_batch_wait_s,
+            self.model_thread,
         )
 
     @app.get("/healthz")
@@ -400,7 +405,7 @@ class ClassifierApp:
             if len(texts) > MAX_EXPLAIN_TEXTS:
                 raise RequestError(422, f"{len(texts)} texts; /explain takes at most {MAX_EXPLAIN_TEXTS}: split it")
             explanations = await asyncio.wait_for(
-                asyncio.to_thread(self.scorer.explain, texts, asked.layer), timeout=self.cfg.request_timeout_s
+                self._on_model_thread(self.scorer.explain, texts, asked.layer), timeout=self.cfg.request_timeout_s
             )
         except RequestError as error:
             return JSONResponse({"detail": error.message}, status_code=error.status)
@@ -436,9 +441,11 @@ class ClassifierApp:
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def predict_batch(self, requests_texts: list[list[str]]) -> list[list[dict]]:
         flat = [text for texts in requests_texts for text in texts]
-        # In a thread: the event loop stays free for /healthz and for parsing (and refusing) requests.
-        scored = iter(await asyncio.to_thread(self.scorer, flat))
+        scored = iter(await self._on_model_thread(self.scorer, flat))
         return [[next(scored) for _ in texts] for texts in requests_texts]
+
+    async def _on_model_thread(self, function, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.model_thread, function, *args)
 
 
 Classifier = serve.deployment(serve.ingress(app)(ClassifierApp), name="Classifier")
