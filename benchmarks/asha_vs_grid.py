@@ -20,8 +20,8 @@ stages run once (the first sweep) and are cache hits for the others.
     python benchmarks/asha_vs_grid.py [--config configs/demo.yaml] [--epochs 9] [--metric eval/accuracy]
         [--tie-break eval/loss] [--arms asha,sha] [--json out.json] [OVERRIDES]
 
-The default is the demo data: on 2 CPU cores the 27 x 9 grid on rt-polarity would take hours.
-Another config (e.g. configs/rt_polarity.yaml) runs the same comparison on its data.
+The default is the demo data. Another config runs the same comparison on its data: on rt-polarity
+(--config configs/rt_polarity.yaml pretrain.model.preset=tiny) the three arms took 39 minutes here.
 """
 
 from __future__ import annotations
