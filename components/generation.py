@@ -188,6 +188,11 @@ class TextDelta:
         return delta
 
 
+async def on_thread(thread: Executor, function, *args):
+    """`function(*args)` run on `thread` (a one-worker executor), awaited from the event loop."""
+    return await asyncio.get_running_loop().run_in_executor(thread, function, *args)
+
+
 class Batcher:
     """Requests decoded together, in the replica's event loop (continuous batching): a request that
     arrives while a batch runs has its prompt read in one forward and joins the batch at the next
@@ -244,10 +249,10 @@ class Batcher:
             arrived = await self._arrivals(wait=running is None, room=self.max_batch_size - len(readers))
             try:
                 if arrived:
-                    running = await self._on_model_thread(self._admit, running, [ask for ask, _ in arrived])
+                    running = await on_thread(self.model_thread, self._admit, running, [ask for ask, _ in arrived])
                     readers += [(out, whole, TextDelta()) for _, (out, whole) in arrived]
                 else:
-                    await self._on_model_thread(self.step, running)
+                    await on_thread(self.model_thread, self.step, running)
             except Exception as error:  # noqa: BLE001 - every reader of the batch gets it
                 for out in [out for out, _, _ in readers] + [out for _, (out, _) in arrived]:
                     out.put_nowait(error)
@@ -266,9 +271,6 @@ class Batcher:
         started = self.start(asks)
         self.step(started)
         return started if running is None else self.join(running, started)
-
-    async def _on_model_thread(self, function, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.model_thread, function, *args)
 
     async def _arrivals(self, wait: bool, room: int) -> list:
         """Requests to start now, at most `room`: when nothing runs (`wait`), the first one and what

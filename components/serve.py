@@ -46,7 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 
 from components.explain import MAX_EXPLAIN_TEXTS
-from components.generation import DEADLINE, Ask, Batcher, Decoding, prompt_ids
+from components.generation import DEADLINE, Ask, Batcher, Decoding, on_thread, prompt_ids
 from components.redaction import redact_url
 from components.schemas import REGISTRY_URI, ServeConfig
 from components.stage import StageContext, StageResult, write_json
@@ -405,7 +405,8 @@ class ClassifierApp:
             if len(texts) > MAX_EXPLAIN_TEXTS:
                 raise RequestError(422, f"{len(texts)} texts; /explain takes at most {MAX_EXPLAIN_TEXTS}: split it")
             explanations = await asyncio.wait_for(
-                self._on_model_thread(self.scorer.explain, texts, asked.layer), timeout=self.cfg.request_timeout_s
+                on_thread(self.model_thread, self.scorer.explain, texts, asked.layer),
+                timeout=self.cfg.request_timeout_s,
             )
         except RequestError as error:
             return JSONResponse({"detail": error.message}, status_code=error.status)
@@ -441,11 +442,8 @@ class ClassifierApp:
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def predict_batch(self, requests_texts: list[list[str]]) -> list[list[dict]]:
         flat = [text for texts in requests_texts for text in texts]
-        scored = iter(await self._on_model_thread(self.scorer, flat))
+        scored = iter(await on_thread(self.model_thread, self.scorer, flat))
         return [[next(scored) for _ in texts] for texts in requests_texts]
-
-    async def _on_model_thread(self, function, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.model_thread, function, *args)
 
 
 Classifier = serve.deployment(serve.ingress(app)(ClassifierApp), name="Classifier")
