@@ -4,12 +4,14 @@
         top_p 0.9), up to `max_new_tokens` each (a row ends at the end token, as on the server), in
         this process, with the replica's torch threads
     (b) ptft's Serve app: 8 closed-loop HTTP clients on 127.0.0.1, each POSTing /generate with the
-        same settings (whole answers), and again streamed (server-sent events)
+        same settings (whole answers), and again streamed (server-sent events); once per
+        `serve.generation_decoder` (decoding in a process of its own, then in a replica thread)
 
 Reported: generated tokens per second of each, and (b)/(a); target >= 0.7. (a) runs before and
 after (b), and (a) is their mean. Also the time to the first streamed token at 8 clients.
 
-    python benchmarks/generate_load.py [--model HF_FOLDER] [--seconds 20] [--new-tokens 64] [--json out.json]
+    python benchmarks/generate_load.py [--model HF_FOLDER] [--seconds 20] [--new-tokens 64] [--decoders process,thread]
+        [--json out.json]
 
 Without --model it builds a 4-layer GPT-2 (hidden 256, 256 positions) with random weights on a
 byte-level BPE tokenizer trained here: the cost of decoding does not depend on what was learned.
@@ -127,11 +129,13 @@ async def clients(url: str, new_tokens: int, seconds: float, stream: bool) -> di
     return result
 
 
-def deploy(model_dir: Path, port: int, new_tokens: int) -> str:
+def deploy(model_dir: Path, port: int, new_tokens: int, decoder: str) -> str:
     from components import serve
     from components.schemas import ServeConfig
 
-    cfg = ServeConfig(app_name="bench", port=port, cpus_per_replica=THREADS, max_new_tokens=new_tokens)
+    cfg = ServeConfig(
+        app_name="bench", port=port, cpus_per_replica=THREADS, max_new_tokens=new_tokens, generation_decoder=decoder
+    )
     info = serve.ModelInfo(name="bench", version=str(time.time_ns()), model_uri=str(model_dir))
     return serve.deploy(cfg, info, tracking_uri=None)
 
@@ -141,6 +145,9 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="a Hugging Face causal-LM folder (default: build one)")
     parser.add_argument("--seconds", type=float, default=20, help="per measurement")
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument(
+        "--decoders", default="process,thread", help="serve.generation_decoder values to serve with, one after another"
+    )
     parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "generate_load.json")
     args = parser.parse_args()
     import ray
@@ -153,14 +160,17 @@ def main() -> None:
     before = baseline(model, args.new_tokens, args.seconds)
     print(f"in-process generate() batch {CLIENTS}, before: {before}", flush=True)
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    decoders = args.decoders.split(",")
     try:
-        url = deploy(model, free_port(), args.new_tokens)
-        wait_answering(url)
-        for stream in (False, True):
-            asyncio.run(clients(url, args.new_tokens, 3, stream))  # warm-up
-            name = "serve_streamed" if stream else "serve_whole"
-            results[name] = asyncio.run(clients(url, args.new_tokens, args.seconds, stream))
-            print(f"{name} {CLIENTS} clients: {results[name]}", flush=True)
+        port = free_port()
+        for decoder in decoders:
+            url = deploy(model, port, args.new_tokens, decoder)
+            wait_answering(url)
+            for stream in (False, True):
+                asyncio.run(clients(url, args.new_tokens, 3, stream))  # warm-up
+                name = f"{decoder}_{'streamed' if stream else 'whole'}"
+                results[name] = asyncio.run(clients(url, args.new_tokens, args.seconds, stream))
+                print(f"decoder {decoder}, {'streamed' if stream else 'whole'}, {CLIENTS} clients: {results[name]}")
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -169,8 +179,9 @@ def main() -> None:
     base = round((before["tokens_per_s"] + after["tokens_per_s"]) / 2, 1)
     results["in_process_generate"] = {"before": before, "after": after, "mean_tokens_per_s": base}
     results["ratios"] = {
-        "whole_over_generate": round(results["serve_whole"]["tokens_per_s"] / base, 3),
-        "streamed_over_generate": round(results["serve_streamed"]["tokens_per_s"] / base, 3),
+        f"{decoder}_{how}_over_generate": round(results[f"{decoder}_{how}"]["tokens_per_s"] / base, 3)
+        for decoder in decoders
+        for how in ("whole", "streamed")
     }
     print(json.dumps(results["ratios"]))
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -221,25 +221,9 @@ class Batcher:
             self.worker = asyncio.get_running_loop().create_task(self._batches())
         out: asyncio.Queue = asyncio.Queue()
         await self.pending.put((ask, (out, whole)))
-        loop, sent = asyncio.get_running_loop(), float("-inf")
         try:
-            while True:
-                event = await out.get()
-                if isinstance(event, dict) and "finish_reason" not in event and loop.time() < sent + interval_s:
-                    await asyncio.sleep(sent + interval_s - loop.time())
-                while not isinstance(event, BaseException) and "finish_reason" not in event and not out.empty():
-                    later = out.get_nowait()
-                    event = (
-                        later
-                        if isinstance(later, BaseException)
-                        else {**later, "token": event["token"] + later["token"]}
-                    )
-                if isinstance(event, BaseException):
-                    raise event
+            async for event in paced(out, interval_s):
                 yield event
-                sent = loop.time()
-                if "finish_reason" in event:
-                    return
         finally:
             ask.deadline = float("-inf")  # a client that left (or was answered) stops its row
 
@@ -259,7 +243,9 @@ class Batcher:
                 running, readers = None, []
                 continue
             self.batch_sizes.append(len(readers))
-            kept = self._send(running, readers)
+            kept, events = step_events(running, readers)
+            for out, event in events:
+                out.put_nowait(event)
             readers = [readers[i] for i in kept]
             if readers:
                 running.keep(kept)
@@ -290,22 +276,38 @@ class Batcher:
                 break
         return arrived
 
-    @staticmethod
-    def _send(decoding: Decoding, readers: list) -> list[int]:
-        """Each reader's event of the step; returns the indices of the rows still running."""
-        kept = []
-        for index, ((out, whole, delta), row) in enumerate(zip(readers, decoding.rows, strict=True)):
-            if row.finish_reason is None:
-                kept.append(index)
-                if not whole:
-                    out.put_nowait({"token": delta(row.text)})
-            else:
-                out.put_nowait(
-                    {
-                        "token": delta(row.text),
-                        "text": row.text,
-                        "tokens": len(row.ids),
-                        "finish_reason": row.finish_reason,
-                    }
-                )
-        return kept
+
+async def paced(out: asyncio.Queue, interval_s: float = 0.0):
+    """A row's events as its reader takes them from `out`: at most one every `interval_s` (and no
+    faster than the reader reads), the tokens made meanwhile merged into one; an exception put
+    there is raised; ends after the event with the finish_reason."""
+    loop, sent = asyncio.get_running_loop(), float("-inf")
+    while True:
+        event = await out.get()
+        if isinstance(event, dict) and "finish_reason" not in event and loop.time() < sent + interval_s:
+            await asyncio.sleep(sent + interval_s - loop.time())
+        while not isinstance(event, BaseException) and "finish_reason" not in event and not out.empty():
+            later = out.get_nowait()
+            event = later if isinstance(later, BaseException) else {**later, "token": event["token"] + later["token"]}
+        if isinstance(event, BaseException):
+            raise event
+        yield event
+        sent = loop.time()
+        if "finish_reason" in event:
+            return
+
+
+def step_events(decoding: Decoding, readers: list) -> tuple[list[int], list[tuple]]:
+    """After a step, the event of each reader `(key, whole, TextDelta)` of the decoding's rows, as
+    `(key, event)`: the new text of a running row (unless `whole`), the whole answer of an ended
+    one; and the indices of the rows still running."""
+    kept, events = [], []
+    for index, ((key, whole, delta), row) in enumerate(zip(readers, decoding.rows, strict=True)):
+        if row.finish_reason is None:
+            kept.append(index)
+            if not whole:
+                events.append((key, {"token": delta(row.text)}))
+        else:
+            answer = {"text": row.text, "tokens": len(row.ids), "finish_reason": row.finish_reason}
+            events.append((key, {"token": delta(row.text), **answer}))
+    return kept, events

@@ -702,6 +702,11 @@ class ServeConfig(BaseModel):
         description="how long a /generate batch waits to fill (it forms when the running one ends, and "
         "runs until its last row ends)",
     )
+    generation_decoder: Literal["process", "thread"] = Field(
+        "process",
+        description="where a generation replica decodes: a child process of the replica (its GIL not shared with "
+        "the replica's event loop and Ray's threads; it uses cpus_per_replica threads) or a thread of the replica",
+    )
     # Requests waiting inside a replica (for a batch) are cheap; requests Serve's router holds back
     # for a busy replica are not (throughput fell 4x at 64 clients with 32 here), and the router's
     # queue also counts requests still being assigned (32 refused some at 64 clients). See

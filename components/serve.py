@@ -45,6 +45,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 
+from components.decoding_process import DecoderLost, DecodingProcess
 from components.explain import MAX_EXPLAIN_TEXTS
 from components.generation import DEADLINE, Ask, Batcher, Decoding, on_thread, prompt_ids
 from components.redaction import redact_url
@@ -226,7 +227,21 @@ class ClassifierApp:
         # Every model call on one thread of its own: the event loop stays free for /healthz and for
         # parsing (and refusing) requests, and torch ran slower hopping between a pool's threads.
         self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
-        self.batcher = Batcher(
+        self.batcher = self._batcher()
+
+    def _batcher(self) -> Batcher | DecodingProcess | None:
+        """Continuous batching for /generate: decoding in a process of its own by default."""
+        if self.scorer.task.name != "generation":
+            return None
+        if self.cfg.generation_decoder == "process":
+            return DecodingProcess(
+                self.scorer.model,
+                self.scorer.tokenizer,
+                threads=max(1, int(self.cfg.cpus_per_replica)),
+                max_batch_size=self.cfg.max_batch_size,
+                wait_s=self.cfg.generation_batch_wait_s,
+            )
+        return Batcher(
             self.scorer.start_decoding,
             self.scorer.step,
             join_decodings,
@@ -343,8 +358,11 @@ class ClassifierApp:
         if asked.stream:
             return StreamingResponse(self._events(ask), media_type="text/event-stream")
         last = {}
-        async for last in self.batcher.events(ask, whole=True):  # noqa: B007 - one event: the last
-            pass
+        try:
+            async for last in self.batcher.events(ask, whole=True):  # noqa: B007 - one event: the last
+                pass
+        except DecoderLost as error:
+            return JSONResponse({"detail": str(error)}, status_code=503)
         if last["finish_reason"] == DEADLINE:
             detail = (
                 f"not answered within {asked.timeout_s or self.cfg.request_timeout_s}s (request_timeout_s="
@@ -378,8 +396,11 @@ class ClassifierApp:
 
     async def _events(self, ask: Ask):
         """Server-sent events: one per token as it comes, then the whole text and why it ended."""
-        async for event in self.batcher.events(ask, self.cfg.stream_interval_s):
-            yield f"data: {json.dumps(event)}\n\n"
+        try:
+            async for event in self.batcher.events(ask, self.cfg.stream_interval_s):
+                yield f"data: {json.dumps(event)}\n\n"
+        except DecoderLost as error:  # the status is sent: the last event says so
+            yield f"data: {json.dumps({'error': str(error), 'finish_reason': 'error'})}\n\n"
 
     @app.post(
         "/explain",
@@ -836,6 +857,7 @@ APP_ARGS = (
     "max_body_bytes",
     "max_new_tokens",
     "generation_batch_wait_s",
+    "generation_decoder",
     "stream_interval_s",
 )
 _SERVE_CONFIG_KEYS = {

@@ -243,3 +243,83 @@ def test_every_decoding_call_runs_on_the_one_model_thread(tiny) -> None:
 
 def test_a_generation_model_has_no_attention_map_yet() -> None:
     assert GENERATION.explain is None  # /explain answers 404 rather than a classifier's map of its logits
+
+
+def test_the_decoding_process_batches_streams_and_comes_back_after_it_died(tiny) -> None:
+    """The replica's decoding in a child process: asks sent while a batch runs join it, a stream's
+    tokens add up to its text, greedy text is the one decoded alone; a killed child fails its
+    requests with a message, and the next request starts another."""
+    import asyncio
+    import signal
+
+    from components.decoding_process import DecoderLost, DecodingProcess
+
+    model, tokenizer, _ = tiny
+    decoder = DecodingProcess(model, tokenizer, threads=1, max_batch_size=8, wait_s=0.0)
+    ids = prompt_ids(tokenizer, "the film")
+
+    async def collect(ask: Ask, whole: bool = False) -> list[dict]:
+        return [event async for event in decoder.events(ask, whole=whole)]
+
+    async def together():
+        first = asyncio.create_task(collect(Ask(ids, 30, temperature=0.0)))
+        while not decoder.batch_sizes:
+            await asyncio.sleep(0.001)  # the first batch runs
+        rest = [asyncio.create_task(collect(Ask(ids, 4 + i, temperature=1.0, seed=i), whole=i == 0)) for i in range(3)]
+        return await first, await asyncio.gather(*rest)
+
+    async def killed_mid_answer():
+        stream = decoder.events(Ask(ids, 60, temperature=1.0, seed=0))
+        await anext(stream)
+        decoder.child.send_signal(signal.SIGKILL)
+        with pytest.raises(DecoderLost, match="decoding process exited"):
+            async for _ in stream:
+                pass
+        return await collect(Ask(ids, 3, temperature=0.0), whole=True)
+
+    try:
+        first, rest = asyncio.run(together())
+        assert first[-1]["text"] == Decoding(model, tokenizer, [Ask(ids, 30, temperature=0.0)]).run()[0].text
+        assert max(decoder.batch_sizes) > 1  # the later asks joined the running batch
+        assert len(rest[0]) == 1  # whole: the last event only
+        for events in [first, *rest]:
+            assert events[-1]["finish_reason"] in (LENGTH, STOP)
+            assert "".join(event["token"] for event in events) == events[-1]["text"]
+        old = decoder.child.pid
+        after = asyncio.run(killed_mid_answer())
+        assert after[-1]["finish_reason"] in (LENGTH, STOP) and decoder.child.pid != old
+    finally:
+        decoder.close()
+
+
+def test_the_decoding_loop_ends_a_cancelled_row_and_never_starts_a_cancelled_ask(tiny) -> None:
+    """The child's loop over real pipes, read directly: a cancelled running row ends at the next step
+    (finish_reason deadline), a cancelled waiting ask never runs, and the loop returns once the
+    replica closes its end."""
+    import threading
+    from multiprocessing import Pipe
+
+    from components.decoding_process import Requests, decode_forever
+
+    model, tokenizer, _ = tiny
+    ids = prompt_ids(tokenizer, "the film")
+    to_child, child_in = Pipe()
+    child_out, from_child = Pipe()
+    requests = Requests(child_in)
+    loop = threading.Thread(target=decode_forever, args=(model, tokenizer, 1, 0.0, requests, child_out), daemon=True)
+    to_child.send(("ask", 1, Ask(ids, 60, temperature=1.0, seed=3), False))
+    loop.start()
+    kind, size, events = from_child.recv()
+    assert kind == "step" and size == 1 and [request for request, _ in events] == [1]
+    to_child.send(("ask", 2, Ask(ids, 5, temperature=0.0), True))  # waits: the batch holds one row
+    to_child.send(("cancel", 2))
+    to_child.send(("cancel", 1))
+    ended = None
+    while ended is None:
+        _, _, events = from_child.recv()
+        assert all(request == 1 for request, _ in events), events  # ask 2 never ran
+        ended = next((event for _, event in events if "finish_reason" in event), None)
+    assert ended["finish_reason"] == DEADLINE and ended["tokens"] < 60
+    to_child.close()
+    loop.join(timeout=10)
+    assert not loop.is_alive() and not requests.live
