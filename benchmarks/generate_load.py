@@ -129,13 +129,15 @@ async def clients(url: str, new_tokens: int, seconds: float, stream: bool) -> di
     return result
 
 
-def deploy(model_dir: Path, port: int, new_tokens: int, decoder: str) -> str:
+def deploy(model_dir: Path, port: int, new_tokens: int, decoder: str, stream_interval_s: float | None) -> str:
     from components import serve
     from components.schemas import ServeConfig
 
     cfg = ServeConfig(
         app_name="bench", port=port, cpus_per_replica=THREADS, max_new_tokens=new_tokens, generation_decoder=decoder
     )
+    if stream_interval_s is not None:
+        cfg = cfg.model_copy(update={"stream_interval_s": stream_interval_s})
     info = serve.ModelInfo(name="bench", version=str(time.time_ns()), model_uri=str(model_dir))
     return serve.deploy(cfg, info, tracking_uri=None)
 
@@ -149,6 +151,7 @@ def main() -> None:
         "--decoders", default="process,thread", help="serve.generation_decoder values to serve with, one after another"
     )
     parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "generate_load.json")
+    parser.add_argument("--stream-interval", type=float, help="serve.stream_interval_s (default: the config's)")
     args = parser.parse_args()
     import ray
     from ray import serve
@@ -164,7 +167,7 @@ def main() -> None:
     try:
         port = free_port()
         for decoder in decoders:
-            url = deploy(model, port, args.new_tokens, decoder)
+            url = deploy(model, port, args.new_tokens, decoder, args.stream_interval)
             wait_answering(url)
             for stream in (False, True):
                 asyncio.run(clients(url, args.new_tokens, 3, stream))  # warm-up
