@@ -53,8 +53,16 @@ def _tokenize(batch: pa.Table, tokenizer, seq_len: int, label_ids: dict[str, int
 
 
 def _forward(model, batch: dict):
-    """Teacher forcing: the model shifts the labels right into the decoder's inputs."""
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    """Teacher forcing: the labels shifted right are the decoder's inputs. No `labels` go in: the
+    loss is the fine-tuning loop's (with label smoothing), and given labels the model would compute
+    a second one over the whole vocabulary. No KV cache either (the model keeps one by default)."""
+    module = getattr(model, "module", model)  # the model inside a DeepSpeed engine
+    return model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        decoder_input_ids=module.prepare_decoder_input_ids_from_labels(labels=batch["labels"]),
+        use_cache=False,
+    )
 
 
 def decode_ids(model, input_ids, attention_mask, *, num_beams: int = NUM_BEAMS):
