@@ -133,11 +133,15 @@ def deploy(model_dir: Path, port: int, new_tokens: int, decoder: str, stream_int
     from components import serve
     from components.schemas import ServeConfig
 
+    interval = {} if stream_interval_s is None else {"stream_interval_s": stream_interval_s}
     cfg = ServeConfig(
-        app_name="bench", port=port, cpus_per_replica=THREADS, max_new_tokens=new_tokens, generation_decoder=decoder
+        app_name="bench",
+        port=port,
+        cpus_per_replica=THREADS,
+        max_new_tokens=new_tokens,
+        generation_decoder=decoder,
+        **interval,
     )
-    if stream_interval_s is not None:
-        cfg = cfg.model_copy(update={"stream_interval_s": stream_interval_s})
     info = serve.ModelInfo(name="bench", version=str(time.time_ns()), model_uri=str(model_dir))
     return serve.deploy(cfg, info, tracking_uri=None)
 

@@ -269,10 +269,14 @@ def test_the_decoding_process_batches_streams_and_comes_back_after_it_died(tiny)
         return await first, await asyncio.gather(*rest)
 
     async def killed_mid_answer():
-        stream = decoder.events(Ask(ids, 60, temperature=1.0, seed=0))
-        await anext(stream)
+        longest = model.config.n_positions - len(ids)  # ~150 ms of steps: the kill comes first
+        stream = decoder.events(Ask(ids, longest, temperature=1.0, seed=0))
+        first = asyncio.ensure_future(anext(stream))
+        while not decoder.readers:
+            await asyncio.sleep(0.001)  # the ask is sent
         decoder.child.send_signal(signal.SIGKILL)
         with pytest.raises(DecoderLost, match="decoding process exited"):
+            await first
             async for _ in stream:
                 pass
         return await collect(Ask(ids, 3, temperature=0.0), whole=True)
@@ -293,33 +297,42 @@ def test_the_decoding_process_batches_streams_and_comes_back_after_it_died(tiny)
 
 
 def test_the_decoding_loop_ends_a_cancelled_row_and_never_starts_a_cancelled_ask(tiny) -> None:
-    """The child's loop over real pipes, read directly: a cancelled running row ends at the next step
-    (finish_reason deadline), a cancelled waiting ask never runs, and the loop returns once the
-    replica closes its end."""
+    """The child's loop over real pipes, its steps let through one at a time: a cancelled running
+    row ends at the next step (finish_reason deadline), a cancelled waiting ask never runs, and the
+    loop returns once the replica closes its end."""
     import threading
     from multiprocessing import Pipe
 
     from components.decoding_process import Requests, decode_forever
 
     model, tokenizer, _ = tiny
+    steps = threading.Semaphore(0)
+
+    def gated(**inputs):
+        assert steps.acquire(timeout=60), "no step let through"
+        return model(**inputs)
+
     ids = prompt_ids(tokenizer, "the film")
     to_child, child_in = Pipe()
     child_out, from_child = Pipe()
     requests = Requests(child_in)
-    loop = threading.Thread(target=decode_forever, args=(model, tokenizer, 1, 0.0, requests, child_out), daemon=True)
-    to_child.send(("ask", 1, Ask(ids, 60, temperature=1.0, seed=3), False))
+    loop = threading.Thread(target=decode_forever, args=(gated, tokenizer, 1, 0.0, requests, child_out), daemon=True)
     loop.start()
+    to_child.send(("ask", 1, Ask(ids, 40, temperature=1.0, seed=3), False))
+    steps.release()
     kind, size, events = from_child.recv()
     assert kind == "step" and size == 1 and [request for request, _ in events] == [1]
     to_child.send(("ask", 2, Ask(ids, 5, temperature=0.0), True))  # waits: the batch holds one row
     to_child.send(("cancel", 2))
     to_child.send(("cancel", 1))
-    ended = None
+    ended, taken = None, 1
     while ended is None:
-        _, _, events = from_child.recv()
-        assert all(request == 1 for request, _ in events), events  # ask 2 never ran
+        steps.release()
+        kind, _, events = from_child.recv()
+        taken += 1
+        assert kind == "step" and all(request == 1 for request, _ in events), events  # ask 2 never ran
         ended = next((event for _, event in events if "finish_reason" in event), None)
-    assert ended["finish_reason"] == DEADLINE and ended["tokens"] < 60
+    assert ended["finish_reason"] == DEADLINE and taken <= 3  # the step running at the cancel, then the next
     to_child.close()
     loop.join(timeout=10)
     assert not loop.is_alive() and not requests.live
