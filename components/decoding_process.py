@@ -233,14 +233,12 @@ def decode_forever(model, tokenizer, max_batch_size: int, wait_s: float, request
 def main(argv: list[str]) -> None:
     folder, threads, max_batch_size, wait_s, read_fd, write_fd = argv
     import torch
-    from transformers import AutoConfig, AutoTokenizer
 
-    from components.tasks import task_of_model
+    from components.tasks import load_model_folder
 
     torch.set_num_threads(int(threads))
-    task = task_of_model(AutoConfig.from_pretrained(folder))
-    model = task.model_class().from_pretrained(folder, use_safetensors=True).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model, tokenizer = load_model_folder(folder)
+    model.eval()
     outbox = Connection(int(write_fd), readable=False)
     outbox.send(("ready",))
     decode_forever(model, tokenizer, int(max_batch_size), float(wait_s), Requests(Connection(int(read_fd))), outbox)

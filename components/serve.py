@@ -51,7 +51,7 @@ from components.generation import DEADLINE, Ask, Batcher, Decoding, on_thread, p
 from components.redaction import redact_url
 from components.schemas import REGISTRY_URI, ServeConfig
 from components.stage import StageContext, StageResult, write_json
-from components.tasks import task_of_model
+from components.tasks import load_model_folder, task_of_model
 
 log = logging.getLogger(__name__)
 
@@ -588,11 +588,7 @@ def load_classifier(model_uri: str, tracking_uri: str | None):
             return wrapped.model, wrapped.tokenizer
         components = mlflow.transformers.load_model(model_uri, return_type="components")
         return components["model"], components["tokenizer"]
-    from transformers import AutoConfig, AutoTokenizer
-
-    task = task_of_model(AutoConfig.from_pretrained(model_uri))
-    model = task.model_class().from_pretrained(model_uri, use_safetensors=True)
-    return model, AutoTokenizer.from_pretrained(model_uri)
+    return load_model_folder(model_uri)
 
 
 # --------------------------------------------------------------------------- deploying

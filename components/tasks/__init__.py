@@ -34,3 +34,12 @@ def task_of_model(config) -> TaskType:
             if architecture.endswith(task.architecture):
                 return task
     raise ValueError(f"a {config.architectures} model: ptft serves {', '.join(TASK_TYPES)} models")
+
+
+def load_model_folder(folder: str):
+    """(model, tokenizer) of a fine-tuned model saved as a Hugging Face folder, with its task's head."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    task = task_of_model(AutoConfig.from_pretrained(folder))
+    model = task.model_class().from_pretrained(folder, use_safetensors=True)  # weights are data, never a pickle
+    return model, AutoTokenizer.from_pretrained(folder)
