@@ -119,6 +119,7 @@ class MlflowTracker:
         self.down_since: float | None = None  # when the server stopped answering (None: it answers)
         self._batch_started: float | None = None  # when the batch being sent now was first tried
         self._gave_up: Exception | None = None
+        self._retry_now = threading.Event()  # cuts the sender's backoff short (see `close`)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         now = int(time.time() * 1000)
@@ -224,7 +225,8 @@ class MlflowTracker:
                     with self._lock:
                         self._gave_up, self._sender = error, None
                     return
-                time.sleep(retry_s)
+                self._retry_now.wait(retry_s)
+                self._retry_now.clear()
                 retry_s = min(retry_s * 2, 10.0)
                 continue
             with self._lock:
@@ -240,6 +242,7 @@ class MlflowTracker:
 
     def close(self, status: str = "FINISHED") -> None:
         """Send everything (waiting out an outage up to `outage_budget_s`), then end the run if owned."""
+        self._retry_now.set()  # an outage may be over by now: try at once, not after the backoff
         while (sender := self._sender_for_pending()) is not None:
             sender.join()
         if self._gave_up is not None:
@@ -441,7 +444,16 @@ def node_system_metrics(tracking_uri: str | None, run_id: str | None) -> Iterato
     sampling.start()
     try:
         yield
-    finally:
+    except BaseException:
         done.set()
         sampling.join()
-        tracker.flush()  # the stage's own tracker has waited out any outage by now
+        tracker.flush()  # the stage failed: its samples are not worth holding it up
+        raise
+    done.set()
+    sampling.join()
+    # The stage's own tracker has waited out any outage by now; a flush would not wait for a
+    # sender still backing off, and the samples taken in the outage would die with the worker.
+    try:
+        tracker.close()
+    except RuntimeError as error:
+        log.warning("system metrics of this node were not all logged: %s", error)
