@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections import deque
-from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -186,95 +184,6 @@ class TextDelta:
             return ""
         delta, self.sent = text[len(self.sent) :], text
         return delta
-
-
-async def on_thread(thread: Executor, function, *args):
-    """`function(*args)` run on `thread` (a one-worker executor), awaited from the event loop."""
-    return await asyncio.get_running_loop().run_in_executor(thread, function, *args)
-
-
-class Batcher:
-    """Requests decoded together, in the replica's event loop (continuous batching): a request that
-    arrives while a batch runs has its prompt read in one forward and joins the batch at the next
-    step (at most `max_batch_size` rows); an ended row leaves at once. When nothing runs, the first
-    request waits at most `wait_s` for others to start with.
-
-    `start(asks)` makes a Decoding, `step(decoding)` runs one of its steps and `join(running, new)`
-    merges a started one into the running one; all on `model_thread`, so the loop keeps answering.
-    One thread, always the same: the same decoding stepped from the threads of asyncio's default
-    pool took 1.4x as long per forward (5.1 ms against 3.6 ms, docs/performance.md)."""
-
-    def __init__(self, start, step, join, max_batch_size: int, wait_s: float, model_thread: Executor | None = None):
-        self.start, self.step, self.join = start, step, join
-        self.max_batch_size, self.wait_s = max_batch_size, wait_s
-        self.model_thread = model_thread or ThreadPoolExecutor(1, thread_name_prefix="decoding")
-        self.pending: asyncio.Queue | None = None
-        self.worker: asyncio.Task | None = None
-        self.batch_sizes: deque[int] = deque(maxlen=1000)  # rows of the latest steps (the tests read them)
-
-    async def events(self, ask: Ask, interval_s: float = 0.0, whole: bool = False):
-        """The ask's events: {"token"} per step, the last also {"text", "tokens", "finish_reason"}.
-        Events come at most every `interval_s` (and no faster than the reader takes them): the
-        tokens made meanwhile come in one. `whole`: the last event only."""
-        if self.worker is None or self.worker.done():
-            self.pending = asyncio.Queue()
-            self.worker = asyncio.get_running_loop().create_task(self._batches())
-        out: asyncio.Queue = asyncio.Queue()
-        await self.pending.put((ask, (out, whole)))
-        try:
-            async for event in paced(out, interval_s):
-                yield event
-        finally:
-            ask.deadline = float("-inf")  # a client that left (or was answered) stops its row
-
-    async def _batches(self) -> None:
-        running, readers = None, []  # the Decoding, and per row its reader's queue and text so far
-        while True:
-            arrived = await self._arrivals(wait=running is None, room=self.max_batch_size - len(readers))
-            try:
-                if arrived:
-                    running = await on_thread(self.model_thread, self._admit, running, [ask for ask, _ in arrived])
-                    readers += [(out, whole, TextDelta()) for _, (out, whole) in arrived]
-                else:
-                    await on_thread(self.model_thread, self.step, running)
-            except Exception as error:  # noqa: BLE001 - every reader of the batch gets it
-                for out in [out for out, _, _ in readers] + [out for _, (out, _) in arrived]:
-                    out.put_nowait(error)
-                running, readers = None, []
-                continue
-            self.batch_sizes.append(len(readers))
-            kept, events = step_events(running, readers)
-            for out, event in events:
-                out.put_nowait(event)
-            readers = [readers[i] for i in kept]
-            if readers:
-                running.keep(kept)
-            else:
-                running = None
-
-    def _admit(self, running: Decoding | None, asks: list[Ask]) -> Decoding:
-        """The new asks' prompts read (their first step) and their rows merged into the running batch."""
-        started = self.start(asks)
-        self.step(started)
-        return started if running is None else self.join(running, started)
-
-    async def _arrivals(self, wait: bool, room: int) -> list:
-        """Requests to start now, at most `room`: when nothing runs (`wait`), the first one and what
-        comes within wait_s; else what is waiting."""
-        arrived = [await self.pending.get()] if wait else []
-        loop = asyncio.get_running_loop()
-        until = loop.time() + (self.wait_s if wait else 0.0)
-        while len(arrived) < room:
-            if not self.pending.empty():
-                arrived.append(self.pending.get_nowait())
-            elif loop.time() < until:
-                try:
-                    arrived.append(await asyncio.wait_for(self.pending.get(), until - loop.time()))
-                except TimeoutError:
-                    break
-            else:
-                break
-        return arrived
 
 
 async def paced(out: asyncio.Queue, interval_s: float = 0.0):

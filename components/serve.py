@@ -36,7 +36,7 @@ import os
 import re
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 
 import requests
@@ -45,9 +45,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 
-from components.decoding_process import DecoderLost, DecodingProcess
+from components.decoder import Decoder, DecoderLost
 from components.explain import MAX_EXPLAIN_TEXTS
-from components.generation import DEADLINE, Ask, Batcher, Decoding, on_thread, prompt_ids
+from components.generation import DEADLINE, Ask, prompt_ids
 from components.redaction import redact_url
 from components.schemas import REGISTRY_URI, ServeConfig
 from components.stage import StageContext, StageResult, write_json
@@ -229,25 +229,17 @@ class ClassifierApp:
         self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
         self.batcher = self._batcher()
 
-    def _batcher(self) -> Batcher | DecodingProcess | None:
+    def _batcher(self) -> Decoder | None:
         """Continuous batching for /generate: decoding in a process of its own by default."""
         if self.scorer.task.name != "generation":
             return None
-        if self.cfg.generation_decoder == "process":
-            return DecodingProcess(
-                self.scorer.model,
-                self.scorer.tokenizer,
-                threads=max(1, int(self.cfg.cpus_per_replica)),
-                max_batch_size=self.cfg.max_batch_size,
-                wait_s=self.cfg.generation_batch_wait_s,
-            )
-        return Batcher(
-            self.scorer.start_decoding,
-            self.scorer.step,
-            join_decodings,
-            self.cfg.max_batch_size,
-            self.cfg.generation_batch_wait_s,
-            self.model_thread,
+        return Decoder(
+            self.scorer.model,
+            self.scorer.tokenizer,
+            threads=max(1, int(self.cfg.cpus_per_replica)),
+            max_batch_size=self.cfg.max_batch_size,
+            wait_s=self.cfg.generation_batch_wait_s,
+            where=self.cfg.generation_decoder,
         )
 
     @app.get("/healthz")
@@ -543,23 +535,15 @@ class Scorer:
                 answers[index] = answer
         return answers
 
-    def start_decoding(self, asks: list[Ask]) -> Decoding:
-        return Decoding(self.model, self.tokenizer, asks)
-
-    def step(self, decoding: Decoding) -> list[int]:
-        """One step of a generation batch, under the lock like a forward pass."""
-        with self._model_lock:
-            return decoding.step()
-
     def explain(self, texts: list[str], layer: int = -1) -> list[dict]:
         """The task type's attention maps (components/explain.py)."""
         with self._model_lock:
             return self.task.explain(self.model, self.tokenizer, texts, max_tokens=self.max_tokens, layer=layer)
 
 
-def join_decodings(running: Decoding, started: Decoding) -> Decoding:
-    running.absorb(started)
-    return running
+async def on_thread(thread: Executor, function, *args):
+    """`function(*args)` run on `thread` (a one-worker executor), awaited from the event loop."""
+    return await asyncio.get_running_loop().run_in_executor(thread, function, *args)
 
 
 def token_budget_parts(lengths: list[int], budget: int) -> list[list[int]]:

@@ -157,105 +157,17 @@ def test_rows_that_leave_and_join_a_running_decoding_decode_as_they_would_alone(
     assert rows[0].ids == alone(long_, 12) and rows[1].ids == alone(late, 9)
 
 
-def test_requests_arriving_while_a_batch_runs_join_it_and_each_gets_its_own_events(tiny) -> None:
-    """Three asks sent while a batch runs join it at the next step; a stream's tokens add up to its
-    text, and a caller that stops reading ends its row."""
+@pytest.mark.parametrize("where", ["thread", "process"])
+def test_requests_arriving_while_a_batch_runs_join_it_and_each_gets_its_own_events(tiny, where: str) -> None:
+    """The replica's decoder, on a thread of its own or in a child process: asks sent while a batch
+    runs join it, a stream's tokens add up to its text, greedy text is the one decoded alone, and a
+    caller that stops reading ends its row."""
     import asyncio
 
-    from components.generation import Batcher
+    from components.decoder import Decoder
 
     model, tokenizer, _ = tiny
-
-    def join(running: Decoding, started: Decoding) -> Decoding:
-        running.absorb(started)
-        return running
-
-    batcher = Batcher(lambda asks: Decoding(model, tokenizer, asks), lambda d: d.step(), join, 8, wait_s=0.0)
-    ids = prompt_ids(tokenizer, "the film")
-
-    async def collect(ask: Ask) -> list[dict]:
-        return [event async for event in batcher.events(ask)]
-
-    async def scenario():
-        first = asyncio.create_task(collect(Ask(ids, 20, temperature=0.0)))
-        await asyncio.sleep(0)  # the first batch starts with it alone
-        waiting = [asyncio.create_task(collect(Ask(ids, 4 + i, temperature=1.0, seed=i))) for i in range(3)]
-        return await first, await asyncio.gather(*waiting)
-
-    first, waiting = asyncio.run(scenario())
-    assert list(batcher.batch_sizes)[:2] == [1, 4] and max(batcher.batch_sizes) == 4
-    assert first[-1]["text"] == Decoding(model, tokenizer, [Ask(ids, 20, temperature=0.0)]).run()[0].text
-    for events, budget in [(first, 20), *zip(waiting, (4, 5, 6), strict=True)]:
-        last = events[-1]
-        assert last["finish_reason"] in (LENGTH, STOP) and last["tokens"] <= budget
-        assert "".join(event["token"] for event in events) == last["text"]
-
-    async def leave_early():
-        ask = Ask(ids, 40, temperature=1.0, seed=0)
-        stream = batcher.events(ask)
-        await anext(stream)
-        await stream.aclose()  # the client went away
-        return ask
-
-    assert asyncio.run(leave_early()).deadline == float("-inf")
-
-
-def test_every_decoding_call_runs_on_the_one_model_thread(tiny) -> None:
-    """Reads of prompts, steps and joins, for requests that come one after another and together,
-    all run on one thread: torch ran each step 1.4x slower hopping between a pool's threads."""
-    import asyncio
-    import threading
-
-    from components.generation import Batcher
-
-    model, tokenizer, _ = tiny
-    threads: set[int] = set()
-
-    def on(function):
-        def recorded(*args):
-            threads.add(threading.get_ident())
-            return function(*args)
-
-        return recorded
-
-    def join(running: Decoding, started: Decoding) -> Decoding:
-        running.absorb(started)
-        return running
-
-    start = on(lambda asks: Decoding(model, tokenizer, asks))
-    batcher = Batcher(start, on(lambda d: d.step()), on(join), 4, wait_s=0.0)
-    ids = prompt_ids(tokenizer, "the film")
-
-    async def scenario():
-        async def ask(budget: int) -> dict:
-            return [event async for event in batcher.events(Ask(ids, budget, temperature=0.0))][-1]
-
-        first = asyncio.create_task(ask(12))
-        await asyncio.sleep(0)
-        together = await asyncio.gather(*(ask(3 + i) for i in range(6)))
-        return [await first, *together, await ask(2)]
-
-    answers = asyncio.run(scenario())
-    assert all(answer["finish_reason"] in (LENGTH, STOP) for answer in answers)
-    assert max(batcher.batch_sizes) > 1  # some requests were decoded together, so joins ran
-    assert len(threads) == 1 and threading.get_ident() not in threads
-
-
-def test_a_generation_model_has_no_attention_map_yet() -> None:
-    assert GENERATION.explain is None  # /explain answers 404 rather than a classifier's map of its logits
-
-
-def test_the_decoding_process_batches_streams_and_comes_back_after_it_died(tiny) -> None:
-    """The replica's decoding in a child process: asks sent while a batch runs join it, a stream's
-    tokens add up to its text, greedy text is the one decoded alone; a killed child fails its
-    requests with a message, and the next request starts another."""
-    import asyncio
-    import signal
-
-    from components.decoding_process import DecoderLost, DecodingProcess
-
-    model, tokenizer, _ = tiny
-    decoder = DecodingProcess(model, tokenizer, threads=1, max_batch_size=8, wait_s=0.0)
+    decoder = Decoder(model, tokenizer, threads=1, max_batch_size=8, wait_s=0.0, where=where)
     ids = prompt_ids(tokenizer, "the film")
 
     async def collect(ask: Ask, whole: bool = False) -> list[dict]:
@@ -268,6 +180,87 @@ def test_the_decoding_process_batches_streams_and_comes_back_after_it_died(tiny)
         rest = [asyncio.create_task(collect(Ask(ids, 4 + i, temperature=1.0, seed=i), whole=i == 0)) for i in range(3)]
         return await first, await asyncio.gather(*rest)
 
+    async def leave_early() -> list[int]:
+        """Rows per step of an ask sent right after a client left its (long) stream."""
+        stream = decoder.events(Ask(ids, model.config.n_positions - len(ids), temperature=1.0, seed=0))
+        await anext(stream)
+        await stream.aclose()  # the client went away: its row is cancelled
+        size = len(decoder.batch_sizes)
+        await collect(Ask(ids, 6, temperature=0.0))
+        return list(decoder.batch_sizes)[size:]
+
+    try:
+        first, rest = asyncio.run(together())
+        assert first[-1]["text"] == Decoding(model, tokenizer, [Ask(ids, 30, temperature=0.0)]).run()[0].text
+        assert max(decoder.batch_sizes) > 1  # the later asks joined the running batch
+        assert len(rest[0]) == 1  # whole: the last event only
+        for events, budget in [(first, 30), *zip(rest, (4, 5, 6), strict=True)]:
+            assert events[-1]["finish_reason"] in (LENGTH, STOP) and events[-1]["tokens"] <= budget
+            assert "".join(event["token"] for event in events) == events[-1]["text"]
+        # The row left behind ends within a step or two, so the next ask (at least 4 steps, as
+        # decoded alone) ends alone; had the row gone on, every step would hold two.
+        assert len(Decoding(model, tokenizer, [Ask(ids, 6, temperature=0.0)]).run()[0].ids) >= 4
+        assert asyncio.run(leave_early())[-1] == 1
+    finally:
+        decoder.close()
+    assert not decoder.readers
+
+
+def test_every_decoding_step_runs_on_the_one_decoding_thread(tiny, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The thread decoder's reads of prompts and steps, for requests that come one after another and
+    together, all run on one thread, not the event loop's: torch ran each step 1.4x slower hopping
+    between a pool's threads."""
+    import asyncio
+    import threading
+
+    from components.decoder import Decoder
+
+    model, tokenizer, _ = tiny
+    threads: set[int] = set()
+    step = Decoding.step
+
+    def recorded(decoding: Decoding):
+        threads.add(threading.get_ident())
+        return step(decoding)
+
+    monkeypatch.setattr(Decoding, "step", recorded)
+    decoder = Decoder(model, tokenizer, threads=1, max_batch_size=4, wait_s=0.0, where="thread")
+    ids = prompt_ids(tokenizer, "the film")
+
+    async def scenario():
+        async def ask(budget: int) -> dict:
+            return [event async for event in decoder.events(Ask(ids, budget, temperature=0.0))][-1]
+
+        first = asyncio.create_task(ask(12))
+        await asyncio.sleep(0)
+        together = await asyncio.gather(*(ask(3 + i) for i in range(6)))
+        return [await first, *together, await ask(2)], threading.get_ident()
+
+    try:
+        answers, event_loop = asyncio.run(scenario())
+    finally:
+        decoder.close()
+    assert all(answer["finish_reason"] in (LENGTH, STOP) for answer in answers)
+    assert max(decoder.batch_sizes) > 1  # some requests were decoded together
+    assert len(threads) == 1 and event_loop not in threads
+
+
+def test_a_generation_model_has_no_attention_map_yet() -> None:
+    assert GENERATION.explain is None  # /explain answers 404 rather than a classifier's map of its logits
+
+
+def test_a_killed_decoding_process_fails_its_requests_and_the_next_request_starts_another(tiny) -> None:
+    """A child process killed mid-answer: its requests fail with a message (the replica answers
+    503), and the next request starts another child."""
+    import asyncio
+    import signal
+
+    from components.decoder import Decoder, DecoderLost
+
+    model, tokenizer, _ = tiny
+    decoder = Decoder(model, tokenizer, threads=1, max_batch_size=8, wait_s=0.0)
+    ids = prompt_ids(tokenizer, "the film")
+
     async def killed_mid_answer():
         longest = model.config.n_positions - len(ids)  # ~150 ms of steps: the kill comes first
         stream = decoder.events(Ask(ids, longest, temperature=1.0, seed=0))
@@ -279,16 +272,9 @@ def test_the_decoding_process_batches_streams_and_comes_back_after_it_died(tiny)
             await first
             async for _ in stream:
                 pass
-        return await collect(Ask(ids, 3, temperature=0.0), whole=True)
+        return [event async for event in decoder.events(Ask(ids, 3, temperature=0.0), whole=True)]
 
     try:
-        first, rest = asyncio.run(together())
-        assert first[-1]["text"] == Decoding(model, tokenizer, [Ask(ids, 30, temperature=0.0)]).run()[0].text
-        assert max(decoder.batch_sizes) > 1  # the later asks joined the running batch
-        assert len(rest[0]) == 1  # whole: the last event only
-        for events in [first, *rest]:
-            assert events[-1]["finish_reason"] in (LENGTH, STOP)
-            assert "".join(event["token"] for event in events) == events[-1]["text"]
         old = decoder.child.pid
         after = asyncio.run(killed_mid_answer())
         assert after[-1]["finish_reason"] in (LENGTH, STOP) and decoder.child.pid != old
@@ -297,13 +283,13 @@ def test_the_decoding_process_batches_streams_and_comes_back_after_it_died(tiny)
 
 
 def test_the_decoding_loop_ends_a_cancelled_row_and_never_starts_a_cancelled_ask(tiny) -> None:
-    """The child's loop over real pipes, its steps let through one at a time: a cancelled running
+    """The decoding loop over real pipes, its steps let through one at a time: a cancelled running
     row ends at the next step (finish_reason deadline), a cancelled waiting ask never runs, and the
     loop returns once the replica closes its end."""
     import threading
     from multiprocessing import Pipe
 
-    from components.decoding_process import Requests, decode_forever
+    from components.decoder import Requests, decode_forever
 
     model, tokenizer, _ = tiny
     steps = threading.Semaphore(0)

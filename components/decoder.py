@@ -1,12 +1,14 @@
-"""A generation replica's decoding loop in a process of its own.
+"""A generation replica's decoder: the continuous batching of `components.generation` (the same
+`Decoding`, the same events) in a process of its own, or on a thread of the replica.
 
-Inside a Serve replica the decoding thread shares one GIL with the event loop (HTTP, JSON), Ray's
+Inside a Serve replica a decoding thread shares one GIL with the event loop (HTTP, JSON), Ray's
 core worker and Serve's own threads: a step there took 5-9 ms against 4.5 ms for the same batch in a
-plain process (docs/performance.md). Here the replica keeps the HTTP side and a child process runs
-the continuous batching of `components.generation` (the same `Decoding`, the same events), with
-asks, cancellations and each step's events passed over two pipes.
+plain process (docs/performance.md). So by default the replica keeps the HTTP side and a child
+process decodes, with asks, cancellations and each step's events passed over two pipes. The thread
+decoder (`serve.generation_decoder: thread`: no second copy of the model, no process to start) runs
+the same loop over the same pipes, so both behave alike but for where the steps run.
 
-    python -m components.decoding_process MODEL_DIR THREADS MAX_BATCH_SIZE WAIT_S READ_FD WRITE_FD
+    python -m components.decoder MODEL_DIR THREADS MAX_BATCH_SIZE WAIT_S READ_FD WRITE_FD
 """
 
 from __future__ import annotations
@@ -34,56 +36,86 @@ class DecoderLost(RuntimeError):
     """The decoding process died: the requests it held are lost (the replica answers 503)."""
 
 
-class DecodingProcess:
-    """`Batcher.events` with the decoding in a child process: each ask goes to the child with an id,
-    each step comes back as one message holding every row's event. The child is started here (the
-    replica is ready once it is) and again by the next request after it died; its requests then get
-    an error. A client that leaves before its answer cancels its row."""
+class Decoder:
+    """Asks decoded together (continuous batching): each ask goes to the decoding loop with an id,
+    each step comes back as one message holding every row's event. The loop runs in a child process
+    (`where="process"`) or on a thread of this process (`"thread"`); it is started here (the
+    replica is ready once it is) and again by the next request after it died, whose requests then
+    get an error. A client that leaves before its answer cancels its row."""
 
-    def __init__(self, model, tokenizer, threads: int, max_batch_size: int, wait_s: float) -> None:
+    def __init__(self, model, tokenizer, threads: int, max_batch_size: int, wait_s: float, where: str = "process"):
         self.model, self.tokenizer = model, tokenizer
-        self.settings = [str(threads), str(max_batch_size), str(wait_s)]
+        self.where = where
+        self.threads, self.max_batch_size, self.wait_s = threads, max_batch_size, wait_s
         self.batch_sizes: deque[int] = deque(maxlen=1000)  # rows of the latest steps (the tests read them)
         self.readers: dict[int, asyncio.Queue] = {}  # request id -> its events, until the last one
         self.ids = itertools.count()
-        self.child: subprocess.Popen | None = None
+        self.child: subprocess.Popen | threading.Thread | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.listening = False  # a thread reads the running child's messages
+        self.listening = False  # a thread reads the running loop's messages
         self.restart = asyncio.Lock()
         self._start()
 
     def _start(self) -> None:
-        """The child, with the model handed over as a folder it loads (removed once it has)."""
-        folder = Path(tempfile.mkdtemp(prefix="ptft-decoding-"))
-        try:
-            self.model.save_pretrained(folder)
-            self.tokenizer.save_pretrained(folder)
-            child_reads, parent_writes = os.pipe()
-            parent_reads, child_writes = os.pipe()
-            self.child = subprocess.Popen(
-                [sys.executable, "-m", __name__, str(folder), *self.settings, str(child_reads), str(child_writes)],
-                pass_fds=(child_reads, child_writes),
-                cwd=PACKAGE_ROOT,
-            )
-            os.close(child_reads)
-            os.close(child_writes)
-            self.outbox = Connection(parent_writes, readable=False)
-            self.inbox = Connection(parent_reads, writable=False)
+        """The decoding loop, with a pipe each way; returns once it is ready. A child process gets
+        the model as a folder it loads (removed once it has)."""
+        child_reads, parent_writes = os.pipe()
+        parent_reads, child_writes = os.pipe()
+        self.outbox = Connection(parent_writes, readable=False)
+        self.inbox = Connection(parent_reads, writable=False)
+        with contextlib.ExitStack() as cleanup:
+            if self.where == "thread":
+                self.child = threading.Thread(
+                    target=_decode_on_thread,
+                    args=(self.model, self.tokenizer, self.max_batch_size, self.wait_s, child_reads, child_writes),
+                    name="decoding",
+                    daemon=True,
+                )
+                self.child.start()
+            else:
+                folder = Path(tempfile.mkdtemp(prefix="ptft-decoding-"))
+                cleanup.callback(shutil.rmtree, folder, ignore_errors=True)
+                self.model.save_pretrained(folder)
+                self.tokenizer.save_pretrained(folder)
+                settings = [str(self.threads), str(self.max_batch_size), str(self.wait_s)]
+                self.child = subprocess.Popen(
+                    [sys.executable, "-m", __name__, str(folder), *settings, str(child_reads), str(child_writes)],
+                    pass_fds=(child_reads, child_writes),
+                    cwd=PACKAGE_ROOT,
+                )
+                os.close(child_reads)
+                os.close(child_writes)
             try:
                 self.inbox.recv()  # "ready": the model is loaded
             except EOFError:
-                code = self.child.wait()
-                raise RuntimeError(f"the decoding process exited ({code}) while loading the model") from None
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
+                code = self._exit_code(wait=True)
+                raise RuntimeError(f"the decoding {self.where} exited ({code}) while loading the model") from None
         self.listening = False
 
+    def _running(self) -> bool:
+        if isinstance(self.child, threading.Thread):
+            return self.child.is_alive()
+        return self.child is not None and self.child.poll() is None
+
+    def _exit_code(self, wait: bool = False) -> int | None:
+        """The child process's exit status (None for a thread, or a process still running)."""
+        if not isinstance(self.child, subprocess.Popen):
+            return None
+        return self.child.wait() if wait else self.child.poll()
+
+    def _lost_error(self) -> DecoderLost:
+        return DecoderLost(
+            f"the decoding {self.where} exited ({self._exit_code()}); retry: the next request starts another"
+        )
+
     async def events(self, ask: Ask, interval_s: float = 0.0, whole: bool = False):
-        """As `Batcher.events`: {"token"} per step, the last also {"text", "tokens", "finish_reason"}."""
+        """The ask's events: {"token"} per step, the last also {"text", "tokens", "finish_reason"}.
+        Events come at most every `interval_s` (and no faster than the reader takes them): the
+        tokens made meanwhile come in one. `whole`: the last event only."""
         loop = asyncio.get_running_loop()
-        self.loop = loop  # where the child's messages go (one loop in a replica; each test's own)
+        self.loop = loop  # where the loop's messages go (one event loop in a replica; each test's own)
         async with self.restart:
-            if self.child is None or self.child.poll() is not None:
+            if not self._running():
                 await loop.run_in_executor(None, self._start)
             if not self.listening:
                 self.listening = True
@@ -93,9 +125,9 @@ class DecodingProcess:
         self.readers[request] = out
         try:
             self.outbox.send(("ask", request, ask, whole))
-        except OSError:  # the child died just now: the next request starts another
+        except OSError:  # the decoder died just now: the next request starts another
             del self.readers[request]
-            raise DecoderLost("the decoding process exited; retry: the next request starts another") from None
+            raise self._lost_error() from None
         try:
             async for event in paced(out, interval_s):
                 yield event
@@ -104,10 +136,10 @@ class DecodingProcess:
                 try:
                     self.outbox.send(("cancel", request))
                 except OSError:
-                    pass  # the child is gone, and its row with it
+                    pass  # the decoder is gone, and the row with it
 
     def _listen(self, inbox: Connection) -> None:
-        """The child's messages handed to the event loop, until its pipe closes."""
+        """The decoder's messages handed to the event loop, until its pipe closes."""
         try:
             while True:
                 message = inbox.recv()
@@ -136,23 +168,25 @@ class DecodingProcess:
 
     def _lost(self, inbox: Connection) -> None:
         if inbox is not self.inbox:
-            return  # an earlier child's pipe
-        code = self.child.poll() if self.child is not None else None
+            return  # an earlier decoder's pipe
         for out in self.readers.values():
-            out.put_nowait(DecoderLost(f"the decoding process exited ({code}); retry: the next request starts another"))
+            out.put_nowait(self._lost_error())
         self.readers.clear()
         self.outbox.close()
         self.child = None
 
     def close(self) -> None:
         if self.child is not None:
-            self.outbox.close()  # the child ends at the end of its input
-            self.child.wait(timeout=30)
+            self.outbox.close()  # the loop ends at the end of its input
+            if isinstance(self.child, threading.Thread):
+                self.child.join(timeout=30)
+            else:
+                self.child.wait(timeout=30)
             self.child = None
 
 
 class Requests:
-    """The child's side of the asks: those waiting to join the batch, and every live one by id."""
+    """The decoding loop's side of the asks: those waiting to join the batch, and every live one by id."""
 
     def __init__(self, connection: Connection) -> None:
         self.connection = connection
@@ -194,8 +228,11 @@ class Requests:
 
 
 def decode_forever(model, tokenizer, max_batch_size: int, wait_s: float, requests: Requests, outbox: Connection):
-    """The continuous batching of `components.generation.Batcher`, with the asks from `requests`
-    and each step's events sent to `outbox`, until the replica closes the pipe."""
+    """Continuous batching: a request that arrives while a batch runs has its prompt read in one
+    forward and joins the batch at the next step (at most `max_batch_size` rows); an ended row
+    leaves at once; when nothing runs, the first request waits at most `wait_s` for others to start
+    with. The asks come from `requests`, each step's events go to `outbox`, until the replica
+    closes the pipe."""
     running, readers = None, []  # the Decoding, and per row (request id, whole, TextDelta)
     while True:
         arrived = requests.take(wait=running is None, room=max_batch_size - len(readers), wait_s=wait_s)
@@ -228,6 +265,20 @@ def decode_forever(model, tokenizer, max_batch_size: int, wait_s: float, request
             running.keep(kept)
         else:
             running = None
+
+
+def _decode_on_thread(model, tokenizer, max_batch_size: int, wait_s: float, read_fd: int, write_fd: int) -> None:
+    """`decode_forever` on a thread of the replica, over the same pipes as a child process; its end
+    closes them, so the replica sees it go as it sees a process exit. The model is the replica's:
+    a generation model has no /explain (the one call that changes a model's settings), and its
+    /predict forwards run beside the steps as inference does."""
+    requests, outbox = Requests(Connection(read_fd, writable=False)), Connection(write_fd, readable=False)
+    try:
+        outbox.send(("ready",))
+        decode_forever(model, tokenizer, max_batch_size, wait_s, requests, outbox)
+    finally:
+        requests.connection.close()
+        outbox.close()
 
 
 def main(argv: list[str]) -> None:
