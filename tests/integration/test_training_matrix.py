@@ -16,13 +16,19 @@ ZeRO-3 masked-LM runs in test_stages.py.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib.util
 import json
+import os
+import struct
 import subprocess
 import sys
+import termios
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psutil
 import pytest
 import requests
 import torch
@@ -44,7 +50,7 @@ from components.schemas import (
     span_count,
 )
 from components.stage import read_json
-from tests.conftest import REPO, absent, shared, tiny_config_dict
+from tests.conftest import REPO, absent, shared, tiny_config_dict, wait_until
 from tests.integration.test_stages import Chain
 
 pytestmark = pytest.mark.integration
@@ -424,6 +430,25 @@ def _events(response: requests.Response) -> list[dict]:
     return [json.loads(line[len("data: ") :]) for line in response.iter_lines(decode_unicode=True) if line]
 
 
+def _decoding_process_of(app: str) -> psutil.Process:
+    """The child process that decodes for the Serve application `app`'s replica."""
+    for process in psutil.process_iter(["cmdline"]):
+        if "components.decoder" in (process.info["cmdline"] or []):
+            with contextlib.suppress(psutil.Error):
+                if f"ServeReplica:{app}:" in " ".join(process.parent().cmdline()):
+                    return process
+    raise AssertionError(f"no decoding process under a replica of {app}")
+
+
+def _asks_waiting(decoder: psutil.Process) -> int:
+    """Bytes in the pipe the decoding process reads its asks from (its READ_FD argument)."""
+    pipe = os.open(f"/proc/{decoder.pid}/fd/{decoder.cmdline()[-2]}", os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        return struct.unpack("i", fcntl.ioctl(pipe, termios.FIONREAD, b"\0" * 4))[0]
+    finally:
+        os.close(pipe)
+
+
 def test_a_gpt2_generation_model_is_registered_and_generates_whole_and_streamed(
     chain: Chain, gpt2_generation, ray_driver: str, tmp_path: Path
 ) -> None:
@@ -461,6 +486,20 @@ def test_a_gpt2_generation_model_is_registered_and_generates_whole_and_streamed(
         assert all(response.status_code == 200 for response in first + again)
         assert [r.json()["text"] for r in first] == [r.json()["text"] for r in again]  # the seed decides
         assert all(r.json()["tokens"] <= body["max_new_tokens"] for r, body in zip(first, sampled, strict=True))
+
+        # The decoding process dies holding a request: that request gets a 503, the next one a new
+        # process. Stopped first, so the ask is surely in its pipe (not yet read) when it is killed.
+        decoder = _decoding_process_of("generation")
+        decoder.suspend()
+        with ThreadPoolExecutor(1) as pool:
+            held = pool.submit(requests.post, generate, json=greedy, timeout=60)
+            wait_until(lambda: _asks_waiting(decoder) > 0, "the ask in the decoding process's pipe", timeout_s=60)
+            decoder.kill()
+            lost = held.result()
+        assert lost.status_code == 503 and "decoding process exited" in lost.json()["detail"], lost.text
+        again = requests.post(generate, json=greedy, timeout=120)
+        assert again.status_code == 200 and again.json()["text"] == answer["text"]
+        assert _decoding_process_of("generation").pid != decoder.pid
 
         # A deadline stops generation: whole, a 408; streamed, a last event saying so.
         late = {"prompt": "the film is", "max_new_tokens": 20, "timeout_s": 0.0005}
