@@ -49,18 +49,28 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
     return ([start] if start is not None else []) + ids
 
 
-def nucleus_sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
-    """One token id from a row's next-token logits: the argmax at temperature 0, else a draw from
-    the smallest set of likeliest tokens whose probability reaches `top_p`."""
-    if temperature <= 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
+def nucleus_sample(
+    logits: torch.Tensor, temperatures: list[float], top_ps: list[float], generators: list[torch.Generator]
+) -> list[int]:
+    """Each row's next token id from its next-token logits (rows x vocabulary), the rows in one
+    pass: the argmax at temperature 0, else a draw with the row's own generator (one uniform number
+    a step, so a seed gives the same text in any batch) from the smallest set of likeliest tokens
+    whose probability reaches the row's `top_p`."""
+    tokens = logits.argmax(-1)
+    drawn = [row for row, temperature in enumerate(temperatures) if temperature > 0]
+    if drawn:
+        rows = torch.tensor(drawn)
+        scale = torch.tensor([temperatures[row] for row in drawn])[:, None]
+        probs = torch.softmax(logits[rows].float() / scale, dim=-1)
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        top_p = torch.tensor([top_ps[row] for row in drawn])[:, None]
         before = sorted_probs.cumsum(-1) - sorted_probs  # the mass of the tokens likelier than each
-        sorted_probs[before >= top_p] = 0.0  # the first token always stays
-        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator))
+        sorted_probs[(before >= top_p) & (top_p < 1.0)] = 0.0  # the first token always stays
+        cumulative = sorted_probs.cumsum(-1)
+        uniform = torch.cat([torch.rand(1, generator=generators[row]) for row in drawn])
+        picks = torch.searchsorted(cumulative, (uniform * cumulative[:, -1])[:, None], right=True)
+        tokens[rows] = order.gather(-1, picks.clamp(max=order.shape[-1] - 1)).squeeze(-1)
+    return tokens.tolist()
 
 
 class Decoding:
@@ -101,15 +111,21 @@ class Decoding:
             logits_to_keep=1,  # only the last position's: the prompt's other logits are never read
         )
         self.cache = output.cache
-        logits = output.logits[:, -1, :]
         now = time.monotonic()
-        changed, chosen = [], []
-        for index, (ask, row) in enumerate(zip(self.asks, self.rows, strict=True)):
-            token = self.pad
-            if row.finish_reason is None:
-                changed.append(index)
-                token = self._advance(ask, row, logits[index], self.generators[index], now)
-            chosen.append(token)
+        changed = [index for index, row in enumerate(self.rows) if row.finish_reason is None]
+        for index in changed:
+            if now > self.asks[index].deadline:
+                self.rows[index].finish_reason = DEADLINE
+        running = [index for index in changed if self.rows[index].finish_reason is None]
+        drawn = nucleus_sample(
+            output.logits[running, -1, :],
+            [self.asks[index].temperature for index in running],
+            [self.asks[index].top_p for index in running],
+            [self.generators[index] for index in running],
+        )
+        chosen = [self.pad] * len(self.rows)
+        for index, token in zip(running, drawn, strict=True):
+            chosen[index] = self._advance(self.asks[index], self.rows[index], token)
         self.next_input = torch.tensor(chosen)[:, None]
         self.mask = torch.cat([self.mask, torch.ones(len(self.rows), 1, dtype=self.mask.dtype)], dim=-1)
         self.positions = self.positions[:, -1:] + 1
@@ -150,11 +166,7 @@ class Decoding:
         self.asks, self.rows = self.asks + other.asks, self.rows + other.rows
         self.generators = self.generators + other.generators
 
-    def _advance(self, ask: Ask, row: Row, logits: torch.Tensor, generator: torch.Generator, now: float) -> int:
-        if now > ask.deadline:
-            row.finish_reason = DEADLINE
-            return self.pad
-        token = nucleus_sample(logits, ask.temperature, ask.top_p, generator)
+    def _advance(self, ask: Ask, row: Row, token: int) -> int:
         if token == self.end:
             row.finish_reason = STOP
             return token

@@ -5,6 +5,7 @@ GPT-2 built here."""
 from __future__ import annotations
 
 import time
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
@@ -104,11 +105,38 @@ def test_a_row_past_its_deadline_stops_and_the_others_go_on(tiny) -> None:
 def test_nucleus_sampling_draws_only_from_the_top_p_mass() -> None:
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
     generator = torch.Generator().manual_seed(0)
-    drawn = {nucleus_sample(logits, 1.0, 0.7, generator) for _ in range(200)}
-    assert drawn == {0, 1}  # 0.5 + 0.3 reach 0.7: the rest never
-    assert {nucleus_sample(logits, 1.0, 0.01, generator) for _ in range(50)} == {0}  # the likeliest always stays
-    assert nucleus_sample(logits, 0.0, 1.0, generator) == 0  # temperature 0: greedy
-    assert len({nucleus_sample(logits, 1.0, 1.0, generator) for _ in range(400)}) == 4
+
+    def draw(temperature: float, top_p: float) -> int:
+        return nucleus_sample(logits[None], [temperature], [top_p], [generator])[0]
+
+    assert {draw(1.0, 0.7) for _ in range(200)} == {0, 1}  # 0.5 + 0.3 reach 0.7: the rest never
+    assert {draw(1.0, 0.01) for _ in range(50)} == {0}  # the likeliest always stays
+    assert draw(0.0, 1.0) == 0  # temperature 0: greedy
+    counts = Counter(draw(1.0, 1.0) for _ in range(4000))
+    frequencies = [counts[token] / 4000 for token in range(4)]
+    assert all(abs(f - p) < 0.03 for f, p in zip(frequencies, [0.5, 0.3, 0.15, 0.05], strict=True)), frequencies
+
+
+def test_rows_sampled_together_draw_as_they_would_alone() -> None:
+    """One pass for the batch, each row with its own settings and its own generator's stream."""
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(1))
+    settings = [(0.0, 1.0), (1.0, 0.9), (0.7, 1.0), (1.5, 0.5)]
+
+    def streams(rows: list[int]) -> list[list[int]]:
+        generators = [torch.Generator().manual_seed(row) for row in rows]
+        draws = [[] for _ in rows]
+        for _ in range(30):
+            tokens = nucleus_sample(
+                logits[rows], [settings[r][0] for r in rows], [settings[r][1] for r in rows], generators
+            )
+            for row_draws, token in zip(draws, tokens, strict=True):
+                row_draws.append(token)
+        return draws
+
+    together = streams([0, 1, 2, 3])
+    assert together == [streams([row])[0] for row in range(4)]
+    assert set(together[0]) == {int(logits[0].argmax())} and len(set(together[2])) > 1
+    assert nucleus_sample(logits[[]], [], [], []) == []
 
 
 def test_streamed_deltas_add_up_to_the_text() -> None:
