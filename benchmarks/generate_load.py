@@ -6,12 +6,14 @@
     (b) ptft's Serve app: 8 closed-loop HTTP clients on 127.0.0.1, each POSTing /generate with the
         same settings (whole answers), and again streamed (server-sent events); once per
         `serve.generation_decoder` (decoding in a process of its own, then in a replica thread)
+        and per Serve ingress (HAProxy, as on the clusters ptft starts, then Serve's Python
+        proxy), each ingress on a local Ray of its own
 
 Reported: generated tokens per second of each, and (b)/(a); target >= 0.7. (a) runs before and
 after (b), and (a) is their mean. Also the time to the first streamed token at 8 clients.
 
     python benchmarks/generate_load.py [--model HF_FOLDER] [--seconds 20] [--new-tokens 64] [--decoders process,thread]
-        [--json out.json]
+        [--ingresses haproxy,proxy] [--json out.json]
 
 Without --model it builds a 4-layer GPT-2 (hidden 256, 256 positions) with random weights on a
 byte-level BPE tokenizer trained here: the cost of decoding does not depend on what was learned.
@@ -146,6 +148,38 @@ def deploy(model_dir: Path, port: int, new_tokens: int, decoder: str, stream_int
     return serve.deploy(cfg, info, tracking_uri=None)
 
 
+def serve_arms(
+    model: Path, way: str, decoders: list[str], new_tokens: int, seconds: float, stream_interval_s: float | None
+) -> dict:
+    """Each decoder's whole and streamed arms, through one Serve ingress on a local Ray of its own
+    (Ray reads the ingress from the environment its processes start with)."""
+    import ray
+    from ray import serve
+
+    from components import ingress
+
+    saved = dict(os.environ)
+    os.environ.update(ingress.haproxy_env() if way == "haproxy" else {ingress.ENABLE: "0"})
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    results = {}
+    try:
+        port = free_port()
+        for decoder in decoders:
+            url = deploy(model, port, new_tokens, decoder, stream_interval_s)
+            wait_answering(url)
+            for stream in (False, True):
+                asyncio.run(clients(url, new_tokens, 3, stream))  # warm-up
+                name = f"{way}_{decoder}_{'streamed' if stream else 'whole'}"
+                results[name] = asyncio.run(clients(url, new_tokens, seconds, stream))
+                print(f"{way} ingress, decoder {decoder}, {'streamed' if stream else 'whole'}: {results[name]}")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        os.environ.clear()
+        os.environ.update(saved)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, help="a Hugging Face causal-LM folder (default: build one)")
@@ -156,9 +190,10 @@ def main() -> None:
     )
     parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "generate_load.json")
     parser.add_argument("--stream-interval", type=float, help="serve.stream_interval_s (default: the config's)")
+    parser.add_argument(
+        "--ingresses", default="haproxy,proxy", help="Serve ingresses to serve through, one after another"
+    )
     args = parser.parse_args()
-    import ray
-    from ray import serve
 
     model = args.model or build_model(Path(tempfile.mkdtemp(prefix="generate-load-")) / "model")
     results: dict = {"model": str(model), "clients": CLIENTS, "new_tokens": args.new_tokens, "threads": THREADS}
@@ -166,27 +201,16 @@ def main() -> None:
     # than the gap measured, so each ratio is against the mean of the two.
     before = baseline(model, args.new_tokens, args.seconds)
     print(f"in-process generate() batch {CLIENTS}, before: {before}", flush=True)
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    decoders = args.decoders.split(",")
-    try:
-        port = free_port()
-        for decoder in decoders:
-            url = deploy(model, port, args.new_tokens, decoder, args.stream_interval)
-            wait_answering(url)
-            for stream in (False, True):
-                asyncio.run(clients(url, args.new_tokens, 3, stream))  # warm-up
-                name = f"{decoder}_{'streamed' if stream else 'whole'}"
-                results[name] = asyncio.run(clients(url, args.new_tokens, args.seconds, stream))
-                print(f"decoder {decoder}, {'streamed' if stream else 'whole'}, {CLIENTS} clients: {results[name]}")
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    ways, decoders = args.ingresses.split(","), args.decoders.split(",")
+    for way in ways:
+        results.update(serve_arms(model, way, decoders, args.new_tokens, args.seconds, args.stream_interval))
     after = baseline(model, args.new_tokens, args.seconds)
     print(f"in-process generate() batch {CLIENTS}, after: {after}", flush=True)
     base = round((before["tokens_per_s"] + after["tokens_per_s"]) / 2, 1)
     results["in_process_generate"] = {"before": before, "after": after, "mean_tokens_per_s": base}
     results["ratios"] = {
-        f"{decoder}_{how}_over_generate": round(results[f"{decoder}_{how}"]["tokens_per_s"] / base, 3)
+        f"{way}_{decoder}_{how}_over_generate": round(results[f"{way}_{decoder}_{how}"]["tokens_per_s"] / base, 3)
+        for way in ways
         for decoder in decoders
         for how in ("whole", "streamed")
     }

@@ -4,10 +4,12 @@ aiohttp client process, 127.0.0.1), against arms that each start fresh, one afte
 
     floor             a bare uvicorn app that answers every request 503 at once: what the client,
                       TCP and one Python HTTP server cost per rejection on this machine
-    serve             ptft's Serve application as deployed today
+    serve             ptft's Serve application behind Serve's Python proxy
     serve_same_loop   the same, with the proxy's router on the proxy's own event loop
                       (RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0: no thread hop per request)
     serve_quiet_proxy the same, without the proxy's access log and per-rejection warning
+    serve_haproxy     the application behind an HAProxy ingress, as on the clusters ptft starts
+                      (components/ingress.py): the replica's own HTTP server rejects
 
 For each: the client's time to each 503 (median, p90, first and last tenth by arrival) and, for the
 Serve arms, the proxy's own handling time per 503 from its access log, so that
@@ -39,6 +41,8 @@ import aiohttp  # noqa: E402
 import requests  # noqa: E402
 from serve_load import TEXT, build_model, deploy_serve, free_port, percentile_ms, wait_answering  # noqa: E402
 
+from components import ingress  # noqa: E402
+
 ONGOING, QUEUED = 16, 16
 BURST = 10 * (ONGOING + QUEUED)
 ARMS = {
@@ -46,6 +50,7 @@ ARMS = {
     "serve": {},
     "serve_same_loop": {"RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"},
     "serve_quiet_proxy": {},
+    "serve_haproxy": {},  # components.ingress.haproxy_env(), as on the clusters ptft starts
 }
 
 FLOOR_APP = """
@@ -181,6 +186,8 @@ def main() -> None:
     results: dict = {"burst": BURST, "max_ongoing_requests": ONGOING, "max_queued_requests": QUEUED}
     for arm, env in ARMS.items():
         command = [sys.executable, __file__, "--arm", arm, "--model", str(model), "--repeats", str(args.repeats)]
+        if arm == "serve_haproxy":
+            env = ingress.haproxy_env()
         done = subprocess.run(command, env={**os.environ, **env}, capture_output=True, text=True)
         line = next((line for line in done.stdout.splitlines() if line.startswith("ARM ")), None)
         if line is None:

@@ -26,7 +26,7 @@ from pathlib import Path
 import ray
 from mlflow.tracking import MlflowClient
 
-from components import accelerator, console
+from components import accelerator, console, ingress
 from components.redaction import redact_tree
 from components.stage import StageContext, StageResult, read_json, weights_sha256, write_json
 from components.tracking import (
@@ -227,6 +227,8 @@ def _start_or_join_ray(config: PipelineConfig) -> None:
             f"[ptft] the local Ray dashboard listens on {config.ray.dashboard_host} with token auth: "
             "`ray get-auth-token` prints the token its clients need"
         )
+    if not address:
+        os.environ.update(ingress.cluster_env())  # the new cluster's processes inherit it
     address = address or "local"
     ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, configure_logging=False, **local)
 

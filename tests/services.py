@@ -2,7 +2,8 @@
 pytest processes (`make test` runs several xdist workers):
 
 * `ray_cluster`: a local Ray head started with `ray start --head --block` (its own temp dir,
-  `ray_temp_dir`, and ports), stopped at the end of the run.
+  `ray_temp_dir`, and ports), stopped at the end of the run. Its Serve ingress is HAProxy, as on
+  the clusters ptft starts (components/ingress.py).
 * `run_prometheus`: a Prometheus server (Debian package `prometheus`) scraping that cluster with
   dashboards/prometheus.yml, pointed at the cluster's service discovery file (the e2e package's
   `prometheus` fixture).
@@ -37,6 +38,7 @@ import requests
 import yaml
 from filelock import FileLock
 
+from components import ingress
 from components.training import free_port
 from tests.conftest import REPO, TEST_HOME, system_tool, wait_until
 
@@ -148,6 +150,7 @@ def _start_ray(folder: Path) -> dict:
     temp_dir = Path(tempfile.mkdtemp(prefix="ptft-ray-", dir="/tmp"))  # short: Ray's socket paths have a limit
     port = free_port()
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.update(ingress.cluster_env(env))  # Serve's ingress as on the clusters ptft starts: HAProxy
     command = [
         str(BIN / "ray"),
         "start",

@@ -114,6 +114,16 @@ def test_serve_answers_with_labels_and_the_model(app: dict) -> None:
     assert "/predict" in requests.get(f"{app['url']}/openapi.json", timeout=10).json()["paths"]
 
 
+def test_the_ingress_is_haproxy_not_the_python_proxy(app: dict) -> None:
+    """The shared cluster starts as ptft starts one (components/ingress.py): each node's ingress is
+    an HAProxy process that forwards to the replicas' own HTTP servers."""
+    from ray.util.state import list_actors
+
+    alive = [("state", "=", "ALIVE")]
+    managers = list_actors(filters=[("class_name", "=", "HAProxyManager"), *alive])
+    assert len(managers) == 1, managers  # one node
+
+
 def test_a_long_text_is_truncated_and_says_so(app: dict) -> None:
     long = " ".join(["very"] * 300)  # 300 tokens > 64 positions, 1499 bytes < 2000
     response = requests.post(f"{app['url']}/predict", json={"texts": [long, "good"]}, timeout=30)
