@@ -38,6 +38,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import aiohttp  # noqa: E402
 
 from benchmarks.serve_load import free_port, wait_answering  # noqa: E402
+from components import ingress  # noqa: E402
 
 PROMPT = "the plot was dull but the film is moving and the acting"
 CLIENTS = 8
@@ -148,6 +149,16 @@ def deploy(model_dir: Path, port: int, new_tokens: int, decoder: str, stream_int
     return serve.deploy(cfg, info, tracking_uri=None)
 
 
+# Serve's ingress per arm: the environment a local Ray starts with.
+INGRESSES = {
+    "haproxy": ingress.haproxy_env,  # as on the clusters ptft starts
+    "proxy": lambda: {ingress.ENABLE: "0"},  # Serve's Python proxy
+    # HAProxy plus Serve's other throughput settings (user code and router on the replica's loop,
+    # buffered access logs, frozen GC after start-up)
+    "haproxy_throughput": lambda: {**ingress.haproxy_env(), "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+}
+
+
 def serve_arms(
     model: Path, way: str, decoders: list[str], new_tokens: int, seconds: float, stream_interval_s: float | None
 ) -> dict:
@@ -156,10 +167,8 @@ def serve_arms(
     import ray
     from ray import serve
 
-    from components import ingress
-
     saved = dict(os.environ)
-    os.environ.update(ingress.haproxy_env() if way == "haproxy" else {ingress.ENABLE: "0"})
+    os.environ.update(INGRESSES[way]())
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     results = {}
     try:
@@ -191,7 +200,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "generate_load.json")
     parser.add_argument("--stream-interval", type=float, help="serve.stream_interval_s (default: the config's)")
     parser.add_argument(
-        "--ingresses", default="haproxy,proxy", help="Serve ingresses to serve through, one after another"
+        "--ingresses", default="haproxy,proxy", help=f"Serve ingresses, one after another, of {sorted(INGRESSES)}"
     )
     args = parser.parse_args()
 
