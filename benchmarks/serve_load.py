@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import aiohttp  # noqa: E402
 import requests  # noqa: E402
+
+from components.net import free_port  # noqa: E402
 
 TEXT = "the plot was dull but the film is moving and the acting very good , not tedious at all ."
 THREADS = 1  # torch threads per scorer, in both apps
@@ -209,12 +210,6 @@ async def burst(url: str, requests_count: int) -> dict:
         "p99_accepted_ms": percentile_ms(accepted, 0.99),
         "recovered_s": round(recovered_s, 3),
     }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def main() -> None:

@@ -18,8 +18,9 @@ was given (cluster/README.md).
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Mapping
+
+from components.net import free_port
 
 ENABLE = "RAY_SERVE_ENABLE_HA_PROXY"
 PORTS = (
@@ -41,7 +42,7 @@ DRAIN_S = "2"
 
 def haproxy_env() -> dict[str, str]:
     """The variables a new cluster needs for an HAProxy ingress on ports of its own."""
-    return {ENABLE: "1", DRAIN: DRAIN_S, **{name: str(_free_port()) for name in PORTS}}
+    return {ENABLE: "1", DRAIN: DRAIN_S, **{name: str(free_port()) for name in PORTS}}
 
 
 def cluster_env(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
@@ -50,9 +51,3 @@ def cluster_env(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
     if environ.get(ENABLE) == "0":
         return {}
     return {name: value for name, value in haproxy_env().items() if name not in environ}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

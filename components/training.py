@@ -10,7 +10,6 @@ import math
 import os
 import random
 import shutil
-import socket
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, Scalin
 from ray.train.torch import TorchTrainer
 
 from components import accelerator
+from components.net import free_port
 from components.schemas import DeepSpeedConfig, WorkersConfig
 from components.stage import StageContext, write_json
 
@@ -377,12 +377,6 @@ def ensure_process_group() -> bool:
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), **one_rank})
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     return True
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def steps_for(num_rows: int, shard: Shard, epochs: int) -> int:

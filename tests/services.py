@@ -39,7 +39,7 @@ import yaml
 from filelock import FileLock
 
 from components import ingress
-from components.training import free_port
+from components.net import free_port
 from tests.conftest import REPO, TEST_HOME, system_tool, wait_until
 
 BIN = Path(sys.executable).parent

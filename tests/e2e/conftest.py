@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from components.training import free_port
+from components.net import free_port
 from pipelines.pipeline_config import load_config
 from pipelines.stages import graph
 from tests.conftest import REPO

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+from components.net import free_port
 from components.stage import read_json
-from components.training import free_port
 from tests.conftest import REPO, wait_until
 
 PTFT = str(Path(sys.executable).parent / "ptft")

@@ -13,7 +13,7 @@ import pytest
 import requests
 import yaml
 
-from components.training import free_port
+from components.net import free_port
 from tests.conftest import REPO, tiny_config_dict
 
 pytestmark = pytest.mark.integration

@@ -19,7 +19,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from ray.job_submission import JobSubmissionClient
 
-from components.training import free_port
+from components.net import free_port
 from tests.conftest import REPO
 from tests.e2e.conftest import SHRINK
 from tests.services import BIN, _stop, _wait_for

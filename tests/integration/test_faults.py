@@ -27,8 +27,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from components.net import free_port
 from components.stage import read_json
-from components.training import free_port
 from tests.conftest import REPO, tiny_config_dict, wait_until
 from tests.integration.pretrain_runs import CHECKPOINT_EVERY, PretrainRuns
 

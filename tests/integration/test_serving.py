@@ -25,8 +25,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from components import registry, serve
+from components.net import free_port
 from components.schemas import ServeConfig
-from components.training import free_port
 from tests.conftest import POSITIONS, REPO, tiny_classifier, tiny_config_dict, wait_until
 
 pytestmark = pytest.mark.integration

@@ -17,7 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from components import tracking
-from components.training import free_port
+from components.net import free_port
 from tests.conftest import wait_until
 from tests.integration.pretrain_runs import PretrainRuns
 from tests.services import start_mlflow, start_postgres, start_postgres_again, stop_service

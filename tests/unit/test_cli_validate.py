@@ -107,7 +107,7 @@ def test_an_override_where_an_id_or_file_goes_says_what_to_write(command: list[s
 @pytest.mark.parametrize("command", ["serve", "explain"])
 def test_a_registry_that_does_not_answer_exits_2_naming_the_tracking_uri(command: str, good_config: Path) -> None:
     """Not 'no such model': nothing listens on that port (a real refused connection)."""
-    from components.training import free_port
+    from components.net import free_port
 
     uri = f"http://127.0.0.1:{free_port()}"
     texts = ["a text"] if command == "explain" else []

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from components.training import free_port
+from components.net import free_port
 from pipelines import jobs, preflight
 from pipelines.pipeline_config import PipelineConfig, validate
 from tests.conftest import REPO, tiny_config_dict

@@ -11,7 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from components import redaction, tracking
-from components.training import free_port
+from components.net import free_port
 from tests.conftest import wait_until
 
 
