@@ -45,12 +45,14 @@ from components import ingress  # noqa: E402
 
 ONGOING, QUEUED = 16, 16
 BURST = 10 * (ONGOING + QUEUED)
+PYTHON_PROXY = {ingress.ENABLE: "0"}
+# Each arm's environment, made when the arm starts (the HAProxy arm takes free ports then).
 ARMS = {
-    "floor": {},
-    "serve": {},
-    "serve_same_loop": {"RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"},
-    "serve_quiet_proxy": {},
-    "serve_haproxy": {},  # components.ingress.haproxy_env(), as on the clusters ptft starts
+    "floor": dict,
+    "serve": lambda: PYTHON_PROXY,
+    "serve_same_loop": lambda: {**PYTHON_PROXY, "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"},
+    "serve_quiet_proxy": lambda: PYTHON_PROXY,
+    "serve_haproxy": ingress.haproxy_env,  # as on the clusters ptft starts
 }
 
 FLOOR_APP = """
@@ -184,11 +186,9 @@ def main() -> None:
         return
     model = args.model or build_model(Path(tempfile.mkdtemp(prefix="serve-overload-")) / "model")
     results: dict = {"burst": BURST, "max_ongoing_requests": ONGOING, "max_queued_requests": QUEUED}
-    for arm, env in ARMS.items():
+    for arm, make_env in ARMS.items():
         command = [sys.executable, __file__, "--arm", arm, "--model", str(model), "--repeats", str(args.repeats)]
-        if arm == "serve_haproxy":
-            env = ingress.haproxy_env()
-        done = subprocess.run(command, env={**os.environ, **env}, capture_output=True, text=True)
+        done = subprocess.run(command, env={**os.environ, **make_env()}, capture_output=True, text=True)
         line = next((line for line in done.stdout.splitlines() if line.startswith("ARM ")), None)
         if line is None:
             raise SystemExit(f"arm {arm} failed:\n{done.stderr[-3000:]}")
