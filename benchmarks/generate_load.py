@@ -151,19 +151,27 @@ def deploy(model_dir: Path, port: int, new_tokens: int, decoder: str, stream_int
 
 # Serve's ingress per arm: the environment a local Ray starts with.
 INGRESSES = {
-    "haproxy": ingress.haproxy_env,  # as on the clusters ptft starts
-    "proxy": lambda: {ingress.ENABLE: "0"},  # Serve's Python proxy
+    "haproxy": ingress.haproxy_env,  # HAProxy, request code on a loop in a thread of the replica's own
+    "proxy": lambda: {ingress.ENABLE: "0"},  # Serve's Python proxy, request code as above
+    # HAProxy, request code on the replica's main event loop: as on the clusters ptft starts
+    "haproxy_user_loop": lambda: ingress.cluster_env({}),
     # HAProxy plus Serve's other throughput settings (user code and router on the replica's loop,
-    # buffered access logs, frozen GC after start-up)
+    # buffered access logs, no logs to stderr, frozen GC after start-up)
     "haproxy_throughput": lambda: {**ingress.haproxy_env(), "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
 }
 
 
 def serve_arms(
-    model: Path, way: str, decoders: list[str], new_tokens: int, seconds: float, stream_interval_s: float | None
+    model: Path,
+    way: str,
+    decoders: list[str],
+    new_tokens: int,
+    seconds: float,
+    stream_interval_s: float | None,
+    tag: str,
 ) -> dict:
     """Each decoder's whole and streamed arms, through one Serve ingress on a local Ray of its own
-    (Ray reads the ingress from the environment its processes start with)."""
+    (Ray reads the ingress from the environment its processes start with), named after `tag`."""
     import ray
     from ray import serve
 
@@ -178,9 +186,9 @@ def serve_arms(
             wait_answering(url)
             for stream in (False, True):
                 asyncio.run(clients(url, new_tokens, 3, stream))  # warm-up
-                name = f"{way}_{decoder}_{'streamed' if stream else 'whole'}"
+                name = f"{tag}_{decoder}_{'streamed' if stream else 'whole'}"
                 results[name] = asyncio.run(clients(url, new_tokens, seconds, stream))
-                print(f"{way} ingress, decoder {decoder}, {'streamed' if stream else 'whole'}: {results[name]}")
+                print(f"{tag} ingress, decoder {decoder}, {'streamed' if stream else 'whole'}: {results[name]}")
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -211,15 +219,20 @@ def main() -> None:
     before = baseline(model, args.new_tokens, args.seconds)
     print(f"in-process generate() batch {CLIENTS}, before: {before}", flush=True)
     ways, decoders = args.ingresses.split(","), args.decoders.split(",")
-    for way in ways:
-        results.update(serve_arms(model, way, decoders, args.new_tokens, args.seconds, args.stream_interval))
+    # An ingress named again is measured again (e.g. a,b,b,a against drift), its results tagged a#2.
+    tags = [
+        way if ways[:index].count(way) == 0 else f"{way}#{ways[:index].count(way) + 1}"
+        for index, way in enumerate(ways)
+    ]
+    for way, tag in zip(ways, tags, strict=True):
+        results.update(serve_arms(model, way, decoders, args.new_tokens, args.seconds, args.stream_interval, tag))
     after = baseline(model, args.new_tokens, args.seconds)
     print(f"in-process generate() batch {CLIENTS}, after: {after}", flush=True)
     base = round((before["tokens_per_s"] + after["tokens_per_s"]) / 2, 1)
     results["in_process_generate"] = {"before": before, "after": after, "mean_tokens_per_s": base}
     results["ratios"] = {
-        f"{way}_{decoder}_{how}_over_generate": round(results[f"{way}_{decoder}_{how}"]["tokens_per_s"] / base, 3)
-        for way in ways
+        f"{tag}_{decoder}_{how}_over_generate": round(results[f"{tag}_{decoder}_{how}"]["tokens_per_s"] / base, 3)
+        for tag in tags
         for decoder in decoders
         for how in ("whole", "streamed")
     }

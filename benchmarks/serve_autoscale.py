@@ -32,6 +32,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import aiohttp  # noqa: E402
 from serve_load import TEXT, build_model, deploy_serve, free_port, percentile_ms, wait_answering  # noqa: E402
 
+from components import ingress  # noqa: E402
+
 MAX_REPLICAS = 2
 AUTOSCALING = {
     "min_replicas": 1,
@@ -110,6 +112,8 @@ def main() -> None:
     from ray import serve
 
     model = args.model or build_model(Path(tempfile.mkdtemp(prefix="serve-autoscale-")) / "model")
+    # Serve's ingress as on the clusters ptft starts (HAProxy; RAY_SERVE_ENABLE_HA_PROXY=0: the Python proxy)
+    os.environ.update(ingress.cluster_env())
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
         url = deploy_serve(model, free_port(), autoscaling=AUTOSCALING)
@@ -133,6 +137,8 @@ def main() -> None:
     scaled_in = watch.first(busy_end, lambda count: count <= 1)
     split = scaled_out if scaled_out is not None and scaled_out < busy_end else busy_end
     results = {
+        "ingress": ingress.name(),
+        "user_code_in_separate_thread": os.environ.get(ingress.USER_LOOP, "1"),
         "autoscaling": AUTOSCALING,
         "busy_clients": BUSY_CLIENTS,
         "phases_s": {"busy_start": round(busy_start, 2), "busy_end": round(busy_end, 2), "end": round(end, 2)},

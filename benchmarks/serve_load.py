@@ -37,6 +37,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import aiohttp  # noqa: E402
 import requests  # noqa: E402
 
+from components import ingress  # noqa: E402
 from components.net import free_port  # noqa: E402
 
 TEXT = "the plot was dull but the film is moving and the acting very good , not tedious at all ."
@@ -222,10 +223,19 @@ def main() -> None:
     from ray import serve
 
     model = args.model or build_model(Path(tempfile.mkdtemp(prefix="serve-load-")) / "model")
+    # Serve's ingress as on the clusters ptft starts (HAProxy; RAY_SERVE_ENABLE_HA_PROXY=0: the Python proxy)
+    os.environ.update(ingress.cluster_env())
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     serve_port, bare_port = free_port(), free_port()
     bare = start_bare(model, bare_port)
-    results: dict = {"model": str(model), "seconds": args.seconds, "threads": THREADS, "cpus": os.cpu_count()}
+    results: dict = {
+        "model": str(model),
+        "seconds": args.seconds,
+        "threads": THREADS,
+        "cpus": os.cpu_count(),
+        "ingress": ingress.name(),
+        "user_code_in_separate_thread": os.environ.get(ingress.USER_LOOP, "1"),
+    }
     try:
         batched = deploy_serve(model, serve_port)
         wait_answering(batched)

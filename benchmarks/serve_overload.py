@@ -8,14 +8,16 @@ aiohttp client process, 127.0.0.1), against arms that each start fresh, one afte
     serve_same_loop   the same, with the proxy's router on the proxy's own event loop
                       (RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0: no thread hop per request)
     serve_quiet_proxy the same, without the proxy's access log and per-rejection warning
-    serve_haproxy     the application behind an HAProxy ingress, as on the clusters ptft starts
-                      (components/ingress.py): the replica's own HTTP server rejects
+    serve_haproxy     the application behind an HAProxy ingress (components/ingress.py): the
+                      replica's own HTTP server rejects; its request code on a loop in a thread apart
+    serve_haproxy_user_loop  the same, request code on the replica's HTTP event loop: as on the
+                      clusters ptft starts
 
 For each: the client's time to each 503 (median, p90, first and last tenth by arrival) and, for the
 Serve arms, the proxy's own handling time per 503 from its access log, so that
 (client time - proxy time) is the time a rejection waited before the proxy looked at it.
 
-    python benchmarks/serve_overload.py [--model HF_FOLDER] [--repeats 3] [--json out.json]
+    python benchmarks/serve_overload.py [--model HF_FOLDER] [--repeats 3] [--arms floor,serve_haproxy] [--json out.json]
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ ARMS = {
     "serve": lambda: PYTHON_PROXY,
     "serve_same_loop": lambda: {**PYTHON_PROXY, "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"},
     "serve_quiet_proxy": lambda: PYTHON_PROXY,
-    "serve_haproxy": ingress.haproxy_env,  # as on the clusters ptft starts
+    "serve_haproxy": ingress.haproxy_env,
+    "serve_haproxy_user_loop": lambda: ingress.cluster_env({}),  # as on the clusters ptft starts
 }
 
 FLOOR_APP = """
@@ -178,6 +181,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="a Hugging Face classifier folder (default: build one)")
     parser.add_argument("--repeats", type=int, default=3, help="bursts per arm")
     parser.add_argument("--arm", choices=sorted(ARMS), help="run one arm in this process and print its JSON")
+    parser.add_argument("--arms", default=",".join(ARMS), help="the arms to run, one after another")
     parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "serve_overload.json")
     args = parser.parse_args()
     if args.arm:
@@ -186,7 +190,8 @@ def main() -> None:
         return
     model = args.model or build_model(Path(tempfile.mkdtemp(prefix="serve-overload-")) / "model")
     results: dict = {"burst": BURST, "max_ongoing_requests": ONGOING, "max_queued_requests": QUEUED}
-    for arm, make_env in ARMS.items():
+    for arm in args.arms.split(","):
+        make_env = ARMS[arm]
         command = [sys.executable, __file__, "--arm", arm, "--model", str(model), "--repeats", str(args.repeats)]
         done = subprocess.run(command, env={**os.environ, **make_env()}, capture_output=True, text=True)
         line = next((line for line in done.stdout.splitlines() if line.startswith("ARM ")), None)
