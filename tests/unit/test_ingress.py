@@ -23,5 +23,5 @@ def test_what_the_environment_sets_wins() -> None:
 
 
 def test_the_ingress_is_named_from_the_environment_a_cluster_starts_with() -> None:
-    assert ingress.name({**ingress.cluster_env({})}) == "haproxy"
+    assert ingress.name(ingress.cluster_env({})) == "haproxy"
     assert ingress.name({ingress.ENABLE: "0"}) == "proxy" and ingress.name({}) == "proxy"  # Ray's default
