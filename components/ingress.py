@@ -19,9 +19,9 @@ on the replica's main event loop, which also serves its HTTP, instead of on a se
 in a thread of its own (Ray's default): every request and every event crossed between the two
 loops' threads. Measured here behind HAProxy, two runs each: `/predict` with batching at 32
 clients 225 and 134 requests/s against 106-107, at 8 clients 123 and 109 against 90-95
-(`benchmarks/serve_load.py`). It is safe
-because the request code never blocks the loop: model calls run on the replica's model thread or
-in the decoding process (components/serve.py, components/decoder.py).
+(`benchmarks/serve_load.py`). It is safe because the request code never blocks the loop: model
+calls run on the replica's model thread or in the decoding process (components/serve.py,
+components/decoder.py).
 """
 
 from __future__ import annotations
