@@ -1,6 +1,6 @@
 """Where does a 503 spend its time? The overload burst of `serve_load.py` (10x the capacity of an
-application with `max_ongoing_requests` 16 and `max_queued_requests` 16: 320 requests at once, one
-aiohttp client process, 127.0.0.1), against arms that each start fresh, one after the other:
+application with `max_ongoing_requests` 16 and `max_queued_requests` 16: 320 requests at once from one
+client process, 127.0.0.1), against arms that each start fresh, one after the other:
 
     floor             a bare uvicorn app that answers every request 503 at once: what the client,
                       TCP and one Python HTTP server cost per rejection on this machine
@@ -17,7 +17,15 @@ For each: the client's time to each 503 (median, p90, first and last tenth by ar
 Serve arms, the proxy's own handling time per 503 from its access log, so that
 (client time - proxy time) is the time a rejection waited before the proxy looked at it.
 
-    python benchmarks/serve_overload.py [--model HF_FOLDER] [--repeats 3] [--arms floor,serve_haproxy] [--json out.json]
+Two burst clients, in turn within each repeat (`--clients`):
+
+    raw               connections opened first, then one prepared request written to each; a
+                      request's time runs from its write to its whole response: the server's time
+    aiohttp           one aiohttp session, each request timed from before it connects: the time a
+                      caller in one Python process sees, the client's own event loop included
+
+    python benchmarks/serve_overload.py [--model HF_FOLDER] [--repeats 3] [--arms floor,serve_haproxy]
+        [--clients raw,aiohttp] [--json out.json]
 """
 
 from __future__ import annotations
@@ -27,12 +35,15 @@ import asyncio
 import json
 import os
 import re
+import selectors
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -78,9 +89,11 @@ uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
 """
 
 
-async def burst(url: str, count: int) -> list[tuple[int, float, float]]:
-    """`count` requests at once: (status, seconds to the answer, seconds from the burst's start to
-    the request's start), in the order the client started them."""
+async def aiohttp_burst(url: str, count: int) -> list[tuple[int, float, float]]:
+    """`count` requests at once from one aiohttp session: (status, seconds to the answer, seconds
+    from the burst's start to the request's start), in the order the client started them. Each
+    request's clock starts before the client has connected or sent it, so the time includes the
+    client's own event loop working through the other requests."""
     results: list[tuple[int, float, float]] = []
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as session:
@@ -94,6 +107,74 @@ async def burst(url: str, count: int) -> list[tuple[int, float, float]]:
 
         await asyncio.gather(*(one() for _ in range(count)))
     return results
+
+
+def raw_burst(url: str, count: int) -> list[tuple[int, float, float]]:
+    """The same burst with the client's share taken out: `count` connections opened first, then one
+    prepared request written to each in a tight loop; a request's clock starts when its write
+    returns and stops when its whole response has arrived (one `select` loop, no HTTP library).
+    What remains is the server's time to answer, and the wait behind the burst's other requests."""
+    address = urlsplit(url)
+    body = json.dumps({"texts": [TEXT]}).encode()
+    head = (
+        f"POST /predict HTTP/1.1\r\nHost: {address.netloc}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    request = head.encode() + body
+    connections = [socket.create_connection((address.hostname, address.port), timeout=30) for _ in range(count)]
+    selector = selectors.DefaultSelector()
+    try:
+        for connection in connections:
+            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sent = []
+        origin = time.perf_counter()
+        for connection in connections:
+            connection.sendall(request)
+            sent.append(time.perf_counter())
+        received = [b""] * count
+        for index, connection in enumerate(connections):
+            connection.setblocking(False)
+            selector.register(connection, selectors.EVENT_READ, index)
+        results: list[tuple[int, float, float]] = []
+        deadline = time.monotonic() + 300
+        while selector.get_map() and time.monotonic() < deadline:
+            for key, _ in selector.select(timeout=1):
+                index = key.data
+                chunk = key.fileobj.recv(65536)
+                received[index] += chunk
+                status = response_status(received[index], closed=not chunk)
+                if status is not None:
+                    results.append((status, time.perf_counter() - sent[index], sent[index] - origin))
+                    selector.unregister(key.fileobj)
+        if selector.get_map():
+            raise TimeoutError(f"{len(selector.get_map())} of {count} responses never completed")
+        return results
+    finally:
+        selector.close()
+        for connection in connections:
+            connection.close()
+
+
+def response_status(data: bytes, closed: bool) -> int | None:
+    """The status of a complete HTTP/1.1 response in `data`, or None while it is incomplete (a body
+    by Content-Length, chunked, or up to the connection's close)."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    lines = data[:end].decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = dict(line.lower().split(":", 1) for line in lines[1:] if ":" in line)
+    body = data[end + 4 :]
+    if "content-length" in headers:
+        complete = len(body) >= int(headers["content-length"])
+    elif "chunked" in headers.get("transfer-encoding", ""):
+        complete = body.endswith(b"0\r\n\r\n")
+    else:
+        complete = closed
+    return status if complete else None
+
+
+CLIENTS = {"raw": raw_burst, "aiohttp": lambda url, count: asyncio.run(aiohttp_burst(url, count))}
 
 
 def summarise(results: list[tuple[int, float, float]]) -> dict:
@@ -113,6 +194,7 @@ def summarise(results: list[tuple[int, float, float]]) -> dict:
         "p50_503_first_tenth_ms": ms(rejected[:tenth]),
         "p50_503_last_tenth_ms": ms(rejected[-tenth:]),
         "p50_accepted_ms": ms([seconds for status, seconds, _ in results if status == 200]),
+        "last_request_started_ms": round(1000 * max(started for _, _, started in results), 1),
     }
 
 
@@ -133,7 +215,17 @@ def _ready(url: str) -> bool:
         return False
 
 
-def run_floor(repeats: int) -> dict:
+def bursts(url: str, clients: list[str], repeats: int, drain_s: float) -> dict[str, list[dict]]:
+    """`repeats` rounds, each a burst from every client in turn, with `drain_s` between bursts."""
+    runs: dict[str, list[dict]] = {client: [] for client in clients}
+    for _ in range(repeats):
+        for client in clients:
+            runs[client].append(summarise(CLIENTS[client](url, BURST)))
+            time.sleep(drain_s)
+    return runs
+
+
+def run_floor(clients: list[str], repeats: int) -> dict:
     port = free_port()
     process = subprocess.Popen([sys.executable, "-c", FLOOR_APP, str(port)])
     try:
@@ -143,12 +235,12 @@ def run_floor(repeats: int) -> dict:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the floor app at {url} did not start")
             time.sleep(0.2)
-        return {"runs": [summarise(asyncio.run(burst(url, BURST))) for _ in range(repeats)]}
+        return {"clients": bursts(url, clients, repeats, drain_s=0.5)}
     finally:
         process.terminate()
 
 
-def run_serve(arm: str, model: Path, repeats: int) -> dict:
+def run_serve(arm: str, model: Path, clients: list[str], repeats: int) -> dict:
     import ray
     from ray import serve
 
@@ -161,13 +253,10 @@ def run_serve(arm: str, model: Path, repeats: int) -> dict:
             serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=quiet)
         url = deploy_serve(model, port, max_ongoing_requests=ONGOING, max_queued_requests=QUEUED)
         wait_answering(url)
-        runs = []
-        for _ in range(repeats):
-            runs.append(summarise(asyncio.run(burst(url, BURST))))
-            time.sleep(3)  # the accepted ones drain
+        runs = bursts(url, clients, repeats, drain_s=3)  # the accepted ones drain
         proxy = proxy_times_ms(temp)
         return {
-            "runs": runs,
+            "clients": runs,
             "proxy_503_count": len(proxy),
             "proxy_p50_503_ms": round(statistics.median(proxy), 2) if proxy else None,
         }
@@ -182,10 +271,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="bursts per arm")
     parser.add_argument("--arm", choices=sorted(ARMS), help="run one arm in this process and print its JSON")
     parser.add_argument("--arms", default=",".join(ARMS), help="the arms to run, one after another")
+    parser.add_argument(
+        "--clients", default=",".join(CLIENTS), help="burst clients, in turn within each repeat: " + ", ".join(CLIENTS)
+    )
     parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "serve_overload.json")
     args = parser.parse_args()
+    clients = args.clients.split(",")
+    if unknown := set(clients) - set(CLIENTS):
+        parser.error(f"--clients: unknown {sorted(unknown)}; choose from {', '.join(CLIENTS)}")
     if args.arm:
-        result = run_floor(args.repeats) if args.arm == "floor" else run_serve(args.arm, args.model, args.repeats)
+        if args.arm == "floor":
+            result = run_floor(clients, args.repeats)
+        else:
+            result = run_serve(args.arm, args.model, clients, args.repeats)
         print("ARM " + json.dumps(result), flush=True)
         return
     model = args.model or build_model(Path(tempfile.mkdtemp(prefix="serve-overload-")) / "model")
@@ -193,13 +291,17 @@ def main() -> None:
     for arm in args.arms.split(","):
         make_env = ARMS[arm]
         command = [sys.executable, __file__, "--arm", arm, "--model", str(model), "--repeats", str(args.repeats)]
+        command += ["--clients", args.clients]
         done = subprocess.run(command, env={**os.environ, **make_env()}, capture_output=True, text=True)
         line = next((line for line in done.stdout.splitlines() if line.startswith("ARM ")), None)
         if line is None:
             raise SystemExit(f"arm {arm} failed:\n{done.stderr[-3000:]}")
         results[arm] = json.loads(line[4:])
-        medians = [run["p50_503_ms"] for run in results[arm]["runs"]]
-        print(f"{arm:>18}: p50 503 ms per burst {medians}; proxy p50 {results[arm].get('proxy_p50_503_ms')}")
+        for client, runs in results[arm]["clients"].items():
+            medians = [run["p50_503_ms"] for run in runs]
+            print(f"{arm:>24} {client:>7}: p50 503 ms per burst {medians}")
+        if "proxy_p50_503_ms" in results[arm]:
+            print(f"{arm:>24}: the Python proxy's own p50 per 503 {results[arm]['proxy_p50_503_ms']} ms")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2))
     print(f"wrote {args.json}")

@@ -1,0 +1,88 @@
+"""The overload benchmark's raw burst client (`benchmarks/serve_overload.py`): it parses whole HTTP
+responses, and its clock covers the server's time and not the client's."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from tests.conftest import REPO
+
+DELAY_S = 0.05
+
+
+def _benchmark():
+    path = REPO / "benchmarks" / "serve_overload.py"
+    spec = importlib.util.spec_from_file_location("serve_overload", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
+    return module
+
+
+overload = _benchmark()
+
+
+class _SlowRejections(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        time.sleep(DELAY_S)
+        body = b'{"detail": "overloaded"}'
+        self.send_response(503)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body[:5])
+        self.wfile.flush()
+        time.sleep(0.01)  # the body in two segments: a status line alone is not a response
+        self.wfile.write(body[5:])
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def slow_server() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _SlowRejections)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_raw_burst_times_each_request_from_its_write_to_its_whole_response(slow_server: str) -> None:
+    results = overload.raw_burst(slow_server, 12)
+    assert len(results) == 12 and {status for status, _, _ in results} == {503}
+    assert all(seconds >= DELAY_S + 0.01 for _, seconds, _ in results), results  # the server's time, body included
+    summary = overload.summarise(results)
+    assert summary["rejected_503"] == 12 and summary["last_request_started_ms"] < 1000 * DELAY_S
+
+
+@pytest.mark.parametrize(
+    ("data", "closed", "status"),
+    [
+        (b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\n", False, None),  # headers not ended
+        (b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\n\r\nab", False, None),  # body short
+        (b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 4\r\n\r\nabcd", False, 503),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n", False, None),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n0\r\n\r\n", False, 200),
+        (b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\n\r\nbusy", False, None),
+        (b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\n\r\nbusy", True, 503),
+    ],
+)
+def test_a_response_counts_once_it_is_whole(data: bytes, closed: bool, status: int | None) -> None:
+    assert overload.response_status(data, closed) == status
