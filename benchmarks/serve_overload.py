@@ -140,9 +140,14 @@ def raw_burst(url: str, count: int) -> list[tuple[int, float, float]]:
         while selector.get_map() and time.monotonic() < deadline:
             for key, _ in selector.select(timeout=1):
                 index = key.data
-                chunk = key.fileobj.recv(65536)
+                try:
+                    chunk = key.fileobj.recv(65536)
+                except ConnectionError:
+                    chunk = b""
                 received[index] += chunk
                 status = response_status(received[index], closed=not chunk)
+                if status is None and not chunk:
+                    status = 0  # closed before a whole response: counted apart, under "other"
                 if status is not None:
                     results.append((status, time.perf_counter() - sent[index], sent[index] - origin))
                     selector.unregister(key.fileobj)

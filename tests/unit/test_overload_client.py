@@ -3,6 +3,7 @@ responses, and its clock covers the server's time and not the client's."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import sys
 import threading
@@ -52,9 +53,18 @@ class _SlowRejections(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def slow_server() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _SlowRejections)
+class _HangsUp(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.wfile.write(b"HTTP/1.1 503 Service Unavailable\r\n")  # then closes, mid-headers
+        self.close_connection = True
+
+
+@contextlib.contextmanager
+def _server(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -64,12 +74,26 @@ def slow_server() -> Iterator[str]:
         server.server_close()
 
 
+@pytest.fixture
+def slow_server() -> Iterator[str]:
+    with _server(_SlowRejections) as url:
+        yield url
+
+
 def test_raw_burst_times_each_request_from_its_write_to_its_whole_response(slow_server: str) -> None:
     results = overload.raw_burst(slow_server, 12)
     assert len(results) == 12 and {status for status, _, _ in results} == {503}
     assert all(seconds >= DELAY_S + 0.01 for _, seconds, _ in results), results  # the server's time, body included
     summary = overload.summarise(results)
     assert summary["rejected_503"] == 12 and summary["last_request_started_ms"] < 1000 * DELAY_S
+
+
+def test_raw_burst_counts_a_connection_closed_mid_response_apart() -> None:
+    with _server(_HangsUp) as url:
+        started = time.monotonic()
+        results = overload.raw_burst(url, 4)
+    assert [status for status, _, _ in results] == [0] * 4 and time.monotonic() - started < 10
+    assert overload.summarise(results)["other"] == [0]
 
 
 @pytest.mark.parametrize(
