@@ -111,8 +111,8 @@ async def aiohttp_burst(url: str, count: int) -> list[tuple[int, float, float]]:
 
 def raw_burst(url: str, count: int) -> list[tuple[int, float, float]]:
     """The same burst with the client's share taken out: `count` connections opened first, then one
-    prepared request written to each in a tight loop; a request's clock starts when its write
-    returns and stops when its whole response has arrived (one `select` loop, no HTTP library).
+    prepared request written to each in a tight loop; a request's clock starts as its write does
+    and stops when its whole response has arrived (one `select` loop, no HTTP library).
     What remains is the server's time to answer, and the wait behind the burst's other requests."""
     address = urlsplit(url)
     body = json.dumps({"texts": [TEXT]}).encode()
@@ -129,8 +129,8 @@ def raw_burst(url: str, count: int) -> list[tuple[int, float, float]]:
         sent = []
         origin = time.perf_counter()
         for connection in connections:
+            sent.append(time.perf_counter())  # before the write: the server cannot have the request sooner
             connection.sendall(request)
-            sent.append(time.perf_counter())
         received = [b""] * count
         for index, connection in enumerate(connections):
             connection.setblocking(False)
