@@ -92,9 +92,8 @@ def test_raw_burst_times_each_request_from_its_write_to_its_whole_response(slow_
 
 def test_raw_burst_counts_a_connection_closed_mid_response_apart() -> None:
     with _server(_HangsUp) as url:
-        started = time.monotonic()
-        results = overload.raw_burst(url, 4)
-    assert [status for status, _, _ in results] == [0] * 4 and time.monotonic() - started < 10
+        results = overload.raw_burst(url, 4)  # kept waiting for the rest, it would raise at its deadline
+    assert [status for status, _, _ in results] == [0] * 4
     assert overload.summarise(results)["other"] == [0]
 
 
