@@ -306,7 +306,7 @@ def main() -> None:
         for client, runs in results[arm]["clients"].items():
             medians = [run["p50_503_ms"] for run in runs]
             print(f"{arm:>24} {client:>7}: p50 503 ms per burst {medians}")
-        if "proxy_p50_503_ms" in results[arm]:
+        if results[arm].get("proxy_p50_503_ms") is not None:  # the Python proxy arms
             print(f"{arm:>24}: the Python proxy's own p50 per 503 {results[arm]['proxy_p50_503_ms']} ms")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2))

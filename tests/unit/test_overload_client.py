@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,14 +18,10 @@ DELAY_S = 0.05
 
 
 def _benchmark():
-    path = REPO / "benchmarks" / "serve_overload.py"
-    spec = importlib.util.spec_from_file_location("serve_overload", path)
+    # A script, not a package module; it puts `benchmarks/` on sys.path itself for its `serve_load`.
+    spec = importlib.util.spec_from_file_location("serve_overload", REPO / "benchmarks" / "serve_overload.py")
     module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(path.parent))
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(path.parent))
+    spec.loader.exec_module(module)
     return module
 
 
@@ -87,7 +82,7 @@ def test_raw_burst_times_each_request_from_its_write_to_its_whole_response(slow_
     # the server's whole time (sleeps are at least as long as asked), however loaded the machine.
     assert all(seconds >= DELAY_S + 0.01 for _, seconds, _ in results), results
     summary = overload.summarise(results)
-    assert summary["rejected_503"] == 12 and summary["last_request_started_ms"] >= 0
+    assert summary["rejected_503"] == 12 and summary["accepted"] == 0
 
 
 def test_raw_burst_counts_a_connection_closed_mid_response_apart() -> None:
