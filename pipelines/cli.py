@@ -395,7 +395,8 @@ def _print_sweep_summary(result, config, seconds: float) -> None:
         if tune.cached:
             console.say("Cached: run with --force to sweep again.")
         best_value = tune.metrics.get(f"best/{metric}")
-        console.say(f"Best trial: {tune.outputs.best_trial or '?'} with {metric} = {best_value}")
+        shown_value = "?" if best_value is None else _number(best_value)
+        console.say(f"Best trial: {tune.outputs.best_trial or '?'} with {metric} = {shown_value}")
         best = tune.outputs.best_config.items()
         shown = (f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best)
         console.say("Best config: " + ", ".join(shown))

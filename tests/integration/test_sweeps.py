@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -180,6 +181,7 @@ def test_the_killed_sweep_resumed_to_the_end(sweeps: Sweeps, asha: dict) -> None
     assert sorted(manifest["stages"]) == ["prepare", "pretrain", "tokenize", "tune"]  # a sweep ends at tune
     assert manifest["status"] == "succeeded" and manifest["stages"]["tune"]["attempts"] == 2
     assert "Resuming sweep" in asha["output"] and "Best config: learning_rate=0.003" in asha["output"]
+    assert re.search(r"Best trial: \S+ with eval/loss = \d\.\d{1,4}\n", asha["output"])  # 4 digits, as the table
     assert "== sweep finished" in asha["output"]  # the live table's last print
     assert "MLflow: experiment 'sweeps'" in asha["output"]
 
