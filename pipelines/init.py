@@ -216,7 +216,7 @@ def _plan(path: Path, table: pa.Table, args: argparse.Namespace, split_dir: Path
     if task != "pretrain":
         stratify = task == "classification"  # by label; the other tasks' labels are not classes
         splits, written = _splits(path, table, text, label, split_dir, args.seed, args.force, stratify)
-        train = data.read_table(str(splits["train"]))
+        train = table if splits["train"] == path else data.read_table(str(splits["train"]))  # read once
     else:
         splits, written, train = {"corpus": path}, False, table
     texts = [_as_text(value) for value in train.column(text).to_pylist() if value]

@@ -137,6 +137,8 @@ def test_tune_writes_best_config_and_tracks_trials(chain: Chain) -> None:
     assert set(best) == {"learning_rate", "weight_decay", "dropout"}
     trials = read_json(out / "trials.json")
     assert len(trials) == 2 and all(row["status"] == "completed" and row["epochs"] == 2 for row in trials)
+    assert all("eval/accuracy" in row["metrics"] for row in trials)
+    assert not [key for key in chain.results["tune"].metrics if key.startswith("best/config/")]  # best/<name> alone
     ctx = chain.contexts["tune"]
     children = chain.client.search_runs([ctx.experiment_id], f"tags.`mlflow.parentRunId` = '{ctx.mlflow_run_id}'")
     assert len(children) == 2
