@@ -94,10 +94,12 @@ class TrialTable(ray.tune.Callback):
         self._last = self._shown = 0.0
         self._started = time.monotonic()
 
-    def _rows(self, trials) -> list[dict]:
+    def _rows(self, trials, reported=None) -> list[dict]:
+        """`reported`: (trial, result) that Tune is handing to the callbacks, which it does before
+        it updates that trial's `last_result`."""
         rows = []
         for trial in trials:
-            result = trial.last_result or {}
+            result = reported[1] if reported and reported[0] is trial else (trial.last_result or {})
             rows.append(
                 {
                     "trial": str(trial),
@@ -110,8 +112,8 @@ class TrialTable(ray.tune.Callback):
             )
         return rows
 
-    def _print(self, trials, title: str) -> None:
-        rows = self._rows(trials)
+    def _print(self, trials, title: str, reported=None) -> None:
+        rows = self._rows(trials, reported)
         best = best_row(rows, self.mode)
         elapsed = time.monotonic() - self._started
         counts = {}
@@ -126,10 +128,10 @@ class TrialTable(ray.tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         if console.is_live():  # a terminal: the table is redrawn in place, on every result
-            self._show(trials)
+            self._show(trials, (trial, result))
         elif self.every_s and time.monotonic() - self._last >= self.every_s:
             self._last = time.monotonic()
-            self._print(trials, "progress")
+            self._print(trials, "progress", (trial, result))
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         if console.is_live():
@@ -147,10 +149,10 @@ class TrialTable(ray.tune.Callback):
             self._last = time.monotonic()
             self._print(trials, "progress")
 
-    def _show(self, trials) -> None:
+    def _show(self, trials, reported=None) -> None:
         from rich.text import Text
 
-        rows = self._rows(trials)
+        rows = self._rows(trials, reported)
         best = best_row(rows, self.mode)
         table = format_table(rows, self.params, self.metric, best=best["trial"] if best else None)
         self._shown = time.monotonic()

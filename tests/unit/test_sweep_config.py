@@ -591,6 +591,24 @@ def test_the_trial_table_is_printed_while_no_trial_reports(monkeypatch: pytest.M
     assert "0.003" in out.getvalue().splitlines()[-1]
 
 
+def test_the_trial_table_printed_at_a_result_shows_that_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tune calls the callbacks' on_trial_result before it stores the result as the trial's
+    last_result (ray.tune TuneController._process_trial_result): a table built from last_result
+    alone showed every trial at epoch 0 with no metric, a result behind."""
+    import io
+    from types import SimpleNamespace
+
+    from components import sweep_report
+
+    monkeypatch.setattr(sweep_report.console, "is_live", lambda: False)
+    out = io.StringIO()
+    table = sweep_report.TrialTable(["learning_rate"], "eval/loss", "min", every_s=10, stream=out)
+    trial = SimpleNamespace(last_result={}, status="RUNNING", config={"learning_rate": 0.003})
+    table.on_trial_result(1, [trial], trial, {"epoch": 1, "eval/loss": 0.7104})
+    (row,) = [line for line in out.getvalue().splitlines() if "0.003" in line]
+    assert row.split()[-4:] == ["running", "1", "0.7104", "0.003"], out.getvalue()  # status, epochs, loss, lr
+
+
 def test_ties_on_the_metric_are_broken_by_the_tie_break() -> None:
     """Accuracy on a small validation split ties often, and ASHA keeps every trial tied at a rung's
     cutoff; with a tie-break equal accuracies are ordered by it, different ones never reordered."""
