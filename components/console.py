@@ -47,6 +47,16 @@ def say(*parts: object, sep: str = " ", end: str = "\n") -> None:
         print(*parts, sep=sep, end=end, file=stdout(), flush=True)
 
 
+def number(value: Any) -> str:
+    """A value as ptft's lines show it: counts as counts (14041, not 1.404e+04), other numbers to 4
+    significant digits, anything else as it is, and a missing value as '-'."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e12 else f"{value:.4g}"
+
+
 def is_terminal() -> bool:
     stream = stdout()
     return bool(getattr(stream, "isatty", lambda: False)()) and os.environ.get("TERM") != "dumb"

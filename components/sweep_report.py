@@ -13,7 +13,7 @@ import csv
 import math
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 import ray.tune
 
@@ -22,14 +22,6 @@ from components import console, metrics, plots
 # What a result's metric is worth with the sweep's tie-break (components.tune.Ranking); results of
 # a sweep without one do not carry it.
 RANK_KEY = "tune/rank"
-
-
-def _number(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
 
 
 def _epochs(row: dict) -> str:
@@ -46,8 +38,8 @@ def format_table(rows: list[dict], params: list[str], metric: str, *, best: str 
             ("* " if row["trial"] == best else "  ") + row["trial"],
             row["status"],
             _epochs(row),
-            _number(row.get("metric")),
-            *(_number(row["config"].get(name)) for name in params),
+            console.number(row.get("metric")),
+            *(console.number(row["config"].get(name)) for name in params),
         ]
         for row in rows
     ]

@@ -395,7 +395,7 @@ def _print_sweep_summary(result, config, seconds: float) -> None:
         if tune.cached:
             console.say("Cached: run with --force to sweep again.")
         best_value = tune.metrics.get(f"best/{metric}")
-        shown_value = "?" if best_value is None else _number(best_value)
+        shown_value = "?" if best_value is None else console.number(best_value)
         console.say(f"Best trial: {tune.outputs.best_trial or '?'} with {metric} = {shown_value}")
         best = tune.outputs.best_config.items()
         shown = (f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best)
@@ -429,8 +429,8 @@ def _execute(config, args: argparse.Namespace, **how) -> int:
         if log and not quiet:
             console.say(f"[ptft] run {run_id}; logs of Ray, MLflow and the workers: {log}")
         with console.muted() if quiet else console.live():
-            on_stage = None if quiet else _print_stage
-            result = pipelines.run(config, on_stage=on_stage, progress_every_s=progress_every_s, run_id=run_id, **how)
+            # The progress reporter prints each stage's transitions, results included.
+            result = pipelines.run(config, progress_every_s=progress_every_s, run_id=run_id, **how)
         _print_summary(result, config, time.perf_counter() - started, log)
         if args.keep_serving:
             urls = ", ".join(served.output_uri for _, served in _results_of(result, "serve"))
@@ -471,14 +471,9 @@ def _runs(args: argparse.Namespace) -> int:
 
 
 def _print_stage(stage: str, result) -> None:
-    shown = ", ".join(f"{k}={_number(v)}" for k, v in result.metrics.items() if isinstance(v, (int, float)))
-    how = "cached" if result.cached else "done"
-    console.say(f"[ptft] {stage:<8} {how}: {result.output_uri}\n         {shown}")
+    from pipelines.progress import result_text
 
-
-def _number(value: float) -> str:
-    """Counts as counts (14041, not 1.404e+04); other values to 4 significant digits."""
-    return str(int(value)) if float(value).is_integer() and abs(value) < 1e12 else f"{value:.4g}"
+    console.say(f"[ptft] {stage:<8} {'cached' if result.cached else 'done'}: {result_text(result)}")
 
 
 def _print_summary(result, config, seconds: float, log: Path | None = None) -> None:

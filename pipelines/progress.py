@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient
 
 from components import console
 from components.redaction import CredentialsNeeded, connectable_uri, redact_text, redact_url
+from components.stage import StageResult
 from components.tracking import PARENT_TAG
 from pipelines import manifest as mf
 from pipelines import stages
@@ -92,6 +93,14 @@ def snapshot(manifest: mf.Manifest, client: MlflowClient | None = None, now: flo
     }
 
 
+def result_text(result: StageResult) -> str:
+    """Where a stage's output is, and its numeric metrics on the next line."""
+    shown = ", ".join(
+        f"{name}={console.number(value)}" for name, value in result.metrics.items() if isinstance(value, (int, float))
+    )
+    return f"{result.output_uri}\n         {shown}"
+
+
 def clock(seconds: float | None) -> str:
     """12s, 3m05s, 1h02m."""
     if seconds is None:
@@ -126,13 +135,26 @@ _ENDED = (mf.SUCCEEDED, mf.FAILED, mf.KILLED)
 class Reporter:
     """Prints a run's stage transitions at once, and the running stage's progress every `every_s`
     seconds while it changes. The rate comes from the steps seen since the reporter first saw the
-    stage train, so start-up time does not skew the ETA."""
+    stage train, so start-up time does not skew the ETA.
+
+    With `awaits_results`, the runner hands each finished stage's result to `stage_done`, and the
+    line that says the stage succeeded or hit the cache waits for it, so that one line says when,
+    where the output is, and its metrics (the manifest says a stage ended a moment before)."""
 
     def __init__(
-        self, manifest: mf.Manifest, client: MlflowClient, every_s: float = 10.0, stream: TextIO | None = None
+        self,
+        manifest: mf.Manifest,
+        client: MlflowClient,
+        every_s: float = 10.0,
+        stream: TextIO | None = None,
+        *,
+        awaits_results: bool = False,
     ):
         self.manifest, self.client, self.every_s = manifest, client, every_s
         self.stream = stream
+        self._awaits_results = awaits_results
+        self._results: dict[str, StageResult] = {}
+        self._lock = threading.Lock()  # the polling thread and the stages' threads print transitions
         self._seen: dict[str, str] = {}
         self._first: dict[str, tuple[float, int]] = {}
         self._newest: dict[str, tuple[float, int]] = {}
@@ -149,8 +171,15 @@ class Reporter:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=10)
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        self._awaits_results = False  # a stop can leave a stage ended without its result handed over
         self.poll(progress=False)  # the last transitions
+
+    def stage_done(self, name: str, result: StageResult) -> None:
+        """A stage's result, from the runner: its transition is printed now, with it."""
+        self._results[name] = result
+        self.poll(progress=False)
 
     def _loop(self) -> None:
         while not self._stop.wait(1.0):
@@ -163,15 +192,21 @@ class Reporter:
                 self._last_progress = time.monotonic()
 
     def poll(self, *, progress: bool) -> None:
-        for name, record in self.manifest.stages.items():
-            if self._seen.get(name) != record.status:
-                if record.status in _ENDED and self._seen.get(name, mf.RUNNING) != mf.RUNNING and record.started_at:
-                    # Seen waiting, now ended: it started and ended between two polls.
-                    self._transition(name, replace(record, status=mf.RUNNING))
-                self._seen[name] = record.status
-                self._transition(name, record)
+        with self._lock:  # not held while MLflow is asked for progress, so a stage_done never waits on it
+            records = list(self.manifest.stages.items())
+            for name, record in records:
+                if self._seen.get(name) != record.status and not self._awaiting_result(name, record):
+                    if record.status in _ENDED and self._seen.get(name, mf.RUNNING) != mf.RUNNING and record.started_at:
+                        # Seen waiting, now ended: it started and ended between two polls.
+                        self._transition(name, replace(record, status=mf.RUNNING))
+                    self._seen[name] = record.status
+                    self._transition(name, record)
+        for name, record in records:
             if progress and record.status == mf.RUNNING and record.mlflow_run_id:
                 self._progress(name, record)
+
+    def _awaiting_result(self, name: str, record: mf.StageRecord) -> bool:
+        return self._awaits_results and record.status in mf.DONE and name not in self._results
 
     def _transition(self, name: str, record: mf.StageRecord) -> None:
         if record.status == mf.RUNNING:
@@ -180,15 +215,20 @@ class Reporter:
         elif record.status == mf.CACHED:
             self._print(
                 f"[ptft] {name:<8} cache hit in {clock(record.seconds)} (produced by run "
-                f"{record.cached_from_mlflow_run_id})"
+                f"{record.cached_from_mlflow_run_id}){self._result_text(name)}"
             )
         elif record.status in _ENDED:
-            self._print(f"[ptft] {name:<8} {record.status} in {clock(record.seconds)}")
+            self._print(f"[ptft] {name:<8} {record.status} in {clock(record.seconds)}{self._result_text(name)}")
         if record.status != mf.RUNNING and name in self._bar_of:
             self._bars.remove_task(self._bar_of.pop(name))
 
     def _progress(self, name: str, record: mf.StageRecord) -> None:
         progress = stage_progress(self.client, name, record.mlflow_run_id)
+        with self._lock:
+            if self._seen.get(name) == mf.RUNNING:  # not ended meanwhile: an ended stage's bar stays gone
+                self._show_progress(name, record, progress)
+
+    def _show_progress(self, name: str, record: mf.StageRecord, progress: dict | None) -> None:
         if progress and "total_steps" in progress and progress["step"]:
             now, step = time.monotonic(), progress["step"]
             first_at, first_step = self._first.setdefault(name, (now, step))
@@ -225,6 +265,10 @@ class Reporter:
         elif progress and "trials" in progress:
             self._bars.update(bar, extra=describe(progress))
         console.show("stages", self._bars)
+
+    def _result_text(self, name: str) -> str:
+        result = self._results.get(name)
+        return f": {result_text(result)}" if result else ""
 
     def _print(self, line: str) -> None:
         if self.stream is None:

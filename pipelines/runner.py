@@ -77,7 +77,8 @@ def run(
         stages up to it, so a resume of that run stops there too.
     resume: continue this pipeline run id: finished stages are reused, an interrupted training
         stage or sweep continues from its checkpoints, its MLflow runs are continued.
-    progress_every_s: print stage transitions, and the running stage's progress this often.
+    progress_every_s: print stage transitions (an ended stage's with its output and metrics), and the
+        running stage's progress this often.
     run_id: the new run's id (default: a fresh one); `ptft run` picks it to open the run's log first.
     Serve keeps running until `serve.shutdown()` or Ray exits.
     """
@@ -138,7 +139,10 @@ def _run_locked(
     result = PipelineResult(manifest.run_id, manifest.mlflow_run_id, experiment_id, config.tracking_uri())
     forced = stages.node_descendants(nodes, set(_named(nodes, rerun))) if rerun else set()
     runner = _StageRunner(config, nodes, client, result, storage, manifest, forced)
-    reporter = progress.Reporter(manifest, client, every_s=progress_every_s).start() if progress_every_s else None
+    reporter = None
+    if progress_every_s:
+        reporter = progress.Reporter(manifest, client, every_s=progress_every_s, awaits_results=True).start()
+        on_stage = _also(reporter.stage_done, on_stage)
     status = "FAILED"
     try:
         with stopping.record_stop_at_once(lambda: _record_stop(manifest, config.tracking_uri())):
@@ -155,6 +159,10 @@ def _run_locked(
             reporter.stop()
         client.set_terminated(manifest.mlflow_run_id, status=status)
     return result
+
+
+def _also(first: Callable[[str, StageResult], None], then: Callable[[str, StageResult], None] | None):
+    return first if then is None else lambda stage, result: (first(stage, result), then(stage, result))
 
 
 def _record_stop(manifest: mf.Manifest, tracking_uri: str) -> None:

@@ -17,6 +17,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from components import console, explain, plots, registry
 from components.finetune import confusion_matrix, macro_f1
 from components.schemas import FileSource, SyntheticSource
+from components.stage import StageResult
 from components.tracking import MlflowTracker, NullTracker
 from pipelines import lineage, progress
 from pipelines import manifest as mf
@@ -242,6 +243,31 @@ def test_reporter_prints_the_start_of_a_stage_shorter_than_a_poll(client: Mlflow
     lines = out.getvalue().splitlines()
     assert lines[-2:] == ["[ptft] tune     started", lines[-1]] and lines[-1].startswith("[ptft] tune     succeeded in")
     assert not any(line.startswith("[ptft] finetune") for line in lines)  # still pending: no line
+
+
+def test_an_ended_stage_is_one_line_with_its_output_and_metrics(client: MlflowClient, tmp_path: Path) -> None:
+    """The manifest says a stage ended a moment before the runner hands over its result: the line
+    waits for the result and says both, once; a stage whose result never came is said at the stop."""
+    manifest = _manifest_with_running_pretrain(client, tmp_path)
+    out = io.StringIO()
+    reporter = progress.Reporter(manifest, client, every_s=60, stream=out, awaits_results=True)
+    manifest.stage_ended("pretrain", mf.SUCCEEDED, output_uri="/store/pretrain/k1/model")
+    reporter.poll(progress=False)
+    assert out.getvalue() == ""  # neither the cache hit nor the success without their results
+    reporter.stage_done("tokenize", StageResult("/store/tokenize/k0", {"corpus/rows": 6000.0}, cached=True))
+    reporter.stage_done("pretrain", StageResult("/store/pretrain/k1/model", {"eval/perplexity": 52.3149}))
+    reporter.poll(progress=False)
+    manifest.stage_started("tune", "k2", manifest.stages["pretrain"].mlflow_run_id)
+    manifest.stage_ended("tune", mf.SUCCEEDED)
+    reporter.stop()
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("[ptft] tokenize cache hit in")
+    assert lines[0].endswith("(produced by run producer-run): /store/tokenize/k0")
+    assert lines[1].split() == ["corpus/rows=6000"]
+    assert lines[2].startswith("[ptft] pretrain succeeded in") and lines[2].endswith(": /store/pretrain/k1/model")
+    assert lines[3].split() == ["eval/perplexity=52.31"]
+    assert lines[4:] == ["[ptft] tune     started", lines[-1]] and lines[-1].startswith("[ptft] tune     succeeded in")
+    assert len(lines) == 6
 
 
 def test_on_a_terminal_the_reporter_draws_live_bars(client: MlflowClient, tmp_path: Path) -> None:
