@@ -24,6 +24,13 @@ from components import console, metrics, plots
 RANK_KEY = "tune/rank"
 
 
+def ended_status(last_result: dict, max_epochs: int) -> str:
+    """A trial Tune terminated without an error: it ran every epoch or stopped itself early
+    (`completed`), or the scheduler (or the sweep's time budget) stopped it (`stopped_early`)."""
+    completed = int(last_result.get("epoch", 0)) >= max_epochs or last_result.get("early_stop/epoch")
+    return "completed" if completed else "stopped_early"
+
+
 def _epochs(row: dict) -> str:
     """Epochs run, and the epoch the trial is ranked on when it is not the last."""
     best = row.get("best_epoch")
@@ -77,8 +84,10 @@ class TrialTable(ray.tune.Callback):
         every_s: float,
         stream: TextIO | None = None,
         name: str = "sweep",
+        max_epochs: int | None = None,
     ):
         self.params, self.metric, self.mode, self.every_s = params, metric, mode, every_s
+        self.max_epochs = max_epochs  # to tell a completed trial from a stopped one, as the final table does
         self.name = name  # the sweep's node (`tune.topic`): sweeps side by side get a table each
         # Tune pickles its callbacks with the experiment: keep no handle to sys.stdout (a test's
         # capture of it does not pickle); look it up when printing.
@@ -92,10 +101,13 @@ class TrialTable(ray.tune.Callback):
         rows = []
         for trial in trials:
             result = reported[1] if reported and reported[0] is trial else (trial.last_result or {})
+            status = trial.status.lower()
+            if status == "terminated" and self.max_epochs:
+                status = ended_status(result, self.max_epochs)
             rows.append(
                 {
                     "trial": str(trial),
-                    "status": trial.status.lower(),
+                    "status": status,
                     "epochs": int(result.get("epoch", 0)),
                     "metric": result.get(self.metric),
                     "rank": result.get(RANK_KEY, result.get(self.metric)),

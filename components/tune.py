@@ -469,7 +469,9 @@ def _new_tuner(cfg: TuneConfig, trainable: str, ctx: StageContext) -> ray.tune.T
             checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=None if pbt else 1),
             failure_config=ray.tune.FailureConfig(max_failures=cfg.trial_max_failures),
             callbacks=[
-                sweep_report.TrialTable(params, cfg.metric, cfg.mode, cfg.progress_every_s, name=ctx.stage),
+                sweep_report.TrialTable(
+                    params, cfg.metric, cfg.mode, cfg.progress_every_s, name=ctx.stage, max_epochs=cfg.max_epochs
+                ),
                 sweep_report.TrialCounts(ctx.pipeline_run_id),
             ],
         ),
@@ -667,12 +669,7 @@ def _trial_row(result: ray.tune.Result, cfg: TuneConfig, run_ids: dict[str, str]
     folder = Path(result.path).name
     name = next((name for name in run_ids if folder.startswith(f"{name}_")), folder)
     epochs = int(last.get("epoch", 0))
-    if result.error:
-        status = "error"
-    elif epochs >= cfg.max_epochs or last.get("early_stop/epoch"):
-        status = "completed"
-    else:
-        status = "stopped_early"  # by the scheduler (or the sweep's time budget)
+    status = "error" if result.error else sweep_report.ended_status(last, cfg.max_epochs)
     return {
         "trial": name,
         "status": status,

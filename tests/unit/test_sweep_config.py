@@ -609,6 +609,26 @@ def test_the_trial_table_printed_at_a_result_shows_that_result(monkeypatch: pyte
     assert row.split()[-4:] == ["running", "1", "0.7104", "0.003"], out.getvalue()  # status, epochs, loss, lr
 
 
+def test_the_live_table_tells_completed_trials_from_stopped_ones_as_the_final_table_does() -> None:
+    from types import SimpleNamespace
+
+    from components import sweep_report
+
+    def trial(lr: float, status: str, last: dict) -> SimpleNamespace:
+        return SimpleNamespace(last_result=last, status=status, config={"learning_rate": lr})
+
+    trials = [
+        trial(0.001, "TERMINATED", {"epoch": 3, "eval/loss": 0.5}),  # every epoch
+        trial(0.002, "TERMINATED", {"epoch": 2, "eval/loss": 0.6, "early_stop/epoch": 2}),  # stopped itself
+        trial(0.3, "TERMINATED", {"epoch": 1, "eval/loss": 7.0}),  # stopped by the scheduler
+        trial(1.0, "ERROR", {"epoch": 1, "eval/loss": 9.0}),
+        trial(3.0, "RUNNING", {"epoch": 1, "eval/loss": 8.0}),
+    ]
+    table = sweep_report.TrialTable(["learning_rate"], "eval/loss", "min", every_s=10, max_epochs=3)
+    statuses = [row["status"] for row in table._rows(trials)]
+    assert statuses == ["completed", "completed", "stopped_early", "error", "running"]
+
+
 def test_ties_on_the_metric_are_broken_by_the_tie_break() -> None:
     """Accuracy on a small validation split ties often, and ASHA keeps every trial tied at a rung's
     cutoff; with a tie-break equal accuracies are ordered by it, different ones never reordered."""
