@@ -18,10 +18,7 @@ from typing import TextIO
 import ray.tune
 
 from components import console, metrics, plots
-
-# What a result's metric is worth with the sweep's tie-break (components.tune.Ranking); results of
-# a sweep without one do not carry it.
-RANK_KEY = "tune/rank"
+from components.ranking import RANK_KEY  # a sweep without a tie-break reports none
 
 
 def ended_status(last_result: dict, max_epochs: int) -> str:

@@ -48,13 +48,13 @@ from ray.tune.schedulers.hyperband import _Bracket
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from components import accelerator, console, finetune, plots, sweep_report, training
+from components.ranking import RANK_KEY, Ranking, finite
 from components.schemas import (
     INTEGER_HYPERPARAMETERS,
     DeepSpeedConfig,
     Distribution,
     Hyperparameters,
     TuneConfig,
-    direction,
 )
 from components.stage import StageContext, StageResult, read_json, write_json
 from components.tasks import task_type
@@ -262,44 +262,6 @@ def build_searcher(cfg: TuneConfig, seed: int):
 
 
 # --------------------------------------------------------------------------- the stage
-
-
-# What the schedulers and searchers compare when the sweep has a tie-break (see Ranking).
-RANK_KEY = sweep_report.RANK_KEY
-# The tie-break's weight: its bounded share stays below 1e-9, far under any step of a metric counted
-# on a validation split (1 / rows), so it orders equal values and never reorders different ones.
-TIE_WEIGHT = 1e-9
-
-
-class Ranking(BaseModel):
-    """How trials and epochs compare: by `metric`, equal values by `tie_break`. Tune's schedulers
-    take one number, so with a tie-break each result carries RANK_KEY: the metric plus a nudge
-    below TIE_WEIGHT in the direction the tie-break favours."""
-
-    metric: str
-    mode: str
-    tie_break: str | None = None
-
-    @classmethod
-    def of(cls, cfg: TuneConfig) -> Ranking:
-        return cls(metric=cfg.metric, mode=cfg.mode, tie_break=cfg.tie_break)
-
-    @property
-    def scheduler_metric(self) -> str:
-        return RANK_KEY if self.tie_break else self.metric
-
-    def value(self, metrics: dict) -> float | None:
-        primary = metrics.get(self.metric)
-        tie = metrics.get(self.tie_break) if self.tie_break else None
-        if not _finite(primary) or not _finite(tie):
-            return primary
-        towards = 1 if direction(self.tie_break) == self.mode else -1
-        return primary + towards * TIE_WEIGHT * tie / (1 + abs(tie))
-
-    def ranked(self, metrics: dict) -> dict:
-        """The metrics as reported to Tune: with RANK_KEY when there is a tie-break."""
-        value = self.value(metrics)
-        return {**metrics, RANK_KEY: value} if self.tie_break and _finite(value) else metrics
 
 
 class TrialSetup(BaseModel):
@@ -701,15 +663,11 @@ def judged_epoch(history: list[dict], last: dict, cfg: TuneConfig) -> dict:
     in the third lost to trials stopped after their first. Epochs equal on the metric are ordered
     by the tie-break, if any. Under PBT a trial's epochs ran under several configs and only the
     last is its own: the last epoch."""
-    scored = [row for row in history if _finite(row.get(cfg.metric))]
+    scored = [row for row in history if finite(row.get(cfg.metric))]
     if cfg.scheduler == "pbt" or not scored:
         return last
     pick = max if cfg.mode == "max" else min
     return pick(scored, key=Ranking.of(cfg).value)  # the earliest of equals
-
-
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and value == value and abs(value) != float("inf")
 
 
 def _close_trial_runs(tracking_uri: str, rows: list[dict], best: dict) -> None:
