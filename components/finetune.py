@@ -1,14 +1,14 @@
 """Stage 4, finetune: sequence classification from the pre-trained HF folder (BERT- or GPT-2-style)
 with the best hyperparameters, under Ray Train + DeepSpeed, with optional early stopping on the
-validation loss; evaluates on the test split; loads the exported folder back as a smoke test;
-registers the model in the MLflow Model Registry.
+validation loss (the export keeps the best epoch by the sweep's ranking); evaluates on the test split;
+loads the exported folder back as a smoke test; registers the model in the MLflow Model Registry.
 
 `fit_classifier` is the one fine-tuning loop: Ray Train workers run it here, and every Tune
 trial runs it too (components/tune.py imports it).
 
 Output folder:
     model/           HF folder of the classifier (safetensors, config with id2label, tokenizer)
-    metrics.json     validation and test metrics
+    metrics.json     validation and test metrics of the exported epoch (`model/epoch` with early stopping)
     registered.json  registered model name, version, aliases, model URI
     plots/           loss and learning-rate curves, the test split's confusion matrix, attention
                      maps of a few test texts (also in MLflow under plots/)
@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import socket
 import tempfile
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 
 from components import accelerator, explain, models, plots, registry, training
 from components.metrics import training_progress
+from components.ranking import Ranking
 from components.schemas import DeepSpeedConfig, FinetuneConfig, Hyperparameters
 from components.stage import StageContext, StageResult, read_json, write_json
 from components.tasks import IGNORE, TaskType, task_type
@@ -64,6 +66,10 @@ class ClassifierRun(BaseModel):
     early_stopping_min_delta: float = 0.0
     resumed: bool = Field(False, description="an earlier attempt may have logged to mlflow_run_id")
     export: bool = Field(False, description="evaluate on test and save the HF folder at the end")
+    ranking: Ranking = Field(
+        default_factory=lambda: Ranking(metric="eval/loss", mode="min"),
+        description="with early stopping, how the exported epoch is picked: the sweep's rule",
+    )
     stage: str = Field("finetune", description="the pipeline stage this run belongs to (labels its live metrics)")
     task_type: str = Field("sequence_classification", description="what the rows are and how they are scored")
     divergence_marker: str = Field("", description="where Ray Train workers say that the loss became NaN/inf")
@@ -79,10 +85,12 @@ def run(
     registered_model_name: str,
     test_split: str,
     task: str = "sequence_classification",
+    ranking: Ranking | None = None,
 ) -> StageResult:
     """Fine-tune with the best hyperparameters, evaluate on test, register the model.
     `test_split` fingerprints the test data: the champion gate compares only like with like;
-    `task` is the task type (components/tasks/)."""
+    `task` is the task type (components/tasks/); `ranking` picks the exported epoch under early
+    stopping (default: the lowest validation loss)."""
     hyper, sources = resolve_hyperparameters(cfg.defaults, best_uri, cfg.overrides)
     run_cfg = ClassifierRun(
         pretrained_dir=pretrained_uri,
@@ -103,6 +111,7 @@ def run(
         early_stopping_min_delta=cfg.early_stopping_min_delta,
         task_type=task,
         divergence_marker=str(ctx.output_dir / DIVERGED),
+        **({"ranking": ranking} if ranking else {}),
     )
     tracker = open_tracker(ctx.tracking_uri, ctx.mlflow_run_id)
     tracker.log_params({f"hyper.{k}": v for k, v in hyper})
@@ -258,7 +267,8 @@ def fit_classifier(
     shard = training.Shard(rank, world, cfg.hyper.batch_size_per_worker)
     steps = training.steps_for(len(data["train"]["label"]), shard, cfg.epochs)
     engine = _setup_engine(cfg, tokenizer, steps, log_inherited=rank == 0)
-    state = _restore(engine, checkpoint, rank)
+    best = BestEpoch(rank, cfg.ranking) if cfg.export and cfg.early_stopping_patience is not None else None
+    state = _restore(engine, checkpoint, rank, best)
     if checkpoint is not None:
         # A PBT exploit hands over another trial's checkpoint with new values; elsewhere they are equal.
         training.set_optimizer_hyperparameters(
@@ -282,6 +292,7 @@ def fit_classifier(
         device_name=device_name(cfg.use_gpu),
     )
     metrics: dict[str, float] = {}
+    reported: dict[str, float] = {}
 
     def evaluate_split(split: str, prefix: str = "eval") -> dict[str, float]:
         kwargs = {"kind": kind, "label_names": cfg.label_names, "split_dir": f"{cfg.task_dir}/{split}"}
@@ -299,20 +310,76 @@ def fit_classifier(
             log.info(
                 "early stopping after epoch %d: no lower validation loss since epoch %d", epoch, stopper.best_epoch
             )
-        if last and cfg.export:
-            metrics.update(evaluate_split("test", prefix="test"))
-        tracker.log_metrics(metrics, epoch)
+        exported = last and cfg.export
+        if best is not None and (best.improves(validation) or (exported and best.epoch is None)):
+            best.keep(engine, tokenizer, epoch, {**validation, **evaluate_split("test", prefix="test")})
+        if exported:  # test/* once, at the end: the exported model's
+            metrics.update(best.test_metrics() if best is not None else evaluate_split("test", prefix="test"))
+        tracker.log_metrics(metrics, epoch)  # this epoch's validation: the history stays true
         tracker.flush()
+        reported = best.exported(metrics) if exported and best is not None else metrics
         with tempfile.TemporaryDirectory() as checkpoint_dir:
-            engine.save_checkpoint(checkpoint_dir, client_state={"epoch": epoch, "step": step, **stopper.state()})
+            client_state = {"epoch": epoch, "step": step, **stopper.state(), **(best.state() if best else {})}
+            engine.save_checkpoint(checkpoint_dir, client_state=client_state)
             training.save_rng(Path(checkpoint_dir), rank, {})
-            if last and cfg.export:
+            if best is not None:
+                best.save_into(Path(checkpoint_dir) / "hf")
+            elif exported:
                 training.save_hf_folder(engine, tokenizer, Path(checkpoint_dir) / "hf")
-            report(metrics, checkpoint_dir)
+            report(reported, checkpoint_dir)
         if stop:
             break
     tracker.close()
-    return metrics
+    if best is not None:
+        best.close()
+    return reported
+
+
+class BestEpoch:
+    """With early stopping, what the export keeps: the weights of the best epoch by `ranking` (the
+    rule the sweep ranked its trials' epochs by), with its validation and test scores, rather than
+    the last epoch's, which trained `patience` epochs past the lowest validation loss. Rank 0 holds
+    the weights as an HF folder, and every later checkpoint carries them, so a run restored after
+    the best epoch exports the same model."""
+
+    def __init__(self, rank: int, ranking: Ranking):
+        if ranking.tie_break is None and ranking.metric != "eval/loss":  # equal scores: the lower loss
+            ranking = ranking.model_copy(update={"tie_break": "eval/loss"})
+        self.rank, self.ranking = rank, ranking
+        self.epoch: int | None = None
+        self.metrics: dict[str, float] = {}
+        self._folder = tempfile.TemporaryDirectory(prefix="ptft-best-epoch-")  # removed with it, on errors too
+        self.folder = Path(self._folder.name)
+
+    def keep(self, engine, tokenizer, epoch: int, metrics: dict[str, float]) -> None:
+        shutil.rmtree(self.folder / "hf", ignore_errors=True)
+        training.save_hf_folder(engine, tokenizer, self.folder / "hf")  # every rank joins ZeRO-3's gather
+        self.epoch, self.metrics = epoch, metrics
+
+    def improves(self, validation: dict[str, float]) -> bool:
+        return self.ranking.better(validation, self.metrics if self.epoch is not None else None)
+
+    def test_metrics(self) -> dict[str, float]:
+        return {name: value for name, value in self.metrics.items() if name.startswith("test/")}
+
+    def exported(self, last_epoch: dict[str, float]) -> dict[str, float]:
+        """The run's final metrics: the last epoch's, with the exported epoch's scores over them."""
+        return {**last_epoch, **self.metrics, "model/epoch": self.epoch}
+
+    def state(self) -> dict:
+        return {"best_model_epoch": self.epoch, "best_model_metrics": self.metrics}
+
+    def save_into(self, hf_dir: Path) -> None:
+        if self.rank == 0 and self.epoch is not None:
+            shutil.copytree(self.folder / "hf", hf_dir)
+
+    def restore(self, client_state: dict, checkpoint_dir: Path) -> None:
+        self.epoch, self.metrics = client_state.get("best_model_epoch"), client_state.get("best_model_metrics", {})
+        if self.rank == 0 and (checkpoint_dir / "hf").is_dir():
+            shutil.copytree(checkpoint_dir / "hf", self.folder / "hf", dirs_exist_ok=True)
+
+    def close(self) -> None:
+        self._folder.cleanup()
 
 
 class EarlyStopping:
@@ -337,14 +404,16 @@ class EarlyStopping:
         return {"best_loss": self.best_loss, "best_epoch": self.best_epoch}
 
 
-def _restore(engine, checkpoint: ray.train.Checkpoint | None, rank: int) -> dict:
-    """The client state (epoch, optimizer steps, early-stopping state) after loading `checkpoint`;
-    zeros without one."""
+def _restore(engine, checkpoint: ray.train.Checkpoint | None, rank: int, best: BestEpoch | None) -> dict:
+    """The client state (epoch, optimizer steps, early-stopping state) after loading `checkpoint`,
+    and the best epoch's model it carries into `best`; zeros without one."""
     if checkpoint is None:
         return {"epoch": 0, "step": 0}
     with checkpoint.as_directory() as checkpoint_dir:
         client_state = training.load_deepspeed_checkpoint(engine, Path(checkpoint_dir))
         training.restore_rng(Path(checkpoint_dir), rank, {})
+        if best is not None:
+            best.restore(client_state, Path(checkpoint_dir))
     log.info("rank %d: restored after epoch %d", rank, client_state["epoch"])
     return {**client_state, "epoch": int(client_state["epoch"]), "step": int(client_state["step"])}
 

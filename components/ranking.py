@@ -1,5 +1,5 @@
-"""How results compare: a sweep's trials and their epochs (the sweep's `tune.metric`, equal values
-ordered by `tune.tie_break`)."""
+"""How results compare: a sweep's trials, and the epochs of one fine-tuning run, by the same rule
+(the sweep's `tune.metric`, equal values ordered by `tune.tie_break`)."""
 
 from __future__ import annotations
 
@@ -47,3 +47,12 @@ class Ranking(BaseModel):
         """The metrics as reported to Tune: with RANK_KEY when there is a tie-break."""
         value = self.value(metrics)
         return {**metrics, RANK_KEY: value} if self.tie_break and finite(value) else metrics
+
+    def better(self, metrics: dict, than: dict | None) -> bool:
+        """Whether `metrics` rank strictly above `than` (anything finite beats nothing)."""
+        value = self.value(metrics)
+        if not finite(value):
+            return False
+        if than is None or not finite(self.value(than)):
+            return True
+        return value > self.value(than) if self.mode == "max" else value < self.value(than)

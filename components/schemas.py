@@ -456,7 +456,10 @@ class FinetuneConfig(BaseModel):
     )
     log_every: int = Field(10, gt=0, description="steps between metric logs")
     early_stopping_patience: int | None = Field(
-        None, gt=0, description="stop after this many epochs without a lower validation loss; none runs every epoch"
+        None,
+        gt=0,
+        description="stop after this many epochs without a lower validation loss, and export the best epoch by "
+        "tune.metric (equal ones by tune.tie_break, else the lower loss); none runs every epoch and exports the last",
     )
     early_stopping_min_delta: float = Field(0.0, ge=0, description="smallest drop in validation loss that counts")
     registered_model_name: str | None = Field(

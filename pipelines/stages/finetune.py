@@ -46,6 +46,7 @@ def _reads(config: PipelineConfig, inputs: Inputs, extras: dict) -> list:
 
 def _run(config: PipelineConfig, inputs: Inputs, ctx: StageContext) -> StageResult:
     from components import finetune
+    from components.ranking import Ranking
 
     best = inputs.uri("tune") if config.tune.enabled else None
     return finetune.run(
@@ -57,6 +58,7 @@ def _run(config: PipelineConfig, inputs: Inputs, ctx: StageContext) -> StageResu
         registered_model_name=config.registered_model_name(),
         test_split=data.fingerprint(config.data.task.test),
         task=config.data.task.type,
+        ranking=Ranking.of(config.tune),  # the exported epoch is picked as the sweep picked trials' epochs
     )
 
 
@@ -104,7 +106,7 @@ def _describe_version(config: PipelineConfig, inputs: Inputs, result: StageResul
 
 STAGE = Stage(
     name="finetune",
-    version="6",
+    version="7",  # 7: with early stopping, the best epoch by the sweep's ranking is exported
     upstream=("tokenize", "pretrain", "prepare", "tune"),
     settings=_settings,
     run=_run,

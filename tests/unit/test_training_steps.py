@@ -30,6 +30,7 @@ from transformers import PreTrainedTokenizerFast
 
 from components import accelerator, finetune, models, pretrain, synthetic, training
 from components import tokenize as tok
+from components.ranking import Ranking
 from components.schemas import (
     DeepSpeedConfig,
     Hyperparameters,
@@ -399,6 +400,41 @@ def test_fit_classifier_resumes_after_the_checkpointed_epoch(fitted: Fit, task: 
     resumed = _fit(_classifier_run(task, epochs=3, dropout=0.0, export=True), tmp_path, fitted.checkpoints[2])
     assert [report["epoch"] for report in resumed.reports] == [3]
     assert resumed.reports[0] == pytest.approx(fitted.reports[2], abs=1e-6)
+
+
+def test_early_stopping_exports_the_best_epoch_also_after_a_restore(task: Task, tmp_path: Path) -> None:
+    """With early stopping the exported model is the best epoch by the run's ranking (the sweep's
+    rule), with its scores, not the one `patience` epochs later; a run restored after that epoch
+    exports it too. min_delta=10: no epoch after the first lowers the loss enough, so the run stops
+    after epoch 3; ranked on the highest loss (a rule that favours an early epoch here), the export is
+    an earlier epoch than the last."""
+    run = _classifier_run(task, epochs=3, dropout=0.0, export=True).model_copy(
+        update={
+            "early_stopping_patience": 2,
+            "early_stopping_min_delta": 10.0,
+            "ranking": Ranking(metric="eval/loss", mode="max"),
+        }
+    )
+    fit = _fit(run, tmp_path / "fit")
+    last = fit.reports[-1]
+    assert [report["epoch"] for report in fit.reports] == [1, 2, 3] and last["early_stop/best_epoch"] == 1
+    # The first of equals: the last report carries the exported epoch's scores, not epoch 3's own.
+    chosen = max(fit.reports, key=lambda report: report["eval/loss"])
+    assert chosen["epoch"] < 3 and last["model/epoch"] == chosen["epoch"]
+    assert last["eval/loss"] == chosen["eval/loss"] and last["eval/accuracy"] == chosen["eval/accuracy"]
+    assert all("test/accuracy" not in report for report in fit.reports[:-1]) and 0 <= last["test/accuracy"] <= 1
+    weights = "model.safetensors"
+    best = (fit.checkpoints[chosen["epoch"]] / "hf" / weights).read_bytes()
+    assert (fit.checkpoints[3] / "hf" / weights).read_bytes() == best
+    # Without early stopping the last epoch is exported, and its weights differ from the chosen one's.
+    later = _fit(run.model_copy(update={"early_stopping_patience": None}), tmp_path / "no-stopping")
+    assert "model/epoch" not in later.reports[-1]
+    assert (later.checkpoints[3] / "hf" / weights).read_bytes() != best
+    resumed = _fit(run, tmp_path / "resumed", fit.checkpoints[2])
+    assert [report["epoch"] for report in resumed.reports] == [3]
+    assert resumed.reports[0]["model/epoch"] == chosen["epoch"]
+    assert (resumed.checkpoints[3] / "hf" / weights).read_bytes() == best
+    assert resumed.reports[0]["test/accuracy"] == last["test/accuracy"]
 
 
 def test_fit_classifier_resumes_dropout_as_an_uninterrupted_run_would(task: Task, tmp_path: Path) -> None:
