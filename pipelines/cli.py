@@ -429,8 +429,10 @@ def _execute(config, args: argparse.Namespace, **how) -> int:
         if log and not quiet:
             console.say(f"[ptft] run {run_id}; logs of Ray, MLflow and the workers: {log}")
         with console.muted() if quiet else console.live():
-            # The progress reporter prints each stage's transitions, results included.
-            result = pipelines.run(config, progress_every_s=progress_every_s, run_id=run_id, **how)
+            # The progress reporter prints each stage's transitions, results included; without it
+            # (--progress-every 0) each stage's result is printed as the stage ends.
+            on_stage = _print_stage if not quiet and not progress_every_s else None
+            result = pipelines.run(config, on_stage=on_stage, progress_every_s=progress_every_s, run_id=run_id, **how)
         _print_summary(result, config, time.perf_counter() - started, log)
         if args.keep_serving:
             urls = ", ".join(served.output_uri for _, served in _results_of(result, "serve"))

@@ -184,7 +184,10 @@ def test_unchanged_rerun_is_all_cache_hits(demo: dict, reruns: dict) -> None:
     manifest = reruns["cached"]
     assert manifest["run_id"] != demo["run_id"]
     assert {name: record["status"] for name, record in manifest["stages"].items()} == dict.fromkeys(STAGES, "cached")
-    assert "tokenize cached" in reruns["cached_stdout"]
+    out = reruns["cached_stdout"]
+    for stage in STAGES:  # one line a stage: the hit, its producer, then the output and metrics
+        assert out.count(f"[ptft] {stage:<8} cache hit in") == 1, out[-3000:]
+        assert re.search(rf"\[ptft\] {stage} +cache hit in \S+ \(produced by run \w+\): \S", out), out[-3000:]
     client = demo["client"]
     experiment = client.get_experiment_by_name("demo")
     first = {

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -287,6 +288,22 @@ def test_optuna_trials_run_as_two_worker_trainers(sweeps: Sweeps, optuna_distrib
         assert sweeps.history(trial.info.run_id, "eval/accuracy")  # rank 0 logged into the trial's run
 
 
+def _epoch_results(trial_dir: Path) -> list[dict]:
+    """A trial's results by epoch from both of Tune's logs. When Tune restarts a paused trial it
+    copies each log back from storage first (ray.tune.logger's _restore_from_remote), and on a
+    loaded machine that copy has lost a result.json line (a fresh-clone run: epoch 1 gone from
+    result.json, kept in progress.csv)."""
+    by_epoch = {}
+    with open(trial_dir / "progress.csv", newline="") as rows:
+        for row in csv.DictReader(rows):
+            fields = ("epoch", "eval/loss", "timestamp", "time_this_iter_s")
+            by_epoch[int(float(row["epoch"]))] = {name: float(row[name]) for name in fields}
+    for line in (trial_dir / "result.json").read_text().splitlines():
+        result = json.loads(line)
+        by_epoch[int(result["epoch"])] = result
+    return [by_epoch[epoch] for epoch in sorted(by_epoch)]
+
+
 @pytest.fixture(scope="module")
 def sha(sweeps: Sweeps, asha: dict) -> str:
     return sweeps.run(
@@ -300,10 +317,7 @@ def sha(sweeps: Sweeps, asha: dict) -> str:
 def test_synchronous_halving_cuts_once_every_trial_reached_the_rung(sweeps: Sweeps, sha: str) -> None:
     trials = read_json(sweeps.tune_output(sha) / "trials.json")
     assert len(trials) == len(GRID)
-    results = {
-        row["trial"]: [json.loads(line) for line in (Path(row["path"]) / "result.json").read_text().splitlines()]
-        for row in trials
-    }
+    results = {row["trial"]: _epoch_results(Path(row["path"])) for row in trials}
     first_epoch = {trial: next(r for r in rows if r["epoch"] == 1) for trial, rows in results.items()}
     better_half = sorted(first_epoch, key=lambda trial: first_epoch[trial]["eval/loss"])[: len(GRID) // 2]
     epochs = {row["trial"]: row["epochs"] for row in trials}
