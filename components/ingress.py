@@ -57,12 +57,20 @@ def haproxy_env() -> dict[str, str]:
 # Request code on the replica's main event loop (see above); "1" is Ray's default, a loop apart.
 USER_LOOP = "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"
 
+# How long the controller waits for a new ingress to be ready, per check; after three missed
+# checks it replaces it. Ray's 5 s is under HAProxy's own start-up limit (30 s), so on a busy
+# 2-core node the controller can kill an HAProxy that is still starting, and `serve.start` then
+# fails with its death (components/serve.py `start`). 20 s gives an ingress up to a minute, the
+# time `serve.start` itself waits for it.
+READY = "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"
+READY_S = "20"
+
 
 def cluster_env(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
-    """Serve's variables for a cluster started from `environ` (HAProxy's, and request code on each
-    replica's main loop), except where `environ` already sets one: `RAY_SERVE_ENABLE_HA_PROXY=0`
-    there keeps Serve's Python proxy."""
-    wanted = {USER_LOOP: "0", **({} if environ.get(ENABLE) == "0" else haproxy_env())}
+    """Serve's variables for a cluster started from `environ` (HAProxy's, request code on each
+    replica's main loop, the ingress's readiness wait), except where `environ` already sets one:
+    `RAY_SERVE_ENABLE_HA_PROXY=0` there keeps Serve's Python proxy."""
+    wanted = {USER_LOOP: "0", READY: READY_S, **({} if environ.get(ENABLE) == "0" else haproxy_env())}
     return {name: value for name, value in wanted.items() if name not in environ}
 
 

@@ -39,6 +39,7 @@ import time
 from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 
+import ray.exceptions
 import requests
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -616,12 +617,28 @@ def auth_headers() -> dict[str, str]:
 def deploy(cfg: ServeConfig, model: ModelInfo, tracking_uri: str | None) -> str:
     """Deploy the application, or roll a running one over to `model` (Serve starts the new
     replicas and drains the old). Returns its base URL once it answers with this version."""
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    start(cfg)
     serve.run(application(cfg, model, tracking_uri), name=cfg.app_name, route_prefix=cfg.route_prefix)
     url = app_url(cfg)
     _wait_serving(url, model)
     log.info("serve: %s v%s at %s", model.name, model.version, url)
     return url
+
+
+def start(cfg: ServeConfig) -> None:
+    """Start Serve on the cluster, or connect to the Serve already running there.
+
+    `serve.start` waits on the ingress actors it creates, while the controller replaces one that
+    misses its readiness checks (HAProxy starting slowly on a busy node, or not binding a port one
+    moment): the wait then fails with the replaced actor's death although Serve runs. Starting
+    again connects to that Serve, whose controller brings up the new ingress; `deploy` then waits
+    until the application answers through it."""
+    try:
+        serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    except ray.exceptions.ActorDiedError as error:
+        reason = str(error).partition("\n")[0]
+        log.warning("serve: an ingress actor was replaced while Serve started (%s); connecting again", reason)
+        serve.start(http_options={"host": cfg.host, "port": cfg.port})
 
 
 def app_url(cfg: ServeConfig) -> str:

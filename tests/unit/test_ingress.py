@@ -9,16 +9,18 @@ def test_a_new_cluster_gets_haproxy_on_ports_of_its_own() -> None:
     env = ingress.cluster_env({})
     assert env[ingress.ENABLE] == "1" and float(env[ingress.DRAIN]) < 30  # Ray's default holds a rollout 30 s
     assert env[ingress.USER_LOOP] == "0"  # request code on the replica's main event loop
+    assert float(env[ingress.READY]) * 3 >= 60  # an ingress has the minute `serve.start` waits, not 15 s
     ports = [int(env[name]) for name in ingress.PORTS]
     assert len(set(ports)) == len(ports) and all(1024 < port < 65536 for port in ports)
     assert not set(ports) & {8404, 9101, 8500, 9500}  # Ray's fixed defaults: two clusters would collide
 
 
 def test_what_the_environment_sets_wins() -> None:
-    assert ingress.cluster_env({ingress.ENABLE: "0"}) == {ingress.USER_LOOP: "0"}  # the Python proxy
+    assert ingress.cluster_env({ingress.ENABLE: "0"}) == {ingress.USER_LOOP: "0", ingress.READY: ingress.READY_S}
     env = ingress.cluster_env({"RAY_SERVE_HAPROXY_STATS_PORT": "18404"})
     assert "RAY_SERVE_HAPROXY_STATS_PORT" not in env and env[ingress.ENABLE] == "1"
-    assert ingress.cluster_env({ingress.ENABLE: "1"}).keys() == {*ingress.PORTS, ingress.DRAIN, ingress.USER_LOOP}
+    expected = {*ingress.PORTS, ingress.DRAIN, ingress.USER_LOOP, ingress.READY}
+    assert ingress.cluster_env({ingress.ENABLE: "1"}).keys() == expected
     assert ingress.USER_LOOP not in ingress.cluster_env({ingress.USER_LOOP: "1"})  # Ray's thread, if asked for
 
 
