@@ -662,10 +662,15 @@ def judged_epoch(history: list[dict], last: dict, cfg: TuneConfig) -> dict:
     the scheduler let it run. Ranked on their last epochs, a trial that ran three epochs and overfit
     in the third lost to trials stopped after their first. Epochs equal on the metric are ordered
     by the tie-break, if any. Under PBT a trial's epochs ran under several configs and only the
-    last is its own: the last epoch."""
+    last is its own: the last epoch.
+
+    The history is read back from the trial's result file, the last result from Tune's own state;
+    when the file lacks the last epoch (its line lost to a restore), that epoch still competes."""
     scored = [row for row in history if finite(row.get(cfg.metric))]
     if cfg.scheduler == "pbt" or not scored:
         return last
+    if finite(last.get(cfg.metric)) and all(row.get("epoch") != last.get("epoch") for row in scored):
+        scored.append(last)
     pick = max if cfg.mode == "max" else min
     return pick(scored, key=Ranking.of(cfg).value)  # the earliest of equals
 

@@ -554,6 +554,15 @@ def test_under_pbt_or_without_a_history_the_last_epoch_counts() -> None:
     assert judged_epoch(unscored, HISTORY[-1], _sweep())["epoch"] == 3
 
 
+def test_a_last_epoch_missing_from_the_history_still_competes() -> None:
+    """The history comes from the trial's result file, the last result from Tune's state; a line
+    the file lost must not cost the trial its best epoch."""
+    best_last = {"epoch": 4, "eval/accuracy": 0.90, "eval/loss": 0.40}
+    assert judged_epoch(HISTORY, best_last, _sweep())["epoch"] == 4
+    assert judged_epoch(HISTORY, {**best_last, "eval/accuracy": 0.5}, _sweep())["epoch"] == 2
+    assert judged_epoch(HISTORY, {"epoch": 4, "eval/accuracy": float("nan")}, _sweep())["epoch"] == 2
+
+
 def test_every_metric_a_task_type_reports_can_be_written_in_a_config() -> None:
     """A resumed run validates its saved config again, the filled-in tune.metric included: one the
     schema did not list (eval/bleu) made `ptft resume` of a translation run exit 2."""
