@@ -11,6 +11,7 @@ status, timings, cache hits) and, for the running stage, from its MLflow run: tr
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import threading
 import time
@@ -26,6 +27,8 @@ from components.stage import StageResult
 from components.tracking import PARENT_TAG
 from pipelines import manifest as mf
 from pipelines import stages
+
+log = logging.getLogger(__name__)
 
 
 def stage_progress(client: MlflowClient, stage: str, run_id: str) -> dict | None:
@@ -174,22 +177,27 @@ class Reporter:
         if self._thread.is_alive():
             self._thread.join(timeout=10)
         self._awaits_results = False  # a stop can leave a stage ended without its result handed over
-        self.poll(progress=False)  # the last transitions
+        self._poll_quietly(progress=False)  # the last transitions
 
     def stage_done(self, name: str, result: StageResult) -> None:
         """A stage's result, from the runner: its transition is printed now, with it."""
         self._results[name] = result
-        self.poll(progress=False)
+        self._poll_quietly(progress=False)
 
     def _loop(self) -> None:
         while not self._stop.wait(1.0):
             due = console.is_live() or time.monotonic() - self._last_progress >= self.every_s
-            try:
-                self.poll(progress=due)
-            except Exception:  # noqa: BLE001 - a progress line is never worth failing a run for
-                pass
+            self._poll_quietly(progress=due)
             if due:
                 self._last_progress = time.monotonic()
+
+    def _poll_quietly(self, *, progress: bool) -> None:
+        """A progress line is never worth failing a stage or a run for (a closed pipe, MLflow away);
+        the runner calls in from its stages' threads and at the end of the run."""
+        try:
+            self.poll(progress=progress)
+        except Exception:  # noqa: BLE001
+            log.debug("progress: a line could not be printed", exc_info=True)
 
     def poll(self, *, progress: bool) -> None:
         with self._lock:  # not held while MLflow is asked for progress, so a stage_done never waits on it

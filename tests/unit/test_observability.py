@@ -270,6 +270,22 @@ def test_an_ended_stage_is_one_line_with_its_output_and_metrics(client: MlflowCl
     assert len(lines) == 6
 
 
+def test_a_line_that_cannot_be_printed_fails_no_stage(client: MlflowClient, tmp_path: Path) -> None:
+    """`ptft run | head` closes the pipe under the reporter; the runner's calls must not raise."""
+
+    class ClosedPipe(io.StringIO):
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    manifest = _manifest_with_running_pretrain(client, tmp_path)
+    with pytest.raises(BrokenPipeError):  # the failure is real, so surviving it below means something
+        progress.Reporter(manifest, client, every_s=60, stream=ClosedPipe()).poll(progress=False)
+    reporter = progress.Reporter(manifest, client, every_s=60, stream=ClosedPipe(), awaits_results=True)
+    manifest.stage_ended("pretrain", mf.SUCCEEDED, output_uri="/store/pretrain/k1/model")
+    reporter.stage_done("pretrain", StageResult("/store/pretrain/k1/model", {"eval/perplexity": 52.3}))
+    reporter.stop()
+
+
 def test_on_a_terminal_the_reporter_draws_live_bars(client: MlflowClient, tmp_path: Path) -> None:
     from rich.console import Console
 
