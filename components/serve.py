@@ -633,12 +633,13 @@ def start(cfg: ServeConfig) -> None:
     moment): the wait then fails with the replaced actor's death although Serve runs. Starting
     again connects to that Serve, whose controller brings up the new ingress; `deploy` then waits
     until the application answers through it."""
+    http_options = {"host": cfg.host, "port": cfg.port}
     try:
-        serve.start(http_options={"host": cfg.host, "port": cfg.port})
+        serve.start(http_options=http_options)
     except ray.exceptions.ActorDiedError as error:
         reason = str(error).partition("\n")[0]
         log.warning("serve: an ingress actor was replaced while Serve started (%s); connecting again", reason)
-        serve.start(http_options={"host": cfg.host, "port": cfg.port})
+        serve.start(http_options=http_options)
 
 
 def app_url(cfg: ServeConfig) -> str:
