@@ -296,10 +296,14 @@ def _alive_nodes() -> dict[str, dict[str, float]]:
 
 def _nodes_from_dashboard(address: str) -> tuple[dict[str, dict[str, float]], list[Problem]]:
     from ray.util.state import list_nodes
+    from ray.util.state.common import RAY_MAX_LIMIT_FROM_API_SERVER
 
     try:
         with explicit_address():
-            nodes = list_nodes(address=address, filters=[("state", "=", "ALIVE")], detail=True)
+            # The state API returns 100 entries unless asked for more: a bigger cluster's capacity
+            # would be undercounted, and a job that fits refused.
+            alive = [("state", "=", "ALIVE")]
+            nodes = list_nodes(address=address, filters=alive, limit=RAY_MAX_LIMIT_FROM_API_SERVER, detail=True)
     except Exception as error:  # noqa: BLE001 - the state API raises several kinds; all mean "cannot ask"
         return {}, [_unreachable("--address", address, error)]
     return {node.node_id: node.resources_total for node in nodes}, []

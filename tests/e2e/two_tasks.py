@@ -57,8 +57,9 @@ def _manifest(storage: Path) -> dict | None:
 
 def _live_train_worker(pid: str) -> psutil.Process | None:
     """The Ray Train worker process with this pid, if it is alive, looked up on this host. Not through
-    Ray's state API (`list_jobs`, `list_actors`): in one fresh-clone run it never found the worker
-    while the stage trained for a minute, and the fine-tuning ended unkilled."""
+    Ray's `list_jobs`, which returns the first 100 jobs by id, without a warning: on a cluster that
+    had run 105 drivers it listed 100, not the newest. The shared cluster can have run more by now,
+    and then this driver's job is never found and the fine-tuning ends unkilled."""
     with contextlib.suppress(psutil.Error, ValueError):
         process = psutil.Process(int(pid))
         if process.is_running() and "RayTrainWorker" in " ".join(process.cmdline()):
