@@ -364,6 +364,18 @@ def run_phase(kind: str, s: Settings, micro_batch: int, per_token: float, device
         free_memory(s)
 
 
+def run_phase_unless_oom(kind: str, s: Settings, micro_batch: int, per_token: float, device_name: str) -> dict:
+    """`run_phase`, or a skipped entry when the micro-batch asked for does not fit on the GPU: the
+    other phases still run and the summary is still written."""
+    try:
+        return run_phase(kind, s, micro_batch, per_token, device_name)
+    except (torch.cuda.OutOfMemoryError, RuntimeError) as error:
+        if s.device != "cuda" or not is_oom(error):
+            raise
+    free_memory(s)  # outside the except block: its traceback no longer holds tensors
+    return {"skipped": f"out of memory at micro-batch {micro_batch}"}
+
+
 def probe(loop: TorchLoop, s: Settings, micro_batch: int, total: int) -> dict[str, Any]:
     """Two full plain-torch steps at `micro_batch` (the second with optimizer state allocated)."""
     started = time.perf_counter()
@@ -665,7 +677,7 @@ def main(argv: list[str] | None = None) -> int:
     for kind in ("plain_torch", "deepspeed"):
         name = kind + TARGETS_ONLY
         print(f"== {kind}, MLM head on the targets only ({100 * share:.1f}% of positions)", flush=True)
-        runs[name] = out_of_time(name) or run_phase(
+        runs[name] = out_of_time(name) or run_phase_unless_oom(
             name, s, runs[kind].get("micro_batch", micro_batch), per_token_targets, device["name"]
         )
         print(describe(name, runs[name]), flush=True)
