@@ -741,15 +741,9 @@ def run_deepspeed(
     candidate, and plain torch is timed again at that one so the ratio compares equal batches."""
     smaller = [m for m in MICRO_BATCH_CANDIDATES if m < micro_batch]
     for candidate in [micro_batch, *smaller]:
-        result = None
-        try:
-            result = run_phase("deepspeed", s, candidate, per_token, device_name)
-        except (torch.cuda.OutOfMemoryError, RuntimeError) as error:
-            if s.device != "cuda" or not is_oom(error):
-                raise
+        result = run_phase_unless_oom("deepspeed", s, candidate, per_token, device_name)
+        if "skipped" in result:
             print(f"  DeepSpeed ran out of memory at micro-batch {candidate}", flush=True)
-        if result is None:
-            free_memory(s)  # outside the except block: its traceback no longer holds tensors
             continue
         if candidate != micro_batch:
             runs["plain_torch_at_search_micro_batch"] = runs["plain_torch"]

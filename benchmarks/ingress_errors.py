@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+import requests
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from components import ingress  # noqa: E402
@@ -29,10 +31,10 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=4)
     parser.add_argument("--timeout-server-s", type=int, default=3)
     args = parser.parse_args()
-    os.environ.update(ingress.cluster_env())  # read by Serve when it starts its ingress
+    # Serve reads these when it is imported (so Ray is imported below) and when it starts its ingress.
+    os.environ.update(ingress.cluster_env())
     os.environ["RAY_SERVE_HAPROXY_TIMEOUT_SERVER_S"] = str(args.timeout_server_s)
     import ray
-    import requests
     from ray import serve
 
     ray.init(num_cpus=2, include_dashboard=False)
@@ -46,7 +48,7 @@ def main() -> None:
 
     serve.run(Pid.bind(), route_prefix="/pid", name="pid")
     url = f"http://127.0.0.1:{port}/pid"
-    replica = _replica_pid(url, requests)
+    replica = _replica_pid(url)
     print(f"ingress {ingress.name()}; replica {replica}")
     os.kill(replica, signal.SIGSTOP)
     try:
@@ -64,7 +66,7 @@ def main() -> None:
         ray.shutdown()
 
 
-def _replica_pid(url: str, requests) -> int:
+def _replica_pid(url: str) -> int:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
