@@ -5,8 +5,9 @@ replica is then SIGSTOPped; each request's status, time and body are printed.
 
     python benchmarks/ingress_errors.py [--requests 4] [--timeout-server-s 3]
 
-Measured 2026-12-04 (Ray 2.60): four requests, each `500 Internal Server Error` after 3.0 s, where
-HAProxy alone answers 504: Ray maps HAProxy's 502, 503 and 504 to one 500 error file.
+Measured 2026-12-04 (Ray 2.60): four requests, each `500 Internal Server Error` after 3.0 s, a
+server timeout that HAProxy itself answers 504: Ray maps HAProxy's 502, 503 and 504 to one 500
+error file.
 """
 
 from __future__ import annotations

@@ -61,8 +61,8 @@ def _live_train_worker(pid: str) -> psutil.Process | None:
     had run 105 drivers it listed 100, not the newest. The shared cluster can have run more by now,
     and then this driver's job is never found and the fine-tuning ends unkilled."""
     with contextlib.suppress(psutil.Error, ValueError):
-        process = psutil.Process(int(pid))
-        if process.is_running() and "RayTrainWorker" in " ".join(process.cmdline()):
+        process = psutil.Process(int(pid))  # raises for a pid that is gone; a zombie shows no command line
+        if "RayTrainWorker" in " ".join(process.cmdline()):
             return process
     return None
 
