@@ -652,9 +652,30 @@ def _trial_row(result: ray.tune.Result, cfg: TuneConfig, run_ids: dict[str, str]
 
 
 def _history(result: ray.tune.Result) -> list[dict]:
-    """Every epoch's result of a trial, oldest first (empty when Tune kept none)."""
+    """Every epoch's result of a trial, oldest first (empty when Tune kept none), from both of
+    Tune's logs. Tune reads result.json alone, but when it restarts a paused or restored trial it
+    first copies each log back from storage, and that copy has lost a line of result.json that
+    progress.csv kept (a fresh-clone run of tests/integration/test_sweeps.py): an epoch missing
+    there could have been the trial's best."""
     frame = result.metrics_dataframe
-    return [] if frame is None else frame.to_dict("records")
+    logged = [] if frame is None else frame.to_dict("records")
+    by_epoch = {}
+    for row in [*_progress_rows(result), *logged]:  # result.json's rows win: typed, unflattened values
+        if finite(row.get("epoch")):
+            by_epoch[int(row["epoch"])] = row
+    return [by_epoch[epoch] for epoch in sorted(by_epoch)]
+
+
+def _progress_rows(result: ray.tune.Result) -> list[dict]:
+    """The rows of a trial's progress.csv; none when it is missing or unreadable (it only fills gaps)."""
+    import pandas as pd
+
+    try:
+        with result.filesystem.open_input_stream(f"{result.path}/progress.csv") as stream:
+            return pd.read_csv(stream, dtype={"trial_id": str}).to_dict("records")
+    except (OSError, ValueError) as error:  # pandas' parser and empty-data errors are ValueErrors
+        log.debug("tune: no progress.csv rows for %s: %s", result.path, error)
+        return []
 
 
 def judged_epoch(history: list[dict], last: dict, cfg: TuneConfig) -> dict:

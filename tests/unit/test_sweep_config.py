@@ -563,6 +563,39 @@ def test_a_last_epoch_missing_from_the_history_still_competes() -> None:
     assert judged_epoch(HISTORY, {"epoch": 4, "eval/accuracy": float("nan")}, _sweep())["epoch"] == 2
 
 
+def test_an_epoch_lost_from_result_json_is_read_from_progress_csv(tmp_path: Path) -> None:
+    """Tune reads a trial's history from result.json alone; a restore has lost a line of it that
+    progress.csv kept. The trial is still ranked on its best epoch, the one only the CSV holds."""
+    import csv
+
+    import pandas as pd
+    from ray.tune import Result
+
+    from components.tune import _trial_row
+
+    trial = tmp_path / "trial_1_lr=0.01"
+    trial.mkdir()
+    with open(trial / "progress.csv", "w", newline="") as out:
+        writer = csv.DictWriter(out, ["epoch", "eval/accuracy", "eval/loss", "config/learning_rate", "trial_id"])
+        writer.writeheader()
+        writer.writerows({**row, "config/learning_rate": 0.01, "trial_id": "0001"} for row in HISTORY)
+    kept = [HISTORY[0], HISTORY[2]]  # result.json lost epoch 2, the best
+    result = Result(
+        metrics={**HISTORY[2], "config": {"learning_rate": 0.01}},
+        checkpoint=None,
+        error=None,
+        path=str(trial),
+        metrics_dataframe=pd.DataFrame(kept),
+    )
+    cfg = _sweep(search_space={"learning_rate": {"type": "choice", "values": [0.01]}}, max_epochs=3)
+    row = _trial_row(result, cfg, {"trial": "run-1"})
+    assert (row["best_epoch"], row["metric"], row["epochs"]) == (2, 0.82, 3)
+    assert row["metrics"] == {"eval/accuracy": 0.82, "eval/loss": 0.45}
+    # Without the CSV the lost epoch cannot compete: the pick falls back to what result.json kept.
+    (trial / "progress.csv").unlink()
+    assert _trial_row(result, cfg, {"trial": "run-1"})["best_epoch"] == 3
+
+
 def test_every_metric_a_task_type_reports_can_be_written_in_a_config() -> None:
     """A resumed run validates its saved config again, the filled-in tune.metric included: one the
     schema did not list (eval/bleu) made `ptft resume` of a translation run exit 2."""
