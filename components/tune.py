@@ -660,7 +660,7 @@ def _history(result: ray.tune.Result) -> list[dict]:
     frame = result.metrics_dataframe
     logged = [] if frame is None else frame.to_dict("records")
     by_epoch = {}
-    for row in [*_progress_rows(result), *logged]:  # result.json's rows win: typed, unflattened values
+    for row in [*_progress_rows(result), *logged]:  # where both logs hold an epoch, result.json (Tune's read) wins
         if finite(row.get("epoch")):
             by_epoch[int(row["epoch"])] = row
     return [by_epoch[epoch] for epoch in sorted(by_epoch)]
