@@ -640,10 +640,10 @@ def _trial_row(result: ray.tune.Result, cfg: TuneConfig, run_ids: dict[str, str]
         "metric": judged.get(cfg.metric),
         "rank": Ranking.of(cfg).value(judged),
         "config": plain({key: result.config.get(key) for key in cfg.search_space}),
-        "metrics": {  # Tune's flattened config/* columns left out: the config is above
+        "metrics": {  # left out: the config/* columns (the config is above), NaN (a key this epoch lacked)
             key: value
             for key, value in judged.items()
-            if isinstance(value, (int, float)) and "/" in key and key != RANK_KEY and not key.startswith("config/")
+            if finite(value) and "/" in key and key != RANK_KEY and not key.startswith("config/")
         },
         "error": str(result.error) if result.error else None,
         "mlflow_run_id": run_ids.get(name),

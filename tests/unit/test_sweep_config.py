@@ -579,7 +579,8 @@ def test_an_epoch_lost_from_result_json_is_read_from_progress_csv(tmp_path: Path
         writer = csv.DictWriter(out, ["epoch", "eval/accuracy", "eval/loss", "config/learning_rate", "trial_id"])
         writer.writeheader()
         writer.writerows({**row, "config/learning_rate": 0.01, "trial_id": "0001"} for row in HISTORY)
-    kept = [HISTORY[0], HISTORY[2]]  # result.json lost epoch 2, the best
+    # result.json lost epoch 2, the best; its epoch 1 has a key the others lack (a restored epoch).
+    kept = [{**HISTORY[0], "restore/loaded_epoch": 0}, HISTORY[2]]
     result = Result(
         metrics={**HISTORY[2], "config": {"learning_rate": 0.01}},
         checkpoint=None,
@@ -593,7 +594,9 @@ def test_an_epoch_lost_from_result_json_is_read_from_progress_csv(tmp_path: Path
     assert row["metrics"] == {"eval/accuracy": 0.82, "eval/loss": 0.45}
     # Without the CSV the lost epoch cannot compete: the pick falls back to what result.json kept.
     (trial / "progress.csv").unlink()
-    assert _trial_row(result, cfg, {"trial": "run-1"})["best_epoch"] == 3
+    fallback = _trial_row(result, cfg, {"trial": "run-1"})
+    assert fallback["best_epoch"] == 3
+    assert fallback["metrics"] == {"eval/accuracy": 0.78, "eval/loss": 0.52}  # not the NaN Tune's table fills in
 
 
 def test_every_metric_a_task_type_reports_can_be_written_in_a_config() -> None:
