@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
 
 from components import accelerator
 from components.net import free_port
@@ -169,6 +170,26 @@ def grad_norm(engine) -> float | None:
     return value if math.isfinite(value) else None
 
 
+class TorchTrainerWithoutDatasets(TorchTrainer):
+    """A TorchTrainer without the two helper actors that Ray Train 2.60 starts for every run and
+    ptft's loops never use, each a Python process of its own (`docs/performance.md`): a
+    DatasetManager, datasets or not (the loops read their stage's files), and a preemption watcher,
+    which tells a loop that asks (`ray.train.get_preemption_info`, ptft's do not) that its node
+    drains. A lost worker still restarts the group from its last checkpoint."""
+
+    def _create_default_callbacks(self) -> list:
+        callbacks = super()._create_default_callbacks()
+        if self.datasets:
+            return callbacks
+        return [callback for callback in callbacks if not isinstance(callback, DatasetsCallback)]
+
+    def fit(self) -> Result:
+        # Read by the run's controller, which gets it from this process's environment. A user's
+        # own setting wins.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        return super().fit()
+
+
 def fit_on_ray(
     loop: Callable[[dict], None],
     loop_config: dict,
@@ -179,7 +200,7 @@ def fit_on_ray(
 ) -> Result:
     """Run a training loop on a Ray Train worker group; results and checkpoints go under the
     pipeline's Ray storage, named after the pipeline run and stage."""
-    trainer = TorchTrainer(
+    trainer = TorchTrainerWithoutDatasets(
         loop,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(

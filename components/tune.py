@@ -35,7 +35,6 @@ from pathlib import Path
 import ray.train
 import ray.tune
 from pydantic import BaseModel
-from ray.train.torch import TorchTrainer
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import (
     ASHAScheduler,
@@ -485,7 +484,7 @@ def run_distributed_trial(hyper: dict, setup: dict) -> None:
     tracker = open_trial_run(trial, name, hyper)
     record_trained_config(tracker, hyper)  # PBT, the one scheduler that changes it, runs no such trials
     resources = {"CPU": trial.cpus_per_worker, **({"GPU": trial.gpus_per_worker} if trial.base.use_gpu else {})}
-    trainer = TorchTrainer(
+    trainer = training.TorchTrainerWithoutDatasets(
         finetune.train_loop_per_worker,
         train_loop_config=_classifier_run(trial, hyper, tracker.run_id).model_dump(),
         scaling_config=ray.train.ScalingConfig(

@@ -47,9 +47,6 @@ def _hermetic_home() -> Path:
             "DS_ACCELERATOR": "cpu",
             "PTFT_TEST_HOME": str(home),
             "RAY_USAGE_STATS_ENABLED": "0",
-            # Ray Train's node-drain watcher: one more actor process per training run (~2.5 core-s
-            # each on these 2 cores, measured), for spot-node drains that no test makes.
-            "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
             "MLFLOW_DISABLE_TELEMETRY": "true",
             "DO_NOT_TRACK": "true",
         }
