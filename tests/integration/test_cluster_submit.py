@@ -350,8 +350,8 @@ def test_losing_a_node_mid_pretraining_continues_or_fails_clearly_and_resume_com
         f"tracking.uri={mlflow_server}",
         "data.task=null",
         "pretrain.workers.placement_strategy=SPREAD",
-        # Enough steps after the 40th for the poll below to land the kill while training runs: with
-        # 200, on an idle machine, training had ended first (no restore; 2026-12-04).
+        # Enough steps after the 40th for the poll below to land the kill while training runs. With
+        # 200, on an idle machine, the job ended SUCCEEDED with no restore on record (2026-12-04).
         "pretrain.max_steps=400",
         "pretrain.checkpoint_every=20",
     )
