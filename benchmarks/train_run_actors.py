@@ -81,14 +81,14 @@ def main() -> None:
         arm: {
             "wall_s_median": statistics.median(run["wall_s"] for run in results),
             "cpu_s_median": statistics.median(run["cpu_s"] for run in results),
-            "actors_per_run": dict(collections.Counter(a for run in results for a in run["actors"])),
+            "actors_started_in_all_runs": dict(collections.Counter(a for run in results for a in run["actors"])),
         }
         for arm, results in runs.items()
     }
     for arm, numbers in summary.items():
         print(
             f"{arm:5s} wall {numbers['wall_s_median']:5.2f} s  CPU {numbers['cpu_s_median']:5.2f} core-s  "
-            f"actors over {args.rounds} runs: {numbers['actors_per_run']}"
+            f"actors over {args.rounds} runs: {numbers['actors_started_in_all_runs']}"
         )
     ratio = summary["ptft"]["cpu_s_median"] / summary["ray"]["cpu_s_median"]
     print(f"ptft / ray, CPU per run (medians): {ratio:.3f}")
