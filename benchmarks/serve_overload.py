@@ -12,6 +12,8 @@ client process, 127.0.0.1), against arms that each start fresh, one after the ot
                       replica's own HTTP server rejects; its request code on a loop in a thread apart
     serve_haproxy_user_loop  the same, request code on the replica's HTTP event loop: as on the
                       clusters ptft starts
+    serve_haproxy_connections_open  the same, after 320 concurrent GET /healthz: HAProxy has its
+                      connections to the replica open before the first burst (it reuses them)
 
 For each: the client's time to each 503 (median, p90, first and last tenth by arrival) and, for the
 Serve arms, the proxy's own handling time per 503 from its access log, so that
@@ -67,7 +69,10 @@ ARMS = {
     "serve_quiet_proxy": lambda: PYTHON_PROXY,
     "serve_haproxy": ingress.haproxy_env,
     "serve_haproxy_user_loop": lambda: ingress.cluster_env({}),  # as on the clusters ptft starts
+    "serve_haproxy_connections_open": lambda: ingress.cluster_env({}),
 }
+# Arms that open the ingress's connections to the replica before the measured bursts.
+CONNECTIONS_FIRST = {"serve_haproxy_connections_open"}
 
 FLOOR_APP = """
 import sys
@@ -246,6 +251,32 @@ def run_floor(clients: list[str], repeats: int) -> dict:
         process.terminate()
 
 
+def open_connections(url: str, count: int = BURST) -> dict[int, int]:
+    """`count` concurrent `GET /healthz` (no model, no rejection code of ptft's), all written before
+    any is read: the ingress opens as many connections to the replica as a burst makes it open, and
+    keeps them for the bursts that follow. Returns how many of each status came back (0: closed
+    before a whole response)."""
+    address = urlsplit(url)
+    request = f"GET /healthz HTTP/1.1\r\nHost: {address.netloc}\r\n\r\n".encode()
+    connections = [socket.create_connection((address.hostname, address.port), timeout=30) for _ in range(count)]
+    codes: dict[int, int] = {}
+    try:
+        for connection in connections:
+            connection.sendall(request)
+        for connection in connections:
+            data, code, closed = b"", None, False
+            while code is None and not closed:
+                chunk = connection.recv(65536)
+                data, closed = data + chunk, not chunk
+                code = response_status(data, closed)
+            code = code or 0  # closed before a whole response, as raw_burst counts it
+            codes[code] = codes.get(code, 0) + 1
+    finally:
+        for connection in connections:
+            connection.close()
+    return codes
+
+
 def run_serve(arm: str, model: Path, clients: list[str], repeats: int) -> dict:
     import ray
     from ray import serve
@@ -259,10 +290,14 @@ def run_serve(arm: str, model: Path, clients: list[str], repeats: int) -> dict:
             serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=quiet)
         url = deploy_serve(model, port, max_ongoing_requests=ONGOING, max_queued_requests=QUEUED)
         wait_answering(url)
+        opened = open_connections(url) if arm in CONNECTIONS_FIRST else None
+        if opened:
+            time.sleep(3)
         runs = bursts(url, clients, repeats, drain_s=3)  # the accepted ones drain
         proxy = proxy_times_ms(temp)
         return {
             "clients": runs,
+            "connections_first": opened,
             "proxy_503_count": len(proxy),
             "proxy_p50_503_ms": round(statistics.median(proxy), 2) if proxy else None,
         }

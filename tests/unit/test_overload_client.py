@@ -47,12 +47,21 @@ class _SlowRejections(BaseHTTPRequestHandler):
     def log_message(self, *args) -> None:
         pass
 
+    def do_GET(self) -> None:  # /healthz, kept alive: the connection stays open after the answer
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
 
 class _HangsUp(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers["Content-Length"]))
+        self.do_GET()
+
+    def do_GET(self) -> None:
         self.wfile.write(b"HTTP/1.1 503 Service Unavailable\r\n")  # then closes, mid-headers
         self.close_connection = True
 
@@ -90,6 +99,15 @@ def test_raw_burst_counts_a_connection_closed_mid_response_apart() -> None:
         results = overload.raw_burst(url, 4)  # kept waiting for the rest, it would raise at its deadline
     assert [status for status, _, _ in results] == [0] * 4
     assert overload.summarise(results)["other"] == [0]
+
+
+def test_opening_the_connections_reads_each_answer_on_a_connection_left_open(slow_server: str) -> None:
+    assert overload.open_connections(slow_server, 6) == {200: 6}  # waiting for a close instead, it would time out
+
+
+def test_opening_the_connections_counts_one_closed_mid_response_apart() -> None:
+    with _server(_HangsUp) as url:
+        assert overload.open_connections(url, 3) == {0: 3}
 
 
 @pytest.mark.parametrize(
