@@ -114,18 +114,20 @@ async def aiohttp_burst(url: str, count: int) -> list[tuple[int, float, float]]:
     return results
 
 
-def raw_burst(url: str, count: int) -> list[tuple[int, float, float]]:
+def raw_burst(url: str, count: int, request: bytes | None = None) -> list[tuple[int, float, float]]:
     """The same burst with the client's share taken out: `count` connections opened first, then one
-    prepared request written to each in a tight loop; a request's clock starts as its write does
-    and stops when its whole response has arrived (one `select` loop, no HTTP library).
+    prepared request (`POST /predict` unless given) written to each in a tight loop; a request's
+    clock starts as its write does and stops when its whole response has arrived (one `select`
+    loop, no HTTP library).
     What remains is the server's time to answer, and the wait behind the burst's other requests."""
     address = urlsplit(url)
-    body = json.dumps({"texts": [TEXT]}).encode()
-    head = (
-        f"POST /predict HTTP/1.1\r\nHost: {address.netloc}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
-    )
-    request = head.encode() + body
+    if request is None:
+        body = json.dumps({"texts": [TEXT]}).encode()
+        head = (
+            f"POST /predict HTTP/1.1\r\nHost: {address.netloc}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
+        request = head.encode() + body
     connections = [socket.create_connection((address.hostname, address.port), timeout=30) for _ in range(count)]
     selector = selectors.DefaultSelector()
     try:
@@ -252,29 +254,13 @@ def run_floor(clients: list[str], repeats: int) -> dict:
 
 
 def open_connections(url: str, count: int = BURST) -> dict[int, int]:
-    """`count` concurrent `GET /healthz` (no model, no rejection code of ptft's), all written before
-    any is read: the ingress opens as many connections to the replica as a burst makes it open, and
-    keeps them for the bursts that follow. Returns how many of each status came back (0: closed
-    before a whole response)."""
-    address = urlsplit(url)
-    request = f"GET /healthz HTTP/1.1\r\nHost: {address.netloc}\r\n\r\n".encode()
-    connections = [socket.create_connection((address.hostname, address.port), timeout=30) for _ in range(count)]
-    codes: dict[int, int] = {}
-    try:
-        for connection in connections:
-            connection.sendall(request)
-        for connection in connections:
-            data, code, closed = b"", None, False
-            while code is None and not closed:
-                chunk = connection.recv(65536)
-                data, closed = data + chunk, not chunk
-                code = response_status(data, closed)
-            code = code or 0  # closed before a whole response, as raw_burst counts it
-            codes[code] = codes.get(code, 0) + 1
-    finally:
-        for connection in connections:
-            connection.close()
-    return codes
+    """`count` concurrent `GET /healthz` (no model, no rejection code of ptft's), written as a burst
+    is: the ingress opens as many connections to the replica as a burst makes it open, and keeps
+    them for the bursts that follow. Returns how many of each status came back (0: closed before a
+    whole response)."""
+    get = f"GET /healthz HTTP/1.1\r\nHost: {urlsplit(url).netloc}\r\n\r\n".encode()
+    statuses = [status for status, _, _ in raw_burst(url, count, get)]
+    return {status: statuses.count(status) for status in sorted(set(statuses))}
 
 
 def run_serve(arm: str, model: Path, clients: list[str], repeats: int) -> dict:
