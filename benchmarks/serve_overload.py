@@ -13,7 +13,8 @@ client process, 127.0.0.1), against arms that each start fresh, one after the ot
     serve_haproxy_user_loop  the same, request code on the replica's HTTP event loop: as on the
                       clusters ptft starts
     serve_haproxy_connections_open  the same, after 320 concurrent GET /healthz: HAProxy has its
-                      connections to the replica open before the first burst (it reuses them)
+                      connections to the replica open before the first burst (it reuses them),
+                      as many as the replica answered with 200 (its JSON: "connections_first")
 
 For each: the client's time to each 503 (median, p90, first and last tenth by arrival) and, for the
 Serve arms, the proxy's own handling time per 503 from its access log, so that
