@@ -257,8 +257,8 @@ def run_floor(clients: list[str], repeats: int) -> dict:
 def open_connections(url: str, count: int = BURST) -> dict[int, int]:
     """`count` concurrent `GET /healthz` (no model, no rejection code of ptft's), written as a burst
     is: the ingress opens as many connections to the replica as a burst makes it open, and keeps
-    them for the bursts that follow. Returns how many of each status came back (0: closed before a
-    whole response)."""
+    those whose request was answered (not refused) for the bursts that follow. Returns how many of
+    each status came back (0: closed before a whole response)."""
     get = f"GET /healthz HTTP/1.1\r\nHost: {urlsplit(url).netloc}\r\n\r\n".encode()
     statuses = [status for status, _, _ in raw_burst(url, count, get)]
     return {status: statuses.count(status) for status in sorted(set(statuses))}
