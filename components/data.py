@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -115,8 +116,59 @@ def format_of_suffix(suffix: str) -> str | None:
     return SUFFIX_FORMATS.get(suffix.lower())
 
 
+class UnreadableFile(ValueError):
+    """A data file that does not parse as its format. The message says where it breaks (the line,
+    for JSON lines), `fix` what to change."""
+
+    FIXES = {
+        "jsonl": "write one JSON object per line, each field with one type on every line (quote numbers meant as text)",
+        "csv": "give every row the header's columns; quote a field that holds a comma or a quote",
+        "tsv": "give every row the header's columns; quote a field that holds a tab or a quote",
+        "parquet": "write it again as Parquet, or set the source's format to the one it has",
+        "text": "re-encode it as UTF-8",
+    }
+
+    def __init__(self, path: str, fmt: str, detail: str):
+        self.fix = self.FIXES[fmt]
+        super().__init__(f"{path} does not read as {fmt}: {detail}")
+
+
 def _read_file(path: str, fmt: str) -> pa.Table:
     data = _read_bytes(path)
+    try:
+        return _parse(data, fmt)
+    except (pa.ArrowInvalid, UnicodeDecodeError) as error:
+        raise _unreadable(path, fmt, error, data) from None
+
+
+def _scan_file(path: str, fmt: str) -> None:
+    """Parse a local JSON-lines or CSV/TSV file through in blocks, keeping nothing (a corpus can be
+    too large to load twice); other formats were checked by `check_source`."""
+    if fmt not in ("jsonl", "csv", "tsv"):
+        return
+    with open(path, encoding="utf-8") as handle:
+        if fmt == "jsonl" and _opens_squad(handle.readline()):
+            _read_file(path, fmt)  # one JSON document: it reads whole
+            return
+    delimiter = "\t" if fmt == "tsv" else ","
+    try:
+        reader = (
+            pajson.open_json(path)
+            if fmt == "jsonl"
+            else pacsv.open_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter))
+        )
+        for _ in reader:
+            pass
+    except pa.ArrowInvalid as error:
+        raise _unreadable(path, fmt, error, Path(path).read_bytes()) from None
+
+
+def _unreadable(path: str, fmt: str, error: Exception, data: bytes) -> UnreadableFile:
+    detail = (_first_bad_json_line(data) if fmt == "jsonl" else None) or _without_block_row(str(error))
+    return UnreadableFile(path, fmt, detail)
+
+
+def _parse(data: bytes, fmt: str) -> pa.Table:
     if fmt == "parquet":
         return pq.read_table(io.BytesIO(data))
     if fmt == "jsonl":
@@ -128,6 +180,56 @@ def _read_file(path: str, fmt: str) -> pa.Table:
         return pacsv.read_csv(io.BytesIO(data), parse_options=pacsv.ParseOptions(delimiter=delimiter))
     lines = [line for line in data.decode("utf-8").splitlines() if line.strip()]
     return pa.table({"text": lines})
+
+
+def _without_block_row(message: str) -> str:
+    # Arrow counts "row N" within the block it was parsing (~1 MB), not in the file: misleading.
+    # A CSV error quotes the row, which may span lines: one line here.
+    return re.sub(r"\.? in row \d+$", "", message).replace("\n", "\\n")
+
+
+def _json_kind(value: object) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):  # before int: a bool is an int to Python, not to Arrow
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    return {str: "string", list: "array", dict: "object"}[type(value)]
+
+
+def _first_bad_json_line(data: bytes) -> str | None:
+    """The first line that is not a JSON object, or whose field has another type than on an earlier
+    line; None when every line reads (Arrow's message says what else is wrong)."""
+    first_seen: dict[str, tuple[str, int]] = {}
+    for number, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = _json_object(line, number)
+        except ValueError as error:
+            return str(error)
+        for field, value in record.items():
+            kind = _json_kind(value)
+            seen = first_seen.setdefault(field, (kind, number)) if kind else None
+            if seen and seen[0] != kind:
+                return f"line {number}: {field!r} is {_a(kind)}, on line {seen[1]} {_a(seen[0])}"
+    return None
+
+
+def _json_object(line: str, number: int) -> dict:
+    """A JSON-lines record; a ValueError that says what is wrong with the line otherwise."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"line {number} is not JSON ({error.msg} at column {error.colno})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"line {number} is a JSON {_json_kind(record) or 'null'}, not an object")
+    return record
+
+
+def _a(kind: str) -> str:
+    return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
 
 
 SQUAD_COLUMNS = ["id", "title", "context", "question", "answers"]
@@ -182,9 +284,12 @@ def source_columns(source: FileSource) -> list[str]:
     with open(path, encoding="utf-8") as handle:
         first = handle.readline()
     if fmt == "jsonl":
-        if first.lstrip().startswith("{") and _opens_squad(first):
-            return SQUAD_COLUMNS if squad_rows(Path(path).read_bytes()) is not None else []
-        return list(json.loads(first).keys()) if first.strip() else []
+        if first.lstrip().startswith("{") and _opens_squad(first) and squad_rows(Path(path).read_bytes()) is not None:
+            return SQUAD_COLUMNS
+        try:
+            return list(_json_object(first, 1)) if first.strip() else []
+        except ValueError as error:
+            raise UnreadableFile(path, fmt, str(error)) from None
     delimiter = "\t" if fmt == "tsv" else ","
     return [name.strip().strip('"') for name in first.rstrip("\n").split(delimiter)]
 
@@ -209,7 +314,9 @@ def check_source(source: Source, *, labelled: bool) -> list[tuple[str, str, str]
             return [("path", f"{path} is not UTF-8 text (byte {where})", fix)]
     try:
         columns = source_columns(source)
-    except (OSError, ValueError, pa.ArrowInvalid) as error:
+    except UnreadableFile as error:
+        return [("path", str(error), error.fix)]
+    except (OSError, ValueError) as error:  # Arrow's errors are ValueErrors too
         return [("path", f"cannot read {paths[0]}: {error}", "check the file and its format")]
     wanted = [("text_column", source.text_column)] + ([("label_column", source.label_column)] if labelled else [])
     return [
@@ -217,6 +324,19 @@ def check_source(source: Source, *, labelled: bool) -> list[tuple[str, str, str]
         for key, name in wanted
         if name not in columns
     ]
+
+
+def check_reads(source: Source) -> list[tuple[str, str, str]]:
+    """Problems found by parsing a local source's files through (`check_source` reads only their
+    first line): `(subkey, message, fix)` tuples."""
+    if not isinstance(source, FileSource) or "://" in source.path:
+        return []
+    for path in resolve_paths(source.path):
+        try:
+            _scan_file(path, _file_format(source, path))
+        except UnreadableFile as error:
+            return [("path", str(error), error.fix)]
+    return []
 
 
 def _opens_squad(first_line: str) -> bool:

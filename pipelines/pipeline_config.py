@@ -289,6 +289,9 @@ def load_config(path: str | Path, overrides: list[str] = (), *, check_data: bool
             source,
             [Problem("CONFIG", source, "file not found", "pass the path of a YAML config, e.g. configs/demo.yaml")],
         ) from None
+    except (OSError, UnicodeDecodeError) as error:  # a folder, no permission, not text
+        problem = Problem("CONFIG", source, f"cannot be read as text ({error})", "pass a YAML file, UTF-8")
+        raise ConfigError(source, [problem]) from None
     except yaml.YAMLError as error:
         problem = Problem("CONFIG", _MISSING, f"not valid YAML ({error})", "fix the YAML syntax")
         raise ConfigError(source, [problem]) from None
@@ -319,7 +322,8 @@ def validate(
     if check_data:
         problems += data_problems(sections) + storage_problems(sections)
     if check_data and config is not None and not problems:
-        problems += task_data_problems(config)  # loads the splits: only once everything else holds
+        # Reads the corpus through and loads the splits: only once everything else holds.
+        problems += corpus_problems(config) + task_data_problems(config)
     if problems or config is None:
         raise ConfigError(source, problems)
     return config
@@ -354,8 +358,15 @@ def apply_overrides(raw: dict, overrides: list[str]) -> list[Problem]:
             if not isinstance(node.get(part), dict):
                 node[part] = {}
             node = node[part]
-        node[leaf] = yaml.safe_load(text) if text else ""
+        try:
+            node[leaf] = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError as error:
+            why = getattr(error, "problem", None) or str(error).splitlines()[0]
+            problems.append(Problem(key, text, f"the value is not valid YAML ({why})", _YAML_VALUE))
     return problems
+
+
+_YAML_VALUE = "write it as YAML, quoted for the shell, e.g. 'pretrain.model={preset: tiny}'"
 
 
 def schema_problems(error: ValidationError) -> list[Problem]:
@@ -1047,6 +1058,16 @@ def data_problems(sections: dict[str, Any]) -> list[Problem]:
     return problems
 
 
+def corpus_problems(config: PipelineConfig) -> list[Problem]:
+    """A local corpus file that does not parse through (`data_problems` reads its first line
+    only), found here rather than by the tokenize stage."""
+    source = config.data.corpus.source
+    return [
+        Problem(f"data.corpus.source.{subkey}", getattr(source, subkey), message, fix)
+        for subkey, message, fix in data_sources.check_reads(source)
+    ]
+
+
 def task_data_problems(config: PipelineConfig) -> list[Problem]:
     """What a task's splits hold, read in full (local files and the synthetic generator; a Hub
     dataset is checked when it loads): rows in every split, two classes or more in train, no label
@@ -1061,7 +1082,11 @@ def task_data_problems(config: PipelineConfig) -> list[Problem]:
             source = getattr(seen.data.task, split)
             if isinstance(source, HubSource) or (isinstance(source, FileSource) and "://" in source.path):
                 continue
-            tables[split] = data_sources.load_source(source, labelled=True)
+            try:
+                tables[split] = data_sources.load_source(source, labelled=True)
+            except data_sources.UnreadableFile as error:
+                problems.append(Problem(f"{prefix}.{split}.path", source.path, str(error), error.fix))
+                continue
             if tables[split].num_rows == 0:
                 problems.append(Problem(f"{prefix}.{split}", _where(source), "no rows", "give it examples"))
         if "train" not in tables or any(table.num_rows == 0 for table in tables.values()):

@@ -47,6 +47,27 @@ def test_override_without_equals_is_reported(tmp_path: Path) -> None:
     assert problems and "key.path=value" in problems[0].message
 
 
+def test_an_override_whose_value_is_not_yaml_is_reported_with_the_others(tmp_path: Path) -> None:
+    raw = tiny_config_dict(tmp_path)
+    problems = apply_overrides(raw, ["tune.search_space={learning_rate: [0.1", "seed=7", "name"])
+    assert [problem.key for problem in problems] == ["tune.search_space", "name"]
+    assert "not valid YAML (expected ',' or ']'" in problems[0].message and "quoted for the shell" in problems[0].fix
+    assert raw["seed"] == 7
+
+
+@pytest.mark.parametrize("kind", ["folder", "latin-1"])
+def test_a_config_that_is_not_a_text_file_is_a_problem(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "pipeline.yaml"
+    if kind == "folder":
+        path.mkdir()
+    else:
+        path.write_bytes("name: revue \xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    (problem,) = info.value.problems
+    assert problem.key == "CONFIG" and "cannot be read as text" in problem.message
+
+
 def _problems(raw: dict) -> list:
     with pytest.raises(ConfigError) as info:
         validate(raw)

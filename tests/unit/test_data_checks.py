@@ -31,8 +31,8 @@ def _config(tmp_path: Path, splits: dict[str, list[dict] | bytes], **finetune) -
     return path
 
 
-def _validate(config: Path, capsys: pytest.CaptureFixture) -> tuple[int, str]:
-    code = main(["validate", str(config)])
+def _validate(config: Path, capsys: pytest.CaptureFixture, *overrides: str) -> tuple[int, str]:
+    code = main(["validate", str(config), *overrides])
     return code, capsys.readouterr().err
 
 
@@ -70,3 +70,53 @@ def test_too_few_rows_for_one_fine_tuning_step(tmp_path: Path, capsys: pytest.Ca
     assert "one tune step" not in err  # a trial trains in one process by default: 16 rows suffice
     splits_ok = _config(tmp_path, splits, defaults={"batch_size_per_worker": 12})
     assert _validate(splits_ok, capsys)[0] == 0
+
+
+def _jsonl(rows: list[dict]) -> bytes:
+    return "".join(json.dumps(row) + "\n" for row in rows).encode()
+
+
+@pytest.mark.parametrize(
+    ("broken", "where"),
+    [
+        (b'{"text": "review 64 was neg", "label": "neg"\n', "line 65 is not JSON (Expecting ',' delimiter"),
+        (b'["review 64 was neg", "neg"]\n', "line 65 is a JSON array, not an object"),
+        (b'{"text": 64, "label": "neg"}\n', "line 65: 'text' is a number, on line 1 a string"),
+    ],
+    ids=["not-json", "not-an-object", "another-type"],
+)
+def test_a_broken_line_in_a_split_is_named_by_its_number(
+    tmp_path: Path, capsys: pytest.CaptureFixture, broken: bytes, where: str
+) -> None:
+    train = _jsonl(_rows(64)) + broken
+    code, err = _validate(_config(tmp_path, {"train": train, "validation": _rows(8), "test": _rows(8)}), capsys)
+    assert code == 2 and "Traceback" not in err
+    assert "data.task.train.path" in err and f"train.jsonl does not read as jsonl: {where}" in err, err
+    assert "one JSON object per line" in err
+
+
+def test_a_csv_row_with_a_stray_quote_is_quoted_on_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config = _config(tmp_path, {"train": _rows(64), "validation": _rows(8), "test": _rows(8)})
+    rows = "".join(f"review {i},{'pos' if i % 2 else 'neg'}\n" for i in range(64))
+    (tmp_path / "train.csv").write_text(f'text,label\n{rows}"review 64,neg\nreview 65,pos\n')
+    code, err = _validate(config, capsys, f"data.task.train.path={tmp_path / 'train.csv'}")
+    assert code == 2
+    assert 'train.csv does not read as csv: CSV parse error: Expected 2 columns, got 1: "review 64,neg\\n' in err, err
+    assert "quote a field that holds a comma" in err
+
+
+def test_a_corpus_broken_past_its_first_line_fails_before_tokenizing(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    # Only the corpus's first line is read for its columns; the whole file is parsed through. Past
+    # Arrow's first block (1 MB), whose error counts rows from the block's start, not the file's.
+    documents = _jsonl([{"text": f"document {i} of the corpus"} for i in range(40000)])
+    assert len(documents) > 1 << 20
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_bytes(documents + b'{"text": 40000}\n')
+    config = _config(tmp_path, {"train": _rows(64), "validation": _rows(8), "test": _rows(8)})
+    code, err = _validate(config, capsys, f"data.corpus.source={{type: file, path: {corpus}}}")
+    assert code == 2
+    assert "data.corpus.source.path" in err and "line 40001: 'text' is a number, on line 1 a string" in err, err
+    corpus.write_bytes(documents)
+    assert _validate(config, capsys, f"data.corpus.source={{type: file, path: {corpus}}}")[0] == 0
