@@ -16,6 +16,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
+from components.net import mlflow_unanswered
 from components.redaction import redact_text, redact_url
 from components.tasks import TaskType, task_type
 
@@ -166,8 +167,11 @@ def lookup(tracking_uri: str | None, name: str, *, version: str | None = None, a
         ValueError: the registry answered, and has no such model, version or alias.
         RegistryUnavailable: the registry did not answer (server down, network, store errors).
     """
-    client = MlflowClient(tracking_uri)
     reference = f"models:/{name}@{alias}" if alias else f"models:/{name}/{version}"
+    if reason := mlflow_unanswered(tracking_uri):
+        where = redact_url(tracking_uri)
+        raise RegistryUnavailable(f"the registry at {where} did not answer for {reference!r}: {reason}")
+    client = MlflowClient(tracking_uri)
     try:
         found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
     except MlflowException as error:

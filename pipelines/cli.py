@@ -711,7 +711,7 @@ def _promote(args: argparse.Namespace) -> int:
     from components import registry
 
     config = load_config(args.config, args.overrides, check_data=False)
-    client = _registry_client(config)
+    client = _registry_client(config, "ptft promote")
     try:
         previous = registry.promote(client, args.name, args.version)
     except Exception as error:  # noqa: BLE001 - MlflowException for an unknown model or version
@@ -736,7 +736,7 @@ def _rollback(args: argparse.Namespace) -> int:
     from components import registry
 
     config = load_config(args.config, args.overrides, check_data=False)
-    client = _registry_client(config)
+    client = _registry_client(config, "ptft rollback")
     try:
         current, restored = registry.rollback(client, args.name)
     except Exception as error:  # noqa: BLE001 - ValueError (no history) or MlflowException (no model)
@@ -749,9 +749,17 @@ def _rollback(args: argparse.Namespace) -> int:
     return 0
 
 
-def _registry_client(config):
+def _registry_client(config, command: str):
+    """A client of the config's registry, once its server answers (MLflow's own client retries an
+    unreachable one for minutes)."""
     from mlflow.tracking import MlflowClient
 
+    from components.net import mlflow_unanswered
+
+    if reason := mlflow_unanswered(config.tracking_uri()):
+        why = f"the MLflow server does not answer ({reason})"
+        fix = "start the MLflow server, or point at the one that is up"
+        raise ConfigError(command, [Problem("tracking.uri", redact_url(config.tracking_uri()), why, fix)])
     return MlflowClient(config.tracking_uri())
 
 

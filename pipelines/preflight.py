@@ -18,13 +18,11 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import requests
-
+from components.net import mlflow_unanswered
 from pipelines.pipeline_config import PipelineConfig, Problem
 
 SHARED_STORAGE_FIX = "use shared storage (NFS/EFS/PVC) mounted at the same path on every node"
 PROBE_TIMEOUT_S = 120  # a node starts a worker process for its first task: seconds on a busy machine
-HEALTH_TIMEOUT_S = 5
 
 
 def check_cluster(config: PipelineConfig, address: str | None = None) -> list[Problem]:
@@ -54,20 +52,13 @@ def check_cluster(config: PipelineConfig, address: str | None = None) -> list[Pr
 
 def tracking_problems(config: PipelineConfig) -> list[Problem]:
     """An MLflow server named by `tracking.uri` must answer `/health`."""
-    uri = config.tracking.uri
-    if not uri or not uri.startswith(("http://", "https://")):
-        return []  # the default sqlite store lives under storage, which the storage probe covers
-    try:
-        response = requests.get(f"{uri.rstrip('/')}/health", timeout=HEALTH_TIMEOUT_S)
-        if response.ok:
-            return []
-        reason = f"GET /health answered {response.status_code}"
-    except requests.RequestException as error:
-        reason = f"GET /health failed: {type(error).__name__}"
+    reason = mlflow_unanswered(config.tracking.uri)
+    if reason is None:
+        return []  # it answers, or the store is sqlite under storage, which the storage probe covers
     return [
         Problem(
             "tracking.uri",
-            uri,
+            config.tracking.uri,
             f"the MLflow server does not answer ({reason})",
             "start the server or fix tracking.uri; a Ray Job's nodes must reach it too",
         )

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from components.net import mlflow_unanswered
 from components.redaction import CredentialsNeeded, connectable_uri, redact_text, redact_url
 from components.stage import read_json
 from pipelines.manifest import CACHED, Manifest, StageRecord, list_runs
@@ -43,7 +44,6 @@ TRIAL_CONFIG_TAG = "ptft.trial_config"
 # The metrics a reader looks for first; restore/*, hyper/* and per-step counters stay in MLflow.
 KEY_METRIC_PREFIXES = ("train/loss", "eval/", "test/", "throughput/", "tune/", "stage/seconds", "tokenize/", "serve/")
 SAMPLES_ARTIFACT = "plots/test_samples.json"  # components/finetune.py writes it
-HEALTH_TIMEOUT_S = 5
 
 
 # --------------------------------------------------------------------------- the data
@@ -200,17 +200,9 @@ def _mlflow_problem(tracking_uri: str | None) -> str | None:
     retries an unreachable server for minutes."""
     if not tracking_uri:
         return "the manifest names no MLflow tracking URI: metrics, pictures and the model are missing"
-    if not tracking_uri.startswith(("http://", "https://")):
+    reason = mlflow_unanswered(tracking_uri)
+    if reason is None:
         return None
-    import requests
-
-    try:
-        response = requests.get(f"{tracking_uri.rstrip('/')}/health", timeout=HEALTH_TIMEOUT_S)
-        if response.ok:
-            return None
-        reason = f"GET /health answered {response.status_code}"
-    except requests.RequestException as error:
-        reason = f"GET /health failed: {type(error).__name__}"
     return (
         f"MLflow at {redact_url(tracking_uri)} is unreachable ({reason}): metrics, pictures and the model are missing"
     )
