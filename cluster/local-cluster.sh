@@ -93,6 +93,20 @@ status() {
   "$RAY" status --address="$ADDRESS"
 }
 
+# kill_sessions SID...: SIGKILL every process still in these sessions (a node's is its pid).
+kill_sessions() {
+  "$PYTHON" - "$@" <<'EOF'
+import os, signal, sys
+sessions = {int(arg) for arg in sys.argv[1:]}
+for entry in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        if os.getsid(int(entry)) in sessions:
+            os.kill(int(entry), signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+EOF
+}
+
 stop() {
   local pids pid deadline
   pids=$(running_pids)
@@ -100,6 +114,9 @@ stop() {
   deadline=$((SECONDS + 60))
   while [[ -n $(running_pids) ]] && ((SECONDS < deadline)); do sleep 1; done
   for pid in $(running_pids); do kill -KILL -- "-$pid" 2>/dev/null || true; done
+  # What is left in each node's session moved to a process group of its own: Ray's workers, and
+  # an HAProxy ingress, which outlives its Serve actor and would keep holding the Serve port.
+  [[ -z $pids ]] || kill_sessions $pids
   rm -f "$STATE"/*.pid
   echo "local-cluster: stopped ${pids:+nodes $(echo $pids)}"
 }

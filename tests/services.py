@@ -19,6 +19,7 @@ Each process connects to the cluster as its own driver (`ray_driver`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -110,7 +111,18 @@ def stop_service(record: dict, first: signal.Signals = signal.SIGTERM) -> None:
 
 
 def _stop_group(pid: int, first: signal.Signals = signal.SIGTERM, timeout_s: float = 60) -> None:
-    """Signal a service's process group, then SIGKILL it if its leader is still there after timeout_s."""
+    """Signal a service's process group, then SIGKILL it if its leader is still there after timeout_s;
+    then SIGKILL what is left of the session the service started (`_spawn`): processes that moved
+    to process groups of their own. Ray's workers do, and the HAProxy a Serve actor starts stays in
+    its actor's group: when the cluster is killed under it, it lives on, holding the Serve port
+    (a later cluster's HAProxy then failed on 'Address already in use')."""
+    try:
+        _stop_leader_group(pid, first, timeout_s)
+    finally:
+        _kill_session(pid)
+
+
+def _stop_leader_group(pid: int, first: signal.Signals, timeout_s: float) -> None:
     child = _CHILDREN.pop(pid, None)
     try:
         os.killpg(pid, first)
@@ -129,6 +141,16 @@ def _stop_group(pid: int, first: signal.Signals = signal.SIGTERM, timeout_s: flo
         return
     if child is not None:
         child.wait()
+
+
+def _kill_session(session: int) -> None:
+    """SIGKILL every process left in a session (the session's id is its first leader's pid)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if os.getsid(int(entry)) == session:
+                os.kill(int(entry), signal.SIGKILL)
 
 
 def _exists(pid: int) -> bool:
