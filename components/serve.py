@@ -442,11 +442,7 @@ class ClassifierApp:
         return items
 
     async def _parse(self, request: Request, schema: type[BaseModel], hint: str = '{"texts": ["..."]}') -> BaseModel:
-        body = await read_body(request, self.cfg.max_body_bytes)
-        try:
-            payload = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise RequestError(400, f"the body is not JSON ({error}); send {hint}") from None
+        payload = json_of(await read_body(request, self.cfg.max_body_bytes), hint)
         try:
             return schema.model_validate(payload)
         except ValidationError as error:
@@ -483,6 +479,22 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise RequestError(413, f"the body is over max_body_bytes={limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def json_of(body: bytes, hint: str) -> object:
+    """A request body's JSON, or a 400 that says what is wrong with it."""
+    try:
+        payload = json.loads(body)
+        # An escaped lone surrogate ("\\ud800") is valid JSON but no text: tokenizers cannot take it.
+        json.dumps(payload, ensure_ascii=False).encode("utf-8")
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RequestError(400, f"the body is not JSON ({error}); send {hint}") from None
+    except UnicodeEncodeError:
+        why = "holds an unpaired surrogate (\\ud800-\\udfff), not text"
+        raise RequestError(400, f"the body {why}; send {hint}") from None
+    except RecursionError:
+        raise RequestError(400, f"the body's JSON is nested too deeply; send {hint}") from None
+    return payload
 
 
 def check_texts(texts: list, cfg: ServeConfig) -> list:

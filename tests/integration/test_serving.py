@@ -161,6 +161,8 @@ def test_bad_explain_requests_get_a_4xx_with_a_message(app: dict, payload, statu
 BAD_REQUESTS = {
     "not-json": ("{not json", 400, "not JSON"),
     "not-utf8": (b"\xff\xfe", 400, "not JSON"),
+    "lone-surrogate": ('{"texts": ["\\ud800"]}', 400, "unpaired surrogate"),
+    "deeply-nested": ('{"texts": ' + "[" * 5000 + "]" * 5000 + "}", 400, "nested too deeply"),
     "wrong-field": ({"text": "x"}, 422, "texts"),
     "not-a-list": ({"texts": "one text"}, 422, "texts"),
     "not-strings": ({"texts": [1, 2]}, 422, "texts.0"),

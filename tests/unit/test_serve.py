@@ -69,6 +69,22 @@ def test_request_limits(texts: list[str], status: int, words: str) -> None:
     assert raised.value.status == status and words in raised.value.message
 
 
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        (b'{"texts": ["\\ud800"]}', "unpaired surrogate"),  # valid JSON, no text: the tokenizer would raise
+        (b'{"texts": ' + b"[" * 5000 + b"]" * 5000 + b"}", "nested too deeply"),  # the parser would recurse out
+        (b'{"texts": "\xff"}', "not JSON"),
+    ],
+    ids=["lone-surrogate", "deep", "not-utf8"],
+)
+def test_a_body_that_is_no_json_text_gets_400(body: bytes, words: str) -> None:
+    with pytest.raises(serve.RequestError) as raised:
+        serve.json_of(body, hint="{}")
+    assert raised.value.status == 400 and words in raised.value.message
+    assert serve.json_of(b'{"texts": ["\\ud83d\\ude00 a pair"]}', hint="{}") == {"texts": ["\U0001f600 a pair"]}
+
+
 def test_scorer_truncates_long_texts_and_says_so(tmp_path: Path) -> None:
     scorer = serve.Scorer(str(tiny_classifier(tmp_path / "model", seed=0)), tracking_uri=None)
     assert scorer.max_tokens == POSITIONS and scorer.labels == ["negative", "positive"]
