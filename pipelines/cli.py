@@ -294,11 +294,11 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _resume(args: argparse.Namespace) -> int:
-    from pipelines.manifest import Manifest
+    from pipelines.manifest import Manifest, UnreadableManifest
 
     try:
         manifest = Manifest.load(Path(args.storage), args.run_id)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, UnreadableManifest) as error:
         print(f"ptft: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
     config = _recorded_config(manifest)
@@ -345,7 +345,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _sweep_to_resume(args: argparse.Namespace):
     """The config and run id of the sweep to continue (the latest unfinished one for `--resume`)."""
-    from pipelines.manifest import SUCCEEDED, Manifest, list_runs
+    from pipelines.manifest import SUCCEEDED, Manifest, UnreadableManifest, list_runs
 
     if args.storage:
         storage = Path(args.storage)
@@ -368,7 +368,7 @@ def _sweep_to_resume(args: argparse.Namespace):
         run_id = unfinished[0].run_id
     try:
         manifest = Manifest.load(storage, run_id)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, UnreadableManifest) as error:
         problem = Problem("--resume", run_id, str(error), "pass a run id that `ptft runs` lists")
         raise ConfigError("ptft sweep --resume", [problem]) from None
     config = _recorded_config(manifest)

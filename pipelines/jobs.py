@@ -285,14 +285,15 @@ def _submission_id(name: str) -> str:
 
 
 def _status_of_run_or_job(args: argparse.Namespace) -> int:
-    """A pipeline run when ID names one under --storage (or no ID is given), else a cluster job."""
+    """A pipeline run when ID names one under --storage, has a run id's shape, or no ID is given;
+    else a cluster job."""
     from pipelines import manifest as mf
 
-    storage = Path(args.storage)
-    if args.job_id is None or (mf.Manifest.folder(storage, args.job_id) / "manifest.json").is_file():
+    storage, run_id = Path(args.storage), args.job_id
+    if run_id is None or mf.looks_like_run_id(run_id) or mf.Manifest.folder(storage, run_id).is_dir():
         from pipelines import progress
 
-        return progress.print_status(storage, args.job_id, as_json=args.json)
+        return progress.print_status(storage, run_id, as_json=args.json)
     return _status(args)
 
 

@@ -7,7 +7,9 @@ every change, beside the resolved config the run used (`config.json`). `ptft run
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import threading
 import time
 import uuid
@@ -20,6 +22,8 @@ from components import metrics
 from components.redaction import redact_url, redacted_urls
 from components.stage import read_json, write_json
 from pipelines import stages
+
+log = logging.getLogger(__name__)
 
 # Stage states. `cached`: reused an artifact another run produced; `succeeded`: produced it here.
 PENDING, RUNNING, SUCCEEDED, CACHED, FAILED, KILLED = "pending", "running", "succeeded", "cached", "failed", "killed"
@@ -93,12 +97,18 @@ class Manifest:
         if not path.is_file():
             known = ", ".join(run.run_id for run in list_runs(storage)[:5]) or "none"
             raise FileNotFoundError(f"no pipeline run {run_id!r} under {storage} (recent runs: {known})")
-        raw = read_json(path)
-        # The file's keys are sorted; give the stages back in pipeline order.
-        rank = {name: index for index, name in enumerate(stages.NAMES)}
-        order = sorted(raw["stages"], key=lambda node: (rank.get(stages.split_node(node)[0], len(rank)), node))
-        raw["stages"] = {name: StageRecord(**raw["stages"][name]) for name in order}
-        return cls(**raw)
+        try:
+            raw = read_json(path)
+            # The file's keys are sorted; give the stages back in pipeline order.
+            rank = {name: index for index, name in enumerate(stages.NAMES)}
+            order = sorted(raw["stages"], key=lambda node: (rank.get(stages.split_node(node)[0], len(rank)), node))
+            raw["stages"] = {name: StageRecord(**raw["stages"][name]) for name in order}
+            return cls(**raw)
+        except (ValueError, TypeError, KeyError) as error:  # JSON's errors are ValueErrors
+            raise UnreadableManifest(
+                f"the manifest of run {run_id!r} ({path}) cannot be read ({type(error).__name__}: {error}); "
+                "it was edited, or written by another version of ptft"
+            ) from None
 
     def config(self) -> dict[str, Any]:
         return read_json(self.folder(Path(self.storage), self.run_id) / "config.json")
@@ -162,9 +172,18 @@ class Manifest:
             return [self.stages[name].mlflow_run_id for name in running if self.stages[name].mlflow_run_id]
 
 
+class UnreadableManifest(ValueError):
+    """A run's manifest.json that does not read as ptft's."""
+
+
 def new_run_id() -> str:
     """A run id that sorts by start time: 20261130-012345-a1b2c3."""
     return f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+
+
+def looks_like_run_id(text: str) -> bool:
+    """Whether `text` has the shape of `new_run_id`'s ids (a Ray job's id has another)."""
+    return re.fullmatch(r"\d{8}-\d{6}-[0-9a-f]{6}", text) is not None
 
 
 def list_runs(storage: Path) -> list[Manifest]:
@@ -173,6 +192,6 @@ def list_runs(storage: Path) -> list[Manifest]:
     for path in (Path(storage) / "runs").glob("*/manifest.json"):
         try:
             runs.append(Manifest.load(storage, path.parent.name))
-        except (ValueError, TypeError, KeyError):
-            continue  # a manifest from an incompatible version: not ours to list
+        except UnreadableManifest as error:
+            log.warning("%s: not listed", error)
     return sorted(runs, key=lambda run: run.created_at, reverse=True)

@@ -302,11 +302,14 @@ def _progress_bars():
 def print_status(storage: Path, run_id: str | None, *, as_json: bool) -> int:
     """`ptft status [RUN_ID]`: the run (default: the newest under `storage`) as a table or JSON.
     MLflow is asked only for a running stage's progress; an unreachable server leaves it out."""
-    runs = mf.list_runs(storage)
-    if not runs:
+    try:
+        manifest = mf.Manifest.load(storage, run_id) if run_id else next(iter(mf.list_runs(storage)), None)
+    except (FileNotFoundError, mf.UnreadableManifest) as error:
+        print(f"ptft: {error}", file=sys.stderr)
+        return 2
+    if manifest is None:
         print(f"ptft: no pipeline runs under {storage}", file=sys.stderr)
         return 2
-    manifest = mf.Manifest.load(storage, run_id) if run_id else runs[0]
     try:
         tracking_uri = connectable_uri(manifest.tracking_uri)
     except CredentialsNeeded as error:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from components.net import mlflow_unanswered
 from components.redaction import CredentialsNeeded, connectable_uri, redact_text, redact_url
 from components.stage import read_json
-from pipelines.manifest import CACHED, Manifest, StageRecord, list_runs
+from pipelines.manifest import CACHED, Manifest, StageRecord, UnreadableManifest, list_runs
 from pipelines.stages import node_id, split_node
 
 if TYPE_CHECKING:  # MLflow is imported when a report is made: `ptft --help` stays fast
@@ -655,7 +655,7 @@ def _report(args: argparse.Namespace) -> int:
     storage = Path(args.storage)
     try:
         manifest = _load_manifest(storage, args.run_id)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, UnreadableManifest) as error:
         print(f"ptft: {error}; list them with: ptft runs --storage {storage}", file=sys.stderr)
         return EXIT_USER_ERROR
     report = gather(manifest)
@@ -678,6 +678,7 @@ def _load_manifest(storage: Path, run_id: str) -> Manifest:
 
     Raises:
         FileNotFoundError: no such run under `storage`.
+        UnreadableManifest: its manifest does not read.
     """
     if run_id == "latest":
         runs = list_runs(storage)

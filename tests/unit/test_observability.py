@@ -321,6 +321,30 @@ def test_ptft_status_json_and_table(client: MlflowClient, tmp_path: Path, capsys
     assert main(["status", "--storage", str(tmp_path / "empty")]) == 2
 
 
+def test_a_run_whose_manifest_does_not_read_is_named_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
+) -> None:
+    mf.Manifest.create(tmp_path, "20261201-000000-aaaaaa", "demo", STAGE_NAMES, {"name": "demo"}).save()
+    broken = mf.Manifest.create(tmp_path, "20261201-000001-bbbbbb", "demo", STAGE_NAMES, {"name": "demo"})
+    path = mf.Manifest.folder(tmp_path, broken.run_id) / "manifest.json"
+    path.write_text(path.read_text()[:100])  # cut short, as by a full disk or a hand edit
+    assert main(["runs", "--storage", str(tmp_path)]) == 0
+    assert "20261201-000000-aaaaaa" in capsys.readouterr().out and "cannot be read" in caplog.text
+    for command in (["status", broken.run_id], ["report", broken.run_id], ["resume", broken.run_id]):
+        assert main([*command, "--storage", str(tmp_path)]) == 2, command
+        err = capsys.readouterr().err
+        assert f"the manifest of run '{broken.run_id}'" in err and "JSONDecodeError" in err, err
+
+
+def test_status_of_an_unknown_run_id_says_so_without_asking_a_cluster(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    mf.Manifest.create(tmp_path, "20261201-000000-aaaaaa", "demo", STAGE_NAMES, {"name": "demo"}).save()
+    assert main(["status", "20261201-999999-cccccc", "--storage", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "no pipeline run '20261201-999999-cccccc'" in err and "20261201-000000-aaaaaa" in err, err
+
+
 # --- ptft explain --------------------------------------------------------------------------------
 
 
