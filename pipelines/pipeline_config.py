@@ -1026,12 +1026,35 @@ def task_problems(raw: dict, sections: dict[str, Any]) -> list[Problem]:
             problems.append(
                 Problem(f"tasks.{name}", name, "not a usable task name", "lower-case letters, digits, - and _ (<= 32)")
             )
+    problems += _shared_by_two_tasks(tasks, sections.get("name"))
     for name, spec in tasks.items():
         own = {"tune": spec.tune, "finetune": spec.finetune, "serve": spec.serve, "pretrain": sections.get("pretrain")}
         shared = semantic_problems({key: value for key, value in sections.items() if key in own})
         for problem in semantic_problems(own):
             if problem not in shared:  # a rule the task's own keys break, not the shared sections
                 problems.append(Problem(f"tasks.{name}.{problem.key}", problem.value, problem.message, problem.fix))
+    return problems
+
+
+def _shared_by_two_tasks(tasks: dict[str, Any], pipeline: str | None) -> list[Problem]:
+    """A Serve application, route or registered model that two tasks would share: the second
+    branch would replace the first's application, be refused its route by Serve after all its
+    training, or register its versions among the first's (and be gated against its champion)."""
+    owners: dict[tuple[str, str], str] = {}
+    problems = []
+    for name, spec in tasks.items():
+        model = spec.finetune.registered_model_name or f"{pipeline}-{name}"
+        for key, value in (
+            ("serve.app_name", spec.serve.app_name),
+            ("serve.route_prefix", spec.serve.route_prefix),
+            ("finetune.registered_model_name", model),
+        ):
+            first = owners.setdefault((key, value), name)
+            if first != name:
+                why = f"task {first} has it too: each task needs its own"
+                section = key.split(".")[0]
+                fix = f"set tasks.{name}.{key} to another (the shared {section} section's value goes to every task)"
+                problems.append(Problem(f"tasks.{name}.{key}", value, why, fix))
     return problems
 
 

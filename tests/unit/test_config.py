@@ -97,6 +97,21 @@ def test_a_t5_pre_training_feeds_sentence_classification_only(monkeypatch: pytes
     assert "sentence_classification and translation tasks only" in problems["tasks.entities.data.type"].message
 
 
+def test_two_tasks_cannot_share_a_serve_app_a_route_or_a_registered_model() -> None:
+    raw = yaml.safe_load((REPO / "configs" / "demo_multitask.yaml").read_text())
+    apply_overrides(raw, ["tasks.topic.serve.route_prefix=/sentiment", "tasks.answers.serve.app_name=ptft-entities"])
+    apply_overrides(raw, ["finetune.registered_model_name=reviews"])  # the shared section: every task's
+    problems = {problem.key: problem for problem in _problems(raw)}
+    assert set(problems) == {
+        "tasks.topic.serve.route_prefix",
+        "tasks.answers.serve.app_name",
+        *(f"tasks.{task}.finetune.registered_model_name" for task in ("topic", "entities", "answers")),
+    }
+    assert problems["tasks.topic.serve.route_prefix"].message == "task sentiment has it too: each task needs its own"
+    assert "task entities has it too" in problems["tasks.answers.serve.app_name"].message
+    assert validate(yaml.safe_load((REPO / "configs" / "demo_multitask.yaml").read_text())).tasks  # as shipped
+
+
 def test_all_problems_reported_at_once(tmp_path: Path) -> None:
     raw = tiny_config_dict(tmp_path)
     apply_overrides(raw, ["pretrain.max_steps=many", "tune.num_samples=0", "pretrain.modle.preset=tiny"])
