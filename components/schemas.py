@@ -616,7 +616,9 @@ class TuneConfig(BaseModel):
         description="run later trials (and PBT's restarted ones) in the processes of finished ones, which saves "
         "their start-up and imports; one-worker trials only",
     )
-    seed: int | None = Field(None, description="seed of the search (samples, optuna); none: the pipeline seed")
+    seed: int | None = Field(
+        None, ge=0, le=2**32 - 1, description="seed of the search (samples, optuna); none: the pipeline seed"
+    )
     progress_every_s: float = Field(10.0, ge=0, description="seconds between live trial tables printed; 0: none")
     search_space: dict[Searchable, Distribution] = Field(
         default_factory=_default_space, description=f"keys among: {', '.join(SEARCHABLE)}"

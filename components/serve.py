@@ -117,7 +117,9 @@ class GenerateRequest(BaseModel):
     max_new_tokens: int = Field(64, gt=0, description="most tokens to add; limit in GET /metadata")
     temperature: float = Field(1.0, ge=0, le=10, description="0: the likeliest token each step (greedy)")
     top_p: float = Field(1.0, gt=0, le=1, description="draw from the likeliest tokens holding this much probability")
-    seed: int | None = Field(None, ge=0, description="the same seed and prompt give the same text; none: random")
+    seed: int | None = Field(
+        None, ge=0, le=2**64 - 1, description="the same seed and prompt give the same text; none: random"
+    )
     stream: bool = Field(False, description="send each token as it is made (server-sent events)")
     timeout_s: float | None = Field(
         None, gt=0, description="stop generating after this many seconds (at most request_timeout_s, the default)"

@@ -106,7 +106,7 @@ class PipelineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(description="pipeline name; the MLflow experiment and registry name derive from it")
     storage: str = Field("./ptft-runs", description="artifacts, Ray results and the default MLflow store")
-    seed: int = Field(0, description="seed for data order, masking and initialisation")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seed for data order, masking and initialisation")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     data: DataConfig

@@ -97,6 +97,20 @@ def test_a_t5_pre_training_feeds_sentence_classification_only(monkeypatch: pytes
     assert "sentence_classification and translation tasks only" in problems["tasks.entities.data.type"].message
 
 
+@pytest.mark.parametrize("key", ["seed", "tune.seed"])
+def test_a_seed_is_a_32_bit_unsigned_integer(tmp_path: Path, key: str) -> None:
+    """Checked here: past 64 bits torch's generators raise, mid-training (and the batch order takes
+    seed x 100003)."""
+    for value in (-1, 2**32):
+        raw = tiny_config_dict(tmp_path)
+        apply_overrides(raw, [f"{key}={value}"])
+        (problem,) = _problems(raw)
+        assert (problem.key, problem.value) == (key, value)
+    raw = tiny_config_dict(tmp_path)
+    apply_overrides(raw, [f"{key}={2**32 - 1}"])
+    validate(raw)
+
+
 def test_two_tasks_cannot_share_a_serve_app_a_route_or_a_registered_model() -> None:
     raw = yaml.safe_load((REPO / "configs" / "demo_multitask.yaml").read_text())
     apply_overrides(raw, ["tasks.topic.serve.route_prefix=/sentiment", "tasks.answers.serve.app_name=ptft-entities"])
