@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from components.net import mlflow_unanswered
 from pipelines.pipeline_config import PipelineConfig, Problem
@@ -267,6 +269,9 @@ def _ray_connection(address: str | None) -> Iterator[Problem | None]:
     if ray.is_initialized():
         yield None
         return
+    if address and (refused := _refused(address)):  # ray.init would retry for minutes
+        yield _unreachable("ray.address", address, refused)
+        return
     try:
         ray.init(address=address, log_to_driver=False, configure_logging=False, logging_level="WARNING")
     except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as error:
@@ -298,6 +303,23 @@ def _nodes_from_dashboard(address: str) -> tuple[dict[str, dict[str, float]], li
     except Exception as error:  # noqa: BLE001 - the state API raises several kinds; all mean "cannot ask"
         return {}, [_unreachable("--address", address, error)]
     return {node.node_id: node.resources_total for node in nodes}, []
+
+
+def _refused(address: str, timeout_s: float = 5) -> OSError | None:
+    """The error of a TCP connection to a cluster address's host and port (`HEAD:6379`,
+    `ray://HEAD:10001`), or None: it connects, or the address names no port (`auto`)."""
+    parts = urlsplit(address if "://" in address else f"//{address}")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:  # a port that is no number: ray.init says what is wrong
+        return None
+    if not host or not port:
+        return None
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return None
+    except OSError as error:
+        return error
 
 
 def _unreachable(key: str, address: str | None, error: Exception) -> Problem:
