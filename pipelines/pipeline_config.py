@@ -14,6 +14,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
@@ -57,9 +58,33 @@ class TrackingConfig(BaseModel):
         # A recorded run's config holds its URI without credentials (ptft stores none): a resume
         # takes them back from MLFLOW_TRACKING_URI.
         try:
-            return connectable_uri(uri)
+            uri = connectable_uri(uri)
         except CredentialsNeeded as error:
             raise ValueError(CREDENTIALS_NEEDED + str(error)) from None
+        if uri and not _mlflow_takes(uri):
+            raise ValueError(
+                f"MLflow has no tracking store for {urlsplit(uri).scheme!r} URIs: use http(s)://HOST:PORT, "
+                "sqlite:///PATH, postgresql://..., mysql://... or file:///PATH"
+            )
+        return uri
+
+
+# MLflow's own tracking stores (a DB URI's scheme may name a driver: postgresql+psycopg2).
+_MLFLOW_SCHEMES = {"", "file", "http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks", "databricks-uc"}
+
+
+def _mlflow_takes(uri: str) -> bool:
+    """Whether MLflow has a tracking store for the URI's scheme; an unusual one is asked of MLflow
+    itself (a plugin may add it), which it answers without connecting."""
+    if urlsplit(uri).scheme.split("+")[0] in _MLFLOW_SCHEMES:
+        return True
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(uri)
+    except Exception:  # noqa: BLE001 - MLflow's Unsupported...URIException and kin
+        return False
+    return True
 
 
 class RayConfig(BaseModel):

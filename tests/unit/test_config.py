@@ -111,6 +111,20 @@ def test_a_seed_is_a_32_bit_unsigned_integer(tmp_path: Path, key: str) -> None:
     validate(raw)
 
 
+@pytest.mark.parametrize(
+    ("uri", "takes"),
+    [("htp://127.0.0.1:5000", False), ("s3://bucket/mlflow", False), ("postgresql+psycopg2://u@h/db", True)],
+)
+def test_a_tracking_uri_needs_a_store_mlflow_has(tmp_path: Path, uri: str, takes: bool) -> None:
+    raw = tiny_config_dict(tmp_path)
+    raw["tracking"] = {"uri": uri}
+    if takes:
+        assert validate(raw, check_data=False).tracking.uri == uri
+        return
+    (problem,) = _problems(raw)
+    assert problem.key == "tracking.uri" and "MLflow has no tracking store for" in problem.message
+
+
 def test_two_tasks_cannot_share_a_serve_app_a_route_or_a_registered_model() -> None:
     raw = yaml.safe_load((REPO / "configs" / "demo_multitask.yaml").read_text())
     apply_overrides(raw, ["tasks.topic.serve.route_prefix=/sentiment", "tasks.answers.serve.app_name=ptft-entities"])
