@@ -46,8 +46,35 @@ def load_source(source: Source, *, labelled: bool) -> pa.Table:
     elif isinstance(source, HubSource):
         table = _load_hub(source)
     else:
-        table = pa.concat_tables([_read_file(path, _file_format(source, path)) for path in resolve_paths(source.path)])
+        return _load_files(source, labelled)
     return _select_columns(table, source, labelled)
+
+
+def _load_files(source: FileSource, labelled: bool) -> pa.Table:
+    """The files of a (globbed) source, each cut to the columns ptft reads before they are joined:
+    shards of one data set may carry columns the others lack."""
+    tables = {}
+    for path in resolve_paths(source.path):
+        table = _read_file(path, _file_format(source, path))
+        wanted = [source.text_column] + ([source.label_column] if labelled else [])
+        if missing := [name for name in wanted if name not in table.column_names]:
+            detail = f"no column {missing[0]!r} (it has {', '.join(table.column_names)})"
+            raise UnreadableFile(f"{path}: {detail}", _SAME_COLUMNS)
+        tables[path] = _select_columns(table, source, labelled)
+    try:
+        return pa.concat_tables(tables.values())
+    except pa.ArrowInvalid:  # a column's type differs between files (labels 0/1 in one, "neg"/"pos" in another)
+        (first, schema), *others = ((path, table.schema) for path, table in tables.items())
+        path, other = next((path, other) for path, other in others if other != schema)
+        if other.names != schema.names:  # a column only some files have (a question column)
+            differ = [f"its columns are {', '.join(other.names)}, in {first} {', '.join(schema.names)}"]
+        else:
+            types = [(field, schema.field(field.name).type) for field in other if field not in schema]
+            differ = [f"{field.name} is {field.type} here, {there} in {first}" for field, there in types]
+        raise UnreadableFile(f"{path}: {'; '.join(differ)}", _SAME_COLUMNS) from None
+
+
+_SAME_COLUMNS = "give every file of the source the text (and label) column, each of one type"
 
 
 def load_corpus(corpus: CorpusConfig) -> pa.Table:
@@ -117,20 +144,25 @@ def format_of_suffix(suffix: str) -> str | None:
 
 
 class UnreadableFile(ValueError):
-    """A data file that does not parse as its format. The message says where it breaks (the line,
-    for JSON lines), `fix` what to change."""
+    """A data file that does not parse as its format, or does not fit the other files of its
+    source. The message says where (the line, for JSON lines), `fix` what to change."""
 
-    FIXES = {
-        "jsonl": "write one JSON object per line, each field with one type on every line (quote numbers meant as text)",
-        "csv": "give every row the header's columns; quote a field that holds a comma or a quote",
-        "tsv": "give every row the header's columns; quote a field that holds a tab or a quote",
-        "parquet": "write it again as Parquet, or set the source's format to the one it has",
-        "text": "re-encode it as UTF-8",
-    }
+    def __init__(self, message: str, fix: str):
+        super().__init__(message)
+        self.fix = fix
 
-    def __init__(self, path: str, fmt: str, detail: str):
-        self.fix = self.FIXES[fmt]
-        super().__init__(f"{path} does not read as {fmt}: {detail}")
+
+PARSE_FIXES = {
+    "jsonl": "write one JSON object per line, each field with one type on every line (quote numbers meant as text)",
+    "csv": "give every row the header's columns; quote a field that holds a comma or a quote",
+    "tsv": "give every row the header's columns; quote a field that holds a tab or a quote",
+    "parquet": "write it again as Parquet, or set the source's format to the one it has",
+    "text": "re-encode it as UTF-8",
+}
+
+
+def _not_parsed(path: str, fmt: str, detail: str) -> UnreadableFile:
+    return UnreadableFile(f"{path} does not read as {fmt}: {detail}", PARSE_FIXES[fmt])
 
 
 def _read_file(path: str, fmt: str) -> pa.Table:
@@ -165,7 +197,7 @@ def _scan_file(path: str, fmt: str) -> None:
 
 def _unreadable(path: str, fmt: str, error: Exception, data: bytes) -> UnreadableFile:
     detail = (_first_bad_json_line(data) if fmt == "jsonl" else None) or _without_block_row(str(error))
-    return UnreadableFile(path, fmt, detail)
+    return _not_parsed(path, fmt, detail)
 
 
 def _parse(data: bytes, fmt: str) -> pa.Table:
@@ -289,7 +321,7 @@ def source_columns(source: FileSource) -> list[str]:
         try:
             return list(_json_object(first, 1)) if first.strip() else []
         except ValueError as error:
-            raise UnreadableFile(path, fmt, str(error)) from None
+            raise _not_parsed(path, fmt, str(error)) from None
     delimiter = "\t" if fmt == "tsv" else ","
     return [name.strip().strip('"') for name in first.rstrip("\n").split(delimiter)]
 

@@ -120,3 +120,22 @@ def test_a_corpus_broken_past_its_first_line_fails_before_tokenizing(
     assert "data.corpus.source.path" in err and "line 40001: 'text' is a number, on line 1 a string" in err, err
     corpus.write_bytes(documents)
     assert _validate(config, capsys, f"data.corpus.source={{type: file, path: {corpus}}}")[0] == 0
+
+
+def test_shards_of_a_glob_may_add_columns_but_not_change_a_column_s_type(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    config = _config(tmp_path, {"train": _rows(64), "validation": _rows(8), "test": _rows(8)})
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "train-0.jsonl").write_bytes(_jsonl(_rows(32)))
+    (shards / "train-1.jsonl").write_bytes(_jsonl([{**row, "source": "web"} for row in _rows(32)]))
+    glob = f"data.task.train.path={shards}/train-*.jsonl"
+    assert _validate(config, capsys, glob)[0] == 0  # the extra column is not read
+    (shards / "train-2.jsonl").write_bytes(_jsonl([{"text": "a", "label": 1}, {"text": "b", "label": 0}]))
+    code, err = _validate(config, capsys, glob)
+    assert code == 2 and "Traceback" not in err
+    assert f"{shards}/train-2.jsonl: label is int64 here, string in {shards}/train-0.jsonl" in err, err
+    (shards / "train-2.jsonl").write_bytes(_jsonl([{"review": "a", "label": "pos"}]))
+    code, err = _validate(config, capsys, glob)
+    assert code == 2 and "train-2.jsonl: no column 'text' (it has review, label)" in err, err
