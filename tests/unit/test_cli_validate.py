@@ -126,6 +126,19 @@ def test_a_registry_that_does_not_answer_exits_2_naming_the_tracking_uri(command
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("scheme", ["", "ray://"])
+def test_a_cluster_address_where_nothing_listens_fails_at_once(scheme: str, good_config: Path) -> None:
+    """A refused connection, told in seconds: `ray.init` retried it for about two minutes, past the
+    timeout here. (In a process of its own: a test process that holds a Ray connection uses it.)"""
+    from components.net import free_port
+
+    address = f"{scheme}127.0.0.1:{free_port()}"
+    command = [PTFT, "validate", str(good_config), f"ray.address={address}"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"ray.address = '{address}': cannot reach the Ray cluster ([Errno 111] Connection refused)" in result.stderr
+
+
 def test_a_local_cluster_beyond_loopback_without_token_auth_is_refused(good_config: Path) -> None:
     """Ray's dashboard and client run code for whoever reaches them: a local cluster that listens
     beyond loopback keeps token auth, and an explicit RAY_AUTH_MODE=disabled is refused."""

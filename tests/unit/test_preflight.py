@@ -93,15 +93,6 @@ def test_an_unreachable_mlflow_server_names_tracking_uri(tmp_path: Path) -> None
     assert preflight.tracking_problems(_config(tmp_path)) == []  # sqlite under storage: the storage probe's job
 
 
-@pytest.mark.parametrize("scheme", ["", "ray://"])
-def test_a_cluster_address_where_nothing_listens_fails_at_once(tmp_path: Path, scheme: str) -> None:
-    """A refused connection, told in a second: `ray.init` would retry it for minutes."""
-    address = f"{scheme}127.0.0.1:{free_port()}"
-    (problem,) = preflight.check_cluster(_config(tmp_path, ray={"address": address}))
-    assert (problem.key, problem.value) == ("ray.address", address)
-    assert "cannot reach the Ray cluster ([Errno 111] Connection refused)" in problem.message
-
-
 def test_node_probe_reports_a_folder_it_cannot_see(tmp_path: Path) -> None:
     probe = preflight._node_probe()
     (tmp_path / "probe").write_text("token")
