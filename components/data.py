@@ -56,8 +56,7 @@ def _load_files(source: FileSource, labelled: bool) -> pa.Table:
     tables = {}
     for path in resolve_paths(source.path):
         table = _read_file(path, _file_format(source, path))
-        wanted = [source.text_column] + ([source.label_column] if labelled else [])
-        if missing := [name for name in wanted if name not in table.column_names]:
+        if missing := [name for _, name in _columns_read(source, labelled) if name not in table.column_names]:
             detail = f"no column {missing[0]!r} (it has {', '.join(table.column_names)})"
             raise UnreadableFile(f"{path}: {detail}", _SAME_COLUMNS)
         tables[path] = _select_columns(table, source, labelled)
@@ -350,12 +349,16 @@ def check_source(source: Source, *, labelled: bool) -> list[tuple[str, str, str]
         return [("path", str(error), error.fix)]
     except (OSError, ValueError) as error:  # Arrow's errors are ValueErrors too
         return [("path", f"cannot read {paths[0]}: {error}", "check the file and its format")]
-    wanted = [("text_column", source.text_column)] + ([("label_column", source.label_column)] if labelled else [])
     return [
         (key, f"column {name!r} not in {paths[0]}", f"use one of its columns: {', '.join(columns)}")
-        for key, name in wanted
+        for key, name in _columns_read(source, labelled)
         if name not in columns
     ]
+
+
+def _columns_read(source: FileSource, labelled: bool) -> list[tuple[str, str]]:
+    """(config key, column name) of the columns every file of the source must have."""
+    return [("text_column", source.text_column)] + ([("label_column", source.label_column)] if labelled else [])
 
 
 def check_reads(source: Source) -> list[tuple[str, str, str]]:

@@ -754,12 +754,10 @@ def _registry_client(config, command: str):
     unreachable one for minutes)."""
     from mlflow.tracking import MlflowClient
 
-    from components.net import mlflow_unanswered
+    from pipelines import preflight
 
-    if reason := mlflow_unanswered(config.tracking_uri()):
-        why = f"the MLflow server does not answer ({reason})"
-        fix = "start the MLflow server, or point at the one that is up"
-        raise ConfigError(command, [Problem("tracking.uri", redact_url(config.tracking_uri()), why, fix)])
+    if problems := preflight.tracking_problems(config):
+        raise ConfigError(command, problems)
     return MlflowClient(config.tracking_uri())
 
 
