@@ -2,7 +2,33 @@
 
 from __future__ import annotations
 
+import errno
+import ipaddress
+import re
 import socket
+
+# A host name: dot-separated labels of letters, digits, inner hyphens (RFC 1123) and underscores
+# (outside the RFC, but resolvers take them and container names use them).
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_HOST_NAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*\.?")
+
+
+def bind_address_problem(host: str) -> str | None:
+    """Why `host` cannot be an address to listen on, or None: an IP address (127.0.0.1, 0.0.0.0,
+    ::) or a host name. A URL, an address with a port, or an IPv4 lookalike such as 999.1.1.1
+    would only fail when the server binds, after the work that comes before."""
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    if "://" in host:
+        return "a URL, not an address"
+    if re.fullmatch(r"[^:]+:\d+", host):
+        return "holds a port; the port has a setting of its own"
+    if not _HOST_NAME.fullmatch(host) or all(label.isdigit() for label in host.rstrip(".").split(".")):
+        return "not an IP address or a host name"
+    return None
 
 
 def free_port() -> int:
@@ -10,6 +36,23 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def listen_problem(host: str, port: int) -> str | None:
+    """Why a server could not listen on host:port now (taken, not this machine's address), or None."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as error:
+        return f"{host} does not resolve ({error.strerror})"
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: a closed port is free
+        try:
+            sock.bind(address)
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                return f"{host}:{port} is in use: stop what listens there, or pick another port"
+            return f"cannot listen on {host}:{port} ({error.strerror}): is {host} an address of this machine?"
+    return None
 
 
 HEALTH_TIMEOUT_S = 5

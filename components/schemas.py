@@ -10,7 +10,10 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from components.net import bind_address_problem
 
 # --- data --------------------------------------------------------------------------------------
 
@@ -676,6 +679,14 @@ class ServeConfig(BaseModel):
     app_name: str = Field("ptft", description="Ray Serve application name")
     host: str = Field("127.0.0.1", description="HTTP bind address; 0.0.0.0 exposes it beyond this machine")
     port: int = Field(8000, gt=0, lt=65536)
+
+    @field_validator("host")
+    @classmethod
+    def _bindable(cls, host: str) -> str:
+        if problem := bind_address_problem(host):
+            raise PydanticCustomError("bind_address", problem)
+        return host
+
     route_prefix: str = Field("/", description="URL prefix of the application")
     num_replicas: int = Field(1, ge=1, description="model replicas (fixed; see autoscaling)")
     autoscaling: AutoscalingConfig | None = Field(None, description="scale replicas with load instead of num_replicas")

@@ -21,8 +21,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from components import console
+from components.net import listen_problem
 from components.redaction import redact_url
-from pipelines import init, jobs, report
+from pipelines import arguments, init, jobs, report
 from pipelines.pipeline_config import _MISSING as _MISSING_VALUE
 from pipelines.pipeline_config import ConfigError, Problem, load_config, validate
 from pipelines.stages import NAMES as STAGE_NAMES
@@ -140,7 +141,7 @@ def _parser() -> argparse.ArgumentParser:
 
     runs = commands.add_parser("runs", help="list pipeline runs and their stages")
     runs.add_argument("--storage", default="./ptft-runs", help="storage to list (default ./ptft-runs)")
-    runs.add_argument("--limit", type=int, default=20)
+    runs.add_argument("--limit", type=arguments.positive_int, default=20)
     runs.set_defaults(handler=_runs)
 
     validate = commands.add_parser("validate", help="check a config and its data; starts nothing")
@@ -196,8 +197,8 @@ def _parser() -> argparse.ArgumentParser:
     ui = commands.add_parser("ui", help="open the MLflow UI on the config's tracking store")
     ui.add_argument("config", nargs="?", default="configs/demo.yaml")
     ui.add_argument("overrides", nargs="*")
-    ui.add_argument("--port", type=int, default=5000)
-    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=arguments.port, default=5000)
+    ui.add_argument("--host", type=arguments.host, default="127.0.0.1")
     _add_storage(ui)
     ui.set_defaults(handler=_ui)
     jobs.add_commands(commands)
@@ -216,7 +217,7 @@ def _add_progress_options(parser: argparse.ArgumentParser) -> None:
     _add_verbose(how_much)
     parser.add_argument(
         "--progress-every",
-        type=float,
+        type=arguments.positive_seconds,
         default=10.0,
         metavar="SECONDS",
         help="seconds between progress lines of a running stage (default 10)",
@@ -505,6 +506,9 @@ def _print_summary(result, config, seconds: float, log: Path | None = None) -> N
 
 def _ui(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides, check_data=False)
+    if problem := listen_problem(args.host, args.port):
+        print(f"ptft ui: {problem}", file=sys.stderr)
+        return EXIT_USER_ERROR
     # This interpreter's mlflow, whether or not the venv's bin/ is on PATH.
     command = [
         sys.executable,

@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 import yaml
 
 from components import data
+from pipelines import arguments
 from pipelines.pipeline_config import ConfigError, Problem, validate
 
 TASKS = ("auto", "classification", "entities", "answers", "translation", "generation", "pretrain")
@@ -51,6 +52,7 @@ class Plan:
     vocab_size: int
     max_steps: int
     batch_size: int  # pre-training blocks per worker and step
+    finetune_batch_size: int  # train examples per worker and step
     lengths: dict[str, int]
     labels: dict[str, int]
 
@@ -71,7 +73,7 @@ def add_parser(commands) -> None:
     init.add_argument("--label-column", help="the column holding the label (default: detected)")
     init.add_argument("-o", "--output", help="config file to write (default: configs/<data name>.yaml)")
     init.add_argument("--name", help="pipeline name (default: from the file name)")
-    init.add_argument("--seed", type=int, default=0, help="seed of the proposed split (default 0)")
+    init.add_argument("--seed", type=arguments.seed, default=0, help="seed of the proposed split (default 0)")
     init.add_argument("--force", action="store_true", help="overwrite the config (and split files) if they exist")
     init.set_defaults(handler=run)
 
@@ -248,6 +250,8 @@ def _plan(path: Path, table: pa.Table, args: argparse.Namespace, split_dir: Path
         vocab_size=vocab_size,
         max_steps=int(max(200, min(5000, round(PASSES * blocks / (WORKERS * batch), -1)))),
         batch_size=batch,
+        # A small train split gets smaller fine-tuning steps, else no step could be filled.
+        finetune_batch_size=int(max(1, min(BATCH, train.num_rows // WORKERS))),
         lengths=_percentiles(token_lengths),
         labels=dict(sorted(labels.items())),
     )
@@ -444,7 +448,7 @@ def _config_text(plan: Plan, name: str, source: Path, output: Path) -> str:
             "finetune:",
             "  epochs: 3",
             "  early_stopping_patience: 1",
-            "  defaults: {batch_size_per_worker: 32}",
+            f"  defaults: {{batch_size_per_worker: {plan.finetune_batch_size}}}{_small_train_note(plan)}",
             f"  workers: {{num_workers: {WORKERS}, cpus_per_worker: 1}}",
             "",
             "serve:",
@@ -453,6 +457,12 @@ def _config_text(plan: Plan, name: str, source: Path, output: Path) -> str:
             *(f"    - {sample}" for sample in _sample_inputs(plan)),
         ]
     return "\n".join(header + lines) + "\n"
+
+
+def _small_train_note(plan: Plan) -> str:
+    if plan.finetune_batch_size >= BATCH:
+        return ""
+    return f"   # a small train split ({plan.finetune_batch_size * WORKERS} examples a step fit it)"
 
 
 SAMPLE_CHARS = 120  # a sample text that fits on the summary's line

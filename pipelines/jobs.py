@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from components.redaction import redact_url
-from pipelines import preflight
+from pipelines import arguments, preflight
 from pipelines.pipeline_config import ConfigError, PipelineConfig, Problem, data_problems, load_config
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -88,7 +88,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
     stop = commands.add_parser("stop", help="stop a submitted job and wait until it has stopped")
     stop.add_argument("job_id")
-    stop.add_argument("--timeout", type=float, default=120, help="seconds to wait for the job to stop")
+    stop.add_argument(
+        "--timeout", type=arguments.positive_seconds, default=120, help="seconds to wait for the job to stop"
+    )
     _add_address(stop)
     stop.set_defaults(handler=_stop)
 

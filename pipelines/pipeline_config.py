@@ -451,6 +451,7 @@ def _fix_for(kind: str, ctx: dict) -> str:
         "union_tag_not_found": "add `type:` (file, hub or synthetic)",
         "model_type": "use a mapping of keys",
         "dict_type": "use a mapping of keys",
+        "bind_address": "use an IP address (127.0.0.1: this machine only; 0.0.0.0: every interface) or a host name",
     }
     return fixes.get(kind, "see the key in docs/config.md")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -102,6 +103,38 @@ def test_an_override_where_an_id_or_file_goes_says_what_to_write(command: list[s
     assert result.returncode == 2, result.stdout + result.stderr
     assert "looks like a config override" in result.stderr and fix in result.stderr
     assert "Traceback" not in result.stderr and "Ray" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "argv, named",
+    [
+        (["ui", "--port", "99999"], "argument --port: 99999 is no TCP port"),
+        (["ui", "--host", "http://0.0.0.0"], "argument --host: 'http://0.0.0.0': a URL"),
+        (["runs", "--limit", "0"], "argument --limit: 0: use a whole number of at least 1"),
+        (["stop", "job", "--timeout", "-1"], "argument --timeout: -1: use a number of seconds above 0"),
+        (["run", "configs/demo.yaml", "--progress-every", "0"], "argument --progress-every: 0"),
+        (["init", "data.csv", "--seed", "-1"], "argument --seed: -1: use a seed from 0 to"),
+    ],
+)
+def test_an_option_value_that_cannot_work_is_a_usage_error(
+    argv: list[str], named: str, capsys: pytest.CaptureFixture
+) -> None:
+    from pipelines.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2 and named in capsys.readouterr().err
+
+
+def test_ui_on_a_port_in_use_says_so_instead_of_starting(tmp_path: Path) -> None:
+    """MLflow's server started, logged the bind error and went on with exit 0; and the URL ptft
+    printed first pointed at whatever held the port. A subprocess: `ptft ui` replaces its process."""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        command = [PTFT, "ui", "configs/demo.yaml", "--port", str(port), f"storage={tmp_path}"]
+        result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"127.0.0.1:{port} is in use" in result.stderr and "MLflow UI on" not in result.stdout
 
 
 @pytest.mark.parametrize("command", ["serve", "explain", "promote", "rollback"])

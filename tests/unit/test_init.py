@@ -73,6 +73,15 @@ def test_a_csv_without_splits_gets_a_seeded_stratified_split(in_tmp: Path) -> No
     assert splits["train"].read_text() != first
 
 
+def test_a_small_file_gets_fine_tuning_steps_its_train_split_can_fill(in_tmp: Path) -> None:
+    Path("few.jsonl").write_text("".join(json.dumps(row) + "\n" for row in _reviews(60)))
+    assert main(["init", "few.jsonl"]) == 0
+    config = load_config("configs/few.yaml", [])  # checks the train rows fill one step of every stage
+    train_rows = len(Path(config.data.task.train.path).read_text().splitlines())
+    batch = config.finetune.trial_defaults().batch_size_per_worker
+    assert train_rows < 64 and batch < 32 and config.finetune.workers.num_workers * batch <= train_rows
+
+
 @pytest.mark.parametrize("suffix", ["tsv", "parquet", "jsonl"])
 def test_each_table_format_gives_a_config_that_validates(in_tmp: Path, suffix: str) -> None:
     rows = [{"body": row["text"], "label": row["label"]} for row in _reviews(200)]

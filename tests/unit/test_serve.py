@@ -4,6 +4,7 @@ store (sqlite), request limits, truncation, serve config rules and model referen
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -139,6 +140,18 @@ def test_serve_config_rules(tmp_path: Path) -> None:
     raw["serve"] = {"autoscaling": {"min_replicas": 3, "max_replicas": 2}}
     with pytest.raises(ConfigError, match="min_replicas"):
         validate(raw, check_data=False)
+
+
+@pytest.mark.parametrize(
+    "host, named",
+    [("999.1.1.1", "not an IP address"), ("http://0.0.0.0", "a URL"), ("0.0.0.0:8000", "holds a port")],
+)
+def test_a_serve_host_that_cannot_be_bound_fails_validation(tmp_path: Path, host: str, named: str) -> None:
+    raw = {**tiny_config_dict(tmp_path), "serve": {"host": host}}
+    with pytest.raises(ConfigError, match=f"serve.host = '{re.escape(host)}': {named}"):
+        validate(raw, check_data=False)
+    for good in ("0.0.0.0", "::", "127.0.0.1", "head-node.cluster.local"):
+        validate({**raw, "serve": {"host": good}}, check_data=False)
 
 
 def test_model_references(tmp_path: Path) -> None:

@@ -1,0 +1,54 @@
+"""Types of the command line's options: a number or address that cannot work is a usage error
+(exit 2) naming the option, before anything starts."""
+
+from __future__ import annotations
+
+import argparse
+
+from components.net import bind_address_problem
+
+SEED_MAX = 2**32 - 1  # as the config's seeds
+
+
+def port(text: str) -> int:
+    value = _whole(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text} is no TCP port: use 1-65535")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = _whole(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: use a whole number of at least 1")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text}: use a number of seconds above 0")
+    return value
+
+
+def seed(text: str) -> int:
+    value = _whole(text)
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"{text}: use a seed from 0 to {SEED_MAX}")
+    return value
+
+
+def host(text: str) -> str:
+    if problem := bind_address_problem(text):
+        raise argparse.ArgumentTypeError(f"{text!r}: {problem}; use an IP address (127.0.0.1, 0.0.0.0) or a host name")
+    return text
+
+
+def _whole(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
