@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import argparse
+import re
+import urllib.parse
 
 from components.net import bind_address_problem
 
@@ -44,6 +46,23 @@ def seed(text: str) -> int:
 def host(text: str) -> str:
     if problem := bind_address_problem(text):
         raise argparse.ArgumentTypeError(f"{text!r}: {problem}; use an IP address (127.0.0.1, 0.0.0.0) or a host name")
+    return text
+
+
+def dashboard_url(text: str) -> str:
+    """The Ray dashboard's URL, http(s)://HOST:PORT, as the job commands send it."""
+    url = urllib.parse.urlsplit(text)
+    example = "http://HEAD:8265"
+    if url.scheme not in ("http", "https"):
+        if re.fullmatch(r"[^/:]+:\d+", text):  # HOST:PORT without the scheme
+            example = f"http://{text}"
+        raise argparse.ArgumentTypeError(f"{text!r} is not the dashboard's URL: use {example}")
+    try:
+        url.port  # noqa: B018 - raises for a port out of range or not a number
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{text!r}: {error}; use {example}") from None
+    if not url.hostname:
+        raise argparse.ArgumentTypeError(f"{text!r} names no host: use {example}")
     return text
 
 

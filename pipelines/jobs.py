@@ -100,6 +100,7 @@ def _add_address(parser: argparse.ArgumentParser) -> None:
     default = default if default.startswith(("http://", "https://")) else DEFAULT_ADDRESS
     parser.add_argument(
         "--address",
+        type=arguments.dashboard_url,
         default=default,
         help=f"the cluster's dashboard URL (default: RAY_ADDRESS if http, else {DEFAULT_ADDRESS})",
     )
@@ -176,6 +177,9 @@ def _submit(args: argparse.Namespace) -> int:
 
 def submit_problems(config_path: str, config: PipelineConfig, working_dir: Path) -> list[Problem]:
     """What would break once the job runs in a copy of `working_dir` on another machine."""
+    if not working_dir.is_dir():
+        why = "does not exist" if not working_dir.exists() else "is not a folder"
+        return [Problem("--working-dir", str(working_dir), why, "pass the project folder the job should run in")]
     problems = []
     if not _inside(Path(config_path).resolve(), working_dir):
         problems.append(

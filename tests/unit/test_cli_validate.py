@@ -114,6 +114,9 @@ def test_an_override_where_an_id_or_file_goes_says_what_to_write(command: list[s
         (["stop", "job", "--timeout", "-1"], "argument --timeout: -1: use a number of seconds above 0"),
         (["run", "configs/demo.yaml", "--progress-every", "0"], "argument --progress-every: 0"),
         (["init", "data.csv", "--seed", "-1"], "argument --seed: -1: use a seed from 0 to"),
+        (["logs", "job", "--address", "notaurl"], "argument --address: 'notaurl' is not the dashboard's URL"),
+        (["status", "job", "--address", "head:8265"], "is not the dashboard's URL: use http://head:8265"),
+        (["stop", "job", "--address", "http://127.0.0.1:99999"], "Port out of range"),
     ],
 )
 def test_an_option_value_that_cannot_work_is_a_usage_error(
@@ -124,6 +127,16 @@ def test_an_option_value_that_cannot_work_is_a_usage_error(
     with pytest.raises(SystemExit) as exited:
         main(argv)
     assert exited.value.code == 2 and named in capsys.readouterr().err
+
+
+def test_submit_from_a_working_dir_that_does_not_exist_names_it(
+    good_config: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from pipelines.cli import main
+
+    missing = tmp_path / "no-such-project"
+    assert main(["submit", str(good_config), "--working-dir", str(missing), "--address", "http://127.0.0.1:1"]) == 2
+    assert f"--working-dir = '{missing}': does not exist" in capsys.readouterr().err
 
 
 def test_ui_on_a_port_in_use_says_so_instead_of_starting(tmp_path: Path) -> None:
