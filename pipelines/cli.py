@@ -564,6 +564,8 @@ def _serve(args: argparse.Namespace) -> int:
                 "export a registered model: models:/NAME@ALIAS or models:/NAME/VERSION",
             )
         )
+    if args.export:
+        problems += _output_file_problems("--export", args.export, "serve.yaml")
     if problems:
         raise ConfigError("ptft serve", problems)
     from components import serve
@@ -649,6 +651,11 @@ def _explain(args: argparse.Namespace) -> int:
                 "explain them in several calls",
             )
         )
+    if args.output:
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        images = sorted(f".{kind}" for kind in FigureCanvasBase.get_supported_filetypes() if kind != "png")
+        problems += _output_file_problems("--output", args.output, "attention.png", (".png", *images))
     if problems:
         raise ConfigError("ptft explain", problems)
     from components import plots, serve
@@ -699,6 +706,22 @@ def _print_attention(item: dict, top: int = 3) -> None:
     for head, weights in enumerate(item["attention"]):
         ranked = sorted(zip(weights, item["tokens"], strict=True), reverse=True)[:top]
         print(f"  head {head}: " + ", ".join(f"{token} {weight:.2f}" for weight, token in ranked))
+
+
+def _output_file_problems(key: str, path: str, example: str, suffixes: tuple[str, ...] = ()) -> list[Problem]:
+    """Why a file cannot be written at `path` (in a format its suffix names, when `suffixes` are
+    given), checked before the work that makes it; its folder is made here when missing."""
+    target = Path(path)
+    if target.is_dir():
+        return [Problem(key, path, "a folder", f"name a file in it, e.g. {target / example}")]
+    if suffixes and target.suffix.lower() not in suffixes:
+        why = f"ends in {target.suffix or 'no suffix'}, not one of {', '.join(suffixes)}"
+        return [Problem(key, path, why, f"name a file ending in {suffixes[0]}")]
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        return [Problem(key, path, f"its folder cannot be made ({error.strerror})", "name a file in a writable folder")]
+    return []
 
 
 def _export_serve_config(document: dict, path: str) -> int:

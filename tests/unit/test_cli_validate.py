@@ -139,6 +139,15 @@ def test_submit_from_a_working_dir_that_does_not_exist_names_it(
     assert f"--working-dir = '{missing}': does not exist" in capsys.readouterr().err
 
 
+def test_a_serve_config_exported_to_a_folder_is_refused_before_the_registry_is_asked(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from pipelines.cli import main
+
+    assert main(["serve", "models:/demo@champion", "--export", str(tmp_path), "tracking.uri=http://127.0.0.1:1"]) == 2
+    assert f"--export = '{tmp_path}': a folder" in capsys.readouterr().err
+
+
 def test_ui_on_a_port_in_use_says_so_instead_of_starting(tmp_path: Path) -> None:
     """MLflow's server started, logged the bind error and went on with exit 0; and the URL ptft
     printed first pointed at whatever held the port. A subprocess: `ptft ui` replaces its process."""

@@ -351,7 +351,7 @@ def test_status_of_an_unknown_run_id_says_so_without_asking_a_cluster(
 def test_ptft_explain_prints_draws_and_answers_json(
     classifier: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    picture = tmp_path / "attention.png"
+    picture = tmp_path / "maps" / "attention.png"  # its folder is made
     assert main(["explain", str(classifier), "the film was good", "dull", "--output", str(picture)]) == 0
     out = capsys.readouterr().out
     assert "'the film was good' ->" in out and "head 1:" in out and picture.read_bytes()[:8] == PNG
@@ -366,6 +366,8 @@ def test_ptft_explain_prints_draws_and_answers_json(
         (["--layer", "5"], "--layer"),
         (["x"] * 8, "at most 8 texts"),
         (["--tracking-uri", "REGISTRY"], None),
+        (["--output", "maps.txt"], "--output = 'maps.txt': ends in .txt, not one of .png"),  # before the model loads
+        (["--output", "/"], "--output = '/': a folder"),
     ],
 )
 def test_ptft_explain_refuses_bad_input_with_exit_2(
