@@ -308,7 +308,10 @@ def load_config(path: str | Path, overrides: list[str] = (), *, check_data: bool
     """
     source = str(path)
     try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
+        text = Path(path).read_text()
+        if twice := duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader)):
+            raise ConfigError(source, twice)
+        raw = yaml.safe_load(text) or {}
     except FileNotFoundError:
         raise ConfigError(
             source,
@@ -325,6 +328,28 @@ def load_config(path: str | Path, overrides: list[str] = (), *, check_data: bool
         raise ConfigError(source, [problem])
     problems = apply_overrides(raw, overrides)
     return validate(raw, source, problems, check_data=check_data)
+
+
+def duplicate_keys(node: yaml.Node | None, path: tuple[str, ...] = ()) -> list[Problem]:
+    """Keys written twice in one mapping of a YAML document: PyYAML keeps the last one without a
+    word, so the first one's settings would be lost (a second `pretrain:` drops the first's)."""
+    problems = []
+    if isinstance(node, yaml.MappingNode):
+        lines: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else "?"
+            line = key_node.start_mark.line + 1
+            if key in lines and key_node.tag != "tag:yaml.org,2002:merge":  # `<<:` merges, once or more
+                where = f"given twice, on lines {lines[key]} and {line}: YAML keeps only the last"
+                problems.append(
+                    Problem(".".join((*path, key)), _MISSING, where, "write it once, every setting under it")
+                )
+            lines.setdefault(key, line)
+            problems += duplicate_keys(value_node, (*path, key))
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            problems += duplicate_keys(item, (*path, str(index)))
+    return problems
 
 
 def validate(

@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.pipeline_config import ConfigError, PipelineConfig, apply_overrides, load_config, validate
+from pipelines.pipeline_config import (
+    ConfigError,
+    PipelineConfig,
+    apply_overrides,
+    duplicate_keys,
+    load_config,
+    validate,
+)
 from tests.conftest import REPO, shared, tiny_config_dict
 
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
@@ -45,6 +52,21 @@ def test_override_without_equals_is_reported(tmp_path: Path) -> None:
     raw = tiny_config_dict(tmp_path)
     problems = apply_overrides(raw, ["pretrain.max_steps"])
     assert problems and "key.path=value" in problems[0].message
+
+
+def test_a_key_written_twice_is_a_problem_not_a_silent_loss(tmp_path: Path) -> None:
+    """PyYAML keeps the last of two equal keys: the first `pretrain:` and its max_steps were dropped."""
+    text = yaml.safe_dump(tiny_config_dict(tmp_path), sort_keys=False)
+    text += "pretrain:\n  max_steps: 10\npretrain:\n  warmup_steps: 2\ntasks:\n  a: {x: 1, x: 2}\n"
+    (tmp_path / "twice.yaml").write_text(text)
+    with pytest.raises(ConfigError) as raised:
+        load_config(tmp_path / "twice.yaml", check_data=False)
+    keys = {problem.key: problem.message for problem in raised.value.problems}
+    assert set(keys) == {"pretrain", "tasks.a.x"}
+    line = text.splitlines().index("pretrain:") + 1
+    assert keys["pretrain"] == f"given twice, on lines {line} and {line + 2}: YAML keeps only the last"
+    merged = "base: &b {max_steps: 10}\npretrain:\n  <<: *b\n  warmup_steps: 2\n"  # a merge key is no repeat
+    assert not duplicate_keys(yaml.compose(merged, Loader=yaml.SafeLoader))
 
 
 def test_an_override_whose_value_is_not_yaml_is_reported_with_the_others(tmp_path: Path) -> None:
