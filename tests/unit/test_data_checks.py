@@ -62,6 +62,17 @@ def test_an_empty_split_one_class_and_unseen_labels(tmp_path: Path, capsys: pyte
     assert "data.task.test" in err and "labels the train split lacks: neg" in err
 
 
+def test_rows_without_a_label_are_named_not_learned_as_a_class(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A null label read as the class 'None' (train) or as a label train lacks (test)."""
+    train, test = _rows(64), _rows(8)
+    train[5]["label"] = None
+    del test[3]["label"]
+    code, err = _validate(_config(tmp_path, {"train": train, "validation": _rows(8), "test": test}), capsys)
+    assert code == 2
+    assert "data.task.train" in err and "1 row(s) without a label, the first with the text 'review 5 was pos'" in err
+    assert "data.task.test" in err and "the text 'review 3 was pos'" in err and "None" not in err
+
+
 def test_too_few_rows_for_one_fine_tuning_step(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     splits = {"train": _rows(24), "validation": _rows(8), "test": _rows(8)}
     code, err = _validate(_config(tmp_path, splits, defaults={"batch_size_per_worker": 16}), capsys)
