@@ -27,12 +27,26 @@ def positive_int(text: str) -> int:
 
 
 def positive_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text}: use a number of seconds above 0")
+    return value
+
+
+def seconds_or_zero(text: str) -> float:
+    value = _seconds(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text}: use a number of seconds, or 0")
+    return value
+
+
+def _seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text}: use a number of seconds above 0")
+    if value != value or value == float("inf"):  # nan, inf
+        raise argparse.ArgumentTypeError(f"{text}: use a finite number of seconds")
     return value
 
 

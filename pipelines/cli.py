@@ -217,10 +217,10 @@ def _add_progress_options(parser: argparse.ArgumentParser) -> None:
     _add_verbose(how_much)
     parser.add_argument(
         "--progress-every",
-        type=arguments.positive_seconds,
+        type=arguments.seconds_or_zero,
         default=10.0,
         metavar="SECONDS",
-        help="seconds between progress lines of a running stage (default 10)",
+        help="seconds between progress lines of a running stage (default 10; 0: none, each stage's result as it ends)",
     )
 
 
