@@ -15,6 +15,8 @@ from pydantic_core import PydanticCustomError
 
 from components.net import bind_address_problem
 
+SEED_MAX = 2**32 - 1  # numpy's and Tune's seeds are 32-bit
+
 # --- data --------------------------------------------------------------------------------------
 
 FileFormat = Literal["auto", "jsonl", "csv", "tsv", "parquet", "text"]
@@ -620,7 +622,7 @@ class TuneConfig(BaseModel):
         "their start-up and imports; one-worker trials only",
     )
     seed: int | None = Field(
-        None, ge=0, le=2**32 - 1, description="seed of the search (samples, optuna); none: the pipeline seed"
+        None, ge=0, le=SEED_MAX, description="seed of the search (samples, optuna); none: the pipeline seed"
     )
     progress_every_s: float = Field(10.0, ge=0, description="seconds between live trial tables printed; 0: none")
     search_space: dict[Searchable, Distribution] = Field(

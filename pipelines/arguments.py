@@ -8,8 +8,7 @@ import re
 import urllib.parse
 
 from components.net import bind_address_problem
-
-SEED_MAX = 2**32 - 1  # as the config's seeds
+from components.schemas import SEED_MAX
 
 
 def port(text: str) -> int:

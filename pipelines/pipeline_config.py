@@ -27,6 +27,7 @@ from components.schemas import (
     MASKED_LM_TYPES,
     PRESETS,
     REGISTRY_URI,
+    SEED_MAX,
     SIZE_KEYS,
     SPECIAL_TOKENS,
     DataConfig,
@@ -131,7 +132,7 @@ class PipelineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(description="pipeline name; the MLflow experiment and registry name derive from it")
     storage: str = Field("./ptft-runs", description="artifacts, Ray results and the default MLflow store")
-    seed: int = Field(0, ge=0, le=2**32 - 1, description="seed for data order, masking and initialisation")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="seed for data order, masking and initialisation")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     data: DataConfig
