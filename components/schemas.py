@@ -17,6 +17,25 @@ from components.net import bind_address_problem
 
 SEED_MAX = 2**32 - 1  # numpy's and Tune's seeds are 32-bit
 
+
+def registry_name_problem(name: str) -> str | None:
+    """Why MLflow's registry (or a `models:/NAME@ALIAS` reference) cannot take `name`, or None.
+    Found when the config is read: MLflow itself refuses it only when finetune registers."""
+    if not name.strip():
+        return "empty"
+    if found := sorted(set(name) & set("/:@")):
+        held = " and ".join(repr(char) for char in found)
+        return f"holds {held}, which MLflow's registry names and models:/NAME@ALIAS references cannot"
+    return None
+
+
+def check_registry_name(name: str | None) -> str | None:
+    """A field validator's body: the name, or a `registry_name` error."""
+    if name is not None and (problem := registry_name_problem(name)):
+        raise PydanticCustomError("registry_name", problem)
+    return name
+
+
 # --- data --------------------------------------------------------------------------------------
 
 FileFormat = Literal["auto", "jsonl", "csv", "tsv", "parquet", "text"]
@@ -470,6 +489,7 @@ class FinetuneConfig(BaseModel):
     registered_model_name: str | None = Field(
         None, description="MLflow registry name; default <pipeline>-<classifier|tagger|reader|translator|generator>"
     )
+    _registrable = field_validator("registered_model_name")(check_registry_name)
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
 

@@ -41,6 +41,7 @@ from components.schemas import (
     TaskConfig,
     TokenizeConfig,
     TuneConfig,
+    check_registry_name,
     span_count,
 )
 from components.tasks import TaskType, task_type
@@ -131,6 +132,7 @@ class PipelineConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     name: str = Field(description="pipeline name; the MLflow experiment and registry name derive from it")
+    _registrable = field_validator("name")(check_registry_name)
     storage: str = Field("./ptft-runs", description="artifacts, Ray results and the default MLflow store")
     seed: int = Field(0, ge=0, le=SEED_MAX, description="seed for data order, masking and initialisation")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -478,6 +480,7 @@ def _fix_for(kind: str, ctx: dict) -> str:
         "model_type": "use a mapping of keys",
         "dict_type": "use a mapping of keys",
         "bind_address": "use an IP address (127.0.0.1: this machine only; 0.0.0.0: every interface) or a host name",
+        "registry_name": "use letters, digits, -, _ and . (not /, : or @)",
     }
     return fixes.get(kind, "see the key in docs/config.md")
 

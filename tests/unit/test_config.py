@@ -69,6 +69,24 @@ def test_a_key_written_twice_is_a_problem_not_a_silent_loss(tmp_path: Path) -> N
     assert not duplicate_keys(yaml.compose(merged, Loader=yaml.SafeLoader))
 
 
+@pytest.mark.parametrize("name, says", [("team/demo", "holds '/'"), ("demo@v2", "holds '@'"), (" ", "empty")])
+def test_a_name_the_registry_cannot_take_fails_validation_not_registration(
+    tmp_path: Path, name: str, says: str
+) -> None:
+    """MLflow refuses / and : in a registered model's name only when finetune registers, after the
+    training; @ would split a models:/NAME@ALIAS reference."""
+    raw = tiny_config_dict(tmp_path)
+    for key, config in (
+        ("name", {**raw, "name": name}),
+        ("finetune.registered_model_name", {**raw, "finetune": {"registered_model_name": name}}),
+    ):
+        with pytest.raises(ConfigError) as raised:
+            validate(config, check_data=False)
+        (problem,) = raised.value.problems
+        assert problem.key == key and problem.message.startswith(says), problem
+    validate({**raw, "name": "team demo_v2.1"}, check_data=False)  # MLflow takes spaces and dots
+
+
 def test_an_override_whose_value_is_not_yaml_is_reported_with_the_others(tmp_path: Path) -> None:
     raw = tiny_config_dict(tmp_path)
     problems = apply_overrides(raw, ["tune.search_space={learning_rate: [0.1", "seed=7", "name"])
