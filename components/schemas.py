@@ -29,6 +29,18 @@ def registry_name_problem(name: str) -> str | None:
     return None
 
 
+def route_prefix_problem(prefix: str) -> str | None:
+    """Why Ray Serve would refuse this route prefix when deploying (its rules,
+    ray.serve._private.utils.validate_route_prefix, checked here before the training), or None."""
+    if not prefix.startswith("/"):
+        return "does not start with /"
+    if prefix != "/" and prefix.endswith("/"):
+        return "ends with / (only the root / may)"
+    if "{" in prefix or "}" in prefix:
+        return "holds a { or }: Serve's prefixes take no wildcards"
+    return None
+
+
 def check_registry_name(name: str | None) -> str | None:
     """A field validator's body: the name, or a `registry_name` error."""
     if name is not None and (problem := registry_name_problem(name)):
@@ -710,6 +722,21 @@ class ServeConfig(BaseModel):
         return host
 
     route_prefix: str = Field("/", description="URL prefix of the application")
+
+    @field_validator("app_name")
+    @classmethod
+    def _named(cls, name: str) -> str:
+        if not name.strip():
+            raise PydanticCustomError("serve_name", "empty: Ray Serve names every application")
+        return name
+
+    @field_validator("route_prefix")
+    @classmethod
+    def _routable(cls, prefix: str) -> str:
+        if problem := route_prefix_problem(prefix):
+            raise PydanticCustomError("route_prefix", problem)
+        return prefix
+
     num_replicas: int = Field(1, ge=1, description="model replicas (fixed; see autoscaling)")
     autoscaling: AutoscalingConfig | None = Field(None, description="scale replicas with load instead of num_replicas")
     cpus_per_replica: float = Field(0.5, gt=0, description="CPUs Ray reserves per replica")

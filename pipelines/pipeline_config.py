@@ -481,6 +481,8 @@ def _fix_for(kind: str, ctx: dict) -> str:
         "dict_type": "use a mapping of keys",
         "bind_address": "use an IP address (127.0.0.1: this machine only; 0.0.0.0: every interface) or a host name",
         "registry_name": "use letters, digits, -, _ and . (not /, : or @)",
+        "route_prefix": "use a path such as /sentiment",
+        "serve_name": "name it, e.g. ptft",
     }
     return fixes.get(kind, "see the key in docs/config.md")
 

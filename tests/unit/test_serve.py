@@ -154,6 +154,26 @@ def test_a_serve_host_that_cannot_be_bound_fails_validation(tmp_path: Path, host
         validate({**raw, "serve": {"host": good}}, check_data=False)
 
 
+def test_route_prefixes_and_app_names_serve_refuses_fail_validation(tmp_path: Path) -> None:
+    """The prefix rules are Ray Serve's own (checked against its validator), found before the training."""
+    from ray.serve._private.utils import validate_route_prefix
+
+    for prefix in ("/", "/api", "/a/b", "api", "/api/", "/{name}", "/a}"):
+        try:
+            validate_route_prefix(prefix)
+            serve_takes = True
+        except ValueError:
+            serve_takes = False
+        raw = {**tiny_config_dict(tmp_path), "serve": {"route_prefix": prefix}}
+        if serve_takes:
+            validate(raw, check_data=False)
+        else:
+            with pytest.raises(ConfigError, match=f"serve.route_prefix = '{re.escape(prefix)}'"):
+                validate(raw, check_data=False)
+    with pytest.raises(ConfigError, match="serve.app_name = '': empty"):
+        validate({**tiny_config_dict(tmp_path), "serve": {"app_name": ""}}, check_data=False)
+
+
 def test_model_references(tmp_path: Path) -> None:
     assert model_reference_problems("models:/demo@champion", "MODEL") == []
     assert model_reference_problems("models:/demo/3", "MODEL") == []
