@@ -619,9 +619,10 @@ def model_reference_problems(reference: str, key: str) -> list[Problem]:
 
 def _tokenizer_problems(tokenize: TokenizeConfig) -> list[Problem]:
     minimum = len(SPECIAL_TOKENS) + 100
+    problems = _pretrained_tokenizer_problems(tokenize.pretrained) if tokenize.pretrained else []
     if tokenize.vocab_size >= minimum:
-        return []
-    return [
+        return problems
+    return problems + [
         Problem(
             "tokenize.vocab_size",
             tokenize.vocab_size,
@@ -630,6 +631,24 @@ def _tokenizer_problems(tokenize: TokenizeConfig) -> list[Problem]:
             f"set tokenize.vocab_size to at least {minimum} (2000+ for real text)",
         )
     ]
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
+
+
+def _pretrained_tokenizer_problems(pretrained: str) -> list[Problem]:
+    """`tokenize.pretrained` as a folder: one that exists and holds a tokenizer (a Hub name is
+    checked when it loads), found here rather than in the tokenize stage."""
+    folder = Path(os.path.expanduser(pretrained))
+    if not folder.exists():
+        if not pretrained.startswith((".", "/", "~")):
+            return []
+        why, fix = "no such folder", "give a folder a tokenizer was saved to (save_pretrained), or a Hub name"
+    elif not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        why, fix = f"has none of {', '.join(TOKENIZER_FILES)}", "point it at a folder a tokenizer was saved to"
+    else:
+        return []
+    return [Problem("tokenize.pretrained", pretrained, why, fix)]
 
 
 def _model_problems(pretrain: PretrainConfig, tokenize: TokenizeConfig | None) -> list[Problem]:
@@ -780,7 +799,7 @@ def _init_problems(pretrain: PretrainConfig, tokenize: TokenizeConfig | None) ->
             )
         ]
     checkpoint = json.loads(config_file.read_text())
-    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         problems.append(
             Problem(
                 "pretrain.model.init_from",

@@ -87,6 +87,19 @@ def test_a_name_the_registry_cannot_take_fails_validation_not_registration(
     validate({**raw, "name": "team demo_v2.1"}, check_data=False)  # MLflow takes spaces and dots
 
 
+def test_a_pretrained_tokenizer_folder_is_checked_before_the_tokenize_stage(tmp_path: Path) -> None:
+    raw = tiny_config_dict(tmp_path)
+    for folder, says in ((tmp_path / "missing", "no such folder"), (tmp_path, "has none of tokenizer.json")):
+        with pytest.raises(ConfigError) as raised:
+            validate({**raw, "tokenize": {"pretrained": str(folder)}}, check_data=False)
+        (problem,) = raised.value.problems
+        assert problem.key == "tokenize.pretrained" and problem.message.startswith(says)
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text("{}")
+    validate({**raw, "tokenize": {"pretrained": str(tmp_path / "tok")}}, check_data=False)
+    validate({**raw, "tokenize": {"pretrained": "bert-base-uncased"}}, check_data=False)  # a Hub name: when it loads
+
+
 def test_an_override_whose_value_is_not_yaml_is_reported_with_the_others(tmp_path: Path) -> None:
     raw = tiny_config_dict(tmp_path)
     problems = apply_overrides(raw, ["tune.search_space={learning_rate: [0.1", "seed=7", "name"])
