@@ -139,6 +139,19 @@ def _word_and_tag_columns(table: pa.Table, args: argparse.Namespace) -> tuple[st
     return words, tags
 
 
+def _require_task_columns(table: pa.Table, task: str, entities: tuple[str, str] | None) -> None:
+    """A task asked for by name needs the columns it reads; without them the file would silently
+    get another task's config (a sentence classifier for `--task entities`)."""
+    missing = {
+        "answers": not set(QA_COLUMNS) <= set(table.column_names)
+        and f"needs the columns {', '.join(QA_COLUMNS)} (SQuAD's: answers holds text and answer_start)",
+        "entities": entities is None and "needs two columns of lists: the words and one tag per word (CoNLL's)",
+    }.get(task)
+    if missing:
+        fix = f"the file has: {', '.join(table.column_names)}; name another --task, or leave it out (auto)"
+        raise ConfigError("ptft init", [Problem("--task", task, missing, fix)])
+
+
 def _label_column(table: pa.Table, text: str, wanted: str | None, task: str) -> str | None:
     if task == "pretrain":
         return None
@@ -203,6 +216,7 @@ def _mean_length(table: pa.Table, column: str) -> float:
 
 def _plan(path: Path, table: pa.Table, args: argparse.Namespace, split_dir: Path) -> Plan:
     entities = _word_and_tag_columns(table, args)
+    _require_task_columns(table, args.task, entities)
     if args.task in ("auto", "answers") and set(QA_COLUMNS) <= set(table.column_names):
         text, label, task = "context", "answers", "answers"
     elif args.task == "translation":

@@ -250,6 +250,10 @@ def test_files_it_cannot_use_exit_2_with_the_reason(in_tmp: Path, capsys: pytest
     Path("notes.log").write_text("a line of notes\n" * 20)  # a suffix that names no format: read as JSON lines
     assert main(["init", "notes.log"]) == 2
     assert "'.log' names no format" in capsys.readouterr().err
+    reviews = str(shared("data/rt-polarity/train.jsonl"))
+    for task, needs in (("entities", "needs two columns of lists"), ("answers", "needs the columns question")):
+        assert main(["init", reviews, "--task", task]) == 2  # not a sentence classifier's config instead
+        assert f"--task = '{task}': {needs}" in (err := capsys.readouterr().err) and "the file has: text, label" in err
     assert not Path("configs").exists()
 
 
