@@ -142,14 +142,14 @@ def _word_and_tag_columns(table: pa.Table, args: argparse.Namespace) -> tuple[st
 def _require_task_columns(table: pa.Table, task: str, entities: tuple[str, str] | None) -> None:
     """A task asked for by name needs the columns it reads; without them the file would silently
     get another task's config (a sentence classifier for `--task entities`)."""
-    missing = {
-        "answers": not set(QA_COLUMNS) <= set(table.column_names)
-        and f"needs the columns {', '.join(QA_COLUMNS)} (SQuAD's: answers holds text and answer_start)",
-        "entities": entities is None and "needs two columns of lists: the words and one tag per word (CoNLL's)",
-    }.get(task)
-    if missing:
-        fix = f"the file has: {', '.join(table.column_names)}; name another --task, or leave it out (auto)"
-        raise ConfigError("ptft init", [Problem("--task", task, missing, fix)])
+    if task == "answers" and not set(QA_COLUMNS) <= set(table.column_names):
+        needs = f"needs the columns {', '.join(QA_COLUMNS)} (SQuAD's: answers holds text and answer_start)"
+    elif task == "entities" and entities is None:
+        needs = "needs two columns of lists: the words and one tag per word (CoNLL's)"
+    else:
+        return
+    fix = f"the file has: {', '.join(table.column_names)}; name another --task, or leave it out (auto)"
+    raise ConfigError("ptft init", [Problem("--task", task, needs, fix)])
 
 
 def _label_column(table: pa.Table, text: str, wanted: str | None, task: str) -> str | None:
