@@ -107,7 +107,24 @@ def _select_columns(table: pa.Table, source: Source, labelled: bool) -> pa.Table
         columns["label"] = table.column(source.label_column)
         if question in table.column_names:  # question answering
             columns["question"] = table.column(question)
+        return pa.table(columns)  # rows without a text or a label stay, for `missing_values` to name
     return pa.table(columns).filter(pc.is_valid(columns["text"]))
+
+
+def missing_values(table: pa.Table) -> str | None:
+    """Why a labelled table's rows cannot all be learned from: some lack a label (which would be
+    learned as one more class, `None`) or a text (which would be dropped with its label)."""
+    for column, other in (("label", "text"), ("text", "label")):
+        if missing := table.column(column).null_count:
+            first = table.filter(table.column(column).is_null()).column(other)[0].as_py()
+            return f"{missing} row(s) without a {column}, the first with the {other} {shown(first)}"
+    return None
+
+
+def shown(value: object, limit: int = 60) -> str:
+    """A row's text (or label) in a message: quoted, and cut when long."""
+    value = " ".join(map(str, value)) if isinstance(value, list) else str(value)
+    return repr(value if len(value) <= limit else value[: limit - 3] + "...")
 
 
 def _first_of_each(table: pa.Table) -> pa.Table:

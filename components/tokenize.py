@@ -25,7 +25,7 @@ import ray
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from components.data import load_corpus, load_source
+from components.data import load_corpus, load_source, missing_values
 from components.schemas import SPECIAL_TOKENS, CorpusConfig, DataConfig, TaskConfig, TokenizeConfig
 from components.stage import StageContext, StageResult, write_json
 from components.tasks import task_type
@@ -78,6 +78,8 @@ def _write_task(task: TaskConfig, tokenizer_dir: Path, cfg: TokenizeConfig, outp
     kind = task_type(task.type)
     splits = {name: load_source(getattr(task, name), labelled=True) for name in TASK_SPLITS}
     for name, table in splits.items():
+        if why := missing_values(table):  # a Hub split (a local file's are checked by validation)
+            raise ValueError(f"the {name} split: {why}: complete or drop them")
         kind.check_rows(table, name)
     label_values = kind.label_values(splits["train"])
     write_json(output_dir / "labels.json", display_names(label_values, task.label_names))

@@ -1217,10 +1217,8 @@ def _row_shape_problems(kind, tables: dict, task: Any, prefix: str) -> dict[str,
     """By split: rows the task type cannot read (a string where it wants a list of words, ...)."""
     problems = {}
     for split, table in tables.items():
-        if unlabelled := table.column("label").null_count:
-            first = table.filter(table.column("label").is_null()).column("text")[0].as_py()
-            why = f"{unlabelled} row(s) without a label, the first with the text {_shown(first)}"
-            problems[split] = Problem(f"{prefix}.{split}", _where(getattr(task, split)), why, "label or drop them")
+        if why := data_sources.missing_values(table):
+            problems[split] = Problem(f"{prefix}.{split}", _where(getattr(task, split)), why, "complete or drop them")
             continue
         try:
             kind.check_rows(table, split)
@@ -1228,12 +1226,6 @@ def _row_shape_problems(kind, tables: dict, task: Any, prefix: str) -> dict[str,
             fix = f"check data.task.type ({task.type}) and the source's text_column and label_column"
             problems[split] = Problem(f"{prefix}.{split}", _where(getattr(task, split)), str(error), fix)
     return problems
-
-
-def _shown(text: Any, limit: int = 60) -> str:
-    """A row's text in a message: quoted, and cut when long."""
-    text = " ".join(text) if isinstance(text, list) else str(text)
-    return repr(text if len(text) <= limit else text[: limit - 3] + "...")
 
 
 def _one_step_problems(config: PipelineConfig, prefix: str, rows: int) -> list[Problem]:

@@ -62,15 +62,21 @@ def test_an_empty_split_one_class_and_unseen_labels(tmp_path: Path, capsys: pyte
     assert "data.task.test" in err and "labels the train split lacks: neg" in err
 
 
-def test_rows_without_a_label_are_named_not_learned_as_a_class(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """A null label read as the class 'None' (train) or as a label train lacks (test)."""
-    train, test = _rows(64), _rows(8)
+def test_rows_without_a_label_or_a_text_are_named_not_learned_or_dropped(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A null label read as the class 'None' (train) or as a label train lacks (test); a row with a
+    label and no text was left out without a word."""
+    train, validation, test = _rows(64), _rows(8), _rows(8)
     train[5]["label"] = None
     del test[3]["label"]
-    code, err = _validate(_config(tmp_path, {"train": train, "validation": _rows(8), "test": test}), capsys)
+    validation[2]["text"] = None
+    del validation[6]["text"]
+    code, err = _validate(_config(tmp_path, {"train": train, "validation": validation, "test": test}), capsys)
     assert code == 2
     assert "data.task.train" in err and "1 row(s) without a label, the first with the text 'review 5 was pos'" in err
     assert "data.task.test" in err and "the text 'review 3 was pos'" in err and "None" not in err
+    assert "data.task.validation" in err and "2 row(s) without a text, the first with the label 'neg'" in err
 
 
 def test_too_few_rows_for_one_fine_tuning_step(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
