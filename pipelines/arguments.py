@@ -8,7 +8,7 @@ import re
 import urllib.parse
 
 from components.net import bind_address_problem
-from components.schemas import SEED_MAX
+from components.schemas import SEED_MAX, registry_name_problem
 
 
 def port(text: str) -> int:
@@ -59,6 +59,13 @@ def seed(text: str) -> int:
 def host(text: str) -> str:
     if problem := bind_address_problem(text):
         raise argparse.ArgumentTypeError(f"{text!r}: {problem}; use an IP address (127.0.0.1, 0.0.0.0) or a host name")
+    return text
+
+
+def registry_name(text: str) -> str:
+    """A pipeline name: it names the registered models and folders, so MLflow's rules hold."""
+    if problem := registry_name_problem(text):
+        raise argparse.ArgumentTypeError(f"{text!r}: {problem}; use letters, digits, '-' and '_'")
     return text
 
 

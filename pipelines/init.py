@@ -72,7 +72,7 @@ def add_parser(commands) -> None:
     init.add_argument("--text-column", help="the column holding the text (default: detected)")
     init.add_argument("--label-column", help="the column holding the label (default: detected)")
     init.add_argument("-o", "--output", help="config file to write (default: configs/<data name>.yaml)")
-    init.add_argument("--name", help="pipeline name (default: from the file name)")
+    init.add_argument("--name", type=arguments.registry_name, help="pipeline name (default: from the file name)")
     init.add_argument("--seed", type=arguments.seed, default=0, help="seed of the proposed split (default 0)")
     init.add_argument("--force", action="store_true", help="overwrite the config (and split files) if they exist")
     init.set_defaults(handler=run)

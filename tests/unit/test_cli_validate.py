@@ -115,6 +115,7 @@ def test_an_override_where_an_id_or_file_goes_says_what_to_write(command: list[s
         (["run", "configs/demo.yaml", "--progress-every", "-1"], "argument --progress-every: -1: use a number"),
         (["stop", "job", "--timeout", "nan"], "argument --timeout: nan: use a finite number of seconds"),
         (["init", "data.csv", "--seed", "-1"], "argument --seed: -1: use a seed from 0 to"),
+        (["init", "data.csv", "--name", "team/reviews"], "argument --name: 'team/reviews': holds '/', which MLflow"),
         (["logs", "job", "--address", "notaurl"], "argument --address: 'notaurl' is not the dashboard's URL"),
         (["status", "job", "--address", "head:8265"], "is not the dashboard's URL: use http://head:8265"),
         (["stop", "job", "--address", "http://127.0.0.1:99999"], "Port out of range"),
