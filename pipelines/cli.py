@@ -596,10 +596,16 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _serve_until_stopped(config, model, tracking_uri: str | None) -> int:
     from components import serve
+    from pipelines import preflight
     from pipelines.runner import _init_ray
 
     with console.spinner(f"Starting Ray Serve for {model.name} v{model.version} ..."):
         _init_ray(config)
+        # A rollout follows a promote (an alias), or the next deploy to a cluster that stays up.
+        rollouts = bool(model.alias) or _on_cluster(config)
+        nodes = list(preflight.alive_nodes().values())
+        if problems := preflight.serve_problems([("", config.serve)], nodes, rollouts=rollouts):
+            raise ConfigError("ptft serve", problems)
         url = serve.deploy(config.serve, model, tracking_uri)
     console.say(f"Serving {model.name} v{model.version} at {url}  (POST {url}/predict, docs at {url}/docs)")
     if _on_cluster(config):

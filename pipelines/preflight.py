@@ -3,7 +3,8 @@
 1. every alive node sees `storage` at the same path and can write to it (a probe file written
    here, read and answered by a zero-CPU task pinned to each node);
 2. an http(s) `tracking.uri` answers MLflow's `/health`;
-3. the training worker groups and the Tune sweep fit the cluster's CPUs and GPUs.
+3. the training worker groups, the Tune sweep and the Serve replicas fit the cluster's CPUs and
+   GPUs; on the local Ray a run starts, only this (`local_problems`, once it is up).
 
 `check_cluster` returns the problems found (empty: good to go), in the shape `ConfigError` reports.
 With a dashboard address (`http://HEAD:8265`, what `ptft submit` talks to) only (2) and (3) run,
@@ -13,14 +14,17 @@ through Ray's state API; the storage probe needs a driver on the cluster.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import socket
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
 from components.net import mlflow_unanswered
+from components.schemas import ServeConfig
 from pipelines.pipeline_config import PipelineConfig, Problem
 
 SHARED_STORAGE_FIX = "use shared storage (NFS/EFS/PVC) mounted at the same path on every node"
@@ -48,7 +52,7 @@ def check_cluster(config: PipelineConfig, address: str | None = None) -> list[Pr
     with _ray_connection(address) as error:
         if error:
             return problems + [error]
-        nodes = _alive_nodes()
+        nodes = alive_nodes()
         return problems + storage_problems_on_nodes(config, nodes) + resource_problems(config, list(nodes.values()))
 
 
@@ -70,8 +74,10 @@ def tracking_problems(config: PipelineConfig) -> list[Problem]:
 # --- resources ---------------------------------------------------------------------------------
 
 
-def resource_problems(config: PipelineConfig, nodes: list[dict[str, float]]) -> list[Problem]:
-    """Worker groups and the sweep against the alive nodes' total resources (`{"CPU": 2, ...}` each)."""
+def resource_problems(config: PipelineConfig, nodes: list[dict[str, float]], *, rollouts: bool = True) -> list[Problem]:
+    """Worker groups, the sweep and the served replicas against the alive nodes' total resources
+    (`{"CPU": 2, ...}` each). `rollouts`: the cluster outlives the run, so its apps may be rolled
+    over to new versions (a local Ray the run started and stops holds first deploys only)."""
     problems = _worker_problems("pretrain", config.pretrain.workers, nodes)
     # Each task's fine-tuning and sweep, named by the key that sets them (`tasks.T.` with tasks).
     views = [(f"tasks.{task}.", config.for_task(task)) for task in config.task_names()] or [("", config)]
@@ -79,7 +85,71 @@ def resource_problems(config: PipelineConfig, nodes: list[dict[str, float]]) -> 
         problems += _worker_problems(f"{prefix}finetune", view.finetune.workers, nodes)
         if view.tune.enabled:
             problems += _tune_problems(view, nodes, prefix)
+    if config.has_tasks():
+        problems += serve_problems([(prefix, view.serve) for prefix, view in views], nodes, rollouts=rollouts)
     return problems
+
+
+def local_problems(config: PipelineConfig) -> list[Problem]:
+    """The run's groups against the local Ray this process has just started: a worker group or
+    Serve replicas it cannot place would wait without end, so a run asking for 8 workers of a
+    2-CPU machine stopped at step 0 and stayed there."""
+    return resource_problems(config, list(alive_nodes().values()), rollouts=False)
+
+
+class _Replicas(NamedTuple):
+    """One served task's replicas: those it deploys and those a rollout adds for a while."""
+
+    key: str  # serve, or tasks.T.serve
+    serve: ServeConfig
+    count: int
+    surge: int
+
+    @property
+    def field(self) -> str:
+        return "autoscaling.min_replicas" if self.serve.autoscaling else "num_replicas"
+
+    def cpus(self, rolling: bool) -> float:
+        return (self.count + (self.surge if rolling else 0)) * self.serve.cpus_per_replica
+
+    def said(self, rolling: bool, named: bool) -> str:
+        rollout = f" (and {self.surge} more while a new version rolls out)" if rolling and self.surge else ""
+        return f"{self.count} replica(s) of {self.serve.cpus_per_replica:g} CPU{rollout}" + (
+            f" for {self.key}" if named else ""
+        )
+
+
+def serve_problems(
+    views: list[tuple[str, ServeConfig]], nodes: list[dict[str, float]], *, rollouts: bool
+) -> list[Problem]:
+    """The replicas of every served task (`(key prefix, serve section)`, all on one Serve) against
+    the cluster's CPUs. `serve.run` waits until every replica runs, and a rollout (`rollouts`) starts
+    the new version's replicas, `rollout_surge_percent` more, before it stops the old ones; ptft
+    rolls a run's apps over one at a time. A replica that never gets a CPU makes either wait
+    without end, and without a word."""
+    largest = max((node.get("CPU", 0) for node in nodes), default=0)
+    total = sum(node.get("CPU", 0) for node in nodes)
+    tasks = []
+    for prefix, serve in views:
+        key = f"{prefix}serve"
+        if serve.cpus_per_replica > largest:
+            why = f"a replica needs {serve.cpus_per_replica:g} CPUs but no node has that many (largest: {largest:g})"
+            return [Problem(f"{key}.cpus_per_replica", serve.cpus_per_replica, why, f"set it <= {largest:g}")]
+        count = serve.autoscaling.min_replicas if serve.autoscaling else serve.num_replicas
+        surge = math.ceil(serve.rollout_surge_percent * count / 100) if rollouts else 0  # Serve's rounding
+        tasks.append(_Replicas(key, serve, count, surge))
+    rolled = max(tasks, key=lambda task: task.cpus(True) - task.cpus(False))  # the costliest rollout
+    cpus = sum(task.cpus(task is rolled) for task in tasks)
+    if cpus <= total:
+        return []
+    biggest = max(tasks, key=lambda task: task.cpus(task is rolled))
+    asks = " and ".join(task.said(task is rolled, len(tasks) > 1) for task in tasks)
+    why = f"{asks} need {cpus:g} CPUs; the cluster has {total:g}: Serve would wait without end"
+    key = biggest.key
+    fix = f"lower {key}.{biggest.field} or {key}.cpus_per_replica"
+    if biggest.surge:
+        fix += f", set {key}.rollout_surge_percent=0"
+    return [Problem(f"{key}.{biggest.field}", biggest.count, why, f"{fix}, or add nodes")]
 
 
 def _worker_problems(stage: str, workers, nodes: list[dict[str, float]]) -> list[Problem]:
@@ -283,7 +353,7 @@ def _ray_connection(address: str | None) -> Iterator[Problem | None]:
         ray.shutdown()
 
 
-def _alive_nodes() -> dict[str, dict[str, float]]:
+def alive_nodes() -> dict[str, dict[str, float]]:
     """Total resources of the alive nodes, by node id."""
     import ray
 

@@ -189,13 +189,13 @@ def _until(nodes: tuple[stages.Node, ...], until: str) -> list[str]:
 
 
 def _preflight(config: PipelineConfig) -> None:
-    """On a cluster: storage visible from every node, MLflow reachable, the workers fit; before
-    any run is opened or compute starts."""
-    if not (config.ray.address or os.environ.get("RAY_ADDRESS")):
-        return
+    """On a cluster: storage visible from every node, MLflow reachable, the workers fit; on the
+    local Ray just started, that the workers and replicas fit its CPUs. Before any run is opened
+    or compute starts."""
     from pipelines import preflight
 
-    problems = preflight.check_cluster(config)
+    on_cluster = config.ray.address or os.environ.get("RAY_ADDRESS")
+    problems = preflight.check_cluster(config) if on_cluster else preflight.local_problems(config)
     if problems:
         raise ConfigError("pre-flight", problems)
 

@@ -1,14 +1,15 @@
-"""A local cluster that ptft starts listening beyond loopback keeps Ray's token auth: its dashboard
-(and with it the job and state APIs) refuses a request without the token. Ray turns token auth on
-for a new local cluster unless RAY_AUTH_MODE says otherwise; ptft refuses `disabled` there
-(tests/unit/test_cli_validate.py), and this test holds Ray to the rest."""
+"""The local cluster that ptft starts. Listening beyond loopback, it keeps Ray's token auth: its
+dashboard (and with it the job and state APIs) refuses a request without the token. Ray turns token
+auth on for a new local cluster unless RAY_AUTH_MODE says otherwise; ptft refuses `disabled` there
+(tests/unit/test_cli_validate.py), and this test holds Ray to the rest. And a run checks what it
+asks for against that cluster's CPUs, as it does on a cluster of its own (a run asking for more
+workers than the local CPUs waited at step 0 without end)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -22,7 +23,7 @@ SCRIPT = """
 import os, sys
 import ray, requests
 from pipelines import runner
-from pipelines.pipeline_config import validate
+from pipelines.pipeline_config import ConfigError, validate
 from tests.conftest import tiny_config_dict
 
 raw = {**tiny_config_dict(sys.argv[1]), "ray": {"num_cpus": 1, "dashboard_host": "0.0.0.0"}}
@@ -34,21 +35,48 @@ for path in ("/api/version", "/api/jobs/"):
     with_token = requests.get(url + path, headers={"Authorization": f"Bearer {token}"}, timeout=30)
     print(path, without.status_code, with_token.status_code)
 print("listening on", url)
+wide = validate({**raw, "pretrain": {"workers": {"num_workers": 2}}}, check_data=False)
+try:
+    runner._preflight(wide)
+except ConfigError as error:
+    print("PREFLIGHT", *error.problems, sep="\\n")
+from components.serve import ModelInfo
+from pipelines import cli
+served = validate({**raw, "serve": {"num_replicas": 3}}, check_data=False)
+try:
+    cli._serve_until_stopped(served, ModelInfo(name="m", version="1", model_uri="/nowhere"), None)
+except ConfigError as error:
+    print("SERVE", *error.problems, sep="\\n")
 ray.shutdown()
 """
 
 
-def test_a_local_cluster_beyond_loopback_refuses_requests_without_the_token(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """What the script printed about the local cluster it had ptft start (1 CPU)."""
     env = {key: value for key, value in os.environ.items() if key not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
+    storage = tmp_path_factory.mktemp("local-cluster") / "storage"
     result = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(tmp_path / "storage")],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-        timeout=300,
+        [sys.executable, "-c", SCRIPT, str(storage)], capture_output=True, text=True, cwd=REPO, env=env, timeout=300
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "token auth" in result.stdout  # ptft says so, and where the token comes from
-    assert "/api/version 401 200" in result.stdout and "/api/jobs/ 401 200" in result.stdout, result.stdout
-    assert "listening on http://127.0.0.1" not in result.stdout  # bound beyond loopback
+    return result.stdout
+
+
+def test_a_local_cluster_beyond_loopback_refuses_requests_without_the_token(local_cluster: str) -> None:
+    assert "token auth" in local_cluster  # ptft says so, and where the token comes from
+    assert "/api/version 401 200" in local_cluster and "/api/jobs/ 401 200" in local_cluster, local_cluster
+    assert "listening on http://127.0.0.1" not in local_cluster  # bound beyond loopback
+
+
+def test_a_run_on_the_local_cluster_checks_its_workers_against_the_cpus(local_cluster: str) -> None:
+    assert "PREFLIGHT\n  - pretrain.workers.num_workers = 2: 2 workers x 1 CPU = 2 CPU, the cluster has 1" in (
+        local_cluster
+    ), local_cluster
+
+
+def test_ptft_serve_checks_its_replicas_against_the_cpus_before_it_deploys(local_cluster: str) -> None:
+    """A local serve of a folder never rolls over: the replicas alone must fit (3 x 0.5 CPU > 1)."""
+    assert "SERVE\n  - serve.num_replicas = 3: 3 replica(s) of 0.5 CPU need 1.5 CPUs; the cluster has 1" in (
+        local_cluster
+    ), local_cluster

@@ -86,6 +86,44 @@ def test_tune_concurrency_over_the_cluster(tmp_path: Path) -> None:
     assert "tune.max_concurrent_trials = 5" in message and "Fix: set tune.max_concurrent_trials <= 4" in message
 
 
+def test_serve_replicas_and_their_rollout_surge_must_fit_the_cluster(tmp_path: Path) -> None:
+    """`serve.run` (and a rollout) waited without end for a replica that got no CPU."""
+    assert preflight.resource_problems(_config(tmp_path, serve={"num_replicas": 4}), TWO_NODES) == []
+    config = _config(tmp_path, serve={"num_replicas": 5})
+    (message,) = _messages(preflight.resource_problems(config, TWO_NODES))
+    assert message == (
+        "  - serve.num_replicas = 5: 5 replica(s) of 0.5 CPU (and 5 more while a new version rolls out) need "
+        "5 CPUs; the cluster has 4: Serve would wait without end. Fix: lower serve.num_replicas or "
+        "serve.cpus_per_replica, set serve.rollout_surge_percent=0, or add nodes"
+    )
+    # A local Ray the run starts and stops sees first deploys only: no rollout, no surge.
+    assert preflight.resource_problems(config, TWO_NODES, rollouts=False) == []
+    no_surge = _config(tmp_path, serve={"num_replicas": 8, "rollout_surge_percent": 0})
+    assert preflight.resource_problems(no_surge, TWO_NODES) == []
+    # Autoscaling starts at min_replicas; more than the cluster holds at max is the autoscaler's to add.
+    scaling = _config(tmp_path, serve={"autoscaling": {"min_replicas": 1, "max_replicas": 32}})
+    assert preflight.resource_problems(scaling, TWO_NODES) == []
+    (big,) = preflight.resource_problems(_config(tmp_path, serve={"cpus_per_replica": 3}), TWO_NODES)
+    assert big.key == "serve.cpus_per_replica" and "largest: 2" in big.message
+
+
+def test_every_task_s_replicas_share_the_cluster_and_one_rolls_out_at_a_time(tmp_path: Path) -> None:
+    raw = tiny_config_dict(tmp_path / "store")
+    task = raw["data"].pop("task")
+    raw["tasks"] = {
+        "a": {"data": task, "serve": {"route_prefix": "/a", "app_name": "a", "num_replicas": 2}},
+        "b": {"data": task, "serve": {"route_prefix": "/b", "app_name": "b", "num_replicas": 4}},
+    }
+    (problem,) = preflight.resource_problems(validate(raw, check_data=False), TWO_NODES)
+    assert problem.key == "tasks.b.serve.num_replicas"
+    assert problem.message.startswith(
+        "2 replica(s) of 0.5 CPU for tasks.a.serve and 4 replica(s) of 0.5 CPU (and 4 more while a new version "
+        "rolls out) for tasks.b.serve need 5 CPUs; the cluster has 4"
+    )
+    raw["tasks"]["b"]["serve"]["num_replicas"] = 2
+    assert preflight.resource_problems(validate(raw, check_data=False), TWO_NODES) == []
+
+
 def test_an_unreachable_mlflow_server_names_tracking_uri(tmp_path: Path) -> None:
     uri = f"http://127.0.0.1:{free_port()}"
     (problem,) = preflight.tracking_problems(_config(tmp_path, tracking={"uri": uri}))
