@@ -50,7 +50,7 @@ def listen_problem(host: str, port: int) -> str | None:
             sock.bind(address)
         except OSError as error:
             if error.errno == errno.EADDRINUSE:
-                return f"{host}:{port} is in use: stop what listens there, or pick another port"
+                return f"{host}:{port} is in use"
             return f"cannot listen on {host}:{port} ({error.strerror}): is {host} an address of this machine?"
     return None
 

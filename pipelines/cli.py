@@ -23,7 +23,7 @@ from pathlib import Path
 from components import console
 from components.net import listen_problem
 from components.redaction import redact_url
-from pipelines import arguments, init, jobs, report
+from pipelines import arguments, init, jobs, preflight, report
 from pipelines.pipeline_config import _MISSING as _MISSING_VALUE
 from pipelines.pipeline_config import ConfigError, Problem, load_config, validate
 from pipelines.stages import NAMES as STAGE_NAMES
@@ -268,8 +268,6 @@ def _run_id_and_log(config, how: dict) -> tuple[str, Path]:
 def _validate(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     if config.ray.address:  # a cluster: shared storage, MLflow and resources, checked from its nodes
-        from pipelines import preflight
-
         problems = preflight.check_cluster(config)
         if problems:
             raise ConfigError(args.config, problems)
@@ -507,7 +505,7 @@ def _print_summary(result, config, seconds: float, log: Path | None = None) -> N
 def _ui(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides, check_data=False)
     if problem := listen_problem(args.host, args.port):
-        print(f"ptft ui: {problem}", file=sys.stderr)
+        print(f"ptft ui: {problem}; stop what listens there, or pick another --port", file=sys.stderr)
         return EXIT_USER_ERROR
     # This interpreter's mlflow, whether or not the venv's bin/ is on PATH.
     command = [
@@ -587,6 +585,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise ConfigError("ptft serve", [problem]) from None
     if args.export:
         return _export_serve_config(serve.serve_config_file(config.serve, args.model, tracking_uri), args.export)
+    if not _on_cluster(config) and (problems := preflight.port_problems([("", config.serve)])):
+        raise ConfigError("ptft serve", problems)  # before a local Ray starts, and Serve fails to bind
     stamp = time.strftime("%Y%m%d-%H%M%S")
     with _console(args, config.storage_path() / "logs" / f"serve-{config.serve.app_name}-{stamp}.log") as log:
         if log:
@@ -596,7 +596,6 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _serve_until_stopped(config, model, tracking_uri: str | None) -> int:
     from components import serve
-    from pipelines import preflight
     from pipelines.runner import _init_ray
 
     with console.spinner(f"Starting Ray Serve for {model.name} v{model.version} ..."):
@@ -786,8 +785,6 @@ def _registry_client(config, command: str):
     """A client of the config's registry, once its server answers (MLflow's own client retries an
     unreachable one for minutes)."""
     from mlflow.tracking import MlflowClient
-
-    from pipelines import preflight
 
     if problems := preflight.tracking_problems(config):
         raise ConfigError(command, problems)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import urlsplit
 
-from components.net import mlflow_unanswered
+from components.net import listen_problem, mlflow_unanswered
 from components.schemas import ServeConfig
 from pipelines.pipeline_config import PipelineConfig, Problem
 
@@ -79,8 +79,7 @@ def resource_problems(config: PipelineConfig, nodes: list[dict[str, float]], *, 
     (`{"CPU": 2, ...}` each). `rollouts`: the cluster outlives the run, so its apps may be rolled
     over to new versions (a local Ray the run started and stops holds first deploys only)."""
     problems = _worker_problems("pretrain", config.pretrain.workers, nodes)
-    # Each task's fine-tuning and sweep, named by the key that sets them (`tasks.T.` with tasks).
-    views = [(f"tasks.{task}.", config.for_task(task)) for task in config.task_names()] or [("", config)]
+    views = _views(config)
     for prefix, view in views:
         problems += _worker_problems(f"{prefix}finetune", view.finetune.workers, nodes)
         if view.tune.enabled:
@@ -90,11 +89,35 @@ def resource_problems(config: PipelineConfig, nodes: list[dict[str, float]], *, 
     return problems
 
 
+def _views(config: PipelineConfig) -> list[tuple[str, PipelineConfig]]:
+    """Each task's view of the config, with the prefix of the keys that set its sections
+    (`tasks.T.` with tasks)."""
+    return [(f"tasks.{task}.", config.for_task(task)) for task in config.task_names()] or [("", config)]
+
+
 def local_problems(config: PipelineConfig) -> list[Problem]:
     """The run's groups against the local Ray this process has just started: a worker group or
     Serve replicas it cannot place would wait without end, so a run asking for 8 workers of a
-    2-CPU machine stopped at step 0 and stayed there."""
-    return resource_problems(config, list(alive_nodes().values()), rollouts=False)
+    2-CPU machine stopped at step 0 and stayed there. And the port its Serve will listen on."""
+    problems = resource_problems(config, list(alive_nodes().values()), rollouts=False)
+    if config.has_tasks():
+        problems += port_problems([(prefix, view.serve) for prefix, view in _views(config)])
+    return problems
+
+
+def port_problems(views: list[tuple[str, ServeConfig]]) -> list[Problem]:
+    """A new Serve's HTTP address must be free: Serve's ingress failed to bind it, and the serve
+    stage with it, after the training. Only where ptft starts Serve: a cluster's Serve, already up,
+    holds its port itself."""
+    problems, seen = [], set()
+    for prefix, serve in views:
+        if (serve.host, serve.port) in seen:
+            continue
+        seen.add((serve.host, serve.port))
+        if why := listen_problem(serve.host, serve.port):
+            fix = f"stop what listens there, or set {prefix}serve.port to a free port"
+            problems.append(Problem(f"{prefix}serve.port", serve.port, why, fix))
+    return problems
 
 
 class _Replicas(NamedTuple):

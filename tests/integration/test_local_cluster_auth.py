@@ -8,6 +8,7 @@ workers than the local CPUs waited at step 0 without end)."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.integration
 # A process of its own: the driver of this pytest process is already connected to the shared cluster,
 # and Ray reads RAY_AUTH_MODE when it is imported.
 SCRIPT = """
-import os, sys
+import os, socket, sys
 import ray, requests
 from pipelines import runner
 from pipelines.pipeline_config import ConfigError, validate
@@ -35,7 +36,9 @@ for path in ("/api/version", "/api/jobs/"):
     with_token = requests.get(url + path, headers={"Authorization": f"Bearer {token}"}, timeout=30)
     print(path, without.status_code, with_token.status_code)
 print("listening on", url)
-wide = validate({**raw, "pretrain": {"workers": {"num_workers": 2}}}, check_data=False)
+held = socket.create_server(("127.0.0.1", 0))  # what else listens on serve.port
+port = held.getsockname()[1]
+wide = validate({**raw, "pretrain": {"workers": {"num_workers": 2}}, "serve": {"port": port}}, check_data=False)
 try:
     runner._preflight(wide)
 except ConfigError as error:
@@ -73,6 +76,12 @@ def test_a_run_on_the_local_cluster_checks_its_workers_against_the_cpus(local_cl
     assert "PREFLIGHT\n  - pretrain.workers.num_workers = 2: 2 workers x 1 CPU = 2 CPU, the cluster has 1" in (
         local_cluster
     ), local_cluster
+
+
+def test_a_run_on_the_local_cluster_checks_that_serve_port_is_free(local_cluster: str) -> None:
+    """Serve's ingress failed to bind it, and the serve stage with it, after the training."""
+    in_use = r"\n  - serve.port = (\d+): 127.0.0.1:\1 is in use. Fix: stop what listens there"
+    assert re.search(in_use, local_cluster), local_cluster
 
 
 def test_ptft_serve_checks_its_replicas_against_the_cpus_before_it_deploys(local_cluster: str) -> None:

@@ -161,6 +161,22 @@ def test_ui_on_a_port_in_use_says_so_instead_of_starting(tmp_path: Path) -> None
     assert f"127.0.0.1:{port} is in use" in result.stderr and "MLflow UI on" not in result.stdout
 
 
+def test_serve_on_a_port_in_use_says_so_before_ray_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Serve's ingress failed to bind, and `ptft serve` ended in a traceback (exit 1)."""
+    from pipelines.cli import main
+    from tests.conftest import tiny_classifier
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # a local Ray: ptft starts Serve, on serve.port
+    folder = tiny_classifier(tmp_path / "model", seed=0)
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert main(["serve", str(folder), f"serve.port={port}", f"storage={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert f"serve.port = {port}: 127.0.0.1:{port} is in use" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("command", ["serve", "explain", "promote", "rollback"])
 def test_a_registry_that_does_not_answer_exits_2_naming_the_tracking_uri(command: str, good_config: Path) -> None:
     """Not 'no such model': nothing listens on that port (a real refused connection). At once:
