@@ -237,29 +237,36 @@ def _placement_problems(
 
 
 def _tune_problems(config: PipelineConfig, nodes: list[dict[str, float]], prefix: str = "") -> list[Problem]:
-    tune = config.tune
-    largest = max((node.get("CPU", 0) for node in nodes), default=0)
-    total = sum(node.get("CPU", 0) for node in nodes)
-    if tune.cpus_per_trial > largest:
-        return [
-            Problem(
-                f"{prefix}tune.cpus_per_trial",
-                tune.cpus_per_trial,
-                f"no node has {tune.cpus_per_trial:g} CPUs (largest: {largest:g})",
-                f"set {prefix}tune.cpus_per_trial <= {largest:g}",
+    """A trial's workers (`workers_per_trial` of `cpus_per_trial` and `gpus_per_trial` each), and
+    `max_concurrent_trials` of them, against the cluster. A trial that cannot be placed at all
+    leaves the sweep waiting without end."""
+    tune, key = config.tune, f"{prefix}tune"
+    workers = tune.workers_per_trial
+    for resource, field in (("CPU", "cpus_per_trial"), ("GPU", "gpus_per_trial")):
+        amount = getattr(tune, field)
+        if not amount:
+            continue
+        largest = max((node.get(resource, 0) for node in nodes), default=0)
+        total = sum(node.get(resource, 0) for node in nodes)
+        if amount > largest:
+            why = f"no node has {amount:g} {resource}s (largest: {largest:g})"
+            limit = f" <= {largest:g}" if largest else "=0"
+            more = "" if resource == "CPU" else ", or add GPU nodes"
+            return [Problem(f"{key}.{field}", amount, why, f"set {key}.{field}{limit}{more}")]
+        group = workers * amount
+        if group > total:
+            why = (
+                f"one trial's {workers} workers x {amount:g} {resource}s = {group:g} {resource}s, the cluster has "
+                f"{total:g}: the sweep would wait without end"
             )
-        ]
-    if tune.max_concurrent_trials * tune.cpus_per_trial > total:
-        fit = max(1, int(total // tune.cpus_per_trial))
-        return [
-            Problem(
-                f"{prefix}tune.max_concurrent_trials",
-                tune.max_concurrent_trials,
-                f"{tune.max_concurrent_trials} trials x {tune.cpus_per_trial:g} CPUs = "
-                f"{tune.max_concurrent_trials * tune.cpus_per_trial:g} CPUs, the cluster has {total:g}",
-                f"set {prefix}tune.max_concurrent_trials <= {fit} or lower {prefix}tune.cpus_per_trial",
-            )
-        ]
+            fix = f"set {key}.workers_per_trial <= {int(total // amount)} or lower {key}.{field}"
+            return [Problem(f"{key}.workers_per_trial", workers, why, fix)]
+        trials = tune.max_concurrent_trials
+        if trials * group > total:
+            each = f"{workers} workers x {amount:g} {resource}s" if workers > 1 else f"{amount:g} {resource}s"
+            why = f"{trials} trials x {each} = {trials * group:g} {resource}s, the cluster has {total:g}"
+            fix = f"set {key}.max_concurrent_trials <= {max(1, int(total // group))} or lower {key}.{field}"
+            return [Problem(f"{key}.max_concurrent_trials", trials, why, fix)]
     return []
 
 

@@ -124,6 +124,24 @@ def test_every_task_s_replicas_share_the_cluster_and_one_rolls_out_at_a_time(tmp
     assert preflight.resource_problems(validate(raw, check_data=False), TWO_NODES) == []
 
 
+def test_a_trial_that_can_never_be_placed(tmp_path: Path) -> None:
+    """Tune leaves such a trial pending: the sweep waited without end."""
+    config = _config(tmp_path, tune={"workers_per_trial": 3, "cpus_per_trial": 2, "max_concurrent_trials": 1})
+    (problem,) = preflight.resource_problems(config, TWO_NODES)
+    assert (problem.key, problem.value) == ("tune.workers_per_trial", 3)
+    assert (
+        problem.message
+        == "one trial's 3 workers x 2 CPUs = 6 CPUs, the cluster has 4: the sweep would wait without end"
+    )
+    assert problem.fix == "set tune.workers_per_trial <= 2 or lower tune.cpus_per_trial"
+    two = _config(tmp_path, tune={"workers_per_trial": 2, "max_concurrent_trials": 3})
+    (problem,) = preflight.resource_problems(two, TWO_NODES)
+    assert problem.message == "3 trials x 2 workers x 1 CPUs = 6 CPUs, the cluster has 4"
+    assert problem.fix == "set tune.max_concurrent_trials <= 2 or lower tune.cpus_per_trial"
+    (gpu,) = preflight.resource_problems(_config(tmp_path, tune={"gpus_per_trial": 1}), TWO_NODES)
+    assert gpu.key == "tune.gpus_per_trial" and gpu.fix == "set tune.gpus_per_trial=0, or add GPU nodes"
+
+
 def test_an_unreachable_mlflow_server_names_tracking_uri(tmp_path: Path) -> None:
     uri = f"http://127.0.0.1:{free_port()}"
     (problem,) = preflight.tracking_problems(_config(tmp_path, tracking={"uri": uri}))
