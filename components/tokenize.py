@@ -112,6 +112,7 @@ def train_tokenizer(texts: Sequence[str], cfg: TokenizeConfig) -> PreTrainedToke
             min_frequency=cfg.min_frequency,
             special_tokens=[*SPECIAL_TOKENS, *sentinels],
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,  # library code does not print (its bars were blank lines in `ptft init`)
         )
     else:
         tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
@@ -123,6 +124,7 @@ def train_tokenizer(texts: Sequence[str], cfg: TokenizeConfig) -> PreTrainedToke
             vocab_size=cfg.vocab_size,
             min_frequency=cfg.min_frequency,
             special_tokens=[*SPECIAL_TOKENS, *sentinels, *continuations],
+            show_progress=False,
         )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     if cfg.algorithm != "bpe":

@@ -55,6 +55,7 @@ class Plan:
     finetune_batch_size: int  # train examples per worker and step
     lengths: dict[str, int]
     labels: dict[str, int]
+    incomplete: list[int]  # numbers of the rows left out of the written splits: no text or no label
 
 
 def add_parser(commands) -> None:
@@ -231,10 +232,10 @@ def _plan(path: Path, table: pa.Table, args: argparse.Namespace, split_dir: Path
         task = "classification" if label else "pretrain"
     if task != "pretrain":
         stratify = task == "classification"  # by label; the other tasks' labels are not classes
-        splits, written = _splits(path, table, text, label, split_dir, args.seed, args.force, stratify)
+        splits, written, incomplete = _splits(path, table, text, label, split_dir, args.seed, args.force, stratify)
         train = table if splits["train"] == path else data.read_table(str(splits["train"]))  # read once
     else:
-        splits, written, train = {"corpus": path}, False, table
+        splits, written, incomplete, train = {"corpus": path}, False, [], table
     texts = [_as_text(value) for value in train.column(text).to_pylist() if value]
     if task == "answers":  # a window holds the question too
         pairs = zip(train.column("question").to_pylist(), train.column(text).to_pylist(), strict=True)
@@ -268,12 +269,14 @@ def _plan(path: Path, table: pa.Table, args: argparse.Namespace, split_dir: Path
         finetune_batch_size=int(max(1, min(BATCH, train.num_rows // WORKERS))),
         lengths=_percentiles(token_lengths),
         labels=dict(sorted(labels.items())),
+        incomplete=incomplete,
     )
 
 
-def _splits(path, table, text, label, split_dir, seed, force, stratify) -> tuple[dict[str, Path], bool]:
+def _splits(path, table, text, label, split_dir, seed, force, stratify) -> tuple[dict[str, Path], bool, list[int]]:
     """Validation and test files beside a train file (train.jsonl, validation.jsonl, ...), or a
-    stratified, seeded split written to `split_dir`."""
+    stratified, seeded split written to `split_dir` of the rows with a text and a label (the
+    numbers of the others are returned, for the report: validation would refuse them)."""
     if "train" in path.stem:
         found = {"train": path}
         for split, names in SPLIT_NAMES.items():
@@ -283,9 +286,14 @@ def _splits(path, table, text, label, split_dir, seed, force, stratify) -> tuple
                     found[split] = sibling
                     break
         if len(found) == 3:
-            return found, False
+            return found, False, []
     columns = [text, *([label] if label else []), *(["question"] if "question" in table.column_names else [])]
-    rows = table.select(columns).to_pylist()
+    rows, incomplete = [], []
+    for number, row in enumerate(table.select(columns).to_pylist(), 1):
+        if row[text] is None or (label and row[label] is None):
+            incomplete.append(number)
+        else:
+            rows.append(row)
     by_label: dict[str, list[dict]] = {}
     for row in rows:  # an entities row has many tags, a question its answers: a seeded shuffle, not stratified
         by_label.setdefault(str(row[label]) if stratify else "", []).append(row)
@@ -305,7 +313,7 @@ def _splits(path, table, text, label, split_dir, seed, force, stratify) -> tuple
     for split, file in files.items():
         rng.shuffle(chosen[split])
         file.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in chosen[split]))
-    return files, True
+    return files, True, incomplete
 
 
 def _vocab_size(texts: list[str]) -> int:
@@ -565,6 +573,9 @@ def _report(plan: Plan, table: pa.Table, output: Path) -> None:
         print(f"--task generation fine-tunes a gpt2 model to continue the {plan.text_column!r} texts (POST /generate)")
     for split, file in plan.splits.items():
         print(f"  {split:<10} {file}" + (f"  (written: {_split_kind(plan)} split)" if plan.written_splits else ""))
+    if plan.incomplete:
+        shown = ", ".join(map(str, plan.incomplete[:5])) + (", ..." if len(plan.incomplete) > 5 else "")
+        print(f"Left out of the splits: {len(plan.incomplete)} row(s) without a text or a label (rows {shown})")
     print("Tokens per text: " + ", ".join(f"{key} {value}" for key, value in plan.lengths.items()))
     print(f"seq_len {plan.seq_len}, vocab_size {plan.vocab_size}, pretrain.max_steps {plan.max_steps}")
     print(f"Wrote {output}. Check it: ptft validate {output}   Run it: ptft run {output}")

@@ -82,6 +82,22 @@ def test_a_small_file_gets_fine_tuning_steps_its_train_split_can_fill(in_tmp: Pa
     assert train_rows < 64 and batch < 32 and config.finetune.workers.num_workers * batch <= train_rows
 
 
+def test_rows_without_a_text_or_a_label_are_left_out_of_the_splits_and_named(
+    in_tmp: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """They went into the written splits, and init's own validation then refused the config."""
+    rows = _reviews(200)
+    rows[7]["text"] = None
+    del rows[99]["label"]
+    Path("holes.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert main(["init", "holes.jsonl"]) == 0
+    assert "Left out of the splits: 2 row(s) without a text or a label (rows 8, 100)" in capsys.readouterr().out
+    config = load_config("configs/holes.yaml", [])
+    split_paths = (config.data.task.train.path, config.data.task.validation.path, config.data.task.test.path)
+    written = [json.loads(line) for path in split_paths for line in Path(path).read_text().splitlines()]
+    assert len(written) == 198 and all(None not in (row["text"], row["label"]) for row in written)
+
+
 @pytest.mark.parametrize("suffix", ["tsv", "parquet", "jsonl"])
 def test_each_table_format_gives_a_config_that_validates(in_tmp: Path, suffix: str) -> None:
     rows = [{"body": row["text"], "label": row["label"]} for row in _reviews(200)]
