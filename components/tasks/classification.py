@@ -10,6 +10,12 @@ from components.tasks.base import TaskType, truncated
 def _check_rows(table: pa.Table, split: str) -> None:
     if pa.types.is_list(table.column("text").type):
         raise ValueError(f"the {split} split's text column holds lists: a sentence classification task reads strings")
+    kind = table.column("label").type
+    if pa.types.is_nested(kind):  # a list of tags (entities) or answers (question answering), learned as one class
+        raise ValueError(
+            f"the {split} split's label column holds {kind}: a sentence classification task reads one label per "
+            "row, a string or a number"
+        )
 
 
 def _labels_of(table: pa.Table) -> list[str]:

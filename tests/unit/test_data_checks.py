@@ -79,6 +79,15 @@ def test_rows_without_a_label_or_a_text_are_named_not_learned_or_dropped(
     assert "data.task.validation" in err and "2 row(s) without a text, the first with the label 'neg'" in err
 
 
+def test_labels_that_are_lists_or_objects_are_not_one_class_each(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A list of tags (or an answers object) was learned as one class per distinct value."""
+    train = [{**row, "label": [row["label"]]} for row in _rows(64)]
+    code, err = _validate(_config(tmp_path, {"train": train, "validation": _rows(8), "test": _rows(8)}), capsys)
+    assert code == 2
+    assert "data.task.train" in err and "the train split's label column holds list<item: string>" in err
+    assert "a sentence classification task reads one label per row" in err
+
+
 def test_too_few_rows_for_one_fine_tuning_step(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     splits = {"train": _rows(24), "validation": _rows(8), "test": _rows(8)}
     code, err = _validate(_config(tmp_path, splits, defaults={"batch_size_per_worker": 16}), capsys)
