@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import signal
 import sys
 import time
@@ -431,7 +432,10 @@ def _execute(config, args: argparse.Namespace, **how) -> int:
             # The progress reporter prints each stage's transitions, results included; without it
             # (--progress-every 0) each stage's result is printed as the stage ends.
             on_stage = _print_stage if not quiet and not progress_every_s else None
-            result = pipelines.run(config, on_stage=on_stage, progress_every_s=progress_every_s, run_id=run_id, **how)
+            with _resume_hint(args.command, config.storage_path(), run_id):
+                result = pipelines.run(
+                    config, on_stage=on_stage, progress_every_s=progress_every_s, run_id=run_id, **how
+                )
         _print_summary(result, config, time.perf_counter() - started, log)
         if args.keep_serving:
             urls = ", ".join(served.output_uri for _, served in _results_of(result, "serve"))
@@ -443,6 +447,24 @@ def _execute(config, args: argparse.Namespace, **how) -> int:
             serve.shutdown()
             console.say("Serve shut down.")
     return 0
+
+
+@contextlib.contextmanager
+def _resume_hint(command: str, storage: Path, run_id: str) -> Iterator[None]:
+    """A run that opened and then failed or was stopped says how to continue it: the stages that
+    finished are kept. (A run refused before it opened, by its pre-flight, has nothing to continue.)"""
+    from pipelines import manifest as mf
+
+    try:
+        yield
+    except BaseException:
+        if (mf.Manifest.folder(storage, run_id) / "manifest.json").is_file():
+            again = f"sweep --resume {run_id}" if command == "sweep" else f"resume {run_id}"
+            console.warn(
+                f"ptft: run {run_id} did not finish. To continue it as configured: ptft {again} --storage "
+                f"{shlex.quote(str(storage))} (a run of a changed config reuses its finished stages from the cache)"
+            )
+        raise
 
 
 def _quiet_down(config) -> None:
@@ -496,8 +518,10 @@ def _print_summary(result, config, seconds: float, log: Path | None = None) -> N
     console.say(f"  all runs: {links['runs']}\n  this run: {links['run']}")
     if served_by_ptft_ui:
         # The run's resolved config: right after a resume too, and with the overrides it ran with.
-        console.say(f"  (served by: ptft ui {config.storage_path() / 'runs' / result.run_id / 'config.json'})")
-    console.say(f"Report: ptft report {result.run_id} --storage {config.storage_path()}")
+        console.say(
+            f"  (served by: ptft ui {shlex.quote(str(config.storage_path() / 'runs' / result.run_id / 'config.json'))})"
+        )
+    console.say(f"Report: ptft report {result.run_id} --storage {shlex.quote(str(config.storage_path()))}")
     if log:
         console.say(f"Log (Ray, MLflow, workers): {log}")
 

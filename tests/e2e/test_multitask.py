@@ -54,6 +54,12 @@ def test_the_killed_branch_failed_alone(multitask: dict) -> None:
         "serve.topic": "skipped",
     }
     assert multitask["after_kill"]["status"] == "failed"
+    # ... and the failed run said how to continue it
+    run_id, storage = multitask["after_kill"]["run_id"], multitask["after_kill"]["storage"]
+    assert (
+        f"ptft: run {run_id} did not finish. To continue it as configured: ptft resume {run_id} --storage {storage}"
+        in (multitask["logs"][0])
+    )
 
 
 def test_task_branches_ran_side_by_side(multitask: dict) -> None:

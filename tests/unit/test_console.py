@@ -61,3 +61,25 @@ def test_an_error_names_the_log_and_its_traceback_reaches_the_console(tmp_path: 
     assert "RuntimeError: the stage failed" in result.stderr and "Traceback" in result.stderr
     assert "after the block" not in result.stdout
     assert "C-level stderr" in log.read_text() and "Traceback" not in log.read_text()
+
+
+def test_a_run_that_opened_and_failed_says_how_to_continue_it(tmp_path: Path, capsys) -> None:
+    """With the storage quoted for the shell; nothing for a run its pre-flight refused (not opened)."""
+    import pytest
+
+    from pipelines import cli
+    from pipelines import manifest as mf
+
+    storage, run_id = tmp_path / "my runs", "20261205-074105-d96d56"
+    folder = mf.Manifest.folder(storage, run_id)
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text("{}")
+    for command, again in (("run", f"resume {run_id}"), ("sweep", f"sweep --resume {run_id}")):
+        with pytest.raises(KeyboardInterrupt), cli._resume_hint(command, storage, run_id):
+            raise KeyboardInterrupt
+        assert f"did not finish. To continue it as configured: ptft {again} --storage '{storage}'" in (
+            capsys.readouterr().err
+        )
+    with pytest.raises(RuntimeError), cli._resume_hint("run", storage, "20261205-074106-aaaaaa"):
+        raise RuntimeError("refused before the run opened")
+    assert capsys.readouterr().err == ""
