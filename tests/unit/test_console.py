@@ -9,6 +9,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO
 
 SCRIPT = textwrap.dedent(
@@ -63,10 +65,8 @@ def test_an_error_names_the_log_and_its_traceback_reaches_the_console(tmp_path: 
     assert "C-level stderr" in log.read_text() and "Traceback" not in log.read_text()
 
 
-def test_a_run_that_opened_and_failed_says_how_to_continue_it(tmp_path: Path, capsys) -> None:
+def test_a_run_that_opened_and_failed_says_how_to_continue_it(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """With the storage quoted for the shell; nothing for a run its pre-flight refused (not opened)."""
-    import pytest
-
     from pipelines import cli
     from pipelines import manifest as mf
 
