@@ -34,6 +34,7 @@ from pipelines import arguments, preflight
 from pipelines.pipeline_config import ConfigError, PipelineConfig, Problem, data_problems, load_config
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+DEFAULT_STORAGE = "./ptft-runs"  # the config's default storage, relative to where ptft runs
 # Never uploaded: the venv and git history are large, local runs belong to this machine.
 EXCLUDES = [".venv", ".git", "ptft-runs", "mlruns", "**/__pycache__", "*.egg-info", ".pytest_cache", ".ruff_cache"]
 PASSED_ENV = ("DS_ACCELERATOR", "TOKENIZERS_PARALLELISM")
@@ -75,7 +76,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "on the cluster at --address. --json prints the same as one JSON object, for scripts.",
     )
     status.add_argument("job_id", nargs="?", metavar="ID", help="pipeline run id or job id (default: newest run)")
-    status.add_argument("--storage", default="./ptft-runs", help="where pipeline runs live (default ./ptft-runs)")
+    status.add_argument(
+        "--storage", help="where pipeline runs live (default ./ptft-runs); given, ID is a pipeline run there"
+    )
     status.add_argument("--json", action="store_true", help="print one JSON object")
     _add_address(status)
     status.set_defaults(handler=_status_of_run_or_job)
@@ -291,12 +294,12 @@ def _submission_id(name: str) -> str:
 
 
 def _status_of_run_or_job(args: argparse.Namespace) -> int:
-    """A pipeline run when ID names one under --storage, has a run id's shape, or no ID is given;
-    else a cluster job."""
+    """A pipeline run when --storage is given, ID names one under the storage, has a run id's
+    shape, or no ID is given; else a cluster job."""
     from pipelines import manifest as mf
 
-    storage, run_id = Path(args.storage), args.job_id
-    if run_id is None or mf.looks_like_run_id(run_id) or mf.Manifest.folder(storage, run_id).is_dir():
+    storage, run_id = Path(args.storage or DEFAULT_STORAGE), args.job_id
+    if args.storage or run_id is None or mf.looks_like_run_id(run_id) or mf.Manifest.folder(storage, run_id).is_dir():
         from pipelines import progress
 
         return progress.print_status(storage, run_id, as_json=args.json)

@@ -343,6 +343,10 @@ def test_status_of_an_unknown_run_id_says_so_without_asking_a_cluster(
     assert main(["status", "20261201-999999-cccccc", "--storage", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "no pipeline run '20261201-999999-cccccc'" in err and "20261201-000000-aaaaaa" in err, err
+    # Any ID, with --storage given: a run there (it asked a cluster at 127.0.0.1:8265 for a job of that name)
+    assert main(["status", "my-run", "--storage", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "no pipeline run 'my-run'" in err and "Ray dashboard" not in err, err
 
 
 # --- ptft explain --------------------------------------------------------------------------------
