@@ -157,7 +157,8 @@ def serve_problems(
         key = f"{prefix}serve"
         if serve.cpus_per_replica > largest:
             why = f"a replica needs {serve.cpus_per_replica:g} CPUs but no node has that many (largest: {largest:g})"
-            return [Problem(f"{key}.cpus_per_replica", serve.cpus_per_replica, why, f"set it <= {largest:g}")]
+            fix = f"set {key}.cpus_per_replica <= {largest:g}"
+            return [Problem(f"{key}.cpus_per_replica", serve.cpus_per_replica, why, fix)]
         count = serve.autoscaling.min_replicas if serve.autoscaling else serve.num_replicas
         surge = math.ceil(serve.rollout_surge_percent * count / 100) if rollouts else 0  # Serve's rounding
         tasks.append(_Replicas(key, serve, count, surge))

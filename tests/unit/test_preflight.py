@@ -105,6 +105,7 @@ def test_serve_replicas_and_their_rollout_surge_must_fit_the_cluster(tmp_path: P
     assert preflight.resource_problems(scaling, TWO_NODES) == []
     (big,) = preflight.resource_problems(_config(tmp_path, serve={"cpus_per_replica": 3}), TWO_NODES)
     assert big.key == "serve.cpus_per_replica" and "largest: 2" in big.message
+    assert big.fix == "set serve.cpus_per_replica <= 2"
 
 
 def test_every_task_s_replicas_share_the_cluster_and_one_rolls_out_at_a_time(tmp_path: Path) -> None:
