@@ -551,7 +551,7 @@ def _slot(node: stages.Node, config: PipelineConfig) -> scheduling.Slot:
     """What the node holds of the cluster while it runs, from its stage's declaration."""
     stage = node.stage
     claim = stage.claims(node.config(config)) if stage.claims else None
-    return scheduling.Slot(claim, serial=stage.name if stage.serial else None)
+    return scheduling.Slot(claim, serial=stage.name if stage.serial else None, lasting=stage.lasting)
 
 
 def _stage_of(node: str) -> str:

@@ -13,6 +13,10 @@ so that a chain (a config of one task, or the shared stages before the fan-out) 
 one loop would: signals, Ray's and Tune's handlers and tracebacks behave as on the main thread.
 Side by side, nodes run on daemon threads (a stopped driver does not wait for them), and the
 calling thread waits for them and reports each result.
+
+A node whose claim lasts beyond it (Serve's replicas stay deployed) starts only once every node
+whose claim does not has ended: a lone node starts even where its claim does not fit (what it
+waits for is held by nodes that will end), and replicas deployed before it would never end.
 """
 
 from __future__ import annotations
@@ -36,10 +40,12 @@ class GraphNode(Protocol):
 
 @dataclass(frozen=True)
 class Slot:
-    """How a node shares the cluster: its claim (None: the whole cluster) and its serial group."""
+    """How a node shares the cluster: its claim (None: the whole cluster), its serial group, and
+    whether it keeps what it claims after it ends (a deployment's replicas)."""
 
     claim: Resources | None
     serial: str | None = None  # nodes of one group run one at a time
+    lasting: bool = False
 
 
 def fits(claim: Resources, free: Resources) -> bool:
@@ -93,7 +99,8 @@ def run_graph(
                 pending.remove(node)
                 failed.add(node.id)
                 on_skipped(node, blocked)
-        ready = [node for node in pending if succeeded.issuperset(node.upstream)]
+        held_back = set() if _only_lasting_left(pending, running, slots) else _lasting(pending, slots)
+        ready = [node for node in pending if succeeded.issuperset(node.upstream) and node.id not in held_back]
         if len(ready) == 1 and not running:  # nothing could run beside it: run it here
             node = ready[0]
             pending.remove(node)
@@ -122,6 +129,23 @@ def run_graph(
         elif pending and not ready:  # cannot happen in a graph whose upstream comes first
             raise RuntimeError(f"nodes {[node.id for node in pending]} wait on nodes that never run")
     return failures
+
+
+def _lasting(nodes: Sequence[GraphNode], slots: Mapping[str, Slot]) -> set[str]:
+    return {node.id for node in nodes if slots[node.id].lasting}
+
+
+def _only_lasting_left(
+    pending: Sequence[GraphNode], running: Mapping[str, GraphNode], slots: Mapping[str, Slot]
+) -> bool:
+    """Whether every node still to end either lasts or waits on one that does. What lasts goes last:
+    a deployment's replicas would hold CPUs that a later node (another branch's training) waits
+    for, without end where nothing else frees them."""
+    after_lasting = _lasting(pending, slots)
+    for node in pending:  # in graph order: a node's upstream comes first
+        if after_lasting & set(node.upstream):
+            after_lasting.add(node.id)
+    return all(slots[node.id].lasting or node.id in after_lasting for node in [*pending, *running.values()])
 
 
 def _next(finished: queue.Queue) -> tuple:

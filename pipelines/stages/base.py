@@ -91,5 +91,8 @@ class Stage:
     claims: Callable[[PipelineConfig], dict[str, float]] | None = None
     # Its nodes run one at a time, beside other stages' (they share one place: a Serve instance).
     serial: bool = False
+    # What it claims stays held after its node ends (deployed replicas): its nodes run after every
+    # node of the other stages, whose training could otherwise wait for those CPUs without end.
+    lasting: bool = False
     # Whether the config's graph has it at all (an upstream that is absent is left out of `upstream`).
     when: Callable[[PipelineConfig], bool] = lambda config: True

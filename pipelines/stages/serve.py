@@ -88,6 +88,7 @@ STAGE = Stage(
     side_effect=SideEffect("deploy", ensure=_ensure_deployed),
     claims=lambda config: config.serve.resources(),
     serial=True,  # one Serve instance: its apps are deployed one at a time
+    lasting=True,  # the replicas stay up after the node ends
     per_task=True,
     when=lambda config: config.has_tasks(),  # a config without tasks pre-trains only
 )

@@ -101,6 +101,43 @@ def test_nodes_of_a_serial_stage_never_overlap_but_run_beside_others():
     assert recorder.overlapped("a1", "b1")
 
 
+def test_nodes_whose_claim_lasts_run_after_every_other_node():
+    """A deployment holds its replicas' CPUs after it ends: deployed before another branch's
+    training, it left that training waiting for them without end on a small cluster."""
+    recorder = Recorder(seconds=0.1)
+    slots = {**claiming(1), "a2": Slot({"CPU": 1}, serial="serve", lasting=True)}
+    slots["b2"] = Slot({"CPU": 1}, serial="serve", lasting=True)
+    slow = {"b1": 0.5}  # b's training ends long after a's: a2 could have started before it
+    original = recorder.run
+
+    def run(node: N) -> str:
+        time.sleep(slow.get(node.id, 0))
+        return original(node)
+
+    recorder.run = run
+    assert recorder.go(slots, cpus=8) == []
+    assert recorder.spans["a2"][0] >= recorder.spans["b1"][1]
+    assert not recorder.overlapped("a2", "b2")  # and, serial, one at a time
+
+
+def test_a_node_after_a_lasting_one_does_not_hold_it_back():
+    """It waits for the lasting node; holding that one back for it would wait for ever."""
+    graph = (N("shared"), N("a1", ("shared",)), N("b1", ("shared",)), N("a2", ("a1",)), N("a3", ("a2",)))
+    slots = {node.id: Slot({"CPU": 1}) for node in graph} | {"a2": Slot({"CPU": 1}, lasting=True)}
+    ended: list[str] = []
+    failures = run_graph(
+        graph,
+        lambda node: time.sleep(0.3 if node.id == "b1" else 0.05),
+        slots,
+        lambda: {"CPU": 8},
+        max_parallel=4,
+        on_done=lambda node, result: ended.append(node.id),
+        on_skipped=lambda node, blocked: None,
+        on_failed=lambda node, error: None,
+    )
+    assert failures == [] and ended.index("b1") < ended.index("a2") < ended.index("a3")
+
+
 def test_a_failed_branch_skips_its_own_downstream_only():
     recorder = Recorder(fail=("a1",))
     failures = recorder.go(claiming(1), cpus=8)
