@@ -14,9 +14,9 @@ one loop would: signals, Ray's and Tune's handlers and tracebacks behave as on t
 Side by side, nodes run on daemon threads (a stopped driver does not wait for them), and the
 calling thread waits for them and reports each result.
 
-A node whose claim lasts beyond it (Serve's replicas stay deployed) starts only once every node
-whose claim does not has ended: a lone node starts even where its claim does not fit (what it
-waits for is held by nodes that will end), and replicas deployed before it would never end.
+A node whose claim outlasts it (Serve's replicas stay deployed) starts only once every node whose
+claim does not has ended. A lone node starts even where its claim does not fit, counting on the
+nodes that hold what it needs to end; replicas deployed before it never would.
 """
 
 from __future__ import annotations
