@@ -230,7 +230,7 @@ def _start_or_join_ray(config: PipelineConfig) -> None:
         # Reachable from other machines: a new local cluster has token auth unless RAY_AUTH_MODE is
         # `disabled`, which validation refuses here; Ray makes ~/.ray/auth_token if there is none.
         # (Setting the variable here would be too late: Ray reads it when it is imported.)
-        # tests/integration/test_local_cluster_auth.py holds Ray to it.
+        # tests/integration/test_local_cluster.py holds Ray to it.
         console.say(
             f"[ptft] the local Ray dashboard listens on {config.ray.dashboard_host} with token auth: "
             "`ray get-auth-token` prints the token its clients need"
