@@ -10,8 +10,11 @@ import math
 import os
 import random
 import shutil
+import signal
+import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -187,7 +190,37 @@ class TorchTrainerWithoutDatasets(TorchTrainer):
         # Read by the run's controller, which gets it from this process's environment. A user's
         # own setting wins.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        return super().fit()
+        with signal_handlers_kept():
+            return super().fit()
+
+    def _register_sigint_handler(self, controller) -> None:
+        """Ctrl-C stops the run and raises KeyboardInterrupt, so the stage ends KILLED and `ptft
+        resume` continues it from its checkpoint. (Ray Train's own handler aborts the controller,
+        after which `fit` fails with the controller's death, a FAILED stage, or the process exits 0.)"""
+        previous = signal.getsignal(signal.SIGINT)
+
+        def stop(signum, frame) -> None:
+            signal.signal(signal.SIGINT, previous)  # a second Ctrl-C is not caught here
+            controller.abort.remote()  # not waited on: the driver goes down with the interrupt
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, stop)
+
+
+@contextmanager
+def signal_handlers_kept() -> Iterator[None]:
+    """Ray Train and Tune install their own SIGINT (Tune: and SIGUSR1) handlers when they run in
+    the main thread and leave them installed after they return: a Ctrl-C in a later stage would go
+    to a run that has ended (Tune's only logs a warning). Put back the handlers from before."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # neither installs a handler outside the main thread
+        return
+    kept = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGUSR1)}
+    try:
+        yield
+    finally:
+        for number, handler in kept.items():
+            signal.signal(number, handler)
 
 
 def fit_on_ray(

@@ -325,7 +325,13 @@ def run(
         )
     else:
         tuner = _new_tuner(cfg, trainable, ctx)
-    results = tuner.fit()
+    # Tune's own SIGINT handler ends the sweep early and returns every trial as ended, the stopped
+    # ones too: that part of the sweep would pass for all of it (the stage succeeding, cached, its
+    # pick fine-tuned). Without it Ctrl-C is a KeyboardInterrupt: the stage ends KILLED and `ptft
+    # resume` continues the sweep from Tune's last snapshot.
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    with training.signal_handlers_kept():
+        results = tuner.fit()
     return _summarise(results, cfg, ctx)
 
 

@@ -57,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"ptft: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except KeyboardInterrupt as error:  # Ctrl-C, or SIGTERM (a stopped job): a run said how to resume; no traceback
+        signum = error.signum if isinstance(error, Signalled) else signal.SIGINT
+        print(f"ptft {args.command}: stopped ({signal.Signals(signum).name})", file=sys.stderr)
+        return 128 + signum
     finally:
         # Free what still holds Arrow's background threads while Arrow is alive: left to the
         # interpreter's teardown they can abort an exit that had succeeded ("terminate called
@@ -337,7 +341,7 @@ def _sweep(args: argparse.Namespace) -> int:
     with _console(args, log_path) as log:
         if log:
             console.say(f"[ptft] sweep of run {run_id}; logs of Ray, MLflow and the workers: {log}")
-        with console.live():
+        with console.live(), _resume_hint(args.command, config.storage_path(), run_id):
             result = pipelines.run(config, until="tune", on_stage=_print_stage, run_id=run_id, **how)
         _print_sweep_summary(result, config, time.perf_counter() - started)
     return 0
@@ -842,8 +846,16 @@ def _on_cluster(config) -> bool:
     return config.ray.address is not None or "RAY_ADDRESS" in os.environ
 
 
+class Signalled(KeyboardInterrupt):
+    """A stop by a signal other than Ctrl-C's (SIGTERM: `ptft stop`, Ray's job stop, `kill`)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
 def _raise_keyboard_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+    raise Signalled(signum)
 
 
 def _wait_forever() -> None:

@@ -6,7 +6,8 @@
 2. PBT (synchronous) on the same cached tokenize/pretrain: weak trials continue from a strong one's
    checkpoint with perturbed learning rate and weight decay, in their own MLflow run. Trial
    processes are reused (the default), so a restarted trial runs in a finished one's process.
-3. Optuna TPE with median stopping, each trial a two-worker TorchTrainer.
+3. Optuna TPE with median stopping, each trial a two-worker TorchTrainer; stopped with Ctrl-C
+   after its first trial and resumed.
 4. Synchronous successive halving over the same grid: every trial trains to the rung and waits
    there, paused; then the better half continues from the checkpoint it paused at.
 """
@@ -255,24 +256,57 @@ def test_pbt_exploits_in_the_same_trial_run(sweeps: Sweeps, pbt: str) -> None:
     assert all(trial.info.status == "FINISHED" for trial in trials)
 
 
+OPTUNA = (
+    "tune.search=optuna",
+    "tune.scheduler=median",
+    "tune.num_samples=2",
+    "tune.max_epochs=2",
+    "tune.workers_per_trial=2",
+    "tune.max_concurrent_trials=1",
+    "tune.median_min_samples=1",
+    "tune.tie_break=eval/accuracy",  # Optuna and the median rule compare the ranked value
+    "tune.search_space={learning_rate: {type: loguniform, low: 1.0e-4, high: 3.0e-3}, "
+    "dropout: {type: choice, values: [0.0, 0.1]}}",
+)
+
+
 @pytest.fixture(scope="module")
-def optuna_distributed(sweeps: Sweeps, asha: dict) -> str:
-    return sweeps.run(
-        "tune.search=optuna",
-        "tune.scheduler=median",
-        "tune.num_samples=2",
-        "tune.max_epochs=2",
-        "tune.workers_per_trial=2",
-        "tune.max_concurrent_trials=1",
-        "tune.median_min_samples=1",
-        "tune.tie_break=eval/accuracy",  # Optuna and the median rule compare the ranked value
-        "tune.search_space={learning_rate: {type: loguniform, low: 1.0e-4, high: 3.0e-3}, "
-        "dropout: {type: choice, values: [0.0, 0.1]}}",
-    )
+def optuna_distributed(sweeps: Sweeps, asha: dict) -> dict:
+    """The Optuna sweep, stopped with Ctrl-C (SIGINT) once its first trial ended, then resumed.
+    (Tune's own SIGINT handler would end the sweep there and return both trials as ended.)"""
+    before = sweeps.run_ids()
+    first = sweeps.start(str(sweeps.config), *sweeps.overrides, *OPTUNA)
+
+    def a_trial_ended() -> bool:
+        if first.poll() is not None:
+            raise AssertionError(f"the sweep exited ({first.returncode}) before the Ctrl-C:\n{sweeps.tail()}")
+        ids = sweeps.run_ids() - before
+        return bool(ids) and any(run.info.status == "FINISHED" for run in sweeps.runs(next(iter(ids)), "tune-trial"))
+
+    wait_until(a_trial_ended, "a finished trial")
+    first.send_signal(signal.SIGINT)
+    stopped = {"exit": first.wait(timeout=300), "output": sweeps.tail()}
+    (run_id,) = sweeps.run_ids() - before
+    stopped["status"] = sweeps.manifest(run_id)["stages"]["tune"]["status"]
+    second = sweeps.start("--resume", run_id, "--storage", str(sweeps.storage))
+    assert second.wait(timeout=900) == 0, sweeps.tail()
+    return {"run_id": run_id, "stopped": stopped}
 
 
-def test_optuna_trials_run_as_two_worker_trainers(sweeps: Sweeps, optuna_distributed: str) -> None:
-    trials = read_json(sweeps.tune_output(optuna_distributed) / "trials.json")
+def test_a_sweep_stopped_with_ctrl_c_is_killed_not_summarised(sweeps: Sweeps, optuna_distributed: dict) -> None:
+    stopped = optuna_distributed["stopped"]
+    assert stopped["exit"] == 128 + signal.SIGINT, stopped["output"]
+    assert stopped["status"] == "killed"
+    assert "ptft sweep: stopped (SIGINT)" in stopped["output"]
+    assert f"ptft sweep --resume {optuna_distributed['run_id']}" in stopped["output"]
+    assert "Traceback" not in stopped["output"] and "Best config" not in stopped["output"]
+    manifest = sweeps.manifest(optuna_distributed["run_id"])
+    assert manifest["status"] == "succeeded" and manifest["stages"]["tune"]["attempts"] == 2
+
+
+def test_optuna_trials_run_as_two_worker_trainers(sweeps: Sweeps, optuna_distributed: dict) -> None:
+    run_id = optuna_distributed["run_id"]
+    trials = read_json(sweeps.tune_output(run_id) / "trials.json")
     assert len(trials) == 2 and all(row["status"] in ("completed", "stopped_early") for row in trials), trials
     assert all(row["metric"] is not None for row in trials)
     # Tune compared the ranked value, which came through the trainers' report: the loss nudged by the accuracy.
@@ -280,11 +314,11 @@ def test_optuna_trials_run_as_two_worker_trainers(sweeps: Sweeps, optuna_distrib
         results = [json.loads(line) for line in (Path(row["path"]) / "result.json").read_text().splitlines()]
         assert results and all(0 < abs(result["tune/rank"] - result["eval/loss"]) < 1e-9 for result in results)
     # Each trial was a Ray Train run of its own, with the workers' checkpoints.
-    (trials_dir,) = (sweeps.storage / "ray_results").glob(f"{optuna_distributed}-tune-*-trials")
+    (trials_dir,) = (sweeps.storage / "ray_results").glob(f"{run_id}-tune-*-trials")
     train_runs = list(trials_dir.iterdir())
     assert len(train_runs) == 2
     assert all(list(run.glob("checkpoint_*")) for run in train_runs)
-    for trial in sweeps.runs(optuna_distributed, "tune-trial"):
+    for trial in sweeps.runs(run_id, "tune-trial"):
         assert sweeps.history(trial.info.run_id, "eval/accuracy")  # rank 0 logged into the trial's run
 
 

@@ -67,3 +67,27 @@ def test_a_stop_is_recorded_while_the_main_thread_is_stuck_in_native_code(tmp_pa
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("stop").experiment_id])
     assert sorted(run.info.status for run in runs) == ["KILLED", "KILLED"]
+
+
+def test_the_signal_handlers_from_before_a_training_run_are_put_back() -> None:
+    """Ray Train and Tune install SIGINT and SIGUSR1 handlers in the main thread and leave them
+    installed; a Ctrl-C in a later stage must not go to a run that has ended."""
+    from components.training import signal_handlers_kept
+
+    def ours(signum, frame) -> None:
+        raise KeyboardInterrupt
+
+    def theirs(signum, frame) -> None:
+        pass
+
+    kept = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGUSR1)}
+    signal.signal(signal.SIGINT, ours)
+    try:
+        with signal_handlers_kept():
+            signal.signal(signal.SIGINT, theirs)  # as Ray Train's fit and Tune's run do
+            signal.signal(signal.SIGUSR1, theirs)
+        assert signal.getsignal(signal.SIGINT) is ours
+        assert signal.getsignal(signal.SIGUSR1) is kept[signal.SIGUSR1]
+    finally:
+        for number, handler in kept.items():
+            signal.signal(number, handler)
