@@ -150,8 +150,11 @@ def _run_locked(
         if failures:  # the other branches ran on; the run fails with the first failure
             raise failures[0]
         status = "FINISHED"
-    except _STOPPED:
+    except _STOPPED as error:
         status = "KILLED"
+        # Stages running in threads beside the one stopped are killed too (a SIGTERM's stop is
+        # recorded already, by stopping's watcher; a Ctrl-C's is not).
+        _record_stop(manifest, config.tracking_uri(), f"stopped ({_describe(error)})")
         raise
     finally:
         manifest.finished({"FINISHED": mf.SUCCEEDED, "KILLED": mf.KILLED}.get(status, mf.FAILED))
@@ -165,10 +168,10 @@ def _also(first: Callable[[str, StageResult], None], then: Callable[[str, StageR
     return first if then is None else lambda stage, result: (first(stage, result), then(stage, result))
 
 
-def _record_stop(manifest: mf.Manifest, tracking_uri: str) -> None:
+def _record_stop(manifest: mf.Manifest, tracking_uri: str, why: str = "stopped (SIGTERM)") -> None:
     """The run, its running stages and their MLflow runs killed: what a SIGKILL after the stop's
     grace period must not undo (called from pipelines.stopping's thread)."""
-    stage_runs = manifest.stopped("stopped (SIGTERM)")
+    stage_runs = manifest.stopped(why)
     client = MlflowClient(tracking_uri)  # this thread's own
     for run_id in [*stage_runs, manifest.mlflow_run_id]:
         client.set_terminated(run_id, status="KILLED")
@@ -498,10 +501,13 @@ class _StageRunner:
             if stage.side_effect and stage.side_effect.after_run:
                 stage_result = stage.side_effect.after_run(config, inputs, stage_result, ctx)
         except BaseException as error:
-            interrupted = isinstance(error, _STOPPED)
+            # A stage in a thread fails as the run is stopped beside it (Ray going down under it):
+            # the stop, not a failure of its own.
+            interrupted = isinstance(error, _STOPPED) or self.manifest.status == mf.KILLED
             # The local manifest first: a stopped Ray Job is SIGKILLed a grace period after its
             # SIGTERM (jobs.STOP_GRACE_S), and the MLflow calls may take longer than that.
-            self.manifest.stage_ended(node.id, mf.KILLED if interrupted else mf.FAILED, error=_describe(error))
+            if self.manifest.stages[node.id].status != mf.KILLED:  # else the stop recorded it, and why
+                self.manifest.stage_ended(node.id, mf.KILLED if interrupted else mf.FAILED, error=_describe(error))
             if interrupted:
                 self.manifest.finished(mf.KILLED)  # the run goes down with the stage
             tracker.close("KILLED" if interrupted else "FAILED")
@@ -643,5 +649,5 @@ def _load_result(stage: Stage, final_dir: Path) -> StageResult:
 
 
 def _describe(error: BaseException) -> str:
-    text = f"{type(error).__name__}: {error}"
+    text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
     return text if len(text) <= 2000 else text[:1997] + "..."

@@ -1,20 +1,26 @@
-"""Ctrl-C during a Ray Train run in the driver's main thread, as a pipeline's lone stage runs it,
-on the shared cluster. (Ctrl-C during a sweep: tests/integration/test_sweeps.py.)"""
+"""Ctrl-C on the shared cluster: during a Ray Train run in the driver's main thread, as a
+pipeline's lone stage runs it, and during `ptft run` while stages run side by side in threads.
+(Ctrl-C during a sweep: tests/integration/test_sweeps.py.)"""
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
+import yaml
+from mlflow import MlflowClient
 
 from components.schemas import WorkersConfig
-from components.stage import StageContext
+from components.stage import StageContext, read_json
 from components.training import fit_on_ray
-from tests.conftest import wait_until
+from pipelines import manifest as mf
+from tests.conftest import REPO, tiny_config_dict, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -64,3 +70,43 @@ def test_ctrl_c_stops_the_training_run_and_leaves_no_handler_behind(ray_driver: 
     assert signal.getsignal(signal.SIGINT) is before
     wait_until(lambda: not _controllers(ray_driver, "ALIVE"), "the run's controller to stop", timeout_s=60)
     assert _controllers(ray_driver, "DEAD")
+
+
+def test_ctrl_c_beside_running_stages_kills_them_all(ray_driver: str, mlflow_server: str, tmp_path: Path) -> None:
+    """A stop reaches the main thread, which waits on the stages running in threads. Those stages
+    end `killed`, with why, in the manifest and in MLflow, not `failed` with the error Ray gave
+    them as the driver went down, nor left `running`."""
+    config = tiny_config_dict(tmp_path / "storage")
+    config["name"] = "interrupts"
+    config["pretrain"] = {"max_steps": 2000, "batch_size_per_worker": 8, "workers": {"num_workers": 1}}
+    path = tmp_path / "interrupts.yaml"
+    path.write_text(yaml.safe_dump(config))
+    log = tmp_path / "driver.log"
+    overrides = [f"tracking.uri={mlflow_server}", f"ray.address={ray_driver}"]
+    with open(log, "w") as out:
+        driver = subprocess.Popen(
+            [str(Path(sys.executable).with_name("ptft")), "run", str(path), *overrides],
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+    def pretraining() -> dict | None:
+        assert driver.poll() is None, log.read_text()[-4000:]
+        found = list((tmp_path / "storage" / "runs").glob("*/manifest.json"))
+        manifest = read_json(found[0]) if found else None
+        return manifest if manifest and manifest["stages"]["pretrain"]["status"] == mf.RUNNING else None
+
+    wait_until(pretraining, "pretraining")
+    time.sleep(3)  # into the stage's Ray Train run
+    driver.send_signal(signal.SIGINT)
+    assert driver.wait(timeout=120) == 128 + signal.SIGINT, log.read_text()[-4000:]
+    output = log.read_text()
+    assert "Traceback" not in output and "ptft run: stopped (SIGINT)" in output, output[-4000:]
+    (found,) = (tmp_path / "storage" / "runs").glob("*/manifest.json")
+    manifest = read_json(found)
+    assert manifest["status"] == mf.KILLED
+    pretrain = manifest["stages"]["pretrain"]
+    assert pretrain["status"] == mf.KILLED and pretrain["error"] == "stopped (KeyboardInterrupt)", pretrain
+    assert all(stage["status"] != mf.RUNNING for stage in manifest["stages"].values()), manifest["stages"]
+    assert MlflowClient(mlflow_server).get_run(pretrain["mlflow_run_id"]).info.status == "KILLED"
