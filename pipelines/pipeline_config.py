@@ -902,6 +902,16 @@ def _deepspeed_problems(stage: str, cfg: PretrainConfig | FinetuneConfig, tune: 
 
 def _tune_problems(tune: TuneConfig) -> list[Problem]:
     problems = []
+    if tune.enabled and not tune.search_space:  # every trial would train the same config, seed included
+        problems.append(
+            Problem(
+                "tune.search_space",
+                {},
+                f"empty: the sweep's {tune.trials()} trials would all train finetune.defaults alike",
+                "add a dimension, e.g. learning_rate: {type: loguniform, low: 1.0e-5, high: 1.0e-3}, "
+                "or set tune.enabled=false to fine-tune finetune.defaults once",
+            )
+        )
     if tune.grace_period > tune.max_epochs:
         problems.append(
             Problem(

@@ -427,3 +427,14 @@ def test_config_reference_is_generated_from_the_schema() -> None:
     from pipelines.reference import render
 
     assert (REPO / "docs" / "config.md").read_text() == render(), "run: python -m pipelines.reference > docs/config.md"
+
+
+def test_an_empty_search_space_is_refused_while_the_sweep_is_on(tmp_path: Path) -> None:
+    """Its trials would all train the same config with the same seed: the sweep's compute for one result."""
+    raw = tiny_config_dict(tmp_path)
+    raw["tune"] = {"search_space": {}}
+    (problem,) = _problems(raw)
+    assert (problem.key, problem.value) == ("tune.search_space", {})
+    assert "4 trials" in problem.message and "tune.enabled=false" in problem.fix
+    raw["tune"]["enabled"] = False
+    validate(raw)
