@@ -9,6 +9,7 @@ metrics wait, and go when it is back (`MlflowTracker`).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -122,6 +123,7 @@ class MlflowTracker:
         self._retry_now = threading.Event()  # cuts the sender's backoff short (see `close`)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        self._raise_if_out_of_space()
         now = int(time.time() * 1000)
         fresh = []
         for key, value in metrics.items():
@@ -179,6 +181,7 @@ class MlflowTracker:
         """Send what is pending and wait for it while the server answers, as a synchronous call
         would (MLflow then holds what the loop logged, up to this step); but never wait more than
         `wait_s` on one batch, nor at all while the server is known to be down."""
+        self._raise_if_out_of_space()
         self._flushed_at = time.monotonic()
         deadline = (self._batch_started or time.monotonic()) + wait_s
         while (sender := self._sender_for_pending()) is not None:
@@ -221,7 +224,7 @@ class MlflowTracker:
                         len(batch),
                         redact_text(str(error)[:200]),
                     )
-                if time.monotonic() - self.down_since > self.outage_budget_s:
+                if time.monotonic() - self.down_since > self.outage_budget_s or out_of_space(error):
                     with self._lock:
                         self._gave_up, self._sender = error, None
                     return
@@ -245,6 +248,7 @@ class MlflowTracker:
         self._retry_now.set()  # an outage may be over by now: try at once, not after the backoff
         while (sender := self._sender_for_pending()) is not None:
             sender.join()
+        self._raise_if_out_of_space()
         if self._gave_up is not None:
             raise RuntimeError(
                 f"MLflow at {redact_url(self.tracking_uri)} did not answer for {self.outage_budget_s:.0f} s; "
@@ -252,6 +256,32 @@ class MlflowTracker:
             )
         if self.owns_run:
             self.client.set_terminated(self.run_id, status=status)
+
+    def _raise_if_out_of_space(self) -> None:
+        """A store out of disk space answers the same until someone frees some: not an outage to
+        wait out (15 minutes, then a stage failed at its end, its other ranks held at a barrier
+        meanwhile). The training loop stops at its next metric, with what to do."""
+        if self._gave_up is not None and out_of_space(self._gave_up):
+            raise TrackingStoreFull(
+                f"MLflow at {redact_url(self.tracking_uri)} is out of disk space "
+                f"({redact_text(str(self._gave_up)[:300])}); {self.pending()} metrics of run {self.run_id} "
+                "were not logged. Free space where the tracking store keeps its data (an sqlite store: "
+                "beside storage), then `ptft resume` the run"
+            )
+
+
+class TrackingStoreFull(RuntimeError):
+    """The tracking store refused a write for want of disk space."""
+
+
+def out_of_space(error: BaseException) -> bool:
+    """An error that says a disk is full: ENOSPC locally, or the store's own words for it (SQLite:
+    "database or disk is full"; PostgreSQL: "No space left on device"; through a tracking server
+    they arrive as text)."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return True
+    text = str(error)
+    return "database or disk is full" in text or "No space left on device" in text
 
 
 def _log_metric_batch(client: MlflowClient, run_id: str, metrics: list[Metric]) -> None:

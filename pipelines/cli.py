@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import gc
 import json
 import logging
@@ -57,6 +58,17 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"ptft: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        where = f" writing {error.filename}" if error.filename else ""
+        print(
+            f"ptft {args.command}: out of disk space{where}. Free some where the run's storage and tracking store "
+            "are (or point storage= elsewhere), then run the command again; a run that had opened continues with "
+            "the `ptft resume` above",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt as error:  # Ctrl-C, or SIGTERM (a stopped job): a run said how to resume; no traceback
         signum = error.signum if isinstance(error, Signalled) else signal.SIGINT
         print(f"ptft {args.command}: stopped ({signal.Signals(signum).name})", file=sys.stderr)

@@ -4,7 +4,12 @@ where no server answers."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from components import redaction, tracking
 from components.net import free_port
-from tests.conftest import wait_until
+from tests.conftest import absent, wait_until
 
 
 @pytest.fixture
@@ -190,3 +195,42 @@ def test_ptft_ui_names_the_runs_and_the_newest_pipeline_run(tmp_path: Path) -> N
         "all runs": f"{runs}?workflowType=machine_learning",  # the runs table, not the GenAI overview
         "newest run 20260102-000000-bbbbbb": f"{runs}/new",
     }
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 2 MiB tmpfs of the test's own (needs root, as CI has: `mount`)."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        absent("root and mount(8), to mount a small tmpfs for a full disk")
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(folder)], check=True)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_a_store_out_of_disk_space_stops_the_loop_at_once_not_after_the_outage_budget(small_disk: Path) -> None:
+    """A real SQLite store on a disk that fills up: an outage would be waited out for 15 minutes
+    (and close() held the stage's other ranks at a barrier meanwhile); a full disk is not one."""
+    uri = f"sqlite:///{small_disk / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = tracking.start_run(client, tracking.ensure_experiment(client, "t", str(small_disk)), "stage")
+    tracker = tracking.MlflowTracker(uri, run_id, flush_every=50)
+    tracker.log_metrics({"train/loss": 1.0}, 1)
+    tracker.flush()
+    with open(small_disk / "filler", "wb") as filler:  # the rest of the disk
+        with contextlib.suppress(OSError):
+            while True:
+                filler.write(b"\0" * 65536)
+                filler.flush()
+    started = time.monotonic()
+    with pytest.raises(tracking.TrackingStoreFull, match="out of disk space"):
+        for step in range(2, 100_000):
+            tracker.log_metrics({"train/loss": 1.0 / step, "train/lr": 1e-3}, step)
+            time.sleep(0.001)
+    assert time.monotonic() - started < 60  # the first failed batch, not OUTAGE_BUDGET_S
+    with pytest.raises(tracking.TrackingStoreFull):
+        tracker.close()
+    assert sorted(m.step for m in client.get_metric_history(run_id, "train/loss"))[0] == 1  # what arrived stays
