@@ -477,7 +477,8 @@ def node_system_metrics(tracking_uri: str | None, run_id: str | None) -> Iterato
     except BaseException:
         done.set()
         sampling.join()
-        tracker.flush()  # the stage failed: its samples are not worth holding it up
+        with contextlib.suppress(Exception):  # the stage failed: its samples must not hold it up or hide why
+            tracker.flush()
         raise
     done.set()
     sampling.join()
