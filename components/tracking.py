@@ -216,7 +216,7 @@ class MlflowTracker:
             try:
                 _log_metric_batch(self.client, self.run_id, batch)
             except Exception as error:  # noqa: BLE001 - any failure to reach the store: keep them, retry
-                if self.down_since is None:
+                if self.down_since is None and not out_of_space(error):  # that one stops the loop instead
                     self.down_since = time.monotonic()
                     log.warning(
                         "MLflow at %s did not take %d metrics (%s); training goes on, they are sent when it is back",
@@ -224,7 +224,7 @@ class MlflowTracker:
                         len(batch),
                         redact_text(str(error)[:200]),
                     )
-                if time.monotonic() - self.down_since > self.outage_budget_s or out_of_space(error):
+                if out_of_space(error) or time.monotonic() - self.down_since > self.outage_budget_s:
                     with self._lock:
                         self._gave_up, self._sender = error, None
                     return

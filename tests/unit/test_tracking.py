@@ -225,12 +225,11 @@ def test_a_store_out_of_disk_space_stops_the_loop_at_once_not_after_the_outage_b
             while True:
                 filler.write(b"\0" * 65536)
                 filler.flush()
-    started = time.monotonic()
-    with pytest.raises(tracking.TrackingStoreFull, match="out of disk space"):
-        for step in range(2, 100_000):
+    with pytest.raises(tracking.TrackingStoreFull, match="out of disk space"):  # long before the loop's end
+        for step in range(2, 100_000):  # ~2 minutes: a fraction of OUTAGE_BUDGET_S, which it would wait out
             tracker.log_metrics({"train/loss": 1.0 / step, "train/lr": 1e-3}, step)
             time.sleep(0.001)
-    assert time.monotonic() - started < 60  # the first failed batch, not OUTAGE_BUDGET_S
+    assert tracker.down_since is None  # not taken for an outage
     with pytest.raises(tracking.TrackingStoreFull):
         tracker.close()
     assert sorted(m.step for m in client.get_metric_history(run_id, "train/loss"))[0] == 1  # what arrived stays
