@@ -157,10 +157,13 @@ def _run_locked(
         _record_stop(manifest, config.tracking_uri(), f"stopped ({_describe(error)})")
         raise
     finally:
-        manifest.finished({"FINISHED": mf.SUCCEEDED, "KILLED": mf.KILLED}.get(status, mf.FAILED))
+        stopped = status == "KILLED"  # then _record_stop has ended the run and its MLflow run already
+        if not stopped:
+            manifest.finished(mf.SUCCEEDED if status == "FINISHED" else mf.FAILED)
         if reporter:
             reporter.stop()
-        client.set_terminated(manifest.mlflow_run_id, status=status)
+        if not stopped:
+            client.set_terminated(manifest.mlflow_run_id, status=status)
     return result
 
 
