@@ -286,8 +286,10 @@ def _validate(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     if config.ray.address:  # a cluster: shared storage, MLflow and resources, checked from its nodes
         problems = preflight.check_cluster(config)
-        if problems:
-            raise ConfigError(args.config, problems)
+    else:  # the local Ray is started by the run; its MLflow server must answer already
+        problems = preflight.tracking_problems(config)
+    if problems:
+        raise ConfigError(args.config, problems)
     print(
         f"{args.config}: OK (pipeline {config.name!r}, storage {config.storage_path()}, "
         f"tracking {redact_url(config.tracking_uri())})"

@@ -119,6 +119,7 @@ def _run_locked(
     on_stage: Callable[[str, StageResult], None] | None,
     progress_every_s: float | None,
 ) -> PipelineResult:
+    _preflight_tracking(config)
     _init_ray(config)
     _preflight(config)
     client = MlflowClient(config.tracking_uri())
@@ -192,6 +193,15 @@ def _until(nodes: tuple[stages.Node, ...], until: str) -> list[str]:
     for node_id in list(wanted):
         wanted.update(stages.node_ancestors(nodes, node_id))
     return [node.id for node in nodes if node.id in wanted]
+
+
+def _preflight_tracking(config: PipelineConfig) -> None:
+    """An MLflow server that does not answer, said before Ray starts: MLflow's own client retried
+    it for four minutes, then the run failed with a traceback."""
+    from pipelines import preflight
+
+    if problems := preflight.tracking_problems(config):
+        raise ConfigError("pre-flight", problems)
 
 
 def _preflight(config: PipelineConfig) -> None:

@@ -199,6 +199,24 @@ def test_a_registry_that_does_not_answer_exits_2_naming_the_tracking_uri(command
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_a_tracking_server_that_does_not_answer_is_refused_at_once(
+    command: str, good_config: Path, tmp_path: Path
+) -> None:
+    """`ptft run` on the local Ray waited four minutes in MLflow's own retries, past the timeout
+    here, and then failed with a traceback (exit 1); `ptft validate` said OK. Now before Ray starts."""
+    from components.net import free_port
+
+    uri = f"http://127.0.0.1:{free_port()}"
+    where = [f"storage={tmp_path}", f"tracking.uri={uri}"]
+    result = subprocess.run(
+        [PTFT, command, str(good_config), *where], capture_output=True, text=True, cwd=REPO, timeout=60
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"tracking.uri = '{uri}': the MLflow server does not answer" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize("scheme", ["", "ray://"])
 def test_a_cluster_address_where_nothing_listens_fails_at_once(scheme: str, good_config: Path) -> None:
     """A refused connection, told in seconds: `ray.init` retried it for about two minutes, past the
