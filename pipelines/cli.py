@@ -69,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    except OutOfMemory as error:  # Ray's report is in the run's log; a run said how to resume
+        print(f"ptft {args.command}: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as error:  # Ctrl-C, or SIGTERM (a stopped job): a run said how to resume; no traceback
         signum = error.signum if isinstance(error, Signalled) else signal.SIGINT
         print(f"ptft {args.command}: stopped ({signal.Signals(signum).name})", file=sys.stderr)
@@ -450,7 +453,7 @@ def _execute(config, args: argparse.Namespace, **how) -> int:
             # The progress reporter prints each stage's transitions, results included; without it
             # (--progress-every 0) each stage's result is printed as the stage ends.
             on_stage = _print_stage if not quiet and not progress_every_s else None
-            with _resume_hint(args.command, config.storage_path(), run_id):
+            with _memory_told(), _resume_hint(args.command, config.storage_path(), run_id):
                 result = pipelines.run(
                     config, on_stage=on_stage, progress_every_s=progress_every_s, run_id=run_id, **how
                 )
@@ -858,6 +861,48 @@ def _roll_over(config, name: str) -> None:
 
 def _on_cluster(config) -> bool:
     return config.ray.address is not None or "RAY_ADDRESS" in os.environ
+
+
+class OutOfMemory(RuntimeError):
+    """Ray's memory monitor killed the run's processes: said in a line, its report left in the log."""
+
+
+# Ray's memory monitor, in the error of every task or actor it killed (wrapped by Ray Train or Tune).
+RAY_OOM = "killed due to the node running low on memory"
+NODE_MEMORY = re.compile(
+    r"Memory on the node \(IP: (?P<ip>[^,)]+)[^)]*\) was (?P<used>\S+) used / (?P<limit>\S+) limit"
+)
+THRESHOLD = re.compile(r"exceeded threshold of \S+ \((?P<share>[\d.]+%) of")
+
+
+@contextlib.contextmanager
+def _memory_told() -> Iterator[None]:
+    """A run that ran out of memory ended in a 90-line traceback, with Ray's process table and
+    object store counters, and the cause in one of its lines. Now the cause and what to change."""
+    try:
+        yield
+    except Exception as error:
+        report = "\n".join(str(each) for each in _chain(error))
+        if RAY_OOM not in report:
+            raise
+        logging.getLogger(__name__).error("out of memory", exc_info=error)  # into the run's log
+        node = NODE_MEMORY.search(report)
+        past = f", past the monitor's {share['share']}" if (share := THRESHOLD.search(report)) else ""
+        where = f" on node {node['ip']} ({node['used']} used of {node['limit']}{past})" if node else ""
+        raise OutOfMemory(
+            f"out of memory{where}: Ray's memory monitor killed the stage's processes. Fix: smaller "
+            "batches (pretrain.batch_size_per_worker, finetune.batch_size_per_worker), a shorter "
+            "tokenize.seq_len, fewer processes at once on the node (workers, tune.max_concurrent_trials) "
+            "or more memory. Ray's report is in the run's log"
+        ) from None
+
+
+def _chain(error: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
 
 
 class Signalled(KeyboardInterrupt):

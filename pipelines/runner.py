@@ -49,6 +49,7 @@ STAGES = stages.NAMES
 SUCCESS = "_SUCCESS"
 # How a stop arrives: Ctrl-C/SIGTERM (ptft's handler) or SystemExit (Ray's SIGTERM handler in a job driver).
 _STOPPED = (KeyboardInterrupt, SystemExit)
+OOM_RETRIES = 3
 
 
 @dataclass
@@ -253,6 +254,10 @@ def _start_or_join_ray(config: PipelineConfig) -> None:
         )
     if not address:
         os.environ.update(ingress.cluster_env())  # the new cluster's processes inherit it
+    # Ray retries a task its memory monitor killed without end (Ray Data's tasks: `oom retries left:
+    # -1`), up to a minute apart: a tokenize that ran out of memory each time said nothing, forever.
+    # The driver owns the Data tasks, so its setting is theirs; three retries ride out a passing peak.
+    os.environ.setdefault("RAY_task_oom_retries", str(OOM_RETRIES))
     address = address or "local"
     ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, configure_logging=False, **local)
 
