@@ -6,6 +6,7 @@ import errno
 import ipaddress
 import re
 import socket
+from collections.abc import Iterator
 
 # A host name: dot-separated labels of letters, digits, inner hyphens (RFC 1123) and underscores
 # (outside the RFC, but resolvers take them and container names use them).
@@ -71,3 +72,21 @@ def mlflow_unanswered(tracking_uri: str | None) -> str | None:
     except requests.RequestException as error:
         return f"GET /health failed: {type(error).__name__}"
     return None if response.ok else f"GET /health answered {response.status_code}"
+
+
+def causes(error: BaseException) -> Iterator[BaseException]:
+    """An error and what it was raised from or while handling, newest first."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def unanswered(error: BaseException) -> bool:
+    """Whether an HTTP call (MLflow's client) failed because its server did not answer: refused,
+    timed out, or 5xx until the retries ran out; not because of what was asked."""
+    import requests
+
+    kinds = (requests.exceptions.ConnectionError, requests.exceptions.Timeout, requests.exceptions.RetryError)
+    return any(isinstance(each, kinds) for each in causes(error))

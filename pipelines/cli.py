@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    except OutOfMemory as error:  # Ray's report is in the run's log; a run said how to resume
+    except FailureTold as error:  # the traceback is in the run's log; a run said how to resume
         print(f"ptft {args.command}: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as error:  # Ctrl-C, or SIGTERM (a stopped job): a run said how to resume; no traceback
@@ -453,7 +453,7 @@ def _execute(config, args: argparse.Namespace, **how) -> int:
             # The progress reporter prints each stage's transitions, results included; without it
             # (--progress-every 0) each stage's result is printed as the stage ends.
             on_stage = _print_stage if not quiet and not progress_every_s else None
-            with _memory_told(), _resume_hint(args.command, config.storage_path(), run_id):
+            with _failures_told(config.tracking_uri()), _resume_hint(args.command, config.storage_path(), run_id):
                 result = pipelines.run(
                     config, on_stage=on_stage, progress_every_s=progress_every_s, run_id=run_id, **how
                 )
@@ -863,8 +863,8 @@ def _on_cluster(config) -> bool:
     return config.ray.address is not None or "RAY_ADDRESS" in os.environ
 
 
-class OutOfMemory(RuntimeError):
-    """Ray's memory monitor killed the run's processes: said in a line, its report left in the log."""
+class FailureTold(RuntimeError):
+    """A failure whose cause ptft knows, said in a line; its traceback is left in the run's log."""
 
 
 # Ray's memory monitor, in the error of every task or actor it killed (wrapped by Ray Train or Tune).
@@ -876,33 +876,47 @@ THRESHOLD = re.compile(r"exceeded threshold of \S+ \((?P<share>[\d.]+%) of")
 
 
 @contextlib.contextmanager
-def _memory_told() -> Iterator[None]:
-    """A run that ran out of memory ended in a 90-line traceback, with Ray's process table and
-    object store counters, and the cause in one of its lines. Now the cause and what to change."""
+def _failures_told(tracking_uri: str) -> Iterator[None]:
+    """Failures with a known cause end in the cause and what to do, not in a traceback: out of
+    memory (90 lines, Ray's process table and object store counters, the cause in one of them) and
+    an MLflow server that stopped answering (a chain of six tracebacks)."""
     try:
         yield
     except Exception as error:
-        report = "\n".join(str(each) for each in _chain(error))
-        if RAY_OOM not in report:
+        said = _out_of_memory(error) or _tracking_gone(error, tracking_uri)
+        if said is None:
             raise
-        logging.getLogger(__name__).error("out of memory", exc_info=error)  # into the run's log
-        node = NODE_MEMORY.search(report)
-        past = f", past the monitor's {share['share']}" if (share := THRESHOLD.search(report)) else ""
-        where = f" on node {node['ip']} ({node['used']} used of {node['limit']}{past})" if node else ""
-        raise OutOfMemory(
-            f"out of memory{where}: Ray's memory monitor killed the stage's processes. Fix: smaller "
-            "batches (pretrain.batch_size_per_worker, finetune.batch_size_per_worker), a shorter "
-            "tokenize.seq_len, fewer processes at once on the node (workers, tune.max_concurrent_trials) "
-            "or more memory. Ray's report is in the run's log"
-        ) from None
+        logging.getLogger(__name__).error("%s", said, exc_info=error)  # the traceback, into the run's log
+        raise FailureTold(said) from None
 
 
-def _chain(error: BaseException) -> Iterator[BaseException]:
-    seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        yield error
-        error = error.__cause__ or error.__context__
+def _out_of_memory(error: Exception) -> str | None:
+    from components.net import causes
+
+    report = "\n".join(str(each) for each in causes(error))
+    if RAY_OOM not in report:
+        return None
+    node = NODE_MEMORY.search(report)
+    past = f", past the monitor's {share['share']}" if (share := THRESHOLD.search(report)) else ""
+    where = f" on node {node['ip']} ({node['used']} used of {node['limit']}{past})" if node else ""
+    return (
+        f"out of memory{where}: Ray's memory monitor killed the stage's processes. Fix: smaller "
+        "batches (pretrain.batch_size_per_worker, finetune.batch_size_per_worker), a shorter "
+        "tokenize.seq_len, fewer processes at once on the node (workers, tune.max_concurrent_trials) "
+        "or more memory. Ray's report is in the run's log"
+    )
+
+
+def _tracking_gone(error: Exception, tracking_uri: str) -> str | None:
+    from components.net import unanswered
+
+    if not unanswered(error):
+        return None
+    return (
+        f"the MLflow server at {redact_url(tracking_uri)} stopped answering (MLflow's client retried for "
+        "minutes). Start it again, then continue the run with the `ptft resume` above: its finished "
+        "stages are kept"
+    )
 
 
 class Signalled(KeyboardInterrupt):

@@ -27,7 +27,8 @@ import ray
 from mlflow.tracking import MlflowClient
 
 from components import accelerator, console, ingress
-from components.redaction import redact_tree
+from components.net import mlflow_unanswered, unanswered
+from components.redaction import redact_tree, redact_url
 from components.stage import StageContext, StageResult, read_json, weights_sha256, write_json
 from components.tracking import (
     MlflowTracker,
@@ -164,9 +165,18 @@ def _run_locked(
             manifest.finished(mf.SUCCEEDED if status == "FINISHED" else mf.FAILED)
         if reporter:
             reporter.stop()
-        if not stopped:
+        if not stopped and _tracking_answers(config.tracking_uri(), status):
             client.set_terminated(manifest.mlflow_run_id, status=status)
     return result
+
+
+def _tracking_answers(tracking_uri: str, status: str) -> bool:
+    """Whether to end the pipeline's MLflow run: not when a failed run's server does not answer
+    (MLflow's client would retry for four more minutes; `ptft resume` reopens the run anyway)."""
+    if status != "FAILED" or (why := mlflow_unanswered(tracking_uri)) is None:
+        return True
+    log.warning("MLflow at %s does not answer (%s): run left open for `ptft resume`", redact_url(tracking_uri), why)
+    return False
 
 
 def _also(first: Callable[[str, StageResult], None], then: Callable[[str, StageResult], None] | None):
@@ -177,6 +187,9 @@ def _record_stop(manifest: mf.Manifest, tracking_uri: str, why: str = "stopped (
     """The run, its running stages and their MLflow runs killed: what a SIGKILL after the stop's
     grace period must not undo (called from pipelines.stopping's thread)."""
     stage_runs = manifest.stopped(why)
+    if (unheard := mlflow_unanswered(tracking_uri)) is not None:  # MLflow's client would retry for minutes
+        log.warning("stopped: MLflow does not answer (%s); `ptft resume` ends the runs left open", unheard)
+        return
     client = MlflowClient(tracking_uri)  # this thread's own
     for run_id in [*stage_runs, manifest.mlflow_run_id]:
         client.set_terminated(run_id, status="KILLED")
@@ -354,6 +367,10 @@ class _StageRunner:
 
         def failed(node: stages.Node, error: Exception) -> None:
             log.error("stage %s failed: %s", node.id, _describe(error))
+            if self.manifest.stages[node.id].status in (mf.PENDING, mf.RUNNING):
+                # It failed outside its own run, in the bookkeeping around it (MLflow calls): else
+                # it stayed `running` in a run that had ended.
+                self.manifest.stage_ended(node.id, mf.FAILED, error=_describe(error))
 
         def done(node: stages.Node, stage_result: StageResult) -> None:
             if on_stage:
@@ -528,7 +545,8 @@ class _StageRunner:
                 self.manifest.stage_ended(node.id, mf.KILLED if interrupted else mf.FAILED, error=_describe(error))
             if interrupted:
                 self.manifest.finished(mf.KILLED)  # the run goes down with the stage
-            tracker.close("KILLED" if interrupted else "FAILED")
+            if not unanswered(error):  # else it would wait out the outage again; `ptft resume` ends the run
+                tracker.close("KILLED" if interrupted else "FAILED")
             raise
         elapsed = time.perf_counter() - started
         # Training loops log their own metric histories; add only the summaries they did not log.

@@ -5,8 +5,11 @@ tracker alone and in the middle of a pre-training stage under Ray Train."""
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -14,17 +17,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from components import tracking
 from components.net import free_port
-from tests.conftest import wait_until
+from pipelines import manifest as mf
+from tests.conftest import REPO, tiny_config_dict, wait_until
 from tests.integration.pretrain_runs import PretrainRuns
 from tests.services import start_mlflow, start_postgres, start_postgres_again, stop_service
 
 pytestmark = pytest.mark.integration
 
 
+PTFT = str(Path(sys.executable).parent / "ptft")
 OUTAGE_S = 60  # under Ray Train
 # The tracker alone: long enough for its backoff to reach its 10 s cap and to outlast a flush's
 # wait (FLUSH_WAIT_S), so every retry path runs.
@@ -151,3 +157,34 @@ def test_a_pretraining_stage_under_ray_train_runs_through_an_outage(ray_driver: 
         f"\nstage through a {OUTAGE_S} s {what} outage: steps {min(during)}-{max(during)} taken while it was down; "
         f"the stage ended {finished_at - up_at:.0f} s after it was back"
     )
+
+
+def test_a_tracking_server_gone_for_good_fails_the_run_in_a_line_with_no_stage_left_running(
+    ray_cluster: str, tmp_path: Path
+) -> None:
+    """The server dies while the driver runs a stage and stays away. Before: after MLflow's retries
+    (4 min for each call, twice) a chain of six tracebacks, and the stage stayed `running` in a run
+    that had failed. MLflow's client gives up at once here (its own setting), so the test waits on
+    ptft, not on MLflow's backoff."""
+    storage = tmp_path / "storage"
+    config = {**tiny_config_dict(storage), "name": "outage-for-good"}
+    config["data"] = {"corpus": config["data"]["corpus"]}  # no task: tokenize and pretrain
+    config_path = tmp_path / "pipeline.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    with _store_that_fails("server", tmp_path) as store:
+        command = [PTFT, "run", str(config_path), f"tracking.uri={store.uri}", f"ray.address={ray_cluster}"]
+        run = subprocess.Popen(command, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for line in run.stdout:
+            if "[ptft] tokenize started" in line:  # its MLflow run is open: the server goes now
+                store.down()
+                break
+        _, stderr = run.communicate(timeout=300)
+    assert run.returncode == 1, stderr
+    assert f"ptft run: the MLflow server at {store.uri} stopped answering" in stderr, stderr
+    assert "Traceback" not in stderr
+    (manifest,) = mf.list_runs(storage)
+    statuses = {name: record.status for name, record in manifest.stages.items()}
+    assert mf.FAILED in statuses.values() and not {mf.RUNNING, mf.PENDING} & set(statuses.values()), statuses
+    assert manifest.status == mf.FAILED
+    assert "ConnectionError" in (mf.Manifest.folder(storage, manifest.run_id) / "ptft.log").read_text()
