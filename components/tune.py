@@ -644,7 +644,8 @@ def _trial_row(result: ray.tune.Result, cfg: TuneConfig, run_ids: dict[str, str]
         "best_epoch": int(judged.get("epoch", epochs)),
         "metric": judged.get(cfg.metric),
         "rank": Ranking.of(cfg).value(judged),
-        "config": plain({key: result.config.get(key) for key in cfg.search_space}),
+        # A trial that errored before it started (its process killed) has no config.
+        "config": plain({key: (result.config or {}).get(key) for key in cfg.search_space}),
         "metrics": {  # left out: the config/* columns (the config is above), NaN (a key this epoch lacked)
             key: value
             for key, value in judged.items()

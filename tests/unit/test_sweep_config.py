@@ -724,3 +724,21 @@ def test_a_tie_break_is_another_metric_the_task_reports(tmp_path: Path) -> None:
     problems = _problems(_with_tune(tmp_path, {"metric": "eval/loss", "tie_break": "eval/loss"}))
     assert set(problems) == {"tune.tie_break"}, problems  # named, without the whole config as its value
     assert problems["tune.tie_break"].startswith("  - tune.tie_break: eval/loss is tune.metric itself")
+
+
+def test_a_trial_that_errored_before_it_started_is_a_row_not_a_crash(tmp_path: Path) -> None:
+    """Ray's memory monitor killed every trial's process at its start: Tune's results have no
+    metrics, so no config. The summary crashed on that (AttributeError) instead of failing the sweep
+    with the trials' first error, which says why."""
+    from ray.tune import Result
+
+    from components import sweep_report, tune
+
+    config = TuneConfig(num_samples=2, max_epochs=2, metric="eval/loss")
+    killed = RuntimeError("1 worker(s) were killed due to the node running low on memory")
+    folder = tmp_path / "run_trial-1_00000_0_lr=0.001_2026-12-05"
+    folder.mkdir()
+    row = tune._trial_row(Result(metrics=None, checkpoint=None, error=killed, path=str(folder)), config, {})
+    assert row["status"] == "error" and row["epochs"] == 0 and row["error"] == str(killed)
+    assert set(row["config"]) == set(config.search_space) and not any(row["config"].values())
+    assert sweep_report.best_row([row], config.mode) is None  # so the stage fails with that error
