@@ -16,7 +16,9 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -244,7 +246,12 @@ def _reopen_pipeline_run(client: MlflowClient, storage: Path, run_id: str, exper
 
 def _init_ray(config: PipelineConfig) -> None:
     if not ray.is_initialized():
+        ours = signal.getsignal(signal.SIGTERM)
         _start_or_join_ray(config)
+        if callable(ours) and threading.current_thread() is threading.main_thread():
+            # ray.init replaced the CLI's stop with `sys.exit(15)`: a SIGTERM then ended the command
+            # with exit 15 and without its `stopped (SIGTERM)` line.
+            signal.signal(signal.SIGTERM, ours)
     stopping.restore_python_sigterm()  # a stop gets its whole grace period, not Ray's 3 s
 
 
