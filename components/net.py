@@ -83,10 +83,17 @@ def causes(error: BaseException) -> Iterator[BaseException]:
         error = error.__cause__ or error.__context__
 
 
-def unanswered(error: BaseException) -> bool:
-    """Whether an HTTP call (MLflow's client) failed because its server did not answer: refused,
-    timed out, or 5xx until the retries ran out; not because of what was asked."""
+def mlflow_unreachable(error: BaseException) -> bool:
+    """Whether a call of MLflow's client failed because the server did not answer: refused, timed
+    out, or 5xx until the retries ran out; not what was asked, and not another server (a stage
+    that could not reach a model hub fails with the same kind of `requests` error)."""
     import requests
+    from mlflow.exceptions import MlflowException
 
     kinds = (requests.exceptions.ConnectionError, requests.exceptions.Timeout, requests.exceptions.RetryError)
-    return any(isinstance(each, kinds) for each in causes(error))
+    chain = list(causes(error))
+    # MLflow's REST client raises its own error while handling the `requests` one.
+    return any(
+        isinstance(each, MlflowException) and any(isinstance(cause, kinds) for cause in chain[index + 1 :])
+        for index, each in enumerate(chain)
+    )

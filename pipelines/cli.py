@@ -908,9 +908,9 @@ def _out_of_memory(error: Exception) -> str | None:
 
 
 def _tracking_gone(error: Exception, tracking_uri: str) -> str | None:
-    from components.net import unanswered
+    from components.net import mlflow_unreachable
 
-    if not unanswered(error):
+    if not mlflow_unreachable(error):
         return None
     return (
         f"the MLflow server at {redact_url(tracking_uri)} stopped answering (MLflow's client retried for "

@@ -29,7 +29,7 @@ import ray
 from mlflow.tracking import MlflowClient
 
 from components import accelerator, console, ingress
-from components.net import mlflow_unanswered, unanswered
+from components.net import mlflow_unanswered, mlflow_unreachable
 from components.redaction import redact_tree, redact_url
 from components.stage import StageContext, StageResult, read_json, weights_sha256, write_json
 from components.tracking import (
@@ -552,7 +552,7 @@ class _StageRunner:
                 self.manifest.stage_ended(node.id, mf.KILLED if interrupted else mf.FAILED, error=_describe(error))
             if interrupted:
                 self.manifest.finished(mf.KILLED)  # the run goes down with the stage
-            if not unanswered(error):  # else it would wait out the outage again; `ptft resume` ends the run
+            if not mlflow_unreachable(error):  # else it would wait out the outage again; `ptft resume` ends the run
                 tracker.close("KILLED" if interrupted else "FAILED")
             raise
         elapsed = time.perf_counter() - started

@@ -233,3 +233,23 @@ def test_a_store_out_of_disk_space_stops_the_loop_at_once_not_after_the_outage_b
     with pytest.raises(tracking.TrackingStoreFull):
         tracker.close()
     assert sorted(m.step for m in client.get_metric_history(run_id, "train/loss"))[0] == 1  # what arrived stays
+
+
+def test_an_mlflow_server_that_does_not_answer_is_told_apart_from_other_failures(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What ends a run in `the MLflow server stopped answering` (and spares a second wait for it):
+    MLflow's client failing to connect, not another server refusing (a model hub)."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    from components.net import mlflow_unreachable
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's own setting: fail at once
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(MlflowException) as refused:
+        MlflowClient(nowhere).get_run("0" * 32)
+    assert mlflow_unreachable(refused.value)
+    with pytest.raises(requests.exceptions.ConnectionError) as other:
+        requests.get(nowhere, timeout=5)
+    assert not mlflow_unreachable(other.value)
