@@ -42,6 +42,7 @@ from components.tracking import (
 )
 from pipelines import lineage, progress, scheduling, stages, stopping
 from pipelines import manifest as mf
+from pipelines.cluster_wait import ClusterWait
 from pipelines.driver_lock import DriverLock
 from pipelines.pipeline_config import ConfigError, PipelineConfig, listens_beyond_loopback, resolved_dict
 from pipelines.stages import Inputs, Stage
@@ -148,6 +149,7 @@ def _run_locked(
     if progress_every_s:
         reporter = progress.Reporter(manifest, client, every_s=progress_every_s, awaits_results=True).start()
         on_stage = _also(reporter.stage_done, on_stage)
+    waiting = ClusterWait(manifest).start()
     status = "FAILED"
     try:
         with stopping.record_stop_at_once(lambda: _record_stop(manifest, config.tracking_uri())):
@@ -165,6 +167,7 @@ def _run_locked(
         stopped = status == "KILLED"  # then _record_stop has ended the run and its MLflow run already
         if not stopped:
             manifest.finished(mf.SUCCEEDED if status == "FINISHED" else mf.FAILED)
+        waiting.stop()
         if reporter:
             reporter.stop()
         if not stopped and _tracking_answers(config.tracking_uri(), status):

@@ -29,6 +29,7 @@ def test_a_run_out_of_memory_fails_in_seconds_and_says_what_to_change(tmp_path: 
     config.write_text(yaml.safe_dump(tiny_config_dict(storage)))
     env = {key: value for key, value in os.environ.items() if key not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     env["RAY_memory_usage_threshold"] = "0.01"  # a local Ray of the run's own: every task it starts is killed
+    env["RAY_task_oom_retry_delay_base_ms"] = "0"  # Ray's backoff between them (1, 2, 4 s): not the subject
     result = subprocess.run([PTFT, "run", str(config)], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "ptft run: out of memory on node" in result.stderr, result.stderr
