@@ -31,7 +31,7 @@ SHARED_STORAGE_FIX = "use shared storage (NFS/EFS/PVC) mounted at the same path 
 PROBE_TIMEOUT_S = 120  # a node starts a worker process for its first task: seconds on a busy machine
 
 
-def check_cluster(config: PipelineConfig, address: str | None = None) -> list[Problem]:
+def check_cluster(config: PipelineConfig, address: str | None = None, *, tracking: bool = True) -> list[Problem]:
     """Every cluster problem at once: shared storage, MLflow reachability, resources.
 
     Args:
@@ -39,8 +39,9 @@ def check_cluster(config: PipelineConfig, address: str | None = None) -> list[Pr
         address: a dashboard URL (`http://HEAD:8265`: resource and MLflow checks only) or a
             cluster address for `ray.init` (`HOST:6379`, `auto`, `ray://HEAD:10001`); default
             `config.ray.address`. Uses the current Ray connection when there is one (inside a job).
+        tracking: False where the MLflow server was asked already (a run asks before Ray starts).
     """
-    problems = tracking_problems(config)
+    problems = tracking_problems(config) if tracking else []
     address = address or config.ray.address
     if address and address.startswith(("http://", "https://")):
         nodes, error = _nodes_from_dashboard(address)

@@ -224,13 +224,13 @@ def _preflight_tracking(config: PipelineConfig) -> None:
 
 
 def _preflight(config: PipelineConfig) -> None:
-    """On a cluster: storage visible from every node, MLflow reachable, the workers fit; on the
-    local Ray just started, that the workers and replicas fit its CPUs. Before any run is opened
-    or compute starts."""
+    """On a cluster: storage visible from every node, the workers fit (MLflow was asked before Ray
+    started: `_preflight_tracking`); on the local Ray just started, that the workers and replicas
+    fit its CPUs. Before any run is opened or compute starts."""
     from pipelines import preflight
 
     on_cluster = config.ray.address or os.environ.get("RAY_ADDRESS")
-    problems = preflight.check_cluster(config) if on_cluster else preflight.local_problems(config)
+    problems = preflight.check_cluster(config, tracking=False) if on_cluster else preflight.local_problems(config)
     if problems:
         raise ConfigError("pre-flight", problems)
 
