@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Callable
@@ -130,6 +131,13 @@ def tiny_config_dict(storage: Path) -> dict:
         },
         "tokenize": {"vocab_size": 200, "seq_len": 32},
     }
+
+
+def answers_ctrl_c() -> None:
+    """`preexec_fn` of a process a test stops with Ctrl-C (SIGINT): as at a terminal, whatever the
+    suite inherited. A suite started in the background (`make test &`) has SIGINT ignored, and the
+    process would inherit that and run on."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_until(condition: Callable[[], object], what: str, timeout_s: float = 300, poll_s: float = 0.2):

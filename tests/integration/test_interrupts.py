@@ -20,7 +20,7 @@ from components.schemas import WorkersConfig
 from components.stage import StageContext, read_json
 from components.training import fit_on_ray
 from pipelines import manifest as mf
-from tests.conftest import REPO, tiny_config_dict, wait_until
+from tests.conftest import REPO, answers_ctrl_c, tiny_config_dict, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -95,6 +95,7 @@ def test_a_stop_beside_running_stages_kills_them_all(
             cwd=REPO,
             stdout=out,
             stderr=subprocess.STDOUT,
+            preexec_fn=answers_ctrl_c,
         )
 
     def pretraining() -> dict | None:

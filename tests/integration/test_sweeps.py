@@ -28,7 +28,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from components.stage import read_json
-from tests.conftest import REPO, tiny_config_dict, wait_until
+from tests.conftest import REPO, answers_ctrl_c, tiny_config_dict, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -85,7 +85,12 @@ class Sweeps:
         self.logs.append(log)
         with open(log, "w") as out:
             return subprocess.Popen(
-                [PTFT, "sweep", *args], cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=self.env
+                [PTFT, "sweep", *args],
+                cwd=REPO,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                preexec_fn=answers_ctrl_c,  # the Optuna sweep is stopped with a Ctrl-C
             )
 
     def run(self, *overrides: str) -> str:
