@@ -100,6 +100,16 @@ class DriverLock:
             tmp.replace(self.path)
 
 
+def driver_gone(run_folder: Path) -> str | None:
+    """Why a run recorded as running has no live driver (SIGKILLed, out of memory, its terminal
+    closed, the machine restarted), or None while its driver lives. A driver releases its lock only
+    once it has recorded how the run ended."""
+    holder = _read(run_folder / LOCK_NAME)
+    if holder is None:
+        return "no driver holds its lock"
+    return None if holder.alive() else f"its driver, {holder.describe()}, is gone"
+
+
 def _read(path: Path) -> Owner | None:
     try:
         return Owner(**json.loads(path.read_text()))

@@ -27,6 +27,7 @@ from components.stage import StageResult
 from components.tracking import PARENT_TAG
 from pipelines import manifest as mf
 from pipelines import stages
+from pipelines.driver_lock import driver_gone
 
 log = logging.getLogger(__name__)
 
@@ -321,10 +322,17 @@ def print_status(storage: Path, run_id: str | None, *, as_json: bool) -> int:
     except Exception as error:  # noqa: BLE001 - the manifest alone still answers
         print(f"ptft: progress from MLflow unavailable ({redact_text(str(error))})", file=sys.stderr)
         state = snapshot(manifest, None)
+    # A run whose driver died (SIGKILL, out of memory, a closed terminal, a restarted machine) says
+    # `running` for ever: say so, and how to go on. Asked under the storage given, which may be the
+    # run's shared storage mounted elsewhere.
+    running = manifest.status == mf.RUNNING
+    state["driver_gone"] = driver_gone(mf.Manifest.folder(storage, manifest.run_id)) if running else None
     if as_json:
         print(json.dumps(state, indent=1))
         return 0
     print(f"{state['run_id']} ({state['pipeline']}): {state['status']}, {clock(state['elapsed_s'])}")
+    if state["driver_gone"]:
+        print(f"  but {state['driver_gone']}: nothing runs it. Go on with `ptft resume {state['run_id']}`")
     width = max([9, *(len(stage["name"]) for stage in state["stages"])])
     for stage in state["stages"]:
         line = f"  {stage['name']:<{width}} {stage['status']:<10} {clock(stage['seconds']):>7}"

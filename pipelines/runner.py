@@ -42,10 +42,10 @@ from components.tracking import (
 )
 from pipelines import lineage, progress, scheduling, stages, stopping
 from pipelines import manifest as mf
-from pipelines.cluster_wait import ClusterWait
 from pipelines.driver_lock import DriverLock
 from pipelines.pipeline_config import ConfigError, PipelineConfig, listens_beyond_loopback, resolved_dict
 from pipelines.stages import Inputs, Stage
+from pipelines.waits import ClusterWait, TrackingWait, Watch
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def _run_locked(
     if progress_every_s:
         reporter = progress.Reporter(manifest, client, every_s=progress_every_s, awaits_results=True).start()
         on_stage = _also(reporter.stage_done, on_stage)
-    waiting = ClusterWait(manifest).start()
+    waiting = Watch([ClusterWait(manifest), TrackingWait(config.tracking_uri())]).start()
     status = "FAILED"
     try:
         with stopping.record_stop_at_once(lambda: _record_stop(manifest, config.tracking_uri())):

@@ -1,4 +1,4 @@
-"""A run says when it waits on the cluster (pipelines/cluster_wait.py): a request of its own job
+"""A run says when it waits on the cluster (pipelines/waits.py): a request of its own job
 that Ray does not place, here an actor asking for a resource no node of the shared cluster has,
 is told once, and its end is told too. (On a cluster whose CPUs another job held, `ptft run`
 printed `tokenize started` and nothing more until that job ended.)"""
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipelines import manifest as mf
-from pipelines.cluster_wait import ClusterWait
+from pipelines.waits import ClusterWait
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.integration
@@ -21,7 +21,7 @@ def test_a_request_the_cluster_does_not_place_is_told_once_and_so_is_its_end(ray
 
     manifest = mf.Manifest.create(tmp_path, "run-1", "wait", ("tokenize",), {})
     said: list[str] = []
-    watch = ClusterWait(manifest, said.append, after_s=0)  # checked here, not by its thread
+    watch = ClusterWait(manifest, said.append, after_s=0)  # checked here, not by a Watch's thread
 
     @ray.remote(num_cpus=0, resources={"ptft-test-held-elsewhere": 1})
     class Unplaced:

@@ -23,6 +23,7 @@ from mlflow.tracking import MlflowClient
 from components import tracking
 from components.net import free_port
 from pipelines import manifest as mf
+from pipelines.waits import TrackingWait
 from tests.conftest import REPO, tiny_config_dict, wait_until
 from tests.integration.pretrain_runs import PretrainRuns
 from tests.services import start_mlflow, start_postgres, start_postgres_again, stop_service
@@ -79,8 +80,26 @@ def _store_that_fails(what: str, tmp_path: Path) -> Iterator[_Store]:
 
 
 def test_a_tracking_server_outage_neither_stops_training_nor_loses_or_repeats_a_step(tmp_path: Path) -> None:
+    said: list[str] = []
     with _store_that_fails("server", tmp_path) as store:
-        _train_through_an_outage(store.uri, store.down, store.up)
+        # What a run's watch says meanwhile (pipelines/waits.py), checked here, not by its thread.
+        wait = TrackingWait(store.uri, said.append, after_s=0)
+
+        def down() -> None:
+            wait.check()
+            assert said == []  # the server answers: nothing to say
+            store.down()
+            wait.check()
+
+        def up() -> None:
+            store.up()
+            wait.check()
+
+        _train_through_an_outage(store.uri, down, up)
+    assert len(said) == 2, said
+    assert said[0].startswith(f"[ptft] the MLflow server at {store.uri} does not answer (GET /health failed: ")
+    assert "`ptft resume` goes on from there" in said[0]
+    assert said[1].startswith(f"[ptft] the MLflow server at {store.uri} answers again, after ")
 
 
 def test_a_database_outage_behind_the_tracking_server_neither_stops_training_nor_loses_a_step(tmp_path: Path) -> None:

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import io
 import json
+import socket
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -22,6 +26,7 @@ from components.tracking import MlflowTracker, NullTracker
 from pipelines import lineage, progress
 from pipelines import manifest as mf
 from pipelines.cli import main
+from pipelines.driver_lock import LOCK_NAME, DriverLock
 from pipelines.stages import NAMES as STAGE_NAMES
 from tests.conftest import tiny_classifier
 
@@ -311,14 +316,38 @@ def test_on_a_terminal_the_reporter_draws_live_bars(client: MlflowClient, tmp_pa
 
 def test_ptft_status_json_and_table(client: MlflowClient, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     _manifest_with_running_pretrain(client, tmp_path)
-    assert main(["status", "--storage", str(tmp_path), "--json"]) == 0
-    state = json.loads(capsys.readouterr().out)
-    assert state["run_id"] == "run-1" and state["status"] == "running"
-    assert state["stages"][1]["progress"]["step"] == 100
-    assert main(["status", "run-1", "--storage", str(tmp_path)]) == 0
-    table = capsys.readouterr().out
-    assert "pretrain  running" in table and "step 100/400 (25%)" in table
+    lock = DriverLock.acquire(mf.Manifest.folder(tmp_path, "run-1"), "run-1")  # this process drives it
+    try:
+        assert main(["status", "--storage", str(tmp_path), "--json"]) == 0
+        state = json.loads(capsys.readouterr().out)
+        assert state["run_id"] == "run-1" and state["status"] == "running" and state["driver_gone"] is None
+        assert state["stages"][1]["progress"]["step"] == 100
+        assert main(["status", "run-1", "--storage", str(tmp_path)]) == 0
+        table = capsys.readouterr().out
+        assert "pretrain  running" in table and "step 100/400 (25%)" in table and "gone" not in table
+    finally:
+        lock.release()
     assert main(["status", "--storage", str(tmp_path / "empty")]) == 2
+
+
+def test_ptft_status_says_when_a_running_runs_driver_is_gone(
+    client: MlflowClient, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A driver SIGKILLed (or out of memory, or its terminal closed) leaves its run `running`."""
+    _manifest_with_running_pretrain(client, tmp_path)
+    driver = subprocess.Popen([sys.executable, "-c", "pass"])
+    started = psutil.Process(driver.pid).create_time()
+    driver.wait()
+    owner = {"host": socket.gethostname(), "pid": driver.pid, "started_at": started, "heartbeat_at": time.time()}
+    (mf.Manifest.folder(tmp_path, "run-1") / LOCK_NAME).write_text(json.dumps(owner))
+    assert main(["status", "run-1", "--storage", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("run-1 (demo): running")
+    assert lines[1].startswith(f"  but its driver, pid {driver.pid} on {socket.gethostname()} (heartbeat ")
+    assert lines[1].endswith("is gone: nothing runs it. Go on with `ptft resume run-1`")
+    (mf.Manifest.folder(tmp_path, "run-1") / LOCK_NAME).unlink()  # a driver killed before its lock
+    assert main(["status", "run-1", "--storage", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["driver_gone"] == "no driver holds its lock"
 
 
 def test_a_run_whose_manifest_does_not_read_is_named_not_a_traceback(
