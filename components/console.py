@@ -26,6 +26,7 @@ _err: TextIO | None = None
 _muted = False
 _live: Any = None  # the rich Live display while `live()` is open on a terminal
 _panels: dict[str, Any] = {}  # what it shows, by key, in the order first shown
+_console_fds: tuple[int, ...] = ()  # while `logs_to` is open: its saved copies of the console's
 
 
 def stdout() -> TextIO:
@@ -130,11 +131,12 @@ def logs_to(path: Path) -> Iterator[Path]:
     """Send stdout and stderr (the file descriptors) to `path` until the block ends; ptft's own
     lines still reach the console. An error leaving the block names the log on the console, and
     its traceback, printed after the block, reaches the console too."""
-    global _out, _err
+    global _out, _err, _console_fds
     path.parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
     console_out, console_err = os.dup(1), os.dup(2)
+    _console_fds = (console_out, console_err)
     with open(path, "ab", buffering=0) as log:
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
@@ -155,6 +157,26 @@ def logs_to(path: Path) -> Iterator[Path]:
         os.close(console_out)
         os.close(console_err)
         _out = _err = None
+        _console_fds = ()
+
+
+def terminal_gone() -> None:
+    """The terminal closed (SIGHUP: a dropped ssh session, a closed window). Every write to it
+    fails (EIO), so a stopping run's last lines (how to resume it, why it stopped) ended in an
+    error nobody saw. From now on ptft's own lines go where all other output goes: the run's log
+    while `logs_to` is open, else nowhere; the live display draws nothing more."""
+    global _live
+    if _live is not None:
+        _live.console.quiet = True  # its refresh thread and its end write nothing
+        _live = None  # `say` then prints plainly, to the log
+    if _console_fds:  # fd 1 is the log: the console's copies become the log too
+        for fd in (*_console_fds, *(stream.fileno() for stream in (_out, _err) if stream is not None)):
+            os.dup2(1, fd)
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.dup2(null, 2)
+    os.close(null)
 
 
 @contextlib.contextmanager

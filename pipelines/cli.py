@@ -352,7 +352,7 @@ def _sweep(args: argparse.Namespace) -> int:
                 args.config, [Problem("tune.enabled", False, "the config turns the sweep off", "set tune.enabled=true")]
             )
         how = {"rerun": "tune" if args.force else None}
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    _stop_on_signals()
     started = time.perf_counter()
     run_id, log_path = _run_id_and_log(config, how)
     with _console(args, log_path) as log:
@@ -439,7 +439,7 @@ def _results_of(result, stage: str) -> list:
 def _execute(config, args: argparse.Namespace, **how) -> int:
     import pipelines  # heavy imports (Ray, MLflow) only once the config is known to be good
 
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # runs end KILLED, not stuck RUNNING
+    _stop_on_signals()  # runs end KILLED, not stuck RUNNING
     quiet = args.quiet
     if quiet:
         _quiet_down(config)
@@ -657,7 +657,7 @@ def _serve_until_stopped(config, model, tracking_uri: str | None) -> int:
         return 0
     following = f" Following models:/{model.name}@{model.alias}: a promote or rollback rolls it over."
     console.say("Ctrl-C to stop." + (following if model.alias else ""))
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    _stop_on_signals()
     wait_s = FOLLOW_EVERY_S
     try:
         while True:
@@ -928,6 +928,21 @@ class Signalled(KeyboardInterrupt):
 
 
 def _raise_keyboard_interrupt(signum, frame) -> None:
+    raise Signalled(signum)
+
+
+def _stop_on_signals() -> None:
+    """SIGTERM (`ptft stop`, a scheduler, `kill`) and SIGHUP (the terminal closed: a dropped ssh
+    session) stop a command as Ctrl-C does; by default SIGHUP killed the process and left its run
+    `running`. A SIGHUP ignored (`nohup ptft run ...`) stays ignored; tmux or screen keep the
+    terminal, and the run, alive."""
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, _terminal_closed)
+
+
+def _terminal_closed(signum, frame) -> None:
+    console.terminal_gone()  # the stop's last lines go to the run's log
     raise Signalled(signum)
 
 

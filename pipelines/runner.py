@@ -152,7 +152,7 @@ def _run_locked(
     waiting = Watch([ClusterWait(manifest), TrackingWait(config.tracking_uri())]).start()
     status = "FAILED"
     try:
-        with stopping.record_stop_at_once(lambda: _record_stop(manifest, config.tracking_uri())):
+        with stopping.record_stop_at_once(lambda why: _record_stop(manifest, config.tracking_uri(), why)):
             failures = runner.run_all([node for node in nodes if node.id in manifest.stages], on_stage)
         if failures:  # the other branches ran on; the run fails with the first failure
             raise failures[0]

@@ -1,4 +1,4 @@
-"""Record a stopped run the moment SIGTERM arrives, not when the driver has unwound.
+"""Record a stopped run the moment SIGTERM (or SIGHUP) arrives, not when the driver has unwound.
 
 `ptft stop` (a Ray Job stop), Kubernetes and most schedulers send SIGTERM, then SIGKILL after a
 grace period. The driver ends its stage and MLflow runs KILLED as the stop unwinds its stack, but
@@ -27,18 +27,22 @@ log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def record_stop_at_once(on_stop: Callable[[], None], signum: int = signal.SIGTERM) -> Iterator[None]:
-    """Call on_stop from a watcher thread as soon as `signum` arrives, while in the block.
+def record_stop_at_once(
+    on_stop: Callable[[str], None], signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGHUP)
+) -> Iterator[None]:
+    """Call on_stop(why) from a watcher thread as soon as one of `signums` arrives, while in the
+    block (SIGHUP: the terminal of a `ptft run` closed, e.g. a dropped ssh session).
 
     Works only where Python handles the signal (a handler set with signal.signal, as ptft's CLI and
     ray.init do) and in the main thread; elsewhere the block runs without it."""
-    if threading.current_thread() is not threading.main_thread() or not callable(signal.getsignal(signum)):
+    signums = tuple(number for number in signums if callable(signal.getsignal(number)))
+    if threading.current_thread() is not threading.main_thread() or not signums:
         yield
         return
     read_end, write_end = os.pipe()
     os.set_blocking(write_end, False)  # the C handler must never block
     previous = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
-    watcher = threading.Thread(target=_watch, args=(read_end, signum, on_stop), name="ptft-stop", daemon=True)
+    watcher = threading.Thread(target=_watch, args=(read_end, signums, on_stop), name="ptft-stop", daemon=True)
     watcher.start()
     try:
         yield
@@ -57,11 +61,11 @@ def restore_python_sigterm() -> None:
         signal.signal(signal.SIGTERM, handler)
 
 
-def _watch(read_end: int, signum: int, on_stop: Callable[[], None]) -> None:
+def _watch(read_end: int, signums: tuple[int, ...], on_stop: Callable[[str], None]) -> None:
     while chunk := os.read(read_end, 64):
-        if signum in chunk:
+        if received := [number for number in chunk if number in signums]:
             try:
-                on_stop()
+                on_stop(f"stopped ({signal.Signals(received[0]).name})")
             except Exception:  # noqa: BLE001 - the main thread's unwinding records it again
                 log.exception("could not record the stop at once")
             return

@@ -83,3 +83,67 @@ def test_a_run_that_opened_and_failed_says_how_to_continue_it(tmp_path: Path, ca
     with pytest.raises(RuntimeError), cli._resume_hint("run", storage, "20261205-074106-aaaaaa"):
         raise RuntimeError("refused before the run opened")
     assert capsys.readouterr().err == ""
+
+
+HANGUP = textwrap.dedent(
+    """
+    import signal, sys, time
+    from pathlib import Path
+    from components import console
+
+    def hung_up(signum, frame):
+        console.terminal_gone()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGHUP, hung_up)
+    try:
+        with console.logs_to(Path(sys.argv[1])), console.live():
+            console.say("[ptft] pretrain started")
+            time.sleep(60)
+    except KeyboardInterrupt:
+        console.warn("ptft: run r1 did not finish. To continue it: ptft resume r1")
+    print("ptft run: stopped (SIGHUP)", file=sys.stderr)
+    sys.exit(129)
+    """
+)
+
+
+def test_after_the_terminal_closes_the_last_lines_go_to_the_log(tmp_path: Path) -> None:
+    """A real terminal (a pty) that goes away during a run: the kernel sends SIGHUP, and every write
+    to the terminal fails (EIO). The stop's lines end up in the run's log and the exit code says
+    why; before, the first of them raised and the process ended in an unseen traceback, exit 1."""
+    import os
+    import pty
+
+    log = tmp_path / "ptft.log"
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: a session of its own on the pty, as a login shell's command is
+        os.chdir(REPO)
+        os.execv(sys.executable, [sys.executable, "-c", HANGUP, str(log)])
+    seen = b""
+    while b"pretrain started" not in seen:
+        seen += os.read(terminal, 1024)
+    os.close(terminal)  # the terminal goes away
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 129, log.read_text()
+    lines = log.read_text().splitlines()
+    assert lines[-2:] == ["ptft: run r1 did not finish. To continue it: ptft resume r1", "ptft run: stopped (SIGHUP)"]
+
+
+def test_a_sighup_stops_a_command_unless_nohup_ignores_it() -> None:
+    import signal
+
+    from pipelines import cli
+
+    kept = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        cli._stop_on_signals()
+        assert signal.getsignal(signal.SIGHUP) is cli._terminal_closed
+        assert signal.getsignal(signal.SIGTERM) is cli._raise_keyboard_interrupt
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as `nohup ptft run ...` starts it
+        cli._stop_on_signals()
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        for number, handler in kept.items():
+            signal.signal(number, handler)

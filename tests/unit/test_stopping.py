@@ -12,6 +12,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
 from mlflow import MlflowClient
 
 from pipelines import manifest as mf
@@ -27,29 +28,33 @@ DRIVER = textwrap.dedent(
     from pipelines import manifest as mf, stopping
     from pipelines.runner import _record_stop
 
-    storage, uri = Path(sys.argv[1]), sys.argv[2]
+    storage, uri, signum = Path(sys.argv[1]), sys.argv[2], signal.Signals[sys.argv[3]]
     client = MlflowClient(uri)
     experiment = client.create_experiment("stop")
     manifest = mf.Manifest.create(storage, "run-1", "unit", ("tokenize", "pretrain"), {"name": "unit"})
     manifest.mlflow_run_id = client.create_run(experiment).info.run_id
     manifest.stage_started("tokenize", "k0", client.create_run(experiment).info.run_id)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(15))  # what ray.init sets in a driver
-    with stopping.record_stop_at_once(lambda: _record_stop(manifest, uri)):
+    signal.signal(signum, lambda *_: sys.exit(signum))  # what ray.init sets for SIGTERM, the CLI for both
+    with stopping.record_stop_at_once(lambda why: _record_stop(manifest, uri, why)):
         print("in the stage", flush=True)
         hashlib.pbkdf2_hmac("sha256", b"p", b"s", 2**31 - 1)  # minutes in C, the GIL released
     """
 )
 
 
-def test_a_stop_is_recorded_while_the_main_thread_is_stuck_in_native_code(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])  # a stop, a closed terminal
+def test_a_stop_is_recorded_while_the_main_thread_is_stuck_in_native_code(tmp_path: Path, signum: int) -> None:
     storage, uri = tmp_path / "storage", f"sqlite:///{tmp_path / 'mlflow.db'}"
     driver = subprocess.Popen(
-        [sys.executable, "-c", DRIVER, str(storage), uri], cwd=REPO, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", DRIVER, str(storage), uri, signal.Signals(signum).name],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert driver.stdout.readline().strip() == "in the stage"
         time.sleep(1)  # into the native call
-        driver.send_signal(signal.SIGTERM)
+        driver.send_signal(signum)
         manifest_path = mf.Manifest.folder(storage, "run-1") / "manifest.json"
         deadline = time.monotonic() + 60
         while json.loads(manifest_path.read_text())["status"] != mf.KILLED:
@@ -63,6 +68,7 @@ def test_a_stop_is_recorded_while_the_main_thread_is_stuck_in_native_code(tmp_pa
         driver.wait()
     manifest = json.loads(manifest_path.read_text())
     assert manifest["stages"]["tokenize"]["status"] == mf.KILLED
+    assert manifest["stages"]["tokenize"]["error"] == f"stopped ({signal.Signals(signum).name})"
     assert manifest["stages"]["pretrain"]["status"] == mf.PENDING
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("stop").experiment_id])
