@@ -114,7 +114,12 @@ class Translation(BaseModel):
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     prompt: str = Field(min_length=1, description="the text to continue")
-    max_new_tokens: int = Field(64, gt=0, description="most tokens to add; limit in GET /metadata")
+    max_new_tokens: int | None = Field(
+        None,
+        gt=0,
+        description="most tokens to add (default: as many as the model's positions leave room for, up to the "
+        "limit in GET /metadata)",
+    )
     temperature: float = Field(1.0, ge=0, le=10, description="0: the likeliest token each step (greedy)")
     top_p: float = Field(1.0, gt=0, le=1, description="draw from the likeliest tokens holding this much probability")
     seed: int | None = Field(
@@ -369,10 +374,9 @@ class ClassifierApp:
 
     def _ask(self, asked: "GenerateRequest") -> Ask:
         """The request as the decoding loop takes it, within the limits."""
-        if asked.max_new_tokens > self.cfg.max_new_tokens:
-            raise RequestError(
-                422, f"max_new_tokens={asked.max_new_tokens}; the limit is max_new_tokens={self.cfg.max_new_tokens}"
-            )
+        limit = self.cfg.max_new_tokens
+        if asked.max_new_tokens is not None and asked.max_new_tokens > limit:
+            raise RequestError(422, f"max_new_tokens={asked.max_new_tokens}; the limit is max_new_tokens={limit}")
         size = len(asked.prompt.encode("utf-8"))
         if size > self.cfg.max_text_bytes:
             raise RequestError(
@@ -380,14 +384,19 @@ class ClassifierApp:
             )
         ids = prompt_ids(self.scorer.tokenizer, asked.prompt)
         room = self.scorer.max_tokens - len(ids)
-        if asked.max_new_tokens > room:
+        # Unasked, as many as fit: a fixed default (64) was a 413 for every prompt on a 32-position model.
+        wanted = asked.max_new_tokens or min(limit, room)
+        if not ids:  # a tokenizer without a start token, and a prompt of spaces
+            raise RequestError(422, "the prompt has no tokens for this model (only spaces?): send some text")
+        if room < 1 or wanted > room:
+            asked_for = f" and max_new_tokens={asked.max_new_tokens}" if asked.max_new_tokens else ""
+            fix = "shorten the prompt" + (f" or ask for at most {room} tokens" if room > 0 else "")
             raise RequestError(
                 413,
-                f"the prompt is {len(ids)} tokens and max_new_tokens={asked.max_new_tokens}; the model has "
-                f"{self.scorer.max_tokens} positions: shorten the prompt or ask for at most {max(room, 0)} tokens",
+                f"the prompt is {len(ids)} tokens{asked_for}; the model has {self.scorer.max_tokens} positions: {fix}",
             )
         deadline = time.monotonic() + min(asked.timeout_s or self.cfg.request_timeout_s, self.cfg.request_timeout_s)
-        return Ask(ids, asked.max_new_tokens, asked.temperature, asked.top_p, asked.seed, deadline)
+        return Ask(ids, wanted, asked.temperature, asked.top_p, asked.seed, deadline)
 
     async def _events(self, ask: Ask):
         """Server-sent events: one per token as it comes, then the whole text and why it ended."""

@@ -486,6 +486,10 @@ def test_a_gpt2_generation_model_is_registered_and_generates_whole_and_streamed(
         answer = whole.json()
         assert answer["finish_reason"] in ("stop", "length") and 0 < answer["tokens"] <= 8
         assert answer["model"]["name"] == "matrix-gpt2-generation"
+        # Unasked, max_new_tokens is as many as the 32 positions leave room for, within the limit (24).
+        unasked = requests.post(generate, json={"prompt": "the film is", "temperature": 0}, timeout=60)
+        assert unasked.status_code == 200, unasked.text
+        assert unasked.json()["text"].startswith(answer["text"]) and answer["tokens"] <= unasked.json()["tokens"] <= 24
         with requests.post(generate, json={**greedy, "stream": True}, stream=True, timeout=60) as streamed:
             assert streamed.headers["content-type"].startswith("text/event-stream")
             events = _events(streamed)
@@ -526,6 +530,7 @@ def test_a_gpt2_generation_model_is_registered_and_generates_whole_and_streamed(
         bad = {
             "over the limit": ({**greedy, "max_new_tokens": 25}, 422, "max_new_tokens=24"),
             "over the positions": ({**greedy, "prompt": "the film " * 20, "max_new_tokens": 20}, 413, "positions"),
+            "no room left": ({"prompt": "the film " * 20}, 413, "32 positions: shorten the prompt"),
             "empty prompt": ({"prompt": ""}, 422, "prompt"),
             "unknown field": ({**greedy, "texts": ["x"]}, 422, "texts"),
             "bad top_p": ({**greedy, "top_p": 0}, 422, "top_p"),
