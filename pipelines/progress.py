@@ -22,6 +22,7 @@ from typing import Any, TextIO
 from mlflow.tracking import MlflowClient
 
 from components import console
+from components.net import mlflow_unanswered
 from components.redaction import CredentialsNeeded, connectable_uri, redact_text, redact_url
 from components.stage import StageResult
 from components.tracking import PARENT_TAG
@@ -315,6 +316,12 @@ def print_status(storage: Path, run_id: str | None, *, as_json: bool) -> int:
         tracking_uri = connectable_uri(manifest.tracking_uri)
     except CredentialsNeeded as error:
         print(f"ptft: progress from MLflow unavailable: {error}", file=sys.stderr)
+        tracking_uri = None
+    running = any(record.status == mf.RUNNING for record in manifest.stages.values())
+    if running and tracking_uri and (why := mlflow_unanswered(tracking_uri)) is not None:
+        # MLflow's client would retry for four minutes before the table
+        where = redact_url(tracking_uri)
+        print(f"ptft: progress from MLflow unavailable: the server at {where} does not answer ({why})", file=sys.stderr)
         tracking_uri = None
     client = MlflowClient(tracking_uri) if tracking_uri else None
     try:

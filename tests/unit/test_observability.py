@@ -20,6 +20,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from components import console, explain, plots, registry
 from components.finetune import confusion_matrix, macro_f1
+from components.net import free_port
 from components.schemas import FileSource, SyntheticSource
 from components.stage import StageResult
 from components.tracking import MlflowTracker, NullTracker
@@ -328,6 +329,22 @@ def test_ptft_status_json_and_table(client: MlflowClient, tmp_path: Path, capsys
     finally:
         lock.release()
     assert main(["status", "--storage", str(tmp_path / "empty")]) == 2
+
+
+def test_ptft_status_answers_at_once_when_the_mlflow_server_does_not(
+    client: MlflowClient, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MLflow's client retried the progress query for four minutes before the table."""
+    manifest = _manifest_with_running_pretrain(client, tmp_path)
+    manifest.tracking_uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    manifest.save()
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # so that without the check it fails fast
+    assert main(["status", "run-1", "--storage", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.startswith(
+        f"ptft: progress from MLflow unavailable: the server at {manifest.tracking_uri} does not answer (GET /health"
+    )
+    assert "pretrain  running" in captured.out and "step " not in captured.out
 
 
 def test_ptft_status_says_when_a_running_runs_driver_is_gone(
