@@ -278,7 +278,7 @@ def fit_classifier(
         cfg.tracking_uri, cfg.mlflow_run_id, rank=rank, resumed=checkpoint is not None or cfg.resumed
     )
     # Which process trains this run (the latest attempt's): for an operator, or a fault test, to find it.
-    tracker.set_tags({"ptft.rank0_pid": str(os.getpid()), "ptft.rank0_host": socket.gethostname()})
+    tracker.queue_tags({"ptft.rank0_pid": str(os.getpid()), "ptft.rank0_host": socket.gethostname()})
     done_epochs, step = state["epoch"], state["step"]
     if checkpoint is not None:
         tracker.log_metrics({"restore/loaded_epoch": done_epochs, "restore/first_epoch": done_epochs + 1}, done_epochs)

@@ -157,7 +157,7 @@ def _pretrain(cfg: _WorkerConfig) -> None:
     tracker = open_tracker(cfg.tracking_uri, cfg.mlflow_run_id, rank=rank, resumed=resumed)
     start = loaded_step or 0
     if loaded_step is None:
-        tracker.log_params({"model.parameters": models.count_parameters(engine.module), "world_size": world})
+        tracker.queue_params({"model.parameters": models.count_parameters(engine.module), "world_size": world})
     else:
         _log_restore(tracker, loaded_step, first_step=start + 1)
 

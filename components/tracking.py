@@ -54,6 +54,8 @@ class Tracker(Protocol):
     def logged_through(self, key: str) -> int: ...
     def log_params(self, params: Mapping[str, Any]) -> None: ...
     def set_tags(self, tags: Mapping[str, str]) -> None: ...
+    def queue_params(self, params: Mapping[str, Any]) -> None: ...
+    def queue_tags(self, tags: Mapping[str, str]) -> None: ...
     def metric_history(self, key: str) -> list[tuple[int, float]]: ...
     def log_artifacts(self, paths: list[Path], folder: str | None = None) -> None: ...
     def flush(self) -> None: ...
@@ -69,6 +71,8 @@ class NullTracker:
 
     def log_params(self, params: Mapping[str, Any]) -> None: ...
     def set_tags(self, tags: Mapping[str, str]) -> None: ...
+    def queue_params(self, params: Mapping[str, Any]) -> None: ...
+    def queue_tags(self, tags: Mapping[str, str]) -> None: ...
     def metric_history(self, key: str) -> list[tuple[int, float]]:
         return []
 
@@ -156,6 +160,21 @@ class MlflowTracker:
     def set_tags(self, tags: Mapping[str, str]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(key, str(value)) for key, value in redact(tags).items()])
 
+    def queue_params(self, params: Mapping[str, Any]) -> None:
+        """`log_params` sent with the metrics, by their sender: for a training loop, which a
+        tracking outage must not hold up (a synchronous call waits out MLflow's retries, ~4 min).
+        A param sent again after a lost answer has the same value, which MLflow accepts."""
+        self._queue([Param(key, _param_value(value)) for key, value in redact(params).items()])
+
+    def queue_tags(self, tags: Mapping[str, str]) -> None:
+        """`set_tags` sent with the metrics (see `queue_params`)."""
+        self._queue([RunTag(key, str(value)) for key, value in redact(tags).items()])
+
+    def _queue(self, entries: list[Param | RunTag]) -> None:
+        with self._lock:
+            self._pending.extend(entries)
+        self.flush(wait_s=0)  # sent now while the server answers; the caller does not wait
+
     def tags(self) -> dict[str, str]:
         return dict(self.client.get_run(self.run_id).data.tags)
 
@@ -190,7 +209,7 @@ class MlflowTracker:
             sender.join(0.05)
 
     def pending(self) -> int:
-        """Metrics not yet in MLflow."""
+        """Metrics (and queued params and tags) not yet in MLflow."""
         with self._lock:
             return len(self._pending)
 
@@ -208,13 +227,13 @@ class MlflowTracker:
         retry_s = 1.0
         while True:
             with self._lock:
-                batch = self._pending[:_METRIC_BATCH]
+                batch = _next_batch(self._pending)
                 if not batch:
                     self._sender = None  # under the lock: a metric added after this starts a new sender
                     return
             self._batch_started = self._batch_started or time.monotonic()
             try:
-                _log_metric_batch(self.client, self.run_id, batch)
+                _log_batch(self.client, self.run_id, batch)
             except Exception as error:  # noqa: BLE001 - any failure to reach the store: keep them, retry
                 if self.down_since is None and not out_of_space(error):  # that one stops the loop instead
                     self.down_since = time.monotonic()
@@ -284,16 +303,36 @@ def out_of_space(error: BaseException) -> bool:
     return "database or disk is full" in text or "No space left on device" in text
 
 
-def _log_metric_batch(client: MlflowClient, run_id: str, metrics: list[Metric]) -> None:
-    """`client.log_batch(run_id, metrics=metrics)`, over HTTP with `_SEND_RETRIES` retries of
-    MLflow's own. MLflow takes no retry count per call, so this makes the REST store's call itself;
-    local stores (sqlite, files) have no HTTP to retry and go through the client."""
+def _next_batch(pending: list[Metric | Param | RunTag]) -> list[Metric | Param | RunTag]:
+    """The oldest pending entries that fit one `log_batch`: 1000 metrics, 100 params, 100 tags."""
+    room = {Metric: _METRIC_BATCH, Param: _BATCH_LIMIT, RunTag: _BATCH_LIMIT}
+    batch = []
+    for entry in pending:
+        if room[type(entry)] == 0:
+            break
+        room[type(entry)] -= 1
+        batch.append(entry)
+    return batch
+
+
+def _log_batch(client: MlflowClient, run_id: str, entries: list[Metric | Param | RunTag]) -> None:
+    """`client.log_batch` of the entries, over HTTP with `_SEND_RETRIES` retries of MLflow's own.
+    MLflow takes no retry count per call, so this makes the REST store's call itself; local stores
+    (sqlite, files) have no HTTP to retry and go through the client."""
+    metrics = [entry for entry in entries if isinstance(entry, Metric)]
+    params = [entry for entry in entries if isinstance(entry, Param)]
+    tags = [entry for entry in entries if isinstance(entry, RunTag)]
     store = client._tracking_client.store  # MLflow has no public accessor for a client's store
     if not isinstance(store, RestStore):
-        client.log_batch(run_id, metrics=metrics)
+        client.log_batch(run_id, metrics=metrics, params=params, tags=tags)
         return
     endpoint, method = RestStore._METHOD_TO_INFO[LogBatch]
-    body = json.loads(message_to_json(LogBatch(run_id=run_id, metrics=[metric.to_proto() for metric in metrics])))
+    batch = LogBatch(
+        run_id=run_id,
+        metrics=[metric.to_proto() for metric in metrics],
+        params=[param.to_proto() for param in params],
+        tags=[tag.to_proto() for tag in tags],
+    )
     response = http_request(
         store.get_host_creds(),
         endpoint,
@@ -301,7 +340,7 @@ def _log_metric_batch(client: MlflowClient, run_id: str, metrics: list[Metric]) 
         max_retries=_SEND_RETRIES,
         backoff_factor=1,
         timeout=_SEND_TIMEOUT_S,
-        json=body,
+        json=json.loads(message_to_json(batch)),
     )
     verify_rest_response(response, endpoint)
 
@@ -457,11 +496,16 @@ def node_system_metrics(tracking_uri: str | None, run_id: str | None) -> Iterato
     sampler = SystemMetricsMonitor(run_id, tracking_uri=tracking_uri)  # its sampling only; never started
     prefix = f"{SYSTEM_PREFIX}node{context.get_node_rank()}/"
     tracker = MlflowTracker(tracking_uri, run_id)
-    first_step = last_logged_step(tracker.client, run_id, prefix + "cpu_utilization_percentage") + 1
     done = threading.Event()
 
     def sample() -> None:
-        step = first_step
+        # Asked here, not before training: in a tracking outage the lookup waits out MLflow's
+        # retries (minutes), and it held the training loop's start for as long.
+        try:
+            step = last_logged_step(tracker.client, run_id, prefix + "cpu_utilization_percentage") + 1
+        except Exception as error:  # noqa: BLE001 - samples are never worth failing a stage for
+            log.warning("system metrics of this node not sampled: MLflow did not answer (%s)", redact_text(str(error)))
+            return
         while not done.wait(SYSTEM_METRICS_EVERY_S):
             sampler.collect_metrics()
             metrics = sampler.aggregate_metrics()
@@ -476,12 +520,14 @@ def node_system_metrics(tracking_uri: str | None, run_id: str | None) -> Iterato
         yield
     except BaseException:
         done.set()
-        sampling.join()
+        sampling.join(timeout=5)
         with contextlib.suppress(Exception):  # the stage failed: its samples must not hold it up or hide why
             tracker.flush()
         raise
     done.set()
-    sampling.join()
+    # Not for ever: a lookup still waiting out an outage has sampled nothing, and ends without
+    # sampling once it returns (`done` is set).
+    sampling.join(timeout=5)
     # The stage's own tracker has waited out any outage by now; a flush would not wait for a
     # sender still backing off, and the samples taken in the outage would die with the worker.
     try:

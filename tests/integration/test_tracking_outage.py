@@ -120,6 +120,10 @@ def _train_through_an_outage(uri: str, outage_starts: Callable[[], None], outage
 
     outage_starts()
     started = time.monotonic()
+    # What a training loop logs as it starts goes with the metrics: held, not waited for.
+    tracker.queue_params({"world_size": 2})
+    tracker.queue_tags({"ptft.rank0_pid": "1234"})
+    assert tracker.pending() == 2
     for step in range(2, 101):
         tracker.log_metrics({"train/loss": 1.0 / step}, step)
         if step % 25 == 0:
@@ -133,6 +137,8 @@ def _train_through_an_outage(uri: str, outage_starts: Callable[[], None], outage
     assert tracker.pending() == 0 and tracker.down_since is None
     history = client.get_metric_history(run_id, "train/loss")
     assert sorted(metric.step for metric in history) == list(range(1, 101))  # each step once
+    run = client.get_run(run_id)
+    assert run.data.params["world_size"] == "2" and run.data.tags["ptft.rank0_pid"] == "1234"
 
 
 @pytest.mark.parametrize("what", ["server", "database"])
