@@ -26,7 +26,7 @@ _err: TextIO | None = None
 _muted = False
 _live: Any = None  # the rich Live display while `live()` is open on a terminal
 _panels: dict[str, Any] = {}  # what it shows, by key, in the order first shown
-_console_fds: tuple[int, ...] = ()  # while `logs_to` is open: its saved copies of the console's
+_console_fds: tuple[int, ...] = ()  # while `logs_to` is open: its saved copies of fds 1 and 2 (the console)
 
 
 def stdout() -> TextIO:

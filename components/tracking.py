@@ -504,7 +504,7 @@ def node_system_metrics(tracking_uri: str | None, run_id: str | None) -> Iterato
         try:
             step = last_logged_step(tracker.client, run_id, prefix + "cpu_utilization_percentage") + 1
         except Exception as error:  # noqa: BLE001 - samples are never worth failing a stage for
-            log.warning("system metrics of this node not sampled: MLflow did not answer (%s)", redact_text(str(error)))
+            log.warning("system metrics of this node not sampled: their last step unread (%s)", redact_text(str(error)))
             return
         while not done.wait(SYSTEM_METRICS_EVERY_S):
             sampler.collect_metrics()

@@ -317,8 +317,8 @@ def print_status(storage: Path, run_id: str | None, *, as_json: bool) -> int:
     except CredentialsNeeded as error:
         print(f"ptft: progress from MLflow unavailable: {error}", file=sys.stderr)
         tracking_uri = None
-    running = any(record.status == mf.RUNNING for record in manifest.stages.values())
-    if running and tracking_uri and (why := mlflow_unanswered(tracking_uri)) is not None:
+    asks_progress = any(record.status == mf.RUNNING for record in manifest.stages.values())
+    if asks_progress and tracking_uri and (why := mlflow_unanswered(tracking_uri)) is not None:
         # MLflow's client would retry for four minutes before the table
         where = redact_url(tracking_uri)
         print(f"ptft: progress from MLflow unavailable: the server at {where} does not answer ({why})", file=sys.stderr)
