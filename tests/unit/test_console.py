@@ -118,8 +118,11 @@ def test_after_the_terminal_closes_the_last_lines_go_to_the_log(tmp_path: Path) 
     log = tmp_path / "ptft.log"
     pid, terminal = pty.fork()
     if pid == 0:  # the child: a session of its own on the pty, as a login shell's command is
-        os.chdir(REPO)
-        os.execv(sys.executable, [sys.executable, "-c", HANGUP, str(log)])
+        try:
+            os.chdir(REPO)
+            os.execv(sys.executable, [sys.executable, "-c", HANGUP, str(log)])
+        finally:
+            os._exit(127)  # never back into pytest in the child
     seen = b""
     while b"pretrain started" not in seen:
         seen += os.read(terminal, 1024)
