@@ -499,18 +499,28 @@ def _quiet_down(config) -> None:
 
 
 def _runs(args: argparse.Namespace) -> int:
-    from pipelines.manifest import list_runs
+    from pipelines import manifest as mf
+    from pipelines.driver_lock import driver_gone
 
-    runs = list_runs(Path(args.storage))[: args.limit]
+    runs = mf.list_runs(Path(args.storage))[: args.limit]
     if not runs:
         print(f"No pipeline runs under {args.storage}.")
         return 0
     print(f"{'RUN ID':<24} {'PIPELINE':<14} {'STATUS':<10} {'STARTED':<20} {'SECONDS':>8}  STAGES")
+    orphans = 0
     for run in runs:
+        status = run.status
+        if status == mf.RUNNING and driver_gone(mf.Manifest.folder(args.storage, run.run_id)):
+            status, orphans = "no driver", orphans + 1
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.created_at))
         seconds = f"{run.ended_at - run.created_at:.0f}" if run.ended_at else "-"
         stages = " ".join(f"{name}:{record.status}" for name, record in run.stages.items())
-        print(f"{run.run_id:<24} {run.pipeline:<14} {run.status:<10} {started:<20} {seconds:>8}  {stages}")
+        print(f"{run.run_id:<24} {run.pipeline:<14} {status:<10} {started:<20} {seconds:>8}  {stages}")
+    if orphans:
+        print(
+            "\nno driver: recorded running, but its driver is gone (killed, or its machine restarted); "
+            "`ptft resume RUN_ID` goes on with it"
+        )
     return 0
 
 

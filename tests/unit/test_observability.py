@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -326,6 +327,8 @@ def test_ptft_status_json_and_table(client: MlflowClient, tmp_path: Path, capsys
         assert main(["status", "run-1", "--storage", str(tmp_path)]) == 0
         table = capsys.readouterr().out
         assert "pretrain  running" in table and "step 100/400 (25%)" in table and "gone" not in table
+        assert main(["runs", "--storage", str(tmp_path)]) == 0
+        assert re.search(r"^run-1 +demo +running ", capsys.readouterr().out, re.MULTILINE)
     finally:
         lock.release()
     assert main(["status", "--storage", str(tmp_path / "empty")]) == 2
@@ -362,6 +365,9 @@ def test_ptft_status_says_when_a_running_runs_driver_is_gone(
     assert lines[0].startswith("run-1 (demo): running")
     assert lines[1].startswith(f"  but its driver, pid {driver.pid} on {socket.gethostname()} (heartbeat ")
     assert lines[1].endswith("is gone: nothing runs it. Go on with `ptft resume run-1`")
+    assert main(["runs", "--storage", str(tmp_path)]) == 0
+    listed = capsys.readouterr().out
+    assert re.search(r"^run-1 +demo +no driver ", listed, re.MULTILINE) and "`ptft resume RUN_ID`" in listed
     (mf.Manifest.folder(tmp_path, "run-1") / LOCK_NAME).unlink()  # a driver killed before its lock
     assert main(["status", "run-1", "--storage", str(tmp_path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["driver_gone"] == "no driver holds its lock"
