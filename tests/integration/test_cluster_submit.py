@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -95,7 +96,7 @@ def cluster() -> Iterator[dict]:
         yield {"address": address, "dashboard": dashboard, "second": processes[1]}
     finally:
         for process in reversed(processes):
-            _stop(process)
+            _stop(process, signal.SIGKILL)  # a throwaway cluster: Ray's graceful stop took half a minute a node
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
