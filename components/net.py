@@ -51,9 +51,26 @@ def listen_problem(host: str, port: int) -> str | None:
             sock.bind(address)
         except OSError as error:
             if error.errno == errno.EADDRINUSE:
-                return f"{host}:{port} is in use"
+                return f"{host}:{port} is in use{_listener(port)}"
             return f"cannot listen on {host}:{port} ({error.strerror}): is {host} an address of this machine?"
     return None
+
+
+def _listener(port: int) -> str:
+    """` by pid N (NAME)`: the process listening on the port, where this user may see it, else ''.
+    A HAProxy that Ray Serve started outlives a driver killed with SIGKILL (the OOM killer) and
+    holds the Serve port; naming it saves a search."""
+    import psutil
+
+    try:
+        for connection in psutil.net_connections(kind="tcp"):
+            if connection.status == psutil.CONN_LISTEN and connection.laddr.port == port and connection.pid:
+                name = psutil.Process(connection.pid).name()
+                left = ", which a killed run's Ray Serve leaves behind" if name == "haproxy" else ""
+                return f" by pid {connection.pid} ({name}{left})"
+    except (psutil.Error, OSError):  # not ours to see
+        pass
+    return ""
 
 
 HEALTH_TIMEOUT_S = 5

@@ -80,7 +80,7 @@ def test_a_run_on_the_local_cluster_checks_its_workers_against_the_cpus(local_cl
 
 def test_a_run_on_the_local_cluster_checks_that_serve_port_is_free(local_cluster: str) -> None:
     """Serve's ingress failed to bind it, and the serve stage with it, after the training."""
-    in_use = r"\n  - serve.port = (\d+): 127.0.0.1:\1 is in use. Fix: stop what listens there"
+    in_use = r"\n  - serve.port = (\d+): 127.0.0.1:\1 is in use( by pid \d+ \([^)]*\))?\. Fix: stop what listens there"
     assert re.search(in_use, local_cluster), local_cluster
 
 

@@ -174,7 +174,8 @@ def test_serve_on_a_port_in_use_says_so_before_ray_starts(
         port = taken.getsockname()[1]
         assert main(["serve", str(folder), f"serve.port={port}", f"storage={tmp_path}"]) == 2
     err = capsys.readouterr().err
-    assert f"serve.port = {port}: 127.0.0.1:{port} is in use" in err and "Traceback" not in err
+    assert f"serve.port = {port}: 127.0.0.1:{port} is in use by pid {os.getpid()} (" in err, err  # who holds it
+    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize("command", ["serve", "explain", "promote", "rollback"])
