@@ -28,6 +28,7 @@ from components.redaction import redact_url
 from pipelines import arguments, init, jobs, preflight, report
 from pipelines.pipeline_config import _MISSING as _MISSING_VALUE
 from pipelines.pipeline_config import ConfigError, Problem, load_config, validate
+from pipelines.scheduling import nodes_in_threads
 from pipelines.stages import NAMES as STAGE_NAMES
 from pipelines.stages import split_node
 
@@ -271,10 +272,17 @@ def _console(args: argparse.Namespace, log: Path) -> Iterator[Path | None]:
 
 
 def _disconnect_ray() -> None:
-    """Leave Ray (a local one stops): it streams the workers' last lines as it goes, into the log."""
+    """Leave Ray (a local one stops): it streams the workers' last lines as it goes, into the log.
+    Not under stages that a stop left running in threads: their next call into Ray would end the
+    process at once (exit 1, the stop's last lines unsaid) or start a new Ray; `exit_with_main` leaves Ray
+    to the process's end instead."""
     ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        ray.shutdown()
+    if ray is None or not ray.is_initialized():
+        return
+    if running := nodes_in_threads():
+        logging.getLogger(__name__).warning("Ray left to the process's end: %s still run", ", ".join(running))
+        return
+    ray.shutdown()
 
 
 def _run_id_and_log(config, how: dict) -> tuple[str, Path]:
@@ -964,5 +972,18 @@ def _wait_forever() -> None:
         pass
 
 
+def exit_with_main() -> None:
+    """The `ptft` command. A run stopped beside stages still running in threads ends here at once,
+    its lines flushed: the interpreter's own exit would shut Ray down under them (Ray's exit hook).
+    A local Ray then goes with its reaper, a cluster's job with its driver, as after a kill."""
+    code = main()
+    if nodes_in_threads():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with_main()

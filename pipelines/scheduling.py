@@ -31,6 +31,7 @@ from typing import Any, Protocol
 log = logging.getLogger(__name__)
 
 Resources = Mapping[str, float]
+NODE_THREAD = "ptft-node-"  # the name of a node's thread: this, then the node's id
 
 
 class GraphNode(Protocol):
@@ -116,7 +117,7 @@ def run_graph(
             pending.remove(node)
             running[node.id] = node
             log.info("node %s starts beside %s", node.id, ", ".join(sorted(set(running) - {node.id})) or "nothing")
-            threading.Thread(target=in_thread, args=(node,), name=f"ptft-{node.id}", daemon=True).start()
+            threading.Thread(target=in_thread, args=(node,), name=f"{NODE_THREAD}{node.id}", daemon=True).start()
         for node in pending:
             if node in ready and node.id not in running and node.id not in told_waiting:
                 told_waiting.add(node.id)
@@ -129,6 +130,15 @@ def run_graph(
         elif pending and not ready:  # cannot happen in a graph whose upstream comes first
             raise RuntimeError(f"nodes {[node.id for node in pending]} wait on nodes that never run")
     return failures
+
+
+def nodes_in_threads() -> list[str]:
+    """The nodes whose threads still run. After a stop their stages may be inside Ray's calls,
+    which end the process (exit 1, without a word) or start a new Ray instance if Ray is shut
+    down under them."""
+    return [
+        thread.name.removeprefix(NODE_THREAD) for thread in threading.enumerate() if thread.name.startswith(NODE_THREAD)
+    ]
 
 
 def _lasting(nodes: Sequence[GraphNode], slots: Mapping[str, Slot]) -> set[str]:

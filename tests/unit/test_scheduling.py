@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from pipelines.scheduling import Slot, fits, run_graph
+from pipelines.scheduling import Slot, fits, nodes_in_threads, run_graph
 
 
 @dataclass(frozen=True)
@@ -165,6 +165,37 @@ def test_a_stop_in_a_branch_is_raised_at_once():
             on_skipped=lambda node, blocked: None,
             on_failed=lambda node, error: None,
         )
+
+
+def test_a_stop_names_the_branches_still_running_in_their_threads():
+    """The CLI leaves Ray alone while these run (a call into a Ray shut down under them ended the
+    process with exit 1): the stop does not wait for them, so they are named until they end."""
+    release = threading.Event()
+
+    def run(node: N) -> None:
+        if node.id == "a1":
+            time.sleep(0.2)
+            raise KeyboardInterrupt
+        if node.id == "b1":
+            release.wait(timeout=30)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_graph(
+            GRAPH,
+            run,
+            claiming(1),
+            lambda: {"CPU": 8},
+            max_parallel=4,
+            on_done=lambda node, result: None,
+            on_skipped=lambda node, blocked: None,
+            on_failed=lambda node, error: None,
+        )
+    assert "b1" in nodes_in_threads()  # (a1's thread may not have ended yet)
+    release.set()
+    deadline = time.monotonic() + 10
+    while nodes_in_threads() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert nodes_in_threads() == []
 
 
 def test_fits_needs_every_claimed_resource():
