@@ -120,6 +120,12 @@ def _type_of(task: TaskConfig | None) -> TaskType:
     return task_type(task.type if task else "sequence_classification")
 
 
+def _serve_mapping(section: dict) -> dict:
+    """The `serve` mapping of a config or of one of its tasks; {} where there is none (or not a mapping)."""
+    serve = section.get("serve")
+    return serve if isinstance(serve, dict) else {}
+
+
 def _merged(base: Any, override: Any) -> Any:
     """`override` deep-merged over `base` (mappings merge, anything else replaces)."""
     if not isinstance(base, dict) or not isinstance(override, dict):
@@ -166,12 +172,12 @@ class PipelineConfig(BaseModel):
                 **spec,
                 **{section: _merged(raw.get(section) or {}, spec.get(section) or {}) for section in TASK_SECTIONS},
             }
-            serve = spec["serve"]
-            own_serve = (raw["tasks"][name].get("serve") or {}) if isinstance(raw["tasks"][name], dict) else {}
-            if "app_name" not in own_serve:
-                serve["app_name"] = f"{(raw.get('serve') or {}).get('app_name', 'ptft')}-{name}"
-            if "route_prefix" not in own_serve:
-                serve["route_prefix"] = f"/{name}"
+            serve, own_serve, shared_serve = spec["serve"], _serve_mapping(raw["tasks"][name]), _serve_mapping(raw)
+            if isinstance(serve, dict):  # else validation names the section that is not a mapping
+                if "app_name" not in own_serve:
+                    serve["app_name"] = f"{shared_serve.get('app_name', 'ptft')}-{name}"
+                if "route_prefix" not in own_serve:
+                    serve["route_prefix"] = f"/{name}"
             tasks[name] = spec
         return {**raw, "tasks": tasks}
 
@@ -1115,6 +1121,7 @@ def task_problems(raw: dict, sections: dict[str, Any]) -> list[Problem]:
     problems += _shared_by_two_tasks(tasks, sections.get("name"))
     for name, spec in tasks.items():
         own = {"tune": spec.tune, "finetune": spec.finetune, "serve": spec.serve, "pretrain": sections.get("pretrain")}
+        own = {key: value for key, value in own.items() if value is not None}  # a section that did not parse
         shared = semantic_problems({key: value for key, value in sections.items() if key in own})
         for problem in semantic_problems(own):
             if problem not in shared:  # a rule the task's own keys break, not the shared sections

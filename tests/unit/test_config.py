@@ -193,6 +193,27 @@ def test_two_tasks_cannot_share_a_serve_app_a_route_or_a_registered_model() -> N
     assert validate(yaml.safe_load((REPO / "configs" / "demo_multitask.yaml").read_text())).tasks  # as shipped
 
 
+@pytest.mark.parametrize(
+    ("where", "value", "key"),
+    [
+        ("pretrain.workers", [], "pretrain.workers"),  # a shared section that does not parse
+        ("pretrain.warmup_steps", [1, 2], "pretrain.warmup_steps"),
+        ("serve", "x", "serve"),  # a shared section that is not a mapping
+        ("tasks.topic.serve", 7, "tasks.topic.serve"),
+    ],
+)
+def test_a_config_of_tasks_with_a_broken_section_names_it(where: str, value: object, key: str) -> None:
+    """Each was a traceback (exit 1) from the tasks' inheritance of the shared sections or their
+    checks, not a problem naming the field."""
+    raw = yaml.safe_load((REPO / "configs" / "demo_multitask.yaml").read_text())
+    *parents, last = where.split(".")
+    section = raw
+    for part in parents:
+        section = section[part]
+    section[last] = value
+    assert key in {problem.key for problem in _problems(raw)}
+
+
 def test_all_problems_reported_at_once(tmp_path: Path) -> None:
     raw = tiny_config_dict(tmp_path)
     apply_overrides(raw, ["pretrain.max_steps=many", "tune.num_samples=0", "pretrain.modle.preset=tiny"])
