@@ -27,6 +27,9 @@ import pyarrow.parquet as pq
 from components import synthetic
 from components.schemas import CorpusConfig, FileSource, HubSource, Source, SyntheticSource
 
+# UTF-8's byte-order mark, which Excel's "CSV UTF-8" and Windows editors put at a file's start: Arrow
+# took it for part of the first column's name (`column 'text' not in ...: use one of its columns: \ufefftext, label`).
+BOM = codecs.BOM_UTF8
 SUFFIX_FORMATS = {
     ".jsonl": "jsonl",
     ".json": "jsonl",
@@ -194,21 +197,24 @@ def _scan_file(path: str, fmt: str) -> None:
     too large to load twice); other formats were checked by `check_source`."""
     if fmt not in ("jsonl", "csv", "tsv"):
         return
-    with open(path, encoding="utf-8") as handle:
+    with open(path, encoding="utf-8-sig") as handle:
         if fmt == "jsonl" and _opens_squad(handle.readline()):
             _read_file(path, fmt)  # one JSON document: it reads whole
             return
     delimiter = "\t" if fmt == "tsv" else ","
     try:
-        reader = (
-            pajson.open_json(path)
-            if fmt == "jsonl"
-            else pacsv.open_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter))
-        )
-        for _ in reader:
-            pass
+        with open(path, "rb") as handle:
+            if handle.read(len(BOM)) != BOM:
+                handle.seek(0)
+            reader = (
+                pajson.open_json(handle)
+                if fmt == "jsonl"
+                else pacsv.open_csv(handle, parse_options=pacsv.ParseOptions(delimiter=delimiter))
+            )
+            for _ in reader:
+                pass
     except pa.ArrowInvalid as error:
-        raise _unreadable(path, fmt, error, Path(path).read_bytes()) from None
+        raise _unreadable(path, fmt, error, _read_bytes(path)) from None
 
 
 def _unreadable(path: str, fmt: str, error: Exception, data: bytes) -> UnreadableFile:
@@ -317,8 +323,8 @@ def _read_bytes(path: str) -> bytes:
     if "://" in path:
         filesystem, inner = pafs.FileSystem.from_uri(path)
         with filesystem.open_input_stream(inner) as stream:
-            return stream.read()
-    return Path(path).read_bytes()
+            return stream.read().removeprefix(BOM)
+    return Path(path).read_bytes().removeprefix(BOM)
 
 
 def source_columns(source: FileSource) -> list[str]:
@@ -329,10 +335,10 @@ def source_columns(source: FileSource) -> list[str]:
         return list(pq.read_schema(path).names)
     if fmt == "text":
         return ["text"]
-    with open(path, encoding="utf-8") as handle:
+    with open(path, encoding="utf-8-sig") as handle:
         first = handle.readline()
     if fmt == "jsonl":
-        if first.lstrip().startswith("{") and _opens_squad(first) and squad_rows(Path(path).read_bytes()) is not None:
+        if first.lstrip().startswith("{") and _opens_squad(first) and squad_rows(_read_bytes(path)) is not None:
             return SQUAD_COLUMNS
         try:
             return list(_json_object(first, 1)) if first.strip() else []

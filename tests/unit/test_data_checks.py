@@ -3,12 +3,15 @@ exit 2, naming the key and the file, with the fix."""
 
 from __future__ import annotations
 
+import codecs
 import json
 from pathlib import Path
 
 import pytest
 import yaml
 
+from components.data import load_source
+from components.schemas import FileSource
 from pipelines.cli import main
 from tests.conftest import tiny_config_dict
 
@@ -47,6 +50,25 @@ def test_a_file_that_is_not_utf8_is_named_with_the_byte(tmp_path: Path, capsys: 
     code, err = _validate(config, capsys)
     assert code == 2
     assert "data.task.train.path" in err and "train.jsonl is not UTF-8 text (byte 11)" in err and "iconv" in err
+
+
+@pytest.mark.parametrize("suffix", ["csv", "jsonl"])
+def test_a_file_that_starts_with_a_byte_order_mark_reads_as_without(
+    tmp_path: Path, capsys: pytest.CaptureFixture, suffix: str
+) -> None:
+    """Excel's "CSV UTF-8" starts with one: validation said `column 'text' not in ...: use one of its
+    columns: \ufefftext, label` (the mark invisible), and a JSON-lines file's first line was not JSON."""
+    rows = _rows(64)
+    if suffix == "csv":
+        text = "text,label\n" + "".join(f"{row['text']},{row['label']}\n" for row in rows)
+    else:
+        text = "".join(json.dumps(row) + "\n" for row in rows)
+    marked = tmp_path / f"marked.{suffix}"
+    marked.write_bytes(codecs.BOM_UTF8 + text.encode())
+    config = _config(tmp_path, {"train": rows, "validation": _rows(8), "test": _rows(8)})
+    assert _validate(config, capsys, f"data.task.train.path={marked}") == (0, "")
+    table = load_source(FileSource(type="file", path=str(marked)), labelled=True)
+    assert table.column_names == ["text", "label"] and table.column("text")[0].as_py() == rows[0]["text"]
 
 
 def test_an_empty_split_one_class_and_unseen_labels(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
