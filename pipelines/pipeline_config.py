@@ -293,7 +293,8 @@ class Problem:
 
     def __str__(self) -> str:
         shown = "" if self.value is _MISSING else f" = {redact_url(self.value)!r}"
-        return redact_text(f"  - {self.key}{shown}: {self.message}. Fix: {self.fix}")  # no credentials, ever
+        message = self.message.rstrip(".")  # MLflow's own messages end in one
+        return redact_text(f"  - {self.key}{shown}: {message}. Fix: {self.fix}")  # no credentials, ever
 
 
 _MISSING = object()
