@@ -44,7 +44,7 @@ from components.schemas import (
     check_registry_name,
     span_count,
 )
-from components.tasks import TaskType, task_type
+from components.tasks import TASK_TYPES, TaskType, task_type
 
 CREDENTIALS_NEEDED = "credentials needed: "
 
@@ -611,17 +611,39 @@ def model_reference_problems(reference: str, key: str) -> list[Problem]:
             ]
         return []
     folder = Path(reference).expanduser()
+    what = _what_the_model_folder_lacks(folder)
+    if what is None:
+        return []
+    return [
+        Problem(
+            key,
+            reference,
+            f"the folder {what}",
+            "give a Hugging Face model folder (config.json, weights, tokenizer) or models:/NAME@ALIAS",
+        )
+    ]
+
+
+def _what_the_model_folder_lacks(folder: Path) -> str | None:
+    """What keeps a folder from loading as a fine-tuned model ptft serves; None if nothing does
+    (a config.json without `model_type`, or with a head ptft has no task for, was a traceback)."""
     if not (folder / "config.json").is_file():
-        what = "has no config.json" if folder.is_dir() else "does not exist"
-        return [
-            Problem(
-                key,
-                reference,
-                f"the folder {what}",
-                "give a Hugging Face model folder (config.json, weights, tokenizer) or models:/NAME@ALIAS",
-            )
-        ]
-    return []
+        return "has no config.json" if folder.is_dir() else "does not exist"
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as error:
+        return f"has a config.json that does not read as JSON ({error})"
+    if not isinstance(config, dict) or not config.get("model_type"):
+        return "has a config.json without model_type: not one written by save_pretrained"
+    architectures = config.get("architectures") or []
+    if not any(str(name).endswith(task.architecture) for name in architectures for task in TASK_TYPES.values()):
+        heads = ", ".join(task.architecture for task in TASK_TYPES.values())
+        return f"holds a {architectures or 'headless'} model: ptft serves models with a head of {heads}"
+    if not any(folder.glob("*.safetensors")):
+        return "has no weights in safetensors (model.safetensors), the only ones ptft loads"
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        return "has no tokenizer files"
+    return None
 
 
 def _tokenizer_problems(tokenize: TokenizeConfig) -> list[Problem]:

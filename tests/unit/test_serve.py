@@ -4,6 +4,7 @@ store (sqlite), request limits, truncation, serve config rules and model referen
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from pathlib import Path
 
@@ -184,6 +185,29 @@ def test_model_references(tmp_path: Path) -> None:
     assert model_reference_problems(str(folder), "MODEL") == []
     model = serve.resolve_model(str(folder), None)
     assert (model.name, model.version, model.model_uri) == ("model", "local", str(folder))
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        (lambda folder: (folder / "config.json").write_text("{}"), "without model_type"),
+        (lambda folder: (folder / "config.json").write_text("{not json"), "does not read as JSON"),
+        (lambda folder: _architectures(folder, ["BertModel"]), "holds a ['BertModel'] model: ptft serves"),
+        (lambda folder: [path.unlink() for path in folder.glob("*.safetensors")], "no weights in safetensors"),
+        (lambda folder: [path.unlink() for path in folder.glob("*token*") if path.is_file()], "no tokenizer files"),
+    ],
+)
+def test_a_model_folder_that_cannot_load_is_named_before_ray_starts(tmp_path: Path, change, said: str) -> None:
+    """`ptft serve` and `ptft explain` ended in a traceback (exit 1) for the first four."""
+    folder = tiny_classifier(tmp_path / "model", seed=0)
+    change(folder)
+    (problem,) = model_reference_problems(str(folder), "MODEL")
+    assert said in problem.message, problem.message
+
+
+def _architectures(folder: Path, names: list[str]) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "architectures": names}))
 
 
 def test_exported_serve_config_passes_rays_schema_and_the_builder_checks() -> None:
