@@ -361,11 +361,8 @@ def check_source(source: Source, *, labelled: bool) -> list[tuple[str, str, str]
     if not paths or missing:
         return [("path", f"no file at {missing[0] if missing else source.path}", _what_exists(source.path))]
     for path in paths:
-        if os.path.getsize(path) == 0:
-            return [("path", f"{path} is empty", "give it examples")]
-        if _file_format(source, path) != "parquet" and (where := _not_utf8(path)) is not None:
-            fix = f"re-encode it as UTF-8, e.g. iconv -f latin1 -t utf-8 {path} > fixed{Path(path).suffix}"
-            return [("path", f"{path} is not UTF-8 text (byte {where})", fix)]
+        if problem := unreadable_text(path, _file_format(source, path)):
+            return [("path", *problem)]
     try:
         columns = source_columns(source)
     except UnreadableFile as error:
@@ -377,6 +374,16 @@ def check_source(source: Source, *, labelled: bool) -> list[tuple[str, str, str]
         for key, name in _columns_read(source, labelled)
         if name not in columns
     ]
+
+
+def unreadable_text(path: str, fmt: str) -> tuple[str, str] | None:
+    """(why, fix) for a local data file that is empty or, unless Parquet, not UTF-8 text; else None."""
+    if os.path.getsize(path) == 0:
+        return f"{path} is empty", "give it examples"
+    if fmt != "parquet" and (where := _not_utf8(path)) is not None:
+        fix = f"re-encode it as UTF-8, e.g. iconv -f latin1 -t utf-8 {path} > fixed{Path(path).suffix}"
+        return f"{path} is not UTF-8 text (byte {where})", fix
+    return None
 
 
 def _columns_read(source: FileSource, labelled: bool) -> list[tuple[str, str]]:

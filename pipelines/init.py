@@ -101,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
 def _read(path: Path) -> pa.Table:
     if not path.is_file():
         raise ConfigError("ptft init", [Problem("DATA_FILE", str(path), "no such file", "pass a data file")])
+    if problem := data.unreadable_text(str(path), data.format_of_suffix(path.suffix) or "jsonl"):
+        raise ConfigError("ptft init", [Problem("DATA_FILE", str(path), *problem)])  # as `ptft validate` says it
     try:
         table = data.read_table(str(path))
     except (OSError, ValueError, UnicodeDecodeError, pa.ArrowInvalid) as error:

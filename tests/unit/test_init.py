@@ -266,6 +266,12 @@ def test_files_it_cannot_use_exit_2_with_the_reason(in_tmp: Path, capsys: pytest
     Path("notes.log").write_text("a line of notes\n" * 20)  # a suffix that names no format: read as JSON lines
     assert main(["init", "notes.log"]) == 2
     assert "'.log' names no format" in capsys.readouterr().err
+    Path("empty.csv").write_text("")
+    assert main(["init", "empty.csv"]) == 2
+    assert "empty.csv is empty. Fix: give it examples" in capsys.readouterr().err  # as `ptft validate` says
+    Path("latin1.csv").write_bytes("text,label\nun film très beau,pos\n".encode("latin-1") * 10)
+    assert main(["init", "latin1.csv"]) == 2  # was refused only by the check of the config it had written
+    assert "latin1.csv is not UTF-8 text (byte 21)" in (err := capsys.readouterr().err) and "iconv" in err
     reviews = str(shared("data/rt-polarity/train.jsonl"))
     for task, needs in (("entities", "needs two columns of lists"), ("answers", "needs the columns question")):
         assert main(["init", reviews, "--task", task]) == 2  # not a sentence classifier's config instead
