@@ -148,6 +148,20 @@ def test_a_failed_branch_skips_its_own_downstream_only():
     assert {"shared", "b1", "b2"} <= set(recorder.done)
 
 
+def _run_until_stopped(run) -> None:
+    """GRAPH with room for every branch at once, each node's work `run`."""
+    run_graph(
+        GRAPH,
+        run,
+        claiming(1),
+        lambda: {"CPU": 8},
+        max_parallel=4,
+        on_done=lambda node, result: None,
+        on_skipped=lambda node, blocked: None,
+        on_failed=lambda node, error: None,
+    )
+
+
 def test_a_stop_in_a_branch_is_raised_at_once():
     def run(node: N) -> None:
         if node.id == "a1":
@@ -155,16 +169,7 @@ def test_a_stop_in_a_branch_is_raised_at_once():
         time.sleep(0.05)
 
     with pytest.raises(KeyboardInterrupt):
-        run_graph(
-            GRAPH,
-            run,
-            claiming(1),
-            lambda: {"CPU": 8},
-            max_parallel=4,
-            on_done=lambda node, result: None,
-            on_skipped=lambda node, blocked: None,
-            on_failed=lambda node, error: None,
-        )
+        _run_until_stopped(run)
 
 
 def test_a_stop_names_the_branches_still_running_in_their_threads():
@@ -180,16 +185,7 @@ def test_a_stop_names_the_branches_still_running_in_their_threads():
             release.wait(timeout=30)
 
     with pytest.raises(KeyboardInterrupt):
-        run_graph(
-            GRAPH,
-            run,
-            claiming(1),
-            lambda: {"CPU": 8},
-            max_parallel=4,
-            on_done=lambda node, result: None,
-            on_skipped=lambda node, blocked: None,
-            on_failed=lambda node, error: None,
-        )
+        _run_until_stopped(run)
     assert "b1" in nodes_in_threads()  # (a1's thread may not have ended yet)
     release.set()
     deadline = time.monotonic() + 10
