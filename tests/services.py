@@ -201,8 +201,13 @@ def _start_ray(folder: Path) -> dict:
     # Stopped with SIGKILL, its whole session: a throwaway cluster, and Ray's graceful stop of one
     # (SIGTERM to each of its processes in turn, a second's wait each) took 33 s, the last thing of
     # every `make test`.
-    record = {"address": address, "temp_dir": str(temp_dir), "pids": [process.pid], "folders": [str(temp_dir)]}
-    return {**record, "stop_signal": "SIGKILL"}
+    return {
+        "address": address,
+        "temp_dir": str(temp_dir),
+        "pids": [process.pid],
+        "folders": [str(temp_dir)],
+        "stop_signal": "SIGKILL",
+    }
 
 
 # Logical CPUs of the shared cluster: more than the 2 cores, since the workers' modules share it
