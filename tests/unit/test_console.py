@@ -82,7 +82,7 @@ def test_a_run_that_opened_and_failed_says_how_to_continue_it(tmp_path: Path, ca
         )
     with pytest.raises(RuntimeError), cli._resume_hint("run", storage, "20261205-074106-aaaaaa"):
         raise RuntimeError("refused before the run opened")
-    assert capsys.readouterr().err == ""
+    assert "did not finish" not in capsys.readouterr().err  # (a Ray driver in this process may log beside it)
 
 
 HANGUP = textwrap.dedent(
