@@ -74,21 +74,45 @@ def _listener(port: int) -> str:
 
 
 HEALTH_TIMEOUT_S = 5
+STORE_PROBE = "/api/2.0/mlflow/experiments/get-by-name"
+STORE_DOWN = "/health answers, its store does not"
 
 
 def mlflow_unanswered(tracking_uri: str | None) -> str | None:
-    """Why an MLflow server does not answer `GET /health` within a few seconds, or None: it does,
-    or the store is no server (a sqlite file). Asked before MLflow's own client, which retries an
-    unreachable server for minutes."""
+    """Why an MLflow server cannot be used within a few seconds, or None: it answers, or the store
+    is no server (a sqlite file). Asked before MLflow's own client, which retries an unreachable
+    server for minutes. `GET /health` answers without the server's store, so a read follows that
+    needs it: a server whose database is down says ok to /health and 503 to everything else."""
     if not tracking_uri or not tracking_uri.startswith(("http://", "https://")):
         return None
     import requests  # ~0.1 s: only when there is a server to ask
 
+    base = tracking_uri.rstrip("/")
     try:
-        response = requests.get(f"{tracking_uri.rstrip('/')}/health", timeout=HEALTH_TIMEOUT_S)
+        response = requests.get(f"{base}/health", timeout=HEALTH_TIMEOUT_S)
     except requests.RequestException as error:
         return f"GET /health failed: {type(error).__name__}"
-    return None if response.ok else f"GET /health answered {response.status_code}"
+    if not response.ok:
+        return f"GET /health answered {response.status_code}"
+    try:  # an experiment's lookup by a name nobody uses: a 404 (or 401 without credentials) is an answer
+        response = requests.get(
+            f"{base}{STORE_PROBE}", params={"experiment_name": "ptft-store-probe"}, timeout=HEALTH_TIMEOUT_S
+        )
+    except requests.RequestException as error:
+        return f"{STORE_DOWN}: GET {STORE_PROBE} failed: {type(error).__name__}"
+    if response.status_code < 500:
+        return None
+    answered = f"{response.status_code}{_mlflow_error_code(response)}"
+    return f"{STORE_DOWN}: GET {STORE_PROBE} answered {answered}"
+
+
+def _mlflow_error_code(response) -> str:
+    """` TEMPORARILY_UNAVAILABLE`: MLflow's error code in a response, when it sent one."""
+    try:
+        code = response.json().get("error_code")
+    except (ValueError, AttributeError):
+        return ""
+    return f" {code}" if isinstance(code, str) else ""
 
 
 def causes(error: BaseException) -> Iterator[BaseException]:

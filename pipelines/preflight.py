@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import urlsplit
 
-from components.net import listen_problem, mlflow_unanswered
+from components.net import STORE_DOWN, listen_problem, mlflow_unanswered
 from components.schemas import ServeConfig
 from pipelines.pipeline_config import PipelineConfig, Problem
 
@@ -58,7 +58,7 @@ def check_cluster(config: PipelineConfig, address: str | None = None, *, trackin
 
 
 def tracking_problems(config: PipelineConfig) -> list[Problem]:
-    """An MLflow server named by `tracking.uri` must answer `/health`."""
+    """An MLflow server named by `tracking.uri` must answer `/health` and a read of its store."""
     reason = mlflow_unanswered(config.tracking.uri)
     if reason is None:
         return []  # it answers, or the store is sqlite under storage, which the storage probe covers
@@ -67,7 +67,9 @@ def tracking_problems(config: PipelineConfig) -> list[Problem]:
             "tracking.uri",
             config.tracking.uri,
             f"the MLflow server does not answer ({reason})",
-            "start the server or fix tracking.uri; a Ray Job's nodes must reach it too",
+            "start the server or fix tracking.uri; a Ray Job's nodes must reach it too"
+            if STORE_DOWN not in reason
+            else "bring back the server's backend store (its database), then run the command again",
         )
     ]
 

@@ -23,6 +23,8 @@ from mlflow.tracking import MlflowClient
 from components import tracking
 from components.net import free_port
 from pipelines import manifest as mf
+from pipelines import preflight
+from pipelines.pipeline_config import Problem, validate
 from pipelines.waits import TrackingWait
 from tests.conftest import REPO, tiny_config_dict, wait_until
 from tests.integration.pretrain_runs import PretrainRuns
@@ -82,20 +84,7 @@ def _store_that_fails(what: str, tmp_path: Path) -> Iterator[_Store]:
 def test_a_tracking_server_outage_neither_stops_training_nor_loses_or_repeats_a_step(tmp_path: Path) -> None:
     said: list[str] = []
     with _store_that_fails("server", tmp_path) as store:
-        # What a run's watch says meanwhile (pipelines/waits.py), checked here, not by its thread.
-        wait = TrackingWait(store.uri, said.append, after_s=0)
-
-        def down() -> None:
-            wait.check()
-            assert said == []  # the server answers: nothing to say
-            store.down()
-            wait.check()
-
-        def up() -> None:
-            store.up()
-            wait.check()
-
-        _train_through_an_outage(store.uri, down, up)
+        _train_through_an_outage(store.uri, *_watched(store, said))
     assert len(said) == 2, said
     assert said[0].startswith(f"[ptft] the MLflow server at {store.uri} does not answer (GET /health failed: ")
     assert "`ptft resume` goes on from there" in said[0]
@@ -103,8 +92,48 @@ def test_a_tracking_server_outage_neither_stops_training_nor_loses_or_repeats_a_
 
 
 def test_a_database_outage_behind_the_tracking_server_neither_stops_training_nor_loses_a_step(tmp_path: Path) -> None:
+    said: list[str] = []
+    refused: list[Problem] = []
     with _store_that_fails("database", tmp_path) as store:
-        _train_through_an_outage(store.uri, store.down, store.up)
+        config = validate({**tiny_config_dict(tmp_path / "storage"), "tracking": {"uri": store.uri}}, check_data=False)
+        down, up = _watched(store, said)
+
+        def down_and_refused() -> None:
+            assert preflight.tracking_problems(config) == []
+            down()
+            refused.extend(preflight.tracking_problems(config))  # what a run starting now is told
+
+        _train_through_an_outage(store.uri, down_and_refused, up)
+        assert preflight.tracking_problems(config) == []
+    # The server answered GET /health all along: the watch and the run's pre-flight read its store.
+    assert len(said) == 2, said
+    store_down = (
+        f"[ptft] the MLflow server at {store.uri} does not answer (/health answers, its store does not: "
+        "GET /api/2.0/mlflow/experiments/get-by-name answered 503 TEMPORARILY_UNAVAILABLE)"
+    )
+    assert said[0].startswith(store_down), said[0]
+    assert said[1].startswith(f"[ptft] the MLflow server at {store.uri} answers again, after ")
+    (problem,) = refused
+    assert problem.key == "tracking.uri" and "its store does not" in problem.message
+    assert "backend store" in problem.fix
+
+
+def _watched(store: _Store, said: list[str]) -> tuple[Callable[[], None], Callable[[], None]]:
+    """The store's outage and its end, each with what a run's watch (pipelines/waits.py) says
+    around it, checked here, not by the watch's thread."""
+    wait = TrackingWait(store.uri, said.append, after_s=0)
+
+    def down() -> None:
+        wait.check()
+        assert said == []  # the server answers: nothing to say
+        store.down()
+        wait.check()
+
+    def up() -> None:
+        store.up()
+        wait.check()
+
+    return down, up
 
 
 def _train_through_an_outage(uri: str, outage_starts: Callable[[], None], outage_ends: Callable[[], None]) -> None:
