@@ -110,6 +110,18 @@ def driver_gone(run_folder: Path) -> str | None:
     return None if holder.alive() else f"its driver, {holder.describe()}, is gone"
 
 
+def last_seen(run_folder: Path) -> float | None:
+    """When the run's driver last showed it lived: its lock's heartbeat, else the run's last
+    manifest write (a driver killed before it took its lock), or None when neither is there."""
+    holder = _read(run_folder / LOCK_NAME)
+    if holder is not None:
+        return holder.heartbeat_at
+    try:
+        return (run_folder / "manifest.json").stat().st_mtime
+    except OSError:
+        return None
+
+
 def _read(path: Path) -> Owner | None:
     try:
         return Owner(**json.loads(path.read_text()))

@@ -28,7 +28,7 @@ from components.stage import StageResult
 from components.tracking import PARENT_TAG
 from pipelines import manifest as mf
 from pipelines import stages
-from pipelines.driver_lock import driver_gone
+from pipelines.driver_lock import driver_gone, last_seen
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def snapshot(manifest: mf.Manifest, client: MlflowClient | None = None, now: flo
             "upstream": record.upstream,
         }
         if record.status == mf.RUNNING and client is not None and record.mlflow_run_id:
-            running_s = now - (record.started_at or now)
+            running_s = max(0.0, now - (record.started_at or now))
             entry["seconds"] = running_s
             progress = stage_progress(client, name, record.mlflow_run_id)
             if progress and "total_steps" in progress:
@@ -90,7 +90,7 @@ def snapshot(manifest: mf.Manifest, client: MlflowClient | None = None, now: flo
         "attempts": manifest.attempts,
         "created_at": manifest.created_at,
         "ended_at": manifest.ended_at,
-        "elapsed_s": (manifest.ended_at or now) - manifest.created_at,
+        "elapsed_s": max(0.0, (manifest.ended_at or now) - manifest.created_at),
         "tracking_uri": redact_url(manifest.tracking_uri),
         "experiment_id": manifest.experiment_id,
         "mlflow_run_id": manifest.mlflow_run_id,
@@ -324,22 +324,32 @@ def print_status(storage: Path, run_id: str | None, *, as_json: bool) -> int:
         print(f"ptft: progress from MLflow unavailable: the server at {where} does not answer ({why})", file=sys.stderr)
         tracking_uri = None
     client = MlflowClient(tracking_uri) if tracking_uri else None
+    # A run whose driver died (SIGKILL, out of memory, a closed terminal, a restarted machine) says
+    # `running` for ever: say so, and how to go on, and count its time only while a driver ran it.
+    # Asked under the storage given, which may be the run's shared storage mounted elsewhere.
+    folder = mf.Manifest.folder(storage, manifest.run_id)
+    gone = driver_gone(folder) if manifest.status == mf.RUNNING else None
+    until = (last_seen(folder) or time.time()) if gone else None
     try:
-        state = snapshot(manifest, client)
+        state = snapshot(manifest, client, now=until)
     except Exception as error:  # noqa: BLE001 - the manifest alone still answers
         print(f"ptft: progress from MLflow unavailable ({redact_text(str(error))})", file=sys.stderr)
-        state = snapshot(manifest, None)
-    # A run whose driver died (SIGKILL, out of memory, a closed terminal, a restarted machine) says
-    # `running` for ever: say so, and how to go on. Asked under the storage given, which may be the
-    # run's shared storage mounted elsewhere.
-    running = manifest.status == mf.RUNNING
-    state["driver_gone"] = driver_gone(mf.Manifest.folder(storage, manifest.run_id)) if running else None
+        state = snapshot(manifest, None, now=until)
+    state["driver_gone"], state["driver_last_seen_at"] = gone, until
+    if gone:  # nothing runs it: no ETA
+        for stage in state["stages"]:
+            if stage.get("progress"):
+                stage["progress"]["eta_s"] = None
     if as_json:
         print(json.dumps(state, indent=1))
         return 0
-    print(f"{state['run_id']} ({state['pipeline']}): {state['status']}, {clock(state['elapsed_s'])}")
-    if state["driver_gone"]:
-        print(f"  but {state['driver_gone']}: nothing runs it. Go on with `ptft resume {state['run_id']}`")
+    if gone:
+        seen = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(until))
+        elapsed = f"{clock(state['elapsed_s'])} until {seen}, its driver's last sign of life"
+        print(f"{state['run_id']} ({state['pipeline']}): {state['status']}, {elapsed}")
+        print(f"  but {gone}: nothing runs it. Go on with `ptft resume {state['run_id']}`")
+    else:
+        print(f"{state['run_id']} ({state['pipeline']}): {state['status']}, {clock(state['elapsed_s'])}")
     width = max([9, *(len(stage["name"]) for stage in state["stages"])])
     for stage in state["stages"]:
         line = f"  {stage['name']:<{width}} {stage['status']:<10} {clock(stage['seconds']):>7}"

@@ -358,11 +358,24 @@ def test_ptft_status_says_when_a_running_runs_driver_is_gone(
     driver = subprocess.Popen([sys.executable, "-c", "pass"])
     started = psutil.Process(driver.pid).create_time()
     driver.wait()
-    owner = {"host": socket.gethostname(), "pid": driver.pid, "started_at": started, "heartbeat_at": time.time()}
+    manifest = mf.Manifest.load(tmp_path, "run-1")
+    manifest.created_at -= 3600  # started an hour ago; its driver's last heartbeat 20 minutes in
+    manifest.stages["pretrain"].started_at = manifest.created_at + 60
+    manifest.save()
+    last_beat = manifest.created_at + 1200
+    owner = {"host": socket.gethostname(), "pid": driver.pid, "started_at": started, "heartbeat_at": last_beat}
     (mf.Manifest.folder(tmp_path, "run-1") / LOCK_NAME).write_text(json.dumps(owner))
+    assert main(["status", "run-1", "--storage", str(tmp_path), "--json"]) == 0
+    state = json.loads(capsys.readouterr().out)
+    # Its time stops at the driver's last sign of life, and nothing runs it: no ETA.
+    assert state["elapsed_s"] == pytest.approx(1200) and state["driver_last_seen_at"] == last_beat
+    pretrain = next(stage for stage in state["stages"] if stage["name"] == "pretrain")
+    assert pretrain["seconds"] == pytest.approx(1140) and pretrain["progress"]["step"] == 100
+    assert pretrain["progress"]["eta_s"] is None
     assert main(["status", "run-1", "--storage", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("run-1 (demo): running")
+    seen = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last_beat))
+    assert lines[0] == f"run-1 (demo): running, 20m00s until {seen}, its driver's last sign of life"
     assert lines[1].startswith(f"  but its driver, pid {driver.pid} on {socket.gethostname()} (heartbeat ")
     assert lines[1].endswith("is gone: nothing runs it. Go on with `ptft resume run-1`")
     assert main(["runs", "--storage", str(tmp_path)]) == 0
@@ -370,7 +383,10 @@ def test_ptft_status_says_when_a_running_runs_driver_is_gone(
     assert re.search(r"^run-1 +demo +no driver ", listed, re.MULTILINE) and "`ptft resume RUN_ID`" in listed
     (mf.Manifest.folder(tmp_path, "run-1") / LOCK_NAME).unlink()  # a driver killed before its lock
     assert main(["status", "run-1", "--storage", str(tmp_path), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["driver_gone"] == "no driver holds its lock"
+    state = json.loads(capsys.readouterr().out)
+    assert state["driver_gone"] == "no driver holds its lock"
+    manifest_written = (mf.Manifest.folder(tmp_path, "run-1") / "manifest.json").stat().st_mtime
+    assert state["driver_last_seen_at"] == manifest_written  # then the run's last manifest write
 
 
 def test_a_run_whose_manifest_does_not_read_is_named_not_a_traceback(
