@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,11 +58,31 @@ class StageResult:
 
 
 def write_json(path: Path, payload: Any) -> None:
-    """Write JSON atomically: a reader never sees a half-written file."""
+    """Write JSON atomically: a reader never sees a half-written file, and a machine that loses
+    power just after sees the old file or the new one, never an empty one (the data reaches the
+    disk before the rename does). These are small files written at a stage's transitions."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
+    with open(tmp, "w") as out:
+        out.write(json.dumps(payload, indent=2, sort_keys=True, default=str))
+        out.flush()
+        os.fsync(out.fileno())
     tmp.replace(path)
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """The rename itself made durable; a file system that cannot sync a folder is left as it is."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
 
 
 def read_json(path: Path) -> Any:
