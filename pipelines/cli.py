@@ -410,7 +410,24 @@ def _recorded_config(manifest):
     they meant then)."""
     if Path(manifest.working_dir).is_dir():
         os.chdir(manifest.working_dir)
-    return validate({**manifest.config(), "storage": manifest.storage}, f"run {manifest.run_id}")
+    from pipelines.manifest import Manifest
+
+    path = Manifest.folder(Path(manifest.storage), manifest.run_id) / "config.json"
+    try:
+        recorded = manifest.config()
+        if not isinstance(recorded, dict):
+            raise TypeError(f"a JSON {type(recorded).__name__}, not an object")
+    except (OSError, ValueError, TypeError) as error:  # JSON's errors are ValueErrors
+        why = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        problem = Problem(
+            "config.json",
+            str(path),
+            f"the config run {manifest.run_id} ran with cannot be read ({type(error).__name__}: {why})",
+            "restore the file, or run the pipeline again with `ptft run CONFIG`: what this run finished is "
+            "reused from the cache",
+        )
+        raise ConfigError(f"run {manifest.run_id}", [problem]) from None
+    return validate({**recorded, "storage": manifest.storage}, f"run {manifest.run_id}")
 
 
 def _print_sweep_summary(result, config, seconds: float) -> None:

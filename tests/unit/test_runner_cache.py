@@ -180,6 +180,25 @@ def test_runs_lists_manifests_and_resume_names_unknown_runs(tmp_path: Path) -> N
     assert missing.returncode == 2 and "no pipeline run 'nope'" in missing.stderr
 
 
+@pytest.mark.parametrize("damage", ["{x", "[]", None])
+def test_resume_names_a_run_config_that_does_not_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, damage: str | None
+) -> None:
+    """Edited, truncated or deleted: exit 2 naming the file, not a JSONDecodeError's traceback."""
+    monkeypatch.chdir(tmp_path)  # the resume changes to the run's working dir
+    run_id = "20260101-000000-cccccc"
+    mf.Manifest.create(tmp_path, run_id, "demo", runner.STAGES, {"name": "demo"}).save()
+    config = mf.Manifest.folder(tmp_path, run_id) / "config.json"
+    if damage is None:
+        config.unlink()
+    else:
+        config.write_text(damage)
+    assert cli.main(["resume", run_id, "--storage", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"config.json = '{config}': the config run {run_id} ran with cannot be read" in err, err
+    assert "Fix: restore the file, or run the pipeline again" in err and "Traceback" not in err
+
+
 def test_publish_keeps_the_artifact_another_run_with_the_same_key_published_first(tmp_path: Path) -> None:
     """Two runs that share a key finish side by side: the second neither deletes nor replaces the
     first's artifact (its downstream stages, or a Serve replica, may be reading it) and uses it."""
