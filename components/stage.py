@@ -102,3 +102,39 @@ def weights_sha256(model_dir: Path) -> str:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(chunk)
     return digest.hexdigest()
+
+
+# Small files (configs, labels, a sweep's best config) are also compared by content; larger ones
+# (data blocks, weights: a model's are checked by `weights_sha256`) by size, so that checking a
+# cache hit costs a `stat` per file.
+HASHED_UP_TO_BYTES = 64 * 1024
+
+
+def inventory(path: Path) -> dict[str, dict]:
+    """Every file of an artifact (a folder, or one file): its size, and a small file's SHA-256."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(file for file in path.rglob("*") if file.is_file())
+    listed = {}
+    for file in files:
+        size = file.stat().st_size
+        digest = hashlib.sha256(file.read_bytes()).hexdigest() if size <= HASHED_UP_TO_BYTES else None
+        listed[file.name if file == path else file.relative_to(path).as_posix()] = {"size": size, "sha256": digest}
+    return listed
+
+
+def inventory_changes(path: Path, recorded: dict[str, dict]) -> list[str]:
+    """How an artifact's files differ from the `inventory` taken when it was published: missing,
+    another size, other content. Files added since are not its own and are left alone."""
+    path, changes = Path(path), []
+    for name, was in recorded.items():
+        file = path if path.is_file() and name == path.name else path / name
+        try:
+            size = file.stat().st_size
+        except OSError:
+            changes.append(f"{name} is missing")
+            continue
+        if size != was["size"]:
+            changes.append(f"{name} is {size} bytes, not {was['size']}")
+        elif was.get("sha256") and hashlib.sha256(file.read_bytes()).hexdigest() != was["sha256"]:
+            changes.append(f"{name} has other content")
+    return changes

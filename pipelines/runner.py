@@ -31,7 +31,15 @@ from mlflow.tracking import MlflowClient
 from components import accelerator, console, ingress
 from components.net import mlflow_unanswered, mlflow_unreachable
 from components.redaction import redact_tree, redact_url
-from components.stage import StageContext, StageResult, read_json, weights_sha256, write_json
+from components.stage import (
+    StageContext,
+    StageResult,
+    inventory,
+    inventory_changes,
+    read_json,
+    weights_sha256,
+    write_json,
+)
 from components.tracking import (
     MlflowTracker,
     close_orphans,
@@ -407,7 +415,7 @@ class _StageRunner:
         self.keys[node.id] = key
         final_dir = self.storage / "artifacts" / stage.name / key
         record = self.manifest.stages[node.id]
-        if (final_dir / SUCCESS).is_file() and not _weights_intact(node, final_dir):
+        if (final_dir / SUCCESS).is_file() and not _artifact_intact(node, final_dir):
             _set_aside(final_dir)  # then it runs again, as for a key never published
         if record.status in mf.DONE and record.key == key and (final_dir / SUCCESS).is_file():
             stage_result = self._reuse_own(node, config, inputs, key, final_dir, record)  # an earlier attempt
@@ -637,6 +645,7 @@ def _publish(
         "outputs": outputs,
         "output": os.path.relpath(output, partial) if inside else output,
         "output_inside": inside,
+        "files": inventory(Path(output)) if inside else None,  # what a cache hit checks is still there
     }
     write_json(partial / SUCCESS, success)
     trash = final_dir.parent / f".{final_dir.name}.old-{uuid.uuid4().hex[:6]}"
@@ -653,24 +662,31 @@ def _publish(
     return _load_result(stage, final_dir)
 
 
-def _weights_intact(node: stages.Node, final_dir: Path) -> bool:
-    """Whether a published model still has the weights its stage recorded (`weights_sha256` in its
-    outputs); True for artifacts that record none."""
+def _artifact_intact(node: stages.Node, final_dir: Path) -> bool:
+    """Whether a published artifact is still what its stage made: a model's weights matching the
+    checksum its stage recorded, and every file it had, of the same size (a small file: the same
+    content). Files are not checked in artifacts published before ptft recorded them."""
     result = _load_result(node.stage, final_dir)
-    recorded = getattr(result.outputs, "weights_sha256", None)
-    if not recorded:
-        return True
-    try:
-        found = weights_sha256(Path(result.output_uri))
-    except OSError as error:
-        found = f"unreadable ({error})"
-    if found == recorded:
-        return True
-    console.warn(
-        f"[ptft] {node.id:<8} the cached model in {result.output_uri} no longer matches its recorded "
-        f"checksum (sha256 {recorded[:12]}..., now {found[:12]}...): it is set aside and the stage runs again"
-    )
-    return False
+    if recorded := getattr(result.outputs, "weights_sha256", None):
+        try:
+            found = weights_sha256(Path(result.output_uri))
+        except OSError as error:
+            found = f"unreadable ({error})"
+        if found != recorded:
+            console.warn(
+                f"[ptft] {node.id:<8} the cached model in {result.output_uri} no longer matches its recorded "
+                f"checksum (sha256 {recorded[:12]}..., now {found[:12]}...): it is set aside and the stage runs again"
+            )
+            return False
+    changes = inventory_changes(Path(result.output_uri), read_json(final_dir / SUCCESS).get("files") or {})
+    if changes:
+        shown = "; ".join(changes[:3]) + (f"; {len(changes) - 3} more" if len(changes) > 3 else "")
+        console.warn(
+            f"[ptft] {node.id:<8} the cached artifact in {result.output_uri} changed since it was published "
+            f"({shown}): it is set aside and the stage runs again"
+        )
+        return False
+    return True
 
 
 def _set_aside(final_dir: Path) -> None:

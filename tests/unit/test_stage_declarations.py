@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -395,3 +397,65 @@ def test_a_cached_model_whose_weights_changed_is_set_aside_and_made_again(
     assert weights_sha256(Path(third.output_uri)) == weights_sha256(Path(first.output_uri).parent / "model")
     (damaged,) = (storage / "artifacts" / "train").glob(f".{first.key}.damaged-*")
     assert (damaged / "model" / "model.safetensors").read_bytes()[0] == 255  # kept for a look, not deleted
+
+
+@pytest.mark.parametrize(
+    ("damage", "said"),
+    [
+        (lambda folder: (folder / "tokenizer" / "vocab.txt").unlink(), "tokenizer/vocab.txt is missing"),
+        (lambda folder: shutil.rmtree(folder / "blocks"), "blocks/part-0.bin is missing"),
+        (lambda folder: os.truncate(folder / "blocks" / "part-0.bin", 100), "blocks/part-0.bin is 100 bytes, not"),
+        (lambda folder: (folder / "labels.json").write_text('["neg", "pox"]'), "labels.json has other content"),
+        (lambda folder: (folder / "notes.txt").write_text("mine"), None),  # added beside it: not the stage's
+    ],
+    ids=["file-deleted", "folder-deleted", "truncated", "same-size-edit", "file-added"],
+)
+def test_a_cached_artifact_missing_or_changed_files_is_set_aside_and_made_again(
+    tmp_path: Path, capsys: pytest.CaptureFixture, damage, said: str | None
+) -> None:
+    """A tokenizer folder deleted or a data block truncated in a cached artifact made it a cache hit
+    all the same, and the stage that read it next failed, misleadingly (`Repo id must be in the
+    form ...`, `0 training blocks ...: add corpus text`). Now a cache hit checks the files its stage
+    published; a changed artifact is set aside and made again."""
+    from pipelines import manifest as mf
+    from pipelines import runner
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = validate({**_multitask(tmp_path / "storage"), "tracking": {"uri": uri}})
+    calls = []
+
+    def tokenize(config, inputs: stages.Inputs, ctx: StageContext) -> StageResult:
+        calls.append(ctx.stage)
+        (ctx.output_dir / "tokenizer").mkdir()
+        (ctx.output_dir / "tokenizer" / "vocab.txt").write_text("[PAD]\n[UNK]\nfilm\n")
+        (ctx.output_dir / "blocks").mkdir()
+        (ctx.output_dir / "blocks" / "part-0.bin").write_bytes(bytes(range(256)) * 1024)  # past the hashed size
+        (ctx.output_dir / "labels.json").write_text('["neg", "pos"]')
+        return StageResult(str(ctx.output_dir))
+
+    nodes = (stages.Node("tok", stages.Stage("tok", "1", (), lambda config: {}, tokenize), None, ()),)
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("inventory")
+    storage = config.storage_path()
+
+    def attempt(run_id: str) -> mf.StageRecord:
+        manifest = mf.Manifest.create(storage, run_id, "unit", ("tok",), {})
+        result = runner.PipelineResult(run_id, client.create_run(experiment).info.run_id, experiment, uri)
+        stage_runner = runner._StageRunner(config, nodes, client, result, storage, manifest, set())
+        assert stage_runner.run_all(list(nodes), None) == []
+        return manifest.stages["tok"]
+
+    first = attempt("run-1")
+    assert attempt("run-2").status == mf.CACHED and calls == ["tok"]
+    damage(Path(first.output_uri))
+    capsys.readouterr()
+    third = attempt("run-3")
+    err = capsys.readouterr().err
+    if said is None:
+        assert third.status == mf.CACHED and calls == ["tok"] and "changed since" not in err
+        return
+    assert third.status == mf.SUCCEEDED and calls == ["tok", "tok"]
+    assert f"the cached artifact in {first.output_uri} changed since it was published ({said}" in err, err
+    assert (Path(third.output_uri) / "tokenizer" / "vocab.txt").is_file()  # made again, whole
+    assert (Path(third.output_uri) / "blocks" / "part-0.bin").stat().st_size == 256 * 1024
+    assert len(list((storage / "artifacts" / "tok").glob(f".{first.key}.damaged-*"))) == 1  # kept for a look
