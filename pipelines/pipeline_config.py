@@ -1303,6 +1303,9 @@ def storage_problems(sections: dict[str, Any]) -> list[Problem]:
             )
         ]
     path = Path(os.path.expanduser(storage)).resolve()
+    if blocker := next((part for part in (path, *path.parents) if part.exists() and not part.is_dir()), None):
+        where = "it is" if blocker == path else f"{blocker} is"
+        return [Problem("storage", storage, f"{where} a file, not a folder", "point it at a folder (made if missing)")]
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path):

@@ -178,6 +178,16 @@ def test_a_tracking_uri_needs_a_store_mlflow_has(tmp_path: Path, uri: str, takes
     assert problem.key == "tracking.uri" and "MLflow has no tracking store for" in problem.message
 
 
+@pytest.mark.parametrize("under", ["", "runs"])
+def test_a_storage_that_is_a_file_says_so(tmp_path: Path, under: str) -> None:
+    """Before: `not writable (File exists)`, or `(Not a directory)` below one."""
+    (tmp_path / "store").write_text("a file")
+    raw = tiny_config_dict(tmp_path / "store" / under)
+    (problem,) = _problems(raw)
+    where = "it is" if not under else f"{tmp_path / 'store'} is"
+    assert problem.key == "storage" and problem.message == f"{where} a file, not a folder", problem
+
+
 def test_two_tasks_cannot_share_a_serve_app_a_route_or_a_registered_model() -> None:
     raw = yaml.safe_load((REPO / "configs" / "demo_multitask.yaml").read_text())
     apply_overrides(raw, ["tasks.topic.serve.route_prefix=/sentiment", "tasks.answers.serve.app_name=ptft-entities"])
