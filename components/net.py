@@ -66,7 +66,9 @@ def _listener(port: int) -> str:
         for connection in psutil.net_connections(kind="tcp"):
             if connection.status == psutil.CONN_LISTEN and connection.laddr.port == port and connection.pid:
                 name = psutil.Process(connection.pid).name()
-                left = ", which a killed run's Ray Serve leaves behind" if name == "haproxy" else ""
+                left = (
+                    ", a Ray Serve ingress: another run's, or one a killed run left behind" if name == "haproxy" else ""
+                )
                 return f" by pid {connection.pid} ({name}{left})"
     except (psutil.Error, OSError):  # not ours to see
         pass

@@ -49,9 +49,10 @@ from ray import serve
 from components.decoder import Decoder, DecoderLost
 from components.explain import MAX_EXPLAIN_TEXTS
 from components.generation import DEADLINE, Ask, prompt_ids
+from components.net import causes, listen_problem
 from components.redaction import redact_url
 from components.schemas import REGISTRY_URI, ServeConfig
-from components.stage import StageContext, StageResult, write_json
+from components.stage import StageContext, StageFailure, StageResult, write_json
 from components.tasks import load_model_folder, task_of_model
 
 log = logging.getLogger(__name__)
@@ -658,11 +659,25 @@ def start(cfg: ServeConfig) -> None:
     until the application answers through it."""
     http_options = {"host": cfg.host, "port": cfg.port}
     try:
-        serve.start(http_options=http_options)
-    except ray.exceptions.ActorDiedError as error:
-        reason = str(error).partition("\n")[0]
-        log.warning("serve: an ingress actor was replaced while Serve started (%s); connecting again", reason)
-        serve.start(http_options=http_options)
+        try:
+            serve.start(http_options=http_options)
+        except ray.exceptions.ActorDiedError as error:
+            reason = str(error).partition("\n")[0]
+            log.warning("serve: an ingress actor was replaced while Serve started (%s); connecting again", reason)
+            serve.start(http_options=http_options)
+    except Exception as error:
+        if PORT_TAKEN not in "\n".join(str(each) for each in causes(error)):
+            raise
+        # Free when the run started (its pre-flight checks), taken since: another run's Serve, most often.
+        taken = listen_problem(cfg.host, cfg.port) or f"{cfg.host}:{cfg.port} is in use"
+        raise StageFailure(
+            f"Serve cannot listen on {cfg.host}:{cfg.port}: {taken}. Fix: stop what listens there and continue "
+            "with the `ptft resume` above, or run the config again with a free serve.port (what this run "
+            "finished is reused from the cache)"
+        ) from error
+
+
+PORT_TAKEN = "Address already in use"  # the words of the ingress that could not bind (HAProxy's, or Python's)
 
 
 def app_url(cfg: ServeConfig) -> str:

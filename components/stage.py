@@ -14,6 +14,11 @@ from pathlib import Path
 from typing import Any
 
 
+class StageFailure(RuntimeError):
+    """A stage's failure whose cause and fix ptft knows: the command says it in a line and leaves
+    the traceback in the run's log."""
+
+
 @dataclass(frozen=True)
 class StageContext:
     """Where a stage writes and how it is tracked."""

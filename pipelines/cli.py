@@ -913,16 +913,24 @@ THRESHOLD = re.compile(r"exceeded threshold of \S+ \((?P<share>[\d.]+%) of")
 @contextlib.contextmanager
 def _failures_told(tracking_uri: str) -> Iterator[None]:
     """Failures with a known cause end in the cause and what to do, not in a traceback: out of
-    memory (90 lines, Ray's process table and object store counters, the cause in one of them) and
-    an MLflow server that stopped answering (a chain of six tracebacks)."""
+    memory (90 lines, Ray's process table and object store counters, the cause in one of them), an
+    MLflow server that stopped answering (a chain of six tracebacks) and a stage's `StageFailure`."""
     try:
         yield
     except Exception as error:
-        said = _out_of_memory(error) or _tracking_gone(error, tracking_uri)
+        said = _out_of_memory(error) or _tracking_gone(error, tracking_uri) or _stage_said(error)
         if said is None:
             raise
         logging.getLogger(__name__).error("%s", said, exc_info=error)  # the traceback, into the run's log
         raise FailureTold(said) from None
+
+
+def _stage_said(error: Exception) -> str | None:
+    """A stage's own failure with a known cause (`StageFailure`), raised in this process."""
+    from components.net import causes
+    from components.stage import StageFailure
+
+    return next((str(each) for each in causes(error) if isinstance(each, StageFailure)), None)
 
 
 def _out_of_memory(error: Exception) -> str | None:

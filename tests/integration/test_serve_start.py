@@ -1,9 +1,11 @@
 """Serve starts on a Ray of its own although its controller replaces the ingress `serve.start`
-waits on (components/serve.py `start`), and the application then answers over HTTP."""
+waits on (components/serve.py `start`), and the application then answers over HTTP. A port taken
+since the run's pre-flight is named with what holds it."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -68,3 +70,50 @@ def test_serve_starts_although_the_controller_replaces_a_slow_ingress() -> None:
         shutil.rmtree(temp_dir, ignore_errors=True)
     assert "marking it unhealthy" in done.stdout + done.stderr, done.stderr[-3000:]  # the case happened
     assert done.returncode == 0 and "ANSWERED" in done.stdout, done.stderr[-3000:]
+
+
+# Serve's port taken after the run's pre-flight found it free: two runs on one machine, the other
+# reached its serve stage first. HAProxy's bind fails inside Serve's ingress actor.
+_PORT_TAKEN = """
+import os, socket, sys
+import ray
+from components import serve as ptft_serve
+from components.schemas import ServeConfig
+from components.stage import StageFailure
+
+ray.init(num_cpus=1, include_dashboard=False, _temp_dir=sys.argv[2])
+taken = socket.socket()
+taken.bind(("127.0.0.1", int(sys.argv[1])))
+taken.listen()
+print(f"PID {os.getpid()}", flush=True)
+try:
+    ptft_serve.start(ServeConfig(port=int(sys.argv[1])))
+    print("NOT REFUSED")
+except StageFailure as error:
+    print(f"REFUSED: {error}")
+"""
+
+
+def test_a_serve_port_taken_since_the_pre_flight_is_named_with_what_holds_it() -> None:
+    """Before: HAProxy's `cannot bind socket (Address already in use)` in a 70-line traceback at
+    the end of a run that had trained everything."""
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}  # a Ray of its own
+    env.update(ingress.cluster_env(env))
+    temp_dir = tempfile.mkdtemp(prefix="ptft-ray-", dir="/tmp")
+    port = free_port()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _PORT_TAKEN, str(port), temp_dir],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    pid = re.search(r"^PID (\d+)$", done.stdout, re.MULTILINE)[1]
+    refused = f"REFUSED: Serve cannot listen on 127.0.0.1:{port}: 127.0.0.1:{port} is in use by pid {pid} (python"
+    assert refused in done.stdout, done.stdout + done.stderr[-3000:]
+    assert "Fix: stop what listens there and continue with the `ptft resume` above" in done.stdout
