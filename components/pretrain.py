@@ -25,7 +25,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from components import accelerator, models, plots, training
 from components.metrics import training_progress
 from components.schemas import PretrainConfig
-from components.stage import StageContext, StageResult
+from components.stage import StageContext, StageFailure, StageResult
 from components.throughput import Throughput, device_name
 from components.tracking import node_system_metrics, open_tracker
 from components.vocab import separator_id, special_ids
@@ -102,7 +102,7 @@ def check_blocks_fill_a_step(cfg: PretrainConfig, blocks_dir: str) -> None:
     training_blocks = blocks - held_out
     any_rank = training.Shard(0, cfg.workers.num_workers, cfg.batch_size_per_worker)
     if any_rank.batches_per_epoch(training_blocks) == 0:
-        raise ValueError(_too_few_blocks(training_blocks, any_rank.world_size, any_rank.batch_size))
+        raise StageFailure(_too_few_blocks(training_blocks, any_rank.world_size, any_rank.batch_size))
 
 
 def _held_out(blocks: int, eval_fraction: float) -> int:

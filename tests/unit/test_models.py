@@ -218,11 +218,12 @@ def test_a_corpus_too_small_for_one_step_is_refused_before_the_workers_start(
 
     from components.pretrain import check_blocks_fill_a_step
     from components.schemas import PretrainConfig
+    from components.stage import StageFailure
 
     pq.write_table(pa.table({"input_ids": [[1, 2, 3]] * 12}), tmp_path / "part-0.parquet")
     config = PretrainConfig(batch_size_per_worker=4, workers={"num_workers": 2}, eval_fraction=0.1)
     check_blocks_fill_a_step(config, str(tmp_path))  # 12 - 1 held out: 11 blocks, a step takes 8
-    with pytest.raises(ValueError, match="11 training blocks cannot fill one step of 2 workers x 6"):
+    with pytest.raises(StageFailure, match="11 training blocks cannot fill one step of 2 workers x 6"):
         check_blocks_fill_a_step(config.model_copy(update={"batch_size_per_worker": 6}), str(tmp_path))
     assert "no eval loss" not in caplog.text
     check_blocks_fill_a_step(config.model_copy(update={"eval_fraction": 0.05}), str(tmp_path))  # 0.6 block
