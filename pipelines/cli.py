@@ -412,6 +412,16 @@ def _recorded_config(manifest):
         os.chdir(manifest.working_dir)
     from pipelines.manifest import Manifest
 
+    if manifest.moved_from:
+        problem = Problem(
+            "--storage",
+            manifest.storage,
+            f"run {manifest.run_id} was recorded under {manifest.moved_from}, and a run does not resume from "
+            "another place: its MLflow store, checkpoints and sweep state record their paths",
+            f"move (or link) the folder back to {manifest.moved_from} and resume there, or start a new run with "
+            f"storage={manifest.storage}",
+        )
+        raise ConfigError(f"run {manifest.run_id}", [problem])
     path = Manifest.folder(Path(manifest.storage), manifest.run_id) / "config.json"
     try:
         recorded = manifest.config()

@@ -63,6 +63,9 @@ class Manifest:
     experiment_id: str | None = None
     mlflow_run_id: str | None = None
     stages: dict[str, StageRecord] = field(default_factory=dict)
+    # Where the run was recorded, when it is read under another path (the folder moved or was
+    # copied, or a shared storage is mounted elsewhere here); never saved.
+    moved_from: str | None = None
 
     # --- files -------------------------------------------------------------------------------
 
@@ -103,12 +106,32 @@ class Manifest:
             rank = {name: index for index, name in enumerate(stages.NAMES)}
             order = sorted(raw["stages"], key=lambda node: (rank.get(stages.split_node(node)[0], len(rank)), node))
             raw["stages"] = {name: StageRecord(**raw["stages"][name]) for name in order}
-            return cls(**raw)
+            return cls(**raw)._read_under(Path(storage))
         except (ValueError, TypeError, KeyError) as error:  # JSON's errors are ValueErrors
             raise UnreadableManifest(
                 f"the manifest of run {run_id!r} ({path}) cannot be read ({type(error).__name__}: {error}); "
                 "it was edited, or written by another version of ptft"
             ) from None
+
+    def _read_under(self, storage: Path) -> Manifest:
+        """The run as found under `storage`: where it was recorded somewhere else, its config,
+        artifacts and a SQLite tracking store inside the storage are read where they are now."""
+        recorded, here = Path(self.storage), storage.resolve()
+        if recorded == here or (recorded.exists() and os.path.samefile(recorded, here)):
+            return self
+        self.moved_from, self.storage = self.storage, str(here)
+        sqlite = (self.tracking_uri or "").removeprefix(SQLITE)
+        if self.tracking_uri and self.tracking_uri.startswith(SQLITE) and Path(sqlite).is_relative_to(recorded):
+            self.tracking_uri = f"{SQLITE}{here / Path(sqlite).relative_to(recorded)}"
+        return self
+
+    def tracking_store_missing(self) -> str | None:
+        """Where the run's SQLite tracking store should be, when it is not there: read-only commands
+        must not open it, since MLflow would make an empty one."""
+        uri = self.tracking_uri or ""
+        if uri.startswith(SQLITE) and not Path(uri.removeprefix(SQLITE)).is_file():
+            return uri.removeprefix(SQLITE)
+        return None
 
     def config(self) -> dict[str, Any]:
         return read_json(self.folder(Path(self.storage), self.run_id) / "config.json")
@@ -117,6 +140,7 @@ class Manifest:
         with _LOCK:
             # On disk without credentials; this process keeps the URI it connects with.
             state = {**asdict(self), "tracking_uri": redact_url(self.tracking_uri)}
+            del state["moved_from"]
             write_json(self.folder(Path(self.storage), self.run_id) / "manifest.json", state)
             # Every transition (started, ended, cached, failed, killed, resumed) is saved here, so
             # the live metrics mirror exactly what the manifest says.
@@ -170,6 +194,9 @@ class Manifest:
                 self.stage_ended(name, KILLED, error=why)
             self.finished(KILLED)
             return [self.stages[name].mlflow_run_id for name in running if self.stages[name].mlflow_run_id]
+
+
+SQLITE = "sqlite:///"
 
 
 class UnreadableManifest(ValueError):

@@ -318,6 +318,9 @@ def print_status(storage: Path, run_id: str | None, *, as_json: bool) -> int:
         print(f"ptft: progress from MLflow unavailable: {error}", file=sys.stderr)
         tracking_uri = None
     asks_progress = any(record.status == mf.RUNNING for record in manifest.stages.values())
+    if asks_progress and (missing := manifest.tracking_store_missing()):
+        print(f"ptft: progress from MLflow unavailable: no MLflow store at {missing}", file=sys.stderr)
+        tracking_uri = None
     if asks_progress and tracking_uri and (why := mlflow_unanswered(tracking_uri)) is not None:
         # MLflow's client would retry for four minutes before the table
         where = redact_url(tracking_uri)

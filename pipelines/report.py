@@ -134,6 +134,8 @@ def gather(manifest: Manifest) -> RunReport:
         report.warnings.append(f"{error}: metrics, pictures and the model are missing")
         return report
     problem = _mlflow_problem(tracking_uri)
+    if missing := manifest.tracking_store_missing():
+        problem = f"no MLflow store at {missing}: metrics, pictures and the model are missing"
     if problem:
         report.warnings.append(problem)
         return report
@@ -691,6 +693,11 @@ def _load_manifest(storage: Path, run_id: str) -> Manifest:
 def _log_to_mlflow(manifest: Manifest, page: str) -> None:
     """Attach the page to the pipeline's MLflow run (browsable in the UI); best effort."""
     if not manifest.mlflow_run_id:
+        return
+    if manifest.moved_from or manifest.tracking_store_missing():
+        # MLflow would write it under the run's recorded artifact location, or make an empty store.
+        where = f"the run moved from {manifest.moved_from}" if manifest.moved_from else "its MLflow store is missing"
+        print(f"ptft: the report was not logged to MLflow: {where}", file=sys.stderr)
         return
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient

@@ -199,6 +199,37 @@ def test_resume_names_a_run_config_that_does_not_read(
     assert "Fix: restore the file, or run the pipeline again" in err and "Traceback" not in err
 
 
+def test_a_run_whose_storage_moved_is_read_where_it_is_and_not_resumed(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Moved (or copied) elsewhere: `ptft status` and `report` read the run where it is, its SQLite
+    store included, and write nothing at the old place (MLflow made an empty store there, and the
+    report said every stage's run was not found); a resume is refused, naming both places."""
+    monkeypatch.chdir(tmp_path)
+    run_id, recorded, moved = "20260101-000000-dddddd", tmp_path / "store", tmp_path / "moved"
+    manifest = mf.Manifest.create(recorded, run_id, "demo", runner.STAGES, {"name": "demo"})
+    manifest.tracking_uri = f"sqlite:///{recorded / 'mlflow.db'}"
+    manifest.stage_started("tokenize", "k", "m")  # running: status asks MLflow for its progress
+    recorded.rename(moved)
+
+    found = mf.Manifest.load(moved, run_id)
+    assert found.storage == str(moved) and found.moved_from == str(recorded)
+    assert found.tracking_uri == f"sqlite:///{moved / 'mlflow.db'}"
+    assert found.config() == {"name": "demo"}
+    assert found.tracking_store_missing() == str(moved / "mlflow.db")  # never made: nothing logged
+    assert cli.main(["status", run_id, "--storage", str(moved)]) == 0
+    assert f"no MLflow store at {moved / 'mlflow.db'}" in capsys.readouterr().err
+    assert cli.main(["report", run_id, "--storage", str(moved)]) == 0
+    assert f"no MLflow store at {moved / 'mlflow.db'}: metrics, pictures" in capsys.readouterr().err
+    assert cli.main(["resume", run_id, "--storage", str(moved)]) == 2
+    err = capsys.readouterr().err
+    assert f"run {run_id} was recorded under {recorded}, and a run does not resume from another place" in err
+    assert f"move (or link) the folder back to {recorded}" in err
+    assert not recorded.exists()  # nothing made at the old place
+    found.save()
+    assert "moved_from" not in read_json(moved / "runs" / run_id / "manifest.json")
+
+
 def test_publish_keeps_the_artifact_another_run_with_the_same_key_published_first(tmp_path: Path) -> None:
     """Two runs that share a key finish side by side: the second neither deletes nor replaces the
     first's artifact (its downstream stages, or a Serve replica, may be reading it) and uses it."""
