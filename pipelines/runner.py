@@ -666,7 +666,8 @@ def _artifact_intact(node: stages.Node, final_dir: Path) -> bool:
     """Whether a published artifact is still what its stage made: a model's weights matching the
     checksum its stage recorded, and every file it had, of the same size (a small file: the same
     content). Files are not checked in artifacts published before ptft recorded them."""
-    result = _load_result(node.stage, final_dir)
+    success = read_json(final_dir / SUCCESS)
+    result = _load_result(node.stage, final_dir, success)
     if recorded := getattr(result.outputs, "weights_sha256", None):
         try:
             found = weights_sha256(Path(result.output_uri))
@@ -678,7 +679,7 @@ def _artifact_intact(node: stages.Node, final_dir: Path) -> bool:
                 f"checksum (sha256 {recorded[:12]}..., now {found[:12]}...): it is set aside and the stage runs again"
             )
             return False
-    changes = inventory_changes(Path(result.output_uri), read_json(final_dir / SUCCESS).get("files") or {})
+    changes = inventory_changes(Path(result.output_uri), success.get("files") or {})
     if changes:
         shown = "; ".join(changes[:3]) + (f"; {len(changes) - 3} more" if len(changes) > 3 else "")
         console.warn(
@@ -697,9 +698,10 @@ def _set_aside(final_dir: Path) -> None:
     )
 
 
-def _load_result(stage: Stage, final_dir: Path) -> StageResult:
-    """A stage's result from its published folder (a cache hit needs nothing else)."""
-    success = read_json(final_dir / SUCCESS)
+def _load_result(stage: Stage, final_dir: Path, success: dict | None = None) -> StageResult:
+    """A stage's result from its published folder (a cache hit needs nothing else); `success`: its
+    `_SUCCESS`, when read already."""
+    success = success if success is not None else read_json(final_dir / SUCCESS)
     output = success["output"]
     uri = str(final_dir / output) if success["output_inside"] else output
     outputs = stage.outputs.model_validate(success["outputs"])

@@ -52,22 +52,27 @@ serve.shutdown()
 """
 
 
-def test_serve_starts_although_the_controller_replaces_a_slow_ingress() -> None:
-    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}  # a Ray of its own
-    env.update(ingress.cluster_env(env))
-    env[ingress.READY] = "0.5"  # an ingress takes longer than 3 x 0.5 s to start: the first one is replaced
+def _on_a_ray_of_its_own(script: str, port: int, timeout_s: float, **env: str) -> subprocess.CompletedProcess:
+    """`script` run with its Serve port and a temp dir for the local Ray it starts (argv 1 and 2)."""
+    environ = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    environ.update(ingress.cluster_env(environ), **env)
     temp_dir = tempfile.mkdtemp(prefix="ptft-ray-", dir="/tmp")  # short: Ray's socket paths have a limit
     try:
-        done = subprocess.run(
-            [sys.executable, "-c", _REPLACED_INGRESS, str(free_port()), temp_dir],
+        return subprocess.run(
+            [sys.executable, "-c", script, str(port), temp_dir],
             cwd=REPO,
-            env=env,
+            env=environ,
             capture_output=True,
             text=True,
-            timeout=540,
+            timeout=timeout_s,
         )
     finally:
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_serve_starts_although_the_controller_replaces_a_slow_ingress() -> None:
+    # An ingress takes longer than 3 x 0.5 s to start: the first one is replaced.
+    done = _on_a_ray_of_its_own(_REPLACED_INGRESS, free_port(), 540, **{ingress.READY: "0.5"})
     assert "marking it unhealthy" in done.stdout + done.stderr, done.stderr[-3000:]  # the case happened
     assert done.returncode == 0 and "ANSWERED" in done.stdout, done.stderr[-3000:]
 
@@ -97,21 +102,8 @@ except StageFailure as error:
 def test_a_serve_port_taken_since_the_pre_flight_is_named_with_what_holds_it() -> None:
     """Before: HAProxy's `cannot bind socket (Address already in use)` in a 70-line traceback at
     the end of a run that had trained everything."""
-    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}  # a Ray of its own
-    env.update(ingress.cluster_env(env))
-    temp_dir = tempfile.mkdtemp(prefix="ptft-ray-", dir="/tmp")
     port = free_port()
-    try:
-        done = subprocess.run(
-            [sys.executable, "-c", _PORT_TAKEN, str(port), temp_dir],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-    finally:
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    done = _on_a_ray_of_its_own(_PORT_TAKEN, port, 300)
     assert done.returncode == 0, done.stderr[-3000:]
     pid = re.search(r"^PID (\d+)$", done.stdout, re.MULTILINE)[1]
     refused = f"REFUSED: Serve cannot listen on 127.0.0.1:{port}: 127.0.0.1:{port} is in use by pid {pid} (python"

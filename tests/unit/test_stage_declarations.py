@@ -7,6 +7,7 @@ import ast
 import dataclasses
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -356,13 +357,10 @@ def test_a_cached_model_whose_weights_changed_is_set_aside_and_made_again(
 
     from components.stage import weights_sha256
     from pipelines import manifest as mf
-    from pipelines import runner
 
     class Model(BaseModel):
         weights_sha256: str
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    config = validate({**_multitask(tmp_path / "storage"), "tracking": {"uri": uri}})
     calls = []
 
     def train(config, inputs: stages.Inputs, ctx: StageContext) -> StageResult:
@@ -372,20 +370,9 @@ def test_a_cached_model_whose_weights_changed_is_set_aside_and_made_again(
         (folder / "model.safetensors").write_bytes(bytes(range(256)) * 64)
         return StageResult(str(folder), outputs={"weights_sha256": weights_sha256(folder)})
 
-    nodes = (stages.Node("train", stages.Stage("train", "1", (), lambda config: {}, train, outputs=Model), None, ()),)
-    client = MlflowClient(uri)
-    experiment = client.create_experiment("checksums")
-    storage = config.storage_path()
-
-    def attempt(run_id: str) -> mf.StageRecord:
-        manifest = mf.Manifest.create(storage, run_id, "unit", ("train",), {})
-        result = runner.PipelineResult(run_id, client.create_run(experiment).info.run_id, experiment, uri)
-        assert (
-            runner._StageRunner(config, nodes, client, result, storage, manifest, set()).run_all(list(nodes), None)
-            == []
-        )
-        return manifest.stages["train"]
-
+    attempt, storage = _runs_of_one_stage(
+        tmp_path, stages.Stage("train", "1", (), lambda config: {}, train, outputs=Model)
+    )
     first = attempt("run-1")
     assert attempt("run-2").status == mf.CACHED and calls == ["train"]
     weights = Path(first.output_uri) / "model.safetensors"
@@ -418,10 +405,7 @@ def test_a_cached_artifact_missing_or_changed_files_is_set_aside_and_made_again(
     form ...`, `0 training blocks ...: add corpus text`). Now a cache hit checks the files its stage
     published; a changed artifact is set aside and made again."""
     from pipelines import manifest as mf
-    from pipelines import runner
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    config = validate({**_multitask(tmp_path / "storage"), "tracking": {"uri": uri}})
     calls = []
 
     def tokenize(config, inputs: stages.Inputs, ctx: StageContext) -> StageResult:
@@ -433,18 +417,7 @@ def test_a_cached_artifact_missing_or_changed_files_is_set_aside_and_made_again(
         (ctx.output_dir / "labels.json").write_text('["neg", "pos"]')
         return StageResult(str(ctx.output_dir))
 
-    nodes = (stages.Node("tok", stages.Stage("tok", "1", (), lambda config: {}, tokenize), None, ()),)
-    client = MlflowClient(uri)
-    experiment = client.create_experiment("inventory")
-    storage = config.storage_path()
-
-    def attempt(run_id: str) -> mf.StageRecord:
-        manifest = mf.Manifest.create(storage, run_id, "unit", ("tok",), {})
-        result = runner.PipelineResult(run_id, client.create_run(experiment).info.run_id, experiment, uri)
-        stage_runner = runner._StageRunner(config, nodes, client, result, storage, manifest, set())
-        assert stage_runner.run_all(list(nodes), None) == []
-        return manifest.stages["tok"]
-
+    attempt, storage = _runs_of_one_stage(tmp_path, stages.Stage("tok", "1", (), lambda config: {}, tokenize))
     first = attempt("run-1")
     assert attempt("run-2").status == mf.CACHED and calls == ["tok"]
     damage(Path(first.output_uri))
@@ -459,3 +432,26 @@ def test_a_cached_artifact_missing_or_changed_files_is_set_aside_and_made_again(
     assert (Path(third.output_uri) / "tokenizer" / "vocab.txt").is_file()  # made again, whole
     assert (Path(third.output_uri) / "blocks" / "part-0.bin").stat().st_size == 256 * 1024
     assert len(list((storage / "artifacts" / "tok").glob(f".{first.key}.damaged-*"))) == 1  # kept for a look
+
+
+def _runs_of_one_stage(tmp_path: Path, stage: stages.Stage) -> tuple[Callable[[str], object], Path]:
+    """Pipeline runs of `stage` alone through the real runner, on one storage and SQLite store:
+    a function that runs it under a new run id and returns the stage's record, and the storage."""
+    from pipelines import manifest as mf
+    from pipelines import runner
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = validate({**_multitask(tmp_path / "storage"), "tracking": {"uri": uri}})
+    nodes = (stages.Node(stage.name, stage, None, ()),)
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("one-stage")
+    storage = config.storage_path()
+
+    def attempt(run_id: str) -> mf.StageRecord:
+        manifest = mf.Manifest.create(storage, run_id, "unit", (stage.name,), {})
+        result = runner.PipelineResult(run_id, client.create_run(experiment).info.run_id, experiment, uri)
+        stage_runner = runner._StageRunner(config, nodes, client, result, storage, manifest, set())
+        assert stage_runner.run_all(list(nodes), None) == []
+        return manifest.stages[stage.name]
+
+    return attempt, storage
