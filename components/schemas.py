@@ -308,8 +308,9 @@ class ModelConfig(BaseModel):
     )
     init_from: str | None = Field(
         None,
-        description="start from this checkpoint (HF folder, or Hub name when online) instead of "
-        "random weights: continued pre-training; family, preset and sizes then come from it",
+        description="start from this checkpoint (HF folder, or a Hub name that the local Hugging Face cache "
+        "holds or the Hub answers for: checked before the run) instead of random weights: continued "
+        "pre-training; family, preset and sizes then come from it",
     )
     init_revision: str | None = Field(None, description="Hub revision (commit, tag) of init_from, for reproducibility")
 
