@@ -155,27 +155,29 @@ def _hub_fix(name: str) -> str:
     )
 
 
-def hub_model_unavailable(name: str, revision: str | None = None, file: str = "config.json") -> tuple[str, str] | None:
+def hub_model_unavailable(
+    name: str, revision: str | None = None, files: tuple[str, ...] = ("config.json",)
+) -> tuple[str, str] | None:
     """(why, fix) when the Hub model `name` (not a local folder) cannot be loaded here: it is not
     in the local Hugging Face cache, and the Hub does not answer or has no such model. None when it
     is cached or the Hub has it. Asked before the run: loading it in the tokenize stage failed after
     the cluster had started, in a chain of tracebacks."""
     offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-    return _hub_model_unavailable(name, revision, file, os.environ.get("HF_ENDPOINT"), offline)
+    return _hub_model_unavailable(name, revision, files, os.environ.get("HF_ENDPOINT"), offline)
 
 
 @functools.lru_cache(maxsize=32)  # a config names one model for its tokenizer and its weights
 def _hub_model_unavailable(
-    name: str, revision: str | None, file: str, endpoint: str | None, offline: bool
+    name: str, revision: str | None, files: tuple[str, ...], endpoint: str | None, offline: bool
 ) -> tuple[str, str] | None:
     import huggingface_hub  # only when a config names a Hub model
     from huggingface_hub.errors import HFValidationError
 
     try:
-        cached = huggingface_hub.try_to_load_from_cache(name, file, revision=revision)
+        cached = [huggingface_hub.try_to_load_from_cache(name, file, revision=revision) for file in files]
     except HFValidationError:
         return "no such folder, and not a Hugging Face Hub model id", _hub_fix(name)
-    if isinstance(cached, str):
+    if any(isinstance(path, str) for path in cached):  # one of them: a tokenizer saves one of several
         return None
     where, fix = f"no folder {name} here, nor in the local Hugging Face cache", _hub_fix(name)
     if offline:

@@ -674,7 +674,7 @@ def _pretrained_tokenizer_problems(pretrained: str) -> list[Problem]:
     folder = Path(os.path.expanduser(pretrained))
     if not folder.exists():
         if not pretrained.startswith((".", "/", "~")):
-            unavailable = hub_model_unavailable(pretrained, file="tokenizer_config.json")
+            unavailable = hub_model_unavailable(pretrained, files=TOKENIZER_FILES)
             return [Problem("tokenize.pretrained", pretrained, *unavailable)] if unavailable else []
         why, fix = "no such folder", "give a folder a tokenizer was saved to (save_pretrained), or a Hub name"
     elif not any((folder / name).is_file() for name in TOKENIZER_FILES):
