@@ -410,8 +410,6 @@ def _recorded_config(manifest):
     they meant then)."""
     if Path(manifest.working_dir).is_dir():
         os.chdir(manifest.working_dir)
-    from pipelines.manifest import Manifest
-
     if manifest.moved_from:
         problem = Problem(
             "--storage",
@@ -422,7 +420,6 @@ def _recorded_config(manifest):
             f"storage={manifest.storage}",
         )
         raise ConfigError(f"run {manifest.run_id}", [problem])
-    path = Manifest.folder(Path(manifest.storage), manifest.run_id) / "config.json"
     try:
         recorded = manifest.config()
         if not isinstance(recorded, dict):
@@ -431,7 +428,7 @@ def _recorded_config(manifest):
         why = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
         problem = Problem(
             "config.json",
-            str(path),
+            str(manifest.config_path()),
             f"the config run {manifest.run_id} ran with cannot be read ({type(error).__name__}: {why})",
             "restore the file, or run the pipeline again with `ptft run CONFIG`: what this run finished is "
             "reused from the cache",

@@ -120,21 +120,22 @@ class Manifest:
         if recorded == here or (recorded.exists() and os.path.samefile(recorded, here)):
             return self
         self.moved_from, self.storage = self.storage, str(here)
-        sqlite = (self.tracking_uri or "").removeprefix(SQLITE)
-        if self.tracking_uri and self.tracking_uri.startswith(SQLITE) and Path(sqlite).is_relative_to(recorded):
-            self.tracking_uri = f"{SQLITE}{here / Path(sqlite).relative_to(recorded)}"
+        if (store := _sqlite_file(self.tracking_uri)) and store.is_relative_to(recorded):
+            self.tracking_uri = f"{SQLITE}{here / store.relative_to(recorded)}"
         return self
 
     def tracking_store_missing(self) -> str | None:
         """Where the run's SQLite tracking store should be, when it is not there: read-only commands
         must not open it, since MLflow would make an empty one."""
-        uri = self.tracking_uri or ""
-        if uri.startswith(SQLITE) and not Path(uri.removeprefix(SQLITE)).is_file():
-            return uri.removeprefix(SQLITE)
-        return None
+        store = _sqlite_file(self.tracking_uri)
+        return str(store) if store and not store.is_file() else None
+
+    def config_path(self) -> Path:
+        """The resolved config the run ran with."""
+        return self.folder(Path(self.storage), self.run_id) / "config.json"
 
     def config(self) -> dict[str, Any]:
-        return read_json(self.folder(Path(self.storage), self.run_id) / "config.json")
+        return read_json(self.config_path())
 
     def save(self) -> None:
         with _LOCK:
@@ -197,6 +198,11 @@ class Manifest:
 
 
 SQLITE = "sqlite:///"
+
+
+def _sqlite_file(tracking_uri: str | None) -> Path | None:
+    """The file of a SQLite tracking store's URI; None for any other store."""
+    return Path(tracking_uri.removeprefix(SQLITE)) if tracking_uri and tracking_uri.startswith(SQLITE) else None
 
 
 class UnreadableManifest(ValueError):
