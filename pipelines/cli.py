@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import shlex
+import shutil
 import signal
 import sys
 import time
@@ -485,7 +486,8 @@ def _execute(config, args: argparse.Namespace, **how) -> int:
             # The progress reporter prints each stage's transitions, results included; without it
             # (--progress-every 0) each stage's result is printed as the stage ends.
             on_stage = _print_stage if not quiet and not progress_every_s else None
-            with _failures_told(config.tracking_uri()), _resume_hint(args.command, config.storage_path(), run_id):
+            told = _failures_told(config.tracking_uri(), config.storage_path())
+            with told, _resume_hint(args.command, config.storage_path(), run_id):
                 result = pipelines.run(
                     config, on_stage=on_stage, progress_every_s=progress_every_s, run_id=run_id, **how
                 )
@@ -918,14 +920,20 @@ THRESHOLD = re.compile(r"exceeded threshold of \S+ \((?P<share>[\d.]+%) of")
 
 
 @contextlib.contextmanager
-def _failures_told(tracking_uri: str) -> Iterator[None]:
+def _failures_told(tracking_uri: str, storage: Path) -> Iterator[None]:
     """Failures with a known cause end in the cause and what to do, not in a traceback: out of
-    memory (90 lines, Ray's process table and object store counters, the cause in one of them), an
-    MLflow server that stopped answering (a chain of six tracebacks) and a stage's `StageFailure`."""
+    memory (90 lines, Ray's process table and object store counters, the cause in one of them), a
+    full disk (a chain of MLflow and SQLite tracebacks), an MLflow server that stopped answering (a
+    chain of six tracebacks) and a stage's `StageFailure`."""
     try:
         yield
     except Exception as error:
-        said = _out_of_memory(error) or _tracking_gone(error, tracking_uri) or _stage_said(error)
+        said = (
+            _out_of_memory(error)
+            or _disk_full(error, storage)
+            or _tracking_gone(error, tracking_uri)
+            or _stage_said(error)
+        )
         if said is None:
             raise
         logging.getLogger(__name__).error("%s", said, exc_info=error)  # the traceback, into the run's log
@@ -954,6 +962,37 @@ def _out_of_memory(error: Exception) -> str | None:
         "batches (pretrain.batch_size_per_worker, finetune.batch_size_per_worker), a shorter "
         "tokenize.seq_len, fewer processes at once on the node (workers, tune.max_concurrent_trials) "
         "or more memory. Ray's report is in the run's log"
+    )
+
+
+# A worker's full disk reaches the driver as text: Python's OSError, with the file it wrote.
+NO_SPACE_WRITING = re.compile(r"No space left on device: '(?P<path>[^']+)'")
+
+
+def _disk_full(error: Exception, storage: Path) -> str | None:
+    """A full disk, wherever it stopped the run: a worker's write, the SQLite store (which the run's
+    end then also fails to update: a chain of MLflow and SQLAlchemy tracebacks), a checkpoint."""
+    from components.net import causes
+    from components.tracking import out_of_space
+
+    full = next((each for each in causes(error) if out_of_space(each)), None)
+    if full is None:
+        return None
+    written = getattr(full, "filename", None) or ((found := NO_SPACE_WRITING.search(str(full))) and found["path"])
+    return _out_of_disk_space(Path(written) if written else storage)
+
+
+def _out_of_disk_space(written: Path) -> str:
+    from rich.filesize import decimal
+
+    mount = written
+    while not os.path.ismount(mount):
+        mount = mount.parent
+    usage = shutil.disk_usage(mount)
+    return (
+        f"out of disk space on {mount} ({decimal(usage.free)} free of {decimal(usage.total)} now), writing "
+        f"{written}. Free space there, then run the command again; a run that had opened continues with the "
+        "`ptft resume` above, its finished stages and checkpoints kept"
     )
 
 

@@ -11,6 +11,7 @@ always complete. A key with `_SUCCESS` is a cache hit.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -21,7 +22,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -174,13 +175,27 @@ def _run_locked(
     finally:
         stopped = status == "KILLED"  # then _record_stop has ended the run and its MLflow run already
         if not stopped:
-            manifest.finished(mf.SUCCEEDED if status == "FINISHED" else mf.FAILED)
+            with _unless_failed(status, "the run's manifest"):
+                manifest.finished(mf.SUCCEEDED if status == "FINISHED" else mf.FAILED)
         waiting.stop()
         if reporter:
             reporter.stop()
         if not stopped and _tracking_answers(config.tracking_uri(), status):
-            client.set_terminated(manifest.mlflow_run_id, status=status)
+            with _unless_failed(status, "the pipeline's MLflow run"):
+                client.set_terminated(manifest.mlflow_run_id, status=status)
     return result
+
+
+@contextlib.contextmanager
+def _unless_failed(status: str, what: str) -> Iterator[None]:
+    """Recording a failed run's end must not replace its failure: the disk that failed a stage is
+    still full, the store that failed it still down. `ptft status` tells a run whose driver is gone."""
+    try:
+        yield
+    except Exception as error:
+        if status != "FAILED":
+            raise
+        log.warning("the end of the failed run could not be recorded in %s (%s)", what, error)
 
 
 def _tracking_answers(tracking_uri: str, status: str) -> bool:

@@ -3,13 +3,15 @@ and are session-scoped: every integration and e2e test shares one of each."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
 import signal
+import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NoReturn
 
@@ -208,6 +210,20 @@ def absent(message: str) -> NoReturn:
     if os.environ.get("PTFT_NO_SKIPS"):
         pytest.fail(message)
     pytest.skip(message)
+
+
+@contextlib.contextmanager
+def small_disk(folder: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` (e.g. "2M") mounted at `folder`, a disk that fills up for real (needs root,
+    as CI has, and mount(8))."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        absent("root and mount(8), to mount a small tmpfs for a full disk")
+    folder.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], check=True)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
 def system_tool(name: str, package: str) -> str:

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
-import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,8 @@ from mlflow.tracking import MlflowClient
 
 from components import redaction, tracking
 from components.net import free_port
-from tests.conftest import absent, wait_until
+from tests import conftest
+from tests.conftest import wait_until
 
 
 @pytest.fixture
@@ -198,17 +197,9 @@ def test_ptft_ui_names_the_runs_and_the_newest_pipeline_run(tmp_path: Path) -> N
 
 
 @pytest.fixture
-def small_disk(tmp_path: Path):
-    """A 2 MiB tmpfs of the test's own (needs root, as CI has: `mount`)."""
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        absent("root and mount(8), to mount a small tmpfs for a full disk")
-    folder = tmp_path / "disk"
-    folder.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(folder)], check=True)
-    try:
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    with conftest.small_disk(tmp_path / "disk", "2M") as folder:
         yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
 def test_a_store_out_of_disk_space_stops_the_loop_at_once_not_after_the_outage_budget(small_disk: Path) -> None:
