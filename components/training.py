@@ -4,6 +4,7 @@ cross-rank averages and the consolidated HF export. Stage loops live in pretrain
 
 from __future__ import annotations
 
+import errno
 import importlib
 import json
 import math
@@ -23,12 +24,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
-from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
 
 from components import accelerator
-from components.net import free_port
+from components.net import causes, free_port
 from components.schemas import DeepSpeedConfig, WorkersConfig
 from components.stage import StageContext, write_json
 
@@ -248,9 +249,23 @@ def fit_on_ray(
             checkpoint_config=CheckpointConfig(num_to_keep=checkpoints_to_keep),
             failure_config=FailureConfig(max_failures=workers.max_failures),
             worker_runtime_env={"env_vars": accelerator.deepspeed_env(workers.use_gpu)},
+            callbacks=[NoRestartOnAFullDisk()],
         ),
     )
     return trainer.fit()
+
+
+class NoRestartOnAFullDisk(UserCallback):
+    """A worker that ran out of disk space ends the run instead of restarting the group: a restart
+    trains again from the last checkpoint to the next one, which fails the same way until someone
+    frees space (`max_failures` times over: minutes of pre-training each)."""
+
+    def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
+        from components.tracking import out_of_space  # MLflow: only where the callback runs, the controller
+
+        for rank, error in sorted(worker_exceptions.items()):
+            if any(out_of_space(each) for each in causes(error)):
+                raise OSError(errno.ENOSPC, f"rank {rank} ran out of disk space, so no restart: {error}") from error
 
 
 class Diverged(RuntimeError):
