@@ -299,7 +299,7 @@ def _validate(args: argparse.Namespace) -> int:
     if config.ray.address:  # a cluster: shared storage, MLflow and resources, checked from its nodes
         problems = preflight.check_cluster(config)
     else:  # the local Ray is started by the run; its MLflow server must answer already
-        problems = preflight.tracking_problems(config)
+        problems = preflight.tracking_problems(config) + preflight.local_ray_problems()
     if problems:
         raise ConfigError(args.config, problems)
     print(

@@ -4,7 +4,8 @@
    here, read and answered by a zero-CPU task pinned to each node);
 2. an http(s) `tracking.uri` answers MLflow's `/health`;
 3. the training worker groups, the Tune sweep and the Serve replicas fit the cluster's CPUs and
-   GPUs; on the local Ray a run starts, only this (`local_problems`, once it is up).
+   GPUs; on the local Ray a run starts, only this (`local_problems`, once it is up), and before
+   it starts, that its temp folder has room (`local_ray_problems`).
 
 `check_cluster` returns the problems found (empty: good to go), in the shape `ConfigError` reports.
 With a dashboard address (`http://HEAD:8265`, what `ptft submit` talks to) only (2) and (3) run,
@@ -16,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
 import socket
 import uuid
 from collections.abc import Callable, Iterator
@@ -29,6 +31,14 @@ from pipelines.pipeline_config import PipelineConfig, Problem
 
 SHARED_STORAGE_FIX = "use shared storage (NFS/EFS/PVC) mounted at the same path on every node"
 PROBE_TIMEOUT_S = 120  # a node starts a worker process for its first task: seconds on a busy machine
+# A local Ray keeps its session in its temp folder: logs, sockets, spilled objects (2-3 MB for the
+# tiny pipeline). With 1 MB free there its start timed out after 93 s, and the run ended in a
+# traceback that gave no cause.
+RAY_TEMP_ROOM = 64 * 10**6
+# Ray's longest socket under its temp folder, for the longest pid; a Unix socket's path has at most
+# 107 bytes (Linux), and a longer temp folder failed Ray's start with a traceback.
+RAY_SOCKET_UNDER_TEMP = len("/session_2026-12-06_01-12-42_817275_4194304/sockets/plasma_store")
+UNIX_SOCKET_PATH_MAX = 107
 
 
 def check_cluster(config: PipelineConfig, address: str | None = None, *, tracking: bool = True) -> list[Problem]:
@@ -106,6 +116,29 @@ def local_problems(config: PipelineConfig) -> list[Problem]:
     if config.has_tasks():
         problems += port_problems([(prefix, view.serve) for prefix, view in _views(config)])
     return problems
+
+
+def local_ray_problems() -> list[Problem]:
+    """Room for the session of a local Ray about to start (RAY_TMPDIR, else TMPDIR, else /tmp), and
+    a path short enough for its sockets."""
+    from ray._common.utils import get_default_ray_temp_dir
+    from rich.filesize import decimal
+
+    folder = Path(get_default_ray_temp_dir())
+    fix = "set RAY_TMPDIR to a folder on a disk with room"
+    too_long = len(str(folder).encode()) + RAY_SOCKET_UNDER_TEMP - UNIX_SOCKET_PATH_MAX
+    if too_long > 0:
+        why = f"{too_long} bytes too long for the Unix sockets a local Ray makes under it"
+        return [Problem("RAY_TMPDIR", str(folder), why, f"{fix} and a shorter path (e.g. /tmp)")]
+    existing = next(path for path in (folder, *folder.parents) if path.exists())
+    free = shutil.disk_usage(existing).free
+    if free >= RAY_TEMP_ROOM:
+        return []
+    why = (
+        f"{decimal(free)} free on its disk: a local Ray keeps its session there (logs, sockets, spilled "
+        f"objects) and needs {decimal(RAY_TEMP_ROOM)}"
+    )
+    return [Problem("RAY_TMPDIR", str(folder), why, f"free space there, or {fix}")]
 
 
 def port_problems(views: list[tuple[str, ServeConfig]]) -> list[Problem]:

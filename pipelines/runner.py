@@ -133,7 +133,7 @@ def _run_locked(
     on_stage: Callable[[str, StageResult], None] | None,
     progress_every_s: float | None,
 ) -> PipelineResult:
-    _preflight_tracking(config)
+    _preflight_before_ray(config)
     _init_ray(config)
     _preflight(config)
     client = MlflowClient(config.tracking_uri())
@@ -237,22 +237,26 @@ def _until(nodes: tuple[stages.Node, ...], until: str) -> list[str]:
     return [node.id for node in nodes if node.id in wanted]
 
 
-def _preflight_tracking(config: PipelineConfig) -> None:
-    """An MLflow server that does not answer, said before Ray starts: MLflow's own client retried
-    it for four minutes, then the run failed with a traceback."""
+def _preflight_before_ray(config: PipelineConfig) -> None:
+    """Said before Ray starts: an MLflow server that does not answer (MLflow's own client retried
+    it for four minutes, then the run failed with a traceback), and for a local Ray, a temp folder
+    without room for its session."""
     from pipelines import preflight
 
-    if problems := preflight.tracking_problems(config):
+    problems = preflight.tracking_problems(config)
+    if not ray.is_initialized() and not _cluster_address(config):
+        problems += preflight.local_ray_problems()
+    if problems:
         raise ConfigError("pre-flight", problems)
 
 
 def _preflight(config: PipelineConfig) -> None:
     """On a cluster: storage visible from every node, the workers fit (MLflow was asked before Ray
-    started: `_preflight_tracking`); on the local Ray just started, that the workers and replicas
+    started: `_preflight_before_ray`); on the local Ray just started, that the workers and replicas
     fit its CPUs. Before any run is opened or compute starts."""
     from pipelines import preflight
 
-    on_cluster = config.ray.address or os.environ.get("RAY_ADDRESS")
+    on_cluster = _cluster_address(config)
     problems = preflight.check_cluster(config, tracking=False) if on_cluster else preflight.local_problems(config)
     if problems:
         raise ConfigError("pre-flight", problems)
@@ -287,7 +291,7 @@ def _start_or_join_ray(config: PipelineConfig) -> None:
     runtime_env = {"env_vars": accelerator.deepspeed_env(use_gpu)}
     # Inside a Ray Job (`ptft submit`) RAY_ADDRESS names the cluster the job runs on.
     # Without either, start a private local Ray ("local"), never silently join a `ray start` cluster.
-    address = config.ray.address or os.environ.get("RAY_ADDRESS")
+    address = _cluster_address(config)
     local = {} if address else {"num_cpus": config.ray.num_cpus, "dashboard_host": config.ray.dashboard_host}
     if not address and listens_beyond_loopback(config.ray.dashboard_host):
         # Reachable from other machines: a new local cluster has token auth unless RAY_AUTH_MODE is
@@ -306,6 +310,10 @@ def _start_or_join_ray(config: PipelineConfig) -> None:
     os.environ.setdefault("RAY_task_oom_retries", str(OOM_RETRIES))
     address = address or "local"
     ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, configure_logging=False, **local)
+
+
+def _cluster_address(config: PipelineConfig) -> str | None:
+    return config.ray.address or os.environ.get("RAY_ADDRESS")
 
 
 def _start_parent_run(client: MlflowClient, config: PipelineConfig, experiment_id: str, run_id: str) -> str:

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import REPO, tiny_config_dict
+from tests.conftest import REPO, small_disk, tiny_config_dict
 
 PTFT = str(Path(sys.executable).parent / "ptft")
 
@@ -244,3 +246,47 @@ def test_a_local_cluster_beyond_loopback_without_token_auth_is_refused(good_conf
     assert "Traceback" not in exposed.stderr
     loopback = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
     assert loopback.returncode == 0, loopback.stdout + loopback.stderr
+
+
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_a_local_ray_without_room_for_its_session_is_refused_at_once(
+    command: str, good_config: Path, tmp_path: Path
+) -> None:
+    """With 1 MB free in Ray's temp folder, `ptft run` waited 93 s for the local Ray to start and
+    ended in a traceback (`The current node timed out during startup`) that gave no cause."""
+    short = Path(tempfile.mkdtemp(prefix="ptft-", dir="/tmp"))  # under the length Ray's sockets allow
+    with small_disk(short / "tmp", "1M") as disk:
+        env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}  # a local Ray
+        result = subprocess.run(
+            [PTFT, command, str(good_config), f"storage={tmp_path / 'store'}"],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env={**env, "RAY_TMPDIR": str(disk)},
+            timeout=60,
+        )
+    shutil.rmtree(short)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"RAY_TMPDIR = '{disk / 'ray'}': 1.0 MB free on its disk" in result.stderr
+    assert "set RAY_TMPDIR to a folder on a disk with room" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_ray_temp_folder_too_long_for_its_sockets_is_refused_at_once(good_config: Path, tmp_path: Path) -> None:
+    """A long RAY_TMPDIR failed the local Ray's start with a traceback (`validate_socket_filename
+    failed: AF_UNIX path length cannot exceed 107 bytes`)."""
+    deep = tmp_path / ("d" * 40)
+    deep.mkdir()
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    result = subprocess.run(
+        [PTFT, "run", str(good_config), f"storage={tmp_path / 'store'}"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**env, "RAY_TMPDIR": str(deep)},
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"RAY_TMPDIR = '{deep / 'ray'}': " in result.stderr
+    assert "bytes too long for the Unix sockets a local Ray makes under it" in result.stderr
+    assert "Traceback" not in result.stderr
