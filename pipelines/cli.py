@@ -674,7 +674,9 @@ def _serve(args: argparse.Namespace) -> int:
         raise ConfigError("ptft serve", [problem]) from None
     if args.export:
         return _export_serve_config(serve.serve_config_file(config.serve, args.model, tracking_uri), args.export)
-    if not _on_cluster(config) and (problems := preflight.port_problems([("", config.serve)])):
+    if not _on_cluster(config) and (
+        problems := preflight.port_problems([("", config.serve)]) + preflight.local_ray_problems()
+    ):
         raise ConfigError("ptft serve", problems)  # before a local Ray starts, and Serve fails to bind
     stamp = time.strftime("%Y%m%d-%H%M%S")
     with _console(args, config.storage_path() / "logs" / f"serve-{config.serve.app_name}-{stamp}.log") as log:

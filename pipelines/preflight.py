@@ -119,8 +119,37 @@ def local_problems(config: PipelineConfig) -> list[Problem]:
 
 
 def local_ray_problems() -> list[Problem]:
-    """Room for the session of a local Ray about to start (RAY_TMPDIR, else TMPDIR, else /tmp), and
-    a path short enough for its sockets."""
+    """What a local Ray about to start needs: a place to save its auth token, and room for its
+    session (RAY_TMPDIR, else TMPDIR, else /tmp) under a path short enough for its sockets."""
+    return _auth_token_problems() + _temp_folder_problems()
+
+
+def _auth_token_problems() -> list[Problem]:
+    """A new local Ray has token auth unless RAY_AUTH_MODE says otherwise, and with no token given
+    (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH) it saves a new one at ~/.ray/auth_token: under a read-only
+    HOME (a container's) the run ended in a traceback (`Read-only file system: '~/.ray'`)."""
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
+        return []
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return []
+    token = Path.home() / ".ray" / "auth_token"
+    if token.exists():
+        return []
+    existing = next(path for path in token.parents if path.exists())
+    if os.access(existing, os.W_OK):
+        return []
+    return [
+        Problem(
+            "HOME",
+            str(Path.home()),
+            f"a new local Ray saves its auth token at {token}, and {existing} is not writable",
+            "set HOME to a writable folder, or RAY_AUTH_TOKEN_PATH to a file that holds a token "
+            "(`openssl rand -hex 32 > FILE`)",
+        )
+    ]
+
+
+def _temp_folder_problems() -> list[Problem]:
     from ray._common.utils import get_default_ray_temp_dir
     from rich.filesize import decimal
 

@@ -213,13 +213,14 @@ def absent(message: str) -> NoReturn:
 
 
 @contextlib.contextmanager
-def small_disk(folder: Path, size: str) -> Iterator[Path]:
-    """A tmpfs of `size` (e.g. "2M") mounted at `folder`, a disk that fills up for real (needs root,
-    as CI has, and mount(8))."""
+def small_disk(folder: Path, size: str, *, read_only: bool = False) -> Iterator[Path]:
+    """A tmpfs of `size` (e.g. "2M") mounted at `folder`, a disk that fills up for real, or that
+    refuses every write (needs root, as CI has, and mount(8))."""
     if os.geteuid() != 0 or shutil.which("mount") is None:
         absent("root and mount(8), to mount a small tmpfs for a full disk")
     folder.mkdir(parents=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], check=True)
+    options = f"size={size}" + (",ro" if read_only else "")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], check=True)
     try:
         yield folder
     finally:

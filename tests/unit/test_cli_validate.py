@@ -290,3 +290,25 @@ def test_a_ray_temp_folder_too_long_for_its_sockets_is_refused_at_once(good_conf
     assert f"RAY_TMPDIR = '{deep / 'ray'}': " in result.stderr
     assert "bytes too long for the Unix sockets a local Ray makes under it" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_a_read_only_home_where_ray_would_save_its_token_is_refused_at_once(
+    command: str, good_config: Path, tmp_path: Path
+) -> None:
+    """A new local Ray saves an auth token at ~/.ray/auth_token: under a read-only HOME (a
+    container's) `ptft run` ended in a traceback, `Read-only file system: '~/.ray'`."""
+    with small_disk(tmp_path / "home", "1M", read_only=True) as home:
+        env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}  # a local Ray
+        result = subprocess.run(
+            [PTFT, command, str(good_config), f"storage={tmp_path / 'store'}"],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env={**env, "HOME": str(home)},
+            timeout=60,
+        )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"HOME = '{home}': a new local Ray saves its auth token at {home / '.ray' / 'auth_token'}" in result.stderr
+    assert "or RAY_AUTH_TOKEN_PATH to a file that holds a token" in result.stderr
+    assert "Traceback" not in result.stderr
