@@ -27,6 +27,7 @@ components/decoder.py).
 from __future__ import annotations
 
 import os
+import resource
 from collections.abc import Mapping
 
 from components.net import free_port
@@ -50,8 +51,40 @@ DRAIN_S = "2"
 
 
 def haproxy_env() -> dict[str, str]:
-    """The variables a new cluster needs for an HAProxy ingress on ports of its own."""
-    return {ENABLE: "1", DRAIN: DRAIN_S, **{name: str(free_port()) for name in PORTS}}
+    """The variables a new cluster needs for an HAProxy ingress on ports of its own, and a
+    connection limit that fits the open-file limit it starts under."""
+    return {ENABLE: "1", DRAIN: DRAIN_S, **{name: str(free_port()) for name in PORTS}, **_maxconn_env()}
+
+
+# HAProxy raises its open-file limit to what its `maxconn` needs (~2.5 files a connection: Ray's
+# 4096 took 10,276) and exits at start where the hard limit is lower: with `ulimit -n 256` the
+# serve stage failed after the whole training (`Cannot raise FD limit to 10276, limit is 256`). A
+# cluster started under a lower hard limit gets a `maxconn` that fits it.
+MAXCONN = "RAY_SERVE_HAPROXY_MAXCONN"
+RAY_MAXCONN = 4096
+FILES_BESIDES_CONNECTIONS = 100  # listeners, health checks, logs: 36 beyond 2.5 a connection measured
+
+
+def files_for(maxconn: int) -> int:
+    return maxconn * 5 // 2 + FILES_BESIDES_CONNECTIONS
+
+
+def _maxconn_env() -> dict[str, str]:
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == resource.RLIM_INFINITY or files_for(RAY_MAXCONN) <= hard:
+        return {}
+    return {MAXCONN: str(max(1, (hard - FILES_BESIDES_CONNECTIONS) * 2 // 5))}
+
+
+def maxconn_lowered(env: Mapping[str, str]) -> str | None:
+    """What to tell of a `maxconn` that `cluster_env` lowered to fit the open-file limit."""
+    if MAXCONN not in env:
+        return None
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return (
+        f"the open-file limit here is {hard}: Serve's HAProxy takes at most {env[MAXCONN]} connections at once "
+        f"(Ray's {RAY_MAXCONN} need a hard `ulimit -n` of {files_for(RAY_MAXCONN)})"
+    )
 
 
 # Request code on the replica's main event loop (see above); "1" is Ray's default, a loop apart.

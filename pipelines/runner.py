@@ -303,7 +303,10 @@ def _start_or_join_ray(config: PipelineConfig) -> None:
             "`ray get-auth-token` prints the token its clients need"
         )
     if not address:
-        os.environ.update(ingress.cluster_env())  # the new cluster's processes inherit it
+        serve_env = ingress.cluster_env()
+        os.environ.update(serve_env)  # the new cluster's processes inherit it
+        if lowered := ingress.maxconn_lowered(serve_env):
+            console.say(f"[ptft] {lowered}")
     # Ray retries a task its memory monitor killed without end (Ray Data's tasks: `oom retries left:
     # -1`), up to a minute apart: a tokenize that ran out of memory each time said nothing, forever.
     # The driver owns the Data tasks, so its setting is theirs; three retries ride out a passing peak.

@@ -1,11 +1,12 @@
 """Serve starts on a Ray of its own although its controller replaces the ingress `serve.start`
-waits on (components/serve.py `start`), and the application then answers over HTTP. A port taken
-since the run's pre-flight is named with what holds it."""
+waits on (components/serve.py `start`), and the application then answers over HTTP; and under a
+low open-file limit. A port taken since the run's pre-flight is named with what holds it."""
 
 from __future__ import annotations
 
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -19,17 +20,16 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.integration
 
-# A local Ray whose controller replaces an ingress that is not ready within 3 x 0.5 s: the first
-# `serve.start` fails with the replaced actor's death, as it once did in CI on the shared cluster.
-# Ray replaces ingresses until one is ready within (replacements + 1) x 0.5 s per check: 35 s to an
-# answer on an idle 2-core machine, 163 s during a whole suite run; hence the 7-minute wait.
-_REPLACED_INGRESS = """
-import sys, time
+# A local Ray with Serve's ingress as the runner sets it up, an application, and a wait for its answer.
+_SERVE_HELLO = """
+import os, sys, time
 import ray, requests
 from ray import serve
-from components import serve as ptft_serve
+from components import ingress, serve as ptft_serve
 from components.schemas import ServeConfig
 
+os.environ.update(ingress.cluster_env())  # as the runner does for the cluster it starts
+print(f"MAXCONN {os.environ.get(ingress.MAXCONN)}", flush=True)
 ray.init(num_cpus=1, include_dashboard=False, _temp_dir=sys.argv[2])
 cfg = ServeConfig(port=int(sys.argv[1]))
 ptft_serve.start(cfg)
@@ -52,8 +52,11 @@ serve.shutdown()
 """
 
 
-def _on_a_ray_of_its_own(script: str, port: int, timeout_s: float, **env: str) -> subprocess.CompletedProcess:
-    """`script` run with its Serve port and a temp dir for the local Ray it starts (argv 1 and 2)."""
+def _on_a_ray_of_its_own(
+    script: str, port: int, timeout_s: float, files: int | None = None, **env: str
+) -> subprocess.CompletedProcess:
+    """`script` run with its Serve port and a temp dir for the local Ray it starts (argv 1 and 2),
+    under an open-file limit of `files` if given."""
     environ = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     environ.update(ingress.cluster_env(environ), **env)
     temp_dir = tempfile.mkdtemp(prefix="ptft-ray-", dir="/tmp")  # short: Ray's socket paths have a limit
@@ -65,16 +68,30 @@ def _on_a_ray_of_its_own(script: str, port: int, timeout_s: float, **env: str) -
             capture_output=True,
             text=True,
             timeout=timeout_s,
+            preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (files, files))) if files else None,
         )
     finally:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_serve_starts_although_the_controller_replaces_a_slow_ingress() -> None:
+    """A controller that replaces an ingress not ready within 3 x 0.5 s: the first `serve.start`
+    failed with the replaced actor's death, as it once did in CI on the shared cluster. Ray replaces
+    ingresses until one is ready within (replacements + 1) x 0.5 s per check: 35 s to an answer on
+    an idle 2-core machine, 163 s during a whole suite run; hence the 7-minute wait."""
     # An ingress takes longer than 3 x 0.5 s to start: the first one is replaced.
-    done = _on_a_ray_of_its_own(_REPLACED_INGRESS, free_port(), 540, **{ingress.READY: "0.5"})
+    done = _on_a_ray_of_its_own(_SERVE_HELLO, free_port(), 540, **{ingress.READY: "0.5"})
     assert "marking it unhealthy" in done.stdout + done.stderr, done.stderr[-3000:]  # the case happened
     assert done.returncode == 0 and "ANSWERED" in done.stdout, done.stderr[-3000:]
+
+
+def test_serve_answers_under_an_open_file_limit_lower_than_haproxy_asks_for() -> None:
+    """HAProxy raises its open-file limit to what Ray's `maxconn` 4096 needs (10,276) and exited
+    at start under `ulimit -n 256`: the serve stage failed after the whole training."""
+    done = _on_a_ray_of_its_own(_SERVE_HELLO, free_port(), 300, files=256)
+    assert "MAXCONN 62" in done.stdout, done.stdout + done.stderr[-3000:]
+    assert done.returncode == 0 and "ANSWERED" in done.stdout, done.stderr[-3000:]
+    assert "Cannot raise FD limit" not in done.stderr
 
 
 # Serve's port taken after the run's pre-flight found it free: two runs on one machine, the other
