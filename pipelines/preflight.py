@@ -160,6 +160,10 @@ def _temp_folder_problems() -> list[Problem]:
         why = f"{too_long} bytes too long for the Unix sockets a local Ray makes under it"
         return [Problem("RAY_TMPDIR", str(folder), why, f"{fix} and a shorter path (e.g. /tmp)")]
     existing = next(path for path in (folder, *folder.parents) if path.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        what = "not writable" if existing.is_dir() else "a file"
+        why = f"{existing} is {what}: a local Ray keeps its session there"
+        return [Problem("RAY_TMPDIR", str(folder), why, "set RAY_TMPDIR to a writable folder")]
     free = shutil.disk_usage(existing).free
     if free >= RAY_TEMP_ROOM:
         return []

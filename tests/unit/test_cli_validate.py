@@ -248,14 +248,23 @@ def test_a_local_cluster_beyond_loopback_without_token_auth_is_refused(good_conf
     assert loopback.returncode == 0, loopback.stdout + loopback.stderr
 
 
-@pytest.mark.parametrize("command", ["validate", "run"])
+@pytest.mark.parametrize(
+    ("command", "read_only", "said"),
+    [
+        ("validate", False, "1.0 MB free on its disk"),
+        ("run", False, "1.0 MB free on its disk"),
+        ("run", True, "{disk} is not writable"),
+    ],
+    ids=["validate", "run", "read-only"],
+)
 def test_a_local_ray_without_room_for_its_session_is_refused_at_once(
-    command: str, good_config: Path, tmp_path: Path
+    command: str, read_only: bool, said: str, good_config: Path, tmp_path: Path
 ) -> None:
     """With 1 MB free in Ray's temp folder, `ptft run` waited 93 s for the local Ray to start and
-    ended in a traceback (`The current node timed out during startup`) that gave no cause."""
+    ended in a traceback (`The current node timed out during startup`) that gave no cause; on a
+    read-only one, a traceback (`Read-only file system`)."""
     short = Path(tempfile.mkdtemp(prefix="ptft-", dir="/tmp"))  # under the length Ray's sockets allow
-    with small_disk(short / "tmp", "1M") as disk:
+    with small_disk(short / "tmp", "100M" if read_only else "1M", read_only=read_only) as disk:  # room, or none
         env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}  # a local Ray
         result = subprocess.run(
             [PTFT, command, str(good_config), f"storage={tmp_path / 'store'}"],
@@ -267,8 +276,8 @@ def test_a_local_ray_without_room_for_its_session_is_refused_at_once(
         )
     shutil.rmtree(short)
     assert result.returncode == 2, result.stdout + result.stderr
-    assert f"RAY_TMPDIR = '{disk / 'ray'}': 1.0 MB free on its disk" in result.stderr
-    assert "set RAY_TMPDIR to a folder on a disk with room" in result.stderr
+    assert f"RAY_TMPDIR = '{disk / 'ray'}': {said.format(disk=disk)}" in result.stderr
+    assert "set RAY_TMPDIR to a" in result.stderr
     assert "Traceback" not in result.stderr
 
 
