@@ -381,7 +381,7 @@ def validate(
         sections = _valid_sections(raw)  # cross-field rules still run on the sections that parsed
     problems += semantic_problems(sections) + task_problems(raw, sections)
     if check_data:
-        problems += data_problems(sections) + storage_problems(sections)
+        problems += data_problems(sections, source) + storage_problems(sections)
     if check_data and config is not None and not problems:
         # Reads the corpus through and loads the splits: only once everything else holds.
         problems += corpus_problems(config) + task_data_problems(config)
@@ -1180,7 +1180,7 @@ def _shared_by_two_tasks(tasks: dict[str, Any], pipeline: str | None) -> list[Pr
     return problems
 
 
-def data_problems(sections: dict[str, Any]) -> list[Problem]:
+def data_problems(sections: dict[str, Any], config_file: str = "config") -> list[Problem]:
     """Missing files and columns, found without loading the data."""
     data = sections.get("data")
     if data is None:
@@ -1199,8 +1199,29 @@ def data_problems(sections: dict[str, Any]) -> list[Problem]:
             where = f"{key}.{subkey}"
             if corpus and where == "data.corpus.source.text_column":
                 where = "data.corpus.text_columns"  # the column named there, not the source's own
+            if subkey == "path":
+                fix += _beside_the_config(source.path, config_file)
             problems.append(Problem(where, getattr(source, subkey), message, fix))
     return problems
+
+
+def _beside_the_config(path: str, config_file: str) -> str:
+    """A relative path is read from the working directory; run from elsewhere (`cd /tmp; ptft run
+    /repo/configs/x.yaml`) it is not found, though it is there from the config's folder or above."""
+    relative = Path(os.path.expanduser(path))
+    if relative.is_absolute() or not Path(config_file).is_file():
+        return ""
+    folder = Path(config_file).resolve().parent
+    bases = (folder, *folder.parents)
+    found = next(
+        (base for base in bases if any(map(os.path.isfile, data_sources.resolve_paths(str(base / relative))))), None
+    )
+    if found is None:
+        return ""
+    return (
+        f". Relative paths are read from the working directory ({Path.cwd()}): run from {found}, or write "
+        f"{os.path.normpath(found / relative)}"
+    )
 
 
 def corpus_problems(config: PipelineConfig) -> list[Problem]:

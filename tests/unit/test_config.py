@@ -311,6 +311,34 @@ def test_missing_data_file_lists_what_exists(tmp_path: Path) -> None:
     assert "train.jsonl" in problem.fix  # says what does exist
 
 
+def test_a_relative_data_path_run_from_elsewhere_says_where_it_is_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`cd /tmp; ptft run /repo/configs/x.yaml` with paths relative to the repo: each is "no file at"
+    the working directory's, though the config's folder, or one above it, has it."""
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "configs").mkdir()
+    (project / "data" / "train.jsonl").write_text(json.dumps({"text": "a", "label": 1}) + "\n")
+    raw = tiny_config_dict(tmp_path / "store")
+    raw["data"]["task"]["train"] = {"type": "file", "path": "data/train.jsonl"}
+    config = project / "configs" / "x.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(ConfigError) as error:
+        load_config(config)
+    (problem,) = error.value.problems
+    assert problem.key == "data.task.train.path"
+    assert f"read from the working directory ({elsewhere}): run from {project}, or write" in problem.fix
+    assert problem.fix.endswith(str(project / "data" / "train.jsonl"))
+    monkeypatch.chdir(project)
+    with pytest.raises(ConfigError) as error:  # the one-row file's own problems, read once found
+        load_config(config)
+    assert "data.task.train.path" not in [each.key for each in error.value.problems]
+
+
 def test_missing_label_column_lists_columns(tmp_path: Path) -> None:
     (tmp_path / "train.csv").write_text("sentence,polarity\nhello,1\n")
     raw = tiny_config_dict(tmp_path)
