@@ -248,23 +248,15 @@ def test_a_local_cluster_beyond_loopback_without_token_auth_is_refused(good_conf
     assert loopback.returncode == 0, loopback.stdout + loopback.stderr
 
 
-@pytest.mark.parametrize(
-    ("command", "read_only", "said"),
-    [
-        ("validate", False, "1.0 MB free on its disk"),
-        ("run", False, "1.0 MB free on its disk"),
-        ("run", True, "{disk} is not writable"),
-    ],
-    ids=["validate", "run", "read-only"],
-)
+@pytest.mark.parametrize("command", ["validate", "run"])
 def test_a_local_ray_without_room_for_its_session_is_refused_at_once(
-    command: str, read_only: bool, said: str, good_config: Path, tmp_path: Path
+    command: str, good_config: Path, tmp_path: Path
 ) -> None:
     """With 1 MB free in Ray's temp folder, `ptft run` waited 93 s for the local Ray to start and
-    ended in a traceback (`The current node timed out during startup`) that gave no cause; on a
-    read-only one, a traceback (`Read-only file system`)."""
+    ended in a traceback (`The current node timed out during startup`) that gave no cause. (The
+    local Ray's other needs: tests/unit/test_preflight.py.)"""
     short = Path(tempfile.mkdtemp(prefix="ptft-", dir="/tmp"))  # under the length Ray's sockets allow
-    with small_disk(short / "tmp", "100M" if read_only else "1M", read_only=read_only) as disk:  # room, or none
+    with small_disk(short / "tmp", "1M") as disk:
         env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}  # a local Ray
         result = subprocess.run(
             [PTFT, command, str(good_config), f"storage={tmp_path / 'store'}"],
@@ -276,48 +268,6 @@ def test_a_local_ray_without_room_for_its_session_is_refused_at_once(
         )
     shutil.rmtree(short)
     assert result.returncode == 2, result.stdout + result.stderr
-    assert f"RAY_TMPDIR = '{disk / 'ray'}': {said.format(disk=disk)}" in result.stderr
-    assert "set RAY_TMPDIR to a" in result.stderr
-    assert "Traceback" not in result.stderr
-
-
-def test_a_ray_temp_folder_too_long_for_its_sockets_is_refused_at_once(good_config: Path, tmp_path: Path) -> None:
-    """A long RAY_TMPDIR failed the local Ray's start with a traceback (`validate_socket_filename
-    failed: AF_UNIX path length cannot exceed 107 bytes`)."""
-    deep = tmp_path / ("d" * 40)
-    deep.mkdir()
-    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
-    result = subprocess.run(
-        [PTFT, "run", str(good_config), f"storage={tmp_path / 'store'}"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env={**env, "RAY_TMPDIR": str(deep)},
-        timeout=60,
-    )
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert f"RAY_TMPDIR = '{deep / 'ray'}': " in result.stderr
-    assert "bytes too long for the Unix sockets a local Ray makes under it" in result.stderr
-    assert "Traceback" not in result.stderr
-
-
-@pytest.mark.parametrize("command", ["validate", "run"])
-def test_a_read_only_home_where_ray_would_save_its_token_is_refused_at_once(
-    command: str, good_config: Path, tmp_path: Path
-) -> None:
-    """A new local Ray saves an auth token at ~/.ray/auth_token: under a read-only HOME (a
-    container's) `ptft run` ended in a traceback, `Read-only file system: '~/.ray'`."""
-    with small_disk(tmp_path / "home", "1M", read_only=True) as home:
-        env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}  # a local Ray
-        result = subprocess.run(
-            [PTFT, command, str(good_config), f"storage={tmp_path / 'store'}"],
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-            env={**env, "HOME": str(home)},
-            timeout=60,
-        )
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert f"HOME = '{home}': a new local Ray saves its auth token at {home / '.ray' / 'auth_token'}" in result.stderr
-    assert "or RAY_AUTH_TOKEN_PATH to a file that holds a token" in result.stderr
+    assert f"RAY_TMPDIR = '{disk / 'ray'}': 1.0 MB free on its disk" in result.stderr
+    assert "free space there, or set RAY_TMPDIR to a folder on a disk with room" in result.stderr
     assert "Traceback" not in result.stderr

@@ -4,6 +4,8 @@ The same checks against a real two-node cluster: tests/integration/test_cluster_
 from __future__ import annotations
 
 import shlex
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ import pytest
 from components.net import free_port
 from pipelines import jobs, preflight
 from pipelines.pipeline_config import PipelineConfig, validate
-from tests.conftest import REPO, tiny_config_dict
+from tests.conftest import REPO, small_disk, tiny_config_dict
 
 TWO_NODES = [{"CPU": 2.0, "memory": 1e9}, {"CPU": 2.0, "second_node": 1.0}]
 
@@ -194,3 +196,54 @@ def test_job_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert {".venv", ".git", "ptft-runs"} <= set(spec["runtime_env"]["excludes"])
     assert spec["submission_id"].startswith("ptft-unit-")
     assert spec["metadata"]["ptft.pipeline"] == "unit"
+
+
+# What a local Ray about to start needs (`ptft run`, `ptft serve` and `ptft validate` ask before it
+# starts: tests/unit/test_cli_validate.py). Each case below failed the run in a traceback before.
+
+
+@pytest.fixture
+def fresh_ray_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """No Ray variables, as on a machine that never ran the suite: token auth by default."""
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_TMPDIR", "TMPDIR"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_a_ray_temp_folder_on_a_read_only_disk_is_a_problem(fresh_ray_env: pytest.MonkeyPatch) -> None:
+    """Before: `Read-only file system: 'TMP/ray'`. (A disk with room, so that only this refuses it.)"""
+    short = Path(tempfile.mkdtemp(prefix="ptft-", dir="/tmp"))  # under the length Ray's sockets allow
+    with small_disk(short / "tmp", "100M", read_only=True) as disk:
+        fresh_ray_env.setenv("RAY_TMPDIR", str(disk))
+        (problem,) = preflight.local_ray_problems()
+    shutil.rmtree(short)
+    assert (problem.key, problem.value) == ("RAY_TMPDIR", str(disk / "ray"))
+    assert problem.message == f"{disk} is not writable: a local Ray keeps its session there"
+
+
+def test_a_ray_temp_folder_too_long_for_its_sockets_is_a_problem(fresh_ray_env: pytest.MonkeyPatch) -> None:
+    """Before: `validate_socket_filename failed: AF_UNIX path length cannot exceed 107 bytes`."""
+    fresh_ray_env.setenv("RAY_TMPDIR", "/tmp/" + "d" * 40)  # 40 + 9 + 64: 6 bytes too long
+    (problem,) = preflight.local_ray_problems()
+    assert problem.message == "6 bytes too long for the Unix sockets a local Ray makes under it"
+    fresh_ray_env.setenv("RAY_TMPDIR", "/tmp/" + "d" * 34)  # just fits
+    assert preflight.local_ray_problems() == []
+
+
+def test_a_read_only_home_where_ray_would_save_its_token_is_a_problem(
+    fresh_ray_env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A new local Ray saves an auth token at ~/.ray/auth_token: under a read-only HOME (a
+    container's) the run ended in a traceback, `Read-only file system: '~/.ray'`."""
+    with small_disk(tmp_path / "home", "1M", read_only=True) as home:
+        fresh_ray_env.setenv("HOME", str(home))
+        (problem,) = preflight.local_ray_problems()
+        token = tmp_path / "token"
+        token.write_text("a" * 64)
+        fresh_ray_env.setenv("RAY_AUTH_TOKEN_PATH", str(token))  # the fix it names
+        assert preflight.local_ray_problems() == []
+    assert (problem.key, problem.value) == ("HOME", str(home))
+    assert (
+        problem.message == f"a new local Ray saves its auth token at {home}/.ray/auth_token, and {home} is not writable"
+    )
+    assert "RAY_AUTH_TOKEN_PATH to a file that holds a token" in problem.fix
