@@ -5,6 +5,7 @@ user types it, the bad value and the fix.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import ipaddress
 import json
@@ -1333,12 +1334,17 @@ def storage_problems(sections: dict[str, Any]) -> list[Problem]:
     if blocker := next((part for part in (path, *path.parents) if part.exists() and not part.is_dir()), None):
         where = "it is" if blocker == path else f"{blocker} is"
         return [Problem("storage", storage, f"{where} a file, not a folder", "point it at a folder (made if missing)")]
+    missing = [part for part in (path, *path.parents) if not part.exists()]  # the deepest first
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path):
             pass
     except OSError as error:
         return [Problem("storage", storage, f"not writable ({error.strerror})", "point it at a writable folder")]
+    finally:
+        for part in missing:  # checking leaves no folder behind (a mistyped storage made one); runs make it
+            with contextlib.suppress(OSError):
+                part.rmdir()
     return []
 
 

@@ -222,6 +222,14 @@ def test_a_storage_that_is_a_file_says_so(tmp_path: Path, under: str) -> None:
     assert problem.key == "storage" and problem.message == f"{where} a file, not a folder", problem
 
 
+def test_checking_a_storage_that_does_not_exist_leaves_no_folder_behind(tmp_path: Path) -> None:
+    """`ptft validate` of a mistyped storage made its folder (and every missing one above it)."""
+    (tmp_path / "kept").mkdir()
+    validate(tiny_config_dict(tmp_path / "strage" / "deeper"))
+    validate(tiny_config_dict(tmp_path / "kept"))
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["kept"]
+
+
 def test_two_tasks_cannot_share_a_serve_app_a_route_or_a_registered_model() -> None:
     raw = yaml.safe_load((REPO / "configs" / "demo_multitask.yaml").read_text())
     apply_overrides(raw, ["tasks.topic.serve.route_prefix=/sentiment", "tasks.answers.serve.app_name=ptft-entities"])
