@@ -184,7 +184,22 @@ def lookup(tracking_uri: str | None, name: str, *, version: str | None = None, a
             f"{reference!r} is not in the registry at {redact_url(tracking_uri)} ({redact_text(error.message)}); "
             "the MLflow UI (ptft ui) lists registered models and their aliases"
         ) from None
+    if (missing := _files_missing(client, name, str(found.version))) is not None:
+        raise ValueError(
+            f"{reference!r} (v{found.version}) is in the registry at {redact_url(tracking_uri)}, but its files are "
+            f"not: {missing} holds no MLmodel. Restore the artifact store, or register the model again "
+            "(`ptft run CONFIG --rerun finetune`)"
+        )
     return {"version": str(found.version), "run_id": found.run_id}
+
+
+def _files_missing(client: MlflowClient, name: str, version: str) -> str | None:
+    """Where a registered version's files should be, when they are not there: an artifact store
+    cleaned by hand left the registry pointing at nothing, and Serve's replicas then failed three
+    times over (`No such artifact: 'MLmodel'`) before the deploy did, in a traceback."""
+    uri = client.get_model_version_download_uri(name, version)
+    listed = mlflow.artifacts.list_artifacts(artifact_uri=uri)
+    return None if any(Path(each.path).name == "MLmodel" for each in listed) else redact_url(uri)
 
 
 def describe_version(tracking_uri: str, name: str, version: str, description: str, tags: dict[str, str]) -> None:

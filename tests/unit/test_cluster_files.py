@@ -300,6 +300,8 @@ def test_app_builder_pins_the_alias_to_a_version(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     client.create_registered_model("demo-classifier")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "MLmodel").write_text("flavors: {}\n")  # a registered version's files are looked for
     for _ in range(2):
         version = client.create_model_version("demo-classifier", source=str(tmp_path / "model")).version
     client.set_registered_model_alias("demo-classifier", "champion", "1")

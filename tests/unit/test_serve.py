@@ -54,6 +54,26 @@ def test_promote_and_rollback_keep_the_history(client: MlflowClient) -> None:
         registry.promote(client, "m", "99")
 
 
+def test_a_registered_version_whose_files_are_gone_is_named_before_serve_starts(tmp_path: Path) -> None:
+    """An artifact store cleaned by hand left the registry pointing at nothing: `ptft serve` started
+    Ray, Serve's replicas failed three times over (`No such artifact: 'MLmodel'`), and the deploy
+    ended in a traceback after 31 s."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    client.create_registered_model("m")
+    files = tmp_path / "artifacts" / "model"
+    files.mkdir(parents=True)
+    (files / "MLmodel").write_text("flavors: {}\n")
+    client.create_model_version("m", source=str(files))
+    assert serve.resolve_model("models:/m/1", uri).version == "1"
+    (files / "MLmodel").unlink()
+    with pytest.raises(ValueError) as gone:
+        serve.resolve_model("models:/m/1", uri)
+    assert f"'models:/m/1' (v1) is in the registry at {uri}, but its files are not: {files} holds no MLmodel" in str(
+        gone.value
+    )
+
+
 @pytest.mark.parametrize(
     ("texts", "status", "words"),
     [
