@@ -443,7 +443,8 @@ def test_a_registry_outage_or_a_failed_rollout_leaves_the_served_version_answeri
     registered: dict, small_app: ServeConfig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`ptft serve`'s follow loop (`serve.keep_following`) with real faults: the registry on a port
-    where nothing listens, then the alias moved to a version with no model behind it."""
+    where nothing listens, the alias moved to a version whose files are missing (not deployed), then
+    to one whose files do not load (deployed, and rolled back)."""
     from ray import serve as ray_serve
 
     client, tracking_uri = registered["client"], registered["tracking_uri"]
@@ -467,7 +468,14 @@ def test_a_registry_outage_or_a_failed_rollout_leaves_the_served_version_answeri
         empty = client.create_model_version(NAME, f"runs:/{run.info.run_id}/no-model", run.info.run_id)
         client.set_registered_model_alias(NAME, "following", empty.version)
         now, trouble = serve.keep_following(cfg, serving, tracking_uri)
-        assert now == serving and f"rolling over to v{empty.version} failed" in trouble, trouble
+        assert now == serving and "holds no MLmodel" in trouble and f"v{good} keeps answering" in trouble, trouble
+        answers_with(good)
+
+        client.log_text(run.info.run_id, "flavors: {}\n", "broken-model/MLmodel")  # there, and no model
+        broken = client.create_model_version(NAME, f"runs:/{run.info.run_id}/broken-model", run.info.run_id)
+        client.set_registered_model_alias(NAME, "following", broken.version)
+        now, trouble = serve.keep_following(cfg, serving, tracking_uri)
+        assert now == serving and f"rolling over to v{broken.version} failed" in trouble, trouble
         assert f"back on v{good}" in trouble
         answers_with(good)
     finally:
