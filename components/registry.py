@@ -198,7 +198,11 @@ def _files_missing(client: MlflowClient, name: str, version: str) -> str | None:
     cleaned by hand left the registry pointing at nothing, and Serve's replicas then failed three
     times over (`No such artifact: 'MLmodel'`) before the deploy did, in a traceback."""
     uri = client.get_model_version_download_uri(name, version)
-    listed = mlflow.artifacts.list_artifacts(artifact_uri=uri)
+    try:
+        listed = mlflow.artifacts.list_artifacts(artifact_uri=uri)
+    except Exception as error:  # noqa: BLE001 - a store that cannot be listed (credentials, network): the load tells
+        log.info("the files of %s v%s at %s could not be listed: %s", name, version, redact_url(uri), error)
+        return None
     return None if any(Path(each.path).name == "MLmodel" for each in listed) else redact_url(uri)
 
 

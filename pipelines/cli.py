@@ -987,6 +987,7 @@ def _disk_full(error: Exception, storage: Path) -> str | None:
 def _out_of_disk_space(written: Path) -> str:
     from rich.filesize import decimal
 
+    written = Path(os.path.abspath(written))  # a bare file name is the working directory's
     mount = written
     while not os.path.ismount(mount):
         mount = mount.parent

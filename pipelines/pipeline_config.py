@@ -1212,11 +1212,12 @@ def _beside_the_config(path: str, config_file: str) -> str:
     relative = Path(os.path.expanduser(path))
     if relative.is_absolute() or not Path(config_file).is_file():
         return ""
+
+    def holds(base: Path) -> bool:
+        return any(os.path.isfile(each) for each in data_sources.resolve_paths(str(base / relative)))
+
     folder = Path(config_file).resolve().parent
-    bases = (folder, *folder.parents)
-    found = next(
-        (base for base in bases if any(map(os.path.isfile, data_sources.resolve_paths(str(base / relative))))), None
-    )
+    found = next((base for base in (folder, *folder.parents) if holds(base)), None)
     if found is None:
         return ""
     return (

@@ -5,7 +5,8 @@
 2. an http(s) `tracking.uri` answers MLflow's `/health`;
 3. the training worker groups, the Tune sweep and the Serve replicas fit the cluster's CPUs and
    GPUs; on the local Ray a run starts, only this (`local_problems`, once it is up), and before
-   it starts, that its temp folder has room (`local_ray_problems`).
+   it starts, that it can save its auth token and has a writable temp folder with room
+   (`local_ray_problems`).
 
 `check_cluster` returns the problems found (empty: good to go), in the shape `ConfigError` reports.
 With a dashboard address (`http://HEAD:8265`, what `ptft submit` talks to) only (2) and (3) run,

@@ -135,6 +135,22 @@ def tiny_config_dict(storage: Path) -> dict:
     }
 
 
+def loop_context(tmp_path: Path, pipeline_run_id: str):
+    """The context of a pre-training stage whose loop a test runs on Ray Train by itself: storage
+    and a SQLite store under `tmp_path`, no MLflow run."""
+    from components.stage import StageContext
+
+    return StageContext(
+        pipeline_run_id=pipeline_run_id,
+        stage="pretrain",
+        output_dir=tmp_path / "out",
+        storage=tmp_path / "storage",
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        experiment_id="0",
+        mlflow_run_id="none",
+    )
+
+
 def answers_ctrl_c() -> None:
     """`preexec_fn` of a process a test stops with Ctrl-C (SIGINT): as at a terminal, whatever the
     suite inherited. A suite started in the background (`make test &`) has SIGINT ignored, and the

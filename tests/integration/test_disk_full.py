@@ -14,11 +14,10 @@ import yaml
 
 from components.net import causes
 from components.schemas import WorkersConfig
-from components.stage import StageContext
 from components.tracking import out_of_space
 from components.training import fit_on_ray
 from pipelines import manifest as mf
-from tests.conftest import REPO, small_disk, tiny_config_dict
+from tests.conftest import REPO, loop_context, small_disk, tiny_config_dict
 
 pytestmark = pytest.mark.integration
 
@@ -55,15 +54,7 @@ def test_a_worker_out_of_disk_space_ends_the_training_run_without_restarts(ray_d
         with open("/dev/full", "wb") as full:  # a checkpoint on a full disk
             full.write(b"\0" * 65536)
 
-    ctx = StageContext(
-        pipeline_run_id="disk-full",
-        stage="pretrain",
-        output_dir=tmp_path / "out",
-        storage=tmp_path / "storage",
-        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
-        experiment_id="0",
-        mlflow_run_id="none",
-    )
+    ctx = loop_context(tmp_path, "disk-full")
     workers = WorkersConfig(num_workers=1, max_failures=3)
     with pytest.raises(Exception) as failed:  # noqa: PT011 - Ray Train's wrapper of the worker's error
         fit_on_ray(loop, {"attempts": str(attempts)}, workers, ctx, checkpoints_to_keep=1)

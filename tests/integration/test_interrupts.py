@@ -18,10 +18,10 @@ import yaml
 from mlflow import MlflowClient
 
 from components.schemas import WorkersConfig
-from components.stage import StageContext, read_json
+from components.stage import read_json
 from components.training import fit_on_ray
 from pipelines import manifest as mf
-from tests.conftest import REPO, answers_ctrl_c, tiny_config_dict, wait_until
+from tests.conftest import REPO, answers_ctrl_c, loop_context, tiny_config_dict, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -53,15 +53,7 @@ def test_ctrl_c_stops_the_training_run_and_leaves_no_handler_behind(ray_driver: 
         wait_until(started.exists, "the training loop")
         os.kill(os.getpid(), signal.SIGINT)
 
-    ctx = StageContext(
-        pipeline_run_id="interrupts",
-        stage="pretrain",
-        output_dir=tmp_path / "out",
-        storage=tmp_path / "storage",
-        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
-        experiment_id="0",
-        mlflow_run_id="none",
-    )
+    ctx = loop_context(tmp_path, "interrupts")
     before = signal.getsignal(signal.SIGINT)
     threading.Thread(target=press_ctrl_c, daemon=True).start()
     with pytest.raises(KeyboardInterrupt):  # not the loop's end, ten minutes on
