@@ -25,7 +25,7 @@ from pathlib import Path
 
 from components import console
 from components.net import listen_problem
-from components.redaction import redact_url
+from components.redaction import redact_text, redact_url
 from pipelines import arguments, init, jobs, preflight, report
 from pipelines.pipeline_config import _MISSING as _MISSING_VALUE
 from pipelines.pipeline_config import ConfigError, Problem, load_config, validate
@@ -63,13 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:
         if error.errno != errno.ENOSPC:
             raise
-        where = f" writing {error.filename}" if error.filename else ""
-        print(
-            f"ptft {args.command}: out of disk space{where}. Free some where the run's storage and tracking store "
-            "are (or point storage= elsewhere), then run the command again; a run that had opened continues with "
-            "the `ptft resume` above",
-            file=sys.stderr,
-        )
+        print(f"ptft {args.command}: {_out_of_disk_space(Path(error.filename or '.'))}", file=sys.stderr)
         return 1
     except FailureTold as error:  # the traceback is in the run's log; a run said how to resume
         print(f"ptft {args.command}: {error}", file=sys.stderr)
@@ -932,7 +926,7 @@ def _failures_told(tracking_uri: str, storage: Path) -> Iterator[None]:
     except Exception as error:
         said = (
             _out_of_memory(error)
-            or _disk_full(error, storage)
+            or _disk_full(error, storage, tracking_uri)
             or _tracking_gone(error, tracking_uri)
             or _stage_said(error)
         )
@@ -969,19 +963,31 @@ def _out_of_memory(error: Exception) -> str | None:
 
 # A worker's full disk reaches the driver as text: Python's OSError, with the file it wrote.
 NO_SPACE_WRITING = re.compile(r"No space left on device: '(?P<path>[^']+)'")
+AGAIN = "run the command again; a run that had opened continues with the `ptft resume` above, its finished stages kept"
 
 
-def _disk_full(error: Exception, storage: Path) -> str | None:
-    """A full disk, wherever it stopped the run: a worker's write, the SQLite store (which the run's
-    end then also fails to update: a chain of MLflow and SQLAlchemy tracebacks), a checkpoint."""
+def _disk_full(error: Exception, storage: Path, tracking_uri: str) -> str | None:
+    """A full disk, wherever it stopped the run: a write here or in a worker (the file named, else
+    the storage), or the tracking store's own (SQLite's "database or disk is full", a server's
+    store), which the run's end then also failed to update: a chain of MLflow and SQLAlchemy
+    tracebacks."""
     from components.net import causes
     from components.tracking import out_of_space
+    from pipelines.manifest import sqlite_file
 
     full = next((each for each in causes(error) if out_of_space(each)), None)
     if full is None:
         return None
-    written = getattr(full, "filename", None) or ((found := NO_SPACE_WRITING.search(str(full))) and found["path"])
-    return _out_of_disk_space(Path(written) if written else storage)
+    if isinstance(full, OSError) and full.errno == errno.ENOSPC:
+        return _out_of_disk_space(Path(full.filename) if full.filename else storage)
+    if found := NO_SPACE_WRITING.search(str(full)):
+        return _out_of_disk_space(Path(found["path"]))
+    if store := sqlite_file(tracking_uri):
+        return _out_of_disk_space(store)
+    return (
+        f"the tracking store at {redact_url(tracking_uri)} is out of disk space ({redact_text(str(full))[:200]}). "
+        f"Free space where it keeps its data, then {AGAIN}"
+    )
 
 
 def _out_of_disk_space(written: Path) -> str:
@@ -994,8 +1000,7 @@ def _out_of_disk_space(written: Path) -> str:
     usage = shutil.disk_usage(mount)
     return (
         f"out of disk space on {mount} ({decimal(usage.free)} free of {decimal(usage.total)} now), writing "
-        f"{written}. Free space there, then run the command again; a run that had opened continues with the "
-        "`ptft resume` above, its finished stages and checkpoints kept"
+        f"{written}. Free space there, then {AGAIN}"
     )
 
 

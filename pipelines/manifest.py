@@ -120,14 +120,14 @@ class Manifest:
         if recorded == here or (recorded.exists() and os.path.samefile(recorded, here)):
             return self
         self.moved_from, self.storage = self.storage, str(here)
-        if (store := _sqlite_file(self.tracking_uri)) and store.is_relative_to(recorded):
+        if (store := sqlite_file(self.tracking_uri)) and store.is_relative_to(recorded):
             self.tracking_uri = f"{SQLITE}{here / store.relative_to(recorded)}"
         return self
 
     def tracking_store_missing(self) -> str | None:
         """Where the run's SQLite tracking store should be, when it is not there: read-only commands
         must not open it, since MLflow would make an empty one."""
-        store = _sqlite_file(self.tracking_uri)
+        store = sqlite_file(self.tracking_uri)
         return str(store) if store and not store.is_file() else None
 
     def config_path(self) -> Path:
@@ -200,7 +200,7 @@ class Manifest:
 SQLITE = "sqlite:///"
 
 
-def _sqlite_file(tracking_uri: str | None) -> Path | None:
+def sqlite_file(tracking_uri: str | None) -> Path | None:
     """The file of a SQLite tracking store's URI; None for any other store."""
     return Path(tracking_uri.removeprefix(SQLITE)) if tracking_uri and tracking_uri.startswith(SQLITE) else None
 

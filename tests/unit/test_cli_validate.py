@@ -271,3 +271,23 @@ def test_a_local_ray_without_room_for_its_session_is_refused_at_once(
     assert f"RAY_TMPDIR = '{disk / 'ray'}': 1.0 MB free on its disk" in result.stderr
     assert "free space there, or set RAY_TMPDIR to a folder on a disk with room" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_full_disk_is_told_where_it_is_full(tmp_path: Path) -> None:
+    """The disk a run filled is named from what failed: a write here (a real ENOSPC, from
+    /dev/full; without a file named, the storage's disk), a worker's (its error's text), the SQLite
+    store (its file) or a server's store (its URI: the disk here may have room)."""
+    from pipelines.cli import _disk_full
+
+    storage, sqlite = tmp_path / "store", f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    with pytest.raises(OSError) as written:
+        with open("/dev/full", "wb") as full:
+            full.write(b"\0" * 65536)
+    assert f"), writing {storage}. Free space there" in _disk_full(written.value, storage, sqlite)  # no file named
+    worker = RuntimeError(f"OSError: [Errno 28] No space left on device: '{tmp_path}/ckpt/model.pt'")
+    assert f"), writing {tmp_path}/ckpt/model.pt. Free space there" in _disk_full(worker, storage, sqlite)
+    store = RuntimeError("(sqlite3.OperationalError) database or disk is full")
+    assert f"), writing {tmp_path}/store/mlflow.db. Free space there" in _disk_full(store, storage, sqlite)
+    told = _disk_full(store, storage, "http://mlflow.example:5000")
+    assert told.startswith("the tracking store at http://mlflow.example:5000 is out of disk space ((sqlite3")
+    assert _disk_full(RuntimeError("CUDA out of memory"), storage, sqlite) is None
