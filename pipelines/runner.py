@@ -239,8 +239,8 @@ def _until(nodes: tuple[stages.Node, ...], until: str) -> list[str]:
 
 def _preflight_before_ray(config: PipelineConfig) -> None:
     """Said before Ray starts: an MLflow server that does not answer (MLflow's own client retried
-    it for four minutes, then the run failed with a traceback), and for a local Ray, a temp folder
-    without room for its session."""
+    it for four minutes, then the run failed with a traceback), and for a local Ray what it needs:
+    a place to save its auth token, a writable temp folder with room (`preflight.local_ray_problems`)."""
     from pipelines import preflight
 
     problems = preflight.tracking_problems(config)
