@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import os
 import shutil
 import subprocess
@@ -30,6 +31,7 @@ from pathlib import Path
 from components.generation import Ask, Decoding, TextDelta, paced, step_events
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # where `python -m components...` finds the package
+logger = logging.getLogger(__name__)
 
 
 class DecoderLost(RuntimeError):
@@ -40,8 +42,9 @@ class Decoder:
     """Asks decoded together (continuous batching): each ask goes to the decoding loop with an id,
     each step comes back as one message holding every row's event. The loop runs in a child process
     (`where="process"`) or on a thread of this process (`"thread"`); it is started here (the
-    replica is ready once it is) and again by the next request after it died, whose requests then
-    get an error. A client that leaves before its answer cancels its row."""
+    replica is ready once it is) and again as soon as it dies (its requests get an error), so the
+    next request does not wait for a process to start; if that start fails, the next request tries.
+    A client that leaves before its answer cancels its row."""
 
     def __init__(self, model, tokenizer, threads: int, max_batch_size: int, wait_s: float, where: str = "process"):
         self.model, self.tokenizer = model, tokenizer
@@ -54,6 +57,8 @@ class Decoder:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.listening = False  # a thread reads the running loop's messages
         self.restart = asyncio.Lock()
+        self.restarting: asyncio.Task | None = None  # held: the loop keeps only a weak reference
+        self.closed = False
         self._start()
 
     def _start(self) -> None:
@@ -112,20 +117,13 @@ class Decoder:
         """The ask's events: {"token"} per step, the last also {"text", "tokens", "finish_reason"}.
         Events come at most every `interval_s` (and no faster than the reader takes them): the
         tokens made meanwhile come in one. `whole`: the last event only."""
-        loop = asyncio.get_running_loop()
-        self.loop = loop  # where the loop's messages go (one event loop in a replica; each test's own)
-        async with self.restart:
-            if not self._running():
-                await loop.run_in_executor(None, self._start)
-            if not self.listening:
-                self.listening = True
-                threading.Thread(target=self._listen, args=(self.inbox,), daemon=True, name="decoding").start()
+        await self._ready()
         request = next(self.ids)
         out: asyncio.Queue = asyncio.Queue()
         self.readers[request] = out
         try:
             self.outbox.send(("ask", request, ask, whole))
-        except OSError:  # the decoder died just now: the next request starts another
+        except OSError:  # the decoder died just now: another is starting
             del self.readers[request]
             raise self._lost_error() from None
         try:
@@ -137,6 +135,23 @@ class Decoder:
                     self.outbox.send(("cancel", request))
                 except OSError:
                     pass  # the decoder is gone, and the row with it
+
+    async def _ready(self) -> None:
+        """The decoding loop running (started if it is not) and its messages listened to."""
+        self.loop = asyncio.get_running_loop()  # where the messages go (one loop in a replica; each test's own)
+        async with self.restart:
+            if not self._running():
+                await asyncio.get_running_loop().run_in_executor(None, self._start)
+            if not self.listening:
+                self.listening = True
+                threading.Thread(target=self._listen, args=(self.inbox,), daemon=True, name="decoding").start()
+
+    async def _start_again(self) -> None:
+        logger.warning("the decoding %s exited (%s): starting another", self.where, self._exit_code())
+        try:
+            await self._ready()
+        except RuntimeError as error:  # it exited while loading: the next request tries again
+            logger.error("%s; the next request starts another", error)
 
     def _listen(self, inbox: Connection) -> None:
         """The decoder's messages handed to the event loop, until its pipe closes."""
@@ -173,9 +188,11 @@ class Decoder:
             out.put_nowait(self._lost_error())
         self.readers.clear()
         self.outbox.close()
-        self.child = None
+        if not self.closed:  # a request coming meanwhile waits for this start, not one of its own
+            self.restarting = self.loop.create_task(self._start_again())
 
     def close(self) -> None:
+        self.closed = True
         if self.child is not None:
             self.outbox.close()  # the loop ends at the end of its input
             if isinstance(self.child, threading.Thread):
