@@ -184,13 +184,19 @@ def lookup(tracking_uri: str | None, name: str, *, version: str | None = None, a
             f"{reference!r} is not in the registry at {redact_url(tracking_uri)} ({redact_text(error.message)}); "
             "the MLflow UI (ptft ui) lists registered models and their aliases"
         ) from None
-    if (missing := _files_missing(client, name, str(found.version))) is not None:
-        raise ValueError(
-            f"{reference!r} (v{found.version}) is in the registry at {redact_url(tracking_uri)}, but its files are "
-            f"not: {missing} holds no MLmodel. Restore the artifact store, or register the model again "
-            "(`ptft run CONFIG --rerun finetune`)"
-        )
+    require_files(client, name, str(found.version), reference)
     return {"version": str(found.version), "run_id": found.run_id}
+
+
+def require_files(client: MlflowClient, name: str, version: str, reference: str | None = None) -> None:
+    """Raises ValueError when the registry holds `version` but the artifact store no longer holds
+    its files: served, promoted or rolled back to, it could only fail later, on the cluster."""
+    if (missing := _files_missing(client, name, version)) is not None:
+        raise ValueError(
+            f"{reference or f'models:/{name}/{version}'!r} (v{version}) is in the registry at "
+            f"{redact_url(client.tracking_uri)}, but its files are not: {missing} holds no MLmodel. Restore the "
+            "artifact store, or register the model again (`ptft run CONFIG --rerun finetune`)"
+        )
 
 
 def _files_missing(client: MlflowClient, name: str, version: str) -> str | None:
@@ -272,8 +278,10 @@ def promote(client: MlflowClient, name: str, version: str) -> str | None:
 
     Raises:
         MlflowException: no such registered model or version.
+        ValueError: the version's files are gone from the artifact store.
     """
     client.get_model_version(name, version)  # exists, or raises
+    require_files(client, name, version)
     history = champion_history(client, name) or _current_champion(client, name)
     previous = history[-1] if history else None
     if previous != version:
@@ -295,11 +303,12 @@ def rollback(client: MlflowClient, name: str) -> tuple[str, str]:
     """Give `champion` back to the version that held it before. Returns (from, to).
 
     Raises:
-        ValueError: the model never had an earlier champion.
+        ValueError: the model never had an earlier champion, or that version's files are gone.
     """
     history = champion_history(client, name)
     if len(history) < 2:
         raise ValueError(f"{name} has no earlier champion to return to (history: {history or 'empty'})")
+    require_files(client, name, history[-2])
     current = history.pop()
     client.set_registered_model_alias(name, CHAMPION, history[-1])
     client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))

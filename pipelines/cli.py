@@ -859,7 +859,7 @@ def _rollback(args: argparse.Namespace) -> int:
     except Exception as error:  # noqa: BLE001 - ValueError (no history) or MlflowException (no model)
         raise ConfigError(
             "ptft rollback",
-            [Problem("NAME", args.name, _message(error), "promote a version first: ptft promote NAME VERSION")],
+            [Problem("NAME", args.name, _message(error), "promote a version instead: ptft promote NAME VERSION")],
         ) from None
     print(f"{args.name}: champion is back to v{restored} (was v{current})", flush=True)
     _roll_over(config, args.name)

@@ -25,7 +25,13 @@ def client(tmp_path: Path) -> MlflowClient:
 
 
 def _version(client: MlflowClient, accuracy: float, split: str = "s1") -> str:
-    version = client.create_model_version("m", source="/nowhere").version
+    """A version of "m" whose files (an MLmodel) lie beside the client's sqlite store."""
+    files = Path(client.tracking_uri.removeprefix("sqlite:///")).with_name(
+        f"model-{len(client.search_model_versions())}"
+    )
+    files.mkdir()
+    (files / "MLmodel").write_text("flavors: {}\n")
+    version = client.create_model_version("m", source=str(files)).version
     client.set_model_version_tag("m", version, registry.ACCURACY_TAG, str(accuracy))
     client.set_model_version_tag("m", version, registry.TEST_SPLIT_TAG, split)
     return str(version)
@@ -52,6 +58,21 @@ def test_promote_and_rollback_keep_the_history(client: MlflowClient) -> None:
         registry.rollback(client, "m")
     with pytest.raises(Exception, match="(?i)not found|RESOURCE_DOES_NOT_EXIST"):
         registry.promote(client, "m", "99")
+
+
+def test_a_version_whose_files_are_gone_is_neither_promoted_nor_rolled_back_to(client: MlflowClient) -> None:
+    """The champion alias moved to such a version, and every app following it then failed to load."""
+    one, two, three = (_version(client, 0.5) for _ in range(3))
+    registry.promote(client, "m", one)
+    registry.promote(client, "m", two)
+    for version in (one, three):
+        (Path(client.get_model_version_download_uri("m", version)) / "MLmodel").unlink()
+    with pytest.raises(ValueError, match=f"'models:/m/{three}' \\(v{three}\\) is in the registry .* holds no MLmodel"):
+        registry.promote(client, "m", three)
+    with pytest.raises(ValueError, match=f"'models:/m/{one}' \\(v{one}\\) .* holds no MLmodel"):
+        registry.rollback(client, "m")
+    assert str(client.get_model_version_by_alias("m", registry.CHAMPION).version) == two
+    assert registry.champion_history(client, "m") == [one, two]
 
 
 def test_a_registered_version_whose_files_are_gone_is_named_before_serve_starts(tmp_path: Path) -> None:
