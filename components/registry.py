@@ -205,7 +205,9 @@ def _files_missing(client: MlflowClient, name: str, version: str) -> str | None:
     times over (`No such artifact: 'MLmodel'`) before the deploy did, in a traceback."""
     uri = client.get_model_version_download_uri(name, version)
     try:
-        listed = mlflow.artifacts.list_artifacts(artifact_uri=uri)
+        # The client's store, not MLflow's default: that resolved a server's `runs:/` URI against
+        # a ./mlflow.db it made in the working directory, and found nothing to check.
+        listed = mlflow.artifacts.list_artifacts(artifact_uri=uri, tracking_uri=client.tracking_uri)
     except Exception as error:  # noqa: BLE001 - a store that cannot be listed (credentials, network): the load tells
         log.info("the files of %s v%s at %s could not be listed: %s", name, version, redact_url(uri), error)
         return None

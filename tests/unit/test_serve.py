@@ -95,6 +95,28 @@ def test_a_registered_version_whose_files_are_gone_is_named_before_serve_starts(
     )
 
 
+def test_the_files_of_a_version_logged_to_a_run_are_looked_for_in_the_clients_store(tmp_path: Path) -> None:
+    """A `runs:/` source is resolved against the registry's store, not the process's default one:
+    with a tracking server, that made a ./mlflow.db in the working directory and found nothing to check."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("e", artifact_location=str(tmp_path / "artifacts")))
+    client.log_text(run.info.run_id, "flavors: {}\n", "model/MLmodel")
+    client.create_registered_model("m")
+    for path in ("model", "no-model"):
+        client.create_model_version("m", f"runs:/{run.info.run_id}/{path}", run.info.run_id)
+    default = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'elsewhere.db'}")  # another store, as a default
+    try:
+        assert registry.lookup(uri, "m", version="1")["version"] == "1"
+        with pytest.raises(ValueError, match="'models:/m/2' \\(v2\\) .* runs:/.*/no-model holds no MLmodel"):
+            registry.lookup(uri, "m", version="2")
+    finally:
+        mlflow.set_tracking_uri(default)
+
+
 @pytest.mark.parametrize(
     ("texts", "status", "words"),
     [
