@@ -198,7 +198,9 @@ def _parser() -> argparse.ArgumentParser:
     explain = commands.add_parser("explain", help="attention maps of texts: where the model's heads look")
     explain.add_argument("model", help="models:/NAME@ALIAS, models:/NAME/VERSION, or a Hugging Face model folder")
     explain.add_argument("texts", nargs="+", help="texts to explain, each quoted")
-    explain.add_argument("--config", default="configs/demo.yaml", help="config giving the tracking store")
+    explain.add_argument(
+        "--config", help="config giving the tracking store (default: configs/demo.yaml, unless --tracking-uri is given)"
+    )
     explain.add_argument("--tracking-uri", help="the MLflow tracking URI (default: the config's)")
     explain.add_argument(
         "--context", help="for a question answering model: the context, and the texts are questions about it"
@@ -726,11 +728,34 @@ FOLLOW_EVERY_S = 5
 FOLLOW_AT_MOST_EVERY_S = 60  # while the registry does not answer
 
 
+def _explain_tracking_uri(args: argparse.Namespace) -> str | None:
+    """The store `ptft explain` reads: --tracking-uri, checked as a config's would be, else the
+    config's. Without --config, neither is needed for a model folder (from any directory)."""
+    if args.config is None and args.tracking_uri:
+        from pydantic import ValidationError
+
+        from pipelines.pipeline_config import TrackingConfig
+
+        try:
+            return TrackingConfig(uri=args.tracking_uri).uri
+        except ValidationError as error:
+            problem = Problem(
+                "--tracking-uri",
+                redact_url(args.tracking_uri),
+                error.errors()[0]["msg"],
+                "see tracking.uri in docs/config.md",
+            )
+            raise ConfigError("ptft explain", [problem]) from None
+    if args.config is None and not args.model.startswith("models:/"):
+        return None
+    overrides = [f"tracking.uri={args.tracking_uri}"] if args.tracking_uri else []
+    return load_config(args.config or "configs/demo.yaml", overrides, check_data=False).tracking_uri()
+
+
 def _explain(args: argparse.Namespace) -> int:
     from pipelines.pipeline_config import model_reference_problems
 
-    overrides = [f"tracking.uri={args.tracking_uri}"] if args.tracking_uri else []
-    config = load_config(args.config, overrides, check_data=False)
+    tracking_uri = _explain_tracking_uri(args)
     problems = model_reference_problems(args.model, "MODEL")
     if len(args.texts) > MAX_EXPLAIN_TEXTS:
         problems.append(
@@ -752,15 +777,15 @@ def _explain(args: argparse.Namespace) -> int:
     from components.registry import RegistryUnavailable
 
     try:
-        model = serve.resolve_model(args.model, config.tracking_uri())
+        model = serve.resolve_model(args.model, tracking_uri)
     except RegistryUnavailable as error:
         problem = Problem(
-            "--tracking-uri", redact_url(config.tracking_uri()), str(error), "start the MLflow server, or name one"
+            "--tracking-uri", redact_url(tracking_uri), str(error), "start the MLflow server, or name one"
         )
         raise ConfigError("ptft explain", [problem]) from None
     except ValueError as error:
         raise ConfigError("ptft explain", [Problem("MODEL", args.model, str(error), "check the name")]) from None
-    scorer = serve.Scorer(model.model_uri, config.tracking_uri())
+    scorer = serve.Scorer(model.model_uri, tracking_uri)
     asked = [{"question": text, "context": args.context} for text in args.texts] if args.context else args.texts
     if problem := scorer.task.input_problem(asked):
         fix = "a question answering model: the questions as texts and --context TEXT; other models: texts only"

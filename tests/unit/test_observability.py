@@ -432,6 +432,21 @@ def test_ptft_explain_prints_draws_and_answers_json(
     assert answer["explanations"][0]["tokens"] == ["[CLS]", "dull", "[SEP]"] and answer["explanations"][0]["layer"] == 0
 
 
+def test_ptft_explain_needs_no_config_for_a_folder_or_with_tracking_uri(
+    classifier: Path, client: MlflowClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """Run from outside the repository, where configs/demo.yaml is not: it said `file not found`."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["explain", str(classifier), "dull", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["explanations"][0]["tokens"] == ["[CLS]", "dull", "[SEP]"]
+    assert main(["explain", "models:/nope@champion", "dull", "--tracking-uri", client.tracking_uri]) == 2
+    assert "not in the registry" in capsys.readouterr().err
+    assert main(["explain", "models:/nope@champion", "dull", "--tracking-uri", "bogus://registry"]) == 2
+    assert "--tracking-uri = 'bogus://registry': Value error, MLflow has no tracking store" in capsys.readouterr().err
+    assert main(["explain", "models:/nope@champion", "dull"]) == 2  # the config is where the store is named
+    assert "configs/demo.yaml" in capsys.readouterr().err and not list(tmp_path.glob("*.db"))
+
+
 @pytest.mark.parametrize(
     "args, says",
     [
