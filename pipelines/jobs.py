@@ -167,7 +167,13 @@ def _submit(args: argparse.Namespace) -> int:
     problems = [] if args.no_preflight else preflight.check_cluster(config, args.address)
     if problems:
         raise ConfigError(args.config, problems)
-    job_id = client.submit_job(**job_spec(config, args.config, args.overrides, working_dir, python=args.python))
+    spec = job_spec(config, args.config, args.overrides, working_dir, python=args.python)
+    try:
+        job_id = client.submit_job(**spec)
+    except RuntimeError as error:
+        if too_large := PACKAGE_TOO_LARGE.search(str(error)):
+            raise ConfigError(args.config, [_package_problem(working_dir, spec, *too_large.groups())]) from None
+        raise
     print(f"Submitted job {job_id} to {args.address} (pipeline {config.name!r}).")
     suffix = f"--address {args.address}"
     print(
@@ -176,6 +182,46 @@ def _submit(args: argparse.Namespace) -> int:
         flush=True,
     )
     return 0 if args.no_wait else _follow(client, job_id)
+
+
+# What the dashboard answers (a 500 with its traceback) when the zipped working dir is over its limit.
+PACKAGE_TOO_LARGE = re.compile(r"Package size \(([^)]+)\) exceeds the maximum size of ([\d.]+\s*\w+)")
+
+
+def _package_problem(working_dir: Path, spec: dict, size: str, limit: str) -> Problem:
+    """The working dir packs to more than the cluster takes: named with its largest files."""
+    largest = ", ".join(f"{path} ({_size(bytes_)})" for path, bytes_ in _largest_uploads(working_dir, spec))
+    return Problem(
+        "--working-dir",
+        str(working_dir),
+        f"zipped, it is {size}, over the {limit} the cluster takes"
+        + (f"; the largest files: {largest}" if largest else ""),
+        "list what the job does not need in a .rayignore there (the syntax of .gitignore), or pass a smaller "
+        "--working-dir; data belongs on shared storage, named in the config",
+    )
+
+
+def _largest_uploads(working_dir: Path, spec: dict, count: int = 3) -> list[tuple[str, int]]:
+    """The largest files of what Ray would upload: its own walk, with the job's excludes and the
+    folder's .gitignore and .rayignore files."""
+    from ray._private.runtime_env import packaging
+
+    sizes: list[tuple[str, int]] = []
+
+    def note(path: Path) -> None:
+        if path.is_file() and not path.is_symlink():
+            sizes.append((path.relative_to(working_dir).as_posix(), path.stat().st_size))
+
+    excludes = [packaging._get_excludes(working_dir, spec["runtime_env"]["excludes"])]
+    gitignore = os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "0") != "1"  # as Ray's job client reads it
+    packaging._dir_travel(working_dir, excludes, note, include_gitignore=gitignore)
+    return sorted(sizes, key=lambda item: -item[1])[:count]
+
+
+def _size(bytes_: int) -> str:
+    from rich.filesize import decimal
+
+    return decimal(bytes_)
 
 
 def submit_problems(config_path: str, config: PipelineConfig, working_dir: Path) -> list[Problem]:

@@ -166,12 +166,14 @@ def _stop(process: subprocess.Popen, first: signal.Signals = signal.SIGTERM) -> 
     _stop_group(process.pid, first)
 
 
-def _start_ray(folder: Path) -> dict:
-    """A local Ray head (`ray start --head --block`) with its own temp dir and ports, and RAY_CPUS
-    logical CPUs."""
+def _start_ray(folder: Path, cpus: int | None = None, env: dict | None = None) -> dict:
+    """A local Ray head (`ray start --head --block`) with its own temp dir and ports, `cpus`
+    logical CPUs (RAY_CPUS by default) and `env` added to its environment."""
     temp_dir = Path(tempfile.mkdtemp(prefix="ptft-ray-", dir="/tmp"))  # short: Ray's socket paths have a limit
-    port = free_port()
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}
+    port, dashboard_port = free_port(), free_port()
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"} | (
+        env or {}
+    )
     env.update(ingress.cluster_env(env))  # Serve's ingress as on the clusters ptft starts: HAProxy
     command = [
         str(BIN / "ray"),
@@ -179,11 +181,11 @@ def _start_ray(folder: Path) -> dict:
         "--head",
         "--block",
         f"--port={port}",
-        f"--num-cpus={RAY_CPUS}",
+        f"--num-cpus={RAY_CPUS if cpus is None else cpus}",
         f"--temp-dir={temp_dir}",
         "--object-store-memory=600000000",
         "--include-dashboard=true",
-        f"--dashboard-port={free_port()}",
+        f"--dashboard-port={dashboard_port}",
         "--disable-usage-stats",
     ]
     log = temp_dir / "head.log"
@@ -203,6 +205,7 @@ def _start_ray(folder: Path) -> dict:
     # every `make test`.
     return {
         "address": address,
+        "dashboard": f"http://127.0.0.1:{dashboard_port}",
         "temp_dir": str(temp_dir),
         "pids": [process.pid],
         "folders": [str(temp_dir)],

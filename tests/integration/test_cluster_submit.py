@@ -23,7 +23,7 @@ from ray.job_submission import JobSubmissionClient
 from components.net import free_port
 from tests.conftest import REPO
 from tests.e2e.conftest import SHRINK
-from tests.services import BIN, _stop, _wait_for
+from tests.services import BIN, _start_ray, _stop, _wait_for, stop_service
 
 pytestmark = pytest.mark.integration
 
@@ -188,6 +188,30 @@ def test_submit_refuses_relative_storage(tmp_path: Path) -> None:
     assert result.returncode == 2, result.stdout + result.stderr
     assert "storage" in result.stderr
     assert "use an absolute path on shared storage, e.g. storage=/mnt/shared/ptft-runs" in result.stderr
+
+
+def test_a_working_dir_over_the_clusters_upload_limit_is_named_with_its_largest_files(tmp_path: Path) -> None:
+    """Ray's dashboard answered a 500 with its own traceback (`ValueError: Package size (2.86MiB)
+    exceeds the maximum size of 1.91MiB`), exit 1. A head of its own, its upload limit (Ray's gRPC
+    message size) lowered to 2 MB: the same refusal as 512 MiB on a real cluster, from 3 MB."""
+    head = _start_ray(tmp_path, cpus=0, env={"RAY_max_grpc_message_size": "2000000"})
+    try:
+        work = tmp_path / "project"
+        (work / "configs").mkdir(parents=True)
+        shutil.copy(REPO / "configs" / "demo.yaml", work / "configs")
+        (work / "corpus.bin").write_bytes(os.urandom(3_000_000))  # random: zipped as large
+        (work / "ignored.bin").write_bytes(os.urandom(3_000_000))
+        (work / ".rayignore").write_text("ignored.bin\n")
+        config = str(work / "configs" / "demo.yaml")
+        submit = ["submit", config, f"storage={tmp_path / 'runs'}", "--address", head["dashboard"]]
+        result = _ptft(*submit, "--working-dir", str(work), "--no-preflight", "--no-wait")
+    finally:
+        stop_service(head, signal.SIGKILL)
+        shutil.rmtree(head["temp_dir"], ignore_errors=True)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"--working-dir = '{work}': zipped, it is 2.8" in result.stderr and "over the 1.91MiB" in result.stderr
+    assert "the largest files: corpus.bin (3.0 MB), configs/demo.yaml" in result.stderr, result.stderr
+    assert ".rayignore" in result.stderr and "Traceback" not in result.stderr
 
 
 # --- pre-flight from `ptft validate` ----------------------------------------------------------------
