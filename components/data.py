@@ -25,6 +25,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from components import synthetic
+from components.net import hub_dataset_unavailable
 from components.schemas import CorpusConfig, FileSource, HubSource, Source, SyntheticSource
 
 # UTF-8's byte-order mark, which Excel's "CSV UTF-8" and Windows editors put at a file's start: Arrow
@@ -351,9 +352,12 @@ def source_columns(source: FileSource) -> list[str]:
 def check_source(source: Source, *, labelled: bool) -> list[tuple[str, str, str]]:
     """Problems with a source found without loading it: `(subkey, message, fix)` tuples.
 
-    Local files are checked for existence and for the text/label columns. Remote URIs and hub
-    datasets are checked when they load (no network calls during validation).
+    Local files are checked for existence and for the text/label columns; a Hub dataset for being in
+    the local caches or on the Hub (one call, 5 s at most); remote URIs when they load.
     """
+    if isinstance(source, HubSource):
+        unavailable = hub_dataset_unavailable(source.name, source.revision)
+        return [("name", *unavailable)] if unavailable else []
     if not isinstance(source, FileSource) or "://" in source.path:
         return []
     paths = resolve_paths(source.path)

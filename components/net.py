@@ -9,6 +9,7 @@ import os
 import re
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 # A host name: dot-separated labels of letters, digits, inner hyphens (RFC 1123) and underscores
 # (outside the RFC, but resolvers take them and container names use them).
@@ -182,10 +183,51 @@ def _hub_model_unavailable(
     where, fix = f"no folder {name} here, nor in the local Hugging Face cache", _hub_fix(name)
     if offline:
         return f"{where} (HF_HUB_OFFLINE=1 rules out the Hub)", fix
+    return _hub_refusal("model", name, revision, where, fix, endpoint)
+
+
+def hub_dataset_unavailable(name: str, revision: str | None = None) -> tuple[str, str] | None:
+    """(why, fix) when the Hub dataset `name` cannot be loaded here: neither the `datasets` cache
+    nor the Hub cache holds it, and the Hub does not answer or has no such dataset. Asked before the
+    run: loading it failed in the fine-tuning data's preparation, after pre-training, in a traceback."""
+    offline = any(
+        os.environ.get(variable, "").upper() in ("1", "ON", "YES", "TRUE")
+        for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    )
+    return _hub_dataset_unavailable(name, revision, os.environ.get("HF_ENDPOINT"), offline)
+
+
+@functools.lru_cache(maxsize=32)  # a config names a dataset for several splits
+def _hub_dataset_unavailable(
+    name: str, revision: str | None, endpoint: str | None, offline: bool
+) -> tuple[str, str] | None:
+    import datasets.config  # only when a config names a Hub dataset
+    import huggingface_hub
+
+    prepared = Path(datasets.config.HF_DATASETS_CACHE) / name.replace("/", "___")
+    downloaded = Path(huggingface_hub.constants.HF_HUB_CACHE) / f"datasets--{name.replace('/', '--')}"
+    if prepared.is_dir() or downloaded.is_dir():
+        return None  # what the cache holds is for loading to tell
+    where = f"no dataset {name} in the local Hugging Face caches"
+    fix = (
+        f"download it where the Hub answers (`hf download {name} --repo-type dataset`), or give its files "
+        "(type: file, path: ...); HF_ENDPOINT points at a mirror"
+    )
+    if offline:
+        return f"{where} (HF_HUB_OFFLINE=1 or HF_DATASETS_OFFLINE=1 rules out the Hub)", fix
+    return _hub_refusal("dataset", name, revision, where, fix, endpoint)
+
+
+def _hub_refusal(
+    kind: str, name: str, revision: str | None, where: str, fix: str, endpoint: str | None
+) -> tuple[str, str] | None:
+    """(why, fix) when the Hub does not answer for the `kind` ("model", "dataset") `name`, or has
+    none at `revision`; None when it has it."""
+    import huggingface_hub
     import requests
 
     endpoint = (endpoint or huggingface_hub.constants.ENDPOINT).rstrip("/")
-    url = f"{endpoint}/api/models/{name}" + (f"/revision/{revision}" if revision else "")
+    url = f"{endpoint}/api/{kind}s/{name}" + (f"/revision/{revision}" if revision else "")
     token = huggingface_hub.get_token()
     try:
         response = requests.get(
@@ -201,7 +243,7 @@ def _hub_model_unavailable(
     if response.status_code == 404:
         at = f" at revision {revision}" if revision else ""
         return (
-            f"{where}, and the Hub at {endpoint} has no model {name!r}{at}",
+            f"{where}, and the Hub at {endpoint} has no {kind} {name!r}{at}",
             "check the name on the Hub, or " + fix,
         )
     if response.status_code >= 500:

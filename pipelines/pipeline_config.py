@@ -1238,7 +1238,7 @@ def corpus_problems(config: PipelineConfig) -> list[Problem]:
 
 def task_data_problems(config: PipelineConfig) -> list[Problem]:
     """What a task's splits hold, read in full (local files and the synthetic generator; a Hub
-    dataset is checked when it loads): rows in every split, two classes or more in train, no label
+    dataset's rows are checked when it loads): rows in every split, two classes or more in train, no label
     in validation/test that train lacks, and enough train rows for one step of fine-tuning and of a
     sweep trial (both drop a last, partial batch, so fewer rows would train zero steps)."""
     problems = []

@@ -28,10 +28,23 @@ def _needs_shared(path: Path) -> bool:
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(REPO)))
 def test_every_config_validates(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where a config reads Hub datasets, the only problems are that no Hub answers here."""
+    from components.net import free_port
+
     if _needs_shared(path):
         shared("data")
     monkeypatch.chdir(REPO)  # data paths in configs are relative to the repo root
-    config = load_config(path)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # whatever this machine reaches
+    if "type: hub" in path.read_text():
+        with pytest.raises(ConfigError) as refused:
+            load_config(path)
+        assert all(
+            problem.key.endswith(".name") and "Hub at http://127.0.0.1:" in problem.message
+            for problem in refused.value.problems
+        ), refused.value
+        config = load_config(path, check_data=False)
+    else:
+        config = load_config(path)
     assert config.name
     assert isinstance(config, PipelineConfig)
 
@@ -132,6 +145,33 @@ def test_a_hub_model_that_cannot_load_here_is_named_before_the_run(
     (snapshot.parent.parent / "refs").mkdir()
     (snapshot.parent.parent / "refs" / "main").write_text("abc123")
     validate({**raw, "tokenize": {"pretrained": "ptft-test/cached"}}, check_data=False)
+
+
+def test_a_hub_dataset_that_cannot_load_here_is_named_before_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Neither cached nor on a Hub that answers: before, validation passed and the run pre-trained,
+    then failed preparing the task's data, in a traceback (`Couldn't reach ... on the Hub`)."""
+    from huggingface_hub import constants
+
+    from components.net import free_port
+
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    raw = tiny_config_dict(tmp_path)
+    apply_overrides(raw, ["data.task.train={type: hub, name: ptft-test/reviews-not-cached, split: train}"])
+    (problem,) = _problems(raw)
+    assert problem.key == "data.task.train.name" and problem.message.startswith(
+        "no dataset ptft-test/reviews-not-cached in the local Hugging Face caches, and the Hub at http://127.0.0.1:"
+    ), problem
+    assert "does not answer (ConnectionError)" in problem.message and "--repo-type dataset" in problem.fix
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    apply_overrides(raw, ["data.task.train.name=ptft-test/reviews-offline"])
+    (problem,) = _problems(raw)
+    assert "HF_DATASETS_OFFLINE=1 rules out the Hub" in problem.message
+    # One the Hub cache holds (as `hf download --repo-type dataset` leaves it) is left to loading.
+    (Path(constants.HF_HUB_CACHE) / "datasets--ptft-test--reviews-cached" / "snapshots").mkdir(parents=True)
+    apply_overrides(raw, ["data.task.train.name=ptft-test/reviews-cached"])
+    validate(raw)
 
 
 def test_an_override_whose_value_is_not_yaml_is_reported_with_the_others(tmp_path: Path) -> None:
