@@ -109,9 +109,15 @@ class Decoder:
         return self.child.wait() if wait else self.child.poll()
 
     def _lost_error(self) -> DecoderLost:
-        return DecoderLost(
-            f"the decoding {self.where} exited ({self._exit_code()}); retry: the next request starts another"
-        )
+        return DecoderLost(f"the decoding {self.where} exited ({self._exit_code()}); retry: another is starting")
+
+    def _reap(self) -> None:
+        """Wait a moment for a child whose pipe closed: its end is seen before its exit status."""
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            if isinstance(self.child, threading.Thread):
+                self.child.join(timeout=1)
+            elif self.child is not None:
+                self.child.wait(timeout=1)
 
     async def events(self, ask: Ask, interval_s: float = 0.0, whole: bool = False):
         """The ask's events: {"token"} per step, the last also {"text", "tokens", "finish_reason"}.
@@ -146,8 +152,8 @@ class Decoder:
                 self.listening = True
                 threading.Thread(target=self._listen, args=(self.inbox,), daemon=True, name="decoding").start()
 
-    async def _start_again(self) -> None:
-        logger.warning("the decoding %s exited (%s): starting another", self.where, self._exit_code())
+    async def _start_again(self, code: int | None) -> None:
+        logger.warning("the decoding %s exited (%s): starting another", self.where, code)
         try:
             await self._ready()
         except RuntimeError as error:  # it exited while loading: the next request tries again
@@ -184,12 +190,14 @@ class Decoder:
     def _lost(self, inbox: Connection) -> None:
         if inbox is not self.inbox:
             return  # an earlier decoder's pipe
+        self._reap()
         for out in self.readers.values():
             out.put_nowait(self._lost_error())
         self.readers.clear()
         self.outbox.close()
+        code, self.child = self._exit_code(), None  # gone, whatever poll() says yet: its pipe is closed
         if not self.closed:  # a request coming meanwhile waits for this start, not one of its own
-            self.restarting = self.loop.create_task(self._start_again())
+            self.restarting = self.loop.create_task(self._start_again(code))
 
     def close(self) -> None:
         self.closed = True
