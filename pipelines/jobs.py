@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import functools
 import json
@@ -24,7 +25,7 @@ import shlex
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -410,10 +411,12 @@ def _stop(args: argparse.Namespace) -> int:
 
 def _follow(client, job_id: str) -> int:
     """Stream the job's logs until it ends; 0 if it succeeded."""
+    last: collections.deque[str] = collections.deque(maxlen=50)  # lines: what a failure's hint reads
 
     async def tail() -> None:
         async for chunk in client.tail_job_logs(job_id):
             print(chunk, end="", flush=True)
+            last.extend(chunk.splitlines())
 
     try:
         asyncio.run(tail())
@@ -423,7 +426,31 @@ def _follow(client, job_id: str) -> int:
     # The log stream closes as the job ends; its status can trail by a moment.
     status = _wait_until_terminal(client, job_id, timeout_s=30)
     print(f"[ptft] job {job_id}: {status}", flush=True)
+    if status == "FAILED" and (hint := _missing_module_hint(last)):
+        print(f"ptft: {hint}", file=sys.stderr, flush=True)
     return 0 if status == "SUCCEEDED" else EXIT_FAILED
+
+
+MISSING_MODULE = re.compile(r"ModuleNotFoundError: No module named '([\w.]+)'")
+
+
+def _missing_module_hint(lines: Iterable[str]) -> str | None:
+    """What to do when the job's interpreter lacks ptft's dependencies: `python` on the head's PATH
+    is often not the one `ray start` ran from (a venv not activated in that shell)."""
+    found = [match.group(1) for line in lines if (match := MISSING_MODULE.search(line))]
+    if not found:
+        return None
+    module = found[-1]
+    if module.split(".")[0] in ("pipelines", "components"):  # ptft's own: not in the uploaded folder
+        return (
+            f"the job could not import {module!r}: its working dir is not a ptft checkout. Submit from the "
+            "checkout, or pass it as --working-dir"
+        )
+    return (
+        f"the job's Python could not import {module!r}: the interpreter on the head that runs the "
+        "entrypoint needs ptft's dependencies. Pass it with --python (e.g. --python /opt/venv/bin/python, "
+        "the one `ray start` runs from), or install them there (pip install -c constraints.txt -e .)"
+    )
 
 
 def _wait_until_terminal(client, job_id: str, timeout_s: float) -> str:

@@ -11,6 +11,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -190,28 +191,61 @@ def test_submit_refuses_relative_storage(tmp_path: Path) -> None:
     assert "use an absolute path on shared storage, e.g. storage=/mnt/shared/ptft-runs" in result.stderr
 
 
-def test_a_working_dir_over_the_clusters_upload_limit_is_named_with_its_largest_files(tmp_path: Path) -> None:
-    """Ray's dashboard answered a 500 with its own traceback (`ValueError: Package size (2.86MiB)
-    exceeds the maximum size of 1.91MiB`), exit 1. A head of its own, its upload limit (Ray's gRPC
-    message size) lowered to 2 MB: the same refusal as 512 MiB on a real cluster, from 3 MB."""
-    head = _start_ray(tmp_path, cpus=0, env={"RAY_max_grpc_message_size": "2000000"})
+@pytest.fixture(scope="module")
+def small_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """A head of its own with no CPUs for tasks (job entrypoints need none) and its upload limit
+    (Ray's gRPC message size) lowered to 2 MB: the refusal a real cluster gives at 512 MiB, from 3 MB."""
+    head = _start_ray(tmp_path_factory.mktemp("small-head"), cpus=0, env={"RAY_max_grpc_message_size": "2000000"})
     try:
-        work = tmp_path / "project"
-        (work / "configs").mkdir(parents=True)
-        shutil.copy(REPO / "configs" / "demo.yaml", work / "configs")
-        (work / "corpus.bin").write_bytes(os.urandom(3_000_000))  # random: zipped as large
-        (work / "ignored.bin").write_bytes(os.urandom(3_000_000))
-        (work / ".rayignore").write_text("ignored.bin\n")
-        config = str(work / "configs" / "demo.yaml")
-        submit = ["submit", config, f"storage={tmp_path / 'runs'}", "--address", head["dashboard"]]
-        result = _ptft(*submit, "--working-dir", str(work), "--no-preflight", "--no-wait")
+        yield head
     finally:
         stop_service(head, signal.SIGKILL)
         shutil.rmtree(head["temp_dir"], ignore_errors=True)
+
+
+def _project(folder: Path, *packages: str) -> Path:
+    """A working dir with the demo config and copies of ptft's `packages`."""
+    (folder / "configs").mkdir(parents=True)
+    shutil.copy(REPO / "configs" / "demo.yaml", folder / "configs")
+    for package in packages:
+        shutil.copytree(REPO / package, folder / package, ignore=shutil.ignore_patterns("__pycache__"))
+    return folder
+
+
+def _submit_to(head: dict, work: Path, storage: Path, *options: str) -> subprocess.CompletedProcess:
+    config = str(work / "configs" / "demo.yaml")
+    return _ptft(
+        "submit", config, f"storage={storage}", "--address", head["dashboard"], "--working-dir", str(work), *options
+    )
+
+
+def test_a_working_dir_over_the_clusters_upload_limit_is_named_with_its_largest_files(
+    small_head: dict, tmp_path: Path
+) -> None:
+    """Ray's dashboard answered a 500 with its own traceback (`ValueError: Package size (2.86MiB)
+    exceeds the maximum size of 1.91MiB`), exit 1."""
+    work = _project(tmp_path / "project")
+    (work / "corpus.bin").write_bytes(os.urandom(3_000_000))  # random: zipped as large
+    (work / "ignored.bin").write_bytes(os.urandom(3_000_000))
+    (work / ".rayignore").write_text("ignored.bin\n")
+    result = _submit_to(small_head, work, tmp_path / "runs", "--no-preflight", "--no-wait")
     assert result.returncode == 2, result.stdout + result.stderr
     assert f"--working-dir = '{work}': zipped, it is 2.8" in result.stderr and "over the 1.91MiB" in result.stderr
     assert "the largest files: corpus.bin (3.0 MB), configs/demo.yaml" in result.stderr, result.stderr
     assert ".rayignore" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_job_whose_python_lacks_ptfts_dependencies_is_told_to_pass_python(small_head: dict, tmp_path: Path) -> None:
+    """`python` on the head's PATH is often not the one `ray start` runs from: the job failed with
+    a ModuleNotFoundError in its log and nothing more. Here an interpreter without site-packages."""
+    work = _project(tmp_path / "project", "pipelines", "components")
+    result = _submit_to(small_head, work, tmp_path / "runs", "--no-preflight", "--python", f"{sys.executable} -S")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "ModuleNotFoundError: No module named" in result.stdout and "FAILED" in result.stdout
+    assert "ptft: the job's Python could not import" in result.stderr and "--python" in result.stderr, result.stderr
+    # A working dir that is no ptft checkout says so instead.
+    result = _submit_to(small_head, _project(tmp_path / "bare"), tmp_path / "runs", "--no-preflight")
+    assert "its working dir is not a ptft checkout" in result.stderr, result.stdout + result.stderr
 
 
 # --- pre-flight from `ptft validate` ----------------------------------------------------------------
