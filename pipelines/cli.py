@@ -492,7 +492,7 @@ def _execute(config, args: argparse.Namespace, **how) -> int:
             urls = ", ".join(served.output_uri for _, served in _results_of(result, "serve"))
             console.say(f"Serving at {urls} — Ctrl-C to stop.")
             _wait_forever()
-        if _results_of(result, "serve") and (not _on_cluster(config) or args.keep_serving):
+        if _results_of(result, "serve") and (not config.cluster_address() or args.keep_serving):
             from components import serve
 
             serve.shutdown()
@@ -670,7 +670,7 @@ def _serve(args: argparse.Namespace) -> int:
         raise ConfigError("ptft serve", [problem]) from None
     if args.export:
         return _export_serve_config(serve.serve_config_file(config.serve, args.model, tracking_uri), args.export)
-    if not _on_cluster(config) and (
+    if not config.cluster_address() and (
         problems := preflight.port_problems([("", config.serve)]) + preflight.local_ray_problems()
     ):
         raise ConfigError("ptft serve", problems)  # before a local Ray starts, and Serve fails to bind
@@ -688,13 +688,13 @@ def _serve_until_stopped(config, model, tracking_uri: str | None) -> int:
     with console.spinner(f"Starting Ray Serve for {model.name} v{model.version} ..."):
         _init_ray(config)
         # A rollout follows a promote (an alias), or the next deploy to a cluster that stays up.
-        rollouts = bool(model.alias) or _on_cluster(config)
+        rollouts = bool(model.alias) or config.cluster_address() is not None
         nodes = list(preflight.alive_nodes().values())
         if problems := preflight.serve_problems([("", config.serve)], nodes, rollouts=rollouts):
             raise ConfigError("ptft serve", problems)
         url = serve.deploy(config.serve, model, tracking_uri)
     console.say(f"Serving {model.name} v{model.version} at {url}  (POST {url}/predict, docs at {url}/docs)")
-    if _on_cluster(config):
+    if config.cluster_address():
         console.say("The application stays up on the cluster; `ptft promote` / `ptft rollback` roll it over.")
         return 0
     following = f" Following models:/{model.name}@{model.alias}: a promote or rollback rolls it over."
@@ -908,7 +908,7 @@ def _message(error: Exception) -> str:
 def _roll_over(config, name: str) -> None:
     """On a cluster, roll the config's Serve application over to the new champion now. A local
     `ptft serve` of the alias checks the registry itself."""
-    if not _on_cluster(config):
+    if not config.cluster_address():
         print(f"A local `ptft serve models:/{name}@champion` follows it within {FOLLOW_EVERY_S}s.")
         return
     from components import serve
@@ -922,10 +922,6 @@ def _roll_over(config, name: str) -> None:
         )
     else:
         print(f"Application {config.serve.app_name!r} serves {name} v{model.version}.")
-
-
-def _on_cluster(config) -> bool:
-    return config.ray.address is not None or "RAY_ADDRESS" in os.environ
 
 
 class FailureTold(RuntimeError):

@@ -246,6 +246,10 @@ class PipelineConfig(BaseModel):
     def tracking_uri(self) -> str:
         return self.tracking.uri or f"sqlite:///{self.storage_path() / 'mlflow.db'}"
 
+    def cluster_address(self) -> str | None:
+        """The Ray cluster the run joins (`ray.address`, else RAY_ADDRESS); None: a local Ray of its own."""
+        return self.ray.address or os.environ.get("RAY_ADDRESS") or None
+
     def experiment_name(self) -> str:
         return self.tracking.experiment or self.name
 

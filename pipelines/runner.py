@@ -244,7 +244,7 @@ def _preflight_before_ray(config: PipelineConfig) -> None:
     from pipelines import preflight
 
     problems = preflight.tracking_problems(config)
-    if not ray.is_initialized() and not _cluster_address(config):
+    if not ray.is_initialized() and not config.cluster_address():
         problems += preflight.local_ray_problems()
     if problems:
         raise ConfigError("pre-flight", problems)
@@ -256,7 +256,7 @@ def _preflight(config: PipelineConfig) -> None:
     fit its CPUs. Before any run is opened or compute starts."""
     from pipelines import preflight
 
-    on_cluster = _cluster_address(config)
+    on_cluster = config.cluster_address()
     problems = preflight.check_cluster(config, tracking=False) if on_cluster else preflight.local_problems(config)
     if problems:
         raise ConfigError("pre-flight", problems)
@@ -291,7 +291,7 @@ def _start_or_join_ray(config: PipelineConfig) -> None:
     runtime_env = {"env_vars": accelerator.deepspeed_env(use_gpu)}
     # Inside a Ray Job (`ptft submit`) RAY_ADDRESS names the cluster the job runs on.
     # Without either, start a private local Ray ("local"), never silently join a `ray start` cluster.
-    address = _cluster_address(config)
+    address = config.cluster_address()
     local = {} if address else {"num_cpus": config.ray.num_cpus, "dashboard_host": config.ray.dashboard_host}
     if not address and listens_beyond_loopback(config.ray.dashboard_host):
         # Reachable from other machines: a new local cluster has token auth unless RAY_AUTH_MODE is
@@ -313,10 +313,6 @@ def _start_or_join_ray(config: PipelineConfig) -> None:
     os.environ.setdefault("RAY_task_oom_retries", str(OOM_RETRIES))
     address = address or "local"
     ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, configure_logging=False, **local)
-
-
-def _cluster_address(config: PipelineConfig) -> str | None:
-    return config.ray.address or os.environ.get("RAY_ADDRESS")
 
 
 def _start_parent_run(client: MlflowClient, config: PipelineConfig, experiment_id: str, run_id: str) -> str:

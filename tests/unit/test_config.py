@@ -579,3 +579,17 @@ def test_an_empty_search_space_is_refused_while_the_sweep_is_on(tmp_path: Path) 
     assert "4 trials" in problem.message and "tune.enabled=false" in problem.fix
     raw["tune"]["enabled"] = False
     validate(raw)
+
+
+def test_the_cluster_address_is_ray_address_else_a_non_empty_ray_address_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CLI counted an empty RAY_ADDRESS as a cluster (and skipped shutting Serve down at the end
+    of a local run) while the runner started a local Ray for it: one rule now."""
+    config = validate(tiny_config_dict(tmp_path), check_data=False)
+    monkeypatch.setenv("RAY_ADDRESS", "")
+    assert config.cluster_address() is None
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    assert config.cluster_address() == "auto"
+    apply_overrides(raw := tiny_config_dict(tmp_path), ["ray.address=127.0.0.1:6380"])
+    assert validate(raw, check_data=False).cluster_address() == "127.0.0.1:6380"
