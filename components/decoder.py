@@ -144,10 +144,10 @@ class Decoder:
 
     async def _ready(self) -> None:
         """The decoding loop running (started if it is not) and its messages listened to."""
-        self.loop = asyncio.get_running_loop()  # where the messages go (one loop in a replica; each test's own)
+        self.loop = loop = asyncio.get_running_loop()  # where messages go (a replica's one loop; each test's own)
         async with self.restart:
             if not self._running():
-                await asyncio.get_running_loop().run_in_executor(None, self._start)
+                await loop.run_in_executor(None, self._start)
             if not self.listening:
                 self.listening = True
                 threading.Thread(target=self._listen, args=(self.inbox,), daemon=True, name="decoding").start()
@@ -156,8 +156,8 @@ class Decoder:
         logger.warning("the decoding %s exited (%s): starting another", self.where, code)
         try:
             await self._ready()
-        except RuntimeError as error:  # it exited while loading: the next request tries again
-            logger.error("%s; the next request starts another", error)
+        except Exception as error:  # noqa: BLE001 - exited while loading, a full disk: the next request tries again
+            logger.error("the decoding %s did not start again (%s); the next request tries", self.where, error)
 
     def _listen(self, inbox: Connection) -> None:
         """The decoder's messages handed to the event loop, until its pipe closes."""
