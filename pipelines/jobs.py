@@ -373,6 +373,8 @@ def _status(args: argparse.Namespace) -> int:
     print(f"{args.job_id}: {_value(info.status)}")
     if info.message:
         print(f"  {info.message}")
+    if _value(info.status) == "FAILED" and (hint := _missing_module_hint((info.message or "").splitlines())):
+        print(f"  what to do: {hint}")
     print(f"  entrypoint: {info.entrypoint}")
     times = [f"{label} {_clock(ms)}" for label, ms in (("started", info.start_time), ("ended", info.end_time)) if ms]
     if times:

@@ -243,6 +243,9 @@ def test_a_job_whose_python_lacks_ptfts_dependencies_is_told_to_pass_python(smal
     assert result.returncode == 1, result.stdout + result.stderr
     assert "ModuleNotFoundError: No module named" in result.stdout and "FAILED" in result.stdout
     assert "ptft: the job's Python could not import" in result.stderr and "--python" in result.stderr, result.stderr
+    job_id = re.search(r"Submitted job (\S+)", result.stdout).group(1)
+    status = _ptft("status", job_id, "--address", small_head["dashboard"])
+    assert "FAILED" in status.stdout and "what to do: the job's Python could not import" in status.stdout, status.stdout
     # A working dir that is no ptft checkout says so instead.
     result = _submit_to(small_head, _project(tmp_path / "bare"), tmp_path / "runs", "--no-preflight")
     assert "its working dir is not a ptft checkout" in result.stderr, result.stdout + result.stderr
