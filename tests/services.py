@@ -186,6 +186,9 @@ def _start_ray(folder: Path, cpus: int | None = None, env: dict | None = None) -
         "--object-store-memory=600000000",
         "--include-dashboard=true",
         f"--dashboard-port={dashboard_port}",
+        # Not the fixed default (52365): a second head on this machine (the suite's own, a user's)
+        # had its job agent fail to bind, and every job submitted to it got `No available agent`.
+        f"--dashboard-agent-listen-port={free_port()}",
         "--disable-usage-stats",
     ]
     log = temp_dir / "head.log"

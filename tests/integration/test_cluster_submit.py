@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from ray.job_submission import JobSubmissionClient
 
 from components.net import free_port
-from tests.conftest import REPO
+from tests.conftest import REPO, wait_until
 from tests.e2e.conftest import SHRINK
 from tests.services import BIN, _start_ray, _stop, _wait_for, stop_service
 
@@ -197,10 +197,20 @@ def small_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     (Ray's gRPC message size) lowered to 2 MB: the refusal a real cluster gives at 512 MiB, from 3 MB."""
     head = _start_ray(tmp_path_factory.mktemp("small-head"), cpus=0, env={"RAY_max_grpc_message_size": "2000000"})
     try:
+        # The GCS answers first; on a fresh machine the dashboard took seconds more.
+        wait_until(lambda: _dashboard_answers(head["dashboard"]), "the small head's dashboard", timeout_s=120)
         yield head
     finally:
         stop_service(head, signal.SIGKILL)
         shutil.rmtree(head["temp_dir"], ignore_errors=True)
+
+
+def _dashboard_answers(url: str) -> bool:
+    try:
+        JobSubmissionClient(url)
+    except ConnectionError:
+        return False
+    return True
 
 
 def _project(folder: Path, *packages: str) -> Path:
