@@ -86,9 +86,18 @@ def run(args: argparse.Namespace) -> int:
     output = Path(args.output or f"configs/{name}.yaml")
     if output.exists() and not args.force:
         raise ConfigError("ptft init", [Problem("--output", str(output), "exists", "pass --force or another -o")])
+    new_folder = not output.parent.exists()
     plan = _plan(path, table, args, output.parent / f"{name}-data")
     text = _config_text(plan, name, path, output)
-    validate(yaml.safe_load(text), str(output))  # what `ptft validate` checks, the data's labels included
+    try:
+        validate(yaml.safe_load(text), str(output))  # what `ptft validate` checks, the data's labels included
+    except ConfigError as error:
+        problems = error.problems
+        if plan.written_splits:  # a refused proposal leaves no files behind, so the next try needs no --force
+            _remove_splits(plan.splits, output.parent if new_folder else None)
+            split_dir = str(next(iter(plan.splits.values())).parent)
+            problems = [_in_data_file(problem, path, split_dir) for problem in problems]
+        raise ConfigError(f"ptft init {path} (nothing written)", problems) from None
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(text)
     _report(plan, table, output)
@@ -316,6 +325,21 @@ def _splits(path, table, text, label, split_dir, seed, force, stratify) -> tuple
         rng.shuffle(chosen[split])
         file.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in chosen[split]))
     return files, True, incomplete
+
+
+def _in_data_file(problem: Problem, path: Path, split_dir: str) -> Problem:
+    """A problem found in the splits init wrote (and removed) is one of the data file."""
+    if split_dir not in str(problem.value):
+        return problem
+    return Problem("DATA_FILE", str(path), problem.message, problem.fix)
+
+
+def _remove_splits(splits: dict[str, Path], new_folder: Path | None) -> None:
+    for file in splits.values():
+        file.unlink(missing_ok=True)
+    for folder in (next(iter(splits.values())).parent, new_folder):  # the folders init made, once empty
+        if folder and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def _vocab_size(texts: list[str]) -> int:

@@ -1272,6 +1272,7 @@ def task_data_problems(config: PipelineConfig) -> list[Problem]:
         if not kind.has_classes:  # spans (question answering): no classes to count or to miss
             problems += _one_step_problems(seen, prefix, tables["train"].num_rows)
             continue
+        problems += _label_spelling_problems(kind, tables, seen.data.task, prefix)
         known = set(kind.labels_of(tables["train"]))
         if len(known) < 2:
             why = f"one class only ({', '.join(known)}): nothing to tell apart"
@@ -1299,6 +1300,22 @@ def _row_shape_problems(kind, tables: dict, task: Any, prefix: str) -> dict[str,
             fix = f"check data.task.type ({task.type}) and the source's text_column and label_column"
             problems[split] = Problem(f"{prefix}.{split}", _where(getattr(task, split)), str(error), fix)
     return problems
+
+
+def _label_spelling_problems(kind, tables: dict, task: Any, prefix: str) -> list[Problem]:
+    """Labels that differ only in case or surrounding spaces ('positive', 'Positive '): one class
+    spelled apart, which training would split into classes of their own."""
+    spellings: dict[str, set[str]] = {}
+    for table in tables.values():
+        for label in set(kind.labels_of(table)):
+            spellings.setdefault(label.strip().casefold(), set()).add(label)
+    clashes = sorted(" / ".join(map(repr, sorted(group))) for group in spellings.values() if len(group) > 1)
+    if not clashes:
+        return []
+    where = ", ".join(sorted({_where(getattr(task, split)) for split in tables}))
+    why = f"labels that differ only in case or surrounding spaces, each read as a class: {'; '.join(clashes[:5])}"
+    fix = "spell each label one way in the data (strip the spaces, one case)"
+    return [Problem(prefix, where, why, fix)]
 
 
 def _one_step_problems(config: PipelineConfig, prefix: str, rows: int) -> list[Problem]:

@@ -85,6 +85,21 @@ def test_an_empty_split_one_class_and_unseen_labels(tmp_path: Path, capsys: pyte
     assert "data.task.test" in err and "labels the train split lacks: neg" in err
 
 
+def test_labels_spelled_apart_by_case_or_spaces_are_not_classes_of_their_own(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """'pos', 'Pos' and 'pos ' trained as three classes, each with a share of the positive rows."""
+    train = _rows(64, ("neg", "pos", "Pos", "pos "))
+    code, err = _validate(_config(tmp_path, {"train": train, "validation": _rows(8), "test": _rows(8)}), capsys)
+    assert code == 2
+    assert "data.task = " in err and "train.jsonl" in err
+    assert "differ only in case or surrounding spaces, each read as a class: 'Pos' / 'pos' / 'pos '" in err
+    assert "'neg'" not in err and "spell each label one way" in err
+    validation = _rows(8, ("neg", "NEG"))  # apart across splits: the test split's 'NEG' is train's 'neg'
+    code, err = _validate(_config(tmp_path, {"train": _rows(64), "validation": validation, "test": _rows(8)}), capsys)
+    assert code == 2 and "'NEG' / 'neg'" in err
+
+
 def test_rows_without_a_label_or_a_text_are_named_not_learned_or_dropped(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

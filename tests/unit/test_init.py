@@ -290,6 +290,21 @@ def test_labels_unseen_in_train_are_named(in_tmp: Path, capsys: pytest.CaptureFi
     assert not Path("x.yaml").exists()
 
 
+def test_labels_spelled_apart_are_refused_and_nothing_is_written(in_tmp: Path, capsys: pytest.CaptureFixture) -> None:
+    """The splits init writes are removed when their config is refused, so the fixed file needs no --force."""
+    rows = [{**row, "label": ["neg", "pos"][row["label"]]} for row in _reviews(120)]
+    for row in rows[::4]:
+        row["label"] += " "  # a trailing space: a class of its own
+    Path("reviews.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert main(["init", "reviews.jsonl"]) == 2
+    err = capsys.readouterr().err
+    assert "ptft init reviews.jsonl (nothing written)" in err and "DATA_FILE = 'reviews.jsonl'" in err
+    assert "'neg' / 'neg '" in err and "'pos' / 'pos '" in err
+    assert sorted(path.name for path in in_tmp.iterdir()) == ["reviews.jsonl"]
+    Path("reviews.jsonl").write_text("".join(json.dumps({**row, "label": row["label"].strip()}) + "\n" for row in rows))
+    assert main(["init", "reviews.jsonl"]) == 0, capsys.readouterr().err
+
+
 def test_an_existing_config_is_kept_without_force(in_tmp: Path, capsys: pytest.CaptureFixture) -> None:
     Path("configs").mkdir()
     Path("configs/rt-polarity.yaml").write_text("mine")
