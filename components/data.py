@@ -94,7 +94,7 @@ def _load_hub(source: HubSource) -> pa.Table:
     import datasets  # heavy import, only when a hub source is used
 
     dataset = datasets.load_dataset(source.name, source.config_name, split=source.split, revision=source.revision)
-    return dataset.with_format("arrow")[:]
+    return plain_types(dataset.with_format("arrow")[:])
 
 
 def _select_columns(table: pa.Table, source: Source, labelled: bool) -> pa.Table:
@@ -225,7 +225,7 @@ def _unreadable(path: str, fmt: str, error: Exception, data: bytes) -> Unreadabl
 
 def _parse(data: bytes, fmt: str) -> pa.Table:
     if fmt == "parquet":
-        return pq.read_table(io.BytesIO(data))
+        return plain_types(pq.read_table(io.BytesIO(data)))
     if fmt == "jsonl":
         if (rows := squad_rows(data)) is not None:
             return pa.Table.from_pylist(rows)
@@ -235,6 +235,27 @@ def _parse(data: bytes, fmt: str) -> pa.Table:
         return pacsv.read_csv(io.BytesIO(data), parse_options=pacsv.ParseOptions(delimiter=delimiter))
     lines = [line for line in data.decode("utf-8").splitlines() if line.strip()]
     return pa.table({"text": lines})
+
+
+def plain_types(table: pa.Table) -> pa.Table:
+    """Columns as the JSON and CSV readers give them: pandas writes its strings as `large_string`
+    and its categories as dictionaries, which would otherwise read as neither text nor labels."""
+    schema = pa.schema([field.with_type(_plain_type(field.type)) for field in table.schema], table.schema.metadata)
+    return table if schema == table.schema else table.cast(schema)
+
+
+def _plain_type(kind: pa.DataType) -> pa.DataType:
+    if pa.types.is_dictionary(kind):
+        return _plain_type(kind.value_type)
+    if pa.types.is_large_string(kind) or pa.types.is_string_view(kind):
+        return pa.string()
+    if pa.types.is_large_list(kind) or pa.types.is_list_view(kind) or pa.types.is_fixed_size_list(kind):
+        return pa.list_(_plain_type(kind.value_type))
+    if pa.types.is_list(kind):
+        return pa.list_(_plain_type(kind.value_type))
+    if pa.types.is_struct(kind):
+        return pa.struct([field.with_type(_plain_type(field.type)) for field in kind])
+    return kind
 
 
 def _without_block_row(message: str) -> str:

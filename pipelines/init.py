@@ -206,7 +206,10 @@ def _generation_column(table: pa.Table, args: argparse.Namespace) -> str:
 
 def _few_values(table: pa.Table, column: str) -> bool:
     values = table.column(column)
-    if not (pa.types.is_integer(values.type) or pa.types.is_string(values.type) or pa.types.is_boolean(values.type)):
+    if pa.types.is_floating(values.type):  # pandas writes an integer column with a gap as floats: 0.0, 1.0, NaN
+        if not pc.all(pc.equal(values, pc.floor(values))).as_py():
+            return False
+    elif not (pa.types.is_integer(values.type) or pa.types.is_string(values.type) or pa.types.is_boolean(values.type)):
         return False
     distinct = len(values.unique())
     return 2 <= distinct <= min(MAX_CLASSES, max(2, table.num_rows // 5))

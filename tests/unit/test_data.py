@@ -36,6 +36,22 @@ def test_labelled_formats_map_columns(tmp_path: Path, fmt: str) -> None:
     assert table.to_pylist() == [{"text": "a fine film", "label": "pos"}, {"text": "a dull film", "label": "neg"}]
 
 
+def test_parquet_strings_and_categories_from_pandas_read_as_texts_and_labels(tmp_path: Path) -> None:
+    """large_string texts and dictionary-encoded labels (what pandas writes) read as the other formats do."""
+    path = tmp_path / "reviews.parquet"
+    texts = pa.array([row["review"] for row in ROWS], type=pa.large_string())
+    tags = pa.array([[row["stars"]] for row in ROWS], type=pa.large_list(pa.large_string()))
+    pq.write_table(
+        pa.table({"review": texts, "stars": pa.array([r["stars"] for r in ROWS]).dictionary_encode(), "tags": tags}),
+        path,
+    )
+    table = load_source(FileSource(path=str(path), text_column="review", label_column="stars"), labelled=True)
+    assert table.schema == pa.schema({"text": pa.string(), "label": pa.string()})
+    assert table.to_pylist() == [{"text": "a fine film", "label": "pos"}, {"text": "a dull film", "label": "neg"}]
+    tagged = load_source(FileSource(path=str(path), text_column="review", label_column="tags"), labelled=True)
+    assert tagged.schema.field("label").type == pa.list_(pa.string())
+
+
 def test_plain_text_is_one_row_per_nonblank_line(tmp_path: Path) -> None:
     path = tmp_path / "corpus.txt"
     path.write_text("first line\n\nsecond line\n")

@@ -113,6 +113,27 @@ def test_each_table_format_gives_a_config_that_validates(in_tmp: Path, suffix: s
     assert config.data.task.train.text_column == "body" and config.has_tasks()
 
 
+def test_a_parquet_file_pandas_wrote_gets_a_classifier_config(in_tmp: Path, capsys: pytest.CaptureFixture) -> None:
+    """pandas writes its strings as large_string and its categories as dictionaries: init found no text
+    column in such a file. An integer column with a gap comes out as floats (0.0, 1.0, null)."""
+    rows = _reviews(200)
+    texts = pa.array([row["text"] for row in rows], type=pa.large_string())
+    names = pa.array([["neg", "pos"][row["label"]] for row in rows]).dictionary_encode()
+    pq.write_table(pa.table({"review": texts, "sentiment": names}), "categories.parquet")
+    assert main(["init", "categories.parquet"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "Text column: 'review'" in out and "Label column: 'sentiment'; labels in train: neg (" in out
+    assert load_config("configs/categories.yaml", []).data.task.train.label_column == "sentiment"
+    floats = pa.array([None if index == 3 else float(row["label"]) for index, row in enumerate(rows)])
+    pq.write_table(pa.table({"review": texts, "stars": floats}), "gaps.parquet")
+    assert main(["init", "gaps.parquet"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "Label column: 'stars'" in out and "without a text or a label (rows 4)" in out
+    halves = pa.array([row["label"] / 2 + 0.1 for row in rows])  # a measurement, not classes
+    pq.write_table(pa.table({"review": texts, "score": halves}), "scores.parquet")
+    assert main(["init", "scores.parquet"]) == 0 and "No label column" in capsys.readouterr().out
+
+
 def test_a_text_file_or_unlabelled_pairs_give_a_pre_training_config(
     in_tmp: Path, capsys: pytest.CaptureFixture
 ) -> None:
