@@ -2,8 +2,9 @@
 HF Hub datasets and the built-in synthetic language. Every source loads to an Arrow table with
 the columns `text` and, for labelled data, `label` (for token classification, lists of words and of
 tags; unlabelled, a list of words is joined with spaces into one text) and `question` where the
-source has its question column (question answering). SQuAD's nested JSON reads as one row per
-question.
+source has its question column (question answering). A JSON file may also be one document: an
+array of records, an object holding one, or SQuAD's nested JSON (one row per question). A CSV
+whose header has semicolons and no comma is read with semicolons.
 """
 
 from __future__ import annotations
@@ -189,6 +190,8 @@ def _read_file(path: str, fmt: str) -> pa.Table:
     data = _read_bytes(path)
     try:
         return _parse(data, fmt)
+    except _BadRecord as error:
+        raise _not_parsed(path, fmt, str(error)) from None
     except (pa.ArrowInvalid, UnicodeDecodeError) as error:
         raise _unreadable(path, fmt, error, data) from None
 
@@ -199,10 +202,11 @@ def _scan_file(path: str, fmt: str) -> None:
     if fmt not in ("jsonl", "csv", "tsv"):
         return
     with open(path, encoding="utf-8-sig") as handle:
-        if fmt == "jsonl" and _opens_squad(handle.readline()):
-            _read_file(path, fmt)  # one JSON document: it reads whole
-            return
-    delimiter = "\t" if fmt == "tsv" else ","
+        first = handle.readline()
+    if fmt == "jsonl" and _opens_document(first):
+        _read_file(path, fmt)  # one JSON document: it reads whole
+        return
+    delimiter = csv_delimiter(fmt, first)
     try:
         with open(path, "rb") as handle:
             if handle.read(len(BOM)) != BOM:
@@ -227,14 +231,39 @@ def _parse(data: bytes, fmt: str) -> pa.Table:
     if fmt == "parquet":
         return plain_types(pq.read_table(io.BytesIO(data)))
     if fmt == "jsonl":
-        if (rows := squad_rows(data)) is not None:
-            return pa.Table.from_pylist(rows)
+        if (rows := json_document_rows(data)) is not None:
+            return _table_of_records(rows)
         return pajson.read_json(io.BytesIO(data))
     if fmt in ("csv", "tsv"):
-        delimiter = "\t" if fmt == "tsv" else ","
+        delimiter = csv_delimiter(fmt, data[:4096].decode("utf-8", errors="replace"))
         return pacsv.read_csv(io.BytesIO(data), parse_options=pacsv.ParseOptions(delimiter=delimiter))
     lines = [line for line in data.decode("utf-8").splitlines() if line.strip()]
     return pa.table({"text": lines})
+
+
+def csv_delimiter(fmt: str, header: str) -> str:
+    """A tab for TSV; for CSV a comma, or a semicolon when the header line has semicolons and no
+    comma (what a spreadsheet writes where the comma is the decimal mark)."""
+    if fmt == "tsv":
+        return "\t"
+    line = header.split("\n", 1)[0]
+    return ";" if ";" in line and "," not in line else ","
+
+
+class _BadRecord(ValueError):
+    """A record of a JSON document whose field has another type than in an earlier record."""
+
+
+def _table_of_records(rows: list[dict]) -> pa.Table:
+    columns = dict.fromkeys(name for row in rows for name in row)  # a field some records lack is null there
+    try:
+        return pa.table({name: [row.get(name) for row in rows] for name in columns})
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
+        first_seen: dict[str, tuple[str, int]] = {}
+        for number, row in enumerate(rows, start=1):
+            if clash := _type_clash(first_seen, row, number, "record"):
+                raise _BadRecord(clash) from None
+        raise _BadRecord(str(error)) from None
 
 
 def plain_types(table: pa.Table) -> pa.Table:
@@ -249,9 +278,7 @@ def _plain_type(kind: pa.DataType) -> pa.DataType:
         return _plain_type(kind.value_type)
     if pa.types.is_large_string(kind) or pa.types.is_string_view(kind):
         return pa.string()
-    if pa.types.is_large_list(kind) or pa.types.is_list_view(kind) or pa.types.is_fixed_size_list(kind):
-        return pa.list_(_plain_type(kind.value_type))
-    if pa.types.is_list(kind):
+    if any(test(kind) for test in (pa.types.is_list, pa.types.is_large_list, pa.types.is_list_view)):
         return pa.list_(_plain_type(kind.value_type))
     if pa.types.is_struct(kind):
         return pa.struct([field.with_type(_plain_type(field.type)) for field in kind])
@@ -285,11 +312,19 @@ def _first_bad_json_line(data: bytes) -> str | None:
             record = _json_object(line, number)
         except ValueError as error:
             return str(error)
-        for field, value in record.items():
-            kind = _json_kind(value)
-            seen = first_seen.setdefault(field, (kind, number)) if kind else None
-            if seen and seen[0] != kind:
-                return f"line {number}: {field!r} is {_a(kind)}, on line {seen[1]} {_a(seen[0])}"
+        if clash := _type_clash(first_seen, record, number, "line"):
+            return clash
+    return None
+
+
+def _type_clash(first_seen: dict[str, tuple[str, int]], record: dict, number: int, unit: str) -> str | None:
+    """Why a record's field has another JSON type than where it was first seen (kept in `first_seen`)."""
+    for field, value in record.items():
+        kind = _json_kind(value)
+        seen = first_seen.setdefault(field, (kind, number)) if kind else None
+        if seen and seen[0] != kind:
+            where = "on" if unit == "line" else "in"
+            return f"{unit} {number}: {field!r} is {_a(kind)}, {where} {unit} {seen[1]} {_a(seen[0])}"
     return None
 
 
@@ -308,19 +343,32 @@ def _a(kind: str) -> str:
     return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
 
 
-SQUAD_COLUMNS = ["id", "title", "context", "question", "answers"]
-
-
-def squad_rows(data: bytes) -> list[dict] | None:
-    """SQuAD's nested JSON (`{"data": [{"title", "paragraphs": [{"context", "qas": [...]}]}]}`)
-    as one row per question, answers columnar as in its Hugging Face copy; None for anything else
-    (JSON lines fail to parse as one document at their second line)."""
-    if not data.lstrip()[:1] == b"{":
+def json_document_rows(data: bytes) -> list[dict] | None:
+    """The rows of a file that is one JSON document: SQuAD's nested JSON (`squad_rows`), an array of
+    records (`[{"text": ..., "label": ...}, ...]`, pandas' `to_json(orient="records")`), or an object
+    whose one list of records holds them (`{"data": [...]}`, what `datasets`' `field=` reads). None
+    for anything else: JSON lines fail to parse as one document at their second line."""
+    if data.lstrip()[:1] not in (b"{", b"["):
         return None
     try:
         document = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError):
         return None
+    if (rows := squad_rows(document)) is not None:
+        return rows
+    if isinstance(document, dict):
+        lists = [value for value in document.values() if _records(value)]
+        document = lists[0] if len(lists) == 1 else None
+    return document if _records(document) else None
+
+
+def _records(value: object) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(row, dict) for row in value)
+
+
+def squad_rows(document: object) -> list[dict] | None:
+    """SQuAD's nested JSON (`{"data": [{"title", "paragraphs": [{"context", "qas": [...]}]}]}`)
+    as one row per question, answers columnar as in its Hugging Face copy; None for anything else."""
     articles = document.get("data") if isinstance(document, dict) else None
     if not isinstance(articles, list) or not all(isinstance(a, dict) and "paragraphs" in a for a in articles):
         return None
@@ -360,14 +408,13 @@ def source_columns(source: FileSource) -> list[str]:
     with open(path, encoding="utf-8-sig") as handle:
         first = handle.readline()
     if fmt == "jsonl":
-        if first.lstrip().startswith("{") and _opens_squad(first) and squad_rows(_read_bytes(path)) is not None:
-            return SQUAD_COLUMNS
+        if _opens_document(first) and (rows := json_document_rows(_read_bytes(path))) is not None:
+            return list(dict.fromkeys(name for row in rows for name in row))
         try:
             return list(_json_object(first, 1)) if first.strip() else []
         except ValueError as error:
             raise _not_parsed(path, fmt, str(error)) from None
-    delimiter = "\t" if fmt == "tsv" else ","
-    return [name.strip().strip('"') for name in first.rstrip("\n").split(delimiter)]
+    return [name.strip().strip('"') for name in first.rstrip("\n").split(csv_delimiter(fmt, first))]
 
 
 def check_source(source: Source, *, labelled: bool) -> list[tuple[str, str, str]]:
@@ -429,13 +476,16 @@ def check_reads(source: Source) -> list[tuple[str, str, str]]:
     return []
 
 
-def _opens_squad(first_line: str) -> bool:
-    """Whether a JSON file's first line may open a SQuAD document (pretty-printed, or all on one line)."""
+def _opens_document(first_line: str) -> bool:
+    """Whether a JSON file's first line may open one JSON document (pretty-printed, or all on one
+    line: an array, SQuAD's object) rather than JSON lines."""
+    if not first_line.lstrip().startswith(("{", "[")):
+        return False
     try:
         record = json.loads(first_line)
     except json.JSONDecodeError:
         return True  # one JSON document over several lines
-    return isinstance(record, dict) and "data" in record and "version" in record
+    return isinstance(record, list) or (isinstance(record, dict) and "data" in record and "version" in record)
 
 
 def _not_utf8(path: str, chunk: int = 1 << 20) -> int | None:

@@ -11,7 +11,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from components import synthetic
-from components.data import FileSource, SyntheticSource, check_source, fingerprint, load_corpus, load_source
+from components.data import (
+    FileSource,
+    SyntheticSource,
+    check_reads,
+    check_source,
+    fingerprint,
+    load_corpus,
+    load_source,
+)
 
 ROWS = [{"review": "a fine film", "stars": "pos"}, {"review": "a dull film", "stars": "neg"}]
 
@@ -50,6 +58,36 @@ def test_parquet_strings_and_categories_from_pandas_read_as_texts_and_labels(tmp
     assert table.to_pylist() == [{"text": "a fine film", "label": "pos"}, {"text": "a dull film", "label": "neg"}]
     tagged = load_source(FileSource(path=str(path), text_column="review", label_column="tags"), labelled=True)
     assert tagged.schema.field("label").type == pa.list_(pa.string())
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("array.json", json.dumps(ROWS, indent=2)),  # pandas' to_json(orient="records", indent=...)
+        ("one-line.json", json.dumps(ROWS)),
+        ("object.json", json.dumps({"version": "1", "data": ROWS})),  # what `datasets`' field="data" reads
+        ("semicolons.csv", "review;stars\n" + "".join(f"{r['review']};{r['stars']}\n" for r in ROWS)),
+    ],
+)
+def test_json_documents_and_semicolon_csv_read_as_rows(tmp_path: Path, name: str, content: str) -> None:
+    """A JSON array of records was 'line 1 is a JSON array, not an object'; a records list inside an
+    object one row with a `data` column; a spreadsheet's semicolon CSV one column, 'review;stars'."""
+    path = tmp_path / name
+    path.write_text(content)
+    source = FileSource(path=str(path), text_column="review", label_column="stars")
+    assert check_source(source, labelled=True) == [] and check_reads(source) == []
+    assert load_source(source, labelled=True).to_pylist() == [
+        {"text": "a fine film", "label": "pos"},
+        {"text": "a dull film", "label": "neg"},
+    ]
+
+
+def test_a_json_document_whose_records_disagree_names_the_record(tmp_path: Path) -> None:
+    path = tmp_path / "reviews.json"
+    path.write_text(json.dumps([*ROWS, {"review": "a third film", "stars": 3}]))
+    source = FileSource(path=str(path), text_column="review", label_column="stars")
+    ((key, message, fix),) = check_reads(source)
+    assert key == "path" and "record 3: 'stars' is a number, in record 1 a string" in message
 
 
 def test_plain_text_is_one_row_per_nonblank_line(tmp_path: Path) -> None:
