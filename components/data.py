@@ -4,16 +4,20 @@ the columns `text` and, for labelled data, `label` (for token classification, li
 tags; unlabelled, a list of words is joined with spaces into one text) and `question` where the
 source has its question column (question answering). A JSON file may also be one document: an
 array of records, an object holding one, or SQuAD's nested JSON (one row per question). A CSV
-whose header has semicolons and no comma is read with semicolons.
+whose header has semicolons and no comma is read with semicolons. Text files compressed with
+gzip, bzip2 or xz (`train.jsonl.gz`) read as they are.
 """
 
 from __future__ import annotations
 
+import bz2
 import codecs
 import glob
+import gzip
 import hashlib
 import io
 import json
+import lzma
 import os
 import re
 from pathlib import Path
@@ -151,12 +155,27 @@ def resolve_paths(path: str) -> list[str]:
 def _file_format(source: FileSource, path: str) -> str:
     if source.format != "auto":
         return source.format
-    return format_of_suffix(Path(path.split("?")[0]).suffix) or "jsonl"
+    return format_of_suffix(format_suffix(path)) or "jsonl"
 
 
 def read_table(path: str) -> pa.Table:
     """A whole file (local or a URI) as a table, its format from its suffix."""
-    return _read_file(path, format_of_suffix(Path(path.split("?")[0]).suffix) or "jsonl")
+    return _read_file(path, format_of_suffix(format_suffix(path)) or "jsonl")
+
+
+# Compressed text files read as they are (`train.jsonl.gz`); pyarrow's `detect` covers these for URIs.
+OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+
+
+def format_suffix(path: str | Path) -> str:
+    """The suffix that names a file's format, under a compression's (".jsonl" of "x.jsonl.gz")."""
+    name = Path(str(path).split("?")[0])
+    return name.with_suffix("").suffix if name.suffix.lower() in OPENERS else name.suffix
+
+
+def _open(path: str, mode: str = "rb", **options):
+    """A local file, decompressed when its suffix names a compression."""
+    return OPENERS.get(Path(path).suffix.lower(), open)(path, mode, **options)
 
 
 def format_of_suffix(suffix: str) -> str | None:
@@ -201,14 +220,14 @@ def _scan_file(path: str, fmt: str) -> None:
     too large to load twice); other formats were checked by `check_source`."""
     if fmt not in ("jsonl", "csv", "tsv"):
         return
-    with open(path, encoding="utf-8-sig") as handle:
+    with _open(path, "rt", encoding="utf-8-sig") as handle:
         first = handle.readline()
     if fmt == "jsonl" and _opens_document(first):
         _read_file(path, fmt)  # one JSON document: it reads whole
         return
     delimiter = csv_delimiter(fmt, first)
     try:
-        with open(path, "rb") as handle:
+        with _open(path, "rb") as handle:
             if handle.read(len(BOM)) != BOM:
                 handle.seek(0)
             reader = (
@@ -392,9 +411,10 @@ def squad_rows(document: object) -> list[dict] | None:
 def _read_bytes(path: str) -> bytes:
     if "://" in path:
         filesystem, inner = pafs.FileSystem.from_uri(path)
-        with filesystem.open_input_stream(inner) as stream:
+        with filesystem.open_input_stream(inner, compression="detect") as stream:
             return stream.read().removeprefix(BOM)
-    return Path(path).read_bytes().removeprefix(BOM)
+    with _open(path) as handle:
+        return handle.read().removeprefix(BOM)
 
 
 def source_columns(source: FileSource) -> list[str]:
@@ -405,7 +425,7 @@ def source_columns(source: FileSource) -> list[str]:
         return list(pq.read_schema(path).names)
     if fmt == "text":
         return ["text"]
-    with open(path, encoding="utf-8-sig") as handle:
+    with _open(path, "rt", encoding="utf-8-sig") as handle:
         first = handle.readline()
     if fmt == "jsonl":
         if _opens_document(first) and (rows := json_document_rows(_read_bytes(path))) is not None:
@@ -452,8 +472,14 @@ def unreadable_text(path: str, fmt: str) -> tuple[str, str] | None:
     """(why, fix) for a local data file that is empty or, unless Parquet, not UTF-8 text; else None."""
     if os.path.getsize(path) == 0:
         return f"{path} is empty", "give it examples"
-    if fmt != "parquet" and (where := _not_utf8(path)) is not None:
+    try:
+        where = _not_utf8(path) if fmt != "parquet" else None
+    except (OSError, EOFError, lzma.LZMAError) as error:  # gzip's BadGzipFile is an OSError
+        return f"{path} does not decompress ({error})", "check the file, or give it uncompressed"
+    if where is not None:
         fix = f"re-encode it as UTF-8, e.g. iconv -f latin1 -t utf-8 {path} > fixed{Path(path).suffix}"
+        if Path(path).suffix.lower() in OPENERS:
+            fix = "decompress it, re-encode it as UTF-8 (iconv -f latin1 -t utf-8) and compress it again"
         return f"{path} is not UTF-8 text (byte {where})", fix
     return None
 
@@ -492,7 +518,7 @@ def _not_utf8(path: str, chunk: int = 1 << 20) -> int | None:
     """The offset of the first byte that is not UTF-8 in a text file, or None if all of it is."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset = 0
-    with open(path, "rb") as handle:
+    with _open(path, "rb") as handle:
         while block := handle.read(chunk):
             try:
                 decoder.decode(block)

@@ -110,15 +110,16 @@ def run(args: argparse.Namespace) -> int:
 def _read(path: Path) -> pa.Table:
     if not path.is_file():
         raise ConfigError("ptft init", [Problem("DATA_FILE", str(path), "no such file", "pass a data file")])
-    if problem := data.unreadable_text(str(path), data.format_of_suffix(path.suffix) or "jsonl"):
+    if problem := data.unreadable_text(str(path), data.format_of_suffix(data.format_suffix(path)) or "jsonl"):
         raise ConfigError("ptft init", [Problem("DATA_FILE", str(path), *problem)])  # as `ptft validate` says it
     try:
         table = data.read_table(str(path))
     except (OSError, ValueError, UnicodeDecodeError, pa.ArrowInvalid) as error:
         fix = "one record per line (JSONL), a JSON array of records, CSV, TSV, Parquet, text, or SQuAD's nested JSON"
-        if not data.format_of_suffix(path.suffix):
+        if not data.format_of_suffix(data.format_suffix(path)):
             fix = f"rename it with the suffix of its format ({', '.join(data.SUFFIX_FORMATS)})"
-            error = f"the suffix {path.suffix or '(none)'!r} names no format, so it was read as JSON lines: {error}"
+            suffix = data.format_suffix(path) or "(none)"
+            error = f"the suffix {suffix!r} names no format, so it was read as JSON lines: {error}"
         raise ConfigError("ptft init", [Problem("DATA_FILE", str(path), f"cannot read: {error}", fix)]) from None
     if table.num_rows < 10:
         problem = Problem("DATA_FILE", str(path), f"{table.num_rows} rows", "give at least 10 examples")
@@ -382,7 +383,8 @@ def _percentiles(lengths: list[int]) -> dict[str, int]:
 
 
 def _name_of(path: Path) -> str:
-    stem = path.stem if path.stem not in ("train", "data") else path.resolve().parent.name
+    stem = (path.with_suffix("") if path.suffix.lower() in data.OPENERS else path).stem  # train.jsonl.gz: train
+    stem = stem if stem not in ("train", "data") else path.resolve().parent.name
     return "".join(char if char.isalnum() or char in "-_" else "-" for char in stem.lower()) or "pipeline"
 
 

@@ -82,6 +82,26 @@ def test_json_documents_and_semicolon_csv_read_as_rows(tmp_path: Path, name: str
     ]
 
 
+@pytest.mark.parametrize("name", ["reviews.jsonl.gz", "reviews.csv.bz2", "reviews.tsv.xz", "reviews.json.gz"])
+def test_compressed_files_read_as_they_are(tmp_path: Path, name: str) -> None:
+    """`train.jsonl.gz` was 'not UTF-8 text (byte 1)', with an iconv command as the fix."""
+    import bz2
+    import gzip
+    import lzma
+
+    fmt = name.split(".")[1]
+    plain = json.dumps(ROWS).encode() if fmt == "json" else _write(tmp_path, fmt).read_bytes()  # json: one array
+    compress = {"gz": gzip.compress, "bz2": bz2.compress, "xz": lzma.compress}[name.rsplit(".", 1)[1]]
+    path = tmp_path / name
+    path.write_bytes(compress(plain))
+    source = FileSource(path=str(path), text_column="review", label_column="stars")
+    assert check_source(source, labelled=True) == [] and check_reads(source) == []
+    assert load_source(source, labelled=True).column("label").to_pylist() == ["pos", "neg"]
+    path.write_bytes(compress(plain)[:-12])  # cut short
+    ((key, message, fix),) = check_source(source, labelled=True)
+    assert key == "path" and f"{path} does not decompress" in message and "uncompressed" in fix
+
+
 def test_a_json_document_whose_records_disagree_names_the_record(tmp_path: Path) -> None:
     path = tmp_path / "reviews.json"
     path.write_text(json.dumps([*ROWS, {"review": "a third film", "stars": 3}]))

@@ -134,6 +134,16 @@ def test_a_parquet_file_pandas_wrote_gets_a_classifier_config(in_tmp: Path, caps
     assert main(["init", "scores.parquet"]) == 0 and "No label column" in capsys.readouterr().out
 
 
+def test_a_compressed_file_gets_a_config_named_for_its_data(in_tmp: Path, capsys: pytest.CaptureFixture) -> None:
+    import gzip
+
+    Path("reviews.jsonl.gz").write_bytes(
+        gzip.compress("".join(json.dumps(row) + "\n" for row in _reviews(200)).encode())
+    )
+    assert main(["init", "reviews.jsonl.gz"]) == 0, capsys.readouterr().err
+    assert load_config("configs/reviews.yaml", []).data.task.train.label_column == "label"
+
+
 def test_a_text_file_or_unlabelled_pairs_give_a_pre_training_config(
     in_tmp: Path, capsys: pytest.CaptureFixture
 ) -> None:
