@@ -45,7 +45,9 @@ SUFFIX_FORMATS = {
     ".txt": "text",
     ".text": "text",
     ".md": "text",  # prose (docs, READMEs): one example per non-blank line, like .txt
+    ".conll": "conll",  # WORD [...] TAG per line, sentences apart by a blank line
 }
+CONLL_COLUMNS = ("tokens", "ner_tags")  # as in Hugging Face's conll2003
 
 
 def load_source(source: Source, *, labelled: bool) -> pa.Table:
@@ -198,6 +200,7 @@ PARSE_FIXES = {
     "tsv": "give every row the header's columns; quote a field that holds a tab or a quote",
     "parquet": "write it again as Parquet, or set the source's format to the one it has",
     "text": "re-encode it as UTF-8",
+    "conll": "one word and its tag per line (the tag last, after a space or a tab), a blank line after each sentence",
 }
 
 
@@ -217,7 +220,10 @@ def _read_file(path: str, fmt: str) -> pa.Table:
 
 def _scan_file(path: str, fmt: str) -> None:
     """Parse a local JSON-lines or CSV/TSV file through in blocks, keeping nothing (a corpus can be
-    too large to load twice); other formats were checked by `check_source`."""
+    too large to load twice), a CoNLL file whole; other formats were checked by `check_source`."""
+    if fmt == "conll":
+        _read_file(path, fmt)
+        return
     if fmt not in ("jsonl", "csv", "tsv"):
         return
     with _open(path, "rt", encoding="utf-8-sig") as handle:
@@ -256,8 +262,34 @@ def _parse(data: bytes, fmt: str) -> pa.Table:
     if fmt in ("csv", "tsv"):
         delimiter = csv_delimiter(fmt, data[:4096].decode("utf-8", errors="replace"))
         return pacsv.read_csv(io.BytesIO(data), parse_options=pacsv.ParseOptions(delimiter=delimiter))
+    if fmt == "conll":
+        return _conll_table(data.decode("utf-8"))
     lines = [line for line in data.decode("utf-8").splitlines() if line.strip()]
     return pa.table({"text": lines})
+
+
+def _conll_table(text: str) -> pa.Table:
+    """CoNLL's column format: a word per line, its tag in the last column (CoNLL-2003's POS and chunk
+    columns between are left out), a blank line after each sentence; `-DOCSTART-` lines skipped."""
+    sentences: list[tuple[list[str], list[str]]] = []
+    words: list[str] = []
+    tags: list[str] = []
+    for number, line in enumerate(text.splitlines() + [""], start=1):
+        fields = line.split()
+        if not fields or fields[0] == "-DOCSTART-":
+            if words:
+                sentences.append((words, tags))
+            words, tags = [], []
+            continue
+        if len(fields) < 2:
+            raise _BadRecord(f"line {number} has one column ({line.strip()!r}): a word and its tag are two")
+        words.append(fields[0])
+        tags.append(fields[-1])
+    tokens, ner_tags = CONLL_COLUMNS
+    return pa.table(
+        {tokens: [words for words, _ in sentences], ner_tags: [tags for _, tags in sentences]},
+        schema=pa.schema({tokens: pa.list_(pa.string()), ner_tags: pa.list_(pa.string())}),
+    )
 
 
 def csv_delimiter(fmt: str, header: str) -> str:
@@ -270,7 +302,7 @@ def csv_delimiter(fmt: str, header: str) -> str:
 
 
 class _BadRecord(ValueError):
-    """A record of a JSON document whose field has another type than in an earlier record."""
+    """A record that does not read: a JSON document's whose field changes type, a CoNLL line without a tag."""
 
 
 def _table_of_records(rows: list[dict]) -> pa.Table:
@@ -425,6 +457,8 @@ def source_columns(source: FileSource) -> list[str]:
         return list(pq.read_schema(path).names)
     if fmt == "text":
         return ["text"]
+    if fmt == "conll":
+        return list(CONLL_COLUMNS)
     with _open(path, "rt", encoding="utf-8-sig") as handle:
         first = handle.readline()
     if fmt == "jsonl":

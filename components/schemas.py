@@ -50,7 +50,7 @@ def check_registry_name(name: str | None) -> str | None:
 
 # --- data --------------------------------------------------------------------------------------
 
-FileFormat = Literal["auto", "jsonl", "csv", "tsv", "parquet", "text"]
+FileFormat = Literal["auto", "jsonl", "csv", "tsv", "parquet", "text", "conll"]
 
 
 class _Strict(BaseModel):
@@ -64,7 +64,9 @@ class FileSource(_Strict):
     path: str = Field(description="file path, glob or URI; relative paths are taken from the working dir")
     format: FileFormat = Field(
         "auto",
-        description="file format; auto reads it from the suffix (.jsonl/.json, .csv, .tsv, .parquet, .txt/.text/.md)",
+        description="file format; auto reads it from the suffix (.jsonl/.json, .csv, .tsv, .parquet, .txt/.text/.md, "
+        ".conll: a word and its tag per line, a blank line between sentences, read as columns tokens and ner_tags); "
+        ".gz, .bz2 and .xz files are read compressed",
     )
     text_column: str = Field("text", description="column holding the text")
     label_column: str = Field("label", description="column holding the label (labelled splits only)")

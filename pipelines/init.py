@@ -115,7 +115,7 @@ def _read(path: Path) -> pa.Table:
     try:
         table = data.read_table(str(path))
     except (OSError, ValueError, UnicodeDecodeError, pa.ArrowInvalid) as error:
-        fix = "one record per line (JSONL), a JSON array of records, CSV, TSV, Parquet, text, or SQuAD's nested JSON"
+        fix = "JSON lines or one array of records, CSV, TSV, Parquet, text, CoNLL, or SQuAD's nested JSON"
         if not data.format_of_suffix(data.format_suffix(path)):
             fix = f"rename it with the suffix of its format ({', '.join(data.SUFFIX_FORMATS)})"
             suffix = data.format_suffix(path) or "(none)"

@@ -102,6 +102,23 @@ def test_compressed_files_read_as_they_are(tmp_path: Path, name: str) -> None:
     assert key == "path" and f"{path} does not decompress" in message and "uncompressed" in fix
 
 
+def test_conll_column_files_read_as_word_and_tag_lists(tmp_path: Path) -> None:
+    """CoNLL-2003's own layout (word, POS, chunk, tag; -DOCSTART-; CRLF), and the two-column one."""
+    path = tmp_path / "train.conll"
+    lines = ["-DOCSTART- -X- -X- O", "", "EU NNP B-NP B-ORG", "rejects VBZ B-VP O", "", "Peter\tNNP\tB-NP\tB-PER"]
+    path.write_bytes("\r\n".join(lines).encode())  # and no blank line after the last sentence
+    source = FileSource(path=str(path), text_column="tokens", label_column="ner_tags")
+    assert check_source(source, labelled=True) == [] and check_reads(source) == []
+    assert load_source(source, labelled=True).to_pylist() == [
+        {"text": ["EU", "rejects"], "label": ["B-ORG", "O"]},
+        {"text": ["Peter"], "label": ["B-PER"]},
+    ]
+    assert load_source(source, labelled=False).column("text").to_pylist() == ["EU rejects", "Peter"]  # a corpus
+    path.write_text("EU B-ORG\nrejects\n")
+    ((key, message, fix),) = check_reads(source)
+    assert "line 2 has one column ('rejects')" in message and "a word and its tag" in message and "blank line" in fix
+
+
 def test_a_json_document_whose_records_disagree_names_the_record(tmp_path: Path) -> None:
     path = tmp_path / "reviews.json"
     path.write_text(json.dumps([*ROWS, {"review": "a third film", "stars": 3}]))

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from components.data import read_table
+from components.data import CONLL_COLUMNS, read_table
 from pipelines.cli import main
 from pipelines.pipeline_config import load_config
 from tests.conftest import shared
@@ -246,6 +246,15 @@ def test_conll2003_gets_an_entities_config(in_tmp: Path, capsys: pytest.CaptureF
     assert "named entities (LOC, MISC, ORG, PER)" in Path("configs/conll2003.yaml").read_text()
     sentences = {" ".join(json.loads(line)["tokens"]) for line in open(task.validation.path)}
     assert len(config.serve.sample_texts) == 2 and set(config.serve.sample_texts) <= sentences  # words, joined
+
+
+def test_a_conll_column_file_gets_an_entities_config(in_tmp: Path) -> None:
+    rows = [json.loads(line) for line in shared("data/conll2003/validation.jsonl").read_text().splitlines()[:300]]
+    sentences = ("\n".join(f"{word} {tag}" for word, tag in zip(r["tokens"], r["ner_tags"], strict=True)) for r in rows)
+    Path("ner.conll").write_text("\n\n".join(sentences) + "\n")
+    assert main(["init", "ner.conll"]) == 0
+    task = load_config("configs/ner.yaml", []).data.task
+    assert task.type == "token_classification" and (task.train.text_column, task.train.label_column) == CONLL_COLUMNS
 
 
 def test_squad_nested_json_gives_a_question_answering_config(in_tmp: Path, capsys: pytest.CaptureFixture) -> None:
