@@ -95,8 +95,8 @@ def run(args: argparse.Namespace) -> int:
         problems = error.problems
         if plan.written_splits:  # a refused proposal leaves no files behind, so the next try needs no --force
             _remove_splits(plan.splits, output.parent if new_folder else None)
-            split_dir = str(next(iter(plan.splits.values())).parent)
-            problems = [_in_data_file(problem, path, split_dir) for problem in problems]
+            written = {name for file in plan.splits.values() for name in (str(file), _relative(file))}
+            problems = [_in_data_file(problem, path, written) for problem in problems]
         raise ConfigError(f"ptft init {path} (nothing written)", problems) from None
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(text)
@@ -331,9 +331,9 @@ def _splits(path, table, text, label, split_dir, seed, force, stratify) -> tuple
     return files, True, incomplete
 
 
-def _in_data_file(problem: Problem, path: Path, split_dir: str) -> Problem:
-    """A problem found in the splits init wrote (and removed) is one of the data file."""
-    if split_dir not in str(problem.value):
+def _in_data_file(problem: Problem, path: Path, written: set[str]) -> Problem:
+    """A problem found in the splits init wrote (and removed), as the config names them, is one of the data file."""
+    if not any(name in str(problem.value) for name in written):
         return problem
     return Problem("DATA_FILE", str(path), problem.message, problem.fix)
 
