@@ -141,7 +141,9 @@ class PipelineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(description="pipeline name; the MLflow experiment and registry name derive from it")
     _registrable = field_validator("name")(check_registry_name)
-    storage: str = Field("./ptft-runs", description="artifacts, Ray results and the default MLflow store")
+    storage: str = Field(
+        "./ptft-runs", description="artifacts, Ray results and the default MLflow store; ~ and $VARIABLES are expanded"
+    )
     seed: int = Field(0, ge=0, le=SEED_MAX, description="seed for data order, masking and initialisation")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
@@ -241,7 +243,7 @@ class PipelineConfig(BaseModel):
         return self
 
     def storage_path(self) -> Path:
-        return Path(os.path.expanduser(self.storage)).resolve()
+        return expanded_storage(self.storage)
 
     def tracking_uri(self) -> str:
         return self.tracking.uri or f"sqlite:///{self.storage_path() / 'mlflow.db'}"
@@ -1339,10 +1341,20 @@ def _where(source: Any) -> str:
     return getattr(source, "path", None) or f"{source.type} source"
 
 
+def expanded_storage(storage: str) -> Path:
+    """`storage` with `~` and environment variables expanded (as data paths are), absolute."""
+    return Path(os.path.expandvars(os.path.expanduser(storage))).resolve()
+
+
 def storage_problems(sections: dict[str, Any]) -> list[Problem]:
     storage = sections.get("storage")
     if storage is None:
         return []
+    if not str(storage).strip():  # would be the working dir itself: runs, artifacts and mlflow.db among its files
+        return [Problem("storage", storage, "empty", "give a folder, e.g. ./ptft-runs (the default)")]
+    if unset := [name for name in re.findall(r"\$\{?(\w+)", storage) if name not in os.environ]:
+        why = f"${unset[0]} is not set, so the folder would be named after it"
+        return [Problem("storage", storage, why, f"export {unset[0]}, or write the folder out")]
     if "://" in storage:
         return [
             Problem(
@@ -1352,7 +1364,7 @@ def storage_problems(sections: dict[str, Any]) -> list[Problem]:
                 "use a local folder, or a shared filesystem mounted on every node",
             )
         ]
-    path = Path(os.path.expanduser(storage)).resolve()
+    path = expanded_storage(storage)
     if blocker := next((part for part in (path, *path.parents) if part.exists() and not part.is_dir()), None):
         where = "it is" if blocker == path else f"{blocker} is"
         return [Problem("storage", storage, f"{where} a file, not a folder", "point it at a folder (made if missing)")]

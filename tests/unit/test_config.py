@@ -262,6 +262,26 @@ def test_a_storage_that_is_a_file_says_so(tmp_path: Path, under: str) -> None:
     assert problem.key == "storage" and problem.message == f"{where} a file, not a folder", problem
 
 
+def test_a_storage_expands_environment_variables_and_refuses_an_unset_one_or_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`storage: $SCRATCH/runs` made a folder named `$SCRATCH` in the working dir (data paths expanded
+    variables, storage did not); an empty storage put runs, artifacts and mlflow.db in the working dir."""
+    monkeypatch.setenv("PTFT_TEST_SCRATCH", str(tmp_path))
+    raw = tiny_config_dict(tmp_path)
+    raw["storage"] = "${PTFT_TEST_SCRATCH}/runs"
+    config = validate(raw, check_data=False)
+    assert (
+        config.storage_path() == tmp_path / "runs" and config.tracking_uri() == f"sqlite:///{tmp_path}/runs/mlflow.db"
+    )
+    monkeypatch.delenv("PTFT_TEST_SCRATCH")
+    (problem,) = _problems(raw)
+    assert problem.key == "storage" and problem.message.startswith("$PTFT_TEST_SCRATCH is not set")
+    raw["storage"] = ""
+    (problem,) = _problems(raw)
+    assert problem.key == "storage" and problem.message == "empty"
+
+
 def test_checking_a_storage_that_does_not_exist_leaves_no_folder_behind(tmp_path: Path) -> None:
     """`ptft validate` of a mistyped storage made its folder (and every missing one above it)."""
     (tmp_path / "kept").mkdir()
