@@ -443,20 +443,19 @@ def _setup_engine(cfg: ClassifierRun, tokenizer, micro_steps: int, *, log_inheri
             {key: getattr(pretrained, key, None) for key in dropout},
         )
     torch.manual_seed(cfg.seed)
-    model = (
-        task_type(cfg.task_type)
-        .model_class()
-        .from_pretrained(
-            cfg.pretrained_dir,
-            use_safetensors=True,
-            num_labels=len(cfg.label_names),
-            id2label=dict(enumerate(cfg.label_names)),
-            label2id={name: i for i, name in enumerate(cfg.label_names)},
-            # decoders classify from the last token that is not padding
-            pad_token_id=pretrained.pad_token_id if pretrained.pad_token_id is not None else tokenizer.pad_token_id,
-            **dropout,
-        )
+    kind = task_type(cfg.task_type)
+    model = kind.model_class().from_pretrained(
+        cfg.pretrained_dir,
+        use_safetensors=True,
+        num_labels=len(cfg.label_names),
+        id2label=dict(enumerate(cfg.label_names)),
+        label2id={name: i for i, name in enumerate(cfg.label_names)},
+        # decoders classify from the last token that is not padding
+        pad_token_id=pretrained.pad_token_id if pretrained.pad_token_id is not None else tokenizer.pad_token_id,
+        **dropout,
     )
+    for key, value in kind.model_settings(cfg.task_dir).items():  # kept in its config.json
+        setattr(model.config, key, value)
     return training.build_engine(
         model,
         ds=cfg.deepspeed,

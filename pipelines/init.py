@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 import yaml
 
 from components import data
+from components.tasks.answers import answers_of
 from pipelines import arguments
 from pipelines.pipeline_config import ConfigError, Problem, validate
 
@@ -588,6 +589,8 @@ def _report(plan: Plan, table: pa.Table, output: Path) -> None:
     print(f"Text column: {plan.text_column!r}")
     if plan.task == "answers":
         print(f"Question column 'question', answers column {plan.label_column!r}: spans of the context")
+        if unanswered := sum(not answers_of(value) for value in table.column(plan.label_column).to_pylist()):
+            print(f"  {unanswered} questions have no answer: learned as unanswerable (SQuAD 2.0), answered with ''")
     elif plan.task == "translation":
         print(f"Target column: {plan.label_column!r} (the source is the text column)")
     elif plan.task == "generation":

@@ -6,9 +6,16 @@ with the first answer's start and end tokens, or position 0 ([CLS]) where the an
 inside it. The head scores every token as a start and as an end; the answer is the best span of
 at most MAX_ANSWER_TOKENS over all windows of a context (n-best start/end pairs). Scored with the
 official SQuAD normalisation (`torchmetrics`' `squad`: lower case, no punctuation or articles),
-exact match and token F1 against the best of the reference answers, as fractions (0..1)."""
+exact match and token F1 against the best of the reference answers, as fractions (0..1).
+
+A question with no answer (an empty answers list, SQuAD 2.0's unanswerable questions) labels every
+window [CLS]. A model trained on such questions (`model.config.unanswerable`) answers "" where
+[CLS] as both start and end scores above every span, in the window where it scores lowest (as
+Hugging Face's `version_2_with_negative` does); such a question's reference answer is "" when scored."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -49,9 +56,7 @@ def _check_rows(table: pa.Table, split: str) -> None:
                 f"row {row + 1} of the {split} split: answers {str(answers)[:80]} are neither "
                 '[{"text", "answer_start"}] nor {"text": [...], "answer_start": [...]}'
             ) from None
-        if not pairs:
-            raise ValueError(f"row {row + 1} of the {split} split has no answer: give at least one")
-        for text, start in pairs:
+        for text, start in pairs:  # none: the question is unanswerable (SQuAD 2.0)
             if context[start : start + len(text)] != text:
                 raise ValueError(
                     f"row {row + 1} of the {split} split: the answer {text!r} is not at character {start} of its "
@@ -147,10 +152,29 @@ def _start_end_logits(output):
 
 def _evaluated(labels, logits, kept, row: int) -> tuple[list, list]:
     """A window's row number, and its N_BEST start and end candidates: [starts, their logits, ends,
-    their logits]."""
+    their logits], then the no-answer score ([CLS] as start and end)."""
     count = min(N_BEST, logits.shape[-1])
     values, positions = logits.float().topk(count, dim=-1)
-    return [row], [*positions[0].tolist(), *values[0].tolist(), *positions[1].tolist(), *values[1].tolist()]
+    null = float(logits[0, 0] + logits[1, 0])
+    return [row], [*positions[0].tolist(), *values[0].tolist(), *positions[1].tolist(), *values[1].tolist(), null]
+
+
+def unanswerable(task_dir: str | Path) -> bool:
+    """Whether the tokenized train split under `task_dir` holds questions without an answer."""
+    train = pq.read_table(Path(task_dir) / "train", columns=["answers"]).column("answers")
+    return any(not answers for answers in train.to_pylist())
+
+
+def _model_settings(task_dir: str) -> dict:
+    return {"unanswerable": True} if unanswerable(task_dir) else {}
+
+
+def answer_or_none(best: tuple[float, int, int] | None, null: float, may_have_none: bool):
+    """The best span, or None (no answer) where there is none, or where the model may answer none
+    and [CLS] outscores the span."""
+    if best is None or (may_have_none and null > best[0]):
+        return None
+    return best
 
 
 def best_spans(candidates: list[tuple], offsets: list[list[int]]) -> tuple[float, int, int] | None:
@@ -177,19 +201,23 @@ def _scores(gold: list[list], guessed: list[list], names: list[str], split_dir: 
     from torchmetrics.functional.text import squad
 
     split = pq.read_table(split_dir, columns=["example", "offsets", "context", "answers"]).to_pydict()
+    may_have_none = unanswerable(Path(split_dir).parent)  # what the model was trained on
     by_example: dict[int, list[int]] = {}
     candidates: dict[int, tuple] = {}
+    nulls: dict[int, float] = {}
     for (row,), guess in zip(gold, guessed, strict=True):
         row = int(row)
-        count = len(guess) // 4
+        count = (len(guess) - 1) // 4
         candidates[row] = tuple(guess[i * count : (i + 1) * count] for i in range(4))
+        nulls[row] = guess[-1]
         by_example.setdefault(split["example"][row], []).append(row)
     predictions, references = [], []
     for example, rows in by_example.items():
         best = best_spans([candidates[row] for row in rows], [split["offsets"][row] for row in rows])
+        best = answer_or_none(best, min(nulls[row] for row in rows), may_have_none)
         context = split["context"][rows[0]]
         predictions.append({"id": str(example), "prediction_text": context[best[1] : best[2]] if best else ""})
-        gold_texts = split["answers"][rows[0]]
+        gold_texts = split["answers"][rows[0]] or [""]  # unanswerable: right only when answered with nothing
         references.append({"id": str(example), "answers": {"text": gold_texts, "answer_start": [0] * len(gold_texts)}})
     if not predictions:
         return {"exact_match": 0.0, "f1": 0.0}
@@ -231,6 +259,8 @@ def _predict(model, tokenizer, items: list[dict], max_tokens: int) -> list[dict]
     log_probabilities = _start_end_logits(output).float().log_softmax(-1)
     count = min(N_BEST, log_probabilities.shape[-1])
     values, positions = log_probabilities.topk(count, dim=-1)
+    nulls = (log_probabilities[:, 0, 0] + log_probabilities[:, 1, 0]).tolist()
+    may_have_none = bool(getattr(model.config, "unanswerable", False))
     answers = []
     for item, (question, context) in enumerate(zip(questions, contexts, strict=True)):
         mine = [window for window, row in enumerate(rows) if row == item]
@@ -238,9 +268,11 @@ def _predict(model, tokenizer, items: list[dict], max_tokens: int) -> list[dict]
             (positions[w, 0].tolist(), values[w, 0].tolist(), positions[w, 1].tolist(), values[w, 1].tolist())
             for w in mine
         ]
-        best = best_spans(candidates, [offsets[w] for w in mine])
-        if best is None:
-            answers.append({"answer": "", "start": 0, "end": 0, "score": 0.0, "truncated": False})
+        null = min(nulls[w] for w in mine)
+        best = answer_or_none(best_spans(candidates, [offsets[w] for w in mine]), null, may_have_none)
+        if best is None:  # the probability of no answer where the model may give none
+            score = float(torch.tensor(null).exp()) if may_have_none else 0.0
+            answers.append({"answer": "", "start": 0, "end": 0, "score": score, "truncated": False})
             continue
         score, start, end = best
         while start < end and context[start].isspace():  # byte-level BPE spans open with the space before a word
@@ -278,4 +310,5 @@ TASK = TaskType(
     input_problem=_input_problem,
     token_lengths=_token_lengths,
     output_example=_output_example,
+    model_settings=_model_settings,
 )

@@ -91,6 +91,9 @@ class TaskType:
     # (model, tokenizer, texts, max_tokens=, layer=) -> attention maps for /explain and ptft explain;
     # None: the type has none (a 404)
     explain: Callable | None = attention_maps
+    # (the tokenized task folder) -> settings the fine-tuned model's config keeps (what its data taught
+    # it that serving needs, e.g. that a question may have no answer)
+    model_settings: Callable[[str], dict] = lambda task_dir: {}
 
     def model_class(self):
         import transformers

@@ -38,7 +38,8 @@ class Sample(BaseModel):
 
     def answer(self) -> str:
         if isinstance(self.text, dict):
-            return f"{(self.model_extra or {}).get('answer', '')!r} ({self.score:.3f})"
+            answer = (self.model_extra or {}).get("answer", "")
+            return f"{answer!r} ({self.score:.3f})" if answer else f"no answer ({self.score:.3f})"
         if self.entities is not None:
             return ", ".join(f"{entity['type']} {entity['text']!r}" for entity in self.entities) or "no entities"
         written = {key: value for key, value in (self.model_extra or {}).items() if key in ("translation", "generated")}

@@ -131,22 +131,49 @@ def test_the_best_span_is_taken_over_all_windows_of_a_context() -> None:
     assert answers.best_spans([backwards], [offsets]) is None
 
 
+def _tokenized_task(folder: Path, train_answers: list[list[str]], split: dict) -> str:
+    """A tokenized task folder as the prepare stage writes it: train (only its answers are read when
+    scoring) and validation."""
+    for name, rows in (("train", {"answers": train_answers}), ("validation", split)):
+        (folder / name).mkdir(parents=True)
+        pq.write_table(pa.table(rows), folder / name / "part-0.parquet")
+    return str(folder / "validation")
+
+
+THE_CAT = "The cat sat on the mat."
+TWO_ROWS = {
+    "example": [0, 1],
+    "offsets": [[0, 3, 4, 7, 8, 11, -1, -1], [12, 14, 15, 18, 19, 23, -1, -1]],
+    "context": [THE_CAT, THE_CAT],
+}
+
+
 def test_exact_match_and_f1_follow_the_official_normalisation(tmp_path: Path) -> None:
-    context = "The cat sat on the mat."
-    split = {
-        "example": [0, 1],
-        "offsets": [[0, 3, 4, 7, 8, 11, -1, -1], [12, 14, 15, 18, 19, 23, -1, -1]],
-        "context": [context, context],
-        "answers": [["the cat"], ["the mat", "mat"]],
-    }
-    folder = tmp_path / "split"
-    folder.mkdir()
-    pq.write_table(pa.table(split), folder / "part-0.parquet")
+    split = {**TWO_ROWS, "answers": [["the cat"], ["the mat", "mat"]]}
+    folder = _tokenized_task(tmp_path, [["a"]], split)
     # Row 0 picks "The cat" (tokens 0-1), row 1 picks "the" (token 1): one exact, one half right.
-    guesses = [[0, 9.0, 1, 9.0], [1, 9.0, 1, 9.0]]
-    scores = QA.scores([[0], [1]], guesses, ["start", "end"], str(folder))
+    # [CLS]'s score (last) beats both, but a model never taught that a question may have no answer ignores it.
+    guesses = [[0, 9.0, 1, 9.0, 99.0], [1, 9.0, 1, 9.0, 99.0]]
+    scores = QA.scores([[0], [1]], guesses, ["start", "end"], folder)
     assert scores["exact_match"] == pytest.approx(0.5)
     assert scores["f1"] == pytest.approx(0.5)  # "the" normalises to nothing: F1 0 against "mat"
+    assert QA.model_settings(str(tmp_path)) == {}
+
+
+def test_unanswerable_questions_are_learned_and_scored_as_squad_2_does(tmp_path: Path) -> None:
+    """A train split with questions that have no answer (SQuAD 2.0): the model is told so, answers ""
+    where [CLS] outscores every span, and such a question counts as right only when answered so."""
+    split = {**TWO_ROWS, "answers": [["the cat"], []]}  # the second has no answer
+    folder = _tokenized_task(tmp_path, [["a"], []], split)
+    assert QA.model_settings(str(tmp_path)) == {"unanswerable": True}
+    both_spans = [[0, 9.0, 1, 9.0, 1.0], [2, 9.0, 2, 9.0, 1.0]]  # spans beat [CLS]: "The cat", "mat."
+    assert QA.scores([[0], [1]], both_spans, ["start", "end"], folder)["exact_match"] == pytest.approx(0.5)
+    none_wins = [[0, 9.0, 1, 9.0, 1.0], [2, 9.0, 2, 9.0, 30.0]]  # [CLS] beats the second's span: ""
+    assert QA.scores([[0], [1]], none_wins, ["start", "end"], folder) == {"exact_match": 1.0, "f1": 1.0}
+    always_none = [[0, 9.0, 1, 9.0, 30.0], [2, 9.0, 2, 9.0, 30.0]]
+    assert QA.scores([[0], [1]], always_none, ["start", "end"], folder)["exact_match"] == pytest.approx(0.5)
+    assert answers.answer_or_none((5.0, 0, 3), 6.0, may_have_none=False) == (5.0, 0, 3)
+    assert answers.answer_or_none((5.0, 0, 3), 6.0, may_have_none=True) is None
 
 
 def _qa_config(tmp_path: Path, splits: dict[str, list[dict]], **serve) -> Path:
@@ -170,6 +197,7 @@ def _question(context: str, answer: str, start: int | None = None) -> dict:
 
 def test_validate_names_answers_that_are_not_where_they_say(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     rows = [_question(f"the plot was dull , said anna {i} .", "anna") for i in range(64)]
+    rows[3]["answers"] = {"text": [], "answer_start": []}  # unanswerable (SQuAD 2.0): allowed
     good = _qa_config(tmp_path, {"train": rows, "validation": rows[:4], "test": rows[:4]})
     assert main(["validate", str(good)]) == 0, capsys.readouterr().err
     config = load_config(good)
@@ -282,6 +310,36 @@ def test_fine_tuning_learns_to_answer_and_exports_a_question_answering_model(fit
     assert models.smoke_test(exported, QA.auto_model)["parameters"] > 0
 
 
+def test_the_run_summary_says_when_a_question_got_no_answer() -> None:
+    from pipelines.stages.serve import Sample
+
+    asked = {"question": "who?", "context": "a film ."}
+    assert Sample(text=asked, score=0.42, answer="").answer() == "no answer (0.420)"
+    assert Sample(text=asked, score=0.9, answer="a film").answer() == "'a film' (0.900)"
+
+
+def test_a_model_trained_with_unanswerable_questions_keeps_that_in_its_config(reviews: Path, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    shutil.copytree(reviews / "task", tmp_path / "task")
+    (train_file,) = (tmp_path / "task" / "train").glob("*.parquet")
+    train = pq.read_table(train_file)
+    unanswered = [[] if row == 0 else answers for row, answers in enumerate(train.column("answers").to_pylist())]
+    pq.write_table(train.set_column(train.schema.get_field_index("answers"), "answers", [unanswered]), train_file)
+    run = finetune.ClassifierRun(
+        pretrained_dir=str(reviews / "pretrained"),
+        task_dir=str(tmp_path / "task"),
+        label_names=["start", "end"],
+        epochs=1,
+        hyper=Hyperparameters(batch_size_per_worker=16),
+        deepspeed=DeepSpeedConfig(),
+        task_type=QA.name,
+    )
+    engine = finetune._setup_engine(run, AutoTokenizer.from_pretrained(reviews / "pretrained"), 1, log_inherited=False)
+    engine.module.save_pretrained(tmp_path / "model")
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["unanswerable"] is True
+
+
 def test_the_served_answer_is_a_span_of_the_context_over_all_windows(fitted) -> None:
     from components.serve import Scorer
 
@@ -297,6 +355,10 @@ def test_the_served_answer_is_a_span_of_the_context_over_all_windows(fitted) -> 
     for item, answer in zip(asked, found, strict=True):
         assert item["context"][answer["start"] : answer["end"]] == answer["answer"] and 0 < answer["score"] <= 1
     assert "jonas" in found[0]["answer"]
+    assert not hasattr(scorer.model.config, "unanswerable")  # its train split had no question without an answer
+    scorer.model.config.unanswerable = True  # as if it had: "" where [CLS] outscores the spans, else a span
+    for item, answer in zip(asked, scorer(asked), strict=True):
+        assert item["context"][answer["start"] : answer["end"]] == answer["answer"] and 0 < answer["score"] <= 1
     tokens = scorer.tokenizer
     windows = answers.windows(tokens, [asked[1]["question"]], [asked[1]["context"]], scorer.max_tokens, 8)
     assert len(windows["input_ids"]) > 3  # read in windows; best_spans picks over them (tested above)
