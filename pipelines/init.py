@@ -31,9 +31,10 @@ from pipelines.pipeline_config import ConfigError, Problem, validate
 
 TASKS = ("auto", "classification", "entities", "answers", "translation", "generation", "pretrain")
 QA_COLUMNS = ("question", "context", "answers")  # SQuAD's, as its nested JSON reads (components/data.py)
-LABEL_NAMES = ("label", "labels", "class", "category", "sentiment", "target", "y")
+LABEL_NAMES = ("label", "labels", "class", "category", "sentiment", "target", "y", "intent", "topic")
 TAG_NAMES = ("ner_tags", "tags", "labels", "label", "ner")
-MAX_CLASSES = 50
+MAX_CLASSES = 50  # a column not named like a label is taken for one only with as few values
+SHOWN_LABELS = 20
 SPLIT_NAMES = {"validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
 SPLIT_SHARES = {"train": 0.8, "validation": 0.1, "test": 0.1}
 PASSES = 20  # over the text in pre-training: masked LM on a small corpus needs many
@@ -172,8 +173,12 @@ def _label_column(table: pa.Table, text: str, wanted: str | None, task: str) -> 
     if wanted:
         _require_column(table, wanted, "--label-column")
         return wanted
+    # A column named like a label may hold many classes (77 intents); another one is taken for the
+    # label only with few values, as a column of ids or scores has many.
+    named = [
+        c for c in table.column_names if c != text and c.lower() in LABEL_NAMES and _class_values(table, c, limit=1000)
+    ]
     others = [column for column in table.column_names if column != text and _few_values(table, column)]
-    named = [column for column in others if column.lower() in LABEL_NAMES]
     found = (named or others or [None])[0]
     if found is None and task == "classification":
         problem = Problem("--label-column", None, f"no column with 2-{MAX_CLASSES} distinct values", "name it")
@@ -207,14 +212,19 @@ def _generation_column(table: pa.Table, args: argparse.Namespace) -> str:
 
 
 def _few_values(table: pa.Table, column: str) -> bool:
+    return _class_values(table, column) and len(table.column(column).unique()) <= max(2, table.num_rows // 5)
+
+
+def _class_values(table: pa.Table, column: str, limit: int = MAX_CLASSES) -> bool:
+    """Whether a column can hold classes: strings, integers or booleans (or whole floats), 2 to
+    `limit` of them, and each class seen twice on average."""
     values = table.column(column)
     if pa.types.is_floating(values.type):  # pandas writes an integer column with a gap as floats: 0.0, 1.0, NaN
         if not pc.all(pc.equal(values, pc.floor(values))).as_py():
             return False
     elif not (pa.types.is_integer(values.type) or pa.types.is_string(values.type) or pa.types.is_boolean(values.type)):
         return False
-    distinct = len(values.unique())
-    return 2 <= distinct <= min(MAX_CLASSES, max(2, table.num_rows // 5))
+    return 2 <= len(values.unique()) <= min(limit, table.num_rows // 2)
 
 
 def _require_column(table: pa.Table, column: str, flag: str) -> None:
@@ -596,7 +606,9 @@ def _report(plan: Plan, table: pa.Table, output: Path) -> None:
     elif plan.task == "generation":
         print("No label column read: generation, each text is its own label (the model learns its next tokens)")
     elif plan.label_column:
-        counts = ", ".join(f"{label} ({count})" for label, count in plan.labels.items())
+        counts = ", ".join(f"{label} ({count})" for label, count in list(plan.labels.items())[:SHOWN_LABELS])
+        if len(plan.labels) > SHOWN_LABELS:
+            counts += f", and {len(plan.labels) - SHOWN_LABELS} more ({len(plan.labels)} in all)"
         what = "Tag column" if plan.task == "entities" else "Label column"
         print(f"{what}: {plan.label_column!r}; {'tags' if plan.task == 'entities' else 'labels'} in train: {counts}")
     else:

@@ -113,6 +113,21 @@ def test_each_table_format_gives_a_config_that_validates(in_tmp: Path, suffix: s
     assert config.data.task.train.text_column == "body" and config.has_tasks()
 
 
+def test_a_label_column_with_many_classes_is_found_by_its_name(in_tmp: Path, capsys: pytest.CaptureFixture) -> None:
+    """77 intents (banking77's count) gave a pre-training-only config: more than 50 values, and
+    `intent` was no label name. A column of row ids is never the label."""
+    rows = [{"id": i, "text": row["text"], "intent": f"intent_{i % 77}"} for i, row in enumerate(_reviews(1600))]
+    Path("intents.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert main(["init", "intents.jsonl"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "Label column: 'intent'" in out and ", and 57 more (77 in all)" in out
+    config = load_config("configs/intents.yaml", [])
+    assert (
+        config.data.task.train.label_column == "intent"
+        and "sentence classification, 77 labels" in Path("configs/intents.yaml").read_text()
+    )
+
+
 def test_a_parquet_file_pandas_wrote_gets_a_classifier_config(in_tmp: Path, capsys: pytest.CaptureFixture) -> None:
     """pandas writes its strings as large_string and its categories as dictionaries: init found no text
     column in such a file. An integer column with a gap comes out as floats (0.0, 1.0, null)."""
