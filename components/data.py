@@ -394,10 +394,14 @@ def _a(kind: str) -> str:
     return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
 
 
+RECORD_KEYS = ("data", "rows", "records", "examples", "instances", "items")
+
+
 def json_document_rows(data: bytes) -> list[dict] | None:
     """The rows of a file that is one JSON document: SQuAD's nested JSON (`squad_rows`), an array of
     records (`[{"text": ..., "label": ...}, ...]`, pandas' `to_json(orient="records")`), or an object
-    whose one list of records holds them (`{"data": [...]}`, what `datasets`' `field=` reads). None
+    whose one list of records under RECORD_KEYS holds them (`{"data": [...]}`, what `datasets`'
+    `field=` reads). None
     for anything else: JSON lines fail to parse as one document at their second line."""
     if data.lstrip()[:1] not in (b"{", b"["):
         return None
@@ -407,8 +411,8 @@ def json_document_rows(data: bytes) -> list[dict] | None:
         return None
     if (rows := squad_rows(document)) is not None:
         return rows
-    if isinstance(document, dict):
-        lists = [value for value in document.values() if _records(value)]
+    if isinstance(document, dict):  # under a key that names rows: a one-line JSON-lines file's row may hold a list
+        lists = [value for key, value in document.items() if key in RECORD_KEYS and _records(value)]
         document = lists[0] if len(lists) == 1 else None
     return document if _records(document) else None
 

@@ -119,6 +119,15 @@ def test_conll_column_files_read_as_word_and_tag_lists(tmp_path: Path) -> None:
     assert "line 2 has one column ('rejects')" in message and "a word and its tag" in message and "blank line" in fix
 
 
+def test_a_one_line_json_lines_file_is_its_row_though_the_row_holds_a_list_of_objects(tmp_path: Path) -> None:
+    """Not a document whose list of records is the rows: SQuAD-style answers are a list of objects."""
+    path = tmp_path / "one.jsonl"
+    row = {"question": "who?", "context": "anna said so", "answers": [{"text": "anna", "answer_start": 0}]}
+    path.write_text(json.dumps(row) + "\n")
+    table = load_source(FileSource(path=str(path), text_column="context", label_column="answers"), labelled=True)
+    assert table.num_rows == 1 and table.column("question").to_pylist() == ["who?"]
+
+
 def test_a_json_document_whose_records_disagree_names_the_record(tmp_path: Path) -> None:
     path = tmp_path / "reviews.json"
     path.write_text(json.dumps([*ROWS, {"review": "a third film", "stars": 3}]))
