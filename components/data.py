@@ -401,8 +401,8 @@ def json_document_rows(data: bytes) -> list[dict] | None:
     """The rows of a file that is one JSON document: SQuAD's nested JSON (`squad_rows`), an array of
     records (`[{"text": ..., "label": ...}, ...]`, pandas' `to_json(orient="records")`), or an object
     whose one list of records under RECORD_KEYS holds them (`{"data": [...]}`, what `datasets`'
-    `field=` reads). None
-    for anything else: JSON lines fail to parse as one document at their second line."""
+    `field=` reads). None for anything else: JSON lines fail to parse as one document at their
+    second line."""
     if data.lstrip()[:1] not in (b"{", b"["):
         return None
     try:

@@ -212,10 +212,10 @@ def _generation_column(table: pa.Table, args: argparse.Namespace) -> str:
 
 
 def _few_values(table: pa.Table, column: str) -> bool:
-    return _class_values(table, column) and len(table.column(column).unique()) <= max(2, table.num_rows // 5)
+    return _class_values(table, column, limit=min(MAX_CLASSES, max(2, table.num_rows // 5)))
 
 
-def _class_values(table: pa.Table, column: str, limit: int = MAX_CLASSES) -> bool:
+def _class_values(table: pa.Table, column: str, limit: int) -> bool:
     """Whether a column can hold classes: strings, integers or booleans (or whole floats), 2 to
     `limit` of them, and each class seen twice on average."""
     values = table.column(column)
