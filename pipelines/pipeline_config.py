@@ -1275,6 +1275,7 @@ def task_data_problems(config: PipelineConfig) -> list[Problem]:
             problems += _one_step_problems(seen, prefix, tables["train"].num_rows)
             continue
         problems += _label_spelling_problems(kind, tables, seen.data.task, prefix)
+        problems += _label_names_problems(kind, tables["train"], seen.data.task, prefix)
         known = set(kind.labels_of(tables["train"]))
         if len(known) < 2:
             why = f"one class only ({', '.join(known)}): nothing to tell apart"
@@ -1318,6 +1319,19 @@ def _label_spelling_problems(kind, tables: dict, task: Any, prefix: str) -> list
     why = f"labels that differ only in case or surrounding spaces, each read as a class: {'; '.join(clashes[:5])}"
     fix = "spell each label one way in the data (strip the spaces, one case)"
     return [Problem(prefix, where, why, fix)]
+
+
+def _label_names_problems(kind, train: Any, task: Any, prefix: str) -> list[Problem]:
+    """`label_names` one per label of the train split, and the names the model will report (those,
+    else the labels) ones its task type can score (entities: IOB2 tags)."""
+    values, names = kind.label_values(train), task.label_names
+    if names is not None and len(names) != len(values):
+        why = f"{len(names)} names for the train split's {len(values)} labels ({', '.join(values[:12])})"
+        return [Problem(f"{prefix}.label_names", names, why, "give one name per label, in that order")]
+    if unscored := kind.names_problem(list(names or values)):
+        key, value = (f"{prefix}.label_names", names) if names else (f"{prefix}.train", _where(task.train))
+        return [Problem(key, value, *unscored)]
+    return []
 
 
 def _one_step_problems(config: PipelineConfig, prefix: str, rows: int) -> list[Problem]:

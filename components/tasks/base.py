@@ -94,6 +94,8 @@ class TaskType:
     # (the tokenized task folder) -> settings the fine-tuned model's config keeps (what its data taught
     # it that serving needs, e.g. that a question may have no answer)
     model_settings: Callable[[str], dict] = lambda task_dir: {}
+    # (the names the model will report for its label ids) -> (why, fix) when they cannot be scored, or None
+    names_problem: Callable[[list[str]], tuple[str, str] | None] = lambda names: None
 
     def model_class(self):
         import transformers

@@ -5,6 +5,8 @@ sub-word; later sub-words and special tokens carry IGNORE. Scored by entity with
 
 from __future__ import annotations
 
+import re
+
 import pyarrow as pa
 
 from components.tasks.base import IGNORE, TaskType, truncated
@@ -32,7 +34,24 @@ def _labels_of(table: pa.Table) -> list[str]:
 
 
 def _label_values(train: pa.Table) -> list[str]:
-    return sorted(set(_labels_of(train)))
+    """Sorted numerically when all tags are integers (ids, as a Hugging Face export holds them: their
+    `label_names` are in id order), else by name."""
+    tags = {tag for row in train.column("label").to_pylist() for tag in row or []}
+    if all(isinstance(tag, int) and not isinstance(tag, bool) for tag in tags):
+        return [str(tag) for tag in sorted(tags)]
+    return sorted(map(str, tags))
+
+
+IOB_TAG = re.compile(r"O|[BIES]-.+")  # what seqeval's conlleval mode reads as entities
+
+
+def _names_problem(names: list[str]) -> tuple[str, str] | None:
+    """(why, fix) when the tags (or the names given to tag ids) cannot be scored by entity, else None."""
+    others = [name for name in names if not IOB_TAG.fullmatch(name)]
+    if not others:
+        return None
+    why = f"tags {', '.join(map(repr, others[:5]))} are not IOB2 (B-TYPE, I-TYPE, O): no entity could be scored"
+    return why, "write the tags so, or name the tag ids in id order in data.task.label_names (e.g. O, B-PER, I-PER)"
 
 
 def _tokenize(batch: pa.Table, tokenizer, seq_len: int, label_ids: dict[str, int], **options) -> dict:
@@ -124,6 +143,7 @@ TASK = TaskType(
     labels_of=_labels_of,
     tokenize=_tokenize,
     scores=_scores,
+    names_problem=_names_problem,
     example="EU rejects German call to boycott British lamb .",
     architecture="ForTokenClassification",
     predict=_predict,

@@ -12,6 +12,7 @@ import yaml
 
 from components.data import load_source
 from components.schemas import FileSource
+from components.tasks import task_type
 from pipelines.cli import main
 from tests.conftest import tiny_config_dict
 
@@ -98,6 +99,37 @@ def test_labels_spelled_apart_by_case_or_spaces_are_not_classes_of_their_own(
     validation = _rows(8, ("neg", "NEG"))  # apart across splits: the test split's 'NEG' is train's 'neg'
     code, err = _validate(_config(tmp_path, {"train": _rows(64), "validation": validation, "test": _rows(8)}), capsys)
     assert code == 2 and "'NEG' / 'neg'" in err
+
+
+def _entities_config(tmp_path: Path, tags: list[list], **task) -> Path:
+    rows = [{"tokens": ["w"] * len(row), "ner_tags": row} for row in tags]
+    config = _config(tmp_path, {split: rows for split in ("train", "validation", "test")})
+    raw = yaml.safe_load(config.read_text())
+    for split in ("train", "validation", "test"):
+        raw["data"]["task"][split].update(text_column="tokens", label_column="ner_tags")
+    raw["data"]["task"].update(type="token_classification", **task)
+    config.write_text(yaml.safe_dump(raw))
+    return config
+
+
+def test_entity_tags_must_be_iob2_or_be_named_so_in_id_order(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Tag ids (a Hugging Face export's ner_tags) trained and were scored as tags '0', '1', ...: seqeval
+    found no entity in them. 12 ids were named in string order ('10' before '2'): the wrong names."""
+    ids = [[i % 12, (i + 1) % 12] for i in range(64)]
+    code, err = _validate(_entities_config(tmp_path, ids), capsys)
+    assert code == 2 and "data.task.train" in err and "tags '0', '1', '2', '3', '4' are not IOB2" in err
+    names = ["O"] + [f"{prefix}-T{i}" for i in range(1, 6) for prefix in "BI"] + ["B-X"]
+    assert _validate(_entities_config(tmp_path, ids, label_names=names), capsys)[0] == 0
+    assert task_type("token_classification").label_values(
+        load_source(
+            FileSource(path=str(tmp_path / "train.jsonl"), text_column="tokens", label_column="ner_tags"), labelled=True
+        )
+    ) == [str(i) for i in range(12)]  # in id order, as label_names are
+    code, err = _validate(_entities_config(tmp_path, ids, label_names=names[:3]), capsys)
+    assert code == 2 and "data.task.label_names" in err and "3 names for the train split's 12 labels" in err
+    io_scheme = [["PER", "O"], ["O", "LOC"]] * 32  # no B-/I- prefixes
+    code, err = _validate(_entities_config(tmp_path, io_scheme), capsys)
+    assert code == 2 and "tags 'LOC', 'PER' are not IOB2" in err
 
 
 def test_rows_without_a_label_or_a_text_are_named_not_learned_or_dropped(
