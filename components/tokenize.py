@@ -29,6 +29,7 @@ from components.data import load_corpus, load_source, missing_values
 from components.schemas import SPECIAL_TOKENS, CorpusConfig, DataConfig, TaskConfig, TokenizeConfig
 from components.stage import StageContext, StageResult, write_json
 from components.tasks import task_type
+from components.tasks.base import display_names
 from components.vocab import separator_id, start_id
 
 log = logging.getLogger(__name__)
@@ -194,22 +195,6 @@ def load_pretrained(name_or_path: str, seq_len: int) -> PreTrainedTokenizerFast:
 def label_vocabulary(train: pa.Table) -> list[str]:
     """A sentence classification train split's labels in id order (numeric when all are integers)."""
     return task_type("sequence_classification").label_values(train)
-
-
-def display_names(values: list[str], names: list[str] | None) -> list[str]:
-    """The names the model reports for label ids: the configured ones, else the values.
-
-    Raises:
-        ValueError: when the configured names do not match the train split's labels one to one.
-    """
-    if names is None:
-        return values
-    if len(names) != len(values):
-        raise ValueError(
-            f"data.task.label_names has {len(names)} names but the train split has "
-            f"{len(values)} labels {values}: give one name per label, in this order"
-        )
-    return list(names)
 
 
 @functools.lru_cache(maxsize=2)

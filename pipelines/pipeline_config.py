@@ -47,6 +47,7 @@ from components.schemas import (
     span_count,
 )
 from components.tasks import TASK_TYPES, TaskType, task_type
+from components.tasks.base import display_names
 
 CREDENTIALS_NEEDED = "credentials needed: "
 
@@ -1324,11 +1325,12 @@ def _label_spelling_problems(kind, tables: dict, task: Any, prefix: str) -> list
 def _label_names_problems(kind, train: Any, task: Any, prefix: str) -> list[Problem]:
     """`label_names` one per label of the train split, and the names the model will report (those,
     else the labels) ones its task type can score (entities: IOB2 tags)."""
-    values, names = kind.label_values(train), task.label_names
-    if names is not None and len(names) != len(values):
-        why = f"{len(names)} names for the train split's {len(values)} labels ({', '.join(values[:12])})"
-        return [Problem(f"{prefix}.label_names", names, why, "give one name per label, in that order")]
-    if unscored := kind.names_problem(list(names or values)):
+    names = task.label_names
+    try:
+        shown = display_names(kind.label_values(train), names)
+    except ValueError as error:
+        return [Problem(f"{prefix}.label_names", names, str(error), "give one name per label, in that order")]
+    if unscored := kind.names_problem(shown):
         key, value = (f"{prefix}.label_names", names) if names else (f"{prefix}.train", _where(task.train))
         return [Problem(key, value, *unscored)]
     return []

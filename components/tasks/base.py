@@ -12,6 +12,29 @@ from components.explain import attention_maps
 IGNORE = -100  # a position without a label (special tokens, later sub-words): no loss, no score
 
 
+def sorted_labels(values) -> list[str]:
+    """Label values as the ids' order: numerically when all are integers (ids, as a Hugging Face
+    export holds them, whose `label_names` are in id order), else by name."""
+    values = set(values)
+    if all(isinstance(value, int) and not isinstance(value, bool) for value in values):
+        return [str(value) for value in sorted(values)]
+    return sorted(map(str, values))
+
+
+def display_names(values: list[str], names: list[str] | None) -> list[str]:
+    """The names the model reports for label ids: the configured ones, else the values.
+
+    Raises:
+        ValueError: when the configured names do not match the train split's labels one to one.
+    """
+    if names is None:
+        return values
+    if len(names) != len(values):
+        shown = ", ".join(values[:12]) + (", ..." if len(values) > 12 else "")
+        raise ValueError(f"label_names has {len(names)} names for the train split's {len(values)} labels ({shown})")
+    return list(names)
+
+
 def output_logits(output):
     """The head's logits: (rows, classes) or (rows, tokens, classes)."""
     return output.logits

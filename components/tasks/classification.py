@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from components.tasks.base import TaskType, truncated
+from components.tasks.base import TaskType, sorted_labels, truncated
 
 
 def _check_rows(table: pa.Table, split: str) -> None:
@@ -23,11 +23,7 @@ def _labels_of(table: pa.Table) -> list[str]:
 
 
 def _label_values(train: pa.Table) -> list[str]:
-    """Sorted numerically when all labels are integers, else by name."""
-    values = set(train.column("label").to_pylist())
-    if all(isinstance(value, int) for value in values):
-        return [str(value) for value in sorted(values)]
-    return sorted(str(value) for value in values)
+    return sorted_labels(train.column("label").to_pylist())
 
 
 def _tokenize(batch: pa.Table, tokenizer, seq_len: int, label_ids: dict[str, int], **options) -> dict:

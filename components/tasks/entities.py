@@ -9,7 +9,7 @@ import re
 
 import pyarrow as pa
 
-from components.tasks.base import IGNORE, TaskType, truncated
+from components.tasks.base import IGNORE, TaskType, sorted_labels, truncated
 
 
 def _check_rows(table: pa.Table, split: str) -> None:
@@ -34,12 +34,7 @@ def _labels_of(table: pa.Table) -> list[str]:
 
 
 def _label_values(train: pa.Table) -> list[str]:
-    """Sorted numerically when all tags are integers (ids, as a Hugging Face export holds them: their
-    `label_names` are in id order), else by name."""
-    tags = {tag for row in train.column("label").to_pylist() for tag in row or []}
-    if all(isinstance(tag, int) and not isinstance(tag, bool) for tag in tags):
-        return [str(tag) for tag in sorted(tags)]
-    return sorted(map(str, tags))
+    return sorted_labels(tag for row in train.column("label").to_pylist() for tag in row or [])
 
 
 IOB_TAG = re.compile(r"O|[BIES]-.+")  # what seqeval's conlleval mode reads as entities

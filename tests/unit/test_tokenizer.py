@@ -104,5 +104,5 @@ def test_label_vocabulary_orders_ints_numerically() -> None:
 def test_display_names_replace_values_one_to_one() -> None:
     assert display_names(["0", "1"], None) == ["0", "1"]
     assert display_names(["0", "1"], ["negative", "positive"]) == ["negative", "positive"]
-    with pytest.raises(ValueError, match="one name per label"):
+    with pytest.raises(ValueError, match="2 names for the train split's 3 labels"):
         display_names(["0", "1", "2"], ["negative", "positive"])
