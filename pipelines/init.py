@@ -34,6 +34,7 @@ QA_COLUMNS = ("question", "context", "answers")  # SQuAD's, as its nested JSON r
 LABEL_NAMES = ("label", "labels", "class", "category", "sentiment", "target", "y", "intent", "topic")
 TAG_NAMES = ("ner_tags", "tags", "labels", "label", "ner")
 MAX_CLASSES = 50  # a column not named like a label is taken for one only with as few values
+MAX_NAMED_CLASSES = 1000  # one named like a label (77 intents) may hold many
 SHOWN_LABELS = 20
 SPLIT_NAMES = {"validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
 SPLIT_SHARES = {"train": 0.8, "validation": 0.1, "test": 0.1}
@@ -176,7 +177,9 @@ def _label_column(table: pa.Table, text: str, wanted: str | None, task: str) -> 
     # A column named like a label may hold many classes (77 intents); another one is taken for the
     # label only with few values, as a column of ids or scores has many.
     named = [
-        c for c in table.column_names if c != text and c.lower() in LABEL_NAMES and _class_values(table, c, limit=1000)
+        c
+        for c in table.column_names
+        if c != text and c.lower() in LABEL_NAMES and _class_values(table, c, limit=MAX_NAMED_CLASSES)
     ]
     others = [column for column in table.column_names if column != text and _few_values(table, column)]
     found = (named or others or [None])[0]

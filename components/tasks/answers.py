@@ -15,6 +15,8 @@ Hugging Face's `version_2_with_negative` does); such a question's reference answ
 
 from __future__ import annotations
 
+import functools
+import math
 from pathlib import Path
 
 import pyarrow as pa
@@ -161,6 +163,11 @@ def _evaluated(labels, logits, kept, row: int) -> tuple[list, list]:
 
 def unanswerable(task_dir: str | Path) -> bool:
     """Whether the tokenized train split under `task_dir` holds questions without an answer."""
+    return _has_unanswered(str(Path(task_dir).resolve()))
+
+
+@functools.cache  # a tokenized folder never changes once written; scoring asks at every evaluation
+def _has_unanswered(task_dir: str) -> bool:
     train = pq.read_table(Path(task_dir) / "train", columns=["answers"]).column("answers")
     return any(not answers for answers in train.to_pylist())
 
@@ -271,7 +278,7 @@ def _predict(model, tokenizer, items: list[dict], max_tokens: int) -> list[dict]
         null = min(nulls[w] for w in mine)
         best = answer_or_none(best_spans(candidates, [offsets[w] for w in mine]), null, may_have_none)
         if best is None:  # the probability of no answer where the model may give none
-            score = float(torch.tensor(null).exp()) if may_have_none else 0.0
+            score = math.exp(null) if may_have_none else 0.0
             answers.append({"answer": "", "start": 0, "end": 0, "score": score, "truncated": False})
             continue
         score, start, end = best
