@@ -18,10 +18,8 @@ import contextlib
 import itertools
 import logging
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import deque
@@ -29,6 +27,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 from components.generation import Ask, Decoding, TextDelta, paced, step_events
+from components.scratch import ScratchFolder
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # where `python -m components...` finds the package
 logger = logging.getLogger(__name__)
@@ -78,8 +77,7 @@ class Decoder:
                 )
                 self.child.start()
             else:
-                folder = Path(tempfile.mkdtemp(prefix="ptft-decoding-"))
-                cleanup.callback(shutil.rmtree, folder, ignore_errors=True)
+                folder = cleanup.enter_context(ScratchFolder("decoding"))
                 self.model.save_pretrained(folder)
                 self.tokenizer.save_pretrained(folder)
                 settings = [str(self.threads), str(self.max_batch_size), str(self.wait_s)]

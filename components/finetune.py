@@ -21,7 +21,6 @@ import math
 import os
 import shutil
 import socket
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from components import accelerator, explain, models, plots, registry, training
 from components.metrics import training_progress
 from components.ranking import Ranking
 from components.schemas import DeepSpeedConfig, FinetuneConfig, Hyperparameters
+from components.scratch import ScratchFolder
 from components.stage import StageContext, StageResult, read_json, write_json
 from components.tasks import IGNORE, TaskType, task_type
 from components.throughput import Throughput, device_name
@@ -318,14 +318,14 @@ def fit_classifier(
         tracker.log_metrics(metrics, epoch)  # this epoch's validation: the history stays true
         tracker.flush()
         reported = best.exported(metrics) if exported and best is not None else metrics
-        with tempfile.TemporaryDirectory() as checkpoint_dir:
+        with ScratchFolder("checkpoint") as checkpoint_dir:
             client_state = {"epoch": epoch, "step": step, **stopper.state(), **(best.state() if best else {})}
-            engine.save_checkpoint(checkpoint_dir, client_state=client_state)
-            training.save_rng(Path(checkpoint_dir), rank, {})
+            engine.save_checkpoint(str(checkpoint_dir), client_state=client_state)
+            training.save_rng(checkpoint_dir, rank, {})
             if best is not None:
-                best.save_into(Path(checkpoint_dir) / "hf")
+                best.save_into(checkpoint_dir / "hf")
             elif exported:
-                training.save_hf_folder(engine, tokenizer, Path(checkpoint_dir) / "hf")
+                training.save_hf_folder(engine, tokenizer, checkpoint_dir / "hf")
             report(reported, checkpoint_dir)
         if stop:
             break
@@ -348,8 +348,8 @@ class BestEpoch:
         self.rank, self.ranking = rank, ranking
         self.epoch: int | None = None
         self.metrics: dict[str, float] = {}
-        self._folder = tempfile.TemporaryDirectory(prefix="ptft-best-epoch-")  # removed with it, on errors too
-        self.folder = Path(self._folder.name)
+        self._folder = ScratchFolder("best-epoch")  # removed with it, on errors too
+        self.folder = self._folder.path
 
     def keep(self, engine, tokenizer, epoch: int, metrics: dict[str, float]) -> None:
         shutil.rmtree(self.folder / "hf", ignore_errors=True)

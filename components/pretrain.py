@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from components import accelerator, models, plots, training
 from components.metrics import training_progress
 from components.schemas import PretrainConfig
+from components.scratch import ScratchFolder
 from components.stage import StageContext, StageFailure, StageResult
 from components.throughput import Throughput, device_name
 from components.tracking import node_system_metrics, open_tracker
@@ -381,12 +381,10 @@ def _report(engine, masker: _Targets, tokenizer, metrics: dict, *, with_hf: bool
     """Save a DeepSpeed checkpoint on every rank (ZeRO shards, plus this rank's RNG states) and
     report it to Ray Train."""
     rank = ray.train.get_context().get_world_rank()
-    with tempfile.TemporaryDirectory() as checkpoint_dir:
-        _save_checkpoint(
-            engine, masker, Path(checkpoint_dir), rank, step=metrics["train/step"], loss=metrics["train/loss"]
-        )
+    with ScratchFolder("checkpoint") as checkpoint_dir:
+        _save_checkpoint(engine, masker, checkpoint_dir, rank, step=metrics["train/step"], loss=metrics["train/loss"])
         if with_hf:
-            training.save_hf_folder(engine, tokenizer, Path(checkpoint_dir) / "hf")
+            training.save_hf_folder(engine, tokenizer, checkpoint_dir / "hf")
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir))
 
 

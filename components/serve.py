@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 import threading
 import time
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -592,11 +593,16 @@ def load_classifier(model_uri: str, tracking_uri: str | None):
 
         if tracking_uri:
             mlflow.set_tracking_uri(tracking_uri)
-        if "transformers" not in mlflow.models.get_model_info(model_uri).flavors:  # registry.TaskModel
-            wrapped = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
-            return wrapped.model, wrapped.tokenizer
-        components = mlflow.transformers.load_model(model_uri, return_type="components")
-        return components["model"], components["tokenizer"]
+        # Downloaded once into a folder removed once loaded: MLflow's own loaders download into
+        # temporary folders they never remove, a copy of the model on the replica's disk at
+        # every replica start.
+        with tempfile.TemporaryDirectory(prefix="ptft-model-") as folder:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=folder)
+            if "transformers" not in mlflow.models.Model.load(local).flavors:  # registry.TaskModel
+                wrapped = mlflow.pyfunc.load_model(local).unwrap_python_model()
+                return wrapped.model, wrapped.tokenizer
+            components = mlflow.transformers.load_model(local, return_type="components")
+            return components["model"], components["tokenizer"]
     return load_model_folder(model_uri)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -27,6 +28,7 @@ from mlflow.tracking import MlflowClient
 from components import registry, serve
 from components.net import free_port
 from components.schemas import ServeConfig
+from components.tasks import task_type
 from tests.conftest import POSITIONS, REPO, tiny_classifier, tiny_config_dict, wait_until
 
 pytestmark = pytest.mark.integration
@@ -64,6 +66,45 @@ def test_the_gate_keeps_a_worse_version_candidate(registered: dict) -> None:
     client = registered["client"]
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == first["version"]
     assert registry.champion_history(client, NAME) == [first["version"]]
+
+
+def _tiny_question_answerer(folder: Path) -> Path:
+    """tiny_classifier's network and vocabulary with a span head (a pyfunc in the registry)."""
+    from transformers import AutoConfig, AutoTokenizer, BertForQuestionAnswering
+
+    source = tiny_classifier(folder / "source", seed=3)
+    BertForQuestionAnswering(AutoConfig.from_pretrained(source)).save_pretrained(folder / "qa")
+    AutoTokenizer.from_pretrained(source).save_pretrained(folder / "qa")
+    return folder / "qa"
+
+
+def test_loading_a_registered_model_leaves_no_copy_of_it_on_disk(
+    registered: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replica downloads its model from the server's proxied artifacts at every start. MLflow's
+    loaders kept each download (and the MLmodel read before it) in the temp dir for good: with
+    autoscaling and restarts, a copy of the model per replica start on the node's disk. Both kinds
+    of registered model: the transformers flavor, and the pyfunc around a question answerer."""
+    uri, client = registered["tracking_uri"], registered["client"]
+    run_id = client.create_run(client.get_experiment_by_name("Default").experiment_id).info.run_id
+    answerer = registry.register_classifier(
+        _tiny_question_answerer(tmp_path / "models"),
+        name=f"{NAME}-qa",
+        run_id=run_id,
+        tracking_uri=uri,
+        test_accuracy=0.5,
+        test_split="split-a",
+        lineage={},
+        task=task_type("question_answering"),
+    )
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    classified = serve.Scorer(registered["versions"][0]["model_uri"], uri)(["a good film"])
+    assert classified[0]["label"] in ("negative", "positive")
+    (answered,) = serve.Scorer(answerer["model_uri"], uri)([{"question": "what film", "context": "a good film"}])
+    assert set(answered) >= {"answer", "score"}, answered
+    assert sorted(path.name for path in temp.iterdir()) == []
 
 
 def _ptft(*args: str, overrides: list[str]) -> subprocess.CompletedProcess:
