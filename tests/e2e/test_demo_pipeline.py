@@ -138,7 +138,7 @@ def test_invalid_json_gets_400(demo: dict) -> None:
     assert response.status_code == 400 and "not JSON" in response.json()["detail"]
 
 
-def test_no_secret_reaches_mlflow(demo: dict) -> None:
+def test_no_secret_reaches_mlflow(demo: dict, tmp_path: Path) -> None:
     client = demo["client"]
     experiment = client.get_experiment_by_name("demo")
     for run in _runs(client, experiment.experiment_id, ""):
@@ -149,7 +149,10 @@ def test_no_secret_reaches_mlflow(demo: dict) -> None:
     )[0]
     resolved = Path(
         mlflow.artifacts.download_artifacts(
-            run_id=parent.info.run_id, artifact_path="config/resolved.json", tracking_uri=client.tracking_uri
+            run_id=parent.info.run_id,
+            artifact_path="config/resolved.json",
+            dst_path=str(tmp_path),
+            tracking_uri=client.tracking_uri,
         )
     ).read_text()
     assert not any(secret in resolved for secret in SECRETS.values())

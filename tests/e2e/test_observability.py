@@ -66,7 +66,7 @@ def test_the_model_version_links_its_runs(demo: dict) -> None:
     assert demo["run_id"] in version.description
 
 
-def test_training_stages_log_pictures_and_system_metrics(demo: dict) -> None:
+def test_training_stages_log_pictures_and_system_metrics(demo: dict, tmp_path: Path) -> None:
     client, runs = demo["client"], _stage_runs(demo)
     assert {"plots/loss.png", "plots/learning_rate.png"} <= _artifacts(client, runs["pretrain"].info.run_id, "plots")
     finetune = runs["finetune"].info.run_id
@@ -78,7 +78,7 @@ def test_training_stages_log_pictures_and_system_metrics(demo: dict) -> None:
         "plots/confusion_matrix.json",
     } <= _artifacts(client, finetune, "plots")
     assert "plots/sweep.png" in _artifacts(client, runs["tune"].info.run_id, "plots")
-    matrix = client.download_artifacts(finetune, "plots/confusion_matrix.json")
+    matrix = client.download_artifacts(finetune, "plots/confusion_matrix.json", str(tmp_path))
     counts = json.loads(open(matrix).read())["rows_true_columns_predicted"]
     assert sum(map(sum, counts)) == 96  # every test example once (data.task.test.num_examples)
     accuracy = sum(counts[i][i] for i in range(len(counts))) / 96

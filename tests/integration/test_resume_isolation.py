@@ -94,7 +94,7 @@ def test_no_file_or_output_of_the_run_holds_its_tracking_credentials(edited_befo
     assert "://***@127.0.0.1:" in manifest["tracking_uri"]
 
 
-def test_the_run_logged_no_credentials_to_mlflow(edited_before_resume: dict) -> None:
+def test_the_run_logged_no_credentials_to_mlflow(edited_before_resume: dict, tmp_path: Path) -> None:
     client, run_id = edited_before_resume["client"], edited_before_resume["run_id"]
     password = edited_before_resume["password"]
     experiment = client.get_experiment_by_name("faults-edited").experiment_id
@@ -103,7 +103,7 @@ def test_the_run_logged_no_credentials_to_mlflow(edited_before_resume: dict) -> 
         assert password not in logged and urllib.parse.quote(password, safe="") not in logged, run.info.run_name
         for path in _artifact_files(client, run.info.run_id):
             if path.endswith((".json", ".html", ".md", ".yaml", ".txt")):
-                text = Path(client.download_artifacts(run.info.run_id, path)).read_text()
+                text = Path(client.download_artifacts(run.info.run_id, path, str(tmp_path))).read_text()
                 assert urllib.parse.quote(password, safe="") not in text and password not in text, path
 
 
