@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,31 @@ class StageContext:
         old attempt's checkpoints are never restored into it."""
         key = f"-{self.cache_key[:12]}" if self.cache_key else ""
         return f"{self.pipeline_run_id}-{self.stage}{key}"
+
+    def ray_run_folders(self) -> list[Path]:
+        """This stage's Ray Train/Tune runs in this pipeline run, of every attempt and key: the run,
+        a sweep's multi-worker trials (`-trials`), and a sweep moved aside (`.unstarted-<time>`)."""
+        root = Path(self.ray_storage())
+        stage = re.escape(f"{self.pipeline_run_id}-{self.stage}")
+        mine = re.compile(rf"{stage}(-[0-9a-f]{{12}})?(-trials)?(\.[a-z]+-[0-9]+)?")
+        return sorted(folder for folder in root.iterdir() if mine.fullmatch(folder.name)) if root.is_dir() else []
+
+
+def remove_spent_checkpoints(ctx: StageContext) -> int:
+    """Remove the Ray Train and Tune checkpoints of a stage whose artifact is published; returns the
+    bytes freed. They only serve a restart of the stage, and nothing restarts a published stage
+    (a damaged artifact is made again from scratch: Ray Train's checkpoint list goes too). With a
+    real model each is the weights and the optimizer's state (three times the model in Adam), and
+    a PBT sweep keeps every epoch of every trial. The runs' result logs stay."""
+    freed = 0
+    for folder in ctx.ray_run_folders():
+        for spent in list(folder.rglob("checkpoint_*")):
+            if spent.is_dir() and not spent.is_symlink():
+                freed += sum(path.stat().st_size for path in spent.rglob("*") if path.is_file())
+                shutil.rmtree(spent, ignore_errors=True)
+            elif spent.name == "checkpoint_manager_snapshot.json":
+                spent.unlink(missing_ok=True)
+    return freed
 
 
 @dataclass

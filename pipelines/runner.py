@@ -38,6 +38,7 @@ from components.stage import (
     inventory,
     inventory_changes,
     read_json,
+    remove_spent_checkpoints,
     weights_sha256,
     write_json,
 )
@@ -597,6 +598,8 @@ class _StageRunner:
         write_json(partial / "config.json", material)  # what the key stands for, beside what it made
         provenance = {"mlflow_run_id": run_id, "pipeline_run_id": self.result.run_id, "seconds": elapsed}
         stage_result = _publish(stage, partial, final_dir, stage_result, provenance, replace=node.id in self.forced)
+        if freed := remove_spent_checkpoints(ctx):
+            log.info("stage %s: removed its Ray checkpoints (%.1f MB), spent once published", node.id, freed / 1e6)
         self.manifest.stages[node.id].work_seconds = elapsed
         self.manifest.stage_ended(node.id, mf.SUCCEEDED, output_uri=stage_result.output_uri)
         log.info("stage %s: done in %.1fs -> %s", node.id, elapsed, stage_result.output_uri)

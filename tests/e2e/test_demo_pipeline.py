@@ -58,6 +58,20 @@ def test_every_stage_wrote_its_artifacts(demo: dict) -> None:
     assert (classifier / "model.safetensors").is_file()
 
 
+def test_published_stages_leave_their_result_logs_and_no_checkpoint_in_ray_storage(demo: dict) -> None:
+    """Pretrain, the sweep's trials and finetune each checkpointed in Ray storage as they trained;
+    once each stage's artifact is published, its checkpoints only take disk (the demo's other runs
+    and the two-task scenario share this storage: only this run's folders are looked at)."""
+    runs = sorted((demo["storage"] / "ray_results").glob(f"{demo['run_id']}-*"))
+    trained = {"pretrain", "tune", "finetune"}
+    assert {folder.name.split("-")[3] for folder in runs} == trained, [folder.name for folder in runs]
+    assert list((demo["storage"] / "ray_results").glob(f"{demo['run_id']}-tune-*/*/result.json"))  # logs stay
+    assert [str(path) for folder in runs for path in folder.rglob("checkpoint_*")] == []
+    log = (demo["storage"] / "runs" / demo["run_id"] / "ptft.log").read_text()
+    for stage in trained:
+        assert re.search(rf"stage {stage}: removed its Ray checkpoints \(\d+\.\d MB\)", log), stage
+
+
 def _runs(client: MlflowClient, experiment_id: str, filter_string: str):
     return client.search_runs([experiment_id], filter_string)
 

@@ -455,3 +455,40 @@ def _runs_of_one_stage(tmp_path: Path, stage: stages.Stage) -> tuple[Callable[[s
         return manifest.stages[stage.name]
 
     return attempt, storage
+
+
+def test_a_published_stage_loses_its_checkpoints_and_only_its_own(tmp_path: Path) -> None:
+    """Its Ray runs of every attempt and key go checkpoint-less, their result logs kept; a task's
+    stage named like another's prefix, another pipeline run and a failed stage keep theirs."""
+    from components.stage import remove_spent_checkpoints
+
+    results = tmp_path / "ray_results"
+
+    def ray_run(name: str, *checkpoints: str) -> Path:
+        for checkpoint in checkpoints:
+            (results / name / checkpoint).mkdir(parents=True)
+            (results / name / checkpoint / "model_states.pt").write_bytes(b"\0" * 1000)
+        (results / name).mkdir(parents=True, exist_ok=True)
+        (results / name / "result.json").write_text("{}")
+        (results / name / "checkpoint_manager_snapshot.json").write_text("{}")
+        return results / name
+
+    ctx = StageContext("r1", "tune.my", tmp_path / "out", tmp_path, "", "", "", cache_key="0123456789abcdef")
+    published = [
+        ray_run("r1-tune.my-0123456789ab", "trial_1/checkpoint_000001", "trial_2/checkpoint_000002"),
+        ray_run("r1-tune.my-0123456789ab-trials", "trial_1/checkpoint_2026-12-06_10-00-00.1"),
+        ray_run("r1-tune.my-fedcba987654", "trial_1/checkpoint_000001"),  # an earlier attempt, another key
+        ray_run("r1-tune.my-0123456789ab.unstarted-1764000000"),
+    ]
+    kept = [
+        ray_run("r1-tune.my-task-0123456789ab", "trial_1/checkpoint_000001"),
+        ray_run("r2-tune.my-0123456789ab", "trial_1/checkpoint_000001"),
+        ray_run("r1-finetune.my-0123456789ab", "checkpoint_2026-12-06_10-00-00.1"),
+    ]
+    assert ctx.ray_run_folders() == sorted(published)
+    assert remove_spent_checkpoints(ctx) == 4000
+    for folder in published:
+        assert not list(folder.rglob("checkpoint_*")) and (folder / "result.json").is_file(), folder
+    for folder in kept:
+        assert len(list(folder.rglob("checkpoint_*"))) == 2, folder  # the checkpoint and Ray Train's list of them
+    assert remove_spent_checkpoints(ctx) == 0
