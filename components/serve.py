@@ -34,7 +34,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import threading
 import time
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -53,6 +52,7 @@ from components.generation import DEADLINE, Ask, prompt_ids
 from components.net import causes, listen_problem
 from components.redaction import redact_url
 from components.schemas import REGISTRY_URI, ServeConfig
+from components.scratch import ScratchFolder
 from components.stage import StageContext, StageFailure, StageResult, write_json
 from components.tasks import load_model_folder, task_of_model
 
@@ -593,11 +593,11 @@ def load_classifier(model_uri: str, tracking_uri: str | None):
 
         if tracking_uri:
             mlflow.set_tracking_uri(tracking_uri)
-        # Downloaded once into a folder removed once loaded: MLflow's own loaders download into
-        # temporary folders they never remove, a copy of the model on the replica's disk at
-        # every replica start.
-        with tempfile.TemporaryDirectory(prefix="ptft-model-") as folder:
-            local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=folder)
+        # Downloaded once into a folder removed once loaded (or after a replica killed meanwhile,
+        # components/scratch.py): MLflow's own loaders download into temporary folders they never
+        # remove, a copy of the model on the replica's disk at every replica start.
+        with ScratchFolder("model") as folder:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(folder))
             if "transformers" not in mlflow.models.Model.load(local).flavors:  # registry.TaskModel
                 wrapped = mlflow.pyfunc.load_model(local).unwrap_python_model()
                 return wrapped.model, wrapped.tokenizer
