@@ -54,10 +54,10 @@ def _remove(folder: Path, owner: int) -> None:
     os.close(owner)  # the lock goes with it
 
 
-def remove_orphans(root: Path | None = None) -> list[Path]:
-    """Remove the scratch folders under `root` (the temp dir) whose process is gone; returns them."""
+def remove_orphans() -> list[Path]:
+    """Remove the scratch folders in the temp dir whose process is gone; returns them."""
     removed = []
-    for folder in Path(root or tempfile.gettempdir()).glob(f"{PREFIX}*"):
+    for folder in Path(tempfile.gettempdir()).glob(f"{PREFIX}*"):
         if folder.is_dir() and _orphaned(folder):
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
