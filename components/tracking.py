@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,6 +28,7 @@ from mlflow.utils.proto_json_utils import message_to_json
 from mlflow.utils.rest_utils import http_request, verify_rest_response
 
 from components.redaction import redact, redact_text, redact_url
+from components.scratch import ScratchFolder
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,9 @@ _BATCH_LIMIT = 100  # MLflow accepts at most 100 params / 1000 metrics per log_b
 _METRIC_BATCH = 1000
 # How long a tracking outage may last before the stage fails for it (at its end, not mid-training).
 OUTAGE_BUDGET_S = 15 * 60
+# How many metrics (and queued params and tags) wait in memory for the store; the rest of a long
+# outage waits in files on the node's disk (~200 bytes an entry in memory: 100,000 are ~20 MB).
+MEMORY_ENTRIES = 100_000
 # How long an explicit flush (before a checkpoint, after an epoch) waits for the metrics to arrive.
 FLUSH_WAIT_S = 10.0
 # MLflow's own HTTP retries for a metrics batch. Its default (7, backing off to 64 s and more) kept
@@ -91,10 +96,11 @@ class MlflowTracker:
 
     Metrics go out from a background thread; a flush waits for them while the server answers.
     While it does not (one HTTP retry of MLflow's own fails) the thread keeps them and tries again
-    with backoff, and flushes stop waiting: training goes on. A batch sent again after a lost
-    answer is logged once: MLflow's SQL store ignores a metric it already holds (same key, step,
-    timestamp and value). `close` waits for everything to arrive, and
-    fails the stage only if the server stayed away longer than `outage_budget_s`.
+    with backoff, for as long as the stage trains, and flushes stop waiting: training goes on.
+    Beyond `memory_entries` they wait in files on the node's disk, not in the worker's memory. A
+    batch sent again after a lost answer is logged once: MLflow's SQL store ignores a metric it
+    already holds (same key, step, timestamp and value). `close` waits for everything to arrive,
+    and fails the stage only if the server has then been away longer than `outage_budget_s`.
     """
 
     def __init__(
@@ -107,6 +113,7 @@ class MlflowTracker:
         flush_every_s: float = 5.0,
         resumed: bool = False,
         outage_budget_s: float = OUTAGE_BUDGET_S,
+        memory_entries: int = MEMORY_ENTRIES,
     ):
         self.client = MlflowClient(tracking_uri)
         self.tracking_uri = tracking_uri
@@ -117,13 +124,16 @@ class MlflowTracker:
         self.flush_every_s = flush_every_s
         self._flushed_at = time.monotonic()
         self.outage_budget_s = outage_budget_s
-        self._pending: list[Metric] = []
+        self._pending: list[Metric | Param | RunTag] = []
+        self.memory_entries = memory_entries
+        self._overflow = _Overflow()  # what waits beyond memory_entries, oldest first
         self._last_step: dict[str, int] = self._logged_steps() if resumed else {}
         self._lock = threading.Lock()
         self._sender: threading.Thread | None = None
         self.down_since: float | None = None  # when the server stopped answering (None: it answers)
         self._batch_started: float | None = None  # when the batch being sent now was first tried
         self._gave_up: Exception | None = None
+        self._closing = False  # the loop has ended: an outage past the budget is given up on
         self._retry_now = threading.Event()  # cuts the sender's backoff short (see `close`)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
@@ -211,12 +221,12 @@ class MlflowTracker:
     def pending(self) -> int:
         """Metrics (and queued params and tags) not yet in MLflow."""
         with self._lock:
-            return len(self._pending)
+            return len(self._pending) + self._overflow.count
 
     def _sender_for_pending(self) -> threading.Thread | None:
         """The thread sending the pending metrics, started if none runs; None when nothing is pending."""
         with self._lock:
-            if not self._pending or self._gave_up is not None:
+            if not (self._pending or self._overflow.count) or self._gave_up is not None:
                 return None
             if self._sender is None:
                 self._sender = threading.Thread(target=self._send_pending, name="mlflow-metrics", daemon=True)
@@ -226,6 +236,8 @@ class MlflowTracker:
     def _send_pending(self) -> None:
         retry_s = 1.0
         while True:
+            self._keep_memory_bounded()
+            self._read_back_overflow()
             with self._lock:
                 batch = _next_batch(self._pending)
                 if not batch:
@@ -243,7 +255,8 @@ class MlflowTracker:
                         len(batch),
                         redact_text(str(error)[:200]),
                     )
-                if out_of_space(error) or time.monotonic() - self.down_since > self.outage_budget_s:
+                outlasted = self._closing and time.monotonic() - self.down_since > self.outage_budget_s
+                if out_of_space(error) or outlasted:
                     with self._lock:
                         self._gave_up, self._sender = error, None
                     return
@@ -262,11 +275,40 @@ class MlflowTracker:
                 )
                 self.down_since, retry_s = None, 1.0
 
+    def _keep_memory_bounded(self) -> None:
+        """Past `memory_entries`, all but the oldest half of them go to a file (by the sender, so
+        that the training loop never waits for the disk). A full disk keeps them in memory."""
+        with self._lock:
+            if len(self._pending) <= self.memory_entries:
+                return
+            keep = self.memory_entries // 2
+            spilled, self._pending = self._pending[keep:], self._pending[:keep]
+            self._overflow.count += len(spilled)  # still pending while written
+        try:
+            self._overflow.write(spilled)
+        except OSError as error:
+            log.warning("%d metrics waiting for MLflow stay in memory: %s", len(spilled), error)
+            with self._lock:
+                self._overflow.count -= len(spilled)
+                self._pending.extend(spilled)
+
+    def _read_back_overflow(self) -> None:
+        """The oldest file of entries into memory once memory has none left to send."""
+        with self._lock:
+            if self._pending or not self._overflow.files:
+                return
+        entries = self._overflow.read_oldest()
+        with self._lock:
+            self._pending[0:0] = entries
+            self._overflow.count -= len(entries)
+
     def close(self, status: str = "FINISHED") -> None:
         """Send everything (waiting out an outage up to `outage_budget_s`), then end the run if owned."""
+        self._closing = True
         self._retry_now.set()  # an outage may be over by now: try at once, not after the backoff
         while (sender := self._sender_for_pending()) is not None:
             sender.join()
+        self._overflow.cleanup()
         self._raise_if_out_of_space()
         if self._gave_up is not None:
             raise RuntimeError(
@@ -287,6 +329,46 @@ class MlflowTracker:
                 "were not logged. Free space where the tracking store keeps its data (an sqlite store: "
                 "beside storage), then `ptft resume` the run"
             )
+
+
+class _Overflow:
+    """Entries waiting for the store beyond a tracker's memory bound: files in a scratch folder on
+    the node's disk (gone with the process, like the entries it would have held in memory)."""
+
+    def __init__(self) -> None:
+        self.folder: ScratchFolder | None = None
+        self.files: deque[Path] = deque()
+        self.count = 0  # entries written or being written (the tracker's lock guards it)
+        self.written = 0
+
+    def write(self, entries: list[Metric | Param | RunTag]) -> None:
+        self.folder = self.folder or ScratchFolder("metrics")
+        path = self.folder.path / f"{self.written:06d}.jsonl"
+        with open(path, "w") as file:
+            file.writelines(json.dumps(_as_row(entry)) + "\n" for entry in entries)
+        self.files.append(path)
+        self.written += 1
+
+    def read_oldest(self) -> list[Metric | Param | RunTag]:
+        path = self.files.popleft()
+        entries = [_from_row(json.loads(line)) for line in path.read_text().splitlines()]
+        path.unlink()
+        return entries
+
+    def cleanup(self) -> None:
+        if self.folder is not None:
+            self.folder.cleanup()
+
+
+def _as_row(entry: Metric | Param | RunTag) -> list:
+    if isinstance(entry, Metric):
+        return ["metric", entry.key, entry.value, entry.timestamp, entry.step]
+    return ["param" if isinstance(entry, Param) else "tag", entry.key, entry.value]
+
+
+def _from_row(row: list) -> Metric | Param | RunTag:
+    kind, *fields = row
+    return {"metric": Metric, "param": Param, "tag": RunTag}[kind](*fields)
 
 
 class TrackingStoreFull(RuntimeError):

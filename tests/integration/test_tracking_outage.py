@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -116,6 +117,59 @@ def test_a_database_outage_behind_the_tracking_server_neither_stops_training_nor
     (problem,) = refused
     assert problem.key == "tracking.uri" and "its store does not" in problem.message
     assert "backend store" in problem.fix
+
+
+def test_an_outage_longer_than_the_budget_loses_nothing_once_the_server_is_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The outage budget bounds the wait at a stage's end, not how long a stage trains through an
+    outage: the server comes back after the budget, while the loop still logs, and gets every step.
+    Before, the tracker stopped sending once an outage outlasted the budget, and the stage failed at
+    its end, days later for a long pre-training. What waits beyond the tracker's memory bound waits
+    in files on the node's disk, and goes too."""
+    node_tmp = tmp_path / "node-tmp"
+    node_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(node_tmp))
+    budget_s, memory_entries = 3.0, 2000
+    with _store_that_fails("server", tmp_path) as store:
+        client = MlflowClient(store.uri)
+        run_id = tracking.start_run(client, tracking.ensure_experiment(client, "outage", None), "pretrain")
+        tracker = tracking.MlflowTracker(
+            store.uri, run_id, flush_every=100, outage_budget_s=budget_s, memory_entries=memory_entries
+        )
+        tracker.log_metrics({"train/loss": 1.0}, 1)
+        tracker.flush()
+        store.down()
+
+        def log(step: int) -> None:
+            tracker.log_metrics({"train/loss": 1.0 / step, "train/lr": 0.1, "train/grad_norm": 2.0}, step)
+            if step % 10 == 0:
+                time.sleep(0.01)  # a fast loop's pace
+
+        def on_disk() -> int:
+            return sum(
+                len(path.read_text().splitlines()) for path in node_tmp.glob("ptft-scratch-metrics-*/metrics/*.jsonl")
+            )
+
+        step = 1
+        while tracker.down_since is None or time.monotonic() - tracker.down_since < 3 * budget_s:
+            step += 1
+            log(step)
+        assert tracker.pending() > 2 * memory_entries
+        # Memory keeps at most the bound once the sender has looked (it does at each retry).
+        wait_until(lambda: on_disk() >= tracker.pending() - memory_entries, "the entries past the bound on disk")
+        store.up()
+        last = step + 50
+        for later in range(step + 1, last + 1):  # the loop goes on with the server back
+            log(later)
+        # Sent while the stage still trains, not only by its end's wait.
+        wait_until(lambda: tracker.down_since is None and tracker.pending() == 0, "every entry sent", timeout_s=120)
+        tracker.close()
+        assert tracker.pending() == 0
+        for key in ("train/loss", "train/lr", "train/grad_norm"):
+            steps = sorted(metric.step for metric in client.get_metric_history(run_id, key))
+            assert steps == list(range(2 if key != "train/loss" else 1, last + 1)), key  # each step once
+    assert list(node_tmp.iterdir()) == []  # the files went once sent
 
 
 def _watched(store: _Store, said: list[str]) -> tuple[Callable[[], None], Callable[[], None]]:
