@@ -683,9 +683,12 @@ class TuneConfig(BaseModel):
                 combinations *= len(dist_.values or [])
         return self.samples() * combinations
 
+    def concurrent_trials(self) -> int:
+        return min(self.max_concurrent_trials, self.trials())
+
     def resources(self) -> dict[str, float]:
         """What the sweep holds of the cluster with its trials all running."""
-        trials = min(self.max_concurrent_trials, self.trials())
+        trials = self.concurrent_trials()
         per_worker = {"CPU": self.cpus_per_trial, "GPU": self.gpus_per_trial}
         return {name: trials * self.workers_per_trial * amount for name, amount in per_worker.items() if amount}
 

@@ -34,6 +34,7 @@ from components.net import mlflow_unanswered, mlflow_unreachable
 from components.redaction import redact_tree, redact_url
 from components.stage import (
     StageContext,
+    StageFailure,
     StageResult,
     inventory,
     inventory_changes,
@@ -54,7 +55,7 @@ from pipelines import lineage, progress, scheduling, stages, stopping
 from pipelines import manifest as mf
 from pipelines.driver_lock import DriverLock
 from pipelines.pipeline_config import ConfigError, PipelineConfig, listens_beyond_loopback, resolved_dict
-from pipelines.stages import Inputs, Stage
+from pipelines.stages import Inputs, Room, Stage
 from pipelines.waits import ClusterWait, TrackingWait, Watch
 
 log = logging.getLogger(__name__)
@@ -572,6 +573,7 @@ class _StageRunner:
         started = time.perf_counter()
         log.info("stage %s: starting (key %s, attempt %d)", node.id, key, record.attempts)
         try:
+            _check_room(node.id, stage.room(config, inputs), self.storage)
             stage_result = stage.run(config, inputs, ctx)
             stage_result.outputs = stage.outputs.model_validate(stage_result.outputs)  # the typed hand-off
             if stage.side_effect and stage.side_effect.after_run:
@@ -641,6 +643,21 @@ def _slot(node: stages.Node, config: PipelineConfig) -> scheduling.Slot:
 
 def _stage_of(node: str) -> str:
     return stages.split_node(node)[0]
+
+
+def _check_room(node_id: str, room: Room | None, storage: Path) -> None:
+    """A stage whose least hold on storage does not fit the free space there fails before it starts."""
+    if room is None:
+        return
+    free = shutil.disk_usage(storage).free
+    if free >= room.bytes:
+        return
+    from rich.filesize import decimal
+
+    raise StageFailure(
+        f"stage {node_id} needs at least {decimal(room.bytes)} on the storage's disk, which has {decimal(free)} free "
+        f"({storage}): {room.what}. Free space there, or {room.fix}"
+    )
 
 
 def _ensure_side_effect(

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from pipelines.pipeline_config import PipelineConfig
 from pipelines.stages import finetune, prepare, pretrain, serve, tokenize, tune
-from pipelines.stages.base import Inputs, SideEffect, Stage
+from pipelines.stages.base import Inputs, Room, SideEffect, Stage
 
 # In an order where every stage comes after its upstream stages.
 STAGES: tuple[Stage, ...] = (tokenize.STAGE, pretrain.STAGE, prepare.STAGE, tune.STAGE, finetune.STAGE, serve.STAGE)
@@ -24,6 +24,7 @@ __all__ = [
     "STAGES",
     "Inputs",
     "Node",
+    "Room",
     "SideEffect",
     "Stage",
     "declaration",

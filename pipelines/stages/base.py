@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict
 
+from components.model_size import CHECKPOINT_BYTES, MODEL_BYTES, least_written
 from components.stage import StageContext, StageResult
 from pipelines.pipeline_config import PipelineConfig
 
@@ -39,6 +40,32 @@ class Inputs:
 
     def outputs(self, stage: str) -> BaseModel:
         return self.results[stage].outputs
+
+
+class Room(NamedTuple):
+    """The least a stage holds on storage at once, and what that is (said when it does not fit)."""
+
+    bytes: int
+    what: str
+    fix: str = "train a smaller model (pretrain.model)"
+
+    @classmethod
+    def for_training(
+        cls, parameters: int, checkpoints: int = 1, models: int = 1, whose: str = "its", fix: str | None = None
+    ) -> Room:
+        held = f"{checkpoints} checkpoint{'s' if checkpoints > 1 else ''}"
+        what = (
+            f"{held} of {whose} {parameters / 1e6:,.2f}M-parameter model ({CHECKPOINT_BYTES} bytes a parameter: "
+            f"the weights and Adam's two moments)" + (f" and the exported model ({MODEL_BYTES})" if models else "")
+        )
+        return cls(least_written(parameters, checkpoints, models), what, *([fix] if fix else []))
+
+
+def fine_tuning_room(inputs: Inputs, checkpoints: int = 1, models: int = 1, fix: str | None = None) -> Room:
+    """A stage training a task model from the pre-trained one: that model's parameters less a tenth,
+    since a task model drops the language-model head's own parameters (its output bias, a layer)."""
+    parameters = inputs.outputs("pretrain").parameters * 9 // 10
+    return Room.for_training(parameters, checkpoints, models, whose="the task's", fix=fix)
 
 
 # run(config, inputs, ctx): the stage's work, writing under ctx.output_dir.
@@ -94,5 +121,8 @@ class Stage:
     # What it claims stays held after its node ends (deployed replicas): its nodes run after every
     # node of the other stages, whose training could otherwise wait for those CPUs without end.
     lasting: bool = False
+    # The least it holds on storage at once, checked against the storage's free space before it
+    # starts (a disk too small for one checkpoint failed at the first, after hours of training).
+    room: Callable[[PipelineConfig, Inputs], Room | None] = lambda config, inputs: None
     # Whether the config's graph has it at all (an upstream that is absent is left out of `upstream`).
     when: Callable[[PipelineConfig], bool] = lambda config: True

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict
 from components import data
 from components.stage import StageContext, StageResult
 from pipelines.pipeline_config import PipelineConfig
-from pipelines.stages.base import Inputs, SideEffect, Stage
+from pipelines.stages.base import Inputs, SideEffect, Stage, fine_tuning_room
 from pipelines.stages.tune import task_data, task_reads
 
 log = logging.getLogger(__name__)
@@ -114,6 +114,7 @@ STAGE = Stage(
     not_in_key=("log_every", "workers.max_failures", "workers.placement_strategy"),
     reads=_reads,
     progress="steps",
+    room=lambda config, inputs: fine_tuning_room(inputs),
     claims=lambda config: config.finetune.workers.resources(),
     per_task=True,
     when=lambda config: config.has_tasks(),  # a config without tasks pre-trains only

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import BaseModel, ConfigDict
 
+from components import model_size
 from pipelines.pipeline_config import PipelineConfig
-from pipelines.stages.base import Inputs, Stage
+from pipelines.stages.base import Inputs, Room, Stage
 
 
 class PretrainOutputs(BaseModel):
@@ -31,6 +34,20 @@ def _reads(config: PipelineConfig, inputs: Inputs, extras: dict) -> list:
     return [DatasetRead("pretrain_blocks", blocks, inputs.keys["tokenize"], "training")]
 
 
+def _room(config: PipelineConfig, inputs: Inputs) -> Room | None:
+    """One checkpoint and the exported model; the model counted from its sizes and the trained
+    vocabulary, or from the weights of a local `init_from` less a tenth (a head of the checkpoint
+    that the language model does not keep, a pooler); a Hub name is not looked up."""
+    model = config.pretrain.model
+    if model.init_from:
+        saved = model_size.saved_parameters(Path(model.init_from)) if Path(model.init_from).is_dir() else None
+        parameters = None if saved is None else saved * 9 // 10
+    else:
+        vocabulary = model_size.vocabulary_size(Path(inputs.uri("tokenize")) / "tokenizer")
+        parameters = model_size.parameters(model.family, model.resolved(), vocabulary)
+    return None if parameters is None else Room.for_training(parameters)
+
+
 def _run(config: PipelineConfig, inputs: Inputs, ctx):
     from components import pretrain
 
@@ -48,4 +65,5 @@ STAGE = Stage(
     key_extras=_seed,
     reads=_reads,
     progress="steps",
+    room=_room,
 )

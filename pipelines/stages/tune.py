@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict
 
 from components.stage import StageResult
 from pipelines.pipeline_config import PipelineConfig
-from pipelines.stages.base import Inputs, Stage
+from pipelines.stages.base import Inputs, Stage, fine_tuning_room
 
 
 class TuneOutputs(BaseModel):
@@ -74,6 +74,10 @@ STAGE = Stage(
     not_in_key=("tune.trial_max_failures", "tune.progress_every_s", "tune.reuse_actors"),
     reads=_reads,
     progress="trials",
+    # A checkpoint per running trial (PBT keeps every epoch's); trials export no model.
+    room=lambda config, inputs: fine_tuning_room(
+        inputs, config.tune.concurrent_trials(), models=0, fix="run fewer trials at once (tune.max_concurrent_trials)"
+    ),
     claims=lambda config: config.tune.resources(),
     per_task=True,
     when=lambda config: config.has_tasks(),  # a config without tasks pre-trains only

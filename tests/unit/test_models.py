@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from components import models, training
+from components import model_size, models, training
 from components.schemas import OBJECTIVES, PRESETS, DeepSpeedConfig, ModelConfig
 
 
@@ -38,6 +38,29 @@ def test_the_large_presets_have_their_published_sizes(family: str, preset: str, 
     with torch.device("meta"):
         model = models.lm_class(OBJECTIVES[family]).from_config(config)
     assert abs(models.count_parameters(model) / 1e6 - millions) < 2
+
+
+@pytest.mark.parametrize("family, preset", [(f, p) for f in PRESETS for p in PRESETS[f]])
+def test_a_models_parameters_are_counted_exactly_before_it_is_built(family: str, preset: str) -> None:
+    """What the runner checks the storage's room with (`components/model_size.py`), for every
+    preset and for odd sizes of each family."""
+    odd = {"hidden_size": 48, "num_layers": 3, "num_heads": 4, "intermediate_size": 80, "max_positions": 40}
+    for cfg in (ModelConfig(family=family, preset=preset), ModelConfig(family=family, preset=preset, **odd)):
+        with torch.device("meta"):
+            model = models.build_lm(cfg, vocab_size=1234, special_ids={"pad": 0, "bos": 2, "eos": 3}, seed=0)
+        assert model_size.parameters(family, cfg.resolved(), 1234) == models.count_parameters(model), cfg
+
+
+def test_saved_parameters_and_vocabulary_are_read_without_loading(tmp_path: Path) -> None:
+    from tests.conftest import tiny_classifier
+
+    folder = tiny_classifier(tmp_path / "model", seed=0)
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    loaded = AutoModelForSequenceClassification.from_pretrained(folder)
+    assert model_size.saved_parameters(folder) == models.count_parameters(loaded)
+    assert model_size.vocabulary_size(folder) == len(AutoTokenizer.from_pretrained(folder))
+    assert model_size.saved_parameters(tmp_path) is None  # no weights there
 
 
 @pytest.mark.parametrize("family, objective", [("bert", "mlm"), ("gpt2", "clm"), ("t5", "span"), ("bart", "span")])

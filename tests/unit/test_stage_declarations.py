@@ -492,3 +492,62 @@ def test_a_published_stage_loses_its_checkpoints_and_only_its_own(tmp_path: Path
     for folder in kept:
         assert len(list(folder.rglob("checkpoint_*"))) == 2, folder  # the checkpoint and Ray Train's list of them
     assert remove_spent_checkpoints(ctx) == 0
+
+
+@pytest.mark.parametrize(("preset", "fits"), [("mini", False), ("tiny", True)])
+def test_pretraining_without_room_on_the_storage_fails_before_it_starts(
+    tmp_path: Path, preset: str, fits: bool
+) -> None:
+    """The real pretrain declaration through the real runner, on a real 8 MB disk: a 3.4M-parameter
+    model (mini) needs one checkpoint and the exported model at once, 47 MB at the least, so the
+    stage fails in a line naming both sizes before it starts (before, at its first checkpoint, after
+    the steps before it), its upstream kept; a 93k-parameter one (tiny) gets past the check."""
+    import dataclasses
+
+    from transformers import BertTokenizerFast
+
+    from components import model_size
+    from components.stage import StageFailure
+    from pipelines import manifest as mf
+    from pipelines import runner
+    from pipelines.stages import pretrain
+    from tests import conftest
+
+    def tokenize(config, inputs: stages.Inputs, ctx: StageContext) -> StageResult:
+        words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *conftest.WORDS]
+        BertTokenizerFast(vocab={word: index for index, word in enumerate(words)}).save_pretrained(
+            ctx.output_dir / "tokenizer"
+        )
+        return StageResult(str(ctx.output_dir))
+
+    started = []
+
+    def train(config, inputs: stages.Inputs, ctx: StageContext) -> StageResult:
+        started.append(ctx.stage)
+        raise RuntimeError("would start Ray Train here")
+
+    with conftest.small_disk(tmp_path / "disk", "8M") as disk:
+        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        raw = {**tiny_config_dict(disk / "storage"), "tracking": {"uri": uri}}
+        raw["pretrain"] = {"model": {"preset": preset}}
+        config = validate(raw)
+        nodes = (
+            stages.Node("tokenize", stages.Stage("tokenize", "1", (), lambda config: {}, tokenize), None, ()),
+            stages.Node("pretrain", dataclasses.replace(pretrain.STAGE, run=train), None, ("tokenize",)),
+        )
+        client = MlflowClient(uri)
+        manifest = mf.Manifest.create(config.storage_path(), "run-1", "unit", ("tokenize", "pretrain"), {})
+        result = runner.PipelineResult("run-1", client.create_run("0").info.run_id, "0", uri)
+        stage_runner = runner._StageRunner(config, nodes, client, result, config.storage_path(), manifest, set())
+        (error,) = stage_runner.run_all(list(nodes), None)
+        free = shutil.disk_usage(disk).free
+    assert manifest.stages["tokenize"].status == mf.SUCCEEDED and manifest.stages["pretrain"].status == mf.FAILED
+    if fits:
+        assert started == ["pretrain"] and "would start Ray Train" in str(error)
+        return
+    assert started == [] and isinstance(error, StageFailure)
+    parameters = model_size.parameters("bert", config.pretrain.model.resolved(), 5 + len(conftest.WORDS))
+    assert parameters > 3_300_000  # the count is checked against built models in tests/unit/test_models.py
+    needs = f"needs at least {parameters * 14 / 1e6:.1f} MB on the storage's disk, which has {free / 1e6:.1f} MB free"
+    assert str(error).startswith(f"stage pretrain {needs} ({config.storage_path()}): 1 checkpoint of its 3.36M"), error
+    assert str(error).endswith("Free space there, or train a smaller model (pretrain.model)")
