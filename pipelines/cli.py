@@ -26,7 +26,7 @@ from pathlib import Path
 from components import console
 from components.net import listen_problem
 from components.redaction import redact_text, redact_url
-from pipelines import arguments, init, jobs, preflight, report
+from pipelines import arguments, init, jobs, preflight, report, storage_gc
 from pipelines.pipeline_config import _MISSING as _MISSING_VALUE
 from pipelines.pipeline_config import ConfigError, Problem, load_config, validate
 from pipelines.scheduling import nodes_in_threads
@@ -221,6 +221,7 @@ def _parser() -> argparse.ArgumentParser:
     ui.set_defaults(handler=_ui)
     jobs.add_commands(commands)
     report.add_commands(commands)
+    storage_gc.add_commands(commands)
     return parser
 
 
