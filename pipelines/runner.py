@@ -556,6 +556,9 @@ class _StageRunner:
                 f"[ptft] {node.id:<8} starts over: its inputs or settings changed since its last "
                 f"attempt (key {record.key} -> {key}), so that attempt's checkpoints do not apply"
             )
+        if record.mlflow_run_id is None and node.id not in self.forced:  # a first attempt the cache could not spare
+            if changes := _changes_since_last_made(self.storage, node, material, self.result.run_id):
+                console.say(f"[ptft] {node.id:<8} not cached: {changes}")
         if continuing:
             run_id = record.mlflow_run_id  # a restarted attempt continues its own run
             reopen_run(self.client, run_id)
@@ -643,6 +646,47 @@ def _slot(node: stages.Node, config: PipelineConfig) -> scheduling.Slot:
 
 def _stage_of(node: str) -> str:
     return stages.split_node(node)[0]
+
+
+def _changes_since_last_made(storage: Path, node: stages.Node, material: dict, run_id: str) -> str | None:
+    """What differs from the key material of the node's artifact in the newest other run of this
+    storage that published one: why the cache has nothing for it (a field changed, an upstream
+    stage made anew, a new version of the stage's code)."""
+    for run in mf.list_runs(storage):
+        record = run.stages.get(node.id)
+        if run.run_id == run_id or record is None or not record.key:
+            continue
+        earlier = storage / "artifacts" / node.stage.name / record.key / "config.json"
+        if not earlier.is_file():
+            continue
+        now = json.loads(json.dumps(material, default=str))
+        changes = key_changes(read_json(earlier), now)
+        return f"since run {run.run_id} (key {record.key}): {changes}" if changes else None
+    return None
+
+
+def key_changes(before: dict, after: dict, most: int = 5) -> str:
+    """The dotted fields of two key materials that differ (`max_steps 8 -> 9`, the first `most` of
+    them), then the upstream stages whose keys differ."""
+    old, new = flatten(before), flatten(after)
+    missing = object()
+    changed = [name for name in sorted(old.keys() | new.keys()) if old.get(name, missing) != new.get(name, missing)]
+
+    def shown(value) -> str:
+        text = "(none)" if value is missing else json.dumps(value, default=str)
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    upstream = [name.removeprefix("inputs.") for name in changed if name.startswith("inputs.")]
+    fields = [name for name in changed if not name.startswith("inputs.")]
+    said = [
+        f"{name.removeprefix('config.')} {shown(old.get(name, missing))} -> {shown(new.get(name, missing))}"
+        for name in fields[:most]
+    ]
+    if len(fields) > most:
+        said.append(f"{len(fields) - most} more fields")
+    if upstream:  # its key holds theirs: made anew, they make it new
+        said.append(f"new output of {', '.join(upstream)}")
+    return "; ".join(said)
 
 
 def _check_room(node_id: str, room: Room | None, storage: Path) -> None:

@@ -551,3 +551,37 @@ def test_pretraining_without_room_on_the_storage_fails_before_it_starts(
     needs = f"needs at least {parameters * 14 / 1e6:.1f} MB on the storage's disk, which has {free / 1e6:.1f} MB free"
     assert str(error).startswith(f"stage pretrain {needs} ({config.storage_path()}): 1 checkpoint of its 3.36M"), error
     assert str(error).endswith("Free space there, or train a smaller model (pretrain.model)")
+
+
+def test_a_stage_the_cache_cannot_spare_says_what_changed_since_it_was_last_made(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Runs of one storage through the real runner: the second, with another `epochs` and layers,
+    says what changed against the artifact of the run before; an unchanged third is a cache hit
+    and says nothing of the kind; the first had nothing to compare with."""
+    from pipelines import manifest as mf
+
+    settings = {"epochs": 3, "model": {"layers": 2, "heads": 2}}
+
+    def train(config, inputs: stages.Inputs, ctx: StageContext) -> StageResult:
+        return StageResult(str(ctx.output_dir))
+
+    attempt, _ = _runs_of_one_stage(tmp_path, stages.Stage("train", "1", (), lambda config: settings, train))
+    first = attempt("run-1")
+    assert "not cached" not in capsys.readouterr().out
+    settings.update(epochs=4, model={"layers": 4, "heads": 2})
+    assert attempt("run-2").status == mf.SUCCEEDED
+    said = f"[ptft] train    not cached: since run run-1 (key {first.key}): epochs 3 -> 4; model.layers 2 -> 4\n"
+    assert said in capsys.readouterr().out
+    assert attempt("run-3").status == mf.CACHED
+    assert "not cached" not in capsys.readouterr().out
+
+
+def test_key_changes_name_fields_then_upstream_stages() -> None:
+    from pipelines.runner import key_changes
+
+    before = {"version": "1", "config": {"lr": 0.1, "a": 1, "b": 2}, "inputs": {"pretrain": "k1", "tokenize": "t1"}}
+    after = {"version": "2", "config": {"lr": 0.2, "c": "x" * 50}, "inputs": {"pretrain": "k2", "tokenize": "t1"}}
+    assert key_changes(before, after, most=3) == (
+        'a 1 -> (none); b 2 -> (none); c (none) -> "' + "x" * 36 + "...; 2 more fields; new output of pretrain"
+    )
