@@ -47,7 +47,11 @@ class Plan:
 
 
 class RunLive(RuntimeError):
-    """A run's driver lives: it may read any artifact of the cache, so nothing is removed."""
+    """A run's driver lives: it may read any artifact of the cache, so nothing (more) is removed."""
+
+    def __init__(self, runs: list[str], removed: list[Removal] | None = None):
+        super().__init__(", ".join(runs))
+        self.removed = removed or []
 
 
 def plan(storage: Path, keep: int) -> Plan:
@@ -55,23 +59,33 @@ def plan(storage: Path, keep: int) -> Plan:
     for path in (storage / "runs").glob("*/manifest.json"):
         mf.Manifest.load(storage, path.parent.name)  # unreadable: what it uses is not known, so nothing goes
     runs = mf.list_runs(storage)  # newest first
-    if live := [run.run_id for run in runs if run.status == mf.RUNNING and not driver_gone(_folder(storage, run))]:
-        raise RunLive(", ".join(live))
+    if live := live_runs(storage, runs):
+        raise RunLive(live)
     kept, dropped = runs[:keep], runs[keep:]
     used = {(split_node(node)[0], record.key) for run in kept for node, record in run.stages.items() if record.key}
     removals = _artifacts(storage / "artifacts", used) + _ray_folders(storage / "ray_results", dropped)
     return Plan(kept, dropped, removals)
 
 
-def remove(removals: list[Removal]) -> list[tuple[Removal, OSError]]:
-    """Remove each folder; returns those that could not be, with why."""
-    failed = []
+def live_runs(storage: Path, runs: list[mf.Manifest] | None = None) -> list[str]:
+    """The runs of `storage` whose driver lives."""
+    runs = mf.list_runs(storage) if runs is None else runs
+    return [run.run_id for run in runs if run.status == mf.RUNNING and not driver_gone(_folder(storage, run))]
+
+
+def remove(storage: Path, removals: list[Removal]) -> tuple[list[Removal], list[tuple[Removal, OSError]]]:
+    """Remove each folder, and stop if a run starts meanwhile (it may read what comes next);
+    returns those removed, and those that could not be with why."""
+    removed, failed = [], []
     for removal in removals:
+        if live := live_runs(storage):
+            raise RunLive(live, removed)
         try:
             shutil.rmtree(removal.path)
+            removed.append(removal)
         except OSError as error:
             failed.append((removal, error))
-    return failed
+    return removed, failed
 
 
 def _folder(storage: Path, run: mf.Manifest) -> Path:
@@ -167,9 +181,14 @@ def _gc(args: argparse.Namespace) -> int:
             f"Would free {decimal(found.size)} in {len(found.removals)} folders: run again with --yes to remove them."
         )
         return 0
-    failed = remove(found.removals)
+    try:
+        removed, failed = remove(storage, found.removals)
+    except RunLive as live:
+        freed = decimal(sum(removal.size for removal in live.removed))
+        done = f"{len(live.removed)} of {len(found.removals)} folders removed ({freed})"
+        print(f"ptft gc: run {live} started meanwhile and may read the rest; stopped with {done}", file=sys.stderr)
+        return 1
     for removal, error in failed:
         print(f"ptft gc: could not remove {removal.path}: {error}", file=sys.stderr)
-    freed = found.size - sum(removal.size for removal, _ in failed)
-    print(f"Freed {decimal(freed)} in {len(found.removals) - len(failed)} folders.")
+    print(f"Freed {decimal(sum(removal.size for removal in removed))} in {len(removed)} folders.")
     return 1 if failed else 0

@@ -113,3 +113,26 @@ def test_gc_removes_nothing_when_a_runs_manifest_does_not_read(storage: Path, ca
     assert cli.main(["gc", "--storage", str(storage), "--keep", "1", "--yes"]) == 1
     assert "gc cannot tell what that run uses, so nothing was removed" in capsys.readouterr().err
     assert _left(storage) == before
+
+
+def test_gc_stops_when_a_run_starts_while_it_removes(storage: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """A run that started after gc looked may read what gc would remove next: gc stops there."""
+    from pipelines import storage_gc
+
+    removals = storage_gc.plan(storage, keep=1).removals
+    rmtree, locks = storage_gc.shutil.rmtree, []
+
+    def removing(path) -> None:  # a run's driver starts once the first folder went
+        rmtree(path)
+        if not locks:
+            live = mf.Manifest.create(storage, "20260105-000000-eeeeee", "unit", ("tokenize",), {})
+            locks.append(DriverLock.acquire(mf.Manifest.folder(storage, live.run_id), live.run_id))
+
+    monkeypatch.setattr(storage_gc.shutil, "rmtree", removing)
+    try:
+        assert cli.main(["gc", "--storage", str(storage), "--keep", "1", "--yes"]) == 1
+    finally:
+        locks[0].release()
+    said = f"run 20260105-000000-eeeeee started meanwhile and may read the rest; stopped with 1 of {len(removals)}"
+    assert said in capsys.readouterr().err
+    assert len(removals) > 2 and sum(removal.path.exists() for removal in removals) == len(removals) - 1
