@@ -36,16 +36,34 @@ def _reads(config: PipelineConfig, inputs: Inputs, extras: dict) -> list:
 
 def _room(config: PipelineConfig, inputs: Inputs) -> Room | None:
     """One checkpoint and the exported model; the model counted from its sizes and the trained
-    vocabulary, or from the weights of a local `init_from` less a tenth (a head of the checkpoint
-    that the language model does not keep, a pooler); a Hub name is not looked up."""
+    vocabulary, or from the weights of `init_from` less a tenth (a head of the checkpoint that the
+    language model does not keep, a pooler)."""
     model = config.pretrain.model
     if model.init_from:
-        saved = model_size.saved_parameters(Path(model.init_from)) if Path(model.init_from).is_dir() else None
+        folder = _init_from_folder(model.init_from, model.init_revision)
+        saved = model_size.saved_parameters(folder) if folder else None
         parameters = None if saved is None else saved * 9 // 10
     else:
         vocabulary = model_size.vocabulary_size(Path(inputs.uri("tokenize")) / "tokenizer")
         parameters = model_size.parameters(model.family, model.resolved(), vocabulary)
     return None if parameters is None else Room.for_training(parameters)
+
+
+def _init_from_folder(init_from: str, revision: str | None) -> Path | None:
+    """A local `init_from`, or the snapshot of a Hub model in the local Hugging Face cache (nothing
+    is downloaded: a model the cache lacks is not counted)."""
+    if Path(init_from).is_dir():
+        return Path(init_from)
+    import huggingface_hub
+
+    for weights in ("model.safetensors", "model.safetensors.index.json"):
+        try:
+            cached = huggingface_hub.try_to_load_from_cache(init_from, weights, revision=revision)
+        except ValueError:  # not a Hub model id (HFValidationError)
+            return None
+        if isinstance(cached, str):
+            return Path(cached).parent
+    return None
 
 
 def _run(config: PipelineConfig, inputs: Inputs, ctx):

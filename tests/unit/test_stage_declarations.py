@@ -585,3 +585,29 @@ def test_key_changes_name_fields_then_upstream_stages() -> None:
     assert key_changes(before, after, most=3) == (
         'a 1 -> (none); b 2 -> (none); c (none) -> "' + "x" * 36 + "...; 2 more fields; new output of pretrain"
     )
+
+
+def test_pretraining_from_a_hub_model_in_the_local_cache_counts_its_weights(tmp_path: Path) -> None:
+    """`init_from` a Hub id: its snapshot in the local Hugging Face cache (the layout the Hub's
+    client writes) is counted from its safetensors header, nothing downloaded; an id the cache
+    lacks gets no room check."""
+    from huggingface_hub import constants
+
+    from components import model_size
+    from pipelines.stages import pretrain
+
+    repo = Path(constants.HF_HUB_CACHE) / "models--ptft-test--tiny-cached"  # the tests' own HOME
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    try:
+        snapshot = tiny_classifier(repo / "snapshots" / ("0" * 40), seed=0)
+        raw = tiny_config_dict(tmp_path / "storage")
+        raw["pretrain"] = {"model": {"init_from": "ptft-test/tiny-cached"}}
+        config = validate(raw)
+        room = pretrain.STAGE.room(config, stages.Inputs())
+        parameters = model_size.saved_parameters(snapshot) * 9 // 10
+    finally:
+        shutil.rmtree(repo)
+    assert room is not None and room.bytes == model_size.least_written(parameters) > 0
+    config.pretrain.model.init_from = "ptft-test/not-cached"  # the Hub has it (validation asked), not the cache
+    assert pretrain.STAGE.room(config, stages.Inputs()) is None
