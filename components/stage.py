@@ -72,11 +72,23 @@ def remove_spent_checkpoints(ctx: StageContext) -> int:
     for folder in ctx.ray_run_folders():
         for spent in list(folder.rglob("checkpoint_*")):
             if spent.is_dir() and not spent.is_symlink():
-                freed += sum(path.stat().st_size for path in spent.rglob("*") if path.is_file())
+                freed += folder_bytes(spent)
                 shutil.rmtree(spent, ignore_errors=True)
             elif spent.name == "checkpoint_manager_snapshot.json":
                 spent.unlink(missing_ok=True)
     return freed
+
+
+def folder_bytes(folder: Path) -> int:
+    """The size of the files under `folder` (links not followed; a file gone meanwhile counts 0)."""
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
 
 
 @dataclass

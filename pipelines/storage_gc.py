@@ -13,15 +13,15 @@ A live run reads the cache as it goes, so nothing is removed while one's driver 
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from components.stage import folder_bytes
 from pipelines import arguments
 from pipelines import manifest as mf
-from pipelines.driver_lock import driver_gone
+from pipelines.driver_lock import LOCK_NAME, driver_gone
 from pipelines.stages import split_node
 
 EXIT_USER_ERROR = 2
@@ -56,10 +56,10 @@ class RunLive(RuntimeError):
 
 def plan(storage: Path, keep: int) -> Plan:
     """What `ptft gc` removes from `storage` keeping the newest `keep` runs."""
-    for path in (storage / "runs").glob("*/manifest.json"):
-        mf.Manifest.load(storage, path.parent.name)  # unreadable: what it uses is not known, so nothing goes
-    runs = mf.list_runs(storage)  # newest first
-    if live := live_runs(storage, runs):
+    # Unlike `list_runs`, an unreadable manifest raises: what its run uses is not known, so nothing goes.
+    runs = [mf.Manifest.load(storage, path.parent.name) for path in (storage / "runs").glob("*/manifest.json")]
+    runs.sort(key=lambda run: run.created_at, reverse=True)  # newest first
+    if live := live_runs(storage):
         raise RunLive(live)
     kept, dropped = runs[:keep], runs[keep:]
     used = {(split_node(node)[0], record.key) for run in kept for node, record in run.stages.items() if record.key}
@@ -67,10 +67,11 @@ def plan(storage: Path, keep: int) -> Plan:
     return Plan(kept, dropped, removals)
 
 
-def live_runs(storage: Path, runs: list[mf.Manifest] | None = None) -> list[str]:
-    """The runs of `storage` whose driver lives."""
-    runs = mf.list_runs(storage) if runs is None else runs
-    return [run.run_id for run in runs if run.status == mf.RUNNING and not driver_gone(_folder(storage, run))]
+def live_runs(storage: Path) -> list[str]:
+    """The runs of `storage` whose driver lives: a driver holds its run's lock until the run has
+    ended, so the locks alone tell (no manifest is read)."""
+    locks = sorted((storage / "runs").glob(f"*/{LOCK_NAME}"))
+    return [lock.parent.name for lock in locks if not driver_gone(lock.parent)]
 
 
 def remove(storage: Path, removals: list[Removal]) -> tuple[list[Removal], list[tuple[Removal, OSError]]]:
@@ -88,10 +89,6 @@ def remove(storage: Path, removals: list[Removal]) -> tuple[list[Removal], list[
     return removed, failed
 
 
-def _folder(storage: Path, run: mf.Manifest) -> Path:
-    return mf.Manifest.folder(storage, run.run_id)
-
-
 def _artifacts(artifacts: Path, used: set[tuple[str, str]]) -> list[Removal]:
     removals = []
     for stage in _folders(artifacts):
@@ -101,7 +98,7 @@ def _artifacts(artifacts: Path, used: set[tuple[str, str]]) -> list[Removal]:
             else:
                 why = None if (stage.name, folder.name) in used else "no kept run uses it"
             if why:
-                removals.append(Removal(folder, why, _size(folder)))
+                removals.append(Removal(folder, why, folder_bytes(folder)))
     return removals
 
 
@@ -111,7 +108,7 @@ def _ray_folders(results: Path, dropped: list[mf.Manifest]) -> list[Removal]:
     for folder in _folders(results):
         owner = next((run.run_id for run in dropped if folder.name.startswith(f"{run.run_id}-")), None)
         if owner:
-            removals.append(Removal(folder, f"Ray folder of run {owner}, not kept", _size(folder)))
+            removals.append(Removal(folder, f"Ray folder of run {owner}, not kept", folder_bytes(folder)))
     return removals
 
 
@@ -119,17 +116,6 @@ def _folders(parent: Path) -> list[Path]:
     if not parent.is_dir():
         return []
     return sorted(path for path in parent.iterdir() if path.is_dir() and not path.is_symlink())
-
-
-def _size(folder: Path) -> int:
-    total = 0
-    for root, _, files in os.walk(folder):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(root, name)).st_size
-            except OSError:
-                pass  # gone meanwhile
-    return total
 
 
 # --------------------------------------------------------------------------- the command
