@@ -6,9 +6,11 @@ from __future__ import annotations
 import argparse
 import re
 import urllib.parse
+from pathlib import Path
 
 from components.net import bind_address_problem
 from components.schemas import SEED_MAX, registry_name_problem
+from pipelines.pipeline_config import Problem
 
 
 def port(text: str) -> int:
@@ -91,3 +93,19 @@ def _whole(text: str) -> int:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
+def output_file_problems(key: str, path: str, example: str, suffixes: tuple[str, ...] = ()) -> list[Problem]:
+    """Why a file cannot be written at `path` (in a format its suffix names, when `suffixes` are
+    given), checked before the work that makes it; its folder is made here when missing."""
+    target = Path(path)
+    if target.is_dir():
+        return [Problem(key, path, "a folder", f"name a file in it, e.g. {target / example}")]
+    if suffixes and target.suffix.lower() not in suffixes:
+        why = f"ends in {target.suffix or 'no suffix'}, not one of {', '.join(suffixes)}"
+        return [Problem(key, path, why, f"name a file ending in {suffixes[0]}")]
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        return [Problem(key, path, f"its folder cannot be made ({error.strerror})", "name a file in a writable folder")]
+    return []

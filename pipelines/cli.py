@@ -1,5 +1,5 @@
-"""`ptft` command line: run, resume, sweep, serve, explain, promote, rollback, runs, status, report,
-validate, ui (and submit/status/logs/stop for Ray Jobs; `status` also shows pipeline runs).
+"""`ptft` command line: run, resume, sweep, serve, explain, predict, promote, rollback, runs, status,
+report, validate, ui (and submit/status/logs/stop for Ray Jobs; `status` also shows pipeline runs).
 
 Exit codes: 0 success, 1 a failure while running (infrastructure or a bug: traceback shown),
 2 a user error in the config or data (a message, no traceback).
@@ -26,7 +26,7 @@ from pathlib import Path
 from components import console
 from components.net import listen_problem
 from components.redaction import redact_text, redact_url
-from pipelines import arguments, init, jobs, preflight, report, storage_gc
+from pipelines import arguments, init, jobs, predict, preflight, report, storage_gc
 from pipelines.pipeline_config import _MISSING as _MISSING_VALUE
 from pipelines.pipeline_config import ConfigError, Problem, load_config, validate
 from pipelines.scheduling import nodes_in_threads
@@ -222,6 +222,7 @@ def _parser() -> argparse.ArgumentParser:
     jobs.add_commands(commands)
     report.add_commands(commands)
     storage_gc.add_commands(commands)
+    predict.add_commands(commands)
     return parser
 
 
@@ -254,7 +255,7 @@ def _add_verbose(parser) -> None:
 
 
 @contextlib.contextmanager
-def _console(args: argparse.Namespace, log: Path) -> Iterator[Path | None]:
+def logged_console(args: argparse.Namespace, log: Path) -> Iterator[Path | None]:
     """ptft's lines on the console and everyone else's output in `log`, unless --verbose."""
     if getattr(args, "verbose", False):
         yield None
@@ -361,7 +362,7 @@ def _sweep(args: argparse.Namespace) -> int:
     _stop_on_signals()
     started = time.perf_counter()
     run_id, log_path = _run_id_and_log(config, how)
-    with _console(args, log_path) as log:
+    with logged_console(args, log_path) as log:
         if log:
             console.say(f"[ptft] sweep of run {run_id}; logs of Ray, MLflow and the workers: {log}")
         with console.live(), _resume_hint(args.command, config.storage_path(), run_id):
@@ -476,7 +477,7 @@ def _execute(config, args: argparse.Namespace, **how) -> int:
     started = time.perf_counter()
     progress_every_s = None if quiet else args.progress_every
     run_id, log_path = _run_id_and_log(config, how)
-    with _console(args, log_path) as log:
+    with logged_console(args, log_path) as log:
         if log and not quiet:
             console.say(f"[ptft] run {run_id}; logs of Ray, MLflow and the workers: {log}")
         with console.muted() if quiet else console.live():
@@ -649,7 +650,7 @@ def _serve(args: argparse.Namespace) -> int:
             )
         )
     if args.export:
-        problems += _output_file_problems("--export", args.export, "serve.yaml")
+        problems += arguments.output_file_problems("--export", args.export, "serve.yaml")
     if problems:
         raise ConfigError("ptft serve", problems)
     from components import serve
@@ -676,7 +677,7 @@ def _serve(args: argparse.Namespace) -> int:
     ):
         raise ConfigError("ptft serve", problems)  # before a local Ray starts, and Serve fails to bind
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    with _console(args, config.storage_path() / "logs" / f"serve-{config.serve.app_name}-{stamp}.log") as log:
+    with logged_console(args, config.storage_path() / "logs" / f"serve-{config.serve.app_name}-{stamp}.log") as log:
         if log:
             console.say(f"[ptft] serve {model.name} v{model.version}; logs of Ray Serve and the replicas: {log}")
         return _serve_until_stopped(config, model, tracking_uri)
@@ -771,10 +772,10 @@ def _explain(args: argparse.Namespace) -> int:
         from matplotlib.backend_bases import FigureCanvasBase
 
         images = sorted(f".{kind}" for kind in FigureCanvasBase.get_supported_filetypes() if kind != "png")
-        problems += _output_file_problems("--output", args.output, "attention.png", (".png", *images))
+        problems += arguments.output_file_problems("--output", args.output, "attention.png", (".png", *images))
     if problems:
         raise ConfigError("ptft explain", problems)
-    from components import plots, serve
+    from components import plots, scoring, serve
     from components.registry import RegistryUnavailable
 
     try:
@@ -786,7 +787,7 @@ def _explain(args: argparse.Namespace) -> int:
         raise ConfigError("ptft explain", [problem]) from None
     except ValueError as error:
         raise ConfigError("ptft explain", [Problem("MODEL", args.model, str(error), "check the name")]) from None
-    scorer = serve.Scorer(model.model_uri, tracking_uri)
+    scorer = scoring.Scorer(model.model_uri, tracking_uri)
     asked = [{"question": text, "context": args.context} for text in args.texts] if args.context else args.texts
     if problem := scorer.task.input_problem(asked):
         fix = "a question answering model: the questions as texts and --context TEXT; other models: texts only"
@@ -822,22 +823,6 @@ def _print_attention(item: dict, top: int = 3) -> None:
     for head, weights in enumerate(item["attention"]):
         ranked = sorted(zip(weights, item["tokens"], strict=True), reverse=True)[:top]
         print(f"  head {head}: " + ", ".join(f"{token} {weight:.2f}" for weight, token in ranked))
-
-
-def _output_file_problems(key: str, path: str, example: str, suffixes: tuple[str, ...] = ()) -> list[Problem]:
-    """Why a file cannot be written at `path` (in a format its suffix names, when `suffixes` are
-    given), checked before the work that makes it; its folder is made here when missing."""
-    target = Path(path)
-    if target.is_dir():
-        return [Problem(key, path, "a folder", f"name a file in it, e.g. {target / example}")]
-    if suffixes and target.suffix.lower() not in suffixes:
-        why = f"ends in {target.suffix or 'no suffix'}, not one of {', '.join(suffixes)}"
-        return [Problem(key, path, why, f"name a file ending in {suffixes[0]}")]
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        return [Problem(key, path, f"its folder cannot be made ({error.strerror})", "name a file in a writable folder")]
-    return []
 
 
 def _export_serve_config(document: dict, path: str) -> int:

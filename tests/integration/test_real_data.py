@@ -115,7 +115,7 @@ def test_a_squad_slice_trains_reaches_the_registry_and_answers_with_a_span(
 
     from components import accelerator, finetune, models, training
     from components.schemas import DeepSpeedConfig, Hyperparameters
-    from components.serve import Scorer
+    from components.scoring import Scorer
     from components.tasks import task_type
     from components.vocab import special_ids
 

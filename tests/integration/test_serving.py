@@ -25,11 +25,11 @@ import requests
 import yaml
 from mlflow.tracking import MlflowClient
 
-from components import registry, serve
+from components import registry, scoring, serve
 from components.net import free_port
 from components.schemas import ServeConfig
 from components.tasks import task_type
-from tests.conftest import POSITIONS, REPO, tiny_classifier, tiny_config_dict, wait_until
+from tests.conftest import POSITIONS, REPO, WORDS, tiny_classifier, tiny_config_dict, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -100,9 +100,9 @@ def test_loading_a_registered_model_leaves_no_copy_of_it_on_disk(
     temp = tmp_path / "temp"
     temp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(temp))
-    classified = serve.Scorer(registered["versions"][0]["model_uri"], uri)(["a good film"])
+    classified = scoring.Scorer(registered["versions"][0]["model_uri"], uri)(["a good film"])
     assert classified[0]["label"] in ("negative", "positive")
-    (answered,) = serve.Scorer(answerer["model_uri"], uri)([{"question": "what film", "context": "a good film"}])
+    (answered,) = scoring.Scorer(answerer["model_uri"], uri)([{"question": "what film", "context": "a good film"}])
     assert set(answered) >= {"answer", "score"}, answered
     assert sorted(path.name for path in temp.iterdir()) == []
 
@@ -396,6 +396,35 @@ def test_a_bad_model_reference_exits_2_before_deploying(app: dict) -> None:
             timeout=300,
         )
         assert done.returncode == 2 and words in done.stderr, done.stderr
+
+
+def test_predict_answers_every_row_of_a_file_on_the_cluster_in_order(app: dict, tmp_path: Path) -> None:
+    """`ptft predict` of a registered version over a file, on the shared cluster: two Ray Data actors
+    answer batches of 8; the output keeps the input's rows, order and columns, and each row's
+    prediction is what the model answers for it in-process."""
+    import pyarrow.parquet as pq
+
+    # Every fifth text is cut at the model's 64 tokens: its `truncated` marks where each answer went.
+    reviews = [
+        f"the {word} film was {'good' if i % 3 else 'dull'} ." * (20 if i % 5 == 0 else 1)
+        for i, word in enumerate(WORDS * 3)
+    ]
+    source = tmp_path / "reviews.csv"
+    source.write_text("id,review\n" + "".join(f"{i},{review}\n" for i, review in enumerate(reviews)))
+    first = app["versions"][0]
+    output = tmp_path / "predicted.parquet"
+    model = f"models:/{NAME}/{first['version']}"
+    options = ["--output", str(output), "--text-column", "review", "--batch-size", "8", "--workers", "2"]
+    done = _ptft("predict", model, str(source), *options, "--config", app["config"], overrides=app["overrides"])
+    assert f"Wrote {len(reviews)} predictions of {NAME} v{first['version']}" in done.stdout, done.stdout
+    table = pq.read_table(output)
+    assert table.column("id").to_pylist() == list(range(len(reviews)))
+    assert table.column("review").to_pylist() == reviews
+    expected = scoring.Scorer(first["model_uri"], app["tracking_uri"])(reviews)
+    predicted = table.column("prediction").to_pylist()
+    assert [row["truncated"] for row in predicted] == [i % 5 == 0 for i in range(len(reviews))]
+    assert [row["label"] for row in predicted] == [row["label"] for row in expected]
+    assert [row["score"] for row in predicted] == pytest.approx([row["score"] for row in expected], abs=1e-6)
 
 
 # --- a small application: deadlines and overload --------------------------------------------------

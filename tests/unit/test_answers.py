@@ -341,7 +341,7 @@ def test_a_model_trained_with_unanswerable_questions_keeps_that_in_its_config(re
 
 
 def test_the_served_answer_is_a_span_of_the_context_over_all_windows(fitted) -> None:
-    from components.serve import Scorer
+    from components.scoring import Scorer
 
     scorer = Scorer(str(fitted[1]), tracking_uri=None)
     assert scorer.task is QA
@@ -379,7 +379,7 @@ def test_the_registered_model_answers_through_mlflow(fitted, tmp_path: Path) -> 
     import pandas as pd
     from mlflow import MlflowClient
 
-    from components.serve import Scorer
+    from components.scoring import Scorer
 
     uri, version = register_in_sqlite(fitted[1], tmp_path, "reviews-qa", QA, 0.9, "synthetic")
     assert MlflowClient(uri).get_model_version("reviews-qa", version["version"]).tags["ptft.test_f1"] == "0.900000"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from components import registry, serve
+from components import registry, scoring, serve
 from components.schemas import ServeConfig
 from pipelines.pipeline_config import ConfigError, model_reference_problems, validate
 from tests.conftest import POSITIONS, tiny_classifier, tiny_config_dict
@@ -151,7 +151,7 @@ def test_a_body_that_is_no_json_text_gets_400(body: bytes, words: str) -> None:
 
 
 def test_scorer_truncates_long_texts_and_says_so(tmp_path: Path) -> None:
-    scorer = serve.Scorer(str(tiny_classifier(tmp_path / "model", seed=0)), tracking_uri=None)
+    scorer = scoring.Scorer(str(tiny_classifier(tmp_path / "model", seed=0)), tracking_uri=None)
     assert scorer.max_tokens == POSITIONS and scorer.labels == ["negative", "positive"]
     scored = scorer(["a good film", " ".join(["very"] * 100)])
     assert [item["truncated"] for item in scored] == [False, True]
@@ -160,7 +160,7 @@ def test_scorer_truncates_long_texts_and_says_so(tmp_path: Path) -> None:
 
 def test_token_budget_parts_hold_at_most_the_budget_padded() -> None:
     lengths = [5, 40, 6, 38, 7, 100, 4]
-    parts = serve.token_budget_parts(lengths, budget=80)
+    parts = scoring.token_budget_parts(lengths, budget=80)
     assert sorted(i for part in parts for i in part) == list(range(len(lengths)))  # every text, once
     for part in parts:
         assert len(part) == 1 or len(part) * max(lengths[i] for i in part) <= 80, part
@@ -173,8 +173,8 @@ def test_a_batch_over_the_token_budget_is_scored_in_parts_with_the_same_answers(
 ) -> None:
     folder = str(tiny_classifier(tmp_path / "model", seed=0))
     texts = [" ".join(["good"] * n) + " film" for n in (1, 30, 2, 25, 3)]
-    whole = serve.Scorer(folder, tracking_uri=None)(texts)
-    budgeted = serve.Scorer(folder, tracking_uri=None, max_batch_tokens=40)
+    whole = scoring.Scorer(folder, tracking_uri=None)(texts)
+    budgeted = scoring.Scorer(folder, tracking_uri=None, max_batch_tokens=40)
     shapes = []
     predict = budgeted.task.predict
 

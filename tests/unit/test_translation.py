@@ -197,9 +197,9 @@ def test_fine_tuning_teaches_translation_and_reports_bleu_on_decoded_text(multi3
 def test_the_fine_tuned_model_is_served_as_translations_of_texts(multi30k: Path) -> None:
     """The served answer of an encoder-decoder folder (here the untrained one): one decoded text per
     input, in the response schema."""
-    from components import serve
+    from components import scoring, serve
 
-    scorer = serve.Scorer(str(multi30k / "pretrained"), tracking_uri=None)
+    scorer = scoring.Scorer(str(multi30k / "pretrained"), tracking_uri=None)
     assert scorer.task.name == "translation"
     answers = scorer(["A dog runs through the grass.", " ".join(["dog"] * 600)])
     assert [answer["truncated"] for answer in answers] == [False, True]
@@ -215,9 +215,9 @@ def test_the_fine_tuned_model_is_served_as_translations_of_texts(multi30k: Path)
 def test_explain_shows_the_decoders_cross_attention_over_the_source(multi30k: Path, tmp_path: Path) -> None:
     """Per text: a row per target token the decoder wrote (its translation's tokens, the end token
     last), a column per source token, each row the mean over heads of a softmax over the source."""
-    from components import plots, serve
+    from components import plots, scoring, serve
 
-    scorer = serve.Scorer(str(multi30k / "pretrained"), tracking_uri=None)
+    scorer = scoring.Scorer(str(multi30k / "pretrained"), tracking_uri=None)
     texts = ["A dog runs through the grass.", "Two men."]
     maps = scorer.explain(texts, layer=0)
     translations = [answer["translation"] for answer in scorer(texts)]

@@ -1,0 +1,64 @@
+"""Batch predictions on Ray Data: a pool of actors, each holding one model, answering a table's rows
+as `POST /predict` answers texts (components/scoring.py `Scorer`, the task type's `predict`)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pyarrow as pa
+
+PREDICTION = "prediction"  # the output's column: each row's answer
+
+
+class BatchScorer:
+    """One actor of the pool: the model loaded once, then one batch of rows at a time.
+
+    `inputs` maps what the model reads to the table's columns: `{"text": "review"}`, or
+    `{"question": ..., "context": ...}` for a question answering model.
+    """
+
+    def __init__(self, model_uri: str, tracking_uri: str | None, inputs: dict[str, str], threads: int = 1):
+        from components.scoring import Scorer
+
+        self.scorer = Scorer(model_uri, tracking_uri, threads=threads)
+        self.inputs = inputs
+
+    def __call__(self, batch: pa.Table) -> dict[str, list[str]]:
+        columns = {name: batch.column(column).to_pylist() for name, column in self.inputs.items()}
+        if set(columns) == {"text"}:
+            items = columns["text"]
+        else:  # question answering: {"question": ..., "context": ...} per row
+            items = [dict(zip(columns, row, strict=True)) for row in zip(*columns.values(), strict=True)]
+        if problem := self.scorer.task.input_problem(items):
+            raise ValueError(problem)  # the driver checked the columns; a model of another type says so here
+        # JSON text: each batch's answers have one Arrow type however their lists and nulls fall.
+        return {PREDICTION: [json.dumps(answer) for answer in self.scorer(items)]}
+
+
+def predictions(
+    table: pa.Table,
+    model_uri: str,
+    tracking_uri: str | None,
+    inputs: dict[str, str],
+    *,
+    batch_size: int,
+    workers: int,
+) -> Iterator[list[dict]]:
+    """Every row's answer, batch by batch in the table's order, from `workers` actors of one CPU each
+    on the connected Ray cluster."""
+    import ray.data
+
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    needed = table.select(sorted(set(inputs.values())))
+    blocks = [needed.slice(start, batch_size) for start in range(0, needed.num_rows, batch_size)]
+    answered = ray.data.from_arrow(blocks).map_batches(
+        BatchScorer,
+        fn_constructor_args=(model_uri, tracking_uri, inputs),
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=workers),
+        num_cpus=1,
+    )
+    for batch in answered.iter_batches(batch_size=None, batch_format="pyarrow"):
+        yield [json.loads(answer) for answer in batch.column(PREDICTION).to_pylist()]

@@ -1,0 +1,285 @@
+"""`ptft predict`: a model's answers for every row of a data file, computed on Ray (batch inference).
+
+The file is read as the stages read data (JSON lines, CSV/TSV, Parquet, plain text; compressed or
+not), checked before Ray starts, and split over a pool of Ray Data actors that each load the model
+once (components/batch_predict.py). The answers come back in the file's order, and the output is
+the input with one more column, `prediction`: for each row what `POST /predict` answers for it. The
+output appears whole or not at all (written aside, then renamed), and an existing file is replaced
+only with --force.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import time
+from pathlib import Path
+
+import pyarrow as pa
+
+from components import console
+from components.batch_predict import PREDICTION
+from components.redaction import redact_url
+from pipelines import arguments, preflight
+from pipelines.pipeline_config import ConfigError, PipelineConfig, Problem, load_config, model_reference_problems
+
+OUTPUT_SUFFIXES = (".jsonl", ".csv", ".tsv", ".parquet")
+PROGRESS_EVERY_S = 10.0  # a progress line this often when the console is no terminal
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    """Register `predict` on the `ptft` parser."""
+    predict = commands.add_parser(
+        "predict",
+        help="answer every row of a data file with a model, on Ray (batch inference)",
+        description=__doc__.split("\n\n")[1].replace("\n", " "),
+    )
+    predict.add_argument("model", help="models:/NAME@ALIAS, models:/NAME/VERSION, or a Hugging Face model folder")
+    predict.add_argument("input", help="a data file: .jsonl, .json, .csv, .tsv, .parquet or .txt (a text a line)")
+    predict.add_argument("overrides", nargs="*", help="dotted overrides of the config, e.g. ray.address=auto")
+    predict.add_argument(
+        "--output",
+        required=True,
+        metavar="FILE",
+        help=f"the rows with their predictions: {', '.join(OUTPUT_SUFFIXES)}",
+    )
+    predict.add_argument("--force", action="store_true", help="replace --output if it exists")
+    predict.add_argument("--text-column", default="text", help="the column of texts (default text)")
+    predict.add_argument(
+        "--question-column", default="question", help="question answering: the column of questions (default question)"
+    )
+    predict.add_argument(
+        "--context-column", default="context", help="question answering: the column of contexts (default context)"
+    )
+    predict.add_argument(
+        "--batch-size", type=arguments.positive_int, default=32, help="rows a forward pass (default 32)"
+    )
+    predict.add_argument(
+        "--workers",
+        type=arguments.positive_int,
+        help="model copies answering at once, one CPU each (default: one per CPU of the cluster)",
+    )
+    predict.add_argument(
+        "--config",
+        default="configs/demo.yaml",
+        help="pipeline YAML whose tracking, ray and storage blocks apply (default configs/demo.yaml)",
+    )
+    predict.add_argument(
+        "--storage",
+        metavar="PATH",
+        help="the storage whose logs/ folder gets the log; same as the override storage=PATH",
+    )
+    predict.add_argument(
+        "--verbose",
+        "-v",
+        action="store_true",
+        help="stream the logs of Ray and the workers to the console (default: a log file under storage/logs)",
+    )
+    predict.set_defaults(handler=_predict)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides, check_data=False)
+    problems = model_reference_problems(args.model, "MODEL") + _output_problems(args)
+    table, input_problems = _read_input(args.input)
+    if problems or input_problems:
+        raise ConfigError("ptft predict", problems + input_problems)
+    tracking_uri = config.tracking_uri()
+    model, example = _model_and_example(args.model, tracking_uri)
+    inputs = _inputs(example, args)
+    if problems := _column_problems(table, inputs, args) + _writable_problems(table, Path(args.output)):
+        raise ConfigError("ptft predict", problems)
+    if not config.cluster_address() and (problems := preflight.local_ray_problems()):
+        raise ConfigError("ptft predict", problems)
+    from pipelines.cli import logged_console
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    with logged_console(args, config.storage_path() / "logs" / f"predict-{stamp}.log") as log:
+        if log:
+            console.say(f"[ptft] predict with {_named(model)}; logs of Ray and the workers: {log}")
+        started = time.monotonic()
+        workers = _start_ray(config, table.num_rows, args)
+        answers = _answers(table, model.model_uri, tracking_uri, inputs, args.batch_size, workers)
+        _write(Path(args.output), table, answers)
+    took = time.monotonic() - started
+    console.say(
+        f"Wrote {table.num_rows:,} predictions of {_named(model)} to {args.output} in {took:.0f} s "
+        f"({table.num_rows / took:.1f} rows/s, {workers} worker{'s' if workers != 1 else ''})"
+    )
+    return 0
+
+
+def _named(model) -> str:
+    return f"the model folder {model.model_uri}" if model.version == "local" else f"{model.name} v{model.version}"
+
+
+def _output_problems(args: argparse.Namespace) -> list[Problem]:
+    problems = arguments.output_file_problems("--output", args.output, "predictions.jsonl", OUTPUT_SUFFIXES)
+    if not problems and Path(args.output).exists() and not args.force:
+        problems.append(Problem("--output", args.output, "exists", "name another file, or pass --force to replace it"))
+    return problems
+
+
+def _read_input(path: str) -> tuple[pa.Table | None, list[Problem]]:
+    """The whole file as a table, or why it cannot be read."""
+    from components import data
+
+    if not Path(path).is_file():
+        why = "a folder" if Path(path).is_dir() else "no such file"
+        return None, [Problem("INPUT", path, why, "name a data file: .jsonl, .json, .csv, .tsv, .parquet or .txt")]
+    try:
+        table = data.read_table(path)
+    except data.UnreadableFile as error:
+        return None, [Problem("INPUT", path, str(error), error.fix)]
+    if table.num_rows == 0:
+        return None, [Problem("INPUT", path, "holds no rows", "name a file with at least one row")]
+    return table, []
+
+
+def _model_and_example(reference: str, tracking_uri: str | None):
+    """The model (`ModelInfo`) and an input example of its task type, which says what a row gives it:
+    a text, or a question and its context."""
+    from components import serve
+    from components.registry import RegistryUnavailable
+
+    try:
+        model = serve.resolve_model(reference, tracking_uri)
+        return model, _task_of(model, tracking_uri).example
+    except RegistryUnavailable as error:
+        problem = Problem("tracking.uri", redact_url(tracking_uri), str(error), "start the MLflow server, or name one")
+        raise ConfigError("ptft predict", [problem]) from None
+    except ValueError as error:
+        raise ConfigError("ptft predict", [Problem("MODEL", reference, str(error), "check the name")]) from None
+
+
+def _task_of(model, tracking_uri: str | None):
+    """The task type of a model folder (its head), or of a registered version (the tag ptft gives
+    it; a version registered elsewhere reads texts)."""
+    from components.registry import TASK_TYPE_TAG
+    from components.tasks import task_of_model, task_type
+
+    if not model.model_uri.startswith("models:/"):
+        from transformers import AutoConfig
+
+        return task_of_model(AutoConfig.from_pretrained(model.model_uri))
+    from mlflow import MlflowClient
+
+    tags = MlflowClient(tracking_uri).get_model_version(model.name, model.version).tags
+    return task_type(tags.get(TASK_TYPE_TAG, "sequence_classification"))
+
+
+def _inputs(example, args: argparse.Namespace) -> dict[str, str]:
+    """What the model reads -> the input's column that holds it."""
+    if isinstance(example, dict):
+        return {field: getattr(args, f"{field}_column") for field in example}
+    return {"text": args.text_column}
+
+
+def _column_problems(table: pa.Table, inputs: dict[str, str], args: argparse.Namespace) -> list[Problem]:
+    """Each column the model reads is there and holds a text in every row."""
+    problems = []
+    if PREDICTION in table.column_names:
+        why = f"already has a column {PREDICTION!r}, which the output adds"
+        problems.append(Problem("INPUT", args.input, why, f"rename or drop the input's {PREDICTION!r} column"))
+    for field, column in inputs.items():
+        option = f"--{field}-column"
+        if column not in table.column_names:
+            why = f"{args.input} has no column {column!r}; its columns: {', '.join(table.column_names)}"
+            problems.append(Problem(option, column, why, f"name the column of {field}s with {option}"))
+            continue
+        values = table.column(column)
+        if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+            why = f"holds {values.type} values, not texts"
+            problems.append(Problem(option, column, why, f"name a column of {field}s, or quote its values as texts"))
+        elif values.null_count:
+            first = values.is_null().to_pylist().index(True) + 1
+            why = f"{values.null_count:,} row(s) have no {field}, the first is row {first}"
+            problems.append(Problem(option, column, why, f"give every row a {field}, or leave those rows out"))
+    return problems
+
+
+def _writable_problems(table: pa.Table, output: Path) -> list[Problem]:
+    """Whether the input's columns can be written in the output's format, tried on its first row."""
+    try:
+        _encode(output.suffix.lower(), table.slice(0, 1), [{"label": "x"}])
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, TypeError) as error:
+        why = f"the input's columns do not fit a {output.suffix} file ({error})"
+        return [Problem("--output", str(output), why, "write .jsonl or .parquet, which hold any column")]
+    return []
+
+
+def _start_ray(config: PipelineConfig, rows: int, args: argparse.Namespace) -> int:
+    """Ray connected (a local one started), and how many actors answer: --workers, else one per CPU
+    of the cluster, never more than there are batches."""
+    from pipelines.runner import _init_ray
+
+    with console.spinner("Starting Ray ..."):
+        _init_ray(config)
+    cpus = int(sum(node.get("CPU", 0) for node in preflight.alive_nodes().values()))
+    if args.workers and args.workers > cpus:
+        why = f"the cluster has {cpus} CPU(s), and each worker takes one"
+        raise ConfigError("ptft predict", [Problem("--workers", args.workers, why, f"use at most {cpus}")])
+    batches = -(-rows // args.batch_size)
+    return args.workers or max(1, min(cpus, batches))
+
+
+def _answers(table: pa.Table, model_uri: str, tracking_uri: str | None, inputs, batch_size: int, workers: int) -> list:
+    """Every row's answer, with the rows done shown as they come."""
+    from components.batch_predict import predictions
+
+    answers: list[dict] = []
+    shown_at = time.monotonic()
+    with console.live() as on_terminal:
+        bar = _progress_bar(table.num_rows) if on_terminal else None
+        for batch in predictions(table, model_uri, tracking_uri, inputs, batch_size=batch_size, workers=workers):
+            answers += batch
+            if bar is not None:
+                bar.update(bar.task_ids[0], completed=len(answers))
+                console.show("predict", bar)
+            elif time.monotonic() - shown_at >= PROGRESS_EVERY_S:
+                shown_at = time.monotonic()
+                console.say(f"[ptft] predict {len(answers):,}/{table.num_rows:,} rows")
+    return answers
+
+
+def _progress_bar(total: int):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("[bold]predict"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    bar.add_task("predict", total=total)
+    return bar
+
+
+def _write(output: Path, table: pa.Table, answers: list[dict]) -> None:
+    """The rows and their answers at `output`, whole: written aside, then renamed over it."""
+    partial = output.with_name(f".{output.name}.partial")
+    try:
+        partial.write_bytes(_encode(output.suffix.lower(), table, answers))
+        os.replace(partial, output)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _encode(suffix: str, table: pa.Table, answers: list[dict]) -> bytes:
+    """The file's bytes: JSON lines with each answer as an object, Parquet with it as a struct,
+    CSV/TSV with it as JSON text."""
+    if suffix == ".jsonl":
+        rows = table.to_pylist()
+        lines = (
+            json.dumps({**row, PREDICTION: answer}, default=str) for row, answer in zip(rows, answers, strict=True)
+        )
+        return "".join(f"{line}\n" for line in lines).encode()
+    buffer = io.BytesIO()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        pq.write_table(table.append_column(PREDICTION, pa.array(answers)), buffer)
+    else:
+        import pyarrow.csv as pacsv
+
+        column = pa.array([json.dumps(answer) for answer in answers], pa.string())
+        options = pacsv.WriteOptions(delimiter="\t" if suffix == ".tsv" else ",")
+        pacsv.write_csv(table.append_column(PREDICTION, column), buffer, write_options=options)
+    return buffer.getvalue()

@@ -1,0 +1,164 @@
+"""`ptft predict` without Ray: its checks (exit 2 before Ray starts), the actors' batch function, and
+the output files. The run on a cluster is in tests/integration/test_serving.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from components import data
+from components.batch_predict import PREDICTION, BatchScorer
+from components.scoring import Scorer
+from pipelines import cli, predict
+from tests.conftest import REPO, tiny_classifier
+
+REVIEWS = ["the film was good .", "a dull , tedious plot .", "superb and moving", "not very great"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_classifier(tmp_path_factory.mktemp("predict") / "model", seed=0)
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def _predict(model: Path, source: Path, output: Path, *options: str) -> int:
+    config = str(REPO / "configs" / "demo.yaml")
+    storage = str(output.parent / "storage")
+    return cli.main(
+        [
+            "predict",
+            str(model),
+            str(source),
+            "--output",
+            str(output),
+            "--config",
+            config,
+            "--storage",
+            storage,
+            *options,
+        ]
+    )
+
+
+BAD_INPUTS = {  # case: (the input's rows or None for no file, the output's suffix, the key named, why)
+    "no such file": (None, ".jsonl", "INPUT", "no such file"),
+    "a column the model reads is missing": (
+        [{"id": 1, "review": "good"}],
+        ".jsonl",
+        "--text-column = 'text'",
+        "has no column 'text'; its columns: id, review",
+    ),
+    "numbers where texts belong": (
+        [{"text": 3}, {"text": 4}],
+        ".jsonl",
+        "--text-column = 'text'",
+        "holds int64 values",
+    ),
+    "a row without a text": (
+        [{"text": "good"}, {"text": None}, {"text": "bad"}],
+        ".jsonl",
+        "--text-column = 'text'",
+        "1 row(s) have no text, the first is row 2",
+    ),
+    "a column the output would add": ([{"text": "good", PREDICTION: "x"}], ".jsonl", "INPUT", "already has a column"),
+    "an output format it cannot write": ([{"text": "good"}], ".xlsx", "--output", "not one of"),
+    "lists where CSV holds texts": (
+        [{"text": "good", "tags": ["a", "b"]}],
+        ".csv",
+        "--output",
+        "write .jsonl or .parquet",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_a_bad_input_exits_2_naming_it_before_ray_starts(case: str, model: Path, tmp_path: Path, capsys) -> None:
+    import ray
+
+    rows, suffix, key, why = BAD_INPUTS[case]
+    source = tmp_path / "in.jsonl"
+    if rows is not None:
+        _jsonl(source, rows)
+    assert _predict(model, source, tmp_path / f"out{suffix}") == 2
+    err = capsys.readouterr().err
+    assert key in err and why in err, err
+    assert not ray.is_initialized()
+    assert not list(tmp_path.glob("out*")) and not list(tmp_path.glob(".out*"))
+
+
+def test_an_existing_output_is_kept_without_force(model: Path, tmp_path: Path, capsys) -> None:
+    output = tmp_path / "out.jsonl"
+    output.write_text("earlier predictions\n")
+    assert _predict(model, _jsonl(tmp_path / "in.jsonl", [{"text": "good"}]), output) == 2
+    assert "--output" in capsys.readouterr().err
+    assert output.read_text() == "earlier predictions\n"
+
+
+def test_the_actors_batch_function_answers_as_the_served_model(model: Path) -> None:
+    """A worker's answers are the Scorer's (what POST /predict answers), in the batch's order, and
+    read the named column."""
+    batch = pa.table({"id": list(range(len(REVIEWS))), "review": REVIEWS})
+    answered = BatchScorer(str(model), None, {"text": "review"})(batch)
+    assert [json.loads(answer) for answer in answered[PREDICTION]] == Scorer(str(model), None)(REVIEWS)
+
+
+def test_a_question_answering_model_reads_a_question_and_a_context_column(tmp_path: Path) -> None:
+    from transformers import AutoConfig, AutoTokenizer, BertForQuestionAnswering
+
+    source = tiny_classifier(tmp_path / "source", seed=3)
+    BertForQuestionAnswering(AutoConfig.from_pretrained(source)).save_pretrained(tmp_path / "qa")
+    AutoTokenizer.from_pretrained(source).save_pretrained(tmp_path / "qa")
+    batch = pa.table({"q": ["what film", "what plot"], "passage": ["a good film", "a dull plot"]})
+    inputs = {"question": "q", "context": "passage"}
+    answered = [json.loads(answer) for answer in BatchScorer(str(tmp_path / "qa"), None, inputs)(batch)[PREDICTION]]
+    asked = [{"question": "what film", "context": "a good film"}, {"question": "what plot", "context": "a dull plot"}]
+    assert answered == Scorer(str(tmp_path / "qa"), None)(asked)
+    assert (
+        predict._inputs({"question": "", "context": ""}, _options(question_column="q", context_column="passage"))
+        == inputs
+    )
+
+
+def _options(**values):
+    import argparse
+
+    return argparse.Namespace(
+        **{"text_column": "text", "question_column": "question", "context_column": "context", **values}
+    )
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet", ".csv", ".tsv"])
+def test_the_output_is_the_input_with_each_rows_prediction(suffix: str, tmp_path: Path) -> None:
+    table = pa.table({"id": [1, 2, 3], "text": ["a", "b, with a comma", "c"]})
+    answers = [
+        {"label": "positive", "score": 0.75, "truncated": False},
+        {"label": "negative", "score": 0.5, "truncated": True},
+        {"label": "positive", "score": 1.0, "truncated": False},
+    ]
+    output = tmp_path / f"out{suffix}"
+    predict._write(output, table, answers)
+    back = data.read_table(str(output))
+    assert (
+        back.column("id").to_pylist() == [1, 2, 3]
+        and back.column("text").to_pylist() == table.column("text").to_pylist()
+    )
+    written = back.column(PREDICTION).to_pylist()
+    assert [json.loads(answer) if isinstance(answer, str) else answer for answer in written] == answers
+    assert [path.name for path in tmp_path.iterdir()] == [output.name]
+
+
+def test_a_failed_write_keeps_the_earlier_output_and_leaves_no_partial_file(tmp_path: Path) -> None:
+    output = tmp_path / "out.parquet"
+    pq.write_table(pa.table({"earlier": [1]}), output)
+    with pytest.raises(ValueError):  # one answer for two rows
+        predict._write(output, pa.table({"text": ["a", "b"]}), [{"label": "x"}])
+    assert pq.read_table(output).column_names == ["earlier"]
+    assert [path.name for path in tmp_path.iterdir()] == [output.name]
