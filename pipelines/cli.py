@@ -322,13 +322,22 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _resume(args: argparse.Namespace) -> int:
-    from pipelines.manifest import Manifest, UnreadableManifest
+    from pipelines.manifest import SUCCEEDED, Manifest, UnreadableManifest
 
     try:
         manifest = Manifest.load(Path(args.storage), args.run_id)
     except (FileNotFoundError, UnreadableManifest) as error:
         print(f"ptft: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
+    if manifest.status == SUCCEEDED and not args.keep_serving:
+        # Resuming it would start Ray only to deploy its model again and shut it down (~20 s).
+        storage = shlex.quote(args.storage)
+        print(
+            f"Pipeline run {args.run_id} finished; nothing to resume. To serve its model again: "
+            f"ptft resume {args.run_id} --storage {storage} --keep-serving; "
+            f"its report: ptft report {args.run_id} --storage {storage}"
+        )
+        return 0
     config = _recorded_config(manifest)
     print(
         f"Resuming pipeline run {args.run_id} ({manifest.status}); stages: "
