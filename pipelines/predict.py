@@ -22,6 +22,7 @@ import pyarrow as pa
 from components import console
 from components.batch_predict import PREDICTION
 from components.redaction import redact_url
+from components.tasks.base import expected_names
 from pipelines import arguments, preflight
 from pipelines.pipeline_config import ConfigError, PipelineConfig, Problem, load_config, model_reference_problems
 
@@ -52,6 +53,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     predict.add_argument(
         "--context-column", default="context", help="question answering: the column of contexts (default context)"
+    )
+    predict.add_argument(
+        "--label-column",
+        metavar="COLUMN",
+        help="also score the answers against this column's expected values (a label, answers, a reference)",
     )
     predict.add_argument(
         "--batch-size", type=arguments.positive_int, default=32, help="rows a forward pass (default 32)"
@@ -87,9 +93,11 @@ def _predict(args: argparse.Namespace) -> int:
     if problems or input_problems:
         raise ConfigError("ptft predict", problems + input_problems)
     tracking_uri = config.tracking_uri()
-    model, example = _model_and_example(args.model, tracking_uri)
-    inputs = _inputs(example, args)
-    if problems := _column_problems(table, inputs, args) + _writable_problems(table, Path(args.output)):
+    model, task = _model_and_task(args.model, tracking_uri)
+    inputs = _inputs(task.example, args)
+    labels = _label_names(model, tracking_uri) if args.label_column and task.has_classes else []
+    problems = _column_problems(table, inputs, args) + _label_problems(table, task, args.label_column, labels)
+    if problems := problems + _writable_problems(table, Path(args.output)):
         raise ConfigError("ptft predict", problems)
     if not config.cluster_address() and (problems := preflight.local_ray_problems()):
         raise ConfigError("ptft predict", problems)
@@ -108,6 +116,10 @@ def _predict(args: argparse.Namespace) -> int:
         f"Wrote {table.num_rows:,} predictions of {_named(model)} to {args.output} in {took:.0f} s "
         f"({table.num_rows / took:.1f} rows/s, {workers} worker{'s' if workers != 1 else ''})"
     )
+    if args.label_column:
+        scores = task.score_answers(answers, table.column(args.label_column).to_pylist(), labels)
+        shown = ", ".join(f"{name} {value:.4f}" for name, value in scores.items())
+        console.say(f"Scores against {args.label_column!r} ({table.num_rows:,} rows): {shown}")
     return 0
 
 
@@ -138,15 +150,15 @@ def _read_input(path: str) -> tuple[pa.Table | None, list[Problem]]:
     return table, []
 
 
-def _model_and_example(reference: str, tracking_uri: str | None):
-    """The model (`ModelInfo`) and an input example of its task type, which says what a row gives it:
-    a text, or a question and its context."""
+def _model_and_task(reference: str, tracking_uri: str | None):
+    """The model (`ModelInfo`) and its task type, whose input example says what a row gives it (a
+    text, or a question and its context) and which scores its answers."""
     from components import serve
     from components.registry import RegistryUnavailable
 
     try:
         model = serve.resolve_model(reference, tracking_uri)
-        return model, _task_of(model, tracking_uri).example
+        return model, _task_of(model, tracking_uri)
     except RegistryUnavailable as error:
         problem = Problem("tracking.uri", redact_url(tracking_uri), str(error), "start the MLflow server, or name one")
         raise ConfigError("ptft predict", [problem]) from None
@@ -198,6 +210,50 @@ def _column_problems(table: pa.Table, inputs: dict[str, str], args: argparse.Nam
             why = f"{values.null_count:,} row(s) have no {field}, the first is row {first}"
             problems.append(Problem(option, column, why, f"give every row a {field}, or leave those rows out"))
     return problems
+
+
+def _label_names(model, tracking_uri: str | None) -> list[str]:
+    """The model's label names in id order, from its config alone (a registered classifier's is
+    in its transformers folder, `model/config.json`)."""
+    from transformers import AutoConfig
+
+    if not model.model_uri.startswith("models:/"):
+        config = AutoConfig.from_pretrained(model.model_uri)
+    else:
+        import mlflow
+
+        from components.scratch import ScratchFolder
+
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one small file
+        if tracking_uri:
+            mlflow.set_tracking_uri(tracking_uri)  # the registry's too; download_artifacts' own is not
+        with ScratchFolder("model-config") as folder:
+            uri = f"{model.model_uri}/model/config.json"
+            path = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(folder))
+            config = AutoConfig.from_pretrained(Path(path).parent)
+    return [config.id2label[number] for number in range(config.num_labels)]
+
+
+def _label_problems(table: pa.Table, task, column: str | None, labels: list[str]) -> list[Problem]:
+    """The expected values are there for every row, the model's type scores its answers, and an
+    expected label is one of the model's (an integer: a label id)."""
+    if column is None:
+        return []
+    if task.score_answers is None:
+        why = f"a {task.name} model's answers are not scored against a column"
+        return [Problem("--label-column", column, why, "leave it out; its finetune stage scores the test split")]
+    if column not in table.column_names:
+        why = f"the input has no column {column!r}; its columns: {', '.join(table.column_names)}"
+        return [Problem("--label-column", column, why, "name the column of expected values")]
+    if missing := table.column(column).null_count:
+        first = table.column(column).is_null().to_pylist().index(True) + 1
+        why = f"{missing:,} row(s) have no expected value, the first is row {first}"
+        return [Problem("--label-column", column, why, "give every row one, or leave those rows out")]
+    if labels and (unknown := sorted(set(expected_names(table.column(column).to_pylist(), labels)) - set(labels))):
+        shown = ", ".join(map(repr, unknown[:8])) + (", ..." if len(unknown) > 8 else "")
+        why = f"holds labels the model does not have: {shown} (its labels: {', '.join(labels)})"
+        return [Problem("--label-column", column, why, "name the column of the labels it was trained on")]
+    return []
 
 
 def _writable_problems(table: pa.Table, output: Path) -> list[Problem]:

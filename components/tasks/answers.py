@@ -232,6 +232,30 @@ def _scores(gold: list[list], guessed: list[list], names: list[str], split_dir: 
     return {"exact_match": float(scores["exact_match"]) / 100, "f1": float(scores["f1"]) / 100}
 
 
+def _expected_texts(value) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return value
+    return [text for text, _ in answers_of(value)]
+
+
+def _score_answers(answers: list[dict], expected: list, labels: list[str]) -> dict[str, float]:
+    """SQuAD exact match and F1 of the answered spans against each row's answers: SQuAD's list of
+    {text, answer_start}, its columnar form, a list of texts or one text; none: no answer expected."""
+    from torchmetrics.functional.text import squad
+
+    predictions, references = [], []
+    for row, (answer, value) in enumerate(zip(answers, expected, strict=True)):
+        texts = _expected_texts(value)
+        predictions.append({"id": str(row), "prediction_text": answer["answer"] or ""})
+        references.append(
+            {"id": str(row), "answers": {"text": texts or [""], "answer_start": [0] * max(len(texts), 1)}}
+        )
+    scores = squad(predictions, references)
+    return {"exact_match": float(scores["exact_match"]) / 100, "f1": float(scores["f1"]) / 100}
+
+
 def _input_problem(items: list) -> str | None:
     for index, item in enumerate(items):
         if not isinstance(item, dict) or set(item) != {"question", "context"}:
@@ -311,6 +335,7 @@ TASK = TaskType(
     example={"question": "What does the cat chase?", "context": "The cat chases a red ball in the garden."},
     architecture="ForQuestionAnswering",
     predict=_predict,
+    score_answers=_score_answers,
     logits=_start_end_logits,
     evaluated=_evaluated,
     has_classes=False,

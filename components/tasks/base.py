@@ -35,6 +35,18 @@ def display_names(values: list[str], names: list[str] | None) -> list[str]:
     return list(names)
 
 
+def expected_names(expected: list, labels: list[str]) -> list[str]:
+    """Expected labels as the model names them: an integer is a label id (as a Hugging Face
+    dataset's labels are) unless the model names a label so, any other value its text."""
+
+    def name(value) -> str:
+        if isinstance(value, int) and not isinstance(value, bool) and str(value) not in labels:
+            return labels[value] if 0 <= value < len(labels) else str(value)
+        return str(value)
+
+    return [name(value) for value in expected]
+
+
 def output_logits(output):
     """The head's logits: (rows, classes) or (rows, tokens, classes)."""
     return output.logits
@@ -119,6 +131,9 @@ class TaskType:
     model_settings: Callable[[str], dict] = lambda task_dir: {}
     # (the names the model will report for its label ids) -> (why, fix) when they cannot be scored, or None
     names_problem: Callable[[list[str]], tuple[str, str] | None] = lambda names: None
+    # (each row's served answer, each row's expected value from a data file, the model's label names
+    # in id order) -> scores, as `ptft predict --label-column` reports them; None: not scored so
+    score_answers: Callable[[list[dict], list, list[str]], dict[str, float]] | None = None
 
     def model_class(self):
         import transformers

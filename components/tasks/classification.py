@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from components.tasks.base import TaskType, sorted_labels, truncated
+from components.tasks.base import TaskType, expected_names, sorted_labels, truncated
 
 
 def _check_rows(table: pa.Table, split: str) -> None:
@@ -46,6 +46,23 @@ def _scores(
     return {"accuracy": float(multiclass_accuracy(guess, truth, num_classes=max(len(names), 2), average="micro"))}
 
 
+def _score_answers(answers: list[dict], expected: list, labels: list[str]) -> dict[str, float]:
+    """Accuracy and macro F1 of the answered labels against the expected ones."""
+    import torch
+    from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
+
+    expected = expected_names(expected, labels)
+    names = sorted(set(labels) | set(expected) | {answer["label"] for answer in answers})
+    index = {name: number for number, name in enumerate(names)}
+    truth = torch.tensor([index[value] for value in expected])
+    guess = torch.tensor([index[answer["label"]] for answer in answers])
+    classes = max(len(names), 2)
+    return {
+        "accuracy": float(multiclass_accuracy(guess, truth, num_classes=classes, average="micro")),
+        "f1_macro": float(multiclass_f1_score(guess, truth, num_classes=classes, average="macro")),
+    }
+
+
 def _predict(model, tokenizer, texts: list[str], max_tokens: int) -> list[dict]:
     """Each text's most probable label and its probability."""
     import torch
@@ -75,4 +92,5 @@ TASK = TaskType(
     example="a sample text to classify",
     architecture="ForSequenceClassification",
     predict=_predict,
+    score_answers=_score_answers,
 )

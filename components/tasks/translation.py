@@ -106,6 +106,18 @@ def _predict(model, tokenizer, texts: list[str], max_tokens: int) -> list[dict]:
     return [{"translation": text, "truncated": cut} for text, cut in zip(translations, truncated(encoded), strict=True)]
 
 
+def _score_answers(answers: list[dict], expected: list, labels: list[str]) -> dict[str, float]:
+    """Corpus BLEU and chrF of the translations against each row's reference text."""
+    import sacrebleu
+
+    translations = [answer["translation"] for answer in answers]
+    references = [str(value) for value in expected]
+    return {
+        "bleu": sacrebleu.corpus_bleu(translations, [references]).score,
+        "chrf": sacrebleu.corpus_chrf(translations, [references]).score,
+    }
+
+
 def _test_samples(model, tokenizer, test_dir: str, count: int) -> list[dict]:
     """The first `count` test sources translated, beside their references."""
     import torch
@@ -139,6 +151,7 @@ TASK = TaskType(
     example="A dog runs through the grass.",
     architecture="ForConditionalGeneration",
     predict=_predict,
+    score_answers=_score_answers,
     has_classes=False,
     forward=_forward,
     target_sequence=True,

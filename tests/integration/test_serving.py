@@ -400,8 +400,9 @@ def test_a_bad_model_reference_exits_2_before_deploying(app: dict) -> None:
 
 def test_predict_answers_every_row_of_a_file_on_the_cluster_in_order(app: dict, tmp_path: Path) -> None:
     """`ptft predict` of a registered version over a file, on the shared cluster: two Ray Data actors
-    answer batches of 8; the output keeps the input's rows, order and columns, and each row's
-    prediction is what the model answers for it in-process."""
+    answer batches of 8; the output keeps the input's rows, order and columns, each row's
+    prediction is what the model answers for it in-process, and the answers are scored against a
+    label column (right on every other row, as ids: 0 and 1 for the model's two names)."""
     import pyarrow.parquet as pq
 
     # Every fifth text is cut at the model's 64 tokens: its `truncated` marks where each answer went.
@@ -409,18 +410,23 @@ def test_predict_answers_every_row_of_a_file_on_the_cluster_in_order(app: dict, 
         f"the {word} film was {'good' if i % 3 else 'dull'} ." * (20 if i % 5 == 0 else 1)
         for i, word in enumerate(WORDS * 3)
     ]
-    source = tmp_path / "reviews.csv"
-    source.write_text("id,review\n" + "".join(f"{i},{review}\n" for i, review in enumerate(reviews)))
     first = app["versions"][0]
+    expected = scoring.Scorer(first["model_uri"], app["tracking_uri"])(reviews)
+    ids = [["negative", "positive"].index(row["label"]) for row in expected]
+    labels = [label if i % 2 == 0 else 1 - label for i, label in enumerate(ids)]
+    source = tmp_path / "reviews.csv"
+    rows = (f"{i},{review},{label}\n" for i, (review, label) in enumerate(zip(reviews, labels, strict=True)))
+    source.write_text("id,review,label\n" + "".join(rows))
     output = tmp_path / "predicted.parquet"
     model = f"models:/{NAME}/{first['version']}"
-    options = ["--output", str(output), "--text-column", "review", "--batch-size", "8", "--workers", "2"]
-    done = _ptft("predict", model, str(source), *options, "--config", app["config"], overrides=app["overrides"])
+    options = ["--output", str(output), "--text-column", "review", "--label-column", "label"]
+    options += ["--batch-size", "8", "--workers", "2", "--config", app["config"]]
+    done = _ptft("predict", model, str(source), *options, overrides=app["overrides"])
     assert f"Wrote {len(reviews)} predictions of {NAME} v{first['version']}" in done.stdout, done.stdout
+    assert f"Scores against 'label' ({len(reviews)} rows): accuracy 0.5000" in done.stdout, done.stdout
     table = pq.read_table(output)
     assert table.column("id").to_pylist() == list(range(len(reviews)))
     assert table.column("review").to_pylist() == reviews
-    expected = scoring.Scorer(first["model_uri"], app["tracking_uri"])(reviews)
     predicted = table.column("prediction").to_pylist()
     assert [row["truncated"] for row in predicted] == [i % 5 == 0 for i in range(len(reviews))]
     assert [row["label"] for row in predicted] == [row["label"] for row in expected]

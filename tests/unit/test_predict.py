@@ -50,6 +50,18 @@ def _predict(model: Path, source: Path, output: Path, *options: str) -> int:
 
 BAD_INPUTS = {  # case: (the input's rows or None for no file, the output's suffix, the key named, why)
     "no such file": (None, ".jsonl", "INPUT", "no such file"),
+    "a label the model does not have": (
+        [{"text": "good", "label": "positive"}, {"text": "bad", "label": "neg"}],
+        ".jsonl",
+        "--label-column = 'label'",
+        "holds labels the model does not have: 'neg' (its labels: negative, positive)",
+    ),
+    "a row without its label": (
+        [{"text": "good", "label": 1}, {"text": "bad", "label": None}],
+        ".jsonl",
+        "--label-column = 'label'",
+        "1 row(s) have no expected value, the first is row 2",
+    ),
     "a column the model reads is missing": (
         [{"id": 1, "review": "good"}],
         ".jsonl",
@@ -87,7 +99,7 @@ def test_a_bad_input_exits_2_naming_it_before_ray_starts(case: str, model: Path,
     source = tmp_path / "in.jsonl"
     if rows is not None:
         _jsonl(source, rows)
-    assert _predict(model, source, tmp_path / f"out{suffix}") == 2
+    assert _predict(model, source, tmp_path / f"out{suffix}", "--label-column", "label") == 2
     err = capsys.readouterr().err
     assert key in err and why in err, err
     assert not ray.is_initialized()
@@ -162,3 +174,45 @@ def test_a_failed_write_keeps_the_earlier_output_and_leaves_no_partial_file(tmp_
         predict._write(output, pa.table({"text": ["a", "b"]}), [{"label": "x"}])
     assert pq.read_table(output).column_names == ["earlier"]
     assert [path.name for path in tmp_path.iterdir()] == [output.name]
+
+
+def test_answers_are_scored_against_expected_values_as_each_task_type_reads_them() -> None:
+    """Classification: an integer is a label id (rt-polarity's 0/1 for a model that names them);
+    question answering: SQuAD's answers in either form, or texts; translation: reference texts."""
+    from components.tasks import task_type
+
+    labels = ["negative", "positive"]
+    answered = [{"label": "positive"}, {"label": "negative"}, {"label": "positive"}, {"label": "positive"}]
+    scores = task_type("sequence_classification").score_answers(answered, [1, 0, "negative", "positive"], labels)
+    assert scores["accuracy"] == pytest.approx(0.75)
+    assert scores["f1_macro"] == pytest.approx((2 / 3 + 0.8) / 2)  # negative: P 1, R 1/2; positive: P 2/3, R 1
+
+    spans = [{"answer": "the red ball"}, {"answer": "a cat"}, {"answer": None}, {"answer": "Paris"}]
+    expected = [
+        [{"text": "the red ball", "answer_start": 4}],
+        {"text": ["the cat", "cat"], "answer_start": [0, 4]},
+        {"text": [], "answer_start": []},  # no answer: right when answered with none
+        ["Paris", "paris"],
+    ]
+    scores = task_type("question_answering").score_answers(spans, expected, [])
+    assert scores == {"exact_match": pytest.approx(1.0), "f1": pytest.approx(1.0)}  # SQuAD drops articles
+    scores = task_type("question_answering").score_answers([{"answer": "red ball"}], ["the blue ball"], [])
+    assert scores == {"exact_match": 0.0, "f1": pytest.approx(0.5)}
+
+    translated = [{"translation": "ein Hund läuft durch das Gras ."}, {"translation": "zwei Männer spielen"}]
+    references = ["ein Hund läuft durch das Gras .", "zwei Männer spielen"]
+    scores = task_type("translation").score_answers(translated, references, [])
+    assert scores["bleu"] == pytest.approx(100.0) and scores["chrf"] == pytest.approx(100.0)
+    worse = task_type("translation").score_answers([{"translation": "ein Hund"}, translated[1]], references, [])
+    assert worse["bleu"] < 100 and worse["chrf"] < 100
+
+
+def test_a_model_whose_answers_are_not_scored_against_a_column_is_refused(tmp_path: Path, capsys) -> None:
+    from transformers import AutoConfig, AutoTokenizer, BertForTokenClassification
+
+    source = tiny_classifier(tmp_path / "source", seed=4)
+    BertForTokenClassification(AutoConfig.from_pretrained(source)).save_pretrained(tmp_path / "tagger")
+    AutoTokenizer.from_pretrained(source).save_pretrained(tmp_path / "tagger")
+    rows = _jsonl(tmp_path / "in.jsonl", [{"text": "EU rejects it", "label": "B-ORG O O"}])
+    assert _predict(tmp_path / "tagger", rows, tmp_path / "out.jsonl", "--label-column", "label") == 2
+    assert "a token_classification model's answers are not scored against a column" in capsys.readouterr().err
