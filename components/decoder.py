@@ -30,6 +30,9 @@ from components.generation import Ask, Decoding, TextDelta, paced, step_events
 from components.scratch import ScratchFolder
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # where `python -m components...` finds the package
+# After a start that failed, the next waits this long, doubled at each failure in a row up to the
+# most: a model that cannot load (memory, a full disk) is not loaded again for every request.
+FIRST_BACKOFF_S, MOST_BACKOFF_S = 1.0, 60.0
 logger = logging.getLogger(__name__)
 
 
@@ -42,8 +45,10 @@ class Decoder:
     each step comes back as one message holding every row's event. The loop runs in a child process
     (`where="process"`) or on a thread of this process (`"thread"`); it is started here (the
     replica is ready once it is) and again as soon as it dies (its requests get an error), so the
-    next request does not wait for a process to start; if that start fails, the next request tries.
-    A client that leaves before its answer cancels its row."""
+    next request does not wait for a process to start. After a start that failed, the next waits
+    (`FIRST_BACKOFF_S`, doubled at each failure in a row): meanwhile requests fail at once with
+    when to retry (503), instead of each waiting for a model that does not load. A client that
+    leaves before its answer cancels its row."""
 
     def __init__(self, model, tokenizer, threads: int, max_batch_size: int, wait_s: float, where: str = "process"):
         self.model, self.tokenizer = model, tokenizer
@@ -58,6 +63,9 @@ class Decoder:
         self.restart = asyncio.Lock()
         self.restarting: asyncio.Task | None = None  # held: the loop keeps only a weak reference
         self.closed = False
+        self.failed_starts = 0
+        self.next_start_at = 0.0  # time.monotonic() before which no start is tried
+        self.start_failure = ""
         self._start()
 
     def _start(self) -> None:
@@ -145,17 +153,32 @@ class Decoder:
         self.loop = loop = asyncio.get_running_loop()  # where messages go (a replica's one loop; each test's own)
         async with self.restart:
             if not self._running():
-                await loop.run_in_executor(None, self._start)
+                await self._start_unless_backing_off(loop)
             if not self.listening:
                 self.listening = True
                 threading.Thread(target=self._listen, args=(self.inbox,), daemon=True, name="decoding").start()
+
+    async def _start_unless_backing_off(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Raises DecoderLost, saying when to retry, while backing off after a failed start, and when
+        this start fails."""
+        if (wait_s := self.next_start_at - time.monotonic()) > 0:
+            raise DecoderLost(f"{self.start_failure}; the next start is in {wait_s:.0f} s: retry then")
+        try:
+            await loop.run_in_executor(None, self._start)
+        except Exception as error:
+            self.failed_starts += 1
+            backoff_s = min(MOST_BACKOFF_S, FIRST_BACKOFF_S * 2 ** (self.failed_starts - 1))
+            self.next_start_at = time.monotonic() + backoff_s
+            self.start_failure = f"the decoding {self.where} did not start ({error})"
+            raise DecoderLost(f"{self.start_failure}; the next start is in {backoff_s:.0f} s: retry then") from error
+        self.failed_starts = 0
 
     async def _start_again(self, code: int | None) -> None:
         logger.warning("the decoding %s exited (%s): starting another", self.where, code)
         try:
             await self._ready()
-        except Exception as error:  # noqa: BLE001 - exited while loading, a full disk: the next request tries again
-            logger.error("the decoding %s did not start again (%s); the next request tries", self.where, error)
+        except Exception as error:  # noqa: BLE001 - exited while loading, a full disk: a later request tries again
+            logger.error("%s; a request after the back-off tries again", error)
 
     def _listen(self, inbox: Connection) -> None:
         """The decoder's messages handed to the event loop, until its pipe closes."""

@@ -312,6 +312,60 @@ def test_a_killed_decoding_process_fails_its_requests_and_another_starts_at_once
         decoder.close()
 
 
+def test_a_decoder_that_does_not_start_backs_off_and_requests_fail_at_once_meanwhile(tiny, monkeypatch) -> None:
+    """The decoding loop ends and its model no longer loads: after the failed restart, requests fail
+    at once saying when to retry, without loading it again each; past the back-off one start is
+    tried (failing again doubles the wait), and once it starts, requests are answered."""
+    import asyncio
+
+    from components import decoder as decoding
+    from components.decoder import Decoder, DecoderLost
+
+    monkeypatch.setattr(decoding, "FIRST_BACKOFF_S", 0.5)
+    model, tokenizer, _ = tiny
+    decoder = Decoder(model, tokenizer, threads=1, max_batch_size=8, wait_s=0.0, where="thread")
+    ids = prompt_ids(tokenizer, "the film")
+    starts, start = [], decoder._start
+    loads = {"fail": True}
+
+    def start_counted():
+        starts.append(time.monotonic())
+        if loads["fail"]:
+            raise RuntimeError("the decoding thread exited (None) while loading the model")
+        start()
+
+    monkeypatch.setattr(decoder, "_start", start_counted)
+
+    async def answer():
+        return [event async for event in decoder.events(Ask(ids, 2, temperature=0.0), whole=True)]
+
+    async def scenario():
+        await answer()  # listening
+        decoder.outbox.close()  # the loop ends at the end of its input: gone, as a crash
+        while not starts:
+            await asyncio.sleep(0.01)  # the restart, unasked, fails
+        while decoder.restarting is not None and not decoder.restarting.done():
+            await asyncio.sleep(0.01)
+        for _ in range(5):
+            with pytest.raises(DecoderLost, match=r"did not start .*; the next start is in \d+ s: retry then"):
+                await answer()
+        assert len(starts) == 1  # five requests, no load tried
+        await asyncio.sleep(0.6)
+        with pytest.raises(DecoderLost, match="the next start is in 1 s"):  # tried once more: the wait doubled
+            await answer()
+        assert len(starts) == 2
+        loads["fail"] = False
+        await asyncio.sleep(1.1)
+        return await answer()
+
+    try:
+        answered = asyncio.run(asyncio.wait_for(scenario(), timeout=60))
+        assert answered[-1]["finish_reason"] in (LENGTH, STOP) and len(starts) == 3
+        assert decoder.failed_starts == 0
+    finally:
+        decoder.close()
+
+
 def test_the_decoding_loop_ends_a_cancelled_row_and_never_starts_a_cancelled_ask(tiny) -> None:
     """The decoding loop over real pipes, its steps let through one at a time: a cancelled running
     row ends at the next step (finish_reason deadline), a cancelled waiting ask never runs, and the
