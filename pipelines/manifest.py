@@ -124,6 +124,16 @@ class Manifest:
             self.tracking_uri = f"{SQLITE}{here / store.relative_to(recorded)}"
         return self
 
+    def artifact_path(self, record: StageRecord) -> Path | None:
+        """Where a stage's artifact is now (under a moved storage, there); None for one that is no
+        local folder (a URL, a registered model)."""
+        if not record.output_uri or "://" in record.output_uri or not Path(record.output_uri).is_absolute():
+            return None
+        path = Path(record.output_uri)
+        if self.moved_from and path.is_relative_to(self.moved_from):
+            return Path(self.storage) / path.relative_to(self.moved_from)
+        return path
+
     def tracking_store_missing(self) -> str | None:
         """Where the run's SQLite tracking store should be, when it is not there: read-only commands
         must not open it, since MLflow would make an empty one."""

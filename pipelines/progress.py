@@ -73,6 +73,10 @@ def snapshot(manifest: mf.Manifest, client: MlflowClient | None = None, now: flo
             "cached_from_mlflow_run_id": record.cached_from_mlflow_run_id,
             "error": record.error,
             "upstream": record.upstream,
+            # `ptft gc` removed it (or someone did): a run of this config makes it again
+            "artifact_removed": record.status in mf.DONE
+            and (path := manifest.artifact_path(record)) is not None
+            and not path.exists(),
         }
         if record.status == mf.RUNNING and client is not None and record.mlflow_run_id:
             running_s = max(0.0, now - (record.started_at or now))
@@ -357,6 +361,8 @@ def print_status(storage: Path, run_id: str | None, *, as_json: bool) -> int:
     for stage in state["stages"]:
         line = f"  {stage['name']:<{width}} {stage['status']:<10} {clock(stage['seconds']):>7}"
         extra = describe(stage.get("progress")) or (stage["error"] or "")[:100]
+        if stage["artifact_removed"]:
+            extra = "its artifact was removed (ptft gc); a run of this config makes it again"
         after = f"  <- {', '.join(stage['upstream'])}" if stage["upstream"] else ""
         print(f"{line}  {extra}".rstrip() + after)
     return 0

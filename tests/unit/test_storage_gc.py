@@ -18,7 +18,8 @@ def _run(storage: Path, run_id: str, created_at: float, stages: dict[str, str], 
     manifest.created_at = created_at
     for node, key in stages.items():
         manifest.stage_started(node, key, "0" * 32)
-        manifest.stage_ended(node, mf.SUCCEEDED)
+        artifact = storage / "artifacts" / node.split(".")[0] / key / "model"
+        manifest.stage_ended(node, mf.SUCCEEDED, output_uri=str(artifact))
     manifest.finished(status)
     return manifest
 
@@ -85,6 +86,23 @@ def test_gc_lists_what_no_kept_run_uses_and_removes_it_only_when_told(
 
     assert cli.main(["gc", "--storage", str(storage), "--keep", "1", "--yes"]) == 0  # p2 is still the newest's
     assert _left(storage) == before - removed - {"ray_results/20260102-000000-bbbbbb-pretrain-p2"}
+
+
+def test_status_says_which_artifacts_of_a_run_gc_removed(storage: Path, capsys: pytest.CaptureFixture) -> None:
+    """A dropped run's stages still say `succeeded`; status adds that the artifact is gone, and a
+    storage moved since is looked at where it is now."""
+    import json
+
+    assert cli.main(["gc", "--storage", str(storage), "--keep", "2", "--yes"]) == 0
+    moved = storage.rename(storage.parent / "moved")
+    capsys.readouterr()
+    assert cli.main(["status", "20260101-000000-aaaaaa", "--storage", str(moved), "--json"]) == 0
+    stages = {stage["name"]: stage for stage in json.loads(capsys.readouterr().out)["stages"]}
+    assert stages["pretrain"]["artifact_removed"] and not stages["tokenize"]["artifact_removed"]
+    assert cli.main(["status", "20260101-000000-aaaaaa", "--storage", str(moved)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any("pretrain" in line and "its artifact was removed (ptft gc)" in line for line in lines), lines
+    assert not any("tokenize" in line and "removed" in line for line in lines), lines
 
 
 def test_gc_removes_nothing_while_a_run_is_driven(storage: Path, capsys: pytest.CaptureFixture) -> None:
