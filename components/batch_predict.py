@@ -44,9 +44,10 @@ def predictions(
     *,
     batch_size: int,
     workers: int,
+    cpus_per_worker: int = 1,
 ) -> Iterator[list[dict]]:
-    """Every row's answer, batch by batch in the table's order, from `workers` actors of one CPU each
-    on the connected Ray cluster."""
+    """Every row's answer, batch by batch in the table's order, from `workers` actors on the
+    connected Ray cluster, each taking `cpus_per_worker` CPUs and as many torch threads."""
     import ray.data
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True
@@ -54,11 +55,11 @@ def predictions(
     blocks = [needed.slice(start, batch_size) for start in range(0, needed.num_rows, batch_size)]
     answered = ray.data.from_arrow(blocks).map_batches(
         BatchScorer,
-        fn_constructor_args=(model_uri, tracking_uri, inputs),
+        fn_constructor_args=(model_uri, tracking_uri, inputs, cpus_per_worker),
         batch_size=batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=workers),
-        num_cpus=1,
+        num_cpus=cpus_per_worker,
     )
     for batch in answered.iter_batches(batch_size=None, batch_format="pyarrow"):
         yield [json.loads(answer) for answer in batch.column(PREDICTION).to_pylist()]

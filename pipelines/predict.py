@@ -65,7 +65,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     predict.add_argument(
         "--workers",
         type=arguments.positive_int,
-        help="model copies answering at once, one CPU each (default: one per CPU of the cluster)",
+        help="model copies answering at once (default: as many as the cluster's CPUs hold)",
+    )
+    predict.add_argument(
+        "--cpus-per-worker",
+        type=arguments.positive_int,
+        default=1,
+        help="CPUs (and torch threads) each worker takes (default 1): fewer, larger workers hold fewer model copies",
     )
     predict.add_argument(
         "--config",
@@ -109,7 +115,7 @@ def _predict(args: argparse.Namespace) -> int:
             console.say(f"[ptft] predict with {_named(model)}; logs of Ray and the workers: {log}")
         started = time.monotonic()
         workers = _start_ray(config, table.num_rows, args)
-        answers = _answers(table, model.model_uri, tracking_uri, inputs, args.batch_size, workers)
+        answers = _answers(table, model.model_uri, tracking_uri, inputs, args, workers)
         _write(Path(args.output), table, answers)
     took = time.monotonic() - started
     console.say(
@@ -267,29 +273,44 @@ def _writable_problems(table: pa.Table, output: Path) -> list[Problem]:
 
 
 def _start_ray(config: PipelineConfig, rows: int, args: argparse.Namespace) -> int:
-    """Ray connected (a local one started), and how many actors answer: --workers, else one per CPU
-    of the cluster, never more than there are batches."""
+    """Ray connected (a local one started), and how many actors answer: --workers, else as many as
+    the cluster's nodes hold at --cpus-per-worker each, never more than there are batches."""
     from pipelines.runner import _init_ray
 
     with console.spinner("Starting Ray ..."):
         _init_ray(config)
-    cpus = int(sum(node.get("CPU", 0) for node in preflight.alive_nodes().values()))
-    if args.workers and args.workers > cpus:
-        why = f"the cluster has {cpus} CPU(s), and each worker takes one"
-        raise ConfigError("ptft predict", [Problem("--workers", args.workers, why, f"use at most {cpus}")])
+    nodes = preflight.alive_nodes().values()
+    room = sum(int(node.get("CPU", 0) // args.cpus_per_worker) for node in nodes)
+    most = max((int(node.get("CPU", 0)) for node in nodes), default=0)
+    if room == 0:
+        why = f"no node of the cluster has {args.cpus_per_worker} CPUs (the largest has {most})"
+        problem = Problem("--cpus-per-worker", args.cpus_per_worker, why, f"use at most {most}")
+        raise ConfigError("ptft predict", [problem])
+    if args.workers and args.workers > room:
+        why = f"the cluster's nodes hold {room} worker(s) of {args.cpus_per_worker} CPU(s)"
+        raise ConfigError("ptft predict", [Problem("--workers", args.workers, why, f"ask for at most {room}")])
     batches = -(-rows // args.batch_size)
-    return args.workers or max(1, min(cpus, batches))
+    return args.workers or min(room, batches)
 
 
-def _answers(table: pa.Table, model_uri: str, tracking_uri: str | None, inputs, batch_size: int, workers: int) -> list:
+def _answers(table: pa.Table, model_uri: str, tracking_uri: str | None, inputs, args, workers: int) -> list:
     """Every row's answer, with the rows done shown as they come."""
     from components.batch_predict import predictions
 
     answers: list[dict] = []
     shown_at = time.monotonic()
+    batches = predictions(
+        table,
+        model_uri,
+        tracking_uri,
+        inputs,
+        batch_size=args.batch_size,
+        workers=workers,
+        cpus_per_worker=args.cpus_per_worker,
+    )
     with console.live() as on_terminal:
         bar = _progress_bar(table.num_rows) if on_terminal else None
-        for batch in predictions(table, model_uri, tracking_uri, inputs, batch_size=batch_size, workers=workers):
+        for batch in batches:
             answers += batch
             if bar is not None:
                 bar.update(bar.task_ids[0], completed=len(answers))

@@ -431,6 +431,12 @@ def test_predict_answers_every_row_of_a_file_on_the_cluster_in_order(app: dict, 
     assert [row["truncated"] for row in predicted] == [i % 5 == 0 for i in range(len(reviews))]
     assert [row["label"] for row in predicted] == [row["label"] for row in expected]
     assert [row["score"] for row in predicted] == pytest.approx([row["score"] for row in expected], abs=1e-6)
+    too_many = [PTFT, "predict", model, str(source), "--output", str(tmp_path / "more.jsonl"), "--workers", "1000"]
+    too_many += ["--text-column", "review"]
+    done = subprocess.run(
+        [*too_many, "--config", app["config"], *app["overrides"]], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 2 and "--workers = 1000: the cluster's nodes hold" in done.stderr, done.stderr
 
 
 # --- a small application: deadlines and overload --------------------------------------------------
