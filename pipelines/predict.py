@@ -15,6 +15,7 @@ import io
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -92,41 +93,63 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     predict.set_defaults(handler=_predict)
 
 
+@dataclass(frozen=True)
+class Job:
+    """What `ptft predict` answers, checked: the rows, the model and which columns it reads."""
+
+    table: pa.Table
+    model: object  # components.serve.ModelInfo
+    task: object  # components.tasks.TaskType
+    inputs: dict[str, str]  # what the model reads -> the column holding it
+    labels: list[str]  # the model's label names in id order, when --label-column asks for them
+
+
 def _predict(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides, check_data=False)
-    problems = model_reference_problems(args.model, "MODEL") + _output_problems(args)
-    table, input_problems = _read_input(args.input)
-    if problems or input_problems:
-        raise ConfigError("ptft predict", problems + input_problems)
     tracking_uri = config.tracking_uri()
-    model, task = _model_and_task(args.model, tracking_uri)
-    inputs = _inputs(task.example, args)
-    labels = _label_names(model, tracking_uri) if args.label_column and task.has_classes else []
-    problems = _column_problems(table, inputs, args) + _label_problems(table, task, args.label_column, labels)
-    if problems := problems + _writable_problems(table, Path(args.output)):
-        raise ConfigError("ptft predict", problems)
-    if not config.cluster_address() and (problems := preflight.local_ray_problems()):
-        raise ConfigError("ptft predict", problems)
+    job = _checked_job(args, config, tracking_uri)
     from pipelines.cli import logged_console
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     with logged_console(args, config.storage_path() / "logs" / f"predict-{stamp}.log") as log:
         if log:
-            console.say(f"[ptft] predict with {_named(model)}; logs of Ray and the workers: {log}")
+            console.say(f"[ptft] predict with {_named(job.model)}; logs of Ray and the workers: {log}")
         started = time.monotonic()
-        workers = _start_ray(config, table.num_rows, args)
-        answers = _answers(table, model.model_uri, tracking_uri, inputs, args, workers)
-        _write(Path(args.output), table, answers)
-    took = time.monotonic() - started
+        workers = _start_ray(config, job.table.num_rows, args)
+        answers = _answers(job, tracking_uri, args, workers)
+        _write(Path(args.output), job.table, answers)
+    took, rows = time.monotonic() - started, job.table.num_rows
     console.say(
-        f"Wrote {table.num_rows:,} predictions of {_named(model)} to {args.output} in {took:.0f} s "
-        f"({table.num_rows / took:.1f} rows/s, {workers} worker{'s' if workers != 1 else ''})"
+        f"Wrote {rows:,} predictions of {_named(job.model)} to {args.output} in {took:.0f} s "
+        f"({rows / took:.1f} rows/s, {workers} worker{'s' if workers != 1 else ''})"
     )
     if args.label_column:
-        scores = task.score_answers(answers, table.column(args.label_column).to_pylist(), labels)
+        scores = job.task.score_answers(answers, job.table.column(args.label_column).to_pylist(), job.labels)
         shown = ", ".join(f"{name} {value:.4f}" for name, value in scores.items())
-        console.say(f"Scores against {args.label_column!r} ({table.num_rows:,} rows): {shown}")
+        console.say(f"Scores against {args.label_column!r} ({rows:,} rows): {shown}")
     return 0
+
+
+def _checked_job(args: argparse.Namespace, config: PipelineConfig, tracking_uri: str | None) -> Job:
+    """The input, the model and the output checked before Ray starts.
+
+    Raises:
+        ConfigError: with every problem found, naming the option or file.
+    """
+    problems = model_reference_problems(args.model, "MODEL") + _output_problems(args)
+    table, input_problems = _read_input(args.input)
+    if problems or input_problems:
+        raise ConfigError("ptft predict", problems + input_problems)
+    model, task = _model_and_task(args.model, tracking_uri)
+    inputs = _inputs(task.example, args)
+    labels = _label_names(model, tracking_uri) if args.label_column and task.has_classes else []
+    problems = _column_problems(table, inputs, args) + _label_problems(table, task, args.label_column, labels)
+    problems += _writable_problems(table, Path(args.output))
+    if not problems and not config.cluster_address():
+        problems = preflight.local_ray_problems()
+    if problems:
+        raise ConfigError("ptft predict", problems)
+    return Job(table, model, task, inputs, labels)
 
 
 def _named(model) -> str:
@@ -293,17 +316,18 @@ def _start_ray(config: PipelineConfig, rows: int, args: argparse.Namespace) -> i
     return args.workers or min(room, batches)
 
 
-def _answers(table: pa.Table, model_uri: str, tracking_uri: str | None, inputs, args, workers: int) -> list:
+def _answers(job: Job, tracking_uri: str | None, args: argparse.Namespace, workers: int) -> list:
     """Every row's answer, with the rows done shown as they come."""
     from components.batch_predict import predictions
 
     answers: list[dict] = []
     shown_at = time.monotonic()
+    table = job.table
     batches = predictions(
         table,
-        model_uri,
+        job.model.model_uri,
         tracking_uri,
-        inputs,
+        job.inputs,
         batch_size=args.batch_size,
         workers=workers,
         cpus_per_worker=args.cpus_per_worker,
