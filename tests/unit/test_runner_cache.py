@@ -199,11 +199,12 @@ def test_resume_names_a_run_config_that_does_not_read(
     assert "Fix: restore the file, or run the pipeline again" in err and "Traceback" not in err
 
 
-def test_resuming_a_finished_run_says_so_and_starts_nothing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_resuming_a_finished_run_says_so_and_starts_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A finished run has nothing to resume: no Ray started to deploy its model again and shut it
     down (~20 s), the manifest untouched. `--keep-serving` still resumes it to serve."""
-    import ray
-
+    monkeypatch.setattr(cli, "_execute", lambda *_, **__: pytest.fail("the run was resumed"))
     run_id = "20260101-000000-eeeeee"
     manifest = mf.Manifest.create(tmp_path, run_id, "demo", runner.STAGES, {"name": "demo"})
     manifest.finished(mf.SUCCEEDED)
@@ -212,7 +213,6 @@ def test_resuming_a_finished_run_says_so_and_starts_nothing(tmp_path: Path, caps
     out = capsys.readouterr().out
     assert f"Pipeline run {run_id} finished; nothing to resume" in out, out
     assert f"ptft resume {run_id} --storage {tmp_path} --keep-serving" in out
-    assert not ray.is_initialized()
     assert (mf.Manifest.folder(tmp_path, run_id) / "manifest.json").read_text() == before
 
 
