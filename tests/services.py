@@ -240,7 +240,9 @@ def ray_driver(ray_cluster: str) -> Iterator[str]:
     import ray
 
     env = {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
-    ray.init(address=ray_cluster, runtime_env={"env_vars": env})
+    # Not the job's workers' logs: an xdist worker runs unit tests after this, and a Ray actor's
+    # traceback streamed into one of their captured stderrs failed its "no traceback" check.
+    ray.init(address=ray_cluster, runtime_env={"env_vars": env}, log_to_driver=False)
     try:
         yield ray_cluster
     finally:
