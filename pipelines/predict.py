@@ -235,10 +235,14 @@ def _column_problems(table: pa.Table, inputs: dict[str, str], args: argparse.Nam
             why = f"holds {values.type} values, not texts"
             problems.append(Problem(option, column, why, f"name a column of {field}s, or quote its values as texts"))
         elif values.null_count:
-            first = values.is_null().to_pylist().index(True) + 1
-            why = f"{values.null_count:,} row(s) have no {field}, the first is row {first}"
+            why = f"{values.null_count:,} row(s) have no {field}, the first is row {_first_missing_row(values)}"
             problems.append(Problem(option, column, why, f"give every row a {field}, or leave those rows out"))
     return problems
+
+
+def _first_missing_row(values: pa.ChunkedArray) -> int:
+    """The row number (from 1) of a column's first null."""
+    return values.is_null().to_pylist().index(True) + 1
 
 
 def _label_names(model, tracking_uri: str | None) -> list[str]:
@@ -275,8 +279,7 @@ def _label_problems(table: pa.Table, task, column: str | None, labels: list[str]
         why = f"the input has no column {column!r}; its columns: {', '.join(table.column_names)}"
         return [Problem("--label-column", column, why, "name the column of expected values")]
     if missing := table.column(column).null_count:
-        first = table.column(column).is_null().to_pylist().index(True) + 1
-        why = f"{missing:,} row(s) have no expected value, the first is row {first}"
+        why = f"{missing:,} row(s) have no expected value, the first is row {_first_missing_row(table.column(column))}"
         return [Problem("--label-column", column, why, "give every row one, or leave those rows out")]
     if labels and (unknown := sorted(set(expected_names(table.column(column).to_pylist(), labels)) - set(labels))):
         shown = ", ".join(map(repr, unknown[:8])) + (", ..." if len(unknown) > 8 else "")

@@ -90,13 +90,17 @@ def generate(model, tokenizer, input_ids, attention_mask, *, num_beams: int = NU
 def _scores(gold: list, guessed: list[str], names: list[str], split_dir: str | None = None) -> dict[str, float]:
     """Corpus BLEU and chrF of the translations against the split's reference texts (`gold` holds
     each translated row's number in the split)."""
+    references = pq.read_table(split_dir, columns=["reference"]).column("reference").to_pylist()
+    return _bleu_and_chrf(guessed, [references[row] for row in gold])
+
+
+def _bleu_and_chrf(translations: list[str], references: list[str]) -> dict[str, float]:
+    """Corpus BLEU (sacrebleu's default 13a tokenisation) and chrF, one reference per translation."""
     import sacrebleu
 
-    references = pq.read_table(split_dir, columns=["reference"]).column("reference").to_pylist()
-    wanted = [references[row] for row in gold]
     return {
-        "bleu": sacrebleu.corpus_bleu(guessed, [wanted]).score,
-        "chrf": sacrebleu.corpus_chrf(guessed, [wanted]).score,
+        "bleu": sacrebleu.corpus_bleu(translations, [references]).score,
+        "chrf": sacrebleu.corpus_chrf(translations, [references]).score,
     }
 
 
@@ -108,14 +112,7 @@ def _predict(model, tokenizer, texts: list[str], max_tokens: int) -> list[dict]:
 
 def _score_answers(answers: list[dict], expected: list, labels: list[str]) -> dict[str, float]:
     """Corpus BLEU and chrF of the translations against each row's reference text."""
-    import sacrebleu
-
-    translations = [answer["translation"] for answer in answers]
-    references = [str(value) for value in expected]
-    return {
-        "bleu": sacrebleu.corpus_bleu(translations, [references]).score,
-        "chrf": sacrebleu.corpus_chrf(translations, [references]).score,
-    }
+    return _bleu_and_chrf([answer["translation"] for answer in answers], [str(value) for value in expected])
 
 
 def _test_samples(model, tokenizer, test_dir: str, count: int) -> list[dict]:
