@@ -127,11 +127,24 @@ def test_serve_answers_http(demo: dict) -> None:
 
 
 def test_serve_listens_on_loopback_only(demo: dict) -> None:
+    """Only the sockets of the process that accepts the demo's requests count: other processes
+    (Ray workers listen on the node's address) may hold the same port number elsewhere."""
+    from http.client import HTTPConnection
+
     import psutil
 
     port = int(demo["url"].rsplit(":", 1)[1])
-    listening = [c.laddr.ip for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == port]
-    assert listening and set(listening) == {"127.0.0.1"}, listening
+    client = HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        client.request("GET", "/healthz")
+        assert client.getresponse().read()  # answered, so accepted: the connection is kept alive, ours to find
+        ours = client.sock.getsockname()[1]
+        connections = psutil.net_connections("tcp")
+        (ingress,) = {c.pid for c in connections if c.laddr.port == port and c.raddr and c.raddr.port == ours}
+    finally:
+        client.close()
+    listening = [c.laddr.ip for c in connections if c.pid == ingress and c.status == "LISTEN" and c.laddr.port == port]
+    assert listening and set(listening) == {"127.0.0.1"}, (psutil.Process(ingress).name(), listening)
 
 
 @pytest.mark.parametrize(
