@@ -140,9 +140,9 @@ def _checked_job(args: argparse.Namespace, config: PipelineConfig, tracking_uri:
     table, input_problems = _read_input(args.input)
     if problems or input_problems:
         raise ConfigError("ptft predict", problems + input_problems)
-    model, task = _model_and_task(args.model, tracking_uri)
+    model, task, model_config = _model_and_task(args.model, tracking_uri)
     inputs = _inputs(task.example, args)
-    labels = _label_names(model, tracking_uri) if args.label_column and task.has_classes else []
+    labels = _label_names(model_config) if args.label_column and task.has_classes else []
     problems = _column_problems(table, inputs, args) + _label_problems(table, task, args.label_column, labels)
     problems += _writable_problems(table, Path(args.output))
     if not problems and not config.cluster_address():
@@ -180,35 +180,44 @@ def _read_input(path: str) -> tuple[pa.Table | None, list[Problem]]:
 
 
 def _model_and_task(reference: str, tracking_uri: str | None):
-    """The model (`ModelInfo`) and its task type, whose input example says what a row gives it (a
-    text, or a question and its context) and which scores its answers."""
+    """The model (`ModelInfo`), its task type (whose input example says what a row gives it: a
+    text, or a question and its context; and which scores its answers) and its transformers config,
+    read as the workers will load it: the task from its head."""
+    from mlflow.exceptions import MlflowException
+
     from components import serve
     from components.registry import RegistryUnavailable
+    from components.tasks import task_of_model
 
     try:
         model = serve.resolve_model(reference, tracking_uri)
-        return model, _task_of(model, tracking_uri)
+        model_config = _model_config(model, tracking_uri)
+        return model, task_of_model(model_config), model_config
     except RegistryUnavailable as error:
         problem = Problem("tracking.uri", redact_url(tracking_uri), str(error), "start the MLflow server, or name one")
         raise ConfigError("ptft predict", [problem]) from None
-    except ValueError as error:
+    except (ValueError, OSError, MlflowException) as error:  # no such version, no config.json, an unknown head
         raise ConfigError("ptft predict", [Problem("MODEL", reference, str(error), "check the name")]) from None
 
 
-def _task_of(model, tracking_uri: str | None):
-    """The task type of a model folder (its head), or of a registered version (the tag ptft gives
-    it; a version registered elsewhere reads texts)."""
-    from components.registry import TASK_TYPE_TAG
-    from components.tasks import task_of_model, task_type
+def _model_config(model, tracking_uri: str | None):
+    """The model's transformers config alone, not its weights (a registered model's is in its
+    folder, `model/config.json`)."""
+    from transformers import AutoConfig
 
     if not model.model_uri.startswith("models:/"):
-        from transformers import AutoConfig
+        return AutoConfig.from_pretrained(model.model_uri)
+    import mlflow
 
-        return task_of_model(AutoConfig.from_pretrained(model.model_uri))
-    from mlflow import MlflowClient
+    from components.scratch import ScratchFolder
 
-    tags = MlflowClient(tracking_uri).get_model_version(model.name, model.version).tags
-    return task_type(tags.get(TASK_TYPE_TAG, "sequence_classification"))
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one small file
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)  # the registry's too; download_artifacts' own is not
+    with ScratchFolder("model-config") as folder:
+        uri = f"{model.model_uri}/model/config.json"
+        path = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(folder))
+        return AutoConfig.from_pretrained(Path(path).parent)
 
 
 def _inputs(example, args: argparse.Namespace) -> dict[str, str]:
@@ -245,26 +254,9 @@ def _first_missing_row(values: pa.ChunkedArray) -> int:
     return values.is_null().to_pylist().index(True) + 1
 
 
-def _label_names(model, tracking_uri: str | None) -> list[str]:
-    """The model's label names in id order, from its config alone (a registered classifier's is
-    in its transformers folder, `model/config.json`)."""
-    from transformers import AutoConfig
-
-    if not model.model_uri.startswith("models:/"):
-        config = AutoConfig.from_pretrained(model.model_uri)
-    else:
-        import mlflow
-
-        from components.scratch import ScratchFolder
-
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one small file
-        if tracking_uri:
-            mlflow.set_tracking_uri(tracking_uri)  # the registry's too; download_artifacts' own is not
-        with ScratchFolder("model-config") as folder:
-            uri = f"{model.model_uri}/model/config.json"
-            path = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(folder))
-            config = AutoConfig.from_pretrained(Path(path).parent)
-    return [config.id2label[number] for number in range(config.num_labels)]
+def _label_names(model_config) -> list[str]:
+    """The model's label names in id order."""
+    return [model_config.id2label[number] for number in range(model_config.num_labels)]
 
 
 def _label_problems(table: pa.Table, task, column: str | None, labels: list[str]) -> list[Problem]:
