@@ -256,6 +256,11 @@ class PipelineConfig(BaseModel):
     def experiment_name(self) -> str:
         return self.tracking.experiment or self.name
 
+    def artifact_location(self) -> str | None:
+        """Where a new experiment keeps its artifacts: beside the embedded store; a tracking
+        server decides for itself (None)."""
+        return str(self.storage_path() / "mlartifacts") if self.tracking.uri is None else None
+
     def registered_model_name(self) -> str:
         """The single task's registry name: the configured one, else `<name>-<what the model is>`
         (demo-classifier, conll2003-ner-tagger, squad-qa-reader, multi30k-en-de-translator)."""

@@ -127,6 +127,7 @@ def _predict(args: argparse.Namespace) -> int:
         scores = job.task.score_answers(answers, job.table.column(args.label_column).to_pylist(), job.labels)
         shown = ", ".join(f"{name} {value:.4f}" for name, value in scores.items())
         console.say(f"Scores against {args.label_column!r} ({rows:,} rows): {shown}")
+        _record_and_say(job, args, config, scores, rows_per_s=rows / took)
     return 0
 
 
@@ -144,12 +145,26 @@ def _checked_job(args: argparse.Namespace, config: PipelineConfig, tracking_uri:
     inputs = _inputs(task.example, args)
     labels = _label_names(model_config) if args.label_column and task.has_classes else []
     problems = _column_problems(table, inputs, args) + _label_problems(table, task, args.label_column, labels)
-    problems += _writable_problems(table, Path(args.output))
+    problems += _writable_problems(table, Path(args.output)) + _record_problems(args, tracking_uri)
     if not problems and not config.cluster_address():
         problems = preflight.local_ray_problems()
     if problems:
         raise ConfigError("ptft predict", problems)
     return Job(table, model, task, inputs, labels)
+
+
+def _record_problems(args: argparse.Namespace, tracking_uri: str) -> list[Problem]:
+    """Scores are recorded in the tracking store: it answers (a registered model's lookup asked it already)."""
+    from components.net import mlflow_unanswered
+
+    if not args.label_column or args.model.startswith("models:/") or not (reason := mlflow_unanswered(tracking_uri)):
+        return []
+    why = f"the scores are recorded there, and it did not answer: {reason}"
+    return [
+        Problem(
+            "tracking.uri", redact_url(tracking_uri), why, "start the MLflow server, or point at the one that is up"
+        )
+    ]
 
 
 def _named(model) -> str:
@@ -379,3 +394,64 @@ def _encode(suffix: str, table: pa.Table, answers: list[dict]) -> bytes:
         options = pacsv.WriteOptions(delimiter="\t" if suffix == ".tsv" else ",")
         pacsv.write_csv(table.append_column(PREDICTION, column), buffer, write_options=options)
     return buffer.getvalue()
+
+
+RECORDED_ROWS_AT_MOST_MB = 100  # the scored rows go with the run up to this size, for error analysis
+
+
+def _record_and_say(
+    job: Job, args: argparse.Namespace, config: PipelineConfig, scores: dict, rows_per_s: float
+) -> None:
+    """Records the scores as an MLflow run and says where; the predictions and the printed scores
+    stand whether or not the tracking store takes them."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        experiment_id, run_id = _record(job, args, config, scores, rows_per_s)
+    except (MlflowException, OSError) as error:
+        console.say(f"[ptft] the scores were not recorded in MLflow ({redact_url(config.tracking_uri())}): {error}")
+        return
+    from components.tracking import ui_links
+    from pipelines.cli import DEFAULT_UI_URL
+
+    tracking_uri = config.tracking_uri()
+    ui = redact_url(tracking_uri) if tracking_uri.startswith(("http://", "https://")) else DEFAULT_UI_URL
+    console.say(f"Recorded as MLflow run {run_id}: {ui_links(ui, experiment_id, run_id)['run']}")
+
+
+def _record(job: Job, args: argparse.Namespace, config: PipelineConfig, scores: dict, rows_per_s: float):
+    """(experiment id, run id) of a finished MLflow run holding the scores, what was scored and by
+    which model, and the scored rows when they are small enough. A registered model's run goes
+    to the experiment of the run that fine-tuned it, beside it; a folder's to the config's."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param
+
+    from components.tracking import ensure_experiment, start_run
+
+    client = MlflowClient(config.tracking_uri())
+    if job.model.run_id:
+        experiment_id = client.get_run(job.model.run_id).info.experiment_id
+    else:
+        experiment_id = ensure_experiment(client, config.experiment_name(), config.artifact_location())
+    source = Path(args.input).resolve()
+    tags = {"ptft.kind": "predict", "ptft.model": job.model.name, "ptft.model_version": job.model.version}
+    tags["ptft.model_uri"] = job.model.model_uri
+    if job.model.run_id:
+        tags["ptft.finetune_run_id"] = job.model.run_id
+    params = {"input": str(source), "rows": job.table.num_rows, "label_column": args.label_column}
+    params |= {f"{field}_column": column for field, column in job.inputs.items()}
+    params |= {"batch_size": args.batch_size, "output": str(Path(args.output).resolve())}
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"predict/{name}", float(value), now, 0) for name, value in scores.items()]
+    metrics.append(Metric("predict/rows_per_s", rows_per_s, now, 0))
+    output = Path(args.output)
+    run_id = start_run(client, experiment_id, f"predict-{source.name}", tags=tags)
+    status = "FAILED"
+    try:
+        client.log_batch(run_id, metrics=metrics, params=[Param(key, str(value)) for key, value in params.items()])
+        if output.stat().st_size <= RECORDED_ROWS_AT_MOST_MB * 2**20:
+            client.log_artifact(run_id, str(output), "predictions")
+        status = "FINISHED"
+    finally:
+        client.set_terminated(run_id, status)
+    return experiment_id, run_id

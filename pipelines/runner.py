@@ -139,9 +139,7 @@ def _run_locked(
     _init_ray(config)
     _preflight(config)
     client = MlflowClient(config.tracking_uri())
-    # The embedded store keeps artifacts beside it; a tracking server decides for itself.
-    artifact_location = str(storage / "mlartifacts") if config.tracking.uri is None else None
-    experiment_id = ensure_experiment(client, config.experiment_name(), artifact_location)
+    experiment_id = ensure_experiment(client, config.experiment_name(), config.artifact_location())
     if resume:
         manifest = _reopen_pipeline_run(client, storage, resume, experiment_id)
     else:

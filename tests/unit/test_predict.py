@@ -217,3 +217,65 @@ def test_a_model_whose_answers_are_not_scored_against_a_column_is_refused(tmp_pa
     rows = _jsonl(tmp_path / "in.jsonl", [{"text": "EU rejects it", "label": "B-ORG O O"}])
     assert _predict(tmp_path / "tagger", rows, tmp_path / "out.jsonl", "--label-column", "label") == 2
     assert "a token_classification model's answers are not scored against a column" in capsys.readouterr().err
+
+
+def _answered_in_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rows answered here by the model a worker would load: Ray's part is the cluster test's."""
+    monkeypatch.setattr(predict, "_start_ray", lambda config, rows, args: 1)
+    monkeypatch.setattr(
+        predict,
+        "_answers",
+        lambda job, uri, args, workers: Scorer(job.model.model_uri, uri)(
+            job.table.column(job.inputs["text"]).to_pylist()
+        ),
+    )
+
+
+def test_scores_are_recorded_as_an_mlflow_run_with_the_scored_rows(
+    model: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model folder's scores go to the config's experiment (the demo's, in the storage's own
+    store): the model, the file and its columns, each score, and the output file."""
+    import mlflow
+
+    _answered_in_process(monkeypatch)
+    rows = [{"text": text, "label": i % 2} for i, text in enumerate(REVIEWS)]
+    output = tmp_path / "scored.jsonl"
+    assert _predict(model, _jsonl(tmp_path / "reviews.jsonl", rows), output, "--label-column", "label") == 0
+    out = capsys.readouterr().out
+    printed = dict(pair.rsplit(" ", 1) for pair in out.split("rows): ")[1].splitlines()[0].split(", "))
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'storage' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("demo").experiment_id], "tags.`ptft.kind` = 'predict'")
+    assert f"Recorded as MLflow run {run.info.run_id}: http://127.0.0.1:5000/#/experiments/" in out
+    assert run.info.status == "FINISHED" and run.info.run_name == "predict-reviews.jsonl"
+    assert run.data.tags["ptft.model_uri"] == str(model) and run.data.tags["ptft.model_version"] == "local"
+    params = run.data.params
+    assert (params["input"], params["rows"], params["label_column"], params["text_column"]) == (
+        str(tmp_path / "reviews.jsonl"),
+        str(len(rows)),
+        "label",
+        "text",
+    )
+    recorded = {name.removeprefix("predict/"): value for name, value in run.data.metrics.items()}
+    assert set(recorded) == {"accuracy", "f1_macro", "rows_per_s"}
+    assert {name: f"{recorded[name]:.4f}" for name in printed} == printed
+    logged = Path(client.download_artifacts(run.info.run_id, "predictions", str(tmp_path)))
+    assert (logged / output.name).read_text() == output.read_text()
+
+
+def test_scores_for_a_tracking_server_that_does_not_answer_are_refused_before_ray_starts(
+    model: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from components.net import free_port
+
+    def never(*_):
+        raise AssertionError("Ray started")
+
+    monkeypatch.setattr(predict, "_start_ray", never)
+    rows = _jsonl(tmp_path / "in.jsonl", [{"text": "good", "label": 1}])
+    uri = f"http://127.0.0.1:{free_port()}"
+    options = ("--label-column", "label", f"tracking.uri={uri}")
+    assert _predict(model, rows, tmp_path / "out.jsonl", *options) == 2
+    err = capsys.readouterr().err
+    assert f"tracking.uri = '{uri}': the scores are recorded there, and it did not answer" in err, err
+    assert not (tmp_path / "out.jsonl").exists()
