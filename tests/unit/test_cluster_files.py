@@ -21,7 +21,7 @@ import jsonschema
 import pytest
 import yaml
 
-from tests.conftest import REPO, shared
+from tests.conftest import REPO, shared, sqlite_store
 
 CLUSTER = REPO / "cluster"
 RAY_UP = CLUSTER / "ray-up" / "gpu-cluster.yaml"
@@ -297,7 +297,7 @@ def test_app_builder_pins_the_alias_to_a_version(tmp_path: Path) -> None:
 
     from components.serve import app_builder, resolve_model
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     client = MlflowClient(uri)
     client.create_registered_model("demo-classifier")
     (tmp_path / "model").mkdir()

@@ -21,6 +21,7 @@ from components import tracking  # noqa: E402
 from pipelines import cli  # noqa: E402
 from pipelines import manifest as mf  # noqa: E402
 from pipelines.report import REPORT_ARTIFACT  # noqa: E402
+from tests.conftest import sqlite_store  # noqa: E402
 
 RUN_ID = "20260101-120000-abc123"
 MODEL = "unit-classifier"
@@ -47,7 +48,7 @@ def recorded_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     Shared by the tests of this module: the report only reads it (and re-logs its own copy)."""
     tmp_path = tmp_path_factory.mktemp("report")
     storage = tmp_path / "ptft-runs"
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     client = MlflowClient(uri)
     experiment = tracking.ensure_experiment(client, "unit", str(tmp_path / "mlartifacts"))
     parent = tracking.start_run(client, experiment, f"pipeline-{RUN_ID}", tags={"ptft.run_id": RUN_ID})

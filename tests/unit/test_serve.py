@@ -14,12 +14,12 @@ from mlflow.tracking import MlflowClient
 from components import registry, scoring, serve
 from components.schemas import ServeConfig
 from pipelines.pipeline_config import ConfigError, model_reference_problems, validate
-from tests.conftest import POSITIONS, tiny_classifier, tiny_config_dict
+from tests.conftest import POSITIONS, sqlite_store, tiny_classifier, tiny_config_dict
 
 
 @pytest.fixture
 def client(tmp_path: Path) -> MlflowClient:
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(sqlite_store(tmp_path / "mlflow.db"))
     client.create_registered_model("m")
     return client
 
@@ -79,7 +79,7 @@ def test_a_registered_version_whose_files_are_gone_is_named_before_serve_starts(
     """An artifact store cleaned by hand left the registry pointing at nothing: `ptft serve` started
     Ray, Serve's replicas failed three times over (`No such artifact: 'MLmodel'`), and the deploy
     ended in a traceback after 31 s."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     client = MlflowClient(uri)
     client.create_registered_model("m")
     files = tmp_path / "artifacts" / "model"
@@ -100,7 +100,7 @@ def test_the_files_of_a_version_logged_to_a_run_are_looked_for_in_the_clients_st
     with a tracking server, that made a ./mlflow.db in the working directory and found nothing to check."""
     import mlflow
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     client = MlflowClient(uri)
     run = client.create_run(client.create_experiment("e", artifact_location=str(tmp_path / "artifacts")))
     client.log_text(run.info.run_id, "flavors: {}\n", "model/MLmodel")

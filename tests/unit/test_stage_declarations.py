@@ -18,7 +18,7 @@ from components.stage import StageContext, StageResult
 from pipelines import stages
 from pipelines.pipeline_config import validate
 from pipelines.stages.finetune import FinetuneOutputs, RegisteredVersion
-from tests.conftest import REPO, tiny_classifier, tiny_config_dict
+from tests.conftest import REPO, sqlite_store, tiny_classifier, tiny_config_dict
 
 
 def test_every_stage_comes_after_what_it_reads() -> None:
@@ -62,7 +62,7 @@ def _finetuned(registered: RegisteredVersion) -> stages.Inputs:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> dict:
     folder = tmp_path_factory.mktemp("registry")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    uri = sqlite_store(folder / "mlflow.db")
     client = MlflowClient(uri)
     experiment = client.create_experiment("unit", artifact_location=str(folder / "artifacts"))
     return {
@@ -241,7 +241,7 @@ def test_a_failed_branch_stops_only_itself_and_a_resume_runs_only_it(tmp_path: P
     from pipelines import manifest as mf
     from pipelines import runner
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     config = validate({**_multitask(tmp_path / "storage"), "tracking": {"uri": uri}})
     broken, calls = {"train.topic"}, []
 
@@ -304,7 +304,7 @@ def test_branches_whose_claims_fit_run_side_by_side_through_the_runner(tmp_path:
     from pipelines import manifest as mf
     from pipelines import runner
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     config = validate({**_multitask(tmp_path / "storage"), "tracking": {"uri": uri}})
     both_running = threading.Barrier(2, timeout=30)  # each waits for the other: only side by side passes
 
@@ -440,7 +440,7 @@ def _runs_of_one_stage(tmp_path: Path, stage: stages.Stage) -> tuple[Callable[[s
     from pipelines import manifest as mf
     from pipelines import runner
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     config = validate({**_multitask(tmp_path / "storage"), "tracking": {"uri": uri}})
     nodes = (stages.Node(stage.name, stage, None, ()),)
     client = MlflowClient(uri)
@@ -527,7 +527,7 @@ def test_pretraining_without_room_on_the_storage_fails_before_it_starts(
         raise RuntimeError("would start Ray Train here")
 
     with conftest.small_disk(tmp_path / "disk", "8M") as disk:
-        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        uri = sqlite_store(tmp_path / "mlflow.db")
         raw = {**tiny_config_dict(disk / "storage"), "tracking": {"uri": uri}}
         raw["pretrain"] = {"model": {"preset": preset}}
         config = validate(raw)

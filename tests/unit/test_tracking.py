@@ -16,12 +16,12 @@ from mlflow.tracking import MlflowClient
 from components import redaction, tracking
 from components.net import free_port
 from tests import conftest
-from tests.conftest import wait_until
+from tests.conftest import sqlite_store, wait_until
 
 
 @pytest.fixture
 def store(tmp_path: Path) -> tuple[MlflowClient, str, str]:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     client = MlflowClient(uri)
     experiment = tracking.ensure_experiment(client, "t", str(tmp_path / "artifacts"))
     return client, uri, experiment
