@@ -422,14 +422,14 @@ def _record_and_say(
 def _record(job: Job, args: argparse.Namespace, config: PipelineConfig, scores: dict, rows_per_s: float):
     """(experiment id, run id) of a finished MLflow run holding the scores, what was scored and by
     which model, and the scored rows when they are small enough. A registered model's run goes
-    to the experiment of the run that fine-tuned it, beside it; a folder's to the config's."""
+    to the experiment of the run that logged it, beside it; a folder's to the config's."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
 
     from components.tracking import ensure_experiment, start_run
 
     client = MlflowClient(config.tracking_uri())
-    if job.model.run_id:
+    if job.model.run_id:  # the run that logged the registered model: ptft's finetune stage, or another's
         experiment_id = client.get_run(job.model.run_id).info.experiment_id
     else:
         experiment_id = ensure_experiment(client, config.experiment_name(), config.artifact_location())
@@ -437,7 +437,7 @@ def _record(job: Job, args: argparse.Namespace, config: PipelineConfig, scores: 
     tags = {"ptft.kind": "predict", "ptft.model": job.model.name, "ptft.model_version": job.model.version}
     tags["ptft.model_uri"] = job.model.model_uri
     if job.model.run_id:
-        tags["ptft.finetune_run_id"] = job.model.run_id
+        tags["ptft.model_run_id"] = job.model.run_id
     params = {"input": str(source), "rows": job.table.num_rows, "label_column": args.label_column}
     params |= {f"{field}_column": column for field, column in job.inputs.items()}
     params |= {"batch_size": args.batch_size, "output": str(Path(args.output).resolve())}

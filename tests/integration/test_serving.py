@@ -429,7 +429,7 @@ def test_predict_answers_every_row_of_a_file_on_the_cluster_in_order(app: dict, 
     (record,) = app["client"].search_runs([experiment], "tags.`ptft.kind` = 'predict'")
     where = f"{app['tracking_uri']}/#/experiments/{experiment}/runs/{record.info.run_id}"
     assert f"Recorded as MLflow run {record.info.run_id}: {where}" in done.stdout, done.stdout
-    assert record.data.tags["ptft.finetune_run_id"] == version.run_id
+    assert record.data.tags["ptft.model_run_id"] == version.run_id
     assert record.data.tags["ptft.model_version"] == first["version"] and record.data.metrics["predict/accuracy"] == 0.5
     table = pq.read_table(output)
     assert table.column("id").to_pylist() == list(range(len(reviews)))
