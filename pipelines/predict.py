@@ -124,10 +124,12 @@ def _predict(args: argparse.Namespace) -> int:
         f"({rows / took:.1f} rows/s, {workers} worker{'s' if workers != 1 else ''})"
     )
     if args.label_column:
-        scores = job.task.score_answers(answers, job.table.column(args.label_column).to_pylist(), job.labels)
+        expected = job.table.column(args.label_column).to_pylist()
+        scores = job.task.score_answers(answers, expected, job.labels)
         shown = ", ".join(f"{name} {value:.4f}" for name, value in scores.items())
         console.say(f"Scores against {args.label_column!r} ({rows:,} rows): {shown}")
-        _record_and_say(job, args, config, scores, rows_per_s=rows / took)
+        matrix = _confusion_matrix(answers, expected, job.labels) if job.labels else None
+        _record_and_say(job, args, config, scores, matrix, rows_per_s=rows / took)
     return 0
 
 
@@ -399,15 +401,30 @@ def _encode(suffix: str, table: pa.Table, answers: list[dict]) -> bytes:
 RECORDED_ROWS_AT_MOST_MB = 100  # the scored rows go with the run up to this size, for error analysis
 
 
+def _confusion_matrix(answers: list[dict], expected: list, labels: list[str]) -> list[list[int]]:
+    """A classifier's counts, true labels as rows and answered ones as columns, in label id order
+    (every expected label is one of the model's: checked before Ray starts)."""
+    index = {label: number for number, label in enumerate(labels)}
+    matrix = [[0] * len(labels) for _ in labels]
+    for answer, truth in zip(answers, expected_names(expected, labels), strict=True):
+        matrix[index[truth]][index[answer["label"]]] += 1
+    return matrix
+
+
 def _record_and_say(
-    job: Job, args: argparse.Namespace, config: PipelineConfig, scores: dict, rows_per_s: float
+    job: Job,
+    args: argparse.Namespace,
+    config: PipelineConfig,
+    scores: dict,
+    matrix: list[list[int]] | None,
+    rows_per_s: float,
 ) -> None:
     """Records the scores as an MLflow run and says where; the predictions and the printed scores
     stand whether or not the tracking store takes them."""
     from mlflow.exceptions import MlflowException
 
     try:
-        experiment_id, run_id = _record(job, args, config, scores, rows_per_s)
+        experiment_id, run_id = _record(job, args, config, scores, matrix, rows_per_s)
     except (MlflowException, OSError) as error:
         console.say(f"[ptft] the scores were not recorded in MLflow ({redact_url(config.tracking_uri())}): {error}")
         return
@@ -419,10 +436,18 @@ def _record_and_say(
     console.say(f"Recorded as MLflow run {run_id}: {ui_links(ui, experiment_id, run_id)['run']}")
 
 
-def _record(job: Job, args: argparse.Namespace, config: PipelineConfig, scores: dict, rows_per_s: float):
+def _record(
+    job: Job,
+    args: argparse.Namespace,
+    config: PipelineConfig,
+    scores: dict,
+    matrix: list[list[int]] | None,
+    rows_per_s: float,
+):
     """(experiment id, run id) of a finished MLflow run holding the scores, what was scored and by
-    which model, and the scored rows when they are small enough. A registered model's run goes
-    to the experiment of the run that logged it, beside it; a folder's to the config's."""
+    which model, a classifier's confusion matrix, and the scored rows when they are small enough.
+    A registered model's run goes to the experiment of the run that logged it, beside it; a
+    folder's to the config's."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
 
@@ -451,7 +476,22 @@ def _record(job: Job, args: argparse.Namespace, config: PipelineConfig, scores: 
         client.log_batch(run_id, metrics=metrics, params=[Param(key, str(value)) for key, value in params.items()])
         if output.stat().st_size <= RECORDED_ROWS_AT_MOST_MB * 2**20:
             client.log_artifact(run_id, str(output), "predictions")
+        if matrix is not None:
+            _log_confusion_matrix(client, run_id, matrix, job.labels, f"{source.name} ({job.table.num_rows:,} rows)")
         status = "FINISHED"
     finally:
         client.set_terminated(run_id, status)
     return experiment_id, run_id
+
+
+def _log_confusion_matrix(client, run_id: str, matrix: list[list[int]], labels: list[str], title: str) -> None:
+    """The matrix as a picture and as JSON under the run's `plots/`, as the finetune stage logs the
+    test split's."""
+    from components import plots
+    from components.scratch import ScratchFolder
+    from components.stage import write_json
+
+    with ScratchFolder("predict-plots") as folder:
+        plots.confusion_matrix(matrix, labels, folder / "confusion_matrix.png", title=title)
+        write_json(folder / "confusion_matrix.json", {"labels": labels, "rows_true_columns_predicted": matrix})
+        client.log_artifacts(run_id, str(folder), plots.PLOTS)

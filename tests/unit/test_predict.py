@@ -235,7 +235,8 @@ def test_scores_are_recorded_as_an_mlflow_run_with_the_scored_rows(
     model: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A model folder's scores go to the config's experiment (the demo's, in the storage's own
-    store): the model, the file and its columns, each score, and the output file."""
+    store): the model, the file and its columns, each score, the output file and, a classifier's,
+    the confusion matrix."""
     import mlflow
 
     _answered_in_process(monkeypatch)
@@ -261,6 +262,17 @@ def test_scores_are_recorded_as_an_mlflow_run_with_the_scored_rows(
     assert {name: f"{recorded[name]:.4f}" for name in printed} == printed
     logged = Path(client.download_artifacts(run.info.run_id, "predictions", str(tmp_path)))
     assert (logged / output.name).read_text() == output.read_text()
+    plots = Path(client.download_artifacts(run.info.run_id, "plots", str(tmp_path)))
+    assert (plots / "confusion_matrix.png").read_bytes().startswith(b"\x89PNG")
+    confusion = json.loads((plots / "confusion_matrix.json").read_text())
+    answered = [json.loads(line)[PREDICTION]["label"] for line in output.read_text().splitlines()]
+    truth = [confusion["labels"][row["label"]] for row in rows]  # 0/1 are label ids
+    assert confusion["rows_true_columns_predicted"] == [
+        [sum(t == true and a == said for t, a in zip(truth, answered, strict=True)) for said in confusion["labels"]]
+        for true in confusion["labels"]
+    ]
+    matrix = confusion["rows_true_columns_predicted"]
+    assert sum(matrix[i][i] for i in range(len(matrix))) / len(rows) == pytest.approx(recorded["accuracy"])
 
 
 def test_scores_for_a_tracking_server_that_does_not_answer_are_refused_before_ray_starts(
