@@ -337,10 +337,12 @@ def load_config(path: str | Path, overrides: list[str] = (), *, check_data: bool
             raise ConfigError(source, twice)
         raw = yaml.safe_load(text) or {}
     except FileNotFoundError:
-        raise ConfigError(
-            source,
-            [Problem("CONFIG", source, "file not found", "pass the path of a YAML config, e.g. configs/demo.yaml")],
-        ) from None
+        # A command's default (configs/demo.yaml) is relative: run elsewhere, it is not there.
+        where = "" if Path(path).is_absolute() else f" in the working directory {Path.cwd()}"
+        fix = (
+            "pass the path of a YAML config (--config PATH where it is an option), e.g. the project's configs/demo.yaml"
+        )
+        raise ConfigError(source, [Problem("CONFIG", source, f"file not found{where}", fix)]) from None
     except (OSError, UnicodeDecodeError) as error:  # a folder, no permission, not text
         problem = Problem("CONFIG", source, f"cannot be read as text ({error})", "pass a YAML file, UTF-8")
         raise ConfigError(source, [problem]) from None

@@ -291,3 +291,16 @@ def test_scores_for_a_tracking_server_that_does_not_answer_are_refused_before_ra
     err = capsys.readouterr().err
     assert f"tracking.uri = '{uri}': the scores are recorded there, and it did not answer" in err, err
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_the_default_config_missing_where_ptft_runs_names_the_working_directory(
+    model: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run outside the project's folder, the default --config (configs/demo.yaml) is not there: the
+    message said `file not found`, and its fix named that same file."""
+    monkeypatch.chdir(tmp_path)
+    rows = _jsonl(tmp_path / "in.jsonl", [{"text": "good"}])
+    assert cli.main(["predict", str(model), str(rows), "--output", str(tmp_path / "out.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert f"CONFIG = 'configs/demo.yaml': file not found in the working directory {tmp_path}." in err, err
+    assert "--config PATH" in err
