@@ -129,7 +129,7 @@ def _predict(args: argparse.Namespace) -> int:
         shown = ", ".join(f"{name} {value:.4f}" for name, value in scores.items())
         console.say(f"Scores against {args.label_column!r} ({rows:,} rows): {shown}")
         matrix = _confusion_matrix(answers, expected, job.labels) if job.labels else None
-        _record_and_say(job, args, config, scores, matrix, rows_per_s=rows / took)
+        _record_and_say(job, args, config, Scored(scores, matrix, rows_per_s=rows / took))
     return 0
 
 
@@ -411,20 +411,22 @@ def _confusion_matrix(answers: list[dict], expected: list, labels: list[str]) ->
     return matrix
 
 
-def _record_and_say(
-    job: Job,
-    args: argparse.Namespace,
-    config: PipelineConfig,
-    scores: dict,
-    matrix: list[list[int]] | None,
-    rows_per_s: float,
-) -> None:
+@dataclass(frozen=True)
+class Scored:
+    """What scoring the answers gave, for the record."""
+
+    scores: dict[str, float]
+    matrix: list[list[int]] | None  # a classifier's: true labels as rows, answered ones as columns
+    rows_per_s: float
+
+
+def _record_and_say(job: Job, args: argparse.Namespace, config: PipelineConfig, scored: Scored) -> None:
     """Records the scores as an MLflow run and says where; the predictions and the printed scores
     stand whether or not the tracking store takes them."""
     from mlflow.exceptions import MlflowException
 
     try:
-        experiment_id, run_id = _record(job, args, config, scores, matrix, rows_per_s)
+        experiment_id, run_id = _record(job, args, config, scored)
     except (MlflowException, OSError) as error:
         console.say(f"[ptft] the scores were not recorded in MLflow ({redact_url(config.tracking_uri())}): {error}")
         return
@@ -436,14 +438,7 @@ def _record_and_say(
     console.say(f"Recorded as MLflow run {run_id}: {ui_links(ui, experiment_id, run_id)['run']}")
 
 
-def _record(
-    job: Job,
-    args: argparse.Namespace,
-    config: PipelineConfig,
-    scores: dict,
-    matrix: list[list[int]] | None,
-    rows_per_s: float,
-):
+def _record(job: Job, args: argparse.Namespace, config: PipelineConfig, scored: Scored) -> tuple[str, str]:
     """(experiment id, run id) of a finished MLflow run holding the scores, what was scored and by
     which model, a classifier's confusion matrix, and the scored rows when they are small enough.
     A registered model's run goes to the experiment of the run that logged it, beside it; a
@@ -467,8 +462,8 @@ def _record(
     params |= {f"{field}_column": column for field, column in job.inputs.items()}
     params |= {"batch_size": args.batch_size, "output": str(Path(args.output).resolve())}
     now = int(time.time() * 1000)
-    metrics = [Metric(f"predict/{name}", float(value), now, 0) for name, value in scores.items()]
-    metrics.append(Metric("predict/rows_per_s", rows_per_s, now, 0))
+    metrics = [Metric(f"predict/{name}", float(value), now, 0) for name, value in scored.scores.items()]
+    metrics.append(Metric("predict/rows_per_s", scored.rows_per_s, now, 0))
     output = Path(args.output)
     run_id = start_run(client, experiment_id, f"predict-{source.name}", tags=tags)
     status = "FAILED"
@@ -476,8 +471,9 @@ def _record(
         client.log_batch(run_id, metrics=metrics, params=[Param(key, str(value)) for key, value in params.items()])
         if output.stat().st_size <= RECORDED_ROWS_AT_MOST_MB * 2**20:
             client.log_artifact(run_id, str(output), "predictions")
-        if matrix is not None:
-            _log_confusion_matrix(client, run_id, matrix, job.labels, f"{source.name} ({job.table.num_rows:,} rows)")
+        if scored.matrix is not None:
+            title = f"{source.name} ({job.table.num_rows:,} rows)"
+            _log_confusion_matrix(client, run_id, scored.matrix, job.labels, title)
         status = "FINISHED"
     finally:
         client.set_terminated(run_id, status)
