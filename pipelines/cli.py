@@ -36,6 +36,13 @@ from pipelines.stages import split_node
 EXIT_USER_ERROR = 2
 RUN_LOG = "ptft.log"  # in the run's folder: every log line that is not ptft's own (see components/console.py)
 DEFAULT_UI_URL = "http://127.0.0.1:5000"  # where `ptft ui` serves by default
+
+
+def ui_url_of(tracking_uri: str) -> str:
+    """Where a tracking store's MLflow UI is: the tracking server's own, or `ptft ui`'s for a file."""
+    return redact_url(tracking_uri) if tracking_uri.startswith(("http://", "https://")) else DEFAULT_UI_URL
+
+
 MAX_EXPLAIN_TEXTS = 8  # as components.explain (not imported here: `--help` stays free of torch)
 
 
@@ -581,11 +588,7 @@ def _print_summary(result, config, seconds: float, log: Path | None = None) -> N
     from components.tracking import ui_links
 
     served_by_ptft_ui = not result.tracking_uri.startswith(("http://", "https://"))
-    links = ui_links(
-        DEFAULT_UI_URL if served_by_ptft_ui else redact_url(result.tracking_uri),
-        result.experiment_id,
-        result.mlflow_run_id,
-    )
+    links = ui_links(ui_url_of(result.tracking_uri), result.experiment_id, result.mlflow_run_id)
     console.say(f"Runs: MLflow experiment {config.experiment_name()!r} at {redact_url(result.tracking_uri)}")
     console.say(f"  all runs: {links['runs']}\n  this run: {links['run']}")
     if served_by_ptft_ui:

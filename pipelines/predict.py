@@ -431,11 +431,11 @@ def _record_and_say(job: Job, args: argparse.Namespace, config: PipelineConfig, 
         console.say(f"[ptft] the scores were not recorded in MLflow ({redact_url(config.tracking_uri())}): {error}")
         return
     from components.tracking import ui_links
-    from pipelines.cli import DEFAULT_UI_URL
+    from pipelines.cli import ui_url_of
 
-    tracking_uri = config.tracking_uri()
-    ui = redact_url(tracking_uri) if tracking_uri.startswith(("http://", "https://")) else DEFAULT_UI_URL
-    console.say(f"Recorded as MLflow run {run_id}: {ui_links(ui, experiment_id, run_id)['run']}")
+    console.say(
+        f"Recorded as MLflow run {run_id}: {ui_links(ui_url_of(config.tracking_uri()), experiment_id, run_id)['run']}"
+    )
 
 
 def _record(job: Job, args: argparse.Namespace, config: PipelineConfig, scored: Scored) -> tuple[str, str]:
