@@ -16,8 +16,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
-from components.net import mlflow_unanswered
-from components.redaction import redact_text, redact_url
+from components.redaction import redact_url
 from components.tasks import TaskType, task_type
 
 log = logging.getLogger(__name__)
@@ -150,42 +149,6 @@ def find_version(tracking_uri: str, name: str, tags: dict[str, str]) -> dict | N
         "model_uri": f"models:/{name}/{version.version}",
         "run_id": version.run_id,
     }
-
-
-# MLflow error codes of a registry that answered: the name, version or alias is not there.
-REGISTRY_ANSWERS = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"}
-
-
-class RegistryUnavailable(ConnectionError):
-    """The model registry did not answer; what is deployed stays as it is."""
-
-
-def lookup(tracking_uri: str | None, name: str, *, version: str | None = None, alias: str | None = None) -> dict:
-    """`{version, run_id}` of `name`'s version `version`, or of the one `alias` points at now.
-
-    Raises:
-        ValueError: the registry answered, and has no such model, version or alias.
-        RegistryUnavailable: the registry did not answer (server down, network, store errors).
-    """
-    reference = f"models:/{name}@{alias}" if alias else f"models:/{name}/{version}"
-    if reason := mlflow_unanswered(tracking_uri):
-        where = redact_url(tracking_uri)
-        raise RegistryUnavailable(f"the registry at {where} did not answer for {reference!r}: {reason}")
-    client = MlflowClient(tracking_uri)
-    try:
-        found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
-    except MlflowException as error:
-        if error.error_code not in REGISTRY_ANSWERS:
-            raise RegistryUnavailable(
-                f"the registry at {redact_url(tracking_uri)} did not answer for {reference!r}: "
-                + redact_text(error.message[:300])
-            ) from None
-        raise ValueError(
-            f"{reference!r} is not in the registry at {redact_url(tracking_uri)} ({redact_text(error.message)}); "
-            "the MLflow UI (ptft ui) lists registered models and their aliases"
-        ) from None
-    require_files(client, name, str(found.version), reference)
-    return {"version": str(found.version), "run_id": found.run_id}
 
 
 def require_files(client: MlflowClient, name: str, version: str, reference: str | None = None) -> None:

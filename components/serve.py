@@ -48,6 +48,7 @@ from ray import serve
 from components.decoder import Decoder, DecoderLost
 from components.explain import MAX_EXPLAIN_TEXTS
 from components.generation import DEADLINE, Ask, prompt_ids
+from components.model_ref import ModelInfo, RegistryUnavailable, resolve_model
 from components.net import causes, listen_problem
 from components.redaction import redact_url
 from components.schemas import REGISTRY_URI, ServeConfig
@@ -55,14 +56,6 @@ from components.scoring import Scorer
 from components.stage import StageContext, StageFailure, StageResult, write_json
 
 log = logging.getLogger(__name__)
-
-
-class ModelInfo(BaseModel):
-    name: str
-    version: str
-    model_uri: str = Field(description="what replicas load: models:/NAME/VERSION or a folder")
-    run_id: str | None = None
-    alias: str | None = Field(None, description="the registry alias this app follows (promote/rollback move it)")
 
 
 class Question(BaseModel):
@@ -669,39 +662,10 @@ def predict(url: str, texts: list[str]) -> list[dict]:
 # --------------------------------------------------------------------------- which model
 
 
-def resolve_model(reference: str, tracking_uri: str | None) -> ModelInfo:
-    """`models:/NAME@ALIAS` (pinned to the alias's version now), `models:/NAME/VERSION`, or a
-    Hugging Face folder.
-
-    Raises:
-        ValueError: the reference is malformed, or the registry has no such version or alias.
-        registry.RegistryUnavailable: the registry did not answer (server down, network, store errors).
-    """
-    parts = re.fullmatch(REGISTRY_URI, reference)
-    if parts is None:
-        folder = Path(reference).expanduser().resolve()
-        if not (folder / "config.json").is_file():
-            raise ValueError(f"{reference!r} is neither models:/NAME@ALIAS, models:/NAME/VERSION nor a model folder")
-        return ModelInfo(name=folder.name, version="local", model_uri=str(folder))
-    from components import registry
-
-    name, version, alias = parts["name"], parts["version"], parts["alias"]
-    found = registry.lookup(tracking_uri, name, version=version, alias=alias)
-    return ModelInfo(
-        name=name,
-        version=found["version"],
-        model_uri=f"models:/{name}/{found['version']}",
-        run_id=found["run_id"],
-        alias=alias,
-    )
-
-
 def keep_following(cfg: ServeConfig, serving: ModelInfo, tracking_uri: str | None) -> tuple[ModelInfo, str | None]:
     """`follow_champion` for a long-lived `ptft serve`, which must never stop answering: a registry
     that does not answer, or a rollout that fails, leaves `serving` deployed (a failed rollout is
     rolled back to it). Returns what is served now and, when something failed, what to tell."""
-    from components.registry import RegistryUnavailable
-
     try:
         wanted = resolve_model(f"models:/{serving.name}@{serving.alias}", tracking_uri)
     except (RegistryUnavailable, ValueError) as error:  # down, or the alias deleted meanwhile

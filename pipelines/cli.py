@@ -665,12 +665,11 @@ def _serve(args: argparse.Namespace) -> int:
         problems += arguments.output_file_problems("--export", args.export, "serve.yaml")
     if problems:
         raise ConfigError("ptft serve", problems)
-    from components import serve
-    from components.registry import RegistryUnavailable
+    from components.model_ref import RegistryUnavailable, resolve_model
 
     tracking_uri = config.tracking_uri()
     try:
-        model = serve.resolve_model(args.model, tracking_uri)
+        model = resolve_model(args.model, tracking_uri)
     except RegistryUnavailable as error:
         problem = Problem(
             "tracking.uri",
@@ -683,6 +682,8 @@ def _serve(args: argparse.Namespace) -> int:
         problem = Problem("MODEL", args.model, str(error), "register it, or check the name")
         raise ConfigError("ptft serve", [problem]) from None
     if args.export:
+        from components import serve
+
         return _export_serve_config(serve.serve_config_file(config.serve, args.model, tracking_uri), args.export)
     if not config.cluster_address() and (
         problems := preflight.port_problems([("", config.serve)]) + preflight.local_ray_problems()
@@ -787,11 +788,10 @@ def _explain(args: argparse.Namespace) -> int:
         problems += arguments.output_file_problems("--output", args.output, "attention.png", (".png", *images))
     if problems:
         raise ConfigError("ptft explain", problems)
-    from components import plots, scoring, serve
-    from components.registry import RegistryUnavailable
+    from components.model_ref import RegistryUnavailable, resolve_model
 
     try:
-        model = serve.resolve_model(args.model, tracking_uri)
+        model = resolve_model(args.model, tracking_uri)
     except RegistryUnavailable as error:
         problem = Problem(
             "--tracking-uri", redact_url(tracking_uri), str(error), "start the MLflow server, or name one"
@@ -799,6 +799,8 @@ def _explain(args: argparse.Namespace) -> int:
         raise ConfigError("ptft explain", [problem]) from None
     except ValueError as error:
         raise ConfigError("ptft explain", [Problem("MODEL", args.model, str(error), "check the name")]) from None
+    from components import plots, scoring
+
     scorer = scoring.Scorer(model.model_uri, tracking_uri)
     asked = [{"question": text, "context": args.context} for text in args.texts] if args.context else args.texts
     if problem := scorer.task.input_problem(asked):

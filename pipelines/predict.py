@@ -98,7 +98,7 @@ class Job:
     """What `ptft predict` answers, checked: the rows, the model and which columns it reads."""
 
     table: pa.Table
-    model: object  # components.serve.ModelInfo
+    model: object  # components.model_ref.ModelInfo
     task: object  # components.tasks.TaskType
     inputs: dict[str, str]  # what the model reads -> the column holding it
     labels: list[str]  # the model's label names in id order, when --label-column asks for them
@@ -202,12 +202,11 @@ def _model_and_task(reference: str, tracking_uri: str | None):
     read as the workers will load it: the task from its head."""
     from mlflow.exceptions import MlflowException
 
-    from components import serve
-    from components.registry import RegistryUnavailable
+    from components.model_ref import RegistryUnavailable, resolve_model
     from components.tasks import task_of_model
 
     try:
-        model = serve.resolve_model(reference, tracking_uri)
+        model = resolve_model(reference, tracking_uri)
         model_config = _model_config(model, tracking_uri)
         return model, task_of_model(model_config), model_config
     except RegistryUnavailable as error:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from components import registry, scoring, serve
+from components import model_ref, registry, scoring, serve
 from components.schemas import ServeConfig
 from pipelines.pipeline_config import ConfigError, model_reference_problems, validate
 from tests.conftest import POSITIONS, sqlite_store, tiny_classifier, tiny_config_dict
@@ -110,9 +110,9 @@ def test_the_files_of_a_version_logged_to_a_run_are_looked_for_in_the_clients_st
     default = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'elsewhere.db'}")  # another store, as a default
     try:
-        assert registry.lookup(uri, "m", version="1")["version"] == "1"
+        assert model_ref.lookup(uri, "m", version="1")["version"] == "1"
         with pytest.raises(ValueError, match="'models:/m/2' \\(v2\\) .* runs:/.*/no-model holds no MLmodel"):
-            registry.lookup(uri, "m", version="2")
+            model_ref.lookup(uri, "m", version="2")
     finally:
         mlflow.set_tracking_uri(default)
 
