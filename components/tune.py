@@ -12,9 +12,10 @@ loss and accuracy and an epoch checkpoint every epoch.
 
 MLflow: the stage run is the parent of one run per trial (found again by its `ptft.trial` tag on
 a restore, a retry or a PBT exploit, so never duplicated); params = the trial's first config,
-`hyper/*` metrics per epoch (PBT changes them), tags `ptft.trial_status` (completed,
-stopped_early, error), `ptft.best_trial`, `ptft.pbt_exploits`. The stage run gets trials.csv and
-plots/sweep.png (metric against each hyperparameter, the best trial marked).
+`hyper/*` metrics per epoch (PBT changes them), tags `ptft.trial_status` (running or paused
+while it runs, then completed, stopped_early or error, kept in step with Tune), `ptft.best_trial`,
+`ptft.pbt_exploits`. The stage run gets trials.csv and plots/sweep.png (metric against each
+hyperparameter, the best trial marked).
 
 Output folder:
     best_config.json   the best trial's hyperparameters (finetune reads it)
@@ -440,9 +441,66 @@ def _new_tuner(cfg: TuneConfig, trainable: str, ctx: StageContext) -> ray.tune.T
                     params, cfg.metric, cfg.mode, cfg.progress_every_s, name=ctx.stage, max_epochs=cfg.max_epochs
                 ),
                 sweep_report.TrialCounts(ctx.pipeline_run_id),
+                TrialStatusTags(ctx.tracking_uri, ctx.experiment_id, ctx.mlflow_run_id, cfg.max_epochs),
             ],
         ),
     )
+
+
+class TrialStatusTags(ray.tune.Callback):
+    """Keeps each trial run's `ptft.trial_status` in step with Tune while the sweep runs: a trial
+    that completed, stopped early, failed or waits paused says so at once in `ptft status`, the
+    run's progress line and the MLflow UI, not `running` until the sweep ends and
+    `_close_trial_runs` tags the outcomes. (A trial's own process tags `running` when it opens
+    its run.) Tags are queued, never waited for: an MLflow outage does not hold up Tune's loop."""
+
+    def __init__(self, tracking_uri: str, experiment_id: str, tune_run_id: str, max_epochs: int):
+        self.tracking_uri, self.experiment_id, self.tune_run_id = tracking_uri, experiment_id, tune_run_id
+        self.max_epochs = max_epochs
+        self.__setstate__({})
+
+    # Tune pickles its callbacks with the experiment: the trackers (threads, locks) stay out.
+    def __getstate__(self) -> dict:
+        keep = ("tracking_uri", "experiment_id", "tune_run_id", "max_epochs")
+        return {name: value for name, value in self.__dict__.items() if name in keep}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._seen: dict[str, str] = {}  # trial name -> the status last seen
+        self._trackers: dict[str, MlflowTracker] = {}  # trial name -> its run's tracker
+
+    def status(self, trial: Trial) -> str:
+        """pending, running, paused, error, or how a terminated trial ended: completed or stopped_early."""
+        if trial.status == Trial.TERMINATED:
+            return sweep_report.ended_status(trial.last_result or {}, self.max_epochs)
+        return trial.status.lower()
+
+    def on_step_end(self, iteration, trials, **info) -> None:
+        changed = {
+            str(trial): status for trial in trials if (status := self.status(trial)) != self._seen.get(str(trial))
+        }
+        self._seen.update(changed)
+        told = {name: status for name, status in changed.items() if status not in ("pending", "running")}
+        if told and (trackers := self._trackers_of(told)):
+            for name, tracker in trackers.items():
+                tracker.queue_tags({"ptft.trial_status": told[name]})
+
+    def _trackers_of(self, names) -> dict[str, MlflowTracker]:
+        """The trackers of these trials' runs, the runs looked up while MLflow answers (a trial
+        that failed before it opened its run has none)."""
+        from components.net import mlflow_unanswered
+
+        if any(name not in self._trackers for name in names) and not mlflow_unanswered(self.tracking_uri):
+            children = child_run_tags(self.tracking_uri, self.experiment_id, self.tune_run_id)
+            for run_id, tags in children.items():
+                if (name := tags.get(TRIAL_TAG)) and name not in self._trackers:
+                    self._trackers[name] = MlflowTracker(self.tracking_uri, run_id)
+        return {name: self._trackers[name] for name in names if name in self._trackers}
+
+    def on_experiment_end(self, trials, **info) -> None:
+        self.on_step_end(0, trials)
+        for tracker in self._trackers.values():  # before _close_trial_runs tags the outcomes
+            tracker.flush()
 
 
 # --------------------------------------------------------------------------- one trial

@@ -742,3 +742,46 @@ def test_a_trial_that_errored_before_it_started_is_a_row_not_a_crash(tmp_path: P
     assert row["status"] == "error" and row["epochs"] == 0 and row["error"] == str(killed)
     assert set(row["config"]) == set(config.search_space) and not any(row["config"].values())
     assert sweep_report.best_row([row], config.mode) is None  # so the stage fails with that error
+
+
+def test_trial_runs_say_how_their_trial_ended_while_the_sweep_runs(tmp_path: Path) -> None:
+    """A trial's run said `running` until the whole sweep ended: `ptft run`'s progress line (and
+    `ptft status`) counted `4 running` while the sweep's own table said 2 completed, 2 running."""
+    import pickle
+
+    from mlflow.tracking import MlflowClient
+    from ray.tune.experiment import Trial
+
+    from components.tracking import start_run
+    from components.tune import TRIAL_TAG, TrialStatusTags
+    from pipelines.progress import stage_progress
+    from tests.conftest import sqlite_store, wait_until
+
+    uri = sqlite_store(tmp_path / "mlflow.db")
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("sweep", artifact_location=str(tmp_path / "artifacts"))
+    tune_run = start_run(client, experiment, "tune")
+    trials = {name: Trial("__fake", stub=True) for name in ("running", "completed", "stopped", "error", "paused")}
+    for trial in trials.values():  # each trial's process opened its run (components.tune.open_trial_run)
+        start_run(
+            client,
+            experiment,
+            str(trial),
+            parent_run_id=tune_run,
+            tags={TRIAL_TAG: str(trial), "ptft.trial_status": "running"},
+        )
+        trial.set_status(Trial.RUNNING)
+        trial.update_last_result({"epoch": 1})
+    callback = TrialStatusTags(uri, experiment, tune_run, max_epochs=3)
+    callback.on_step_end(1, list(trials.values()))
+    assert stage_progress(client, "tune", tune_run) == {"trials": {"running": 5}}
+
+    callback = pickle.loads(pickle.dumps(callback))  # Tune keeps its callbacks in the sweep's snapshot
+    trials["completed"].update_last_result({"epoch": 3})
+    for name, status in (("completed", Trial.TERMINATED), ("stopped", Trial.TERMINATED), ("error", Trial.ERROR)):
+        trials[name].set_status(status)
+    trials["paused"].set_status(Trial.PAUSED)
+    pending = Trial("__fake", stub=True)  # not started: no run yet
+    callback.on_step_end(2, [*trials.values(), pending])
+    told = {"completed": 1, "error": 1, "paused": 1, "running": 1, "stopped_early": 1}
+    wait_until(lambda: stage_progress(client, "tune", tune_run) == {"trials": told}, "the trials' status tags")
