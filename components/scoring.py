@@ -30,8 +30,9 @@ class Scorer:
         # model's attention implementation while it runs).
         self._model_lock = threading.Lock()
 
-    def __call__(self, texts: list[str]) -> list[dict]:
-        """Every text's answer, in order, from forward passes of at most `max_batch_tokens` padded
+    def __call__(self, texts: list) -> list[dict]:
+        """Every text's answer (a question and context for a reader, a list of words for a tagger
+        in `ptft predict`), in order, from forward passes of at most `max_batch_tokens` padded
         tokens each: a batch of many long texts never becomes one huge tensor."""
         if len(texts) * self.max_tokens <= self.max_batch_tokens:  # fits even padded to the limit: one pass
             parts = [list(range(len(texts)))]

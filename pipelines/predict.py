@@ -146,7 +146,8 @@ def _checked_job(args: argparse.Namespace, config: PipelineConfig, tracking_uri:
     model, task, model_config = _model_and_task(args.model, tracking_uri)
     inputs = _inputs(task.example, args)
     labels = _label_names(model_config) if args.label_column and task.has_classes else []
-    problems = _column_problems(table, inputs, args) + _label_problems(table, task, args.label_column, labels)
+    problems = _column_problems(table, inputs, args, task.reads_words)
+    problems += _label_problems(table, task, args.label_column, labels, words=inputs.get("text"))
     problems += _writable_problems(table, Path(args.output)) + _record_problems(args, tracking_uri)
     if not problems and not config.cluster_address():
         problems = preflight.local_ray_problems()
@@ -243,8 +244,11 @@ def _inputs(example, args: argparse.Namespace) -> dict[str, str]:
     return {"text": args.text_column}
 
 
-def _column_problems(table: pa.Table, inputs: dict[str, str], args: argparse.Namespace) -> list[Problem]:
-    """Each column the model reads is there and holds a text in every row."""
+def _column_problems(
+    table: pa.Table, inputs: dict[str, str], args: argparse.Namespace, reads_words: bool = False
+) -> list[Problem]:
+    """Each column the model reads is there and holds a text in every row (or, for a model that
+    tags words, a list of words)."""
     problems = []
     if PREDICTION in table.column_names:
         why = f"already has a column {PREDICTION!r}, which the output adds"
@@ -256,13 +260,21 @@ def _column_problems(table: pa.Table, inputs: dict[str, str], args: argparse.Nam
             problems.append(Problem(option, column, why, f"name the column of {field}s with {option}"))
             continue
         values = table.column(column)
-        if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
-            why = f"holds {values.type} values, not texts"
+        if not (_texts(values.type) or (reads_words and _word_lists(values.type))):
+            why = f"holds {values.type} values, not texts" + (" or lists of words" if reads_words else "")
             problems.append(Problem(option, column, why, f"name a column of {field}s, or quote its values as texts"))
         elif values.null_count:
             why = f"{values.null_count:,} row(s) have no {field}, the first is row {_first_missing_row(values)}"
             problems.append(Problem(option, column, why, f"give every row a {field}, or leave those rows out"))
     return problems
+
+
+def _texts(kind: pa.DataType) -> bool:
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
+
+
+def _word_lists(kind: pa.DataType) -> bool:
+    return (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and _texts(kind.value_type)
 
 
 def _first_missing_row(values: pa.ChunkedArray) -> int:
@@ -275,9 +287,12 @@ def _label_names(model_config) -> list[str]:
     return [model_config.id2label[number] for number in range(model_config.num_labels)]
 
 
-def _label_problems(table: pa.Table, task, column: str | None, labels: list[str]) -> list[Problem]:
+def _label_problems(
+    table: pa.Table, task, column: str | None, labels: list[str], words: str | None = None
+) -> list[Problem]:
     """The expected values are there for every row, the model's type scores its answers, and an
-    expected label is one of the model's (an integer: a label id)."""
+    expected label is one of the model's (an integer: a label id). A model that tags words is
+    scored on lists of words (the column `words`) with a tag each."""
     if column is None:
         return []
     if task.score_answers is None:
@@ -289,11 +304,35 @@ def _label_problems(table: pa.Table, task, column: str | None, labels: list[str]
     if missing := table.column(column).null_count:
         why = f"{missing:,} row(s) have no expected value, the first is row {_first_missing_row(table.column(column))}"
         return [Problem("--label-column", column, why, "give every row one, or leave those rows out")]
-    if labels and (unknown := sorted(set(expected_names(table.column(column).to_pylist(), labels)) - set(labels))):
+    if task.reads_words and (problem := _tag_problem(table, column, words)):
+        return [problem]
+    expected = table.column(column).to_pylist()
+    if task.reads_words:  # a list of tags per row
+        expected = [tag for row in expected for tag in row]
+    if labels and (unknown := sorted(set(expected_names(expected, labels)) - set(labels))):
         shown = ", ".join(map(repr, unknown[:8])) + (", ..." if len(unknown) > 8 else "")
         why = f"holds labels the model does not have: {shown} (its labels: {', '.join(labels)})"
         return [Problem("--label-column", column, why, "name the column of the labels it was trained on")]
     return []
+
+
+def _tag_problem(table: pa.Table, column: str, words: str | None) -> Problem | None:
+    """Why a tagger's answers cannot be scored against `column`: the words are texts, not lists
+    (a tag per word needs the words as the tags count them), or a row's tags and words differ in number."""
+    if words not in table.column_names or not _word_lists(table.column(words).type):
+        why = "a tagger is scored word by word: its words must be a list per row, as the tags are"
+        return Problem(
+            "--label-column", column, why, "name the column of word lists with --text-column (CoNLL's tokens)"
+        )
+    tags = table.column(column)
+    if not (pa.types.is_list(tags.type) or pa.types.is_large_list(tags.type)):
+        why = f"holds {tags.type} values, not a list of tags per row"
+        return Problem("--label-column", column, why, "name the column of tag lists (CoNLL's ner_tags)")
+    for row, (row_words, row_tags) in enumerate(zip(table.column(words).to_pylist(), tags.to_pylist(), strict=True)):
+        if len(row_words or []) != len(row_tags):
+            why = f"row {row + 1} has {len(row_words or [])} words in {words!r} but {len(row_tags)} tags"
+            return Problem("--label-column", column, why, "give one tag per word")
+    return None
 
 
 def _writable_problems(table: pa.Table, output: Path) -> list[Problem]:
@@ -401,12 +440,17 @@ RECORDED_ROWS_AT_MOST_MB = 100  # the scored rows go with the run up to this siz
 
 
 def _confusion_matrix(answers: list[dict], expected: list, labels: list[str]) -> list[list[int]]:
-    """A classifier's counts, true labels as rows and answered ones as columns, in label id order
-    (every expected label is one of the model's: checked before Ray starts)."""
+    """Counts of a classifier's rows, or of a tagger's words, true labels as rows and answered ones
+    as columns, in label id order (every expected label is one of the model's: checked before Ray starts)."""
+    if all("tags" in answer for answer in answers):  # a tagger, scored word by word
+        truth = [tag for row in expected for tag in expected_names(list(row), labels)]
+        answered = [tag for answer in answers for tag in answer["tags"]]
+    else:
+        truth, answered = expected_names(expected, labels), [answer["label"] for answer in answers]
     index = {label: number for number, label in enumerate(labels)}
     matrix = [[0] * len(labels) for _ in labels]
-    for answer, truth in zip(answers, expected_names(expected, labels), strict=True):
-        matrix[index[truth]][index[answer["label"]]] += 1
+    for guess, true in zip(answered, truth, strict=True):
+        matrix[index[true]][index[guess]] += 1
     return matrix
 
 
@@ -415,7 +459,9 @@ class Scored:
     """What scoring the answers gave, for the record."""
 
     scores: dict[str, float]
-    matrix: list[list[int]] | None  # a classifier's: true labels as rows, answered ones as columns
+    matrix: (
+        list[list[int]] | None
+    )  # a classifier's rows or a tagger's words: true labels as rows, answered ones as columns
     rows_per_s: float
 
 
@@ -439,7 +485,7 @@ def _record_and_say(job: Job, args: argparse.Namespace, config: PipelineConfig, 
 
 def _record(job: Job, args: argparse.Namespace, config: PipelineConfig, scored: Scored) -> tuple[str, str]:
     """(experiment id, run id) of a finished MLflow run holding the scores, what was scored and by
-    which model, a classifier's confusion matrix, and the scored rows when they are small enough.
+    which model, a classifier's (or a tagger's) confusion matrix, and the scored rows when they are small enough.
     A registered model's run goes to the experiment of the run that logged it, beside it; a
     folder's to the config's."""
     from mlflow import MlflowClient

@@ -134,6 +134,9 @@ class TaskType:
     # (each row's served answer, each row's expected value from a data file, the model's label names
     # in id order) -> scores, as `ptft predict --label-column` reports them; None: not scored so
     score_answers: Callable[[list[dict], list, list[str]], dict[str, float]] | None = None
+    # an input may be a list of words, answered with a tag per word (entities: `ptft predict` on a
+    # CoNLL file's word column, scored against its tag column)
+    reads_words: bool = False
 
     def model_class(self):
         import transformers

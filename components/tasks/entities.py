@@ -9,7 +9,7 @@ import re
 
 import pyarrow as pa
 
-from components.tasks.base import IGNORE, TaskType, sorted_labels, truncated
+from components.tasks.base import IGNORE, TaskType, expected_names, sorted_labels, truncated
 
 
 def _check_rows(table: pa.Table, split: str) -> None:
@@ -71,10 +71,20 @@ def _scores(
     gold: list[list[int]], predicted: list[list[int]], names: list[str], split_dir: str | None = None
 ) -> dict[str, float]:
     """Entity-level micro precision, recall and F1, F1 per entity type, and word accuracy."""
+    return _tag_scores(
+        [[names[tag] for tag in row] for row in gold], [[names[tag] for tag in row] for row in predicted]
+    )
+
+
+def _score_answers(answers: list[dict], expected: list, labels: list[str]) -> dict[str, float]:
+    """A list of words' answered tags against its expected ones (names, or tag ids in the model's
+    label order, as CoNLL-2003's `ner_tags` in a Hugging Face export), scored as evaluation does."""
+    return _tag_scores([expected_names(list(row), labels) for row in expected], [answer["tags"] for answer in answers])
+
+
+def _tag_scores(truth: list[list[str]], guess: list[list[str]]) -> dict[str, float]:
     from seqeval.metrics import accuracy_score, classification_report
 
-    truth = [[names[tag] for tag in row] for row in gold]
-    guess = [[names[tag] for tag in row] for row in predicted]
     report = classification_report(truth, guess, output_dict=True, zero_division=0)
     micro = report["micro avg"]
     scores = {
@@ -89,7 +99,65 @@ def _scores(
     return scores
 
 
-def _predict(model, tokenizer, texts: list[str], max_tokens: int) -> list[dict]:
+def _input_problem(items: list) -> str | None:
+    """Why inputs are neither texts nor lists of words (`ptft predict` reads a column of word lists,
+    as CoNLL files hold them; `POST /predict` takes texts), or None."""
+    for index, item in enumerate(items):
+        if not isinstance(item, str) and not (isinstance(item, list) and all(isinstance(word, str) for word in item)):
+            return f"texts.{index} is neither a string nor a list of words: this model tags texts or words"
+    return None
+
+
+def _token_lengths(tokenizer, items: list, max_tokens: int) -> list[int]:
+    words = bool(items) and isinstance(items[0], list)
+    encoded = tokenizer(items, is_split_into_words=words, truncation=True, max_length=max_tokens)
+    return [len(ids) for ids in encoded["input_ids"]]
+
+
+def _predict(model, tokenizer, items: list, max_tokens: int) -> list[dict]:
+    """Each text's entities, or a list of words' tags (`_predict_words`)."""
+    if items and isinstance(items[0], list):
+        return _predict_words(model, tokenizer, items, max_tokens)
+    return _predict_texts(model, tokenizer, items, max_tokens)
+
+
+def _predict_words(model, tokenizer, rows: list[list[str]], max_tokens: int) -> list[dict]:
+    """Each list of words tagged as evaluation tags it: a word's tag is its first sub-word's, the
+    words as given (not the tokenizer's split of their text). `tags` has one tag per word (`O`
+    for the words past `max_tokens`, which the model did not see: `truncated`); `entities` are
+    their spans, `start`:`end` in words, with the mean probability of their words' tags."""
+    import torch
+    from seqeval.metrics.sequence_labeling import get_entities
+
+    encoded = tokenizer(
+        rows, is_split_into_words=True, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt"
+    )
+    with torch.inference_mode():
+        probabilities = model(**encoded).logits.float().softmax(-1)
+    scores, ids = probabilities.max(-1)
+    answers = []
+    for row, (words, cut) in enumerate(zip(rows, truncated(encoded), strict=True)):
+        tags, confidence, previous = ["O"] * len(words), [0.0] * len(words), None
+        for position, word in enumerate(encoded.word_ids(row)):
+            if word is not None and word != previous:
+                tags[word] = model.config.id2label[int(ids[row, position])]
+                confidence[word] = float(scores[row, position])
+            previous = word
+        entities = [
+            {
+                "type": kind,
+                "text": " ".join(words[first : last + 1]),
+                "start": first,
+                "end": last + 1,
+                "score": sum(confidence[first : last + 1]) / (last - first + 1),
+            }
+            for kind, first, last in get_entities(tags)
+        ]
+        answers.append({"tags": tags, "entities": entities, "truncated": cut})
+    return answers
+
+
+def _predict_texts(model, tokenizer, texts: list[str], max_tokens: int) -> list[dict]:
     """Each text's entities: type, the text's characters start:end, and the mean probability of
     its words' tags. A word's tag is its first sub-word's, as in training; the words are the
     tokenizer's own pre-tokenization of the raw text."""
@@ -142,4 +210,8 @@ TASK = TaskType(
     example="EU rejects German call to boycott British lamb .",
     architecture="ForTokenClassification",
     predict=_predict,
+    input_problem=_input_problem,
+    token_lengths=_token_lengths,
+    score_answers=_score_answers,
+    reads_words=True,
 )

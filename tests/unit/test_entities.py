@@ -92,6 +92,18 @@ def test_scores_count_whole_entities_as_seqeval_does() -> None:
     assert scores["accuracy"] == pytest.approx(5 / 6)  # per word: only "Blackburn" is wrong
 
 
+def test_answered_tags_are_scored_against_a_files_tags_as_evaluation_scores_them() -> None:
+    """`ptft predict --label-column` on a CoNLL file: a tag per word, given as names or as tag ids
+    in the model's label order (a Hugging Face export's `ner_tags`)."""
+    names = ["B-LOC", "B-PER", "I-PER", "O"]
+    answers = [{"tags": ["B-PER", "O", "O", "B-LOC"]}, {"tags": ["B-PER", "O"]}]
+    by_name = ENTITIES.score_answers(answers, [["B-PER", "I-PER", "O", "B-LOC"], ["B-PER", "O"]], names)
+    by_id = ENTITIES.score_answers(answers, [[1, 2, 3, 0], [1, 3]], names)
+    assert by_name == by_id
+    assert by_name["f1"] == pytest.approx(2 / 3) and by_name["f1/PER"] == pytest.approx(0.5)
+    assert by_name["accuracy"] == pytest.approx(5 / 6)
+
+
 def _ner_config(tmp_path: Path, splits: dict[str, list[dict]], **tune) -> Path:
     task = {"type": "token_classification"}
     for split, rows in splits.items():
@@ -263,3 +275,29 @@ def test_the_attention_map_of_an_entities_model_is_of_a_tagged_token(fitted) -> 
     assert explained["query_token"] in explained["tokens"] and explained["query_token"] != "[CLS]"
     assert entities, "a name the train split holds"  # the map is of its first token, labelled with its tag
     assert explained["label"].endswith(entities[0]["type"]) and explained["label"] != "O"
+
+
+def test_a_conll_files_words_are_tagged_and_scored_as_the_test_split_was(fitted) -> None:
+    """`ptft predict` on CoNLL's own format: each row's words (not a text) tagged one tag per word
+    as evaluation tags them, so the file's entity F1 is the finetune stage's test F1 on it (up to
+    the entities in words past the model's positions, which evaluation leaves out and a file keeps)."""
+    from components.scoring import Scorer
+
+    scorer = Scorer(str(fitted[2]), tracking_uri=None)
+    rows = [json.loads(line) for line in shared("data/conll2003/test.jsonl").read_text().splitlines()[:EVAL_SENTENCES]]
+    words = [row["tokens"] for row in rows]
+    answers = scorer(words)
+    assert [len(answer["tags"]) for answer in answers] == [len(row) for row in words]
+    for row, answer in zip(words, answers, strict=True):
+        for entity in answer["entities"]:
+            assert entity["text"] == " ".join(row[entity["start"] : entity["end"]])
+            assert answer["tags"][entity["start"]] in {f"B-{entity['type']}", f"I-{entity['type']}"}
+    # Evaluation scores the words the model saw; a file keeps the rest of a long row, tagged O.
+    encoded = scorer.tokenizer(words, is_split_into_words=True, truncation=True, max_length=scorer.max_tokens)
+    seen = [max(word for word in encoded.word_ids(row) if word is not None) + 1 for row in range(len(words))]
+    assert [answer["truncated"] for answer in answers] == [n < len(row) for n, row in zip(seen, words, strict=True)]
+    assert all(set(answer["tags"][n:]) <= {"O"} for n, answer in zip(seen, answers, strict=True))
+    expected = [row["ner_tags"][:n] for n, row in zip(seen, rows, strict=True)]
+    answered = [{"tags": answer["tags"][:n]} for n, answer in zip(seen, answers, strict=True)]
+    scores = ENTITIES.score_answers(answered, expected, scorer.labels)
+    assert scores["f1"] == pytest.approx(fitted[1][-1]["test/f1"], abs=1e-9)

@@ -208,15 +208,86 @@ def test_answers_are_scored_against_expected_values_as_each_task_type_reads_them
     assert worse["bleu"] < 100 and worse["chrf"] < 100
 
 
-def test_a_model_whose_answers_are_not_scored_against_a_column_is_refused(tmp_path: Path, capsys) -> None:
+@pytest.fixture(scope="module")
+def tagger(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained tagger on the tiny classifier's encoder config: its tags are what they are; the
+    words, the counting and the record are what is tested."""
     from transformers import AutoConfig, AutoTokenizer, BertForTokenClassification
 
-    source = tiny_classifier(tmp_path / "source", seed=4)
-    BertForTokenClassification(AutoConfig.from_pretrained(source)).save_pretrained(tmp_path / "tagger")
-    AutoTokenizer.from_pretrained(source).save_pretrained(tmp_path / "tagger")
-    rows = _jsonl(tmp_path / "in.jsonl", [{"text": "EU rejects it", "label": "B-ORG O O"}])
-    assert _predict(tmp_path / "tagger", rows, tmp_path / "out.jsonl", "--label-column", "label") == 2
-    assert "a token_classification model's answers are not scored against a column" in capsys.readouterr().err
+    folder = tmp_path_factory.mktemp("tagger")
+    config = AutoConfig.from_pretrained(model)
+    config.id2label = dict(enumerate(["B-PER", "I-PER", "O"]))
+    config.label2id = {name: number for number, name in config.id2label.items()}
+    BertForTokenClassification(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(model).save_pretrained(folder)
+    return folder
+
+
+CONLL_ROWS = [  # tag ids in the model's label order, as a Hugging Face export of CoNLL holds them
+    {"tokens": ["Peter", "Blackburn", "said", "so"], "ner_tags": [0, 1, 2, 2]},
+    {"tokens": ["good", "film"], "ner_tags": [2, 2]},
+]
+
+TAGGER_INPUTS = {  # case: (the rows, the key named, why)
+    "texts, not words": (
+        [{"text": "EU rejects it", "label": "B-ORG O O"}],
+        "--label-column = 'label'",
+        "a tagger is scored word by word: its words must be a list per row, as the tags are",
+    ),
+    "a tag per word missing": (
+        [{"text": ["Peter", "Blackburn", "said"], "label": ["B-PER", "I-PER"]}],
+        "--label-column = 'label'",
+        "row 1 has 3 words in 'text' but 2 tags",
+    ),
+    "a tag the model does not have": (
+        [{"text": ["EU", "rejects"], "label": ["B-ORG", "O"]}],
+        "--label-column = 'label'",
+        "holds labels the model does not have: 'B-ORG' (its labels: B-PER, I-PER, O)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", TAGGER_INPUTS)
+def test_a_tagger_is_scored_only_on_words_with_a_tag_each(
+    case: str, tagger: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rows, key, why = TAGGER_INPUTS[case]
+    monkeypatch.setattr(predict, "_start_ray", lambda *_: pytest.fail("Ray started"))
+    assert _predict(tagger, _jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl", "--label-column", "label") == 2
+    err = capsys.readouterr().err
+    assert f"{key}: {why}" in err, err
+
+
+def test_a_conll_file_is_tagged_word_by_word_and_scored_with_its_tag_confusions(
+    tagger: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlflow
+
+    from components.tasks import task_type
+
+    _answered_in_process(monkeypatch)
+    output = tmp_path / "tagged.jsonl"
+    source = _jsonl(tmp_path / "conll.jsonl", CONLL_ROWS)
+    options = ("--text-column", "tokens", "--label-column", "ner_tags")
+    assert _predict(tagger, source, output, *options) == 0
+    answers = [json.loads(line)[PREDICTION] for line in output.read_text().splitlines()]
+    assert [len(answer["tags"]) for answer in answers] == [4, 2]
+    expected = task_type("token_classification").score_answers(
+        answers, [row["ner_tags"] for row in CONLL_ROWS], ["B-PER", "I-PER", "O"]
+    )
+    out = capsys.readouterr().out
+    assert f"f1 {expected['f1']:.4f}" in out and f"accuracy {expected['accuracy']:.4f}" in out, out
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'storage' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("demo").experiment_id], "tags.`ptft.kind` = 'predict'")
+    assert run.data.metrics["predict/f1"] == pytest.approx(expected["f1"])
+    plots = Path(client.download_artifacts(run.info.run_id, "plots", str(tmp_path)))
+    confusion = json.loads((plots / "confusion_matrix.json").read_text())
+    truth = ["B-PER", "I-PER", "O", "O", "O", "O"]  # every word's, the ids read as the model's tags
+    said = [tag for answer in answers for tag in answer["tags"]]
+    assert confusion["rows_true_columns_predicted"] == [
+        [sum(t == true and s == tag for t, s in zip(truth, said, strict=True)) for tag in confusion["labels"]]
+        for true in confusion["labels"]
+    ]
 
 
 def _answered_in_process(monkeypatch: pytest.MonkeyPatch) -> None:
