@@ -8,12 +8,15 @@
 
 from __future__ import annotations
 
+import threading
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import DatasetInput, InputTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
@@ -31,6 +34,13 @@ class DatasetRead:
     context: str
 
 
+# MLflow adds a dataset new to an experiment with a check, then an insert: two task branches that
+# read the same split (configs/demo_generation.yaml's) logged it from the driver's threads at once,
+# and the second branch's stage failed on the store's UNIQUE constraint. One at a time here.
+_LOGGING_DATASETS = threading.Lock()
+RETRY_AFTER_S = 1.0  # a race with another process's run in the same experiment: once more, the dataset then there
+
+
 def log_datasets(client: MlflowClient, run_id: str, reads: list[DatasetRead]) -> None:
     inputs = [
         DatasetInput(
@@ -39,7 +49,12 @@ def log_datasets(client: MlflowClient, run_id: str, reads: list[DatasetRead]) ->
         )
         for read in reads
     ]
-    client.log_inputs(run_id, datasets=inputs)
+    with _LOGGING_DATASETS:
+        try:
+            client.log_inputs(run_id, datasets=inputs)
+        except MlflowException:
+            time.sleep(RETRY_AFTER_S)
+            client.log_inputs(run_id, datasets=inputs)
 
 
 def tag_upstream(client: MlflowClient, run_id: str, upstream_runs: dict[str, str]) -> None:

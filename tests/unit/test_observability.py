@@ -151,6 +151,45 @@ def test_pictures_are_pngs(classifier: Path, client: MlflowClient, tmp_path: Pat
 # --- lineage -------------------------------------------------------------------------------------
 
 
+def test_branches_reading_the_same_split_log_it_side_by_side(tmp_path: Path) -> None:
+    """Two task branches of configs/demo_generation.yaml read the same synthetic splits and logged
+    them at once from the driver's threads: MLflow adds a dataset new to the experiment with a
+    check, then an insert, and the second branch's stage failed on a UNIQUE constraint."""
+    import threading
+
+    from tests.conftest import sqlite_store
+
+    client = MlflowClient(sqlite_store(tmp_path / "mlflow.db"))
+    reads = [
+        lineage.DatasetRead(split, SyntheticSource(split=split, num_examples=8), f"digest-{split}", split)
+        for split in ("train", "validation", "test")
+    ]
+    # A dataset is new once per experiment: a race each round (one in two alone lost it here).
+    experiments = [_experiment(client, f"branches-{round_}") for round_ in range(5)]
+    runs = [client.create_run(experiment).info.run_id for experiment in experiments for _ in range(4)]
+    start, failures = threading.Barrier(len(runs)), []
+
+    def branch(run_id: str) -> None:
+        start.wait()
+        try:
+            lineage.log_datasets(client, run_id, reads)
+        except Exception as error:  # noqa: BLE001 - what a stage would have failed with
+            failures.append(error)
+
+    threads = [threading.Thread(target=branch, args=(run_id,)) for run_id in runs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures, failures[0]
+    for run_id in runs:
+        assert {item.dataset.name for item in client.get_run(run_id).inputs.dataset_inputs} == {
+            "train",
+            "validation",
+            "test",
+        }
+
+
 def test_lineage_datasets_upstream_tags_and_model_description(client: MlflowClient, tmp_path: Path) -> None:
     experiment = _experiment(client, "lineage")
     runs = {
