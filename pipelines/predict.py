@@ -459,9 +459,8 @@ class Scored:
     """What scoring the answers gave, for the record."""
 
     scores: dict[str, float]
-    matrix: (
-        list[list[int]] | None
-    )  # a classifier's rows or a tagger's words: true labels as rows, answered ones as columns
+    # a classifier's rows or a tagger's words: true labels as rows, answered ones as columns
+    matrix: list[list[int]] | None
     rows_per_s: float
 
 
@@ -485,9 +484,9 @@ def _record_and_say(job: Job, args: argparse.Namespace, config: PipelineConfig, 
 
 def _record(job: Job, args: argparse.Namespace, config: PipelineConfig, scored: Scored) -> tuple[str, str]:
     """(experiment id, run id) of a finished MLflow run holding the scores, what was scored and by
-    which model, a classifier's (or a tagger's) confusion matrix, and the scored rows when they are small enough.
-    A registered model's run goes to the experiment of the run that logged it, beside it; a
-    folder's to the config's."""
+    which model, a classifier's (or a tagger's) confusion matrix, and the scored rows when they are
+    small enough. A registered model's run goes to the experiment of the run that logged it, beside
+    it; a folder's to the config's."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
 
