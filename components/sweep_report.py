@@ -28,6 +28,13 @@ def ended_status(last_result: dict, max_epochs: int) -> str:
     return "completed" if completed else "stopped_early"
 
 
+def trial_status(trial, result: dict, max_epochs: int | None) -> str:
+    """pending, running, paused, error, or how a terminated trial ended (`ended_status`), from
+    Tune's state of the trial and its latest result."""
+    status = trial.status.lower()
+    return ended_status(result, max_epochs) if status == "terminated" and max_epochs else status
+
+
 def _epochs(row: dict) -> str:
     """Epochs run, and the epoch the trial is ranked on when it is not the last."""
     best = row.get("best_epoch")
@@ -98,9 +105,7 @@ class TrialTable(ray.tune.Callback):
         rows = []
         for trial in trials:
             result = reported[1] if reported and reported[0] is trial else (trial.last_result or {})
-            status = trial.status.lower()
-            if status == "terminated" and self.max_epochs:
-                status = ended_status(result, self.max_epochs)
+            status = trial_status(trial, result, self.max_epochs)
             rows.append(
                 {
                     "trial": str(trial),

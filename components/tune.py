@@ -469,16 +469,11 @@ class TrialStatusTags(ray.tune.Callback):
         self._seen: dict[str, str] = {}  # trial name -> the status last seen
         self._trackers: dict[str, MlflowTracker] = {}  # trial name -> its run's tracker
 
-    def status(self, trial: Trial) -> str:
-        """pending, running, paused, error, or how a terminated trial ended: completed or stopped_early."""
-        if trial.status == Trial.TERMINATED:
-            return sweep_report.ended_status(trial.last_result or {}, self.max_epochs)
-        return trial.status.lower()
-
     def on_step_end(self, iteration, trials, **info) -> None:
-        changed = {
-            str(trial): status for trial in trials if (status := self.status(trial)) != self._seen.get(str(trial))
+        now = {
+            str(trial): sweep_report.trial_status(trial, trial.last_result or {}, self.max_epochs) for trial in trials
         }
+        changed = {name: status for name, status in now.items() if status != self._seen.get(name)}
         self._seen.update(changed)
         told = {name: status for name, status in changed.items() if status not in ("pending", "running")}
         if told and (trackers := self._trackers_of(told)):
