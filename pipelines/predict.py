@@ -128,7 +128,7 @@ def _predict(args: argparse.Namespace) -> int:
         scores = job.task.score_answers(answers, expected, job.labels)
         shown = ", ".join(f"{name} {value:.4f}" for name, value in scores.items())
         console.say(f"Scores against {args.label_column!r} ({rows:,} rows): {shown}")
-        matrix = _confusion_matrix(answers, expected, job.labels) if job.labels else None
+        matrix = _confusion_matrix(answers, expected, job.labels, job.task.reads_words) if job.labels else None
         _record_and_say(job, args, config, Scored(scores, matrix, rows_per_s=rows / took))
     return 0
 
@@ -439,10 +439,11 @@ def _encode(suffix: str, table: pa.Table, answers: list[dict]) -> bytes:
 RECORDED_ROWS_AT_MOST_MB = 100  # the scored rows go with the run up to this size, for error analysis
 
 
-def _confusion_matrix(answers: list[dict], expected: list, labels: list[str]) -> list[list[int]]:
-    """Counts of a classifier's rows, or of a tagger's words, true labels as rows and answered ones
-    as columns, in label id order (every expected label is one of the model's: checked before Ray starts)."""
-    if all("tags" in answer for answer in answers):  # a tagger, scored word by word
+def _confusion_matrix(answers: list[dict], expected: list, labels: list[str], per_word: bool) -> list[list[int]]:
+    """Counts of a classifier's rows, or (`per_word`) of a tagger's words, true labels as rows and
+    answered ones as columns, in label id order (every expected label is one of the model's:
+    checked before Ray starts)."""
+    if per_word:  # a tagger, scored word by word
         truth = [tag for row in expected for tag in expected_names(list(row), labels)]
         answered = [tag for answer in answers for tag in answer["tags"]]
     else:
