@@ -28,7 +28,15 @@ from components.net import listen_problem
 from components.redaction import redact_text, redact_url
 from pipelines import arguments, init, jobs, predict, preflight, report, storage_gc
 from pipelines.pipeline_config import _MISSING as _MISSING_VALUE
-from pipelines.pipeline_config import ConfigError, Problem, load_config, validate
+from pipelines.pipeline_config import (
+    DEFAULTS_SOURCE,
+    ConfigError,
+    Problem,
+    command_config,
+    load_config,
+    missing_store_problems,
+    validate,
+)
 from pipelines.scheduling import nodes_in_threads
 from pipelines.stages import NAMES as STAGE_NAMES
 from pipelines.stages import split_node
@@ -178,8 +186,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("overrides", nargs="*", help="dotted overrides, e.g. serve.port=8001 serve.num_replicas=2")
     serve.add_argument(
         "--config",
-        default="configs/demo.yaml",
-        help="pipeline YAML whose serve, tracking and ray blocks apply (default configs/demo.yaml)",
+        help="pipeline YAML whose serve, tracking and ray blocks apply (default: their defaults, "
+        "storage ./ptft-runs and its MLflow store, as configs/demo.yaml sets)",
     )
     serve.add_argument(
         "--export",
@@ -193,20 +201,25 @@ def _parser() -> argparse.ArgumentParser:
     promote.add_argument("name", help="registered model name, e.g. demo-classifier")
     promote.add_argument("version", help="the version to make champion")
     promote.add_argument("overrides", nargs="*", help="dotted overrides of the config")
-    promote.add_argument("--config", default="configs/demo.yaml", help="config giving tracking, ray and serve")
+    promote.add_argument(
+        "--config", help="config giving tracking, ray and serve (default: storage ./ptft-runs and its MLflow store)"
+    )
     promote.set_defaults(handler=_promote)
 
     rollback = commands.add_parser("rollback", help="give the champion alias back to the previous champion")
     rollback.add_argument("name", help="registered model name")
     rollback.add_argument("overrides", nargs="*", help="dotted overrides of the config")
-    rollback.add_argument("--config", default="configs/demo.yaml", help="config giving tracking, ray and serve")
+    rollback.add_argument(
+        "--config", help="config giving tracking, ray and serve (default: storage ./ptft-runs and its MLflow store)"
+    )
     rollback.set_defaults(handler=_rollback)
 
     explain = commands.add_parser("explain", help="attention maps of texts: where the model's heads look")
     explain.add_argument("model", help="models:/NAME@ALIAS, models:/NAME/VERSION, or a Hugging Face model folder")
     explain.add_argument("texts", nargs="+", help="texts to explain, each quoted")
     explain.add_argument(
-        "--config", help="config giving the tracking store (default: configs/demo.yaml, unless --tracking-uri is given)"
+        "--config",
+        help="config giving the tracking store (default: --tracking-uri, else the MLflow store in ./ptft-runs)",
     )
     explain.add_argument("--tracking-uri", help="the MLflow tracking URI (default: the config's)")
     explain.add_argument(
@@ -220,7 +233,7 @@ def _parser() -> argparse.ArgumentParser:
     init.add_parser(commands)
 
     ui = commands.add_parser("ui", help="open the MLflow UI on the config's tracking store")
-    ui.add_argument("config", nargs="?", default="configs/demo.yaml")
+    ui.add_argument("config", nargs="?", help="pipeline YAML (default: the MLflow store in ./ptft-runs)")
     ui.add_argument("overrides", nargs="*")
     ui.add_argument("--port", type=arguments.port, default=5000)
     ui.add_argument("--host", type=arguments.host, default="127.0.0.1")
@@ -602,10 +615,14 @@ def _print_summary(result, config, seconds: float, log: Path | None = None) -> N
 
 
 def _ui(args: argparse.Namespace) -> int:
-    config = load_config(args.config, args.overrides, check_data=False)
+    config = command_config(args.config, args.overrides)
     if problem := listen_problem(args.host, args.port):
         print(f"ptft ui: {problem}; stop what listens there, or pick another --port", file=sys.stderr)
         return EXIT_USER_ERROR
+    # A config names its store, which a run makes (the UI may open before it); without one, an
+    # empty store would be made in whatever folder this ran from.
+    if args.config is None and (problems := missing_store_problems(config.tracking_uri(), reading="run")):
+        raise ConfigError(DEFAULTS_SOURCE, problems)
     # This interpreter's mlflow, whether or not the venv's bin/ is on PATH.
     command = [
         sys.executable,
@@ -650,8 +667,10 @@ def _newest_run_links(config, ui_url: str) -> dict[str, str]:
 def _serve(args: argparse.Namespace) -> int:
     from pipelines.pipeline_config import model_reference_problems
 
-    config = load_config(args.config, args.overrides, check_data=False)
+    config = command_config(args.config, args.overrides)
     problems = model_reference_problems(args.model, "MODEL")
+    if args.model.startswith("models:/"):
+        problems += missing_store_problems(config.tracking_uri())
     if args.export and not args.model.startswith("models:/"):
         problems.append(
             Problem(
@@ -764,7 +783,7 @@ def _explain_tracking_uri(args: argparse.Namespace) -> str | None:
     if args.config is None and not args.model.startswith("models:/"):
         return None
     overrides = [f"tracking.uri={args.tracking_uri}"] if args.tracking_uri else []
-    return load_config(args.config or "configs/demo.yaml", overrides, check_data=False).tracking_uri()
+    return command_config(args.config, overrides).tracking_uri()
 
 
 def _explain(args: argparse.Namespace) -> int:
@@ -772,6 +791,8 @@ def _explain(args: argparse.Namespace) -> int:
 
     tracking_uri = _explain_tracking_uri(args)
     problems = model_reference_problems(args.model, "MODEL")
+    if tracking_uri and args.model.startswith("models:/"):
+        problems += missing_store_problems(tracking_uri)
     if len(args.texts) > MAX_EXPLAIN_TEXTS:
         problems.append(
             Problem(
@@ -852,7 +873,7 @@ def _export_serve_config(document: dict, path: str) -> int:
 def _promote(args: argparse.Namespace) -> int:
     from components import registry
 
-    config = load_config(args.config, args.overrides, check_data=False)
+    config = command_config(args.config, args.overrides)
     client = _registry_client(config, "ptft promote")
     try:
         previous = registry.promote(client, args.name, args.version)
@@ -877,7 +898,7 @@ def _promote(args: argparse.Namespace) -> int:
 def _rollback(args: argparse.Namespace) -> int:
     from components import registry
 
-    config = load_config(args.config, args.overrides, check_data=False)
+    config = command_config(args.config, args.overrides)
     client = _registry_client(config, "ptft rollback")
     try:
         current, restored = registry.rollback(client, args.name)
@@ -896,7 +917,7 @@ def _registry_client(config, command: str):
     unreachable one for minutes)."""
     from mlflow.tracking import MlflowClient
 
-    if problems := preflight.tracking_problems(config):
+    if problems := preflight.tracking_problems(config) or missing_store_problems(config.tracking_uri()):
         raise ConfigError(command, problems)
     return MlflowClient(config.tracking_uri())
 
@@ -994,7 +1015,7 @@ def _disk_full(error: Exception, storage: Path, tracking_uri: str) -> str | None
     tracebacks."""
     from components.net import causes
     from components.tracking import out_of_space
-    from pipelines.manifest import sqlite_file
+    from pipelines.pipeline_config import sqlite_file
 
     full = next((each for each in causes(error) if out_of_space(each)), None)
     if full is None:

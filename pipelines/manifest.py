@@ -22,6 +22,7 @@ from components import metrics
 from components.redaction import redact_url, redacted_urls
 from components.stage import read_json, write_json
 from pipelines import stages
+from pipelines.pipeline_config import SQLITE, sqlite_file
 
 log = logging.getLogger(__name__)
 
@@ -205,14 +206,6 @@ class Manifest:
                 self.stage_ended(name, KILLED, error=why)
             self.finished(KILLED)
             return [self.stages[name].mlflow_run_id for name in running if self.stages[name].mlflow_run_id]
-
-
-SQLITE = "sqlite:///"
-
-
-def sqlite_file(tracking_uri: str | None) -> Path | None:
-    """The file of a SQLite tracking store's URI; None for any other store."""
-    return Path(tracking_uri.removeprefix(SQLITE)) if tracking_uri and tracking_uri.startswith(SQLITE) else None
 
 
 class UnreadableManifest(ValueError):

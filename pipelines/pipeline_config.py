@@ -337,7 +337,7 @@ def load_config(path: str | Path, overrides: list[str] = (), *, check_data: bool
             raise ConfigError(source, twice)
         raw = yaml.safe_load(text) or {}
     except FileNotFoundError:
-        # A command's default (configs/demo.yaml) is relative: run elsewhere, it is not there.
+        # A relative path is read from the working directory: say which, as it may not be the project.
         where = "" if Path(path).is_absolute() else f" in the working directory {Path.cwd()}"
         fix = (
             "pass the path of a YAML config (--config PATH where it is an option), e.g. the project's configs/demo.yaml"
@@ -354,6 +354,59 @@ def load_config(path: str | Path, overrides: list[str] = (), *, check_data: bool
         raise ConfigError(source, [problem])
     problems = apply_overrides(raw, overrides)
     return validate(raw, source, problems, check_data=check_data)
+
+
+# What `ptft serve`, `predict`, `explain`, `promote`, `rollback` and `ui` read without --config:
+# the defaults of the storage, tracking, ray and serve blocks (./ptft-runs, the sqlite store in it, a
+# local Ray, Serve on port 8000), which are what configs/demo.yaml and the other shipped configs set.
+# A pipeline config must name its data; these commands never read it.
+DEFAULTS_SOURCE = "the defaults (no --config)"
+_COMMAND_DEFAULTS = {
+    "name": "ptft",
+    "data": {
+        "corpus": {"source": {"type": "synthetic", "split": "corpus"}},
+        "task": {split: {"type": "synthetic", "split": split} for split in SPLITS},
+    },
+}
+
+
+def command_config(path: str | None, overrides: list[str] = ()) -> PipelineConfig:
+    """The config a command that serves, scores or promotes a model reads: `path`'s (its data not
+    checked), or without one the defaults, so that these commands work from any folder.
+
+    Raises:
+        ConfigError: with every problem found.
+    """
+    if path:
+        return load_config(path, overrides, check_data=False)
+    raw = json.loads(json.dumps(_COMMAND_DEFAULTS))
+    problems = apply_overrides(raw, overrides)
+    return validate(raw, DEFAULTS_SOURCE, problems, check_data=False)
+
+
+SQLITE = "sqlite:///"
+
+
+def sqlite_file(tracking_uri: str | None) -> Path | None:
+    """The file of a SQLite tracking store's URI; None for any other store."""
+    return Path(tracking_uri.removeprefix(SQLITE)) if tracking_uri and tracking_uri.startswith(SQLITE) else None
+
+
+def missing_store_problems(tracking_uri: str, reading: str = "registered model") -> list[Problem]:
+    """A SQLite store to read that is not there. MLflow would make an empty one (in whatever
+    folder the command ran from) and then say the model is not registered, or show no runs."""
+    store = sqlite_file(tracking_uri)
+    if store is None or store.exists():
+        return []
+    return [
+        Problem(
+            "tracking.uri",
+            tracking_uri,
+            f"there is no MLflow store at {store}, so no {reading} to read",
+            "run from the folder whose ptft-runs/ holds it, or name the store: --config of the pipeline "
+            "that wrote it, or storage=PATH",
+        )
+    ]
 
 
 def duplicate_keys(node: yaml.Node | None, path: tuple[str, ...] = ()) -> list[Problem]:

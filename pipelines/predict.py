@@ -25,7 +25,14 @@ from components.batch_predict import PREDICTION
 from components.redaction import redact_url
 from components.tasks.base import expected_names
 from pipelines import arguments, preflight
-from pipelines.pipeline_config import ConfigError, PipelineConfig, Problem, load_config, model_reference_problems
+from pipelines.pipeline_config import (
+    ConfigError,
+    PipelineConfig,
+    Problem,
+    command_config,
+    missing_store_problems,
+    model_reference_problems,
+)
 
 OUTPUT_SUFFIXES = (".jsonl", ".csv", ".tsv", ".parquet")
 PROGRESS_EVERY_S = 10.0  # a progress line this often when the console is no terminal
@@ -76,8 +83,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     predict.add_argument(
         "--config",
-        default="configs/demo.yaml",
-        help="pipeline YAML whose tracking, ray and storage blocks apply (default configs/demo.yaml)",
+        help="pipeline YAML whose tracking, ray and storage blocks apply (default: their defaults, "
+        "storage ./ptft-runs and its MLflow store, as configs/demo.yaml sets)",
     )
     predict.add_argument(
         "--storage",
@@ -105,7 +112,7 @@ class Job:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    config = load_config(args.config, args.overrides, check_data=False)
+    config = command_config(args.config, args.overrides)
     tracking_uri = config.tracking_uri()
     job = _checked_job(args, config, tracking_uri)
     from pipelines.cli import logged_console
@@ -140,6 +147,8 @@ def _checked_job(args: argparse.Namespace, config: PipelineConfig, tracking_uri:
         ConfigError: with every problem found, naming the option or file.
     """
     problems = model_reference_problems(args.model, "MODEL") + _output_problems(args)
+    if args.model.startswith("models:/"):
+        problems += missing_store_problems(tracking_uri)
     table, input_problems = _read_input(args.input)
     if problems or input_problems:
         raise ConfigError("ptft predict", problems + input_problems)

@@ -216,6 +216,51 @@ def test_a_registry_that_does_not_answer_exits_2_naming_the_tracking_uri(
     assert result.stdout.splitlines()[-1] == "imported:", result.stdout
 
 
+@pytest.mark.parametrize("command", ["serve", "explain", "predict", "promote", "rollback", "ui"])
+def test_without_a_config_outside_the_project_a_missing_default_store_is_named_not_made(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without --config these commands read configs/demo.yaml, so anywhere but the project's folder
+    they said `file not found` (`explain` only for a registered model). Now they read the defaults,
+    the MLflow store in ./ptft-runs; where that is not, they say so rather than making an empty one
+    and reporting the model unregistered."""
+    from pipelines.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rows.csv").write_text("text\na fine film\n")
+    model = {"promote": ["m", "1"], "rollback": ["m"], "ui": []}.get(command, ["models:/m@champion"])
+    texts = {"explain": ["a text"], "predict": ["rows.csv", "--output", "out.jsonl"]}.get(command, [])
+    assert main([command, *model, *texts]) == 2
+    err = capsys.readouterr().err
+    assert f"there is no MLflow store at {tmp_path / 'ptft-runs' / 'mlflow.db'}" in err, err
+    assert "--config" in err and "Traceback" not in err
+    assert not list(tmp_path.rglob("*.db"))
+
+
+def test_promote_and_rollback_without_a_config_use_the_store_in_ptft_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Outside the project's folder, with the registry in ./ptft-runs as `ptft run` leaves it."""
+    from mlflow import MlflowClient
+
+    from pipelines.cli import main
+    from tests.conftest import sqlite_store
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # a local `ptft serve` follows the alias itself
+    client = MlflowClient(sqlite_store(tmp_path / "ptft-runs" / "mlflow.db"))
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "MLmodel").write_text("flavors: {}\n")
+    client.create_registered_model("m")
+    for _ in range(2):
+        client.create_model_version("m", str(tmp_path / "model"))
+    assert main(["promote", "m", "1"]) == 0 and main(["promote", "m", "2"]) == 0
+    assert str(client.get_model_version_by_alias("m", "champion").version) == "2"
+    assert main(["rollback", "m"]) == 0
+    assert str(client.get_model_version_by_alias("m", "champion").version) == "1"
+    assert "m: champion is back to v1 (was v2)" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("command", ["validate", "run"])
 def test_a_tracking_server_that_does_not_answer_is_refused_at_once(
     command: str, good_config: Path, tmp_path: Path

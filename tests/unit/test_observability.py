@@ -482,8 +482,8 @@ def test_ptft_explain_needs_no_config_for_a_folder_or_with_tracking_uri(
     assert "not in the registry" in capsys.readouterr().err
     assert main(["explain", "models:/nope@champion", "dull", "--tracking-uri", "bogus://registry"]) == 2
     assert "--tracking-uri = 'bogus://registry': Value error, MLflow has no tracking store" in capsys.readouterr().err
-    assert main(["explain", "models:/nope@champion", "dull"]) == 2  # the config is where the store is named
-    assert "configs/demo.yaml" in capsys.readouterr().err and not list(tmp_path.glob("*.db"))
+    assert main(["explain", "models:/nope@champion", "dull"]) == 2  # the default store: ./ptft-runs, not here
+    assert "there is no MLflow store at" in capsys.readouterr().err and not list(tmp_path.rglob("*.db"))
 
 
 @pytest.mark.parametrize(

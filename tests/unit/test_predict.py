@@ -364,14 +364,19 @@ def test_scores_for_a_tracking_server_that_does_not_answer_are_refused_before_ra
     assert not (tmp_path / "out.jsonl").exists()
 
 
-def test_the_default_config_missing_where_ptft_runs_names_the_working_directory(
+def test_outside_the_project_without_a_config_the_scores_go_to_the_store_in_ptft_runs(
     model: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Run outside the project's folder, the default --config (configs/demo.yaml) is not there: the
-    message said `file not found`, and its fix named that same file."""
+    """The default --config was configs/demo.yaml, so run outside the project's folder predict
+    said `file not found`. Without --config, it reads the defaults: the log and the record go to
+    ./ptft-runs, as `ptft run` would put them."""
+    import mlflow
+
+    _answered_in_process(monkeypatch)
     monkeypatch.chdir(tmp_path)
-    rows = _jsonl(tmp_path / "in.jsonl", [{"text": "good"}])
-    assert cli.main(["predict", str(model), str(rows), "--output", str(tmp_path / "out.jsonl")]) == 2
-    err = capsys.readouterr().err
-    assert f"CONFIG = 'configs/demo.yaml': file not found in the working directory {tmp_path}." in err, err
-    assert "--config PATH" in err
+    rows = _jsonl(tmp_path / "in.jsonl", [{"text": text, "label": i % 2} for i, text in enumerate(REVIEWS)])
+    assert cli.main(["predict", str(model), str(rows), "--output", "out.jsonl", "--label-column", "label"]) == 0
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'ptft-runs' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("ptft").experiment_id], "tags.`ptft.kind` = 'predict'")
+    assert run.info.run_id in capsys.readouterr().out and (tmp_path / "out.jsonl").exists()
+    assert len(list((tmp_path / "ptft-runs" / "logs").glob("predict-*.log"))) == 1
