@@ -556,18 +556,22 @@ def evaluate(
     engine.eval()
     loss_sum, count = 0.0, 0.0
     gold, guess = [], []
-    mine = shard.eval_rows(len(split["label"]))
-    for start in range(0, len(mine), shard.batch_size):
-        rows = mine[start : start + shard.batch_size]
+    for rows, counted in shard.eval_batches(len(split["label"])):
+        # Every rank forwards (and generates) each batch; past `counted` are repeated rows.
         batch = _batch(split, rows, engine.device, kind)
-        logits = kind.logits(kind.forward(engine, batch))
-        labels = batch["labels"].reshape(len(batch["labels"]), -1)  # a row's labels: one, or one per position
+        logits = kind.logits(kind.forward(engine, batch))[:counted]
+        if kind.generate is not None:
+            generated = kind.generate(engine.module, tokenizer, batch["input_ids"], batch["attention_mask"])
+        if not counted:
+            continue
+        rows, targets = rows[:counted], batch["labels"][:counted]
+        labels = targets.reshape(counted, -1)  # a row's labels: one, or one per position
         kept = labels != IGNORE
-        loss_sum += task_loss(logits, batch["labels"]).item() * float(kept.sum())
+        loss_sum += task_loss(logits, targets).item() * float(kept.sum())
         count += float(kept.sum())
         if kind.generate is not None:
             gold += rows.tolist()
-            guess += kind.generate(engine.module, tokenizer, batch["input_ids"], batch["attention_mask"])
+            guess += generated[:counted]
             continue
         for row, row_labels, row_logits, row_kept in zip(rows.tolist(), labels, logits, kept, strict=True):
             row_gold, row_guess = kind.evaluated(row_labels, row_logits, row_kept, row)

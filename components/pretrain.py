@@ -362,14 +362,14 @@ def _evaluate(
     token-weighted over all ranks."""
     engine.eval()
     loss_sum, targets = 0.0, 0.0
-    mine = shard.eval_rows(len(eval_ids))
-    for start in range(0, len(mine), shard.batch_size):
-        rows = mine[start : start + shard.batch_size]
+    for rows, counted in shard.eval_batches(len(eval_ids)):
         inputs, labels = masker(eval_ids[rows].long())
+        labels[counted:] = -100  # a repeated row, forwarded beside the others and not counted
         # causal-LM predicts every token but the first of each block
         count = float((labels[:, 1:] if objective == "clm" else labels).ne(-100).sum())
         loss = engine(input_ids=inputs.to(engine.device), labels=labels.to(engine.device)).loss
-        loss_sum, targets = loss_sum + loss.item() * count, targets + count
+        if count:
+            loss_sum, targets = loss_sum + loss.item() * count, targets + count
     engine.train()
     loss_sum, targets = training.all_reduce_sum([loss_sum, targets])
     if targets == 0:

@@ -389,11 +389,17 @@ class Shard:
         mine = order[: count * self.world_size * self.batch_size].view(count, self.world_size, self.batch_size)
         return list(mine[:, self.rank])
 
-    def eval_rows(self, num_rows: int) -> torch.Tensor:
-        """This rank's evaluation rows; every rank gets the same count (ZeRO-3 forwards are
-        collectives, so ranks must run the same batches), which drops fewer than world_size rows."""
-        even = num_rows - num_rows % self.world_size
-        return torch.arange(even)[self.rank :: self.world_size]  # none when rows < ranks (a tiny corpus)
+    def eval_batches(self, num_rows: int) -> list[tuple[torch.Tensor, int]]:
+        """This rank's evaluation batches, each with how many of its first rows count. Every row
+        is evaluated once over the ranks, and every rank runs the same batches (ZeRO-3 forwards are
+        collectives): a rank with a row fewer forwards row 0 in its place, outside the count."""
+        mine = torch.arange(num_rows)[self.rank :: self.world_size]
+        per_rank = -(-num_rows // self.world_size)
+        padded = torch.cat([mine, torch.zeros(per_rank - len(mine), dtype=mine.dtype)])
+        return [
+            (padded[start : start + self.batch_size], max(0, min(self.batch_size, len(mine) - start)))
+            for start in range(0, per_rank, self.batch_size)
+        ]
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:

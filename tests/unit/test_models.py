@@ -229,8 +229,14 @@ def test_shards_are_disjoint_and_equal() -> None:
     assert len(batches[0]) == len(batches[1]) == 4  # 37 // (2 * 4)
     rows = torch.cat([torch.cat(b) for b in batches])
     assert len(set(rows.tolist())) == len(rows) == 32
-    assert len(shards[0].eval_rows(37)) == len(shards[1].eval_rows(37)) == 18
-    assert [len(shard.eval_rows(rows)) for shard in shards for rows in (0, 1)] == [0, 0, 0, 0]  # no eval, no error
+    # Evaluation: every row once over the ranks (the 37th was dropped), in batches of the same
+    # shapes on every rank, the shorter rank's last row a repeat that does not count.
+    evaluated = [shard.eval_batches(37) for shard in shards]
+    assert [[len(rows) for rows, _ in batches] for batches in evaluated] == [[4, 4, 4, 4, 3]] * 2
+    counted = [row for batches in evaluated for rows, count in batches for row in rows[:count].tolist()]
+    assert sorted(counted) == list(range(37))
+    assert [shard.eval_batches(1) for shard in shards] == [[(torch.tensor([0]), 1)], [(torch.tensor([0]), 0)]]
+    assert [shard.eval_batches(0) for shard in shards] == [[], []]  # no eval, no error
 
 
 def test_a_corpus_too_small_for_one_step_is_refused_before_the_workers_start(

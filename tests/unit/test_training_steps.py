@@ -39,6 +39,7 @@ from components.schemas import (
     TokenizeConfig,
     span_count,
 )
+from components.tasks import task_type
 from components.vocab import special_ids
 
 SEQ_LEN = 32
@@ -476,3 +477,30 @@ def test_a_reported_divergence_fails_the_stage_naming_step_and_checkpoint(tmp_pa
     training.report_divergence(training.Diverged(120, float("nan")), str(marker))
     with pytest.raises(RuntimeError, match=r"pretrain: the training loss became nan at step 120; .*checkpoint_000002"):
         training.raise_if_diverged(result, marker, "pretrain")
+
+
+def test_evaluation_over_ranks_counts_every_row_once() -> None:
+    """Two ranks, five rows: the fifth was in no rank's evaluation (each split lost up to one row
+    a rank but one; SQuAD's test windows on 2 workers lost a question). Now the rank a row short
+    forwards a repeat with the other's last batch and does not count it: each rank scores exactly
+    its own rows."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(SEED)
+    model = BertForSequenceClassification(
+        BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    ).eval()
+    split = {
+        "input_ids": torch.randint(5, 50, (5, 8)),
+        "attention_mask": torch.ones(5, 8, dtype=torch.long),
+        "label": torch.tensor([0, 1, 1, 0, 1]),
+    }
+    kind = task_type("sequence_classification")
+
+    def evaluated(shard: training.Shard, rows: list[int]) -> dict[str, float]:
+        part = {column: values[rows] for column, values in split.items()}
+        return finetune.evaluate(model, part, shard, kind=kind, label_names=["negative", "positive"])
+
+    everything = list(range(5))
+    assert evaluated(training.Shard(0, 2, 2), everything) == evaluated(training.Shard(0, 1, 2), [0, 2, 4])
+    assert evaluated(training.Shard(1, 2, 2), everything) == evaluated(training.Shard(0, 1, 2), [1, 3])
