@@ -72,6 +72,9 @@ class ClassifierRun(BaseModel):
     )
     stage: str = Field("finetune", description="the pipeline stage this run belongs to (labels its live metrics)")
     task_type: str = Field("sequence_classification", description="what the rows are and how they are scored")
+    task_options: dict[str, int] = Field(
+        default_factory=dict, description="how the task's rows were tokenized (seq_len, doc_stride): kept for serving"
+    )
     divergence_marker: str = Field("", description="where Ray Train workers say that the loss became NaN/inf")
 
 
@@ -86,11 +89,13 @@ def run(
     test_split: str,
     task: str = "sequence_classification",
     ranking: Ranking | None = None,
+    task_options: dict[str, int] | None = None,
 ) -> StageResult:
     """Fine-tune with the best hyperparameters, evaluate on test, register the model.
     `test_split` fingerprints the test data: the champion gate compares only like with like;
     `task` is the task type (components/tasks/); `ranking` picks the exported epoch under early
-    stopping (default: the lowest validation loss)."""
+    stopping (default: the lowest validation loss); `task_options` say how the rows were
+    tokenized (seq_len, doc_stride), which the model keeps where serving needs them."""
     hyper, sources = resolve_hyperparameters(cfg.defaults, best_uri, cfg.overrides)
     run_cfg = ClassifierRun(
         pretrained_dir=pretrained_uri,
@@ -110,6 +115,7 @@ def run(
         early_stopping_patience=cfg.early_stopping_patience,
         early_stopping_min_delta=cfg.early_stopping_min_delta,
         task_type=task,
+        task_options=task_options or {},
         divergence_marker=str(ctx.output_dir / DIVERGED),
         **({"ranking": ranking} if ranking else {}),
     )
@@ -454,7 +460,7 @@ def _setup_engine(cfg: ClassifierRun, tokenizer, micro_steps: int, *, log_inheri
         pad_token_id=pretrained.pad_token_id if pretrained.pad_token_id is not None else tokenizer.pad_token_id,
         **dropout,
     )
-    for key, value in kind.model_settings(cfg.task_dir).items():  # kept in its config.json
+    for key, value in kind.model_settings(cfg.task_dir, **cfg.task_options).items():  # kept in its config.json
         setattr(model.config, key, value)
     return training.build_engine(
         model,

@@ -100,6 +100,13 @@ def windows(tokenizer, questions: list[str], contexts: list[str], max_length: in
     )
 
 
+def served_window(model_config, max_tokens: int) -> tuple[int, int]:
+    """The windows a served model reads, (length, tokens shared): those it was trained on (kept in
+    its config), else `max_tokens` long with a quarter shared (a model from elsewhere)."""
+    length = min(max_tokens, getattr(model_config, "window_tokens", None) or max_tokens)
+    return length, getattr(model_config, "doc_stride", None) or length // 4
+
+
 def context_offsets(encoded, window: int) -> list[tuple[int, int]]:
     """Each token's characters in the context, NOT_CONTEXT for the question's and special tokens."""
     return [
@@ -172,8 +179,11 @@ def _has_unanswered(task_dir: str) -> bool:
     return any(not answers for answers in train.to_pylist())
 
 
-def _model_settings(task_dir: str) -> dict:
-    return {"unanswerable": True} if unanswerable(task_dir) else {}
+def _model_settings(task_dir: str, seq_len: int | None = None, doc_stride: int | None = None, **_) -> dict:
+    """Whether a question may have no answer, and the windows the model read (their length and
+    overlap): serving cuts a context as training did."""
+    settings = {"unanswerable": True} if unanswerable(task_dir) else {}
+    return settings | ({"window_tokens": seq_len, "doc_stride": doc_stride} if seq_len and doc_stride else {})
 
 
 def answer_or_none(best: tuple[float, int, int] | None, null: float, may_have_none: bool):
@@ -276,36 +286,44 @@ def _output_example(model) -> list[str]:
 
 
 def _predict(model, tokenizer, items: list[dict], max_tokens: int) -> list[dict]:
-    """Each question's answer: the best span of its context over all windows, its characters
-    start:end in the context, and the probability of its start times that of its end."""
+    """Each question's answer: the best span of its context over all windows, picked by start plus
+    end logit as evaluation picks it, its characters start:end in the context, and the probability
+    of its start times that of its end in its window."""
     import torch
 
     questions, contexts = [item["question"] for item in items], [item["context"] for item in items]
-    encoded = windows(tokenizer, questions, contexts, max_tokens, max_tokens // 4, padding=True, return_tensors="pt")
+    length, stride = served_window(model.config, max_tokens)
+    encoded = windows(tokenizer, questions, contexts, length, stride, padding=True, return_tensors="pt")
     rows = encoded["overflow_to_sample_mapping"].tolist()
     offsets = [[value for span in context_offsets(encoded, window) for value in span] for window in range(len(rows))]
     inputs = {key: encoded[key] for key in ("input_ids", "attention_mask", "token_type_ids") if key in encoded}
     with torch.inference_mode():
         output = model(**inputs)
-    log_probabilities = _start_end_logits(output).float().log_softmax(-1)
-    count = min(N_BEST, log_probabilities.shape[-1])
-    values, positions = log_probabilities.topk(count, dim=-1)
-    nulls = (log_probabilities[:, 0, 0] + log_probabilities[:, 1, 0]).tolist()
+    logits = _start_end_logits(output).float()
+    # A span's log-probability in its window: its logits' sum plus this (each window's softmax differs,
+    # so spans of different windows compare by logits, as in evaluation and Hugging Face's own QA).
+    shifts = (-logits.logsumexp(-1).sum(-1)).tolist()
+    values, positions = logits.topk(min(N_BEST, logits.shape[-1]), dim=-1)
+    nulls = (logits[:, 0, 0] + logits[:, 1, 0]).tolist()
     may_have_none = bool(getattr(model.config, "unanswerable", False))
     answers = []
     for item, (question, context) in enumerate(zip(questions, contexts, strict=True)):
         mine = [window for window, row in enumerate(rows) if row == item]
-        candidates = [
-            (positions[w, 0].tolist(), values[w, 0].tolist(), positions[w, 1].tolist(), values[w, 1].tolist())
+        spans = {
+            w: best_spans(
+                [(positions[w, 0].tolist(), values[w, 0].tolist(), positions[w, 1].tolist(), values[w, 1].tolist())],
+                [offsets[w]],
+            )
             for w in mine
-        ]
-        null = min(nulls[w] for w in mine)
-        best = answer_or_none(best_spans(candidates, [offsets[w] for w in mine]), null, may_have_none)
+        }
+        picked = max((w for w in mine if spans[w]), key=lambda w: spans[w][0], default=None)
+        no_answer = min(mine, key=lambda w: nulls[w])
+        best = answer_or_none(spans[picked] if picked is not None else None, nulls[no_answer], may_have_none)
         if best is None:  # the probability of no answer where the model may give none
-            score = math.exp(null) if may_have_none else 0.0
+            score = math.exp(nulls[no_answer] + shifts[no_answer]) if may_have_none else 0.0
             answers.append({"answer": "", "start": 0, "end": 0, "score": score, "truncated": False})
             continue
-        score, start, end = best
+        logit, start, end = best
         while start < end and context[start].isspace():  # byte-level BPE spans open with the space before a word
             start += 1
         answers.append(
@@ -313,8 +331,8 @@ def _predict(model, tokenizer, items: list[dict], max_tokens: int) -> list[dict]
                 "answer": context[start:end],
                 "start": start,
                 "end": end,
-                "score": float(torch.tensor(score).exp()),
-                "truncated": len(_cut_questions(tokenizer, [question], max_tokens // 2)[0]) < len(question),
+                "score": math.exp(logit + shifts[picked]),
+                "truncated": len(_cut_questions(tokenizer, [question], length // 2)[0]) < len(question),
             }
         )
     return answers

@@ -126,9 +126,10 @@ class TaskType:
     # (model, tokenizer, texts, max_tokens=, layer=) -> attention maps for /explain and ptft explain;
     # None: the type has none (a 404)
     explain: Callable | None = attention_maps
-    # (the tokenized task folder) -> settings the fine-tuned model's config keeps (what its data taught
-    # it that serving needs, e.g. that a question may have no answer)
-    model_settings: Callable[[str], dict] = lambda task_dir: {}
+    # (the tokenized task folder, its tokenization options: seq_len, doc_stride) -> settings the
+    # fine-tuned model's config keeps (what its data taught it that serving needs, e.g. that a
+    # question may have no answer, and how its contexts were cut into windows)
+    model_settings: Callable[..., dict] = lambda task_dir, **options: {}
     # (the names the model will report for its label ids) -> (why, fix) when they cannot be scored, or None
     names_problem: Callable[[list[str]], tuple[str, str] | None] = lambda names: None
     # (each row's served answer, each row's expected value from a data file, the model's label names

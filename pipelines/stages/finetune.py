@@ -59,6 +59,7 @@ def _run(config: PipelineConfig, inputs: Inputs, ctx: StageContext) -> StageResu
         test_split=data.fingerprint(config.data.task.test),
         task=config.data.task.type,
         ranking=Ranking.of(config.tune),  # the exported epoch is picked as the sweep picked trials' epochs
+        task_options={"seq_len": config.tokenize.seq_len, "doc_stride": config.data.task.doc_stride},
     )
 
 
@@ -106,7 +107,7 @@ def _describe_version(config: PipelineConfig, inputs: Inputs, result: StageResul
 
 STAGE = Stage(
     name="finetune",
-    version="7",  # 7: with early stopping, the best epoch by the sweep's ranking is exported
+    version="8",  # 8: a QA model keeps its windows, evaluation counts every row; 7: the best epoch by ranking
     upstream=("tokenize", "pretrain", "prepare", "tune"),
     settings=_settings,
     run=_run,

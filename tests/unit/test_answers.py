@@ -318,7 +318,84 @@ def test_the_run_summary_says_when_a_question_got_no_answer() -> None:
     assert Sample(text=asked, score=0.9, answer="a film").answer() == "'a film' (0.900)"
 
 
-def test_a_model_trained_with_unanswerable_questions_keeps_that_in_its_config(reviews: Path, tmp_path: Path) -> None:
+def test_a_served_model_reads_a_context_in_the_windows_it_was_trained_on(reviews: Path) -> None:
+    """Serving cut contexts into windows of the model's whole length with a quarter shared, whatever
+    the training's windows were (squad_qa.yaml: 192 tokens, 64 shared; served with 48 shared), so
+    `ptft predict` on the test split scored an F1 of 0.0943 where fine-tuning had reported 0.0956."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(reviews / "pretrained")
+    row = _reviews(1, 3)[0]
+    context = " ".join([row["context"]] * 12)  # many windows
+    table = tok.with_row_numbers(pa.table({"text": [context], "label": [[]], "question": [row["question"]]}))
+    trained = tok.tokenize_examples(
+        table,
+        tokenizer_dir=str(reviews / "pretrained"),
+        seq_len=32,
+        label_values=["start", "end"],
+        task=QA.name,
+        doc_stride=12,
+    )
+    config = AutoConfig.from_pretrained(reviews / "pretrained")
+    for key, value in QA.model_settings(str(reviews / "task"), seq_len=32, doc_stride=12).items():
+        setattr(config, key, value)
+    served = answers.windows(tokenizer, [row["question"]], [context], *answers.served_window(config, max_tokens=512))
+    unpadded = [
+        [t for t, keep in zip(ids, mask, strict=True) if keep]
+        for ids, mask in zip(
+            trained.column("input_ids").to_pylist(), trained.column("attention_mask").to_pylist(), strict=True
+        )
+    ]
+    assert len(unpadded) > 3 and served["input_ids"] == unpadded
+
+
+def test_the_served_answers_to_a_split_score_what_evaluation_scored(fitted, reviews: Path, tmp_path: Path) -> None:
+    """Long contexts, several windows each: evaluation picks a question's span over its windows by
+    start plus end logit; serving picked it by log-probability, each window's softmax its own, so
+    some answers differed, and `ptft predict` on a split did not score what evaluation had."""
+    from components.scoring import Scorer
+
+    filler = "the music was loud , said noah . "
+    rows = [{**row, "context": filler * (index % 4) + row["context"]} for index, row in enumerate(_reviews(48, 5))]
+    rows = [_question(row["context"], row["answers"]["text"][0]) | {"question": row["question"]} for row in rows]
+    table = tok.with_row_numbers(
+        pa.table(
+            {
+                "text": [r["context"] for r in rows],
+                "label": [r["answers"] for r in rows],
+                "question": [r["question"] for r in rows],
+            }
+        )
+    )
+    windowed = tok.tokenize_examples(
+        table,
+        tokenizer_dir=str(reviews / "pretrained"),
+        seq_len=32,
+        label_values=["start", "end"],
+        task=QA.name,
+        doc_stride=8,
+    )
+    for split in ("train", "test"):  # scoring reads the train split's answers (may a question have none)
+        (tmp_path / "task" / split).mkdir(parents=True)
+        pq.write_table(windowed, tmp_path / "task" / split / "part-0.parquet")
+    scorer = Scorer(str(fitted[1]), tracking_uri=None)
+    scorer.model.config.window_tokens, scorer.model.config.doc_stride = 32, 8  # as fine-tuning keeps them
+    with torch.no_grad():
+        logits = answers._start_end_logits(
+            scorer.model(
+                input_ids=torch.tensor(windowed.column("input_ids").to_pylist()),
+                attention_mask=torch.tensor(windowed.column("attention_mask").to_pylist()),
+            )
+        )
+    gold, guessed = zip(*(QA.evaluated(None, logits[row], None, row) for row in range(windowed.num_rows)), strict=True)
+    evaluated = QA.scores(list(gold), list(guessed), ["start", "end"], str(tmp_path / "task" / "test"))
+    asked = [{"question": r["question"], "context": r["context"]} for r in rows]
+    served = QA.score_answers(scorer(asked), [r["answers"] for r in rows], [])
+    assert windowed.num_rows > 2 * len(rows) and 0 < evaluated["f1"] < 1, evaluated
+    assert served == evaluated
+
+
+def test_a_model_keeps_unanswerable_questions_and_its_windows_in_its_config(reviews: Path, tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
     shutil.copytree(reviews / "task", tmp_path / "task")
@@ -334,10 +411,12 @@ def test_a_model_trained_with_unanswerable_questions_keeps_that_in_its_config(re
         hyper=Hyperparameters(batch_size_per_worker=16),
         deepspeed=DeepSpeedConfig(),
         task_type=QA.name,
+        task_options={"seq_len": 32, "doc_stride": 8},
     )
     engine = finetune._setup_engine(run, AutoTokenizer.from_pretrained(reviews / "pretrained"), 1, log_inherited=False)
     engine.module.save_pretrained(tmp_path / "model")
-    assert json.loads((tmp_path / "model" / "config.json").read_text())["unanswerable"] is True
+    saved = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert (saved["unanswerable"], saved["window_tokens"], saved["doc_stride"]) == (True, 32, 8)
 
 
 def test_the_served_answer_is_a_span_of_the_context_over_all_windows(fitted) -> None:
