@@ -364,7 +364,9 @@ def _evaluate(
     loss_sum, targets = 0.0, 0.0
     for rows, counted in shard.eval_batches(len(eval_ids)):
         inputs, labels = masker(eval_ids[rows].long())
-        labels[counted:] = -100  # a repeated row, forwarded beside the others and not counted
+        # A repeated row is forwarded beside the others and not counted. A new tensor: a causal
+        # LM's labels are its inputs.
+        labels = labels.masked_fill(torch.arange(len(labels)).unsqueeze(1) >= counted, -100)
         # causal-LM predicts every token but the first of each block
         count = float((labels[:, 1:] if objective == "clm" else labels).ne(-100).sum())
         loss = engine(input_ids=inputs.to(engine.device), labels=labels.to(engine.device)).loss

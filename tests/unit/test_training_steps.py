@@ -178,6 +178,19 @@ def test_pretraining_steps_overfit_a_fixed_batch(
     assert engine.global_steps == stage.max_steps
 
 
+def test_pretraining_evaluation_over_ranks_counts_each_block_once(corpus: Corpus) -> None:
+    """Rank 1 of 2 over 3 held-out blocks evaluates block 1 and forwards block 0 again without
+    counting it. Marking that repeat's labels wrote -100 into a causal LM's inputs too (its labels
+    are its inputs): an IndexError in the embedding, on any odd count of blocks."""
+    stage = _stage(family="gpt2")
+    engine = pretrain._setup_engine(stage, corpus.tokenizer, SEED)
+    masker = pretrain._Targets(corpus.tokenizer, "clm", stage.mlm_probability, seed=SEED)
+    blocks = corpus.blocks[:3].long()
+    second = pretrain._evaluate(engine, masker, blocks, training.Shard(1, 2, 2), "clm")
+    assert second == pretrain._evaluate(engine, masker, blocks[1:2], training.Shard(0, 1, 2), "clm")
+    assert corpus.blocks[:3].long().equal(blocks)
+
+
 def test_gradient_accumulation_takes_one_step_per_window_equal_to_one_big_batch(corpus: Corpus) -> None:
     """4 micro-batches of 2 rows accumulated vs 1 batch of 8, same weights and rows. Causal-LM with
     no dropout: every row has SEQ_LEN - 1 targets, so the mean of the micro-batch losses is the big
