@@ -668,9 +668,7 @@ def _serve(args: argparse.Namespace) -> int:
     from pipelines.pipeline_config import model_reference_problems
 
     config = command_config(args.config, args.overrides)
-    problems = model_reference_problems(args.model, "MODEL")
-    if args.model.startswith("models:/"):
-        problems += missing_store_problems(config.tracking_uri())
+    problems = model_reference_problems(args.model, "MODEL", config.tracking_uri())
     if args.export and not args.model.startswith("models:/"):
         problems.append(
             Problem(
@@ -790,9 +788,7 @@ def _explain(args: argparse.Namespace) -> int:
     from pipelines.pipeline_config import model_reference_problems
 
     tracking_uri = _explain_tracking_uri(args)
-    problems = model_reference_problems(args.model, "MODEL")
-    if tracking_uri and args.model.startswith("models:/"):
-        problems += missing_store_problems(tracking_uri)
+    problems = model_reference_problems(args.model, "MODEL", tracking_uri)
     if len(args.texts) > MAX_EXPLAIN_TEXTS:
         problems.append(
             Problem(

@@ -667,8 +667,9 @@ def serve_problems(serve: ServeConfig) -> list[Problem]:
     return problems
 
 
-def model_reference_problems(reference: str, key: str) -> list[Problem]:
-    """A served model is `models:/NAME@ALIAS`, `models:/NAME/VERSION` or a Hugging Face folder."""
+def model_reference_problems(reference: str, key: str, tracking_uri: str | None = None) -> list[Problem]:
+    """A served model is `models:/NAME@ALIAS`, `models:/NAME/VERSION` (in the registry of
+    `tracking_uri`, a SQLite store that must be there) or a Hugging Face folder."""
     if reference.startswith("models:/"):
         if not re.fullmatch(REGISTRY_URI, reference):
             return [
@@ -679,7 +680,7 @@ def model_reference_problems(reference: str, key: str) -> list[Problem]:
                     "use models:/NAME@ALIAS (e.g. models:/demo-classifier@champion) or models:/NAME/VERSION",
                 )
             ]
-        return []
+        return missing_store_problems(tracking_uri) if tracking_uri else []
     folder = Path(reference).expanduser()
     what = _what_the_model_folder_lacks(folder)
     if what is None:

@@ -30,7 +30,6 @@ from pipelines.pipeline_config import (
     PipelineConfig,
     Problem,
     command_config,
-    missing_store_problems,
     model_reference_problems,
 )
 
@@ -146,9 +145,7 @@ def _checked_job(args: argparse.Namespace, config: PipelineConfig, tracking_uri:
     Raises:
         ConfigError: with every problem found, naming the option or file.
     """
-    problems = model_reference_problems(args.model, "MODEL") + _output_problems(args)
-    if args.model.startswith("models:/"):
-        problems += missing_store_problems(tracking_uri)
+    problems = model_reference_problems(args.model, "MODEL", tracking_uri) + _output_problems(args)
     table, input_problems = _read_input(args.input)
     if problems or input_problems:
         raise ConfigError("ptft predict", problems + input_problems)
