@@ -320,8 +320,8 @@ def test_the_run_summary_says_when_a_question_got_no_answer() -> None:
 
 def test_a_served_model_reads_a_context_in_the_windows_it_was_trained_on(reviews: Path) -> None:
     """Serving cut contexts into windows of the model's whole length with a quarter shared, whatever
-    the training's windows were (squad_qa.yaml: 192 tokens, 64 shared; served with 48 shared), so
-    `ptft predict` on the test split scored an F1 of 0.0943 where fine-tuning had reported 0.0956."""
+    the training's windows were (squad_qa.yaml: 192 tokens, 64 shared; served with 48 shared): one
+    of the reasons `ptft predict` on the test split scored F1 0.0942 where fine-tuning reported 0.0956."""
     from transformers import AutoConfig, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(reviews / "pretrained")
