@@ -230,6 +230,18 @@ def _reviews(count: int, seed: int) -> list[dict]:
     return rows
 
 
+def _windows(table: pa.Table, tokenizer_dir: Path, doc_stride: int) -> pa.Table:
+    """The rows tokenized as the prepare stage does, in windows of 32 tokens."""
+    return tok.tokenize_examples(
+        table,
+        tokenizer_dir=str(tokenizer_dir),
+        seq_len=32,
+        label_values=["start", "end"],
+        task=QA.name,
+        doc_stride=doc_stride,
+    )
+
+
 @pytest.fixture(scope="module")
 def reviews(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A randomly initialised tiny BERT, a WordPiece tokenizer, and the splits tokenized as the
@@ -254,14 +266,7 @@ def reviews(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         )
         QA.check_rows(table, split)
         (folder / "task" / split).mkdir(parents=True)
-        out = tok.tokenize_examples(
-            table,
-            tokenizer_dir=str(folder / "pretrained"),
-            seq_len=32,
-            label_values=["start", "end"],
-            task=QA.name,
-            doc_stride=8,
-        )
+        out = _windows(table, folder / "pretrained", doc_stride=8)
         pq.write_table(out, folder / "task" / split / "part-0.parquet")
     model = models.build_lm(
         ModelConfig(family="bert"), vocab_size=len(tokenizer), special_ids=special_ids(tokenizer), seed=0
@@ -328,14 +333,7 @@ def test_a_served_model_reads_a_context_in_the_windows_it_was_trained_on(reviews
     row = _reviews(1, 3)[0]
     context = " ".join([row["context"]] * 12)  # many windows
     table = tok.with_row_numbers(pa.table({"text": [context], "label": [[]], "question": [row["question"]]}))
-    trained = tok.tokenize_examples(
-        table,
-        tokenizer_dir=str(reviews / "pretrained"),
-        seq_len=32,
-        label_values=["start", "end"],
-        task=QA.name,
-        doc_stride=12,
-    )
+    trained = _windows(table, reviews / "pretrained", doc_stride=12)
     config = AutoConfig.from_pretrained(reviews / "pretrained")
     for key, value in QA.model_settings(str(reviews / "task"), seq_len=32, doc_stride=12).items():
         setattr(config, key, value)
@@ -367,14 +365,7 @@ def test_the_served_answers_to_a_split_score_what_evaluation_scored(fitted, revi
             }
         )
     )
-    windowed = tok.tokenize_examples(
-        table,
-        tokenizer_dir=str(reviews / "pretrained"),
-        seq_len=32,
-        label_values=["start", "end"],
-        task=QA.name,
-        doc_stride=8,
-    )
+    windowed = _windows(table, reviews / "pretrained", doc_stride=8)
     for split in ("train", "test"):  # scoring reads the train split's answers (may a question have none)
         (tmp_path / "task" / split).mkdir(parents=True)
         pq.write_table(windowed, tmp_path / "task" / split / "part-0.parquet")
