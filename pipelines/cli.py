@@ -640,7 +640,7 @@ def _ui(args: argparse.Namespace) -> int:
     ]
     url = f"http://{args.host}:{args.port}"
     print(f"MLflow UI on {url} ({redact_url(config.tracking_uri())})", flush=True)
-    for what, link in _newest_run_links(config, url).items():
+    for what, link in _newest_run_links(config, url, named=args.config is not None).items():
         print(f"  {what}: {link}", flush=True)
     # A UI for one person: one worker, and none of MLflow 3's job runner (seven huey consumer
     # processes for GenAI jobs ptft does not use; they made the UI take minutes on a busy machine).
@@ -649,18 +649,33 @@ def _ui(args: argparse.Namespace) -> int:
     return 0
 
 
-def _newest_run_links(config, ui_url: str) -> dict[str, str]:
-    """The experiment's runs and its newest pipeline run in the UI ({} before any run)."""
+def _newest_run_links(config, ui_url: str, *, named: bool = True) -> dict[str, str]:
+    """The experiment's runs and its newest pipeline run under the storage in the UI ({} before
+    any run). `named`: the config's experiment; else the newest run's, whichever pipeline it was.
+    A storage may hold several pipelines' runs, and a run recorded elsewhere (another store)."""
     from mlflow.tracking import MlflowClient
 
     from components.tracking import ui_links
     from pipelines.manifest import list_runs
 
-    experiment = MlflowClient(config.tracking_uri()).get_experiment_by_name(config.experiment_name())
-    if experiment is None:
+    store = redact_url(config.tracking_uri())
+    runs = [
+        run
+        for run in list_runs(config.storage_path())
+        if run.mlflow_run_id and run.experiment_id and redact_url(run.tracking_uri or "") == store
+    ]
+    if named:
+        experiment = MlflowClient(config.tracking_uri()).get_experiment_by_name(config.experiment_name())
+        if experiment is None:
+            return {}
+        experiment_id = experiment.experiment_id
+        runs = [run for run in runs if run.experiment_id == experiment_id]
+    elif runs:
+        experiment_id = runs[0].experiment_id
+    else:
         return {}
-    newest = next((run for run in list_runs(config.storage_path()) if run.mlflow_run_id), None)
-    links = ui_links(ui_url, experiment.experiment_id, newest.mlflow_run_id if newest else None)
+    newest = runs[0] if runs else None
+    links = ui_links(ui_url, experiment_id, newest.mlflow_run_id if newest else None)
     return {"all runs": links["runs"], **({f"newest run {newest.run_id}": links["run"]} if newest else {})}
 
 

@@ -176,6 +176,9 @@ def test_experiments_open_on_their_runs_in_the_mlflow_ui(store) -> None:
 
 
 def test_ptft_ui_names_the_runs_and_the_newest_pipeline_run(tmp_path: Path) -> None:
+    """The newest run was the storage's newest, whichever pipeline or store it was recorded in, so
+    with two pipelines in one storage (the demo and rt_polarity.yaml both use ./ptft-runs) the link
+    named the other pipeline's run under this one's experiment: a page of nothing."""
     from pipelines import manifest as mf
     from pipelines.cli import _newest_run_links
     from pipelines.pipeline_config import validate
@@ -183,16 +186,29 @@ def test_ptft_ui_names_the_runs_and_the_newest_pipeline_run(tmp_path: Path) -> N
 
     config = validate(tiny_config_dict(tmp_path / "store"))
     assert _newest_run_links(config, "http://127.0.0.1:5000") == {}  # nothing ran yet
+    assert _newest_run_links(config, "http://127.0.0.1:5000", named=False) == {}
     client = MlflowClient(config.tracking_uri())
     experiment = tracking.ensure_experiment(client, config.experiment_name(), None)
-    for run_id, mlflow_run in (("20260101-000000-aaaaaa", "old"), ("20260102-000000-bbbbbb", "new")):
+    other = tracking.ensure_experiment(client, "another-pipeline", None)
+    recorded = (  # run id, MLflow run, experiment, store: oldest first
+        ("20260101-000000-aaaaaa", "old", experiment, config.tracking_uri()),
+        ("20260102-000000-bbbbbb", "new", experiment, config.tracking_uri()),
+        ("20260103-000000-cccccc", "other", other, config.tracking_uri()),
+        ("20260104-000000-dddddd", "elsewhere", experiment, "http://mlflow.example:5000"),
+    )
+    for run_id, mlflow_run, experiment_id, store in recorded:
         manifest = mf.Manifest.create(config.storage_path(), run_id, config.name, ("tokenize",), {"name": "x"})
-        manifest.mlflow_run_id = mlflow_run
+        manifest.mlflow_run_id, manifest.experiment_id, manifest.tracking_uri = mlflow_run, experiment_id, store
         manifest.save()
     runs = f"http://127.0.0.1:5000/#/experiments/{experiment}/runs"
     assert _newest_run_links(config, "http://127.0.0.1:5000") == {
         "all runs": f"{runs}?workflowType=machine_learning",  # the runs table, not the GenAI overview
         "newest run 20260102-000000-bbbbbb": f"{runs}/new",
+    }
+    others = f"http://127.0.0.1:5000/#/experiments/{other}/runs"
+    assert _newest_run_links(config, "http://127.0.0.1:5000", named=False) == {  # `ptft ui` without a config
+        "all runs": f"{others}?workflowType=machine_learning",
+        "newest run 20260103-000000-cccccc": f"{others}/other",
     }
 
 
