@@ -6,6 +6,7 @@ user types it, the bad value and the fix.
 from __future__ import annotations
 
 import contextlib
+import copy
 import difflib
 import ipaddress
 import json
@@ -379,7 +380,7 @@ def command_config(path: str | None, overrides: list[str] = ()) -> PipelineConfi
     """
     if path:
         return load_config(path, overrides, check_data=False)
-    raw = json.loads(json.dumps(_COMMAND_DEFAULTS))
+    raw = copy.deepcopy(_COMMAND_DEFAULTS)  # overrides write into it
     problems = apply_overrides(raw, overrides)
     return validate(raw, DEFAULTS_SOURCE, problems, check_data=False)
 
