@@ -22,7 +22,7 @@ from components import metrics
 from components.redaction import redact_url, redacted_urls
 from components.stage import read_json, write_json
 from pipelines import stages
-from pipelines.pipeline_config import SQLITE, sqlite_file
+from pipelines.pipeline_config import SQLITE, missing_sqlite_store, sqlite_file
 
 log = logging.getLogger(__name__)
 
@@ -136,10 +136,9 @@ class Manifest:
         return path
 
     def tracking_store_missing(self) -> str | None:
-        """Where the run's SQLite tracking store should be, when it is not there: read-only commands
-        must not open it, since MLflow would make an empty one."""
-        store = sqlite_file(self.tracking_uri)
-        return str(store) if store and not store.is_file() else None
+        """Where the run's SQLite tracking store should be, when it is not there."""
+        store = missing_sqlite_store(self.tracking_uri)
+        return str(store) if store else None
 
     def config_path(self) -> Path:
         """The resolved config the run ran with."""

@@ -393,11 +393,17 @@ def sqlite_file(tracking_uri: str | None) -> Path | None:
     return Path(tracking_uri.removeprefix(SQLITE)) if tracking_uri and tracking_uri.startswith(SQLITE) else None
 
 
+def missing_sqlite_store(tracking_uri: str | None) -> Path | None:
+    """Where a SQLite tracking store should be, when it is not there: commands that only read must
+    not open it, since MLflow would make an empty one."""
+    store = sqlite_file(tracking_uri)
+    return store if store and not store.is_file() else None
+
+
 def missing_store_problems(tracking_uri: str, reading: str = "registered model") -> list[Problem]:
     """A SQLite store to read that is not there. MLflow would make an empty one (in whatever
     folder the command ran from) and then say the model is not registered, or show no runs."""
-    store = sqlite_file(tracking_uri)
-    if store is None or store.exists():
+    if (store := missing_sqlite_store(tracking_uri)) is None:
         return []
     return [
         Problem(
