@@ -4,8 +4,8 @@ decoder looks in the source for each word it writes (`cross_attention_maps`). On
 summarises the text: [CLS] for encoders, the last real token for decoders (GPT-2 classifies from it).
 A token classifier (entities) decides per token: its map is of the first token it tags as part of an
 entity (the first word when it tags none), with that token's tag as the label. A question answering
-model reads a question with its context: its map is of the most likely answer start in the context
-(the label `answer start`, its probability the score).
+model reads a question with its context, cut into windows: its map is of the most likely answer start
+in the window its served answer comes from (the label `answer start`, its probability the score).
 """
 
 from __future__ import annotations
@@ -15,19 +15,27 @@ import contextlib
 MAX_EXPLAIN_TEXTS = 8  # attention maps are heads x tokens per text: keep answers small
 
 
-def attention_maps(model, tokenizer, texts: list, *, max_tokens: int, layer: int = -1) -> list[dict]:
+def attention_maps(
+    model, tokenizer, texts: list, *, max_tokens: int, layer: int = -1, windows: tuple | None = None
+) -> list[dict]:
     """Per text (or `{question, context}`): its tokens, the prediction, and `attention` as heads x
-    tokens (the summary token's attention over the text in `layer`; -1 is the last)."""
+    tokens (the summary token's attention over the text in `layer`; -1 is the last). `windows`:
+    the inputs already encoded and, per text, the row of them to show (a question answering model's
+    windows of a long context, as serving cuts them); else each text cut at `max_tokens`."""
     import torch  # here: the serving module imports this one, and its driver never needs torch
 
-    if texts and isinstance(texts[0], dict):  # question answering: the pair, the context cut
+    if windows is not None:
+        encoded, shown = windows
+    elif texts and isinstance(texts[0], dict):  # question answering: the pair, the context cut
         questions, contexts = [t["question"] for t in texts], [t["context"] for t in texts]
         cut = {"truncation": "only_second", "max_length": max_tokens}
-        encoded = tokenizer(questions, contexts, padding=True, return_tensors="pt", **cut)
+        encoded, shown = tokenizer(questions, contexts, padding=True, return_tensors="pt", **cut), range(len(texts))
     else:
         encoded = tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
+        shown = range(len(texts))
+    inputs = {key: encoded[key] for key in ("input_ids", "attention_mask", "token_type_ids") if key in encoded}
     with _eager_attention(model), torch.inference_mode():
-        output = model(**encoded, output_attentions=True)
+        output = model(**inputs, output_attentions=True)
     layers = len(output.attentions)
     if not -layers <= layer < layers:
         raise ValueError(f"layer {layer}: the model has {layers} layers (0..{layers - 1}, or -1 for the last)")
@@ -36,7 +44,7 @@ def attention_maps(model, tokenizer, texts: list, *, max_tokens: int, layer: int
     probabilities = _start_probabilities(encoded, output) if answers else output.logits.float().softmax(-1)
     labels = {0: "answer start"} if answers else model.config.id2label
     maps = []
-    for row, text in enumerate(texts):
+    for row, text in zip(shown, texts, strict=True):
         kept = encoded["attention_mask"][row].nonzero().flatten()
         query = int(kept[0]) if tokenizer.cls_token_id is not None else int(kept[-1])
         if answers:

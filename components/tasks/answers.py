@@ -22,6 +22,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from components.explain import attention_maps
 from components.tasks.base import TaskType
 
 N_BEST = 20  # start and end candidates per window
@@ -289,6 +290,18 @@ def _predict(model, tokenizer, items: list[dict], max_tokens: int) -> list[dict]
     """Each question's answer: the best span of its context over all windows, picked by start plus
     end logit as evaluation picks it, its characters start:end in the context, and the probability
     of its start times that of its end in its window."""
+    return _read(model, tokenizer, items, max_tokens)[0]
+
+
+def _explain(model, tokenizer, items: list[dict], *, max_tokens: int, layer: int = -1) -> list[dict]:
+    """Each question's attention map over the window its served answer comes from (for no answer,
+    the window that scores none best), cut from the context as serving cuts it."""
+    _, encoded, shown = _read(model, tokenizer, items, max_tokens)
+    return attention_maps(model, tokenizer, items, max_tokens=max_tokens, layer=layer, windows=(encoded, shown))
+
+
+def _read(model, tokenizer, items: list[dict], max_tokens: int) -> tuple[list[dict], object, list[int]]:
+    """The answers (`_predict`), the windows read (encoded), and the window each answer comes from."""
     import torch
 
     questions, contexts = [item["question"] for item in items], [item["context"] for item in items]
@@ -306,7 +319,7 @@ def _predict(model, tokenizer, items: list[dict], max_tokens: int) -> list[dict]
     values, positions = logits.topk(min(N_BEST, logits.shape[-1]), dim=-1)
     nulls = (logits[:, 0, 0] + logits[:, 1, 0]).tolist()
     may_have_none = bool(getattr(model.config, "unanswerable", False))
-    answers = []
+    answers, shown = [], []
     for item, (question, context) in enumerate(zip(questions, contexts, strict=True)):
         mine = [window for window, row in enumerate(rows) if row == item]
         spans = {
@@ -322,7 +335,9 @@ def _predict(model, tokenizer, items: list[dict], max_tokens: int) -> list[dict]
         if best is None:  # the probability of no answer where the model may give none
             score = math.exp(nulls[no_answer] + shifts[no_answer]) if may_have_none else 0.0
             answers.append({"answer": "", "start": 0, "end": 0, "score": score, "truncated": False})
+            shown.append(no_answer)
             continue
+        shown.append(picked)
         logit, start, end = best
         while start < end and context[start].isspace():  # byte-level BPE spans open with the space before a word
             start += 1
@@ -335,7 +350,7 @@ def _predict(model, tokenizer, items: list[dict], max_tokens: int) -> list[dict]
                 "truncated": len(_cut_questions(tokenizer, [question], length // 2)[0]) < len(question),
             }
         )
-    return answers
+    return answers, encoded, shown
 
 
 TASK = TaskType(
@@ -353,6 +368,7 @@ TASK = TaskType(
     example={"question": "What does the cat chase?", "context": "The cat chases a red ball in the garden."},
     architecture="ForQuestionAnswering",
     predict=_predict,
+    explain=_explain,
     score_answers=_score_answers,
     logits=_start_end_logits,
     evaluated=_evaluated,

@@ -443,6 +443,32 @@ def test_the_served_answer_is_a_span_of_the_context_over_all_windows(fitted) -> 
     assert len(explained["attention"][0]) == len(explained["tokens"]) and 0 < explained["score"] <= 1
 
 
+def test_the_attention_map_of_a_long_context_is_of_the_window_its_answer_comes_from(fitted) -> None:
+    """`/explain` and `ptft explain` show the window that serving read the answer from, cut as
+    serving cuts it: not the context's first tokens, which may not hold the answer."""
+    from components.scoring import Scorer
+
+    scorer = Scorer(str(fitted[1]), tracking_uri=None)
+    asked = [  # many windows before the review's own sentence
+        {"question": "what did the reviewer call it ?", "context": "said noah . " * 30 + "the sequel was clumsy ."},
+        {"question": "what did the reviewer call it ?", "context": ". " * 90 + "the sequel was clumsy ."},
+        {"question": "who wrote this review ?", "context": "the plot . " * 30 + "said jonas evans ."},
+    ]
+    length, stride = answers.served_window(scorer.model.config, scorer.max_tokens)
+    later = []
+    for item, answer, explained in zip(asked, scorer(asked), scorer.explain(asked), strict=True):
+        cut = answers.windows(scorer.tokenizer, [item["question"]], [item["context"]], length, stride)
+        spans = [
+            [s for s in answers.context_offsets(cut, w) if s[0] != answers.NOT_CONTEXT]
+            for w in range(len(cut["input_ids"]))
+        ]
+        holding = [w for w, span in enumerate(spans) if span[0][0] <= answer["start"] and answer["end"] <= span[-1][1]]
+        assert explained["tokens"] in [scorer.tokenizer.convert_ids_to_tokens(cut["input_ids"][w]) for w in holding]
+        assert explained["text"] == item and explained["label"] == "answer start"
+        later.append(holding[0] > 0)
+    assert any(later), "some answer lies past the first window, which the map used to show"
+
+
 def test_the_registered_model_answers_through_mlflow(fitted, tmp_path: Path) -> None:
     """transformers 5 has no question-answering pipeline: the version is a pyfunc around the folder."""
     import mlflow
