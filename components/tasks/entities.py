@@ -1,15 +1,18 @@
 """Named entities (token classification): a sentence as a list of words, one tag per word in IOB2
 (`B-PER`, `I-PER`, `O`, as CoNLL-2003). Each word's tag is learned and predicted on its first
 sub-word; later sub-words and special tokens carry IGNORE. Scored by entity with `seqeval`
-(conlleval semantics: an entity counts when its type and both ends are right)."""
+(conlleval semantics: an entity counts when its type and both ends are right), over every word of
+a sentence: the words past `seq_len` sub-words, which the model never sees, count as tagged `O`,
+as `ptft predict` and serving tag them."""
 
 from __future__ import annotations
 
 import re
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from components.tasks.base import IGNORE, TaskType, expected_names, sorted_labels, truncated
+from components.tasks.base import IGNORE, TaskType, expected_names, labelled_positions, sorted_labels, truncated
 
 
 def _check_rows(table: pa.Table, split: str) -> None:
@@ -53,27 +56,42 @@ def _tokenize(batch: pa.Table, tokenizer, seq_len: int, label_ids: dict[str, int
     words = [list(row or []) for row in batch.column("text").to_pylist()]
     tags = batch.column("label").to_pylist()
     encoded = tokenizer(words, is_split_into_words=True, max_length=seq_len, truncation=True, padding="max_length")
-    labels = []
+    labels, unseen = [], []
     for row, row_tags in enumerate(tags):
         ids, previous = [], None
         for word in encoded.word_ids(row):
             ids.append(IGNORE if word is None or word == previous else label_ids[str(row_tags[word])])
             previous = word
         labels.append(ids)
+        seen = max((word + 1 for word in encoded.word_ids(row) if word is not None), default=0)
+        unseen.append([label_ids[str(tag)] for tag in row_tags[seen:]])
     return {
         "input_ids": pa.array(encoded["input_ids"], type=pa.list_(pa.int32())),
         "attention_mask": pa.array(encoded["attention_mask"], type=pa.list_(pa.int8())),
         "label": pa.array(labels, type=pa.list_(pa.int64())),
+        "unseen": pa.array(unseen, type=pa.list_(pa.int64())),  # the tags of the words past seq_len
     }
+
+
+def _evaluated(labels, logits, kept, row: int) -> tuple[list, list]:
+    """A row's number then its gold ids, and its argmax ids, at its labelled positions."""
+    gold, guess = labelled_positions(labels, logits, kept, row)
+    return [row, *gold], guess
 
 
 def _scores(
     gold: list[list[int]], predicted: list[list[int]], names: list[str], split_dir: str | None = None
 ) -> dict[str, float]:
-    """Entity-level micro precision, recall and F1, F1 per entity type, and word accuracy."""
-    return _tag_scores(
-        [[names[tag] for tag in row] for row in gold], [[names[tag] for tag in row] for row in predicted]
-    )
+    """Entity-level micro precision, recall and F1, F1 per entity type, and word accuracy, of whole
+    sentences: each row (its number, then its gold ids) gets back the words past `seq_len` that
+    the split under `split_dir` holds, tagged `O` (without a split, the words the model saw)."""
+    unseen = pq.read_table(split_dir, columns=["unseen"]).column("unseen").to_pylist() if split_dir else None
+    truth, guess = [], []
+    for (row, *ids), guessed in zip(gold, predicted, strict=True):
+        tail = [names[tag] for tag in unseen[row]] if unseen else []
+        truth.append([names[tag] for tag in ids] + tail)
+        guess.append([names[tag] for tag in guessed] + ["O"] * len(tail))
+    return _tag_scores(truth, guess)
 
 
 def _score_answers(answers: list[dict], expected: list, labels: list[str]) -> dict[str, float]:
@@ -206,6 +224,7 @@ TASK = TaskType(
     labels_of=_labels_of,
     tokenize=_tokenize,
     scores=_scores,
+    evaluated=_evaluated,
     names_problem=_names_problem,
     example="EU rejects German call to boycott British lamb .",
     architecture="ForTokenClassification",

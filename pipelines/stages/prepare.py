@@ -37,7 +37,7 @@ def _run(config: PipelineConfig, inputs: Inputs, ctx: StageContext) -> StageResu
 
 STAGE = Stage(
     name="prepare",
-    version="1",
+    version="2",  # 2: an entities split keeps the tags of the words past seq_len
     upstream=("tokenize",),
     settings=_settings,
     run=_run,

@@ -64,6 +64,21 @@ def test_each_word_is_labelled_on_its_first_sub_word(tmp_path: Path, algorithm: 
         assert len(labels) == 48 and out.column("attention_mask")[row].as_py().count(1) == len(word_ids)
 
 
+def test_a_split_keeps_the_tags_of_the_words_past_seq_len(tmp_path: Path) -> None:
+    """Evaluation scores whole sentences, so the words the model cannot see keep their tags."""
+    folder = _tokenizer(tmp_path, "wordpiece")
+    values = ENTITIES.label_values(_rows(SENTENCES))
+    out = tok.tokenize_examples(
+        _rows(SENTENCES), tokenizer_dir=folder, seq_len=6, label_values=values, task="token_classification"
+    )
+    tokenizer = tok._load_tokenizer(folder)
+    for row, sentence in enumerate(SENTENCES):
+        encoded = tokenizer(sentence["tokens"], is_split_into_words=True, max_length=6, truncation=True)
+        seen = max(word for word in encoded.word_ids() if word is not None) + 1
+        assert seen < len(sentence["tokens"]), "6 tokens must cut every sentence"
+        assert [values[tag] for tag in out.column("unseen")[row].as_py()] == sentence["ner_tags"][seen:]
+
+
 def test_a_tag_the_train_split_lacks_is_named(tmp_path: Path) -> None:
     folder = _tokenizer(tmp_path, "wordpiece")
     unseen = [{"tokens": ["Reuters"], "ner_tags": ["B-NEWS"]}]
@@ -86,7 +101,8 @@ def test_scores_count_whole_entities_as_seqeval_does() -> None:
     gold = [["B-PER", "I-PER", "O", "B-LOC"], ["B-PER", "O"]]
     # Row 1: the person is cut short (no credit), the place is right; row 2: right.
     guess = [["B-PER", "O", "O", "B-LOC"], ["B-PER", "O"]]
-    scores = ENTITIES.scores([[ids[t] for t in row] for row in gold], [[ids[t] for t in row] for row in guess], names)
+    gold_rows = [[row, *(ids[t] for t in tags)] for row, tags in enumerate(gold)]  # a row's number first
+    scores = ENTITIES.scores(gold_rows, [[ids[t] for t in row] for row in guess], names)
     assert scores["precision"] == pytest.approx(2 / 3) and scores["recall"] == pytest.approx(2 / 3)
     assert scores["f1/LOC"] == 1.0 and scores["f1/PER"] == pytest.approx(0.5)
     assert scores["accuracy"] == pytest.approx(5 / 6)  # per word: only "Blackburn" is wrong
@@ -279,8 +295,8 @@ def test_the_attention_map_of_an_entities_model_is_of_a_tagged_token(fitted) -> 
 
 def test_a_conll_files_words_are_tagged_and_scored_as_the_test_split_was(fitted) -> None:
     """`ptft predict` on CoNLL's own format: each row's words (not a text) tagged one tag per word
-    as evaluation tags them, so the file's entity F1 is the finetune stage's test F1 on it (up to
-    the entities in words past the model's positions, which evaluation leaves out and a file keeps)."""
+    as evaluation tags them, so the file's entity F1 is the finetune stage's test F1 on it. Both
+    count the words past the model's positions as tagged O: a long row's entities there are missed."""
     from components.scoring import Scorer
 
     scorer = Scorer(str(fitted[2]), tracking_uri=None)
@@ -292,12 +308,15 @@ def test_a_conll_files_words_are_tagged_and_scored_as_the_test_split_was(fitted)
         for entity in answer["entities"]:
             assert entity["text"] == " ".join(row[entity["start"] : entity["end"]])
             assert answer["tags"][entity["start"]] in {f"B-{entity['type']}", f"I-{entity['type']}"}
-    # Evaluation scores the words the model saw; a file keeps the rest of a long row, tagged O.
     encoded = scorer.tokenizer(words, is_split_into_words=True, truncation=True, max_length=scorer.max_tokens)
     seen = [max(word for word in encoded.word_ids(row) if word is not None) + 1 for row in range(len(words))]
     assert [answer["truncated"] for answer in answers] == [n < len(row) for n, row in zip(seen, words, strict=True)]
     assert all(set(answer["tags"][n:]) <= {"O"} for n, answer in zip(seen, answers, strict=True))
-    expected = [row["ner_tags"][:n] for n, row in zip(seen, rows, strict=True)]
-    answered = [{"tags": answer["tags"][:n]} for n, answer in zip(seen, answers, strict=True)]
-    scores = ENTITIES.score_answers(answered, expected, scorer.labels)
+    scores = ENTITIES.score_answers(answers, [row["ner_tags"] for row in rows], scorer.labels)
     assert scores["f1"] == pytest.approx(fitted[1][-1]["test/f1"], abs=1e-9)
+    # The slice has entities past the model's positions: scoring only the words seen would differ.
+    answered = [{"tags": answer["tags"][:n]} for n, answer in zip(seen, answers, strict=True)]
+    seen_only = ENTITIES.score_answers(
+        answered, [row["ner_tags"][:n] for n, row in zip(seen, rows, strict=True)], scorer.labels
+    )
+    assert seen_only["recall"] > scores["recall"]
