@@ -322,7 +322,8 @@ class ConfigError(Exception):
         self.source = source
         self.problems = problems
         count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
-        super().__init__(f"{source}: {count} in the config:\n" + "\n".join(map(str, problems)))
+        where = "" if source.startswith("ptft ") else " in the config"  # a command's own arguments are not one
+        super().__init__(f"{source}: {count}{where}:\n" + "\n".join(map(str, problems)))
 
 
 def load_config(path: str | Path, overrides: list[str] = (), *, check_data: bool = True) -> PipelineConfig:

@@ -361,6 +361,7 @@ def test_scores_for_a_tracking_server_that_does_not_answer_are_refused_before_ra
     assert _predict(model, rows, tmp_path / "out.jsonl", *options) == 2
     err = capsys.readouterr().err
     assert f"tracking.uri = '{uri}': the scores are recorded there, and it did not answer" in err, err
+    assert "ptft predict: 1 problem:\n" in err  # the command's arguments, not a config file
     assert not (tmp_path / "out.jsonl").exists()
 
 
