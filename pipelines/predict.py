@@ -124,19 +124,26 @@ def _predict(args: argparse.Namespace) -> int:
         workers = _start_ray(config, job.table.num_rows, args)
         answers = _answers(job, tracking_uri, args, workers)
         _write(Path(args.output), job.table, answers)
-    took, rows = time.monotonic() - started, job.table.num_rows
+        took, rows = time.monotonic() - started, job.table.num_rows
+        scored = _scored(job, args, answers, rows_per_s=rows / took) if args.label_column else None
+        # Recorded inside the log's scope: MLflow's own lines (a new store's tables) go to the log.
+        recorded = _record_line(job, args, config, scored) if scored else ""
     console.say(
         f"Wrote {rows:,} predictions of {_named(job.model)} to {args.output} in {took:.0f} s "
         f"({rows / took:.1f} rows/s, {workers} worker{'s' if workers != 1 else ''})"
     )
-    if args.label_column:
-        expected = job.table.column(args.label_column).to_pylist()
-        scores = job.task.score_answers(answers, expected, job.labels)
-        shown = ", ".join(f"{name} {value:.4f}" for name, value in scores.items())
+    if scored:
+        shown = ", ".join(f"{name} {value:.4f}" for name, value in scored.scores.items())
         console.say(f"Scores against {args.label_column!r} ({rows:,} rows): {shown}")
-        matrix = _confusion_matrix(answers, expected, job.labels, job.task.reads_words) if job.labels else None
-        _record_and_say(job, args, config, Scored(scores, matrix, rows_per_s=rows / took))
+        console.say(recorded)
     return 0
+
+
+def _scored(job: Job, args: argparse.Namespace, answers: list[dict], rows_per_s: float) -> Scored:
+    expected = job.table.column(args.label_column).to_pylist()
+    scores = job.task.score_answers(answers, expected, job.labels)
+    matrix = _confusion_matrix(answers, expected, job.labels, job.task.reads_words) if job.labels else None
+    return Scored(scores, matrix, rows_per_s=rows_per_s)
 
 
 def _checked_job(args: argparse.Namespace, config: PipelineConfig, tracking_uri: str | None) -> Job:
@@ -471,20 +478,19 @@ class Scored:
     rows_per_s: float
 
 
-def _record_and_say(job: Job, args: argparse.Namespace, config: PipelineConfig, scored: Scored) -> None:
-    """Records the scores as an MLflow run and says where; the predictions and the printed scores
-    stand whether or not the tracking store takes them."""
+def _record_line(job: Job, args: argparse.Namespace, config: PipelineConfig, scored: Scored) -> str:
+    """Records the scores as an MLflow run; the line saying where, or why not: the predictions and
+    the printed scores stand whether or not the tracking store takes them."""
     from mlflow.exceptions import MlflowException
 
     try:
         experiment_id, run_id = _record(job, args, config, scored)
     except (MlflowException, OSError) as error:
-        console.say(f"[ptft] the scores were not recorded in MLflow ({redact_url(config.tracking_uri())}): {error}")
-        return
+        return f"[ptft] the scores were not recorded in MLflow ({redact_url(config.tracking_uri())}): {error}"
     from components.tracking import ui_links
     from pipelines.cli import ui_url_of
 
-    console.say(
+    return (
         f"Recorded as MLflow run {run_id}: {ui_links(ui_url_of(config.tracking_uri()), experiment_id, run_id)['run']}"
     )
 

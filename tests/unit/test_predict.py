@@ -4,6 +4,7 @@ the output files. The run on a cluster is in tests/integration/test_serving.py."
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -366,18 +367,23 @@ def test_scores_for_a_tracking_server_that_does_not_answer_are_refused_before_ra
 
 
 def test_outside_the_project_without_a_config_the_scores_go_to_the_store_in_ptft_runs(
-    model: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+    model: Path, tmp_path: Path, capfd, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The default --config was configs/demo.yaml, so run outside the project's folder predict
     said `file not found`. Without --config, it reads the defaults: the log and the record go to
-    ./ptft-runs, as `ptft run` would put them."""
+    ./ptft-runs, as `ptft run` would put them. MLflow's lines on making that new store's tables go
+    to the log with the rest of its output, not to the console between predict's own lines."""
     import mlflow
 
     _answered_in_process(monkeypatch)
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "stderr", sys.__stderr__)  # MLflow writes to sys.stderr: fd 2, as outside pytest
     rows = _jsonl(tmp_path / "in.jsonl", [{"text": text, "label": i % 2} for i, text in enumerate(REVIEWS)])
     assert cli.main(["predict", str(model), str(rows), "--output", "out.jsonl", "--label-column", "label"]) == 0
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'ptft-runs' / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("ptft").experiment_id], "tags.`ptft.kind` = 'predict'")
-    assert run.info.run_id in capsys.readouterr().out and (tmp_path / "out.jsonl").exists()
-    assert len(list((tmp_path / "ptft-runs" / "logs").glob("predict-*.log"))) == 1
+    out, err = capfd.readouterr()
+    assert f"Recorded as MLflow run {run.info.run_id}" in out and (tmp_path / "out.jsonl").exists()
+    (log,) = (tmp_path / "ptft-runs" / "logs").glob("predict-*.log")
+    assert "Creating initial MLflow database tables" in log.read_text()
+    assert "Creating initial MLflow database tables" not in out + err, err
