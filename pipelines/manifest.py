@@ -41,6 +41,7 @@ class StageRecord:
     output_uri: str | None = None
     mlflow_run_id: str | None = None
     cached_from_mlflow_run_id: str | None = None
+    cached_from_pipeline_run: str | None = None  # the pipeline run whose stage made the output
     attempts: int = 0
     started_at: float | None = None
     ended_at: float | None = None
@@ -181,12 +182,14 @@ class Manifest:
         output_uri: str | None = None,
         error: str | None = None,
         cached_from: str | None = None,
+        cached_from_pipeline_run: str | None = None,
     ) -> None:
         with _LOCK:
             record = self.stages[stage]
             record.status, record.error = status, error
             record.output_uri = output_uri or record.output_uri
             record.cached_from_mlflow_run_id = cached_from
+            record.cached_from_pipeline_run = cached_from_pipeline_run
             record.ended_at = time.time()
             record.seconds = record.ended_at - (record.started_at or record.ended_at)
             self.save()

@@ -71,6 +71,7 @@ def snapshot(manifest: mf.Manifest, client: MlflowClient | None = None, now: flo
             "attempts": record.attempts,
             "mlflow_run_id": record.mlflow_run_id,
             "cached_from_mlflow_run_id": record.cached_from_mlflow_run_id,
+            "cached_from_pipeline_run": record.cached_from_pipeline_run,
             "error": record.error,
             "upstream": record.upstream,
             # `ptft gc` removed it (or someone did): a run of this config makes it again
@@ -227,9 +228,15 @@ class Reporter:
             attempt = f" (attempt {record.attempts})" if record.attempts > 1 else ""
             self._print(f"[ptft] {name:<8} started{attempt}")
         elif record.status == mf.CACHED:
+            # The pipeline run, which `ptft status` and `ptft report` take; an output written before
+            # its pipeline run was recorded names its MLflow run.
+            if record.cached_from_pipeline_run:
+                producer = f"run {record.cached_from_pipeline_run}"
+            else:
+                producer = f"MLflow run {record.cached_from_mlflow_run_id}"
             self._print(
-                f"[ptft] {name:<8} cache hit in {clock(record.seconds)} (produced by run "
-                f"{record.cached_from_mlflow_run_id}){self._result_text(name)}"
+                f"[ptft] {name:<8} cache hit in {clock(record.seconds)} (produced by {producer})"
+                f"{self._result_text(name)}"
             )
         elif record.status in _ENDED:
             self._print(f"[ptft] {name:<8} {record.status} in {clock(record.seconds)}{self._result_text(name)}")

@@ -533,7 +533,13 @@ class _StageRunner:
             raise
         tracker.log_metrics(stage_result.metrics, step=0)
         tracker.close("FINISHED")
-        self.manifest.stage_ended(node.id, mf.CACHED, output_uri=stage_result.output_uri, cached_from=producer)
+        self.manifest.stage_ended(
+            node.id,
+            mf.CACHED,
+            output_uri=stage_result.output_uri,
+            cached_from=producer,
+            cached_from_pipeline_run=success.get("pipeline_run_id") or None,
+        )
         log.info("stage %s: cache hit (key %s, produced by MLflow run %s)", node.id, key, producer)
         return stage_result
 

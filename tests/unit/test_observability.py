@@ -240,7 +240,9 @@ def _manifest_with_running_pretrain(client: MlflowClient, storage: Path) -> mf.M
     manifest.tracking_uri, manifest.experiment_id = client.tracking_uri, experiment
     run_id = client.create_run(experiment).info.run_id
     manifest.stage_started("tokenize", "k0", client.create_run(experiment).info.run_id)
-    manifest.stage_ended("tokenize", mf.CACHED, cached_from="producer-run")
+    manifest.stage_ended(
+        "tokenize", mf.CACHED, cached_from="producer-run", cached_from_pipeline_run="20260101-000000-abc"
+    )
     manifest.stage_started("pretrain", "k1", run_id)
     manifest.stages["pretrain"].started_at = time.time() - 30  # 30 s in
     manifest.save()
@@ -255,6 +257,7 @@ def test_snapshot_gives_steps_and_an_eta(client: MlflowClient, tmp_path: Path) -
     stages = {stage["name"]: stage for stage in state["stages"]}
     assert [stage["name"] for stage in state["stages"]] == list(STAGE_NAMES)
     assert stages["tokenize"]["cached"] and stages["tokenize"]["cached_from_mlflow_run_id"] == "producer-run"
+    assert stages["tokenize"]["cached_from_pipeline_run"] == "20260101-000000-abc"
     pretrain = stages["pretrain"]["progress"]
     assert pretrain["step"] == 100 and pretrain["total_steps"] == 400
     assert pretrain["eta_s"] == pytest.approx(90, rel=0.1)  # 100 steps in 30 s, 300 to go
@@ -271,7 +274,7 @@ def test_reporter_prints_transitions_and_step_progress(client: MlflowClient, tmp
     manifest.stage_ended("pretrain", mf.SUCCEEDED)
     reporter.poll(progress=True)
     lines = out.getvalue().splitlines()
-    assert lines[0].startswith("[ptft] tokenize cache hit") and "producer-run" in lines[0]
+    assert lines[0] == "[ptft] tokenize cache hit in 0s (produced by run 20260101-000000-abc)"
     assert lines[1] == "[ptft] pretrain started"
     assert "step 100/400 (25%)" in lines[2] and "ETA" not in lines[2]  # one observation: no rate yet
     assert "step 200/400 (50%)" in lines[3] and "steps/s" in lines[3] and "ETA" in lines[3]
@@ -291,6 +294,15 @@ def test_reporter_prints_the_start_of_a_stage_shorter_than_a_poll(client: Mlflow
     assert not any(line.startswith("[ptft] finetune") for line in lines)  # still pending: no line
 
 
+def test_a_cache_hit_without_its_pipeline_run_names_the_mlflow_run(client: MlflowClient, tmp_path: Path) -> None:
+    """An output whose success file has no pipeline run (written by an older ptft) names its MLflow run."""
+    manifest = _manifest_with_running_pretrain(client, tmp_path)
+    manifest.stage_ended("tokenize", mf.CACHED, cached_from="producer-run")
+    out = io.StringIO()
+    progress.Reporter(manifest, client, every_s=60, stream=out).poll(progress=False)
+    assert out.getvalue().splitlines()[0] == "[ptft] tokenize cache hit in 0s (produced by MLflow run producer-run)"
+
+
 def test_an_ended_stage_is_one_line_with_its_output_and_metrics(client: MlflowClient, tmp_path: Path) -> None:
     """The manifest says a stage ended a moment before the runner hands over its result: the line
     waits for the result and says both, once; a stage whose result never came is said at the stop."""
@@ -308,7 +320,8 @@ def test_an_ended_stage_is_one_line_with_its_output_and_metrics(client: MlflowCl
     reporter.stop()
     lines = out.getvalue().splitlines()
     assert lines[0].startswith("[ptft] tokenize cache hit in")
-    assert lines[0].endswith("(produced by run producer-run): /store/tokenize/k0")
+    # The pipeline run, which `ptft status` takes, not the MLflow run id.
+    assert lines[0].endswith("(produced by run 20260101-000000-abc): /store/tokenize/k0")
     assert lines[1].split() == ["corpus/rows=6000"]
     assert lines[2].startswith("[ptft] pretrain succeeded in") and lines[2].endswith(": /store/pretrain/k1/model")
     assert lines[3].split() == ["eval/perplexity=52.31"]
