@@ -77,10 +77,11 @@ def cross_attention_maps(model, tokenizer, texts: list, *, max_tokens: int, laye
     it, in `layer` (-1 the last), the mean over heads."""
     import torch
 
-    from components.tasks.translation import decode_ids
+    from components.tasks.translation import decode_ids, target_tokens
 
     encoded = tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
-    generated = decode_ids(model, encoded["input_ids"], encoded["attention_mask"])  # start token first
+    budget = target_tokens(tokenizer)
+    generated = decode_ids(model, encoded["input_ids"], encoded["attention_mask"], max_new_tokens=budget)  # start first
     with _eager_attention(model), torch.inference_mode():
         output = model(
             input_ids=encoded["input_ids"],

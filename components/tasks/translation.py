@@ -15,7 +15,7 @@ from components.tasks.base import IGNORE, TaskType, truncated
 from components.vocab import separator_id
 
 NUM_BEAMS = 4  # beam width of evaluation and serving
-LENGTH_FACTOR = 1.5  # a translation may be this much longer than its source, in tokens (plus a few)
+MAX_TARGET_TOKENS = 512  # for a tokenizer that names no length of its own
 
 
 def _check_rows(table: pa.Table, split: str) -> None:
@@ -65,25 +65,32 @@ def _forward(model, batch: dict):
     )
 
 
-def decode_ids(model, input_ids, attention_mask, *, num_beams: int = NUM_BEAMS):
+def target_tokens(tokenizer) -> int:
+    """The most tokens a translation may take: the longest target the model was taught (the prepare
+    stage cuts targets to `seq_len`, which the tokenizer keeps as its `model_max_length`). The same
+    for every text: a budget from the batch's longest source made a text's translation depend on
+    the texts batched with it, so evaluation, `ptft predict` and serving translated it differently."""
+    return int(min(tokenizer.model_max_length, MAX_TARGET_TOKENS))
+
+
+def decode_ids(model, input_ids, attention_mask, *, max_new_tokens: int, num_beams: int = NUM_BEAMS):
     """Beam-search translations of a batch of tokenized sources, as token ids (the decoder's start
     token first, padded after the end token)."""
     import torch
 
-    longest = int(attention_mask.sum(-1).max())
     with torch.inference_mode():
         return model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
             num_beams=num_beams,
-            max_new_tokens=int(longest * LENGTH_FACTOR) + 8,
+            max_new_tokens=max_new_tokens,
             early_stopping=True,
         )
 
 
 def generate(model, tokenizer, input_ids, attention_mask, *, num_beams: int = NUM_BEAMS) -> list[str]:
     """Beam-search translations of a batch of tokenized sources, as texts."""
-    output = decode_ids(model, input_ids, attention_mask, num_beams=num_beams)
+    output = decode_ids(model, input_ids, attention_mask, max_new_tokens=target_tokens(tokenizer), num_beams=num_beams)
     return tokenizer.batch_decode(output, skip_special_tokens=True, clean_up_tokenization_spaces=True)
 
 

@@ -18,6 +18,7 @@ from components import accelerator, finetune, models, training
 from components import tokenize as tok
 from components.schemas import DeepSpeedConfig, Hyperparameters, ModelConfig, TokenizeConfig
 from components.tasks import IGNORE, task_type
+from components.tasks.translation import target_tokens
 from components.vocab import special_ids
 from tests.conftest import shared
 
@@ -210,6 +211,21 @@ def test_the_fine_tuned_model_is_served_as_translations_of_texts(multi30k: Path)
         max_tokens=scorer.max_tokens,
     )
     assert served.model_dump()["predictions"] == answers  # read as translations, not another task's shape
+
+
+def test_a_translation_does_not_depend_on_the_texts_batched_with_it(multi30k: Path) -> None:
+    """Evaluation decodes a split in batches of its order, `ptft predict` in batches of similar
+    lengths, serving as requests come: a text's translation is the same in each. The length budget
+    was the batch's longest source's, so the untrained model (which never ends) wrote more for a
+    short text beside a long one than alone."""
+    from components import scoring
+
+    scorer = scoring.Scorer(str(multi30k / "pretrained"), tracking_uri=None)
+    short, long = "A dog runs.", "Two men in blue shirts sit on a long wooden bench beside a busy street in the city."
+    alone = TRANSLATION.predict(scorer.model, scorer.tokenizer, [short], scorer.max_tokens)
+    beside = TRANSLATION.predict(scorer.model, scorer.tokenizer, [short, long], scorer.max_tokens)
+    assert alone[0] == beside[0] and alone[0]["translation"]
+    assert target_tokens(scorer.tokenizer) == SEQ_LEN  # the longest target it was taught
 
 
 def test_explain_shows_the_decoders_cross_attention_over_the_source(multi30k: Path, tmp_path: Path) -> None:
