@@ -107,7 +107,7 @@ def _describe_version(config: PipelineConfig, inputs: Inputs, result: StageResul
 
 STAGE = Stage(
     name="finetune",
-    version="8",  # 8: a QA model keeps its windows, evaluation counts every row; 7: the best epoch by ranking
+    version="9",  # 9: translations decoded with the model's budget; 8: QA windows kept, every row counted
     upstream=("tokenize", "pretrain", "prepare", "tune"),
     settings=_settings,
     run=_run,
