@@ -81,7 +81,8 @@ def cross_attention_maps(model, tokenizer, texts: list, *, max_tokens: int, laye
 
     encoded = tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
     budget = target_tokens(tokenizer)
-    generated = decode_ids(model, encoded["input_ids"], encoded["attention_mask"], max_new_tokens=budget)  # start first
+    # Token ids, the decoder's start token first.
+    generated = decode_ids(model, encoded["input_ids"], encoded["attention_mask"], max_new_tokens=budget)
     with _eager_attention(model), torch.inference_mode():
         output = model(
             input_ids=encoded["input_ids"],

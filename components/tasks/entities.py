@@ -85,13 +85,28 @@ def _scores(
     """Entity-level micro precision, recall and F1, F1 per entity type, and word accuracy, of whole
     sentences: each row (its number, then its gold ids) gets back the words past `seq_len` that
     the split under `split_dir` holds, tagged `O` (without a split, the words the model saw)."""
-    unseen = pq.read_table(split_dir, columns=["unseen"]).column("unseen").to_pylist() if split_dir else None
+    unseen = _unseen_tags(split_dir) if split_dir else None
     truth, guess = [], []
     for (row, *ids), guessed in zip(gold, predicted, strict=True):
         tail = [names[tag] for tag in unseen[row]] if unseen else []
         truth.append([names[tag] for tag in ids] + tail)
         guess.append([names[tag] for tag in guessed] + ["O"] * len(tail))
     return _tag_scores(truth, guess)
+
+
+def _unseen_tags(split_dir: str) -> list[list[int]]:
+    """Each row's tags of the words past `seq_len`.
+
+    Raises:
+        ValueError: a split prepared before they were kept, which would score only the words seen.
+    """
+    split = pq.read_table(split_dir)
+    if "unseen" not in split.column_names:
+        raise ValueError(
+            f"the tokenized split {split_dir} has no `unseen` column (the tags of the words past seq_len): it was "
+            "prepared by an older ptft; prepare it again (`ptft run` does, its prepare stage's version changed)"
+        )
+    return split.column("unseen").to_pylist()
 
 
 def _score_answers(answers: list[dict], expected: list, labels: list[str]) -> dict[str, float]:

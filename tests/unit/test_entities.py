@@ -79,6 +79,19 @@ def test_a_split_keeps_the_tags_of_the_words_past_seq_len(tmp_path: Path) -> Non
         assert [values[tag] for tag in out.column("unseen")[row].as_py()] == sentence["ner_tags"][seen:]
 
 
+def test_a_split_prepared_without_the_unseen_tags_is_named_not_scored_on_the_words_seen(tmp_path: Path) -> None:
+    folder = _tokenizer(tmp_path, "wordpiece")
+    values = ENTITIES.label_values(_rows(SENTENCES))
+    out = tok.tokenize_examples(
+        _rows(SENTENCES), tokenizer_dir=folder, seq_len=48, label_values=values, task="token_classification"
+    )
+    (tmp_path / "old").mkdir()
+    pq.write_table(out.drop_columns(["unseen"]), tmp_path / "old" / "part-0.parquet")
+    gold = [[0, values.index("B-PER")], [1, values.index("B-ORG")]]
+    with pytest.raises(ValueError, match=r"has no `unseen` column .* prepare it again"):
+        ENTITIES.scores(gold, [[values.index("O")], [values.index("O")]], values, str(tmp_path / "old"))
+
+
 def test_a_tag_the_train_split_lacks_is_named(tmp_path: Path) -> None:
     folder = _tokenizer(tmp_path, "wordpiece")
     unseen = [{"tokens": ["Reuters"], "ner_tags": ["B-NEWS"]}]
