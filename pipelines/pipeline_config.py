@@ -322,8 +322,8 @@ class ConfigError(Exception):
         self.source = source
         self.problems = problems
         count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
-        where = "" if source.startswith("ptft ") else " in the config"  # a command's own arguments are not one
-        super().__init__(f"{source}: {count}{where}:\n" + "\n".join(map(str, problems)))
+        # The source names what is wrong: a config file, or a command whose own arguments are.
+        super().__init__(f"{source}: {count}:\n" + "\n".join(map(str, problems)))
 
 
 def load_config(path: str | Path, overrides: list[str] = (), *, check_data: bool = True) -> PipelineConfig:
