@@ -100,13 +100,12 @@ def _unseen_tags(split_dir: str) -> list[list[int]]:
     Raises:
         ValueError: a split prepared before they were kept, which would score only the words seen.
     """
-    split = pq.read_table(split_dir)
-    if "unseen" not in split.column_names:
+    if "unseen" not in pq.ParquetDataset(split_dir).schema.names:  # the schema only; the column is read below
         raise ValueError(
             f"the tokenized split {split_dir} has no `unseen` column (the tags of the words past seq_len): it was "
             "prepared by an older ptft; prepare it again (`ptft run` does, its prepare stage's version changed)"
         )
-    return split.column("unseen").to_pylist()
+    return pq.read_table(split_dir, columns=["unseen"]).column("unseen").to_pylist()
 
 
 def _score_answers(answers: list[dict], expected: list, labels: list[str]) -> dict[str, float]:
