@@ -155,13 +155,14 @@ def test_serve_answers_with_labels_and_the_model(app: dict) -> None:
     assert "/predict" in requests.get(f"{app['url']}/openapi.json", timeout=10).json()["paths"]
 
 
-def test_the_ingress_is_haproxy_not_the_python_proxy(app: dict) -> None:
+def test_the_ingress_is_haproxy_not_the_python_proxy(app: dict, ray_cluster: str) -> None:
     """The shared cluster starts as ptft starts one (components/ingress.py): each node's ingress is
     an HAProxy process that forwards to the replicas' own HTTP servers."""
     from ray.util.state import list_actors
 
     alive = [("state", "=", "ALIVE")]
-    managers = list_actors(filters=[("class_name", "=", "HAProxyManager"), *alive])
+    # The cluster named: with another Ray on the machine, autodetection refused to pick one.
+    managers = list_actors(address=ray_cluster, filters=[("class_name", "=", "HAProxyManager"), *alive])
     assert len(managers) == 1, managers  # one node
 
 

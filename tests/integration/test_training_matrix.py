@@ -230,15 +230,18 @@ def test_training_logs_throughput_grad_norm_and_startup(chain: Chain, bert_zero0
     assert "throughput/mfu" not in history  # CPU: no peak to compare with
 
 
-def test_a_training_run_starts_no_actor_it_does_not_use(chain: Chain, bert_zero0) -> None:
+def test_a_training_run_starts_no_actor_it_does_not_use(chain: Chain, bert_zero0, ray_cluster: str) -> None:
     """Ray Train starts a DatasetManager and a PreemptionWatcher actor for every run; ptft's loops
     read their stage's files and ask for no preemption notice, so its trainers leave both out.
     Every Ray Train run on this shared cluster is one of ptft's (the stages and the sweeps' trials)."""
     from ray.util.state import list_actors
 
-    assert list_actors(filters=[("class_name", "=", "TrainController")], limit=1000)  # the runs are seen
+    def actors(name: str) -> list:  # on the suite's cluster: another Ray on the machine is not asked
+        return list_actors(address=ray_cluster, filters=[("class_name", "=", name)], limit=1000)
+
+    assert actors("TrainController")  # the runs are seen
     for unused in ("DatasetManager", "PreemptionWatcher"):
-        assert not list_actors(filters=[("class_name", "=", unused)], limit=1000), unused
+        assert not actors(unused), unused
 
 
 def test_exported_models_load_and_their_hash_is_in_mlflow(chain: Chain, bert_zero0, gpt2_zero2) -> None:
