@@ -20,16 +20,13 @@ def attention_maps(
 ) -> list[dict]:
     """Per text (or `{question, context}`): its tokens, the prediction, and `attention` as heads x
     tokens (the summary token's attention over the text in `layer`; -1 is the last). `windows`:
-    the inputs already encoded and, per text, the row of them to show (a question answering model's
-    windows of a long context, as serving cuts them); else each text cut at `max_tokens`."""
+    the inputs already encoded and, per text, the row of them to show (how a question answering
+    model's items come, in the windows serving cut: components/tasks/answers.py); else each text
+    cut at `max_tokens`."""
     import torch  # here: the serving module imports this one, and its driver never needs torch
 
     if windows is not None:
         encoded, shown = windows
-    elif texts and isinstance(texts[0], dict):  # question answering: the pair, the context cut
-        questions, contexts = [t["question"] for t in texts], [t["context"] for t in texts]
-        cut = {"truncation": "only_second", "max_length": max_tokens}
-        encoded, shown = tokenizer(questions, contexts, padding=True, return_tensors="pt", **cut), range(len(texts))
     else:
         encoded = tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
         shown = range(len(texts))
