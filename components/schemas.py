@@ -150,7 +150,8 @@ class TaskConfig(BaseModel):
         128,
         gt=0,
         description="question_answering: tokens that consecutive windows of a long context share "
-        "(each window is tokenize.seq_len tokens, the question included)",
+        "(each window is tokenize.seq_len tokens, the question included); token_classification: "
+        "sub-words that consecutive windows of a sentence longer than seq_len share (at most half a window)",
     )
     train: Source = Field(description="labelled examples to fine-tune on")
     validation: Source = Field(description="labelled examples for model selection (Tune's metric)")

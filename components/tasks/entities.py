@@ -2,17 +2,22 @@
 (`B-PER`, `I-PER`, `O`, as CoNLL-2003). Each word's tag is learned and predicted on its first
 sub-word; later sub-words and special tokens carry IGNORE. Scored by entity with `seqeval`
 (conlleval semantics: an entity counts when its type and both ends are right), over every word of
-a sentence: the words past `seq_len` sub-words, which the model never sees, count as tagged `O`,
-as `ptft predict` and serving tag them."""
+a sentence: one longer than `seq_len` sub-words is read in overlapping windows of whole words
+(`sentence_windows`), cut alike in training, evaluation, `ptft predict` and serving."""
 
 from __future__ import annotations
 
+import itertools
 import re
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from components.tasks.base import IGNORE, TaskType, expected_names, labelled_positions, sorted_labels, truncated
+
+WINDOWS_PER_PASS = 64  # a very long text is tagged in several forward passes, not one huge tensor
 
 
 def _check_rows(table: pa.Table, split: str) -> None:
@@ -52,29 +57,96 @@ def _names_problem(names: list[str]) -> tuple[str, str] | None:
     return why, "write the tags so, or name the tag ids in id order in data.task.label_names (e.g. O, B-PER, I-PER)"
 
 
-def _tokenize(batch: pa.Table, tokenizer, seq_len: int, label_ids: dict[str, int], **options) -> dict:
+class Window(NamedTuple):
+    """A run of one sentence's words read in one forward pass: words `start`:`end`, of which it
+    tags `own_start`:`own_end` (where neighbouring windows overlap, each word is tagged by the
+    window in which it lies further from an edge: the middle of the overlap divides them)."""
+
+    row: int
+    start: int
+    end: int
+    own_start: int
+    own_end: int
+
+
+def word_windows(lengths: list[int], budget: int, shared: int) -> list[tuple[int, int, int, int]]:
+    """Windows over words of these sub-word lengths, as (start, end, own_start, own_end): each holds
+    at most `budget` sub-words (a longer word alone), the next begins where the last `shared` or
+    fewer sub-words' worth of whole words of the previous begin and ends past it, and every word
+    is owned once."""
+    spans, start = [], 0
+    while True:
+        end, used = start, 0
+        while end < len(lengths) and (end == start or used + lengths[end] <= budget):
+            used, end = used + lengths[end], end + 1
+        spans.append((start, end))
+        if end >= len(lengths):
+            break
+        following, overlap = end, 0  # the shared words leave room for the next word: each window reaches further
+        while following - 1 > start and overlap + lengths[following - 1] <= min(shared, budget - lengths[end]):
+            following, overlap = following - 1, overlap + lengths[following - 1]
+        start = following
+    bounds = [0] + [(after[0] + before[1] + 1) // 2 for before, after in itertools.pairwise(spans)] + [len(lengths)]
+    return [(start, end, bounds[i], bounds[i + 1]) for i, (start, end) in enumerate(spans)]
+
+
+def sentence_windows(tokenizer, rows: list[list[str]], max_tokens: int, doc_stride: int | None) -> list[Window]:
+    """Each sentence's windows of at most `max_tokens` tokens (special tokens included), sharing up
+    to `doc_stride` sub-words (at most half a window; half without a `doc_stride`): a sentence
+    longer than the model's positions is read whole, and training, evaluation, `ptft predict` and
+    serving cut it alike."""
+    budget = max(1, max_tokens - tokenizer.num_special_tokens_to_add(pair=False))
+    shared = min(doc_stride or budget, budget // 2)
+    encoded = tokenizer(rows, is_split_into_words=True, add_special_tokens=False) if rows else None
+    windows = []
+    for row, words in enumerate(rows):
+        lengths = [0] * len(words)
+        for word in encoded.word_ids(row):
+            lengths[word] += 1
+        windows += [Window(row, *span) for span in word_windows(lengths, budget, shared)]
+    return windows
+
+
+def first_sub_words(word_ids: list[int | None]) -> Iterator[tuple[int, int]]:
+    """(position, word) of each word's first sub-word: where its tag is learned and read."""
+    previous = None
+    for position, word in enumerate(word_ids):
+        if word is not None and word != previous:
+            yield position, word
+        previous = word
+
+
+def _tokenize(batch: pa.Table, tokenizer, seq_len: int, label_ids: dict[str, int], doc_stride=None, **_) -> dict:
+    """One row per window of a sentence (`sentence_windows`), its owned words labelled on their
+    first sub-words, and the sentence's `example` number, by which evaluation joins its windows."""
     words = [list(row or []) for row in batch.column("text").to_pylist()]
     tags = batch.column("label").to_pylist()
-    encoded = tokenizer(words, is_split_into_words=True, max_length=seq_len, truncation=True, padding="max_length")
-    labels, unseen = [], []
-    for row, row_tags in enumerate(tags):
-        ids, previous = [], None
-        for word in encoded.word_ids(row):
-            ids.append(IGNORE if word is None or word == previous else label_ids[str(row_tags[word])])
-            previous = word
+    examples = batch.column("example").to_pylist() if "example" in batch.column_names else range(len(words))
+    windows = sentence_windows(tokenizer, words, seq_len, doc_stride)
+    encoded = tokenizer(
+        [words[window.row][window.start : window.end] for window in windows],
+        is_split_into_words=True,
+        max_length=seq_len,
+        truncation=True,
+        padding="max_length",
+    )
+    labels = []
+    for index, window in enumerate(windows):
+        ids = [IGNORE] * len(encoded["input_ids"][index])
+        for position, word in first_sub_words(encoded.word_ids(index)):
+            if window.own_start <= window.start + word < window.own_end:
+                ids[position] = label_ids[str(tags[window.row][window.start + word])]
         labels.append(ids)
-        seen = max((word + 1 for word in encoded.word_ids(row) if word is not None), default=0)
-        unseen.append([label_ids[str(tag)] for tag in row_tags[seen:]])
     return {
         "input_ids": pa.array(encoded["input_ids"], type=pa.list_(pa.int32())),
         "attention_mask": pa.array(encoded["attention_mask"], type=pa.list_(pa.int8())),
         "label": pa.array(labels, type=pa.list_(pa.int64())),
-        "unseen": pa.array(unseen, type=pa.list_(pa.int64())),  # the tags of the words past seq_len
+        "example": pa.array([examples[window.row] for window in windows], type=pa.int64()),
     }
 
 
 def _evaluated(labels, logits, kept, row: int) -> tuple[list, list]:
-    """A row's number then its gold ids, and its argmax ids, at its labelled positions."""
+    """A window's row number then its gold ids, and its argmax ids, at its labelled positions."""
     gold, guess = labelled_positions(labels, logits, kept, row)
     return [row, *gold], guess
 
@@ -83,29 +155,25 @@ def _scores(
     gold: list[list[int]], predicted: list[list[int]], names: list[str], split_dir: str | None = None
 ) -> dict[str, float]:
     """Entity-level micro precision, recall and F1, F1 per entity type, and word accuracy, of whole
-    sentences: each row (its number, then its gold ids) gets back the words past `seq_len` that
-    the split under `split_dir` holds, tagged `O` (without a split, the words the model saw)."""
-    unseen = _unseen_tags(split_dir) if split_dir else None
-    truth, guess = [], []
-    for (row, *ids), guessed in zip(gold, predicted, strict=True):
-        tail = [names[tag] for tag in unseen[row]] if unseen else []
-        truth.append([names[tag] for tag in ids] + tail)
-        guess.append([names[tag] for tag in guessed] + ["O"] * len(tail))
+    sentences: the windows (each its row number, then its gold ids) of one sentence of the split
+    under `split_dir` are joined in order (without a split, each row is a sentence)."""
+    rows = sorted(zip(gold, predicted, strict=True), key=lambda pair: pair[0][0])
+    sentence_of = _sentences(split_dir) if split_dir else None
+    truth, guess, last = [], [], None
+    for (row, *ids), guessed in rows:
+        sentence = sentence_of[row] if sentence_of else row
+        if sentence != last:
+            truth.append([])
+            guess.append([])
+        truth[-1] += [names[tag] for tag in ids]
+        guess[-1] += [names[tag] for tag in guessed]
+        last = sentence
     return _tag_scores(truth, guess)
 
 
-def _unseen_tags(split_dir: str) -> list[list[int]]:
-    """Each row's tags of the words past `seq_len`.
-
-    Raises:
-        ValueError: a split prepared before they were kept, which would score only the words seen.
-    """
-    if "unseen" not in pq.ParquetDataset(split_dir).schema.names:  # the schema only; the column is read below
-        raise ValueError(
-            f"the tokenized split {split_dir} has no `unseen` column (the tags of the words past seq_len): it was "
-            "prepared by an older ptft; prepare it again (`ptft run` does, its prepare stage's version changed)"
-        )
-    return pq.read_table(split_dir, columns=["unseen"]).column("unseen").to_pylist()
+def _sentences(split_dir: str) -> list[int]:
+    """Each tokenized row's sentence (its `example`)."""
+    return pq.read_table(split_dir, columns=["example"]).column("example").to_pylist()
 
 
 def _score_answers(answers: list[dict], expected: list, labels: list[str]) -> dict[str, float]:
@@ -141,9 +209,13 @@ def _input_problem(items: list) -> str | None:
 
 
 def _token_lengths(tokenizer, items: list, max_tokens: int) -> list[int]:
+    """The tokens a text's forward pass holds: its own, or a whole window's per window."""
     words = bool(items) and isinstance(items[0], list)
-    encoded = tokenizer(items, is_split_into_words=words, truncation=True, max_length=max_tokens)
-    return [len(ids) for ids in encoded["input_ids"]]
+    encoded = tokenizer(items, is_split_into_words=words)
+    return [
+        length if length <= max_tokens else max_tokens * -(-length // (max_tokens // 2))
+        for length in map(len, encoded["input_ids"])
+    ]
 
 
 def _predict(model, tokenizer, items: list, max_tokens: int) -> list[dict]:
@@ -153,77 +225,102 @@ def _predict(model, tokenizer, items: list, max_tokens: int) -> list[dict]:
     return _predict_texts(model, tokenizer, items, max_tokens)
 
 
-def _predict_words(model, tokenizer, rows: list[list[str]], max_tokens: int) -> list[dict]:
-    """Each list of words tagged as evaluation tags it: a word's tag is its first sub-word's, the
-    words as given (not the tokenizer's split of their text). `tags` has one tag per word (`O`
-    for the words past `max_tokens`, which the model did not see: `truncated`); `entities` are
-    their spans, `start`:`end` in words, with the mean probability of their words' tags."""
+def _tag_words(model, tokenizer, rows: list[list[str]], max_tokens: int) -> list[dict]:
+    """Each list of words tagged as evaluation tags it, in the windows the model was trained on
+    (`sentence_windows`): a word's tag is its first sub-word's in the window that owns it.
+    `tags` and `scores` (each tag's probability) have one value per word; `truncated` says that a
+    word longer than a whole window was cut (its tag still read)."""
     import torch
+
+    windows = sentence_windows(tokenizer, rows, max_tokens, getattr(model.config, "doc_stride", None))
+    answers = [{"tags": ["O"] * len(words), "scores": [0.0] * len(words), "truncated": False} for words in rows]
+    for first in range(0, len(windows), WINDOWS_PER_PASS):
+        part = windows[first : first + WINDOWS_PER_PASS]
+        encoded = tokenizer(
+            [rows[window.row][window.start : window.end] for window in part],
+            is_split_into_words=True,
+            padding=True,
+            truncation=True,
+            max_length=max_tokens,
+            return_tensors="pt",
+        )
+        with torch.inference_mode():
+            scores, ids = model(**encoded).logits.float().softmax(-1).max(-1)
+        for index, (window, cut) in enumerate(zip(part, truncated(encoded), strict=True)):
+            answer = answers[window.row]
+            answer["truncated"] |= cut
+            for position, word in first_sub_words(encoded.word_ids(index)):
+                if window.own_start <= window.start + word < window.own_end:
+                    answer["tags"][window.start + word] = model.config.id2label[int(ids[index, position])]
+                    answer["scores"][window.start + word] = float(scores[index, position])
+    return answers
+
+
+def _predict_words(model, tokenizer, rows: list[list[str]], max_tokens: int) -> list[dict]:
+    """Each list of words tagged as evaluation tags it (`_tag_words`), the words as given (not the
+    tokenizer's split of their text): `tags`, one per word, and `entities`, their spans
+    `start`:`end` in words with the mean probability of their words' tags."""
     from seqeval.metrics.sequence_labeling import get_entities
 
-    encoded = tokenizer(
-        rows, is_split_into_words=True, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt"
-    )
-    with torch.inference_mode():
-        probabilities = model(**encoded).logits.float().softmax(-1)
-    scores, ids = probabilities.max(-1)
     answers = []
-    for row, (words, cut) in enumerate(zip(rows, truncated(encoded), strict=True)):
-        tags, confidence, previous = ["O"] * len(words), [0.0] * len(words), None
-        for position, word in enumerate(encoded.word_ids(row)):
-            if word is not None and word != previous:
-                tags[word] = model.config.id2label[int(ids[row, position])]
-                confidence[word] = float(scores[row, position])
-            previous = word
+    for words, tagged in zip(rows, _tag_words(model, tokenizer, rows, max_tokens), strict=True):
         entities = [
             {
                 "type": kind,
                 "text": " ".join(words[first : last + 1]),
                 "start": first,
                 "end": last + 1,
-                "score": sum(confidence[first : last + 1]) / (last - first + 1),
+                "score": sum(tagged["scores"][first : last + 1]) / (last - first + 1),
             }
-            for kind, first, last in get_entities(tags)
+            for kind, first, last in get_entities(tagged["tags"])
         ]
-        answers.append({"tags": tags, "entities": entities, "truncated": cut})
+        answers.append({"tags": tagged["tags"], "entities": entities, "truncated": tagged["truncated"]})
     return answers
 
 
 def _predict_texts(model, tokenizer, texts: list[str], max_tokens: int) -> list[dict]:
     """Each text's entities: type, the text's characters start:end, and the mean probability of
-    its words' tags. A word's tag is its first sub-word's, as in training; the words are the
-    tokenizer's own pre-tokenization of the raw text."""
-    import torch
+    its words' tags. The words are the tokenizer's own pre-tokenization of the raw text, tagged
+    as a list of words is (`_tag_words`)."""
     from seqeval.metrics.sequence_labeling import get_entities
 
-    encoded = tokenizer(
-        texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt", return_offsets_mapping=True
-    )
-    offsets = encoded.pop("offset_mapping").tolist()
-    with torch.inference_mode():
-        probabilities = model(**encoded).logits.float().softmax(-1)
-    scores, ids = probabilities.max(-1)
+    spans = _word_spans(tokenizer, texts)
+    rows = [[text[start:end] for start, end in row] for text, row in zip(texts, spans, strict=True)]
     answers = []
-    for row, (text, cut) in enumerate(zip(texts, truncated(encoded), strict=True)):
-        words: list[tuple[str, float, int, int]] = []  # tag, probability, first char, last char + 1
-        previous = None
-        for position, word in enumerate(encoded.word_ids(row)):
-            start, end = offsets[row][position]
-            if word is None:
-                continue
-            if word != previous:
-                words.append((model.config.id2label[int(ids[row, position])], float(scores[row, position]), start, end))
-            else:  # a later sub-word widens its word's span
-                tag, score, first, _ = words[-1]
-                words[-1] = (tag, score, first, end)
-            previous = word
+    for text, row, tagged in zip(texts, spans, _tag_words(model, tokenizer, rows, max_tokens), strict=True):
         entities = []
-        for kind, first, last in get_entities([tag for tag, *_ in words]):
-            start, end = words[first][2], words[last][3]
-            score = sum(words[i][1] for i in range(first, last + 1)) / (last - first + 1)
+        for kind, first, last in get_entities(tagged["tags"]):
+            start, end = row[first][0], row[last][1]
+            score = sum(tagged["scores"][first : last + 1]) / (last - first + 1)
             entities.append({"type": kind, "text": text[start:end], "start": start, "end": end, "score": score})
-        answers.append({"entities": entities, "truncated": cut})
+        answers.append({"entities": entities, "truncated": tagged["truncated"]})
     return answers
+
+
+def _word_spans(tokenizer, texts: list[str]) -> list[list[tuple[int, int]]]:
+    """Each text's words as the tokenizer pre-tokenizes it, as characters start:end (without the
+    space a byte-level token may begin with)."""
+    if not texts:
+        return []
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    spans = []
+    for row, text in enumerate(texts):
+        words: dict[int, tuple[int, int]] = {}
+        for word, (start, end) in zip(encoded.word_ids(row), encoded["offset_mapping"][row], strict=True):
+            if word is not None:
+                words[word] = (words[word][0] if word in words else start, end)
+        row_spans = []
+        for start, end in words.values():
+            while start < end and text[start].isspace():
+                start += 1
+            row_spans.append((start, end))
+        spans.append(row_spans)
+    return spans
+
+
+def _model_settings(task_dir: str, doc_stride: int | None = None, **_) -> dict:
+    """The sub-words the windows of a long sentence shared in training: serving cuts it alike."""
+    return {"doc_stride": doc_stride} if doc_stride else {}
 
 
 TASK = TaskType(
@@ -247,4 +344,5 @@ TASK = TaskType(
     token_lengths=_token_lengths,
     score_answers=_score_answers,
     reads_words=True,
+    model_settings=_model_settings,
 )

@@ -37,7 +37,7 @@ def _run(config: PipelineConfig, inputs: Inputs, ctx: StageContext) -> StageResu
 
 STAGE = Stage(
     name="prepare",
-    version="2",  # 2: an entities split keeps the tags of the words past seq_len
+    version="3",  # 3: a long entities sentence is cut into windows; 2: kept its unseen tags
     upstream=("tokenize",),
     settings=_settings,
     run=_run,

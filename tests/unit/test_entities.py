@@ -4,6 +4,7 @@ alignment with WordPiece and byte-level BPE, entity-level scores with seqeval se
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -20,7 +21,8 @@ from components import accelerator, finetune, models, training
 from components import tokenize as tok
 from components.data import load_source
 from components.schemas import DeepSpeedConfig, FileSource, Hyperparameters, ModelConfig, TokenizeConfig
-from components.tasks import IGNORE, task_type
+from components.tasks import IGNORE, entities, task_type
+from components.tasks.entities import word_windows
 from components.vocab import special_ids
 from pipelines.cli import main
 from pipelines.pipeline_config import load_config
@@ -64,32 +66,50 @@ def test_each_word_is_labelled_on_its_first_sub_word(tmp_path: Path, algorithm: 
         assert len(labels) == 48 and out.column("attention_mask")[row].as_py().count(1) == len(word_ids)
 
 
-def test_a_split_keeps_the_tags_of_the_words_past_seq_len(tmp_path: Path) -> None:
-    """Evaluation scores whole sentences, so the words the model cannot see keep their tags."""
+def test_a_sentence_longer_than_seq_len_is_read_in_windows_that_label_each_word_once(tmp_path: Path) -> None:
+    """Evaluation scores whole sentences and training learns every word: a sentence past `seq_len`
+    becomes windows of its words, each word labelled in one of them, all keeping its `example`."""
     folder = _tokenizer(tmp_path, "wordpiece")
     values = ENTITIES.label_values(_rows(SENTENCES))
-    out = tok.tokenize_examples(
-        _rows(SENTENCES), tokenizer_dir=folder, seq_len=6, label_values=values, task="token_classification"
-    )
-    tokenizer = tok._load_tokenizer(folder)
-    for row, sentence in enumerate(SENTENCES):
-        encoded = tokenizer(sentence["tokens"], is_split_into_words=True, max_length=6, truncation=True)
-        seen = max(word for word in encoded.word_ids() if word is not None) + 1
-        assert seen < len(sentence["tokens"]), "6 tokens must cut every sentence"
-        assert [values[tag] for tag in out.column("unseen")[row].as_py()] == sentence["ner_tags"][seen:]
+    table = _rows(SENTENCES).append_column("example", pa.array([7, 9], type=pa.int64()))
+    out = tok.tokenize_examples(table, tokenizer_dir=folder, seq_len=6, label_values=values, task=ENTITIES.name)
+    examples = out.column("example").to_pylist()
+    assert examples.count(7) > 1 and examples.count(9) > 1 and examples == sorted(examples)
+    assert {len(ids) for ids in out.column("input_ids").to_pylist()} == {6}
+    for example, sentence in zip((7, 9), SENTENCES, strict=True):
+        windows = [out.column("label")[row].as_py() for row, number in enumerate(examples) if number == example]
+        labelled = [values[tag] for labels in windows for tag in labels if tag != IGNORE]
+        assert labelled == sentence["ner_tags"]
 
 
-def test_a_split_prepared_without_the_unseen_tags_is_named_not_scored_on_the_words_seen(tmp_path: Path) -> None:
-    folder = _tokenizer(tmp_path, "wordpiece")
-    values = ENTITIES.label_values(_rows(SENTENCES))
-    out = tok.tokenize_examples(
-        _rows(SENTENCES), tokenizer_dir=folder, seq_len=48, label_values=values, task="token_classification"
+@pytest.mark.parametrize(
+    ("lengths", "budget", "shared"),
+    [([1] * 10, 4, 2), ([2, 1, 3, 1, 1, 2, 5, 1], 4, 1), ([1, 1, 1], 8, 4), ([], 4, 2), ([3, 1, 1, 4, 1], 4, 2)],
+)
+def test_word_windows_own_every_word_once_within_the_budget(lengths: list[int], budget: int, shared: int) -> None:
+    windows = word_windows(lengths, budget, shared)
+    assert [word for *_, own_start, own_end in windows for word in range(own_start, own_end)] == list(
+        range(len(lengths))
     )
-    (tmp_path / "old").mkdir()
-    pq.write_table(out.drop_columns(["unseen"]), tmp_path / "old" / "part-0.parquet")
-    gold = [[0, values.index("B-PER")], [1, values.index("B-ORG")]]
-    with pytest.raises(ValueError, match=r"has no `unseen` column .* prepare it again"):
-        ENTITIES.scores(gold, [[values.index("O")], [values.index("O")]], values, str(tmp_path / "old"))
+    for start, end, own_start, own_end in windows:
+        assert start <= own_start <= own_end <= end
+        assert end - start == 1 or sum(lengths[start:end]) <= budget  # a longer word alone
+    for before, after in itertools.pairwise(windows):
+        assert before[0] < after[0] <= before[1] < after[1]  # no gap, and each reaches further
+        assert sum(lengths[after[0] : before[1]]) <= shared
+
+
+def test_the_windows_of_a_sentence_are_scored_as_one_sentence(tmp_path: Path) -> None:
+    """A person cut by a window's edge is one entity: the windows (rows 0 and 1) are joined by their
+    `example` before seqeval reads them, whatever order the ranks gathered them in."""
+    names = ["B-PER", "I-PER", "O"]
+    (tmp_path / "test").mkdir()
+    pq.write_table(pa.table({"example": [0, 0, 1]}), tmp_path / "test" / "part-0.parquet")
+    gold = [[1, 1, 2], [2, 0], [0, 2, 0]]  # row 1 then row 2 then row 0: [O, B-PER | I-PER, O], [B-PER]
+    guess = [[2, 2], [0], [2, 0]]  # the person stops at the edge; the second is right
+    scores = ENTITIES.scores(gold, guess, names, str(tmp_path / "test"))
+    assert scores["precision"] == pytest.approx(0.5) and scores["recall"] == pytest.approx(0.5)
+    assert scores["accuracy"] == pytest.approx(4 / 5)
 
 
 def test_a_tag_the_train_split_lacks_is_named(tmp_path: Path) -> None:
@@ -264,10 +284,10 @@ def test_the_served_answer_lists_entities_with_their_place_in_the_text(fitted) -
     texts = [
         "Germany beat England 2-1 in London on Saturday , Reuters reported .",
         "Peter Blackburn of the European Commission said on Thursday .",
-        "x " * 200,  # longer than the model's positions
+        "x " * 200 + "Peter Blackburn of the European Commission said on Thursday .",  # past the positions
     ]
     answers = scorer(texts)
-    assert [answer["truncated"] for answer in answers] == [False, False, True]
+    assert [answer["truncated"] for answer in answers] == [False, False, False]  # read in windows
     found = [entity for answer in answers for entity in answer["entities"]]
     assert found, answers
     for text, answer in zip(texts, answers, strict=True):
@@ -306,10 +326,12 @@ def test_the_attention_map_of_an_entities_model_is_of_a_tagged_token(fitted) -> 
     assert explained["label"].endswith(entities[0]["type"]) and explained["label"] != "O"
 
 
-def test_a_conll_files_words_are_tagged_and_scored_as_the_test_split_was(fitted) -> None:
+def test_a_conll_files_words_are_tagged_and_scored_as_the_test_split_was(
+    fitted, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`ptft predict` on CoNLL's own format: each row's words (not a text) tagged one tag per word
     as evaluation tags them, so the file's entity F1 is the finetune stage's test F1 on it. Both
-    count the words past the model's positions as tagged O: a long row's entities there are missed."""
+    read a row longer than the model's positions in the same windows, and tag every word of it."""
     from components.scoring import Scorer
 
     scorer = Scorer(str(fitted[2]), tracking_uri=None)
@@ -321,15 +343,18 @@ def test_a_conll_files_words_are_tagged_and_scored_as_the_test_split_was(fitted)
         for entity in answer["entities"]:
             assert entity["text"] == " ".join(row[entity["start"] : entity["end"]])
             assert answer["tags"][entity["start"]] in {f"B-{entity['type']}", f"I-{entity['type']}"}
+    assert not any(answer["truncated"] for answer in answers)
     encoded = scorer.tokenizer(words, is_split_into_words=True, truncation=True, max_length=scorer.max_tokens)
     seen = [max(word for word in encoded.word_ids(row) if word is not None) + 1 for row in range(len(words))]
-    assert [answer["truncated"] for answer in answers] == [n < len(row) for n, row in zip(seen, words, strict=True)]
-    assert all(set(answer["tags"][n:]) <= {"O"} for n, answer in zip(seen, answers, strict=True))
+    tails = [answer["tags"][n:] for n, answer in zip(seen, answers, strict=True)]
+    assert sum(map(len, tails)) > 100, "the slice has rows past the model's positions"
+    assert any(tag != "O" for tail in tails for tag in tail)  # the words past them are read (O when cut off)
     scores = ENTITIES.score_answers(answers, [row["ner_tags"] for row in rows], scorer.labels)
     assert scores["f1"] == pytest.approx(fitted[1][-1]["test/f1"], abs=1e-9)
-    # The slice has entities past the model's positions: scoring only the words seen would differ.
-    answered = [{"tags": answer["tags"][:n]} for n, answer in zip(seen, answers, strict=True)]
-    seen_only = ENTITIES.score_answers(
-        answered, [row["ner_tags"][:n] for n, row in zip(seen, rows, strict=True)], scorer.labels
-    )
-    assert seen_only["recall"] > scores["recall"]
+    # Many windows go through the model in several passes, answering the same (padded otherwise).
+    monkeypatch.setattr(entities, "WINDOWS_PER_PASS", 3)
+    for again, answer in zip(scorer(words[:40]), answers[:40], strict=True):
+        assert again["tags"] == answer["tags"]
+        assert [entity["score"] for entity in again["entities"]] == pytest.approx(
+            [entity["score"] for entity in answer["entities"]], abs=1e-5
+        )
