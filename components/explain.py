@@ -3,7 +3,8 @@ decoder looks in the source for each word it writes (`cross_attention_maps`). On
 (the finetune stage's picture, `POST /explain` and `ptft explain` all call it) for the token that
 summarises the text: [CLS] for encoders, the last real token for decoders (GPT-2 classifies from it).
 A token classifier (entities) decides per token: its map is of the first token it tags as part of an
-entity (the first word when it tags none), with that token's tag as the label. A question answering
+entity (the first word when it tags none), with that token's tag as the label, in the window of a
+long text that tags it. A question answering
 model reads a question with its context, cut into windows: its map is of the most likely answer start
 in the window its served answer comes from (the label `answer start`, its probability the score).
 """
@@ -16,13 +17,21 @@ MAX_EXPLAIN_TEXTS = 8  # attention maps are heads x tokens per text: keep answer
 
 
 def attention_maps(
-    model, tokenizer, texts: list, *, max_tokens: int, layer: int = -1, windows: tuple | None = None
+    model,
+    tokenizer,
+    texts: list,
+    *,
+    max_tokens: int,
+    layer: int = -1,
+    windows: tuple | None = None,
+    queries: list[int | None] | None = None,
 ) -> list[dict]:
     """Per text (or `{question, context}`): its tokens, the prediction, and `attention` as heads x
     tokens (the summary token's attention over the text in `layer`; -1 is the last). `windows`:
     the inputs already encoded and, per text, the row of them to show (how a question answering
-    model's items come, in the windows serving cut: components/tasks/answers.py); else each text
-    cut at `max_tokens`."""
+    model's items and a long text for a tagger come, in the windows serving cut:
+    components/tasks/); else each text cut at `max_tokens`. `queries`: for a tagger, per text the
+    position whose tag to show (None: the first it tags as part of an entity)."""
     import torch  # here: the serving module imports this one, and its driver never needs torch
 
     if windows is not None:
@@ -41,14 +50,17 @@ def attention_maps(
     probabilities = _start_probabilities(encoded, output) if answers else output.logits.float().softmax(-1)
     labels = {0: "answer start"} if answers else model.config.id2label
     maps = []
-    for row, text in zip(shown, texts, strict=True):
+    for index, (row, text) in enumerate(zip(shown, texts, strict=True)):
         kept = encoded["attention_mask"][row].nonzero().flatten()
         query = int(kept[0]) if tokenizer.cls_token_id is not None else int(kept[-1])
         if answers:
             score, query = probabilities[row].max(-1)
             query, label = int(query), 0
         elif probabilities.dim() == 3:  # a tag per token: show the first token tagged as part of an entity
-            query = _first_tagged(encoded, row, probabilities[row].argmax(-1), labels, fallback=query)
+            if queries is None or queries[index] is None:
+                query = _first_tagged(encoded, row, probabilities[row].argmax(-1), labels, fallback=query)
+            else:
+                query = queries[index]
             score, label = probabilities[row, query].max(-1)
         else:
             score, label = probabilities[row].max(-1)

@@ -15,6 +15,7 @@ from typing import NamedTuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from components.explain import attention_maps
 from components.tasks.base import IGNORE, TaskType, expected_names, labelled_positions, sorted_labels, truncated
 
 WINDOWS_PER_PASS = 64  # a very long text is tagged in several forward passes, not one huge tensor
@@ -318,6 +319,42 @@ def _word_spans(tokenizer, texts: list[str]) -> list[list[tuple[int, int]]]:
     return spans
 
 
+def _explain(model, tokenizer, texts: list[str], *, max_tokens: int, layer: int = -1) -> list[dict]:
+    """Each text's attention map of its first word tagged as part of an entity as served (the first
+    word when none is), in the window that tags it: a long text's later windows included."""
+    spans = _word_spans(tokenizer, texts)
+    rows = [[text[start:end] for start, end in row] for text, row in zip(texts, spans, strict=True)]
+    tagged = _tag_words(model, tokenizer, rows, max_tokens)
+    windows = sentence_windows(tokenizer, rows, max_tokens, getattr(model.config, "doc_stride", None))
+    shown, words = [], []
+    for row, answer in enumerate(tagged):
+        word = next((index for index, tag in enumerate(answer["tags"]) if tag != "O"), 0)
+        window = next(w for w in windows if w.row == row and (w.own_start <= word < w.own_end or not rows[row]))
+        shown.append(window)
+        words.append(word - window.start)
+    encoded = tokenizer(
+        [rows[window.row][window.start : window.end] for window in shown],
+        is_split_into_words=True,
+        padding=True,
+        truncation=True,
+        max_length=max_tokens,
+        return_tensors="pt",
+    )
+    firsts = [
+        dict((word, position) for position, word in first_sub_words(encoded.word_ids(row))) for row in range(len(shown))
+    ]
+    queries = [first.get(word) for first, word in zip(firsts, words, strict=True)]
+    return attention_maps(
+        model,
+        tokenizer,
+        texts,
+        max_tokens=max_tokens,
+        layer=layer,
+        windows=(encoded, range(len(texts))),
+        queries=queries,
+    )
+
+
 def _model_settings(task_dir: str, doc_stride: int | None = None, **_) -> dict:
     """The sub-words the windows of a long sentence shared in training: serving cuts it alike."""
     return {"doc_stride": doc_stride} if doc_stride else {}
@@ -345,4 +382,5 @@ TASK = TaskType(
     score_answers=_score_answers,
     reads_words=True,
     model_settings=_model_settings,
+    explain=_explain,
 )

@@ -326,6 +326,25 @@ def test_the_attention_map_of_an_entities_model_is_of_a_tagged_token(fitted) -> 
     assert explained["label"].endswith(entities[0]["type"]) and explained["label"] != "O"
 
 
+def test_the_attention_map_of_a_long_text_is_of_its_first_entity_in_the_window_that_tags_it(fitted) -> None:
+    """An entity past the model's positions is served (read in a later window) and explained: the
+    map is of its first word's first token, in that window, labelled with its served tag."""
+    from components.serve import Scorer
+
+    scorer = Scorer(str(fitted[2]), tracking_uri=None)
+    text = "he said that the market was quiet . " * 20 + "Peter Blackburn of the European Commission said ."
+    cut = scorer.tokenizer(text, truncation=True, max_length=scorer.max_tokens, return_offsets_mapping=True)
+    (answer,) = scorer([text])
+    assert answer["entities"] and not answer["truncated"]
+    first = answer["entities"][0]
+    assert first["start"] >= max(end for _, end in cut["offset_mapping"]), "the first entity lies past the first window"
+    (explained,) = scorer.explain([text])
+    assert explained["label"] in {f"B-{first['type']}", f"I-{first['type']}"}
+    assert explained["query_token"] == scorer.tokenizer.tokenize(first["text"].split()[0])[0]
+    assert explained["tokens"] != scorer.tokenizer.convert_ids_to_tokens(cut["input_ids"])  # a later window
+    assert len(explained["tokens"]) <= scorer.max_tokens and len(explained["attention"][0]) == len(explained["tokens"])
+
+
 def test_a_conll_files_words_are_tagged_and_scored_as_the_test_split_was(
     fitted, monkeypatch: pytest.MonkeyPatch
 ) -> None:
