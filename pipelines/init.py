@@ -39,6 +39,7 @@ SHOWN_LABELS = 20
 SPLIT_NAMES = {"validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
 SPLIT_SHARES = {"train": 0.8, "validation": 0.1, "test": 0.1}
 PASSES = 20  # over the text in pre-training: masked LM on a small corpus needs many
+WINDOWED = {"answers": "longer contexts are read in windows", "entities": "longer sentences are read in windows"}
 WORKERS, BATCH = 2, 32  # the config's training workers and blocks per worker and step
 TRAIN_SHARE = 0.8  # of the estimated blocks: pre-training holds some out for its eval loss
 CASED_TASKS = ("entities", "translation", "generation")  # their tokenizers keep case
@@ -476,7 +477,7 @@ def _config_text(plan: Plan, name: str, source: Path, output: Path) -> str:
         "tokenize:",
         f"  vocab_size: {plan.vocab_size:<6}  # about half the distinct words of the text",
         f"  seq_len: {plan.seq_len:<9}  # 99% of the texts fit (p99 {plan.lengths['p99']} tokens)"
-        + ("; longer contexts are read in windows" if plan.task == "answers" else ""),
+        + (f"; {WINDOWED[plan.task]}" if plan.task in WINDOWED else ""),
         *(["  lowercase: false    # case tells names apart"] if plan.task == "entities" else []),
         *(["  lowercase: false    # translations are compared cased"] if plan.task == "translation" else []),
         *(

@@ -258,7 +258,8 @@ def test_conll2003_gets_an_entities_config(in_tmp: Path, capsys: pytest.CaptureF
     assert (task.train.text_column, task.train.label_column) == ("tokens", "ner_tags")
     assert Path(task.validation.path) == train.with_name("validation.jsonl") and not config.tokenize.lowercase
     assert "tags in train: B-LOC (7140), B-MISC (3438), B-ORG (6321), B-PER (6600)" in out  # the README's counts
-    assert "named entities (LOC, MISC, ORG, PER)" in Path("configs/conll2003.yaml").read_text()
+    written = Path("configs/conll2003.yaml").read_text()
+    assert "named entities (LOC, MISC, ORG, PER)" in written and "longer sentences are read in windows" in written
     sentences = {" ".join(json.loads(line)["tokens"]) for line in open(task.validation.path)}
     assert len(config.serve.sample_texts) == 2 and set(config.serve.sample_texts) <= sentences  # words, joined
 
