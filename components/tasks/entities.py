@@ -230,11 +230,15 @@ def _tag_words(model, tokenizer, rows: list[list[str]], max_tokens: int) -> list
     """Each list of words tagged as evaluation tags it, in the windows the model was trained on
     (`sentence_windows`): a word's tag is its first sub-word's in the window that owns it.
     `tags` and `scores` (each tag's probability) have one value per word; `truncated` says that a
-    word longer than a whole window was cut (its tag still read)."""
+    word longer than a whole window was cut (its tag still read); `windows` are the row's."""
     import torch
 
     windows = sentence_windows(tokenizer, rows, max_tokens, getattr(model.config, "doc_stride", None))
-    answers = [{"tags": ["O"] * len(words), "scores": [0.0] * len(words), "truncated": False} for words in rows]
+    answers = [
+        {"tags": ["O"] * len(words), "scores": [0.0] * len(words), "truncated": False, "windows": []} for words in rows
+    ]
+    for window in windows:
+        answers[window.row]["windows"].append(window)
     for first in range(0, len(windows), WINDOWS_PER_PASS):
         part = windows[first : first + WINDOWS_PER_PASS]
         encoded = tokenizer(
@@ -324,12 +328,10 @@ def _explain(model, tokenizer, texts: list[str], *, max_tokens: int, layer: int 
     word when none is), in the window that tags it: a long text's later windows included."""
     spans = _word_spans(tokenizer, texts)
     rows = [[text[start:end] for start, end in row] for text, row in zip(texts, spans, strict=True)]
-    tagged = _tag_words(model, tokenizer, rows, max_tokens)
-    windows = sentence_windows(tokenizer, rows, max_tokens, getattr(model.config, "doc_stride", None))
     shown, words = [], []
-    for row, answer in enumerate(tagged):
+    for answer in _tag_words(model, tokenizer, rows, max_tokens):
         word = next((index for index, tag in enumerate(answer["tags"]) if tag != "O"), 0)
-        window = next(w for w in windows if w.row == row and (w.own_start <= word < w.own_end or not rows[row]))
+        window = next(w for w in answer["windows"] if w.own_start <= word < w.own_end or w.start == w.end)
         shown.append(window)
         words.append(word - window.start)
     encoded = tokenizer(
@@ -341,9 +343,9 @@ def _explain(model, tokenizer, texts: list[str], *, max_tokens: int, layer: int 
         return_tensors="pt",
     )
     firsts = [
-        dict((word, position) for position, word in first_sub_words(encoded.word_ids(row))) for row in range(len(shown))
+        {word: position for position, word in first_sub_words(encoded.word_ids(row))} for row in range(len(shown))
     ]
-    queries = [first.get(word) for first, word in zip(firsts, words, strict=True)]
+    queries = [first.get(word) for first, word in zip(firsts, words, strict=True)]  # its first sub-word
     return attention_maps(
         model,
         tokenizer,
