@@ -108,6 +108,13 @@ def sentence_windows(tokenizer, rows: list[list[str]], max_tokens: int, doc_stri
     return windows
 
 
+def encode_windows(tokenizer, rows: list[list[str]], windows: list[Window], max_tokens: int, **options):
+    """The windows' words as the model reads them: with special tokens, cut at `max_tokens` (only a
+    word longer than a whole window is), padded and typed as `options` say."""
+    words = [rows[window.row][window.start : window.end] for window in windows]
+    return tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_tokens, **options)
+
+
 def first_sub_words(word_ids: list[int | None]) -> Iterator[tuple[int, int]]:
     """(position, word) of each word's first sub-word: where its tag is learned and read."""
     previous = None
@@ -124,13 +131,7 @@ def _tokenize(batch: pa.Table, tokenizer, seq_len: int, label_ids: dict[str, int
     tags = batch.column("label").to_pylist()
     examples = batch.column("example").to_pylist() if "example" in batch.column_names else range(len(words))
     windows = sentence_windows(tokenizer, words, seq_len, doc_stride)
-    encoded = tokenizer(
-        [words[window.row][window.start : window.end] for window in windows],
-        is_split_into_words=True,
-        max_length=seq_len,
-        truncation=True,
-        padding="max_length",
-    )
+    encoded = encode_windows(tokenizer, words, windows, seq_len, padding="max_length")
     labels = []
     for index, window in enumerate(windows):
         ids = [IGNORE] * len(encoded["input_ids"][index])
@@ -241,14 +242,7 @@ def _tag_words(model, tokenizer, rows: list[list[str]], max_tokens: int) -> list
         answers[window.row]["windows"].append(window)
     for first in range(0, len(windows), WINDOWS_PER_PASS):
         part = windows[first : first + WINDOWS_PER_PASS]
-        encoded = tokenizer(
-            [rows[window.row][window.start : window.end] for window in part],
-            is_split_into_words=True,
-            padding=True,
-            truncation=True,
-            max_length=max_tokens,
-            return_tensors="pt",
-        )
+        encoded = encode_windows(tokenizer, rows, part, max_tokens, padding=True, return_tensors="pt")
         with torch.inference_mode():
             scores, ids = model(**encoded).logits.float().softmax(-1).max(-1)
         for index, (window, cut) in enumerate(zip(part, truncated(encoded), strict=True)):
@@ -334,14 +328,7 @@ def _explain(model, tokenizer, texts: list[str], *, max_tokens: int, layer: int 
         window = next(w for w in answer["windows"] if w.own_start <= word < w.own_end or w.start == w.end)
         shown.append(window)
         words.append(word - window.start)
-    encoded = tokenizer(
-        [rows[window.row][window.start : window.end] for window in shown],
-        is_split_into_words=True,
-        padding=True,
-        truncation=True,
-        max_length=max_tokens,
-        return_tensors="pt",
-    )
+    encoded = encode_windows(tokenizer, rows, shown, max_tokens, padding=True, return_tensors="pt")
     firsts = [
         {word: position for position, word in first_sub_words(encoded.word_ids(row))} for row in range(len(shown))
     ]
