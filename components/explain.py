@@ -2,9 +2,9 @@
 decoder looks in the source for each word it writes (`cross_attention_maps`). One function computes them
 (the finetune stage's picture, `POST /explain` and `ptft explain` all call it) for the token that
 summarises the text: [CLS] for encoders, the last real token for decoders (GPT-2 classifies from it).
-A token classifier (entities) decides per token: its map is of the first token it tags as part of an
-entity (the first word when it tags none), with that token's tag as the label, in the window of a
-long text that tags it. A question answering
+A token classifier (entities) decides per token: its map is of the token its task type picks (the
+first word served as part of an entity, else the first word, in the window of a long text that
+tags it), with that token's tag as the label. A question answering
 model reads a question with its context, cut into windows: its map is of the most likely answer start
 in the window its served answer comes from (the label `answer start`, its probability the score).
 """
@@ -31,7 +31,8 @@ def attention_maps(
     the inputs already encoded and, per text, the row of them to show (how a question answering
     model's items and a long text for a tagger come, in the windows serving cut:
     components/tasks/); else each text cut at `max_tokens`. `queries`: for a tagger, per text the
-    position whose tag to show (None: the first it tags as part of an entity)."""
+    position whose tag to show (the entities type picks its first served entity's; None: the
+    summary token)."""
     import torch  # here: the serving module imports this one, and its driver never needs torch
 
     if windows is not None:
@@ -56,11 +57,8 @@ def attention_maps(
         if answers:
             score, query = probabilities[row].max(-1)
             query, label = int(query), 0
-        elif probabilities.dim() == 3:  # a tag per token: show the first token tagged as part of an entity
-            if queries is None or queries[index] is None:
-                query = _first_tagged(encoded, row, probabilities[row].argmax(-1), labels, fallback=query)
-            else:
-                query = queries[index]
+        elif probabilities.dim() == 3:  # a tag per token: the token its task type chose (else the first)
+            query = queries[index] if queries and queries[index] is not None else query
             score, label = probabilities[row, query].max(-1)
         else:
             score, label = probabilities[row].max(-1)
@@ -130,13 +128,6 @@ def _start_probabilities(encoded, output):
         [[sequence == 1 for sequence in encoded.sequence_ids(row)] for row in range(len(encoded["input_ids"]))]
     )
     return output.start_logits.float().masked_fill(~context, float("-inf")).softmax(-1)
-
-
-def _first_tagged(encoded, row: int, tags, labels: dict, *, fallback: int) -> int:
-    """The first word token whose tag is not O; else the first word token; else `fallback`."""
-    words = [position for position, word in enumerate(encoded.word_ids(row)) if word is not None]
-    tagged = [position for position in words if labels[int(tags[position])] != "O"]
-    return (tagged or words or [fallback])[0]
 
 
 @contextlib.contextmanager

@@ -124,6 +124,13 @@ def first_sub_words(word_ids: list[int | None]) -> Iterator[tuple[int, int]]:
         previous = word
 
 
+def owned_words(window: Window, word_ids: list[int | None]) -> Iterator[tuple[int, int]]:
+    """(position, word of the sentence) of the first sub-word of each word the window tags."""
+    for position, word in first_sub_words(word_ids):
+        if window.own_start <= window.start + word < window.own_end:
+            yield position, window.start + word
+
+
 def _tokenize(batch: pa.Table, tokenizer, seq_len: int, label_ids: dict[str, int], doc_stride=None, **_) -> dict:
     """One row per window of a sentence (`sentence_windows`), its owned words labelled on their
     first sub-words, and the sentence's `example` number, by which evaluation joins its windows."""
@@ -135,9 +142,8 @@ def _tokenize(batch: pa.Table, tokenizer, seq_len: int, label_ids: dict[str, int
     labels = []
     for index, window in enumerate(windows):
         ids = [IGNORE] * len(encoded["input_ids"][index])
-        for position, word in first_sub_words(encoded.word_ids(index)):
-            if window.own_start <= window.start + word < window.own_end:
-                ids[position] = label_ids[str(tags[window.row][window.start + word])]
+        for position, word in owned_words(window, encoded.word_ids(index)):
+            ids[position] = label_ids[str(tags[window.row][word])]
         labels.append(ids)
     return {
         "input_ids": pa.array(encoded["input_ids"], type=pa.list_(pa.int32())),
@@ -248,10 +254,9 @@ def _tag_words(model, tokenizer, rows: list[list[str]], max_tokens: int) -> list
         for index, (window, cut) in enumerate(zip(part, truncated(encoded), strict=True)):
             answer = answers[window.row]
             answer["truncated"] |= cut
-            for position, word in first_sub_words(encoded.word_ids(index)):
-                if window.own_start <= window.start + word < window.own_end:
-                    answer["tags"][window.start + word] = model.config.id2label[int(ids[index, position])]
-                    answer["scores"][window.start + word] = float(scores[index, position])
+            for position, word in owned_words(window, encoded.word_ids(index)):
+                answer["tags"][word] = model.config.id2label[int(ids[index, position])]
+                answer["scores"][word] = float(scores[index, position])
     return answers
 
 
@@ -327,12 +332,10 @@ def _explain(model, tokenizer, texts: list[str], *, max_tokens: int, layer: int 
         word = next((index for index, tag in enumerate(answer["tags"]) if tag != "O"), 0)
         window = next(w for w in answer["windows"] if w.own_start <= word < w.own_end or w.start == w.end)
         shown.append(window)
-        words.append(word - window.start)
+        words.append(word)
     encoded = encode_windows(tokenizer, rows, shown, max_tokens, padding=True, return_tensors="pt")
-    firsts = [
-        {word: position for position, word in first_sub_words(encoded.word_ids(row))} for row in range(len(shown))
-    ]
-    queries = [first.get(word) for first, word in zip(firsts, words, strict=True)]  # its first sub-word
+    firsts = [{word: position for position, word in owned_words(w, encoded.word_ids(i))} for i, w in enumerate(shown)]
+    queries = [first.get(word) for first, word in zip(firsts, words, strict=True)]  # None (no word): [CLS]
     return attention_maps(
         model,
         tokenizer,
