@@ -44,6 +44,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
+from requests.adapters import HTTPAdapter
+from urllib3.util import Retry
 
 from components.decoder import Decoder, DecoderLost
 from components.explain import MAX_EXPLAIN_TEXTS
@@ -652,9 +654,22 @@ def live_model(url: str) -> ModelInfo | None:
         return None
 
 
+def resending_session() -> requests.Session:
+    """A client session that sends a request once more when its connection closed before any
+    answer came: each rollout reloads the HAProxy ingress a few times, and a request sent as a
+    reload closes its keep-alive connection gets none (seen once in CI, 1 of 1,821 requests). The
+    routes change no state, so a repeat is safe; an answer with an error status is not repeated."""
+    once = Retry(total=1, connect=1, read=1, status=0, other=0, allowed_methods=None, raise_on_status=False)
+    session = requests.Session()
+    session.mount("http://", HTTPAdapter(max_retries=once))
+    session.mount("https://", HTTPAdapter(max_retries=once))
+    return session
+
+
 def predict(url: str, texts: list[str]) -> list[dict]:
     """Client helper: POST /predict and return the predictions."""
-    response = requests.post(f"{url}/predict", json={"texts": texts}, headers=auth_headers(), timeout=30)
+    with resending_session() as session:
+        response = session.post(f"{url}/predict", json={"texts": texts}, headers=auth_headers(), timeout=30)
     response.raise_for_status()
     return response.json()["predictions"]
 

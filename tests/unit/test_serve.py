@@ -3,12 +3,17 @@ store (sqlite), request limits, truncation, serve config rules and model referen
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import requests
 from mlflow.tracking import MlflowClient
 
 from components import model_ref, registry, scoring, serve
@@ -296,3 +301,51 @@ def test_application_takes_replicas_autoscaling_and_overload_settings() -> None:
     assert (config.autoscaling_config.min_replicas, config.autoscaling_config.max_replicas) == (1, 4)
     assert config.autoscaling_config.target_ongoing_requests == 6
     assert (config.autoscaling_config.upscale_delay_s, config.autoscaling_config.downscale_delay_s) == (30, 20)
+
+
+class _ClosesFirstConnection(BaseHTTPRequestHandler):
+    """Reads the first request and closes its connection with no answer (an ingress reloading as
+    the request arrives); answers each later one with `status`."""
+
+    protocol_version = "HTTP/1.1"
+    status = 200
+    received: list[str] = []
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.received.append(self.path)
+        if len(self.received) == 1:
+            self.close_connection = True
+            return
+        body = json.dumps({"predictions": [{"label": "positive"}]} if self.status == 200 else {"detail": "no"}).encode()
+        self.send_response(self.status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _server(status: int) -> Iterator[tuple[str, list[str]]]:
+    handler = type("Handler", (_ClosesFirstConnection,), {"status": status, "received": []})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", handler.received
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_client_sends_a_request_that_got_no_answer_once_more_and_an_error_status_never() -> None:
+    with _server(200) as (url, received):
+        assert serve.predict(url, ["a good film"]) == [{"label": "positive"}]
+        assert received == ["/predict", "/predict"]
+    with _server(500) as (url, received):
+        with pytest.raises(requests.HTTPError, match="500"):
+            serve.predict(url, ["a good film"])
+        assert received == ["/predict", "/predict"]  # the unanswered one, then the 500 alone
