@@ -312,7 +312,7 @@ def fit_classifier(
         stop = stopper.update(metrics["eval/loss"])
         last = epoch == cfg.epochs or stop
         if stop:
-            metrics.update({"early_stop/epoch": epoch, "early_stop/best_epoch": stopper.best_epoch})
+            metrics.update({"early_stop/epoch": epoch, "early_stop/lowest_loss_epoch": stopper.best_epoch})
             log.info(
                 "early stopping after epoch %d: no lower validation loss since epoch %d", epoch, stopper.best_epoch
             )

@@ -287,7 +287,7 @@ def test_a_gpt2_classifier_fine_tunes_with_early_stopping(chain: Chain, gpt2_zer
         test_split="matrix",
     )
     # min_delta=10 means no epoch after the first counts as better: it stops after epoch 2
-    assert out.metrics["early_stop/epoch"] == 2 and out.metrics["early_stop/best_epoch"] == 1
+    assert out.metrics["early_stop/epoch"] == 2 and out.metrics["early_stop/lowest_loss_epoch"] == 1
     history = {m.step: m.value for m in chain.client.get_metric_history(ctx.mlflow_run_id, "eval/loss")}
     assert sorted(history) == [1, 2]
     # Exported: the epoch with the lowest validation loss (the default ranking), from two ZeRO-2 workers.

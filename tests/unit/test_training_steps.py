@@ -430,7 +430,7 @@ def test_early_stopping_exports_the_best_epoch_also_after_a_restore(task: Task, 
     )
     fit = _fit(run, tmp_path / "fit")
     last = fit.reports[-1]
-    assert [report["epoch"] for report in fit.reports] == [1, 2, 3] and last["early_stop/best_epoch"] == 1
+    assert [report["epoch"] for report in fit.reports] == [1, 2, 3] and last["early_stop/lowest_loss_epoch"] == 1
     # The first of equals: the last report carries the exported epoch's scores, not epoch 3's own.
     chosen = max(fit.reports, key=lambda report: report["eval/loss"])
     assert chosen["epoch"] < 3 and last["model/epoch"] == chosen["epoch"]
