@@ -186,6 +186,11 @@ class Reporter:
         self._awaits_results = False  # a stop can leave a stage ended without its result handed over
         self._poll_quietly(progress=False)  # the last transitions
 
+    def stage_started(self, name: str) -> None:
+        """A stage starts, from the runner: its line is printed now, before anything the stage
+        prints itself (a sweep's first table came before it when it waited for the next poll)."""
+        self._poll_quietly(progress=False)
+
     def stage_done(self, name: str, result: StageResult) -> None:
         """A stage's result, from the runner: its transition is printed now, with it."""
         self._results[name] = result

@@ -158,6 +158,7 @@ def _run_locked(
     if progress_every_s:
         reporter = progress.Reporter(manifest, client, every_s=progress_every_s, awaits_results=True).start()
         on_stage = _also(reporter.stage_done, on_stage)
+        runner.on_started = reporter.stage_started
     waiting = Watch([ClusterWait(manifest), TrackingWait(config.tracking_uri())]).start()
     status = "FAILED"
     try:
@@ -397,6 +398,7 @@ class _StageRunner:
         self.keys: dict[str, str] = {}
         self.mlflow_run_ids: dict[str, str] = {}
         self.free_resources = _free_resources
+        self.on_started: Callable[[str], None] = lambda stage: None  # the console's "started" line
 
     def run_all(self, nodes: list[stages.Node], on_stage: Callable[[str, StageResult], None] | None) -> list[Exception]:
         """Every node whose upstream succeeded, task branches side by side where the cluster has
@@ -571,6 +573,7 @@ class _StageRunner:
             self._record_lineage(node, config, run_id, inputs, material["extras"])
         self.mlflow_run_ids[node.id] = run_id
         self.manifest.stage_started(node.id, key, run_id)
+        self.on_started(node.id)  # before the stage prints anything of its own (a sweep's table)
         tracker = MlflowTracker(self.config.tracking_uri(), run_id, owns_run=True, resumed=continuing)
         tracker.log_params(flatten(settings))
         partial = final_dir.parent / f".{key}.partial-{self.result.run_id}"
