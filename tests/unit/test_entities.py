@@ -8,6 +8,8 @@ import itertools
 import json
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +28,7 @@ from components.tasks.entities import word_windows
 from components.vocab import special_ids
 from pipelines.cli import main
 from pipelines.pipeline_config import load_config
-from tests.conftest import register_in_sqlite, shared, tiny_config_dict
+from tests.conftest import REPO, register_in_sqlite, shared, tiny_config_dict
 
 ENTITIES = task_type("token_classification")
 SENTENCES = [
@@ -377,3 +379,19 @@ def test_a_conll_files_words_are_tagged_and_scored_as_the_test_split_was(
         assert [entity["score"] for entity in again["entities"]] == pytest.approx(
             [entity["score"] for entity in answer["entities"]], abs=1e-5
         )
+
+
+def test_a_replica_has_loaded_what_its_first_answer_needs_before_it_is_ready(fitted) -> None:
+    """The replica answers its type's example as it starts: the first request paid seqeval's import
+    (with scikit-learn, about a second on a cold process)."""
+    code = f"""
+import sys
+from components.serve import ClassifierApp
+app = ClassifierApp({{"name": "m", "version": "1", "model_uri": {str(fitted[2])!r}}}, {{}}, None)
+before = set(sys.modules)
+app.scorer(["Peter Blackburn of the European Commission said on Thursday ."])
+print(sorted(set(sys.modules) - before))
+"""
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines()[-1] == "[]", done.stdout[-2000:]
