@@ -227,7 +227,7 @@ class ClassifierApp:
         )
         # The type's example answered before the replica is ready: the first request (after each
         # rollout too) paid what a first call loads, an entities model's seqeval and scikit-learn
-        # (a sample took 394 ms against 14-16 ms for the other types), and a version that cannot
+        # (a sample took 394 ms against 13-16 ms for the other types), and a version that cannot
         # answer fails its rollout instead of its requests.
         self.scorer([self.scorer.task.example])
         self.predict_batch.set_max_batch_size(self.cfg.max_batch_size)
@@ -660,10 +660,11 @@ def live_model(url: str) -> ModelInfo | None:
 
 
 def resending_session() -> requests.Session:
-    """A client session that sends a request once more when its connection closed before any
-    answer came: each rollout reloads the HAProxy ingress a few times, and a request sent as a
-    reload closes its keep-alive connection gets none (seen once in CI, 1 of 1,821 requests). The
-    routes change no state, so a repeat is safe; an answer with an error status is not repeated."""
+    """A client session that sends a request once more when no answer came (its connection closed
+    under it, or the answer timed out): each rollout reloads the HAProxy ingress a few times, and
+    once in CI one request of 1,821 got no answer during one (likely a keep-alive connection
+    closing as the request went out). The routes change no state, so a repeat is safe; an answer
+    with an error status is not repeated."""
     once = Retry(total=1, connect=1, read=1, status=0, other=0, allowed_methods=None, raise_on_status=False)
     session = requests.Session()
     session.mount("http://", HTTPAdapter(max_retries=once))
