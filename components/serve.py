@@ -666,9 +666,9 @@ def resending_session() -> requests.Session:
     closing as the request went out). The routes change no state, so a repeat is safe; an answer
     with an error status is not repeated."""
     once = Retry(total=1, connect=1, read=1, status=0, other=0, allowed_methods=None, raise_on_status=False)
-    session = requests.Session()
-    session.mount("http://", HTTPAdapter(max_retries=once))
-    session.mount("https://", HTTPAdapter(max_retries=once))
+    session, adapter = requests.Session(), HTTPAdapter(max_retries=once)
+    for scheme in ("http://", "https://"):
+        session.mount(scheme, adapter)
     return session
 
 

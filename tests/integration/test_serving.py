@@ -366,7 +366,7 @@ def test_killing_one_of_two_replicas_under_load_loses_under_1_percent(app: dict)
 def test_promote_and_rollback_roll_over_without_a_failed_request(app: dict) -> None:
     """Every request is answered 200. Once, in CI, one request of 1,821 got no answer at all during a
     rollout (a ConnectionError; each rollout reloads HAProxy a few times, and a keep-alive
-    connection closing as a request is sent on it is the likely race, but 32 rollouts, 28,000
+    connection closing as a request is sent on it is the likely race, but 32 rollouts, 29,000
     requests, idle or with the CPUs loaded, did not reproduce it). A request that got no answer is
     sent once more, as docs/serving.md tells clients; an error status never is."""
     first, second = (version["version"] for version in app["versions"])

@@ -520,14 +520,12 @@ def test_ptft_explain_refuses_bad_input_with_exit_2(
 
 
 def test_a_stage_start_is_printed_when_the_runner_says_it_started(client: MlflowClient, tmp_path: Path) -> None:
-    """Not at the next poll: a sweep printed its first table before the line that its stage started."""
+    """Not at the next poll: a sweep printed its first table before the line that its stage started.
+    The reporter's polling thread is not started, so only the runner's call can print the line."""
     manifest = _manifest_with_running_pretrain(client, tmp_path)
     out = io.StringIO()
-    reporter = progress.Reporter(manifest, client, every_s=60, stream=out).start()
-    try:
-        reporter.poll(progress=False)
-        manifest.stage_started("tune", "key", manifest.stages["pretrain"].mlflow_run_id)
-        reporter.stage_started("tune")
-        assert out.getvalue().splitlines()[-1] == "[ptft] tune     started"
-    finally:
-        reporter.stop()
+    reporter = progress.Reporter(manifest, client, every_s=60, stream=out)
+    reporter.poll(progress=False)
+    manifest.stage_started("tune", "key", manifest.stages["pretrain"].mlflow_run_id)
+    reporter.stage_started("tune")
+    assert out.getvalue().splitlines()[-1] == "[ptft] tune     started"
