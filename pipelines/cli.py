@@ -137,8 +137,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--rerun",
         metavar="STAGE",
+        action="append",
+        default=[],
         help=f"run this stage ({', '.join(STAGE_NAMES)}; one task's: finetune.TASK) and every later one again, "
-        "ignoring their cache",
+        "ignoring their cache; give it more than once for several",
     )
     _add_progress_options(run)
     _add_storage(run)
@@ -333,12 +335,14 @@ def _run(args: argparse.Namespace) -> int:
         from pipelines.stages import graph
 
         known = list(dict.fromkeys(name for node in graph(config) for name in (node.stage.name, node.id)))
-        if args.rerun not in known:
-            problem = Problem(
-                "--rerun", args.rerun, "not a stage of this pipeline", f"choose one of {', '.join(known)}"
-            )
-            raise ConfigError(args.config, [problem])
-    return _execute(config, args, rerun=args.rerun)
+        problems = [
+            Problem("--rerun", name, "not a stage of this pipeline", f"choose one of {', '.join(known)}")
+            for name in args.rerun
+            if name not in known
+        ]
+        if problems:
+            raise ConfigError(args.config, problems)
+    return _execute(config, args, rerun=tuple(args.rerun))
 
 
 def _resume(args: argparse.Namespace) -> int:
@@ -387,7 +391,7 @@ def _sweep(args: argparse.Namespace) -> int:
             raise ConfigError(
                 args.config, [Problem("tune.enabled", False, "the config turns the sweep off", "set tune.enabled=true")]
             )
-        how = {"rerun": "tune" if args.force else None}
+        how = {"rerun": ("tune",) if args.force else ()}
     _stop_on_signals()
     started = time.perf_counter()
     run_id, log_path = _run_id_and_log(config, how)

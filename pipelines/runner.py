@@ -22,7 +22,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,7 +79,7 @@ class PipelineResult:
 def run(
     config: PipelineConfig,
     *,
-    rerun: str | None = None,
+    rerun: str | Sequence[str] = (),
     resume: str | None = None,
     until: str | None = None,
     on_stage: Callable[[str, StageResult], None] | None = None,
@@ -88,7 +88,7 @@ def run(
 ) -> PipelineResult:
     """Run every stage, reusing cached artifacts; returns their results.
 
-    rerun: force this stage and every stage after it to run again (no cache).
+    rerun: force these stages (one name or several) and every stage after them to run again (no cache).
     until: stop after this stage (`ptft sweep` runs until tune); the run's manifest lists only the
         stages up to it, so a resume of that run stops there too.
     resume: continue this pipeline run id: finished stages are reused, an interrupted training
@@ -99,7 +99,8 @@ def run(
     Serve keeps running until `serve.shutdown()` or Ray exits.
     """
     nodes = stages.graph(config)
-    for option, value in (("rerun", rerun), ("until", until)):
+    reruns = (rerun,) if isinstance(rerun, str) else tuple(rerun)
+    for option, value in [*(("rerun", name) for name in reruns), ("until", until)]:
         if value is not None and not _named(nodes, value):
             known = ", ".join(dict.fromkeys([*STAGES, *(node.id for node in nodes)]))
             raise ValueError(f"{option}={value!r}: not a stage of this pipeline; choose one of {known}")
@@ -113,7 +114,7 @@ def run(
             nodes,
             storage,
             run_id,
-            rerun=rerun,
+            reruns=reruns,
             resume=resume,
             until=until,
             on_stage=on_stage,
@@ -129,7 +130,7 @@ def _run_locked(
     storage: Path,
     run_id: str,
     *,
-    rerun: str | None,
+    reruns: tuple[str, ...],
     resume: str | None,
     until: str | None,
     on_stage: Callable[[str, StageResult], None] | None,
@@ -152,7 +153,7 @@ def _run_locked(
     manifest.tracking_uri, manifest.experiment_id = config.tracking_uri(), experiment_id
     manifest.save()
     result = PipelineResult(manifest.run_id, manifest.mlflow_run_id, experiment_id, config.tracking_uri())
-    forced = stages.node_descendants(nodes, set(_named(nodes, rerun))) if rerun else set()
+    forced = _forced(nodes, reruns)
     runner = _StageRunner(config, nodes, client, result, storage, manifest, forced)
     reporter = None
     if progress_every_s:
@@ -228,6 +229,12 @@ def _record_stop(manifest: mf.Manifest, tracking_uri: str, why: str = "stopped (
 def _named(nodes: tuple[stages.Node, ...], name: str) -> list[str]:
     """The nodes a name means: a node id (`finetune.topic`), or a stage's name for all its nodes."""
     return [node.id for node in nodes if name in (node.id, node.stage.name)]
+
+
+def _forced(nodes: tuple[stages.Node, ...], reruns: tuple[str, ...]) -> set[str]:
+    """The nodes `--rerun` runs again: each named one and everything downstream of it."""
+    named = {node_id for name in reruns for node_id in _named(nodes, name)}
+    return stages.node_descendants(nodes, named)
 
 
 def _until(nodes: tuple[stages.Node, ...], until: str) -> list[str]:

@@ -81,6 +81,14 @@ def test_run_rejects_a_bad_config_before_starting_ray(good_config: Path) -> None
     assert "Ray" not in result.stdout + result.stderr  # no local Ray instance was started
 
 
+def test_run_names_every_unknown_rerun_before_starting_ray(good_config: Path) -> None:
+    command = [PTFT, "run", str(good_config), "--rerun", "nope", "--rerun", "finetune", "--rerun", "tune.x"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "2 problems" in result.stderr and "'nope'" in result.stderr and "'tune.x'" in result.stderr
+    assert "Ray" not in result.stdout + result.stderr
+
+
 def test_every_config_command_takes_the_storage_as_an_option(good_config: Path, tmp_path: Path) -> None:
     result = _validate(good_config, "--storage", str(tmp_path / "elsewhere"))
     assert result.returncode == 0, result.stderr

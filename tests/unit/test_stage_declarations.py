@@ -168,6 +168,17 @@ def test_tasks_fan_out_after_pretrain(tmp_path: Path) -> None:
     assert nodes["serve.topic"].upstream == ("finetune.topic",)
 
 
+def test_each_rerun_forces_its_nodes_and_what_reads_them(tmp_path: Path) -> None:
+    from pipelines.runner import _forced
+
+    nodes = stages.graph(validate(_multitask(tmp_path)))
+    forced = _forced(nodes, ("finetune.topic", "serve.sentiment"))
+    assert forced == {"finetune.topic", "serve.topic", "serve.sentiment"}
+    assert _forced(nodes, ("tune",)) == {
+        f"{stage}.{task}" for stage in ("tune", "finetune", "serve") for task in ("sentiment", "topic")
+    }
+
+
 def test_a_task_sees_its_own_sections_over_the_shared_ones(tmp_path: Path) -> None:
     config = validate(_multitask(tmp_path))
     topic = {node.id: node for node in stages.graph(config)}["finetune.topic"].config(config)
