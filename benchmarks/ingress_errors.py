@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--timeout-server-s", type=int, default=3)
     args = parser.parse_args()
     # Serve reads these when it is imported (so Ray is imported below) and when it starts its ingress.
-    os.environ.update(ingress.cluster_env())
+    os.environ.update(ingress.local_cluster_env())
     os.environ["RAY_SERVE_HAPROXY_TIMEOUT_SERVER_S"] = str(args.timeout_server_s)
     import ray
     from ray import serve

@@ -114,7 +114,7 @@ def main() -> None:
     model = args.model or build_model(Path(tempfile.mkdtemp(prefix="serve-autoscale-")) / "model")
     # Serve as on the clusters ptft starts: HAProxy (RAY_SERVE_ENABLE_HA_PROXY=0: the Python proxy),
     # request code on each replica's HTTP loop
-    os.environ.update(ingress.cluster_env())
+    os.environ.update(ingress.local_cluster_env())
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
         url = deploy_serve(model, free_port(), autoscaling=AUTOSCALING)

@@ -11,8 +11,10 @@ Ray reads these variables when a cluster's processes start (controller, per-node
 replicas), so they belong in the environment that starts the cluster, never in a job's
 `runtime_env`. The ingress also listens on four fixed ports by default (HAProxy's stats and
 metrics, the fallback Python proxy's HTTP and gRPC); a cluster ptft starts takes free ones, so that
-two clusters on one machine do not collide. A cluster started by hand keeps what its `ray start`
-was given (cluster/README.md).
+two clusters on one machine do not collide. Its files (config, admin and metrics sockets, server
+state, HAProxy's logs) go to a folder of the cluster's own instead of Ray's shared
+`/tmp/haproxy-serve/<node id>/`, where every local cluster left one behind. A cluster started by
+hand keeps what its `ray start` was given (cluster/README.md).
 
 The same environment runs each replica's request code (FastAPI, `@serve.batch`, streamed events)
 on the replica's main event loop, which also serves its HTTP, instead of on a second event loop
@@ -26,8 +28,12 @@ components/decoder.py).
 
 from __future__ import annotations
 
+import atexit
 import os
 import resource
+import shutil
+import sys
+import tempfile
 from collections.abc import Mapping
 
 from components.net import free_port
@@ -50,10 +56,33 @@ DRAIN = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
 DRAIN_S = "2"
 
 
-def haproxy_env() -> dict[str, str]:
+# HAProxy's files, by the names Ray gives them under /tmp/haproxy-serve; Ray adds the node's id
+# (56 characters) as a folder between the two.
+FILES = {
+    "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": "haproxy.cfg",
+    "RAY_SERVE_HAPROXY_SOCKET_PATH": "admin.sock",
+    "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": "metrics.sock",
+    "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state",
+    "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": "",
+}
+# A Unix socket's path has at most 107 bytes, and HAProxy binds at `<path>.<pid>.tmp` first.
+SOCKET_PATH_MAX = 107
+NODE_ID_CHARS = 56
+PID_TMP_CHARS = len(".4194304.tmp")
+
+
+def longest_socket_path(folder: str) -> int:
+    return len(os.path.join(folder, "x" * NODE_ID_CHARS, "metrics.sock")) + PID_TMP_CHARS
+
+
+def haproxy_env(files: str | None = None) -> dict[str, str]:
     """The variables a new cluster needs for an HAProxy ingress on ports of its own, and a
-    connection limit that fits the open-file limit it starts under."""
-    return {ENABLE: "1", DRAIN: DRAIN_S, **{name: str(free_port()) for name in PORTS}, **_maxconn_env()}
+    connection limit that fits the open-file limit it starts under; with `files`, HAProxy's
+    files go to that folder."""
+    if files is not None and longest_socket_path(files) > SOCKET_PATH_MAX:
+        raise ValueError(f"{files}: too long a folder for HAProxy's sockets (at most {SOCKET_PATH_MAX} bytes a path)")
+    paths = {name: os.path.join(files, file) for name, file in FILES.items()} if files is not None else {}
+    return {ENABLE: "1", DRAIN: DRAIN_S, **{name: str(free_port()) for name in PORTS}, **_maxconn_env(), **paths}
 
 
 # HAProxy raises its open-file limit to what its `maxconn` needs (~2.5 files a connection: Ray's
@@ -99,12 +128,28 @@ READY = "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"
 READY_S = "20"
 
 
-def cluster_env(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
-    """Serve's variables for a cluster started from `environ` (HAProxy's, request code on each
-    replica's main loop, the ingress's readiness wait), except where `environ` already sets one:
-    `RAY_SERVE_ENABLE_HA_PROXY=0` there keeps Serve's Python proxy."""
-    wanted = {USER_LOOP: "0", READY: READY_S, **({} if environ.get(ENABLE) == "0" else haproxy_env())}
+def cluster_env(environ: Mapping[str, str] = os.environ, files: str | None = None) -> dict[str, str]:
+    """Serve's variables for a cluster started from `environ` (HAProxy's, its files in `files` if
+    given, request code on each replica's main loop, the ingress's readiness wait), except where
+    `environ` already sets one: `RAY_SERVE_ENABLE_HA_PROXY=0` there keeps Serve's Python proxy."""
+    wanted = {USER_LOOP: "0", READY: READY_S, **({} if environ.get(ENABLE) == "0" else haproxy_env(files))}
     return {name: value for name, value in wanted.items() if name not in environ}
+
+
+def local_cluster_env(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """`cluster_env` for the local Ray this process starts and owns: HAProxy's files go to a new
+    folder under /tmp (short: the socket paths have a limit), removed when the process exits."""
+    files = tempfile.mkdtemp(prefix="ptft-hap-", dir="/tmp")
+    atexit.register(_remove_after_ray, files)
+    return cluster_env(environ, files)
+
+
+def _remove_after_ray(folder: str) -> None:
+    # Registered after `import ray`, this runs before Ray's own shutdown at exit: shut the cluster
+    # down first, as Ray would (its own call is then a no-op), so no HAProxy writes there again.
+    if ray := sys.modules.get("ray"):
+        ray.shutdown(_exiting_interpreter=True)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def name(environ: Mapping[str, str] = os.environ) -> str:

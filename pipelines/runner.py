@@ -311,7 +311,7 @@ def _start_or_join_ray(config: PipelineConfig) -> None:
             "`ray get-auth-token` prints the token its clients need"
         )
     if not address:
-        serve_env = ingress.cluster_env()
+        serve_env = ingress.local_cluster_env()
         os.environ.update(serve_env)  # the new cluster's processes inherit it
         if lowered := ingress.maxconn_lowered(serve_env):
             console.say(f"[ptft] {lowered}")

@@ -174,7 +174,8 @@ def _start_ray(folder: Path, cpus: int | None = None, env: dict | None = None) -
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"} | (
         env or {}
     )
-    env.update(ingress.cluster_env(env))  # Serve's ingress as on the clusters ptft starts: HAProxy
+    # Serve's ingress as on the clusters ptft starts: HAProxy, its files removed with the temp dir.
+    env.update(ingress.cluster_env(env, files=str(temp_dir)))
     command = [
         str(BIN / "ray"),
         "start",

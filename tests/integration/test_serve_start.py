@@ -22,14 +22,16 @@ pytestmark = pytest.mark.integration
 
 # A local Ray with Serve's ingress as the runner sets it up, an application, and a wait for its answer.
 _SERVE_HELLO = """
-import os, sys, time
+import glob, os, sys, time
 import ray, requests
 from ray import serve
 from components import ingress, serve as ptft_serve
 from components.schemas import ServeConfig
 
-os.environ.update(ingress.cluster_env())  # as the runner does for the cluster it starts
+os.environ.update(ingress.local_cluster_env())  # as the runner does for the cluster it starts
 print(f"MAXCONN {os.environ.get(ingress.MAXCONN)}", flush=True)
+files = os.path.dirname(os.environ["RAY_SERVE_HAPROXY_SOCKET_PATH"])
+print(f"FILES {files}", flush=True)
 ray.init(num_cpus=1, include_dashboard=False, _temp_dir=sys.argv[2])
 cfg = ServeConfig(port=int(sys.argv[1]))
 ptft_serve.start(cfg)
@@ -44,6 +46,7 @@ while time.monotonic() < deadline:
     try:
         if requests.get(f"http://127.0.0.1:{cfg.port}/hello", timeout=2).text == "hello":
             print("ANSWERED")
+            print(f"SOCKETS {len(glob.glob(os.path.join(files, '*', 'admin.sock')))}")
             break
     except requests.RequestException:
         pass
@@ -83,6 +86,7 @@ def test_serve_starts_although_the_controller_replaces_a_slow_ingress() -> None:
     done = _on_a_ray_of_its_own(_SERVE_HELLO, free_port(), 540, **{ingress.READY: "0.5"})
     assert "marking it unhealthy" in done.stdout + done.stderr, done.stderr[-3000:]  # the case happened
     assert done.returncode == 0 and "ANSWERED" in done.stdout, done.stderr[-3000:]
+    _haproxy_files_were_the_cluster_s_own(done)
 
 
 def test_serve_answers_under_an_open_file_limit_lower_than_haproxy_asks_for() -> None:
@@ -92,6 +96,16 @@ def test_serve_answers_under_an_open_file_limit_lower_than_haproxy_asks_for() ->
     assert "MAXCONN 62" in done.stdout, done.stdout + done.stderr[-3000:]
     assert done.returncode == 0 and "ANSWERED" in done.stdout, done.stderr[-3000:]
     assert "Cannot raise FD limit" not in done.stderr
+    _haproxy_files_were_the_cluster_s_own(done)
+
+
+def _haproxy_files_were_the_cluster_s_own(done: subprocess.CompletedProcess) -> None:
+    """HAProxy's files were in the folder the cluster was given, not Ray's shared /tmp/haproxy-serve
+    (one folder left behind per cluster), and the folder went when the process exited."""
+    files = re.search(r"^FILES (\S+)$", done.stdout, re.MULTILINE)[1]
+    assert files.startswith("/tmp/ptft-hap-"), files
+    assert "SOCKETS 1" in done.stdout, done.stdout  # HAProxy's admin socket, under the node's id
+    assert not os.path.exists(files)
 
 
 # Serve's port taken after the run's pre-flight found it free: two runs on one machine, the other
@@ -101,8 +115,10 @@ import os, socket, sys
 import ray
 from components import serve as ptft_serve
 from components.schemas import ServeConfig
+from components import ingress
 from components.stage import StageFailure
 
+os.environ.update(ingress.local_cluster_env())
 ray.init(num_cpus=1, include_dashboard=False, _temp_dir=sys.argv[2])
 taken = socket.socket()
 taken.bind(("127.0.0.1", int(sys.argv[1])))

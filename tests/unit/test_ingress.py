@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
+import pytest
+
 from components import ingress
+from tests.conftest import REPO
 
 
 def test_a_new_cluster_gets_haproxy_on_ports_of_its_own() -> None:
@@ -27,3 +34,26 @@ def test_what_the_environment_sets_wins() -> None:
 def test_the_ingress_is_named_from_the_environment_a_cluster_starts_with() -> None:
     assert ingress.name(ingress.cluster_env({})) == "haproxy"
     assert ingress.name({ingress.ENABLE: "0"}) == "proxy" and ingress.name({}) == "proxy"  # Ray's default
+
+
+def test_haproxy_s_files_go_to_the_folder_a_cluster_is_given(tmp_path) -> None:
+    files = "/tmp/ptft-hap-abcdefgh"  # as `local_cluster_env` and the suite's clusters make them
+    env = ingress.cluster_env({}, files)
+    assert {env[name] for name in ingress.FILES} == {
+        f"{files}/{name}" for name in ("haproxy.cfg", "admin.sock", "metrics.sock", "server-state", "")
+    }
+    assert "RAY_SERVE_HAPROXY_SOCKET_PATH" not in ingress.cluster_env({})  # Ray's default, for clusters by hand
+    with pytest.raises(ValueError, match="too long a folder"):
+        ingress.cluster_env({}, str(tmp_path / ("x" * 40)))  # the sockets would not bind
+
+
+def test_a_local_cluster_s_folder_is_short_enough_and_removed_at_exit() -> None:
+    code = (
+        "import os; from components import ingress; env = ingress.local_cluster_env({}); "
+        "folder = os.path.dirname(env['RAY_SERVE_HAPROXY_SOCKET_PATH']); "
+        "print(folder, os.path.isdir(folder), ingress.longest_socket_path(folder) <= ingress.SOCKET_PATH_MAX)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    folder, existed, fits = done.stdout.split()
+    assert done.returncode == 0 and existed == "True" and fits == "True", done.stderr
+    assert not os.path.exists(folder)
