@@ -122,8 +122,38 @@ def _add_storage(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# What a run depends on, for `ptft --version` (a bug report's first line).
+STACK = ("torch", "transformers", "deepspeed", "ray", "mlflow")
+
+
+def versions() -> str:
+    """ptft's version and those of Python and the stack it runs on, read from the installed
+    packages' metadata (nothing is imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "not installed"
+
+    stack = ", ".join(f"{package} {of(package)}" for package in STACK)
+    return f"ptft {of('ptft')} (Python {sys.version.split()[0]}; {stack})"
+
+
+class _PrintVersions(argparse.Action):
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs) -> None:
+        help_text = f"print ptft's version and those of Python, {', '.join(STACK)}, then exit"
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help_text)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(versions())
+        parser.exit()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ptft", description="Pre-train -> fine-tune pipelines on Ray.")
+    parser.add_argument("--version", action=_PrintVersions)
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run a pipeline end to end")

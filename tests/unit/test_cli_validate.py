@@ -89,6 +89,16 @@ def test_run_names_every_unknown_rerun_before_starting_ray(good_config: Path) ->
     assert "Ray" not in result.stdout + result.stderr
 
 
+def test_version_names_ptft_and_the_stack_it_runs_on() -> None:
+    from importlib.metadata import version
+
+    result = subprocess.run([PTFT, "--version"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"ptft {version('ptft')} (Python {sys.version.split()[0]}; ")
+    for package in ("torch", "transformers", "deepspeed", "ray", "mlflow"):
+        assert f"{package} {version(package)}" in result.stdout
+
+
 def test_every_config_command_takes_the_storage_as_an_option(good_config: Path, tmp_path: Path) -> None:
     result = _validate(good_config, "--storage", str(tmp_path / "elsewhere"))
     assert result.returncode == 0, result.stderr
