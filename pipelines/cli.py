@@ -40,6 +40,7 @@ from pipelines.pipeline_config import (
 from pipelines.scheduling import nodes_in_threads
 from pipelines.stages import NAMES as STAGE_NAMES
 from pipelines.stages import split_node
+from pipelines.versions import STACK, versions
 
 EXIT_USER_ERROR = 2
 RUN_LOG = "ptft.log"  # in the run's folder: every log line that is not ptft's own (see components/console.py)
@@ -120,25 +121,6 @@ def _add_storage(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--storage", metavar="PATH", help="the pipeline's storage (runs, artifacts); same as the override storage=PATH"
     )
-
-
-# What a run depends on, for `ptft --version` (a bug report's first line).
-STACK = ("torch", "transformers", "deepspeed", "ray", "mlflow")
-
-
-def versions() -> str:
-    """ptft's version and those of Python and the stack it runs on, read from the installed
-    packages' metadata (nothing is imported)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    def of(package: str) -> str:
-        try:
-            return version(package)
-        except PackageNotFoundError:
-            return "not installed"
-
-    stack = ", ".join(f"{package} {of(package)}" for package in STACK)
-    return f"ptft {of('ptft')} (Python {sys.version.split()[0]}; {stack})"
 
 
 class _PrintVersions(argparse.Action):

@@ -56,6 +56,7 @@ from pipelines import manifest as mf
 from pipelines.driver_lock import DriverLock
 from pipelines.pipeline_config import ConfigError, PipelineConfig, listens_beyond_loopback, resolved_dict
 from pipelines.stages import Inputs, Room, Stage
+from pipelines.versions import versions
 from pipelines.waits import ClusterWait, TrackingWait, Watch
 
 log = logging.getLogger(__name__)
@@ -334,6 +335,7 @@ def _start_parent_run(client: MlflowClient, config: PipelineConfig, experiment_i
             "ptft.run_id": run_id,
             "ptft.config_hash": config_hash,
             "ptft.git_sha": _git_sha(),
+            "ptft.versions": versions(),
             "ptft.pipeline": config.name,
             "ptft.attempts": "1",
         },

@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from pipelines import stages
 from pipelines.runner import stage_key
+from pipelines.versions import versions
 from tests.e2e.conftest import (
     SECRETS,
     STAGES,
@@ -85,6 +86,7 @@ def test_mlflow_tree_parent_stages_trials(demo: dict) -> None:
     assert parent.info.status == "FINISHED"
     assert parent.data.params["pretrain.max_steps"] == "40"
     assert {"ptft.run_id", "ptft.config_hash", "ptft.git_sha"} <= set(parent.data.tags)
+    assert parent.data.tags["ptft.versions"] == versions()  # what it ran on, as `ptft --version` says
     assert "config" in {a.path for a in client.list_artifacts(parent.info.run_id)}
 
     children = _runs(client, experiment.experiment_id, f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
