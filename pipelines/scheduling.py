@@ -6,7 +6,9 @@ what the cluster has free, less the claims of the nodes already started (they ma
 resources yet: counting them twice errs towards waiting, never towards oversubscribing). A node
 without a claim runs alone. Nodes of a `serial` stage run one at a time (they share one place,
 such as the Serve instance). A failed node skips its downstream nodes only; every other branch runs
-on.
+on. Of the nodes ready at once, the deepest starts first (a branch's next node before another
+branch's first), so where the cluster runs one at a time a task's branch is fine-tuned and
+registered before the next task's sweep, not after every sweep.
 
 A node that is the only one that can run, with nothing else running, runs on the calling thread,
 so that a chain (a config of one task, or the shared stages before the fan-out) runs exactly as
@@ -68,6 +70,7 @@ def run_graph(
     allow, at most `max_parallel` at once; returns the failures in the order they happened. A stop
     (KeyboardInterrupt, SystemExit) on any thread is raised here at once."""
     pending = list(nodes)  # in graph order: a node's upstream comes before it
+    depth = _depths(nodes)
     succeeded: set[str] = set()
     failed: set[str] = set()
     running: dict[str, GraphNode] = {}
@@ -102,6 +105,7 @@ def run_graph(
                 on_skipped(node, blocked)
         held_back = set() if _only_lasting_left(pending, running, slots) else _lasting(pending, slots)
         ready = [node for node in pending if succeeded.issuperset(node.upstream) and node.id not in held_back]
+        ready.sort(key=lambda node: -depth[node.id])  # deepest first; a stable sort keeps graph order
         if len(ready) == 1 and not running:  # nothing could run beside it: run it here
             node = ready[0]
             pending.remove(node)
@@ -141,6 +145,14 @@ def nodes_in_threads() -> list[str]:
     ]
 
 
+def _depths(nodes: Sequence[GraphNode]) -> dict[str, int]:
+    """Each node's longest path from a node without upstream, in nodes."""
+    depth: dict[str, int] = {}
+    for node in nodes:  # in graph order: a node's upstream comes first
+        depth[node.id] = 1 + max((depth[up] for up in node.upstream if up in depth), default=-1)
+    return depth
+
+
 def _lasting(nodes: Sequence[GraphNode], slots: Mapping[str, Slot]) -> set[str]:
     return {node.id for node in nodes if slots[node.id].lasting}
 
@@ -173,7 +185,7 @@ def _startable(
     free_resources: Callable[[], Resources],
     max_parallel: int,
 ) -> list:
-    """The ready nodes that may start now, in graph order."""
+    """The ready nodes that may start now, in the order given."""
     started: list = []
     busy_groups = {slots[node_id].serial for node_id in running} - {None}
     if any(slots[node_id].claim is None for node_id in running):

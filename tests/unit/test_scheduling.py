@@ -81,6 +81,20 @@ def test_branches_run_one_after_the_other_when_the_cluster_has_room_for_one():
     assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:], strict=False))
 
 
+def test_with_room_for_one_a_branch_ends_before_the_next_one_starts():
+    """Deepest first: a1's successor a2 before b1. In graph order (a1, b1, a2, b2) every task's
+    sweep ran before any task's fine-tuning, so no model was ready until all the sweeps were."""
+    recorder = Recorder(seconds=0.05)
+    assert recorder.go(claiming(2), cpus=3) == []  # 2 + 2 > 3
+    assert [node for _, node in sorted((span[0], node) for node, span in recorder.spans.items())] == [
+        "shared",
+        "a1",
+        "a2",
+        "b1",
+        "b2",
+    ]
+
+
 def test_claims_count_nodes_already_started_and_max_parallel_caps_them():
     recorder = Recorder(seconds=0.1)
     assert recorder.go(claiming(1), cpus=8, max_parallel=1) == []
