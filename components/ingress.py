@@ -145,8 +145,9 @@ def local_cluster_env(environ: Mapping[str, str] = os.environ) -> dict[str, str]
 
 
 def _remove_after_ray(folder: str) -> None:
-    # Registered after `import ray`, this runs before Ray's own shutdown at exit: shut the cluster
-    # down first, as Ray would (its own call is then a no-op), so no HAProxy writes there again.
+    # Ray shuts its local cluster down at exit too, before or after this handler (whichever was
+    # registered later runs first); shutting it down here as well (a no-op once it is down) makes
+    # sure no HAProxy writes to the folder after it is removed.
     if ray := sys.modules.get("ray"):
         ray.shutdown(_exiting_interpreter=True)
     shutil.rmtree(folder, ignore_errors=True)

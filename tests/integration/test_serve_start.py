@@ -113,9 +113,8 @@ def _haproxy_files_were_the_cluster_s_own(done: subprocess.CompletedProcess) -> 
 _PORT_TAKEN = """
 import os, socket, sys
 import ray
-from components import serve as ptft_serve
+from components import ingress, serve as ptft_serve
 from components.schemas import ServeConfig
-from components import ingress
 from components.stage import StageFailure
 
 os.environ.update(ingress.local_cluster_env())
