@@ -325,7 +325,10 @@ STOPPED_DRIVER = textwrap.dedent(
     runner._init_ray(config)
     try:
         print("joined", flush=True)  # inside the try: the SIGTERM may come at once
-        time.sleep(120)
+        # In short waits, as the runner waits for its stages: a SIGTERM that one of Ray's threads
+        # takes runs Python's handler only when the main thread next runs Python code.
+        for _ in range(240):
+            time.sleep(0.5)
     except SystemExit:  # Ray's driver handler turns SIGTERM into SystemExit
         print("stopping", flush=True)
         time.sleep(6)  # recording the stop, longer than Ray's 3 s alarm
