@@ -26,7 +26,7 @@ from pathlib import Path
 from components import console
 from components.net import listen_problem
 from components.redaction import redact_text, redact_url
-from pipelines import arguments, init, jobs, predict, preflight, report, storage_gc
+from pipelines import arguments, init, jobs, predict, preflight, report, stopping, storage_gc
 from pipelines.pipeline_config import _MISSING as _MISSING_VALUE
 from pipelines.pipeline_config import (
     DEFAULTS_SOURCE,
@@ -766,7 +766,7 @@ def _serve_until_stopped(config, model, tracking_uri: str | None) -> int:
     wait_s = FOLLOW_EVERY_S
     try:
         while True:
-            time.sleep(wait_s)
+            stopping.sleep(wait_s)
             if not model.alias:
                 continue
             now, trouble = serve.keep_following(config.serve, model, tracking_uri)
@@ -1115,7 +1115,7 @@ def _terminal_closed(signum, frame) -> None:
 def _wait_forever() -> None:
     try:
         while True:
-            time.sleep(3600)
+            stopping.sleep(3600)
     except KeyboardInterrupt:
         pass
 

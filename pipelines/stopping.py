@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,19 @@ def record_stop_at_once(
         os.close(write_end)  # the watcher reads end-of-file and returns
         watcher.join(timeout=5)
         os.close(read_end)
+
+
+# Python runs signal handlers in the main thread alone, between bytecodes. A signal that one of
+# Ray's threads takes (they do not block SIGINT or SIGTERM) wakes no main thread asleep in one long
+# `time.sleep`: Ctrl-C then waited for the sleep's end. Waits sleep in steps this long instead.
+SIGNAL_CHECK_EVERY_S = 0.5
+
+
+def sleep(seconds: float) -> None:
+    """`time.sleep` that a SIGINT or SIGTERM taken by any thread ends within SIGNAL_CHECK_EVERY_S."""
+    end = time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        time.sleep(min(left, SIGNAL_CHECK_EVERY_S))
 
 
 def restore_python_sigterm() -> None:

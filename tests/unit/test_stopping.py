@@ -4,7 +4,10 @@ MLflow runs say KILLED before the SIGKILL that ends the grace period."""
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
+import platform
 import signal
 import subprocess
 import sys
@@ -16,7 +19,7 @@ import pytest
 from mlflow import MlflowClient
 
 from pipelines import manifest as mf
-from tests.conftest import REPO
+from tests.conftest import REPO, wait_until
 
 # A driver in a stage: its main thread is in native code with the GIL released (as in a tokenizer's
 # training loop or a blocking Ray call), so the Python-level SIGTERM handler cannot run.
@@ -97,3 +100,57 @@ def test_the_signal_handlers_from_before_a_training_run_are_put_back() -> None:
     finally:
         for number, handler in kept.items():
             signal.signal(number, handler)
+
+
+# `ptft run --keep-serving` waiting for Ctrl-C after `ray.init`, whose threads (as here) do not block
+# SIGINT: the kernel may hand the signal to one of them, and a main thread asleep in one long
+# `time.sleep` then slept on for up to an hour.
+KEEP_SERVING = textwrap.dedent(
+    """
+    import threading, time
+    from pipelines import cli
+
+    threading.Thread(target=time.sleep, args=(600,), daemon=True).start()
+    cli._wait_forever()
+    print("stopped", flush=True)
+    """
+)
+
+
+def _tgkill(pid: int, thread_id: int, signum: int) -> None:
+    """Send `signum` to one thread of process `pid` (what the kernel may do with a process's signal)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(SYS_TGKILL, pid, thread_id, signum) != 0:
+        raise OSError(ctypes.get_errno(), "tgkill")
+
+
+SYS_TGKILL = {"x86_64": 234, "aarch64": 131}[platform.machine()]
+
+
+def _another_thread_taking(pid: int, signum: int) -> int:
+    """A thread of `pid` other than its main thread that does not block `signum`."""
+    for task in sorted(int(name) for name in os.listdir(f"/proc/{pid}/task")):
+        status = Path(f"/proc/{pid}/task/{task}/status").read_text()
+        blocked = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigBlk:")), 16)
+        if task != pid and not blocked & (1 << (signum - 1)):
+            return task
+    raise AssertionError(f"every thread of {pid} but the main one blocks {signum}")
+
+
+def test_ctrl_c_taken_by_another_thread_ends_the_wait_for_ctrl_c(tmp_path: Path) -> None:
+    waiting = subprocess.Popen([sys.executable, "-c", KEEP_SERVING], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: "nanosleep" in Path(f"/proc/{waiting.pid}/wchan").read_text(), "the main thread asleep")
+        _tgkill(waiting.pid, _another_thread_taking(waiting.pid, signal.SIGINT), signal.SIGINT)
+        out, _ = waiting.communicate(timeout=10)
+    finally:
+        waiting.kill()
+    assert out.split() == ["stopped"]
+
+
+def test_a_stepped_sleep_lasts_as_long_as_asked() -> None:
+    from pipelines.stopping import SIGNAL_CHECK_EVERY_S, sleep
+
+    started = time.monotonic()
+    sleep(SIGNAL_CHECK_EVERY_S * 2.5)
+    assert time.monotonic() - started >= SIGNAL_CHECK_EVERY_S * 2.5
