@@ -139,9 +139,23 @@ def cluster_env(environ: Mapping[str, str] = os.environ, files: str | None = Non
 def local_cluster_env(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
     """`cluster_env` for the local Ray this process starts and owns: HAProxy's files go to a new
     folder under /tmp (short: the socket paths have a limit), removed when the process exits."""
+    if environ.get(ENABLE) == "0":  # Serve's Python proxy: no HAProxy files
+        return cluster_env(environ)
     files = tempfile.mkdtemp(prefix="ptft-hap-", dir="/tmp")
+    _OWN_FOLDERS.append(files)
     atexit.register(_remove_after_ray, files)
     return cluster_env(environ, files)
+
+
+_OWN_FOLDERS: list[str] = []
+
+
+def remove_own_folders_now() -> None:
+    """For a process about to end without its exit handlers (`os._exit`): its local clusters'
+    HAProxy folders go now; the cluster's reaper then ends HAProxy, which needs them no more (its
+    sockets are bound, its config read)."""
+    for folder in _OWN_FOLDERS:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _remove_after_ray(folder: str) -> None:

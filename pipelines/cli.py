@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from components import console
+from components import console, ingress
 from components.net import listen_problem
 from components.redaction import redact_text, redact_url
 from pipelines import arguments, init, jobs, predict, preflight, report, stopping, storage_gc
@@ -1129,6 +1129,7 @@ def exit_with_main() -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         logging.shutdown()
+        ingress.remove_own_folders_now()  # the exit handlers that would remove them do not run
         os._exit(code)
     sys.exit(code)
 

@@ -57,3 +57,23 @@ def test_a_local_cluster_s_folder_is_short_enough_and_removed_at_exit() -> None:
     folder, existed, fits = done.stdout.split()
     assert done.returncode == 0 and existed == "True" and fits == "True", done.stderr
     assert not os.path.exists(folder)
+
+
+def test_a_command_that_ends_at_once_beside_running_stages_removes_its_folder() -> None:
+    # `cli.exit_with_main` ends with `os._exit` while stages still run in threads: no exit handlers.
+    code = (
+        "import os; from components import ingress; from pipelines import cli; "
+        "env = ingress.local_cluster_env({}); "
+        "print(os.path.dirname(env['RAY_SERVE_HAPROXY_SOCKET_PATH']), flush=True); "
+        "cli.main = lambda: 3; cli.nodes_in_threads = lambda: ['pretrain']; cli.exit_with_main()"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 3, done.stderr
+    assert not os.path.exists(done.stdout.strip())
+
+
+def test_serve_s_python_proxy_gets_no_haproxy_folder(monkeypatch) -> None:
+    made = []
+    monkeypatch.setattr(ingress.tempfile, "mkdtemp", lambda **kwargs: made.append(kwargs) or "/tmp/ptft-hap-x")
+    env = ingress.local_cluster_env({ingress.ENABLE: "0"})
+    assert not any(name in env for name in ingress.FILES) and made == []
