@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -149,15 +150,15 @@ def deploy(model_dir: Path, port: int, new_tokens: int, decoder: str, stream_int
     return serve.deploy(cfg, info, tracking_uri=None)
 
 
-# Serve's ingress per arm: the environment a local Ray starts with.
+# Serve's ingress per arm: the environment a local Ray starts with, given a folder for HAProxy's files.
 INGRESSES = {
     "haproxy": ingress.haproxy_env,  # HAProxy, request code on a loop in a thread of the replica's own
-    "proxy": lambda: {ingress.ENABLE: "0"},  # Serve's Python proxy, request code as above
+    "proxy": lambda files: {ingress.ENABLE: "0"},  # Serve's Python proxy, request code as above
     # HAProxy, request code on the replica's main event loop: as on the clusters ptft starts
-    "haproxy_user_loop": lambda: ingress.cluster_env({}),
+    "haproxy_user_loop": lambda files: ingress.cluster_env({}, files),
     # HAProxy plus Serve's other throughput settings (user code and router on the replica's loop,
     # buffered access logs, no logs to stderr, frozen GC after start-up)
-    "haproxy_throughput": lambda: {**ingress.haproxy_env(), "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+    "haproxy_throughput": lambda files: {**ingress.haproxy_env(files), "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
 }
 
 
@@ -176,7 +177,8 @@ def serve_arms(
     from ray import serve
 
     saved = dict(os.environ)
-    os.environ.update(INGRESSES[way]())
+    files = tempfile.mkdtemp(prefix="ptft-hap-", dir="/tmp")
+    os.environ.update(INGRESSES[way](files))
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     results = {}
     try:
@@ -192,6 +194,7 @@ def serve_arms(
     finally:
         serve.shutdown()
         ray.shutdown()
+        shutil.rmtree(files, ignore_errors=True)
         os.environ.clear()
         os.environ.update(saved)
     return results

@@ -39,6 +39,7 @@ import json
 import os
 import re
 import selectors
+import shutil
 import socket
 import statistics
 import subprocess
@@ -62,15 +63,16 @@ from components import ingress  # noqa: E402
 ONGOING, QUEUED = 16, 16
 BURST = 10 * (ONGOING + QUEUED)
 PYTHON_PROXY = {ingress.ENABLE: "0"}
-# Each arm's environment, made when the arm starts (the HAProxy arm takes free ports then).
+# Each arm's environment, made when the arm starts (the HAProxy arms take free ports then), given
+# a folder for HAProxy's files that goes with the arm.
 ARMS = {
-    "floor": dict,
-    "serve": lambda: PYTHON_PROXY,
-    "serve_same_loop": lambda: {**PYTHON_PROXY, "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"},
-    "serve_quiet_proxy": lambda: PYTHON_PROXY,
+    "floor": lambda files: {},
+    "serve": lambda files: PYTHON_PROXY,
+    "serve_same_loop": lambda files: {**PYTHON_PROXY, "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"},
+    "serve_quiet_proxy": lambda files: PYTHON_PROXY,
     "serve_haproxy": ingress.haproxy_env,
-    "serve_haproxy_user_loop": lambda: ingress.cluster_env({}),  # as on the clusters ptft starts
-    "serve_haproxy_connections_open": lambda: ingress.cluster_env({}),
+    "serve_haproxy_user_loop": lambda files: ingress.cluster_env({}, files),  # as on the clusters ptft starts
+    "serve_haproxy_connections_open": lambda files: ingress.cluster_env({}, files),
 }
 # Arms that open the ingress's connections to the replica before the measured bursts.
 CONNECTIONS_FIRST = {"serve_haproxy_connections_open"}
@@ -320,7 +322,11 @@ def main() -> None:
         make_env = ARMS[arm]
         command = [sys.executable, __file__, "--arm", arm, "--model", str(model), "--repeats", str(args.repeats)]
         command += ["--clients", args.clients]
-        done = subprocess.run(command, env={**os.environ, **make_env()}, capture_output=True, text=True)
+        files = tempfile.mkdtemp(prefix="ptft-hap-", dir="/tmp")
+        try:
+            done = subprocess.run(command, env={**os.environ, **make_env(files)}, capture_output=True, text=True)
+        finally:
+            shutil.rmtree(files, ignore_errors=True)
         line = next((line for line in done.stdout.splitlines() if line.startswith("ARM ")), None)
         if line is None:
             raise SystemExit(f"arm {arm} failed:\n{done.stderr[-3000:]}")
