@@ -136,6 +136,9 @@ def cluster_env(environ: Mapping[str, str] = os.environ, files: str | None = Non
     return {name: value for name, value in wanted.items() if name not in environ}
 
 
+_OWN_FOLDERS: list[str] = []  # what local_cluster_env made in this process
+
+
 def local_cluster_env(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
     """`cluster_env` for the local Ray this process starts and owns: HAProxy's files go to a new
     folder under /tmp (short: the socket paths have a limit), removed when the process exits."""
@@ -147,13 +150,10 @@ def local_cluster_env(environ: Mapping[str, str] = os.environ) -> dict[str, str]
     return cluster_env(environ, files)
 
 
-_OWN_FOLDERS: list[str] = []
-
-
 def remove_own_folders_now() -> None:
     """For a process about to end without its exit handlers (`os._exit`): its local clusters'
-    HAProxy folders go now; the cluster's reaper then ends HAProxy, which needs them no more (its
-    sockets are bound, its config read)."""
+    HAProxy folders go now. HAProxy keeps its bound sockets and open files until the cluster's
+    reaper ends it a moment later."""
     for folder in _OWN_FOLDERS:
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -137,7 +137,7 @@ def _another_thread_taking(pid: int, signum: int) -> int:
     raise AssertionError(f"every thread of {pid} but the main one blocks {signum}")
 
 
-def test_ctrl_c_taken_by_another_thread_ends_the_wait_for_ctrl_c(tmp_path: Path) -> None:
+def test_ctrl_c_taken_by_another_thread_ends_the_wait_for_ctrl_c() -> None:
     waiting = subprocess.Popen([sys.executable, "-c", KEEP_SERVING], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         wait_until(lambda: "nanosleep" in Path(f"/proc/{waiting.pid}/wchan").read_text(), "the main thread asleep")
