@@ -30,6 +30,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from pipelines.stopping import SIGNAL_CHECK_EVERY_S
+
 log = logging.getLogger(__name__)
 
 Resources = Mapping[str, float]
@@ -171,9 +173,9 @@ def _only_lasting_left(
 
 
 def _next(finished: queue.Queue) -> tuple:
-    while True:  # a timeout keeps the waiting thread responsive to signals
+    while True:  # a timeout keeps the waiting thread responsive to signals (stopping.sleep says why)
         try:
-            return finished.get(timeout=0.5)
+            return finished.get(timeout=SIGNAL_CHECK_EVERY_S)
         except queue.Empty:
             continue
 
