@@ -19,7 +19,7 @@ import pytest
 from mlflow import MlflowClient
 
 from pipelines import manifest as mf
-from tests.conftest import REPO, wait_until
+from tests.conftest import REPO, answers_ctrl_c, wait_until
 
 # A driver in a stage: its main thread is in native code with the GIL released (as in a tokenizer's
 # training loop or a blocking Ray call), so the Python-level SIGTERM handler cannot run.
@@ -138,7 +138,8 @@ def _another_thread_taking(pid: int, signum: int) -> int:
 
 
 def test_ctrl_c_taken_by_another_thread_ends_the_wait_for_ctrl_c() -> None:
-    waiting = subprocess.Popen([sys.executable, "-c", KEEP_SERVING], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    command = [sys.executable, "-c", KEEP_SERVING]
+    waiting = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, text=True, preexec_fn=answers_ctrl_c)
     try:
         wait_until(lambda: "nanosleep" in Path(f"/proc/{waiting.pid}/wchan").read_text(), "the main thread asleep")
         _tgkill(waiting.pid, _another_thread_taking(waiting.pid, signal.SIGINT), signal.SIGINT)
