@@ -177,7 +177,7 @@ def serve_arms(
     from ray import serve
 
     saved = dict(os.environ)
-    files = tempfile.mkdtemp(prefix="ptft-hap-", dir="/tmp")
+    files = ingress.new_files_folder()
     os.environ.update(INGRESSES[way](files))
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     results = {}

@@ -322,7 +322,7 @@ def main() -> None:
         make_env = ARMS[arm]
         command = [sys.executable, __file__, "--arm", arm, "--model", str(model), "--repeats", str(args.repeats)]
         command += ["--clients", args.clients]
-        files = tempfile.mkdtemp(prefix="ptft-hap-", dir="/tmp")
+        files = ingress.new_files_folder()
         try:
             done = subprocess.run(command, env={**os.environ, **make_env(files)}, capture_output=True, text=True)
         finally:

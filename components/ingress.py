@@ -136,15 +136,20 @@ def cluster_env(environ: Mapping[str, str] = os.environ, files: str | None = Non
     return {name: value for name, value in wanted.items() if name not in environ}
 
 
+def new_files_folder() -> str:
+    """A new folder for one cluster's HAProxy files: short, under /tmp (the socket paths have a limit)."""
+    return tempfile.mkdtemp(prefix="ptft-hap-", dir="/tmp")
+
+
 _OWN_FOLDERS: list[str] = []  # what local_cluster_env made in this process
 
 
 def local_cluster_env(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
     """`cluster_env` for the local Ray this process starts and owns: HAProxy's files go to a new
-    folder under /tmp (short: the socket paths have a limit), removed when the process exits."""
+    folder (`new_files_folder`), removed when the process exits."""
     if environ.get(ENABLE) == "0":  # Serve's Python proxy: no HAProxy files
         return cluster_env(environ)
-    files = tempfile.mkdtemp(prefix="ptft-hap-", dir="/tmp")
+    files = new_files_folder()
     _OWN_FOLDERS.append(files)
     atexit.register(_remove_after_ray, files)
     return cluster_env(environ, files)

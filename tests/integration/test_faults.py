@@ -318,17 +318,14 @@ STOPPED_DRIVER = textwrap.dedent(
     """
     import sys, time
     import yaml
-    from pipelines import runner
+    from pipelines import runner, stopping
     from pipelines.pipeline_config import validate
 
     config = validate(yaml.safe_load(sys.argv[1]), check_data=False)
     runner._init_ray(config)
     try:
         print("joined", flush=True)  # inside the try: the SIGTERM may come at once
-        # In short waits, as the runner waits for its stages: a SIGTERM that one of Ray's threads
-        # takes runs Python's handler only when the main thread next runs Python code.
-        for _ in range(240):
-            time.sleep(0.5)
+        stopping.sleep(120)  # in short steps, as the runner waits: a SIGTERM may go to Ray's threads
     except SystemExit:  # Ray's driver handler turns SIGTERM into SystemExit
         print("stopping", flush=True)
         time.sleep(6)  # recording the stop, longer than Ray's 3 s alarm

@@ -74,6 +74,6 @@ def test_a_command_that_ends_at_once_beside_running_stages_removes_its_folder() 
 
 def test_serve_s_python_proxy_gets_no_haproxy_folder(monkeypatch) -> None:
     made = []
-    monkeypatch.setattr(ingress.tempfile, "mkdtemp", lambda **kwargs: made.append(kwargs) or "/tmp/ptft-hap-x")
+    monkeypatch.setattr(ingress, "new_files_folder", lambda: made.append("folder") or "/tmp/ptft-hap-x")
     env = ingress.local_cluster_env({ingress.ENABLE: "0"})
     assert not any(name in env for name in ingress.FILES) and made == []

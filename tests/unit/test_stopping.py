@@ -117,14 +117,14 @@ KEEP_SERVING = textwrap.dedent(
 )
 
 
+SYS_TGKILL = {"x86_64": 234, "aarch64": 131}[platform.machine()]
+
+
 def _tgkill(pid: int, thread_id: int, signum: int) -> None:
     """Send `signum` to one thread of process `pid` (what the kernel may do with a process's signal)."""
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.syscall(SYS_TGKILL, pid, thread_id, signum) != 0:
         raise OSError(ctypes.get_errno(), "tgkill")
-
-
-SYS_TGKILL = {"x86_64": 234, "aarch64": 131}[platform.machine()]
 
 
 def _another_thread_taking(pid: int, signum: int) -> int:
