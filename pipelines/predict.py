@@ -6,15 +6,21 @@ once (components/batch_predict.py). The answers come back in the file's order, a
 the input with one more column, `prediction`: for each row what `POST /predict` answers for it. The
 output appears whole or not at all (written aside, then renamed), and an existing file is replaced
 only with --force.
+
+The answers are written as they come, batch by batch: the driver holds the input table, not every
+row's answer (those only with --label-column, which scores them), nor the output's bytes.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import io
 import json
 import os
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +40,7 @@ from pipelines.pipeline_config import (
 )
 
 OUTPUT_SUFFIXES = (".jsonl", ".csv", ".tsv", ".parquet")
+PARQUET_CHUNK_ROWS = 2**14  # answers held as objects at most this many before they become Arrow structs
 PROGRESS_EVERY_S = 10.0  # a progress line this often when the console is no terminal
 
 
@@ -122,8 +129,9 @@ def _predict(args: argparse.Namespace) -> int:
             console.say(f"[ptft] predict with {_named(job.model)}; logs of Ray and the workers: {log}")
         started = time.monotonic()
         workers = _start_ray(config, job.table.num_rows, args)
-        answers = _answers(job, tracking_uri, args, workers)
-        _write(Path(args.output), job.table, answers)
+        # closed here, not when a failed write's traceback lets go of it: its progress display ends
+        with contextlib.closing(_answers(job, tracking_uri, args, workers)) as batches:
+            answers = _write(Path(args.output), job.table, batches, keep=bool(args.label_column))
         took, rows = time.monotonic() - started, job.table.num_rows
         scored = _scored(job, args, answers, rows_per_s=rows / took) if args.label_column else None
         # Recorded inside the log's scope: MLflow's own lines (a new store's tables) go to the log.
@@ -351,7 +359,7 @@ def _tag_problem(table: pa.Table, column: str, words: str | None) -> Problem | N
 def _writable_problems(table: pa.Table, output: Path) -> list[Problem]:
     """Whether the input's columns can be written in the output's format, tried on its first row."""
     try:
-        _encode(output.suffix.lower(), table.slice(0, 1), [{"label": "x"}])
+        _write_rows(io.BytesIO(), output.suffix.lower(), table.slice(0, 1), [[{"label": "x"}]])
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, TypeError) as error:
         why = f"the input's columns do not fit a {output.suffix} file ({error})"
         return [Problem("--output", str(output), why, "write .jsonl or .parquet, which hold any column")]
@@ -379,15 +387,14 @@ def _start_ray(config: PipelineConfig, rows: int, args: argparse.Namespace) -> i
     return args.workers or min(room, batches)
 
 
-def _answers(job: Job, tracking_uri: str | None, args: argparse.Namespace, workers: int) -> list:
-    """Every row's answer, with the rows done shown as they come."""
+def _answers(job: Job, tracking_uri: str | None, args: argparse.Namespace, workers: int) -> Iterator[list[dict]]:
+    """Every row's answer, batch by batch in the table's order, with the rows done shown as they come."""
     from components.batch_predict import predictions
 
-    answers: list[dict] = []
-    shown_at = time.monotonic()
-    table = job.table
+    done, shown_at = 0, time.monotonic()
+    total = job.table.num_rows
     batches = predictions(
-        table,
+        job.table,
         job.model.model_uri,
         tracking_uri,
         job.inputs,
@@ -396,16 +403,16 @@ def _answers(job: Job, tracking_uri: str | None, args: argparse.Namespace, worke
         cpus_per_worker=args.cpus_per_worker,
     )
     with console.live() as on_terminal:
-        bar = _progress_bar(table.num_rows) if on_terminal else None
+        bar = _progress_bar(total) if on_terminal else None
         for batch in batches:
-            answers += batch
+            yield batch
+            done += len(batch)
             if bar is not None:
-                bar.update(bar.task_ids[0], completed=len(answers))
+                bar.update(bar.task_ids[0], completed=done)
                 console.show("predict", bar)
             elif time.monotonic() - shown_at >= PROGRESS_EVERY_S:
                 shown_at = time.monotonic()
-                console.say(f"[ptft] predict {len(answers):,}/{table.num_rows:,} rows")
-    return answers
+                console.say(f"[ptft] predict {done:,}/{total:,} rows")
 
 
 def _progress_bar(total: int):
@@ -416,37 +423,123 @@ def _progress_bar(total: int):
     return bar
 
 
-def _write(output: Path, table: pa.Table, answers: list[dict]) -> None:
-    """The rows and their answers at `output`, whole: written aside, then renamed over it."""
+def _write(output: Path, table: pa.Table, batches: Iterable[list[dict]], keep: bool = False) -> list[dict]:
+    """The rows and their answers at `output`, whole: written aside as the batches come, then
+    renamed over it. Returns the answers when `keep` asks for them (to score), else []."""
     partial = output.with_name(f".{output.name}.partial")
     try:
-        partial.write_bytes(_encode(output.suffix.lower(), table, answers))
+        with partial.open("wb") as file:
+            answers = _write_rows(file, output.suffix.lower(), table, batches, keep)
         os.replace(partial, output)
     finally:
         partial.unlink(missing_ok=True)
+    return answers
 
 
-def _encode(suffix: str, table: pa.Table, answers: list[dict]) -> bytes:
-    """The file's bytes: JSON lines with each answer as an object, Parquet with it as a struct,
-    CSV/TSV with it as JSON text."""
-    if suffix == ".jsonl":
-        rows = table.to_pylist()
+def _write_rows(file, suffix: str, table: pa.Table, batches: Iterable[list[dict]], keep: bool = False) -> list[dict]:
+    """The table's rows, each with its answer, written to `file` batch by batch in the format
+    `suffix` names: JSON lines with each answer as an object, Parquet with it as a struct, CSV/TSV
+    with it as JSON text.
+
+    Raises:
+        ValueError: when the batches hold more or fewer answers than the table has rows.
+    """
+    writer = _WRITERS[suffix](file, table)
+    kept, done = [], 0
+    for answers in batches:
+        if done + len(answers) > table.num_rows:
+            raise ValueError(f"{done + len(answers):,} answers for {table.num_rows:,} rows")
+        writer.write(table.slice(done, len(answers)), answers)
+        file.flush()  # each batch reaches the file as it comes, not at the end
+        done += len(answers)
+        if keep:
+            kept += answers
+    if done != table.num_rows:
+        raise ValueError(f"{done:,} answers for {table.num_rows:,} rows")
+    writer.close()
+    return kept
+
+
+class _JsonLines:
+    def __init__(self, file, table: pa.Table):
+        self.file = file
+
+    def write(self, rows: pa.Table, answers: list[dict]) -> None:
         lines = (
-            json.dumps({**row, PREDICTION: answer}, default=str) for row, answer in zip(rows, answers, strict=True)
+            json.dumps({**row, PREDICTION: answer}, default=str)
+            for row, answer in zip(rows.to_pylist(), answers, strict=True)
         )
-        return "".join(f"{line}\n" for line in lines).encode()
-    buffer = io.BytesIO()
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
+        self.file.write("".join(f"{line}\n" for line in lines).encode())
 
-        pq.write_table(table.append_column(PREDICTION, pa.array(answers)), buffer)
-    else:
+    def close(self) -> None:
+        pass
+
+
+class _Delimited:
+    """CSV or TSV: the header once, each answer as JSON text."""
+
+    def __init__(self, file, table: pa.Table, delimiter: str = ","):
         import pyarrow.csv as pacsv
 
+        options = pacsv.WriteOptions(delimiter=delimiter)
+        self.writer = pacsv.CSVWriter(
+            file, table.schema.append(pa.field(PREDICTION, pa.string())), write_options=options
+        )
+
+    def write(self, rows: pa.Table, answers: list[dict]) -> None:
         column = pa.array([json.dumps(answer) for answer in answers], pa.string())
-        options = pacsv.WriteOptions(delimiter="\t" if suffix == ".tsv" else ",")
-        pacsv.write_csv(table.append_column(PREDICTION, column), buffer, write_options=options)
-    return buffer.getvalue()
+        self.writer.write_table(rows.append_column(PREDICTION, column))
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _Parquet:
+    """Parquet, whose schema comes first: one struct type must hold every answer, and a field that
+    is null or an empty list in early answers may take its type only later. So the answers are
+    kept as Arrow structs (far smaller than the objects), `PARQUET_CHUNK_ROWS` to an array, and the
+    file is written at the end, each array cast to the type that holds them all."""
+
+    def __init__(self, file, table: pa.Table):
+        self.file, self.table = file, table
+        self.chunks: list[pa.Array] = []
+        self.pending: list[dict] = []
+
+    def write(self, rows: pa.Table, answers: list[dict]) -> None:
+        self.pending += answers
+        if len(self.pending) >= PARQUET_CHUNK_ROWS:
+            self._convert()
+
+    def _convert(self) -> None:
+        self.chunks.append(pa.array(self.pending))
+        self.pending = []
+
+    def close(self) -> None:
+        import pyarrow.parquet as pq
+
+        if self.pending:
+            self._convert()
+        kinds = [pa.schema([pa.field(PREDICTION, chunk.type)]) for chunk in self.chunks]
+        kind = pa.unify_schemas(kinds, promote_options="permissive").field(PREDICTION).type
+        answers = pa.chunked_array([_cast(chunk, kind) for chunk in self.chunks], kind)
+        self.chunks.clear()
+        pq.write_table(self.table.append_column(PREDICTION, answers), self.file)
+
+
+def _cast(answers: pa.Array, kind: pa.DataType) -> pa.Array:
+    """A batch's answers as the struct type of all of them (fields it lacks null)."""
+    try:
+        return answers.cast(kind)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # a nesting Arrow's cast does not follow
+        return pa.array(answers.to_pylist(), kind)
+
+
+_WRITERS = {
+    ".jsonl": _JsonLines,
+    ".parquet": _Parquet,
+    ".csv": _Delimited,
+    ".tsv": functools.partial(_Delimited, delimiter="\t"),
+}
 
 
 RECORDED_ROWS_AT_MOST_MB = 100  # the scored rows go with the run up to this size, for error analysis

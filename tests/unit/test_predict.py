@@ -158,7 +158,7 @@ def test_the_output_is_the_input_with_each_rows_prediction(suffix: str, tmp_path
         {"label": "positive", "score": 1.0, "truncated": False},
     ]
     output = tmp_path / f"out{suffix}"
-    predict._write(output, table, answers)
+    predict._write(output, table, [answers[:2], answers[2:]])
     back = data.read_table(str(output))
     assert (
         back.column("id").to_pylist() == [1, 2, 3]
@@ -172,10 +172,51 @@ def test_the_output_is_the_input_with_each_rows_prediction(suffix: str, tmp_path
 def test_a_failed_write_keeps_the_earlier_output_and_leaves_no_partial_file(tmp_path: Path) -> None:
     output = tmp_path / "out.parquet"
     pq.write_table(pa.table({"earlier": [1]}), output)
-    with pytest.raises(ValueError):  # one answer for two rows
-        predict._write(output, pa.table({"text": ["a", "b"]}), [{"label": "x"}])
+    with pytest.raises(ValueError, match="1 answers for 2 rows"):
+        predict._write(output, pa.table({"text": ["a", "b"]}), [[{"label": "x"}]])
     assert pq.read_table(output).column_names == ["earlier"]
     assert [path.name for path in tmp_path.iterdir()] == [output.name]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".tsv"])
+def test_answers_are_on_disk_before_the_next_batch_is_asked_for(suffix: str, tmp_path: Path) -> None:
+    """The driver holds no file's worth of answers: each batch is written as it comes."""
+    output = tmp_path / f"out{suffix}"
+    partial = tmp_path / f".{output.name}.partial"
+    table = pa.table({"text": [f"review {i}" for i in range(6)]})
+    sizes = []
+
+    def batches():
+        for _ in range(3):
+            yield [{"label": "positive", "score": 0.5}] * 2
+            sizes.append(partial.stat().st_size)  # asked for the next batch: this one is written
+
+    predict._write(output, table, batches())
+    assert sizes[0] > 0 and sizes[0] < sizes[1] < sizes[2] <= output.stat().st_size, sizes
+
+
+def test_a_parquet_answer_field_that_takes_its_type_only_in_a_later_batch_is_kept(tmp_path: Path) -> None:
+    """Parquet's schema comes first: an empty list of entities or a missing answer in early batches
+    takes the type that later ones give it, and a field only some answers have is null elsewhere."""
+    early = [{"entities": [], "answer": None, "score": 1}] * predict.PARQUET_CHUNK_ROWS
+    late = [{"entities": [{"type": "PER", "start": 0, "end": 5, "score": 0.5}], "answer": "Ada", "score": 0.25}]
+    table = pa.table({"id": range(len(early) + 2)})
+    output = tmp_path / "out.parquet"
+    predict._write(output, table, [early, late, [{"score": 0.5, "extra": [1]}]])
+    written = pq.read_table(output).column(PREDICTION)
+    assert written.type.field("entities").type.value_type.field("type").type == pa.string()
+    assert written[0].as_py() == {"entities": [], "answer": None, "score": 1.0, "extra": None}
+    assert written[-2].as_py() == {**late[0], "extra": None}
+    assert written[-1].as_py() == {"entities": None, "answer": None, "score": 0.5, "extra": [1]}
+
+
+def test_answers_are_kept_only_when_they_are_to_be_scored(tmp_path: Path) -> None:
+    table = pa.table({"text": ["a", "b", "c"]})
+    batches = [[{"label": "x"}, {"label": "y"}], [{"label": "z"}]]
+    assert predict._write(tmp_path / "kept.jsonl", table, batches, keep=True) == [*batches[0], *batches[1]]
+    assert predict._write(tmp_path / "not.jsonl", table, batches) == []
+    with pytest.raises(ValueError, match="4 answers for 3 rows"):
+        predict._write(tmp_path / "more.jsonl", table, [*batches, [{"label": "w"}]])
 
 
 def test_answers_are_scored_against_expected_values_as_each_task_type_reads_them() -> None:
@@ -297,8 +338,8 @@ def _answered_in_process(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(
         predict,
         "_answers",
-        lambda job, uri, args, workers: Scorer(job.model.model_uri, uri)(
-            job.table.column(job.inputs["text"]).to_pylist()
+        lambda job, uri, args, workers: (
+            batch for batch in [Scorer(job.model.model_uri, uri)(job.table.column(job.inputs["text"]).to_pylist())]
         ),
     )
 
