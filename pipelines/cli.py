@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:
         if error.errno != errno.ENOSPC:
             raise
-        print(f"ptft {args.command}: {_out_of_disk_space(Path(error.filename or '.'))}", file=sys.stderr)
+        again = AGAIN if args.command in RUN_COMMANDS else AGAIN_WITHOUT_RUN
+        print(f"ptft {args.command}: {_out_of_disk_space(Path(error.filename or '.'), again)}", file=sys.stderr)
         return 1
     except FailureTold as error:  # the traceback is in the run's log; a run said how to resume
         print(f"ptft {args.command}: {error}", file=sys.stderr)
@@ -1032,7 +1033,9 @@ def _out_of_memory(error: Exception) -> str | None:
 
 # A worker's full disk reaches the driver as text: Python's OSError, with the file it wrote.
 NO_SPACE_WRITING = re.compile(r"No space left on device: '(?P<path>[^']+)'")
-AGAIN = "run the command again; a run that had opened continues with the `ptft resume` above, its finished stages kept"
+AGAIN_WITHOUT_RUN = "run the command again"
+AGAIN = f"{AGAIN_WITHOUT_RUN}; a run that had opened continues with the `ptft resume` above, its finished stages kept"
+RUN_COMMANDS = ("run", "resume", "sweep")  # those that open a pipeline run, which `ptft resume` continues
 
 
 def _disk_full(error: Exception, storage: Path, tracking_uri: str) -> str | None:
@@ -1059,7 +1062,7 @@ def _disk_full(error: Exception, storage: Path, tracking_uri: str) -> str | None
     )
 
 
-def _out_of_disk_space(written: Path) -> str:
+def _out_of_disk_space(written: Path, again: str = AGAIN) -> str:
     from rich.filesize import decimal
 
     written = Path(os.path.abspath(written))  # a bare file name is the working directory's
@@ -1069,7 +1072,7 @@ def _out_of_disk_space(written: Path) -> str:
     usage = shutil.disk_usage(mount)
     return (
         f"out of disk space on {mount} ({decimal(usage.free)} free of {decimal(usage.total)} now), writing "
-        f"{written}. Free space there, then {AGAIN}"
+        f"{written}. Free space there, then {again}"
     )
 
 

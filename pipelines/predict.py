@@ -431,6 +431,10 @@ def _write(output: Path, table: pa.Table, batches: Iterable[list[dict]], keep: b
         with partial.open("wb") as file:
             answers = _write_rows(file, output.suffix.lower(), table, batches, keep)
         os.replace(partial, output)
+    except OSError as error:  # a write to an open file names none: a full disk would be the working directory's
+        if error.filename is not None:
+            raise
+        raise OSError(error.errno, error.strerror or str(error), str(output)) from error
     finally:
         partial.unlink(missing_ok=True)
     return answers

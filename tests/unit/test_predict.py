@@ -15,7 +15,7 @@ from components import data
 from components.batch_predict import PREDICTION, BatchScorer
 from components.scoring import Scorer
 from pipelines import cli, predict
-from tests.conftest import REPO, tiny_classifier
+from tests.conftest import REPO, small_disk, tiny_classifier
 
 REVIEWS = ["the film was good .", "a dull , tedious plot .", "superb and moving", "not very great"]
 
@@ -176,6 +176,33 @@ def test_a_failed_write_keeps_the_earlier_output_and_leaves_no_partial_file(tmp_
         predict._write(output, pa.table({"text": ["a", "b"]}), [[{"label": "x"}]])
     assert pq.read_table(output).column_names == ["earlier"]
     assert [path.name for path in tmp_path.iterdir()] == [output.name]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_an_output_on_a_full_disk_names_that_disk_and_the_file(
+    suffix: str, model: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write to an open file raises ENOSPC without a file name, which named the working
+    directory's disk instead of the output's."""
+    import random
+
+    rows = 40_000  # texts of random digits, which no compression shrinks below 1 MB
+    monkeypatch.setattr(predict, "_start_ray", lambda config, rows, args: 1)
+    answer = {"label": "positive", "score": 0.5, "truncated": False}
+    monkeypatch.setattr(
+        predict, "_answers", lambda job, uri, args, workers: ([answer] * 1000 for _ in range(rows // 1000))
+    )
+    texts = random.Random(0).randbytes(32 * rows).hex()
+    source = _jsonl(tmp_path / "in.jsonl", [{"text": texts[i * 64 : (i + 1) * 64]} for i in range(rows)])
+    with small_disk(tmp_path / "disk", "1M") as disk:
+        output = disk / f"out{suffix}"
+        storage = tmp_path / "storage"  # its log elsewhere: only the output fills the disk
+        options = ["--config", str(REPO / "configs" / "demo.yaml"), "--storage", str(storage)]
+        assert cli.main(["predict", str(model), str(source), "--output", str(output), *options]) == 1
+        assert not list(disk.iterdir())  # no partial file left filling it
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"ptft predict: out of disk space on {disk} ("), last
+    assert last.endswith(f"writing {output}. Free space there, then run the command again"), last  # no run to resume
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".tsv"])
