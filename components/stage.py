@@ -102,16 +102,28 @@ class StageResult:
 
 
 def write_json(path: Path, payload: Any) -> None:
-    """Write JSON atomically: a reader never sees a half-written file, and a machine that loses
-    power just after sees the old file or the new one, never an empty one (the data reaches the
-    disk before the rename does). These are small files written at a stage's transitions."""
+    """Write JSON atomically (`write_text_whole`). These are small files written at a stage's transitions."""
+    write_text_whole(path, json.dumps(payload, indent=2, sort_keys=True, default=str))
+
+
+def write_text_whole(path: Path, text: str) -> None:
+    """Write a text file atomically: a reader never sees a half-written file, and a machine that
+    loses power just after sees the old file or the new one, never an empty one (the data reaches
+    the disk before the rename does). A write that fails (a full disk) leaves the old file and no
+    other, and its error names `path`: a write to an open file names none."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as out:
-        out.write(json.dumps(payload, indent=2, sort_keys=True, default=str))
-        out.flush()
-        os.fsync(out.fileno())
-    tmp.replace(path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        tmp.replace(path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        if error.filename is not None:
+            raise
+        raise OSError(error.errno, error.strerror or str(error), str(path)) from error
     _fsync_folder(path.parent)
 
 

@@ -892,8 +892,10 @@ def _export_serve_config(document: dict, path: str) -> int:
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
+    from components.stage import write_text_whole
+
     ServeDeploySchema.model_validate(document)  # what `serve deploy` checks
-    Path(path).write_text(yaml.safe_dump(document, sort_keys=False))
+    write_text_whole(Path(path), yaml.safe_dump(document, sort_keys=False))
     print(f"Wrote {path}: deploy it with `serve deploy {path}` (or paste it into a RayService's serveConfigV2)")
     return 0
 

@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 import yaml
 
 from components import data
+from components.stage import write_text_whole
 from components.tasks.answers import answers_of
 from pipelines import arguments
 from pipelines.pipeline_config import ConfigError, Problem, validate
@@ -102,8 +103,7 @@ def run(args: argparse.Namespace) -> int:
             written = {name for file in plan.splits.values() for name in (str(file), _relative(file))}
             problems = [_in_data_file(problem, path, written) for problem in problems]
         raise ConfigError(f"ptft init {path} (nothing written)", problems) from None
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(text)
+    write_text_whole(output, text)
     _report(plan, table, output)
     return 0
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from components.net import mlflow_unanswered
 from components.redaction import CredentialsNeeded, connectable_uri, redact_text, redact_url
-from components.stage import read_json
+from components.stage import read_json, write_text_whole
 from pipelines.manifest import CACHED, Manifest, StageRecord, UnreadableManifest, list_runs
 from pipelines.stages import node_id, split_node
 
@@ -665,8 +665,7 @@ def _report(args: argparse.Namespace) -> int:
         print(f"ptft: warning: {warning}", file=sys.stderr)
     page = render(report)
     output = Path(args.output) if args.output else Manifest.folder(storage, manifest.run_id) / "report.html"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(page, encoding="utf-8")
+    write_text_whole(output, page)
     if report.mlflow_reachable:
         _log_to_mlflow(manifest, page)
     else:

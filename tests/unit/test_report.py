@@ -21,7 +21,7 @@ from components import tracking  # noqa: E402
 from pipelines import cli  # noqa: E402
 from pipelines import manifest as mf  # noqa: E402
 from pipelines.report import REPORT_ARTIFACT  # noqa: E402
-from tests.conftest import sqlite_store  # noqa: E402
+from tests.conftest import small_disk, sqlite_store  # noqa: E402
 
 RUN_ID = "20260101-120000-abc123"
 MODEL = "unit-classifier"
@@ -217,6 +217,23 @@ def test_default_output_and_mlflow_copy(recorded_run: dict, capsys: pytest.Captu
     client = recorded_run["client"]
     logged = client.download_artifacts(recorded_run["parent"], REPORT_ARTIFACT, str(storage))
     assert Path(logged).read_text() == written.read_text()
+
+
+def test_a_report_on_a_full_disk_names_that_disk_and_keeps_the_earlier_report(
+    recorded_run: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A write to an open file raises ENOSPC without a file name: the line named the working
+    directory's disk, and the earlier report was cut short where the disk filled."""
+    with small_disk(tmp_path / "disk", "8K") as disk:  # room for the earlier report; the page is 16 kB
+        output = disk / "report.html"
+        output.write_text("the earlier report")
+        code = cli.main(["report", RUN_ID, "--storage", str(recorded_run["storage"]), "--output", str(output)])
+        assert code == 1
+        assert output.read_text() == "the earlier report"
+        assert [path.name for path in disk.iterdir()] == [output.name]
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"ptft report: out of disk space on {disk} ("), last
+    assert last.endswith(f"writing {output}. Free space there, then run the command again"), last
 
 
 def test_unknown_run_id_is_a_user_error(recorded_run: dict, capsys: pytest.CaptureFixture) -> None:
