@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import pyarrow as pa
 
@@ -129,7 +130,7 @@ def _predict(args: argparse.Namespace) -> int:
             console.say(f"[ptft] predict with {_named(job.model)}; logs of Ray and the workers: {log}")
         started = time.monotonic()
         workers = _start_ray(config, job.table.num_rows, args)
-        # closed here, not when a failed write's traceback lets go of it: its progress display ends
+        # closed as soon as a write fails, which ends its progress display (the traceback would hold it open)
         with contextlib.closing(_answers(job, tracking_uri, args, workers)) as batches:
             answers = _write(Path(args.output), job.table, batches, keep=bool(args.label_column))
         took, rows = time.monotonic() - started, job.table.num_rows
@@ -440,7 +441,9 @@ def _write(output: Path, table: pa.Table, batches: Iterable[list[dict]], keep: b
     return answers
 
 
-def _write_rows(file, suffix: str, table: pa.Table, batches: Iterable[list[dict]], keep: bool = False) -> list[dict]:
+def _write_rows(
+    file: BinaryIO, suffix: str, table: pa.Table, batches: Iterable[list[dict]], keep: bool = False
+) -> list[dict]:
     """The table's rows, each with its answer, written to `file` batch by batch in the format
     `suffix` names: JSON lines with each answer as an object, Parquet with it as a struct, CSV/TSV
     with it as JSON text.
@@ -465,7 +468,9 @@ def _write_rows(file, suffix: str, table: pa.Table, batches: Iterable[list[dict]
 
 
 class _JsonLines:
-    def __init__(self, file, table: pa.Table):
+    """JSON lines: each row's columns and its answer as an object."""
+
+    def __init__(self, file: BinaryIO, table: pa.Table):
         self.file = file
 
     def write(self, rows: pa.Table, answers: list[dict]) -> None:
@@ -482,7 +487,7 @@ class _JsonLines:
 class _Delimited:
     """CSV or TSV: the header once, each answer as JSON text."""
 
-    def __init__(self, file, table: pa.Table, delimiter: str = ","):
+    def __init__(self, file: BinaryIO, table: pa.Table, delimiter: str = ","):
         import pyarrow.csv as pacsv
 
         options = pacsv.WriteOptions(delimiter=delimiter)
@@ -504,7 +509,7 @@ class _Parquet:
     kept as Arrow structs (far smaller than the objects), `PARQUET_CHUNK_ROWS` to an array, and the
     file is written at the end, each array cast to the type that holds them all."""
 
-    def __init__(self, file, table: pa.Table):
+    def __init__(self, file: BinaryIO, table: pa.Table):
         self.file, self.table = file, table
         self.chunks: list[pa.Array] = []
         self.pending: list[dict] = []
@@ -531,7 +536,7 @@ class _Parquet:
 
 
 def _cast(answers: pa.Array, kind: pa.DataType) -> pa.Array:
-    """A batch's answers as the struct type of all of them (fields it lacks null)."""
+    """A chunk of answers as the struct type that holds them all (the fields it lacks null)."""
     try:
         return answers.cast(kind)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # a nesting Arrow's cast does not follow

@@ -186,8 +186,8 @@ def test_an_output_on_a_full_disk_names_that_disk_and_the_file(
     directory's disk instead of the output's."""
     import random
 
-    rows = 40_000  # texts of random digits, which no compression shrinks below 1 MB
-    monkeypatch.setattr(predict, "_start_ray", lambda config, rows, args: 1)
+    rows = 40_000  # texts of random hex digits, which no compression shrinks below 1 MB
+    monkeypatch.setattr(predict, "_start_ray", lambda *_: 1)
     answer = {"label": "positive", "score": 0.5, "truncated": False}
     monkeypatch.setattr(
         predict, "_answers", lambda job, uri, args, workers: ([answer] * 1000 for _ in range(rows // 1000))
