@@ -36,6 +36,18 @@ class BatchScorer:
         return {PREDICTION: [json.dumps(answer) for answer in self.scorer(items)]}
 
 
+BLOCKS_PER_WORKER = 8  # enough that the workers finish close together
+MOST_ROWS_A_BLOCK = 1024  # the driver's progress moves a block at a time
+
+
+def block_rows(rows: int, batch_size: int, workers: int) -> int:
+    """Rows a block of the dataset holds: whole batches, at least one, and few enough blocks that
+    Ray's cost per block (a task, an object, a scheduling round) stays small beside the forward
+    passes, yet `BLOCKS_PER_WORKER` a worker, and at most `MOST_ROWS_A_BLOCK` unless a batch is more."""
+    batches = -(-rows // (workers * BLOCKS_PER_WORKER * batch_size))
+    return batch_size * max(1, min(batches, MOST_ROWS_A_BLOCK // batch_size))
+
+
 def predictions(
     table: pa.Table,
     model_uri: str,
@@ -52,7 +64,8 @@ def predictions(
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     needed = table.select(sorted(set(inputs.values())))
-    blocks = [needed.slice(start, batch_size) for start in range(0, needed.num_rows, batch_size)]
+    rows = block_rows(needed.num_rows, batch_size, workers)
+    blocks = [needed.slice(start, rows) for start in range(0, needed.num_rows, rows)]
     answered = ray.data.from_arrow(blocks).map_batches(
         BatchScorer,
         fn_constructor_args=(model_uri, tracking_uri, inputs, cpus_per_worker),

@@ -425,9 +425,9 @@ def test_a_bad_model_reference_exits_2_before_deploying(app: dict) -> None:
 
 def test_predict_answers_every_row_of_a_file_on_the_cluster_in_order(app: dict, tmp_path: Path) -> None:
     """`ptft predict` of a registered version over a file, on the shared cluster: two Ray Data actors
-    answer batches of 8; the output keeps the input's rows, order and columns, each row's
-    prediction is what the model answers for it in-process, and the answers are scored against a
-    label column (right on every other row, as ids: 0 and 1 for the model's two names)."""
+    answer batches of 2, two batches to a block; the output keeps the input's rows, order and
+    columns, each row's prediction is what the model answers for it in-process, and the answers are
+    scored against a label column (right on every other row, as ids: 0 and 1 for the model's two names)."""
     import pyarrow.parquet as pq
 
     # Every fifth text is cut at the model's 64 tokens: its `truncated` marks where each answer went.
@@ -445,7 +445,7 @@ def test_predict_answers_every_row_of_a_file_on_the_cluster_in_order(app: dict, 
     output = tmp_path / "predicted.parquet"
     model = f"models:/{NAME}/{first['version']}"
     options = ["--output", str(output), "--text-column", "review", "--label-column", "label"]
-    options += ["--batch-size", "8", "--workers", "2", "--config", app["config"]]
+    options += ["--batch-size", "2", "--workers", "2", "--config", app["config"]]
     done = _ptft("predict", model, str(source), *options, overrides=app["overrides"])
     assert f"Wrote {len(reviews)} predictions of {NAME} v{first['version']}" in done.stdout, done.stdout
     assert f"Scores against 'label' ({len(reviews)} rows): accuracy 0.5000" in done.stdout, done.stdout

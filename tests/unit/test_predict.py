@@ -246,6 +246,17 @@ def test_answers_are_kept_only_when_they_are_to_be_scored(tmp_path: Path) -> Non
         predict._write(tmp_path / "more.jsonl", table, [*batches, [{"label": "w"}]])
 
 
+def test_a_large_file_goes_to_the_workers_in_blocks_of_many_batches() -> None:
+    """A block a batch cost Ray a task and an object per 32 rows: 12,500 for 400,000 rows."""
+    from components.batch_predict import BLOCKS_PER_WORKER, MOST_ROWS_A_BLOCK, block_rows
+
+    assert block_rows(400_000, 32, 2) == MOST_ROWS_A_BLOCK
+    assert block_rows(5_000, 32, 2) == 320 and -(-5_000 // 320) == 2 * BLOCKS_PER_WORKER  # each worker 8
+    assert block_rows(100, 32, 2) == 32  # a batch at least
+    assert block_rows(400_000, 4 * MOST_ROWS_A_BLOCK, 2) == 4 * MOST_ROWS_A_BLOCK  # a batch is never cut
+    assert all(block_rows(rows, 48, 3) % 48 == 0 for rows in (1, 47, 1_000, 10**6))
+
+
 def test_answers_are_scored_against_expected_values_as_each_task_type_reads_them() -> None:
     """Classification: an integer is a label id (rt-polarity's 0/1 for a model that names them);
     question answering: SQuAD's answers in either form, or texts; translation: reference texts."""
