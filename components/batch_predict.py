@@ -41,9 +41,10 @@ MOST_ROWS_A_BLOCK = 1024  # the driver's progress moves a block at a time
 
 
 def block_rows(rows: int, batch_size: int, workers: int) -> int:
-    """Rows a block of the dataset holds: whole batches, at least one, and few enough blocks that
-    Ray's cost per block (a task, an object, a scheduling round) stays small beside the forward
-    passes, yet `BLOCKS_PER_WORKER` a worker, and at most `MOST_ROWS_A_BLOCK` unless a batch is more."""
+    """Rows a block of the dataset holds: whole batches (at least one), as many as leave each worker
+    `BLOCKS_PER_WORKER` blocks, at most `MOST_ROWS_A_BLOCK` unless one batch is more. Each block
+    costs Ray a task, an object and a scheduling round: one a batch cost more than small models'
+    forward passes."""
     batches = -(-rows // (workers * BLOCKS_PER_WORKER * batch_size))
     return batch_size * max(1, min(batches, MOST_ROWS_A_BLOCK // batch_size))
 

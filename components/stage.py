@@ -6,11 +6,13 @@ under `ctx.output_dir` and knows nothing of other stages, the manifest or the ca
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,17 +116,26 @@ def write_text_whole(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     try:
-        with open(tmp, "w", encoding="utf-8") as out:
+        with errors_naming(path), open(tmp, "w", encoding="utf-8") as out:
             out.write(text)
             out.flush()
             os.fsync(out.fileno())
         tmp.replace(path)
-    except OSError as error:
+    finally:
         tmp.unlink(missing_ok=True)
+    _fsync_folder(path.parent)
+
+
+@contextlib.contextmanager
+def errors_naming(path: Path) -> Iterator[None]:
+    """An OSError inside names `path` where it names no file: a write to an open file names none,
+    and a full disk would then be reported as the working directory's."""
+    try:
+        yield
+    except OSError as error:
         if error.filename is not None:
             raise
         raise OSError(error.errno, error.strerror or str(error), str(path)) from error
-    _fsync_folder(path.parent)
 
 
 def _fsync_folder(folder: Path) -> None:

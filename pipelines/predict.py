@@ -30,6 +30,7 @@ import pyarrow as pa
 from components import console
 from components.batch_predict import PREDICTION
 from components.redaction import redact_url
+from components.stage import errors_naming
 from components.tasks.base import expected_names
 from pipelines import arguments, preflight
 from pipelines.pipeline_config import (
@@ -429,13 +430,9 @@ def _write(output: Path, table: pa.Table, batches: Iterable[list[dict]], keep: b
     renamed over it. Returns the answers when `keep` asks for them (to score), else []."""
     partial = output.with_name(f".{output.name}.partial")
     try:
-        with partial.open("wb") as file:
+        with errors_naming(output), partial.open("wb") as file:
             answers = _write_rows(file, output.suffix.lower(), table, batches, keep)
         os.replace(partial, output)
-    except OSError as error:  # a write to an open file names none: a full disk would be the working directory's
-        if error.filename is not None:
-            raise
-        raise OSError(error.errno, error.strerror or str(error), str(output)) from error
     finally:
         partial.unlink(missing_ok=True)
     return answers
