@@ -111,6 +111,14 @@ def _log_and_register(model_dir: Path, name: str, run_id: str, tracking_uri: str
     return str(info.registered_model_version)
 
 
+def hf_folder_of(logged: mlflow.models.Model) -> str:
+    """Where a logged model's Hugging Face folder lies within its artifacts: the transformers
+    flavor's `model/`, or the `hf` artifact of a `TaskModel` pyfunc (`artifacts/model/`)."""
+    if "transformers" in logged.flavors:
+        return logged.flavors["transformers"].get("model_binary", "model")
+    return logged.flavors["python_function"]["artifacts"]["hf"]["path"]
+
+
 class TaskModel(mlflow.pyfunc.PythonModel):
     """A fine-tuned model of a task that transformers has no pipeline for (question answering, since
     transformers 5): its Hugging Face folder as the artifact `hf`, answering as `ptft serve` does

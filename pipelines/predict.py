@@ -241,23 +241,29 @@ def _model_and_task(reference: str, tracking_uri: str | None):
 
 
 def _model_config(model, tracking_uri: str | None):
-    """The model's transformers config alone, not its weights (a registered model's is in its
-    folder, `model/config.json`)."""
+    """The model's transformers config alone, not its weights: two small files of a registered
+    model, its `MLmodel` (which says where its Hugging Face folder lies: a question-answering,
+    translation or generation model is a pyfunc around it) and that folder's `config.json`."""
     from transformers import AutoConfig
 
     if not model.model_uri.startswith("models:/"):
         return AutoConfig.from_pretrained(model.model_uri)
     import mlflow
 
+    from components.registry import hf_folder_of
     from components.scratch import ScratchFolder
 
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one small file
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # small files
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)  # the registry's too; download_artifacts' own is not
     with ScratchFolder("model-config") as folder:
-        uri = f"{model.model_uri}/model/config.json"
-        path = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(folder))
-        return AutoConfig.from_pretrained(Path(path).parent)
+
+        def download(path: str) -> str:
+            uri = f"{model.model_uri}/{path}"
+            return mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(folder))
+
+        logged = mlflow.models.Model.load(download("MLmodel"))
+        return AutoConfig.from_pretrained(Path(download(f"{hf_folder_of(logged)}/config.json")).parent)
 
 
 def _inputs(example, args: argparse.Namespace) -> dict[str, str]:

@@ -15,7 +15,7 @@ from components import data
 from components.batch_predict import PREDICTION, BatchScorer
 from components.scoring import Scorer
 from pipelines import cli, predict
-from tests.conftest import REPO, small_disk, tiny_classifier
+from tests.conftest import REPO, register_in_sqlite, small_disk, tiny_classifier
 
 REVIEWS = ["the film was good .", "a dull , tedious plot .", "superb and moving", "not very great"]
 
@@ -124,12 +124,17 @@ def test_the_actors_batch_function_answers_as_the_served_model(model: Path) -> N
     assert [json.loads(answer) for answer in answered[PREDICTION]] == Scorer(str(model), None)(REVIEWS)
 
 
-def test_a_question_answering_model_reads_a_question_and_a_context_column(tmp_path: Path) -> None:
+def _question_answering_model(folder: Path) -> Path:
     from transformers import AutoConfig, AutoTokenizer, BertForQuestionAnswering
 
-    source = tiny_classifier(tmp_path / "source", seed=3)
-    BertForQuestionAnswering(AutoConfig.from_pretrained(source)).save_pretrained(tmp_path / "qa")
-    AutoTokenizer.from_pretrained(source).save_pretrained(tmp_path / "qa")
+    source = tiny_classifier(folder.parent / f"{folder.name}-source", seed=3)
+    BertForQuestionAnswering(AutoConfig.from_pretrained(source)).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(source).save_pretrained(folder)
+    return folder
+
+
+def test_a_question_answering_model_reads_a_question_and_a_context_column(tmp_path: Path) -> None:
+    _question_answering_model(tmp_path / "qa")
     batch = pa.table({"q": ["what film", "what plot"], "passage": ["a good film", "a dull plot"]})
     inputs = {"question": "q", "context": "passage"}
     answered = [json.loads(answer) for answer in BatchScorer(str(tmp_path / "qa"), None, inputs)(batch)[PREDICTION]]
@@ -139,6 +144,25 @@ def test_a_question_answering_model_reads_a_question_and_a_context_column(tmp_pa
         predict._inputs({"question": "", "context": ""}, _options(question_column="q", context_column="passage"))
         == inputs
     )
+
+
+@pytest.mark.parametrize("kind", ["sequence_classification", "question_answering"])
+def test_a_registered_model_is_checked_whichever_way_mlflow_logged_it(
+    kind: str, model: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A classifier is logged in MLflow's transformers flavor; a question-answering model (as a
+    translation or generation one) as a pyfunc around its folder, where the config lies elsewhere.
+    The checks read either's config and name the column the input lacks, not the model."""
+    from components.tasks import task_type
+
+    monkeypatch.setattr(predict, "_start_ray", lambda *_: pytest.fail("Ray was started"))
+    folder = model if kind == "sequence_classification" else _question_answering_model(tmp_path / "qa")
+    uri, version = register_in_sqlite(folder, tmp_path / "storage", "m", task_type(kind), 0.9, "s")
+    assert predict._model_and_task(version["model_uri"], uri)[1].name == kind
+    source = _jsonl(tmp_path / "in.jsonl", [{"review": "a good film"}])
+    assert _predict(version["model_uri"], source, tmp_path / "out.jsonl") == 2
+    err = capsys.readouterr().err
+    assert "has no column" in err and "MODEL" not in err, err
 
 
 def _options(**values):
