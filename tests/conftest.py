@@ -223,7 +223,7 @@ def register_in_sqlite(folder: Path, store: Path, name: str, task, score: float,
 
     uri = sqlite_store(store / "mlflow.db")
     client = MlflowClient(uri)
-    run = client.create_run(client.create_experiment(name))
+    run = client.create_run(client.create_experiment(name, artifact_location=str(store / "artifacts")))
     version = registry.register_classifier(
         folder,
         name=name,

@@ -47,7 +47,9 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> MlflowClient:
 
 
 def _experiment(client: MlflowClient, name: str) -> str:
-    return client.create_experiment(f"{name}-{uuid.uuid4().hex[:8]}")
+    name = f"{name}-{uuid.uuid4().hex[:8]}"
+    artifacts = Path(client.tracking_uri.removeprefix("sqlite:///")).parent / name  # not ./mlruns
+    return client.create_experiment(name, artifact_location=str(artifacts))
 
 
 def _load(folder: Path):

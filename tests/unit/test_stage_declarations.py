@@ -275,7 +275,7 @@ def test_a_failed_branch_stops_only_itself_and_a_resume_runs_only_it(tmp_path: P
         )
     )
     client = MlflowClient(uri)
-    experiment = client.create_experiment("branches")
+    experiment = client.create_experiment("branches", artifact_location=str(tmp_path / "artifacts"))
     storage = config.storage_path()
     manifest = mf.Manifest.create(storage, "run-1", "unit", tuple(node.id for node in nodes), {})
 
@@ -331,7 +331,7 @@ def test_branches_whose_claims_fit_run_side_by_side_through_the_runner(tmp_path:
         stages.Node(f"train.{task}", train, task, ("shared",)) for task in ("sentiment", "topic")
     )
     client = MlflowClient(uri)
-    experiment = client.create_experiment("side-by-side")
+    experiment = client.create_experiment("side-by-side", artifact_location=str(tmp_path / "artifacts"))
     manifest = mf.Manifest.create(config.storage_path(), "run-1", "unit", tuple(node.id for node in nodes), {})
     parent = client.create_run(experiment).info.run_id
     result = runner.PipelineResult("run-1", parent, experiment, uri)
@@ -455,7 +455,7 @@ def _runs_of_one_stage(tmp_path: Path, stage: stages.Stage) -> tuple[Callable[[s
     config = validate({**_multitask(tmp_path / "storage"), "tracking": {"uri": uri}})
     nodes = (stages.Node(stage.name, stage, None, ()),)
     client = MlflowClient(uri)
-    experiment = client.create_experiment("one-stage")
+    experiment = client.create_experiment("one-stage", artifact_location=str(tmp_path / "artifacts"))
     storage = config.storage_path()
 
     def attempt(run_id: str) -> mf.StageRecord:

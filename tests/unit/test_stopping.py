@@ -33,7 +33,7 @@ DRIVER = textwrap.dedent(
 
     storage, uri, signum = Path(sys.argv[1]), sys.argv[2], signal.Signals[sys.argv[3]]
     client = MlflowClient(uri)
-    experiment = client.create_experiment("stop")
+    experiment = client.create_experiment("stop", artifact_location=str(storage / "artifacts"))
     manifest = mf.Manifest.create(storage, "run-1", "unit", ("tokenize", "pretrain"), {"name": "unit"})
     manifest.mlflow_run_id = client.create_run(experiment).info.run_id
     manifest.stage_started("tokenize", "k0", client.create_run(experiment).info.run_id)
