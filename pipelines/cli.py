@@ -584,8 +584,7 @@ def _runs(args: argparse.Namespace) -> int:
     if not runs:
         print(f"No pipeline runs under {args.storage}.")
         return 0
-    print(f"{'RUN ID':<24} {'PIPELINE':<14} {'STATUS':<10} {'STARTED':<20} {'SECONDS':>8}  STAGES")
-    orphans = 0
+    rows, orphans = [("RUN ID", "PIPELINE", "STATUS", "STARTED", "SECONDS", "STAGES")], 0
     for run in runs:
         status = run.status
         if status == mf.RUNNING and driver_gone(mf.Manifest.folder(args.storage, run.run_id)):
@@ -593,7 +592,13 @@ def _runs(args: argparse.Namespace) -> int:
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.created_at))
         seconds = f"{run.ended_at - run.created_at:.0f}" if run.ended_at else "-"
         stages = " ".join(f"{name}:{record.status}" for name, record in run.stages.items())
-        print(f"{run.run_id:<24} {run.pipeline:<14} {status:<10} {started:<20} {seconds:>8}  {stages}")
+        rows.append((run.run_id, run.pipeline, status, started, seconds, stages))
+    # Columns as wide as their longest value: a pipeline's name has no length limit.
+    widths = [max(len(row[column]) for row in rows) for column in range(4)]
+    seconds_width = max(len(row[4]) for row in rows)
+    for row in rows:
+        left = "  ".join(value.ljust(width) for value, width in zip(row[:4], widths, strict=True))
+        print(f"{left}  {row[4]:>{seconds_width}}  {row[5]}")
     if orphans:
         print(
             "\nno driver: recorded running, but its driver is gone (killed, or its machine restarted); "

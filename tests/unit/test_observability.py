@@ -443,6 +443,22 @@ def test_ptft_status_says_when_a_running_runs_driver_is_gone(
     assert state["driver_last_seen_at"] == manifest_written  # then the run's last manifest write
 
 
+def test_ptft_runs_keeps_its_columns_aligned_whatever_the_pipelines_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A name longer than the header ('demo-generation-with-reviews') pushed its row's columns right."""
+    for run_id, name in (
+        ("20261201-000000-aaaaaa", "demo"),
+        ("20261201-000001-bbbbbb", "demo-generation-with-reviews"),
+    ):
+        mf.Manifest.create(tmp_path, run_id, name, STAGE_NAMES, {"name": name}).save()
+    assert main(["runs", "--storage", str(tmp_path)]) == 0
+    header, *rows = capsys.readouterr().out.splitlines()[:3]  # then why "no driver": no driver holds them
+    for column, value in (("STATUS", "no driver"), ("STARTED", "20"), ("STAGES", "tokenize:")):
+        at = header.index(column)
+        assert all(row[at:].startswith(value) for row in rows), (column, header, rows)
+
+
 def test_a_run_whose_manifest_does_not_read_is_named_not_a_traceback(
     tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
 ) -> None:
