@@ -453,12 +453,7 @@ class ClassifierApp:
         return items
 
     async def _parse(self, request: Request, schema: type[BaseModel], hint: str = '{"texts": ["..."]}') -> BaseModel:
-        payload = json_of(await read_body(request, self.cfg.max_body_bytes), hint)
-        try:
-            return schema.model_validate(payload)
-        except ValidationError as error:
-            problems = "; ".join(dict.fromkeys(f"{_where(e['loc'])}: {e['msg']}" for e in error.errors()))
-            raise RequestError(422, f"{problems}; send {hint}") from None
+        return parsed(json_of(await read_body(request, self.cfg.max_body_bytes), hint), schema, hint)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def predict_batch(self, requests_texts: list[list[str]]) -> list[list[dict]]:
@@ -468,6 +463,16 @@ class ClassifierApp:
 
 
 Classifier = serve.deployment(serve.ingress(app)(ClassifierApp), name="Classifier")
+
+
+def parsed(payload: object, schema: type[BaseModel], hint: str) -> BaseModel:
+    """A request's JSON as `schema`, or a 422 naming each field that is wrong. Strict: JSON's own
+    types are meant, so `true` is no number of tokens and `"0.5"` no temperature."""
+    try:
+        return schema.model_validate(payload, strict=True)
+    except ValidationError as error:
+        problems = "; ".join(dict.fromkeys(f"{_where(e['loc'])}: {e['msg']}" for e in error.errors()))
+        raise RequestError(422, f"{problems}; send {hint}") from None
 
 
 def _where(loc: tuple) -> str:
@@ -492,17 +497,23 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _no_number(constant: str) -> float:
+    """Python's JSON parser reads NaN and Infinity, which JSON has not (RFC 8259): a NaN
+    temperature was refused as "less than or equal to 10"."""
+    raise ValueError(f"{constant} is no JSON number")
+
+
 def json_of(body: bytes, hint: str) -> object:
     """A request body's JSON, or a 400 that says what is wrong with it."""
     try:
-        payload = json.loads(body)
+        payload = json.loads(body, parse_constant=_no_number)
         # An escaped lone surrogate ("\\ud800") is valid JSON but no text: tokenizers cannot take it.
         json.dumps(payload, ensure_ascii=False).encode("utf-8")
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise RequestError(400, f"the body is not JSON ({error}); send {hint}") from None
     except UnicodeEncodeError:
         why = "holds an unpaired surrogate (\\ud800-\\udfff), not text"
         raise RequestError(400, f"the body {why}; send {hint}") from None
+    except (UnicodeDecodeError, ValueError) as error:  # JSONDecodeError is a ValueError, as _no_number's
+        raise RequestError(400, f"the body is not JSON ({error}); send {hint}") from None
     except RecursionError:
         raise RequestError(400, f"the body's JSON is nested too deeply; send {hint}") from None
     return payload

@@ -547,6 +547,7 @@ def test_a_gpt2_generation_model_is_registered_and_generates_whole_and_streamed(
             "empty prompt": ({"prompt": ""}, 422, "prompt"),
             "unknown field": ({**greedy, "texts": ["x"]}, 422, "texts"),
             "bad top_p": ({**greedy, "top_p": 0}, 422, "top_p"),
+            "a boolean for a number": ({**greedy, "max_new_tokens": True}, 422, "max_new_tokens"),
             "seed past 64 bits": ({**greedy, "seed": 2**64}, 422, "seed"),  # torch's generators take 64
         }
         for what, (body, status, words) in bad.items():

@@ -145,14 +145,35 @@ def test_request_limits(texts: list[str], status: int, words: str) -> None:
         (b'{"texts": ["\\ud800"]}', "unpaired surrogate"),  # valid JSON, no text: the tokenizer would raise
         (b'{"texts": ' + b"[" * 5000 + b"]" * 5000 + b"}", "nested too deeply"),  # the parser would recurse out
         (b'{"texts": "\xff"}', "not JSON"),
+        (b'{"prompt": "x", "temperature": NaN}', "NaN is no JSON number"),  # Python's parser reads it
+        (b'{"prompt": "x", "top_p": -Infinity}', "-Infinity is no JSON number"),
     ],
-    ids=["lone-surrogate", "deep", "not-utf8"],
+    ids=["lone-surrogate", "deep", "not-utf8", "nan", "infinity"],
 )
 def test_a_body_that_is_no_json_text_gets_400(body: bytes, words: str) -> None:
     with pytest.raises(serve.RequestError) as raised:
         serve.json_of(body, hint="{}")
     assert raised.value.status == 400 and words in raised.value.message
     assert serve.json_of(b'{"texts": ["\\ud83d\\ude00 a pair"]}', hint="{}") == {"texts": ["\U0001f600 a pair"]}
+
+
+@pytest.mark.parametrize(
+    ("schema", "body", "field"),
+    [
+        (serve.GenerateRequest, {"prompt": "x", "max_new_tokens": True}, "max_new_tokens"),  # was 1 token
+        (serve.GenerateRequest, {"prompt": "x", "temperature": "0.5"}, "temperature"),
+        (serve.GenerateRequest, {"prompt": "x", "stream": "yes"}, "stream"),
+        (serve.ExplainRequest, {"texts": ["x"], "layer": False}, "layer"),  # was layer 0
+    ],
+)
+def test_a_request_field_of_another_json_type_gets_422_naming_it(schema, body: dict, field: str) -> None:
+    with pytest.raises(serve.RequestError) as raised:
+        serve.parsed(body, schema, hint="{}")
+    assert raised.value.status == 422 and raised.value.message.startswith(f"{field}: "), raised.value.message
+    asked = {"prompt": "x", "max_new_tokens": 4, "temperature": 1, "seed": 7, "stream": True}  # an int temperature too
+    assert serve.parsed(asked, serve.GenerateRequest, hint="{}").temperature == 1.0
+    questions = {"texts": ["a text", {"question": "q", "context": "c"}]}
+    assert serve.parsed(questions, serve.PredictRequest, hint="{}").texts[1].context == "c"
 
 
 def test_scorer_truncates_long_texts_and_says_so(tmp_path: Path) -> None:
