@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 
+from components.schemas import objective_of
+
 MAX_EXPLAIN_TEXTS = 8  # attention maps are heads x tokens per text: keep answers small
 
 
@@ -50,10 +52,13 @@ def attention_maps(
     answers = "logits" not in output
     probabilities = _start_probabilities(encoded, output) if answers else output.logits.float().softmax(-1)
     labels = {0: "answer start"} if answers else model.config.id2label
+    # The model's own kind, not its tokenizer's: ptft's GPT-2 tokenizers have a [CLS] too, which
+    # the decoder reads first and so sees nothing else with.
+    summary_is_first = objective_of(model.config.model_type) == "mlm"
     maps = []
     for index, (row, text) in enumerate(zip(shown, texts, strict=True)):
         kept = encoded["attention_mask"][row].nonzero().flatten()
-        query = int(kept[0]) if tokenizer.cls_token_id is not None else int(kept[-1])
+        query = int(kept[0]) if summary_is_first else int(kept[-1])
         if answers:
             score, query = probabilities[row].max(-1)
             query, label = int(query), 0

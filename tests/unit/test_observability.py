@@ -80,14 +80,18 @@ def test_attention_maps_are_heads_by_tokens_from_cls(classifier: Path) -> None:
         explain.attention_maps(model, tokenizer, ["dull"], max_tokens=64, layer=2)
 
 
-def test_a_decoder_explains_from_its_last_token() -> None:
+@pytest.mark.parametrize("cls_token", [None, "[CLS]"])  # ptft's own GPT-2 tokenizers have a [CLS]
+def test_a_decoder_explains_from_its_last_token(cls_token: str | None) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import GPT2Config, GPT2ForSequenceClassification, PreTrainedTokenizerFast
 
-    words = ["<pad>", "<unk>", "the", "film", "was", "good"]
+    words = ["<pad>", "<unk>", "the", "film", "was", "good", "[CLS]"]
     backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", cls_token=cls_token
+    )
+    assert (tokenizer.cls_token_id is None) == (cls_token is None)
     config = GPT2Config(
         vocab_size=len(words),
         n_positions=16,
