@@ -853,9 +853,17 @@ def _explain(args: argparse.Namespace) -> int:
         raise ConfigError("ptft explain", [problem]) from None
     except ValueError as error:
         raise ConfigError("ptft explain", [Problem("MODEL", args.model, str(error), "check the name")]) from None
+    from transformers.utils import logging as transformers_logging
+
     from components import plots, scoring
 
+    # The maps are the output: no download or weight-loading bars around them.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    transformers_logging.disable_progress_bar()
     scorer = scoring.Scorer(model.model_uri, tracking_uri)
+    if scorer.task.explain is None:
+        why = f"a {scorer.task.name} model has no attention map yet"
+        raise ConfigError("ptft explain", [Problem("MODEL", args.model, why, "explain a model of another task")])
     asked = [{"question": text, "context": args.context} for text in args.texts] if args.context else args.texts
     if problem := scorer.task.input_problem(asked):
         fix = "a question answering model: the questions as texts and --context TEXT; other models: texts only"
