@@ -413,8 +413,17 @@ def _sweep(args: argparse.Namespace) -> int:
             console.say(f"[ptft] sweep of run {run_id}; logs of Ray, MLflow and the workers: {log}")
         with console.live(), _resume_hint(args.command, config.storage_path(), run_id):
             result = pipelines.run(config, until="tune", on_stage=_print_stage, run_id=run_id, **how)
-        _print_sweep_summary(result, config, time.perf_counter() - started)
+        _print_sweep_summary(result, config, time.perf_counter() - started, _config_arguments(args, config, run_id))
     return 0
+
+
+def _config_arguments(args: argparse.Namespace, config, run_id: str) -> str:
+    """The config and overrides this sweep ran with, as the next command takes them: each stage's
+    cache key holds them, so `ptft run` of the bare config would sweep again (or take an older
+    sweep) rather than fine-tune with this one. A resumed sweep's: the run's resolved config."""
+    if args.config:
+        return shlex.join([args.config, *args.overrides])
+    return shlex.quote(str(config.storage_path() / "runs" / run_id / "config.json"))
 
 
 def _sweep_to_resume(args: argparse.Namespace):
@@ -482,7 +491,7 @@ def _recorded_config(manifest):
     return validate({**recorded, "storage": manifest.storage}, f"run {manifest.run_id}")
 
 
-def _print_sweep_summary(result, config, seconds: float) -> None:
+def _print_sweep_summary(result, config, seconds: float, config_arguments: str) -> None:
     console.say(f"\nSweep of pipeline run {result.run_id} finished in {seconds:.0f}s.")
     sweeps = _results_of(result, "tune")
     for node_id, tune in sweeps:
@@ -501,9 +510,12 @@ def _print_sweep_summary(result, config, seconds: float) -> None:
         console.say(f"Trial table: {tune.output_uri}/trials.csv  plot: {tune.output_uri}/sweep.png")
     console.say(
         f"MLflow: experiment {config.experiment_name()!r} at {redact_url(result.tracking_uri)}: each tune run "
-        f"(under the pipeline's run {result.mlflow_run_id}) has one child run per trial. Browse: ptft ui CONFIG"
+        f"(under the pipeline's run {result.mlflow_run_id}) has one child run per trial. Browse: ptft ui "
+        f"{config_arguments}"
     )
-    console.say("Fine-tune with it: ptft run CONFIG (finetune takes the best config; finetune.overrides win)")
+    console.say(
+        f"Fine-tune with it: ptft run {config_arguments} (finetune takes the best config; finetune.overrides win)"
+    )
 
 
 def _results_of(result, stage: str) -> list:

@@ -785,3 +785,19 @@ def test_trial_runs_say_how_their_trial_ended_while_the_sweep_runs(tmp_path: Pat
     callback.on_step_end(2, [*trials.values(), pending])
     told = {"completed": 1, "error": 1, "paused": 1, "running": 1, "stopped_early": 1}
     wait_until(lambda: stage_progress(client, "tune", tune_run) == {"trials": told}, "the trials' status tags")
+
+
+def test_the_sweeps_advice_names_the_config_and_overrides_it_ran_with(tmp_path: Path) -> None:
+    """Each stage's cache key holds the overrides: `ptft run CONFIG` alone would sweep again (or
+    take an older sweep) instead of fine-tuning with the one just finished."""
+    import argparse
+    import shlex
+
+    from pipelines.cli import _config_arguments
+
+    config = validate(tiny_config_dict(tmp_path / "store"))
+    space = "tune.search_space={learning_rate: {type: loguniform, low: 1.0e-5, high: 1.0e-3}}"
+    given = argparse.Namespace(config="configs/demo.yaml", overrides=["tune.num_samples=8", space])
+    assert shlex.split(_config_arguments(given, config, "run-1")) == ["configs/demo.yaml", "tune.num_samples=8", space]
+    resumed = argparse.Namespace(config=None, overrides=[])  # `ptft sweep --resume`: the run's resolved config
+    assert _config_arguments(resumed, config, "run-1") == str(tmp_path / "store" / "runs" / "run-1" / "config.json")
