@@ -37,6 +37,7 @@ import re
 import time
 from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
+from typing import NoReturn
 
 import ray.exceptions
 import requests
@@ -497,7 +498,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _no_number(constant: str) -> float:
+def _no_number(constant: str) -> NoReturn:
     """Python's JSON parser reads NaN and Infinity, which JSON has not (RFC 8259): a NaN
     temperature was refused as "less than or equal to 10"."""
     raise ValueError(f"{constant} is no JSON number")

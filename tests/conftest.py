@@ -62,6 +62,11 @@ TEST_HOME = _hermetic_home()
 
 pytest_plugins = ["tests.services"]
 
+# Where MLflow writes the artifacts of an experiment made without an artifact location: the working
+# directory. A test that does so fills the repository (or CI's clone); the session then fails.
+STRAY_MLFLOW_ARTIFACTS = Path.cwd() / "mlruns"
+_STRAY_BEFORE = STRAY_MLFLOW_ARTIFACTS.exists()  # an older checkout's are not this run's
+
 
 # `make test` spreads the tests over pytest-xdist workers. A group of tests stays in one worker: a
 # module (its module-scoped fixtures run once), or the whole e2e package (one demo run). Worker i
@@ -111,6 +116,12 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
     stop_shared_services()
     shutil.rmtree(TEST_HOME, ignore_errors=True)
+    if STRAY_MLFLOW_ARTIFACTS.exists() and not _STRAY_BEFORE:
+        why = f"tests wrote MLflow artifacts to {STRAY_MLFLOW_ARTIFACTS}: give each experiment an artifact_location"
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        reporter.write_line("")  # after the progress line
+        reporter.write_sep("=", why, red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")

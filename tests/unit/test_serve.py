@@ -170,6 +170,9 @@ def test_a_request_field_of_another_json_type_gets_422_naming_it(schema, body: d
     with pytest.raises(serve.RequestError) as raised:
         serve.parsed(body, schema, hint="{}")
     assert raised.value.status == 422 and raised.value.message.startswith(f"{field}: "), raised.value.message
+
+
+def test_each_field_takes_the_json_type_it_declares() -> None:
     asked = {"prompt": "x", "max_new_tokens": 4, "temperature": 1, "seed": 7, "stream": True}  # an int temperature too
     assert serve.parsed(asked, serve.GenerateRequest, hint="{}").temperature == 1.0
     questions = {"texts": ["a text", {"question": "q", "context": "c"}]}
